@@ -1,0 +1,338 @@
+r"""Per layer × head attention entropy, live in a Lightning ``Trainer``.
+
+Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attention Entropy Collapse": heads whose
+attention entropy falls towards zero go with loss spikes and divergence. Jha & Reagen (2025), "Entropy-Guided
+Attention for Private LLMs": heads near maximal entropy ("entropic overload") waste capacity. This callback shows
+both, per head, without touching the model.
+
+Logged keys (``{p}`` = ``prefix``, default ``entropy/``; ``l`` indexes attention sites in forward order, their module
+names are logged once as hyperparameters ``{p}attn/layers`` and printed at the first logging step):
+
+====================================  ===========================================================================
+``{p}attn/L{l}/H{h}``                 mean entropy of head ``h`` of site ``l`` (nats)
+``{p}attn_norm/L{l}/H{h}``            mean normalised entropy :math:`H_i/\ln|V_i|` (queries with ``|V_i|>=2``)
+``{p}attn_norm/L{l}/mean``            mean over the heads of site ``l`` of the above
+``{p}attn/min|mean|p05``              over all heads, nats
+``{p}attn_norm/min|mean|p05``         over all heads, normalised
+``{p}attn/collapse_frac``             fraction of heads with normalised entropy < ``collapse_threshold``
+``{p}attn/overload_frac``             fraction of heads with normalised entropy > ``overload_threshold``
+``{p}attn/nonfinite``                 queries whose entropy was NaN/Inf (non-finite q or k); never averaged in
+``{p}attn_norm/heatmap`` (wandb)      layer × head image of normalised entropy (viridis, 0 → 1; grey = no data)
+``{p}attn_norm/hist`` (wandb)         histogram of per-head normalised entropy
+====================================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional.attention import AttentionPath
+from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
+from entrotrain.taps.attention_tap import AttentionTap
+
+__all__ = ["AttentionEntropyMonitor", "attention_summary"]
+
+_ATTENTION_LIKE = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+def _related(site: str, module: str) -> bool:
+    """Whether an attention site was captured in, above or below ``module`` (``a.attn`` ~ ``a.attn[1]``, ``a``)."""
+    return site == module or site.startswith((module + ".", module + "[")) or module.startswith(site + ".")
+
+
+def _nanquantile(x: Tensor, q: float) -> float:
+    return float(torch.quantile(x, q)) if x.numel() else float("nan")
+
+
+def attention_summary(
+    stats: Tensor, collapse_threshold: float, overload_threshold: float
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Per-head means and summary statistics from stacked sums ``(layers, 5, heads)``.
+
+    Returns ``(entropy, normalized, summary)``: ``(layers, heads)`` means (NaN where a head had no scored query) and
+    a dict of scalars keyed as in the module docstring, without prefix.
+    """
+    stats = stats.double()
+    rows, norm_rows = stats[:, ROWS], stats[:, NORMALIZED_ROWS]
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    entropy = torch.where(rows > 0, stats[:, ENTROPY_SUM] / rows.clamp_min(1), nan)
+    normalized = torch.where(norm_rows > 0, stats[:, NORMALIZED_SUM] / norm_rows.clamp_min(1), nan)
+    h = entropy[torch.isfinite(entropy)]
+    hn = normalized[torch.isfinite(normalized)]
+    summary = {"attn/nonfinite": float(stats[:, NONFINITE].sum())}
+    if h.numel():
+        summary.update({"attn/min": float(h.min()), "attn/mean": float(h.mean()), "attn/p05": _nanquantile(h, 0.05)})
+    if hn.numel():
+        summary.update(
+            {
+                "attn_norm/min": float(hn.min()),
+                "attn_norm/mean": float(hn.mean()),
+                "attn_norm/p05": _nanquantile(hn, 0.05),
+                "attn/collapse_frac": float((hn < collapse_threshold).double().mean()),
+                "attn/overload_frac": float((hn > overload_threshold).double().mean()),
+            }
+        )
+    return entropy, normalized, summary
+
+
+class AttentionEntropyMonitor(Callback):
+    r"""Logs per layer × head attention entropy every ``every_n_steps`` optimizer steps.
+
+    Captures ``q, k`` at the attention boundary (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, HF
+    transformers, or :func:`entrotrain.taps.record_attention`) on logging steps only; on other steps nothing is
+    installed. Sums over gradient-accumulation micro-batches and all-reduces once across DDP ranks per logging
+    step. Scalars go to ``trainer.callback_metrics`` (so :class:`EntropyCollapseGuard`, ``EarlyStopping`` or
+    ``ModelCheckpoint`` can watch them) and to every logger; the heatmap and histogram go to wandb on rank zero.
+
+    Args:
+        every_n_steps: log at optimizer steps ``0, n, 2n, ...``.
+        include: glob patterns of attention site (module) names to score, e.g. ``["*.attn"]``; default all.
+        exclude: glob patterns of site names to skip.
+        max_rows: batch rows scored per call (evenly spaced; ``None`` = all).
+        max_queries: query positions scored per call (evenly spaced, all keys kept; ``None`` = all).
+        path: ``"auto"``, ``"fused"``, ``"chunked"`` or ``"materialized"`` (same numbers).
+        collapse_threshold: a head whose mean normalised entropy is below this counts as collapsed.
+        overload_threshold: a head whose mean normalised entropy is above this counts as overloaded.
+        log_per_head: log ``attn/L{l}/H{h}`` keys (summaries and per-layer means are always logged).
+        log_media: log the heatmap and histogram when a ``WandbLogger`` is attached.
+        strict: raise when a logging step captures no attention at all (else warn).
+        prefix: key prefix.
+        print_summary: print the first and last logged summary (min / mean normalised entropy, collapsed and
+            overloaded heads) when training ends, on rank zero.
+
+    Raises:
+        EntrotrainError: on invalid arguments.
+        TapError: when no attention could be captured from the model (names the modules and the fix).
+
+    Example::
+
+        trainer = Trainer(callbacks=[AttentionEntropyMonitor(every_n_steps=50)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        max_rows: int | None = 4,
+        max_queries: int | None = 256,
+        path: AttentionPath = "auto",
+        collapse_threshold: float = 0.1,
+        overload_threshold: float = 0.9,
+        log_per_head: bool = True,
+        log_media: bool = True,
+        strict: bool = True,
+        prefix: str = "entropy/",
+        print_summary: bool = True,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise EntrotrainError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        if not 0.0 <= collapse_threshold <= overload_threshold <= 1.0:
+            raise EntrotrainError(
+                "need 0 <= collapse_threshold <= overload_threshold <= 1 (normalised entropy), got "
+                f"{collapse_threshold} and {overload_threshold}."
+            )
+        self.every_n_steps = every_n_steps
+        self.include = include
+        self.exclude = exclude
+        self.max_rows = max_rows
+        self.max_queries = max_queries
+        self.path = path
+        self.collapse_threshold = collapse_threshold
+        self.overload_threshold = overload_threshold
+        self.log_per_head = log_per_head
+        self.log_media = log_media
+        self.strict = strict
+        self.prefix = prefix
+        self.print_summary = print_summary
+        self.first_summary: tuple[int, dict[str, float]] | None = None
+        self.last_summary: tuple[int, dict[str, float]] | None = None
+        self.tap: AttentionTap | None = None
+        self.site_names: list[str] = []
+        self.last_logged: dict[str, float] = {}
+        self._window_step: int | None = None
+        self._announced = False
+        # validate budgets and path now, not at the first logging step
+        AttentionTap(torch.nn.Module(), max_rows=max_rows, max_queries=max_queries, adapters=[])
+        if path not in ("auto", "fused", "chunked", "materialized"):
+            raise EntrotrainError(f"path must be 'auto', 'fused', 'chunked' or 'materialized', got {path!r}.")
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude, prefix=self.prefix)
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tap = AttentionTap(
+            pl_module,
+            include=self.include,
+            exclude=self.exclude,
+            max_rows=self.max_rows,
+            max_queries=self.max_queries,
+            path=self.path,
+        )
+
+    def _release(self) -> None:
+        if self.tap is not None:
+            self.tap.disarm()
+        self._window_step = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._release()
+        if self.print_summary and self.first_summary is not None and trainer.is_global_zero:
+            print(self.summary_table())
+
+    def summary_table(self) -> str:
+        """The first and last logged summaries as a small text table."""
+        lines = ["attention entropy (normalised, over heads)", "  step    min     mean    p05   collapsed  overloaded"]
+        rows = [self.first_summary, self.last_summary] if self.last_summary is not self.first_summary else [self.first_summary]
+        for step, row in rows:
+            lines.append(
+                f"  {step:<6d}  {row.get('attn_norm/min', float('nan')):.3f}   {row.get('attn_norm/mean', float('nan')):.3f}"
+                f"   {row.get('attn_norm/p05', float('nan')):.3f}   {100 * row.get('attn/collapse_frac', 0.0):5.1f} %"
+                f"    {100 * row.get('attn/overload_frac', 0.0):5.1f} %"
+            )
+        return "\n".join(lines)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    # ------------------------------------------------------------------ capture
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.tap is None or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        if self._window_step != step:  # first micro-batch of this optimizer step
+            self.tap.reset()
+            self._window_step = step
+        self.tap.arm()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.tap is None or self._window_step is None:
+            return
+        self.tap.disarm()
+        if trainer.global_step > self._window_step:  # the optimizer stepped: the window is complete
+            self._flush(trainer, pl_module)
+            self._window_step = None
+
+    # ------------------------------------------------------------------ reduce and log
+    def _stacked(self) -> Tensor:
+        assert self.tap is not None
+        stats = self.tap.stats
+        for name in stats:
+            if name not in self.site_names:
+                self.site_names.append(name)
+        heads = max(s.shape[1] for s in stats.values())
+        device = next(iter(stats.values())).device
+        out = torch.zeros(len(self.site_names), N_STATS, heads, dtype=torch.float64, device=device)
+        for i, name in enumerate(self.site_names):
+            if name in stats:
+                out[i, :, : stats[name].shape[1]] = stats[name]
+        return out
+
+    def _no_capture(self, pl_module: LightningModule) -> None:
+        candidates = [
+            f"{name} ({type(m).__name__})" for name, m in pl_module.named_modules() if _ATTENTION_LIKE.search(type(m).__name__)
+        ]
+        where = ", ".join(candidates[:8]) or "none found by class name"
+        msg = (
+            f"AttentionEntropyMonitor captured no attention in {type(pl_module).__name__} (attention-like modules: "
+            f"{where}). The tap sees F.scaled_dot_product_attention, nn.MultiheadAttention and HF transformers "
+            "attention; for hand-written attention (softmax(q @ k.T)) call "
+            "entrotrain.taps.record_attention(q, k, is_causal=...) in the module's forward, or switch it to "
+            "F.scaled_dot_product_attention. Check include/exclude patterns too."
+        )
+        if self.strict:
+            raise TapError(msg)
+        rank_zero_warn(msg)
+
+    def _announce(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._announced = True
+        layers = {f"L{i}": name for i, name in enumerate(self.site_names)}
+        rank_zero_info("AttentionEntropyMonitor sites: " + ", ".join(f"{k}={v}" for k, v in layers.items()))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"{self.prefix}attn/layers": layers})
+        missed = [
+            name
+            for name, m in pl_module.named_modules()
+            if name
+            and _ATTENTION_LIKE.search(type(m).__name__)
+            and self.tap is not None
+            and self.tap.wants(name)
+            and not any(_related(site, name) for site in self.site_names)
+        ]
+        if missed:
+            rank_zero_warn(
+                f"AttentionEntropyMonitor saw no attention call inside {missed[:8]}: if they compute attention by "
+                "hand, call entrotrain.taps.record_attention(q, k, ...) there, or exclude them."
+            )
+
+    def _flush(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.tap is not None
+        if not self.tap.stats:
+            self._no_capture(pl_module)
+            return
+        stacked = self._stacked()
+        if trainer.world_size > 1:
+            stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
+        stacked = stacked.cpu()  # one device → host transfer per logging step
+        if not self._announced:
+            self._announce(trainer, pl_module)
+        entropy, normalized, summary = attention_summary(stacked, self.collapse_threshold, self.overload_threshold)
+        metrics = {self.prefix + k: v for k, v in summary.items()}
+        self.last_summary = (int(self._window_step or 0), summary)
+        if self.first_summary is None:
+            self.first_summary = self.last_summary
+        for layer in range(normalized.shape[0]):
+            row = normalized[layer][torch.isfinite(normalized[layer])]
+            if row.numel():
+                metrics[f"{self.prefix}attn_norm/L{layer}/mean"] = float(row.mean())
+            if self.log_per_head:
+                for head in range(normalized.shape[1]):
+                    if torch.isfinite(entropy[layer, head]):
+                        metrics[f"{self.prefix}attn/L{layer}/H{head}"] = float(entropy[layer, head])
+                    if torch.isfinite(normalized[layer, head]):
+                        metrics[f"{self.prefix}attn_norm/L{layer}/H{head}"] = float(normalized[layer, head])
+        if summary["attn/nonfinite"] > 0:
+            rank_zero_warn(
+                f"AttentionEntropyMonitor: {int(summary['attn/nonfinite'])} attention rows had non-finite entropy "
+                f"(NaN/Inf in q or k) at step {trainer.global_step}; they are counted in "
+                f"{self.prefix}attn/nonfinite and left out of every mean."
+            )
+        self.last_logged = metrics
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.log_media and trainer.is_global_zero:
+            self._log_media(trainer, normalized, step)
+
+    def _log_media(self, trainer: Trainer, normalized: Tensor, step: int) -> None:
+        from entrotrain.dashboards.wandb_media import heatmap_image, histogram, wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        if not loggers:
+            return
+        media: dict[str, Any] = {f"{self.prefix}attn_norm/hist": histogram(normalized)}
+        image = heatmap_image(
+            normalized, caption=f"normalised attention entropy, rows = layers L0..L{normalized.shape[0] - 1}, cols = heads"
+        )
+        if image is not None:
+            media[f"{self.prefix}attn_norm/heatmap"] = image
+        for logger in loggers:
+            logger.experiment.log({**media, "trainer/global_step": step})

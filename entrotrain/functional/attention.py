@@ -1,0 +1,320 @@
+r"""Per-query attention entropy, exact, without necessarily forming the N×N attention matrix.
+
+For query ``i`` of head ``h`` with scores :math:`s_{ij} = \text{scale}\cdot q_i\cdot k_j + b_{ij}` over its valid
+keys :math:`V_i` (causal, padding, sliding window, boolean or additive masks):
+
+.. math::
+
+    H_i = \operatorname{lse}_{j \in V_i}(s_{ij}) - \sum_{j \in V_i} p_{ij} s_{ij}, \qquad
+    \hat H_i = H_i / \ln |V_i| \quad (|V_i| \ge 2)
+
+Three paths give the same numbers (Zhai et al. 2023, "Stabilizing Transformer Training by Preventing Attention
+Entropy Collapse", track exactly this quantity per head):
+
+- ``materialized``: all scores at once; for small models and tests.
+- ``chunked``: blocks of queries, memory ``O(B·H·C·N)``; any mask or bias; differentiable (each block is
+  recomputed in backward, so memory stays bounded with gradients too).
+- ``fused``: the value := key identity. With :math:`\bar o_i = \mathrm{softmax}(s_i) K` (attention whose values
+  are the keys), :math:`\sum_j p_{ij} s_{ij} = \text{scale}\cdot q_i\cdot\bar o_i` when the mask is 0/−∞, so
+  :math:`H_i = \operatorname{lse}_i - \text{scale}\cdot q_i\cdot\bar o_i`: one flash-attention call that returns
+  the log-sum-exp. Memory ``O(B·H·N)``. Not for additive biases (they need :math:`E_p[b]`), not differentiable.
+
+Grouped-query / multi-query attention: ``k`` may have fewer heads than ``q``; every *query* head is scored, query
+head ``h`` reading key head ``h // (H / H_kv)`` (as SDPA's ``enable_gqa`` and HF's ``repeat_kv``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.attention_masks import AttentionMask
+from entrotrain.functional.entropy import accumulation_dtype, entropy_from_probs, row_entropy
+
+__all__ = [
+    "AttentionEntropy",
+    "AttentionPath",
+    "attention_entropy",
+    "attention_entropy_stats",
+    "attention_entropy_from_scores",
+    "attention_entropy_from_probs",
+    "normalized_entropy",
+]
+
+AttentionPath = Literal["auto", "materialized", "chunked", "fused"]
+
+#: Score elements per query block in the chunked path (16 Mi float32 = 64 MiB).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+class AttentionEntropy(NamedTuple):
+    """Per-query results, each ``(batch, heads, queries)``.
+
+    Attributes:
+        entropy: :math:`H_i` in nats (0 where a query has no valid key).
+        normalized: :math:`H_i / \\ln |V_i|`, 0 where ``|V_i| < 2`` (undefined there; see ``n_keys``).
+        n_keys: :math:`|V_i|`, the number of keys the query attends to.
+    """
+
+    entropy: Tensor
+    normalized: Tensor
+    n_keys: Tensor
+
+
+def normalized_entropy(entropy: Tensor, n_keys: Tensor) -> Tensor:
+    r""":math:`H / \ln n` where ``n >= 2`` and 0 elsewhere (undefined there: exclude those rows when averaging)."""
+    n = n_keys.to(entropy.dtype)
+    defined = n >= 2
+    return torch.where(defined, entropy / torch.log(torch.where(defined, n, torch.full_like(n, 2.0))), 0.0)
+
+
+def _check_qk(q: Tensor, k: Tensor) -> None:
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise EntrotrainError(f"{name} must be a floating-point tensor.")
+        if x.dim() != 4:
+            raise EntrotrainError(
+                f"{name} must be (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}; for (batch, tokens, "
+                f"heads, head_dim) use einops.rearrange({name}, 'b n h d -> b h n d')."
+            )
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise EntrotrainError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim (dims 0 and 3)."
+        )
+    if q.shape[1] % k.shape[1]:
+        raise EntrotrainError(
+            f"q has {q.shape[1]} heads and k {k.shape[1]}: for grouped-query attention the query heads must be a "
+            "multiple of the key heads."
+        )
+
+
+def _scores(q: Tensor, k_t: Tensor, scale: float, bias: Tensor | None) -> Tensor:
+    """``scale · q kᵀ (+ bias)`` for a block of queries ``(B, H, C, D)`` against ``k_t`` ``(B, Hkv, D, N)``."""
+    batch, heads, n_q, dim = q.shape
+    kv_heads = k_t.shape[1]
+    s = torch.matmul(q.reshape(batch, kv_heads, (heads // kv_heads) * n_q, dim), k_t) * scale
+    s = s.reshape(batch, heads, n_q, k_t.shape[-1])
+    return s if bias is None else s + bias.to(s.dtype)
+
+
+def _entropy_block(q: Tensor, k_t: Tensor, scale: float, valid: Tensor | None, bias: Tensor | None):
+    out = row_entropy(_scores(q, k_t, scale, bias), valid)
+    return out.entropy, out.count
+
+
+def _chunked(
+    q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int, checkpoint: bool
+) -> tuple[Tensor, Tensor]:
+    acc = accumulation_dtype(q.dtype)
+    k_t = k.to(acc).transpose(-1, -2)
+    entropies, counts = [], []
+    for start in range(0, q.shape[2], block):
+        stop = min(start + block, q.shape[2])
+        valid, bias = mask.block(start, stop)
+        q_blk = q[:, :, start:stop].to(acc)
+        if checkpoint:
+            h, n = torch.utils.checkpoint.checkpoint(
+                _entropy_block, q_blk, k_t, scale, valid, bias, use_reentrant=False
+            )
+        else:
+            h, n = _entropy_block(q_blk, k_t, scale, valid, bias)
+        entropies.append(h)
+        counts.append(n)
+    return torch.cat(entropies, dim=-1), torch.cat(counts, dim=-1)
+
+
+def _fused_available(q: Tensor) -> bool:
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _fused(q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int) -> tuple[Tensor, Tensor]:
+    """``H = lse − scale · q·ō`` with ``ō`` = attention(q, k, value=k) from the lse-returning CPU flash kernel."""
+    acc = accumulation_dtype(q.dtype)
+    q_acc, k_acc = q.to(acc), k.to(acc)
+    is_causal = mask.is_causal and mask.window is None  # the kernel applies a plain causal mask itself
+    additive = mask.dense_additive(acc, positions=not is_causal)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_acc, k_acc, k_acc, 0.0, is_causal, attn_mask=additive, scale=scale
+    )
+    counts = mask.key_counts(block).expand(q.shape[0], q.shape[1], q.shape[2])
+    entropy = lse.to(acc) - scale * (q_acc * out.to(acc)).sum(-1)
+    entropy = torch.where(counts > 0, entropy.clamp_min(0.0), 0.0)
+    return entropy, counts
+
+
+def _resolve_path(path: str, q: Tensor, k: Tensor, mask: AttentionMask, needs_grad: bool) -> str:
+    if path not in ("auto", "materialized", "chunked", "fused"):
+        raise EntrotrainError(f"path must be 'auto', 'materialized', 'chunked' or 'fused', got {path!r}.")
+    if path == "fused":
+        if mask.has_bias:
+            raise EntrotrainError(
+                "path='fused' needs a 0/-inf mask: the value := key identity misses E_p[bias] for an additive bias. "
+                "Use path='chunked'."
+            )
+        if needs_grad:
+            raise EntrotrainError("path='fused' is not differentiable yet; use path='chunked' for a regulariser.")
+        if not _fused_available(q):
+            raise EntrotrainError(
+                f"path='fused' has no lse-returning kernel for device {q.device.type!r} in this torch build; "
+                "use path='chunked' (same numbers, bounded memory)."
+            )
+        return path
+    if path == "auto":
+        if not needs_grad and not mask.has_bias and _fused_available(q) and q.dtype != torch.float64:
+            return "fused"
+        return "chunked"
+    return path
+
+
+def attention_entropy_stats(
+    q: Tensor,
+    k: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    path: AttentionPath = "auto",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> AttentionEntropy:
+    r"""Per-query attention entropy, normalised entropy and number of valid keys.
+
+    Args:
+        q: queries ``(batch, heads, queries, head_dim)``.
+        k: keys ``(batch, kv_heads, keys, head_dim)``; ``heads`` must be a multiple of ``kv_heads`` (GQA/MQA).
+        attn_mask: boolean (True = attend) or additive float mask broadcastable to ``(batch, heads, queries, keys)``,
+            as :func:`torch.nn.functional.scaled_dot_product_attention` takes it.
+        key_padding_mask: ``(batch, keys)`` boolean, True marks padding (as :class:`torch.nn.MultiheadAttention`).
+        is_causal: query ``i`` attends keys ``j <= i`` (top-left aligned, as SDPA).
+        window: sliding window of this many keys (see :class:`~entrotrain.functional.attention_masks.AttentionMask`).
+        scale: score scale; default ``1/sqrt(head_dim)`` as SDPA.
+        path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies and no gradient
+            is needed, chunked otherwise). All agree to float32 round-off.
+        chunk_elements: score elements per query block in the chunked path.
+
+    Returns:
+        :class:`AttentionEntropy` of ``(batch, heads, queries)`` tensors, float32 (float64 for float64 input).
+    """
+    _check_qk(q, k)
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    mask = AttentionMask(
+        (batch, heads, n_q, n_k),
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        window=window,
+        device=q.device,
+    )
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    resolved = _resolve_path(path, q, k, mask, needs_grad)
+    block = max(1, chunk_elements // max(1, batch * heads * n_k))
+    if resolved == "fused":
+        entropy, counts = _fused(q, k, scale, mask, block)
+    else:
+        block = n_q if resolved == "materialized" else block
+        entropy, counts = _chunked(q, k, scale, mask, block, checkpoint=needs_grad and block < n_q)
+    counts = counts.expand_as(entropy)
+    return AttentionEntropy(entropy, normalized_entropy(entropy, counts), counts)
+
+
+def attention_entropy(
+    q: Tensor,
+    k: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    normalize: bool = False,
+    path: AttentionPath = "auto",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    r"""Per-query attention entropy ``(batch, heads, queries)`` in nats, or normalised by :math:`\ln|V_i|`.
+
+    Arguments as :func:`attention_entropy_stats`; ``normalize=True`` returns :math:`\hat H_i = H_i/\ln|V_i|`
+    (0 where ``|V_i| < 2``). Differentiable on the ``materialized`` and ``chunked`` paths.
+
+    Example:
+        >>> q = k = torch.zeros(1, 1, 4, 8)
+        >>> attention_entropy(q, k, is_causal=True)[0, 0]  # uniform over 1, 2, 3, 4 keys
+        tensor([0.0000, 0.6931, 1.0986, 1.3863])
+    """
+    out = attention_entropy_stats(
+        q,
+        k,
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        window=window,
+        scale=scale,
+        path=path,
+        chunk_elements=chunk_elements,
+    )
+    return out.normalized if normalize else out.entropy
+
+
+def _mask_for(x: Tensor, attn_mask, key_padding_mask, is_causal, window) -> AttentionMask:
+    if x.dim() != 4:
+        raise EntrotrainError(f"expected (batch, heads, queries, keys), got shape {tuple(x.shape)}.")
+    return AttentionMask(
+        tuple(x.shape),
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        window=window,
+        device=x.device,
+    )
+
+
+def attention_entropy_from_scores(
+    scores: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    r"""Per-query entropy of ``softmax(scores)`` for pre-softmax scores ``(batch, heads, queries, keys)``.
+
+    Masks as :func:`attention_entropy` (an additive mask is added to the scores). Exact and differentiable:
+    :math:`H = \operatorname{lse}(s) - \sum_j p_j s_j`.
+    """
+    mask = _mask_for(scores, attn_mask, key_padding_mask, is_causal, window)
+    valid, bias = mask.block(0, scores.shape[2])
+    out = row_entropy(scores if bias is None else scores + bias.to(scores.dtype), valid)
+    if not normalize:
+        return out.entropy
+    return normalized_entropy(out.entropy, out.count.expand_as(out.entropy))
+
+
+def attention_entropy_from_probs(
+    probs: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    normalize: bool = False,
+) -> Tensor:
+    r"""Per-query :math:`-\sum_j p_{ij}\ln p_{ij}` of attention weights ``(batch, heads, queries, keys)``.
+
+    For backends that only hand over weights. Give *pre-dropout* weights: a dropped-and-rescaled row is not a
+    distribution. The masks only set :math:`|V_i|` for normalisation (masked weights are already 0); without a mask
+    every key counts.
+    """
+    mask = _mask_for(probs, attn_mask, key_padding_mask, is_causal, window)
+    entropy = entropy_from_probs(probs)
+    if not normalize:
+        return entropy
+    counts = mask.key_counts(max(1, (1 << 24) // max(1, probs.shape[-1])))
+    return normalized_entropy(entropy, counts.expand_as(entropy))

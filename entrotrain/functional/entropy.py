@@ -1,0 +1,219 @@
+r"""Entropy of categorical distributions given by logits or probabilities.
+
+For logits :math:`z \in \mathbb{R}^V` with :math:`p = \mathrm{softmax}(z)`:
+
+.. math::
+
+    H(z) = \operatorname{lse}(z) - \sum_j p_j z_j = \ln l - \frac{1}{l}\sum_j e^{z_j - m}(z_j - m),
+    \qquad m = \max_j z_j,\; l = \sum_j e^{z_j - m}
+
+The centred form is what we compute: every term is bounded, :math:`H \ge 0` holds in floating point, and no
+``-inf`` or masked entry can produce a NaN forward or backward (entries with ``z = -inf`` or ``mask = False``
+contribute nothing; :math:`0 \cdot \ln 0 = 0`). The gradient is :math:`\partial H / \partial z_j = -p_j (z_j -
+\mathbb{E}_p[z])`.
+
+Accumulation is float32 whatever the input dtype (float64 stays float64), and rows are processed in chunks so
+that memory beyond the input stays bounded by a few chunks, forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["entropy_from_logits", "entropy_from_probs", "row_entropy"]
+
+#: Elements per chunk in :func:`entropy_from_logits` (4 Mi float32 = 16 MiB per temporary).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class RowEntropy(NamedTuple):
+    """Per-row entropy terms: ``entropy`` (nats), ``lse`` (log-partition), ``mean`` (:math:`E_p[z]`), ``count``."""
+
+    entropy: Tensor
+    lse: Tensor
+    mean: Tensor
+    count: Tensor
+
+
+def row_entropy(scores: Tensor, valid: Tensor | None = None) -> RowEntropy:
+    r"""Entropy of ``softmax(scores)`` along the last dimension, differentiable and NaN-free.
+
+    Args:
+        scores: ``(..., V)`` logits in any floating dtype; computed in float32 (float64 stays float64).
+        valid: optional boolean mask broadcastable to ``scores``; ``False`` entries take no part.
+            Entries equal to ``-inf`` are excluded as well.
+
+    Returns:
+        :class:`RowEntropy` with ``entropy``, ``lse`` and ``mean`` of shape ``(...)`` and ``count``, the number of
+        entries that take part. Rows with no valid entry get entropy 0, ``lse = -inf`` and count 0; rows holding
+        ``nan`` or ``+inf`` give ``nan`` (callers count those, they never hide them).
+    """
+    x = scores.to(accumulation_dtype(scores.dtype))
+    ok = x != float("-inf")  # NaN compares unequal, so a NaN stays in and propagates to its row: never hidden
+    if valid is not None:
+        ok = ok & valid
+    m = torch.where(ok, x, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    has_any = m != float("-inf")  # a NaN row stays NaN
+    m = torch.where(has_any, m, torch.zeros_like(m))
+    centred = torch.where(ok, x - m, torch.zeros_like(x))
+    e = torch.where(ok, torch.exp(centred), torch.zeros_like(x))
+    l = e.sum(dim=-1)
+    t = (e * centred).sum(dim=-1)
+    has_any = has_any.squeeze(-1)
+    l_safe = torch.where(has_any, l, torch.ones_like(l))
+    centred_mean = t / l_safe
+    entropy = torch.where(has_any, torch.log(l_safe) - centred_mean, torch.zeros_like(l))
+    m = m.squeeze(-1)
+    lse = torch.where(has_any, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
+    mean = torch.where(has_any, m + centred_mean, torch.zeros_like(l))
+    count = ok.expand_as(x).sum(dim=-1)
+    return RowEntropy(entropy, lse, mean, count)
+
+
+def _rows_per_chunk(width: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(width, 1))
+
+
+class _ChunkedLogitsEntropy(torch.autograd.Function):
+    """Row entropy of a 2-D logit matrix, chunked over rows; backward recomputes ``p`` chunk by chunk.
+
+    Saves only the input and two floats per row (``lse`` and ``E_p[z]``), so the backward pass also needs no
+    more than a few chunks of extra memory.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, valid: Tensor | None, rows: int) -> Tensor:  # type: ignore[override]
+        n = logits.shape[0]
+        acc = accumulation_dtype(logits.dtype)
+        entropy = torch.empty(n, dtype=acc, device=logits.device)
+        lse = torch.empty_like(entropy)
+        mean = torch.empty_like(entropy)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            part = row_entropy(logits[start:stop], None if valid is None else valid[start:stop])
+            entropy[start:stop], lse[start:stop], mean[start:stop] = part.entropy, part.lse, part.mean
+        ctx.save_for_backward(logits, valid if valid is not None else torch.empty(0), lse, mean)
+        ctx.has_valid = valid is not None
+        ctx.rows = rows
+        return entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        logits, valid, lse, mean = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            stop = min(start + ctx.rows, logits.shape[0])
+            z = logits[start:stop].to(lse.dtype)
+            ok = z != float("-inf")
+            if ctx.has_valid:
+                ok = ok & valid[start:stop]
+            row_lse = lse[start:stop, None]
+            row_ok = row_lse != float("-inf")
+            ok = ok & row_ok
+            z_safe = torch.where(ok, z, torch.zeros_like(z))
+            lse_safe = torch.where(row_ok, row_lse, torch.zeros_like(row_lse))
+            p = torch.where(ok, torch.exp(z_safe - lse_safe), torch.zeros_like(z))
+            g = -grad[start:stop, None].to(z.dtype) * p * (z_safe - mean[start:stop, None])
+            grad_logits[start:stop] = g.to(logits.dtype)
+        return grad_logits, None, None
+
+
+def _check_floating(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise EntrotrainError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise EntrotrainError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; cast it with .float().")
+
+
+def _as_rows(x: Tensor, dim: int, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor | None, torch.Size]:
+    """Move ``dim`` last and flatten the rest: returns ``(rows, width)`` views, the mask alike, and the batch shape."""
+    if x.dim() == 0:
+        raise EntrotrainError(f"{name} must have at least one dimension (the categories), got a scalar.")
+    dim = dim % x.dim()
+    x = x.movedim(dim, -1)
+    batch_shape = x.shape[:-1]
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise EntrotrainError(
+                f"mask must be boolean (True = the entry takes part), got dtype {mask.dtype}; use mask.bool()."
+            )
+        try:
+            mask = torch.broadcast_to(mask.movedim(dim, -1) if mask.dim() == x.dim() else mask, x.shape)
+        except RuntimeError as err:
+            raise EntrotrainError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape {tuple(x.shape)} "
+                f"(after moving dim {dim} last); give a mask of the logits' shape."
+            ) from err
+        mask = mask.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]), mask, batch_shape
+
+
+def entropy_from_logits(
+    logits: Tensor,
+    dim: int = -1,
+    mask: Tensor | None = None,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> Tensor:
+    r"""Entropy (nats) of the categorical distributions ``softmax(logits, dim)``.
+
+    .. math:: H = \operatorname{lse}(z) - \sum_j \mathrm{softmax}(z)_j\, z_j
+
+    Args:
+        logits: ``(..., V, ...)`` tensor of any floating dtype (bf16, fp16, fp32, fp64).
+        dim: the category dimension.
+        mask: optional boolean tensor broadcastable to ``logits``: ``False`` entries take no part (as if their
+            logit were ``-inf``). Rows with no valid entry have entropy 0.
+        chunk_elements: rows are processed in chunks of about this many elements, forward and backward, so extra
+            memory stays bounded by a few chunks whatever the batch size.
+
+    Returns:
+        Tensor of ``logits.shape`` without ``dim``, in float32 (float64 for float64 input). Differentiable:
+        :math:`\partial H/\partial z_j = -p_j (z_j - E_p[z])`, recomputed chunk by chunk in backward.
+
+    Example:
+        >>> entropy_from_logits(torch.zeros(4)).item()  # ln 4
+        1.3862943649291992
+    """
+    _check_floating(logits, "logits")
+    rows, valid, batch_shape = _as_rows(logits, dim, mask, "logits")
+    if rows.shape[0] == 0:
+        return rows.new_zeros(batch_shape, dtype=accumulation_dtype(logits.dtype))
+    n_rows = _rows_per_chunk(rows.shape[-1], chunk_elements)
+    entropy = _ChunkedLogitsEntropy.apply(rows, valid, n_rows)
+    return entropy.reshape(batch_shape)
+
+
+def entropy_from_probs(probs: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    r"""Entropy (nats) :math:`-\sum_j p_j \ln p_j` of probability vectors, with :math:`0 \ln 0 = 0`.
+
+    Use this only where logits cannot be had (a backend that returns attention weights): on low-precision
+    probabilities the result carries their rounding error; :func:`entropy_from_logits` is exact. The sum is taken
+    in float32 (float64 stays float64). The gradient is finite everywhere (0 where ``p = 0``).
+
+    Args:
+        probs: ``(..., V, ...)`` non-negative values summing to 1 along ``dim``.
+        dim: the category dimension.
+        mask: optional boolean tensor broadcastable to ``probs``; ``False`` entries take no part.
+
+    Returns:
+        Tensor of ``probs.shape`` without ``dim``.
+    """
+    _check_floating(probs, "probs")
+    p = probs.to(accumulation_dtype(probs.dtype))
+    positive = p > 0
+    if mask is not None:
+        positive = positive & mask
+    safe = torch.where(positive, p, torch.ones_like(p))
+    return -torch.where(positive, p * torch.log(safe), torch.zeros_like(p)).sum(dim=dim)

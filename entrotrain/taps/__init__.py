@@ -1,0 +1,11 @@
+"""Capture from a live model: attention ``q, k, mask, scale``. Knows ``nn.Module``, nothing of Lightning."""
+
+from entrotrain.taps.attention_tap import (
+    AttentionAdapter,
+    AttentionTap,
+    MultiheadAttentionAdapter,
+    record_attention,
+)
+from entrotrain.taps.nn_attention import mha_query_key
+
+__all__ = ["AttentionAdapter", "AttentionTap", "MultiheadAttentionAdapter", "mha_query_key", "record_attention"]

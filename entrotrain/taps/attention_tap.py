@@ -1,0 +1,368 @@
+"""Capture attention ``q, k, mask, scale`` from a live model and reduce it to per-head entropy statistics.
+
+Fused kernels never materialise attention weights, so the tap listens at the attention-function boundary:
+
+- every call of :func:`torch.nn.functional.scaled_dot_product_attention` (however it was imported), through a
+  :class:`~torch.overrides.TorchFunctionMode` that is pushed only while the tap is armed;
+- module adapters (:class:`torch.nn.MultiheadAttention`, hence ``nn.TransformerEncoderLayer``; HF transformers'
+  attention registry) that recompute ``q, k`` from a call's inputs;
+- explicit :func:`record_attention` calls from custom attention code.
+
+Each call is attributed to the innermost module running it (``blocks.3.attn``); a module that calls attention twice in
+one forward gets ``name[1]`` for the second call. Disarmed, the tap holds no hook and no mode: it costs nothing and
+changes nothing. Armed, it only reads detached copies of ``q`` and ``k`` (unless ``differentiable=True``) and never
+touches the training RNG, so the model computes bit for bit what it computes without it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional.attention import AttentionEntropy, AttentionPath, attention_entropy_stats
+from entrotrain.functional.attention_masks import AttentionMask
+from entrotrain.taps.attention_stats import per_head_sums
+from entrotrain.taps.nn_attention import mha_query_key
+from entrotrain.taps.sampling import check_budget, evenly_spaced
+
+__all__ = ["AttentionTap", "AttentionAdapter", "MultiheadAttentionAdapter", "record_attention"]
+
+_ACTIVE_TAPS: list[AttentionTap] = []
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+UNNAMED_SITE = "<outside-modules>"
+
+
+class AttentionAdapter(Protocol):
+    """Teaches a tap to capture one kind of attention. ``install`` returns callables that undo what it did."""
+
+    def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]: ...
+
+
+class MultiheadAttentionAdapter:
+    """Captures :class:`torch.nn.MultiheadAttention` (and the ``self_attn`` of ``nn.Transformer*Layer``)."""
+
+    def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
+        undo: list[Callable[[], None]] = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.MultiheadAttention) and tap.wants(name):
+                tap.claim(name)
+
+                def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], _name: str = name) -> None:
+                    with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
+                        tap.record(name=_name, **mha_query_key(mod, args, kwargs))
+
+                undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        return undo
+
+
+def default_adapters() -> list[AttentionAdapter]:
+    """The adapters a tap installs unless told otherwise (HF transformers' only when it is installed)."""
+    adapters: list[AttentionAdapter] = [MultiheadAttentionAdapter()]
+    try:
+        from entrotrain.taps.hf import HFAttentionAdapter
+    except ImportError:
+        return adapters
+    adapters.append(HFAttentionAdapter())
+    return adapters
+
+
+class _SDPAInterceptor(TorchFunctionMode):
+    """Sees every ``F.scaled_dot_product_attention`` call while pushed; forwards all calls unchanged."""
+
+    def __init__(self, tap: AttentionTap) -> None:
+        super().__init__()
+        self.tap = tap
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.tap._on_sdpa(args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+class AttentionTap:
+    """Per-head attention-entropy statistics of every attention call in ``model`` while armed.
+
+    Args:
+        model: the module to watch (e.g. the ``LightningModule``; names are relative to it).
+        include: glob patterns of attention site names to score (``"*.attn"``, ``"blocks.1*"``); default all.
+        exclude: glob patterns of site names to skip.
+        max_rows: score at most this many batch rows (evenly spaced); ``None`` = all.
+        max_queries: score at most this many query positions (evenly spaced, all keys kept); ``None`` = all.
+        path: attention-entropy path (see :func:`~entrotrain.functional.attention_entropy_stats`).
+        capture_sdpa: intercept ``F.scaled_dot_product_attention``.
+        adapters: module adapters; default :class:`MultiheadAttentionAdapter` (+ HF transformers when installed).
+        differentiable: keep the graph (for regularisers) and store per-query results in :attr:`records`.
+
+    Example:
+        >>> tap = AttentionTap(model, max_queries=128)
+        >>> with tap:                       # armed inside, removed on exit or exception
+        ...     model(x)
+        >>> tap.stats["blocks.0.attn"]      # (5, heads) sums, see entrotrain.taps.attention_stats
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        max_rows: int | None = None,
+        max_queries: int | None = None,
+        path: AttentionPath = "auto",
+        capture_sdpa: bool = True,
+        adapters: Sequence[AttentionAdapter] | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise EntrotrainError(f"AttentionTap needs an nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.include = _as_list(include) or ["*"]
+        self.exclude = _as_list(exclude)
+        self.max_rows = check_budget(max_rows, "max_rows")
+        self.max_queries = check_budget(max_queries, "max_queries")
+        self.path = path
+        self.capture_sdpa = capture_sdpa
+        self.adapters = list(default_adapters() if adapters is None else adapters)
+        self.differentiable = differentiable
+        self.stats: dict[str, Tensor] = {}
+        self.records: list[tuple[str, AttentionEntropy]] = []
+        self.calls = 0
+        self._undo: list[Callable[[], None]] = []
+        self._stack: list[str] = []
+        self._calls_in_module: dict[str, int] = {}
+        self._claimed: set[str] = set()
+        self._mode: _SDPAInterceptor | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def armed(self) -> bool:
+        return self._mode is not None or bool(self._undo)
+
+    def arm(self) -> AttentionTap:
+        """Install the name-tracking hooks, the adapters and the SDPA interceptor."""
+        if self.armed:
+            return self
+        try:
+            for name, module in self.model.named_modules():
+                self._undo.append(module.register_forward_pre_hook(self._enter(name)).remove)
+                self._undo.append(module.register_forward_hook(self._exit(name), always_call=True).remove)
+            for adapter in self.adapters:
+                self._undo.extend(adapter.install(self, self.model))
+            if self.capture_sdpa:
+                self._mode = _SDPAInterceptor(self)
+                self._mode.__enter__()
+        except BaseException:
+            self.disarm()
+            raise
+        _ACTIVE_TAPS.append(self)
+        return self
+
+    def disarm(self) -> None:
+        """Remove every hook, adapter and the interceptor. Safe to call twice, and after an exception."""
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
+            fn()
+        self._stack.clear()
+        self._claimed.clear()
+        if self in _ACTIVE_TAPS:
+            _ACTIVE_TAPS.remove(self)
+
+    def __enter__(self) -> AttentionTap:
+        return self.arm()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disarm()
+
+    def reset(self) -> None:
+        """Forget accumulated statistics and records (sites and their order are kept)."""
+        self.stats = {name: torch.zeros_like(value) for name, value in self.stats.items()}
+        self.records.clear()
+        self.calls = 0
+
+    # ------------------------------------------------------------------ naming
+    def _enter(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._stack.append(name)
+            self._calls_in_module[name] = 0
+
+        return hook
+
+    def _exit(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+
+        return hook
+
+    def current_module(self) -> str | None:
+        """Name of the innermost module of ``model`` now running forward (``""`` = the model itself)."""
+        return self._stack[-1] if self._stack else None
+
+    def wants(self, name: str) -> bool:
+        """Whether a site name passes ``include`` / ``exclude``."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
+            fnmatch.fnmatchcase(name, p) for p in self.exclude
+        )
+
+    def claim(self, module_name: str) -> None:
+        """An adapter captures this module itself: SDPA calls made inside it are not scored a second time."""
+        self._claimed.add(module_name)
+
+    def _site_name(self, module: str | None) -> str:
+        if module is None:
+            return UNNAMED_SITE
+        count = self._calls_in_module.get(module, 0)
+        self._calls_in_module[module] = count + 1
+        base = module or type(self.model).__name__
+        return base if count == 0 else f"{base}[{count}]"
+
+    # ------------------------------------------------------------------ capture
+    def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        module = self.current_module()
+        if module in self._claimed:
+            return
+        call = dict(zip(_SDPA_ARGS, args))
+        call.update(kwargs)
+        query, key = call["query"], call["key"]
+        if query.dim() != 4:
+            raise TapError(
+                f"scaled_dot_product_attention in module {module!r} was called with {query.dim()}-D tensors; the "
+                "attention tap needs (batch, heads, tokens, head_dim). Reshape to 4-D before the call, or exclude "
+                "the module with exclude=[...]."
+            )
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            self.record(
+                query,
+                key,
+                name=self._site_name(module),
+                attn_mask=call.get("attn_mask"),
+                is_causal=bool(call.get("is_causal") or False),
+                scale=call.get("scale"),
+            )
+
+    def record(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        name: str | None = None,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        window: int | None = None,
+        scale: float | None = None,
+    ) -> None:
+        """Score one attention call; arguments as :func:`~entrotrain.functional.attention_entropy_stats`."""
+        site = self._site_name(self.current_module()) if name is None else name
+        if not self.wants(site):
+            return
+        if not self.differentiable:
+            q, k = q.detach(), k.detach()
+            attn_mask = None if attn_mask is None else attn_mask.detach()
+        q, k, attn_mask, key_padding_mask, is_causal, window = self._sample(
+            q, k, attn_mask, key_padding_mask, is_causal, window
+        )
+        result = attention_entropy_stats(
+            q,
+            k,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            window=window,
+            scale=scale,
+            path=self.path,
+        )
+        if self.differentiable:
+            self.records.append((site, result))
+        with torch.no_grad():
+            sums = per_head_sums(result)
+        if site in self.stats and self.stats[site].shape == sums.shape:
+            self.stats[site] += sums
+        elif site in self.stats:
+            raise TapError(f"attention site {site!r} changed its number of heads between calls: {sums.shape[1]}.")
+        else:
+            self.stats[site] = sums
+        self.calls += 1
+
+    def _sample(self, q, k, attn_mask, key_padding_mask, is_causal, window):
+        rows = evenly_spaced(q.shape[0], self.max_rows, q.device)
+        if rows is not None:
+            q, k = q.index_select(0, rows), k.index_select(0, rows)
+            if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] > 1:
+                attn_mask = attn_mask.index_select(0, rows)
+            if key_padding_mask is not None and key_padding_mask.shape[0] > 1:
+                key_padding_mask = key_padding_mask.index_select(0, rows)
+        queries = evenly_spaced(q.shape[2], self.max_queries, q.device)
+        if queries is None:
+            return q, k, attn_mask, key_padding_mask, is_causal, window
+        mask = AttentionMask(
+            (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            window=window,
+            device=q.device,
+        )
+        valid, bias = mask.select(queries)
+        if bias is not None:
+            blocked = torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device)
+            attn_mask = bias if valid is None else torch.where(valid, bias, blocked)
+        else:
+            attn_mask = valid
+        return q.index_select(2, queries), k, attn_mask, None, False, None
+
+
+def record_attention(
+    q: Tensor,
+    k: Tensor,
+    *,
+    name: str | None = None,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+) -> None:
+    """Hand ``q, k`` of custom attention code to every armed :class:`AttentionTap`; a no-op when none is armed.
+
+    Call it inside your attention module's ``forward`` with the tensors your scores come from (after RoPE, before
+    softmax): ``q`` ``(batch, heads, queries, head_dim)``, ``k`` ``(batch, kv_heads, keys, head_dim)``; masks and
+    ``scale`` as :func:`~entrotrain.functional.attention_entropy_stats`. The site is named after the module running
+    it, or ``name``. Costs one list check when nothing is armed.
+    """
+    if not _ACTIVE_TAPS:
+        return
+    for tap in list(_ACTIVE_TAPS):
+        if name is None and tap.current_module() is None:
+            continue  # this call does not run inside the tap's model
+        module = tap.current_module()
+        if name is None and module in tap._claimed:
+            continue
+        with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
+            tap.record(
+                q,
+                k,
+                name=name,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                is_causal=is_causal,
+                window=window,
+                scale=scale,
+            )

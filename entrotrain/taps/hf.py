@@ -1,0 +1,411 @@
+"""Adapter for HF transformers models: capture ``q, k, mask, scale`` through the attention-function registry.
+
+In transformers versions with ``masking_utils.AttentionMaskInterface`` (tested with 5.23), every attention layer calls
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)(module, query, key,
+value, attention_mask, scaling=..., dropout=..., **kw)`` with ``query`` ``(B, H, N, D)`` after RoPE and ``key``
+``(B, H_kv, S, D)`` before ``repeat_kv``, and builds its masks with
+``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``. While a tap is armed, :class:`HFAttentionAdapter`
+switches each ``sdpa`` / ``eager`` config of the tapped model to ``entrotrain_sdpa`` / ``entrotrain_eager``: an
+attention function that hands ``q, k, mask, scale`` to the tap, then calls the function the model was using (the
+registered ``sdpa``, or the model file's own ``eager_attention_forward``) and returns its result untouched, and a
+mask function that *is* the original one (without a registered mask function transformers passes ``mask=None`` and
+causality is silently lost). Outputs are bit for bit those of the untapped model. Disarming restores each config's
+implementation exactly. The registry entries stay registered (a name, no state).
+
+What is recorded mirrors what the original function computes:
+
+- ``sdpa``: the mask as passed (boolean, True = attend); a ``None`` mask means ``is_causal`` when the module is
+  causal (``module.is_causal`` or an ``is_causal=`` argument) and there is more than one query, as
+  ``sdpa_attention_forward`` decides; ``position_bias`` (T5-style) becomes an additive mask.
+- ``eager``: the additive mask as passed (``finfo.min`` entries count as masked); ``None`` means no mask.
+- Grouped-query attention: ``key`` keeps its ``H_kv`` heads; query head ``h`` is scored against key head
+  ``h // (H / H_kv)``, which is what ``repeat_kv`` builds (each key head repeated ``H / H_kv`` times in a row).
+
+Calls whose scores are not ``scale·q·kᵀ + mask`` (``softcap``, attention sinks, sparse ``indices``, a paged cache)
+are not scored (a warning names the site). Models on other implementations (``flash_attention_*``,
+``flex_attention``) and models whose code branches on the implementation's name are left alone, with a warning;
+their ``F.scaled_dot_product_attention`` calls, if any, are still seen by the tap's generic interception.
+
+This module imports transformers only when a tap is armed and transformers is already imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from entrotrain.errors import TapError
+
+if TYPE_CHECKING:
+    from entrotrain.taps.attention_tap import AttentionTap
+
+__all__ = ["HFAttentionAdapter", "SUPPORTED_IMPLEMENTATIONS", "wrapped_name"]
+
+#: The HF attention implementations the adapter wraps.
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+_PREFIX = "entrotrain_"
+#: Attention-function arguments that change the scores in a way ``scale·q·kᵀ + mask`` cannot express.
+_UNSCORABLE_ARGS = ("softcap", "s_aux", "sinks", "indices", "block_indices", "relative_position_embeddings")
+
+_TAPS: list[AttentionTap] = []  # taps armed with this adapter installed, in arming order
+_SWITCHED: dict[int, list[Any]] = {}  # id(config) -> [config, original internal value, installs, wrapped name]
+_CALLERS: dict[CodeType, tuple[str, str]] = {}  # caller code -> (interface variable, eager default function name)
+_COMPARED: dict[str, frozenset[str]] = {}  # python module -> implementation names its code compares against
+_REGISTRY: dict[str, Any] = {}  # transformers' ALL_ATTENTION_FUNCTIONS and AttentionInterface, set by _register
+_COMPARISON = re.compile(r"_attn_implementation\s*(?:==|!=|\bnot\s+in\b|\bin\b)([^\n]*)")
+_QUOTED = re.compile(r"""["']([\w|:/.-]+)["']""")
+_GET_INTERFACE = re.compile(r"(\w+)\s*\.\s*get_interface\(\s*[^,()]+,\s*(\w+)\s*\)")
+
+
+def wrapped_name(implementation: str) -> str:
+    """The registry name an armed tap switches ``implementation`` to (``"sdpa"`` → ``"entrotrain_sdpa"``)."""
+    return _PREFIX + implementation
+
+
+# ---------------------------------------------------------------------------------------------------------- registry
+def _transformers_api() -> Any | None:
+    """The registry objects of the imported transformers, or ``None`` for older versions without them."""
+    try:
+        from transformers import masking_utils, modeling_utils
+    except ImportError:
+        return None
+    needed = (
+        (modeling_utils, "PreTrainedModel"),
+        (modeling_utils, "AttentionInterface"),
+        (modeling_utils, "ALL_ATTENTION_FUNCTIONS"),
+        (masking_utils, "AttentionMaskInterface"),
+        (masking_utils, "ALL_MASK_ATTENTION_FUNCTIONS"),
+    )
+    if not all(hasattr(module, name) for module, name in needed):
+        return None
+    return modeling_utils, masking_utils
+
+
+def _register(api: Any) -> None:
+    modeling_utils, masking_utils = api
+    attention, masks = modeling_utils.AttentionInterface, masking_utils.AttentionMaskInterface
+    _REGISTRY.update(functions=modeling_utils.ALL_ATTENTION_FUNCTIONS, interface=attention)
+    for implementation in SUPPORTED_IMPLEMENTATIONS:
+        name = wrapped_name(implementation)
+        if name not in attention._global_mapping:
+            attention.register(name, _attention_function(implementation))
+        if name not in masks._global_mapping:
+            masks.register(name, _mask_function(implementation, masking_utils.ALL_MASK_ATTENTION_FUNCTIONS))
+
+
+def _mask_function(implementation: str, registry: Any) -> Callable[..., Any]:
+    def entrotrain_mask(*args: Any, **kwargs: Any) -> Any:
+        return registry[implementation](*args, **kwargs)
+
+    entrotrain_mask.__name__ = f"entrotrain_{implementation}_mask"
+    return entrotrain_mask
+
+
+def _attention_function(implementation: str) -> Callable[..., Any]:
+    def entrotrain_attention(
+        module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        original = _original_function(implementation, module, sys._getframe(1))
+        if _TAPS:
+            _record_call(implementation, original, module, query, key, attention_mask, args, kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    entrotrain_attention.__name__ = f"entrotrain_{implementation}_attention"
+    return entrotrain_attention
+
+
+def _caller_names(code: CodeType) -> tuple[str, str]:
+    """``(interface, default)`` of the ``interface.get_interface(impl, default)`` call in the calling function."""
+    names = _CALLERS.get(code)
+    if names is None:
+        try:
+            source = inspect.getsource(code)
+        except (OSError, TypeError):
+            source = ""
+        match = _GET_INTERFACE.search(source)
+        names = (match.group(1), match.group(2)) if match else ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+        _CALLERS[code] = names
+    return names
+
+
+def _original_function(implementation: str, module: nn.Module, caller: FrameType) -> Callable[..., Any]:
+    """The function the model would have called: its file's eager default, or its registry's entry."""
+    interface_name, default_name = _caller_names(caller.f_code)
+    namespace = caller.f_globals
+    if implementation == "eager":
+        function = namespace.get(default_name)
+        if not callable(function):
+            function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if not callable(function):
+            raise TapError(
+                f"AttentionTap could not find the eager attention function of {type(module).__name__} (looked for "
+                f"{default_name!r} where it calls the attention interface). Use attn_implementation='sdpa' while "
+                "tapping, or exclude this module from the tap."
+            )
+        return function
+    registry = namespace.get(interface_name)  # the model file's registry (it may override entries locally)
+    if not isinstance(registry, _REGISTRY["interface"]):
+        registry = _REGISTRY["functions"]
+    return registry[implementation]
+
+
+# ---------------------------------------------------------------------------------------------------------- capture
+def _named_arguments(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name (``scaling``, ``is_causal``, ...), positional ones included."""
+    if not args:
+        return kwargs
+    try:
+        signature = inspect.signature(function)
+        bound = signature.bind_partial(None, None, None, None, None, *args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return kwargs
+    named: dict[str, Any] = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
+def _with_position_bias(bias: Tensor, mask: Tensor | None, is_causal: bool, n_q: int, n_k: int) -> Tensor:
+    """One additive mask: ``bias`` where a key is attended, ``-inf`` where it is masked."""
+    valid: Tensor | None = None
+    if is_causal:
+        rows = torch.arange(n_q, device=bias.device)[:, None]
+        valid = rows >= torch.arange(n_k, device=bias.device)[None, :]
+    elif mask is not None and mask.dtype == torch.bool:
+        valid = mask
+    elif mask is not None:
+        valid = mask > torch.finfo(mask.dtype).min
+        bias = bias + torch.where(valid, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
+    if valid is None:
+        return bias
+    return torch.where(valid, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
+
+
+def _scored_inputs(
+    implementation: str, module: nn.Module, query: Tensor, key: Tensor, mask: Any, call: dict[str, Any]
+) -> dict[str, Any] | str:
+    """What the original function scores, as :meth:`AttentionTap.record` arguments; a reason string if unscorable."""
+    for name in _UNSCORABLE_ARGS:
+        if call.get(name) is not None:
+            return f"the call passes `{name}`"
+    if getattr(module, "sinks", None) is not None:
+        return "the module has attention sinks"
+    if call.get("cache") is not None:
+        return "the call uses a paged cache"
+    if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() != 4 or key.dim() != 4:
+        return "query/key are not (batch, heads, tokens, head_dim) tensors"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key heads"
+    if mask is not None and not isinstance(mask, Tensor):
+        return f"the mask is a {type(mask).__name__}, not a tensor"
+    n_q, n_k = query.shape[2], key.shape[2]
+    if mask is not None and mask.dim() == 4 and mask.shape[-1] > n_k:
+        mask = mask[..., :n_k]  # as the eager functions that slice a longer cache-sized mask
+    is_causal = False
+    if implementation == "sdpa":  # as sdpa_attention_forward decides
+        causal = call.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        is_causal = bool(n_q > 1 and mask is None and causal)
+        if is_causal and n_k > n_q:  # sdpa drops the keys past the queries (empty static cache prefill)
+            key, n_k = key[:, :, :n_q], n_q
+    bias = call.get("position_bias")
+    if isinstance(bias, Tensor):
+        mask, is_causal = _with_position_bias(bias, mask, is_causal, n_q, n_k), False
+    return {"attn_mask": mask, "is_causal": is_causal, "scale": call.get("scaling"), "k": key}
+
+
+def _record_call(
+    implementation: str,
+    original: Callable[..., Any],
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    mask: Any,
+    args: tuple,
+    kwargs: dict[str, Any],
+) -> None:
+    taps = [tap for tap in _TAPS if tap.current_module() is not None]  # the call runs inside these taps' models
+    if not taps:
+        return
+    scored = _scored_inputs(implementation, module, query, key, mask, _named_arguments(original, args, kwargs))
+    for tap in taps:
+        site = tap.current_module()
+        tap.claim(site)  # the SDPA call inside the original function is this one: do not score it again
+        if isinstance(scored, str):
+            if tap.wants(site):
+                warnings.warn(
+                    f"AttentionTap: HF attention at {site!r} ({type(module).__name__}) is not scored: {scored}.",
+                    stacklevel=3,
+                )
+            continue
+        with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
+            tap.record(query, **scored)
+
+
+# ---------------------------------------------------------------------------------------------------------- install
+def _compared_names(model: nn.Module) -> frozenset[str]:
+    """Implementation names the model's code compares ``_attn_implementation`` against (its classes' files).
+
+    Such code (``if config._attn_implementation == "sdpa": ...``) would take another branch under the wrapper's name.
+    """
+    names: set[str] = set()
+    files = {cls.__module__ for m in model.modules() for cls in type(m).__mro__}
+    for module_name in files:
+        if module_name.split(".")[0] in ("torch", "builtins", "typing", "abc", "collections"):
+            continue
+        found = _COMPARED.get(module_name)
+        if found is None:
+            try:
+                source = inspect.getsource(sys.modules[module_name])
+            except (KeyError, OSError, TypeError):
+                source = ""
+            found = frozenset(
+                quoted for line in _COMPARISON.findall(source) for quoted in _QUOTED.findall(line.split("#")[0])
+            )
+            _COMPARED[module_name] = found
+        names |= found
+    return frozenset(names)
+
+
+def _configs(model: nn.Module, pretrained: type) -> list[Any]:
+    """Every distinct config of the HF (sub)models in ``model`` and their sub-configs."""
+    seen: dict[int, Any] = {}
+    stack = [m.config for m in model.modules() if isinstance(m, pretrained) and getattr(m, "config", None) is not None]
+    while stack:
+        config = stack.pop(0)
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", None) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                stack.append(sub)
+    return list(seen.values())
+
+
+def _set_implementation(config: Any, value: Any) -> None:
+    if "_attn_implementation_internal" in vars(config):
+        config._attn_implementation_internal = value  # not the property: it would recurse into sub-configs
+    else:
+        config._attn_implementation = value
+
+
+def _raw_implementation(config: Any) -> Any:
+    return vars(config).get("_attn_implementation_internal", getattr(config, "_attn_implementation", None))
+
+
+def _hf_roots(model: nn.Module, pretrained: type) -> list[tuple[str, nn.Module]]:
+    roots: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, pretrained) and not any(
+            prefix == "" or name.startswith(prefix + ".") for prefix, _ in roots
+        ):
+            roots.append((name, module))
+    return roots
+
+
+def _release(config_id: int) -> None:
+    entry = _SWITCHED.get(config_id)
+    if entry is None:
+        return
+    entry[2] -= 1
+    if entry[2] <= 0:
+        del _SWITCHED[config_id]
+        if getattr(entry[0], "_attn_implementation", None) == entry[3]:  # unless changed by hand meanwhile
+            _set_implementation(entry[0], entry[1])
+
+
+class HFAttentionAdapter:
+    """Captures HF transformers attention (``sdpa`` and ``eager``) through transformers' attention registry.
+
+    Installed by default when transformers is imported. Site names are module names relative to the tapped model
+    (``model.layers.0.self_attn`` for a ``LlamaForCausalLM``, ``model.model.layers.0.self_attn`` for a
+    ``LightningModule`` holding it as ``self.model``). See the module docstring for what is scored.
+    """
+
+    def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
+        if sys.modules.get("transformers") is None:  # no HF model can exist: nothing to import, nothing to do
+            return []
+        try:
+            from transformers.modeling_utils import PreTrainedModel
+        except ImportError:
+            return []
+        roots = _hf_roots(model, PreTrainedModel)
+        if not roots:
+            return []
+        api = _transformers_api()
+        if api is None:
+            warnings.warn(
+                "AttentionTap: this transformers version has no AttentionMaskInterface; HF attention is captured only "
+                "where it calls F.scaled_dot_product_attention (not 'eager'). Upgrade transformers for full capture.",
+                stacklevel=3,
+            )
+            return []
+        _register(api)
+        undo: list[Callable[[], None]] = []
+        captured = False
+        try:
+            for prefix, hf_model in roots:
+                where = repr(prefix) if prefix else "the tapped model"
+                captured |= self._switch(where, hf_model, PreTrainedModel, undo)
+        except BaseException:
+            for fn in reversed(undo):
+                fn()
+            raise
+        if not captured:
+            return undo
+        _TAPS.append(tap)
+        undo.insert(0, lambda: _TAPS.remove(tap) if tap in _TAPS else None)
+        return undo
+
+    def _switch(self, where: str, hf_model: nn.Module, pretrained: type, undo: list[Callable[[], None]]) -> bool:
+        """Switch the model's configs to the wrappers (undo callables appended); whether any config is wrapped."""
+        can_set = getattr(type(hf_model), "_can_set_attn_implementation", None)
+        if callable(can_set) and not can_set():
+            return False  # its attention does not go through the registry (older-style model)
+        compared = _compared_names(hf_model)
+        captured = False
+        for config in _configs(hf_model, pretrained):
+            current = getattr(config, "_attn_implementation", None)
+            entry = _SWITCHED.get(id(config))
+            if entry is not None and entry[0] is config:  # switched by another armed tap: share it
+                entry[2] += 1
+                undo.append(lambda _id=id(config): _release(_id))
+            elif isinstance(current, str) and current.startswith(_PREFIX):
+                pass  # set by hand: the wrapper reports to every armed tap, nothing to restore
+            elif current is None:
+                continue  # a config without attention dispatch (e.g. a sub-config of a non-attention part)
+            elif current not in SUPPORTED_IMPLEMENTATIONS:
+                warnings.warn(
+                    f"AttentionTap: {where} ({type(hf_model).__name__}) uses attn_implementation={current!r}; "
+                    f"attention entropy is captured for {SUPPORTED_IMPLEMENTATIONS} only. Call "
+                    "model.set_attn_implementation('sdpa') for the tapped run.",
+                    stacklevel=4,
+                )
+                continue
+            elif current in compared:
+                reach = "its SDPA calls are still captured" if current == "sdpa" else "its attention is not captured"
+                warnings.warn(
+                    f"AttentionTap: the code of {where} ({type(hf_model).__name__}) branches on "
+                    f"attn_implementation == {current!r}, so the implementation is not switched; {reach}.",
+                    stacklevel=4,
+                )
+                continue
+            else:
+                _SWITCHED[id(config)] = [config, _raw_implementation(config), 1, wrapped_name(current)]
+                _set_implementation(config, wrapped_name(current))
+                undo.append(lambda _id=id(config): _release(_id))
+            captured = True
+        return captured

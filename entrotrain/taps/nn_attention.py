@@ -1,0 +1,80 @@
+"""Adapter for :class:`torch.nn.MultiheadAttention` (and so :class:`torch.nn.TransformerEncoderLayer` /
+``DecoderLayer``, whose ``self_attn`` is one).
+
+The module is never asked for weights (``need_weights=True`` would leave the fused path and return post-dropout,
+head-averaged weights). A forward pre-hook reads the call's inputs and recomputes ``q`` and ``k`` from the
+module's own projections, so the module's computation is untouched and the entropy is the exact pre-dropout one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from entrotrain.errors import TapError
+
+__all__ = ["mha_query_key"]
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _padding_from(mask: Tensor) -> Tensor:
+    """MHA's key padding mask, bool (True = ignore) or float (additive), as a bool 'is padding' mask."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask <= torch.finfo(mask.dtype).min
+
+
+def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Recompute what an ``nn.MultiheadAttention`` call scores: ``q``, ``k`` and the masks, SDPA conventions.
+
+    Returns keyword arguments for :func:`entrotrain.functional.attention_entropy_stats`: ``q`` ``(B, H, L, hd)``,
+    ``k`` ``(B, H, S, hd)``, ``attn_mask`` (bool True = attend, or additive), ``key_padding_mask`` (True = pad),
+    ``is_causal`` and ``scale``.
+    """
+    if module.bias_k is not None or module.add_zero_attn:
+        raise TapError(
+            "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not supported by the attention "
+            "tap; call entrotrain.taps.record_attention(q, k, ...) from your own attention code instead."
+        )
+    call = dict(zip(_MHA_ARGS, args))
+    call.update(kwargs)
+    query, key = call["query"], call["key"]
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, E) -> (L, 1, E)
+    elif module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)  # -> (L, N, E)
+    embed = module.embed_dim
+    if module._qkv_same_embed_dim:
+        w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]
+    else:
+        w_q, w_k = module.q_proj_weight, module.k_proj_weight
+    bias = module.in_proj_bias
+    b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
+    heads = module.num_heads
+    q = rearrange(F.linear(query, w_q, b_q), "l n (h d) -> n h l d", h=heads)
+    k = rearrange(F.linear(key, w_k, b_k), "s n (h d) -> n h s d", h=heads)
+
+    key_padding = call.get("key_padding_mask")
+    if key_padding is not None:
+        key_padding = _padding_from(key_padding.reshape(q.shape[0], -1))
+    attn_mask = call.get("attn_mask")
+    is_causal = bool(call.get("is_causal") or False)
+    if attn_mask is not None:
+        if attn_mask.dim() == 3:  # (N * H, L, S)
+            attn_mask = attn_mask.reshape(q.shape[0], heads, *attn_mask.shape[-2:])
+        attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask  # MHA: True = NOT allowed
+        is_causal = False  # with a mask, MHA's is_causal is only a hint that the mask is causal
+    return {
+        "q": q,
+        "k": k,
+        "attn_mask": attn_mask,
+        "key_padding_mask": key_padding,
+        "is_causal": is_causal,
+        "scale": module.head_dim**-0.5,
+    }

@@ -1,0 +1,6 @@
+"""LightningModules and LightningDataModules for entrotrain recipes."""
+
+from entrotrain.tasks.char_corpus import CharCorpusDataModule
+from entrotrain.tasks.language_modeling import LanguageModelingTask
+
+__all__ = ["CharCorpusDataModule", "LanguageModelingTask"]

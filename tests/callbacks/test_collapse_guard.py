@@ -1,0 +1,128 @@
+"""EntropyCollapseGuard: thresholds, drops, patience, episodes, and each action."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
+from entrotrain.errors import EntrotrainError
+from tests.helpers.lightning_models import TinyLM, quiet_trainer, token_loader
+
+
+class Scripted(TinyLM):
+    """Logs a scripted value of ``watched`` at each step (as a monitor would)."""
+
+    def __init__(self, values, scheduler: bool = False):
+        super().__init__()
+        self.values = list(values)
+        self.scheduler = scheduler
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("watched", self.values[min(self.global_step, len(self.values) - 1)])
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def run(values, guard, max_steps=None, **model_kwargs):
+    L.seed_everything(0)
+    model = Scripted(values, **model_kwargs)
+    trainer = quiet_trainer(callbacks=[guard], max_steps=max_steps or len(values))
+    trainer.fit(model, token_loader(n=256))
+    return trainer
+
+
+def test_warns_once_per_episode_and_rearms():
+    guard = EntropyCollapseGuard("watched", threshold=0.5)
+    with pytest.warns(UserWarning, match="watched = 0.4 fell below 0.5") as record:
+        run([0.9, 0.4, 0.3, 0.8, 0.2], guard)
+    assert guard.times_fired == 2  # 0.4 (episode 1; 0.3 is the same episode), 0.2 (after recovering at 0.8)
+    assert sum("EntropyCollapseGuard" in str(w.message) for w in record) == 2
+
+
+def test_patience_counts_new_observations_only():
+    guard = EntropyCollapseGuard("watched", threshold=0.5, patience=2)
+    run([0.9, 0.4, 0.4, 0.4, 0.9], guard)  # one bad *observation* repeated: not two
+    assert guard.times_fired == 0
+    guard = EntropyCollapseGuard("watched", threshold=0.5, patience=2)
+    with pytest.warns(UserWarning):
+        run([0.9, 0.4, 0.3, 0.9], guard)
+    assert guard.times_fired == 1
+
+
+def test_max_drop_fires_on_fast_fall():
+    guard = EntropyCollapseGuard("watched", threshold=None, max_drop=0.5, drop_window=2)
+    with pytest.warns(UserWarning, match="fell by 6[0-9]%"):
+        run([1.0, 0.9, 0.35, 0.34], guard)  # 1.0 -> 0.35 over two observations
+    assert guard.times_fired == 1
+
+
+def test_stop_action_stops_training():
+    guard = EntropyCollapseGuard("watched", threshold=0.5, action="stop")
+    with pytest.warns(UserWarning, match="Stopping training"):
+        trainer = run([0.9, 0.9, 0.1] + [0.9] * 20, guard)
+    assert trainer.global_step == 3
+
+
+@pytest.mark.parametrize("scheduler", [False, True])
+def test_reduce_lr_scales_optimizer_and_scheduler(scheduler):
+    guard = EntropyCollapseGuard("watched", threshold=0.5, action="reduce_lr", lr_factor=0.25)
+    with pytest.warns(UserWarning, match="multiplied by 0.25"):
+        trainer = run([0.9, 0.1, 0.1, 0.1, 0.1], guard, scheduler=scheduler)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.25)  # stays lowered despite the scheduler
+    assert guard.lr_reductions == 1
+
+
+def test_max_mode_watches_collapse_fraction_from_the_monitor():
+    guard = EntropyCollapseGuard("entropy/attn/collapse_frac", threshold=-1.0, mode="max")
+    with pytest.warns(UserWarning, match="rose above -1.0"):
+        _fit_with_monitor(guard)
+    assert guard.times_fired == 1
+
+
+def _fit_with_monitor(guard):
+    L.seed_everything(0)
+    trainer = quiet_trainer(callbacks=[guard, AttentionEntropyMonitor(every_n_steps=2)], max_steps=3)
+    trainer.fit(TinyLM(), token_loader())
+
+
+def test_state_dict_round_trip():
+    guard = EntropyCollapseGuard("watched", threshold=0.5, max_drop=0.3, drop_window=2)
+    with pytest.warns(UserWarning):
+        run([0.9, 0.2, 0.1], guard)
+    state = guard.state_dict()
+    fresh = EntropyCollapseGuard("watched", threshold=0.5, max_drop=0.3, drop_window=2)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert list(fresh.history) == pytest.approx([0.9, 0.2, 0.1])
+
+
+def test_missing_key_raises_when_asked():
+    guard = EntropyCollapseGuard("entropy/nope", threshold=0.1, missing_ok=False, missing_after=2)
+    with pytest.raises(EntrotrainError, match="never logged.*watched"):
+        run([0.9] * 5, guard)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"threshold": None},
+        {"mode": "up"},
+        {"max_drop": 1.5},
+        {"max_drop": 0.5, "mode": "max"},
+        {"action": "explode"},
+        {"lr_factor": 1.0},
+        {"patience": 0},
+    ],
+)
+def test_bad_arguments(kwargs):
+    with pytest.raises(EntrotrainError):
+        EntropyCollapseGuard("x", **kwargs)

@@ -58,8 +58,13 @@ class EntrotrainCLI(LightningCLI):
     """LightningCLI whose ``fit`` ends by closing the wandb run and printing where it is and how to sync it."""
 
     def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith("entropy/")}
+        if final:
+            print("final metrics: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(final.items())[:12]))
         run_dir = _wandb_run_dir(self.trainer)
-        if run_dir is None or not self.trainer.is_global_zero:
+        if run_dir is None:
             return
         import wandb
 

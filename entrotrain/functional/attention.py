@@ -215,6 +215,11 @@ def attention_entropy_stats(
     )
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     resolved = _resolve_path(path, q, k, mask, needs_grad)
+    if 0 in (batch, heads, n_q, n_k):
+        # nothing to score, or no key to attend (SDPA returns zeros): the kernels and the block loop need sizes > 0
+        entropy = q.to(accumulation_dtype(q.dtype)).sum(-1) * 0
+        counts = torch.zeros(entropy.shape, dtype=torch.long, device=q.device)
+        return AttentionEntropy(entropy, entropy.clone(), counts)
     block = max(1, chunk_elements // max(1, batch * heads * n_k))
     if resolved == "fused":
         entropy, counts = _fused(q, k, scale, mask, block)

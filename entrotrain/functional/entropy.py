@@ -141,22 +141,24 @@ def _as_rows(x: Tensor, dim: int, mask: Tensor | None, name: str) -> tuple[Tenso
     if x.dim() == 0:
         raise EntrotrainError(f"{name} must have at least one dimension (the categories), got a scalar.")
     dim = dim % x.dim()
-    x = x.movedim(dim, -1)
-    batch_shape = x.shape[:-1]
     if mask is not None:
         if mask.dtype != torch.bool:
             raise EntrotrainError(
                 f"mask must be boolean (True = the entry takes part), got dtype {mask.dtype}; use mask.bool()."
             )
-        try:
-            mask = torch.broadcast_to(mask.movedim(dim, -1) if mask.dim() == x.dim() else mask, x.shape)
+        try:  # broadcast on the caller's layout first, then move dim like the logits
+            mask = torch.broadcast_to(mask, x.shape).movedim(dim, -1)
         except RuntimeError as err:
             raise EntrotrainError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape {tuple(x.shape)} "
-                f"(after moving dim {dim} last); give a mask of the logits' shape."
+                f"mask of shape {tuple(mask.shape)} does not broadcast to {name} of shape {tuple(x.shape)}; "
+                "give a mask broadcastable to the logits' shape."
             ) from err
-        mask = mask.reshape(-1, x.shape[-1])
-    return x.reshape(-1, x.shape[-1]), mask, batch_shape
+    x = x.movedim(dim, -1)
+    batch_shape = x.shape[:-1]
+    n_rows = batch_shape.numel()
+    if mask is not None:
+        mask = mask.reshape(n_rows, x.shape[-1])
+    return x.reshape(n_rows, x.shape[-1]), mask, batch_shape
 
 
 def entropy_from_logits(
@@ -188,8 +190,9 @@ def entropy_from_logits(
     """
     _check_floating(logits, "logits")
     rows, valid, batch_shape = _as_rows(logits, dim, mask, "logits")
-    if rows.shape[0] == 0:
-        return rows.new_zeros(batch_shape, dtype=accumulation_dtype(logits.dtype))
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        # no row, or rows without categories (entropy 0, as a fully masked row): zeros that stay in the graph
+        return (rows.sum(-1) * 0).to(accumulation_dtype(logits.dtype)).reshape(batch_shape)
     n_rows = _rows_per_chunk(rows.shape[-1], chunk_elements)
     entropy = _ChunkedLogitsEntropy.apply(rows, valid, n_rows)
     return entropy.reshape(batch_shape)
@@ -212,7 +215,7 @@ def entropy_from_probs(probs: Tensor, dim: int = -1, mask: Tensor | None = None)
     """
     _check_floating(probs, "probs")
     p = probs.to(accumulation_dtype(probs.dtype))
-    positive = p > 0
+    positive = ~(p <= 0)  # p > 0, and NaN: a NaN probability gives a NaN entropy, never a hidden one
     if mask is not None:
         positive = positive & mask
     safe = torch.where(positive, p, torch.ones_like(p))

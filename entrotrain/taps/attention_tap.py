@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional.attention import AttentionEntropy, AttentionPath, attention_entropy_stats
+from entrotrain.functional.attention import AttentionEntropy, AttentionPath, _check_qk, attention_entropy_stats
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
 from entrotrain.taps.nn_attention import mha_query_key
@@ -36,7 +36,6 @@ __all__ = ["AttentionTap", "AttentionAdapter", "MultiheadAttentionAdapter", "rec
 
 _ACTIVE_TAPS: list[AttentionTap] = []
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-UNNAMED_SITE = "<outside-modules>"
 
 
 class AttentionAdapter(Protocol):
@@ -56,9 +55,14 @@ class MultiheadAttentionAdapter:
 
                 def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], _name: str = name) -> None:
                     with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
-                        tap.record(name=_name, **mha_query_key(mod, args, kwargs))
+                        tap.record(name=tap._site_name(_name), **mha_query_key(mod, args, kwargs))
+                    tap._suspend_sdpa()  # the module runs as without the tap (its native fast path stays on)
+
+                def done(mod: nn.Module, args: tuple, output: Any) -> None:
+                    tap._resume_sdpa()
 
                 undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+                undo.append(module.register_forward_hook(done, always_call=True).remove)
         return undo
 
 
@@ -85,6 +89,18 @@ class _SDPAInterceptor(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.tap._on_sdpa(args, kwargs)
         return func(*args, **kwargs)
+
+
+def _remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off this thread's torch-function mode stack wherever it is, keeping the others in order."""
+    above = []
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
 
 
 def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
@@ -146,6 +162,7 @@ class AttentionTap:
         self._calls_in_module: dict[str, int] = {}
         self._claimed: set[str] = set()
         self._mode: _SDPAInterceptor | None = None
+        self._suspended = 0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -175,7 +192,9 @@ class AttentionTap:
         """Remove every hook, adapter and the interceptor. Safe to call twice, and after an exception."""
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
+            if not self._suspended:
+                _remove_mode(mode)  # not simply pop the top: another tap's mode may sit above ours
+        self._suspended = 0
         undo, self._undo = self._undo, []
         for fn in reversed(undo):
             fn()
@@ -183,6 +202,17 @@ class AttentionTap:
         self._claimed.clear()
         if self in _ACTIVE_TAPS:
             _ACTIVE_TAPS.remove(self)
+
+    def _suspend_sdpa(self) -> None:
+        if self._mode is not None and self._suspended == 0:
+            _remove_mode(self._mode)
+        self._suspended += 1
+
+    def _resume_sdpa(self) -> None:
+        if self._suspended:
+            self._suspended -= 1
+            if self._suspended == 0 and self._mode is not None:
+                torch._C._push_on_torch_function_stack(self._mode)
 
     def __enter__(self) -> AttentionTap:
         return self.arm()
@@ -225,9 +255,7 @@ class AttentionTap:
         """An adapter captures this module itself: SDPA calls made inside it are not scored a second time."""
         self._claimed.add(module_name)
 
-    def _site_name(self, module: str | None) -> str:
-        if module is None:
-            return UNNAMED_SITE
+    def _site_name(self, module: str) -> str:
         count = self._calls_in_module.get(module, 0)
         self._calls_in_module[module] = count + 1
         base = module or type(self.model).__name__
@@ -236,7 +264,10 @@ class AttentionTap:
     # ------------------------------------------------------------------ capture
     def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> None:
         module = self.current_module()
-        if module in self._claimed:
+        if module is None or module in self._claimed:
+            return  # outside the tapped model (another model, plain code), or captured by an adapter
+        site = self._site_name(module)
+        if not self.wants(site):
             return
         call = dict(zip(_SDPA_ARGS, args))
         call.update(kwargs)
@@ -251,7 +282,7 @@ class AttentionTap:
             self.record(
                 query,
                 key,
-                name=self._site_name(module),
+                name=site,
                 attn_mask=call.get("attn_mask"),
                 is_causal=bool(call.get("is_causal") or False),
                 scale=call.get("scale"),
@@ -273,6 +304,7 @@ class AttentionTap:
         site = self._site_name(self.current_module()) if name is None else name
         if not self.wants(site):
             return
+        _check_qk(q, k)  # before sampling indexes dims 0 and 2
         if not self.differentiable:
             q, k = q.detach(), k.detach()
             attn_mask = None if attn_mask is None else attn_mask.detach()

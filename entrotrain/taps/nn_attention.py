@@ -29,6 +29,10 @@ def _padding_from(mask: Tensor) -> Tensor:
     return mask <= torch.finfo(mask.dtype).min
 
 
+def _has_finite_bias(mask: Tensor) -> bool:
+    return bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min)).any())
+
+
 def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Recompute what an ``nn.MultiheadAttention`` call scores: ``q``, ``k`` and the masks, SDPA conventions.
 
@@ -60,9 +64,6 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
     q = rearrange(F.linear(query, w_q, b_q), "l n (h d) -> n h l d", h=heads)
     k = rearrange(F.linear(key, w_k, b_k), "s n (h d) -> n h s d", h=heads)
 
-    key_padding = call.get("key_padding_mask")
-    if key_padding is not None:
-        key_padding = _padding_from(key_padding.reshape(q.shape[0], -1))
     attn_mask = call.get("attn_mask")
     is_causal = bool(call.get("is_causal") or False)
     if attn_mask is not None:
@@ -70,6 +71,21 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
             attn_mask = attn_mask.reshape(q.shape[0], heads, *attn_mask.shape[-2:])
         attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask  # MHA: True = NOT allowed
         is_causal = False  # with a mask, MHA's is_causal is only a hint that the mask is causal
+    key_padding = call.get("key_padding_mask")
+    if key_padding is not None:
+        key_padding = key_padding.reshape(q.shape[0], -1)
+        if key_padding.is_floating_point() and _has_finite_bias(key_padding):
+            # MHA adds a float key_padding_mask to the scores, finite values included: fold it into attn_mask
+            bias = key_padding[:, None, None, :]
+            if attn_mask is None:
+                attn_mask = bias
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = torch.where(attn_mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype))
+            else:
+                attn_mask = attn_mask + bias
+            key_padding = None
+        else:
+            key_padding = _padding_from(key_padding)
     return {
         "q": q,
         "k": k,

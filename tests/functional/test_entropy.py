@@ -18,6 +18,7 @@ import torch
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional import entropy_from_logits, entropy_from_probs, row_entropy
 from tests.helpers.reference import entropy_rows64, probs_entropy_rows64
+from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
 
 INF = float("inf")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -166,3 +167,26 @@ def head_means(entropy: Tensor, normalized: Tensor, n_keys: Tensor) -> tuple[Ten
         rows2 = n_keys[:, h] >= 2
         norm[h] = normalized[:, h][rows2].double().mean()
     return ent, norm
+
+
+@pytest.fixture(autouse=True)
+def no_tap_leaks():
+    """Import into a test module: a failing test must not leave a tap (hooks, TorchFunctionMode) armed."""
+    yield
+    from entrotrain.taps import attention_tap
+
+    for tap in list(attention_tap._ACTIVE_TAPS):
+        tap.disarm()
+    attention_tap._ACTIVE_TAPS.clear()
+    while torch._C._len_torch_function_stack():
+        torch._C._pop_torch_function_stack()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module: tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP barriers make every op ~100x slower. Restored after each test (other modules keep their setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

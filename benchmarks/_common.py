@@ -23,13 +23,20 @@ Peak memory
       scripts measure memory *before* the parent builds any large tensor, and the child reports ``floor_mib``, how
       far the high-water mark already stood above the baseline: a peak smaller than the floor is invisible, and the
       result is then printed as ``<= floor``.
+    - RSS counts what the C allocator keeps, not only live tensors: glibc serves blocks under its (dynamic, up to
+      32 MiB) mmap threshold from heaps it rarely gives back, and fragmentation can hold a heap at its high-water
+      mark. So on CPU the child then runs the call a second time under ``torch.profiler`` with
+      ``profile_memory=True`` and reports the peak of the running sum of tensor allocations and frees
+      (``live_mib``): what the code itself holds at once, the CPU analogue of CUDA's ``max_memory_allocated``.
+      RSS is what the machine pays; the live peak is what the code controls. Both are printed.
     - CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated() - memory_allocated()`` around the
-      call (caching-allocator bytes in use, not bytes reserved).
+      call (caching-allocator bytes in use, not bytes reserved); ``live_mib`` is the same number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -52,6 +59,7 @@ __all__ = [
     "dtype_from_name",
     "environment_line",
     "fmt",
+    "fmt_live",
     "fmt_mem",
     "fmt_ratio",
     "markdown_table",
@@ -166,8 +174,9 @@ def time_cases(
 
 @dataclass
 class MemResult:
-    extra_mib: float | None = None  # peak above the baseline, MiB
-    floor_mib: float = 0.0  # CPU: peaks below this are invisible (see module docstring)
+    extra_mib: float | None = None  # peak above the baseline, MiB (CPU: resident set; CUDA: allocated)
+    floor_mib: float = 0.0  # CPU: RSS peaks below this are invisible (see module docstring)
+    live_mib: float | None = None  # peak of live tensor bytes above the baseline (CPU: profiler; CUDA: = extra)
     method: str = ""
     error: str | None = None
     info: dict = field(default_factory=dict)  # whatever the case's build function reported
@@ -196,6 +205,43 @@ def _reset_hiwater() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_fds():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _live_peak_mib(run: Callable[[], Any]) -> float:
+    """Peak of the running sum of CPU tensor allocations minus frees during ``run()``, from the profiler."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    with _quiet_fds():  # kineto writes start/stop chatter and allocator notes straight to fds 1 and 2
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = run()
+            del result
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / MiB
+
+
 def _child(conn, build: Callable, kwargs: dict, device: str, threads: int) -> None:
     try:
         torch.set_num_threads(threads)
@@ -214,7 +260,7 @@ def _child(conn, build: Callable, kwargs: dict, device: str, threads: int) -> No
             sync(dev)
             extra = (torch.cuda.max_memory_allocated(dev) - base) / MiB
             del result
-            conn.send(MemResult(extra, 0.0, "cuda max_memory_allocated", info=info))
+            conn.send(MemResult(extra_mib=extra, method="cuda max_memory_allocated", live_mib=extra, info=info))
             return
         reset = _reset_hiwater()
         base = _statm_rss_bytes()
@@ -225,7 +271,12 @@ def _child(conn, build: Callable, kwargs: dict, device: str, threads: int) -> No
         floor = max(0.0, (before - base) / MiB)
         extra = (after - base) / MiB if after > before else None
         method = "ru_maxrss growth" + (" after clear_refs" if reset else "")
-        conn.send(MemResult(extra, floor, method, info=info))
+        gc.collect()
+        try:
+            live = _live_peak_mib(run)
+        except Exception:  # the profiler is a cross-check; never lose the RSS number over it
+            live = None
+        conn.send(MemResult(extra_mib=extra, floor_mib=floor, method=method, live_mib=live, info=info))
     except BaseException as err:  # report, never hang the parent
         conn.send(MemResult(error=f"{type(err).__name__}: {err}".splitlines()[0][:200], info={"tb": traceback.format_exc()}))
     finally:
@@ -265,8 +316,16 @@ def peak_memory(
 # ---------------------------------------------------------------------------------------------------------- tables
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor, block: int = 1 << 24) -> float:
+    """``max |a - b|`` in float64, on the tensors' device, a block at a time (no float64 copy of a large tensor)."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1).to(a.device)
+    worst = 0.0
+    for start in range(0, a.numel(), block):
+        d = (a[start : start + block].double() - b[start : start + block].double()).abs().max().item()
+        if d != d:  # nan
+            return float("nan")
+        worst = max(worst, d)
+    return worst
 
 
 def fmt(x: float | None, digits: int = 1) -> str:
@@ -280,13 +339,18 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def fmt_mem(m: MemResult | None) -> str:
+    """The RSS (CPU) or allocated (CUDA) peak, ``≤ floor`` when the high-water mark did not move."""
     if m is None:
         return "—"
     if m.error:
         return "error"
-    if m.extra_mib is None:  # the high-water mark did not move
+    if m.extra_mib is None:
         return "0.0" if m.floor_mib < 0.05 else f"≤ {m.floor_mib:.1f}"
     return f"{m.extra_mib:.1f}"
+
+
+def fmt_live(m: MemResult | None) -> str:
+    return "—" if m is None or m.live_mib is None else f"{m.live_mib:.1f}"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

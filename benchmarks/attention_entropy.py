@@ -56,9 +56,9 @@ def naive_attention_entropy(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor
 
 
 def make_inputs(batch, heads, seq, dim, dtype, device, seed, grad):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(batch, heads, seq, dim, generator=g).to(device=device, dtype=dtype)
-    k = torch.randn(batch, heads, seq, dim, generator=g).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, heads, seq, dim, generator=g, device=device).to(dtype)
+    k = torch.randn(batch, heads, seq, dim, generator=g, device=device).to(dtype)
     if grad:
         q.requires_grad_(True)
         k.requires_grad_(True)
@@ -189,33 +189,25 @@ def main(argv=None) -> None:
     t_naive = times["naive"].median_ms
     t_sdpa = times["SDPA forward"].median_ms
     m_naive = mem.get("naive")
+    cpu = device.type == "cpu"
     sdpa_label = "× SDPA fwd+bwd" if a.grad else "× SDPA fwd"
-    headers = ["row", "median ms", "min ms", "× naive", sdpa_label, "peak extra MiB", "mem × naive", "max |ΔH|"]
-    if a.grad:
-        headers.append("max |Δ∇| / max |∇|")
+    headers = ["row", "median ms", "min ms", "× naive", sdpa_label]
+    mem_cols = (["peak RSS MiB", "peak live MiB"] if cpu else ["peak alloc MiB"]) + ["mem × naive"]
+    headers += (mem_cols if mem else []) + ["max |ΔH|"] + (["max |Δ∇| / max |∇|"] if a.grad else [])
     table = []
     for row in ROWS:
         label = row if not a.grad else (f"{row} fwd+bwd" if row != "SDPA forward" else "SDPA fwd+bwd")
         if row in skipped:
             table.append([label + " ¹", "skipped"] + [""] * (len(headers) - 2))
             continue
-        t = times[row]
-        m = mem.get(row)
-        mem_ratio = (
-            m.extra_mib / m_naive.extra_mib
-            if m is not None and m.resolved and m_naive is not None and m_naive.resolved and m_naive.extra_mib > 0
-            else None
-        )
-        cells = [
-            label,
-            C.fmt(t.median_ms),
-            C.fmt(t.min_ms),
-            C.fmt_ratio(t.median_ms / t_naive),
-            C.fmt_ratio(t.median_ms / t_sdpa),
-            C.fmt_mem(m),
-            C.fmt_ratio(mem_ratio),
-            "—" if row not in err_h else f"{err_h[row]:.1e}",
-        ]
+        t, m = times[row], mem.get(row)
+        live, live_naive = (m.live_mib if m else None), (m_naive.live_mib if m_naive else None)
+        mem_ratio = live / live_naive if live is not None and live_naive else None
+        cells = [label, C.fmt(t.median_ms), C.fmt(t.min_ms), C.fmt_ratio(t.median_ms / t_naive),
+                 C.fmt_ratio(t.median_ms / t_sdpa)]
+        if mem:
+            cells += ([C.fmt_mem(m), C.fmt_live(m)] if cpu else [C.fmt_live(m)]) + [C.fmt_ratio(mem_ratio)]
+        cells.append("—" if row not in err_h else f"{err_h[row]:.1e}")
         if a.grad:
             cells.append("—" if row not in err_g else f"{err_g[row]:.1e}")
         table.append(cells)
@@ -224,25 +216,26 @@ def main(argv=None) -> None:
     print()
     for row, why in skipped.items():
         print(f"# ¹ {row} skipped: {why}")
-    if mem:
+    if mem and cpu:
         m0 = next(iter(mem.values()))
-        print(f"# peak extra memory: {m0.method}, each row in a fresh process; "
-              f"floor {max(m.floor_mib for m in mem.values()):.1f} MiB (peaks below it are invisible)")
+        print(f"# peak RSS: {m0.method}, each row in a fresh process (floor "
+              f"{max(m.floor_mib for m in mem.values()):.1f} MiB); peak live: torch.profiler allocations - frees, "
+              "same process, second call; mem × naive compares live peaks")
     if not a.grad and "fused" in times:
         r = times["fused"].median_ms / t_sdpa
-        target = 1.3 if device.type == "cpu" else 1.5
+        target = 1.3 if cpu else 1.5
         verdict = "meets" if r <= target else "MISSES"
         print(f"# fused / SDPA forward = {r:.2f} (min/min {times['fused'].min_ms / times['SDPA forward'].min_ms:.2f});"
               f" DESIGN §6 target ≤ {target} on {device.type}: {verdict}")
     if a.grad and "chunked" in times:
         r = times["chunked"].median_ms / t_sdpa
         verdict = "meets" if r <= 2.5 else "MISSES"
-        print(f"# chunked fwd+bwd / SDPA fwd+bwd = {r:.2f}; DESIGN §6 target ≤ 2.5: {verdict}")
-    if not a.no_memory and mem:
+        print(f"# chunked fwd+bwd / SDPA fwd+bwd = {r:.2f} (min/min {times['chunked'].min_ms / times['SDPA forward'].min_ms:.2f});"
+              f" DESIGN §6 target ≤ 2.5: {verdict}")
+    if mem:
         bhn = a.batch * a.heads * a.seq * 4 / C.MiB
         print(f"# for scale: one fp32 (B,H,N) vector = {bhn:.2f} MiB; fp32 (B,H,N,N) scores = "
-              f"{bhn * a.seq:.0f} MiB; chunked block = {a.chunk_elements * 4 / C.MiB:.0f} MiB of scores")
-
+              f"{bhn * a.seq:.0f} MiB; chunked block ≈ {a.chunk_elements * 4 / C.MiB:.0f} MiB of scores")
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 import entrotrain.callbacks  # noqa: F401  (short class names in configs)
 import entrotrain.tasks  # noqa: F401
 
-__all__ = ["EntrotrainCLI", "main"]
+__all__ = ["EntrotrainCLI", "console", "main"]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -104,5 +104,10 @@ def main(args: ArgsType = None) -> Any:
     )
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The console script: like :func:`main`, returning nothing (``sys.exit`` would print a returned object)."""
     main()
+
+
+if __name__ == "__main__":
+    console()

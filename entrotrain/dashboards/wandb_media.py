@@ -25,9 +25,14 @@ _VIRIDIS = torch.tensor(
 _MISSING = torch.tensor([128.0, 128.0, 128.0])
 
 
-def colorize(values: Tensor, vmin: float = 0.0, vmax: float = 1.0, cell: int = 16) -> np.ndarray:
-    """``(rows, cols)`` values → ``(rows·cell, cols·cell, 3)`` uint8 RGB with the viridis colormap."""
+def colorize(values: Tensor, vmin: float = 0.0, vmax: float = 1.0, cell: int | None = None) -> np.ndarray:
+    """``(rows, cols)`` values → ``(rows·cell, cols·cell, 3)`` uint8 RGB with the viridis colormap.
+
+    ``cell`` (pixels per value) defaults to what makes the longer side about 512 px (8 to 48 px per cell).
+    """
     x = values.detach().to(torch.float32).cpu()
+    if cell is None:
+        cell = max(8, min(48, 512 // max(x.shape)))
     missing = ~torch.isfinite(x)
     t = ((x - vmin) / max(vmax - vmin, 1e-12)).clamp(0, 1).nan_to_num(0.0) * (len(_VIRIDIS) - 1)
     lo = t.floor().long().clamp(max=len(_VIRIDIS) - 2)

@@ -6,6 +6,14 @@ from entrotrain.taps.attention_tap import (
     MultiheadAttentionAdapter,
     record_attention,
 )
+from entrotrain.taps.hf import HFAttentionAdapter
 from entrotrain.taps.nn_attention import mha_query_key
 
-__all__ = ["AttentionAdapter", "AttentionTap", "MultiheadAttentionAdapter", "mha_query_key", "record_attention"]
+__all__ = [
+    "AttentionAdapter",
+    "AttentionTap",
+    "HFAttentionAdapter",
+    "MultiheadAttentionAdapter",
+    "mha_query_key",
+    "record_attention",
+]

@@ -278,7 +278,8 @@ def _child(conn, build: Callable, kwargs: dict, device: str, threads: int) -> No
             live = None
         conn.send(MemResult(extra_mib=extra, floor_mib=floor, method=method, live_mib=live, info=info))
     except BaseException as err:  # report, never hang the parent
-        conn.send(MemResult(error=f"{type(err).__name__}: {err}".splitlines()[0][:200], info={"tb": traceback.format_exc()}))
+        message = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        conn.send(MemResult(error=message, info={"tb": traceback.format_exc()}))
     finally:
         conn.close()
 

@@ -220,8 +220,8 @@ def run(a: argparse.Namespace) -> None:
     headers = ["row", "median ms", "min ms", "× naive"]
     mem_cols = (["peak RSS MiB", "peak live MiB"] if cpu else ["peak alloc MiB"])
     mem_cols += ["live × input", "live beyond outputs, chunks"]
-    headers += (mem_cols if mem else []) + ["max |ΔH|"]
-    headers += ["max |Δ∇| / max |∇|"] if a.grad else []
+    headers += (mem_cols if mem else []) + ["max ΔH"]
+    headers += ["max Δ∇ (rel.)"] if a.grad else []
     table = []
     for row in ROWS:
         label = row if not a.grad else f"{row} fwd+bwd"

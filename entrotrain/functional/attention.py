@@ -34,7 +34,7 @@ from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention_masks import AttentionMask
-from entrotrain.functional.entropy import accumulation_dtype, entropy_from_probs, row_entropy
+from entrotrain.functional.entropy import accumulation_dtype, entropy_from_logits, entropy_from_probs, row_entropy
 
 __all__ = [
     "AttentionEntropy",
@@ -48,8 +48,8 @@ __all__ = [
 
 AttentionPath = Literal["auto", "materialized", "chunked", "fused"]
 
-#: Score elements per query block in the chunked path (16 Mi float32 = 64 MiB).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+#: Score elements per query block in the chunked path (4 Mi float32 = 16 MiB of scores per block).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 class AttentionEntropy(NamedTuple):
@@ -103,8 +103,18 @@ def _scores(q: Tensor, k_t: Tensor, scale: float, bias: Tensor | None) -> Tensor
 
 
 def _entropy_block(q: Tensor, k_t: Tensor, scale: float, valid: Tensor | None, bias: Tensor | None):
-    out = row_entropy(_scores(q, k_t, scale, bias), valid)
-    return out.entropy, out.count
+    """Entropy and valid-key count of one block of queries (the in-place, chunked logits kernel does the rows)."""
+    scores = _scores(q, k_t, scale, bias)
+    if valid is None:
+        counts = torch.full(scores.shape[:-1], scores.shape[-1], device=scores.device)
+    else:
+        valid = _broadcast_valid(valid, scores.shape)
+        counts = valid.sum(-1)
+    return entropy_from_logits(scores, mask=valid), counts
+
+
+def _broadcast_valid(valid: Tensor, shape: torch.Size) -> Tensor:
+    return valid.reshape((1,) * (len(shape) - valid.dim()) + tuple(valid.shape)).expand(shape)
 
 
 def _chunked(

@@ -127,6 +127,15 @@ class AttentionMask:
         n_q, n_k = self.shape[2], self.shape[3]
         if self.valid is None and not self.is_causal and self.window is None:
             return torch.full((1, 1, n_q), n_k, device=self.device)
+        if self.valid is None:  # causal and/or window only: closed form, O(queries) instead of O(queries · keys)
+            i = torch.arange(n_q, device=self.device)
+            hi = i.clamp(max=n_k - 1) if self.is_causal else torch.full_like(i, n_k - 1)
+            lo = torch.zeros_like(i)
+            if self.window is not None:
+                lo = (i - (self.window - 1)).clamp_min(0)
+                if not self.is_causal:
+                    hi = (i + (self.window - 1)).clamp(max=n_k - 1)
+            return (hi - lo + 1).clamp_min(0).reshape(1, 1, n_q)
         parts = []
         for start in range(0, n_q, block_queries):
             stop = min(start + block_queries, n_q)

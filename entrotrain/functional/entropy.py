@@ -13,7 +13,7 @@ contribute nothing; :math:`0 \cdot \ln 0 = 0`). The gradient is :math:`\partial 
 \mathbb{E}_p[z])`.
 
 Accumulation is float32 whatever the input dtype (float64 stays float64), and rows are processed in chunks so
-that memory beyond the input stays bounded by a few chunks, forward and backward.
+that memory beyond the input stays about one chunk, forward and backward.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from entrotrain.errors import EntrotrainError
 
 __all__ = ["entropy_from_logits", "entropy_from_probs", "row_entropy"]
 
-#: Elements per chunk in :func:`entropy_from_logits` (4 Mi float32 = 16 MiB per temporary).
+#: Scratch elements in :func:`entropy_from_logits`: two float32 buffers of half this each (4 Mi float32 = 16 MiB in
+#: all), allocated once per call and reused for every chunk of rows.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -87,21 +88,64 @@ def _rows_per_chunk(width: int, chunk_elements: int) -> int:
 class _ChunkedLogitsEntropy(torch.autograd.Function):
     """Row entropy of a 2-D logit matrix, chunked over rows; backward recomputes ``p`` chunk by chunk.
 
-    Saves only the input and two floats per row (``lse`` and ``E_p[z]``), so the backward pass also needs no
-    more than a few chunks of extra memory.
+    Saves only the input and two floats per row (``lse`` and ``E_p[z]``). Each pass allocates two buffers of
+    ``rows`` rows once and every chunk-sized operation writes into them in place, so memory beyond the input (and,
+    in backward, the gradient) is those two buffers, and no page is faulted in twice. ``-inf`` and masked entries
+    are clamped to the dtype's lowest finite value after centring: their weight ``exp`` is exactly 0 and
+    ``0 * finite`` adds nothing, with no ``where`` per element. Rows holding ``nan`` or ``+inf`` give ``nan``.
     """
 
     @staticmethod
+    def _masked_copy(z: Tensor, valid: Tensor, out: Tensor) -> Tensor:
+        """``out = where(valid, z, -inf)`` in ``out``'s dtype, without a temporary."""
+        out.copy_(z)
+        return torch.where(valid, out, torch.full((), float("-inf"), dtype=out.dtype, device=out.device), out=out)
+
+    @staticmethod
+    def _centred(z: Tensor, valid: Tensor | None, shift: Tensor, out: Tensor, masked: bool = False) -> Tensor:
+        """``out = max(z - shift, lowest)``, masked entries at ``lowest`` (weight exactly 0).
+
+        ``masked=True``: ``out`` already holds ``where(valid, z, -inf)``.
+        """
+        if valid is None:
+            torch.sub(z, shift, out=out)
+        else:
+            if not masked:
+                _ChunkedLogitsEntropy._masked_copy(z, valid, out)
+            out.sub_(shift)
+        return out.clamp_min_(torch.finfo(out.dtype).min)
+
+    @staticmethod
     def forward(ctx, logits: Tensor, valid: Tensor | None, rows: int) -> Tensor:  # type: ignore[override]
-        n = logits.shape[0]
+        n, width = logits.shape
         acc = accumulation_dtype(logits.dtype)
-        entropy = torch.empty(n, dtype=acc, device=logits.device)
-        lse = torch.empty_like(entropy)
-        mean = torch.empty_like(entropy)
+        m = torch.empty(n, dtype=acc, device=logits.device)
+        l = torch.empty_like(m)
+        t = torch.empty_like(m)
+        buf_c = torch.empty(min(rows, n), width, dtype=acc, device=logits.device)
+        buf_e = torch.empty_like(buf_c)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            part = row_entropy(logits[start:stop], None if valid is None else valid[start:stop])
-            entropy[start:stop], lse[start:stop], mean[start:stop] = part.entropy, part.lse, part.mean
+            z = logits[start:stop]
+            part = None if valid is None else valid[start:stop]
+            c, e = buf_c[: stop - start], buf_e[: stop - start]
+            if part is None:
+                row_max = z.amax(dim=-1)
+            else:
+                row_max = _ChunkedLogitsEntropy._masked_copy(z, part, c).amax(dim=-1)
+            m[start:stop] = row_max.masked_fill_(row_max == float("-inf"), 0.0)  # empty row: centre at 0
+            _ChunkedLogitsEntropy._centred(z, part, m[start:stop, None], c, masked=True)
+            torch.exp(c, out=e)
+            torch.sum(e, dim=-1, out=l[start:stop])
+            torch.sum(c.mul_(e), dim=-1, out=t[start:stop])  # sum_j e_j (z_j - m), in place
+        del buf_c, buf_e
+        has_any = (l > 0) | l.isnan()  # l >= 1 for a row with a valid entry; an empty row has l = 0
+        l_safe = torch.where(has_any, l, 1.0)
+        centred_mean = t / l_safe
+        log_l = torch.log(l_safe)
+        entropy = torch.where(has_any, log_l - centred_mean, 0.0)
+        lse = torch.where(has_any, m + log_l, float("-inf"))
+        mean = torch.where(has_any, m + centred_mean, 0.0)
         ctx.save_for_backward(logits, valid if valid is not None else torch.empty(0), lse, mean)
         ctx.has_valid = valid is not None
         ctx.rows = rows
@@ -111,21 +155,25 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         logits, valid, lse, mean = ctx.saved_tensors
+        n, width = logits.shape
+        row_ok = lse != float("-inf")
+        lse_safe = torch.where(row_ok, lse, 0.0)
+        spread = torch.where(row_ok, lse - mean, 0.0)  # z - E_p[z] = (z - lse) + (lse - E_p[z])
+        neg_grad = -grad.to(lse.dtype)
         grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.rows):
-            stop = min(start + ctx.rows, logits.shape[0])
-            z = logits[start:stop].to(lse.dtype)
-            ok = z != float("-inf")
-            if ctx.has_valid:
-                ok = ok & valid[start:stop]
-            row_lse = lse[start:stop, None]
-            row_ok = row_lse != float("-inf")
-            ok = ok & row_ok
-            z_safe = torch.where(ok, z, torch.zeros_like(z))
-            lse_safe = torch.where(row_ok, row_lse, torch.zeros_like(row_lse))
-            p = torch.where(ok, torch.exp(z_safe - lse_safe), torch.zeros_like(z))
-            g = -grad[start:stop, None].to(z.dtype) * p * (z_safe - mean[start:stop, None])
-            grad_logits[start:stop] = g.to(logits.dtype)
+        buf_c = torch.empty(min(ctx.rows, n), width, dtype=lse.dtype, device=logits.device)
+        buf_p = torch.empty_like(buf_c)
+        for start in range(0, n, ctx.rows):
+            stop = min(start + ctx.rows, n)
+            c, p = buf_c[: stop - start], buf_p[: stop - start]
+            part = valid[start:stop] if ctx.has_valid else None
+            _ChunkedLogitsEntropy._centred(logits[start:stop], part, lse_safe[start:stop, None], c)
+            torch.exp(c, out=p)  # p_j, exactly 0 where masked or -inf
+            p.mul_(c.add_(spread[start:stop, None]))
+            if grad_logits.dtype == p.dtype:
+                torch.mul(p, neg_grad[start:stop, None], out=grad_logits[start:stop])
+            else:
+                grad_logits[start:stop] = p.mul_(neg_grad[start:stop, None])
         return grad_logits, None, None
 
 
@@ -177,8 +225,9 @@ def entropy_from_logits(
         dim: the category dimension.
         mask: optional boolean tensor broadcastable to ``logits``: ``False`` entries take no part (as if their
             logit were ``-inf``). Rows with no valid entry have entropy 0.
-        chunk_elements: rows are processed in chunks of about this many elements, forward and backward, so extra
-            memory stays bounded by a few chunks whatever the batch size.
+        chunk_elements: scratch size: rows are processed a chunk at a time, forward and backward, through two
+            buffers of about ``chunk_elements / 2`` float32 elements each, so memory beyond the input (and its
+            gradient) is about ``chunk_elements`` elements whatever the batch size.
 
     Returns:
         Tensor of ``logits.shape`` without ``dim``, in float32 (float64 for float64 input). Differentiable:
@@ -193,7 +242,7 @@ def entropy_from_logits(
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         # no row, or rows without categories (entropy 0, as a fully masked row): zeros that stay in the graph
         return (rows.sum(-1) * 0).to(accumulation_dtype(logits.dtype)).reshape(batch_shape)
-    n_rows = _rows_per_chunk(rows.shape[-1], chunk_elements)
+    n_rows = _rows_per_chunk(rows.shape[-1], chunk_elements // 2)  # two buffers of n_rows rows make one chunk
     entropy = _ChunkedLogitsEntropy.apply(rows, valid, n_rows)
     return entropy.reshape(batch_shape)
 

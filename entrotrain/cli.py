@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ def main(args: ArgsType = None) -> Any:
         os.environ["WANDB_MODE"] = "offline"
         print("entrotrain: no wandb login found, logging offline (set WANDB_MODE to change this).")
     os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning 2.6 on torch 2.13
     return EntrotrainCLI(
         model_class=None,
         datamodule_class=None,

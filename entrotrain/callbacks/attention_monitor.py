@@ -36,6 +36,7 @@ from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
 from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
 from entrotrain.taps.attention_tap import AttentionTap
+from entrotrain.taps.sampling import check_budget
 
 __all__ = ["AttentionEntropyMonitor", "attention_summary"]
 
@@ -159,8 +160,8 @@ class AttentionEntropyMonitor(Callback):
         self.last_logged: dict[str, float] = {}
         self._window_step: int | None = None
         self._announced = False
-        # validate budgets and path now, not at the first logging step
-        AttentionTap(torch.nn.Module(), max_rows=max_rows, max_queries=max_queries, adapters=[])
+        check_budget(max_rows, "max_rows")  # validate now, not at the first logging step
+        check_budget(max_queries, "max_queries")
         if path not in ("auto", "fused", "chunked", "materialized"):
             raise EntrotrainError(f"path must be 'auto', 'fused', 'chunked' or 'materialized', got {path!r}.")
 

@@ -169,7 +169,8 @@ class EntropyCollapseGuard(Callback):
 
     # ------------------------------------------------------------------ actions
     def _act(self, trainer: Trainer, reason: str) -> None:
-        message = f"EntropyCollapseGuard at step {trainer.global_step}: {reason}."
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the watched value was logged at
+        message = f"EntropyCollapseGuard at step {step}: {reason}."
         if self.action == "stop":
             message += " Stopping training."
             trainer.should_stop = True

@@ -63,6 +63,7 @@ __all__ = [
     "fmt_mem",
     "fmt_ratio",
     "markdown_table",
+    "print_table",
     "max_abs_diff",
     "peak_memory",
     "resolve_device",
@@ -352,6 +353,15 @@ def fmt_mem(m: MemResult | None) -> str:
 
 def fmt_live(m: MemResult | None) -> str:
     return "—" if m is None or m.live_mib is None else f"{m.live_mib:.1f}"
+
+
+def print_table(headers: list[str], rows: list[list[str]], skipped: dict[str, str]) -> None:
+    """The Markdown table between blank lines, then one footnote per skipped row."""
+    print()
+    print(markdown_table(headers, rows))
+    print()
+    for row, why in skipped.items():
+        print(f"# ¹ {row} skipped: {why}")
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -211,11 +211,7 @@ def main(argv=None) -> None:
         if a.grad:
             cells.append("—" if row not in err_g else f"{err_g[row]:.1e}")
         table.append(cells)
-    print()
-    print(C.markdown_table(headers, table))
-    print()
-    for row, why in skipped.items():
-        print(f"# ¹ {row} skipped: {why}")
+    C.print_table(headers, table, skipped)
     if mem and cpu:
         m0 = next(iter(mem.values()))
         print(f"# peak RSS: {m0.method}, each row in a fresh process (floor "

@@ -241,11 +241,7 @@ def run(a: argparse.Namespace) -> None:
         if a.grad:
             cells.append(f"{err_g[row]:.1e}" if row in err_g else "—")
         table.append(cells)
-    print()
-    print(C.markdown_table(headers, table))
-    print()
-    for row, why in skipped.items():
-        print(f"# ¹ {row} skipped: {why}")
+    C.print_table(headers, table, skipped)
     if compile_s is not None and "torch.compile naive" not in skipped:
         cache = "an empty inductor cache" if a.compile_cache == "fresh" else "the default inductor cache"
         extra = f"; {main_compile_s:.1f} s again in this process, cache then warm" if main_compile_s else ""

@@ -61,7 +61,8 @@ class EntrotrainCLI(LightningCLI):
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:
             return
-        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith("entropy/")}
+        monitors = ("entropy/", "sigma_reparam/", "lr-")  # shown by their monitors, or not results
+        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith(monitors)}
         if final:
             print("final metrics: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(final.items())[:12]))
         run_dir = _wandb_run_dir(self.trainer)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from entrotrain.models.tiny_gpt import TinyGPT
+from entrotrain.regularizers.composition import Regularizer
+from entrotrain.regularizers.sigma_reparam import sigma_reparam as convert_to_sigma_reparam
 
 __all__ = ["LanguageModelingTask"]
 
@@ -27,6 +32,10 @@ class LanguageModelingTask(LightningModule):
         weight_decay: decoupled weight decay (AdamW) on matrices; ``0`` -> plain Adam behaviour.
         betas: Adam betas.
         warmup_steps: linear warm-up steps from ``0`` to ``lr`` (``0`` disables warm-up).
+        sigma_reparam: reparametrise every linear layer of the transformer blocks with σReparam
+            (:func:`entrotrain.regularizers.sigma_reparam`; ``lm_head`` is tied to the embedding and stays plain).
+        regularizers: attention-entropy regularisers added to the loss (summed); each named part is logged as
+            ``reg/{name}``, and ``train/loss`` stays the cross-entropy alone.
     """
 
     def __init__(
@@ -41,9 +50,11 @@ class LanguageModelingTask(LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 0,
+        sigma_reparam: bool = False,
+        regularizers: list[Regularizer] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["regularizers"])
         self.model = TinyGPT(
             vocab_size=vocab_size,
             block_size=block_size,
@@ -51,6 +62,11 @@ class LanguageModelingTask(LightningModule):
             n_head=n_head,
             n_embd=n_embd,
             dropout=dropout,
+        )
+        if sigma_reparam:
+            convert_to_sigma_reparam(self.model, include=["blocks.*"])
+        self.regularizer: Regularizer | None = (
+            functools.reduce(operator.add, regularizers) if regularizers else None
         )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -63,9 +79,18 @@ class LanguageModelingTask(LightningModule):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        if self.regularizer is None:
+            loss = self._loss(batch)
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            return loss
+        x, y = batch
+        with self.regularizer.capture(self.model):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        reg = self.regularizer(step=self.global_step)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
+        self.log_dict({f"reg/{name}": value for name, value in reg.parts.items()}, on_step=True, on_epoch=False)
+        return loss + reg.total
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -76,6 +101,8 @@ class LanguageModelingTask(LightningModule):
         hp = self.hparams
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        if self.regularizer is not None:  # learnable thresholds (entropy band): never decayed
+            no_decay += [p for p in self.regularizer.parameters() if p.requires_grad]
         groups = [
             {"params": decay, "weight_decay": hp.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

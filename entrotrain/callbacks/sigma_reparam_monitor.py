@@ -1,0 +1,171 @@
+r"""σReparam statistics and the per-head attention-logit spectral norm, live in a Lightning ``Trainer``.
+
+Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attention Entropy Collapse": the attention
+entropy of a head has a lower bound that decreases exponentially with the spectral norm of its attention-logit
+map :math:`W_Q^{h\top} W_K^h`, so that norm is a leading indicator of entropy collapse; σReparam bounds it through
+the learned γ of each layer.
+
+Logged keys (``{p}`` = ``prefix``, default ``sigma_reparam/``; ``{name}`` = qualified module name in the
+LightningModule):
+
+=================================  ================================================================================
+``{p}{name}/sigma``                σ(W) estimate of a :class:`SigmaReparamLinear` (power iteration, raw weight)
+``{p}{name}/gamma``                its γ = σ(Ŵ), the effective spectral norm
+``{p}{name}/qk_norm/H{h}``         :math:`\|W_Q^{h\top} W_K^h\|_2` of attention module ``name`` (effective weights Ŵ)
+``{p}qk_norm/max``                 maximum of the above over all heads and modules
+=================================  ================================================================================
+
+An attention module is any submodule with an int ``n_head`` and a fused ``qkv`` projection (``nn.Linear`` or
+:class:`SigmaReparamLinear`) whose rows are ``[q; k; v]``, each ``n_head`` blocks of ``head_dim`` rows (TinyGPT's
+``CausalSelfAttention``). :math:`W_Q^h, W_K^h` are the ``(head_dim, C)`` row blocks of head ``h``; the softmax scale
+``1/sqrt(head_dim)`` and the q/k biases are not included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
+
+__all__ = ["SigmaReparamMonitor", "qk_spectral_norms"]
+
+
+def qk_spectral_norms(qkv_weight: Tensor, n_head: int) -> Tensor:
+    r"""Per-head spectral norm :math:`\|W_Q^{h\top} W_K^h\|_2` of a fused ``qkv`` weight, shape ``(n_head,)``.
+
+    ``qkv_weight`` is ``(3·n_head·D, C)`` with rows ``[q; k; v]``; :math:`W_Q^h, W_K^h` are its ``(D, C)`` row blocks
+    for head ``h``. Computed in float32 (float64 for float64 input) without forming the ``C×C`` product: with
+    :math:`W_Q^{h\top} = Q_q R_q` and :math:`W_K^{h\top} = Q_k R_k` (reduced QR), the nonzero singular values of
+    :math:`W_Q^{h\top} W_K^h = Q_q R_q R_k^\top Q_k^\top` are those of the ``D×D`` matrix :math:`R_q R_k^\top`.
+    """
+    rows, _ = qkv_weight.shape
+    if rows % (3 * n_head):
+        raise EntrotrainError(
+            f"qkv weight has {rows} rows, not a multiple of 3 · n_head = {3 * n_head}; expected rows [q; k; v]."
+        )
+    d = rows // (3 * n_head)
+    w = qkv_weight.detach().to(torch.promote_types(qkv_weight.dtype, torch.float32))
+    q = w[: n_head * d].reshape(n_head, d, -1)  # (H, D, C)
+    k = w[n_head * d : 2 * n_head * d].reshape(n_head, d, -1)
+    if d >= w.shape[1]:  # QR would not shrink anything
+        return torch.linalg.matrix_norm(q.transpose(1, 2) @ k, ord=2)
+    r_q = torch.linalg.qr(q.transpose(1, 2), mode="r")[1]  # (H, D, D)
+    r_k = torch.linalg.qr(k.transpose(1, 2), mode="r")[1]
+    return torch.linalg.matrix_norm(r_q @ r_k.transpose(1, 2), ord=2)
+
+
+def _effective_weight(linear: nn.Module) -> Tensor:
+    if isinstance(linear, SigmaReparamLinear):
+        return linear.effective_weight()
+    return linear.weight  # type: ignore[return-value]
+
+
+class SigmaReparamMonitor(Callback):
+    r"""Logs σ and γ of every :class:`SigmaReparamLinear` and per-head attention-logit norms every ``n`` steps.
+
+    Runs in ``on_train_batch_end`` of the micro-batch whose optimizer step completes step ``s`` with
+    ``s % every_n_steps == 0`` (steps ``0, n, 2n, ...``; never during the sanity check), reading the weights *after*
+    that optimizer step and σ as estimated in its forward. Reads only: no buffer is written, no RNG consumed, so
+    training is bit-identical with and without the monitor. All values are computed in float32 without gradient,
+    stacked on the device and moved to the host once per logging step. Weights are identical on every DDP rank, so
+    no reduction is needed. Works on plain models too (then only the ``qk_norm`` keys are logged). Keys: see the
+    module docstring.
+
+    Args:
+        every_n_steps: log at optimizer steps ``0, n, 2n, ...``.
+        log_qk_norm: log the per-head ``qk_norm`` keys and their maximum.
+        prefix: key prefix.
+
+    Raises:
+        EntrotrainError: on invalid arguments.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SigmaReparamMonitor(every_n_steps=50)])
+    """
+
+    def __init__(self, every_n_steps: int = 50, log_qk_norm: bool = True, prefix: str = "sigma_reparam/") -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise EntrotrainError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        if not isinstance(log_qk_norm, bool):
+            raise EntrotrainError(f"log_qk_norm must be a bool, got {log_qk_norm!r}.")
+        if not isinstance(prefix, str):
+            raise EntrotrainError(f"prefix must be a string, got {prefix!r}.")
+        self.every_n_steps = every_n_steps
+        self.log_qk_norm = log_qk_norm
+        self.prefix = prefix
+        self.last_logged: dict[str, float] = {}
+        self._seen_step: int | None = None
+        self._warned = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if self._seen_step is None:
+            self._seen_step = step
+        if step <= self._seen_step:  # still accumulating: no optimizer step yet
+            return
+        self._seen_step = step
+        if (step - 1) % self.every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    def collect(self, module: nn.Module) -> dict[str, float]:
+        """The metrics (keys as in the module docstring) for ``module``'s current weights."""
+        keys: list[str] = []
+        values: list[Tensor] = []
+        with torch.no_grad():
+            for name, m in module.named_modules():
+                if isinstance(m, SigmaReparamLinear):
+                    keys += [f"{self.prefix}{name}/sigma", f"{self.prefix}{name}/gamma"]
+                    values += [m.sigma.detach().float().reshape(1), m.gamma.detach().float().reshape(1)]
+            qk: list[Tensor] = []
+            if self.log_qk_norm:
+                for name, m in module.named_modules():
+                    qkv, n_head = getattr(m, "qkv", None), getattr(m, "n_head", None)
+                    if isinstance(qkv, (nn.Linear, SigmaReparamLinear)) and isinstance(n_head, int) and n_head > 0:
+                        norms = qk_spectral_norms(_effective_weight(qkv), n_head).float()
+                        keys += [f"{self.prefix}{name}/qk_norm/H{h}" for h in range(n_head)]
+                        values.append(norms)
+                        qk.append(norms)
+            if qk:
+                keys.append(f"{self.prefix}qk_norm/max")
+                values.append(torch.cat(qk).max().reshape(1))
+            if not values:
+                return {}
+            device = values[0].device
+            host = torch.cat([v.to(device) for v in values]).cpu()  # one device → host transfer
+        return dict(zip(keys, host.tolist()))
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = self.collect(pl_module)
+        if not metrics:
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"SigmaReparamMonitor found no SigmaReparamLinear and no attention module with `qkv` and `n_head` "
+                    f"in {type(pl_module).__name__}; convert the model with "
+                    "entrotrain.regularizers.sigma_reparam.sigma_reparam(...) or remove the callback."
+                )
+            return
+        self.last_logged = metrics
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

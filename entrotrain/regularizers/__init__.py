@@ -1,0 +1,22 @@
+"""Cures: σReparam and attention-entropy regularisers, composable loss modules built on functional/ and taps/."""
+
+from entrotrain.regularizers.attention_entropy import (
+    AttentionEntropyMaximization,
+    EntropyBandRegularizer,
+    EntropyFloorRegularizer,
+)
+from entrotrain.regularizers.composition import Regularizer, RegularizerOutput, RegularizerSum, scheduled_weight
+from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam, sigma_reparam_names
+
+__all__ = [
+    "AttentionEntropyMaximization",
+    "EntropyBandRegularizer",
+    "EntropyFloorRegularizer",
+    "Regularizer",
+    "RegularizerOutput",
+    "RegularizerSum",
+    "SigmaReparamLinear",
+    "scheduled_weight",
+    "sigma_reparam",
+    "sigma_reparam_names",
+]

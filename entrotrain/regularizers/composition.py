@@ -1,0 +1,256 @@
+r"""A tiny base for loss regularisers: a weight, an optional weight schedule, and ``+`` / ``*`` composition.
+
+A :class:`Regularizer` returns a :class:`RegularizerOutput`: ``total`` (weighted, keeps the graph: add it to the
+loss) and ``parts`` (the weighted contribution of each named term, detached: log them).
+
+Weight schedules, for step :math:`t` (passed as ``step=`` or set with :meth:`Regularizer.set_step`):
+
+- ``"constant"``: :math:`w_t = w_0`.
+- ``"cosine"``: :math:`w_t = w_T + (w_0 - w_T)\,\tfrac{1}{2}\big(1 + \cos(\pi \min(t, T)/T)\big)` with
+  :math:`w_T` = ``final_weight`` and :math:`T` = ``total_steps`` (the AEM paper's cosine weight annealing, v3).
+- ``"warmup"``: linear warm-up :math:`w_t = w_0 \min(t/T, 1)`.
+
+Composition: ``a + b`` and ``c * a`` give a :class:`RegularizerSum` whose ``total`` is the (scaled) sum of the
+terms' totals and whose ``parts`` merge the terms' parts (scaled; a repeated name gets a ``.1``, ``.2`` suffix).
+
+Attention regularisers read the per-query results of a differentiable :class:`~entrotrain.taps.AttentionTap`.
+:meth:`Regularizer.capture` arms one around a forward; the next call with no inputs uses (and releases) what it
+recorded — one tap shared by every term of a sum:
+
+    >>> with reg.capture(model):
+    ...     logits = model(x)
+    >>> loss = loss + reg(step=step).total
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["Regularizer", "RegularizerOutput", "RegularizerSum", "Schedule", "scheduled_weight"]
+
+Schedule = Literal["constant", "cosine", "warmup"]
+
+
+class RegularizerOutput(NamedTuple):
+    """What a regulariser returns.
+
+    Attributes:
+        total: the weighted penalty, a scalar that keeps the graph: ``loss = loss + out.total``.
+        parts: named weighted contributions, detached (for ``self.log_dict``); they sum to ``total``.
+    """
+
+    total: Tensor
+    parts: dict[str, Tensor]
+
+
+def scheduled_weight(
+    step: int,
+    weight: float,
+    schedule: Schedule = "constant",
+    final_weight: float = 0.0,
+    total_steps: int | None = None,
+) -> float:
+    """The weight at ``step`` under ``schedule`` (formulas in the module docstring); steps past ``total_steps`` hold."""
+    if schedule == "constant":
+        return weight
+    if total_steps is None or total_steps <= 0:
+        raise EntrotrainError(f"schedule={schedule!r} needs total_steps > 0, got {total_steps!r}.")
+    frac = min(max(step, 0), total_steps) / total_steps
+    if schedule == "cosine":
+        return final_weight + (weight - final_weight) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "warmup":
+        return weight * frac
+    raise EntrotrainError(f"schedule must be 'constant', 'cosine' or 'warmup', got {schedule!r}.")
+
+
+class _Capture:
+    """Per-regulariser holder of the records captured by :meth:`Regularizer.capture`."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] | None = None
+
+
+class Regularizer(nn.Module):
+    """Base class: subclasses implement :meth:`penalty` (unweighted, a scalar that keeps the graph).
+
+    Args:
+        weight: :math:`w_0`, the coefficient of the penalty.
+        schedule: ``"constant"``, ``"cosine"`` (anneal to ``final_weight`` over ``total_steps``) or ``"warmup"``
+            (linear from 0 to ``weight`` over ``total_steps``).
+        final_weight: weight reached at ``total_steps`` under ``"cosine"``.
+        total_steps: length of the schedule in steps.
+        name: key of this term in :attr:`RegularizerOutput.parts` (default: the class's ``name``).
+    """
+
+    name: str = "regularizer"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        schedule: Schedule = "constant",
+        final_weight: float = 0.0,
+        total_steps: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        self.schedule: Schedule = schedule
+        self.final_weight = float(final_weight)
+        self.total_steps = total_steps
+        if name is not None:
+            self.name = name
+        self.step = 0
+        self._capture = _Capture()
+        scheduled_weight(0, self.weight, schedule, self.final_weight, total_steps)  # fail early on a bad schedule
+
+    # ------------------------------------------------------------------ weight
+    def set_step(self, step: int) -> None:
+        """Set the step the weight schedule reads (e.g. ``trainer.global_step``)."""
+        self.step = int(step)
+
+    def current_weight(self, step: int | None = None) -> float:
+        """The scheduled weight at ``step`` (default: the last step set)."""
+        return scheduled_weight(
+            self.step if step is None else step, self.weight, self.schedule, self.final_weight, self.total_steps
+        )
+
+    # ------------------------------------------------------------------ capture
+    @contextmanager
+    def capture(self, model: nn.Module, **tap_kwargs: Any) -> Iterator[Any]:
+        """Arm a differentiable :class:`~entrotrain.taps.AttentionTap` on ``model`` for the ``with`` body.
+
+        The next call of this regulariser without inputs reads the tap's records and releases them (so the graph
+        they hold is freed with the loss). ``tap_kwargs`` go to the tap (``include=``, ``max_queries=``, ...).
+        Yields the tap.
+        """
+        from entrotrain.taps.attention_tap import AttentionTap  # regularisers sit above taps; import on use
+
+        if tap_kwargs.pop("differentiable", True) is not True:
+            raise EntrotrainError("Regularizer.capture needs a differentiable tap; drop differentiable=False.")
+        tap = AttentionTap(model, differentiable=True, **tap_kwargs)
+        self._capture.records = None
+        with tap:
+            yield tap
+        self._capture.records = tap.records
+
+    def _take_captured(self) -> list[Any]:
+        records, self._capture.records = self._capture.records, None
+        if records is None:
+            raise EntrotrainError(
+                f"{type(self).__name__} was called without inputs and nothing was captured: run the forward inside "
+                "`with reg.capture(model): ...` first, or pass the records: reg(tap.records)."
+            )
+        return records
+
+    # ------------------------------------------------------------------ forward
+    def penalty(self, *inputs: Any) -> Tensor:
+        """The unweighted penalty (a scalar tensor that keeps the graph)."""
+        raise NotImplementedError
+
+    def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
+        """Weighted penalty of ``inputs`` (or of what :meth:`capture` recorded when called without inputs).
+
+        ``step`` sets the schedule's step first (as :meth:`set_step`).
+        """
+        if step is not None:
+            self.set_step(step)
+        if not inputs:
+            inputs = (self._take_captured(),)
+        total = self.current_weight() * self.penalty(*inputs)
+        return RegularizerOutput(total, {self.name: total.detach()})
+
+    # ------------------------------------------------------------------ composition
+    def __add__(self, other: Regularizer) -> RegularizerSum:
+        if not isinstance(other, Regularizer):
+            return NotImplemented
+        return RegularizerSum([(1.0, self)]) + other
+
+    def __mul__(self, coeff: float) -> RegularizerSum:
+        if isinstance(coeff, bool) or not isinstance(coeff, (int, float)):
+            return NotImplemented
+        return RegularizerSum([(float(coeff), self)])
+
+    __rmul__ = __mul__
+
+    def extra_repr(self) -> str:
+        if self.schedule == "constant":
+            return f"weight={self.weight}"
+        return (
+            f"weight={self.weight}, schedule={self.schedule!r}, final_weight={self.final_weight}, "
+            f"total_steps={self.total_steps}"
+        )
+
+
+class RegularizerSum(Regularizer):
+    """:math:`\\sum_k c_k R_k`: made by ``a + b`` and ``c * a``; every term gets the same inputs and step.
+
+    Args:
+        terms: ``(coefficient, regulariser)`` pairs; nested sums are flattened.
+    """
+
+    name = "sum"
+
+    def __init__(self, terms: Sequence[tuple[float, Regularizer]]) -> None:
+        super().__init__(1.0)
+        flat: list[tuple[float, Regularizer]] = []
+        for coeff, reg in terms:
+            if not isinstance(reg, Regularizer):
+                raise EntrotrainError(f"RegularizerSum terms must be Regularizers, got {type(reg).__name__}.")
+            if isinstance(reg, RegularizerSum):
+                flat.extend((coeff * c, r) for c, r in reg.terms)
+            else:
+                flat.append((float(coeff), reg))
+        self.coefficients = [c for c, _ in flat]
+        self.regs = nn.ModuleList(r for _, r in flat)  # registered, so learnable thresholds reach the optimizer
+
+    @property
+    def terms(self) -> list[tuple[float, Regularizer]]:
+        return list(zip(self.coefficients, self.regs))
+
+    def set_step(self, step: int) -> None:
+        super().set_step(step)
+        for reg in self.regs:
+            reg.set_step(step)
+
+    def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
+        if step is not None:
+            self.set_step(step)
+        if not inputs:
+            inputs = (self._take_captured(),)
+        total: Tensor | None = None
+        parts: dict[str, Tensor] = {}
+        for coeff, reg in self.terms:
+            out = reg(*inputs)
+            total = coeff * out.total if total is None else total + coeff * out.total
+            for key, value in out.parts.items():
+                unique, n = key, 0
+                while unique in parts:
+                    n += 1
+                    unique = f"{key}.{n}"
+                parts[unique] = coeff * value
+        assert total is not None  # terms is never empty
+        return RegularizerOutput(total, parts)
+
+    def __add__(self, other: Regularizer) -> RegularizerSum:
+        if not isinstance(other, Regularizer):
+            return NotImplemented
+        return RegularizerSum([*self.terms, (1.0, other)])
+
+    def __mul__(self, coeff: float) -> RegularizerSum:
+        if isinstance(coeff, bool) or not isinstance(coeff, (int, float)):
+            return NotImplemented
+        return RegularizerSum([(float(coeff) * c, r) for c, r in self.terms])
+
+    __rmul__ = __mul__
+
+    def extra_repr(self) -> str:
+        return f"coefficients={self.coefficients}"

@@ -1,0 +1,339 @@
+r"""σReparam: spectrally reparametrised linear layers and a function-preserving converter.
+
+Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attention Entropy Collapse" (ICML, arXiv
+2303.06296): attention entropy has a lower bound that falls exponentially with the spectral norm of the attention
+logits, so every linear map is reparametrised as
+
+.. math::
+
+    \hat W = \frac{\gamma}{\sigma(W)}\, W,
+
+with :math:`\sigma(W)` the spectral norm of ``W`` estimated by power iteration and :math:`\gamma` a learned scalar.
+The effective spectral norm :math:`\sigma(\hat W) = \gamma` then grows only as fast as one scalar is trained.
+
+Public API:
+
+* :class:`SigmaReparamLinear` — drop-in ``nn.Linear`` replacement (``weight``, ``bias``, ``gamma``; buffers ``u``,
+  ``sigma``).
+* :func:`sigma_reparam` — converts ``nn.Linear`` submodules chosen by name glob, in place, function-preserving at
+  step 0 (γ₀ = σ(W₀), u₀ = top right singular vector). Granularity is per ``nn.Linear``: a separate q/k/v projection
+  is "per_projection", a fused ``qkv`` linear (TinyGPT's ``attn.qkv``) is "fused_qkv". Apple's speech model's
+  "qk_joint" split is not implemented.
+* :func:`sigma_reparam_names` — qualified names of the σReparam layers in a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["SigmaReparamLinear", "sigma_reparam", "sigma_reparam_names"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 weights, float64 for float64 weights."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _top_right_singular_vector(weight: Tensor, init_iterations: int | None) -> Tensor:
+    """Unit vector ``(in_features,)`` along the top right singular vector of ``weight``, in float64.
+
+    ``init_iterations=None``: exact, from ``torch.linalg.svd`` in float64. An integer: that many power iterations
+    from a fixed-seed random start (identical on every rank; no global RNG consumed).
+    """
+    w = weight.detach().to(torch.float64)
+    if init_iterations is None:
+        _, _, vh = torch.linalg.svd(w, full_matrices=False)
+        return vh[0]
+    if isinstance(init_iterations, bool) or not isinstance(init_iterations, int) or init_iterations < 1:
+        raise EntrotrainError(f"init_iterations must be None (exact SVD) or a positive int, got {init_iterations!r}.")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    u = F.normalize(torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device), dim=0)
+    for _ in range(init_iterations):
+        v = F.normalize(w @ u, dim=0)
+        u = F.normalize(w.T @ v, dim=0)
+    return u
+
+
+class SigmaReparamLinear(nn.Module):
+    r"""Linear layer with σReparam: :math:`y = x \hat W^\top + b`, :math:`\hat W = \gamma\, W / \sigma(W)`.
+
+    Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attention Entropy Collapse".
+
+    :math:`\sigma(W) = v^\top W u` with ``u`` (right singular vector estimate, a persisted buffer) and
+    ``v = normalize(W u)`` from power iteration, both constants for autograd: the gradient of σ reaches ``W`` only,
+    :math:`\partial\sigma/\partial W = v u^\top`, as in Apple's reference (``apple/ml-sigma-reparam``).
+
+    Power iteration runs in float32 (float64 for float64 weights) with autocast disabled, whatever the autocast
+    state. In **training** mode each forward does ``n_power_iterations`` steps
+    ``v ← normalize(W u); u ← normalize(Wᵀ v)`` then ``σ = normalize(W u_{old})ᵀ W u`` (the last ``v``), and writes
+    ``u`` and ``sigma`` into the buffers. In **eval** mode nothing is iterated or written: ``v = normalize(W u)``
+    from the stored ``u`` and ``σ = vᵀ W u = ‖W u‖``, so evaluation is deterministic and side-effect free. This
+    differs from Apple, whose eval forward does one (non-persisted) iteration; after a training forward the two
+    differ by one power step, i.e. negligibly once ``u`` has converged.
+
+    Args:
+        in_features: ``C_in``.
+        out_features: ``C_out``.
+        bias: learn an additive bias.
+        n_power_iterations: power-iteration steps per training forward (Apple: 1). Under gradient accumulation
+            each micro-batch forward does its own steps.
+        eps: ``eps`` of the normalisations.
+        device, dtype: factory arguments of the parameters.
+
+    Parameters / buffers:
+        ``weight`` ``(C_out, C_in)``, ``bias`` ``(C_out,)``, ``gamma`` ``()`` (learned, initialised to σ(W₀) so
+        that ``Ŵ₀ = W₀``); buffers ``u`` ``(C_in,)`` and ``sigma`` ``()`` (last training estimate of σ(W), for
+        logging), both in the state dict.
+
+    Shapes:
+        ``x``: ``(*, C_in)`` → ``(*, C_out)``.
+
+    Example::
+
+        layer = SigmaReparamLinear.from_linear(nn.Linear(64, 32))   # same outputs as the nn.Linear
+    """
+
+    u: Tensor
+    sigma: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        n_power_iterations: int = 1,
+        eps: float = 1e-12,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+            raise EntrotrainError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}.")
+        if not eps > 0:
+            raise EntrotrainError(f"eps must be > 0, got {eps!r}.")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.n_power_iterations = n_power_iterations
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.gamma = nn.Parameter(torch.empty((), **factory))
+        cdtype = _compute_dtype(self.weight.dtype)
+        self.register_buffer("u", torch.empty(in_features, device=device, dtype=cdtype))
+        self.register_buffer("sigma", torch.empty((), device=device, dtype=cdtype))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default init of ``weight`` and ``bias``, then :meth:`reset_spectral_state`."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_spectral_state()
+
+    @torch.no_grad()
+    def reset_spectral_state(self, init_iterations: int | None = None, reset_gamma: bool = True) -> None:
+        """Set ``u`` to the top right singular vector of ``weight``, ``sigma`` to σ(W) and (optionally) γ = σ(W).
+
+        Args:
+            init_iterations: ``None`` = exact float64 SVD; an int = that many power iterations (large matrices).
+            reset_gamma: also set γ = σ(W), making ``Ŵ = W`` (function-preserving).
+        """
+        if self.weight.is_meta:
+            return
+        u = _top_right_singular_vector(self.weight, init_iterations)
+        sigma = torch.linalg.vector_norm(self.weight.detach().to(torch.float64) @ u)
+        self.u.copy_(u)
+        self.sigma.copy_(sigma)
+        if reset_gamma:
+            self.gamma.copy_(sigma)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        n_power_iterations: int = 1,
+        init_iterations: int | None = None,
+        eps: float = 1e-12,
+    ) -> SigmaReparamLinear:
+        """A σReparam copy of ``linear`` (same device and dtype) whose output equals ``linear``'s at conversion.
+
+        ``weight`` and ``bias`` are copied (new Parameters, not shared), ``u`` is the top right singular vector of
+        ``W`` (float64 SVD, or ``init_iterations`` power iterations) and ``γ = σ(W)``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise EntrotrainError(f"from_linear expects an nn.Linear, got {type(linear).__name__}.")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            n_power_iterations=n_power_iterations,
+            eps=eps,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                assert layer.bias is not None
+                layer.bias.copy_(linear.bias)
+        layer.weight.requires_grad_(w.requires_grad)
+        layer.reset_spectral_state(init_iterations)
+        return layer
+
+    # ------------------------------------------------------------------ maths
+    def _spectral_norm(self, update: bool) -> Tensor:
+        """σ(W) = vᵀ W u with u, v constants (gradient to W only); updates the buffers iff ``update``."""
+        weight = self.weight
+        cdtype = _compute_dtype(weight.dtype)
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            w = weight.to(cdtype)
+            with torch.no_grad():
+                u = self.u.to(cdtype).clone()  # never hand the buffer itself to autograd
+                if update:
+                    for _ in range(self.n_power_iterations):
+                        v = F.normalize(torch.mv(w, u), dim=0, eps=self.eps)
+                        u = F.normalize(torch.mv(w.T, v), dim=0, eps=self.eps)
+                else:
+                    v = F.normalize(torch.mv(w, u), dim=0, eps=self.eps)
+            sigma = torch.dot(v, torch.mv(w, u))
+        if update:
+            with torch.no_grad():
+                self.u.copy_(u)
+                self.sigma.copy_(sigma.detach())
+        return sigma
+
+    def spectral_norm_estimate(self) -> Tensor:
+        """σ(W) from the stored ``u`` without iterating or writing anything (the eval-mode σ), differentiable."""
+        return self._spectral_norm(update=False)
+
+    def effective_weight(self) -> Tensor:
+        """``Ŵ = γ / σ(W) · W`` with the eval-mode σ (stored ``u``, no update), ``(C_out, C_in)``."""
+        return self._reparam(self.spectral_norm_estimate())
+
+    def _reparam(self, sigma: Tensor) -> Tensor:
+        scale = self.gamma.to(sigma.dtype) / sigma
+        return self.weight * scale.to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sigma = self._spectral_norm(update=self.training)
+        return F.linear(x, self._reparam(sigma), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"n_power_iterations={self.n_power_iterations}"
+        )
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _as_patterns(patterns: str | Sequence[str], what: str) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        return (patterns,)
+    out = tuple(patterns)
+    if not all(isinstance(p, str) for p in out):
+        raise EntrotrainError(f"{what} must be glob strings, got {patterns!r}.")
+    return out
+
+
+def sigma_reparam(
+    model: nn.Module,
+    include: str | Sequence[str] = ("*",),
+    exclude: str | Sequence[str] = (),
+    n_power_iterations: int = 1,
+    init_iterations: int | None = None,
+) -> nn.Module:
+    """Replace ``nn.Linear`` submodules by :class:`SigmaReparamLinear`, in place, function-preserving at step 0.
+
+    A Linear is converted when its qualified name (``model.named_modules()``) matches one of ``include`` and none of
+    ``exclude`` (``fnmatch`` globs, case-sensitive, ``*`` crosses dots). Each converted layer keeps its weight and
+    bias and gets γ₀ = σ(W₀), so the model computes the same function (up to float rounding) right after
+    conversion; build the optimizer *after* converting (the parameters are new objects). Linears inside
+    ``nn.MultiheadAttention`` are skipped (it reads ``out_proj.weight`` directly, never calling its forward), and a
+    Linear whose weight is shared with another module (weight tying, e.g. ``lm_head`` ↔ embedding) is an error:
+    exclude it. List the converted layers with :func:`sigma_reparam_names`.
+
+    Args:
+        model: any module; modified in place and returned.
+        include: glob(s) of Linear names to convert, e.g. ``"blocks.*"``.
+        exclude: glob(s) of names to leave alone, e.g. ``("lm_head", "*.mlp.*")``.
+        n_power_iterations: per training forward, see :class:`SigmaReparamLinear`.
+        init_iterations: ``None`` = exact SVD at conversion, else that many power iterations.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        EntrotrainError: when no Linear matched (names the patterns and some Linear names), or a matched Linear's
+            weight is tied to another module.
+    """
+    include = _as_patterns(include, "include")
+    exclude = _as_patterns(exclude, "exclude")
+    linears = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
+    mha_children = {
+        id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.modules()
+    }
+    chosen = [(n, m) for n, m in linears if n and _matches(n, include) and not _matches(n, exclude)]
+    skipped = [n for n, m in chosen if id(m) in mha_children]
+    if skipped:
+        warnings.warn(
+            f"sigma_reparam skips {skipped[:8]}: nn.MultiheadAttention uses its projection weights directly, so "
+            "they cannot be swapped. Use a hand-written attention module with nn.Linear projections instead.",
+            stacklevel=2,
+        )
+    chosen = [(n, m) for n, m in chosen if id(m) not in mha_children]
+    if not chosen:
+        names = [n for n, _ in linears if n]
+        raise EntrotrainError(
+            f"sigma_reparam: no nn.Linear of {type(model).__name__} matched include={list(include)} and not "
+            f"exclude={list(exclude)}. Linear names are e.g. {names[:10]}" + (" (none at all)" if not names else "")
+            + ". Fix the glob patterns (fnmatch, '*' matches across dots)."
+        )
+    chosen_ids = {id(m) for _, m in chosen}
+    owners: dict[int, set[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(f"{name}.{pname}" if name else pname)
+    for name, m in chosen:
+        own = {f"{n}.weight" for n, mm in linears if mm is m}
+        others = owners.get(id(m.weight), set()) - own
+        if others:
+            raise EntrotrainError(
+                f"sigma_reparam: {name}.weight is shared with {sorted(others)} (weight tying); converting it would "
+                f"untie them. Add {name!r} to exclude."
+            )
+    converted: dict[int, SigmaReparamLinear] = {}
+    for name, m in chosen:
+        if id(m) not in converted:
+            converted[id(m)] = SigmaReparamLinear.from_linear(
+                m, n_power_iterations=n_power_iterations, init_iterations=init_iterations
+            )
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):  # named_children() would drop repeats
+            if child is not None and id(child) in chosen_ids:
+                setattr(parent, child_name, converted[id(child)])
+    return model
+
+
+def sigma_reparam_names(model: nn.Module) -> list[str]:
+    """Qualified names of the :class:`SigmaReparamLinear` layers of ``model``, in ``named_modules`` order."""
+    return [name for name, m in model.named_modules() if isinstance(m, SigmaReparamLinear)]

@@ -1,0 +1,188 @@
+"""SigmaReparamMonitor: exact σ / γ / per-head qk norms, logging steps, plain models, bit-identical training."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import Logger
+
+from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor, qk_spectral_norms
+from entrotrain.errors import EntrotrainError
+from entrotrain.models import TinyGPT
+from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam, sigma_reparam_names
+from tests.helpers.lightning_models import quiet_trainer
+
+VOCAB, SEQ, HEADS = 50, 16, 2
+
+
+class SpyLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "spy"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+class GPTModule(L.LightningModule):
+    def __init__(self, convert: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.model = TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=HEADS, n_embd=32, dropout=dropout)
+        if convert:
+            sigma_reparam(self.model, exclude=("lm_head",))
+
+    def training_step(self, batch, batch_idx):
+        (idx,) = batch
+        logits = self.model(idx[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def loader(n: int = 48, batch_size: int = 4) -> torch.utils.data.DataLoader:
+    data = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch_size)
+
+
+def fit(module, callbacks, **kwargs):
+    trainer = quiet_trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(module, loader())
+    return trainer
+
+
+def reference_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    w = weight.detach().double()
+    c = w.shape[0] // 3
+    d = c // n_head
+    return torch.stack(
+        [
+            torch.linalg.matrix_norm(w[h * d : (h + 1) * d].T @ w[c + h * d : c + (h + 1) * d], 2)
+            for h in range(n_head)
+        ]
+    )
+
+
+def reference_effective(layer: SigmaReparamLinear) -> torch.Tensor:
+    w = layer.weight.detach().double()
+    return layer.gamma.detach().double() / torch.linalg.vector_norm(w @ layer.u.double()) * w
+
+
+@pytest.mark.parametrize("shape", [(3 * 32, 32, 4), (3 * 32, 32, 2), (3 * 24, 4, 2)])
+def test_qk_spectral_norms_equals_direct(shape):
+    rows, cols, heads = shape
+    w = torch.randn(rows, cols, dtype=torch.float64)
+    assert torch.allclose(qk_spectral_norms(w, heads), reference_qk(w, heads), rtol=1e-10)
+    with pytest.raises(EntrotrainError, match="multiple of 3"):
+        qk_spectral_norms(w[:-1], heads)
+
+
+def test_values_keys_and_logging_steps():
+    L.seed_everything(0)
+    module = GPTModule()
+    spy = SpyLogger()
+    monitor = SigmaReparamMonitor(every_n_steps=2)
+    trainer = fit(module, [monitor], max_steps=5, logger=spy)
+    rows = [(step, m) for step, m in spy.rows if any(k.startswith("sigma_reparam/") for k in m)]
+    assert [step for step, _ in rows] == [0, 2, 4]
+    logged = rows[-1][1]
+    assert logged == monitor.last_logged
+    names = sigma_reparam_names(module)
+    expected = {f"sigma_reparam/{n}/{s}" for n in names for s in ("sigma", "gamma")}
+    expected |= {f"sigma_reparam/model.blocks.{i}.attn/qk_norm/H{h}" for i in range(2) for h in range(HEADS)}
+    expected.add("sigma_reparam/qk_norm/max")
+    assert set(logged) == expected
+    for name in names:  # the last logging step is the last step: compare with the final model
+        layer = module.get_submodule(name)
+        assert logged[f"sigma_reparam/{name}/sigma"] == pytest.approx(layer.sigma.item(), rel=1e-6)
+        assert logged[f"sigma_reparam/{name}/gamma"] == pytest.approx(layer.gamma.item(), rel=1e-6)
+    qk = []
+    for i in range(2):
+        ref = reference_qk(reference_effective(module.model.blocks[i].attn.qkv), HEADS)
+        qk.append(ref)
+        for h in range(HEADS):
+            assert logged[f"sigma_reparam/model.blocks.{i}.attn/qk_norm/H{h}"] == pytest.approx(ref[h].item(), rel=1e-4)
+    assert logged["sigma_reparam/qk_norm/max"] == pytest.approx(torch.cat(qk).max().item(), rel=1e-4)
+    assert "sigma_reparam/qk_norm/max" in trainer.callback_metrics
+
+
+def test_plain_model_logs_qk_norms_only():
+    L.seed_everything(0)
+    module = GPTModule(convert=False)
+    monitor = SigmaReparamMonitor(every_n_steps=1)
+    fit(module, [monitor], max_steps=2)
+    assert monitor.last_logged and all("/qk_norm" in k for k in monitor.last_logged)
+    ref = reference_qk(module.model.blocks[1].attn.qkv.weight, HEADS)
+    assert monitor.last_logged["sigma_reparam/model.blocks.1.attn/qk_norm/H1"] == pytest.approx(ref[1].item(), rel=1e-4)
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step():
+    L.seed_everything(0)
+    spy = SpyLogger()
+    fit(GPTModule(), [SigmaReparamMonitor(every_n_steps=1)], max_steps=3, accumulate_grad_batches=2, logger=spy)
+    rows = [step for step, m in spy.rows if "sigma_reparam/qk_norm/max" in m]
+    assert rows == [0, 1, 2]
+
+
+@pytest.mark.parametrize("convert", [True, False])
+def test_training_is_bit_identical_with_monitor(convert):
+    runs = []
+    for with_monitor in (False, True):
+        L.seed_everything(0)
+        module = GPTModule(convert=convert, dropout=0.1)
+        recorder = LossRecorder()
+        fit(module, [recorder] + ([SigmaReparamMonitor(every_n_steps=1)] if with_monitor else []), max_steps=4)
+        runs.append((module, recorder.losses))
+    (m0, l0), (m1, l1) = runs
+    assert len(l0) == len(l1) == 4
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
+    s0, s1 = m0.state_dict(), m1.state_dict()
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_nothing_to_log_warns_once():
+    class NoAttention(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(SEQ + 1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.fc(batch[0].float()).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monitor = SigmaReparamMonitor(every_n_steps=1)
+    with pytest.warns(UserWarning, match="found no SigmaReparamLinear"):
+        fit(NoAttention(), [monitor], max_steps=2)
+    assert monitor.last_logged == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"every_n_steps": 0}, "every_n_steps"), ({"every_n_steps": True}, "every_n_steps"), ({"log_qk_norm": 1}, "log_qk_norm"), ({"prefix": 3}, "prefix")],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(EntrotrainError, match=match):
+        SigmaReparamMonitor(**kwargs)

@@ -1,0 +1,54 @@
+"""Run by test_sigma_reparam.py as a script: 2 CPU processes (gloo DDP) train a σReparam TinyGPT a few steps.
+
+Each rank sees different batches (DistributedSampler) and writes its final state dict to ``OUT/rank{r}.pt``;
+rank 0 also writes the state at conversion to ``OUT/init.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from entrotrain.models import TinyGPT  # noqa: E402
+from entrotrain.regularizers.sigma_reparam import sigma_reparam  # noqa: E402
+from tests.helpers.lightning_models import quiet_trainer  # noqa: E402
+
+VOCAB, SEQ = 50, 16
+
+
+class SigmaGPT(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = sigma_reparam(
+            TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=32), exclude=("lm_head",)
+        )
+
+    def training_step(self, batch, batch_idx):
+        (idx,) = batch
+        logits = self.model(idx[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    L.seed_everything(3)
+    module = SigmaGPT()
+    trainer = quiet_trainer(max_steps=4, devices=2, strategy="ddp", deterministic=False, use_distributed_sampler=False)
+    rank = trainer.strategy.cluster_environment.global_rank()
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in module.state_dict().items()}, out / "init.pt")
+    data = torch.randint(0, VOCAB, (32, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    dataset = TensorDataset(data)
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+    trainer.fit(module, DataLoader(dataset, batch_size=4, sampler=sampler))
+    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out / f"rank{rank}.pt")

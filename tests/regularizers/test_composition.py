@@ -1,0 +1,96 @@
+"""Regularizer base: weights, schedules (constant, cosine, warm-up), step handling and ``+`` / ``*`` composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.regularizers.composition import Regularizer, RegularizerSum, scheduled_weight
+
+
+class Const(Regularizer):
+    """Penalty = sum of the input tensor (keeps the graph)."""
+
+    name = "const"
+
+    def penalty(self, x: Tensor) -> Tensor:
+        return x.sum()
+
+
+class Square(Regularizer):
+    name = "square"
+
+    def penalty(self, x: Tensor) -> Tensor:
+        return (x**2).sum()
+
+
+def test_weight_scales_total_and_parts_are_detached():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    out = Const(0.5)(x)
+    assert out.total.item() == pytest.approx(1.5)
+    assert out.total.requires_grad and not out.parts["const"].requires_grad
+    assert set(out.parts) == {"const"} and out.parts["const"].item() == pytest.approx(1.5)
+    out.total.backward()
+    assert torch.equal(x.grad, torch.tensor([0.5, 0.5]))
+
+
+def test_sum_and_scalar_multiple():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    a, b = Const(0.5), Square(2.0)
+    reg = a + 3 * b
+    assert isinstance(reg, RegularizerSum)
+    out = reg(x)
+    assert out.total.item() == pytest.approx(0.5 * 3 + 3 * 2.0 * 5)
+    assert out.parts["const"].item() == pytest.approx(1.5) and out.parts["square"].item() == pytest.approx(30.0)
+    assert sum(p.item() for p in out.parts.values()) == pytest.approx(out.total.item())
+    out.total.backward()
+    assert torch.allclose(x.grad, 0.5 + 3 * 2.0 * 2 * x.detach())
+    # nested sums flatten; the coefficient distributes; repeated names stay unique
+    nested = 2 * (reg + Const(1.0))
+    assert nested.coefficients == [2.0, 6.0, 2.0]
+    parts = nested(x).parts
+    assert set(parts) == {"const", "square", "const.1"}
+    assert parts["const.1"].item() == pytest.approx(2 * 3.0)
+    assert (a * 2).coefficients == [2.0]
+
+
+def test_cosine_schedule_matches_formula():
+    w0, wf, total = 1.0, 0.1, 100
+    reg = Const(w0, schedule="cosine", final_weight=wf, total_steps=total)
+    for t in (0, total // 2, total, 2 * total):
+        expected = wf + (w0 - wf) * (1 + math.cos(math.pi * min(t, total) / total)) / 2
+        assert reg.current_weight(t) == pytest.approx(expected)
+    assert reg.current_weight(0) == pytest.approx(w0)
+    assert reg.current_weight(50) == pytest.approx((w0 + wf) / 2)
+    assert reg.current_weight(100) == pytest.approx(wf)
+    x = torch.ones(1)
+    assert reg(x, step=50).total.item() == pytest.approx((w0 + wf) / 2)
+    assert reg.step == 50
+    reg.set_step(100)
+    assert reg(x).total.item() == pytest.approx(wf)
+
+
+def test_warmup_and_sum_propagates_step():
+    a = Const(2.0, schedule="warmup", total_steps=10)
+    b = Const(1.0, schedule="cosine", final_weight=0.0, total_steps=10, name="b")
+    reg = a + b
+    reg.set_step(5)
+    assert a.current_weight() == pytest.approx(1.0) and b.current_weight() == pytest.approx(0.5)
+    out = reg(torch.ones(1), step=10)
+    assert out.parts["const"].item() == pytest.approx(2.0) and out.parts["b"].item() == pytest.approx(0.0)
+    assert scheduled_weight(3, 4.0) == 4.0
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(EntrotrainError, match="total_steps"):
+        Const(1.0, schedule="cosine")
+    with pytest.raises(EntrotrainError, match="schedule must be"):
+        Const(1.0, schedule="linear", total_steps=3)  # type: ignore[arg-type]
+    with pytest.raises(EntrotrainError, match="capture"):
+        Const(1.0)()
+    with pytest.raises(TypeError):
+        Const(1.0) + 3  # type: ignore[operator]

@@ -1,7 +1,7 @@
 """Image classification of scikit-learn's 8×8 digits with :class:`entrotrain.models.tiny_vit.TinyViT`.
 
-* :class:`DigitsDataModule` — the 1797 bundled digits (``sklearn.datasets.load_digits``, no download), a seeded
-  stratified-free random train/val split, pixels scaled to ``[0, 1]``.
+* :class:`DigitsDataModule` — the 1797 bundled digits (``sklearn.datasets.load_digits``, no download), a seeded random
+  train/val split, pixels scaled to ``[0, 1]``.
 * :class:`DigitsViTTask` — a :class:`TinyViT` trained with cross-entropy (Adam or SGD, optional linear warm-up,
   optional σReparam, optional attention-entropy regularisers).
 """

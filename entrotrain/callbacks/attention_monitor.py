@@ -34,6 +34,7 @@ from torch import Tensor
 
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
+from entrotrain.regularizers.composition import Regularizer
 from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
 from entrotrain.taps.attention_tap import AttentionTap
 from entrotrain.taps.sampling import check_budget
@@ -247,7 +248,9 @@ class AttentionEntropyMonitor(Callback):
 
     def _no_capture(self, pl_module: LightningModule) -> None:
         candidates = [
-            f"{name} ({type(m).__name__})" for name, m in pl_module.named_modules() if _ATTENTION_LIKE.search(type(m).__name__)
+            f"{name} ({type(m).__name__})"
+            for name, m in pl_module.named_modules()
+            if _ATTENTION_LIKE.search(type(m).__name__) and not isinstance(m, Regularizer)
         ]
         where = ", ".join(candidates[:8]) or "none found by class name"
         msg = (
@@ -272,6 +275,7 @@ class AttentionEntropyMonitor(Callback):
             for name, m in pl_module.named_modules()
             if name
             and _ATTENTION_LIKE.search(type(m).__name__)
+            and not isinstance(m, Regularizer)  # e.g. AttentionEntropyMaximization: a loss, not attention
             and self.tap is not None
             and self.tap.wants(name)
             and not any(_related(site, name) for site in self.site_names)

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
+from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint
 
 __all__ = ["SigmaReparamMonitor", "qk_spectral_norms"]
 
@@ -61,7 +61,7 @@ def qk_spectral_norms(qkv_weight: Tensor, n_head: int) -> Tensor:
 
 
 def _effective_weight(linear: nn.Module) -> Tensor:
-    if isinstance(linear, SigmaReparamLinear):
+    if isinstance(linear, (SigmaReparamLinear, SigmaReparamQKJoint)):
         return linear.effective_weight()
     return linear.weight  # type: ignore[return-value]
 
@@ -138,7 +138,7 @@ class SigmaReparamMonitor(Callback):
             if self.log_qk_norm:
                 for name, m in module.named_modules():
                     qkv, n_head = getattr(m, "qkv", None), getattr(m, "n_head", None)
-                    if isinstance(qkv, (nn.Linear, SigmaReparamLinear)) and isinstance(n_head, int) and n_head > 0:
+                    if isinstance(qkv, (nn.Linear, SigmaReparamLinear, SigmaReparamQKJoint)) and isinstance(n_head, int) and n_head > 0:
                         norms = qk_spectral_norms(_effective_weight(qkv), n_head).float()
                         keys += [f"{self.prefix}{name}/qk_norm/H{h}" for h in range(n_head)]
                         values.append(norms)

@@ -18,7 +18,8 @@ Public API:
 * :func:`sigma_reparam` — converts ``nn.Linear`` submodules chosen by name glob, in place, function-preserving at
   step 0 (γ₀ = σ(W₀), u₀ = top right singular vector). Granularity is per ``nn.Linear``: a separate q/k/v projection
   is "per_projection", a fused ``qkv`` linear (TinyGPT's ``attn.qkv``) is "fused_qkv". Apple's speech model's
-  "qk_joint" split is not implemented.
+  "qk_joint" split (one σReparam over ``[W_q; W_k]``, one over ``W_v``) is :class:`SigmaReparamQKJoint`, chosen
+  per fused linear with ``sigma_reparam(..., qk_joint="*.qkv")``.
 * :func:`sigma_reparam_names` — qualified names of the σReparam layers in a model.
 """
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["SigmaReparamLinear", "sigma_reparam", "sigma_reparam_names"]
+__all__ = ["SigmaReparamLinear", "SigmaReparamQKJoint", "sigma_reparam", "sigma_reparam_names"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -242,6 +243,59 @@ class SigmaReparamLinear(nn.Module):
         )
 
 
+class SigmaReparamQKJoint(nn.Module):
+    r"""A fused ``qkv`` projection with one σReparam over the q and k rows jointly and one over the v rows.
+
+    Apple's speech model (``disjoint_type=1``): :math:`\hat W_{qk} = \gamma_{qk} W_{qk} / \sigma(W_{qk})` with
+    :math:`W_{qk} = [W_q; W_k]`, and :math:`\hat W_v` alike, so the scale of the attention logits is controlled by
+    one spectral norm, independently of the values. Holds two :class:`SigmaReparamLinear` (``qk`` with ``2C`` rows,
+    ``v`` with ``C``) and concatenates their outputs: ``y = [x Ŵ_qkᵀ + b_qk, x Ŵ_vᵀ + b_v]``, the layout of the
+    fused linear it replaces.
+    """
+
+    def __init__(self, qk: SigmaReparamLinear, v: SigmaReparamLinear) -> None:
+        super().__init__()
+        if qk.in_features != v.in_features or qk.out_features != 2 * v.out_features:
+            raise EntrotrainError(
+                f"SigmaReparamQKJoint needs qk with 2·C rows and v with C rows over the same input, got "
+                f"{qk.out_features}×{qk.in_features} and {v.out_features}×{v.in_features}."
+            )
+        self.qk = qk
+        self.v = v
+        self.in_features = qk.in_features
+        self.out_features = qk.out_features + v.out_features
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, n_power_iterations: int = 1, init_iterations: int | None = None, eps: float = 1e-12
+    ) -> SigmaReparamQKJoint:
+        """Split a fused ``qkv`` ``nn.Linear`` (rows ``[q; k; v]``) into joint-qk and v σReparam layers, exactly."""
+        if linear.out_features % 3:
+            raise EntrotrainError(
+                f"qk_joint needs a fused qkv linear with 3·C output rows, got {linear.out_features}."
+            )
+        rows = 2 * linear.out_features // 3
+        parts = []
+        for sl in (slice(0, rows), slice(rows, linear.out_features)):
+            piece = torch.nn.utils.skip_init(  # no init: it would draw from the global RNG
+                nn.Linear, linear.in_features, sl.stop - sl.start, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype,
+            )
+            with torch.no_grad():
+                piece.weight.copy_(linear.weight[sl])
+                if linear.bias is not None:
+                    piece.bias.copy_(linear.bias[sl])
+            parts.append(SigmaReparamLinear.from_linear(piece, n_power_iterations, init_iterations, eps))
+        return cls(*parts)
+
+    def effective_weight(self) -> Tensor:
+        """``[Ŵ_qk; Ŵ_v]`` with the eval-mode σ, ``(3C, C)``: the fused weight this module computes with."""
+        return torch.cat([self.qk.effective_weight(), self.v.effective_weight()], dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.qk(x), self.v(x)], dim=-1)
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -261,8 +315,13 @@ def sigma_reparam(
     exclude: str | Sequence[str] = (),
     n_power_iterations: int = 1,
     init_iterations: int | None = None,
+    qk_joint: str | Sequence[str] = (),
 ) -> nn.Module:
     """Replace ``nn.Linear`` submodules by :class:`SigmaReparamLinear`, in place, function-preserving at step 0.
+
+    Granularity: each converted ``nn.Linear`` gets its own σReparam ("per projection" for separate q/k/v linears,
+    "fused qkv" for a fused one); fused ``qkv`` linears whose names match ``qk_joint`` (e.g. ``"*.attn.qkv"``)
+    instead get one σReparam over the q and k rows jointly and one over the v rows (:class:`SigmaReparamQKJoint`).
 
     A Linear is converted when its qualified name (``model.named_modules()``) matches one of ``include`` and none of
     ``exclude`` (``fnmatch`` globs, case-sensitive, ``*`` crosses dots). Each converted layer keeps its weight and
@@ -278,6 +337,7 @@ def sigma_reparam(
         exclude: glob(s) of names to leave alone, e.g. ``("lm_head", "*.mlp.*")``.
         n_power_iterations: per training forward, see :class:`SigmaReparamLinear`.
         init_iterations: ``None`` = exact SVD at conversion, else that many power iterations.
+        qk_joint: glob(s) of fused ``qkv`` linears (rows ``[q; k; v]``) to convert with joint-qk granularity.
 
     Returns:
         ``model``.
@@ -288,6 +348,7 @@ def sigma_reparam(
     """
     include = _as_patterns(include, "include")
     exclude = _as_patterns(exclude, "exclude")
+    joint = _as_patterns(qk_joint, "qk_joint")
     linears = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
     mha_children = {
         id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.modules()
@@ -321,12 +382,11 @@ def sigma_reparam(
                 f"sigma_reparam: {name}.weight is shared with {sorted(others)} (weight tying); converting it would "
                 f"untie them. Add {name!r} to exclude."
             )
-    converted: dict[int, SigmaReparamLinear] = {}
+    converted: dict[int, nn.Module] = {}
     for name, m in chosen:
         if id(m) not in converted:
-            converted[id(m)] = SigmaReparamLinear.from_linear(
-                m, n_power_iterations=n_power_iterations, init_iterations=init_iterations
-            )
+            kind = SigmaReparamQKJoint if _matches(name, joint) else SigmaReparamLinear
+            converted[id(m)] = kind.from_linear(m, n_power_iterations=n_power_iterations, init_iterations=init_iterations)
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # named_children() would drop repeats
             if child is not None and id(child) in chosen_ids:

@@ -186,3 +186,28 @@ def test_nothing_to_log_warns_once():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(EntrotrainError, match=match):
         SigmaReparamMonitor(**kwargs)
+
+
+def test_monitor_reads_qk_joint_layers():
+    """With joint q-k σReparam the monitor logs both parts and the per-head norms from the effective fused weight."""
+    import lightning as L
+
+    from entrotrain.callbacks import SigmaReparamMonitor
+    from entrotrain.callbacks.sigma_reparam_monitor import qk_spectral_norms
+    from entrotrain.tasks import LanguageModelingTask
+    from entrotrain.regularizers import sigma_reparam
+
+    L.seed_everything(0)
+    task = LanguageModelingTask(block_size=16, n_layer=1, n_head=2, n_embd=32)
+    sigma_reparam(task.model, include=["blocks.*"], qk_joint="*.attn.qkv")
+    monitor = SigmaReparamMonitor(every_n_steps=1)
+    idx = torch.randint(0, 128, (8, 17))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(idx[:, :-1], idx[:, 1:]), batch_size=4)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[monitor])
+    trainer.fit(task, data)
+    keys = set(monitor.last_logged)
+    assert {"sigma_reparam/model.blocks.0.attn.qkv.qk/sigma", "sigma_reparam/model.blocks.0.attn.qkv.v/gamma"} <= keys
+    expected = qk_spectral_norms(task.model.blocks[0].attn.qkv.effective_weight().detach(), 2)
+    got = [monitor.last_logged[f"sigma_reparam/model.blocks.0.attn/qk_norm/H{h}"] for h in range(2)]
+    assert got == pytest.approx(expected.tolist(), rel=1e-5)

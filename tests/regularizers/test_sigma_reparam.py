@@ -277,3 +277,34 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
     init = torch.load(tmp_path / "init.pt")
     assert not torch.equal(init["model.blocks.0.attn.qkv.weight"], s0["model.blocks.0.attn.qkv.weight"])
     assert not torch.equal(init["model.blocks.0.attn.qkv.u"], s0["model.blocks.0.attn.qkv.u"])
+
+
+# ---------------------------------------------------------------------------------------------- joint q-k granularity
+def test_qk_joint_granularity_is_function_preserving_and_splits_the_norms():
+    from entrotrain.models import TinyGPT
+    from entrotrain.regularizers.sigma_reparam import SigmaReparamQKJoint
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32).double()
+    idx = torch.randint(0, 50, (3, 16))
+    before = model(idx)
+    qkv_weight = model.blocks[0].attn.qkv.weight.detach().clone()
+    sigma_reparam(model, include=["blocks.*"], qk_joint="*.attn.qkv")
+    joint = model.blocks[0].attn.qkv
+    assert isinstance(joint, SigmaReparamQKJoint)
+    assert "blocks.0.attn.qkv.qk" in sigma_reparam_names(model) and "blocks.0.attn.qkv.v" in sigma_reparam_names(model)
+    assert isinstance(model.blocks[0].attn.proj, SigmaReparamLinear)  # the rest stays per projection
+    torch.testing.assert_close(model(idx), before, rtol=1e-10, atol=1e-10)
+    model.eval()
+    torch.testing.assert_close(model(idx), before, rtol=1e-10, atol=1e-10)
+    c = qkv_weight.shape[1]
+    assert float(joint.qk.gamma) == pytest.approx(float(torch.linalg.matrix_norm(qkv_weight[: 2 * c], 2)), rel=1e-10)
+    assert float(joint.v.gamma) == pytest.approx(float(torch.linalg.matrix_norm(qkv_weight[2 * c :], 2)), rel=1e-10)
+    torch.testing.assert_close(joint.effective_weight(), qkv_weight, rtol=1e-10, atol=1e-10)
+
+
+def test_qk_joint_needs_three_equal_blocks():
+    from entrotrain.regularizers.sigma_reparam import SigmaReparamQKJoint
+
+    with pytest.raises(EntrotrainError, match="3·C output rows"):
+        SigmaReparamQKJoint.from_linear(nn.Linear(8, 10))

@@ -32,6 +32,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
 from entrotrain.regularizers.composition import Regularizer
@@ -319,11 +320,7 @@ class AttentionEntropyMonitor(Callback):
                 f"{self.prefix}attn/nonfinite and left out of every mean."
             )
         self.last_logged = metrics
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        step = publish_scalars(trainer, pl_module, metrics)
         if self.log_media and trainer.is_global_zero:
             self._log_media(trainer, normalized, step)
 

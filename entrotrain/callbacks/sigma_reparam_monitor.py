@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint
 
@@ -164,8 +165,4 @@ class SigmaReparamMonitor(Callback):
                 )
             return
         self.last_logged = metrics
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, sync_dist=False)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        publish_scalars(trainer, pl_module, metrics)

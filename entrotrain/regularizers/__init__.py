@@ -5,8 +5,19 @@ from entrotrain.regularizers.attention_entropy import (
     EntropyBandRegularizer,
     EntropyFloorRegularizer,
 )
-from entrotrain.regularizers.composition import Regularizer, RegularizerOutput, RegularizerSum, scheduled_weight
-from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam, sigma_reparam_names
+from entrotrain.regularizers.composition import (
+    Regularizer,
+    RegularizerOutput,
+    RegularizerSum,
+    combine_regularizers,
+    scheduled_weight,
+)
+from entrotrain.regularizers.sigma_reparam import (
+    SigmaReparamLinear,
+    SigmaReparamQKJoint,
+    sigma_reparam,
+    sigma_reparam_names,
+)
 
 __all__ = [
     "AttentionEntropyMaximization",
@@ -16,6 +27,8 @@ __all__ = [
     "RegularizerOutput",
     "RegularizerSum",
     "SigmaReparamLinear",
+    "SigmaReparamQKJoint",
+    "combine_regularizers",
     "scheduled_weight",
     "sigma_reparam",
     "sigma_reparam_names",

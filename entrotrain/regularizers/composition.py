@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["Regularizer", "RegularizerOutput", "RegularizerSum", "Schedule", "scheduled_weight"]
+__all__ = ["Regularizer", "RegularizerOutput", "RegularizerSum", "Schedule", "combine_regularizers", "scheduled_weight"]
 
 Schedule = Literal["constant", "cosine", "warmup"]
 
@@ -254,3 +254,13 @@ class RegularizerSum(Regularizer):
 
     def extra_repr(self) -> str:
         return f"coefficients={self.coefficients}"
+
+
+def combine_regularizers(regularizers: Sequence[Regularizer] | None) -> Regularizer | None:
+    """One regulariser for a list from a config (``a + b + ...``), or ``None`` for an empty or missing list."""
+    if not regularizers:
+        return None
+    total = regularizers[0]
+    for term in regularizers[1:]:
+        total = total + term
+    return total

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Literal
 
 import torch
@@ -18,7 +16,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from entrotrain.models.tiny_vit import TinyViT
-from entrotrain.regularizers.composition import Regularizer
+from entrotrain.regularizers.composition import Regularizer, combine_regularizers
 from entrotrain.regularizers.sigma_reparam import sigma_reparam as convert_to_sigma_reparam
 
 __all__ = ["load_digits_tensors", "DigitsDataModule", "DigitsViTTask"]
@@ -158,9 +156,7 @@ class DigitsViTTask(LightningModule):
         if sigma_reparam:
             include = ["blocks.*"] + (["patch_embed", "head"] if sigma_reparam_embed else [])
             convert_to_sigma_reparam(self.model, include=include)
-        self.regularizer: Regularizer | None = (
-            functools.reduce(operator.add, regularizers) if regularizers else None
-        )
+        self.regularizer: Regularizer | None = combine_regularizers(regularizers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, K)`` for images ``(B, 1, S, S)``."""

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import operator
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from entrotrain.models.tiny_gpt import TinyGPT
-from entrotrain.regularizers.composition import Regularizer
+from entrotrain.regularizers.composition import Regularizer, combine_regularizers
 from entrotrain.regularizers.sigma_reparam import sigma_reparam as convert_to_sigma_reparam
 
 __all__ = ["LanguageModelingTask"]
@@ -65,9 +63,7 @@ class LanguageModelingTask(LightningModule):
         )
         if sigma_reparam:
             convert_to_sigma_reparam(self.model, include=["blocks.*"])
-        self.regularizer: Regularizer | None = (
-            functools.reduce(operator.add, regularizers) if regularizers else None
-        )
+        self.regularizer: Regularizer | None = combine_regularizers(regularizers)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, V)`` for ids ``(B, T)``."""

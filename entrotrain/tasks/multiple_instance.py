@@ -13,8 +13,6 @@ pooling attention is the site ``model.pool``.
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from entrotrain.models.attention_mil import AttentionMIL
-from entrotrain.regularizers.composition import Regularizer
+from entrotrain.regularizers.composition import Regularizer, combine_regularizers
 
 __all__ = ["DigitsBags", "DigitsMILDataModule", "DigitsMILTask", "collate_bags"]
 
@@ -194,9 +192,7 @@ class DigitsMILTask(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["regularizers"])
         self.model = AttentionMIL(in_features=in_features, dim=dim, n_heads=n_heads, hidden=hidden, dropout=dropout)
-        self.regularizer: Regularizer | None = (
-            functools.reduce(operator.add, regularizers) if regularizers else None
-        )
+        self.regularizer: Regularizer | None = combine_regularizers(regularizers)
         self._val_probs: list[Tensor] = []
         self._val_labels: list[Tensor] = []
 

@@ -8,33 +8,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 
 from entrotrain.callbacks import AttentionEntropyMonitor
 from entrotrain.errors import EntrotrainError, TapError
 from tests.helpers.brute import causal_head_means
 from tests.helpers.lightning_models import HEADS, SEQ, HandAttention, TinyLM, quiet_trainer, token_loader
-
-
-class SpyLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
-        self.hparams: list[dict] = []
-
-    @property
-    def name(self) -> str:
-        return "spy"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        self.hparams.append(params)
+from tests.helpers.spy_logger import SpyLogger
 
 
 class LossRecorder(L.Callback):

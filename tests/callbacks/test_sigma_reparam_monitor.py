@@ -6,7 +6,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import Logger
+
+from tests.helpers.spy_logger import SpyLogger
 
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor, qk_spectral_norms
 from entrotrain.errors import EntrotrainError
@@ -15,26 +16,6 @@ from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_repa
 from tests.helpers.lightning_models import quiet_trainer
 
 VOCAB, SEQ, HEADS = 50, 16, 2
-
-
-class SpyLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "spy"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
 
 
 class LossRecorder(L.Callback):

@@ -21,20 +21,23 @@ __all__ = ["CausalSelfAttention", "MLP", "Block", "TinyGPT"]
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused ``qkv`` projection.
+    """Multi-head self-attention with a fused ``qkv`` projection, causal unless ``causal=False`` (TinyViT).
 
     Args:
         n_embd: model width ``C``.
         n_head: number of heads ``H`` (must divide ``n_embd``); head dim ``D = C // H``.
         dropout: attention-probability and residual dropout.
         bias: whether the linear layers have biases.
+        causal: query ``i`` attends keys ``j <= i`` (decoder); ``False`` for bidirectional attention.
 
     Shapes:
         ``x``: ``(B, T, C)`` -> output ``(B, T, C)``. Internally ``q, k, v`` are
         ``(B, H, T, D)`` when passed to ``F.scaled_dot_product_attention``.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, causal: bool = True
+    ) -> None:
         super().__init__()
         if n_embd % n_head != 0:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
@@ -42,6 +45,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = n_embd
         self.head_dim = n_embd // n_head
         self.dropout = dropout
+        self.causal = causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
@@ -54,7 +58,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -74,12 +78,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
+    """Pre-LN transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))`` (``causal=False``: TinyViT's)."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True, causal: bool = True
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, bias=bias, causal=causal)
         self.ln2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 

@@ -15,62 +15,11 @@ fused ``qkv`` Linear with rows ``[q; k; v]`` and int attributes ``n_head`` and `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SelfAttention", "MLP", "Block", "TinyViT"]
+from entrotrain.models.tiny_gpt import Block
 
-
-class SelfAttention(nn.Module):
-    """Multi-head bidirectional self-attention with a fused ``qkv`` projection.
-
-    Args:
-        n_embd: model width ``C``.
-        n_head: number of heads ``H`` (must divide ``n_embd``); head dim ``D = C // H``.
-        dropout: attention-probability and residual dropout.
-
-    Shapes:
-        ``x``: ``(B, T, C)`` -> ``(B, T, C)``; ``q, k, v`` are ``(B, H, T, D)`` inside.
-    """
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-        self.n_head, self.n_embd, self.head_dim, self.dropout = n_head, n_embd, n_embd // n_head, dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd)
-        self.proj = nn.Linear(n_embd, n_embd)
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward network ``C -> 4C -> C`` with GELU."""
-
-    def __init__(self, n_embd: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc, self.proj, self.dropout = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(n_embd), SelfAttention(n_embd, n_head, dropout)
-        self.ln2, self.mlp = nn.LayerNorm(n_embd), MLP(n_embd, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+__all__ = ["TinyViT"]
 
 
 class TinyViT(nn.Module):
@@ -110,7 +59,7 @@ class TinyViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, n_embd))
         self.pos_emb = nn.Parameter(torch.randn(1, self.n_patches + 1, n_embd) * 0.02)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout) for _ in range(n_layer)])
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, causal=False) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, num_classes)
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from entrotrain.models.tiny_vit import TinyViT
 from entrotrain.regularizers.composition import Regularizer, combine_regularizers
 from entrotrain.regularizers.sigma_reparam import sigma_reparam as convert_to_sigma_reparam
+from entrotrain.tasks._regularized import add_regularization, capturing
 
 __all__ = ["load_digits_tensors", "DigitsDataModule", "DigitsViTTask"]
 
@@ -164,20 +165,13 @@ class DigitsViTTask(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self.regularizer is None:
+        with capturing(self.regularizer, self.model):
             logits = self.model(x)
-        else:
-            with self.regularizer.capture(self.model):
-                logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(-1) == y).float().mean()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/acc", acc, on_step=True, on_epoch=False)
-        if self.regularizer is None:
-            return loss
-        reg = self.regularizer(step=self.global_step)
-        self.log_dict({f"reg/{name}": value for name, value in reg.parts.items()}, on_step=True, on_epoch=False)
-        return loss + reg.total
+        return add_regularization(self, self.regularizer, loss)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule
 from entrotrain.models.tiny_gpt import TinyGPT
 from entrotrain.regularizers.composition import Regularizer, combine_regularizers
 from entrotrain.regularizers.sigma_reparam import sigma_reparam as convert_to_sigma_reparam
+from entrotrain.tasks._regularized import add_regularization, capturing
 
 __all__ = ["LanguageModelingTask"]
 
@@ -75,18 +76,10 @@ class LanguageModelingTask(LightningModule):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.regularizer is None:
+        with capturing(self.regularizer, self.model):
             loss = self._loss(batch)
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-            return loss
-        x, y = batch
-        with self.regularizer.capture(self.model):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        reg = self.regularizer(step=self.global_step)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log_dict({f"reg/{name}": value for name, value in reg.parts.items()}, on_step=True, on_epoch=False)
-        return loss + reg.total
+        return add_regularization(self, self.regularizer, loss)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from entrotrain.models.attention_mil import AttentionMIL
 from entrotrain.regularizers.composition import Regularizer, combine_regularizers
+from entrotrain.tasks._regularized import add_regularization, capturing
 
 __all__ = ["DigitsBags", "DigitsMILDataModule", "DigitsMILTask", "collate_bags"]
 
@@ -202,21 +203,11 @@ class DigitsMILTask(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, mask, y = batch
-        if self.regularizer is None:
+        with capturing(self.regularizer, self.model):
             logits = self(x, mask)
-        else:
-            with self.regularizer.capture(self.model):
-                logits = self(x, mask)
         loss = F.binary_cross_entropy_with_logits(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
-        if self.regularizer is None:
-            return loss
-        reg = self.regularizer(step=self.global_step)
-        self.log_dict(
-            {f"reg/{name}": value for name, value in reg.parts.items()}, on_step=True, on_epoch=False,
-            batch_size=x.shape[0],
-        )
-        return loss + reg.total
+        return add_regularization(self, self.regularizer, loss, batch_size=x.shape[0])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, mask, y = batch

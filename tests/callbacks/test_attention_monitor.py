@@ -13,15 +13,8 @@ from entrotrain.callbacks import AttentionEntropyMonitor
 from entrotrain.errors import EntrotrainError, TapError
 from tests.helpers.brute import causal_head_means
 from tests.helpers.lightning_models import HEADS, SEQ, HandAttention, TinyLM, quiet_trainer, token_loader
+from tests.helpers.gpt_module import LossRecorder
 from tests.helpers.spy_logger import SpyLogger
-
-
-class LossRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(outputs["loss"].detach().clone())
 
 
 def no_hooks_left(model: torch.nn.Module) -> bool:

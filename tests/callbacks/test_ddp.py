@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +11,7 @@ import torch
 
 from tests.helpers.brute import causal_head_means
 from tests.helpers.lightning_models import HEADS, TinyLM, token_loader
+from tests.helpers.scripts import run_script
 
 SCRIPT = Path(__file__).with_name("ddp_attention_run.py")
 
@@ -21,16 +19,7 @@ SCRIPT = Path(__file__).with_name("ddp_attention_run.py")
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_two_rank_ddp_equals_single_process_on_union(tmp_path, accumulate):
     out = tmp_path / "logged.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(accumulate)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(SCRIPT, tmp_path, str(out), str(accumulate))
     logged = json.loads(out.read_text())
 
     L.seed_everything(3)

@@ -13,34 +13,8 @@ from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor, qk_s
 from entrotrain.errors import EntrotrainError
 from entrotrain.models import TinyGPT
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam, sigma_reparam_names
+from tests.helpers.gpt_module import HEADS, SEQ, VOCAB, GPTModule, LossRecorder
 from tests.helpers.lightning_models import quiet_trainer
-
-VOCAB, SEQ, HEADS = 50, 16, 2
-
-
-class LossRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(outputs["loss"].detach().clone())
-
-
-class GPTModule(L.LightningModule):
-    def __init__(self, convert: bool = True, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.model = TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=HEADS, n_embd=32, dropout=dropout)
-        if convert:
-            sigma_reparam(self.model, exclude=("lm_head",))
-
-    def training_step(self, batch, batch_idx):
-        (idx,) = batch
-        logits = self.model(idx[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
 
 def loader(n: int = 48, batch_size: int = 4) -> torch.utils.data.DataLoader:
     data = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(0))

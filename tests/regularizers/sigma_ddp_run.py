@@ -11,38 +11,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from entrotrain.models import TinyGPT  # noqa: E402
-from entrotrain.regularizers.sigma_reparam import sigma_reparam  # noqa: E402
+from tests.helpers.gpt_module import SEQ, VOCAB, GPTModule  # noqa: E402
 from tests.helpers.lightning_models import quiet_trainer  # noqa: E402
-
-VOCAB, SEQ = 50, 16
-
-
-class SigmaGPT(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = sigma_reparam(
-            TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=32), exclude=("lm_head",)
-        )
-
-    def training_step(self, batch, batch_idx):
-        (idx,) = batch
-        logits = self.model(idx[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     L.seed_everything(3)
-    module = SigmaGPT()
+    module = GPTModule(convert=True)
     trainer = quiet_trainer(max_steps=4, devices=2, strategy="ddp", deterministic=False, use_distributed_sampler=False)
     rank = trainer.strategy.cluster_environment.global_rank()
     if rank == 0:

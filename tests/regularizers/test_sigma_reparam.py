@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from torch import nn
 from entrotrain.errors import EntrotrainError
 from entrotrain.models import TinyGPT
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam, sigma_reparam_names
+from tests.helpers.scripts import run_script
 
 DDP_SCRIPT = Path(__file__).with_name("sigma_ddp_run.py")
 
@@ -259,16 +257,7 @@ def test_converter_skips_multihead_attention():
 
 
 def test_two_rank_ddp_keeps_ranks_identical(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(DDP_SCRIPT), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(DDP_SCRIPT, tmp_path, str(tmp_path))
     s0, s1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert set(s0) == set(s1) and any(k.endswith(".u") for k in s0)
     for key in s0:

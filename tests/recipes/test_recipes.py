@@ -11,6 +11,13 @@ from entrotrain.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
+#: Which monitor's keys a recipe must log, by recipe-name prefix (attention recipes otherwise).
+MONITOR_PREFIX = {"grpo_": "entropy/policy/", "ssl_": "entropy/repr/", "classifier_": "entropy/repr/"}
+
+
+def _monitor_prefix(recipe: Path) -> str | None:
+    return next((v for k, v in MONITOR_PREFIX.items() if recipe.stem.startswith(k)), None)
+
 
 def _fit(recipe: Path, tmp_path: Path, *extra: str):
     return main(
@@ -37,8 +44,12 @@ def test_there_are_recipes():
 def test_recipe_smoke(recipe, tmp_path):
     cli = _fit(recipe, tmp_path)
     metrics = cli.trainer.callback_metrics
-    assert cli.trainer.global_step == 3
-    assert "entropy/attn_norm/mean" in metrics and 0.0 <= float(metrics["entropy/attn_norm/mean"]) <= 1.0
+    assert cli.trainer.global_step >= 3  # manual-optimisation tasks (GRPO) may take several optimizer steps a batch
+    prefix = _monitor_prefix(recipe)
+    if prefix is not None:
+        assert any(k.startswith(prefix) for k in metrics), sorted(metrics)
+    else:
+        assert "entropy/attn_norm/mean" in metrics and 0.0 <= float(metrics["entropy/attn_norm/mean"]) <= 1.0
 
 
 def test_offline_run_written_and_sync_hint_printed(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """entrotrain: entropy as a first-class training signal.
 
-Callbacks (:mod:`entrotrain.callbacks`) watch attention entropy live in a Lightning ``Trainer``; the maths lives in
+Callbacks (:mod:`entrotrain.callbacks`) watch attention, RL policy and representation entropy live in a Lightning
+``Trainer``; the maths lives in
 :mod:`entrotrain.functional`, the capture in :mod:`entrotrain.taps`. Importing entrotrain never imports wandb.
 """
 
@@ -33,7 +34,13 @@ __all__ = [
 
 def __getattr__(name: str):
     """Lazy access to the Lightning callbacks, so ``import entrotrain`` stays light."""
-    if name in ("AttentionEntropyMonitor", "EntropyCollapseGuard"):
+    if name in (
+        "AttentionEntropyMonitor",
+        "EntropyCollapseGuard",
+        "PolicyEntropyMonitor",
+        "RepresentationEntropyMonitor",
+        "SigmaReparamMonitor",
+    ):
         from entrotrain import callbacks
 
         return getattr(callbacks, name)

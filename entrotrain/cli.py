@@ -1,7 +1,11 @@
 """The ``entrotrain`` console script.
 
 ``entrotrain fit --config recipes/attention_collapse.yaml`` runs a recipe through :class:`LightningCLI` (also
-``validate`` / ``test`` / ``predict``, with every LightningCLI flag); ``entrotrain recipes`` lists the recipes.
+``validate`` / ``test`` / ``predict``, with every LightningCLI flag); ``entrotrain recipes`` lists the recipes;
+``entrotrain report RUN_DIR [RUN_DIR2] [-o OUT]`` turns a run record into an HTML report.
+
+Every run writes a local run record (:class:`~entrotrain.dashboards.RunRecordLogger`, beside whatever logger the
+recipe names) under ``<default_root_dir>/records/``; its folder is printed when the run ends.
 
 wandb never prompts: when ``WANDB_MODE`` is unset and no API key is configured, runs are logged offline, and the
 command to upload them (``wandb sync ...``) is printed when the run ends.
@@ -10,6 +14,7 @@ command to upload them (``wandb sync ...``) is printed when the run ends.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -44,28 +49,81 @@ def _wandb_run_dir(trainer: Trainer) -> Path | None:
 
 
 class RunDirSaveConfig(SaveConfigCallback):
-    """Writes ``config.yaml`` into the wandb run's own folder (the default file collides across wandb runs)."""
+    """Writes ``config.yaml`` into the wandb run's own folder (the default file collides across wandb runs) and into
+    the run record, and declares entrotrain's metric summaries to wandb."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from entrotrain.dashboards.run_record import find_run_record
+        from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
+
+        setup_wandb_dashboard(trainer.loggers)
+        dump = self.parser.dump(self.config, skip_none=False)
         run_dir = _wandb_run_dir(trainer)
         if run_dir is None:
-            return super().save_config(trainer, pl_module, stage)
+            super().save_config(trainer, pl_module, stage)
+            record = find_run_record(trainer)
+            if record is not None:
+                record.log_hyperparams({"config": dump})
+            return
         self.parser.save(self.config, run_dir / "files" / "config.yaml", skip_none=False, overwrite=True)
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+            logger.log_hyperparams({"config": dump})
+
+
+def _as_path(path: Any) -> Path:
+    """A jsonargparse ``Path`` (``.absolute`` is a str), a ``pathlib.Path`` (a method) or a str, as a Path."""
+    absolute = getattr(path, "absolute", None)
+    if callable(absolute):
+        absolute = absolute()
+    return Path(str(absolute if absolute is not None else path))
+
+
+def _recipe_path(config: Any) -> str | None:
+    """The recipe among a subcommand's ``--config`` files: the first one in a ``recipes/`` folder, else the first
+    (fragments such as ``configs/trainer/ddp_cpu.yaml`` come after the recipe); relative to the cwd when inside it."""
+    paths = config.get("config") if config is not None and hasattr(config, "get") else None
+    if not paths:
+        return None
+    candidates = [_as_path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    path = next((p for p in candidates if p.parent.name == "recipes"), candidates[0])
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 class EntrotrainCLI(LightningCLI):
-    """LightningCLI whose ``fit`` ends by closing the wandb run and printing where it is and how to sync it."""
+    """LightningCLI that adds a :class:`~entrotrain.dashboards.RunRecordLogger` to every run and whose ``fit`` ends by
+    closing the wandb run and printing where it and the run record are, how to sync and how to report them."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        from entrotrain.dashboards.run_record import RunRecordLogger
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(lg, RunRecordLogger) for lg in trainer.loggers):
+            recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
+            stem = Path(recipe).stem if recipe else "run"
+            record = RunRecordLogger(
+                Path(trainer.default_root_dir), name="records", version=_record_version(trainer, stem), recipe=recipe
+            )
+            trainer.loggers = [*trainer.loggers, record]
+        return trainer
 
     def after_fit(self) -> None:
+        from entrotrain.dashboards.run_record import find_run_record
+
         if not self.trainer.is_global_zero:
             return
+        record = find_run_record(self.trainer)
         monitors = ("entropy/", "sigma_reparam/", "lr-")  # shown by their monitors, or not results
         final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith(monitors)}
         if final:
             print("final metrics: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(final.items())[:12]))
         run_dir = _wandb_run_dir(self.trainer)
+        if record is not None:
+            record.set_meta(wandb_dir=str(run_dir) if run_dir else None, global_step=self.trainer.global_step)
+            print(f"\nentrotrain: run record {record.run_dir}")
+            print(f"entrotrain: offline report with\n    entrotrain report {record.run_dir}")
         if run_dir is None:
             return
         import wandb
@@ -76,14 +134,45 @@ class EntrotrainCLI(LightningCLI):
             print(f"entrotrain: upload it with\n    wandb sync {run_dir}")
 
 
+def _record_version(trainer: Trainer, stem: str) -> str:
+    """``<recipe stem>-YYYYmmdd-HHMMSS`` (made unique with ``-2``, ...) under ``default_root_dir/records``."""
+    import time
+
+    parent = Path(trainer.default_root_dir) / "records"
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    version, n = base, 1
+    while (parent / version).exists():
+        n += 1
+        version = f"{base}-{n}"
+    return version
+
+
+def _recipe_summary(path: Path, width: int = 110) -> str:
+    """The first sentence of a recipe's leading comment block, cut to ``width`` characters."""
+    words: list[str] = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        if not text or text.startswith(("WANDB_MODE", "OMP_NUM_THREADS", "entrotrain ", "Scale up")):
+            break
+        words.append(text)
+    summary = " ".join(words)
+    end = re.search(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\.(\s|$)", summary)  # not "et al." / "e.g." / "i.e."
+    summary = summary[: end.start() + 1] if end else summary
+    return summary if len(summary) <= width else summary[: width - 1].rstrip() + "…"
+
+
 def _list_recipes() -> None:
     recipes = sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
     if not recipes:
         print("No recipes found next to the package (clone the repository to get recipes/).")
         return
+    width = max(len(p.name) for p in recipes)
     for path in recipes:
-        first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-        print(f"{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}\n    {first}")
+        print(f"{path.name:<{width}}  {_recipe_summary(path)}")
+    where = RECIPES_DIR.relative_to(Path.cwd()) if RECIPES_DIR.is_relative_to(Path.cwd()) else RECIPES_DIR
+    print(f"\nrun one with: entrotrain fit --config {where}/<recipe>.yaml")
 
 
 def main(args: ArgsType = None) -> Any:
@@ -92,9 +181,21 @@ def main(args: ArgsType = None) -> Any:
     if argv is not None and argv[:1] == ["recipes"]:
         _list_recipes()
         return None
-    if "WANDB_MODE" not in os.environ and not _wandb_configured():
-        os.environ["WANDB_MODE"] = "offline"
-        print("entrotrain: no wandb login found, logging offline (set WANDB_MODE to change this).")
+    if argv is not None and argv[:1] == ["report"]:
+        from entrotrain.dashboards.report import report_main
+
+        return report_main(argv[1:])
+    if not _wandb_configured():
+        mode = os.environ.get("WANDB_MODE")
+        if mode is None:
+            os.environ["WANDB_MODE"] = "offline"
+            print("entrotrain: no wandb login found, logging offline (set WANDB_MODE to change this).")
+        elif mode in ("online", "run"):  # wandb would ask for a key on the terminal: never prompt
+            os.environ["WANDB_MODE"] = "offline"
+            print(
+                f"entrotrain: WANDB_MODE={mode} but no wandb login found (WANDB_API_KEY or `wandb login`); logging "
+                "offline instead of prompting. Upload later with `wandb sync`."
+            )
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning 2.6 on torch 2.13
     return EntrotrainCLI(

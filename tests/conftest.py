@@ -1,7 +1,14 @@
-"""Shared test setup: wandb never touches the network or a login, and never leaks a run between tests."""
+"""Shared test setup: wandb never touches the network or a login, and never leaks a run between tests.
+
+Triton (when installed, without CUDA) is put in interpreter mode *before anything imports it*: triton fixes the mode
+of its own language functions when ``triton.language`` is first imported, and importing lightning imports triton
+(through torch). Every test then runs with ``TRITON_INTERPRET`` unset, so ``impl="auto"`` keeps the torch paths;
+``tests/kernels`` sets it again for its own tests.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -9,6 +16,14 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_interpreter_outside_kernel_tests(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.fixture(autouse=True)

@@ -2,12 +2,18 @@
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor, attention_summary
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, policy_entropy_summary
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor, qk_spectral_norms
 
 __all__ = [
     "AttentionEntropyMonitor",
     "EntropyCollapseGuard",
+    "PolicyEntropyMonitor",
     "SigmaReparamMonitor",
     "attention_summary",
+    "policy_entropy_summary",
     "qk_spectral_norms",
 ]
+from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor  # noqa: E402
+
+__all__ += ["RepresentationEntropyMonitor"]

@@ -19,7 +19,12 @@ names are logged once as hyperparameters ``{p}attn/layers`` and printed at the f
 ``{p}attn/nonfinite``                 queries whose entropy was NaN/Inf (non-finite q or k); never averaged in
 ``{p}attn_norm/heatmap`` (wandb)      layer × head image of normalised entropy (viridis, 0 → 1; grey = no data)
 ``{p}attn_norm/hist`` (wandb)         histogram of per-head normalised entropy
+``{p}attn_norm/heads_over_time``      (wandb) image: rows = layer·head, columns = logging steps so far
 ====================================  ===========================================================================
+
+The run record (:class:`~entrotrain.dashboards.RunRecordLogger`, for ``entrotrain report``) gets the
+``{p}attn_norm/heatmap`` array each logging step and the collapse / overload thresholds. ``{p}attn_norm/min`` and
+``{p}attn/collapse_frac`` are shown on the progress bar.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.dashboards.run_record import record_media, record_threshold
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
 from entrotrain.regularizers.composition import Regularizer
@@ -162,6 +168,8 @@ class AttentionEntropyMonitor(Callback):
         self.last_logged: dict[str, float] = {}
         self._window_step: int | None = None
         self._announced = False
+        self._history: list[Tensor] = []  # normalised (layers, heads) per logged step, for heads over time
+        self._history_steps: list[int] = []
         check_budget(max_rows, "max_rows")  # validate now, not at the first logging step
         check_budget(max_queries, "max_queries")
         if path not in ("auto", "fused", "chunked", "materialized"):
@@ -181,6 +189,13 @@ class AttentionEntropyMonitor(Callback):
             max_queries=self.max_queries,
             path=self.path,
         )
+        if trainer.is_global_zero:
+            record_threshold(trainer, f"{self.prefix}attn_norm/*", self.collapse_threshold, "collapse")
+            record_threshold(trainer, f"{self.prefix}attn_norm/*", self.overload_threshold, "overload")
+            if self.log_media:
+                from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
+
+                setup_wandb_dashboard(trainer.loggers)
 
     def _release(self) -> None:
         if self.tap is not None:
@@ -321,11 +336,25 @@ class AttentionEntropyMonitor(Callback):
             )
         self.last_logged = metrics
         step = publish_scalars(trainer, pl_module, metrics)
+        if trainer.is_global_zero:
+            record_media(
+                trainer,
+                f"{self.prefix}attn_norm/heatmap",
+                normalized,
+                step,
+                kind="heatmap",
+                vmin=0.0,
+                vmax=1.0,
+                rows=[f"L{i}" for i in range(normalized.shape[0])],
+                sites=list(self.site_names),
+            )
+            self._history.append(normalized.float())
+            self._history_steps.append(step)
         if self.log_media and trainer.is_global_zero:
             self._log_media(trainer, normalized, step)
 
     def _log_media(self, trainer: Trainer, normalized: Tensor, step: int) -> None:
-        from entrotrain.dashboards.wandb_media import heatmap_image, histogram, wandb_loggers
+        from entrotrain.dashboards.wandb_media import heads_over_time_image, heatmap_image, histogram, wandb_loggers
 
         loggers = wandb_loggers(trainer.loggers)
         if not loggers:
@@ -336,5 +365,8 @@ class AttentionEntropyMonitor(Callback):
         )
         if image is not None:
             media[f"{self.prefix}attn_norm/heatmap"] = image
+        over_time = heads_over_time_image(self._history, self._history_steps)
+        if over_time is not None:
+            media[f"{self.prefix}attn_norm/heads_over_time"] = over_time
         for logger in loggers:
             logger.experiment.log({**media, "trainer/global_step": step})

@@ -12,6 +12,10 @@ Two triggers, either or both:
 A trigger fires after ``patience`` consecutive bad observations, then re-arms only once an observation is good again
 (one warning per episode, not one per step). The decision is identical on every DDP rank because monitors reduce
 across ranks before they publish.
+
+Every firing, whatever the action, is logged as ``{monitor}/alert`` = 1 to every logger at the step of the watched
+value and recorded as an event in the run record (``entrotrain report`` lists it and marks it on the curve); the
+threshold is declared to the run record so the report draws it.
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ class EntropyCollapseGuard(Callback):
             observations earlier; ``None`` = off. Only with ``mode="min"``.
         drop_window: observations between the two values compared by ``max_drop``.
         patience: consecutive bad observations before firing.
-        action: ``"warn"``; ``"alert"`` (warn, log ``{monitor}/alert`` = 1 and send a wandb alert when a
-            ``WandbLogger`` is attached); ``"stop"`` (warn and stop training); ``"reduce_lr"`` (warn and multiply every
+        action: ``"warn"``; ``"alert"`` (warn and send a wandb alert when a ``WandbLogger`` is attached); ``"stop"`` (warn and stop training); ``"reduce_lr"`` (warn and multiply every
             optimizer's learning rates, and schedulers' base rates, by ``lr_factor``).
         lr_factor: factor for ``"reduce_lr"``, in (0, 1).
         min_lr: learning rates are never lowered below this.
@@ -120,6 +123,12 @@ class EntropyCollapseGuard(Callback):
         self.times_fired = state_dict["times_fired"]
         self.lr_reductions = state_dict["lr_reductions"]
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.threshold is not None:
+            from entrotrain.dashboards.run_record import record_threshold
+
+            record_threshold(trainer, self.monitor, self.threshold, f"guard ({self.action})")
+
     # ------------------------------------------------------------------ checks
     def _reason(self, value: float) -> str:
         if not math.isfinite(value):
@@ -178,8 +187,17 @@ class EntropyCollapseGuard(Callback):
             self._reduce_lr(trainer)
             message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
         rank_zero_warn(message)
+        self._record(trainer, message, step)
         if self.action == "alert":
             self._alert(trainer, message)
+
+    def _record(self, trainer: Trainer, message: str, step: int) -> None:
+        """The firing as ``{monitor}/alert`` = 1 in every logger and as an event in the run record."""
+        from entrotrain.dashboards.run_record import record_event
+
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{self.monitor}/alert": 1.0}, step=step)
+        record_event(trainer, self.monitor, message, level=self.action, step=step)
 
     def _reduce_lr(self, trainer: Trainer) -> None:
         self.lr_reductions += 1
@@ -192,9 +210,6 @@ class EntropyCollapseGuard(Callback):
                 config.scheduler.base_lrs = [max(lr * self.lr_factor, self.min_lr) for lr in base]
 
     def _alert(self, trainer: Trainer, message: str) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics({f"{self.monitor}/alert": 1.0}, step=step)
         if not trainer.is_global_zero:
             return
         from entrotrain.dashboards.wandb_media import wandb_loggers

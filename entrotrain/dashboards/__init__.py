@@ -1,5 +1,28 @@
-"""Turning reduced statistics into wandb panels (scalars, heatmaps, histograms)."""
+"""Turning reduced statistics into wandb panels (scalars, heatmaps, histograms), the local run record every run
+writes, and the offline HTML report built from it (``entrotrain report``)."""
 
-from entrotrain.dashboards.wandb_media import colorize, heatmap_image, histogram, wandb_loggers
+from entrotrain.dashboards.report import build_report  # matplotlib is imported only when a report is drawn
+from entrotrain.dashboards.run_record import RunRecordLogger, record_event, record_media, record_threshold
+from entrotrain.dashboards.wandb_media import (
+    colorize,
+    heads_over_time_image,
+    heatmap_image,
+    histogram,
+    setup_wandb_dashboard,
+    wandb_loggers,
+)
 
-__all__ = ["colorize", "heatmap_image", "histogram", "wandb_loggers"]
+__all__ = [
+    "RunRecordLogger",
+    "build_report",
+    "colorize",
+    "heads_over_time_image",
+    "heatmap_image",
+    "histogram",
+    "record_event",
+    "record_media",
+    "record_threshold",
+    "setup_wandb_dashboard",
+    "wandb_loggers",
+]
+

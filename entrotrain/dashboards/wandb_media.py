@@ -1,4 +1,5 @@
-"""Turn reduced statistics into wandb media: a layer × head heatmap image and a histogram.
+"""Turn reduced statistics into wandb media (a layer × head heatmap, a heads-over-time image, a histogram) and
+declare the metrics' summaries (``min`` for entropies) to the wandb run.
 
 wandb and pillow are imported lazily, only when a wandb logger is attached; the colormap is applied in torch so a
 heatmap costs ~2 ms (a matplotlib figure costs ~140 ms).
@@ -16,7 +17,14 @@ from torch import Tensor
 
 from entrotrain._imports import _PIL_AVAILABLE, _WANDB_AVAILABLE
 
-__all__ = ["colorize", "heatmap_image", "histogram", "wandb_loggers"]
+__all__ = [
+    "colorize",
+    "heads_over_time_image",
+    "heatmap_image",
+    "histogram",
+    "setup_wandb_dashboard",
+    "wandb_loggers",
+]
 
 # viridis at 0, 1/4, 1/2, 3/4, 1; NaN cells are drawn mid-grey.
 _VIRIDIS = torch.tensor(
@@ -75,3 +83,61 @@ def histogram(values: Tensor, bins: int = 20, range_: tuple[float, float] = (0.0
     x = values.detach().flatten().double().cpu().numpy()
     x = x[np.isfinite(x)]
     return wandb.Histogram(np_histogram=np.histogram(x, bins=bins, range=range_))
+
+
+#: Entropy-like keys whose wandb summary is their minimum (and last value); everything else keeps wandb's default.
+_SUMMARY_MIN = ("entropy/*",)
+#: Keys under ``entropy/`` where high is bad: summarised by their maximum instead.
+_SUMMARY_MAX = (
+    "entropy/attn/collapse_frac",
+    "entropy/attn/overload_frac",
+    "entropy/attn/nonfinite",
+    "entropy/policy/nonfinite",
+)
+
+
+def setup_wandb_dashboard(loggers: list[Logger]) -> None:
+    """Declare entrotrain's metrics to every attached wandb run (idempotent and cheap; call on rank zero).
+
+    Entropy keys (``entropy/*``) get ``summary="min,last"`` so the run table shows how low each entropy went;
+    collapse fractions and non-finite counts get ``"max,last"``; all of them are plotted against
+    ``trainer/global_step`` like Lightning's own metrics.
+    """
+    for logger in wandb_loggers(loggers):
+        run = logger.experiment
+        define = getattr(run, "define_metric", None)
+        if not callable(define):
+            continue
+        define("trainer/global_step")
+        for name in _SUMMARY_MIN:
+            define(name, step_metric="trainer/global_step", step_sync=True, summary="min,last")
+        for name in _SUMMARY_MAX:
+            define(name, step_metric="trainer/global_step", step_sync=True, summary="max,last")
+
+
+def heads_over_time_image(history: list[Tensor], steps: list[int], vmin: float = 0.0, vmax: float = 1.0) -> Any | None:
+    """A ``wandb.Image`` with one row per layer·head and one column per logging step (``None`` without pillow).
+
+    ``history`` holds one ``(layers, heads)`` tensor per logged step (older steps may have fewer layers/heads;
+    missing cells are grey). A head that collapses shows as a row turning dark from the step it collapsed on.
+    """
+    if not history or not _PIL_AVAILABLE:
+        return None
+    import wandb
+
+    layers = max(h.shape[0] for h in history)
+    heads = max(h.shape[1] for h in history)
+    grid = torch.full((layers * heads, len(history)), float("nan"))
+    for col, h in enumerate(history):
+        padded = torch.full((layers, heads), float("nan"))
+        padded[: h.shape[0], : h.shape[1]] = h.detach().float().cpu()
+        grid[:, col] = padded.reshape(-1)
+    cell_h = max(4, min(24, 512 // grid.shape[0]))
+    cell_w = max(2, min(48, 768 // grid.shape[1]))
+    rgb = colorize(grid, vmin, vmax, cell=1)
+    rgb = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
+    caption = (
+        f"normalised attention entropy per head over time: rows L0H0..L{layers - 1}H{heads - 1} (layer-major), "
+        f"columns = logging steps {steps[0]}..{steps[-1]}; dark = collapsed"
+    )
+    return wandb.Image(rgb, caption=caption)

@@ -10,9 +10,36 @@ from entrotrain.functional.attention import (
     normalized_entropy,
 )
 from entrotrain.functional.attention_masks import AttentionMask
+from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, fit_entropy_reward
 from entrotrain.functional.entropy import entropy_from_logits, entropy_from_probs, row_entropy
+from entrotrain.functional.policy import (
+    AGG_MODES,
+    CovarianceSums,
+    TokenStats,
+    aggregate_loss,
+    covariance_sums,
+    high_entropy_mask,
+    policy_covariance,
+    steer_weights,
+    token_entropy,
+    token_logprobs,
+)
+from entrotrain.functional.policy_head import linear_entropy_and_logprobs
 
 __all__ = [
+    "EntropyRewardFit",
+    "fit_entropy_reward",
+    "AGG_MODES",
+    "CovarianceSums",
+    "TokenStats",
+    "aggregate_loss",
+    "covariance_sums",
+    "high_entropy_mask",
+    "linear_entropy_and_logprobs",
+    "policy_covariance",
+    "steer_weights",
+    "token_entropy",
+    "token_logprobs",
     "AttentionEntropy",
     "AttentionMask",
     "AttentionPath",
@@ -24,4 +51,68 @@ __all__ = [
     "entropy_from_probs",
     "normalized_entropy",
     "row_entropy",
+]
+
+# --- representation spectra (spectrum.py, representation.py) ---
+from entrotrain.functional.representation import (  # noqa: E402
+    REPRESENTATION_MEASURES,
+    RepresentationMeasure,
+    diffusion_matrix,
+    diffusion_spectral_entropy,
+    diffusion_spectral_mutual_information,
+    effective_rank,
+    get_measure,
+    matrix_entropy,
+    matrix_erank,
+    matrix_nuclear_norm,
+    median_pairwise_distance,
+    rankme,
+    vendi_score,
+    vendi_score_from_kernel,
+)
+from entrotrain.functional.spectrum import (  # noqa: E402
+    kernel_spectrum,
+    linear_kernel_spectrum,
+    renyi2,
+    renyi2_from_rows,
+    spectral_entropy,
+)
+
+__all__ += [
+    "REPRESENTATION_MEASURES",
+    "RepresentationMeasure",
+    "diffusion_matrix",
+    "diffusion_spectral_entropy",
+    "diffusion_spectral_mutual_information",
+    "effective_rank",
+    "get_measure",
+    "kernel_spectrum",
+    "linear_kernel_spectrum",
+    "matrix_entropy",
+    "matrix_erank",
+    "matrix_nuclear_norm",
+    "median_pairwise_distance",
+    "rankme",
+    "renyi2",
+    "renyi2_from_rows",
+    "spectral_entropy",
+    "vendi_score",
+    "vendi_score_from_kernel",
+]
+from entrotrain.functional.covariance import CovarianceAccumulator  # noqa: E402
+from entrotrain.functional.stochastic_spectrum import (  # noqa: E402
+    SpectralEstimate,
+    lanczos_quadrature,
+    slq_diffusion_spectral_entropy,
+    slq_spectral_entropy,
+    slq_vendi_score,
+)
+
+__all__ += [
+    "CovarianceAccumulator",
+    "SpectralEstimate",
+    "lanczos_quadrature",
+    "slq_diffusion_spectral_entropy",
+    "slq_spectral_entropy",
+    "slq_vendi_score",
 ]

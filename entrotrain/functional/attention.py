@@ -181,6 +181,21 @@ def _resolve_path(path: str, q: Tensor, k: Tensor, mask: AttentionMask, needs_gr
     return path
 
 
+def _use_kernel(impl: str, path: str, q: Tensor, k: Tensor, attn_mask: Tensor | None) -> bool:
+    """Whether the Triton kernel computes this call (see ``impl`` in :func:`attention_entropy_stats`)."""
+    from entrotrain.kernels.dispatch import resolve_impl
+
+    if path in ("materialized", "chunked"):
+        if impl == "triton":
+            raise EntrotrainError(f"impl='triton' is the fused kernel; it cannot run path={path!r}. Use path='auto'.")
+        return False
+    if attn_mask is not None and attn_mask.requires_grad:  # the kernel gives an additive bias no gradient
+        if impl == "triton":
+            raise EntrotrainError("impl='triton' gives an additive attn_mask no gradient; use impl='torch'.")
+        return False
+    return resolve_impl(impl, q, k, attn_mask) == "triton"
+
+
 def attention_entropy_stats(
     q: Tensor,
     k: Tensor,
@@ -192,6 +207,7 @@ def attention_entropy_stats(
     scale: float | None = None,
     path: AttentionPath = "auto",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    impl: str = "auto",
 ) -> AttentionEntropy:
     r"""Per-query attention entropy, normalised entropy and number of valid keys.
 
@@ -207,6 +223,10 @@ def attention_entropy_stats(
         path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies and no gradient
             is needed, chunked otherwise). All agree to float32 round-off.
         chunk_elements: score elements per query block in the chunked path.
+        impl: ``"auto"`` (the Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is installed,
+            the torch paths otherwise), ``"torch"`` or ``"triton"`` (raises, with the fix, where it cannot run);
+            ``ENTROTRAIN_IMPL`` overrides it. The kernel is the ``fused`` path on GPU: flash-style, differentiable,
+            ``O(B·H·N)`` memory; it is used only with ``path="auto"`` or ``"fused"``.
 
     Returns:
         :class:`AttentionEntropy` of ``(batch, heads, queries)`` tensors, float32 (float64 for float64 input).
@@ -224,6 +244,12 @@ def attention_entropy_stats(
         device=q.device,
     )
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if _use_kernel(impl, path, q, k, attn_mask):
+        from entrotrain.kernels.attention_entropy import attention_entropy_stats as kernel
+
+        out = kernel(q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                     window=window, scale=scale)
+        return AttentionEntropy(*out)
     resolved = _resolve_path(path, q, k, mask, needs_grad)
     if 0 in (batch, heads, n_q, n_k):
         # nothing to score, or no key to attend (SDPA returns zeros): the kernels and the block loop need sizes > 0
@@ -252,6 +278,7 @@ def attention_entropy(
     normalize: bool = False,
     path: AttentionPath = "auto",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    impl: str = "auto",
 ) -> Tensor:
     r"""Per-query attention entropy ``(batch, heads, queries)`` in nats, or normalised by :math:`\ln|V_i|`.
 
@@ -273,6 +300,7 @@ def attention_entropy(
         scale=scale,
         path=path,
         chunk_elements=chunk_elements,
+        impl=impl,
     )
     return out.normalized if normalize else out.entropy
 

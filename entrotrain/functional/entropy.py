@@ -102,21 +102,32 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
         return torch.where(valid, out, torch.full((), float("-inf"), dtype=out.dtype, device=out.device), out=out)
 
     @staticmethod
-    def _centred(z: Tensor, valid: Tensor | None, shift: Tensor, out: Tensor, masked: bool = False) -> Tensor:
-        """``out = max(z - shift, lowest)``, masked entries at ``lowest`` (weight exactly 0).
+    def _centred(
+        z: Tensor, valid: Tensor | None, shift: Tensor, out: Tensor, masked: bool = False, temperature: float = 1.0
+    ) -> Tensor:
+        """``out = max(z / temperature - shift, lowest)``, masked entries at ``lowest`` (weight exactly 0).
 
-        ``masked=True``: ``out`` already holds ``where(valid, z, -inf)``.
+        ``masked=True``: ``out`` already holds ``where(valid, z, -inf)`` (not yet divided by the temperature).
         """
-        if valid is None:
+        if valid is None and temperature == 1.0:
             torch.sub(z, shift, out=out)
         else:
-            if not masked:
-                _ChunkedLogitsEntropy._masked_copy(z, valid, out)
+            if valid is None and z.dtype == out.dtype:
+                torch.div(z, temperature, out=out)  # one pass
+            else:
+                if valid is None:
+                    out.copy_(z)  # upcast first: z / T is computed in out's (accumulation) dtype
+                elif not masked:
+                    _ChunkedLogitsEntropy._masked_copy(z, valid, out)
+                if temperature != 1.0:
+                    out.div_(temperature)
             out.sub_(shift)
         return out.clamp_min_(torch.finfo(out.dtype).min)
 
     @staticmethod
-    def forward(ctx, logits: Tensor, valid: Tensor | None, rows: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, logits: Tensor, valid: Tensor | None, rows: int, temperature: float = 1.0
+    ) -> Tensor:
         n, width = logits.shape
         acc = accumulation_dtype(logits.dtype)
         m = torch.empty(n, dtype=acc, device=logits.device)
@@ -133,8 +144,11 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
                 row_max = z.amax(dim=-1)
             else:
                 row_max = _ChunkedLogitsEntropy._masked_copy(z, part, c).amax(dim=-1)
+            row_max = row_max.to(acc)
+            if temperature != 1.0:  # z -> z / T is monotone, so max(z / T) = max(z) / T exactly
+                row_max = row_max / temperature
             m[start:stop] = row_max.masked_fill_(row_max == float("-inf"), 0.0)  # empty row: centre at 0
-            _ChunkedLogitsEntropy._centred(z, part, m[start:stop, None], c, masked=True)
+            _ChunkedLogitsEntropy._centred(z, part, m[start:stop, None], c, masked=True, temperature=temperature)
             torch.exp(c, out=e)
             torch.sum(e, dim=-1, out=l[start:stop])
             torch.sum(c.mul_(e), dim=-1, out=t[start:stop])  # sum_j e_j (z_j - m), in place
@@ -149,6 +163,7 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
         ctx.save_for_backward(logits, valid if valid is not None else torch.empty(0), lse, mean)
         ctx.has_valid = valid is not None
         ctx.rows = rows
+        ctx.temperature = temperature
         return entropy
 
     @staticmethod
@@ -160,6 +175,8 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
         lse_safe = torch.where(row_ok, lse, 0.0)
         spread = torch.where(row_ok, lse - mean, 0.0)  # z - E_p[z] = (z - lse) + (lse - E_p[z])
         neg_grad = -grad.to(lse.dtype)
+        if ctx.temperature != 1.0:  # d(z / T) / dz = 1 / T
+            neg_grad = neg_grad / ctx.temperature
         grad_logits = torch.empty_like(logits)
         buf_c = torch.empty(min(ctx.rows, n), width, dtype=lse.dtype, device=logits.device)
         buf_p = torch.empty_like(buf_c)
@@ -167,14 +184,16 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
             stop = min(start + ctx.rows, n)
             c, p = buf_c[: stop - start], buf_p[: stop - start]
             part = valid[start:stop] if ctx.has_valid else None
-            _ChunkedLogitsEntropy._centred(logits[start:stop], part, lse_safe[start:stop, None], c)
+            _ChunkedLogitsEntropy._centred(
+                logits[start:stop], part, lse_safe[start:stop, None], c, temperature=ctx.temperature
+            )
             torch.exp(c, out=p)  # p_j, exactly 0 where masked or -inf
             p.mul_(c.add_(spread[start:stop, None]))
             if grad_logits.dtype == p.dtype:
                 torch.mul(p, neg_grad[start:stop, None], out=grad_logits[start:stop])
             else:
                 grad_logits[start:stop] = p.mul_(neg_grad[start:stop, None])
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 def _check_floating(x: Tensor, name: str) -> None:
@@ -215,8 +234,10 @@ def entropy_from_logits(
     mask: Tensor | None = None,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    temperature: float = 1.0,
+    impl: str = "auto",
 ) -> Tensor:
-    r"""Entropy (nats) of the categorical distributions ``softmax(logits, dim)``.
+    r"""Entropy (nats) of the categorical distributions ``softmax(logits / temperature, dim)``.
 
     .. math:: H = \operatorname{lse}(z) - \sum_j \mathrm{softmax}(z)_j\, z_j
 
@@ -228,6 +249,11 @@ def entropy_from_logits(
         chunk_elements: scratch size: rows are processed a chunk at a time, forward and backward, through two
             buffers of about ``chunk_elements / 2`` float32 elements each, so memory beyond the input (and its
             gradient) is about ``chunk_elements`` elements whatever the batch size.
+        temperature: :math:`T > 0`; the entropy of ``softmax(logits / T)``. Applied chunk by chunk inside the
+            kernel (no scaled copy of the logits); the gradient is taken w.r.t. the unscaled ``logits``.
+        impl: ``"auto"`` (the one-pass Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is
+            installed, this chunked torch path otherwise), ``"torch"`` or ``"triton"`` (raises, with the fix, where
+            it cannot run); the environment variable ``ENTROTRAIN_IMPL`` overrides it.
 
     Returns:
         Tensor of ``logits.shape`` without ``dim``, in float32 (float64 for float64 input). Differentiable:
@@ -238,12 +264,20 @@ def entropy_from_logits(
         1.3862943649291992
     """
     _check_floating(logits, "logits")
+    if not temperature > 0:
+        raise EntrotrainError(f"temperature must be > 0, got {temperature!r}.")
+    from entrotrain.kernels.dispatch import resolve_impl
+
+    if resolve_impl(impl, logits, mask) == "triton":
+        from entrotrain.kernels.logits_entropy import entropy_from_logits as kernel
+
+        return kernel(logits, dim, mask, temperature=temperature)
     rows, valid, batch_shape = _as_rows(logits, dim, mask, "logits")
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         # no row, or rows without categories (entropy 0, as a fully masked row): zeros that stay in the graph
         return (rows.sum(-1) * 0).to(accumulation_dtype(logits.dtype)).reshape(batch_shape)
     n_rows = _rows_per_chunk(rows.shape[-1], chunk_elements // 2)  # two buffers of n_rows rows make one chunk
-    entropy = _ChunkedLogitsEntropy.apply(rows, valid, n_rows)
+    entropy = _ChunkedLogitsEntropy.apply(rows, valid, n_rows, float(temperature))
     return entropy.reshape(batch_shape)
 
 

@@ -5,3 +5,7 @@ from entrotrain.models.tiny_gpt import TinyGPT
 from entrotrain.models.tiny_vit import TinyViT
 
 __all__ = ["AttentionMIL", "MultiHeadAttentionPool", "TinyGPT", "TinyViT"]
+from entrotrain.models.mlp_classifier import MLPClassifier  # noqa: E402
+from entrotrain.models.simsiam import SimSiam  # noqa: E402
+
+__all__ += ["MLPClassifier", "SimSiam"]

@@ -12,6 +12,16 @@ from entrotrain.regularizers.composition import (
     combine_regularizers,
     scheduled_weight,
 )
+from entrotrain.regularizers.policy_loss import (
+    ClipCovLoss,
+    EntropyBonus,
+    KLCovLoss,
+    PolicyLoss,
+    PolicyLossOutput,
+    PolicyLossSum,
+    PPOClipLoss,
+    SteerLoss,
+)
 from entrotrain.regularizers.sigma_reparam import (
     SigmaReparamLinear,
     SigmaReparamQKJoint,
@@ -21,8 +31,16 @@ from entrotrain.regularizers.sigma_reparam import (
 
 __all__ = [
     "AttentionEntropyMaximization",
+    "ClipCovLoss",
+    "EntropyBonus",
+    "KLCovLoss",
     "EntropyBandRegularizer",
     "EntropyFloorRegularizer",
+    "PPOClipLoss",
+    "PolicyLoss",
+    "PolicyLossOutput",
+    "PolicyLossSum",
+    "SteerLoss",
     "Regularizer",
     "RegularizerOutput",
     "RegularizerSum",

@@ -17,3 +17,7 @@ __all__ = [
     "mha_query_key",
     "record_attention",
 ]
+from entrotrain.taps.activation_tap import ActivationTap, Capture, activation_rows  # noqa: E402
+from entrotrain.taps.reservoir import Reservoir  # noqa: E402
+
+__all__ += ["ActivationTap", "Capture", "Reservoir", "activation_rows"]

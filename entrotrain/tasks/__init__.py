@@ -1,11 +1,16 @@
 """LightningModules and LightningDataModules for entrotrain recipes."""
 
+from entrotrain.tasks.arithmetic import ArithmeticDataModule, ArithmeticTask
 from entrotrain.tasks.char_corpus import CharCorpusDataModule
+from entrotrain.tasks.grpo import GRPOTask
 from entrotrain.tasks.image_classification import DigitsDataModule, DigitsViTTask
 from entrotrain.tasks.language_modeling import LanguageModelingTask
 from entrotrain.tasks.multiple_instance import DigitsMILDataModule, DigitsMILTask
 
 __all__ = [
+    "ArithmeticDataModule",
+    "ArithmeticTask",
+    "GRPOTask",
     "CharCorpusDataModule",
     "DigitsDataModule",
     "DigitsMILDataModule",
@@ -13,3 +18,7 @@ __all__ = [
     "DigitsViTTask",
     "LanguageModelingTask",
 ]
+from entrotrain.tasks.digits_classifier import DigitsMLPTask  # noqa: E402
+from entrotrain.tasks.self_supervised import SimSiamTask, augment_digits  # noqa: E402
+
+__all__ += ["DigitsMLPTask", "SimSiamTask", "augment_digits"]

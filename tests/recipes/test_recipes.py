@@ -71,3 +71,21 @@ def test_recipes_command_lists_recipes(capsys):
     main(["recipes"])
     out = capsys.readouterr().out
     assert "attention_collapse.yaml" in out and "attention_baseline.yaml" in out
+
+
+def test_recipe_run_writes_a_run_record(tmp_path, capsys):
+    import json
+
+    from entrotrain.dashboards.run_reader import load_run
+
+    _fit(ROOT / "recipes" / "attention_collapse.yaml", tmp_path)
+    (record,) = (tmp_path / "records").iterdir()
+    assert record.name.startswith("attention_collapse-")
+    meta = json.loads((record / "meta.json").read_text())
+    assert meta["status"] == "finished" and meta["recipe"].endswith("attention_collapse.yaml")
+    assert "Attention-entropy collapse" in meta["description"]
+    assert "model:" in (record / "config.yaml").read_text()
+    run = load_run(record)
+    assert "entropy/attn_norm/min" in run.scalars and "lr-AdamW/pg1" in run.scalars  # monitor + Lightning logs
+    assert run.media["entropy/attn_norm/heatmap"][0].load().shape == (4, 4)
+    assert f"entrotrain report {record}" in capsys.readouterr().out

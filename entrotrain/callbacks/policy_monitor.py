@@ -1,0 +1,426 @@
+r"""RL policy entropy, its covariance driver and the entropy–reward law, live in a Lightning ``Trainer``.
+
+Cui et al. (2025), "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models": policy entropy
+drains early in RL fine-tuning, driven by the covariance between a token's log-probability and its advantage
+(:math:`\Delta H \approx -\eta\,\mathrm{Cov}(\log\pi, A)`), and reward follows :math:`R = -a e^{H} + b`, so a
+collapsed policy has hit its ceiling :math:`b - a`. This callback shows all three without an extra forward: it
+reads the per-token tensors that ``training_step`` already computed (from the rollout's old-policy pass) out of
+the dict ``training_step`` returns.
+
+What ``training_step`` returns (names configurable with ``keys``)::
+
+    return {"loss": ...,                 # as usual (optional under manual optimisation)
+            "token_entropy": H,          # (B, T) per-token entropy of the sampling distribution, no grad
+            "logprobs": logp,            # (B, T) sampled tokens' log-probs under the rollout policy
+            "advantages": A,             # (B, T) or (B,)
+            "response_mask": mask,       # (B, T) bool: response tokens (no prompt, no padding)
+            "rewards": r,                # (B,) optional: enables the R = -a exp(H) + b fit
+            "temperature": T,            # optional float: the temperature H was computed at (logged beside it)
+            "post_token_entropy": H2}    # optional (B, T): entropy after this step's updates (realised ΔH)
+
+Logged keys (``{p}`` = ``prefix``, default ``entropy/policy/``), all reduced over DDP ranks exactly as one
+process on the concatenated batch:
+
+===============================  ====================================================================================
+``{p}mean``                      mean token entropy under ``agg`` (verl's aggregation modes), nats
+``{p}p10|p50|p90``               quantiles of the valid tokens' entropies (linear interpolation)
+``{p}top{q}_mean``               mean entropy of the top ``top_fraction`` of tokens (the "forking" minority)
+``{p}seq_mean``                  mean over sequences of the per-sequence mean entropy
+``{p}temperature``               the sampling temperature the entropies are at (when given)
+``{p}tokens``                    valid tokens scored
+``{p}cov_mean``                  mean of :math:`\mathrm{Cov}_i = (\log\pi_i - \overline{\log\pi})(A_i - \bar A)`
+``{p}cov_pos_frac``              fraction of tokens with :math:`\mathrm{Cov}_i > 0` (they lower entropy)
+``{p}cov_top{k}_share``          share of the positive covariance held by the top ``cov_top_fraction`` of tokens
+``{p}delta``                     realised entropy change (after − before this step's updates, or since the last
+                                 logged step)
+``{p}delta_predicted``           :math:`-\hat\eta\,\mathrm{Cov}` for the same interval, :math:`\hat\eta` fitted on
+                                 earlier intervals (an honest out-of-sample prediction)
+``{p}eta_eff``, ``{p}delta_corr``  the fitted :math:`\hat\eta` and the correlation of predicted and realised ΔH
+``{p}reward_mean``               mean reward of the batch
+``{p}fit_a|fit_b|fit_ceiling``   least-squares :math:`R = -a e^{H} + b` over the logged steps, ceiling :math:`b - a`
+``{p}fit_r2``                    its :math:`R^2`
+``{p}nonfinite``                 valid tokens with NaN/Inf entropy: counted, warned about, never averaged in
+``{p}hist`` (wandb)              histogram of the token entropies
+===============================  ====================================================================================
+
+Pair it with :class:`~entrotrain.callbacks.EntropyCollapseGuard` (``monitor="entropy/policy/mean"``) for alerts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.dashboards.run_record import record_media
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
+from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance
+
+__all__ = ["PolicyEntropyMonitor", "policy_entropy_summary", "sorted_quantile"]
+
+_DEFAULT_KEYS = {
+    "entropy": "token_entropy",
+    "logprobs": "logprobs",
+    "advantages": "advantages",
+    "mask": "response_mask",
+    "rewards": "rewards",
+    "temperature": "temperature",
+    "post_entropy": "post_token_entropy",
+}
+
+
+def sorted_quantile(sorted_values: Tensor, q: float) -> float:
+    """``torch.quantile`` (linear interpolation) of an already sorted 1-D tensor, without its 2^24 size limit."""
+    n = sorted_values.numel()
+    if n == 0:
+        return float("nan")
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac)
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g}".replace(".", "_")
+
+
+def policy_entropy_summary(
+    entropy: Tensor,
+    logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    agg: str = "token-mean",
+    top_fraction: float = 0.2,
+    cov_top_fraction: float = 0.02,
+) -> dict[str, float]:
+    r"""Entropy and covariance statistics of one RL batch (keys as in the module docstring, without prefix).
+
+    Args:
+        entropy: ``(B, T)`` per-token entropies.
+        logprobs: ``(B, T)`` log-probabilities of the sampled tokens.
+        advantages: ``(B, T)`` or ``(B,)``.
+        mask: ``(B, T)`` valid (response) tokens.
+        agg: aggregation mode of ``mean`` (see :func:`entrotrain.functional.aggregate_loss`).
+        top_fraction: the high-entropy minority averaged in ``top{q}_mean``.
+        cov_top_fraction: the top-covariance tokens whose share of the positive covariance is reported.
+
+    Returns:
+        ``mean``, ``p10``, ``p50``, ``p90``, ``top{q}_mean``, ``seq_mean``, ``tokens``, ``nonfinite``, ``cov_mean``,
+        ``cov_pos_frac``, ``cov_top{k}_share`` (NaN-free; entropy keys absent when no token is valid and finite).
+    """
+    mask = mask.bool()
+    finite = torch.isfinite(entropy) & torch.isfinite(logprobs)
+    if advantages.dim() == 2:
+        finite &= torch.isfinite(advantages)
+    valid = mask & finite
+    out: dict[str, float] = {"nonfinite": float((mask & ~finite).sum()), "tokens": float(valid.sum())}
+    if not bool(valid.any()):
+        return out
+    h = entropy.double()
+    out["mean"] = float(aggregate_loss(torch.where(valid, h, 0.0), valid, agg))
+    values = h[valid].sort().values
+    for q in (0.1, 0.5, 0.9):
+        out[f"p{round(100 * q)}"] = sorted_quantile(values, q)
+    k = max(1, math.ceil(top_fraction * values.numel()))
+    out[f"top{_pct(top_fraction)}_mean"] = float(values[-k:].mean())
+    out["seq_mean"] = float(aggregate_loss(torch.where(valid, h, 0.0), valid, "seq-mean-token-mean"))
+    cov = policy_covariance(torch.where(valid, logprobs.double(), 0.0), advantages.double(), valid)[valid]
+    out["cov_mean"] = float(cov.mean())
+    out["cov_pos_frac"] = float((cov > 0).double().mean())
+    positive = cov.clamp_min(0)
+    total = float(positive.sum())
+    k = max(1, math.ceil(cov_top_fraction * cov.numel()))
+    top = float(positive.topk(k).values.sum())
+    out[f"cov_top{_pct(cov_top_fraction)}_share"] = top / total if total > 0 else 0.0
+    return out
+
+
+def _pearson(x: list[float], y: list[float]) -> float:
+    a = torch.tensor(x, dtype=torch.float64)
+    b = torch.tensor(y, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else float("nan")
+
+
+class PolicyEntropyMonitor(Callback):
+    r"""Logs RL policy entropy, the covariance term and the entropy–reward fit every ``every_n_batches`` batches.
+
+    Reads the tensors ``training_step`` returns (see the module docstring), detached; no hook, no extra forward.
+    Under DDP the batches of all ranks are gathered once per logging batch and every statistic is computed on their
+    concatenation (so 2 ranks report exactly what one process on the union batch would). Nothing runs on batches
+    that do not log.
+
+    Args:
+        every_n_batches: log at training batches ``0, n, 2n, ...`` (a batch is one rollout in
+            :class:`~entrotrain.tasks.GRPOTask`, whatever the number of optimizer steps it takes).
+        agg: the loss-aggregation mode ``mean`` uses: ``"token-mean"``, ``"seq-mean-token-sum"``,
+            ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum-norm"`` (name the one your loss uses).
+        top_fraction: the high-entropy minority reported as ``top{q}_mean`` (0.2: Wang et al.'s 80/20).
+        cov_top_fraction: the top-covariance tokens whose share of the positive covariance is reported.
+        fit_min_points: logged steps needed before ``R = -a exp(H) + b`` is fitted (needs ``rewards``).
+        keys: rename the ``training_step`` output keys, e.g. ``{"mask": "completion_mask"}``. Logical names:
+            ``entropy``, ``logprobs``, ``advantages``, ``mask``, ``rewards``, ``temperature``, ``post_entropy``.
+        log_media: log a histogram of the token entropies when a ``WandbLogger`` is attached (rank zero).
+        prefix: key prefix.
+        print_summary: print the first and last logged values and the fit when training ends (rank zero).
+
+    Raises:
+        EntrotrainError: on invalid arguments, and at the first logging batch when ``training_step`` did not
+            return the tensors (naming the missing keys and the fix).
+    """
+
+    def __init__(
+        self,
+        every_n_batches: int = 1,
+        agg: str = "token-mean",
+        top_fraction: float = 0.2,
+        cov_top_fraction: float = 0.02,
+        fit_min_points: int = 5,
+        keys: dict[str, str] | None = None,
+        log_media: bool = True,
+        prefix: str = "entropy/policy/",
+        print_summary: bool = True,
+    ) -> None:
+        if isinstance(every_n_batches, bool) or not isinstance(every_n_batches, int) or every_n_batches < 1:
+            raise EntrotrainError(f"every_n_batches must be a positive integer, got {every_n_batches!r}.")
+        if agg not in AGG_MODES:
+            raise EntrotrainError(f"agg must be one of {AGG_MODES}, got {agg!r}.")
+        for name, value in (("top_fraction", top_fraction), ("cov_top_fraction", cov_top_fraction)):
+            if not 0.0 < value <= 1.0:
+                raise EntrotrainError(f"{name} is a fraction in (0, 1], got {value!r}.")
+        if fit_min_points < 2:
+            raise EntrotrainError(f"fit_min_points must be at least 2 (a line needs two points), got {fit_min_points}.")
+        unknown = set(keys or {}) - set(_DEFAULT_KEYS)
+        if unknown:
+            raise EntrotrainError(f"unknown keys {sorted(unknown)}: the logical names are {sorted(_DEFAULT_KEYS)}.")
+        self.every_n_batches = every_n_batches
+        self.agg = agg
+        self.top_fraction = top_fraction
+        self.cov_top_fraction = cov_top_fraction
+        self.fit_min_points = fit_min_points
+        self.keys = {**_DEFAULT_KEYS, **(keys or {})}
+        self.log_media = log_media
+        self.prefix = prefix
+        self.print_summary = print_summary
+        self.history: dict[str, list[float]] = {"batch": [], "entropy": [], "reward": [], "cov": []}
+        self.delta_pairs: dict[str, list[float]] = {"cov": [], "delta": []}
+        self.first_logged: dict[str, float] | None = None
+        self.last_logged: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "delta_pairs": self.delta_pairs, "first_logged": self.first_logged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state_dict["history"].items()}
+        self.delta_pairs = {k: list(v) for k, v in state_dict["delta_pairs"].items()}
+        self.first_logged = state_dict.get("first_logged")
+
+    # ------------------------------------------------------------------ read the batch
+    def _tensors(self, outputs: Any) -> dict[str, Any]:
+        required = ("entropy", "logprobs", "advantages", "mask")
+        if not isinstance(outputs, Mapping) or any(self.keys[k] not in outputs for k in required):
+            have = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+            raise EntrotrainError(
+                "PolicyEntropyMonitor reads per-token tensors from what training_step returns, but got "
+                f"{have}. Return a dict with {[self.keys[k] for k in required]} ((B, T) tensors from the rollout's "
+                f"old-policy pass; advantages may be (B,)) and optionally {self.keys['rewards']!r} (B,), or map "
+                "your names with keys={...}."
+            )
+        found = {k: outputs.get(self.keys[k]) for k in self.keys}
+        entropy = found["entropy"]
+        for k in ("logprobs", "mask", "post_entropy"):
+            t = found[k]
+            if t is not None and (not isinstance(t, Tensor) or t.shape != entropy.shape):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise EntrotrainError(
+                    f"PolicyEntropyMonitor: {self.keys[k]!r} has shape {shape}, expected {tuple(entropy.shape)} like "
+                    f"{self.keys['entropy']!r}."
+                )
+        if entropy.dim() != 2:
+            raise EntrotrainError(
+                f"PolicyEntropyMonitor: {self.keys['entropy']!r} must be (B, T), got {tuple(entropy.shape)}; "
+                "reshape sequences to rows."
+            )
+        adv = found["advantages"]
+        if adv.dim() == 1:
+            adv = adv[:, None].expand_as(entropy)
+        if adv.shape != entropy.shape:
+            raise EntrotrainError(
+                f"PolicyEntropyMonitor: {self.keys['advantages']!r} has shape {tuple(adv.shape)}, expected (B,) or "
+                f"{tuple(entropy.shape)}."
+            )
+        found["advantages"] = adv
+        rewards = found["rewards"]
+        if rewards is not None:
+            rewards = torch.as_tensor(rewards).detach().flatten()
+            if rewards.numel() != entropy.shape[0]:
+                raise EntrotrainError(
+                    f"PolicyEntropyMonitor: {self.keys['rewards']!r} needs one reward per sequence "
+                    f"({entropy.shape[0]}), got {rewards.numel()} values."
+                )
+            found["rewards"] = rewards
+        return found
+
+    @staticmethod
+    def _gather_rows(trainer: Trainer, x: Tensor, fill: float | bool) -> Tensor:
+        """Concatenate ``(B_r, T_r)`` (or ``(B_r,)``) tensors of every rank along dim 0, padding T with ``fill``."""
+        if trainer.world_size <= 1:
+            return x
+        strategy = trainer.strategy
+        shape = torch.tensor(list(x.shape) + [0] * (2 - x.dim()), device=x.device)
+        shapes = strategy.all_gather(shape).reshape(-1, 2)
+        max_b, max_t = int(shapes[:, 0].max()), int(shapes[:, 1].max())
+        padded = torch.full((max_b, *((max_t,) if x.dim() == 2 else ())), fill, dtype=x.dtype, device=x.device)
+        padded[tuple(slice(0, s) for s in x.shape)] = x
+        gathered = strategy.all_gather(padded)
+        return torch.cat([gathered[r, : int(shapes[r, 0])] for r in range(gathered.shape[0])])
+
+    # ------------------------------------------------------------------ per batch
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        index = trainer.fit_loop.epoch_loop.total_batch_idx
+        if index % self.every_n_batches:
+            return
+        found = self._tensors(outputs)
+        with torch.no_grad():
+            tensors = {
+                name: self._gather_rows(trainer, found[name].detach(), fill)
+                for name, fill in (("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False))
+            }
+            if found["post_entropy"] is not None:
+                tensors["post_entropy"] = self._gather_rows(trainer, found["post_entropy"].detach(), 0.0)
+            if found["rewards"] is not None:
+                tensors["rewards"] = self._gather_rows(trainer, found["rewards"].double(), 0.0)
+            tensors = {k: v.cpu() for k, v in tensors.items()}  # one device → host transfer per logging batch
+            summary = policy_entropy_summary(
+                tensors["entropy"],
+                tensors["logprobs"],
+                tensors["advantages"],
+                tensors["mask"],
+                agg=self.agg,
+                top_fraction=self.top_fraction,
+                cov_top_fraction=self.cov_top_fraction,
+            )
+        if summary["nonfinite"] > 0:
+            rank_zero_warn(
+                f"PolicyEntropyMonitor: {int(summary['nonfinite'])} response tokens had NaN/Inf entropy or log-prob "
+                f"at batch {index}; they are counted in {self.prefix}nonfinite and left out of every statistic."
+            )
+        if "mean" not in summary:
+            rank_zero_warn(f"PolicyEntropyMonitor: batch {index} has no valid response token; nothing to log.")
+            return
+        temperature = found["temperature"]
+        if temperature is not None:
+            summary["temperature"] = float(temperature)
+        self._dynamics(summary, tensors)
+        if "rewards" in tensors:
+            self._reward_fit(summary, tensors["rewards"])
+        metrics = {self.prefix + k: v for k, v in summary.items()}
+        self.last_logged = {"batch": float(index), **summary}
+        if self.first_logged is None:
+            self.first_logged = dict(self.last_logged)
+        step = publish_scalars(trainer, pl_module, metrics)
+        record_media(trainer, f"{self.prefix}hist", tensors["entropy"][tensors["mask"].bool()], step, kind="histogram")
+        if self.log_media and trainer.is_global_zero:
+            self._log_media(trainer, tensors["entropy"][tensors["mask"].bool()], step)
+
+    def _dynamics(self, summary: dict[str, float], tensors: dict[str, Tensor]) -> None:
+        """Realised ΔH beside the covariance prediction ``-η̂·Cov`` (η̂ fitted on earlier intervals only)."""
+        pairs = self.delta_pairs
+        if "post_entropy" in tensors:  # the change this batch's own updates made: pairs with this batch's Cov
+            mask = tensors["mask"].bool() & torch.isfinite(tensors["post_entropy"]) & torch.isfinite(tensors["entropy"])
+            after = float(aggregate_loss(torch.where(mask, tensors["post_entropy"].double(), 0.0), mask, self.agg))
+            delta, cov = after - summary["mean"], summary["cov_mean"]
+        elif self.history["entropy"]:  # the change since the last logged batch: pairs with that batch's Cov
+            delta, cov = summary["mean"] - self.history["entropy"][-1], self.history["cov"][-1]
+        else:
+            delta = cov = None
+        if delta is not None:
+            summary["delta"] = delta
+            x = torch.tensor(pairs["cov"], dtype=torch.float64)
+            y = torch.tensor(pairs["delta"], dtype=torch.float64)
+            sxx = float((x * x).sum())
+            if len(pairs["cov"]) >= 2 and sxx > 0:  # least squares through the origin: ΔH = -η Cov
+                eta = -float((x * y).sum()) / sxx
+                summary["eta_eff"] = eta
+                summary["delta_predicted"] = -eta * cov
+            pairs["cov"].append(cov)
+            pairs["delta"].append(delta)
+            if len(pairs["cov"]) >= 3:
+                corr = _pearson([-c for c in pairs["cov"]], pairs["delta"])
+                if math.isfinite(corr):
+                    summary["delta_corr"] = corr
+        self.history["entropy"].append(summary["mean"])
+        self.history["cov"].append(summary["cov_mean"])
+
+    def _reward_fit(self, summary: dict[str, float], rewards: Tensor) -> None:
+        reward = float(rewards.double().mean())
+        summary["reward_mean"] = reward
+        self.history["reward"].append(reward)
+        points = [(h, r) for h, r in zip(self.history["entropy"], self.history["reward"]) if math.isfinite(r)]
+        if len(points) < self.fit_min_points:
+            return
+        h, r = zip(*points)
+        try:
+            fit = fit_entropy_reward(list(h), list(r))
+        except EntrotrainError:  # all entropies equal so far: no slope yet
+            return
+        summary.update({"fit_a": fit.a, "fit_b": fit.b, "fit_ceiling": fit.ceiling})
+        if math.isfinite(fit.r2):
+            summary["fit_r2"] = fit.r2
+
+    def _log_media(self, trainer: Trainer, values: Tensor, step: int) -> None:
+        from entrotrain.dashboards.wandb_media import histogram, wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        if not loggers or values.numel() == 0:
+            return
+        finite = values[torch.isfinite(values)]
+        top = max(1e-6, float(finite.max())) if finite.numel() else 1.0
+        media = {f"{self.prefix}hist": histogram(values, bins=30, range_=(0.0, top)), "trainer/global_step": step}
+        for logger in loggers:
+            logger.experiment.log(media)
+
+    # ------------------------------------------------------------------ end of run
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.print_summary and self.first_logged is not None and trainer.is_global_zero:
+            print(self.summary_table())
+
+    def summary_table(self) -> str:
+        """The first and last logged values (and the latest entropy–reward fit) as a small text table."""
+        lines = [
+            "policy entropy (nats, " + self.agg + ")",
+            "  batch   entropy   p10     p90     cov_mean   reward",
+        ]
+        rows = [self.first_logged, self.last_logged] if self.last_logged != self.first_logged else [self.first_logged]
+        nan = float("nan")
+        for row in rows:
+            assert row is not None
+            lines.append(
+                f"  {int(row['batch']):<6d}  {row.get('mean', nan):.4f}    {row.get('p10', nan):.3f}   "
+                f"{row.get('p90', nan):.3f}   {row.get('cov_mean', nan):+.4f}    {row.get('reward_mean', nan):.3f}"
+            )
+        if "fit_a" in self.last_logged:
+            last = self.last_logged
+            lines.append(
+                f"  fit R = -a·exp(H) + b: a = {last['fit_a']:.4f}, b = {last['fit_b']:.4f}, "
+                f"ceiling b - a = {last['fit_ceiling']:.4f} (R² = {last.get('fit_r2', nan):.3f})"
+            )
+        return "\n".join(lines)

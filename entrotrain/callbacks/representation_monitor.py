@@ -1,0 +1,569 @@
+r"""Per-layer representation entropy / rank, live in a Lightning ``Trainer``.
+
+Garrido et al. (2023, RankMe), Roy & Vetterli (2007, effective rank), Wei et al. (2024, matrix entropy),
+Friedman & Dieng (2023, Vendi), Liao et al. (2023, diffusion spectral entropy and mutual information): how many
+directions a layer's representation really uses. A falling rank is the signature of representation collapse (e.g.
+SimSiam without stop-gradient); DSE / DSMI trace how a classifier's layers compress and organise by class.
+
+Modules are chosen by name glob and watched with :class:`~entrotrain.taps.ActivationTap` forward hooks that are
+installed only while a logging step (``stage="train"``) or the probe batches of a validation run (``stage="validation"``)
+go through the model; captured activations are detached copies, subsampled deterministically (evenly spaced batch
+rows and tokens / patches), and no RNG is touched, so training is bit-for-bit the same with the monitor on.
+
+Two kinds of statistics, so that values are comparable across steps and ranks:
+
+* **streamed** (``rankme``, ``effective_rank``, ``vendi`` with the cosine or linear kernel): float64
+  :class:`~entrotrain.functional.covariance.CovarianceAccumulator` sums of every captured row — exact over all
+  micro-batches of the step and, under DDP, over all ranks (equal to one process on the union batch);
+* **sampled** (``matrix_entropy``, ``matrix_entropy_normalized``, ``matrix_erank``, ``nuclear_norm``, ``dse``,
+  ``dsmi``, RBF ``vendi``): a seeded :class:`~entrotrain.taps.Reservoir` of ``max_samples`` rows (its own generator,
+  so the same probe set gives the same rows), computed at a fixed ``n``.
+
+Both are all-reduced across DDP ranks in **one** collective per logging step (the reservoirs travel in rank slots of
+the same float64 buffer); the union of the ranks' reservoirs is cut back to ``max_samples`` evenly spaced rows.
+
+Logged keys (``{p}`` = ``prefix``, default ``entropy/repr``; ``{layer}`` = module name as in ``named_modules()``):
+
+========================================  ==========================================================================
+``{p}/{layer}/{measure}``                 the measure (names of :data:`REPRESENTATION_MEASURES`, plus ``dsmi``)
+``{p}/{layer}/n``, ``/d``                 rows of the sample the sampled measures used, and feature dimension
+``{p}/{layer}/n_streamed``                rows in the streamed (covariance) statistics
+``{p}/{layer}/dse_sigma``, ``/dse_t``     DSE / DSMI kernel width σ and diffusion time t (when measured)
+``{p}/{layer}/vendi_q``                   Vendi order q (when measured); ``rankme_eps`` likewise
+``{p}/{layer}/median_dist``               median pairwise distance of the sample (audit σ; when DSE/DSMI measured)
+``{p}/{layer}/spectrum`` (wandb)          line chart of ``log10`` eigenvalue shares of the (centred) covariance
+========================================  ==========================================================================
+
+Memory: two ``d × d`` float64 matrices per layer (one with the cosine ``vendi``) between the first capture and the
+end of a logging step, plus the reservoir. Under DDP every rank must capture the same layers (same model and
+forward), since the statistics travel in one buffer of a fixed layout. Activation checkpointing re-runs forwards:
+a recomputed module is captured twice (the rows count double in the streamed statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.dashboards.run_record import record_media
+from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional.covariance import CovarianceAccumulator
+from entrotrain.functional.representation import (
+    REPRESENTATION_MEASURES,
+    diffusion_spectral_mutual_information,
+    median_pairwise_distance,
+)
+from entrotrain.taps.activation_tap import ActivationTap, Capture
+from entrotrain.taps.reservoir import Reservoir
+from entrotrain.taps.sampling import check_budget, evenly_spaced
+
+__all__ = ["RepresentationEntropyMonitor", "STREAMED_MEASURES"]
+
+#: Measures computed exactly from streamed float64 covariance statistics (all rows of the step, all ranks).
+STREAMED_MEASURES = ("rankme", "effective_rank", "vendi")
+_EXTRA_MEASURES = ("dsmi",)
+_KERNEL_MEASURES = ("dse", "dsmi")
+
+
+class _Layer:
+    """Per-layer state of one logging window: raw / row-normalised accumulators and a reservoir."""
+
+    def __init__(self, dim: int, device: torch.device, normalized: bool, capacity: int, seed: int) -> None:
+        self.dim = dim
+        self.raw = CovarianceAccumulator(dim, device=device)
+        self.unit = CovarianceAccumulator(dim, normalize_rows=True, device=device) if normalized else None
+        self.reservoir = Reservoir(capacity, seed=seed)
+
+
+class RepresentationEntropyMonitor(Callback):
+    r"""Logs rank / entropy measures of chosen layers' representations, with ``n``, ``d`` and parameters beside.
+
+    Args:
+        include: glob patterns of module names to watch (``["model.backbone", "model.layers.*"]``); ``"*"`` = every
+            module but containers.
+        exclude: glob patterns of module names to skip.
+        measures: names from :data:`entrotrain.functional.representation.REPRESENTATION_MEASURES` (``rankme``,
+            ``effective_rank``, ``matrix_entropy``, ``matrix_entropy_normalized``, ``matrix_erank``, ``vendi``,
+            ``dse``, ``nuclear_norm``) and ``dsmi`` (diffusion spectral mutual information with the batch labels).
+        every_n_steps: with ``stage="train"``, log at optimizer steps ``0, n, 2n, ...``.
+        stage: ``"train"`` (the training batches of logging steps, all micro-batches) or ``"validation"`` (the first
+            ``probe_batches`` validation batches, a fixed probe set, at every validation run — including the sanity
+            check when it covers the probe set, which gives a step-0 value).
+        max_samples: rows kept (seeded reservoir) for the sampled measures; fixes their ``n``.
+        max_rows: batch rows captured per call (evenly spaced); ``None`` = all.
+        max_tokens: tokens / patches captured per sample of ``(B, T, C)`` / ``(B, C, H, W)`` outputs (evenly
+            spaced); ``None`` = all.
+        dse_sigma: Gaussian kernel width σ of DSE / DSMI (absolute: it depends on the activation scale).
+        dse_t: diffusion time t of DSE / DSMI.
+        vendi_q: order q of the Vendi score.
+        vendi_kernel: ``"cosine"`` or ``"linear"`` (streamed, exact) or ``"rbf"`` (sampled, width ``dse_sigma``).
+        rankme_eps: RankMe's ε.
+        dsmi_repetitions: random subsets per class in DSMI.
+        label_index: where the labels are in a batch (index of a tuple/list batch or key of a dict batch), for DSMI.
+        probe_batches: with ``stage="validation"``, how many validation batches form the probe set (``None`` = all).
+        log_spectrum: log each layer's covariance eigenvalue spectrum as a wandb chart (rank zero).
+        output_index: element read from tuple/list module outputs.
+        seed: reservoir seed.
+        prefix: key prefix.
+        print_summary: print the first and last values of every layer and measure when training ends (rank zero).
+
+    Raises:
+        EntrotrainError: on invalid arguments; when no module matches (at setup).
+        TapError: when a matched module returns no tensor, or a logging step captures nothing.
+
+    Example::
+
+        trainer = Trainer(callbacks=[RepresentationEntropyMonitor(include=["model.backbone"], every_n_steps=100)])
+    """
+
+    def __init__(
+        self,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        measures: Sequence[str] = ("rankme", "effective_rank", "matrix_entropy"),
+        every_n_steps: int = 50,
+        stage: Literal["train", "validation"] = "train",
+        max_samples: int = 512,
+        max_rows: int | None = None,
+        max_tokens: int | None = 16,
+        dse_sigma: float = 10.0,
+        dse_t: int = 1,
+        vendi_q: float = 1.0,
+        vendi_kernel: Literal["cosine", "linear", "rbf"] = "cosine",
+        rankme_eps: float = 1e-7,
+        dsmi_repetitions: int = 5,
+        label_index: int | str | None = 1,
+        probe_batches: int | None = None,
+        log_spectrum: bool = True,
+        output_index: int = 0,
+        seed: int = 0,
+        prefix: str = "entropy/repr",
+        print_summary: bool = True,
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise EntrotrainError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        if stage not in ("train", "validation"):
+            raise EntrotrainError(f"stage must be 'train' or 'validation', got {stage!r}.")
+        measures = list(measures)
+        known = sorted(REPRESENTATION_MEASURES) + list(_EXTRA_MEASURES)
+        unknown = [m for m in measures if m not in known]
+        if unknown or not measures:
+            raise EntrotrainError(f"unknown representation measure(s) {unknown or measures}; choose from {known}.")
+        if len(set(measures)) != len(measures):
+            raise EntrotrainError(f"measures lists a name twice: {measures}.")
+        check_budget(max_samples, "max_samples")
+        if max_samples < 2:
+            raise EntrotrainError(f"max_samples must be at least 2 (a spectrum needs 2 rows), got {max_samples}.")
+        check_budget(max_rows, "max_rows")
+        check_budget(max_tokens, "max_tokens")
+        check_budget(probe_batches, "probe_batches")
+        check_budget(dsmi_repetitions, "dsmi_repetitions")
+        if not (isinstance(dse_sigma, (int, float)) and dse_sigma > 0):
+            raise EntrotrainError(f"dse_sigma must be > 0, got {dse_sigma!r}.")
+        if isinstance(dse_t, bool) or not isinstance(dse_t, int) or dse_t < 1:
+            raise EntrotrainError(f"dse_t must be a positive integer (diffusion steps), got {dse_t!r}.")
+        if not (isinstance(vendi_q, (int, float)) and vendi_q >= 0):
+            raise EntrotrainError(f"vendi_q must be >= 0, got {vendi_q!r}.")
+        if vendi_kernel not in ("cosine", "linear", "rbf"):
+            raise EntrotrainError(f"vendi_kernel must be 'cosine', 'linear' or 'rbf', got {vendi_kernel!r}.")
+        if not 0 <= rankme_eps < 1:
+            raise EntrotrainError(f"rankme_eps must be in [0, 1), got {rankme_eps!r}.")
+        if "dsmi" in measures and label_index is None:
+            raise EntrotrainError("measure 'dsmi' needs labels: set label_index to where the batch holds them.")
+        self.include = list(include) if include is not None else ["*"]
+        self.exclude = list(exclude) if exclude is not None else []
+        self.measures = measures
+        self.every_n_steps = every_n_steps
+        self.stage = stage
+        self.max_samples = max_samples
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.dse_sigma = float(dse_sigma)
+        self.dse_t = dse_t
+        self.vendi_q = float(vendi_q)
+        self.vendi_kernel = vendi_kernel
+        self.rankme_eps = float(rankme_eps)
+        self.dsmi_repetitions = dsmi_repetitions
+        self.label_index = label_index
+        self.probe_batches = probe_batches
+        self.log_spectrum = log_spectrum
+        self.output_index = output_index
+        self.seed = seed
+        self.prefix = prefix.rstrip("/")
+        self.print_summary = print_summary
+        self.tap: ActivationTap | None = None
+        self.layers: dict[str, _Layer] = {}
+        self.last_logged: dict[str, float] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.spectra: dict[str, Tensor] = {}
+        self._window_step: int | None = None
+        self._probing = False
+        self._labels: Tensor | None = None
+        self._warned_missing = False
+        self._deferred: dict[str, float] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude, prefix=self.prefix, stage=self.stage)
+
+    # ------------------------------------------------------------------ which statistic feeds which measure
+    def _streamed(self, measure: str) -> bool:
+        return measure in STREAMED_MEASURES and not (measure == "vendi" and self.vendi_kernel == "rbf")
+
+    @property
+    def _needs_sample(self) -> bool:
+        return any(not self._streamed(m) for m in self.measures)
+
+    @property
+    def _needs_labels(self) -> bool:
+        return "dsmi" in self.measures
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.log_spectrum and trainer.is_global_zero:
+            from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
+
+            setup_wandb_dashboard(trainer.loggers)
+        if self.tap is None:
+            self.tap = ActivationTap(
+                pl_module,
+                include=self.include,
+                exclude=self.exclude,
+                max_rows=self.max_rows,
+                max_tokens=self.max_tokens,
+                output_index=self.output_index,
+                on_capture=self._consume,
+            )
+
+    def _release(self) -> None:
+        if self.tap is not None:
+            self.tap.disarm()
+        self._window_step = None
+        self._probing = False
+        self._labels = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._release()
+        if self.print_summary and self.history and trainer.is_global_zero:
+            print(self.summary_table())
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    # ------------------------------------------------------------------ capture
+    def _begin_window(self) -> None:
+        self.layers = {}
+
+    def _set_labels(self, batch: Any) -> None:
+        if not self._needs_labels:
+            return
+        try:
+            labels = batch[self.label_index]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError) as e:
+            raise EntrotrainError(
+                f"measure 'dsmi' reads labels from batch[{self.label_index!r}], which failed ({e}); set label_index "
+                "to the index (tuple batch) or key (dict batch) of the labels."
+            ) from None
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise EntrotrainError(
+                f"batch[{self.label_index!r}] must be a 1-D integer tensor of class labels for 'dsmi', got "
+                f"{type(labels).__name__} {tuple(getattr(labels, 'shape', ()))}."
+            )
+        self._labels = labels.detach()
+
+    def _consume(self, name: str, capture: Capture) -> None:
+        rows = capture.rows
+        layer = self.layers.get(name)
+        if layer is None:
+            layer = self.layers[name] = _Layer(
+                rows.shape[1],
+                rows.device,
+                normalized="vendi" in self.measures and self.vendi_kernel == "cosine",
+                capacity=self.max_samples,
+                seed=self.seed,
+            )
+        if rows.shape[1] != layer.dim:
+            raise TapError(
+                f"module {name!r} produced {rows.shape[1]} features after {layer.dim} earlier in the same step; a "
+                "module called on differently shaped inputs cannot be pooled. Include a fixed-width module instead."
+            )
+        layer.raw.update(rows)
+        if layer.unit is not None:
+            layer.unit.update(rows)
+        if self._needs_sample:
+            labels = None
+            if self._needs_labels and self._labels is not None:
+                if len(capture.sample) and int(capture.sample.max()) >= len(self._labels):
+                    raise TapError(
+                        f"module {name!r} saw a batch of {int(capture.sample.max()) + 1} rows but the batch holds "
+                        f"{len(self._labels)} labels (e.g. two augmented views stacked): 'dsmi' cannot pair rows with "
+                        "labels there. Measure dsmi on a module that sees the labelled batch, or drop 'dsmi'."
+                    )
+                labels = self._labels.to(capture.sample.device)[capture.sample]
+            layer.reservoir.add(rows, labels)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._deferred is not None:
+            metrics, self._deferred = self._deferred, None
+            self._publish(trainer, pl_module, metrics)
+        if self.stage != "train" or self.tap is None or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        if self._window_step != step:  # first micro-batch of this optimizer step
+            self._begin_window()
+            self._window_step = step
+        self._set_labels(batch)
+        self.tap.arm()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.tap is None or self._window_step is None:
+            return
+        self.tap.disarm()
+        if trainer.global_step > self._window_step:  # the optimizer stepped: the window is complete
+            step = self._window_step
+            self._window_step = None
+            self._flush(trainer, pl_module, step)
+
+    def _probe_covered_by_sanity_check(self, trainer: Trainer) -> bool:
+        full = trainer.num_val_batches[0] if trainer.num_val_batches else 0
+        probe = min(self.probe_batches or math.inf, full)
+        sanity = trainer.num_sanity_val_batches[0] if trainer.num_sanity_val_batches else 0
+        return probe > 0 and sanity >= probe
+
+    def _last_probe_batch(self, trainer: Trainer) -> int:
+        """Index of the last validation batch of the probe set in the running loop."""
+        batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        available = batches[0] if batches else 0
+        probe = min(self.probe_batches or math.inf, available)
+        if math.isinf(probe):
+            raise EntrotrainError(
+                "RepresentationEntropyMonitor(stage='validation') over a validation set of unknown length: set "
+                "probe_batches to the number of validation batches that form the probe set."
+            )
+        return int(probe) - 1
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.stage != "validation" or self.tap is None:
+            return
+        if trainer.sanity_checking and not self._probe_covered_by_sanity_check(trainer):
+            return
+        self._begin_window()
+        self._probing = True
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._probing or self.tap is None or dataloader_idx != 0:
+            return
+        if batch_idx > self._last_probe_batch(trainer):
+            return
+        self._set_labels(batch)
+        self.tap.arm()
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.tap is not None:
+            self.tap.disarm()
+        if self._probing and dataloader_idx == 0 and batch_idx == self._last_probe_batch(trainer):
+            # flushed here, not at epoch end: Lightning allows step-level logging only from batch hooks
+            self._probing = False
+            self._flush(trainer, pl_module, trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._probing = False
+
+    # ------------------------------------------------------------------ reduce
+    def _reduce(self, trainer: Trainer) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """One SUM all-reduce of every layer's statistics and reservoir (rank slots); returns the union samples."""
+        names = sorted(self.layers)
+        world, rank = trainer.world_size, trainer.global_rank
+        parts: list[Tensor] = []
+        for name in names:
+            layer = self.layers[name]
+            for acc in (layer.raw, layer.unit):
+                if acc is not None:
+                    parts.extend(t.reshape(-1) for t in acc.state())
+            if self._needs_sample:
+                rows, labels = layer.reservoir.rows, layer.reservoir.labels
+                slots = torch.zeros(world, self.max_samples, layer.dim + 1, dtype=torch.float64, device=layer.raw.sum.device)
+                count = torch.zeros(world, dtype=torch.float64, device=slots.device)
+                if rows is not None:
+                    slots[rank, : len(rows), : layer.dim] = rows.to(slots)
+                    if labels is not None:
+                        slots[rank, : len(rows), layer.dim] = labels.to(slots)
+                    count[rank] = len(rows)
+                parts.extend([count, slots.reshape(-1)])
+        flat = torch.cat(parts)
+        if world > 1:  # every rank captured the same layers (same model, same forward): same layout
+            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        samples: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+        offset = 0
+
+        def take(shape: tuple[int, ...]) -> Tensor:
+            nonlocal offset
+            size = math.prod(shape)
+            out = flat[offset : offset + size].reshape(shape)
+            offset += size
+            return out
+
+        for name in names:
+            layer = self.layers[name]
+            d = layer.dim
+            for acc in (layer.raw, layer.unit):
+                if acc is not None:
+                    acc.load_state([take(()), take((d,)), take((d, d))])
+            if self._needs_sample:
+                count = take((world,)).round().long()
+                slots = take((world, self.max_samples, d + 1))
+                union = torch.cat([slots[r, : int(count[r])] for r in range(world)])
+                idx = evenly_spaced(len(union), self.max_samples, device=union.device)
+                if idx is not None:
+                    union = union[idx]
+                labels = union[:, d].round().long() if self._needs_labels else None
+                samples[name] = (union[:, :d], labels)
+            else:
+                samples[name] = (None, None)
+        return samples
+
+    # ------------------------------------------------------------------ compute and log
+    def _measure(self, name: str, measure: str, layer: _Layer, x: Tensor | None, y: Tensor | None) -> float | None:
+        if self._streamed(measure):
+            if float(layer.raw.count) < 2:
+                return None
+            if measure == "rankme":
+                return float(layer.raw.rankme(eps=self.rankme_eps))
+            if measure == "effective_rank":
+                return float(layer.raw.effective_rank())
+            acc = layer.unit if self.vendi_kernel == "cosine" else layer.raw
+            assert acc is not None
+            return float(acc.vendi_score(self.vendi_q))
+        if x is None or len(x) < 2:
+            return None
+        if measure == "dsmi":
+            if y is None:
+                return None
+            return float(
+                diffusion_spectral_mutual_information(
+                    x, y, sigma=self.dse_sigma, t=self.dse_t, n_repetitions=self.dsmi_repetitions, seed=self.seed
+                )
+            )
+        spec = REPRESENTATION_MEASURES[measure]
+        overrides: dict[str, Any] = {}
+        if measure == "dse":
+            overrides = {"sigma": self.dse_sigma, "t": self.dse_t, "max_n": None}
+        elif measure == "vendi":
+            overrides = {"q": self.vendi_q, "kernel": "rbf", "sigma": self.dse_sigma}
+        elif measure == "rankme":
+            overrides = {"eps": self.rankme_eps}
+        return float(spec(x, **overrides))
+
+    def _params(self, name: str, layer: _Layer, x: Tensor | None) -> dict[str, float]:
+        key = f"{self.prefix}/{name}"
+        out = {f"{key}/d": float(layer.dim), f"{key}/n_streamed": float(layer.raw.count)}
+        if x is not None:
+            out[f"{key}/n"] = float(len(x))
+        if any(m in _KERNEL_MEASURES for m in self.measures) or (
+            "vendi" in self.measures and self.vendi_kernel == "rbf"
+        ):
+            out[f"{key}/dse_sigma"] = self.dse_sigma
+            out[f"{key}/dse_t"] = float(self.dse_t)
+            if x is not None and len(x) >= 2:
+                out[f"{key}/median_dist"] = float(median_pairwise_distance(x))
+        if "vendi" in self.measures:
+            out[f"{key}/vendi_q"] = self.vendi_q
+        if "rankme" in self.measures:
+            out[f"{key}/rankme_eps"] = self.rankme_eps
+        return out
+
+    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        if not self.layers:
+            assert self.tap is not None
+            raise TapError(
+                f"RepresentationEntropyMonitor captured nothing at step {step}: none of the modules {self.tap.names[:8]} "
+                "ran forward during the captured batches. Include modules that the training/validation step calls."
+            )
+        if not self._warned_missing and self.tap is not None:
+            missing = [n for n in self.tap.names if n not in self.layers]
+            if missing:
+                rank_zero_warn(f"RepresentationEntropyMonitor: modules {missing[:8]} matched but never ran forward.")
+            rank_zero_info("RepresentationEntropyMonitor layers: " + ", ".join(sorted(self.layers)))
+            self._warned_missing = True
+        samples = self._reduce(trainer)
+        metrics: dict[str, float] = {}
+        self.spectra = {}
+        with torch.no_grad():
+            for name in sorted(self.layers):
+                layer = self.layers[name]
+                x, y = samples[name]
+                for measure in self.measures:
+                    value = self._measure(name, measure, layer, x, y)
+                    if value is not None:
+                        metrics[f"{self.prefix}/{name}/{measure}"] = value
+                metrics.update(self._params(name, layer, x))
+                if self.log_spectrum and float(layer.raw.count) >= 2:
+                    self.spectra[name] = layer.raw.spectrum(centered=True).cpu()
+        self.layers = {}  # free the d×d statistics until the next logging step
+        self.last_logged = metrics
+        self.history.append((step, metrics))
+        if trainer.sanity_checking:
+            # Lightning clears logged metrics after the sanity check: publish at the first training batch (step 0)
+            self._deferred = metrics
+            return
+        self._publish(trainer, pl_module, metrics)
+
+    def _publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        published_at = publish_scalars(trainer, pl_module, metrics)
+        for name, eigs in self.spectra.items():  # the offline report's spectra (no-op without a run record)
+            record_media(trainer, f"{self.prefix}/{name}/spectrum", eigs, published_at, kind="spectrum")
+        if self.log_spectrum and trainer.is_global_zero:
+            self._log_media(trainer, published_at)
+
+    def _log_media(self, trainer: Trainer, step: int) -> None:
+        from entrotrain.dashboards.wandb_media import wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        if not loggers or not self.spectra:
+            return
+        from entrotrain.dashboards.spectrum_plot import spectrum_plot
+
+        media = {
+            f"{self.prefix}/{name}/spectrum": spectrum_plot(eigs, title=f"{name}: covariance eigenvalue shares (log10)")
+            for name, eigs in self.spectra.items()
+        }
+        for logger in loggers:
+            logger.experiment.log({**media, "trainer/global_step": step})
+
+    # ------------------------------------------------------------------ summary
+    def summary_table(self) -> str:
+        """The first and last logged value of every layer × measure as a small text table."""
+        (first_step, first), (last_step, last) = self.history[0], self.history[-1]
+        layers = sorted({k[len(self.prefix) + 1 :].rsplit("/", 1)[0] for k in last if k.startswith(self.prefix)})
+        width = max([len(n) for n in layers] + [5])
+        lines = [
+            f"representation entropy ({self.stage}, step {first_step} -> step {last_step})",
+            f"  {'layer':<{width}}  {'measure':<26} {'first':>10} {'last':>10}   ratio",
+        ]
+        for name in layers:
+            for measure in self.measures:
+                key = f"{self.prefix}/{name}/{measure}"
+                if key in first and key in last:
+                    a, b = first[key], last[key]
+                    ratio = f"{b / a:6.2f}x" if a not in (0.0,) and math.isfinite(a) else "   -"
+                    lines.append(f"  {name:<{width}}  {measure:<26} {a:10.4f} {b:10.4f}  {ratio}")
+        return "\n".join(lines)

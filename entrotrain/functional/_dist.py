@@ -1,0 +1,57 @@
+"""Small ``torch.distributed`` helpers for the policy losses: no-ops (identity) when no process group is up."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["all_gather_varlen", "all_reduce_max", "all_reduce_sum", "dist_ready", "gather_rows", "world"]
+
+
+def dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)``; ``(0, 1)`` without a process group."""
+    if not dist_ready():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over ranks (a new tensor, no autograd)."""
+    x = x.detach().clone()
+    if dist_ready():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    x = x.detach().clone()
+    if dist_ready():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """``all_gather`` of a same-shaped tensor: ``(world, *x.shape)``."""
+    if not dist_ready():
+        return x.detach()[None]
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.stack(parts)
+
+
+def all_gather_varlen(x: Tensor) -> Tensor:
+    """Concatenate the 1-D tensors of every rank, in rank order (lengths may differ)."""
+    if not dist_ready():
+        return x.detach()
+    n = torch.tensor([x.numel()], dtype=torch.int64, device=x.device)
+    sizes = gather_rows(n).reshape(-1)
+    longest = int(sizes.max())
+    padded = torch.zeros(longest, dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x.detach().reshape(-1)
+    parts = gather_rows(padded)
+    return torch.cat([parts[r, : int(sizes[r])] for r in range(parts.shape[0])])

@@ -1,0 +1,185 @@
+r"""Fused output head: per-token entropy and log-probabilities straight from hidden states, logits never whole.
+
+For hidden states :math:`h \in \mathbb{R}^{N \times D}`, the output head :math:`W \in \mathbb{R}^{V \times D}`
+(optional bias :math:`b`) and temperature :math:`T`, with :math:`z = (h W^\top + b)/T` and :math:`p =
+\mathrm{softmax}(z)`:
+
+.. math::
+
+    H = \operatorname{lse}(z) - E_p[z], \qquad \log \pi(y) = z_y - \operatorname{lse}(z)
+
+computed ``chunk_size`` rows at a time, so at most one ``(chunk_size, V)`` block of logits exists (float32).
+The backward recomputes each block (verl's ``FusedLinearForPPO`` idea) and applies, per row,
+
+.. math::
+
+    \frac{\partial L}{\partial z} = g_H\,\big(-p \odot (z - E_p[z])\big) + g_{\log\pi}\,(\mathbf{1}_y - p),
+
+then divides by :math:`T` and maps through the head: :math:`\nabla h = \delta W`, :math:`\nabla W = \delta^\top h`,
+:math:`\nabla b = \sum_i \delta_i`. A Triton version with the same signature lives in ``entrotrain.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.policy import TokenStats
+
+__all__ = ["DEFAULT_HEAD_CHUNK", "linear_entropy_and_logprobs"]
+
+#: Rows per block: ``DEFAULT_HEAD_CHUNK × V`` float32 logits at a time (verl's FusedLinearForPPO uses 512 too).
+DEFAULT_HEAD_CHUNK = 512
+
+
+def _block(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float, acc: torch.dtype) -> Tensor:
+    z = hidden @ weight.t()  # a fresh block: every later step is in place, one (rows, V) block in all
+    if bias is not None:
+        z.add_(bias)
+    z = z.to(acc)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+class _LinearEntropyLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor | None, temperature: float, rows: int
+    ) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        entropy = torch.empty(n, dtype=acc, device=hidden.device)
+        logprobs = torch.zeros(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        mean = torch.empty(n, dtype=acc, device=hidden.device)
+        safe = None if labels is None else labels.clamp_min(0)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            z = _block(hidden[start:stop], weight, bias, temperature, acc)
+            m = z.amax(dim=-1, keepdim=True)
+            z.sub_(m)  # centred in place: z - m
+            e = torch.exp(z)
+            l = e.sum(dim=-1)
+            t = (e.mul_(z)).sum(dim=-1) / l  # E_p[z - m]
+            log_l = torch.log(l)
+            entropy[start:stop] = log_l - t
+            m = m.squeeze(-1)
+            lse[start:stop] = m + log_l
+            mean[start:stop] = m + t
+            if safe is not None:
+                logprobs[start:stop] = z.gather(-1, safe[start:stop, None]).squeeze(-1) - log_l
+            del z, e  # free this block before the next one is computed
+        if labels is not None:
+            logprobs = torch.where(labels >= 0, logprobs, torch.zeros((), dtype=acc, device=hidden.device))
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, mean)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.mark_non_differentiable(*(() if labels is not None else (logprobs,)))
+        return entropy, logprobs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_entropy: Tensor | None, grad_logprobs: Tensor | None):  # type: ignore[override]
+        hidden, weight, bias, labels, lse, mean = ctx.saved_tensors
+        acc = lse.dtype
+        n = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        use_lp = grad_logprobs is not None and labels is not None
+        if use_lp:
+            valid_lab = labels >= 0
+            safe = labels.clamp_min(0)
+            g_lp = torch.where(valid_lab, grad_logprobs.to(acc), torch.zeros((), dtype=acc, device=lse.device))
+        for start in range(0, n, ctx.rows):
+            stop = min(start + ctx.rows, n)
+            # two (rows, V) blocks in all: z (reused for delta) and p, every later step in place
+            z = _block(hidden[start:stop], weight, bias, ctx.temperature, acc)
+            p = torch.sub(z, lse[start:stop, None]).exp_()
+            if grad_entropy is not None:
+                # dH/dz = -p (z - E_p[z])
+                delta = z.sub_(mean[start:stop, None]).mul_(p).mul_(-grad_entropy[start:stop, None].to(acc))
+                if use_lp:
+                    delta.sub_(p.mul_(g_lp[start:stop, None]))
+            elif use_lp:
+                delta = p.mul_(-g_lp[start:stop, None])
+            else:
+                delta = z.zero_()
+            if use_lp:  # dlogp/dz = onehot - p
+                delta.scatter_add_(-1, safe[start:stop, None], g_lp[start:stop, None])
+            if ctx.temperature != 1.0:
+                delta.div_(ctx.temperature)
+            d = delta.to(hidden.dtype)
+            if need_h:
+                grad_h[start:stop] = d @ weight
+            if need_w:
+                if d.dtype == acc:
+                    grad_w.addmm_(d.t(), hidden[start:stop])
+                else:
+                    grad_w += (d.t() @ hidden[start:stop]).to(acc)
+            if need_b:
+                grad_b += delta.sum(dim=0)
+            del z, p, delta, d  # free this block before the next one is computed
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def linear_entropy_and_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_HEAD_CHUNK,
+    impl: str = "auto",
+) -> TokenStats:
+    r"""Per-token entropy and log-probabilities of ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``(N, D)`` hidden states (packed valid tokens), any floating dtype.
+        weight: ``(V, D)`` output-head (``lm_head``) weight, same dtype as ``hidden``.
+        labels: optional ``(N,)`` token ids; negative ids give log-prob 0 and no gradient.
+        bias: optional ``(V,)``.
+        temperature: :math:`T > 0`.
+        chunk_size: rows per block; at most ``chunk_size × V`` float32 logits exist at once, forward and backward.
+        impl: ``"auto"`` (the fused Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is
+            installed, this chunked torch path otherwise), ``"torch"`` or ``"triton"``; ``ENTROTRAIN_IMPL`` overrides.
+
+    Returns:
+        :class:`~entrotrain.functional.TokenStats` ``(entropy (N,), logprobs (N,) or None)``, float32 (float64 for
+        float64 inputs), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise EntrotrainError(
+            f"need hidden (N, D) and weight (V, D) with the same D, got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}."
+        )
+    if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
+        raise EntrotrainError(f"hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}.")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise EntrotrainError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}.")
+    if labels is not None and labels.shape != (hidden.shape[0],):
+        raise EntrotrainError(f"labels must be (N,) = ({hidden.shape[0]},), got {tuple(labels.shape)}.")
+    if not temperature > 0:
+        raise EntrotrainError(f"temperature must be > 0, got {temperature!r}.")
+    if chunk_size < 1:
+        raise EntrotrainError(f"chunk_size must be >= 1, got {chunk_size!r}.")
+    lab = None if labels is None else labels.long()
+    from entrotrain.kernels.dispatch import resolve_impl
+
+    if resolve_impl(impl, hidden, weight, bias) == "triton":
+        from entrotrain.kernels.linear_entropy import linear_entropy_and_logprobs as kernel
+
+        out = kernel(hidden, weight, lab, bias=bias, temperature=temperature, chunk_size=chunk_size)
+        return TokenStats(out.entropy, out.logprobs if labels is not None else None)
+    entropy, logprobs = _LinearEntropyLogprobs.apply(hidden, weight, bias, lab, float(temperature), int(chunk_size))
+    return TokenStats(entropy, logprobs if labels is not None else None)

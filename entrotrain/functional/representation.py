@@ -1,0 +1,501 @@
+r"""Representation entropy / diversity presets, each reproducing its paper's own code.
+
+Every preset takes rows ``x`` of shape ``(n, d)`` (n samples, d features) in any float dtype, upcasts to float64,
+and returns a 0-dim float64 tensor. All of them are "the entropy of a normalised spectrum"
+(:func:`entrotrain.functional.spectrum.spectral_entropy`) with a different matrix, normalisation, log base and ε:
+
+- :func:`matrix_entropy` / :func:`matrix_erank` — spectrum of ``Σ/trΣ``, ``Σ = ZᵀZ/n``, ``Z`` = rownorm(centred
+  rows); nats (Wei et al. 2024, Diff-eRank).
+- :func:`vendi_score` — spectrum of ``K / n`` for a unit-diagonal kernel, any order ``q``; a count (Friedman &
+  Dieng 2023).
+- :func:`effective_rank` — singular values of ``X`` (p ∝ σ, not σ²); a count (Roy & Vetterli 2007).
+- :func:`rankme` — singular values of the raw ``X``, ``p + ε``; a count (Garrido et al. 2023).
+- :func:`diffusion_spectral_entropy` — ``|λ|^t`` of ``D^-½ G D^-½`` with a Gaussian ``G``; bits (Liao et al. 2023).
+- :func:`diffusion_spectral_mutual_information` — class-conditional DSE differences; bits (Liao et al. 2023).
+- :func:`matrix_nuclear_norm` — column norms of ``Z`` (no spectrum: an L₁,₂ surrogate) (Li et al. 2024).
+
+These numbers depend on ``n``, ``d`` and every parameter (DSE ≤ log₂ n, erank ≤ min(n, d), σ is absolute): log them
+with the value (:data:`REPRESENTATION_MEASURES` gives each measure's parameter dict).
+
+Rows that become zero after centring (a row equal to the mean) are kept as zero rows by :func:`matrix_entropy` and
+:func:`matrix_nuclear_norm` (they take no part), where the anchors' code divides 0 by 0 and skips the NaN. Cosine
+kernels need non-zero rows and raise otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.spectrum import (
+    _rows64,
+    _square64,
+    kernel_spectrum,
+    linear_kernel_spectrum,
+    renyi2,
+    renyi2_from_rows,
+    spectral_entropy,
+)
+
+__all__ = [
+    "DSE_EPS",
+    "REPRESENTATION_MEASURES",
+    "RepresentationMeasure",
+    "diffusion_matrix",
+    "diffusion_spectral_entropy",
+    "diffusion_spectral_mutual_information",
+    "effective_rank",
+    "get_measure",
+    "matrix_entropy",
+    "matrix_erank",
+    "matrix_nuclear_norm",
+    "median_pairwise_distance",
+    "rankme",
+    "vendi_score",
+    "vendi_score_from_kernel",
+]
+
+#: ε added to every probability by dse-dsmi (``np.finfo(float).eps``).
+DSE_EPS = 2.220446049250313e-16
+
+Kernel = Union[str, Callable[[Tensor], Tensor]]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _row_normalize(z: Tensor, *, allow_zero: bool, name: str) -> Tensor:
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    zero = norms == 0
+    if bool(zero.any()) and not allow_zero:
+        raise EntrotrainError(
+            f"{name} has {int(zero.sum())} all-zero row(s): the cosine kernel is undefined there. Drop those rows "
+            "or use kernel='linear'."
+        )
+    return z / torch.where(zero, torch.ones_like(norms), norms)
+
+
+def _centred_unit_rows(x: Tensor, name: str = "x") -> Tensor:
+    """``rownorm(X − mean over rows)`` with zero rows kept as zero; raises when every row equals the mean."""
+    z = x - x.mean(dim=0, keepdim=True)
+    z = _row_normalize(z, allow_zero=True, name=name)
+    if not bool((z != 0).any()):
+        raise EntrotrainError(
+            f"all rows of {name} are identical: after centring every row is 0 and the measure is undefined. "
+            "Measure a batch with more than one distinct sample."
+        )
+    return z
+
+
+def _sq_dists(x: Tensor) -> Tensor:
+    """Pairwise squared Euclidean distances, float64, exact zeros on the diagonal, clamped at 0."""
+    sq = (x * x).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    d2 = d2.clamp_min_(0.0)
+    d2.fill_diagonal_(0.0)
+    return d2
+
+
+def median_pairwise_distance(x: Tensor) -> Tensor:
+    """Median Euclidean distance over the ``n(n-1)/2`` pairs of distinct rows (float64, 0-dim).
+
+    Log it next to any kernel measure with a fixed σ, so the σ choice can be audited (DSE's σ is absolute).
+    """
+    x = _rows64(x)
+    d2 = _sq_dists(x)
+    iu = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return d2[iu[0], iu[1]].sqrt().median()
+
+
+def _check_order(q: float | str) -> float:
+    if isinstance(q, str):
+        if q.lower() == "inf":
+            return math.inf
+        raise EntrotrainError(f"q must be a number or 'inf', got {q!r}.")
+    return float(q)
+
+
+# ---------------------------------------------------------------------------------------------- matrix entropy
+
+
+def matrix_entropy(x: Tensor, *, normalized: bool = False) -> Tensor:
+    r"""Matrix entropy of Wei et al. (2024, "Diff-eRank", arXiv 2401.17139), in nats.
+
+    .. math::
+
+        Z = \operatorname{rownorm}(X - \bar X),\quad \Sigma = Z^\top Z / n,\quad
+        H = -\sum_k \lambda_k \ln \lambda_k,\ \lambda = \operatorname{spec}(\Sigma / \operatorname{tr}\Sigma)
+
+    ``normalized=True`` returns ``H / ln d`` (the form of the Matrix-Nuclear-Norm and UNComp code). Computed on
+    the ``n × n`` Gram when ``n < d`` and the ``d × d`` covariance otherwise (same spectrum). Invariant to the
+    scale of ``x``, to row permutations and to rotations of the features.
+
+    Args:
+        x: ``(n, d)``, ``n >= 2``, for one sequence the ``T`` token states of one layer.
+
+    Returns:
+        0-dim float64, ``0 <= H <= ln min(n - 1, d)``.
+    """
+    x = _rows64(x)
+    z = _centred_unit_rows(x)
+    eigs = linear_kernel_spectrum(z, scale=1.0 / x.shape[0])
+    h = spectral_entropy(eigs, 1.0)
+    if normalized:
+        if x.shape[1] < 2:
+            raise EntrotrainError("normalized matrix entropy divides by ln d; it needs d >= 2 features.")
+        h = h / math.log(x.shape[1])
+    return h
+
+
+def matrix_erank(x: Tensor) -> Tensor:
+    """``exp(matrix_entropy(x))``: Wei et al.'s effective rank (= Vendi score q=1, cosine kernel, centred rows)."""
+    return torch.exp(matrix_entropy(x))
+
+
+# ------------------------------------------------------------------------------------------------------- Vendi
+
+
+def _check_unit_diagonal(k: Tensor, name: str) -> None:
+    diag = torch.diagonal(k)
+    worst = float((diag - 1.0).abs().max())
+    if worst > 1e-6:
+        raise EntrotrainError(
+            f"{name} must have a unit diagonal (k(x, x) = 1) for the Vendi score; max |diag − 1| = {worst:.3g}. "
+            "Normalise it: K / torch.sqrt(torch.outer(K.diagonal(), K.diagonal()))."
+        )
+
+
+def vendi_score_from_kernel(k: Tensor, q: float | str = 1.0) -> Tensor:
+    r"""Vendi score of order ``q`` of a unit-diagonal PSD kernel matrix (Friedman & Dieng 2023).
+
+    .. math::  \mathrm{VS}_q(K) = \exp H_q(\lambda),\qquad \lambda = \operatorname{spec}(K / n)
+
+    with :func:`~entrotrain.functional.spectrum.spectral_entropy` on ``λ`` *as is* (no renormalisation; negative
+    round-off eigenvalues take no part), exactly vendi-score 0.0.3's ``score_K(K, q)``. ``q = 2`` uses
+    ``VS₂ = 1 / ‖K/n‖_F²`` (no eigendecomposition). ``q`` may be ``float('inf')`` or ``"inf"``.
+
+    Args:
+        k: ``(n, n)`` symmetric, unit diagonal. q: order ``>= 0``.
+
+    Returns:
+        0-dim float64 in ``[1, n]`` (for a PSD kernel).
+    """
+    q = _check_order(q)
+    k = _square64(k, "K")
+    _check_unit_diagonal(k, "K")
+    n = k.shape[0]
+    if q == 2.0:
+        return torch.exp(renyi2(k / n, normalize=False))
+    return torch.exp(spectral_entropy(kernel_spectrum(k / n), q, normalize=False))
+
+
+def _rbf_kernel(x: Tensor, sigma: float) -> Tensor:
+    return torch.exp(-_sq_dists(x) / (2.0 * sigma * sigma))
+
+
+def vendi_score(
+    x: Tensor,
+    q: float | str = 1.0,
+    *,
+    kernel: Kernel = "cosine",
+    sigma: float | None = None,
+) -> Tensor:
+    r"""Vendi score of order ``q`` of the rows of ``x`` (Friedman & Dieng 2023, "The Vendi Score").
+
+    ``VS_q = exp H_q(spec(K / n))`` with the kernel:
+
+    - ``"cosine"`` (default): ``K = X̂ X̂ᵀ``, ``X̂`` = rows scaled to unit norm (no centring) — vendi-score's
+      ``score_dual(X, q)``; computed on the ``d × d`` matrix ``X̂ᵀ X̂ / n`` when ``d ≤ n``;
+    - ``"linear"``: ``K = X Xᵀ`` — ``score_dual(X, q, normalize=False)``. The diagonal is *not* 1, so the
+      eigenvalues of ``K / n`` do not sum to 1 and the value is only a diversity when the rows have unit norm;
+    - ``"rbf"``: ``K_ij = exp(-‖x_i − x_j‖² / 2σ²)``, ``σ`` = ``sigma`` or, if ``None``, the median pairwise
+      distance (:func:`median_pairwise_distance`);
+    - a callable ``kernel(x) -> (n, n)`` tensor with unit diagonal (checked).
+
+    ``q = 2`` goes through the Frobenius norm (``VS₂ = 1 / ‖K/n‖_F²``), no eigendecomposition.
+
+    Args:
+        x: ``(n, d)``, ``n >= 2``. q: Rényi order ``>= 0`` incl. ``float('inf')`` / ``"inf"``.
+
+    Returns:
+        0-dim float64; ``1 <= VS <= min(n, rank K)`` for unit-diagonal kernels.
+    """
+    q = _check_order(q)
+    x = _rows64(x)
+    n = x.shape[0]
+    if callable(kernel):
+        k = kernel(x)
+        if not isinstance(k, Tensor) or tuple(k.shape) != (n, n):
+            got = tuple(k.shape) if isinstance(k, Tensor) else type(k).__name__
+            raise EntrotrainError(f"kernel(x) must return an ({n}, {n}) tensor, got {got}.")
+        return vendi_score_from_kernel(k, q)
+    if kernel in ("cosine", "linear"):
+        z = _row_normalize(x, allow_zero=False, name="x") if kernel == "cosine" else x
+        if q == 2.0:
+            return torch.exp(renyi2_from_rows(z, scale=1.0 / n))
+        return torch.exp(spectral_entropy(linear_kernel_spectrum(z, scale=1.0 / n), q, normalize=False))
+    if kernel == "rbf":
+        s = float(median_pairwise_distance(x)) if sigma is None else float(sigma)
+        if not s > 0:
+            raise EntrotrainError(f"rbf kernel needs sigma > 0, got {s} (all rows identical with sigma=None?).")
+        return vendi_score_from_kernel(_rbf_kernel(x, s), q)
+    raise EntrotrainError(f"kernel={kernel!r} is not 'cosine', 'linear', 'rbf' or a callable x -> (n, n) tensor.")
+
+
+# ---------------------------------------------------------------------------------------- effective rank, RankMe
+
+
+def _singular_values(x: Tensor) -> Tensor:
+    s = torch.linalg.svdvals(x)
+    if not bool((s > 0).any()):
+        raise EntrotrainError("x is all zeros: its singular values are 0 and the effective rank is undefined.")
+    return s
+
+
+def effective_rank(x: Tensor) -> Tensor:
+    r"""Effective rank of Roy & Vetterli (2007): ``exp(-Σ p_k ln p_k)``, ``p_k = σ_k / ‖σ‖₁``, ``0 ln 0 = 0``.
+
+    ``σ`` are the singular values of ``x`` itself (not centred, *not squared* — unlike the covariance family).
+    Range ``[1, rank x]``; ``diag(1, 1, 0) → 2``. float64 ``svdvals`` (no Gram: that squares the condition number).
+
+    Args:
+        x: ``(n, d)`` matrix, ``n >= 2``.
+    """
+    x = _rows64(x)
+    return torch.exp(spectral_entropy(_singular_values(x), 1.0))
+
+
+def rankme(x: Tensor, *, eps: float = 1e-7) -> Tensor:
+    r"""RankMe of Garrido et al. (2023): ``exp(-Σ p_k ln p_k)``, ``p_k = σ_k(X) / ‖σ(X)‖₁ + ε``.
+
+    ``X`` are the raw embeddings (no centring), ``ε = 1e-7`` as in the paper for float32 (stable-pretraining's
+    callback uses 1e-5: pass ``eps=1e-5`` to match it). Scale-invariant, not centring-invariant. The paper uses
+    25 600 samples. ``eps=0`` gives :func:`effective_rank`.
+
+    Args:
+        x: ``(n, d)`` embeddings, ``n >= 2``.
+    """
+    x = _rows64(x)
+    return torch.exp(spectral_entropy(_singular_values(x), 1.0, eps=eps))
+
+
+# --------------------------------------------------------------------------------------------------------- DSE
+
+
+def diffusion_matrix(x: Tensor, sigma: float = 10.0) -> Tensor:
+    r"""The symmetric diffusion matrix of dse-dsmi: ``K = D^{-1/2} G D^{-1/2}``, ``G_ij = exp(-‖x_i − x_j‖² / 2σ²)``.
+
+    ``D = diag(Σ_j G_ij)``. ``K`` has the spectrum of the random-walk matrix ``P = D⁻¹ G`` (in ``[-1, 1]``, top
+    eigenvalue 1) and, ``G`` being PSD, is PSD. dse-dsmi's ``1/(σ√2π)`` prefactor cancels and is left out.
+    Returns an ``(n, n)`` float64 matrix; ``O(n² d)`` time, ``O(n²)`` memory.
+    """
+    x = _rows64(x)
+    if not sigma > 0:
+        raise EntrotrainError(f"sigma must be > 0, got {sigma}.")
+    g = _rbf_kernel(x, float(sigma))
+    inv_sqrt_deg = g.sum(1).rsqrt()
+    return inv_sqrt_deg[:, None] * g * inv_sqrt_deg[None, :]
+
+
+def _subsample(x: Tensor, max_n: int | None, seed: int) -> Tensor:
+    if max_n is None or x.shape[0] <= max_n:
+        return x
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randperm(x.shape[0], generator=gen)[:max_n].to(x.device)
+    return x[idx]
+
+
+def diffusion_spectral_entropy(
+    x: Tensor,
+    sigma: float = 10.0,
+    t: int = 1,
+    *,
+    max_n: int | None = 10000,
+    seed: int = 0,
+) -> Tensor:
+    r"""Diffusion spectral entropy of Liao et al. (2023), in **bits**, as dse-dsmi 1.1 computes it.
+
+    .. math::
+
+        K = D^{-1/2} G D^{-1/2},\quad \alpha_k = \frac{|\lambda_k(K)|^t}{\sum_j |\lambda_j(K)|^t},\quad
+        \mathrm{DSE} = -\sum_k (\alpha_k + \varepsilon) \log_2 (\alpha_k + \varepsilon),\ \varepsilon = 2.2\cdot10^{-16}
+
+    σ is absolute (not scale-free): ``DSE(cX, σ) = DSE(X, σ/c)``. ``σ → 0`` gives ``log₂ n``; large ``t``
+    collapses it. The value depends on ``n``: keep ``n`` fixed across epochs. More than ``max_n`` rows are
+    subsampled without replacement with a seeded torch generator (dse-dsmi does the same with numpy's RNG, so the
+    subset differs). ``O(n² d + n³)``: for large ``n`` see
+    :func:`~entrotrain.functional.stochastic_spectrum.slq_diffusion_spectral_entropy`.
+
+    Args:
+        x: ``(n, d)`` embeddings, ``n >= 2``. sigma: Gaussian kernel width (default 10). t: diffusion time.
+    """
+    if not (isinstance(t, (int, float)) and t > 0):
+        raise EntrotrainError(f"diffusion time t must be > 0, got {t!r}.")
+    x = _subsample(_rows64(x), max_n, seed)
+    eigs = kernel_spectrum(diffusion_matrix(x, sigma), negative="abs")
+    return spectral_entropy(eigs.pow(t), 1.0, base=2.0, eps=DSE_EPS)
+
+
+def _discrete_labels(y: Tensor, n: int) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise EntrotrainError(f"y must be a tensor of n = {n} class labels, got {type(y).__name__}.")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or y.shape[0] != n:
+        raise EntrotrainError(
+            f"y must hold one discrete label per row of x, shape ({n},), got {tuple(y.shape)}. Vector-valued "
+            "references (dse-dsmi's spectral clustering) are not supported: cluster them into labels first."
+        )
+    if y.is_floating_point() or y.is_complex():
+        raise EntrotrainError(
+            f"y has dtype {y.dtype}: DSMI here takes discrete class labels (integer or bool). For a continuous "
+            "1-D target, bin it first, e.g. torch.bucketize(y, torch.linspace(y.min(), y.max(), 11)[1:-1])."
+        )
+    return y
+
+
+def diffusion_spectral_mutual_information(
+    x: Tensor,
+    y: Tensor,
+    sigma: float = 10.0,
+    t: int = 1,
+    *,
+    n_repetitions: int = 5,
+    seed: int = 0,
+) -> Tensor:
+    r"""Diffusion spectral mutual information of Liao et al. (2023) with discrete labels, in bits.
+
+    .. math::
+
+        \mathrm{DSMI}(X; Y) = \sum_c p(c)\Big[\frac{1}{R}\sum_{r=1}^{R} \mathrm{DSE}(X_{S_{c,r}})
+        - \mathrm{DSE}(X_c)\Big]
+
+    ``X_c`` = rows of class ``c``, ``p(c) = n_c / n``, ``S_{c,r}`` a uniformly random subset of ``n_c`` rows of
+    all of ``X`` (``R = n_repetitions``; the generator is re-seeded with ``seed`` for each class, as dse-dsmi
+    re-seeds Python's ``random``, so the subsets differ from dse-dsmi's but follow the same scheme). Classes with
+    one row contribute 0 (both terms are the entropy of a single eigenvalue). Not a Shannon MI: it can be negative.
+
+    Args:
+        x: ``(n, d)`` embeddings. y: ``(n,)`` integer/bool labels (float labels raise: bin them first).
+        sigma, t: as :func:`diffusion_spectral_entropy`. n_repetitions: random subsets per class. seed: RNG seed.
+    """
+    x = _rows64(x)
+    n = x.shape[0]
+    y = _discrete_labels(y, n).to(x.device)
+    if n_repetitions < 1:
+        raise EntrotrainError(f"n_repetitions must be >= 1, got {n_repetitions}.")
+    classes, counts = torch.unique(y, return_counts=True)
+    mi = torch.zeros((), dtype=torch.float64, device=x.device)
+    for c, n_c in zip(classes.tolist(), counts.tolist()):
+        if n_c < 2:
+            continue
+        p_c = n_c / n
+        h_cond = diffusion_spectral_entropy(x[y == c], sigma, t, max_n=None)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        h_rand = torch.stack(
+            [
+                diffusion_spectral_entropy(x[torch.randperm(n, generator=gen)[:n_c].to(x.device)], sigma, t, max_n=None)
+                for _ in range(n_repetitions)
+            ]
+        ).mean()
+        mi = mi + p_c * (h_rand - h_cond)
+    return mi
+
+
+# ------------------------------------------------------------------------------------------ matrix nuclear norm
+
+
+def matrix_nuclear_norm(x: Tensor) -> Tensor:
+    r"""Matrix Nuclear-Norm surrogate of Li et al. (2024), divided by the number of rows, as their code computes.
+
+    .. math::
+
+        Z = \operatorname{rownorm}(X - \bar X),\qquad
+        \mathrm{MNN} = \frac{1}{T}\sum_{j \in \text{top}_{\min(T, d)}} \|Z_{:, j}\|_2
+
+    (the sum of the ``min(T, d)`` largest column L2 norms: an ``L_{1,2}`` surrogate, *not* close to the true nuclear
+    norm). ``O(T d)``; no SVD. ``R = [[1,0],[-1,0],[0,1],[0,-1]] → 2√2 / 4 ≈ 0.7071``.
+
+    Args:
+        x: ``(T, d)`` hidden states of one response, ``T >= 2``.
+    """
+    x = _rows64(x)
+    z = _centred_unit_rows(x)
+    t, d = z.shape
+    cols = torch.linalg.vector_norm(z, dim=0)
+    return torch.topk(cols, min(t, d)).values.sum() / t
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class RepresentationMeasure:
+    """One named measure for a callback: the function, its unit, and the parameters to log with its value.
+
+    ``measure(x, **overrides)`` computes it; ``measure.params(x, **overrides)`` returns the dict to log
+    (``n``, ``d``, the unit and every parameter, overrides applied).
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    unit: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def __call__(self, x: Tensor, **overrides: Any) -> Tensor:
+        unknown = set(overrides) - set(self.defaults)
+        if unknown:
+            raise EntrotrainError(
+                f"measure {self.name!r} takes parameters {sorted(self.defaults)}, got unknown {sorted(unknown)}."
+            )
+        return self.fn(x, **{**self.defaults, **overrides})
+
+    def params(self, x: Tensor, **overrides: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"measure": self.name, "unit": self.unit}
+        if isinstance(x, Tensor) and x.ndim == 2:
+            out["n"], out["d"] = int(x.shape[0]), int(x.shape[1])
+        for key, value in {**self.defaults, **overrides}.items():
+            out[key] = value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+        return out
+
+
+#: name → :class:`RepresentationMeasure`, for callbacks (``entropy/repr/{layer}/{name}``).
+REPRESENTATION_MEASURES: dict[str, RepresentationMeasure] = {
+    m.name: m
+    for m in (
+        RepresentationMeasure("matrix_entropy", matrix_entropy, "nats", {"normalized": False}, "Wei et al. 2024"),
+        RepresentationMeasure(
+            "matrix_entropy_normalized", matrix_entropy, "fraction of ln d", {"normalized": True}, "Wei et al. 2024"
+        ),
+        RepresentationMeasure("matrix_erank", matrix_erank, "count", {}, "Wei et al. 2024"),
+        RepresentationMeasure("effective_rank", effective_rank, "count", {}, "Roy & Vetterli 2007"),
+        RepresentationMeasure("rankme", rankme, "count", {"eps": 1e-7}, "Garrido et al. 2023"),
+        RepresentationMeasure(
+            "vendi", vendi_score, "count", {"q": 1.0, "kernel": "cosine", "sigma": None}, "Friedman & Dieng 2023"
+        ),
+        RepresentationMeasure(
+            "dse",
+            diffusion_spectral_entropy,
+            "bits",
+            {"sigma": 10.0, "t": 1, "max_n": 10000, "seed": 0},
+            "Liao et al. 2023",
+        ),
+        RepresentationMeasure("nuclear_norm", matrix_nuclear_norm, "per row", {}, "Li et al. 2024"),
+    )
+}
+
+
+def get_measure(name: str) -> RepresentationMeasure:
+    """The registered measure called ``name``; raises listing the known names otherwise."""
+    try:
+        return REPRESENTATION_MEASURES[name]
+    except KeyError:
+        raise EntrotrainError(
+            f"unknown representation measure {name!r}; known: {sorted(REPRESENTATION_MEASURES)}."
+        ) from None

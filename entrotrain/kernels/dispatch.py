@@ -1,0 +1,146 @@
+"""Which implementation runs: the torch path (always there, the oracle) or a Triton kernel (optional).
+
+``impl`` is ``"auto"``, ``"torch"`` or ``"triton"``; the environment variable ``ENTROTRAIN_IMPL`` (same values)
+overrides the argument when set, so a whole run can be pinned to one path without touching code (e.g.
+``ENTROTRAIN_IMPL=torch`` to rule a kernel out while debugging).
+
+- ``"torch"``: the torch path.
+- ``"triton"``: the Triton kernel; raises :class:`KernelUnavailableError`, naming the fix, when it cannot run here.
+- ``"auto"``: the Triton kernel when it can run on these tensors, the torch path otherwise, silently.
+
+A Triton kernel can run when ``triton`` is importable and every tensor is on a CUDA device, or, with
+``TRITON_INTERPRET=1`` set before ``triton`` is imported, on CPU tensors through Triton's interpreter (slow: for
+tests). float64 tensors always take the torch path under ``"auto"`` (the kernels accumulate in float32).
+
+Errors subclass :class:`entrotrain.errors.EntrotrainError` (a ``ValueError``); ``entrotrain.errors`` is the only
+other entrotrain module this package imports (a leaf module with no imports of its own).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = [
+    "IMPL_ENV",
+    "Impl",
+    "KernelUnavailableError",
+    "can_run_triton",
+    "check_kernel_inputs",
+    "require_triton",
+    "resolve_impl",
+    "triton_available",
+    "triton_interpret",
+]
+
+IMPL_ENV = "ENTROTRAIN_IMPL"
+Impl = Literal["auto", "torch", "triton"]
+_CHOICES = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class KernelUnavailableError(EntrotrainError):
+    """``impl="triton"`` was asked for where no Triton kernel can run."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``triton`` is installed and imports (checked once, lazily)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install (missing driver libraries, ...) counts as absent
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, read by triton when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _why_not(tensors: tuple[torch.Tensor | None, ...]) -> str | None:
+    """``None`` when a Triton kernel can run on ``tensors``, else the reason and the fix."""
+    # Decide from cheap facts first: importing triton here (where no kernel will run) would fix its interpreter mode
+    # for the whole process before TRITON_INTERPRET could be set (triton reads it when triton.language is imported).
+    not_installed = "triton is not installed (or does not import); install it with `pip install entrotrain[triton]`"
+    if importlib.util.find_spec("triton") is None:
+        return not_installed
+    present = [t for t in tensors if isinstance(t, torch.Tensor)]
+    floats = [t for t in present if t.is_floating_point()]
+    bad = sorted({str(t.dtype) for t in floats if t.dtype not in _KERNEL_DTYPES})
+    if bad:
+        return (
+            f"the Triton kernels take float32, bfloat16 or float16 inputs, got {', '.join(bad)}; "
+            "use impl='torch' (float64 stays on the torch path) or cast the inputs"
+        )
+    devices = {t.device.type for t in present}
+    if devices <= {"cuda"}:
+        if present and not torch.cuda.is_available():  # pragma: no cover - a CUDA tensor implies CUDA
+            return "CUDA is not available"
+        return None if triton_available() else not_installed
+    if triton_interpret() and devices <= {"cpu"}:
+        return None if triton_available() else not_installed
+    where = ", ".join(sorted(devices))
+    return (
+        f"the tensors are on {where}: Triton kernels run on CUDA tensors; move the tensors to CUDA, or set "
+        "TRITON_INTERPRET=1 before triton is imported to run them on CPU through Triton's (slow) interpreter"
+    )
+
+
+def can_run_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether a Triton kernel can run on these tensors here (``None`` entries are ignored)."""
+    return _why_not(tensors) is None
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> Literal["torch", "triton"]:
+    """Resolve ``impl`` (and the ``ENTROTRAIN_IMPL`` override) to ``"torch"`` or ``"triton"`` for ``tensors``.
+
+    Args:
+        impl: ``"auto"``, ``"torch"`` or ``"triton"``.
+        tensors: the inputs the kernel would read (``None`` allowed, e.g. an absent mask).
+
+    Raises:
+        KernelUnavailableError: ``"triton"`` (asked for or set in ``ENTROTRAIN_IMPL``) cannot run here; the message
+            says why and how to fix it.
+        EntrotrainError: an unknown ``impl`` or ``ENTROTRAIN_IMPL`` value.
+    """
+    if impl not in _CHOICES:
+        raise EntrotrainError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}.")
+    env = os.environ.get(IMPL_ENV, "").strip().lower()
+    source = "impl"
+    if env:
+        if env not in _CHOICES:
+            raise EntrotrainError(f"{IMPL_ENV} must be 'auto', 'torch' or 'triton', got {env!r}; unset it or fix it.")
+        impl, source = env, IMPL_ENV
+    if impl == "torch":
+        return "torch"
+    why = _why_not(tensors)
+    if impl == "triton":
+        if why is not None:
+            raise KernelUnavailableError(f"{source}='triton' cannot run here: {why}. Or use impl='auto' / 'torch'.")
+        return "triton"
+    return "triton" if why is None else "torch"
+
+
+def require_triton() -> None:
+    """Raise :class:`KernelUnavailableError` (with the fix) when ``triton`` cannot be imported."""
+    if not triton_available():
+        raise KernelUnavailableError(
+            "the Triton kernels need triton: install it with `pip install entrotrain[triton]`, or use impl='torch'."
+        )
+
+
+def check_kernel_inputs(*tensors: torch.Tensor | None) -> None:
+    """Raise :class:`KernelUnavailableError` when a Triton kernel cannot run on ``tensors`` (as :func:`resolve_impl`)."""
+    why = _why_not(tensors)
+    if why is not None:
+        raise KernelUnavailableError(f"the Triton kernel cannot run here: {why}.")

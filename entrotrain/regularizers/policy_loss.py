@@ -1,0 +1,650 @@
+r"""Policy-gradient losses that control policy entropy: PPO/GRPO clip, Clip-Cov, KL-Cov, STEER, entropy bonus.
+
+Every loss is an ``nn.Module`` with the same call::
+
+    out = loss_fn(logprobs, old_logprobs, advantages, mask, entropy=None, step=None)
+    out.loss.backward(); log(out.metrics)
+
+``logprobs (B, T)`` (differentiable, current policy), ``old_logprobs (B, T)`` (behaviour policy, no gradient),
+``advantages (B, T)`` or ``(B,)``, ``mask (B, T)`` (bool or 0/1), ``entropy (B, T)`` per-token entropy (needed by
+:class:`EntropyBonus` — differentiable — and :class:`SteerLoss` — from the old-policy pass).
+``forward`` returns :class:`PolicyLossOutput` ``(loss, metrics)``; metrics are detached scalars under explicit
+names (``policy/clip_frac_low``, ``policy/clip_frac_high``, ``policy/ppo_kl``, ``policy/cov_selected``, ...), never
+verl's overloaded ``pg_clipfrac``. Losses compose: ``PPOClipLoss() + EntropyBonus(0.01)``.
+
+PPO terms, with :math:`r = e^{\log\pi - \log\pi_{old}}`:
+:math:`\ell_1 = -A r`, :math:`\ell_2 = -A\,\mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})`,
+:math:`\ell = \max(\ell_1, \ell_2)`; dual clip (verl's ``clip_ratio_c`` = :math:`c`): for :math:`A < 0`,
+:math:`\ell = \min(\ell, -A c)`.
+
+Clip-Cov / KL-Cov (Cui et al. 2025, arXiv 2505.22617) select tokens by the covariance
+:math:`\mathrm{Cov}_i = (\log\pi_i - \overline{\log\pi})(A_i - \bar A)`. Two modes:
+
+- ``"micro_batch"``: verl's ``compute_policy_loss_clip_cov`` / ``compute_policy_loss_kl_cov`` bit for bit: means
+  and selection over this call's tokens only, at least one token selected (``max(1, int(r N))``), Clip-Cov's random
+  pick through ``torch.randperm`` on the global RNG (``seed=None``) or on a dedicated seeded generator.
+- ``"global"``: means and selection over the whole batch across DDP ranks (``all_reduce`` / ``all_gather`` when a
+  process group is up): 2 ranks give the result of one process on the concatenated batch. The budget is the exact
+  fraction ``floor(r N_global)`` (``min_selected`` adds a floor). Clip-Cov's random pick uses counter-based keys
+  ``hash(seed, step, global token index)``, so it is independent of how the batch is split. The loss is
+  aggregated with global denominators times the world size (DDP averages gradients), so the DDP-averaged gradient
+  equals the single-process one. One host sync per call (the integer budget).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional._dist import all_reduce_max, all_reduce_sum, world
+from entrotrain.functional.policy import AGG_MODES, aggregate_loss, steer_weights
+from entrotrain.regularizers.policy_selection import counter_uniform, global_index, global_topk_mask, rank_seed
+
+__all__ = [
+    "ClipCovLoss",
+    "EntropyBonus",
+    "KLCovLoss",
+    "PPOClipLoss",
+    "PolicyLoss",
+    "PolicyLossOutput",
+    "PolicyLossSum",
+    "SteerLoss",
+]
+
+
+class PolicyLossOutput(NamedTuple):
+    """``loss``: scalar with the graph; ``metrics``: detached scalars by name (``policy/...``)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _check_agg(agg: str) -> str:
+    if agg not in AGG_MODES:
+        raise EntrotrainError(f"agg must be one of {AGG_MODES}, got {agg!r}.")
+    return agg
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("global", "micro_batch"):
+        raise EntrotrainError(f"mode must be 'global' or 'micro_batch', got {mode!r}.")
+    return mode
+
+
+def _prepare(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checks shapes; returns ``(logp, old (detached), adv (B, T) detached, float mask)``."""
+    if logprobs.dim() != 2:
+        raise EntrotrainError(f"logprobs must be (B, T), got shape {tuple(logprobs.shape)}.")
+    if old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise EntrotrainError(
+            f"old_logprobs {tuple(old_logprobs.shape)} and mask {tuple(mask.shape)} must match logprobs "
+            f"{tuple(logprobs.shape)}."
+        )
+    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
+        advantages = advantages[:, None].expand_as(logprobs)
+    elif advantages.shape != logprobs.shape:
+        raise EntrotrainError(
+            f"advantages of shape {tuple(advantages.shape)} must be (B,) or (B, T) = {tuple(logprobs.shape)}."
+        )
+    maskf = mask.to(logprobs.dtype) if logprobs.is_floating_point() else mask.float()
+    return logprobs, old_logprobs.detach(), advantages.detach().to(logprobs.dtype), maskf
+
+
+def _masked_mean(values: Tensor, maskf: Tensor) -> Tensor:
+    """verl's ``masked_mean``: ``sum(where(m, v, 0) * m) / (sum(m) + 1e-8)``."""
+    valid = torch.where(maskf.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return (valid * maskf).sum() / (maskf.sum() + 1e-8)
+
+
+def _ppo_terms(
+    logp: Tensor, old: Tensor, adv: Tensor, clip_low: float, clip_high: float, log_ratio_clamp: float | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(log_ratio, ratio, l1, l2)`` of the clipped surrogate."""
+    d = logp - old
+    if log_ratio_clamp is not None:
+        d = torch.clamp(d, min=-log_ratio_clamp, max=log_ratio_clamp)
+    ratio = torch.exp(d)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    return d, ratio, l1, l2
+
+
+def _ppo_metrics(d: Tensor, ratio: Tensor, adv: Tensor, maskf: Tensor, clip_low: float, clip_high: float) -> dict:
+    with torch.no_grad():
+        low = ((ratio < 1 - clip_low) & (adv < 0)).to(maskf.dtype)
+        high = ((ratio > 1 + clip_high) & (adv > 0)).to(maskf.dtype)
+        return {
+            "policy/clip_frac_low": _masked_mean(low, maskf),
+            "policy/clip_frac_high": _masked_mean(high, maskf),
+            "policy/ppo_kl": _masked_mean(-d.detach(), maskf),
+        }
+
+
+# --------------------------------------------------------------------------------------------------- base
+
+
+class PolicyLoss(nn.Module):
+    """Base of the policy losses: the common ``forward`` signature and ``+`` composition."""
+
+    def forward(  # type: ignore[override]
+        self,
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        entropy: Tensor | None = None,
+        step: int | None = None,
+    ) -> PolicyLossOutput:
+        raise NotImplementedError
+
+    def __add__(self, other: PolicyLoss) -> PolicyLossSum:
+        if not isinstance(other, PolicyLoss):
+            return NotImplemented
+        left = list(self.terms) if isinstance(self, PolicyLossSum) else [self]
+        right = list(other.terms) if isinstance(other, PolicyLossSum) else [other]
+        return PolicyLossSum(left + right)
+
+    def _aggregate(self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool) -> Tensor:
+        """Local ``aggregate_loss``, or with global denominators × world size (DDP averages the gradients)."""
+        if not global_agg:
+            return aggregate_loss(values, maskf, agg)
+        _, ws = world()
+        counts = torch.stack([maskf.sum(), (maskf.sum(-1) > 0).to(maskf.dtype).sum()]).double()
+        counts = all_reduce_sum(counts).to(values.dtype)
+        t_max = float(all_reduce_max(torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)))
+        return aggregate_loss(
+            values, maskf, agg, num_tokens=counts[0], num_sequences=counts[1], max_length=t_max, dp_size=ws
+        )
+
+
+class PolicyLossSum(PolicyLoss):
+    """Sum of policy losses: same call, losses added, metrics merged (a repeated key gets ``.1``, ``.2``)."""
+
+    def __init__(self, terms: list[PolicyLoss]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+
+    def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
+        total: Tensor | None = None
+        metrics: dict[str, Tensor] = {}
+        for term in self.terms:
+            out = term(logprobs, old_logprobs, advantages, mask, entropy=entropy, step=step)
+            total = out.loss if total is None else total + out.loss
+            for key, value in out.metrics.items():
+                name, i = key, 0
+                while name in metrics:
+                    i += 1
+                    name = f"{key}.{i}"
+                metrics[name] = value
+        assert total is not None
+        return PolicyLossOutput(total, metrics)
+
+
+# --------------------------------------------------------------------------------------------------- PPO
+
+
+class PPOClipLoss(PolicyLoss):
+    r"""Vanilla PPO / GRPO clipped surrogate, as verl's ``compute_policy_loss_vanilla``.
+
+    :math:`\ell = \max(-A r, -A\,\mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high}))`, optionally dual-clipped
+    for :math:`A<0` at :math:`-A c` (``dual_clip`` = verl's ``clip_ratio_c``, e.g. 3 or 10), aggregated by ``agg``.
+
+    Args:
+        clip_low, clip_high: :math:`\epsilon_{low}`, :math:`\epsilon_{high}` (DAPO's clip-higher: 0.2 / 0.28).
+        dual_clip: :math:`c > 1` or ``None`` (off).
+        agg: aggregation mode of :func:`~entrotrain.functional.aggregate_loss`.
+        log_ratio_clamp: clamp :math:`\log r` to ``±log_ratio_clamp`` before ``exp`` (verl: 20); ``None``: off.
+        global_agg: aggregate with the global token/sequence counts across ranks × world size.
+
+    Metrics: ``policy/pg_loss``, ``policy/clip_frac_low`` (:math:`r < 1-\epsilon_{low}, A<0`),
+    ``policy/clip_frac_high`` (:math:`r > 1+\epsilon_{high}, A>0`), ``policy/ppo_kl`` (mean
+    :math:`\log\pi_{old} - \log\pi`), ``policy/dual_clip_frac`` (when dual-clip is on).
+    """
+
+    def __init__(
+        self,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        dual_clip: float | None = None,
+        agg: str = "token-mean",
+        *,
+        log_ratio_clamp: float | None = 20.0,
+        global_agg: bool = False,
+    ) -> None:
+        super().__init__()
+        if clip_low < 0 or clip_high < 0:
+            raise EntrotrainError(f"clip_low and clip_high must be >= 0, got {clip_low!r}, {clip_high!r}.")
+        if dual_clip is not None and not dual_clip > 1:
+            raise EntrotrainError(f"dual_clip must be > 1 (verl's clip_ratio_c, e.g. 3.0) or None, got {dual_clip!r}.")
+        self.clip_low, self.clip_high, self.dual_clip = float(clip_low), float(clip_high), dual_clip
+        self.agg = _check_agg(agg)
+        self.log_ratio_clamp = log_ratio_clamp
+        self.global_agg = global_agg
+
+    def per_token(
+        self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-token PPO loss ``(B, T)`` (before aggregation) and its metrics."""
+        logp, old, adv, maskf = _prepare(logprobs, old_logprobs, advantages, mask)
+        d, ratio, l1, l2 = _ppo_terms(logp, old, adv, self.clip_low, self.clip_high, self.log_ratio_clamp)
+        loss = torch.maximum(l1, l2)
+        metrics = _ppo_metrics(d, ratio, adv, maskf, self.clip_low, self.clip_high)
+        if self.dual_clip is not None:
+            l3 = -adv * self.dual_clip
+            metrics["policy/dual_clip_frac"] = _masked_mean(((loss > l3) & (adv < 0)).to(maskf.dtype), maskf)
+            loss = torch.where(adv < 0, torch.minimum(l3, loss), loss)
+        return loss, metrics
+
+    def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
+        per_token, metrics = self.per_token(logprobs, old_logprobs, advantages, mask)
+        loss = self._aggregate(per_token, mask.to(per_token.dtype), self.agg, self.global_agg)
+        metrics["policy/pg_loss"] = loss.detach()
+        return PolicyLossOutput(loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------------- covariance losses
+
+
+class _CovLoss(PolicyLoss):
+    """Shared state of Clip-Cov / KL-Cov: mode, selection budget, counter, and the global covariance."""
+
+    def __init__(self, ratio: float, agg: str, mode: str, min_selected: int | None, nonzero_adv_only: bool) -> None:
+        super().__init__()
+        if not 0 < ratio <= 1:
+            raise EntrotrainError(f"the selection ratio must be in (0, 1] (a fraction, not a percent), got {ratio!r}.")
+        self.ratio = float(ratio)
+        self.agg = _check_agg(agg)
+        self.mode = _check_mode(mode)
+        if min_selected is None:
+            min_selected = 1 if mode == "micro_batch" else 0
+        if min_selected < 0:
+            raise EntrotrainError(f"min_selected must be >= 0, got {min_selected!r}.")
+        self.min_selected = int(min_selected)
+        self.nonzero_adv_only = nonzero_adv_only
+        self._calls = 0
+
+    def _global_cov(self, logp: Tensor, adv: Tensor, maskf: Tensor) -> tuple[Tensor, Tensor]:
+        """Covariance ``(B, T)`` float64 with means over all ranks, and the global token count of the budget."""
+        valid = maskf.bool()
+        zero = torch.zeros((), dtype=torch.float64, device=logp.device)
+        l64, a64 = logp.detach().double(), adv.double()
+        sums = torch.stack(
+            [
+                torch.where(valid, l64, zero).sum(),
+                torch.where(valid, a64, zero).sum(),
+                valid.sum().double(),
+                (valid & (adv != 0)).sum().double(),
+            ]
+        )
+        sums = all_reduce_sum(sums)
+        den = sums[2].clamp_min(1)
+        cov = (l64 - sums[0] / den) * (a64 - sums[1] / den)
+        # the budget counts every valid token, or (nonzero_adv_only) only those with A != 0
+        return torch.where(valid, cov, zero), sums[3] if self.nonzero_adv_only else sums[2]
+
+    def _budget(self, count: float | Tensor) -> int:
+        return max(self.min_selected, int(self.ratio * float(count)))
+
+    @staticmethod
+    def _selection_metrics(selected: Tensor, cov: Tensor, maskf: Tensor, cov_all: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            n_sel = selected.sum().to(maskf.dtype)
+            valid = maskf.bool()
+            cov = cov.to(maskf.dtype)
+            zero = torch.zeros((), dtype=maskf.dtype, device=maskf.device)
+            big = torch.full((), torch.finfo(maskf.dtype).max, dtype=maskf.dtype, device=maskf.device)
+            any_sel = n_sel > 0
+            cmin = torch.where(any_sel, torch.where(selected, cov, big).min(), zero)
+            cmax = torch.where(any_sel, torch.where(selected, cov, -big).max(), zero)
+            return {
+                "policy/cov_selected": n_sel,
+                "policy/cov_selected_frac": n_sel / maskf.sum().clamp_min(1),
+                "policy/cov_min_selected": cmin,
+                "policy/cov_max_selected": cmax,
+                "policy/cov_mean": torch.where(valid, cov_all.to(maskf.dtype), zero).sum() / maskf.sum().clamp_min(1),
+            }
+
+
+class ClipCovLoss(_CovLoss):
+    r"""Clip-Cov (Cui et al. 2025): drop the policy-gradient term of a few random high-covariance tokens.
+
+    Per token the single-clip PPO loss :math:`\max(-A r, -A\,\mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high}))`
+    (no log-ratio clamp, no dual clip, as verl). Among valid tokens *not* already clipped by PPO whose
+    :math:`\mathrm{Cov}_i \in (lb, ub)` (strict), ``clip_ratio · N`` are picked uniformly at random and their loss is
+    zeroed; they still count in the aggregation's denominator.
+
+    Args:
+        clip_ratio: fraction :math:`r` of tokens to pick (verl ``clip_cov_ratio``, 2e-4).
+        cov_lb, cov_ub: the open covariance band (1, 5).
+        clip_low, clip_high: PPO's :math:`\epsilon` (the paper's scripts use 1 / 1).
+        agg: aggregation mode.
+        mode: ``"global"`` (default; exact over all ranks) or ``"micro_batch"`` (verl bit for bit).
+        seed: ``None``: ``torch.randperm`` on the global RNG (verl; micro_batch only). An int: a dedicated
+            rank-aware seeded generator (micro_batch) or the counter-based keys (global; the counter is ``step`` or,
+            if ``step`` is not given, the number of calls).
+        min_selected: floor on the number of picked tokens; ``None`` = 1 in micro_batch (verl), 0 in global.
+        nonzero_adv_only: only tokens with :math:`A \ne 0` may be picked, and the budget is ``r`` times their
+            count (GRPO groups with equal rewards have :math:`A = 0` and would waste it).
+
+    Metrics: the PPO ones plus ``policy/cov_selected``, ``policy/cov_selected_frac``, ``policy/cov_min_selected``,
+    ``policy/cov_max_selected``, ``policy/cov_mean``, ``policy/cov_candidates``.
+    """
+
+    def __init__(
+        self,
+        clip_ratio: float = 2e-4,
+        cov_lb: float = 1.0,
+        cov_ub: float = 5.0,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        agg: str = "token-mean",
+        mode: str = "global",
+        seed: int | None = 0,
+        min_selected: int | None = None,
+        *,
+        nonzero_adv_only: bool = False,
+    ) -> None:
+        super().__init__(clip_ratio, agg, mode, min_selected, nonzero_adv_only)
+        if not cov_lb < cov_ub:
+            raise EntrotrainError(f"cov_lb must be < cov_ub, got {cov_lb!r} and {cov_ub!r}.")
+        if mode == "global" and seed is None:
+            raise EntrotrainError("mode='global' needs an int seed (the counter-based keys); use seed=0.")
+        self.cov_lb, self.cov_ub = float(cov_lb), float(cov_ub)
+        self.clip_low, self.clip_high = float(clip_low), float(clip_high)
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _randperm(self, n: int) -> Tensor:
+        if self.seed is None:
+            return torch.randperm(n)  # the global CPU RNG, as verl
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(rank_seed(self.seed))
+        return torch.randperm(n, generator=self._generator)
+
+    def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
+        logp, old, adv, maskf = _prepare(logprobs, old_logprobs, advantages, mask)
+        d, ratio, l1, l2 = _ppo_terms(logp, old, adv, self.clip_low, self.clip_high, None)
+        valid = maskf > 0
+        clipped = (l2 > l1) & valid
+        if self.mode == "micro_batch":
+            # verl compute_policy_loss_clip_cov, step for step
+            cov_all = (adv - _masked_mean(adv, maskf)) * (logp.detach() - _masked_mean(logp.detach(), maskf))
+            cov = cov_all.masked_fill(~valid | clipped, -torch.inf)
+            n_budget = maskf.sum() if not self.nonzero_adv_only else (valid & (adv != 0)).sum()
+            budget = max(int(self.ratio * n_budget.item()), self.min_selected)
+            cand = (cov < self.cov_ub) & (cov > self.cov_lb) & valid
+            if self.nonzero_adv_only:
+                cand = cand & (adv != 0)
+            idx = torch.nonzero(cand)
+            n_cand = torch.tensor(float(len(idx)), device=maskf.device)
+            if len(idx) > 0:
+                idx = idx[self._randperm(len(idx))[: min(budget, len(idx))]]
+            selected = torch.zeros_like(valid)
+            selected[idx[:, 0], idx[:, 1]] = True
+            corr = torch.ones_like(adv)
+            corr[idx[:, 0], idx[:, 1]] = 0
+            loss = aggregate_loss(torch.maximum(l1, l2) * corr, maskf, self.agg)
+        else:
+            cov_all, count = self._global_cov(logp, adv, maskf)
+            cand = valid & ~clipped & (cov_all > self.cov_lb) & (cov_all < self.cov_ub)
+            if self.nonzero_adv_only:
+                cand = cand & (adv != 0)
+            n_cand = cand.sum().to(maskf.dtype)
+            gidx = global_index(logp.shape, logp.device)
+            counter = self._calls if step is None else int(step)
+            keys = counter_uniform(int(self.seed), counter, gidx)  # type: ignore[arg-type]
+            selected = global_topk_mask(keys, cand, gidx, self._budget(count))
+            pg = torch.where(selected, torch.zeros((), dtype=l1.dtype, device=l1.device), torch.maximum(l1, l2))
+            loss = self._aggregate(pg, maskf, self.agg, True)
+        self._calls += 1
+        metrics = _ppo_metrics(d, ratio, adv, maskf, self.clip_low, self.clip_high)
+        cov_for_metrics = torch.where(valid, cov_all.detach(), torch.zeros((), dtype=cov_all.dtype))
+        metrics.update(self._selection_metrics(selected, cov_for_metrics, maskf, cov_for_metrics))
+        metrics["policy/cov_candidates"] = n_cand.to(maskf.dtype).detach()
+        metrics["policy/pg_loss"] = loss.detach()
+        return PolicyLossOutput(loss, metrics)
+
+
+class KLCovLoss(_CovLoss):
+    r"""KL-Cov (Cui et al. 2025): add :math:`\beta|\log\pi - \log\pi_{old}|` to the top-covariance tokens.
+
+    Per token the *unclipped* policy gradient :math:`-A r` (PPO's clip is not applied, as verl); for the
+    ``k_ratio · N`` tokens with the largest :math:`\mathrm{Cov}_i`, :math:`-A r + \beta |\log r|`.
+
+    On-policy (``old_logprobs`` equal to ``logprobs``) the penalty has zero (sub)gradient: KL-Cov does nothing.
+    A UserWarning says so once. Use several mini-batches per rollout (off-policy updates), or :class:`ClipCovLoss`.
+
+    Args:
+        k_ratio: fraction of tokens (verl ``kl_cov_ratio``; paper 2e-3 for 7B, 2e-4 for 32B; *not* a percent).
+        kl_coef: :math:`\beta` (verl ``ppo_kl_coef``; the paper uses 1).
+        agg, mode, min_selected, nonzero_adv_only: as :class:`ClipCovLoss`.
+
+    Metrics: ``policy/ppo_kl`` (mean :math:`\log\pi_{old}-\log\pi`), ``policy/ppo_kl_abs``, the ``policy/cov_*`` ones.
+    """
+
+    def __init__(
+        self,
+        k_ratio: float = 2e-3,
+        kl_coef: float = 1.0,
+        agg: str = "token-mean",
+        mode: str = "global",
+        min_selected: int | None = None,
+        *,
+        nonzero_adv_only: bool = False,
+    ) -> None:
+        super().__init__(k_ratio, agg, mode, min_selected, nonzero_adv_only)
+        self.kl_coef = float(kl_coef)
+        self._warned = False
+
+    def _warn_on_policy(self, logp: Tensor, old: Tensor) -> None:
+        if self._warned:
+            return
+        if old.data_ptr() == logp.data_ptr() or torch.equal(old, logp.detach()):
+            self._warned = True
+            warnings.warn(
+                "KLCovLoss called with old_logprobs equal to logprobs (on-policy): the |log pi - log pi_old| "
+                "penalty has zero gradient at 0, so KL-Cov does nothing. Fix: update off-policy (several "
+                "mini-batches or epochs per rollout, old_logprobs from the rollout policy), or use ClipCovLoss.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
+        logp, old, adv, maskf = _prepare(logprobs, old_logprobs, advantages, mask)
+        self._warn_on_policy(logp, old)
+        d = logp - old
+        abs_kl = d.abs()
+        ratio = torch.exp(d)
+        pg = -adv * ratio
+        pg_kl = -adv * ratio + self.kl_coef * abs_kl
+        valid = maskf > 0
+        if self.mode == "micro_batch":
+            # verl compute_policy_loss_kl_cov, step for step (the covariance on the CPU over the flat valid tokens)
+            valid_idx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+            a_valid = adv[valid].detach().reshape(-1).cpu()
+            l_valid = logp[valid].detach().reshape(-1).cpu()
+            selected = torch.zeros_like(valid)
+            cov_all = torch.zeros_like(logp.detach())
+            if len(a_valid) > 0:
+                cov_list = (a_valid - a_valid.mean()) * (l_valid - l_valid.mean())
+                n_budget = len(cov_list)
+                if self.nonzero_adv_only:
+                    cov_list = cov_list.masked_fill(a_valid == 0, -torch.inf)
+                    n_budget = int((a_valid != 0).sum())
+                k = min(max(self.min_selected, int(n_budget * self.ratio)), len(cov_list))
+                top = torch.topk(cov_list, k, largest=True).indices
+                if self.nonzero_adv_only:
+                    top = top[torch.isfinite(cov_list[top])]
+                flat = valid_idx[top.to(valid_idx.device)]
+                rows, cols = flat // adv.shape[1], flat % adv.shape[1]
+                selected[rows, cols] = True
+                cov_all[valid] = cov_list.to(cov_all.device, cov_all.dtype).nan_to_num(neginf=0.0)
+            pg = torch.where(selected, pg_kl, pg)
+            loss = aggregate_loss(pg, maskf, self.agg)
+        else:
+            cov_all, count = self._global_cov(logp, adv, maskf)
+            cand = valid & (adv != 0) if self.nonzero_adv_only else valid
+            gidx = global_index(logp.shape, logp.device)
+            selected = global_topk_mask(cov_all, cand, gidx, self._budget(count))
+            pg = torch.where(selected, pg_kl, pg)
+            loss = self._aggregate(pg, maskf, self.agg, True)
+        self._calls += 1
+        metrics = {
+            "policy/ppo_kl": _masked_mean(-d.detach(), maskf),
+            "policy/ppo_kl_abs": _masked_mean(abs_kl.detach(), maskf),
+        }
+        metrics.update(self._selection_metrics(selected, cov_all.detach(), maskf, cov_all.detach()))
+        metrics["policy/pg_loss"] = loss.detach()
+        return PolicyLossOutput(loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------------- STEER
+
+
+class SteerLoss(PolicyLoss):
+    r"""STEER (Hao et al. 2025): the dual-clip PPO loss times per-token weights :math:`w_i \in [w_{min}, w_{max}]`.
+
+    Weights from :func:`~entrotrain.functional.steer_weights` (no gradient) down-weight tokens whose first-order
+    entropy change :math:`|\Omega_i|` is large. Needs ``entropy`` (the per-token entropy of the old-policy pass).
+    Paper: exp mode ``w_min=0.8, w_max=1``; linear mode ``0.8``–``1.2``; ``clip 0.2/0.28``, ``dual_clip=10``.
+
+    Metrics: the PPO ones plus ``policy/token_weight_mean``, ``policy/token_weight_min``, ``policy/token_weight_max``.
+    """
+
+    def __init__(
+        self,
+        w_min: float = 0.8,
+        w_max: float = 1.0,
+        linear: bool = False,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        dual_clip: float | None = 10.0,
+        agg: str = "token-mean",
+        *,
+        log_ratio_clamp: float | None = 20.0,
+        global_agg: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 < w_min <= w_max:
+            raise EntrotrainError(f"need 0 < w_min <= w_max, got w_min={w_min!r}, w_max={w_max!r}.")
+        self.w_min, self.w_max, self.linear = float(w_min), float(w_max), linear
+        self.ppo = PPOClipLoss(clip_low, clip_high, dual_clip, agg, log_ratio_clamp=log_ratio_clamp)
+        self.agg = _check_agg(agg)
+        self.global_agg = global_agg
+
+    def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
+        if entropy is None:
+            raise EntrotrainError("SteerLoss needs entropy= (per-token entropy of the old-policy pass, (B, T)).")
+        per_token, metrics = self.ppo.per_token(logprobs, old_logprobs, advantages, mask)
+        w = steer_weights(
+            logprobs.detach(), old_logprobs.detach(), advantages, entropy.detach(), mask,
+            w_min=self.w_min, w_max=self.w_max, linear=self.linear,
+        )  # fmt: skip
+        maskf = mask.to(per_token.dtype)
+        loss = self._aggregate(per_token * w, maskf, self.agg, self.global_agg)
+        valid = mask.bool()
+        with torch.no_grad():
+            big = torch.full((), float("inf"), dtype=w.dtype, device=w.device)
+            metrics["policy/token_weight_mean"] = _masked_mean(w, maskf)
+            metrics["policy/token_weight_min"] = torch.where(valid, w, big).min() if valid.any() else w.new_ones(())
+            metrics["policy/token_weight_max"] = torch.where(valid, w, -big).max() if valid.any() else w.new_ones(())
+        metrics["policy/pg_loss"] = loss.detach()
+        return PolicyLossOutput(loss, metrics)
+
+
+# --------------------------------------------------------------------------------------------------- entropy bonus
+
+
+class EntropyBonus(PolicyLoss):
+    r"""Entropy bonus :math:`-c\,\bar H` with a fixed or adaptive coefficient.
+
+    :math:`\bar H` = ``aggregate_loss(entropy, mask, agg)`` of the differentiable per-token entropy. Fixed: ``coef``.
+    Adaptive (``target`` set; Skywork-OR1 / TRL's ``use_adaptive_entropy``): once per window (a new ``step``, or
+    every call when ``step`` is not given) the window's entropy :math:`H_w` (token mean over all ranks) updates
+    :math:`c \leftarrow \mathrm{clamp}(c + \delta\,\mathrm{sign}(H^* - H_w), c_{min}, c_{max})` (:math:`+\delta`
+    when :math:`H_w \le H^*`), and the bonus is applied only while the last window's :math:`H_w \le H^*`
+    (applied from the start, before any window). Typical RLVR targets are 0.2–1 nats, not TRL's "2–10".
+    The coefficient and controller state live in buffers: saved in ``state_dict``.
+
+    Call as ``bonus(entropy=H, mask=m)`` or with the common signature (composition: ``PPOClipLoss() +
+    EntropyBonus(0.01)``). Metrics: ``policy/entropy``, ``policy/entropy_coef`` (the applied one),
+    ``policy/entropy_bonus``.
+    """
+
+    def __init__(
+        self,
+        coef: float = 0.0,
+        target: float | None = None,
+        delta: float = 0.005,
+        coef_min: float = 0.0,
+        coef_max: float = 1.0,
+        agg: str = "token-mean",
+        *,
+        global_agg: bool = False,
+    ) -> None:
+        super().__init__()
+        if coef < 0 or delta < 0 or not coef_min <= coef_max:
+            raise EntrotrainError(
+                f"need coef >= 0, delta >= 0 and coef_min <= coef_max; got {coef!r}, {delta!r}, {coef_min!r}, "
+                f"{coef_max!r}."
+            )
+        self.target, self.delta, self.coef_min, self.coef_max = target, float(delta), float(coef_min), float(coef_max)
+        self.agg = _check_agg(agg)
+        self.global_agg = global_agg
+        self.register_buffer("coef", torch.tensor(float(coef), dtype=torch.float64))
+        self.register_buffer("active", torch.tensor(True))
+        self.register_buffer("window", torch.zeros(2, dtype=torch.float64))  # entropy sum, token count
+        self.register_buffer("last_step", torch.tensor(-1, dtype=torch.int64))
+
+    def _close_window(self) -> None:
+        total = all_reduce_sum(self.window)
+        if float(total[1]) > 0:
+            h = total[0] / total[1]
+            below = bool(h <= self.target)
+            c = self.coef + (self.delta if below else -self.delta)
+            self.coef.copy_(c.clamp(self.coef_min, self.coef_max))
+            self.active.fill_(below)
+        self.window.zero_()
+
+    def forward(  # type: ignore[override]
+        self, logprobs=None, old_logprobs=None, advantages=None, mask=None, *, entropy=None, step=None
+    ) -> PolicyLossOutput:
+        if entropy is None or mask is None:
+            raise EntrotrainError("EntropyBonus needs entropy= (differentiable per-token entropy (B, T)) and mask=.")
+        if entropy.shape != mask.shape or entropy.dim() != 2:
+            raise EntrotrainError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} must both be (B, T).")
+        adaptive = self.target is not None
+        if adaptive and self.training and step is not None and int(step) != int(self.last_step):
+            if int(self.last_step) >= 0:
+                self._close_window()
+            self.last_step.fill_(int(step))
+        maskf = mask.to(entropy.dtype)
+        h_bar = self._aggregate(entropy, maskf, self.agg, self.global_agg)
+        coef = self.coef * self.active if adaptive else self.coef
+        loss = -coef.to(h_bar.dtype) * h_bar
+        if adaptive and self.training:
+            with torch.no_grad():
+                valid = mask.bool()
+                self.window += torch.stack(
+                    [torch.where(valid, entropy.detach().double(), 0.0).sum(), valid.sum().double()]
+                )
+            if step is None:
+                self._close_window()
+        return PolicyLossOutput(
+            loss,
+            {
+                "policy/entropy": h_bar.detach(),
+                "policy/entropy_coef": coef.detach().to(h_bar.dtype),
+                "policy/entropy_bonus": loss.detach(),
+            },
+        )

@@ -1,0 +1,254 @@
+"""Capture module outputs (activations) from a live model as ``(rows, features)`` matrices.
+
+Forward hooks on the modules whose names match ``include`` globs (and no ``exclude`` glob). Hooks are installed by
+:meth:`ActivationTap.arm` and removed by :meth:`ActivationTap.disarm` (also on ``with`` exit and on exception), so a
+disarmed tap holds no hook and costs nothing. Captured tensors are detached copies: the model computes, bit for bit,
+what it computes without the tap, and no RNG is touched (subsampling is evenly spaced, see
+:mod:`entrotrain.taps.sampling`).
+
+Outputs are turned into rows of features:
+
+=======================  ================================================================================
+``(B, C)``               one row per sample
+``(B, T, C)``            one row per token (``max_tokens`` evenly spaced tokens of each sample)
+``(B, C, H, W)``         one row per spatial position (``max_tokens`` evenly spaced of the ``H·W`` patches)
+``(B, C, L)``            (``layout="channels_first"`` only) one row per position
+tuple / list             its ``output_index``-th element (default 0), then as above
+=======================  ================================================================================
+
+``max_rows`` keeps evenly spaced samples of the batch first. Each capture also records the batch index of every row
+(:attr:`Capture.sample`), so per-sample labels can be aligned with token rows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.taps.sampling import check_budget, evenly_spaced
+
+__all__ = ["ActivationTap", "Capture", "activation_rows"]
+
+Layout = Literal["auto", "channels_last", "channels_first"]
+
+
+@dataclass
+class Capture:
+    """One module call: ``rows`` ``(n, d)`` detached activations and ``sample`` ``(n,)`` their batch indices."""
+
+    rows: Tensor
+    sample: Tensor
+
+
+def _owned(rows: Tensor, output: Tensor) -> Tensor:
+    """A copy when ``rows`` still views ``output``'s memory (a later in-place op, e.g. ``ReLU(inplace=True)``, must
+    not change what was captured)."""
+    if rows.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+        return rows.clone()
+    return rows
+
+
+def _pick(n: int, budget: int | None, device: torch.device) -> Tensor:
+    idx = evenly_spaced(n, budget, device=device)
+    return torch.arange(n, device=device) if idx is None else idx
+
+
+def activation_rows(
+    output: Any,
+    *,
+    name: str = "module",
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
+    output_index: int = 0,
+    layout: Layout = "auto",
+) -> Capture:
+    """Turn a module output into a :class:`Capture` of detached ``(rows, features)`` activations.
+
+    Args:
+        output: a tensor ``(B, C)``, ``(B, T, C)``, ``(B, C, H, W)``, or a tuple/list holding one.
+        name: module name for error messages.
+        max_rows: keep at most this many samples of the batch (evenly spaced); ``None`` = all.
+        max_tokens: keep at most this many tokens / spatial positions per sample (evenly spaced); ``None`` = all.
+        output_index: which element of a tuple/list output to read.
+        layout: ``"auto"`` treats 3-D outputs as ``(B, T, C)`` and 4-D as ``(B, C, H, W)``; ``"channels_last"``
+            treats every ``(B, ..., C)`` as tokens × channels; ``"channels_first"`` every ``(B, C, ...)``.
+
+    Raises:
+        TapError: the output (or its chosen element) is not a floating tensor of 2 to 4 dimensions.
+    """
+    if isinstance(output, (tuple, list)):
+        if not -len(output) <= output_index < len(output):
+            raise TapError(
+                f"module {name!r} returned a {type(output).__name__} of {len(output)} elements; output_index="
+                f"{output_index} is out of range. Pick the element holding the activations with output_index."
+            )
+        output = output[output_index]
+    if not isinstance(output, Tensor):
+        raise TapError(
+            f"module {name!r} returned {type(output).__name__}, not a tensor: its activations cannot be captured. "
+            "Exclude it (exclude=[...]) or include the submodule that produces the representation."
+        )
+    if not output.is_floating_point() or not 2 <= output.dim() <= 4:
+        raise TapError(
+            f"module {name!r} returned a {output.dtype} tensor of shape {tuple(output.shape)}; activations must be a "
+            "floating tensor (B, C), (B, T, C) or (B, C, H, W). Exclude it or include another module."
+        )
+    x = output.detach()
+    b = x.shape[0]
+    keep = _pick(b, max_rows, x.device)
+    x = x.index_select(0, keep) if len(keep) < b else x
+    if x.dim() == 2:
+        return Capture(_owned(x, output), keep)
+    channels_first = layout == "channels_first" or (layout == "auto" and x.dim() == 4)
+    if channels_first:
+        x = x.flatten(2).transpose(1, 2)  # (B, C, ...) -> (B, P, C)
+    else:
+        x = x.flatten(1, -2)  # (B, ..., C) -> (B, T, C)
+    tokens = _pick(x.shape[1], max_tokens, x.device)
+    if len(tokens) < x.shape[1]:
+        x = x.index_select(1, tokens)
+    return Capture(_owned(x.reshape(-1, x.shape[-1]), output), keep.repeat_interleave(x.shape[1]))
+
+
+def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+class ActivationTap:
+    """Detached activations of the modules of ``model`` chosen by name glob, while armed.
+
+    Args:
+        model: the module to watch (names are relative to it, as in ``model.named_modules()``).
+        include: glob patterns of module names (``"encoder.*"``, ``"model.layers.1"``); ``"*"`` = every module that
+            is not a bare container (``ModuleList``/``ModuleDict``) and not ``model`` itself.
+        exclude: glob patterns of module names to skip.
+        max_rows: samples of each batch kept per call (evenly spaced); ``None`` = all.
+        max_tokens: tokens / spatial positions kept per sample (evenly spaced); ``None`` = all.
+        output_index: element read from tuple/list outputs.
+        layout: how 3-D/4-D outputs are read (see :func:`activation_rows`).
+        on_capture: called as ``on_capture(name, capture)`` for every captured call instead of storing it in
+            :attr:`captures` (e.g. to stream into an accumulator and keep no tensor).
+
+    Raises:
+        EntrotrainError: bad arguments, or no module matches ``include``/``exclude`` (the message lists the names).
+
+    Example:
+        >>> tap = ActivationTap(model, include=["encoder.*"], max_tokens=16)
+        >>> with tap:                           # hooks installed inside, removed on exit or exception
+        ...     model(x)
+        >>> tap.captures["encoder.2"][0].rows   # (n, d), detached
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        max_rows: int | None = None,
+        max_tokens: int | None = None,
+        output_index: int = 0,
+        layout: Layout = "auto",
+        on_capture: Callable[[str, Capture], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise EntrotrainError(f"ActivationTap needs an nn.Module, got {type(model).__name__}.")
+        if layout not in ("auto", "channels_last", "channels_first"):
+            raise EntrotrainError(f"layout must be 'auto', 'channels_last' or 'channels_first', got {layout!r}.")
+        if isinstance(output_index, bool) or not isinstance(output_index, int):
+            raise EntrotrainError(f"output_index must be an int, got {output_index!r}.")
+        self.model = model
+        self.include = _as_list(include) or ["*"]
+        self.exclude = _as_list(exclude)
+        self.max_rows = check_budget(max_rows, "max_rows")
+        self.max_tokens = check_budget(max_tokens, "max_tokens")
+        self.output_index = output_index
+        self.layout = layout
+        self.on_capture = on_capture
+        self.captures: dict[str, list[Capture]] = {}
+        self._handles: list[Any] = []
+        self.names = self._match()
+
+    def _match(self) -> list[str]:
+        names = [
+            name
+            for name, module in self.model.named_modules()
+            if name
+            and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+            and any(fnmatch.fnmatchcase(name, p) for p in self.include)
+            and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+        ]
+        if not names:
+            available = [name for name, _ in self.model.named_modules() if name]
+            raise EntrotrainError(
+                f"no module of {type(self.model).__name__} matches include={self.include} exclude={self.exclude}. "
+                f"Module names are: {available[:24]}{' ...' if len(available) > 24 else ''}. Fix the glob patterns "
+                "(fnmatch, '*' also matches dots)."
+            )
+        return names
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> ActivationTap:
+        """Install one forward hook per chosen module."""
+        if self.armed:
+            return self
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.names:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.disarm()
+            raise
+        return self
+
+    def disarm(self) -> None:
+        """Remove every hook. Safe to call twice, and after an exception."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def __enter__(self) -> ActivationTap:
+        return self.arm()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disarm()
+
+    def reset(self) -> None:
+        """Forget stored captures."""
+        self.captures = {}
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            with torch.no_grad():
+                capture = activation_rows(
+                    output,
+                    name=name,
+                    max_rows=self.max_rows,
+                    max_tokens=self.max_tokens,
+                    output_index=self.output_index,
+                    layout=self.layout,
+                )
+            if self.on_capture is not None:
+                self.on_capture(name, capture)
+            else:
+                self.captures.setdefault(name, []).append(capture)
+
+        return hook
+
+    def rows(self, name: str) -> Tensor:
+        """All stored rows of module ``name``, concatenated in call order ``(n, d)``."""
+        if name not in self.captures:
+            raise TapError(f"nothing captured for {name!r}; captured: {sorted(self.captures)}. Arm the tap first.")
+        return torch.cat([c.rows for c in self.captures[name]])

@@ -22,7 +22,6 @@ tuple / list             its ``output_index``-th element (default 0), then as ab
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps.sampling import check_budget, evenly_spaced
+from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["ActivationTap", "Capture", "activation_rows"]
 
@@ -116,11 +116,6 @@ def activation_rows(
     return Capture(_owned(x.reshape(-1, x.shape[-1]), output), keep.repeat_interleave(x.shape[1]))
 
 
-def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
-    if patterns is None:
-        return []
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
 
 class ActivationTap:
     """Detached activations of the modules of ``model`` chosen by name glob, while armed.
@@ -166,8 +161,8 @@ class ActivationTap:
         if isinstance(output_index, bool) or not isinstance(output_index, int):
             raise EntrotrainError(f"output_index must be an int, got {output_index!r}.")
         self.model = model
-        self.include = _as_list(include) or ["*"]
-        self.exclude = _as_list(exclude)
+        self._names = NameFilter(include, exclude)
+        self.include, self.exclude = self._names.include, self._names.exclude
         self.max_rows = check_budget(max_rows, "max_rows")
         self.max_tokens = check_budget(max_tokens, "max_tokens")
         self.output_index = output_index
@@ -183,8 +178,7 @@ class ActivationTap:
             for name, module in self.model.named_modules()
             if name
             and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
-            and any(fnmatch.fnmatchcase(name, p) for p in self.include)
-            and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+            and self._names(name)
         ]
         if not names:
             available = [name for name, _ in self.model.named_modules() if name]

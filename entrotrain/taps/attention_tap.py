@@ -16,7 +16,6 @@ touches the training RNG, so the model computes bit for bit what it computes wit
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -31,6 +30,7 @@ from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
 from entrotrain.taps.nn_attention import mha_query_key
 from entrotrain.taps.sampling import check_budget, evenly_spaced
+from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["AttentionTap", "AttentionAdapter", "MultiheadAttentionAdapter", "record_attention"]
 
@@ -103,11 +103,6 @@ def _remove_mode(mode: TorchFunctionMode) -> None:
         torch._C._push_on_torch_function_stack(other)
 
 
-def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
-    if patterns is None:
-        return []
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
 
 class AttentionTap:
     """Per-head attention-entropy statistics of every attention call in ``model`` while armed.
@@ -146,8 +141,8 @@ class AttentionTap:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"AttentionTap needs an nn.Module, got {type(model).__name__}.")
         self.model = model
-        self.include = _as_list(include) or ["*"]
-        self.exclude = _as_list(exclude)
+        self._names = NameFilter(include, exclude)
+        self.include, self.exclude = self._names.include, self._names.exclude
         self.max_rows = check_budget(max_rows, "max_rows")
         self.max_queries = check_budget(max_queries, "max_queries")
         self.path = path
@@ -247,9 +242,7 @@ class AttentionTap:
 
     def wants(self, name: str) -> bool:
         """Whether a site name passes ``include`` / ``exclude``."""
-        return any(fnmatch.fnmatchcase(name, p) for p in self.include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in self.exclude
-        )
+        return self._names(name)
 
     def claim(self, module_name: str) -> None:
         """An adapter captures this module itself: SDPA calls made inside it are not scored a second time."""

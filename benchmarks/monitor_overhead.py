@@ -1,5 +1,15 @@
-"""Step-time overhead of AttentionEntropyMonitor on the recipe's TinyGPT (DESIGN §6: ≤ 5 % on a CPU tiny GPT with a
-log every 50 steps, 0 % on steps that do not log).
+"""Step-time overhead of the monitors (DESIGN §6: ≤ 5 % on a CPU tiny GPT and ≤ 2 % on a GPU GPT-small with a log
+every 50 steps, 0 % on steps that do not log).
+
+Two measurements:
+
+1. (default) ``AttentionEntropyMonitor`` alone on the recipe's TinyGPT, in a manual loop (below).
+2. ``--all``: the overhead budget: real ``Trainer.fit`` runs with *all* the monitors that apply to a language model —
+   ``AttentionEntropyMonitor``, ``SigmaReparamMonitor``, ``RepresentationEntropyMonitor`` (train stage, every block's
+   output), ``EntropyCollapseGuard`` — at ``every_n_steps = --every`` (50) versus none, rounds interleaved. The step is
+   timed from the first callback's ``on_train_batch_start`` to the last callback's ``on_train_batch_end``, so every
+   monitor hook is inside it. ``--model gpt-small`` (12 × 12 × 768, 1024 tokens, batch 8: run it on a GPU with
+   ``--device cuda``) or ``tiny`` (the recipe's 4 × 4 × 128, 64 tokens, batch 32).
 
 One process trains three identical models (same seed, same batches) in interleaved rounds so machine load hits
 them alike:
@@ -31,7 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import environment_line, markdown_table  # noqa: E402
 
-from entrotrain.callbacks import AttentionEntropyMonitor  # noqa: E402
+from entrotrain.callbacks import (  # noqa: E402
+    AttentionEntropyMonitor,
+    EntropyCollapseGuard,
+    RepresentationEntropyMonitor,
+    SigmaReparamMonitor,
+)
 from entrotrain.tasks import CharCorpusDataModule, LanguageModelingTask  # noqa: E402
 
 
@@ -63,6 +78,108 @@ def _run(task, opt, batches, monitor, trainer, samples, logged):
         logged.append(monitor is not None and (trainer.global_step - 1) % monitor.every_n_steps == 0)
 
 
+MODELS = {  # name: (n_layer, n_head, n_embd, block_size, batch_size)
+    "tiny": (4, 4, 128, 64, 32),
+    "gpt-small": (12, 12, 768, 1024, 8),
+}
+
+
+class _StepTimer:
+    """Two callbacks bracketing all others: start at the first ``on_train_batch_start``, stop at the last ``..._end``."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        timer = self
+        self.samples: list[float] = []
+        self.steps: list[int] = []
+        self._t0 = 0.0
+
+        class Start(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.strategy.root_device.type == "cuda":
+                    torch.cuda.synchronize()
+                timer._t0 = time.perf_counter()
+
+        class Stop(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.strategy.root_device.type == "cuda":
+                    torch.cuda.synchronize()
+                timer.samples.append(time.perf_counter() - timer._t0)
+                timer.steps.append(trainer.global_step - 1)
+
+        self.start, self.stop = Start(), Stop()
+
+
+def _all_monitors(every: int) -> list:
+    return [
+        AttentionEntropyMonitor(every_n_steps=every, print_summary=False),
+        SigmaReparamMonitor(every_n_steps=every),
+        RepresentationEntropyMonitor(
+            include=["model.blocks.*"], exclude=["model.blocks.*.*"], every_n_steps=every, stage="train",
+            print_summary=False,
+        ),
+        EntropyCollapseGuard(monitor="entropy/attn_norm/min", threshold=0.0),
+    ]
+
+
+def budget(args: argparse.Namespace) -> None:
+    """``--all``: every monitor at every ``--every`` steps vs none, through ``Trainer.fit``."""
+    import warnings
+
+    import lightning as L
+
+    warnings.filterwarnings("ignore")
+    n_layer, n_head, n_embd, block, batch = MODELS[args.model]
+    data = CharCorpusDataModule(block_size=block, batch_size=batch, seed=0, steps_per_epoch=args.steps)
+    data.setup("fit")
+    batches = list(data.train_dataloader())[: args.steps]
+    timers = {"none": [], "all monitors": []}
+    weights = {}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (allocator, kernels), not counted
+        for name in timers:
+            timer = _StepTimer()
+            monitors = _all_monitors(args.every) if name != "none" else []
+            torch.manual_seed(0)
+            task = LanguageModelingTask(
+                block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lr=1e-4
+            )
+            trainer = L.Trainer(
+                accelerator=args.device, devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                callbacks=[timer.start, *monitors, timer.stop],
+            )
+            trainer.fit(task, torch.utils.data.DataLoader(batches, batch_size=None))
+            if round_:
+                timers[name].append(timer)
+            weights[name] = [p.detach().cpu() for p in task.parameters()]
+    plain = statistics.median(t for tm in timers["none"] for t in tm.samples)
+    quiet, loud = [], []
+    for tm in timers["all monitors"]:
+        for t, step in zip(tm.samples, tm.steps):
+            (loud if step % args.every == 0 else quiet).append(t)
+    quiet_median, loud_median = statistics.median(quiet), statistics.median(loud)
+    mean_all = statistics.fmean(t for tm in timers["all monitors"] for t in tm.samples)
+    mean_none = statistics.fmean(t for tm in timers["none"] for t in tm.samples)
+    amortised = 1 + (loud_median - quiet_median) / args.every / plain
+    rows = [
+        ["no monitor", f"{1e3 * plain:.1f} ms", "1.000"],
+        ["all monitors, non-logging step", f"{1e3 * quiet_median:.1f} ms", f"{quiet_median / plain:.3f}"],
+        ["all monitors, logging step", f"{1e3 * loud_median:.1f} ms", f"{loud_median / plain:.3f}"],
+        [f"amortised at every {args.every} (medians)", "", f"{amortised:.3f}"],
+        ["mean step, all monitors / none (incl. noise)", "", f"{mean_all / mean_none:.3f}"],
+    ]
+    print(environment_line(torch.device(args.device), args.threads))
+    print(
+        f"{args.model}: {n_layer} x {n_head} x {n_embd}, batch {batch} x {block} tokens; Trainer.fit, "
+        f"{args.rounds} interleaved rounds of {args.steps} steps; monitors: attention, sigma_reparam, representation "
+        f"(train, blocks), collapse guard; every {args.every} steps"
+    )
+    print(markdown_table(["step", "median time", "ratio to none"], rows))
+    same = all(torch.equal(a, b) for a, b in zip(weights["none"], weights["all monitors"]))
+    print(f"weights after training, none vs all monitors: {'bit-identical' if same else 'DIFFERENT'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per model per round")
@@ -70,8 +187,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-queries", type=int, default=256)
     parser.add_argument("--max-rows", type=int, default=4)
+    parser.add_argument("--all", action="store_true", help="the overhead budget: all monitors through Trainer.fit")
+    parser.add_argument("--every", type=int, default=50, help="--all: logging interval of every monitor")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny", help="--all: model shape")
+    parser.add_argument("--device", default="cpu", help="--all: cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.all:
+        budget(args)
+        return
 
     data = CharCorpusDataModule(block_size=64, batch_size=32, seed=0, steps_per_epoch=args.steps)
     data.setup("fit")

@@ -20,9 +20,9 @@ Without CUDA, Triton runs through its CPU interpreter (this script sets ``TRITON
 triton): its timings mean nothing, so the triton rows then run on tiny shapes and report only their error against the
 torch path; the torch rows are timed on the CPU-sized set.
 
-    python benchmarks/kernels.py                      # GPU set on CUDA, CPU set otherwise
-    python benchmarks/kernels.py --only attn --repeats 20
-    TRITON_INTERPRET=0 python benchmarks/kernels.py --sm90-check   # no GPU needed: registers / spills on sm_90
+    python benchmarks/triton_kernels.py                      # GPU set on CUDA, CPU set otherwise
+    python benchmarks/triton_kernels.py --only attn --repeats 20
+    TRITON_INTERPRET=0 python benchmarks/triton_kernels.py --sm90-check   # no GPU needed: registers / spills on sm_90
 """
 
 from __future__ import annotations

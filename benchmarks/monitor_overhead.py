@@ -207,13 +207,13 @@ def main() -> None:
         task.log = lambda *a, **k: None  # no Trainer attached: LightningModule.log would refuse
         opt = task.configure_optimizers()
         opt = opt["optimizer"] if isinstance(opt, dict) else opt
-        monitor = None
+        monitor, trainer = None, _trainer()
         if every:
             monitor = AttentionEntropyMonitor(
                 every_n_steps=every, max_rows=args.max_rows, max_queries=args.max_queries, print_summary=False
             )
-            monitor.on_fit_start(None, task)
-        return SimpleNamespace(task=task, opt=opt, monitor=monitor, trainer=_trainer(), samples=[], logged=[])
+            monitor.on_fit_start(trainer, task)
+        return SimpleNamespace(task=task, opt=opt, monitor=monitor, trainer=trainer, samples=[], logged=[])
 
     runs = {"plain": make(0), "monitor/50": make(50), "monitor/1": make(1)}
     for run in runs.values():  # warm-up round, not timed

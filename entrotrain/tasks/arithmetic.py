@@ -206,12 +206,13 @@ class _PromptStream(IterableDataset):
     def __init__(self, task: ArithmeticTask, batch_size: int, num_batches: int, seed: int) -> None:
         self.task, self.batch_size, self.num_batches, self.seed = task, batch_size, num_batches, seed
         self.epoch = 0
+        self.rank = 0  # DDP ranks draw different prompts (set by the datamodule)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch + 7_919 * self.rank)
         self.epoch += 1
         for _ in range(self.num_batches):
             prompt_ids, answers = self.task.sample(self.batch_size, g)
@@ -227,7 +228,8 @@ class ArithmeticDataModule(LightningDataModule):
         num_digits: digits per operand.
         operation: ``"add"``, ``"sub"`` or ``"mul"``.
         reverse_answer: answers least-significant digit first.
-        prompts_per_batch: prompts per rollout ``N``.
+        prompts_per_batch: prompts per rollout ``N`` on each DDP rank (ranks draw different prompts; the global rollout
+            is ``world_size × N`` prompts).
         num_batches: rollouts per epoch (run ``max_epochs: 1`` for exactly this many RL iterations).
         seed: seeds the prompt generator (each epoch draws fresh prompts).
     """
@@ -253,4 +255,5 @@ class ArithmeticDataModule(LightningDataModule):
         self._stream = _PromptStream(self.task, prompts_per_batch, num_batches, seed)
 
     def train_dataloader(self) -> DataLoader:
+        self._stream.rank = self.trainer.global_rank if self.trainer is not None else 0
         return DataLoader(self._stream, batch_size=None, num_workers=0)

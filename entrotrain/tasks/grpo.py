@@ -17,6 +17,10 @@ A supervised warm start (``sft_steps`` steps of cross-entropy on program-generat
 replaced at random with probability ``sft_noise``) runs once at the start of ``fit`` so that RL begins with a
 non-zero reward and a policy that still has entropy.
 
+Under DDP (``configs/trainer/ddp.yaml``) each rank rolls out its own prompts and every update's gradients are
+averaged across ranks (Lightning prepares DDP's reducer at each ``manual_backward``), so the ranks stay identical;
+Clip-Cov / KL-Cov in ``mode="global"`` then centre and select over the whole rollout of all ranks.
+
 Log-prob alignment: for a sequence ``prompt (P) + response (R)`` the model reads ``seq[:, :-1]`` and the logits at
 position ``P - 1 + t`` score response token ``t``.
 """

@@ -207,3 +207,19 @@ class _OtherDM(L.LightningDataModule):
     def train_dataloader(self):
         return torch.utils.data.DataLoader([{"prompt_ids": torch.zeros(3, dtype=torch.long)}], batch_size=None)
 
+
+
+def test_two_rank_ddp_keeps_ranks_identical_on_different_prompts(tmp_path):
+    """Several manual backward passes per training_step under DDP: gradients are still averaged across ranks (the
+    weights stay identical although each rank rolls out its own prompts), and RL really moved them."""
+    import json
+    from pathlib import Path
+
+    from tests.helpers.scripts import run_script
+
+    run_script(Path(__file__).with_name("grpo_ddp_run.py"), tmp_path, str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 4
+    assert r0["prompts"] != r1["prompts"]
+    assert r0["checksum"] == r1["checksum"]
+    assert r0["checksum"] != r0["warm"]

@@ -45,12 +45,15 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from entrotrain.functional.attention import attention_entropy as torch_attention_entropy  # noqa: E402
-from entrotrain.functional.entropy import entropy_from_logits as torch_entropy  # noqa: E402
+from entrotrain.functional.attention import attention_entropy as _attention_entropy  # noqa: E402
+from entrotrain.functional.entropy import entropy_from_logits as _entropy  # noqa: E402
 from entrotrain.kernels.dispatch import can_run_triton, triton_available  # noqa: E402
 
 try:
-    from entrotrain.functional.policy_head import linear_entropy_and_logprobs as torch_head
+    from entrotrain.functional.policy_head import linear_entropy_and_logprobs as _head
+
+    def torch_head(*args, **kwargs):
+        return _head(*args, impl="torch", **kwargs)
 except ImportError:  # pragma: no cover - written by another change
     torch_head = None
 
@@ -68,6 +71,16 @@ def naive_entropy(x: torch.Tensor) -> torch.Tensor:
 def naive_head(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lp = F.log_softmax((h @ w.T).float(), dim=-1)
     return -(lp.exp() * lp).sum(-1), lp.gather(1, y[:, None]).squeeze(1)
+
+
+def torch_entropy(*args, **kwargs):
+    """The torch path, pinned (``impl="auto"`` would pick the kernel here: CUDA, or the interpreter on CPU)."""
+    return _entropy(*args, impl="torch", **kwargs)
+
+
+def torch_attention_entropy(*args, **kwargs):
+    """The torch path, pinned."""
+    return _attention_entropy(*args, impl="torch", **kwargs)
 
 
 def naive_attention_entropy(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

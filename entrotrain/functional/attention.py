@@ -110,7 +110,7 @@ def _entropy_block(q: Tensor, k_t: Tensor, scale: float, valid: Tensor | None, b
     else:
         valid = _broadcast_valid(valid, scores.shape)
         counts = valid.sum(-1)
-    return entropy_from_logits(scores, mask=valid), counts
+    return entropy_from_logits(scores, mask=valid, impl="torch"), counts  # the torch path, all the way down
 
 
 def _broadcast_valid(valid: Tensor, shape: torch.Size) -> Tensor:

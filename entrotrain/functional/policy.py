@@ -55,20 +55,23 @@ def _check_temperature(temperature: float) -> None:
 # --------------------------------------------------------------------------------------------- token statistics
 
 
-def token_entropy(logits: Tensor, mask: Tensor | None = None, *, temperature: float = 1.0) -> Tensor:
+def token_entropy(
+    logits: Tensor, mask: Tensor | None = None, *, temperature: float = 1.0, impl: str = "auto"
+) -> Tensor:
     r"""Per-token entropy (nats) of ``softmax(logits / temperature)``.
 
     Args:
         logits: ``(..., V)`` any floating dtype.
         mask: optional ``(...)`` token mask; masked tokens get entropy 0 (and zero gradient).
         temperature: the sampling temperature :math:`T`; say which one you log (1 or the rollout's).
+        impl: ``"auto"``, ``"torch"`` or ``"triton"``, as :func:`~entrotrain.functional.entropy_from_logits`.
 
     Returns:
         ``(...)`` float32 (float64 for float64 input), differentiable with
         :math:`\partial H/\partial z_j = -p_j (z_j/T - E_p[z/T]) / T`. Memory beyond the input: one chunk of rows.
     """
     _check_temperature(temperature)
-    h = entropy_from_logits(logits, temperature=temperature)
+    h = entropy_from_logits(logits, temperature=temperature, impl=impl)
     if mask is not None:
         if mask.shape != h.shape:
             raise EntrotrainError(

@@ -91,3 +91,18 @@ def test_linear_head_impl_triton_matches_torch(device):
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=2e-5, rtol=1e-5)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_impl_torch_never_reaches_a_kernel(device, monkeypatch):
+    """impl="torch" holds all the way down: the attention torch path scores its rows with the logits-entropy torch path,
+    not the logits kernel (which ``auto`` would pick here, under the interpreter or on CUDA)."""
+    import entrotrain.kernels.logits_entropy as logits_kernel
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a Triton kernel ran under impl='torch'")
+
+    monkeypatch.setattr(logits_kernel, "entropy_from_logits", boom)
+    q, k = _qk(device, requires_grad=True)
+    attention_entropy(q, k, is_causal=True, path="chunked").sum().backward()
+    attention_entropy(q, k, is_causal=True, impl="torch").sum().backward()
+    assert q.grad is not None

@@ -245,11 +245,23 @@ def attention_entropy_stats(
     )
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if _use_kernel(impl, path, q, k, attn_mask):
-        from entrotrain.kernels.attention_entropy import attention_entropy_stats as kernel
+        from entrotrain.kernels.dispatch import call_kernel
 
-        out = kernel(q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                     window=window, scale=scale)
-        return AttentionEntropy(*out)
+        def kernel() -> AttentionEntropy:
+            from entrotrain.kernels.attention_entropy import attention_entropy_stats as triton_stats
+
+            return AttentionEntropy(
+                *triton_stats(q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                              window=window, scale=scale)
+            )
+
+        def fallback() -> AttentionEntropy:
+            return attention_entropy_stats(
+                q, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal, window=window,
+                scale=scale, path=path, chunk_elements=chunk_elements, impl="torch",
+            )
+
+        return call_kernel("attention-entropy", impl, kernel, fallback)
     resolved = _resolve_path(path, q, k, mask, needs_grad)
     if 0 in (batch, heads, n_q, n_k):
         # nothing to score, or no key to attend (SDPA returns zeros): the kernels and the block loop need sizes > 0

@@ -266,12 +266,21 @@ def entropy_from_logits(
     _check_floating(logits, "logits")
     if not temperature > 0:
         raise EntrotrainError(f"temperature must be > 0, got {temperature!r}.")
-    from entrotrain.kernels.dispatch import resolve_impl
+    from entrotrain.kernels.dispatch import call_kernel, resolve_impl
 
     if resolve_impl(impl, logits, mask) == "triton":
-        from entrotrain.kernels.logits_entropy import entropy_from_logits as kernel
 
-        return kernel(logits, dim, mask, temperature=temperature)
+        def kernel() -> Tensor:
+            from entrotrain.kernels.logits_entropy import entropy_from_logits as triton_entropy
+
+            return triton_entropy(logits, dim, mask, temperature=temperature)
+
+        def fallback() -> Tensor:
+            return entropy_from_logits(
+                logits, dim, mask, chunk_elements=chunk_elements, temperature=temperature, impl="torch"
+            )
+
+        return call_kernel("logits-entropy", impl, kernel, fallback)
     rows, valid, batch_shape = _as_rows(logits, dim, mask, "logits")
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         # no row, or rows without categories (entropy 0, as a fully masked row): zeros that stay in the graph

@@ -174,12 +174,21 @@ def linear_entropy_and_logprobs(
     if chunk_size < 1:
         raise EntrotrainError(f"chunk_size must be >= 1, got {chunk_size!r}.")
     lab = None if labels is None else labels.long()
-    from entrotrain.kernels.dispatch import resolve_impl
+    from entrotrain.kernels.dispatch import call_kernel, resolve_impl
 
     if resolve_impl(impl, hidden, weight, bias) == "triton":
-        from entrotrain.kernels.linear_entropy import linear_entropy_and_logprobs as kernel
 
-        out = kernel(hidden, weight, lab, bias=bias, temperature=temperature, chunk_size=chunk_size)
-        return TokenStats(out.entropy, out.logprobs if labels is not None else None)
+        def kernel() -> TokenStats:
+            from entrotrain.kernels.linear_entropy import linear_entropy_and_logprobs as triton_head
+
+            out = triton_head(hidden, weight, lab, bias=bias, temperature=temperature, chunk_size=chunk_size)
+            return TokenStats(out.entropy, out.logprobs if labels is not None else None)
+
+        def fallback() -> TokenStats:
+            return linear_entropy_and_logprobs(
+                hidden, weight, labels, bias=bias, temperature=temperature, chunk_size=chunk_size, impl="torch"
+            )
+
+        return call_kernel("fused-head-entropy", impl, kernel, fallback)
     entropy, logprobs = _LinearEntropyLogprobs.apply(hidden, weight, bias, lab, float(temperature), int(chunk_size))
     return TokenStats(entropy, logprobs if labels is not None else None)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Literal
+import warnings
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 
@@ -31,6 +33,7 @@ __all__ = [
     "IMPL_ENV",
     "Impl",
     "KernelUnavailableError",
+    "call_kernel",
     "can_run_triton",
     "check_kernel_inputs",
     "require_triton",
@@ -144,3 +147,35 @@ def check_kernel_inputs(*tensors: torch.Tensor | None) -> None:
     why = _why_not(tensors)
     if why is not None:
         raise KernelUnavailableError(f"the Triton kernel cannot run here: {why}.")
+
+
+T = TypeVar("T")
+
+#: Kernels that failed under ``impl="auto"`` in this process (name -> error): they are not tried again.
+_FAILED: dict[str, str] = {}
+
+
+def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:
+    """Run ``kernel()`` (after :func:`resolve_impl` chose Triton); under ``impl="auto"`` a kernel that fails to import,
+    compile or launch is switched off for the rest of the process, with one warning, and ``fallback()`` (the torch
+    path, same result) runs instead. An explicit ``"triton"`` (argument or ``ENTROTRAIN_IMPL``) re-raises, and so does
+    running out of GPU memory (the torch path would need more).
+    """
+    explicit = (os.environ.get(IMPL_ENV, "").strip().lower() or impl) != "auto"
+    if name in _FAILED and not explicit:
+        return fallback()
+    try:
+        return kernel()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any compile / launch failure of an optional accelerator
+        if explicit:
+            raise
+        _FAILED[name] = repr(error)
+        warnings.warn(
+            f"entrotrain: the Triton {name} kernel failed ({error!r}); using the torch path (same result) for the rest "
+            f"of this run. Please report it; set {IMPL_ENV}=torch to skip the kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return fallback()

@@ -106,3 +106,29 @@ def test_impl_torch_never_reaches_a_kernel(device, monkeypatch):
     attention_entropy(q, k, is_causal=True, path="chunked").sum().backward()
     attention_entropy(q, k, is_causal=True, impl="torch").sum().backward()
     assert q.grad is not None
+
+
+def test_a_failing_kernel_falls_back_once_under_auto_and_raises_when_explicit(device, monkeypatch):
+    """A kernel that fails to compile or launch (never seen on this GPU, say) must not break monitoring under
+    impl="auto": one warning, then the torch path for the rest of the run. impl="triton" surfaces the error."""
+    import warnings
+
+    import entrotrain.kernels.dispatch as dispatch
+    import entrotrain.kernels.logits_entropy as logits_kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(dispatch, "_FAILED", {})
+    monkeypatch.setattr(logits_kernel, "entropy_from_logits", broken)
+    z = torch.randn(4, 33, generator=torch.Generator().manual_seed(3)).to(device)
+    want = entropy_from_logits(z, impl="torch")
+    with pytest.raises(RuntimeError, match="PTX"):
+        entropy_from_logits(z, impl="triton")
+    with pytest.warns(RuntimeWarning, match="logits-entropy kernel failed"):
+        got = entropy_from_logits(z)
+    torch.testing.assert_close(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off: no second attempt, no second warning
+        torch.testing.assert_close(entropy_from_logits(z), want)
+    assert "logits-entropy" in dispatch._FAILED

@@ -61,9 +61,15 @@ from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
-from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance
+from entrotrain.functional._dist import all_gather_padded
+from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance, quantile
 
-__all__ = ["PolicyEntropyMonitor", "policy_entropy_summary", "sorted_quantile"]
+__all__ = ["PolicyEntropyMonitor", "policy_entropy_summary"]
+
+#: What a logging batch gathers across ranks, and the padding of shorter sequences.
+_GATHERED = (
+    ("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False), ("post_entropy", 0.0), ("rewards", 0.0)
+)
 
 _DEFAULT_KEYS = {
     "entropy": "token_entropy",
@@ -74,18 +80,6 @@ _DEFAULT_KEYS = {
     "temperature": "temperature",
     "post_entropy": "post_token_entropy",
 }
-
-
-def sorted_quantile(sorted_values: Tensor, q: float) -> float:
-    """``torch.quantile`` (linear interpolation) of an already sorted 1-D tensor, without its 2^24 size limit."""
-    n = sorted_values.numel()
-    if n == 0:
-        return float("nan")
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac)
 
 
 def _pct(fraction: float) -> str:
@@ -127,11 +121,11 @@ def policy_entropy_summary(
         return out
     h = entropy.double()
     out["mean"] = float(aggregate_loss(torch.where(valid, h, 0.0), valid, agg))
-    values = h[valid].sort().values
+    values = h[valid]
     for q in (0.1, 0.5, 0.9):
-        out[f"p{round(100 * q)}"] = sorted_quantile(values, q)
+        out[f"p{round(100 * q)}"] = float(quantile(values, q))
     k = max(1, math.ceil(top_fraction * values.numel()))
-    out[f"top{_pct(top_fraction)}_mean"] = float(values[-k:].mean())
+    out[f"top{_pct(top_fraction)}_mean"] = float(values.topk(k).values.mean())
     out["seq_mean"] = float(aggregate_loss(torch.where(valid, h, 0.0), valid, "seq-mean-token-mean"))
     cov = policy_covariance(torch.where(valid, logprobs.double(), 0.0), advantages.double(), valid)[valid]
     out["cov_mean"] = float(cov.mean())
@@ -275,20 +269,6 @@ class PolicyEntropyMonitor(Callback):
             found["rewards"] = rewards
         return found
 
-    @staticmethod
-    def _gather_rows(trainer: Trainer, x: Tensor, fill: float | bool) -> Tensor:
-        """Concatenate ``(B_r, T_r)`` (or ``(B_r,)``) tensors of every rank along dim 0, padding T with ``fill``."""
-        if trainer.world_size <= 1:
-            return x
-        strategy = trainer.strategy
-        shape = torch.tensor(list(x.shape) + [0] * (2 - x.dim()), device=x.device)
-        shapes = strategy.all_gather(shape).reshape(-1, 2)
-        max_b, max_t = int(shapes[:, 0].max()), int(shapes[:, 1].max())
-        padded = torch.full((max_b, *((max_t,) if x.dim() == 2 else ())), fill, dtype=x.dtype, device=x.device)
-        padded[tuple(slice(0, s) for s in x.shape)] = x
-        gathered = strategy.all_gather(padded)
-        return torch.cat([gathered[r, : int(shapes[r, 0])] for r in range(gathered.shape[0])])
-
     # ------------------------------------------------------------------ per batch
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -300,14 +280,8 @@ class PolicyEntropyMonitor(Callback):
             return
         found = self._tensors(outputs)
         with torch.no_grad():
-            tensors = {
-                name: self._gather_rows(trainer, found[name].detach(), fill)
-                for name, fill in (("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False))
-            }
-            if found["post_entropy"] is not None:
-                tensors["post_entropy"] = self._gather_rows(trainer, found["post_entropy"].detach(), 0.0)
-            if found["rewards"] is not None:
-                tensors["rewards"] = self._gather_rows(trainer, found["rewards"].double(), 0.0)
+            # under DDP: every rank's rows, T padded with masked-out tokens (the mask pads with False)
+            tensors = {name: all_gather_padded(found[name], fill) for name, fill in _GATHERED if found[name] is not None}
             tensors = {k: v.cpu() for k, v in tensors.items()}  # one device → host transfer per logging batch
             summary = policy_entropy_summary(
                 tensors["entropy"],

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_varlen", "all_reduce_max", "all_reduce_sum", "dist_ready", "gather_rows", "world"]
+__all__ = ["all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "dist_ready", "gather_rows", "world"]
 
 
 def dist_ready() -> bool:
@@ -44,14 +44,19 @@ def gather_rows(x: Tensor) -> Tensor:
     return torch.stack(parts)
 
 
-def all_gather_varlen(x: Tensor) -> Tensor:
-    """Concatenate the 1-D tensors of every rank, in rank order (lengths may differ)."""
+def all_gather_padded(x: Tensor, fill: float | bool = 0) -> Tensor:
+    """Concatenate along dim 0 the tensors of every rank, in rank order. Sizes may differ in every dim; trailing dims
+    are padded with ``fill`` to the largest (e.g. ``(B_r, T_r)`` token tensors become ``(sum B_r, max T_r)``)."""
     if not dist_ready():
         return x.detach()
-    n = torch.tensor([x.numel()], dtype=torch.int64, device=x.device)
-    sizes = gather_rows(n).reshape(-1)
-    longest = int(sizes.max())
-    padded = torch.zeros(longest, dtype=x.dtype, device=x.device)
-    padded[: x.numel()] = x.detach().reshape(-1)
+    shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)
+    shapes = gather_rows(shape)  # (world, ndim)
+    padded = torch.full(tuple(int(n) for n in shapes.amax(0)), fill, dtype=x.dtype, device=x.device)
+    padded[tuple(slice(0, n) for n in x.shape)] = x.detach()
     parts = gather_rows(padded)
-    return torch.cat([parts[r, : int(sizes[r])] for r in range(parts.shape[0])])
+    return torch.cat([parts[r, : int(shapes[r, 0])] for r in range(parts.shape[0])])
+
+
+def all_gather_varlen(x: Tensor) -> Tensor:
+    """Concatenate the 1-D tensors of every rank, in rank order (lengths may differ)."""
+    return all_gather_padded(x.reshape(-1))

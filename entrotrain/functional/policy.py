@@ -32,6 +32,7 @@ __all__ = [
     "covariance_sums",
     "high_entropy_mask",
     "policy_covariance",
+    "quantile",
     "steer_weights",
     "token_entropy",
     "token_logprobs",
@@ -286,9 +287,12 @@ def policy_covariance(
 # --------------------------------------------------------------------------------------------- token selection
 
 
-def _kth_smallest(values: Tensor, q: float) -> Tensor:
-    """``torch.quantile(values, q)`` (linear interpolation) via sort/kthvalue: no 2^24 size limit."""
+def quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` of a 1-D tensor (linear interpolation) via ``kthvalue``: no 2^24 size limit
+    (pytorch#64947). NaN for an empty tensor."""
     n = values.numel()
+    if n == 0:
+        return torch.full((), float("nan"), dtype=values.dtype, device=values.device)
     pos = q * (n - 1)
     lo = int(pos)
     hi = min(lo + 1, n - 1)
@@ -320,7 +324,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
         vals = all_gather_varlen(vals)
     if vals.numel() == 0:
         return torch.zeros_like(valid)
-    tau = _kth_smallest(vals, 1.0 - top_fraction)
+    tau = quantile(vals, 1.0 - top_fraction)
     return (entropy.detach() >= tau.to(entropy.dtype)) & valid
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from entrotrain.callbacks import EntropyCollapseGuard, PolicyEntropyMonitor, policy_entropy_summary
-from entrotrain.callbacks.policy_monitor import sorted_quantile
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional import fit_entropy_reward
+from entrotrain.functional.policy import quantile
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.policy_batches import ReturnsBatches, loader, rl_batch
 from tests.helpers.spy_logger import SpyLogger
@@ -103,11 +103,11 @@ def test_nonfinite_tokens_counted_and_excluded():
         assert s[key] == pytest.approx(ref[key]) and math.isfinite(s[key])
 
 
-def test_sorted_quantile_matches_numpy():
+def test_quantile_matches_numpy():
     x = torch.randn(1001, generator=torch.Generator().manual_seed(0)).double().sort().values
     for q in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
-        assert sorted_quantile(x, q) == pytest.approx(float(np.quantile(x.numpy(), q)), abs=1e-12)
-    assert math.isnan(sorted_quantile(torch.empty(0), 0.5))
+        assert float(quantile(x, q)) == pytest.approx(float(np.quantile(x.numpy(), q)), abs=1e-12)
+    assert math.isnan(float(quantile(torch.empty(0), 0.5)))
 
 
 # ------------------------------------------------------------------------------------------ the law R = -a e^H + b

@@ -37,6 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media, record_threshold
 from entrotrain.errors import EntrotrainError, TapError
@@ -166,7 +167,7 @@ class AttentionEntropyMonitor(Callback):
         self.tap: AttentionTap | None = None
         self.site_names: list[str] = []
         self.last_logged: dict[str, float] = {}
-        self._window_step: int | None = None
+        self._window = LoggingWindow(every_n_steps)
         self._announced = False
         self._history: list[Tensor] = []  # normalised (layers, heads) per logged step, for heads over time
         self._history_steps: list[int] = []
@@ -200,7 +201,7 @@ class AttentionEntropyMonitor(Callback):
     def _release(self) -> None:
         if self.tap is not None:
             self.tap.disarm()
-        self._window_step = None
+        self._window.close()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()
@@ -229,23 +230,22 @@ class AttentionEntropyMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.tap is None or trainer.sanity_checking:
             return
-        step = trainer.global_step
-        if step % self.every_n_steps:
+        first = self._window.begin(trainer.global_step)
+        if first is None:
             return
-        if self._window_step != step:  # first micro-batch of this optimizer step
+        if first:
             self.tap.reset()
-            self._window_step = step
         self.tap.arm()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.tap is None or self._window_step is None:
+        if self.tap is None or not self._window.open:
             return
         self.tap.disarm()
-        if trainer.global_step > self._window_step:  # the optimizer stepped: the window is complete
-            self._flush(trainer, pl_module)
-            self._window_step = None
+        step = self._window.end(trainer.global_step)
+        if step is not None:  # the optimizer stepped: the window is complete
+            self._flush(trainer, pl_module, step)
 
     # ------------------------------------------------------------------ reduce and log
     def _stacked(self) -> Tensor:
@@ -302,7 +302,7 @@ class AttentionEntropyMonitor(Callback):
                 "hand, call entrotrain.taps.record_attention(q, k, ...) there, or exclude them."
             )
 
-    def _flush(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         assert self.tap is not None
         if not self.tap.stats:
             self._no_capture(pl_module)
@@ -315,7 +315,7 @@ class AttentionEntropyMonitor(Callback):
             self._announce(trainer, pl_module)
         entropy, normalized, summary = attention_summary(stacked, self.collapse_threshold, self.overload_threshold)
         metrics = {self.prefix + k: v for k, v in summary.items()}
-        self.last_summary = (int(self._window_step or 0), summary)
+        self.last_summary = (step, summary)
         if self.first_summary is None:
             self.first_summary = self.last_summary
         for layer in range(normalized.shape[0]):

@@ -51,6 +51,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
@@ -203,7 +204,7 @@ class RepresentationEntropyMonitor(Callback):
         self.last_logged: dict[str, float] = {}
         self.history: list[tuple[int, dict[str, float]]] = []
         self.spectra: dict[str, Tensor] = {}
-        self._window_step: int | None = None
+        self._window = LoggingWindow(every_n_steps)
         self._probing = False
         self._labels: Tensor | None = None
         self._warned_missing = False
@@ -245,7 +246,7 @@ class RepresentationEntropyMonitor(Callback):
     def _release(self) -> None:
         if self.tap is not None:
             self.tap.disarm()
-        self._window_step = None
+        self._window.close()
         self._probing = False
         self._labels = None
 
@@ -318,24 +319,22 @@ class RepresentationEntropyMonitor(Callback):
             self._publish(trainer, pl_module, metrics)
         if self.stage != "train" or self.tap is None or trainer.sanity_checking:
             return
-        step = trainer.global_step
-        if step % self.every_n_steps:
+        first = self._window.begin(trainer.global_step)
+        if first is None:
             return
-        if self._window_step != step:  # first micro-batch of this optimizer step
+        if first:
             self._begin_window()
-            self._window_step = step
         self._set_labels(batch)
         self.tap.arm()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.tap is None or self._window_step is None:
+        if self.tap is None or not self._window.open:
             return
         self.tap.disarm()
-        if trainer.global_step > self._window_step:  # the optimizer stepped: the window is complete
-            step = self._window_step
-            self._window_step = None
+        step = self._window.end(trainer.global_step)
+        if step is not None:  # the optimizer stepped: the window is complete
             self._flush(trainer, pl_module, step)
 
     def _probe_covered_by_sanity_check(self, trainer: Trainer) -> bool:

@@ -111,6 +111,23 @@ def thresholds_for(runs: list[RunData], keys: list[str]) -> list[tuple[float, st
     return list(found)
 
 
+def _panel_grid(n: int, panel_height: float, extra_height: float = 0.0, **subplots: Any) -> tuple[Any, Any]:
+    """``(fig, axes)``: ``n`` panels, three to a row, 4.3 wide and ``panel_height`` high (plus ``extra_height`` for the
+    whole figure); spare panels blanked."""
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    figsize = (4.3 * cols, panel_height * rows + extra_height)
+    fig, axes = _plt().subplots(rows, cols, figsize=figsize, squeeze=False, **subplots)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _media_keys(runs: list[RunData], kind: str) -> list[str]:
+    """The media keys stored with ``kind`` in any run, in natural order."""
+    return sorted({k for r in runs for k, items in r.media.items() if items and items[0].kind == kind}, key=_natural)
+
+
 def _events_for(run: RunData, keys: list[str]) -> list[dict[str, Any]]:
     return [e for e in run.events if e.get("key") in keys and e.get("step") is not None]
 
@@ -178,15 +195,10 @@ def scalar_section(runs: list[RunData], keys: list[str], out_dir: Path, name: st
     families = {f: ks for f, ks in curve_families(keys).items() if not _constant(runs, ks)}
     if not families:
         return None
-    plt = _plt()
     n = len(families)
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 2.9 * rows + 0.3), squeeze=False, layout="constrained")
+    fig, axes = _panel_grid(n, 2.9, 0.3, layout="constrained")
     for ax, (family, members) in zip(axes.flat, families.items()):
         _plot_family(ax, runs, members, family)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     fig.suptitle(title, fontsize=11)
     file = _save(fig, out_dir, name)
     caption = f"{n} metric famil{'y' if n == 1 else 'ies'} over training steps (constant keys: see the table)"
@@ -440,13 +452,10 @@ def policy_entropy_reward(runs: list[RunData], out_dir: Path) -> Figure | None:
 # ---------------------------------------------------------------------- media
 def spectra(runs: list[RunData], out_dir: Path) -> Figure | None:
     """Eigenvalue spectra (normalised to sum 1, sorted, log scale) per key: a few steps per run, darker = later."""
-    keys = sorted({k for r in runs for k, items in r.media.items() if items and items[0].kind == "spectrum"}, key=_natural)
+    keys = _media_keys(runs, "spectrum")
     if not keys:
         return None
-    plt = _plt()
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = _panel_grid(len(keys), 3.0)
     cmaps = ("Blues", "Reds")
     for ax, key in zip(axes.flat, keys):
         for i, run in enumerate(runs):
@@ -470,8 +479,6 @@ def spectra(runs: list[RunData], out_dir: Path) -> Figure | None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6.5)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
     fig.tight_layout()
     file = _save(fig, out_dir, "spectra")
     return Figure(
@@ -485,13 +492,10 @@ def spectra(runs: list[RunData], out_dir: Path) -> Figure | None:
 
 def histogram_media(runs: list[RunData], out_dir: Path) -> Figure | None:
     """Distributions stored with ``kind="histogram"``: first and last step per key and run."""
-    keys = sorted({k for r in runs for k, items in r.media.items() if items and items[0].kind == "histogram"}, key=_natural)
+    keys = _media_keys(runs, "histogram")
     if not keys:
         return None
-    plt = _plt()
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = _panel_grid(len(keys), 2.9)
     for ax, key in zip(axes.flat, keys):
         for i, run in enumerate(runs):
             items = run.media.get(key, [])
@@ -504,8 +508,6 @@ def histogram_media(runs: list[RunData], out_dir: Path) -> Figure | None:
         ax.set_title(key, fontsize=8.5)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6.5)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
     fig.tight_layout()
     file = _save(fig, out_dir, "histograms")
     return Figure(file, "Distributions", "Stored value distributions at the first (outline) and last (filled) logged step.")

@@ -8,21 +8,13 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.regularizers import PPOClipLoss
 from entrotrain.tasks.arithmetic import EOS, PAD, ArithmeticDataModule, encode
 from entrotrain.tasks.grpo import GRPOTask, group_advantages, response_mask
+from tests.helpers.lightning_models import quiet_trainer
 
 SMALL = dict(n_layer=1, n_head=2, n_embd=32, block_size=12, group_size=4, ppo_epochs=2, num_mini_batches=2)
 
 
 def _trainer(**kw) -> L.Trainer:
-    cfg = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    cfg.update(kw)
-    return L.Trainer(**cfg)
+    return quiet_trainer(**{"max_epochs": 1, "max_steps": -1, "deterministic": False, **kw})
 
 
 class Capture(L.Callback):

@@ -53,9 +53,15 @@ class KernelUnavailableError(EntrotrainError):
 
 
 @functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    """Whether a ``triton`` package is on the path (looked up once; nothing imported)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether ``triton`` is installed and imports (checked once, lazily)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return False
     try:
         import triton  # noqa: F401
@@ -75,7 +81,7 @@ def _why_not(tensors: tuple[torch.Tensor | None, ...]) -> str | None:
     # Decide from cheap facts first: importing triton here (where no kernel will run) would fix its interpreter mode
     # for the whole process before TRITON_INTERPRET could be set (triton reads it when triton.language is imported).
     not_installed = "triton is not installed (or does not import); install it with `pip install entrotrain[triton]`"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return not_installed
     present = [t for t in tensors if isinstance(t, torch.Tensor)]
     floats = [t for t in present if t.is_floating_point()]

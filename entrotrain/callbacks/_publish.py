@@ -1,12 +1,25 @@
-"""How every entrotrain callback publishes scalars: ``trainer.callback_metrics`` and every logger, one step."""
+"""How every entrotrain callback publishes scalars: ``trainer.callback_metrics`` and every logger, one step.
+
+A :class:`MetricLedger` attached to the trainer remembers, for every key an entrotrain callback publishes, the step
+it was last published at and whether its value was finite there. It is what keeps a stale value from looking current:
+
+- a non-finite value is never sent to a logger; ``trainer.callback_metrics`` gets NaN for it (so a guard, and
+  ``EarlyStopping(check_finite=True)``, see that the statistic is gone, not the last healthy number);
+- a key the same callback published before but not at this logging step (a mean with no finite row left) is
+  treated the same way: NaN in ``callback_metrics``, nothing to the loggers, ``finite=False`` in the ledger.
+
+:class:`~entrotrain.callbacks.EntropyCollapseGuard` reads the ledger to count one observation per logging step.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["HEADLINE_KEYS", "publish_scalars"]
+__all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "ledger", "publish_scalars"]
 
 #: Keys shown on the progress bar by default (one or two headline figures per monitor, short enough to read).
 HEADLINE_KEYS: frozenset[str] = frozenset(
@@ -20,14 +33,51 @@ HEADLINE_KEYS: frozenset[str] = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class LedgerEntry:
+    """The last publication of one key: the step, its value (NaN when it was not finite), whether it was finite."""
+
+    step: int
+    value: float
+    finite: bool
+
+
+@dataclass
+class MetricLedger:
+    """Per trainer: ``entries[key]`` = the last publication of ``key``; ``keys_by_source[source]`` = the keys that
+    publisher has ever published (a key it drops later is marked non-finite, never left standing)."""
+
+    entries: dict[str, LedgerEntry] = field(default_factory=dict)
+    keys_by_source: dict[str, set[str]] = field(default_factory=dict)
+
+    def get(self, key: str) -> LedgerEntry | None:
+        return self.entries.get(key)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.keys_by_source.clear()
+
+
+def ledger(trainer: Trainer) -> MetricLedger:
+    """The trainer's ledger (created on first use; one per trainer, shared by every entrotrain callback)."""
+    book = getattr(trainer, "_entrotrain_ledger", None)
+    if book is None:
+        book = MetricLedger()
+        trainer._entrotrain_ledger = book  # type: ignore[attr-defined]
+    return book
+
+
 def publish_scalars(
     trainer: Trainer,
     pl_module: LightningModule,
     metrics: dict[str, float],
     prog_bar: Collection[str] | None = None,
+    *,
+    source: str | None = None,
 ) -> int:
     """Put ``metrics`` in ``trainer.callback_metrics`` (for guards, ``EarlyStopping``, ``ModelCheckpoint``) and send
-    them to every logger at the step Lightning logs this batch at (``_batches_that_stepped``); returns that step.
+    the finite ones to every logger at the step Lightning logs this batch at (``_batches_that_stepped``); returns
+    that step.
 
     Values must already be reduced across ranks (no ``sync_dist`` here: one collective per logging step is the
     caller's, not one per key).
@@ -35,14 +85,31 @@ def publish_scalars(
     Args:
         trainer: the running trainer.
         pl_module: the module being trained (its ``log`` fills ``callback_metrics`` and the progress bar).
-        metrics: reduced scalars by key.
+        metrics: reduced scalars by key. NaN/Inf values go to ``callback_metrics`` as NaN and to no logger.
         prog_bar: keys to show on the progress bar; ``None`` = those of :data:`HEADLINE_KEYS` present in
             ``metrics``; ``()`` = none.
+        source: who publishes (e.g. the callback's ``state_key``). Keys this source published at an earlier step
+            but not now are published as NaN (their statistic could not be computed: stale, not current).
     """
-    shown = HEADLINE_KEYS if prog_bar is None else frozenset(prog_bar)
-    for key, value in metrics.items():
-        pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key in shown, logger=False, sync_dist=False)
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+    book = ledger(trainer)
+    values = {key: float(value) for key, value in metrics.items()}
+    if source is not None:
+        known = book.keys_by_source.setdefault(source, set())
+        for key in known - values.keys():
+            values[key] = math.nan
+        known.update(values)
+    shown = HEADLINE_KEYS if prog_bar is None else frozenset(prog_bar)
+    finite: dict[str, float] = {}
+    for key, value in values.items():
+        ok = math.isfinite(value)
+        if not ok:
+            value = math.nan
+        else:
+            finite[key] = value
+        book.entries[key] = LedgerEntry(step, value, ok)
+        pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key in shown, logger=False, sync_dist=False)
+    if finite:
+        for logger in trainer.loggers:
+            logger.log_metrics(finite, step=step)
     return step

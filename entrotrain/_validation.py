@@ -194,3 +194,25 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     if value not in tuple(choices):
         raise EntrotrainError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
     return value
+
+
+def check_bool(value: Any, name: str, *, none_ok: bool = False) -> bool | None:
+    """A real ``bool`` (not 0/1, not a string such as ``"false"``, which would be truthy); ``None`` passes when
+    ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, bool):
+        raise EntrotrainError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def check_str(value: Any, name: str, *, empty_ok: bool = False) -> str:
+    """A ``str`` (non-empty unless ``empty_ok``), e.g. a metric key."""
+    if not isinstance(value, str):
+        raise EntrotrainError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+    if not empty_ok and not value.strip():
+        raise EntrotrainError(f"{name} must be a non-empty string, got {value!r}; name the key, e.g. 'entropy/attn/min'.")
+    return value
+
+
+__all__ += ["check_bool", "check_str"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "ledger", "publish_scalars"]
+__all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "ledger", "publish_scalars", "reset_ledger"]
 
 #: Keys shown on the progress bar by default (one or two headline figures per monitor, short enough to read).
 HEADLINE_KEYS: frozenset[str] = frozenset(
@@ -65,6 +65,17 @@ def ledger(trainer: Trainer) -> MetricLedger:
         book = MetricLedger()
         trainer._entrotrain_ledger = book  # type: ignore[attr-defined]
     return book
+
+
+def reset_ledger(trainer: Trainer) -> None:
+    """Forget every publication of the previous ``fit`` of this trainer (entries and publishers' key sets).
+
+    Call it at fit start — ``setup(stage="fit")`` or ``on_fit_start`` — from any callback that reads or writes the
+    ledger: nothing is published before ``on_fit_start`` returns (the sanity check runs after it), so any number of
+    callbacks may call it in the same fit and the result is the same (idempotent). Without it a second ``fit`` with
+    the same trainer would see the last fit's entries, whose steps may look newer than this fit's first ones.
+    """
+    ledger(trainer).clear()
 
 
 def publish_scalars(

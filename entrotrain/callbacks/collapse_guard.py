@@ -1,21 +1,49 @@
 """Act when a logged entropy collapses: warn, alert, stop training, or lower the learning rate.
 
-Watches any key in ``trainer.callback_metrics`` (every ``entrotrain`` monitor puts its keys there, and so does
-``self.log`` in a LightningModule). A *new observation* is a value different from the previous one, so a metric
-logged every 50 steps is judged once per 50 steps, whichever order the callbacks run in.
+Watches one key. What counts as an *observation* (one judgement of the key) depends on how the key was logged:
+
+- **Published by an entrotrain monitor** (through :func:`~entrotrain.callbacks._publish.publish_scalars`, which keeps
+  the trainer's ledger): one observation per *logging step at which the key was published* — a ledger entry whose
+  step is newer than the last one observed. A value that stays the same (a head stuck at 0) is a new observation at
+  each publication; the same publication is never counted twice, whichever order the callbacks run in. The guard
+  looks at the ledger at every training batch start and end and at validation end.
+- **Logged with** ``self.log`` **in a LightningModule** (not in the ledger): Lightning cannot tell a fresh value from the
+  last one it kept, so the guard reads ``trainer.callback_metrics`` once per *Lightning logging step* (every
+  ``log_every_n_steps`` optimizer steps, when the loggers write, at the last micro-batch of an accumulation window)
+  for keys logged in training hooks, and once per validation run (at ``on_validation_end``, not during the sanity
+  check) for keys logged in validation hooks. Staleness cannot be detected for such keys.
 
 Two triggers, either or both:
 
 - ``threshold``: the value falls below it (with ``mode="min"``; above it with ``mode="max"``);
-- ``max_drop``: the value falls by more than this fraction of its value ``drop_window`` observations earlier.
+- ``max_drop``: the value falls by more than this fraction of its value ``drop_window`` finite observations earlier.
+
+Two more kinds of bad observation, when ``on_nonfinite`` (default: on, except for ``action="reduce_lr"``):
+
+- **non-finite**: the key was published as NaN/Inf (a monitor whose statistic could not be computed publishes NaN:
+  the model or its inputs went non-finite). With ``on_nonfinite=False`` a NaN observation is skipped (it neither
+  extends nor breaks a streak) and warned about once.
+- **stale**: a ledger key not published for more than ``stale_after`` optimizer steps (default: 3 × the interval
+  between its last two publications; off until two publications are seen) — its monitor stopped, or the key
+  disappeared. Warned about once per silence; with ``on_nonfinite`` each further ``stale_after`` steps of silence
+  is one bad observation. The last value is never re-used as if it were current.
+
+The guard does not read the training loss: that costs a device sync every step. A model gone NaN reaches the
+monitors' statistics (published as NaN) at their next logging step; watch a ``self.log``-ed loss with a second guard
+(``monitor="train/loss", mode="max", threshold=...``) if you want the loss itself judged.
 
 A trigger fires after ``patience`` consecutive bad observations, then re-arms only once an observation is good again
-(one warning per episode, not one per step). The decision is identical on every DDP rank because monitors reduce
+(one action per episode, not one per step). The decision is identical on every DDP rank because monitors reduce
 across ranks before they publish.
 
 Every firing, whatever the action, is logged as ``{monitor}/alert`` = 1 to every logger at the step of the watched
 value and recorded as an event in the run record (``entrotrain report`` lists it and marks it on the curve); the
 threshold is declared to the run record so the report draws it.
+
+Lifecycle: every per-fit state (history, streak, episode, steps) is reset at ``setup(stage="fit")`` — before
+Lightning restores callbacks from ``ckpt_path`` (whether the strategy restores before or after ``on_fit_start``) —
+so a guard reused for a second ``fit`` starts fresh while a resumed run continues its streak from the checkpoint.
+The trainer's ledger is cleared at the same point (:func:`~entrotrain.callbacks._publish.reset_ledger`).
 """
 
 from __future__ import annotations
@@ -25,32 +53,69 @@ from collections import deque
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
+from entrotrain.callbacks._publish import ledger, reset_ledger
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["EntropyCollapseGuard"]
 
 GuardAction = Literal["warn", "alert", "stop", "reduce_lr"]
+_ACTIONS = ("warn", "alert", "stop", "reduce_lr")
+
+#: The per-fit state that ``state_dict`` saves, with the value a fresh fit (or an old checkpoint) starts from.
+_STATE_DEFAULTS: dict[str, Any] = {
+    "history": [],
+    "bad_streak": 0,
+    "fired": False,
+    "times_fired": 0,
+    "lr_reductions": 0,
+    "last_reason": "",
+    "last_seen_step": None,  # step of the last publication observed
+    "prev_seen_step": None,  # the one before: their difference is the key's cadence
+    "last_stale_step": None,  # step of the last 'stale' observation in the current silence
+    "stale_warned": False,
+}
+
+
+def _logged_in(results: Any, key: str) -> bool:
+    """Whether ``key`` was logged with ``self.log`` in the hooks of this Lightning result collection."""
+    if not results:
+        return False
+    return any(getattr(getattr(metric, "meta", None), "name", None) == key for metric in results.values())
+
+
+def _current_step(trainer: Trainer) -> int:
+    """The step Lightning logs this batch at (the one ``publish_scalars`` files its entries under)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 class EntropyCollapseGuard(Callback):
-    """Watches one logged key and acts when it collapses.
+    """Watches one logged key and acts when it collapses, goes non-finite, or stops being published.
 
     Args:
         monitor: the key to watch, e.g. ``"entropy/attn_norm/min"`` or ``"entropy/attn/collapse_frac"``.
         threshold: fire when the value goes below it (``mode="min"``) or above it (``mode="max"``); ``None`` = off.
         mode: ``"min"``: low is bad (entropies); ``"max"``: high is bad (``collapse_frac``).
         max_drop: fire when the value falls by more than this fraction (0–1) of its value ``drop_window``
-            observations earlier; ``None`` = off. Only with ``mode="min"``.
-        drop_window: observations between the two values compared by ``max_drop``.
+            finite observations earlier; ``None`` = off. Only with ``mode="min"``.
+        drop_window: finite observations between the two values compared by ``max_drop``.
         patience: consecutive bad observations before firing.
-        action: ``"warn"``; ``"alert"`` (warn and send a wandb alert when a ``WandbLogger`` is attached); ``"stop"`` (warn and stop training); ``"reduce_lr"`` (warn and multiply every
-            optimizer's learning rates, and schedulers' base rates, by ``lr_factor``).
+        action: ``"warn"``; ``"alert"`` (warn and send a wandb alert when a ``WandbLogger`` is attached; a refused
+            alert, e.g. offline, is warned about once); ``"stop"`` (warn and stop training); ``"reduce_lr"`` (warn and
+            multiply every optimizer's learning rates, and schedulers' base rates, by ``lr_factor``, never below
+            ``min_lr``).
         lr_factor: factor for ``"reduce_lr"``, in (0, 1).
-        min_lr: learning rates are never lowered below this.
+        min_lr: learning rates are never lowered below this (finite, >= 0).
         missing_ok: if ``False``, raise when ``monitor`` never appears after ``missing_after`` training steps.
-        missing_after: steps to wait for the key before ``missing_ok=False`` raises.
+        missing_after: steps (>= 0) to wait for the key before ``missing_ok=False`` raises.
+        on_nonfinite: count a NaN/Inf observation and a stale key as bad observations. ``None`` = ``True`` for
+            ``"warn"``, ``"alert"`` and ``"stop"``, ``False`` for ``"reduce_lr"`` (a lower learning rate cannot bring
+            back a model that went NaN).
+        stale_after: optimizer steps without a new publication after which a ledger key is stale; ``None`` = 3 × the
+            interval between its last two publications.
 
     Example::
 
@@ -71,57 +136,65 @@ class EntropyCollapseGuard(Callback):
         min_lr: float = 0.0,
         missing_ok: bool = True,
         missing_after: int = 1000,
+        on_nonfinite: bool | None = None,
+        stale_after: int | None = None,
     ) -> None:
-        if threshold is None and max_drop is None:
-            raise EntrotrainError("EntropyCollapseGuard needs a threshold, a max_drop, or both.")
-        if mode not in ("min", "max"):
-            raise EntrotrainError(f"mode must be 'min' (low is bad) or 'max' (high is bad), got {mode!r}.")
-        if max_drop is not None and (mode != "min" or not 0.0 < max_drop < 1.0):
-            raise EntrotrainError(f"max_drop is a fraction in (0, 1) and needs mode='min', got {max_drop!r}.")
-        if action not in ("warn", "alert", "stop", "reduce_lr"):
-            raise EntrotrainError(f"action must be 'warn', 'alert', 'stop' or 'reduce_lr', got {action!r}.")
-        if not 0.0 < lr_factor < 1.0:
-            raise EntrotrainError(f"lr_factor must be in (0, 1), got {lr_factor}.")
-        if drop_window < 1 or patience < 1:
-            raise EntrotrainError("drop_window and patience must be at least 1.")
-        self.monitor = monitor
-        self.threshold = threshold
-        self.mode = mode
-        self.max_drop = max_drop
-        self.drop_window = drop_window
-        self.patience = patience
-        self.action = action
-        self.lr_factor = lr_factor
-        self.min_lr = min_lr
-        self.missing_ok = missing_ok
-        self.missing_after = missing_after
-        # state (survives a resume)
-        self.history: deque[float] = deque(maxlen=drop_window + 1)
-        self.bad_streak = 0
-        self.fired = False
-        self.times_fired = 0
-        self.lr_reductions = 0
-        self.last_reason = ""
+        self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
+        self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
+        self.mode = check_choice(mode, "EntropyCollapseGuard(mode) ('min': low is bad, 'max': high is bad)", ("min", "max"))
+        self.max_drop = check_real(
+            max_drop, "EntropyCollapseGuard(max_drop)", low=0.0, high=1.0, low_open=True, high_open=True, none_ok=True
+        )
+        if self.threshold is None and self.max_drop is None:
+            raise EntrotrainError(
+                "EntropyCollapseGuard needs a threshold, a max_drop, or both; got threshold=None and max_drop=None. "
+                "Give e.g. threshold=0.05."
+            )
+        if self.max_drop is not None and self.mode != "min":
+            raise EntrotrainError(
+                f"EntropyCollapseGuard(max_drop={self.max_drop}) watches a fall and needs mode='min', got "
+                f"mode={self.mode!r}; use threshold with mode='max'."
+            )
+        self.drop_window = check_int(drop_window, "EntropyCollapseGuard(drop_window)", low=1)
+        self.patience = check_int(patience, "EntropyCollapseGuard(patience)", low=1)
+        self.action: GuardAction = check_choice(action, "EntropyCollapseGuard(action)", _ACTIONS)
+        self.lr_factor = check_real(
+            lr_factor, "EntropyCollapseGuard(lr_factor)", low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        self.min_lr = check_real(min_lr, "EntropyCollapseGuard(min_lr)", low=0.0)
+        self.missing_ok = check_bool(missing_ok, "EntropyCollapseGuard(missing_ok)")
+        self.missing_after = check_int(missing_after, "EntropyCollapseGuard(missing_after)", low=0)
+        on_nonfinite = check_bool(on_nonfinite, "EntropyCollapseGuard(on_nonfinite)", none_ok=True)
+        self.on_nonfinite: bool = self.action != "reduce_lr" if on_nonfinite is None else on_nonfinite
+        self.stale_after = check_int(stale_after, "EntropyCollapseGuard(stale_after)", low=1, none_ok=True)
+        self._reset()
+
+    # ------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        """Per-fit state to its defaults (a fresh fit; missing keys of an old checkpoint)."""
+        self.load_state_dict({})
+        self._nonfinite_warned = False
+        self._alert_failed_warned = False
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor, mode=self.mode, action=self.action)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "history": list(self.history),
-            "bad_streak": self.bad_streak,
-            "fired": self.fired,
-            "times_fired": self.times_fired,
-            "lr_reductions": self.lr_reductions,
-        }
+        state = {name: getattr(self, name) for name in _STATE_DEFAULTS}
+        state["history"] = list(self.history)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = deque(state_dict["history"], maxlen=self.drop_window + 1)
-        self.bad_streak = state_dict["bad_streak"]
-        self.fired = state_dict["fired"]
-        self.times_fired = state_dict["times_fired"]
-        self.lr_reductions = state_dict["lr_reductions"]
+        """Restore a saved state; keys an older checkpoint lacks take their fresh-fit defaults."""
+        for name, default in _STATE_DEFAULTS.items():
+            setattr(self, name, state_dict.get(name, default))
+        self.history: deque[float] = deque((float(v) for v in self.history), maxlen=self.drop_window + 1)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # before Lightning restores callbacks from ckpt_path
+            self._reset()
+            reset_ledger(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.threshold is not None:
@@ -129,17 +202,74 @@ class EntropyCollapseGuard(Callback):
 
             record_threshold(trainer, self.monitor, self.threshold, f"guard ({self.action})")
 
-    # ------------------------------------------------------------------ checks
-    def _reason(self, value: float) -> str:
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._poll_ledger(trainer)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if ledger(trainer).get(self.monitor) is not None:
+            self._poll_ledger(trainer)
+            self._check_stale(trainer)
+        elif self._is_logging_step(trainer) and _logged_in(trainer._results, self.monitor):
+            self._poll_logged(trainer)
+        self._check_missing(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if ledger(trainer).get(self.monitor) is not None:
+            self._poll_ledger(trainer)
+        elif _logged_in(trainer._results, self.monitor):
+            self._poll_logged(trainer)
+
+    # ------------------------------------------------------------------ observations
+    @staticmethod
+    def _is_logging_step(trainer: Trainer) -> bool:
+        """A step at which Lightning writes ``self.log`` values to the loggers (last micro-batch of the window)."""
+        return not trainer.fit_loop.epoch_loop._should_accumulate() and trainer._logger_connector.should_update_logs
+
+    def _poll_ledger(self, trainer: Trainer) -> None:
+        """Observe the ledger entry of ``monitor`` if it was published at a step newer than the last observed."""
+        entry = ledger(trainer).get(self.monitor)
+        if entry is not None and (self.last_seen_step is None or entry.step > self.last_seen_step):
+            self._observe(trainer, entry.value, entry.step)
+
+    def _poll_logged(self, trainer: Trainer) -> None:
+        """Observe a ``self.log``-ed key once per step (the value in ``callback_metrics``)."""
+        step = _current_step(trainer)
+        metric = trainer.callback_metrics.get(self.monitor)
+        if metric is not None and (self.last_seen_step is None or step > self.last_seen_step):
+            self._observe(trainer, float(metric), step)
+
+    def _observe(self, trainer: Trainer, value: float, step: int) -> None:
+        """One publication of the key at ``step``: judge it, extend or end the bad streak, act at ``patience``."""
+        self.prev_seen_step, self.last_seen_step = self.last_seen_step, step
+        self.last_stale_step, self.stale_warned = None, False
         if not math.isfinite(value):
-            return f"{self.monitor} is {value}"
+            if not self.on_nonfinite:
+                self._warn_nonfinite_ignored(step)
+                return
+            self._bad(trainer, f"{self.monitor} is {value}: the model or its inputs went non-finite", step)
+            return
+        reason = self._reason(value)
+        self.history.append(value)
+        if reason:
+            self._bad(trainer, reason, step)
+        else:
+            self.bad_streak = 0
+            self.fired = False  # re-armed: the next bad streak is a new episode
+
+    def _reason(self, value: float) -> str:
+        """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
         if self.threshold is not None:
             if self.mode == "min" and value < self.threshold:
                 return f"{self.monitor} = {value:.4g} fell below {self.threshold}"
             if self.mode == "max" and value > self.threshold:
                 return f"{self.monitor} = {value:.4g} rose above {self.threshold}"
-        if self.max_drop is not None and len(self.history) == self.history.maxlen:
-            before = self.history[0]
+        if self.max_drop is not None and len(self.history) >= self.drop_window:
+            before = self.history[-self.drop_window]  # drop_window finite observations before this one
             if before > 0 and (before - value) / before > self.max_drop:
                 return (
                     f"{self.monitor} fell by {100 * (before - value) / before:.0f}% "
@@ -147,45 +277,77 @@ class EntropyCollapseGuard(Callback):
                 )
         return ""
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        metric = trainer.callback_metrics.get(self.monitor)
-        if metric is None:
-            if not self.missing_ok and trainer.global_step >= self.missing_after:
-                available = sorted(k for k in trainer.callback_metrics)[:20]
-                raise EntrotrainError(
-                    f"EntropyCollapseGuard: {self.monitor!r} was never logged in {self.missing_after} steps. "
-                    f"Logged keys include {available}. Add the monitor that logs it, or fix the key."
-                )
-            return
-        value = float(metric)
-        if self.history and value == self.history[-1]:
-            return  # not a new observation
-        self.history.append(value)
-        reason = self._reason(value)
-        if not reason:
-            self.bad_streak = 0
-            self.fired = False
-            return
+    def _bad(self, trainer: Trainer, reason: str, step: int) -> None:
         self.bad_streak += 1
         if self.fired or self.bad_streak < self.patience:
             return
         self.fired = True
         self.times_fired += 1
         self.last_reason = reason
-        self._act(trainer, reason)
+        self._act(trainer, reason, step)
+
+    def _warn_nonfinite_ignored(self, step: int) -> None:
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            rank_zero_warn(
+                f"EntropyCollapseGuard: {self.monitor} is NaN at step {step} (the model or its inputs went "
+                "non-finite); skipped because on_nonfinite=False. Pass on_nonfinite=True to count it as bad."
+            )
+
+    def _stale_limit(self) -> int | None:
+        """Steps of silence after which the key is stale: ``stale_after``, or 3 × its last publication interval."""
+        if self.stale_after is not None:
+            return self.stale_after
+        if self.last_seen_step is None or self.prev_seen_step is None:
+            return None
+        return 3 * max(self.last_seen_step - self.prev_seen_step, 1)
+
+    def _check_stale(self, trainer: Trainer) -> None:
+        """A ledger key silent for more than the stale limit: warn once; with ``on_nonfinite``, one bad observation
+        per further stale limit of silence."""
+        limit = self._stale_limit()
+        if limit is None or self.last_seen_step is None:
+            return
+        now = _current_step(trainer)
+        since = self.last_seen_step if self.last_stale_step is None else self.last_stale_step
+        if now - since <= limit:
+            return
+        self.last_stale_step = now
+        reason = (
+            f"{self.monitor} was not published for {now - self.last_seen_step} steps (last at step "
+            f"{self.last_seen_step}, stale after {limit}): its monitor stopped or the key disappeared"
+        )
+        if not self.stale_warned:
+            self.stale_warned = True
+            rank_zero_warn(f"EntropyCollapseGuard: {reason}; its last value is not treated as current.")
+        if self.on_nonfinite:
+            self._bad(trainer, reason, now)
+
+    def _check_missing(self, trainer: Trainer) -> None:
+        if self.missing_ok or self.last_seen_step is not None or trainer.global_step < self.missing_after:
+            return
+        if self.monitor in trainer.callback_metrics:
+            return
+        available = sorted(k for k in trainer.callback_metrics)[:20]
+        raise EntrotrainError(
+            f"EntropyCollapseGuard: {self.monitor!r} was never logged in {self.missing_after} steps. "
+            f"Logged keys include {available}. Add the monitor that logs it, or fix the key."
+        )
 
     # ------------------------------------------------------------------ actions
-    def _act(self, trainer: Trainer, reason: str) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the watched value was logged at
+    def _act(self, trainer: Trainer, reason: str, step: int) -> None:
+        """The configured action, once per episode; ``step`` is the step the watched value was logged at."""
         message = f"EntropyCollapseGuard at step {step}: {reason}."
         if self.action == "stop":
             message += " Stopping training."
             trainer.should_stop = True
         elif self.action == "reduce_lr":
-            self._reduce_lr(trainer)
-            message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
+            lowered = self._reduce_lr(trainer)
+            message += (
+                f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
+                if lowered
+                else f" Learning rates already at min_lr={self.min_lr}; left as they are."
+            )
         rank_zero_warn(message)
         self._record(trainer, message, step)
         if self.action == "alert":
@@ -199,15 +361,21 @@ class EntropyCollapseGuard(Callback):
             logger.log_metrics({f"{self.monitor}/alert": 1.0}, step=step)
         record_event(trainer, self.monitor, message, level=self.action, step=step)
 
-    def _reduce_lr(self, trainer: Trainer) -> None:
-        self.lr_reductions += 1
+    def _reduce_lr(self, trainer: Trainer) -> bool:
+        """``lr ← max(lr · lr_factor, min_lr)`` for every param group and scheduler base rate; whether any fell."""
+        lowered = False
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = max(group["lr"] * self.lr_factor, self.min_lr)
+                new = max(group["lr"] * self.lr_factor, self.min_lr)
+                lowered |= new < group["lr"]
+                group["lr"] = min(new, group["lr"])
         for config in trainer.lr_scheduler_configs:
             base = getattr(config.scheduler, "base_lrs", None)
             if base is not None:  # schedulers recompute lr from base_lrs at their next step
-                config.scheduler.base_lrs = [max(lr * self.lr_factor, self.min_lr) for lr in base]
+                config.scheduler.base_lrs = [min(max(lr * self.lr_factor, self.min_lr), lr) for lr in base]
+        if lowered:
+            self.lr_reductions += 1
+        return lowered
 
     def _alert(self, trainer: Trainer, message: str) -> None:
         if not trainer.is_global_zero:
@@ -219,5 +387,10 @@ class EntropyCollapseGuard(Callback):
             if callable(alert):
                 try:
                     alert(title=f"entropy collapse: {self.monitor}", text=message)
-                except Exception as err:  # offline runs may refuse alerts; the warning above already went out
-                    rank_zero_warn(f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged.")
+                except Exception as err:  # offline runs refuse alerts; the warning above already went out
+                    if not self._alert_failed_warned:
+                        self._alert_failed_warned = True
+                        rank_zero_warn(
+                            f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged. "
+                            "Further refused alerts are not reported."
+                        )

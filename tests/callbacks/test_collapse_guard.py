@@ -32,10 +32,11 @@ class Scripted(TinyLM):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def run(values, guard, max_steps=None, **model_kwargs):
+def run(values, guard, max_steps=None, log_every_n_steps=1, **model_kwargs):
+    """A ``self.log``-ed key is judged once per Lightning logging step: log every step to judge every value."""
     L.seed_everything(0)
     model = Scripted(values, **model_kwargs)
-    trainer = quiet_trainer(callbacks=[guard], max_steps=max_steps or len(values))
+    trainer = quiet_trainer(callbacks=[guard], max_steps=max_steps or len(values), log_every_n_steps=log_every_n_steps)
     trainer.fit(model, token_loader(n=256))
     return trainer
 
@@ -48,9 +49,15 @@ def test_warns_once_per_episode_and_rearms():
     assert sum("EntropyCollapseGuard" in str(w.message) for w in record) == 2
 
 
-def test_patience_counts_new_observations_only():
+def test_patience_counts_logging_steps_not_changes_of_value():
+    # A value stuck at a bad level is one bad observation per logging step (it used to count once: the bug).
     guard = EntropyCollapseGuard("watched", threshold=0.5, patience=2)
-    run([0.9, 0.4, 0.4, 0.4, 0.9], guard)  # one bad *observation* repeated: not two
+    with pytest.warns(UserWarning, match="watched = 0.4 fell below"):
+        run([0.9, 0.4, 0.4, 0.4, 0.9], guard)
+    assert guard.times_fired == 1
+    # Logged every step but judged every 2nd (log_every_n_steps=2): the bad steps 1 and 2 give one logging step.
+    guard = EntropyCollapseGuard("watched", threshold=0.5, patience=2)
+    run([0.9, 0.4, 0.4, 0.9, 0.9, 0.9], guard, log_every_n_steps=2)
     assert guard.times_fired == 0
     guard = EntropyCollapseGuard("watched", threshold=0.5, patience=2)
     with pytest.warns(UserWarning):

@@ -29,6 +29,23 @@ Clip-Cov / KL-Cov (Cui et al. 2025, arXiv 2505.22617) select tokens by the covar
   ``hash(seed, step, global token index)``, so it is independent of how the batch is split. The loss is
   aggregated with global denominators times the world size (DDP averages gradients), so the DDP-averaged gradient
   equals the single-process one. One host sync per call (the integer budget).
+
+Contracts (DESIGN.md §8), shared by every loss here:
+
+- **Inputs.** ``logprobs``, ``old_logprobs`` and ``entropy`` are floating ``(B, T)`` (``B`` or ``T`` may be 0),
+  ``advantages`` floating ``(B,)`` or ``(B, T)``; ``mask`` is bool (True = valid token), integer 0/1 (1 = valid)
+  or floating 0/1 (verl's ``response_mask``, read as ``mask > 0``). Anything else — a wrong shape or dtype, an
+  integer mask with other values, a bad constructor argument (a NaN ratio, ``cov_lb >= cov_ub``, a negative
+  coefficient, an unknown mode) — raises :class:`~entrotrain.errors.EntrotrainError` naming the argument.
+- **Compute dtype.** float32 for fp16/bf16/fp32 inputs, float64 for fp64 (the loss and metrics come back in it).
+- **Empty or all-masked input** (no valid token here, or on every rank for the global aggregations): the loss is
+  exactly 0 with a zero gradient (verl's masked mean; a 0 denominator is replaced by 1, a positive one is used as
+  is, so finite input stays bit-identical to verl). Every metric is then 0 (``policy/token_weight_min|max``: 1,
+  no token down-weighted), never NaN.
+- **Masked positions never leak.** They are replaced by 0 with ``torch.where`` before any arithmetic, so NaN/Inf
+  there changes neither the loss nor the metrics nor the (zero) gradient at those positions. verl multiplies by
+  the mask instead (its ``seq-mean-*`` modes give NaN when a masked entry is NaN/Inf); on finite input the two
+  agree bit for bit. NaN/Inf at a *valid* position is data: the loss is then NaN/Inf, as verl's.
 """
 
 from __future__ import annotations
@@ -39,6 +56,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from entrotrain._validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    check_shape,
+    check_tensor,
+    keep_mask,
+)
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import all_reduce_max, all_reduce_sum, world
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss, steer_weights
@@ -67,42 +93,102 @@ class PolicyLossOutput(NamedTuple):
 
 
 def _check_agg(agg: str) -> str:
-    if agg not in AGG_MODES:
-        raise EntrotrainError(f"agg must be one of {AGG_MODES}, got {agg!r}.")
-    return agg
+    return check_choice(agg, "agg", AGG_MODES)
 
 
 def _check_mode(mode: str) -> str:
-    if mode not in ("global", "micro_batch"):
-        raise EntrotrainError(f"mode must be 'global' or 'micro_batch', got {mode!r}.")
-    return mode
+    return check_choice(mode, "mode", ("global", "micro_batch"))
 
 
-def _prepare(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Checks shapes; returns ``(logp, old (detached), adv (B, T) detached, float mask)``."""
-    if logprobs.dim() != 2:
-        raise EntrotrainError(f"logprobs must be (B, T), got shape {tuple(logprobs.shape)}.")
-    if old_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+def _check_clip(clip_low: float, clip_high: float) -> tuple[float, float]:
+    """PPO's clip range: ``clip_low`` in [0, 1] (the ratio's floor ``1 - clip_low`` stays >= 0), ``clip_high`` >= 0."""
+    low = check_real(clip_low, "clip_low", low=0.0, high=1.0)
+    high = check_real(clip_high, "clip_high", low=0.0)
+    return low, high  # type: ignore[return-value]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (DESIGN §2: accumulate in float32 at least)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _token_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
+    """The valid-token mask ``(B, T)`` as bool: bool (True = valid), integer 0/1 (:func:`keep_mask`, 1 = valid), or
+    floating 0/1 (verl's ``response_mask``, read as ``mask > 0``; its values are not checked, which would sync)."""
+    check_tensor(mask, name)
+    check_shape(mask, shape, name, like="the logprobs")
+    if mask.is_floating_point():
+        return mask > 0
+    return keep_mask(mask, name)  # type: ignore[return-value]
+
+
+def _check_entropy(entropy: Tensor | None, shape: torch.Size | None, who: str) -> Tensor:
+    if entropy is None:
         raise EntrotrainError(
-            f"old_logprobs {tuple(old_logprobs.shape)} and mask {tuple(mask.shape)} must match logprobs "
-            f"{tuple(logprobs.shape)}."
+            f"{who} needs entropy= (the per-token entropy, (B, T) like the logprobs), got None; pass entropy=H."
         )
-    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
-        advantages = advantages[:, None].expand_as(logprobs)
-    elif advantages.shape != logprobs.shape:
-        raise EntrotrainError(
-            f"advantages of shape {tuple(advantages.shape)} must be (B,) or (B, T) = {tuple(logprobs.shape)}."
-        )
-    maskf = mask.to(logprobs.dtype) if logprobs.is_floating_point() else mask.float()
-    return logprobs, old_logprobs.detach(), advantages.detach().to(logprobs.dtype), maskf
+    check_tensor(entropy, "entropy", floating=True, ndim=2, layout="(batch, tokens)")
+    if shape is not None:
+        check_shape(entropy, shape, "entropy", like="the logprobs")
+    return entropy
+
+
+def _check_step(step: int | None) -> int | None:
+    if isinstance(step, Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = int(step.item())
+    return check_int(step, "step", low=0, none_ok=True)
+
+
+class _Batch(NamedTuple):
+    """A validated batch in the compute dtype (>= float32); masked positions hold 0 in ``logp``, ``old`` and
+    ``adv``, so NaN/Inf there never reaches a value or a gradient."""
+
+    logp: Tensor
+    old: Tensor
+    adv: Tensor
+    maskf: Tensor
+    valid: Tensor
+
+
+def _prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> _Batch:
+    """Checks shapes and dtypes; returns the batch with masked positions zeroed (``torch.where``, not ``* 0``).
+
+    ``logprobs`` / ``old_logprobs`` floating ``(B, T)``; ``advantages`` floating ``(B,)`` or ``(B, T)``; ``mask``
+    per :func:`_token_mask`. ``old`` and ``adv`` are detached. On finite input the valid positions are unchanged,
+    so every value verl computes from them (micro-batch mode) is reproduced bit for bit.
+    """
+    check_tensor(logprobs, "logprobs", floating=True, ndim=2, layout="(batch, tokens)")
+    shape = logprobs.shape
+    check_tensor(old_logprobs, "old_logprobs", floating=True)
+    check_shape(old_logprobs, shape, "old_logprobs", like="the logprobs")
+    check_tensor(advantages, "advantages", floating=True, ndim=(1, 2), layout="(batch,) or (batch, tokens)")
+    if advantages.dim() == 1:
+        check_shape(advantages, shape[:1], "advantages", like="one per sequence of the logprobs")
+        advantages = advantages[:, None].expand(shape)
+    else:
+        check_shape(advantages, shape, "advantages", like="the logprobs, or (B,) one per sequence")
+    valid = _token_mask(mask, shape)
+    cdtype = _compute_dtype(logprobs.dtype)
+    zero = torch.zeros((), dtype=cdtype, device=logprobs.device)
+    logp = torch.where(valid, logprobs.to(cdtype), zero)
+    old = torch.where(valid, old_logprobs.detach().to(cdtype), zero)
+    adv = torch.where(valid, advantages.detach().to(cdtype), zero)
+    return _Batch(logp, old, adv, valid.to(cdtype), valid)
 
 
 def _masked_mean(values: Tensor, maskf: Tensor) -> Tensor:
-    """verl's ``masked_mean``: ``sum(where(m, v, 0) * m) / (sum(m) + 1e-8)``."""
+    """verl's ``masked_mean``: ``sum(where(m, v, 0) * m) / (sum(m) + 1e-8)`` (0 when nothing is valid)."""
     valid = torch.where(maskf.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
     return (valid * maskf).sum() / (maskf.sum() + 1e-8)
+
+
+def _masked_extreme(values: Tensor, keep: Tensor, largest: bool, empty: float = 0.0) -> Tensor:
+    """``max`` (``largest``) or ``min`` of ``values`` over ``keep``; ``empty`` when nothing is kept (also for 0
+    elements, where ``Tensor.max`` raises). No host sync."""
+    fill = torch.full((1,), -torch.inf if largest else torch.inf, dtype=values.dtype, device=values.device)
+    flat = torch.cat([torch.where(keep, values, fill[0]).reshape(-1), fill])
+    ext = flat.max() if largest else flat.min()
+    return torch.where(keep.any(), ext, torch.full((), empty, dtype=values.dtype, device=values.device))
 
 
 def _ppo_terms(
@@ -155,15 +241,21 @@ class PolicyLoss(nn.Module):
         return PolicyLossSum(left + right)
 
     def _aggregate(self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool) -> Tensor:
-        """Local ``aggregate_loss``, or with global denominators × world size (DDP averages the gradients)."""
-        if not global_agg:
-            return aggregate_loss(values, maskf, agg)
-        _, ws = world()
-        counts = torch.stack([maskf.sum(), (maskf.sum(-1) > 0).to(maskf.dtype).sum()]).double()
-        counts = all_reduce_sum(counts).to(values.dtype)
-        t_max = float(all_reduce_max(torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)))
+        """``aggregate_loss`` with local denominators, or global ones × world size (DDP averages the gradients).
+
+        A denominator of 0 (no valid token or sequence, here or on every rank) is replaced by 1, so an empty or
+        all-masked batch gives exactly 0 with a zero gradient (verl's masked mean) instead of 0/0; a positive
+        denominator is passed unchanged, so the result stays bit-identical to verl's ``agg_loss``.
+        """
+        counts = torch.stack([maskf.sum(), (maskf.sum(-1) > 0).to(maskf.dtype).sum()])
+        t_max, ws = float(values.shape[-1]), 1
+        if global_agg:
+            _, ws = world()
+            counts = all_reduce_sum(counts.double()).to(values.dtype)
+            t_max = float(all_reduce_max(torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)))
+        counts = torch.where(counts > 0, counts, torch.ones_like(counts))
         return aggregate_loss(
-            values, maskf, agg, num_tokens=counts[0], num_sequences=counts[1], max_length=t_max, dp_size=ws
+            values, maskf, agg, num_tokens=counts[0], num_sequences=counts[1], max_length=max(t_max, 1.0), dp_size=ws
         )
 
 
@@ -172,6 +264,12 @@ class PolicyLossSum(PolicyLoss):
 
     def __init__(self, terms: list[PolicyLoss]) -> None:
         super().__init__()
+        terms = list(terms)
+        if not terms or not all(isinstance(t, PolicyLoss) for t in terms):
+            raise EntrotrainError(
+                f"PolicyLossSum needs a non-empty list of PolicyLoss modules, got {[type(t).__name__ for t in terms]}; "
+                "compose losses with +, e.g. PPOClipLoss() + EntropyBonus(0.01)."
+            )
         self.terms = nn.ModuleList(terms)
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
@@ -222,20 +320,20 @@ class PPOClipLoss(PolicyLoss):
         global_agg: bool = False,
     ) -> None:
         super().__init__()
-        if clip_low < 0 or clip_high < 0:
-            raise EntrotrainError(f"clip_low and clip_high must be >= 0, got {clip_low!r}, {clip_high!r}.")
-        if dual_clip is not None and not dual_clip > 1:
-            raise EntrotrainError(f"dual_clip must be > 1 (verl's clip_ratio_c, e.g. 3.0) or None, got {dual_clip!r}.")
-        self.clip_low, self.clip_high, self.dual_clip = float(clip_low), float(clip_high), dual_clip
+        self.clip_low, self.clip_high = _check_clip(clip_low, clip_high)
+        self.dual_clip = check_real(dual_clip, "dual_clip", low=1.0, low_open=True, none_ok=True)
         self.agg = _check_agg(agg)
-        self.log_ratio_clamp = log_ratio_clamp
-        self.global_agg = global_agg
+        self.log_ratio_clamp = check_real(log_ratio_clamp, "log_ratio_clamp", low=0.0, low_open=True, none_ok=True)
+        self.global_agg = check_bool(global_agg, "global_agg")
 
     def per_token(
         self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-token PPO loss ``(B, T)`` (before aggregation) and its metrics."""
-        logp, old, adv, maskf = _prepare(logprobs, old_logprobs, advantages, mask)
+        """Per-token PPO loss ``(B, T)`` (before aggregation; 0 on masked tokens) and its metrics."""
+        return self._per_token(_prepare(logprobs, old_logprobs, advantages, mask))
+
+    def _per_token(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        logp, old, adv, maskf, _ = batch
         d, ratio, l1, l2 = _ppo_terms(logp, old, adv, self.clip_low, self.clip_high, self.log_ratio_clamp)
         loss = torch.maximum(l1, l2)
         metrics = _ppo_metrics(d, ratio, adv, maskf, self.clip_low, self.clip_high)
@@ -246,8 +344,9 @@ class PPOClipLoss(PolicyLoss):
         return loss, metrics
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
-        per_token, metrics = self.per_token(logprobs, old_logprobs, advantages, mask)
-        loss = self._aggregate(per_token, mask.to(per_token.dtype), self.agg, self.global_agg)
+        batch = _prepare(logprobs, old_logprobs, advantages, mask)
+        per_token, metrics = self._per_token(batch)
+        loss = self._aggregate(per_token, batch.maskf, self.agg, self.global_agg)
         metrics["policy/pg_loss"] = loss.detach()
         return PolicyLossOutput(loss, metrics)
 
@@ -258,19 +357,23 @@ class PPOClipLoss(PolicyLoss):
 class _CovLoss(PolicyLoss):
     """Shared state of Clip-Cov / KL-Cov: mode, selection budget, counter, and the global covariance."""
 
-    def __init__(self, ratio: float, agg: str, mode: str, min_selected: int | None, nonzero_adv_only: bool) -> None:
+    def __init__(
+        self, ratio: float, agg: str, mode: str, min_selected: int | None, nonzero_adv_only: bool, ratio_name: str
+    ) -> None:
         super().__init__()
+        ratio = check_real(ratio, ratio_name)  # type: ignore[assignment]
         if not 0 < ratio <= 1:
-            raise EntrotrainError(f"the selection ratio must be in (0, 1] (a fraction, not a percent), got {ratio!r}.")
+            raise EntrotrainError(
+                f"{ratio_name} is the selected fraction of tokens and must be in (0, 1] (a fraction, not a percent), "
+                f"got {ratio!r}; e.g. 2e-4."
+            )
         self.ratio = float(ratio)
         self.agg = _check_agg(agg)
         self.mode = _check_mode(mode)
         if min_selected is None:
             min_selected = 1 if mode == "micro_batch" else 0
-        if min_selected < 0:
-            raise EntrotrainError(f"min_selected must be >= 0, got {min_selected!r}.")
-        self.min_selected = int(min_selected)
-        self.nonzero_adv_only = nonzero_adv_only
+        self.min_selected = check_int(min_selected, "min_selected", low=0)
+        self.nonzero_adv_only = check_bool(nonzero_adv_only, "nonzero_adv_only")
         self._calls = 0
 
     def _global_cov(self, logp: Tensor, adv: Tensor, maskf: Tensor) -> tuple[Tensor, Tensor]:
@@ -297,21 +400,19 @@ class _CovLoss(PolicyLoss):
 
     @staticmethod
     def _selection_metrics(selected: Tensor, cov: Tensor, maskf: Tensor, cov_all: Tensor) -> dict[str, Tensor]:
+        """Selection statistics; with no valid token every one of them is 0 (never NaN)."""
         with torch.no_grad():
             n_sel = selected.sum().to(maskf.dtype)
             valid = maskf.bool()
             cov = cov.to(maskf.dtype)
             zero = torch.zeros((), dtype=maskf.dtype, device=maskf.device)
-            big = torch.full((), torch.finfo(maskf.dtype).max, dtype=maskf.dtype, device=maskf.device)
-            any_sel = n_sel > 0
-            cmin = torch.where(any_sel, torch.where(selected, cov, big).min(), zero)
-            cmax = torch.where(any_sel, torch.where(selected, cov, -big).max(), zero)
+            n_valid = maskf.sum().clamp_min(1)
             return {
                 "policy/cov_selected": n_sel,
-                "policy/cov_selected_frac": n_sel / maskf.sum().clamp_min(1),
-                "policy/cov_min_selected": cmin,
-                "policy/cov_max_selected": cmax,
-                "policy/cov_mean": torch.where(valid, cov_all.to(maskf.dtype), zero).sum() / maskf.sum().clamp_min(1),
+                "policy/cov_selected_frac": n_sel / n_valid,
+                "policy/cov_min_selected": _masked_extreme(cov, selected, largest=False),
+                "policy/cov_max_selected": _masked_extreme(cov, selected, largest=True),
+                "policy/cov_mean": torch.where(valid, cov_all.to(maskf.dtype), zero).sum() / n_valid,
             }
 
 
@@ -354,14 +455,18 @@ class ClipCovLoss(_CovLoss):
         *,
         nonzero_adv_only: bool = False,
     ) -> None:
-        super().__init__(clip_ratio, agg, mode, min_selected, nonzero_adv_only)
-        if not cov_lb < cov_ub:
-            raise EntrotrainError(f"cov_lb must be < cov_ub, got {cov_lb!r} and {cov_ub!r}.")
+        super().__init__(clip_ratio, agg, mode, min_selected, nonzero_adv_only, "clip_ratio")
+        self.cov_lb = check_real(cov_lb, "cov_lb")
+        self.cov_ub = check_real(cov_ub, "cov_ub")
+        if not self.cov_lb < self.cov_ub:  # type: ignore[operator]
+            raise EntrotrainError(
+                f"cov_lb must be < cov_ub (the open covariance band), got cov_lb={cov_lb!r} and cov_ub={cov_ub!r}; "
+                "e.g. cov_lb=1, cov_ub=5."
+            )
+        self.seed = check_int(seed, "seed", none_ok=True)
         if mode == "global" and seed is None:
-            raise EntrotrainError("mode='global' needs an int seed (the counter-based keys); use seed=0.")
-        self.cov_lb, self.cov_ub = float(cov_lb), float(cov_ub)
-        self.clip_low, self.clip_high = float(clip_low), float(clip_high)
-        self.seed = seed
+            raise EntrotrainError("mode='global' needs an int seed (the counter-based keys), got None; use seed=0.")
+        self.clip_low, self.clip_high = _check_clip(clip_low, clip_high)
         self._generator: torch.Generator | None = None
 
     def _randperm(self, n: int) -> Tensor:
@@ -372,9 +477,9 @@ class ClipCovLoss(_CovLoss):
         return torch.randperm(n, generator=self._generator)
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
-        logp, old, adv, maskf = _prepare(logprobs, old_logprobs, advantages, mask)
+        logp, old, adv, maskf, valid = _prepare(logprobs, old_logprobs, advantages, mask)
+        step = _check_step(step)
         d, ratio, l1, l2 = _ppo_terms(logp, old, adv, self.clip_low, self.clip_high, None)
-        valid = maskf > 0
         clipped = (l2 > l1) & valid
         if self.mode == "micro_batch":
             # verl compute_policy_loss_clip_cov, step for step
@@ -393,7 +498,7 @@ class ClipCovLoss(_CovLoss):
             selected[idx[:, 0], idx[:, 1]] = True
             corr = torch.ones_like(adv)
             corr[idx[:, 0], idx[:, 1]] = 0
-            loss = aggregate_loss(torch.maximum(l1, l2) * corr, maskf, self.agg)
+            loss = self._aggregate(torch.maximum(l1, l2) * corr, maskf, self.agg, False)
         else:
             cov_all, count = self._global_cov(logp, adv, maskf)
             cand = valid & ~clipped & (cov_all > self.cov_lb) & (cov_all < self.cov_ub)
@@ -408,7 +513,7 @@ class ClipCovLoss(_CovLoss):
             loss = self._aggregate(pg, maskf, self.agg, True)
         self._calls += 1
         metrics = _ppo_metrics(d, ratio, adv, maskf, self.clip_low, self.clip_high)
-        cov_for_metrics = torch.where(valid, cov_all.detach(), torch.zeros((), dtype=cov_all.dtype))
+        cov_for_metrics = torch.where(valid, cov_all.detach(), torch.zeros((), dtype=cov_all.dtype, device=valid.device))
         metrics.update(self._selection_metrics(selected, cov_for_metrics, maskf, cov_for_metrics))
         metrics["policy/cov_candidates"] = n_cand.to(maskf.dtype).detach()
         metrics["policy/pg_loss"] = loss.detach()
@@ -442,8 +547,8 @@ class KLCovLoss(_CovLoss):
         *,
         nonzero_adv_only: bool = False,
     ) -> None:
-        super().__init__(k_ratio, agg, mode, min_selected, nonzero_adv_only)
-        self.kl_coef = float(kl_coef)
+        super().__init__(k_ratio, agg, mode, min_selected, nonzero_adv_only, "k_ratio")
+        self.kl_coef = check_real(kl_coef, "kl_coef", low=0.0)
         self._warned = False
 
     def _warn_on_policy(self, logp: Tensor, old: Tensor) -> None:
@@ -460,14 +565,14 @@ class KLCovLoss(_CovLoss):
             )
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
-        logp, old, adv, maskf = _prepare(logprobs, old_logprobs, advantages, mask)
-        self._warn_on_policy(logp, old)
+        logp, old, adv, maskf, valid = _prepare(logprobs, old_logprobs, advantages, mask)
+        _check_step(step)
+        self._warn_on_policy(logprobs, old_logprobs)
         d = logp - old
         abs_kl = d.abs()
         ratio = torch.exp(d)
         pg = -adv * ratio
         pg_kl = -adv * ratio + self.kl_coef * abs_kl
-        valid = maskf > 0
         if self.mode == "micro_batch":
             # verl compute_policy_loss_kl_cov, step for step (the covariance on the CPU over the flat valid tokens)
             valid_idx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
@@ -490,7 +595,7 @@ class KLCovLoss(_CovLoss):
                 selected[rows, cols] = True
                 cov_all[valid] = cov_list.to(cov_all.device, cov_all.dtype).nan_to_num(neginf=0.0)
             pg = torch.where(selected, pg_kl, pg)
-            loss = aggregate_loss(pg, maskf, self.agg)
+            loss = self._aggregate(pg, maskf, self.agg, False)
         else:
             cov_all, count = self._global_cov(logp, adv, maskf)
             cand = valid & (adv != 0) if self.nonzero_adv_only else valid
@@ -535,29 +640,29 @@ class SteerLoss(PolicyLoss):
         global_agg: bool = False,
     ) -> None:
         super().__init__()
-        if not 0 < w_min <= w_max:
-            raise EntrotrainError(f"need 0 < w_min <= w_max, got w_min={w_min!r}, w_max={w_max!r}.")
-        self.w_min, self.w_max, self.linear = float(w_min), float(w_max), linear
+        self.w_max = check_real(w_max, "w_max", low=0.0, low_open=True)
+        self.w_min = check_real(w_min, "w_min", low=0.0, low_open=True, high=self.w_max)
+        self.linear = check_bool(linear, "linear")
         self.ppo = PPOClipLoss(clip_low, clip_high, dual_clip, agg, log_ratio_clamp=log_ratio_clamp)
         self.agg = _check_agg(agg)
-        self.global_agg = global_agg
+        self.global_agg = check_bool(global_agg, "global_agg")
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
-        if entropy is None:
-            raise EntrotrainError("SteerLoss needs entropy= (per-token entropy of the old-policy pass, (B, T)).")
-        per_token, metrics = self.ppo.per_token(logprobs, old_logprobs, advantages, mask)
+        batch = _prepare(logprobs, old_logprobs, advantages, mask)
+        entropy = _check_entropy(entropy, batch.logp.shape, "SteerLoss (the old-policy pass's entropy)")
+        _check_step(step)
+        per_token, metrics = self.ppo._per_token(batch)
+        zero = torch.zeros((), dtype=batch.logp.dtype, device=batch.logp.device)
+        ent = torch.where(batch.valid, entropy.detach().to(batch.logp.dtype), zero)
         w = steer_weights(
-            logprobs.detach(), old_logprobs.detach(), advantages, entropy.detach(), mask,
+            batch.logp.detach(), batch.old, batch.adv, ent, batch.valid,
             w_min=self.w_min, w_max=self.w_max, linear=self.linear,
         )  # fmt: skip
-        maskf = mask.to(per_token.dtype)
-        loss = self._aggregate(per_token * w, maskf, self.agg, self.global_agg)
-        valid = mask.bool()
+        loss = self._aggregate(per_token * w, batch.maskf, self.agg, self.global_agg)
         with torch.no_grad():
-            big = torch.full((), float("inf"), dtype=w.dtype, device=w.device)
-            metrics["policy/token_weight_mean"] = _masked_mean(w, maskf)
-            metrics["policy/token_weight_min"] = torch.where(valid, w, big).min() if valid.any() else w.new_ones(())
-            metrics["policy/token_weight_max"] = torch.where(valid, w, -big).max() if valid.any() else w.new_ones(())
+            metrics["policy/token_weight_mean"] = _masked_mean(w, batch.maskf)
+            metrics["policy/token_weight_min"] = _masked_extreme(w, batch.valid, largest=False, empty=1.0)
+            metrics["policy/token_weight_max"] = _masked_extreme(w, batch.valid, largest=True, empty=1.0)
         metrics["policy/pg_loss"] = loss.detach()
         return PolicyLossOutput(loss, metrics)
 
@@ -593,14 +698,13 @@ class EntropyBonus(PolicyLoss):
         global_agg: bool = False,
     ) -> None:
         super().__init__()
-        if coef < 0 or delta < 0 or not coef_min <= coef_max:
-            raise EntrotrainError(
-                f"need coef >= 0, delta >= 0 and coef_min <= coef_max; got {coef!r}, {delta!r}, {coef_min!r}, "
-                f"{coef_max!r}."
-            )
-        self.target, self.delta, self.coef_min, self.coef_max = target, float(delta), float(coef_min), float(coef_max)
+        coef = check_real(coef, "coef", low=0.0)
+        self.target = check_real(target, "target", low=0.0, none_ok=True)
+        self.delta = check_real(delta, "delta", low=0.0)
+        self.coef_min = check_real(coef_min, "coef_min", low=0.0)
+        self.coef_max = check_real(coef_max, "coef_max", low=self.coef_min)
         self.agg = _check_agg(agg)
-        self.global_agg = global_agg
+        self.global_agg = check_bool(global_agg, "global_agg")
         self.register_buffer("coef", torch.tensor(float(coef), dtype=torch.float64))
         self.register_buffer("active", torch.tensor(True))
         self.register_buffer("window", torch.zeros(2, dtype=torch.float64))  # entropy sum, token count
@@ -619,22 +723,25 @@ class EntropyBonus(PolicyLoss):
     def forward(  # type: ignore[override]
         self, logprobs=None, old_logprobs=None, advantages=None, mask=None, *, entropy=None, step=None
     ) -> PolicyLossOutput:
-        if entropy is None or mask is None:
-            raise EntrotrainError("EntropyBonus needs entropy= (differentiable per-token entropy (B, T)) and mask=.")
-        if entropy.shape != mask.shape or entropy.dim() != 2:
-            raise EntrotrainError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} must both be (B, T).")
+        shape = logprobs.shape if isinstance(logprobs, Tensor) else None
+        entropy = _check_entropy(entropy, shape, "EntropyBonus (differentiable)")
+        if mask is None:
+            raise EntrotrainError("EntropyBonus needs mask= (valid tokens, (B, T) like entropy), got None.")
+        valid = _token_mask(mask, entropy.shape)
+        step = _check_step(step)
         adaptive = self.target is not None
-        if adaptive and self.training and step is not None and int(step) != int(self.last_step):
+        if adaptive and self.training and step is not None and step != int(self.last_step):
             if int(self.last_step) >= 0:
                 self._close_window()
-            self.last_step.fill_(int(step))
-        maskf = mask.to(entropy.dtype)
+            self.last_step.fill_(step)
+        cdtype = _compute_dtype(entropy.dtype)
+        maskf = valid.to(cdtype)
+        entropy = torch.where(valid, entropy.to(cdtype), torch.zeros((), dtype=cdtype, device=entropy.device))
         h_bar = self._aggregate(entropy, maskf, self.agg, self.global_agg)
         coef = self.coef * self.active if adaptive else self.coef
         loss = -coef.to(h_bar.dtype) * h_bar
         if adaptive and self.training:
             with torch.no_grad():
-                valid = mask.bool()
                 self.window += torch.stack(
                     [torch.where(valid, entropy.detach().double(), 0.0).sum(), valid.sum().double()]
                 )

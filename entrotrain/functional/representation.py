@@ -31,8 +31,11 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_int, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.spectrum import (
+    _ZERO_MATRIX,
+    _check_order,
     _rows64,
     _square64,
     kernel_spectrum,
@@ -50,6 +53,7 @@ __all__ = [
     "diffusion_spectral_entropy",
     "diffusion_spectral_mutual_information",
     "effective_rank",
+    "finite_rows",
     "get_measure",
     "matrix_entropy",
     "matrix_erank",
@@ -67,6 +71,24 @@ Kernel = Union[str, Callable[[Tensor], Tensor]]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def finite_rows(x: Tensor) -> tuple[Tensor, int]:
+    """The rows of ``x`` ``(n, d)`` whose entries are all finite, and how many rows were dropped.
+
+    Every measure here refuses NaN/±Inf (a spectrum of a matrix with a NaN has no meaning, not even row-wise);
+    callers that must never raise on bad *data* (monitors) drop those rows first and count them::
+
+        rows, n_dropped = finite_rows(x)    # rows: (n - n_dropped, d), same dtype and device, no copy if clean
+
+    One device sync (the count). Non-floating tensors have no non-finite entries and come back whole.
+    """
+    check_tensor(x, "x", ndim=2, layout="(n, d)")
+    if not (x.is_floating_point() or x.is_complex()):
+        return x, 0
+    keep = torch.isfinite(x).all(dim=1)
+    n_dropped = int(x.shape[0] - keep.sum())
+    return (x, 0) if n_dropped == 0 else (x[keep], n_dropped)
 
 
 def _row_normalize(z: Tensor, *, allow_zero: bool, name: str) -> Tensor:
@@ -110,14 +132,6 @@ def median_pairwise_distance(x: Tensor) -> Tensor:
     d2 = _sq_dists(x)
     iu = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
     return d2[iu[0], iu[1]].sqrt().median()
-
-
-def _check_order(q: float | str) -> float:
-    if isinstance(q, str):
-        if q.lower() == "inf":
-            return math.inf
-        raise EntrotrainError(f"q must be a number or 'inf', got {q!r}.")
-    return float(q)
 
 
 # ---------------------------------------------------------------------------------------------- matrix entropy
@@ -195,7 +209,24 @@ def vendi_score_from_kernel(k: Tensor, q: float | str = 1.0) -> Tensor:
 
 
 def _rbf_kernel(x: Tensor, sigma: float) -> Tensor:
-    return torch.exp(-_sq_dists(x) / (2.0 * sigma * sigma))
+    """``exp(-‖x_i − x_j‖² / 2σ²)``, dividing by σ twice so that σ² never under/overflows (σ = 1e-300 gives the
+    identity, σ = 1e300 the all-ones matrix, both finite)."""
+    return torch.exp(-(_sq_dists(x) / sigma) / (2.0 * sigma))
+
+
+def _check_sigma(sigma: Any, name: str = "sigma") -> float:
+    return check_real(sigma, name, low=0.0, low_open=True)  # type: ignore[return-value]
+
+
+def _linear_kernel_rows(x: Tensor, kernel: str) -> Tensor:
+    """Rows whose linear kernel is the Vendi kernel: unit rows (``"cosine"``) or ``x`` itself (``"linear"``).
+
+    One rule for the exact and the SLQ route: an all-zero ``x`` (zero kernel) raises, never a value."""
+    if kernel == "cosine":
+        return _row_normalize(x, allow_zero=False, name="x")
+    if not bool((x != 0).any()):
+        raise EntrotrainError(_ZERO_MATRIX.format(name="x") + " (The linear kernel X Xᵀ of zero rows is 0.)")
+    return x
 
 
 def vendi_score(
@@ -235,16 +266,26 @@ def vendi_score(
             raise EntrotrainError(f"kernel(x) must return an ({n}, {n}) tensor, got {got}.")
         return vendi_score_from_kernel(k, q)
     if kernel in ("cosine", "linear"):
-        z = _row_normalize(x, allow_zero=False, name="x") if kernel == "cosine" else x
+        z = _linear_kernel_rows(x, kernel)
         if q == 2.0:
             return torch.exp(renyi2_from_rows(z, scale=1.0 / n))
         return torch.exp(spectral_entropy(linear_kernel_spectrum(z, scale=1.0 / n), q, normalize=False))
     if kernel == "rbf":
-        s = float(median_pairwise_distance(x)) if sigma is None else float(sigma)
-        if not s > 0:
-            raise EntrotrainError(f"rbf kernel needs sigma > 0, got {s} (all rows identical with sigma=None?).")
-        return vendi_score_from_kernel(_rbf_kernel(x, s), q)
+        return vendi_score_from_kernel(_rbf_kernel(x, _rbf_sigma(x, sigma)), q)
     raise EntrotrainError(f"kernel={kernel!r} is not 'cosine', 'linear', 'rbf' or a callable x -> (n, n) tensor.")
+
+
+def _rbf_sigma(x: Tensor, sigma: float | None) -> float:
+    """The RBF width: ``sigma`` (finite, > 0) or the median pairwise distance (> 0 unless most rows coincide)."""
+    if sigma is not None:
+        return _check_sigma(sigma)
+    s = float(median_pairwise_distance(x))
+    if not s > 0:
+        raise EntrotrainError(
+            "rbf kernel with sigma=None takes σ = the median pairwise distance, which is 0 here (most rows of x are "
+            "identical); pass sigma=<a positive width> explicitly."
+        )
+    return s
 
 
 # ---------------------------------------------------------------------------------------- effective rank, RankMe
@@ -294,10 +335,9 @@ def diffusion_matrix(x: Tensor, sigma: float = 10.0) -> Tensor:
     eigenvalue 1) and, ``G`` being PSD, is PSD. dse-dsmi's ``1/(σ√2π)`` prefactor cancels and is left out.
     Returns an ``(n, n)`` float64 matrix; ``O(n² d)`` time, ``O(n²)`` memory.
     """
+    sigma = _check_sigma(sigma)
     x = _rows64(x)
-    if not sigma > 0:
-        raise EntrotrainError(f"sigma must be > 0, got {sigma}.")
-    g = _rbf_kernel(x, float(sigma))
+    g = _rbf_kernel(x, sigma)
     inv_sqrt_deg = g.sum(1).rsqrt()
     return inv_sqrt_deg[:, None] * g * inv_sqrt_deg[None, :]
 
@@ -334,11 +374,19 @@ def diffusion_spectral_entropy(
     Args:
         x: ``(n, d)`` embeddings, ``n >= 2``. sigma: Gaussian kernel width (default 10). t: diffusion time.
     """
-    if not (isinstance(t, (int, float)) and t > 0):
-        raise EntrotrainError(f"diffusion time t must be > 0, got {t!r}.")
+    t = _check_time(t)
+    sigma = _check_sigma(sigma)
+    max_n = check_int(max_n, "max_n", low=2, none_ok=True)
+    seed = check_int(seed, "seed")
     x = _subsample(_rows64(x), max_n, seed)
     eigs = kernel_spectrum(diffusion_matrix(x, sigma), negative="abs")
-    return spectral_entropy(eigs.pow(t), 1.0, base=2.0, eps=DSE_EPS)
+    # |λ|^t / Σ|λ|^t = (|λ| / max|λ|)^t / Σ(...)^t: scaling first keeps the top term 1 for any t (no underflow to 0)
+    return spectral_entropy((eigs / eigs.max()).pow(t), 1.0, base=2.0, eps=DSE_EPS)
+
+
+def _check_time(t: Any) -> float:
+    """Diffusion time: a finite real ``t > 0`` (bools refused)."""
+    return check_real(t, "t (diffusion time)", low=0.0, low_open=True)  # type: ignore[return-value]
 
 
 def _discrete_labels(y: Tensor, n: int) -> Tensor:
@@ -384,11 +432,12 @@ def diffusion_spectral_mutual_information(
         x: ``(n, d)`` embeddings. y: ``(n,)`` integer/bool labels (float labels raise: bin them first).
         sigma, t: as :func:`diffusion_spectral_entropy`. n_repetitions: random subsets per class. seed: RNG seed.
     """
+    sigma, t = _check_sigma(sigma), _check_time(t)
+    n_repetitions = check_int(n_repetitions, "n_repetitions", low=1)
+    seed = check_int(seed, "seed")
     x = _rows64(x)
     n = x.shape[0]
     y = _discrete_labels(y, n).to(x.device)
-    if n_repetitions < 1:
-        raise EntrotrainError(f"n_repetitions must be >= 1, got {n_repetitions}.")
     classes, counts = torch.unique(y, return_counts=True)
     mi = torch.zeros((), dtype=torch.float64, device=x.device)
     for c, n_c in zip(classes.tolist(), counts.tolist()):

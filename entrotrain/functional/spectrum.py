@@ -32,10 +32,12 @@ Numerics policy (one place, DESIGN §2):
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
@@ -53,6 +55,12 @@ NEGATIVE_EIGENVALUE_POLICIES = ("clamp", "abs", "raise")
 #: ``negative="raise"`` tolerates eigenvalues down to ``-_NEGATIVE_TOL * max|λ|`` (round-off of float64 eigh).
 _NEGATIVE_TOL = 1e-10
 
+#: The one message for an all-zero matrix, on every route (exact, Frobenius, stochastic).
+_ZERO_MATRIX = (
+    "{name} is all zeros: the matrix is 0 (trace 0), its spectrum has no mass and its entropy is undefined. Drop zero rows, "
+    "or measure a batch with more than one distinct, non-zero sample."
+)
+
 #: Rows per block when checking an (n, n) matrix for symmetry and finiteness.
 _BLOCK_ROWS = 512
 
@@ -61,31 +69,53 @@ _BLOCK_ROWS = 512
 
 
 def _check_finite(t: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    """Refuse NaN/±Inf entries, saying how many there are and how to drop them (one device sync)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        count = int(bad.sum())
         raise EntrotrainError(
-            f"{name} holds NaN or Inf values; spectra of non-finite data are undefined. Fix the producer of "
-            f"{name} (or drop the bad rows, e.g. x[torch.isfinite(x).all(-1)]) before measuring it."
+            f"{name} holds {count} non-finite (NaN or Inf) entr{'y' if count == 1 else 'ies'} of {t.numel()}; a "
+            f"spectrum of non-finite data is undefined. Drop the bad rows first, e.g. rows, n_dropped = "
+            f"entrotrain.functional.finite_rows({name}) (or fix the producer of {name})."
         )
 
 
+def _eigvalsh(m: Tensor, name: str) -> Tensor:
+    """``torch.linalg.eigvalsh`` of a finite symmetric float64 matrix; a LAPACK failure becomes an EntrotrainError."""
+    try:
+        return torch.linalg.eigvalsh(m)
+    except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
+        raise EntrotrainError(
+            f"the eigendecomposition of {name} ({tuple(m.shape)}) failed to converge ({err}); its entries span too "
+            "many orders of magnitude. Rescale the input (e.g. divide by its largest |entry|) and retry."
+        ) from None
+
+
+def _check_base(base: float) -> float:
+    """A finite logarithm base ``> 0`` and ``!= 1``."""
+    base = check_real(base, "base", low=0.0, low_open=True)
+    if base == 1.0:
+        raise EntrotrainError("base must be positive and != 1 (log base 1 is undefined), got 1.0; use math.e or 2.")
+    return base
+
+
 def _rows64(x: Tensor, name: str = "x", *, min_rows: int = 2) -> Tensor:
-    """Validate ``x`` as ``(n, d)`` floating rows (``n >= min_rows``, finite) and return a detached float64 copy."""
-    if not isinstance(x, Tensor):
-        raise EntrotrainError(f"{name} must be a torch.Tensor of shape (n, d), got {type(x).__name__}.")
+    """Validate ``x`` as ``(n, d)`` floating rows (``n >= min_rows``, ``d >= 1``, finite); a detached float64 copy."""
+    check_tensor(x, name, floating=True)
     if x.ndim != 2:
         raise EntrotrainError(
             f"{name} must have shape (n, d) (n samples, d features), got {tuple(x.shape)}. Flatten extra "
             f"dimensions first, e.g. x.reshape(-1, x.shape[-1]) for tokens, or x.flatten(1) for per-sample maps."
         )
-    if not (x.is_floating_point()):
-        raise EntrotrainError(f"{name} must be a floating tensor, got {x.dtype}; cast it with x.float().")
     if x.shape[0] < min_rows:
         raise EntrotrainError(
             f"{name} has {x.shape[0]} row(s); representation measures need at least {min_rows} samples. "
             "Measure a larger batch (or accumulate rows across steps)."
         )
     if x.shape[1] < 1:
-        raise EntrotrainError(f"{name} has no features (shape {tuple(x.shape)}).")
+        raise EntrotrainError(
+            f"{name} has no features (shape {tuple(x.shape)}); give rows of d >= 1 features (n, d)."
+        )
     x = x.detach().to(torch.float64)
     _check_finite(x, name)
     return x
@@ -98,11 +128,9 @@ def _square64(k: Tensor, name: str = "K", *, symmetric_tol: float = 1e-8) -> Ten
     asymmetry changes a Frobenius norm by its square. The symmetry check runs over row blocks (``O(block · n)``
     scratch, not ``n²``), which matters for a 10 000² kernel (800 MB in float64).
     """
-    if not isinstance(k, Tensor) or k.ndim != 2 or k.shape[0] != k.shape[1]:
-        shape = tuple(k.shape) if isinstance(k, Tensor) else type(k).__name__
-        raise EntrotrainError(f"{name} must be a square (n, n) matrix, got {shape}.")
-    if not k.is_floating_point():
-        raise EntrotrainError(f"{name} must be a floating tensor, got {k.dtype}; cast it with K.double().")
+    check_tensor(k, name, floating=True, ndim=2, layout="(n, n)")
+    if k.shape[0] != k.shape[1]:
+        raise EntrotrainError(f"{name} must be a square (n, n) matrix, got {tuple(k.shape)}.")
     if k.shape[0] < 2:
         raise EntrotrainError(f"{name} is {tuple(k.shape)}; a spectrum measure needs at least 2 samples.")
     k = k.detach().to(torch.float64)
@@ -122,8 +150,7 @@ def _square64(k: Tensor, name: str = "K", *, symmetric_tol: float = 1e-8) -> Ten
 
 
 def _apply_negative_policy(eigs: Tensor, negative: str, name: str) -> Tensor:
-    if negative not in NEGATIVE_EIGENVALUE_POLICIES:
-        raise EntrotrainError(f"negative={negative!r} is not one of {NEGATIVE_EIGENVALUE_POLICIES}.")
+    check_choice(negative, "negative", NEGATIVE_EIGENVALUE_POLICIES)
     if negative == "abs":
         return eigs.abs()
     if negative == "raise":
@@ -150,14 +177,24 @@ def kernel_spectrum(k: Tensor, *, negative: str = "clamp") -> Tensor:
     Returns:
         ``(n,)`` float64 eigenvalues, largest first. Cost ``O(n³)`` (``torch.linalg.eigvalsh``).
     """
+    check_choice(negative, "negative", NEGATIVE_EIGENVALUE_POLICIES)
     k = _square64(k, "K")
-    eigs = torch.linalg.eigvalsh(k).flip(0)
+    eigs = _eigvalsh(k, "K").flip(0)
     return _apply_negative_policy(eigs, negative, "K")
 
 
+def _prescale(x: Tensor) -> tuple[Tensor, float]:
+    """``(x / s, s)`` with ``s`` = a power of two near ``max |x|`` when ``|x|`` is so large (> 1e100) or so small
+    (< 1e-100) that ``X Xᵀ`` would overflow or underflow float64; ``(x, 1.0)`` otherwise (exact: powers of two)."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    if top == 0.0 or 1e-100 <= top <= 1e100:
+        return x, 1.0
+    unit = 2.0 ** math.frexp(top)[1]
+    return x / unit, unit
+
+
 def _resolve_route(route: str, n: int, d: int) -> str:
-    if route not in ("auto", "gram", "covariance"):
-        raise EntrotrainError(f"route={route!r} is not one of 'auto', 'gram' (n×n), 'covariance' (d×d).")
+    check_choice(route, "route", ("auto", "gram", "covariance"))
     if route == "auto":
         return "gram" if n < d else "covariance"
     return route
@@ -181,27 +218,32 @@ def linear_kernel_spectrum(x: Tensor, *, scale: float = 1.0, route: str = "auto"
     Returns:
         ``(min(n, d),)`` float64 eigenvalues, largest first (the other ``|n - d|`` eigenvalues are exactly 0).
     """
+    scale = check_real(scale, "scale", low=0.0, low_open=True)
+    check_choice(negative, "negative", NEGATIVE_EIGENVALUE_POLICIES)
     x = _rows64(x, "x", min_rows=1)
     n, d = x.shape
-    if _resolve_route(route, n, d) == "gram":
-        m = x @ x.T
-    else:
-        m = x.T @ x
-    m = 0.5 * (m + m.T) * scale
-    eigs = torch.linalg.eigvalsh(m).flip(0)[: min(n, d)]
+    route = _resolve_route(route, n, d)
+    x, unit = _prescale(x)
+    m = x @ x.T if route == "gram" else x.T @ x
+    m = 0.5 * (m + m.T)
+    eigs = _eigvalsh(m, "X Xᵀ").flip(0)[: min(n, d)] * (scale * unit * unit)
     return _apply_negative_policy(eigs, negative, "X Xᵀ")
 
 
 # ------------------------------------------------------------------------------------------------------- entropy
 
 
-def _check_order(q: float) -> float:
-    try:
-        q = float(q)
-    except (TypeError, ValueError):
-        raise EntrotrainError(f"q must be a number (0, 1, 2, float('inf'), ...), got {q!r}.") from None
+def _check_order(q: float | str) -> float:
+    """A Rényi order: a real ``q >= 0``, ``float('inf')`` or the string ``"inf"``; NaN, negatives, bools refused."""
+    if isinstance(q, str) and q.strip().lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    if isinstance(q, Tensor) and q.numel() == 1:
+        q = q.item()
+    if isinstance(q, bool) or not isinstance(q, Real):
+        raise EntrotrainError(f"q (the Rényi order) must be a number >= 0 or 'inf', got {q!r}; e.g. q=1.0.")
+    q = float(q)
     if math.isnan(q) or q < 0:
-        raise EntrotrainError(f"Rényi order q must be >= 0 (or float('inf')), got {q}.")
+        raise EntrotrainError(f"Rényi order q must be >= 0 (or float('inf')), got {q}; e.g. q=1.0 (Shannon).")
     return q
 
 
@@ -228,36 +270,24 @@ def spectral_entropy(
     on spectra whose zeros are exact, or with ``eps = 0`` after thresholding.
 
     Args:
-        eigenvalues: ``(..., m)`` non-negative spectrum (negative values raise: apply a negative-eigenvalue policy
-            first). Any float dtype; computed in float64.
+        eigenvalues: ``(..., m)`` non-negative, finite spectrum, ``m >= 1`` (negative values raise: apply a
+            negative-eigenvalue policy first). Any real dtype (integer counts too); computed in float64. A row that
+            is all zeros (the spectrum of a zero matrix) raises :class:`~entrotrain.errors.EntrotrainError`, with or
+            without ``normalize``: every exact and stochastic route refuses a zero operator the same way.
         q: Rényi order, ``>= 0`` or ``float('inf')``.
-        base: logarithm base (``math.e`` → nats, ``2`` → bits).
-        eps: added to every ``p_k`` after normalisation (RankMe uses 1e-7, DSE 2.2e-16). ``0`` by default.
+        base: logarithm base, finite, ``> 0`` and ``!= 1`` (``math.e`` → nats, ``2`` → bits).
+        eps: finite, ``>= 0``, added to every ``p_k`` after normalisation (RankMe uses 1e-7, DSE 2.2e-16).
         normalize: divide by ``Σλ`` first (the spectrum must then have a positive sum).
 
     Returns:
         ``(...)`` float64 entropy in units of ``log base``.
     """
     q = _check_order(q)
-    if not isinstance(eigenvalues, Tensor) or eigenvalues.ndim < 1 or eigenvalues.shape[-1] < 1:
-        raise EntrotrainError("eigenvalues must be a tensor of shape (..., m) with m >= 1.")
-    if base <= 0 or base == 1:
-        raise EntrotrainError(f"base must be positive and != 1, got {base}.")
-    if eps < 0:
-        raise EntrotrainError(f"eps must be >= 0, got {eps}.")
-    lam = eigenvalues.detach().to(torch.float64)
-    _check_finite(lam, "eigenvalues")
-    if bool((lam < 0).any()):
-        raise EntrotrainError(
-            f"eigenvalues hold negative values (min {float(lam.min()):.3g}); apply a negative-eigenvalue policy "
-            "first (kernel_spectrum(..., negative='clamp'|'abs'), or lam.clamp_min(0))."
-        )
-    p = lam
-    if normalize:
-        total = lam.sum(-1, keepdim=True)
-        if bool((total <= 0).any()):
-            raise EntrotrainError("the spectrum sums to 0 (all eigenvalues are 0): its entropy is undefined.")
-        p = lam / total
+    base = _check_base(base)
+    eps = check_real(eps, "eps", low=0.0)
+    lam = _spectrum64(eigenvalues)
+    p = lam / lam.amax(-1, keepdim=True)  # scale first: Σλ of huge spectra overflows, of tiny ones underflows
+    p = p / p.sum(-1, keepdim=True) if normalize else lam
     if eps:
         p = p + eps
     pos = p > 0
@@ -267,10 +297,40 @@ def spectral_entropy(
         h = torch.log(pos.sum(-1).to(torch.float64))
     elif math.isinf(q):
         h = -torch.log(p.amax(-1))
-    else:
-        s = torch.where(pos, p, 0.0).pow(q).sum(-1)
-        h = torch.log(s) / (1.0 - q)
+    else:  # log Σ p^q = q log max p + log Σ (p / max p)^q: no under/overflow of p^q for any order q
+        top = p.amax(-1, keepdim=True)
+        s = torch.where(pos, p / top, 0.0).pow(q).sum(-1)
+        h = (q * torch.log(top.squeeze(-1)) + torch.log(s)) / (1.0 - q)
     return h / math.log(base)
+
+
+def _spectrum64(eigenvalues: Tensor) -> Tensor:
+    """Validate a ``(..., m)`` spectrum: real, finite, ``>= 0``, ``m >= 1``, no all-zero row; a float64 copy."""
+    check_tensor(eigenvalues, "eigenvalues", min_ndim=1, layout="(..., m)")
+    if eigenvalues.is_complex():
+        raise EntrotrainError(
+            f"eigenvalues must be real, got dtype {eigenvalues.dtype}; a PSD matrix has a real spectrum (use "
+            "torch.linalg.eigvalsh, not eigvals)."
+        )
+    if eigenvalues.shape[-1] < 1:
+        raise EntrotrainError(
+            f"eigenvalues must have shape (..., m) with m >= 1, got {tuple(eigenvalues.shape)}; an empty spectrum "
+            "has no entropy."
+        )
+    lam = eigenvalues.detach().to(torch.float64)
+    _check_finite(lam, "eigenvalues")
+    if bool((lam < 0).any()):
+        raise EntrotrainError(
+            f"eigenvalues hold negative values (min {float(lam.min()):.3g}); apply a negative-eigenvalue policy "
+            "first (kernel_spectrum(..., negative='clamp'|'abs'), or lam.clamp_min(0))."
+        )
+    if bool((lam.amax(-1) <= 0).any()):
+        raise EntrotrainError(
+            "the spectrum sums to 0 (all eigenvalues are 0: a zero matrix), so p = λ / Σλ is undefined and so is "
+            "its entropy. Check that the input is not all zeros (or a constant row repeated, after centring); drop "
+            "zero rows or measure a batch with more than one distinct sample."
+        )
+    return lam
 
 
 def renyi2(matrix: Tensor, *, base: float = math.e, normalize: bool = True) -> Tensor:
@@ -286,14 +346,20 @@ def renyi2(matrix: Tensor, *, base: float = math.e, normalize: bool = True) -> T
         matrix: ``(n, n)`` symmetric matrix, any float dtype (float64 inside).
         base: log base. normalize: divide by the trace.
     """
-    a = _square64(matrix, "matrix")
-    fro2 = torch.linalg.vector_norm(a).square()
+    base = _check_base(base)
+    a, unit = _prescale(_square64(matrix, "matrix"))
+    log_fro2 = 2.0 * torch.log(torch.linalg.vector_norm(a))
+    if not bool(torch.isfinite(log_fro2)):
+        raise EntrotrainError(_ZERO_MATRIX.format(name="matrix"))
     if normalize:
         tr = torch.diagonal(a).sum()
         if float(tr) <= 0:
-            raise EntrotrainError("matrix has a non-positive trace; it is not a non-zero PSD matrix.")
-        fro2 = fro2 / (tr * tr)
-    return -torch.log(fro2) / math.log(base)
+            raise EntrotrainError(
+                f"matrix has a non-positive trace ({float(tr) * unit:.3g}); it is not a non-zero PSD matrix. "
+                "Pass a PSD matrix (a kernel or covariance), or its eigenvalues to spectral_entropy."
+            )
+        return -(log_fro2 - 2.0 * torch.log(tr)) / math.log(base)
+    return -(log_fro2 + 2.0 * math.log(unit)) / math.log(base)
 
 
 def renyi2_from_rows(x: Tensor, *, base: float = math.e, scale: float | None = None) -> Tensor:
@@ -303,15 +369,14 @@ def renyi2_from_rows(x: Tensor, *, base: float = math.e, scale: float | None = N
     ``min(n, d)``-sided Gram: ``O(n d · min(n, d))``, no eigendecomposition. With ``scale`` given, the spectrum
     of ``scale · X Xᵀ`` is used *without* trace normalisation (vendi-score: ``scale = 1 / n``).
     """
-    x = _rows64(x, "x", min_rows=1)
+    base = _check_base(base)
+    scale = check_real(scale, "scale", low=0.0, low_open=True, none_ok=True)
+    x, unit = _prescale(_rows64(x, "x", min_rows=1))
     n, d = x.shape
     g = x @ x.T if n < d else x.T @ x
-    fro2 = (g * g).sum()
+    log_fro2 = torch.log((g * g).sum())  # log ‖G‖_F² of the prescaled rows
+    if not bool(torch.isfinite(log_fro2)):
+        raise EntrotrainError(_ZERO_MATRIX.format(name="x"))
     if scale is None:
-        tr = (x * x).sum()
-        if float(tr) <= 0:
-            raise EntrotrainError("x is all zeros: the spectrum of X Xᵀ is 0 and its entropy is undefined.")
-        fro2 = fro2 / (tr * tr)
-    else:
-        fro2 = fro2 * (scale * scale)
-    return -torch.log(fro2) / math.log(base)
+        return -(log_fro2 - 2.0 * torch.log((x * x).sum())) / math.log(base)
+    return -(log_fro2 + 4.0 * math.log(unit) + 2.0 * math.log(scale)) / math.log(base)

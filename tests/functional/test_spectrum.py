@@ -112,7 +112,7 @@ def test_negative_eigenvalue_policies():
     np.testing.assert_allclose(kernel_spectrum(k, negative="abs").numpy(), [2.0, 1.0, 0.5, 0.25], atol=1e-12)
     with pytest.raises(EntrotrainError, match="not positive semi-definite"):
         kernel_spectrum(k, negative="raise")
-    with pytest.raises(EntrotrainError, match="negative="):
+    with pytest.raises(EntrotrainError, match="negative"):
         kernel_spectrum(k, negative="drop")
 
 

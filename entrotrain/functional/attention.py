@@ -32,6 +32,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_int, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.functional.entropy import accumulation_dtype, entropy_from_logits, entropy_from_probs, row_entropy
@@ -74,9 +75,9 @@ def normalized_entropy(entropy: Tensor, n_keys: Tensor) -> Tensor:
 
 
 def _check_qk(q: Tensor, k: Tensor) -> None:
+    """``q (B, H, Nq, D)`` and ``k (B, Hkv, Nk, D)`` floating, same batch and head_dim, ``H`` a multiple of ``Hkv``."""
     for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise EntrotrainError(f"{name} must be a floating-point tensor.")
+        check_tensor(x, name, floating=True)
         if x.dim() != 4:
             raise EntrotrainError(
                 f"{name} must be (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}; for (batch, tokens, "
@@ -86,11 +87,21 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
         raise EntrotrainError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head_dim (dims 0 and 3)."
         )
-    if q.shape[1] % k.shape[1]:
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if (kv_heads == 0 and heads != 0) or (kv_heads and heads % kv_heads):
         raise EntrotrainError(
-            f"q has {q.shape[1]} heads and k {k.shape[1]}: for grouped-query attention the query heads must be a "
-            "multiple of the key heads."
+            f"q has {heads} heads and k {kv_heads}: for grouped-query attention the query heads must be a "
+            "multiple of the key heads (0 heads in both is allowed and gives empty results)."
         )
+
+
+def _check_options(scale: float | None, is_causal: bool, path: str, chunk_elements: int) -> float | None:
+    """Scalar arguments shared by every attention-entropy entry point; returns ``scale`` as a float (or None)."""
+    if not isinstance(is_causal, bool):
+        raise EntrotrainError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
+    check_choice(path, "path", ("auto", "materialized", "chunked", "fused"))
+    check_int(chunk_elements, "chunk_elements", low=1)
+    return check_real(scale, "scale", none_ok=True)
 
 
 def _scores(q: Tensor, k_t: Tensor, scale: float, bias: Tensor | None) -> Tensor:
@@ -215,14 +226,17 @@ def attention_entropy_stats(
         q: queries ``(batch, heads, queries, head_dim)``.
         k: keys ``(batch, kv_heads, keys, head_dim)``; ``heads`` must be a multiple of ``kv_heads`` (GQA/MQA).
         attn_mask: boolean (True = attend) or additive float mask broadcastable to ``(batch, heads, queries, keys)``,
-            as :func:`torch.nn.functional.scaled_dot_product_attention` takes it.
+            as :func:`torch.nn.functional.scaled_dot_product_attention` takes it. Integer masks are refused.
         key_padding_mask: ``(batch, keys)`` boolean, True marks padding (as :class:`torch.nn.MultiheadAttention`).
+            Integer masks are refused (an HF ``attention_mask``, 1 = keep, is ``key_padding_mask=mask == 0``).
         is_causal: query ``i`` attends keys ``j <= i`` (top-left aligned, as SDPA).
-        window: sliding window of this many keys (see :class:`~entrotrain.functional.attention_masks.AttentionMask`).
-        scale: score scale; default ``1/sqrt(head_dim)`` as SDPA.
+        window: sliding window of this many keys, an int >= 1 (see
+            :class:`~entrotrain.functional.attention_masks.AttentionMask`).
+        scale: finite score scale; default ``1/sqrt(head_dim)`` as SDPA (1 for ``head_dim = 0``).
         path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies and no gradient
-            is needed, chunked otherwise). All agree to float32 round-off.
-        chunk_elements: score elements per query block in the chunked path.
+            is needed, chunked otherwise). All agree to float32 round-off. ``fused`` runs as ``chunked`` when
+            ``head_dim = 0`` or ``k`` holds NaN/Inf (one reduction over ``k`` decides).
+        chunk_elements: score elements per query block in the chunked path, an int >= 1.
         impl: ``"auto"`` (the Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is installed,
             the torch paths otherwise), ``"torch"`` or ``"triton"`` (raises, with the fix, where it cannot run);
             ``ENTROTRAIN_IMPL`` overrides it. The kernel is the ``fused`` path on GPU: flash-style, differentiable,
@@ -230,11 +244,21 @@ def attention_entropy_stats(
 
     Returns:
         :class:`AttentionEntropy` of ``(batch, heads, queries)`` tensors, float32 (float64 for float64 input).
+        Sizes of 0 are allowed: 0 batch, heads or queries give empty tensors; 0 keys give entropy 0 and
+        ``n_keys = 0``; ``head_dim = 0`` gives uniform attention (:math:`\ln |V_i|`). A query with no valid key gets
+        entropy 0. Non-finite ``q``/``k`` give NaN only for the queries that read them (through a valid key).
+
+    Raises:
+        EntrotrainError: ``q``/``k`` not floating 4-D or not matching (batch, head_dim, GQA groups), an integer or
+            mis-shaped mask, ``window < 1``, a non-finite ``scale``, ``chunk_elements < 1``, an unknown ``path`` or
+            ``impl``, or a ``path`` that cannot run the call.
     """
     _check_qk(q, k)
+    scale = _check_options(scale, is_causal, path, chunk_elements)
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    # head_dim 0: every score is 0 (uniform attention), whatever the scale
+    scale = (1.0 / math.sqrt(dim) if dim else 1.0) if scale is None else scale
     mask = AttentionMask(
         (batch, heads, n_q, n_k),
         attn_mask=attn_mask,
@@ -269,6 +293,11 @@ def attention_entropy_stats(
         counts = torch.zeros(entropy.shape, dtype=torch.long, device=q.device)
         return AttentionEntropy(entropy, entropy.clone(), counts)
     block = max(1, chunk_elements // max(1, batch * heads * n_k))
+    if resolved == "fused" and (dim == 0 or not bool(torch.isfinite(k).all())):
+        # the flash kernel needs head_dim >= 1, and it multiplies a masked key's weight 0 by the key itself: a
+        # NaN/Inf in a key that a query does not see would poison that query (0 * nan = nan). The chunked path
+        # gives the same numbers and keeps non-finite keys out of the queries that mask them.
+        resolved = "chunked"
     if resolved == "fused":
         entropy, counts = _fused(q, k, scale, mask, block)
     else:
@@ -317,9 +346,10 @@ def attention_entropy(
     return out.normalized if normalize else out.entropy
 
 
-def _mask_for(x: Tensor, attn_mask, key_padding_mask, is_causal, window) -> AttentionMask:
-    if x.dim() != 4:
-        raise EntrotrainError(f"expected (batch, heads, queries, keys), got shape {tuple(x.shape)}.")
+def _mask_for(x: Tensor, name: str, attn_mask, key_padding_mask, is_causal, window) -> AttentionMask:
+    check_tensor(x, name, floating=True, ndim=4, layout="(batch, heads, queries, keys)")
+    if not isinstance(is_causal, bool):
+        raise EntrotrainError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
     return AttentionMask(
         tuple(x.shape),
         attn_mask=attn_mask,
@@ -344,7 +374,7 @@ def attention_entropy_from_scores(
     Masks as :func:`attention_entropy` (an additive mask is added to the scores). Exact and differentiable:
     :math:`H = \operatorname{lse}(s) - \sum_j p_j s_j`.
     """
-    mask = _mask_for(scores, attn_mask, key_padding_mask, is_causal, window)
+    mask = _mask_for(scores, "scores", attn_mask, key_padding_mask, is_causal, window)
     valid, bias = mask.block(0, scores.shape[2])
     out = row_entropy(scores if bias is None else scores + bias.to(scores.dtype), valid)
     if not normalize:
@@ -367,7 +397,7 @@ def attention_entropy_from_probs(
     distribution. The masks only set :math:`|V_i|` for normalisation (masked weights are already 0); without a mask
     every key counts.
     """
-    mask = _mask_for(probs, attn_mask, key_padding_mask, is_causal, window)
+    mask = _mask_for(probs, "probs", attn_mask, key_padding_mask, is_causal, window)
     entropy = entropy_from_probs(probs)
     if not normalize:
         return entropy

@@ -5,8 +5,10 @@ Masks follow :func:`torch.nn.functional.scaled_dot_product_attention`:
 - ``attn_mask`` boolean: ``True`` = the key takes part; floating: an additive bias. Bias entries equal to ``-inf`` or
   to the dtype's most negative value (what HF transformers writes for masked keys) mask the key out.
 - ``is_causal``: query ``i`` sees keys ``j <= i`` (top-left aligned, as SDPA).
-- ``key_padding_mask`` ``(batch, keys)``: ``True`` marks padding (the :class:`torch.nn.MultiheadAttention`
-  convention).
+- ``key_padding_mask`` ``(batch, keys)``: boolean, ``True`` marks padding (the :class:`torch.nn.MultiheadAttention`
+  convention). Integer masks are refused: HF's ``attention_mask`` (1 = keep) is the opposite convention and would
+  silently mark every real key as padding; pass ``key_padding_mask=attention_mask == 0``.
+- integer ``attn_mask`` is refused the same way (is 1 "attend" or "blocked"?): pass ``attn_mask.bool()``.
 - ``window``: a sliding window of ``w`` keys: ``0 <= i - j < w`` when causal, ``|i - j| < w`` otherwise.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_int, check_tensor, padding_mask
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["AttentionMask"]
@@ -33,6 +36,10 @@ class AttentionMask:
         shape: ``(batch, heads, queries, keys)`` of the attention scores.
         attn_mask, key_padding_mask, is_causal, window: as in the module docstring.
         device: where the scores live.
+
+    Raises:
+        EntrotrainError: ``shape`` not four sizes >= 0, ``window`` not an int >= 1, an integer ``attn_mask`` or
+            ``key_padding_mask`` (conventions above), a mask that does not fit ``shape``.
     """
 
     def __init__(
@@ -45,16 +52,19 @@ class AttentionMask:
         window: int | None = None,
         device: torch.device | None = None,
     ) -> None:
-        self.shape = shape
+        if len(shape) != 4:
+            raise EntrotrainError(f"shape must be (batch, heads, queries, keys), got {tuple(shape)}.")
+        self.shape = tuple(shape)
         batch, heads, n_q, n_k = shape
         self.is_causal = bool(is_causal)
-        if window is not None and int(window) < 1:
-            raise EntrotrainError(f"window must be a positive number of keys, got {window}.")
-        self.window = None if window is None else int(window)
+        for name, size in zip(("batch", "heads", "queries", "keys"), shape):
+            check_int(size, f"shape[{name}]", low=0)
+        self.window = check_int(window, "window", low=1, none_ok=True)
         self.device = device
         self.valid: Tensor | None = None
         self.bias: Tensor | None = None
         if attn_mask is not None:
+            check_tensor(attn_mask, "attn_mask")
             mask = _to_4d(attn_mask, "attn_mask").to(device)
             try:
                 torch.broadcast_shapes(mask.shape, shape)
@@ -74,9 +84,12 @@ class AttentionMask:
                     self.bias = mask
             else:
                 raise EntrotrainError(
-                    f"attn_mask must be boolean (True = attend) or floating (additive bias), got {mask.dtype}."
+                    f"attn_mask must be boolean (True = attend) or floating (additive bias), got dtype {mask.dtype}; "
+                    "for a 0/1 mask with 1 = attend use attn_mask.bool(), for one with 1 = blocked use "
+                    "attn_mask == 0."
                 )
         if key_padding_mask is not None:
+            key_padding_mask = padding_mask(key_padding_mask, "key_padding_mask")
             if key_padding_mask.dim() != 2 or key_padding_mask.shape[-1] != n_k or key_padding_mask.shape[0] not in (
                 1,
                 batch,
@@ -85,7 +98,7 @@ class AttentionMask:
                     f"key_padding_mask must have shape (batch, keys) = ({batch}, {n_k}), got "
                     f"{tuple(key_padding_mask.shape)}; True marks padding (nn.MultiheadAttention's convention)."
                 )
-            keep = ~key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+            keep = ~key_padding_mask.to(device=device)[:, None, None, :]
             self.valid = keep if self.valid is None else self.valid & keep
 
     @property

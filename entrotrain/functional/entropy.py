@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_dim, check_int, check_real, check_shape, check_tensor
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["entropy_from_logits", "entropy_from_probs", "row_entropy"]
@@ -58,7 +59,15 @@ def row_entropy(scores: Tensor, valid: Tensor | None = None) -> RowEntropy:
         :class:`RowEntropy` with ``entropy``, ``lse`` and ``mean`` of shape ``(...)`` and ``count``, the number of
         entries that take part. Rows with no valid entry get entropy 0, ``lse = -inf`` and count 0; rows holding
         ``nan`` or ``+inf`` give ``nan`` (callers count those, they never hide them).
+
+    Raises:
+        EntrotrainError: ``scores`` not a floating tensor with at least one dim, ``valid`` not boolean or not
+            broadcastable to ``scores``.
     """
+    _check_floating(scores, "scores")
+    if valid is not None:
+        valid = _bool_mask(valid, "valid")
+        check_shape(valid, scores.shape, "valid", like="the scores", broadcast=True)
     x = scores.to(accumulation_dtype(scores.dtype))
     ok = x != float("-inf")  # NaN compares unequal, so a NaN stays in and propagates to its row: never hidden
     if valid is not None:
@@ -197,22 +206,30 @@ class _ChunkedLogitsEntropy(torch.autograd.Function):
 
 
 def _check_floating(x: Tensor, name: str) -> None:
-    if not isinstance(x, Tensor):
-        raise EntrotrainError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
-    if not x.is_floating_point():
-        raise EntrotrainError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; cast it with .float().")
+    check_tensor(x, name, floating=True)
+    if x.dim() == 0:
+        raise EntrotrainError(f"{name} must have at least one dimension (the categories), got a scalar.")
+
+
+def _bool_mask(mask: Tensor | None, name: str = "mask") -> Tensor | None:
+    """A boolean keep mask (True = the entry takes part), or None. Integer and float masks are refused with the fix:
+    here a mask selects categories, and a 0/1 integer or float tensor is too easily a bias or a weight."""
+    if mask is None:
+        return None
+    check_tensor(mask, name)
+    if mask.dtype != torch.bool:
+        raise EntrotrainError(
+            f"{name} must be boolean (True = the entry takes part), got dtype {mask.dtype}; use {name}.bool() for "
+            f"a 0/1 mask, or {name} > 0.5 for a float one."
+        )
+    return mask
 
 
 def _as_rows(x: Tensor, dim: int, mask: Tensor | None, name: str) -> tuple[Tensor, Tensor | None, torch.Size]:
     """Move ``dim`` last and flatten the rest: returns ``(rows, width)`` views, the mask alike, and the batch shape."""
-    if x.dim() == 0:
-        raise EntrotrainError(f"{name} must have at least one dimension (the categories), got a scalar.")
-    dim = dim % x.dim()
+    dim = check_dim(dim, x.dim())
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise EntrotrainError(
-                f"mask must be boolean (True = the entry takes part), got dtype {mask.dtype}; use mask.bool()."
-            )
+        mask = _bool_mask(mask, "mask")
         try:  # broadcast on the caller's layout first, then move dim like the logits
             mask = torch.broadcast_to(mask, x.shape).movedim(dim, -1)
         except RuntimeError as err:
@@ -243,13 +260,14 @@ def entropy_from_logits(
 
     Args:
         logits: ``(..., V, ...)`` tensor of any floating dtype (bf16, fp16, fp32, fp64).
-        dim: the category dimension.
+        dim: the category dimension, ``-logits.dim() <= dim < logits.dim()`` (no wrap-around).
         mask: optional boolean tensor broadcastable to ``logits``: ``False`` entries take no part (as if their
-            logit were ``-inf``). Rows with no valid entry have entropy 0.
+            logit were ``-inf``). Integer and float masks are refused (use ``mask.bool()``). Rows with no valid
+            entry have entropy 0.
         chunk_elements: scratch size: rows are processed a chunk at a time, forward and backward, through two
             buffers of about ``chunk_elements / 2`` float32 elements each, so memory beyond the input (and its
             gradient) is about ``chunk_elements`` elements whatever the batch size.
-        temperature: :math:`T > 0`; the entropy of ``softmax(logits / T)``. Applied chunk by chunk inside the
+        temperature: finite :math:`T > 0`; the entropy of ``softmax(logits / T)``. Applied chunk by chunk inside the
             kernel (no scaled copy of the logits); the gradient is taken w.r.t. the unscaled ``logits``.
         impl: ``"auto"`` (the one-pass Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is
             installed, this chunked torch path otherwise), ``"torch"`` or ``"triton"`` (raises, with the fix, where
@@ -257,15 +275,24 @@ def entropy_from_logits(
 
     Returns:
         Tensor of ``logits.shape`` without ``dim``, in float32 (float64 for float64 input). Differentiable:
-        :math:`\partial H/\partial z_j = -p_j (z_j - E_p[z])`, recomputed chunk by chunk in backward.
+        :math:`\partial H/\partial z_j = -p_j (z_j - E_p[z])`, recomputed chunk by chunk in backward. Empty
+        input gives an empty result; a row with no category (``V = 0``) or no valid entry gives 0; a row holding
+        ``nan`` or ``+inf`` gives ``nan`` and leaves every other row untouched.
+
+    Raises:
+        EntrotrainError: ``logits`` not floating or a scalar, ``dim`` out of range, a mask that is not boolean
+            or does not broadcast, ``temperature`` not finite and > 0, ``chunk_elements < 1``, or an
+            unknown ``impl``.
 
     Example:
         >>> entropy_from_logits(torch.zeros(4)).item()  # ln 4
         1.3862943649291992
     """
     _check_floating(logits, "logits")
-    if not temperature > 0:
-        raise EntrotrainError(f"temperature must be > 0, got {temperature!r}.")
+    check_dim(dim, logits.dim())
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    chunk_elements = check_int(chunk_elements, "chunk_elements", low=1)
+    mask = _bool_mask(mask, "mask")
     from entrotrain.kernels.dispatch import call_kernel, resolve_impl
 
     if resolve_impl(impl, logits, mask) == "triton":
@@ -298,14 +325,22 @@ def entropy_from_probs(probs: Tensor, dim: int = -1, mask: Tensor | None = None)
     in float32 (float64 stays float64). The gradient is finite everywhere (0 where ``p = 0``).
 
     Args:
-        probs: ``(..., V, ...)`` non-negative values summing to 1 along ``dim``.
-        dim: the category dimension.
+        probs: ``(..., V, ...)`` non-negative values summing to 1 along ``dim`` (not checked: entries ``<= 0``
+            count as 0; a NaN or ``+inf`` entry makes its row non-finite, and only its row).
+        dim: the category dimension, ``-probs.dim() <= dim < probs.dim()`` (no wrap-around).
         mask: optional boolean tensor broadcastable to ``probs``; ``False`` entries take no part.
 
     Returns:
         Tensor of ``probs.shape`` without ``dim``.
+
+    Raises:
+        EntrotrainError: ``probs`` not floating or a scalar, ``dim`` out of range, a bad or mis-shaped mask.
     """
     _check_floating(probs, "probs")
+    dim = check_dim(dim, probs.dim())
+    mask = _bool_mask(mask, "mask")
+    if mask is not None:
+        mask = check_shape(mask, probs.shape, "mask", like="the probs", broadcast=True)
     p = probs.to(accumulation_dtype(probs.dtype))
     positive = ~(p <= 0)  # p > 0, and NaN: a NaN probability gives a NaN entropy, never a hidden one
     if mask is not None:

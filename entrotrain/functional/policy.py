@@ -3,6 +3,15 @@ r"""Per-token statistics of an RL policy and the loss aggregation of PPO/GRPO tr
 Conventions (shapes): ``logits (..., V)``, per-token tensors ``(B, T)`` (sequences × response tokens),
 ``mask (B, T)`` (True/1 = a valid response token), advantages ``(B, T)`` or ``(B,)`` (broadcast over tokens).
 
+Token masks: ``bool`` (True = valid), integer 0/1 or floating 0/1 (verl's float ``response_mask``); other values
+are refused with the fix (the check reads the values, one small reduction; pass ``bool`` masks where that matters).
+:func:`aggregate_loss`, on the loss's hot path, does not read the values of a floating mask: there a float mask
+weighs each token by its value, as verl's ``agg_loss`` does. Every mask must have the shape of the tokens.
+
+Contract: bad arguments raise :class:`~entrotrain.errors.EntrotrainError` naming the argument, what was received
+and the fix; empty or all-masked input gives the documented finite value (a loss of 0 with zero gradient); a NaN/Inf
+*token* gives a non-finite value only where it sits (batch statistics are taken over the finite valid tokens).
+
 - :func:`token_entropy`: :math:`H_i = \operatorname{lse}(z_i/T) - \sum_j \mathrm{softmax}(z_i/T)_j z_{ij}/T`, per
   token, float32, chunked over rows (the temperature is applied inside the chunk: no scaled copy of the logits).
 - :func:`token_logprobs`: :math:`\log \pi(y_i) = z_{i,y_i}/T - \operatorname{lse}(z_i/T)`, chunked, differentiable.
@@ -21,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor, keep_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy import DEFAULT_CHUNK_ELEMENTS, entropy_from_logits
 
@@ -48,9 +58,34 @@ class TokenStats(NamedTuple):
     logprobs: Tensor | None
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise EntrotrainError(f"temperature must be > 0, got {temperature!r}.")
+def _check_temperature(temperature: float) -> float:
+    return check_real(temperature, "temperature", low=0.0, low_open=True)
+
+
+def _token_mask(mask: Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask", *, like: str = "") -> Tensor:
+    """A token mask as bool (True = valid token): bool as is, integer or floating 0/1 (values checked: one small
+    reduction, for non-bool masks only); shape exactly ``shape``."""
+    check_tensor(mask, name)
+    if mask.is_floating_point():
+        if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+            raise EntrotrainError(
+                f"{name} is a floating mask with values other than 0 and 1; give a bool mask (True = valid token), "
+                f"e.g. {name} > 0.5."
+            )
+        mask = mask != 0
+    else:
+        mask = keep_mask(mask, name)
+    return check_shape(mask, shape, name, like=like or "the tokens")
+
+
+def _loss_mask(mask: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(valid, weight)`` of a loss mask without reading its values: bool / integer 0/1 / float weights."""
+    check_tensor(mask, "mask")
+    check_shape(mask, shape, "mask", like="values, (B, T)")
+    if mask.is_complex():
+        raise EntrotrainError(f"mask must be bool, integer 0/1 or float 0/1, got dtype {mask.dtype}.")
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    return valid, mask.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- token statistics
@@ -63,22 +98,28 @@ def token_entropy(
 
     Args:
         logits: ``(..., V)`` any floating dtype.
-        mask: optional ``(...)`` token mask; masked tokens get entropy 0 (and zero gradient).
-        temperature: the sampling temperature :math:`T`; say which one you log (1 or the rollout's).
+        mask: optional ``(...)`` token mask (bool, or 0/1 integer / float; True = valid); masked tokens get
+            entropy 0 (and zero gradient).
+        temperature: the sampling temperature :math:`T`, finite and > 0; say which one you log (1 or the
+            rollout's).
         impl: ``"auto"``, ``"torch"`` or ``"triton"``, as :func:`~entrotrain.functional.entropy_from_logits`.
 
     Returns:
         ``(...)`` float32 (float64 for float64 input), differentiable with
         :math:`\partial H/\partial z_j = -p_j (z_j/T - E_p[z/T]) / T`. Memory beyond the input: one chunk of rows.
+        A token whose logits hold NaN/+Inf gets NaN (only that token); ``V = 0`` gives 0.
+
+    Raises:
+        EntrotrainError: ``logits`` not floating or a scalar, a bad ``temperature``, a mask that is not 0/1 or not
+            shaped like the tokens, an unknown ``impl``.
     """
-    _check_temperature(temperature)
+    temperature = _check_temperature(temperature)
+    check_tensor(logits, "logits", floating=True, min_ndim=1, layout="(..., V)")
+    if mask is not None:
+        mask = _token_mask(mask, logits.shape[:-1], like="the logits without the last dim")
     h = entropy_from_logits(logits, temperature=temperature, impl=impl)
     if mask is not None:
-        if mask.shape != h.shape:
-            raise EntrotrainError(
-                f"mask of shape {tuple(mask.shape)} must match the logits' token shape {tuple(h.shape)}."
-            )
-        h = torch.where(mask.bool(), h, torch.zeros((), dtype=h.dtype, device=h.device))
+        h = torch.where(mask, h, torch.zeros((), dtype=h.dtype, device=h.device))
     return h
 
 
@@ -137,32 +178,62 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) 
     Args:
         logits: ``(..., V)`` any floating dtype (computed in float32 per chunk; never a full float32 copy).
         labels: ``(...)`` integer token ids in ``[0, V)``; negative ids (e.g. ``-100`` padding) give 0.
-        temperature: :math:`T > 0`.
+            Checked with one max-reduction over the labels (a device sync; small next to the logits).
+        temperature: :math:`T > 0`, finite.
 
     Returns:
-        ``(...)`` float32 (float64 for float64 input), differentiable (gradient ``(onehot - p)/T``).
+        ``(...)`` float32 (float64 for float64 input), differentiable (gradient ``(onehot - p)/T``). A token whose
+        logits hold NaN/+Inf gets NaN (only that token).
+
+    Raises:
+        EntrotrainError: ``logits`` not floating or a scalar, ``labels`` not integer or not shaped like the logits
+            without their last dim, a label ``>= V``, a bad ``temperature``.
     """
-    _check_temperature(temperature)
-    if logits.shape[:-1] != labels.shape:
-        raise EntrotrainError(
-            f"labels of shape {tuple(labels.shape)} must match logits {tuple(logits.shape)} without the last dim."
-        )
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise EntrotrainError(f"labels must be an integer tensor, got {labels.dtype}; use labels.long().")
+    temperature = _check_temperature(temperature)
+    check_tensor(logits, "logits", floating=True, min_ndim=1, layout="(..., V)")
+    check_tensor(labels, "labels", integer=True)
+    check_shape(labels, logits.shape[:-1], "labels", like="the logits without the last dim")
     v = logits.shape[-1]
-    rows = logits.reshape(-1, v)
+    _check_labels(labels, v)
     lab = labels.reshape(-1).long()
+    if v == 0:  # every label is negative (checked): ignored tokens, log-prob 0
+        return (logits.sum(-1) * 0).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    rows = logits.reshape(-1, v)
     rows_per_chunk = max(1, (DEFAULT_CHUNK_ELEMENTS // 2) // max(v, 1))
     out = _ChunkedLogprobs.apply(rows, lab, rows_per_chunk, float(temperature))
     out = torch.where(lab >= 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out.reshape(labels.shape)
 
 
+def _check_labels(labels: Tensor, vocab_size: int, name: str = "labels") -> None:
+    """Token ids are ``< vocab_size`` (negative ids mean "ignored"). One min/max reduction over the labels (a
+    device sync: the labels are small next to the logits); a raw ``gather`` error or a silent wrong row otherwise."""
+    if labels.numel() == 0:
+        return
+    top = int(labels.max())
+    if top >= vocab_size:
+        raise EntrotrainError(
+            f"{name} holds token id {top}, out of range for a vocabulary of {vocab_size} (the logits' last dim): "
+            f"ids must be in [0, {vocab_size}), negative ids (e.g. -100) mark ignored tokens. Check the tokenizer "
+            "and the head's vocabulary size."
+        )
+
+
 # --------------------------------------------------------------------------------------------- aggregation
 
 
-def _float_mask(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.to(like.dtype) if mask.dtype == torch.bool else mask.to(like.dtype)
+def _denominator(value: Tensor | float | None, default: Tensor | float, name: str) -> Tensor | float:
+    """A loss denominator (``num_tokens`` / ``num_sequences`` / ``max_length``), 1 where it is 0 (empty input: the
+    numerator is 0 too, so the loss is 0 with zero gradient, as verl's masked mean). Python numbers are checked
+    (finite, >= 0); tensors are not read (no device sync) and keep their dtype: give a one-element tensor."""
+    value = default if value is None else value
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise EntrotrainError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}.")
+        value = value.reshape(())
+        return torch.where(value != 0, value, torch.ones((), dtype=value.dtype, device=value.device))
+    value = check_real(value, name, low=0.0)
+    return value if value != 0 else 1.0
 
 
 def aggregate_loss(
@@ -188,18 +259,28 @@ def aggregate_loss(
     gradients DDP averages) reproduce the loss of the whole batch. Masked entries never contribute, even if they
     hold ``inf``/``nan``.
 
+    ``mask``: bool (True = valid), integer 0/1, or floating (verl's float ``response_mask``: its values weigh the
+    tokens and are not read here, so give 0/1 unless you mean weights).
+
+    Empty or all-masked input (``B = 0``, ``T = 0``, or no valid token), or a denominator of 0: the loss is 0 with
+    zero gradient (a zero denominator is replaced by 1 over a zero numerator), never NaN. A NaN/Inf on a valid token
+    makes the loss non-finite (it is one number over every valid token).
+
     Returns:
         A scalar in ``values``' dtype.
+
+    Raises:
+        EntrotrainError: ``values`` not a floating ``(B, T)`` tensor, ``mask`` not of its shape, an unknown
+            ``mode``, a negative or non-finite ``num_tokens`` / ``num_sequences`` / ``max_length`` number, a
+            denominator tensor with more than one element, ``dp_size`` not an int >= 1.
     """
-    if values.dim() != 2 or mask.shape != values.shape:
-        raise EntrotrainError(
-            f"aggregate_loss needs values and mask of the same (B, T) shape, got {tuple(values.shape)} and "
-            f"{tuple(mask.shape)}."
-        )
-    m = _float_mask(mask, values)
-    masked = torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)) * m
+    check_tensor(values, "values", floating=True, ndim=2, layout="(B, T)")
+    check_choice(mode, "mode", AGG_MODES)
+    check_int(dp_size, "dp_size", low=1)
+    valid, m = _loss_mask(mask, values.shape, values.dtype)
+    masked = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)) * m
     if mode == "token-mean":
-        den = m.sum() if num_tokens is None else num_tokens
+        den = _denominator(num_tokens, m.sum(), "num_tokens")
         return masked.sum() / den * dp_size
     if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         seq = masked.sum(dim=-1)
@@ -207,12 +288,10 @@ def aggregate_loss(
         if mode == "seq-mean-token-mean":
             seq = seq / (counts + 1e-8)
         has = (counts > 0).to(values.dtype)
-        den = has.sum() if num_sequences is None else num_sequences
+        den = _denominator(num_sequences, has.sum(), "num_sequences")
         return (seq * has).sum() / den * dp_size
-    if mode == "seq-mean-token-sum-norm":
-        length = values.shape[-1] if max_length is None else max_length
-        return masked.sum(dim=-1).sum() / length * dp_size
-    raise EntrotrainError(f"mode must be one of {AGG_MODES}, got {mode!r}.")
+    length = _denominator(max_length, values.shape[-1], "max_length")
+    return masked.sum(dim=-1).sum() / length * dp_size
 
 
 # --------------------------------------------------------------------------------------------- covariance
@@ -234,7 +313,8 @@ class CovarianceSums(NamedTuple):
 
 
 def _broadcast_adv(advantages: Tensor, like: Tensor) -> Tensor:
-    if advantages.dim() == 1:
+    check_tensor(advantages, "advantages", floating=True)
+    if advantages.dim() == 1 and like.dim() == 2:
         if advantages.shape[0] != like.shape[0]:
             raise EntrotrainError(
                 f"advantages of shape {tuple(advantages.shape)} must have one value per sequence ({like.shape[0]})."
@@ -247,13 +327,27 @@ def _broadcast_adv(advantages: Tensor, like: Tensor) -> Tensor:
     return advantages
 
 
+def _check_tokens(logprobs: Tensor, name: str = "logprobs") -> Tensor:
+    return check_tensor(logprobs, name, floating=True, ndim=2, layout="(B, T)")
+
+
 def covariance_sums(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> CovarianceSums:
-    """:class:`CovarianceSums` of one batch (float64 sums, detached)."""
+    r""":class:`CovarianceSums` of one batch (float64 sums, detached) over the valid tokens whose log-prob and
+    advantage are finite (a NaN/Inf token is left out of the means, so it cannot poison every other token's
+    covariance; it keeps a non-finite :math:`\mathrm{Cov}_i` of its own). Empty or all-masked: zero sums, count 0.
+
+    Raises:
+        EntrotrainError: ``logprobs`` not floating ``(B, T)``, ``advantages`` not ``(B,)`` / ``(B, T)``, ``mask``
+            not a 0/1 mask of the tokens' shape.
+    """
+    _check_tokens(logprobs)
+    valid = _token_mask(mask, logprobs.shape)
     a = _broadcast_adv(advantages, logprobs).detach().double()
-    valid = mask.bool()
+    lp = logprobs.detach().double()
+    valid = valid & torch.isfinite(lp) & torch.isfinite(a)
     zero = torch.zeros((), dtype=torch.float64, device=logprobs.device)
     return CovarianceSums(
-        torch.where(valid, logprobs.detach().double(), zero).sum(),
+        torch.where(valid, lp, zero).sum(),
         torch.where(valid, a, zero).sum(),
         valid.sum().double(),
     )
@@ -264,24 +358,32 @@ def policy_covariance(
 ) -> Tensor:
     r"""Token covariance :math:`\mathrm{Cov}_i = (\log\pi_i - \overline{\log\pi})(A_i - \bar A)` (Cui et al. 2025).
 
-    Means over the valid tokens of this batch, or from ``sums`` (e.g. all-reduced across ranks: global mode).
-    Its mean over tokens predicts the entropy change :math:`\Delta H \approx -\eta\,\mathrm{Cov}`.
+    Means over the valid, finite tokens of this batch, or from ``sums`` (e.g. all-reduced across ranks: global
+    mode). Its mean over tokens predicts the entropy change :math:`\Delta H \approx -\eta\,\mathrm{Cov}`.
 
     Args:
         logprobs: ``(B, T)`` log-probabilities of the sampled tokens (detached here).
         advantages: ``(B, T)`` or ``(B,)``.
-        mask: ``(B, T)`` valid tokens.
+        mask: ``(B, T)`` valid tokens (bool, or 0/1 integer / float).
         sums: optional precomputed :class:`CovarianceSums` fixing the means.
 
     Returns:
-        ``(B, T)`` in ``logprobs``' dtype, 0 on masked tokens; no gradient.
+        ``(B, T)`` in ``logprobs``' dtype, 0 on masked tokens; no gradient. Empty or all-masked input: all zeros.
+        A valid token with a NaN/Inf log-prob or advantage gets a non-finite value; the others stay finite.
+
+    Raises:
+        EntrotrainError: as :func:`covariance_sums`, or ``sums`` not a :class:`CovarianceSums`.
     """
+    _check_tokens(logprobs)
+    valid = _token_mask(mask, logprobs.shape)
     if sums is None:
-        sums = covariance_sums(logprobs, advantages, mask)
+        sums = covariance_sums(logprobs, advantages, valid)
+    elif not isinstance(sums, CovarianceSums):
+        raise EntrotrainError(f"sums must be a CovarianceSums (from covariance_sums), got {type(sums).__name__}.")
     mean_l, mean_a = sums.means()
     a = _broadcast_adv(advantages, logprobs).detach()
     cov = (logprobs.detach().double() - mean_l) * (a.double() - mean_a)
-    return torch.where(mask.bool(), cov, torch.zeros_like(cov)).to(logprobs.dtype)
+    return torch.where(valid, cov, torch.zeros_like(cov)).to(logprobs.dtype)
 
 
 # --------------------------------------------------------------------------------------------- token selection
@@ -289,12 +391,28 @@ def policy_covariance(
 
 def quantile(values: Tensor, q: float) -> Tensor:
     """``torch.quantile(values, q)`` of a 1-D tensor (linear interpolation) via ``kthvalue``: no 2^24 size limit
-    (pytorch#64947). NaN for an empty tensor."""
+    (pytorch#64947).
+
+    Args:
+        values: 1-D real tensor with at least one element (NaN entries make the result unreliable: filter them).
+        q: the quantile, a finite number in ``[0, 1]``.
+
+    Returns:
+        A 0-dim tensor in ``values``' dtype (floating input).
+
+    Raises:
+        EntrotrainError: ``values`` not 1-D, empty (a quantile of nothing is undefined: check ``numel()`` first),
+            or ``q`` outside ``[0, 1]`` / not finite.
+    """
+    check_tensor(values, "values", ndim=1, layout="(n,)")
+    q = check_real(q, "q", low=0.0, high=1.0)
     n = values.numel()
     if n == 0:
-        return torch.full((), float("nan"), dtype=values.dtype, device=values.device)
+        raise EntrotrainError(
+            "values is empty: the quantile of no value is undefined; check values.numel() > 0 before calling."
+        )
     pos = q * (n - 1)
-    lo = int(pos)
+    lo = min(int(pos), n - 1)
     hi = min(lo + 1, n - 1)
     frac = pos - lo
     v_lo = torch.kthvalue(values, lo + 1).values
@@ -308,16 +426,26 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
     r"""The high-entropy-minority ("80/20") mask of Wang et al. 2025: tokens with :math:`H \ge \tau`.
 
     :math:`\tau` is the ``1 - top_fraction`` quantile (linear interpolation, like ``torch.quantile`` and TRL's
-    ``get_high_entropy_mask``) of the valid tokens' entropies, computed with ``kthvalue`` (no 2^24 limit). Under
-    ``torch.distributed`` the valid entropies of every rank are gathered first (global quantile, as TRL).
+    ``get_high_entropy_mask``) of the valid tokens' finite entropies, computed with ``kthvalue`` (no 2^24 limit).
+    Under ``torch.distributed`` the valid entropies of every rank are gathered first (global quantile, as TRL).
+
+    Args:
+        entropy: per-token entropies, any shape, floating.
+        mask: token mask of ``entropy``'s shape (bool, or 0/1 integer / float; True = valid).
+        top_fraction: the share of tokens kept, a finite number in ``(0, 1]``.
 
     Returns:
-        Boolean tensor shaped like ``entropy``: ``entropy >= tau & mask``. All False when no token is valid.
+        Boolean tensor shaped like ``entropy``: ``entropy >= tau & mask``. All False when no valid token has a
+        finite entropy (empty or all-masked input). A NaN entropy is never selected and does not move ``tau``.
+
+    Raises:
+        EntrotrainError: ``entropy`` not floating, a bad or mis-shaped ``mask``, ``top_fraction`` outside ``(0, 1]``.
     """
-    if not 0 < top_fraction <= 1:
-        raise EntrotrainError(f"top_fraction must be in (0, 1], got {top_fraction!r}.")
-    valid = mask.bool()
-    vals = entropy.detach()[valid].float()
+    top_fraction = check_real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
+    check_tensor(entropy, "entropy", floating=True)
+    valid = _token_mask(mask, entropy.shape, like="the entropy")
+    h = entropy.detach()
+    vals = h[valid & torch.isfinite(h)].float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from entrotrain.functional._dist import all_gather_varlen  # noqa: PLC0415
 
@@ -325,7 +453,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
     if vals.numel() == 0:
         return torch.zeros_like(valid)
     tau = quantile(vals, 1.0 - top_fraction)
-    return (entropy.detach() >= tau.to(entropy.dtype)) & valid
+    return (h >= tau.to(h.dtype)) & valid
 
 
 def steer_weights(
@@ -352,8 +480,26 @@ def steer_weights(
     \min\Omega}, w_{min}, w_{max})`, the mid value :math:`(w_{min}+w_{max})/2` when :math:`\max = \min`.
 
     ``entropy`` is the token entropy from the old-policy pass. Returns ``(B, T)`` weights (1 on masked tokens in
-    exp mode before masking; callers multiply by the mask through :func:`aggregate_loss`).
+    exp mode before masking; callers multiply by the mask through :func:`aggregate_loss`). Always finite, in
+    ``[w_min, 1]`` (exp) or ``[w_min, w_max]`` (linear); all ones when no token is valid (empty or all-masked).
+
+    Raises:
+        EntrotrainError: ``logprobs`` not floating ``(B, T)``; ``old_logprobs`` / ``entropy`` / ``mask`` not of its
+            shape; ``advantages`` not ``(B,)`` / ``(B, T)``; ``w_min`` not in ``(0, 1]`` (exp mode: :math:`\ln
+            w_{min}` must be finite) or, in linear mode, not ``0 <= w_min <= w_max`` (finite).
     """
+    _check_tokens(logprobs)
+    for name, x in (("old_logprobs", old_logprobs), ("entropy", entropy)):
+        check_tensor(x, name, floating=True)
+        check_shape(x, logprobs.shape, name, like="the logprobs")
+    valid = _token_mask(mask, logprobs.shape, like="the logprobs")
+    if not isinstance(linear, bool):
+        raise EntrotrainError(f"linear must be a bool, got {type(linear).__name__} {linear!r}.")
+    if linear:
+        w_min = check_real(w_min, "w_min", low=0.0)
+        w_max = check_real(w_max, "w_max", low=w_min)
+    else:
+        w_min = check_real(w_min, "w_min", low=0.0, high=1.0, low_open=True)
     with torch.no_grad():
         a = _broadcast_adv(advantages, logprobs)
         x = torch.clamp(torch.exp(logprobs), 1e-8, 1 - 1e-8)
@@ -361,7 +507,6 @@ def steer_weights(
         omega = (a / old_p) * x * (1 - x) * (torch.log(x) + entropy)
         omega = omega.abs()
         omega = torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega))
-        valid = mask.bool()
         if not bool(valid.any()):
             return torch.ones_like(omega)
         vals = omega[valid]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_int, check_real, check_shape, check_tensor
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.policy import TokenStats
+from entrotrain.functional.policy import TokenStats, _check_labels
 
 __all__ = ["DEFAULT_HEAD_CHUNK", "linear_entropy_and_logprobs"]
 
@@ -147,32 +148,49 @@ def linear_entropy_and_logprobs(
     Args:
         hidden: ``(N, D)`` hidden states (packed valid tokens), any floating dtype.
         weight: ``(V, D)`` output-head (``lm_head``) weight, same dtype as ``hidden``.
-        labels: optional ``(N,)`` token ids; negative ids give log-prob 0 and no gradient.
-        bias: optional ``(V,)``.
-        temperature: :math:`T > 0`.
-        chunk_size: rows per block; at most ``chunk_size × V`` float32 logits exist at once, forward and backward.
+        labels: optional ``(N,)`` integer token ids ``< V``; negative ids give log-prob 0 and no gradient. Checked
+            with one max-reduction over the labels (a device sync; the labels are small).
+        bias: optional ``(V,)``, the weight's dtype.
+        temperature: :math:`T > 0`, finite.
+        chunk_size: rows per block, an int >= 1; at most ``chunk_size × V`` float32 logits exist at once, forward and backward.
         impl: ``"auto"`` (the fused Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is
             installed, this chunked torch path otherwise), ``"torch"`` or ``"triton"``; ``ENTROTRAIN_IMPL`` overrides.
 
     Returns:
         :class:`~entrotrain.functional.TokenStats` ``(entropy (N,), logprobs (N,) or None)``, float32 (float64 for
-        float64 inputs), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        float64 inputs), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. ``N = 0`` gives empty
+        tensors; ``D = 0`` gives uniform distributions (:math:`\ln V`). A row of ``hidden`` holding NaN/Inf gives NaN
+        in that row only (a non-finite ``weight`` or ``bias`` entry reaches every row).
+
+    Raises:
+        EntrotrainError: shapes or dtypes that do not fit (named above), ``V = 0``, a label ``>= V``, a bad
+            ``temperature`` or ``chunk_size``, an unknown ``impl``.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+    check_tensor(hidden, "hidden", floating=True, ndim=2, layout="(N, D)")
+    check_tensor(weight, "weight", floating=True, ndim=2, layout="(V, D)")
+    if hidden.shape[1] != weight.shape[1]:
         raise EntrotrainError(
             f"need hidden (N, D) and weight (V, D) with the same D, got {tuple(hidden.shape)} and "
             f"{tuple(weight.shape)}."
         )
-    if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
-        raise EntrotrainError(f"hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}.")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise EntrotrainError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}.")
-    if labels is not None and labels.shape != (hidden.shape[0],):
-        raise EntrotrainError(f"labels must be (N,) = ({hidden.shape[0]},), got {tuple(labels.shape)}.")
-    if not temperature > 0:
-        raise EntrotrainError(f"temperature must be > 0, got {temperature!r}.")
-    if chunk_size < 1:
-        raise EntrotrainError(f"chunk_size must be >= 1, got {chunk_size!r}.")
+    if weight.dtype != hidden.dtype:
+        raise EntrotrainError(
+            f"hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}; cast one, e.g. "
+            "hidden.to(weight.dtype)."
+        )
+    if weight.shape[0] == 0:
+        raise EntrotrainError(f"weight has no output row (V = 0, shape {tuple(weight.shape)}): a head needs V >= 1.")
+    if bias is not None:
+        check_tensor(bias, "bias", floating=True)
+        check_shape(bias, (weight.shape[0],), "bias", like="(V,) of the weight")
+        if bias.dtype != weight.dtype:
+            raise EntrotrainError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}.")
+    if labels is not None:
+        check_tensor(labels, "labels", integer=True)
+        check_shape(labels, (hidden.shape[0],), "labels", like="(N,) of the hidden states")
+        _check_labels(labels, weight.shape[0])
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    chunk_size = check_int(chunk_size, "chunk_size", low=1)
     lab = None if labels is None else labels.long()
     from entrotrain.kernels.dispatch import call_kernel, resolve_impl
 

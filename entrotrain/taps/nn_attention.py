@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from entrotrain._validation import padding_mask
 from entrotrain.errors import TapError
 
 __all__ = ["mha_query_key"]
@@ -23,10 +24,13 @@ _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_
 
 
 def _padding_from(mask: Tensor) -> Tensor:
-    """MHA's key padding mask, bool (True = ignore) or float (additive), as a bool 'is padding' mask."""
-    if mask.dtype == torch.bool:
-        return mask
-    return mask <= torch.finfo(mask.dtype).min
+    """MHA's key padding mask, bool (True = ignore) or float (additive), as a bool 'is padding' mask.
+
+    Integer masks are refused with the fix (:func:`~entrotrain._validation.padding_mask`), as MHA itself refuses
+    them: HF's 1 = keep would otherwise mark every real key as padding."""
+    if mask.is_floating_point():
+        return mask <= torch.finfo(mask.dtype).min
+    return padding_mask(mask, "key_padding_mask")
 
 
 def _has_finite_bias(mask: Tensor) -> bool:

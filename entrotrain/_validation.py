@@ -216,3 +216,18 @@ def check_str(value: Any, name: str, *, empty_ok: bool = False) -> str:
 
 
 __all__ += ["check_bool", "check_str"]
+
+
+def check_device(device: Any, name: str = "device", *, none_ok: bool = True) -> torch.device | None:
+    """A ``torch.device`` (or a string such as ``"cuda:0"`` naming one); ``None`` passes when ``none_ok``."""
+    if device is None and none_ok:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EntrotrainError(
+            f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}."
+        ) from None
+
+
+__all__ += ["check_device"]

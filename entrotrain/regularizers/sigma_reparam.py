@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from entrotrain._validation import check_bool, check_int, check_real
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["SigmaReparamLinear", "SigmaReparamQKJoint", "sigma_reparam", "sigma_reparam_names"]
@@ -49,19 +50,30 @@ def _top_right_singular_vector(weight: Tensor, init_iterations: int | None) -> T
 
     ``init_iterations=None``: exact, from ``torch.linalg.svd`` in float64. An integer: that many power iterations
     from a fixed-seed random start (identical on every rank; no global RNG consumed).
+    A zero matrix (σ = 0, every vector is singular) gives the start vector, never a zero vector.
     """
     w = weight.detach().to(torch.float64)
     if init_iterations is None:
         _, _, vh = torch.linalg.svd(w, full_matrices=False)
         return vh[0]
-    if isinstance(init_iterations, bool) or not isinstance(init_iterations, int) or init_iterations < 1:
-        raise EntrotrainError(f"init_iterations must be None (exact SVD) or a positive int, got {init_iterations!r}.")
+    check_int(init_iterations, "init_iterations (None = exact SVD)", low=1)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    u = F.normalize(torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device), dim=0)
+    start = F.normalize(torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device), dim=0)
+    u = start
     for _ in range(init_iterations):
         v = F.normalize(w @ u, dim=0)
-        u = F.normalize(w.T @ v, dim=0)
+        u = _keep_if_degenerate(F.normalize(w.T @ v, dim=0), u)
     return u
+
+
+def _keep_if_degenerate(new: Tensor, old: Tensor) -> Tensor:
+    """``new`` unless it is the zero vector (``W u = 0``: σ = 0) or non-finite (NaN/Inf in ``W``), then ``old``.
+
+    A power-iteration vector that became 0 or NaN would stay so for good (``normalize(0) = 0``), so the layer
+    could never recover its σ; no host sync (``torch.where`` on a scalar condition).
+    """
+    ok = torch.isfinite(new).all() & (new != 0).any()
+    return torch.where(ok, new, old)
 
 
 class SigmaReparamLinear(nn.Module):
@@ -117,10 +129,11 @@ class SigmaReparamLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-            raise EntrotrainError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}.")
-        if not eps > 0:
-            raise EntrotrainError(f"eps must be > 0, got {eps!r}.")
+        check_int(in_features, "in_features", low=1)
+        check_int(out_features, "out_features", low=1)
+        check_bool(bias, "bias")
+        check_int(n_power_iterations, "n_power_iterations", low=1)
+        eps = check_real(eps, "eps", low=0.0, low_open=True)  # type: ignore[assignment]
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -157,6 +170,11 @@ class SigmaReparamLinear(nn.Module):
         """
         if self.weight.is_meta:
             return
+        if not bool(torch.isfinite(self.weight).all()):
+            raise EntrotrainError(
+                "SigmaReparamLinear.weight holds NaN/Inf, so its spectral norm σ(W) is undefined; load or initialise "
+                "finite weights first (or leave this layer out of sigma_reparam with exclude=)."
+            )
         u = _top_right_singular_vector(self.weight, init_iterations)
         sigma = torch.linalg.vector_norm(self.weight.detach().to(torch.float64) @ u)
         self.u.copy_(u)
@@ -178,7 +196,9 @@ class SigmaReparamLinear(nn.Module):
         ``W`` (float64 SVD, or ``init_iterations`` power iterations) and ``γ = σ(W)``.
         """
         if not isinstance(linear, nn.Linear):
-            raise EntrotrainError(f"from_linear expects an nn.Linear, got {type(linear).__name__}.")
+            raise EntrotrainError(
+                f"from_linear expects an nn.Linear, got {type(linear).__name__}; pass the Linear module itself."
+            )
         w = linear.weight
         layer = cls(
             linear.in_features,
@@ -196,6 +216,15 @@ class SigmaReparamLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         layer.weight.requires_grad_(w.requires_grad)
         layer.reset_spectral_state(init_iterations)
+        if float(layer.sigma) == 0.0:
+            warnings.warn(
+                f"σReparam of an all-zero weight ({linear.out_features}×{linear.in_features}): σ(W) = 0, so γ₀ = 0 and "
+                "the layer outputs 0 + bias, like the original, but its weight and γ get zero gradients (Ŵ = γW/σ(W) "
+                "has no direction at W = 0) and only the bias learns. Initialise the weight (e.g. "
+                "nn.init.kaiming_uniform_) before converting, or leave the layer out with exclude=.",
+                UserWarning,
+                stacklevel=2,
+            )
         return layer
 
     # ------------------------------------------------------------------ maths
@@ -210,14 +239,14 @@ class SigmaReparamLinear(nn.Module):
                 if update:
                     for _ in range(self.n_power_iterations):
                         v = F.normalize(torch.mv(w, u), dim=0, eps=self.eps)
-                        u = F.normalize(torch.mv(w.T, v), dim=0, eps=self.eps)
+                        u = _keep_if_degenerate(F.normalize(torch.mv(w.T, v), dim=0, eps=self.eps), u)
                 else:
                     v = F.normalize(torch.mv(w, u), dim=0, eps=self.eps)
             sigma = torch.dot(v, torch.mv(w, u))
         if update:
             with torch.no_grad():
-                self.u.copy_(u)
-                self.sigma.copy_(sigma.detach())
+                self.u.copy_(u)  # never 0 or NaN: a transient NaN weight does not poison later forwards
+                self.sigma.copy_(torch.where(torch.isfinite(sigma), sigma, self.sigma.to(sigma.dtype)).detach())
         return sigma
 
     def spectral_norm_estimate(self) -> Tensor:
@@ -229,7 +258,15 @@ class SigmaReparamLinear(nn.Module):
         return self._reparam(self.spectral_norm_estimate())
 
     def _reparam(self, sigma: Tensor) -> Tensor:
-        scale = self.gamma.to(sigma.dtype) / sigma
+        """``W · γ/σ``, with ``γ/σ := 0`` where ``σ = 0``.
+
+        σ = ‖W u‖ is 0 only when ``W u = 0`` — in practice a zero weight, whose σReparam is ``0 · γ/0``: the
+        output is then ``W · 0 = 0`` (= the zero weight's own output, plus the bias) with finite (zero)
+        gradients, instead of 0/0 = NaN. The division runs on a safe denominator so its backward is finite too.
+        """
+        positive = sigma > 0
+        safe = torch.where(positive, sigma, torch.ones_like(sigma))
+        scale = torch.where(positive, self.gamma.to(sigma.dtype) / safe, torch.zeros_like(sigma))
         return self.weight * scale.to(self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -343,9 +380,17 @@ def sigma_reparam(
         ``model``.
 
     Raises:
-        EntrotrainError: when no Linear matched (names the patterns and some Linear names), or a matched Linear's
-            weight is tied to another module.
+        EntrotrainError: when no Linear matched (names the patterns and some Linear names), a matched Linear's
+            weight is tied to another module, or holds NaN/Inf (σ is undefined), or a bad argument.
+
+    A Linear with an all-zero weight converts with a warning: σ = 0 gives γ₀ = 0 and the output stays 0 + bias
+    (never 0/0 = NaN), but only the bias learns. In training, a forward with a non-finite weight gives a non-finite
+    output (that is data) but leaves ``u`` and ``sigma`` at their last finite values.
     """
+    if not isinstance(model, nn.Module):
+        raise EntrotrainError(f"sigma_reparam expects an nn.Module, got {type(model).__name__}; pass the model.")
+    check_int(n_power_iterations, "n_power_iterations", low=1)
+    check_int(init_iterations, "init_iterations (None = exact SVD)", low=1, none_ok=True)
     include = _as_patterns(include, "include")
     exclude = _as_patterns(exclude, "exclude")
     joint = _as_patterns(qk_joint, "qk_joint")

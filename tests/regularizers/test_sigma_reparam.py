@@ -297,3 +297,101 @@ def test_qk_joint_needs_three_equal_blocks():
 
     with pytest.raises(EntrotrainError, match="3·C output rows"):
         SigmaReparamQKJoint.from_linear(nn.Linear(8, 10))
+
+
+# ------------------------------------------------------------------------------------- trust under failure
+
+
+def _zero_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    nn.init.zeros_(model[0].weight)  # zero-initialised projection (a common init for output layers)
+    return model
+
+
+@pytest.mark.parametrize("init_iterations", [None, 3])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_weight_converts_to_the_same_function_with_finite_gradients(init_iterations, training):
+    model = _zero_model()
+    x = torch.randn(9, 6)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="all-zero weight"):
+        sigma_reparam(model, include="0", init_iterations=init_iterations)
+    layer = model[0]
+    model.train(training)
+    y = model(x)
+    assert torch.equal(y, expected)  # 0 + bias exactly, not 0/0 = NaN
+    y.square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert torch.isfinite(layer.u).all() and torch.linalg.vector_norm(layer.u) == pytest.approx(1.0)
+    assert float(layer.sigma) == 0.0 and torch.isfinite(layer.sigma)
+    # a few optimiser steps keep everything finite
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model(x)).all()
+
+
+def test_nonfinite_weight_is_refused_at_conversion():
+    lin = _linear(torch.float32)
+    with torch.no_grad():
+        lin.weight[3, 4] = float("nan")
+    with pytest.raises(EntrotrainError, match="NaN/Inf"):
+        SigmaReparamLinear.from_linear(lin)
+    model = nn.Sequential(lin)
+    with pytest.raises(EntrotrainError, match="exclude"):
+        sigma_reparam(model)
+
+
+def test_transient_nan_weight_does_not_poison_the_power_iteration_state():
+    layer = SigmaReparamLinear.from_linear(_linear(torch.float32)).train()
+    x = torch.randn(7, 32)
+    layer(x)
+    u, sigma = layer.u.clone(), layer.sigma.clone()
+    w = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    assert not torch.isfinite(layer(x)).all()  # NaN data gives NaN output ...
+    assert torch.equal(layer.u, u) and torch.equal(layer.sigma, sigma)  # ... but the buffers keep their last value
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    fresh = copy.deepcopy(layer)
+    assert torch.equal(layer(x), fresh(x)) and torch.isfinite(layer(x)).all()
+
+
+def test_zero_weight_power_iteration_keeps_a_unit_u():
+    layer = SigmaReparamLinear.from_linear(_linear(torch.float64)).train()
+    with torch.no_grad():
+        layer.weight.zero_()
+    u = layer.u.clone()
+    y = layer(torch.randn(3, 32, dtype=torch.float64))
+    assert torch.isfinite(y).all() and torch.equal(layer.u, u)  # u = normalize(0) = 0 would stay 0 for good
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"in_features": 0, "out_features": 4}, "in_features"),
+        ({"in_features": 4, "out_features": -1}, "out_features"),
+        ({"in_features": 4, "out_features": 4, "eps": float("nan")}, "eps"),
+        ({"in_features": 4, "out_features": 4, "eps": 0.0}, "eps"),
+        ({"in_features": 4, "out_features": 4, "bias": "yes"}, "bias"),
+        ({"in_features": 4, "out_features": 4, "n_power_iterations": 1.5}, "n_power_iterations"),
+    ],
+)
+def test_constructor_arguments_are_validated(kwargs, match):
+    with pytest.raises(EntrotrainError, match=match):
+        SigmaReparamLinear(**kwargs)
+
+
+def test_converter_arguments_are_validated():
+    with pytest.raises(EntrotrainError, match="nn.Module"):
+        sigma_reparam("model")  # type: ignore[arg-type]
+    with pytest.raises(EntrotrainError, match="n_power_iterations"):
+        sigma_reparam(nn.Sequential(nn.Linear(3, 3)), n_power_iterations=0)
+    with pytest.raises(EntrotrainError, match="init_iterations"):
+        sigma_reparam(nn.Sequential(nn.Linear(3, 3)), init_iterations=-2)

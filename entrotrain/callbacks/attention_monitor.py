@@ -16,7 +16,8 @@ names are logged once as hyperparameters ``{p}attn/layers`` and printed at the f
 ``{p}attn_norm/min|mean|p05``         over all heads, normalised
 ``{p}attn/collapse_frac``             fraction of heads with normalised entropy < ``collapse_threshold``
 ``{p}attn/overload_frac``             fraction of heads with normalised entropy > ``overload_threshold``
-``{p}attn/nonfinite``                 queries whose entropy was NaN/Inf (non-finite q or k); never averaged in
+``{p}attn/nonfinite``                 queries whose entropy was NaN/Inf (non-finite q or k); never averaged in;
+                                      published at every logging step (0 when clean)
 ``{p}attn_norm/heatmap`` (wandb)      layer × head image of normalised entropy (viridis, 0 → 1; grey = no data)
 ``{p}attn_norm/hist`` (wandb)         histogram of per-head normalised entropy
 ``{p}attn_norm/heads_over_time``      (wandb) image: rows = layer·head, columns = logging steps so far
@@ -25,6 +26,14 @@ names are logged once as hyperparameters ``{p}attn/layers`` and printed at the f
 The run record (:class:`~entrotrain.dashboards.RunRecordLogger`, for ``entrotrain report``) gets the
 ``{p}attn_norm/heatmap`` array each logging step and the collapse / overload thresholds. ``{p}attn_norm/min`` and
 ``{p}attn/collapse_frac`` are shown on the progress bar.
+
+Non-finite data (DESIGN.md §8): rows with NaN/Inf entropy are counted in ``{p}attn/nonfinite``, warned about once per
+fit and left out of every mean; a statistic with no finite row left at a logging step (a model gone NaN) goes to
+``trainer.callback_metrics`` as NaN and to no logger, so the last healthy value never looks current.
+
+Lifecycle: per-fit state (site names ``L{l}``, summaries, heads-over-time history) is reset in ``setup`` of every
+``fit`` and restored from the checkpoint on resume (Lightning restores callback state after ``setup`` and, for most
+strategies, before ``on_fit_start``); the tap is removed on every exit path (end, exception, interrupt).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from entrotrain.callbacks._logging_window import LoggingWindow
+from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media, record_threshold
 from entrotrain.errors import EntrotrainError, TapError
@@ -171,6 +181,7 @@ class AttentionEntropyMonitor(Callback):
         self._announced = False
         self._history: list[Tensor] = []  # normalised (layers, heads) per logged step, for heads over time
         self._history_steps: list[int] = []
+        self._nonfinite = NonFiniteCounter("AttentionEntropyMonitor", f"{prefix}attn/nonfinite")
         check_budget(max_rows, "max_rows")  # validate now, not at the first logging step
         check_budget(max_queries, "max_queries")
         if path not in ("auto", "fused", "chunked", "materialized"):
@@ -181,7 +192,42 @@ class AttentionEntropyMonitor(Callback):
         return self._generate_state_key(include=self.include, exclude=self.exclude, prefix=self.prefix)
 
     # ------------------------------------------------------------------ lifecycle
+    def _reset_fit_state(self) -> None:
+        """Forget everything a previous fit left: site names, summaries, history, warnings, the window."""
+        self._release()
+        self.first_summary = None
+        self.last_summary = None
+        self.site_names = []
+        self.last_logged = {}
+        self._announced = False
+        self._history = []
+        self._history_steps = []
+        self._nonfinite.reset()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
+        if stage == "fit":
+            self._reset_fit_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed fit needs to keep the same ``L{l}`` names, first summary and heads-over-time history."""
+        return {
+            "site_names": list(self.site_names),
+            "first_summary": self.first_summary,
+            "last_summary": self.last_summary,
+            "history": [h.tolist() for h in self._history],
+            "history_steps": list(self._history_steps),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.site_names = list(state_dict.get("site_names", []))
+        self.first_summary = state_dict.get("first_summary")
+        self.last_summary = state_dict.get("last_summary")
+        self._history = [torch.tensor(h, dtype=torch.float32) for h in state_dict.get("history", [])]
+        self._history_steps = list(state_dict.get("history_steps", []))
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._release()  # a tap left from an earlier fit (another model) must hold nothing
         self.tap = AttentionTap(
             pl_module,
             include=self.include,
@@ -306,6 +352,7 @@ class AttentionEntropyMonitor(Callback):
         assert self.tap is not None
         if not self.tap.stats:
             self._no_capture(pl_module)
+            publish_scalars(trainer, pl_module, {}, source=self.state_key)  # earlier values are stale now
             return
         stacked = self._stacked()
         if trainer.world_size > 1:
@@ -328,14 +375,9 @@ class AttentionEntropyMonitor(Callback):
                         metrics[f"{self.prefix}attn/L{layer}/H{head}"] = float(entropy[layer, head])
                     if torch.isfinite(normalized[layer, head]):
                         metrics[f"{self.prefix}attn_norm/L{layer}/H{head}"] = float(normalized[layer, head])
-        if summary["attn/nonfinite"] > 0:
-            rank_zero_warn(
-                f"AttentionEntropyMonitor: {int(summary['attn/nonfinite'])} attention rows had non-finite entropy "
-                f"(NaN/Inf in q or k) at step {trainer.global_step}; they are counted in "
-                f"{self.prefix}attn/nonfinite and left out of every mean."
-            )
+        self._nonfinite.add(summary["attn/nonfinite"], "attention rows had non-finite entropy (NaN/Inf in q or k)", f"step {step}")
         self.last_logged = metrics
-        step = publish_scalars(trainer, pl_module, metrics)
+        step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         if trainer.is_global_zero:
             record_media(
                 trainer,

@@ -40,10 +40,17 @@ process on the concatenated batch:
 ``{p}fit_a|fit_b|fit_ceiling``   least-squares :math:`R = -a e^{H} + b` over the logged steps, ceiling :math:`b - a`
 ``{p}fit_r2``                    its :math:`R^2`
 ``{p}nonfinite``                 valid tokens with NaN/Inf entropy: counted, warned about, never averaged in
+``{p}reward_nonfinite``          NaN/Inf rewards (when ``rewards`` given): dropped from ``reward_mean`` and the fit
 ``{p}hist`` (wandb)              histogram of the token entropies
 ===============================  ====================================================================================
 
 Pair it with :class:`~entrotrain.callbacks.EntropyCollapseGuard` (``monitor="entropy/policy/mean"``) for alerts.
+
+Non-finite data (DESIGN.md §8): NaN/Inf tokens and rewards are counted, warned about once per fit and left out of
+every statistic; a statistic that cannot be computed at a logging batch (no finite token, no finite reward) goes to
+``trainer.callback_metrics`` as NaN and to no logger. The state (history, ΔH pairs, the fit's points) only ever takes
+finite values, so one NaN never poisons ``delta_predicted``, ``eta_eff`` or the fit of later batches. Per-fit state
+is reset in ``setup`` of every ``fit`` and restored from the checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -54,9 +61,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError
@@ -112,9 +119,9 @@ def policy_entropy_summary(
         ``cov_pos_frac``, ``cov_top{k}_share`` (NaN-free; entropy keys absent when no token is valid and finite).
     """
     mask = mask.bool()
-    finite = torch.isfinite(entropy) & torch.isfinite(logprobs)
-    if advantages.dim() == 2:
-        finite &= torch.isfinite(advantages)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(entropy)
+    finite = torch.isfinite(entropy) & torch.isfinite(logprobs) & torch.isfinite(advantages)
     valid = mask & finite
     out: dict[str, float] = {"nonfinite": float((mask & ~finite).sum()), "tokens": float(valid.sum())}
     if not bool(valid.any()):
@@ -206,22 +213,52 @@ class PolicyEntropyMonitor(Callback):
         self.log_media = log_media
         self.prefix = prefix
         self.print_summary = print_summary
-        self.history: dict[str, list[float]] = {"batch": [], "entropy": [], "reward": [], "cov": []}
+        self._nonfinite = NonFiniteCounter("PolicyEntropyMonitor", f"{prefix}nonfinite")
+        self._reset_fit_state()
+
+    def _reset_fit_state(self) -> None:
+        """Empty history, ΔH pairs, fit points, first/last values and warnings (every fit starts afresh)."""
+        # history["entropy"], ["cov"]: one finite value per logged batch; ["reward"], ["reward_entropy"]: the fit's
+        # points, one per logged batch with a finite reward mean (paired, so a batch without rewards shifts nothing)
+        self.history: dict[str, list[float]] = {"batch": [], "entropy": [], "reward": [], "reward_entropy": [], "cov": []}
         self.delta_pairs: dict[str, list[float]] = {"cov": [], "delta": []}
         self.first_logged: dict[str, float] | None = None
         self.last_logged: dict[str, float] = {}
+        self._nonfinite.reset()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
+        if stage == "fit":
+            self._reset_fit_state()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "delta_pairs": self.delta_pairs, "first_logged": self.first_logged}
+        return {
+            "history": self.history,
+            "delta_pairs": self.delta_pairs,
+            "first_logged": self.first_logged,
+            "last_logged": self.last_logged,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {k: list(v) for k, v in state_dict["history"].items()}
-        self.delta_pairs = {k: list(v) for k, v in state_dict["delta_pairs"].items()}
+        self._reset_fit_state()
+        history = state_dict["history"]
+        self.history["batch"] = list(history.get("batch", []))
+        self.history["entropy"] = list(history["entropy"])
+        self.history["cov"] = list(history["cov"])
+        # older checkpoints kept one reward per logged entropy (NaN where none): pair them and keep finite points
+        points = zip(history.get("reward_entropy", history["entropy"]), history["reward"])
+        kept = [(h, r) for h, r in points if is_finite_number(h) and is_finite_number(r)]
+        self.history["reward_entropy"] = [h for h, _ in kept]
+        self.history["reward"] = [r for _, r in kept]
+        pairs = zip(state_dict["delta_pairs"]["cov"], state_dict["delta_pairs"]["delta"])
+        finite = [(c, d) for c, d in pairs if is_finite_number(c) and is_finite_number(d)]
+        self.delta_pairs = {"cov": [c for c, _ in finite], "delta": [d for _, d in finite]}
         self.first_logged = state_dict.get("first_logged")
+        self.last_logged = dict(state_dict.get("last_logged") or {})
 
     # ------------------------------------------------------------------ read the batch
     def _tensors(self, outputs: Any) -> dict[str, Any]:
@@ -292,25 +329,28 @@ class PolicyEntropyMonitor(Callback):
                 top_fraction=self.top_fraction,
                 cov_top_fraction=self.cov_top_fraction,
             )
-        if summary["nonfinite"] > 0:
-            rank_zero_warn(
-                f"PolicyEntropyMonitor: {int(summary['nonfinite'])} response tokens had NaN/Inf entropy or log-prob "
-                f"at batch {index}; they are counted in {self.prefix}nonfinite and left out of every statistic."
-            )
-        if "mean" not in summary:
-            rank_zero_warn(f"PolicyEntropyMonitor: batch {index} has no valid response token; nothing to log.")
-            return
+        self._nonfinite.add(summary["nonfinite"], "response tokens had NaN/Inf entropy, log-prob or advantage", f"batch {index}")
         temperature = found["temperature"]
         if temperature is not None:
             summary["temperature"] = float(temperature)
-        self._dynamics(summary, tensors)
         if "rewards" in tensors:
-            self._reward_fit(summary, tensors["rewards"])
+            self._reward_mean(summary, tensors["rewards"], index)
+        if "mean" not in summary:
+            self._nonfinite.warn_once(
+                "empty",
+                f"PolicyEntropyMonitor: batch {index} has no valid, finite response token; its entropy statistics go "
+                "to trainer.callback_metrics as NaN (never to a logger). This warning is shown once per fit.",
+            )
+            publish_scalars(trainer, pl_module, {self.prefix + k: v for k, v in summary.items()}, source=self.state_key)
+            return
+        self._dynamics(summary, tensors)
+        if "reward_mean" in summary:
+            self._reward_fit(summary)
         metrics = {self.prefix + k: v for k, v in summary.items()}
         self.last_logged = {"batch": float(index), **summary}
         if self.first_logged is None:
             self.first_logged = dict(self.last_logged)
-        step = publish_scalars(trainer, pl_module, metrics)
+        step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         record_media(trainer, f"{self.prefix}hist", tensors["entropy"][tensors["mask"].bool()], step, kind="histogram")
         if self.log_media and trainer.is_global_zero:
             self._log_media(trainer, tensors["entropy"][tensors["mask"].bool()], step)
@@ -319,14 +359,12 @@ class PolicyEntropyMonitor(Callback):
         """Realised ΔH beside the covariance prediction ``-η̂·Cov`` (η̂ fitted on earlier intervals only)."""
         pairs = self.delta_pairs
         if "post_entropy" in tensors:  # the change this batch's own updates made: pairs with this batch's Cov
-            mask = tensors["mask"].bool() & torch.isfinite(tensors["post_entropy"]) & torch.isfinite(tensors["entropy"])
-            after = float(aggregate_loss(torch.where(mask, tensors["post_entropy"].double(), 0.0), mask, self.agg))
-            delta, cov = after - summary["mean"], summary["cov_mean"]
+            delta, cov = self._realised_delta(tensors), summary["cov_mean"]
         elif self.history["entropy"]:  # the change since the last logged batch: pairs with that batch's Cov
             delta, cov = summary["mean"] - self.history["entropy"][-1], self.history["cov"][-1]
         else:
             delta = cov = None
-        if delta is not None:
+        if is_finite_number(delta) and is_finite_number(cov):  # the state takes finite values only
             summary["delta"] = delta
             x = torch.tensor(pairs["cov"], dtype=torch.float64)
             y = torch.tensor(pairs["delta"], dtype=torch.float64)
@@ -341,19 +379,38 @@ class PolicyEntropyMonitor(Callback):
                 corr = _pearson([-c for c in pairs["cov"]], pairs["delta"])
                 if math.isfinite(corr):
                     summary["delta_corr"] = corr
-        self.history["entropy"].append(summary["mean"])
-        self.history["cov"].append(summary["cov_mean"])
+        if is_finite_number(summary["mean"]) and is_finite_number(summary["cov_mean"]):
+            self.history["entropy"].append(summary["mean"])
+            self.history["cov"].append(summary["cov_mean"])
 
-    def _reward_fit(self, summary: dict[str, float], rewards: Tensor) -> None:
-        reward = float(rewards.double().mean())
-        summary["reward_mean"] = reward
-        self.history["reward"].append(reward)
-        points = [(h, r) for h, r in zip(self.history["entropy"], self.history["reward"]) if math.isfinite(r)]
-        if len(points) < self.fit_min_points:
+    def _realised_delta(self, tensors: dict[str, Tensor]) -> float | None:
+        """ΔH = H_after − H_before under ``agg``, both over the same tokens: valid, with finite entropy, log-prob,
+        advantage and post-update entropy; ``None`` when no such token is left."""
+        both = tensors["mask"].bool()
+        for name in ("entropy", "post_entropy", "logprobs", "advantages"):
+            both &= torch.isfinite(tensors[name])
+        if not bool(both.any()):
+            return None
+        before = aggregate_loss(torch.where(both, tensors["entropy"].double(), 0.0), both, self.agg)
+        after = aggregate_loss(torch.where(both, tensors["post_entropy"].double(), 0.0), both, self.agg)
+        return float(after - before)
+
+    def _reward_mean(self, summary: dict[str, float], rewards: Tensor, index: int) -> None:
+        """``reward_mean`` over the finite rewards, ``reward_nonfinite`` = how many were NaN/Inf (dropped)."""
+        rewards = rewards.double()
+        finite = torch.isfinite(rewards)
+        summary["reward_nonfinite"] = self._nonfinite.add(float((~finite).sum()), "rewards were NaN/Inf", f"batch {index}")
+        if bool(finite.any()):
+            summary["reward_mean"] = float(rewards[finite].mean())
+
+    def _reward_fit(self, summary: dict[str, float]) -> None:
+        """Add this batch's (entropy, reward mean) point and fit ``R = -a exp(H) + b`` once there are enough."""
+        self.history["reward_entropy"].append(summary["mean"])
+        self.history["reward"].append(summary["reward_mean"])
+        if len(self.history["reward"]) < self.fit_min_points:
             return
-        h, r = zip(*points)
         try:
-            fit = fit_entropy_reward(list(h), list(r))
+            fit = fit_entropy_reward(list(self.history["reward_entropy"]), list(self.history["reward"]))
         except EntrotrainError:  # all entropies equal so far: no slope yet
             return
         summary.update({"fit_a": fit.a, "fit_b": fit.b, "fit_ceiling": fit.ceiling})

@@ -31,6 +31,7 @@ Logged keys (``{p}`` = ``prefix``, default ``entropy/repr``; ``{layer}`` = modul
 ``{p}/{layer}/dse_sigma``, ``/dse_t``     DSE / DSMI kernel width σ and diffusion time t (when measured)
 ``{p}/{layer}/vendi_q``                   Vendi order q (when measured); ``rankme_eps`` likewise
 ``{p}/{layer}/median_dist``               median pairwise distance of the sample (audit σ; when DSE/DSMI measured)
+``{p}/{layer}/nonfinite``                 captured rows holding NaN/Inf, dropped before any statistic (0 when clean)
 ``{p}/{layer}/spectrum`` (wandb)          line chart of ``log10`` eigenvalue shares of the (centred) covariance
 ========================================  ==========================================================================
 
@@ -38,6 +39,14 @@ Memory: two ``d × d`` float64 matrices per layer (one with the cosine ``vendi``
 end of a logging step, plus the reservoir. Under DDP every rank must capture the same layers (same model and
 forward), since the statistics travel in one buffer of a fixed layout. Activation checkpointing re-runs forwards:
 a recomputed module is captured twice (the rows count double in the streamed statistics).
+
+Non-finite data (DESIGN.md §8): a captured row holding NaN/Inf is dropped before it reaches any accumulator or
+reservoir, counted in ``{p}/{layer}/nonfinite`` and warned about once per fit; the measures are computed on the
+remaining rows. A layer left with fewer than two finite rows gets no measure at that step: its keys go to
+``trainer.callback_metrics`` as NaN and to no logger. Training never stops because of the data.
+
+Lifecycle: per-fit state (history, warnings, the tap bound to the model being fit) is reset in ``setup`` of every
+``fit``; the history is restored from the checkpoint on resume; hooks are removed on every exit path.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from entrotrain.callbacks._logging_window import LoggingWindow
+from entrotrain.callbacks._nonfinite import NonFiniteCounter, finite_rows, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
@@ -81,6 +91,7 @@ class _Layer:
         self.raw = CovarianceAccumulator(dim, device=device)
         self.unit = CovarianceAccumulator(dim, normalize_rows=True, device=device) if normalized else None
         self.reservoir = Reservoir(capacity, seed=seed)
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # rows dropped for NaN/Inf
 
 
 class RepresentationEntropyMonitor(Callback):
@@ -209,6 +220,7 @@ class RepresentationEntropyMonitor(Callback):
         self._labels: Tensor | None = None
         self._warned_missing = False
         self._deferred: dict[str, float] | None = None
+        self._nonfinite = NonFiniteCounter("RepresentationEntropyMonitor", f"{self.prefix}/{{layer}}/nonfinite")
 
     @property
     def state_key(self) -> str:
@@ -227,12 +239,34 @@ class RepresentationEntropyMonitor(Callback):
         return "dsmi" in self.measures
 
     # ------------------------------------------------------------------ lifecycle
+    def _reset_fit_state(self) -> None:
+        """Forget everything a previous fit left: history, last values, spectra, deferred metrics, warnings."""
+        self._release()
+        self.layers = {}
+        self.last_logged = {}
+        self.history = []
+        self.spectra = {}
+        self._warned_missing = False
+        self._deferred = None
+        self._nonfinite.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The logged history (first and last values of the summary table survive a resume)."""
+        return {"history": [(step, dict(row)) for step, row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [(int(step), dict(row)) for step, row in state_dict.get("history", [])]
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
+        if stage == "fit":
+            self._reset_fit_state()
         if self.log_spectrum and trainer.is_global_zero:
             from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
             setup_wandb_dashboard(trainer.loggers)
-        if self.tap is None:
+        if self.tap is None or self.tap.model is not pl_module:  # a reused monitor watches the model being fit
+            self._release()
             self.tap = ActivationTap(
                 pl_module,
                 include=self.include,
@@ -283,7 +317,7 @@ class RepresentationEntropyMonitor(Callback):
         self._labels = labels.detach()
 
     def _consume(self, name: str, capture: Capture) -> None:
-        rows = capture.rows
+        rows, (sample,), dropped = finite_rows(capture.rows, capture.sample)  # NaN/Inf rows never enter a statistic
         layer = self.layers.get(name)
         if layer is None:
             layer = self.layers[name] = _Layer(
@@ -298,9 +332,10 @@ class RepresentationEntropyMonitor(Callback):
                 f"module {name!r} produced {rows.shape[1]} features after {layer.dim} earlier in the same step; a "
                 "module called on differently shaped inputs cannot be pooled. Include a fixed-width module instead."
             )
+        layer.nonfinite += dropped
         layer.raw.update(rows)
-        if layer.unit is not None:
-            layer.unit.update(rows)
+        if layer.unit is not None:  # cosine kernel: an all-zero row has no direction (e.g. a dead ReLU layer)
+            layer.unit.update(rows[torch.linalg.vector_norm(rows, dim=1) > 0])
         if self._needs_sample:
             labels = None
             if self._needs_labels and self._labels is not None:
@@ -310,7 +345,7 @@ class RepresentationEntropyMonitor(Callback):
                         f"{len(self._labels)} labels (e.g. two augmented views stacked): 'dsmi' cannot pair rows with "
                         "labels there. Measure dsmi on a module that sees the labelled batch, or drop 'dsmi'."
                     )
-                labels = self._labels.to(capture.sample.device)[capture.sample]
+                labels = self._labels.to(sample.device)[sample]
             layer.reservoir.add(rows, labels)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -395,6 +430,7 @@ class RepresentationEntropyMonitor(Callback):
         parts: list[Tensor] = []
         for name in names:
             layer = self.layers[name]
+            parts.append(layer.nonfinite.reshape(-1).to(layer.raw.count))
             for acc in (layer.raw, layer.unit):
                 if acc is not None:
                     parts.extend(t.reshape(-1) for t in acc.state())
@@ -424,6 +460,7 @@ class RepresentationEntropyMonitor(Callback):
         for name in names:
             layer = self.layers[name]
             d = layer.dim
+            layer.nonfinite = take(())
             for acc in (layer.raw, layer.unit):
                 if acc is not None:
                     acc.load_state([take(()), take((d,)), take((d, d))])
@@ -442,6 +479,20 @@ class RepresentationEntropyMonitor(Callback):
 
     # ------------------------------------------------------------------ compute and log
     def _measure(self, name: str, measure: str, layer: _Layer, x: Tensor | None, y: Tensor | None) -> float | None:
+        """The measure's value, or ``None`` when it cannot be computed at this step (too few finite rows, or a
+        spectrum the eigensolver cannot handle: warned once, never raised from the callback)."""
+        try:
+            value = self._compute(measure, layer, x, y)
+        except torch.linalg.LinAlgError as e:
+            self._nonfinite.warn_once(
+                f"linalg:{name}:{measure}",
+                f"RepresentationEntropyMonitor: {measure} of {name!r} could not be computed ({e}); it is published "
+                "as NaN to trainer.callback_metrics (never to a logger) until it can be again.",
+            )
+            return None
+        return value if is_finite_number(value) else None
+
+    def _compute(self, measure: str, layer: _Layer, x: Tensor | None, y: Tensor | None) -> float | None:
         if self._streamed(measure):
             if float(layer.raw.count) < 2:
                 return None
@@ -474,7 +525,11 @@ class RepresentationEntropyMonitor(Callback):
 
     def _params(self, name: str, layer: _Layer, x: Tensor | None) -> dict[str, float]:
         key = f"{self.prefix}/{name}"
-        out = {f"{key}/d": float(layer.dim), f"{key}/n_streamed": float(layer.raw.count)}
+        out = {
+            f"{key}/d": float(layer.dim),
+            f"{key}/n_streamed": float(layer.raw.count),
+            f"{key}/nonfinite": float(layer.nonfinite),
+        }
         if x is not None:
             out[f"{key}/n"] = float(len(x))
         if any(m in _KERNEL_MEASURES for m in self.measures) or (
@@ -515,8 +570,13 @@ class RepresentationEntropyMonitor(Callback):
                     if value is not None:
                         metrics[f"{self.prefix}/{name}/{measure}"] = value
                 metrics.update(self._params(name, layer, x))
+                self._nonfinite.add(float(layer.nonfinite), f"activation rows of {name!r} held NaN/Inf", f"step {step}")
                 if self.log_spectrum and float(layer.raw.count) >= 2:
-                    self.spectra[name] = layer.raw.spectrum(centered=True).cpu()
+                    try:
+                        self.spectra[name] = layer.raw.spectrum(centered=True).cpu()
+                    except torch.linalg.LinAlgError:
+                        pass  # no spectrum chart this step; the measures say why (warned once)
+        metrics = {k: v for k, v in metrics.items() if is_finite_number(v)}  # never NaN into history
         self.layers = {}  # free the d×d statistics until the next logging step
         self.last_logged = metrics
         self.history.append((step, metrics))
@@ -527,7 +587,7 @@ class RepresentationEntropyMonitor(Callback):
         self._publish(trainer, pl_module, metrics)
 
     def _publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        published_at = publish_scalars(trainer, pl_module, metrics)
+        published_at = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         for name, eigs in self.spectra.items():  # the offline report's spectra (no-op without a run record)
             record_media(trainer, f"{self.prefix}/{name}/spectrum", eigs, published_at, kind="spectrum")
         if self.log_spectrum and trainer.is_global_zero:

@@ -12,8 +12,13 @@ LightningModule):
 ``{p}{name}/sigma``                σ(W) estimate of a :class:`SigmaReparamLinear` (power iteration, raw weight)
 ``{p}{name}/gamma``                its γ = σ(Ŵ), the effective spectral norm
 ``{p}{name}/qk_norm/H{h}``         :math:`\|W_Q^{h\top} W_K^h\|_2` of attention module ``name`` (effective weights Ŵ)
-``{p}qk_norm/max``                 maximum of the above over all heads and modules
+``{p}qk_norm/max``                 maximum of the above over all heads and modules (finite heads only)
+``{p}nonfinite``                   statistics above that were NaN/Inf (a weight, σ or γ gone non-finite); 0 when clean
 =================================  ================================================================================
+
+Non-finite weights (a diverged model) never crash the monitor: the heads / layers whose weights hold NaN/Inf get NaN,
+which goes to ``trainer.callback_metrics`` only (never to a logger), are counted in ``{p}nonfinite`` and warned about
+once per fit. Per-fit state is reset in ``setup`` of every ``fit``.
 
 An attention module is any submodule with an int ``n_head`` and a fused ``qkv`` projection (``nn.Linear`` or
 :class:`SigmaReparamLinear`) whose rows are ``[q; k; v]``, each ``n_head`` blocks of ``head_dim`` rows (TinyGPT's
@@ -23,6 +28,7 @@ An attention module is any submodule with an int ``n_head`` and a fused ``qkv`` 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,6 +36,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from entrotrain._validation import check_int, check_tensor
+from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint
@@ -44,7 +52,16 @@ def qk_spectral_norms(qkv_weight: Tensor, n_head: int) -> Tensor:
     for head ``h``. Computed in float32 (float64 for float64 input) without forming the ``C×C`` product: with
     :math:`W_Q^{h\top} = Q_q R_q` and :math:`W_K^{h\top} = Q_k R_k` (reduced QR), the nonzero singular values of
     :math:`W_Q^{h\top} W_K^h = Q_q R_q R_k^\top Q_k^\top` are those of the ``D×D`` matrix :math:`R_q R_k^\top`.
+
+    Non-finite data: a head whose ``W_Q^h`` or ``W_K^h`` holds NaN/Inf (or whose product overflows) gets NaN; the
+    other heads are unaffected. No host sync, no ``LinAlgError``.
+
+    Raises:
+        EntrotrainError: ``qkv_weight`` is not a 2-D floating tensor, ``n_head`` not a positive int, or the rows are
+            not ``3 · n_head`` blocks.
     """
+    check_tensor(qkv_weight, "qkv_weight", floating=True, ndim=2, layout="(3 * n_head * head_dim, in_features)")
+    check_int(n_head, "n_head", low=1)
     rows, _ = qkv_weight.shape
     if rows % (3 * n_head):
         raise EntrotrainError(
@@ -54,11 +71,17 @@ def qk_spectral_norms(qkv_weight: Tensor, n_head: int) -> Tensor:
     w = qkv_weight.detach().to(torch.promote_types(qkv_weight.dtype, torch.float32))
     q = w[: n_head * d].reshape(n_head, d, -1)  # (H, D, C)
     k = w[n_head * d : 2 * n_head * d].reshape(n_head, d, -1)
+    ok = torch.isfinite(q).flatten(1).all(1) & torch.isfinite(k).flatten(1).all(1)  # (H,) heads with finite weights
+    q, k = torch.where(torch.isfinite(q), q, 0.0), torch.where(torch.isfinite(k), k, 0.0)
     if d >= w.shape[1]:  # QR would not shrink anything
-        return torch.linalg.matrix_norm(q.transpose(1, 2) @ k, ord=2)
-    r_q = torch.linalg.qr(q.transpose(1, 2), mode="r")[1]  # (H, D, D)
-    r_k = torch.linalg.qr(k.transpose(1, 2), mode="r")[1]
-    return torch.linalg.matrix_norm(r_q @ r_k.transpose(1, 2), ord=2)
+        product = q.transpose(1, 2) @ k
+    else:
+        r_q = torch.linalg.qr(q.transpose(1, 2), mode="r")[1]  # (H, D, D)
+        r_k = torch.linalg.qr(k.transpose(1, 2), mode="r")[1]
+        product = r_q @ r_k.transpose(1, 2)
+    ok &= torch.isfinite(product).flatten(1).all(1)  # huge finite weights can overflow the product
+    norms = torch.linalg.matrix_norm(torch.where(torch.isfinite(product), product, 0.0), ord=2)
+    return torch.where(ok, norms, torch.full_like(norms, float("nan")))
 
 
 def _effective_weight(linear: nn.Module) -> Tensor:
@@ -104,10 +127,18 @@ class SigmaReparamMonitor(Callback):
         self.last_logged: dict[str, float] = {}
         self._seen_step: int | None = None
         self._warned = False
+        self._nonfinite = NonFiniteCounter("SigmaReparamMonitor", f"{prefix}nonfinite")
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # a monitor reused for another fit starts afresh
+            self.last_logged = {}
+            self._seen_step = None
+            self._warned = False
+            self._nonfinite.reset()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step
@@ -146,12 +177,16 @@ class SigmaReparamMonitor(Callback):
                         qk.append(norms)
             if qk:
                 keys.append(f"{self.prefix}qk_norm/max")
-                values.append(torch.cat(qk).max().reshape(1))
+                norms = torch.cat(qk)
+                values.append(torch.where(torch.isfinite(norms), norms, float("-inf")).max().reshape(1))
             if not values:
                 return {}
             device = values[0].device
             host = torch.cat([v.to(device) for v in values]).cpu()  # one device → host transfer
-        return dict(zip(keys, host.tolist()))
+        metrics = dict(zip(keys, host.tolist()))
+        if qk and metrics[f"{self.prefix}qk_norm/max"] == float("-inf"):  # no head had finite weights
+            metrics[f"{self.prefix}qk_norm/max"] = float("nan")
+        return metrics
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.collect(pl_module)
@@ -164,5 +199,10 @@ class SigmaReparamMonitor(Callback):
                     "entrotrain.regularizers.sigma_reparam.sigma_reparam(...) or remove the callback."
                 )
             return
+        bad = sum(1 for v in metrics.values() if not math.isfinite(v))
+        if f"{self.prefix}qk_norm/max" in metrics and not math.isfinite(metrics[f"{self.prefix}qk_norm/max"]):
+            bad -= 1  # the maximum is NaN only because every head is: not a statistic of its own
+        self._nonfinite.add(bad, "σReparam statistics were non-finite (NaN/Inf weights, σ or γ)", f"step {trainer.global_step}")
+        metrics[f"{self.prefix}nonfinite"] = float(bad)
         self.last_logged = metrics
-        publish_scalars(trainer, pl_module, metrics)
+        publish_scalars(trainer, pl_module, metrics, source=self.state_key)

@@ -66,7 +66,7 @@ def test_values_keys_and_logging_steps():
     names = sigma_reparam_names(module)
     expected = {f"sigma_reparam/{n}/{s}" for n in names for s in ("sigma", "gamma")}
     expected |= {f"sigma_reparam/model.blocks.{i}.attn/qk_norm/H{h}" for i in range(2) for h in range(HEADS)}
-    expected.add("sigma_reparam/qk_norm/max")
+    expected |= {"sigma_reparam/qk_norm/max", "sigma_reparam/nonfinite"}  # nonfinite: 0 when clean, always published
     assert set(logged) == expected
     for name in names:  # the last logging step is the last step: compare with the final model
         layer = module.get_submodule(name)
@@ -87,7 +87,8 @@ def test_plain_model_logs_qk_norms_only():
     module = GPTModule(convert=False)
     monitor = SigmaReparamMonitor(every_n_steps=1)
     fit(module, [monitor], max_steps=2)
-    assert monitor.last_logged and all("/qk_norm" in k for k in monitor.last_logged)
+    stats = {k for k in monitor.last_logged if k != "sigma_reparam/nonfinite"}  # the count is always there
+    assert stats and all("/qk_norm" in k for k in stats)
     ref = reference_qk(module.model.blocks[1].attn.qkv.weight, HEADS)
     assert monitor.last_logged["sigma_reparam/model.blocks.1.attn/qk_norm/H1"] == pytest.approx(ref[1].item(), rel=1e-4)
 

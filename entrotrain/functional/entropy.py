@@ -72,6 +72,10 @@ def row_entropy(scores: Tensor, valid: Tensor | None = None) -> RowEntropy:
     ok = x != float("-inf")  # NaN compares unequal, so a NaN stays in and propagates to its row: never hidden
     if valid is not None:
         ok = ok & valid
+    if x.shape[-1] == 0:  # rows without categories: entropy 0 as a fully masked row (amax needs one entry)
+        zero = x.sum(-1) * 0
+        count = torch.zeros(zero.shape, dtype=torch.long, device=x.device)
+        return RowEntropy(zero, torch.full_like(zero, float("-inf")), zero.clone(), count)
     m = torch.where(ok, x, float("-inf")).amax(dim=-1, keepdim=True).detach()
     has_any = m != float("-inf")  # a NaN row stays NaN
     m = torch.where(has_any, m, torch.zeros_like(m))

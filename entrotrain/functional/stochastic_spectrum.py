@@ -32,9 +32,16 @@ from typing import Callable, NamedTuple, Union
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_device, check_int, check_real
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.representation import _row_normalize, _rbf_kernel, diffusion_matrix, median_pairwise_distance
-from entrotrain.functional.spectrum import _check_finite, _rows64
+from entrotrain.functional.representation import (
+    _check_time,
+    _linear_kernel_rows,
+    _rbf_kernel,
+    _rbf_sigma,
+    diffusion_matrix,
+)
+from entrotrain.functional.spectrum import _ZERO_MATRIX, _check_base, _check_order, _rows64, _square64
 
 __all__ = [
     "SpectralEstimate",
@@ -59,11 +66,8 @@ class SpectralEstimate(NamedTuple):
 def _as_matvec(op: Operator, n: int) -> tuple[Callable[[Tensor], Tensor], torch.device]:
     if isinstance(op, Tensor):
         if op.ndim != 2 or tuple(op.shape) != (n, n):
-            raise EntrotrainError(f"the operator matrix must be ({n}, {n}), got {tuple(op.shape)}.")
-        if not op.is_floating_point():
-            raise EntrotrainError(f"the operator matrix must be floating, got {op.dtype}.")
-        a = op.detach().to(torch.float64)
-        _check_finite(a, "the operator matrix")
+            raise EntrotrainError(f"the operator matrix must be ({n}, {n}) (n = {n}), got {tuple(op.shape)}.")
+        a = _square64(op, "the operator matrix")  # floating, finite, symmetric, n >= 2: as the exact route
         return (lambda v: a @ v), a.device
     if callable(op):
         return op, torch.device("cpu")
@@ -92,11 +96,14 @@ def lanczos_quadrature(
         n: the operator's size. n_probes: Rademacher probes. n_steps: Lanczos steps.
         seed: seeds a CPU ``torch.Generator`` for the probes. device: where a callable operator lives (CPU default).
     """
-    if n < 1 or n_probes < 1 or n_steps < 1:
-        raise EntrotrainError(f"need n, n_probes, n_steps >= 1; got n={n}, n_probes={n_probes}, n_steps={n_steps}.")
+    n = check_int(n, "n (the operator's size)", low=1)
+    n_probes = check_int(n_probes, "n_probes", low=1)
+    n_steps = check_int(n_steps, "n_steps", low=1)
+    seed = check_int(seed, "seed")
+    device = check_device(device)
     matvec, dev = _as_matvec(matrix_or_matvec, n)
     if device is not None:
-        dev = torch.device(device)
+        dev = device
     k = min(n_steps, n)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     signs = torch.randint(0, 2, (n, n_probes), generator=gen, dtype=torch.int8).to(dev)
@@ -129,7 +136,13 @@ def lanczos_quadrature(
         q_prev, b_prev = q, b
         q = torch.where(alive, w / torch.where(alive, b, torch.ones_like(b)), torch.zeros_like(w))
     t = torch.diag_embed(alpha.T) + torch.diag_embed(beta.T[:, :-1], 1) + torch.diag_embed(beta.T[:, :-1], -1)
-    nodes, vecs = torch.linalg.eigh(t)
+    if not bool(torch.isfinite(t).all()):
+        raise EntrotrainError(
+            "the operator produced NaN/Inf during Lanczos (the matvec returned non-finite values, or |A| overflows "
+            "float64); check matrix_or_matvec on finite input, rescale A, or drop non-finite rows "
+            "(entrotrain.functional.finite_rows) before building it."
+        )
+    nodes, vecs = torch.linalg.eigh(t)  # symmetric tridiagonal, finite: converges
     weights = vecs[:, 0, :] ** 2
     return nodes, weights
 
@@ -168,36 +181,38 @@ def _entropy_from_quadrature(
             f"SLQ cannot estimate the Rényi order q={q} (max eigenvalue / rank are not traces of smooth functions); "
             "use the exact route (spectral_entropy on an eigendecomposition)."
         )
+    top = float(nodes.max())
+    if not top > 0:  # every Ritz value <= 0: A is 0 (or negative), exactly where the exact route raises
+        raise EntrotrainError(
+            _ZERO_MATRIX.format(name="the operator")
+            + " (Every Ritz value is <= 0: A has no positive eigenvalue, the exact route raises the same.)"
+        )
+    # Entropies of normalised spectra are scale-free: work with U = A / λ_max (Ritz values in [0, 1]), so that
+    # powers λ^q never under/overflow, and put the scale back only where the value depends on it (normalize=False).
+    u = nodes / top
     pw = float(power)
     m = nodes.shape[0]
     if trace is not None and pw == 1.0:
-        tr = float(trace)
-        if not tr > 0:
-            raise EntrotrainError(f"trace must be > 0, got {trace}.")
-        # Control variate: with tr A = T known exactly, estimate tr[f(A) − c·A] and add c·T back, c = f(λ_max)/λ_max,
-        # so that the top eigen-directions (which carry most of the Hutchinson variance) contribute ~0 per probe.
-        # λ_max is the largest Ritz value (Lanczos finds it to high accuracy); any c keeps the estimator unbiased.
-        top = float(nodes.max().clamp_min(1e-300))
+        tr_u = float(trace) / top  # tr U
+        # Control variate: with tr U known exactly, estimate tr[f(U) − c·U] and add c·tr U back, c = f(1)/1 (the
+        # top Ritz value of U is 1), so that the top eigen-directions (which carry most of the Hutchinson variance)
+        # contribute ~0 per probe. Any c keeps the estimator unbiased.
         if q == 1.0:
-            s = _per_probe(nodes, weights, n, lambda t: _xlogx(t) - t * math.log(top))  # tr(A ln(A/λ_max))
-            s_mean, s_se = _mean_se(s)
-            s_mean = s_mean + math.log(top) * tr  # tr(A ln A)
-            if not normalize:
-                return -s_mean, s_se
-            return -s_mean / tr + math.log(tr), s_se / tr
-        c = top ** (q - 1.0)
-        s = _per_probe(nodes, weights, n, lambda t: t.pow(q) - c * t)
-        s_mean, s_se = _mean_se(s)
-        s_mean = s_mean + c * tr  # tr A^q
-        if not float(s_mean) > 0:
+            s, s_se = _mean_se(_per_probe(u, weights, n, _xlogx))  # tr(U ln U); f(1) = 0, so c = 0
+            if not normalize:  # -tr(A ln A) = -λ_max [tr(U ln U) + ln λ_max · tr U]
+                return -top * (s + math.log(top) * tr_u), top * s_se
+            return -s / tr_u + math.log(tr_u), s_se / tr_u
+        s, s_se = _mean_se(_per_probe(u, weights, n, lambda t: t.pow(q) - t))
+        s = s + tr_u  # tr U^q
+        if not float(s) > 0:
             raise EntrotrainError("the estimated tr A^q is not positive: increase n_probes / n_steps.")
-        shift = 0.0 if not normalize else q * math.log(tr)
-        return (torch.log(s_mean) - shift) / (1.0 - q), s_se / (float(s_mean) * abs(1.0 - q))
+        shift = q * math.log(tr_u) if normalize else -q * math.log(top)  # log tr A^q = q ln λ_max + ln tr U^q
+        return (torch.log(s) - shift) / (1.0 - q), s_se / (float(s) * abs(1.0 - q))
     if q == 1.0:
-        s = _per_probe(nodes, weights, n, lambda t: _xlogx(t.pow(pw)))  # tr(A^p ln A^p) per probe
+        s = _per_probe(u, weights, n, lambda t: _xlogx(t.pow(pw)))  # tr(U^p ln U^p) per probe
     else:
-        s = _per_probe(nodes, weights, n, lambda t: t.pow(pw * q))  # tr A^{pq} per probe
-    z = _per_probe(nodes, weights, n, lambda t: t.pow(pw))  # tr A^p per probe, from the same probes
+        s = _per_probe(u, weights, n, lambda t: t.pow(pw * q))  # tr U^{pq} per probe
+    z = _per_probe(u, weights, n, lambda t: t.pow(pw))  # tr U^p per probe, from the same probes
     s_mean, z_mean = s.mean(), z.mean()
     if not float(z_mean) > 0:
         raise EntrotrainError("the estimated trace is not positive: the operator is not a non-zero PSD matrix.")
@@ -205,12 +220,21 @@ def _entropy_from_quadrature(
         value = -s_mean / z_mean + torch.log(z_mean)
         grad = torch.stack([-1.0 / z_mean, s_mean / z_mean**2 + 1.0 / z_mean])
     else:
+        if not float(s_mean) > 0:
+            raise EntrotrainError("the estimated tr A^q is not positive: increase n_probes / n_steps.")
         value = (torch.log(s_mean) - q * torch.log(z_mean)) / (1.0 - q)
         grad = torch.stack([1.0 / s_mean, -q / z_mean]) / (1.0 - q)
     if m < 2:
         return value, torch.full((), float("nan"), dtype=torch.float64)
     cov = torch.cov(torch.stack([s, z]))
     return value, torch.sqrt((grad @ cov @ grad).clamp_min(0.0) / m)
+
+
+def _check_budget(n_probes: int, n_steps: int, seed: int) -> None:
+    """SLQ budgets: ``n_probes >= 2`` (the error bar is a probe-to-probe standard error), ``n_steps >= 1``."""
+    check_int(n_probes, "n_probes", low=2)
+    check_int(n_steps, "n_steps", low=1)
+    check_int(seed, "seed")
 
 
 def slq_spectral_entropy(
@@ -245,12 +269,15 @@ def slq_spectral_entropy(
     Returns:
         :class:`SpectralEstimate` with the entropy in units of ``log base``.
     """
-    q = float(q)
+    q = _check_order(q)
+    trace = check_real(trace, "trace", low=0.0, low_open=True, none_ok=True)
+    base = _check_base(base)
+    _check_budget(n_probes, n_steps, seed)
+    if trace is None and not normalize:
+        raise EntrotrainError("normalize=False needs the exact trace of the operator: pass trace=tr A.")
     nodes, weights = lanczos_quadrature(
         matrix_or_matvec, n, n_probes=n_probes, n_steps=n_steps, seed=seed, device=device
     )
-    if trace is None and not normalize:
-        raise EntrotrainError("normalize=False needs the exact trace of the operator: pass trace=tr A.")
     h, se = _entropy_from_quadrature(nodes, weights, n, q, trace, normalize=normalize)
     lb = math.log(base)
     return SpectralEstimate(h / lb, se / lb, n_probes, min(n_steps, n))
@@ -272,6 +299,8 @@ def slq_diffusion_spectral_entropy(
     with ``tr K^t`` from the same probes. dse-dsmi's ``ε = 2.2e-16`` (a change below 1e-11 bits) is left out.
     No subsampling: pass the rows to use.
     """
+    t = _check_time(t)
+    _check_budget(n_probes, n_steps, seed)
     x = _rows64(x)
     k = diffusion_matrix(x, sigma)
     n = x.shape[0]
@@ -299,25 +328,23 @@ def slq_vendi_score(
     (delta method). Low-rank kernels (cosine / linear with ``d ≪ n``) have large probe variance: their exact
     ``d × d`` route (:func:`~entrotrain.functional.representation.vendi_score`) is cheaper anyway.
     """
-    q = float("inf") if q == "inf" else float(q)
+    q = _check_order(q)
+    check_choice(kernel, "kernel", ("cosine", "linear", "rbf"))
+    _check_budget(n_probes, n_steps, seed)
     x = _rows64(x)
     n = x.shape[0]
     if kernel in ("cosine", "linear"):
-        z = _row_normalize(x, allow_zero=False, name="x") if kernel == "cosine" else x
+        z = _linear_kernel_rows(x, kernel)
 
         def op(v: Tensor) -> Tensor:
             return z @ (z.T @ v) / n
 
         nodes, weights = lanczos_quadrature(op, n, n_probes=n_probes, n_steps=n_steps, seed=seed, device=z.device)
         trace = float((z * z).sum()) / n
-    elif kernel == "rbf":
-        s = float(median_pairwise_distance(x)) if sigma is None else float(sigma)
-        if not s > 0:
-            raise EntrotrainError(f"rbf kernel needs sigma > 0, got {s}.")
+    else:
+        s = _rbf_sigma(x, sigma)
         nodes, weights = lanczos_quadrature(_rbf_kernel(x, s) / n, n, n_probes=n_probes, n_steps=n_steps, seed=seed)
         trace = 1.0
-    else:
-        raise EntrotrainError(f"kernel={kernel!r}: slq_vendi_score supports 'cosine', 'linear' and 'rbf'.")
     h, se = _entropy_from_quadrature(nodes, weights, n, q, trace, normalize=False)
     value = torch.exp(h)
     return SpectralEstimate(value, value * se, n_probes, min(n_steps, n))

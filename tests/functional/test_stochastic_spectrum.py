@@ -152,7 +152,7 @@ def test_slq_errors():
         slq_spectral_entropy(k, 5, n_probes=0)
     with pytest.raises(EntrotrainError, match="NaN or Inf"):
         slq_spectral_entropy(torch.full((5, 5), float("nan")), 5)
-    with pytest.raises(EntrotrainError, match="kernel="):
+    with pytest.raises(EntrotrainError, match="kernel"):
         slq_vendi_score(torch.randn(5, 2), kernel="laplace")
     with pytest.raises(EntrotrainError, match="NaN or Inf"):
         slq_diffusion_spectral_entropy(torch.tensor([[0.0, float("nan")], [1.0, 1.0]]))

@@ -33,8 +33,9 @@ import math
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_device, check_int, check_tensor
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.spectrum import _check_finite, _check_order, spectral_entropy
+from entrotrain.functional.spectrum import _check_finite, _check_order, _eigvalsh, spectral_entropy
 
 __all__ = ["CovarianceAccumulator"]
 
@@ -49,9 +50,8 @@ class CovarianceAccumulator:
     """
 
     def __init__(self, dim: int, *, normalize_rows: bool = False, device: torch.device | str | None = None) -> None:
-        if not isinstance(dim, int) or dim < 1:
-            raise EntrotrainError(f"dim must be a positive int, got {dim!r}.")
-        self.dim = dim
+        self.dim = check_int(dim, "dim", low=1)
+        device = check_device(device)
         self.normalize_rows = bool(normalize_rows)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -102,14 +102,21 @@ class CovarianceAccumulator:
 
     def load_state(self, tensors: list[Tensor]) -> None:
         """Replace the statistics with ``[count, Σx, Σxxᵀ]`` (e.g. after a manual all-reduce of copies)."""
-        if len(tensors) != 3:
-            raise EntrotrainError(f"load_state() takes [count, sum, sum_outer], got {len(tensors)} tensors.")
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != 3:
+            got = len(tensors) if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+            raise EntrotrainError(f"load_state() takes [count, sum, sum_outer], got {got} tensors.")
+        for name, t in zip(("count", "sum", "sum_outer"), tensors):
+            check_tensor(t, f"load_state()'s {name}")
         count, s, so = (t.detach().to(device=self.sum.device, dtype=torch.float64) for t in tensors)
         if count.numel() != 1 or tuple(s.shape) != (self.dim,) or tuple(so.shape) != (self.dim, self.dim):
             raise EntrotrainError(
                 f"load_state() shapes must be (), ({self.dim},), ({self.dim}, {self.dim}); got "
                 f"{tuple(count.shape)}, {tuple(s.shape)}, {tuple(so.shape)}."
             )
+        for name, t in (("count", count), ("sum", s), ("sum_outer", so)):
+            _check_finite(t, f"load_state()'s {name}")
+        if float(count) < 0:
+            raise EntrotrainError(f"load_state()'s count must be >= 0 (a number of rows), got {float(count)}.")
         self.count = count.reshape(())
         self.sum, self.sum_outer = s, so
 
@@ -146,7 +153,7 @@ class CovarianceAccumulator:
 
     def spectrum(self, centered: bool = True) -> Tensor:
         """Eigenvalues of :meth:`covariance` (negative round-off clamped to 0), float64, descending."""
-        return torch.linalg.eigvalsh(self.covariance(centered)).flip(0).clamp_min(0.0)
+        return _eigvalsh(self.covariance(centered), "the covariance").flip(0).clamp_min(0.0)
 
     # ------------------------------------------------------------------------------------------------ measures
 
@@ -165,13 +172,13 @@ class CovarianceAccumulator:
         :func:`~entrotrain.functional.representation.vendi_score` on the concatenated rows.
         """
         self._n(2)
-        lam = torch.linalg.eigvalsh(self.second_moment()).flip(0).clamp_min(0.0)
+        lam = _eigvalsh(self.second_moment(), "the second moment").flip(0).clamp_min(0.0)
         return torch.exp(spectral_entropy(lam, _check_order(q), normalize=False))
 
     def singular_values(self) -> Tensor:
         """Singular values of the stacked (raw or row-normalised) rows: ``√λ(Σxxᵀ)``, float64, descending."""
         self._n(1)
-        return torch.linalg.eigvalsh(self.sum_outer).flip(0).clamp_min(0.0).sqrt()
+        return _eigvalsh(self.sum_outer, "Σxxᵀ").flip(0).clamp_min(0.0).sqrt()
 
     def effective_rank(self) -> Tensor:
         """Roy & Vetterli effective rank of the stacked rows (p ∝ σ), from ``Σxxᵀ`` (see the module doc)."""

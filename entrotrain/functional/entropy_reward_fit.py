@@ -31,7 +31,8 @@ class EntropyRewardFit(NamedTuple):
         a: the fitted ``a`` (positive when reward rises as entropy falls, the regime of the paper).
         b: the fitted ``b``.
         ceiling: ``b - a``, the reward predicted at zero entropy.
-        r2: coefficient of determination of the fit (1 = perfect; NaN when the rewards are all equal).
+        r2: coefficient of determination of the fit (1 = perfect). When the rewards are all equal the fitted line
+            (slope 0) reproduces them exactly and ``r2 = 1.0`` (scikit-learn's finite convention): never NaN.
         n: number of points.
     """
 
@@ -64,27 +65,66 @@ def fit_entropy_reward(entropy: Sequence[float] | Tensor, reward: Sequence[float
         :class:`EntropyRewardFit`.
 
     Raises:
-        EntrotrainError: fewer than 2 points, shapes that differ, non-finite values, or all entropies equal (the
-            slope is undefined).
+        EntrotrainError: fewer than 2 points, shapes that differ or are not 1-D, values that are not numbers,
+            non-finite values (the message counts the steps), all entropies equal (the slope is undefined), or a fit
+            that overflows float64. Every returned field is finite.
     """
-    h = torch.as_tensor(entropy, dtype=torch.float64).flatten()
-    r = torch.as_tensor(reward, dtype=torch.float64).flatten()
+    h = _points(entropy, "entropy")
+    r = _points(reward, "reward")
     if h.shape != r.shape:
-        raise EntrotrainError(f"entropy and reward need one value per step each, got {tuple(h.shape)} and {tuple(r.shape)}.")
+        raise EntrotrainError(
+            f"entropy and reward need one value per step each, got {tuple(h.shape)} and {tuple(r.shape)}; pass the "
+            "matching (entropy, reward) pairs only."
+        )
     if h.numel() < 2:
-        raise EntrotrainError(f"fitting R = -a·exp(H) + b needs at least 2 (entropy, reward) points, got {h.numel()}.")
-    if not (torch.isfinite(h).all() and torch.isfinite(r).all()):
-        raise EntrotrainError("fit_entropy_reward got NaN/Inf entropy or reward; drop those steps first.")
-    x = torch.exp(h)
+        raise EntrotrainError(
+            f"fitting R = -a·exp(H) + b needs at least 2 (entropy, reward) points, got {h.numel()}; log more steps."
+        )
+    bad = ~(torch.isfinite(h) & torch.isfinite(r))
+    if bool(bad.any()):
+        raise EntrotrainError(
+            f"fit_entropy_reward got {int(bad.sum())} step(s) with NaN/Inf entropy or reward (of {h.numel()}); drop "
+            "those steps first, e.g. keep = torch.isfinite(h) & torch.isfinite(r)."
+        )
+    # Fit in scaled variables, exact algebra: x = e^{H - H_max} ∈ (0, 1] never overflows (H = 800 nats is finite
+    # data), rewards divided by their largest |R| never overflow in the sums of squares. a, b are scaled back.
+    h_max = float(h.max())
+    x = torch.exp(h - h_max)
+    r_scale = float(r.abs().max()) or 1.0
+    r = r / r_scale
     dx = x - x.mean()
     sxx = float((dx * dx).sum())
     if sxx <= 1e-300 or sxx <= 1e-24 * float((x * x).sum()):
         raise EntrotrainError("all entropies are equal: the slope of R against exp(H) is undefined; log more steps.")
     dr = r - r.mean()
-    slope = float((dx * dr).sum()) / sxx
-    a = -slope
-    b = float(r.mean()) + a * float(x.mean())
+    slope = float((dx * dr).sum()) / sxx  # d(R / r_scale) / d(e^{H - H_max})
+    b = float(r.mean()) - slope * float(x.mean())
     residual = r - (slope * x + b)
     srr = float((dr * dr).sum())
-    r2 = 1.0 - float((residual * residual).sum()) / srr if srr > 0 else float("nan")
-    return EntropyRewardFit(a=a, b=b, ceiling=b - a, r2=r2, n=int(h.numel()))
+    r2 = 1.0 - float((residual * residual).sum()) / srr if srr > 0 else 1.0
+    a = -slope * r_scale * math.exp(-h_max) if slope else 0.0
+    b = b * r_scale
+    fit = EntropyRewardFit(a=a, b=b, ceiling=b - a, r2=r2, n=int(h.numel()))
+    if not all(math.isfinite(v) for v in fit[:4]):
+        raise EntrotrainError(
+            f"the fit overflows float64 (a={a!r}, b={b!r}): entropies far below 0 or rewards near 1e308. Rescale the "
+            "rewards or shift the entropies before fitting."
+        )
+    return fit
+
+
+def _points(values: Sequence[float] | Tensor, name: str) -> Tensor:
+    """``values`` as a 1-D float64 tensor of per-step numbers (a 0-dim value is one point)."""
+    try:
+        t = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise EntrotrainError(
+            f"{name} must be a sequence of numbers (one per logged step) or a 1-D tensor, got "
+            f"{type(values).__name__}; e.g. [float(v) for v in history]."
+        ) from None
+    if t.dim() > 1:
+        raise EntrotrainError(
+            f"{name} must be 1-D (one value per logged step), got shape {tuple(t.shape)}; pass the per-step means, "
+            f"or {name}.flatten() if every entry is one step."
+        )
+    return t.reshape(-1)

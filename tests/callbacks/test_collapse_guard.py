@@ -133,3 +133,44 @@ def test_missing_key_raises_when_asked():
 def test_bad_arguments(kwargs):
     with pytest.raises(EntrotrainError):
         EntropyCollapseGuard("x", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"monitor": ""}, "monitor"),
+        ({"monitor": 3}, "monitor"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"threshold": float("inf")}, "threshold"),
+        ({"threshold": "0.1"}, "threshold"),
+        ({"max_drop": float("nan")}, "max_drop"),
+        ({"max_drop": 0.0}, "max_drop"),
+        ({"drop_window": 0}, "drop_window"),
+        ({"drop_window": 1.5}, "drop_window"),
+        ({"patience": True}, "patience"),
+        ({"patience": 2.0}, "patience"),
+        ({"lr_factor": 0.0}, "lr_factor"),
+        ({"lr_factor": float("nan")}, "lr_factor"),
+        ({"min_lr": -1e-3}, "min_lr"),
+        ({"min_lr": float("inf")}, "min_lr"),
+        ({"missing_ok": "no"}, "missing_ok"),
+        ({"missing_after": -1}, "missing_after"),
+        ({"on_nonfinite": 1}, "on_nonfinite"),
+        ({"stale_after": 0}, "stale_after"),
+        ({"stale_after": 2.5}, "stale_after"),
+        ({"mode": "up"}, "mode"),
+        ({"action": "explode"}, "action"),
+    ],
+)
+def test_every_argument_is_validated_and_named(kwargs, named):
+    args = {"monitor": "x", **kwargs}
+    with pytest.raises(EntrotrainError, match=rf"EntropyCollapseGuard\({named}\).*got") as err:
+        EntropyCollapseGuard(**args)
+    assert repr(kwargs[named]) in str(err.value)  # what was received
+
+
+def test_valid_edge_arguments():
+    guard = EntropyCollapseGuard("x", threshold=0, min_lr=0, missing_after=0, stale_after=1, on_nonfinite=False)
+    assert guard.on_nonfinite is False and guard.stale_after == 1
+    assert EntropyCollapseGuard("x", action="stop").on_nonfinite is True
+    assert EntropyCollapseGuard("x", action="reduce_lr").on_nonfinite is False

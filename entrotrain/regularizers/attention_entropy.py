@@ -28,6 +28,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
+from entrotrain._validation import check_bool, check_choice, check_int, check_real
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention import AttentionEntropy
 from entrotrain.regularizers.composition import Regularizer, Schedule
@@ -97,6 +98,16 @@ def _head_means(sums: list[Tensor], counts: list[Tensor]) -> list[Tensor]:
     return [s / c.clamp_min(1.0) for s, c in zip(sums, counts)]
 
 
+def _mean_of_site_means(per_site: list[Tensor]) -> Tensor:
+    """:math:`\frac{1}{L}\sum_\ell \frac{1}{H_\ell}\sum_h x_{\ell h}` over the sites with at least one head
+    (a site with 0 heads has nothing to average: skipped); 0, still attached to the graph, when no site has a head
+    (never the NaN of an empty mean)."""
+    kept = [x.mean() for x in per_site if x.numel() > 0]
+    if kept:
+        return torch.stack(kept).mean()
+    return torch.stack([x.sum() for x in per_site]).sum()
+
+
 class AttentionEntropyMaximization(Regularizer):
     r"""AEM: the negative mean attention entropy, :math:`R = -\lambda \cdot \overline{H}`.
 
@@ -111,6 +122,8 @@ class AttentionEntropyMaximization(Regularizer):
 
     over the queries with at least one valid key (fully masked queries are excluded), in nats, or on the
     normalised entropy :math:`\hat H_i = H_i / \ln|V_i|` (queries with :math:`|V_i| \ge 2`) with ``normalized=True``.
+    A head without such a query counts 0 (so empty, fully masked or single-key input gives a penalty of 0 with a
+    finite gradient); a site with 0 heads is skipped (0 when no site has a head).
     With one query per head this is the reference's ``div_loss`` (golden vector T5: −1.166915662547658).
 
     Args:
@@ -133,7 +146,7 @@ class AttentionEntropyMaximization(Regularizer):
         name: str | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
-        self.normalized = normalized
+        self.normalized = check_bool(normalized, "normalized")
 
     def mean_entropy(self, records: AttentionRecords) -> Tensor:
         """:math:`\\overline{H}` as defined in the class docstring (keeps the graph)."""
@@ -142,7 +155,7 @@ class AttentionEntropyMaximization(Regularizer):
         else:
             fn = lambda _, r: (r.entropy, r.n_keys >= 1)  # noqa: E731
         _, sums, counts = _per_site_sums(_as_records(records), fn)
-        return torch.stack([m.mean() for m in _head_means(sums, counts)]).mean()
+        return _mean_of_site_means(_head_means(sums, counts))
 
     def penalty(self, records: AttentionRecords) -> Tensor:
         return -self.mean_entropy(records)
@@ -217,12 +230,16 @@ class EntropyBandRegularizer(Regularizer):
         total_steps: int | None = None,
         name: str | None = None,
     ) -> None:
-        if preset not in ("paper", "default"):
-            raise EntrotrainError(f"preset must be 'paper' or 'default', got {preset!r}.")
-        if n_layers < 1 or n_heads < 1:
-            raise EntrotrainError(f"n_layers and n_heads must be >= 1, got {n_layers} and {n_heads}.")
+        check_choice(preset, "preset", ("paper", "default"))
+        check_int(n_layers, "n_layers", low=1)
+        check_int(n_heads, "n_heads", low=1)
+        check_real(margin_factor, "margin_factor", low=0.0)
+        check_int(context_size, "context_size", low=1, none_ok=True)
+        init = check_real(init, "init")  # type: ignore[assignment]
         if preset == "default" and not 0.0 < init < 1.0:
-            raise EntrotrainError(f"preset='default' bounds the threshold in (0, 1) by a sigmoid; got init={init}.")
+            raise EntrotrainError(
+                f"preset='default' bounds the threshold in (0, 1) by a sigmoid; got init={init}; use e.g. init=0.5."
+            )
         if weight is None:
             weight = 1e-5 if preset == "paper" else 0.1
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
@@ -260,7 +277,9 @@ class EntropyBandRegularizer(Regularizer):
         layer = self._layers(recs)
         theta = self.threshold
         if self.preset == "paper":
-            t = self.context_size if self.context_size is not None else max(int(r.n_keys.max()) for _, r in recs)
+            t = self.context_size
+            if t is None:
+                t = max((int(r.n_keys.max()) if r.n_keys.numel() else 0) for _, r in recs)
             h_max = math.log(max(float(t), 1.0))
             margin = self.margin_factor * h_max
 
@@ -269,14 +288,14 @@ class EntropyBandRegularizer(Regularizer):
                 return (d * (d.abs() > margin)) ** 2, torch.ones_like(d, dtype=torch.bool)  # every query, summed
 
             _, sums, _ = _per_site_sums(recs, paper)
-            return torch.stack([s.mean() for s in sums]).mean()
+            return _mean_of_site_means(sums)
 
         def default(site: str, r: AttentionEntropy) -> tuple[Tensor, Tensor]:
             d = r.normalized - theta[layer[site]].to(r.normalized)[None, :, None]
             return (d.abs() - self.margin_factor).clamp_min(0.0) ** 2, r.n_keys >= 2
 
         _, sums, counts = _per_site_sums(recs, default)
-        return torch.stack([m.mean() for m in _head_means(sums, counts)]).mean()
+        return _mean_of_site_means(_head_means(sums, counts))
 
     def extra_repr(self) -> str:
         return (
@@ -293,7 +312,9 @@ class EntropyFloorRegularizer(Regularizer):
     its queries with :math:`|V_i| \ge 2`. A linear hinge: a head below the floor :math:`\tau` gets a constant pull
     (the gradient does not fade as it nears the floor, unlike a squared hinge), a head above it gets exactly zero
     gradient. The mean runs over *all* heads (those above the floor add 0), so :math:`\lambda` does not change
-    meaning as heads cross the floor. After the σReparam paper's collapse diagnosis (Zhai et al. 2023) and the
+    meaning as heads cross the floor. A head with no query of :math:`|V_i| \ge 2` keys (fully masked or single-key
+    rows only) has no defined normalised entropy: it adds 0, like a head above the floor (0 heads: penalty 0).
+    After the σReparam paper's collapse diagnosis (Zhai et al. 2023) and the
     "target entropy / floor only on collapsing heads" item of entrotrain's regulariser menu.
 
     Args:
@@ -314,8 +335,9 @@ class EntropyFloorRegularizer(Regularizer):
         total_steps: int | None = None,
         name: str | None = None,
     ) -> None:
+        floor = check_real(floor, "floor")  # type: ignore[assignment]
         if not 0.0 < floor <= 1.0:
-            raise EntrotrainError(f"floor is in normalised-entropy units, (0, 1]; got {floor}.")
+            raise EntrotrainError(f"floor is in normalised-entropy units, (0, 1]; got {floor}; e.g. floor=0.2.")
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
         self.floor = float(floor)
 
@@ -325,8 +347,11 @@ class EntropyFloorRegularizer(Regularizer):
         return _head_means(sums, counts)
 
     def penalty(self, records: AttentionRecords) -> Tensor:
-        heads = torch.cat(self.head_entropy(records))
-        return (self.floor - heads).clamp_min(0.0).mean()
+        _, sums, counts = _per_site_sums(_as_records(records), lambda _, r: (r.normalized, r.n_keys >= 2))
+        heads = torch.cat(_head_means(sums, counts))
+        measured = torch.cat(counts) > 0
+        hinge = torch.where(measured, (self.floor - heads).clamp_min(0.0), torch.zeros_like(heads))
+        return hinge.sum() / max(hinge.numel(), 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, floor={self.floor}"

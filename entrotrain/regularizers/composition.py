@@ -32,11 +32,13 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from entrotrain._validation import check_choice, check_int, check_real, check_str
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["Regularizer", "RegularizerOutput", "RegularizerSum", "Schedule", "combine_regularizers", "scheduled_weight"]
 
 Schedule = Literal["constant", "cosine", "warmup"]
+_SCHEDULES = ("constant", "cosine", "warmup")
 
 
 class RegularizerOutput(NamedTuple):
@@ -58,17 +60,34 @@ def scheduled_weight(
     final_weight: float = 0.0,
     total_steps: int | None = None,
 ) -> float:
-    """The weight at ``step`` under ``schedule`` (formulas in the module docstring); steps past ``total_steps`` hold."""
+    """The weight at ``step`` under ``schedule`` (formulas in the module docstring); steps past ``total_steps`` hold,
+    negative steps count as 0.
+
+    ``weight`` and ``final_weight`` are finite and >= 0, ``schedule`` one of ``"constant"``, ``"cosine"``,
+    ``"warmup"``, ``total_steps`` an int >= 1 for the last two, ``step`` an int; anything else raises
+    :class:`~entrotrain.errors.EntrotrainError`. The result is finite and >= 0.
+    """
+    step = check_int(step, "step")
+    weight = check_real(weight, "weight", low=0.0)  # type: ignore[assignment]
+    final_weight = check_real(final_weight, "final_weight", low=0.0)  # type: ignore[assignment]
+    check_choice(schedule, "schedule", _SCHEDULES)
     if schedule == "constant":
         return weight
-    if total_steps is None or total_steps <= 0:
-        raise EntrotrainError(f"schedule={schedule!r} needs total_steps > 0, got {total_steps!r}.")
+    if total_steps is None:
+        raise EntrotrainError(
+            f"schedule={schedule!r} needs total_steps (the length of the schedule in steps), got None; e.g. "
+            "total_steps=trainer.max_steps."
+        )
+    check_int(total_steps, "total_steps", low=1)
     frac = min(max(step, 0), total_steps) / total_steps
     if schedule == "cosine":
         return final_weight + (weight - final_weight) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    if schedule == "warmup":
-        return weight * frac
-    raise EntrotrainError(f"schedule must be 'constant', 'cosine' or 'warmup', got {schedule!r}.")
+    return weight * frac  # warmup
+
+
+def _check_coefficient(coeff: float) -> float:
+    """A composition coefficient ``c`` of ``c * reg``: finite and >= 0 (a negative one would reward the penalty)."""
+    return check_real(coeff, "coefficient of c * regularizer", low=0.0)  # type: ignore[return-value]
 
 
 class _Capture:
@@ -102,20 +121,23 @@ class Regularizer(nn.Module):
         name: str | None = None,
     ) -> None:
         super().__init__()
+        scheduled_weight(0, weight, schedule, final_weight, total_steps)  # fail early on a bad weight or schedule
         self.weight = float(weight)
         self.schedule: Schedule = schedule
         self.final_weight = float(final_weight)
         self.total_steps = total_steps
         if name is not None:
-            self.name = name
+            self.name = check_str(name, "name")
         self.step = 0
         self._capture = _Capture()
-        scheduled_weight(0, self.weight, schedule, self.final_weight, total_steps)  # fail early on a bad schedule
 
     # ------------------------------------------------------------------ weight
     def set_step(self, step: int) -> None:
-        """Set the step the weight schedule reads (e.g. ``trainer.global_step``)."""
-        self.step = int(step)
+        """Set the step the weight schedule reads (e.g. ``trainer.global_step``): an int (or a one-element integer
+        tensor)."""
+        if isinstance(step, Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step.item())
+        self.step = check_int(step, "step")
 
     def current_weight(self, step: int | None = None) -> float:
         """The scheduled weight at ``step`` (default: the last step set)."""
@@ -177,7 +199,7 @@ class Regularizer(nn.Module):
     def __mul__(self, coeff: float) -> RegularizerSum:
         if isinstance(coeff, bool) or not isinstance(coeff, (int, float)):
             return NotImplemented
-        return RegularizerSum([(float(coeff), self)])
+        return RegularizerSum([(_check_coefficient(coeff), self)])
 
     __rmul__ = __mul__
 
@@ -202,9 +224,15 @@ class RegularizerSum(Regularizer):
     def __init__(self, terms: Sequence[tuple[float, Regularizer]]) -> None:
         super().__init__(1.0)
         flat: list[tuple[float, Regularizer]] = []
+        terms = list(terms)
+        if not terms:
+            raise EntrotrainError("RegularizerSum needs at least one (coefficient, regulariser) term, got none.")
         for coeff, reg in terms:
             if not isinstance(reg, Regularizer):
-                raise EntrotrainError(f"RegularizerSum terms must be Regularizers, got {type(reg).__name__}.")
+                raise EntrotrainError(
+                    f"RegularizerSum terms must be Regularizers, got {type(reg).__name__}; compose with a + b or c * a."
+                )
+            coeff = _check_coefficient(coeff)
             if isinstance(reg, RegularizerSum):
                 flat.extend((coeff * c, r) for c, r in reg.terms)
             else:
@@ -248,7 +276,8 @@ class RegularizerSum(Regularizer):
     def __mul__(self, coeff: float) -> RegularizerSum:
         if isinstance(coeff, bool) or not isinstance(coeff, (int, float)):
             return NotImplemented
-        return RegularizerSum([(float(coeff) * c, r) for c, r in self.terms])
+        coeff = _check_coefficient(coeff)
+        return RegularizerSum([(coeff * c, r) for c, r in self.terms])
 
     __rmul__ = __mul__
 

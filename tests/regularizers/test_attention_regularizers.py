@@ -265,3 +265,89 @@ def test_lightning_training_step_with_aem():
     assert torch.isfinite(metrics["train/loss"]) and "reg/aem" in metrics
     assert metrics["reg/aem"].item() < 0
     assert ent_reg > ent_base
+
+
+# ------------------------------------------------------------------------------------- degenerate input
+
+
+def _degenerate(case: str):
+    """One site of float64 records for a degenerate attention pattern, and the leaves (q, k)."""
+    from entrotrain.functional.attention import attention_entropy_stats
+
+    b, h, n, m, mask = 2, 2, 3, 3, None
+    if case == "zero_heads":
+        h = 0
+    elif case == "all_masked":
+        mask = torch.zeros(b, h, n, m, dtype=torch.bool)
+    elif case == "single_key":
+        m = 1
+    elif case == "empty_batch":
+        b = 0
+    elif case == "zero_queries":
+        n = 0
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, h, n, D, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(b, h, m, D, generator=g, dtype=torch.float64).requires_grad_()
+    return [("l0", attention_entropy_stats(q, k, attn_mask=mask, path="materialized"))], (q, k)
+
+
+_REGS = {
+    "aem": lambda heads: AttentionEntropyMaximization(1.0),
+    "aem_normalized": lambda heads: AttentionEntropyMaximization(1.0, normalized=True),
+    "floor": lambda heads: EntropyFloorRegularizer(1.0, floor=0.5),
+    "band": lambda heads: EntropyBandRegularizer(1, heads, weight=1.0),
+    "band_paper": lambda heads: EntropyBandRegularizer(1, heads, preset="paper", weight=1.0),
+}
+
+
+@pytest.mark.parametrize("case", ["zero_heads", "all_masked", "single_key", "empty_batch", "zero_queries"])
+@pytest.mark.parametrize("reg_name", list(_REGS))
+def test_degenerate_attention_gives_zero_penalty_and_finite_gradient(case, reg_name):
+    records, leaves = _degenerate(case)
+    heads = records[0][1].entropy.shape[1]
+    if reg_name.startswith("band") and heads == 0:
+        with pytest.raises(EntrotrainError, match="n_heads"):
+            _REGS[reg_name](1)(records)
+        return
+    reg = _REGS[reg_name](heads)
+    out = reg(records)
+    assert torch.isfinite(out.total) and float(out.total.detach()) == 0.0  # no defined entropy: nothing to penalise
+    params = [p for p in (*leaves, *reg.parameters()) if p.requires_grad]
+    grads = torch.autograd.grad(out.total, params, allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_floor_ignores_heads_without_a_defined_entropy():
+    qs, ks, _, _ = _setup()
+    from entrotrain.functional.attention import attention_entropy_stats
+
+    live = attention_entropy_stats(qs[0], ks[0], is_causal=True, path="materialized")
+    dead = attention_entropy_stats(qs[1], ks[1], attn_mask=torch.zeros(B, H, T, T, dtype=torch.bool), path="materialized")
+    floor = EntropyFloorRegularizer(1.0, floor=1.0)
+    alone = floor([("l0", live)]).total
+    both = floor([("l0", live), ("l1", dead)]).total
+    # the dead site's heads add 0 (not the floor): the mean over all 2H heads halves the live site's penalty
+    assert float(alone) > 0 and torch.allclose(both, alone / 2)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: AttentionEntropyMaximization(float("nan")), "weight"),
+        (lambda: AttentionEntropyMaximization(-0.1), "weight"),
+        (lambda: AttentionEntropyMaximization(0.1, normalized="yes"), "normalized"),
+        (lambda: AttentionEntropyMaximization(0.1, schedule="cosine", total_steps=0), "total_steps"),
+        (lambda: AttentionEntropyMaximization(0.1, schedule="cosine", total_steps=10, final_weight=-1), "final_weight"),
+        (lambda: EntropyBandRegularizer(0, 2), "n_layers"),
+        (lambda: EntropyBandRegularizer(1, 2.0), "n_heads"),
+        (lambda: EntropyBandRegularizer(1, 2, margin_factor=float("nan")), "margin_factor"),
+        (lambda: EntropyBandRegularizer(1, 2, init=float("inf")), "init"),
+        (lambda: EntropyBandRegularizer(1, 2, preset="paper", context_size=0), "context_size"),
+        (lambda: EntropyBandRegularizer(1, 2, preset="orig"), "preset"),
+        (lambda: EntropyFloorRegularizer(floor=float("nan")), "floor"),
+        (lambda: EntropyFloorRegularizer(floor=0.0), "floor"),
+    ],
+)
+def test_attention_regularizer_arguments_are_validated(build, match):
+    with pytest.raises(EntrotrainError, match=match):
+        build()

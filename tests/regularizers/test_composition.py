@@ -94,3 +94,39 @@ def test_errors_name_the_fix():
         Const(1.0)()
     with pytest.raises(TypeError):
         Const(1.0) + 3  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"weight": float("nan")}, "weight"),
+        ({"weight": float("inf")}, "weight"),
+        ({"weight": -1.0}, "weight"),
+        ({"weight": 1.0, "schedule": "cosine", "total_steps": 0}, "total_steps"),
+        ({"weight": 1.0, "schedule": "warmup", "total_steps": 2.5}, "total_steps"),
+        ({"weight": 1.0, "schedule": "cosine", "total_steps": 5, "final_weight": float("nan")}, "final_weight"),
+        ({"weight": 1.0, "name": ""}, "name"),
+    ],
+)
+def test_bad_constructor_arguments_raise(kwargs, match):
+    with pytest.raises(EntrotrainError, match=match):
+        Const(**kwargs)
+
+
+def test_bad_steps_and_coefficients_raise():
+    reg = Const(1.0, schedule="cosine", total_steps=10)
+    with pytest.raises(EntrotrainError, match="step"):
+        reg.set_step(1.5)  # type: ignore[arg-type]
+    with pytest.raises(EntrotrainError, match="step"):
+        reg(torch.ones(1), step="3")  # type: ignore[arg-type]
+    reg.set_step(torch.tensor(4))  # a global_step tensor is fine
+    assert reg.step == 4
+    with pytest.raises(EntrotrainError, match="coefficient"):
+        float("nan") * reg
+    with pytest.raises(EntrotrainError, match="coefficient"):
+        reg * -2.0
+    with pytest.raises(EntrotrainError, match="at least one"):
+        RegularizerSum([])
+    with pytest.raises(EntrotrainError, match="schedule"):
+        scheduled_weight(0, 1.0, "exp")  # type: ignore[arg-type]
+    assert scheduled_weight(-5, 2.0, "warmup", total_steps=4) == 0.0  # negative steps count as 0

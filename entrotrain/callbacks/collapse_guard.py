@@ -186,10 +186,30 @@ class EntropyCollapseGuard(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a saved state; keys an older checkpoint lacks take their fresh-fit defaults."""
-        for name, default in _STATE_DEFAULTS.items():
-            setattr(self, name, state_dict.get(name, default))
-        self.history: deque[float] = deque((float(v) for v in self.history), maxlen=self.drop_window + 1)
+        """Restore a saved state; keys an older checkpoint lacks take their fresh-fit defaults. Values of the wrong
+        type are refused (a corrupted checkpoint); non-finite values in an old ``history`` are dropped (they were
+        never comparable for ``max_drop``)."""
+        if not isinstance(state_dict, dict):
+            raise EntrotrainError(
+                f"EntropyCollapseGuard.load_state_dict(state_dict) must be a dict (from state_dict()), got "
+                f"{type(state_dict).__name__}."
+            )
+        state = {**_STATE_DEFAULTS, **state_dict}
+        where = "EntropyCollapseGuard.load_state_dict: "
+        history = state["history"]
+        if not isinstance(history, (list, tuple, deque)):
+            raise EntrotrainError(f"{where}history must be a list of numbers, got {type(history).__name__}.")
+        for name in ("bad_streak", "times_fired", "lr_reductions"):
+            check_int(state[name], where + name, low=0)
+        for name in ("last_seen_step", "prev_seen_step", "last_stale_step"):
+            check_int(state[name], where + name, none_ok=True)
+        for name in ("fired", "stale_warned"):
+            check_bool(state[name], where + name)
+        for name in _STATE_DEFAULTS:
+            setattr(self, name, state[name])
+        self.last_reason = str(self.last_reason)
+        finite = [float(v) for v in history if isinstance(v, (int, float)) and math.isfinite(v)]
+        self.history: deque[float] = deque(finite, maxlen=self.drop_window + 1)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # before Lightning restores callbacks from ckpt_path

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.callbacks._publish import ledger, publish_scalars
+from entrotrain.errors import EntrotrainError
 from tests.helpers.lightning_models import TinyLM, quiet_trainer, token_loader
 from tests.helpers.spy_logger import SpyLogger
 
@@ -426,3 +427,23 @@ def test_decision_matches_the_contract(values, patience, on_nonfinite, max_drop,
     expected = _reference(values, 0.05, patience, on_nonfinite, max_drop, drop_window)
     assert alert_steps(trainer.loggers[0]) == expected
     assert guard.times_fired == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"bad_streak": -1}, "bad_streak"),
+        ({"fired": "yes"}, "fired"),
+        ({"last_seen_step": 2.5}, "last_seen_step"),
+        ({"history": 0.3}, "history"),
+    ],
+)
+def test_corrupted_state_is_refused(state, match):
+    with pytest.raises(EntrotrainError, match=f"load_state_dict: {match}"):
+        EntropyCollapseGuard(KEY).load_state_dict(state)
+
+
+def test_old_nan_history_is_dropped():
+    guard = EntropyCollapseGuard(KEY, threshold=None, max_drop=0.5)
+    guard.load_state_dict({"history": [0.9, NAN]})
+    assert list(guard.history) == [0.9]

@@ -39,7 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_bool, check_choice, check_int, check_real
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional.policy import AGG_MODES
 from entrotrain.regularizers.policy_loss import ClipCovLoss, KLCovLoss, PolicyLoss, PolicyLossOutput, SteerLoss
 
 __all__ = ["VERL_LOSS_NAMES", "make_verl_loss_fns", "register_verl_losses"]
@@ -55,9 +57,25 @@ def _get(obj: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _real(obj: Any, name: str, default: float, where: str) -> float:
+    """A finite number from verl's config (``where.name``), named in the error when it is not one. A numeric string
+    (YAML 1.1 reads ``2e-4`` as a string) is parsed."""
+    value = _get(obj, name, default)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise EntrotrainError(f"{where}.{name} must be a finite number, got the string {value!r}.") from None
+    return check_real(value, f"{where}.{name}")  # type: ignore[return-value]
+
+
+def _agg(loss_agg_mode: Any) -> str:
+    return check_choice(loss_agg_mode, "loss_agg_mode", AGG_MODES)
+
+
 def _clip_range(config: Any) -> tuple[float, float]:
-    eps = _get(config, "clip_ratio", 0.2)
-    return float(_get(config, "clip_ratio_low", eps)), float(_get(config, "clip_ratio_high", eps))
+    eps = _real(config, "clip_ratio", 0.2, "config")
+    return _real(config, "clip_ratio_low", eps, "config"), _real(config, "clip_ratio_high", eps, "config")
 
 
 def _finish(out: PolicyLossOutput, style: str) -> tuple:
@@ -81,6 +99,8 @@ def make_verl_loss_fns(
     """
     if style not in ("tuple", "dict"):
         raise EntrotrainError(f"style must be 'tuple' or 'dict' (or 'auto' in register_verl_losses), got {style!r}.")
+    check_choice(mode, "mode", ("micro_batch", "global"))
+    check_int(seed, "seed", none_ok=True)
     if mode == "global" and seed is None:
         seed = 0
     cache: dict[tuple, PolicyLoss] = {}
@@ -100,10 +120,11 @@ def make_verl_loss_fns(
     def clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                  rollout_is_weights=None, **_: Any):  # fmt: skip
         check_weights(rollout_is_weights, "entrotrain_clip_cov")
+        loss_agg_mode = _agg(loss_agg_mode)
         low, high = _clip_range(config)
         pl = _get(config, "policy_loss", None)
-        ratio = float(_get(pl, "clip_cov_ratio", 2e-4))
-        lb, ub = float(_get(pl, "clip_cov_lb", 1.0)), float(_get(pl, "clip_cov_ub", 5.0))
+        ratio = _real(pl, "clip_cov_ratio", 2e-4, "config.policy_loss")
+        lb, ub = _real(pl, "clip_cov_lb", 1.0, "config.policy_loss"), _real(pl, "clip_cov_ub", 5.0, "config.policy_loss")
         key = ("clip_cov", low, high, ratio, lb, ub, loss_agg_mode)
         loss_fn = module(key, lambda: ClipCovLoss(ratio, lb, ub, low, high, loss_agg_mode, mode, seed))
         return _finish(loss_fn(log_prob, old_log_prob, advantages, response_mask), style)
@@ -111,8 +132,10 @@ def make_verl_loss_fns(
     def kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                rollout_is_weights=None, **_: Any):  # fmt: skip
         check_weights(rollout_is_weights, "entrotrain_kl_cov")
+        loss_agg_mode = _agg(loss_agg_mode)
         pl = _get(config, "policy_loss", None)
-        ratio, coef = float(_get(pl, "kl_cov_ratio", 2e-4)), float(_get(pl, "ppo_kl_coef", 1.0))
+        ratio = _real(pl, "kl_cov_ratio", 2e-4, "config.policy_loss")
+        coef = _real(pl, "ppo_kl_coef", 1.0, "config.policy_loss")
         key = ("kl_cov", ratio, coef, loss_agg_mode)
         loss_fn = module(key, lambda: KLCovLoss(ratio, coef, loss_agg_mode, mode))
         return _finish(loss_fn(log_prob, old_log_prob, advantages, response_mask), style)
@@ -120,16 +143,18 @@ def make_verl_loss_fns(
     def steer(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
               rollout_is_weights=None, entropy=None, **_: Any):  # fmt: skip
         check_weights(rollout_is_weights, "entrotrain_steer")
+        loss_agg_mode = _agg(loss_agg_mode)
         if entropy is None:
             raise EntrotrainError(
                 "entrotrain_steer needs the per-token entropy of the old-policy pass: call it with entropy= "
                 "(verl's batch key 'entropys'); verl's default actor does not pass it."
             )
         low, high = _clip_range(config)
-        dual = float(_get(config, "clip_ratio_c", 10.0))
+        dual = _real(config, "clip_ratio_c", 10.0, "config")
         pl = _get(config, "policy_loss", None)
-        w_min, w_max = float(_get(pl, "token_weight_min", 0.8)), float(_get(pl, "token_weight_max", 1.0))
-        linear = bool(_get(pl, "token_weight_linear", False))
+        w_min = _real(pl, "token_weight_min", 0.8, "config.policy_loss")
+        w_max = _real(pl, "token_weight_max", 1.0, "config.policy_loss")
+        linear = check_bool(_get(pl, "token_weight_linear", False), "config.policy_loss.token_weight_linear")
         key = ("steer", low, high, dual, w_min, w_max, linear, loss_agg_mode)
         loss_fn = module(key, lambda: SteerLoss(w_min, w_max, linear, low, high, dual, loss_agg_mode))
         return _finish(loss_fn(log_prob, old_log_prob, advantages, response_mask, entropy=entropy), style)
@@ -162,6 +187,7 @@ def register_verl_losses(mode: str = "micro_batch", seed: int | None = None, sty
     register = getattr(core_algos, "register_policy_loss", None)
     if register is None:
         raise EntrotrainError("this verl has no register_policy_loss; upgrade to verl >= 0.4.1.")
+    check_choice(style, "style", ("auto", "tuple", "dict"))
     fns = make_verl_loss_fns(mode, seed, _verl_style(core_algos) if style == "auto" else style)
     for name, fn in fns.items():
         register(name)(fn)

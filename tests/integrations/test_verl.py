@@ -90,3 +90,56 @@ def test_register_with_verl():
     names = register_verl_losses()
     for name in names:
         assert callable(get_policy_loss_fn(name))
+
+
+# ------------------------------------------------------------------------------------- trust under failure
+
+
+@pytest.mark.parametrize("name", ["entrotrain_clip_cov", "entrotrain_kl_cov", "entrotrain_steer"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_all_masked_micro_batch_gives_zero_loss_zero_gradient(name, agg):
+    logp, old, adv, mask = _batch()
+    logp = logp.clone().requires_grad_()
+    fn = make_verl_loss_fns()[name]
+    extra = {"entropy": torch.rand_like(logp)} if name == "entrotrain_steer" else {}
+    loss, *metrics = fn(old, logp, adv, torch.zeros_like(mask), agg, _config(), **extra)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.equal(logp.grad, torch.zeros_like(logp))  # verl's token-mean: 0/0 = nan
+    assert all(torch.isfinite(torch.as_tensor(m)).all() for m in metrics)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (_config(clip_cov_ratio=float("nan")), "clip_cov_ratio"),
+        (_config(clip_cov_ratio="two"), "clip_cov_ratio"),
+        (_config(clip_cov_ratio=2.0), "clip_ratio"),
+        (_config(clip_cov_lb=5.0, clip_cov_ub=1.0), "cov_lb"),
+        (SimpleNamespace(clip_ratio=float("inf"), policy_loss=None), "config.clip_ratio"),
+    ],
+)
+def test_bad_verl_config_values_raise(config, match):
+    logp, old, adv, mask = _batch()
+    with pytest.raises(EntrotrainError, match=match):
+        make_verl_loss_fns()["entrotrain_clip_cov"](old, logp, adv, mask, "token-mean", config)
+
+
+def test_bad_adapter_arguments_raise():
+    logp, old, adv, mask = _batch()
+    with pytest.raises(EntrotrainError, match="mode"):
+        make_verl_loss_fns(mode="local")
+    with pytest.raises(EntrotrainError, match="seed"):
+        make_verl_loss_fns(seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(EntrotrainError, match="loss_agg_mode"):
+        make_verl_loss_fns()["entrotrain_kl_cov"](old, logp, adv, mask, ["token-mean"], _config())
+    with pytest.raises(EntrotrainError, match="kl_coef"):
+        make_verl_loss_fns()["entrotrain_kl_cov"](old, logp, adv, mask, "token-mean", _config(ppo_kl_coef=-1.0))
+    with pytest.raises(EntrotrainError, match="token_weight_linear"):
+        make_verl_loss_fns()["entrotrain_steer"](
+            old, logp, adv, mask, "token-mean", _config(token_weight_linear="no"), entropy=torch.rand_like(logp)
+        )
+    # YAML 1.1 reads 2e-4 as a string: parsed, same result as the number
+    fns = make_verl_loss_fns(seed=0)
+    a = fns["entrotrain_kl_cov"](old, logp, adv, mask, "token-mean", _config(kl_cov_ratio="0.1"))[0]
+    b = fns["entrotrain_kl_cov"](old, logp, adv, mask, "token-mean", _config(kl_cov_ratio=0.1))[0]
+    assert torch.equal(a, b)

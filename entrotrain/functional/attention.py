@@ -68,7 +68,17 @@ class AttentionEntropy(NamedTuple):
 
 
 def normalized_entropy(entropy: Tensor, n_keys: Tensor) -> Tensor:
-    r""":math:`H / \ln n` where ``n >= 2`` and 0 elsewhere (undefined there: exclude those rows when averaging)."""
+    r""":math:`H / \ln n` where ``n >= 2`` and 0 elsewhere (undefined there: exclude those rows when averaging).
+
+    ``entropy`` floating, ``n_keys`` a tensor broadcastable with it; raises :class:`EntrotrainError` otherwise."""
+    check_tensor(entropy, "entropy", floating=True)
+    check_tensor(n_keys, "n_keys")
+    try:
+        torch.broadcast_shapes(entropy.shape, n_keys.shape)
+    except RuntimeError:
+        raise EntrotrainError(
+            f"n_keys of shape {tuple(n_keys.shape)} does not broadcast with entropy of shape {tuple(entropy.shape)}."
+        ) from None
     n = n_keys.to(entropy.dtype)
     defined = n >= 2
     return torch.where(defined, entropy / torch.log(torch.where(defined, n, torch.full_like(n, 2.0))), 0.0)
@@ -289,7 +299,7 @@ def attention_entropy_stats(
     resolved = _resolve_path(path, q, k, mask, needs_grad)
     if 0 in (batch, heads, n_q, n_k):
         # nothing to score, or no key to attend (SDPA returns zeros): the kernels and the block loop need sizes > 0
-        entropy = q.to(accumulation_dtype(q.dtype)).sum(-1) * 0
+        entropy = torch.nan_to_num(q.to(accumulation_dtype(q.dtype)).sum(-1) * 0, nan=0.0)  # 0 even for a NaN query
         counts = torch.zeros(entropy.shape, dtype=torch.long, device=q.device)
         return AttentionEntropy(entropy, entropy.clone(), counts)
     block = max(1, chunk_elements // max(1, batch * heads * n_k))

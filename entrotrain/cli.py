@@ -26,7 +26,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 import entrotrain.callbacks  # noqa: F401  (short class names in configs)
 import entrotrain.tasks  # noqa: F401
 
-__all__ = ["EntrotrainCLI", "console", "main"]
+__all__ = ["DEBUG_ENV", "EntrotrainCLI", "config_error_message", "console", "main"]
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -92,9 +92,87 @@ def _recipe_path(config: Any) -> str | None:
         return str(path)
 
 
+DEBUG_ENV = "ENTROTRAIN_DEBUG"
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first (no cycles)."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return chain
+
+
+def _constructing_class(err: BaseException) -> str | None:
+    """The class whose ``__init__`` is the outermost one in ``err``'s traceback (the class the config names, not
+    the sub-module whose own ``__init__`` raised inside it)."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            cls = type(frame.f_locals["self"])
+            return f"{cls.__module__}.{cls.__qualname__}"
+        tb = tb.tb_next
+    return None
+
+
+def _union_reasons(text: str) -> list[str]:
+    """The real reasons in a jsonargparse "Does not validate against any of the Union subtypes" message (its
+    ``Errors:`` items other than the "Expected a <class ...>" of the alternatives that did not apply)."""
+    if "Errors:" not in text:
+        return []
+    items = re.findall(r"^\s+- (.+)$", text.split("Errors:", 1)[1].split("\nGiven value", 1)[0], re.M)
+    return [item.strip() for item in items if not item.startswith(("Expected a ", "Not a valid subclass"))]
+
+
+def config_error_message(err: BaseException, subcommand: str | None = None) -> str:
+    """One paragraph for an error raised while building the config's classes: which class, what it said, the fix.
+
+    The message of the innermost :class:`~entrotrain.errors.EntrotrainError` (which names the argument, what was
+    received and the fix) is preferred; jsonargparse's "Does not validate against any of the Union subtypes"
+    wrapper is unwrapped to the reason it carries."""
+    from entrotrain.errors import EntrotrainError
+
+    chain = _exception_chain(err)
+    ours = [e for e in chain if isinstance(e, EntrotrainError)]
+    union = next((r for e in chain for r in [_union_reasons(str(e))] if r), [])
+    if ours:
+        source, reason = ours[-1], str(ours[-1])
+    elif union:
+        source, reason = None, " ".join(union)
+    else:
+        source, reason = chain[-1], str(chain[-1]) or type(chain[-1]).__name__
+    cls = _constructing_class(source) if source is not None else None
+    if cls is None:
+        match = next((m for e in chain for m in [re.search(r"class_path='([^']+)'", str(e))] if m), None)
+        cls = match.group(1) if match else None
+    where = f"building {cls} from the config failed" if cls else "building the classes of the config failed"
+    prog = f"entrotrain {subcommand}" if subcommand else "entrotrain"
+    reason = " ".join(reason.split())
+    end = "" if reason.endswith((".", "!", "?")) else "."
+    return (
+        f"{prog}: error: {where}: {reason}{end} Fix the value in the config file or on the command line "
+        f"(set {DEBUG_ENV}=1 to see the traceback)."
+    )
+
+
 class EntrotrainCLI(LightningCLI):
     """LightningCLI that adds a :class:`~entrotrain.dashboards.RunRecordLogger` to every run and whose ``fit`` ends by
-    closing the wandb run and printing where it and the run record are, how to sync and how to report them."""
+    closing the wandb run and printing where it and the run record are, how to sync and how to report them.
+
+    A bad value that only a class's constructor can refuse (``every_n_steps: 0`` in a monitor's ``init_args``) is a
+    parser-style error: one paragraph on stderr naming the class and the argument, exit code 2, no traceback (set
+    ``ENTROTRAIN_DEBUG=1`` to get the traceback instead)."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # EntrotrainError is a ValueError; so are jsonargparse's wrappers of it
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(config_error_message(err, self.subcommand), file=sys.stderr)
+            raise SystemExit(2) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from entrotrain.dashboards.run_record import RunRecordLogger

@@ -23,7 +23,7 @@ from entrotrain.dashboards.report_template import details, esc, fmt, page, table
 from entrotrain.dashboards.run_reader import RunData, load_run
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["HEADLINES", "Section", "build_report", "report_main", "sections_of"]
+__all__ = ["HEADLINES", "Section", "build_report", "report_main", "sections_of", "write_report"]
 
 #: Headline figures shown as cards at the top (when logged): key → label.
 HEADLINES: dict[str, str] = {
@@ -201,12 +201,12 @@ def _header(runs: list[RunData]) -> str:
         meta = run.meta
         start, end = meta.get("start_time"), meta.get("end_time")
         duration = f"{(end - start) / 60:.1f} min" if isinstance(start, (int, float)) and isinstance(end, (int, float)) else "–"
-        status = esc(run.status)
+        status = run.decided_status
         rows.append(
             [
                 esc(run.label),
                 esc(meta.get("recipe") or "–"),
-                f'<span class="status-{status}">{status}</span>',
+                f'<span class="status-{esc(status.state)}">{esc(status.label)}</span>',
                 esc(time.strftime("%Y-%m-%d %H:%M", time.localtime(start)) if isinstance(start, (int, float)) else "–"),
                 esc(duration),
                 esc(run.last_step if run.last_step is not None else "–"),
@@ -361,7 +361,13 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     """
     if not 1 <= len(run_dirs) <= 2:
         raise EntrotrainError(f"entrotrain report takes one run record folder, or two to compare; got {len(run_dirs)}.")
-    runs = [load_run(p) for p in run_dirs]
+    return write_report([load_run(p) for p in run_dirs], out_dir)
+
+
+def write_report(runs: list[RunData], out_dir: str | Path | None = None) -> Path:
+    """:func:`build_report` for runs already loaded with :func:`~entrotrain.dashboards.run_reader.load_run`."""
+    if not 1 <= len(runs) <= 2:
+        raise EntrotrainError(f"entrotrain report takes one run record folder, or two to compare; got {len(runs)}.")
     if len(runs) == 2 and runs[0].label == runs[1].label:  # same recipe twice: tell them apart by folder
         runs[0].meta["name"], runs[1].meta["name"] = runs[0].path.name, runs[1].path.name
     if out_dir is None:
@@ -415,12 +421,16 @@ def report_main(argv: list[str]) -> Path | None:
     parser.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/report or RUN_DIR/compare-<RUN_DIR2>)")
     args = parser.parse_args(argv)
     try:
-        index = build_report(args.runs, args.out)
+        if not 1 <= len(args.runs) <= 2:
+            raise EntrotrainError(f"entrotrain report takes one run record folder, or two to compare; got {len(args.runs)}.")
+        runs = [load_run(p) for p in args.runs]
+        for run in runs:  # say on the terminal what the page says in its banners
+            who = f"{run.label}: " if len(runs) > 1 else ""
+            for warning in run.warnings:
+                print(f"entrotrain report: warning: {who}{warning}", file=sys.stderr)
+        index = write_report(runs, args.out)
     except EntrotrainError as err:
         print(f"entrotrain report: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    for run_dir in args.runs:  # say on the terminal what the page says in its banner (cheap: the record is small)
-        for warning in load_run(run_dir).warnings:
-            print(f"entrotrain report: warning: {warning}", file=sys.stderr)
     print(f"entrotrain: report written to {index}")
     return index

@@ -38,7 +38,8 @@ figcaption { font-size: 0.85em; color: #4a5463; margin-top: 6px; }
 details { margin: 10px 0; }
 summary { cursor: pointer; font-weight: 600; }
 pre { background: #fff; border: 1px solid #dde2ea; padding: 10px; overflow-x: auto; font-size: 0.8em; }
-.status-finished { color: #1a7f37; } .status-running { color: #9a6700; } .status-failed { color: #cf222e; }
+.status-finished { color: #1a7f37; } .status-running { color: #9a6700; } .status-failed, .status-killed,
+.status-interrupted, .status-stale, .status-unknown { color: #cf222e; }
 nav a { margin-right: 12px; font-size: 0.9em; }
 """
 

@@ -1,43 +1,185 @@
 """Reading a run record (written by :class:`~entrotrain.dashboards.RunRecordLogger`) back into memory.
 
-The reader is forgiving where a run is still being written (a torn last line is skipped) and strict where the folder
-is not a run at all: every problem is an :class:`~entrotrain.errors.EntrotrainError` that names what was expected.
+The reader is forgiving where a run was cut short and strict where the folder is not a run at all:
+
+- a torn last line (the writer was killed mid-line) is skipped and reported in ``RunData.warnings`` (the report shows
+  it on its page and on stderr), unless the writer is still alive and simply writing it;
+- a media item whose bytes were never completely written is skipped with a warning;
+- both media layouts are read: ``media/<key>.bin`` + ``offset`` rows (now), one ``.npy`` per step (earlier versions);
+- a resume marker ``{"resume": {"step": S}}`` drops what was written before it at steps after ``S``; for each
+  (key, step) the last value written wins;
+- the run's status is decided in one place, :func:`run_status`, and every page and message uses it;
+- a folder that is not a run record raises an :class:`~entrotrain.errors.EntrotrainError` naming what was expected.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from entrotrain.dashboards.run_record import RECORD_FORMAT
+from entrotrain.dashboards.run_record import RECORD_FORMAT, process_start_time
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["MONITOR_PREFIXES", "MediaItem", "RunData", "find_records", "load_run"]
+__all__ = ["MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records", "load_run", "run_status"]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
 MONITOR_PREFIXES = ("entropy/", "sigma_reparam/")
+#: A "running" record on another host (whose pid cannot be checked) not updated for this long is reported as stale.
+STALE_AFTER_S = 30 * 60.0
 
 
 @dataclass
 class MediaItem:
-    """One stored array: ``key`` at ``step`` of ``kind``, loaded lazily from ``path``."""
+    """One stored array: ``key`` at ``step`` of ``kind``, loaded lazily from ``path`` (at ``offset`` with ``shape``
+    and ``dtype`` in a ``.bin`` file, or a whole ``.npy`` file when ``offset`` is ``None``)."""
 
     key: str
     step: int | None
     kind: str
     path: Path
     meta: dict[str, Any]
+    offset: int | None = None
+    shape: tuple[int, ...] = ()
+    dtype: str = "<f8"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * math.prod(self.shape))
 
     def load(self) -> np.ndarray:
-        """The array (float64)."""
-        return np.load(self.path)
+        """The array (float64).
+
+        Raises:
+            EntrotrainError: the file ends before the array does (the writer was killed while writing it).
+        """
+        if self.offset is None:
+            return np.load(self.path)
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            raw = f.read(self.nbytes)
+        if len(raw) < self.nbytes:
+            raise EntrotrainError(
+                f"{self.path.name} ends inside the array of {self.key} at step {self.step} ({len(raw)} of "
+                f"{self.nbytes} bytes) — the run was killed while writing it."
+            )
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What a run record says about its run, decided once by :func:`run_status`.
+
+    ``state``: ``"running"``, ``"finished"``, ``"failed"``, ``"interrupted"``, ``"killed"`` (marked running, its
+    process is gone), ``"stale"`` (marked running on another host, not updated for :data:`STALE_AFTER_S`) or
+    ``"unknown"``; ``label``: the short text of the status column; ``message``: the banner sentence, ``None`` for a
+    finished run; ``last_update``: when the record was last written (seconds since the epoch)."""
+
+    state: str
+    label: str
+    message: str | None
+    last_update: float | None
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t is not None else "an unknown time"
+
+
+def _pid_alive(meta: dict[str, Any]) -> bool | None:
+    """Whether the process that wrote ``meta`` still runs (``None`` if it cannot be told: another host, no pid).
+
+    A live pid whose start time differs from ``meta["pid_start"]`` is another process that reuses the pid."""
+    pid = meta.get("pid")
+    if meta.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except OSError:
+        return None
+    started = meta.get("pid_start")
+    now_started = process_start_time(pid)
+    if isinstance(started, int) and now_started is not None and now_started != started:
+        return False
+    return True
+
+
+def _last_update(meta: dict[str, Any], path: Path | None) -> float | None:
+    """The latest of ``meta["last_write"]`` and the modification times of the record's appended files."""
+    times = [float(meta["last_write"])] if isinstance(meta.get("last_write"), (int, float)) else []
+    if path is not None:
+        for name in ("metrics.jsonl", "events.jsonl", "media/index.jsonl", "meta.json"):
+            try:
+                times.append((path / name).stat().st_mtime)
+            except OSError:
+                continue
+    if not times and isinstance(meta.get("start_time"), (int, float)):
+        times.append(float(meta["start_time"]))
+    return max(times) if times else None
+
+
+def run_status(
+    meta: dict[str, Any], path: Path | None = None, last_step: int | None = None, now: float | None = None
+) -> RunStatus:
+    """The status of the run whose record holds ``meta`` (at ``path``): the one place that decides it.
+
+    ``meta["status"]`` says running / finished / failed / interrupted; a "running" record is checked against its
+    writer: on the same host, a process that is gone means the run was killed; on another host, a record not updated
+    for :data:`STALE_AFTER_S` is stale (stopped, or between two very distant logging steps)."""
+    now = time.time() if now is None else now
+    last = _last_update(meta, path)
+    upto = f"up to step {last_step}" if last_step is not None else "nothing (it stopped before its first logging step)"
+    reason = meta.get("reason")
+    status = meta.get("status")
+    if status == "finished":
+        return RunStatus("finished", "finished", None, last)
+    if status == "failed":
+        why = f" ({reason})" if reason else ""
+        return RunStatus("failed", "failed", f"The run failed{why}; this report shows what was logged, {upto}.", last)
+    if status == "interrupted":
+        why = f" ({reason})" if reason else ""
+        return RunStatus("interrupted", "interrupted", f"The run was interrupted{why}; this report shows what was logged, {upto}.", last)
+    if status != "running":
+        return RunStatus("unknown", f"unknown ({status})", f"meta.json has an unknown status {status!r}; showing what was logged, {upto}.", last)
+    alive = _pid_alive(meta)
+    since = f"no update since {_clock(last)}"
+    if alive is False:
+        return RunStatus(
+            "killed",
+            f"killed ({since})",
+            f"The run stopped without finishing: its process (pid {meta.get('pid')} on {meta.get('host')}) is gone "
+            f"and the record has had {since} (killed?). This report shows what was logged, {upto}.",
+            last,
+        )
+    if alive is None and last is not None and now - last > STALE_AFTER_S:
+        return RunStatus(
+            "stale",
+            f"stale ({since})",
+            f"The record says the run is in progress on {meta.get('host')}, but it has had {since} "
+            f"({(now - last) / 60:.0f} min ago): it stopped without finishing, or is still running there between "
+            f"two distant logging steps. This report shows what was logged, {upto}.",
+            last,
+        )
+    started = meta.get("start_time")
+    ago = f" (started {(now - float(started)) / 60:.1f} min ago)" if isinstance(started, (int, float)) else ""
+    return RunStatus(
+        "running",
+        "running",
+        f"The run is still in progress{ago}; this report shows what was logged so far, {upto}. Run `entrotrain "
+        "report` again when it ends.",
+        last,
+    )
 
 
 @dataclass
@@ -53,6 +195,7 @@ class RunData:
     events: list[dict[str, Any]] = field(default_factory=list)
     media: dict[str, list[MediaItem]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    run_status: RunStatus | None = None
 
     @property
     def label(self) -> str:
@@ -61,7 +204,14 @@ class RunData:
 
     @property
     def status(self) -> str:
-        return str(self.meta.get("status", "unknown"))
+        """The run's state as :func:`run_status` decided it (``"finished"``, ``"killed"``, ...)."""
+        return self.decided_status.state
+
+    @property
+    def decided_status(self) -> RunStatus:
+        if self.run_status is None:
+            self.run_status = run_status(self.meta, self.path, self.last_step)
+        return self.run_status
 
     @property
     def last_step(self) -> int | None:
@@ -82,21 +232,152 @@ def find_records(folder: Path, limit: int = 5) -> list[Path]:
     return [p.parent for p in found[:limit]]
 
 
-def _read_jsonl(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, warnings: list[str], writing: bool = False) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file, one per line. A last line without its newline that does not parse is a
+    torn line: reported (unless ``writing``: the live writer is in the middle of it); bad lines inside are reported."""
     if not path.is_file():
         return []
+    lines = path.read_bytes().split(b"\n")
+    last = lines.pop()  # b"" when the file ends with its newline
+    torn = b""
+    if last.strip():  # no newline at the end: a complete line if it parses, else torn
+        try:
+            complete = isinstance(json.loads(last), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            complete = False
+        if complete:
+            lines.append(last)
+        else:
+            torn = last
     rows: list[dict[str, Any]] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    name = path.relative_to(path.parent.parent).as_posix() if path.parent.name == "media" else path.name
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # being written right now
-                continue
-            warnings.append(f"{path.name}: line {i + 1} is not valid JSON and was skipped.")
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict):
+            warnings.append(
+                f"{name}: line {i + 1} is not a JSON object ({len(line)} bytes; a line torn when an earlier process "
+                "was killed while writing?) and was skipped."
+            )
+            continue
+        rows.append(row)
+    if torn and not writing:
+        warnings.append(f"{name} ends with a torn line ({len(torn)} bytes) — the run was killed while writing; it was skipped.")
     return rows
+
+
+def _resume_step(row: dict[str, Any]) -> int | None | bool:
+    """``S`` for a resume marker row (``None`` when it has no step), ``False`` for any other row."""
+    marker = row.get("resume")
+    if not isinstance(marker, dict):
+        return False
+    step = marker.get("step")
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
+def _as_step(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def _scalars(rows: list[dict[str, Any]], warnings: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """key -> (steps, values) sorted by step; for each (key, step) the last value written, after resume markers."""
+    series: dict[str, dict[int, float]] = {}
+    for i, row in enumerate(rows):
+        resume = _resume_step(row)
+        if resume is not False:
+            if resume is not None:
+                for points in series.values():
+                    for step in [s for s in points if s > resume]:
+                        del points[step]
+            continue
+        step = _as_step(row.get("step"))
+        step = i if row.get("step") is None else step
+        values = row.get("values")
+        if step is None or not isinstance(values, dict):
+            warnings.append(f"metrics.jsonl: line {i + 1} has no valid step/values and was skipped.")
+            continue
+        for key, value in values.items():
+            if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            points = series.setdefault(key, {})
+            points.pop(step, None)  # re-insert: the last write wins
+            points[step] = float(value)
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, points in series.items():
+        if not points:
+            continue
+        steps = sorted(points)
+        scalars[key] = (np.array(steps, dtype=np.int64), np.array([points[s] for s in steps], dtype=np.float64))
+    return scalars
+
+
+def _media_item(path: Path, row: dict[str, Any], sizes: Callable[[Path], int], warnings: list[str]) -> MediaItem | None:
+    """The item an index row describes, or ``None`` (with a warning) when its file or bytes are missing."""
+    file = path / str(row.get("file", ""))
+    if "key" not in row or not file.is_file():
+        warnings.append(f"media file {row.get('file')} listed in media/index.jsonl is missing; skipped.")
+        return None
+    step = _as_step(row.get("step"))
+    item = MediaItem(str(row["key"]), step, str(row.get("kind", "values")), file, dict(row.get("meta") or {}))
+    if row.get("offset") is None:
+        return item  # a .npy per step (records written before the .bin layout)
+    try:
+        item.offset, item.shape, item.dtype = int(row["offset"]), tuple(int(n) for n in row["shape"]), str(row.get("dtype", "<f8"))
+        np.dtype(item.dtype)
+    except (KeyError, TypeError, ValueError):
+        warnings.append(f"media/index.jsonl: the row for {row['key']} at step {step} is malformed; skipped.")
+        return None
+    if item.offset + item.nbytes > sizes(file):
+        warnings.append(
+            f"{row.get('file')} ends inside the array of {item.key} at step {step} — the run was killed while "
+            "writing it; skipped."
+        )
+        return None
+    return item
+
+
+def _media(path: Path, rows: list[dict[str, Any]], warnings: list[str]) -> dict[str, list[MediaItem]]:
+    media: dict[str, dict[int | None, MediaItem]] = {}
+    size_cache: dict[Path, int] = {}
+
+    def sizes(file: Path) -> int:
+        if file not in size_cache:
+            size_cache[file] = file.stat().st_size
+        return size_cache[file]
+
+    for row in rows:
+        resume = _resume_step(row)
+        if resume is not False:
+            if resume is not None:
+                for items in media.values():
+                    for step in [s for s in items if s is not None and s > resume]:
+                        del items[step]
+            continue
+        item = _media_item(path, row, sizes, warnings)
+        if item is not None:
+            items = media.setdefault(item.key, {})
+            items.pop(item.step, None)
+            items[item.step] = item  # the last one written for a (key, step) wins
+    return {
+        key: sorted(items.values(), key=lambda m: -1 if m.step is None else m.step) for key, items in media.items() if items
+    }
+
+
+def _events(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for row in rows:
+        resume = _resume_step(row)
+        if resume is False:
+            events.append(row)
+        elif resume is not None:
+            events = [e for e in events if not (isinstance(e.get("step"), int) and e["step"] > resume)]
+    return events
 
 
 def _not_a_run(path: Path) -> EntrotrainError:
@@ -117,25 +398,31 @@ def _not_a_run(path: Path) -> EntrotrainError:
     )
 
 
-def _pid_alive(meta: dict[str, Any]) -> bool | None:
-    """Whether the process that wrote ``meta`` still runs (``None`` if it cannot be told: another host)."""
-    if meta.get("host") != socket.gethostname() or not isinstance(meta.get("pid"), int):
-        return None
+def _read_json(path: Path, default: Any, warnings: list[str]) -> Any:
+    if not path.is_file():
+        return default
     try:
-        os.kill(meta["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        warnings.append(f"{path.name} is not valid JSON and was ignored.")
+        return default
+
+
+def _existing_files(path: Path) -> list[str]:
+    """The record's files (not the reports written into it), relative to ``path``."""
+    files = (p.relative_to(path) for p in path.rglob("*") if p.is_file())
+    return sorted(f.as_posix() for f in files if f.parts[0] != "report" and not f.parts[0].startswith("compare-"))
 
 
 def load_run(path: str | os.PathLike[str]) -> RunData:
     """Read the run record at ``path``.
 
+    A run that did not finish and logged no monitor output (it stopped, or has not yet reached, its first logging
+    step) is returned with a warning that says so and lists what exists.
+
     Raises:
         EntrotrainError: ``path`` does not exist or is not a run record (names what was expected and lists records
-            found below it), or the run logged no monitor output (names the monitors to add).
+            found below it), or a *finished* run logged no monitor output (names the monitors to add).
     """
     path = Path(path)
     if not path.exists():
@@ -153,66 +440,37 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
             f"expected {RECORD_FORMAT!r})."
         )
     warnings: list[str] = []
-    series: dict[str, list[tuple[int, float]]] = {}
-    for i, row in enumerate(_read_jsonl(path / "metrics.jsonl", warnings)):
-        step = row.get("step")
-        step = i if step is None else int(step)
-        for key, value in (row.get("values") or {}).items():
-            if value is None or key == "epoch":
-                continue
-            series.setdefault(key, []).append((step, float(value)))
-    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key, points in series.items():
-        points.sort(key=lambda p: p[0])
-        dedup: dict[int, float] = {}
-        for step, value in points:  # a key logged twice at one step (train + val hooks): keep the last
-            dedup[step] = value
-        scalars[key] = (np.array(list(dedup), dtype=np.int64), np.array(list(dedup.values()), dtype=np.float64))
-
-    media: dict[str, list[MediaItem]] = {}
-    for row in _read_jsonl(path / "media" / "index.jsonl", warnings):
-        file = path / str(row.get("file", ""))
-        if not file.is_file():
-            warnings.append(f"media file {row.get('file')} listed in media/index.jsonl is missing; skipped.")
-            continue
-        item = MediaItem(str(row["key"]), row.get("step"), str(row.get("kind", "values")), file, dict(row.get("meta") or {}))
-        media.setdefault(item.key, []).append(item)
-    for items in media.values():
-        items.sort(key=lambda m: -1 if m.step is None else m.step)
-
+    writing = meta.get("status") == "running" and _pid_alive(meta) is True  # a live writer may be mid-line
+    scalars = _scalars(_read_jsonl(path / "metrics.jsonl", warnings, writing), warnings)
+    media = _media(path, _read_jsonl(path / "media" / "index.jsonl", warnings, writing), warnings)
     run = RunData(
         path=path,
         meta=meta,
         scalars=scalars,
-        hparams=json.loads((path / "hparams.json").read_text()) if (path / "hparams.json").is_file() else {},
+        hparams=_read_json(path / "hparams.json", {}, warnings),
         config_text=(path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None,
-        thresholds=json.loads((path / "thresholds.json").read_text()) if (path / "thresholds.json").is_file() else [],
-        events=_read_jsonl(path / "events.jsonl", warnings),
+        thresholds=_read_json(path / "thresholds.json", [], warnings),
+        events=_events(_read_jsonl(path / "events.jsonl", warnings, writing)),
         media=media,
         warnings=warnings,
     )
-    if not any(k.startswith(MONITOR_PREFIXES) for k in scalars) and not media:
+    status = run.decided_status
+    has_monitor_output = any(k.startswith(MONITOR_PREFIXES) for k in scalars) or bool(media)
+    if not has_monitor_output and status.state == "finished":
         logged = sorted(scalars)[:12]
         raise EntrotrainError(
             f"run {path} has no monitor output (no entropy/* or sigma_reparam/* keys; logged: {logged or 'nothing'}). "
             "Add a monitor (AttentionEntropyMonitor, PolicyEntropyMonitor, RepresentationEntropyMonitor, "
             "SigmaReparamMonitor) to the trainer's callbacks, and train past its first logging step."
         )
-    if run.status == "running":
-        alive = _pid_alive(meta)
-        since = time.time() - float(meta.get("start_time") or time.time())
-        if alive is False:
-            run.warnings.insert(
-                0,
-                f"The run never finished: its process (pid {meta.get('pid')}) is gone without closing the record "
-                f"(killed?). This report shows what was logged, up to step {run.last_step}.",
-            )
-        else:
-            run.warnings.insert(
-                0,
-                f"The run is still in progress (started {since / 60:.1f} min ago); this report shows what was logged "
-                f"so far, up to step {run.last_step}. Run `entrotrain report` again when it ends.",
-            )
-    elif run.status == "failed":
-        run.warnings.insert(0, f"The run failed (stopped by an exception) at step {run.last_step}; this report shows what was logged.")
+    if not has_monitor_output:
+        stopped = "has not reached" if status.state == "running" else "stopped before"
+        what = "nothing was logged" if not scalars else f"only {', '.join(sorted(scalars)[:8])} were logged"
+        warnings.insert(
+            0,
+            f"The run {stopped} its monitors' first logging step ({status.label}): {what}. "
+            f"What exists: {', '.join(_existing_files(path)) or 'nothing'}.",
+        )
+    if status.message:
+        warnings.insert(0, status.message)
     return run

@@ -2,13 +2,29 @@
 
 :class:`RunRecordLogger` is a Lightning logger that keeps, in one folder per run (``RUN_DIR``)::
 
-    meta.json          status (running → finished | failed), start/end time, recipe, command line, versions
+    meta.json          status (running → finished | failed | interrupted, with the reason), start/end time, the
+                       writer's pid, host and process start, a heartbeat ``last_write`` (rewritten at most every
+                       HEARTBEAT_S seconds while logging), resumes; always replaced atomically (tmp + os.replace)
     metrics.jsonl      one line per logging call: {"step": s, "time": t, "values": {key: float}}
     hparams.json       the hyperparameters loggers were given (merged)
     config.yaml        the LightningCLI config, when the run came from ``entrotrain fit``
     thresholds.json    reference lines monitors declared (collapse thresholds, guard thresholds)
     events.jsonl       alerts (e.g. an entropy collapse the guard saw): {"step", "key", "level", "message", "time"}
-    media/index.jsonl  one line per array: {"key", "step", "kind", "file", "meta"}; arrays in media/<key>/<step>.npy
+    media/index.jsonl  one line per array: {"key", "step", "kind", "file", "offset", "nbytes", "shape", "dtype", "meta"}
+    media/<key>.bin    the arrays of one key, appended one after another (raw little-endian float64, C order)
+
+The number of files is bounded for any run length: one ``.bin`` per media key plus one index, never one file per
+step (records of earlier versions, with ``media/<key>/<step>.npy`` files and index rows without ``offset``, are
+still read). Disk use grows by the arrays' own bytes per logging step (a 4 × 4 heatmap is 128 bytes, a 768-value
+spectrum 6 KiB) plus ~200 bytes of index; ``"histogram"`` arrays longer than ``MAX_HISTOGRAM_VALUES`` are stored as
+that many evenly spaced quantiles of their values (the histogram the report draws keeps its shape; the count is kept
+as ``meta["n_values"]``).
+
+Resuming (``Trainer.fit(ckpt_path=...)``, ``entrotrain fit --ckpt_path ...``) continues the same record: every
+checkpoint carries the record's folder and step (``checkpoint["entrotrain_run_record"]``), and a resumed fit appends
+to that folder with a marker line ``{"resume": {"step": S}}`` in each ``.jsonl``: readers drop what was written
+before the marker at steps after ``S`` (logged after the checkpoint by the abandoned run) and keep the last value
+written for each (key, step).
 
 ``entrotrain report RUN_DIR`` reads this folder only (never wandb's files), so reports work for any logger, offline,
 and while the run is still going (every line is flushed when written). The logger writes on global rank zero only,
@@ -36,17 +52,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
+    "CHECKPOINT_KEY",
+    "HEARTBEAT_S",
+    "MAX_HISTOGRAM_VALUES",
     "RECORD_FORMAT",
     "MediaKind",
     "RunRecordLogger",
     "find_run_record",
+    "process_start_time",
     "record_event",
     "record_media",
     "record_threshold",
@@ -54,6 +75,13 @@ __all__ = [
 
 #: Written into ``meta.json`` so that a reader can tell a run record from any other folder.
 RECORD_FORMAT = "entrotrain-run-record/1"
+
+#: The key a checkpoint carries the record's folder and step under (see "Resuming" above).
+CHECKPOINT_KEY = "entrotrain_run_record"
+#: ``meta["last_write"]`` is rewritten at most this often (seconds) while the run logs.
+HEARTBEAT_S = 30.0
+#: ``"histogram"`` media longer than this are stored as this many quantiles of their values.
+MAX_HISTOGRAM_VALUES = 4096
 
 MediaKind = Literal["heatmap", "spectrum", "histogram", "values"]
 _MEDIA_KINDS = ("heatmap", "spectrum", "histogram", "values")
@@ -104,6 +132,42 @@ def _recipe_description(recipe: str | None) -> str | None:
     return "\n".join(lines) or None
 
 
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), ``None`` where it cannot be read.
+
+    Stored beside the pid in ``meta.json`` so that a reader can tell the writer from a later process that reuses
+    its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, after "pid (comm)"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _histogram_summary(data: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` evenly spaced quantiles of ``data`` (non-finite values kept at the ends), sorted."""
+    flat = np.sort(data.ravel())
+    if flat.size <= limit:
+        return data
+    index = np.round(np.linspace(0, flat.size - 1, limit)).astype(np.int64)
+    return flat[index]
+
+
+class _RecordCheckpoint(Callback):
+    """Puts the record's folder and step into every checkpoint (``checkpoint["entrotrain_run_record"]``) and, when
+    a fit restores a checkpoint, points the record at the folder it names (the logger adds it to the trainer)."""
+
+    def __init__(self, record: RunRecordLogger) -> None:
+        self.record = record
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.record._meta is not None:
+            checkpoint[CHECKPOINT_KEY] = {"run_dir": str(self.record.run_dir.resolve()), "step": _current_step(trainer)}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.record._resume_from(checkpoint, trainer.ckpt_path)
+
+
 class RunRecordLogger(Logger):
     """Writes the local run record (see the module docstring) that ``entrotrain report`` turns into HTML.
 
@@ -111,12 +175,16 @@ class RunRecordLogger(Logger):
 
         Trainer(logger=[WandbLogger(...), RunRecordLogger("runs")])
 
+    A fit resumed from a checkpoint this record's run saved continues the same folder (set ``resume=False`` to
+    start a new one).
+
     Args:
         save_dir: parent folder; the run goes to ``save_dir/name/version``.
         name: sub-folder grouping runs (default ``"records"``).
         version: the run's folder name; default ``run-YYYYmmdd-HHMMSS`` (local time, made unique with ``-2``, ...).
         recipe: the recipe or config file the run came from (shown in the report header).
         run_name: a short label for the run in reports (default: the recipe's file stem, else ``version``).
+        resume: continue the record named by a restored checkpoint (default ``True``).
 
     Raises:
         EntrotrainError: when ``save_dir`` exists and is not a folder.
@@ -129,6 +197,7 @@ class RunRecordLogger(Logger):
         version: str | None = None,
         recipe: str | None = None,
         run_name: str | None = None,
+        resume: bool = True,
     ) -> None:
         super().__init__()
         root = Path(save_dir)
@@ -139,9 +208,15 @@ class RunRecordLogger(Logger):
         self._version = version
         self.recipe = recipe
         self.run_name = run_name
+        self.resume = bool(resume)
         self._meta: dict[str, Any] | None = None
         self._hparams: dict[str, Any] = {}
+        self._config_text: str | None = None
         self._files: dict[str, Any] = {}
+        self._last_heartbeat = 0.0
+        self._resume_info: dict[str, Any] | None = None  # {"step", "ckpt_path"} until _start writes the markers
+        self._resume_checked = False
+        self._trainer_id: int | None = None
 
     # ------------------------------------------------------------------ Logger API
     @property
@@ -183,13 +258,24 @@ class RunRecordLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
-        self._start()
+        """Merge ``params`` into ``hparams.json`` (a ``config`` string goes to ``config.yaml``). Before the record
+        starts (the CLI saves its config before a checkpoint is restored) they are kept until it does."""
         params = vars(params) if isinstance(params, Namespace) else dict(params)
         config = params.pop("config", None)
         if isinstance(config, str):  # the LightningCLI config as YAML (see entrotrain.cli)
-            (self.run_dir / "config.yaml").write_text(config)
+            self._config_text = config
         self._hparams.update(_json_safe(params))
-        self._write_json("hparams.json", self._hparams)
+        if self._meta is not None:
+            self._write_hparams()
+
+    @rank_zero_only
+    def log_graph(self, model: Any, input_array: Any = None) -> None:
+        """Lightning calls this once per fit after restoring a checkpoint: the record starts here (in the folder a
+        restored checkpoint names, when resuming)."""
+        trainer = getattr(model, "_trainer", None)
+        if trainer is not None:
+            self._attach(trainer)
+        self._start()
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -199,14 +285,23 @@ class RunRecordLogger(Logger):
         self._append("metrics.jsonl", row)
 
     @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._heartbeat(force=True)
+
+    @rank_zero_only
     def finalize(self, status: str) -> None:
+        """Close the record: ``finished`` on success; on an exception ``failed`` or, for ``KeyboardInterrupt`` and
+        Lightning's SIGTERM exit, ``interrupted``, with the exception as ``meta["reason"]`` (Lightning calls this
+        inside its ``except`` block, where :func:`sys.exc_info` holds it)."""
         if self._meta is None:  # nothing was ever logged: still leave a record that says so
             self._start()
         assert self._meta is not None
         if self._meta.get("status") != "running":
             return  # finalize runs once per trainer.fit; a second call (test after fit) keeps the first status
-        self._meta["status"] = "finished" if status == "success" else "failed"
-        self._meta["end_time"] = time.time()
+        state, reason = _final_state(status, sys.exc_info()[1])
+        self._meta["status"] = state
+        self._meta["reason"] = reason
+        self._meta["end_time"] = self._meta["last_write"] = time.time()
         self._write_json("meta.json", self._meta)
         for handle in self._files.values():
             handle.close()
@@ -217,22 +312,34 @@ class RunRecordLogger(Logger):
     def log_media(
         self, key: str, array: Any, step: int | None, kind: MediaKind = "values", meta: Mapping[str, Any] | None = None
     ) -> None:
-        """Store ``array`` (a tensor or array of any shape) as ``media/<key>/<step>.npy`` with an index line."""
+        """Append ``array`` (a tensor or array of any shape, stored as float64) to ``media/<key>.bin`` with an index
+        line in ``media/index.jsonl`` (its offset, byte count, shape and dtype)."""
         if kind not in _MEDIA_KINDS:
             raise EntrotrainError(f"record_media: kind must be one of {_MEDIA_KINDS}, got {kind!r}.")
         self._start()
         data = array.detach().to("cpu").double().numpy() if hasattr(array, "detach") else np.asarray(array, dtype=float)
-        folder = self.run_dir / "media" / _safe_name(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{'none' if step is None else int(step):>08}.npy"
-        np.save(folder / name, data)
+        meta = _json_safe(dict(meta or {}))
+        if kind == "histogram" and data.size > MAX_HISTOGRAM_VALUES:
+            meta["n_values"] = int(data.size)
+            data = _histogram_summary(data, MAX_HISTOGRAM_VALUES)
+        data = np.ascontiguousarray(data, dtype="<f8")
+        file = f"media/{_safe_name(key)}.bin"
+        handle = self._handle(file, binary=True)
+        handle.seek(0, os.SEEK_END)
+        offset = handle.tell()
+        handle.write(data.tobytes())
+        handle.flush()  # the bytes land before the index line that points at them
         row = {
             "key": key,
             "step": None if step is None else int(step),
             "kind": kind,
-            "file": f"media/{folder.name}/{name}",
+            "file": file,
+            "offset": offset,
+            "nbytes": int(data.nbytes),
             "shape": list(data.shape),
-            "meta": _json_safe(dict(meta or {})),
+            "dtype": "<f8",
+            "time": round(time.time(), 3),
+            "meta": meta,
         }
         self._append("media/index.jsonl", row)
 
@@ -254,6 +361,56 @@ class RunRecordLogger(Logger):
         row = {"step": step, "key": key, "level": level, "message": message, "time": round(time.time(), 3)}
         self._append("events.jsonl", row)
 
+    # ------------------------------------------------------------------ resume
+    def _attach(self, trainer: Trainer) -> None:
+        """Once per trainer: add the checkpoint callback that carries this record's folder, and pick up a
+        checkpoint the trainer has just restored (its ``on_load_checkpoint`` never ran: it was not there yet)."""
+        if self._trainer_id == id(trainer):
+            return
+        self._trainer_id = id(trainer)
+        if not any(isinstance(cb, _RecordCheckpoint) and cb.record is self for cb in trainer.callbacks):
+            trainer.callbacks.append(_RecordCheckpoint(self))
+        connector = getattr(trainer, "_checkpoint_connector", None)
+        loaded = getattr(connector, "_loaded_checkpoint", None)  # kept until resume_end(), after log_graph
+        if isinstance(loaded, dict) and loaded:
+            self._resume_from(loaded, trainer.ckpt_path)
+
+    def _resume_from(self, checkpoint: Mapping[str, Any], ckpt_path: Any) -> None:
+        """Continue the record ``checkpoint`` names (if ``resume`` and it still exists)."""
+        info = checkpoint.get(CHECKPOINT_KEY)
+        if not self.resume or self._resume_checked or not isinstance(info, Mapping):
+            return
+        self._resume_checked = True
+        target = Path(str(info.get("run_dir")))
+        if not (target / "meta.json").is_file():
+            self._resume_info = {"step": info.get("step"), "ckpt_path": str(ckpt_path), "missing_record": str(target)}
+            return
+        if self._meta is not None and self.run_dir.resolve() != target.resolve():
+            if not self._abandon_fresh_record():
+                return  # this process already logged into its own folder: keep it (meta names the checkpoint)
+        self._save_dir, self._name, self._version = target.parent.parent, target.parent.name, target.name
+        self._resume_info = {"step": info.get("step"), "ckpt_path": str(ckpt_path)}
+        if self._meta is not None:  # the same folder, already open in this process: just mark the resume
+            self._meta = None
+            self._start()
+
+    def _abandon_fresh_record(self) -> bool:
+        """Remove the folder this process started before it learned it resumes, if it holds no logged data yet."""
+        run_dir = self.run_dir
+        if any((run_dir / name).exists() for name in ("metrics.jsonl", "events.jsonl", "media")):
+            return False
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        for name in ("meta.json", "hparams.json", "config.yaml", "thresholds.json"):
+            (run_dir / name).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
+        self._meta = None
+        return True
+
     # ------------------------------------------------------------------ files
     def _start(self) -> None:
         if self._meta is not None:
@@ -262,21 +419,58 @@ class RunRecordLogger(Logger):
         run_dir.mkdir(parents=True, exist_ok=True)
         from entrotrain import __version__ as entrotrain_version  # local: entrotrain/__init__ imports this package
 
-        recipe = self.recipe
-        self._meta = {
-            "format": RECORD_FORMAT,
+        now = time.time()
+        writer = {
             "status": "running",
-            "name": self.run_name or (Path(recipe).stem if recipe else self.version),
-            "recipe": recipe,
+            "reason": None,
             "argv": list(sys.argv),
-            "start_time": time.time(),
             "end_time": None,
+            "last_write": now,
             "pid": os.getpid(),
+            "pid_start": process_start_time(os.getpid()),
             "host": socket.gethostname(),
             "entrotrain_version": entrotrain_version,
-            "description": _recipe_description(recipe),
         }
+        previous = self._read_previous_meta(run_dir) if self._resume_info else None
+        if previous is not None:
+            resumes = list(previous.get("resumes") or [])
+            resumes.append({"time": now, "step": self._resume_info.get("step"), "ckpt_path": self._resume_info.get("ckpt_path")})
+            self._meta = {**previous, **writer, "resumes": resumes}
+            old = run_dir / "hparams.json"
+            if old.is_file():
+                self._hparams = {**json.loads(old.read_text()), **self._hparams}
+        else:
+            recipe = self.recipe
+            self._meta = {
+                "format": RECORD_FORMAT,
+                "name": self.run_name or (Path(recipe).stem if recipe else self.version),
+                "recipe": recipe,
+                "start_time": now,
+                **writer,
+                "description": _recipe_description(recipe),
+            }
+            if self._resume_info:  # resumed from a checkpoint whose record is gone: say so
+                self._meta["resumed_from"] = self._resume_info
+        self._last_heartbeat = now
         self._write_json("meta.json", self._meta)
+        if previous is not None:
+            marker = {"resume": {"step": self._resume_info.get("step"), "time": round(now, 3)}}
+            for name in ("metrics.jsonl", "events.jsonl", "media/index.jsonl"):
+                if (run_dir / name).is_file():
+                    self._append(name, marker)
+        self._resume_info = None
+        if self._config_text is not None:
+            (run_dir / "config.yaml").write_text(self._config_text)
+        if self._hparams:
+            self._write_hparams()
+
+    @staticmethod
+    def _read_previous_meta(run_dir: Path) -> dict[str, Any] | None:
+        try:
+            meta = json.loads((run_dir / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return meta if isinstance(meta, dict) and meta.get("format") == RECORD_FORMAT else None
 
     def set_meta(self, **fields: Any) -> None:
         """Add fields to ``meta.json`` (e.g. ``wandb_dir``); rank zero only."""
@@ -287,20 +481,40 @@ class RunRecordLogger(Logger):
         self._meta.update(_json_safe(fields))
         self._write_json("meta.json", self._meta)
 
+    def _write_hparams(self) -> None:
+        if self._config_text is not None:
+            (self.run_dir / "config.yaml").write_text(self._config_text)
+        self._write_json("hparams.json", self._hparams)
+
     def _write_json(self, name: str, data: Any) -> None:
         path = self.run_dir / name
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-        os.replace(tmp, path)  # a reader never sees half a file
+        os.replace(tmp, path)  # a reader never sees half a file, a kill never leaves one
 
-    def _append(self, name: str, row: Mapping[str, Any]) -> None:
+    def _heartbeat(self, force: bool = False) -> None:
+        """Rewrite ``meta["last_write"]`` at most every ``HEARTBEAT_S`` seconds (readers tell a stalled run by it)."""
+        now = time.time()
+        if self._meta is None or (not force and now - self._last_heartbeat < HEARTBEAT_S):
+            return
+        self._last_heartbeat = self._meta["last_write"] = now
+        self._write_json("meta.json", self._meta)
+
+    def _handle(self, name: str, binary: bool = False) -> Any:
         handle = self._files.get(name)
         if handle is None or handle.closed:
             path = self.run_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self._files[name] = path.open("a", encoding="utf-8")
+            handle = self._files[name] = path.open("ab") if binary else path.open("a", encoding="utf-8")
+            if not binary and _ends_inside_a_line(path):  # a killed writer's torn line: end it, keep ours whole
+                handle.write("\n")
+        return handle
+
+    def _append(self, name: str, row: Mapping[str, Any]) -> None:
+        handle = self._handle(name)
         handle.write(json.dumps(row, allow_nan=False) + "\n")
         handle.flush()
+        self._heartbeat()
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for spawn-based DDP: open files do not travel
         state = self.__dict__.copy()
@@ -308,12 +522,42 @@ class RunRecordLogger(Logger):
         return state
 
 
+def _ends_inside_a_line(path: Path) -> bool:
+    """Whether the file at ``path`` is non-empty and does not end with a newline."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
+
+
+def _final_state(status: str, exc: BaseException | None) -> tuple[str, str | None]:
+    """``(status, reason)`` for ``meta.json`` from Lightning's finalize status and the exception being handled."""
+    if status == "success":
+        return "finished", None
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", "KeyboardInterrupt (Ctrl+C)"
+    if exc is not None and type(exc).__name__ == "SIGTERMException":
+        return "interrupted", "SIGTERM"
+    if exc is None:
+        return "failed", None
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return "failed", text if len(text) <= 500 else text[:499] + "…"
+
+
 # ---------------------------------------------------------------------- one-line helpers for callbacks
 def find_run_record(trainer: Trainer) -> RunRecordLogger | None:
     """The :class:`RunRecordLogger` among ``trainer.loggers`` on global rank zero, else ``None``."""
     if not trainer.is_global_zero:
         return None
-    return next((lg for lg in trainer.loggers if isinstance(lg, RunRecordLogger)), None)
+    record = next((lg for lg in trainer.loggers if isinstance(lg, RunRecordLogger)), None)
+    if record is not None:
+        record._attach(trainer)
+    return record
 
 
 def _current_step(trainer: Trainer) -> int:

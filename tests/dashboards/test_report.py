@@ -125,7 +125,10 @@ def test_in_progress_run_is_reported_with_a_warning(make_attention_run, tmp_path
     meta = json.loads((run_dir / "meta.json").read_text())
     meta["pid"] = 2**22 + 12345  # no such process: the run was killed
     (run_dir / "meta.json").write_text(json.dumps(meta))
-    assert "never finished" in load_run(run_dir).warnings[0]
+    killed = load_run(run_dir)  # one wording everywhere (it said "never finished" here and "running" in the table)
+    assert killed.status == "killed" and "stopped without finishing" in killed.warnings[0]
+    html = build_report([run_dir]).read_text()
+    assert "still in progress" not in html and ">killed (no update since " in html
 
 
 def test_errors_name_the_problem(make_attention_run, tmp_path):

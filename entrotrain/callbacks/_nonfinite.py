@@ -33,6 +33,8 @@ def finite_rows(rows: Tensor, *aligned: Tensor) -> tuple[Tensor, tuple[Tensor, .
     Returns ``(kept_rows, kept_aligned, dropped)``: ``aligned`` tensors ``(n, ...)`` (e.g. the batch index of each
     row) are cut the same way; ``dropped`` is a 0-dim int64 tensor on ``rows``' device (no host sync for the count).
     Boolean indexing needs the number of kept rows, so this syncs once; monitors call it on logging steps only.
+    (:func:`entrotrain.functional.representation.finite_rows` does the same for one matrix; monitors need the
+    aligned batch indices cut with it, and the count kept on the device until the logging step's reduction.)
     """
     keep = torch.isfinite(rows).all(dim=-1) if rows.dim() > 1 else torch.isfinite(rows)
     dropped = (~keep).sum()

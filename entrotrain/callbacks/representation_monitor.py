@@ -479,11 +479,13 @@ class RepresentationEntropyMonitor(Callback):
 
     # ------------------------------------------------------------------ compute and log
     def _measure(self, name: str, measure: str, layer: _Layer, x: Tensor | None, y: Tensor | None) -> float | None:
-        """The measure's value, or ``None`` when it cannot be computed at this step (too few finite rows, or a
-        spectrum the eigensolver cannot handle: warned once, never raised from the callback)."""
+        """The measure's value, or ``None`` when it cannot be computed at this step: too few finite rows, or
+        degenerate data the measure refuses (all-zero activations of a dead layer, a spectrum the eigensolver cannot
+        handle). Warned once per layer and measure, never raised from the callback: the arguments were validated in
+        ``__init__``, so what fails here is the data."""
         try:
             value = self._compute(measure, layer, x, y)
-        except torch.linalg.LinAlgError as e:
+        except (torch.linalg.LinAlgError, EntrotrainError) as e:
             self._nonfinite.warn_once(
                 f"linalg:{name}:{measure}",
                 f"RepresentationEntropyMonitor: {measure} of {name!r} could not be computed ({e}); it is published "
@@ -574,7 +576,7 @@ class RepresentationEntropyMonitor(Callback):
                 if self.log_spectrum and float(layer.raw.count) >= 2:
                     try:
                         self.spectra[name] = layer.raw.spectrum(centered=True).cpu()
-                    except torch.linalg.LinAlgError:
+                    except (torch.linalg.LinAlgError, EntrotrainError):
                         pass  # no spectrum chart this step; the measures say why (warned once)
         metrics = {k: v for k, v in metrics.items() if is_finite_number(v)}  # never NaN into history
         self.layers = {}  # free the d×d statistics until the next logging step

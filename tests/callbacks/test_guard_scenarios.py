@@ -65,11 +65,13 @@ class Lin(L.LightningModule):
         (x,) = batch
         return self.layer(x).pow(2).mean()
 
-    def validation_step(self, batch, batch_idx):
-        pass
-
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class LinVal(Lin):
+    def validation_step(self, batch, batch_idx):
+        pass
 
 
 def loader(n: int = 64) -> torch.utils.data.DataLoader:
@@ -85,7 +87,7 @@ def fit(guard, script, max_steps, *, guard_first=False, trainer_kwargs=None, mod
     kwargs.update(trainer_kwargs or {})
     trainer = quiet_trainer(**kwargs)
     val = loader(4) if "val_check_interval" in kwargs else None
-    trainer.fit(model or Lin(), loader(), val, ckpt_path=ckpt_path)
+    trainer.fit(model or (Lin() if val is None else LinVal()), loader(), val, ckpt_path=ckpt_path)
     return trainer, spy
 
 
@@ -260,7 +262,7 @@ def test_old_checkpoint_state_loads_with_defaults():
 
 
 # ---------------------------------------------------------------- self.log-ed keys
-class Logged(Lin):
+class Logged(LinVal):
     """Logs ``values[global_step]`` as ``watched`` in training, and ``val_watched`` in validation."""
 
     def __init__(self, values, val_values=()):

@@ -282,3 +282,197 @@ def test_bad_arguments():
     logp, old, adv, mask = _batch()
     with pytest.raises(EntrotrainError, match="advantages"):
         PPOClipLoss()(logp, old, adv[:, :3], mask)
+
+
+# ------------------------------------------------------------------------------------- trust under failure
+
+_AGGS = list(AGG_MODES)
+
+
+def _loss(name: str, mode: str, agg: str = "token-mean"):
+    """Every policy loss (and a composition) in ``mode``: 'micro_batch' (local) or 'global' (global denominators)."""
+    glob = mode == "global"
+    ratio = 0.3  # large enough that a small batch selects tokens
+    builds = {
+        "ppo": lambda: PPOClipLoss(agg=agg, dual_clip=3.0, global_agg=glob),
+        "clip_cov": lambda: ClipCovLoss(ratio, cov_lb=-10.0, cov_ub=10.0, agg=agg, mode=mode, seed=0),
+        "kl_cov": lambda: KLCovLoss(ratio, agg=agg, mode=mode),
+        "steer": lambda: SteerLoss(agg=agg, global_agg=glob),
+        "bonus": lambda: EntropyBonus(0.1, agg=agg, global_agg=glob),
+        "sum": lambda: PPOClipLoss(agg=agg, global_agg=glob) + KLCovLoss(ratio, agg=agg, mode=mode)
+        + EntropyBonus(0.1, agg=agg, global_agg=glob),
+    }
+    return builds[name]()
+
+
+_NAMES = ["ppo", "clip_cov", "kl_cov", "steer", "bonus", "sum"]
+
+
+def _call(fn, logp, old, adv, mask, entropy):
+    return fn(logp, old, adv, mask, entropy=entropy)
+
+
+@pytest.mark.parametrize("shape", [(6, 24), (0, 24), (6, 0), (0, 0)])
+@pytest.mark.parametrize("mode", ["micro_batch", "global"])
+@pytest.mark.parametrize("name", _NAMES)
+def test_empty_or_all_masked_batch_gives_zero_loss_zero_grad_finite_metrics(name, mode, shape):
+    b, t = shape
+    logp, old, adv, _ = _batch(b=max(b, 1), t=max(t, 3))
+    logp, old, adv = logp[:b, :t].clone(), old[:b, :t].clone(), adv[:b, :t].clone()
+    logp.requires_grad_()
+    entropy = torch.rand(b, t).requires_grad_()
+    for agg in _AGGS:
+        out = _call(_loss(name, mode, agg), logp, old, adv, torch.zeros(b, t, dtype=torch.bool), entropy)
+        assert float(out.loss.detach()) == 0.0, (agg, out.loss)
+        grads = torch.autograd.grad(out.loss, [logp, entropy], allow_unused=True)
+        for g in grads:
+            assert g is None or torch.equal(g, torch.zeros_like(g)), agg
+        bad = {k: v for k, v in out.metrics.items() if not torch.isfinite(v).all()}
+        assert not bad, (agg, bad)
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "global"])
+@pytest.mark.parametrize("name", _NAMES)
+def test_nonfinite_garbage_in_masked_positions_never_leaks(name, mode):
+    logp, old, adv, mask = _batch(seed=3, float_mask=False)
+    entropy = torch.rand_like(logp) * 2
+    clean = [torch.where(mask, x, torch.zeros_like(x)) for x in (logp, old, adv, entropy)]
+    dirty = [x.clone() for x in clean]
+    for x, fill in zip(dirty, (float("nan"), float("inf"), float("-inf"), float("nan"))):
+        x[~mask] = fill
+    results = []
+    for lp, ol, ad, en in (clean, dirty):
+        lp, en = lp.clone().requires_grad_(), en.clone().requires_grad_()
+        torch.manual_seed(0)
+        out = _call(_loss(name, mode), lp, ol, ad, mask, en)
+        out.loss.backward()
+        results.append((out, lp.grad, en.grad))
+    (ref, g_ref, e_ref), (got, g_got, e_got) = results
+    assert torch.isfinite(ref.loss) and torch.equal(got.loss, ref.loss)
+    assert (g_ref is None and g_got is None) or (torch.isfinite(g_got).all() and torch.equal(g_got, g_ref))
+    assert e_ref is None or torch.equal(e_got, e_ref)
+    assert set(got.metrics) == set(ref.metrics)
+    for key in ref.metrics:
+        assert torch.equal(got.metrics[key], ref.metrics[key]), key
+
+
+@pytest.mark.parametrize("agg", _AGGS)
+def test_micro_batch_with_masked_garbage_equals_verl_on_zeroed_input(agg):
+    logp, old, adv, mask = _batch(seed=5)
+    expected = verl.compute_policy_loss_kl_cov(old, logp, adv, mask, agg, kl_cov_ratio=0.1)[0]
+    old_bad = old.clone()
+    old_bad[mask == 0] = float("nan")  # verl itself would give nan here in its seq-mean modes
+    got = KLCovLoss(0.1, agg=agg, mode="micro_batch")(logp, old_bad, adv, mask).loss
+    _same(got, expected)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    logp, old, adv, mask = _batch(seed=2)
+    for dtype in (torch.bfloat16, torch.float16):
+        lo, ol, ad = logp.to(dtype), old.to(dtype), adv.to(dtype)
+        got = PPOClipLoss(dual_clip=3.0)(lo, ol, ad, mask)
+        ref = PPOClipLoss(dual_clip=3.0)(lo.float(), ol.float(), ad.float(), mask)
+        assert got.loss.dtype == torch.float32 and torch.equal(got.loss, ref.loss)
+        # advantages far beyond fp16's range of a product still give a finite loss
+        big = PPOClipLoss()(lo, ol, torch.full_like(ad, 6e4), mask).loss
+        assert torch.isfinite(big)
+
+
+def test_integer_01_masks_are_accepted_and_other_masks_refused():
+    logp, old, adv, mask = _batch(seed=4, float_mask=False)
+    ref = PPOClipLoss()(logp, old, adv, mask).loss
+    _same(PPOClipLoss()(logp, old, adv, mask.long()).loss, ref)
+    _same(PPOClipLoss()(logp, old, adv, mask.to(torch.uint8)).loss, ref)
+    _same(PPOClipLoss()(logp, old, adv, mask.float()).loss, ref)
+    with pytest.raises(EntrotrainError, match="values other than 0 and 1"):
+        PPOClipLoss()(logp, old, adv, mask.long() * 2)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (lambda lp, ol, ad, m: (lp[0], ol[0], ad[0], m[0]), "logprobs must have 2 dims"),
+        (lambda lp, ol, ad, m: (lp, ol[:, :-1], ad, m), "old_logprobs must have shape"),
+        (lambda lp, ol, ad, m: (lp, ol, ad[:-1, 0], m), "advantages must have shape"),
+        (lambda lp, ol, ad, m: (lp, ol, ad[:, :-1], m), "advantages must have shape"),
+        (lambda lp, ol, ad, m: (lp, ol, ad, m[:, :-1]), "mask must have shape"),
+        (lambda lp, ol, ad, m: (lp, ol, ad, m.T), "mask must have shape"),
+        (lambda lp, ol, ad, m: ((lp * 100).long(), ol, ad, m), "logprobs must be a floating"),
+        (lambda lp, ol, ad, m: (lp, ol.long(), ad, m), "old_logprobs must be a floating"),
+        (lambda lp, ol, ad, m: (lp, ol, ad.long(), m), "advantages must be a floating"),
+        (lambda lp, ol, ad, m: (lp, ol, ad, m.to(torch.complex64)), "mask must be boolean"),
+        (lambda lp, ol, ad, m: (lp.numpy(), ol, ad, m), "logprobs must be a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("name", _NAMES)
+def test_bad_inputs_raise_entrotrain_error(name, args, match):
+    logp, old, adv, mask = _batch(b=5, t=7, float_mask=False)
+    lp, ol, ad, m = args(logp, old, adv, mask)
+    entropy = torch.rand(lp.shape) if isinstance(lp, torch.Tensor) else torch.rand(5, 7)
+    if name == "bonus" and not match.startswith("mask"):
+        return  # the bonus reads only entropy and mask
+    with pytest.raises(EntrotrainError, match=match):
+        _call(_loss(name, "micro_batch"), lp, ol, ad, m, entropy)
+
+
+def test_entropy_argument_is_validated():
+    logp, old, adv, mask = _batch(b=5, t=7)
+    with pytest.raises(EntrotrainError, match="entropy="):
+        SteerLoss()(logp, old, adv, mask)
+    with pytest.raises(EntrotrainError, match="entropy must have shape"):
+        SteerLoss()(logp, old, adv, mask, entropy=torch.rand(5, 6))
+    with pytest.raises(EntrotrainError, match="entropy must be a floating"):
+        EntropyBonus(0.1)(entropy=torch.ones(5, 7, dtype=torch.long), mask=mask)
+    with pytest.raises(EntrotrainError, match="mask="):
+        EntropyBonus(0.1)(entropy=torch.rand(5, 7))
+    with pytest.raises(EntrotrainError, match="step"):
+        EntropyBonus(0.1, target=0.5)(entropy=torch.rand(5, 7), mask=mask, step=-1)
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: PPOClipLoss(clip_low=_NAN), "clip_low"),
+        (lambda: PPOClipLoss(clip_low=-0.1), "clip_low"),
+        (lambda: PPOClipLoss(clip_low=1.5), "clip_low"),
+        (lambda: PPOClipLoss(clip_high=_INF), "clip_high"),
+        (lambda: PPOClipLoss(dual_clip=_NAN), "dual_clip"),
+        (lambda: PPOClipLoss(dual_clip=1.0), "dual_clip"),
+        (lambda: PPOClipLoss(agg="mean"), "agg"),
+        (lambda: PPOClipLoss(log_ratio_clamp=0.0), "log_ratio_clamp"),
+        (lambda: PPOClipLoss(global_agg="yes"), "global_agg"),
+        (lambda: ClipCovLoss(clip_ratio=0.0), "clip_ratio"),
+        (lambda: ClipCovLoss(clip_ratio=_NAN), "clip_ratio"),
+        (lambda: ClipCovLoss(cov_lb=5.0, cov_ub=5.0), "cov_lb must be < cov_ub"),
+        (lambda: ClipCovLoss(cov_lb=_NAN), "cov_lb"),
+        (lambda: ClipCovLoss(cov_ub=_INF), "cov_ub"),
+        (lambda: ClipCovLoss(seed=1.5), "seed"),
+        (lambda: ClipCovLoss(min_selected=-1), "min_selected"),
+        (lambda: ClipCovLoss(min_selected=1.0), "min_selected"),
+        (lambda: ClipCovLoss(nonzero_adv_only=1), "nonzero_adv_only"),
+        (lambda: ClipCovLoss(clip_low=_NAN), "clip_low"),
+        (lambda: KLCovLoss(k_ratio=_INF), "k_ratio"),
+        (lambda: KLCovLoss(k_ratio=-2e-4), "k_ratio"),
+        (lambda: KLCovLoss(kl_coef=_NAN), "kl_coef"),
+        (lambda: KLCovLoss(kl_coef=-1.0), "kl_coef"),
+        (lambda: KLCovLoss(mode="globl"), "mode"),
+        (lambda: SteerLoss(w_min=0.0), "w_min"),
+        (lambda: SteerLoss(w_min=1.2, w_max=1.0), "w_min"),
+        (lambda: SteerLoss(w_max=_NAN), "w_max"),
+        (lambda: SteerLoss(linear="no"), "linear"),
+        (lambda: SteerLoss(dual_clip=0.5), "dual_clip"),
+        (lambda: EntropyBonus(coef=-0.1), "coef"),
+        (lambda: EntropyBonus(coef=_NAN), "coef"),
+        (lambda: EntropyBonus(target=_NAN), "target"),
+        (lambda: EntropyBonus(target=-1.0), "target"),
+        (lambda: EntropyBonus(delta=_INF), "delta"),
+        (lambda: EntropyBonus(coef_min=0.5, coef_max=0.1), "coef_max"),
+        (lambda: EntropyBonus(agg="sum"), "agg"),
+    ],
+)
+def test_bad_constructor_arguments_raise(build, match):
+    with pytest.raises(EntrotrainError, match=match):
+        build()

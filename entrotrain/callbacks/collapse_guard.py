@@ -6,7 +6,8 @@ Watches one key. What counts as an *observation* (one judgement of the key) depe
   the trainer's ledger): one observation per *logging step at which the key was published* — a ledger entry whose
   step is newer than the last one observed. A value that stays the same (a head stuck at 0) is a new observation at
   each publication; the same publication is never counted twice, whichever order the callbacks run in. The guard
-  looks at the ledger at every training batch start and end and at validation end.
+  looks at the ledger at every training batch start and end, at validation end and at train end (so a monitor that
+  runs after the guard is judged at the next batch start, at the step it published).
 - **Logged with** ``self.log`` **in a LightningModule** (not in the ledger): Lightning cannot tell a fresh value from the
   last one it kept, so the guard reads ``trainer.callback_metrics`` once per *Lightning logging step* (every
   ``log_every_n_steps`` optimizer steps, when the loggers write, at the last micro-batch of an accumulation window)
@@ -25,8 +26,8 @@ Two more kinds of bad observation, when ``on_nonfinite`` (default: on, except fo
   extends nor breaks a streak) and warned about once.
 - **stale**: a ledger key not published for more than ``stale_after`` optimizer steps (default: 3 × the interval
   between its last two publications; off until two publications are seen) — its monitor stopped, or the key
-  disappeared. Warned about once per silence; with ``on_nonfinite`` each further ``stale_after`` steps of silence
-  is one bad observation. The last value is never re-used as if it were current.
+  disappeared. Warned about once per silence; with ``on_nonfinite`` it is a bad observation, and so is each
+  further stale limit of silence. The last value is never re-used as if it were current.
 
 The guard does not read the training loss: that costs a device sync every step. A model gone NaN reaches the
 monitors' statistics (published as NaN) at their next logging step; watch a ``self.log``-ed loss with a second guard
@@ -236,6 +237,9 @@ class EntropyCollapseGuard(Callback):
             self._poll_logged(trainer)
         self._check_missing(trainer)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._poll_ledger(trainer)  # a publication at the last step by a callback that runs after the guard
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
@@ -362,12 +366,12 @@ class EntropyCollapseGuard(Callback):
             message += " Stopping training."
             trainer.should_stop = True
         elif self.action == "reduce_lr":
-            lowered = self._reduce_lr(trainer)
-            message += (
-                f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
-                if lowered
-                else f" Learning rates already at min_lr={self.min_lr}; left as they are."
-            )
+            if self._reduce_lr(trainer):
+                message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
+            elif any(opt.param_groups for opt in trainer.optimizers):
+                message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
+            else:
+                message += " No optimizer learning rate to lower (none configured)."
         rank_zero_warn(message)
         self._record(trainer, message, step)
         if self.action == "alert":

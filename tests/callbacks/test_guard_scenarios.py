@@ -112,6 +112,13 @@ def test_stuck_value_fires_at_the_patience_th_publication_once(guard_first):
     assert guard.bad_streak == 10
 
 
+def test_publication_at_the_last_step_is_judged_when_the_guard_runs_first():
+    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    with pytest.warns(UserWarning, match="at step 2"):
+        _, spy = fit(guard, Script([0.9, 0.9, 0.0]), max_steps=3, guard_first=True)
+    assert alert_steps(spy) == [2]
+
+
 def test_collapse_fraction_stuck_high_fires_in_max_mode():
     key = "entropy/attn/collapse_frac"
     guard = EntropyCollapseGuard(key, threshold=0.5, mode="max", patience=3)

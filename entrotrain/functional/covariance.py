@@ -181,9 +181,13 @@ class CovarianceAccumulator:
         return _eigvalsh(self.sum_outer, "Σxxᵀ").flip(0).clamp_min(0.0).sqrt()
 
     def effective_rank(self) -> Tensor:
-        """Roy & Vetterli effective rank of the stacked rows (p ∝ σ), from ``Σxxᵀ`` (see the module doc)."""
+        """Roy & Vetterli effective rank of the stacked rows (p ∝ σ), from ``Σxxᵀ`` (see the module doc).
+
+        Needs 2 rows, as :func:`~entrotrain.functional.representation.effective_rank` does."""
+        self._n(2)
         return torch.exp(spectral_entropy(self.singular_values(), 1.0))
 
     def rankme(self, *, eps: float = 1e-7) -> Tensor:
-        """RankMe (Garrido et al.) of the stacked raw rows, ``p = σ/‖σ‖₁ + ε``, from ``Σxxᵀ``."""
+        """RankMe (Garrido et al.) of the stacked raw rows, ``p = σ/‖σ‖₁ + ε``, from ``Σxxᵀ``; needs 2 rows."""
+        self._n(2)
         return torch.exp(spectral_entropy(self.singular_values(), 1.0, eps=eps))

@@ -276,7 +276,7 @@ def spectral_entropy(
             without ``normalize``: every exact and stochastic route refuses a zero operator the same way.
         q: Rényi order, ``>= 0`` or ``float('inf')``.
         base: logarithm base, finite, ``> 0`` and ``!= 1`` (``math.e`` → nats, ``2`` → bits).
-        eps: finite, ``>= 0``, added to every ``p_k`` after normalisation (RankMe uses 1e-7, DSE 2.2e-16).
+        eps: in ``[0, 1)``, added to every ``p_k`` after normalisation (RankMe uses 1e-7, DSE 2.2e-16).
         normalize: divide by ``Σλ`` first (the spectrum must then have a positive sum).
 
     Returns:
@@ -284,7 +284,7 @@ def spectral_entropy(
     """
     q = _check_order(q)
     base = _check_base(base)
-    eps = check_real(eps, "eps", low=0.0)
+    eps = check_real(eps, "eps", low=0.0, high=1.0, high_open=True)
     lam = _spectrum64(eigenvalues)
     p = lam / lam.amax(-1, keepdim=True)  # scale first: Σλ of huge spectra overflows, of tiny ones underflows
     p = p / p.sum(-1, keepdim=True) if normalize else lam
@@ -301,6 +301,12 @@ def spectral_entropy(
         top = p.amax(-1, keepdim=True)
         s = torch.where(pos, p / top, 0.0).pow(q).sum(-1)
         h = (q * torch.log(top.squeeze(-1)) + torch.log(s)) / (1.0 - q)
+    if not normalize and not bool(torch.isfinite(h).all()):  # a normalised spectrum's entropy is always finite
+        raise EntrotrainError(
+            f"the entropy of the unnormalised spectrum (normalize=False, largest eigenvalue {float(lam.max()):.3g}) "
+            "overflows float64; its eigenvalues are far from a distribution. Rescale the matrix (e.g. unit-norm "
+            "rows) or use normalize=True."
+        )
     return h / math.log(base)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from entrotrain._validation import check_choice, check_int
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps.name_filter import NameFilter
@@ -156,10 +157,12 @@ class ActivationTap:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"ActivationTap needs an nn.Module, got {type(model).__name__}.")
-        if layout not in ("auto", "channels_last", "channels_first"):
-            raise EntrotrainError(f"layout must be 'auto', 'channels_last' or 'channels_first', got {layout!r}.")
-        if isinstance(output_index, bool) or not isinstance(output_index, int):
-            raise EntrotrainError(f"output_index must be an int, got {output_index!r}.")
+        check_choice(layout, "layout", ("auto", "channels_last", "channels_first"))
+        check_int(output_index, "output_index")
+        if on_capture is not None and not callable(on_capture):
+            raise EntrotrainError(
+                f"on_capture must be None or a callable on_capture(name, capture), got {type(on_capture).__name__}."
+            )
         self.model = model
         self._names = NameFilter(include, exclude)
         self.include, self.exclude = self._names.include, self._names.exclude

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from entrotrain._validation import check_int, check_tensor
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["Reservoir"]
@@ -32,10 +33,8 @@ class Reservoir:
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise EntrotrainError(f"capacity must be a positive integer, got {capacity!r}.")
-        self.capacity = capacity
-        self.seed = seed
+        self.capacity = check_int(capacity, "capacity", low=1)
+        self.seed = check_int(seed, "seed")
         self.reset()
 
     def reset(self) -> None:
@@ -57,10 +56,13 @@ class Reservoir:
 
     def add(self, rows: Tensor, labels: Tensor | None = None) -> None:
         """Offer ``rows`` ``(m, d)`` (and ``labels`` ``(m,)``) to the reservoir; copies what it keeps."""
-        if rows.dim() != 2:
-            raise EntrotrainError(f"rows must be (m, d), got {tuple(rows.shape)}.")
-        if labels is not None and labels.shape[:1] != rows.shape[:1]:
-            raise EntrotrainError(f"labels must be ({rows.shape[0]},), got {tuple(labels.shape)}.")
+        check_tensor(rows, "rows", ndim=2, layout="(m, d)")
+        if labels is not None:
+            check_tensor(labels, "labels", ndim=1, layout="(m,)")
+            if labels.shape[0] != rows.shape[0]:
+                raise EntrotrainError(
+                    f"labels must be ({rows.shape[0]},), one per row of rows, got {tuple(labels.shape)}."
+                )
         if self._rows is None:
             self._rows = rows.new_empty(self.capacity, rows.shape[1])
             if labels is not None:

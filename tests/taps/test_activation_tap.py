@@ -212,3 +212,36 @@ def test_reservoir_errors():
         r.add(torch.randn(2, 5))
     with pytest.raises(EntrotrainError, match="labels"):
         r.add(torch.randn(2, 4), torch.arange(2))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Reservoir(True), "capacity"),
+        (lambda: Reservoir(4, seed="a"), "seed"),  # before: RuntimeError from manual_seed
+        (lambda: Reservoir(4, seed=1.5), "seed"),  # before: RuntimeError from manual_seed
+        (lambda: Reservoir(4).add([[1.0, 2.0]]), "rows"),  # before: AttributeError ('list' has no 'dim')
+        (lambda: Reservoir(4).add(torch.randn(3)), "rows"),
+        (lambda: Reservoir(4).add(torch.randn(2, 3), [0, 1]), "labels"),  # before: AttributeError
+        (lambda: Reservoir(4).add(torch.randn(2, 3), torch.zeros(2, 2)), "labels"),  # before: RuntimeError on copy
+    ],
+)
+def test_reservoir_refuses_bad_arguments_with_the_fix(make, match):
+    with pytest.raises(EntrotrainError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"on_capture": 3}, "on_capture"),  # before: accepted, then TypeError inside the forward hook
+        ({"output_index": True}, "output_index"),
+        ({"output_index": 1.0}, "output_index"),
+        ({"layout": "nchw"}, "layout"),
+        ({"max_rows": 0}, "max_rows"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+    ],
+)
+def test_activation_tap_refuses_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(EntrotrainError, match=match):
+        ActivationTap(Net(), **kwargs)

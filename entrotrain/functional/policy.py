@@ -222,18 +222,24 @@ def _check_labels(labels: Tensor, vocab_size: int, name: str = "labels") -> None
 # --------------------------------------------------------------------------------------------- aggregation
 
 
-def _denominator(value: Tensor | float | None, default: Tensor | float, name: str) -> Tensor | float:
-    """A loss denominator (``num_tokens`` / ``num_sequences`` / ``max_length``), 1 where it is 0 (empty input: the
-    numerator is 0 too, so the loss is 0 with zero gradient, as verl's masked mean). Python numbers are checked
-    (finite, >= 0); tensors are not read (no device sync) and keep their dtype: give a one-element tensor."""
-    value = default if value is None else value
+def _check_denominator(value: Tensor | float | None, name: str) -> Tensor | float | None:
+    """A loss denominator given by the caller: ``None``, a finite number >= 0, or a one-element tensor (not read:
+    no device sync; it keeps its dtype)."""
+    if value is None:
+        return None
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise EntrotrainError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}.")
-        value = value.reshape(())
-        return torch.where(value != 0, value, torch.ones((), dtype=value.dtype, device=value.device))
-    value = check_real(value, name, low=0.0)
-    return value if value != 0 else 1.0
+        return value.reshape(())
+    return check_real(value, name, low=0.0)
+
+
+def _nonzero(den: Tensor | float) -> Tensor | float:
+    """1 where the denominator is 0: the numerator is 0 too there (empty or all-masked input), so the loss is 0 with
+    zero gradient, as verl's masked mean gives."""
+    if isinstance(den, Tensor):
+        return torch.where(den != 0, den, torch.ones((), dtype=den.dtype, device=den.device))
+    return den if den != 0 else 1.0
 
 
 def aggregate_loss(
@@ -277,10 +283,13 @@ def aggregate_loss(
     check_tensor(values, "values", floating=True, ndim=2, layout="(B, T)")
     check_choice(mode, "mode", AGG_MODES)
     check_int(dp_size, "dp_size", low=1)
+    num_tokens = _check_denominator(num_tokens, "num_tokens")
+    num_sequences = _check_denominator(num_sequences, "num_sequences")
+    max_length = _check_denominator(max_length, "max_length")
     valid, m = _loss_mask(mask, values.shape, values.dtype)
     masked = torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device)) * m
     if mode == "token-mean":
-        den = _denominator(num_tokens, m.sum(), "num_tokens")
+        den = _nonzero(m.sum() if num_tokens is None else num_tokens)
         return masked.sum() / den * dp_size
     if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         seq = masked.sum(dim=-1)
@@ -288,9 +297,9 @@ def aggregate_loss(
         if mode == "seq-mean-token-mean":
             seq = seq / (counts + 1e-8)
         has = (counts > 0).to(values.dtype)
-        den = _denominator(num_sequences, has.sum(), "num_sequences")
+        den = _nonzero(has.sum() if num_sequences is None else num_sequences)
         return (seq * has).sum() / den * dp_size
-    length = _denominator(max_length, values.shape[-1], "max_length")
+    length = _nonzero(values.shape[-1] if max_length is None else max_length)
     return masked.sum(dim=-1).sum() / length * dp_size
 
 

@@ -99,7 +99,7 @@ def _head_means(sums: list[Tensor], counts: list[Tensor]) -> list[Tensor]:
 
 
 def _mean_of_site_means(per_site: list[Tensor]) -> Tensor:
-    """:math:`\frac{1}{L}\sum_\ell \frac{1}{H_\ell}\sum_h x_{\ell h}` over the sites with at least one head
+    r""":math:`\frac{1}{L}\sum_\ell \frac{1}{H_\ell}\sum_h x_{\ell h}` over the sites with at least one head
     (a site with 0 heads has nothing to average: skipped); 0, still attached to the graph, when no site has a head
     (never the NaN of an empty mean)."""
     kept = [x.mean() for x in per_site if x.numel() > 0]

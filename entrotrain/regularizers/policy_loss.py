@@ -679,7 +679,8 @@ class EntropyBonus(PolicyLoss):
     :math:`c \leftarrow \mathrm{clamp}(c + \delta\,\mathrm{sign}(H^* - H_w), c_{min}, c_{max})` (:math:`+\delta`
     when :math:`H_w \le H^*`), and the bonus is applied only while the last window's :math:`H_w \le H^*`
     (applied from the start, before any window). Typical RLVR targets are 0.2–1 nats, not TRL's "2–10".
-    The coefficient and controller state live in buffers: saved in ``state_dict``.
+    The coefficient and controller state live in buffers: saved in ``state_dict``. Non-finite entropy values are
+    left out of the window (a window with no finite value changes nothing).
 
     Call as ``bonus(entropy=H, mask=m)`` or with the common signature (composition: ``PPOClipLoss() +
     EntropyBonus(0.01)``). Metrics: ``policy/entropy``, ``policy/entropy_coef`` (the applied one),
@@ -741,9 +742,10 @@ class EntropyBonus(PolicyLoss):
         coef = self.coef * self.active if adaptive else self.coef
         loss = -coef.to(h_bar.dtype) * h_bar
         if adaptive and self.training:
-            with torch.no_grad():
+            with torch.no_grad():  # non-finite entropy is skipped: it would steer the coefficient by a NaN
+                seen = valid & torch.isfinite(entropy.detach())
                 self.window += torch.stack(
-                    [torch.where(valid, entropy.detach().double(), 0.0).sum(), valid.sum().double()]
+                    [torch.where(seen, entropy.detach().double(), 0.0).sum(), seen.sum().double()]
                 )
             if step is None:
                 self._close_window()

@@ -476,3 +476,17 @@ _NAN, _INF = float("nan"), float("inf")
 def test_bad_constructor_arguments_raise(build, match):
     with pytest.raises(EntrotrainError, match=match):
         build()
+
+
+def test_entropy_bonus_controller_skips_nonfinite_entropy():
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    low = torch.full((2, 4), 0.1)
+    dirty = low.clone()
+    dirty[0, 1] = float("nan")
+    clean_bonus, dirty_bonus = EntropyBonus(0.0, target=0.5, delta=0.01), EntropyBonus(0.0, target=0.5, delta=0.01)
+    for step in range(3):
+        clean_bonus(entropy=low[:, [0, 2, 3]], mask=mask[:, :3], step=step)
+        dirty_bonus(entropy=dirty, mask=mask, step=step)
+    # the NaN token is left out of the window: the controller moves as on the finite tokens (H = 0.1 < target)
+    assert torch.equal(dirty_bonus.coef, clean_bonus.coef) and bool(dirty_bonus.active)
+    assert float(dirty_bonus.coef) == pytest.approx(0.02)

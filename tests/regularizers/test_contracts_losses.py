@@ -227,3 +227,61 @@ def test_mismatched_shapes_and_dtypes_raise(name, mode, agg, bad, b, t):
         warnings.simplefilter("ignore")
         with pytest.raises(EntrotrainError):
             build(name, mode, agg)(logp, old, adv, mask, entropy=entropy)
+
+
+# ------------------------------------------------------------------------------------------- attention regularisers
+
+
+def _attention_regs(heads: int):
+    from entrotrain.regularizers import (
+        AttentionEntropyMaximization,
+        EntropyBandRegularizer,
+        EntropyFloorRegularizer,
+    )
+
+    regs = {
+        "aem": AttentionEntropyMaximization(1.0),
+        "aem_normalized": AttentionEntropyMaximization(1.0, normalized=True),
+        "floor": EntropyFloorRegularizer(1.0, floor=0.9),
+    }
+    if heads >= 1:
+        regs["band"] = EntropyBandRegularizer(1, heads, weight=1.0)
+        regs["band_paper"] = EntropyBandRegularizer(1, heads, preset="paper", weight=1.0)
+    return regs
+
+
+@settings(max_examples=60)
+@given(
+    b=st.integers(0, 2),
+    h=st.integers(0, 3),
+    n=st.integers(0, 4),
+    m=st.integers(0, 4),
+    mask_kind=st.sampled_from(("none", "random", "all_false", "causal", "one_key")),
+    dtype=st.sampled_from((torch.float32, torch.float64)),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_regularizers_are_finite_on_any_pattern(b, h, n, m, mask_kind, dtype, seed):
+    from entrotrain.functional.attention import attention_entropy_stats
+
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, h, n, 4, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    k = torch.randn(b, h, m, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    mask = None
+    if mask_kind == "random":
+        mask = torch.rand(b, h, n, m, generator=g) < 0.5
+    elif mask_kind == "all_false":
+        mask = torch.zeros(b, h, n, m, dtype=torch.bool)
+    elif mask_kind == "causal":
+        mask = torch.ones(n, m, dtype=torch.bool).tril().expand(b, h, n, m)
+    elif mask_kind == "one_key":
+        mask = torch.zeros(b, h, n, m, dtype=torch.bool)
+        mask[..., :1] = True
+    for name, reg in _attention_regs(h).items():
+        records = [("l0", attention_entropy_stats(q, k, attn_mask=mask, path="materialized"))]
+        total = reg(records).total
+        assert torch.isfinite(total), (name, total)
+        leaves = [x for x in (q, k, *reg.parameters()) if x.requires_grad]
+        for grad in torch.autograd.grad(total, leaves, allow_unused=True):
+            assert grad is None or bool(torch.isfinite(grad).all()), name
+        if not bool((records[0][1].n_keys >= 2).any()):  # no query with a defined entropy: nothing to penalise
+            assert float(total.detach()) == 0.0, (name, total)

@@ -46,6 +46,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
@@ -152,9 +153,10 @@ class AttentionEntropyMonitor(Callback):
         prefix: str = "entropy/",
         print_summary: bool = True,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise EntrotrainError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
-        if not 0.0 <= collapse_threshold <= overload_threshold <= 1.0:
+        check_int(every_n_steps, "every_n_steps", low=1)
+        check_real(collapse_threshold, "collapse_threshold", low=0.0, high=1.0)  # NaN/Inf refused too
+        check_real(overload_threshold, "overload_threshold", low=0.0, high=1.0)
+        if not collapse_threshold <= overload_threshold:
             raise EntrotrainError(
                 "need 0 <= collapse_threshold <= overload_threshold <= 1 (normalised entropy), got "
                 f"{collapse_threshold} and {overload_threshold}."
@@ -184,8 +186,7 @@ class AttentionEntropyMonitor(Callback):
         self._nonfinite = NonFiniteCounter("AttentionEntropyMonitor", f"{prefix}attn/nonfinite")
         check_budget(max_rows, "max_rows")  # validate now, not at the first logging step
         check_budget(max_queries, "max_queries")
-        if path not in ("auto", "fused", "chunked", "materialized"):
-            raise EntrotrainError(f"path must be 'auto', 'fused', 'chunked' or 'materialized', got {path!r}.")
+        check_choice(path, "path", ("auto", "fused", "chunked", "materialized"))
 
     @property
     def state_key(self) -> str:

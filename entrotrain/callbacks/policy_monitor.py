@@ -63,6 +63,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
@@ -117,7 +118,20 @@ def policy_entropy_summary(
     Returns:
         ``mean``, ``p10``, ``p50``, ``p90``, ``top{q}_mean``, ``seq_mean``, ``tokens``, ``nonfinite``, ``cov_mean``,
         ``cov_pos_frac``, ``cov_top{k}_share`` (NaN-free; entropy keys absent when no token is valid and finite).
+        Tokens with a NaN/Inf entropy, log-prob or advantage are counted in ``nonfinite`` and left out.
+
+    Raises:
+        EntrotrainError: a tensor of the wrong kind or shape, an unknown ``agg``, a fraction outside ``(0, 1]``.
     """
+    check_tensor(entropy, "entropy", floating=True, ndim=2, layout="(batch, tokens)")
+    shape = tuple(entropy.shape)
+    check_shape(check_tensor(logprobs, "logprobs", floating=True), shape, "logprobs", like="the entropy")
+    check_shape(check_tensor(mask, "mask"), shape, "mask", like="the entropy")
+    check_tensor(advantages, "advantages", floating=True, ndim=(1, 2))
+    check_shape(advantages, shape[: advantages.dim()], "advantages", like="(B,) or (B, T) of the entropy")
+    check_choice(agg, "agg", AGG_MODES)
+    check_real(top_fraction, "top_fraction", low=0.0, low_open=True, high=1.0)
+    check_real(cov_top_fraction, "cov_top_fraction", low=0.0, low_open=True, high=1.0)
     mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(entropy)
@@ -192,15 +206,11 @@ class PolicyEntropyMonitor(Callback):
         prefix: str = "entropy/policy/",
         print_summary: bool = True,
     ) -> None:
-        if isinstance(every_n_batches, bool) or not isinstance(every_n_batches, int) or every_n_batches < 1:
-            raise EntrotrainError(f"every_n_batches must be a positive integer, got {every_n_batches!r}.")
-        if agg not in AGG_MODES:
-            raise EntrotrainError(f"agg must be one of {AGG_MODES}, got {agg!r}.")
-        for name, value in (("top_fraction", top_fraction), ("cov_top_fraction", cov_top_fraction)):
-            if not 0.0 < value <= 1.0:
-                raise EntrotrainError(f"{name} is a fraction in (0, 1], got {value!r}.")
-        if fit_min_points < 2:
-            raise EntrotrainError(f"fit_min_points must be at least 2 (a line needs two points), got {fit_min_points}.")
+        check_int(every_n_batches, "every_n_batches", low=1)
+        check_choice(agg, "agg", AGG_MODES)
+        check_real(top_fraction, "top_fraction", low=0.0, low_open=True, high=1.0)
+        check_real(cov_top_fraction, "cov_top_fraction", low=0.0, low_open=True, high=1.0)
+        check_int(fit_min_points, "fit_min_points (a line needs two points)", low=2)
         unknown = set(keys or {}) - set(_DEFAULT_KEYS)
         if unknown:
             raise EntrotrainError(f"unknown keys {sorted(unknown)}: the logical names are {sorted(_DEFAULT_KEYS)}.")

@@ -60,6 +60,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, finite_rows, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
@@ -159,10 +160,8 @@ class RepresentationEntropyMonitor(Callback):
         prefix: str = "entropy/repr",
         print_summary: bool = True,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise EntrotrainError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
-        if stage not in ("train", "validation"):
-            raise EntrotrainError(f"stage must be 'train' or 'validation', got {stage!r}.")
+        check_int(every_n_steps, "every_n_steps", low=1)
+        check_choice(stage, "stage", ("train", "validation"))
         measures = list(measures)
         known = sorted(REPRESENTATION_MEASURES) + list(_EXTRA_MEASURES)
         unknown = [m for m in measures if m not in known]
@@ -177,16 +176,12 @@ class RepresentationEntropyMonitor(Callback):
         check_budget(max_tokens, "max_tokens")
         check_budget(probe_batches, "probe_batches")
         check_budget(dsmi_repetitions, "dsmi_repetitions")
-        if not (isinstance(dse_sigma, (int, float)) and dse_sigma > 0):
-            raise EntrotrainError(f"dse_sigma must be > 0, got {dse_sigma!r}.")
-        if isinstance(dse_t, bool) or not isinstance(dse_t, int) or dse_t < 1:
-            raise EntrotrainError(f"dse_t must be a positive integer (diffusion steps), got {dse_t!r}.")
-        if not (isinstance(vendi_q, (int, float)) and vendi_q >= 0):
-            raise EntrotrainError(f"vendi_q must be >= 0, got {vendi_q!r}.")
-        if vendi_kernel not in ("cosine", "linear", "rbf"):
-            raise EntrotrainError(f"vendi_kernel must be 'cosine', 'linear' or 'rbf', got {vendi_kernel!r}.")
-        if not 0 <= rankme_eps < 1:
-            raise EntrotrainError(f"rankme_eps must be in [0, 1), got {rankme_eps!r}.")
+        check_real(dse_sigma, "dse_sigma", low=0.0, low_open=True)  # finite: an Inf width is refused
+        check_int(dse_t, "dse_t", low=1)
+        if isinstance(vendi_q, bool) or not isinstance(vendi_q, (int, float)) or not vendi_q >= 0:  # q = inf is valid
+            raise EntrotrainError(f"vendi_q must be a number >= 0 (inf = min-entropy order), got {vendi_q!r}.")
+        check_choice(vendi_kernel, "vendi_kernel", ("cosine", "linear", "rbf"))
+        check_real(rankme_eps, "rankme_eps", low=0.0, high=1.0, high_open=True)
         if "dsmi" in measures and label_index is None:
             raise EntrotrainError("measure 'dsmi' needs labels: set label_index to where the batch holds them.")
         self.include = list(include) if include is not None else ["*"]

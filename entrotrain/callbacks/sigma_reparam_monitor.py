@@ -115,8 +115,7 @@ class SigmaReparamMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 50, log_qk_norm: bool = True, prefix: str = "sigma_reparam/") -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise EntrotrainError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        check_int(every_n_steps, "every_n_steps", low=1)
         if not isinstance(log_qk_norm, bool):
             raise EntrotrainError(f"log_qk_norm must be a bool, got {log_qk_norm!r}.")
         if not isinstance(prefix, str):

@@ -16,6 +16,7 @@ from entrotrain.callbacks import (
     PolicyEntropyMonitor,
     RepresentationEntropyMonitor,
     SigmaReparamMonitor,
+    policy_entropy_summary,
 )
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, finite_rows
 from entrotrain.callbacks.sigma_reparam_monitor import qk_spectral_norms
@@ -280,3 +281,40 @@ def test_representation_monitor_on_a_dead_layer_publishes_nan_and_never_raises()
         assert math.isfinite(monitor.last_logged[f"entropy/repr/tokens/{measure}"])  # the live layer is unaffected
     assert monitor.last_logged["entropy/repr/encoder/nonfinite"] == 0  # zeros are finite data, not NaN
     assert no_nan_sent(spy)
+
+
+# ------------------------------------------------------------------------------------------ non-finite parameters
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: AttentionEntropyMonitor(collapse_threshold=float("nan")), "collapse_threshold"),
+        (lambda: AttentionEntropyMonitor(overload_threshold=float("inf")), "overload_threshold"),
+        (lambda: RepresentationEntropyMonitor(dse_sigma=float("inf")), "dse_sigma"),
+        (lambda: RepresentationEntropyMonitor(vendi_q=float("nan")), "vendi_q"),
+        (lambda: RepresentationEntropyMonitor(rankme_eps=float("nan")), "rankme_eps"),
+        (lambda: PolicyEntropyMonitor(top_fraction=float("nan")), "top_fraction"),
+        (lambda: PolicyEntropyMonitor(fit_min_points=2.5), "fit_min_points"),
+        (lambda: SigmaReparamMonitor(every_n_steps=2.0), "every_n_steps"),
+    ],
+)
+def test_non_finite_or_mistyped_parameters_are_refused(make, match):
+    with pytest.raises(EntrotrainError, match=match):
+        make()
+
+
+def test_policy_entropy_summary_validates_its_tensors():
+    b = rl_batch(0)
+    args = (b["token_entropy"], b["logprobs"], b["advantages"], b["response_mask"])
+    with pytest.raises(EntrotrainError, match=r"logprobs must have shape \(6, 9\)"):
+        policy_entropy_summary(args[0], args[1][:, :4], *args[2:])
+    with pytest.raises(EntrotrainError, match="advantages"):
+        policy_entropy_summary(*args[:2], torch.zeros(5), args[3])
+    with pytest.raises(EntrotrainError, match="entropy must have 2 dims"):
+        policy_entropy_summary(args[0][0], *args[1:])
+    # a NaN advantage of a (B,) vector drops that sequence's tokens only (was: NaN covariance for everyone)
+    adv = b["advantages"].clone()
+    adv[1] = float("nan")
+    s = policy_entropy_summary(args[0], args[1], adv, args[3])
+    assert s["nonfinite"] == int(args[3][1].sum()) and all(math.isfinite(v) for v in s.values())

@@ -1,4 +1,18 @@
-"""Pure tensor maths: entropy of logits, probabilities and attention. No hooks, no Lightning, no logging."""
+"""Pure tensor maths: entropy of logits, probabilities and attention. No hooks, no Lightning, no logging.
+
+Contract of every function here (DESIGN.md §8): bad input raises :class:`~entrotrain.errors.EntrotrainError` naming
+the argument, what was received and the fix (dims out of range never wrap around; non-finite or out-of-range
+parameters such as a temperature, scale, window, quantile or fraction are refused); otherwise the result is finite
+wherever the input row is finite. NaN/Inf *data* gives NaN only in the rows (tokens, queries) that read it.
+Empty inputs give empty results, rows with no valid entry give entropy 0, and losses on empty or all-masked input
+give 0 with zero gradient.
+
+Masks: ``mask`` of the logits functions is boolean (True = the entry takes part); token masks of the policy
+functions are bool, integer 0/1 or float 0/1 (True/1 = a valid token); ``attn_mask`` is boolean (True = attend) or
+a float additive bias; ``key_padding_mask`` is boolean with True = padding (``nn.MultiheadAttention``). Integer
+``attn_mask`` / ``key_padding_mask`` are refused with the fix: an HF ``attention_mask`` (1 = keep) becomes
+``key_padding_mask=attention_mask == 0``.
+"""
 
 from entrotrain.functional.attention import (
     AttentionEntropy,

@@ -325,7 +325,7 @@ class AttentionEntropyMonitor(Callback):
         )
         if self.strict:
             raise TapError(msg)
-        rank_zero_warn(msg)
+        self._nonfinite.warn_once("no_capture", msg + " (Shown once per fit.)")
 
     def _announce(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._announced = True

@@ -361,9 +361,10 @@ class PolicyEntropyMonitor(Callback):
         if self.first_logged is None:
             self.first_logged = dict(self.last_logged)
         step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
-        record_media(trainer, f"{self.prefix}hist", tensors["entropy"][tensors["mask"].bool()], step, kind="histogram")
+        shown = tensors["entropy"][tensors["mask"].bool() & torch.isfinite(tensors["entropy"])]  # counted, not drawn
+        record_media(trainer, f"{self.prefix}hist", shown, step, kind="histogram")
         if self.log_media and trainer.is_global_zero:
-            self._log_media(trainer, tensors["entropy"][tensors["mask"].bool()], step)
+            self._log_media(trainer, shown, step)
 
     def _dynamics(self, summary: dict[str, float], tensors: dict[str, Tensor]) -> None:
         """Realised ΔH beside the covariance prediction ``-η̂·Cov`` (η̂ fitted on earlier intervals only)."""

@@ -318,3 +318,33 @@ def test_policy_entropy_summary_validates_its_tensors():
     adv[1] = float("nan")
     s = policy_entropy_summary(args[0], args[1], adv, args[3])
     assert s["nonfinite"] == int(args[3][1].sum()) and all(math.isfinite(v) for v in s.values())
+
+
+def test_policy_histogram_never_gets_nan(monkeypatch):
+    import entrotrain.callbacks.policy_monitor as pm
+
+    drawn: list[torch.Tensor] = []
+    monkeypatch.setattr(pm, "record_media", lambda trainer, key, values, step, **kw: drawn.append(values))
+    batches = [rl_batch(i) for i in range(2)]
+    batches[0]["token_entropy"] = batches[0]["token_entropy"].clone()
+    batches[0]["token_entropy"][0, :3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(callbacks=[PolicyEntropyMonitor(print_summary=False)], max_steps=2).fit(
+            ReturnsBatches(batches), policy_loader(2)
+        )
+    m = batches[0]["response_mask"]
+    assert len(drawn) == 2 and torch.isfinite(drawn[0]).all() and len(drawn[0]) == int(m.sum()) - 3
+
+
+def test_attention_monitor_without_capture_warns_once_and_goes_stale_free():
+    from tests.helpers.lightning_models import HandAttention
+
+    L.seed_everything(0)
+    snap = Snapshot()
+    monitor = AttentionEntropyMonitor(every_n_steps=1, strict=False, log_media=False, print_summary=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[monitor, snap], max_steps=3).fit(TinyLM(HandAttention), token_loader())
+    assert len([w for w in record if "captured no attention" in str(w.message)]) == 1
+    assert not any(k.startswith("entropy/") for row in snap.rows for k in row)

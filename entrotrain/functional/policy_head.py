@@ -152,7 +152,8 @@ def linear_entropy_and_logprobs(
             with one max-reduction over the labels (a device sync; the labels are small).
         bias: optional ``(V,)``, the weight's dtype.
         temperature: :math:`T > 0`, finite.
-        chunk_size: rows per block, an int >= 1; at most ``chunk_size × V`` float32 logits exist at once, forward and backward.
+        chunk_size: rows per block, an int >= 1; at most ``chunk_size × V`` float32 logits exist at once, forward
+            and backward.
         impl: ``"auto"`` (the fused Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is
             installed, this chunked torch path otherwise), ``"torch"`` or ``"triton"``; ``ENTROTRAIN_IMPL`` overrides.
 

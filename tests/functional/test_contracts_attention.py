@@ -269,7 +269,9 @@ def test_attention_entropy_stats_contract(case):
     if invalid:
         assert status == "error", f"accepted an invalid call {options}"
         return
-    has_bias = attn_mask is not None and attn_mask.is_floating_point() and bool((attn_mask.isfinite() & (attn_mask != 0)).any())
+    has_bias = (
+        attn_mask is not None and attn_mask.is_floating_point() and bool((attn_mask.isfinite() & (attn_mask != 0)).any())
+    )
     if status == "error":
         assert options["path"] == "fused" and has_bias, out  # the only legitimate refusal of a valid input
         return

@@ -513,7 +513,8 @@ class ClipCovLoss(_CovLoss):
             loss = self._aggregate(pg, maskf, self.agg, True)
         self._calls += 1
         metrics = _ppo_metrics(d, ratio, adv, maskf, self.clip_low, self.clip_high)
-        cov_for_metrics = torch.where(valid, cov_all.detach(), torch.zeros((), dtype=cov_all.dtype, device=valid.device))
+        zero = torch.zeros((), dtype=cov_all.dtype, device=valid.device)
+        cov_for_metrics = torch.where(valid, cov_all.detach(), zero)
         metrics.update(self._selection_metrics(selected, cov_for_metrics, maskf, cov_for_metrics))
         metrics["policy/cov_candidates"] = n_cand.to(maskf.dtype).detach()
         metrics["policy/pg_loss"] = loss.detach()

@@ -322,7 +322,8 @@ def test_floor_ignores_heads_without_a_defined_entropy():
     from entrotrain.functional.attention import attention_entropy_stats
 
     live = attention_entropy_stats(qs[0], ks[0], is_causal=True, path="materialized")
-    dead = attention_entropy_stats(qs[1], ks[1], attn_mask=torch.zeros(B, H, T, T, dtype=torch.bool), path="materialized")
+    nothing = torch.zeros(B, H, T, T, dtype=torch.bool)
+    dead = attention_entropy_stats(qs[1], ks[1], attn_mask=nothing, path="materialized")
     floor = EntropyFloorRegularizer(1.0, floor=1.0)
     alone = floor([("l0", live)]).total
     both = floor([("l0", live), ("l1", dead)]).total

@@ -338,3 +338,22 @@ def test_attention_entropy_from_probs_contract(case):
     rows_finite = torch.isfinite(probs.double()).all(-1)
     assert torch.isfinite(out[rows_finite]).all()
     assert (out[rows_finite] >= -1e-6).all()
+
+
+@given(attention_case())
+@settings(max_examples=60)
+def test_attention_entropy_gradient_is_finite_for_finite_inputs(case):
+    """Regulariser use: masked keys, fully masked queries, -inf biases and 0-sized dims never give a NaN gradient."""
+    q, k, attn_mask, key_padding_mask, options, invalid = case
+    if invalid or q.dtype not in (torch.float32, torch.float64) or not (q.isfinite().all() and k.isfinite().all()):
+        return
+    options["path"] = "chunked" if options["path"] != "materialized" else "materialized"
+    event("gradient checked")
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    bias = attn_mask.clone().requires_grad_() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    out = attention_entropy(q, k, attn_mask=bias, key_padding_mask=key_padding_mask, chunk_elements=7, **options)
+    assert torch.isfinite(out).all()
+    (out * torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape).to(out.dtype)).sum().backward()
+    for name, x in (("q", q), ("k", k), ("attn_mask", bias)):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            assert x.grad is None or torch.isfinite(x.grad).all(), f"NaN gradient for {name}"

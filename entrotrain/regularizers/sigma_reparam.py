@@ -307,6 +307,10 @@ class SigmaReparamQKJoint(nn.Module):
         cls, linear: nn.Linear, n_power_iterations: int = 1, init_iterations: int | None = None, eps: float = 1e-12
     ) -> SigmaReparamQKJoint:
         """Split a fused ``qkv`` ``nn.Linear`` (rows ``[q; k; v]``) into joint-qk and v σReparam layers, exactly."""
+        if not isinstance(linear, nn.Linear):
+            raise EntrotrainError(
+                f"from_linear expects a fused qkv nn.Linear, got {type(linear).__name__}; pass the Linear module itself."
+            )
         if linear.out_features % 3:
             raise EntrotrainError(
                 f"qk_joint needs a fused qkv linear with 3·C output rows, got {linear.out_features}."

@@ -395,3 +395,10 @@ def test_converter_arguments_are_validated():
         sigma_reparam(nn.Sequential(nn.Linear(3, 3)), n_power_iterations=0)
     with pytest.raises(EntrotrainError, match="init_iterations"):
         sigma_reparam(nn.Sequential(nn.Linear(3, 3)), init_iterations=-2)
+
+
+def test_qk_joint_refuses_a_non_linear():
+    from entrotrain.regularizers.sigma_reparam import SigmaReparamQKJoint
+
+    with pytest.raises(EntrotrainError, match="nn.Linear"):
+        SigmaReparamQKJoint.from_linear(nn.Conv1d(4, 12, 1))  # type: ignore[arg-type]

@@ -525,3 +525,21 @@ def test_linear_entropy_and_logprobs_contract(case):
         torch.testing.assert_close(out.logprobs[rows].double(), lp[rows], atol=tol, rtol=tol)
     else:
         assert out.logprobs is None
+
+
+@given(logits_case())
+@settings(max_examples=30)
+def test_token_statistics_gradients_are_finite_for_finite_logits(case):
+    """Masked tokens, -inf (one-hot) logits and 0-sized dims never give a NaN gradient (forward or backward)."""
+    z, mask, mask_kind, temperature, labels = case
+    if z.dtype not in (torch.float32, torch.float64) or _bad_mask(mask_kind, mask) or not _good_temperature(temperature):
+        return
+    z = torch.where(torch.isnan(z) | torch.isposinf(z), torch.zeros((), dtype=z.dtype), z)
+    x = z.clone().requires_grad_()
+    h = token_entropy(x, mask, temperature=temperature, impl="torch")
+    assert torch.isfinite(h).all()
+    labels = labels.clamp(max=max(z.shape[-1] - 1, -1))
+    lp = token_logprobs(x, labels, temperature=temperature)
+    (h.sum() + torch.where(torch.isfinite(lp), lp, 0.0).sum()).backward()
+    has_finite = torch.isfinite(z).any(-1, keepdim=True).expand_as(z)  # an all -inf row has no distribution
+    assert torch.isfinite(x.grad[has_finite]).all()

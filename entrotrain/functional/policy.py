@@ -183,7 +183,8 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) 
 
     Returns:
         ``(...)`` float32 (float64 for float64 input), differentiable (gradient ``(onehot - p)/T``). A token whose
-        logits hold NaN/+Inf gets NaN (only that token).
+        logits hold NaN/+Inf, or are all ``-inf`` (no distribution), gets NaN (only that token); a label whose logit
+        alone is ``-inf`` gets ``-inf``.
 
     Raises:
         EntrotrainError: ``logits`` not floating or a scalar, ``labels`` not integer or not shaped like the logits

@@ -122,7 +122,7 @@ def _union_reasons(text: str) -> list[str]:
     ``Errors:`` items other than the "Expected a <class ...>" of the alternatives that did not apply)."""
     if "Errors:" not in text:
         return []
-    items = re.findall(r"^\s+- (.+)$", text.split("Errors:", 1)[1].split("\nGiven value", 1)[0], re.M)
+    items = re.findall(r"^  - (.+)$", text.split("Errors:", 1)[1].split("\nGiven value", 1)[0], re.M)
     return [item.strip() for item in items if not item.startswith(("Expected a ", "Not a valid subclass"))]
 
 

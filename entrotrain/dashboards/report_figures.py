@@ -360,7 +360,8 @@ def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
     for ax in (left, right):
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a run that logged only some of the summary keys
+            ax.legend(fontsize=7)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     file = _save(fig, out_dir, "attention_summary")

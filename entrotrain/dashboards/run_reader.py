@@ -139,7 +139,7 @@ def run_status(
     for :data:`STALE_AFTER_S` is stale (stopped, or between two very distant logging steps)."""
     now = time.time() if now is None else now
     last = _last_update(meta, path)
-    upto = f"up to step {last_step}" if last_step is not None else "nothing (it stopped before its first logging step)"
+    upto = f"up to step {last_step}" if last_step is not None else "nothing: no logging step was reached"
     reason = meta.get("reason")
     status = meta.get("status")
     if status == "finished":
@@ -215,7 +215,9 @@ class RunData:
 
     @property
     def last_step(self) -> int | None:
+        """The last step any scalar or media item was logged at."""
         steps = [int(s[-1]) for s, _ in self.scalars.values() if len(s)]
+        steps += [m.step for items in self.media.values() for m in items[-1:] if m.step is not None]
         return max(steps) if steps else None
 
     def first_last(self, key: str) -> tuple[float, float] | None:

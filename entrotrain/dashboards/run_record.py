@@ -55,6 +55,7 @@ import numpy as np
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from entrotrain.errors import EntrotrainError
@@ -165,7 +166,8 @@ class _RecordCheckpoint(Callback):
             checkpoint[CHECKPOINT_KEY] = {"run_dir": str(self.record.run_dir.resolve()), "step": _current_step(trainer)}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self.record._resume_from(checkpoint, trainer.ckpt_path)
+        if trainer.state.fn == TrainerFn.FITTING:  # validate/test from a checkpoint do not resume the run
+            self.record._resume_from(checkpoint, trainer.ckpt_path)
 
 
 class RunRecordLogger(Logger):
@@ -372,7 +374,7 @@ class RunRecordLogger(Logger):
             trainer.callbacks.append(_RecordCheckpoint(self))
         connector = getattr(trainer, "_checkpoint_connector", None)
         loaded = getattr(connector, "_loaded_checkpoint", None)  # kept until resume_end(), after log_graph
-        if isinstance(loaded, dict) and loaded:
+        if isinstance(loaded, dict) and loaded and trainer.state.fn == TrainerFn.FITTING:
             self._resume_from(loaded, trainer.ckpt_path)
 
     def _resume_from(self, checkpoint: Mapping[str, Any], ckpt_path: Any) -> None:

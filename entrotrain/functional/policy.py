@@ -207,7 +207,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) 
 
 
 def _check_labels(labels: Tensor, vocab_size: int, name: str = "labels") -> None:
-    """Token ids are ``< vocab_size`` (negative ids mean "ignored"). One min/max reduction over the labels (a
+    """Token ids are ``< vocab_size`` (negative ids mean "ignored"). One max-reduction over the labels (a
     device sync: the labels are small next to the logits); a raw ``gather`` error or a silent wrong row otherwise."""
     if labels.numel() == 0:
         return

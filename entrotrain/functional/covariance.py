@@ -35,9 +35,25 @@ from torch import Tensor
 
 from entrotrain._validation import check_device, check_int, check_tensor
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional.representation import _row_normalize
 from entrotrain.functional.spectrum import _check_finite, _check_order, _eigvalsh, spectral_entropy
 
 __all__ = ["CovarianceAccumulator"]
+
+
+def _check_representable(rows: Tensor, outer: Tensor) -> None:
+    """``Σ x xᵀ`` of these rows neither overflows float64 (rows beyond ~1e154) nor underflows to 0 (rows below
+    ~1e-154 that are not zero): either would turn a value into a wrong one or into 'a zero matrix'."""
+    if not bool(torch.isfinite(outer).all()):
+        raise EntrotrainError(
+            f"x (max |x| = {float(rows.abs().max()):.3g}) overflows the float64 second moment Σ x xᵀ; rescale the "
+            "rows before update() (divide by a constant: the entropies and ranks do not change)."
+        )
+    if rows.numel() and not bool((outer != 0).any()) and bool((rows != 0).any()):
+        raise EntrotrainError(
+            f"x (max |x| = {float(rows.abs().max()):.3g}) underflows the float64 second moment Σ x xᵀ to 0; rescale "
+            "the rows before update() (multiply by a constant: the entropies and ranks do not change)."
+        )
 
 
 class CovarianceAccumulator:
@@ -67,13 +83,14 @@ class CovarianceAccumulator:
         rows = x.detach().reshape(-1, self.dim).to(device=self.sum.device, dtype=torch.float64)
         _check_finite(rows, "x")
         if self.normalize_rows:
-            norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-            if bool((norms == 0).any()):
+            if bool((rows == 0).all(dim=1).any()):
                 raise EntrotrainError("normalize_rows=True but x has all-zero rows; drop them before update().")
-            rows = rows / norms
+            rows = _row_normalize(rows, allow_zero=True, name="x")  # overflow-safe for any scale of the rows
+        outer = rows.T @ rows
+        _check_representable(rows, outer)
         self.count += rows.shape[0]
         self.sum += rows.sum(0)
-        self.sum_outer += rows.T @ rows
+        self.sum_outer += outer
         return self
 
     def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:

@@ -36,6 +36,7 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.functional.spectrum import (
     _ZERO_MATRIX,
     _check_order,
+    _prescale,
     _rows64,
     _square64,
     kernel_spectrum,
@@ -92,18 +93,25 @@ def finite_rows(x: Tensor) -> tuple[Tensor, int]:
 
 
 def _row_normalize(z: Tensor, *, allow_zero: bool, name: str) -> Tensor:
-    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-    zero = norms == 0
+    """``z_i / ‖z_i‖`` (zero rows stay 0 when ``allow_zero``, raise otherwise). Each row is first divided by its
+    largest |entry|, so the norm never overflows (rows of 1e200) or underflows (rows of 1e-200)."""
+    peak = z.abs().amax(dim=1, keepdim=True)
+    zero = peak == 0
     if bool(zero.any()) and not allow_zero:
         raise EntrotrainError(
             f"{name} has {int(zero.sum())} all-zero row(s): the cosine kernel is undefined there. Drop those rows "
             "or use kernel='linear'."
         )
+    z = z / torch.where(zero, torch.ones_like(peak), peak)
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
     return z / torch.where(zero, torch.ones_like(norms), norms)
 
 
 def _centred_unit_rows(x: Tensor, name: str = "x") -> Tensor:
-    """``rownorm(X − mean over rows)`` with zero rows kept as zero; raises when every row equals the mean."""
+    """``rownorm(X − mean over rows)`` with zero rows kept as zero; raises when every row equals the mean.
+
+    Scale-free, so ``x`` is first divided by a power of two near ``max |x|`` when its scale is extreme (exact)."""
+    x, _ = _prescale(x)
     z = x - x.mean(dim=0, keepdim=True)
     z = _row_normalize(z, allow_zero=True, name=name)
     if not bool((z != 0).any()):
@@ -112,6 +120,13 @@ def _centred_unit_rows(x: Tensor, name: str = "x") -> Tensor:
             "Measure a batch with more than one distinct sample."
         )
     return z
+
+
+def _scaled_sq_dists(x: Tensor) -> tuple[Tensor, float]:
+    """``(D, s)`` with ``‖x_i − x_j‖² = s² · D_ij``: distances of the rows divided by a power of two ``s`` near
+    ``max |x|`` when the scale of ``x`` is extreme (1e200 rows would overflow ``‖x_i‖²``), ``s = 1`` otherwise."""
+    x, unit = _prescale(x)
+    return _sq_dists(x), unit
 
 
 def _sq_dists(x: Tensor) -> Tensor:
@@ -129,9 +144,9 @@ def median_pairwise_distance(x: Tensor) -> Tensor:
     Log it next to any kernel measure with a fixed σ, so the σ choice can be audited (DSE's σ is absolute).
     """
     x = _rows64(x)
-    d2 = _sq_dists(x)
+    d2, unit = _scaled_sq_dists(x)
     iu = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
-    return d2[iu[0], iu[1]].sqrt().median()
+    return d2[iu[0], iu[1]].sqrt().median() * unit
 
 
 # ---------------------------------------------------------------------------------------------- matrix entropy
@@ -209,9 +224,12 @@ def vendi_score_from_kernel(k: Tensor, q: float | str = 1.0) -> Tensor:
 
 
 def _rbf_kernel(x: Tensor, sigma: float) -> Tensor:
-    """``exp(-‖x_i − x_j‖² / 2σ²)``, dividing by σ twice so that σ² never under/overflows (σ = 1e-300 gives the
-    identity, σ = 1e300 the all-ones matrix, both finite)."""
-    return torch.exp(-(_sq_dists(x) / sigma) / (2.0 * sigma))
+    """``exp(-‖x_i − x_j‖² / 2σ²)`` for any scale of ``x`` and σ: from scaled distances ``D`` and ``r = s / σ``,
+    ``exp(-½ (D r) r)`` (σ = 1e-300 gives the identity, σ = 1e300 the all-ones matrix, rows of 1e200 stay finite),
+    and exactly 1 where two rows coincide (``0 · ∞`` never happens)."""
+    d2, unit = _scaled_sq_dists(x)
+    r = unit / sigma
+    return torch.where(d2 == 0, 1.0, torch.exp(-0.5 * (d2 * r) * r))
 
 
 def _check_sigma(sigma: Any, name: str = "sigma") -> float:
@@ -221,11 +239,20 @@ def _check_sigma(sigma: Any, name: str = "sigma") -> float:
 def _linear_kernel_rows(x: Tensor, kernel: str) -> Tensor:
     """Rows whose linear kernel is the Vendi kernel: unit rows (``"cosine"``) or ``x`` itself (``"linear"``).
 
-    One rule for the exact and the SLQ route: an all-zero ``x`` (zero kernel) raises, never a value."""
+    One rule for the exact and the SLQ route, every order: an all-zero ``x`` (zero kernel) raises, never a value, and
+    so does a linear kernel whose trace ``‖X‖_F² / n`` over- or underflows float64 (rows beyond ~1e±154)."""
     if kernel == "cosine":
-        return _row_normalize(x, allow_zero=False, name="x")
+        return _row_normalize(_prescale(x)[0], allow_zero=False, name="x")
     if not bool((x != 0).any()):
         raise EntrotrainError(_ZERO_MATRIX.format(name="x") + " (The linear kernel X Xᵀ of zero rows is 0.)")
+    xs, unit = _prescale(x)
+    trace = float((xs * xs).sum()) / x.shape[0] * unit * unit  # tr(X Xᵀ / n): Σλ, used unnormalised
+    if not 0.0 < trace < math.inf:
+        raise EntrotrainError(
+            f"the spectrum of X Xᵀ / n {'overflows' if trace > 0 else 'underflows'} float64 (max |x| ≈ {unit:.3g}): the "
+            "linear-kernel Vendi score uses these eigenvalues unnormalised. Rescale x (e.g. unit-norm rows: "
+            "kernel='cosine')."
+        )
     return x
 
 
@@ -268,11 +295,25 @@ def vendi_score(
     if kernel in ("cosine", "linear"):
         z = _linear_kernel_rows(x, kernel)
         if q == 2.0:
-            return torch.exp(renyi2_from_rows(z, scale=1.0 / n))
-        return torch.exp(spectral_entropy(linear_kernel_spectrum(z, scale=1.0 / n), q, normalize=False))
+            return _finite_score(torch.exp(renyi2_from_rows(z, scale=1.0 / n)), kernel)
+        return _finite_score(
+            torch.exp(spectral_entropy(linear_kernel_spectrum(z, scale=1.0 / n), q, normalize=False)), kernel
+        )
     if kernel == "rbf":
         return vendi_score_from_kernel(_rbf_kernel(x, _rbf_sigma(x, sigma)), q)
     raise EntrotrainError(f"kernel={kernel!r} is not 'cosine', 'linear', 'rbf' or a callable x -> (n, n) tensor.")
+
+
+def _finite_score(vs: Tensor, kernel: str) -> Tensor:
+    """The Vendi score, refused when ``exp H`` overflows: only possible for the linear kernel, whose eigenvalues
+    ``λ(X Xᵀ / n)`` are used unnormalised (rows far from unit norm make ``Σλ^q`` tiny or huge)."""
+    if not bool(torch.isfinite(vs)):
+        raise EntrotrainError(
+            f"the Vendi score with kernel={kernel!r} overflows float64 here: the linear kernel uses the eigenvalues of "
+            "X Xᵀ / n as they are, and these rows are far from unit norm. Use kernel='cosine' (unit rows) or "
+            "rescale x."
+        )
+    return vs
 
 
 def _rbf_sigma(x: Tensor, sigma: float | None) -> float:
@@ -307,7 +348,7 @@ def effective_rank(x: Tensor) -> Tensor:
     Args:
         x: ``(n, d)`` matrix, ``n >= 2``.
     """
-    x = _rows64(x)
+    x, _ = _prescale(_rows64(x))  # scale-free: exact power-of-two rescaling of extreme inputs
     return torch.exp(spectral_entropy(_singular_values(x), 1.0))
 
 
@@ -321,7 +362,7 @@ def rankme(x: Tensor, *, eps: float = 1e-7) -> Tensor:
     Args:
         x: ``(n, d)`` embeddings, ``n >= 2``.
     """
-    x = _rows64(x)
+    x, _ = _prescale(_rows64(x))  # scale-free: exact power-of-two rescaling of extreme inputs
     return torch.exp(spectral_entropy(_singular_values(x), 1.0, eps=eps))
 
 

@@ -226,7 +226,14 @@ def linear_kernel_spectrum(x: Tensor, *, scale: float = 1.0, route: str = "auto"
     x, unit = _prescale(x)
     m = x @ x.T if route == "gram" else x.T @ x
     m = 0.5 * (m + m.T)
-    eigs = _eigvalsh(m, "X Xᵀ").flip(0)[: min(n, d)] * (scale * unit * unit)
+    eigs = _eigvalsh(m, "X Xᵀ").flip(0)[: min(n, d)]
+    top = float(eigs.max())
+    if top > 0 and not 0.0 < top * scale * unit * unit < math.inf:
+        raise EntrotrainError(
+            f"the spectrum of scale · X Xᵀ {'overflows' if top * scale * unit * unit > 0 else 'underflows'} float64 "
+            f"(max |x| ≈ {unit:.3g}, scale = {scale:.3g}); rescale x (e.g. unit-norm rows) or pass another scale."
+        )
+    eigs = eigs * (scale * unit * unit)
     return _apply_negative_policy(eigs, negative, "X Xᵀ")
 
 

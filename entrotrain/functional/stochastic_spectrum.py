@@ -36,12 +36,20 @@ from entrotrain._validation import check_choice, check_device, check_int, check_
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.representation import (
     _check_time,
+    _finite_score,
     _linear_kernel_rows,
     _rbf_kernel,
     _rbf_sigma,
     diffusion_matrix,
 )
-from entrotrain.functional.spectrum import _ZERO_MATRIX, _check_base, _check_order, _rows64, _square64
+from entrotrain.functional.spectrum import (
+    _ZERO_MATRIX,
+    _check_base,
+    _check_order,
+    _prescale,
+    _rows64,
+    _square64,
+)
 
 __all__ = [
     "SpectralEstimate",
@@ -334,17 +342,24 @@ def slq_vendi_score(
     x = _rows64(x)
     n = x.shape[0]
     if kernel in ("cosine", "linear"):
-        z = _linear_kernel_rows(x, kernel)
+        z, unit = _prescale(_linear_kernel_rows(x, kernel))  # λ(Z Zᵀ / n) = unit² · λ(Z_s Z_sᵀ / n)
 
         def op(v: Tensor) -> Tensor:
             return z @ (z.T @ v) / n
 
         nodes, weights = lanczos_quadrature(op, n, n_probes=n_probes, n_steps=n_steps, seed=seed, device=z.device)
-        trace = float((z * z).sum()) / n
+        top = float(nodes.max())
+        if top > 0 and not 0.0 < top * unit * unit < math.inf:  # as linear_kernel_spectrum refuses it
+            raise EntrotrainError(
+                f"the spectrum of X Xᵀ / n {'overflows' if top * unit * unit > 0 else 'underflows'} float64 (max |x| "
+                f"≈ {unit:.3g}); rescale x (e.g. unit-norm rows: kernel='cosine')."
+            )
+        nodes = nodes * (unit * unit)
+        trace = float((z * z).sum()) / n * unit * unit
     else:
         s = _rbf_sigma(x, sigma)
         nodes, weights = lanczos_quadrature(_rbf_kernel(x, s) / n, n, n_probes=n_probes, n_steps=n_steps, seed=seed)
         trace = 1.0
     h, se = _entropy_from_quadrature(nodes, weights, n, q, trace, normalize=False)
-    value = torch.exp(h)
+    value = _finite_score(torch.exp(h), kernel)
     return SpectralEstimate(value, value * se, n_probes, min(n_steps, n))

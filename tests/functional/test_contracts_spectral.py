@@ -407,7 +407,7 @@ def test_covariance_accumulator_refuses_bad_input(call, match):
 # ===================================================================================================== properties
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-_SCALES = [1e-30, 1e-3, 1.0, 1e3, 1e30]
+_SCALES = [1e-200, 1e-30, 1e-3, 1.0, 1e3, 1e30, 1e200]
 
 
 @st.composite
@@ -439,6 +439,9 @@ def _matrices(draw, max_n: int = 7, max_d: int = 6):
 def _reference(fn, x64: torch.Tensor) -> float | None:
     """A numpy float64 reference, or None where it is undefined (NaN/Inf in or out, LAPACK failure)."""
     if x64.numel() == 0 or not bool(torch.isfinite(x64).all()):
+        return None
+    top = float(x64.abs().max())
+    if top > 1e100 or 0 < top < 1e-100:  # the numpy anchors square x without rescaling: they over/underflow here
         return None
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -571,8 +574,8 @@ def test_streamed_statistics_match_the_concatenated_rows(batches):
     for x, x64 in batches:
         try:
             acc.update(x)
-        except EntrotrainError:
-            assert not bool(torch.isfinite(x64).all())  # only bad data is refused
+        except EntrotrainError as err:  # only bad data, or a scale whose Σxxᵀ float64 cannot hold, is refused
+            assert not bool(torch.isfinite(x64).all()) or "flows the float64 second moment" in str(err)
             continue
         rows.append(x64)
     x = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
@@ -585,3 +588,52 @@ def test_streamed_statistics_match_the_concatenated_rows(batches):
         assert a == b, f"exact {a} ({va}) vs streamed {b} ({vb})"
         if a == "value":  # the Gram route squares the condition number: tiny σ_k lose relative accuracy
             assert vb == pytest.approx(va, rel=1e-5, abs=1e-5)
+
+
+# ====================================================================== extreme float64 scales (beyond 1e±154)
+
+_SCALE_FREE = {
+    "matrix_entropy": matrix_entropy,
+    "effective_rank": effective_rank,
+    "rankme": rankme,
+    "vendi_cosine": vendi_score,
+    "vendi_cosine_q2": lambda x: vendi_score(x, 2.0),
+    "nuclear_norm": matrix_nuclear_norm,
+    "renyi2_from_rows": renyi2_from_rows,
+    "slq_vendi_cosine": lambda x: slq_vendi_score(x, n_probes=8, n_steps=4).value,
+    "streamed_cosine_vendi": lambda x: CovarianceAccumulator(x.shape[1], normalize_rows=True).update(x).vendi_score(),
+}
+
+
+@pytest.mark.parametrize("c", [1e-300, 1e-200, 1e200, 1e300])
+@pytest.mark.parametrize("name", sorted(_SCALE_FREE))
+def test_scale_free_measures_are_unchanged_at_extreme_scales(name, c):
+    # before: X Xᵀ / row norms over- or underflowed: "all rows identical", "all-zero rows" or a wrong value
+    x = _rows(7, 4)
+    fn = _SCALE_FREE[name]
+    assert float(fn(x * c)) == pytest.approx(float(fn(x)), rel=1e-9)
+
+
+@pytest.mark.parametrize("c", [1e-300, 1e200])
+def test_kernel_measures_at_extreme_scales_give_the_documented_limits(c):
+    # before: ‖x_i‖² overflowed to inf, K held NaN (an error naming NaN data) and the median distance was NaN
+    x = _rows(7, 4)
+    assert float(median_pairwise_distance(x * c)) == pytest.approx(float(median_pairwise_distance(x)) * c, rel=1e-12)
+    limit = 1.0 if c < 1 else 7.0  # all rows within σ of each other: one state; all far apart: n states
+    assert float(vendi_score(x * c, kernel="rbf", sigma=1.0)) == pytest.approx(limit, rel=1e-9)
+    assert float(vendi_score(x * c, kernel="rbf")) == pytest.approx(float(vendi_score(x, kernel="rbf")), rel=1e-9)
+    assert float(diffusion_spectral_entropy(x * c, 1.0)) == pytest.approx(math.log2(limit), abs=1e-9)
+
+
+@pytest.mark.parametrize("c", [1e-200, 1e200])
+def test_the_unnormalised_linear_kernel_refuses_scales_it_cannot_represent(c):
+    # before: inf eigenvalues reported as "non-finite data", or 0 eigenvalues as "a zero matrix", or VS = inf
+    x = _rows(7, 4) * c
+    for call in (
+        lambda: vendi_score(x, kernel="linear"),
+        lambda: vendi_score(x, 2.0, kernel="linear"),
+        lambda: slq_vendi_score(x, kernel="linear", n_probes=4, n_steps=4),
+        lambda: CovarianceAccumulator(4).update(x),
+    ):
+        with pytest.raises(EntrotrainError, match="flow"):
+            call()

@@ -169,6 +169,21 @@ def test_killed_run_is_killed_everywhere(make_attention_run, tmp_path, capsys):
     assert "still in progress" not in html + err and ">running<" not in html
 
 
+def test_heartbeat_is_written_at_most_every_heartbeat_s(tmp_path, monkeypatch):
+    from entrotrain.dashboards import run_record
+
+    logger = RunRecordLogger(tmp_path, version="hb")
+    logger.log_metrics({"a": 1.0}, step=0)
+    first = _meta(logger.run_dir)["last_write"]
+    for step in range(1, 50):  # within HEARTBEAT_S: meta.json is not rewritten on every line
+        logger.log_metrics({"a": 1.0}, step=step)
+    assert _meta(logger.run_dir)["last_write"] == first
+    monkeypatch.setattr(run_record, "HEARTBEAT_S", 0.0)
+    logger.log_metrics({"a": 1.0}, step=50)
+    assert _meta(logger.run_dir)["last_write"] > first
+    assert _meta(logger.run_dir)["status"] == "running"
+
+
 def test_stale_run_on_another_host(make_attention_run, tmp_path):
     run_dir = make_attention_run(tmp_path, "far", finish=False)
     meta = {**_meta(run_dir), "host": "some-other-host"}

@@ -585,7 +585,7 @@ def get_measure(name: str) -> RepresentationMeasure:
     """The registered measure called ``name``; raises listing the known names otherwise."""
     try:
         return REPRESENTATION_MEASURES[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name (a list of names)
         raise EntrotrainError(
             f"unknown representation measure {name!r}; known: {sorted(REPRESENTATION_MEASURES)}."
         ) from None

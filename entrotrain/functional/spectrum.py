@@ -75,8 +75,8 @@ def _check_finite(t: Tensor, name: str) -> None:
         count = int(bad.sum())
         raise EntrotrainError(
             f"{name} holds {count} non-finite (NaN or Inf) entr{'y' if count == 1 else 'ies'} of {t.numel()}; a "
-            f"spectrum of non-finite data is undefined. Drop the bad rows first, e.g. rows, n_dropped = "
-            f"entrotrain.functional.finite_rows({name}) (or fix the producer of {name})."
+            f"spectrum of non-finite data is undefined. Drop the rows holding them first (rows, n_dropped = "
+            f"entrotrain.functional.finite_rows(x)), or fix the producer of {name}."
         )
 
 

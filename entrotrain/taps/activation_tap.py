@@ -83,6 +83,10 @@ def activation_rows(
     Raises:
         TapError: the output (or its chosen element) is not a floating tensor of 2 to 4 dimensions.
     """
+    check_budget(max_rows, "max_rows")
+    check_budget(max_tokens, "max_tokens")
+    check_int(output_index, "output_index")
+    check_choice(layout, "layout", ("auto", "channels_last", "channels_first"))
     if isinstance(output, (tuple, list)):
         if not -len(output) <= output_index < len(output):
             raise TapError(

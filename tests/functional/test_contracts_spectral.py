@@ -637,3 +637,10 @@ def test_the_unnormalised_linear_kernel_refuses_scales_it_cannot_represent(c):
     ):
         with pytest.raises(EntrotrainError, match="flow"):
             call()
+
+
+def test_get_measure_refuses_an_unhashable_name():
+    from entrotrain.functional.representation import get_measure
+
+    with pytest.raises(EntrotrainError, match="unknown representation measure"):  # before: TypeError (unhashable)
+        get_measure(["rankme"])

@@ -245,3 +245,17 @@ def test_reservoir_refuses_bad_arguments_with_the_fix(make, match):
 def test_activation_tap_refuses_bad_constructor_arguments(kwargs, match):
     with pytest.raises(EntrotrainError, match=match):
         ActivationTap(Net(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_rows": 0}, "max_rows"),  # before: an empty index, zero rows captured
+        ({"max_tokens": -1}, "max_tokens"),  # before: RuntimeError from torch.linspace
+        ({"output_index": "0"}, "output_index"),  # before: TypeError comparing str and int
+        ({"layout": "nhwc"}, "layout"),  # before: silently read as channels_last
+    ],
+)
+def test_activation_rows_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(EntrotrainError, match=match):
+        activation_rows((torch.randn(2, 3, 4),), **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -216,8 +217,6 @@ def test_keyboard_interrupt_is_interrupted(tmp_path):
 
     logger = RunRecordLogger(tmp_path, version="i")
     trainer = quiet_trainer(max_steps=4, callbacks=[AttentionEntropyMonitor(every_n_steps=1, print_summary=False)], logger=[logger])
-    import signal
-
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit):  # Lightning exits 1 after a graceful shutdown

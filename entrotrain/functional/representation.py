@@ -20,6 +20,14 @@ with the value (:data:`REPRESENTATION_MEASURES` gives each measure's parameter d
 Rows that become zero after centring (a row equal to the mean) are kept as zero rows by :func:`matrix_entropy` and
 :func:`matrix_nuclear_norm` (they take no part), where the anchors' code divides 0 by 0 and skips the NaN. Cosine
 kernels need non-zero rows and raise otherwise.
+
+Bad input (DESIGN §8): every measure returns a finite value or raises :class:`~entrotrain.errors.EntrotrainError`
+naming the argument and the fix. NaN/±Inf rows are refused — a spectrum of a matrix with a NaN has no meaning, not
+even row-wise — with the count of bad entries; callers that must not raise on bad data drop them first with
+:func:`finite_rows` and count what was dropped. Fewer than 2 rows, 0 features, integer tensors, all-zero or
+all-identical rows (where the measure is undefined) and non-finite / out-of-range parameters (``q``, ``sigma``, ``t``,
+``eps``, ``max_n``, ``seed``, ``n_repetitions``) raise too. The exact presets and their SLQ estimates give the same
+answer class on the same degenerate input.
 """
 
 from __future__ import annotations

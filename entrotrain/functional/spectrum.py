@@ -26,7 +26,13 @@ Numerics policy (one place, DESIGN §2):
   part (exactly what vendi-score's ``λ > 0`` filter and Diff-eRank's ``nansum`` do to the entropy).
   ``negative="abs"`` takes ``|λ|`` (what DSE does). ``negative="raise"`` raises if any eigenvalue is below
   ``-tol · max|λ|`` (``tol = 1e-10``): use it to catch a kernel that is not PSD.
-- Inputs holding NaN or ±Inf raise :class:`~entrotrain.errors.EntrotrainError`; so do fewer than 2 rows.
+- Inputs holding NaN or ±Inf raise :class:`~entrotrain.errors.EntrotrainError` saying how many entries are bad (drop
+  the rows holding them with :func:`~entrotrain.functional.representation.finite_rows`); so do fewer than 2 rows,
+  0 features, integer dtypes and every non-finite or out-of-range parameter (``q``, ``base``, ``eps``, ``scale``).
+- A zero matrix (a spectrum that sums to 0) raises on every route and every order, normalised or not; the SLQ
+  estimator in :mod:`~entrotrain.functional.stochastic_spectrum` refuses it the same way.
+- Scale: inputs beyond ~1e±100 are divided by a power of two first (exact), and Rényi sums are taken relative to
+  ``max p``, so extreme scales and orders stay finite; LAPACK failures become an ``EntrotrainError``.
 """
 
 from __future__ import annotations

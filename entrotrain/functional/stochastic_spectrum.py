@@ -22,6 +22,11 @@ enough (≈ 30 for the flat DSE / Vendi spectra); the quadrature bias is not in 
 (one ``n × n_probes`` block per step: a GEMM) with full re-orthogonalisation (classical Gram–Schmidt twice), in
 float64, with a seeded generator: the same seed gives the same probes and the same value. ``O(n_steps · matvec +
 n_steps² · n · n_probes)`` time, ``O(n_steps · n · n_probes)`` memory beyond the operator.
+
+Degenerate input gets the exact route's answer: an operator with no positive Ritz value (a zero matrix) raises
+:class:`~entrotrain.errors.EntrotrainError` as ``spectral_entropy`` does for a spectrum that sums to 0, tensor operators
+are validated like ``kernel_spectrum``'s input, and the quadrature works on ``A / λ_max`` so no order or power
+under/overflows.
 """
 
 from __future__ import annotations
@@ -271,11 +276,17 @@ def slq_spectral_entropy(
     Args:
         matrix_or_matvec: ``(n, n)`` symmetric PSD tensor, or a callable ``V ↦ A V`` on ``(n, k)`` float64 blocks
             (matrix-free: e.g. ``V ↦ X (Xᵀ V) / n`` for a linear kernel).
-        n: size of ``A``. q: Rényi order. base: log base. n_probes, n_steps, seed, device: see
-            :func:`lanczos_quadrature`.
+        n: size of ``A``. q: Rényi order (not 0 or ∞). trace: exact ``tr A > 0`` or ``None``. base: finite log base
+            ``> 0``, ``!= 1``. n_probes (``>= 2``: the error bar is a probe-to-probe standard error), n_steps, seed,
+            device: see :func:`lanczos_quadrature`.
 
     Returns:
-        :class:`SpectralEstimate` with the entropy in units of ``log base``.
+        :class:`SpectralEstimate` with the entropy in units of ``log base``; value and error bar are finite.
+
+    Raises:
+        EntrotrainError: bad parameters; a tensor operator the exact route refuses (not square, not symmetric,
+            NaN/Inf, ``n < 2``); a zero (or negative) operator — every Ritz value ``<= 0`` — exactly as the exact
+            route refuses a spectrum that sums to 0; a matvec that returns NaN/Inf.
     """
     q = _check_order(q)
     trace = check_real(trace, "trace", low=0.0, low_open=True, none_ok=True)
@@ -287,6 +298,11 @@ def slq_spectral_entropy(
         matrix_or_matvec, n, n_probes=n_probes, n_steps=n_steps, seed=seed, device=device
     )
     h, se = _entropy_from_quadrature(nodes, weights, n, q, trace, normalize=normalize)
+    if not (bool(torch.isfinite(torch.as_tensor(h))) and bool(torch.isfinite(torch.as_tensor(se)))):
+        raise EntrotrainError(
+            f"the SLQ entropy of the unnormalised spectrum (normalize=False, top Ritz value {float(nodes.max()):.3g}) "
+            "overflows float64; rescale the operator or use normalize=True."
+        )
     lb = math.log(base)
     return SpectralEstimate(h / lb, se / lb, n_probes, min(n_steps, n))
 

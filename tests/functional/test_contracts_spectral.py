@@ -134,6 +134,19 @@ _PAIRS = {
         lambda x: CovarianceAccumulator(max(x.shape[1], 1)).update(x).vendi_score(),
     ),
     "effective_rank_streamed": (effective_rank, lambda x: CovarianceAccumulator(max(x.shape[1], 1)).update(x).effective_rank()),
+    "rankme_streamed": (rankme, lambda x: CovarianceAccumulator(max(x.shape[1], 1)).update(x).rankme()),
+    "vendi_cosine_streamed": (
+        vendi_score,
+        lambda x: CovarianceAccumulator(max(x.shape[1], 1), normalize_rows=True).update(x).vendi_score(),
+    ),
+    "dse_t2": (
+        lambda x: diffusion_spectral_entropy(x, 1.0, t=2),
+        lambda x: slq_diffusion_spectral_entropy(x, 1.0, t=2, n_probes=64, n_steps=8),
+    ),
+    "kernel_entropy": (
+        lambda x: spectral_entropy(kernel_spectrum(x @ x.T)),
+        lambda x: slq_spectral_entropy(x @ x.T, x.shape[0], trace=None, n_probes=64, n_steps=8),
+    ),
 }
 
 

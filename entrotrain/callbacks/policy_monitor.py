@@ -230,7 +230,9 @@ class PolicyEntropyMonitor(Callback):
         """Empty history, ΔH pairs, fit points, first/last values and warnings (every fit starts afresh)."""
         # history["entropy"], ["cov"]: one finite value per logged batch; ["reward"], ["reward_entropy"]: the fit's
         # points, one per logged batch with a finite reward mean (paired, so a batch without rewards shifts nothing)
-        self.history: dict[str, list[float]] = {"batch": [], "entropy": [], "reward": [], "reward_entropy": [], "cov": []}
+        self.history: dict[str, list[float]] = {
+            "batch": [], "entropy": [], "reward": [], "reward_entropy": [], "cov": []
+        }
         self.delta_pairs: dict[str, list[float]] = {"cov": [], "delta": []}
         self.first_logged: dict[str, float] | None = None
         self.last_logged: dict[str, float] = {}
@@ -339,7 +341,8 @@ class PolicyEntropyMonitor(Callback):
                 top_fraction=self.top_fraction,
                 cov_top_fraction=self.cov_top_fraction,
             )
-        self._nonfinite.add(summary["nonfinite"], "response tokens had NaN/Inf entropy, log-prob or advantage", f"batch {index}")
+        bad_tokens = "response tokens had NaN/Inf entropy, log-prob or advantage"
+        self._nonfinite.add(summary["nonfinite"], bad_tokens, f"batch {index}")
         temperature = found["temperature"]
         if temperature is not None:
             summary["temperature"] = float(temperature)

@@ -89,17 +89,17 @@ def fit_entropy_reward(entropy: Sequence[float] | Tensor, reward: Sequence[float
     # Fit in scaled variables, exact algebra: x = e^{H - H_max} ∈ (0, 1] never overflows (H = 800 nats is finite
     # data), rewards divided by their largest |R| never overflow in the sums of squares. a, b are scaled back.
     h_max = float(h.max())
-    x = torch.exp(h - h_max)
+    y = torch.expm1(h - h_max)  # x = e^{H - H_max} = 1 + y: y keeps the digits of nearly equal entropies
     r_scale = float(r.abs().max()) or 1.0
     r = r / r_scale
-    dx = x - x.mean()
-    sxx = float((dx * dx).sum())
-    if sxx <= 1e-300 or sxx <= 1e-24 * float((x * x).sum()):
+    dy = y - y.mean()
+    sxx = float((dy * dy).sum())
+    if sxx <= 1e-300 or sxx <= 1e-24 * float(((1.0 + y) ** 2).sum()):
         raise EntrotrainError("all entropies are equal: the slope of R against exp(H) is undefined; log more steps.")
     dr = r - r.mean()
-    slope = float((dx * dr).sum()) / sxx  # d(R / r_scale) / d(e^{H - H_max})
-    b = float(r.mean()) - slope * float(x.mean())
-    residual = r - (slope * x + b)
+    slope = float((dy * dr).sum()) / sxx  # d(R / r_scale) / d(e^{H - H_max})
+    b = float(r.mean()) - slope * (1.0 + float(y.mean()))  # intercept at e^{H - H_max} = 0
+    residual = dr - slope * dy  # R - R̂ of the least-squares line
     srr = float((dr * dr).sum())
     r2 = 1.0 - float((residual * residual).sum()) / srr if srr > 0 else 1.0
     a = -slope * r_scale * math.exp(-h_max) if slope else 0.0

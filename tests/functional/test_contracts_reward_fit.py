@@ -4,6 +4,7 @@ the fit equal to a float64 least-squares reference (numpy polyfit in x = e^{H - 
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 
 import numpy as np
 import pytest
@@ -39,6 +40,14 @@ def test_huge_rewards_do_not_overflow():
     fit = fit_entropy_reward(h, r)
     assert fit.a == pytest.approx(1e307, rel=1e-9) and fit.b == pytest.approx(1.6e308, rel=1e-9)
     assert fit.ceiling == pytest.approx(1.5e308, rel=1e-9) and fit.r2 == pytest.approx(1.0)
+
+
+def test_nearly_equal_entropies_keep_their_digits():
+    # before: e^H - mean(e^H) cancelled ~10 digits (relative error 1e-7 in a and b); expm1 keeps them
+    h, r = [1e-10, 0.0, 5e-11], [1.0, 0.0, 0.4]
+    fit = fit_entropy_reward(h, r)
+    ref_a, ref_b = _ols_decimal(h, r)
+    assert fit.a == pytest.approx(ref_a, rel=1e-9) and fit.b == pytest.approx(ref_b, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -78,8 +87,20 @@ def test_fit_is_finite_or_refused_and_matches_polyfit(points):
     except EntrotrainError:
         return
     assert all(math.isfinite(v) for v in fit[:4]) and fit.n == len(points)
-    ha, ra = np.array(h), np.array(r)
-    scale = np.abs(ra).max() or 1.0
-    slope, intercept = np.polyfit(np.exp(ha - ha.max()), ra / scale, 1)
-    assert fit.b == pytest.approx(intercept * scale, rel=1e-6, abs=1e-6 * scale)
+    ref_a, ref_b = _ols_decimal(h, r)
+    tol = 1e-8 * (abs(ref_b) + abs(ref_a) + max(abs(v) for v in r))
+    assert fit.b == pytest.approx(ref_b, abs=tol) and fit.ceiling == pytest.approx(ref_b - ref_a, abs=tol)
     assert -1e-9 <= fit.r2 <= 1.0 + 1e-9  # least squares with an intercept: R² in [0, 1]
+
+
+def _ols_decimal(h: list[float], r: list[float]) -> tuple[float, float]:
+    """``(a, b)`` of ``R = -a e^H + b`` by least squares in 60-digit decimal arithmetic (x = e^{H - H_max})."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        top = max(Decimal(v) for v in h)
+        x = [(Decimal(v) - top).exp() for v in h]
+        y = [Decimal(v) for v in r]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        slope = sum((u - mx) * (v - my) for u, v in zip(x, y)) / sum((u - mx) ** 2 for u in x)
+        b = my - slope * mx
+        return float(-slope * (-top).exp()), float(b)

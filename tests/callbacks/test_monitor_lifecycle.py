@@ -236,3 +236,22 @@ def test_training_bit_identical_with_and_without_monitors_when_the_model_turns_n
     assert same_weights(m0, m1)
 
 
+
+
+def test_validation_probe_hooks_removed_when_validation_step_raises():
+    from tests.callbacks.repr_ddp_run import ReprNet
+    from tests.callbacks.repr_ddp_run import loader as repr_loader
+
+    class FailsInValidation(ReprNet):
+        def validation_step(self, batch, batch_idx):
+            if batch_idx == 1:  # the probe set's second batch: the tap is armed
+                raise RuntimeError("boom in validation_step")
+            return super().validation_step(batch, batch_idx)
+
+    L.seed_everything(0)
+    model = FailsInValidation()
+    monitor = RepresentationEntropyMonitor(include=["encoder"], stage="validation", probe_batches=3, log_spectrum=False)
+    trainer = quiet_trainer(callbacks=[monitor], max_steps=2, num_sanity_val_steps=0, val_check_interval=1)
+    with pytest.raises(RuntimeError, match="validation_step"):
+        trainer.fit(model, repr_loader(), repr_loader(n=24, seed=1))
+    assert hooks_left(model) == [] and not monitor.tap.armed and not monitor._probing

@@ -4,7 +4,8 @@ Non-finite *data* (NaN/Inf activations, attention rows, entropies, rewards, weig
 callback. A monitor
 
 - counts it and publishes the count as ``…/nonfinite`` at every logging step (0 when clean);
-- leaves it out of every statistic (rows with a NaN/Inf value are dropped, see :func:`finite_rows`);
+- leaves it out of every statistic (rows with a NaN/Inf value are dropped, see
+  :func:`entrotrain.functional.finite_row_mask`);
 - warns once per fit, not at every step (:class:`NonFiniteCounter`);
 - publishes a statistic it could not compute as NaN to ``trainer.callback_metrics`` only (``publish_scalars``
   with ``source=``), so a stale value never stands in for a current one and no logger receives NaN;
@@ -15,30 +16,14 @@ from __future__ import annotations
 
 import math
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 
-__all__ = ["NonFiniteCounter", "finite_rows", "is_finite_number"]
+__all__ = ["NonFiniteCounter", "is_finite_number"]
 
 
 def is_finite_number(value: float | None) -> bool:
     """``value`` is a real, finite number (``None``, NaN and ±Inf are not)."""
     return value is not None and math.isfinite(value)
-
-
-def finite_rows(rows: Tensor, *aligned: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
-    """Keep the rows of ``rows`` ``(n, d)`` whose every value is finite.
-
-    Returns ``(kept_rows, kept_aligned, dropped)``: ``aligned`` tensors ``(n, ...)`` (e.g. the batch index of each
-    row) are cut the same way; ``dropped`` is a 0-dim int64 tensor on ``rows``' device (no host sync for the count).
-    Boolean indexing needs the number of kept rows, so this syncs once; monitors call it on logging steps only.
-    (:func:`entrotrain.functional.representation.finite_rows` does the same for one matrix; monitors need the
-    aligned batch indices cut with it, and the count kept on the device until the logging step's reduction.)
-    """
-    keep = torch.isfinite(rows).all(dim=-1) if rows.dim() > 1 else torch.isfinite(rows)
-    dropped = (~keep).sum()
-    return rows[keep], tuple(a[keep] for a in aligned), dropped
 
 
 class NonFiniteCounter:

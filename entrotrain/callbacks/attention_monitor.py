@@ -49,7 +49,7 @@ from torch import Tensor
 from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
-from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.callbacks._publish import publish_scalars, reset_ledger
 from entrotrain.dashboards.run_record import record_media, record_threshold
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
@@ -209,6 +209,7 @@ class AttentionEntropyMonitor(Callback):
         # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
         if stage == "fit":
             self._reset_fit_state()
+            reset_ledger(trainer)  # the previous fit's publications are not this fit's
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs to keep the same ``L{l}`` names, first summary and heads-over-time history."""

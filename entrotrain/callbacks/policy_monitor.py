@@ -65,7 +65,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
-from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.callbacks._publish import publish_scalars, reset_ledger
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
@@ -246,6 +246,7 @@ class PolicyEntropyMonitor(Callback):
         # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
         if stage == "fit":
             self._reset_fit_state()
+            reset_ledger(trainer)  # the previous fit's publications are not this fit's
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -62,14 +62,15 @@ from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._logging_window import LoggingWindow
-from entrotrain.callbacks._nonfinite import NonFiniteCounter, finite_rows, is_finite_number
-from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
+from entrotrain.callbacks._publish import publish_scalars, reset_ledger
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.covariance import CovarianceAccumulator
 from entrotrain.functional.representation import (
     REPRESENTATION_MEASURES,
     diffusion_spectral_mutual_information,
+    finite_row_mask,
     median_pairwise_distance,
 )
 from entrotrain.taps.activation_tap import ActivationTap, Capture
@@ -256,6 +257,7 @@ class RepresentationEntropyMonitor(Callback):
         # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
         if stage == "fit":
             self._reset_fit_state()
+            reset_ledger(trainer)  # the previous fit's publications are not this fit's
         if self.log_spectrum and trainer.is_global_zero:
             from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
@@ -312,7 +314,8 @@ class RepresentationEntropyMonitor(Callback):
         self._labels = labels.detach()
 
     def _consume(self, name: str, capture: Capture) -> None:
-        rows, (sample,), dropped = finite_rows(capture.rows, capture.sample)  # NaN/Inf rows never enter a statistic
+        keep = finite_row_mask(capture.rows)  # NaN/Inf rows never enter a statistic
+        rows, sample, dropped = capture.rows[keep], capture.sample[keep], (~keep).sum()
         layer = self.layers.get(name)
         if layer is None:
             layer = self.layers[name] = _Layer(

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_int, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
-from entrotrain.callbacks._publish import publish_scalars
+from entrotrain.callbacks._publish import publish_scalars, reset_ledger
 from entrotrain.errors import EntrotrainError
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint
 
@@ -134,6 +134,7 @@ class SigmaReparamMonitor(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # a monitor reused for another fit starts afresh
+            reset_ledger(trainer)  # the previous fit's publications are not this fit's
             self.last_logged = {}
             self._seen_step = None
             self._warned = False

@@ -62,6 +62,7 @@ __all__ = [
     "diffusion_spectral_entropy",
     "diffusion_spectral_mutual_information",
     "effective_rank",
+    "finite_row_mask",
     "finite_rows",
     "get_measure",
     "matrix_entropy",
@@ -82,6 +83,15 @@ Kernel = Union[str, Callable[[Tensor], Tensor]]
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+def finite_row_mask(x: Tensor) -> Tensor:
+    """``(n,)`` bool: which rows of ``x`` ``(n, d)`` hold only finite entries (the one definition of a usable row;
+    monitors cut aligned tensors, e.g. each row's batch index, with it). No device sync."""
+    check_tensor(x, "x", ndim=2, layout="(n, d)")
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return torch.isfinite(x).all(dim=1)
+
+
 def finite_rows(x: Tensor) -> tuple[Tensor, int]:
     """The rows of ``x`` ``(n, d)`` whose entries are all finite, and how many rows were dropped.
 
@@ -92,10 +102,7 @@ def finite_rows(x: Tensor) -> tuple[Tensor, int]:
 
     One device sync (the count). Non-floating tensors have no non-finite entries and come back whole.
     """
-    check_tensor(x, "x", ndim=2, layout="(n, d)")
-    if not (x.is_floating_point() or x.is_complex()):
-        return x, 0
-    keep = torch.isfinite(x).all(dim=1)
+    keep = finite_row_mask(x)
     n_dropped = int(x.shape[0] - keep.sum())
     return (x, 0) if n_dropped == 0 else (x[keep], n_dropped)
 

@@ -18,7 +18,8 @@ from entrotrain.callbacks import (
     SigmaReparamMonitor,
     policy_entropy_summary,
 )
-from entrotrain.callbacks._nonfinite import NonFiniteCounter, finite_rows
+from entrotrain.callbacks._nonfinite import NonFiniteCounter
+from entrotrain.functional import finite_row_mask
 from entrotrain.callbacks.sigma_reparam_monitor import qk_spectral_norms
 from entrotrain.errors import EntrotrainError
 from tests.callbacks.repr_ddp_run import ReprNet, data
@@ -63,12 +64,11 @@ def nonfinite_warnings(record) -> list[str]:
 # ------------------------------------------------------------------------------------------ helper module
 
 
-def test_finite_rows_drops_exactly_the_rows_with_nan_or_inf():
+def test_finite_row_mask_keeps_exactly_the_rows_without_nan_or_inf():
     x = torch.arange(12.0).reshape(4, 3)
     x[1, 2], x[3, 0] = float("nan"), float("inf")
-    idx = torch.arange(4)
-    kept, (kept_idx,), dropped = finite_rows(x, idx)
-    assert torch.equal(kept, x[[0, 2]]) and kept_idx.tolist() == [0, 2] and int(dropped) == 2
+    assert finite_row_mask(x).tolist() == [True, False, True, False]
+    assert finite_row_mask(torch.ones(0, 3)).shape == (0,)
 
 
 def test_counter_warns_once_per_fit_and_counts_everything():

@@ -33,18 +33,9 @@ from entrotrain.taps import AttentionTap, record_attention
 from entrotrain.taps.nn_attention import mha_query_key
 from tests.helpers.reference import attention_entropy64, row_entropy64, valid_keys
 from tests.helpers.reference import no_tap_leaks, one_thread  # noqa: F401  (autouse fixtures)
+from tests.helpers.contracts import DTYPES, INF, NAN, call
 
-INF, NAN = float("inf"), float("nan")
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}
-
-
-def call(fn, *args, **kwargs):
-    """``("ok", result)`` or ``("error", EntrotrainError)``; any other exception fails the test."""
-    try:
-        return "ok", fn(*args, **kwargs)
-    except EntrotrainError as err:
-        return "error", err
 
 
 def _qk(batch=2, heads=2, n_q=5, n_k=5, dim=4, kv_heads=None, seed=0):

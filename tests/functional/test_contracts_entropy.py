@@ -20,18 +20,9 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.functional import entropy_from_logits, entropy_from_probs, row_entropy
 from tests.helpers.reference import entropy_rows64, probs_entropy64, row_entropy64
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.contracts import DTYPES, INF, NAN, call
 
-INF, NAN = float("inf"), float("nan")
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-4, torch.float16: 2e-4}
-
-
-def call(fn, *args, **kwargs):
-    """``("ok", result)`` or ``("error", EntrotrainError)``; any other exception fails the test."""
-    try:
-        return "ok", fn(*args, **kwargs)
-    except EntrotrainError as err:
-        return "error", err
 
 
 # ------------------------------------------------------------------ scenarios (each failed before its fix)

@@ -32,18 +32,9 @@ from entrotrain.functional import (
 from entrotrain.functional.policy import quantile
 from tests.helpers.reference import entropy_rows64
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.contracts import DTYPES, INF, NAN, call
 
-INF, NAN = float("inf"), float("nan")
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-4, torch.float16: 2e-4}
-
-
-def call(fn, *args, **kwargs):
-    """``("ok", result)`` or ``("error", EntrotrainError)``; any other exception fails the test."""
-    try:
-        return "ok", fn(*args, **kwargs)
-    except EntrotrainError as err:
-        return "error", err
 
 
 def _batch(b=3, t=4, seed=0, dtype=torch.float32):

@@ -286,7 +286,25 @@ class RegularizerSum(Regularizer):
 
 
 def combine_regularizers(regularizers: Sequence[Regularizer] | None) -> Regularizer | None:
-    """One regulariser for a list from a config (``a + b + ...``), or ``None`` for an empty or missing list."""
+    """One regulariser for a list from a config (``a + b + ...``), or ``None`` for an empty or missing list.
+
+    Raises:
+        EntrotrainError: ``regularizers`` is not ``None`` nor a list/tuple of :class:`Regularizer` (a string, a single
+            regulariser, a number or a module among the terms), instead of Python's ``TypeError`` from ``+``.
+    """
+    if regularizers is None:
+        return None
+    if not isinstance(regularizers, (list, tuple, nn.ModuleList)):
+        raise EntrotrainError(
+            f"combine_regularizers(regularizers) must be a list of Regularizers or None, got "
+            f"{type(regularizers).__name__} {regularizers!r}; wrap a single one in a list: [reg]."
+        )
+    for i, term in enumerate(regularizers):
+        if not isinstance(term, Regularizer):
+            raise EntrotrainError(
+                f"combine_regularizers: regularizers[{i}] must be a Regularizer, got {type(term).__name__} {term!r}; "
+                "pass regulariser modules (e.g. AttentionEntropyMaximization(...)) only."
+            )
     if not regularizers:
         return None
     total = regularizers[0]

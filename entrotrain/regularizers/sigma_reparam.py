@@ -61,9 +61,18 @@ def _top_right_singular_vector(weight: Tensor, init_iterations: int | None) -> T
     start = F.normalize(torch.randn(w.shape[1], generator=gen, dtype=torch.float64).to(w.device), dim=0)
     u = start
     for _ in range(init_iterations):
-        v = F.normalize(w @ u, dim=0)
-        u = _keep_if_degenerate(F.normalize(w.T @ v, dim=0), u)
+        v = _unit(w @ u)
+        u = _keep_if_degenerate(_unit(w.T @ v), u)
     return u
+
+
+def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """``x / ‖x‖`` for a vector, scale-free: ``x`` is first divided by its largest ``|entry|``, so ``‖x‖`` neither
+    overflows (weights of 1e20 in float32: ``‖x‖² = inf`` gave ``v = 0``, σ = 0) nor falls under ``eps`` (weights of
+    1e-20: ``F.normalize`` divided by ``eps`` instead of ``‖x‖``, so ``v`` was not a unit vector and σ ≠ ``‖W u‖``).
+    The zero vector stays 0; NaN/Inf entries give NaN. No host sync."""
+    peak = x.abs().amax()
+    return F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=0, eps=eps)
 
 
 def _keep_if_degenerate(new: Tensor, old: Tensor) -> Tensor:
@@ -238,10 +247,10 @@ class SigmaReparamLinear(nn.Module):
                 u = self.u.to(cdtype).clone()  # never hand the buffer itself to autograd
                 if update:
                     for _ in range(self.n_power_iterations):
-                        v = F.normalize(torch.mv(w, u), dim=0, eps=self.eps)
-                        u = _keep_if_degenerate(F.normalize(torch.mv(w.T, v), dim=0, eps=self.eps), u)
+                        v = _unit(torch.mv(w, u), self.eps)
+                        u = _keep_if_degenerate(_unit(torch.mv(w.T, v), self.eps), u)
                 else:
-                    v = F.normalize(torch.mv(w, u), dim=0, eps=self.eps)
+                    v = _unit(torch.mv(w, u), self.eps)
             sigma = torch.dot(v, torch.mv(w, u))
         if update:
             with torch.no_grad():

@@ -165,7 +165,11 @@ class SigmaReparamMonitor(Callback):
             for name, m in module.named_modules():
                 if isinstance(m, SigmaReparamLinear):
                     keys += [f"{self.prefix}{name}/sigma", f"{self.prefix}{name}/gamma"]
-                    values += [m.sigma.detach().float().reshape(1), m.gamma.detach().float().reshape(1)]
+                    # the σ buffer keeps its last finite estimate when W goes NaN/Inf (so the layer can recover):
+                    # that is not the current σ, so it is published as NaN then, never as a stale number
+                    current = torch.isfinite(m.weight.detach()).all()
+                    sigma = torch.where(current, m.sigma.detach().float(), float("nan"))
+                    values += [sigma.reshape(1), m.gamma.detach().float().reshape(1)]
             qk: list[Tensor] = []
             if self.log_qk_norm:
                 for name, m in module.named_modules():

@@ -47,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real
+from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars, reset_ledger
@@ -181,8 +182,9 @@ class AttentionEntropyMonitor(Callback):
         self.last_logged: dict[str, float] = {}
         self._window = LoggingWindow(every_n_steps)
         self._announced = False
-        self._history: list[Tensor] = []  # normalised (layers, heads) per logged step, for heads over time
-        self._history_steps: list[int] = []
+        # normalised (layers, heads) per logged step, for heads over time; bounded (ThinnedHistory) for long runs
+        self._history: list[Tensor] = ThinnedHistory()
+        self._history_steps: list[int] = ThinnedHistory()
         self._nonfinite = NonFiniteCounter("AttentionEntropyMonitor", f"{prefix}attn/nonfinite")
         check_budget(max_rows, "max_rows")  # validate now, not at the first logging step
         check_budget(max_queries, "max_queries")
@@ -201,8 +203,8 @@ class AttentionEntropyMonitor(Callback):
         self.site_names = []
         self.last_logged = {}
         self._announced = False
-        self._history = []
-        self._history_steps = []
+        self._history = ThinnedHistory()
+        self._history_steps = ThinnedHistory()
         self._nonfinite.reset()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -225,8 +227,8 @@ class AttentionEntropyMonitor(Callback):
         self.site_names = list(state_dict.get("site_names", []))
         self.first_summary = state_dict.get("first_summary")
         self.last_summary = state_dict.get("last_summary")
-        self._history = [torch.tensor(h, dtype=torch.float32) for h in state_dict.get("history", [])]
-        self._history_steps = list(state_dict.get("history_steps", []))
+        self._history = ThinnedHistory(torch.tensor(h, dtype=torch.float32) for h in state_dict.get("history", []))
+        self._history_steps = ThinnedHistory(state_dict.get("history_steps", []))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()  # a tap left from an earlier fit (another model) must hold nothing

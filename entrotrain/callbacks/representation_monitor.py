@@ -61,6 +61,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real
+from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars, reset_ledger
@@ -209,7 +210,7 @@ class RepresentationEntropyMonitor(Callback):
         self.tap: ActivationTap | None = None
         self.layers: dict[str, _Layer] = {}
         self.last_logged: dict[str, float] = {}
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self.history: list[tuple[int, dict[str, float]]] = ThinnedHistory()  # bounded for long runs
         self.spectra: dict[str, Tensor] = {}
         self._window = LoggingWindow(every_n_steps)
         self._probing = False
@@ -240,7 +241,7 @@ class RepresentationEntropyMonitor(Callback):
         self._release()
         self.layers = {}
         self.last_logged = {}
-        self.history = []
+        self.history = ThinnedHistory()
         self.spectra = {}
         self._warned_missing = False
         self._deferred = None
@@ -251,7 +252,7 @@ class RepresentationEntropyMonitor(Callback):
         return {"history": [(step, dict(row)) for step, row in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [(int(step), dict(row)) for step, row in state_dict.get("history", [])]
+        self.history = ThinnedHistory((int(step), dict(row)) for step, row in state_dict.get("history", []))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two

@@ -42,7 +42,7 @@ import re
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -50,7 +50,8 @@ from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
-from entrotrain.callbacks._publish import publish_scalars, reset_ledger
+from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media, record_threshold
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
@@ -104,7 +105,7 @@ def attention_summary(
     return entropy, normalized, summary
 
 
-class AttentionEntropyMonitor(Callback):
+class AttentionEntropyMonitor(PerFitCallback):
     r"""Logs per layer × head attention entropy every ``every_n_steps`` optimizer steps.
 
     Captures ``q, k`` at the attention boundary (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, HF
@@ -206,12 +207,6 @@ class AttentionEntropyMonitor(Callback):
         self._history = ThinnedHistory()
         self._history_steps = ThinnedHistory()
         self._nonfinite.reset()
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
-        if stage == "fit":
-            self._reset_fit_state()
-            reset_ledger(trainer)  # the previous fit's publications are not this fit's
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed fit needs to keep the same ``L{l}`` names, first summary and heads-over-time history."""

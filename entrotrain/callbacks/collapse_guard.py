@@ -53,12 +53,13 @@ import math
 from collections import deque
 from typing import Any, Literal
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
-from entrotrain.callbacks._publish import ledger, reset_ledger
+from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._publish import ledger
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["EntropyCollapseGuard"]
@@ -93,7 +94,7 @@ def _current_step(trainer: Trainer) -> int:
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
-class EntropyCollapseGuard(Callback):
+class EntropyCollapseGuard(PerFitCallback):
     """Watches one logged key and acts when it collapses, goes non-finite, or stops being published.
 
     Args:
@@ -168,10 +169,10 @@ class EntropyCollapseGuard(Callback):
         on_nonfinite = check_bool(on_nonfinite, "EntropyCollapseGuard(on_nonfinite)", none_ok=True)
         self.on_nonfinite: bool = self.action != "reduce_lr" if on_nonfinite is None else on_nonfinite
         self.stale_after = check_int(stale_after, "EntropyCollapseGuard(stale_after)", low=1, none_ok=True)
-        self._reset()
+        self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
-    def _reset(self) -> None:
+    def _reset_fit_state(self) -> None:
         """Per-fit state to its defaults (a fresh fit; missing keys of an old checkpoint)."""
         self.load_state_dict({})
         self._nonfinite_warned = False
@@ -212,10 +213,6 @@ class EntropyCollapseGuard(Callback):
         finite = [float(v) for v in history if isinstance(v, (int, float)) and math.isfinite(v)]
         self.history: deque[float] = deque(finite, maxlen=self.drop_window + 1)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # before Lightning restores callbacks from ckpt_path
-            self._reset()
-            reset_ledger(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.threshold is not None:

@@ -60,12 +60,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
-from entrotrain.callbacks._publish import publish_scalars, reset_ledger
+from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
@@ -167,7 +168,7 @@ def _pearson(x: list[float], y: list[float]) -> float:
     return float((a * b).sum()) / den if den > 0 else float("nan")
 
 
-class PolicyEntropyMonitor(Callback):
+class PolicyEntropyMonitor(PerFitCallback):
     r"""Logs RL policy entropy, the covariance term and the entropy–reward fit every ``every_n_batches`` batches.
 
     Reads the tensors ``training_step`` returns (see the module docstring), detached; no hook, no extra forward.
@@ -241,12 +242,6 @@ class PolicyEntropyMonitor(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
-        if stage == "fit":
-            self._reset_fit_state()
-            reset_ledger(trainer)  # the previous fit's publications are not this fit's
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -56,7 +56,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -64,7 +64,8 @@ from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
-from entrotrain.callbacks._publish import publish_scalars, reset_ledger
+from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.covariance import CovarianceAccumulator
@@ -97,7 +98,7 @@ class _Layer:
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # rows dropped for NaN/Inf
 
 
-class RepresentationEntropyMonitor(Callback):
+class RepresentationEntropyMonitor(PerFitCallback):
     r"""Logs rank / entropy measures of chosen layers' representations, with ``n``, ``d`` and parameters beside.
 
     Args:
@@ -255,10 +256,7 @@ class RepresentationEntropyMonitor(Callback):
         self.history = ThinnedHistory((int(step), dict(row)) for step, row in state_dict.get("history", []))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # per-fit reset here, not in on_fit_start: on resume Lightning calls load_state_dict between the two
-        if stage == "fit":
-            self._reset_fit_state()
-            reset_ledger(trainer)  # the previous fit's publications are not this fit's
+        super().setup(trainer, pl_module, stage)  # per-fit reset (PerFitCallback)
         if self.log_spectrum and trainer.is_global_zero:
             from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 

@@ -32,13 +32,14 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from entrotrain._validation import check_int, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
-from entrotrain.callbacks._publish import publish_scalars, reset_ledger
+from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint
 
@@ -90,7 +91,7 @@ def _effective_weight(linear: nn.Module) -> Tensor:
     return linear.weight  # type: ignore[return-value]
 
 
-class SigmaReparamMonitor(Callback):
+class SigmaReparamMonitor(PerFitCallback):
     r"""Logs σ and γ of every :class:`SigmaReparamLinear` and per-head attention-logit norms every ``n`` steps.
 
     Runs in ``on_train_batch_end`` of the micro-batch whose optimizer step completes step ``s`` with
@@ -132,13 +133,12 @@ class SigmaReparamMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # a monitor reused for another fit starts afresh
-            reset_ledger(trainer)  # the previous fit's publications are not this fit's
-            self.last_logged = {}
-            self._seen_step = None
-            self._warned = False
-            self._nonfinite.reset()
+    def _reset_fit_state(self) -> None:
+        """A monitor reused for another fit starts afresh (run by ``setup(stage="fit")``, PerFitCallback)."""
+        self.last_logged = {}
+        self._seen_step = None
+        self._warned = False
+        self._nonfinite.reset()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._seen_step = trainer.global_step

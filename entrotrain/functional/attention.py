@@ -32,7 +32,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
-from entrotrain._validation import check_choice, check_int, check_real, check_tensor
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.functional.entropy import accumulation_dtype, entropy_from_logits, entropy_from_probs, row_entropy
@@ -107,8 +107,7 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
 
 def _check_options(scale: float | None, is_causal: bool, path: str, chunk_elements: int) -> float | None:
     """Scalar arguments shared by every attention-entropy entry point; returns ``scale`` as a float (or None)."""
-    if not isinstance(is_causal, bool):
-        raise EntrotrainError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
+    check_bool(is_causal, "is_causal")
     check_choice(path, "path", ("auto", "materialized", "chunked", "fused"))
     check_int(chunk_elements, "chunk_elements", low=1)
     return check_real(scale, "scale", none_ok=True)
@@ -358,8 +357,7 @@ def attention_entropy(
 
 def _mask_for(x: Tensor, name: str, attn_mask, key_padding_mask, is_causal, window) -> AttentionMask:
     check_tensor(x, name, floating=True, ndim=4, layout="(batch, heads, queries, keys)")
-    if not isinstance(is_causal, bool):
-        raise EntrotrainError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}.")
+    check_bool(is_causal, "is_causal")
     return AttentionMask(
         tuple(x.shape),
         attn_mask=attn_mask,

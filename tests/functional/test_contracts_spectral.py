@@ -532,7 +532,12 @@ def test_every_parameter_value_gives_an_error_or_a_finite_value(value, which):
         "scale": lambda: renyi2_from_rows(x, scale=value),
         "max_n": lambda: diffusion_spectral_entropy(x, 1.0, max_n=value),
     }
-    _outcome(calls[which])
+    kind, result = _outcome(calls[which])  # a finite value (checked inside) or an EntrotrainError, nothing else
+    meaningless = isinstance(value, (bool, str)) or (isinstance(value, float) and math.isnan(value))
+    if meaningless:  # a bool, a string or NaN is never a valid parameter, whatever the range
+        assert kind == "error", f"{which}={value!r} was accepted and gave {result}"
+    else:
+        assert kind == "error" or math.isfinite(result)
 
 
 @settings(max_examples=12, deadline=None)

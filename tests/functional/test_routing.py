@@ -1,0 +1,203 @@
+"""entrotrain.functional.routing: Tsallis entropy against a float64 closed form, its q -> 1 limit, gradients,
+dtypes and non-finite rows; router statistics against a float64 brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.routing import (
+    SHANNON_TOLERANCE,
+    tsallis_entropy,
+    tsallis_entropy_from_logits,
+)
+from tests.helpers.contracts import DTYPES, INF, NAN, call
+
+
+def tsallis64(p: torch.Tensor, q: float, eps: float = 0.0) -> torch.Tensor:
+    """Closed form in float64, literally as written in DynMoLE: (1 - Σ (p+eps)^q) / (q - 1); Shannon at q = 1."""
+    p = p.double() + eps
+    if q == 1.0:
+        return -torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    return (1.0 - (p**q).sum(-1)) / (q - 1.0)
+
+
+def smax64(n: int, q: float) -> float:
+    return math.log(n) if q == 1.0 else (1.0 - n ** (1.0 - q)) / (q - 1.0)
+
+
+def _probs(rows: int, n: int, seed: int, zeros: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, n, generator=g, dtype=torch.float64) * 2
+    if zeros:
+        z[:, 0] = -INF
+    return torch.softmax(z, -1)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 1.0, 1.1, 1.5, 2.0, 3.0])
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_tsallis_matches_closed_form(q, eps):
+    p = _probs(16, 6, seed=1)
+    got = tsallis_entropy(p, q, eps=eps)
+    torch.testing.assert_close(got, tsallis64(p, q, eps), rtol=1e-10, atol=1e-12)
+    got32 = tsallis_entropy(p.float(), q, eps=eps)
+    torch.testing.assert_close(got32.double(), tsallis64(p, q, eps), rtol=1e-4, atol=1e-5)
+    norm = tsallis_entropy(p, q, eps=eps, normalize=True)
+    torch.testing.assert_close(norm, tsallis64(p, q, eps) / smax64(6, q), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 1.1, 2.0])
+def test_uniform_is_maximum_and_one_hot_is_zero(q):
+    n = 5
+    uni = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    assert tsallis_entropy(uni, q, normalize=True).item() == pytest.approx(1.0, abs=1e-12)
+    assert tsallis_entropy(uni, q).item() == pytest.approx(smax64(n, q), rel=1e-12)
+    hot = torch.zeros(n, dtype=torch.float64)
+    hot[2] = 1
+    assert tsallis_entropy(hot, q).item() == 0.0
+    p = _probs(32, n, seed=3)
+    assert bool((tsallis_entropy(p, q, normalize=True) <= 1 + 1e-12).all())
+
+
+def test_q_to_one_limit_is_shannon_and_continuous():
+    p = _probs(8, 7, seed=2)
+    shannon = tsallis64(p, 1.0)
+    second = 0.5 * (p * torch.log(p) ** 2).sum(-1)  # S_q ≈ H - (q-1)/2 Σ p ln² p
+    for delta in (1e-2, 1e-3, 1e-4, 1e-5, 2 * SHANNON_TOLERANCE):
+        for sign in (1, -1):
+            got = tsallis_entropy(p, 1 + sign * delta)
+            torch.testing.assert_close(got, shannon - sign * delta * second, rtol=0, atol=10 * delta**2 + 1e-12)
+    inside = tsallis_entropy(p, 1 + 0.5 * SHANNON_TOLERANCE)
+    outside = tsallis_entropy(p, 1 + 1.5 * SHANNON_TOLERANCE)
+    assert float((inside - outside).abs().max()) < 2 * SHANNON_TOLERANCE * float(second.max()) + 1e-12
+    # float32 keeps its digits near q = 1 (no 1 - Σp^q cancellation)
+    got32 = tsallis_entropy(p.float(), 1 + 1e-5).double()
+    torch.testing.assert_close(got32, shannon - 1e-5 * second, rtol=1e-5, atol=1e-6)
+    # normalised by ln N in the limit
+    torch.testing.assert_close(tsallis_entropy(p, 1.0, normalize=True), shannon / math.log(7))
+
+
+def test_base_divides_and_normalize_ignores_it():
+    p = _probs(4, 3, seed=4)
+    torch.testing.assert_close(tsallis_entropy(p, 1.0, base=2.0), tsallis64(p, 1.0) / math.log(2))
+    torch.testing.assert_close(tsallis_entropy(p, 1.5, base=2.0, normalize=True), tsallis_entropy(p, 1.5, normalize=True))
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 1.1, 2.0])
+def test_gradient_matches_float64_and_is_finite_at_zero(q):
+    p = _probs(6, 5, seed=5, zeros=True).requires_grad_(True)  # column 0 is exactly 0
+    tsallis_entropy(p, q).sum().backward()
+    grad = p.grad
+    assert bool(torch.isfinite(grad).all())
+    pd = p.detach()
+    expected = -torch.log(pd[:, 1:]) - 1 if q == 1.0 else (1 - q * pd[:, 1:] ** (q - 1)) / (q - 1)
+    torch.testing.assert_close(grad[:, 1:], expected)
+    at_zero = 1 / (q - 1) if q > 1 else 0.0
+    torch.testing.assert_close(grad[:, 0], torch.full((6,), at_zero, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 1.1, 2.0])
+def test_from_logits_matches_and_gradcheck(q):
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(tsallis_entropy_from_logits(z, q), tsallis64(torch.softmax(z, -1), q))
+    assert torch.autograd.gradcheck(lambda x: tsallis_entropy_from_logits(x, q, normalize=True), (z,))
+    # -inf logits are absent experts: value as without them, finite gradient
+    zi = z.detach().clone()
+    zi[:, 0] = -INF
+    zi.requires_grad_(True)
+    out = tsallis_entropy_from_logits(zi, q)
+    torch.testing.assert_close(out, tsallis64(torch.softmax(zi.detach()[:, 1:], -1), q))
+    out.sum().backward()
+    assert bool(torch.isfinite(zi.grad).all())
+    # eps goes through the probability path (DynMoLE)
+    torch.testing.assert_close(
+        tsallis_entropy_from_logits(z, q, eps=1e-5), tsallis64(torch.softmax(z.detach(), -1), q, 1e-5)
+    )
+
+
+def test_dim_and_half_precision():
+    p = _probs(6, 4, seed=7)
+    torch.testing.assert_close(tsallis_entropy(p.T.contiguous(), 1.3, dim=0), tsallis64(p, 1.3))
+    z = torch.randn(6, 4, dtype=torch.float64)
+    out = tsallis_entropy_from_logits(z.to(torch.bfloat16), 1.1)
+    assert out.dtype == torch.float32
+    expected = tsallis64(torch.softmax(z.to(torch.bfloat16).double(), -1), 1.1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_width_one_and_empty():
+    one = torch.ones(3, 1)
+    assert tsallis_entropy(one, 1.1, normalize=True).tolist() == [0.0, 0.0, 0.0]
+    assert tsallis_entropy_from_logits(torch.randn(3, 1), 1.0, normalize=True).tolist() == [0.0, 0.0, 0.0]
+    assert tsallis_entropy(torch.zeros(0, 4), 1.1).shape == (0,)
+    assert tsallis_entropy(torch.zeros(2, 0), 1.1, normalize=True).tolist() == [0.0, 0.0]
+    assert tsallis_entropy_from_logits(torch.zeros(2, 0), 1.1).tolist() == [0.0, 0.0]
+
+
+def test_nonfinite_rows_stay_in_their_row():
+    p = _probs(4, 3, seed=8).float()
+    p[1, 0] = NAN
+    p[2, 1] = INF
+    for fn in (tsallis_entropy, tsallis_entropy_from_logits):
+        for q in (0.5, 1.0, 1.1):
+            out = fn(p, q)
+            assert torch.isfinite(out[[0, 3]]).all() and not torch.isfinite(out[[1, 2]]).any()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"q": 0.0},
+        {"q": -1.0},
+        {"q": NAN},
+        {"q": INF},
+        {"q": True},
+        {"eps": -1e-3},
+        {"eps": NAN},
+        {"base": 1.0},
+        {"base": 0.0},
+        {"normalize": 1},
+        {"dim": 2},
+    ],
+)
+def test_bad_parameters_are_refused(kwargs):
+    for fn in (tsallis_entropy, tsallis_entropy_from_logits):
+        with pytest.raises(EntrotrainError):
+            fn(torch.full((2, 3), 1 / 3), **kwargs)
+    with pytest.raises(EntrotrainError):
+        tsallis_entropy(torch.ones(3, dtype=torch.long))
+    with pytest.raises(EntrotrainError):
+        tsallis_entropy(torch.tensor(1.0))
+
+
+@settings(max_examples=30)
+@given(
+    rows=st.integers(0, 4),
+    n=st.integers(0, 6),
+    q=st.sampled_from([0.3, 0.999, 1.0, 1.0 + 1e-7, 1.1, 2.0, 4.0]),
+    dtype=st.sampled_from(DTYPES),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_finite_bounded_and_close_to_float64(rows, n, q, dtype, normalize, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    status, out = call(tsallis_entropy_from_logits, z, q, normalize=normalize)
+    assert status == "ok"
+    assert out.shape == (rows,) and bool(torch.isfinite(out).all())
+    assert bool((out >= -1e-5).all())
+    if n > 0 and rows > 0:
+        qq = 1.0 if abs(q - 1) < SHANNON_TOLERANCE else q
+        ref = tsallis64(torch.softmax(z.double(), -1), qq)
+        if normalize:
+            ref = ref / smax64(n, qq) if n > 1 else ref * 0
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+        p = torch.softmax(z.float(), -1).to(dtype)
+        status, from_p = call(tsallis_entropy, p, q, normalize=normalize)
+        assert status == "ok" and bool(torch.isfinite(from_p).all())

@@ -36,15 +36,26 @@ Choices this module makes (reference note ``representation_routing.md``, "Choice
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_dim, check_real, check_tensor
+from entrotrain._validation import check_bool, check_dim, check_int, check_real, check_tensor, keep_mask
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.entropy import accumulation_dtype
+from entrotrain.functional.entropy import accumulation_dtype, entropy_from_logits
+from entrotrain.functional.representation import finite_row_mask
 
-__all__ = ["SHANNON_TOLERANCE", "tsallis_entropy", "tsallis_entropy_from_logits"]
+__all__ = [
+    "RouterSums",
+    "RouterValues",
+    "SHANNON_TOLERANCE",
+    "router_statistics",
+    "router_values",
+    "tsallis_entropy",
+    "tsallis_entropy_from_logits",
+    "tsallis_max",
+]
 
 #: :math:`|q - 1|` below which :func:`tsallis_entropy` takes the Shannon branch.
 SHANNON_TOLERANCE = 1e-6
@@ -205,3 +216,229 @@ def tsallis_entropy_from_logits(
         terms = -torch.exp(safe) * torch.expm1((q - 1.0) * safe) / (q - 1.0)
     s = torch.where(present, terms, torch.zeros_like(terms)).sum(dim=dim)
     return _finish(s, n, q, normalize, base)
+
+
+# ---------------------------------------------------------------------------------------------------------- routers
+class RouterSums(NamedTuple):
+    r"""Per-layer router statistics as **sums and counts** (float64), so that micro-batches and DDP ranks combine
+    exactly by addition (:meth:`merged`, or an all-reduce SUM of :meth:`flat`). Over the kept, finite rows :math:`r`:
+
+    - ``entropy``: :math:`\sum_r H(p_r)` (nats), ``tsallis``: :math:`\sum_r S_q(p_r)` (nats, order ``q``);
+    - ``load_counts`` ``(E,)``: top-k assignments per expert, :math:`\sum_r 1[e \in \mathrm{topk}(p_r)]`;
+    - ``prob_mass`` ``(E,)``: :math:`\sum_r p_{r,e}` (router importance, Switch's :math:`P_e` times rows);
+    - ``top1_margin``: :math:`\sum_r p_{r,(1)} - p_{r,(2)}`, ``topk_margin``: :math:`\sum_r p_{r,(k)} - p_{r,(k+1)}`
+      (sorted probabilities; a missing :math:`p_{(2)}` for :math:`E = 1` or :math:`p_{(k+1)}` for :math:`k = E` is 0);
+    - ``rows``: kept finite rows; ``nonfinite``: kept rows holding NaN/Inf (skipped by every other field).
+    """
+
+    entropy: Tensor
+    tsallis: Tensor
+    load_counts: Tensor
+    prob_mass: Tensor
+    top1_margin: Tensor
+    topk_margin: Tensor
+    rows: Tensor
+    nonfinite: Tensor
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.load_counts.shape[0])
+
+    def merged(self, other: RouterSums) -> RouterSums:
+        """Field-wise sum (two micro-batches, or two ranks, of the same layer)."""
+        if other.n_experts != self.n_experts:
+            raise EntrotrainError(
+                f"cannot merge router statistics of {self.n_experts} and {other.n_experts} experts; merge one layer's "
+                "statistics with the same layer's."
+            )
+        return RouterSums(*(a + b.to(a.device) for a, b in zip(self, other)))
+
+    def flat(self) -> Tensor:
+        """One float64 vector ``(6 + 2E,)`` (for a single all-reduce); :meth:`from_flat` inverts it."""
+        scalars = torch.stack([self.entropy, self.tsallis, self.top1_margin, self.topk_margin, self.rows, self.nonfinite])
+        return torch.cat([scalars, self.load_counts, self.prob_mass])
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, n_experts: int) -> RouterSums:
+        """Inverse of :meth:`flat` for a layer of ``n_experts`` experts."""
+        if flat.shape != (6 + 2 * n_experts,):
+            raise EntrotrainError(
+                f"flat router statistics of {n_experts} experts must have shape ({6 + 2 * n_experts},), got "
+                f"{tuple(flat.shape)}; pass the vector RouterSums.flat() returned."
+            )
+        e, t, m1, mk, rows, bad = flat[:6].unbind()
+        return cls(e, t, flat[6 : 6 + n_experts], flat[6 + n_experts :], m1, mk, rows, bad)
+
+
+class RouterValues(NamedTuple):
+    r"""Final per-layer router statistics (:func:`router_values`). Scalars are 0-dim float64 tensors; NaN when no row
+    was kept (a monitor publishes those as "not computable", never as a number).
+
+    - ``entropy`` (nats) and ``entropy_norm`` = ``entropy / ln E``: mean per-token router entropy;
+    - ``tsallis``: mean per-token Tsallis entropy :math:`S_q` (nats, unnormalised; divide by
+      :func:`tsallis_max` ``(E, q)`` for the DynMoLE-normalised value);
+    - ``load`` ``(E,)``: top-k assignment fractions :math:`f_e = c_e / \sum_j c_j` (sums to 1);
+    - ``importance`` ``(E,)``: mean router probability per expert :math:`P_e` (sums to 1);
+    - ``load_entropy`` :math:`-\sum_e f_e \ln f_e` and ``load_entropy_norm`` = ``/ ln E`` (1 = perfectly balanced);
+    - ``dead_frac``: fraction of experts with no top-k assignment, or with :math:`f_e <` ``dead_threshold``;
+    - ``top1_margin``, ``topk_margin``: mean margins; ``rows``, ``nonfinite``: counts.
+
+    ``E = 1`` has :math:`\ln E = 0`: both normalised entropies are defined as 0.
+    """
+
+    entropy: Tensor
+    entropy_norm: Tensor
+    tsallis: Tensor
+    load: Tensor
+    importance: Tensor
+    load_entropy: Tensor
+    load_entropy_norm: Tensor
+    dead_frac: Tensor
+    top1_margin: Tensor
+    topk_margin: Tensor
+    rows: Tensor
+    nonfinite: Tensor
+
+
+def _as_router_rows(router_logits: Tensor) -> Tensor:
+    check_tensor(router_logits, "router_logits", floating=True, min_ndim=2, layout="(rows, n_experts)")
+    if router_logits.shape[-1] == 0:
+        raise EntrotrainError(
+            f"router_logits has 0 experts (shape {tuple(router_logits.shape)}); pass the router's (rows, n_experts) "
+            "logits."
+        )
+    return router_logits.reshape(-1, router_logits.shape[-1])
+
+
+def _row_mask(mask: Tensor | None, n_rows: int, device: torch.device) -> Tensor:
+    keep = keep_mask(mask, "mask")
+    if keep is None:
+        return torch.ones(n_rows, dtype=torch.bool, device=device)
+    if keep.numel() != n_rows:
+        raise EntrotrainError(
+            f"mask has {keep.numel()} entries (shape {tuple(keep.shape)}) but router_logits has {n_rows} rows; give "
+            "one keep flag per row, e.g. HF's attention_mask (batch, seq) for logits of (batch*seq, n_experts)."
+        )
+    return keep.reshape(-1).to(device)
+
+
+def router_statistics(
+    router_logits: Tensor,
+    top_k: int,
+    *,
+    mask: Tensor | None = None,
+    q: float = 1.1,
+) -> RouterSums:
+    r"""Sums and counts of one MoE layer's routing (Shannon / Tsallis entropy, top-k load, importance, margins).
+
+    :math:`p_r = \mathrm{softmax}(z_r)` of each row's raw router logits, taken in float32 (float64 stays float64), and
+    top-k chosen on :math:`p_r` as HF's Mixtral / Qwen2-MoE / OLMoE routers do (``torch.topk``, ties as it breaks
+    them). Per-token entropy is :func:`~entrotrain.functional.entropy.entropy_from_logits` (exact), Tsallis is
+    :func:`tsallis_entropy_from_logits` (``eps = 0``). Turn the (summed) result into means with :func:`router_values`.
+
+    Choices (reference note, "Choices an implementation must state", 3–5): **pad rows are excluded** from every
+    statistic when a ``mask`` is given (HF's ``output_router_logits`` include them; DynMoLE excludes them from load
+    but not from entropy); load is counted from **hard top-k assignments** (not soft weights), **per layer** (not
+    pooled across layers as HF's aux loss); probabilities are the **full softmax** (not renormalised over the top k).
+
+    Args:
+        router_logits: ``(rows, E)`` raw pre-softmax logits (HF layout: one tensor per MoE layer, ``(batch·seq, E)``);
+            ``(..., E)`` is flattened to rows. Any floating dtype.
+        top_k: experts chosen per token, ``1 <= top_k <= E`` (HF ``config.num_experts_per_tok``).
+        mask: keep mask with one entry per row (any shape of ``rows`` elements, flattened row-major: HF's
+            ``attention_mask`` ``(batch, seq)`` lines up with ``(batch·seq, E)``): bool ``True`` = keep, or integer
+            0/1 with 1 = keep. ``None`` keeps every row.
+        q: Tsallis order, finite and > 0 (DynMoLE 1.1).
+
+    Returns:
+        :class:`RouterSums` (float64, on the logits' device; no host sync). Rows holding NaN/Inf are counted in
+        ``nonfinite`` and skipped; masked rows are neither counted nor used. Zero rows give zero sums.
+
+    Raises:
+        EntrotrainError: logits not floating with >= 2 dims or with 0 experts, ``top_k`` not in ``[1, E]``, a mask
+            that is not bool / 0-1 integer or has the wrong number of entries, ``q`` not finite > 0.
+    """
+    z = _as_router_rows(router_logits)
+    n_rows, n_experts = z.shape
+    top_k = check_int(top_k, "top_k", low=1, high=n_experts)
+    q = _check_order(q)
+    keep = _row_mask(mask, n_rows, z.device)
+    finite = finite_row_mask(z)
+    use = keep & finite
+    acc = accumulation_dtype(z.dtype)
+    z = torch.where(use[:, None], z.to(acc), torch.zeros((), dtype=acc, device=z.device))  # skipped rows: no NaN
+    w = use.to(torch.float64)
+    with torch.no_grad():
+        entropy = (entropy_from_logits(z).double() * w).sum()
+        tsallis = (tsallis_entropy_from_logits(z, q).double() * w).sum()
+        p = torch.softmax(z, dim=-1)
+        top_p, top_i = torch.topk(p, min(top_k + 1, n_experts), dim=-1)
+        counts = torch.zeros(n_experts, dtype=torch.float64, device=z.device)
+        counts.scatter_add_(0, top_i[:, :top_k].reshape(-1), w.repeat_interleave(top_k))
+        mass = (p.double() * w[:, None]).sum(0)
+        padded = torch.cat([top_p, torch.zeros(n_rows, 1, dtype=top_p.dtype, device=z.device)], dim=1).double()
+        top1 = ((padded[:, 0] - padded[:, 1]) * w).sum()
+        topk = ((padded[:, top_k - 1] - padded[:, top_k]) * w).sum()
+    return RouterSums(
+        entropy=entropy,
+        tsallis=tsallis,
+        load_counts=counts,
+        prob_mass=mass,
+        top1_margin=top1,
+        topk_margin=topk,
+        rows=w.sum(),
+        nonfinite=(keep & ~finite).sum().to(torch.float64),
+    )
+
+
+def router_values(sums: RouterSums, *, dead_threshold: float = 0.0) -> RouterValues:
+    r"""Means and distributions from (summed) :class:`RouterSums`.
+
+    .. math::
+
+        \bar H = \frac{1}{R}\sum_r H(p_r),\quad \bar H / \ln E,\quad f_e = \frac{c_e}{\sum_j c_j},\quad
+        H(f) = -\sum_e f_e \ln f_e,\quad \mathrm{dead} = \frac{1}{E}\,\#\{e : c_e = 0 \text{ or } f_e <
+        \text{dead\_threshold}\}
+
+    Args:
+        sums: one layer's statistics (summed over micro-batches / ranks).
+        dead_threshold: load share :math:`f_e` (absolute, in ``[0, 1]``) below which an expert counts as dead;
+            ``0`` (default) = only experts that received **no** top-k assignment. For a relative rule use e.g.
+            ``0.1 / E`` (a tenth of the balanced share).
+
+    Returns:
+        :class:`RouterValues`; every mean / distribution is NaN when ``sums.rows == 0`` (nothing to average).
+    """
+    dead_threshold = check_real(dead_threshold, "dead_threshold", low=0.0, high=1.0)
+    n_experts = sums.n_experts
+    rows = sums.rows.double()
+    nan = torch.full((), math.nan, dtype=torch.float64, device=rows.device)
+    has = rows > 0
+    denom = torch.where(has, rows, torch.ones_like(rows))
+    log_e = math.log(n_experts) if n_experts > 1 else 0.0
+
+    def mean(x: Tensor) -> Tensor:
+        return torch.where(has, x.double() / denom, nan)
+
+    entropy = mean(sums.entropy)
+    total = sums.load_counts.double().sum()
+    load = torch.where(has, sums.load_counts.double() / torch.where(total > 0, total, torch.ones_like(total)), nan)
+    importance = torch.where(has, sums.prob_mass.double() / denom, nan)
+    safe = torch.where(load > 0, load, torch.ones_like(load))
+    load_entropy = torch.where(has, -(torch.where(load > 0, load * safe.log(), torch.zeros_like(load))).sum(), nan)
+    dead = (sums.load_counts <= 0) | (load < dead_threshold)
+    dead_frac = torch.where(has, dead.double().mean(), nan)
+    return RouterValues(
+        entropy=entropy,
+        entropy_norm=entropy / log_e if log_e > 0 else entropy * 0,
+        tsallis=mean(sums.tsallis),
+        load=load,
+        importance=importance,
+        load_entropy=load_entropy,
+        load_entropy_norm=load_entropy / log_e if log_e > 0 else load_entropy * 0,
+        dead_frac=dead_frac,
+        top1_margin=mean(sums.top1_margin),
+        topk_margin=mean(sums.topk_margin),
+        rows=rows,
+        nonfinite=sums.nonfinite.double(),
+    )

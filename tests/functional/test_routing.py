@@ -201,3 +201,145 @@ def test_property_finite_bounded_and_close_to_float64(rows, n, q, dtype, normali
         p = torch.softmax(z.float(), -1).to(dtype)
         status, from_p = call(tsallis_entropy, p, q, normalize=normalize)
         assert status == "ok" and bool(torch.isfinite(from_p).all())
+
+
+# ------------------------------------------------------------------------------------------------ router statistics
+from entrotrain.functional.routing import RouterSums, router_statistics, router_values  # noqa: E402
+from tests.helpers.router_reference import router_reference  # noqa: E402
+
+_SCALARS = ("entropy", "entropy_norm", "tsallis", "load_entropy", "load_entropy_norm", "dead_frac", "top1_margin", "topk_margin")
+
+
+def assert_matches_reference(values, ref, atol=1e-9):
+    assert float(values.rows) == ref["rows"] and float(values.nonfinite) == ref["nonfinite"]
+    if ref["rows"] == 0:
+        for name in _SCALARS:
+            assert math.isnan(float(getattr(values, name))), name
+        return
+    for name in _SCALARS:
+        assert float(getattr(values, name)) == pytest.approx(ref[name], abs=atol), name
+    torch.testing.assert_close(values.load.cpu(), torch.tensor(ref["load"], dtype=torch.float64), atol=atol, rtol=0)
+    torch.testing.assert_close(
+        values.importance.cpu(), torch.tensor(ref["importance"], dtype=torch.float64), atol=atol, rtol=0
+    )
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("q", [1.0, 1.1, 2.0])
+def test_router_statistics_match_brute_force(top_k, q):
+    g = torch.Generator().manual_seed(top_k)
+    z = torch.randn(24, 4, generator=g, dtype=torch.float64) * 2
+    mask = torch.ones(24, dtype=torch.long)
+    mask[[3, 7, 20]] = 0
+    values = router_values(router_statistics(z, top_k, mask=mask, q=q))
+    assert_matches_reference(values, router_reference(z, top_k, mask, q=q))
+    assert float(values.load.sum()) == pytest.approx(1.0) and float(values.importance.sum()) == pytest.approx(1.0)
+
+
+def test_mask_shapes_and_conventions():
+    z = torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    a = router_statistics(z, 2, mask=mask)
+    b = router_statistics(z.reshape(10, 6), 2, mask=mask.bool().reshape(-1))
+    c = router_statistics(z.reshape(10, 6)[mask.reshape(-1).bool()], 2)
+    for x, y, w in zip(a, b, c):
+        torch.testing.assert_close(x, y)
+        torch.testing.assert_close(x, w)
+    assert float(a.rows) == 7
+    with pytest.raises(EntrotrainError, match="rows"):
+        router_statistics(z, 2, mask=torch.ones(9, dtype=torch.bool))
+    with pytest.raises(EntrotrainError):
+        router_statistics(z, 2, mask=mask.float())
+    with pytest.raises(EntrotrainError):
+        router_statistics(z, 2, mask=mask * 2)
+
+
+def test_dead_experts_and_threshold():
+    z = torch.full((30, 5), -10.0)
+    z[:, 0] = 5.0
+    z[:20, 1] = 4.0  # expert 1: 20 of 30 second choices
+    z[20:, 2] = 4.0  # expert 2: 10
+    z[0, 3] = 6.0  # expert 3: one row (top-1) -> 1 / 60 share
+    s = router_statistics(z, 2)
+    v = router_values(s)
+    assert float(v.dead_frac) == pytest.approx(1 / 5)  # only expert 4 has no assignment
+    ref = router_reference(z, 2, dead_threshold=0.05)
+    assert float(router_values(s, dead_threshold=0.05).dead_frac) == pytest.approx(ref["dead_frac"]) == 2 / 5
+    with pytest.raises(EntrotrainError):
+        router_values(s, dead_threshold=-0.1)
+
+
+def test_sums_merge_exactly_and_round_trip():
+    z = torch.randn(40, 6, dtype=torch.float64)
+    whole = router_statistics(z, 2)
+    parts = router_statistics(z[:13], 2).merged(router_statistics(z[13:], 2))
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b)
+    back = RouterSums.from_flat(whole.flat(), 6)
+    for a, b in zip(whole, back):
+        assert torch.equal(a, b)
+    with pytest.raises(EntrotrainError):
+        RouterSums.from_flat(whole.flat(), 5)
+    with pytest.raises(EntrotrainError):
+        whole.merged(router_statistics(torch.randn(3, 4), 1))
+
+
+def test_nonfinite_rows_are_counted_and_skipped():
+    z = torch.randn(10, 4)
+    z[2, 1] = NAN
+    z[5, 0] = INF
+    z[7, 3] = -INF  # a -inf logit is a non-finite row too (counted, skipped)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[5] = False  # a masked non-finite row is padding: neither counted nor used
+    v = router_values(router_statistics(z, 2, mask=mask))
+    assert float(v.nonfinite) == 2 and float(v.rows) == 7
+    assert_matches_reference(v, router_reference(z, 2, mask), atol=1e-6)
+    assert all(math.isfinite(float(getattr(v, n))) for n in _SCALARS)
+
+
+def test_single_expert_zero_rows_and_all_masked():
+    v = router_values(router_statistics(torch.randn(5, 1), 1))
+    assert float(v.entropy_norm) == 0 and float(v.load_entropy_norm) == 0 and float(v.top1_margin) == 1.0
+    assert float(v.topk_margin) == 1.0 and float(v.dead_frac) == 0
+    for z, mask in ((torch.zeros(0, 4), None), (torch.randn(6, 4), torch.zeros(6, dtype=torch.bool))):
+        s = router_statistics(z, 2, mask=mask)
+        assert float(s.rows) == 0 and float(s.load_counts.sum()) == 0
+        assert_matches_reference(router_values(s), {"rows": 0, "nonfinite": 0})
+
+
+@pytest.mark.parametrize("kwargs", [{"top_k": 0}, {"top_k": 5}, {"top_k": 2.0}, {"top_k": 2, "q": 0.0}])
+def test_router_bad_parameters(kwargs):
+    with pytest.raises(EntrotrainError):
+        router_statistics(torch.randn(3, 4), **kwargs)
+    with pytest.raises(EntrotrainError):
+        router_statistics(torch.randn(3, 0), 1)
+    with pytest.raises(EntrotrainError):
+        router_statistics(torch.randn(4), 1)
+    with pytest.raises(EntrotrainError):
+        router_statistics(torch.randint(0, 3, (3, 4)), 1)
+
+
+@settings(max_examples=25)
+@given(
+    rows=st.integers(0, 12),
+    n_experts=st.integers(1, 6),
+    k=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    masked=st.booleans(),
+    bad_rows=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_property_router_statistics(rows, n_experts, k, dtype, masked, bad_rows, seed):
+    k = min(k, n_experts)
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, n_experts, generator=g) * 3).to(dtype)
+    for r in range(min(bad_rows, rows)):
+        z[r, r % n_experts] = NAN if r % 2 == 0 else INF
+    mask = (torch.rand(rows, generator=g) > 0.3) if masked else None
+    status, sums = call(router_statistics, z, k, mask=mask)
+    assert status == "ok"
+    values = router_values(sums)
+    # the reference sees what the function sees: half-precision logits widened, top-k on float32 probabilities
+    ref = router_reference(z.float() if dtype != torch.float64 else z, k, mask)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert_matches_reference(values, ref, atol=tol)

@@ -10,7 +10,20 @@ name                  I(X;T)                                               I(T;Y
 ====================  ===================================================  =========================================
 ``binning``           ``H(T)`` of the fixed-grid binned rows               ``H(T) − H(T|Y)`` (Shwartz-Ziv & Tishby)
 ``adaptive_binning``  ``H(T)`` of EBAB equal-mass bins                     ``H(T) − H(T|Y)`` (Chelombiev et al.)
+``kde``               Kolchinsky–Tracey bound, ``T = h(X) + N(0, σ²I)``     the same, refit per class (Saxe et al.)
+``ksg``               KSG(x, t) — needs ``x``                              Ross k-NN, continuous–discrete
+``pca_ksg``           KSG(PCA(x), PCA(t)) — needs ``x``                    Ross(PCA(t), y) (Butakov et al.'s route)
 ====================  ===================================================  =========================================
+
+Parameters and defaults: ``binning`` n_bins=30, range=(-1, 1), scheme="intervals"; ``adaptive_binning``
+n_bins=30, scope="layer", quantiles="distinct"; ``kde`` noise_variance=1e-3 (Saxe et al.'s Tishby net),
+bound="upper"; ``ksg`` k=3, noise_std=0, jitter=1e-10, seed=0; ``pca_ksg`` the same plus dim=4 (Butakov et al.),
+whiten=True, compress=None, compress_x=None (callables ``(N, d) -> (N, m)`` that replace PCA for ``t`` / ``x``).
+
+The k-NN routes measure the activations as given: for a deterministic network ``I(X;T)`` of a continuous ``T`` is
+infinite in theory, and the finite KSG value reflects the estimator (it grows with N, up to about ψ(N) − ψ(k)).
+Make the network stochastic (Butakov et al.) or pass ``noise_std`` > 0 to add seeded ``N(0, noise_std²)`` noise to
+``t`` (the same ``T = h(X) + Z`` model as ``kde``) before both estimates; ``estimator_parameters`` logs which.
 
 With ``x`` given, the binning routes use ``I(X;T) = H(T) − H(T|X)`` over the distinct rows of ``x`` (the same value
 as ``H(T)`` for a deterministic network); without it, ``H(T)`` (distinct, uniformly drawn inputs assumed).
@@ -26,11 +39,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from entrotrain._validation import check_str
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional._information_common import as_rows64, check_base, check_labels
+from entrotrain.functional._information_common import as_rows64, check_base, check_labels, zero
 from entrotrain.functional.information_binning import (
     binned_entropy,
     binned_mutual_information,
@@ -39,6 +53,12 @@ from entrotrain.functional.information_binning import (
     discrete_entropy,
     discrete_mutual_information,
     input_symbols,
+)
+from entrotrain.functional.information_kde import KDE_BOUNDS, kde_mutual_information
+from entrotrain.functional.information_knn import (
+    ksg_mutual_information,
+    pca_compress,
+    ross_mutual_information,
 )
 
 __all__ = [
@@ -50,12 +70,23 @@ __all__ = [
     "discrete_mutual_information",
     "estimator_parameters",
     "information_plane_point",
+    "loggable_parameters",
+    "kde_mutual_information",
+    "ksg_mutual_information",
+    "pca_compress",
+    "ross_mutual_information",
 ]
 
 #: Each estimator's parameters and their defaults (what :func:`estimator_parameters` fills in).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "binning": {"n_bins": 30, "range": (-1.0, 1.0), "scheme": "intervals"},
     "adaptive_binning": {"n_bins": 30, "scope": "layer", "quantiles": "distinct"},
+    "kde": {"noise_variance": 1e-3, "bound": "upper"},
+    "ksg": {"k": 3, "noise_std": 0.0, "jitter": 1e-10, "seed": 0},
+    "pca_ksg": {
+        "k": 3, "noise_std": 0.0, "jitter": 1e-10, "seed": 0, "dim": 4, "whiten": True, "compress": None,
+        "compress_x": None,
+    },
 }
 
 #: The estimator names :func:`information_plane_point` accepts.
@@ -88,7 +119,52 @@ def estimator_parameters(estimator: str, **params: Any) -> dict[str, Any]:
     elif estimator == "adaptive_binning":
         opts = binning_options(used["n_bins"], True, None, None, used["scope"], used["quantiles"])
         used = {"n_bins": opts["n_bins"], "scope": opts["scope"], "quantiles": opts["quantiles"]}
+    elif estimator == "kde":
+        used["noise_variance"] = check_real(used["noise_variance"], "noise_variance", low=0.0, low_open=True)
+        check_choice(used["bound"], "bound", KDE_BOUNDS)
+    else:
+        check_int(used["k"], "k", low=1)
+        check_int(used["seed"], "seed", low=0)
+        used["noise_std"] = check_real(used["noise_std"], "noise_std", low=0.0)
+        used["jitter"] = check_real(used["jitter"], "jitter", low=0.0)
+        if estimator == "pca_ksg":
+            check_int(used["dim"], "dim", low=1)
+            check_bool(used["whiten"], "whiten")
+            for key in ("compress", "compress_x"):
+                if used[key] is not None and not callable(used[key]):
+                    raise EntrotrainError(
+                        f"{key} must be None (PCA) or a callable mapping (N, d) rows to (N, m), got {used[key]!r}."
+                    )
     return {"estimator": estimator, "base": base, **used}
+
+
+def loggable_parameters(used: dict[str, Any]) -> dict[str, Any]:
+    """:func:`estimator_parameters`' dict with callables replaced by their names (for a logger or a table)."""
+    return {
+        key: (getattr(value, "__qualname__", None) or type(value).__name__) if callable(value) else value
+        for key, value in used.items()
+    }
+
+
+def _noisy(rows: Tensor, noise_std: float, seed: int) -> Tensor:
+    """``rows + N(0, noise_std²)``, seeded on the CPU (the ``T = h(X) + Z`` model); unchanged when 0."""
+    if noise_std == 0.0 or rows.numel() == 0:
+        return rows
+    gen = torch.Generator().manual_seed(seed + 2)
+    return rows + noise_std * torch.randn(rows.shape, generator=gen, dtype=torch.float64).to(rows.device)
+
+
+def _compressed(rows: Tensor, fn: Any, dim: int, whiten: bool, name: str) -> Tensor:
+    if fn is None:
+        return pca_compress(rows, dim, whiten=whiten, name=name)
+    out = fn(rows)
+    if not isinstance(out, Tensor) or out.dim() not in (1, 2) or out.shape[0] != rows.shape[0]:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise EntrotrainError(
+            f"compress{'_x' if name == 'x' else ''} must map ({rows.shape[0]}, d) rows to ({rows.shape[0]}, m), got "
+            f"{got}; return one compressed row per sample."
+        )
+    return as_rows64(out, f"compressed {name}")
 
 
 def information_plane_point(
@@ -106,7 +182,8 @@ def information_plane_point(
         t: a layer's activations on the probe set, ``(n, d)`` (or ``(n,)``), any real dtype (computed in float64).
         labels: ``(n,)`` integer/bool class ids.
         estimator: one of :data:`ESTIMATORS` (table in the module docstring).
-        x: the probe inputs ``(n, d_x)``; the binning routes use them for ``H(T|X)`` (optional).
+        x: the probe inputs ``(n, d_x)``: required by ``ksg`` / ``pca_ksg``; the binning routes use them for
+            ``H(T|X)`` (optional); ``kde`` ignores them (its ``H(T|X)`` is the noise entropy).
         base: log base (nats by default, 2 for bits).
         **params: the estimator's parameters (see :func:`estimator_parameters` for names and defaults).
 
@@ -132,4 +209,27 @@ def information_plane_point(
         else:
             i_xt = discrete_mutual_information(symbols, input_symbols(x_rows).to(rows.device), base=base)
         return i_xt, discrete_mutual_information(symbols, labels, base=base)
-    raise AssertionError(estimator)  # pragma: no cover - _check_estimator guards the names
+    if estimator == "kde":
+        return kde_mutual_information(rows, labels, used["noise_variance"], base=base, bound=used["bound"])
+    if x is None:
+        raise EntrotrainError(
+            f"estimator {estimator!r} needs x (the probe inputs, one row per row of t) for I(X;T); pass "
+            "information_plane_point(t, labels, estimator, x=inputs)."
+        )
+    k, jitter, seed = used["k"], used["jitter"], used["seed"]
+    rows = _noisy(rows, used["noise_std"], seed)
+    if estimator == "pca_ksg":
+        rows = _compressed(rows, used["compress"], used["dim"], used["whiten"], "t")
+        x_rows = _compressed(x_rows, used["compress_x"], used["dim"], used["whiten"], "x")
+    n = rows.shape[0]
+    if n < k + 1:
+        return _too_few(n, k, rows.device)
+    i_xt = ksg_mutual_information(x_rows, rows, k, base=base, jitter=jitter, seed=seed)
+    i_ty = ross_mutual_information(rows, labels, k, base=base, jitter=jitter, seed=seed)
+    return i_xt, i_ty
+
+
+def _too_few(n: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    if n <= 1:  # no rows or one row: nothing is shared, the documented value is 0 (as for every estimator)
+        return zero(device), zero(device)
+    raise EntrotrainError(f"the k-NN estimators need at least k + 1 = {k + 1} rows, got {n}; lower k or pass more rows.")

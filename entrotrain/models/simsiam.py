@@ -83,11 +83,18 @@ class SimSiam(nn.Module):
         z = self.projector(self.encode(x))
         return z, self.predictor(z)
 
-    def loss(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """Symmetrised negative cosine similarity of two views (both views in one batch: BatchNorm sees both)."""
+    def loss(
+        self, x1: torch.Tensor, x2: torch.Tensor, *, return_projections: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Symmetrised negative cosine similarity of two views (both views in one batch: BatchNorm sees both).
+
+        ``return_projections=True`` also returns ``z`` ``(2B, feature_dim)`` of both views, view-major
+        (``[z₁; z₂]``), with its graph (not stop-gradiented), e.g. for a representation regulariser.
+        """
         z, p = self(torch.cat([x1, x2]))
         z1, z2 = z.chunk(2)
         p1, p2 = p.chunk(2)
         if self.stop_gradient:
             z1, z2 = z1.detach(), z2.detach()
-        return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
+        loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
+        return (loss, z) if return_projections else loss

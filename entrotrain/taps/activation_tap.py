@@ -4,7 +4,9 @@ Forward hooks on the modules whose names match ``include`` globs (and no ``exclu
 :meth:`ActivationTap.arm` and removed by :meth:`ActivationTap.disarm` (also on ``with`` exit and on exception), so a
 disarmed tap holds no hook and costs nothing. Captured tensors are detached copies: the model computes, bit for bit,
 what it computes without the tap, and no RNG is touched (subsampling is evenly spaced, see
-:mod:`entrotrain.taps.sampling`).
+:mod:`entrotrain.taps.sampling`). With ``differentiable=True`` (for regularisers, e.g.
+:class:`~entrotrain.regularizers.representation.MatrixEntropyRegularizer`) the captured rows keep the graph instead:
+a loss on them backpropagates into the model; the forward values are still unchanged.
 
 Outputs are turned into rows of features:
 
@@ -29,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from entrotrain._validation import check_choice, check_int
+from entrotrain._validation import check_bool, check_choice, check_int
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps.name_filter import NameFilter
@@ -68,6 +70,7 @@ def activation_rows(
     max_tokens: int | None = None,
     output_index: int = 0,
     layout: Layout = "auto",
+    detach: bool = True,
 ) -> Capture:
     """Turn a module output into a :class:`Capture` of detached ``(rows, features)`` activations.
 
@@ -79,6 +82,7 @@ def activation_rows(
         output_index: which element of a tuple/list output to read.
         layout: ``"auto"`` treats 3-D outputs as ``(B, T, C)`` and 4-D as ``(B, C, H, W)``; ``"channels_last"``
             treats every ``(B, ..., C)`` as tokens × channels; ``"channels_first"`` every ``(B, C, ...)``.
+        detach: ``False`` keeps the graph (the rows are a differentiable function of ``output``).
 
     Raises:
         TapError: the output (or its chosen element) is not a floating tensor of 2 to 4 dimensions.
@@ -87,6 +91,7 @@ def activation_rows(
     check_budget(max_tokens, "max_tokens")
     check_int(output_index, "output_index")
     check_choice(layout, "layout", ("auto", "channels_last", "channels_first"))
+    check_bool(detach, "detach")
     if isinstance(output, (tuple, list)):
         if not -len(output) <= output_index < len(output):
             raise TapError(
@@ -104,7 +109,7 @@ def activation_rows(
             f"module {name!r} returned a {output.dtype} tensor of shape {tuple(output.shape)}; activations must be a "
             "floating tensor (B, C), (B, T, C) or (B, C, H, W). Exclude it or include another module."
         )
-    x = output.detach()
+    x = output.detach() if detach else output
     b = x.shape[0]
     keep = _pick(b, max_rows, x.device)
     x = x.index_select(0, keep) if len(keep) < b else x
@@ -123,7 +128,8 @@ def activation_rows(
 
 
 class ActivationTap:
-    """Detached activations of the modules of ``model`` chosen by name glob, while armed.
+    """Detached (or, with ``differentiable=True``, graph-keeping) activations of the modules of ``model`` chosen by
+    name glob, while armed.
 
     Args:
         model: the module to watch (names are relative to it, as in ``model.named_modules()``).
@@ -136,6 +142,8 @@ class ActivationTap:
         layout: how 3-D/4-D outputs are read (see :func:`activation_rows`).
         on_capture: called as ``on_capture(name, capture)`` for every captured call instead of storing it in
             :attr:`captures` (e.g. to stream into an accumulator and keep no tensor).
+        differentiable: keep the graph of the captured rows (for a regulariser's loss) instead of detaching them.
+            Default ``False``: monitors must never hold the graph. Under ``torch.no_grad`` there is no graph to keep.
 
     Raises:
         EntrotrainError: bad arguments, or no module matches ``include``/``exclude`` (the message lists the names).
@@ -158,6 +166,7 @@ class ActivationTap:
         output_index: int = 0,
         layout: Layout = "auto",
         on_capture: Callable[[str, Capture], None] | None = None,
+        differentiable: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"ActivationTap needs an nn.Module, got {type(model).__name__}.")
@@ -175,6 +184,7 @@ class ActivationTap:
         self.output_index = output_index
         self.layout = layout
         self.on_capture = on_capture
+        self.differentiable = check_bool(differentiable, "differentiable")
         self.captures: dict[str, list[Capture]] = {}
         self._handles: list[Any] = []
         self.names = self._match()
@@ -232,15 +242,18 @@ class ActivationTap:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            with torch.no_grad():
-                capture = activation_rows(
-                    output,
-                    name=name,
-                    max_rows=self.max_rows,
-                    max_tokens=self.max_tokens,
-                    output_index=self.output_index,
-                    layout=self.layout,
-                )
+            kwargs = dict(
+                name=name,
+                max_rows=self.max_rows,
+                max_tokens=self.max_tokens,
+                output_index=self.output_index,
+                layout=self.layout,
+            )
+            if self.differentiable:
+                capture = activation_rows(output, detach=False, **kwargs)
+            else:
+                with torch.no_grad():
+                    capture = activation_rows(output, **kwargs)
             if self.on_capture is not None:
                 self.on_capture(name, capture)
             else:

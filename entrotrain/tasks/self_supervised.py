@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from entrotrain.models.simsiam import SimSiam
+from entrotrain.regularizers.composition import Regularizer, combine_regularizers
 
 __all__ = ["augment_digits", "SimSiamTask"]
 
@@ -90,6 +91,12 @@ class SimSiamTask(LightningModule):
         noise: augmentation Gaussian-noise standard deviation.
         erase: side of the erased square (``0`` = none).
         val_seed: seed of the validation views' generator (``val_seed + batch_idx``).
+        regularizers: representation regularisers added to the training loss (summed), e.g.
+            :class:`~entrotrain.regularizers.representation.MatrixEntropyRegularizer`. Each is called on the
+            projections ``z`` ``(2B, feature_dim)`` of both views, **view-major** (``[z₁; z₂]``: an
+            :class:`~entrotrain.regularizers.representation.MMCRLoss` here needs ``layout="view_major"``), with the
+            step set to ``global_step``; its terms are logged as ``train/reg/{name}``. ``None`` (default): the loss
+            and every number are those of plain SimSiam.
     """
 
     def __init__(
@@ -105,13 +112,15 @@ class SimSiamTask(LightningModule):
         noise: float = 0.1,
         erase: int = 3,
         val_seed: int = 1234,
+        regularizers: list[Regularizer] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["regularizers"])
+        self.reg = combine_regularizers(regularizers)
         self.model = SimSiam(
             in_features=64, hidden_dim=hidden_dim, feature_dim=feature_dim, pred_dim=pred_dim, stop_gradient=stop_gradient
         )
@@ -127,9 +136,15 @@ class SimSiamTask(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, _ = batch
-        loss = self.model.loss(*self._views(x))
+        if self.reg is None:
+            loss = self.model.loss(*self._views(x))
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            return loss
+        loss, z = self.model.loss(*self._views(x), return_projections=True)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
+        reg = self.reg(z, step=self.global_step)
+        self.log_dict({f"train/reg/{k}": v for k, v in reg.parts.items()}, on_step=True, on_epoch=False)
+        return loss + reg.total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, _ = batch

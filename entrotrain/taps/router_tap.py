@@ -1,0 +1,214 @@
+"""Capture mixture-of-experts router logits from a live model as ``(rows, n_experts)`` matrices.
+
+Forward hooks on the model's routers, installed by :meth:`RouterTap.arm` and removed by :meth:`RouterTap.disarm`
+(also on ``with`` exit and on exception): a disarmed tap holds no hook and costs nothing. Captured logits are
+detached copies, so the model computes, bit for bit, what it computes without the tap.
+
+Which modules are routers:
+
+- ``include=None`` (default): discovery of HF transformers routers (5.x) — every module whose class name ends with
+  ``TopKRouter`` (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ``OlmoeTopKRouter``, ``Qwen3MoeTopKRouter``: they
+  return ``(router_logits, scores, indices)``, the tensor ``output_router_logits=True`` returns), and every
+  ``nn.Linear`` named ``gate`` whose parent's class name mentions ``MoE`` / ``Moe`` / ``SparseMoe`` (the router of
+  older HF releases and of most hand-written MoE blocks); ``exclude`` globs still apply. Qwen2-MoE's
+  ``shared_expert_gate`` (a 1-output sigmoid gate) is not a router and is not matched.
+- ``include=[globs]``: exactly the modules whose names match (``fnmatch``; ``*`` also matches dots).
+
+A router's output (its ``output_index``-th element for tuple/list outputs, default 0) is read as ``(..., E)`` and
+flattened to ``(rows, E)``: HF's ``(batch·seq, E)`` layout, row-major over (batch, seq), so HF's ``attention_mask``
+``(batch, seq)`` flattened lines up with the rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from entrotrain._validation import check_int
+from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.taps.name_filter import NameFilter
+
+__all__ = ["RouterTap", "discover_routers", "router_rows"]
+
+_MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
+
+
+def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bool:
+    if type(module).__name__.endswith("TopKRouter"):
+        return True
+    if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] == "gate":
+        parent = parents.get(name.rsplit(".", 1)[0] if "." in name else "")
+        return parent is not None and bool(_MOE_PARENT.search(type(parent).__name__))
+    return False
+
+
+def discover_routers(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_modules()``, in module order) of the HF-style routers of ``model``: class name
+    ending with ``TopKRouter``, or an ``nn.Linear`` named ``gate`` inside a module whose class name mentions MoE."""
+    modules = dict(model.named_modules())
+    return [name for name, module in modules.items() if name and _is_router(name, module, modules)]
+
+
+def router_rows(output: Any, *, name: str = "router", output_index: int = 0) -> Tensor:
+    """A router's output as detached ``(rows, E)`` logits (a copy: later in-place ops cannot change it).
+
+    Raises:
+        TapError: the output (or its ``output_index``-th element) is not a floating tensor with an expert dim.
+    """
+    if isinstance(output, (tuple, list)):
+        if not -len(output) <= output_index < len(output):
+            raise TapError(
+                f"router {name!r} returned a {type(output).__name__} of {len(output)} elements; output_index="
+                f"{output_index} is out of range. Pick the element holding the logits with output_index."
+            )
+        output = output[output_index]
+    if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 1:
+        what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+        raise TapError(
+            f"router {name!r} returned {what}; router logits must be a floating tensor (..., n_experts). Exclude it "
+            "or include the module that computes the router logits."
+        )
+    return output.detach().reshape(-1, output.shape[-1]).clone()
+
+
+class RouterTap:
+    """Detached router logits of the MoE layers of ``model``, while armed.
+
+    Args:
+        model: the module to watch (names are relative to it).
+        include: glob patterns of router module names; ``None`` = HF router discovery (module docstring).
+        exclude: glob patterns of module names to skip.
+        output_index: element read from tuple/list router outputs (HF routers: 0, the raw logits).
+        on_capture: called as ``on_capture(name, logits)`` for every router call instead of storing the logits in
+            :attr:`captures`.
+
+    Attributes:
+        names: the watched module names, in module order (forward order may differ: :attr:`order` records it).
+        captures: ``{name: [(rows, E) logits per call]}`` since the last :meth:`reset`.
+        order: names in the order their first call was seen (since construction; never reset).
+
+    Raises:
+        EntrotrainError: ``model`` not a module, a bad ``output_index``.
+        TapError: no router found (discovery) or no module matches ``include`` / ``exclude``; the message says what
+            was searched and the fix.
+
+    Example:
+        >>> tap = RouterTap(model)             # finds MixtralTopKRouter / Qwen2MoeTopKRouter / OlmoeTopKRouter
+        >>> with tap:
+        ...     model(input_ids)
+        >>> tap.captures["model.layers.0.mlp.gate"][0].shape   # (batch*seq, n_experts)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        *,
+        output_index: int = 0,
+        on_capture: Callable[[str, Tensor], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise EntrotrainError(f"RouterTap needs an nn.Module, got {type(model).__name__}.")
+        check_int(output_index, "output_index")
+        if on_capture is not None and not callable(on_capture):
+            raise EntrotrainError(
+                f"on_capture must be None or a callable on_capture(name, logits), got {type(on_capture).__name__}."
+            )
+        self.model = model
+        self.discover = include is None
+        self._names = NameFilter(include, exclude)
+        self.include, self.exclude = self._names.include, self._names.exclude
+        self.output_index = output_index
+        self.on_capture = on_capture
+        self.captures: dict[str, list[Tensor]] = {}
+        self.order: list[str] = []
+        self._handles: list[Any] = []
+        self.names = self._match()
+
+    def _match(self) -> list[str]:
+        modules = dict(self.model.named_modules())
+        if self.discover:
+            names = [n for n in discover_routers(self.model) if self._names(n)]
+            if not names:
+                raise TapError(
+                    f"RouterTap found no MoE router in {type(self.model).__name__}: it searched for modules whose "
+                    "class name ends with 'TopKRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE) and nn.Linear "
+                    f"modules named 'gate' inside a module whose class name mentions MoE (exclude={self.exclude}). "
+                    "Name your router modules with include=['*.router'] (globs over named_modules()), or return "
+                    "the router logits from training_step under 'router_logits'."
+                )
+            return names
+        names = [
+            n for n, m in modules.items() if n and not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and self._names(n)
+        ]
+        if not names:
+            available = [n for n in modules if n]
+            raise TapError(
+                f"no module of {type(self.model).__name__} matches include={self.include} exclude={self.exclude}. "
+                f"Module names are: {available[:24]}{' ...' if len(available) > 24 else ''}. Fix the glob patterns "
+                "(fnmatch, '*' also matches dots), or leave include=None to discover HF routers."
+            )
+        return names
+
+    def top_k(self, name: str) -> int | None:
+        """The router's own ``top_k`` attribute (HF ``*TopKRouter``), or ``None``."""
+        value = getattr(dict(self.model.named_modules()).get(name), "top_k", None)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> RouterTap:
+        """Install one forward hook per router."""
+        if self.armed:
+            return self
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.names:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.disarm()
+            raise
+        return self
+
+    def disarm(self) -> None:
+        """Remove every hook. Safe to call twice, and after an exception."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def __enter__(self) -> RouterTap:
+        return self.arm()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disarm()
+
+    def reset(self) -> None:
+        """Forget stored captures (:attr:`order` is kept: layer numbers stay stable)."""
+        self.captures = {}
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            with torch.no_grad():
+                logits = router_rows(output, name=name, output_index=self.output_index)
+            if name not in self.order:
+                self.order.append(name)
+            if self.on_capture is not None:
+                self.on_capture(name, logits)
+            else:
+                self.captures.setdefault(name, []).append(logits)
+
+        return hook
+
+    def logits(self, name: str) -> Tensor:
+        """All stored logits of router ``name``, concatenated in call order ``(rows, E)``."""
+        if name not in self.captures:
+            raise TapError(f"nothing captured for {name!r}; captured: {sorted(self.captures)}. Arm the tap first.")
+        return torch.cat(self.captures[name])

@@ -1,0 +1,89 @@
+"""Tiny HF mixture-of-experts language models built from configs (random weights, no download) and a small
+LightningModule that trains one, for the router tap / monitor tests."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+
+KINDS = ("mixtral", "qwen2_moe", "olmoe")
+
+
+def tiny_moe(kind: str, seed: int = 0, n_experts: int = 4, top_k: int = 2) -> torch.nn.Module:
+    """A 2-layer, hidden-32 causal LM of ``kind`` with ``n_experts`` experts, ``top_k`` per token."""
+    import transformers
+
+    common = dict(
+        vocab_size=48,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=top_k,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=n_experts, **common)
+        cls = transformers.MixtralForCausalLM
+    elif kind == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=24,
+            num_experts=n_experts,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **common,
+        )
+        cls = transformers.Qwen2MoeForCausalLM
+    elif kind == "olmoe":
+        config = transformers.OlmoeConfig(intermediate_size=24, num_experts=n_experts, **common)
+        cls = transformers.OlmoeForCausalLM
+    else:
+        raise ValueError(kind)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def lm_batch(batch: int = 3, seq: int = 7, seed: int = 0, pad_last: tuple[int, ...] = (0, 2, 4)) -> dict:
+    """Random tokens with a right-padded ``attention_mask`` (row ``b`` ends with ``pad_last[b]`` pads)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 48, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        n = pad_last[b % len(pad_last)]
+        if n:
+            mask[b, seq - n :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class MoELM(LightningModule):
+    """Trains a tiny HF MoE LM on the batches of :func:`lm_batch`; ``return_logits`` also returns the router logits
+    from ``training_step`` (``output_router_logits=True``)."""
+
+    def __init__(self, kind: str = "mixtral", n_experts: int = 4, top_k: int = 2, return_logits: bool = False,
+                 lr: float = 1e-2, seed: int = 0) -> None:
+        super().__init__()
+        self.model = tiny_moe(kind, seed=seed, n_experts=n_experts, top_k=top_k).train()
+        self.return_logits = return_logits
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["input_ids"],
+            output_router_logits=self.return_logits,
+        )
+        self.losses.append(float(out.loss.detach()))
+        if self.return_logits:
+            return {"loss": out.loss, "router_logits": out.router_logits, "router_mask": batch["attention_mask"]}
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)

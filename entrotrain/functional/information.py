@@ -28,10 +28,16 @@ Make the network stochastic (Butakov et al.) or pass ``noise_std`` > 0 to add se
 With ``x`` given, the binning routes use ``I(X;T) = H(T) − H(T|X)`` over the distinct rows of ``x`` (the same value
 as ``H(T)`` for a deterministic network); without it, ``H(T)`` (distinct, uniformly drawn inputs assumed).
 
-Units: nats by default; ``base=2`` for bits (the papers plot bits). Results are 0-d float64 tensors, never NaN:
-degenerate input gives the documented value of each estimator (0 for no/one row, constant activations, a single
-class, one bin) or an :class:`~entrotrain.errors.EntrotrainError` naming the fix (NaN/Inf rows: drop them with
-:func:`entrotrain.functional.representation.finite_row_mask` and count them; bad parameters; mismatched lengths).
+Units: nats by default; ``base=2`` for bits (the papers plot bits). Results are 0-d float64 tensors, never NaN.
+Bad input (issue 16 item 5), every estimator:
+
+- no rows, one row, constant activations, no features → ``(0, 0)``; a single class → ``I(T;Y) = 0``;
+  ``n_bins = 1`` → ``(0, 0)``;
+- k-NN routes with ``2 ≤ n ≤ k`` rows → :class:`~entrotrain.errors.EntrotrainError` (no k-th neighbour; lower k);
+  ``ksg`` / ``pca_ksg`` without ``x`` → error naming the fix;
+- NaN/Inf activations → error naming the fix: drop the rows with
+  :func:`entrotrain.functional.representation.finite_row_mask` (cut ``labels`` and ``x`` alike) and count them;
+- mismatched lengths, float labels, unknown estimator or parameter, out-of-range parameters → error.
 """
 
 from __future__ import annotations

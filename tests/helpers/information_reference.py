@@ -66,6 +66,19 @@ def kde_saxe(h: np.ndarray, labels: np.ndarray, var: float) -> tuple[float, floa
     return h_t - h_t_given_x, h_t - h_t_given_y
 
 
+def kde_saxe_lower(h: np.ndarray, labels: np.ndarray, var: float) -> tuple[float, float]:
+    """Saxe et al.'s lower (Bhattacharyya) bound: ``H_BD = H_KL(·; 4 var) + (d/2) ln(1/4)``; the same differences."""
+    d = h.shape[1]
+
+    def h_bd(a: np.ndarray) -> float:
+        return _kl_entropy(a, 4 * var) + (d / 2.0) * math.log(0.25)
+
+    h_t = h_bd(h)
+    h_t_given_x = (d / 2.0) * (math.log(2 * math.pi * var) + 1)
+    h_t_given_y = sum((labels == y).mean() * h_bd(h[labels == y]) for y in np.unique(labels))
+    return h_t - h_t_given_x, h_t - h_t_given_y
+
+
 def ksg_loop(x: np.ndarray, y: np.ndarray, k: int = 3) -> float:
     """KSG algorithm 1: ψ(k) + ψ(N) − ⟨ψ(n_x+1) + ψ(n_y+1)⟩, max-norm, strict counts (Kraskov et al. 2004)."""
     n = x.shape[0]

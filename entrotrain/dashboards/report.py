@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from entrotrain.dashboards import report_figures as figs
+from entrotrain.dashboards import report_figures_information as info_figs
+from entrotrain.dashboards import report_figures_routing as router_figs
 from entrotrain.dashboards.report_template import details, esc, fmt, page, table
 from entrotrain.dashboards.run_reader import RunData, load_run
 from entrotrain.errors import EntrotrainError
@@ -33,6 +37,8 @@ HEADLINES: dict[str, str] = {
     "entropy/policy/mean": "policy entropy (nats)",
     "entropy/policy/reward_mean": "reward",
     "entropy/policy/fit_ceiling": "fitted reward ceiling b − a",
+    "entropy/router/load_entropy_norm_min": "least expert-load entropy (normalised)",
+    "entropy/router/dead_frac_max": "largest share of dead experts",
     "sigma_reparam/qk_norm/max": "max ‖W_Qᵀ W_K‖₂",
     "grpo/reward": "reward (task)",
     "val/loss": "validation loss",
@@ -46,9 +52,22 @@ _KNOWN = (  # (prefix, section id, title), in report order
     (("entropy/attn/", "entropy/attn_norm/"), "attention", "Attention entropy"),
     (("entropy/policy/",), "policy", "Policy entropy"),
     (("entropy/repr/",), "repr", "Representation entropy"),
+    (("entropy/router/",), "router", "MoE routing"),
+    (("info/",), "information", "Information plane"),
     (("sigma_reparam/",), "sigma_reparam", "σReparam"),
 )
-_TASK = ("train/", "val/", "test/")
+_TASK = ("train/", "val/", "test/", "reg/")  # regulariser terms are drawn with the training loss
+
+
+def _is_share(key: str) -> bool:
+    """Whether ``key`` is a fraction shown in percent (``…_frac``, ``…_frac_max``)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.endswith("_frac") or "_frac_" in name
+
+
+def _show(key: str) -> Callable[[float], str]:
+    """The formatter of ``key``'s values on cards and in sentences."""
+    return (lambda v: f"{100 * v:.0f} %") if _is_share(key) else fmt
 
 
 @dataclass
@@ -160,6 +179,14 @@ def _findings(run: RunData, sections: list[Section]) -> list[str]:
         out += _policy_findings(run)
     if "repr" in ids:
         out += ["Representation: " + line for line in _change_findings(run, ids["repr"].keys)]
+    if "router" in ids:
+        out += router_figs.router_findings(run)
+        for key in ("entropy/router/load_entropy_norm_min", "entropy/router/dead_frac_max"):
+            fl = run.first_last(key)
+            if fl:
+                out.append(f"{HEADLINES[key].capitalize()} ({key}) went from {_show(key)(fl[0])} to {_show(key)(fl[1])}.")
+    if "information" in ids:
+        out += info_figs.information_findings(run)
     task = ids.get("task")
     if task:
         for key in ("val/loss", "val/acc", "train/loss"):
@@ -183,7 +210,7 @@ def _comparison(runs: list[RunData]) -> list[str]:
             continue
         fa, fb = a.first_last(key), b.first_last(key)
         if fa and fb:
-            show = (lambda v: f"{100 * v:.0f} %") if key.endswith("_frac") else fmt
+            show = _show(key)
             out.append(f"At the end, {key} is {show(fa[1])} in {a.label} and {show(fb[1])} in {b.label}.")
     return out
 
@@ -255,8 +282,7 @@ def _cards(runs: list[RunData]) -> str:
             fl = run.first_last(key)
             if fl is None:
                 continue
-            pct = key.endswith("_frac")
-            show = (lambda v: f"{100 * v:.0f} %") if pct else fmt
+            show = _show(key)
             who = f'<div class="run">{esc(run.label)}</div>' if len(runs) > 1 else ""
             values.append(
                 f'{who}<div class="value" data-key="{esc(key)}" data-run="{esc(run.label)}" data-first="{fl[0]!r}" '
@@ -318,6 +344,21 @@ def _section_html(runs: list[RunData], section: Section, out_dir: Path) -> str:
     elif section.id == "policy":
         parts.append(_figure_html(figs.policy_entropy_reward(runs, out_dir)))
         parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "Policy entropy monitor: all statistics")))
+    elif section.id == "router":
+        parts.append(_figure_html(router_figs.router_load_over_time(runs, out_dir)))
+        parts.append(_figure_html(router_figs.router_curves(runs, out_dir)))
+        stats = "|".join(stat for stat, _, _ in router_figs.ROUTER_CURVES)
+        drawn = re.compile(rf"^entropy/router/L\d+/(?:load/E\d+|{stats})$")
+        rest = [k for k in rest if not drawn.match(k)]
+        parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "MoE routing: other statistics")))
+    elif section.id == "information":
+        parts.append(_figure_html(info_figs.information_plane(runs, out_dir)))
+        parts.append(_information_table(runs))
+        parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "Information-plane estimates over training")))
+    elif section.id == "task" and any(k.startswith("reg/") for k in rest):
+        parts.append(_figure_html(figs.loss_and_regularizers(runs, out_dir)))
+        rest = [k for k in rest if not k.startswith("reg/") and k != "train/loss"]
+        parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, section.title)))
     elif section.id == "repr":
         parts.append(_figure_html(figs.spectra(runs, out_dir)))
         parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "Representation entropy per layer and measure")))
@@ -328,6 +369,27 @@ def _section_html(runs: list[RunData], section: Section, out_dir: Path) -> str:
         parts.append(_figure_html(per_head))
     parts.append(details(f"{section.title}: first / last / min / max of every key", _metrics_table(runs, section.keys)))
     return "".join(parts)
+
+
+def _information_table(runs: list[RunData]) -> str:
+    """Per run, estimator and layer: I(X;T) first / peak / last, the last I(T;Y), and the verdict; then the estimator
+    parameters and layers the monitor logged."""
+    rows = info_figs.information_rows(runs)
+    if not rows:
+        return ""
+    margin = round(100 * info_figs.COMPRESSION_MARGIN)
+    html = (
+        f"<p>Compression: I(X;T) ends more than {margin} % below its peak; rising: it ends more than {margin} % (of the "
+        "peak) above its first value; flat otherwise.</p>"
+        + table(["run", "estimator", "layer", "I(X;T) first", "I(X;T) peak", "I(X;T) last", "I(T;Y) last", "verdict"], rows)
+    )
+    params = [
+        f"<b>{esc(run.label)}</b> {esc(key)}: <code>{esc(value)}</code>"
+        for run in runs
+        for key, value in sorted(run.hparams.items())
+        if key.startswith("info/")
+    ]
+    return html + ("<p>" + "<br>".join(params) + "</p>" if params else "")
 
 
 def _events_html(runs: list[RunData]) -> str:
@@ -407,7 +469,10 @@ def write_report(runs: list[RunData], out_dir: str | Path | None = None) -> Path
 
 def figs_media_html(runs: list[RunData], out: Path) -> str:
     """Stored histograms and heatmaps not drawn in a section (other monitors' media)."""
-    html = _figure_html(figs.histogram_media(runs, out)) + _figure_html(figs.heatmap_media(runs, out))
+    skip = ["entropy/attn_norm/heatmap"]
+    if any(router_figs.load_matrices(run) for run in runs):  # drawn from the per-expert scalars in the router section
+        skip.append("entropy/router/load_heatmap")
+    html = _figure_html(figs.histogram_media(runs, out)) + _figure_html(figs.heatmap_media(runs, out, tuple(skip)))
     return f'<h2 id="media">Other media</h2>{html}' if html else ""
 
 

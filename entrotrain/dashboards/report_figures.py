@@ -33,6 +33,7 @@ __all__ = [
     "heatmap_media",
     "histogram_media",
     "is_per_head",
+    "loss_and_regularizers",
     "per_head_over_time",
     "policy_entropy_reward",
     "scalar_section",
@@ -205,6 +206,83 @@ def scalar_section(runs: list[RunData], keys: list[str], out_dir: Path, name: st
     if len(runs) > 1:
         caption += f"; {runs[0].label} solid, {runs[1].label} dashed"
     return Figure(file, title, caption + "; dotted lines: declared thresholds; dash-dot: alerts.")
+
+
+# ---------------------------------------------------------------------- loss and regulariser terms
+#: Regulariser terms whose typical magnitudes differ by more than this factor get a symmetric-log right axis.
+SYMLOG_SPREAD = 100.0
+
+
+def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def loss_and_regularizers(runs: list[RunData], out_dir: Path, loss_key: str = "train/loss") -> Figure | None:
+    """``train/loss`` (left axis, black) with every ``reg/{name}`` term (right axis, one colour per term, zero line
+    dotted), one panel per run side by side with the same axis limits.
+
+    The terms are the *weighted* contributions a regulariser adds to the loss (``parts`` of
+    :class:`~entrotrain.regularizers.composition.RegularizerOutput`); they may be negative (e.g. −H for an entropy
+    bonus), hence their own axis. When their typical magnitudes (median of |value|) differ by more than
+    :data:`SYMLOG_SPREAD`, the right axis is symmetric-log with its linear zone at the smallest median. Non-finite
+    points are gaps. ``None`` when no run logged a ``reg/`` key.
+    """
+    terms = sorted({k for r in runs for k in r.scalars if k.startswith("reg/")}, key=_natural)
+    if not terms:
+        return None
+    have = [r for r in runs if any(k in r.scalars for k in terms)]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(have), figsize=(5.6 * len(have), 3.5), squeeze=False, layout="constrained")
+    palette = plt.get_cmap("tab10")
+    colour = {k: palette((i + 1) % 10) for i, k in enumerate(terms)}
+    medians = []
+    for run in have:
+        for key in terms:
+            if key in run.scalars:
+                v = np.abs(run.scalars[key][1])
+                v = v[np.isfinite(v) & (v > 0)]
+                if v.size:
+                    medians.append(float(np.median(v)))
+    symlog = len(medians) > 1 and max(medians) / min(medians) > SYMLOG_SPREAD
+    twins = []
+    for ax, run in zip(axes.flat, have):
+        twin = ax.twinx()
+        twins.append(twin)
+        if loss_key in run.scalars:
+            steps, values = run.scalars[loss_key]
+            ax.plot(steps, _finite_or_nan(values), color="black", lw=1.5, label=loss_key)
+        for key in terms:
+            if key in run.scalars:
+                steps, values = run.scalars[key]
+                twin.plot(steps, _finite_or_nan(values), color=colour[key], lw=1.2, alpha=0.9, label=key)
+        twin.axhline(0.0, color="grey", lw=0.8, ls=":")
+        if symlog:
+            twin.set_yscale("symlog", linthresh=min(medians))
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(loss_key, fontsize=8)
+        twin.set_ylabel("regulariser terms (weighted)" + (", symlog" if symlog else ""), fontsize=8)
+        ax.set_title(f"{run.label}: loss and regulariser terms", fontsize=9)
+        ax.grid(alpha=0.3)
+        for a in (ax, twin):
+            a.tick_params(labelsize=7)
+        lines, labels = ax.get_legend_handles_labels()
+        lines2, labels2 = twin.get_legend_handles_labels()
+        if len(labels) + len(labels2) <= 12:
+            ax.legend(lines + lines2, labels + labels2, fontsize=6.5, loc="best", framealpha=0.7)
+    for group, drawn in ((list(axes.flat), 0), (twins, 1)):  # same limits side by side (twins: beyond the zero line)
+        group = [a for a in group if len(a.lines) > drawn]
+        if len(group) > 1:
+            lows, highs = zip(*(a.get_ylim() for a in group))
+            for a in group:
+                a.set_ylim(min(lows), max(highs))
+    file = _save(fig, out_dir, "loss_and_regularizers")
+    return Figure(
+        file,
+        "Loss and regulariser terms",
+        f"{loss_key} (black, left axis) and each weighted regulariser term reg/* (colours, right axis; dotted: zero). "
+        "In entrotrain's tasks the optimised objective is the loss plus the sum of the terms; a negative term (an entropy bonus −H) lowers "
+        "it." + (" Right axis symmetric-log: the terms differ by orders of magnitude." if symlog else ""),
+    )
 
 
 # ---------------------------------------------------------------------- attention

@@ -32,7 +32,7 @@ from entrotrain.errors import EntrotrainError
 __all__ = ["MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records", "load_run", "run_status"]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
-MONITOR_PREFIXES = ("entropy/", "sigma_reparam/")
+MONITOR_PREFIXES = ("entropy/", "sigma_reparam/", "info/")
 #: A "running" record on another host (whose pid cannot be checked) not updated for this long is reported as stale.
 STALE_AFTER_S = 30 * 60.0
 
@@ -461,7 +461,7 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
     if not has_monitor_output and status.state == "finished":
         logged = sorted(scalars)[:12]
         raise EntrotrainError(
-            f"run {path} has no monitor output (no entropy/* or sigma_reparam/* keys; logged: {logged or 'nothing'}). "
+            f"run {path} has no monitor output (no entropy/*, sigma_reparam/* or info/* keys; logged: {logged or 'nothing'}). "
             "Add a monitor (AttentionEntropyMonitor, PolicyEntropyMonitor, RepresentationEntropyMonitor, "
             "SigmaReparamMonitor) to the trainer's callbacks, and train past its first logging step."
         )

@@ -1,0 +1,342 @@
+r"""Auxiliary losses of mixture-of-experts routers: load balancing (Switch / HF), ST-MoE z-loss, DynMoLE's Tsallis loss.
+
+**Input convention** (every function here). ``router_logits`` is what HF MoE models return with
+``output_router_logits=True``: one raw pre-softmax tensor ``(rows, E)`` per MoE layer (a tuple or list), or one
+``(rows, E)`` tensor for a single layer. ``mask`` (optional) is a *keep* mask — ``bool`` True = a real token, or HF's
+integer 0/1 ``attention_mask`` — with ``rows`` elements, e.g. ``(batch, seq)`` flattened row-major as HF flattens the
+hidden states; the same mask applies to every layer (then every layer must have ``rows`` rows). Masked rows are
+replaced by zeros before any arithmetic: NaN/Inf there never reaches a value or a gradient. Statistics are **pooled
+across layers** (one :math:`f` and :math:`P` over all layers' rows, as HF and DynMoLE do), unless stated.
+
+With :math:`p(x) = \mathrm{softmax}(z(x))` over the :math:`E` experts and the set :math:`X` of valid rows of all
+layers (:math:`T = |X|`):
+
+- :func:`load_balancing_loss` — HF transformers' ``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, OLMoE), the
+  Switch Transformer loss (Fedus et al. 2021, eq. 4–6) generalised to top-k:
+  :math:`L = E \sum_i f_i P_i`, :math:`f_i = \frac1T \sum_{x} \mathbf 1[i \in \mathrm{topk}(p(x))]`,
+  :math:`P_i = \frac1T\sum_x p_i(x)`. Its value at perfect balance is **top_k** (:math:`\sum_i f_i = k`);
+  ``normalize=True`` divides by ``top_k`` (balanced value 1). **Switch** is ``top_k=1`` (top-1 dispatch fraction,
+  balanced value 1); HF's SwitchTransformers ``mean(f·P)·E²`` per group equals it for one group per layer, with
+  ``per_layer=True`` (a mean of per-layer losses instead of pooled statistics).
+- :func:`router_z_loss` — ST-MoE (Zoph et al. 2022, eq. 5): :math:`L_z = \frac1T\sum_x (\log\sum_j e^{z_j(x)})^2`,
+  on logits (float32), pooled over layers' valid rows.
+- :func:`dynmole_router_loss` — DynMoLE (Li et al. 2025; code ``mikecovlee/DynMoLE`` @9354b27,
+  ``adapters/dynmole/model.py::_dynamic_load_balancing_loss_func``):
+  :math:`L = \beta\,\overline{\hat S_q} + \alpha\, E \sum_i f_i P_i`, where :math:`\hat S_q` is the normalised Tsallis
+  entropy of :math:`p + \epsilon` (not renormalised; :func:`entrotrain.functional.routing.tsallis_entropy`),
+  :math:`f_i` the mean of the **masked routing weights** :math:`w_i(x) = p_i(x)\,m_i(x)` (soft, not counts) with the
+  hybrid-routing mask :math:`m` of :func:`dynmole_routing`, and :math:`P_i` the mean probability.
+
+Choices (reference note ``representation_routing.md``, "Choices an implementation must state", 3–4):
+
+- Load balancing: :math:`f` from **top-k counts** (HF) in :func:`load_balancing_loss`, from **soft masked weights**
+  in :func:`dynmole_router_loss` (DynMoLE); **pooled** over layers (HF, DynMoLE), ``per_layer=True`` for the mean of
+  per-layer losses; balanced value **top_k** (HF) or 1 (``normalize=True``, Switch); 2-D ``(B, S)`` or flat masks;
+  packed/4-D masks and KV-cached decoding (a layer with a different row count) are refused with the fix.
+  Coefficients are the regularisers' weights (Switch 0.01, HF Mixtral/Qwen 0.001, OLMoE 0.01, z-loss 0.001).
+- Router entropy: Tsallis :math:`q = 1.1`, :math:`\epsilon = 10^{-5}` **without renormalisation**, divided by
+  :math:`S_q^{\max} = (1 - E^{1-q})/(q-1)` (all as DynMoLE); **pad rows are excluded from the entropy mean by
+  default** (``mask_entropy=True``: padding is not data) — DynMoLE averages the entropy over every row, pads
+  included: ``mask_entropy=False`` reproduces it exactly. The routing weights are **not renormalised** after
+  masking; top-p is **exclusive** (the expert whose cumulative probability crosses ``top_p`` is dropped) with a floor
+  of ``keep_top_k`` experts; tokens whose normalised entropy is **>** ``entropy_threshold`` use all experts, and a
+  threshold **>= 1 disables** this broadcast (DynMoLE's gate). Masked means divide by the valid-row count (DynMoLE
+  adds 1e-8 to it: a relative difference of 1e-8/count, below float32 resolution).
+- Dtypes: computed in float32 (float64 stays float64). Empty or all-masked input gives 0 with a zero gradient. A
+  NaN/Inf logit in a *valid* row is data: the pooled loss is then non-finite (mask such rows out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+from entrotrain._validation import check_bool, check_int, check_real, check_tensor, keep_mask
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.entropy import accumulation_dtype
+from entrotrain.functional.routing import tsallis_entropy
+
+__all__ = [
+    "DynMoLETerms",
+    "RouterLogits",
+    "dynmole_router_loss",
+    "dynmole_router_terms",
+    "dynmole_routing",
+    "load_balancing_loss",
+    "router_z_loss",
+]
+
+#: One ``(rows, E)`` tensor or a sequence of them (one per MoE layer), as HF's ``outputs.router_logits``.
+RouterLogits = Union[Tensor, Sequence[Tensor]]
+
+
+def _layers(router_logits: RouterLogits, mask: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
+    """Validated per-layer logits (float32/64, masked rows zeroed) and the flat keep mask (or ``None``)."""
+    if isinstance(router_logits, Tensor):
+        if router_logits.dim() == 3:
+            raise EntrotrainError(
+                f"router_logits is one 3-D tensor of shape {tuple(router_logits.shape)}; pass one (rows, E) tensor per "
+                "layer: tuple(router_logits.unbind(0)) for (layers, rows, E), or router_logits.flatten(0, 1) for "
+                "(batch, seq, E) of one layer."
+            )
+        layers = [router_logits]
+    elif isinstance(router_logits, (tuple, list)):
+        layers = list(router_logits)
+    else:
+        raise EntrotrainError(
+            f"router_logits must be a (rows, E) tensor or a tuple/list of them (one per MoE layer, as HF's "
+            f"outputs.router_logits), got {type(router_logits).__name__}."
+        )
+    if not layers:
+        raise EntrotrainError(
+            "router_logits is an empty sequence: no MoE layer was recorded; run the model with "
+            "output_router_logits=True (HF) or return one (rows, E) tensor per MoE layer."
+        )
+    for i, z in enumerate(layers):
+        check_tensor(z, f"router_logits[{i}]", floating=True, ndim=2, layout="(rows, n_experts)")
+    n_exp = layers[0].shape[1]
+    if n_exp < 1 or any(z.shape[1] != n_exp for z in layers):
+        raise EntrotrainError(
+            f"every layer's router_logits must have the same number of experts >= 1, got shapes "
+            f"{[tuple(z.shape) for z in layers]}."
+        )
+    dtype = accumulation_dtype(layers[0].dtype)
+    device = layers[0].device
+    layers = [z.to(device=device, dtype=dtype) for z in layers]
+    keep = keep_mask(mask, "mask")
+    if keep is None:
+        return layers, None
+    rows = layers[0].shape[0]
+    if keep.numel() != rows or any(z.shape[0] != rows for z in layers):
+        raise EntrotrainError(
+            f"mask has {keep.numel()} elements (shape {tuple(keep.shape)}) but the layers have "
+            f"{[z.shape[0] for z in layers]} rows; it must have one element per row of every layer: HF's 2-D "
+            "(batch, seq) attention_mask for (batch*seq, E) logits. Packed/4-D masks and KV-cached decoding are not "
+            "supported: build a flat keep mask of the rows."
+        )
+    keep = keep.reshape(-1).to(device)
+    layers = [torch.where(keep[:, None], z, torch.zeros((), dtype=dtype, device=device)) for z in layers]
+    return layers, keep
+
+
+def _keep_weights(keep: Tensor | None, z: Tensor) -> Tensor:
+    """``(rows, 1)`` 0/1 weights of the valid rows in ``z``'s dtype."""
+    if keep is None:
+        return torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
+    return keep[:, None].to(z.dtype)
+
+
+def _balance(f: Tensor, p_mean: Tensor) -> Tensor:
+    r""":math:`E \sum_i f_i P_i`."""
+    return f.shape[-1] * (f * p_mean).sum(-1)
+
+
+def load_balancing_loss(
+    router_logits: RouterLogits,
+    top_k: int,
+    *,
+    mask: Tensor | None = None,
+    normalize: bool = False,
+    per_layer: bool = False,
+) -> Tensor:
+    r"""Switch/HF load-balancing loss :math:`E\sum_i f_i P_i` with top-k dispatch counts.
+
+    :math:`f_i = \frac1T\sum_x \mathbf 1[i\in\mathrm{topk}(p(x))]` (``torch.topk`` of the float32 probabilities, HF's
+    tie order), :math:`P_i = \frac1T\sum_x p_i(x)` over the valid rows :math:`x` of every layer (pooled: HF's
+    ``load_balancing_loss_func``, transformers 5.x, to ≤1e-6 with and without a 2-D attention mask). Gradient flows
+    through :math:`P` only. Balanced value ``top_k`` (1 with ``normalize``); at full collapse onto ``top_k`` experts
+    it is :math:`E` (:math:`E/k` normalised).
+
+    Fedus et al. 2021, "Switch Transformers" (eq. 4–6): Switch is ``top_k=1``.
+
+    Args:
+        router_logits: ``(rows, E)`` per MoE layer (tuple/list) or one tensor, any floating dtype.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        mask: keep mask with one element per row (HF ``(B, S)`` attention_mask), applied to every layer.
+        normalize: divide by ``top_k`` (balanced value 1).
+        per_layer: the mean over layers of each layer's loss instead of pooled :math:`f, P`.
+
+    Returns:
+        A scalar, float32 (float64 for float64 input); 0 with a zero gradient when no row is valid.
+    """
+    layers, keep = _layers(router_logits, mask)
+    n_exp = layers[0].shape[1]
+    top_k = check_int(top_k, "top_k", low=1, high=n_exp)
+    normalize = check_bool(normalize, "normalize")
+    per_layer = check_bool(per_layer, "per_layer")
+    counts, probs, rows = [], [], []
+    for z in layers:
+        w = _keep_weights(keep, z)
+        p = torch.softmax(z, dim=-1)
+        idx = torch.topk(p, top_k, dim=-1).indices
+        hits = torch.zeros_like(p).scatter_(-1, idx, 1.0)
+        counts.append((hits * w).sum(0))
+        probs.append((p * w).sum(0))
+        rows.append(w.sum())
+    if per_layer:
+        losses = [_balance(c / r.clamp_min(1), s / r.clamp_min(1)) for c, s, r in zip(counts, probs, rows)]
+        loss = torch.stack(losses).mean()
+    else:
+        total = torch.stack(rows).sum().clamp_min(1)
+        loss = _balance(torch.stack(counts).sum(0) / total, torch.stack(probs).sum(0) / total)
+    return loss / top_k if normalize else loss
+
+
+def router_z_loss(router_logits: RouterLogits, *, mask: Tensor | None = None) -> Tensor:
+    r"""ST-MoE router z-loss :math:`\frac1T\sum_x \big(\log\sum_j e^{z_j(x)}\big)^2` over the valid rows of all layers.
+
+    Zoph et al. 2022, "ST-MoE: Designing Stable and Transferable Sparse Expert Models" (eq. 5; coefficient 0.001);
+    HF ``router_z_loss_func`` (sum over tokens / tokens). Computed on float32 logits (float64 stays float64).
+
+    Args:
+        router_logits: ``(rows, E)`` per MoE layer or one tensor.
+        mask: keep mask with one element per row, applied to every layer.
+
+    Returns:
+        A scalar >= 0; 0 with a zero gradient when no row is valid.
+    """
+    layers, keep = _layers(router_logits, mask)
+    sums, rows = [], []
+    for z in layers:
+        w = _keep_weights(keep, z)[:, 0]
+        sums.append((torch.logsumexp(z, dim=-1).square() * w).sum())
+        rows.append(w.sum())
+    return torch.stack(sums).sum() / torch.stack(rows).sum().clamp_min(1)
+
+
+def _check_dynmole(q: float, eps: float, top_p: float, keep_top_k: int, entropy_threshold: float) -> tuple:
+    q = check_real(q, "q", low=0.0, low_open=True)
+    eps = check_real(eps, "eps", low=0.0)
+    top_p = check_real(top_p, "top_p", low=0.0, high=1.0)
+    keep_top_k = check_int(keep_top_k, "keep_top_k", low=0)
+    entropy_threshold = check_real(entropy_threshold, "entropy_threshold", low=0.0)
+    return q, eps, top_p, keep_top_k, entropy_threshold
+
+
+def dynmole_routing(
+    probs: Tensor,
+    *,
+    q: float = 1.1,
+    eps: float = 1e-5,
+    top_p: float = 0.75,
+    keep_top_k: int = 2,
+    entropy_threshold: float = 0.9,
+) -> tuple[Tensor, Tensor]:
+    r"""DynMoLE's hybrid routing of router probabilities ``probs (rows, E)``: ``(entropy_norm, weights)``.
+
+    Per row: sort :math:`p` descending; keep the experts whose cumulative probability is :math:`\le` ``top_p``
+    (exclusive: the crossing expert is dropped), and at least the first ``keep_top_k``; if the normalised Tsallis
+    entropy :math:`\hat S_q(p+\epsilon)` is > ``entropy_threshold`` (and the threshold is < 1) keep every expert.
+    ``weights`` :math:`= p \odot m`, **not renormalised**. DynMoLE ``adapters/dynmole/model.py::_dynamic_routing``.
+
+    Returns:
+        ``entropy_norm`` ``(rows,)`` and ``weights`` ``(rows, E)``, float32 (float64 stays); differentiable through
+        ``probs`` (the mask is a constant).
+    """
+    check_tensor(probs, "probs", floating=True, ndim=2, layout="(rows, n_experts)")
+    q, eps, top_p, keep_top_k, entropy_threshold = _check_dynmole(q, eps, top_p, keep_top_k, entropy_threshold)
+    p = probs.to(accumulation_dtype(probs.dtype))
+    with torch.no_grad():
+        sorted_p, order = torch.sort(p, dim=-1, descending=True)
+        keep_sorted = torch.cumsum(sorted_p, dim=-1) <= top_p
+        keep_sorted[..., :keep_top_k] = True
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    entropy = tsallis_entropy(p, q, normalize=True, eps=eps)
+    if entropy_threshold < 1.0:
+        keep = keep | (entropy.detach() > entropy_threshold)[:, None]
+    return entropy, p * keep.to(p.dtype)
+
+
+class DynMoLETerms(NamedTuple):
+    r"""The two unweighted terms of DynMoLE's router loss: ``entropy`` :math:`\overline{\hat S_q}` and ``balance``
+    :math:`E\sum_i f_i P_i` (scalars that keep the graph)."""
+
+    entropy: Tensor
+    balance: Tensor
+
+
+def dynmole_router_terms(
+    router_logits: RouterLogits,
+    *,
+    q: float = 1.1,
+    eps: float = 1e-5,
+    top_p: float = 0.75,
+    keep_top_k: int = 2,
+    entropy_threshold: float = 0.9,
+    mask: Tensor | None = None,
+    mask_entropy: bool = True,
+) -> DynMoLETerms:
+    r"""The unweighted terms of :func:`dynmole_router_loss` (pooled over layers' rows).
+
+    ``entropy`` :math:`= \overline{\hat S_q(p(x)+\epsilon)}` over the valid rows (``mask_entropy=True``) or over every
+    row, pads included (``mask_entropy=False``: DynMoLE's exact behaviour); ``balance`` :math:`= E\sum_i f_i P_i`
+    with :math:`f_i` the mean masked routing weight of :func:`dynmole_routing` and :math:`P_i` the mean probability,
+    both over the valid rows. Arguments as :func:`dynmole_router_loss`.
+    """
+    mask_entropy = check_bool(mask_entropy, "mask_entropy")
+    q, eps, top_p, keep_top_k, entropy_threshold = _check_dynmole(q, eps, top_p, keep_top_k, entropy_threshold)
+    raw = None
+    if mask is not None and not mask_entropy:  # DynMoLE: the entropy sees the pad rows as they are
+        raw, _ = _layers(router_logits, None)
+    layers, keep = _layers(router_logits, mask)
+    z = torch.cat(layers)
+    w = _keep_weights(None if keep is None else keep.repeat(len(layers)), z)
+    probs = torch.softmax(z, dim=-1)
+    kwargs = dict(q=q, eps=eps, top_p=top_p, keep_top_k=keep_top_k, entropy_threshold=entropy_threshold)
+    entropy, weights = dynmole_routing(probs, **kwargs)
+    rows = w.sum().clamp_min(1)
+    if raw is not None:
+        ent_raw, _ = dynmole_routing(torch.softmax(torch.cat(raw), dim=-1), **kwargs)
+        entropy_mean = ent_raw.sum() / max(ent_raw.numel(), 1)
+    else:
+        entropy_mean = (entropy * w[:, 0]).sum() / rows
+    balance = _balance((weights * w).sum(0) / rows, (probs * w).sum(0) / rows)
+    return DynMoLETerms(entropy_mean, balance)
+
+
+def dynmole_router_loss(
+    router_logits: RouterLogits,
+    *,
+    entropy_weight: float = 0.01,
+    aux_weight: float = 0.001,
+    q: float = 1.1,
+    eps: float = 1e-5,
+    top_p: float = 0.75,
+    keep_top_k: int = 2,
+    entropy_threshold: float = 0.9,
+    mask: Tensor | None = None,
+    mask_entropy: bool = True,
+) -> Tensor:
+    r"""DynMoLE's router loss :math:`\beta\,\overline{\hat S_q} + \alpha\,E\sum_i f_i P_i` (module docstring).
+
+    Li et al. 2025, "DynMoLE: Boosting Mixture of LoRA Experts Fine-Tuning with a Hybrid Routing Mechanism";
+    code ``_dynamic_load_balancing_loss_func`` (``router_dyn_loss_coef`` β = 0.01, ``router_aux_loss_coef``
+    α = 0.001). Minimising the entropy term *sharpens* each token's routing; the balance term spreads the load.
+
+    Args:
+        router_logits: ``(rows, E)`` per MoE layer (tuple/list) or one tensor; layers are concatenated (DynMoLE's
+            ``unpack_router_logits``).
+        entropy_weight: β, finite >= 0.
+        aux_weight: α, finite >= 0.
+        q: Tsallis order > 0 (1 = Shannon, normalised by :math:`\ln E`).
+        eps: added to the probabilities in the entropy, not renormalised.
+        top_p: cumulative-probability budget of the hybrid routing, in [0, 1] (0: only ``keep_top_k``).
+        keep_top_k: experts always kept per token (>= 0; top-k floor). To describe a plain top-k router use
+            ``top_p=0, keep_top_k=k, entropy_threshold=1``.
+        entropy_threshold: normalised entropy above which a token uses all experts; >= 1 disables.
+        mask: keep mask with one element per row of every layer.
+        mask_entropy: exclude masked rows from the entropy mean (default; ``False`` = DynMoLE).
+
+    Returns:
+        A scalar; 0 with a zero gradient on empty or all-masked input (``mask_entropy=True``).
+    """
+    beta = check_real(entropy_weight, "entropy_weight", low=0.0)
+    alpha = check_real(aux_weight, "aux_weight", low=0.0)
+    terms = dynmole_router_terms(
+        router_logits, q=q, eps=eps, top_p=top_p, keep_top_k=keep_top_k, entropy_threshold=entropy_threshold,
+        mask=mask, mask_entropy=mask_entropy,
+    )
+    return beta * terms.entropy + alpha * terms.balance

@@ -87,3 +87,65 @@ class MoELM(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def lm_loader(n_batches: int = 4, seed: int = 0, **kwargs) -> torch.utils.data.DataLoader:
+    """A loader yielding ``n_batches`` ready-made :func:`lm_batch` dicts (``batch_size=None``: no collation)."""
+    return torch.utils.data.DataLoader([lm_batch(seed=seed + i, **kwargs) for i in range(n_batches)], batch_size=None)
+
+
+class ToyMoeBlock(torch.nn.Module):
+    """A soft mixture of ``n_experts`` linear experts behind a ``gate`` router (discovered as a MoE gate)."""
+
+    def __init__(self, dim: int = 6, n_experts: int = 4) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(dim, n_experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.gate(x).softmax(-1)
+        return x + sum(w[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+
+
+class ToyMoE(LightningModule):
+    """Two :class:`ToyMoeBlock` layers on ``batch["x"]`` ``(B, T, D)``; regression to ``batch["y"]``. ``nan_rows``:
+    sample indices whose input is NaN from ``nan_from_step`` on (their router rows go non-finite); ``fail_at``: raise
+    in ``training_step`` from that step."""
+
+    def __init__(self, dim: int = 6, n_experts: int = 4, lr: float = 0.05, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = torch.nn.Sequential(ToyMoeBlock(dim, n_experts), ToyMoeBlock(dim, n_experts))
+        self.lr = lr
+        self.nan_rows: list[int] = []
+        self.fail_at: int | None = None
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step >= self.fail_at:
+            raise RuntimeError("boom")
+        x = batch["x"].clone()
+        if self.nan_rows:
+            x[self.nan_rows, 0, 0] = float("nan")
+        out = self.blocks(x)
+        loss = torch.nn.functional.mse_loss(out[torch.isfinite(out).all(-1)], batch["y"][torch.isfinite(out).all(-1)])
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def toy_batches(n: int = 4, batch: int = 4, seq: int = 5, dim: int = 6, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[1:, -2:] = 0
+        out.append({"x": torch.randn(batch, seq, dim, generator=g), "y": torch.randn(batch, seq, dim, generator=g),
+                    "attention_mask": mask})
+    return out
+
+
+def toy_loader(n: int = 4, seed: int = 0) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(toy_batches(n, seed=seed), batch_size=None)

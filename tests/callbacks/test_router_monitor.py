@@ -1,0 +1,176 @@
+"""RouterEntropyMonitor: values equal a float64 brute force from HF output_router_logits (padding excluded), the
+training_step path equals the tap path, training is bit-identical with the monitor, hooks go away on every exit,
+state survives a checkpoint, non-finite router rows are counted and never reach a logger."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
+from entrotrain.errors import EntrotrainError, TapError
+from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.router_models import KINDS, MoELM, ToyMoE, lm_batch, lm_loader, toy_batches, toy_loader
+from tests.helpers.router_reference import router_reference
+from tests.helpers.spy_logger import SpyLogger
+
+FIELDS = ("entropy", "entropy_norm", "tsallis", "load_entropy", "load_entropy_norm", "dead_frac", "top1_margin",
+          "topk_margin")
+
+
+def _router_hooks(model: torch.nn.Module) -> int:
+    return sum("RouterTap" in getattr(h, "__qualname__", "") for m in model.modules() for h in m._forward_hooks.values())
+
+
+def _expected(layers: list[torch.Tensor], top_k: int, mask: torch.Tensor | None, q: float = 1.1) -> dict[str, float]:
+    out: dict[str, float] = {}
+    norms, balance, dead = [], [], []
+    for i, logits in enumerate(layers):
+        ref = router_reference(logits, top_k, mask, q=q)
+        for f in FIELDS:
+            out[f"entropy/router/L{i}/{f}"] = ref[f]
+        for e, share in enumerate(ref["load"]):
+            out[f"entropy/router/L{i}/load/E{e}"] = share
+        norms.append(ref["entropy_norm"])
+        balance.append(ref["load_entropy_norm"])
+        dead.append(ref["dead_frac"])
+    out["entropy/router/entropy_norm_mean"] = sum(norms) / len(norms)
+    out["entropy/router/load_entropy_norm_min"] = min(balance)
+    out["entropy/router/dead_frac_max"] = max(dead)
+    out["entropy/router/nonfinite"] = 0.0
+    return out
+
+
+def _assert_logged(logged: dict[str, float], expected: dict[str, float], tol: float = 1e-5) -> None:
+    assert set(expected) == set(logged), sorted(set(expected) ^ set(logged))
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, abs=tol), key
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_values_equal_brute_force_from_output_router_logits(kind):
+    """Two micro-batches (gradient accumulation) of a right-padded batch: the monitor reads the mask from the batch."""
+    n_experts = 8 if kind == "olmoe" else 4
+    module = MoELM(kind, n_experts=n_experts, top_k=2)
+    reference = copy.deepcopy(module.model)
+    spy = SpyLogger()
+    monitor = RouterEntropyMonitor(every_n_steps=1, log_media=False, print_summary=False)
+    trainer = quiet_trainer(callbacks=[monitor], max_steps=1, accumulate_grad_batches=2, logger=spy)
+    trainer.fit(module, lm_loader(2))
+    batches = [lm_batch(seed=0), lm_batch(seed=1)]
+    with torch.no_grad():
+        outs = [reference(**b, output_router_logits=True).router_logits for b in batches]
+    layers = [torch.cat([o[layer] for o in outs]) for layer in range(2)]
+    mask = torch.cat([b["attention_mask"].reshape(-1) for b in batches])
+    assert int(mask.sum()) < mask.numel()  # padding is there, and excluded
+    expected = _expected(layers, 2, mask)
+    _assert_logged(monitor.last_logged, expected)
+    step, row = spy.rows[-1]
+    assert step == 0 and all(row[k] == pytest.approx(v, abs=1e-5) for k, v in expected.items())
+    assert spy.hparams[0]["entropy/router/layers"] == {
+        "L0": "model.model.layers.0.mlp.gate",
+        "L1": "model.model.layers.1.mlp.gate",
+    }
+    # padding really changes the numbers: the unmasked brute force differs
+    assert any(abs(_expected(layers, 2, None)[k] - expected[k]) > 1e-4 for k in expected)
+
+
+def test_training_step_router_logits_equal_tap_and_top_k_from_config():
+    logged = []
+    for returned in (False, True):
+        module = MoELM("qwen2_moe", return_logits=returned)
+        monitor = RouterEntropyMonitor(every_n_steps=2, log_media=False, print_summary=False)
+        quiet_trainer(callbacks=[monitor], max_steps=3).fit(module, lm_loader(3))
+        logged.append(monitor.last_logged)
+        names = monitor.layer_names
+    assert names == ["router_logits[0]", "router_logits[1]"]
+    assert logged[0].keys() == logged[1].keys()
+    for key in logged[0]:
+        assert logged[0][key] == pytest.approx(logged[1][key], abs=1e-6), key
+
+
+def test_bit_identical_training_and_hooks_removed():
+    runs = []
+    for with_monitor in (False, True):
+        module = ToyMoE()
+        callbacks = [RouterEntropyMonitor(every_n_steps=1, top_k=2, print_summary=False)] if with_monitor else []
+        quiet_trainer(callbacks=callbacks, max_steps=4).fit(module, toy_loader(4))
+        runs.append((module.losses, [p.detach().clone() for p in module.parameters()]))
+        assert _router_hooks(module) == 0
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_hooks_removed_on_exception():
+    module = ToyMoE()
+    module.fail_at = 1
+    monitor = RouterEntropyMonitor(every_n_steps=1, top_k=1, print_summary=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        quiet_trainer(callbacks=[monitor], max_steps=4).fit(module, toy_loader(4))
+    assert _router_hooks(module) == 0 and not monitor.tap.armed
+
+
+def test_nonfinite_rows_counted_never_logged_and_values_on_finite_rows():
+    module = ToyMoE()
+    module.nan_rows = [0]  # sample 0's first token goes NaN: one router row per layer
+    reference = copy.deepcopy(module.blocks)
+    spy = SpyLogger()
+    monitor = RouterEntropyMonitor(every_n_steps=1, top_k=2, log_media=False, print_summary=False)
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        quiet_trainer(callbacks=[monitor], max_steps=1, logger=spy).fit(module, toy_loader(1))
+    batch = toy_batches(1)[0]
+    x = batch["x"].clone()
+    x[0, 0, 0] = math.nan
+    layers, h = [], x
+    with torch.no_grad():
+        for block in reference:
+            layers.append(block.gate(h).reshape(-1, 4))
+            h = block(h)
+    expected = _expected(layers, 2, batch["attention_mask"])
+    expected["entropy/router/nonfinite"] = 2.0  # one row in each of the 2 layers
+    _assert_logged(monitor.last_logged, expected)
+    for _, row in spy.rows:
+        assert all(math.isfinite(v) for v in row.values())
+
+
+def test_state_dict_round_trip_and_summary(capsys):
+    module = ToyMoE()
+    monitor = RouterEntropyMonitor(every_n_steps=2, top_k=2, log_media=False)
+    quiet_trainer(callbacks=[monitor], max_steps=3).fit(module, toy_loader(3))
+    printed = capsys.readouterr().out
+    assert "router entropy (2 MoE layers)" in printed and "dead_frac_max" in printed
+    state = monitor.state_dict()
+    assert state["layer_names"] == ["blocks.0.gate", "blocks.1.gate"] and [s for s, _ in state["history"]] == [0, 2]
+    restored = RouterEntropyMonitor(every_n_steps=2, top_k=2)
+    restored.load_state_dict(copy.deepcopy(state))
+    assert restored.state_dict() == state
+    assert monitor.load_matrix is not None and monitor.load_matrix.shape == (2, 4)
+    assert torch.allclose(monitor.load_matrix.sum(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_configuration_errors():
+    with pytest.raises(EntrotrainError):
+        RouterEntropyMonitor(every_n_steps=0)
+    with pytest.raises(EntrotrainError):
+        RouterEntropyMonitor(q=0.0)
+    with pytest.raises(EntrotrainError):
+        RouterEntropyMonitor(dead_threshold=2.0)
+    with pytest.raises(EntrotrainError):
+        RouterEntropyMonitor(top_k=0)
+    # include that matches nothing: at setup
+    with pytest.raises(TapError, match="matches"):
+        quiet_trainer(callbacks=[RouterEntropyMonitor(include=["nope*"])], max_steps=1).fit(ToyMoE(), toy_loader(1))
+    # no HF config, no router top_k attribute, no top_k argument: say so
+    module = ToyMoE()
+    with pytest.raises(EntrotrainError, match="top_k"):
+        quiet_trainer(callbacks=[RouterEntropyMonitor(every_n_steps=1)], max_steps=1).fit(module, toy_loader(1))
+    assert _router_hooks(module) == 0
+    # a model without routers that returns no router_logits: the discovery message
+    plain = ToyMoE()
+    with pytest.raises(TapError, match="include="):
+        quiet_trainer(
+            callbacks=[RouterEntropyMonitor(every_n_steps=1, top_k=1, exclude=["*"])], max_steps=1
+        ).fit(plain, toy_loader(1))

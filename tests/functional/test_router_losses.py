@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from entrotrain.errors import EntrotrainError
 from entrotrain.functional.router_losses import (
     dynmole_router_loss,
     dynmole_router_terms,

@@ -1,0 +1,114 @@
+"""Router regularisers: each equals its functional formula times the (scheduled) weight, parts sum to the total,
+every call form (logits, (logits, mask), RouterInputs, mapping, HF-style output) gives the same answer, ``+``
+composition, and bad arguments raise EntrotrainError."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional.router_losses import dynmole_router_terms, load_balancing_loss, router_z_loss
+from entrotrain.regularizers.composition import RegularizerSum
+from entrotrain.regularizers.router_loss import LoadBalancingLoss, RouterInputs, RouterZLoss, TsallisRouterLoss
+
+
+def _logits(seed=0, layers=2, rows=12, n_exp=4):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(rows, n_exp, generator=g, dtype=torch.float64).requires_grad_() for _ in range(layers))
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+MASK = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 0]])  # (B, S) for 12 rows per layer
+
+
+def test_load_balancing_and_z_loss_are_weighted_formulas():
+    z = _logits()
+    lb = LoadBalancingLoss(0.02, top_k=2)(z, MASK)
+    assert float(lb.total) == pytest.approx(0.02 * float(load_balancing_loss(z, 2, mask=MASK)), rel=1e-12)
+    assert set(lb.parts) == {"load_balancing"} and not lb.parts["load_balancing"].requires_grad
+    zl = RouterZLoss()(z)
+    assert float(zl.total) == pytest.approx(0.001 * float(router_z_loss(z)), rel=1e-12)
+    norm = LoadBalancingLoss(1.0, top_k=2, normalize=True, per_layer=True)(z)
+    assert float(norm.total) == pytest.approx(float(load_balancing_loss(z, 2, normalize=True, per_layer=True)))
+
+
+def test_tsallis_router_loss_parts_and_gradient():
+    z = _logits(1)
+    reg = TsallisRouterLoss(weight=0.05, q=1.1, aux_weight=0.2, keep_top_k=1, top_p=0.0, entropy_threshold=1.0)
+    out = reg(z)
+    terms = dynmole_router_terms(z, q=1.1, top_p=0.0, keep_top_k=1, entropy_threshold=1.0)
+    assert float(out.parts["tsallis_router/entropy"]) == pytest.approx(0.05 * float(terms.entropy), rel=1e-12)
+    assert float(out.parts["tsallis_router/balance"]) == pytest.approx(0.2 * float(terms.balance), rel=1e-12)
+    assert float(out.total) == pytest.approx(sum(float(v) for v in out.parts.values()), rel=1e-12)
+    out.total.backward()
+    assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in z)
+
+
+def test_schedule_scales_the_entropy_weight_only():
+    z = _logits(2)
+    reg = TsallisRouterLoss(weight=0.1, aux_weight=0.3, schedule="warmup", total_steps=10)
+    at0 = reg(z, step=0)
+    assert float(at0.parts["tsallis_router/entropy"]) == 0.0 and float(at0.parts["tsallis_router/balance"]) > 0
+    at5 = reg(z, step=5)
+    terms = dynmole_router_terms(z)
+    assert float(at5.parts["tsallis_router/entropy"]) == pytest.approx(0.05 * float(terms.entropy), rel=1e-12)
+    lb = LoadBalancingLoss(0.4, top_k=1, schedule="cosine", total_steps=4, final_weight=0.0)
+    assert float(lb(z, step=4).total) == 0.0
+
+
+def test_call_forms_agree():
+    z = _logits(3)
+    reg = TsallisRouterLoss(aux_weight=0.1)
+    ref = float(reg(z, MASK).total)
+    assert float(reg(RouterInputs(z, MASK)).total) == ref
+    assert float(reg({"router_logits": z, "attention_mask": MASK}).total) == ref
+    assert float(reg({"router_logits": z, "mask": MASK}).total) == ref
+    unmasked = float(reg(z).total)
+    assert float(reg(list(z)).total) == unmasked
+    assert float(reg(SimpleNamespace(router_logits=z)).total) == unmasked
+    assert unmasked != ref
+    single = float(reg(z[0]).total)
+    assert single == float(reg((z[0],)).total)
+
+
+def test_composition_sums_terms_and_keeps_every_part():
+    z = _logits(4)
+    total = TsallisRouterLoss(aux_weight=0.1) + LoadBalancingLoss(0.01, top_k=1) + 2 * RouterZLoss(0.001)
+    assert isinstance(total, RegularizerSum)
+    out = total(z, MASK, step=3)
+    assert set(out.parts) == {"tsallis_router/entropy", "tsallis_router/balance", "load_balancing", "router_z"}
+    assert float(out.total) == pytest.approx(sum(float(v) for v in out.parts.values()), rel=1e-12)
+    expected = (
+        float(TsallisRouterLoss(aux_weight=0.1)(z, MASK).total)
+        + float(LoadBalancingLoss(0.01, top_k=1)(z, MASK).total)
+        + 2 * float(RouterZLoss(0.001)(z, MASK).total)
+    )
+    assert float(out.total) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda: LoadBalancingLoss(top_k=0),
+        lambda: LoadBalancingLoss(weight=-1.0),
+        lambda: LoadBalancingLoss(normalize="yes"),
+        lambda: TsallisRouterLoss(q=0.0),
+        lambda: TsallisRouterLoss(aux_weight=float("inf")),
+        lambda: TsallisRouterLoss(top_p=2.0),
+        lambda: TsallisRouterLoss(keep_top_k=1.5),
+        lambda: RouterZLoss(schedule="linear"),
+        lambda: RouterZLoss()(),
+        lambda: RouterZLoss()(_logits(), MASK, MASK),
+        lambda: RouterZLoss()({"logits": _logits()}),
+        lambda: RouterZLoss()(SimpleNamespace(router_logits=None)),
+        lambda: LoadBalancingLoss(top_k=5)(_logits()),  # more than the 4 experts
+        lambda: TsallisRouterLoss()(_logits(), torch.ones(5, dtype=torch.bool)),
+    ],
+)
+def test_bad_arguments_raise(fn):
+    with pytest.raises(EntrotrainError):
+        fn()

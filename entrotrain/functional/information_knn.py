@@ -123,7 +123,7 @@ def ksg_mutual_information(
     for start in range(0, n, chunk):
         dx = _off_diagonal(torch.cdist(xr[start : start + chunk], xr, p=math.inf), start)
         dy = _off_diagonal(torch.cdist(yr[start : start + chunk], yr, p=math.inf), start)
-        eps = torch.maximum(dx, dy).kthvalue(k, dim=1).values[:, None]
+        eps = torch.maximum(dx, dy).topk(k, dim=1, largest=False).values[:, -1:]
         n_x = (dx < eps).sum(dim=1).to(torch.float64)
         n_y = (dy < eps).sum(dim=1).to(torch.float64)
         total = total + (torch.special.digamma(n_x + 1) + torch.special.digamma(n_y + 1)).sum()

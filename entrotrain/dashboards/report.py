@@ -308,7 +308,8 @@ def _metrics_table(runs: list[RunData], keys: list[str]) -> str:
                 row += ["–"] * 4
                 continue
             v = series[1]
-            row += [fmt(float(v[0])), fmt(float(v[-1])), fmt(float(np.nanmin(v))), fmt(float(np.nanmax(v)))]
+            ok = v[np.isfinite(v)]  # min / max of the finite values (first / last show a NaN as logged)
+            row += [fmt(float(v[0])), fmt(float(v[-1]))] + ([fmt(float(ok.min())), fmt(float(ok.max()))] if ok.size else ["–"] * 2)
         rows.append(row)
     return table(header, rows) if rows else ""
 

@@ -207,15 +207,20 @@ def _xt_series(run: RunData) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
 
 
 def information_rows(runs: list[RunData]) -> list[list[str]]:
-    """Table rows: run, estimator, layer, I(X;T) first / peak (step) / last, last I(T;Y), verdict."""
+    """Table rows: run, estimator, layer, I(X;T) first / peak (step) / last, last I(T;Y), verdict (finite values
+    only; ``–`` where a layer has none)."""
+    def show(v: float) -> str:
+        return fmt(v) if math.isfinite(v) else "–"
+
     rows = []
     for run in runs:
         for estimator, layer, steps, values in _xt_series(run):
             phase = xt_phase(steps, values)
             ty = run.scalars.get(f"info/{layer}/{estimator}/I_TY")
             ty_last = ty[1][np.isfinite(ty[1])][-1:] if ty is not None else []
-            rows.append([run.label, estimator, layer, fmt(phase.first), f"{fmt(phase.peak)} (step {phase.peak_step})",
-                         fmt(phase.last), fmt(float(ty_last[0])) if len(ty_last) else "–", phase.verdict])
+            peak = f"{fmt(phase.peak)} (step {phase.peak_step})" if math.isfinite(phase.peak) else "–"
+            rows.append([run.label, estimator, layer, show(phase.first), peak, show(phase.last),
+                         show(float(ty_last[0])) if len(ty_last) else "–", phase.verdict])
     return rows
 
 
@@ -226,9 +231,9 @@ def information_findings(run: RunData) -> list[str]:
     for estimator, layer, steps, values in _xt_series(run):
         by_estimator.setdefault(estimator, {}).setdefault(xt_phase(steps, values).verdict, []).append(layer)
     out = []
-    words = (("compression", "I(X;T) compressed (ended > {m} % below its peak) in"), ("rising", "kept rising in"),
+    words = (("compression", "compressed (ended > {m} % below its peak) in"), ("rising", "kept rising in"),
              ("flat", "stayed flat in"), ("too few points", "too few finite points in"))
     for estimator, verdicts in by_estimator.items():
         parts = [f"{text.format(m=round(100 * COMPRESSION_MARGIN))} {', '.join(verdicts[v])}" for v, text in words if v in verdicts]
-        out.append(f"Information plane ({estimator}): " + "; ".join(parts) + ".")
+        out.append(f"Information plane ({estimator}): I(X;T) " + "; ".join(parts) + ".")
     return out

@@ -21,9 +21,10 @@ Choices (reference note items 6, 7, 11, 12):
   (scikit-learn clips; KSG is unbiased at independence, so clipping would bias it upward); joint vectors (not per
   feature); no rescaling (the max-norm is not scale-free: standardise or whiten the inputs if their scales differ —
   :func:`pca_compress` whitens);
-- ties (ε = 0 for discrete-valued activations) are broken by a seeded jitter as scikit-learn does:
-  ``x += jitter · max(1, mean|x_col|) · N(0, 1)`` per column (default ``jitter=1e-10``, ``seed=0``, drawn on the
-  CPU so every device gets the same numbers); ``jitter=0`` estimates the raw values;
+- ties (ε = 0 for discrete-valued activations) are broken by a seeded jitter like scikit-learn's but scale-free:
+  ``x += jitter · mean|x_col| · N(0, 1)`` per column (default ``jitter=1e-10``, ``seed=0``, drawn on the CPU so
+  every device gets the same numbers), so the estimate does not change when the data are rescaled by 1e±300;
+  ``jitter=0`` estimates the raw values;
 - a constant variable or one with no features gives exactly 0; fewer than ``k + 1`` rows raise (no k-th
   neighbour); memory ``O(N · chunk_size)``, time ``O(N² d)``.
 
@@ -55,12 +56,15 @@ __all__ = ["jittered", "ksg_mutual_information", "pca_compress", "ross_mutual_in
 
 
 def jittered(rows: Tensor, jitter: float, seed: int) -> Tensor:
-    """``rows + jitter · max(1, mean|col|) · N(0, 1)`` (scikit-learn's tie-breaking noise), seeded on the CPU."""
+    """``rows + jitter · mean|col| · N(0, 1)``, seeded on the CPU: scikit-learn's tie-breaking noise made scale-free
+    (scikit-learn uses ``max(1, mean|col|)``, which swamps data of magnitude ≪ 1e-10; an all-zero column stays 0)."""
     if jitter == 0.0 or rows.numel() == 0:
         return rows
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(rows.shape, generator=gen, dtype=torch.float64).to(rows.device)
-    scale = rows.abs().mean(dim=0).clamp_min(1.0)
+    magnitude = rows.abs()
+    peak = magnitude.amax(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    scale = (magnitude / peak).mean(dim=0) * peak  # mean|col|, without overflow at 1e308
     return rows + jitter * scale * noise
 
 

@@ -181,3 +181,25 @@ def test_property_finite_or_error(n, d, dtype, k, estimator, nan_at, seed):
         return
     assert kind == "ok"
     assert all(torch.isfinite(v) and v.dtype == torch.float64 for v in out)
+
+
+@pytest.mark.parametrize("estimator", ["ksg", "pca_ksg", "adaptive_binning"])
+def test_scale_free_estimators_do_not_change_under_rescaling(estimator):
+    # the tie-breaking jitter is relative to each column's mean |x|, PCA whitens and EBAB uses quantiles: rescaling
+    # the data by 1e±300 changes nothing (KDE and fixed-grid binning are deliberately absolute).
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    t, y = torch.tanh(x), x[:, 0] > 0  # bool labels are class ids too
+    ref = information_plane_point(t, y, estimator, x=x)
+    for s in (1e-300, 1e300):
+        got = information_plane_point(t * s, y, estimator, x=x * s)
+        for a, b in zip(got, ref):
+            assert a.item() == pytest.approx(b.item(), abs=1e-12)
+
+
+def test_extreme_magnitudes_stay_finite():
+    g = torch.Generator().manual_seed(10)
+    t = torch.randn(30, 2, generator=g, dtype=torch.float64) * 1e307
+    y = torch.arange(30) % 2
+    for name in ("binning", "adaptive_binning", "kde", "ksg", "pca_ksg"):
+        assert all(torch.isfinite(v) for v in information_plane_point(t, y, name, x=t))

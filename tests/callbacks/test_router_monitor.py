@@ -174,3 +174,4 @@ def test_configuration_errors():
         quiet_trainer(
             callbacks=[RouterEntropyMonitor(every_n_steps=1, top_k=1, exclude=["*"])], max_steps=1
         ).fit(plain, toy_loader(1))
+

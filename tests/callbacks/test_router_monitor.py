@@ -175,3 +175,27 @@ def test_configuration_errors():
             callbacks=[RouterEntropyMonitor(every_n_steps=1, top_k=1, exclude=["*"])], max_steps=1
         ).fit(plain, toy_loader(1))
 
+
+
+def test_load_heatmap_to_wandb_and_run_record(monkeypatch, tmp_path):
+    pytest.importorskip("PIL")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from entrotrain.dashboards.run_reader import load_run
+    from entrotrain.dashboards.run_record import RunRecordLogger
+
+    logger = WandbLogger(mode="disabled")
+    calls: list[dict] = []
+    monkeypatch.setattr(logger.experiment, "log", lambda row, *a, **k: calls.append(row))
+    record = RunRecordLogger(tmp_path, version="v")
+    monitor = RouterEntropyMonitor(every_n_steps=2, top_k=2, print_summary=False)
+    quiet_trainer(callbacks=[monitor], max_steps=3, logger=[logger, record]).fit(ToyMoE(), toy_loader(3))
+    media = [row for row in calls if "entropy/router/load_heatmap" in row]
+    assert [row["trainer/global_step"] for row in media] == [0, 2]
+    assert isinstance(media[0]["entropy/router/load_heatmap"], wandb.Image)
+    items = load_run(tmp_path / "records" / "v").media["entropy/router/load_heatmap"]
+    assert [item.step for item in items] == [0, 2]
+    heat = items[-1].load()
+    assert heat.shape == (2, 4) and abs(float(heat.sum()) - 2.0) < 1e-5  # each layer's shares sum to 1
+    assert items[-1].meta["vmax"] == pytest.approx(0.5)  # twice the balanced share 1/4

@@ -83,10 +83,14 @@ def trajectories(run: RunData) -> dict[str, list[Trajectory]]:
 
 
 def unit_of(runs: list[RunData], estimator: str) -> str:
-    """``"bits"`` or ``"nats"`` from the logged ``info/{estimator}/params`` (its ``base``), ``"log base b"`` else."""
+    """``"bits"`` or ``"nats"`` from the logged ``info/{estimator}/params`` (its ``base``; else ``info/probe``'s),
+    ``"log base b"`` for another base."""
     for run in runs:
         params = run.hparams.get(f"info/{estimator}/params")
         base = params.get("base") if isinstance(params, dict) else None
+        probe = run.hparams.get("info/probe")
+        if base is None and isinstance(probe, dict):
+            base = probe.get("base")
         if isinstance(base, (int, float)) and not isinstance(base, bool):
             if math.isclose(base, 2.0):
                 return "bits"

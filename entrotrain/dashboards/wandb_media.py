@@ -18,15 +18,13 @@ from torch import Tensor
 from entrotrain._imports import _PIL_AVAILABLE, _WANDB_AVAILABLE
 
 __all__ = [
-    "INFO_TABLE_COLUMNS",
-    "LOAD_VMAX",
     "colorize",
     "expert_load_image",
     "expert_load_over_time_image",
     "heads_over_time_image",
     "heatmap_image",
     "histogram",
-    "information_plane_table",
+    "load_vmax",
     "setup_wandb_dashboard",
     "wandb_loggers",
 ]
@@ -148,17 +146,20 @@ def heads_over_time_image(history: list[Tensor], steps: list[int], vmin: float =
     return wandb.Image(rgb, caption=caption)
 
 
-# ---------------------------------------------------------------------- MoE routing and the information plane
-#: Default top of the expert-load colour scale: a share of 1 (one expert takes every assignment). The uniform share
-#: 1/E then sits at 1/E of the scale: dark for many experts, so a collapsed expert is the one bright cell.
-LOAD_VMAX = 1.0
+# ---------------------------------------------------------------------- MoE routing
+def load_vmax(experts: int) -> float:
+    """Top of the expert-load colour scale: ``2 / E``, twice the balanced share (as ``RouterEntropyMonitor``), so a
+    balanced layer is mid-scale and an expert with at least twice its share saturates."""
+    return 2.0 / max(int(experts), 1)
 
 
-def expert_load_image(load: Tensor, caption: str | None = None, vmax: float = LOAD_VMAX) -> Any | None:
+def expert_load_image(load: Tensor, caption: str | None = None, vmax: float | None = None) -> Any | None:
     """A ``wandb.Image`` of a ``(layers, experts)`` load-share matrix (rows sum to 1), coloured from 0 to ``vmax``
-    (default :data:`LOAD_VMAX` = 1; NaN cells grey), or ``None`` without pillow (warned once, as :func:`heatmap_image`).
+    (default :func:`load_vmax` = 2/E; NaN cells grey), or ``None`` without pillow (warned once, as
+    :func:`heatmap_image`). The default caption names the rows, columns, the scale and the balanced share 1/E.
 
-    The default caption names the rows, columns, the scale and the uniform share 1/E.
+    Raises:
+        EntrotrainError: ``load`` is not 2-D.
     """
     if load.ndim != 2:
         from entrotrain.errors import EntrotrainError
@@ -167,20 +168,22 @@ def expert_load_image(load: Tensor, caption: str | None = None, vmax: float = LO
             f"expert_load_image: load must be (layers, experts), got shape {tuple(load.shape)}; stack one row per MoE layer."
         )
     layers, experts = load.shape
+    vmax = load_vmax(experts) if vmax is None else vmax
     if caption is None:
         caption = (
-            f"expert load share, rows = MoE layers L0..L{layers - 1}, cols = experts E0..E{experts - 1}; colour 0..{vmax:g}, "
-            f"uniform = 1/{experts} = {1 / max(experts, 1):.3g}; bright = collapsed onto that expert"
+            f"expert load share, rows = MoE layers L0..L{layers - 1}, cols = experts E0..E{experts - 1}; colour 0..{vmax:.3g}, "
+            f"balanced = 1/{experts} = {1 / max(experts, 1):.3g}; bright = overloaded, dark = starved"
         )
     return heatmap_image(load, caption=caption, vmin=0.0, vmax=vmax)
 
 
-def expert_load_over_time_image(history: list[Tensor], steps: list[int], vmax: float = LOAD_VMAX) -> Any | None:
+def expert_load_over_time_image(history: list[Tensor], steps: list[int], vmax: float | None = None) -> Any | None:
     """The layer × expert load heatmap over time as one ``wandb.Image``: one row per layer·expert (layer-major), one
-    column per logging step, coloured from 0 to ``vmax``; ``None`` for an empty history or without pillow.
+    column per logging step, coloured from 0 to ``vmax`` (default :func:`load_vmax`); ``None`` for an empty history
+    or without pillow.
 
     ``history`` holds one ``(layers, experts)`` tensor per logged step (a smaller one leaves its missing cells grey).
-    A router collapsing shows as one row of a layer turning bright while the others go dark.
+    A router collapsing shows as one row of a layer turning bright while the layer's other rows go dark.
     """
     if not history or not _PIL_AVAILABLE:
         return None
@@ -188,6 +191,7 @@ def expert_load_over_time_image(history: list[Tensor], steps: list[int], vmax: f
 
     layers = max(h.shape[0] for h in history)
     experts = max(h.shape[1] for h in history)
+    vmax = load_vmax(experts) if vmax is None else vmax
     grid = torch.full((layers * experts, len(history)), float("nan"))
     for col, h in enumerate(history):
         padded = torch.full((layers, experts), float("nan"))
@@ -199,26 +203,6 @@ def expert_load_over_time_image(history: list[Tensor], steps: list[int], vmax: f
     rgb = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
     caption = (
         f"expert load share over time: rows L0E0..L{layers - 1}E{experts - 1} (layer-major), columns = logging steps "
-        f"{steps[0]}..{steps[-1]}; colour 0..{vmax:g}, uniform = 1/{experts}"
+        f"{steps[0]}..{steps[-1]}; colour 0..{vmax:.3g}, balanced = 1/{experts}"
     )
     return wandb.Image(rgb, caption=caption)
-
-
-#: Columns of :func:`information_plane_table`.
-INFO_TABLE_COLUMNS = ["step", "layer", "estimator", "I_XT", "I_TY"]
-
-
-def information_plane_table(rows: list[tuple[int, str, str, float, float]]) -> Any:
-    """A ``wandb.Table`` with columns :data:`INFO_TABLE_COLUMNS` (one row per logged step, layer and estimator) for a
-    custom information-plane chart (x = I_XT, y = I_TY, colour = step, grouped by layer and estimator).
-
-    Rows whose I_XT or I_TY is not finite are left out (a chart point never comes from NaN).
-    """
-    import wandb
-
-    kept = [
-        [int(step), str(layer), str(estimator), float(xt), float(ty)]
-        for step, layer, estimator, xt, ty in rows
-        if np.isfinite(float(xt)) and np.isfinite(float(ty))
-    ]
-    return wandb.Table(columns=list(INFO_TABLE_COLUMNS), data=kept)

@@ -106,6 +106,10 @@ def test_two_runs_side_by_side(tanh_run, relu_run, tmp_path):
 def test_units_and_trajectories_follow_the_record(tanh_run):
     run = load_run(tanh_run)
     assert info_figs.unit_of([run], "binning") == "bits" and info_figs.unit_of([run], "kde") == "nats"
+    run.hparams["info/probe"] = {"rows": 4096, "base": 2}  # the monitor's probe base, when params lack one
+    assert info_figs.unit_of([run], "kde") == "bits"
+    run.hparams["info/kde/params"]["base"] = 10.0
+    assert info_figs.unit_of([run], "kde") == "log base 10"
     traj = info_figs.trajectories(run)
     assert list(traj) == ["binning", "kde"] and [t.layer for t in traj["kde"]] == list(LAYERS)
     l3 = traj["kde"][2]
@@ -197,11 +201,3 @@ def test_xt_phase_properties(values, holes):
         noisy.insert(at, [np.nan, np.inf, -np.inf][h % 3])
         noisy_steps.insert(at, -1)
     assert info_figs.xt_phase(np.array(noisy_steps), np.array(noisy)) == phase
-
-
-def test_wandb_information_plane_table():
-    from entrotrain.dashboards.wandb_media import INFO_TABLE_COLUMNS, information_plane_table
-
-    table = information_plane_table([(0, "L1", "kde", 1.0, 0.5), (10, "L1", "kde", float("nan"), 0.6), (10, "L2", "kde", 2.0, float("inf"))])
-    assert table.columns == INFO_TABLE_COLUMNS == ["step", "layer", "estimator", "I_XT", "I_TY"]
-    assert table.data == [[0, "L1", "kde", 1.0, 0.5]]

@@ -208,22 +208,25 @@ def test_expert_load_images():
     from entrotrain.errors import EntrotrainError
 
     load = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, float("nan")]])
-    image = expert_load_image(load)
-    assert "uniform = 1/4 = 0.25" in image._caption and "colour 0..1" in image._caption
+    image = expert_load_image(load)  # default scale 0 .. 2/E = 0.5
+    assert "balanced = 1/4 = 0.25" in image._caption and "colour 0..0.5" in image._caption
     pixels = np.array(image.image)
     cell = pixels.shape[0] // 2
-    assert pixels[0, 0].tolist() == [253, 231, 37] and pixels[0, cell].tolist() == [68, 1, 84]  # share 1 bright, 0 dark
+    assert pixels[0, 0].tolist() == [253, 231, 37] and pixels[0, cell].tolist() == [68, 1, 84]  # overloaded bright, 0 dark
+    assert pixels[cell, 0].tolist() == [33, 145, 140]  # balanced share: mid-scale
     assert pixels[cell, 3 * cell].tolist() == [128, 128, 128]  # NaN grey
+    assert "colour 0..1" in expert_load_image(load, vmax=1.0)._caption
     with pytest.raises(EntrotrainError, match=r"load must be \(layers, experts\), got shape \(4,\)"):
         expert_load_image(torch.ones(4))
 
     history = [torch.full((2, 4), 0.25), load]
-    over_time = expert_load_over_time_image(history, [0, 50], vmax=0.5)
+    over_time = expert_load_over_time_image(history, [0, 50], vmax=1.0)
     pixels = np.array(over_time.image)
     cell_h, cell_w = pixels.shape[0] // 8, pixels.shape[1] // 2
-    assert pixels[0, cell_w].tolist() == [253, 231, 37]  # L0E0 at step 50: 1.0 ≥ vmax 0.5
+    assert pixels[0, cell_w].tolist() == [253, 231, 37]  # L0E0 at step 50: share 1
     assert pixels[cell_h, cell_w].tolist() == [68, 1, 84]  # L0E1 at step 50: 0
-    assert pixels[cell_h, 0].tolist() == pixels[0, 0].tolist()  # step 0: uniform everywhere
+    assert pixels[cell_h, 0].tolist() == pixels[0, 0].tolist() == [59, 82, 139]  # step 0: 0.25 everywhere
     assert pixels[7 * cell_h, cell_w].tolist() == [128, 128, 128]
     assert "rows L0E0..L1E3" in over_time._caption and "steps 0..50" in over_time._caption
+    assert "colour 0..0.5" in expert_load_over_time_image(history, [0, 50])._caption
     assert expert_load_over_time_image([], []) is None

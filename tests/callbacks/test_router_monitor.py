@@ -199,3 +199,30 @@ def test_load_heatmap_to_wandb_and_run_record(monkeypatch, tmp_path):
     heat = items[-1].load()
     assert heat.shape == (2, 4) and abs(float(heat.sum()) - 2.0) < 1e-5  # each layer's shares sum to 1
     assert items[-1].meta["vmax"] == pytest.approx(0.5)  # twice the balanced share 1/4
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint")
+def test_resume_keeps_layer_numbers_and_history(tmp_path):
+    module = ToyMoE()
+    first = RouterEntropyMonitor(every_n_steps=1, top_k=2, log_media=False, print_summary=False)
+    trainer = quiet_trainer(callbacks=[first], max_steps=2)
+    trainer.fit(module, toy_loader(4))
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+    second = RouterEntropyMonitor(every_n_steps=1, top_k=2, log_media=False, print_summary=False)
+    quiet_trainer(callbacks=[second], max_steps=4).fit(ToyMoE(), toy_loader(4), ckpt_path=str(ckpt))
+    assert second.layer_names == first.layer_names
+    assert [s for s, _ in second.history] == [0, 1, 2, 3]
+
+
+def test_mask_that_does_not_fit_the_rows_is_ignored_with_a_warning():
+    batches = toy_batches(1)
+    batches[0]["attention_mask"] = batches[0]["attention_mask"][:, :3]  # 12 flags for 20 router rows
+    monitor = RouterEntropyMonitor(every_n_steps=1, top_k=2, log_media=False, print_summary=False)
+    reference = ToyMoE()
+    module = copy.deepcopy(reference)
+    with pytest.warns(UserWarning, match="keep mask has 12 entries"):
+        quiet_trainer(callbacks=[monitor], max_steps=1).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    with torch.no_grad():
+        logits = reference.blocks[0].gate(batches[0]["x"]).reshape(-1, 4)
+    assert monitor.last_logged["entropy/router/L0/entropy"] == pytest.approx(router_reference(logits, 2)["entropy"])

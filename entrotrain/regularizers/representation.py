@@ -7,7 +7,8 @@ The formulas live in :mod:`entrotrain.functional.spectral_objectives` (different
 Sign convention: the entropy regularisers return the penalty ``−H`` (adding ``w · penalty`` to the loss *maximises*
 the entropy), by default normalised by ``ln min(n, d)`` (``normalize=True``) so a weight transfers across batch and
 feature sizes — ``H`` still depends on ``n``: keep the batch size fixed. :class:`MMCRLoss` returns the MMCR loss itself
-(minimise it).
+(minimise it). Under DDP the entropy regularisers score each rank's local batch (no gather: DDP averages the
+per-rank gradients); :class:`MMCRLoss` gathers the centroids (its docstring).
 
 Inputs — what ``reg(...)`` accepts:
 

@@ -118,7 +118,7 @@ def test_capture_of_a_module_called_twice_pools_rows_and_sums_modules():
     with torch.no_grad():
         x = torch.cat([x1, x2])
         expected = 0.5 * (float(reg(net.body(x)).total) + float(reg(net(x)).total))
-    assert float(reg(tap).total) == pytest.approx(expected, abs=1e-12)
+    assert float(reg(tap).total.detach()) == pytest.approx(expected, abs=1e-12)
 
 
 def test_differentiable_tap_keeps_graph_and_default_tap_detaches():
@@ -161,7 +161,7 @@ def test_empty_and_bf16_inputs():
     z = torch.zeros(0, 4, requires_grad=True)
     out = MatrixEntropyRegularizer()(z).total
     out.backward()
-    assert float(out) == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+    assert float(out.detach()) == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
     loss = MMCRLoss(n_views=2)(torch.zeros(0, 4)).total
     assert float(loss) == 0.0
     x = _x(8, 4).bfloat16().requires_grad_()
@@ -193,7 +193,8 @@ def test_simsiam_task_regularizers_add_to_the_loss_and_default_is_unchanged():
             torch.manual_seed(1)
             simsiam, z = task.model.loss(*task._views(x), return_projections=True)
             assert z.shape == (32, 64)
-    assert float(losses[1]) == pytest.approx(float(simsiam + MatrixEntropyRegularizer(0.5, 2)(z).total), abs=1e-6)
+    expected = simsiam + MatrixEntropyRegularizer(0.5, 2)(z).total
+    assert float(losses[1].detach()) == pytest.approx(float(expected.detach()), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------- DDP
@@ -215,9 +216,9 @@ def test_mmcr_two_rank_ddp_matches_the_reference_semantics(tmp_path):
     z = x @ w
     single = MMCRLoss(1.0, script.LAM)(z).total
     zs = z.detach().reshape(-1, z.shape[-1]).numpy()
-    assert float(single) == pytest.approx(brute_mmcr(zs, script.K, script.LAM), abs=1e-10)
+    assert float(single.detach()) == pytest.approx(brute_mmcr(zs, script.K, script.LAM), abs=1e-10)
     # the mean over ranks of the per-rank losses is the loss of one process on the union
-    assert float(sum(r["loss"] for r in ranks) / script.WORLD) == pytest.approx(float(single), abs=1e-10)
+    assert float(sum(r["loss"] for r in ranks) / script.WORLD) == pytest.approx(float(single.detach()), abs=1e-10)
     # gradients flow through the local shard: averaged, the global term is divided by the world size
     glob = MMCRLoss(1.0, 0.0)(z).total
     local = single - glob
@@ -225,3 +226,18 @@ def test_mmcr_two_rank_ddp_matches_the_reference_semantics(tmp_path):
     for r in ranks:
         torch.testing.assert_close(r["grad"], ref, rtol=1e-9, atol=1e-10)
     assert np.isfinite(ref.numpy()).all()
+
+
+def test_capture_before_an_inplace_relu_keeps_the_pre_activation():
+    torch.manual_seed(0)
+    net = _Net().double()
+    x = _x(10, 5, seed=6)
+    reg = MatrixEntropyRegularizer(1.0, 2, include=["body.0"])  # followed by ReLU(inplace=True)
+    with reg.capture(net):
+        net(x).sum().backward(retain_graph=True)
+    with torch.no_grad():
+        expected = float(MatrixEntropyRegularizer(1.0, 2)(net.body[0](x)).total)
+    total = reg().total
+    assert float(total.detach()) == pytest.approx(expected, abs=1e-12)
+    total.backward()
+    assert torch.isfinite(net.body[0].weight.grad).all()

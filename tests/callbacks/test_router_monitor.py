@@ -96,8 +96,10 @@ def test_bit_identical_training_and_hooks_removed():
     runs = []
     for with_monitor in (False, True):
         module = ToyMoE()
-        callbacks = [RouterEntropyMonitor(every_n_steps=1, top_k=2, print_summary=False)] if with_monitor else []
+        callbacks = [RouterEntropyMonitor(every_n_steps=2, top_k=2, print_summary=False)] if with_monitor else []
         quiet_trainer(callbacks=callbacks, max_steps=4).fit(module, toy_loader(4))
+        # armed only during logging steps (0 and 2), never otherwise
+        assert module.hooked_steps == [(s, with_monitor and s % 2 == 0) for s in range(4)]
         runs.append((module.losses, [p.detach().clone() for p in module.parameters()]))
         assert _router_hooks(module) == 0
     assert runs[0][0] == runs[1][0]

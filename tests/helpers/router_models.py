@@ -120,8 +120,10 @@ class ToyMoE(LightningModule):
         self.nan_rows: list[int] = []
         self.fail_at: int | None = None
         self.losses: list[float] = []
+        self.hooked_steps: list[tuple[int, bool]] = []  # (global_step, a forward hook on a gate during the step)
 
     def training_step(self, batch, batch_idx):
+        self.hooked_steps.append((self.global_step, any(b.gate._forward_hooks for b in self.blocks)))
         if self.fail_at is not None and self.global_step >= self.fail_at:
             raise RuntimeError("boom")
         x = batch["x"].clone()

@@ -1,0 +1,48 @@
+"""InformationPlaneMonitor under 2-process CPU DDP (gloo): one evaluation at step 0 on all 4,096 patterns, the probe
+sharded across ranks and gathered; rank 0 writes what it logged and the collectives the evaluation issued.
+Run by test_information_plane_monitor.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import lightning as L
+    import torch
+
+    from entrotrain.callbacks.information_plane_monitor import InformationPlaneMonitor
+    from entrotrain.tasks.information_plane import InformationPlaneDataModule, InformationPlaneTask
+    from tests.helpers.lightning_models import quiet_trainer
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    L.seed_everything(3)
+    model = InformationPlaneTask(lr=1e-2)
+    monitor = InformationPlaneMonitor(
+        estimators=["binning", "adaptive_binning"], every_n_steps=100, print_summary=False
+    )
+    trainer = quiet_trainer(
+        callbacks=[monitor], max_steps=1, devices=2, strategy="ddp", deterministic=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    collectives: list[str] = []
+    evaluate = monitor.evaluate
+
+    def counted(*args, **kwargs):
+        originals = {n: getattr(torch.distributed, n) for n in ("all_reduce", "all_gather", "broadcast", "reduce",
+                                                                 "all_gather_into_tensor")}
+        for n, fn in originals.items():
+            setattr(torch.distributed, n, lambda *a, _n=n, _fn=fn, **k: (collectives.append(_n), _fn(*a, **k))[1])
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            for n, fn in originals.items():
+                setattr(torch.distributed, n, fn)
+
+    monitor.evaluate = counted
+    trainer.fit(model, datamodule=InformationPlaneDataModule(batch_size=512))
+    if trainer.is_global_zero:
+        out.write_text(json.dumps({"logged": monitor.last_logged, "collectives": collectives}))

@@ -17,3 +17,6 @@ __all__ = [
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor  # noqa: E402
 
 __all__ += ["RepresentationEntropyMonitor"]
+from entrotrain.callbacks.router_monitor import RouterEntropyMonitor  # noqa: E402
+
+__all__ += ["RouterEntropyMonitor"]

@@ -134,3 +134,52 @@ __all__ += [
     "slq_spectral_entropy",
     "slq_vendi_score",
 ]
+
+# --- MoE routing (routing.py) and information-plane estimators (information.py) ---
+from entrotrain.functional.routing import (  # noqa: E402
+    RouterSums,
+    RouterValues,
+    router_statistics,
+    router_values,
+    tsallis_entropy,
+    tsallis_entropy_from_logits,
+    tsallis_max,
+)
+from entrotrain.functional.information import (  # noqa: E402
+    ESTIMATORS as INFORMATION_ESTIMATORS,
+    binned_entropy,
+    binned_mutual_information,
+    binned_symbols,
+    discrete_entropy,
+    discrete_mutual_information,
+    estimator_parameters,
+    information_plane_point,
+    kde_mutual_information,
+    ksg_mutual_information,
+    loggable_parameters,
+    pca_compress,
+    ross_mutual_information,
+)
+
+__all__ += [
+    "RouterSums",
+    "RouterValues",
+    "router_statistics",
+    "router_values",
+    "tsallis_entropy",
+    "tsallis_entropy_from_logits",
+    "tsallis_max",
+    "INFORMATION_ESTIMATORS",
+    "binned_entropy",
+    "binned_mutual_information",
+    "binned_symbols",
+    "discrete_entropy",
+    "discrete_mutual_information",
+    "estimator_parameters",
+    "information_plane_point",
+    "kde_mutual_information",
+    "ksg_mutual_information",
+    "loggable_parameters",
+    "pca_compress",
+    "ross_mutual_information",
+]

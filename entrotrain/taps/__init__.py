@@ -21,3 +21,6 @@ from entrotrain.taps.activation_tap import ActivationTap, Capture, activation_ro
 from entrotrain.taps.reservoir import Reservoir  # noqa: E402
 
 __all__ += ["ActivationTap", "Capture", "Reservoir", "activation_rows"]
+from entrotrain.taps.router_tap import RouterTap, discover_routers, router_rows  # noqa: E402
+
+__all__ += ["RouterTap", "discover_routers", "router_rows"]

@@ -382,7 +382,7 @@ def _information_table(runs: list[RunData]) -> str:
     html = (
         f"<p>Compression: I(X;T) ends more than {margin} % below its peak; rising: it ends more than {margin} % (of the "
         "peak) above its first value; flat otherwise.</p>"
-        + table(["run", "estimator", "layer", "I(X;T) first", "I(X;T) peak", "I(X;T) last", "I(T;Y) last", "verdict"], rows)
+        + table(["run", "estimator", "unit", "layer", "I(X;T) first", "I(X;T) peak", "I(X;T) last", "I(T;Y) last", "verdict"], rows)
     )
     params = [
         f"<b>{esc(run.label)}</b> {esc(key)}: <code>{esc(value)}</code>"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def _params_text(runs: list[RunData], estimator: str) -> str:
     for run in runs:
         params = run.hparams.get(f"info/{estimator}/params")
         if isinstance(params, dict) and params:
-            return ", ".join(f"{k}={_short(v)}" for k, v in params.items() if k != "base")
+            text = ", ".join(f"{k}={_short(v)}" for k, v in params.items() if k not in ("base", "estimator"))
+            return "\n".join(textwrap.wrap(text, 48))
     return ""
 
 
@@ -211,7 +213,7 @@ def _xt_series(run: RunData) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
 
 
 def information_rows(runs: list[RunData]) -> list[list[str]]:
-    """Table rows: run, estimator, layer, I(X;T) first / peak (step) / last, last I(T;Y), verdict (finite values
+    """Table rows: run, estimator, unit, layer, I(X;T) first / peak (step) / last, last I(T;Y), verdict (finite values
     only; ``–`` where a layer has none)."""
     def show(v: float) -> str:
         return fmt(v) if math.isfinite(v) else "–"
@@ -223,7 +225,7 @@ def information_rows(runs: list[RunData]) -> list[list[str]]:
             ty = run.scalars.get(f"info/{layer}/{estimator}/I_TY")
             ty_last = ty[1][np.isfinite(ty[1])][-1:] if ty is not None else []
             peak = f"{fmt(phase.peak)} (step {phase.peak_step})" if math.isfinite(phase.peak) else "–"
-            rows.append([run.label, estimator, layer, show(phase.first), peak, show(phase.last),
+            rows.append([run.label, estimator, unit_of([run], estimator), layer, show(phase.first), peak, show(phase.last),
                          show(float(ty_last[0])) if len(ty_last) else "–", phase.verdict])
     return rows
 

@@ -135,7 +135,7 @@ def test_nonfinite_points_are_skipped(tanh_run, tmp_path):
     assert "Information plane (binning): I(X;T) compressed (ended > 5 % below its peak) in L2, L3; kept rising in L1." in lines
     assert "Information plane (kde): I(X;T) compressed (ended > 5 % below its peak) in L2; too few finite points in L1, L3." in lines
     rows = info_figs.information_rows([bad])
-    assert ["tanh", "kde", "L3", "–", "–", "–", fmt(0.7 * i_ty(100, "L3")), "too few points"] in rows
+    assert ["tanh", "kde", "nats", "L3", "–", "–", "–", fmt(0.7 * i_ty(100, "L3")), "too few points"] in rows
     assert not any("nan" in cell or "inf" in cell for row in rows for cell in row)
     assert "information_plane.png" in write_report([bad], tmp_path / "nf").read_text()
 

@@ -40,6 +40,7 @@ __all__ = [
     "PhaseEntropy",
     "WindowEntropy",
     "canon_advantage",
+    "canon_split",
     "high_window_entropy_mask",
     "pear_reward",
     "phase_entropy",
@@ -433,6 +434,32 @@ def sequence_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
     return (total / (valid.sum(1).double() + 1e-8)).to(_out_dtype(entropy.dtype))
 
 
+def canon_split(metric: Tensor, group_size: int) -> Tensor:
+    r"""CANON's regrouping: ``(B,)`` bool, True = the response is in its group's *high* group :math:`C^+`.
+
+    Per group of ``group_size`` consecutive responses: stable ascending sort of ``metric`` (ties keep batch order),
+    sorted ranks ``>= G // 2`` are high (the median of an odd group is high; ``G = 1``: high). A NaN metric sorts
+    above every number.
+
+    Raises:
+        EntrotrainError: ``metric`` not a real 1-D tensor, its length not a multiple of ``group_size >= 1``.
+    """
+    check_tensor(metric, "metric", ndim=1, layout="(B,)")
+    if metric.is_complex():
+        raise EntrotrainError(f"metric must be real, got dtype {metric.dtype}.")
+    check_int(group_size, "group_size", low=1)
+    if metric.numel() % group_size:
+        raise EntrotrainError(
+            f"metric has {metric.numel()} responses, not a multiple of group_size={group_size}; give every prompt "
+            "group_size adjacent responses."
+        )
+    m = metric.detach().double().reshape(-1, group_size)
+    order = torch.sort(m, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(group_size, device=order.device).expand_as(order).contiguous())
+    return (rank >= group_size // 2).reshape(-1)
+
+
 def canon_advantage(
     rewards: Tensor,
     metric: Tensor,
@@ -510,12 +537,8 @@ def canon_advantage(
     out_dtype = _out_dtype(rewards.dtype) if rewards.is_floating_point() else torch.float32
     g = group_size
     r = rewards.detach().double().reshape(-1, g)
-    m = metric.detach().double().reshape(-1, g)
     mid = g // 2
-    order = torch.sort(m, dim=1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(g, device=order.device).expand_as(order).contiguous())
-    high = rank >= mid
+    high = canon_split(metric, g).reshape(-1, g)
     zero = torch.zeros((), dtype=torch.float64, device=r.device)
     if g == 1:  # the code: a single response has mu+ = mu- = 0
         mu_hi = mu_lo = torch.zeros(r.shape[0], 1, dtype=torch.float64, device=r.device)

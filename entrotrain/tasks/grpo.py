@@ -81,7 +81,8 @@ class GRPOTask(LightningModule):
     ``training_step`` returns, from the rollout's no-grad pass (for :class:`PolicyEntropyMonitor`):
     ``token_entropy (B, R)`` (float32, at ``temperature``), ``logprobs (B, R)``, ``advantages (B,)``,
     ``response_mask (B, R)`` bool, ``rewards (B,)``, ``temperature``, and ``post_logprobs`` /
-    ``post_token_entropy (B, R)`` from a no-grad pass after the updates. It logs ``grpo/reward_mean``,
+    ``post_token_entropy (B, R)`` from a no-grad pass after the updates (with a ``reward_shaping``: also
+    ``shaped_rewards (B,)`` and, when the shaper reports phases, ``phase_ids (B, R)``). It logs ``grpo/reward_mean``,
     ``grpo/accuracy`` (fraction of prompts with at least one correct sample), ``grpo/greedy_accuracy``,
     ``grpo/response_length``, ``grpo/token_entropy``, ``grpo/post_token_entropy``, ``grpo/loss``, ``grpo/grad_norm``,
     and the policy loss's metrics as ``grpo/{name}``.
@@ -103,6 +104,15 @@ class GRPOTask(LightningModule):
             from :mod:`entrotrain.regularizers` (default ``PPOClipLoss()``).
         entropy_bonus: optional extra loss called the same way with the differentiable entropy of the current
             policy, e.g. ``EntropyBonus``.
+        reward_shaping: optional reward shaper ``(rewards, entropy, mask, *, token_ids, step) -> ShapedRewards``
+            (e.g. :class:`~entrotrain.regularizers.token_shaping.PEARShaping`), applied to the checker's rewards
+            with the rollout's per-token entropies before the advantages; ``grpo/reward_mean`` stays the task
+            reward, ``grpo/shaped_reward_mean`` and the shaper's metrics (``grpo/pear/...``) are logged, and its
+            phases are returned as ``phase_ids`` (for :class:`PolicyEntropyMonitor`).
+        advantage_estimator: optional ``(rewards, group_size, *, entropy, mask, step) -> AdvantageOutput``
+            replacing the group-normalised advantages (e.g.
+            :class:`~entrotrain.regularizers.token_shaping.CANONAdvantage`; its metrics are logged as
+            ``grpo/canon/...``). ``norm_by_std`` is then unused.
         sft_steps: warm-start steps of supervised cross-entropy before RL (``0`` skips it).
         sft_batch_size: warm-start batch size.
         sft_lr: warm-start learning rate (Adam).
@@ -126,6 +136,8 @@ class GRPOTask(LightningModule):
         norm_by_std: bool = True,
         policy_loss: nn.Module | None = None,
         entropy_bonus: nn.Module | None = None,
+        reward_shaping: nn.Module | None = None,
+        advantage_estimator: nn.Module | None = None,
         sft_steps: int = 300,
         sft_batch_size: int = 128,
         sft_lr: float = 3e-3,
@@ -133,7 +145,7 @@ class GRPOTask(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["policy_loss", "entropy_bonus"])
+        self.save_hyperparameters(ignore=["policy_loss", "entropy_bonus", "reward_shaping", "advantage_estimator"])
         if group_size < 2:
             raise EntrotrainError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}.")
         if not temperature > 0:
@@ -152,6 +164,8 @@ class GRPOTask(LightningModule):
             policy_loss = PPOClipLoss()
         self.policy_loss = policy_loss
         self.entropy_bonus = entropy_bonus
+        self.reward_shaping = reward_shaping
+        self.advantage_estimator = advantage_estimator
         self.register_buffer("warm_started", torch.tensor(False))
         self._generator: torch.Generator | None = None
         self._history: list[tuple[float, float]] = []  # (mean token entropy, reward mean) per rollout
@@ -289,7 +303,6 @@ class GRPOTask(LightningModule):
         resp = self.generate(prompts, task.max_new_tokens)
         mask = response_mask(resp)
         rewards = task.reward(resp, answers).to(self.device)
-        adv = group_advantages(rewards, G, norm_by_std=hp.norm_by_std)
         with torch.no_grad():
             logits = self.response_logits(prompts, resp)
             old_lp = token_logprobs(logits, resp, temperature=hp.temperature)
@@ -297,6 +310,7 @@ class GRPOTask(LightningModule):
             greedy = self.generate(batch["prompt_ids"], task.max_new_tokens, greedy=True)
             greedy_acc = task.reward(greedy, batch["answers"]).mean()
         self.model.train()
+        adv, shaped, phase_ids, shaping_logs = self.advantages(rewards, ent, mask, resp)
 
         # 5: PPO epochs x mini-batches
         opt = self.optimizers()
@@ -341,11 +355,12 @@ class GRPOTask(LightningModule):
             "grpo/updates": torch.tensor(float(n_updates)),
         }
         logs.update({f"grpo/{k}": v / n_updates for k, v in sums.items()})
+        logs.update(shaping_logs)
         bs = batch["prompt_ids"].shape[0]
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=bs)
         self.log("grpo/reward", rewards.mean(), prog_bar=True, batch_size=bs)
         self.log("grpo/entropy", mean_ent, prog_bar=True, batch_size=bs)
-        return {
+        out = {
             "loss": sums["loss"] / n_updates,
             "token_entropy": ent.detach(),
             "logprobs": old_lp.detach(),
@@ -356,6 +371,32 @@ class GRPOTask(LightningModule):
             "post_logprobs": post_lp.detach(),
             "post_token_entropy": post_ent.detach(),
         }
+        if phase_ids is not None:
+            out["phase_ids"] = phase_ids
+        if shaped is not rewards:
+            out["shaped_rewards"] = shaped.detach()
+        return out
+
+    def advantages(
+        self, rewards: Tensor, entropy: Tensor, mask: Tensor, response_ids: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+        """``(advantages (B,), shaped rewards (B,), phase ids or None, logs)`` of one rollout.
+
+        Without ``reward_shaping`` / ``advantage_estimator`` this is :func:`group_advantages` of the task rewards
+        (the shaped rewards are the rewards themselves).
+        """
+        hp = self.hparams
+        shaped, phase_ids, logs = rewards, None, {}
+        if self.reward_shaping is not None:
+            out = self.reward_shaping(rewards, entropy, mask, token_ids=response_ids, step=self.global_step)
+            shaped, phase_ids = out.rewards, out.phase_ids
+            logs["grpo/shaped_reward_mean"] = shaped.float().mean()
+            logs.update({f"grpo/{k}": torch.as_tensor(v).detach().float() for k, v in out.metrics.items()})
+        if self.advantage_estimator is None:
+            return group_advantages(shaped, hp.group_size, norm_by_std=hp.norm_by_std), shaped, phase_ids, logs
+        est = self.advantage_estimator(shaped, hp.group_size, entropy=entropy, mask=mask, step=self.global_step)
+        logs.update({f"grpo/{k}": torch.as_tensor(v).detach().float() for k, v in est.metrics.items()})
+        return est.advantages.float(), shaped, phase_ids, logs
 
     def on_fit_end(self) -> None:
         if not self._history or not self.trainer.is_global_zero:

@@ -12,6 +12,7 @@ Non-finite values are drawn as gaps (grey cells in the map) and never enter a co
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _save
 from entrotrain.dashboards.run_reader import RunData
 
-__all__ = ["CONCENTRATED_SHARE", "ROUTER_CURVES", "load_matrices", "router_curves", "router_findings", "router_load_over_time"]
+__all__ = ["CONCENTRATED_SHARE", "MAX_LAYERS_SHOWN", "ROUTER_CURVES", "least_balanced", "load_matrices", "router_curves", "router_findings", "router_load_over_time"]
 
 _LOAD = re.compile(r"^entropy/router/L(?P<layer>\d+)/load/E(?P<expert>\d+)$")
 #: A layer is called concentrated when at most half of its experts carry this share of the load at the last step.
@@ -31,7 +32,8 @@ ROUTER_CURVES = (
     ("load_entropy_norm", "expert-load entropy (normalised by ln E)", 1.0),
     ("dead_frac", "dead experts (% of the layer's experts)", 100.0),
 )
-_MAX_LAYER_FINDINGS = 8
+#: At most this many MoE layers are drawn in the load map and named in the findings: the least balanced ones.
+MAX_LAYERS_SHOWN = 8
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -59,6 +61,29 @@ def load_matrices(run: RunData) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def _final_balance(grid: np.ndarray) -> float:
+    """Normalised entropy of the last complete load column (1 = balanced; +inf when none is complete)."""
+    last = _last_finite_column(grid, complete=True)
+    if last is None or grid.shape[0] < 2:
+        return math.inf
+    p = np.clip(last[1], 0.0, None)
+    total = p.sum()
+    if total <= 0:
+        return math.inf
+    p = p[p > 0] / total
+    return float(-(p * np.log(p)).sum() / math.log(grid.shape[0]))
+
+
+def least_balanced(mats: list[dict[int, tuple[np.ndarray, np.ndarray]]], limit: int = MAX_LAYERS_SHOWN) -> list[int]:
+    """The (at most ``limit``) layers whose final load is least balanced in any run, in layer order; all layers when
+    there are no more than ``limit``."""
+    layers = sorted({layer for m in mats for layer in m})
+    if len(layers) <= limit:
+        return layers
+    score = {layer: min(_final_balance(m[layer][1]) for m in mats if layer in m) for layer in layers}
+    return sorted(sorted(layers, key=lambda layer: (score[layer], layer))[:limit])
+
+
 def router_load_over_time(runs: list[RunData], out_dir: Path) -> Figure | None:
     """Per MoE layer (rows) and run (columns, side by side): an expert × logging-step map of the load share.
 
@@ -66,7 +91,8 @@ def router_load_over_time(runs: list[RunData], out_dir: Path) -> Figure | None:
     uniform share :math:`1/E` (marked on the colour bar) sits at most half-way up; NaN cells are grey.
     """
     mats = [load_matrices(run) for run in runs]
-    layers = sorted({layer for m in mats for layer in m})
+    n_layers = len({layer for m in mats for layer in m})
+    layers = least_balanced(mats)
     if not layers:
         return None
     plt = _plt()
@@ -110,6 +136,8 @@ def router_load_over_time(runs: list[RunData], out_dir: Path) -> Figure | None:
                         xytext=(2, 0), textcoords="offset points", fontsize=6.5, va="center")
     file = _save(fig, out_dir, "router_load_over_time")
     side = f" ({runs[0].label} left, {runs[1].label} right)" if len(runs) > 1 else ""
+    if len(layers) < n_layers:
+        side += f"; the {len(layers)} least balanced of {n_layers} MoE layers (lowest final load entropy)"
     return Figure(
         file,
         "Expert load over time",
@@ -176,7 +204,7 @@ def router_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
 def router_findings(run: RunData) -> list[str]:
     """Plain sentences: per layer, where the load went at the last step, and its dead experts.
 
-    A layer is *concentrated* when the fewest experts that together carry :data:`CONCENTRATED_SHARE` (90 %) of the
+    At most :data:`MAX_LAYERS_SHOWN` layers are named: the least balanced. A layer is *concentrated* when the fewest experts that together carry :data:`CONCENTRATED_SHARE` (90 %) of the
     load are at most half of its experts: "layer L0 routes 92 % of tokens to 1 of 8 experts at the end (step S)".
     Otherwise the largest share is given beside the uniform one. "The end" is the last step at which every expert's
     share is finite (a partial column would misstate where the load went). Load shares count routing assignments (with top-k
@@ -184,7 +212,8 @@ def router_findings(run: RunData) -> list[str]:
     is missing or non-finite there)."""
     out: list[str] = []
     mats = load_matrices(run)
-    for layer, (steps, grid) in list(mats.items())[:_MAX_LAYER_FINDINGS]:
+    for layer in least_balanced([mats]):
+        steps, grid = mats[layer]
         last = _last_finite_column(grid, complete=True)
         if last is None:
             out.append(f"layer L{layer}: no step logged a finite load for every expert.")
@@ -209,6 +238,6 @@ def router_findings(run: RunData) -> list[str]:
             if frac > 0:
                 line += f"; {round(frac * n_experts)} of {n_experts} experts dead ({100 * frac:.0f} %)"
         out.append(line + ".")
-    if len(mats) > _MAX_LAYER_FINDINGS:
-        out.append(f"… and {len(mats) - _MAX_LAYER_FINDINGS} more MoE layers (see the figure).")
+    if len(mats) > MAX_LAYERS_SHOWN:
+        out.append(f"the other {len(mats) - MAX_LAYERS_SHOWN} MoE layers are more balanced (see the tables).")
     return ["MoE routing: " + line for line in out]

@@ -168,8 +168,11 @@ def test_nonfinite_through_the_logger_are_skipped(tmp_path):
     run_dir = write_router_run(tmp_path, "nan", collapse=True, extra=extra)
     run = load_run(run_dir)
     assert run.scalars["entropy/router/L0/load/E0"][0][-1] == 180  # the NaN was never written as a value
-    page = _parse(build_report([run_dir]))
-    assert page.cards[("entropy/router/dead_frac_max", "nan")]["text"].endswith("%")
+    assert run.scalars["entropy/router/dead_frac_max"][0][-1] == 180
+    # step 200 lacks E0: the finding speaks of step 180, the last step with every expert's share
+    share, m = _fewest_carrying(loads(180, 0, True), 0.9)
+    assert router_figs.router_findings(run)[0].startswith(
+        f"MoE routing: layer L0 routes {100 * share:.0f} % of tokens to {m} of 8 experts at the end (step 180)")
 
 
 def test_partial_keys_and_old_records(tmp_path, attention_run):
@@ -191,6 +194,28 @@ def test_partial_keys_and_old_records(tmp_path, attention_run):
     # a record from before the router monitor: no router section
     html = build_report([attention_run]).read_text()
     assert 'id="router"' not in html and "router_" not in html
+
+
+def test_many_layers_show_the_least_balanced(tmp_path):
+    logger = RunRecordLogger(tmp_path, name="records", version="deep", run_name="deep")
+    skew = {layer: 0.25 + 0.05 * layer for layer in range(12)}  # the top share grows with depth; L3 collapses
+    skew[3] = 1.0
+    for step in (0, 10):
+        metrics = {}
+        for layer, top in skew.items():
+            p = [top] + [(1 - top) / 3] * 3 if step else [0.25] * 4
+            metrics.update({f"entropy/router/L{layer}/load/E{e}": p[e] for e in range(4)})
+        logger.log_metrics(metrics, step=step)
+    logger.finalize("success")
+    run = load_run(logger.run_dir)
+    shown = router_figs.least_balanced([router_figs.load_matrices(run)])
+    assert shown == [3, 5, 6, 7, 8, 9, 10, 11]
+    figure = router_figs.router_load_over_time([run], tmp_path)
+    assert "the 8 least balanced of 12 MoE layers" in figure.caption
+    lines = router_figs.router_findings(run)
+    assert [line.split()[3] for line in lines[:8]] == [f"L{layer}" for layer in shown]
+    assert lines[0] == "MoE routing: layer L3 routes 100 % of tokens to 1 of 4 experts at the end (step 10)."
+    assert lines[-1] == "MoE routing: the other 4 MoE layers are more balanced (see the tables)."
 
 
 def test_router_section_is_known():

@@ -170,8 +170,9 @@ def test_hwe_quantile_matches_numpy_percentile(b, t, q, seed):
     import numpy as np
 
     tau = np.percentile(vals.numpy(), 100 * q)  # linear, as ARES
-    expect = (w.numpy() >= tau - 1e-12) & m.numpy()
-    assert (out.numpy() == expect).all()
+    expect = (w.numpy() >= tau) & m.numpy()
+    near = np.abs(w.numpy() - tau) < 1e-9  # interpolation rounding at the threshold itself
+    assert ((out.numpy() == expect) | near).all()
 
 
 # ------------------------------------------------------------------ phases

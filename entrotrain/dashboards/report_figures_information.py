@@ -28,6 +28,7 @@ from entrotrain.dashboards.run_reader import RunData
 __all__ = [
     "COMPRESSION_MARGIN",
     "Trajectory",
+    "compressing_layers",
     "XTPhase",
     "information_findings",
     "information_plane",
@@ -242,4 +243,14 @@ def information_findings(run: RunData) -> list[str]:
     for estimator, verdicts in by_estimator.items():
         parts = [f"{text.format(m=round(100 * COMPRESSION_MARGIN))} {', '.join(verdicts[v])}" for v, text in words if v in verdicts]
         out.append(f"Information plane ({estimator}): I(X;T) " + "; ".join(parts) + ".")
+    return out
+
+
+def compressing_layers(run: RunData) -> dict[str, list[str]]:
+    """estimator → the layers whose I(X;T) compressed (see :func:`xt_phase`), for every estimator logged."""
+    out: dict[str, list[str]] = {}
+    for estimator, layer, steps, values in _xt_series(run):
+        layers = out.setdefault(estimator, [])
+        if xt_phase(steps, values).verdict == "compression":
+            layers.append(layer)
     return out

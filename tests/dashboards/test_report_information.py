@@ -98,6 +98,7 @@ def test_two_runs_side_by_side(tanh_run, relu_run, tmp_path):
     index = build_report([tanh_run, relu_run], tmp_path / "cmp")
     text = parse_page(index).joined
     assert "Information plane (kde): I(X;T) kept rising in L1, L2, L3." in text
+    assert "Compression of I(X;T) (binning): L2, L3 in tanh; no layer in relu." in text
     assert "Information plane (kde): I(X;T) compressed (ended > 5 % below its peak) in L2, L3; kept rising in L1." in text
     figure = info_figs.information_plane([load_run(tanh_run), load_run(relu_run)], tmp_path)
     assert "rows: tanh (top), relu (bottom)" in figure.caption

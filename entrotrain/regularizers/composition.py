@@ -15,21 +15,26 @@ terms' totals and whose ``parts`` merge the terms' parts (scaled; a repeated nam
 
 Attention regularisers read the per-query results of a differentiable :class:`~entrotrain.taps.AttentionTap`.
 :meth:`Regularizer.capture` arms one around a forward; the next call with no inputs uses (and releases) what it
-recorded — one tap shared by every term of a sum:
+recorded — one tap shared by every attention term of a sum:
 
     >>> with reg.capture(model):
     ...     logits = model(x)
     >>> loss = loss + reg(step=step).total
+
+Regularisers of other inputs say what they capture with :attr:`Regularizer.capture_group` (the representation
+regularisers arm a differentiable :class:`~entrotrain.taps.ActivationTap` on their own ``include`` globs). A sum that
+mixes groups arms one attention tap for all its attention terms and each other term's own capture, and each term then
+reads what it captured: ``(AttentionEntropyMaximization(0.01) + MatrixEntropyRegularizer(1.0, include=["proj"]))``
+works under one ``with reg.capture(model):``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from entrotrain._validation import check_choice, check_int, check_real, check_str
@@ -110,6 +115,9 @@ class Regularizer(nn.Module):
     """
 
     name: str = "regularizer"
+    #: What :meth:`capture` arms: ``"attention"`` (one differentiable AttentionTap, shared by every attention term of
+    #: a sum) or another group whose terms each arm their own capture (e.g. ``"activation"``).
+    capture_group: str = "attention"
 
     def __init__(
         self,
@@ -249,10 +257,34 @@ class RegularizerSum(Regularizer):
         for reg in self.regs:
             reg.set_step(step)
 
+    @property
+    def _mixed(self) -> bool:
+        """True when the terms capture different things (attention and activations, say)."""
+        return any(reg.capture_group != "attention" for reg in self.regs)
+
+    @contextmanager
+    def capture(self, model: nn.Module, **tap_kwargs: Any) -> Iterator[Any]:
+        """As :meth:`Regularizer.capture` when every term reads attention (one shared tap; yields it). When the terms
+        mix capture groups, arms one attention tap (given ``tap_kwargs``) for all attention terms and each other
+        term's own :meth:`capture` (on its own ``include``), and yields the list of taps; each term then reads what it
+        captured."""
+        if not self._mixed:
+            with super().capture(model, **tap_kwargs) as tap:
+                yield tap
+            return
+        attention = [reg for reg in self.regs if reg.capture_group == "attention"]
+        others = [reg for reg in self.regs if reg.capture_group != "attention"]
+        with ExitStack() as stack:
+            taps = [stack.enter_context(attention[0].capture(model, **tap_kwargs))] if attention else []
+            taps += [stack.enter_context(reg.capture(model)) for reg in others]
+            yield taps
+        for reg in attention[1:]:  # one attention tap for all of them
+            reg._capture.records = attention[0]._capture.records
+
     def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
         if step is not None:
             self.set_step(step)
-        if not inputs:
+        if not inputs and not self._mixed:
             inputs = (self._take_captured(),)
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}

@@ -24,8 +24,8 @@ Inputs — what ``reg(...)`` accepts:
           loss = self.model.loss(x1, x2)
       loss = loss + reg(step=self.global_step).total
 
-  A *sum* of regularisers captures attention (the base class's tap); for a sum of these, arm an
-  ``ActivationTap(model, include=..., differentiable=True)`` yourself and pass it: ``(a + b)(tap)``.
+  A *sum* (``a + b``, also mixed with attention regularisers) captures under one ``with (a + b).capture(model):``:
+  each of these terms arms its own tap on its own ``include`` (see :mod:`entrotrain.regularizers.composition`).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def _flat_rows(x: Tensor) -> Tensor:
 
 class _RepresentationRegularizer(Regularizer):
     """Shared input handling and ``capture`` (a differentiable ActivationTap on ``include``)."""
+
+    capture_group = "activation"
 
     def __init__(
         self,

@@ -95,7 +95,7 @@ class SimSiamTask(LightningModule):
             :class:`~entrotrain.regularizers.representation.MatrixEntropyRegularizer`. Each is called on the
             projections ``z`` ``(2B, feature_dim)`` of both views, **view-major** (``[z₁; z₂]``: an
             :class:`~entrotrain.regularizers.representation.MMCRLoss` here needs ``layout="view_major"``), with the
-            step set to ``global_step``; its terms are logged as ``train/reg/{name}``. ``None`` (default): the loss
+            step set to ``global_step``; its terms are logged as ``reg/{name}`` (as every recipe task does). ``None`` (default): the loss
             and every number are those of plain SimSiam.
     """
 
@@ -143,7 +143,7 @@ class SimSiamTask(LightningModule):
         loss, z = self.model.loss(*self._views(x), return_projections=True)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         reg = self.reg(z, step=self.global_step)
-        self.log_dict({f"train/reg/{k}": v for k, v in reg.parts.items()}, on_step=True, on_epoch=False)
+        self.log_dict({f"reg/{k}": v for k, v in reg.parts.items()}, on_step=True, on_epoch=False)
         return loss + reg.total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ def test_entropy_regularised_simsiam_recipe(tmp_path, capsys):
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 4
     assert not cli.model.hparams.stop_gradient
-    reg = float(metrics["train/reg/matrix_entropy"])
+    reg = float(metrics["reg/matrix_entropy"])
     assert -1.0 <= reg < 0.0  # -w·H/ln min(n, d) with w = 1: a normalised entropy in (0, 1]
     assert any(k.startswith("entropy/repr/model.projector/") for k in metrics), sorted(metrics)
     assert "representation entropy (validation" in capsys.readouterr().out

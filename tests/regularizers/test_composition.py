@@ -130,3 +130,55 @@ def test_bad_steps_and_coefficients_raise():
     with pytest.raises(EntrotrainError, match="schedule"):
         scheduled_weight(0, 1.0, "exp")  # type: ignore[arg-type]
     assert scheduled_weight(-5, 2.0, "warmup", total_steps=4) == 0.0  # negative steps count as 0
+
+
+def test_mixed_sum_captures_attention_and_activations_under_one_with():
+    """A sum of an attention regulariser and two representation regularisers (different modules) captures each
+    term's input in one ``with``; its total equals the terms called on their own captures."""
+    from entrotrain.regularizers import AttentionEntropyMaximization
+    from entrotrain.regularizers.representation import MatrixEntropyRegularizer, VendiRegularizer
+    from tests.helpers.lightning_models import TinyLM, token_loader
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    x = next(iter(token_loader(n=8, batch_size=8)))[0][:, :-1]
+    aem = AttentionEntropyMaximization(0.5)
+    ment = MatrixEntropyRegularizer(1.0, order=2, include=["blocks.0"])
+    vendi = VendiRegularizer(0.25, include=["blocks.1"])
+    reg = aem + 2.0 * ment + vendi
+    with reg.capture(model) as taps:
+        model(x)
+    assert isinstance(taps, list) and len(taps) == 3
+    out = reg()
+    assert set(out.parts) == {aem.name, ment.name, vendi.name}
+    with aem.capture(model):
+        model(x)
+    with ment.capture(model):
+        model(x)
+    with vendi.capture(model):
+        model(x)
+    expected = aem().total + 2.0 * ment().total + vendi().total
+    torch.testing.assert_close(out.total, expected, rtol=1e-12, atol=1e-12)
+    out.total.backward()  # the graph reaches the model through every term
+    assert all(p.grad is not None for p in model.blocks[0].parameters() if p.requires_grad)
+    with pytest.raises(EntrotrainError, match="capture"):
+        reg()  # what was captured was released by the call
+
+
+def test_sum_of_representation_regularizers_captures_its_own_modules():
+    from entrotrain.regularizers.representation import MatrixEntropyRegularizer
+    from tests.helpers.lightning_models import TinyLM, token_loader
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    x = next(iter(token_loader(n=8, batch_size=8)))[0][:, :-1]
+    a = MatrixEntropyRegularizer(1.0, order=1, include=["blocks.0"])
+    b = MatrixEntropyRegularizer(1.0, order=1, include=["blocks.1"])
+    with (a + b).capture(model):
+        model(x)
+    total = (a + b)().total
+    with a.capture(model):
+        model(x)
+    with b.capture(model):
+        model(x)
+    torch.testing.assert_close(total, a().total + b().total, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 #: Which monitor's keys a recipe must log, by recipe-name prefix (attention recipes otherwise).
-MONITOR_PREFIX = {"grpo_": "entropy/policy/", "ssl_": "entropy/repr/", "classifier_": "entropy/repr/"}
+MONITOR_PREFIX = {
+    "grpo_": "entropy/policy/",
+    "ssl_": "entropy/repr/",
+    "classifier_": "entropy/repr/",
+    "information_plane_": "info/",
+}
 
 
 def _monitor_prefix(recipe: Path) -> str | None:

@@ -183,3 +183,26 @@ __all__ += [
     "pca_compress",
     "ross_mutual_information",
 ]
+from entrotrain.functional.spectral_objectives import (  # noqa: E402
+    EIG_EPS,
+    MMCR_NORM_EPS,
+    matrix_entropy_objective,
+    mmcr_objective,
+    mmcr_views,
+    nuclear_norm,
+    spectral_entropy_objective,
+    vendi_entropy_objective,
+    vendi_score_objective,
+)
+
+__all__ += [
+    "EIG_EPS",
+    "MMCR_NORM_EPS",
+    "matrix_entropy_objective",
+    "mmcr_objective",
+    "mmcr_views",
+    "nuclear_norm",
+    "spectral_entropy_objective",
+    "vendi_entropy_objective",
+    "vendi_score_objective",
+]

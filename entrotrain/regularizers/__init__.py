@@ -51,3 +51,6 @@ __all__ = [
     "sigma_reparam",
     "sigma_reparam_names",
 ]
+from entrotrain.regularizers.representation import MatrixEntropyRegularizer, MMCRLoss, VendiRegularizer  # noqa: E402
+
+__all__ += ["MatrixEntropyRegularizer", "MMCRLoss", "VendiRegularizer"]

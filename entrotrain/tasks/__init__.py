@@ -22,3 +22,6 @@ from entrotrain.tasks.digits_classifier import DigitsMLPTask  # noqa: E402
 from entrotrain.tasks.self_supervised import SimSiamTask, augment_digits  # noqa: E402
 
 __all__ += ["DigitsMLPTask", "SimSiamTask", "augment_digits"]
+from entrotrain.tasks.mmcr import MMCREncoder, MMCRTask, knn_accuracy  # noqa: E402
+
+__all__ += ["MMCREncoder", "MMCRTask", "knn_accuracy"]

@@ -16,7 +16,8 @@ What ``training_step`` returns (names configurable with ``keys``)::
             "response_mask": mask,       # (B, T) bool: response tokens (no prompt, no padding)
             "rewards": r,                # (B,) optional: enables the R = -a exp(H) + b fit
             "temperature": T,            # optional float: the temperature H was computed at (logged beside it)
-            "post_token_entropy": H2}    # optional (B, T): entropy after this step's updates (realised ΔH)
+            "post_token_entropy": H2,    # optional (B, T): entropy after this step's updates (realised ΔH)
+            "phase_ids": phases}         # optional (B, T) int: phase of each token (-1: none), e.g. PEARShaping's
 
 Logged keys (``{p}`` = ``prefix``, default ``entropy/policy/``), all reduced over DDP ranks exactly as one
 process on the concatenated batch:
@@ -44,6 +45,21 @@ process on the concatenated batch:
 ``{p}hist`` (wandb)              histogram of the token entropies
 ===============================  ====================================================================================
 
+Token-level shaping statistics (ARES/AEPO window entropy, PEAR phases; off unless asked for, so the keys of existing
+runs do not change), over the valid tokens with a finite entropy, on the union batch of all ranks:
+
+===============================  ====================================================================================
+``{p}window_mean``               mean window entropy (:func:`~entrotrain.functional.token_shaping.window_entropy`,
+                                 ``window`` tokens, ``window_align``), over positions whose window holds a token
+``{p}window_p50|p90``            its quantiles (linear interpolation)
+``{p}hwe_frac``                  fraction of those positions with window entropy ``>= hwe_threshold`` (HWE tokens)
+``{p}phase{k}/mean``             token-mean entropy of phase ``k`` over the batch (when ``training_step`` returns
+                                 ``phase_ids (B, T)``; a phase with no token this batch is not logged)
+``{p}phase{k}/length``           mean tokens of phase ``k`` per response (0 when empty)
+``{p}entropy_length_corr``       Pearson correlation over responses of the per-response token-mean entropy and the
+                                 response length (PEAR's observation; ``entropy_length_corr=True``)
+===============================  ====================================================================================
+
 Pair it with :class:`~entrotrain.callbacks.EntropyCollapseGuard` (``monitor="entropy/policy/mean"``) for alerts.
 
 Non-finite data (DESIGN.md §8): NaN/Inf tokens and rewards are counted, warned about once per fit and left out of
@@ -63,7 +79,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_shape, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import publish_scalars
@@ -72,12 +88,14 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
 from entrotrain.functional._dist import all_gather_padded
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance, quantile
+from entrotrain.functional.token_shaping import WINDOW_ALIGNS, phase_entropy, window_entropy
 
 __all__ = ["PolicyEntropyMonitor", "policy_entropy_summary"]
 
 #: What a logging batch gathers across ranks, and the padding of shorter sequences.
 _GATHERED = (
-    ("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False), ("post_entropy", 0.0), ("rewards", 0.0)
+    ("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False), ("post_entropy", 0.0), ("rewards", 0.0),
+    ("phase_ids", -1),
 )
 
 _DEFAULT_KEYS = {
@@ -88,6 +106,7 @@ _DEFAULT_KEYS = {
     "rewards": "rewards",
     "temperature": "temperature",
     "post_entropy": "post_token_entropy",
+    "phase_ids": "phase_ids",
 }
 
 
@@ -185,10 +204,18 @@ class PolicyEntropyMonitor(PerFitCallback):
         cov_top_fraction: the top-covariance tokens whose share of the positive covariance is reported.
         fit_min_points: logged steps needed before ``R = -a exp(H) + b`` is fitted (needs ``rewards``).
         keys: rename the ``training_step`` output keys, e.g. ``{"mask": "completion_mask"}``. Logical names:
-            ``entropy``, ``logprobs``, ``advantages``, ``mask``, ``rewards``, ``temperature``, ``post_entropy``.
+            ``entropy``, ``logprobs``, ``advantages``, ``mask``, ``rewards``, ``temperature``, ``post_entropy``,
+            ``phase_ids``.
         log_media: log a histogram of the token entropies when a ``WandbLogger`` is attached (rank zero).
         prefix: key prefix.
         print_summary: print the first and last logged values and the fit when training ends (rank zero).
+        window: log the window-entropy / HWE statistics with windows of this many tokens (ARES: 4); None: off.
+        window_align: ``"forward"`` (ARES: the next ``window`` tokens, anchor excluded), ``"trailing"`` or
+            ``"centred"``.
+        hwe_threshold: the window entropy (nats) at or above which a position is an HWE token (ARES's fallback
+            :math:`\tau` = 1.5; its trainer adapts :math:`\tau`, so read ``window_p90`` too).
+        entropy_length_corr: log the correlation of response entropy and length.
+        n_phases: the number of phases in ``phase_ids`` (None: the largest id in the batch + 1, at least 2).
 
     Raises:
         EntrotrainError: on invalid arguments, and at the first logging batch when ``training_step`` did not
@@ -206,6 +233,11 @@ class PolicyEntropyMonitor(PerFitCallback):
         log_media: bool = True,
         prefix: str = "entropy/policy/",
         print_summary: bool = True,
+        window: int | None = None,
+        window_align: str = "forward",
+        hwe_threshold: float = 1.5,
+        entropy_length_corr: bool = False,
+        n_phases: int | None = None,
     ) -> None:
         check_int(every_n_batches, "every_n_batches", low=1)
         check_choice(agg, "agg", AGG_MODES)
@@ -224,6 +256,11 @@ class PolicyEntropyMonitor(PerFitCallback):
         self.log_media = log_media
         self.prefix = prefix
         self.print_summary = print_summary
+        self.window = check_int(window, "window", low=1, none_ok=True)
+        self.window_align = check_choice(window_align, "window_align", WINDOW_ALIGNS)
+        self.hwe_threshold = check_real(hwe_threshold, "hwe_threshold")
+        self.entropy_length_corr = check_bool(entropy_length_corr, "entropy_length_corr")
+        self.n_phases = check_int(n_phases, "n_phases", low=1, none_ok=True)
         self._nonfinite = NonFiniteCounter("PolicyEntropyMonitor", f"{prefix}nonfinite")
         self._reset_fit_state()
 
@@ -281,7 +318,7 @@ class PolicyEntropyMonitor(PerFitCallback):
             )
         found = {k: outputs.get(self.keys[k]) for k in self.keys}
         entropy = found["entropy"]
-        for k in ("logprobs", "mask", "post_entropy"):
+        for k in ("logprobs", "mask", "post_entropy", "phase_ids"):
             t = found[k]
             if t is not None and (not isinstance(t, Tensor) or t.shape != entropy.shape):
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -353,6 +390,7 @@ class PolicyEntropyMonitor(PerFitCallback):
             publish_scalars(trainer, pl_module, {self.prefix + k: v for k, v in summary.items()}, source=self.state_key)
             return
         self._dynamics(summary, tensors)
+        self._shaping(summary, tensors)
         if "reward_mean" in summary:
             self._reward_fit(summary)
         metrics = {self.prefix + k: v for k, v in summary.items()}
@@ -392,6 +430,43 @@ class PolicyEntropyMonitor(PerFitCallback):
         if is_finite_number(summary["mean"]) and is_finite_number(summary["cov_mean"]):
             self.history["entropy"].append(summary["mean"])
             self.history["cov"].append(summary["cov_mean"])
+
+    def _shaping(self, summary: dict[str, float], tensors: dict[str, Tensor]) -> None:
+        """Window / HWE statistics, per-phase entropy and length, the entropy–length correlation (when asked for).
+
+        Tokens: valid (``mask``) with a finite entropy; lengths count every valid token."""
+        mask = tensors["mask"].bool()
+        h = tensors["entropy"].double()
+        valid = mask & torch.isfinite(h)
+        if self.window is not None:
+            we = window_entropy(h, valid, self.window, align=self.window_align, return_counts=True)
+            vals = we.mean[we.count > 0]
+            if vals.numel():
+                summary["window_mean"] = float(vals.mean())
+                summary["window_p50"] = float(quantile(vals, 0.5))
+                summary["window_p90"] = float(quantile(vals, 0.9))
+                summary["hwe_frac"] = float((vals >= self.hwe_threshold).double().mean())
+        phases = tensors.get("phase_ids")
+        if phases is not None:
+            phases = phases.long()
+            top = int(phases[mask].max()) + 1 if bool(mask.any()) else 0
+            n = self.n_phases if self.n_phases is not None else max(2, top)
+            ph = phase_entropy(h, valid, phases, n_phases=n)
+            lengths = phase_entropy(torch.zeros_like(h), mask, phases, n_phases=n).count.double()
+            count = ph.count.double()
+            rows = max(mask.shape[0], 1)
+            for k in range(n):
+                if count[:, k].sum() > 0:
+                    summary[f"phase{k}/mean"] = float((ph.mean[:, k] * count[:, k]).sum() / count[:, k].sum())
+                summary[f"phase{k}/length"] = float(lengths[:, k].sum() / rows)
+        if self.entropy_length_corr:
+            n_valid = valid.sum(1)
+            keep = n_valid > 0
+            if int(keep.sum()) >= 2:
+                seq = torch.where(valid, h, 0.0).sum(1)[keep] / n_valid[keep]
+                corr = _pearson(seq.tolist(), mask.sum(1)[keep].double().tolist())
+                if math.isfinite(corr):
+                    summary["entropy_length_corr"] = corr
 
     def _realised_delta(self, tensors: dict[str, Tensor]) -> float | None:
         """ΔH = H_after − H_before under ``agg``, both over the same tokens: valid, with finite entropy, log-prob,
@@ -444,6 +519,14 @@ class PolicyEntropyMonitor(PerFitCallback):
         if self.print_summary and self.first_logged is not None and trainer.is_global_zero:
             print(self.summary_table())
 
+    def _shaping_lines(self) -> list[str]:
+        """First → last of the shaping statistics that were logged (window / HWE, phases, entropy–length)."""
+        first, last = self.first_logged or {}, self.last_logged
+        names = [k for k in ("window_mean", "window_p90", "hwe_frac", "entropy_length_corr") if k in last]
+        names += sorted(k for k in last if k.startswith("phase"))
+        nan = float("nan")
+        return [f"  {k:<20s} first {first.get(k, nan):.4f}  last {last[k]:.4f}" for k in names]
+
     def summary_table(self) -> str:
         """The first and last logged values (and the latest entropy–reward fit) as a small text table."""
         lines = [
@@ -458,6 +541,7 @@ class PolicyEntropyMonitor(PerFitCallback):
                 f"  {int(row['batch']):<6d}  {row.get('mean', nan):.4f}    {row.get('p10', nan):.3f}   "
                 f"{row.get('p90', nan):.3f}   {row.get('cov_mean', nan):+.4f}    {row.get('reward_mean', nan):.3f}"
             )
+        lines.extend(self._shaping_lines())
         if "fit_a" in self.last_logged:
             last = self.last_logged
             lines.append(

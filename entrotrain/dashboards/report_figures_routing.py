@@ -206,7 +206,8 @@ def router_findings(run: RunData) -> list[str]:
 
     At most :data:`MAX_LAYERS_SHOWN` layers are named: the least balanced. A layer is *concentrated* when the fewest experts that together carry :data:`CONCENTRATED_SHARE` (90 %) of the
     load are at most half of its experts: "layer L0 routes 92 % of tokens to 1 of 8 experts at the end (step S)".
-    Otherwise the largest share is given beside the uniform one. "The end" is the last step at which every expert's
+    Otherwise: "layer L1 needs 6 of 8 experts for 90 % of its tokens at the end (step S)", with the largest share
+    beside the uniform one. "The end" is the last step at which every expert's
     share is finite (a partial column would misstate where the load went). Load shares count routing assignments (with top-k
     routing each token makes k of them). The dead-expert share is the one logged at that same step (omitted when it
     is missing or non-finite there)."""
@@ -229,8 +230,8 @@ def router_findings(run: RunData) -> list[str]:
             line = (f"layer L{layer} routes {100 * cum[m - 1]:.0f} % of tokens to {m} of {n_experts} experts at the "
                     f"end (step {step})")
         else:
-            line = (f"layer L{layer} spreads its tokens over its {n_experts} experts at the end (step {step}): "
-                    f"largest share {100 * shares[0]:.0f} %, uniform {100 / n_experts:.0f} %")
+            line = (f"layer L{layer} needs {m} of {n_experts} experts for {round(100 * CONCENTRATED_SHARE)} % of its "
+                    f"tokens at the end (step {step}): largest share {100 * shares[0]:.0f} %, uniform {100 / n_experts:.0f} %")
         dead = run.scalars.get(f"entropy/router/L{layer}/dead_frac")
         at = np.flatnonzero(dead[0] == step) if dead is not None else []
         if len(at) and np.isfinite(dead[1][at[0]]):  # the same step as the loads: never an older value

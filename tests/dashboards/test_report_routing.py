@@ -121,7 +121,8 @@ def test_two_runs_side_by_side_and_compared(collapse_run, balanced_run, tmp_path
     text = " ".join(page.text)
     assert "At the end, entropy/router/dead_frac_max is 75 % in collapse and 0 % in cure." in text
     top = max(loads(200, 0, False))
-    assert f"layer L0 spreads its tokens over its 8 experts at the end (step 200): largest share {100 * top:.0f} %, uniform 12 %" in text
+    _, m = _fewest_carrying(loads(200, 0, False), 0.9)
+    assert f"layer L0 needs {m} of 8 experts for 90 % of its tokens at the end (step 200): largest share {100 * top:.0f} %, uniform 12 %" in text
     assert {"router_load_over_time.png", "router_curves.png"} <= set(page.images)
     assert "(collapse left, cure right)" in text and "one colour scale, 0 to 0.92" in text  # the figure's caption
 

@@ -17,6 +17,7 @@ MONITOR_PREFIX = {
     "ssl_": "entropy/repr/",
     "classifier_": "entropy/repr/",
     "information_plane_": "info/",
+    "moe_": "entropy/router/",
 }
 
 

@@ -396,3 +396,22 @@ def test_canon_from_token_entropies_matches_reference_pipeline():
     ref_metric = [(h[i][m[i]].sum() / (m[i].sum() + 1e-8)).item() for i in range(12)]
     ref = canon_reference(r, ref_metric, [i // 4 for i in range(12)], 1.0, 0.0, 1.0, 8192.0)
     assert torch.allclose(canon_advantage(r, metric, 4, length_norm=8192.0), ref, atol=1e-15)
+
+
+def test_hwe_quantile_is_global_under_two_rank_ddp(tmp_path):
+    import socket
+    from pathlib import Path
+
+    from tests.functional import hwe_ddp_run as script
+    from tests.helpers.scripts import run_script
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    run_script(Path(script.__file__), Path(__file__).resolve().parents[2], str(tmp_path), port)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    h, mask = script.make_batch()
+    union = script.hwe(h, mask)
+    assert torch.equal(torch.cat(parts), union)
+    per_rank = torch.cat([script.hwe(h[:3], mask[:3]), script.hwe(h[3:], mask[3:])])
+    assert not torch.equal(per_rank, union)  # a per-rank quantile would differ: the test can fail

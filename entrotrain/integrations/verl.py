@@ -24,6 +24,11 @@ number of times per step (no dynamic batch size), or the collectives will hang. 
 in verl ≤ 0.5 and the paper's fork. The modules are built once per distinct configuration and reused (so the seeded
 generator and the KL-Cov on-policy warning persist across calls).
 
+Advantage estimator: :func:`register_verl_adv_estimators` registers ``entrotrain_canon`` (CANON, regrouping by the
+old-pass entropy or the length; see :func:`make_verl_adv_fns`) for ``algorithm.adv_estimator=entrotrain_canon``.
+PEAR acts on the scalar reward: call :func:`entrotrain.functional.token_shaping.pear_reward` from a reward manager
+that sees the old-pass ``entropys`` (verl's default reward managers do not).
+
 Return convention: verl's policy losses return either ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``
 (older verl) or ``(pg_loss, metrics_dict)`` (newer). ``style="auto"`` reads the return annotation of verl's own
 ``compute_policy_loss_vanilla``; pass ``style="tuple"`` or ``"dict"`` to force one. In tuple style the second slot is
@@ -44,7 +49,14 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.functional.policy import AGG_MODES
 from entrotrain.regularizers.policy_loss import ClipCovLoss, KLCovLoss, PolicyLoss, PolicyLossOutput, SteerLoss
 
-__all__ = ["VERL_LOSS_NAMES", "make_verl_loss_fns", "register_verl_losses"]
+__all__ = [
+    "VERL_ADV_NAMES",
+    "VERL_LOSS_NAMES",
+    "make_verl_adv_fns",
+    "make_verl_loss_fns",
+    "register_verl_adv_estimators",
+    "register_verl_losses",
+]
 
 VERL_LOSS_NAMES = ("entrotrain_clip_cov", "entrotrain_kl_cov", "entrotrain_steer")
 
@@ -190,6 +202,96 @@ def register_verl_losses(mode: str = "micro_batch", seed: int | None = None, sty
         raise EntrotrainError("this verl has no register_policy_loss; upgrade to verl >= 0.4.1.")
     check_choice(style, "style", ("auto", "tuple", "dict"))
     fns = make_verl_loss_fns(mode, seed, _verl_style(core_algos) if style == "auto" else style)
+    for name, fn in fns.items():
+        register(name)(fn)
+    return list(fns)
+
+
+# --------------------------------------------------------------------------------------------- advantage estimators
+
+VERL_ADV_NAMES = ("entrotrain_canon",)
+
+
+def _group_order(index: Any, n: int) -> tuple[Tensor, int]:
+    """A stable permutation putting each uid's responses together (first-appearance order of the uids, batch order
+    within a uid) and the common group size; unequal groups are refused."""
+    uids = list(index) if index is not None else None
+    if uids is None or len(uids) != n:
+        raise EntrotrainError(
+            f"entrotrain_canon needs index= (one uid per response, {n} of them: verl's data['uid']), got "
+            f"{None if uids is None else len(uids)} values."
+        )
+    codes: dict[Any, int] = {}
+    code = torch.tensor([codes.setdefault(u, len(codes)) for u in uids], dtype=torch.int64)
+    counts = torch.bincount(code, minlength=len(codes)) if n else torch.zeros(0, dtype=torch.int64)
+    if n and int(counts.min()) != int(counts.max()):
+        raise EntrotrainError(
+            f"entrotrain_canon needs the same number of responses per uid, got group sizes from {int(counts.min())} "
+            f"to {int(counts.max())}; disable group filtering that drops single responses (or pad the groups)."
+        )
+    return torch.sort(code, stable=True).indices, int(counts[0]) if n else 1
+
+
+def make_verl_adv_fns() -> dict[str, Callable[..., tuple]]:
+    """verl-signature advantage estimators (what :func:`register_verl_adv_estimators` registers), usable without verl.
+
+    ``entrotrain_canon(token_level_rewards, response_mask, index, config=None, entropy=None)``: CANON
+    (:class:`~entrotrain.regularizers.token_shaping.CANONAdvantage`) on verl's tensors: the scalar reward is
+    ``token_level_rewards.sum(-1)``, groups are verl's ``uid`` (any order, equal sizes; within a uid the batch order
+    breaks metric ties, as CANON's code), the metric is the old-pass token entropy (``entropy=``, verl's
+    ``data["entropys"]``, which verl's ``compute_advantage`` does not pass: forward it, or the call raises) or the
+    length. Settings from ``config.canon`` (``lam`` 1, ``alpha`` 1, ``beta`` 0, ``metric`` "entropy",
+    ``length_norm`` 1: set it to ``max_response_length`` with ``seq-mean-token-sum`` as CANON's scripts). Returns
+    ``(advantages, returns)``, both ``A[:, None] * response_mask`` (no std normalisation).
+    """
+    from entrotrain.functional.token_shaping import canon_advantage, sequence_entropy  # noqa: PLC0415
+
+    def canon(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None,
+              entropy: Tensor | None = None, **_: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
+        cfg = _get(config, "canon", None)
+        metric = check_choice(_get(cfg, "metric", "entropy"), "config.canon.metric", ("entropy", "length"))
+        lam = _real(cfg, "lam", 1.0, "config.canon")
+        alpha = _real(cfg, "alpha", 1.0, "config.canon")
+        beta = _real(cfg, "beta", 0.0, "config.canon")
+        length_norm = _real(cfg, "length_norm", 1.0, "config.canon")
+        mask = response_mask
+        if metric == "entropy":
+            if entropy is None:
+                raise EntrotrainError(
+                    "entrotrain_canon needs the per-token entropy of the old-policy pass: call it with entropy= "
+                    "(verl's batch key 'entropys'), or set config.canon.metric='length'."
+                )
+            value = sequence_entropy(entropy, mask)
+        else:
+            value = (mask > 0).sum(-1).float()
+        rewards = token_level_rewards.detach().sum(-1)
+        order, group = _group_order(index, rewards.shape[0])
+        adv = torch.empty(rewards.shape, dtype=torch.promote_types(rewards.dtype, torch.float32), device=rewards.device)
+        adv[order.to(rewards.device)] = canon_advantage(
+            rewards[order], value[order], group, lam=lam, alpha=alpha, beta=beta, variant=metric,
+            length_norm=length_norm,
+        ).to(adv.dtype)  # fmt: skip
+        out = adv[:, None] * mask.to(adv.dtype)
+        return out, out
+
+    return {"entrotrain_canon": canon}
+
+
+def register_verl_adv_estimators() -> list[str]:
+    """Register ``entrotrain_canon`` with verl's advantage-estimator registry (``algorithm.adv_estimator=
+    entrotrain_canon``); returns the names.
+
+    Raises:
+        EntrotrainError: verl is not importable, or has no ``register_adv_est``.
+    """
+    try:
+        from verl.trainer.ppo import core_algos  # noqa: PLC0415
+    except ImportError as err:
+        raise EntrotrainError("register_verl_adv_estimators needs verl: pip install verl.") from err
+    register = getattr(core_algos, "register_adv_est", None)
+    if register is None:
+        raise EntrotrainError("this verl has no register_adv_est; upgrade verl.")
+    fns = make_verl_adv_fns()
     for name, fn in fns.items():
         register(name)(fn)
     return list(fns)

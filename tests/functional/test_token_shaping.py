@@ -251,19 +251,29 @@ def test_phase_entropy_errors():
     n_phases=st.integers(1, 4),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
+    poison=st.sampled_from([None, NAN, INF]),
 )
-def test_phases_match_brute_force(b, t, delim, n_phases, dtype, seed):
+def test_phases_match_brute_force(b, t, delim, n_phases, dtype, seed, poison):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 3, (b, t), generator=g)
     m = torch.rand(b, t, generator=g) < 0.8
     h = (torch.rand(b, t, generator=g, dtype=torch.float64) * 2).to(dtype)
+    if poison is not None and b * t:
+        h[0, t // 2] = poison
     ph = phase_ids_from_delimiter(ids, m, delim, n_phases=n_phases)
     assert torch.equal(ph, phase_ids_reference(ids, m, delim, n_phases))
     out = phase_entropy(h, m, token_ids=ids, delimiter_ids=delim, n_phases=n_phases)
     ref_mean, ref_count = phase_reference(h.double(), m, ph, n_phases)
     assert torch.equal(out.count, ref_count)
-    assert torch.allclose(out.mean.double(), ref_mean, atol=TOL[dtype], rtol=TOL[dtype])
-    assert torch.isfinite(out.mean).all()
+    assert torch.allclose(out.mean.double(), ref_mean, atol=TOL[dtype], rtol=TOL[dtype], equal_nan=True)
+    bad = torch.isnan(out.mean)
+    if poison is None or b * t == 0 or not m[0, t // 2]:
+        assert not bad.any()
+    else:  # only the poisoned token's phase of its row
+        assert bad.sum() == 1 and bad[0, ph[0, t // 2]]
+    pear = pear_reward(h, m, token_ids=ids, delimiter_ids=delim, think_coef=0.5, answer_coef=0.5)
+    two = torch.isnan(phase_entropy(h, m, token_ids=ids, delimiter_ids=delim).mean)
+    assert torch.isnan(pear).tolist() == [bool(two[i].any()) for i in range(b)]
 
 
 # ------------------------------------------------------------------ PEAR

@@ -120,19 +120,26 @@ def activation_output_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _dataset_rows(dataset: Any, input_index: int | str, label_index: int | str, max_probe: int, seed: int,
-                  what: str) -> tuple[Tensor, Tensor]:
-    """Inputs and labels of ``dataset`` read by index (a seeded sorted subsample beyond ``max_probe`` rows)."""
+def _dataset_length(dataset: Any, what: str) -> int:
     try:
-        n = len(dataset)
+        return len(dataset)
     except TypeError:
         raise EntrotrainError(
             f"InformationPlaneMonitor: the {what} dataset ({type(dataset).__name__}) has no length, so no fixed probe "
             "set can be drawn from it; use probe='datamodule' with a datamodule.information_probe() -> (x, labels)."
         ) from None
-    index = torch.arange(n)
-    if n > max_probe:
-        index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_probe].sort().values
+
+
+def _probe_index(n: int, max_probe: int, seed: int) -> Tensor:
+    """All of ``0..n-1``, or a seeded subsample of ``max_probe`` sorted indices (own generator, global RNG untouched)."""
+    if n <= max_probe:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_probe].sort().values
+
+
+def _dataset_rows(dataset: Any, index: Tensor, input_index: int | str, label_index: int | str,
+                  what: str) -> tuple[Tensor, Tensor]:
+    """Inputs and labels of the items ``index`` of ``dataset``, read by index (no loader, no sampler)."""
     tensors = getattr(dataset, "tensors", None)
     if isinstance(tensors, tuple) and isinstance(input_index, int) and isinstance(label_index, int):
         return tensors[input_index][index], tensors[label_index][index]
@@ -140,7 +147,7 @@ def _dataset_rows(dataset: Any, input_index: int | str, label_index: int | str, 
     try:
         x = torch.stack([torch.as_tensor(item[input_index]) for item in items])
         y = torch.stack([torch.as_tensor(item[label_index]) for item in items])
-    except (KeyError, IndexError, TypeError) as e:
+    except (KeyError, IndexError, TypeError, RuntimeError) as e:
         raise EntrotrainError(
             f"InformationPlaneMonitor: could not read inputs item[{input_index!r}] and labels item[{label_index!r}] "
             f"from the {what} dataset ({e}); set input_index / label_index, or use probe='datamodule'."
@@ -395,19 +402,24 @@ class InformationPlaneMonitor(PerFitCallback):
                     f"(x, labels); the datamodule is {type(trainer.datamodule).__name__}. Use probe='all' otherwise."
                 )
             x, y = fn()
-            if len(x) > self.max_probe:
-                index = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.max_probe]
-                x, y = x[index.sort().values], y[index.sort().values]
+            if not isinstance(x, Tensor) or len(torch.as_tensor(y)) != len(x):
+                raise EntrotrainError(
+                    "InformationPlaneMonitor: datamodule.information_probe() must return (x, labels): a tensor of "
+                    f"inputs and one label per input, got {type(x).__name__} and {len(torch.as_tensor(y))} labels."
+                )
+            index = _probe_index(len(x), self.max_probe, self.seed)
+            x, y = x[index], torch.as_tensor(y)[index]
         else:
             parts = ["train", "val"] if self.probe == "all" else [self.probe]
-            got = [
-                _dataset_rows(self._dataset(trainer, p), self.input_index, self.label_index, 2**62, self.seed, p)
-                for p in parts
-            ]
+            datasets = [self._dataset(trainer, p) for p in parts]
+            sizes = [_dataset_length(d, p) for d, p in zip(datasets, parts)]
+            index = _probe_index(sum(sizes), self.max_probe, self.seed)  # over the concatenation, read only those
+            got, start = [], 0
+            for dataset, part, size in zip(datasets, parts, sizes):
+                mine = index[(index >= start) & (index < start + size)] - start
+                got.append(_dataset_rows(dataset, mine, self.input_index, self.label_index, part))
+                start += size
             x, y = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
-            if len(x) > self.max_probe:
-                index = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.max_probe]
-                x, y = x[index.sort().values], y[index.sort().values]
         y = torch.as_tensor(y)
         if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool or len(y) != len(x):
             raise EntrotrainError(

@@ -228,6 +228,36 @@ def test_probe_sources(probe, rows):
     assert torch.equal(x, full_x[expected[probe]]) and torch.equal(y, full_y[expected[probe]])
 
 
+class ItemDataset(torch.utils.data.Dataset):
+    """Not a TensorDataset: items are dicts read one by one."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def test_probe_subsample_is_seeded_and_read_by_index_from_any_dataset():
+    x, y, _ = icosahedron_dataset()
+    dm = L.LightningDataModule.from_datasets(ItemDataset(x, y), batch_size=512)
+    monitor = InformationPlaneMonitor(estimators=["binning"], every_n_steps=10, probe="train", max_probe=50, seed=4,
+                                      input_index="x", label_index="y", print_summary=False)
+
+    class DictNet(SmallNet):
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    L.seed_everything(0)
+    fit(DictNet(), [monitor], dm=dm, max_steps=1)
+    index = torch.randperm(4096, generator=torch.Generator().manual_seed(4))[:50].sort().values
+    px, py = monitor._probe_data
+    assert torch.equal(px, x[index]) and torch.equal(py, y[index])
+
+
 def test_probe_errors():
     class BadLabels(InformationPlaneDataModule):
         def information_probe(self):

@@ -118,7 +118,9 @@ def window_entropy(
     A window never leaves its row, and padding (``mask`` False) never enters a sum or a count: near the end of a
     response (or when ``window`` exceeds the sequence) the window is *truncated* and averages the valid tokens it
     still holds (ARES skips triggers with fewer than ``w`` following tokens: select ``count == window`` for that).
-    Vectorised with one float64 cumulative sum per row (no loop over tokens).
+    Vectorised with one float64 cumulative sum per row (no loop over tokens). The entropies are whatever the caller
+    gives: entrotrain's :func:`~entrotrain.functional.policy.token_entropy` is over the full vocabulary at the
+    sampling temperature (ARES estimates it from vLLM's top-10 log-probs plus a lumped tail bucket).
 
     Args:
         entropy: ``(B, T)`` per-token entropies (any floating dtype; accumulated in float64).
@@ -179,7 +181,9 @@ def high_window_entropy_mask(
 
     The comparison is :math:`\ge` (ties included). ``mask`` should hold the positions to evaluate: pass
     ``count > 0`` from :func:`window_entropy` (``return_counts=True``), or ``count == window`` to skip truncated
-    windows as ARES does (and, for ARES's trigger words, ``& is_trigger``).
+    windows as ARES does. ARES counts HWE tokens only at "reasoning trigger" words (its own word list, not shipped
+    here): to reproduce that, ``& is_trigger`` with a mask built from the *sampled* tokens (ARES's code matches the
+    argmax of the top-10 log-probs instead, a quirk not reproduced).
 
     Returns:
         Boolean ``(B, T)`` (the shape of ``window_entropy``): ``window_entropy >= tau & mask``. All False when no

@@ -112,3 +112,21 @@ def test_composition_sums_terms_and_keeps_every_part():
 def test_bad_arguments_raise(fn):
     with pytest.raises(EntrotrainError):
         fn()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+def test_load_balancing_equals_the_hf_models_aux_loss(kind):
+    """On tiny HF MoE LMs built from configs: our LoadBalancingLoss on the model output (and the batch's attention
+    mask) equals the model's own ``aux_loss``; the DynMoLE loss and z-loss take the same output and give gradients."""
+    pytest.importorskip("transformers")
+    from tests.helpers.router_models import lm_batch, tiny_moe
+
+    model = tiny_moe(kind)
+    batch = lm_batch()
+    out = model(**batch, output_router_logits=True)
+    ours = LoadBalancingLoss(1.0, top_k=2)({"router_logits": out.router_logits, "attention_mask": batch["attention_mask"]})
+    assert abs(float(ours.total.detach()) - float(out.aux_loss.detach())) <= 1e-6
+    total = (TsallisRouterLoss(aux_weight=0.1) + RouterZLoss())(out.router_logits, batch["attention_mask"]).total
+    total.backward()
+    gate = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert gate and all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in gate)

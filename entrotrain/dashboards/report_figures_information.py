@@ -33,6 +33,7 @@ __all__ = [
     "information_findings",
     "information_plane",
     "information_rows",
+    "step_norm",
     "trajectories",
     "unit_of",
     "xt_phase",
@@ -114,6 +115,22 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def step_norm(steps: np.ndarray) -> tuple[Any, bool]:
+    """The colour normalisation of training steps, and whether it is stretched: a power scale (``gamma`` 0.4, giving
+    early steps more of the colour range) when the evaluations thin out over training (the median gap of the last
+    third of the distinct steps is more than twice that of the first third, e.g. IDNNs' log-spaced epochs), else
+    linear."""
+    from matplotlib.colors import Normalize, PowerNorm
+
+    distinct = np.unique(steps)
+    lo, hi = float(distinct[0]), float(max(distinct[-1], distinct[0] + 1))
+    gaps = np.diff(distinct)
+    third = len(gaps) // 3
+    if third >= 1 and np.median(gaps[-third:]) > 2 * np.median(gaps[:third]):
+        return PowerNorm(gamma=0.4, vmin=lo, vmax=hi), True
+    return Normalize(lo, hi), False
+
+
 def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
     """Rows = runs (side by side for two), columns = estimators; in each panel one trajectory per layer in the
     (I(X;T), I(T;Y)) plane, points coloured by training step (one colour bar for all panels), the first point a
@@ -124,11 +141,10 @@ def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
     if not estimators:
         return None
     plt = _plt()
-    from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
     all_steps = np.concatenate([tr.steps for t in per_run for layers in t.values() for tr in layers])
-    norm = Normalize(float(all_steps.min()), float(max(all_steps.max(), all_steps.min() + 1)))
+    norm, stretched = step_norm(all_steps)
     fig, axes = plt.subplots(len(runs), len(estimators), figsize=(4.3 * len(estimators), 3.7 * len(runs) + 0.3),
                              squeeze=False, sharex="col", sharey="col", layout="constrained")
     layer_names = sorted({tr.layer for t in per_run for layers in t.values() for tr in layers}, key=_natural)
@@ -157,7 +173,7 @@ def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     if points is not None:
-        fig.colorbar(points, ax=axes.ravel().tolist(), fraction=0.03, pad=0.01, shrink=0.9, label="training step")
+        fig.colorbar(points, ax=axes.ravel().tolist(), fraction=0.03, pad=0.01, shrink=0.9, label="training step" + (" (power scale)" if stretched else ""))
     handles = [Line2D([], [], color=colour[n], lw=1.4, label=n) for n in layer_names[:10]]
     handles += [Line2D([], [], ls="none", marker="o", mfc="none", mec="black", label="first"),
                 Line2D([], [], ls="none", marker="s", color="black", label="last")]
@@ -168,7 +184,7 @@ def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
         file,
         "Information plane",
         "I(X;T) against I(T;Y) for every layer (one colour and label each) under each estimator (one column each, "
-        f"with its parameters){side}; points coloured by training step, hollow circle = first, square = last. A "
+        f"with its parameters){side}; points coloured by training step (power scale when the evaluations thin out), hollow circle = first, square = last. A "
         "trajectory that turns left after moving right is a layer compressing.",
     )
 

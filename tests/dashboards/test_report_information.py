@@ -202,3 +202,12 @@ def test_xt_phase_properties(values, holes):
         noisy.insert(at, [np.nan, np.inf, -np.inf][h % 3])
         noisy_steps.insert(at, -1)
     assert info_figs.xt_phase(np.array(noisy_steps), np.array(noisy)) == phase
+
+
+def test_step_colours_stretch_only_for_thinning_schedules():
+    uniform, stretched = info_figs.step_norm(np.arange(0, 1000, 50))
+    assert not stretched and uniform(500) == pytest.approx(500 / 950)
+    epochs = np.unique(np.logspace(0, np.log2(1500), 40, base=2).astype(int)) - 1  # IDNNs' schedule
+    norm, stretched = info_figs.step_norm(epochs * 13)
+    assert stretched and norm(epochs[10] * 13) > 2 * epochs[10] * 13 / (epochs[-1] * 13)  # early steps get more colour
+    assert norm(0) == 0 and norm(epochs[-1] * 13) == pytest.approx(1)

@@ -129,6 +129,13 @@ def _keep_weights(keep: Tensor | None, z: Tensor) -> Tensor:
     return keep[:, None].to(z.dtype)
 
 
+def _pooled(layers: list[Tensor], keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Every layer's rows in one ``(L·rows, E)`` tensor (layer-major, as DynMoLE's ``unpack_router_logits``) and
+    their ``(L·rows, 1)`` 0/1 valid-row weights."""
+    z = layers[0] if len(layers) == 1 else torch.cat(layers)
+    return z, _keep_weights(None if keep is None else keep.repeat(len(layers)), z)
+
+
 def _balance(f: Tensor, p_mean: Tensor) -> Tensor:
     r""":math:`E \sum_i f_i P_i`."""
     return f.shape[-1] * (f * p_mean).sum(-1)
@@ -167,21 +174,16 @@ def load_balancing_loss(
     top_k = check_int(top_k, "top_k", low=1, high=n_exp)
     normalize = check_bool(normalize, "normalize")
     per_layer = check_bool(per_layer, "per_layer")
-    counts, probs, rows = [], [], []
-    for z in layers:
-        w = _keep_weights(keep, z)
-        p = torch.softmax(z, dim=-1)
-        idx = torch.topk(p, top_k, dim=-1).indices
-        hits = torch.zeros_like(p).scatter_(-1, idx, 1.0)
-        counts.append((hits * w).sum(0))
-        probs.append((p * w).sum(0))
-        rows.append(w.sum())
+    z, w = _pooled(layers, keep)  # one softmax / top-k over every layer's rows
+    p = torch.softmax(z, dim=-1)
+    hits = torch.zeros_like(p).scatter_(-1, torch.topk(p, top_k, dim=-1).indices, 1.0)
+    stats = torch.cat([hits * w, p * w, w], dim=-1)  # (rows, 2E + 1): counts, probabilities, valid rows
     if per_layer:
-        losses = [_balance(c / r.clamp_min(1), s / r.clamp_min(1)) for c, s, r in zip(counts, probs, rows)]
-        loss = torch.stack(losses).mean()
+        sums = torch.stack([s.sum(0) for s in stats.split([x.shape[0] for x in layers])])  # (L, 2E + 1)
     else:
-        total = torch.stack(rows).sum().clamp_min(1)
-        loss = _balance(torch.stack(counts).sum(0) / total, torch.stack(probs).sum(0) / total)
+        sums = stats.sum(0, keepdim=True)
+    rows = sums[:, -1:].clamp_min(1)
+    loss = _balance(sums[:, :n_exp] / rows, sums[:, n_exp:-1] / rows).mean()
     return loss / top_k if normalize else loss
 
 
@@ -198,13 +200,8 @@ def router_z_loss(router_logits: RouterLogits, *, mask: Tensor | None = None) ->
     Returns:
         A scalar >= 0; 0 with a zero gradient when no row is valid.
     """
-    layers, keep = _layers(router_logits, mask)
-    sums, rows = [], []
-    for z in layers:
-        w = _keep_weights(keep, z)[:, 0]
-        sums.append((torch.logsumexp(z, dim=-1).square() * w).sum())
-        rows.append(w.sum())
-    return torch.stack(sums).sum() / torch.stack(rows).sum().clamp_min(1)
+    z, w = _pooled(*_layers(router_logits, mask))
+    return (torch.logsumexp(z, dim=-1).square() * w[:, 0]).sum() / w.sum().clamp_min(1)
 
 
 def _check_dynmole(q: float, eps: float, top_p: float, keep_top_k: int, entropy_threshold: float) -> tuple:
@@ -281,9 +278,7 @@ def dynmole_router_terms(
     raw = None
     if mask is not None and not mask_entropy:  # DynMoLE: the entropy sees the pad rows as they are
         raw, _ = _layers(router_logits, None)
-    layers, keep = _layers(router_logits, mask)
-    z = torch.cat(layers)
-    w = _keep_weights(None if keep is None else keep.repeat(len(layers)), z)
+    z, w = _pooled(*_layers(router_logits, mask))
     probs = torch.softmax(z, dim=-1)
     kwargs = dict(q=q, eps=eps, top_p=top_p, keep_top_k=keep_top_k, entropy_threshold=entropy_threshold)
     entropy, weights = dynmole_routing(probs, **kwargs)

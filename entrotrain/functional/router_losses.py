@@ -44,6 +44,10 @@ Choices (reference note ``representation_routing.md``, "Choices an implementatio
   adds 1e-8 to it: a relative difference of 1e-8/count, below float32 resolution).
 - Dtypes: computed in float32 (float64 stays float64). Empty or all-masked input gives 0 with a zero gradient. A
   NaN/Inf logit in a *valid* row is data: the pooled loss is then non-finite (mask such rows out).
+- HF capture: pass ``outputs.router_logits`` of ``output_router_logits=True`` (raw logits of every MoE layer, pad rows
+  included) with the batch's ``attention_mask``, and add the loss yourself rather than trust ``outputs.loss`` (HF adds
+  ``router_aux_loss_coef · aux_loss`` only when labels are given, and never a z-loss).
+- DDP: each rank's statistics come from its own rows (as HF and DynMoLE): no collective in the loss.
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def test_partial_keys_and_old_records(tmp_path, attention_run):
     for step in (0, 10):
         logger.log_metrics({f"entropy/router/L0/load/E{e}": [0.5, 0.5, 0.0, 0.0][e] for e in range(4)}, step=step)
     logger.finalize("success")
-    page = _parse(build_report([logger.run_dir]))
+    loads_only = logger.run_dir
+    page = _parse(build_report([loads_only]))
     assert "router_load_over_time.png" in page.images and "router_curves.png" not in page.images
     assert "layer L0 routes 100 % of tokens to 2 of 4 experts at the end (step 10)" in " ".join(page.text)
     # summaries only: the section, its cards, no load map
@@ -192,9 +193,13 @@ def test_partial_keys_and_old_records(tmp_path, attention_run):
     logger.finalize("success")
     page = _parse(build_report([logger.run_dir]))
     assert "router_load_over_time.png" not in page.images and page.cards[("entropy/router/dead_frac_max", "summ")]["text"] == "0 % → 50 %"
-    # a record from before the router monitor: no router section
+    # a record from before the router monitor: no router section; beside a router run, its panels say "not logged"
     html = build_report([attention_run]).read_text()
     assert 'id="router"' not in html and "router_" not in html
+    figure = router_figs.router_load_over_time([load_run(attention_run), load_run(loads_only)], tmp_path)
+    assert figure is not None and (tmp_path / figure.file).is_file()
+    assert router_figs.router_load_over_time([load_run(attention_run)], tmp_path) is None
+    assert router_figs.router_curves([load_run(attention_run)], tmp_path) is None
 
 
 def test_many_layers_show_the_least_balanced(tmp_path):

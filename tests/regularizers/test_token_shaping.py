@@ -174,7 +174,7 @@ def _task(**kw):
     return task, dm
 
 
-def _fit(task, dm):
+def _fit(task, dm, *callbacks):
     import lightning as L
 
     from tests.helpers.lightning_models import quiet_trainer
@@ -185,7 +185,7 @@ def _fit(task, dm):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             outs.append(outputs)
 
-    trainer = quiet_trainer(callbacks=[Capture()], max_epochs=1, max_steps=-1, deterministic=False,
+    trainer = quiet_trainer(callbacks=[Capture(), *callbacks], max_epochs=1, max_steps=-1, deterministic=False,
                             log_every_n_steps=1)  # fmt: skip
     trainer.fit(task, dm)
     return trainer, outs
@@ -195,8 +195,11 @@ def test_grpo_task_with_pear_and_canon():
     from entrotrain.tasks.arithmetic import EOS
 
     torch.manual_seed(0)
+    from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
+
     task, dm = _task(reward_shaping=PEARShaping(delimiter_ids=EOS, think_coef=0.2), advantage_estimator=CANONAdvantage())
-    trainer, outs = _fit(task, dm)
+    monitor = PolicyEntropyMonitor(window=2, entropy_length_corr=True, print_summary=False, log_media=False)
+    trainer, outs = _fit(task, dm, monitor)
     out = outs[-1]
     mask = out["response_mask"]
     assert out["phase_ids"].shape == mask.shape and (out["phase_ids"][~mask] == -1).all()
@@ -205,7 +208,11 @@ def test_grpo_task_with_pear_and_canon():
     metric = sequence_entropy(out["token_entropy"], mask)
     ref = canon_reference(out["shaped_rewards"].double(), metric.double(), [i // 4 for i in range(16)])
     torch.testing.assert_close(out["advantages"].double(), ref, atol=1e-6, rtol=0)
-    for key in ("grpo/shaped_reward_mean", "grpo/pear/penalty", "grpo/canon/reward_high", "grpo/reward_mean"):
+    assert monitor.last_logged["phase0/length"] + monitor.last_logged["phase1/length"] == pytest.approx(
+        float(mask.sum()) / mask.shape[0]
+    )  # the phases PEAR used reach the monitor through training_step's "phase_ids"
+    for key in ("grpo/shaped_reward_mean", "grpo/pear/penalty", "grpo/canon/reward_high", "grpo/reward_mean",
+                "entropy/policy/phase0/mean", "entropy/policy/hwe_frac"):  # fmt: skip
         assert key in trainer.callback_metrics, sorted(trainer.callback_metrics)
 
 

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.policy import AGG_MODES
+from entrotrain.functional.policy import AGG_MODES, aggregate_loss
 from entrotrain.regularizers.policy_loss import ClipCovLoss, KLCovLoss, PolicyLoss, PolicyLossOutput, SteerLoss
 
 __all__ = [
@@ -81,8 +81,116 @@ def _real(obj: Any, name: str, default: float, where: str) -> float:
     return check_real(value, f"{where}.{name}")  # type: ignore[return-value]
 
 
-def _agg(loss_agg_mode: Any) -> str:
-    return check_choice(loss_agg_mode, "loss_agg_mode", AGG_MODES)
+class _VerlAgg(NamedTuple):
+    """How verl aggregates this call: its ``loss_agg_mode`` and ``config.global_batch_info`` (``None``: a verl
+    without it, whose ``agg_loss`` is :func:`~entrotrain.functional.policy.aggregate_loss` with local counts)."""
+
+    mode: str
+    info: dict | None
+
+
+def _agg(loss_agg_mode: Any, config: Any = None) -> _VerlAgg:
+    """verl's aggregation for this call, validated. With ``config.global_batch_info`` (verl >= 0.9) ``token-sum`` is
+    allowed too and the info's ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` / ``loss_scale_factor``
+    are checked (``None`` = verl's local default)."""
+    info = _get(config, "global_batch_info", None)
+    if info is None:
+        return _VerlAgg(check_choice(loss_agg_mode, "loss_agg_mode", AGG_MODES), None)
+    mode = check_choice(loss_agg_mode, "loss_agg_mode", (*AGG_MODES, "token-sum"))
+    if not hasattr(info, "get"):
+        raise EntrotrainError(
+            f"config.global_batch_info must be a dict (verl's actor fills it), got {type(info).__name__}."
+        )
+    checked: dict[str, Any] = {"dp_size": check_int(_get(info, "dp_size", 1), "config.global_batch_info.dp_size", low=1)}
+    for name in ("batch_num_tokens", "global_batch_size", "loss_scale_factor"):
+        value = info.get(name, None)
+        if value is not None and not isinstance(value, Tensor):
+            value = check_real(value, f"config.global_batch_info.{name}", low=0.0)
+        checked[name] = value
+    return _VerlAgg(mode, checked)
+
+
+def _verl_aggregate(values: Tensor, maskf: Tensor, agg: _VerlAgg) -> Tensor:
+    r"""verl 0.9's ``agg_loss(values, mask, mode, **config.global_batch_info)``, through
+    :func:`~entrotrain.functional.policy.aggregate_loss` (same operations, so the same bits in float32):
+
+    - ``token-mean``: :math:`\sum l m / N_{tok} \cdot d`; ``token-sum``: :math:`\sum l m \cdot d`;
+    - ``seq-mean-token-sum`` / ``seq-mean-token-mean``: over :math:`N_{seq}` sequences, :math:`\cdot d`;
+    - ``seq-mean-token-sum-norm``: ``seq-mean-token-sum`` divided by ``loss_scale_factor`` (default ``T``).
+
+    :math:`N_{tok}` = ``batch_num_tokens`` (verl's actor: the valid tokens of the whole mini-batch over all ranks),
+    :math:`N_{seq}` = ``global_batch_size``, :math:`d` = ``dp_size``; ``None`` = this micro-batch's count (verl
+    refuses ``None`` when ``dp_size > 1``, so does this). Unlike verl, a zero count gives 0 with zero gradient, not
+    0/0 = NaN (an all-masked micro-batch called without batch info).
+    """
+    info = agg.info or {}
+    dp = info.get("dp_size", 1)
+    if agg.mode in ("token-mean", "token-sum"):
+        n_tok = 1.0 if agg.mode == "token-sum" else info.get("batch_num_tokens")
+        if n_tok is None and dp > 1:
+            raise EntrotrainError(
+                "config.global_batch_info.batch_num_tokens is None with dp_size > 1: verl's actor sets it; pass the "
+                "valid-token count of the whole mini-batch over all ranks."
+            )
+        return aggregate_loss(values, maskf, "token-mean", num_tokens=n_tok, dp_size=dp)
+    n_seq = info.get("global_batch_size")
+    if n_seq is None and dp > 1:
+        raise EntrotrainError(
+            "config.global_batch_info.global_batch_size is None with dp_size > 1: verl's actor sets it; pass the "
+            "number of sequences of the whole mini-batch over all ranks."
+        )
+    if agg.mode == "seq-mean-token-mean":
+        return aggregate_loss(values, maskf, agg.mode, num_sequences=n_seq, dp_size=dp)
+    loss = aggregate_loss(values, maskf, "seq-mean-token-sum", num_sequences=n_seq, dp_size=dp)
+    if agg.mode == "seq-mean-token-sum-norm":
+        factor = info.get("loss_scale_factor")
+        factor = values.shape[-1] if factor is None else factor
+        loss = loss / (factor if (isinstance(factor, Tensor) or factor != 0) else 1.0)
+    return loss
+
+
+class _VerlAggregated(PolicyLoss):
+    """Mixin for the registered modules: while ``_verl_agg`` is set (one verl call), aggregate as verl does.
+
+    ``micro_batch`` mode: always verl's ``agg_loss`` with the call's ``global_batch_info``. ``global`` mode: verl's
+    denominators when the info gives them, otherwise the module's own global ones (counts over all ranks)."""
+
+    _verl_agg: _VerlAgg | None = None
+
+    def _aggregate(self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool) -> Tensor:
+        spec = self._verl_agg
+        if spec is None or spec.info is None:
+            return super()._aggregate(values, maskf, agg, global_agg)
+        if getattr(self, "mode", "micro_batch") == "global" or global_agg:
+            key = "batch_num_tokens" if spec.mode == "token-mean" else "global_batch_size"
+            if spec.mode != "token-sum" and spec.info.get(key) is None:
+                return super()._aggregate(values, maskf, agg, True)
+        return _verl_aggregate(values, maskf, spec)
+
+    def verl_call(self, agg: _VerlAgg, *args: Any, **kwargs: Any) -> PolicyLossOutput:
+        """``self(*args, **kwargs)`` aggregated per ``agg``."""
+        self._verl_agg = agg
+        try:
+            return self(*args, **kwargs)
+        finally:
+            self._verl_agg = None
+
+
+class _VerlClipCov(_VerlAggregated, ClipCovLoss):
+    pass
+
+
+class _VerlKLCov(_VerlAggregated, KLCovLoss):
+    pass
+
+
+class _VerlSteer(_VerlAggregated, SteerLoss):
+    pass
+
+
+def _module_agg(agg: _VerlAgg) -> str:
+    """The module's own ``agg`` (used when verl gives no batch info); ``token-sum`` exists only with it."""
+    return agg.mode if agg.mode in AGG_MODES else "token-mean"
 
 
 def _clip_range(config: Any) -> tuple[float, float]:
@@ -90,10 +198,33 @@ def _clip_range(config: Any) -> tuple[float, float]:
     return _real(config, "clip_ratio_low", eps, "config"), _real(config, "clip_ratio_high", eps, "config")
 
 
-def _finish(out: PolicyLossOutput, style: str) -> tuple:
+def _verl_metrics(out: PolicyLossOutput, loss: str, response_mask: Tensor) -> dict[str, float]:
+    """The keys and values verl's own loss logs (``actor/pg_clipfrac``, ``actor/ppo_kl``, ...), from entrotrain's
+    explicit metrics. ``clip_cov`` logs the cov-selected fraction as ``actor/pg_clipfrac`` and ``kl_cov`` the mean
+    :math:`|\log r|` as ``actor/ppo_kl``, as verl does; ``steer`` logs vanilla PPO's three keys."""
+    m = out.metrics
+    if loss == "clip_cov":
+        n_sel = m["policy/cov_selected"]
+        return {
+            "actor/pg_clipfrac": float(n_sel / (response_mask.sum().to(n_sel.device) + 1e-8)),
+            "actor/ppo_kl": float(m["policy/ppo_kl"]),
+        }
+    if loss == "kl_cov":
+        return {"actor/ppo_kl": float(m["policy/ppo_kl_abs"])}
+    zero = torch.zeros((), device=out.loss.device)
+    return {
+        "actor/pg_clipfrac": float(m["policy/clip_frac_low"] + m["policy/clip_frac_high"]),
+        "actor/ppo_kl": float(m["policy/ppo_kl"]),
+        "actor/pg_clipfrac_lower": float(m.get("policy/dual_clip_frac", zero)),
+    }
+
+
+def _finish(out: PolicyLossOutput, style: str, loss: str, response_mask: Tensor) -> tuple:
     m = out.metrics
     if style == "dict":
-        return out.loss, {f"actor/entrotrain/{k.split('/', 1)[-1]}": float(v) for k, v in m.items()}
+        metrics = _verl_metrics(out, loss, response_mask)
+        metrics.update({f"actor/entrotrain/{k.split('/', 1)[-1]}": float(v) for k, v in m.items()})
+        return out.loss, metrics
     zero = torch.zeros((), device=out.loss.device)
     clipfrac = m.get("policy/clip_frac_low", zero) + m.get("policy/clip_frac_high", zero)
     return out.loss, clipfrac, m.get("policy/ppo_kl", zero), m.get("policy/dual_clip_frac", zero)
@@ -115,9 +246,9 @@ def make_verl_loss_fns(
     check_int(seed, "seed", none_ok=True)
     if mode == "global" and seed is None:
         seed = 0
-    cache: dict[tuple, PolicyLoss] = {}
+    cache: dict[tuple, _VerlAggregated] = {}
 
-    def module(key: tuple, build: Callable[[], PolicyLoss]) -> PolicyLoss:
+    def module(key: tuple, build: Callable[[], _VerlAggregated]) -> _VerlAggregated:
         if key not in cache:
             cache[key] = build()
         return cache[key]
@@ -132,31 +263,33 @@ def make_verl_loss_fns(
     def clip_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                  rollout_is_weights=None, **_: Any):  # fmt: skip
         check_weights(rollout_is_weights, "entrotrain_clip_cov")
-        loss_agg_mode = _agg(loss_agg_mode)
+        agg = _agg(loss_agg_mode, config)
         low, high = _clip_range(config)
         pl = _get(config, "policy_loss", None)
         ratio = _real(pl, "clip_cov_ratio", 2e-4, "config.policy_loss")
         lb = _real(pl, "clip_cov_lb", 1.0, "config.policy_loss")
         ub = _real(pl, "clip_cov_ub", 5.0, "config.policy_loss")
-        key = ("clip_cov", low, high, ratio, lb, ub, loss_agg_mode)
-        loss_fn = module(key, lambda: ClipCovLoss(ratio, lb, ub, low, high, loss_agg_mode, mode, seed))
-        return _finish(loss_fn(log_prob, old_log_prob, advantages, response_mask), style)
+        key = ("clip_cov", low, high, ratio, lb, ub, _module_agg(agg))
+        loss_fn = module(key, lambda: _VerlClipCov(ratio, lb, ub, low, high, _module_agg(agg), mode, seed))
+        out = loss_fn.verl_call(agg, log_prob, old_log_prob, advantages, response_mask)
+        return _finish(out, style, "clip_cov", response_mask)
 
     def kl_cov(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                rollout_is_weights=None, **_: Any):  # fmt: skip
         check_weights(rollout_is_weights, "entrotrain_kl_cov")
-        loss_agg_mode = _agg(loss_agg_mode)
+        agg = _agg(loss_agg_mode, config)
         pl = _get(config, "policy_loss", None)
         ratio = _real(pl, "kl_cov_ratio", 2e-4, "config.policy_loss")
         coef = _real(pl, "ppo_kl_coef", 1.0, "config.policy_loss")
-        key = ("kl_cov", ratio, coef, loss_agg_mode)
-        loss_fn = module(key, lambda: KLCovLoss(ratio, coef, loss_agg_mode, mode))
-        return _finish(loss_fn(log_prob, old_log_prob, advantages, response_mask), style)
+        key = ("kl_cov", ratio, coef, _module_agg(agg))
+        loss_fn = module(key, lambda: _VerlKLCov(ratio, coef, _module_agg(agg), mode))
+        out = loss_fn.verl_call(agg, log_prob, old_log_prob, advantages, response_mask)
+        return _finish(out, style, "kl_cov", response_mask)
 
     def steer(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
               rollout_is_weights=None, entropy=None, **_: Any):  # fmt: skip
         check_weights(rollout_is_weights, "entrotrain_steer")
-        loss_agg_mode = _agg(loss_agg_mode)
+        agg = _agg(loss_agg_mode, config)
         if entropy is None:
             raise EntrotrainError(
                 "entrotrain_steer needs the per-token entropy of the old-policy pass: call it with entropy= "
@@ -168,9 +301,10 @@ def make_verl_loss_fns(
         w_min = _real(pl, "token_weight_min", 0.8, "config.policy_loss")
         w_max = _real(pl, "token_weight_max", 1.0, "config.policy_loss")
         linear = check_bool(_get(pl, "token_weight_linear", False), "config.policy_loss.token_weight_linear")
-        key = ("steer", low, high, dual, w_min, w_max, linear, loss_agg_mode)
-        loss_fn = module(key, lambda: SteerLoss(w_min, w_max, linear, low, high, dual, loss_agg_mode))
-        return _finish(loss_fn(log_prob, old_log_prob, advantages, response_mask, entropy=entropy), style)
+        key = ("steer", low, high, dual, w_min, w_max, linear, _module_agg(agg))
+        loss_fn = module(key, lambda: _VerlSteer(w_min, w_max, linear, low, high, dual, _module_agg(agg)))
+        out = loss_fn.verl_call(agg, log_prob, old_log_prob, advantages, response_mask, entropy=entropy)
+        return _finish(out, style, "steer", response_mask)
 
     return {"entrotrain_clip_cov": clip_cov, "entrotrain_kl_cov": kl_cov, "entrotrain_steer": steer}
 

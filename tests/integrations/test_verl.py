@@ -53,7 +53,9 @@ def test_kl_cov_closure_equals_verl_and_dict_style():
     )
     assert torch.equal(loss2, ref[0])
     assert metrics["actor/entrotrain/cov_selected"] == int(0.1 * mask.sum())
-    assert all(k.startswith("actor/entrotrain/") for k in metrics)
+    # verl's own kl_cov key (mean |log r|, as verl logs it) plus entrotrain's explicit ones
+    assert metrics["actor/ppo_kl"] == float(metrics["actor/entrotrain/ppo_kl_abs"])
+    assert all(k.startswith("actor/entrotrain/") for k in metrics if k != "actor/ppo_kl")
 
 
 def test_steer_closure_and_errors():

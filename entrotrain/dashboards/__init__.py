@@ -5,9 +5,12 @@ from entrotrain.dashboards.report import build_report  # matplotlib is imported 
 from entrotrain.dashboards.run_record import RunRecordLogger, record_event, record_media, record_threshold
 from entrotrain.dashboards.wandb_media import (
     colorize,
+    expert_load_image,
+    expert_load_over_time_image,
     heads_over_time_image,
     heatmap_image,
     histogram,
+    load_vmax,
     setup_wandb_dashboard,
     wandb_loggers,
 )
@@ -16,9 +19,12 @@ __all__ = [
     "RunRecordLogger",
     "build_report",
     "colorize",
+    "expert_load_image",
+    "expert_load_over_time_image",
     "heads_over_time_image",
     "heatmap_image",
     "histogram",
+    "load_vmax",
     "record_event",
     "record_media",
     "record_threshold",

@@ -96,6 +96,8 @@ _SUMMARY_MAX = (
     "entropy/attn/overload_frac",
     "entropy/attn/nonfinite",
     "entropy/policy/nonfinite",
+    "entropy/router/dead_frac_max",
+    "entropy/router/nonfinite",
 )
 
 

@@ -18,11 +18,22 @@ rollout_is_weights)`` that reads verl's own config keys and runs the matching en
   needs the old-pass per-token entropy, which verl's call does not pass: give it as ``entropy=`` (e.g. from a
   patched actor that forwards ``data["entropys"]``), otherwise the call raises.
 
-``mode="micro_batch"`` (default) reproduces verl's own functions bit for bit (selection per micro-batch and rank).
-``mode="global"`` selects over all ranks with collective ops: use it only when every rank calls the loss the same
-number of times per step (no dynamic batch size), or the collectives will hang. Aggregation is per micro-batch, as
-in verl ≤ 0.5 and the paper's fork. The modules are built once per distinct configuration and reused (so the seeded
-generator and the KL-Cov on-policy warning persist across calls).
+``mode="micro_batch"`` (default) reproduces verl's own functions bit for bit (selection per micro-batch and rank):
+tested against the installed verl 0.9.1 through its ``ppo_loss`` (``tests/integrations/test_verl_real.py``, run by
+``.ci/verl.sh``), float32, every ``loss_agg_mode``. ``mode="global"`` selects over all ranks with collective ops:
+use it only when every rank calls the loss the same number of times per step (no dynamic batch size), or the
+collectives will hang. The modules are built once per distinct configuration and reused (so the seeded generator and
+the KL-Cov on-policy warning persist across calls).
+
+Aggregation follows the verl that calls: when ``config`` has ``global_batch_info`` (verl >= 0.9, whose actor fills
+it per micro-batch with the mini-batch's ``batch_num_tokens`` / ``global_batch_size`` over all ranks, ``dp_size``
+and ``loss_scale_factor``), the loss is normalised as verl 0.9's ``agg_loss``: by those global counts, times
+``dp_size``, so the engine's sum over micro-batches and the ranks' gradient mean give the mini-batch loss;
+``token-sum`` is accepted, and ``seq-mean-token-sum-norm`` is ``seq-mean-token-sum`` / ``loss_scale_factor`` (default
+``T``). Without it (older verl, plain dicts) each micro-batch is normalised by its own counts, as verl <= 0.5 and
+the paper's fork (``seq-mean-token-sum-norm``: the token sum over ``T``). Choice stated: where verl divides 0 by 0
+(an all-masked micro-batch with no batch info) the loss here is 0 with zero gradient. Inputs in half precision are
+computed in float32 (verl computes in the input dtype), so bit parity holds for float32, verl's log-prob dtype.
 
 Advantage estimator: :func:`register_verl_adv_estimators` registers ``entrotrain_canon`` (CANON, regrouping by the
 old-pass entropy or the length; see :func:`make_verl_adv_fns`) for ``algorithm.adv_estimator=entrotrain_canon``.
@@ -32,7 +43,13 @@ that sees the old-pass ``entropys`` (verl's default reward managers do not).
 Return convention: verl's policy losses return either ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``
 (older verl) or ``(pg_loss, metrics_dict)`` (newer). ``style="auto"`` reads the return annotation of verl's own
 ``compute_policy_loss_vanilla``; pass ``style="tuple"`` or ``"dict"`` to force one. In tuple style the second slot is
-the real PPO clip fraction (clip_frac_low + clip_frac_high), never the cov-selected fraction.
+the real PPO clip fraction (clip_frac_low + clip_frac_high), never the cov-selected fraction. In dict style the
+dict holds the keys verl's own loss logs, with verl's values (floats), so a dashboard curve keeps its meaning when
+``loss_mode`` switches: ``entrotrain_clip_cov``: ``actor/pg_clipfrac`` (the cov-selected fraction, as verl's
+``clip_cov``) and ``actor/ppo_kl``; ``entrotrain_kl_cov``: ``actor/ppo_kl`` (mean :math:`|\log r|`, as verl's
+``kl_cov``); ``entrotrain_steer``: vanilla's ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``;
+plus every entrotrain metric under an explicit name, ``actor/entrotrain/<name>`` (``clip_frac_low``,
+``clip_frac_high``, ``cov_selected``, ``pg_loss``, ...).
 """
 
 from __future__ import annotations
@@ -199,7 +216,7 @@ def _clip_range(config: Any) -> tuple[float, float]:
 
 
 def _verl_metrics(out: PolicyLossOutput, loss: str, response_mask: Tensor) -> dict[str, float]:
-    """The keys and values verl's own loss logs (``actor/pg_clipfrac``, ``actor/ppo_kl``, ...), from entrotrain's
+    r"""The keys and values verl's own loss logs (``actor/pg_clipfrac``, ``actor/ppo_kl``, ...), from entrotrain's
     explicit metrics. ``clip_cov`` logs the cov-selected fraction as ``actor/pg_clipfrac`` and ``kl_cov`` the mean
     :math:`|\log r|` as ``actor/ppo_kl``, as verl does; ``steer`` logs vanilla PPO's three keys."""
     m = out.metrics

@@ -284,8 +284,14 @@ class CANONAdvantage(AdvantageEstimator):
     code's: ``lam=1`` (pure inter-group), ``alpha=1``, ``beta=0``; ``length_norm`` is 1 (CANON divides by
     ``max_response_length`` = 8192 under verl's ``seq-mean-token-sum``: set it when you use that aggregation).
 
+    ``lam_schedule="batch_reward"`` is CANON's ``dr_entropy_token_budget_annel`` variant: the inter-group weight is
+    the mean reward of the whole batch (as this call sees it: per rank under DDP), :math:`\lambda = \bar r`, with
+    :math:`\alpha = 1, \beta = 0` (that variant has no α/β; ``lam``, ``alpha`` and ``beta`` are then unused). The
+    cosine-with-restart variants (hard-coded 30/150-step schedules) are not reproduced.
+
     Metrics (detached): ``canon/reward_high`` / ``canon/reward_low`` (mean reward of the high / low groups),
-    ``canon/metric_high`` / ``canon/metric_low`` (their mean metric), ``canon/adv_abs`` (mean :math:`|A|`).
+    ``canon/metric_high`` / ``canon/metric_low`` (their mean metric), ``canon/adv_abs`` (mean :math:`|A|`),
+    ``canon/lam`` (the inter-group weight used).
     """
 
     def __init__(
@@ -295,8 +301,10 @@ class CANONAdvantage(AdvantageEstimator):
         beta: float = 0.0,
         metric: str = "entropy",
         length_norm: float = 1.0,
+        lam_schedule: str = "constant",
     ) -> None:
         super().__init__()
+        self.lam_schedule = check_choice(lam_schedule, "lam_schedule", ("constant", "batch_reward"))
         self.lam = check_real(lam, "lam")
         self.alpha = check_real(alpha, "alpha")
         self.beta = check_real(beta, "beta")
@@ -313,8 +321,14 @@ class CANONAdvantage(AdvantageEstimator):
             value = sequence_entropy(entropy, mask)
         else:
             value = _mask(mask, mask.shape).sum(1).float()
+        lam, alpha, beta = self.lam, self.alpha, self.beta
+        if self.lam_schedule == "batch_reward":
+            r = rewards.detach().double()
+            lam = float(r.mean()) if r.numel() else 0.0
+            lam = lam if lam == lam else 0.0  # NaN rewards: those groups are NaN anyway; keep lam a number
+            alpha, beta = 1.0, 0.0
         adv = canon_advantage(
-            rewards, value, group_size, lam=self.lam, alpha=self.alpha, beta=self.beta, variant=self.metric,
+            rewards, value, group_size, lam=lam, alpha=alpha, beta=beta, variant=self.metric,
             length_norm=self.length_norm,
         )  # fmt: skip
         with torch.no_grad():
@@ -326,11 +340,12 @@ class CANONAdvantage(AdvantageEstimator):
                 "canon/metric_high": _finite_mean(value, high),
                 "canon/metric_low": _finite_mean(value, ~high),
                 "canon/adv_abs": _finite_mean(adv.abs()),
+                "canon/lam": torch.tensor(float(lam)),
             }
         return AdvantageOutput(adv, metrics)
 
     def extra_repr(self) -> str:
         return (
             f"lam={self.lam}, alpha={self.alpha}, beta={self.beta}, metric={self.metric!r}, "
-            f"length_norm={self.length_norm}"
+            f"length_norm={self.length_norm}, lam_schedule={self.lam_schedule!r}"
         )

@@ -145,6 +145,19 @@ def test_canon_metrics_hand_computed():
     assert out.metrics["canon/adv_abs"].item() == 1.0
 
 
+def test_canon_batch_reward_schedule_is_the_annealed_variant():
+    rewards, h, m, _ = _rollout(b=12, seed=5)
+    out = CANONAdvantage(lam=0.1, alpha=3.0, beta=2.0, lam_schedule="batch_reward")(rewards, 4, entropy=h, mask=m)
+    mean_r = float(rewards.double().mean())
+    value = [(h[i][m[i]].double().sum() / (m[i].sum() + 1e-8)).item() for i in range(12)]
+    # the code: mean_of_all = 1 - mean(r); high: (1 - mean_of_all)(r - mu-) + mean_of_all (r - mu+)
+    ref = canon_reference(rewards.double(), value, [i // 4 for i in range(12)], 1.0, 0.0, mean_r)
+    assert torch.allclose(out.advantages.double(), ref, atol=1e-6)
+    assert out.metrics["canon/lam"].item() == pytest.approx(mean_r)
+    with pytest.raises(EntrotrainError, match="lam_schedule"):
+        CANONAdvantage(lam_schedule="cosine")
+
+
 def test_canon_errors_and_empty():
     rewards, h, m, _ = _rollout()
     for kwargs, word in [({"lam": NAN}, "lam"), ({"metric": "sum"}, "metric"), ({"length_norm": -1}, "length_norm")]:
@@ -158,7 +171,7 @@ def test_canon_errors_and_empty():
         CANONAdvantage()(rewards, 3, entropy=h, mask=m)
     assert CANONAdvantage(metric="length")(rewards, 4, mask=m).advantages.shape == (8,)  # no entropy needed
     empty = CANONAdvantage()(torch.zeros(0), 4, entropy=torch.zeros(0, 3), mask=torch.zeros(0, 3, dtype=torch.bool))
-    assert empty.advantages.shape == (0,) and all(v.item() == 0 for v in empty.metrics.values())
+    assert empty.advantages.shape == (0,) and all(v.item() == 0 for k, v in empty.metrics.items() if k != "canon/lam")
 
 
 # ------------------------------------------------------------------ GRPOTask

@@ -39,6 +39,7 @@ strategies, before ``on_fit_start``); the tap is removed on every exit path (end
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -226,15 +227,7 @@ class AttentionEntropyMonitor(PerFitCallback):
         self._history_steps = ThinnedHistory(state_dict.get("history_steps", []))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._release()  # a tap left from an earlier fit (another model) must hold nothing
-        self.tap = AttentionTap(
-            pl_module,
-            include=self.include,
-            exclude=self.exclude,
-            max_rows=self.max_rows,
-            max_queries=self.max_queries,
-            path=self.path,
-        )
+        self.bind(pl_module)
         if trainer.is_global_zero:
             record_threshold(trainer, f"{self.prefix}attn_norm/*", self.collapse_threshold, "collapse")
             record_threshold(trainer, f"{self.prefix}attn_norm/*", self.overload_threshold, "overload")
@@ -242,6 +235,18 @@ class AttentionEntropyMonitor(PerFitCallback):
                 from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
                 setup_wandb_dashboard(trainer.loggers)
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """A fresh tap on ``model`` (installed only while armed); a tap left from an earlier fit holds nothing."""
+        self._release()
+        self.tap = AttentionTap(
+            model,
+            include=self.include,
+            exclude=self.exclude,
+            max_rows=self.max_rows,
+            max_queries=self.max_queries,
+            path=self.path,
+        )
 
     def _release(self) -> None:
         if self.tap is not None:
@@ -347,18 +352,18 @@ class AttentionEntropyMonitor(PerFitCallback):
                 "hand, call entrotrain.taps.record_attention(q, k, ...) there, or exclude them."
             )
 
-    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        assert self.tap is not None
-        if not self.tap.stats:
-            self._no_capture(pl_module)
-            publish_scalars(trainer, pl_module, {}, source=self.state_key)  # earlier values are stale now
-            return
+    def compute_metrics(self, step: int, reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
+        """The trainer-free core of a logging step: this window's tap sums → (metrics by key, normalised heads).
+
+        ``reduce`` sums a tensor over ranks (``None`` = one process); it is called once, on the stacked sums. Updates
+        the site names, first / last summaries and the non-finite count; publishes nothing. Used by the Lightning
+        path and by :mod:`entrotrain.integrations.transformers`, so both give the same keys and values. Call it only
+        when ``tap.stats`` is not empty.
+        """
         stacked = self._stacked()
-        if trainer.world_size > 1:
-            stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
+        if reduce is not None:
+            stacked = reduce(stacked)
         stacked = stacked.cpu()  # one device → host transfer per logging step
-        if not self._announced:
-            self._announce(trainer, pl_module)
         entropy, normalized, summary = attention_summary(stacked, self.collapse_threshold, self.overload_threshold)
         metrics = {self.prefix + k: v for k, v in summary.items()}
         self.last_summary = (step, summary)
@@ -376,6 +381,20 @@ class AttentionEntropyMonitor(PerFitCallback):
                         metrics[f"{self.prefix}attn_norm/L{layer}/H{head}"] = float(normalized[layer, head])
         self._nonfinite.add(summary["attn/nonfinite"], "attention rows had non-finite entropy (NaN/Inf in q or k)", f"step {step}")
         self.last_logged = metrics
+        return metrics, normalized
+
+    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        assert self.tap is not None
+        if not self.tap.stats:
+            self._no_capture(pl_module)
+            publish_scalars(trainer, pl_module, {}, source=self.state_key)  # earlier values are stale now
+            return
+        world = trainer.world_size > 1
+        metrics, normalized = self.compute_metrics(
+            step, (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world else None
+        )
+        if not self._announced:
+            self._announce(trainer, pl_module)
         step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         if trainer.is_global_zero:
             record_media(
@@ -394,12 +413,10 @@ class AttentionEntropyMonitor(PerFitCallback):
         if self.log_media and trainer.is_global_zero:
             self._log_media(trainer, normalized, step)
 
-    def _log_media(self, trainer: Trainer, normalized: Tensor, step: int) -> None:
-        from entrotrain.dashboards.wandb_media import heads_over_time_image, heatmap_image, histogram, wandb_loggers
+    def media(self, normalized: Tensor) -> dict[str, Any]:
+        """The wandb media of a logging step (histogram, heatmap, heads over time) keyed as logged; needs wandb."""
+        from entrotrain.dashboards.wandb_media import heads_over_time_image, heatmap_image, histogram
 
-        loggers = wandb_loggers(trainer.loggers)
-        if not loggers:
-            return
         media: dict[str, Any] = {f"{self.prefix}attn_norm/hist": histogram(normalized)}
         image = heatmap_image(
             normalized, caption=f"normalised attention entropy, rows = layers L0..L{normalized.shape[0] - 1}, cols = heads"
@@ -409,5 +426,14 @@ class AttentionEntropyMonitor(PerFitCallback):
         over_time = heads_over_time_image(self._history, self._history_steps)
         if over_time is not None:
             media[f"{self.prefix}attn_norm/heads_over_time"] = over_time
+        return media
+
+    def _log_media(self, trainer: Trainer, normalized: Tensor, step: int) -> None:
+        from entrotrain.dashboards.wandb_media import wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        if not loggers:
+            return
+        media = self.media(normalized)
         for logger in loggers:
             logger.experiment.log({**media, "trainer/global_step": step})

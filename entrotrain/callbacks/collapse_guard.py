@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -265,22 +266,31 @@ class EntropyCollapseGuard(PerFitCallback):
             self._observe(trainer, float(metric), step)
 
     def _observe(self, trainer: Trainer, value: float, step: int) -> None:
-        """One publication of the key at ``step``: judge it, extend or end the bad streak, act at ``patience``."""
+        """One publication of the key at ``step``: judge it and act when the guard fires."""
+        reason = self.observe(value, step)
+        if reason is not None:
+            self._act(trainer, reason, step)
+
+    def observe(self, value: float, step: int) -> str | None:
+        """The trainer-free core: one publication of the key at ``step``; judge it, extend or end the bad streak.
+
+        Returns the reason when the guard fires (``patience`` bad observations, first of the episode): the caller
+        then acts. Used by the Lightning hooks and by :mod:`entrotrain.integrations.transformers`.
+        """
         self.prev_seen_step, self.last_seen_step = self.last_seen_step, step
         self.last_stale_step, self.stale_warned = None, False
         if not math.isfinite(value):
             if not self.on_nonfinite:
                 self._warn_nonfinite_ignored(step)
-                return
-            self._bad(trainer, f"{self.monitor} is {value}: the model or its inputs went non-finite", step)
-            return
+                return None
+            return self._bad(f"{self.monitor} is {value}: the model or its inputs went non-finite")
         reason = self._reason(value)
         self.history.append(value)
         if reason:
-            self._bad(trainer, reason, step)
-        else:
-            self.bad_streak = 0
-            self.fired = False  # re-armed: the next bad streak is a new episode
+            return self._bad(reason)
+        self.bad_streak = 0
+        self.fired = False  # re-armed: the next bad streak is a new episode
+        return None
 
     def _reason(self, value: float) -> str:
         """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
@@ -298,14 +308,15 @@ class EntropyCollapseGuard(PerFitCallback):
                 )
         return ""
 
-    def _bad(self, trainer: Trainer, reason: str, step: int) -> None:
+    def _bad(self, reason: str) -> str | None:
+        """One bad observation; ``reason`` when the guard fires now (else ``None``)."""
         self.bad_streak += 1
         if self.fired or self.bad_streak < self.patience:
-            return
+            return None
         self.fired = True
         self.times_fired += 1
         self.last_reason = reason
-        self._act(trainer, reason, step)
+        return reason
 
     def _warn_nonfinite_ignored(self, step: int) -> None:
         if not self._nonfinite_warned:
@@ -324,15 +335,21 @@ class EntropyCollapseGuard(PerFitCallback):
         return 3 * max(self.last_seen_step - self.prev_seen_step, 1)
 
     def _check_stale(self, trainer: Trainer) -> None:
-        """A ledger key silent for more than the stale limit: warn once; with ``on_nonfinite``, one bad observation
-        per further stale limit of silence."""
+        now = _current_step(trainer)
+        reason = self.check_stale(now)
+        if reason is not None:
+            self._act(trainer, reason, now)
+
+    def check_stale(self, now: int) -> str | None:
+        """The trainer-free core of the staleness check at step ``now``: a key silent for more than the stale limit
+        is warned about once; with ``on_nonfinite`` it is one bad observation per further stale limit of silence.
+        Returns the reason when the guard fires now."""
         limit = self._stale_limit()
         if limit is None or self.last_seen_step is None:
-            return
-        now = _current_step(trainer)
+            return None
         since = self.last_seen_step if self.last_stale_step is None else self.last_stale_step
         if now - since <= limit:
-            return
+            return None
         self.last_stale_step = now
         reason = (
             f"{self.monitor} was not published for {now - self.last_seen_step} steps (last at step "
@@ -341,8 +358,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if not self.stale_warned:
             self.stale_warned = True
             rank_zero_warn(f"EntropyCollapseGuard: {reason}; its last value is not treated as current.")
-        if self.on_nonfinite:
-            self._bad(trainer, reason, now)
+        return self._bad(reason) if self.on_nonfinite else None
 
     def _check_missing(self, trainer: Trainer) -> None:
         if self.missing_ok or self.last_seen_step is not None or trainer.global_step < self.missing_after:
@@ -383,17 +399,21 @@ class EntropyCollapseGuard(PerFitCallback):
         record_event(trainer, self.monitor, message, level=self.action, step=step)
 
     def _reduce_lr(self, trainer: Trainer) -> bool:
-        """``lr ← max(lr · lr_factor, min_lr)`` for every param group and scheduler base rate; whether any fell."""
+        return self.reduce_lr(trainer.optimizers, [config.scheduler for config in trainer.lr_scheduler_configs])
+
+    def reduce_lr(self, optimizers: Sequence[Any], schedulers: Sequence[Any] = ()) -> bool:
+        """``lr ← max(lr · lr_factor, min_lr)`` for every param group of ``optimizers`` and every base rate of
+        ``schedulers`` (they recompute lr from ``base_lrs`` at their next step); whether any rate fell."""
         lowered = False
-        for optimizer in trainer.optimizers:
+        for optimizer in optimizers:
             for group in optimizer.param_groups:
                 new = max(group["lr"] * self.lr_factor, self.min_lr)
                 lowered |= new < group["lr"]
                 group["lr"] = min(new, group["lr"])
-        for config in trainer.lr_scheduler_configs:
-            base = getattr(config.scheduler, "base_lrs", None)
-            if base is not None:  # schedulers recompute lr from base_lrs at their next step
-                config.scheduler.base_lrs = [min(max(lr * self.lr_factor, self.min_lr), lr) for lr in base]
+        for scheduler in schedulers:
+            base = getattr(scheduler, "base_lrs", None)
+            if base is not None:
+                scheduler.base_lrs = [min(max(lr * self.lr_factor, self.min_lr), lr) for lr in base]
         if lowered:
             self.lr_reductions += 1
         return lowered

@@ -52,7 +52,7 @@ Lifecycle: per-fit state (history, warnings, the tap bound to the model being fi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -261,10 +261,14 @@ class RepresentationEntropyMonitor(PerFitCallback):
             from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
             setup_wandb_dashboard(trainer.loggers)
-        if self.tap is None or self.tap.model is not pl_module:  # a reused monitor watches the model being fit
+        self.bind(pl_module)
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Watch ``model`` (a reused monitor watches the model being fit); hooks are installed only when armed."""
+        if self.tap is None or self.tap.model is not model:
             self._release()
             self.tap = ActivationTap(
-                pl_module,
+                model,
                 include=self.include,
                 exclude=self.exclude,
                 max_rows=self.max_rows,
@@ -420,10 +424,12 @@ class RepresentationEntropyMonitor(PerFitCallback):
         self._probing = False
 
     # ------------------------------------------------------------------ reduce
-    def _reduce(self, trainer: Trainer) -> dict[str, tuple[Tensor | None, Tensor | None]]:
-        """One SUM all-reduce of every layer's statistics and reservoir (rank slots); returns the union samples."""
+    def _reduce(
+        self, world: int, rank: int, reduce: Callable[[Tensor], Tensor] | None
+    ) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """One SUM all-reduce (``reduce``, over ``world`` ranks; this is ``rank``) of every layer's statistics and
+        reservoir (rank slots); returns the union samples."""
         names = sorted(self.layers)
-        world, rank = trainer.world_size, trainer.global_rank
         parts: list[Tensor] = []
         for name in names:
             layer = self.layers[name]
@@ -442,8 +448,8 @@ class RepresentationEntropyMonitor(PerFitCallback):
                     count[rank] = len(rows)
                 parts.extend([count, slots.reshape(-1)])
         flat = torch.cat(parts)
-        if world > 1:  # every rank captured the same layers (same model, same forward): same layout
-            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        if world > 1 and reduce is not None:  # every rank captured the same layers (same model, same forward)
+            flat = reduce(flat)
         samples: dict[str, tuple[Tensor | None, Tensor | None]] = {}
         offset = 0
 
@@ -545,6 +551,26 @@ class RepresentationEntropyMonitor(PerFitCallback):
         return out
 
     def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+        metrics = self.compute_metrics(step, trainer.world_size, trainer.global_rank, reduce)
+        if trainer.sanity_checking:
+            # Lightning clears logged metrics after the sanity check: publish at the first training batch (step 0)
+            self._deferred = metrics
+            return
+        self._publish(trainer, pl_module, metrics)
+
+    def compute_metrics(
+        self, step: int, world: int = 1, rank: int = 0, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, float]:
+        """The trainer-free core of a logging step: this window's captures → metrics by key (finite values only).
+
+        ``reduce`` sums a tensor over the ``world`` ranks (this one is ``rank``); it is called once. Fills
+        ``spectra``, ``last_logged`` and ``history`` and frees the window's statistics; publishes nothing. Used by
+        the Lightning path and by :mod:`entrotrain.integrations.transformers` (same keys, same values).
+
+        Raises:
+            TapError: nothing was captured in this window.
+        """
         if not self.layers:
             assert self.tap is not None
             raise TapError(
@@ -557,7 +583,7 @@ class RepresentationEntropyMonitor(PerFitCallback):
                 rank_zero_warn(f"RepresentationEntropyMonitor: modules {missing[:8]} matched but never ran forward.")
             rank_zero_info("RepresentationEntropyMonitor layers: " + ", ".join(sorted(self.layers)))
             self._warned_missing = True
-        samples = self._reduce(trainer)
+        samples = self._reduce(world, rank, reduce)
         metrics: dict[str, float] = {}
         self.spectra = {}
         with torch.no_grad():
@@ -579,11 +605,7 @@ class RepresentationEntropyMonitor(PerFitCallback):
         self.layers = {}  # free the d×d statistics until the next logging step
         self.last_logged = metrics
         self.history.append((step, metrics))
-        if trainer.sanity_checking:
-            # Lightning clears logged metrics after the sanity check: publish at the first training batch (step 0)
-            self._deferred = metrics
-            return
-        self._publish(trainer, pl_module, metrics)
+        return metrics
 
     def _publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
         published_at = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
@@ -592,18 +614,22 @@ class RepresentationEntropyMonitor(PerFitCallback):
         if self.log_spectrum and trainer.is_global_zero:
             self._log_media(trainer, published_at)
 
+    def media(self) -> dict[str, Any]:
+        """The wandb spectrum charts of the last logging step, keyed as logged (empty when there are none)."""
+        from entrotrain.dashboards.spectrum_plot import spectrum_plot
+
+        return {
+            f"{self.prefix}/{name}/spectrum": spectrum_plot(eigs, title=f"{name}: covariance eigenvalue shares (log10)")
+            for name, eigs in self.spectra.items()
+        }
+
     def _log_media(self, trainer: Trainer, step: int) -> None:
         from entrotrain.dashboards.wandb_media import wandb_loggers
 
         loggers = wandb_loggers(trainer.loggers)
         if not loggers or not self.spectra:
             return
-        from entrotrain.dashboards.spectrum_plot import spectrum_plot
-
-        media = {
-            f"{self.prefix}/{name}/spectrum": spectrum_plot(eigs, title=f"{name}: covariance eigenvalue shares (log10)")
-            for name, eigs in self.spectra.items()
-        }
+        media = self.media()
         for logger in loggers:
             logger.experiment.log({**media, "trainer/global_step": step})
 

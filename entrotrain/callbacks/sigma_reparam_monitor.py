@@ -192,21 +192,29 @@ class SigmaReparamMonitor(PerFitCallback):
             metrics[f"{self.prefix}qk_norm/max"] = float("nan")
         return metrics
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = self.collect(pl_module)
+    def compute_metrics(self, module: nn.Module, step: int) -> dict[str, float]:
+        """The trainer-free core of a logging step: :meth:`collect` plus ``{p}nonfinite`` (empty, warned once, when
+        ``module`` has nothing to measure). Used by the Lightning path and by
+        :mod:`entrotrain.integrations.transformers` (same keys, same values)."""
+        metrics = self.collect(module)
         if not metrics:
             if not self._warned:
                 self._warned = True
                 rank_zero_warn(
                     f"SigmaReparamMonitor found no SigmaReparamLinear and no attention module with `qkv` and `n_head` "
-                    f"in {type(pl_module).__name__}; convert the model with "
+                    f"in {type(module).__name__}; convert the model with "
                     "entrotrain.regularizers.sigma_reparam.sigma_reparam(...) or remove the callback."
                 )
-            return
+            return {}
         bad = sum(1 for v in metrics.values() if not math.isfinite(v))
         if f"{self.prefix}qk_norm/max" in metrics and not math.isfinite(metrics[f"{self.prefix}qk_norm/max"]):
             bad -= 1  # the maximum is NaN only because every head is: not a statistic of its own
-        self._nonfinite.add(bad, "σReparam statistics were non-finite (NaN/Inf weights, σ or γ)", f"step {trainer.global_step}")
+        self._nonfinite.add(bad, "σReparam statistics were non-finite (NaN/Inf weights, σ or γ)", f"step {step}")
         metrics[f"{self.prefix}nonfinite"] = float(bad)
         self.last_logged = metrics
-        publish_scalars(trainer, pl_module, metrics, source=self.state_key)
+        return metrics
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = self.compute_metrics(pl_module, trainer.global_step)
+        if metrics:
+            publish_scalars(trainer, pl_module, metrics, source=self.state_key)

@@ -1,0 +1,333 @@
+"""EntropyTrainerCallback under transformers.Trainer: same keys and values as the Lightning monitors, training
+unchanged, taps armed only on logging steps (all micro-batches), released on every exit, guard actions, resume."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import lightning.pytorch as pl  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+
+from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor  # noqa: E402
+from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor  # noqa: E402
+from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor  # noqa: E402
+from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor  # noqa: E402
+from entrotrain.errors import EntrotrainError  # noqa: E402
+from entrotrain.integrations.transformers import STATE_KEY, EntropyTrainerCallback  # noqa: E402
+
+VOCAB, T, ROWS = 48, 12, 16
+
+
+def _model(seed: int = 0) -> GPT2LMHeadModel:
+    """A tiny GPT-2 from a config (random weights, no download), without dropout so runs are comparable."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=T, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _data(rows: int = ROWS, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, VOCAB, (rows, T), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": r, "labels": r} for r in ids]
+
+
+def _trainer(tmp_path: Path, model: GPT2LMHeadModel, data=None, callbacks=None, **overrides) -> Trainer:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        logging_steps=1,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return Trainer(
+        model=model, args=TrainingArguments(**kwargs), train_dataset=data if data is not None else _data(), callbacks=callbacks
+    )
+
+
+def _entro_rows(trainer: Trainer, key: str) -> dict[int, float]:
+    return {row["step"]: row[key] for row in trainer.state.log_history if key in row}
+
+
+def _leftovers(model: torch.nn.Module) -> list[str]:
+    """What an armed tap leaves on a model: forward hooks, a switched attention implementation, a torch function mode."""
+    out = [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if model.config._attn_implementation.startswith("entrotrain_"):
+        out.append(f"attn_implementation={model.config._attn_implementation}")
+    if torch._C._len_torch_function_stack():
+        out.append("torch function mode")
+    return out
+
+
+# ------------------------------------------------------------------ same statistic, same key as Lightning
+class _LitWrapper(pl.LightningModule):
+    def __init__(self, model: GPT2LMHeadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_same_keys_and_values_as_lightning(tmp_path: Path) -> None:
+    """One step on the same weights and the same 8 rows (lr = 0: the weights after the step are the same too)."""
+    data = _data(rows=8)
+
+    def monitors(layers: str):
+        return [
+            AttentionEntropyMonitor(every_n_steps=1, max_rows=None, max_queries=None, log_media=False, print_summary=False),
+            RepresentationEntropyMonitor(
+                include=[layers], measures=("rankme", "effective_rank", "matrix_entropy"),
+                every_n_steps=1, max_tokens=None, log_spectrum=False, print_summary=False,
+            ),
+            SigmaReparamMonitor(every_n_steps=1),
+        ]
+
+    lit_monitors = monitors("model.transformer.h.?")
+    lit = _LitWrapper(copy.deepcopy(_model()))
+    batch = {k: torch.stack([r[k] for r in data]) for k in ("input_ids", "labels")}
+    pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=lit_monitors, accelerator="cpu",
+    ).fit(lit, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    # Lightning's module names carry the wrapper's "model." prefix; the HF model is the root
+    lit_metrics: dict[str, float] = {}
+    for m in lit_monitors:
+        lit_metrics.update({k.replace("/model.", "/"): v for k, v in m.last_logged.items()})
+
+    hf_monitors = monitors("transformer.h.?")
+    trainer = _trainer(tmp_path, _model(), data, max_steps=1, per_device_train_batch_size=8, learning_rate=0.0)
+    EntropyTrainerCallback(hf_monitors).attach(trainer)
+    trainer.train()
+    hf_metrics = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("entropy/", "sigma_reparam/"))}
+
+    assert "entropy/attn_norm/L1/H1" in hf_metrics and "entropy/repr/transformer.h.1/rankme" in hf_metrics
+    assert "sigma_reparam/qk_norm/max" not in hf_metrics  # GPT-2 has c_attn, not qkv / n_head: nothing to measure
+    assert set(hf_metrics) == set(lit_metrics)
+    for key, value in lit_metrics.items():
+        assert hf_metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+# ------------------------------------------------------------------ monitoring never changes training
+def test_training_bit_identical_with_and_without_callback(tmp_path: Path) -> None:
+    def run(with_callback: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model = _model()
+        trainer = _trainer(tmp_path / str(with_callback), model, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+        if with_callback:
+            EntropyTrainerCallback(
+                [AttentionEntropyMonitor(log_media=False), RepresentationEntropyMonitor(include=["transformer.h.?"])],
+                guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.01)],
+            ).attach(trainer)
+        trainer.train()
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        if with_callback:
+            assert len(_entro_rows(trainer, "entropy/attn_norm/min")) == 4  # it did capture, at every step
+        return losses, {k: v.clone() for k, v in model.state_dict().items()}
+
+    loss_a, weights_a = run(False)
+    loss_b, weights_b = run(True)
+    assert loss_a == loss_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+# ------------------------------------------------------------------ when it captures
+def test_arms_on_logging_steps_only_and_sums_micro_batches(tmp_path: Path) -> None:
+    monitor = RepresentationEntropyMonitor(include=["transformer.h.0"], measures=("rankme",), max_tokens=None)
+    armed_at: list[int] = []
+    trainer = _trainer(
+        tmp_path, _model(), max_steps=7, logging_steps=3, logging_first_step=True, gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+    )
+    cb = EntropyTrainerCallback([monitor]).attach(trainer)
+    original = cb.drivers[0].arm
+    cb.drivers[0].arm = lambda: (armed_at.append(trainer.state.global_step + 1), original())[1]
+    trainer.train()
+    assert armed_at == [1, 3, 6]
+    counts = _entro_rows(trainer, "entropy/repr/transformer.h.0/n_streamed")
+    assert set(counts) == {1, 3, 6}
+    assert all(n == 2 * 2 * T for n in counts.values())  # both micro-batches: accumulation × batch × tokens
+    assert not _leftovers(trainer.model)
+
+
+def test_nothing_captured_with_logging_strategy_no(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, _model(), logging_strategy="no")
+    cb = EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)]).attach(trainer)
+    trainer.train()
+    assert cb.monitors[0].first_summary is None and not cb.last_metrics
+
+
+# ------------------------------------------------------------------ lifecycle
+def test_taps_released_at_train_end_and_on_exception(tmp_path: Path) -> None:
+    model = _model()
+    trainer = _trainer(tmp_path, model, max_steps=3)
+    cb = EntropyTrainerCallback(
+        [AttentionEntropyMonitor(log_media=False), RepresentationEntropyMonitor(include=["transformer.h.?"])]
+    ).attach(trainer)
+    calls = {"n": 0}
+
+    def boom(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2 and cb.drivers[0].monitor.tap.armed:
+            assert _leftovers(model)  # armed inside a logging step
+            raise RuntimeError("boom in forward")
+
+    handle = model.transformer.h[1].mlp.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    handle.remove()
+    assert not _leftovers(model)
+    trainer.train()  # and a normal run ends clean
+    assert not _leftovers(model)
+
+
+# ------------------------------------------------------------------ guard actions
+def test_guard_stops_training(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, _model(), max_steps=10, logging_steps=2)
+    guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="stop")  # always "collapsed"
+    EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)], guards=[guard]).attach(trainer)
+    with pytest.warns(UserWarning, match="Stopping training"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert guard.times_fired == 1
+    assert _entro_rows(trainer, "entropy/attn_norm/min/alert") == {2: 1.0}
+
+
+def test_guard_reduces_lr_once_per_episode_and_watches_any_logged_key(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, _model(), max_steps=4, lr_scheduler_type="constant")
+    guard = EntropyCollapseGuard("loss", threshold=1e6, mode="max", action="reduce_lr", lr_factor=0.5)
+    guard.threshold = -1.0  # every loss is "above": bad at every log
+    EntropyTrainerCallback(guards=[guard]).attach(trainer)
+    with pytest.warns(UserWarning, match="multiplied by 0.5"):
+        trainer.train()
+    assert guard.lr_reductions == 1
+    assert trainer.lr_scheduler.base_lrs == [pytest.approx(0.5e-2)] * len(trainer.lr_scheduler.base_lrs)
+    lrs = [row["learning_rate"] for row in trainer.state.log_history if "learning_rate" in row]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(0.5e-2)
+
+
+# ------------------------------------------------------------------ resume through Trainer's checkpoints
+def test_resume_restores_monitor_and_guard_state(tmp_path: Path) -> None:
+    def callback() -> EntropyTrainerCallback:
+        return EntropyTrainerCallback(
+            [AttentionEntropyMonitor(log_media=False)],
+            guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, patience=100)],  # bad, never fires
+        )
+
+    full = _trainer(tmp_path / "full", _model(), save_strategy="steps", save_steps=2)
+    cb_full = callback().attach(full)
+    full.train()
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
+    assert STATE_KEY in full.state.stateful_callbacks
+
+    resumed = _trainer(tmp_path / "full", _model(seed=5), save_strategy="steps", save_steps=2)
+    cb_resumed = callback().attach(resumed)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert cb_full.guards[0].bad_streak == 4
+    assert cb_resumed.guards[0].bad_streak == 4  # 2 restored + 2 after the resume
+    assert cb_resumed.monitors[0].first_summary[0] == cb_full.monitors[0].first_summary[0] == 1
+    assert list(cb_resumed.monitors[0]._history_steps) == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------ errors and imports
+def test_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(EntrotrainError, match=r"monitors\[0\]\) must be one of"):
+        EntropyTrainerCallback([PolicyEntropyMonitor()])
+    with pytest.raises(EntrotrainError, match="stage='train'"):
+        EntropyTrainerCallback([RepresentationEntropyMonitor(stage="validation")])
+    with pytest.raises(EntrotrainError, match="drop 'dsmi'"):
+        EntropyTrainerCallback([RepresentationEntropyMonitor(measures=("dsmi",))])
+    with pytest.raises(EntrotrainError, match="EntropyCollapseGuard"):
+        EntropyTrainerCallback(guards=[AttentionEntropyMonitor()])
+    with pytest.raises(EntrotrainError, match="share a configuration"):
+        EntropyTrainerCallback([AttentionEntropyMonitor(), AttentionEntropyMonitor()])
+    trainer = _trainer(tmp_path, _model(), logging_strategy="epoch")
+    EntropyTrainerCallback([AttentionEntropyMonitor()]).attach(trainer)
+    with pytest.raises(EntrotrainError, match="logging_strategy='steps'"):
+        trainer.train()
+
+
+def test_attach_puts_keys_before_the_report_to_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainer runs its report_to integrations before callbacks=[...]: attach() puts entrotrain ahead of them."""
+    from transformers.integrations import WandbCallback
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    seen: list[set[str]] = []
+    monkeypatch.setattr(WandbCallback, "on_log", lambda self, args, state, control, logs=None, **kw: seen.append(set(logs)))
+
+    cb = EntropyTrainerCallback([AttentionEntropyMonitor()])
+    trainer = _trainer(tmp_path / "a", _model(), max_steps=1, report_to=["wandb"], callbacks=[cb])
+    with pytest.warns(UserWarning, match=r"attach\(trainer\)"):
+        trainer.train()
+    assert "loss" in seen[0] and "entropy/attn_norm/min" not in seen[0]
+    assert "entropy/attn_norm/min" in trainer.state.log_history[0]  # the history row still gets them
+
+    seen.clear()
+    trainer = _trainer(tmp_path / "b", _model(), max_steps=1, report_to=["wandb"])
+    cb = EntropyTrainerCallback([AttentionEntropyMonitor()]).attach(trainer)
+    cb.attach(trainer)  # idempotent
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("EntropyTrainerCallback") == names.index("DefaultFlowCallback") + 1 < names.index("WandbCallback")
+    assert names.count("EntropyTrainerCallback") == 1
+    trainer.train()
+    assert "entropy/attn_norm/min" in seen[0] and "entropy/attn/L1/H1" in seen[0]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_import_entrotrain_does_not_import_transformers() -> None:
+    proc = _python(
+        """
+        import sys, entrotrain, entrotrain.integrations
+        bad = sorted(m for m in ("transformers", "trl", "accelerate") if m in sys.modules)
+        assert not bad, bad
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_missing_or_old_transformers_is_a_clear_error() -> None:
+    proc = _python(
+        """
+        import lightning_utilities.core.imports as imports
+        real = imports.RequirementCache
+        class TooNew(real):
+            def __init__(self, requirement=None, *args, **kwargs):
+                super().__init__(requirement.replace("transformers>=4.48", "transformers>=999"), *args, **kwargs)
+        imports.RequirementCache = TooNew
+        from entrotrain.errors import EntrotrainError
+        try:
+            import entrotrain.integrations.transformers
+        except EntrotrainError as e:
+            print(e)
+        else:
+            raise SystemExit("no error")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "transformers>=4.48" in proc.stdout and "pip install 'entrotrain[hf]'" in proc.stdout

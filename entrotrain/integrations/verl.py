@@ -118,7 +118,8 @@ def _agg(loss_agg_mode: Any, config: Any = None) -> _VerlAgg:
         raise EntrotrainError(
             f"config.global_batch_info must be a dict (verl's actor fills it), got {type(info).__name__}."
         )
-    checked: dict[str, Any] = {"dp_size": check_int(_get(info, "dp_size", 1), "config.global_batch_info.dp_size", low=1)}
+    dp_size = check_int(_get(info, "dp_size", 1), "config.global_batch_info.dp_size", low=1)
+    checked: dict[str, Any] = {"dp_size": dp_size}
     for name in ("batch_num_tokens", "global_batch_size", "loss_scale_factor"):
         value = info.get(name, None)
         if value is not None and not isinstance(value, Tensor):

@@ -22,6 +22,8 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _REQUIRED = os.environ.get("VERL_REAL_REQUIRED") == "1"
 
@@ -64,11 +66,14 @@ def _registered():
     return names
 
 
-def _config(loss_mode: str, agg: str = "token-mean", **policy_loss) -> ActorConfig:
+def _config(
+    loss_mode: str, agg: str = "token-mean", loss_scale_factor: int | None = None, **policy_loss
+) -> ActorConfig:
     """A real verl ActorConfig (as issue 14 measured it), the selective losses' ratios raised so that every batch
     selects several tokens; clip range DAPO-style (0.2 / 0.28)."""
     policy_loss = {"clip_cov_ratio": 0.1, "kl_cov_ratio": 0.1, "ppo_kl_coef": 1.0, **policy_loss}
     return ActorConfig(
+        loss_scale_factor=loss_scale_factor,
         strategy="fsdp",
         rollout_n=4,
         ppo_micro_batch_size_per_gpu=4,
@@ -158,7 +163,7 @@ def _micro_batch(batch: dict, logp: torch.Tensor, dp_size: int, num_tokens: int 
     return {"log_probs": flat}, data
 
 
-def _run(loss_mode: str, agg: str, batch: dict, info: str, seed: int):
+def _run(loss_mode: str, agg: str, batch: dict, info: str, seed: int, **config):
     """verl's ``ppo_loss`` for one micro-batch: (loss, grad w.r.t. the log-probs, {key: value})."""
     logp = batch["logp"].clone().requires_grad_()
     n_tok, n_seq, dp = None, None, 1
@@ -168,7 +173,7 @@ def _run(loss_mode: str, agg: str, batch: dict, info: str, seed: int):
         n_seq = batch["mask"].shape[0] * 4 * dp
     output, data = _micro_batch(batch, logp, dp, n_tok, n_seq)
     torch.manual_seed(seed)  # Clip-Cov's pick: torch.randperm on the global RNG, in verl and in entrotrain
-    loss, metrics = ppo_loss(_config(loss_mode, agg), output, data)
+    loss, metrics = ppo_loss(_config(loss_mode, agg, **config), output, data)
     loss.backward()
     # verl's Metric: an aggregation type and the values it collected (floats); plain values pass through
     return loss.detach(), logp.grad, {k: (m.aggregation, m.values) if isinstance(m, Metric) else (None, [m])
@@ -209,6 +214,34 @@ def test_bit_for_bit_with_verl_through_ppo_loss(loss, agg, kind):
         assert set(v_metrics) <= set(e_metrics), f"{where}: verl's keys {sorted(set(v_metrics) - set(e_metrics))}"
         for key, value in v_metrics.items():
             assert _same(e_metrics[key], value), f"{where}: metric {key} {e_metrics[key]!r} != verl {value!r}"
+
+
+@settings(max_examples=25)
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 9)),
+    data=st.data(),
+    loss=st.sampled_from(["clip_cov", "kl_cov"]),
+    agg=st.sampled_from(MODES),
+    info=st.sampled_from(["engine", "dp2", "local"]),
+    scale=st.sampled_from([None, 16]),
+    ratio=st.sampled_from([1e-4, 0.3, 1.0]),
+)
+def test_bit_for_bit_property(shape, data, loss, agg, info, scale, ratio):
+    """Any small micro-batch (one token, one row, any mask with a valid token), any ratio (the budget floor of 1,
+    or every token), config.loss_scale_factor set or not: entrotrain == verl, loss and gradient, bit for bit."""
+    b, t = shape
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, t, generator=g) < data.draw(st.sampled_from([0.3, 0.7, 1.0]), label="density")
+    mask.view(-1)[data.draw(st.integers(0, b * t - 1), label="valid")] = True  # verl divides 0 by 0 otherwise
+    adv = torch.randn(b, 1, generator=g).expand(b, t) * data.draw(st.sampled_from([0.5, 3.0]), label="adv scale")
+    logp = -torch.rand(b, t, generator=g) * 5
+    batch = {"logp": logp, "old": logp + torch.randn(b, t, generator=g) * 0.4, "adv": adv.contiguous(), "mask": mask}
+    ratios = {"clip_cov_ratio": ratio, "kl_cov_ratio": ratio}
+    v_loss, v_grad, v_metrics = _run(loss, agg, batch, info, 3, loss_scale_factor=scale, **ratios)
+    e_loss, e_grad, e_metrics = _run(f"entrotrain_{loss}", agg, batch, info, 3, loss_scale_factor=scale, **ratios)
+    assert torch.equal(e_loss, v_loss) and torch.equal(e_grad, v_grad)
+    assert all(_same(e_metrics[k], v) for k, v in v_metrics.items())
 
 
 def test_the_parity_test_can_fail():

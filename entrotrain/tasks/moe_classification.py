@@ -140,6 +140,13 @@ class MoEDigitsTask(LightningModule):
         self.history.append(record)
         self._val = None
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The validation history (first and last rows of the summary) survives a resume."""
+        checkpoint["moe_router_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("moe_router_history", []))
+
     def on_fit_end(self) -> None:
         if self.hparams.print_summary and self.history and self.trainer.is_global_zero:
             print(self.summary())

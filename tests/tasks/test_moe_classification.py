@@ -92,3 +92,12 @@ def test_validation_history_and_summary(plain_fit):
         assert task.history[-1]["dead"][layer] == int((counts == 0).sum())
     text = task.summary()
     assert "first step     0" in text and "last  step     6" in text and "L1" in text and "val acc" in text
+
+
+def test_history_survives_a_checkpoint(plain_fit):
+    task, _ = plain_fit
+    ckpt: dict = {}
+    task.on_save_checkpoint(ckpt)
+    fresh = MoEDigitsTask(**SMALL)
+    fresh.on_load_checkpoint(ckpt)
+    assert fresh.history == task.history and fresh.summary() == task.summary()

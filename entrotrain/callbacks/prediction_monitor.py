@@ -44,7 +44,8 @@ tokens, with no citation blocker: distinct-n pooled over continuations (Li et al
 (Hyperfitting's TTR; the paper uses 96-token continuations) and Welleck et al.'s seq-rep-``repetition_n``.
 
 Logged keys (``{p}`` = ``prefix``, default ``entropy/pred``; ``{s}`` = ``train`` or ``probe``), entropies in nats
-at temperature 1 over the full vocabulary:
+at temperature 1 over the full vocabulary, averaged over every valid position of the reference (teacher-forced)
+tokens, never over generated ones:
 
 =====================================  ===============================================================================
 ``{p}/{s}/mean``                       mean entropy over valid positions (exact over micro-batches and ranks)

@@ -82,7 +82,7 @@ from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional import information as _info
 from entrotrain.taps.activation_tap import ActivationTap, Capture
 
-__all__ = ["InformationPlaneMonitor", "activation_output_names", "log_spaced_epochs"]
+__all__ = ["InformationPlaneMonitor", "activation_output_names", "chunk_layout", "log_spaced_epochs"]
 
 Probe = Literal["all", "train", "val", "datamodule"]
 
@@ -90,7 +90,9 @@ Probe = Literal["all", "train", "val", "datamodule"]
 def log_spaced_epochs(total_epochs: int, points: int) -> list[int]:
     """IDNNs' evaluation epochs: ``unique(logspace(log2 1, log2 total, points, base=2, dtype=int)) − 1``.
 
-    ``log_spaced_epochs(8000, 400)`` gives the paper's 274 epochs (0…29 every epoch, then sparser).
+    ``log_spaced_epochs(8000, 400)`` gives the paper's 274 epochs (0…31 every epoch, then sparser). numpy's
+    ``dtype=int`` truncation is kept (exact reproduction): ``2**log2(E)`` can land just below ``E``, so the last
+    evaluation is epoch ``E − 1`` or ``E − 2``.
     """
     check_int(total_epochs, "total_epochs", low=1)
     check_int(points, "points", low=1)
@@ -153,6 +155,19 @@ def _dataset_rows(dataset: Any, index: Tensor, input_index: int | str, label_ind
             f"from the {what} dataset ({e}); set input_index / label_index, or use probe='datamodule'."
         ) from None
     return x, y
+
+
+def chunk_layout(sizes: Sequence[int], world: int) -> tuple[list[tuple[int, int]], int]:
+    """Where chunk ``c`` (of ``sizes[c]`` rows) sits after an ``all_gather`` when rank ``c % world`` forwards it:
+    ``(rank, row offset in that rank's buffer)`` per chunk, and the buffer length every rank pads to."""
+    check_int(world, "world", low=1)
+    offsets = [0] * world
+    where = []
+    for c, size in enumerate(sizes):
+        r = c % world
+        where.append((r, offsets[r]))
+        offsets[r] += int(size)
+    return where, max(offsets)
 
 
 class InformationPlaneMonitor(PerFitCallback):
@@ -480,18 +495,12 @@ class InformationPlaneMonitor(PerFitCallback):
         names = self.tap.names if self.tap is not None else list(rows)
         dims = [rows[n].shape[1] for n in names]
         dtype = torch.promote_types(torch.float32, rows[names[0]].dtype)
-        per = max(sum(len(c) for c in chunks[r::world]) for r in range(world))
+        where, per = chunk_layout([len(c) for c in chunks], world)
         buf = torch.zeros(per, sum(dims), dtype=dtype, device=x.device)
         local = torch.cat([rows[n].to(dtype) for n in names], dim=1)
         buf[: len(local)] = local
         gathered = trainer.strategy.all_gather(buf)  # (world, per, D)
-        offsets = [0] * world
-        parts = []
-        for c, chunk in enumerate(chunks):  # chunk c sits on rank c % W, after that rank's earlier chunks
-            r = c % world
-            parts.append(gathered[r, offsets[r] : offsets[r] + len(chunk)])
-            offsets[r] += len(chunk)
-        full = torch.cat(parts)
+        full = torch.cat([gathered[r, o : o + len(chunk)] for (r, o), chunk in zip(where, chunks)])
         out, offset = {}, 0
         for n, d in zip(names, dims):
             out[n] = full[:, offset : offset + d]

@@ -1,5 +1,5 @@
 """InformationPlaneMonitor under 2-process CPU DDP (gloo): one evaluation at step 0 on all 4,096 patterns, the probe
-sharded across ranks and gathered; rank 0 writes what it logged and the collectives the evaluation issued.
+sharded across ranks and gathered (and a 600-row probe that only rank 0 forwards); rank 0 writes what it logged and the collectives the evaluation issued.
 Run by test_information_plane_monitor.py."""
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ if __name__ == "__main__":
     monitor = InformationPlaneMonitor(
         estimators=["binning", "adaptive_binning"], every_n_steps=100, print_summary=False
     )
+    small = InformationPlaneMonitor(  # 600 rows < one chunk of 1024: rank 1 forwards nothing and sends padding
+        estimators=["binning", "adaptive_binning"], every_n_steps=100, max_probe=600, prefix="small",
+        print_summary=False,
+    )
     trainer = quiet_trainer(
-        callbacks=[monitor], max_steps=1, devices=2, strategy="ddp", deterministic=False, num_sanity_val_steps=0,
+        callbacks=[monitor, small], max_steps=1, devices=2, strategy="ddp", deterministic=False, num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     collectives: list[str] = []
@@ -45,4 +49,4 @@ if __name__ == "__main__":
     monitor.evaluate = counted
     trainer.fit(model, datamodule=InformationPlaneDataModule(batch_size=512))
     if trainer.is_global_zero:
-        out.write_text(json.dumps({"logged": monitor.last_logged, "collectives": collectives}))
+        out.write_text(json.dumps({"logged": monitor.last_logged, "small": small.last_logged, "collectives": collectives}))

@@ -13,9 +13,13 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback
 from torch import nn
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from entrotrain.callbacks.information_plane_monitor import (
     InformationPlaneMonitor,
     activation_output_names,
+    chunk_layout,
     log_spaced_epochs,
 )
 from entrotrain.errors import EntrotrainError, TapError
@@ -209,6 +213,33 @@ def test_log_spaced_matches_idnns_and_steps_schedule_with_accumulation():
     assert [e for _, e, _ in by_steps.history] == log_spaced_epochs(4, 3)
 
 
+@given(st.integers(0, 50), st.integers(1, 7), st.integers(1, 5))
+def test_chunk_layout_rebuilds_the_probe_for_any_world(n, batch, world):
+    """Simulated ranks: each forwards chunks r, r + W, ...; padding, gather and layout give back the probe."""
+    probe = torch.arange(n, dtype=torch.float64)[:, None] * torch.ones(1, 3, dtype=torch.float64)
+    chunks = list(probe.split(batch))
+    where, per = chunk_layout([len(c) for c in chunks], world)
+    buffers = torch.full((world, per, 3), -1.0, dtype=torch.float64)
+    for r in range(world):
+        mine = chunks[r::world]
+        local = torch.cat(mine) if mine else probe[:0]
+        buffers[r, : len(local)] = local
+    rebuilt = torch.cat([buffers[r, o : o + len(c)] for (r, o), c in zip(where, chunks)]) if chunks else probe[:0]
+    assert torch.equal(rebuilt, probe)
+    assert per == max([sum(len(c) for c in chunks[r::world]) for r in range(world)] + [0])
+
+
+@given(st.integers(1, 3000), st.integers(2, 500))
+def test_log_spaced_epochs_properties(total, points):
+    assert log_spaced_epochs(total, 1) == [0]  # logspace of one point is its start
+    epochs = log_spaced_epochs(total, points)
+    # int() truncation of 2**log2(total) may give total - 1 (IDNNs' own rounding, kept): last epoch total-1 or -2
+    assert epochs[0] == 0 and epochs[-1] in (total - 1, total - 2) and len(epochs) <= min(points, total)
+    assert all(a < b for a, b in zip(epochs, epochs[1:]))
+    gaps = [b - a for a, b in zip(epochs, epochs[1:])]
+    assert all(g1 <= g2 + 1 for g1, g2 in zip(gaps, gaps[1:]))  # dense early, sparse late (± integer rounding)
+
+
 class ProbeDM(InformationPlaneDataModule):
     def information_probe(self):
         return self.x[:100], self.y[:100]
@@ -359,3 +390,11 @@ def test_two_rank_ddp_equals_one_process(tmp_path):
             key = f"info/L{i + 1}/{est}"
             assert got["logged"][f"{key}/I_XT"] == float(ixt), key  # bit-identical
             assert got["logged"][f"{key}/I_TY"] == float(ity), key
+    index = torch.randperm(4096, generator=torch.Generator().manual_seed(0))[:600].sort().values
+    with torch.no_grad():
+        layers = manual_layers(task.state_dict(), x[index])
+    for i, t in enumerate(layers):
+        for est in ["binning", "adaptive_binning"]:
+            ixt, ity = information_plane_point(t, y[index], est, x=x[index], base=2.0)
+            assert got["small"][f"small/L{i + 1}/{est}/I_XT"] == float(ixt)
+            assert got["small"][f"small/L{i + 1}/{est}/I_TY"] == float(ity)

@@ -206,3 +206,22 @@ __all__ += [
     "vendi_entropy_objective",
     "vendi_score_objective",
 ]
+from entrotrain.functional.router_losses import (  # noqa: E402
+    DynMoLETerms,
+    RouterLogits,
+    dynmole_router_loss,
+    dynmole_router_terms,
+    dynmole_routing,
+    load_balancing_loss,
+    router_z_loss,
+)
+
+__all__ += [
+    "DynMoLETerms",
+    "RouterLogits",
+    "dynmole_router_loss",
+    "dynmole_router_terms",
+    "dynmole_routing",
+    "load_balancing_loss",
+    "router_z_loss",
+]

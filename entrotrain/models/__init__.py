@@ -9,3 +9,6 @@ from entrotrain.models.mlp_classifier import MLPClassifier  # noqa: E402
 from entrotrain.models.simsiam import SimSiam  # noqa: E402
 
 __all__ += ["MLPClassifier", "SimSiam"]
+from entrotrain.models.tiny_moe import MoELayer, TinyMoE  # noqa: E402
+
+__all__ += ["MoELayer", "TinyMoE"]

@@ -54,3 +54,6 @@ __all__ = [
 from entrotrain.regularizers.representation import MatrixEntropyRegularizer, MMCRLoss, VendiRegularizer  # noqa: E402
 
 __all__ += ["MatrixEntropyRegularizer", "MMCRLoss", "VendiRegularizer"]
+from entrotrain.regularizers.router_loss import LoadBalancingLoss, RouterInputs, RouterZLoss, TsallisRouterLoss  # noqa: E402
+
+__all__ += ["LoadBalancingLoss", "RouterInputs", "RouterZLoss", "TsallisRouterLoss"]

@@ -25,3 +25,6 @@ __all__ += ["DigitsMLPTask", "SimSiamTask", "augment_digits"]
 from entrotrain.tasks.mmcr import MMCREncoder, MMCRTask, knn_accuracy  # noqa: E402
 
 __all__ += ["MMCREncoder", "MMCRTask", "knn_accuracy"]
+from entrotrain.tasks.moe_classification import MoEDigitsTask, expert_load_stats  # noqa: E402
+
+__all__ += ["MoEDigitsTask", "expert_load_stats"]

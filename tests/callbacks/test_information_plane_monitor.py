@@ -398,3 +398,43 @@ def test_two_rank_ddp_equals_one_process(tmp_path):
             ixt, ity = information_plane_point(t, y[index], est, x=x[index], base=2.0)
             assert got["small"][f"small/L{i + 1}/{est}/I_XT"] == float(ixt)
             assert got["small"][f"small/L{i + 1}/{est}/I_TY"] == float(ity)
+
+
+def test_bf16_model_values_equal_recomputation():
+    L.seed_everything(0)
+    task = InformationPlaneTask().to(torch.bfloat16)
+    state = {k: v.clone() for k, v in task.state_dict().items()}
+    monitor = InformationPlaneMonitor(estimators=FAST, every_n_steps=10, max_probe=500, print_summary=False)
+    fit(task, [monitor], max_steps=1)
+    x, y, _ = icosahedron_dataset()
+    index = torch.randperm(4096, generator=torch.Generator().manual_seed(0))[:500].sort().values
+    layers = manual_layers(state, x[index].to(torch.bfloat16))
+    assert layers[0].dtype == torch.bfloat16
+    for i, t in enumerate(layers):
+        for est in FAST:
+            ixt, ity = information_plane_point(t, y[index], est, x=x[index], base=2.0)
+            assert monitor.last_logged[f"info/L{i + 1}/{est}/I_XT"] == float(ixt)
+            assert monitor.last_logged[f"info/L{i + 1}/{est}/I_TY"] == float(ity)
+
+
+def test_an_estimator_that_refuses_the_data_is_skipped_and_warned_once(monkeypatch, recwarn):
+    import entrotrain.callbacks.information_plane_monitor as mod
+
+    real = mod._info.information_plane_point
+
+    def picky(t, labels, estimator, **kw):
+        if estimator == "adaptive_binning" and t.shape[1] == 2:
+            raise EntrotrainError("refused for the test")
+        return real(t, labels, estimator, **kw)
+
+    monkeypatch.setattr(mod._info, "information_plane_point", picky)
+    L.seed_everything(0)
+    spy = SpyLogger()
+    monitor = InformationPlaneMonitor(estimators=FAST, every_n_steps=1, max_probe=300, print_summary=False)
+    trainer = fit(SmallNet(), [monitor], max_steps=3, logger=spy)
+    rows = [row for _, row in spy.rows if "info/nonfinite" in row]
+    assert len(rows) == 3 and all("info/L2/adaptive_binning/I_XT" not in r and "info/L2/binning/I_XT" in r for r in rows)
+    assert "info/L2/adaptive_binning/I_XT" not in trainer.callback_metrics or math.isnan(
+        float(trainer.callback_metrics["info/L2/adaptive_binning/I_XT"])
+    )
+    assert sum("refused for the test" in str(w.message) for w in recwarn) == 1

@@ -20,3 +20,6 @@ __all__ += ["RepresentationEntropyMonitor"]
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor  # noqa: E402
 
 __all__ += ["RouterEntropyMonitor"]
+from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, prediction_entropy_summary  # noqa: E402
+
+__all__ += ["PredictionEntropyMonitor", "prediction_entropy_summary"]

@@ -225,3 +225,26 @@ __all__ += [
     "load_balancing_loss",
     "router_z_loss",
 ]
+from entrotrain.functional.generation_diversity import (  # noqa: E402
+    NgramCounts,
+    distinct_n,
+    ngram_counts,
+    repetition_rate,
+    type_token_ratio,
+)
+from entrotrain.functional.prediction_entropy import (  # noqa: E402
+    PredictionStats,
+    prediction_stats_from_hidden,
+    prediction_stats_from_logits,
+)
+
+__all__ += [
+    "NgramCounts",
+    "distinct_n",
+    "ngram_counts",
+    "repetition_rate",
+    "type_token_ratio",
+    "PredictionStats",
+    "prediction_stats_from_hidden",
+    "prediction_stats_from_logits",
+]

@@ -28,3 +28,6 @@ __all__ += ["MMCREncoder", "MMCRTask", "knn_accuracy"]
 from entrotrain.tasks.moe_classification import MoEDigitsTask, expert_load_stats  # noqa: E402
 
 __all__ += ["MoEDigitsTask", "expert_load_stats"]
+from entrotrain.tasks.hyperfitting import HyperfittingDataModule  # noqa: E402
+
+__all__ += ["HyperfittingDataModule"]

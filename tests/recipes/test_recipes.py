@@ -18,6 +18,7 @@ MONITOR_PREFIX = {
     "classifier_": "entropy/repr/",
     "information_plane_": "info/",
     "moe_": "entropy/router/",
+    "hyperfitting": "entropy/pred/",
 }
 
 

@@ -24,3 +24,6 @@ __all__ += ["ActivationTap", "Capture", "Reservoir", "activation_rows"]
 from entrotrain.taps.router_tap import RouterTap, discover_routers, router_rows  # noqa: E402
 
 __all__ += ["RouterTap", "discover_routers", "router_rows"]
+from entrotrain.taps.exclusive import capture_allowed, exclusive_capture  # noqa: E402
+
+__all__ += ["capture_allowed", "exclusive_capture"]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from entrotrain._validation import check_bool, check_choice, check_int
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps.sampling import check_budget, evenly_spaced
+from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["ActivationTap", "Capture", "activation_rows"]
@@ -242,6 +243,8 @@ class ActivationTap:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not capture_allowed(self):
+                return
             kwargs = dict(
                 name=name,
                 max_rows=self.max_rows,

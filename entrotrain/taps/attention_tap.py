@@ -30,6 +30,7 @@ from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
 from entrotrain.taps.nn_attention import mha_query_key
 from entrotrain.taps.sampling import check_budget, evenly_spaced
+from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["AttentionTap", "AttentionAdapter", "MultiheadAttentionAdapter", "record_attention"]
@@ -54,6 +55,8 @@ class MultiheadAttentionAdapter:
                 tap.claim(name)
 
                 def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], _name: str = name) -> None:
+                    if not capture_allowed(tap):
+                        return
                     with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
                         tap.record(name=tap._site_name(_name), **mha_query_key(mod, args, kwargs))
                     tap._suspend_sdpa()  # the module runs as without the tap (its native fast path stays on)
@@ -257,8 +260,8 @@ class AttentionTap:
     # ------------------------------------------------------------------ capture
     def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> None:
         module = self.current_module()
-        if module is None or module in self._claimed:
-            return  # outside the tapped model (another model, plain code), or captured by an adapter
+        if module is None or module in self._claimed or not capture_allowed(self):
+            return  # outside the tapped model (another model, plain code), captured by an adapter, or excluded
         site = self._site_name(module)
         if not self.wants(site):
             return
@@ -294,6 +297,8 @@ class AttentionTap:
         scale: float | None = None,
     ) -> None:
         """Score one attention call; arguments as :func:`~entrotrain.functional.attention_entropy_stats`."""
+        if not capture_allowed(self):
+            return  # inside another monitor's exclusive_capture block (its probe forwards)
         site = self._site_name(self.current_module()) if name is None else name
         if not self.wants(site):
             return

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from entrotrain.errors import TapError
+from entrotrain.taps.exclusive import capture_allowed
 
 if TYPE_CHECKING:
     from entrotrain.taps.attention_tap import AttentionTap
@@ -236,7 +237,8 @@ def _record_call(
     args: tuple,
     kwargs: dict[str, Any],
 ) -> None:
-    taps = [tap for tap in _TAPS if tap.current_module() is not None]  # the call runs inside these taps' models
+    # the call runs inside these taps' models (and no other monitor's exclusive_capture block hides it from them)
+    taps = [tap for tap in _TAPS if tap.current_module() is not None and capture_allowed(tap)]
     if not taps:
         return
     scored = _scored_inputs(implementation, module, query, key, mask, _named_arguments(original, args, kwargs))

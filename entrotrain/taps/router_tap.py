@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_int
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["RouterTap", "discover_routers", "router_rows"]
@@ -196,6 +197,8 @@ class RouterTap:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not capture_allowed(self):
+                return
             with torch.no_grad():
                 logits = router_rows(output, name=name, output_index=self.output_index)
             if name not in self.order:

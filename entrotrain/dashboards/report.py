@@ -3,7 +3,8 @@
 Reads only the run record (:mod:`entrotrain.dashboards.run_record`), so it works for any logger and offline. Writes
 ``index.html`` (inline CSS, no scripts, no network) and its PNG figures into ``OUT`` (default ``RUN_DIR/report``, or
 ``RUN_DIR/compare-<name of RUN_DIR2>`` for two runs). Sections follow the metric key prefixes, so a new monitor's keys
-appear without code changes; attention, policy and representation monitors also get dedicated figures. With two runs
+appear without code changes; attention, policy (with its token-shaping statistics), prediction-entropy, representation,
+routing and information-plane monitors also get dedicated figures. With two runs
 (a failure and its cure) every figure overlays or sets them side by side.
 """
 
@@ -22,6 +23,8 @@ import numpy as np
 
 from entrotrain.dashboards import report_figures as figs
 from entrotrain.dashboards import report_figures_information as info_figs
+from entrotrain.dashboards import report_figures_policy_shaping as shaping_figs
+from entrotrain.dashboards import report_figures_prediction as pred_figs
 from entrotrain.dashboards import report_figures_routing as router_figs
 from entrotrain.dashboards.report_template import details, esc, fmt, page, table
 from entrotrain.dashboards.run_reader import RunData, load_run
@@ -37,6 +40,8 @@ HEADLINES: dict[str, str] = {
     "entropy/policy/mean": "policy entropy (nats)",
     "entropy/policy/reward_mean": "reward",
     "entropy/policy/fit_ceiling": "fitted reward ceiling b − a",
+    "entropy/pred/probe/mean": "held-out prediction entropy (nats)",
+    "entropy/pred/gen/distinct_2": "greedy distinct-2",
     "entropy/router/load_entropy_norm_min": "least expert-load entropy (normalised)",
     "entropy/router/dead_frac_max": "largest share of dead experts",
     "sigma_reparam/qk_norm/max": "max ‖W_Qᵀ W_K‖₂",
@@ -51,6 +56,7 @@ _REPR_HEADLINE_MEASURES = ("rankme", "effective_rank", "erank", "matrix_entropy"
 _KNOWN = (  # (prefix, section id, title), in report order
     (("entropy/attn/", "entropy/attn_norm/"), "attention", "Attention entropy"),
     (("entropy/policy/",), "policy", "Policy entropy"),
+    (("entropy/pred/",), "prediction", "Prediction entropy"),
     (("entropy/repr/",), "repr", "Representation entropy"),
     (("entropy/router/",), "router", "MoE routing"),
     (("info/",), "information", "Information plane"),
@@ -177,6 +183,9 @@ def _findings(run: RunData, sections: list[Section]) -> list[str]:
         out += _attention_findings(run)
     if "policy" in ids:
         out += _policy_findings(run)
+        out += shaping_figs.shaping_findings(run)
+    if "prediction" in ids:
+        out += pred_figs.prediction_findings(run)
     if "repr" in ids:
         out += ["Representation: " + line for line in _change_findings(run, ids["repr"].keys)]
     if "router" in ids:
@@ -350,7 +359,16 @@ def _section_html(runs: list[RunData], section: Section, out_dir: Path) -> str:
         parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "Attention: raw entropy (nats) and per-layer means")))
     elif section.id == "policy":
         parts.append(_figure_html(figs.policy_entropy_reward(runs, out_dir)))
+        parts.append(_figure_html(shaping_figs.phase_curves(runs, out_dir)))
+        parts.append(_figure_html(shaping_figs.window_curves(runs, out_dir)))
+        rest = [k for k in rest if not shaping_figs.shaping_drawn(k)]
         parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "Policy entropy monitor: all statistics")))
+    elif section.id == "prediction":
+        parts.append(_figure_html(pred_figs.prediction_curves(runs, out_dir)))
+        parts.append(_figure_html(pred_figs.position_profile_over_time(runs, out_dir)))
+        parts.append(_figure_html(pred_figs.generation_diversity(runs, out_dir)))
+        rest = [k for k in rest if not pred_figs.prediction_keys_drawn(k)]
+        parts.append(_figure_html(figs.scalar_section(runs, rest, out_dir, name, "Prediction entropy monitor: other statistics")))
     elif section.id == "router":
         parts.append(_figure_html(router_figs.router_load_over_time(runs, out_dir)))
         parts.append(_figure_html(router_figs.router_curves(runs, out_dir)))

@@ -343,3 +343,18 @@ def test_bad_batch_info_is_named():
     cfg.global_batch_info.update(dp_size=0)
     with pytest.raises(EntrotrainError, match="dp_size"):
         fn(batch["old"], batch["logp"], batch["adv"], batch["mask"], "token-mean", cfg, None)
+
+
+def test_global_mode_through_ppo_loss_uses_the_engine_counts():
+    """register_verl_losses(mode="global") (one process: no collectives) also aggregates by verl's batch info: with
+    every token selected (kl_cov_ratio=1) it equals verl's kl_cov on the same micro-batch."""
+    try:
+        register_verl_losses(mode="global", seed=0)
+        for info in ("engine", "dp2"):
+            batch = _masked_rows(11)
+            v_loss, v_grad, _ = _run("kl_cov", "seq-mean-token-mean", batch, info, 0, kl_cov_ratio=1.0)
+            e_loss, e_grad, _ = _run("entrotrain_kl_cov", "seq-mean-token-mean", batch, info, 0, kl_cov_ratio=1.0)
+            torch.testing.assert_close(e_loss, v_loss, rtol=0, atol=0)
+            torch.testing.assert_close(e_grad, v_grad, rtol=0, atol=0)
+    finally:
+        register_verl_losses()  # back to micro_batch for the other tests

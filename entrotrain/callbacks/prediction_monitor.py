@@ -63,6 +63,9 @@ tokens, never over generated ones:
 ``{p}/nonfinite``                      valid positions with a NaN/Inf prediction (train + probe), left out
 =====================================  ===============================================================================
 
+Probe and generation forwards run in eval mode, without gradient and under :func:`~entrotrain.taps.exclusive_capture`:
+other monitors' taps never score them, whatever the order of the callbacks.
+
 Non-finite data (DESIGN.md §8): positions whose logits (or hidden states) hold NaN/Inf are counted in
 ``{p}/nonfinite``, warned about once per fit and left out of every statistic; a statistic with no finite position
 goes to ``trainer.callback_metrics`` as NaN and to no logger. Training is bit-for-bit the same with the monitor on:
@@ -95,6 +98,7 @@ from entrotrain.functional.prediction_entropy import (
     prediction_stats_from_hidden,
     prediction_stats_from_logits,
 )
+from entrotrain.taps.exclusive import exclusive_capture
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["PredictionEntropyMonitor", "prediction_entropy_summary"]
@@ -670,8 +674,8 @@ class PredictionEntropyMonitor(PerFitCallback):
         if self._probe_set or (self._prompts and step % self.generate_every_n_steps == 0):
             modes = {m: m.training for m in pl_module.modules()}
             pl_module.eval()
-            try:
-                with torch.no_grad():
+            try:  # no other monitor's tap sees these forwards, whatever the order of the callbacks
+                with torch.no_grad(), exclusive_capture():
                     if self._probe_set:
                         acc = self._run_probe(trainer, pl_module)
                     if self._prompts and step % self.generate_every_n_steps == 0:

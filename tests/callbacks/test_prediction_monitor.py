@@ -301,3 +301,19 @@ def test_two_rank_ddp_equals_one_process_on_the_union_batch(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_probe_and_generation_forwards_are_invisible_to_other_monitors_whatever_the_order():
+    """The probe / generation forwards run under taps.exclusive_capture: an AttentionEntropyMonitor listed *after*
+    this monitor (its tap still armed when this one runs) reports exactly what it reports when listed before."""
+    from entrotrain.callbacks import AttentionEntropyMonitor
+
+    def run(order):
+        torch.manual_seed(0)
+        pred = PredictionEntropyMonitor(probe=probe(), **MONITOR)
+        attn = AttentionEntropyMonitor(every_n_steps=MONITOR["every_n_steps"])
+        trainer = fit(PredLM(), [pred, attn] if order == "pred_first" else [attn, pred])
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("entropy/attn")}
+
+    first, last = run("pred_first"), run("pred_last")
+    assert first and first == last

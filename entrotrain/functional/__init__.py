@@ -248,3 +248,28 @@ __all__ += [
     "prediction_stats_from_hidden",
     "prediction_stats_from_logits",
 ]
+from entrotrain.functional.token_shaping import (  # noqa: E402
+    PhaseEntropy,
+    WindowEntropy,
+    canon_advantage,
+    canon_split,
+    high_window_entropy_mask,
+    pear_reward,
+    phase_entropy,
+    phase_ids_from_delimiter,
+    sequence_entropy,
+    window_entropy,
+)
+
+__all__ += [
+    "PhaseEntropy",
+    "WindowEntropy",
+    "canon_advantage",
+    "canon_split",
+    "high_window_entropy_mask",
+    "pear_reward",
+    "phase_entropy",
+    "phase_ids_from_delimiter",
+    "sequence_entropy",
+    "window_entropy",
+]

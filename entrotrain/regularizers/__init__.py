@@ -57,3 +57,22 @@ __all__ += ["MatrixEntropyRegularizer", "MMCRLoss", "VendiRegularizer"]
 from entrotrain.regularizers.router_loss import LoadBalancingLoss, RouterInputs, RouterZLoss, TsallisRouterLoss  # noqa: E402
 
 __all__ += ["LoadBalancingLoss", "RouterInputs", "RouterZLoss", "TsallisRouterLoss"]
+from entrotrain.regularizers.token_shaping import (  # noqa: E402
+    AdvantageEstimator,
+    AdvantageOutput,
+    CANONAdvantage,
+    PEARShaping,
+    RewardShaper,
+    RewardShaperSum,
+    ShapedRewards,
+)
+
+__all__ += [
+    "AdvantageEstimator",
+    "AdvantageOutput",
+    "CANONAdvantage",
+    "PEARShaping",
+    "RewardShaper",
+    "RewardShaperSum",
+    "ShapedRewards",
+]

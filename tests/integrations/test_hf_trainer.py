@@ -91,6 +91,32 @@ class _LitWrapper(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def _lightning_metrics(model: torch.nn.Module, data, monitors) -> dict[str, float]:
+    """What the Lightning monitors log for one step on ``data`` (one batch), module names without ``model.``."""
+    batch = {k: torch.stack([r[k] for r in data]) for k in ("input_ids", "labels")}
+    pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=monitors, accelerator="cpu",
+    ).fit(_LitWrapper(model), train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    out: dict[str, float] = {}
+    for m in monitors:  # Lightning's module names carry the wrapper's "model." prefix; the HF model is the root
+        out.update({k.replace("/model.", "/"): v for k, v in m.last_logged.items()})
+    return out
+
+
+def _hf_metrics(tmp_path: Path, model: torch.nn.Module, data, monitors) -> dict[str, float]:
+    trainer = _trainer(tmp_path, model, data, max_steps=1, per_device_train_batch_size=len(data), learning_rate=0.0)
+    EntropyTrainerCallback(monitors).attach(trainer)
+    trainer.train()
+    return {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("entropy/", "sigma_reparam/"))}
+
+
+def _assert_same(hf: dict[str, float], lit: dict[str, float]) -> None:
+    assert set(hf) == set(lit)
+    for key, value in lit.items():
+        assert hf[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
 def test_same_keys_and_values_as_lightning(tmp_path: Path) -> None:
     """One step on the same weights and the same 8 rows (lr = 0: the weights after the step are the same too)."""
     data = _data(rows=8)
@@ -105,29 +131,38 @@ def test_same_keys_and_values_as_lightning(tmp_path: Path) -> None:
             SigmaReparamMonitor(every_n_steps=1),
         ]
 
-    lit_monitors = monitors("model.transformer.h.?")
-    lit = _LitWrapper(copy.deepcopy(_model()))
-    batch = {k: torch.stack([r[k] for r in data]) for k in ("input_ids", "labels")}
-    pl.Trainer(
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=lit_monitors, accelerator="cpu",
-    ).fit(lit, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
-    # Lightning's module names carry the wrapper's "model." prefix; the HF model is the root
-    lit_metrics: dict[str, float] = {}
-    for m in lit_monitors:
-        lit_metrics.update({k.replace("/model.", "/"): v for k, v in m.last_logged.items()})
+    lit = _lightning_metrics(copy.deepcopy(_model()), data, monitors("model.transformer.h.?"))
+    hf = _hf_metrics(tmp_path, _model(), data, monitors("transformer.h.?"))
+    assert "entropy/attn_norm/L1/H1" in hf and "entropy/repr/transformer.h.1/rankme" in hf
+    assert "sigma_reparam/qk_norm/max" not in hf  # GPT-2 has c_attn, not qkv / n_head: nothing to measure
+    _assert_same(hf, lit)
 
-    hf_monitors = monitors("transformer.h.?")
-    trainer = _trainer(tmp_path, _model(), data, max_steps=1, per_device_train_batch_size=8, learning_rate=0.0)
-    EntropyTrainerCallback(hf_monitors).attach(trainer)
-    trainer.train()
-    hf_metrics = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("entropy/", "sigma_reparam/"))}
 
-    assert "entropy/attn_norm/L1/H1" in hf_metrics and "entropy/repr/transformer.h.1/rankme" in hf_metrics
-    assert "sigma_reparam/qk_norm/max" not in hf_metrics  # GPT-2 has c_attn, not qkv / n_head: nothing to measure
-    assert set(hf_metrics) == set(lit_metrics)
-    for key, value in lit_metrics.items():
-        assert hf_metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+def test_same_sigma_reparam_and_gqa_attention_keys_as_lightning(tmp_path: Path) -> None:
+    """A tiny Llama (grouped-query attention) converted with sigma_reparam: σ, γ and attention keys agree."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from entrotrain.regularizers.sigma_reparam import sigma_reparam
+
+    def model() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=T, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        return sigma_reparam(LlamaForCausalLM(config), include="*_proj")
+
+    def monitors():
+        return [
+            AttentionEntropyMonitor(every_n_steps=1, max_rows=None, max_queries=None, log_media=False, print_summary=False),
+            SigmaReparamMonitor(every_n_steps=1),
+        ]
+
+    data = _data(rows=4)
+    lit = _lightning_metrics(model(), data, monitors())
+    hf = _hf_metrics(tmp_path, model(), data, monitors())
+    assert "sigma_reparam/model.layers.0.self_attn.q_proj/gamma" in hf and "entropy/attn_norm/L0/H3" in hf
+    _assert_same(hf, lit)
 
 
 # ------------------------------------------------------------------ monitoring never changes training
@@ -331,3 +366,67 @@ def test_missing_or_old_transformers_is_a_clear_error() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "transformers>=4.48" in proc.stdout and "pip install 'entrotrain[hf]'" in proc.stdout
+
+
+# ------------------------------------------------------------------ media, vanishing statistics, stale keys
+class _FakeRun:
+    """Stands in for ``wandb.run``: records what is logged and alerted."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+        self.alerts: list[dict] = []
+
+    def log(self, data: dict) -> None:
+        self.logged.append(data)
+
+    def alert(self, **kwargs) -> None:
+        self.alerts.append(kwargs)
+
+    def finish(self, **kwargs) -> None:  # the suite's autouse fixture finishes the active run
+        pass
+
+
+def test_media_and_alerts_go_to_the_active_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    run = _FakeRun()
+    monkeypatch.setattr(wandb, "run", run)
+    trainer = _trainer(tmp_path, _model(), max_steps=4, logging_steps=2)
+    EntropyTrainerCallback(
+        [AttentionEntropyMonitor(), RepresentationEntropyMonitor(include=["transformer.h.0"], measures=("rankme",))],
+        guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="alert")],
+    ).attach(trainer)
+    with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 2"):
+        trainer.train()
+    assert [row["train/global_step"] for row in run.logged] == [2, 4]
+    assert {"train/entropy/attn_norm/hist", "train/entropy/repr/transformer.h.0/spectrum"} <= set(run.logged[0])
+    assert len(run.alerts) == 1 and "entropy/attn_norm/min" in run.alerts[0]["title"]
+
+    run.logged.clear()
+    trainer = _trainer(tmp_path / "off", _model(), max_steps=2, logging_steps=2)
+    EntropyTrainerCallback([AttentionEntropyMonitor()], log_media=False).attach(trainer)
+    trainer.train()
+    assert run.logged == []
+
+
+def test_a_statistic_that_disappears_is_nan_to_the_guard_and_absent_from_logs(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, _model(), max_steps=6)
+    guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.0, action="stop")  # finite values are fine
+    cb = EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)], guards=[guard]).attach(trainer)
+    compute = cb.drivers[0].compute
+    cb.drivers[0].compute = lambda step, *a: compute(step, *a) if step == 1 else {}  # the statistic vanishes
+    with pytest.warns(UserWarning, match="is nan"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert list(_entro_rows(trainer, "entropy/attn_norm/min")) == [1]  # NaN never reaches the logs
+    assert _entro_rows(trainer, "entropy/attn_norm/min/alert") == {2: 1.0}
+
+
+def test_a_key_that_stops_being_published_goes_stale(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, _model(), max_steps=10)
+    guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.0, action="stop", stale_after=2)
+    cb = EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)], guards=[guard]).attach(trainer)
+    cb._logging_step = lambda args, state, step: step == 1  # the monitor publishes once, then falls silent
+    with pytest.warns(UserWarning, match="not published for 3 steps"):
+        trainer.train()
+    assert trainer.state.global_step == 4  # stale after 2 silent steps: judged at the end of step 4
+    assert guard.times_fired == 1

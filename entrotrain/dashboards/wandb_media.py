@@ -98,6 +98,12 @@ _SUMMARY_MAX = (
     "entropy/policy/nonfinite",
     "entropy/router/dead_frac_max",
     "entropy/router/nonfinite",
+    "entropy/pred/nonfinite",
+    "entropy/pred/train/below_floor_frac",  # prediction-entropy collapse (hyperfitting): how many positions went
+    "entropy/pred/probe/below_floor_frac",  # below the floor, how confident the top-1 became, how repetitive the
+    "entropy/pred/train/top1_prob",  # greedy text was at worst
+    "entropy/pred/probe/top1_prob",
+    "entropy/pred/gen/repetition",
 )
 
 

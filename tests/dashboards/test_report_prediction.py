@@ -238,3 +238,21 @@ def test_real_prediction_monitor_fit_record(tmp_path):
     text = page.joined
     assert f"from {fmt(float(values[0]))} to {fmt(float(values[-1]))} nats (step {int(steps[0])} → {int(steps[-1])})" in text
     assert math.isfinite(float(page.cards[(f"{P}/probe/mean", "real")]["last"]))
+
+
+def test_wandb_summaries_of_the_prediction_keys(monkeypatch):
+    """Collapse-like prediction keys (high is bad) are summarised by their maximum, the entropies by their minimum."""
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
+
+    logger = WandbLogger(mode="disabled")
+    defined: list[tuple[str, dict]] = []
+    monkeypatch.setattr(logger.experiment, "define_metric", lambda name, **k: defined.append((name, k)))
+    setup_wandb_dashboard([logger])
+    options = dict(defined)
+    for key in (f"{P}/nonfinite", f"{P}/probe/below_floor_frac", f"{P}/train/below_floor_frac", f"{P}/probe/top1_prob",
+                f"{P}/gen/repetition"):
+        assert options[key]["summary"] == "max,last", key
+    assert options["entropy/*"]["summary"] == "min,last" and f"{P}/probe/mean" not in options

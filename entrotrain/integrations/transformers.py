@@ -362,9 +362,11 @@ class EntropyTrainerCallback(TrainerCallback):
             if key in state_dict:
                 obj.load_state_dict(state_dict[key])
 
-    def _stash(self, state: TrainerState, control: TrainerControl) -> None:
-        """Put the state where ``Trainer`` saves it (``trainer_state.json``) before a checkpoint is written."""
-        if control.should_save:
+    def _stash(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Put the state where ``Trainer`` saves it (``trainer_state.json``) before a checkpoint is written: at the
+        events after which ``Trainer`` may save (``save_strategy="best"`` decides only after evaluating)."""
+        best = str(getattr(args.save_strategy, "value", args.save_strategy)) == "best"
+        if control.should_save or best:
             if not isinstance(state.stateful_callbacks, dict):
                 state.stateful_callbacks = {}
             state.stateful_callbacks[STATE_KEY] = self.state_dict()
@@ -430,7 +432,7 @@ class EntropyTrainerCallback(TrainerCallback):
                 reason = guard.check_stale(state.global_step)
                 if reason is not None:
                     self._act(guard, reason, state.global_step, control, kwargs, None)
-        self._stash(state, control)
+        self._stash(args, state, control)
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None,
@@ -467,7 +469,13 @@ class EntropyTrainerCallback(TrainerCallback):
         history = state.log_history[-1] if state.log_history else None
         if added and isinstance(history, dict) and history.get("step") == state.global_step:
             history.update(added)  # Trainer wrote this row before calling on_log
-        self._stash(state, control)
+        self._stash(args, state, control)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._stash(args, state, control)  # save_strategy="epoch" decides here
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._stash(args, state, control)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.release()

@@ -263,27 +263,30 @@ def test_guard_reduces_lr_once_per_episode_and_watches_any_logged_key(tmp_path: 
 
 
 # ------------------------------------------------------------------ resume through Trainer's checkpoints
-def test_resume_restores_monitor_and_guard_state(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("save", "checkpoint", "steps"),
+    [({"save_strategy": "steps", "save_steps": 2}, 2, 4), ({"save_strategy": "epoch"}, 4, 8)],  # 4 steps per epoch
+)
+def test_resume_restores_monitor_and_guard_state(tmp_path: Path, save: dict, checkpoint: int, steps: int) -> None:
     def callback() -> EntropyTrainerCallback:
         return EntropyTrainerCallback(
             [AttentionEntropyMonitor(log_media=False)],
             guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, patience=100)],  # bad, never fires
         )
 
-    full = _trainer(tmp_path / "full", _model(), save_strategy="steps", save_steps=2)
+    full = _trainer(tmp_path, _model(), max_steps=steps, **save)
     cb_full = callback().attach(full)
     full.train()
-    checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
     assert STATE_KEY in full.state.stateful_callbacks
 
-    resumed = _trainer(tmp_path / "full", _model(seed=5), save_strategy="steps", save_steps=2)
+    resumed = _trainer(tmp_path, _model(seed=5), max_steps=steps, **save)
     cb_resumed = callback().attach(resumed)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / f"checkpoint-{checkpoint}"))
 
-    assert cb_full.guards[0].bad_streak == 4
-    assert cb_resumed.guards[0].bad_streak == 4  # 2 restored + 2 after the resume
+    assert cb_full.guards[0].bad_streak == steps
+    assert cb_resumed.guards[0].bad_streak == steps  # the checkpoint's streak + the steps after the resume
     assert cb_resumed.monitors[0].first_summary[0] == cb_full.monitors[0].first_summary[0] == 1
-    assert list(cb_resumed.monitors[0]._history_steps) == [1, 2, 3, 4]
+    assert list(cb_resumed.monitors[0]._history_steps) == list(range(1, steps + 1))
 
 
 # ------------------------------------------------------------------ errors and imports

@@ -71,21 +71,30 @@ def addition_reward(completions: list[str], prompts: list[str], **kwargs) -> lis
     return out
 
 
-def run(name: str, steps: int, seed: int = 0, log_every: int = 5, print_summary: bool = False) -> dict[str, float]:
+def run(
+    name: str,
+    steps: int,
+    seed: int = 0,
+    log_every: int = 5,
+    print_summary: bool = False,
+    lr: float = 5e-3,
+    k_ratio: float = 0.05,
+    num_iterations: int = 2,
+) -> dict[str, float]:
     """One GRPO run; returns the first and last logged entropy and reward."""
     tokenizer = char_tokenizer()
     model = tiny_qwen2(len(tokenizer), seed)
     if name == "baseline":
         loss = trl_grpo_loss(0.2, 0.2)
     elif name == "kl_cov":
-        loss = KLCovLoss(k_ratio=0.05, kl_coef=1.0, agg="seq-mean-token-mean", mode="global")
+        loss = KLCovLoss(k_ratio=k_ratio, kl_coef=1.0, agg="seq-mean-token-mean", mode="global")
     else:
         raise ValueError(f"unknown run {name!r}: baseline or kl_cov")
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
             output_dir=out, use_cpu=True, bf16=False, report_to="none", seed=seed, max_steps=steps,
-            per_device_train_batch_size=32, num_generations=8, max_completion_length=4, num_iterations=2,
-            learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=log_every, save_strategy="no",
+            per_device_train_batch_size=32, num_generations=8, max_completion_length=4, num_iterations=num_iterations,
+            learning_rate=lr, lr_scheduler_type="constant", logging_steps=log_every, save_strategy="no",
             disable_tqdm=True, beta=0.0,
         )  # fmt: skip
         trainer = EntrotrainGRPOTrainer(
@@ -109,10 +118,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--runs", nargs="+", default=["baseline", "kl_cov"], choices=["baseline", "kl_cov"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--k-ratio", type=float, default=0.05, help="KL-Cov's fraction of tokens")
+    parser.add_argument("--num-iterations", type=int, default=2, help="updates per rollout (>= 2: off-policy)")
     ns = parser.parse_args(argv)
     results = {}
     for name in ns.runs:
-        results[name] = run(name, ns.steps, ns.seed, log_every=max(1, min(5, ns.steps // 2)))
+        results[name] = run(
+            name, ns.steps, ns.seed, log_every=max(1, min(5, ns.steps // 2)), lr=ns.lr, k_ratio=ns.k_ratio,
+            num_iterations=ns.num_iterations,
+        )
     print(f"\nGRPO in TRL, {ns.steps} steps: token entropy (nats, seq-mean-token-mean) and reward (mean; last = mean "
           "of the last 3 logged steps)")
     print("  run        entropy first -> last      reward first -> last")

@@ -29,7 +29,9 @@ sum of the reward functions, as TRL's ``reward``) — and at ``log`` gathers the
 ``reward_nonfinite``), same values on the same tensors. They go into the ``logs`` dict of ``Trainer.log``, so every
 ``report_to`` backend and ``trainer.state.log_history`` get them. A statistic that cannot be computed (no finite token)
 is left out of ``logs`` (never NaN to a logger). Monitoring reads tensors TRL computed anyway: no extra forward, and
-training is bit-identical with and without it. ``entropy/policy/delta`` is the change since the previous logged step
+training is bit-identical with and without it. Checkpoints hold the statistics' history (``entrotrain_policy_stats.json``)
+and the loss's buffers (``entrotrain_policy_loss.pt``, e.g. EntropyBonus's adaptive coefficient), restored on
+``train(resume_from_checkpoint=...)``. ``entropy/policy/delta`` is the change since the previous logged step
 (TRL has no post-update pass). ``agg`` of ``mean`` defaults to the aggregation of the loss in use (TRL ``grpo`` →
 ``seq-mean-token-mean``, ``bnpo``/``dapo`` → ``token-mean``, ``dr_grpo`` → ``seq-mean-token-sum-norm``; an entrotrain
 loss's own ``agg``).
@@ -53,7 +55,9 @@ statistics over the union of the logging step's micro-batches on all ranks; the 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
 import torch
@@ -77,6 +81,10 @@ __all__ = [
 #: The TRL releases whose ``GRPOTrainer`` internals this adapter is written against.
 SUPPORTED_TRL = ">=1.16,<1.17"
 _LOW, _HIGH = (1, 16), (1, 17)
+
+#: Files a checkpoint folder gets beside TRL's: the statistics' history (ΔH pairs, fit points) and the loss's state.
+STATS_FILE = "entrotrain_policy_stats.json"
+LOSS_FILE = "entrotrain_policy_loss.pt"
 
 #: TRL ``loss_type`` → the aggregation mode of its loss (for ``entropy/policy/mean``).
 _TRL_AGG = {
@@ -543,6 +551,30 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
         if self.print_summary and self.policy_stats is not None and self.accelerator.is_main_process:
             print(self.policy_stats_table())
         return output
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.policy_stats is not None:
+            with open(os.path.join(folder, STATS_FILE), "w") as f:
+                json.dump(self.policy_stats.state_dict(), f)
+        if self.policy_loss is not None and self.policy_loss.state_dict():
+            torch.save(self.policy_loss.state_dict(), os.path.join(folder, LOSS_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):  # type: ignore[override]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATS_FILE)
+        if self.policy_stats is not None and os.path.exists(path):
+            with open(path) as f:
+                self.policy_stats.load_state_dict(json.load(f))
+        path = os.path.join(checkpoint, LOSS_FILE)
+        if self.policy_loss is not None and os.path.exists(path):
+            self.policy_loss.load_state_dict(torch.load(path, map_location=self.accelerator.device))
 
     def policy_stats_table(self) -> str:
         """First and last logged policy statistics and the entropy–reward fit, as text."""

@@ -1,0 +1,42 @@
+"""The README's TRL block runs as written (CPU, offline) and prints the policy-entropy statistics.
+
+Until the block is pasted into README.md between ``<!-- trl-example -->`` markers, the copy in
+``tests/integrations/readme_trl_example.py`` is the one executed; once it is there, the README's own block is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+ROOT = Path(__file__).resolve().parents[2]
+COPY = Path(__file__).with_name("readme_trl_example.py")
+
+
+def readme_block() -> str:
+    """The python block between the ``<!-- trl-example -->`` markers of README.md, or the copy beside this test."""
+    readme = (ROOT / "README.md").read_text()
+    parts = readme.split("<!-- trl-example -->")
+    if len(parts) >= 3:
+        found = re.search(r"```python\n(.*?)```", parts[1], re.S)
+        assert found, "the README's trl-example section has no ```python block"
+        return found.group(1)
+    return COPY.read_text()
+
+
+def test_readme_trl_block_runs_and_prints_the_entropy_statistics(tmp_path, monkeypatch, capsys):
+    code = readme_block()
+    assert len(code.strip().splitlines()) <= 20
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "__readme__"}
+    exec(compile(code, "README.md:trl-example", "exec"), scope)
+    out = capsys.readouterr().out
+    assert "policy entropy (nats, seq-mean-token-mean)" in out
+    rows = [r for r in scope["trainer"].state.log_history if "entropy/policy/mean" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
+    assert all("entropy/policy/cov_mean" in r and "policy/cov_selected" in r for r in rows)
+    assert "entropy/policy/fit_ceiling" in rows[-1]  # the R = -a exp(H) + b fit after fit_min_points logged steps

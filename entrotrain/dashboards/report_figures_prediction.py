@@ -38,6 +38,7 @@ __all__ = [
     "prediction_curves",
     "prediction_findings",
     "prediction_keys_drawn",
+    "reference_step",
 ]
 
 PREFIX = "entropy/pred"
@@ -96,7 +97,10 @@ def prediction_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.3), squeeze=False, layout="constrained")
+    refs = sorted({ref for r in runs if (ref := reference_step(r)) is not None})
     for ax, (stat, title, scale) in zip(axes.flat, panels):
+        for ref in refs:
+            ax.axvline(ref, color="grey", lw=1.0, ls=":", alpha=0.9)
         for i, run in enumerate(runs):
             for split, colour in _SPLIT_COLORS.items():
                 key = f"{PREFIX}/{split}/{stat}"
@@ -128,7 +132,8 @@ def prediction_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
         "Prediction entropy: training batches vs held-out probe",
         "Entropy of the model's predictive distribution (nats, full vocabulary, temperature 1) on logging training "
         "batches (blue) and on the fixed held-out probe set (orange), shaded from the 10th to the 90th percentile of the "
-        f"positions; the share of positions below the entropy floor; the NLL of the labels; the mean top-1 probability{runs_note}. "
+        f"positions; the share of positions below the entropy floor; the NLL of the labels; the mean top-1 probability{runs_note}"
+        + (f"; dotted: the monitor's reference_step ({', '.join(map(str, refs))})" if refs else "") + ". "
         "Hyperfitting: the probe entropy collapses towards 0 while the probe NLL rises.",
     )
 
@@ -263,23 +268,85 @@ def _moved(a: float, b: float) -> str:
     return "rose" if b > a else "fell" if b < a else "stayed at"
 
 
+def reference_step(run: RunData) -> int | None:
+    """The ``reference_step`` of the run's ``PredictionEntropyMonitor`` (from the run's ``config.yaml``: the recipe's
+    LightningCLI config), e.g. the end of pre-training before a hyperfitting phase; ``None`` when not set or not
+    readable."""
+    if not run.config_text:
+        return None
+    try:
+        import yaml
+
+        config = yaml.safe_load(run.config_text)
+    except Exception:  # a config the report cannot parse only loses this finding
+        return None
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if str(node.get("class_path", "")).endswith("PredictionEntropyMonitor"):
+                step = (node.get("init_args") or {}).get("reference_step")
+                if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+                    return step
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def _at_or_before(run: RunData, key: str, step: int) -> tuple[int, float] | None:
+    """The last finite value of ``key`` logged at or before ``step``, with its step."""
+    series = run.scalars.get(key)
+    if series is None:
+        return None
+    ok = np.flatnonzero(np.isfinite(series[1]) & (series[0] <= step))
+    return (int(series[0][ok[-1]]), float(series[1][ok[-1]])) if ok.size else None
+
+
+def _probe_change(run: RunData, start: int | None) -> str:
+    """"fell from a to b nats (step s → t)" for the probe entropy, from its first finite value (``start=None``) or
+    its last finite value at or before ``start``, with the held-out NLL over the same steps and the verdict:
+    hyperfitting when the entropy ends below :data:`COLLAPSE_RATIO` of where it started while the NLL rose."""
+    fl, nll_fl = finite_first_last(run, f"{PREFIX}/probe/mean"), finite_first_last(run, f"{PREFIX}/probe/nll")
+    if fl is None:
+        return ""
+    s0, a, s1, b = fl
+    nll = None if nll_fl is None else (nll_fl[1], nll_fl[3])
+    if start is not None:
+        at = _at_or_before(run, f"{PREFIX}/probe/mean", start)
+        if at is None:
+            return ""
+        s0, a = at
+        nll_at = _at_or_before(run, f"{PREFIX}/probe/nll", start)
+        nll = None if nll_at is None or nll_fl is None else (nll_at[1], nll_fl[3])
+    line = f"{_moved(a, b)} from {fmt(a)} to {fmt(b)} nats (step {s0} → {s1})"
+    collapsed = a > 0 and b < COLLAPSE_RATIO * a
+    if collapsed and nll and nll[1] > nll[0]:
+        line += f" while the held-out NLL rose from {fmt(nll[0])} to {fmt(nll[1])}: hyperfitting"
+    elif collapsed:
+        line += f": collapsed (below {COLLAPSE_RATIO:g}× where it started)"
+    elif nll:
+        line += f"; held-out NLL {fmt(nll[0])} → {fmt(nll[1])}"
+    return line
+
+
 def prediction_findings(run: RunData) -> list[str]:
     """Plain sentences on the held-out and training prediction entropy, the share below the floor, the held-out NLL,
     greedy diversity and the per-position profile at the end (first / last *finite* values)."""
     out: list[str] = []
     probe = finite_first_last(run, f"{PREFIX}/probe/mean")
     if probe:
-        s0, a, s1, b = probe
-        line = f"held-out prediction entropy {_moved(a, b)} from {fmt(a)} to {fmt(b)} nats (step {s0} → {s1})"
-        nll = finite_first_last(run, f"{PREFIX}/probe/nll")
-        collapsed = a > 0 and b < COLLAPSE_RATIO * a
-        if collapsed and nll and nll[3] > nll[1]:
-            line += f" while the held-out NLL rose from {fmt(nll[1])} to {fmt(nll[3])}: hyperfitting"
-        elif collapsed:
-            line += f": collapsed (below {COLLAPSE_RATIO:g}× its first value)"
-        elif nll:
-            line += f"; held-out NLL {fmt(nll[1])} → {fmt(nll[3])}"
-        out.append(line + ".")
+        out.append("held-out prediction entropy " + _probe_change(run, None) + ".")
+        ref = reference_step(run)
+        if ref is not None and probe[0] < ref < probe[2]:
+            line = _probe_change(run, ref)
+            if line:
+                d2 = _at_or_before(run, f"{PREFIX}/gen/distinct_2", ref)
+                d2_end = finite_first_last(run, f"{PREFIX}/gen/distinct_2")
+                if d2 is not None and d2_end is not None and d2_end[2] > d2[0]:
+                    line += f"; greedy distinct-2 {fmt(d2[1])} → {fmt(d2_end[3])}"
+                out.append(f"from the monitor's reference_step {ref} (e.g. the end of pre-training) to the end: "
+                           f"held-out prediction entropy {line}.")
     train = finite_first_last(run, f"{PREFIX}/train/mean")
     if train:
         out.append(f"training-batch prediction entropy {_moved(train[1], train[3])} from {fmt(train[1])} to {fmt(train[3])} nats.")

@@ -256,3 +256,23 @@ def test_wandb_summaries_of_the_prediction_keys(monkeypatch):
                 f"{P}/gen/repetition"):
         assert options[key]["summary"] == "max,last", key
     assert options["entropy/*"]["summary"] == "min,last" and f"{P}/probe/mean" not in options
+
+
+def test_reference_step_from_the_config_gives_the_fine_tuning_change(tmp_path):
+    run_dir = write_pred_run(tmp_path, "hf", hyperfit=True)
+    (run_dir / "config.yaml").write_text(
+        "trainer:\n  callbacks:\n  - class_path: entrotrain.callbacks.attention_monitor.AttentionEntropyMonitor\n"
+        "  - class_path: entrotrain.callbacks.prediction_monitor.PredictionEntropyMonitor\n"
+        "    init_args:\n      every_n_steps: 20\n      reference_step: 110\n"
+    )
+    run = load_run(run_dir)
+    assert pred_figs.reference_step(run) == 110
+    text = parse_page(build_report([run_dir])).joined
+    h_ref, nll_ref = probe_mean(100, True), 2.0 + 1.5 * 100 / 200  # the last logged step at or before 110
+    assert (f"reference_step 110 (e.g. the end of pre-training) to the end: held-out prediction entropy fell from "
+            f"{fmt(h_ref)} to {fmt(probe_mean(200, True))} nats (step 100 → 200) while the held-out NLL rose from "
+            f"{fmt(nll_ref)} to {fmt(3.5)}: hyperfitting; greedy distinct-2 {fmt(distinct2(100, True))} → "
+            f"{fmt(distinct2(200, True))}.") in text
+    (run_dir / "config.yaml").write_text("trainer: [unclosed\n")  # unreadable: no reference sentence, no error
+    assert pred_figs.reference_step(load_run(run_dir)) is None
+    assert "reference_step" not in parse_page(build_report([run_dir])).joined.split("What happened")[1].split("Configuration")[0]

@@ -23,3 +23,6 @@ __all__ += ["RouterEntropyMonitor"]
 from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, prediction_entropy_summary  # noqa: E402
 
 __all__ += ["PredictionEntropyMonitor", "prediction_entropy_summary"]
+from entrotrain.callbacks.information_plane_monitor import InformationPlaneMonitor  # noqa: E402
+
+__all__ += ["InformationPlaneMonitor"]

@@ -17,7 +17,8 @@ When: at the **start** of a training batch, before its update (IDNNs records "at
 
 What: the probe set (``probe``) goes through ``pl_module(x)`` in eval mode under ``torch.no_grad()`` (each module's
 train/eval flag restored afterwards); :class:`~entrotrain.taps.ActivationTap` forward hooks, installed only for that
-pass, capture detached outputs. No RNG is touched (the probe subsample has its own seeded generator), no parameter
+pass, capture detached outputs; the pass runs under :func:`~entrotrain.taps.exclusive_capture`, so other monitors'
+taps never score it, whatever the order of the callbacks. No RNG is touched (the probe subsample has its own seeded generator), no parameter
 or buffer changes (BatchNorm in eval mode does not update its statistics), so training is bit-for-bit the same with
 the monitor on. The pass runs in the module's own precision, outside the trainer's autocast.
 
@@ -81,6 +82,7 @@ from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional import information as _info
 from entrotrain.taps.activation_tap import ActivationTap, Capture
+from entrotrain.taps.exclusive import exclusive_capture
 
 __all__ = ["InformationPlaneMonitor", "activation_output_names", "chunk_layout", "log_spaced_epochs"]
 
@@ -457,7 +459,7 @@ class InformationPlaneMonitor(PerFitCallback):
         self._rows = {}
         try:
             pl_module.eval()
-            with torch.no_grad(), self.tap:
+            with torch.no_grad(), self.tap, exclusive_capture(self.tap):  # other monitors' taps never see it
                 for chunk in chunks:
                     if len(chunk):
                         pl_module(chunk)

@@ -12,3 +12,6 @@ __all__ += ["MLPClassifier", "SimSiam"]
 from entrotrain.models.tiny_moe import MoELayer, TinyMoE  # noqa: E402
 
 __all__ += ["MoELayer", "TinyMoE"]
+from entrotrain.models.ib_mlp import IBMLP  # noqa: E402
+
+__all__ += ["IBMLP"]

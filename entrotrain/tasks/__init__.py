@@ -31,3 +31,10 @@ __all__ += ["MoEDigitsTask", "expert_load_stats"]
 from entrotrain.tasks.hyperfitting import HyperfittingDataModule  # noqa: E402
 
 __all__ += ["HyperfittingDataModule"]
+from entrotrain.tasks.information_plane import (  # noqa: E402
+    InformationPlaneDataModule,
+    InformationPlaneTask,
+    icosahedron_dataset,
+)
+
+__all__ += ["InformationPlaneDataModule", "InformationPlaneTask", "icosahedron_dataset"]

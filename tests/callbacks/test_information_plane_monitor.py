@@ -438,3 +438,21 @@ def test_an_estimator_that_refuses_the_data_is_skipped_and_warned_once(monkeypat
         float(trainer.callback_metrics["info/L2/adaptive_binning/I_XT"])
     )
     assert sum("refused for the test" in str(w.message) for w in recwarn) == 1
+
+
+def test_probe_pass_is_invisible_to_other_monitors_whatever_the_order():
+    """The probe pass runs under taps.exclusive_capture: a RepresentationEntropyMonitor on the same layer reports the
+    same numbers whether it is listed before or after this monitor (its tap is armed for the training step when the
+    probe pass runs)."""
+    from entrotrain.callbacks import RepresentationEntropyMonitor
+
+    def run(info_first: bool):
+        L.seed_everything(7)
+        info = InformationPlaneMonitor(estimators=["binning"], every_n_steps=1, max_probe=200, print_summary=False)
+        repr_ = RepresentationEntropyMonitor(include=["body.2"], measures=["rankme"], every_n_steps=1)
+        trainer = fit(SmallNet(), [info, repr_] if info_first else [repr_, info],
+                      dm=InformationPlaneDataModule(batch_size=64), max_steps=2)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("entropy/repr")}
+
+    first, last = run(True), run(False)
+    assert first and first == last

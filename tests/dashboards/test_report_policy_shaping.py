@@ -142,3 +142,32 @@ def test_nonfinite_values_never_break_a_figure_or_a_finding(tmp_path):
     assert f"length {fmt(series(0, True)[f'{P}/phase0/length'])} → {fmt(s90[f'{P}/phase0/length'])} tokens" in page.joined
     assert "HWE tokens" not in page.joined.split("What happened")[1].split("Policy entropy")[0]
     assert "at step 90 (mean" in page.joined
+
+
+def test_real_grpo_pear_fit_record(tmp_path):
+    """A short real GRPOTask + PEARShaping fit with the monitor's shaping statistics on: its record gives both figures
+    and the phase findings quote the logged values."""
+    import torch
+
+    from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
+    from entrotrain.regularizers.token_shaping import PEARShaping
+    from entrotrain.tasks.arithmetic import EOS, ArithmeticDataModule
+    from entrotrain.tasks.grpo import GRPOTask
+    from tests.helpers.lightning_models import quiet_trainer
+
+    torch.manual_seed(0)
+    dm = ArithmeticDataModule(num_digits=1, operation="add", prompts_per_batch=4, num_batches=2, seed=0)
+    task = GRPOTask(n_layer=1, n_head=2, n_embd=32, block_size=12, group_size=4, ppo_epochs=1, num_mini_batches=1,
+                    sft_steps=1, sft_batch_size=8, reward_shaping=PEARShaping(delimiter_ids=EOS, think_coef=0.2))
+    monitor = PolicyEntropyMonitor(window=2, entropy_length_corr=True, print_summary=False, log_media=False)
+    logger = RunRecordLogger(tmp_path, name="records", version="pear", run_name="pear")
+    trainer = quiet_trainer(callbacks=[monitor], max_epochs=1, max_steps=-1, deterministic=False, log_every_n_steps=1,
+                            logger=logger)
+    trainer.fit(task, dm)
+    run = load_run(tmp_path / "records" / "pear")
+    assert shaping_figs.phase_ids([run]) == [0, 1]
+    page = parse_page(write_report([run], tmp_path / "out"))
+    assert {"policy_phases.png", "policy_window_entropy.png"} <= set(page.images)
+    steps, think = run.scalars[f"{P}/phase0/length"]
+    assert len(steps) >= 2
+    assert f"thinking (phase 0) length {fmt(float(think[0]))} → {fmt(float(think[-1]))} tokens" in page.joined

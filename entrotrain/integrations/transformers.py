@@ -46,7 +46,9 @@ optimizer and the scheduler's ``base_lrs`` multiplied by ``lr_factor``, never be
 Resume. The monitors' and guards' ``state_dict()`` go into ``TrainerState.stateful_callbacks["entrotrain"]`` before
 each checkpoint (``trainer_state.json``); ``trainer.train(resume_from_checkpoint=...)`` restores them in
 ``on_train_begin`` (guard streaks, first summaries and histories continue). Without a checkpoint every ``train()``
-starts fresh.
+starts fresh. The callback is not an ``ExportableState`` (Trainer would rebuild it from JSON arguments, and monitor
+objects are not JSON); with ``restore_callback_states_from_checkpoint=True`` Trainer only warns that it ignores the
+``entrotrain`` entry, which this callback restores itself.
 
 Lifecycle. Taps are armed only inside a logging step and released at ``on_train_end``. ``Trainer`` has no
 exception event: :meth:`~EntropyTrainerCallback.attach` wraps ``trainer.train`` so that any exception also releases

@@ -221,6 +221,7 @@ def _comparison(runs: list[RunData]) -> list[str]:
         if fa and fb:
             show = _show(key)
             out.append(f"At the end, {key} is {show(fa[1])} in {a.label} and {show(fb[1])} in {b.label}.")
+    out += shaping_figs.shaping_comparison(runs)
     ca, cb = info_figs.compressing_layers(a), info_figs.compressing_layers(b)
     for estimator in [e for e in ca if e in cb]:
         out.append(

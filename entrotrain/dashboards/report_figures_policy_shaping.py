@@ -29,7 +29,16 @@ from entrotrain.dashboards.report_figures_prediction import finite_first_last
 from entrotrain.dashboards.report_template import fmt
 from entrotrain.dashboards.run_reader import RunData
 
-__all__ = ["PREFIX", "phase_curves", "phase_ids", "phase_name", "shaping_drawn", "shaping_findings", "window_curves"]
+__all__ = [
+    "PREFIX",
+    "phase_curves",
+    "phase_ids",
+    "phase_name",
+    "shaping_comparison",
+    "shaping_drawn",
+    "shaping_findings",
+    "window_curves",
+]
 
 PREFIX = "entropy/policy"
 _PHASE = re.compile(rf"^{re.escape(PREFIX)}/phase(\d+)/(mean|length)$")
@@ -196,3 +205,21 @@ def shaping_findings(run: RunData) -> list[str]:
             out.append(f"entropy–length correlation {fmt(float(values[-1]), 2)} at step {int(corr[0][ok][-1])} "
                        f"(mean {fmt(float(values.mean()), 2)} over {int(ok.sum())} logging steps).")
     return ["Policy shaping: " + line for line in out]
+
+
+def shaping_comparison(runs: list[RunData]) -> list[str]:
+    """Two runs: where each phase's entropy and length, and the HWE share, ended in each (last finite values), for the
+    keys both logged (PEAR against its baseline: a shorter thinking phase at the end)."""
+    a, b = runs
+    ids = [k for k in phase_ids([a]) if k in phase_ids([b])]
+    out = []
+    for stat, unit in (("length", " tokens"), ("mean", " nats")):
+        for k in ids:
+            fa, fb = (finite_first_last(r, f"{PREFIX}/phase{k}/{stat}") for r in runs)
+            if fa and fb:
+                what = f"{phase_name(k, ids)} {'length' if stat == 'length' else 'entropy'}"
+                out.append(f"At the end, the {what} is {fmt(fa[3])}{unit} in {a.label} and {fmt(fb[3])}{unit} in {b.label}.")
+    fa, fb = (finite_first_last(r, f"{PREFIX}/hwe_frac") for r in runs)
+    if fa and fb:
+        out.append(f"At the end, HWE tokens are {100 * fa[3]:.0f} % in {a.label} and {100 * fb[3]:.0f} % in {b.label}.")
+    return out

@@ -108,6 +108,10 @@ def test_two_runs_overlaid(tmp_path):
     assert len(lengths) == 2  # one per run
     end_a, end_b = series(100, False)[f"{P}/phase0/length"], series(100, True)[f"{P}/phase0/length"]
     assert any(f"→ {fmt(end_a)} tokens" in t for t in lengths) and any(f"→ {fmt(end_b)} tokens" in t for t in lengths)
+    assert (f"At the end, the thinking (phase 0) length is {fmt(end_a)} tokens in baseline and {fmt(end_b)} tokens in "
+            "pear.") in page.joined
+    hwe = series(100, True)[f"{P}/hwe_frac"]
+    assert f"At the end, HWE tokens are {100 * hwe:.0f} % in baseline and {100 * hwe:.0f} % in pear." in page.joined
 
 
 def test_missing_keys_give_no_figure(tmp_path):

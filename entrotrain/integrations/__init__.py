@@ -1,5 +1,26 @@
-"""Adapters that plug entrotrain's losses into other RL trainers (imported lazily; their packages are optional)."""
+"""Adapters to other trainers: HF ``Trainer`` callbacks, TRL's ``GRPOTrainer``, verl's policy-loss registry.
+
+Thin glue over the same taps, functional maths and reductions as the Lightning callbacks, with the same keys. Their
+packages are optional: ``import entrotrain.integrations`` imports none of them; each adapter is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from entrotrain.integrations.verl import make_verl_loss_fns, register_verl_losses
 
-__all__ = ["make_verl_loss_fns", "register_verl_losses"]
+#: Public name → the submodule that defines it (imported on first access: transformers / trl are optional).
+_LAZY = {
+    "EntropyTrainerCallback": "entrotrain.integrations.transformers",
+}
+
+__all__ = ["make_verl_loss_fns", "register_verl_losses", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'entrotrain.integrations' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The README's HF Trainer example runs as written (CPU, offline) and logs the attention-entropy keys.
 
 The block is read from README.md between ``<!-- hf-example -->`` and ``<!-- /hf-example -->`` (a fenced
-``python`` block); until the README holds it, from the copy in ``readme_hf_example.py`` beside this file.
+``python`` block): the test fails if the README loses it.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parents[2]
-COPY = Path(__file__).with_name("readme_hf_example.py")
 
 
 def readme_block() -> str:
     readme = (ROOT / "README.md").read_text()
     found = re.search(r"<!-- hf-example -->(.*?)<!-- /hf-example -->", readme, re.S)
-    if found is None:
-        return COPY.read_text()
+    assert found is not None, "README.md lost its <!-- hf-example --> block"
     code = re.search(r"```python\n(.*?)```", found.group(1), re.S)
     assert code is not None, "the hf-example block in README.md holds no ```python fenced code"
     return code.group(1)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from entrotrain._validation import check_bool, check_choice, check_int
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps.sampling import check_budget, evenly_spaced
+from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.name_filter import NameFilter
 
@@ -128,7 +129,7 @@ def activation_rows(
 
 
 
-class ActivationTap:
+class ActivationTap(ForwardHookTap):
     """Detached (or, with ``differentiable=True``, graph-keeping) activations of the modules of ``model`` chosen by
     name glob, while armed.
 
@@ -207,36 +208,7 @@ class ActivationTap:
             )
         return names
 
-    # ------------------------------------------------------------------ lifecycle
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
-    def arm(self) -> ActivationTap:
-        """Install one forward hook per chosen module."""
-        if self.armed:
-            return self
-        modules = dict(self.model.named_modules())
-        try:
-            for name in self.names:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.disarm()
-            raise
-        return self
-
-    def disarm(self) -> None:
-        """Remove every hook. Safe to call twice, and after an exception."""
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
-
-    def __enter__(self) -> ActivationTap:
-        return self.arm()
-
-    def __exit__(self, *exc: object) -> None:
-        self.disarm()
-
+    # ------------------------------------------------------------------ lifecycle (arm, disarm, with: ForwardHookTap)
     def reset(self) -> None:
         """Forget stored captures."""
         self.captures = {}

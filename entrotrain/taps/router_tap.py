@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_int
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.name_filter import NameFilter
 
@@ -76,7 +77,7 @@ def router_rows(output: Any, *, name: str = "router", output_index: int = 0) -> 
     return output.detach().reshape(-1, output.shape[-1]).clone()
 
 
-class RouterTap:
+class RouterTap(ForwardHookTap):
     """Detached router logits of the MoE layers of ``model``, while armed.
 
     Args:
@@ -161,36 +162,7 @@ class RouterTap:
         value = getattr(dict(self.model.named_modules()).get(name), "top_k", None)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    # ------------------------------------------------------------------ lifecycle
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
-    def arm(self) -> RouterTap:
-        """Install one forward hook per router."""
-        if self.armed:
-            return self
-        modules = dict(self.model.named_modules())
-        try:
-            for name in self.names:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
-        except BaseException:
-            self.disarm()
-            raise
-        return self
-
-    def disarm(self) -> None:
-        """Remove every hook. Safe to call twice, and after an exception."""
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
-
-    def __enter__(self) -> RouterTap:
-        return self.arm()
-
-    def __exit__(self, *exc: object) -> None:
-        self.disarm()
-
+    # ------------------------------------------------------------------ lifecycle (arm, disarm, with: ForwardHookTap)
     def reset(self) -> None:
         """Forget stored captures (:attr:`order` is kept: layer numbers stay stable)."""
         self.captures = {}

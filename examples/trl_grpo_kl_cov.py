@@ -104,11 +104,14 @@ def run(
         )  # fmt: skip
         trainer.train()
     rows = [r for r in trainer.state.log_history if "entropy/policy/mean" in r]
+    tail = rows[-max(1, len(rows) // 4) :]  # the last quarter of the logged steps (rewards of 32 samples are noisy)
+    nan = float("nan")
     return {
         "entropy_first": rows[0]["entropy/policy/mean"],
-        "entropy_last": rows[-1]["entropy/policy/mean"],
+        "entropy_last": sum(r["entropy/policy/mean"] for r in tail) / len(tail),
         "reward_first": rows[0]["entropy/policy/reward_mean"],
-        "reward_last": sum(r["entropy/policy/reward_mean"] for r in rows[-3:]) / len(rows[-3:]),
+        "reward_last": sum(r["entropy/policy/reward_mean"] for r in tail) / len(tail),
+        "fit_ceiling": rows[-1].get("entropy/policy/fit_ceiling", nan),
         "steps": float(steps),
     }
 
@@ -128,12 +131,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             name, ns.steps, ns.seed, log_every=max(1, min(5, ns.steps // 2)), lr=ns.lr, k_ratio=ns.k_ratio,
             num_iterations=ns.num_iterations,
         )
-    print(f"\nGRPO in TRL, {ns.steps} steps: token entropy (nats, seq-mean-token-mean) and reward (mean; last = mean "
-          "of the last 3 logged steps)")
-    print("  run        entropy first -> last      reward first -> last")
+    print(f"\nGRPO in TRL, {ns.steps} steps: token entropy (nats, seq-mean-token-mean) and mean reward, first logged "
+          "step -> mean of the last quarter of the logged steps; fitted ceiling b - a of R = -a exp(H) + b")
+    print("  run        entropy first -> last      reward first -> last      ceiling")
     for name, r in results.items():
         print(f"  {name:<9s}  {r['entropy_first']:.3f} -> {r['entropy_last']:.3f}"
-              f"            {r['reward_first']:.3f} -> {r['reward_last']:.3f}")
+              f"            {r['reward_first']:.3f} -> {r['reward_last']:.3f}            {r['fit_ceiling']:.3f}")
     return results
 
 

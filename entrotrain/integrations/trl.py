@@ -64,16 +64,15 @@ import torch
 from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real
-from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, policy_entropy_summary
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional._dist import all_gather_padded
 from entrotrain.functional.policy import AGG_MODES
+from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 from entrotrain.regularizers.policy_loss import PolicyLoss, PolicyLossSum, PPOClipLoss
 
 __all__ = [
     "SUPPORTED_TRL",
     "EntrotrainGRPOTrainer",
-    "TRLPolicyStats",
+    "PolicyStatsRecorder",
     "check_trl_version",
     "trl_grpo_loss",
 ]
@@ -161,159 +160,6 @@ def _loss_agg(loss: PolicyLoss) -> str | None:
     return agg if agg in AGG_MODES else None
 
 
-def _pad_cat(parts: list[Tensor], fill: float | bool) -> Tensor:
-    """Concatenate ``(B_i, T_i)`` tensors along rows, padding the token dim with ``fill`` to the largest ``T``."""
-    width = max(p.shape[1] for p in parts)
-    out = []
-    for p in parts:
-        if p.shape[1] < width:
-            pad = torch.full((p.shape[0], width - p.shape[1]), fill, dtype=p.dtype, device=p.device)
-            p = torch.cat([p, pad], dim=1)
-        out.append(p)
-    return torch.cat(out, dim=0)
-
-
-class TRLPolicyStats:
-    r"""PolicyEntropyMonitor's statistics for a trainer that is not Lightning: glue around the monitor's own code.
-
-    Holds a :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor` (its ΔH pairs, fit points, non-finite
-    counter and first/last values) and feeds it the per-token tensors of one logging step. :meth:`add` keeps a
-    micro-batch (detached); :meth:`compute` gathers the step's micro-batches over ranks (a collective: every rank
-    calls it) and returns the prefixed, finite statistics.
-
-    Args:
-        agg, top_fraction, cov_top_fraction, fit_min_points, prefix, window, window_align, hwe_threshold,
-            entropy_length_corr: as :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor`.
-    """
-
-    _FILL = {"entropy": 0.0, "logprobs": 0.0, "advantages": 0.0, "mask": False}
-
-    def __init__(
-        self,
-        agg: str = "token-mean",
-        top_fraction: float = 0.2,
-        cov_top_fraction: float = 0.02,
-        fit_min_points: int = 5,
-        prefix: str = "entropy/policy/",
-        window: int | None = None,
-        window_align: str = "forward",
-        hwe_threshold: float = 1.5,
-        entropy_length_corr: bool = False,
-    ) -> None:
-        self.monitor = PolicyEntropyMonitor(
-            every_n_batches=1, agg=agg, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction,
-            fit_min_points=fit_min_points, log_media=False, prefix=prefix, print_summary=False, window=window,
-            window_align=window_align, hwe_threshold=hwe_threshold, entropy_length_corr=entropy_length_corr,
-        )  # fmt: skip
-        self._parts: list[dict[str, Tensor]] = []
-        self.temperature: float | None = None
-
-    @property
-    def prefix(self) -> str:
-        return self.monitor.prefix
-
-    def reset(self) -> None:
-        """Forget the history and any captured micro-batch (a new training run)."""
-        self.monitor._reset_fit_state()
-        self._parts = []
-
-    def clear(self) -> None:
-        """Drop the captured micro-batches (keep the history)."""
-        self._parts = []
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._parts)
-
-    def add(
-        self,
-        entropy: Tensor,
-        logprobs: Tensor,
-        advantages: Tensor,
-        mask: Tensor,
-        rewards: Tensor | None = None,
-        temperature: float | None = None,
-    ) -> None:
-        """Keep one micro-batch: ``(B, T)`` entropy, log-probs, mask; advantages ``(B,)``/``(B, 1)``/``(B, T)``;
-        rewards ``(B,)`` (optional; give it for every micro-batch of a step or for none)."""
-        entropy = entropy.detach()
-        if entropy.dim() != 2:
-            raise EntrotrainError(f"entropy must be (B, T), got shape {tuple(entropy.shape)}.")
-        adv = advantages.detach()
-        if adv.dim() == 2 and adv.shape[1] == 1:
-            adv = adv[:, 0]
-        if adv.dim() == 1:
-            adv = adv[:, None].expand_as(entropy)
-        part = {
-            "entropy": entropy,
-            "logprobs": logprobs.detach(),
-            "advantages": adv,
-            "mask": mask.detach().bool(),
-        }
-        for name, value in part.items():
-            if value.shape != entropy.shape:
-                raise EntrotrainError(
-                    f"{name} has shape {tuple(value.shape)}, expected {tuple(entropy.shape)} like the entropy."
-                )
-        if rewards is not None:
-            part["rewards"] = torch.as_tensor(rewards).detach().reshape(-1)
-        self._parts.append(part)
-        if temperature is not None:
-            self.temperature = float(temperature)
-
-    def compute(self, index: int) -> dict[str, float]:
-        """The statistics of the captured micro-batches (all ranks' union), prefixed; finite values only.
-
-        The same steps as ``PolicyEntropyMonitor.on_train_batch_end``: summary, non-finite count, temperature,
-        reward mean, ΔH, shaping statistics, the entropy–reward fit, first/last values."""
-        parts, self._parts = self._parts, []
-        if not parts:
-            return {}
-        m = self.monitor
-        with torch.no_grad():
-            tensors = {k: _pad_cat([p[k] for p in parts], fill) for k, fill in self._FILL.items()}
-            if all("rewards" in p for p in parts):
-                tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
-            tensors = {k: all_gather_padded(v, self._FILL.get(k, 0.0)).cpu() for k, v in tensors.items()}
-            summary = policy_entropy_summary(
-                tensors["entropy"], tensors["logprobs"], tensors["advantages"], tensors["mask"],
-                agg=m.agg, top_fraction=m.top_fraction, cov_top_fraction=m.cov_top_fraction,
-            )  # fmt: skip
-        bad_tokens = "response tokens had NaN/Inf entropy, log-prob or advantage"
-        m._nonfinite.add(summary["nonfinite"], bad_tokens, f"step {index}")
-        if self.temperature is not None:
-            summary["temperature"] = self.temperature
-        if "rewards" in tensors:
-            m._reward_mean(summary, tensors["rewards"], index)
-        if "mean" in summary:
-            m._dynamics(summary, tensors)
-            m._shaping(summary, tensors)
-            if "reward_mean" in summary:
-                m._reward_fit(summary)
-            m.last_logged = {"batch": float(index), **summary}
-            if m.first_logged is None:
-                m.first_logged = dict(m.last_logged)
-        else:
-            m._nonfinite.warn_once(
-                "empty",
-                f"EntrotrainGRPOTrainer: step {index} has no valid, finite completion token; its entropy statistics "
-                "are not logged. This warning is shown once per run.",
-            )
-        return {m.prefix + k: float(v) for k, v in summary.items() if math.isfinite(float(v))}
-
-    def summary_table(self) -> str:
-        """First and last logged values and the latest fit (the Lightning monitor's table)."""
-        if self.monitor.first_logged is None:
-            return "policy entropy: nothing logged"
-        return self.monitor.summary_table().replace("  batch ", "  step  ", 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.monitor.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.monitor.load_state_dict(state)
-
-
 class EntrotrainGRPOTrainer(GRPOTrainer):
     r"""TRL's ``GRPOTrainer`` with entrotrain's policy-entropy statistics and, optionally, an entrotrain policy loss.
 
@@ -376,9 +222,9 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
             policy_loss.to(self.accelerator.device)
         agg = stats_agg or (_loss_agg(policy_loss) if policy_loss is not None else None)
         agg = agg or _TRL_AGG.get(self.loss_type, "token-mean")
-        self.policy_stats: TRLPolicyStats | None = None
+        self.policy_stats: PolicyStatsRecorder | None = None
         if policy_stats:
-            self.policy_stats = TRLPolicyStats(
+            self.policy_stats = PolicyStatsRecorder(
                 agg=agg, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction, fit_min_points=fit_min_points,
                 prefix=stats_prefix, window=window, window_align=window_align, hwe_threshold=hwe_threshold,
                 entropy_length_corr=entropy_length_corr,

@@ -21,10 +21,10 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402
+from entrotrain.integrations.policy_stats import PolicyStatsRecorder  # noqa: E402
 from entrotrain.integrations.trl import (  # noqa: E402
     SUPPORTED_TRL,
     EntrotrainGRPOTrainer,
-    TRLPolicyStats,
     check_trl_version,
     trl_grpo_loss,
 )
@@ -257,7 +257,7 @@ def test_same_statistic_same_key_and_value_as_the_lightning_monitor():
     trainer.fit(ReturnsBatches(batches), loader(len(batches)))
     lightning_rows = [row for _, row in spy.rows if "entropy/policy/mean" in row]
 
-    stats = TRLPolicyStats(fit_min_points=3)
+    stats = PolicyStatsRecorder(fit_min_points=3)
     trl_rows = []
     for i, b in enumerate(batches):
         half = b["token_entropy"].shape[0] // 2  # two micro-batches per step: statistics on their union
@@ -277,7 +277,7 @@ def test_same_statistic_same_key_and_value_as_the_lightning_monitor():
 
 
 def test_statistics_skip_nonfinite_tokens_and_never_log_nan():
-    stats = TRLPolicyStats()
+    stats = PolicyStatsRecorder()
     b = rl_batch(3)
     h = b["token_entropy"].clone()
     h[0, 0] = float("nan")
@@ -366,3 +366,59 @@ def test_checkpoint_keeps_the_statistics_history_and_the_loss_state(tmp_path):
     coef = float(loss.terms[1].coef)
     assert coef != 0.01  # the adaptive coefficient moved in the first run; the resumed run continues from it
     assert float(fresh.policy_loss.terms[1].coef) == pytest.approx(coef + 0.005)
+
+
+def test_two_ranks_equal_one_process_on_the_union(tmp_path):
+    """Under 2-rank gloo the statistics (and the ΔH / fit state) are those of one process on the union batch."""
+    import json
+    from pathlib import Path
+
+    from tests.helpers.scripts import run_script
+    from tests.integrations.trl_stats_ddp_run import STEPS, rank_parts
+
+    out = tmp_path / "rows.json"
+    run_script(Path(__file__).with_name("trl_stats_ddp_run.py"), tmp_path, str(out), timeout=240)
+    logged = json.loads(out.read_text())
+    single = PolicyStatsRecorder(fit_min_points=2)
+    want = []
+    for step in range(STEPS):
+        for p in rank_parts(0, step) + rank_parts(1, step):
+            single.add(p["token_entropy"], p["logprobs"], p["advantages"], p["response_mask"], rewards=p["rewards"])
+        want.append(single.compute(step))
+    assert "entropy/policy/fit_ceiling" in want[-1]
+    for got, exp in zip(logged, want):
+        assert got.keys() == exp.keys()
+        for key in exp:
+            assert got[key] == pytest.approx(exp[key], rel=1e-12, abs=1e-15), key
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["no-rows", "no-tokens", "empty"])
+def test_empty_micro_batches_give_counts_and_no_entropy_keys(shape):
+    stats = PolicyStatsRecorder()
+    stats.add(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape[0]), torch.ones(shape, dtype=torch.bool),
+              rewards=torch.zeros(shape[0]))
+    with pytest.warns(UserWarning, match="no valid"):
+        row = stats.compute(0)
+    assert row["entropy/policy/tokens"] == 0.0 and "entropy/policy/mean" not in row
+    assert stats.compute(1) == {}  # nothing captured since
+
+
+def test_recorder_refuses_mismatched_shapes():
+    stats = PolicyStatsRecorder()
+    with pytest.raises(EntrotrainError, match="logprobs"):
+        stats.add(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(EntrotrainError, match=r"\(B, T\)"):
+        stats.add(torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.ones(6, dtype=torch.bool))
+
+
+def test_example_script_smoke(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "trl_grpo_kl_cov.py"
+    spec = importlib.util.spec_from_file_location("trl_grpo_kl_cov", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--steps", "2", "--runs", "baseline", "kl_cov"])
+    assert set(results) == {"baseline", "kl_cov"}
+    assert "entropy first -> last" in capsys.readouterr().out

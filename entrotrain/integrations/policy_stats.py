@@ -1,0 +1,181 @@
+r"""PolicyEntropyMonitor's statistics for trainers that are not Lightning (TRL's GRPOTrainer, a custom loop).
+
+Glue only (DESIGN.md §8, one implementation per statistic): the statistics, the ΔH prediction and the
+``R = -a·e^H + b`` fit are computed by :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor`'s own code,
+on the union of the micro-batches of one logging step over all ranks, under the same keys (``entropy/policy/...``).
+Imports neither TRL nor transformers.
+
+::
+
+    stats = PolicyStatsRecorder(agg="seq-mean-token-mean")
+    for micro_batch in step:                      # on a step that logs
+        stats.add(entropy, logprobs, advantages, mask, rewards=rewards, temperature=1.0)
+    logs.update(stats.compute(step_index))        # every rank calls it (one all_gather per tensor under DDP)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, policy_entropy_summary
+from entrotrain.errors import EntrotrainError
+from entrotrain.functional._dist import all_gather_padded
+
+__all__ = ["PolicyStatsRecorder"]
+
+
+def _pad_cat(parts: list[Tensor], fill: float | bool) -> Tensor:
+    """Concatenate ``(B_i, T_i)`` tensors along rows, padding the token dim with ``fill`` to the largest ``T``."""
+    width = max(p.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        if p.shape[1] < width:
+            pad = torch.full((p.shape[0], width - p.shape[1]), fill, dtype=p.dtype, device=p.device)
+            p = torch.cat([p, pad], dim=1)
+        out.append(p)
+    return torch.cat(out, dim=0)
+
+
+class PolicyStatsRecorder:
+    r"""PolicyEntropyMonitor's statistics for a trainer that is not Lightning: glue around the monitor's own code.
+
+    Holds a :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor` (its ΔH pairs, fit points, non-finite
+    counter and first/last values) and feeds it the per-token tensors of one logging step. :meth:`add` keeps a
+    micro-batch (detached); :meth:`compute` gathers the step's micro-batches over ranks (a collective: every rank
+    calls it) and returns the prefixed, finite statistics.
+
+    Args:
+        agg, top_fraction, cov_top_fraction, fit_min_points, prefix, window, window_align, hwe_threshold,
+            entropy_length_corr: as :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor`.
+    """
+
+    _FILL = {"entropy": 0.0, "logprobs": 0.0, "advantages": 0.0, "mask": False}
+
+    def __init__(
+        self,
+        agg: str = "token-mean",
+        top_fraction: float = 0.2,
+        cov_top_fraction: float = 0.02,
+        fit_min_points: int = 5,
+        prefix: str = "entropy/policy/",
+        window: int | None = None,
+        window_align: str = "forward",
+        hwe_threshold: float = 1.5,
+        entropy_length_corr: bool = False,
+    ) -> None:
+        self.monitor = PolicyEntropyMonitor(
+            every_n_batches=1, agg=agg, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction,
+            fit_min_points=fit_min_points, log_media=False, prefix=prefix, print_summary=False, window=window,
+            window_align=window_align, hwe_threshold=hwe_threshold, entropy_length_corr=entropy_length_corr,
+        )  # fmt: skip
+        self._parts: list[dict[str, Tensor]] = []
+        self.temperature: float | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.monitor.prefix
+
+    def reset(self) -> None:
+        """Forget the history and any captured micro-batch (a new training run)."""
+        self.monitor._reset_fit_state()
+        self._parts = []
+
+    def clear(self) -> None:
+        """Drop the captured micro-batches (keep the history)."""
+        self._parts = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._parts)
+
+    def add(
+        self,
+        entropy: Tensor,
+        logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        rewards: Tensor | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        """Keep one micro-batch: ``(B, T)`` entropy, log-probs, mask; advantages ``(B,)``/``(B, 1)``/``(B, T)``;
+        rewards ``(B,)`` (optional; give it for every micro-batch of a step or for none)."""
+        entropy = entropy.detach()
+        if entropy.dim() != 2:
+            raise EntrotrainError(f"entropy must be (B, T), got shape {tuple(entropy.shape)}.")
+        adv = advantages.detach()
+        if adv.dim() == 2 and adv.shape[1] == 1:
+            adv = adv[:, 0]
+        if adv.dim() == 1:
+            adv = adv[:, None].expand_as(entropy)
+        part = {
+            "entropy": entropy,
+            "logprobs": logprobs.detach(),
+            "advantages": adv,
+            "mask": mask.detach().bool(),
+        }
+        for name, value in part.items():
+            if value.shape != entropy.shape:
+                raise EntrotrainError(
+                    f"{name} has shape {tuple(value.shape)}, expected {tuple(entropy.shape)} like the entropy."
+                )
+        if rewards is not None:
+            part["rewards"] = torch.as_tensor(rewards).detach().reshape(-1)
+        self._parts.append(part)
+        if temperature is not None:
+            self.temperature = float(temperature)
+
+    def compute(self, index: int) -> dict[str, float]:
+        """The statistics of the captured micro-batches (all ranks' union), prefixed; finite values only.
+
+        The same steps as ``PolicyEntropyMonitor.on_train_batch_end``: summary, non-finite count, temperature,
+        reward mean, ΔH, shaping statistics, the entropy–reward fit, first/last values."""
+        parts, self._parts = self._parts, []
+        if not parts:
+            return {}
+        m = self.monitor
+        with torch.no_grad():
+            tensors = {k: _pad_cat([p[k] for p in parts], fill) for k, fill in self._FILL.items()}
+            if all("rewards" in p for p in parts):
+                tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
+            tensors = {k: all_gather_padded(v, self._FILL.get(k, 0.0)).cpu() for k, v in tensors.items()}
+            summary = policy_entropy_summary(
+                tensors["entropy"], tensors["logprobs"], tensors["advantages"], tensors["mask"],
+                agg=m.agg, top_fraction=m.top_fraction, cov_top_fraction=m.cov_top_fraction,
+            )  # fmt: skip
+        bad_tokens = "response tokens had NaN/Inf entropy, log-prob or advantage"
+        m._nonfinite.add(summary["nonfinite"], bad_tokens, f"step {index}")
+        if self.temperature is not None:
+            summary["temperature"] = self.temperature
+        if "rewards" in tensors:
+            m._reward_mean(summary, tensors["rewards"], index)
+        if "mean" in summary:
+            m._dynamics(summary, tensors)
+            m._shaping(summary, tensors)
+            if "reward_mean" in summary:
+                m._reward_fit(summary)
+            m.last_logged = {"batch": float(index), **summary}
+            if m.first_logged is None:
+                m.first_logged = dict(m.last_logged)
+        else:
+            m._nonfinite.warn_once(
+                "empty",
+                f"PolicyStatsRecorder: step {index} has no valid, finite completion token; its entropy statistics "
+                "are not logged. This warning is shown once per run.",
+            )
+        return {m.prefix + k: float(v) for k, v in summary.items() if math.isfinite(float(v))}
+
+    def summary_table(self) -> str:
+        """First and last logged values and the latest fit (the Lightning monitor's table)."""
+        if self.monitor.first_logged is None:
+            return "policy entropy: nothing logged"
+        return self.monitor.summary_table().replace("  batch ", "  step  ", 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state)

@@ -82,7 +82,10 @@ class GRPOTask(LightningModule):
     ``token_entropy (B, R)`` (float32, at ``temperature``), ``logprobs (B, R)``, ``advantages (B,)``,
     ``response_mask (B, R)`` bool, ``rewards (B,)``, ``temperature``, and ``post_logprobs`` /
     ``post_token_entropy (B, R)`` from a no-grad pass after the updates (with a ``reward_shaping``: also
-    ``shaped_rewards (B,)`` and, when the shaper reports phases, ``phase_ids (B, R)``). It logs ``grpo/reward_mean``,
+    ``shaped_rewards (B,)`` and, when the shaper reports phases, ``phase_ids (B, R)``; otherwise ``phase_ids`` from
+    the task's :meth:`~ArithmeticTask.phase_ids` when it has phases: the scratch variant, 0 = scratch, 1 = separator
+    and answer). With phases the end-of-fit summary adds per-phase entropy, scratch (phase-0) length, response
+    length and greedy accuracy, first → last. It logs ``grpo/reward_mean``,
     ``grpo/accuracy`` (fraction of prompts with at least one correct sample), ``grpo/greedy_accuracy``,
     ``grpo/response_length``, ``grpo/token_entropy``, ``grpo/post_token_entropy``, ``grpo/loss``, ``grpo/grad_norm``,
     and the policy loss's metrics as ``grpo/{name}``.
@@ -169,6 +172,9 @@ class GRPOTask(LightningModule):
         self.register_buffer("warm_started", torch.tensor(False))
         self._generator: torch.Generator | None = None
         self._history: list[tuple[float, float]] = []  # (mean token entropy, reward mean) per rollout
+        # with phases (scratch task or a phase-reporting shaper): (phase-0 entropy, phase-1 entropy, phase-0 length,
+        # response length, greedy accuracy) per rollout
+        self._phase_history: list[tuple[float, ...]] = []
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -311,6 +317,8 @@ class GRPOTask(LightningModule):
             greedy_acc = task.reward(greedy, batch["answers"]).mean()
         self.model.train()
         adv, shaped, phase_ids, shaping_logs = self.advantages(rewards, ent, mask, resp)
+        if phase_ids is None:  # the task's own phases (the scratch variant), if it has any
+            phase_ids = task.phase_ids(resp, mask)
 
         # 5: PPO epochs x mini-batches
         opt = self.optimizers()
@@ -345,6 +353,8 @@ class GRPOTask(LightningModule):
         post_mean_ent = (post_ent * valid).sum() / n_tok
         acc = rewards.view(-1, G).amax(dim=1).mean()
         self._history.append((float(mean_ent), float(rewards.mean())))
+        if phase_ids is not None:
+            self._phase_history.append(self._phase_row(ent, mask, phase_ids, float(greedy_acc)))
         logs = {
             "grpo/reward_mean": rewards.mean(),
             "grpo/accuracy": acc,
@@ -398,6 +408,18 @@ class GRPOTask(LightningModule):
         logs.update({f"grpo/{k}": torch.as_tensor(v).detach().float() for k, v in est.metrics.items()})
         return est.advantages.float(), shaped, phase_ids, logs
 
+    @staticmethod
+    def _phase_row(ent: Tensor, mask: Tensor, phase_ids: Tensor, greedy_acc: float) -> tuple[float, ...]:
+        """Token-mean entropy of phases 0 / 1 (NaN when empty), mean phase-0 and response length, greedy accuracy."""
+        valid = mask & (phase_ids >= 0)
+        rows = max(mask.shape[0], 1)
+        out = []
+        for k in (0, 1):
+            m = (valid & (phase_ids == k)).float()
+            out.append(float((ent * m).sum() / m.sum()) if bool(m.any()) else float("nan"))
+        think_len = float((valid & (phase_ids == 0)).sum()) / rows
+        return (*out, think_len, float(mask.sum()) / rows, greedy_acc)
+
     def on_fit_end(self) -> None:
         if not self._history or not self.trainer.is_global_zero:
             return
@@ -416,7 +438,21 @@ class GRPOTask(LightningModule):
             f"GRPO over {len(self._history)} rollouts (temperature {self.hparams.temperature}):\n"
             f"  token entropy  first {h0:.4f}  last {h1:.4f}  (÷{ratio:.1f}; last-5 mean {ht:.4f})\n"
             f"  reward mean    first {r0:.4f}  last {r1:.4f}  (last-5 mean {rt:.4f})"
-        )
+        ) + self._phase_summary()
+
+    def _phase_summary(self) -> str:
+        """Extra summary lines with phases (empty without): per-phase entropy, scratch length, greedy accuracy."""
+        if not self._phase_history:
+            return ""
+        first, last = self._phase_history[0], self._phase_history[-1]
+        tail = self._phase_history[-5:]
+        names = ("phase-0 entropy", "phase-1 entropy", "phase-0 length", "response length", "greedy accuracy")
+        lines = []
+        for i, name in enumerate(names):
+            vals = [row[i] for row in tail if row[i] == row[i]]
+            mean = sum(vals) / len(vals) if vals else float("nan")
+            lines.append(f"  {name:<15s} first {first[i]:.4f}  last {last[i]:.4f}  (last-5 mean {mean:.4f})")
+        return "\n" + "\n".join(lines)
 
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's return type is a union
         params = list(self.model.parameters())

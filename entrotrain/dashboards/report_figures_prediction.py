@@ -199,6 +199,10 @@ def position_profile_over_time(runs: list[RunData], out_dir: Path) -> Figure | N
         ax.set_xticks(range(0, len(steps), tick), [str(int(s)) for s in steps[::tick]], fontsize=7)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("position", fontsize=8)
+        ref = reference_step(run)
+        before = np.flatnonzero(steps <= ref) if ref is not None else np.array([], dtype=int)
+        if before.size and before[-1] < len(steps) - 1:  # the boundary after the reference step's column
+            ax.axvline(before[-1] + 0.5, color="white", lw=1.2, ls="--")
         what = "every position" if source == "profile" else f"{len(positions)} logged positions"
         ax.set_title(f"{run.label}: probe entropy per position ({what})", fontsize=8.5)
     if image is not None:
@@ -211,7 +215,8 @@ def position_profile_over_time(runs: list[RunData], out_dir: Path) -> Figure | N
         f"Mean held-out (probe) prediction entropy at each sequence position (rows) and logging step (columns){side}; "
         f"one colour scale, 0 to {vmax:.3g} nats; grey: not logged or non-finite. Rows come from the stored whole "
         "profile (entropy/pred/probe/pos_profile, as the wandb image entropy/pred/probe/pos_heatmap) when the record "
-        "holds it, else from the entropy/pred/probe/pos/{i} scalars. Hyperfitting turns the whole map dark from the "
+        "holds it, else from the entropy/pred/probe/pos/{i} scalars; white dashes: after the monitor's reference_step. "
+        "Hyperfitting turns the whole map dark from the "
         "step fine-tuning starts; early positions (little context) normally stay brightest.",
     )
 

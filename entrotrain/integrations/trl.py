@@ -28,13 +28,14 @@ sum of the reward functions, as TRL's ``reward``) — and at ``log`` gathers the
 ``eta_eff``, ``delta_corr``, ``reward_mean``, ``fit_a|fit_b|fit_ceiling|fit_r2``, ``nonfinite``,
 ``reward_nonfinite``), same values on the same tensors. They go into the ``logs`` dict of ``Trainer.log``, so every
 ``report_to`` backend and ``trainer.state.log_history`` get them. A statistic that cannot be computed (no finite token)
-is left out of ``logs`` (never NaN to a logger). Monitoring reads tensors TRL computed anyway: no extra forward, and
-training is bit-identical with and without it. Checkpoints hold the statistics' history (``entrotrain_policy_stats.json``)
-and the loss's buffers (``entrotrain_policy_loss.pt``, e.g. EntropyBonus's adaptive coefficient), restored on
-``train(resume_from_checkpoint=...)``. ``entropy/policy/delta`` is the change since the previous logged step
-(TRL has no post-update pass). ``agg`` of ``mean`` defaults to the aggregation of the loss in use (TRL ``grpo`` →
-``seq-mean-token-mean``, ``bnpo``/``dapo`` → ``token-mean``, ``dr_grpo`` → ``seq-mean-token-sum-norm``; an entrotrain
-loss's own ``agg``).
+is left out of ``logs`` (never NaN to a logger). The glue is
+:class:`~entrotrain.integrations.policy_stats.PolicyStatsRecorder`. Monitoring reads tensors TRL computed anyway: no
+extra forward, and training is bit-identical with and without it. Checkpoints hold the statistics' history
+(``entrotrain_policy_stats.json``) and the loss's buffers (``entrotrain_policy_loss.pt``, e.g. EntropyBonus's
+adaptive coefficient), restored on ``train(resume_from_checkpoint=...)``. ``entropy/policy/delta`` is the change since
+the previous logged step (TRL has no post-update pass). ``agg`` of ``mean`` defaults to the aggregation of the loss in
+use (TRL ``grpo`` → ``seq-mean-token-mean``, ``bnpo``/``dapo`` → ``token-mean``, ``dr_grpo`` →
+``seq-mean-token-sum-norm``; an entrotrain loss's own ``agg``).
 
 **Losses** (``policy_loss=``): any :class:`~entrotrain.regularizers.policy_loss.PolicyLoss` — ``PPOClipLoss``,
 ``ClipCovLoss``, ``KLCovLoss``, ``SteerLoss``, ``EntropyBonus``, or a sum (``PPOClipLoss(...) + EntropyBonus(0.01)``)
@@ -362,6 +363,7 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old
         mode = "train" if self.model.training else "eval"
+        self.policy_loss.train(mode == "train")  # type: ignore[union-attr]  # controllers move in training only
         out = self.policy_loss(  # type: ignore[misc]
             per_token_logps, old, advantages, mask, entropy=entropies, step=int(self.state.global_step)
         )

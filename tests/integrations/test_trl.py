@@ -315,7 +315,7 @@ def test_entrotrain_losses_train_through_trl(tmp_path, loss):
 
 
 def test_clip_cov_drops_the_selected_tokens_gradient(tmp_path):
-    """A Clip-Cov that selects every candidate changes the gradient of TRL's grpo loss; one that selects none keeps it."""
+    """Clip-Cov selecting every candidate changes the gradient of the grpo loss; selecting none keeps it."""
     model = _model()
     base = _trainer(EntrotrainGRPOTrainer, tmp_path / "a", model=copy.deepcopy(model), policy_loss=trl_grpo_loss())
     inputs = _with_old_logps(base, _inputs(4))
@@ -356,8 +356,8 @@ def test_checkpoint_keeps_the_statistics_history_and_the_loss_state(tmp_path):
     _train(t)
     ckpt = tmp_path / "a" / "checkpoint-2"
     assert (ckpt / "entrotrain_policy_stats.json").exists() and (ckpt / "entrotrain_policy_loss.pt").exists()
-    fresh = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", policy_loss=PPOClipLoss() + EntropyBonus(0.01, target=5.0),
-                     max_steps=2)
+    fresh = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", max_steps=2,
+                     policy_loss=PPOClipLoss() + EntropyBonus(0.01, target=5.0))
     fresh.train(resume_from_checkpoint=str(ckpt))  # restores the state (HF runs one more step here)
     before = t.policy_stats.state_dict()["history"]["entropy"]
     after = fresh.policy_stats.state_dict()["history"]["entropy"]

@@ -201,10 +201,12 @@ def test_plain_clipped_loss_equals_trl_grpo_bit_for_bit(tmp_path, eps):
     assert not torch.equal(_loss_and_grads(other, inputs)[0], loss_a)
 
 
-def test_one_training_step_equals_trl_grpo_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_training_steps_equal_trl_grpo_bit_for_bit(tmp_path, accumulation):
     model = _model()
-    a = _trainer(GRPOTrainer, tmp_path / "a", model=copy.deepcopy(model), loss_type="grpo", max_steps=2)
-    b = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", model=copy.deepcopy(model), loss_type="grpo", max_steps=2,
+    kw = dict(loss_type="grpo", max_steps=2, gradient_accumulation_steps=accumulation)
+    a = _trainer(GRPOTrainer, tmp_path / "a", model=copy.deepcopy(model), **kw)
+    b = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", model=copy.deepcopy(model), **kw,
                  policy_loss=trl_grpo_loss(a.epsilon_low, a.epsilon_high))
     _train(a)
     _train(b)

@@ -7,7 +7,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from entrotrain.callbacks._publish import reset_ledger
 
-__all__ = ["PerFitCallback"]
+__all__ = ["HookedMonitor", "PerFitCallback"]
 
 
 class PerFitCallback(Callback):
@@ -27,3 +27,33 @@ class PerFitCallback(Callback):
         if stage == "fit":
             self._reset_fit_state()
             reset_ledger(trainer)
+
+
+class HookedMonitor(PerFitCallback):
+    """A monitor that installs hooks or taps: :meth:`_release` (remove them, close the logging window) runs at fit
+    end, at ``teardown`` and on an exception in any code, so no hook outlives the fit on any exit path. At fit end
+    rank zero prints :meth:`summary_table` when ``print_summary`` is set and :meth:`_has_summary` says there is one.
+    """
+
+    print_summary: bool = False
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def _has_summary(self) -> bool:
+        """Whether anything was logged this fit (default: a non-empty ``history``)."""
+        return bool(getattr(self, "history", None))
+
+    def summary_table(self) -> str:
+        raise NotImplementedError
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._release()
+        if self.print_summary and trainer.is_global_zero and self._has_summary():
+            print(self.summary_table())
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()

@@ -51,7 +51,7 @@ from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
-from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media, record_threshold
 from entrotrain.errors import EntrotrainError, TapError
@@ -106,7 +106,7 @@ def attention_summary(
     return entropy, normalized, summary
 
 
-class AttentionEntropyMonitor(PerFitCallback):
+class AttentionEntropyMonitor(HookedMonitor):
     r"""Logs per layer × head attention entropy every ``every_n_steps`` optimizer steps.
 
     Captures ``q, k`` at the attention boundary (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, HF
@@ -253,10 +253,8 @@ class AttentionEntropyMonitor(PerFitCallback):
             self.tap.disarm()
         self._window.close()
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._release()
-        if self.print_summary and self.first_summary is not None and trainer.is_global_zero:
-            print(self.summary_table())
+    def _has_summary(self) -> bool:
+        return self.first_summary is not None
 
     def summary_table(self) -> str:
         """The first and last logged summaries as a small text table."""
@@ -269,12 +267,6 @@ class AttentionEntropyMonitor(PerFitCallback):
                 f"    {100 * row.get('attn/overload_frac', 0.0):5.1f} %"
             )
         return "\n".join(lines)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
 
     # ------------------------------------------------------------------ capture
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

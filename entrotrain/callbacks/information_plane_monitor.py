@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
-from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError, TapError
@@ -172,7 +172,7 @@ def chunk_layout(sizes: Sequence[int], world: int) -> tuple[list[tuple[int, int]
     return where, max(offsets)
 
 
-class InformationPlaneMonitor(PerFitCallback):
+class InformationPlaneMonitor(HookedMonitor):
     r"""Logs I(X;T) and I(T;Y) of every chosen layer on a fixed probe set, for each estimator, over training.
 
     Args:
@@ -333,12 +333,6 @@ class InformationPlaneMonitor(PerFitCallback):
         if self.tap is not None:
             self.tap.disarm()
         self._rows = {}
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()

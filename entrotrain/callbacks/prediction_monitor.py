@@ -83,7 +83,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str, keep_mask
 from entrotrain.callbacks._history import ThinnedHistory
-from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
@@ -157,7 +157,7 @@ class _Positions:
         self.pos_count = torch.zeros(profile_len, dtype=torch.float64)
 
 
-class PredictionEntropyMonitor(PerFitCallback):
+class PredictionEntropyMonitor(HookedMonitor):
     r"""Logs the entropy of the model's predictive distribution on training batches and a held-out probe set, and
     the diversity of greedy generations (module docstring: sources, masks, probe, keys).
 
@@ -337,12 +337,6 @@ class PredictionEntropyMonitor(PerFitCallback):
             self._hook = None
         self._captured = []
         self._window.close()
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
 
     # ------------------------------------------------------------------ head hook
     def _find_head(self, pl_module: LightningModule) -> nn.Module:
@@ -723,11 +717,6 @@ class PredictionEntropyMonitor(PerFitCallback):
             logger.experiment.log({f"{self.prefix}/probe/pos_heatmap": image, "trainer/global_step": step})
 
     # ------------------------------------------------------------------ summary
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._release()
-        if self.print_summary and self.history and trainer.is_global_zero:
-            print(self.summary_table())
-
     def summary_table(self, max_rows: int = 10) -> str:
         """The logged trajectory (at most ``max_rows`` evenly spaced logging steps) and a first → last line."""
         p = self.prefix

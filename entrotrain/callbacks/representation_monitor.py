@@ -64,7 +64,7 @@ from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
-from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
@@ -98,7 +98,7 @@ class _Layer:
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # rows dropped for NaN/Inf
 
 
-class RepresentationEntropyMonitor(PerFitCallback):
+class RepresentationEntropyMonitor(HookedMonitor):
     r"""Logs rank / entropy measures of chosen layers' representations, with ``n``, ``d`` and parameters beside.
 
     Args:
@@ -283,17 +283,6 @@ class RepresentationEntropyMonitor(PerFitCallback):
         self._window.close()
         self._probing = False
         self._labels = None
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._release()
-        if self.print_summary and self.history and trainer.is_global_zero:
-            print(self.summary_table())
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
 
     # ------------------------------------------------------------------ capture
     def _begin_window(self) -> None:

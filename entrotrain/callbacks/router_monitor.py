@@ -66,7 +66,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_bool, check_int, check_real, check_str
 from entrotrain.callbacks._history import ThinnedHistory
-from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
@@ -89,7 +89,7 @@ def _config_top_k(module: torch.nn.Module) -> int | None:
     return None
 
 
-class RouterEntropyMonitor(PerFitCallback):
+class RouterEntropyMonitor(HookedMonitor):
     r"""Logs per-MoE-layer router entropy (Shannon, Tsallis), expert load, dead experts and top-k margins.
 
     Args:
@@ -206,17 +206,6 @@ class RouterEntropyMonitor(PerFitCallback):
             tap.disarm()
             tap.reset()
         self._window.close()
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._release()
-        if self.print_summary and self.history and trainer.is_global_zero:
-            print(self.summary_table())
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._release()
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._release()
 
     # ------------------------------------------------------------------ capture
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -13,6 +13,9 @@ from entrotrain.integrations.verl import make_verl_loss_fns, register_verl_losse
 #: Public name → the submodule that defines it (imported on first access: transformers / trl are optional).
 _LAZY = {
     "EntropyTrainerCallback": "entrotrain.integrations.transformers",
+    "EntrotrainGRPOTrainer": "entrotrain.integrations.trl",
+    "trl_grpo_loss": "entrotrain.integrations.trl",
+    "PolicyStatsRecorder": "entrotrain.integrations.policy_stats",
 }
 
 __all__ = ["make_verl_loss_fns", "register_verl_losses", *_LAZY]

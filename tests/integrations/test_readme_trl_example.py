@@ -1,7 +1,7 @@
 """The README's TRL block runs as written (CPU, offline) and prints the policy-entropy statistics.
 
-Until the block is pasted into README.md between ``<!-- trl-example -->`` markers, the copy in
-``tests/integrations/readme_trl_example.py`` is the one executed; once it is there, the README's own block is.
+The block is read from README.md between ``<!-- trl-example -->`` and ``<!-- /trl-example -->``: the test fails if the
+README loses it.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import pytest
 pytest.importorskip("trl")
 
 ROOT = Path(__file__).resolve().parents[2]
-COPY = Path(__file__).with_name("readme_trl_example.py")
 
 
 def readme_block() -> str:
-    """The python block between the ``<!-- trl-example -->`` markers of README.md, or the copy beside this test."""
+    """The python block between the ``<!-- trl-example -->`` markers of README.md."""
     readme = (ROOT / "README.md").read_text()
-    parts = readme.split("<!-- trl-example -->")
-    if len(parts) >= 3:
-        found = re.search(r"```python\n(.*?)```", parts[1], re.S)
-        assert found, "the README's trl-example section has no ```python block"
-        return found.group(1)
-    return COPY.read_text()
+    section = re.search(r"<!-- trl-example -->(.*?)<!-- /trl-example -->", readme, re.S)
+    assert section is not None, "README.md lost its <!-- trl-example --> block"
+    found = re.search(r"```python\n(.*?)```", section.group(1), re.S)
+    assert found, "the README's trl-example section has no ```python block"
+    return found.group(1)
 
 
 def test_readme_trl_block_runs_and_prints_the_entropy_statistics(tmp_path, monkeypatch, capsys):

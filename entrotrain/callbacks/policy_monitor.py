@@ -365,6 +365,29 @@ class PolicyEntropyMonitor(PerFitCallback):
             # under DDP: every rank's rows, T padded with masked-out tokens (the mask pads with False)
             tensors = {name: all_gather_padded(found[name], fill) for name, fill in _GATHERED if found[name] is not None}
             tensors = {k: v.cpu() for k, v in tensors.items()}  # one device → host transfer per logging batch
+        summary = self.summarise(tensors, index, temperature=found["temperature"])
+        metrics = {self.prefix + k: v for k, v in summary.items()}
+        if "mean" not in summary:  # NaN to trainer.callback_metrics, never to a logger
+            publish_scalars(trainer, pl_module, metrics, source=self.state_key)
+            return
+        step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
+        shown = tensors["entropy"][tensors["mask"].bool() & torch.isfinite(tensors["entropy"])]  # counted, not drawn
+        record_media(trainer, f"{self.prefix}hist", shown, step, kind="histogram")
+        if self.log_media and trainer.is_global_zero:
+            self._log_media(trainer, shown, step)
+
+    def summarise(
+        self, tensors: dict[str, Tensor], index: int, *, temperature: float | Tensor | None = None, unit: str = "batch"
+    ) -> dict[str, float]:
+        """The statistics of one logging step, from the union batch's host tensors (``entropy``, ``logprobs``,
+        ``advantages``, ``mask``, optional ``rewards``, ``post_entropy``, ``phase_ids``): the Lightning-free core this
+        callback and the TRL integration share, so both give the same value under the same key.
+
+        Counts non-finite tokens, adds the reward mean, the realised and predicted ΔH, the token-shaping statistics
+        and the entropy–reward fit, and updates the first/last values. Returns the summary (unprefixed); without
+        ``mean`` when no valid, finite response token was there (warned once per fit).
+        """
+        with torch.no_grad():
             summary = policy_entropy_summary(
                 tensors["entropy"],
                 tensors["logprobs"],
@@ -375,8 +398,7 @@ class PolicyEntropyMonitor(PerFitCallback):
                 cov_top_fraction=self.cov_top_fraction,
             )
         bad_tokens = "response tokens had NaN/Inf entropy, log-prob or advantage"
-        self._nonfinite.add(summary["nonfinite"], bad_tokens, f"batch {index}")
-        temperature = found["temperature"]
+        self._nonfinite.add(summary["nonfinite"], bad_tokens, f"{unit} {index}")
         if temperature is not None:
             summary["temperature"] = float(temperature)
         if "rewards" in tensors:
@@ -384,24 +406,18 @@ class PolicyEntropyMonitor(PerFitCallback):
         if "mean" not in summary:
             self._nonfinite.warn_once(
                 "empty",
-                f"PolicyEntropyMonitor: batch {index} has no valid, finite response token; its entropy statistics go "
-                "to trainer.callback_metrics as NaN (never to a logger). This warning is shown once per fit.",
+                f"{type(self).__name__}: {unit} {index} has no valid, finite response token; its entropy statistics "
+                "are not logged (NaN in trainer.callback_metrics). This warning is shown once per fit.",
             )
-            publish_scalars(trainer, pl_module, {self.prefix + k: v for k, v in summary.items()}, source=self.state_key)
-            return
+            return summary
         self._dynamics(summary, tensors)
         self._shaping(summary, tensors)
         if "reward_mean" in summary:
             self._reward_fit(summary)
-        metrics = {self.prefix + k: v for k, v in summary.items()}
         self.last_logged = {"batch": float(index), **summary}
         if self.first_logged is None:
             self.first_logged = dict(self.last_logged)
-        step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
-        shown = tensors["entropy"][tensors["mask"].bool() & torch.isfinite(tensors["entropy"])]  # counted, not drawn
-        record_media(trainer, f"{self.prefix}hist", shown, step, kind="histogram")
-        if self.log_media and trainer.is_global_zero:
-            self._log_media(trainer, shown, step)
+        return summary
 
     def _dynamics(self, summary: dict[str, float], tensors: dict[str, Tensor]) -> None:
         """Realised ΔH beside the covariance prediction ``-η̂·Cov`` (η̂ fitted on earlier intervals only)."""

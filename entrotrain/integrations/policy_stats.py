@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, policy_entropy_summary
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import all_gather_padded
 
@@ -131,8 +131,9 @@ class PolicyStatsRecorder:
     def compute(self, index: int) -> dict[str, float]:
         """The statistics of the captured micro-batches (all ranks' union), prefixed; finite values only.
 
-        The same steps as ``PolicyEntropyMonitor.on_train_batch_end``: summary, non-finite count, temperature,
-        reward mean, ΔH, shaping statistics, the entropy–reward fit, first/last values."""
+        The monitor's own :meth:`~entrotrain.callbacks.PolicyEntropyMonitor.summarise`, as the Lightning callback
+        calls it: summary, non-finite count, temperature, reward mean, ΔH, shaping statistics, the entropy–reward fit,
+        first/last values."""
         parts, self._parts = self._parts, []
         if not parts:
             return {}
@@ -142,30 +143,7 @@ class PolicyStatsRecorder:
             if all("rewards" in p for p in parts):
                 tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
             tensors = {k: all_gather_padded(v, self._FILL.get(k, 0.0)).cpu() for k, v in tensors.items()}
-            summary = policy_entropy_summary(
-                tensors["entropy"], tensors["logprobs"], tensors["advantages"], tensors["mask"],
-                agg=m.agg, top_fraction=m.top_fraction, cov_top_fraction=m.cov_top_fraction,
-            )  # fmt: skip
-        bad_tokens = "response tokens had NaN/Inf entropy, log-prob or advantage"
-        m._nonfinite.add(summary["nonfinite"], bad_tokens, f"step {index}")
-        if self.temperature is not None:
-            summary["temperature"] = self.temperature
-        if "rewards" in tensors:
-            m._reward_mean(summary, tensors["rewards"], index)
-        if "mean" in summary:
-            m._dynamics(summary, tensors)
-            m._shaping(summary, tensors)
-            if "reward_mean" in summary:
-                m._reward_fit(summary)
-            m.last_logged = {"batch": float(index), **summary}
-            if m.first_logged is None:
-                m.first_logged = dict(m.last_logged)
-        else:
-            m._nonfinite.warn_once(
-                "empty",
-                f"PolicyStatsRecorder: step {index} has no valid, finite completion token; its entropy statistics "
-                "are not logged. This warning is shown once per run.",
-            )
+        summary = m.summarise(tensors, index, temperature=self.temperature, unit="step")
         return {m.prefix + k: float(v) for k, v in summary.items() if math.isfinite(float(v))}
 
     def summary_table(self) -> str:

@@ -384,7 +384,14 @@ def _group_order(index: Any, n: int) -> tuple[Tensor, int]:
     return torch.sort(code, stable=True).indices, int(counts[0]) if n else 1
 
 
-def make_verl_adv_fns() -> dict[str, Callable[..., tuple]]:
+def make_verl_adv_fns(
+    *,
+    metric: str = "entropy",
+    lam: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    length_norm: float = 1.0,
+) -> dict[str, Callable[..., tuple]]:
     """verl-signature advantage estimators (what :func:`register_verl_adv_estimators` registers), usable without verl.
 
     ``entrotrain_canon(token_level_rewards, response_mask, index, config=None, entropy=None)``: CANON
@@ -392,26 +399,38 @@ def make_verl_adv_fns() -> dict[str, Callable[..., tuple]]:
     ``token_level_rewards.sum(-1)``, groups are verl's ``uid`` (any order, equal sizes; within a uid the batch order
     breaks metric ties, as CANON's code), the metric is the old-pass token entropy (``entropy=``, verl's
     ``data["entropys"]``, which verl's ``compute_advantage`` does not pass: forward it, or the call raises) or the
-    length. Settings from ``config.canon`` (``lam`` 1, ``alpha`` 1, ``beta`` 0, ``metric`` "entropy",
-    ``length_norm`` 1: set it to ``max_response_length`` with ``seq-mean-token-sum`` as CANON's scripts). Returns
-    ``(advantages, returns)``, both ``A[:, None] * response_mask`` (no std normalisation).
+    length. Settings from ``config.canon`` when the config has one, else the keyword arguments given here (``lam``
+    1, ``alpha`` 1, ``beta`` 0, ``metric`` "entropy", ``length_norm`` 1: set it to ``max_response_length`` with
+    ``seq-mean-token-sum`` as CANON's scripts). verl 0.9's ``AlgoConfig`` refuses an extra ``canon`` field and its
+    ``compute_advantage`` passes no entropy, so with stock verl register with the keywords, e.g.
+    ``register_verl_adv_estimators(metric="length")``; the entropy metric needs a trainer that forwards
+    ``entropy=`` (as CANON's own fork does). Returns ``(advantages, returns)``, both ``A[:, None] * response_mask``
+    (no std normalisation).
     """
+    defaults = {
+        "metric": check_choice(metric, "metric", ("entropy", "length")),
+        "lam": check_real(lam, "lam"),
+        "alpha": check_real(alpha, "alpha"),
+        "beta": check_real(beta, "beta"),
+        "length_norm": check_real(length_norm, "length_norm"),
+    }
     from entrotrain.functional.token_shaping import canon_advantage, sequence_entropy  # noqa: PLC0415
 
     def canon(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None,
               entropy: Tensor | None = None, **_: Any) -> tuple[Tensor, Tensor]:  # fmt: skip
         cfg = _get(config, "canon", None)
-        metric = check_choice(_get(cfg, "metric", "entropy"), "config.canon.metric", ("entropy", "length"))
-        lam = _real(cfg, "lam", 1.0, "config.canon")
-        alpha = _real(cfg, "alpha", 1.0, "config.canon")
-        beta = _real(cfg, "beta", 0.0, "config.canon")
-        length_norm = _real(cfg, "length_norm", 1.0, "config.canon")
+        metric = check_choice(_get(cfg, "metric", defaults["metric"]), "config.canon.metric", ("entropy", "length"))
+        lam = _real(cfg, "lam", defaults["lam"], "config.canon")
+        alpha = _real(cfg, "alpha", defaults["alpha"], "config.canon")
+        beta = _real(cfg, "beta", defaults["beta"], "config.canon")
+        length_norm = _real(cfg, "length_norm", defaults["length_norm"], "config.canon")
         mask = response_mask
         if metric == "entropy":
             if entropy is None:
                 raise EntrotrainError(
                     "entrotrain_canon needs the per-token entropy of the old-policy pass: call it with entropy= "
-                    "(verl's batch key 'entropys'), or set config.canon.metric='length'."
+                    "(verl's batch key 'entropys'; stock verl's compute_advantage does not pass it), or use the "
+                    "length metric: register_verl_adv_estimators(metric='length') or config.canon.metric='length'."
                 )
             value = sequence_entropy(entropy, mask)
         else:
@@ -429,9 +448,10 @@ def make_verl_adv_fns() -> dict[str, Callable[..., tuple]]:
     return {"entrotrain_canon": canon}
 
 
-def register_verl_adv_estimators() -> list[str]:
+def register_verl_adv_estimators(**defaults: Any) -> list[str]:
     """Register ``entrotrain_canon`` with verl's advantage-estimator registry (``algorithm.adv_estimator=
-    entrotrain_canon``); returns the names.
+    entrotrain_canon``); returns the names. ``defaults`` are :func:`make_verl_adv_fns`'s keywords (``metric``,
+    ``lam``, ``alpha``, ``beta``, ``length_norm``), used when verl's config has no ``canon`` section.
 
     Raises:
         EntrotrainError: verl is not importable, or has no ``register_adv_est``.
@@ -443,7 +463,7 @@ def register_verl_adv_estimators() -> list[str]:
     register = getattr(core_algos, "register_adv_est", None)
     if register is None:
         raise EntrotrainError("this verl has no register_adv_est; upgrade verl.")
-    fns = make_verl_adv_fns()
+    fns = make_verl_adv_fns(**defaults)
     for name, fn in fns.items():
         register(name)(fn)
     return list(fns)

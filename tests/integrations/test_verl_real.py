@@ -358,3 +358,29 @@ def test_global_mode_through_ppo_loss_uses_the_engine_counts():
             torch.testing.assert_close(e_grad, v_grad, rtol=0, atol=0)
     finally:
         register_verl_losses()  # back to micro_batch for the other tests
+
+
+def test_canon_through_verls_advantage_registry():
+    """`algorithm.adv_estimator=entrotrain_canon`: called as stock verl's compute_advantage calls a registered
+    estimator (its kwargs: token_level_rewards, response_mask, config = an AlgoConfig without a canon section, index =
+    the uids; no entropy), registered with the length metric it runs and equals canon_advantage. (Importing
+    verl.trainer.ppo.ray_trainer itself needs verl's rollout extras, absent on CPU.)"""
+    import numpy as np
+    from verl.trainer.config import AlgoConfig
+
+    from entrotrain.functional.token_shaping import canon_advantage
+    from entrotrain.integrations.verl import register_verl_adv_estimators
+
+    assert register_verl_adv_estimators(metric="length") == ["entrotrain_canon"]
+    gen = torch.Generator().manual_seed(0)
+    b, t, g = 8, 6, 4
+    mask = (torch.rand(b, t, generator=gen) > 0.3).float()
+    mask[:, 0] = 1.0
+    rewards = torch.zeros(b, t)
+    rewards[:, 0] = torch.randint(0, 2, (b,), generator=gen).float()
+    uids = np.array([f"u{i // g}" for i in range(b)], dtype=object)
+    fn = core_algos.get_adv_estimator_fn("entrotrain_canon")
+    adv, ret = fn(token_level_rewards=rewards, response_mask=mask, config=AlgoConfig(adv_estimator="entrotrain_canon"),
+                  index=uids)
+    expected = canon_advantage(rewards.sum(-1), mask.sum(-1), g, variant="length")
+    assert torch.allclose(adv, expected[:, None] * mask, atol=1e-6) and torch.equal(adv, ret)

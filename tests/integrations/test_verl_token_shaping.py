@@ -59,3 +59,21 @@ def test_canon_defaults_and_errors():
         fn(token_rewards, mask, uids, {"canon": {"lam": "x"}}, entropy=entropy)
     with pytest.raises(EntrotrainError, match="config.canon.metric"):
         fn(token_rewards, mask, uids, {"canon": {"metric": "sum"}}, entropy=entropy)
+
+
+def test_canon_keyword_defaults_apply_when_the_config_has_no_canon_section():
+    """Stock verl's AlgoConfig refuses a `canon` field and its compute_advantage passes no entropy: the settings
+    given at registration are used instead, and a config's own `canon` section still wins."""
+    token_rewards, mask, entropy, uids, scores = _verl_batch(seed=2)
+    fn = make_verl_adv_fns(metric="length", lam=0.6, alpha=1.5, beta=0.2, length_norm=8.0)["entrotrain_canon"]
+    adv, _ = fn(token_rewards, mask, uids, None)  # no entropy needed for the length metric
+    value = [float(mask[i].sum()) for i in range(mask.shape[0])]
+    ref = canon_reference(scores.double(), value, uids, 1.5, 0.2, 0.6, 8.0, "length")
+    assert torch.allclose(adv.double(), ref[:, None] * mask.double(), atol=1e-7)
+    cfg = {"canon": {"metric": "entropy"}}  # the config's section overrides the registration default
+    adv_e, _ = fn(token_rewards, mask, uids, cfg, entropy=entropy)
+    value_e = [float((entropy[i] * mask[i]).sum() / (mask[i].sum() + 1e-8)) for i in range(mask.shape[0])]
+    ref_e = canon_reference(scores.double(), value_e, uids, 1.5, 0.2, 0.6, 8.0, "entropy")
+    assert torch.allclose(adv_e.double(), ref_e[:, None] * mask.double(), atol=1e-7)
+    with pytest.raises(EntrotrainError, match="metric"):
+        make_verl_adv_fns(metric="sum")

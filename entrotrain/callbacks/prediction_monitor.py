@@ -74,7 +74,7 @@ it only reads detached tensors, its forwards run without gradient in eval mode a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -292,6 +292,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         self._head_labels: Tensor | None = None
         self._probe_set: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
         self._prompts: list[Tensor] = []
+        self.last_profile: Tensor | None = None
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ lifecycle
@@ -326,6 +327,15 @@ class PredictionEntropyMonitor(HookedMonitor):
             from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
             setup_wandb_dashboard(trainer.loggers)
+
+    def bind(self, model: nn.Module) -> None:
+        """Lightning-free core: fresh per-train state watching ``model`` (the HF ``Trainer`` integration's entry):
+        finds the head (``source="head"``), takes the ``probe`` set (there is no datamodule: ``probe=None`` means no
+        probe set) and the generation prompts."""
+        self._reset_fit_state()
+        self._head_module = self._find_head(model) if self.source == "head" else None
+        self._probe_set = self._collect_probe(None) if self.probe is not None else []
+        self._prompts = self._collect_prompts()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._probe_set = self._collect_probe(trainer)
@@ -510,7 +520,7 @@ class PredictionEntropyMonitor(HookedMonitor):
             self._flush(trainer, pl_module, step)
 
     # ------------------------------------------------------------------ probe
-    def _collect_probe(self, trainer: Trainer) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+    def _collect_probe(self, trainer: Trainer | None) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
         batches: list[Any]
         if self.probe is not None:
             probe = self.probe
@@ -561,10 +571,8 @@ class PredictionEntropyMonitor(HookedMonitor):
             return pl_module(input_ids=inputs, attention_mask=attention_mask)
         return pl_module(inputs)
 
-    def _run_probe(self, trainer: Trainer, pl_module: LightningModule) -> _Positions:
-        rank, world = trainer.global_rank, trainer.world_size
+    def _run_probe(self, pl_module: nn.Module, rank: int, world: int, device: torch.device) -> _Positions:
         acc = _Positions(self._profile_len())
-        device = pl_module.device
         for inputs, labels, attention_mask in self._probe_set:
             rows = slice(rank, None, world)
             x = inputs[rows].to(device)
@@ -612,10 +620,9 @@ class PredictionEntropyMonitor(HookedMonitor):
         size = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("block_size")
         return int(size) if isinstance(size, int) else None
 
-    def _generate(self, pl_module: LightningModule) -> dict[str, float]:
+    def _generate(self, pl_module: nn.Module, device: torch.device) -> dict[str, float]:
         """Greedy continuations of every prompt (grouped by length) and their diversity."""
         context = self._context(pl_module)
-        device = pl_module.device
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(self._prompts):
             groups.setdefault(p.numel(), []).append(i)
@@ -636,13 +643,14 @@ class PredictionEntropyMonitor(HookedMonitor):
         return out
 
     # ------------------------------------------------------------------ reduce and publish
-    def _reduce(self, trainer: Trainer, acc: _Positions) -> tuple[dict[str, float], Tensor, Tensor, Tensor]:
+    def _reduce(
+        self, acc: _Positions, reduce: Callable[[Tensor], Tensor] | None, device: torch.device
+    ) -> tuple[dict[str, float], Tensor, Tensor, Tensor]:
         """One SUM all-reduce of sums and profile, one gather of the entropies (quantiles): union-batch values."""
         entropies = torch.cat(acc.entropies) if acc.entropies else torch.zeros(0, dtype=torch.float64)
         flat = torch.cat([acc.sums, acc.pos_sum, acc.pos_count])
-        if trainer.world_size > 1:
-            device = trainer.strategy.root_device
-            flat = trainer.strategy.reduce(flat.to(device), reduce_op="sum").cpu()
+        if reduce is not None:
+            flat = reduce(flat.to(device)).cpu()
             entropies = all_gather_varlen(entropies.to(device)).cpu()
         k, p = len(_SUM_FIELDS), acc.pos_sum.numel()
         sums = dict(zip(_SUM_FIELDS, flat[:k].tolist()))
@@ -656,65 +664,99 @@ class PredictionEntropyMonitor(HookedMonitor):
             return sorted({round(i * (length - 1) / max(k - 1, 1)) for i in range(k)})
         return [i for i in self.positions if i < length]
 
-    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+    def compute_metrics(
+        self,
+        model: nn.Module,
+        step: int,
+        world: int = 1,
+        rank: int = 0,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        device: torch.device | None = None,
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Lightning-free core of a logging step, after its optimizer update: reduce the training window (``reduce``:
+        SUM over the ``world`` ranks, ``None`` = one process; ``device``: where collectives run, default the model's),
+        score the probe set on ``model`` (rank ``rank`` takes rows ``rank, rank + world, ...``) and generate when due
+        (eval mode, no gradient, no RNG, modes restored). Returns ``(metrics, generation metrics)``, NaN where no
+        position was usable; appends the history and profile rows (:attr:`last_profile`)."""
+        if device is None:
+            device = next((t.device for t in model.parameters()), torch.device("cpu"))
         metrics: dict[str, float] = {}
-        sums, entropies, _, _ = self._reduce(trainer, self._train)
+        sums, entropies, _, _ = self._reduce(self._train, reduce, device)
         train = prediction_entropy_summary(sums, entropies)
         nonfinite = train.pop("nonfinite")
         metrics.update({f"{self.prefix}/train/{k}": v for k, v in train.items()})
         self._train = _Positions()
-        profile = None
+        self.last_profile = None
         gen: dict[str, float] = {}
         if self._probe_set or (self._prompts and step % self.generate_every_n_steps == 0):
-            modes = {m: m.training for m in pl_module.modules()}
-            pl_module.eval()
+            modes = {m: m.training for m in model.modules()}
+            model.eval()
             try:  # no other monitor's tap sees these forwards, whatever the order of the callbacks
                 with torch.no_grad(), exclusive_capture():
                     if self._probe_set:
-                        acc = self._run_probe(trainer, pl_module)
+                        acc = self._run_probe(model, rank, world, device)
                     if self._prompts and step % self.generate_every_n_steps == 0:
-                        gen = self._generate(pl_module)
+                        gen = self._generate(model, device)
             finally:
                 for m, mode in modes.items():
                     m.training = mode
             if self._probe_set:
-                sums, entropies, pos_sum, pos_count = self._reduce(trainer, acc)
+                sums, entropies, pos_sum, pos_count = self._reduce(acc, reduce, device)
                 probe = prediction_entropy_summary(sums, entropies)
                 nonfinite += probe.pop("nonfinite")
                 metrics.update({f"{self.prefix}/probe/{k}": v for k, v in probe.items()})
                 profile = torch.where(pos_count > 0, pos_sum / pos_count.clamp_min(1), torch.nan)
                 for i in self._position_keys(profile.numel()):
                     metrics[f"{self.prefix}/probe/pos/{i}"] = float(profile[i])
+                self.last_profile = profile
         metrics[f"{self.prefix}/nonfinite"] = self._nonfinite.add(
             nonfinite, "predicted positions held NaN/Inf", f"step {step}"
         )
+        gen_metrics = {f"{self.prefix}/gen/{k}": v for k, v in gen.items()}
+        self.history.append((step, {k: v for k, v in {**metrics, **gen_metrics}.items() if is_finite_number(v)}))
+        if self.last_profile is not None:
+            self.profiles.append((step, self.last_profile.tolist()))
+        return metrics, gen_metrics
+
+    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        def sum_ranks(t: Tensor) -> Tensor:
+            return trainer.strategy.reduce(t, reduce_op="sum")
+
+        reduce = sum_ranks if trainer.world_size > 1 else None
+
+        device = trainer.strategy.root_device if trainer.world_size > 1 else pl_module.device
+        metrics, gen_metrics = self.compute_metrics(
+            pl_module, step, trainer.world_size, trainer.global_rank, reduce, device
+        )
         published = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
-        if gen:
-            gen_metrics = {f"{self.prefix}/gen/{k}": v for k, v in gen.items()}
+        if gen_metrics:
             publish_scalars(trainer, pl_module, gen_metrics, source=self.state_key + "/gen")
-            metrics.update(gen_metrics)
-        self.history.append((step, {k: v for k, v in metrics.items() if is_finite_number(v)}))
+        profile = self.last_profile
         if profile is not None:
-            self.profiles.append((step, profile.tolist()))
             record_media(trainer, f"{self.prefix}/probe/pos_profile", profile, published, kind="values")
             if self.log_media and trainer.is_global_zero:
                 self._log_media(trainer, published)
 
-    def _log_media(self, trainer: Trainer, step: int) -> None:
-        from entrotrain.dashboards.wandb_media import wandb_loggers
-
-        loggers = wandb_loggers(trainer.loggers)
-        if not loggers or not self.profiles:
-            return
+    def media(self) -> dict[str, Any]:
+        """Lightning-free core: the wandb position × logging-step heatmap of the probe entropy (empty without a
+        probe set or wandb)."""
+        if not self.profiles:
+            return {}
         from entrotrain.dashboards.prediction_media import position_profile_over_time_image
 
         image = position_profile_over_time_image(
             [torch.tensor(p) for _, p in self.profiles], [s for s, _ in self.profiles]
         )
-        if image is None:
-            return
+        return {} if image is None else {f"{self.prefix}/probe/pos_heatmap": image}
+
+    def _log_media(self, trainer: Trainer, step: int) -> None:
+        from entrotrain.dashboards.wandb_media import wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        media = self.media() if loggers else {}
         for logger in loggers:
-            logger.experiment.log({f"{self.prefix}/probe/pos_heatmap": image, "trainer/global_step": step})
+            for key, image in media.items():
+                logger.experiment.log({key: image, "trainer/global_step": step})
 
     # ------------------------------------------------------------------ summary
     def summary_table(self, max_rows: int = 10) -> str:

@@ -56,7 +56,7 @@ fit and left out of every statistic; a layer with no usable row at a logging ste
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -190,11 +190,20 @@ class RouterEntropyMonitor(HookedMonitor):
             from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
             setup_wandb_dashboard(trainer.loggers)
-        if self.tap is None or self.tap.model is not pl_module:  # a reused monitor watches the model being fit
+        self._bind_tap(pl_module)
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Lightning-free core: fresh per-train state watching ``model`` (the HF ``Trainer`` integration's entry)."""
+        self._reset_fit_state()
+        self._config_top_k = _config_top_k(model)
+        self._bind_tap(model)
+
+    def _bind_tap(self, model: torch.nn.Module) -> None:
+        if self.tap is None or self.tap.model is not model:  # a reused monitor watches the model being fit
             self._release()
             self.tap, self._tap_error = None, None
             try:
-                self.tap = RouterTap(pl_module, self.include, self.exclude, output_index=self.output_index)
+                self.tap = RouterTap(model, self.include, self.exclude, output_index=self.output_index)
             except TapError as err:
                 if self.include is not None:  # the user named modules that do not exist: say so now
                     raise
@@ -320,7 +329,7 @@ class RouterEntropyMonitor(HookedMonitor):
             "training step calls."
         )
 
-    def _reduce(self, trainer: Trainer) -> dict[str, RouterValues]:
+    def _reduce(self, reduce: Callable[[Tensor], Tensor] | None) -> dict[str, RouterValues]:
         """One SUM all-reduce of every layer's sums (layers missing on this step enter as zeros)."""
         device = next(iter(self._sums.values())).rows.device
         parts = []
@@ -330,8 +339,8 @@ class RouterEntropyMonitor(HookedMonitor):
             zeros = torch.zeros(6 + 2 * e, dtype=torch.float64, device=device)
             parts.append(sums.flat().to(device) if sums is not None else zeros)
         flat = torch.cat(parts)
-        if trainer.world_size > 1:  # same model on every rank: same layers, same layout
-            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        if reduce is not None:  # same model on every rank: same layers, same layout
+            flat = reduce(flat)
         flat = flat.cpu()  # one device -> host transfer per logging step
         values: dict[str, RouterValues] = {}
         offset = 0
@@ -349,12 +358,13 @@ class RouterEntropyMonitor(HookedMonitor):
         for logger in trainer.loggers:
             logger.log_hyperparams({f"{self.prefix}/layers": layers})
 
-    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+    def compute_metrics(self, step: int, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Lightning-free core of a logging step: reduce the window's sums (``reduce``: SUM over ranks, ``None`` =
+        one process), return every key (NaN where no row was usable) and update ``last_logged``, ``history`` and
+        ``load_matrix``. Raises :class:`TapError` when the window captured nothing."""
         if not self._sums:
             self._no_capture(step)
-        if not self._announced:
-            self._announce(trainer)
-        values = self._reduce(trainer)
+        values = self._reduce(reduce)
         self._sums = {}
         p = self.prefix
         metrics: dict[str, float] = {}
@@ -387,6 +397,23 @@ class RouterEntropyMonitor(HookedMonitor):
         self.last_logged = {k: v for k, v in metrics.items() if math.isfinite(v)}
         self.history.append((step, {k: v for k, v in summary.items() if math.isfinite(v)}))
         self.load_matrix = load
+        return metrics
+
+    def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        if not self._sums:
+            self._no_capture(step)
+        if not self._announced:
+            self._announce(trainer)
+        def sum_ranks(t: Tensor) -> Tensor:
+            return trainer.strategy.reduce(t, reduce_op="sum")
+
+        reduce = sum_ranks if trainer.world_size > 1 else None
+
+        metrics = self.compute_metrics(step, reduce)
+        load = self.load_matrix
+        assert load is not None
+        p = self.prefix
+        width = load.shape[1]
         published_at = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         if trainer.is_global_zero:
             vmax = 2.0 / width
@@ -397,19 +424,32 @@ class RouterEntropyMonitor(HookedMonitor):
             if self.log_media:
                 self._log_media(trainer, load, vmax, published_at)
 
-    def _log_media(self, trainer: Trainer, load: Tensor, vmax: float, step: int) -> None:
-        from entrotrain.dashboards.wandb_media import heatmap_image, wandb_loggers
+    def media(self) -> dict[str, Any]:
+        """Lightning-free core: the wandb load heatmap of the last logging step, ``{key: image}`` (empty when there
+        is nothing to show or wandb is missing)."""
+        if self.load_matrix is None:
+            return {}
+        image = self._heatmap(self.load_matrix, 2.0 / self.load_matrix.shape[1])
+        return {} if image is None else {f"{self.prefix}/load_heatmap": image}
 
-        loggers = wandb_loggers(trainer.loggers)
-        if not loggers:
-            return
-        image = heatmap_image(
+    def _heatmap(self, load: Tensor, vmax: float) -> Any:
+        from entrotrain.dashboards.wandb_media import heatmap_image
+
+        return heatmap_image(
             load.float(),
             caption=f"expert load share, rows = MoE layers L0..L{load.shape[0] - 1}, cols = experts; 0 -> {vmax:.3g} "
             "(twice the balanced share)",
             vmin=0.0,
             vmax=vmax,
         )
+
+    def _log_media(self, trainer: Trainer, load: Tensor, vmax: float, step: int) -> None:
+        from entrotrain.dashboards.wandb_media import wandb_loggers
+
+        loggers = wandb_loggers(trainer.loggers)
+        if not loggers:
+            return
+        image = self._heatmap(load, vmax)
         if image is None:
             return
         for logger in loggers:

@@ -74,7 +74,7 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 
-from entrotrain.errors import EntrotrainError
+from entrotrain.errors import EntrotrainError, TapError
 
 _TRANSFORMERS = RequirementCache("transformers>=4.48")
 _ACCELERATE = RequirementCache("accelerate>=1.4")
@@ -92,7 +92,9 @@ from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor  # noqa: E402
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
+from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, _logits_of, _Positions  # noqa: E402
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor  # noqa: E402
+from entrotrain.callbacks.router_monitor import RouterEntropyMonitor  # noqa: E402
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor  # noqa: E402
 
 __all__ = ["STATE_KEY", "EntropyTrainerCallback"]
@@ -130,6 +132,7 @@ class _Driver:
     def __init__(self, monitor: Any) -> None:
         self.monitor = monitor
         self.model: nn.Module | None = None
+        self.step = 0  # the optimizer step being captured (set before arm)
 
     def bind(self, model: nn.Module) -> None:
         """Fresh per-train state, watching ``model``."""
@@ -236,10 +239,167 @@ class _SigmaReparamDriver(_Driver):
         return self.monitor.compute_metrics(self.model, step)  # weights are the same on every rank: no reduction
 
 
+class _BatchWatch:
+    """Forward pre/post hooks on the root model during a logging step: ``Trainer`` hands callbacks no batch, but it
+    calls ``model(**inputs)``, so the pre-hook reads the micro-batch's tensors from the keyword arguments (the
+    ``attention_mask``, the ``labels``) and the post-hook sees the output, once per micro-batch forward."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self.fields: dict[str, Tensor | None] = {}
+
+    def arm(self, model: nn.Module, keys: Sequence[str], before: Callable[[], None], after: Callable[[Any], None]) -> None:
+        self.disarm()
+
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.fields = {k: kwargs[k] if isinstance(kwargs.get(k), Tensor) else None for k in keys}
+            before()
+
+        def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            after(output)
+
+        self._handles = [
+            model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True),
+        ]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.fields = {}
+
+
+class _RouterDriver(_Driver):
+    """Router statistics from the monitor's :class:`~entrotrain.taps.router_tap.RouterTap`, one micro-batch forward
+    at a time; the keep mask is the forward's ``attention_mask`` keyword argument (``mask_key``)."""
+
+    monitor: RouterEntropyMonitor
+
+    def __init__(self, monitor: RouterEntropyMonitor) -> None:
+        super().__init__(monitor)
+        self._watch = _BatchWatch()
+        self._mask: Tensor | None = None
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.monitor.bind(model)
+        if self.monitor.tap is None:  # no training_step under Trainer: the tap is the only source
+            raise TapError(f"RouterEntropyMonitor under transformers.Trainer: {self.monitor._tap_error}")
+
+    def _consume(self) -> None:
+        """Score what the routers captured since the last call, with the mask of the forward that produced it."""
+        m = self.monitor
+        if m.tap is None or not m.tap.captures:
+            return
+        key = m.mask_key
+        m._consume(None, {key: self._mask} if key is not None and self._mask is not None else {}, self.step)
+        m.tap.reset()
+
+    def arm(self) -> None:
+        m = self.monitor
+        assert m.tap is not None and self.model is not None
+        m._sums = {}
+        m.tap.reset()
+        self._mask = None
+
+        def before() -> None:
+            self._consume()  # captures left by a recomputation in backward belong to the previous forward
+            self._mask = self._watch.fields.get(m.mask_key) if m.mask_key is not None else None
+
+        self._watch.arm(self.model, [m.mask_key] if m.mask_key is not None else [], before, lambda _: self._consume())
+        m.tap.arm()
+
+    def disarm(self) -> None:
+        self._watch.disarm()
+        if self.monitor.tap is not None:
+            self.monitor.tap.disarm()
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        m = self.monitor
+        self._consume()
+        metrics = m.compute_metrics(step, reduce)
+        if not m._announced:
+            m._announced = True
+            rank_zero_info("RouterEntropyMonitor layers: " + ", ".join(f"L{i}={n}" for i, n in enumerate(m.layer_names)))
+        return metrics
+
+    def media(self) -> dict[str, Any]:
+        return self.monitor.media() if self.monitor.log_media else {}
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return m.summary_table() if m.print_summary and m.history else None
+
+
+class _PredictionDriver(_Driver):
+    """Prediction entropy of each micro-batch forward of a logging step: the head hook (``source="head"``) or the
+    model's output logits (``source="output"``); ``labels`` / ``attention_mask`` are the forward's keyword arguments.
+    The probe set (``probe=``) and generation run on the model after the step's optimizer update."""
+
+    monitor: PredictionEntropyMonitor
+
+    def __init__(self, monitor: PredictionEntropyMonitor) -> None:
+        super().__init__(monitor)
+        self._watch = _BatchWatch()
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.monitor.bind(model)
+
+    def arm(self) -> None:
+        m = self.monitor
+        assert self.model is not None
+        m._train = _Positions()
+
+        def before() -> None:
+            if m.source == "head":
+                m._disarm()
+                m._arm(m._labels_only(self._watch.fields)[1])
+
+        def after(output: Any) -> None:
+            found = self._watch.fields
+            if m.source == "head":
+                captured = m._disarm()
+                if len(captured) != 1:
+                    raise TapError(
+                        f"PredictionEntropyMonitor: the head {m.head!r} ran {len(captured)} times in one model forward; "
+                        "it must run exactly once. Use source='output'."
+                    )
+                lead, stats = captured[0]
+                keep, labels = m._keep(lead, found, stats.entropy.device)
+                m._score(m._train, lead, keep, labels, head_stats=stats)
+            else:
+                logits = _logits_of(output)
+                lead = tuple(logits.shape[:-1])
+                keep, labels = m._keep(lead, found, logits.device)
+                m._score(m._train, lead, keep, labels, logits=logits)
+
+        self._watch.arm(self.model, ("attention_mask", "labels", "mask"), before, after)
+
+    def disarm(self) -> None:
+        self._watch.disarm()
+        self.monitor._disarm()
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        assert self.model is not None
+        metrics, gen = self.monitor.compute_metrics(self.model, step, world, rank, reduce)
+        return {**metrics, **gen}
+
+    def media(self) -> dict[str, Any]:
+        return self.monitor.media() if self.monitor.log_media else {}
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return m.summary_table() if m.print_summary and m.history else None
+
+
 _DRIVERS: dict[type, type[_Driver]] = {
     AttentionEntropyMonitor: _AttentionDriver,
     RepresentationEntropyMonitor: _RepresentationDriver,
     SigmaReparamMonitor: _SigmaReparamDriver,
+    RouterEntropyMonitor: _RouterDriver,
+    PredictionEntropyMonitor: _PredictionDriver,
 }
 
 
@@ -415,6 +575,7 @@ class EntropyTrainerCallback(TrainerCallback):
         self.release()  # a window left open (an interrupted step) never leaks into this one
         if self.drivers and self._logging_step(args, state, state.global_step + 1):
             for driver in self.drivers:
+                driver.step = state.global_step + 1
                 driver.arm()
             self._armed = True
 

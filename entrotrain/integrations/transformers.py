@@ -12,9 +12,11 @@ r"""entrotrain's monitors and collapse guard inside Hugging Face ``transformers.
 :class:`EntropyTrainerCallback` drives the *same* monitor objects the Lightning side uses
 (:class:`~entrotrain.callbacks.attention_monitor.AttentionEntropyMonitor`,
 :class:`~entrotrain.callbacks.representation_monitor.RepresentationEntropyMonitor`,
-:class:`~entrotrain.callbacks.sigma_reparam_monitor.SigmaReparamMonitor`) and
+:class:`~entrotrain.callbacks.sigma_reparam_monitor.SigmaReparamMonitor`,
+:class:`~entrotrain.callbacks.router_monitor.RouterEntropyMonitor`,
+:class:`~entrotrain.callbacks.prediction_monitor.PredictionEntropyMonitor`) and
 :class:`~entrotrain.callbacks.collapse_guard.EntropyCollapseGuard`: their taps, their trainer-free cores
-(``compute_metrics`` / ``observe``) and their keys. No statistic is computed here (DESIGN.md §8): a key has the same
+(``bind`` / ``compute_metrics`` / ``media`` / ``observe``) and their keys. No statistic is computed here (DESIGN.md §8): a key has the same
 value from Lightning and from ``Trainer`` on the same model and batches.
 
 When it captures. ``Trainer`` logs at optimizer step ``s`` (``state.global_step`` after the step) when
@@ -33,7 +35,7 @@ integrations included, receives them. ``Trainer`` puts its ``report_to`` callbac
 ``DefaultFlowCallback``. Passed through ``callbacks=`` instead, only ``state.log_history`` and later callbacks see the
 keys (a warning says so when ``report_to`` is set). A statistic that could not be computed (NaN) never reaches a
 backend; a guard sees it as NaN, as in Lightning. Media (attention heatmap / histogram / heads over time,
-representation spectra) go to the active wandb run (``wandb.run``) on the main process, keyed ``train/{key}`` at
+representation spectra, router load heatmap, probe position × step heatmap) go to the active wandb run (``wandb.run``) on the main process, keyed ``train/{key}`` at
 ``train/global_step`` like ``WandbCallback``'s scalars.
 
 Guards. After the monitors, each guard observes its key when the key is in this log (an entrotrain key or any other
@@ -53,6 +55,24 @@ objects are not JSON); with ``restore_callback_states_from_checkpoint=True`` Tra
 Lifecycle. Taps are armed only inside a logging step and released at ``on_train_end``. ``Trainer`` has no
 exception event: :meth:`~EntropyTrainerCallback.attach` wraps ``trainer.train`` so that any exception also releases
 them; without ``attach``, call :meth:`~EntropyTrainerCallback.release` in your own ``finally``.
+
+The batch of a micro-batch. ``Trainer`` hands callbacks no batch, but it calls ``model(**inputs)``. While a logging
+step is armed, the router and prediction monitors put a forward pre-hook (``with_kwargs=True``) and a forward hook on
+the root model: the pre-hook reads the micro-batch's ``attention_mask`` (and ``labels``) keyword tensors, the hook
+scores that forward. So:
+
+* :class:`RouterEntropyMonitor`: the :class:`~entrotrain.taps.router_tap.RouterTap` captures the routers (HF
+  ``*TopKRouter`` / MoE ``gate``, or ``include``), each forward is scored with its own ``attention_mask`` (padding rows
+  excluded; a mask that does not match the router rows is ignored with the Lightning monitor's warning). A model
+  without routers is refused at train begin (:class:`~entrotrain.errors.TapError`): there is no ``training_step`` to
+  return ``router_logits``. ``top_k`` defaults to the config's ``num_experts_per_tok``. The layer names are printed
+  once (not logged: ``{p}/layers`` is a Lightning hyperparameter).
+* :class:`PredictionEntropyMonitor`: ``source="head"`` hooks the head (``head`` glob, e.g. ``"*lm_head"``) inside
+  each forward, ``source="output"`` reads the output's ``.logits``; labels are the ``labels`` keyword (HF causal LMs
+  take unshifted labels: pass ``shift_labels=True``), the keep mask ``attention_mask & labels != ignore_index``. The
+  probe set is the ``probe=`` tensors (there is no datamodule: ``probe=None`` means no probe set), scored, and
+  ``generation_prompts`` generated, after the optimizer step in eval mode without gradient, RNG untouched.
+  A model called positionally (no keywords) gives no mask and no labels: every position counts, no NLL.
 
 Not supported here: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure (``Trainer``
 hands callbacks no batch; use ``stage="train"`` and the other measures).
@@ -433,7 +453,8 @@ class EntropyTrainerCallback(TrainerCallback):
 
     Args:
         monitors: configured :class:`AttentionEntropyMonitor`, :class:`RepresentationEntropyMonitor` (``stage="train"``,
-            no ``dsmi``) and :class:`SigmaReparamMonitor` objects; their arguments mean what they mean in Lightning,
+            no ``dsmi``), :class:`SigmaReparamMonitor`, :class:`RouterEntropyMonitor` and
+            :class:`PredictionEntropyMonitor` (``probe=`` tensors, not a datamodule) objects; their arguments mean what they mean in Lightning,
             except ``every_n_steps`` (``TrainingArguments.logging_steps`` decides).
         guards: configured :class:`EntropyCollapseGuard` objects; each watches one key of the logs.
         log_media: send the monitors' wandb media to the active wandb run (main process only).

@@ -102,8 +102,8 @@ def _assert_same(hf: dict[str, float], lit: dict[str, float]) -> None:
 
 
 # ------------------------------------------------------------------ router
-def _router() -> RouterEntropyMonitor:
-    return RouterEntropyMonitor(every_n_steps=1, log_media=False, print_summary=False)
+def _router(**kw) -> RouterEntropyMonitor:
+    return RouterEntropyMonitor(**{"every_n_steps": 1, "log_media": False, "print_summary": False, **kw})
 
 
 def test_router_same_as_lightning_and_padding_excluded(tmp_path: Path) -> None:
@@ -142,10 +142,8 @@ def test_router_refuses_a_model_without_routers(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ prediction entropy
 def _prediction(source: str = "head", probe=None, **kw) -> PredictionEntropyMonitor:
-    return PredictionEntropyMonitor(
-        every_n_steps=1, source=source, shift_labels=True, probe=probe, positions=3, log_media=False,
-        print_summary=False, **kw,
-    )
+    kw = {"every_n_steps": 1, "positions": 3, "log_media": False, "print_summary": False, **kw}
+    return PredictionEntropyMonitor(source=source, shift_labels=True, probe=probe, **kw)
 
 
 def _history(monitor: PredictionEntropyMonitor) -> dict[str, float]:
@@ -193,8 +191,13 @@ def test_prediction_bad_head_is_refused(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ monitoring never changes training
-def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path) -> None:
+def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path, capsys) -> None:
     held_out = _batch(_data(rows=2, seed=9))
+
+    def monitors(print_summary: bool = True):
+        return [_router(print_summary=print_summary), _prediction(
+            probe=held_out, generation_prompts=1, prompt_length=2, max_new_tokens=3, print_summary=print_summary
+        )]
 
     def run(with_callback: bool):
         model = _model()
@@ -203,8 +206,7 @@ def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path) 
             per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
         )
         if with_callback:
-            EntropyTrainerCallback([_router(), _prediction(probe=held_out, generation_prompts=1, prompt_length=2,
-                                                           max_new_tokens=3)]).attach(trainer)
+            cb = EntropyTrainerCallback(monitors()).attach(trainer)
         trainer.train()
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         if with_callback:
@@ -214,9 +216,16 @@ def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path) 
                 assert row["entropy/pred/train/tokens"] >= 4 * (T - 1 - 3)  # 4 (T - 1 - 3) (the Trainer shuffles rows)
                 assert "entropy/pred/probe/mean" in row and "entropy/pred/gen/ttr" in row
             assert not _leftovers(model)
+            printed = capsys.readouterr().out  # the first / last summaries at train end
+            assert "router entropy (2 MoE layers)" in printed and "prediction entropy" in printed
+            resumed = EntropyTrainerCallback(monitors(False))  # what a checkpoint restores
+            resumed.load_state_dict(cb.state_dict())
+            assert resumed.monitors[0].layer_names == cb.monitors[0].layer_names
+            assert list(resumed.monitors[1].history) == list(cb.monitors[1].history)
         return losses, {k: v.clone() for k, v in model.state_dict().items()}
 
     loss_a, weights_a = run(False)
     loss_b, weights_b = run(True)
     assert loss_a == loss_b
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+

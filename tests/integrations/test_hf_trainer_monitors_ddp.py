@@ -1,0 +1,33 @@
+"""RouterEntropyMonitor and PredictionEntropyMonitor under 2-process CPU DDP (gloo) in HF Trainer: one reduction per
+logging step gives every rank the statistics of the union batch, equal to one process on all rows (its own file: it
+starts processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from tests.helpers.scripts import run_script  # noqa: E402
+from tests.integrations.hf_monitors_ddp_run import ROWS, run  # noqa: E402
+
+
+def test_two_rank_ddp_equals_one_process_on_the_union_batch(tmp_path: Path) -> None:
+    run_script(
+        Path(__file__).with_name("hf_monitors_ddp_run.py"), Path(__file__).resolve().parents[2], str(tmp_path),
+        timeout=300,
+    )
+    run(tmp_path, "single", ROWS, None)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # every rank logs the same numbers
+    reduced, reference = ranks[0]["metrics"], single["metrics"]
+    assert "entropy/router/L1/entropy" in reference and "entropy/pred/probe/p90" in reference
+    assert set(reduced) == set(reference)
+    for key, value in reference.items():
+        assert reduced[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -195,8 +195,9 @@ def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path, 
     held_out = _batch(_data(rows=2, seed=9))
 
     def monitors(print_summary: bool = True):
-        return [_router(print_summary=print_summary), _prediction(
-            probe=held_out, generation_prompts=1, prompt_length=2, max_new_tokens=3, print_summary=print_summary
+        return [_router(print_summary=print_summary, log_media=True), _prediction(
+            probe=held_out, generation_prompts=1, prompt_length=2, max_new_tokens=3, print_summary=print_summary,
+            log_media=True,
         )]
 
     def run(with_callback: bool):
@@ -222,6 +223,8 @@ def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path, 
             resumed.load_state_dict(cb.state_dict())
             assert resumed.monitors[0].layer_names == cb.monitors[0].layer_names
             assert list(resumed.monitors[1].history) == list(cb.monitors[1].history)
+            media = {k for driver in cb.drivers for k in driver.media()}  # what goes to an active wandb run
+            assert media == {"entropy/router/load_heatmap", "entropy/pred/probe/pos_heatmap"}
         return losses, {k: v.clone() for k, v in model.state_dict().items()}
 
     loss_a, weights_a = run(False)

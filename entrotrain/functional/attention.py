@@ -17,7 +17,11 @@ Entropy Collapse", track exactly this quantity per head):
 - ``fused``: the value := key identity. With :math:`\bar o_i = \mathrm{softmax}(s_i) K` (attention whose values
   are the keys), :math:`\sum_j p_{ij} s_{ij} = \text{scale}\cdot q_i\cdot\bar o_i` when the mask is 0/−∞, so
   :math:`H_i = \operatorname{lse}_i - \text{scale}\cdot q_i\cdot\bar o_i`: one flash-attention call that returns
-  the log-sum-exp. Memory ``O(B·H·N)``. Not for additive biases (they need :math:`E_p[b]`), not differentiable.
+  the log-sum-exp. Memory ``O(B·H·N)``. Not for additive biases (they need :math:`E_p[b]`). Differentiable:
+  :math:`\partial H_i/\partial s_{ij} = -p_{ij}(s_{ij} - E_p[s]_i)` is exactly the ``dS`` of an attention backward
+  with ``v := k`` and upstream ``dO_i = -g_i\,\text{scale}\,q_i``, so the backward is one call of the flash
+  kernel's own backward (derivation and choices in :mod:`entrotrain.functional.attention_fused_grad`). CPU only
+  (on CUDA the Triton kernel of :mod:`entrotrain.kernels` plays this part).
 
 Grouped-query / multi-query attention: ``k`` may have fewer heads than ``q``; every *query* head is scored, query
 head ``h`` reading key head ``h // (H / H_kv)`` (as SDPA's ``enable_gqa`` and HF's ``repeat_kv``).
@@ -34,6 +38,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional.attention_fused_grad import fused_attention_entropy, fused_grad_available
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.functional.entropy import accumulation_dtype, entropy_from_logits, entropy_from_probs, row_entropy
 
@@ -159,25 +164,25 @@ def _chunked(
 
 
 def _fused_available(q: Tensor) -> bool:
-    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return fused_grad_available(q)
 
 
 def _fused(q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int) -> tuple[Tensor, Tensor]:
-    """``H = lse − scale · q·ō`` with ``ō`` = attention(q, k, value=k) from the lse-returning CPU flash kernel."""
+    """``H = lse − scale · q·ō`` with ``ō`` = attention(q, k, value=k) from the lse-returning CPU flash kernel.
+
+    Differentiable in ``q`` and ``k``: the backward is one flash-attention backward (derivation in
+    :mod:`entrotrain.functional.attention_fused_grad`)."""
     acc = accumulation_dtype(q.dtype)
     q_acc, k_acc = q.to(acc), k.to(acc)
     is_causal = mask.is_causal and mask.window is None  # the kernel applies a plain causal mask itself
     additive = mask.dense_additive(acc, positions=not is_causal)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_acc, k_acc, k_acc, 0.0, is_causal, attn_mask=additive, scale=scale
-    )
+    entropy = fused_attention_entropy(q_acc, k_acc, scale, is_causal=is_causal, additive=additive)
     counts = mask.key_counts(block).expand(q.shape[0], q.shape[1], q.shape[2])
-    entropy = lse.to(acc) - scale * (q_acc * out.to(acc)).sum(-1)
     entropy = torch.where(counts > 0, entropy.clamp_min(0.0), 0.0)
     return entropy, counts
 
 
-def _resolve_path(path: str, q: Tensor, k: Tensor, mask: AttentionMask, needs_grad: bool) -> str:
+def _resolve_path(path: str, q: Tensor, mask: AttentionMask, mask_grad: bool) -> str:
     if path not in ("auto", "materialized", "chunked", "fused"):
         raise EntrotrainError(f"path must be 'auto', 'materialized', 'chunked' or 'fused', got {path!r}.")
     if path == "fused":
@@ -186,8 +191,10 @@ def _resolve_path(path: str, q: Tensor, k: Tensor, mask: AttentionMask, needs_gr
                 "path='fused' needs a 0/-inf mask: the value := key identity misses E_p[bias] for an additive bias. "
                 "Use path='chunked'."
             )
-        if needs_grad:
-            raise EntrotrainError("path='fused' is not differentiable yet; use path='chunked' for a regulariser.")
+        if mask_grad:
+            raise EntrotrainError(
+                "path='fused' gives attn_mask no gradient, and attn_mask requires grad; use path='chunked'."
+            )
         if not _fused_available(q):
             raise EntrotrainError(
                 f"path='fused' has no lse-returning kernel for device {q.device.type!r} in this torch build; "
@@ -195,7 +202,7 @@ def _resolve_path(path: str, q: Tensor, k: Tensor, mask: AttentionMask, needs_gr
             )
         return path
     if path == "auto":
-        if not needs_grad and not mask.has_bias and _fused_available(q) and q.dtype != torch.float64:
+        if not mask.has_bias and not mask_grad and _fused_available(q) and q.dtype != torch.float64:
             return "fused"
         return "chunked"
     return path
@@ -242,8 +249,9 @@ def attention_entropy_stats(
         window: sliding window of this many keys, an int >= 1 (see
             :class:`~entrotrain.functional.attention_masks.AttentionMask`).
         scale: finite score scale; default ``1/sqrt(head_dim)`` as SDPA (1 for ``head_dim = 0``).
-        path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies and no gradient
-            is needed, chunked otherwise). All agree to float32 round-off. ``fused`` runs as ``chunked`` when
+        path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies: CPU, float32 /
+            half, 0/−∞ masks, ``attn_mask`` not requiring grad — with or without a gradient; chunked otherwise).
+            All agree to float32 round-off, gradients included. ``fused`` runs as ``chunked`` when
             ``head_dim = 0`` or ``k`` holds NaN/Inf (one reduction over ``k`` decides).
         chunk_elements: score elements per query block in the chunked path, an int >= 1.
         impl: ``"auto"`` (the Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is installed,
@@ -295,7 +303,8 @@ def attention_entropy_stats(
             )
 
         return call_kernel("attention-entropy", impl, kernel, fallback)
-    resolved = _resolve_path(path, q, k, mask, needs_grad)
+    mask_grad = torch.is_grad_enabled() and attn_mask is not None and attn_mask.requires_grad
+    resolved = _resolve_path(path, q, mask, mask_grad)
     if 0 in (batch, heads, n_q, n_k):
         # nothing to score, or no key to attend (SDPA returns zeros): the kernels and the block loop need sizes > 0
         entropy = torch.nan_to_num(q.to(accumulation_dtype(q.dtype)).sum(-1) * 0, nan=0.0)  # 0 even for a NaN query
@@ -333,7 +342,7 @@ def attention_entropy(
     r"""Per-query attention entropy ``(batch, heads, queries)`` in nats, or normalised by :math:`\ln|V_i|`.
 
     Arguments as :func:`attention_entropy_stats`; ``normalize=True`` returns :math:`\hat H_i = H_i/\ln|V_i|`
-    (0 where ``|V_i| < 2``). Differentiable on the ``materialized`` and ``chunked`` paths.
+    (0 where ``|V_i| < 2``). Differentiable in ``q`` and ``k`` on every path (``fused``: first order only).
 
     Example:
         >>> q = k = torch.zeros(1, 1, 4, 8)

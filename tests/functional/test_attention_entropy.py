@@ -396,11 +396,12 @@ def test_auto_picks_fused_for_fp32_without_grad(path_spy):
     assert path_spy == ["fused", "fused"]
 
 
-def test_auto_picks_chunked_when_grad_is_needed_and_is_differentiable(path_spy):
+def test_auto_picks_fused_when_grad_is_needed_and_is_differentiable(path_spy):
+    """The fused path is differentiable (issue 18; its gradients are tested in test_attention_fused_grad.py)."""
     q, k = _qk()
     q.requires_grad_(True)
     h = attention_entropy(q, k, is_causal=True)
-    assert path_spy == ["chunked"]
+    assert path_spy == ["fused"]
     assert h.requires_grad
     h.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
@@ -413,11 +414,11 @@ def test_auto_picks_chunked_for_bias_and_float64(path_spy):
     assert path_spy == ["chunked", "chunked"]
 
 
-def test_fused_refuses_grad():
+def test_fused_refuses_an_attn_mask_that_requires_grad():
     q, k = _qk()
-    q.requires_grad_(True)
+    mask = torch.zeros(6, 6).masked_fill(torch.eye(6).bool(), -INF).requires_grad_(True)
     with pytest.raises(EntrotrainError, match="chunked"):
-        attention_entropy(q, k, path="fused")
+        attention_entropy(q, k, attn_mask=mask, path="fused")
 
 
 # ------------------------------------------------------------------ invalid input

@@ -1,0 +1,114 @@
+r"""The differentiable ``fused`` attention-entropy path: forward and backward from the CPU flash-attention kernel.
+
+Forward (Zhai et al. 2023, "Stabilizing Transformer Training by Preventing Attention Entropy Collapse", track
+:math:`H_i` per head). With scores :math:`s_{ij} = \text{scale}\cdot q_i\cdot k_j + m_{ij}`, :math:`m_{ij} \in
+\{0, -\infty\}` (causal, padding, window, boolean masks), :math:`p_i = \mathrm{softmax}(s_i)` and
+:math:`\bar o_i = \sum_j p_{ij} k_j` (attention whose values are the keys):
+
+.. math::
+
+    H_i = \operatorname{lse}_i - \sum_j p_{ij} s_{ij} = \operatorname{lse}_i - \text{scale}\cdot q_i\cdot\bar o_i
+
+(a masked key has :math:`p_{ij} = 0` and contributes nothing), so one call of
+``aten._scaled_dot_product_flash_attention_for_cpu(q, k, v=k)``, which returns ``(ō, lse)``, gives :math:`H`.
+
+Backward. :math:`H_i` depends on ``q`` and ``k`` only through the scores :math:`s_i`. For a loss :math:`L` with
+:math:`g_i = \partial L/\partial H_i`,
+
+.. math::
+
+    \frac{\partial H_i}{\partial s_{ij}} = p_{ij} - \frac{\partial}{\partial s_{ij}}\sum_l p_{il}s_{il}
+        = p_{ij} - \bigl(p_{ij} + p_{ij}s_{ij} - p_{ij}E_{p}[s]_i\bigr) = -p_{ij}\,(s_{ij} - E_p[s]_i),
+
+    dS_{ij} = -g_i\,p_{ij}\,(s_{ij} - E_p[s]_i), \qquad
+    \frac{\partial L}{\partial q_i} = \text{scale}\sum_j dS_{ij}k_j, \qquad
+    \frac{\partial L}{\partial k_j} = \text{scale}\sum_i dS_{ij}q_i .
+
+The standard attention backward for :math:`O = PV` and an upstream :math:`dO` computes exactly
+:math:`dS_{ij} = p_{ij}(dO_i\cdot v_j - dO_i\cdot o_i)`, then :math:`dQ = \text{scale}\,dS\,K` and
+:math:`dK = \text{scale}\,dS^\top Q` (and :math:`dV = P^\top dO`). Choose :math:`v := k` (so :math:`o = \bar o`,
+the forward's own output and lse are reused) and :math:`dO_i = -g_i\,\text{scale}\,q_i`:
+
+.. math::
+
+    dO_i\cdot v_j = -g_i\,\text{scale}\,q_i\cdot k_j = -g_i\,(s_{ij} - m_{ij}), \qquad
+    dO_i\cdot o_i = -g_i\,\text{scale}\,q_i\cdot\bar o_i = -g_i\,E_p[s]_i ,
+
+which (with :math:`p_{ij} = 0` wherever :math:`m_{ij} = -\infty`) is the :math:`dS` above. So **one** call of
+``aten._scaled_dot_product_flash_attention_for_cpu_backward`` gives the exact ``dq`` and ``dk``; its ``dv`` output is
+the gradient of a *different* function (one where the values are independent of the keys) and is discarded — the
+gradients reach ``k`` only through the scores, which ``dk`` already holds in full. Memory ``O(B·H·N·D)``: no
+``N×N`` matrix (beyond a dense 0/−∞ mask for window / boolean masks, shared over batch and heads), no Python loop
+over query blocks.
+
+Choices this implementation states:
+
+- Masks: 0/−∞ only (boolean, padding, causal, window; a plain causal mask goes to the kernel's ``is_causal``, the
+  rest as one dense additive mask). An additive finite bias would need :math:`E_p[b]` (forward) and a
+  bias-dependent ``dS``; soft-capping is not a linear score: both stay on the ``chunked`` path.
+- GQA / MQA: the kernel takes ``k`` with fewer heads and returns ``dk`` summed over each key head's query group.
+- Precision: half-precision inputs are computed in float32 (the caller casts; autograd casts the gradients back);
+  float64 runs in float64 (so ``torch.autograd.gradcheck`` applies).
+- A query with no valid key: the kernel gives ``lse = 0`` and ``ō = 0`` there (entropy 0); the caller zeroes those
+  rows with ``torch.where`` so their upstream gradient is 0.
+- First-order only (``once_differentiable``): a double backward raises.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["fused_attention_entropy", "fused_grad_available"]
+
+
+def fused_grad_available(q: Tensor) -> bool:
+    """Whether this torch build has the CPU flash kernel's forward and backward for ``q``'s device."""
+    return q.device.type == "cpu" and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    ) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+class _FusedAttentionEntropy(torch.autograd.Function):
+    """``H = lse − scale·q·ō`` forward, the attention backward with ``v := k``, ``dO = −g·scale·q`` backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, scale: float, is_causal: bool, additive: Tensor | None) -> Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, k, 0.0, is_causal, attn_mask=additive, scale=scale
+        )
+        ctx.save_for_backward(q, k, out, lse)
+        ctx.additive = additive  # a constant 0/-inf mask: no gradient flows to it
+        ctx.scale, ctx.is_causal = scale, is_causal
+        return lse.to(q.dtype) - scale * (q * out.to(q.dtype)).sum(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        q, k, out, lse = ctx.saved_tensors
+        grad_out = (grad.to(q.dtype).unsqueeze(-1) * q * (-ctx.scale)).contiguous()
+        dq, dk, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, k, out, lse, 0.0, ctx.is_causal, attn_mask=ctx.additive, scale=ctx.scale
+        )
+        return dq, dk, None, None, None
+
+
+def fused_attention_entropy(
+    q: Tensor, k: Tensor, scale: float, *, is_causal: bool = False, additive: Tensor | None = None
+) -> Tensor:
+    r"""Per-query :math:`H_i = \operatorname{lse}_i - \text{scale}\cdot q_i\cdot\bar o_i`, differentiable in q and k.
+
+    Args:
+        q: ``(B, H, Nq, D)`` float32 or float64 (cast half precision to float32 first), CPU, ``D >= 1``, sizes > 0.
+        k: ``(B, H_kv, Nk, D)``, same dtype; ``H`` a multiple of ``H_kv``.
+        scale: the score scale.
+        is_causal: the kernel's top-left causal mask.
+        additive: ``None`` or a 0/−∞ float mask broadcastable to ``(B, H, Nq, Nk)`` in ``q``'s dtype, no gradient.
+
+    Returns:
+        ``(B, H, Nq)`` entropies (not clamped; rows with no valid key hold ``lse − 0 = 0``). See the module
+        docstring for the derivation of the backward (one flash backward with ``v := k``, ``dO = −g·scale·q``).
+        Validation is the caller's (:func:`entrotrain.functional.attention.attention_entropy_stats`).
+    """
+    return _FusedAttentionEntropy.apply(q, k, scale, is_causal, additive)

@@ -23,6 +23,7 @@ Lightning does, so no Trainer overhead blurs the ratio). Reported: median step t
 equal ``plain``), the extra time of one logging step, and the amortised overhead at every 50 / every 25 steps.
 
     python benchmarks/monitor_overhead.py            # CPU, 2 threads
+    python benchmarks/monitor_overhead.py --all --quick   # 4 steps, 1 round: proves the script runs
 """
 
 from __future__ import annotations
@@ -191,7 +192,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="--all: logging interval of every monitor")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny", help="--all: model shape")
     parser.add_argument("--device", default="cpu", help="--all: cpu or cuda")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 steps, 1 round, log every 2 steps: proves the script runs (seconds)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds, args.every = 4, 1, 2
     torch.set_num_threads(args.threads)
     if args.all:
         budget(args)

@@ -20,6 +20,7 @@ pass ``--exact-max-n 10000`` to include it). Times are the median of ``--repeats
     python benchmarks/spectral.py                                   # n = 1000, 4000, 10000; d = 64; ~3-5 min, 2 cores
     python benchmarks/spectral.py --exact-max-n 10000               # + the n = 10 000 exact eigh (~2+ min more on CPU)
     python benchmarks/spectral.py --dims 64 256 --ns 1000 4000
+    python benchmarks/spectral.py --quick                           # n = 64, d = 8: proves the script runs
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="n = 64, d = 8, one SLQ row of 4 probes x 8 steps: proves the script runs (seconds)")
     a = p.parse_args(argv)
+    if a.quick:
+        a.ns, a.dims, a.probes, a.steps, a.repeats = [64], [8], [4], [8], 1
     if len(a.probes) != len(a.steps):
         raise SystemExit("--probes and --steps must have the same length (one SLQ row per pair).")
     device = C.resolve_device(a.device)

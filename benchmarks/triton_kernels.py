@@ -22,6 +22,7 @@ torch path; the torch rows are timed on the CPU-sized set.
 
     python benchmarks/triton_kernels.py                      # GPU set on CUDA, CPU set otherwise
     python benchmarks/triton_kernels.py --only attn --repeats 20
+    python benchmarks/triton_kernels.py --quick --device cpu   # tiny shapes: proves the script runs (seconds)
     TRITON_INTERPRET=0 python benchmarks/triton_kernels.py --sm90-check   # no GPU needed: registers / spills on sm_90
 """
 
@@ -318,6 +319,8 @@ def bench_head(a, device, dtype, triton_ok):
         print("\n## fused head: skipped (entrotrain.functional.policy_head is not there)")
         return
     n, d, v = (8192, 4096, 151936) if device.type == "cuda" else (512, 256, 8192)
+    if a.quick:
+        n, d, v = 64, 32, 512
     g = torch.Generator(device=device).manual_seed(a.seed)
     h = (torch.randn(n, d, generator=g, device=device) / math.sqrt(d) * 4).to(dtype).requires_grad_(a.grad)
     w = torch.randn(v, d, generator=g, device=device).to(dtype).requires_grad_(a.grad)
@@ -336,6 +339,8 @@ def bench_head(a, device, dtype, triton_ok):
 
 def bench_attention(a, device, dtype, triton_ok, grad: bool):
     b, hh, n, d = (2, 16, 8192, 128) if device.type == "cuda" else (1, 4, 512, 64)
+    if a.quick:
+        b, hh, d = 1, 2, 32
     n = a.seq or n
     g = torch.Generator(device=device).manual_seed(a.seed)
     q = torch.randn(b, hh, n, d, generator=g, device=device).to(dtype).requires_grad_(grad)
@@ -370,6 +375,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=0, help="attention sequence length (0: the set's default)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--compile", action="store_true", help="keep the torch.compile rows on CPU (skipped by default)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes, one round, no torch.compile: proves the script runs (benchmarks/gpu_all.sh dry run)")
     C.add_common_args(p, repeats=10)
     p.set_defaults(dtype=None)
     p.add_argument("--sm90-check", action="store_true",
@@ -382,6 +389,9 @@ def main(argv=None) -> None:
         return
     a.only = {s.strip() for s in a.only.split(",")}
     device = C.resolve_device(a.device)
+    if a.quick:
+        a.rows, a.vocab, a.seq = a.rows or 64, a.vocab or 512, a.seq or 64
+        a.repeats, a.warmup, a.no_compile = 1, 0, True
     if device.type == "cpu":
         a.no_compile = a.no_compile or not a.compile  # compiling costs more than the whole CPU run
         a.repeats = min(a.repeats, 3)

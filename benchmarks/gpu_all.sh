@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The GPU numbers still owed (issue 18, item 5; benchmarks/README.md "GPU numbers still owed"), in ONE script that
+# fits one lent device call: 15 minutes of device time per session, at most 10 per command.
+#
+#   bash benchmarks/gpu_all.sh                 # on a CUDA machine: the real collection, 8 minutes at most
+#   DRY_RUN=1 bash benchmarks/gpu_all.sh       # on CPU, smallest sizes / --quick: proves every step and flag (< 60 s)
+#   bash benchmarks/gpu_all.sh --dry-run       # the same
+#
+# Steps, in order, each under its own `timeout` (seconds; override with T_<STEP>=..., e.g. T_KERNEL_TESTS=200) and
+# all of them inside a total budget of GPU_ALL_BUDGET_S (default 480 = 8 minutes; a step gets at most what is left):
+#
+#   kernel_tests         python -m pytest tests/kernels -q                       (dry run: tests/kernels/test_dispatch.py)
+#   triton_kernels       python benchmarks/triton_kernels.py --device cuda       (fwd; attention fwd and fwd+bwd)
+#   triton_kernels_grad  python benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
+#   monitor_overhead     python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda
+#   spectral             python benchmarks/spectral.py --device cuda --exact-max-n 10000
+#
+# Output, in $OUT (default ./gpu_out when OUT is unset; at most 8 files, flat, so a device call brings all back):
+#   nvidia-smi.txt   the `nvidia-smi -L` line(s) (the card's name), or why there is none
+#   <step>.txt       each step's whole output (stdout + stderr): its table(s)
+#   summary.txt      one line per step: ok / FAILED (rc) / TIMEOUT / SKIPPED, seconds, limit; then the card
+# A failed or timed-out step does not stop the script; it exits 0 when every step is ok, else 1.
+#
+# Needs only what the device image has: bash, coreutils `timeout`, python3 with torch, lightning, triton, pytest
+# (no wandb: WANDB_MODE=disabled and nothing here imports it; no network). PYTHON=... picks the interpreter.
+# On a lent device, through the `run` tool (timeout_s ~540 leaves the script's 480 s plus start-up):
+#   run(command="bash benchmarks/gpu_all.sh", timeout_s=540)      # the tables come back from $OUT
+set -u
+
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+
+DRY_RUN=${DRY_RUN:-0}
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu_all.sh: unknown argument '$arg' (expected --dry-run or --help)" >&2; exit 2 ;;
+    esac
+done
+case "$DRY_RUN" in 0|"") DRY_RUN=0 ;; *) DRY_RUN=1 ;; esac
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT_DIR=${OUT:-./gpu_out}
+mkdir -p "$OUT_DIR" || { echo "gpu_all.sh: cannot create the output folder '$OUT_DIR'" >&2; exit 2; }
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_ALL_BUDGET_S:-480}
+SUMMARY="$OUT_DIR/summary.txt"
+
+cd "$REPO" || exit 2
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_SILENT=true
+unset ENTROTRAIN_IMPL  # impl="auto": the Triton kernels on CUDA
+
+if [ "$DRY_RUN" = 1 ]; then
+    MODE="dry run (CPU, smallest sizes / --quick)"
+    DEV=cpu
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+    MODE="GPU collection"
+    DEV=cuda
+fi
+
+{
+    echo "# gpu_all.sh: $MODE, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), budget ${BUDGET} s"
+    echo "# commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), python: $PY"
+} > "$SUMMARY"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L > "$OUT_DIR/nvidia-smi.txt" 2>&1; then
+    :
+else
+    echo "nvidia-smi -L: not available on this machine ($MODE)" > "$OUT_DIR/nvidia-smi.txt"
+fi
+
+if [ "$DRY_RUN" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        >/dev/null 2>&1; then
+    echo "NO CUDA: $PY sees no CUDA device (torch.cuda.is_available() is False). Run DRY_RUN=1 for the CPU check." \
+        | tee -a "$SUMMARY" >&2
+    exit 1
+fi
+
+START=$SECONDS
+FAILED=0
+
+# step NAME LIMIT_S CMD...: run CMD under `timeout`, its output into $OUT/NAME.txt, one line into the summary.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local var="T_${name^^}"
+    limit=${!var:-$limit}
+    local left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt 10 ]; then
+        printf '%-20s %-12s %5s s  (limit %s s)  %s\n' "$name" "SKIPPED" 0 "$limit" "total budget spent" >> "$SUMMARY"
+        echo "[gpu_all] $name: SKIPPED (total budget of ${BUDGET} s spent)"
+        FAILED=1
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    echo "[gpu_all] $name (limit ${limit} s): $*"
+    local t0=$SECONDS rc
+    {
+        echo "\$ $*"
+        timeout -k 10 "$limit" "$@"
+    } > "$OUT_DIR/$name.txt" 2>&1
+    rc=$?
+    local took=$((SECONDS - t0)) status
+    case $rc in
+        0) status=ok ;;
+        124|137) status=TIMEOUT ;;
+        *) status="FAILED($rc)" ;;
+    esac
+    [ "$rc" = 0 ] || FAILED=1
+    printf '%-20s %-12s %5s s  (limit %s s)  %s\n' "$name" "$status" "$took" "$limit" "$*" >> "$SUMMARY"
+    echo "[gpu_all] $name: $status in ${took} s"
+    if [ "$rc" != 0 ]; then tail -n 5 "$OUT_DIR/$name.txt" | sed 's/^/    /'; fi
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+    step kernel_tests 60 "$PY" -m pytest tests/kernels/test_dispatch.py -q -p no:cacheprovider
+    step triton_kernels 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1
+    step triton_kernels_grad 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1 --grad \
+        --only logits,head --no-compile
+    step monitor_overhead 60 "$PY" benchmarks/monitor_overhead.py --all --model tiny --device cpu --quick --threads 1
+    step spectral 60 "$PY" benchmarks/spectral.py --device cpu --quick --threads 1 --exact-max-n 10000
+else
+    step kernel_tests 120 "$PY" -m pytest tests/kernels -q -p no:cacheprovider
+    step triton_kernels 120 "$PY" benchmarks/triton_kernels.py --device cuda
+    step triton_kernels_grad 75 "$PY" benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
+    step monitor_overhead 100 "$PY" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda
+    step spectral 60 "$PY" benchmarks/spectral.py --device cuda --exact-max-n 10000
+fi
+
+{
+    echo "# total $((SECONDS - START)) s of ${BUDGET} s; $([ "$FAILED" = 0 ] && echo 'all steps ok' || echo 'NOT all ok')"
+    echo "# card: $(head -n 1 "$OUT_DIR/nvidia-smi.txt")"
+} >> "$SUMMARY"
+cat "$SUMMARY"
+exit "$FAILED"

@@ -270,3 +270,23 @@ def test_fused_path_error_names_the_fix_for_a_bias():
     q.requires_grad_(True)
     with pytest.raises(EntrotrainError, match="chunked"):
         attention_entropy(q, k, attn_mask=torch.randn(4, 4), path="fused")
+
+
+def test_non_finite_query_gives_the_same_gradient_pattern_as_chunked():
+    """A NaN in one query: NaN entropy in that row only; with the row dropped from the loss the gradients' NaN
+    pattern is the chunked oracle's (documented: a non-finite query poisons the key gradients it multiplies)."""
+    patterns = []
+    for path in ("fused", "chunked"):
+        q, k, _ = _inputs(1, 2, 2, 5, 5, 4, seed=4)
+        q[0, 0, 2, 1] = float("nan")
+        q.requires_grad_(True)
+        k.requires_grad_(True)
+        h = attention_entropy(q, k, path=path, is_causal=True)
+        assert torch.isnan(h).sum() == 1 and torch.isnan(h[0, 0, 2])
+        torch.where(torch.isfinite(h), h, 0.0).sum().backward()
+        patterns.append((torch.isnan(q.grad), torch.isnan(k.grad), torch.nan_to_num(q.grad), torch.nan_to_num(k.grad)))
+    (fq, fk, fqv, fkv), (cq, ck, cqv, ckv) = patterns
+    assert torch.equal(fq, cq) and torch.equal(fk, ck)
+    assert not fq[0, 1].any() and not fk[0, 1].any()  # the other head is untouched
+    torch.testing.assert_close(fqv, cqv, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fkv, ckv, atol=2e-5, rtol=1e-4)

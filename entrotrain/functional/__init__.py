@@ -273,3 +273,6 @@ __all__ += [
     "sequence_entropy",
     "window_entropy",
 ]
+from entrotrain.functional.attention_fused_grad import fused_attention_entropy, fused_grad_available  # noqa: E402
+
+__all__ += ["fused_attention_entropy", "fused_grad_available"]

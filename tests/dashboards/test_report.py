@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -15,40 +14,10 @@ from entrotrain.cli import main  # noqa: E402
 from entrotrain.dashboards.report import build_report, sections_of  # noqa: E402
 from entrotrain.dashboards.run_reader import load_run  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402
+from tests.helpers.report_page import parse_page  # noqa: E402
 
 
-class _Page(HTMLParser):
-    """Image sources, card values (data-key → text) and visible text of a report page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.images: list[str] = []
-        self.cards: dict[tuple[str, str], dict[str, str]] = {}
-        self.text: list[str] = []
-        self._card: tuple[str, str] | None = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "img":
-            self.images.append(a["src"])
-        if "data-key" in a:
-            self._card = (a["data-key"], a["data-run"])
-            self.cards[self._card] = {"first": a["data-first"], "last": a["data-last"], "text": ""}
-
-    def handle_endtag(self, tag):
-        if tag == "div":
-            self._card = None
-
-    def handle_data(self, data):
-        self.text.append(data)
-        if self._card is not None:
-            self.cards[self._card]["text"] += data
-
-
-def _parse(index: Path) -> _Page:
-    page = _Page()
-    page.feed(index.read_text())
-    return page
+_parse = parse_page
 
 
 def test_single_attention_run(attention_run):

@@ -1,7 +1,6 @@
 """Reading an ``entrotrain report`` page back in tests: image sources, headline cards and visible text.
 
-(tests/dashboards/test_report.py has the same parser as a private ``_Page``; this is the shared copy for the report
-tests of the router, information-plane and regulariser sections.)
+Shared by every report test (tests/dashboards/test_report*.py).
 """
 
 from __future__ import annotations

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from entrotrain._imports import _PIL_AVAILABLE
-from entrotrain.dashboards.wandb_media import colorize
+from entrotrain.dashboards.wandb_media import time_grid_image
 
 __all__ = ["position_profile_grid", "position_profile_over_time_image"]
 
@@ -33,20 +32,14 @@ def position_profile_over_time_image(
     pillow. Hyperfitting shows as the whole image going dark from the step fine-tuning starts."""
     if not history or not _PIL_AVAILABLE:
         return None
-    import wandb
-
     grid = position_profile_grid(history)
     if grid.numel() == 0:
         return None
     if vmax is None:
         finite = grid[torch.isfinite(grid)]
         vmax = max(1e-6, float(finite.max())) if finite.numel() else 1.0
-    cell_h = max(2, min(24, 512 // grid.shape[0]))
-    cell_w = max(2, min(48, 768 // grid.shape[1]))
-    rgb = colorize(grid, 0.0, vmax, cell=1)
-    rgb = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
     caption = (
         f"probe prediction entropy per position over time: rows = positions 0..{grid.shape[0] - 1}, columns = logging "
         f"steps {steps[0]}..{steps[-1]}; colour 0..{vmax:.3g} nats, dark = confident"
     )
-    return wandb.Image(rgb, caption=caption)
+    return time_grid_image(grid, 0.0, vmax, caption)

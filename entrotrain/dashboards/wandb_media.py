@@ -126,6 +126,31 @@ def setup_wandb_dashboard(loggers: list[Logger]) -> None:
             define(name, step_metric="trainer/global_step", step_sync=True, summary="max,last")
 
 
+def stacked_over_time(history: list[Tensor]) -> Tensor:
+    """``(rows·cols, steps)`` float32 grid of ``(rows, cols)`` tensors, one per logging step: column ``j`` is
+    ``history[j]`` flattened row-major (layer-major); cells a smaller tensor lacks are NaN (drawn grey)."""
+    rows = max(h.shape[0] for h in history)
+    cols = max(h.shape[1] for h in history)
+    grid = torch.full((rows * cols, len(history)), float("nan"))
+    for col, h in enumerate(history):
+        padded = torch.full((rows, cols), float("nan"))
+        padded[: h.shape[0], : h.shape[1]] = h.detach().float().cpu()
+        grid[:, col] = padded.reshape(-1)
+    return grid
+
+
+def time_grid_image(grid: Tensor, vmin: float, vmax: float, caption: str, min_cell_height: int = 2) -> Any:
+    """A ``wandb.Image`` of a ``(rows, steps)`` grid coloured ``vmin → vmax`` (viridis, NaN grey), cells scaled to
+    about 512 × 768 pixels (rows at least ``min_cell_height`` pixels tall). Needs pillow and wandb."""
+    import wandb
+
+    cell_h = max(min_cell_height, min(24, 512 // grid.shape[0]))
+    cell_w = max(2, min(48, 768 // grid.shape[1]))
+    rgb = colorize(grid, vmin, vmax, cell=1)
+    rgb = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
+    return wandb.Image(rgb, caption=caption)
+
+
 def heads_over_time_image(history: list[Tensor], steps: list[int], vmin: float = 0.0, vmax: float = 1.0) -> Any | None:
     """A ``wandb.Image`` with one row per layer·head and one column per logging step (``None`` without pillow).
 
@@ -134,24 +159,13 @@ def heads_over_time_image(history: list[Tensor], steps: list[int], vmin: float =
     """
     if not history or not _PIL_AVAILABLE:
         return None
-    import wandb
-
     layers = max(h.shape[0] for h in history)
     heads = max(h.shape[1] for h in history)
-    grid = torch.full((layers * heads, len(history)), float("nan"))
-    for col, h in enumerate(history):
-        padded = torch.full((layers, heads), float("nan"))
-        padded[: h.shape[0], : h.shape[1]] = h.detach().float().cpu()
-        grid[:, col] = padded.reshape(-1)
-    cell_h = max(4, min(24, 512 // grid.shape[0]))
-    cell_w = max(2, min(48, 768 // grid.shape[1]))
-    rgb = colorize(grid, vmin, vmax, cell=1)
-    rgb = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
     caption = (
         f"normalised attention entropy per head over time: rows L0H0..L{layers - 1}H{heads - 1} (layer-major), "
         f"columns = logging steps {steps[0]}..{steps[-1]}; dark = collapsed"
     )
-    return wandb.Image(rgb, caption=caption)
+    return time_grid_image(stacked_over_time(history), vmin, vmax, caption, min_cell_height=4)
 
 
 # ---------------------------------------------------------------------- MoE routing
@@ -195,22 +209,11 @@ def expert_load_over_time_image(history: list[Tensor], steps: list[int], vmax: f
     """
     if not history or not _PIL_AVAILABLE:
         return None
-    import wandb
-
     layers = max(h.shape[0] for h in history)
     experts = max(h.shape[1] for h in history)
     vmax = load_vmax(experts) if vmax is None else vmax
-    grid = torch.full((layers * experts, len(history)), float("nan"))
-    for col, h in enumerate(history):
-        padded = torch.full((layers, experts), float("nan"))
-        padded[: h.shape[0], : h.shape[1]] = h.detach().float().cpu()
-        grid[:, col] = padded.reshape(-1)
-    cell_h = max(2, min(24, 512 // grid.shape[0]))
-    cell_w = max(2, min(48, 768 // grid.shape[1]))
-    rgb = colorize(grid, 0.0, vmax, cell=1)
-    rgb = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
     caption = (
         f"expert load share over time: rows L0E0..L{layers - 1}E{experts - 1} (layer-major), columns = logging steps "
         f"{steps[0]}..{steps[-1]}; colour 0..{vmax:.3g}, balanced = 1/{experts}"
     )
-    return wandb.Image(rgb, caption=caption)
+    return time_grid_image(stacked_over_time(history), 0.0, vmax, caption)

@@ -133,6 +133,30 @@ class _LinearEntropyLogprobs(torch.autograd.Function):
         )
 
 
+def check_output_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, same_dtype: bool) -> None:
+    """Validate an output-head call ``hidden (N, D) @ weight (V, D)ᵀ + bias (V,)``: floating tensors, matching ``D``,
+    ``V >= 1``; with ``same_dtype`` also one dtype for all three. Raises :class:`EntrotrainError` naming the fix."""
+    check_tensor(hidden, "hidden", floating=True, ndim=2, layout="(N, D)")
+    check_tensor(weight, "weight", floating=True, ndim=2, layout="(V, D)")
+    if hidden.shape[1] != weight.shape[1]:
+        raise EntrotrainError(
+            f"need hidden (N, D) and weight (V, D) with the same D, got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}."
+        )
+    if same_dtype and weight.dtype != hidden.dtype:
+        raise EntrotrainError(
+            f"hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}; cast one, e.g. "
+            "hidden.to(weight.dtype)."
+        )
+    if weight.shape[0] == 0:
+        raise EntrotrainError(f"weight has no output row (V = 0, shape {tuple(weight.shape)}): a head needs V >= 1.")
+    if bias is not None:
+        check_tensor(bias, "bias", floating=True)
+        check_shape(bias, (weight.shape[0],), "bias", like="(V,) of the weight")
+        if same_dtype and bias.dtype != weight.dtype:
+            raise EntrotrainError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}.")
+
+
 def linear_entropy_and_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -167,25 +191,7 @@ def linear_entropy_and_logprobs(
         EntrotrainError: shapes or dtypes that do not fit (named above), ``V = 0``, a label ``>= V``, a bad
             ``temperature`` or ``chunk_size``, an unknown ``impl``.
     """
-    check_tensor(hidden, "hidden", floating=True, ndim=2, layout="(N, D)")
-    check_tensor(weight, "weight", floating=True, ndim=2, layout="(V, D)")
-    if hidden.shape[1] != weight.shape[1]:
-        raise EntrotrainError(
-            f"need hidden (N, D) and weight (V, D) with the same D, got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}."
-        )
-    if weight.dtype != hidden.dtype:
-        raise EntrotrainError(
-            f"hidden and weight must share a floating dtype, got {hidden.dtype} and {weight.dtype}; cast one, e.g. "
-            "hidden.to(weight.dtype)."
-        )
-    if weight.shape[0] == 0:
-        raise EntrotrainError(f"weight has no output row (V = 0, shape {tuple(weight.shape)}): a head needs V >= 1.")
-    if bias is not None:
-        check_tensor(bias, "bias", floating=True)
-        check_shape(bias, (weight.shape[0],), "bias", like="(V,) of the weight")
-        if bias.dtype != weight.dtype:
-            raise EntrotrainError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}.")
+    check_output_head(hidden, weight, bias, same_dtype=True)
     if labels is not None:
         check_tensor(labels, "labels", integer=True)
         check_shape(labels, (hidden.shape[0],), "labels", like="(N,) of the hidden states")

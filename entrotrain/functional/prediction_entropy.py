@@ -30,6 +30,7 @@ from torch import Tensor
 from entrotrain._validation import check_int, check_shape, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy import row_entropy
+from entrotrain.functional.policy_head import check_output_head
 
 __all__ = ["PredictionStats", "prediction_stats_from_hidden", "prediction_stats_from_logits"]
 
@@ -133,18 +134,7 @@ def prediction_stats_from_hidden(
     Raises:
         EntrotrainError: shapes that do not fit (named), ``V = 0``, bad labels or ``chunk_size``.
     """
-    check_tensor(hidden, "hidden", floating=True, ndim=2, layout="(N, D)")
-    check_tensor(weight, "weight", floating=True, ndim=2, layout="(V, D)")
-    if hidden.shape[1] != weight.shape[1]:
-        raise EntrotrainError(
-            f"need hidden (N, D) and weight (V, D) with the same D, got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}."
-        )
-    if weight.shape[0] == 0:
-        raise EntrotrainError(f"weight has no output row (V = 0, shape {tuple(weight.shape)}): a head needs V >= 1.")
-    if bias is not None:
-        check_tensor(bias, "bias", floating=True)
-        check_shape(bias, (weight.shape[0],), "bias", like="(V,) of the weight")
+    check_output_head(hidden, weight, bias, same_dtype=False)
     chunk_size = check_int(chunk_size, "chunk_size", low=1)
     labels = _check_labels(labels, hidden.shape[0])
     _check_label_range(labels, weight.shape[0])

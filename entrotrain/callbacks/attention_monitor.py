@@ -123,13 +123,14 @@ class AttentionEntropyMonitor(HookedMonitor):
         max_queries: query positions scored per call (evenly spaced, all keys kept; ``None`` = all).
         path: ``"auto"``, ``"fused"``, ``"chunked"`` or ``"materialized"`` (same numbers).
         collapse_threshold: a head whose mean normalised entropy is below this counts as collapsed.
-        overload_threshold: a head whose mean normalised entropy is above this counts as overloaded.
+        overload_threshold: a head whose mean normalised entropy is above this counts as near-uniform (normal at
+            initialisation; late in training, entropy overload).
         log_per_head: log ``attn/L{l}/H{h}`` keys (summaries and per-layer means are always logged).
         log_media: log the heatmap and histogram when a ``WandbLogger`` is attached.
         strict: raise when a logging step captures no attention at all (else warn).
         prefix: key prefix.
         print_summary: print the first and last logged summary (min / mean normalised entropy, collapsed and
-            overloaded heads) when training ends, on rank zero.
+            near-uniform heads) when training ends, on rank zero.
 
     Raises:
         EntrotrainError: on invalid arguments.
@@ -258,14 +259,18 @@ class AttentionEntropyMonitor(HookedMonitor):
 
     def summary_table(self) -> str:
         """The first and last logged summaries as a small text table."""
-        lines = ["attention entropy (normalised, over heads)", "  step    min     mean    p05   collapsed  overloaded"]
+        lines = ["attention entropy (normalised, over heads)", "  step    min     mean    p05   collapsed  near-uniform"]
         rows = [self.first_summary, self.last_summary] if self.last_summary is not self.first_summary else [self.first_summary]
         for step, row in rows:
             lines.append(
                 f"  {step:<6d}  {row.get('attn_norm/min', float('nan')):.3f}   {row.get('attn_norm/mean', float('nan')):.3f}"
                 f"   {row.get('attn_norm/p05', float('nan')):.3f}   {100 * row.get('attn/collapse_frac', 0.0):5.1f} %"
-                f"    {100 * row.get('attn/overload_frac', 0.0):5.1f} %"
+                f"      {100 * row.get('attn/overload_frac', 0.0):5.1f} %"
             )
+        lines.append(
+            f"  collapsed: < {self.collapse_threshold:g}; near-uniform: > {self.overload_threshold:g} (expected at "
+            "initialisation; late in training it is entropy overload)"
+        )
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ capture

@@ -11,7 +11,7 @@ Where the predictive distribution comes from (``source``):
   or ``(B, T, V)`` sequence), read detached; no extra forward. The probe forward reads the model's output
   (a tensor, an object with ``.logits`` or a mapping with ``"logits"``).
 * ``"head"``: a forward pre-hook on the output head (the one module whose name matches the ``head`` glob, e.g.
-  ``"*lm_head"``), installed only during logging batches, reads its input hidden states (detached) and computes
+  ``"**.lm_head"``), installed only during logging batches, reads its input hidden states (detached) and computes
   the statistics right there, with the head weight of that forward (the optimizer changes it before the batch
   ends), through the fused ``hidden × head`` path
   (:func:`~entrotrain.functional.prediction_entropy.prediction_stats_from_hidden`), which never holds more than
@@ -165,7 +165,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         every_n_steps: log at optimizer steps ``0, n, 2n, ...`` (all micro-batches of the step).
         source: ``"output"`` (``training_step`` returns ``{"logits": ...}``) or ``"head"`` (hook on the output head,
             fused ``hidden × head`` statistics).
-        head: with ``source="head"``, the glob matching exactly one module name (``"*lm_head"``).
+        head: with ``source="head"``, the glob matching exactly one module name (``"**.lm_head"``).
         probe: held-out probe batches (see the module docstring); ``None`` = the datamodule's validation data.
         probe_batches: with ``probe=None``, how many validation batches form the probe set (``0`` = no probe).
         floor: entropy floor (nats) of ``below_floor_frac``.
@@ -198,7 +198,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         self,
         every_n_steps: int = 50,
         source: Literal["output", "head"] = "output",
-        head: str = "*lm_head",
+        head: str = "**.lm_head",
         probe: Any = None,
         probe_batches: int = 2,
         floor: float = 0.5,

@@ -151,6 +151,16 @@ def test_state_dict_round_trip():
     assert torch.equal(a.u, b.u)
 
 
+def test_gamma_is_one_element_and_old_scalar_gamma_state_dicts_load():
+    a = SigmaReparamLinear.from_linear(_linear(torch.float32, seed=8))
+    state = a.state_dict()
+    assert state["gamma"].shape == (1,)  # FSDP2's fully_shard refuses 0-d parameters
+    state["gamma"] = state["gamma"].reshape(())  # as saved before
+    b = SigmaReparamLinear(32, 64)
+    b.load_state_dict(state, strict=True)
+    assert torch.equal(b.gamma, a.gamma)
+
+
 def test_no_bias():
     lin = nn.Linear(8, 4, bias=False)
     layer = SigmaReparamLinear.from_linear(lin)

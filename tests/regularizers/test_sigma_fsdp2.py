@@ -1,0 +1,67 @@
+"""σReparam and SigmaReparamMonitor under FSDP2 (``fully_shard``, DTensor parameters sharded on dim 0): a 2-rank gloo
+CPU run through Lightning's ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` gives the values
+of one process training on the union batch.
+
+Tolerances (float32, 3 SGD steps; measured max relative differences ≈ 5e-7): losses (mean of the two ranks' batch
+means) and every published σ / γ / qk-norm to ``rtol=1e-5``; final weights to ``atol=1e-5``; the power-iteration
+buffers ``u`` / ``sigma`` are bit-identical on the two ranks (updated from the same all-gathered weight).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.scripts import run_script
+
+SCRIPT = Path(__file__).with_name("sigma_fsdp2_run.py")
+
+
+def _fsdp2_available() -> bool:
+    if not torch.distributed.is_available():
+        return False
+    try:
+        fsdp = importlib.import_module("torch.distributed.fsdp")
+        strategies = importlib.import_module("lightning.pytorch.strategies")
+    except ImportError:
+        return False
+    return hasattr(fsdp, "fully_shard") and hasattr(strategies, "ModelParallelStrategy")
+
+
+@pytest.mark.skipif(not _fsdp2_available(), reason="needs torch.distributed with fully_shard and ModelParallelStrategy")
+def test_fsdp2_two_ranks_equal_one_process_on_the_union_batch(tmp_path):
+    run_script(SCRIPT, tmp_path, str(tmp_path), "fsdp2")
+    run_script(SCRIPT, tmp_path, str(tmp_path), "single")
+    r0, r1, single = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("fsdp2_rank0", "fsdp2_rank1", "single_rank0"))
+
+    # the parameters really were sharded DTensors, γ included (hence its (1,) shape)
+    assert "model.blocks.0.attn.qkv.weight" in r0["dtensor"] and "model.blocks.0.attn.qkv.gamma" in r0["dtensor"]
+    assert not single["dtensor"]
+
+    steps = len(single["losses"])
+    assert steps == len(r0["losses"]) == len(r1["losses"]) == 3
+    union = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]  # equal shard sizes: mean of means
+    assert union == pytest.approx(single["losses"], rel=1e-5)
+    assert r0["losses"] != r1["losses"]  # the ranks saw different rows
+
+    for step in range(steps):
+        expected = single["metrics"][step]
+        names = {k.rsplit("/", 1)[0] for k in expected if k.endswith("/sigma")}
+        assert len(names) == 8 and all(f"{n}/gamma" in expected for n in names)
+        assert any("/qk_norm/H" in k for k in expected)
+        for rank in (r0, r1):  # every rank publishes the one-process values
+            got = rank["metrics"][step]
+            assert set(got) == set(expected)
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+
+    for key, value in single["full"].items():
+        torch.testing.assert_close(r0["full"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(r1["full"][key], r0["full"][key], rtol=0, atol=0, msg=key)
+    for key, value in r0["buffers"].items():
+        assert torch.equal(value, r1["buffers"][key]), key  # u / sigma identical across ranks
+    init, last = single["metrics"][0], single["metrics"][-1]
+    assert any(init[k] != last[k] for k in init if k.endswith("/sigma"))  # training moved σ

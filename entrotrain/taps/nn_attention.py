@@ -4,6 +4,10 @@
 The module is never asked for weights (``need_weights=True`` would leave the fused path and return post-dropout,
 head-averaged weights). A forward pre-hook reads the call's inputs and recomputes ``q`` and ``k`` from the
 module's own projections, so the module's computation is untouched and the entropy is the exact pre-dropout one.
+
+Padded queries: in a self-attention call (``query is key``, as ``nn.TransformerEncoderLayer`` makes it) the queries
+are the keys, so the ``key_padding_mask`` also marks the padded queries, which are then not scored
+(:mod:`entrotrain.taps.query_padding`). In cross-attention the queries are other tokens: no query mask is derived.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ def _has_finite_bias(mask: Tensor) -> bool:
 def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Recompute what an ``nn.MultiheadAttention`` call scores: ``q``, ``k`` and the masks, SDPA conventions.
 
-    Returns keyword arguments for :func:`entrotrain.functional.attention_entropy_stats`: ``q`` ``(B, H, L, hd)``,
+    Returns keyword arguments for :meth:`entrotrain.taps.AttentionTap.record`: ``q`` ``(B, H, L, hd)``,
     ``k`` ``(B, H, S, hd)``, ``attn_mask`` (bool True = attend, or additive), ``key_padding_mask`` (True = pad),
-    ``is_causal`` and ``scale``.
+    ``is_causal``, ``scale`` and ``query_mask`` ``(B, L)`` (True = real query: the keys that are not padding, for a
+    self-attention call with a key padding mask; else ``None``).
     """
     if module.bias_k is not None or module.add_zero_attn:
         raise TapError(
@@ -52,6 +57,7 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
     call = dict(zip(_MHA_ARGS, args))
     call.update(kwargs)
     query, key = call["query"], call["key"]
+    self_attention = query is key
     unbatched = query.dim() == 2
     if unbatched:
         query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, E) -> (L, 1, E)
@@ -76,8 +82,11 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
         attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask  # MHA: True = NOT allowed
         is_causal = False  # with a mask, MHA's is_causal is only a hint that the mask is causal
     key_padding = call.get("key_padding_mask")
+    query_mask = None
     if key_padding is not None:
         key_padding = key_padding.reshape(q.shape[0], -1)
+        if self_attention and key_padding.shape[1] == q.shape[2]:
+            query_mask = ~_padding_from(key_padding)  # float: -inf marks padding, finite biases do not
         if key_padding.is_floating_point() and _has_finite_bias(key_padding):
             # MHA adds a float key_padding_mask to the scores, finite values included: fold it into attn_mask
             bias = key_padding[:, None, None, :]
@@ -97,4 +106,5 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
         "key_padding_mask": key_padding,
         "is_causal": is_causal,
         "scale": module.head_dim**-0.5,
+        "query_mask": query_mask,
     }

@@ -109,6 +109,18 @@ def seq2seq_inputs(padding: str) -> dict[str, Tensor]:
     return batch
 
 
+def repadded(batch: dict[str, Tensor], side: str, real: tuple[int, ...]) -> dict[str, Tensor]:
+    """``batch`` with every 1/0 mask field (and its ids) re-padded on ``side`` to ``real`` tokens per row (capped at
+    the field's length): for property tests over padding patterns, all-padding rows included."""
+    out = dict(batch)
+    for field, ids in (("attention_mask", "input_ids"), ("decoder_attention_mask", "decoder_input_ids")):
+        if field in batch:
+            n = batch[field].shape[1]
+            mask = _token_mask(side, tuple(min(r, n) for r in real), n)
+            out[field], out[ids] = mask, batch[ids].masked_fill(mask == 0, 0)
+    return out
+
+
 def image_inputs(padding: str) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(3)
     return {"pixel_values": torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g)}

@@ -22,6 +22,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -36,7 +38,7 @@ from entrotrain.taps.attention_stats import (  # noqa: E402
 )
 from entrotrain.taps.attention_tap import AttentionTap  # noqa: E402
 from tests.helpers.hf_brute import SiteReference, brute_force  # noqa: E402
-from tests.helpers.hf_models import FAMILIES, HEADS, cases  # noqa: E402
+from tests.helpers.hf_models import BATCH, FAMILIES, HEADS, SEQ, cases, repadded  # noqa: E402
 from tests.helpers.reference import no_tap_leaks, one_thread  # noqa: E402,F401  (autouse fixtures)
 from tests.helpers.spy_logger import SpyLogger  # noqa: E402
 
@@ -210,6 +212,54 @@ def test_site_names_are_module_names(family):
     missing = [site for site in spec.site_names if site not in modules]
     assert not missing, missing
     assert all("attention" in type(modules[site]).__name__.lower() for site in spec.site_names)
+
+
+# ------------------------------------------------------------------------------------------------ padding patterns
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def _model(family: str, impl: str) -> torch.nn.Module:
+    if (family, impl) not in _MODELS:  # the tap changes nothing in the model: one build serves every example
+        _MODELS[family, impl] = FAMILIES[family].build(impl)
+    return _MODELS[family, impl]
+
+
+#: real tokens per row: the first row has >= 2 (so every head has a normalised mean), others may be all padding or 1
+REAL_TOKENS = st.tuples(st.integers(2, SEQ), *[st.integers(0, SEQ)] * (BATCH - 1))
+
+
+def check_padding_pattern(family: str, impl: str, side: str, real: tuple[int, ...]) -> None:
+    spec = FAMILIES[family]
+    model = _model(family, impl)
+    batch = repadded(spec.inputs("none"), side, real)
+    refs = brute_force(spec, model, batch)
+    with torch.no_grad(), AttentionTap(model) as tap:
+        model(**batch)
+    for site, ref in refs.items():
+        stats = tap.stats[site]
+        assert torch.all(stats[NONFINITE] == 0), site
+        assert torch.all(stats[ROWS] == ref.rows), (site, stats[ROWS], ref.rows)
+        assert torch.all(stats[NORMALIZED_ROWS] == ref.normalized_rows), site
+        assert_matches(site, *head_means(stats), ref)
+
+
+@pytest.mark.parametrize("family, impl", [("llama", "sdpa"), ("mistral", "eager"), ("gpt2", "sdpa")])
+@settings(max_examples=8)
+@given(real=REAL_TOKENS)
+def test_random_left_padding_of_decoders(family, impl, real):
+    """Left padding (generation-style batches), all-padding and one-token rows included, with and without a window."""
+    check_padding_pattern(family, impl, "left", real)
+
+
+@pytest.mark.parametrize(
+    "family, impl", [("llama", "eager"), ("bert", "sdpa"), ("bart", "eager")]
+)
+@pytest.mark.xfail(strict=True, reason=PADDED_QUERIES)
+@settings(max_examples=8, phases=(Phase.explicit, Phase.generate))  # no shrinking: a failure is reported at once
+@given(real=REAL_TOKENS)
+def test_random_right_padding(family, impl, real):
+    """Right padding (training batches) of a decoder, an encoder and an encoder-decoder (decoder padded too)."""
+    check_padding_pattern(family, impl, "right", real)
 
 
 # ------------------------------------------------------------------------------------------------ monitor level

@@ -300,3 +300,34 @@ def test_hf_encoder_decoder_queries_are_the_decoder_tokens():
             "decoder.layers.0.encoder_attn": dec_rows,
         }, rows
         assert math.isfinite(sum(s[NORMALIZED_SUM].sum().item() for s in tap.stats.values()))
+
+
+# ------------------------------------------------------------------ the monitor, with a block in training_step
+def test_monitor_means_are_over_real_queries_with_a_query_padding_block():
+    from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from tests.helpers.lightning_models import SEQ, TinyLM, quiet_trainer, token_loader
+
+    class PaddedLM(TinyLM):
+        def training_step(self, batch, batch_idx):
+            (idx,) = batch
+            real = torch.ones(idx.shape[0], SEQ, dtype=torch.bool)
+            real[1::2, SEQ - 5 :] = False  # odd rows: 5 padded positions at the end
+            with query_padding(real):
+                logits = self(idx[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+    torch.manual_seed(0)
+    model = PaddedLM(n_layer=1)
+    monitor = AttentionEntropyMonitor(every_n_steps=1, max_rows=None, max_queries=None, log_media=False,
+                                      print_summary=False)
+    trainer = quiet_trainer(max_steps=1, callbacks=[monitor])
+    trainer.fit(model, token_loader(n=8, batch_size=8))
+    q, k = model.blocks[0].last_qk  # what the logged step's forward computed
+    real = torch.ones(8, SEQ, dtype=torch.bool)
+    real[1::2, SEQ - 5 :] = False
+    entropy, _, _ = attention_entropy64(q, k, valid=torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
+    want = (entropy * real[:, None, :]).sum((0, 2)) / real.sum()
+    got = torch.tensor([float(trainer.callback_metrics[f"entropy/attn/L0/H{h}"]) for h in range(q.shape[1])])
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
+    all_queries = entropy.mean((0, 2)).float()
+    assert (got - all_queries).abs().max() > 1e-3  # the padded queries would have moved the means

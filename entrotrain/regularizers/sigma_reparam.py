@@ -31,9 +31,11 @@ the full matrix and the buffers ``u`` / ``sigma`` (never sharded) are updated fr
 with no extra communication. Outside ``forward`` (``effective_weight``, ``spectral_norm_estimate``, the monitor) a
 DTensor weight or γ is gathered with ``DTensor.full_tensor()``, a collective that every rank of the mesh must call
 in the same order. γ has shape ``(1,)`` (as in Apple's reference) because ``fully_shard`` refuses 0-d parameters;
-state dicts holding a 0-d γ (entrotrain < 0.x) still load. Convert *before* sharding: a weight that is already a
-DTensor is refused at conversion. Tensor parallelism (DTensor weights inside ``forward``) is not supported: the
-weight would be gathered whole.
+state dicts holding a 0-d γ (saved before) still load. Convert *before* sharding: a weight that is already a
+DTensor is refused at conversion. A model converted on the meta device and sharded before its weights exist gets its
+spectral state when it is materialised (``reset_parameters``, as Lightning's ``ModelParallelStrategy`` does) or
+from :func:`reset_sigma_reparam_state` after loading weights. Tensor parallelism (DTensor weights inside
+``forward``) is not supported: the weight would be gathered whole.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ __all__ = [
     "SigmaReparamLinear",
     "SigmaReparamQKJoint",
     "is_hf_conv1d",
+    "reset_sigma_reparam_state",
     "sigma_reparam",
     "sigma_reparam_names",
 ]
@@ -75,6 +78,18 @@ def full_tensor(t: Tensor) -> Tensor:
     if _DTensor is not None and isinstance(t, _DTensor):
         return t.full_tensor()
     return t
+
+
+def _copy_full_into(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` where ``value`` holds all of ``param``'s values; for a DTensor ``param`` only its local
+    shard is written (every rank holds the same ``value``, so no communication)."""
+    if _DTensor is not None and isinstance(param, _DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(value)
 
 
 def is_hf_conv1d(module: Any) -> bool:
@@ -231,29 +246,29 @@ class SigmaReparamLinear(nn.Module):
     def reset_spectral_state(self, init_iterations: int | None = None, reset_gamma: bool = True) -> None:
         """Set ``u`` to the top right singular vector of ``weight``, ``sigma`` to σ(W) and (optionally) γ = σ(W).
 
+        A no-op on the meta device. A DTensor (sharded, e.g. by ``fully_shard`` after meta-device init) weight is
+        gathered first (a collective: call it on every rank, as Lightning's materialisation does through
+        :meth:`reset_parameters`); every rank then holds the same ``u`` / ``sigma`` and its shard of γ.
+
         Args:
             init_iterations: ``None`` = exact float64 SVD; an int = that many power iterations (large matrices).
             reset_gamma: also set γ = σ(W), making ``Ŵ = W`` (function-preserving).
         """
         if self.weight.is_meta:
             return
-        if _DTensor is not None and isinstance(self.weight, _DTensor):
-            raise EntrotrainError(
-                f"{type(self).__name__}.weight is a DTensor (already sharded, e.g. by fully_shard), so the spectral "
-                "state cannot be set here; convert with sigma_reparam(...) before fully_shard / parallelize_module."
-            )
-        if not bool(torch.isfinite(self.weight).all()):
+        weight = full_tensor(self.weight.detach())
+        if not bool(torch.isfinite(weight).all()):
             raise EntrotrainError(
                 f"{type(self).__name__}.weight holds NaN/Inf, so its spectral norm σ(W) is undefined; load or "
                 "initialise finite weights first (or leave this layer out of sigma_reparam with exclude=)."
             )
-        matrix = self._as_matrix(self.weight.detach())
+        matrix = self._as_matrix(weight)
         u = _top_right_singular_vector(matrix, init_iterations)
         sigma = torch.linalg.vector_norm(matrix.to(torch.float64) @ u)
         self.u.copy_(u)
         self.sigma.copy_(sigma)
         if reset_gamma:
-            self.gamma.copy_(sigma)
+            _copy_full_into(self.gamma, sigma.reshape(1))
 
     @classmethod
     def from_linear(
@@ -307,7 +322,7 @@ class SigmaReparamLinear(nn.Module):
                 layer.bias.copy_(bias)
         layer.weight.requires_grad_(weight.requires_grad)
         layer.reset_spectral_state(init_iterations)
-        if float(layer.sigma) == 0.0:
+        if not layer.sigma.is_meta and float(layer.sigma) == 0.0:
             warnings.warn(
                 f"σReparam of an all-zero weight ({out_f}×{in_f}): σ(W) = 0, so γ₀ = 0 and "
                 "the layer outputs 0 + bias, like the original, but its weight and γ get zero gradients (Ŵ = γW/σ(W) "
@@ -625,6 +640,27 @@ def sigma_reparam(
         for child_name, child in list(parent._modules.items()):  # named_children() would drop repeats
             if child is not None and id(child) in chosen_ids:
                 setattr(parent, child_name, converted[id(child)])
+    return model
+
+
+@torch.no_grad()
+def reset_sigma_reparam_state(model: nn.Module, init_iterations: int | None = None, reset_gamma: bool = True) -> nn.Module:
+    """Recompute ``u``, ``sigma`` (and γ = σ(W), function-preserving) of every σReparam layer from its current weight.
+
+    For weights loaded *after* conversion: a converted model built on the meta device (or sharded with FSDP2's
+    ``fully_shard`` and materialised with ``to_empty``), then given the original, unconverted checkpoint
+    (``load_state_dict(..., strict=False)`` or ``torch.distributed.checkpoint.state_dict.set_model_state_dict``),
+    computes that checkpoint's function once this has run. Under FSDP2 it gathers each weight (call it on every
+    rank). See :meth:`SigmaReparamLinear.reset_spectral_state`.
+
+    Returns:
+        ``model``.
+    """
+    check_int(init_iterations, "init_iterations (None = exact SVD)", low=1, none_ok=True)
+    check_bool(reset_gamma, "reset_gamma")
+    for module in model.modules():
+        if isinstance(module, SigmaReparamLinear):
+            module.reset_spectral_state(init_iterations, reset_gamma)
     return model
 
 

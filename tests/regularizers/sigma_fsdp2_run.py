@@ -3,7 +3,13 @@
 * ``fsdp2``: 2 CPU processes (gloo), Lightning's ``ModelParallelStrategy(data_parallel_size=2,
   tensor_parallel_size=1)`` with ``fully_shard`` on every block and on the model in ``configure_model`` (parameters
   become DTensors sharded on dim 0), 4 rows per rank and step; or
-* ``single``: one process, no sharding, the union batch (8 rows per step).
+* ``single``: one process, no sharding, the union batch (8 rows per step); or
+* ``meta``: as ``fsdp2`` but the module is built on the meta device (``trainer.init_module(empty_init=True)``), so
+  σReparam is converted before any weight exists and Lightning materialises the sharded layers with ``to_empty`` +
+  ``reset_parameters``. At train start the script records, per σReparam layer, the gathered γ, the ``sigma`` buffer,
+  ``u`` and the float64 spectral norm of the gathered weight; then it loads an unconverted TinyGPT's weights with
+  ``set_model_state_dict`` (full state dict, strict=False), calls ``reset_sigma_reparam_state`` and records the
+  sharded model's logits next to the unconverted model's.
 
 Each process writes ``OUT/{mode}_rank{r}.pt``: the per-step losses, the monitor's metrics of every step, the final
 full (gathered) state dict and its own ``u`` / ``sigma`` buffers.
@@ -25,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor  # noqa: E402
 from entrotrain.models import TinyGPT  # noqa: E402
-from entrotrain.regularizers.sigma_reparam import full_tensor, sigma_reparam  # noqa: E402
+from entrotrain.regularizers.sigma_reparam import (  # noqa: E402
+    SigmaReparamLinear,
+    full_tensor,
+    reset_sigma_reparam_state,
+    sigma_reparam,
+)
 from tests.helpers.lightning_models import quiet_trainer  # noqa: E402
 
 VOCAB, SEQ, STEPS, ROWS = 50, 16, 3, 8  # ROWS = union batch per step
@@ -77,26 +88,65 @@ class Record(L.Callback):
         self.metrics.append(dict(self.monitor.last_logged))
 
 
+def plain_gpt() -> TinyGPT:
+    """The unconverted model whose weights the ``meta`` run loads."""
+    torch.manual_seed(11)
+    return TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=32)
+
+
+class MetaChecks(L.Callback):
+    """``meta`` mode: the spectral state after materialisation, then function preservation after loading weights."""
+
+    def __init__(self) -> None:
+        self.result: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        layers = {}
+        for name, m in pl_module.named_modules():
+            if isinstance(m, SigmaReparamLinear):
+                w = full_tensor(m.weight.detach()).double()
+                layers[name] = {"gamma": float(full_tensor(m.gamma.detach())), "sigma": float(m.sigma),
+                                "exact": float(torch.linalg.matrix_norm(w, 2)), "u": m.u.clone(),
+                                "dtensor": type(m.weight).__name__ == "DTensor"}
+        self.result["materialised"] = layers
+        plain = plain_gpt()
+        idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            expected = plain(idx)
+        set_model_state_dict(pl_module.model, plain.state_dict(),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        reset_sigma_reparam_state(pl_module.model)
+        with torch.no_grad():
+            got = pl_module(idx)
+        self.result["logits"] = (got.detach().clone(), expected)
+
+
 if __name__ == "__main__":
     out, mode = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     L.seed_everything(3)
-    shard = mode == "fsdp2"
-    module = ShardedGPT(shard)
+    shard = mode in ("fsdp2", "meta")
     monitor = SigmaReparamMonitor(every_n_steps=1)
     record = Record(monitor)
+    checks = MetaChecks()
     data = TensorDataset(torch.randint(0, VOCAB, (STEPS * ROWS, SEQ + 1), generator=torch.Generator().manual_seed(0)))
     if shard:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-        trainer = quiet_trainer(max_steps=STEPS, devices=2, strategy=strategy, deterministic=False,
-                                use_distributed_sampler=False, callbacks=[monitor, record])
+        callbacks = [monitor, record] + ([checks] if mode == "meta" else [])
+        trainer = quiet_trainer(max_steps=1 if mode == "meta" else STEPS, devices=2, strategy=strategy,
+                                deterministic=False, use_distributed_sampler=False, callbacks=callbacks)
         rank = trainer.strategy.cluster_environment.global_rank()
+        with trainer.init_module(empty_init=mode == "meta"):
+            module = ShardedGPT(shard)
         # rank r gets rows r, r + 2, ...: step s of the two ranks together is rows 8s .. 8s + 7, the single run's batch
         loader = DataLoader(data, batch_size=ROWS // 2, sampler=DistributedSampler(data, 2, rank, shuffle=False))
     else:
         trainer = quiet_trainer(max_steps=STEPS, deterministic=False, callbacks=[monitor, record])
+        module = ShardedGPT(shard)
         rank = 0
         loader = DataLoader(data, batch_size=ROWS)
     trainer.fit(module, loader)
@@ -105,6 +155,7 @@ if __name__ == "__main__":
     local = {k: v.detach().clone() for k, v in state.items() if k.endswith((".u", ".sigma"))}
     dtensor = [k for k, v in state.items() if type(v).__name__ == "DTensor"]
     torch.save(
-        {"losses": record.losses, "metrics": record.metrics, "full": full, "buffers": local, "dtensor": dtensor},
+        {"losses": record.losses, "metrics": record.metrics, "full": full, "buffers": local, "dtensor": dtensor,
+         "meta": checks.result},
         out / f"{mode}_rank{rank}.pt",
     )

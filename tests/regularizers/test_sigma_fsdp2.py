@@ -65,3 +65,23 @@ def test_fsdp2_two_ranks_equal_one_process_on_the_union_batch(tmp_path):
         assert torch.equal(value, r1["buffers"][key]), key  # u / sigma identical across ranks
     init, last = single["metrics"][0], single["metrics"][-1]
     assert any(init[k] != last[k] for k in init if k.endswith("/sigma"))  # training moved σ
+
+
+@pytest.mark.skipif(not _fsdp2_available(), reason="needs torch.distributed with fully_shard and ModelParallelStrategy")
+def test_fsdp2_meta_device_init_materialises_the_spectral_state_and_loads_plain_weights(tmp_path):
+    """Built under ``trainer.init_module(empty_init=True)``: converted on meta, sharded, materialised by Lightning
+    (``to_empty`` + ``reset_parameters`` on DTensor weights). Then γ = σ = ‖W‖₂ of the gathered weight (float64
+    SVD reference, rtol 1e-6) with ``u`` identical on both ranks; and an unconverted model's weights loaded with
+    ``set_model_state_dict`` + ``reset_sigma_reparam_state`` give that model's logits (atol 1e-5)."""
+    run_script(SCRIPT, tmp_path, str(tmp_path), "meta")
+    r0, r1 = (torch.load(tmp_path / f"meta_rank{r}.pt", weights_only=False)["meta"] for r in (0, 1))
+    layers = r0["materialised"]
+    assert len(layers) == 8
+    for name, v in layers.items():
+        assert v["dtensor"], name  # the weights were sharded DTensors when the state was set
+        assert v["gamma"] == pytest.approx(v["exact"], rel=1e-6) and v["sigma"] == pytest.approx(v["exact"], rel=1e-6)
+        assert torch.equal(v["u"], r1["materialised"][name]["u"]) and v["gamma"] == r1["materialised"][name]["gamma"]
+    for run in (r0, r1):
+        got, expected = run["logits"]
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -248,3 +248,18 @@ def test_monitor_reads_plain_gpt2_conv1d_qk_norms():
     ref = torch.linalg.matrix_norm(w[:, d : 2 * d] @ w[:, EMBD + d : EMBD + 2 * d].T, 2)
     assert monitor.last_logged["sigma_reparam/model.transformer.h.1.attn/qk_norm/H1"] == pytest.approx(float(ref), rel=1e-4)
     assert not any(k.endswith("/sigma") for k in monitor.last_logged)
+
+
+@pytest.mark.parametrize("qk_joint", [(), "*.attn.c_attn"])
+def test_monitor_qk_norms_survive_conversion(qk_joint):
+    """At conversion Ŵ = W, so the per-head norms of the converted GPT-2 (per layer or joint q-k) equal the plain one's."""
+    plain = gpt2()
+    converted = sigma_reparam(copy.deepcopy(plain), include="transformer.h.*", qk_joint=qk_joint)
+    monitor = SigmaReparamMonitor()
+    before, after = monitor.collect(plain), monitor.collect(converted)
+    keys = [k for k in before if "/qk_norm/" in k]
+    assert len(keys) == 2 * HEADS + 1 and set(keys) <= set(after)
+    for key in keys:
+        assert after[key] == pytest.approx(before[key], rel=1e-5), key
+    sigmas = [k for k in after if k.endswith("/sigma")]
+    assert len(sigmas) == (10 if qk_joint else 8)  # c_attn split into .qk and .v

@@ -28,7 +28,7 @@ from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionEntropy, AttentionPath, _check_qk, attention_entropy_stats
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
-from entrotrain.taps.nn_attention import mha_query_key
+from entrotrain.taps.nn_attention import mha_query_key, watch_decoder_padding
 from entrotrain.taps.query_padding import ambient_query_mask, check_query_mask, mask_queries
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps.exclusive import capture_allowed
@@ -67,6 +67,7 @@ class MultiheadAttentionAdapter:
 
                 undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
                 undo.append(module.register_forward_hook(done, always_call=True).remove)
+        undo.extend(watch_decoder_padding(tap, model))  # cross-attention queries of nn.TransformerDecoderLayer
         return undo
 
 

@@ -7,12 +7,16 @@ module's own projections, so the module's computation is untouched and the entro
 
 Padded queries: in a self-attention call (``query is key``, as ``nn.TransformerEncoderLayer`` makes it) the queries
 are the keys, so the ``key_padding_mask`` also marks the padded queries, which are then not scored
-(:mod:`entrotrain.taps.query_padding`). In cross-attention the queries are other tokens: no query mask is derived.
+(:mod:`entrotrain.taps.query_padding`). In cross-attention the queries are other tokens: inside an
+``nn.TransformerDecoderLayer`` they are the decoder tokens, whose ``tgt_key_padding_mask`` the layer's call carries
+(:func:`watch_decoder_padding`); elsewhere no query mask is derived.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +25,12 @@ from torch import Tensor, nn
 
 from entrotrain._validation import padding_mask
 from entrotrain.errors import TapError
+from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
 
-__all__ = ["mha_query_key"]
+if TYPE_CHECKING:
+    from entrotrain.taps.attention_tap import AttentionTap
+
+__all__ = ["mha_query_key", "watch_decoder_padding"]
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 
@@ -108,3 +116,42 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
         "scale": module.head_dim**-0.5,
         "query_mask": query_mask,
     }
+
+
+def _real_tokens(mask: Any) -> Tensor | None:
+    """``~key_padding_mask`` as bool (True = real), or ``None`` for no mask / a mask MHA would refuse."""
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if mask.is_floating_point():
+        return mask > torch.finfo(mask.dtype).min  # -inf marks padding; finite values are biases
+    return None
+
+
+def watch_decoder_padding(tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
+    """While an ``nn.TransformerDecoderLayer`` of ``model`` runs, its ``tgt_key_padding_mask`` marks the padded
+    queries of the attention calls inside it that have no query mask of their own (its cross-attention: the queries
+    are the decoder tokens). Returns the undo callables."""
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)]
+    if not layers:
+        return []
+    signature = inspect.signature(nn.TransformerDecoderLayer.forward)
+
+    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("tgt_key_padding_mask")
+        if mask is None and len(args) > 4:
+            try:
+                mask = signature.bind_partial(module, *args, **kwargs).arguments.get("tgt_key_padding_mask")
+            except TypeError:
+                mask = None
+        push_model_mask(tap, _real_tokens(mask), False)
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        pop_model_mask(tap)
+
+    undo: list[Callable[[], None]] = [lambda: clear_model_masks(tap)]
+    for layer in layers:
+        undo.append(layer.register_forward_pre_hook(before, with_kwargs=True).remove)
+        undo.append(layer.register_forward_hook(after, always_call=True).remove)
+    return undo

@@ -232,6 +232,21 @@ def test_mha_self_attention_key_padding_excludes_queries_but_cross_attention_doe
     assert rows == [[8.0, 8.0], [10.0, 10.0]]
 
 
+@pytest.mark.parametrize("kind", ["bool", "float", "none"])
+def test_transformer_decoder_cross_attention_queries_are_the_decoder_tokens(kind):
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    tgt, memory = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    masks = {"bool": pad, "float": torch.zeros(2, 5).masked_fill(pad, float("-inf")), "none": None}
+    with AttentionTap(layer) as tap:
+        layer(tgt, memory, tgt_key_padding_mask=masks[kind], memory_key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    real = 10.0 if kind == "none" else 7.0
+    assert {site: stats[ROWS][0].item() for site, stats in tap.stats.items()} == {
+        "self_attn": real, "multihead_attn": real
+    }
+
+
 # ------------------------------------------------------------------ HF: caches, encoder-decoder, user blocks
 transformers = pytest.importorskip("transformers") if os.environ.setdefault("HF_HUB_OFFLINE", "1") else None
 

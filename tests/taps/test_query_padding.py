@@ -278,6 +278,16 @@ def test_hf_kv_cache_queries_are_the_last_positions():
     assert stats[ROWS].tolist() == [3.0, 3.0]
 
 
+def test_hf_attention_mask_given_positionally():
+    model = _llama()
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad(), AttentionTap(model) as tap:
+        model(ids, mask)  # LlamaForCausalLM.forward(input_ids, attention_mask, ...)
+    (stats,) = tap.stats.values()
+    assert stats[ROWS].tolist() == [9.0, 9.0]
+
+
 def test_hf_model_mask_wins_and_a_block_covers_a_model_called_without_one():
     model = _llama()
     ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))

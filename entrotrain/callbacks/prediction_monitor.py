@@ -89,7 +89,7 @@ from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional._dist import all_gather_varlen
+from entrotrain.functional._dist import all_gather_varlen, reshard_fsdp
 from entrotrain.functional.generation_diversity import distinct_n, repetition_rate, type_token_ratio
 from entrotrain.functional.policy import quantile
 from entrotrain.functional.prediction_entropy import (
@@ -577,6 +577,8 @@ class PredictionEntropyMonitor(HookedMonitor):
             rows = slice(rank, None, world)
             x = inputs[rows].to(device)
             if x.shape[0] == 0:
+                if world > 1:  # FSDP: a forward's all-gathers are collectives; every rank runs it (scores nothing)
+                    self._forward(pl_module, inputs[:1].to(device), None if attention_mask is None else attention_mask[:1].to(device))
                 continue
             am = None if attention_mask is None else attention_mask[rows].to(device)
             found = {"labels": None if labels is None else labels[rows], "attention_mask": am}
@@ -700,6 +702,7 @@ class PredictionEntropyMonitor(HookedMonitor):
             finally:
                 for m, mode in modes.items():
                     m.training = mode
+                reshard_fsdp(model)  # FSDP2 keeps the root gathered after a forward until a backward that never comes
             if self._probe_set:
                 sums, entropies, pos_sum, pos_count = self._reduce(acc, reduce, device)
                 probe = prediction_entropy_summary(sums, entropies)

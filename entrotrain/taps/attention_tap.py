@@ -72,8 +72,10 @@ class MultiheadAttentionAdapter:
 
 
 def default_adapters() -> list[AttentionAdapter]:
-    """The adapters a tap installs unless told otherwise (HF transformers' only when it is installed)."""
-    adapters: list[AttentionAdapter] = [MultiheadAttentionAdapter()]
+    """The adapters a tap installs unless told otherwise (HF transformers' and timm's act only when imported)."""
+    from entrotrain.taps.timm_attention import TimmAttentionAdapter
+
+    adapters: list[AttentionAdapter] = [MultiheadAttentionAdapter(), TimmAttentionAdapter()]
     try:
         from entrotrain.taps.hf import HFAttentionAdapter
     except ImportError:

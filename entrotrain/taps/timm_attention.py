@@ -18,8 +18,8 @@ Not covered: attention classes with rotary embeddings applied after ``q_norm``/`
 EVA), differential attention, and timm's other attention families; their ``F.scaled_dot_product_attention`` calls,
 if fused, are still captured generically. Pass ``classes=`` for other modules that follow the same contract.
 
-The adapter is not in :func:`~entrotrain.taps.attention_tap.default_adapters` unless added there; use
-``AttentionTap(model, adapters=[*default_adapters(), TimmAttentionAdapter()])``.
+The adapter is one of :func:`~entrotrain.taps.attention_tap.default_adapters` (so the monitor uses it); it does
+nothing unless timm is imported.
 """
 
 from __future__ import annotations

@@ -138,6 +138,10 @@ def test_toy_non_fused_without_the_adapter_is_not_captured_and_hooks_are_removed
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def test_timm_adapter_is_a_default_adapter():
+    assert sum(isinstance(a, TimmAttentionAdapter) for a in default_adapters()) == 1
+
+
 def test_no_timm_no_classes():
     if "timm" not in __import__("sys").modules:
         assert timm_attention_classes() == ()
@@ -165,7 +169,7 @@ def test_timm_vision_transformer(fused):
         block.attn.attn_drop.register_forward_pre_hook(lambda m, a: probs.append(a[0]))  # pre-dropout weights
     with torch.no_grad():
         ref(x.double())
-    with AttentionTap(model, adapters=[*default_adapters(), TimmAttentionAdapter()]) as tap:
+    with AttentionTap(model) as tap:  # the default adapters include timm's
         out = model(x)
     assert torch.equal(out, reference)
     assert list(tap.stats) == ["blocks.0.attn", "blocks.1.attn"]

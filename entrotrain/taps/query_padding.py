@@ -49,8 +49,9 @@ from entrotrain.functional.attention import AttentionEntropy
 
 __all__ = ["query_padding", "mask_queries", "check_query_mask", "ambient_query_mask"]
 
-#: User blocks (``with query_padding(mask):``), innermost last; seen by every armed tap.
-_USER: list[Tensor] = []
+#: User blocks (``with query_padding(mask):``), innermost last; seen by every armed tap. Each entry is
+#: ``[mask as given, bool mask or None]``: converted (which reads an integer mask's values) only when a tap uses it.
+_USER: list[list[Any]] = []
 #: Per tap: the masks of the HF models whose forward is running, innermost last (see :func:`push_model_mask`).
 _MODEL: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 #: Per tap: the sites already warned about (a mask that does not fit).
@@ -73,7 +74,9 @@ def query_padding(mask: Tensor) -> Iterator[None]:
         EntrotrainError: when ``mask`` is not a 2-D bool or 0/1 integer tensor.
     """
     check_tensor(mask, "mask", ndim=2)
-    _USER.append(keep_mask(mask, "mask"))
+    if mask.dtype != torch.bool:
+        keep_mask(mask[:0], "mask")  # refuses a float mask now; the 0/1 check reads values, so it waits for a tap
+    _USER.append([mask, None])
     try:
         yield
     finally:
@@ -135,7 +138,10 @@ def ambient_query_mask(tap: Any, site: str, batch: int, queries: int, device: to
     if stack and stack[-1] is not _INHERIT:
         found = stack[-1]
     elif _USER:
-        found = (_USER[-1], False)
+        entry = _USER[-1]
+        if entry[1] is None:
+            entry[1] = keep_mask(entry[0], "mask")
+        found = (entry[1], False)
     if found is None:
         return None
     mask, with_cache = found

@@ -140,6 +140,12 @@ def test_bad_query_masks_are_refused_with_the_fix():
     with pytest.raises(EntrotrainError, match="mask"):
         with query_padding(torch.ones(2, 5, 1, dtype=torch.bool)):
             pass
+    with pytest.raises(EntrotrainError, match=r"mask.bool\(\)"):  # a float mask: refused at once
+        with query_padding(torch.ones(2, 5)):
+            pass
+    with query_padding(torch.full((2, 5), 2)):  # values are read only when a tap uses the mask
+        with pytest.raises(EntrotrainError, match="values other than 0 and 1"):
+            tap.record(q, k, name="s")
     assert tap.stats == {}
 
 

@@ -37,7 +37,7 @@ def _run(out: Path, mode: str, accelerator: str = "cuda") -> None:
 
     from entrotrain.models.tiny_gpt import Block
     from entrotrain.models.tiny_moe import MoELayer
-    from tests.helpers.fsdp_models import STEPS, FSDPLM, dataset, monitors, union_batches
+    from tests.helpers.fsdp_models import STEPS, FSDPLM, dataset, monitors, union_loader
     from tests.helpers.spy_logger import SpyLogger
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -50,7 +50,7 @@ def _run(out: Path, mode: str, accelerator: str = "cuda") -> None:
         accelerator=accelerator, devices=1, strategy=strategy, callbacks=monitors(), logger=spy, log_every_n_steps=1,
         max_steps=STEPS, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(model, torch.utils.data.DataLoader(union_batches(dataset()), batch_size=None))
+    trainer.fit(model, union_loader(dataset()))
     wrappers = []
     if mode == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -124,6 +124,7 @@ def test_fsdp1_every_published_statistic_equals_the_plain_run(runs):
     got, want = _by_key(runs["fsdp"][0]["rows"]), _by_key(runs["plain"][0]["rows"])
     assert set(got) == set(want)
     assert {"attn", "attn_norm", "repr", "router", "policy", "pred", "pred_head"} <= {k.split("/")[1] for k in got}
+    assert any(k.startswith("info/") for k in got)
     for key, steps in want.items():
         assert set(got[key]) == set(steps), key
         for step, value in steps.items():

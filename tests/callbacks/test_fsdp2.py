@@ -27,12 +27,13 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers.fsdp_models import STEPS, WORLD, FSDPLM, dataset, monitors, union_batches
+from tests.helpers.fsdp_models import STEPS, WORLD, FSDPLM, dataset, monitors, union_loader
 from tests.helpers.scripts import run_script
 from tests.helpers.spy_logger import SpyLogger
 
 SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 REL, ABS = 1e-5, 1e-5
+INFO_KEY = "info/L1/kde/I_XT"  # the InformationPlaneMonitor on cls_head
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -48,7 +49,7 @@ def _by_key(rows: list) -> dict[str, dict[int, float]]:
     return out
 
 
-def _one_process(batches: list, chunks: int) -> tuple[FSDPLM, SpyLogger]:
+def _one_process(loader: torch.utils.data.DataLoader, chunks: int) -> tuple[FSDPLM, SpyLogger]:
     L.seed_everything(3)
     model = FSDPLM(chunks=chunks)
     spy = SpyLogger()
@@ -56,7 +57,7 @@ def _one_process(batches: list, chunks: int) -> tuple[FSDPLM, SpyLogger]:
         accelerator="cpu", devices=1, callbacks=monitors(), logger=spy, log_every_n_steps=1, max_steps=STEPS,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(model, torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.fit(model, loader)
     return model, spy
 
 
@@ -75,7 +76,7 @@ def runs(tmp_path_factory):
             "ranks": [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)],
             "weights": torch.load(out / "weights.pt"),
         }
-        model, spy = _one_process(union_batches(dataset()), chunks=WORLD)
+        model, spy = _one_process(union_loader(dataset()), chunks=WORLD)
     return fsdp, model, spy
 
 
@@ -107,6 +108,7 @@ def test_every_published_statistic_equals_one_process_on_the_union(runs):
     assert set(got) == set(want)
     families = {k.split("/")[1] for k in got}
     assert {"attn", "attn_norm", "repr", "router", "policy", "pred", "pred_head"} <= families
+    assert any(k.startswith("info/") for k in got)
     for key, steps in want.items():
         assert set(got[key]) == set(steps) == set(range(STEPS)) or key.startswith("entropy/policy/"), key
         for step, value in steps.items():
@@ -120,9 +122,8 @@ def test_every_published_statistic_equals_one_process_on_the_union(runs):
 def test_one_rank_alone_would_log_other_numbers(runs):
     """The comparison can fail: one process on rank 0's half alone publishes different statistics."""
     fsdp, _, _ = runs
-    half = [tuple(t[: t.shape[0] // WORLD] for t in batch) for batch in union_batches(dataset())]
-    _, spy = _one_process(half, chunks=1)  # (the per-test conftest fixture has dropped TRITON_INTERPRET here)
+    _, spy = _one_process(union_loader(dataset(), ranks=1), chunks=1)  # (the per-test conftest fixture has dropped TRITON_INTERPRET here)
     got, alone = _by_key(fsdp["logged"]["rows"]), _by_key(spy.rows)
     for key in ("entropy/attn/L0/H0", "entropy/repr/ln_f/rankme", "entropy/router/L0/entropy",
-                "entropy/policy/mean", "entropy/pred/train/mean", "entropy/pred/probe/mean"):
+                "entropy/policy/mean", "entropy/pred/train/mean", "entropy/pred/probe/mean", INFO_KEY):
         assert got[key][0] != pytest.approx(alone[key][0], rel=1e-4, abs=1e-4), key

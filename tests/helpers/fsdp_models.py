@@ -32,6 +32,7 @@ from entrotrain.models.tiny_moe import MoELayer
 VOCAB, SEQ, DIM, HEADS = 19, 8, 16, 2
 #: samples per rank per step, ranks, steps: the union batch of one step holds ``BATCH * WORLD`` samples
 BATCH, WORLD, STEPS = 4, 2, 3
+CLASSES = 3
 #: module globs that also match under FSDP1's wrappers (``blocks.1._fsdp_wrapped_module.mlp``); FSDP2 renames nothing
 MLP, ROUTER, HEAD = "blocks.1.**.mlp", "moe.**.router", "**.lm_head"
 
@@ -40,7 +41,8 @@ class FSDPLM(L.LightningModule):
     """Token ids ``(B, T)`` → two pre-LN blocks (SDPA attention, MLP) → a top-2 MoE layer → logits ``(B, T, V)``.
 
     Module names: ``tok_emb``, ``pos_emb``, ``blocks.{0,1}`` (``.attn``, ``.mlp``), ``moe`` (``moe.router``),
-    ``ln_f``, ``lm_head``.
+    ``ln_f``, ``lm_head``, and ``cls_head``: a ``CLASSES``-way classifier of the mean-pooled final states, one
+    ``(B, CLASSES)`` row per sample (the layer the InformationPlaneMonitor reads), trained with the LM loss.
     """
 
     def __init__(self, chunks: int = 1, lr: float = 0.2, regularize: bool = True) -> None:
@@ -55,6 +57,8 @@ class FSDPLM(L.LightningModule):
         self.moe = MoELayer(DIM, 2 * DIM, n_experts=4, top_k=2)
         self.ln_f = nn.LayerNorm(DIM)
         self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        self.cls_head = nn.Linear(DIM, CLASSES)
+        self.class_logits: torch.Tensor | None = None  # the last forward's (B, CLASSES) classifier output
         self.regularize = regularize
         self.aem = AttentionEntropyMaximization(0.05)
         self.floor = EntropyFloorRegularizer(0.5, floor=1.0)
@@ -82,14 +86,16 @@ class FSDPLM(L.LightningModule):
         for block in self.blocks:
             x = block(x)
         x, _ = self.moe(x.reshape(b * t, DIM))
-        return self.lm_head(self.ln_f(x.reshape(b, t, DIM)))
+        h = self.ln_f(x.reshape(b, t, DIM))
+        self.class_logits = self.cls_head(h.mean(1))
+        return self.lm_head(h)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         from entrotrain.functional.attention import AttentionEntropy
         from entrotrain.taps.activation_tap import ActivationTap
         from entrotrain.taps.attention_tap import AttentionTap
 
-        x, y, adv = batch
+        x, y, adv, cls = batch
         if self.regularize:  # the taps Regularizer.capture arms, opened here so their records can be split by rows
             with AttentionTap(self, differentiable=True) as attn, ActivationTap(
                 self, include=[MLP], differentiable=True
@@ -97,11 +103,13 @@ class FSDPLM(L.LightningModule):
                 logits = self(x)
         else:
             logits = self(x)
+        class_logits = self.class_logits
         n = x.shape[0] // self.chunks
         losses, parts = [], []
         for c in range(self.chunks):
             rows = slice(c * n, (c + 1) * n)
             loss = F.cross_entropy(logits[rows].reshape(-1, VOCAB), y[rows].reshape(-1))
+            loss = loss + F.cross_entropy(class_logits[rows], cls[rows])
             terms: dict[str, float] = {}
             if self.regularize:
                 records = [(site, AttentionEntropy(*(t[rows] for t in r))) for site, r in attn.records]
@@ -133,34 +141,36 @@ class FSDPLM(L.LightningModule):
 
 
 def dataset(n: int = BATCH * WORLD * STEPS, seed: int = 0) -> torch.utils.data.TensorDataset:
-    """``n`` samples ``(ids (T,), labels (T,), advantage ())``; labels are the ids shifted by one plus noise."""
+    """``n`` samples ``(ids (T,), labels (T,), advantage (), class ())``; labels are the ids shifted by one plus
+    noise; the class is the first id mod ``CLASSES``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(VOCAB, (n, SEQ), generator=g)
     y = torch.where(torch.rand(n, SEQ, generator=g) < 0.7, (x + 1) % VOCAB, torch.randint(VOCAB, (n, SEQ), generator=g))
     adv = torch.randn(n, generator=g)
-    return torch.utils.data.TensorDataset(x, y, adv)
+    return torch.utils.data.TensorDataset(x, y, adv, x[:, 0] % CLASSES)
 
 
-def union_batches(data: torch.utils.data.TensorDataset) -> list[tuple[torch.Tensor, ...]]:
-    """The batches one process sees for the ``WORLD``-rank run with ``DistributedSampler(shuffle=False)`` and per-rank
-    batch ``BATCH``: step ``s`` = rank 0's rows then rank 1's rows (rank ``r`` takes samples ``r, r + W, ...``)."""
-    out = []
-    for s in range(len(data) // (BATCH * WORLD)):
-        rows = [r + WORLD * (s * BATCH + i) for r in range(WORLD) for i in range(BATCH)]
-        out.append(tuple(t[rows] for t in data.tensors))
-    return out
+def union_loader(data: torch.utils.data.TensorDataset, ranks: int = WORLD) -> torch.utils.data.DataLoader:
+    """What one process loads for the ``WORLD``-rank run with ``DistributedSampler(shuffle=False)`` and per-rank batch
+    ``BATCH``: batch ``s`` = rank 0's rows then rank 1's rows (rank ``r`` takes samples ``r, r + W, ...``).
+    ``ranks=1``: rank 0's batches alone. Its dataset holds the same samples, in that order."""
+    order = [r + WORLD * (s * BATCH + i) for s in range(len(data) // (BATCH * WORLD)) for r in range(ranks)
+             for i in range(BATCH)]
+    permuted = torch.utils.data.TensorDataset(*(t[order] for t in data.tensors))
+    return torch.utils.data.DataLoader(permuted, batch_size=BATCH * ranks, shuffle=False)
 
 
 def probe() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Two probe batches, 5 rows then 1 row: under 2 ranks rank 1 holds no row of the second (it must still run the
     forward: FSDP's all-gathers are collectives)."""
-    x, y, _ = dataset(6, seed=9).tensors
+    x, y, _, _ = dataset(6, seed=9).tensors
     return [(x[:5], y[:5]), (x[5:], y[5:])]
 
 
 def monitors() -> list[L.Callback]:
     """Every monitor that can read this model, logging at every step, exact (no sampling), no media/summaries."""
     from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from entrotrain.callbacks.information_plane_monitor import InformationPlaneMonitor
     from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
     from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
     from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
@@ -176,6 +186,11 @@ def monitors() -> list[L.Callback]:
         ),
         RouterEntropyMonitor(every_n_steps=1, include=[ROUTER], top_k=2, mask_key=None, **quiet),
         PolicyEntropyMonitor(every_n_batches=1, fit_min_points=2, **quiet),
+        # the probe (the train set, 24 rows) in chunks of 10: under 2 ranks rank 0 forwards 2 chunks, rank 1 one
+        InformationPlaneMonitor(
+            include=["cls_head"], estimators=["binning", "kde"], every_n_steps=1, probe="train", probe_batch_size=10,
+            label_index=3, log_table=False, print_summary=False,
+        ),
         PredictionEntropyMonitor(
             every_n_steps=1, source="head", head=HEAD, prefix="entropy/pred_head", probe=probe(), floor=2.5,
             positions=[0, 3, 7], **quiet,

@@ -698,15 +698,25 @@ class RepresentationMeasure:
 REPRESENTATION_MEASURES: dict[str, RepresentationMeasure] = {
     m.name: m
     for m in (
-        RepresentationMeasure("matrix_entropy", matrix_entropy, "nats", {"normalized": False}, "Wei et al. 2024"),
         RepresentationMeasure(
-            "matrix_entropy_normalized", matrix_entropy, "fraction of ln d", {"normalized": True}, "Wei et al. 2024"
+            "matrix_entropy", matrix_entropy, "nats", {"normalized": False, "precision": "auto"}, "Wei et al. 2024"
         ),
-        RepresentationMeasure("matrix_erank", matrix_erank, "count", {}, "Wei et al. 2024"),
-        RepresentationMeasure("effective_rank", effective_rank, "count", {}, "Roy & Vetterli 2007"),
-        RepresentationMeasure("rankme", rankme, "count", {"eps": 1e-7}, "Garrido et al. 2023"),
         RepresentationMeasure(
-            "vendi", vendi_score, "count", {"q": 1.0, "kernel": "cosine", "sigma": None}, "Friedman & Dieng 2023"
+            "matrix_entropy_normalized",
+            matrix_entropy,
+            "fraction of ln d",
+            {"normalized": True, "precision": "auto"},
+            "Wei et al. 2024",
+        ),
+        RepresentationMeasure("matrix_erank", matrix_erank, "count", {"precision": "auto"}, "Wei et al. 2024"),
+        RepresentationMeasure("effective_rank", effective_rank, "count", {"precision": "auto"}, "Roy & Vetterli 2007"),
+        RepresentationMeasure("rankme", rankme, "count", {"eps": 1e-7, "precision": "auto"}, "Garrido et al. 2023"),
+        RepresentationMeasure(
+            "vendi",
+            vendi_score,
+            "count",
+            {"q": 1.0, "kernel": "cosine", "sigma": None, "precision": "auto"},
+            "Friedman & Dieng 2023",
         ),
         RepresentationMeasure(
             "dse",

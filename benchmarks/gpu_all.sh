@@ -10,6 +10,9 @@
 # all of them inside a total budget of GPU_ALL_BUDGET_S (default 480 = 8 minutes; a step gets at most what is left):
 #
 #   kernel_tests         python -m pytest tests/kernels -q                       (dry run: tests/kernels/test_dispatch.py)
+#   fsdp1_tests          python -m pytest <the FSDP1 CUDA tests that exist> -q -rs  (issue 13: Lightning's FSDPStrategy on
+#                        one GPU; tests/callbacks/test_fsdp1_cuda.py, tests/regularizers/test_sigma_fsdp1_cuda.py; on CPU
+#                        they skip but for their CPU checks)
 #   triton_kernels       python benchmarks/triton_kernels.py --device cuda       (fwd; attention fwd and fwd+bwd)
 #   triton_kernels_grad  python benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
 #   monitor_overhead     python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda
@@ -27,7 +30,7 @@
 #   run(command="bash benchmarks/gpu_all.sh", timeout_s=540)      # the tables come back from $OUT
 set -u
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 DRY_RUN=${DRY_RUN:-0}
 for arg in "$@"; do
@@ -82,6 +85,13 @@ fi
 START=$SECONDS
 FAILED=0
 
+# the FSDP1 CUDA tests that exist in this checkout (one may land later than this script)
+FSDP1_TESTS=()
+for f in tests/callbacks/test_fsdp1_cuda.py tests/regularizers/test_sigma_fsdp1_cuda.py; do
+    [ -f "$f" ] && FSDP1_TESTS+=("$f")
+done
+[ "${#FSDP1_TESTS[@]}" -gt 0 ] || FSDP1_TESTS=(tests/callbacks/test_fsdp1_cuda.py)  # never a bare `pytest` (all tests)
+
 # step NAME LIMIT_S CMD...: run CMD under `timeout`, its output into $OUT/NAME.txt, one line into the summary.
 step() {
     local name=$1 limit=$2
@@ -117,6 +127,7 @@ step() {
 
 if [ "$DRY_RUN" = 1 ]; then
     step kernel_tests 60 "$PY" -m pytest tests/kernels/test_dispatch.py -q -p no:cacheprovider
+    step fsdp1_tests 60 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
     step triton_kernels 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1
     step triton_kernels_grad 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1 --grad \
         --only logits,head --no-compile
@@ -124,6 +135,7 @@ if [ "$DRY_RUN" = 1 ]; then
     step spectral 60 "$PY" benchmarks/spectral.py --device cpu --quick --threads 1 --exact-max-n 10000
 else
     step kernel_tests 120 "$PY" -m pytest tests/kernels -q -p no:cacheprovider
+    step fsdp1_tests 100 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
     step triton_kernels 120 "$PY" benchmarks/triton_kernels.py --device cuda
     step triton_kernels_grad 75 "$PY" benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
     step monitor_overhead 100 "$PY" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda

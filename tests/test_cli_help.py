@@ -98,15 +98,19 @@ def _fit_two_steps(tmp_path: Path, *extra: str):
     ])
 
 
-def test_wandb_notice_printed_once_when_a_wandb_run_starts_and_no_anonymous_warning(monkeypatch, tmp_path, capfd):
+@pytest.mark.parametrize("mode", [None, "online"])
+def test_wandb_notice_printed_once_when_a_wandb_run_starts_and_no_anonymous_warning(mode, monkeypatch, tmp_path, capfd):
     _no_wandb_login(monkeypatch, tmp_path)
+    if mode is not None:
+        monkeypatch.setenv("WANDB_MODE", mode)
     import wandb
 
     wandb.teardown()  # wandb caches its settings (mode=disabled from earlier tests) process-wide until torn down
     _fit_two_steps(tmp_path, f"--trainer.logger.init_args.save_dir={tmp_path}")
     captured = capfd.readouterr()
     text = captured.out + captured.err
-    assert text.count(NOTICE) == 1
+    notice = NOTICE if mode is None else "WANDB_MODE=online but no wandb login found"
+    assert text.count(notice) == 1
     assert list(tmp_path.rglob("offline-run-*"))  # it did log offline
     # Lightning's WandbLogger hands wandb.init anonymous=None, which wandb >= 0.19 warns about: dropped by the CLI
     assert "anonymous" not in text.lower()

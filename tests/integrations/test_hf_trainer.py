@@ -134,7 +134,7 @@ def test_same_keys_and_values_as_lightning(tmp_path: Path) -> None:
     lit = _lightning_metrics(copy.deepcopy(_model()), data, monitors("model.transformer.h.?"))
     hf = _hf_metrics(tmp_path, _model(), data, monitors("transformer.h.?"))
     assert "entropy/attn_norm/L1/H1" in hf and "entropy/repr/transformer.h.1/rankme" in hf
-    assert "sigma_reparam/qk_norm/max" not in hf  # GPT-2 has c_attn, not qkv / n_head: nothing to measure
+    assert "sigma_reparam/qk_norm/max" in hf  # GPT-2's c_attn (Conv1D): its q and k blocks are measured
     _assert_same(hf, lit)
 
 

@@ -156,3 +156,15 @@ def test_fragment_resolution(tmp_path):
     assert resolve_fragment("configs/logger/wandb.yaml", tmp_path) == "configs/logger/wandb.yaml"  # the local one
     with pytest.raises(FragmentNotFoundError, match="configs/nope.yaml"):
         resolve_fragment("../configs/nope.yaml", tmp_path)
+
+
+def test_every_bundled_recipe_parses_when_copied_to_an_empty_folder(elsewhere, capsys):
+    failed = {}
+    for path in recipe_paths():
+        shutil.copy(path, elsewhere / path.name)
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--config", path.name, "--print_config"])
+        captured = capsys.readouterr()
+        if exc.value.code != 0 or "class_path:" not in captured.out:
+            failed[path.name] = captured.err[-500:]
+    assert not failed, failed

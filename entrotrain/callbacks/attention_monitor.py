@@ -53,13 +53,14 @@ strategies, before ``on_fit_start``); the tap is removed on every exit path (end
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
@@ -334,9 +335,18 @@ class AttentionEntropyMonitor(HookedMonitor):
         msg = (
             f"AttentionEntropyMonitor captured no attention in {type(pl_module).__name__} (attention-like modules: "
             f"{where}). The tap sees F.scaled_dot_product_attention, nn.MultiheadAttention and HF transformers "
-            "attention; for hand-written attention (softmax(q @ k.T)) call "
-            "entrotrain.taps.record_attention(q, k, is_causal=...) in the module's forward, or switch it to "
-            "F.scaled_dot_product_attention. Check include/exclude patterns too."
+            "attention ('sdpa' and 'eager'); "
+        )
+        hf = _hf_implementations(pl_module)
+        if hf:
+            msg += (
+                f"HF models here use {hf}: for other implementations call model.set_attn_implementation('sdpa') "
+                "for the tapped run; "
+            )
+        msg += (
+            "for hand-written attention (softmax(q @ k.T)) call entrotrain.taps.record_attention(q, k, is_causal=...) "
+            "in the module's forward, or switch it to F.scaled_dot_product_attention. Check include/exclude patterns "
+            "too."
         )
         if self.strict:
             raise TapError(msg)
@@ -449,3 +459,18 @@ class AttentionEntropyMonitor(HookedMonitor):
         media = self.media(normalized)
         for logger in loggers:
             logger.experiment.log({**media, "trainer/global_step": step})
+
+
+def _hf_implementations(model: nn.Module) -> str:
+    """``"model.model: 'flash_attention_2'"``-style list of the HF models in ``model`` and their attention
+    implementations; empty when transformers is not imported or there is none."""
+    transformers = sys.modules.get("transformers")
+    pretrained = getattr(getattr(transformers, "modeling_utils", None), "PreTrainedModel", None)
+    if pretrained is None:
+        return ""
+    found = [
+        f"{name or type(m).__name__}: {getattr(m.config, '_attn_implementation', None)!r}"
+        for name, m in model.named_modules()
+        if isinstance(m, pretrained) and getattr(m, "config", None) is not None
+    ]
+    return ", ".join(found[:4])

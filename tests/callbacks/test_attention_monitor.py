@@ -198,3 +198,25 @@ def test_media_logged_to_wandb(monkeypatch):
 def test_bad_arguments_raise_early(kwargs, match):
     with pytest.raises(EntrotrainError, match=match):
         AttentionEntropyMonitor(**kwargs)
+
+
+def test_no_capture_error_names_the_hf_implementation_and_the_fix() -> None:
+    """An HF model on an implementation the tap cannot see: the error says which, and the one-line fix."""
+    import lightning as L
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from entrotrain.errors import TapError
+
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    model.config._attn_implementation = "flash_attention_2"
+
+    class Wrapper(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+    monitor = AttentionEntropyMonitor(every_n_steps=1, strict=True, log_media=False)
+    with pytest.raises(TapError, match=r"model: 'flash_attention_2'.*set_attn_implementation\('sdpa'\)"):
+        monitor._no_capture(Wrapper())

@@ -178,7 +178,7 @@ def main() -> None:
                 f"{r['wall'] / d['wall']:.2f}" if d else "-", f"{r['cpu'] / d['cpu']:.2f}" if d else "-",
                 f"{r['cpu'] / q['cpu']:.2f}" if q and condition != "quiet" else "",
                 f"{r['wall'] / q['wall']:.2f}" if q and condition != "quiet" else "",
-                str(r["threads"]), "yes" if r["digest"] == quiet_digest else "NO",
+                str(r["threads"]), "-" if quiet_digest is None else "yes" if r["digest"] == quiet_digest else "NO",
             ]
             print("| " + " | ".join(cells) + " |")
 

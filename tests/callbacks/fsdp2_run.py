@@ -3,7 +3,8 @@
 (tests/helpers/fsdp_models.py), 3 steps logging at every step.
 
 Each rank writes ``rank{r}.json`` (its per-step losses); rank 0 also writes what the loggers received (a spy logger)
-and ``weights.pt``, the full (un-sharded) parameters after the last step. Run by test_fsdp2.py.
+and ``weights.pt``, the full (un-sharded) parameters after the last step, and ``weights_unmonitored.pt``, those of
+the same FSDP2 training without any monitor (a second fit in the same processes). Run by test_fsdp2.py.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ if __name__ == "__main__":
     sharded = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
     (out / f"rank{rank}.json").write_text(json.dumps({"losses": model.losses, "parts": model.parts, "fit_seconds": seconds}))
+
+    # the same training without any monitor, in the same processes: monitoring must not change a bit of it
+    L.seed_everything(3)
+    bare = FSDPLM()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
+        logger=False, max_steps=STEPS, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )
+    trainer.fit(bare, DataLoader(data, batch_size=BATCH, sampler=sampler))
+    unmonitored = {n: p.full_tensor().detach().clone() for n, p in bare.named_parameters()}
     if trainer.is_global_zero:
         torch.save(full, out / "weights.pt")
+        torch.save(unmonitored, out / "weights_unmonitored.pt")
         (out / "logged.json").write_text(json.dumps({"rows": spy.rows, "sharded": sharded}))

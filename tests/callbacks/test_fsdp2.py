@@ -19,8 +19,9 @@ Found and fixed on the way (each hung or leaked under FSDP2): PredictionEntropyM
 rank with no probe row and InformationPlaneMonitor ran fewer probe forwards on some ranks — FSDP's all-gathers are
 collectives, so the other rank waited forever; both also left the FSDP2 root gathered after their no-grad forwards
 (:func:`entrotrain.functional._dist.reshard_fsdp`; ``test_parameters_were_sharded`` fails without it). The test also
-checks that the parameters really were sharded (DTensors) and that one process would see different numbers on
-one rank's half (so an equality cannot come from a rank logging only its own data).
+checks that the parameters really were sharded (DTensors), that one process would see different numbers on one
+rank's half (so an equality cannot come from a rank logging only its own data), and that the same FSDP2 training
+without monitors ends bit-identical.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def runs(tmp_path_factory):
             "logged": json.loads((out / "logged.json").read_text()),
             "ranks": [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)],
             "weights": torch.load(out / "weights.pt"),
+            "unmonitored": torch.load(out / "weights_unmonitored.pt"),
         }
         model, spy = _one_process(union_loader(dataset()), chunks=WORLD)
     return fsdp, model, spy
@@ -106,6 +108,15 @@ def test_losses_regulariser_terms_and_weights_equal_one_process(runs):
     assert fsdp["ranks"][0]["losses"] != fsdp["ranks"][1]["losses"]  # the ranks really held different data
     for name, p in model.named_parameters():
         torch.testing.assert_close(fsdp["weights"][name], p.detach(), rtol=REL, atol=1e-6, msg=name)
+
+
+def test_monitoring_does_not_change_fsdp2_training(runs):
+    """The same FSDP2 fit without any monitor (in the same processes) ends with bit-identical parameters: the probe,
+    generation and information-plane forwards and the reshards change nothing."""
+    fsdp, _, _ = runs
+    assert set(fsdp["weights"]) == set(fsdp["unmonitored"])
+    for name, w in fsdp["weights"].items():
+        assert torch.equal(w, fsdp["unmonitored"][name]), name
 
 
 def test_every_published_statistic_equals_one_process_on_the_union(runs):

@@ -132,7 +132,8 @@ class AttentionEntropyMonitor(HookedMonitor):
 
     Args:
         every_n_steps: log at optimizer steps ``0, n, 2n, ...``.
-        include: glob patterns of attention site (module) names to score, e.g. ``["*.attn"]``; default all.
+        include: glob patterns of attention site (module) names to score, e.g. ``["**.attn"]`` (``*`` = one name
+            segment, ``**`` = any number of segments); default all.
         exclude: glob patterns of site names to skip.
         max_rows: batch rows scored per call (evenly spaced; ``None`` = all).
         max_queries: query positions scored per call (evenly spaced, all keys kept; ``None`` = all); padded

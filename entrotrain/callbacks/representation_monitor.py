@@ -102,8 +102,9 @@ class RepresentationEntropyMonitor(HookedMonitor):
     r"""Logs rank / entropy measures of chosen layers' representations, with ``n``, ``d`` and parameters beside.
 
     Args:
-        include: glob patterns of module names to watch (``["model.backbone", "model.layers.*"]``); ``"*"`` = every
-            module but containers.
+        include: glob patterns of module names to watch (``["model.backbone", "model.layers.*"]``: ``*`` is one name
+            segment, ``**`` any number, see :class:`~entrotrain.taps.name_filter.NameFilter`); ``"**"`` = every module
+            but containers.
         exclude: glob patterns of module names to skip.
         measures: names from :data:`entrotrain.functional.representation.REPRESENTATION_MEASURES` (``rankme``,
             ``effective_rank``, ``matrix_entropy``, ``matrix_entropy_normalized``, ``matrix_erank``, ``vendi``,
@@ -187,7 +188,7 @@ class RepresentationEntropyMonitor(HookedMonitor):
         check_real(rankme_eps, "rankme_eps", low=0.0, high=1.0, high_open=True)
         if "dsmi" in measures and label_index is None:
             raise EntrotrainError("measure 'dsmi' needs labels: set label_index to where the batch holds them.")
-        self.include = list(include) if include is not None else ["*"]
+        self.include = list(include) if include is not None else ["**"]
         self.exclude = list(exclude) if exclude is not None else []
         self.measures = measures
         self.every_n_steps = every_n_steps

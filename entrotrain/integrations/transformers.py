@@ -67,7 +67,7 @@ scores that forward. So:
   without routers is refused at train begin (:class:`~entrotrain.errors.TapError`): there is no ``training_step`` to
   return ``router_logits``. ``top_k`` defaults to the config's ``num_experts_per_tok``. The layer names are printed
   once (not logged: ``{p}/layers`` is a Lightning hyperparameter).
-* :class:`PredictionEntropyMonitor`: ``source="head"`` hooks the head (``head`` glob, e.g. ``"*lm_head"``) inside
+* :class:`PredictionEntropyMonitor`: ``source="head"`` hooks the head (``head`` glob, e.g. ``"**.lm_head"``) inside
   each forward, ``source="output"`` reads the output's ``.logits``; labels are the ``labels`` keyword (HF causal LMs
   take unshifted labels: pass ``shift_labels=True``), the keep mask ``attention_mask & labels != ignore_index``. The
   probe set is the ``probe=`` tensors (there is no datamodule: ``probe=None`` means no probe set), scored, and

@@ -57,7 +57,8 @@ def _run(out: Path, mode: str, accelerator: str = "cuda") -> None:
 
         wrappers = sorted(n or "<root>" for n, m in trainer.strategy.model.named_modules() if isinstance(m, FSDP))
         with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
-            weights = {n.replace(WRAPPED, ""): p.detach().cpu().clone() for n, p in model.named_parameters()}
+            weights = {n.replace(WRAPPED, ""): p.detach().cpu().clone() for n, p in model.named_parameters()
+                       if "_flat_param" not in n}  # the original parameters (use_orig_params=True), full
     else:
         weights = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
     torch.save(weights, out / f"{mode}_weights.pt")

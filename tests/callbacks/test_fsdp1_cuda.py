@@ -83,8 +83,14 @@ def runs(tmp_path_factory):
     from tests.helpers.scripts import run_script
 
     out = tmp_path_factory.mktemp("fsdp1")
-    for mode in ("plain", "fsdp"):
-        run_script(Path(__file__), out, str(out), mode, timeout=240)
+    with pytest.MonkeyPatch.context() as mp:
+        # FSDP semantics only: the attention maths on the torch path. On CUDA, impl="auto" sends the regularisers'
+        # differentiable attention entropy to the Triton kernel, whose dq backward writes with q's strides into
+        # torch.empty_like(q), which is contiguous when q is a strided view of a fused qkv projection (as here):
+        # out-of-bounds writes (under TRITON_INTERPRET=1 on CPU: "free(): invalid size"). Drop this once fixed.
+        mp.setenv("ENTROTRAIN_IMPL", "torch")
+        for mode in ("plain", "fsdp"):
+            run_script(Path(__file__), out, str(out), mode, timeout=240)
     return {mode: (json.loads((out / f"{mode}.json").read_text()), torch.load(out / f"{mode}_weights.pt"))
             for mode in ("plain", "fsdp")}
 

@@ -73,8 +73,10 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     with pytest.MonkeyPatch.context() as mp:
         # module scope runs before conftest's per-test fixture that drops TRITON_INTERPRET (conftest sets it on CPU
-        # machines with triton): with it, the regularisers' attention-entropy backward goes through Triton's
-        # interpreter, and both these processes and the reference below die in glibc ("free(): invalid size")
+        # machines with triton): with it, the regularisers' attention-entropy backward goes to the Triton kernel
+        # (interpreted), whose dq backward writes with the strides of q (a strided view of the fused qkv) into a
+        # contiguous torch.empty_like(q): out of bounds, and both these processes and the reference below die in
+        # glibc ("free(): invalid size")
         mp.delenv("TRITON_INTERPRET", raising=False)
         mp.setenv("WANDB_MODE", "disabled")
         run_script(SCRIPT, out, str(out), "240", timeout=300)

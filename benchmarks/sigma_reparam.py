@@ -62,7 +62,7 @@ def training_cases(batch: int, seq: int) -> dict:
         torch.manual_seed(0)
         model = TinyGPT(vocab_size=128, block_size=seq, n_layer=4, n_head=4, n_embd=128)
         if convert:
-            sigma_reparam(model, include=["blocks.*"])
+            sigma_reparam(model, include=["blocks.**"])
         opt = torch.optim.Adam(list(model.parameters()) + (list(regularizer.parameters()) if regularizer else []))
 
         def run():

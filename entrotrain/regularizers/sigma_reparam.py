@@ -22,7 +22,7 @@ Public API:
   function-preserving at step 0 (γ₀ = σ(W₀), u₀ = top right singular vector). Granularity is per ``nn.Linear``: a separate q/k/v projection
   is "per_projection", a fused ``qkv`` linear (TinyGPT's ``attn.qkv``) is "fused_qkv". Apple's speech model's
   "qk_joint" split (one σReparam over ``[W_q; W_k]``, one over ``W_v``) is :class:`SigmaReparamQKJoint`, chosen
-  per fused linear with ``sigma_reparam(..., qk_joint="*.qkv")``.
+  per fused linear with ``sigma_reparam(..., qk_joint="**.qkv")``.
 * :func:`sigma_reparam_names` — qualified names of the σReparam layers in a model.
 
 Sharded parameters (FSDP2 ``fully_shard``, DTensor). The rule: **σ is always the σ of the full weight**, identical
@@ -40,7 +40,6 @@ from :func:`reset_sigma_reparam_state` after loading weights. Tensor parallelism
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import sys
 import warnings
@@ -53,6 +52,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int, check_real
 from entrotrain.errors import EntrotrainError
+from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 
 try:  # DTensor parameters (FSDP2 / tensor parallel); absent from builds without torch.distributed
     from torch.distributed.tensor import DTensor as _DTensor
@@ -529,10 +529,6 @@ class SigmaReparamQKJoint(nn.Module):
         return torch.cat([self.qk(x), self.v(x)], dim=-1)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _as_patterns(patterns: str | Sequence[str], what: str) -> tuple[str, ...]:
     if isinstance(patterns, str):
         return (patterns,)
@@ -544,7 +540,7 @@ def _as_patterns(patterns: str | Sequence[str], what: str) -> tuple[str, ...]:
 
 def sigma_reparam(
     model: nn.Module,
-    include: str | Sequence[str] = ("*",),
+    include: str | Sequence[str] = ("**",),
     exclude: str | Sequence[str] = (),
     n_power_iterations: int = 1,
     init_iterations: int | None = None,
@@ -554,11 +550,12 @@ def sigma_reparam(
     family) by :class:`SigmaReparamConv1D`, in place, function-preserving at step 0.
 
     Granularity: each converted ``nn.Linear`` / ``Conv1D`` gets its own σReparam ("per projection" for separate q/k/v linears,
-    "fused qkv" for a fused one); fused ``qkv`` linears whose names match ``qk_joint`` (e.g. ``"*.attn.qkv"``, GPT-2's
-    ``"*.attn.c_attn"``) instead get one σReparam over the q and k rows jointly and one over the v rows (:class:`SigmaReparamQKJoint`).
+    "fused qkv" for a fused one); fused ``qkv`` linears whose names match ``qk_joint`` (e.g. ``"**.attn.qkv"``, GPT-2's
+    ``"**.attn.c_attn"``) instead get one σReparam over the q and k rows jointly and one over the v rows (:class:`SigmaReparamQKJoint`).
 
     A Linear / Conv1D is converted when its qualified name (``model.named_modules()``) matches one of ``include`` and none of
-    ``exclude`` (``fnmatch`` globs, case-sensitive, ``*`` crosses dots). Each converted layer keeps its weight and
+    ``exclude`` (globs over whole dotted names as every tap takes them: ``*`` = one name segment, ``**`` = any number
+    of segments; see :class:`~entrotrain.taps.name_filter.NameFilter`). Each converted layer keeps its weight and
     bias and gets γ₀ = σ(W₀), so the model computes the same function (up to float rounding) right after
     conversion; build the optimizer *after* converting (the parameters are new objects). Linears inside
     ``nn.MultiheadAttention`` are skipped (it reads ``out_proj.weight`` directly, never calling its forward), and a
@@ -568,8 +565,8 @@ def sigma_reparam(
 
     Args:
         model: any module; modified in place and returned.
-        include: glob(s) of Linear / Conv1D names to convert, e.g. ``"blocks.*"``.
-        exclude: glob(s) of names to leave alone, e.g. ``("lm_head", "*.mlp.*")``.
+        include: glob(s) of Linear / Conv1D names to convert, e.g. ``"blocks.**"``; default ``"**"`` (all).
+        exclude: glob(s) of names to leave alone, e.g. ``("lm_head", "**.mlp.*")``.
         n_power_iterations: per training forward, see :class:`SigmaReparamLinear`.
         init_iterations: ``None`` = exact SVD at conversion, else that many power iterations.
         qk_joint: glob(s) of fused ``qkv`` linears (rows ``[q; k; v]``; Conv1D columns ``[q, k, v]``) to convert
@@ -593,13 +590,17 @@ def sigma_reparam(
     include = _as_patterns(include, "include")
     exclude = _as_patterns(exclude, "exclude")
     joint = _as_patterns(qk_joint, "qk_joint")
+    wanted = NameFilter(list(include) or None, list(exclude))
+    if not include:
+        wanted = NameFilter(["**"], ["**"])  # include=() converts nothing (the error below says so)
+    joint_names = NameFilter(list(joint), []) if joint else None
     linears = [
         (n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) or is_hf_conv1d(m)
     ]
     mha_children = {
         id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.modules()
     }
-    chosen = [(n, m) for n, m in linears if n and _matches(n, include) and not _matches(n, exclude)]
+    chosen = [(n, m) for n, m in linears if n and wanted(n)]
     skipped = [n for n, m in chosen if id(m) in mha_children]
     if skipped:
         warnings.warn(
@@ -614,7 +615,7 @@ def sigma_reparam(
             f"sigma_reparam: no nn.Linear or transformers Conv1D layer of {type(model).__name__} matched "
             f"include={list(include)} and not exclude={list(exclude)}. The convertible layers ({CONVERTIBLE}) are "
             f"e.g. {names[:10]}" + (" (none at all)" if not names else "")
-            + ". Fix the glob patterns (fnmatch, '*' matches across dots)."
+            + f". Fix the glob patterns ({GLOB_SYNTAX})."
         )
     chosen_ids = {id(m) for _, m in chosen}
     owners: dict[int, set[str]] = {}
@@ -632,7 +633,7 @@ def sigma_reparam(
     converted: dict[int, nn.Module] = {}
     for name, m in chosen:
         if id(m) not in converted:
-            if _matches(name, joint):
+            if joint_names is not None and joint_names(name):
                 converted[id(m)] = SigmaReparamQKJoint.from_linear(m, n_power_iterations, init_iterations)
             else:
                 converted[id(m)] = _convert_one(m, n_power_iterations, init_iterations)

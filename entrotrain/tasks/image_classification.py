@@ -155,7 +155,7 @@ class DigitsViTTask(LightningModule):
             n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout,
         )
         if sigma_reparam:
-            include = ["blocks.*"] + (["patch_embed", "head"] if sigma_reparam_embed else [])
+            include = ["blocks.**"] + (["patch_embed", "head"] if sigma_reparam_embed else [])
             convert_to_sigma_reparam(self.model, include=include)
         self.regularizer: Regularizer | None = combine_regularizers(regularizers)
 

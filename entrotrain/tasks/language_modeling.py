@@ -63,7 +63,7 @@ class LanguageModelingTask(LightningModule):
             dropout=dropout,
         )
         if sigma_reparam:
-            convert_to_sigma_reparam(self.model, include=["blocks.*"])
+            convert_to_sigma_reparam(self.model, include=["blocks.**"])
         self.regularizer: Regularizer | None = combine_regularizers(regularizers)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def test_monitor_reads_qk_joint_layers():
 
     L.seed_everything(0)
     task = LanguageModelingTask(block_size=16, n_layer=1, n_head=2, n_embd=32)
-    sigma_reparam(task.model, include=["blocks.*"], qk_joint="*.attn.qkv")
+    sigma_reparam(task.model, include=["blocks.**"], qk_joint="**.attn.qkv")
     monitor = SigmaReparamMonitor(every_n_steps=1)
     idx = torch.randint(0, 128, (8, 17))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(idx[:, :-1], idx[:, 1:]), batch_size=4)

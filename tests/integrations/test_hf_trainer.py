@@ -150,7 +150,7 @@ def test_same_sigma_reparam_and_gqa_attention_keys_as_lightning(tmp_path: Path) 
             vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=T, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
-        return sigma_reparam(LlamaForCausalLM(config), include="*_proj")
+        return sigma_reparam(LlamaForCausalLM(config), include="**.*_proj")
 
     def monitors():
         return [

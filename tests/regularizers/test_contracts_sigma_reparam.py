@@ -231,7 +231,20 @@ class Net(nn.Module):
 
 
 LINEAR_NAMES = ["a", "blocks.0", "blocks.2", "attn.qkv", "head"]
-GLOBS = ["*", "a", "blocks.*", "*.0", "head", "attn.*", "*qkv", "nomatch", "b*"]
+GLOBS = ["*", "**", "a", "blocks.*", "*.0", "head", "attn.*", "*qkv", "**.qkv", "nomatch", "b*", "blocks.**"]
+
+
+def _glob(name: str, pattern: str) -> bool:
+    """Segment globs by brute force: ``*`` within one segment (fnmatch on the segment), ``**`` = any segments."""
+
+    def match(names: list[str], parts: list[str]) -> bool:
+        if not parts:
+            return not names
+        if parts[0] == "**":
+            return any(match(names[i:], parts[1:]) for i in range(len(names) + 1))
+        return bool(names) and fnmatch.fnmatchcase(names[0], parts[0]) and match(names[1:], parts[1:])
+
+    return match(name.split("."), pattern.split("."))
 
 
 @given(
@@ -247,9 +260,8 @@ def test_converter_picks_exactly_the_globbed_linears_and_preserves_the_function(
     torch.manual_seed(seed)
     model = Net(d, c, dtype)
     original = copy.deepcopy(model)
-    chosen = [n for n in LINEAR_NAMES if any(fnmatch.fnmatchcase(n, p) for p in include)
-              and not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
-    qk_joint = "*qkv" if joint else ()
+    chosen = [n for n in LINEAR_NAMES if any(_glob(n, p) for p in include) and not any(_glob(n, p) for p in exclude)]
+    qk_joint = "**.qkv" if joint else ()
     if not chosen:
         with pytest.raises(EntrotrainError, match="matched include"):
             sigma_reparam(model, include=include, exclude=exclude, qk_joint=qk_joint)

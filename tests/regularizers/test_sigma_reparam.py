@@ -302,7 +302,7 @@ def test_converter_is_function_preserving(training):
 
 
 def test_converter_include_exclude_globs():
-    model = sigma_reparam(_gpt(), include="blocks.*.attn.*", exclude=["*.proj"])
+    model = sigma_reparam(_gpt(), include="blocks.*.attn.*", exclude=["**.proj"])
     assert sigma_reparam_names(model) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert isinstance(model.blocks[0].mlp.fc, nn.Linear)
 
@@ -350,7 +350,7 @@ def test_qk_joint_granularity_is_function_preserving_and_splits_the_norms():
     idx = torch.randint(0, 50, (3, 16))
     before = model(idx)
     qkv_weight = model.blocks[0].attn.qkv.weight.detach().clone()
-    sigma_reparam(model, include=["blocks.*"], qk_joint="*.attn.qkv")
+    sigma_reparam(model, include=["blocks.**"], qk_joint="**.attn.qkv")
     joint = model.blocks[0].attn.qkv
     assert isinstance(joint, SigmaReparamQKJoint)
     assert "blocks.0.attn.qkv.qk" in sigma_reparam_names(model) and "blocks.0.attn.qkv.v" in sigma_reparam_names(model)

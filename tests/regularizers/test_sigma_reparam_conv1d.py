@@ -145,7 +145,7 @@ def test_qk_joint_on_c_attn():
     idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
     c_attn = model.transformer.h[0].attn.c_attn.weight.detach().clone()
     before = model(idx).logits
-    sigma_reparam(model, include="transformer.h.*", qk_joint="*.attn.c_attn")
+    sigma_reparam(model, include="transformer.h.**", qk_joint="**.attn.c_attn")
     joint = model.transformer.h[0].attn.c_attn
     assert isinstance(joint, SigmaReparamQKJoint) and isinstance(joint.qk, SigmaReparamConv1D)
     torch.testing.assert_close(model(idx).logits, before, rtol=1e-10, atol=1e-10)
@@ -250,11 +250,11 @@ def test_monitor_reads_plain_gpt2_conv1d_qk_norms():
     assert not any(k.endswith("/sigma") for k in monitor.last_logged)
 
 
-@pytest.mark.parametrize("qk_joint", [(), "*.attn.c_attn"])
+@pytest.mark.parametrize("qk_joint", [(), "**.attn.c_attn"])
 def test_monitor_qk_norms_survive_conversion(qk_joint):
     """At conversion Ŵ = W, so the per-head norms of the converted GPT-2 (per layer or joint q-k) equal the plain one's."""
     plain = gpt2()
-    converted = sigma_reparam(copy.deepcopy(plain), include="transformer.h.*", qk_joint=qk_joint)
+    converted = sigma_reparam(copy.deepcopy(plain), include="transformer.h.**", qk_joint=qk_joint)
     monitor = SigmaReparamMonitor()
     before, after = monitor.collect(plain), monitor.collect(converted)
     keys = [k for k in before if "/qk_norm/" in k]

@@ -39,14 +39,24 @@ def compiling() -> bool:
 
 
 def in_fx_graph(depth: int = 1) -> bool:
-    """Whether the function ``depth`` frames above the caller is torch.fx-generated code: a graph that dynamo
-    compiled, run by a backend that calls torch functions (``backend="eager"`` or a custom one returning
-    ``gm.forward``). Its calls were queued when the graph was traced; a torch-function mode must not score them again.
+    """Whether the torch call being handled by a torch-function mode was made by torch.fx-generated code: a graph
+    that dynamo compiled, run by a backend that calls torch functions (``backend="eager"`` or a custom one returning
+    ``gm.forward``). Its calls were queued when the graph was traced; a mode must not score them again.
+
+    ``depth`` is how many frames above the caller the mode's ``__torch_function__`` sits (1: the caller is it); the
+    ``__torch_function__`` frames of other modes stacked above it are skipped.
     """
     try:
-        return sys._getframe(depth + 1).f_code.co_filename.startswith(_FX_CODE)
+        frame = sys._getframe(depth + 1)
     except ValueError:  # pragma: no cover - not that many frames
         return False
+    for _ in range(16):
+        if frame is None:
+            return False
+        if frame.f_code.co_name != "__torch_function__":
+            return frame.f_code.co_filename.startswith(_FX_CODE)
+        frame = frame.f_back
+    return False
 
 
 def detached(value: Any) -> Any:

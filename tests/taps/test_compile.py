@@ -330,3 +330,33 @@ def test_default_inductor_backend_compiles_once_more_and_keeps_losses_bit_identi
         assert list(got) == list(expected)
         for name in expected:
             torch.testing.assert_close(got[name].double(), expected[name].double(), atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- traceable helpers
+def test_attention_mask_traces_without_graph_break():
+    """A float mask's blocked / bias split has no `.item()` when traced (fullgraph=True raises on any break)."""
+    from entrotrain.functional.attention_masks import AttentionMask
+
+    def describe(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = AttentionMask((2, 1, 5, 5), attn_mask=mask, is_causal=True)
+        return m.dense_additive(torch.float32), m.key_counts(2)
+
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[0, 0, :, 3:] = float("-inf")
+    mask[1, 0, :, 1] = torch.finfo(torch.float32).min
+    mask[1, 0, 2, 0] = 0.5  # a finite bias
+    got = torch.compile(describe, backend=CountingBackend(), fullgraph=True)(mask)
+    expected = describe(mask)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_kernel_dispatch_traces_without_graph_break():
+    """No functools.lru_cache on the dispatch path (dynamo breaks the graph on it)."""
+    from entrotrain.kernels import dispatch
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x * (2.0 if dispatch.resolve_impl("auto", x) == "torch" else 3.0) * dispatch.can_run_triton(x)
+
+    x = torch.randn(3)
+    dispatch.triton_available()  # the first look-up imports; later ones read a dict
+    torch.testing.assert_close(torch.compile(pick, backend=CountingBackend(), fullgraph=True)(x), pick(x))

@@ -53,12 +53,16 @@ class MultiheadAttentionAdapter:
 
     def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
         undo: list[Callable[[], None]] = []
-        for name, module in model.named_modules():
+        compiled = is_compiled(model)
+        for name, module in named_modules(model):
             if isinstance(module, nn.MultiheadAttention) and tap.wants(name):
                 tap.claim(name)
 
                 def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], _name: str = name) -> None:
                     if not capture_allowed(tap):
+                        return
+                    if compiling():  # q, k from this call's weights, in the graph; scored after it (no graph break)
+                        tap._defer_record(tap._site_name(_name), mha_query_key(mod, args, kwargs))
                         return
                     with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
                         tap.record(name=tap._site_name(_name), **mha_query_key(mod, args, kwargs))
@@ -68,7 +72,8 @@ class MultiheadAttentionAdapter:
                     tap._resume_sdpa()
 
                 undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
-                undo.append(module.register_forward_hook(done, always_call=True).remove)
+                # compiled: no always_call (its hook ids enter dynamo's guards: a recompile at every arming)
+                undo.append(module.register_forward_hook(done, always_call=not compiled).remove)
         return undo
 
 
@@ -84,7 +89,7 @@ def default_adapters() -> list[AttentionAdapter]:
 
 
 #: Built-in adapters that capture eagerly: left out for compiled models (see ``AttentionTap._adapters_to_install``).
-_EAGER_ONLY_ADAPTERS = ("MultiheadAttentionAdapter", "HFAttentionAdapter")
+_EAGER_ONLY_ADAPTERS = ("HFAttentionAdapter",)
 
 
 def _warn_eager_attention(model: nn.Module) -> None:
@@ -232,9 +237,9 @@ class AttentionTap:
         """The adapters, less the built-in ones that cannot run inside a compiled graph when the model is compiled.
 
         Their hooks and wrappers capture eagerly (frame inspection, torch-function-mode switching, the entropy maths):
-        traced, they break the graph in every attention layer and recompile it per layer. Compiled models' attention
-        is captured where it calls ``F.scaled_dot_product_attention`` (HF ``sdpa``, ``nn.MultiheadAttention`` in
-        training), queued by the interceptor (see :mod:`entrotrain.taps.deferred`)."""
+        traced, they break the graph in every attention layer and recompile it per layer. Compiled HF models'
+        attention is captured where it calls ``F.scaled_dot_product_attention`` (``sdpa``), queued by the
+        interceptor (see :mod:`entrotrain.taps.deferred`); ``nn.MultiheadAttention``'s adapter queues its own calls."""
         if not (self.capture_sdpa and is_compiled(self.model)):
             return self.adapters
         keep = [a for a in self.adapters if type(a).__name__ not in _EAGER_ONLY_ADAPTERS]
@@ -340,14 +345,23 @@ class AttentionTap:
         site = self._site_name(module)
         if not self.differentiable:
             args, kwargs = detached(args), detached(kwargs)
-        self._deferred.add(module, site, args, kwargs)
+        self._deferred.add("sdpa", module, site, args, kwargs)
+
+    def _defer_record(self, site: str, call: dict[str, Any]) -> None:
+        """Traced by dynamo: queue a :meth:`record` call of an adapter (``call`` holds ``q``, ``k``, masks, scale)."""
+        if not self.differentiable:
+            call = detached(call)
+        self._deferred.add("record", site, site, (), call)
 
     def _replay_deferred(self) -> None:
-        """Score, eagerly and in order, the SDPA calls compiled code queued (no-op when none is queued)."""
-        for module, site, args, kwargs in self._deferred.drain():
+        """Score, eagerly and in order, the calls compiled code queued (no-op when none is queued)."""
+        for kind, module, site, args, kwargs in self._deferred.drain():
             self._replaying = (module, site)
             try:
-                self._on_sdpa(args, kwargs)
+                if kind == "sdpa":
+                    self._on_sdpa(args, kwargs)
+                else:
+                    self.record(name=site, **kwargs)
             finally:
                 self._replaying = None
 

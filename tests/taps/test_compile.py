@@ -360,3 +360,52 @@ def test_kernel_dispatch_traces_without_graph_break():
     x = torch.randn(3)
     dispatch.triton_available()  # the first look-up imports; later ones read a dict
     torch.testing.assert_close(torch.compile(pick, backend=CountingBackend(), fullgraph=True)(x), pick(x))
+
+
+# ---------------------------------------------------------------------------------------------------------- adapters, regularisers
+def test_compiled_transformer_encoder_through_the_mha_adapter():
+    """nn.TransformerEncoder (nn.MultiheadAttention, training mode): the adapter's q, k come from the graph."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    x = torch.randn(2, 7, 16)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    eager = AttentionTap(encoder)
+    with eager:
+        encoder(x, src_key_padding_mask=pad)
+    backend = CountingBackend()
+    runner = torch.compile(encoder, backend=backend)
+    tap = AttentionTap(runner)
+    for _ in range(2):  # the second armed call reuses the first one's graph
+        tap.reset()
+        with tap:
+            runner(x, src_key_padding_mask=pad)
+    assert backend.compiles == 1 and not graph_breaks()
+    assert list(tap.stats) == list(eager.stats) == ["layers.0.self_attn", "layers.1.self_attn"]
+    for name in eager.stats:
+        torch.testing.assert_close(tap.stats[name], eager.stats[name], atol=1e-5, rtol=0)
+
+
+def test_regulariser_gradient_through_a_compiled_model_equals_eager():
+    """A differentiable tap (a fresh one per step, as Regularizer.capture makes) keeps the graph of the compiled
+    forward: the penalty's gradient is the eager one, with one compile for all steps."""
+    from entrotrain.regularizers.attention_entropy import AttentionEntropyMaximization
+
+    idx = batches()[0][:, :-1]
+    grads = []
+    for style in (None, "torch.compile(model)"):
+        model = tiny_gpt()
+        backend = CountingBackend()
+        runner = compiled(model, style, backend)
+        reg = AttentionEntropyMaximization(weight=0.1)
+        for _ in range(2):
+            model.zero_grad()
+            with reg.capture(runner):
+                runner(idx)
+            reg().total.backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()])
+        if style is not None:
+            assert backend.compiles == 1 and not graph_breaks()
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads[1])

@@ -22,6 +22,7 @@ table's baseline row (the minimum of the rounds: the least disturbed sample on a
        matrix entropy         Wei et al.: centred unit rows Z, spectrum of ZᵀZ/n normalised by its trace, -Σλ ln λ
        RankMe                 Garrido et al.: p = σ(X)/‖σ‖₁ + 1e-7, exp(-Σ p ln p)
        Vendi (cosine, q=1)    Friedman & Dieng: unit rows X̂, spectrum of X̂ᵀX̂/n, exp(-Σλ ln λ) over λ > 0
+       entrotrain rows: precision="auto" (the default: float32 where its error bound allows) and "float64"
        peers: numpy fp32 eigvalsh, torch fp32 eigvalsh, torch fp32 svdvals of the same matrix (λ = σ²/n), and
        the ``vendi_score`` package's ``score_dual`` when importable.
 
@@ -29,8 +30,9 @@ Columns: **min ms**, **× baseline** (ratio of minima), **peak extra MiB** = the
 the call holds at once beyond its inputs, from torch's profiler memory events (``profile_memory=True``, CPU
 allocator; ``_common._live_peak_mib``) — not tracemalloc, so numpy's own buffers in the numpy rows are not
 counted (marked ``n/a``); CUDA: ``max_memory_allocated`` − allocated before the call. **max err** = largest
-absolute error against float64 (logits: the naive formula in float64; attention: the materialised form in float64;
-spectra: the same measure with float64 ``torch.linalg.eigvalsh``), in nats (spectra: in the measure's unit).
+absolute error against float64 (logits: the naive formula on logits upcast to float64, ``entropy64``; attention:
+the materialised form in float64; spectra: the same measure with float64 ``torch.linalg.eigvalsh``), in nats
+(spectra: in the measure's unit).
 
     OMP_NUM_THREADS=1 python benchmarks/peers.py                # 4096×32000, B2 H8 N1024 D64, n=2048 d=256
     python benchmarks/peers.py --quick                          # tiny sizes, no compile: a few seconds
@@ -70,6 +72,12 @@ def trl_entropy_formula(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
         lp = F.log_softmax(chunk, dim=-1)
         out.append(-(torch.exp(lp) * lp).sum(-1))
     return torch.cat(out).reshape(logits.shape[:-1])
+
+
+def entropy64(logits: torch.Tensor) -> torch.Tensor:
+    """The float64 reference: ``-Σ softmax(z)·log_softmax(z)`` with ``z`` upcast to float64 (no float32 step)."""
+    z = logits.double()
+    return -(F.softmax(z, dim=-1) * F.log_softmax(z, dim=-1)).sum(-1)
 
 
 def _trl_entropy() -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
@@ -168,8 +176,8 @@ def _compile_with_timeout(fn, x, timeout: float) -> tuple[Callable | None, str |
 def logits_table(a: argparse.Namespace, device: torch.device) -> None:
     g = torch.Generator(device=device).manual_seed(a.seed)
     x = torch.randn(a.rows, a.vocab, generator=g, device=device) * 3.0
-    with torch.no_grad():
-        ref = torch.cat([naive_entropy(blk.double()) for blk in x.split(256)])
+    with torch.no_grad():  # float64 all the way (naive_entropy itself upcasts to float32 only: not a reference)
+        ref = torch.cat([entropy64(blk) for blk in x.split(256)])
     trl_fn, trl_note = _trl_entropy()
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "naive": naive_entropy,
@@ -277,7 +285,7 @@ def spectra_table(a: argparse.Namespace, device: torch.device) -> None:
 
     x = make_rows(a.n, a.d, a.seed, device).float()
     x64 = x.double()
-    ref = {
+    ref = {  # float64 torch of the same maths: the error of every row, entrotrain's precision="auto" included
         "matrix entropy": me_from_eigs(torch.linalg.eigvalsh(me_gram(x64))).item(),
         "RankMe": rankme_from_sv(torch.linalg.svdvals(x64)).item(),
         "Vendi q=1": torch.exp(_ent(torch.linalg.eigvalsh(vendi_gram(x64)))).item(),
@@ -302,6 +310,7 @@ def spectra_table(a: argparse.Namespace, device: torch.device) -> None:
     add(me, "torch fp32 svdvals", lambda: me_from_eigs(torch.linalg.svdvals(_unit_rows(x - x.mean(0))) ** 2 / n),
         "torch fp32 eigvalsh")
     add(me, "entrotrain matrix_entropy", lambda: matrix_entropy(x), "torch fp32 eigvalsh")
+    add(me, "entrotrain matrix_entropy float64", lambda: matrix_entropy(x, precision="float64"), "torch fp32 eigvalsh")
     add(rk, "torch fp32 svdvals", lambda: rankme_from_sv(torch.linalg.svdvals(x)), "torch fp32 svdvals")
     add(rk, "torch fp32 eigvalsh (XᵀX)", lambda: rankme_from_sv(torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()),
         "torch fp32 svdvals")
@@ -309,6 +318,7 @@ def spectra_table(a: argparse.Namespace, device: torch.device) -> None:
                                                                                       compute_uv=False))),
         "torch fp32 svdvals")
     add(rk, "entrotrain rankme", lambda: rankme(x), "torch fp32 svdvals")
+    add(rk, "entrotrain rankme float64", lambda: rankme(x, precision="float64"), "torch fp32 svdvals")
     add(vs, "torch fp32 eigvalsh", lambda: torch.exp(_ent(torch.linalg.eigvalsh(vendi_gram(x)))), "torch fp32 eigvalsh")
     add(vs, "numpy fp32 eigvalsh", lambda: torch.exp(_ent(np_eigvalsh(vendi_gram(x)))), "torch fp32 eigvalsh")
     add(vs, "torch fp32 svdvals", lambda: torch.exp(_ent(torch.linalg.svdvals(_unit_rows(x)) ** 2 / n)),
@@ -322,6 +332,7 @@ def spectra_table(a: argparse.Namespace, device: torch.device) -> None:
     except Exception as e:  # noqa: BLE001
         skipped[f"{vs}: vendi_score package"] = f"not importable ({type(e).__name__})"
     add(vs, "entrotrain vendi_score", lambda: vendi_score(x), "torch fp32 eigvalsh")
+    add(vs, "entrotrain vendi_score float64", lambda: vendi_score(x, precision="float64"), "torch fp32 eigvalsh")
 
     def nograd(f):
         def run():

@@ -21,6 +21,16 @@ pass ``--exact-max-n 10000`` to include it). Times are the median of ``--repeats
     python benchmarks/spectral.py --exact-max-n 10000               # + the n = 10 000 exact eigh (~2+ min more on CPU)
     python benchmarks/spectral.py --dims 64 256 --ns 1000 4000
     python benchmarks/spectral.py --quick                           # n = 64, d = 8: proves the script runs
+
+``--precision`` prints another table instead (issue 18 item 2): matrix entropy, Vendi (cosine, q = 1), RankMe and
+effective rank of float32 rows, entrotrain with ``precision="auto"`` and ``precision="float64"`` against a plain
+float32 torch implementation of the same measure (``eigvalsh`` of the smaller Gram of the centred / unit rows, or
+``svdvals`` of the rows; entropy summed in float64), the ratio of minima over ``--repeats`` interleaved rounds, and
+the relative error of each against a plain float64 torch implementation. ``--data`` picks the rows: ``blobs`` (as
+above, a well-conditioned spectrum: auto stays in float32) or ``lowrank`` (rank 8: auto falls back to float64).
+
+    OMP_NUM_THREADS=1 python benchmarks/spectral.py --precision --threads 1 --repeats 5   # n×d = 4096×256, 2048×2048
+    python benchmarks/spectral.py --precision --quick                                    # n×d = 512×64
 """
 
 from __future__ import annotations
@@ -35,7 +45,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from entrotrain.functional.representation import diffusion_matrix, vendi_score  # noqa: E402
+from entrotrain.functional.representation import (  # noqa: E402
+    diffusion_matrix,
+    effective_rank,
+    matrix_entropy,
+    rankme,
+    vendi_score,
+)
 from entrotrain.functional.spectrum import kernel_spectrum, renyi2, spectral_entropy  # noqa: E402
 from entrotrain.functional.stochastic_spectrum import slq_spectral_entropy  # noqa: E402
 
@@ -45,6 +61,107 @@ def make_rows(n: int, d: int, seed: int, device: torch.device) -> torch.Tensor:
     centres = torch.randn(10, d, generator=g, dtype=torch.float64) * 4.0
     x = centres[torch.randint(0, 10, (n,), generator=g)] + torch.randn(n, d, generator=g, dtype=torch.float64)
     return x.to(device)
+
+
+# ------------------------------------------------------------------------------------ precision table (--precision)
+
+
+def _entropy64(lam: torch.Tensor) -> torch.Tensor:
+    """-Σ p ln p of p = λ / Σλ over λ > 0, in float64 (the plain implementations' last step)."""
+    lam = lam.double().clamp_min(0)
+    p = lam / lam.sum()
+    p = p[p > 0]
+    return -(p * p.log()).sum()
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _small_gram(z: torch.Tensor) -> torch.Tensor:
+    n, d = z.shape
+    return z.T @ z if d <= n else z @ z.T
+
+
+def plain_matrix_entropy(x: torch.Tensor) -> torch.Tensor:
+    return _entropy64(torch.linalg.eigvalsh(_small_gram(_unit(x - x.mean(0)))))
+
+
+def plain_vendi(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(_entropy64(torch.linalg.eigvalsh(_small_gram(_unit(x)))))
+
+
+def plain_rankme(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    s = torch.linalg.svdvals(x).double()
+    p = s / s.sum() + eps
+    return torch.exp(-(p * p.log()).sum())
+
+
+def plain_effective_rank(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(_entropy64(torch.linalg.svdvals(x)))
+
+
+PRECISION_MEASURES = {
+    "matrix entropy": (plain_matrix_entropy, matrix_entropy),
+    "Vendi cosine q=1": (plain_vendi, vendi_score),
+    "RankMe": (plain_rankme, rankme),
+    "effective rank": (plain_effective_rank, effective_rank),
+}
+
+
+def precision_rows(x: torch.Tensor, a: argparse.Namespace, device: torch.device) -> list[list[str]]:
+    """One row per measure: plain fp32 ms, entrotrain auto / float64 ms and × plain, rel. errors vs plain fp64."""
+    rows = []
+    n, d = x.shape
+    x64 = x.double()
+    for name, (plain, ours) in PRECISION_MEASURES.items():
+        ref = float(plain(x64))
+        res: dict[str, float] = {}
+
+        def case(key, fn):
+            def run():
+                with torch.no_grad():
+                    res[key] = float(fn())
+
+            return run
+
+        cases = {
+            "plain": case("plain", lambda: plain(x)),
+            "auto": case("auto", lambda: ours(x)),
+            "float64": case("float64", lambda: ours(x, precision="float64")),
+        }
+        t = C.time_cases(cases, repeats=a.repeats, warmup=1, device=device)
+        base = t["plain"].min_ms
+
+        def rel(k):
+            return f"{abs(res[k] - ref) / abs(ref):.1e}"
+
+        rows.append([f"{n}×{d}", name, C.fmt(base, 1), C.fmt(t["auto"].min_ms, 1),
+                     f"**{C.fmt_ratio(t['auto'].min_ms / base)}**", C.fmt(t["float64"].min_ms, 1),
+                     C.fmt_ratio(t["float64"].min_ms / base), rel("plain"), rel("auto"), rel("float64")])
+        print(f"# done {n}×{d} {name}", flush=True)
+    return rows
+
+
+def precision_main(a: argparse.Namespace, device: torch.device) -> None:
+    sizes = [(512, 64)] if a.quick else [tuple(int(v) for v in s.split("x")) for s in a.sizes]
+    print(f"# spectral measures at input precision: entrotrain precision='auto' / 'float64' vs plain fp32 torch; "
+          f"data = {a.data}; ratios = min of {a.repeats} interleaved rounds / the plain fp32 min")
+    print(f"# {C.environment_line(device, a.threads)}")
+    note = C.contention_note(device)
+    if note:
+        print(f"# {note}")
+    rows: list[list[str]] = []
+    for n, d in sizes:
+        if a.data == "lowrank":
+            g = torch.Generator().manual_seed(a.seed)
+            x = (torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g)).to(device)
+        else:
+            x = make_rows(n, d, a.seed, device).float()
+        rows += precision_rows(x, a, device)
+    headers = ["n×d", "measure", "plain fp32 ms", "auto ms", "auto × plain", "float64 ms", "float64 × plain",
+               "plain fp32 rel err", "auto rel err", "float64 rel err"]
+    C.print_table(headers, rows, {})
 
 
 def main(argv=None) -> None:
@@ -61,7 +178,18 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="n = 64, d = 8, one SLQ row of 4 probes x 8 steps: proves the script runs (seconds)")
+    p.add_argument("--precision", action="store_true",
+                   help="only the precision table: entrotrain auto / float64 vs plain fp32 torch (module doc)")
+    p.add_argument("--sizes", nargs="+", default=["4096x256", "2048x2048"], help="n x d for --precision")
+    p.add_argument("--data", choices=("blobs", "lowrank"), default="blobs", help="rows for --precision")
     a = p.parse_args(argv)
+    if a.precision:
+        if a.quick:
+            a.repeats = 1
+        device = C.resolve_device(a.device)
+        C.setup_threads(a.threads)
+        precision_main(a, device)
+        return
     if a.quick:
         a.ns, a.dims, a.probes, a.steps, a.repeats = [64], [8], [4], [8], 1
     if len(a.probes) != len(a.steps):

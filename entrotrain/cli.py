@@ -1,34 +1,57 @@
 """The ``entrotrain`` console script.
 
-``entrotrain fit --config recipes/attention_collapse.yaml`` runs a recipe through :class:`LightningCLI` (also
-``validate`` / ``test`` / ``predict``, with every LightningCLI flag); ``entrotrain recipes`` lists the recipes;
-``entrotrain report RUN_DIR [RUN_DIR2] [-o OUT]`` turns a run record into an HTML report.
+``entrotrain fit --recipe attention_collapse`` runs a bundled recipe by name (``--config FILE`` runs any recipe file,
+a copied one included) through :class:`LightningCLI` (also ``validate`` / ``test`` / ``predict``, with every
+LightningCLI flag); ``entrotrain recipes`` lists the recipes; ``entrotrain report RUN_DIR [RUN_DIR2] [-o OUT]`` turns
+a run record into an HTML report; ``entrotrain --help`` lists all six.
 
 Every run writes a local run record (:class:`~entrotrain.dashboards.RunRecordLogger`, beside whatever logger the
 recipe names) under ``<default_root_dir>/records/``; its folder is printed when the run ends.
 
-wandb never prompts: when ``WANDB_MODE`` is unset and no API key is configured, runs are logged offline, and the
-command to upload them (``wandb sync ...``) is printed when the run ends.
+wandb never prompts: when ``WANDB_MODE`` is unset and no API key is configured, runs are logged offline (said once,
+when a run with a wandb logger starts), and the command to upload them (``wandb sync ...``) is printed when it ends.
+
+This module imports neither lightning nor the tasks: ``recipes``, ``report`` and ``--help`` stay fast. The
+LightningCLI subclass lives in :mod:`entrotrain._lightning_cli` (``entrotrain.cli.EntrotrainCLI`` imports it on
+first access).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
-
-import entrotrain.callbacks  # noqa: F401  (short class names in configs)
-import entrotrain.tasks  # noqa: F401
+if TYPE_CHECKING:
+    from entrotrain._lightning_cli import EntrotrainCLI  # lazy at run time: see __getattr__
 
 __all__ = ["DEBUG_ENV", "EntrotrainCLI", "config_error_message", "console", "main"]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_RUN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+#: One line per subcommand for ``entrotrain --help`` (the LightningCLI ones are the first line of the docstring of the
+#: ``Trainer`` method, as LightningCLI prints them; a test keeps them in step).
+SUBCOMMAND_HELP: dict[str, str] = {
+    "fit": "Runs the full optimization routine.",
+    "validate": "Perform one evaluation epoch over the validation set.",
+    "test": "Perform one evaluation epoch over the test set.",
+    "predict": "Run inference on your data.",
+    "report": "Write an HTML report (with PNG figures) of a run record; two runs are overlaid (failure vs cure).",
+    "recipes": "List the bundled recipes and the command that runs each.",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``EntrotrainCLI`` and ``RunDirSaveConfig`` are imported (with lightning) on first access."""
+    if name in ("EntrotrainCLI", "RunDirSaveConfig"):
+        from entrotrain import _lightning_cli
+
+        return getattr(_lightning_cli, name)
+    raise AttributeError(f"module 'entrotrain.cli' has no attribute {name!r}")
 
 
 def _wandb_configured() -> bool:
@@ -38,58 +61,22 @@ def _wandb_configured() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def _wandb_run_dir(trainer: Trainer) -> Path | None:
-    from entrotrain.dashboards.wandb_media import wandb_loggers
-
-    for logger in wandb_loggers(trainer.loggers):
-        run_dir = getattr(logger.experiment, "dir", None)  # .../offline-run-*/files
-        if run_dir and Path(run_dir).is_dir():  # a disabled run has a dir name but nothing on disk
-            return Path(run_dir).parent
-    return None
-
-
-class RunDirSaveConfig(SaveConfigCallback):
-    """Writes ``config.yaml`` into the wandb run's own folder (the default file collides across wandb runs) and into
-    the run record, and declares entrotrain's metric summaries to wandb."""
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        from entrotrain.dashboards.run_record import find_run_record
-        from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
-
-        setup_wandb_dashboard(trainer.loggers)
-        dump = self.parser.dump(self.config, skip_none=False)
-        run_dir = _wandb_run_dir(trainer)
-        if run_dir is None:
-            super().save_config(trainer, pl_module, stage)
-            record = find_run_record(trainer)
-            if record is not None:
-                record.log_hyperparams({"config": dump})
-            return
-        self.parser.save(self.config, run_dir / "files" / "config.yaml", skip_none=False, overwrite=True)
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": dump})
-
-
-def _as_path(path: Any) -> Path:
-    """A jsonargparse ``Path`` (``.absolute`` is a str), a ``pathlib.Path`` (a method) or a str, as a Path."""
-    absolute = getattr(path, "absolute", None)
-    if callable(absolute):
-        absolute = absolute()
-    return Path(str(absolute if absolute is not None else path))
-
-
-def _recipe_path(config: Any) -> str | None:
-    """The recipe among a subcommand's ``--config`` files: the first one in a ``recipes/`` folder, else the first
-    (fragments such as ``configs/trainer/ddp_cpu.yaml`` come after the recipe); relative to the cwd when inside it."""
-    paths = config.get("config") if config is not None and hasattr(config, "get") else None
-    if not paths:
+def wandb_offline_notice() -> str | None:
+    """Make wandb log offline instead of prompting when no login is configured (sets ``WANDB_MODE``); returns the
+    line that says so (printed by the CLI when a run with a wandb logger starts), or ``None`` when nothing changed."""
+    if _wandb_configured():
         return None
-    candidates = [_as_path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
-    path = next((p for p in candidates if p.parent.name == "recipes"), candidates[0])
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    mode = os.environ.get("WANDB_MODE")
+    if mode is None:
+        os.environ["WANDB_MODE"] = "offline"
+        return "entrotrain: no wandb login found, logging offline (set WANDB_MODE to change this)."
+    if mode in ("online", "run"):  # wandb would ask for a key on the terminal: never prompt
+        os.environ["WANDB_MODE"] = "offline"
+        return (
+            f"entrotrain: WANDB_MODE={mode} but no wandb login found (WANDB_API_KEY or `wandb login`); logging "
+            "offline instead of prompting. Upload later with `wandb sync`."
+        )
+    return None
 
 
 DEBUG_ENV = "ENTROTRAIN_DEBUG"
@@ -157,74 +144,6 @@ def config_error_message(err: BaseException, subcommand: str | None = None) -> s
     )
 
 
-class EntrotrainCLI(LightningCLI):
-    """LightningCLI that adds a :class:`~entrotrain.dashboards.RunRecordLogger` to every run and whose ``fit`` ends by
-    closing the wandb run and printing where it and the run record are, how to sync and how to report them.
-
-    A bad value that only a class's constructor can refuse (``every_n_steps: 0`` in a monitor's ``init_args``) is a
-    parser-style error: one paragraph on stderr naming the class and the argument, exit code 2, no traceback (set
-    ``ENTROTRAIN_DEBUG=1`` to get the traceback instead)."""
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except ValueError as err:  # EntrotrainError is a ValueError; so are jsonargparse's wrappers of it
-            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-                raise
-            print(config_error_message(err, self.subcommand), file=sys.stderr)
-            raise SystemExit(2) from None
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from entrotrain.dashboards.run_record import RunRecordLogger
-
-        trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(lg, RunRecordLogger) for lg in trainer.loggers):
-            recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
-            stem = Path(recipe).stem if recipe else "run"
-            record = RunRecordLogger(
-                Path(trainer.default_root_dir), name="records", version=_record_version(trainer, stem), recipe=recipe
-            )
-            trainer.loggers = [*trainer.loggers, record]
-        return trainer
-
-    def after_fit(self) -> None:
-        from entrotrain.dashboards.run_record import find_run_record
-
-        if not self.trainer.is_global_zero:
-            return
-        record = find_run_record(self.trainer)
-        monitors = ("entropy/", "sigma_reparam/", "lr-")  # shown by their monitors, or not results
-        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith(monitors)}
-        if final:
-            print("final metrics: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(final.items())[:12]))
-        run_dir = _wandb_run_dir(self.trainer)
-        if record is not None:
-            record.set_meta(wandb_dir=str(run_dir) if run_dir else None, global_step=self.trainer.global_step)
-            print(f"\nentrotrain: run record {record.run_dir}")
-            print(f"entrotrain: offline report with\n    entrotrain report {record.run_dir}")
-        if run_dir is None:
-            return
-        import wandb
-
-        wandb.finish()
-        print(f"\nentrotrain: run directory {run_dir}")
-        if "offline" in run_dir.name:
-            print(f"entrotrain: upload it with\n    wandb sync {run_dir}")
-
-
-def _record_version(trainer: Trainer, stem: str) -> str:
-    """``<recipe stem>-YYYYmmdd-HHMMSS`` (made unique with ``-2``, ...) under ``default_root_dir/records``."""
-    import time
-
-    parent = Path(trainer.default_root_dir) / "records"
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    version, n = base, 1
-    while (parent / version).exists():
-        n += 1
-        version = f"{base}-{n}"
-    return version
-
-
 def _recipe_summary(path: Path, width: int = 110) -> str:
     """The first sentence of a recipe's leading comment block, cut to ``width`` characters."""
     words: list[str] = []
@@ -241,49 +160,123 @@ def _recipe_summary(path: Path, width: int = 110) -> str:
     return summary if len(summary) <= width else summary[: width - 1].rstrip() + "…"
 
 
-def _list_recipes() -> None:
-    recipes = sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+def _print_help(file: Any = None) -> None:
+    """``entrotrain --help``: every subcommand with its line, and how to run a recipe (no lightning import)."""
+    width = max(len(name) for name in SUBCOMMAND_HELP)
+    lines = [
+        f"usage: entrotrain [-h] {{{','.join(SUBCOMMAND_HELP)}}} ...",
+        "",
+        "entrotrain: entropy monitors, regularisers and recipes for Lightning training.",
+        "",
+        "subcommands:",
+        *(f"  {name:<{width}}  {text}" for name, text in SUBCOMMAND_HELP.items()),
+        "",
+        "run a bundled recipe by name:    entrotrain fit --recipe attention_collapse   (entrotrain recipes lists them)",
+        "run a recipe or config file:     entrotrain fit --config my_recipe.yaml",
+        "fit/validate/test/predict take every LightningCLI flag (--trainer.max_steps=100, --print_config, ...);",
+        "add --help after a subcommand for its options.",
+    ]
+    print("\n".join(lines), file=file or sys.stdout)
+
+
+def _recipes_main(argv: list[str]) -> None:
+    """``entrotrain recipes``: each bundled recipe's name and first sentence, then the command that runs one."""
+    from entrotrain._recipes import bundled_dir, recipe_paths
+
+    argparse.ArgumentParser(prog="entrotrain recipes", description=SUBCOMMAND_HELP["recipes"]).parse_args(argv)
+    recipes = recipe_paths()
     if not recipes:
-        print("No recipes found next to the package (clone the repository to get recipes/).")
+        print("No recipes found: this installation ships no entrotrain/recipes folder (reinstall entrotrain).")
         return
-    width = max(len(p.name) for p in recipes)
+    width = max(len(p.stem) for p in recipes)
     for path in recipes:
-        print(f"{path.name:<{width}}  {_recipe_summary(path)}")
-    where = RECIPES_DIR.relative_to(Path.cwd()) if RECIPES_DIR.is_relative_to(Path.cwd()) else RECIPES_DIR
-    print(f"\nrun one with: entrotrain fit --config {where}/<recipe>.yaml")
+        print(f"{path.stem:<{width}}  {_recipe_summary(path)}")
+    example = "attention_collapse" if any(p.stem == "attention_collapse" for p in recipes) else recipes[0].stem
+    print(f"\nrun one with:  entrotrain fit --recipe <name>      e.g. entrotrain fit --recipe {example}")
+    print(f"recipe files:  {bundled_dir('recipes')}  (copy one anywhere and run it with --config FILE)")
 
 
-def main(args: ArgsType = None) -> Any:
-    """Entry point of the ``entrotrain`` console script (and of in-process tests: ``main(["fit", ...])``)."""
-    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
-    if argv is not None and argv[:1] == ["recipes"]:
-        _list_recipes()
-        return None
-    if argv is not None and argv[:1] == ["report"]:
-        from entrotrain.dashboards.report import report_main
+def _expand_recipe(argv: list[str]) -> list[str]:
+    """``argv`` (a run subcommand and its arguments) with ``--recipe NAME`` / ``--recipe=NAME`` replaced by
+    ``--config <the bundled recipe's file>``. An unknown name is a parser-style error (exit code 2) listing the
+    recipes."""
+    from entrotrain._recipes import RecipeNotFoundError, find_recipe
 
-        return report_main(argv[1:])
-    if not _wandb_configured():
-        mode = os.environ.get("WANDB_MODE")
-        if mode is None:
-            os.environ["WANDB_MODE"] = "offline"
-            print("entrotrain: no wandb login found, logging offline (set WANDB_MODE to change this).")
-        elif mode in ("online", "run"):  # wandb would ask for a key on the terminal: never prompt
-            os.environ["WANDB_MODE"] = "offline"
-            print(
-                f"entrotrain: WANDB_MODE={mode} but no wandb login found (WANDB_API_KEY or `wandb login`); logging "
-                "offline instead of prompting. Upload later with `wandb sync`."
-            )
+    out: list[str] = argv[:1]
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--recipe" or arg.startswith("--recipe="):
+            if arg == "--recipe":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    _usage_error(argv[0], "--recipe needs a name, e.g. --recipe attention_collapse "
+                                 "(`entrotrain recipes` lists them).")
+                name, i = argv[i + 1], i + 2
+            else:
+                name, i = arg.split("=", 1)[1], i + 1
+            try:
+                out += ["--config", str(find_recipe(name))]
+            except RecipeNotFoundError as err:
+                _usage_error(argv[0], str(err))
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _usage_error(subcommand: str | None, message: str) -> None:
+    """A parser-style error: ``entrotrain SUBCOMMAND: error: message`` on stderr, exit code 2."""
+    prog = f"entrotrain {subcommand}" if subcommand else "entrotrain"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(args: Any = None) -> Any:
+    """Entry point of the ``entrotrain`` console script (and of in-process tests: ``main(["fit", ...])``).
+
+    ``args``: the command-line arguments (default ``sys.argv[1:]``), or a dict / Namespace handed to LightningCLI as
+    is. Returns the :class:`EntrotrainCLI` of a run subcommand, the report's path for ``report``, else ``None``."""
+    from_argv = args is None or isinstance(args, (list, tuple))
+    argv = list(sys.argv[1:] if args is None else args) if from_argv else None
+    if argv is not None:
+        if not argv or argv[0] in ("-h", "--help"):
+            _print_help()
+            if not argv:
+                raise SystemExit(2)
+            return None
+        if argv[0] == "recipes":
+            _recipes_main(argv[1:])
+            return None
+        if argv[0] == "report":
+            from entrotrain.dashboards.report import report_main
+
+            return report_main(argv[1:])
+        if argv[0] in _RUN_SUBCOMMANDS:
+            argv = _expand_recipe(argv)
+        args = argv
+    notice = wandb_offline_notice()
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # lightning 2.6 on torch 2.13
-    return EntrotrainCLI(
-        model_class=None,
-        datamodule_class=None,
-        subclass_mode_model=True,
-        save_config_callback=RunDirSaveConfig,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    # main() hands LightningCLI sys.argv[1:] itself (with --recipe expanded): not the mistake that warning is about
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    from entrotrain._lightning_cli import EntrotrainCLI, RunDirSaveConfig
+    from entrotrain._recipes import FragmentNotFoundError
+
+    try:
+        return EntrotrainCLI(
+            model_class=None,
+            datamodule_class=None,
+            subclass_mode_model=True,
+            save_config_callback=RunDirSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            wandb_notice=notice,
+        )
+    except FragmentNotFoundError as err:  # raised while a config file is read: a parser error, not a traceback
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        subcommand = argv[0] if argv and argv[0] in _RUN_SUBCOMMANDS else None
+        _usage_error(subcommand, str(err))
 
 
 def console() -> None:

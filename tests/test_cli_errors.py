@@ -3,6 +3,7 @@ naming the class and the argument, exit code 2, no traceback (ENTROTRAIN_DEBUG=1
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 
 from entrotrain.cli import config_error_message, main
 from entrotrain.errors import EntrotrainError
+
+# lightning binds its log handler to sys.stderr as it is when lightning is first imported, and entrotrain.cli imports it
+# only when a run starts: import it now, before a test captures (and closes) stderr.
+importlib.import_module("lightning.pytorch")
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "attention_collapse.yaml"
 BAD_MONITOR = """\

@@ -31,6 +31,20 @@ Non-finite data (DESIGN.md §8): rows with NaN/Inf entropy are counted in ``{p}a
 fit and left out of every mean; a statistic with no finite row left at a logging step (a model gone NaN) goes to
 ``trainer.callback_metrics`` as NaN and to no logger, so the last healthy value never looks current.
 
+Padding (DESIGN.md §8, "padding is not data"): a query position is scored only if the model's own mask marks it as
+real, so per-head means are over real tokens. HF models: the 2-D ``attention_mask`` passed to the model's forward
+(``decoder_attention_mask`` for a decoder; the last ``N`` positions with a KV cache); ``nn.MultiheadAttention``
+self-attention: its ``key_padding_mask``. Models captured through ``F.scaled_dot_product_attention`` or
+``record_attention`` learn their padding from a block around the forward in ``training_step``::
+
+    from entrotrain.taps.query_padding import query_padding
+    with query_padding(batch["attention_mask"]):    # (batch, tokens), bool or 0/1 with 1 = real
+        loss = self.model(batch["input_ids"])
+
+or from ``record_attention(..., query_mask=...)``. A mask that does not fit an attention call (pooling queries, packed
+sequences) is not guessed at: that call's queries are all scored, with a warning naming the site. ``max_queries``
+picks evenly spaced positions, then drops the padded ones among them.
+
 Lifecycle: per-fit state (site names ``L{l}``, summaries, heads-over-time history) is reset in ``setup`` of every
 ``fit`` and restored from the checkpoint on resume (Lightning restores callback state after ``setup`` and, for most
 strategies, before ``on_fit_start``); the tap is removed on every exit path (end, exception, interrupt).
@@ -121,16 +135,18 @@ class AttentionEntropyMonitor(HookedMonitor):
         include: glob patterns of attention site (module) names to score, e.g. ``["*.attn"]``; default all.
         exclude: glob patterns of site names to skip.
         max_rows: batch rows scored per call (evenly spaced; ``None`` = all).
-        max_queries: query positions scored per call (evenly spaced, all keys kept; ``None`` = all).
+        max_queries: query positions scored per call (evenly spaced, all keys kept; ``None`` = all); padded
+            positions among them are dropped (see "Padding" in the module docstring).
         path: ``"auto"``, ``"fused"``, ``"chunked"`` or ``"materialized"`` (same numbers).
         collapse_threshold: a head whose mean normalised entropy is below this counts as collapsed.
-        overload_threshold: a head whose mean normalised entropy is above this counts as overloaded.
+        overload_threshold: a head whose mean normalised entropy is above this counts as near-uniform (normal at
+            initialisation; late in training, entropy overload).
         log_per_head: log ``attn/L{l}/H{h}`` keys (summaries and per-layer means are always logged).
         log_media: log the heatmap and histogram when a ``WandbLogger`` is attached.
         strict: raise when a logging step captures no attention at all (else warn).
         prefix: key prefix.
         print_summary: print the first and last logged summary (min / mean normalised entropy, collapsed and
-            overloaded heads) when training ends, on rank zero.
+            near-uniform heads) when training ends, on rank zero.
 
     Raises:
         EntrotrainError: on invalid arguments.
@@ -259,14 +275,18 @@ class AttentionEntropyMonitor(HookedMonitor):
 
     def summary_table(self) -> str:
         """The first and last logged summaries as a small text table."""
-        lines = ["attention entropy (normalised, over heads)", "  step    min     mean    p05   collapsed  overloaded"]
+        lines = ["attention entropy (normalised, over heads)", "  step    min     mean    p05   collapsed  near-uniform"]
         rows = [self.first_summary, self.last_summary] if self.last_summary is not self.first_summary else [self.first_summary]
         for step, row in rows:
             lines.append(
                 f"  {step:<6d}  {row.get('attn_norm/min', float('nan')):.3f}   {row.get('attn_norm/mean', float('nan')):.3f}"
                 f"   {row.get('attn_norm/p05', float('nan')):.3f}   {100 * row.get('attn/collapse_frac', 0.0):5.1f} %"
-                f"    {100 * row.get('attn/overload_frac', 0.0):5.1f} %"
+                f"      {100 * row.get('attn/overload_frac', 0.0):5.1f} %"
             )
+        lines.append(
+            f"  collapsed: < {self.collapse_threshold:g}; near-uniform: > {self.overload_threshold:g} (expected at "
+            "initialisation; late in training it is entropy overload)"
+        )
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ capture

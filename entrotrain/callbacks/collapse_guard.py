@@ -16,7 +16,12 @@ Watches one key. What counts as an *observation* (one judgement of the key) depe
 
 Two triggers, either or both:
 
-- ``threshold``: the value falls below it (with ``mode="min"``; above it with ``mode="max"``);
+- ``threshold``: the value falls below it (with ``mode="min"``; above it with ``mode="max"``). A *fall*: by default
+  (``arm_on_good=True``) the threshold trigger arms only once the value has been on the good side of the threshold in
+  this fit. A value already below it at the first observations is not a collapse that training caused — some models
+  have sharp heads at initialisation (Lightning's demo ``Transformer`` scales its embeddings by √d, so a third of its
+  heads start near normalised entropy 0.02 and stay there) — and is warned about once instead of fired on.
+  ``arm_on_good=False`` judges from the first observation; ``max_drop`` watches a fall from any starting value;
 - ``max_drop``: the value falls by more than this fraction of its value ``drop_window`` finite observations earlier.
 
 Two more kinds of bad observation, when ``on_nonfinite`` (default: on, except for ``action="reduce_lr"``):
@@ -80,6 +85,7 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "prev_seen_step": None,  # the one before: their difference is the key's cadence
     "last_stale_step": None,  # step of the last 'stale' observation in the current silence
     "stale_warned": False,
+    "armed": False,  # the threshold trigger (with arm_on_good): the value has been on the good side in this fit
 }
 
 
@@ -119,6 +125,10 @@ class EntropyCollapseGuard(PerFitCallback):
             back a model that went NaN).
         stale_after: optimizer steps without a new publication after which a ledger key is stale; ``None`` = 3 × the
             interval between its last two publications.
+        arm_on_good: the ``threshold`` trigger arms once a finite observation has been on the good side of the
+            threshold in this fit (a collapse is a fall, not a starting point: heads sharp at initialisation are
+            warned about once, not fired on). ``False``: judge from the first observation. ``max_drop``, non-finite
+            and stale observations are judged from the start either way.
 
     Example::
 
@@ -141,6 +151,7 @@ class EntropyCollapseGuard(PerFitCallback):
         missing_after: int = 1000,
         on_nonfinite: bool | None = None,
         stale_after: int | None = None,
+        arm_on_good: bool = True,
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
         self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
@@ -170,6 +181,7 @@ class EntropyCollapseGuard(PerFitCallback):
         on_nonfinite = check_bool(on_nonfinite, "EntropyCollapseGuard(on_nonfinite)", none_ok=True)
         self.on_nonfinite: bool = self.action != "reduce_lr" if on_nonfinite is None else on_nonfinite
         self.stale_after = check_int(stale_after, "EntropyCollapseGuard(stale_after)", low=1, none_ok=True)
+        self.arm_on_good = check_bool(arm_on_good, "EntropyCollapseGuard(arm_on_good)")
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
@@ -178,6 +190,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.load_state_dict({})
         self._nonfinite_warned = False
         self._alert_failed_warned = False
+        self._unarmed_warned = False
 
     @property
     def state_key(self) -> str:
@@ -198,6 +211,8 @@ class EntropyCollapseGuard(PerFitCallback):
                 f"{type(state_dict).__name__}."
             )
         state = {**_STATE_DEFAULTS, **state_dict}
+        if state_dict and "armed" not in state_dict:  # a checkpoint from before arm_on_good: it judged from the start
+            state["armed"] = True
         where = "EntropyCollapseGuard.load_state_dict: "
         history = state["history"]
         if not isinstance(history, (list, tuple, deque)):
@@ -206,7 +221,7 @@ class EntropyCollapseGuard(PerFitCallback):
             check_int(state[name], where + name, low=0)
         for name in ("last_seen_step", "prev_seen_step", "last_stale_step"):
             check_int(state[name], where + name, none_ok=True)
-        for name in ("fired", "stale_warned"):
+        for name in ("fired", "stale_warned", "armed"):
             check_bool(state[name], where + name)
         for name in _STATE_DEFAULTS:
             setattr(self, name, state[name])
@@ -284,7 +299,7 @@ class EntropyCollapseGuard(PerFitCallback):
                 self._warn_nonfinite_ignored(step)
                 return None
             return self._bad(f"{self.monitor} is {value}: the model or its inputs went non-finite")
-        reason = self._reason(value)
+        reason = self._reason(value, step)
         self.history.append(value)
         if reason:
             return self._bad(reason)
@@ -292,13 +307,17 @@ class EntropyCollapseGuard(PerFitCallback):
         self.fired = False  # re-armed: the next bad streak is a new episode
         return None
 
-    def _reason(self, value: float) -> str:
+    def _reason(self, value: float, step: int) -> str:
         """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
         if self.threshold is not None:
-            if self.mode == "min" and value < self.threshold:
-                return f"{self.monitor} = {value:.4g} fell below {self.threshold}"
-            if self.mode == "max" and value > self.threshold:
-                return f"{self.monitor} = {value:.4g} rose above {self.threshold}"
+            below = self.mode == "min" and value < self.threshold
+            above = self.mode == "max" and value > self.threshold
+            if not (below or above):
+                self.armed = True
+            elif self.armed or not self.arm_on_good:
+                return f"{self.monitor} = {value:.4g} {'fell below' if below else 'rose above'} {self.threshold}"
+            else:
+                self._warn_unarmed(value, step)
         if self.max_drop is not None and len(self.history) >= self.drop_window:
             before = self.history[-self.drop_window]  # drop_window finite observations before this one
             if before > 0 and (before - value) / before > self.max_drop:
@@ -317,6 +336,18 @@ class EntropyCollapseGuard(PerFitCallback):
         self.times_fired += 1
         self.last_reason = reason
         return reason
+
+    def _warn_unarmed(self, value: float, step: int) -> None:
+        if not self._unarmed_warned:
+            self._unarmed_warned = True
+            side = "below" if self.mode == "min" else "above"
+            rank_zero_warn(
+                f"EntropyCollapseGuard: {self.monitor} = {value:.4g} is already {side} the threshold "
+                f"{self.threshold} at step {step}, before it has ever been on the good side in this fit: that is where "
+                "the model starts, not a collapse (heads can be sharp at initialisation, e.g. embeddings scaled by "
+                f"sqrt(d)). The threshold arms once {self.monitor} has been on the good side; pass arm_on_good=False "
+                "to fire from the first observation, or max_drop=... to watch a fall from here."
+            )
 
     def _warn_nonfinite_ignored(self, step: int) -> None:
         if not self._nonfinite_warned:

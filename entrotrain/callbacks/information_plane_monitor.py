@@ -81,6 +81,7 @@ from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional import information as _info
+from entrotrain.functional._dist import reshard_fsdp
 from entrotrain.taps.activation_tap import ActivationTap, Capture
 from entrotrain.taps.exclusive import exclusive_capture
 
@@ -474,6 +475,17 @@ class InformationPlaneMonitor(HookedMonitor):
                 )
         return {name: rows[name] for name in self.tap.names}
 
+    def _idle_forward(self, pl_module: LightningModule, x: Tensor) -> None:
+        """One forward whose activations nobody reads (eval mode, no gradient, no tap sees it, modes restored)."""
+        modes = [(m, m.training) for m in pl_module.modules()]
+        try:
+            pl_module.eval()
+            with torch.no_grad(), exclusive_capture():
+                pl_module(x)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
     def _width(self, pl_module: LightningModule, x: Tensor) -> dict[str, Tensor]:
         """Zero-row activations of every layer (a rank that holds no probe chunk still sends its buffer)."""
         return {name: t[:0] for name, t in self._forward(pl_module, [x[:1]]).items()}
@@ -488,6 +500,10 @@ class InformationPlaneMonitor(HookedMonitor):
             return self._forward(pl_module, chunks)
         mine = chunks[rank::world]
         rows = self._forward(pl_module, mine) if mine else self._width(pl_module, x)
+        # FSDP: a forward's all-gathers are collectives, so every rank runs as many forwards as the busiest one
+        for _ in range(-(-len(chunks) // world) - max(len(mine), 1)):
+            self._idle_forward(pl_module, x[:1])
+        reshard_fsdp(pl_module)  # FSDP2 keeps the root gathered after a forward until a backward that never comes
         names = self.tap.names if self.tap is not None else list(rows)
         dims = [rows[n].shape[1] for n in names]
         dtype = torch.promote_types(torch.float32, rows[names[0]].dtype)

@@ -11,7 +11,7 @@ Where the predictive distribution comes from (``source``):
   or ``(B, T, V)`` sequence), read detached; no extra forward. The probe forward reads the model's output
   (a tensor, an object with ``.logits`` or a mapping with ``"logits"``).
 * ``"head"``: a forward pre-hook on the output head (the one module whose name matches the ``head`` glob, e.g.
-  ``"*lm_head"``), installed only during logging batches, reads its input hidden states (detached) and computes
+  ``"**.lm_head"``), installed only during logging batches, reads its input hidden states (detached) and computes
   the statistics right there, with the head weight of that forward (the optimizer changes it before the batch
   ends), through the fused ``hidden × head`` path
   (:func:`~entrotrain.functional.prediction_entropy.prediction_stats_from_hidden`), which never holds more than
@@ -89,7 +89,7 @@ from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import record_media
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional._dist import all_gather_varlen
+from entrotrain.functional._dist import all_gather_varlen, reshard_fsdp
 from entrotrain.functional.generation_diversity import distinct_n, repetition_rate, type_token_ratio
 from entrotrain.functional.policy import quantile
 from entrotrain.functional.prediction_entropy import (
@@ -165,7 +165,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         every_n_steps: log at optimizer steps ``0, n, 2n, ...`` (all micro-batches of the step).
         source: ``"output"`` (``training_step`` returns ``{"logits": ...}``) or ``"head"`` (hook on the output head,
             fused ``hidden × head`` statistics).
-        head: with ``source="head"``, the glob matching exactly one module name (``"*lm_head"``).
+        head: with ``source="head"``, the glob matching exactly one module name (``"**.lm_head"``).
         probe: held-out probe batches (see the module docstring); ``None`` = the datamodule's validation data.
         probe_batches: with ``probe=None``, how many validation batches form the probe set (``0`` = no probe).
         floor: entropy floor (nats) of ``below_floor_frac``.
@@ -198,7 +198,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         self,
         every_n_steps: int = 50,
         source: Literal["output", "head"] = "output",
-        head: str = "*lm_head",
+        head: str = "**.lm_head",
         probe: Any = None,
         probe_batches: int = 2,
         floor: float = 0.5,
@@ -577,6 +577,8 @@ class PredictionEntropyMonitor(HookedMonitor):
             rows = slice(rank, None, world)
             x = inputs[rows].to(device)
             if x.shape[0] == 0:
+                if world > 1:  # FSDP: a forward's all-gathers are collectives; every rank runs it (scores nothing)
+                    self._forward(pl_module, inputs[:1].to(device), None if attention_mask is None else attention_mask[:1].to(device))
                 continue
             am = None if attention_mask is None else attention_mask[rows].to(device)
             found = {"labels": None if labels is None else labels[rows], "attention_mask": am}
@@ -700,6 +702,7 @@ class PredictionEntropyMonitor(HookedMonitor):
             finally:
                 for m, mode in modes.items():
                     m.training = mode
+                reshard_fsdp(model)  # FSDP2 keeps the root gathered after a forward until a backward that never comes
             if self._probe_set:
                 sums, entropies, pos_sum, pos_count = self._reduce(acc, reduce, device)
                 probe = prediction_entropy_summary(sums, entropies)

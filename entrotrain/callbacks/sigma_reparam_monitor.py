@@ -9,7 +9,8 @@ Logged keys (``{p}`` = ``prefix``, default ``sigma_reparam/``; ``{name}`` = qual
 LightningModule):
 
 =================================  ================================================================================
-``{p}{name}/sigma``                σ(W) estimate of a :class:`SigmaReparamLinear` (power iteration, raw weight)
+``{p}{name}/sigma``                σ(W) estimate of a :class:`SigmaReparamLinear` / :class:`SigmaReparamConv1D`
+                                   (power iteration, raw weight; e.g. ``model.transformer.h.0.attn.c_attn``)
 ``{p}{name}/gamma``                its γ = σ(Ŵ), the effective spectral norm
 ``{p}{name}/qk_norm/H{h}``         :math:`\|W_Q^{h\top} W_K^h\|_2` of attention module ``name`` (effective weights Ŵ)
 ``{p}qk_norm/max``                 maximum of the above over all heads and modules (finite heads only)
@@ -21,13 +22,24 @@ which goes to ``trainer.callback_metrics`` only (never to a logger), are counted
 once per fit. Per-fit state is reset in ``setup`` of every ``fit``.
 
 An attention module is any submodule with an int ``n_head`` and a fused ``qkv`` projection (``nn.Linear`` or
-:class:`SigmaReparamLinear`) whose rows are ``[q; k; v]``, each ``n_head`` blocks of ``head_dim`` rows (TinyGPT's
-``CausalSelfAttention``). :math:`W_Q^h, W_K^h` are the ``(head_dim, C)`` row blocks of head ``h``; the softmax scale
-``1/sqrt(head_dim)`` and the q/k biases are not included.
+σReparam) whose rows are ``[q; k; v]``, each ``n_head`` blocks of ``head_dim`` rows (TinyGPT's
+``CausalSelfAttention``), or a GPT-2 style self-attention with an int ``num_heads`` and a fused ``c_attn``
+(transformers ``Conv1D`` or σReparam, columns ``[q, k, v]``; cross-attention is skipped). :math:`W_Q^h, W_K^h` are
+the ``(head_dim, C)`` row blocks of head ``h``; the softmax scale ``1/sqrt(head_dim)`` and the q/k biases are not
+included.
+
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters). The monitor reads weights outside ``forward``, when FSDP2
+holds them sharded. Rule: **σ is the layer's ``sigma`` buffer** (written in the last training forward from the full,
+all-gathered weight; buffers are never sharded, so it is the same on every rank), and **γ and the weights are
+gathered** with ``DTensor.full_tensor()`` one layer at a time (a collective: every rank runs the monitor at the same
+steps, in the same module order). So the values equal those of one process training on the union batch. FSDP1
+(``FSDPStrategy``, flat parameters) is read with ``FullyShardedDataParallel.summon_full_params`` around the
+collection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -41,7 +53,7 @@ from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError
-from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint
+from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint, full_tensor, is_hf_conv1d
 
 __all__ = ["SigmaReparamMonitor", "qk_spectral_norms"]
 
@@ -85,10 +97,42 @@ def qk_spectral_norms(qkv_weight: Tensor, n_head: int) -> Tensor:
     return torch.where(ok, norms, torch.full_like(norms, float("nan")))
 
 
-def _effective_weight(linear: nn.Module) -> Tensor:
-    if isinstance(linear, (SigmaReparamLinear, SigmaReparamQKJoint)):
-        return linear.effective_weight()
-    return linear.weight  # type: ignore[return-value]
+def _effective_matrix(linear: nn.Module) -> Tensor:
+    """The full ``(C_out, C_in)`` matrix a fused qkv projection multiplies by (``Ŵ`` for σReparam layers)."""
+    if isinstance(linear, SigmaReparamQKJoint):
+        return torch.cat([p._as_matrix(p.effective_weight()) for p in (linear.qk, linear.v)], dim=0)
+    if isinstance(linear, SigmaReparamLinear):
+        return linear._as_matrix(linear.effective_weight())
+    weight = full_tensor(linear.weight)  # type: ignore[arg-type]
+    return weight.T if is_hf_conv1d(linear) else weight
+
+
+def _fused_qkv(module: nn.Module) -> tuple[nn.Module, int] | None:
+    """``(fused qkv projection, heads)`` of a TinyGPT-style (``qkv``, ``n_head``) or GPT-2 style (``c_attn``,
+    ``num_heads``) self-attention module, else ``None``."""
+    qkv, heads = getattr(module, "qkv", None), getattr(module, "n_head", None)
+    if qkv is None and not getattr(module, "is_cross_attention", False):
+        qkv, heads = getattr(module, "c_attn", None), getattr(module, "num_heads", None)
+    kinds = (nn.Linear, SigmaReparamLinear, SigmaReparamQKJoint)
+    if (isinstance(qkv, kinds) or is_hf_conv1d(qkv)) and isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+        return qkv, heads  # type: ignore[return-value]
+    return None
+
+
+def _full_params(trainer: Trainer, pl_module: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """FSDP1 (``FullyShardedDataParallel`` as the strategy's root wrapper or inside ``pl_module``): its
+    ``summon_full_params`` context (no write-back), so the weights read are the full ones (a collective on every
+    rank). Otherwise (plain, DDP, FSDP2) a no-op context."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    root = getattr(getattr(trainer, "strategy", None), "model", None)
+    if isinstance(root, FSDP):
+        return FSDP.summon_full_params(root, writeback=False)
+    if any(isinstance(m, FSDP) for m in pl_module.modules()):
+        return FSDP.summon_full_params(pl_module, writeback=False)
+    return contextlib.nullcontext()
 
 
 class SigmaReparamMonitor(PerFitCallback):
@@ -97,7 +141,8 @@ class SigmaReparamMonitor(PerFitCallback):
     Runs in ``on_train_batch_end`` of the micro-batch whose optimizer step completes step ``s`` with
     ``s % every_n_steps == 0`` (steps ``0, n, 2n, ...``; never during the sanity check), reading the weights *after*
     that optimizer step and σ as estimated in its forward. Reads only: no buffer is written, no RNG consumed, so
-    training is bit-identical with and without the monitor. All values are computed in float32 without gradient,
+    training is bit-identical with and without the monitor. Under FSDP2 it gathers sharded γ and weights (see the
+    module docstring); under FSDP1 it reads inside ``summon_full_params``. All values are computed in float32 without gradient,
     stacked on the device and moved to the host once per logging step. Weights are identical on every DDP rank, so
     no reduction is needed. Works on plain models too (then only the ``qk_norm`` keys are logged). Keys: see the
     module docstring.
@@ -167,15 +212,16 @@ class SigmaReparamMonitor(PerFitCallback):
                     keys += [f"{self.prefix}{name}/sigma", f"{self.prefix}{name}/gamma"]
                     # the σ buffer keeps its last finite estimate when W goes NaN/Inf (so the layer can recover):
                     # that is not the current σ, so it is published as NaN then, never as a stale number
-                    current = torch.isfinite(m.weight.detach()).all()
+                    current = torch.isfinite(full_tensor(m.weight.detach())).all()
                     sigma = torch.where(current, m.sigma.detach().float(), float("nan"))
-                    values += [sigma.reshape(1), m.gamma.detach().float().reshape(1)]
+                    values += [sigma.reshape(1), full_tensor(m.gamma.detach()).float().reshape(1)]
             qk: list[Tensor] = []
             if self.log_qk_norm:
                 for name, m in module.named_modules():
-                    qkv, n_head = getattr(m, "qkv", None), getattr(m, "n_head", None)
-                    if isinstance(qkv, (nn.Linear, SigmaReparamLinear, SigmaReparamQKJoint)) and isinstance(n_head, int) and n_head > 0:
-                        norms = qk_spectral_norms(_effective_weight(qkv), n_head).float()
+                    found = _fused_qkv(m)
+                    if found is not None:
+                        qkv, n_head = found
+                        norms = qk_spectral_norms(_effective_matrix(qkv), n_head).float()
                         keys += [f"{self.prefix}{name}/qk_norm/H{h}" for h in range(n_head)]
                         values.append(norms)
                         qk.append(norms)
@@ -202,8 +248,9 @@ class SigmaReparamMonitor(PerFitCallback):
                 self._warned = True
                 rank_zero_warn(
                     f"SigmaReparamMonitor found no SigmaReparamLinear and no attention module with `qkv` and `n_head` "
-                    f"in {type(module).__name__}; convert the model with "
-                    "entrotrain.regularizers.sigma_reparam.sigma_reparam(...) or remove the callback."
+                    f"(or GPT-2's `c_attn` and `num_heads`) in {type(module).__name__}; convert its nn.Linear / "
+                    "transformers Conv1D layers with entrotrain.regularizers.sigma_reparam.sigma_reparam(...) or "
+                    "remove the callback."
                 )
             return {}
         bad = sum(1 for v in metrics.values() if not math.isfinite(v))
@@ -215,6 +262,7 @@ class SigmaReparamMonitor(PerFitCallback):
         return metrics
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = self.compute_metrics(pl_module, trainer.global_step)
+        with _full_params(trainer, pl_module):
+            metrics = self.compute_metrics(pl_module, trainer.global_step)
         if metrics:
             publish_scalars(trainer, pl_module, metrics, source=self.state_key)

@@ -407,7 +407,7 @@ def attention_snapshots(runs: list[RunData], out_dir: Path) -> Figure | None:
 
 
 def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
-    """Min / mean / p05 normalised entropy with the collapse band, and the collapsed / overloaded fraction of heads."""
+    """Min / mean / p05 normalised entropy with the collapse band, and the collapsed / near-uniform fraction of heads."""
     keys = ["entropy/attn_norm/min", "entropy/attn_norm/p05", "entropy/attn_norm/mean"]
     if not any(k in r.scalars for r in runs for k in keys):
         return None
@@ -423,7 +423,7 @@ def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
                 label = f"{run.label} {stat}" if len(runs) > 1 else stat
                 left.plot(*run.scalars[key], ls=RUN_STYLES[i % 2], color=color, alpha=shades[stat] if len(runs) > 1 else 1,
                           lw=1.6, label=label, marker="o", ms=2.5)
-        for key, stat in (("entropy/attn/collapse_frac", "collapsed"), ("entropy/attn/overload_frac", "overloaded")):
+        for key, stat in (("entropy/attn/collapse_frac", "collapsed"), ("entropy/attn/overload_frac", "near-uniform")):
             if key in run.scalars:
                 steps, values = run.scalars[key]
                 color = RUN_COLORS[i % 2] if len(runs) > 1 else ("#d62728" if stat == "collapsed" else "#ff7f0e")
@@ -433,7 +433,7 @@ def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
     _mark(left, runs, keys)
     left.set_ylim(-0.02, 1.02)
     left.set_title("normalised attention entropy over heads", fontsize=9)
-    right.set_title(f"% of heads collapsed (< {threshold:g}) / overloaded", fontsize=9)
+    right.set_title(f"% of heads collapsed (< {threshold:g}) / near-uniform", fontsize=9)
     right.set_ylim(-2, 102)
     for ax in (left, right):
         ax.set_xlabel("step", fontsize=8)
@@ -447,7 +447,8 @@ def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
         file,
         "Attention entropy",
         f"Left: least / 5th-percentile / mean normalised entropy over all heads; shaded: collapse zone (< {threshold:g}); "
-        "dotted: declared thresholds; dash-dot: guard alerts. Right: share of heads collapsed and overloaded.",
+        "dotted: declared thresholds; dash-dot: guard alerts. Right: share of heads collapsed and near-uniform "
+        "(near-uniform is expected at initialisation; late in training it is entropy overload).",
     )
 
 

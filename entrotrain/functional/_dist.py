@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "dist_ready", "gather_rows", "world"]
+__all__ = ["all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "dist_ready", "gather_rows", "reshard_fsdp", "world"]
 
 
 def dist_ready() -> bool:
@@ -60,3 +60,18 @@ def all_gather_padded(x: Tensor, fill: float | bool = 0) -> Tensor:
 def all_gather_varlen(x: Tensor) -> Tensor:
     """Concatenate the 1-D tensors of every rank, in rank order (lengths may differ)."""
     return all_gather_padded(x.reshape(-1))
+
+
+def reshard_fsdp(module: torch.nn.Module) -> None:
+    """Free what FSDP2 (``fully_shard``) un-sharded for forwards that no backward follows (a monitor's probe or
+    generation under ``no_grad``): FSDP2 keeps the root's parameters gathered after its forward
+    (``reshard_after_forward=False`` for the root) until the backward, so without this every rank would hold the
+    root's full parameters (embeddings, output head) from the probe until the next training step. A no-op for
+    modules that ``fully_shard`` did not touch."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

@@ -14,6 +14,12 @@ contribute nothing; :math:`0 \cdot \ln 0 = 0`). The gradient is :math:`\partial 
 
 Accumulation is float32 whatever the input dtype (float64 stays float64), and rows are processed in chunks so
 that memory beyond the input stays about one chunk, forward and backward.
+
+Accuracy (float32 accumulation, against float64 on the same logits): max error ~1e-6 nats on N(0, 3²) logits at
+V = 32 000-50 000, with +1e4 offsets, near one-hot and near-uniform rows and bf16/fp16 input — about 10× below TRL's
+chunked ``-Σ exp(lp)·lp`` with ``lp = log_softmax(z)`` (which rounds ``lp`` once per entry; the centred form rounds
+``ln l`` once per row). Summing in float64 would gain another 50× but costs ~14× per reduction on CPU (no
+vectorised float64 accumulation of float32), so float32 stays. Tested in ``tests/functional/test_entropy_precision.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 r"""Representation entropy / diversity presets, each reproducing its paper's own code.
 
-Every preset takes rows ``x`` of shape ``(n, d)`` (n samples, d features) in any float dtype, upcasts to float64,
-and returns a 0-dim float64 tensor. All of them are "the entropy of a normalised spectrum"
+Every preset takes rows ``x`` of shape ``(n, d)`` (n samples, d features) in any float dtype and returns a 0-dim
+float64 tensor. The computation is float64, except that ``matrix_entropy`` / ``matrix_erank`` / ``vendi_score``
+(cosine, q = 1) / ``rankme`` / ``effective_rank`` take ``precision="auto"`` (default): float32 / bf16 / fp16 rows
+are then centred, normalised and eigen-decomposed (or SVD'd) in float32 when the float32 spectrum passes the
+accuracy test of :mod:`entrotrain.functional.spectral_precision` (relative error ≤ 1e-5 against float64), with the
+entropy summed in float64; ``precision="float64"`` is the exact float64 path. All of them are "the entropy of a normalised spectrum"
 (:func:`entrotrain.functional.spectrum.spectral_entropy`) with a different matrix, normalisation, log base and ε:
 
 - :func:`matrix_entropy` / :func:`matrix_erank` — spectrum of ``Σ/trΣ``, ``Σ = ZᵀZ/n``, ``Z`` = rownorm(centred
@@ -41,9 +45,20 @@ from torch import Tensor
 
 from entrotrain._validation import check_int, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional.spectral_precision import (
+    _EPS32,
+    check_finite_fast,
+    check_precision,
+    float32_ok,
+    normalised64,
+    shannon64,
+    use_float32,
+)
 from entrotrain.functional.spectrum import (
     _ZERO_MATRIX,
     _check_order,
+    _check_rows,
+    _gram_eigvalsh,
     _prescale,
     _rows64,
     _square64,
@@ -167,7 +182,7 @@ def median_pairwise_distance(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- matrix entropy
 
 
-def matrix_entropy(x: Tensor, *, normalized: bool = False) -> Tensor:
+def matrix_entropy(x: Tensor, *, normalized: bool = False, precision: str = "auto") -> Tensor:
     r"""Matrix entropy of Wei et al. (2024, "Diff-eRank", arXiv 2401.17139), in nats.
 
     .. math::
@@ -181,14 +196,14 @@ def matrix_entropy(x: Tensor, *, normalized: bool = False) -> Tensor:
 
     Args:
         x: ``(n, d)``, ``n >= 2``, for one sequence the ``T`` token states of one layer.
+        precision: ``"auto"`` (float32 centring, Gram and eigensolve for float32/bf16/fp16 input when the spectrum
+            passes the accuracy test of :mod:`~entrotrain.functional.spectral_precision`, relative error ≤ 1e-5
+            against float64; float64 otherwise) or ``"float64"`` (every step in float64). The entropy sum is float64.
 
     Returns:
         0-dim float64, ``0 <= H <= ln min(n - 1, d)``.
     """
-    x = _rows64(x)
-    z = _centred_unit_rows(x)
-    eigs = linear_kernel_spectrum(z, scale=1.0 / x.shape[0])
-    h = spectral_entropy(eigs, 1.0)
+    h = _matrix_entropy(x, check_precision(precision), count=False)
     if normalized:
         if x.shape[1] < 2:
             raise EntrotrainError("normalized matrix entropy divides by ln d; it needs d >= 2 features.")
@@ -196,9 +211,66 @@ def matrix_entropy(x: Tensor, *, normalized: bool = False) -> Tensor:
     return h
 
 
-def matrix_erank(x: Tensor) -> Tensor:
-    """``exp(matrix_entropy(x))``: Wei et al.'s effective rank (= Vendi score q=1, cosine kernel, centred rows)."""
-    return torch.exp(matrix_entropy(x))
+def _matrix_entropy(x: Tensor, precision: str, *, count: bool) -> Tensor:
+    """Validate once, then the float32 route (when ``precision`` allows and the bound accepts it) or float64."""
+    _check_rows(x, "x")
+    x = x.detach()
+    top = check_finite_fast(x, "x")
+    if use_float32(x, precision):
+        h = _matrix_entropy32(x, top, count=count)
+        if h is not None:
+            return h
+    z = _centred_unit_rows(x.to(torch.float64))
+    return spectral_entropy(_gram_eigvalsh(z).clamp_min(0.0), 1.0)
+
+
+def _scaled32(x: Tensor, top: float) -> tuple[Tensor, float]:
+    """``x`` in float32 (a copy only for other dtypes) divided by a power of two when ``max |x|`` is outside
+    ``[2⁻²⁰, 2²⁰]`` (exact), so that squares and sums of rows neither overflow nor underflow; and the new max."""
+    x32 = x.to(torch.float32)
+    if top == 0.0 or 2.0**-20 <= top <= 2.0**20:
+        return x32, top
+    unit = 2.0 ** math.frexp(top)[1]
+    return x32 / unit, top / unit
+
+
+def _unit_rows32(z: Tensor, top: float) -> tuple[Tensor, Tensor] | None:
+    """Row norms of float32 rows ``z`` (divided in place) and their min; None when a row norm is below ``2⁻²⁰`` of
+    the largest entry (a zero or nearly-zero row: its direction would be float32 noise, so use float64)."""
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    nmin = norms.min()
+    if not float(nmin) > 2.0**-20 * top:
+        return None
+    return z.div_(norms), nmin
+
+
+def _matrix_entropy32(x: Tensor, top: float, *, count: bool) -> Tensor | None:
+    """Matrix entropy with float32 centring, Gram and ``eigvalsh``; None when the accuracy bound refuses it."""
+    xs, top = _scaled32(x, top)
+    z = xs - xs.mean(dim=0, keepdim=True)  # the one copy: centred rows, corrected and normalised in place below
+    z.sub_(z.mean(dim=0, keepdim=True))  # second pass: removes the float32 error of the mean (ε·|μ| → ε·|z|)
+    norms = torch.linalg.vector_norm(z, dim=1)
+    nmin, rms, inv_rms = torch.stack(
+        (norms.min(), norms.square().mean().sqrt(), norms.reciprocal().square().mean().sqrt())
+    ).double().tolist()
+    if not nmin > 2.0**-20 * top:  # a (near-)zero row: its direction is float32 noise; float64 keeps it as 0
+        return None
+    z.div_(norms[:, None])
+    try:
+        lam = _gram_eigvalsh(z)
+    except EntrotrainError:
+        return None
+    p = normalised64(lam)
+    h = shannon64(p)
+    row_rel = _EPS32 * (2.0 + rms * inv_rms)  # rounding of each row + the mean's leftover error (~ε·rms), RMS over rows
+    ok = float32_ok(p, float(h), count=count, row_rel=row_rel, n_negative=int((lam < 0).sum()))
+    return h if ok else None
+
+
+def matrix_erank(x: Tensor, *, precision: str = "auto") -> Tensor:
+    """``exp(matrix_entropy(x))``: Wei et al.'s effective rank (= Vendi score q=1, cosine kernel, centred rows).
+    ``precision`` as :func:`matrix_entropy` (the float32 route keeps the relative error of the count ≤ 1e-5)."""
+    return torch.exp(_matrix_entropy(x, check_precision(precision), count=True))
 
 
 # ------------------------------------------------------------------------------------------------------- Vendi
@@ -277,6 +349,7 @@ def vendi_score(
     *,
     kernel: Kernel = "cosine",
     sigma: float | None = None,
+    precision: str = "auto",
 ) -> Tensor:
     r"""Vendi score of order ``q`` of the rows of ``x`` (Friedman & Dieng 2023, "The Vendi Score").
 
@@ -294,12 +367,23 @@ def vendi_score(
 
     Args:
         x: ``(n, d)``, ``n >= 2``. q: Rényi order ``>= 0`` incl. ``float('inf')`` / ``"inf"``.
+        precision: ``"auto"``: the cosine kernel at ``q = 1`` on float32/bf16/fp16 input is computed in float32
+            (unit rows, Gram, ``eigvalsh``; entropy summed in float64) when the spectrum passes the accuracy test of
+            :mod:`~entrotrain.functional.spectral_precision` (relative error ≤ 1e-5 against float64), in float64
+            otherwise; every other kernel and order is float64. ``"float64"``: always float64.
 
     Returns:
         0-dim float64; ``1 <= VS <= min(n, rank K)`` for unit-diagonal kernels.
     """
     q = _check_order(q)
-    x = _rows64(x)
+    precision = check_precision(precision)
+    _check_rows(x, "x")
+    top = check_finite_fast(x.detach(), "x")
+    if kernel == "cosine" and q == 1.0 and use_float32(x, precision):
+        vs = _vendi_cosine32(x.detach(), top)
+        if vs is not None:
+            return vs
+    x = x.detach().to(torch.float64)
     n = x.shape[0]
     if callable(kernel):
         k = kernel(x)
@@ -317,6 +401,24 @@ def vendi_score(
     if kernel == "rbf":
         return vendi_score_from_kernel(_rbf_kernel(x, _rbf_sigma(x, sigma)), q)
     raise EntrotrainError(f"kernel={kernel!r} is not 'cosine', 'linear', 'rbf' or a callable x -> (n, n) tensor.")
+
+
+def _vendi_cosine32(x: Tensor, top: float) -> Tensor | None:
+    """Cosine Vendi q = 1 from float32 unit rows, Gram and ``eigvalsh``; None when the accuracy bound refuses it."""
+    xs, top = _scaled32(x, top)
+    z = xs.clone() if xs is x else xs  # unit rows are written in place: never into the caller's tensor
+    unit = _unit_rows32(z, top)
+    if unit is None:
+        return None
+    z = unit[0]
+    try:
+        lam = _gram_eigvalsh(z)
+    except EntrotrainError:
+        return None
+    p = normalised64(lam)  # Σλ(K/n) = 1 up to round-off: vendi-score's unnormalised λ, within ε
+    h = shannon64(p)
+    ok = float32_ok(p, float(h), count=True, row_rel=2.0 * _EPS32, n_negative=int((lam < 0).sum()))
+    return torch.exp(h) if ok else None
 
 
 def _finite_score(vs: Tensor, kernel: str) -> Tensor:
@@ -354,30 +456,52 @@ def _singular_values(x: Tensor) -> Tensor:
     return s
 
 
-def effective_rank(x: Tensor) -> Tensor:
+def effective_rank(x: Tensor, *, precision: str = "auto") -> Tensor:
     r"""Effective rank of Roy & Vetterli (2007): ``exp(-Σ p_k ln p_k)``, ``p_k = σ_k / ‖σ‖₁``, ``0 ln 0 = 0``.
 
     ``σ`` are the singular values of ``x`` itself (not centred, *not squared* — unlike the covariance family).
-    Range ``[1, rank x]``; ``diag(1, 1, 0) → 2``. float64 ``svdvals`` (no Gram: that squares the condition number).
+    Range ``[1, rank x]``; ``diag(1, 1, 0) → 2``. ``svdvals`` of ``x`` (no Gram: that squares the condition number):
+    float32 for float32/bf16/fp16 input under ``precision="auto"`` when the singular spectrum passes the accuracy
+    test of :mod:`~entrotrain.functional.spectral_precision` (relative error ≤ 1e-5 against float64), float64
+    otherwise and with ``precision="float64"``; the entropy sum is float64.
 
     Args:
-        x: ``(n, d)`` matrix, ``n >= 2``.
+        x: ``(n, d)`` matrix, ``n >= 2``. precision: ``"auto"`` | ``"float64"``.
     """
-    x, _ = _prescale(_rows64(x))  # scale-free: exact power-of-two rescaling of extreme inputs
-    return torch.exp(spectral_entropy(_singular_values(x), 1.0))
+    return _svd_rank(x, 0.0, check_precision(precision))
 
 
-def rankme(x: Tensor, *, eps: float = 1e-7) -> Tensor:
+def rankme(x: Tensor, *, eps: float = 1e-7, precision: str = "auto") -> Tensor:
     r"""RankMe of Garrido et al. (2023): ``exp(-Σ p_k ln p_k)``, ``p_k = σ_k(X) / ‖σ(X)‖₁ + ε``.
 
     ``X`` are the raw embeddings (no centring), ``ε = 1e-7`` as in the paper for float32 (stable-pretraining's
     callback uses 1e-5: pass ``eps=1e-5`` to match it). Scale-invariant, not centring-invariant. The paper uses
-    25 600 samples. ``eps=0`` gives :func:`effective_rank`.
+    25 600 samples. ``eps=0`` gives :func:`effective_rank`. ``precision`` as :func:`effective_rank`.
 
     Args:
         x: ``(n, d)`` embeddings, ``n >= 2``.
     """
-    x, _ = _prescale(_rows64(x))  # scale-free: exact power-of-two rescaling of extreme inputs
+    eps = check_real(eps, "eps", low=0.0, high=1.0, high_open=True)
+    return _svd_rank(x, eps, check_precision(precision))
+
+
+def _svd_rank(x: Tensor, eps: float, precision: str) -> Tensor:
+    """``exp H(σ / ‖σ‖₁ + eps)``: validate once; float32 ``svdvals`` when allowed and accepted, float64 otherwise."""
+    _check_rows(x, "x")
+    x = x.detach()
+    top = check_finite_fast(x, "x")
+    if use_float32(x, precision) and top > 0:
+        xs, _ = _scaled32(x, top)
+        try:
+            s = torch.linalg.svdvals(xs)
+        except RuntimeError:
+            s = None
+        if s is not None:
+            p = normalised64(s)
+            h = shannon64(p, eps=eps)
+            if float32_ok(p, float(shannon64(p)) if eps else float(h), count=True):
+                return torch.exp(h)
+    x, _ = _prescale(x.to(torch.float64))  # scale-free: exact power-of-two rescaling of extreme inputs
     return torch.exp(spectral_entropy(_singular_values(x), 1.0, eps=eps))
 
 
@@ -574,15 +698,25 @@ class RepresentationMeasure:
 REPRESENTATION_MEASURES: dict[str, RepresentationMeasure] = {
     m.name: m
     for m in (
-        RepresentationMeasure("matrix_entropy", matrix_entropy, "nats", {"normalized": False}, "Wei et al. 2024"),
         RepresentationMeasure(
-            "matrix_entropy_normalized", matrix_entropy, "fraction of ln d", {"normalized": True}, "Wei et al. 2024"
+            "matrix_entropy", matrix_entropy, "nats", {"normalized": False, "precision": "auto"}, "Wei et al. 2024"
         ),
-        RepresentationMeasure("matrix_erank", matrix_erank, "count", {}, "Wei et al. 2024"),
-        RepresentationMeasure("effective_rank", effective_rank, "count", {}, "Roy & Vetterli 2007"),
-        RepresentationMeasure("rankme", rankme, "count", {"eps": 1e-7}, "Garrido et al. 2023"),
         RepresentationMeasure(
-            "vendi", vendi_score, "count", {"q": 1.0, "kernel": "cosine", "sigma": None}, "Friedman & Dieng 2023"
+            "matrix_entropy_normalized",
+            matrix_entropy,
+            "fraction of ln d",
+            {"normalized": True, "precision": "auto"},
+            "Wei et al. 2024",
+        ),
+        RepresentationMeasure("matrix_erank", matrix_erank, "count", {"precision": "auto"}, "Wei et al. 2024"),
+        RepresentationMeasure("effective_rank", effective_rank, "count", {"precision": "auto"}, "Roy & Vetterli 2007"),
+        RepresentationMeasure("rankme", rankme, "count", {"eps": 1e-7, "precision": "auto"}, "Garrido et al. 2023"),
+        RepresentationMeasure(
+            "vendi",
+            vendi_score,
+            "count",
+            {"q": 1.0, "kernel": "cosine", "sigma": None, "precision": "auto"},
+            "Friedman & Dieng 2023",
         ),
         RepresentationMeasure(
             "dse",

@@ -15,20 +15,37 @@ Public API:
 
 * :class:`SigmaReparamLinear` — drop-in ``nn.Linear`` replacement (``weight``, ``bias``, ``gamma``; buffers ``u``,
   ``sigma``).
-* :func:`sigma_reparam` — converts ``nn.Linear`` submodules chosen by name glob, in place, function-preserving at
-  step 0 (γ₀ = σ(W₀), u₀ = top right singular vector). Granularity is per ``nn.Linear``: a separate q/k/v projection
+* :class:`SigmaReparamConv1D` — the same for transformers' ``Conv1D`` (GPT-2 family: ``y = x W + b`` with ``W``
+  stored ``(C_in, C_out)``, the transpose of ``nn.Linear``'s); it keeps that storage layout, so ``weight`` and
+  ``bias`` keep their names and shapes in the state dict.
+* :func:`sigma_reparam` — converts ``nn.Linear`` and ``Conv1D`` submodules chosen by name glob, in place,
+  function-preserving at step 0 (γ₀ = σ(W₀), u₀ = top right singular vector). Granularity is per ``nn.Linear``: a separate q/k/v projection
   is "per_projection", a fused ``qkv`` linear (TinyGPT's ``attn.qkv``) is "fused_qkv". Apple's speech model's
   "qk_joint" split (one σReparam over ``[W_q; W_k]``, one over ``W_v``) is :class:`SigmaReparamQKJoint`, chosen
   per fused linear with ``sigma_reparam(..., qk_joint="*.qkv")``.
 * :func:`sigma_reparam_names` — qualified names of the σReparam layers in a model.
+
+Sharded parameters (FSDP2 ``fully_shard``, DTensor). The rule: **σ is always the σ of the full weight**, identical
+on every rank. Inside ``forward`` FSDP2 has all-gathered the weight (a plain tensor), so the power iteration runs on
+the full matrix and the buffers ``u`` / ``sigma`` (never sharded) are updated from it identically on every rank,
+with no extra communication. Outside ``forward`` (``effective_weight``, ``spectral_norm_estimate``, the monitor) a
+DTensor weight or γ is gathered with ``DTensor.full_tensor()``, a collective that every rank of the mesh must call
+in the same order. γ has shape ``(1,)`` (as in Apple's reference) because ``fully_shard`` refuses 0-d parameters;
+state dicts holding a 0-d γ (saved before) still load. Convert *before* sharding: a weight that is already a
+DTensor is refused at conversion. A model converted on the meta device and sharded before its weights exist gets its
+spectral state when it is materialised (``reset_parameters``, as Lightning's ``ModelParallelStrategy`` does) or
+from :func:`reset_sigma_reparam_state` after loading weights. Tensor parallelism (DTensor weights inside
+``forward``) is not supported: the weight would be gathered whole.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +54,50 @@ from torch import Tensor, nn
 from entrotrain._validation import check_bool, check_int, check_real
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["SigmaReparamLinear", "SigmaReparamQKJoint", "sigma_reparam", "sigma_reparam_names"]
+try:  # DTensor parameters (FSDP2 / tensor parallel); absent from builds without torch.distributed
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "SigmaReparamConv1D",
+    "SigmaReparamLinear",
+    "SigmaReparamQKJoint",
+    "is_hf_conv1d",
+    "reset_sigma_reparam_state",
+    "sigma_reparam",
+    "sigma_reparam_names",
+]
+
+CONVERTIBLE = "nn.Linear or transformers' Conv1D (GPT-2 family)"
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """``t`` as a plain tensor holding all its values: ``t.full_tensor()`` for a DTensor (an FSDP2-sharded parameter
+    outside ``forward``; a collective every rank must call in the same order, differentiable), ``t`` itself otherwise."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.full_tensor()
+    return t
+
+
+def _copy_full_into(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` where ``value`` holds all of ``param``'s values; for a DTensor ``param`` only its local
+    shard is written (every rank holds the same ``value``, so no communication)."""
+    if _DTensor is not None and isinstance(param, _DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(value)
+
+
+def is_hf_conv1d(module: Any) -> bool:
+    """Whether ``module`` is a ``transformers.pytorch_utils.Conv1D`` (GPT-2 family): ``y = x W + b``, ``W`` stored
+    ``(C_in, C_out)``. Never imports transformers: if it is not already imported, no Conv1D can exist."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None) if mod is not None else None
+    return isinstance(cls, type) and isinstance(module, cls)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,8 +172,8 @@ class SigmaReparamLinear(nn.Module):
         device, dtype: factory arguments of the parameters.
 
     Parameters / buffers:
-        ``weight`` ``(C_out, C_in)``, ``bias`` ``(C_out,)``, ``gamma`` ``()`` (learned, initialised to σ(W₀) so
-        that ``Ŵ₀ = W₀``); buffers ``u`` ``(C_in,)`` and ``sigma`` ``()`` (last training estimate of σ(W), for
+        ``weight`` ``(C_out, C_in)``, ``bias`` ``(C_out,)``, ``gamma`` ``(1,)`` (learned, initialised to σ(W₀) so
+        that ``Ŵ₀ = W₀``; ``(1,)`` as in Apple's code, and because FSDP2 cannot shard a 0-d parameter); buffers ``u`` ``(C_in,)`` and ``sigma`` ``()`` (last training estimate of σ(W), for
         logging), both in the state dict.
 
     Shapes:
@@ -126,6 +186,8 @@ class SigmaReparamLinear(nn.Module):
 
     u: Tensor
     sigma: Tensor
+    #: ``weight`` stored ``(C_in, C_out)`` (transformers' Conv1D) instead of ``(C_out, C_in)`` (nn.Linear)
+    _transposed: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -148,17 +210,28 @@ class SigmaReparamLinear(nn.Module):
         self.out_features = out_features
         self.n_power_iterations = n_power_iterations
         self.eps = eps
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        shape = (in_features, out_features) if self._transposed else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(*shape, **factory))
         self.bias: nn.Parameter | None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self.gamma = nn.Parameter(torch.empty((), **factory))
+        self.gamma = nn.Parameter(torch.empty(1, **factory))  # (1,), not 0-d: fully_shard refuses scalars
         cdtype = _compute_dtype(self.weight.dtype)
         self.register_buffer("u", torch.empty(in_features, device=device, dtype=cdtype))
         self.register_buffer("sigma", torch.empty((), device=device, dtype=cdtype))
         self.reset_parameters()
+
+    def _as_matrix(self, weight: Tensor) -> Tensor:
+        """The ``(C_out, C_in)`` matrix of a weight in this layer's storage layout (a view, no copy)."""
+        return weight.T if self._transposed else weight
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        gamma = state_dict.get(prefix + "gamma")
+        if isinstance(gamma, Tensor) and gamma.ndim == 0:  # saved before γ became (1,) for FSDP2
+            state_dict[prefix + "gamma"] = gamma.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
@@ -173,23 +246,29 @@ class SigmaReparamLinear(nn.Module):
     def reset_spectral_state(self, init_iterations: int | None = None, reset_gamma: bool = True) -> None:
         """Set ``u`` to the top right singular vector of ``weight``, ``sigma`` to σ(W) and (optionally) γ = σ(W).
 
+        A no-op on the meta device. A DTensor (sharded, e.g. by ``fully_shard`` after meta-device init) weight is
+        gathered first (a collective: call it on every rank, as Lightning's materialisation does through
+        :meth:`reset_parameters`); every rank then holds the same ``u`` / ``sigma`` and its shard of γ.
+
         Args:
             init_iterations: ``None`` = exact float64 SVD; an int = that many power iterations (large matrices).
             reset_gamma: also set γ = σ(W), making ``Ŵ = W`` (function-preserving).
         """
         if self.weight.is_meta:
             return
-        if not bool(torch.isfinite(self.weight).all()):
+        weight = full_tensor(self.weight.detach())
+        if not bool(torch.isfinite(weight).all()):
             raise EntrotrainError(
-                "SigmaReparamLinear.weight holds NaN/Inf, so its spectral norm σ(W) is undefined; load or initialise "
-                "finite weights first (or leave this layer out of sigma_reparam with exclude=)."
+                f"{type(self).__name__}.weight holds NaN/Inf, so its spectral norm σ(W) is undefined; load or "
+                "initialise finite weights first (or leave this layer out of sigma_reparam with exclude=)."
             )
-        u = _top_right_singular_vector(self.weight, init_iterations)
-        sigma = torch.linalg.vector_norm(self.weight.detach().to(torch.float64) @ u)
+        matrix = self._as_matrix(weight)
+        u = _top_right_singular_vector(matrix, init_iterations)
+        sigma = torch.linalg.vector_norm(matrix.to(torch.float64) @ u)
         self.u.copy_(u)
         self.sigma.copy_(sigma)
         if reset_gamma:
-            self.gamma.copy_(sigma)
+            _copy_full_into(self.gamma, sigma.reshape(1))
 
     @classmethod
     def from_linear(
@@ -204,45 +283,65 @@ class SigmaReparamLinear(nn.Module):
         ``weight`` and ``bias`` are copied (new Parameters, not shared), ``u`` is the top right singular vector of
         ``W`` (float64 SVD, or ``init_iterations`` power iterations) and ``γ = σ(W)``.
         """
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) or cls._transposed:
             raise EntrotrainError(
-                f"from_linear expects an nn.Linear, got {type(linear).__name__}; pass the Linear module itself."
+                f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}; pass the Linear module "
+                "itself (for transformers' Conv1D use SigmaReparamConv1D.from_conv1d, or sigma_reparam(model))."
             )
-        w = linear.weight
+        return cls._from_weights(linear.weight, linear.bias, n_power_iterations, init_iterations, eps)
+
+    @classmethod
+    def _from_weights(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        n_power_iterations: int,
+        init_iterations: int | None,
+        eps: float,
+    ) -> SigmaReparamLinear:
+        """A layer holding copies of ``weight`` (in this class's storage layout) and ``bias``, with γ = σ(W)."""
+        if _DTensor is not None and isinstance(weight, _DTensor):
+            raise EntrotrainError(
+                f"the layer to convert holds a DTensor weight {tuple(weight.shape)} (already sharded, e.g. by "
+                "fully_shard); convert with sigma_reparam(...) before fully_shard / parallelize_module."
+            )
+        in_f, out_f = (weight.shape[0], weight.shape[1]) if cls._transposed else (weight.shape[1], weight.shape[0])
         layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
+            in_f,
+            out_f,
+            bias=bias is not None,
             n_power_iterations=n_power_iterations,
             eps=eps,
-            device=w.device,
-            dtype=w.dtype,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
-            layer.weight.copy_(w)
-            if linear.bias is not None:
+            layer.weight.copy_(weight)
+            if bias is not None:
                 assert layer.bias is not None
-                layer.bias.copy_(linear.bias)
-        layer.weight.requires_grad_(w.requires_grad)
+                layer.bias.copy_(bias)
+        layer.weight.requires_grad_(weight.requires_grad)
         layer.reset_spectral_state(init_iterations)
-        if float(layer.sigma) == 0.0:
+        if not layer.sigma.is_meta and float(layer.sigma) == 0.0:
             warnings.warn(
-                f"σReparam of an all-zero weight ({linear.out_features}×{linear.in_features}): σ(W) = 0, so γ₀ = 0 and "
+                f"σReparam of an all-zero weight ({out_f}×{in_f}): σ(W) = 0, so γ₀ = 0 and "
                 "the layer outputs 0 + bias, like the original, but its weight and γ get zero gradients (Ŵ = γW/σ(W) "
                 "has no direction at W = 0) and only the bias learns. Initialise the weight (e.g. "
                 "nn.init.kaiming_uniform_) before converting, or leave the layer out with exclude=.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return layer
 
     # ------------------------------------------------------------------ maths
-    def _spectral_norm(self, update: bool) -> Tensor:
-        """σ(W) = vᵀ W u with u, v constants (gradient to W only); updates the buffers iff ``update``."""
-        weight = self.weight
+    def _spectral_norm(self, weight: Tensor, update: bool) -> Tensor:
+        """σ(W) = vᵀ W u with u, v constants (gradient to W only); updates the buffers iff ``update``.
+
+        ``weight`` is this layer's (full, plain) weight in its storage layout.
+        """
         cdtype = _compute_dtype(weight.dtype)
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            w = weight.to(cdtype)
+            w = self._as_matrix(weight).to(cdtype)
             with torch.no_grad():
                 u = self.u.to(cdtype).clone()  # never hand the buffer itself to autograd
                 if update:
@@ -259,14 +358,19 @@ class SigmaReparamLinear(nn.Module):
         return sigma
 
     def spectral_norm_estimate(self) -> Tensor:
-        """σ(W) from the stored ``u`` without iterating or writing anything (the eval-mode σ), differentiable."""
-        return self._spectral_norm(update=False)
+        """σ(W) from the stored ``u`` without iterating or writing anything (the eval-mode σ), differentiable.
+
+        A DTensor (sharded) weight is gathered first: under FSDP2, call it on every rank."""
+        return self._spectral_norm(full_tensor(self.weight), update=False)
 
     def effective_weight(self) -> Tensor:
-        """``Ŵ = γ / σ(W) · W`` with the eval-mode σ (stored ``u``, no update), ``(C_out, C_in)``."""
-        return self._reparam(self.spectral_norm_estimate())
+        """``Ŵ = γ / σ(W) · W`` with the eval-mode σ (stored ``u``, no update), in the storage layout of ``weight``
+        (``(C_out, C_in)``; ``(C_in, C_out)`` for :class:`SigmaReparamConv1D`). A DTensor (sharded) weight and γ
+        are gathered first: under FSDP2, call it on every rank."""
+        weight = full_tensor(self.weight)
+        return self._reparam(weight, self._spectral_norm(weight, update=False))
 
-    def _reparam(self, sigma: Tensor) -> Tensor:
+    def _reparam(self, weight: Tensor, sigma: Tensor) -> Tensor:
         """``W · γ/σ``, with ``γ/σ := 0`` where ``σ = 0``.
 
         σ = ‖W u‖ is 0 only when ``W u = 0`` — in practice a zero weight, whose σReparam is ``0 · γ/0``: the
@@ -275,18 +379,94 @@ class SigmaReparamLinear(nn.Module):
         """
         positive = sigma > 0
         safe = torch.where(positive, sigma, torch.ones_like(sigma))
-        scale = torch.where(positive, self.gamma.to(sigma.dtype) / safe, torch.zeros_like(sigma))
-        return self.weight * scale.to(self.weight.dtype)
+        gamma = full_tensor(self.gamma).reshape(())
+        scale = torch.where(positive, gamma.to(sigma.dtype) / safe, torch.zeros_like(sigma))
+        return weight * scale.to(weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        sigma = self._spectral_norm(update=self.training)
-        return F.linear(x, self._reparam(sigma), self.bias)
+        # under FSDP2 the weight is already gathered here (full_tensor is then a no-op)
+        weight = full_tensor(self.weight)
+        sigma = self._spectral_norm(weight, update=self.training)
+        return F.linear(x, self._as_matrix(self._reparam(weight, sigma)), full_tensor(self.bias) if self.bias is not None else None)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"n_power_iterations={self.n_power_iterations}"
         )
+
+
+class SigmaReparamConv1D(SigmaReparamLinear):
+    r"""σReparam for transformers' ``Conv1D`` (GPT-2 family): :math:`y = x \hat W + b`, :math:`\hat W = \gamma W/\sigma(W)`.
+
+    ``transformers.pytorch_utils.Conv1D(nf, nx)`` computes ``x @ W + b`` with ``W`` stored ``(C_in, C_out) = (nx,
+    nf)``, the transpose of ``nn.Linear``'s. This layer keeps that storage (``weight`` ``(C_in, C_out)``, ``bias``
+    ``(C_out,)``, plus ``gamma`` ``(1,)`` and buffers ``u`` ``(C_in,)``, ``sigma`` ``()``), so the original
+    ``weight`` / ``bias`` state-dict entries load unchanged, and it exposes ``nf`` / ``nx`` like Conv1D. The maths is
+    :class:`SigmaReparamLinear`'s on the ``(C_out, C_in)`` matrix :math:`W^\top` (σ(Wᵀ) = σ(W); ``u`` is a right
+    singular vector of :math:`W^\top`, i.e. lives in the input space ``C_in`` as for a Linear); converting keeps
+    the output (γ₀ = σ(W₀)). :func:`sigma_reparam` converts Conv1D layers automatically; transformers is never
+    imported by entrotrain (see :func:`is_hf_conv1d`).
+
+    Example::
+
+        layer = SigmaReparamConv1D.from_conv1d(model.transformer.h[0].attn.c_attn)
+    """
+
+    _transposed: ClassVar[bool] = True
+
+    @property
+    def nf(self) -> int:
+        """Output features (Conv1D's name)."""
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        """Input features (Conv1D's name)."""
+        return self.in_features
+
+    def reset_parameters(self) -> None:
+        """transformers' Conv1D init (``weight ~ N(0, 0.02²)``, ``bias = 0``), then :meth:`reset_spectral_state`."""
+        nn.init.normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.reset_spectral_state()
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv1d: nn.Module,
+        n_power_iterations: int = 1,
+        init_iterations: int | None = None,
+        eps: float = 1e-12,
+    ) -> SigmaReparamConv1D:
+        """A σReparam copy of a transformers ``Conv1D`` whose output equals the original's at conversion.
+
+        ``weight`` (kept ``(C_in, C_out)``) and ``bias`` are copied (new Parameters), ``u`` is the top right singular
+        vector of ``Wᵀ`` (float64 SVD, or ``init_iterations`` power iterations) and ``γ = σ(W)``.
+        """
+        if not is_hf_conv1d(conv1d):
+            raise EntrotrainError(
+                f"from_conv1d expects a transformers.pytorch_utils.Conv1D, got {type(conv1d).__name__}; for an "
+                "nn.Linear use SigmaReparamLinear.from_linear (sigma_reparam(model) picks the right one)."
+            )
+        layer = cls._from_weights(conv1d.weight, conv1d.bias, n_power_iterations, init_iterations, eps)
+        assert isinstance(layer, SigmaReparamConv1D)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, n_power_iterations={self.n_power_iterations}"
+
+
+def _convert_one(
+    module: nn.Module, n_power_iterations: int, init_iterations: int | None, eps: float = 1e-12
+) -> SigmaReparamLinear:
+    """The σReparam layer for an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if is_hf_conv1d(module):
+        return SigmaReparamConv1D.from_conv1d(module, n_power_iterations, init_iterations, eps)
+    if isinstance(module, nn.Linear):
+        return SigmaReparamLinear.from_linear(module, n_power_iterations, init_iterations, eps)
+    raise EntrotrainError(f"σReparam converts {CONVERTIBLE} layers, got {type(module).__name__}.")
 
 
 class SigmaReparamQKJoint(nn.Module):
@@ -313,34 +493,37 @@ class SigmaReparamQKJoint(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, n_power_iterations: int = 1, init_iterations: int | None = None, eps: float = 1e-12
+        cls, linear: nn.Module, n_power_iterations: int = 1, init_iterations: int | None = None, eps: float = 1e-12
     ) -> SigmaReparamQKJoint:
-        """Split a fused ``qkv`` ``nn.Linear`` (rows ``[q; k; v]``) into joint-qk and v σReparam layers, exactly."""
-        if not isinstance(linear, nn.Linear):
+        """Split a fused ``qkv`` ``nn.Linear`` (rows ``[q; k; v]``) or transformers ``Conv1D`` (columns ``[q, k, v]``,
+        GPT-2's ``c_attn``) into joint-qk and v σReparam layers of the same kind, exactly."""
+        conv = is_hf_conv1d(linear)
+        if not (conv or isinstance(linear, nn.Linear)):
             raise EntrotrainError(
-                f"from_linear expects a fused qkv nn.Linear, got {type(linear).__name__}; pass the Linear module itself."
+                f"from_linear expects a fused qkv {CONVERTIBLE}, got {type(linear).__name__}; pass that module itself."
             )
-        if linear.out_features % 3:
+        weight, bias = linear.weight, linear.bias
+        out_features = weight.shape[1] if conv else weight.shape[0]
+        if out_features % 3:
             raise EntrotrainError(
-                f"qk_joint needs a fused qkv linear with 3·C output rows, got {linear.out_features}."
+                f"qk_joint needs a fused qkv linear with 3·C output rows, got {out_features}."
             )
-        rows = 2 * linear.out_features // 3
+        kind = SigmaReparamConv1D if conv else SigmaReparamLinear
+        rows = 2 * out_features // 3
         parts = []
-        for sl in (slice(0, rows), slice(rows, linear.out_features)):
-            piece = torch.nn.utils.skip_init(  # no init: it would draw from the global RNG
-                nn.Linear, linear.in_features, sl.stop - sl.start, bias=linear.bias is not None,
-                device=linear.weight.device, dtype=linear.weight.dtype,
-            )
-            with torch.no_grad():
-                piece.weight.copy_(linear.weight[sl])
-                if linear.bias is not None:
-                    piece.bias.copy_(linear.bias[sl])
-            parts.append(SigmaReparamLinear.from_linear(piece, n_power_iterations, init_iterations, eps))
+        for sl in (slice(0, rows), slice(rows, out_features)):
+            piece = weight.detach()[:, sl] if conv else weight.detach()[sl]
+            part = kind._from_weights(piece, None if bias is None else bias.detach()[sl], n_power_iterations,
+                                      init_iterations, eps)
+            part.weight.requires_grad_(weight.requires_grad)
+            parts.append(part)
         return cls(*parts)
 
     def effective_weight(self) -> Tensor:
-        """``[Ŵ_qk; Ŵ_v]`` with the eval-mode σ, ``(3C, C)``: the fused weight this module computes with."""
-        return torch.cat([self.qk.effective_weight(), self.v.effective_weight()], dim=0)
+        """``[Ŵ_qk; Ŵ_v]`` with the eval-mode σ: the fused weight this module computes with, in the layout of the
+        layer it replaced (``(3C, C)`` for nn.Linear; ``(C, 3C)``, i.e. ``[Ŵ_qk, Ŵ_v]``, for Conv1D)."""
+        dim = 1 if self.qk._transposed else 0
+        return torch.cat([self.qk.effective_weight(), self.v.effective_weight()], dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.qk(x), self.v(x)], dim=-1)
@@ -367,36 +550,39 @@ def sigma_reparam(
     init_iterations: int | None = None,
     qk_joint: str | Sequence[str] = (),
 ) -> nn.Module:
-    """Replace ``nn.Linear`` submodules by :class:`SigmaReparamLinear`, in place, function-preserving at step 0.
+    """Replace ``nn.Linear`` submodules by :class:`SigmaReparamLinear` and transformers ``Conv1D`` ones (GPT-2
+    family) by :class:`SigmaReparamConv1D`, in place, function-preserving at step 0.
 
-    Granularity: each converted ``nn.Linear`` gets its own σReparam ("per projection" for separate q/k/v linears,
-    "fused qkv" for a fused one); fused ``qkv`` linears whose names match ``qk_joint`` (e.g. ``"*.attn.qkv"``)
-    instead get one σReparam over the q and k rows jointly and one over the v rows (:class:`SigmaReparamQKJoint`).
+    Granularity: each converted ``nn.Linear`` / ``Conv1D`` gets its own σReparam ("per projection" for separate q/k/v linears,
+    "fused qkv" for a fused one); fused ``qkv`` linears whose names match ``qk_joint`` (e.g. ``"*.attn.qkv"``, GPT-2's
+    ``"*.attn.c_attn"``) instead get one σReparam over the q and k rows jointly and one over the v rows (:class:`SigmaReparamQKJoint`).
 
-    A Linear is converted when its qualified name (``model.named_modules()``) matches one of ``include`` and none of
+    A Linear / Conv1D is converted when its qualified name (``model.named_modules()``) matches one of ``include`` and none of
     ``exclude`` (``fnmatch`` globs, case-sensitive, ``*`` crosses dots). Each converted layer keeps its weight and
     bias and gets γ₀ = σ(W₀), so the model computes the same function (up to float rounding) right after
     conversion; build the optimizer *after* converting (the parameters are new objects). Linears inside
     ``nn.MultiheadAttention`` are skipped (it reads ``out_proj.weight`` directly, never calling its forward), and a
-    Linear whose weight is shared with another module (weight tying, e.g. ``lm_head`` ↔ embedding) is an error:
-    exclude it. List the converted layers with :func:`sigma_reparam_names`.
+    layer whose weight is shared with another module (weight tying, e.g. GPT-2's ``lm_head`` ↔ ``wte``) is an
+    error: exclude it. List the converted layers with :func:`sigma_reparam_names`. Conv1D is recognised without
+    importing transformers (:func:`is_hf_conv1d`). Convert before FSDP2's ``fully_shard`` (see the module doc).
 
     Args:
         model: any module; modified in place and returned.
-        include: glob(s) of Linear names to convert, e.g. ``"blocks.*"``.
+        include: glob(s) of Linear / Conv1D names to convert, e.g. ``"blocks.*"``.
         exclude: glob(s) of names to leave alone, e.g. ``("lm_head", "*.mlp.*")``.
         n_power_iterations: per training forward, see :class:`SigmaReparamLinear`.
         init_iterations: ``None`` = exact SVD at conversion, else that many power iterations.
-        qk_joint: glob(s) of fused ``qkv`` linears (rows ``[q; k; v]``) to convert with joint-qk granularity.
+        qk_joint: glob(s) of fused ``qkv`` linears (rows ``[q; k; v]``; Conv1D columns ``[q, k, v]``) to convert
+            with joint-qk granularity.
 
     Returns:
         ``model``.
 
     Raises:
-        EntrotrainError: when no Linear matched (names the patterns and some Linear names), a matched Linear's
-            weight is tied to another module, or holds NaN/Inf (σ is undefined), or a bad argument.
+        EntrotrainError: when no Linear / Conv1D matched (names the patterns and some convertible layer names), a
+            matched layer's weight is tied to another module, or holds NaN/Inf (σ is undefined), or a bad argument.
 
-    A Linear with an all-zero weight converts with a warning: σ = 0 gives γ₀ = 0 and the output stays 0 + bias
+    A layer with an all-zero weight converts with a warning: σ = 0 gives γ₀ = 0 and the output stays 0 + bias
     (never 0/0 = NaN), but only the bias learns. In training, a forward with a non-finite weight gives a non-finite
     output (that is data) but leaves ``u`` and ``sigma`` at their last finite values.
     """
@@ -407,7 +593,9 @@ def sigma_reparam(
     include = _as_patterns(include, "include")
     exclude = _as_patterns(exclude, "exclude")
     joint = _as_patterns(qk_joint, "qk_joint")
-    linears = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
+    linears = [
+        (n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) or is_hf_conv1d(m)
+    ]
     mha_children = {
         id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.modules()
     }
@@ -423,8 +611,9 @@ def sigma_reparam(
     if not chosen:
         names = [n for n, _ in linears if n]
         raise EntrotrainError(
-            f"sigma_reparam: no nn.Linear of {type(model).__name__} matched include={list(include)} and not "
-            f"exclude={list(exclude)}. Linear names are e.g. {names[:10]}" + (" (none at all)" if not names else "")
+            f"sigma_reparam: no nn.Linear or transformers Conv1D layer of {type(model).__name__} matched "
+            f"include={list(include)} and not exclude={list(exclude)}. The convertible layers ({CONVERTIBLE}) are "
+            f"e.g. {names[:10]}" + (" (none at all)" if not names else "")
             + ". Fix the glob patterns (fnmatch, '*' matches across dots)."
         )
     chosen_ids = {id(m) for _, m in chosen}
@@ -443,8 +632,10 @@ def sigma_reparam(
     converted: dict[int, nn.Module] = {}
     for name, m in chosen:
         if id(m) not in converted:
-            kind = SigmaReparamQKJoint if _matches(name, joint) else SigmaReparamLinear
-            converted[id(m)] = kind.from_linear(m, n_power_iterations=n_power_iterations, init_iterations=init_iterations)
+            if _matches(name, joint):
+                converted[id(m)] = SigmaReparamQKJoint.from_linear(m, n_power_iterations, init_iterations)
+            else:
+                converted[id(m)] = _convert_one(m, n_power_iterations, init_iterations)
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):  # named_children() would drop repeats
             if child is not None and id(child) in chosen_ids:
@@ -452,6 +643,28 @@ def sigma_reparam(
     return model
 
 
+@torch.no_grad()
+def reset_sigma_reparam_state(model: nn.Module, init_iterations: int | None = None, reset_gamma: bool = True) -> nn.Module:
+    """Recompute ``u``, ``sigma`` (and γ = σ(W), function-preserving) of every σReparam layer from its current weight.
+
+    For weights loaded *after* conversion: a converted model built on the meta device (or sharded with FSDP2's
+    ``fully_shard`` and materialised with ``to_empty``), then given the original, unconverted checkpoint
+    (``load_state_dict(..., strict=False)`` or ``torch.distributed.checkpoint.state_dict.set_model_state_dict``),
+    computes that checkpoint's function once this has run. Under FSDP2 it gathers each weight (call it on every
+    rank). See :meth:`SigmaReparamLinear.reset_spectral_state`.
+
+    Returns:
+        ``model``.
+    """
+    check_int(init_iterations, "init_iterations (None = exact SVD)", low=1, none_ok=True)
+    check_bool(reset_gamma, "reset_gamma")
+    for module in model.modules():
+        if isinstance(module, SigmaReparamLinear):
+            module.reset_spectral_state(init_iterations, reset_gamma)
+    return model
+
+
 def sigma_reparam_names(model: nn.Module) -> list[str]:
-    """Qualified names of the :class:`SigmaReparamLinear` layers of ``model``, in ``named_modules`` order."""
+    """Qualified names of the σReparam layers (:class:`SigmaReparamLinear`, incl. :class:`SigmaReparamConv1D`) of
+    ``model``, in ``named_modules`` order."""
     return [name for name, m in model.named_modules() if isinstance(m, SigmaReparamLinear)]

@@ -12,6 +12,9 @@ row                   meaning
 ``NORMALIZED_ROWS``   number of queries in ``NORMALIZED_SUM``
 ``NONFINITE``         queries whose entropy was NaN/Inf (non-finite q or k): counted, never averaged
 ====================  ===========================================================================
+
+Padded queries (``query_mask`` False, see :mod:`entrotrain.taps.query_padding`) are in no row: not scored, not
+counted, not non-finite.
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ ENTROPY_SUM, NORMALIZED_SUM, ROWS, NORMALIZED_ROWS, NONFINITE = range(5)
 N_STATS = 5
 
 
-def per_head_sums(result: AttentionEntropy) -> Tensor:
-    """Reduce per-query results ``(batch, heads, queries)`` to the ``(5, heads)`` sums above."""
+def per_head_sums(result: AttentionEntropy, query_mask: Tensor | None = None) -> Tensor:
+    """Reduce per-query results ``(batch, heads, queries)`` to the ``(5, heads)`` sums above.
+
+    ``query_mask``: ``(batch, queries)`` bool, True = a real query; padded queries count in no row. ``None`` = all real.
+    """
     entropy, normalized, n_keys = result
     finite = torch.isfinite(entropy)
+    if query_mask is not None:
+        real = query_mask[:, None, :].to(entropy.device)
+        nonfinite = ~finite & real
+        finite = finite & real
+    else:
+        nonfinite = ~finite
     has_keys = finite & (n_keys >= 1)
     has_norm = finite & (n_keys >= 2)
     zero = torch.zeros((), dtype=torch.float64, device=entropy.device)
@@ -41,6 +53,6 @@ def per_head_sums(result: AttentionEntropy) -> Tensor:
             torch.where(has_norm, normalized.double(), zero).sum(dims),
             has_keys.sum(dims, dtype=torch.float64),
             has_norm.sum(dims, dtype=torch.float64),
-            (~finite).sum(dims, dtype=torch.float64),
+            nonfinite.sum(dims, dtype=torch.float64),
         ]
     )

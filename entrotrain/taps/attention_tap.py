@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -29,7 +30,10 @@ from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionEntropy, AttentionPath, _check_qk, attention_entropy_stats
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
-from entrotrain.taps.nn_attention import mha_query_key
+from entrotrain.taps.nn_attention import mha_query_key, watch_decoder_padding
+from entrotrain.taps.query_padding import _USER as _USER_QUERY_MASKS
+from entrotrain.taps.query_padding import ambient_query_mask, check_query_mask, mask_queries
+from entrotrain.taps.query_padding import pop_model_mask, push_model_mask, query_padding
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps.deferred import DeferredCaptures, compiling, detached, in_fx_graph
 from entrotrain.taps.exclusive import capture_allowed
@@ -74,12 +78,15 @@ class MultiheadAttentionAdapter:
                 undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
                 # compiled: no always_call (its hook ids enter dynamo's guards: a recompile at every arming)
                 undo.append(module.register_forward_hook(done, always_call=not compiled).remove)
+        undo.extend(watch_decoder_padding(tap, model))  # cross-attention queries of nn.TransformerDecoderLayer
         return undo
 
 
 def default_adapters() -> list[AttentionAdapter]:
-    """The adapters a tap installs unless told otherwise (HF transformers' only when it is installed)."""
-    adapters: list[AttentionAdapter] = [MultiheadAttentionAdapter()]
+    """The adapters a tap installs unless told otherwise (HF transformers' and timm's act only when imported)."""
+    from entrotrain.taps.timm_attention import TimmAttentionAdapter
+
+    adapters: list[AttentionAdapter] = [MultiheadAttentionAdapter(), TimmAttentionAdapter()]
     try:
         from entrotrain.taps.hf import HFAttentionAdapter
     except ImportError:
@@ -154,6 +161,14 @@ class AttentionTap:
         capture_sdpa: intercept ``F.scaled_dot_product_attention``.
         adapters: module adapters; default :class:`MultiheadAttentionAdapter` (+ HF transformers when installed).
         differentiable: keep the graph (for regularisers) and store per-query results in :attr:`records`.
+
+    Padding: a query position is scored only if the model's own mask marks it as real: a ``query_mask`` given with
+    the call (``record_attention``, or an ``nn.MultiheadAttention`` self-attention's ``key_padding_mask``), else the
+    2-D ``attention_mask`` of the HF model running the call (``decoder_attention_mask`` for a decoder stack; the last
+    ``N`` positions with a KV cache), else the mask of an enclosing ``with query_padding(mask):`` block
+    (:mod:`entrotrain.taps.query_padding`). A mask that does not fit a call is not guessed at: all its queries are
+    scored, with a warning naming the site. ``max_queries`` picks evenly spaced positions first, then drops the
+    padded ones among them.
 
     Example:
         >>> tap = AttentionTap(model, max_queries=128)
@@ -244,7 +259,10 @@ class AttentionTap:
             return self.adapters
         keep = [a for a in self.adapters if type(a).__name__ not in _EAGER_ONLY_ADAPTERS]
         if len(keep) < len(self.adapters):
+            from entrotrain.taps.compiled_padding import CompiledHFMasks  # HF models' padding masks, compile-safe
+
             _warn_eager_attention(self.model)
+            keep.append(CompiledHFMasks())
         return keep
 
     def disarm(self) -> None:
@@ -346,6 +364,8 @@ class AttentionTap:
         if not self.differentiable:
             args, kwargs = detached(args), detached(kwargs)
         self._deferred.add("sdpa", module, site, args, kwargs)
+        if _USER_QUERY_MASKS:  # a `with query_padding(mask):` block is over when the call is scored: keep its mask
+            self._deferred.add("user_mask", module, site, (_USER_QUERY_MASKS[-1][0],), None)
 
     def _defer_record(self, site: str, call: dict[str, Any]) -> None:
         """Traced by dynamo: queue a :meth:`record` call of an adapter (``call`` holds ``q``, ``k``, masks, scale)."""
@@ -355,13 +375,25 @@ class AttentionTap:
 
     def _replay_deferred(self) -> None:
         """Score, eagerly and in order, the calls compiled code queued (no-op when none is queued)."""
-        for kind, module, site, args, kwargs in self._deferred.drain():
+        items = self._deferred.drain()
+        for i, (kind, module, site, args, kwargs) in enumerate(items):
+            if kind == "push":  # an HF model's forward starts / ends (compiled_padding)
+                push_model_mask(self, *args)
+                continue
+            if kind == "pop":
+                pop_model_mask(self)
+                continue
+            if kind == "user_mask":
+                continue  # read with the call it follows
+            after = items[i + 1] if i + 1 < len(items) else None
+            user_mask = after[3][0] if after is not None and after[0] == "user_mask" else None
             self._replaying = (module, site)
             try:
-                if kind == "sdpa":
-                    self._on_sdpa(args, kwargs)
-                else:
-                    self.record(name=site, **kwargs)
+                with query_padding(user_mask) if user_mask is not None else nullcontext():
+                    if kind == "sdpa":
+                        self._on_sdpa(args, kwargs)
+                    else:
+                        self.record(name=site, **kwargs)
             finally:
                 self._replaying = None
 
@@ -403,19 +435,25 @@ class AttentionTap:
         is_causal: bool = False,
         window: int | None = None,
         scale: float | None = None,
+        query_mask: Tensor | None = None,
     ) -> None:
-        """Score one attention call; arguments as :func:`~entrotrain.functional.attention_entropy_stats`."""
+        """Score one attention call; arguments as :func:`~entrotrain.functional.attention_entropy_stats`.
+
+        ``query_mask`` ``(batch, queries)``, bool or 0/1 (True / 1 = real): padded queries are not scored. ``None``:
+        the mask of the HF model or ``query_padding`` block around the call, if any (see the class docstring).
+        """
         if not capture_allowed(self):
             return  # inside another monitor's exclusive_capture block (its probe forwards)
         site = self._site_name(self.current_module()) if name is None else name
         if not self.wants(site):
             return
         _check_qk(q, k)  # before sampling indexes dims 0 and 2
+        query_mask = _query_mask(self, site, q, query_mask)
         if not self.differentiable:
             q, k = q.detach(), k.detach()
             attn_mask = None if attn_mask is None else attn_mask.detach()
-        q, k, attn_mask, key_padding_mask, is_causal, window = self._sample(
-            q, k, attn_mask, key_padding_mask, is_causal, window
+        q, k, attn_mask, key_padding_mask, is_causal, window, query_mask = self._sample(
+            q, k, attn_mask, key_padding_mask, is_causal, window, query_mask
         )
         result = attention_entropy_stats(
             q,
@@ -428,9 +466,9 @@ class AttentionTap:
             path=self.path,
         )
         if self.differentiable:
-            self.records.append((site, result))
+            self.records.append((site, mask_queries(result, query_mask)))
         with torch.no_grad():
-            sums = per_head_sums(result)
+            sums = per_head_sums(result, query_mask)
         if site in self.stats and self.stats[site].shape == sums.shape:
             self.stats[site] += sums
         elif site in self.stats:
@@ -439,17 +477,21 @@ class AttentionTap:
             self.stats[site] = sums
         self.calls += 1
 
-    def _sample(self, q, k, attn_mask, key_padding_mask, is_causal, window):
+    def _sample(self, q, k, attn_mask, key_padding_mask, is_causal, window, query_mask=None):
+        """Evenly spaced rows and query positions within the budgets (padded ones are dropped afterwards)."""
         rows = evenly_spaced(q.shape[0], self.max_rows, q.device)
         if rows is not None:
             q, k = q.index_select(0, rows), k.index_select(0, rows)
+            query_mask = None if query_mask is None else query_mask.index_select(0, rows)
             if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] > 1:
                 attn_mask = attn_mask.index_select(0, rows)
             if key_padding_mask is not None and key_padding_mask.shape[0] > 1:
                 key_padding_mask = key_padding_mask.index_select(0, rows)
         queries = evenly_spaced(q.shape[2], self.max_queries, q.device)
         if queries is None:
-            return q, k, attn_mask, key_padding_mask, is_causal, window
+            return q, k, attn_mask, key_padding_mask, is_causal, window, query_mask
+        if query_mask is not None:
+            query_mask = query_mask.index_select(1, queries)
         mask = AttentionMask(
             (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
             attn_mask=attn_mask,
@@ -464,7 +506,7 @@ class AttentionTap:
             attn_mask = bias if valid is None else torch.where(valid, bias, blocked)
         else:
             attn_mask = valid
-        return q.index_select(2, queries), k, attn_mask, None, False, None
+        return q.index_select(2, queries), k, attn_mask, None, False, None, query_mask
 
 
 def record_attention(
@@ -477,13 +519,16 @@ def record_attention(
     is_causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
+    query_mask: Tensor | None = None,
 ) -> None:
     """Hand ``q, k`` of custom attention code to every armed :class:`AttentionTap`; a no-op when none is armed.
 
     Call it inside your attention module's ``forward`` with the tensors your scores come from (after RoPE, before
     softmax): ``q`` ``(batch, heads, queries, head_dim)``, ``k`` ``(batch, kv_heads, keys, head_dim)``; masks and
-    ``scale`` as :func:`~entrotrain.functional.attention_entropy_stats`. The site is named after the module running
-    it, or ``name``. Costs one list check when nothing is armed.
+    ``scale`` as :func:`~entrotrain.functional.attention_entropy_stats`. ``query_mask`` ``(batch, queries)`` (bool or
+    0/1, True / 1 = real token) leaves padded queries out; without it, an enclosing ``query_padding`` block's mask
+    applies (:mod:`entrotrain.taps.query_padding`). The site is named after the module running it, or ``name``.
+    Costs one list check when nothing is armed.
     """
     if not _ACTIVE_TAPS:
         return
@@ -503,4 +548,12 @@ def record_attention(
                 is_causal=is_causal,
                 window=window,
                 scale=scale,
+                query_mask=query_mask,
             )
+
+
+def _query_mask(tap: AttentionTap, site: str, q: Tensor, query_mask: Tensor | None) -> Tensor | None:
+    """The call's query mask ``(batch, queries)`` bool: the one given (checked), else the ambient one, else ``None``."""
+    if query_mask is not None:
+        return check_query_mask(query_mask, q.shape[0], q.shape[2]).to(q.device)
+    return ambient_query_mask(tap, site, q.shape[0], q.shape[2], q.device)

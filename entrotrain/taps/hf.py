@@ -1,16 +1,25 @@
-"""Adapter for HF transformers models: capture ``q, k, mask, scale`` through the attention-function registry.
+"""Adapter for HF transformers models: capture ``q, k, mask, scale`` at the attention function, without touching the model.
 
-In transformers versions with ``masking_utils.AttentionMaskInterface`` (tested with 5.23), every attention layer calls
+In transformers versions with ``masking_utils.AttentionMaskInterface`` (tested with 5.25), every attention layer calls
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)(module, query, key,
 value, attention_mask, scaling=..., dropout=..., **kw)`` with ``query`` ``(B, H, N, D)`` after RoPE and ``key``
-``(B, H_kv, S, D)`` before ``repeat_kv``, and builds its masks with
-``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``. While a tap is armed, :class:`HFAttentionAdapter`
-switches each ``sdpa`` / ``eager`` config of the tapped model to ``entrotrain_sdpa`` / ``entrotrain_eager``: an
-attention function that hands ``q, k, mask, scale`` to the tap, then calls the function the model was using (the
-registered ``sdpa``, or the model file's own ``eager_attention_forward``) and returns its result untouched, and a
-mask function that *is* the original one (without a registered mask function transformers passes ``mask=None`` and
-causality is silently lost). Outputs are bit for bit those of the untapped model. Disarming restores each config's
-implementation exactly. The registry entries stay registered (a name, no state).
+``(B, H_kv, S, D)`` before ``repeat_kv``. While a tap is armed, :class:`HFAttentionAdapter` hands each such call's
+``q, k, mask, scale`` to the tap, then calls what the model would have called and returns its result untouched, so
+outputs are bit for bit those of the untapped model. How, per implementation:
+
+- ``sdpa``: each ``sdpa`` config of the tapped model is switched to ``entrotrain_sdpa``, a registered attention
+  function that records and calls the registered ``sdpa`` (the model file's own registry when it overrides it), with
+  a mask function that *is* the original one (without a registered mask function transformers passes ``mask=None``
+  and causality is silently lost). Disarming restores each config's implementation exactly.
+- ``eager``: the implementation is *not* renamed (model code such as GPT-2's ``using_eager =
+  config._attn_implementation == "eager"`` must keep its branch). Instead the eager functions of the python modules
+  defining the model's classes (the ``default`` of their ``get_interface(impl, default)`` calls, and
+  ``eager_attention_forward``) are replaced in those modules' globals by a wrapper that records and calls the
+  original; model code looks the name up at call time. Methods that compute the same ``softmax(scale·q·kᵀ + mask)``
+  themselves on the eager path are wrapped on their class: GPT-2 / DecisionTransformer's
+  ``_upcast_and_reordered_attn`` (``reorder_and_upcast_attn=True``, scale ``module.scaling``). Wrappers are shared
+  by the armed taps (reference-counted) and put back when the last one disarms, on every exit path; an untapped
+  model of the same file running meanwhile is not scored (the tap checks that the call runs inside its model).
 
 What is recorded mirrors what the original function computes:
 
@@ -20,17 +29,31 @@ What is recorded mirrors what the original function computes:
 - ``eager``: the additive mask as passed (``finfo.min`` entries count as masked); ``None`` means no mask.
 - Grouped-query attention: ``key`` keeps its ``H_kv`` heads; query head ``h`` is scored against key head
   ``h // (H / H_kv)``, which is what ``repeat_kv`` builds (each key head repeated ``H / H_kv`` times in a row).
+- Padded queries: each ``PreTrainedModel`` in the tapped model reports the 2-D ``attention_mask`` of its forward to the
+  tap while it runs (a forward pre-hook), and queries that it marks as padding are not scored (decoder stacks get
+  ``decoder_attention_mask``; with a KV cache the last ``N`` positions; see :mod:`entrotrain.taps.query_padding`).
 
-Calls whose scores are not ``scale·q·kᵀ + mask`` (``softcap``, attention sinks, sparse ``indices``, a paged cache)
-are not scored (a warning names the site). Models on other implementations (``flash_attention_*``,
-``flex_attention``) and models whose code branches on the implementation's name are left alone, with a warning;
-their ``F.scaled_dot_product_attention`` calls, if any, are still seen by the tap's generic interception.
+Not captured (checked against transformers 5.25's model files):
+
+- calls whose scores are not ``scale·q·kᵀ + mask``: ``softcap`` (Gemma 2), attention sinks (gpt-oss), sparse
+  ``indices`` (DeepSeek-V3.2-style indexers), relative position embeddings passed to the function, a paged cache:
+  a warning names the site;
+- implementations other than ``sdpa`` / ``eager`` (``flash_attention_*``, ``flex_attention``, ``paged|*``): a warning
+  names the fix, ``model.set_attn_implementation("sdpa")``; their ``F.scaled_dot_product_attention`` calls, if any, are
+  still seen by the tap's generic interception;
+- ``sdpa`` models whose code branches on ``_attn_implementation == "sdpa"`` (Gemma 4, GLM-5 Next) are not switched
+  (a warning says so): their ``F.scaled_dot_product_attention`` calls are captured by the generic interception;
+- models whose attention does not go through the registry (``_can_set_attn_implementation()`` false, e.g.
+  ImageGPT's own ``_attn``): only their ``F.scaled_dot_product_attention`` calls, if any, are seen;
+- the ``timm`` models wrapped by ``TimmWrapperModel`` are timm's own attention: see
+  :mod:`entrotrain.taps.timm_attention`.
 
 This module imports transformers only when a tap is armed and transformers is already imported.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import sys
@@ -44,6 +67,7 @@ from torch import Tensor, nn
 
 from entrotrain.errors import TapError
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
 
 if TYPE_CHECKING:
     from entrotrain.taps.attention_tap import AttentionTap
@@ -59,7 +83,13 @@ _UNSCORABLE_ARGS = ("softcap", "s_aux", "sinks", "indices", "block_indices", "re
 _TAPS: list[AttentionTap] = []  # taps armed with this adapter installed, in arming order
 _SWITCHED: dict[int, list[Any]] = {}  # id(config) -> [config, original internal value, installs, wrapped name]
 _CALLERS: dict[CodeType, tuple[str, str]] = {}  # caller code -> (interface variable, eager default function name)
-_COMPARED: dict[str, frozenset[str]] = {}  # python module -> implementation names its code compares against
+_FACTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # python module -> (compared names, eager functions)
+_PATCHED: dict[tuple[int, str], list[Any]] = {}  # (id(owner), attribute) -> [owner, original, installs, wrapper]
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+_ORIGINAL = "__entrotrain_original__"  # attribute of a wrapper: the function it wraps
+#: Methods that compute ``softmax(scale·q·kᵀ + mask)`` themselves on the ``eager`` path (GPT-2's
+#: ``reorder_and_upcast_attn=True``): ``(self, query, key, value, attention_mask=None)``.
+_EAGER_METHODS = ("_upcast_and_reordered_attn",)
 _REGISTRY: dict[str, Any] = {}  # transformers' ALL_ATTENTION_FUNCTIONS and AttentionInterface, set by _register
 _COMPARISON = re.compile(r"_attn_implementation\s*(?:==|!=|\bnot\s+in\b|\bin\b)([^\n]*)")
 _QUOTED = re.compile(r"""["']([\w|:/.-]+)["']""")
@@ -116,7 +146,9 @@ def _attention_function(implementation: str) -> Callable[..., Any]:
     ) -> Any:
         original = _original_function(implementation, module, sys._getframe(1))
         if _TAPS:
-            _record_call(implementation, original, module, query, key, attention_mask, args, kwargs)
+            _record_call(
+                implementation, module, query, key, attention_mask, lambda: _named_arguments(original, args, kwargs)
+            )
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     entrotrain_attention.__name__ = f"entrotrain_{implementation}_attention"
@@ -143,6 +175,7 @@ def _original_function(implementation: str, module: nn.Module, caller: FrameType
     namespace = caller.f_globals
     if implementation == "eager":
         function = namespace.get(default_name)
+        function = getattr(function, _ORIGINAL, function)  # the global may be our wrapper while a tap is armed
         if not callable(function):
             function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if not callable(function):
@@ -229,19 +262,18 @@ def _scored_inputs(
 
 def _record_call(
     implementation: str,
-    original: Callable[..., Any],
     module: nn.Module,
     query: Tensor,
     key: Tensor,
     mask: Any,
-    args: tuple,
-    kwargs: dict[str, Any],
+    arguments: Callable[[], dict[str, Any]],
 ) -> None:
+    """Hand one attention call to the armed taps it runs under; ``arguments()`` gives its other arguments by name."""
     # the call runs inside these taps' models (and no other monitor's exclusive_capture block hides it from them)
     taps = [tap for tap in _TAPS if tap.current_module() is not None and capture_allowed(tap)]
     if not taps:
         return
-    scored = _scored_inputs(implementation, module, query, key, mask, _named_arguments(original, args, kwargs))
+    scored = _scored_inputs(implementation, module, query, key, mask, arguments())
     for tap in taps:
         site = tap.current_module()
         tap.claim(site)  # the SDPA call inside the original function is this one: do not score it again
@@ -256,28 +288,168 @@ def _record_call(
             tap.record(query, **scored)
 
 
+# ---------------------------------------------------------------------------------------------------------- eager
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    if function not in _SIGNATURES:
+        try:
+            _SIGNATURES[function] = inspect.signature(function)
+        except (TypeError, ValueError):
+            _SIGNATURES[function] = None
+    return _SIGNATURES[function]
+
+
+def _record_eager(original: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+    """Score a call ``original(module, query, key, value, attention_mask, ...)`` of a model file's eager function."""
+    signature = _signature(original)
+    try:
+        bound = signature.bind(*args, **kwargs) if signature is not None else None
+    except TypeError:
+        bound = None
+    if bound is None or len(signature.parameters) < 5:
+        return  # not the attention-function convention: left alone (the call itself goes on untouched)
+    names = list(signature.parameters)
+    values = bound.arguments
+    module = values.get(names[0])
+    if not isinstance(module, nn.Module):
+        return
+
+    def arguments() -> dict[str, Any]:
+        named: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = signature.parameters[name].kind
+            if name in names[:5] or kind is inspect.Parameter.VAR_POSITIONAL:
+                continue
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        return named
+
+    _record_call("eager", module, values.get(names[1]), values.get(names[2]), values.get(names[4]), arguments)
+
+
+def _eager_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A model file's eager attention function that first hands ``q, k, mask, scale`` to the armed taps."""
+
+    @functools.wraps(original)
+    def entrotrain_eager_attention(*args: Any, **kwargs: Any) -> Any:
+        if _TAPS:
+            _record_eager(original, args, kwargs)
+        return original(*args, **kwargs)
+
+    setattr(entrotrain_eager_attention, _ORIGINAL, original)
+    return entrotrain_eager_attention
+
+
+def _reordered_scale(module: nn.Module, query: Tensor) -> float:
+    """The ``alpha`` of GPT-2's ``_upcast_and_reordered_attn`` (``module.scaling``, or the older per-flag form)."""
+    scaling = getattr(module, "scaling", None)
+    if isinstance(scaling, (int, float)):
+        return float(scaling)
+    scale = 1.0
+    if getattr(module, "scale_attn_weights", True):
+        scale /= float(query.size(-1)) ** 0.5
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(getattr(module, "layer_idx", 0) + 1)
+    return scale
+
+
+def _method_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """An eager method ``(self, query, key, value, attention_mask=None)`` that first hands its inputs to the taps."""
+
+    @functools.wraps(original)
+    def entrotrain_eager_method(
+        self: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        if _TAPS:
+            _record_call(
+                "eager", self, query, key, attention_mask, lambda: {"scaling": _reordered_scale(self, query)}
+            )
+        return original(self, query, key, value, attention_mask, *args, **kwargs)
+
+    setattr(entrotrain_eager_method, _ORIGINAL, original)
+    return entrotrain_eager_method
+
+
+def _patch(owner: Any, attribute: str, wrap: Callable[[Any], Any]) -> Callable[[], None]:
+    """Replace ``owner.attribute`` by ``wrap(original)`` (shared by the armed taps); returns the undo."""
+    key = (id(owner), attribute)
+    entry = _PATCHED.get(key)
+    if entry is None or entry[0] is not owner:
+        original = vars(owner)[attribute]
+        wrapper = wrap(original)
+        setattr(owner, attribute, wrapper)
+        entry = _PATCHED[key] = [owner, original, 0, wrapper]
+    entry[2] += 1
+    return lambda: _unpatch(key)
+
+
+def _unpatch(key: tuple[int, str]) -> None:
+    entry = _PATCHED.get(key)
+    if entry is None:
+        return
+    entry[2] -= 1
+    if entry[2] <= 0:
+        del _PATCHED[key]
+        owner, original, _, wrapper = entry
+        if vars(owner).get(key[1]) is wrapper:  # unless replaced by hand meanwhile
+            setattr(owner, key[1], original)
+
+
+def _eager_targets(model: nn.Module) -> list[tuple[Any, str, Callable[[Any], Any]]]:
+    """What to wrap for the ``eager`` implementation: ``(owner, attribute, wrap)`` for each
+
+    - eager attention function of the python modules of the model's classes (the ``default`` of their
+      ``get_interface(impl, default)`` calls, and ``eager_attention_forward``): the model code looks the name up in
+      its module's globals at call time, so the wrapper is called;
+    - method in :data:`_EAGER_METHODS` defined by one of the model's classes.
+    """
+    targets: list[tuple[Any, str, Callable[[Any], Any]]] = []
+    classes = {cls for m in model.modules() for cls in type(m).__mro__ if not _is_library(cls.__module__)}
+    for module_name in sorted({cls.__module__ for cls in classes}):
+        namespace = sys.modules.get(module_name)
+        for name in sorted(_module_facts(module_name)[1]):
+            if inspect.isfunction(vars(namespace).get(name) if namespace is not None else None):
+                targets.append((namespace, name, _eager_wrapper))
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
+        for name in _EAGER_METHODS:
+            if inspect.isfunction(vars(cls).get(name)):
+                targets.append((cls, name, _method_wrapper))
+    return targets
+
+
 # ---------------------------------------------------------------------------------------------------------- install
+def _is_library(module_name: str) -> bool:
+    return module_name.split(".")[0] in ("torch", "builtins", "typing", "abc", "collections")
+
+
+def _module_facts(module_name: str) -> tuple[frozenset[str], frozenset[str]]:
+    """What a python module's source says: the implementation names it compares ``_attn_implementation`` against,
+    and the names of its eager attention functions."""
+    facts = _FACTS.get(module_name)
+    if facts is None:
+        try:
+            source = inspect.getsource(sys.modules[module_name])
+        except (KeyError, OSError, TypeError):
+            source = ""
+        compared = frozenset(
+            quoted for line in _COMPARISON.findall(source) for quoted in _QUOTED.findall(line.split("#")[0])
+        )
+        eager = frozenset(match.group(2) for match in _GET_INTERFACE.finditer(source)) | {"eager_attention_forward"}
+        facts = _FACTS[module_name] = (compared, eager)
+    return facts
+
+
 def _compared_names(model: nn.Module) -> frozenset[str]:
     """Implementation names the model's code compares ``_attn_implementation`` against (its classes' files).
 
     Such code (``if config._attn_implementation == "sdpa": ...``) would take another branch under the wrapper's name.
     """
-    names: set[str] = set()
     files = {cls.__module__ for m in model.modules() for cls in type(m).__mro__}
+    names: set[str] = set()
     for module_name in files:
-        if module_name.split(".")[0] in ("torch", "builtins", "typing", "abc", "collections"):
-            continue
-        found = _COMPARED.get(module_name)
-        if found is None:
-            try:
-                source = inspect.getsource(sys.modules[module_name])
-            except (KeyError, OSError, TypeError):
-                source = ""
-            found = frozenset(
-                quoted for line in _COMPARISON.findall(source) for quoted in _QUOTED.findall(line.split("#")[0])
-            )
-            _COMPARED[module_name] = found
-        names |= found
+        if not _is_library(module_name):
+            names |= _module_facts(module_name)[0]
     return frozenset(names)
 
 
@@ -316,6 +488,19 @@ def _hf_roots(model: nn.Module, pretrained: type) -> list[tuple[str, nn.Module]]
         ):
             roots.append((name, module))
     return roots
+
+
+def _mask_argument(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    """``(attention_mask, with_cache)`` of a ``PreTrainedModel.forward`` call (positional arguments included)."""
+    named = kwargs
+    if args:
+        signature = _signature(type(module).forward)
+        try:
+            named = {**signature.bind_partial(module, *args, **kwargs).arguments, **kwargs} if signature else kwargs
+        except TypeError:
+            named = kwargs
+    with_cache = any(named.get(name) is not None for name in ("past_key_values", "cache"))
+    return named.get("attention_mask"), with_cache
 
 
 def _release(config_id: int) -> None:
@@ -362,6 +547,7 @@ class HFAttentionAdapter:
             for prefix, hf_model in roots:
                 where = repr(prefix) if prefix else "the tapped model"
                 captured |= self._switch(where, hf_model, PreTrainedModel, undo)
+            self._watch_masks(tap, model, PreTrainedModel, undo)
         except BaseException:
             for fn in reversed(undo):
                 fn()
@@ -372,13 +558,33 @@ class HFAttentionAdapter:
         undo.insert(0, lambda: _TAPS.remove(tap) if tap in _TAPS else None)
         return undo
 
+    @staticmethod
+    def _watch_masks(tap: AttentionTap, model: nn.Module, pretrained: type, undo: list[Callable[[], None]]) -> None:
+        """Record the 2-D ``attention_mask`` of each HF (sub)model's forward while it runs: its real query positions.
+
+        Every ``PreTrainedModel`` in ``model`` is watched (not only the roots): an encoder-decoder's decoder stack is
+        called with ``decoder_attention_mask`` as its ``attention_mask`` (see :mod:`entrotrain.taps.query_padding`).
+        """
+
+        def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            push_model_mask(tap, *_mask_argument(module, args, kwargs))
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            pop_model_mask(tap)
+
+        undo.append(lambda: clear_model_masks(tap))
+        for module in model.modules():
+            if isinstance(module, pretrained):
+                undo.append(module.register_forward_pre_hook(before, with_kwargs=True).remove)
+                undo.append(module.register_forward_hook(after, always_call=True).remove)
+
     def _switch(self, where: str, hf_model: nn.Module, pretrained: type, undo: list[Callable[[], None]]) -> bool:
         """Switch the model's configs to the wrappers (undo callables appended); whether any config is wrapped."""
         can_set = getattr(type(hf_model), "_can_set_attn_implementation", None)
         if callable(can_set) and not can_set():
             return False  # its attention does not go through the registry (older-style model)
         compared = _compared_names(hf_model)
-        captured = False
+        captured = eager = False
         for config in _configs(hf_model, pretrained):
             current = getattr(config, "_attn_implementation", None)
             entry = _SWITCHED.get(id(config))
@@ -389,6 +595,9 @@ class HFAttentionAdapter:
                 pass  # set by hand: the wrapper reports to every armed tap, nothing to restore
             elif current is None:
                 continue  # a config without attention dispatch (e.g. a sub-config of a non-attention part)
+            elif current == "eager":
+                eager = True  # not renamed (model code may branch on "eager"): its eager function is wrapped below
+                continue
             elif current not in SUPPORTED_IMPLEMENTATIONS:
                 warnings.warn(
                     f"AttentionTap: {where} ({type(hf_model).__name__}) uses attn_implementation={current!r}; "
@@ -398,10 +607,10 @@ class HFAttentionAdapter:
                 )
                 continue
             elif current in compared:
-                reach = "its SDPA calls are still captured" if current == "sdpa" else "its attention is not captured"
                 warnings.warn(
                     f"AttentionTap: the code of {where} ({type(hf_model).__name__}) branches on "
-                    f"attn_implementation == {current!r}, so the implementation is not switched; {reach}.",
+                    f"attn_implementation == {current!r}, so the implementation is not switched; its "
+                    "F.scaled_dot_product_attention calls are still captured.",
                     stacklevel=4,
                 )
                 continue
@@ -410,4 +619,16 @@ class HFAttentionAdapter:
                 _set_implementation(config, wrapped_name(current))
                 undo.append(lambda _id=id(config): _release(_id))
             captured = True
+        if eager:
+            targets = _eager_targets(hf_model)
+            for owner, attribute, wrap in targets:
+                undo.append(_patch(owner, attribute, wrap))
+            if not targets:
+                warnings.warn(
+                    f"AttentionTap: {where} ({type(hf_model).__name__}) uses attn_implementation='eager' but no eager "
+                    "attention function was found in its code, so its attention is not captured. Call "
+                    "model.set_attn_implementation('sdpa') for the tapped run.",
+                    stacklevel=4,
+                )
+            captured |= bool(targets)
         return captured

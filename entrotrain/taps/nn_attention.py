@@ -4,11 +4,19 @@
 The module is never asked for weights (``need_weights=True`` would leave the fused path and return post-dropout,
 head-averaged weights). A forward pre-hook reads the call's inputs and recomputes ``q`` and ``k`` from the
 module's own projections, so the module's computation is untouched and the entropy is the exact pre-dropout one.
+
+Padded queries: in a self-attention call (``query is key``, as ``nn.TransformerEncoderLayer`` makes it) the queries
+are the keys, so the ``key_padding_mask`` also marks the padded queries, which are then not scored
+(:mod:`entrotrain.taps.query_padding`). In cross-attention the queries are other tokens: inside an
+``nn.TransformerDecoderLayer`` they are the decoder tokens, whose ``tgt_key_padding_mask`` the layer's call carries
+(:func:`watch_decoder_padding`); elsewhere no query mask is derived.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +25,12 @@ from torch import Tensor, nn
 
 from entrotrain._validation import padding_mask
 from entrotrain.errors import TapError
+from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
 
-__all__ = ["mha_query_key"]
+if TYPE_CHECKING:
+    from entrotrain.taps.attention_tap import AttentionTap
+
+__all__ = ["mha_query_key", "watch_decoder_padding"]
 
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 
@@ -42,9 +54,10 @@ def _has_finite_bias(mask: Tensor) -> bool:
 def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Recompute what an ``nn.MultiheadAttention`` call scores: ``q``, ``k`` and the masks, SDPA conventions.
 
-    Returns keyword arguments for :func:`entrotrain.functional.attention_entropy_stats`: ``q`` ``(B, H, L, hd)``,
+    Returns keyword arguments for :meth:`entrotrain.taps.AttentionTap.record`: ``q`` ``(B, H, L, hd)``,
     ``k`` ``(B, H, S, hd)``, ``attn_mask`` (bool True = attend, or additive), ``key_padding_mask`` (True = pad),
-    ``is_causal`` and ``scale``.
+    ``is_causal``, ``scale`` and ``query_mask`` ``(B, L)`` (True = real query: the keys that are not padding, for a
+    self-attention call with a key padding mask; else ``None``).
     """
     if module.bias_k is not None or module.add_zero_attn:
         raise TapError(
@@ -54,6 +67,7 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
     call = dict(zip(_MHA_ARGS, args))
     call.update(kwargs)
     query, key = call["query"], call["key"]
+    self_attention = query is key
     unbatched = query.dim() == 2
     if unbatched:
         query, key = query.unsqueeze(1), key.unsqueeze(1)  # (L, E) -> (L, 1, E)
@@ -78,8 +92,11 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
         attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask  # MHA: True = NOT allowed
         is_causal = False  # with a mask, MHA's is_causal is only a hint that the mask is causal
     key_padding = call.get("key_padding_mask")
+    query_mask = None
     if key_padding is not None:
         key_padding = key_padding.reshape(q.shape[0], -1)
+        if self_attention and key_padding.shape[1] == q.shape[2]:
+            query_mask = ~_padding_from(key_padding)  # float: -inf marks padding, finite biases do not
         if key_padding.is_floating_point() and _has_finite_bias(key_padding):
             # MHA adds a float key_padding_mask to the scores, finite values included: fold it into attn_mask
             bias = key_padding[:, None, None, :]
@@ -99,4 +116,44 @@ def mha_query_key(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, 
         "key_padding_mask": key_padding,
         "is_causal": is_causal,
         "scale": module.head_dim**-0.5,
+        "query_mask": query_mask,
     }
+
+
+def _real_tokens(mask: Any) -> Tensor | None:
+    """``~key_padding_mask`` as bool (True = real), or ``None`` for no mask / a mask MHA would refuse."""
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if mask.is_floating_point():
+        return mask > torch.finfo(mask.dtype).min  # -inf marks padding; finite values are biases
+    return None
+
+
+def watch_decoder_padding(tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
+    """While an ``nn.TransformerDecoderLayer`` of ``model`` runs, its ``tgt_key_padding_mask`` marks the padded
+    queries of the attention calls inside it that have no query mask of their own (its cross-attention: the queries
+    are the decoder tokens). Returns the undo callables."""
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)]
+    if not layers:
+        return []
+    signature = inspect.signature(nn.TransformerDecoderLayer.forward)
+
+    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("tgt_key_padding_mask")
+        if mask is None and len(args) > 4:
+            try:
+                mask = signature.bind_partial(module, *args, **kwargs).arguments.get("tgt_key_padding_mask")
+            except TypeError:
+                mask = None
+        push_model_mask(tap, _real_tokens(mask), False)
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        pop_model_mask(tap)
+
+    undo: list[Callable[[], None]] = [lambda: clear_model_masks(tap)]
+    for layer in layers:
+        undo.append(layer.register_forward_pre_hook(before, with_kwargs=True).remove)
+        undo.append(layer.register_forward_hook(after, always_call=True).remove)
+    return undo

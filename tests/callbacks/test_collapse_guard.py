@@ -89,7 +89,8 @@ def test_reduce_lr_scales_optimizer_and_scheduler(scheduler):
 
 
 def test_max_mode_watches_collapse_fraction_from_the_monitor():
-    guard = EntropyCollapseGuard("entropy/attn/collapse_frac", threshold=-1.0, mode="max")
+    # threshold -1: every value is "above"; arm_on_good=False judges from the first observation
+    guard = EntropyCollapseGuard("entropy/attn/collapse_frac", threshold=-1.0, mode="max", arm_on_good=False)
     with pytest.warns(UserWarning, match="rose above -1.0"):
         _fit_with_monitor(guard)
     assert guard.times_fired == 1
@@ -160,6 +161,8 @@ def test_bad_arguments(kwargs):
         ({"stale_after": 2.5}, "stale_after"),
         ({"mode": "up"}, "mode"),
         ({"action": "explode"}, "action"),
+        ({"arm_on_good": "yes"}, "arm_on_good"),
+        ({"arm_on_good": 1}, "arm_on_good"),
     ],
 )
 def test_every_argument_is_validated_and_named(kwargs, named):
@@ -174,3 +177,93 @@ def test_valid_edge_arguments():
     assert guard.on_nonfinite is False and guard.stale_after == 1
     assert EntropyCollapseGuard("x", action="stop").on_nonfinite is True
     assert EntropyCollapseGuard("x", action="reduce_lr").on_nonfinite is False
+
+
+# ---------------------------------------------------------------- arm_on_good: a collapse is a fall, not a start
+
+
+def test_value_bad_from_the_start_is_warned_once_then_fires_only_after_being_good():
+    guard = EntropyCollapseGuard("watched", threshold=0.05)
+    with pytest.warns(UserWarning) as record:
+        run([0.02, 0.03, 0.01, 0.9, 0.04, 0.04], guard)
+    messages = [str(w.message) for w in record if "EntropyCollapseGuard" in str(w.message)]
+    assert sum("already below the threshold 0.05 at step 0" in m for m in messages) == 1  # warned once, not fired
+    fired = [m for m in messages if "fell below" in m]
+    assert len(fired) == 1 and "at step 4: watched = 0.04 fell below 0.05" in fired[0]  # armed by 0.9 at step 3
+    assert guard.times_fired == 1 and guard.armed
+
+
+def test_arm_on_good_false_fires_at_the_first_observation():
+    guard = EntropyCollapseGuard("watched", threshold=0.05, arm_on_good=False)
+    with pytest.warns(UserWarning, match="at step 0: watched = 0.02 fell below 0.05"):
+        run([0.02, 0.02, 0.02], guard)
+    assert guard.times_fired == 1
+
+
+def test_max_mode_bad_from_the_start_is_not_fired():
+    guard = EntropyCollapseGuard("watched", threshold=0.5, mode="max")
+    with pytest.warns(UserWarning, match="already above the threshold 0.5"):
+        run([0.6, 0.7, 0.4, 0.8], guard)
+    assert guard.times_fired == 1 and "rose above" in guard.last_reason  # 0.8 after the good 0.4
+
+
+def test_max_drop_is_judged_from_the_start_while_the_threshold_is_unarmed():
+    guard = EntropyCollapseGuard("watched", threshold=0.05, max_drop=0.5)
+    with pytest.warns(UserWarning, match="fell by 75%"):
+        run([0.04, 0.01, 0.01], guard)
+    assert guard.times_fired == 1 and not guard.armed
+
+
+def test_armed_survives_a_resume_and_old_checkpoints_count_as_armed():
+    guard = EntropyCollapseGuard("watched", threshold=0.5)
+    run([0.9, 0.9], guard)
+    state = guard.state_dict()
+    assert state["armed"] is True
+    resumed = EntropyCollapseGuard("watched", threshold=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.observe(0.1, step=5) is not None  # armed before the resume: fires at once
+    old = {k: v for k, v in state.items() if k != "armed"}  # a checkpoint written before arm_on_good existed
+    legacy = EntropyCollapseGuard("watched", threshold=0.5)
+    legacy.load_state_dict(old)
+    assert legacy.armed and legacy.observe(0.1, step=5) is not None
+    fresh = EntropyCollapseGuard("watched", threshold=0.5)
+    fresh.load_state_dict({})
+    assert not fresh.armed and fresh.observe(0.1, step=0) is None
+    with pytest.raises(EntrotrainError, match="armed"):
+        fresh.load_state_dict({**state, "armed": "yes"})
+
+
+def test_readme_example_does_not_fire_at_initialisation():
+    """Lightning's demo Transformer scales its embeddings by sqrt(d): some heads start near normalised entropy 0.02
+    and stay there. The README example's guard must not call that a collapse (it used to fire at step 0)."""
+    from lightning.pytorch.demos import Transformer
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = Transformer(vocab_size=100, ninp=64, nhead=4, nhid=128)
+
+        def training_step(self, batch):
+            x, y = batch
+            return torch.nn.functional.nll_loss(self.model(x, y), y.flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def fit(guard):
+        L.seed_everything(0)
+        tokens = torch.randint(0, 100, (32, 17))
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+        trainer = quiet_trainer(callbacks=[AttentionEntropyMonitor(every_n_steps=2), guard], max_steps=6)
+        trainer.fit(LM(), data)
+        return trainer
+
+    guard = EntropyCollapseGuard(threshold=0.05)
+    with pytest.warns(UserWarning, match="already below the threshold 0.05 at step 0"):
+        trainer = fit(guard)
+    assert float(trainer.callback_metrics["entropy/attn_norm/min"]) < 0.05  # the heads are sharp...
+    assert guard.times_fired == 0  # ...and it is not called a collapse
+    judged_from_start = EntropyCollapseGuard(threshold=0.05, arm_on_good=False)
+    with pytest.warns(UserWarning, match="at step 0: entropy/attn_norm/min"):
+        fit(judged_from_start)
+    assert judged_from_start.times_fired == 1

@@ -103,7 +103,7 @@ def guard_messages(record) -> list[str]:
 @pytest.mark.parametrize("guard_first", [False, True])
 def test_stuck_value_fires_at_the_patience_th_publication_once(guard_first):
     # 0.0 published ten times (steps 0, 2, ..., 18): the 3rd publication (step 4) completes patience=3.
-    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=3)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=3, arm_on_good=False)
     with pytest.warns(UserWarning, match="at step 4: entropy/attn_norm/min = 0 fell below 0.05") as record:
         _, spy = fit(guard, Script([0.0] * 10, every=2), max_steps=20, guard_first=guard_first)
     assert guard.times_fired == 1  # once per episode
@@ -121,7 +121,7 @@ def test_publication_at_the_last_step_is_judged_when_the_guard_runs_first():
 
 def test_collapse_fraction_stuck_high_fires_in_max_mode():
     key = "entropy/attn/collapse_frac"
-    guard = EntropyCollapseGuard(key, threshold=0.5, mode="max", patience=3)
+    guard = EntropyCollapseGuard(key, threshold=0.5, mode="max", patience=3, arm_on_good=False)
     with pytest.warns(UserWarning, match="collapse_frac = 0.9375 rose above 0.5"):
         _, spy = fit(guard, Script([0.9375] * 10, key=key), max_steps=10)
     assert alert_steps(spy, key) == [2]
@@ -129,7 +129,7 @@ def test_collapse_fraction_stuck_high_fires_in_max_mode():
 
 def test_rearms_after_a_good_observation():
     values = [0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.9, 0.0]
-    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=3)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=3, arm_on_good=False)
     with pytest.warns(UserWarning):
         _, spy = fit(guard, Script(values), max_steps=len(values))
     assert alert_steps(spy) == [2, 7]
@@ -212,15 +212,16 @@ def test_resume_from_checkpoint_continues_the_streak(tmp_path):
     patience = 5
     # Uninterrupted: fires at step 4.
     with pytest.warns(UserWarning):
-        _, spy = fit(EntropyCollapseGuard(KEY, threshold=0.05, patience=patience), Script(values), max_steps=10)
+        guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=patience, arm_on_good=False)
+        _, spy = fit(guard, Script(values), max_steps=10)
     assert alert_steps(spy) == [4]
     # Interrupted after 3 steps (streak 3), resumed from the checkpoint: continues, fires at step 4 again.
-    first = EntropyCollapseGuard(KEY, threshold=0.05, patience=patience)
+    first = EntropyCollapseGuard(KEY, threshold=0.05, patience=patience, arm_on_good=False)
     trainer, _ = fit(first, Script(values), max_steps=3)
     assert first.bad_streak == 3 and first.times_fired == 0
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = EntropyCollapseGuard(KEY, threshold=0.05, patience=patience)
+    resumed = EntropyCollapseGuard(KEY, threshold=0.05, patience=patience, arm_on_good=False)
     with pytest.warns(UserWarning, match="at step 4"):
         _, spy = fit(resumed, Script(values), max_steps=10, ckpt_path=ckpt)
     assert alert_steps(spy) == [4]
@@ -228,7 +229,7 @@ def test_resume_from_checkpoint_continues_the_streak(tmp_path):
 
 
 def test_reused_guard_starts_fresh_in_a_second_fit():
-    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=2)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=2, arm_on_good=False)
     with pytest.warns(UserWarning):
         fit(guard, Script([0.0] * 4), max_steps=4)
     assert guard.times_fired == 1 and guard.fired
@@ -292,7 +293,7 @@ class Logged(LinVal):
 
 
 def test_logged_key_is_judged_once_per_lightning_logging_step():
-    guard = EntropyCollapseGuard("watched", threshold=0.05, patience=3)
+    guard = EntropyCollapseGuard("watched", threshold=0.05, patience=3, arm_on_good=False)
     L.seed_everything(0)
     spy = SpyLogger()
     trainer = quiet_trainer(callbacks=[guard], max_steps=12, logger=spy, log_every_n_steps=4)
@@ -304,7 +305,7 @@ def test_logged_key_is_judged_once_per_lightning_logging_step():
 
 
 def test_key_logged_in_validation_is_judged_once_per_validation_run():
-    guard = EntropyCollapseGuard("val_watched", threshold=0.05, patience=2)
+    guard = EntropyCollapseGuard("val_watched", threshold=0.05, patience=2, arm_on_good=False)
     L.seed_everything(0)
     spy = SpyLogger()
     trainer = quiet_trainer(
@@ -317,7 +318,7 @@ def test_key_logged_in_validation_is_judged_once_per_validation_run():
 
 
 def test_ledger_key_published_at_validation_end():
-    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=2)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=2, arm_on_good=False)
     with pytest.warns(UserWarning, match="at step 5"):
         _, spy = fit(
             guard,
@@ -330,7 +331,7 @@ def test_ledger_key_published_at_validation_end():
 
 # ---------------------------------------------------------------- actions
 def test_reduce_lr_respects_min_lr_once_per_episode():
-    guard = EntropyCollapseGuard(KEY, threshold=0.05, action="reduce_lr", lr_factor=0.5, min_lr=0.75)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, action="reduce_lr", lr_factor=0.5, min_lr=0.75, arm_on_good=False)
     with pytest.warns(UserWarning) as record:
         trainer, _ = fit(guard, Script([0.0, 0.0, 0.9, 0.0, 0.0]), max_steps=5, model=Lin(lr=1.0))
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.75
@@ -348,7 +349,7 @@ def test_refused_wandb_alert_warns_once(monkeypatch):
 
     fake = SimpleNamespace(experiment=SimpleNamespace(alert=refuse))
     monkeypatch.setattr("entrotrain.dashboards.wandb_media.wandb_loggers", lambda loggers: [fake])
-    guard = EntropyCollapseGuard(KEY, threshold=0.05, action="alert")
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, action="alert", arm_on_good=False)
     with pytest.warns(UserWarning) as record:
         fit(guard, Script([0.0, 0.9, 0.0, 0.9, 0.0]), max_steps=5)
     assert len(calls) == 3 and guard.times_fired == 3
@@ -422,7 +423,8 @@ def _stub_trainer():
 )
 def test_decision_matches_the_contract(values, patience, on_nonfinite, max_drop, drop_window):
     guard = EntropyCollapseGuard(
-        KEY, threshold=0.05, patience=patience, on_nonfinite=on_nonfinite, max_drop=max_drop, drop_window=drop_window
+        KEY, threshold=0.05, patience=patience, on_nonfinite=on_nonfinite, max_drop=max_drop, drop_window=drop_window,
+        arm_on_good=False,  # the reference judges from the first observation
     )
     trainer = _stub_trainer()
     module = SimpleNamespace(log=lambda *a, **k: None)

@@ -131,7 +131,7 @@ def test_head_source_equals_output_source_and_removes_its_hook():
     for source in ("output", "head"):
         L.seed_everything(0)
         model = PredLM(lr=0.05, return_logits=source == "output")
-        monitor = PredictionEntropyMonitor(source=source, head="*lm_head", probe=probe(), **MONITOR)
+        monitor = PredictionEntropyMonitor(source=source, head="**.lm_head", probe=probe(), **MONITOR)
         fit(model, [monitor], max_steps=3)
         rows[source] = monitor.history
         assert not model.model.lm_head._forward_pre_hooks

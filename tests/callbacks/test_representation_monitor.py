@@ -64,7 +64,7 @@ def test_training_is_bit_identical_with_monitor(dropout, on):
         model = ReprNet(dropout=dropout)
         recorder = LossRecorder()
         monitor = RepresentationEntropyMonitor(
-            include=["tokens", "encoder*"], measures=ALL, every_n_steps=1, max_samples=16, stage=on
+            include=["tokens", "encoder.**"], measures=ALL, every_n_steps=1, max_samples=16, stage=on
         )
         fit(model, [recorder] + ([monitor] if with_monitor else []), val=True, max_steps=4, val_check_interval=2)
         runs.append((model, recorder.losses))

@@ -174,7 +174,7 @@ def test_configuration_errors():
     plain = ToyMoE()
     with pytest.raises(TapError, match="include="):
         quiet_trainer(
-            callbacks=[RouterEntropyMonitor(every_n_steps=1, top_k=1, exclude=["*"])], max_steps=1
+            callbacks=[RouterEntropyMonitor(every_n_steps=1, top_k=1, exclude=["**"])], max_steps=1
         ).fit(plain, toy_loader(1))
 
 

@@ -87,7 +87,8 @@ def _train(tmp_path, with_record: bool, **trainer_kwargs):
     model = TinyLM()
     callbacks = [
         AttentionEntropyMonitor(every_n_steps=2, print_summary=False),
-        EntropyCollapseGuard("entropy/attn_norm/min", threshold=2.0, action="warn"),  # fires at once: an event
+        # fires at once (judged from the first observation): an event
+        EntropyCollapseGuard("entropy/attn_norm/min", threshold=2.0, action="warn", arm_on_good=False),
     ]
     logger = [RunRecordLogger(tmp_path, version="r")] if with_record else False
     trainer = quiet_trainer(max_steps=5, callbacks=callbacks, logger=logger, log_every_n_steps=1, **trainer_kwargs)

@@ -240,7 +240,8 @@ def test_taps_released_at_train_end_and_on_exception(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ guard actions
 def test_guard_stops_training(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, _model(), max_steps=10, logging_steps=2)
-    guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="stop")  # always "collapsed"
+    # always "collapsed", judged from the first observation
+    guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="stop", arm_on_good=False)
     EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)], guards=[guard]).attach(trainer)
     with pytest.warns(UserWarning, match="Stopping training"):
         trainer.train()
@@ -251,7 +252,9 @@ def test_guard_stops_training(tmp_path: Path) -> None:
 
 def test_guard_reduces_lr_once_per_episode_and_watches_any_logged_key(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, _model(), max_steps=4, lr_scheduler_type="constant")
-    guard = EntropyCollapseGuard("loss", threshold=1e6, mode="max", action="reduce_lr", lr_factor=0.5)
+    guard = EntropyCollapseGuard(
+        "loss", threshold=1e6, mode="max", action="reduce_lr", lr_factor=0.5, arm_on_good=False
+    )
     guard.threshold = -1.0  # every loss is "above": bad at every log
     EntropyTrainerCallback(guards=[guard]).attach(trainer)
     with pytest.warns(UserWarning, match="multiplied by 0.5"):
@@ -271,7 +274,8 @@ def test_resume_restores_monitor_and_guard_state(tmp_path: Path, save: dict, che
     def callback() -> EntropyTrainerCallback:
         return EntropyTrainerCallback(
             [AttentionEntropyMonitor(log_media=False)],
-            guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, patience=100)],  # bad, never fires
+            # bad from the first observation (arm_on_good=False judges it), never fires
+            guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, patience=100, arm_on_good=False)],
         )
 
     full = _trainer(tmp_path, _model(), max_steps=steps, **save)
@@ -396,7 +400,7 @@ def test_media_and_alerts_go_to_the_active_wandb_run(tmp_path: Path, monkeypatch
     trainer = _trainer(tmp_path, _model(), max_steps=4, logging_steps=2)
     EntropyTrainerCallback(
         [AttentionEntropyMonitor(), RepresentationEntropyMonitor(include=["transformer.h.0"], measures=("rankme",))],
-        guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="alert")],
+        guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="alert", arm_on_good=False)],
     ).attach(trainer)
     with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 2"):
         trainer.train()

@@ -79,7 +79,7 @@ def test_offline_run_written_and_sync_hint_printed(tmp_path, monkeypatch, capsys
 def test_recipes_command_lists_recipes(capsys):
     main(["recipes"])
     out = capsys.readouterr().out
-    assert "attention_collapse.yaml" in out and "attention_baseline.yaml" in out
+    assert "attention_collapse " in out and "attention_baseline " in out  # listed by name (--recipe NAME)
 
 
 def test_recipe_run_writes_a_run_record(tmp_path, capsys):

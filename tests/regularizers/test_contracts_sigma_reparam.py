@@ -135,6 +135,49 @@ def test_sigma_reparam_linear_conversion_contract(case):
 
 
 @settings(max_examples=25)
+@given(linear_cases())
+def test_sigma_reparam_conv1d_conversion_contract(case):
+    """The same contract for transformers' Conv1D (weight stored ``(in, out)``): refused when non-finite, else the
+    converted layer computes the Conv1D's function ``x W + b`` (compared with the Linear of ``Wᵀ``)."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    from entrotrain.regularizers.sigma_reparam import SigmaReparamConv1D
+
+    w = make_weight(case["kind"], case["out_f"], case["in_f"], case["seed"])
+    if case["nonfinite"] is not None:
+        w.view(-1)[case["where"] % w.numel()] = case["nonfinite"]
+    dtype = case["dtype"]
+    lin = make_linear(w, True, dtype, case["seed"])  # Conv1D always has a bias
+    conv = conv1d(case["out_f"], case["in_f"]).to(dtype)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.T)
+        conv.bias.copy_(lin.bias)
+    kwargs = dict(n_power_iterations=case["n_power_iterations"], init_iterations=case["init_iterations"])
+    if case["nonfinite"] is not None:
+        with pytest.raises(EntrotrainError, match="NaN/Inf"):
+            sigma_reparam(nn.Sequential(conv), **kwargs)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the all-zero warning, covered above
+        model = sigma_reparam(nn.Sequential(conv), **kwargs)
+    layer = model[0]
+    assert isinstance(layer, SigmaReparamConv1D) and layer.weight.shape == conv.weight.shape
+    x = torch.randn(3, case["in_f"], generator=torch.Generator().manual_seed(case["seed"] + 2), dtype=torch.float64)
+    x = x.to(dtype)
+    with torch.no_grad():
+        assert_same_function(layer.eval()(x), x, lin, dtype, "Conv1D eval forward at step 0")
+        if case["init_iterations"] is None:
+            assert_same_function(copy.deepcopy(layer).train()(x), x, lin, dtype, "Conv1D training forward at step 0")
+    layer.train()
+    for step in range(2):
+        layer.zero_grad()
+        y = layer(x)
+        y.float().sum().backward()
+        assert bool(torch.isfinite(y).all()), step
+        assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in layer.parameters()), step
+    assert abs(float(torch.linalg.vector_norm(layer.u.double())) - 1.0) < 1e-5
+
+
+@settings(max_examples=25)
 @given(
     c=st.integers(1, 4),
     in_f=st.integers(1, 12),

@@ -151,6 +151,78 @@ def test_state_dict_round_trip():
     assert torch.equal(a.u, b.u)
 
 
+def test_gamma_is_one_element_and_old_scalar_gamma_state_dicts_load():
+    a = SigmaReparamLinear.from_linear(_linear(torch.float32, seed=8))
+    state = a.state_dict()
+    assert state["gamma"].shape == (1,)  # FSDP2's fully_shard refuses 0-d parameters
+    state["gamma"] = state["gamma"].reshape(())  # as saved before
+    b = SigmaReparamLinear(32, 64)
+    b.load_state_dict(state, strict=True)
+    assert torch.equal(b.gamma, a.gamma)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_meta_conversion_then_loaded_weights_and_reset_is_function_preserving(training):
+    from entrotrain.regularizers.sigma_reparam import reset_sigma_reparam_state
+
+    torch.manual_seed(9)
+    plain = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4, bias=False))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 4, bias=False))
+    sigma_reparam(model)  # no weights yet: the spectral state waits
+    assert model[0].weight.is_meta and model[0].u.is_meta
+    model.to_empty(device="cpu")
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert {k.rsplit(".", 1)[1] for k in result.missing_keys} == {"gamma", "u", "sigma"}
+    assert reset_sigma_reparam_state(model) is model
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(model.train(training)(x), plain(x), rtol=1e-5, atol=1e-6)
+    exact = torch.linalg.matrix_norm(plain[2].weight.detach().double(), 2)
+    assert float(model[2].gamma.detach()) == pytest.approx(float(exact), rel=1e-6)
+    with pytest.raises(EntrotrainError, match="init_iterations"):
+        reset_sigma_reparam_state(model, init_iterations=0)
+    with pytest.raises(EntrotrainError, match="reset_gamma"):
+        reset_sigma_reparam_state(model, reset_gamma="yes")  # type: ignore[arg-type]
+
+
+def test_dtensor_parameters_are_gathered_and_refused_at_conversion():
+    """World size 1 (gloo, in process): DTensor weight / γ as FSDP2 leaves them outside forward."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        lin = _linear(torch.float32, seed=10)
+        sharded = copy.deepcopy(lin)
+        sharded.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(EntrotrainError, match="before fully_shard"):
+            SigmaReparamLinear.from_linear(sharded)
+        plain = SigmaReparamLinear.from_linear(lin)
+        with torch.no_grad():
+            plain.gamma.mul_(1.5)
+        layer = copy.deepcopy(plain)
+        layer.weight = nn.Parameter(distribute_tensor(plain.weight.detach(), mesh, [Shard(0)]))
+        layer.gamma = nn.Parameter(distribute_tensor(plain.gamma.detach(), mesh, [Shard(0)]))
+        effective = layer.effective_weight()
+        assert not isinstance(effective, DTensor)
+        torch.testing.assert_close(effective, plain.effective_weight(), rtol=0, atol=0)
+        monitor = SigmaReparamMonitor()
+        got = monitor.collect(nn.ModuleDict({"fc": layer}))
+        assert got == monitor.collect(nn.ModuleDict({"fc": plain}))
+        assert got["sigma_reparam/fc/gamma"] == pytest.approx(1.5 * float(plain.sigma), rel=1e-6)
+        layer.reset_spectral_state()  # gathers W, writes γ's local shard
+        assert isinstance(layer.gamma, DTensor)
+        assert float(layer.gamma.full_tensor()) == pytest.approx(float(torch.linalg.matrix_norm(lin.weight.double(), 2)), rel=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_no_bias():
     lin = nn.Linear(8, 4, bias=False)
     layer = SigmaReparamLinear.from_linear(lin)

@@ -105,7 +105,7 @@ def test_tap_captures_by_glob_and_survives_inplace_ops():
 def test_tap_exclude_and_on_capture_and_reset():
     net = Net()
     seen: list[str] = []
-    tap = ActivationTap(net, include="*", exclude=["conv", "act"], on_capture=lambda n, c: seen.append(n))
+    tap = ActivationTap(net, include="**", exclude=["conv", "act"], on_capture=lambda n, c: seen.append(n))
     assert tap.names == ["tok", "blocks.0", "blocks.1"]
     with tap:
         net(torch.randn(1, 2, 3, 3))

@@ -368,7 +368,7 @@ def test_excluded_module_with_3d_sdpa_does_not_raise():
 
     model = Wrap()
     x = _x()
-    for tap in (AttentionTap(model, exclude="odd"), AttentionTap(model, include="net.*")):
+    for tap in (AttentionTap(model, exclude="odd"), AttentionTap(model, include="net.**")):
         with tap:
             model(x)
         assert list(tap.stats) == ["net.blocks.0.attn"]
@@ -406,12 +406,13 @@ def test_not_a_module_and_bad_budgets():
     "include,exclude,expected",
     [
         (None, None, ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn", "blocks.2.attn[1]"]),
-        ("blocks.1*", None, ["blocks.1.attn"]),
+        ("blocks.1.**", None, ["blocks.1.attn"]),
         (["blocks.0.*", "blocks.2.attn"], None, ["blocks.0.attn", "blocks.2.attn"]),
-        ("*.attn", None, ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]),
+        ("**.attn", None, ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]),
+        ("*.attn", None, []),  # '*' is one name segment: 'blocks.0.attn' has three
         (None, "blocks.2.*", ["blocks.0.attn", "blocks.1.attn"]),
-        (None, ["blocks.0.attn", "*[[]1]"], ["blocks.1.attn", "blocks.2.attn"]),
-        ("blocks.2*", "blocks.2.attn", ["blocks.2.attn[1]"]),
+        (None, ["blocks.0.attn", "**.*[[]1]"], ["blocks.1.attn", "blocks.2.attn"]),
+        ("blocks.2.**", "blocks.2.attn", ["blocks.2.attn[1]"]),
     ],
 )
 def test_include_exclude_globs(include, exclude, expected):

@@ -169,7 +169,7 @@ def test_attention_tap_compiles_once_more_and_matches_eager(style):
 
 def test_budgets_and_filters_apply_to_compiled_captures():
     data = batches()
-    make = lambda m: AttentionTap(m, include="blocks.1*", max_rows=2, max_queries=5)  # noqa: E731
+    make = lambda m: AttentionTap(m, include="blocks.1.**", max_rows=2, max_queries=5)  # noqa: E731
     tapped = train(tiny_gpt, lm_loss, data, STYLES[0], make, attention_stats)
     eager = train(tiny_gpt, lm_loss, data, None, make, attention_stats)
     assert list(tapped["stats"][0]) == ["blocks.1.attn"]
@@ -226,7 +226,9 @@ def tiny_llama(impl: str = "sdpa") -> nn.Module:
 
 
 def llama_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=idx, labels=idx).loss
+    mask = torch.ones_like(idx)
+    mask[1, -4:] = 0  # right padding: its queries are not scored (query_padding's rule), compiled or not
+    return model(input_ids=idx, attention_mask=mask, labels=idx).loss
 
 
 @pytest.mark.parametrize("style", STYLES[:1])
@@ -409,3 +411,27 @@ def test_regulariser_gradient_through_a_compiled_model_equals_eager():
     for got, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_query_padding_block_applies_to_compiled_captures():
+    """`with query_padding(mask):` is over when queued calls are scored: the mask travels with them."""
+    from entrotrain.taps.query_padding import query_padding
+
+    idx = batches()[0][:, :-1]
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[0, 7:] = False
+    stats = []
+    for style in (None, "torch.compile(model)"):
+        runner = compiled(tiny_gpt(), style, CountingBackend())
+        tap = AttentionTap(runner)
+        with tap, query_padding(mask):
+            runner(idx)
+        stats.append(tap.stats)
+    eager, got = stats
+    assert list(got) == list(eager)
+    for name in eager:
+        torch.testing.assert_close(got[name], eager[name], atol=1e-5, rtol=0)
+    unpadded = AttentionTap(tiny_gpt())
+    with unpadded:
+        unpadded.model(idx)
+    assert not torch.equal(unpadded.stats["blocks.0.attn"], eager["blocks.0.attn"])  # the mask mattered

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -16,8 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is import
 transformers = pytest.importorskip("transformers")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.models.llama import modeling_llama  # noqa: E402
 
 from entrotrain.taps import AttentionTap  # noqa: E402
+from tests.helpers.hf_padding_reference import real_query_reference  # noqa: E402
 from entrotrain.taps import hf  # noqa: E402
 from entrotrain.taps.attention_stats import ENTROPY_SUM, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS  # noqa: E402
 from entrotrain.taps.hf import HFAttentionAdapter  # noqa: E402
@@ -45,41 +46,24 @@ def tiny_llama(impl: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def inputs(padded: bool) -> dict[str, torch.Tensor]:
+def inputs(padded: bool | str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
     mask = torch.ones(2, SEQ, dtype=torch.long)
-    if padded:
+    if padded == "left":
+        mask[1, :4] = 0  # left padding: row 1 has 6 real tokens, at the end
+    elif padded:
         mask[1, 6:] = 0  # right padding: row 1 has 6 real tokens
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def valid_keys(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, N, N): query i attends key j iff j <= i and key j is not padding."""
-    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
-    return causal[None] & batch["attention_mask"].bool()[:, None, :]
-
-
 def brute_force(model: nn.Module, batch, queries: torch.Tensor | None = None) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer: per-head mean entropy and mean normalised entropy, float64, from an eager float64 run's weights."""
-    ref = copy.deepcopy(model).double().eval()
-    ref.set_attn_implementation("eager")
-    with torch.no_grad():
-        attentions = ref(**batch, output_attentions=True).attentions
-    valid = valid_keys(batch)[:, None]  # (B, 1, N, N)
-    out = []
-    for probs in attentions:  # (B, H, N, N)
-        assert probs.dtype == torch.float64 and probs.shape == (2, HEADS, SEQ, SEQ)
-        assert torch.all(probs[~valid.expand_as(probs)] == 0)  # masked keys get exactly zero weight
-        plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros((), dtype=torch.float64))
-        entropy = -plogp.sum(-1)  # (B, H, N)
-        n_keys = valid.sum(-1).expand_as(entropy).double()
-        if queries is not None:
-            entropy, n_keys = entropy[:, :, queries], n_keys[:, :, queries]
-        has_norm = n_keys >= 2
-        norm = torch.where(has_norm, entropy / n_keys.clamp_min(2).log(), 0.0)
-        out.append((entropy.mean((0, 2)), norm.sum((0, 2)) / has_norm.sum((0, 2))))
-    return out
+    """Per layer: per-head mean entropy and mean normalised entropy over the real (non-padded) queries, float64,
+    from an eager float64 run's weights (each row alone, padding stripped, its positions kept)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    reference = real_query_reference(model, ids, mask, causal=True, queries=queries)
+    assert len(reference) == LAYERS
+    return [(entropy, norm) for entropy, norm, _ in reference]
 
 
 def head_means(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +73,16 @@ def head_means(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def assert_clean(model: nn.Module, impl: str, root: nn.Module | None = None) -> None:
     assert model.config._attn_implementation == impl
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in (root or model).modules())
-    assert hf._TAPS == [] and hf._SWITCHED == {}
+    assert hf._TAPS == [] and hf._SWITCHED == {} and hf._PATCHED == {}
+    assert not hasattr(modeling_llama.eager_attention_forward, "__entrotrain_original__")
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def armed_implementation(impl: str) -> str:
+    """What the config says while armed: sdpa is switched to the wrapper, eager is left as is (its function wrapped)."""
+    return "entrotrain_sdpa" if impl == "sdpa" else "eager"
+
+
+@pytest.mark.parametrize("padded", [False, "right", "left"], ids=["full", "right", "left"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_exact_per_head_entropy_and_bit_identical_outputs(impl, padded):
     model = tiny_llama(impl).train()  # train mode: dropout is 0, so the forward is deterministic
@@ -101,7 +91,7 @@ def test_exact_per_head_entropy_and_bit_identical_outputs(impl, padded):
 
     tap = AttentionTap(model)
     with tap:
-        assert model.config._attn_implementation == f"entrotrain_{impl}"
+        assert model.config._attn_implementation == armed_implementation(impl)
         logits = model(**batch).logits
     assert torch.equal(logits, reference)
     assert_clean(model, impl)
@@ -110,7 +100,7 @@ def test_exact_per_head_entropy_and_bit_identical_outputs(impl, padded):
     assert tap.calls == LAYERS  # SDPA calls inside the wrapped attention are not scored a second time
     for site, (want_entropy, want_norm) in zip(SITES, brute_force(model, batch)):
         assert tap.stats[site].shape == (5, HEADS)
-        assert torch.all(tap.stats[site][ROWS] == 2 * SEQ)  # padded queries still see their real keys
+        assert torch.all(tap.stats[site][ROWS] == batch["attention_mask"].sum())  # padded queries are not scored
         entropy, norm = head_means(tap.stats[site])
         torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-5)
         torch.testing.assert_close(norm, want_norm, rtol=0, atol=1e-5)
@@ -122,14 +112,14 @@ def test_exact_per_head_entropy_and_bit_identical_outputs(impl, padded):
 
 
 def test_padding_is_what_changes_the_scores():
-    """Same ids with and without right padding: only the padded queries' scores change, so the padding is applied."""
+    """Same ids with and without left padding: the padded query is dropped and the real ones lose the padded keys."""
     model = tiny_llama("sdpa")
     stats = []
-    for padded in (False, True):
-        with AttentionTap(model, max_rows=1, max_queries=3) as tap:  # row 1, queries 0, 4, 9 (9 is a padded query)
+    for padded in (False, "left"):
+        with AttentionTap(model, max_rows=1, max_queries=3) as tap:  # row 1, queries 0, 4, 9 (0 is a padded query)
             model(**inputs(padded))
         stats.append(tap.stats[SITES[0]])
-    assert torch.equal(stats[0][ROWS], stats[1][ROWS])
+    assert torch.all(stats[0][ROWS] == 3) and torch.all(stats[1][ROWS] == 2)
     assert (stats[0][ENTROPY_SUM] - stats[1][ENTROPY_SUM]).abs().max() > 1e-2
 
 
@@ -148,21 +138,23 @@ def test_sdpa_and_eager_agree_and_eager_weights_unchanged():
         torch.testing.assert_close(results["sdpa"][site], results["eager"][site], rtol=1e-6, atol=1e-5)
 
 
-def test_query_budget_keeps_the_mask():
+@pytest.mark.parametrize("padded", ["right", "left"])
+def test_query_budget_keeps_the_mask(padded):
+    """Evenly spaced positions first, then the padded ones among them are dropped."""
     model = tiny_llama("sdpa")
-    batch = inputs(True)
+    batch = inputs(padded)
     with AttentionTap(model, max_queries=4) as tap:
         model(**batch)
     queries = evenly_spaced(SEQ, 4)
     for site, (want_entropy, want_norm) in zip(SITES, brute_force(model, batch, queries)):
-        assert torch.all(tap.stats[site][ROWS] == 2 * 4)
+        assert torch.all(tap.stats[site][ROWS] == batch["attention_mask"][:, queries].sum())
         entropy, norm = head_means(tap.stats[site])
         torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-5)
         torch.testing.assert_close(norm, want_norm, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "include, exclude", [("*layers.1*", None), (None, "*.layers.0.*"), (None, ["model.layers.0.self_attn"])]
+    "include, exclude", [("model.layers.1.*", None), (None, "*.layers.0.*"), (None, ["model.layers.0.self_attn"])]
 )
 def test_include_exclude(include, exclude):
     model = tiny_llama("sdpa")
@@ -193,8 +185,8 @@ def test_child_model_names_and_nested_taps():
     outer.arm()
     inner.arm()
     out = holder(**batch)
-    outer.disarm()  # the inner tap still holds the switch
-    assert model.config._attn_implementation == "entrotrain_eager"
+    outer.disarm()  # the inner tap still holds the wrapped eager function
+    assert modeling_llama.eager_attention_forward.__entrotrain_original__ is not None
     holder(**batch)
     inner.disarm()
     assert_clean(model, "eager", root=holder)

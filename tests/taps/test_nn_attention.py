@@ -34,8 +34,22 @@ class Wrap(nn.Module):
         return self.attn(query, key, value, **kwargs)[0]
 
 
-def _reference_stats(mha: nn.MultiheadAttention, query, key, value, n_keys: torch.Tensor, **kwargs):
-    """Per-head mean entropy / normalised entropy from MHA's own per-head weights, float64."""
+def _real_queries(kwargs: dict) -> torch.Tensor | None:
+    """Self-attention: the queries are the keys, so a padded key is a padded query (``None``: all real)."""
+    pad = kwargs.get("key_padding_mask")
+    if pad is None:
+        return None
+    if pad.dtype == torch.bool:
+        return ~pad
+    if ((pad != 0) & torch.isfinite(pad)).any():
+        return None  # finite values: MHA adds them as a bias, they mark no padding
+    return pad > -INF
+
+
+def _reference_stats(
+    mha: nn.MultiheadAttention, query, key, value, n_keys: torch.Tensor, real: torch.Tensor | None = None, **kwargs
+):
+    """Per-head mean entropy / normalised entropy from MHA's own per-head weights over the real queries, float64."""
     was_training = mha.training
     mha.eval()  # pre-dropout weights
     with torch.no_grad():
@@ -45,6 +59,8 @@ def _reference_stats(mha: nn.MultiheadAttention, query, key, value, n_keys: torc
         w = w[None]
     ent = probs_entropy_rows64(w)  # (N, H, L)
     n = n_keys.expand_as(ent)
+    if real is not None:  # padded queries are not scored: as if they had no valid key
+        n = torch.where(real[:, None, :], n, 0)
     mean = torch.stack([ent[:, h][n[:, h] >= 1].mean() for h in range(ent.shape[1])])
     norm = ent / torch.log(n.clamp_min(2).double())
     mean_norm = torch.stack([norm[:, h][n[:, h] >= 2].mean() for h in range(ent.shape[1])])
@@ -136,7 +152,7 @@ def test_mha_self_attention_matches_its_own_weights(case, batch_first, need_weig
         out = model(x, x, x, **call)
     assert torch.equal(out, expected_out)
     assert list(tap.stats) == ["attn"] and tap.calls == 1  # one site, not double counted
-    _assert_stats(tap.stats["attn"], _reference_stats(mha, x, x, x, n_keys, **kwargs))
+    _assert_stats(tap.stats["attn"], _reference_stats(mha, x, x, x, n_keys, _real_queries(kwargs), **kwargs))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -275,7 +291,9 @@ def test_transformer_encoder_layer_with_padding_in_eval_no_grad():
             model(x, src_key_padding_mask=pad)
     assert list(tap.stats) == ["layer.self_attn"]
     n_keys = (~pad).sum(-1)[:, None, None].expand(N, H, L)
-    _assert_stats(tap.stats["layer.self_attn"], _reference_stats(layer.self_attn, x, x, x, n_keys, key_padding_mask=pad))
+    reference = _reference_stats(layer.self_attn, x, x, x, n_keys, ~pad, key_padding_mask=pad)
+    assert tap.stats["layer.self_attn"][ROWS].tolist() == [N * L - 2] * H  # the 2 padded queries are not scored
+    _assert_stats(tap.stats["layer.self_attn"], reference)
 
 
 @pytest.mark.parametrize("kind", ["mha", "encoder-layer"])

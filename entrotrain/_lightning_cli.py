@@ -1,0 +1,186 @@
+"""The LightningCLI behind ``entrotrain fit`` / ``validate`` / ``test`` / ``predict`` (imported only when one runs:
+``entrotrain recipes``, ``entrotrain report`` and ``entrotrain --help`` never import lightning through it).
+
+Adds to :class:`~lightning.pytorch.cli.LightningCLI`: a :class:`~entrotrain.dashboards.RunRecordLogger` beside the
+recipe's loggers, the config written into the wandb run's own folder, fragment paths resolved against the bundled
+``configs/`` (:mod:`entrotrain._recipes`), constructor errors as one-paragraph parser errors, the wandb offline notice
+printed only when a run starts, and the end-of-fit summary (final metrics, run record, ``wandb sync`` hint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from entrotrain._recipes import register_fragment_loader
+from entrotrain.cli import DEBUG_ENV, config_error_message
+
+__all__ = ["EntrotrainCLI", "RunDirSaveConfig"]
+
+for _module in ("entrotrain.callbacks", "entrotrain.tasks"):  # short class names in configs
+    importlib.import_module(_module)
+
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _wandb_run_dir(trainer: Trainer) -> Path | None:
+    from entrotrain.dashboards.wandb_media import wandb_loggers
+
+    for logger in wandb_loggers(trainer.loggers):
+        run_dir = getattr(logger.experiment, "dir", None)  # .../offline-run-*/files
+        if run_dir and Path(run_dir).is_dir():  # a disabled run has a dir name but nothing on disk
+            return Path(run_dir).parent
+    return None
+
+
+def _drop_unset_wandb_anonymous(loggers: list[Any]) -> None:
+    """Lightning's ``WandbLogger`` always hands ``wandb.init`` an ``anonymous`` argument (``None`` unless asked for),
+    and wandb >= 0.19 warns "The anonymous setting has no effect" whenever the argument is passed at all. Drop it
+    before the run starts when it was not asked for (``anonymous=True`` is passed on, and wandb's warning about it is
+    then deserved)."""
+    from entrotrain.dashboards.wandb_media import wandb_loggers
+
+    for logger in wandb_loggers(loggers):
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+            del init["anonymous"]
+
+
+class RunDirSaveConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` into the wandb run's own folder (the default file collides across wandb runs) and into
+    the run record, and declares entrotrain's metric summaries to wandb."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from entrotrain.dashboards.run_record import find_run_record
+        from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
+
+        setup_wandb_dashboard(trainer.loggers)
+        dump = self.parser.dump(self.config, skip_none=False)
+        run_dir = _wandb_run_dir(trainer)
+        if run_dir is None:
+            super().save_config(trainer, pl_module, stage)
+            record = find_run_record(trainer)
+            if record is not None:
+                record.log_hyperparams({"config": dump})
+            return
+        self.parser.save(self.config, run_dir / "files" / "config.yaml", skip_none=False, overwrite=True)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": dump})
+
+
+def _as_path(path: Any) -> Path:
+    """A jsonargparse ``Path`` (``.absolute`` is a str), a ``pathlib.Path`` (a method) or a str, as a Path."""
+    absolute = getattr(path, "absolute", None)
+    if callable(absolute):
+        absolute = absolute()
+    return Path(str(absolute if absolute is not None else path))
+
+
+def _recipe_path(config: Any) -> str | None:
+    """The recipe among a subcommand's ``--config`` files: the first one in a ``recipes/`` folder, else the first
+    (fragments such as ``configs/trainer/ddp_cpu.yaml`` come after the recipe); relative to the cwd when inside it."""
+    paths = config.get("config") if config is not None and hasattr(config, "get") else None
+    if not paths:
+        return None
+    candidates = [_as_path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    path = next((p for p in candidates if p.parent.name == "recipes"), candidates[0])
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _record_version(trainer: Trainer, stem: str) -> str:
+    """``<recipe stem>-YYYYmmdd-HHMMSS`` (made unique with ``-2``, ...) under ``default_root_dir/records``."""
+    import time
+
+    parent = Path(trainer.default_root_dir) / "records"
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    version, n = base, 1
+    while (parent / version).exists():
+        n += 1
+        version = f"{base}-{n}"
+    return version
+
+
+class EntrotrainCLI(LightningCLI):
+    """LightningCLI that adds a :class:`~entrotrain.dashboards.RunRecordLogger` to every run and whose ``fit`` ends by
+    closing the wandb run and printing where it and the run record are, how to sync and how to report them.
+
+    Fragment paths in config files (``logger: ../configs/logger/wandb.yaml``) are resolved relative to the file,
+    then against the bundled ``configs/`` (see :mod:`entrotrain._recipes`): a recipe copied anywhere still runs.
+
+    A bad value that only a class's constructor can refuse (``every_n_steps: 0`` in a monitor's ``init_args``) is a
+    parser-style error: one paragraph on stderr naming the class and the argument, exit code 2, no traceback (set
+    ``ENTROTRAIN_DEBUG=1`` to get the traceback instead).
+
+    Args:
+        wandb_notice: printed (rank zero) once the trainer is built, when a wandb logger is among its loggers: the
+            line saying why wandb logs offline (see :func:`entrotrain.cli.wandb_offline_notice`). Never printed for
+            ``--help``, ``--print_config`` or a config error.
+    """
+
+    def __init__(self, *args: Any, wandb_notice: str | None = None, **kwargs: Any) -> None:
+        self._wandb_notice = wandb_notice
+        mode = register_fragment_loader()
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("parser_mode", mode)
+        for name in _SUBCOMMANDS:
+            parser_kwargs[name] = {"parser_mode": mode, **parser_kwargs.get(name, {})}
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # EntrotrainError is a ValueError; so are jsonargparse's wrappers of it
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(config_error_message(err, self.subcommand), file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        from entrotrain.dashboards.run_record import RunRecordLogger
+        from entrotrain.dashboards.wandb_media import wandb_loggers
+
+        trainer = super().instantiate_trainer(**kwargs)
+        _drop_unset_wandb_anonymous(trainer.loggers)
+        if self._wandb_notice and trainer.is_global_zero and wandb_loggers(trainer.loggers):
+            print(self._wandb_notice)
+        if not any(isinstance(lg, RunRecordLogger) for lg in trainer.loggers):
+            recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
+            stem = Path(recipe).stem if recipe else "run"
+            record = RunRecordLogger(
+                Path(trainer.default_root_dir), name="records", version=_record_version(trainer, stem), recipe=recipe
+            )
+            trainer.loggers = [*trainer.loggers, record]
+        return trainer
+
+    def after_fit(self) -> None:
+        from entrotrain.dashboards.run_record import find_run_record
+
+        if not self.trainer.is_global_zero:
+            return
+        record = find_run_record(self.trainer)
+        monitors = ("entropy/", "sigma_reparam/", "lr-")  # shown by their monitors, or not results
+        final = {k: float(v) for k, v in self.trainer.callback_metrics.items() if not k.startswith(monitors)}
+        if final:
+            print("final metrics: " + ", ".join(f"{k} = {v:.4f}" for k, v in sorted(final.items())[:12]))
+        run_dir = _wandb_run_dir(self.trainer)
+        if record is not None:
+            record.set_meta(wandb_dir=str(run_dir) if run_dir else None, global_step=self.trainer.global_step)
+            print(f"\nentrotrain: run record {record.run_dir}")
+            print(f"entrotrain: offline report with\n    entrotrain report {record.run_dir}")
+        if run_dir is None:
+            return
+        import wandb
+
+        wandb.finish()
+        print(f"\nentrotrain: run directory {run_dir}")
+        if "offline" in run_dir.name:
+            print(f"entrotrain: upload it with\n    wandb sync {run_dir}")

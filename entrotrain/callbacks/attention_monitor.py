@@ -74,6 +74,7 @@ from entrotrain.functional.attention import AttentionPath
 from entrotrain.regularizers.composition import Regularizer
 from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
 from entrotrain.taps.attention_tap import AttentionTap
+from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.sampling import check_budget
 
 __all__ = ["AttentionEntropyMonitor", "attention_summary"]
@@ -361,7 +362,7 @@ class AttentionEntropyMonitor(HookedMonitor):
             logger.log_hyperparams({f"{self.prefix}attn/layers": layers})
         missed = [
             name
-            for name, m in pl_module.named_modules()
+            for name, m in named_modules(pl_module)  # names as the sites have them (no "_orig_mod.")
             if name
             and _ATTENTION_LIKE.search(type(m).__name__)
             and not isinstance(m, Regularizer)  # e.g. AttentionEntropyMaximization: a loss, not attention

@@ -77,10 +77,14 @@ class AttentionMask:
                 self.valid = mask
             elif mask.is_floating_point():
                 blocked = mask <= torch.finfo(mask.dtype).min  # -inf, or HF's finfo.min for masked keys
-                if bool(blocked.any()):
+                # Eager: look at the values (one host sync each) to drop an all-True `valid` / all-zero `bias`, which
+                # keeps the fused value := key path open. Traced by torch.compile: no data-dependent branch (a
+                # `.item()` would break the graph); keep both, which gives the same numbers on the general path.
+                traced = torch.compiler.is_compiling()
+                if traced or bool(blocked.any()):
                     self.valid = ~blocked
                     mask = torch.where(blocked, torch.zeros_like(mask), mask)
-                if bool((mask != 0).any()):
+                if traced or bool((mask != 0).any()):
                     self.bias = mask
             else:
                 raise EntrotrainError(

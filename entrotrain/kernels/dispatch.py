@@ -18,7 +18,6 @@ other entrotrain module this package imports (a leaf module with no imports of i
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -52,15 +51,20 @@ class KernelUnavailableError(EntrotrainError):
     """``impl="triton"`` was asked for where no Triton kernel can run."""
 
 
-@functools.lru_cache(maxsize=None)
+#: Answers looked up once per process. A plain dict, not ``functools.lru_cache``: these run where ``torch.compile``
+#: may trace them (a path's dispatch), and dynamo warns about and graph-breaks on ``lru_cache``-wrapped functions.
+_ONCE: dict[str, bool] = {}
+
+
 def _triton_installed() -> bool:
     """Whether a ``triton`` package is on the path (looked up once; nothing imported)."""
-    return importlib.util.find_spec("triton") is not None
+    found = _ONCE.get("installed")
+    if found is None:
+        found = _ONCE["installed"] = importlib.util.find_spec("triton") is not None
+    return found
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """Whether ``triton`` is installed and imports (checked once, lazily)."""
+def _triton_imports() -> bool:
     if not _triton_installed():
         return False
     try:
@@ -69,6 +73,14 @@ def triton_available() -> bool:
     except Exception:  # a broken install (missing driver libraries, ...) counts as absent
         return False
     return True
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` is installed and imports (checked once, lazily)."""
+    found = _ONCE.get("imports")
+    if found is None:
+        found = _ONCE["imports"] = _triton_imports()
+    return found
 
 
 def triton_interpret() -> bool:

@@ -1,5 +1,13 @@
 """The lifecycle every forward-hook tap shares: one hook per chosen module, installed by ``arm`` and removed by
-``disarm`` (also on ``with`` exit and when installing fails half-way), so a disarmed tap holds no hook."""
+``disarm`` (also on ``with`` exit and when installing fails half-way), so a disarmed tap holds no hook.
+
+Under ``torch.compile`` the hooks run inside the traced graph: there they only queue a detached copy of the output
+(:mod:`entrotrain.taps.deferred`), which the subclass's capture receives, eagerly and in call order, when the tap
+is disarmed (or at the next eager hook call). The same hook objects are installed at every arming, and on a compiled
+model an :class:`~entrotrain.taps.deferred.ArmedMarker` mode is pushed while armed, so a compiled model compiles the
+armed state once, not at every logging step, and never runs its unarmed graph while armed. Module names never
+contain ``_orig_mod`` (:mod:`entrotrain.taps.module_names`).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +16,32 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from entrotrain.taps.deferred import ArmedMarker, DeferredCaptures, compiling, remove_mode, snapshot
+from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.module_names import is_compiled, named_modules
+
 __all__ = ["ForwardHookTap"]
 
 _T = TypeVar("_T", bound="ForwardHookTap")
 
 
+class _ModeHandle:
+    """Removes a pushed torch-function mode like a hook handle removes a hook."""
+
+    def __init__(self, mode: ArmedMarker) -> None:
+        self.mode = mode
+
+    def remove(self) -> None:
+        remove_mode(self.mode)
+
+
 class ForwardHookTap:
     """Base of :class:`~entrotrain.taps.ActivationTap` and :class:`~entrotrain.taps.RouterTap`.
 
-    Subclasses set ``self.model`` and ``self._handles = []``, and provide ``names`` (the modules to hook, in order)
-    and ``_hook(name)`` (the forward hook of one module).
+    Subclasses set ``self.model`` and ``self._handles = []``, and provide ``names`` (the modules to hook, in order,
+    as :func:`entrotrain.taps.module_names.named_modules` names them) and ``_hook(name)`` (the capture of one module,
+    called as ``hook(module, args, output)``; a call queued by compiled code gets ``module=None, args=()``).
+    Subclasses with ``differentiable = True`` get the output itself (graph kept), others a detached copy.
     """
 
     model: nn.Module
@@ -35,20 +59,63 @@ class ForwardHookTap:
         """Install one forward hook per chosen module (nothing when already armed)."""
         if self.armed:
             return self
-        modules = dict(self.model.named_modules())
+        modules = dict(named_modules(self.model))
         try:
             for name in self.names:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+                self._handles.append(modules[name].register_forward_hook(self._installed_hook(name)))
+            if is_compiled(self.model):  # make the arming visible to dynamo's guards (module docstring)
+                marker = self.__dict__.setdefault("_marker", ArmedMarker())
+                marker.__enter__()
+                self._handles.append(_ModeHandle(marker))
         except BaseException:
             self.disarm()
             raise
         return self
 
     def disarm(self) -> None:
-        """Remove every hook. Safe to call twice, and after an exception."""
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+        """Remove every hook (after handing over what compiled code queued). Safe to call twice, and after an
+        exception."""
+        try:
+            self.replay_deferred()
+        finally:
+            self._queue().clear()
+            handles, self._handles = self._handles, []
+            for handle in handles:
+                handle.remove()
+
+    def replay_deferred(self) -> None:
+        """Run the capture of every module call that compiled code queued, oldest first (no-op when none)."""
+        for name, output in self._queue().drain():
+            self._captures()[name](None, (), output)
+
+    def _queue(self) -> DeferredCaptures:
+        queue = self.__dict__.get("_deferred")
+        if queue is None:
+            queue = self.__dict__["_deferred"] = DeferredCaptures()
+        return queue
+
+    def _captures(self) -> dict[str, Callable[..., None]]:
+        return self.__dict__.setdefault("_capture_fns", {})
+
+    def _installed_hook(self, name: str) -> Callable[..., None]:
+        """The hook installed on module ``name``: one object per name for the tap's lifetime (dynamo guards on it)."""
+        hooks = self.__dict__.setdefault("_installed_hooks", {})
+        if name in hooks:
+            return hooks[name]
+        self._captures()[name] = capture = self._hook(name)
+        queue = self._queue()
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if compiling():  # traced: queue a copy, captured eagerly later (no graph break)
+                if capture_allowed(self):  # decided now: an exclusive_capture block is over when the queue is read
+                    queue.add(name, output if getattr(self, "differentiable", False) else snapshot(output))
+                return
+            self.replay_deferred()
+            capture(module, args, output)
+
+        hook.__qualname__ = getattr(capture, "__qualname__", hook.__qualname__)  # names the tap class in hook listings
+        hooks[name] = hook
+        return hook
 
     def __enter__(self: _T) -> _T:
         return self.arm()

@@ -36,6 +36,7 @@ from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["ActivationTap", "Capture", "activation_rows"]
@@ -194,13 +195,13 @@ class ActivationTap(ForwardHookTap):
     def _match(self) -> list[str]:
         names = [
             name
-            for name, module in self.model.named_modules()
+            for name, module in named_modules(self.model)  # no "_orig_mod." segments from torch.compile
             if name
             and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
             and self._names(name)
         ]
         if not names:
-            available = [name for name, _ in self.model.named_modules() if name]
+            available = [name for name, _ in named_modules(self.model) if name]
             raise EntrotrainError(
                 f"no module of {type(self.model).__name__} matches include={self.include} exclude={self.exclude}. "
                 f"Module names are: {available[:24]}{' ...' if len(available) > 24 else ''}. Fix the glob patterns "

@@ -16,7 +16,9 @@ touches the training RNG, so the model computes bit for bit what it computes wit
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -29,9 +31,13 @@ from entrotrain.functional.attention import AttentionEntropy, AttentionPath, _ch
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
 from entrotrain.taps.nn_attention import mha_query_key, watch_decoder_padding
+from entrotrain.taps.query_padding import _USER as _USER_QUERY_MASKS
 from entrotrain.taps.query_padding import ambient_query_mask, check_query_mask, mask_queries
+from entrotrain.taps.query_padding import pop_model_mask, push_model_mask, query_padding
 from entrotrain.taps.sampling import check_budget, evenly_spaced
+from entrotrain.taps.deferred import DeferredCaptures, compiling, detached, in_fx_graph
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["AttentionTap", "AttentionAdapter", "MultiheadAttentionAdapter", "record_attention"]
@@ -51,12 +57,16 @@ class MultiheadAttentionAdapter:
 
     def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
         undo: list[Callable[[], None]] = []
-        for name, module in model.named_modules():
+        compiled = is_compiled(model)
+        for name, module in named_modules(model):
             if isinstance(module, nn.MultiheadAttention) and tap.wants(name):
                 tap.claim(name)
 
                 def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], _name: str = name) -> None:
                     if not capture_allowed(tap):
+                        return
+                    if compiling():  # q, k from this call's weights, in the graph; scored after it (no graph break)
+                        tap._defer_record(tap._site_name(_name), mha_query_key(mod, args, kwargs))
                         return
                     with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
                         tap.record(name=tap._site_name(_name), **mha_query_key(mod, args, kwargs))
@@ -66,7 +76,8 @@ class MultiheadAttentionAdapter:
                     tap._resume_sdpa()
 
                 undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
-                undo.append(module.register_forward_hook(done, always_call=True).remove)
+                # compiled: no always_call (its hook ids enter dynamo's guards: a recompile at every arming)
+                undo.append(module.register_forward_hook(done, always_call=not compiled).remove)
         undo.extend(watch_decoder_padding(tap, model))  # cross-attention queries of nn.TransformerDecoderLayer
         return undo
 
@@ -84,8 +95,30 @@ def default_adapters() -> list[AttentionAdapter]:
     return adapters
 
 
+#: Built-in adapters that capture eagerly: left out for compiled models (see ``AttentionTap._adapters_to_install``).
+_EAGER_ONLY_ADAPTERS = ("HFAttentionAdapter",)
+
+
+def _warn_eager_attention(model: nn.Module) -> None:
+    eager = sorted(
+        {type(m).__name__ for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None) == "eager"}
+    )
+    if eager:
+        warnings.warn(
+            f"AttentionTap: {', '.join(eager)} is compiled and uses attn_implementation='eager', which a compiled model's "
+            "tap cannot see (it captures compiled attention at F.scaled_dot_product_attention). Build the model with "
+            "attn_implementation='sdpa' (same outputs), or tap it uncompiled.",
+            stacklevel=4,
+        )
+
+
 class _SDPAInterceptor(TorchFunctionMode):
-    """Sees every ``F.scaled_dot_product_attention`` call while pushed; forwards all calls unchanged."""
+    """Sees every ``F.scaled_dot_product_attention`` call while pushed; forwards all calls unchanged.
+
+    Under ``torch.compile`` (dynamo traces this method) the call is only queued (site name, detached arguments) and
+    scored eagerly when the tap drains its queue (see :mod:`entrotrain.taps.deferred`): no graph break, no
+    specialisation on the statistics. One instance per tap, pushed at every arming (dynamo guards on the mode).
+    """
 
     def __init__(self, tap: AttentionTap) -> None:
         super().__init__()
@@ -94,7 +127,11 @@ class _SDPAInterceptor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            self.tap._on_sdpa(args, kwargs)
+            if compiling():
+                self.tap._defer_sdpa(args, kwargs)
+            elif not in_fx_graph():  # a compiled graph run by an FX backend: queued when traced
+                self.tap._replay_deferred()  # captures queued by compiled code first: keep the call order
+                self.tap._on_sdpa(args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -173,6 +210,11 @@ class AttentionTap:
         self._claimed: set[str] = set()
         self._mode: _SDPAInterceptor | None = None
         self._suspended = 0
+        # kept across armings, so that compiled code sees the same hooks and mode each logging step (no recompile)
+        self._interceptor: _SDPAInterceptor | None = None
+        self._name_hooks: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {}
+        self._deferred = DeferredCaptures()
+        self._replaying: tuple[str, str] | None = None  # (module, site) of the deferred call being scored
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -183,14 +225,22 @@ class AttentionTap:
         """Install the name-tracking hooks, the adapters and the SDPA interceptor."""
         if self.armed:
             return self
+        self._calls_in_module.clear()  # same state at every arming: compiled code guards on it
         try:
-            for name, module in self.model.named_modules():
-                self._undo.append(module.register_forward_pre_hook(self._enter(name)).remove)
-                self._undo.append(module.register_forward_hook(self._exit(name), always_call=True).remove)
-            for adapter in self.adapters:
+            for name, module in named_modules(self.model):  # clean names: no "_orig_mod." from torch.compile
+                if name not in self._name_hooks:
+                    self._name_hooks[name] = (self._enter(name), self._exit(name))
+                enter, exit_ = self._name_hooks[name]  # the same hook objects at every arming
+                self._undo.append(module.register_forward_pre_hook(enter).remove)
+                # no always_call: its hook ids would enter dynamo's guards (new ids at each arming, a recompile at
+                # every logging step); _exit also pops what a child left when an exception was caught above it
+                self._undo.append(module.register_forward_hook(exit_).remove)
+            for adapter in self._adapters_to_install():
                 self._undo.extend(adapter.install(self, self.model))
             if self.capture_sdpa:
-                self._mode = _SDPAInterceptor(self)
+                if self._interceptor is None:
+                    self._interceptor = _SDPAInterceptor(self)
+                self._mode = self._interceptor
                 self._mode.__enter__()
         except BaseException:
             self.disarm()
@@ -198,8 +248,34 @@ class AttentionTap:
         _ACTIVE_TAPS.append(self)
         return self
 
+    def _adapters_to_install(self) -> list[AttentionAdapter]:
+        """The adapters, less the built-in ones that cannot run inside a compiled graph when the model is compiled.
+
+        Their hooks and wrappers capture eagerly (frame inspection, torch-function-mode switching, the entropy maths):
+        traced, they break the graph in every attention layer and recompile it per layer. Compiled HF models'
+        attention is captured where it calls ``F.scaled_dot_product_attention`` (``sdpa``), queued by the
+        interceptor (see :mod:`entrotrain.taps.deferred`); ``nn.MultiheadAttention``'s adapter queues its own calls."""
+        if not (self.capture_sdpa and is_compiled(self.model)):
+            return self.adapters
+        keep = [a for a in self.adapters if type(a).__name__ not in _EAGER_ONLY_ADAPTERS]
+        if len(keep) < len(self.adapters):
+            from entrotrain.taps.compiled_padding import CompiledHFMasks  # HF models' padding masks, compile-safe
+
+            _warn_eager_attention(self.model)
+            keep.append(CompiledHFMasks())
+        return keep
+
     def disarm(self) -> None:
-        """Remove every hook, adapter and the interceptor. Safe to call twice, and after an exception."""
+        """Remove every hook, adapter and the interceptor. Safe to call twice, and after an exception.
+
+        Calls that compiled code queued while armed are scored first (see :mod:`entrotrain.taps.deferred`)."""
+        try:
+            self._replay_deferred()
+        finally:
+            self._release_hooks()
+
+    def _release_hooks(self) -> None:
+        self._deferred.clear()
         if self._mode is not None:
             mode, self._mode = self._mode, None
             if not self._suspended:
@@ -210,6 +286,7 @@ class AttentionTap:
             fn()
         self._stack.clear()
         self._claimed.clear()
+        self._calls_in_module.clear()
         if self in _ACTIVE_TAPS:
             _ACTIVE_TAPS.remove(self)
 
@@ -246,28 +323,79 @@ class AttentionTap:
 
     def _exit(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._stack and self._stack[-1] == name:
-                self._stack.pop()
+            if name in self._stack:
+                while self._stack.pop() != name:
+                    pass
 
         return hook
 
     def current_module(self) -> str | None:
-        """Name of the innermost module of ``model`` now running forward (``""`` = the model itself)."""
+        """Name of the innermost module of ``model`` now running forward (``""`` = the model itself).
+
+        Names are those of :func:`entrotrain.taps.module_names.named_modules`: no ``_orig_mod.`` segment."""
+        if self._replaying is not None:
+            return self._replaying[0]
         return self._stack[-1] if self._stack else None
 
     def wants(self, name: str) -> bool:
         """Whether a site name passes ``include`` / ``exclude``."""
-        return self._names(name)
+        return self._names(clean_module_name(name))
 
     def claim(self, module_name: str) -> None:
         """An adapter captures this module itself: SDPA calls made inside it are not scored a second time."""
-        self._claimed.add(module_name)
+        self._claimed.add(clean_module_name(module_name))
 
     def _site_name(self, module: str) -> str:
+        if self._replaying is not None:
+            return self._replaying[1]  # decided when compiled code queued the call
+        module = clean_module_name(module)
         count = self._calls_in_module.get(module, 0)
         self._calls_in_module[module] = count + 1
-        base = module or type(self.model).__name__
+        base = module or type(getattr(self.model, "_orig_mod", self.model)).__name__
         return base if count == 0 else f"{base}[{count}]"
+
+    # ------------------------------------------------------------------ compiled code (torch.compile)
+    def _defer_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Traced by dynamo: queue an SDPA call with its site, decided now as :meth:`_on_sdpa` would decide it."""
+        module = self.current_module()
+        if module is None or module in self._claimed or not capture_allowed(self):
+            return
+        site = self._site_name(module)
+        if not self.differentiable:
+            args, kwargs = detached(args), detached(kwargs)
+        self._deferred.add("sdpa", module, site, args, kwargs)
+        if _USER_QUERY_MASKS:  # a `with query_padding(mask):` block is over when the call is scored: keep its mask
+            self._deferred.add("user_mask", module, site, (_USER_QUERY_MASKS[-1][0],), None)
+
+    def _defer_record(self, site: str, call: dict[str, Any]) -> None:
+        """Traced by dynamo: queue a :meth:`record` call of an adapter (``call`` holds ``q``, ``k``, masks, scale)."""
+        if not self.differentiable:
+            call = detached(call)
+        self._deferred.add("record", site, site, (), call)
+
+    def _replay_deferred(self) -> None:
+        """Score, eagerly and in order, the calls compiled code queued (no-op when none is queued)."""
+        items = self._deferred.drain()
+        for i, (kind, module, site, args, kwargs) in enumerate(items):
+            if kind == "push":  # an HF model's forward starts / ends (compiled_padding)
+                push_model_mask(self, *args)
+                continue
+            if kind == "pop":
+                pop_model_mask(self)
+                continue
+            if kind == "user_mask":
+                continue  # read with the call it follows
+            after = items[i + 1] if i + 1 < len(items) else None
+            user_mask = after[3][0] if after is not None and after[0] == "user_mask" else None
+            self._replaying = (module, site)
+            try:
+                with query_padding(user_mask) if user_mask is not None else nullcontext():
+                    if kind == "sdpa":
+                        self._on_sdpa(args, kwargs)
+                    else:
+                        self.record(name=site, **kwargs)
+            finally:
+                self._replaying = None
 
     # ------------------------------------------------------------------ capture
     def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ def _padding_from(mask: Tensor) -> Tensor:
 
 
 def _has_finite_bias(mask: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True  # traced: no data-dependent branch; folding the mask into attn_mask is right either way
     return bool(((mask != 0) & (mask > torch.finfo(mask.dtype).min)).any())
 
 

@@ -32,6 +32,7 @@ from entrotrain._validation import check_int
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["RouterTap", "discover_routers", "router_rows"]
@@ -49,9 +50,10 @@ def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> b
 
 
 def discover_routers(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_modules()``, in module order) of the HF-style routers of ``model``: class name
-    ending with ``TopKRouter``, or an ``nn.Linear`` named ``gate`` inside a module whose class name mentions MoE."""
-    modules = dict(model.named_modules())
+    """Names (as in ``model.named_modules()``, without ``_orig_mod.``; in module order) of the HF-style routers of
+    ``model``: class name ending with ``TopKRouter``, or an ``nn.Linear`` named ``gate`` inside a module whose class
+    name mentions MoE."""
+    modules = dict(named_modules(model))
     return [name for name, module in modules.items() if name and _is_router(name, module, modules)]
 
 
@@ -133,7 +135,7 @@ class RouterTap(ForwardHookTap):
         self.names = self._match()
 
     def _match(self) -> list[str]:
-        modules = dict(self.model.named_modules())
+        modules = dict(named_modules(self.model))
         if self.discover:
             names = [n for n in discover_routers(self.model) if self._names(n)]
             if not names:
@@ -159,7 +161,7 @@ class RouterTap(ForwardHookTap):
 
     def top_k(self, name: str) -> int | None:
         """The router's own ``top_k`` attribute (HF ``*TopKRouter``), or ``None``."""
-        value = getattr(dict(self.model.named_modules()).get(name), "top_k", None)
+        value = getattr(dict(named_modules(self.model)).get(name), "top_k", None)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     # ------------------------------------------------------------------ lifecycle (arm, disarm, with: ForwardHookTap)

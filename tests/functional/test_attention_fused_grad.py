@@ -20,12 +20,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import entrotrain.functional.attention as attention_module
+import entrotrain.functional.attention_fused_grad as fused_grad_module
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention import attention_entropy, attention_entropy_stats
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
 from tests.helpers.reference import valid_keys
 
 INF = float("inf")
+
+
+@pytest.fixture(autouse=True, params=["materialized-backward", "flash-backward"])
+def backward_route(request, monkeypatch):
+    """Every test runs with both backward routes: the materialised one (small score matrices, the default here) and
+    the flash-attention backward (forced by a threshold of 0 elements)."""
+    if request.param == "flash-backward":
+        monkeypatch.setattr(fused_grad_module, "MATERIALIZED_BACKWARD_ELEMENTS", 0)
+    calls: list[str] = []
+    real = fused_grad_module._materialized_backward
+
+    def spy(*args, **kwargs):
+        calls.append("materialized")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_grad_module, "_materialized_backward", spy)
+    yield request.param
+    if request.param == "flash-backward":
+        assert not calls  # the threshold of 0 really routed every backward through the flash kernel
 
 
 def brute64(q, k, valid, scale):
@@ -290,3 +310,44 @@ def test_non_finite_query_gives_the_same_gradient_pattern_as_chunked():
     assert not fq[0, 1].any() and not fk[0, 1].any()  # the other head is untouched
     torch.testing.assert_close(fqv, cqv, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(fkv, ckv, atol=2e-5, rtol=1e-4)
+
+
+def test_backward_route_follows_the_threshold(backward_route):
+    """The route is picked by ``B·H·Nq·Nk`` against ``MATERIALIZED_BACKWARD_ELEMENTS``: below it, materialised."""
+    q, k, w = _inputs(2, 4, 2, 6, 7, 8, seed=21)
+    calls = []
+    real = fused_grad_module._materialized_backward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_grad_module, "_materialized_backward", spy)
+        _value_and_grads(q, k, w, "fused", is_causal=True)
+    assert len(calls) == (1 if backward_route == "materialized-backward" else 0)
+
+
+@pytest.mark.parametrize("case", ["causal", "causal+padding", "window", "causal+bool+padding", "float-inf"])
+@pytest.mark.parametrize("gqa", [1, 4], ids=["mha", "mqa"])
+def test_both_backward_routes_agree_on_a_larger_call(case, gqa, monkeypatch, backward_route):
+    """The materialised and the flash backward on one call of several kernel blocks (N = 70 keys, D = 32, a
+    non-contiguous q as a model's ``transpose(1, 2)`` gives it): the same gradients to float32 round-off, and both
+    equal the float64 brute force."""
+    if backward_route == "flash-backward":
+        pytest.skip("this test runs both routes itself")
+    b, h, nq, nk, d = 2, 4, 70, 70, 32
+    g = torch.Generator().manual_seed(gqa)
+    q = torch.randn(b, nq, h, d, generator=g).transpose(1, 2)  # (B, H, N, D), non-contiguous
+    k = torch.randn(b, h // gqa, nk, d, generator=g)
+    w = torch.randn(b, h, nq, generator=g, dtype=torch.float64)
+    kwargs = _masks(case, b, nq, nk, seed=gqa)
+    routes = {}
+    for threshold in (1 << 30, 0):
+        monkeypatch.setattr(fused_grad_module, "MATERIALIZED_BACKWARD_ELEMENTS", threshold)
+        routes[threshold] = _value_and_grads(q, k, w, "fused", **kwargs)
+    brute = _brute_value_and_grads(q, k, w, valid_keys(b, h, nq, nk, **kwargs), 1.0 / math.sqrt(d))
+    mat, flash = routes.values()
+    for a, f, want in zip(mat, flash, brute):
+        torch.testing.assert_close(a, f, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.double(), want, atol=2e-5, rtol=1e-4)

@@ -172,6 +172,7 @@ def _attn_entropy_bwd_dq(
     n_heads, group, n_q, n_k, head_dim,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vq, s_vk, s_bb, s_bh, s_bq, s_bk, s_pb, s_pk,
+    s_db, s_dh, s_dn, s_dd,
     scale, window,
     HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -209,7 +210,8 @@ def _attn_entropy_bwd_dq(
             dq = tl.dot(ds, k.to(tl.float32), dq, input_precision=DOT_PRECISION)
         else:
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    tl.store(dq_ptr + q_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    dq_off = b * s_db + h * s_dh + rows[:, None] * s_dn + offs_d[None, :] * s_dd  # dq's own strides
+    tl.store(dq_ptr + dq_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -400,10 +402,12 @@ class _TritonAttentionEntropy(torch.autograd.Function):
         window = masks.window or 0
         dq = dk = None
         if ctx.needs_input_grad[0]:
-            dq = torch.empty_like(q)  # same strides as q: the kernel writes with q's strides
+            # its own strides: empty_like(q) is contiguous when q is a strided view (a slice of a fused qkv), so
+            # writing with q's strides would run past the buffer
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             bm, bn, warps, stages = _config(BWD_DQ_CONFIG, q, n_q, n_k, masks)
             _attn_entropy_bwd_dq[(triton.cdiv(n_q, bm), batch * heads)](
-                q, k, *ptrs, lse, mean, g, dq, *args, scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
+                q, k, *ptrs, lse, mean, g, dq, *args, *dq.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=warps, num_stages=stages,
             )
         if ctx.needs_input_grad[1]:

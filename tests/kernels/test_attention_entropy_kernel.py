@@ -113,6 +113,23 @@ def test_small_blocks_gqa_cross_attention(device, monkeypatch, kv_heads):
     _compare(q, k, dict(window=6), brute=False)
 
 
+def test_q_and_k_sliced_from_a_fused_qkv(device):
+    """nanoGPT-style q, k: slices of one (B, N, H, 3D) projection, i.e. strided views with gaps (not dense), whose
+    ``empty_like`` is contiguous: the gradient buffers are written with their own strides, not q's / k's."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, NQ, HQ, 3 * D, generator=g).to(device).requires_grad_(True)
+    q, k = qkv[..., :D].transpose(1, 2), qkv[..., D : 2 * D].transpose(1, 2)
+    assert not q.is_contiguous() and torch.empty_like(q).stride() != q.stride()
+    got = kmod.attention_entropy_stats(q, k, is_causal=True)
+    want = torch_stats(q, k, is_causal=True, path="chunked")
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(got.entropy.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    (grad,) = torch.autograd.grad((got.entropy * weights).sum(), qkv)
+    (grad_ref,) = torch.autograd.grad((want.entropy * weights).sum(), qkv)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(grad_ref.abs().max())))
+    assert (grad[..., 2 * D :] == 0).all()  # v's columns untouched
+
+
 def test_scale_and_normalize(device):
     q, k = _qk(device, seed=2)
     got = kmod.attention_entropy(q, k, scale=0.7, normalize=True, is_causal=True)

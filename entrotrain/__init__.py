@@ -1,22 +1,61 @@
 """entrotrain: entropy as a first-class training signal.
 
 Callbacks (:mod:`entrotrain.callbacks`) watch attention, RL policy and representation entropy live in a Lightning
-``Trainer``; the maths lives in
-:mod:`entrotrain.functional`, the capture in :mod:`entrotrain.taps`. Importing entrotrain never imports wandb.
+``Trainer``; the maths lives in :mod:`entrotrain.functional`, the capture in :mod:`entrotrain.taps`. Importing
+entrotrain never imports wandb, transformers, trl, verl or triton.
+
+Every public name here is loaded on first access (PEP 562), so ``import entrotrain`` imports nothing heavy, not
+even torch: ``entrotrain recipes`` and ``entrotrain --help`` start at once, and the ``entrotrain`` command can set
+the OpenMP environment (:mod:`entrotrain._cpu_threads`) before torch loads its OpenMP runtime.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional import (
-    attention_entropy,
-    attention_entropy_from_probs,
-    attention_entropy_from_scores,
-    attention_entropy_stats,
-    entropy_from_logits,
-    entropy_from_probs,
-)
-from entrotrain.taps import AttentionTap, record_attention
+
+if TYPE_CHECKING:
+    from entrotrain.functional import (
+        attention_entropy,
+        attention_entropy_from_probs,
+        attention_entropy_from_scores,
+        attention_entropy_stats,
+        entropy_from_logits,
+        entropy_from_probs,
+    )
+    from entrotrain.taps import AttentionTap, record_attention
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "attention_entropy",
+            "attention_entropy_from_probs",
+            "attention_entropy_from_scores",
+            "attention_entropy_stats",
+            "entropy_from_logits",
+            "entropy_from_probs",
+        ),
+        "entrotrain.functional",
+    ),
+    **dict.fromkeys(("AttentionTap", "record_attention"), "entrotrain.taps"),
+    **dict.fromkeys(
+        (
+            "AttentionEntropyMonitor",
+            "EntropyCollapseGuard",
+            "PolicyEntropyMonitor",
+            "RepresentationEntropyMonitor",
+            "SigmaReparamMonitor",
+        ),
+        "entrotrain.callbacks",
+    ),
+}
+_SUBPACKAGES = (
+    "callbacks", "dashboards", "functional", "integrations", "kernels", "models", "regularizers", "taps", "tasks",
+)
 
 __all__ = [
     "AttentionTap",
@@ -32,16 +71,17 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Lazy access to the Lightning callbacks, so ``import entrotrain`` stays light."""
-    if name in (
-        "AttentionEntropyMonitor",
-        "EntropyCollapseGuard",
-        "PolicyEntropyMonitor",
-        "RepresentationEntropyMonitor",
-        "SigmaReparamMonitor",
-    ):
-        from entrotrain import callbacks
+def __getattr__(name: str) -> Any:
+    """Load a public name (or a subpackage, ``entrotrain.functional``) on first access."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"entrotrain.{name}")
+    else:
+        raise AttributeError(f"module 'entrotrain' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return getattr(callbacks, name)
-    raise AttributeError(f"module 'entrotrain' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})

@@ -13,9 +13,9 @@ which changes the trained parameters after the first steps). libgomp reads the v
 i.e. at ``import torch``: setting it later in the same process does nothing (``benchmarks/cpu_load.py``'s
 ``passive-late`` row). Hence two entry points:
 
-* :func:`prepare_cpu_env` (standard library only) must run **before torch is imported**: the package ``__init__`` calls
-  it first thing when the process is the ``entrotrain`` command (:func:`is_cli_process`), so ``import entrotrain`` in
-  a user's own script never changes their environment.
+* :func:`prepare_cpu_env` (standard library only) must run **before torch is imported**: the ``entrotrain`` console
+  script calls it (through :func:`configure_cpu_threads`) before a run subcommand imports anything heavy; ``import
+  entrotrain`` imports no torch (its names load lazily) and never changes a user's environment.
 * :func:`configure_cpu_threads`, called by the CLI before the run, prints the one line that says what was chosen and
   how to change it. If torch was imported before the variable was set (another entry point), it cannot take effect
   in this process: the line says so and how to set it in the shell; processes started from here (DDP workers,

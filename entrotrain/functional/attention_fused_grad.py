@@ -134,8 +134,8 @@ def _materialized_backward(
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    q5 = q.unflatten(1, (kv_heads, groups))  # (B, Hkv, G, Nq, D), a view
-    k5 = k.unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    q5 = q.contiguous().unflatten(1, (kv_heads, groups))  # (B, Hkv, G, Nq, D): one copy of a strided q
+    k5 = k.contiguous().unsqueeze(2)  # (B, Hkv, 1, Nk, D)
     # ℓ = scale·q·k − lse on the *unmasked* scores (finite), then p = exp(ℓ) with the blocked keys set to 0: exp of
     # a −∞ or a far-out-of-range argument takes a slow path (2–6× the time), and p·(ℓ + H) stays 0·finite = 0
     logp = torch.matmul(q5, k5.transpose(-1, -2)).mul_(scale)

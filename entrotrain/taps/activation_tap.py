@@ -37,7 +37,7 @@ from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
-from entrotrain.taps.name_filter import NameFilter
+from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 
 __all__ = ["ActivationTap", "Capture", "activation_rows"]
 
@@ -193,19 +193,19 @@ class ActivationTap(ForwardHookTap):
         self.names = self._match()
 
     def _match(self) -> list[str]:
-        names = [
+        candidates = [  # no "_orig_mod." segments from torch.compile
             name
-            for name, module in named_modules(self.model)  # no "_orig_mod." segments from torch.compile
-            if name
-            and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
-            and self._names(name)
+            for name, module in named_modules(self.model)
+            if name and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
         ]
+        names = [name for name in candidates if self._names(name)]
+        self._names.broad_match_warning(candidates, owner=type(self).__name__, stacklevel=4)
         if not names:
             available = [name for name, _ in named_modules(self.model) if name]
             raise EntrotrainError(
                 f"no module of {type(self.model).__name__} matches include={self.include} exclude={self.exclude}. "
                 f"Module names are: {available[:24]}{' ...' if len(available) > 24 else ''}. Fix the glob patterns "
-                "(fnmatch, '*' also matches dots)."
+                f"({GLOB_SYNTAX})."
             )
         return names
 

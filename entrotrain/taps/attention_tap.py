@@ -153,7 +153,8 @@ class AttentionTap:
 
     Args:
         model: the module to watch (e.g. the ``LightningModule``; names are relative to it).
-        include: glob patterns of attention site names to score (``"*.attn"``, ``"blocks.1*"``); default all.
+        include: glob patterns of attention site names to score (``"**.attn"``, ``"blocks.1.**"``; ``*`` = one
+            name segment, ``**`` = any number); default all.
         exclude: glob patterns of site names to skip.
         max_rows: score at most this many batch rows (evenly spaced); ``None`` = all.
         max_queries: score at most this many query positions (evenly spaced, all keys kept); ``None`` = all.

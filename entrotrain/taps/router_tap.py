@@ -12,7 +12,8 @@ Which modules are routers:
   ``nn.Linear`` named ``gate`` whose parent's class name mentions ``MoE`` / ``Moe`` / ``SparseMoe`` (the router of
   older HF releases and of most hand-written MoE blocks); ``exclude`` globs still apply. Qwen2-MoE's
   ``shared_expert_gate`` (a 1-output sigmoid gate) is not a router and is not matched.
-- ``include=[globs]``: exactly the modules whose names match (``fnmatch``; ``*`` also matches dots).
+- ``include=[globs]``: exactly the modules whose names match (``*`` = one name segment, ``**`` = any number; see
+  :class:`~entrotrain.taps.name_filter.NameFilter`).
 
 A router's output (its ``output_index``-th element for tuple/list outputs, default 0) is read as ``(..., E)`` and
 flattened to ``(rows, E)``: HF's ``(batch·seq, E)`` layout, row-major over (batch, seq), so HF's ``attention_mask``
@@ -33,7 +34,7 @@ from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
-from entrotrain.taps.name_filter import NameFilter
+from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 
 __all__ = ["RouterTap", "discover_routers", "router_rows"]
 
@@ -143,7 +144,7 @@ class RouterTap(ForwardHookTap):
                     f"RouterTap found no MoE router in {type(self.model).__name__}: it searched for modules whose "
                     "class name ends with 'TopKRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE) and nn.Linear "
                     f"modules named 'gate' inside a module whose class name mentions MoE (exclude={self.exclude}). "
-                    "Name your router modules with include=['*.router'] (globs over named_modules()), or return "
+                    "Name your router modules with include=['**.router'] (globs over named_modules()), or return "
                     "the router logits from training_step under 'router_logits'."
                 )
             return names
@@ -155,7 +156,7 @@ class RouterTap(ForwardHookTap):
             raise TapError(
                 f"no module of {type(self.model).__name__} matches include={self.include} exclude={self.exclude}. "
                 f"Module names are: {available[:24]}{' ...' if len(available) > 24 else ''}. Fix the glob patterns "
-                "(fnmatch, '*' also matches dots), or leave include=None to discover HF routers."
+                f"({GLOB_SYNTAX}), or leave include=None to discover HF routers."
             )
         return names
 

@@ -259,3 +259,22 @@ def test_activation_tap_refuses_bad_constructor_arguments(kwargs, match):
 def test_activation_rows_refuses_bad_arguments(kwargs, match):
     with pytest.raises(EntrotrainError, match=match):
         activation_rows((torch.randn(2, 3, 4),), **kwargs)
+
+
+def test_nested_double_star_match_warns_with_a_narrower_pattern() -> None:
+    """'blocks.**' hooks every block AND everything inside it (each activation captured many times): a warning names
+    the pattern and the outermost matches; 'blocks.*' (the blocks) does not warn."""
+    import warnings
+
+    from torch import nn
+
+    from entrotrain.taps import ActivationTap
+
+    block = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))  # noqa: E731
+    model = nn.Module()
+    model.blocks = nn.ModuleList([block(), block()])
+    with pytest.warns(UserWarning, match=r"ActivationTap: include 'blocks\.\*\*' matches 12 modules nested"):
+        ActivationTap(model, include="blocks.**")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ActivationTap(model, include="blocks.*").names == ["blocks.0", "blocks.1"]

@@ -8,7 +8,9 @@ load-disturbed sample on a shared machine):
    ``plain``; ``tap armed, no scoring`` (the name-tracking hooks on every module and the SDPA interceptor, the
    tap's ``record`` a no-op: the price of arming); ``tap scoring, no penalty`` (entropies computed under the graph,
    not in the loss: the entropy forward and the tap's bookkeeping); ``+ entropy floor`` and ``+ AEM`` (everything:
-   forward, backward of the penalty through the fused path, the penalty arithmetic);
+   forward, backward of the penalty through the fused path, the penalty arithmetic); and the floor on a quarter of
+   the queries (``capture(model, max_queries=seq // 4)``: evenly spaced query positions, an unbiased-in-position
+   estimate of each head's mean);
 2. one attention layer's worth of kernels at the TinyGPT shape (B32 H4 N64 D32 causal) and at B2 H8 N1024 D64 causal:
    SDPA forward and forward + backward, the raw fused entropy (:func:`fused_attention_entropy`) forward and
    forward + backward, and the whole :func:`attention_entropy_stats` (validation, mask, finiteness check,
@@ -46,7 +48,7 @@ def step_cases(batch: int, seq: int) -> dict:
     idx = torch.randint(0, 128, (batch, seq + 1))
     x, y = idx[:, :-1], idx[:, 1:]
 
-    def make(kind: str):
+    def make(kind: str, **tap_kwargs):
         torch.manual_seed(0)
         model = TinyGPT(vocab_size=128, block_size=seq, n_layer=4, n_head=4, n_embd=128)
         reg = {"floor": EntropyFloorRegularizer(weight=1.0, floor=0.2), "aem": AttentionEntropyMaximization(weight=0.1)}
@@ -57,7 +59,7 @@ def step_cases(batch: int, seq: int) -> dict:
             opt.zero_grad(set_to_none=True)
             extra = 0.0
             if reg is not None:
-                with reg.capture(model):
+                with reg.capture(model, **tap_kwargs):
                     logits = model(x)
                 extra = reg().total
             elif kind in ("armed", "scoring"):
@@ -79,6 +81,7 @@ def step_cases(batch: int, seq: int) -> dict:
         "tap scoring, no penalty": make("scoring"),
         "+ entropy floor (all queries)": make("floor"),
         "+ AEM (all queries)": make("aem"),
+        f"+ entropy floor ({seq // 4} of {seq} queries)": make("floor", max_queries=seq // 4),
     }
 
 

@@ -194,6 +194,7 @@ class AttentionTap:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"AttentionTap needs an nn.Module, got {type(model).__name__}.")
         self.model = model
+        self._root_name = type(getattr(model, "_orig_mod", model)).__name__  # site name of calls in the root
         self._names = NameFilter(include, exclude)
         self.include, self.exclude = self._names.include, self._names.exclude
         self.max_rows = check_budget(max_rows, "max_rows")
@@ -352,7 +353,7 @@ class AttentionTap:
         module = clean_module_name(module)
         count = self._calls_in_module.get(module, 0)
         self._calls_in_module[module] = count + 1
-        base = module or type(getattr(self.model, "_orig_mod", self.model)).__name__
+        base = module or self._root_name  # (not read off self.model here: dynamo traces this under compile)
         return base if count == 0 else f"{base}[{count}]"
 
     # ------------------------------------------------------------------ compiled code (torch.compile)
@@ -538,6 +539,16 @@ def record_attention(
             continue  # this call does not run inside the tap's model
         module = tap.current_module()
         if name is None and module in tap._claimed:
+            continue
+        if compiling():  # traced by dynamo: queue the call, scored eagerly after the forward (no graph break)
+            if not capture_allowed(tap):
+                continue
+            site = name if name is not None else tap._site_name(module)
+            call = dict(q=q, k=k, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                        window=window, scale=scale, query_mask=query_mask)
+            tap._defer_record(site, call)
+            if query_mask is None and _USER_QUERY_MASKS:  # the `with query_padding(mask):` block ends before replay
+                tap._deferred.add("user_mask", site, site, (_USER_QUERY_MASKS[-1][0],), None)
             continue
         with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
             tap.record(

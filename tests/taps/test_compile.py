@@ -435,3 +435,45 @@ def test_query_padding_block_applies_to_compiled_captures():
     with unpadded:
         unpadded.model(idx)
     assert not torch.equal(unpadded.stats["blocks.0.attn"], eager["blocks.0.attn"])  # the mask mattered
+
+
+# ---------------------------------------------------------------------------------------------------------- record_attention
+class _HandWritten(nn.Module):
+    """Attention written out (softmax(q kᵀ)), reporting q, k with record_attention; padded queries via query_mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.qk = nn.Linear(16, 32)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        from entrotrain.taps.attention_tap import record_attention
+
+        x = self.embed(idx)
+        q, k = self.qk(x).view(*idx.shape, 2, 2, 8).unbind(2)  # (B, N, heads, 8) each
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        real = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+        real[0, -3:] = False  # the first row's last three queries are padding
+        record_attention(q, k, is_causal=True, query_mask=real)
+        mask = torch.ones(idx.shape[1], idx.shape[1], dtype=torch.bool).tril()
+        weights = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        return self.head(x + (weights @ k).transpose(1, 2).reshape(*idx.shape, 16))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_record_attention_is_deferred_under_compile(style):
+    """A hand-written attention's record_attention call: queued while traced, scored after the forward: no graph
+    break, one extra compile, the eager values (query mask applied), losses unchanged."""
+    data = batches()
+    make = lambda m: AttentionTap(m)  # noqa: E731
+    base = train(_HandWritten, lm_loss, data, style, None, attention_stats)
+    tapped = train(_HandWritten, lm_loss, data, style, make, attention_stats)
+    eager = train(_HandWritten, lm_loss, data, None, make, attention_stats)
+    assert_one_extra_compile(base, tapped)
+    assert all(torch.equal(a, b) for a, b in zip(base["losses"], tapped["losses"]))
+    assert list(tapped["stats"][0]) == [""] or list(tapped["stats"][0]) == list(eager["stats"][0])
+    assert_close_stats(tapped["stats"], eager["stats"])
+    rows = eager["stats"][0][next(iter(eager["stats"][0]))][2]  # ROWS per head: 3 rows x SEQ queries - 3 padded
+    assert rows.tolist() == [3 * SEQ - 3] * 2

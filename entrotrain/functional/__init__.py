@@ -276,3 +276,10 @@ __all__ += [
 from entrotrain.functional.attention_fused_grad import fused_attention_entropy, fused_grad_available  # noqa: E402
 
 __all__ += ["fused_attention_entropy", "fused_grad_available"]
+from entrotrain.functional.spectral_precision import (  # noqa: E402
+    AUTO_RTOL,
+    PRECISIONS,
+    float32_entropy_error_bound,
+)
+
+__all__ += ["AUTO_RTOL", "PRECISIONS", "float32_entropy_error_bound"]

@@ -23,8 +23,10 @@ from entrotrain.regularizers.policy_loss import (
     SteerLoss,
 )
 from entrotrain.regularizers.sigma_reparam import (
+    SigmaReparamConv1D,
     SigmaReparamLinear,
     SigmaReparamQKJoint,
+    reset_sigma_reparam_state,
     sigma_reparam,
     sigma_reparam_names,
 )
@@ -44,8 +46,10 @@ __all__ = [
     "Regularizer",
     "RegularizerOutput",
     "RegularizerSum",
+    "SigmaReparamConv1D",
     "SigmaReparamLinear",
     "SigmaReparamQKJoint",
+    "reset_sigma_reparam_state",
     "combine_regularizers",
     "scheduled_weight",
     "sigma_reparam",

@@ -27,3 +27,17 @@ __all__ += ["RouterTap", "discover_routers", "router_rows"]
 from entrotrain.taps.exclusive import capture_allowed, exclusive_capture  # noqa: E402
 
 __all__ += ["capture_allowed", "exclusive_capture"]
+from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter  # noqa: E402
+from entrotrain.taps.query_padding import query_padding  # noqa: E402
+from entrotrain.taps.timm_attention import TimmAttentionAdapter  # noqa: E402
+from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules  # noqa: E402
+
+__all__ += [
+    "GLOB_SYNTAX",
+    "NameFilter",
+    "TimmAttentionAdapter",
+    "clean_module_name",
+    "is_compiled",
+    "named_modules",
+    "query_padding",
+]

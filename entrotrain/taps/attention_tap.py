@@ -35,7 +35,7 @@ from entrotrain.taps.query_padding import _USER as _USER_QUERY_MASKS
 from entrotrain.taps.query_padding import ambient_query_mask, check_query_mask, mask_queries
 from entrotrain.taps.query_padding import pop_model_mask, push_model_mask, query_padding
 from entrotrain.taps.sampling import check_budget, evenly_spaced
-from entrotrain.taps.deferred import DeferredCaptures, compiling, detached, in_fx_graph
+from entrotrain.taps.deferred import DeferredCaptures, compiling, detached, in_fx_graph, remove_mode
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules
 from entrotrain.taps.name_filter import NameFilter
@@ -133,19 +133,6 @@ class _SDPAInterceptor(TorchFunctionMode):
                 self.tap._replay_deferred()  # captures queued by compiled code first: keep the call order
                 self.tap._on_sdpa(args, kwargs)
         return func(*args, **kwargs)
-
-
-def _remove_mode(mode: TorchFunctionMode) -> None:
-    """Take ``mode`` off this thread's torch-function mode stack wherever it is, keeping the others in order."""
-    above = []
-    while torch._C._len_torch_function_stack():
-        top = torch._C._pop_torch_function_stack()
-        if top is mode:
-            break
-        above.append(top)
-    for other in reversed(above):
-        torch._C._push_on_torch_function_stack(other)
-
 
 
 class AttentionTap:
@@ -281,7 +268,7 @@ class AttentionTap:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             if not self._suspended:
-                _remove_mode(mode)  # not simply pop the top: another tap's mode may sit above ours
+                remove_mode(mode)  # not simply pop the top: another tap's mode may sit above ours
         self._suspended = 0
         undo, self._undo = self._undo, []
         for fn in reversed(undo):
@@ -294,7 +281,7 @@ class AttentionTap:
 
     def _suspend_sdpa(self) -> None:
         if self._mode is not None and self._suspended == 0:
-            _remove_mode(self._mode)
+            remove_mode(self._mode)
         self._suspended += 1
 
     def _resume_sdpa(self) -> None:

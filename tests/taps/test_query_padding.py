@@ -220,8 +220,17 @@ def test_a_mask_that_does_not_fit_scores_all_queries_and_warns_once_per_site():
 
 
 def test_nothing_armed_costs_nothing():
+    """With no tap armed, record_attention returns before reading anything (even a q that an armed tap would
+    refuse), a tap that exists but is not armed records nothing, and the query_padding block leaves no mask behind."""
+    from entrotrain.taps.query_padding import _USER
+
+    idle = AttentionTap(nn.Linear(2, 2))  # constructed, never armed
     with query_padding(torch.ones(1, 3, dtype=torch.bool)):
-        record_attention(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2))  # no tap: a no-op
+        assert len(_USER) == 1
+        record_attention(torch.randn(1, 3, 2), torch.randn(1, 1, 3, 2))  # 3-D q: an armed tap raises on it
+    assert idle.stats == {} and idle.calls == 0 and _USER == []
+    with AttentionTap(nn.Linear(2, 2)), pytest.raises(EntrotrainError):
+        record_attention(torch.randn(1, 3, 2), torch.randn(1, 1, 3, 2), name="site")  # the same call, armed
 
 
 # ------------------------------------------------------------------ nn.MultiheadAttention

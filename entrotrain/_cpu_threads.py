@@ -33,7 +33,7 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-__all__ = ["OFF_SWITCH", "USER_KNOBS", "configure_cpu_threads", "is_cli_process", "openmp_loaded", "prepare_cpu_env"]
+__all__ = ["OFF_SWITCH", "USER_KNOBS", "configure_cpu_threads", "openmp_loaded", "prepare_cpu_env"]
 
 USER_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 """Environment variables that mean the user chose the threading already: never overridden."""
@@ -53,17 +53,6 @@ def openmp_loaded() -> bool:
     except OSError:
         return "torch" in sys.modules
     return any(lib in maps for lib in ("libgomp", "libiomp", "libomp"))
-
-
-def is_cli_process(argv: list[str] | None = None) -> bool:
-    """Whether this process is the ``entrotrain`` command: the console script (``argv[0]`` named ``entrotrain``) or
-    ``python -m entrotrain.cli`` (``sys.orig_argv``). Library imports are not."""
-    argv = list(sys.orig_argv if argv is None else argv)
-    if not argv:
-        return False
-    if any(Path(a).name == "entrotrain" for a in argv[:2]):
-        return True
-    return any(a == "-m" and b in ("entrotrain.cli", "entrotrain") for a, b in zip(argv, argv[1:]))
 
 
 def _user_choice(env: MutableMapping[str, str]) -> bool:

@@ -53,14 +53,13 @@ strategies, before ``on_fit_start``); the tap is removed on every exit path (end
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
@@ -74,6 +73,7 @@ from entrotrain.functional.attention import AttentionPath
 from entrotrain.regularizers.composition import Regularizer
 from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
 from entrotrain.taps.attention_tap import AttentionTap
+from entrotrain.taps.hf import hf_attention_implementations
 from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.sampling import check_budget
 
@@ -339,7 +339,7 @@ class AttentionEntropyMonitor(HookedMonitor):
             f"{where}). The tap sees F.scaled_dot_product_attention, nn.MultiheadAttention and HF transformers "
             "attention ('sdpa' and 'eager'); "
         )
-        hf = _hf_implementations(pl_module)
+        hf = hf_attention_implementations(pl_module)
         if hf:
             msg += (
                 f"HF models here use {hf}: for other implementations call model.set_attn_implementation('sdpa') "
@@ -461,18 +461,3 @@ class AttentionEntropyMonitor(HookedMonitor):
         media = self.media(normalized)
         for logger in loggers:
             logger.experiment.log({**media, "trainer/global_step": step})
-
-
-def _hf_implementations(model: nn.Module) -> str:
-    """``"model.model: 'flash_attention_2'"``-style list of the HF models in ``model`` and their attention
-    implementations; empty when transformers is not imported or there is none."""
-    transformers = sys.modules.get("transformers")
-    pretrained = getattr(getattr(transformers, "modeling_utils", None), "PreTrainedModel", None)
-    if pretrained is None:
-        return ""
-    found = [
-        f"{name or type(m).__name__}: {getattr(m.config, '_attn_implementation', None)!r}"
-        for name, m in model.named_modules()
-        if isinstance(m, pretrained) and getattr(m, "config", None) is not None
-    ]
-    return ", ".join(found[:4])

@@ -72,7 +72,7 @@ from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, pus
 if TYPE_CHECKING:
     from entrotrain.taps.attention_tap import AttentionTap
 
-__all__ = ["HFAttentionAdapter", "SUPPORTED_IMPLEMENTATIONS", "wrapped_name"]
+__all__ = ["HFAttentionAdapter", "SUPPORTED_IMPLEMENTATIONS", "hf_attention_implementations", "wrapped_name"]
 
 #: The HF attention implementations the adapter wraps.
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -478,6 +478,19 @@ def _set_implementation(config: Any, value: Any) -> None:
 
 def _raw_implementation(config: Any) -> Any:
     return vars(config).get("_attn_implementation_internal", getattr(config, "_attn_implementation", None))
+
+
+def hf_attention_implementations(model: nn.Module) -> str:
+    """``"model: 'flash_attention_2'"``-style list of the HF models in ``model`` (outermost ones) and their attention
+    implementations, for error messages; empty when transformers is not imported or there is none."""
+    pretrained = getattr(getattr(sys.modules.get("transformers"), "modeling_utils", None), "PreTrainedModel", None)
+    if pretrained is None:
+        return ""
+    roots = _hf_roots(model, pretrained)
+    return ", ".join(
+        f"{name or type(m).__name__}: {getattr(getattr(m, 'config', None), '_attn_implementation', None)!r}"
+        for name, m in roots[:4]
+    )
 
 
 def _hf_roots(model: nn.Module, pretrained: type) -> list[tuple[str, nn.Module]]:

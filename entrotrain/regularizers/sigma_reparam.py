@@ -590,17 +590,15 @@ def sigma_reparam(
     include = _as_patterns(include, "include")
     exclude = _as_patterns(exclude, "exclude")
     joint = _as_patterns(qk_joint, "qk_joint")
-    wanted = NameFilter(list(include) or None, list(exclude))
-    if not include:
-        wanted = NameFilter(["**"], ["**"])  # include=() converts nothing (the error below says so)
-    joint_names = NameFilter(list(joint), []) if joint else None
+    wanted = NameFilter(list(include), list(exclude)) if include else None  # include=() converts nothing (an error)
+    joint_names = NameFilter(list(joint)) if joint else None
     linears = [
         (n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) or is_hf_conv1d(m)
     ]
     mha_children = {
         id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.modules()
     }
-    chosen = [(n, m) for n, m in linears if n and wanted(n)]
+    chosen = [(n, m) for n, m in linears if n and wanted is not None and wanted(n)]
     skipped = [n for n, m in chosen if id(m) in mha_children]
     if skipped:
         warnings.warn(

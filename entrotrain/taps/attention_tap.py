@@ -353,14 +353,21 @@ class AttentionTap:
         if not self.differentiable:
             args, kwargs = detached(args), detached(kwargs)
         self._deferred.add("sdpa", module, site, args, kwargs)
-        if _USER_QUERY_MASKS:  # a `with query_padding(mask):` block is over when the call is scored: keep its mask
-            self._deferred.add("user_mask", module, site, (_USER_QUERY_MASKS[-1][0],), None)
+        self._defer_user_mask(module, site)
 
     def _defer_record(self, site: str, call: dict[str, Any]) -> None:
-        """Traced by dynamo: queue a :meth:`record` call of an adapter (``call`` holds ``q``, ``k``, masks, scale)."""
+        """Traced by dynamo: queue a :meth:`record` call (an adapter's or ``record_attention``'s: ``call`` holds
+        ``q``, ``k``, masks, scale and an optional ``query_mask``)."""
         if not self.differentiable:
             call = detached(call)
         self._deferred.add("record", site, site, (), call)
+        if call.get("query_mask") is None:  # no mask of its own: the enclosing query_padding block's applies
+            self._defer_user_mask(site, site)
+
+    def _defer_user_mask(self, module: str, site: str) -> None:
+        """A `with query_padding(mask):` block is over when the queued call is scored: queue its mask after it."""
+        if _USER_QUERY_MASKS:
+            self._deferred.add("user_mask", module, site, (_USER_QUERY_MASKS[-1][0],), None)
 
     def _replay_deferred(self) -> None:
         """Score, eagerly and in order, the calls compiled code queued (no-op when none is queued)."""
@@ -534,8 +541,6 @@ def record_attention(
             call = dict(q=q, k=k, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
                         window=window, scale=scale, query_mask=query_mask)
             tap._defer_record(site, call)
-            if query_mask is None and _USER_QUERY_MASKS:  # the `with query_padding(mask):` block ends before replay
-                tap._deferred.add("user_mask", site, site, (_USER_QUERY_MASKS[-1][0],), None)
             continue
         with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
             tap.record(

@@ -18,6 +18,7 @@ from torch import nn
 
 from entrotrain.models.tiny_gpt import TinyGPT
 from entrotrain.taps.activation_tap import ActivationTap
+from entrotrain.taps.attention_stats import ROWS
 from entrotrain.taps.attention_tap import AttentionTap
 from entrotrain.taps.exclusive import exclusive_capture
 from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules
@@ -435,6 +436,29 @@ def test_query_padding_block_applies_to_compiled_captures():
     with unpadded:
         unpadded.model(idx)
     assert not torch.equal(unpadded.stats["blocks.0.attn"], eager["blocks.0.attn"])  # the mask mattered
+
+
+def test_query_padding_block_applies_to_compiled_mha_captures():
+    """The adapter path too: nn.TransformerEncoder without a key padding mask, inside `with query_padding(mask):`,
+    compiled, scores only the block's real queries, as in eager."""
+    from entrotrain.taps.query_padding import query_padding
+
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+    x = torch.randn(2, 7, 16)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    stats = []
+    for runner in (encoder, torch.compile(encoder, backend=CountingBackend())):
+        tap = AttentionTap(runner)
+        with tap, query_padding(mask):
+            runner(x)
+        stats.append(tap.stats)
+    eager, got = stats
+    assert list(got) == list(eager) == ["layers.0.self_attn", "layers.1.self_attn"]
+    for name in eager:
+        assert eager[name][ROWS].tolist() == [7.0 + 4.0] * 2  # the block's real queries only
+        torch.testing.assert_close(got[name], eager[name], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------- record_attention

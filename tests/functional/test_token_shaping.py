@@ -409,16 +409,12 @@ def test_canon_from_token_entropies_matches_reference_pipeline():
 
 
 def test_hwe_quantile_is_global_under_two_rank_ddp(tmp_path):
-    import socket
     from pathlib import Path
 
     from tests.functional import hwe_ddp_run as script
     from tests.helpers.scripts import run_script
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    run_script(Path(script.__file__), Path(__file__).resolve().parents[2], str(tmp_path), port)
+    run_script(Path(script.__file__), Path(__file__).resolve().parents[2], str(tmp_path))
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     h, mask = script.make_batch()
     union = script.hwe(h, mask)

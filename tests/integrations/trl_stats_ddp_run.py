@@ -4,17 +4,12 @@ batches (rank 0: two micro-batches per step, 7 tokens; rank 1: one, 9 tokens); r
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.helpers.gloo import spawn_gloo  # noqa: E402
 from tests.helpers.policy_batches import rl_batch  # noqa: E402
 
 STEPS = 4
@@ -29,10 +24,9 @@ def rank_parts(rank: int, step: int) -> list[dict]:
     return [{k: v[4:] for k, v in union.items() if hasattr(v, "dim")}]
 
 
-def worker(rank: int, port: int, out: str) -> None:
+def worker(rank: int, out: str) -> None:
     from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     stats = PolicyStatsRecorder(fit_min_points=2)
     rows = []
     for step in range(STEPS):
@@ -41,13 +35,7 @@ def worker(rank: int, port: int, out: str) -> None:
         rows.append(stats.compute(step))
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(free, sys.argv[1]), nprocs=2, join=True)
+    spawn_gloo(worker, sys.argv[1])

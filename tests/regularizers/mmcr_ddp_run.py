@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from entrotrain.regularizers.representation import MMCRLoss  # noqa: E402
+from tests.helpers.gloo import spawn_gloo  # noqa: E402
 
 WORLD, N_PER_RANK, K, IN, D, LAM = 2, 4, 3, 5, 6, 0.5
 
@@ -25,8 +25,7 @@ def make_batch():
     return x, w
 
 
-def _worker(rank: int, out: str, port: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _worker(rank: int, out: str) -> None:
     x, w0 = make_batch()
     w = w0.clone().requires_grad_()
     local = x[rank * N_PER_RANK : (rank + 1) * N_PER_RANK]
@@ -36,8 +35,7 @@ def _worker(rank: int, out: str, port: str) -> None:
     dist.all_reduce(grad)
     grad /= WORLD
     torch.save({"loss": loss.detach(), "grad": grad}, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(_worker, args=(sys.argv[1], sys.argv[2]), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, sys.argv[1], world=WORLD)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from entrotrain.functional import AGG_MODES, high_entropy_mask  # noqa: E402
 from entrotrain.regularizers import ClipCovLoss, EntropyBonus, KLCovLoss, PPOClipLoss  # noqa: E402
+from tests.helpers.gloo import rank_rows, spawn_gloo  # noqa: E402
 
 SPLIT = (3, 5)
 B, T, D, V = sum(SPLIT), 12, 6, 11
@@ -69,19 +69,14 @@ def run_cases(x, weight0, labels, adv, mask, noise):
     return results
 
 
-def worker(rank: int, world: int, port: str, out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def worker(rank: int, out: Path) -> None:
     x, weight, labels, adv, mask, noise, _ = make_batch()
-    lo = sum(SPLIT[:rank])
-    rows = slice(lo, lo + SPLIT[rank])
+    rows = rank_rows(SPLIT, rank)
     results = run_cases(x[rows], weight, labels[rows], adv[rows], mask[rows], noise[rows])
     ent = torch.rand(B, T, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     results["high_entropy_mask"] = high_entropy_mask(ent[rows], mask[rows], 0.3)
     torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    out_dir, port = Path(sys.argv[1]), sys.argv[2]
-    mp.spawn(worker, args=(2, port, out_dir), nprocs=2, join=True)
+    spawn_gloo(worker, Path(sys.argv[1]))

@@ -3,7 +3,6 @@ shard) against one process on the union of the ranks' samples."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,10 @@ from tests.helpers.scripts import run_script
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_mmcr_two_rank_ddp_matches_the_reference_semantics(tmp_path):
     from tests.regularizers import mmcr_ddp_run as script
 
-    run_script(Path(script.__file__), ROOT, str(tmp_path), _free_port())
+    run_script(Path(script.__file__), ROOT, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(script.WORLD)]
     x, w0 = script.make_batch()
     w = w0.clone().requires_grad_()

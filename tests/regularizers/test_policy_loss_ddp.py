@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,10 @@ from tests.regularizers import policy_ddp_run as script
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy_ddp")
-    run_script(Path(script.__file__), ROOT, str(out), _free_port())
+    run_script(Path(script.__file__), ROOT, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -59,6 +59,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -81,10 +82,9 @@ _PREFIX = "entrotrain_"
 _UNSCORABLE_ARGS = ("softcap", "s_aux", "sinks", "indices", "block_indices", "relative_position_embeddings")
 
 _TAPS: list[AttentionTap] = []  # taps armed with this adapter installed, in arming order
-_SWITCHED: dict[int, list[Any]] = {}  # id(config) -> [config, original internal value, installs, wrapped name]
 _CALLERS: dict[CodeType, tuple[str, str]] = {}  # caller code -> (interface variable, eager default function name)
 _FACTS: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # python module -> (compared names, eager functions)
-_PATCHED: dict[tuple[int, str], list[Any]] = {}  # (id(owner), attribute) -> [owner, original, installs, wrapper]
+_PATCHES: dict[tuple[int, str], _Patch] = {}  # (id(owner), attribute) -> what the armed taps hold installed there
 _SIGNATURES: dict[Any, inspect.Signature | None] = {}
 _ORIGINAL = "__entrotrain_original__"  # attribute of a wrapper: the function it wraps
 #: Methods that compute ``softmax(scale·q·kᵀ + mask)`` themselves on the ``eager`` path (GPT-2's
@@ -371,29 +371,53 @@ def _method_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     return entrotrain_eager_method
 
 
-def _patch(owner: Any, attribute: str, wrap: Callable[[Any], Any]) -> Callable[[], None]:
-    """Replace ``owner.attribute`` by ``wrap(original)`` (shared by the armed taps); returns the undo."""
+# ---------------------------------------------------------------------------------------------------------- patches
+@dataclass(eq=False)
+class _Patch:
+    """``owner.attribute`` set to ``installed`` (its value was ``original``) while ``holders`` armed taps hold it."""
+
+    owner: Any
+    attribute: str
+    original: Any
+    installed: Any
+    holders: int = 0
+
+    def let_go(self) -> None:
+        """One holder disarms; the last one puts the exact original value back, unless the attribute was changed
+        by hand meanwhile (it no longer ``==`` the installed value: identity for functions). A no-op once restored."""
+        key = (id(self.owner), self.attribute)
+        if _PATCHES.get(key) is not self:
+            return
+        self.holders -= 1
+        if self.holders > 0:
+            return
+        del _PATCHES[key]
+        if getattr(self.owner, self.attribute, None) == self.installed:
+            setattr(self.owner, self.attribute, self.original)
+
+
+def _held(owner: Any, attribute: str) -> bool:
+    """Whether an armed tap holds ``owner.attribute`` patched."""
+    patch = _PATCHES.get((id(owner), attribute))
+    return patch is not None and patch.owner is owner
+
+
+def _hold(owner: Any, attribute: str, make: Callable[[Any], Any]) -> Callable[[], None]:
+    """Set ``owner.attribute`` to ``make(original)``, or share it if an armed tap already did; returns the undo.
+
+    The one install/restore mechanism of this module (configs switched to ``entrotrain_*`` and eager functions and
+    methods wrapped alike): reference-counted, so several taps may be armed at once, nested or not, and disarm in any
+    order; the first holder installs, the last one to let go restores the exact original value.
+    """
     key = (id(owner), attribute)
-    entry = _PATCHED.get(key)
-    if entry is None or entry[0] is not owner:
-        original = vars(owner)[attribute]
-        wrapper = wrap(original)
-        setattr(owner, attribute, wrapper)
-        entry = _PATCHED[key] = [owner, original, 0, wrapper]
-    entry[2] += 1
-    return lambda: _unpatch(key)
-
-
-def _unpatch(key: tuple[int, str]) -> None:
-    entry = _PATCHED.get(key)
-    if entry is None:
-        return
-    entry[2] -= 1
-    if entry[2] <= 0:
-        del _PATCHED[key]
-        owner, original, _, wrapper = entry
-        if vars(owner).get(key[1]) is wrapper:  # unless replaced by hand meanwhile
-            setattr(owner, key[1], original)
+    if not _held(owner, attribute):
+        original = getattr(owner, attribute)
+        installed = make(original)
+        setattr(owner, attribute, installed)
+        _PATCHES[key] = _Patch(owner, attribute, original, installed)
+    patch = _PATCHES[key]
+    patch.holders += 1
+    return patch.let_go
 
 
 def _eager_targets(model: nn.Module) -> list[tuple[Any, str, Callable[[Any], Any]]]:
@@ -469,15 +493,11 @@ def _configs(model: nn.Module, pretrained: type) -> list[Any]:
     return list(seen.values())
 
 
-def _set_implementation(config: Any, value: Any) -> None:
-    if "_attn_implementation_internal" in vars(config):
-        config._attn_implementation_internal = value  # not the property: it would recurse into sub-configs
-    else:
-        config._attn_implementation = value
-
-
-def _raw_implementation(config: Any) -> Any:
-    return vars(config).get("_attn_implementation_internal", getattr(config, "_attn_implementation", None))
+def _implementation_attribute(config: Any) -> str:
+    """The attribute that holds a config's own attention implementation: ``_attn_implementation_internal`` when the
+    config has it (not the ``_attn_implementation`` property, whose setter recurses into sub-configs)."""
+    internal = "_attn_implementation_internal"
+    return internal if internal in vars(config) else "_attn_implementation"
 
 
 def hf_attention_implementations(model: nn.Module) -> str:
@@ -514,17 +534,6 @@ def _mask_argument(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tu
             named = kwargs
     with_cache = any(named.get(name) is not None for name in ("past_key_values", "cache"))
     return named.get("attention_mask"), with_cache
-
-
-def _release(config_id: int) -> None:
-    entry = _SWITCHED.get(config_id)
-    if entry is None:
-        return
-    entry[2] -= 1
-    if entry[2] <= 0:
-        del _SWITCHED[config_id]
-        if getattr(entry[0], "_attn_implementation", None) == entry[3]:  # unless changed by hand meanwhile
-            _set_implementation(entry[0], entry[1])
 
 
 class HFAttentionAdapter:
@@ -600,12 +609,12 @@ class HFAttentionAdapter:
         captured = eager = False
         for config in _configs(hf_model, pretrained):
             current = getattr(config, "_attn_implementation", None)
-            entry = _SWITCHED.get(id(config))
-            if entry is not None and entry[0] is config:  # switched by another armed tap: share it
-                entry[2] += 1
-                undo.append(lambda _id=id(config): _release(_id))
+            attribute = _implementation_attribute(config)
+            if _held(config, attribute):
+                pass  # switched by another armed tap: shared below
             elif isinstance(current, str) and current.startswith(_PREFIX):
-                pass  # set by hand: the wrapper reports to every armed tap, nothing to restore
+                captured = True  # set by hand: the wrapper reports to every armed tap, nothing to restore
+                continue
             elif current is None:
                 continue  # a config without attention dispatch (e.g. a sub-config of a non-attention part)
             elif current == "eager":
@@ -627,15 +636,12 @@ class HFAttentionAdapter:
                     stacklevel=4,
                 )
                 continue
-            else:
-                _SWITCHED[id(config)] = [config, _raw_implementation(config), 1, wrapped_name(current)]
-                _set_implementation(config, wrapped_name(current))
-                undo.append(lambda _id=id(config): _release(_id))
+            undo.append(_hold(config, attribute, wrapped_name))  # the raw value is `current`, a supported name
             captured = True
         if eager:
             targets = _eager_targets(hf_model)
             for owner, attribute, wrap in targets:
-                undo.append(_patch(owner, attribute, wrap))
+                undo.append(_hold(owner, attribute, wrap))
             if not targets:
                 warnings.warn(
                     f"AttentionTap: {where} ({type(hf_model).__name__}) uses attn_implementation='eager' but no eager "

@@ -73,7 +73,7 @@ def head_means(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def assert_clean(model: nn.Module, impl: str, root: nn.Module | None = None) -> None:
     assert model.config._attn_implementation == impl
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in (root or model).modules())
-    assert hf._TAPS == [] and hf._SWITCHED == {} and hf._PATCHED == {}
+    assert hf._TAPS == [] and hf._PATCHES == {}
     assert not hasattr(modeling_llama.eager_attention_forward, "__entrotrain_original__")
 
 
@@ -232,7 +232,7 @@ def test_unsupported_implementation_warns_and_is_left_alone():
         tap = AttentionTap(model).arm()
     assert model.config._attn_implementation == "flash_attention_2"
     tap.disarm()
-    assert hf._TAPS == [] and hf._SWITCHED == {}
+    assert hf._TAPS == [] and hf._PATCHES == {}
 
 
 def test_softcap_is_not_scored(monkeypatch):
@@ -281,3 +281,65 @@ def test_module_does_not_import_transformers():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=root
     )
     assert result.returncode == 0, result.stderr
+
+
+def _installed_state(model: nn.Module) -> tuple:
+    """Every value an armed tap may replace on a Llama: the config's raw implementation and the eager function."""
+    return vars(model.config)["_attn_implementation_internal"], modeling_llama.eager_attention_forward
+
+
+@pytest.mark.parametrize("last_armed_first", [True, False], ids=["nested", "fifo"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_two_taps_on_one_model_share_and_restore_exactly(impl, last_armed_first):
+    model = tiny_llama(impl)
+    batch = inputs(True)
+    reference = model(**batch).logits
+    before = _installed_state(model)
+    first, second = AttentionTap(model).arm(), AttentionTap(model.model).arm()
+    armed = _installed_state(model)
+    assert armed != before and model.config._attn_implementation == armed_implementation(impl)
+    assert torch.equal(model(**batch).logits, reference)
+    gone, kept = (second, first) if last_armed_first else (first, second)
+    gone.disarm()
+    assert _installed_state(model) == armed  # the other tap still holds the switch / the wrapper
+    assert [p.holders for p in hf._PATCHES.values()] == [1]
+    model(**batch)
+    kept.disarm()
+    after = _installed_state(model)
+    assert all(a is b for a, b in zip(after, before))  # the exact original objects
+    assert_clean(model, impl)
+    assert all(len(tap.stats) == LAYERS for tap in (first, second))
+    torch.testing.assert_close(sum(kept.stats.values()), 2 * sum(gone.stats.values()))  # kept saw both forwards
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_failed_arming_restores_its_own_holds_only(impl, monkeypatch):
+    model = tiny_llama(impl)
+    before = _installed_state(model)
+    holder = AttentionTap(model).arm()
+    armed = _installed_state(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(HFAttentionAdapter, "_watch_masks", staticmethod(boom))  # after the switch and the wraps
+    with pytest.raises(RuntimeError, match="boom"):
+        AttentionTap(model).arm()
+    assert _installed_state(model) == armed and [p.holders for p in hf._PATCHES.values()] == [1]
+    holder.disarm()
+    assert all(a is b for a, b in zip(_installed_state(model), before))
+    with pytest.raises(RuntimeError, match="boom"):
+        AttentionTap(model).arm()  # no other holder: the failed arming itself restores everything
+    assert_clean(model, impl)
+
+
+def test_values_changed_by_hand_are_left_alone():
+    model = tiny_llama("sdpa")
+    model.config._attn_implementation_internal = "entrotrain_sdpa"  # switched by hand: not the tap's to restore
+    with AttentionTap(model):
+        assert hf._PATCHES == {}
+    assert model.config._attn_implementation == "entrotrain_sdpa"
+    model.config._attn_implementation_internal = "sdpa"
+    with AttentionTap(model):
+        model.config._attn_implementation_internal = "eager"  # changed by hand while armed: kept on disarm
+    assert model.config._attn_implementation == "eager" and hf._PATCHES == {}

@@ -100,7 +100,7 @@ def assert_restored(model: nn.Module, impl: str = "eager") -> None:
     assert modeling_gpt2.eager_attention_forward is ORIGINAL_EAGER
     assert modeling_gpt2.GPT2Attention.__dict__["_upcast_and_reordered_attn"] is ORIGINAL_REORDERED
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    assert hf._TAPS == [] and hf._SWITCHED == {} and hf._PATCHED == {}
+    assert hf._TAPS == [] and hf._PATCHES == {}
 
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])

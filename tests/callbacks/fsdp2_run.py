@@ -21,8 +21,8 @@ if __name__ == "__main__":
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.tensor import DTensor
-    from torch.utils.data import DataLoader, DistributedSampler
 
+    from tests.helpers.ddp_trainer import rank_loader
     from tests.helpers.fsdp_models import BATCH, STEPS, WORLD, FSDPLM, dataset, monitors
     from tests.helpers.spy_logger import SpyLogger
 
@@ -40,9 +40,8 @@ if __name__ == "__main__":
     )
     data = dataset()
     rank = trainer.strategy.cluster_environment.global_rank()
-    sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=False)
     t0 = time.perf_counter()
-    trainer.fit(model, DataLoader(data, batch_size=BATCH, sampler=sampler))
+    trainer.fit(model, rank_loader(trainer, data, BATCH, WORLD))
     seconds = time.perf_counter() - t0
     sharded = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
@@ -56,7 +55,7 @@ if __name__ == "__main__":
         logger=False, max_steps=STEPS, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False,
     )
-    trainer.fit(bare, DataLoader(data, batch_size=BATCH, sampler=sampler))
+    trainer.fit(bare, rank_loader(trainer, data, BATCH, WORLD))
     unmonitored = {n: p.full_tensor().detach().clone() for n, p in bare.named_parameters()}
     if trainer.is_global_zero:
         torch.save(full, out / "weights.pt")

@@ -15,7 +15,7 @@ if __name__ == "__main__":
 
     from entrotrain.callbacks.information_plane_monitor import InformationPlaneMonitor
     from entrotrain.tasks.information_plane import InformationPlaneDataModule, InformationPlaneTask
-    from tests.helpers.lightning_models import quiet_trainer
+    from tests.helpers.ddp_trainer import COLLECTIVES, count_collectives, ddp_trainer
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
@@ -28,25 +28,8 @@ if __name__ == "__main__":
         estimators=["binning", "adaptive_binning"], every_n_steps=100, max_probe=600, prefix="small",
         print_summary=False,
     )
-    trainer = quiet_trainer(
-        callbacks=[monitor, small], max_steps=1, devices=2, strategy="ddp", deterministic=False, num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    collectives: list[str] = []
-    evaluate = monitor.evaluate
-
-    def counted(*args, **kwargs):
-        originals = {n: getattr(torch.distributed, n) for n in ("all_reduce", "all_gather", "broadcast", "reduce",
-                                                                 "all_gather_into_tensor")}
-        for n, fn in originals.items():
-            setattr(torch.distributed, n, lambda *a, _n=n, _fn=fn, **k: (collectives.append(_n), _fn(*a, **k))[1])
-        try:
-            return evaluate(*args, **kwargs)
-        finally:
-            for n, fn in originals.items():
-                setattr(torch.distributed, n, fn)
-
-    monitor.evaluate = counted
+    trainer = ddp_trainer(callbacks=[monitor, small], max_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
+    collectives = count_collectives(monitor, "evaluate", (*COLLECTIVES, "all_gather_into_tensor"))
     trainer.fit(model, datamodule=InformationPlaneDataModule(batch_size=512))
     if trainer.is_global_zero:
         out.write_text(json.dumps({"logged": monitor.last_logged, "small": small.last_logged, "collectives": collectives}))

@@ -67,22 +67,15 @@ MONITOR = dict(every_n_steps=1, floor=2.9, positions=[0, 4, 9], generation_promp
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from torch.utils.data import DataLoader, DistributedSampler
-
     from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
-    from tests.helpers.lightning_models import quiet_trainer
+    from tests.helpers.ddp_trainer import ddp_trainer, rank_loader
 
     out = Path(sys.argv[1])
     source = sys.argv[2]
     L.seed_everything(3)
     model = PredLM(lr=0.0)
     monitor = PredictionEntropyMonitor(source=source, head="model.lm_head", probe=probe(), **MONITOR)
-    trainer = quiet_trainer(
-        callbacks=[monitor], max_steps=2, devices=2, strategy="ddp", deterministic=False, use_distributed_sampler=False
-    )
-    dataset = data()
-    rank = trainer.strategy.cluster_environment.global_rank()
-    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-    trainer.fit(model, DataLoader(dataset, batch_size=8, sampler=sampler))
+    trainer = ddp_trainer(callbacks=[monitor], max_steps=2, use_distributed_sampler=False)
+    trainer.fit(model, rank_loader(trainer, data(), batch_size=8))
     if trainer.is_global_zero:
         out.write_text(json.dumps({"history": [[s, r] for s, r in monitor.history]}))

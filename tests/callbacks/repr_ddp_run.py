@@ -66,10 +66,8 @@ def loader(n: int = 48, batch_size: int = 8, seed: int = 0) -> torch.utils.data.
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from torch.utils.data import DataLoader, DistributedSampler
-
     from entrotrain.callbacks import RepresentationEntropyMonitor
-    from tests.helpers.lightning_models import quiet_trainer
+    from tests.helpers.ddp_trainer import count_collectives, ddp_trainer, rank_loader
 
     out = Path(sys.argv[1])
     accumulate = int(sys.argv[2])
@@ -83,27 +81,10 @@ if __name__ == "__main__":
         max_samples=64,
         log_spectrum=False,
     )
-    trainer = quiet_trainer(
-        callbacks=[monitor], max_steps=1, devices=2, strategy="ddp", accumulate_grad_batches=accumulate,
-        deterministic=False, use_distributed_sampler=False,
+    trainer = ddp_trainer(
+        callbacks=[monitor], max_steps=1, accumulate_grad_batches=accumulate, use_distributed_sampler=False
     )
-    collectives: list[str] = []  # every torch.distributed collective issued while the monitor flushes
-    flush = monitor._flush
-
-    def counted_flush(*args, **kwargs):
-        originals = {n: getattr(torch.distributed, n) for n in ("all_reduce", "all_gather", "broadcast", "reduce")}
-        for n, fn in originals.items():
-            setattr(torch.distributed, n, lambda *a, _n=n, _fn=fn, **k: (collectives.append(_n), _fn(*a, **k))[1])
-        try:
-            return flush(*args, **kwargs)
-        finally:
-            for n, fn in originals.items():
-                setattr(torch.distributed, n, fn)
-
-    monitor._flush = counted_flush
-    dataset = data()
-    rank = trainer.strategy.cluster_environment.global_rank()
-    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-    trainer.fit(model, DataLoader(dataset, batch_size=8, sampler=sampler))
+    collectives = count_collectives(monitor, "_flush")  # every torch.distributed collective issued while it flushes
+    trainer.fit(model, rank_loader(trainer, data(), batch_size=8))
     if trainer.is_global_zero:
         out.write_text(json.dumps({"logged": monitor.last_logged, "collectives": collectives}))

@@ -28,10 +28,9 @@ def samples(n: int = 8, seq: int = 6, dim: int = 6, seed: int = 0) -> list[dict]
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import lightning as L
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
-    from tests.helpers.lightning_models import quiet_trainer
+    from tests.helpers.ddp_trainer import count_collectives, ddp_trainer, rank_loader
     from tests.helpers.router_models import ToyMoE
 
     out = Path(sys.argv[1])
@@ -39,27 +38,10 @@ if __name__ == "__main__":
     L.seed_everything(3)
     model = ToyMoE(seed=0)
     monitor = RouterEntropyMonitor(every_n_steps=100, top_k=2, log_media=False, print_summary=False)
-    trainer = quiet_trainer(
-        callbacks=[monitor], max_steps=1, devices=2, strategy="ddp", accumulate_grad_batches=accumulate,
-        deterministic=False, use_distributed_sampler=False,
+    trainer = ddp_trainer(
+        callbacks=[monitor], max_steps=1, accumulate_grad_batches=accumulate, use_distributed_sampler=False
     )
-    collectives: list[str] = []
-    flush = monitor._flush
-
-    def counted_flush(*args, **kwargs):
-        originals = {n: getattr(torch.distributed, n) for n in ("all_reduce", "all_gather", "broadcast", "reduce")}
-        for n, fn in originals.items():
-            setattr(torch.distributed, n, lambda *a, _n=n, _fn=fn, **k: (collectives.append(_n), _fn(*a, **k))[1])
-        try:
-            return flush(*args, **kwargs)
-        finally:
-            for n, fn in originals.items():
-                setattr(torch.distributed, n, fn)
-
-    monitor._flush = counted_flush
-    dataset = samples()
-    rank = trainer.strategy.cluster_environment.global_rank()
-    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-    trainer.fit(model, DataLoader(dataset, batch_size=2, sampler=sampler))
+    collectives = count_collectives(monitor, "_flush")
+    trainer.fit(model, rank_loader(trainer, samples(), batch_size=2))
     if trainer.is_global_zero:
         out.write_text(json.dumps({"logged": monitor.last_logged, "collectives": collectives}))

@@ -11,23 +11,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.helpers.ddp_trainer import ddp_trainer, rank_loader  # noqa: E402
 from tests.helpers.gpt_module import SEQ, VOCAB, GPTModule  # noqa: E402
-from tests.helpers.lightning_models import quiet_trainer  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     L.seed_everything(3)
     module = GPTModule(convert=True)
-    trainer = quiet_trainer(max_steps=4, devices=2, strategy="ddp", deterministic=False, use_distributed_sampler=False)
+    trainer = ddp_trainer(max_steps=4, use_distributed_sampler=False)
     rank = trainer.strategy.cluster_environment.global_rank()
     if rank == 0:
         torch.save({k: v.clone() for k, v in module.state_dict().items()}, out / "init.pt")
     data = torch.randint(0, VOCAB, (32, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    dataset = TensorDataset(data)
-    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
-    trainer.fit(module, DataLoader(dataset, batch_size=4, sampler=sampler))
+    trainer.fit(module, rank_loader(trainer, TensorDataset(data), batch_size=4))
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out / f"rank{rank}.pt")

@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -37,6 +37,7 @@ from entrotrain.regularizers.sigma_reparam import (  # noqa: E402
     reset_sigma_reparam_state,
     sigma_reparam,
 )
+from tests.helpers.ddp_trainer import rank_loader  # noqa: E402
 from tests.helpers.lightning_models import quiet_trainer  # noqa: E402
 
 VOCAB, SEQ, STEPS, ROWS = 50, 16, 3, 8  # ROWS = union batch per step
@@ -143,7 +144,7 @@ if __name__ == "__main__":
         with trainer.init_module(empty_init=mode == "meta"):
             module = ShardedGPT(shard)
         # rank r gets rows r, r + 2, ...: step s of the two ranks together is rows 8s .. 8s + 7, the single run's batch
-        loader = DataLoader(data, batch_size=ROWS // 2, sampler=DistributedSampler(data, 2, rank, shuffle=False))
+        loader = rank_loader(trainer, data, ROWS // 2)
     else:
         trainer = quiet_trainer(max_steps=STEPS, deterministic=False, callbacks=[monitor, record])
         module = ShardedGPT(shard)

@@ -11,8 +11,9 @@ recipe names) under ``<default_root_dir>/records/``; its folder is printed when 
 wandb never prompts: when ``WANDB_MODE`` is unset and no API key is configured, runs are logged offline (said once,
 when a run with a wandb logger starts), and the command to upload them (``wandb sync ...``) is printed when it ends.
 
-This module imports neither lightning nor the tasks, so ``entrotrain recipes`` and ``entrotrain --help`` cost only
-the import of the ``entrotrain`` package (``report`` imports :mod:`entrotrain.dashboards`, which imports lightning).
+This module imports neither lightning nor the tasks, so ``entrotrain recipes``, ``entrotrain --help`` and
+``entrotrain report`` cost only the import of the ``entrotrain`` package and what they use (``report`` reads the run
+record with :mod:`entrotrain.dashboards.run_reader`, without lightning or torch; matplotlib only to draw).
 The LightningCLI subclass lives in :mod:`entrotrain._lightning_cli` (``entrotrain.cli.EntrotrainCLI`` imports it on
 first access).
 """

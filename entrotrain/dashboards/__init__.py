@@ -1,19 +1,53 @@
 """Turning reduced statistics into wandb panels (scalars, heatmaps, histograms), the local run record every run
-writes, and the offline HTML report built from it (``entrotrain report``)."""
+writes, and the offline HTML report built from it (``entrotrain report``).
 
-from entrotrain.dashboards.report import build_report  # matplotlib is imported only when a report is drawn
-from entrotrain.dashboards.run_record import RunRecordLogger, record_event, record_media, record_threshold
-from entrotrain.dashboards.wandb_media import (
-    colorize,
-    expert_load_image,
-    expert_load_over_time_image,
-    heads_over_time_image,
-    heatmap_image,
-    histogram,
-    load_vmax,
-    setup_wandb_dashboard,
-    wandb_loggers,
-)
+Every public name here, and every submodule (``entrotrain.dashboards.run_record``), is loaded on first access
+(PEP 562, as :mod:`entrotrain`): ``import entrotrain.dashboards`` imports nothing heavy, and ``entrotrain report``
+(which reads a run record with :mod:`~entrotrain.dashboards.run_reader`) never imports lightning or torch. The run
+record's writer (:class:`RunRecordLogger`) and the wandb media import lightning when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from entrotrain.dashboards.report import build_report
+    from entrotrain.dashboards.run_record import RunRecordLogger, record_event, record_media, record_threshold
+    from entrotrain.dashboards.wandb_media import (
+        colorize,
+        expert_load_image,
+        expert_load_over_time_image,
+        heads_over_time_image,
+        heatmap_image,
+        histogram,
+        load_vmax,
+        setup_wandb_dashboard,
+        wandb_loggers,
+    )
+
+_LAZY = {
+    "build_report": "entrotrain.dashboards.report",  # matplotlib is imported only when a report is drawn
+    **dict.fromkeys(
+        ("RunRecordLogger", "record_event", "record_media", "record_threshold"), "entrotrain.dashboards.run_record"
+    ),
+    **dict.fromkeys(
+        (
+            "colorize",
+            "expert_load_image",
+            "expert_load_over_time_image",
+            "heads_over_time_image",
+            "heatmap_image",
+            "histogram",
+            "load_vmax",
+            "setup_wandb_dashboard",
+            "wandb_loggers",
+        ),
+        "entrotrain.dashboards.wandb_media",
+    ),
+}
 
 __all__ = [
     "RunRecordLogger",
@@ -32,3 +66,18 @@ __all__ = [
     "wandb_loggers",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    """Load a public name (or a submodule, ``entrotrain.dashboards.run_record``) on first access."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

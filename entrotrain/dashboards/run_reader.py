@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from entrotrain.dashboards.run_record import RECORD_FORMAT, process_start_time
+from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records", "load_run", "run_status"]

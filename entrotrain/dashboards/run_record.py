@@ -58,6 +58,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
+from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time  # shared with the reader
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
@@ -73,9 +74,6 @@ __all__ = [
     "record_media",
     "record_threshold",
 ]
-
-#: Written into ``meta.json`` so that a reader can tell a run record from any other folder.
-RECORD_FORMAT = "entrotrain-run-record/1"
 
 #: The key a checkpoint carries the record's folder and step under (see "Resuming" above).
 CHECKPOINT_KEY = "entrotrain_run_record"
@@ -131,18 +129,6 @@ def _recipe_description(recipe: str | None) -> str | None:
             break
         lines.append(line[1:].strip())
     return "\n".join(lines) or None
-
-
-def process_start_time(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, from ``/proc``), ``None`` where it cannot be read.
-
-    Stored beside the pid in ``meta.json`` so that a reader can tell the writer from a later process that reuses
-    its pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, after "pid (comm)"
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _histogram_summary(data: np.ndarray, limit: int) -> np.ndarray:

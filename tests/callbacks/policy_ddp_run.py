@@ -1,9 +1,9 @@
-"""Run by test_policy_monitor_ddp.py as a script: 2 CPU ranks (gloo DDP); each rank returns its own rows of one
-batch (different sizes and lengths per rank); rank 0 writes what the monitor logged."""
+"""Run by test_policy_monitor.py as a script: 2 CPU ranks (gloo DDP); each rank returns its own rows of one
+batch (different sizes and lengths per rank: tests/helpers/policy_batches.rank_batches); rank 0 writes what the
+monitor logged."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,29 +12,8 @@ import lightning as L
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from entrotrain.callbacks import PolicyEntropyMonitor  # noqa: E402
-from tests.helpers.lightning_models import quiet_trainer  # noqa: E402
-from tests.helpers.policy_batches import ReturnsBatches, loader, rl_batch  # noqa: E402
-
-
-def rank_batches(rank: int, n: int) -> list[dict]:
-    """Rank 0 holds rows 0..3 of each union batch, truncated to 7 tokens; rank 1 rows 4..5, all 9 tokens."""
-    out = []
-    for s in range(n):
-        union = rl_batch(100 + s)
-        rows = slice(0, 4) if rank == 0 else slice(4, 6)
-        part = {k: (v[rows] if hasattr(v, "dim") else v) for k, v in union.items()}
-        if rank == 0:
-            part = {k: (v[:, :7] if hasattr(v, "dim") and v.dim() == 2 else v) for k, v in part.items()}
-        out.append(part)
-    return out
-
+from tests.helpers.policy_batches import fit_rank_batches  # noqa: E402
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
     L.seed_everything(0)
-    monitor = PolicyEntropyMonitor(fit_min_points=2, print_summary=False)
-    trainer = quiet_trainer(callbacks=[monitor], max_steps=3, devices=2, strategy="ddp", deterministic=False)
-    rank = trainer.strategy.cluster_environment.global_rank()
-    trainer.fit(ReturnsBatches(rank_batches(rank, 3)), loader(6))
-    if trainer.is_global_zero:
-        out.write_text(json.dumps(monitor.last_logged))
+    fit_rank_batches(PolicyEntropyMonitor(fit_min_points=2, print_summary=False), Path(sys.argv[1]))

@@ -13,7 +13,8 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.functional import fit_entropy_reward
 from entrotrain.functional.policy import quantile
 from tests.helpers.lightning_models import quiet_trainer
-from tests.helpers.policy_batches import ReturnsBatches, loader, rl_batch
+from tests.helpers.policy_batches import ReturnsBatches, loader, rl_batch, union_of_ranks
+from tests.helpers.policy_batches import fit_batches as _fit
 from tests.helpers.spy_logger import SpyLogger
 
 
@@ -140,13 +141,6 @@ def test_fit_rejects_bad_input(h, r, match):
 # ------------------------------------------------------------------------------------------ the callback
 
 
-def _fit(batches, monitor, *callbacks, logger=None):
-    model = ReturnsBatches(batches)
-    trainer = quiet_trainer(max_steps=len(batches), callbacks=[monitor, *callbacks], logger=logger or False)
-    trainer.fit(model, loader(len(batches)))
-    return trainer, model
-
-
 def test_logs_every_n_batches_the_summary_of_the_returned_tensors():
     batches = [rl_batch(s) for s in range(7)]
     spy = SpyLogger()
@@ -265,7 +259,6 @@ def test_monitor_changes_nothing_and_state_round_trips():
 def test_two_rank_ddp_equals_one_process_on_the_union(tmp_path):
     from pathlib import Path
 
-    from tests.callbacks.policy_ddp_run import rank_batches
     from tests.helpers.scripts import run_script
 
     out = tmp_path / "logged.json"
@@ -273,20 +266,8 @@ def test_two_rank_ddp_equals_one_process_on_the_union(tmp_path):
     import json
 
     logged = json.loads(out.read_text())
-    union = []
-    for r0, r1 in zip(rank_batches(0, 3), rank_batches(1, 3)):
-        merged = {}
-        for k in r0:
-            if hasattr(r0[k], "dim") and r0[k].dim() == 2:  # pad rank 0's 7 tokens to 9 (masked)
-                pad = torch.zeros(r0[k].shape[0], 2, dtype=r0[k].dtype)
-                merged[k] = torch.cat([torch.cat([r0[k], pad], 1), r1[k]])
-            elif hasattr(r0[k], "dim"):
-                merged[k] = torch.cat([r0[k], r1[k]])
-            else:
-                merged[k] = r0[k]
-        union.append(merged)
     monitor = PolicyEntropyMonitor(fit_min_points=2, print_summary=False)
-    _fit(union, monitor)
+    _fit(union_of_ranks(3), monitor)
     want = monitor.last_logged
     assert set(logged) == set(want)
     for key, value in want.items():

@@ -14,20 +14,13 @@ import torch
 
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
 from entrotrain.errors import EntrotrainError
-from tests.callbacks.policy_shaping_ddp_run import MONITOR, phased_batch, rank_batches
-from tests.helpers.lightning_models import quiet_trainer
-from tests.helpers.policy_batches import ReturnsBatches, loader, rl_batch
+from tests.callbacks.policy_shaping_ddp_run import MONITOR, phased_batch
+from tests.helpers.policy_batches import fit_batches as _fit
+from tests.helpers.policy_batches import rl_batch, union_of_ranks
 from tests.helpers.scripts import run_script
 from tests.helpers.token_shaping_reference import window_reference
 
 NEW = ("window_", "hwe_frac", "phase", "entropy_length_corr")
-
-
-def _fit(batches, monitor):
-    model = ReturnsBatches(batches)
-    trainer = quiet_trainer(max_steps=len(batches), callbacks=[monitor], logger=False)
-    trainer.fit(model, loader(len(batches)))
-    return trainer, model
 
 
 def brute(batch: dict, window: int, threshold: float, align: str = "forward") -> dict[str, float]:
@@ -141,20 +134,8 @@ def test_two_rank_ddp_equals_one_process_on_the_union(tmp_path):
     out = tmp_path / "logged.json"
     run_script(Path(__file__).with_name("policy_shaping_ddp_run.py"), tmp_path, str(out))
     logged = json.loads(out.read_text())
-    union = []
-    for r0, r1 in zip(rank_batches(0, 3), rank_batches(1, 3)):
-        merged = {}
-        for k in r0:
-            if hasattr(r0[k], "dim") and r0[k].dim() == 2:  # pad rank 0's 7 tokens to 9 (masked)
-                pad = torch.zeros(r0[k].shape[0], 2, dtype=r0[k].dtype)
-                merged[k] = torch.cat([torch.cat([r0[k], pad], 1), r1[k]])
-            elif hasattr(r0[k], "dim"):
-                merged[k] = torch.cat([r0[k], r1[k]])
-            else:
-                merged[k] = r0[k]
-        union.append(merged)
     monitor = PolicyEntropyMonitor(**MONITOR)
-    _fit(union, monitor)
+    _fit(union_of_ranks(3, make=phased_batch), monitor)
     want = monitor.last_logged
     assert set(logged) == set(want) and "hwe_frac" in want and "phase1/mean" in want
     for key, value in want.items():

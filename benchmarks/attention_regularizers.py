@@ -6,15 +6,16 @@ load-disturbed sample on a shared machine):
 
 1. the recipes' TinyGPT 4x4x128 training step (forward, backward, Adam; batch 32 x 64) as:
    ``plain``; ``tap armed, no scoring`` (the name-tracking hooks on every module and the SDPA interceptor, the
-   tap's ``record`` a no-op: the price of arming); ``tap scoring, no penalty`` (entropies computed under the graph,
-   not in the loss: the entropy forward and the tap's bookkeeping); ``+ entropy floor`` and ``+ AEM`` (everything:
-   forward, backward of the penalty through the fused path, the penalty arithmetic); and the floor on a quarter of
-   the queries (``capture(model, max_queries=seq // 4)``: evenly spaced query positions, an unbiased-in-position
-   estimate of each head's mean);
+   tap's ``record`` a no-op: the price of arming); the entropy floor and AEM with the entropy computed *apart*
+   from the model's attention (``joint_attention=False``: SDPA's kernel, then the fused entropy path forward and
+   backward), also on a quarter of the queries (``max_queries=seq // 4``); and the default, the *joint* attention
+   (:func:`~entrotrain.functional.attention_joint.attention_with_entropy`: the model's attention and its entropy in
+   one pass with one backward, in place of SDPA);
 2. one attention layer's worth of kernels at the TinyGPT shape (B32 H4 N64 D32 causal) and at B2 H8 N1024 D64 causal:
    SDPA forward and forward + backward, the raw fused entropy (:func:`fused_attention_entropy`) forward and
-   forward + backward, and the whole :func:`attention_entropy_stats` (validation, mask, finiteness check,
-   normalisation) forward + backward.
+   forward + backward, the whole :func:`attention_entropy_stats` (validation, mask, finiteness check,
+   normalisation) forward + backward, SDPA + that entropy (what ``joint_attention=False`` pays per layer), and the
+   joint attention forward + backward (output and entropy both in the loss; skipped above its size limit).
 
     OMP_NUM_THREADS=1 python benchmarks/attention_regularizers.py --threads 1
     OMP_NUM_THREADS=2 python benchmarks/attention_regularizers.py --threads 2
@@ -36,6 +37,7 @@ from _common import environment_line, markdown_table, time_cases  # noqa: E402
 
 from entrotrain.functional.attention import attention_entropy_stats  # noqa: E402
 from entrotrain.functional.attention_fused_grad import fused_attention_entropy  # noqa: E402
+from entrotrain.functional.attention_joint import JOINT_MAX_ELEMENTS, attention_with_entropy  # noqa: E402
 from entrotrain.models import TinyGPT  # noqa: E402
 from entrotrain.regularizers.attention_entropy import (  # noqa: E402
     AttentionEntropyMaximization,
@@ -62,10 +64,9 @@ def step_cases(batch: int, seq: int) -> dict:
                 with reg.capture(model, **tap_kwargs):
                     logits = model(x)
                 extra = reg().total
-            elif kind in ("armed", "scoring"):
-                with AttentionTap(model, differentiable=True) as tap:
-                    if kind == "armed":
-                        tap.record = lambda *a, **k: None  # hooks + interceptor only
+            elif kind == "armed":
+                with AttentionTap(model, differentiable=True, joint_attention=False) as tap:
+                    tap.record = lambda *a, **k: None  # hooks + interceptor only
                     logits = model(x)
             else:
                 logits = model(x)
@@ -75,13 +76,15 @@ def step_cases(batch: int, seq: int) -> dict:
 
         return run
 
+    separate = {"joint_attention": False}
     return {
         "plain": make("plain"),
         "tap armed, no scoring": make("armed"),
-        "tap scoring, no penalty": make("scoring"),
-        "+ entropy floor (all queries)": make("floor"),
-        "+ AEM (all queries)": make("aem"),
-        f"+ entropy floor ({seq // 4} of {seq} queries)": make("floor", max_queries=seq // 4),
+        "+ entropy floor, separate entropy": make("floor", **separate),
+        "+ AEM, separate entropy": make("aem", **separate),
+        f"+ entropy floor, separate, {seq // 4} of {seq} queries": make("floor", max_queries=seq // 4, **separate),
+        "+ entropy floor, joint attention": make("floor"),
+        "+ AEM, joint attention": make("aem"),
     }
 
 
@@ -112,12 +115,24 @@ def kernel_cases(b: int, h: int, n: int, d: int) -> dict:
         q.grad = k.grad = None
         attention_entropy_stats(q, k, is_causal=True).normalized.sum().backward()
 
+    def separate_fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        (out.sum() + attention_entropy_stats(q, k, is_causal=True).normalized.sum()).backward()
+
+    def joint_fwd_bwd():
+        q.grad = k.grad = v.grad = None
+        out, result = attention_with_entropy(q, k, v, is_causal=True)
+        (out.sum() + result.normalized.sum()).backward()
+
     return {
         "SDPA fwd": sdpa_fwd,
         "SDPA fwd+bwd": sdpa_fwd_bwd,
         "entropy fwd (fused kernel)": ent_fwd,
         "entropy fwd+bwd (fused kernel)": ent_fwd_bwd,
         "attention_entropy_stats fwd+bwd": stats_fwd_bwd,
+        "SDPA + entropy apart, fwd+bwd": separate_fwd_bwd,
+        **({"joint attention + entropy, fwd+bwd": joint_fwd_bwd} if b * h * n * n <= JOINT_MAX_ELEMENTS else {}),
     }
 
 

@@ -283,3 +283,7 @@ from entrotrain.functional.spectral_precision import (  # noqa: E402
 )
 
 __all__ += ["AUTO_RTOL", "PRECISIONS", "float32_entropy_error_bound"]
+
+from entrotrain.functional.attention_joint import attention_with_entropy, joint_attention_applies  # noqa: E402
+
+__all__ += ["attention_with_entropy", "joint_attention_applies"]

@@ -16,6 +16,7 @@ touches the training RNG, so the model computes bit for bit what it computes wit
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from entrotrain._validation import check_bool
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionEntropy, AttentionPath, _check_qk, attention_entropy_stats
+from entrotrain.functional.attention_joint import attention_with_entropy, joint_attention_applies
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
 from entrotrain.taps.nn_attention import mha_query_key, watch_decoder_padding
@@ -131,7 +134,9 @@ class _SDPAInterceptor(TorchFunctionMode):
                 self.tap._defer_sdpa(args, kwargs)
             elif not in_fx_graph():  # a compiled graph run by an FX backend: queued when traced
                 self.tap._replay_deferred()  # captures queued by compiled code first: keep the call order
-                self.tap._on_sdpa(args, kwargs)
+                out = self.tap._on_sdpa(args, kwargs)
+                if out is not None:  # computed with its entropy (attention_with_entropy)
+                    return out
         return func(*args, **kwargs)
 
 
@@ -149,6 +154,13 @@ class AttentionTap:
         capture_sdpa: intercept ``F.scaled_dot_product_attention``.
         adapters: module adapters; default :class:`MultiheadAttentionAdapter` (+ HF transformers when installed).
         differentiable: keep the graph (for regularisers) and store per-query results in :attr:`records`.
+        joint_attention: with ``differentiable=True``, compute each SDPA call that
+            :func:`~entrotrain.functional.attention_joint.joint_attention_applies` accepts (CPU, float32/64, no
+            dropout, boolean or causal mask, ``B·H·Nq·Nk`` up to 1 Mi) *and* its entropy in one materialised pass with
+            one shared backward, in place of SDPA's kernel followed by a separate entropy: the entropy then costs an
+            elementwise pass instead of a second attention. The attention output equals SDPA's to float round-off, not
+            bit for bit. Used only with ``path="auto"``, while gradients are on and when no other torch-function mode
+            (another tap's, yours) sits below the tap's own. ``False``: SDPA runs untouched and the entropy apart.
 
     Padding: a query position is scored only if the model's own mask marks it as real: a ``query_mask`` given with
     the call (``record_attention``, or an ``nn.MultiheadAttention`` self-attention's ``key_padding_mask``), else the
@@ -177,6 +189,7 @@ class AttentionTap:
         capture_sdpa: bool = True,
         adapters: Sequence[AttentionAdapter] | None = None,
         differentiable: bool = False,
+        joint_attention: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"AttentionTap needs an nn.Module, got {type(model).__name__}.")
@@ -190,6 +203,7 @@ class AttentionTap:
         self.capture_sdpa = capture_sdpa
         self.adapters = list(default_adapters() if adapters is None else adapters)
         self.differentiable = differentiable
+        self.joint_attention = check_bool(joint_attention, "joint_attention")
         self.stats: dict[str, Tensor] = {}
         self.records: list[tuple[str, AttentionEntropy]] = []
         self.calls = 0
@@ -394,13 +408,14 @@ class AttentionTap:
                 self._replaying = None
 
     # ------------------------------------------------------------------ capture
-    def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+        """Score one SDPA call; returns its output when the tap computed it (``joint_attention``), else ``None``."""
         module = self.current_module()
         if module is None or module in self._claimed or not capture_allowed(self):
-            return  # outside the tapped model (another model, plain code), captured by an adapter, or excluded
+            return None  # outside the tapped model (another model, plain code), captured by an adapter, or excluded
         site = self._site_name(module)
         if not self.wants(site):
-            return
+            return None
         call = dict(zip(_SDPA_ARGS, args))
         call.update(kwargs)
         query, key = call["query"], call["key"]
@@ -410,6 +425,8 @@ class AttentionTap:
                 "attention tap needs (batch, heads, tokens, head_dim). Reshape to 4-D before the call, or exclude "
                 "the module with exclude=[...]."
             )
+        if self._joint(call):
+            return self._record_joint(site, call)
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             self.record(
                 query,
@@ -419,6 +436,47 @@ class AttentionTap:
                 is_causal=bool(call.get("is_causal") or False),
                 scale=call.get("scale"),
             )
+        return None
+
+    def _joint(self, call: dict[str, Any]) -> bool:
+        """Whether this SDPA call is computed with its entropy (see ``joint_attention`` in the class docstring)."""
+        if not (self.joint_attention and self.differentiable and self.path == "auto" and torch.is_grad_enabled()):
+            return False
+        if torch._C._len_torch_function_stack() or self._replaying is not None:
+            return False  # a mode below ours would not see the call; a replayed call has its output already
+        query, key, value = call["query"], call["key"], call.get("value")
+        if not (query.requires_grad or key.requires_grad):
+            return False
+        if not joint_attention_applies(
+            query, key, value, call.get("attn_mask"), call.get("dropout_p") or 0.0, bool(call.get("enable_gqa"))
+        ):
+            return False
+        # SDPA's own semantics for non-finite keys / values (its kernels skip hidden key blocks): one reduction
+        return math.isfinite(float(key.detach().sum(dtype=torch.float64) + value.detach().sum(dtype=torch.float64)))
+
+    def _record_joint(self, site: str, call: dict[str, Any]) -> Tensor:
+        """The call's output and its entropy from one :func:`attention_with_entropy`; the entropy is stored as
+        :meth:`record` stores it (sampling budgets applied to the per-query results)."""
+        query = call["query"]
+        out, result = attention_with_entropy(
+            query,
+            call["key"],
+            call["value"],
+            attn_mask=call.get("attn_mask"),
+            is_causal=bool(call.get("is_causal") or False),
+            scale=call.get("scale"),
+            enable_gqa=bool(call.get("enable_gqa")),
+        )
+        query_mask = _query_mask(self, site, query, None)
+        rows = evenly_spaced(query.shape[0], self.max_rows, query.device)
+        queries = evenly_spaced(query.shape[2], self.max_queries, query.device)
+        for dim, index in ((0, rows), (2, queries)):
+            if index is not None:
+                result = AttentionEntropy(*(x.index_select(dim, index) for x in result))
+                if query_mask is not None:
+                    query_mask = query_mask.index_select(min(dim, 1), index)
+        self._store(site, result, query_mask)
+        return out
 
     def record(
         self,
@@ -461,6 +519,10 @@ class AttentionTap:
             scale=scale,
             path=self.path,
         )
+        self._store(site, result, query_mask)
+
+    def _store(self, site: str, result: AttentionEntropy, query_mask: Tensor | None) -> None:
+        """Keep a call's per-query results (differentiable taps) and add its per-head sums to :attr:`stats`."""
         if self.differentiable:
             self.records.append((site, mask_queries(result, query_mask)))
         with torch.no_grad():

@@ -1,0 +1,137 @@
+"""A differentiable AttentionTap computes small SDPA calls with their entropy (``joint_attention``): same records,
+same penalties and gradients as SDPA + the separate entropy path (float32 round-off), used only where it is safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import entrotrain.taps.attention_tap as attention_tap
+from entrotrain.models import TinyGPT
+from entrotrain.regularizers import AttentionEntropyMaximization, EntropyFloorRegularizer
+from entrotrain.taps import AttentionTap, query_padding
+from tests.helpers.reference import no_tap_leaks, one_thread  # noqa: F401  (autouse fixtures)
+
+VOCAB, SEQ, LAYERS = 32, 16, 2
+
+
+def model(dropout: float = 0.0) -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=LAYERS, n_head=2, n_embd=32, dropout=dropout)
+
+
+def tokens(batch: int = 4) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def joint_calls(monkeypatch):
+    """Counts the tap's calls of attention_with_entropy."""
+    calls = []
+    real = attention_tap.attention_with_entropy
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_tap, "attention_with_entropy", counting)
+    return calls
+
+
+def step(net, reg, joint: bool, **tap_kwargs):
+    """Loss + penalty and its parameter gradients, with the regulariser's capture."""
+    net.zero_grad(set_to_none=True)
+    x = tokens()
+    with reg.capture(net, joint_attention=joint, **tap_kwargs) as tap:
+        logits = net(x)
+    records = [(site, r.entropy.detach().clone(), r.n_keys.clone()) for site, r in tap.records]
+    penalty = reg().total
+    loss = F.cross_entropy(logits.flatten(0, 1), x.roll(-1, 1).flatten()) + penalty
+    loss.backward()
+    return logits.detach(), penalty.detach(), records, [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("reg_cls", [EntropyFloorRegularizer, AttentionEntropyMaximization])
+@pytest.mark.parametrize("tap_kwargs", [{}, {"max_queries": 5}, {"max_rows": 3, "max_queries": 7}])
+def test_joint_equals_the_separate_path(reg_cls, tap_kwargs, joint_calls):
+    reg = reg_cls(weight=1.0)
+    net = model()
+    sep = step(net, reg, False, **tap_kwargs)
+    assert joint_calls == []
+    joint = step(net, reg, True, **tap_kwargs)
+    assert len(joint_calls) == LAYERS
+    torch.testing.assert_close(joint[0], sep[0], atol=2e-6, rtol=1e-6)  # logits
+    torch.testing.assert_close(joint[1], sep[1], atol=1e-6, rtol=1e-5)  # penalty
+    assert [s for s, *_ in joint[2]] == [s for s, *_ in sep[2]]
+    for (_, h, n), (_, h_ref, n_ref) in zip(joint[2], sep[2]):
+        assert h.shape == h_ref.shape and torch.equal(n, n_ref.expand_as(n))
+        torch.testing.assert_close(h, h_ref, atol=2e-6, rtol=0)
+    for g, g_ref in zip(joint[3], sep[3]):
+        torch.testing.assert_close(g, g_ref, atol=2e-6, rtol=1e-4)
+
+
+def test_padded_queries_are_left_out_as_on_the_separate_path(joint_calls):
+    reg = AttentionEntropyMaximization(weight=1.0)
+    net = model()
+    real = torch.ones(4, SEQ, dtype=torch.bool)
+    real[1, 10:] = False
+    real[3, 4:] = False
+    results = []
+    for joint in (False, True):
+        with query_padding(real):
+            results.append(step(net, reg, joint))
+    assert len(joint_calls) == LAYERS
+    (_, pen_sep, rec_sep, _), (_, pen_joint, rec_joint, _) = results
+    torch.testing.assert_close(pen_joint, pen_sep, atol=1e-6, rtol=1e-5)
+    for (_, h, n), (_, h_ref, n_ref) in zip(rec_joint, rec_sep):
+        assert torch.equal(n[3, :, 4:], torch.zeros_like(n[3, :, 4:]))  # padded: no key counted
+        torch.testing.assert_close(h, h_ref, atol=2e-6, rtol=0)
+        assert torch.equal(n, n_ref.expand_as(n))
+
+
+def test_not_used_where_it_would_change_what_sdpa_computes(joint_calls):
+    net, x = model(), tokens()
+    with AttentionTap(net):  # a monitor's tap: SDPA untouched
+        net(x)
+    with AttentionTap(net, differentiable=True), torch.no_grad():  # nothing to differentiate
+        net(x)
+    with AttentionTap(net, differentiable=True, path="chunked"):  # a path asked for
+        net(x)
+    dropped = model(dropout=0.1).train()
+    with AttentionTap(dropped, differentiable=True):  # SDPA's dropout draws from the training RNG
+        dropped(x)
+    assert joint_calls == []
+
+
+def test_a_second_tap_below_still_sees_every_call(joint_calls):
+    """A monitor's tap armed first sits below the regulariser's: the joint path would hide the call from it."""
+    net, x = model(), tokens()
+    with AttentionTap(net) as alone:
+        net(x)
+    with AttentionTap(net) as monitor, AttentionTap(net, differentiable=True) as reg_tap:
+        net(x)
+    assert joint_calls == []
+    assert len(reg_tap.records) == LAYERS
+    for site, sums in alone.stats.items():
+        torch.testing.assert_close(monitor.stats[site], sums, atol=0, rtol=0)
+
+
+def test_non_finite_keys_go_to_sdpa(joint_calls):
+    net, x = model(), tokens()
+    with torch.no_grad():
+        net.blocks[0].attn.qkv.bias[32] = float("nan")  # the first key feature of layer 0
+    with AttentionTap(net, differentiable=True) as tap:
+        net(x)
+    assert len(joint_calls) == 0  # layer 0 sees a NaN key; its NaN output reaches layer 1's keys too
+    assert tap.calls == LAYERS
+
+
+def test_model_output_after_the_capture_is_plain_sdpa():
+    net, x = model(), tokens()
+    before = net(x)
+    reg = EntropyFloorRegularizer()
+    with reg.capture(net):
+        net(x)
+    reg()
+    assert torch.equal(net(x), before)

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import lightning.pytorch as pl  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor  # noqa: E402
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
@@ -25,23 +25,18 @@ from entrotrain.callbacks.representation_monitor import RepresentationEntropyMon
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402
 from entrotrain.integrations.transformers import STATE_KEY, EntropyTrainerCallback  # noqa: E402
+from tests.helpers.hf_trainer import lm_rows, tiny_gpt2_lm  # noqa: E402
 
 VOCAB, T, ROWS = 48, 12, 16
 
 
 def _model(seed: int = 0) -> GPT2LMHeadModel:
     """A tiny GPT-2 from a config (random weights, no download), without dropout so runs are comparable."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=T, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2_lm(VOCAB, T, seed)
 
 
 def _data(rows: int = ROWS, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, VOCAB, (rows, T), generator=torch.Generator().manual_seed(seed))
-    return [{"input_ids": r, "labels": r} for r in ids]
+    return lm_rows(rows, VOCAB, T, seed)
 
 
 def _trainer(tmp_path: Path, model: GPT2LMHeadModel, data=None, callbacks=None, **overrides) -> Trainer:

@@ -14,42 +14,26 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import lightning.pytorch as pl  # noqa: E402
-from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainingArguments  # noqa: E402
+from transformers import MixtralForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor  # noqa: E402
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor  # noqa: E402
 from entrotrain.errors import EntrotrainError, TapError  # noqa: E402
 from entrotrain.functional.routing import router_statistics, router_values  # noqa: E402
 from entrotrain.integrations.transformers import EntropyTrainerCallback  # noqa: E402
+from tests.helpers.hf_trainer import padded_rows, stack_rows, tiny_mixtral_lm  # noqa: E402
 
 VOCAB, T, EXPERTS, TOP_K = 40, 10, 4, 2
 
 
 def _model(seed: int = 0) -> MixtralForCausalLM:
     """A tiny Mixtral from a config (random weights, no download)."""
-    torch.manual_seed(seed)
-    config = MixtralConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, max_position_embeddings=32,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return MixtralForCausalLM(config)
+    return tiny_mixtral_lm(VOCAB, seed, experts=EXPERTS, top_k=TOP_K)
 
 
 def _data(rows: int = 8, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """Right-padded rows: row r keeps its first T - r % 4 tokens; padded labels are -100."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for r in range(rows):
-        ids = torch.randint(1, VOCAB, (T,), generator=g)
-        mask = (torch.arange(T) < T - r % 4).long()
-        ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)})
-    return out
-
-
-def _batch(data) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in data]) for k in data[0]}
+    return padded_rows(rows, VOCAB, T, seed)
 
 
 def _trainer(tmp_path: Path, model, data, **overrides) -> Trainer:
@@ -84,7 +68,7 @@ def _lightning(model, data, monitors) -> None:
     pl.Trainer(
         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=monitors, accelerator="cpu",
-    ).fit(_LitWrapper(model), train_dataloaders=torch.utils.data.DataLoader([_batch(data)], batch_size=None))
+    ).fit(_LitWrapper(model), train_dataloaders=torch.utils.data.DataLoader([stack_rows(data)], batch_size=None))
 
 
 def _hf(tmp_path: Path, model, data, monitors) -> dict[str, float]:
@@ -115,7 +99,7 @@ def test_router_same_as_lightning_and_padding_excluded(tmp_path: Path) -> None:
     assert f"entropy/router/L1/load/E{EXPERTS - 1}" in hf and "entropy/router/dead_frac_max" in hf
     _assert_same(hf, lit_monitor.last_logged)
     # brute force: HF's own router logits, padding rows dropped by the batch's attention_mask
-    batch = _batch(data)
+    batch = stack_rows(data)
     with torch.no_grad():
         logits = model(**batch, output_router_logits=True).router_logits
     keep = batch["attention_mask"].reshape(-1).bool()
@@ -151,7 +135,7 @@ def _history(monitor: PredictionEntropyMonitor) -> dict[str, float]:
 
 
 def test_prediction_same_as_lightning_with_probe_and_generation(tmp_path: Path) -> None:
-    data, held_out = _data(), _batch(_data(rows=4, seed=7))
+    data, held_out = _data(), stack_rows(_data(rows=4, seed=7))
     kw = dict(generation_prompts=2, prompt_length=3, max_new_tokens=4)
     lit_monitor = _prediction(probe=held_out, **kw)
     _lightning(copy.deepcopy(_model()), data, [lit_monitor])
@@ -166,7 +150,7 @@ def test_prediction_same_as_lightning_with_probe_and_generation(tmp_path: Path) 
         assert f"entropy/pred/{key}" in hf, key
     _assert_same(hf, lit)
     # padding and the shifted-away last position are not scored: tokens = the labelled next tokens
-    labels = _batch(data)["labels"]
+    labels = stack_rows(data)["labels"]
     assert hf["entropy/pred/train/tokens"] == float((labels[:, 1:] != -100).sum())
     assert hf["entropy/pred/train/nll"] == pytest.approx(trainer.state.log_history[0]["loss"], abs=1e-3)
 
@@ -192,7 +176,7 @@ def test_prediction_bad_head_is_refused(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ monitoring never changes training
 def test_training_bit_identical_and_captures_only_logging_steps(tmp_path: Path, capsys) -> None:
-    held_out = _batch(_data(rows=2, seed=9))
+    held_out = stack_rows(_data(rows=2, seed=9))
 
     def monitors(print_summary: bool = True):
         return [_router(print_summary=print_summary, log_media=True), _prediction(

@@ -8,7 +8,7 @@ Transformer Training by Preventing Attention Entropy Collapse") needs, for every
 for its own scores, softmax and backward matmuls. Computed together, it shares them:
 
 Forward (one score matrix): :math:`S`, :math:`P = \mathrm{softmax}(S)`, :math:`\ell = \mathrm{log\_softmax}(S)`,
-:math:`O = PV`, :math:`H_i = -\sum_j p_{ij}\ell_{ij}` (blocked keys: :math:`p = 0`, :math:`\ell := 0`; no
+:math:`O = PV`, :math:`H_i = -\sum_j p_{ij}\ell_{ij}` (blocked keys: :math:`p = 0` and :math:`p\,\ell = 0`; no
 ``lse − q·ō`` cancellation).
 
 Backward. For upstream :math:`dO` and :math:`g_i = \partial L/\partial H_i`, the score gradient is the sum of the
@@ -23,7 +23,7 @@ attention's and the entropy's (see :mod:`entrotrain.functional.attention_fused_g
 
 so the entropy adds one elementwise term to the attention backward and **no matmul**: 2 matmuls forward and 4
 backward, where attention plus a separate entropy take 2 + 4 (flash) and 2 + 3 more. Memory: ``P`` and ``ℓ`` are kept
-for the backward (``2·B·H·Nq·Nk`` elements), which is why callers use it for small score matrices only
+for the backward (as ``P`` and ``P∘ℓ``: ``2·B·H·Nq·Nk`` elements), which is why callers use it for small score matrices only
 (:data:`JOINT_MAX_ELEMENTS`); longer sequences keep the flash kernels (SDPA, and the ``fused`` entropy path).
 
 Choices this implementation states:
@@ -46,6 +46,7 @@ Choices this implementation states:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,7 +58,7 @@ from entrotrain.functional.attention import AttentionEntropy
 
 __all__ = ["JOINT_MAX_ELEMENTS", "attention_with_entropy", "joint_attention_applies"]
 
-#: Score elements ``B·H·Nq·Nk`` up to which :func:`joint_attention_applies` says yes: ``P`` and ``ℓ`` kept for the
+#: Score elements ``B·H·Nq·Nk`` up to which :func:`joint_attention_applies` says yes: ``P`` and ``P∘ℓ`` kept for the
 #: backward are then at most 2 × 4 MiB in float32 per call.
 JOINT_MAX_ELEMENTS = 1 << 20
 
@@ -129,6 +130,26 @@ def _grouped(x: Tensor, batch: int, kv_heads: int, groups: int) -> Tensor:
     return x.reshape(batch * kv_heads, groups * x.shape[2], x.shape[3])
 
 
+def _masks(blocked: Tensor, batch: int, kv_heads: int, groups: int, dtype: torch.dtype):
+    """From the blocked pairs: the 0/−∞ score bias in the grouped layout, the valid-key counts ``(…, Nq)``, and the
+    queries with no valid key (grouped layout ``(·, G·Nq)``; ``None`` when every query has one)."""
+    counts = (~blocked).sum(-1)
+    bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
+    bias = _grouped(bias, batch, kv_heads, groups)
+    empty = counts == 0
+    no_key = _grouped(empty.unsqueeze(-1), batch, kv_heads, groups).squeeze(-1) if bool(empty.any()) else None
+    return bias, counts, no_key
+
+
+@functools.lru_cache(maxsize=32)
+def _plain_mask(is_causal: bool, n_q: int, n_k: int, groups: int, dtype: torch.dtype, device: torch.device):
+    """``(bias, counts)`` for no mask or a causal one (cached: small, read-only, shared by every call of a shape)."""
+    if not is_causal:
+        return None, torch.full((1, 1, 1), n_k, dtype=torch.long, device=device)
+    bias, counts, _ = _masks(_blocked(None, True, n_q, n_k, device), 1, 1, groups, dtype)
+    return bias, counts
+
+
 class _JointAttention(torch.autograd.Function):
     """``(O, H)`` of one materialised attention in the ``(B·H_kv, G·Nq, ·)`` layout; backward
     ``dS = P∘(dP − D) − g·P∘(ℓ + H)`` (module docstring)."""
@@ -144,22 +165,22 @@ class _JointAttention(torch.autograd.Function):
                 scores = scores.masked_fill_(torch.isneginf(bias), float("-inf"))
         p = torch.softmax(scores, -1)
         # ℓ = −∞ on blocked keys → the most negative float: p·ℓ = 0·finite = 0 (never 0·∞); NaN stays NaN
-        logp = torch.log_softmax(scores, -1).clamp_min_(torch.finfo(scores.dtype).min)
+        plogp = torch.log_softmax(scores, -1).clamp_min_(torch.finfo(scores.dtype).min).mul_(p)  # p·ℓ
         del scores
         if no_key is not None:  # a query with no valid key: (log-)softmax of all −∞ is NaN; SDPA gives output 0
             p = torch.where(no_key.unsqueeze(-1), 0.0, p)
-            logp = torch.where(no_key.unsqueeze(-1), 0.0, logp)
+            plogp = torch.where(no_key.unsqueeze(-1), 0.0, plogp)
         out = torch.bmm(p, v3)
-        entropy = torch.linalg.vecdot(p, logp).neg_()
+        entropy = plogp.sum(-1).neg_()
         ctx.scale = scale
-        ctx.save_for_backward(q3, k3, v3, p, logp, out, entropy)
+        ctx.save_for_backward(q3, k3, v3, p, plogp, out, entropy)
         ctx.set_materialize_grads(False)
         return out, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor | None, grad_entropy: Tensor | None):
-        q3, k3, v3, p, logp, out, entropy = ctx.saved_tensors
+        q3, k3, v3, p, plogp, out, entropy = ctx.saved_tensors
         scale = ctx.scale
         dv = ds = None
         if grad_out is not None:
@@ -169,8 +190,7 @@ class _JointAttention(torch.autograd.Function):
             d = torch.linalg.vecdot(grad_out, out).mul_(-scale).unsqueeze(-1)
             ds = torch.baddbmm(d, grad_out, v3.transpose(1, 2), alpha=scale).mul_(p)
         if grad_entropy is not None:
-            # P∘(ℓ + H) first: a blocked key gives 0·(finite) = 0 before g multiplies it
-            term = torch.add(logp, entropy.unsqueeze(-1)).mul_(p)
+            term = torch.addcmul(plogp, p, entropy.unsqueeze(-1))  # P∘(ℓ + H); a blocked key: 0 before g
             g = grad_entropy.unsqueeze(-1)
             ds = term.mul_(g * -scale) if ds is None else ds.addcmul_(term, g, value=-scale)
         if ds is None:
@@ -205,6 +225,7 @@ def attention_with_entropy(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    finite_keys: bool | None = None,
 ) -> tuple[Tensor, AttentionEntropy]:
     r"""``scaled_dot_product_attention(q, k, v, ...)`` and the per-query attention entropy, differentiable together.
 
@@ -223,6 +244,9 @@ def attention_with_entropy(
     Raises:
         EntrotrainError: a call :func:`joint_attention_applies` refuses (apart from the size limit), or a
             non-finite ``scale``.
+
+    ``finite_keys``: ``None`` checks ``k`` with one reduction (a blocked NaN/Inf key must not reach its query, which
+    costs a masking pass); ``True`` tells that the caller has checked.
     """
     if not joint_attention_applies(q, k, v, attn_mask, 0.0, enable_gqa, max_elements=None):
         raise EntrotrainError(
@@ -239,20 +263,17 @@ def attention_with_entropy(
     batch, heads, n_q, _ = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    blocked = _blocked(attn_mask, bool(is_causal), n_q, n_k, q.device)
-    bias = no_key = None
-    if blocked is None:
-        counts = torch.full((1, 1, 1), n_k, dtype=torch.long, device=q.device)
+    if attn_mask is None:  # no mask or a causal one: the same small tensors at every call
+        bias, counts = _plain_mask(bool(is_causal), n_q, n_k, groups, q.dtype, q.device)
+        counts, no_key = counts.clone(), None  # the cache's own tensor never reaches the caller
     else:
-        counts = (~blocked).sum(-1)  # (…, Nq)
-        bias = torch.zeros(blocked.shape, dtype=q.dtype, device=q.device).masked_fill_(blocked, float("-inf"))
-        bias = _grouped(bias, batch, kv_heads, groups)
-        if bool((counts == 0).any()):
-            no_key = _grouped((counts == 0).unsqueeze(-1), batch, kv_heads, groups).squeeze(-1)
+        bias, counts, no_key = _masks(_blocked(attn_mask, bool(is_causal), n_q, n_k, q.device), batch, kv_heads,
+                                      groups, q.dtype)
     q3 = q.reshape(batch * kv_heads, groups * n_q, q.shape[-1])  # (B·H_kv, G·Nq, D): one bmm per key head
     k3 = k.reshape(batch * kv_heads, n_k, k.shape[-1])
     v3 = v.reshape(batch * kv_heads, n_k, v.shape[-1])
-    finite_keys = bias is None or math.isfinite(float(k.detach().sum(dtype=torch.float64)))  # one reduction decides
+    if finite_keys is None:
+        finite_keys = bias is None or math.isfinite(float(k.detach().sum()))  # one reduction decides (overflow: slower)
     out, entropy = _JointAttention.apply(q3, k3, v3, bias, no_key, float(scale), finite_keys)
     out = out.view(batch, heads, n_q, v.shape[-1])
     entropy = entropy.view(batch, heads, n_q)

@@ -451,8 +451,9 @@ class AttentionTap:
             query, key, value, call.get("attn_mask"), call.get("dropout_p") or 0.0, bool(call.get("enable_gqa"))
         ):
             return False
-        # SDPA's own semantics for non-finite keys / values (its kernels skip hidden key blocks): one reduction
-        return math.isfinite(float(key.detach().sum(dtype=torch.float64) + value.detach().sum(dtype=torch.float64)))
+        # SDPA's own semantics for non-finite keys / values (its kernels skip hidden key blocks): one reduction each
+        # decides (a finite sum that overflows only sends the call to SDPA)
+        return math.isfinite(float(key.detach().sum() + value.detach().sum()))
 
     def _record_joint(self, site: str, call: dict[str, Any]) -> Tensor:
         """The call's output and its entropy from one :func:`attention_with_entropy`; the entropy is stored as
@@ -466,6 +467,7 @@ class AttentionTap:
             is_causal=bool(call.get("is_causal") or False),
             scale=call.get("scale"),
             enable_gqa=bool(call.get("enable_gqa")),
+            finite_keys=True,  # checked by _joint
         )
         query_mask = _query_mask(self, site, query, None)
         rows = evenly_spaced(query.shape[0], self.max_rows, query.device)

@@ -14,16 +14,15 @@ import warnings
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
-from entrotrain.models.tiny_gpt import TinyGPT
 from tests.helpers.compile_count import CountingBackend, fresh_dynamo, graph_breaks
-from tests.helpers.gpt_module import LossRecorder
+from tests.helpers.gpt_module import GPTModule, LossRecorder
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
 from tests.helpers.spy_logger import SpyLogger
+from tests.helpers.tiny_hf_lms import tiny_llama_lm
 
 VOCAB, SEQ, STEPS, EVERY = 29, 12, 4, 2
 
@@ -40,41 +39,21 @@ def loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4, shuffle=False)
 
 
-class GPT(L.LightningModule):
+class GPT(GPTModule):
+    """An unconverted 2-layer TinyGPT (width 16, seed 0) with Adam (lr 1e-2), called through ``forward``."""
+
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.model = TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=16)
+        super().__init__(convert=False, vocab_size=VOCAB, block_size=SEQ, n_embd=16, seed=0)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
-
-    def training_step(self, batch, batch_idx):
-        (idx,) = batch
-        logits = self.model(idx[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 class Llama(GPT):
     def __init__(self) -> None:
         L.LightningModule.__init__(self)
-        transformers = pytest.importorskip("transformers")
-        config = transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-            attention_dropout=0.0,
-            attn_implementation="sdpa",
-        )
-        torch.manual_seed(0)
-        self.model = transformers.LlamaForCausalLM(config)
+        pytest.importorskip("transformers")
+        self.model = tiny_llama_lm(VOCAB)  # 2 layers, 4 heads, 2 KV heads (GQA), SDPA, seed 0
 
     def training_step(self, batch, batch_idx):
         (idx,) = batch

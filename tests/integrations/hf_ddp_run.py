@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers.hf_trainer import fork_ranks, lm_rows, tiny_gpt2_lm, train_one_step  # noqa: E402
+from tests.helpers.hf_trainer import fork_ranks, train_one_step  # noqa: E402
+from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
 
 VOCAB, T, ROWS = 48, 12, 8
 

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers.hf_trainer import fork_ranks, padded_rows, stack_rows, tiny_mixtral_lm, train_one_step  # noqa: E402
+from tests.helpers.hf_trainer import fork_ranks, train_one_step  # noqa: E402
+from tests.helpers.tiny_hf_lms import padded_rows, stack_rows, tiny_mixtral_lm  # noqa: E402
 
 VOCAB, T, ROWS = 40, 10, 8
 

@@ -25,7 +25,7 @@ from entrotrain.callbacks.representation_monitor import RepresentationEntropyMon
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402
 from entrotrain.integrations.transformers import STATE_KEY, EntropyTrainerCallback  # noqa: E402
-from tests.helpers.hf_trainer import lm_rows, tiny_gpt2_lm  # noqa: E402
+from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
 
 VOCAB, T, ROWS = 48, 12, 16
 

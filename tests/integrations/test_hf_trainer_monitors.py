@@ -21,7 +21,7 @@ from entrotrain.callbacks.router_monitor import RouterEntropyMonitor  # noqa: E4
 from entrotrain.errors import EntrotrainError, TapError  # noqa: E402
 from entrotrain.functional.routing import router_statistics, router_values  # noqa: E402
 from entrotrain.integrations.transformers import EntropyTrainerCallback  # noqa: E402
-from tests.helpers.hf_trainer import padded_rows, stack_rows, tiny_mixtral_lm  # noqa: E402
+from tests.helpers.tiny_hf_lms import padded_rows, stack_rows, tiny_mixtral_lm  # noqa: E402
 
 VOCAB, T, EXPERTS, TOP_K = 40, 10, 4, 2
 

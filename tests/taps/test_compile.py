@@ -24,6 +24,7 @@ from entrotrain.taps.exclusive import exclusive_capture
 from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules
 from tests.helpers.compile_count import CountingBackend, fresh_dynamo, graph_breaks
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.tiny_hf_lms import tiny_llama_lm
 
 VOCAB, SEQ, STEPS, EVERY = 23, 12, 4, 2
 STYLES = ["torch.compile(model)", "model.compile()"]
@@ -210,20 +211,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_llama(impl: str = "sdpa") -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA
-        max_position_embeddings=32,
-        initializer_range=0.3,
-        attention_dropout=0.0,
-        attn_implementation=impl,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama_lm(VOCAB, impl, initializer_range=0.3)  # GQA: 4 heads, 2 KV heads
 
 
 def llama_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:

@@ -6,28 +6,18 @@ The block is read from README.md between ``<!-- hf-example -->`` and ``<!-- /hf-
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.readme import readme_block
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def readme_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    found = re.search(r"<!-- hf-example -->(.*?)<!-- /hf-example -->", readme, re.S)
-    assert found is not None, "README.md lost its <!-- hf-example --> block"
-    code = re.search(r"```python\n(.*?)```", found.group(1), re.S)
-    assert code is not None, "the hf-example block in README.md holds no ```python fenced code"
-    return code.group(1)
-
 
 def test_readme_hf_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    code = readme_block()
+    code = readme_block("hf-example")
     assert len([line for line in code.splitlines() if line.strip()]) <= 13  # a short example stays short
     monkeypatch.chdir(tmp_path)  # its output_dir is relative
     namespace: dict = {"__name__": "__readme__"}

@@ -6,28 +6,15 @@ README loses it.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
+
+from tests.helpers.readme import readme_block
 
 pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def readme_block() -> str:
-    """The python block between the ``<!-- trl-example -->`` markers of README.md."""
-    readme = (ROOT / "README.md").read_text()
-    section = re.search(r"<!-- trl-example -->(.*?)<!-- /trl-example -->", readme, re.S)
-    assert section is not None, "README.md lost its <!-- trl-example --> block"
-    found = re.search(r"```python\n(.*?)```", section.group(1), re.S)
-    assert found, "the README's trl-example section has no ```python block"
-    return found.group(1)
-
 
 def test_readme_trl_block_runs_and_prints_the_entropy_statistics(tmp_path, monkeypatch, capsys):
-    code = readme_block()
+    code = readme_block("trl-example")
     assert len(code.strip().splitlines()) <= 20
     monkeypatch.chdir(tmp_path)
     scope: dict = {"__name__": "__readme__"}

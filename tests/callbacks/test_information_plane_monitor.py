@@ -25,18 +25,10 @@ from entrotrain.callbacks.information_plane_monitor import (
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.information import estimator_parameters, information_plane_point
 from entrotrain.tasks.information_plane import InformationPlaneDataModule, InformationPlaneTask, icosahedron_dataset
+from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture: tiny matmuls run faster on one thread)
 from tests.helpers.spy_logger import SpyLogger
 
 FAST = ["binning", "adaptive_binning"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is several times faster than two on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fit(model, callbacks, dm=None, **kw):

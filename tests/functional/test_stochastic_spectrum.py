@@ -18,15 +18,7 @@ from entrotrain.functional.stochastic_spectrum import (
     slq_vendi_score,
 )
 from tests.helpers import spectral_reference as ref
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # hundreds of tiny (150 × 32) GEMMs: thread synchronisation costs more than it saves on a shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture: hundreds of tiny GEMMs)
 
 
 def _blobs(n: int, d: int, seed: int = 0) -> torch.Tensor:

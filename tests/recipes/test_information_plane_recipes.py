@@ -7,20 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from entrotrain.cli import main
+from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = [ROOT / "recipes" / f"information_plane_{a}.yaml" for a in ("tanh", "relu")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entrotrain.cli import main
 from entrotrain.tasks.arithmetic import SEPARATOR
+from tests.helpers.recipes import fit_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {name: ROOT / "recipes" / f"{name}.yaml" for name in ("grpo_scratch_baseline", "grpo_pear", "grpo_canon")}
@@ -23,18 +23,10 @@ EXTRA_KEYS = {
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_grpo_shaping_recipe_smoke(name, tmp_path, capsys):
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(RECIPES[name]),
-            "--trainer.max_steps=4",  # 2 rollouts x (2 PPO epochs x 2 mini-batches)
-            "--trainer.enable_progress_bar=false",
-            "--model.init_args.sft_steps=5",
-            "--data.init_args.prompts_per_batch=4",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    cli = fit_recipe(
+        RECIPES[name], tmp_path,
+        "--trainer.max_steps=4",  # 2 rollouts x (2 PPO epochs x 2 mini-batches)
+        "--trainer.enable_progress_bar=false", "--model.init_args.sft_steps=5", "--data.init_args.prompts_per_batch=4",
     )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 4

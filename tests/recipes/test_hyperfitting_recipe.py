@@ -6,28 +6,17 @@ from pathlib import Path
 
 import torch
 
-from entrotrain.cli import main
 from entrotrain.tasks.hyperfitting import HyperfittingDataModule
+from tests.helpers.recipes import fit_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "hyperfitting.yaml"
 
 
 def test_hyperfitting_recipe_smoke(tmp_path, capsys):
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(RECIPE),
-            "--trainer.max_steps=3",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.limit_val_batches=2",
-            "--data.init_args.pretrain_steps=2",
-            "--data.init_args.hyperfit_steps=1",
-            "--data.init_args.max_chars=60000",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
+    cli = fit_recipe(
+        RECIPE, tmp_path, "--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
+        "--data.init_args.pretrain_steps=2", "--data.init_args.hyperfit_steps=1", "--data.init_args.max_chars=60000",
     )
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 3

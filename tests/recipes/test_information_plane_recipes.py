@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from entrotrain.cli import main
+from tests.helpers.recipes import fit_recipe
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,16 +17,7 @@ RECIPES = [ROOT / "recipes" / f"information_plane_{a}.yaml" for a in ("tanh", "r
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_information_plane_recipe_smoke(recipe, tmp_path, capsys):
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(recipe),
-            "--trainer.max_steps=3",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]
-    )
+    cli = fit_recipe(recipe, tmp_path, "--trainer.max_steps=3")
     trainer, monitor = cli.trainer, next(
         c for c in cli.trainer.callbacks if type(c).__name__ == "InformationPlaneMonitor"
     )

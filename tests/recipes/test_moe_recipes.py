@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entrotrain.cli import main
+from tests.helpers.recipes import fit_recipe
 
 pytest.importorskip("sklearn")
 
@@ -17,14 +17,11 @@ COLLAPSE, TSALLIS = ROOT / "recipes" / "moe_router_collapse.yaml", ROOT / "recip
 
 
 def _fit(recipe: Path, tmp_path: Path):
-    return main(
-        [
-            "fit", "--config", str(recipe),
-            "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-            "--trainer.num_sanity_val_steps=1", "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks.init_args.every_n_steps=2",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
-        ]
+    return fit_recipe(
+        recipe, tmp_path,
+        "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=1", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks.init_args.every_n_steps=2",
     )
 
 

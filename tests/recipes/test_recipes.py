@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from entrotrain.cli import main
+from tests.helpers.recipes import fit_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -27,18 +28,9 @@ def _monitor_prefix(recipe: Path) -> str | None:
 
 
 def _fit(recipe: Path, tmp_path: Path, *extra: str):
-    return main(
-        [
-            "fit",
-            "--config",
-            str(recipe),
-            "--trainer.max_steps=3",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.limit_val_batches=2",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            f"--trainer.default_root_dir={tmp_path}",
-            *extra,
-        ]
+    return fit_recipe(
+        recipe, tmp_path, "--trainer.max_steps=3", "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=2", *extra,
     )
 
 

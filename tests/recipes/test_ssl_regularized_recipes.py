@@ -6,25 +6,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from entrotrain.cli import main
+from tests.helpers.recipes import fit_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fit(name: str, tmp_path: Path, *extra: str):
-    return main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "recipes" / name),
-            "--trainer.max_steps=4",
-            "--trainer.val_check_interval=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.limit_val_batches=1",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            *extra,
-        ]
+    return fit_recipe(
+        ROOT / "recipes" / name, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+        "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1", *extra, logger=False,
     )
 
 

@@ -23,6 +23,11 @@ Entropy Collapse", track exactly this quantity per head):
   kernel's own backward (derivation and choices in :mod:`entrotrain.functional.attention_fused_grad`). CPU only
   (on CUDA the Triton kernel of :mod:`entrotrain.kernels` plays this part).
 
+A regulariser that also needs the attention *output* gets both from one pass with
+:func:`~entrotrain.functional.attention_joint.attention_with_entropy` (materialised, small score matrices; the entropy
+adds an elementwise term to the attention's own backward), which a differentiable :class:`~entrotrain.taps.AttentionTap`
+uses for SDPA calls.
+
 Grouped-query / multi-query attention: ``k`` may have fewer heads than ``q``; every *query* head is scored, query
 head ``h`` reading key head ``h // (H / H_kv)`` (as SDPA's ``enable_gqa`` and HF's ``repeat_kv``).
 """

@@ -160,7 +160,9 @@ class Regularizer(nn.Module):
 
         The next call of this regulariser without inputs reads the tap's records and releases them (so the graph
         they hold is freed with the loss). ``tap_kwargs`` go to the tap (``include=``, ``max_queries=``, ...).
-        Yields the tap.
+        Yields the tap. Small CPU SDPA calls are computed jointly with their entropy (one pass, one backward; output
+        equal to SDPA's to round-off): ``joint_attention=False`` keeps SDPA's kernel (see
+        :class:`~entrotrain.taps.AttentionTap`).
         """
         from entrotrain.taps.attention_tap import AttentionTap  # regularisers sit above taps; import on use
 

@@ -13,7 +13,7 @@ from entrotrain.callbacks import AttentionEntropyMonitor
 from entrotrain.errors import EntrotrainError, TapError
 from tests.helpers.brute import causal_head_means
 from tests.helpers.lightning_models import HEADS, SEQ, HandAttention, TinyLM, quiet_trainer, token_loader
-from tests.helpers.gpt_module import LossRecorder
+from tests.helpers.recorders import LossRecorder
 from tests.helpers.spy_logger import SpyLogger
 
 

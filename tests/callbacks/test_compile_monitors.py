@@ -18,8 +18,9 @@ import torch
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 from tests.helpers.compile_count import CountingBackend, fresh_dynamo, graph_breaks
-from tests.helpers.gpt_module import GPTModule, LossRecorder
+from tests.helpers.gpt_module import GPTModule
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import LossRecorder
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture)
 from tests.helpers.spy_logger import SpyLogger
 from tests.helpers.tiny_hf_lms import tiny_llama_lm

@@ -27,6 +27,7 @@ from tests.helpers import spectral_reference as ref
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.lightning_models import TinyLM, quiet_trainer, token_loader
 from tests.helpers.policy_batches import ReturnsBatches, loader as policy_loader, rl_batch
+from tests.helpers.recorders import Snapshot
 from tests.helpers.spy_logger import SpyLogger
 
 
@@ -41,16 +42,6 @@ class Poison(L.Callback):
             with torch.no_grad():
                 for p in pl_module.parameters():
                     p.fill_(float("nan"))
-
-
-class Snapshot(L.Callback):
-    """``callback_metrics`` after every batch end (put it after the monitors)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def no_nan_sent(spy: SpyLogger) -> bool:

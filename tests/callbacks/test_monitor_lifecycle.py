@@ -22,6 +22,7 @@ from entrotrain.models import TinyGPT
 from entrotrain.regularizers.sigma_reparam import sigma_reparam
 from entrotrain.taps import attention_tap
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import LossRecorder
 from tests.helpers.spy_logger import SpyLogger
 
 VOCAB, SEQ, HEADS = 31, 8, 2
@@ -213,19 +214,11 @@ def test_resume_restores_what_on_fit_start_would_otherwise_reset(tmp_path):
 # ------------------------------------------------------------------------------------------ bit-identical training
 
 
-class Losses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(outputs["loss"].detach().clone())
-
-
 def test_training_bit_identical_with_and_without_monitors_when_the_model_turns_nan():
     runs = []
     for callbacks in ([], monitors()):
         L.seed_everything(0)
-        model, losses = AllLM(lr=1e4), Losses()  # lr = 1e4: finite at step 0, NaN a few steps later
+        model, losses = AllLM(lr=1e4), LossRecorder()  # lr = 1e4: finite at step 0, NaN a few steps later
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the NaN run warns (once per monitor)
             fit(model, [losses, *callbacks], max_steps=4)

@@ -23,8 +23,8 @@ from entrotrain.functional.representation import (
     vendi_score,
 )
 from tests.callbacks.repr_ddp_run import SEQ, ReprNet, data, loader
-from tests.helpers.gpt_module import LossRecorder
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import LossRecorder
 from tests.helpers.scripts import run_script
 from tests.helpers.spy_logger import SpyLogger
 from tests.helpers.reference import one_thread  # noqa: F401,E402  (autouse fixture)

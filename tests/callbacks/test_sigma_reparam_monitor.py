@@ -5,15 +5,14 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.helpers.spy_logger import SpyLogger
 
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor, qk_spectral_norms
 from entrotrain.errors import EntrotrainError
-from entrotrain.models import TinyGPT
-from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam, sigma_reparam_names
-from tests.helpers.gpt_module import HEADS, SEQ, VOCAB, GPTModule, LossRecorder
+from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam_names
+from tests.helpers.gpt_module import HEADS, SEQ, VOCAB, GPTModule
+from tests.helpers.recorders import LossRecorder
 from tests.helpers.lightning_models import quiet_trainer
 
 def loader(n: int = 48, batch_size: int = 4) -> torch.utils.data.DataLoader:

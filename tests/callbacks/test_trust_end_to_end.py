@@ -25,7 +25,6 @@ import math
 import warnings
 
 import lightning as L
-import pytest
 import torch
 
 from entrotrain.callbacks import (
@@ -37,6 +36,7 @@ from entrotrain.callbacks import (
 from entrotrain.dashboards import run_record
 from tests.helpers.gpt_module import SEQ, VOCAB, GPTModule
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import Snapshot
 from tests.helpers.spy_logger import SpyLogger
 
 K = 2  # the step whose training_step turns the model NaN
@@ -60,16 +60,6 @@ class NaNGPT(GPTModule):
                 for p in self.parameters():
                     p.mul_(float("nan"))
         return super().training_step(batch, batch_idx)
-
-
-class Snapshot(L.Callback):
-    """``callback_metrics`` after every batch end (listed after the monitors and the guard)."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def gpt_loader(n: int = 48, batch_size: int = 4) -> torch.utils.data.DataLoader:

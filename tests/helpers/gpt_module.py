@@ -1,4 +1,4 @@
-"""A TinyGPT LightningModule (optionally σReparam-converted) and a loss recorder, shared by callback and DDP tests."""
+"""A TinyGPT LightningModule (optionally σReparam-converted), shared by callback and DDP tests."""
 
 from __future__ import annotations
 
@@ -38,12 +38,3 @@ class GPTModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-
-class LossRecorder(L.Callback):
-    """Keeps every training step's loss (a detached copy)."""
-
-    def __init__(self) -> None:
-        self.losses: list[torch.Tensor] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(outputs["loss"].detach().clone())

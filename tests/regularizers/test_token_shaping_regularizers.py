@@ -188,20 +188,14 @@ def _task(**kw):
 
 
 def _fit(task, dm, *callbacks):
-    import lightning as L
-
     from tests.helpers.lightning_models import quiet_trainer
+    from tests.helpers.recorders import OutputsRecorder
 
-    outs = []
-
-    class Capture(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            outs.append(outputs)
-
-    trainer = quiet_trainer(callbacks=[Capture(), *callbacks], max_epochs=1, max_steps=-1, deterministic=False,
+    capture = OutputsRecorder()
+    trainer = quiet_trainer(callbacks=[capture, *callbacks], max_epochs=1, max_steps=-1, deterministic=False,
                             log_every_n_steps=1)  # fmt: skip
     trainer.fit(task, dm)
-    return trainer, outs
+    return trainer, capture.outputs
 
 
 def test_grpo_task_with_pear_and_canon():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +20,7 @@ from entrotrain.tasks.arithmetic import (
 )
 from entrotrain.tasks.grpo import GRPOTask, response_mask
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import OutputsRecorder
 
 EQ = encode("=")[0]
 DIGITS = set(range(3, 13))
@@ -177,14 +177,6 @@ def test_bad_scratch_tokens_raise_and_datamodule_passes_it():
     assert batch["prompt_ids"].shape == (3, 5)  # prompts unchanged
 
 
-class _Capture(L.Callback):
-    def __init__(self) -> None:
-        self.outputs: list = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append(outputs)
-
-
 def test_grpo_returns_task_phases_and_summary_reports_them():
     torch.manual_seed(0)
     task = GRPOTask(
@@ -192,7 +184,7 @@ def test_grpo_returns_task_phases_and_summary_reports_them():
         sft_steps=20, sft_batch_size=16,
     )  # fmt: skip
     dm = ArithmeticDataModule(num_digits=1, scratch_tokens=4, prompts_per_batch=4, num_batches=2)
-    cap = _Capture()
+    cap = OutputsRecorder()
     quiet_trainer(max_epochs=1, max_steps=-1, deterministic=False, callbacks=[cap]).fit(task, dm)
     out = cap.outputs[-1]
     phases, mask = out["phase_ids"], out["response_mask"]

@@ -9,20 +9,13 @@ from entrotrain.regularizers import PPOClipLoss
 from entrotrain.tasks.arithmetic import EOS, PAD, ArithmeticDataModule, encode
 from entrotrain.tasks.grpo import GRPOTask, group_advantages, response_mask
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import OutputsRecorder
 
 SMALL = dict(n_layer=1, n_head=2, n_embd=32, block_size=12, group_size=4, ppo_epochs=2, num_mini_batches=2)
 
 
 def _trainer(**kw) -> L.Trainer:
     return quiet_trainer(**{"max_epochs": 1, "max_steps": -1, "deterministic": False, **kw})
-
-
-class Capture(L.Callback):
-    def __init__(self) -> None:
-        self.outputs: list = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.outputs.append(outputs)
 
 
 def test_group_advantages_match_brute_force():
@@ -139,7 +132,7 @@ def test_fit_changes_weights_and_returns_contract():
     spy = SpyLoss()
     task.policy_loss = spy
     before = [p.detach().clone() for p in task.model.parameters()]
-    cap = Capture()
+    cap = OutputsRecorder()
     trainer = _trainer(callbacks=[cap], log_every_n_steps=1)
     trainer.fit(task, dm)
     assert bool(task.warm_started)

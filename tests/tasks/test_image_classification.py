@@ -1,5 +1,4 @@
 import math
-import socket
 
 import lightning as L
 import pytest
@@ -10,14 +9,6 @@ pytest.importorskip("sklearn")
 from entrotrain.models.tiny_vit import TinyViT  # noqa: E402
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, sigma_reparam_names  # noqa: E402
 from entrotrain.tasks.image_classification import DigitsDataModule, DigitsViTTask  # noqa: E402
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def guard(*a, **k):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", guard)
 
 
 def _dm(seed=0, **kw) -> DigitsDataModule:

@@ -1,19 +1,10 @@
 import math
-import socket
 
 import lightning as L
 import pytest
 import torch
 
 from entrotrain.tasks import CharCorpusDataModule, LanguageModelingTask
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def guard(*a, **k):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", guard)
 
 
 def _dm(seed=0, **kw) -> CharCorpusDataModule:

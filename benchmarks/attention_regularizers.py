@@ -15,7 +15,9 @@ load-disturbed sample on a shared machine):
    SDPA forward and forward + backward, the raw fused entropy (:func:`fused_attention_entropy`) forward and
    forward + backward, the whole :func:`attention_entropy_stats` (validation, mask, finiteness check,
    normalisation) forward + backward, SDPA + that entropy (what ``joint_attention=False`` pays per layer), and the
-   joint attention forward + backward (output and entropy both in the loss; skipped above its size limit).
+   joint attention forward + backward (output and entropy both in the loss; skipped above its size limit);
+3. the size sweep behind ``JOINT_MAX_ELEMENTS``: SDPA, SDPA + the separate entropy, and the joint attention fwd+bwd
+   from 0.5 to 8 Mi scores per call.
 
     OMP_NUM_THREADS=1 python benchmarks/attention_regularizers.py --threads 1
     OMP_NUM_THREADS=2 python benchmarks/attention_regularizers.py --threads 2
@@ -136,6 +138,35 @@ def kernel_cases(b: int, h: int, n: int, d: int) -> dict:
     }
 
 
+SWEEP_SHAPES = ((32, 4, 64, 32), (64, 4, 64, 32), (8, 8, 128, 64), (4, 8, 256, 64), (2, 8, 512, 64), (1, 8, 1024, 64))
+
+
+def sweep_cases(b: int, h: int, n: int, d: int) -> dict:
+    """SDPA, SDPA + the separate entropy, and the joint attention, fwd+bwd with both outputs in the loss, on q/k/v
+    split from one projection and transposed (the layout models pass); the joint one called past its size limit."""
+    x = torch.randn(b, n, 3 * h * d, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    grad_out = torch.randn(b, h, n, d)
+
+    def qkv():
+        return [t.view(b, n, h, d).transpose(1, 2) for t in x.split(h * d, 2)]
+
+    def sdpa():
+        q, k, v = qkv()
+        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), x, grad_out)
+
+    def separate():
+        q, k, v = qkv()
+        out, result = F.scaled_dot_product_attention(q, k, v, is_causal=True), attention_entropy_stats(q, k, is_causal=True)
+        torch.autograd.grad((out, result.normalized), x, (grad_out, torch.ones_like(result.normalized)))
+
+    def joint():
+        q, k, v = qkv()
+        out, result = attention_with_entropy(q, k, v, is_causal=True)
+        torch.autograd.grad((out, result.normalized), x, (grad_out, torch.ones_like(result.normalized)))
+
+    return {"SDPA": sdpa, "separate": separate, "joint": joint}
+
+
 def table(times: dict, base: str) -> str:
     ref = times[base].min_ms
     rows = [[name, f"{t.min_ms:.2f}", f"{t.median_ms:.2f}", f"{t.min_ms / ref:.3f}"] for name, t in times.items()]
@@ -150,6 +181,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -163,6 +195,17 @@ def main() -> None:
             print(f"\n# one attention layer B{shape[0]} H{shape[1]} N{shape[2]} D{shape[3]} causal, fp32\n")
             times = time_cases(kernel_cases(*shape), repeats=args.repeats, warmup=2, device=cpu)
             print(table(times, "SDPA fwd+bwd"))
+    if not args.skip_sweep:
+        print("\n# joint attention vs SDPA + the separate entropy, fwd+bwd, causal, fp32 (where to stop joining)\n")
+        rows = []
+        for b, h, n, d in SWEEP_SHAPES:
+            times = time_cases(sweep_cases(b, h, n, d), repeats=max(3, args.repeats // 3), warmup=1, device=cpu)
+            ref = times["SDPA"].min_ms
+            rows.append([f"B{b} H{h} N{n} D{d}", f"{b * h * n * n / 2**20:.2f}", f"{ref:.2f}",
+                         f"{times['separate'].min_ms / ref:.2f}", f"{times['joint'].min_ms / ref:.2f}",
+                         "yes" if b * h * n * n <= JOINT_MAX_ELEMENTS else "no"])
+        print(markdown_table(["shape", "Mi scores", "SDPA fwd+bwd ms", "separate / SDPA", "joint / SDPA",
+                              "joint used"], rows))
     print("\n" + environment_line(cpu, args.threads))
 
 

@@ -1,5 +1,6 @@
 """Run by test_token_shaping.py as a script: 2 gloo CPU ranks build the HWE mask (quantile mode) on their own rows
-(3 + 5 sequences) and write ``OUT/rank{r}.pt`` (usage: ``python hwe_ddp_run.py OUT``); the test compares with one process on the whole batch."""
+(3 + 5 sequences) and write ``OUT/rank{r}.pt`` (usage: ``python hwe_ddp_run.py OUT``); the test compares with one
+process on the whole batch."""
 
 from __future__ import annotations
 

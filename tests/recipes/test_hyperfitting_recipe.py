@@ -15,7 +15,8 @@ RECIPE = ROOT / "recipes" / "hyperfitting.yaml"
 
 def test_hyperfitting_recipe_smoke(tmp_path, capsys):
     cli = fit_recipe(
-        RECIPE, tmp_path, "--trainer.max_steps=3", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
+        RECIPE, tmp_path, "--trainer.max_steps=3", "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=2",
         "--data.init_args.pretrain_steps=2", "--data.init_args.hyperfit_steps=1", "--data.init_args.max_chars=60000",
     )
     metrics = cli.trainer.callback_metrics

@@ -93,6 +93,21 @@ def train(
     return out
 
 
+def three_runs(
+    build: Callable[[], nn.Module],
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    data: list[torch.Tensor],
+    style: str,
+    make_tap: Callable[[nn.Module], object],
+    read: Callable[[object], dict[str, torch.Tensor]],
+) -> tuple[dict, dict, dict]:
+    """:func:`train` compiled as ``style`` without the tap (base), then with it (tapped), then eager with it."""
+    base = train(build, loss_fn, data, style, None, read)
+    tapped = train(build, loss_fn, data, style, make_tap, read)
+    eager = train(build, loss_fn, data, None, make_tap, read)
+    return base, tapped, eager
+
+
 def attention_stats(tap: AttentionTap) -> dict[str, torch.Tensor]:
     return tap.stats
 
@@ -159,9 +174,7 @@ def test_named_modules_are_those_of_the_uncompiled_model():
 def test_attention_tap_compiles_once_more_and_matches_eager(style):
     data = batches()
     make = lambda m: AttentionTap(m)  # noqa: E731
-    base = train(tiny_gpt, lm_loss, data, style, None, attention_stats)
-    tapped = train(tiny_gpt, lm_loss, data, style, make, attention_stats)
-    eager = train(tiny_gpt, lm_loss, data, None, make, attention_stats)
+    base, tapped, eager = three_runs(tiny_gpt, lm_loss, data, style, make, attention_stats)
     assert_one_extra_compile(base, tapped)
     assert all(torch.equal(a, b) for a, b in zip(base["losses"], tapped["losses"]))  # the tap changes nothing
     assert list(tapped["stats"][0]) == ["blocks.0.attn", "blocks.1.attn"]  # no "_orig_mod.", no duplicate sites
@@ -224,9 +237,8 @@ def llama_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
 def test_compiled_hf_llama_sdpa(style):
     data = batches()
     make = lambda m: AttentionTap(m)  # noqa: E731
-    base = train(tiny_llama, llama_loss, data, style, None, attention_stats)
-    tapped = train(tiny_llama, llama_loss, data, style, make, attention_stats)
-    eager = train(tiny_llama, llama_loss, data, None, make, attention_stats)  # eager: through the HF adapter
+    # eager: through the HF adapter
+    base, tapped, eager = three_runs(tiny_llama, llama_loss, data, style, make, attention_stats)
     assert_one_extra_compile(base, tapped)
     assert all(torch.equal(a, b) for a, b in zip(base["losses"], tapped["losses"]))
     assert list(tapped["stats"][0]) == [f"model.layers.{i}.self_attn" for i in range(2)]
@@ -261,9 +273,7 @@ class InPlaceNet(nn.Module):
 def test_activation_tap_compiles_once_more_and_matches_eager(style):
     data = batches()
     make = lambda m: ActivationTap(m, include=["blocks.?", "ln_f"], max_tokens=5)  # noqa: E731
-    base = train(tiny_gpt, lm_loss, data, style, None, activation_stats)
-    tapped = train(tiny_gpt, lm_loss, data, style, make, activation_stats)
-    eager = train(tiny_gpt, lm_loss, data, None, make, activation_stats)
+    base, tapped, eager = three_runs(tiny_gpt, lm_loss, data, style, make, activation_stats)
     assert_one_extra_compile(base, tapped)
     assert all(torch.equal(a, b) for a, b in zip(base["losses"], tapped["losses"]))
     assert list(tapped["stats"][0]) == ["blocks.0", "blocks.1", "ln_f"]
@@ -480,9 +490,7 @@ def test_record_attention_is_deferred_under_compile(style):
     break, one extra compile, the eager values (query mask applied), losses unchanged."""
     data = batches()
     make = lambda m: AttentionTap(m)  # noqa: E731
-    base = train(_HandWritten, lm_loss, data, style, None, attention_stats)
-    tapped = train(_HandWritten, lm_loss, data, style, make, attention_stats)
-    eager = train(_HandWritten, lm_loss, data, None, make, attention_stats)
+    base, tapped, eager = three_runs(_HandWritten, lm_loss, data, style, make, attention_stats)
     assert_one_extra_compile(base, tapped)
     assert all(torch.equal(a, b) for a, b in zip(base["losses"], tapped["losses"]))
     assert list(tapped["stats"][0]) == [""] or list(tapped["stats"][0]) == list(eager["stats"][0])

@@ -444,6 +444,8 @@ class AttentionTap:
             return False
         if torch._C._len_torch_function_stack() or self._replaying is not None:
             return False  # a mode below ours would not see the call; a replayed call has its output already
+        if _saved_tensor_hooks_active():
+            return False  # activation checkpointing recomputes the region with SDPA: the saves must match
         query, key, value = call["query"], call["key"], call.get("value")
         if not (query.requires_grad or key.requires_grad):
             return False
@@ -511,16 +513,17 @@ class AttentionTap:
         q, k, attn_mask, key_padding_mask, is_causal, window, query_mask = self._sample(
             q, k, attn_mask, key_padding_mask, is_causal, window, query_mask
         )
-        result = attention_entropy_stats(
-            q,
-            k,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            is_causal=is_causal,
-            window=window,
-            scale=scale,
-            path=self.path,
-        )
+        with _entropy_saves_kept(self.differentiable):
+            result = attention_entropy_stats(
+                q,
+                k,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                is_causal=is_causal,
+                window=window,
+                scale=scale,
+                path=self.path,
+            )
         self._store(site, result, query_mask)
 
     def _store(self, site: str, result: AttentionEntropy, query_mask: Tensor | None) -> None:
@@ -618,6 +621,28 @@ def record_attention(
                 scale=scale,
                 query_mask=query_mask,
             )
+
+
+def _kept(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _entropy_saves_kept(differentiable: bool) -> Any:
+    """A differentiable tap's entropy keeps its saved tensors itself, out of any enclosing saved-tensor hooks.
+
+    Activation checkpointing (``torch.utils.checkpoint``, non-reentrant) packs every tensor the region saves and, in
+    backward, recomputes the region to get them back, *without* the tap: a tensor the entropy had saved through its
+    hooks would be missing from the recomputation (torch's ``CheckpointError``). Kept here, the region's own saves
+    match, and the entropy's graph holds its few tensors as a plain autograd graph does."""
+    if not differentiable:
+        return nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_kept, _kept)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing, CPU offloading) wrap the current forward."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _query_mask(tap: AttentionTap, site: str, q: Tensor, query_mask: Tensor | None) -> Tensor | None:

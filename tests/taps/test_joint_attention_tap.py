@@ -135,3 +135,21 @@ def test_model_output_after_the_capture_is_plain_sdpa():
         net(x)
     reg()
     assert torch.equal(net(x), before)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_activation_checkpointing_recomputes_without_the_tap(joint, joint_calls):
+    """Non-reentrant checkpointing recomputes each block in backward with the tap disarmed: the entropy keeps its own
+    saved tensors (torch raised CheckpointError before) and the joint path stands aside; gradients as without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    reg = AttentionEntropyMaximization(weight=1.0)
+    net = model()
+    want = step(net, reg, False)
+    for block in net.blocks:
+        block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
+    got = step(net, reg, joint)
+    assert joint_calls == []
+    torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+    for g, g_ref in zip(got[3], want[3]):
+        torch.testing.assert_close(g, g_ref, atol=0, rtol=0)

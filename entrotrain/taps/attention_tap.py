@@ -217,6 +217,7 @@ class AttentionTap:
         self._interceptor: _SDPAInterceptor | None = None
         self._name_hooks: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {}
         self._deferred = DeferredCaptures()
+        self._grad_at_arming, self._warned_no_grad = True, False  # set at each arming
         self._replaying: tuple[str, str] | None = None  # (module, site) of the deferred call being scored
 
     # ------------------------------------------------------------------ lifecycle
@@ -229,6 +230,7 @@ class AttentionTap:
         if self.armed:
             return self
         self._calls_in_module.clear()  # same state at every arming: compiled code guards on it
+        self._grad_at_arming, self._warned_no_grad = torch.is_grad_enabled(), False
         try:
             for name, module in named_modules(self.model):  # clean names: no "_orig_mod." from torch.compile
                 if name not in self._name_hooks:
@@ -506,6 +508,15 @@ class AttentionTap:
         if not self.wants(site):
             return
         _check_qk(q, k)  # before sampling indexes dims 0 and 2
+        if self.differentiable and not torch.is_grad_enabled() and self._grad_at_arming and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"AttentionTap(differentiable=True): the attention at {site!r} ran with gradients off inside a "
+                "forward armed with them on, so a regulariser gets no gradient from it. This is what reentrant "
+                "activation checkpointing does (torch.utils.checkpoint(..., use_reentrant=True), or HF "
+                "gradient_checkpointing_enable() with use_reentrant=True): use use_reentrant=False.",
+                stacklevel=3,
+            )
         query_mask = _query_mask(self, site, q, query_mask)
         if not self.differentiable:
             q, k = q.detach(), k.detach()

@@ -94,7 +94,7 @@ def test_not_used_where_it_would_change_what_sdpa_computes(joint_calls):
     net, x = model(), tokens()
     with AttentionTap(net):  # a monitor's tap: SDPA untouched
         net(x)
-    with AttentionTap(net, differentiable=True), torch.no_grad():  # nothing to differentiate
+    with torch.no_grad(), AttentionTap(net, differentiable=True):  # nothing to differentiate
         net(x)
     with AttentionTap(net, differentiable=True, path="chunked"):  # a path asked for
         net(x)
@@ -153,3 +153,18 @@ def test_activation_checkpointing_recomputes_without_the_tap(joint, joint_calls)
     torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
     for g, g_ref in zip(got[3], want[3]):
         torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
+
+
+def test_reentrant_checkpointing_is_named_not_silent():
+    """Reentrant checkpointing runs the forward under no_grad: the records carry no graph. The tap says so."""
+    from torch.utils.checkpoint import checkpoint
+
+    net, reg = model(), AttentionEntropyMaximization(weight=1.0)
+    for block in net.blocks:
+        block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=True))(block.forward)
+    x = tokens()
+    with pytest.warns(UserWarning, match="use_reentrant=False") as caught:
+        with reg.capture(net):
+            net(x)
+    assert sum("use_reentrant" in str(w.message) for w in caught) == 1  # once per arming
+    assert not reg().total.requires_grad

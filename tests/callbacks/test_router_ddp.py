@@ -10,7 +10,7 @@ import torch
 
 from tests.callbacks.router_ddp_run import samples
 from tests.callbacks.test_router_monitor import _assert_logged, _expected
-from tests.helpers.router_models import ToyMoE
+from tests.helpers.router_models import ToyMoE, gate_logits
 from tests.helpers.scripts import run_script
 
 
@@ -24,10 +24,5 @@ def test_two_rank_ddp_with_accumulation_equals_single_process_on_union(tmp_path)
     x = torch.stack([s["x"] for s in union])
     mask = torch.stack([s["attention_mask"] for s in union])
     assert int(mask.sum()) < mask.numel()
-    reference = ToyMoE(seed=0).blocks
-    layers, h = [], x
-    with torch.no_grad():
-        for block in reference:
-            layers.append(block.gate(h).reshape(-1, 4))
-            h = block(h)
+    layers = gate_logits(ToyMoE(seed=0).blocks, x)
     _assert_logged(result["logged"], _expected(layers, 2, mask))

@@ -13,7 +13,7 @@ import torch
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.errors import EntrotrainError, TapError
 from tests.helpers.lightning_models import quiet_trainer
-from tests.helpers.router_models import KINDS, MoELM, ToyMoE, lm_batch, lm_loader, toy_batches, toy_loader
+from tests.helpers.router_models import KINDS, MoELM, ToyMoE, gate_logits, lm_batch, lm_loader, toy_batches, toy_loader
 from tests.helpers.router_reference import router_reference
 from tests.helpers.spy_logger import SpyLogger
 
@@ -126,12 +126,7 @@ def test_nonfinite_rows_counted_never_logged_and_values_on_finite_rows():
     batch = toy_batches(1)[0]
     x = batch["x"].clone()
     x[0, 0, 0] = math.nan
-    layers, h = [], x
-    with torch.no_grad():
-        for block in reference:
-            layers.append(block.gate(h).reshape(-1, 4))
-            h = block(h)
-    expected = _expected(layers, 2, batch["attention_mask"])
+    expected = _expected(gate_logits(reference, x), 2, batch["attention_mask"])
     expected["entropy/router/nonfinite"] = 2.0  # one row in each of the 2 layers
     _assert_logged(monitor.last_logged, expected)
     for _, row in spy.rows:

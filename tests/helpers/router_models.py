@@ -138,6 +138,17 @@ class ToyMoE(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+def gate_logits(blocks: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """What a router tap sees in :class:`ToyMoE`: each :class:`ToyMoeBlock`'s gate logits on its input, flattened to
+    ``(tokens, n_experts)``, one per layer in order (``x`` through ``blocks`` without gradient)."""
+    layers, h = [], x
+    with torch.no_grad():
+        for block in blocks:
+            layers.append(block.gate(h).reshape(-1, block.gate.out_features))
+            h = block(h)
+    return layers
+
+
 def toy_batches(n: int = 4, batch: int = 4, seq: int = 5, dim: int = 6, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -159,8 +159,10 @@ class AttentionTap:
             dropout, boolean or causal mask, ``B·H·Nq·Nk`` up to 4 Mi) *and* its entropy in one materialised pass with
             one shared backward, in place of SDPA's kernel followed by a separate entropy: the entropy then costs an
             elementwise pass instead of a second attention. The attention output equals SDPA's to float round-off, not
-            bit for bit. Used only with ``path="auto"``, while gradients are on and when no other torch-function mode
-            (another tap's, yours) sits below the tap's own. ``False``: SDPA runs untouched and the entropy apart.
+            bit for bit. Used only with ``path="auto"``, while gradients are on, without activation checkpointing,
+            and when no torch-function mode other than another tap's sits below the tap's own (another tap below,
+            e.g. a monitor's, is handed the call: the model computes the same with or without it). ``False``: SDPA
+            runs untouched and the entropy apart.
 
     Padding: a query position is scored only if the model's own mask marks it as real: a ``query_mask`` given with
     the call (``record_attention``, or an ``nn.MultiheadAttention`` self-attention's ``key_padding_mask``), else the
@@ -410,8 +412,12 @@ class AttentionTap:
                 self._replaying = None
 
     # ------------------------------------------------------------------ capture
-    def _on_sdpa(self, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
-        """Score one SDPA call; returns its output when the tap computed it (``joint_attention``), else ``None``."""
+    def _on_sdpa(self, args: tuple, kwargs: dict[str, Any], joint_allowed: bool = True) -> Tensor | None:
+        """Score one SDPA call; returns its output when the tap computed it (``joint_attention``), else ``None``.
+
+        A joint call does not reach the modes below this tap's: other taps' interceptors there are handed the call
+        (with ``joint_allowed=False``), so a monitor armed beside a regulariser sees what it sees without it, and the
+        model computes the same with or without the monitor. Any other torch-function mode below keeps SDPA."""
         module = self.current_module()
         if module is None or module in self._claimed or not capture_allowed(self):
             return None  # outside the tapped model (another model, plain code), captured by an adapter, or excluded
@@ -427,8 +433,13 @@ class AttentionTap:
                 "attention tap needs (batch, heads, tokens, head_dim). Reshape to 4-D before the call, or exclude "
                 "the module with exclude=[...]."
             )
-        if self._joint(call):
-            return self._record_joint(site, call)
+        lower = _taps_below() if joint_allowed else None
+        if lower is not None and self._joint(call):
+            out = self._record_joint(site, call)
+            for tap in lower:  # the entrotrain taps whose interceptors sit below: they see the call as if it ran on
+                tap._replay_deferred()
+                tap._on_sdpa(args, kwargs, joint_allowed=False)
+            return out
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             self.record(
                 query,
@@ -444,8 +455,8 @@ class AttentionTap:
         """Whether this SDPA call is computed with its entropy (see ``joint_attention`` in the class docstring)."""
         if not (self.joint_attention and self.differentiable and self.path == "auto" and torch.is_grad_enabled()):
             return False
-        if torch._C._len_torch_function_stack() or self._replaying is not None:
-            return False  # a mode below ours would not see the call; a replayed call has its output already
+        if self._replaying is not None:
+            return False  # a replayed (compiled) call has its output already
         if _saved_tensor_hooks_active():
             return False  # activation checkpointing recomputes the region with SDPA: the saves must match
         query, key, value = call["query"], call["key"], call.get("value")
@@ -632,6 +643,20 @@ def record_attention(
                 scale=scale,
                 query_mask=query_mask,
             )
+
+
+def _taps_below() -> list[AttentionTap] | None:
+    """The taps whose SDPA interceptors sit below the running one on the torch-function mode stack (inside a mode's
+    handler the stack holds only the modes below it), or ``None`` when a mode of another kind is among them."""
+    stack = getattr(torch.overrides, "_get_current_function_mode_stack", None)
+    if stack is None:  # a torch without the accessor: only an empty stack is known to be safe
+        return None if torch._C._len_torch_function_stack() else []
+    taps = []
+    for mode in stack():
+        if not isinstance(mode, _SDPAInterceptor):
+            return None
+        taps.append(mode.tap)
+    return taps
 
 
 def _kept(tensor: Tensor) -> Tensor:

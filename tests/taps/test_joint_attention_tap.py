@@ -104,17 +104,48 @@ def test_not_used_where_it_would_change_what_sdpa_computes(joint_calls):
     assert joint_calls == []
 
 
-def test_a_second_tap_below_still_sees_every_call(joint_calls):
-    """A monitor's tap armed first sits below the regulariser's: the joint path would hide the call from it."""
-    net, x = model(), tokens()
-    with AttentionTap(net) as alone:
-        net(x)
-    with AttentionTap(net) as monitor, AttentionTap(net, differentiable=True) as reg_tap:
-        net(x)
-    assert joint_calls == []
-    assert len(reg_tap.records) == LAYERS
-    for site, sums in alone.stats.items():
-        torch.testing.assert_close(monitor.stats[site], sums, atol=0, rtol=0)
+def test_a_monitor_tap_changes_nothing_and_sees_every_call(joint_calls):
+    """A monitor's tap armed beside the regulariser's, below it (armed first) or above it: the joint path runs either
+    way (training does not depend on whether a monitor logs this step) and the monitor records every site."""
+    reg = AttentionEntropyMaximization(weight=1.0)
+    net = model()
+    alone = step(net, reg, True)
+    for monitor_first in (True, False):
+        monitor = AttentionTap(net)
+        if monitor_first:
+            monitor.arm()
+        try:
+            net.zero_grad(set_to_none=True)
+            x = tokens()
+            with reg.capture(net):
+                if not monitor_first:
+                    monitor.arm()
+                logits = net(x)
+        finally:
+            monitor.disarm()
+        penalty = reg().total
+        (F.cross_entropy(logits.flatten(0, 1), x.roll(-1, 1).flatten()) + penalty).backward()
+        assert torch.equal(logits.detach(), alone[0]) and torch.equal(penalty.detach(), alone[1])
+        for g, g_ref in zip((p.grad for p in net.parameters()), alone[3]):
+            assert torch.equal(g, g_ref)
+        assert sorted(monitor.stats) == sorted(site for site, *_ in alone[2]) and monitor.calls == LAYERS
+    assert len(joint_calls) == 3 * LAYERS
+
+
+def test_a_foreign_mode_below_keeps_sdpa(joint_calls):
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        seen = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.seen += func is F.scaled_dot_product_attention
+            return func(*args, **(kwargs or {}))
+
+    net = model()
+    with Counting(), AttentionTap(net, differentiable=True) as tap:
+        net(tokens())
+    assert joint_calls == [] and Counting.seen == LAYERS and len(tap.records) == LAYERS
 
 
 def test_non_finite_keys_go_to_sdpa(joint_calls):

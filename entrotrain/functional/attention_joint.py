@@ -60,8 +60,8 @@ __all__ = ["JOINT_MAX_ELEMENTS", "attention_with_entropy", "joint_attention_appl
 
 #: Score elements ``B·H·Nq·Nk`` up to which :func:`joint_attention_applies` says yes: ``P`` and ``P∘ℓ`` kept for the
 #: backward are then at most 2 × 16 MiB in float32 per call. Measured (``benchmarks/attention_regularizers.py``, 1 thread):
-#: the joint attention costs 1.1–1.2× SDPA fwd+bwd up to 4 Mi scores, against 2× for SDPA + the separate entropy;
-#: at 8 Mi (B1 H8 N1024) the score buffers leave the caches and it costs 2.4×.
+#: the joint attention costs 1.1–1.8× SDPA fwd+bwd up to 4 Mi scores, against 1.9–2.3× for SDPA + the separate
+#: entropy; at 8 Mi (B1 H8 N1024) the score buffers leave the caches and it costs 2.2–2.6×.
 JOINT_MAX_ELEMENTS = 1 << 22
 
 

@@ -11,8 +11,9 @@ the OpenMP environment (:mod:`entrotrain._cpu_threads`) before torch loads its O
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from entrotrain._lazy_package import lazy_attributes
 
 from entrotrain.errors import EntrotrainError, TapError
 
@@ -71,17 +72,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Load a public name (or a subpackage, ``entrotrain.functional``) on first access."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f"entrotrain.{name}")
-    else:
-        raise AttributeError(f"module 'entrotrain' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY, *_SUBPACKAGES})
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, _SUBPACKAGES)

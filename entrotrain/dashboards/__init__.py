@@ -49,7 +49,22 @@ _LAZY = {
     ),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "RunRecordLogger",
+    "build_report",
+    "colorize",
+    "expert_load_image",
+    "expert_load_over_time_image",
+    "heads_over_time_image",
+    "heatmap_image",
+    "histogram",
+    "load_vmax",
+    "record_event",
+    "record_media",
+    "record_threshold",
+    "setup_wandb_dashboard",
+    "wandb_loggers",
+]
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

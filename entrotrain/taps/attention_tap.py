@@ -451,9 +451,23 @@ class AttentionTap:
             )
         return None
 
+    def _joint_candidate(self) -> bool:
+        """Whether SDPA calls now may be computed jointly with their entropy (the call itself decides the rest): an
+        adapter whose model calls ``F.scaled_dot_product_attention`` itself (HF's ``sdpa``) then leaves the call to
+        the interceptor instead of recording it."""
+        return (
+            self.joint_attention
+            and self.differentiable
+            and self.path == "auto"
+            and torch.is_grad_enabled()
+            and self._mode is not None
+            and not self._suspended
+            and not compiling()
+        )
+
     def _joint(self, call: dict[str, Any]) -> bool:
         """Whether this SDPA call is computed with its entropy (see ``joint_attention`` in the class docstring)."""
-        if not (self.joint_attention and self.differentiable and self.path == "auto" and torch.is_grad_enabled()):
+        if not self._joint_candidate():
             return False
         if self._replaying is not None:
             return False  # a replayed (compiled) call has its output already

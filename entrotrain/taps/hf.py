@@ -271,6 +271,8 @@ def _record_call(
     """Hand one attention call to the armed taps it runs under; ``arguments()`` gives its other arguments by name."""
     # the call runs inside these taps' models (and no other monitor's exclusive_capture block hides it from them)
     taps = [tap for tap in _TAPS if tap.current_module() is not None and capture_allowed(tap)]
+    if implementation == "sdpa":  # a regulariser's tap scores the F.scaled_dot_product_attention call inside instead,
+        taps = [tap for tap in taps if not tap._joint_candidate()]  # jointly with the attention (attention_joint)
     if not taps:
         return
     scored = _scored_inputs(implementation, module, query, key, mask, arguments())

@@ -199,3 +199,38 @@ def test_reentrant_checkpointing_is_named_not_silent():
             net(x)
     assert sum("use_reentrant" in str(w.message) for w in caught) == 1  # once per arming
     assert not reg().total.requires_grad
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_sdpa_models_take_the_joint_path(padded, joint_calls):
+    """An HF ``sdpa`` model (GQA Llama): the adapter leaves the regulariser's tap to the SDPA call inside
+    ``sdpa_attention_forward``; records, penalty and gradients equal the adapter's separate path (padding included)."""
+    pytest.importorskip("transformers")
+    from tests.helpers.tiny_hf_lms import tiny_llama_lm
+
+    lm = tiny_llama_lm(64)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :4] = 0  # left padding
+        mask[2, 9:] = 0  # right padding
+    reg = AttentionEntropyMaximization(weight=1.0)
+    results = []
+    for joint in (False, True):
+        lm.zero_grad(set_to_none=True)
+        with reg.capture(lm, joint_attention=joint) as tap:
+            logits = lm(input_ids=ids, attention_mask=mask).logits
+        records = [(site, r.entropy.detach(), r.n_keys) for site, r in tap.records]
+        penalty = reg().total
+        (logits.square().mean() + penalty).backward()
+        results.append((logits.detach(), penalty.detach(), records, [p.grad.clone() for p in lm.parameters()]))
+    assert len(joint_calls) == 2
+    (logits0, pen0, rec0, grads0), (logits1, pen1, rec1, grads1) = results
+    torch.testing.assert_close(logits1, logits0, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(pen1, pen0, atol=1e-6, rtol=1e-5)
+    assert [s for s, *_ in rec1] == [s for s, *_ in rec0]
+    for (_, h1, n1), (_, h0, n0) in zip(rec1, rec0):
+        assert torch.equal(n1.expand_as(h1), n0.expand_as(h0))
+        torch.testing.assert_close(h1, h0, atol=2e-6, rtol=0)
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0, atol=2e-6, rtol=1e-4)

@@ -75,6 +75,7 @@ CASES = {
     "MQA per-head mask": dict(kv_heads=1, mask_shape=(1, 4, 8, 8)),
     "Dv != D": dict(is_causal=True, dim_v=12),
     "scale": dict(is_causal=True, scale=0.7),
+    "sliding window of 3 (HF Mistral's boolean mask)": dict(window=3),
 }
 
 
@@ -85,8 +86,12 @@ def test_equals_float64_brute_force_in_value_and_gradient(case, transposed):
     n_q, n_k = spec.pop("n_q", 8), spec.pop("n_k", 8)
     kv_heads, dim_v = spec.pop("kv_heads", 4), spec.pop("dim_v", 16)
     mask_shape, density = spec.pop("mask_shape", None), spec.pop("density", 0.6)
+    window = spec.pop("window", None)
     q, k, v = make(2, 4, kv_heads, n_q, n_k, 16, dim_v, transposed=transposed)
     mask = None if mask_shape is None else random_mask(mask_shape, density, seed=3)
+    if window is not None:  # query i sees keys i - window < j <= i
+        i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+        mask = (j <= i) & (j > i - window)
     if mask_shape == (2, 1, 8, 8):
         mask[0, 0, 3] = False  # a query with no valid key
     kw = dict(attn_mask=mask, enable_gqa=kv_heads != 4, **spec)

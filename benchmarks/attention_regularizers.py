@@ -127,6 +127,15 @@ def kernel_cases(b: int, h: int, n: int, d: int) -> dict:
         out, result = attention_with_entropy(q, k, v, is_causal=True)
         (out.sum() + result.normalized.sum()).backward()
 
+    causal = torch.ones(n, n, dtype=torch.bool).triu_(1)
+
+    def eager_fwd_bwd():  # what users write without entrotrain: eager attention, entropy from its weights, autograd
+        q.grad = k.grad = v.grad = None
+        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(causal, float("-inf"))
+        p, logp = torch.softmax(scores, -1), torch.log_softmax(scores, -1).masked_fill(causal, 0.0)
+        entropy = -(p * logp).sum(-1)
+        ((p @ v).sum() + (entropy / torch.arange(1, n + 1).log().clamp_min(1e-12)).sum()).backward()
+
     return {
         "SDPA fwd": sdpa_fwd,
         "SDPA fwd+bwd": sdpa_fwd_bwd,
@@ -134,6 +143,7 @@ def kernel_cases(b: int, h: int, n: int, d: int) -> dict:
         "entropy fwd+bwd (fused kernel)": ent_fwd_bwd,
         "attention_entropy_stats fwd+bwd": stats_fwd_bwd,
         "SDPA + entropy apart, fwd+bwd": separate_fwd_bwd,
+        "eager attention + entropy, autograd (users' own)": eager_fwd_bwd,
         **({"joint attention + entropy, fwd+bwd": joint_fwd_bwd} if b * h * n * n <= JOINT_MAX_ELEMENTS else {}),
     }
 

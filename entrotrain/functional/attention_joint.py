@@ -4,7 +4,8 @@ A regulariser on attention entropy (AEM, the entropy band, the entropy floor; Zh
 Transformer Training by Preventing Attention Entropy Collapse") needs, for every attention call, the model's output
 :math:`O = PV` *and* the entropy :math:`H_i = -\sum_j p_{ij}\ell_{ij}` of :math:`p_i = \mathrm{softmax}(s_i)`,
 :math:`\ell_{ij} = \log p_{ij}`, :math:`s_{ij} = \text{scale}\cdot q_i\cdot k_j + m_{ij}`
-(:math:`m_{ij} \in \{0, -\infty\}`: causal, boolean masks), both differentiable. Computed apart, the entropy pays
+(:math:`m_{ij}`: causal and boolean masks, 0/−∞; or any additive mask, ALiBi and relative biases included),
+both differentiable. Computed apart, the entropy pays
 for its own scores, softmax and backward matmuls. Computed together, it shares them:
 
 Forward (one score matrix): :math:`S`, :math:`P = \mathrm{softmax}(S)`, :math:`\ell = \mathrm{log\_softmax}(S)`,
@@ -31,12 +32,14 @@ Choices this implementation states:
 - The output equals ``F.scaled_dot_product_attention`` to float round-off (≤ 1e-6 relative in float32, tested), not
   bit for bit: it is a materialised attention, not SDPA's kernel. Its strides are those of SDPA's output (``q``'s dimension
   order where SDPA runs its CPU flash kernel, contiguous where it runs the math path) (a ``y.transpose(1, 2).view(B, N, C)`` that works on SDPA's output works on it).
-- Masks: ``is_causal`` (top-left, as SDPA) and boolean ``attn_mask`` (True = attend). A query with no valid key gets
-  output 0 and entropy 0 (as SDPA's CPU kernels) and no gradient.
+- Masks: ``is_causal`` (top-left, as SDPA), boolean ``attn_mask`` (True = attend) and additive float ``attn_mask`` in
+  ``q``'s dtype (added to the scores, as SDPA; −∞ entries block a key, and ``n_keys`` counts the others). The
+  materialised scores make any additive bias exact here, where the ``fused`` path needs 0/−∞. A query with no valid key
+  gets output 0 and entropy 0 (as SDPA's CPU kernels) and no gradient.
 - GQA / MQA: ``k``, ``v`` may have fewer heads (``H`` a multiple of ``H_kv``); query head ``h`` reads key head
   ``h // (H / H_kv)``; ``dk``, ``dv`` are summed over each key head's query group.
-- No dropout, no additive float mask, no gradient to the mask; float32 and float64. Callers route anything else to
-  SDPA and the separate entropy paths.
+- No dropout, no gradient to the mask (a learned bias, e.g. T5's relative attention, keeps the separate path);
+  float32 and float64. Callers route anything else to SDPA and the separate entropy paths.
 - Non-finite inputs: a NaN/Inf in ``q`` or ``k`` gives NaN entropy only for the queries that read it through a valid
   key (as :func:`~entrotrain.functional.attention.attention_entropy_stats`); a NaN/Inf in ``v`` reaches every query
   of its head (``0·NaN``), where SDPA's kernels skip the key blocks a causal mask hides. The tap therefore leaves
@@ -76,8 +79,8 @@ def joint_attention_applies(
 ) -> bool:
     """Whether :func:`attention_with_entropy` can stand in for this ``scaled_dot_product_attention`` call, and pays.
 
-    Dense CPU float32/float64 4-D tensors of one dtype, no dropout, no mask or a boolean one, heads that SDPA would
-    accept, sizes > 0, no CPU autocast, and ``B·H·Nq·Nk <= max_elements`` (``None``: any size)."""
+    Dense CPU float32/float64 4-D tensors of one dtype, no dropout, no mask, a boolean one or a constant additive one
+    in q's dtype, heads that SDPA would accept, sizes > 0, no CPU autocast, and ``B·H·Nq·Nk <= max_elements`` (``None``: any size)."""
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
         return False
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
@@ -88,8 +91,10 @@ def joint_attention_applies(
         return False
     if dropout_p or _cpu_autocast():
         return False
-    if attn_mask is not None and (attn_mask.dtype != torch.bool or attn_mask.device != q.device):
-        return False
+    if attn_mask is not None and (
+        attn_mask.dtype not in (torch.bool, q.dtype) or attn_mask.device != q.device or attn_mask.requires_grad
+    ):
+        return False  # an additive mask must be q's dtype (as SDPA wants it) and constant (no bias gradient here)
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     if k.shape[0] != batch or v.shape[0] != batch or k.shape[-1] != dim or v.shape[1] != kv_heads:
@@ -114,8 +119,12 @@ def _cpu_autocast() -> bool:
 
 
 def _blocked(attn_mask: Tensor | None, is_causal: bool, n_q: int, n_k: int, device: torch.device) -> Tensor | None:
-    """The blocked (query, key) pairs, bool, broadcastable to ``(B, H, Nq, Nk)`` (2-D when the mask is), or ``None``."""
-    blocked = None if attn_mask is None else ~attn_mask
+    """The blocked (query, key) pairs, bool, broadcastable to ``(B, H, Nq, Nk)`` (2-D when the mask is), or ``None``:
+    ``False`` entries of a boolean mask, ``−∞`` entries of an additive one, and the causal mask's."""
+    if attn_mask is None:
+        blocked = None
+    else:
+        blocked = ~attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
     if is_causal:
         causal = torch.ones(n_q, n_k, dtype=torch.bool, device=device).triu_(1)  # top-left, as SDPA
         blocked = causal if blocked is None else blocked | causal
@@ -132,11 +141,16 @@ def _grouped(x: Tensor, batch: int, kv_heads: int, groups: int) -> Tensor:
     return x.reshape(batch * kv_heads, groups * x.shape[2], x.shape[3])
 
 
-def _masks(blocked: Tensor, batch: int, kv_heads: int, groups: int, dtype: torch.dtype):
-    """From the blocked pairs: the 0/−∞ score bias in the grouped layout, the valid-key counts ``(…, Nq)``, and the
-    queries with no valid key (grouped layout ``(·, G·Nq)``; ``None`` when every query has one)."""
+def _masks(blocked: Tensor, batch: int, kv_heads: int, groups: int, dtype: torch.dtype,
+           additive: Tensor | None = None):
+    """From the blocked pairs: the score bias in the grouped layout (0/−∞, or ``additive`` with −∞ on the blocked
+    pairs), the valid-key counts ``(…, Nq)``, and the queries with no valid key (grouped layout ``(·, G·Nq)``;
+    ``None`` when every query has one)."""
     counts = (~blocked).sum(-1)
-    bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
+    if additive is None:
+        bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
+    else:
+        bias = torch.where(blocked, float("-inf"), additive.to(dtype))
     bias = _grouped(bias, batch, kv_heads, groups)
     empty = counts == 0
     no_key = _grouped(empty.unsqueeze(-1), batch, kv_heads, groups).squeeze(-1) if bool(empty.any()) else None
@@ -232,8 +246,8 @@ def attention_with_entropy(
     r"""``scaled_dot_product_attention(q, k, v, ...)`` and the per-query attention entropy, differentiable together.
 
     Arguments as :func:`torch.nn.functional.scaled_dot_product_attention` (no dropout; ``attn_mask`` boolean, True =
-    attend). ``q`` ``(B, H, Nq, D)``, ``k`` ``(B, H_kv, Nk, D)``, ``v`` ``(B, H_kv, Nk, Dv)`` float32/float64 on
-    CPU, sizes > 0; ``enable_gqa`` lets ``H_kv`` divide ``H``. For custom attention code that wants a regulariser's
+    attend, or additive in ``q``'s dtype, not requiring grad). ``q`` ``(B, H, Nq, D)``, ``k`` ``(B, H_kv, Nk, D)``,
+    ``v`` ``(B, H_kv, Nk, Dv)`` float32/float64 on CPU, sizes > 0; ``enable_gqa`` lets ``H_kv`` divide ``H``. For custom attention code that wants a regulariser's
     entropy at the price of the attention (an :class:`~entrotrain.taps.AttentionTap` with ``differentiable=True``
     uses it for SDPA calls by itself).
 
@@ -253,8 +267,8 @@ def attention_with_entropy(
     if not joint_attention_applies(q, k, v, attn_mask, 0.0, enable_gqa, max_elements=None):
         raise EntrotrainError(
             "attention_with_entropy needs dense CPU float32/float64 q (B, H, Nq, D), k (B, H_kv, Nk, D), v (B, H_kv, "
-            f"Nk, Dv) of one dtype with sizes > 0 (H_kv < H only with enable_gqa=True), a boolean or no attn_mask and "
-            f"no CPU autocast; got q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
+            f"Nk, Dv) of one dtype with sizes > 0 (H_kv < H only with enable_gqa=True), no attn_mask, a boolean one or a "
+            f"constant additive one in q's dtype, and no CPU autocast; got q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
             "For other calls use F.scaled_dot_product_attention and entrotrain.functional.attention_entropy_stats."
         )
     dim = q.shape[-1]
@@ -269,8 +283,9 @@ def attention_with_entropy(
         bias, counts = _plain_mask(bool(is_causal), n_q, n_k, groups, q.dtype, q.device)
         counts, no_key = counts.clone(), None  # the cache's own tensor never reaches the caller
     else:
+        additive = None if attn_mask.dtype == torch.bool else attn_mask.detach()
         bias, counts, no_key = _masks(_blocked(attn_mask, bool(is_causal), n_q, n_k, q.device), batch, kv_heads,
-                                      groups, q.dtype)
+                                      groups, q.dtype, additive)
     q3 = q.reshape(batch * kv_heads, groups * n_q, q.shape[-1])  # (B·H_kv, G·Nq, D): one bmm per key head
     k3 = k.reshape(batch * kv_heads, n_k, k.shape[-1])
     v3 = v.reshape(batch * kv_heads, n_k, v.shape[-1])

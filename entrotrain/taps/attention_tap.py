@@ -156,8 +156,8 @@ class AttentionTap:
         differentiable: keep the graph (for regularisers) and store per-query results in :attr:`records`.
         joint_attention: with ``differentiable=True``, compute each SDPA call that
             :func:`~entrotrain.functional.attention_joint.joint_attention_applies` accepts (CPU, float32/64, no
-            dropout, boolean or causal mask, ``B·H·Nq·Nk`` up to 4 Mi) *and* its entropy in one materialised pass with
-            one shared backward, in place of SDPA's kernel followed by a separate entropy: the entropy then costs an
+            dropout, causal, boolean or constant additive mask, ``B·H·Nq·Nk`` up to 4 Mi) *and* its entropy in one
+            materialised pass with one shared backward, in place of SDPA's kernel followed by a separate entropy: the entropy then costs an
             elementwise pass instead of a second attention. The attention output equals SDPA's to float round-off, not
             bit for bit. Used only with ``path="auto"``, while gradients are on, without activation checkpointing,
             and when no torch-function mode other than another tap's sits below the tap's own (another tap below,

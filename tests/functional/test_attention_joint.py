@@ -28,14 +28,20 @@ def brute(q, k, v, attn_mask=None, is_causal=False, scale=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = scale * q @ k.transpose(-1, -2)
     valid = torch.ones(s.shape, dtype=torch.bool)
-    if attn_mask is not None:
+    attended = valid  # the keys given weight: valid ones whose additive bias is not a float's minimum (p = 0 there)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         valid = valid & attn_mask
+    elif attn_mask is not None:  # additive: added to the scores, −∞ blocks
+        s = s + attn_mask.double()
+        valid = valid & ~torch.isneginf(attn_mask)
+        attended = attn_mask.double() > -1e300  # (autograd through −1.8e308 · 0 would give the reference NaN)
     if is_causal:
         valid = valid & torch.ones(s.shape[-2:], dtype=torch.bool).tril()
-    s = s.masked_fill(~valid, float("-inf"))
-    has_key = valid.any(-1, keepdim=True)
+    attended = valid & attended
+    s = s.masked_fill(~attended, float("-inf"))
+    has_key = attended.any(-1, keepdim=True)
     p = torch.where(has_key, torch.softmax(torch.where(has_key, s, 0.0), -1), 0.0)
-    logp = torch.where(valid, torch.log_softmax(torch.where(has_key, s, 0.0), -1), 0.0)
+    logp = torch.where(attended, torch.log_softmax(torch.where(has_key, s, 0.0), -1), 0.0)
     entropy = -(p * logp).sum(-1)
     return p @ v, entropy, valid.sum(-1)
 
@@ -76,7 +82,27 @@ CASES = {
     "Dv != D": dict(is_causal=True, dim_v=12),
     "scale": dict(is_causal=True, scale=0.7),
     "sliding window of 3 (HF Mistral's boolean mask)": dict(window=3),
+    "ALiBi bias and causal": dict(is_causal=True, additive="alibi"),
+    "additive padding mask: −∞ and finite minimum": dict(additive="padding"),
+    "per-head additive bias, GQA": dict(additive="heads", kv_heads=2),
 }
+
+
+def additive_mask(kind: str, n_q: int, n_k: int) -> torch.Tensor:
+    """Float64 additive masks: ALiBi (slope per head × distance), a padding mask with −∞ and HF's finite minimum,
+    a random per-head bias with a blocked key."""
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    if kind == "alibi":
+        slopes = 2.0 ** -torch.arange(1, 5, dtype=torch.float64)
+        return -(slopes[:, None, None] * (i - j).abs())[None]  # (1, H, Nq, Nk)
+    if kind == "padding":
+        mask = torch.zeros(2, 1, 1, n_k, dtype=torch.float64)
+        mask[0, ..., -2:] = float("-inf")
+        mask[1, ..., :1] = torch.finfo(torch.float64).min
+        return mask
+    bias = torch.randn(1, 4, n_q, n_k, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    bias[..., 2] = float("-inf")
+    return bias
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -86,9 +112,11 @@ def test_equals_float64_brute_force_in_value_and_gradient(case, transposed):
     n_q, n_k = spec.pop("n_q", 8), spec.pop("n_k", 8)
     kv_heads, dim_v = spec.pop("kv_heads", 4), spec.pop("dim_v", 16)
     mask_shape, density = spec.pop("mask_shape", None), spec.pop("density", 0.6)
-    window = spec.pop("window", None)
+    window, additive = spec.pop("window", None), spec.pop("additive", None)
     q, k, v = make(2, 4, kv_heads, n_q, n_k, 16, dim_v, transposed=transposed)
     mask = None if mask_shape is None else random_mask(mask_shape, density, seed=3)
+    if additive is not None:
+        mask = additive_mask(additive, n_q, n_k)
     if window is not None:  # query i sees keys i - window < j <= i
         i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
         mask = (j <= i) & (j > i - window)
@@ -226,10 +254,12 @@ def test_refuses_what_it_cannot_compute_with_the_fix(change, fix):
     assert fix in str(err.value)
 
 
-def test_refuses_a_float_mask_and_a_non_finite_scale():
+def test_refuses_a_foreign_or_learned_mask_and_a_non_finite_scale():
     q, k, v = make(1, 1, 1, 4, 4, 8, 8, dtype=torch.float32)
-    with pytest.raises(EntrotrainError, match="boolean"):
-        attention_with_entropy(q, k, v, attn_mask=torch.zeros(4, 4))
+    with pytest.raises(EntrotrainError, match="additive one in q's dtype"):
+        attention_with_entropy(q, k, v, attn_mask=torch.zeros(4, 4, dtype=torch.float64))
+    with pytest.raises(EntrotrainError, match="additive"):
+        attention_with_entropy(q, k, v, attn_mask=torch.zeros(4, 4, requires_grad=True))
     with pytest.raises(EntrotrainError, match="scale"):
         attention_with_entropy(q, k, v, scale=float("nan"))
 
@@ -238,7 +268,9 @@ def test_applies_only_where_it_pays_and_matches_sdpa_semantics():
     q, k, v = make(2, 4, 4, 8, 8, 16, 16, dtype=torch.float32)
     assert joint_attention_applies(q, k, v, None, 0.0, False)
     assert not joint_attention_applies(q, k, v, None, 0.1, False)  # dropout: SDPA's RNG
-    assert not joint_attention_applies(q, k, v, torch.zeros(8, 8), 0.0, False)  # additive float mask
+    assert joint_attention_applies(q, k, v, torch.zeros(8, 8), 0.0, False)  # an additive mask: exact here
+    assert not joint_attention_applies(q, k, v, torch.zeros(8, 8, requires_grad=True), 0.0, False)  # a learned bias
+    assert not joint_attention_applies(q, k, v, torch.zeros(8, 8, dtype=torch.float64), 0.0, False)  # SDPA refuses
     assert not joint_attention_applies(q, k[:, :2], v[:, :2], None, 0.0, False)  # GQA without enable_gqa
     assert not joint_attention_applies(q, k, v, torch.ones(3, 8, dtype=torch.bool), 0.0, False)  # mask shape
     assert not joint_attention_applies(q, k, v, None, 0.0, False, max_elements=2 * 4 * 8 * 8 - 1)

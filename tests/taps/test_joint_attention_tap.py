@@ -234,3 +234,46 @@ def test_hf_sdpa_models_take_the_joint_path(padded, joint_calls):
         torch.testing.assert_close(h1, h0, atol=2e-6, rtol=0)
     for g1, g0 in zip(grads1, grads0):
         torch.testing.assert_close(g1, g0, atol=2e-6, rtol=1e-4)
+
+
+class AlibiAttention(torch.nn.Module):
+    """Self-attention with an ALiBi bias and a causal −∞ mask, both in one additive ``attn_mask`` (as ALiBi models
+    pass it to SDPA)."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).split(c, 2))
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        slopes = 2.0 ** -torch.arange(1, self.heads + 1, dtype=x.dtype)
+        bias = (-(slopes[:, None, None] * (i - j))).masked_fill(j > i, float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+def test_additive_masks_take_the_joint_path(joint_calls):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(AlibiAttention(), AlibiAttention())
+    x = torch.randn(3, 10, 32)
+    reg = EntropyFloorRegularizer(weight=1.0, floor=0.9)  # high floor: every head below it, gradients flow
+    results = []
+    for joint in (False, True):
+        net.zero_grad(set_to_none=True)
+        with reg.capture(net, joint_attention=joint) as tap:
+            y = net(x)
+        records = [r.entropy.detach() for _, r in tap.records]
+        penalty = reg().total
+        (y.square().mean() + penalty).backward()
+        results.append((y.detach(), penalty.detach(), records, [p.grad.clone() for p in net.parameters()]))
+    assert len(joint_calls) == 2
+    (y0, pen0, rec0, g0), (y1, pen1, rec1, g1) = results
+    assert float(pen0) > 0
+    torch.testing.assert_close(y1, y0, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(pen1, pen0, atol=1e-6, rtol=1e-5)
+    for h1, h0 in zip(rec1, rec0):
+        torch.testing.assert_close(h1, h0, atol=2e-6, rtol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)

@@ -33,7 +33,8 @@ Choices this implementation states:
   bit for bit: it is a materialised attention, not SDPA's kernel. Its strides are those of SDPA's output (``q``'s dimension
   order where SDPA runs its CPU flash kernel, contiguous where it runs the math path) (a ``y.transpose(1, 2).view(B, N, C)`` that works on SDPA's output works on it).
 - Masks: ``is_causal`` (top-left, as SDPA), boolean ``attn_mask`` (True = attend) and additive float ``attn_mask`` in
-  ``q``'s dtype (added to the scores, as SDPA; −∞ entries block a key, and ``n_keys`` counts the others). The
+  ``q``'s dtype (added to the scores, as SDPA; −∞ entries block a key, and ``n_keys`` counts the others; a mask
+  holding the float's minimum, older HF's "blocked", is refused: SDPA and the entropy paths read it differently). The
   materialised scores make any additive bias exact here, where the ``fused`` path needs 0/−∞. A query with no valid key
   gets output 0 and entropy 0 (as SDPA's CPU kernels) and no gradient.
 - GQA / MQA: ``k``, ``v`` may have fewer heads (``H`` a multiple of ``H_kv``); query head ``h`` reads key head
@@ -95,6 +96,10 @@ def joint_attention_applies(
         attn_mask.dtype not in (torch.bool, q.dtype) or attn_mask.device != q.device or attn_mask.requires_grad
     ):
         return False  # an additive mask must be q's dtype (as SDPA wants it) and constant (no bias gradient here)
+    if attn_mask is not None and attn_mask.dtype != torch.bool and bool((attn_mask == torch.finfo(q.dtype).min).any()):
+        # a float's minimum as "blocked" (older HF masks): the entropy paths count such a key as blocked, SDPA gives a
+        # row of them a uniform average; left to SDPA and the separate entropy, which keep both conventions
+        return False
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     if k.shape[0] != batch or v.shape[0] != batch or k.shape[-1] != dim or v.shape[1] != kv_heads:
@@ -268,7 +273,7 @@ def attention_with_entropy(
         raise EntrotrainError(
             "attention_with_entropy needs dense CPU float32/float64 q (B, H, Nq, D), k (B, H_kv, Nk, D), v (B, H_kv, "
             f"Nk, Dv) of one dtype with sizes > 0 (H_kv < H only with enable_gqa=True), no attn_mask, a boolean one or a "
-            f"constant additive one in q's dtype, and no CPU autocast; got q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
+            f"constant additive one in q's dtype (−∞ to block, not the float's minimum), and no CPU autocast; got q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
             "For other calls use F.scaled_dot_product_attention and entrotrain.functional.attention_entropy_stats."
         )
     dim = q.shape[-1]

@@ -83,14 +83,14 @@ CASES = {
     "scale": dict(is_causal=True, scale=0.7),
     "sliding window of 3 (HF Mistral's boolean mask)": dict(window=3),
     "ALiBi bias and causal": dict(is_causal=True, additive="alibi"),
-    "additive padding mask: −∞ and finite minimum": dict(additive="padding"),
+    "additive padding mask: −∞ and a large finite bias": dict(additive="padding"),
     "per-head additive bias, GQA": dict(additive="heads", kv_heads=2),
 }
 
 
 def additive_mask(kind: str, n_q: int, n_k: int) -> torch.Tensor:
-    """Float64 additive masks: ALiBi (slope per head × distance), a padding mask with −∞ and HF's finite minimum,
-    a random per-head bias with a blocked key."""
+    """Float64 additive masks: ALiBi (slope per head × distance), a padding mask with −∞ and a large finite bias, a
+    random per-head bias with a blocked key."""
     i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
     if kind == "alibi":
         slopes = 2.0 ** -torch.arange(1, 5, dtype=torch.float64)
@@ -98,7 +98,7 @@ def additive_mask(kind: str, n_q: int, n_k: int) -> torch.Tensor:
     if kind == "padding":
         mask = torch.zeros(2, 1, 1, n_k, dtype=torch.float64)
         mask[0, ..., -2:] = float("-inf")
-        mask[1, ..., :1] = torch.finfo(torch.float64).min
+        mask[1, ..., :1] = -1e30
         return mask
     bias = torch.randn(1, 4, n_q, n_k, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     bias[..., 2] = float("-inf")
@@ -260,6 +260,9 @@ def test_refuses_a_foreign_or_learned_mask_and_a_non_finite_scale():
         attention_with_entropy(q, k, v, attn_mask=torch.zeros(4, 4, dtype=torch.float64))
     with pytest.raises(EntrotrainError, match="additive"):
         attention_with_entropy(q, k, v, attn_mask=torch.zeros(4, 4, requires_grad=True))
+    hf_style = torch.zeros(4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    with pytest.raises(EntrotrainError, match="not the float's minimum"):
+        attention_with_entropy(q, k, v, attn_mask=hf_style)
     with pytest.raises(EntrotrainError, match="scale"):
         attention_with_entropy(q, k, v, scale=float("nan"))
 

@@ -5,8 +5,8 @@ Transformer Training by Preventing Attention Entropy Collapse") needs, for every
 :math:`O = PV` *and* the entropy :math:`H_i = -\sum_j p_{ij}\ell_{ij}` of :math:`p_i = \mathrm{softmax}(s_i)`,
 :math:`\ell_{ij} = \log p_{ij}`, :math:`s_{ij} = \text{scale}\cdot q_i\cdot k_j + m_{ij}`
 (:math:`m_{ij}`: causal and boolean masks, 0/−∞; or any additive mask, ALiBi and relative biases included),
-both differentiable. Computed apart, the entropy pays
-for its own scores, softmax and backward matmuls. Computed together, it shares them:
+both differentiable. Computed apart, the entropy pays for its own scores, softmax and backward matmuls. Computed
+together, it shares them:
 
 Forward (one score matrix): :math:`S`, :math:`P = \mathrm{softmax}(S)`, :math:`\ell = \mathrm{log\_softmax}(S)`,
 :math:`O = PV`, :math:`H_i = -\sum_j p_{ij}\ell_{ij}` (blocked keys: :math:`p = 0` and :math:`p\,\ell = 0`; no
@@ -24,17 +24,20 @@ attention's and the entropy's (see :mod:`entrotrain.functional.attention_fused_g
 
 so the entropy adds one elementwise term to the attention backward and **no matmul**: 2 matmuls forward and 4
 backward, where attention plus a separate entropy take 2 + 4 (flash) and 2 + 3 more. Memory: ``P`` and ``ℓ`` are kept
-for the backward (as ``P`` and ``P∘ℓ``: ``2·B·H·Nq·Nk`` elements), which is why callers use it for small score matrices only
-(:data:`JOINT_MAX_ELEMENTS`); longer sequences keep the flash kernels (SDPA, and the ``fused`` entropy path).
+for the backward (as ``P`` and ``P∘ℓ``: ``2·B·H·Nq·Nk`` elements), which is why callers use it for small score
+matrices only (:data:`JOINT_MAX_ELEMENTS`); longer sequences keep the flash kernels (SDPA, and the ``fused`` entropy
+path).
 
 Choices this implementation states:
 
 - The output equals ``F.scaled_dot_product_attention`` to float round-off (≤ 1e-6 relative in float32, tested), not
-  bit for bit: it is a materialised attention, not SDPA's kernel. Its strides are those of SDPA's output (``q``'s dimension
-  order where SDPA runs its CPU flash kernel, contiguous where it runs the math path) (a ``y.transpose(1, 2).view(B, N, C)`` that works on SDPA's output works on it).
+  bit for bit: it is a materialised attention, not SDPA's kernel. Its strides are those of SDPA's output (``q``'s
+  dimension order where SDPA runs its CPU flash kernel, contiguous where it runs the math path), so a
+  ``y.transpose(1, 2).view(B, N, C)`` that works on SDPA's output works on it.
 - Masks: ``is_causal`` (top-left, as SDPA), boolean ``attn_mask`` (True = attend) and additive float ``attn_mask`` in
   ``q``'s dtype (added to the scores, as SDPA; −∞ entries block a key, and ``n_keys`` counts the others; a mask
-  holding the float's minimum, older HF's "blocked", is refused: SDPA and the entropy paths read it differently). The
+  holding the float's minimum, older HF's "blocked", is refused: SDPA and the entropy paths read it differently).
+  The
   materialised scores make any additive bias exact here, where the ``fused`` path needs 0/−∞. A query with no valid key
   gets output 0 and entropy 0 (as SDPA's CPU kernels) and no gradient.
 - GQA / MQA: ``k``, ``v`` may have fewer heads (``H`` a multiple of ``H_kv``); query head ``h`` reads key head
@@ -63,9 +66,9 @@ from entrotrain.functional.attention import AttentionEntropy
 __all__ = ["JOINT_MAX_ELEMENTS", "attention_with_entropy", "joint_attention_applies"]
 
 #: Score elements ``B·H·Nq·Nk`` up to which :func:`joint_attention_applies` says yes: ``P`` and ``P∘ℓ`` kept for the
-#: backward are then at most 2 × 16 MiB in float32 per call. Measured (``benchmarks/attention_regularizers.py``, 1 thread):
-#: the joint attention costs 1.1–1.8× SDPA fwd+bwd up to 4 Mi scores, against 1.9–2.3× for SDPA + the separate
-#: entropy; at 8 Mi (B1 H8 N1024) the score buffers leave the caches and it costs 2.2–2.6×.
+#: backward are then at most 2 × 16 MiB in float32 per call. Measured (``benchmarks/attention_regularizers.py``,
+#: 1 thread): the joint attention costs 1.1–1.8× SDPA fwd+bwd up to 4 Mi scores, against 1.9–2.3× for SDPA + the
+#: separate entropy; at 8 Mi (B1 H8 N1024) the score buffers leave the caches and it costs 2.2–2.6×.
 JOINT_MAX_ELEMENTS = 1 << 22
 
 
@@ -81,7 +84,8 @@ def joint_attention_applies(
     """Whether :func:`attention_with_entropy` can stand in for this ``scaled_dot_product_attention`` call, and pays.
 
     Dense CPU float32/float64 4-D tensors of one dtype, no dropout, no mask, a boolean one or a constant additive one
-    in q's dtype, heads that SDPA would accept, sizes > 0, no CPU autocast, and ``B·H·Nq·Nk <= max_elements`` (``None``: any size)."""
+    in q's dtype, heads that SDPA would accept, sizes > 0, no CPU autocast, and ``B·H·Nq·Nk <= max_elements``
+    (``None``: any size)."""
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
         return False
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
@@ -252,9 +256,9 @@ def attention_with_entropy(
 
     Arguments as :func:`torch.nn.functional.scaled_dot_product_attention` (no dropout; ``attn_mask`` boolean, True =
     attend, or additive in ``q``'s dtype, not requiring grad). ``q`` ``(B, H, Nq, D)``, ``k`` ``(B, H_kv, Nk, D)``,
-    ``v`` ``(B, H_kv, Nk, Dv)`` float32/float64 on CPU, sizes > 0; ``enable_gqa`` lets ``H_kv`` divide ``H``. For custom attention code that wants a regulariser's
-    entropy at the price of the attention (an :class:`~entrotrain.taps.AttentionTap` with ``differentiable=True``
-    uses it for SDPA calls by itself).
+    ``v`` ``(B, H_kv, Nk, Dv)`` float32/float64 on CPU, sizes > 0; ``enable_gqa`` lets ``H_kv`` divide ``H``. For
+    custom attention code that wants a regulariser's entropy at the price of the attention (an
+    :class:`~entrotrain.taps.AttentionTap` with ``differentiable=True`` uses it for SDPA calls by itself).
 
     Returns:
         ``(output, AttentionEntropy)``: the attention output ``(B, H, Nq, Dv)`` (equal to SDPA's to round-off, strides
@@ -272,8 +276,9 @@ def attention_with_entropy(
     if not joint_attention_applies(q, k, v, attn_mask, 0.0, enable_gqa, max_elements=None):
         raise EntrotrainError(
             "attention_with_entropy needs dense CPU float32/float64 q (B, H, Nq, D), k (B, H_kv, Nk, D), v (B, H_kv, "
-            f"Nk, Dv) of one dtype with sizes > 0 (H_kv < H only with enable_gqa=True), no attn_mask, a boolean one or a "
-            f"constant additive one in q's dtype (−∞ to block, not the float's minimum), and no CPU autocast; got q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
+            "Nk, Dv) of one dtype with sizes > 0 (H_kv < H only with enable_gqa=True), no attn_mask, a boolean one or "
+            "a constant additive one in q's dtype (−∞ to block, not the float's minimum), and no CPU autocast; got "
+            f"q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
             "For other calls use F.scaled_dot_product_attention and entrotrain.functional.attention_entropy_stats."
         )
     dim = q.shape[-1]

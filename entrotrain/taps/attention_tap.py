@@ -157,9 +157,9 @@ class AttentionTap:
         joint_attention: with ``differentiable=True``, compute each SDPA call that
             :func:`~entrotrain.functional.attention_joint.joint_attention_applies` accepts (CPU, float32/64, no
             dropout, causal, boolean or constant additive mask, ``B·H·Nq·Nk`` up to 4 Mi) *and* its entropy in one
-            materialised pass with one shared backward, in place of SDPA's kernel followed by a separate entropy: the entropy then costs an
-            elementwise pass instead of a second attention. The attention output equals SDPA's to float round-off, not
-            bit for bit. Used only with ``path="auto"``, while gradients are on, without activation checkpointing,
+            materialised pass with one shared backward, in place of SDPA's kernel followed by a separate entropy:
+            the entropy then costs an elementwise pass instead of a second attention. The attention output equals
+            SDPA's to float round-off, not bit for bit. Used only with ``path="auto"``, while gradients are on, without activation checkpointing,
             and when no torch-function mode other than another tap's sits below the tap's own (another tap below,
             e.g. a monitor's, is handed the call: the model computes the same with or without it). ``False``: SDPA
             runs untouched and the entropy apart.

@@ -61,9 +61,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.attention import AttentionEntropy
+from entrotrain.functional.attention import AttentionEntropy, normalized_entropy
 
-__all__ = ["JOINT_MAX_ELEMENTS", "attention_with_entropy", "joint_attention_applies"]
+__all__ = ["JOINT_MAX_ELEMENTS", "attention_with_entropy", "joint_attention", "joint_attention_applies"]
 
 #: Score elements ``B·H·Nq·Nk`` up to which :func:`joint_attention_applies` says yes: ``P`` and ``P∘ℓ`` kept for the
 #: backward are then at most 2 × 16 MiB in float32 per call. Measured (``benchmarks/attention_regularizers.py``,
@@ -250,7 +250,6 @@ def attention_with_entropy(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
-    finite_keys: bool | None = None,
 ) -> tuple[Tensor, AttentionEntropy]:
     r"""``scaled_dot_product_attention(q, k, v, ...)`` and the per-query attention entropy, differentiable together.
 
@@ -269,9 +268,6 @@ def attention_with_entropy(
     Raises:
         EntrotrainError: a call :func:`joint_attention_applies` refuses (apart from the size limit), or a
             non-finite ``scale``.
-
-    ``finite_keys``: ``None`` checks ``k`` with one reduction (a blocked NaN/Inf key must not reach its query, which
-    costs a masking pass); ``True`` tells that the caller has checked.
     """
     if not joint_attention_applies(q, k, v, attn_mask, 0.0, enable_gqa, max_elements=None):
         raise EntrotrainError(
@@ -281,35 +277,44 @@ def attention_with_entropy(
             f"q {_describe(q)}, k {_describe(k)}, v {_describe(v)}, attn_mask {_describe(attn_mask)}. "
             "For other calls use F.scaled_dot_product_attention and entrotrain.functional.attention_entropy_stats."
         )
-    dim = q.shape[-1]
-    if scale is None:
-        scale = 1.0 / math.sqrt(dim)
-    elif not math.isfinite(float(scale)):
+    if scale is not None and not math.isfinite(float(scale)):
         raise EntrotrainError(f"scale must be finite, got {scale!r}.")
-    batch, heads, n_q, _ = q.shape
+    # one reduction decides whether a blocked NaN/Inf key needs the masking pass (a finite k that overflows: slower)
+    finite_keys = attn_mask is None and not is_causal or math.isfinite(float(k.detach().sum()))
+    return joint_attention(q, k, v, attn_mask, bool(is_causal), scale, enable_gqa, finite_keys)
+
+
+def joint_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    finite_keys: bool,
+) -> tuple[Tensor, AttentionEntropy]:
+    """:func:`attention_with_entropy` for a caller that has checked the call (:func:`joint_attention_applies`) and
+    knows whether ``k`` is finite (``finite_keys``): the SDPA interceptor, which runs both checks itself."""
+    batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     groups = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     if attn_mask is None:  # no mask or a causal one: the same small tensors at every call
-        bias, counts = _plain_mask(bool(is_causal), n_q, n_k, groups, q.dtype, q.device)
+        bias, counts = _plain_mask(is_causal, n_q, n_k, groups, q.dtype, q.device)
         counts, no_key = counts.clone(), None  # the cache's own tensor never reaches the caller
     else:
         additive = None if attn_mask.dtype == torch.bool else attn_mask.detach()
-        bias, counts, no_key = _masks(_blocked(attn_mask, bool(is_causal), n_q, n_k, q.device), batch, kv_heads,
-                                      groups, q.dtype, additive)
-    q3 = q.reshape(batch * kv_heads, groups * n_q, q.shape[-1])  # (B·H_kv, G·Nq, D): one bmm per key head
-    k3 = k.reshape(batch * kv_heads, n_k, k.shape[-1])
+        bias, counts, no_key = _masks(_blocked(attn_mask, is_causal, n_q, n_k, q.device), batch, kv_heads, groups,
+                                      q.dtype, additive)
+    q3 = q.reshape(batch * kv_heads, groups * n_q, dim)  # (B·H_kv, G·Nq, D): one bmm per key head
+    k3 = k.reshape(batch * kv_heads, n_k, dim)
     v3 = v.reshape(batch * kv_heads, n_k, v.shape[-1])
-    if finite_keys is None:
-        finite_keys = bias is None or math.isfinite(float(k.detach().sum()))  # one reduction decides (overflow: slower)
-    out, entropy = _JointAttention.apply(q3, k3, v3, bias, no_key, float(scale), finite_keys)
-    out = out.view(batch, heads, n_q, v.shape[-1])
+    out, entropy = _JointAttention.apply(q3, k3, v3, bias, no_key, scale, finite_keys)
     entropy = entropy.view(batch, heads, n_q)
     counts = counts.reshape((1,) * (3 - counts.dim()) + tuple(counts.shape)).expand(batch, heads, n_q)
-    n = counts.to(entropy.dtype)
-    defined = n >= 2
-    normalized = torch.where(defined, entropy / torch.log(torch.where(defined, n, torch.full_like(n, 2.0))), 0.0)
-    out = _like_sdpa_layout(out, q, k, v, attn_mask, bool(is_causal), float(scale), enable_gqa)
-    return out, AttentionEntropy(entropy, normalized, counts)
+    out = _like_sdpa_layout(out.view(batch, heads, n_q, v.shape[-1]), q, k, v, attn_mask, is_causal, scale, enable_gqa)
+    return out, AttentionEntropy(entropy, normalized_entropy(entropy, counts), counts)
 
 
 def _describe(x: object) -> str:

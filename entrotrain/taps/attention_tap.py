@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from entrotrain._validation import check_bool
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionEntropy, AttentionPath, _check_qk, attention_entropy_stats
-from entrotrain.functional.attention_joint import attention_with_entropy, joint_attention_applies
+from entrotrain.functional.attention_joint import joint_attention, joint_attention_applies
 from entrotrain.functional.attention_masks import AttentionMask
 from entrotrain.taps.attention_stats import per_head_sums
 from entrotrain.taps.nn_attention import mha_query_key, watch_decoder_padding
@@ -159,10 +159,10 @@ class AttentionTap:
             dropout, causal, boolean or constant additive mask, ``B·H·Nq·Nk`` up to 4 Mi) *and* its entropy in one
             materialised pass with one shared backward, in place of SDPA's kernel followed by a separate entropy:
             the entropy then costs an elementwise pass instead of a second attention. The attention output equals
-            SDPA's to float round-off, not bit for bit. Used only with ``path="auto"``, while gradients are on, without activation checkpointing,
-            and when no torch-function mode other than another tap's sits below the tap's own (another tap below,
-            e.g. a monitor's, is handed the call: the model computes the same with or without it). ``False``: SDPA
-            runs untouched and the entropy apart.
+            SDPA's to float round-off, not bit for bit. Used only with ``path="auto"``, while gradients are on,
+            without activation checkpointing, and when no torch-function mode other than another tap's sits below
+            the tap's own (another tap below, e.g. a monitor's, is handed the call: the model computes the same with
+            or without it). ``False``: SDPA runs untouched and the entropy apart.
 
     Padding: a query position is scored only if the model's own mask marks it as real: a ``query_mask`` given with
     the call (``record_attention``, or an ``nn.MultiheadAttention`` self-attention's ``key_padding_mask``), else the
@@ -433,8 +433,8 @@ class AttentionTap:
                 "attention tap needs (batch, heads, tokens, head_dim). Reshape to 4-D before the call, or exclude "
                 "the module with exclude=[...]."
             )
-        lower = _taps_below() if joint_allowed else None
-        if lower is not None and self._joint(call):
+        lower = _taps_below() if joint_allowed and self._joint(call) else None  # (a monitor's tap: never looked up)
+        if lower is not None:
             out = self._record_joint(site, call)
             for tap in lower:  # the entrotrain taps whose interceptors sit below: they see the call as if it ran on
                 tap._replay_deferred()
@@ -485,18 +485,19 @@ class AttentionTap:
         return math.isfinite(float(key.detach().sum() + value.detach().sum()))
 
     def _record_joint(self, site: str, call: dict[str, Any]) -> Tensor:
-        """The call's output and its entropy from one :func:`attention_with_entropy`; the entropy is stored as
-        :meth:`record` stores it (sampling budgets applied to the per-query results)."""
+        """The call's output and its entropy from one :func:`~entrotrain.functional.attention_joint.joint_attention`
+        (``attention_with_entropy`` without its checks); the entropy is stored as :meth:`record` stores it (sampling
+        budgets applied to the per-query results)."""
         query = call["query"]
-        out, result = attention_with_entropy(
+        out, result = joint_attention(  # the call was checked by _joint: k and v finite
             query,
             call["key"],
             call["value"],
-            attn_mask=call.get("attn_mask"),
-            is_causal=bool(call.get("is_causal") or False),
-            scale=call.get("scale"),
-            enable_gqa=bool(call.get("enable_gqa")),
-            finite_keys=True,  # checked by _joint
+            call.get("attn_mask"),
+            bool(call.get("is_causal") or False),
+            call.get("scale"),
+            bool(call.get("enable_gqa")),
+            finite_keys=True,
         )
         query_mask = _query_mask(self, site, query, None)
         rows = evenly_spaced(query.shape[0], self.max_rows, query.device)

@@ -27,15 +27,15 @@ def tokens(batch: int = 4) -> torch.Tensor:
 
 @pytest.fixture
 def joint_calls(monkeypatch):
-    """Counts the tap's calls of attention_with_entropy."""
+    """Counts the tap's calls of the joint attention."""
     calls = []
-    real = attention_tap.attention_with_entropy
+    real = attention_tap.joint_attention
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention_tap, "attention_with_entropy", counting)
+    monkeypatch.setattr(attention_tap, "joint_attention", counting)
     return calls
 
 

@@ -22,6 +22,7 @@ mode stack, which dynamo does guard on: armed and unarmed steps each find their 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,31 +60,28 @@ def in_fx_graph(depth: int = 1) -> bool:
     return False
 
 
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor, also inside tuples, lists and dict values."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def detached(value: Any) -> Any:
     """``value`` with every tensor (also inside tuples, lists and dict values) detached from the autograd graph."""
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(detached(v) for v in value)
-    if isinstance(value, list):
-        return [detached(v) for v in value]
-    if isinstance(value, dict):
-        return {k: detached(v) for k, v in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.detach())
 
 
 def snapshot(value: Any) -> Any:
     """:func:`detached`, and each tensor copied: ops that run later in the same graph (``ReLU(inplace=True)``) must not
     change what was captured (a backend that runs the traced graph as is would write into the captured tensor)."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(snapshot(v) for v in value)
-    if isinstance(value, list):
-        return [snapshot(v) for v in value]
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.detach().clone())
 
 
 class ArmedMarker(TorchFunctionMode):

@@ -111,7 +111,7 @@ def logits_case(draw):
     elif mask_kind in ("int", "float"):
         mask = torch.ones(shape, dtype=torch.long if mask_kind == "int" else torch.float32)
     elif mask_kind == "wrong-shape":
-        mask = torch.ones(tuple(s + 1 for s in shape), dtype=torch.bool)
+        mask = torch.ones(tuple(s + 2 for s in shape), dtype=torch.bool)  # never 1: does not broadcast
     temperature = draw(st.sampled_from([1.0, 0.5, 2.0, 0.0, -1.0, INF, NAN]))
     return z, dim, mask, mask_kind, temperature
 

@@ -1,0 +1,519 @@
+"""Entrotrain's Lightning monitors and collapse guards driven without Lightning: the trainer-free session that
+:class:`~entrotrain.integrations.transformers.EntropyTrainerCallback` (``transformers.Trainer``) and
+:class:`~entrotrain.integrations.loop.EntropyMonitors` (any training loop) map their events onto.
+
+A *driver* runs one monitor's trainer-free core (``bind`` / ``compute_metrics`` / ``media``): arm its taps for a logging
+step, disarm them, turn the captured window into metrics (one SUM all-reduce per monitor when ``torch.distributed`` is
+initialised). :class:`MonitorSession` holds the drivers and the guards and keeps the rules both integrations share:
+
+* a key a monitor published before and not at this logging step is NaN now (never its last value);
+* each guard observes its key at most once per step, and checks staleness with the Lightning guard's rules;
+* a guard's action (warn, alert, stop, reduce_lr) runs once per episode; ``{monitor}/alert = 1`` joins the next logs;
+* every monitor's and guard's ``state_dict`` by ``state_key`` for a resume.
+
+No statistic is computed here (DESIGN.md §8): a key has the same value from Lightning, ``Trainer`` and a plain loop.
+Nothing here imports transformers or wandb.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, _logits_of, _Positions
+from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
+from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
+from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
+from entrotrain.errors import EntrotrainError, TapError
+
+__all__ = ["MonitorSession", "Reduce", "distributed", "wandb_run"]
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def distributed() -> tuple[int, int, Reduce | None]:
+    """``(world_size, rank, sum over ranks)``; one process when ``torch.distributed`` is not initialised."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1, 0, None
+    import torch.distributed as dist
+
+    def reduce(t: Tensor) -> Tensor:
+        t = t.contiguous().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    return dist.get_world_size(), dist.get_rank(), reduce
+
+
+def wandb_run() -> Any | None:
+    """The active wandb run, if wandb is imported and a run is active (never imports wandb)."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+# ------------------------------------------------------------------------------------------------ monitor drivers
+class _Driver:
+    """Drives one Lightning monitor's trainer-free core from ``Trainer`` events."""
+
+    def __init__(self, monitor: Any, where: str) -> None:
+        self.monitor = monitor
+        self.where = where  # "under transformers.Trainer", for messages
+        self.model: nn.Module | None = None
+        self.step = 0  # the optimizer step being captured (set before arm)
+
+    def bind(self, model: nn.Module) -> None:
+        """Fresh per-train state, watching ``model``."""
+        self.monitor._reset_fit_state()
+        self.model = model
+
+    def arm(self) -> None:
+        """First micro-batch of a logging step."""
+
+    def disarm(self) -> None:
+        """Safe to call at any time, any number of times."""
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def media(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> str | None:
+        return None
+
+
+class _AttentionDriver(_Driver):
+    monitor: AttentionEntropyMonitor
+
+    def __init__(self, monitor: AttentionEntropyMonitor, where: str) -> None:
+        super().__init__(monitor, where)
+        self._normalized: Tensor | None = None
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.monitor.bind(model)
+
+    def arm(self) -> None:
+        assert self.monitor.tap is not None
+        self.monitor.tap.reset()
+        self.monitor.tap.arm()
+
+    def disarm(self) -> None:
+        if self.monitor.tap is not None:
+            self.monitor.tap.disarm()
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        m = self.monitor
+        assert m.tap is not None and self.model is not None
+        self._normalized = None
+        if not m.tap.stats:
+            m._no_capture(self.model)  # TapError when strict, else warned once
+            return {}
+        metrics, normalized = m.compute_metrics(step, reduce)
+        if not m._announced:
+            m._announced = True
+            names = ", ".join(f"L{i}={name}" for i, name in enumerate(m.site_names))
+            rank_zero_info(f"AttentionEntropyMonitor sites: {names}")
+        if rank == 0:
+            m._history.append(normalized.float())
+            m._history_steps.append(step)
+        self._normalized = normalized
+        return metrics
+
+    def media(self) -> dict[str, Any]:
+        if not self.monitor.log_media or self._normalized is None:
+            return {}
+        return self.monitor.media(self._normalized)
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return m.summary_table() if m.print_summary and m.first_summary is not None else None
+
+
+class _RepresentationDriver(_Driver):
+    monitor: RepresentationEntropyMonitor
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.monitor.bind(model)
+
+    def arm(self) -> None:
+        assert self.monitor.tap is not None
+        self.monitor._begin_window()
+        self.monitor.tap.arm()
+
+    def disarm(self) -> None:
+        if self.monitor.tap is not None:
+            self.monitor.tap.disarm()
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        return self.monitor.compute_metrics(step, world, rank, reduce)
+
+    def media(self) -> dict[str, Any]:
+        m = self.monitor
+        return m.media() if m.log_spectrum and m.spectra else {}
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return m.summary_table() if m.print_summary and m.history else None
+
+
+class _SigmaReparamDriver(_Driver):
+    monitor: SigmaReparamMonitor
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        assert self.model is not None
+        return self.monitor.compute_metrics(self.model, step)  # weights are the same on every rank: no reduction
+
+
+class _BatchWatch:
+    """Forward pre/post hooks on the root model during a logging step: ``Trainer`` hands callbacks no batch, but it
+    calls ``model(**inputs)``, so the pre-hook reads the micro-batch's tensors from the keyword arguments (the
+    ``attention_mask``, the ``labels``) and the post-hook sees the output, once per micro-batch forward."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self.fields: dict[str, Tensor | None] = {}
+
+    def arm(self, model: nn.Module, keys: Sequence[str], before: Callable[[], None], after: Callable[[Any], None]) -> None:
+        self.disarm()
+
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.fields = {k: kwargs[k] if isinstance(kwargs.get(k), Tensor) else None for k in keys}
+            before()
+
+        def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            after(output)
+
+        self._handles = [
+            model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True),
+        ]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.fields = {}
+
+
+class _RouterDriver(_Driver):
+    """Router statistics from the monitor's :class:`~entrotrain.taps.router_tap.RouterTap`, one micro-batch forward
+    at a time; the keep mask is the forward's ``attention_mask`` keyword argument (``mask_key``)."""
+
+    monitor: RouterEntropyMonitor
+
+    def __init__(self, monitor: RouterEntropyMonitor, where: str) -> None:
+        super().__init__(monitor, where)
+        self._watch = _BatchWatch()
+        self._mask: Tensor | None = None
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.monitor.bind(model)
+        if self.monitor.tap is None:  # no training_step hands router logits over: the tap is the only source
+            raise TapError(f"RouterEntropyMonitor {self.where}: {self.monitor._tap_error}")
+
+    def _consume(self) -> None:
+        """Score what the routers captured since the last call, with the mask of the forward that produced it."""
+        m = self.monitor
+        if m.tap is None or not m.tap.captures:
+            return
+        key = m.mask_key
+        m._consume(None, {key: self._mask} if key is not None and self._mask is not None else {}, self.step)
+        m.tap.reset()
+
+    def arm(self) -> None:
+        m = self.monitor
+        assert m.tap is not None and self.model is not None
+        m._sums = {}
+        m.tap.reset()
+        self._mask = None
+
+        def before() -> None:
+            self._consume()  # captures left by a recomputation in backward belong to the previous forward
+            self._mask = self._watch.fields.get(m.mask_key) if m.mask_key is not None else None
+
+        self._watch.arm(self.model, [m.mask_key] if m.mask_key is not None else [], before, lambda _: self._consume())
+        m.tap.arm()
+
+    def disarm(self) -> None:
+        self._watch.disarm()
+        if self.monitor.tap is not None:
+            self.monitor.tap.disarm()
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        m = self.monitor
+        self._consume()
+        metrics = m.compute_metrics(step, reduce)
+        if not m._announced:
+            m._announced = True
+            rank_zero_info("RouterEntropyMonitor layers: " + ", ".join(f"L{i}={n}" for i, n in enumerate(m.layer_names)))
+        return metrics
+
+    def media(self) -> dict[str, Any]:
+        return self.monitor.media() if self.monitor.log_media else {}
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return m.summary_table() if m.print_summary and m.history else None
+
+
+class _PredictionDriver(_Driver):
+    """Prediction entropy of each micro-batch forward of a logging step: the head hook (``source="head"``) or the
+    model's output logits (``source="output"``); ``labels`` / ``attention_mask`` are the forward's keyword arguments.
+    The probe set (``probe=``) and generation run on the model after the step's optimizer update."""
+
+    monitor: PredictionEntropyMonitor
+
+    def __init__(self, monitor: PredictionEntropyMonitor, where: str) -> None:
+        super().__init__(monitor, where)
+        self._watch = _BatchWatch()
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.monitor.bind(model)
+
+    def arm(self) -> None:
+        m = self.monitor
+        assert self.model is not None
+        m._train = _Positions()
+
+        def before() -> None:
+            if m.source == "head":
+                m._disarm()
+                m._arm(m._labels_only(self._watch.fields)[1])
+
+        def after(output: Any) -> None:
+            found = self._watch.fields
+            if m.source == "head":
+                captured = m._disarm()
+                if len(captured) != 1:
+                    raise TapError(
+                        f"PredictionEntropyMonitor: the head {m.head!r} ran {len(captured)} times in one model forward; "
+                        "it must run exactly once. Use source='output'."
+                    )
+                lead, stats = captured[0]
+                keep, labels = m._keep(lead, found, stats.entropy.device)
+                m._score(m._train, lead, keep, labels, head_stats=stats)
+            else:
+                logits = _logits_of(output)
+                lead = tuple(logits.shape[:-1])
+                keep, labels = m._keep(lead, found, logits.device)
+                m._score(m._train, lead, keep, labels, logits=logits)
+
+        self._watch.arm(self.model, ("attention_mask", "labels", "mask"), before, after)
+
+    def disarm(self) -> None:
+        self._watch.disarm()
+        self.monitor._disarm()
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+        assert self.model is not None
+        metrics, gen = self.monitor.compute_metrics(self.model, step, world, rank, reduce)
+        return {**metrics, **gen}
+
+    def media(self) -> dict[str, Any]:
+        return self.monitor.media() if self.monitor.log_media else {}
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return m.summary_table() if m.print_summary and m.history else None
+
+
+_DRIVERS: dict[type, type[_Driver]] = {
+    AttentionEntropyMonitor: _AttentionDriver,
+    RepresentationEntropyMonitor: _RepresentationDriver,
+    SigmaReparamMonitor: _SigmaReparamDriver,
+    RouterEntropyMonitor: _RouterDriver,
+    PredictionEntropyMonitor: _PredictionDriver,
+}
+
+
+def make_driver(monitor: Any, index: int, owner: str, where: str) -> _Driver:
+    """The driver of ``monitor`` (``owner(monitors[index])`` in messages), or an error naming what is supported."""
+    for cls, driver in _DRIVERS.items():
+        if isinstance(monitor, cls):
+            break
+    else:
+        supported = ", ".join(cls.__name__ for cls in _DRIVERS)
+        raise EntrotrainError(
+            f"{owner}(monitors[{index}]) must be one of {supported}, got {type(monitor).__name__}. "
+            "Guards go in guards=[...]; other monitors run in Lightning only for now."
+        )
+    if isinstance(monitor, RepresentationEntropyMonitor):
+        if monitor.stage != "train":
+            raise EntrotrainError(
+                f"{owner}(monitors[{index}]): RepresentationEntropyMonitor(stage={monitor.stage!r}) is not supported "
+                f"{where} (only training forwards are seen, no validation batches); use stage='train'."
+            )
+        if "dsmi" in monitor.measures:
+            raise EntrotrainError(
+                f"{owner}(monitors[{index}]): measure 'dsmi' needs the batch labels, which are not handed over {where}; "
+                "drop 'dsmi' from measures."
+            )
+    return driver(monitor, where)
+
+
+# ------------------------------------------------------------------------------------------------ the session
+class MonitorSession:
+    """The drivers of ``monitors`` and the ``guards``, with the rules every non-Lightning integration shares.
+
+    Args:
+        monitors: configured monitor objects (one driver each; :func:`make_driver` says which are supported).
+        guards: configured :class:`EntropyCollapseGuard` objects.
+        owner: the integration's class name, for messages (``"EntropyTrainerCallback"``).
+        where: where it runs, for messages (``"under transformers.Trainer"``).
+
+    Raises:
+        EntrotrainError: no monitor and no guard, an unsupported monitor or guard, or two sharing a ``state_key``.
+    """
+
+    def __init__(self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str) -> None:
+        monitors, guards = list(monitors), list(guards)
+        if not monitors and not guards:
+            raise EntrotrainError(f"{owner} needs at least one monitor or guard; got none.")
+        for i, guard in enumerate(guards):
+            if not isinstance(guard, EntropyCollapseGuard):
+                raise EntrotrainError(f"{owner}(guards[{i}]) must be an EntropyCollapseGuard, got {type(guard).__name__}.")
+        self.drivers = [make_driver(m, i, owner, where) for i, m in enumerate(monitors)]
+        keys = [m.state_key for m in monitors] + [g.state_key for g in guards]
+        if len(set(keys)) != len(keys):
+            raise EntrotrainError(
+                f"{owner}: two monitors/guards share a configuration ({keys}); their states would collide. Give them "
+                "different include / prefix / monitor arguments, or drop the duplicate."
+            )
+        self.monitors: list[Any] = monitors
+        self.guards: list[EntropyCollapseGuard] = guards
+        self._published: list[set[str]] = [set() for _ in self.drivers]
+        self._armed: list[int] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def bind(self, model: nn.Module) -> None:
+        """A fresh run watching ``model``: taps released, every monitor's and guard's per-run state reset."""
+        self.release()
+        self._published = [set() for _ in self.drivers]
+        for driver in self.drivers:
+            driver.bind(model)
+        for guard in self.guards:
+            guard._reset_fit_state()
+
+    def arm(self, step: int, which: Sequence[int] | None = None) -> None:
+        """Arm the drivers ``which`` (default: all) for optimizer step ``step``; their taps capture until
+        :meth:`collect` or :meth:`release`."""
+        self.release()
+        self._armed = list(range(len(self.drivers))) if which is None else list(which)
+        for i in self._armed:
+            self.drivers[i].step = step
+            self.drivers[i].arm()
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._armed)
+
+    def release(self) -> None:
+        """Disarm every tap (idempotent): no hook, no attention interception is left on the model."""
+        for driver in self.drivers:
+            driver.disarm()
+        self._armed = []
+
+    def collect(self, step: int, media: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+        """Disarm, reduce over ranks and compute the armed drivers' metrics at ``step``, and with ``media`` their wandb
+        media on rank zero; a key an armed monitor published before and not now is NaN. ``({}, {})`` when none is
+        armed."""
+        armed = self._armed
+        self.release()
+        if not armed:
+            return {}, {}
+        world, rank, reduce = distributed()
+        metrics: dict[str, float] = {}
+        images: dict[str, Any] = {}
+        for i in armed:
+            values = self.drivers[i].compute(step, world, rank, reduce)
+            for key in self._published[i] - values.keys():  # published before, not now: gone, not current
+                values[key] = math.nan
+            self._published[i].update(values)
+            metrics.update(values)
+            if media and rank == 0:
+                images.update(self.drivers[i].media())
+        return metrics, images
+
+    def summaries(self) -> list[str]:
+        """Each monitor's first / last summary table, where it has one."""
+        return [table for table in (driver.summary() for driver in self.drivers) if table]
+
+    # ------------------------------------------------------------------ guards
+    def observe(self, values: dict[str, Any], step: int) -> list[tuple[EntropyCollapseGuard, str]]:
+        """Each guard whose key is a number in ``values`` observes it at ``step`` (once per step); the guards that
+        fire, with their reasons."""
+        fired = []
+        for guard in self.guards:
+            value = values.get(guard.monitor)
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = float(value.detach())
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if guard.last_seen_step is not None and step <= guard.last_seen_step:
+                continue  # one observation per step (an evaluation log at the same step does not count twice)
+            reason = guard.observe(float(value), step)
+            if reason is not None:
+                fired.append((guard, reason))
+        return fired
+
+    def check_stale(self, step: int) -> list[tuple[EntropyCollapseGuard, str]]:
+        """The guards whose key was not published for too long at ``step`` and fire for it (Lightning's rule)."""
+        fired = []
+        for guard in self.guards:
+            if guard.last_seen_step is not None:
+                reason = guard.check_stale(step)
+                if reason is not None:
+                    fired.append((guard, reason))
+        return fired
+
+    def act(
+        self, guard: EntropyCollapseGuard, reason: str, step: int, optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+    ) -> bool:
+        """Run ``guard``'s action for ``reason`` (judged by its own ``observe`` / ``check_stale``): warn, alert the
+        active wandb run, lower the learning rates of ``optimizers`` / ``schedulers``; whether training must stop."""
+        message = f"EntropyCollapseGuard at step {step}: {reason}."
+        if guard.action == "stop":
+            message += " Stopping training."
+        elif guard.action == "reduce_lr":
+            if guard.reduce_lr(list(optimizers), list(schedulers)):
+                message += f" Learning rates multiplied by {guard.lr_factor} (reduction #{guard.lr_reductions})."
+            elif optimizers:
+                message += f" Learning rates already at min_lr={guard.min_lr}; left as they are."
+            else:
+                message += " No optimizer learning rate to lower (none configured)."
+        rank_zero_warn(message)
+        if guard.action == "alert":
+            run = wandb_run()
+            if run is not None and callable(getattr(run, "alert", None)) and distributed()[1] == 0:
+                try:
+                    run.alert(title=f"entropy collapse: {guard.monitor}", text=message)
+                except Exception as err:  # offline runs refuse alerts; the warning above already went out
+                    rank_zero_warn(f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged.")
+        return guard.action == "stop"
+
+    # ------------------------------------------------------------------ state (resume)
+    def _entries(self) -> list[tuple[str, Any]]:
+        return [(m.state_key, m) for m in self.monitors] + [(g.state_key, g) for g in self.guards]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able)."""
+        return {key: obj.state_dict() for key, obj in self._entries()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (entries of monitors or guards not configured here are ignored)."""
+        for key, obj in self._entries():
+            if key in state_dict:
+                obj.load_state_dict(state_dict[key])

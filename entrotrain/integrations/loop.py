@@ -1,0 +1,245 @@
+r"""entrotrain's monitors and collapse guards in any training loop: plain PyTorch, nanoGPT, torchtitan, Accelerate.
+
+::
+
+    from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=50)],
+                               guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.05, action="stop")],
+                               log=wandb.log)                    # or any callable(metrics, step=...); optional
+    with monitors.watch(model, optimizer):                      # hooks released on every exit, summary printed
+        for step, (x, y) in enumerate(loader):
+            with monitors.step(step):                           # taps armed only on the steps that log
+                loss = model(x, y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            if monitors.should_stop:                            # a guard with action="stop" fired
+                break
+
+:class:`EntropyMonitors` drives the *same* monitor objects as Lightning and ``transformers.Trainer``
+(:class:`~entrotrain.callbacks.AttentionEntropyMonitor`, :class:`~entrotrain.callbacks.RepresentationEntropyMonitor`
+with ``stage="train"``, :class:`~entrotrain.callbacks.SigmaReparamMonitor`,
+:class:`~entrotrain.callbacks.RouterEntropyMonitor`, :class:`~entrotrain.callbacks.PredictionEntropyMonitor`) and
+:class:`~entrotrain.callbacks.EntropyCollapseGuard`, through the session shared with
+:mod:`entrotrain.integrations.transformers` (:mod:`entrotrain.integrations._monitor_session`): same keys, same values,
+same guard rules. No statistic is computed here.
+
+When it captures. ``step`` is the index of the optimizer step the block runs, counted from 0 (Lightning's
+``global_step`` before the step). A monitor captures at the steps ``0, n, 2n, ...`` of its own ``every_n_steps``
+(or of ``EntropyMonitors(every_n_steps=)`` for all of them); on other steps ``step()`` arms nothing and costs a modulo.
+Put every micro-batch of a gradient-accumulation window inside one ``step()`` block: the monitors' sums add up over
+them. At the block's end the taps are disarmed and the window is reduced (one SUM all-reduce per monitor when
+``torch.distributed`` is initialised: every rank must run the same steps) and turned into metrics. Put
+``optimizer.step()`` inside the block, as above: the σReparam monitor and the prediction monitor's probe then read
+the updated weights, as in Lightning.
+
+Where the numbers go. After each block, :attr:`EntropyMonitors.logs` holds that step's finite scalars (``{}`` on
+steps that do not log) plus ``{monitor}/alert = 1.0`` for a guard that fired; a statistic that could not be computed
+is left out, never replaced by its last value. With wandb imported and a run active, :attr:`EntropyMonitors.media`
+holds the monitors' images and histograms (rank zero). ``log=`` is called on rank zero as
+``log({**logs, **media}, step=step)`` whenever there is something to log: ``wandb.log`` fits, and so does a
+:class:`~entrotrain.dashboards.RunRecordLogger`'s ``log_metrics`` for ``entrotrain report``.
+
+Guards. Each guard observes its key when a monitor publishes it, or when you hand it over with
+:meth:`EntropyMonitors.observe` inside the block (``monitors.observe(loss=loss)``: a tensor is read only when a guard
+watches that key). Staleness, patience, episodes and ``on_nonfinite`` follow the Lightning guard. Actions:
+``"warn"``; ``"alert"`` (also ``wandb.run.alert`` when a run is active); ``"stop"`` (:attr:`should_stop` becomes
+True: leave your loop); ``"reduce_lr"`` (the optimizers and schedulers given to :meth:`watch`).
+
+Resume. :meth:`EntropyMonitors.state_dict` (JSON-able) goes into your checkpoint; :meth:`load_state_dict` before or
+after :meth:`watch` restores guard streaks, first summaries and histories. Without it every :meth:`watch` starts
+fresh.
+
+Not supported: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure, and
+:class:`~entrotrain.callbacks.PolicyEntropyMonitor` (whose tensors come from a ``training_step``; call
+:func:`entrotrain.integrations.policy_stats` or the functional maths instead). The router and prediction monitors
+read ``attention_mask`` / ``labels`` from the model's keyword arguments; a model called positionally
+(``model(x, y)``) gives them no mask: every position counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+from entrotrain._validation import check_bool, check_int
+from entrotrain.errors import EntrotrainError
+from entrotrain.integrations._monitor_session import MonitorSession, distributed, wandb_run
+
+__all__ = ["EntropyMonitors"]
+
+
+class EntropyMonitors:
+    """entrotrain's monitors and collapse guards in a training loop you write yourself (see the module docstring).
+
+    Args:
+        monitors: configured :class:`~entrotrain.callbacks.AttentionEntropyMonitor`,
+            :class:`~entrotrain.callbacks.RepresentationEntropyMonitor` (``stage="train"``, no ``dsmi``),
+            :class:`~entrotrain.callbacks.SigmaReparamMonitor`, :class:`~entrotrain.callbacks.RouterEntropyMonitor`
+            and :class:`~entrotrain.callbacks.PredictionEntropyMonitor` (``probe=`` tensors) objects; their arguments
+            mean what they mean in Lightning.
+        guards: configured :class:`~entrotrain.callbacks.EntropyCollapseGuard` objects; each watches one key.
+        every_n_steps: capture every monitor at steps ``0, n, 2n, ...``; ``None`` (default) keeps each monitor's own
+            ``every_n_steps``.
+        log: called on rank zero as ``log(metrics, step=step)`` after every step with something to log (scalars,
+            alerts and, with an active wandb run, media); e.g. ``wandb.log``. ``None``: read :attr:`logs` yourself.
+        print_summary: print each monitor's first / last summary table at :meth:`close` (rank zero).
+
+    Raises:
+        EntrotrainError: no monitor and no guard, an unsupported monitor or guard, two sharing a configuration, or a
+            bad ``every_n_steps`` / ``log``.
+
+    Example::
+
+        monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=50)], log=wandb.log)
+        with monitors.watch(model, optimizer):
+            for step, batch in enumerate(loader):
+                with monitors.step(step):
+                    loss = model(**batch).loss
+                    loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        monitors: Sequence[Any] = (),
+        guards: Sequence[Any] = (),
+        *,
+        every_n_steps: int | None = None,
+        log: Callable[..., Any] | None = None,
+        print_summary: bool = True,
+    ) -> None:
+        self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop")
+        check_int(every_n_steps, "EntropyMonitors(every_n_steps)", low=1, none_ok=True)
+        if log is not None and not callable(log):
+            raise EntrotrainError(
+                f"EntropyMonitors(log) must be a callable such as wandb.log, or None; got {type(log).__name__}."
+            )
+        self.every_n_steps = every_n_steps
+        self.log = log
+        self.print_summary = check_bool(print_summary, "EntropyMonitors(print_summary)")
+        #: The finite scalars of the last step (``{}`` when it did not log), plus ``{monitor}/alert`` for a firing.
+        self.logs: dict[str, float] = {}
+        #: The last step's wandb media (rank zero, with an active wandb run), keyed as the Lightning monitors log them.
+        self.media: dict[str, Any] = {}
+        #: True once a guard with ``action="stop"`` has fired: leave the training loop.
+        self.should_stop = False
+        self._model: nn.Module | None = None
+        self._optimizers: list[Any] = []
+        self._schedulers: list[Any] = []
+        self._observed: dict[str, Any] = {}
+        self._saved: dict[str, Any] | None = None
+        self._step: int | None = None
+
+    @property
+    def monitors(self) -> list[Any]:
+        return self.session.monitors
+
+    @property
+    def guards(self) -> list[Any]:
+        return self.session.guards
+
+    # ------------------------------------------------------------------ lifecycle
+    def watch(
+        self, model: nn.Module, optimizer: Any | Sequence[Any] | None = None, scheduler: Any | Sequence[Any] | None = None
+    ) -> EntropyMonitors:
+        """Start a run on ``model``: fresh monitor and guard state (or what :meth:`load_state_dict` was given before).
+        ``optimizer`` / ``scheduler`` (one or a list) are what a ``reduce_lr`` guard lowers. Returns ``self``, a
+        context manager whose exit calls :meth:`close`."""
+        if not isinstance(model, nn.Module):
+            raise EntrotrainError(f"EntropyMonitors.watch(model) needs an nn.Module, got {type(model).__name__}.")
+        self.session.bind(model)
+        self._model = model
+        self._optimizers = _as_list(optimizer)
+        self._schedulers = _as_list(scheduler)
+        self.logs, self.media, self.should_stop, self._observed, self._step = {}, {}, False, {}, None
+        if self._saved is not None:
+            self.session.load_state_dict(self._saved)
+            self._saved = None
+        return self
+
+    def close(self) -> None:
+        """Release every tap and hook (idempotent) and print the summaries once (rank zero, ``print_summary``)."""
+        self.session.release()
+        if self._model is None:
+            return
+        self._model = None
+        if self.print_summary and distributed()[1] == 0:
+            for table in self.session.summaries():
+                print(table)
+
+    def __enter__(self) -> EntropyMonitors:
+        if self._model is None:
+            raise EntrotrainError("EntropyMonitors: use `with monitors.watch(model, optimizer):`, not `with monitors:`.")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ steps
+    @contextmanager
+    def step(self, step: int) -> Iterator[EntropyMonitors]:
+        """The block of optimizer step ``step`` (from 0): forward(s), backward(s), ``optimizer.step()``. Arms the taps
+        of the monitors that log at ``step``; at the end computes :attr:`logs` / :attr:`media`, lets the guards judge,
+        and calls ``log``. An exception inside the block releases the taps and computes nothing."""
+        check_int(step, "EntropyMonitors.step(step)", low=0)
+        if self._model is None:
+            raise EntrotrainError("EntropyMonitors.step() before watch(model): call monitors.watch(model, optimizer) first.")
+        self.logs, self.media, self._observed, self._step = {}, {}, {}, step
+        due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.monitor.every_n_steps) == 0]
+        if due:
+            self.session.arm(step, due)
+        try:
+            yield self
+        except BaseException:
+            self.session.release()
+            self._step = None
+            raise
+        self._step = None
+        self._finish(step)
+
+    def observe(self, **values: float | Tensor) -> None:
+        """Hand this step's scalars (``loss=loss``, ``grad_norm=...``) to the guards watching those keys; judged at
+        the end of the ``step()`` block. Not logged (log them yourself)."""
+        if self._step is None:
+            raise EntrotrainError("EntropyMonitors.observe() must be called inside a `with monitors.step(step):` block.")
+        self._observed.update(values)
+
+    def _finish(self, step: int) -> None:
+        send = wandb_run() is not None
+        metrics, self.media = self.session.collect(step, media=send)
+        self.logs = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        fired = self.session.observe({**self._observed, **metrics}, step) + self.session.check_stale(step)
+        self._observed = {}
+        for guard, reason in fired:
+            self.should_stop |= self.session.act(guard, reason, step, self._optimizers, self._schedulers)
+            self.logs[f"{guard.monitor}/alert"] = 1.0
+        if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:
+            self.log({**self.logs, **self.media}, step=step)
+
+    # ------------------------------------------------------------------ state (resume)
+    def state_dict(self) -> dict[str, Any]:
+        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able): put it in your checkpoint."""
+        return self.session.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output: now when watching, else at the next :meth:`watch`."""
+        if not isinstance(state_dict, Mapping):
+            raise EntrotrainError(
+                f"EntropyMonitors.load_state_dict needs the dict state_dict() returned, got {type(state_dict).__name__}."
+            )
+        if self._model is None:
+            self._saved = dict(state_dict)
+        else:
+            self.session.load_state_dict(dict(state_dict))
+
+
+def _as_list(value: Any | Sequence[Any] | None) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,4 +1,5 @@
-"""Adapters to other trainers: HF ``Trainer`` callbacks, TRL's ``GRPOTrainer``, verl's policy-loss registry.
+"""Adapters to other trainers: your own training loop (``EntropyMonitors``), HF ``Trainer`` callbacks, TRL's
+``GRPOTrainer``, verl's policy-loss registry.
 
 Thin glue over the same taps, functional maths and reductions as the Lightning callbacks, with the same keys. Their
 packages are optional: ``import entrotrain.integrations`` imports none of them; each adapter is imported on first use.
@@ -12,6 +13,7 @@ from entrotrain.integrations.verl import make_verl_loss_fns, register_verl_losse
 
 #: Public name → the submodule that defines it (imported on first access: transformers / trl are optional).
 _LAZY = {
+    "EntropyMonitors": "entrotrain.integrations.loop",
     "EntropyTrainerCallback": "entrotrain.integrations.transformers",
     "EntrotrainGRPOTrainer": "entrotrain.integrations.trl",
     "trl_grpo_loss": "entrotrain.integrations.trl",

@@ -16,8 +16,10 @@ r"""entrotrain's monitors and collapse guard inside Hugging Face ``transformers.
 :class:`~entrotrain.callbacks.router_monitor.RouterEntropyMonitor`,
 :class:`~entrotrain.callbacks.prediction_monitor.PredictionEntropyMonitor`) and
 :class:`~entrotrain.callbacks.collapse_guard.EntropyCollapseGuard`: their taps, their trainer-free cores
-(``bind`` / ``compute_metrics`` / ``media`` / ``observe``) and their keys. No statistic is computed here (DESIGN.md §8): a key has the same
-value from Lightning and from ``Trainer`` on the same model and batches.
+(``bind`` / ``compute_metrics`` / ``media`` / ``observe``) and their keys, through the session it shares with
+:class:`~entrotrain.integrations.loop.EntropyMonitors` (:mod:`entrotrain.integrations._monitor_session`). No statistic
+is computed here (DESIGN.md §8): a key has the same value from Lightning, from ``Trainer`` and from a plain loop on the
+same model and batches.
 
 When it captures. ``Trainer`` logs at optimizer step ``s`` (``state.global_step`` after the step) when
 ``s % state.logging_steps == 0``, or ``s == 1`` with ``logging_first_step`` (``DefaultFlowCallback``). The taps are

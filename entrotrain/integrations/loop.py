@@ -163,13 +163,14 @@ class EntropyMonitors:
             self._saved = None
         return self
 
-    def close(self) -> None:
-        """Release every tap and hook (idempotent) and print the summaries once (rank zero, ``print_summary``)."""
+    def close(self, summary: bool = True) -> None:
+        """Release every tap and hook (idempotent) and, with ``summary``, print the monitors' summaries once (rank
+        zero, ``print_summary``). Leaving ``watch``'s ``with`` block calls it, without summary on an exception."""
         self.session.release()
         if self._model is None:
             return
         self._model = None
-        if self.print_summary and distributed()[1] == 0:
+        if summary and self.print_summary and distributed()[1] == 0:
             for table in self.session.summaries():
                 print(table)
 
@@ -178,8 +179,8 @@ class EntropyMonitors:
             raise EntrotrainError("EntropyMonitors: use `with monitors.watch(model, optimizer):`, not `with monitors:`.")
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(summary=exc_type is None)
 
     # ------------------------------------------------------------------ steps
     @contextmanager

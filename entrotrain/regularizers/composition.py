@@ -85,8 +85,9 @@ def scheduled_weight(
         )
     check_int(total_steps, "total_steps", low=1)
     frac = min(max(step, 0), total_steps) / total_steps
-    if schedule == "cosine":
-        return final_weight + (weight - final_weight) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "cosine":  # the convex form: exact at both ends and never outside [weight, final_weight]
+        c = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return weight * c + final_weight * (1.0 - c)
     return weight * frac  # warmup
 
 

@@ -184,7 +184,7 @@ def probs_case(draw):
         "bool": torch.rand(p.shape, generator=g) < 0.7,
         "all-false": torch.zeros(p.shape, dtype=torch.bool),
         "int": torch.ones(p.shape, dtype=torch.long),
-        "wrong-shape": torch.ones(p.shape[0] + 1, p.shape[1] + 1, dtype=torch.bool),
+        "wrong-shape": torch.ones(p.shape[0] + 2, p.shape[1] + 2, dtype=torch.bool),  # never 1: does not broadcast
     }[mask_kind]
     return p, dim, mask, mask_kind
 

@@ -143,11 +143,14 @@ def test_nonfinite_valid_token_never_contaminates_other_rows(batch, name, mode, 
         adv = adv[:, None].expand_as(logp).contiguous()
     b0, t0 = (int(i) for i in torch.nonzero(valid)[0])
     data = dict(logprobs=logp.clone(), old_logprobs=old.clone(), advantages=adv.clone(), entropy=entropy.clone())
+    _, clean = run(name, mode, agg, data["logprobs"], data["old_logprobs"], data["advantages"], mask, data["entropy"])
     data[where][b0, t0] = fill
     out, grads = run(name, mode, agg, data["logprobs"], data["old_logprobs"], data["advantages"], mask, data["entropy"])
     others = torch.arange(logp.shape[0]) != b0
-    for g in grads:
-        assert g is None or bool(torch.isfinite(g[others]).all()), (g, b0)
+    for g, g_clean in zip(grads, clean):
+        # finite wherever the clean batch's gradient is: a float16 gradient can overflow by itself (advantage 1.6e4
+        # times a ratio of 40 exceeds 65504), which is not the non-finite token's doing
+        assert g is None or bool((torch.isfinite(g[others]) | ~torch.isfinite(g_clean[others])).all()), (g, b0)
 
 
 # ------------------------------------------------------------------------------------------- parameters

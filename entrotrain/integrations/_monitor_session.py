@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
 from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, _logits_of, _Positions
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
@@ -80,7 +81,14 @@ class _Driver:
     def disarm(self) -> None:
         """Safe to call at any time, any number of times."""
 
-    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
+    @property
+    def period(self) -> int:
+        """The monitor's own logging period in optimizer steps (``every_n_steps``)."""
+        return int(self.monitor.every_n_steps)
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float] | None:
+        """The metrics of the window; ``None`` when nothing was handed over this step (no observation: its keys do
+        not turn NaN)."""
         raise NotImplementedError
 
     def media(self) -> dict[str, Any]:
@@ -329,22 +337,70 @@ class _PredictionDriver(_Driver):
         return m.summary_table() if m.print_summary and m.history else None
 
 
+class _PolicyDriver(_Driver):
+    """:class:`PolicyEntropyMonitor` from the per-token tensors a training loop hands over
+    (:meth:`~entrotrain.integrations.loop.EntropyMonitors.record_policy`) on its logging steps, through
+    :class:`~entrotrain.integrations.policy_stats.PolicyStatsRecorder` (the monitor's own statistics, gathered over
+    ranks: every rank hands its tensors over at the same steps)."""
+
+    monitor: PolicyEntropyMonitor
+
+    def __init__(self, monitor: PolicyEntropyMonitor, where: str) -> None:
+        from entrotrain.integrations.policy_stats import PolicyStatsRecorder
+
+        super().__init__(monitor, where)
+        self.recorder = PolicyStatsRecorder.of(monitor)
+        self.armed = False
+
+    @property
+    def period(self) -> int:
+        return int(self.monitor.every_n_batches)
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.recorder.clear()
+        self.recorder.temperature = None
+
+    def arm(self) -> None:
+        self.recorder.clear()
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False  # what was handed over stays until compute
+
+    def add(self, **tensors: Any) -> None:
+        if self.armed:
+            self.recorder.add(**tensors)
+
+    def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float] | None:
+        if not self.recorder.pending:
+            return None
+        return self.recorder.compute(step)
+
+    def summary(self) -> str | None:
+        m = self.monitor
+        return self.recorder.summary_table() if m.print_summary and m.first_logged is not None else None
+
+
 _DRIVERS: dict[type, type[_Driver]] = {
     AttentionEntropyMonitor: _AttentionDriver,
     RepresentationEntropyMonitor: _RepresentationDriver,
     SigmaReparamMonitor: _SigmaReparamDriver,
     RouterEntropyMonitor: _RouterDriver,
     PredictionEntropyMonitor: _PredictionDriver,
+    PolicyEntropyMonitor: _PolicyDriver,
 }
 
 
-def make_driver(monitor: Any, index: int, owner: str, where: str) -> _Driver:
-    """The driver of ``monitor`` (``owner(monitors[index])`` in messages), or an error naming what is supported."""
-    for cls, driver in _DRIVERS.items():
+def make_driver(monitor: Any, index: int, owner: str, where: str, policy: bool = False) -> _Driver:
+    """The driver of ``monitor`` (``owner(monitors[index])`` in messages), or an error naming what is supported;
+    :class:`PolicyEntropyMonitor` only with ``policy`` (an owner through which the loop hands its tensors over)."""
+    drivers = {cls: d for cls, d in _DRIVERS.items() if policy or cls is not PolicyEntropyMonitor}
+    for cls, driver in drivers.items():
         if isinstance(monitor, cls):
             break
     else:
-        supported = ", ".join(cls.__name__ for cls in _DRIVERS)
+        supported = ", ".join(cls.__name__ for cls in drivers)
         raise EntrotrainError(
             f"{owner}(monitors[{index}]) must be one of {supported}, got {type(monitor).__name__}. "
             "Guards go in guards=[...]; other monitors run in Lightning only for now."
@@ -372,19 +428,20 @@ class MonitorSession:
         guards: configured :class:`EntropyCollapseGuard` objects.
         owner: the integration's class name, for messages (``"EntropyTrainerCallback"``).
         where: where it runs, for messages (``"under transformers.Trainer"``).
+        policy: accept :class:`PolicyEntropyMonitor` (the integration hands the per-token tensors over).
 
     Raises:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, or two sharing a ``state_key``.
     """
 
-    def __init__(self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str) -> None:
+    def __init__(self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str, policy: bool = False) -> None:
         monitors, guards = list(monitors), list(guards)
         if not monitors and not guards:
             raise EntrotrainError(f"{owner} needs at least one monitor or guard; got none.")
         for i, guard in enumerate(guards):
             if not isinstance(guard, EntropyCollapseGuard):
                 raise EntrotrainError(f"{owner}(guards[{i}]) must be an EntropyCollapseGuard, got {type(guard).__name__}.")
-        self.drivers = [make_driver(m, i, owner, where) for i, m in enumerate(monitors)]
+        self.drivers = [make_driver(m, i, owner, where, policy) for i, m in enumerate(monitors)]
         keys = [m.state_key for m in monitors] + [g.state_key for g in guards]
         if len(set(keys)) != len(keys):
             raise EntrotrainError(
@@ -438,6 +495,8 @@ class MonitorSession:
         images: dict[str, Any] = {}
         for i in armed:
             values = self.drivers[i].compute(step, world, rank, reduce)
+            if values is None:  # nothing handed over this step: no observation
+                continue
             for key in self._published[i] - values.keys():  # published before, not now: gone, not current
                 values[key] = math.nan
             self._published[i].update(values)
@@ -445,6 +504,14 @@ class MonitorSession:
             if media and rank == 0:
                 images.update(self.drivers[i].media())
         return metrics, images
+
+    def record_policy(self, **tensors: Any) -> bool:
+        """Hand a micro-batch's per-token tensors to every :class:`PolicyEntropyMonitor` (kept only by those armed);
+        whether there is any."""
+        drivers = [d for d in self.drivers if isinstance(d, _PolicyDriver)]
+        for driver in drivers:
+            driver.add(**tensors)
+        return bool(drivers)
 
     def summaries(self) -> list[str]:
         """Each monitor's first / last summary table, where it has one."""

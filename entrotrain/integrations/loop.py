@@ -52,9 +52,14 @@ Resume. :meth:`EntropyMonitors.state_dict` (JSON-able) goes into your checkpoint
 after :meth:`watch` restores guard streaks, first summaries and histories. Without it every :meth:`watch` starts
 fresh.
 
-Not supported: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure, and
-:class:`~entrotrain.callbacks.PolicyEntropyMonitor` (whose tensors come from a ``training_step``; call
-:func:`entrotrain.integrations.policy_stats` or the functional maths instead). The router and prediction monitors
+RL. :class:`~entrotrain.callbacks.PolicyEntropyMonitor` (``every_n_batches`` counts steps here) takes the per-token
+tensors of your update through :meth:`EntropyMonitors.record_policy` inside the block (``entropy``, ``logprobs``,
+``advantages``, ``mask``, optional ``rewards``): the statistics of the Lightning monitor over the union of the
+step's micro-batches and ranks (``entropy/policy/mean``, ``cov_mean``, the ``R = -a·e^H + b`` fit, ...). A step where
+nothing was handed over publishes nothing for it (no NaN).
+
+Not supported: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure. The router and
+prediction monitors
 read ``attention_mask`` / ``labels`` from the model's keyword arguments; a model called positionally
 (``model(x, y)``) gives them no mask: every position counts.
 """
@@ -81,9 +86,10 @@ class EntropyMonitors:
     Args:
         monitors: configured :class:`~entrotrain.callbacks.AttentionEntropyMonitor`,
             :class:`~entrotrain.callbacks.RepresentationEntropyMonitor` (``stage="train"``, no ``dsmi``),
-            :class:`~entrotrain.callbacks.SigmaReparamMonitor`, :class:`~entrotrain.callbacks.RouterEntropyMonitor`
-            and :class:`~entrotrain.callbacks.PredictionEntropyMonitor` (``probe=`` tensors) objects; their arguments
-            mean what they mean in Lightning.
+            :class:`~entrotrain.callbacks.SigmaReparamMonitor`, :class:`~entrotrain.callbacks.RouterEntropyMonitor`,
+            :class:`~entrotrain.callbacks.PredictionEntropyMonitor` (``probe=`` tensors) and
+            :class:`~entrotrain.callbacks.PolicyEntropyMonitor` (tensors through :meth:`record_policy`) objects; their
+            arguments mean what they mean in Lightning.
         guards: configured :class:`~entrotrain.callbacks.EntropyCollapseGuard` objects; each watches one key.
         every_n_steps: capture every monitor at steps ``0, n, 2n, ...``; ``None`` (default) keeps each monitor's own
             ``every_n_steps``.
@@ -114,7 +120,7 @@ class EntropyMonitors:
         log: Callable[..., Any] | None = None,
         print_summary: bool = True,
     ) -> None:
-        self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop")
+        self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop", policy=True)
         check_int(every_n_steps, "EntropyMonitors(every_n_steps)", low=1, none_ok=True)
         if log is not None and not callable(log):
             raise EntrotrainError(
@@ -192,7 +198,7 @@ class EntropyMonitors:
         if self._model is None:
             raise EntrotrainError("EntropyMonitors.step() before watch(model): call monitors.watch(model, optimizer) first.")
         self.logs, self.media, self._observed, self._step = {}, {}, {}, step
-        due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.monitor.every_n_steps) == 0]
+        due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.period) == 0]
         if due:
             self.session.arm(step, due)
         try:
@@ -210,6 +216,29 @@ class EntropyMonitors:
         if self._step is None:
             raise EntrotrainError("EntropyMonitors.observe() must be called inside a `with monitors.step(step):` block.")
         self._observed.update(values)
+
+    def record_policy(
+        self,
+        entropy: Tensor,
+        logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        rewards: Tensor | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        """Hand one micro-batch of your RL update to the :class:`~entrotrain.callbacks.PolicyEntropyMonitor` s
+        (inside the ``step()`` block; a no-op on steps where they do not log): ``(B, T)`` token entropy, log-probs of
+        the sampled tokens (the rollout's, for the covariance) and response mask; advantages ``(B,)`` or ``(B, T)``;
+        rewards ``(B,)`` for the entropy–reward fit. Detached; under DDP every rank hands its tensors over at the
+        same steps (they are gathered)."""
+        if self._step is None:
+            raise EntrotrainError("EntropyMonitors.record_policy() must be called inside a `with monitors.step(step):` block.")
+        tensors = dict(entropy=entropy, logprobs=logprobs, advantages=advantages, mask=mask, rewards=rewards)
+        if not self.session.record_policy(**tensors, temperature=temperature):
+            raise EntrotrainError(
+                "EntropyMonitors.record_policy(): no PolicyEntropyMonitor among the monitors; add "
+                "PolicyEntropyMonitor(...) to EntropyMonitors([...])."
+            )
 
     def _finish(self, step: int) -> None:
         send = wandb_run() is not None

@@ -75,6 +75,18 @@ class PolicyStatsRecorder:
         self._parts: list[dict[str, Tensor]] = []
         self.temperature: float | None = None
 
+    @classmethod
+    def of(cls, monitor: PolicyEntropyMonitor) -> PolicyStatsRecorder:
+        """A recorder feeding ``monitor`` itself (its settings, history, summary and ``state_dict``), e.g. a monitor
+        configured for Lightning and driven from a plain loop."""
+        if not isinstance(monitor, PolicyEntropyMonitor):
+            raise EntrotrainError(f"PolicyStatsRecorder.of needs a PolicyEntropyMonitor, got {type(monitor).__name__}.")
+        recorder = cls.__new__(cls)
+        recorder.monitor = monitor
+        recorder._parts = []
+        recorder.temperature = None
+        return recorder
+
     @property
     def prefix(self) -> str:
         return self.monitor.prefix

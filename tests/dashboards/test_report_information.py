@@ -148,7 +148,8 @@ def test_nonfinite_through_the_logger_and_missing_keys(tmp_path, attention_run):
     assert "information_plane.png" in parse_page(build_report([run_dir])).images
     # a record from before the information-plane monitor: no section, no figure
     html = build_report([attention_run]).read_text()
-    assert 'id="information"' not in html and "information_plane" not in html
+    assert 'id="information"' not in html and "information_plane.png" not in html  # (the page quotes the run's
+    # command line, which may name a test file such as test_information_plane_monitor.py)
     # I_XT without I_TY: a table row and a finding, no trajectory to draw
     logger = RunRecordLogger(tmp_path, name="records", version="xt", run_name="xt")
     for step, value in ((0, 1.0), (10, 3.0), (20, 2.0)):

@@ -1,0 +1,71 @@
+"""EntropyMonitors in a hand-written loop on 2 CPU ranks (gloo), and the same loop in one process.
+
+``python loop_ddp_run.py OUT`` starts two ranks; each trains a TinyGPT (same seed) for ``STEPS`` SGD steps on its
+half of each batch of ``ROWS`` rows, averaging gradients by hand (``all_reduce``), under
+``EntropyMonitors(attention, representation, log=...)``, and writes ``rank{r}.json``: the world size, the monitors'
+logs by step and the ``log`` calls. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
+that the reduced statistics equal those of the union batch and that only rank 0 calls ``log``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.helpers.gloo import rank_rows, spawn_gloo  # noqa: E402
+
+ROWS, STEPS = 8, 2
+
+
+def run(out: Path, name: str) -> None:
+    """The loop on this process's rows (all of them without a process group); writes ``out/{name}.json``."""
+    from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
+    from entrotrain.integrations._monitor_session import distributed
+    from entrotrain.integrations.loop import EntropyMonitors
+    from tests.helpers.gpt_module import GPTModule
+    from tests.helpers.loop_runs import token_batches
+
+    torch.set_num_threads(1)
+    world, rank, _ = distributed()
+    module = GPTModule(seed=0, convert=False)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    calls: list[tuple[int, dict]] = []
+    monitors = EntropyMonitors(
+        [
+            AttentionEntropyMonitor(every_n_steps=1, max_rows=None, max_queries=None, log_media=False),
+            RepresentationEntropyMonitor(
+                include=["model.blocks.*"], measures=("rankme", "effective_rank", "matrix_entropy"), every_n_steps=1,
+                max_tokens=None, log_spectrum=False,
+            ),
+        ],
+        log=lambda metrics, step: calls.append((step, metrics)),
+        print_summary=False,
+    )
+    logs: dict[int, dict[str, float]] = {}
+    rows = rank_rows((ROWS // world,) * world, rank)
+    with monitors.watch(module, opt):
+        for step, (batch,) in enumerate(token_batches(STEPS, rows=ROWS)):
+            with monitors.step(step):
+                module.training_step((batch[rows],), step).backward()
+                if world > 1:  # equal halves: the mean of the ranks' mean losses is the union's mean loss
+                    for p in module.parameters():
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                opt.step()
+                opt.zero_grad()
+            logs[step] = dict(monitors.logs)
+    (out / f"{name}.json").write_text(json.dumps({"world": world, "logs": logs, "calls": calls}))
+
+
+def worker(rank: int, out: str) -> None:
+    run(Path(out), f"rank{rank}")
+
+
+if __name__ == "__main__":
+    spawn_gloo(worker, sys.argv[1])

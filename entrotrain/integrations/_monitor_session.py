@@ -62,7 +62,7 @@ def wandb_run() -> Any | None:
 
 # ------------------------------------------------------------------------------------------------ monitor drivers
 class _Driver:
-    """Drives one Lightning monitor's trainer-free core from ``Trainer`` events."""
+    """Drives one Lightning monitor's trainer-free core from an integration's events (bind, arm, disarm, compute)."""
 
     def __init__(self, monitor: Any, where: str) -> None:
         self.monitor = monitor
@@ -183,9 +183,10 @@ class _SigmaReparamDriver(_Driver):
 
 
 class _BatchWatch:
-    """Forward pre/post hooks on the root model during a logging step: ``Trainer`` hands callbacks no batch, but it
-    calls ``model(**inputs)``, so the pre-hook reads the micro-batch's tensors from the keyword arguments (the
-    ``attention_mask``, the ``labels``) and the post-hook sees the output, once per micro-batch forward."""
+    """Forward pre/post hooks on the root model during a logging step: ``Trainer`` hands callbacks no batch (nor does
+    a plain loop), but the model is called as ``model(**inputs)``, so the pre-hook reads the micro-batch's tensors
+    from the keyword arguments (the ``attention_mask``, the ``labels``) and the post-hook sees the output, once per
+    micro-batch forward."""
 
     def __init__(self) -> None:
         self._handles: list[Any] = []

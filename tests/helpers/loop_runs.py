@@ -26,14 +26,15 @@ from tests.helpers.spy_logger import SpyLogger
 class LogitsGPT(GPTModule):
     """:class:`GPTModule` whose root ``forward(input_ids, labels=None)`` returns the logits (``labels`` is only there
     for the monitors to read) and whose ``training_step`` returns ``{"loss", "logits", "labels"}`` (aligned labels:
-    the target of position ``t`` is ``labels[t]``), what ``PredictionEntropyMonitor(source="output")`` reads."""
+    the target of position ``t`` is ``labels[t]``), what ``PredictionEntropyMonitor(source="output")`` reads. A batch
+    is ``(idx,)`` (inputs ``idx[:, :-1]``, labels ``idx[:, 1:]``) or ``(inputs, labels)``: Lightning's ``source="head"``
+    reads the labels from such a pair."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids)
 
     def training_step(self, batch, batch_idx):
-        (idx,) = batch
-        x, y = idx[:, :-1], idx[:, 1:]
+        x, y = batch if len(batch) == 2 else (batch[0][:, :-1], batch[0][:, 1:])
         logits = self(input_ids=x, labels=y)
         loss = F.cross_entropy(logits.reshape(-1, self.model.vocab_size), y.reshape(-1))
         return {"loss": loss, "logits": logits, "labels": y}

@@ -83,48 +83,54 @@ def test_same_keys_values_and_weights_as_lightning(accumulate: int) -> None:
     assert same_weights(loop_module, lit_module)
 
 
-def test_router_monitor_same_as_lightning() -> None:
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_router_monitor_same_as_lightning(accumulate: int) -> None:
     """A two-layer soft MoE whose root forward takes ``attention_mask``: the loop's router statistics (padding left
-    out through that keyword argument) equal Lightning's, which reads the mask from the batch."""
-    batches = toy_batches(3)
+    out through that keyword argument, micro-batch by micro-batch) equal Lightning's, which reads the mask from the
+    batch."""
+    batches = toy_batches(3 * accumulate)
 
     def monitors() -> list:
         return [RouterEntropyMonitor(every_n_steps=1, top_k=2, log_media=False, print_summary=False)]
 
     lit_module = MaskedToyMoE()
     loop_module = copy.deepcopy(lit_module)
-    lit = fit_lightning(lit_module, batches, monitors(), 3)
-    loop, _ = run_loop(loop_module, batches, EntropyMonitors(monitors(), print_summary=False), 3)
+    lit = fit_lightning(lit_module, batches, monitors(), 3, accumulate)
+    loop, _ = run_loop(loop_module, batches, EntropyMonitors(monitors(), print_summary=False), 3, accumulate)
     assert "entropy/router/L1/entropy" in loop[0]
     _assert_same_logs(loop, lit)
     assert same_weights(loop_module, lit_module)
 
     # without the mask every position counts: the statistics differ, so the mask above was used
     unmasked = [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in batches]
-    other, _ = run_loop(copy.deepcopy(MaskedToyMoE()), unmasked, EntropyMonitors(monitors(), print_summary=False), 1)
+    other, _ = run_loop(MaskedToyMoE(), unmasked, EntropyMonitors(monitors(), print_summary=False), 1, accumulate)
     assert other[0]["entropy/router/L0/entropy"] != pytest.approx(loop[0]["entropy/router/L0/entropy"], rel=1e-9)
 
 
-def test_prediction_monitor_output_source_same_as_lightning() -> None:
+@pytest.mark.parametrize(("source", "accumulate"), [("output", 1), ("output", 2), ("head", 2)])
+def test_prediction_monitor_same_as_lightning(source: str, accumulate: int) -> None:
     """``source="output"``: the loop reads the root forward's logits and ``labels=`` keyword argument, Lightning the
-    ``training_step`` outputs; the probe (tensors) is scored on the weights after each step in both."""
-    batches = token_batches(4)
+    ``training_step`` outputs; ``source="head"``: the ``lm_head`` hook in both, labels from the forward's keyword
+    argument in the loop and from the ``(inputs, labels)`` batch in Lightning. The probe (tensors) is scored and
+    greedy generation runs on the weights after each step in both."""
+    batches = [(idx[:, :-1], idx[:, 1:]) for (idx,) in token_batches(4 * accumulate, rows=4 // accumulate)]
     probe = token_batches(1, rows=3, seed=9)[0][0]
-    probe_pair = (probe[:, :-1], probe[:, 1:])
 
     def monitors() -> list:
         return [PredictionEntropyMonitor(
-            every_n_steps=2, source="output", probe=probe_pair, positions=3, log_media=False, print_summary=False,
+            every_n_steps=2, source=source, head="model.lm_head", probe=(probe[:, :-1], probe[:, 1:]), positions=3,
+            generation_prompts=2, prompt_length=3, max_new_tokens=3, log_media=False, print_summary=False,
         )]
 
     lit_module = LogitsGPT(seed=0, convert=False)
     loop_module = copy.deepcopy(lit_module)
-    lit = fit_lightning(lit_module, batches, monitors(), 4)
-    loop, losses = run_loop(loop_module, batches, EntropyMonitors(monitors(), print_summary=False), 4)
+    lit = fit_lightning(lit_module, batches, monitors(), 4, accumulate)
+    loop, losses = run_loop(loop_module, batches, EntropyMonitors(monitors(), print_summary=False), 4, accumulate)
     assert sorted(loop) == [0, 2]
-    for key in ("train/mean", "train/nll", "train/p50", "probe/mean", "probe/nll", "probe/pos/0"):
+    for key in ("train/mean", "train/nll", "train/p50", "probe/mean", "probe/nll", "probe/pos/0", "gen/distinct_1"):
         assert f"entropy/pred/{key}" in loop[0], key
-    assert loop[0]["entropy/pred/train/nll"] == pytest.approx(float(losses[0]), rel=1e-5)
+    assert loop[0]["entropy/pred/train/nll"] == pytest.approx(float(sum(losses[:accumulate])) / accumulate, rel=1e-5)
+    assert loop[0]["entropy/pred/train/tokens"] == 4 * batches[0][0].shape[1]  # every micro-batch's positions
     _assert_same_logs(loop, lit)
     assert same_weights(loop_module, lit_module)
 

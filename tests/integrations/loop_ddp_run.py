@@ -2,13 +2,14 @@
 
 ``python loop_ddp_run.py OUT`` starts two ranks; each trains a TinyGPT (same seed) for ``STEPS`` SGD steps on its
 half of each batch of ``ROWS`` rows, averaging gradients by hand (``all_reduce``), under
-``EntropyMonitors(attention, representation, log=...)``, and writes ``rank{r}.json``: the world size, the monitors'
-logs by step and the ``log`` calls. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
+``EntropyMonitors(attention, representation, a stop guard, log=...)``, and writes ``rank{r}.json``: the world size,
+the monitors' logs and ``should_stop`` by step and the ``log`` calls. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
 that the reduced statistics equal those of the union batch and that only rank 0 calls ``log``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers.gloo import rank_rows, spawn_gloo  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from tests.helpers import gloo  # noqa: E402
+from tests.helpers.gloo import rank_rows  # noqa: E402
 
 ROWS, STEPS = 8, 2
 
@@ -25,6 +29,7 @@ ROWS, STEPS = 8, 2
 def run(out: Path, name: str) -> None:
     """The loop on this process's rows (all of them without a process group); writes ``out/{name}.json``."""
     from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
     from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
     from entrotrain.integrations._monitor_session import distributed
     from entrotrain.integrations.loop import EntropyMonitors
@@ -44,10 +49,13 @@ def run(out: Path, name: str) -> None:
                 max_tokens=None, log_spectrum=False,
             ),
         ],
-        log=lambda metrics, step: calls.append((step, metrics)),
+        # always "collapsed" (normalised entropy <= 1): fires at the second observation, on every rank alike
+        guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, patience=2, action="stop", arm_on_good=False)],
+        log=lambda metrics, *, step: calls.append((step, metrics)),
         print_summary=False,
     )
     logs: dict[int, dict[str, float]] = {}
+    stop: list[bool] = []
     rows = rank_rows((ROWS // world,) * world, rank)
     with monitors.watch(module, opt):
         for step, (batch,) in enumerate(token_batches(STEPS, rows=ROWS)):
@@ -60,7 +68,8 @@ def run(out: Path, name: str) -> None:
                 opt.step()
                 opt.zero_grad()
             logs[step] = dict(monitors.logs)
-    (out / f"{name}.json").write_text(json.dumps({"world": world, "logs": logs, "calls": calls}))
+            stop.append(monitors.should_stop)
+    (out / f"{name}.json").write_text(json.dumps({"world": world, "logs": logs, "stop": stop, "calls": calls}))
 
 
 def worker(rank: int, out: str) -> None:
@@ -68,4 +77,10 @@ def worker(rank: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    spawn_gloo(worker, sys.argv[1])
+    # gloo.spawn_gloo's worker wrapper, forked instead of spawned: the ranks inherit the imports below (seconds each)
+    for module in ("entrotrain.integrations.loop", "tests.helpers.gpt_module", "tests.helpers.loop_runs"):
+        importlib.import_module(module)
+
+    mp.start_processes(
+        gloo._in_group, args=(2, gloo.free_port(), worker, (sys.argv[1],)), nprocs=2, join=True, start_method="fork"
+    )

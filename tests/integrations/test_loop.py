@@ -137,22 +137,26 @@ def test_prediction_monitor_same_as_lightning(source: str, accumulate: int) -> N
 
 # ------------------------------------------------------------------ 2. monitoring never changes training
 def test_training_bit_identical_with_and_without_monitors() -> None:
-    """Every monitor captures at every step (the probe forward runs after each update): same losses, same weights."""
+    """Every monitor captures at every step (the probe forward and generation run after each update), with dropout
+    on: same losses, same weights, so no monitor draws from the global RNG either."""
     batches = token_batches(6)
     probe = token_batches(1, rows=2, seed=5)[0][0]
 
     def monitors() -> EntropyMonitors:
         return EntropyMonitors(
-            [_attention(max_rows=None, max_queries=None), _representation(), SigmaReparamMonitor(every_n_steps=1),
+            [_attention(), _representation(measures=("rankme", "effective_rank", "vendi")),
+             SigmaReparamMonitor(every_n_steps=1),
              PredictionEntropyMonitor(every_n_steps=1, probe=(probe[:, :-1], probe[:, 1:]), generation_prompts=1,
                                       prompt_length=3, max_new_tokens=3, log_media=False, print_summary=False)],
             guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.01)],
             print_summary=False,
         )
 
-    bare = LogitsGPT(seed=0)
+    bare = LogitsGPT(seed=0, dropout=0.1)
     watched = copy.deepcopy(bare)
+    torch.manual_seed(1)
     _, loss_a = run_loop(bare, batches, None, 6)
+    torch.manual_seed(1)
     logs, loss_b = run_loop(watched, batches, monitors(), 6)
     assert sorted(logs) == list(range(6)) and all("entropy/pred/probe/mean" in row for row in logs.values())
     assert len(loss_a) == len(loss_b) == 6 and all(torch.equal(a, b) for a, b in zip(loss_a, loss_b))
@@ -335,29 +339,33 @@ def test_stop_guard_sets_should_stop_and_logs_the_alert() -> None:
 
 
 def test_reduce_lr_guard_on_an_observed_key_lowers_lr_once_per_episode() -> None:
-    """A guard on ``loss`` handed over with ``observe``: bad, bad, good, bad -> two episodes, two reductions of the
-    optimizer's lr and of the scheduler's base rate; the observed value itself is not logged."""
+    """A guard on ``loss`` handed over with ``observe``: bad, bad, good, bad -> two episodes, two reductions of both
+    optimizers' lr and of the scheduler's base rate; the observed value itself is not logged."""
     module = GPTModule(seed=0)
-    opt = torch.optim.SGD(module.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    params = list(module.parameters())
+    opt_a = torch.optim.SGD(params[:4], lr=0.1)
+    opt_b = torch.optim.Adam(params[4:], lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda s: 1.0)
     guard = EntropyCollapseGuard("loss", threshold=0.0, mode="max", action="reduce_lr", lr_factor=0.5, arm_on_good=False)
     monitors = EntropyMonitors(guards=[guard], print_summary=False)
     batches = token_batches(4)
     observed = [3.0, 2.0, -1.0, 4.0]  # "loss" above 0 is bad
     lrs, logs = [], []
     with pytest.warns(UserWarning, match="multiplied by 0.5"):
-        with monitors.watch(module, opt, sched):
+        with monitors.watch(module, [opt_a, opt_b], sched):
             for step in range(4):
                 with monitors.step(step):
                     module.training_step(batches[step], step).backward()
-                    opt.step()
-                    opt.zero_grad()
+                    for opt in (opt_a, opt_b):
+                        opt.step()
+                        opt.zero_grad()
                     sched.step()
                     monitors.observe(loss=torch.tensor(observed[step]), ignored=object())
-                lrs.append(opt.param_groups[0]["lr"])
+                lrs.append((opt_a.param_groups[0]["lr"], opt_b.param_groups[0]["lr"]))
                 logs.append(dict(monitors.logs))
-    assert lrs == [pytest.approx(v) for v in (0.05, 0.05, 0.05, 0.025)]
-    assert sched.base_lrs == [pytest.approx(0.025)]
+    halved, quartered = (pytest.approx(0.05), pytest.approx(0.005)), (pytest.approx(0.025), pytest.approx(0.0025))
+    assert lrs == [halved, halved, halved, quartered]
+    assert sched.base_lrs == [pytest.approx(0.025)]  # the scheduler recomputes lr from it: the reduction stays
     assert guard.lr_reductions == 2 and guard.times_fired == 2
     assert logs == [{"loss/alert": 1.0}, {}, {}, {"loss/alert": 1.0}]
 
@@ -414,7 +422,7 @@ def test_log_is_called_only_on_steps_with_something_to_log() -> None:
     calls: list[tuple[dict, int]] = []
     guard = EntropyCollapseGuard("loss", threshold=0.0, mode="max", arm_on_good=False)  # fires on an observed 1.0
     monitors = EntropyMonitors(
-        [_attention(2)], guards=[guard], log=lambda metrics, step: calls.append((metrics, step)), print_summary=False
+        [_attention(2)], guards=[guard], log=lambda metrics, *, step: calls.append((metrics, step)), print_summary=False
     )
     module = GPTModule(seed=0)
     opt = module.configure_optimizers()
@@ -462,7 +470,7 @@ def test_media_and_alerts_go_to_the_active_wandb_run(monkeypatch: pytest.MonkeyP
     monitors = EntropyMonitors(
         [AttentionEntropyMonitor(every_n_steps=2, print_summary=False),
          _representation(2, include=["model.blocks.0"], measures=("rankme",), log_spectrum=True)],
-        guards=[guard], log=lambda metrics, step: calls.append((metrics, step)), print_summary=False,
+        guards=[guard], log=lambda metrics, *, step: calls.append((metrics, step)), print_summary=False,
     )
     media_keys = {"entropy/attn_norm/hist", "entropy/attn_norm/heatmap", "entropy/repr/model.blocks.0/spectrum"}
     with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 0"):
@@ -477,7 +485,7 @@ def test_media_and_alerts_go_to_the_active_wandb_run(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(wandb, "run", None)  # no active run: no media
     calls.clear()
     monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=1, print_summary=False)],
-                               log=lambda metrics, step: calls.append((metrics, step)))
+                               log=lambda metrics, *, step: calls.append((metrics, step)))
     run_loop(GPTModule(seed=0), token_batches(1), monitors, 1)
     assert monitors.media == {} and calls and not media_keys & set(calls[0][0])
 
@@ -603,11 +611,14 @@ def test_two_ranks_reduce_to_the_union_batch_and_only_rank_zero_logs(tmp_path: P
     from tests.integrations.loop_ddp_run import ROWS, STEPS, run
 
     run_script(Path(__file__).with_name("loop_ddp_run.py"), ROOT, str(tmp_path), timeout=300)
-    run(tmp_path, "single")
+    with pytest.warns(UserWarning, match="Stopping training"):
+        run(tmp_path, "single")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((tmp_path / "single.json").read_text())
     assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
     assert ranks[0]["logs"] == ranks[1]["logs"]  # every rank holds the same reduced numbers
+    assert ranks[0]["stop"] == ranks[1]["stop"] == single["stop"] == [False] * (STEPS - 1) + [True]  # same decision
+    assert ranks[0]["logs"][str(STEPS - 1)]["entropy/attn_norm/min/alert"] == 1.0
     assert [step for step, _ in ranks[0]["calls"]] == list(range(STEPS)) and ranks[1]["calls"] == []
     assert [metrics for _, metrics in ranks[0]["calls"]] == list(ranks[0]["logs"].values())
     reduced, reference = ranks[0]["logs"], single["logs"]

@@ -22,7 +22,7 @@ from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
-from entrotrain.errors import EntrotrainError
+from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.loop_runs import (
@@ -225,24 +225,33 @@ def test_micro_batches_of_one_step_add_up_to_the_union_batch() -> None:
 
 # ------------------------------------------------------------------ 4. lifecycle
 def test_watch_releases_every_hook_on_normal_exit_and_on_an_exception() -> None:
-    module = GPTModule(seed=0)
+    """Attention (function mode + site hooks), representation (module hooks) and prediction (head hook, root
+    forward hooks for the keyword arguments) taps."""
+    module = LogitsGPT(seed=0)
     opt = module.configure_optimizers()
     batches = token_batches(3)
-    monitors = EntropyMonitors([_attention(), _representation()], print_summary=False)
+    prediction = PredictionEntropyMonitor(every_n_steps=1, source="head", head="model.lm_head", probe_batches=0,
+                                          log_media=False, print_summary=False)
+    monitors = EntropyMonitors([_attention(), _representation(), prediction], print_summary=False)
+    taps = lambda: [monitors.monitors[0].tap.armed, monitors.monitors[1].tap.armed]  # noqa: E731
+
+    def forward_backward(step: int) -> None:
+        module.training_step(batches[step], step)["loss"].backward()
+
     with monitors.watch(module, opt):
         with monitors.step(0):
-            module.training_step(batches[0], 0).backward()
-        assert monitors.logs
+            forward_backward(0)
+        assert "entropy/pred/train/mean" in monitors.logs
     assert not leftovers(module)
 
     with pytest.raises(RuntimeError, match="boom"):
         with monitors.watch(module, opt):
             with monitors.step(0):
-                module.training_step(batches[0], 0).backward()
-                assert leftovers(module) and monitors.monitors[0].tap.armed  # armed inside a due step
+                forward_backward(0)
+                assert {"<root>", "model.blocks.0"} <= set(leftovers(module)) and all(taps())  # armed in a due step
                 raise RuntimeError("boom")
     assert monitors.logs == {}  # the failed step computed nothing
-    assert not leftovers(module) and not any(m.tap.armed for m in monitors.monitors)
+    assert not leftovers(module) and not any(taps())
 
     # an exception caught inside the loop: the step's taps are released, the next step captures normally
     with monitors.watch(module, opt):
@@ -252,9 +261,23 @@ def test_watch_releases_every_hook_on_normal_exit_and_on_an_exception() -> None:
                 raise ValueError("bad batch")
         assert not leftovers(module) and monitors.logs == {}
         with monitors.step(1):
-            module.training_step(batches[1], 1).backward()
-        assert "entropy/attn_norm/min" in monitors.logs
+            forward_backward(1)
+        assert {"entropy/attn_norm/min", "entropy/pred/train/mean"} <= set(monitors.logs)
     assert not leftovers(module)
+
+
+def test_a_monitor_that_cannot_capture_fails_clearly_and_leaves_the_model_clean() -> None:
+    moe = MaskedToyMoE()  # no attention
+    monitors = EntropyMonitors([_attention()])
+    with pytest.raises(TapError, match="captured no attention in MaskedToyMoE"):
+        with monitors.watch(moe):
+            with monitors.step(0):
+                moe.training_step(toy_batches(1)[0], 0).backward()
+    assert not leftovers(moe)
+    gpt = GPTModule(seed=0)  # no router
+    with pytest.raises(TapError, match="RouterEntropyMonitor in a plain training loop: .*found no MoE router"):
+        EntropyMonitors([RouterEntropyMonitor(top_k=2)]).watch(gpt)
+    assert not leftovers(gpt)
 
 
 def test_close_is_idempotent_and_prints_the_summary_once(capsys: pytest.CaptureFixture[str]) -> None:

@@ -467,6 +467,23 @@ def test_log_is_called_only_on_steps_with_something_to_log() -> None:
         assert metrics == logs[step]  # no wandb run: no media
 
 
+def test_log_feeds_a_run_record_for_entrotrain_report(tmp_path: Path) -> None:
+    """The docstring's ``log=RunRecordLogger(...).log_metrics``: the record holds each logging step's scalars, as
+    ``entrotrain report`` reads them back."""
+    from entrotrain.dashboards.run_reader import load_run
+    from entrotrain.dashboards.run_record import RunRecordLogger
+
+    record = RunRecordLogger(save_dir=tmp_path, name="loop", version="v0")
+    monitors = EntropyMonitors([_attention(2)], log=record.log_metrics, print_summary=False)
+    logs, _ = run_loop(GPTModule(seed=0), token_batches(5), monitors, 5)
+    record.finalize("success")
+    run = load_run(tmp_path / "loop" / "v0")
+    steps, values = run.scalars["entropy/attn_norm/min"]
+    assert list(steps) == [0, 2, 4]
+    assert list(values) == pytest.approx([logs[s]["entropy/attn_norm/min"] for s in (0, 2, 4)], rel=1e-12)
+    assert run.status == "finished"
+
+
 class _FakeRun:
     """Stands in for ``wandb.run``: records alerts (the loop logs through ``log=``, never through the run)."""
 

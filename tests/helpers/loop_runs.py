@@ -51,6 +51,25 @@ class MaskedToyMoE(ToyMoE):
         return F.mse_loss(out, batch["y"])
 
 
+class HFLit(L.LightningModule):
+    """A LightningModule around an HF causal LM: ``training_step(batch)`` calls the root ``forward(**batch)`` (the
+    HF model with ``input_ids``, ``attention_mask``, ``labels``) and returns its loss; SGD with ``lr``."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def token_batches(n: int, rows: int = 4, seed: int = 0, vocab: int = VOCAB, seq: int = SEQ) -> list[tuple[torch.Tensor]]:
     """``n`` batches ``(idx,)`` of ``rows`` random token sequences of ``seq + 1`` tokens (inputs and shifted targets)."""
     g = torch.Generator().manual_seed(seed)

@@ -135,6 +135,39 @@ def test_prediction_monitor_same_as_lightning(source: str, accumulate: int) -> N
     assert same_weights(loop_module, lit_module)
 
 
+def test_hf_moe_lm_with_padding_same_as_lightning() -> None:
+    """A tiny HF Mixtral on right-padded rows, called ``model(**batch)``: attention (padding from the HF mask),
+    router (``attention_mask`` keyword) and head prediction entropy (``labels`` keyword, shifted) with a dict probe
+    log in the loop what they log in Lightning (which reads the batch), and training ends on the same weights."""
+    pytest.importorskip("transformers")
+    from tests.helpers.loop_runs import HFLit
+    from tests.helpers.tiny_hf_lms import padded_rows, stack_rows, tiny_mixtral_lm
+
+    vocab, t = 40, 10
+    rows = padded_rows(8, vocab, t)
+    batches = [stack_rows(rows[:4]), stack_rows(rows[4:])]
+    probe = stack_rows(padded_rows(4, vocab, t, seed=7))
+
+    def monitors() -> list:
+        return [
+            _attention(max_rows=None, max_queries=None),
+            RouterEntropyMonitor(every_n_steps=1, log_media=False, print_summary=False),
+            PredictionEntropyMonitor(every_n_steps=1, source="head", shift_labels=True, probe=probe, positions=2,
+                                     log_media=False, print_summary=False),
+        ]
+
+    lit_module = HFLit(tiny_mixtral_lm(vocab))
+    loop_module = copy.deepcopy(lit_module)
+    lit = fit_lightning(lit_module, batches, monitors(), 2)
+    loop, losses = run_loop(loop_module, batches, EntropyMonitors(monitors(), print_summary=False), 2)
+    labels = batches[0]["labels"]
+    assert loop[0]["entropy/pred/train/tokens"] == float((labels[:, 1:] != -100).sum())  # padding not scored
+    assert loop[0]["entropy/pred/train/nll"] == pytest.approx(float(losses[0]), rel=1e-5)
+    assert {"entropy/attn_norm/L1/H1", "entropy/router/L1/entropy", "entropy/pred/probe/mean"} <= set(loop[0])
+    _assert_same_logs(loop, lit)
+    assert same_weights(loop_module, lit_module)
+
+
 # ------------------------------------------------------------------ 2. monitoring never changes training
 def test_training_bit_identical_with_and_without_monitors() -> None:
     """Every monitor captures at every step (the probe forward and generation run after each update), with dropout

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
@@ -234,6 +236,42 @@ def test_every_n_steps_override_applies_to_all_monitors() -> None:
     trace = _armed_trace(EntropyMonitors([_attention(2), _representation(3)], every_n_steps=4, print_summary=False), steps)
     assert [(a, r) for a, r, _, _ in trace] == [(s % 4 == 0, s % 4 == 0) for s in range(steps)]
     assert [bool(f) for *_, f in trace] == [s % 4 == 0 for s in range(steps)]
+
+
+@settings(max_examples=12)
+@given(
+    attn_every=st.integers(1, 4), repr_every=st.integers(1, 4), override=st.none() | st.integers(1, 4),
+    steps=st.integers(1, 7),
+)
+def test_armed_exactly_on_due_steps_property(attn_every: int, repr_every: int, override: int | None, steps: int) -> None:
+    """Any cadences, with or without the override: armed, hooked and logged exactly at the steps ``s % n == 0``."""
+    monitors = EntropyMonitors([_attention(attn_every), _representation(repr_every)], every_n_steps=override)
+    trace = _armed_trace(monitors, steps)
+    attn_n, repr_n = override or attn_every, override or repr_every
+    for step, (attn_armed, repr_armed, hooked, families) in enumerate(trace):
+        assert (attn_armed, repr_armed) == (step % attn_n == 0, step % repr_n == 0), step
+        assert bool(hooked) == (attn_armed or repr_armed) == bool(families), step
+        assert ("repr" in families) == repr_armed and ("attn" in families) == attn_armed, step
+
+
+def test_probe_and_generation_forwards_are_not_captured_by_other_monitors() -> None:
+    """The prediction monitor's probe and generation forwards run after the step's taps are released (and under
+    exclusive_capture): attention and representation log the same with it as without it, whatever the order."""
+    probe = token_batches(1, rows=3, seed=9)[0][0]
+
+    def logs(with_prediction: bool) -> dict[int, dict[str, float]]:
+        monitors = [_attention(), _representation(max_tokens=None)]
+        if with_prediction:  # listed first: its probe forward runs before the others compute (Lightning says last)
+            monitors.insert(0, PredictionEntropyMonitor(
+                every_n_steps=1, probe=(probe[:, :-1], probe[:, 1:]), generation_prompts=2, prompt_length=3,
+                max_new_tokens=4, log_media=False, print_summary=False,
+            ))
+        out, _ = run_loop(LogitsGPT(seed=0), token_batches(2), EntropyMonitors(monitors, print_summary=False), 2)
+        return out
+
+    with_it, without = logs(True), logs(False)
+    assert "entropy/pred/gen/distinct_1" in with_it[0]
+    assert {s: {k: v for k, v in row.items() if not k.startswith("entropy/pred/")} for s, row in with_it.items()} == without
 
 
 def test_micro_batches_of_one_step_add_up_to_the_union_batch() -> None:

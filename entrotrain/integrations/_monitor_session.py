@@ -94,6 +94,11 @@ class _Driver:
     def media(self) -> dict[str, Any]:
         return {}
 
+    def group(self, key: str) -> str:
+        """The publication group of ``key`` (Lightning's ``publish_scalars`` source): a key missing at a logging step
+        is NaN only when its group published there."""
+        return ""
+
     def summary(self) -> str | None:
         return None
 
@@ -333,6 +338,10 @@ class _PredictionDriver(_Driver):
     def media(self) -> dict[str, Any]:
         return self.monitor.media() if self.monitor.log_media else {}
 
+    def group(self, key: str) -> str:
+        # Lightning publishes the generation metrics as their own source, only at generate_every_n_steps
+        return "gen" if key.startswith(f"{self.monitor.prefix}/gen/") else ""
+
     def summary(self) -> str | None:
         m = self.monitor
         return m.summary_table() if m.print_summary and m.history else None
@@ -498,8 +507,11 @@ class MonitorSession:
             values = self.drivers[i].compute(step, world, rank, reduce)
             if values is None:  # nothing handed over this step: no observation
                 continue
-            for key in self._published[i] - values.keys():  # published before, not now: gone, not current
-                values[key] = math.nan
+            driver = self.drivers[i]
+            groups = {""} | {driver.group(key) for key in values}  # the main group publishes at every logging step
+            for key in self._published[i] - values.keys():  # published before, not now (in a group that published
+                if driver.group(key) in groups:  # now): gone, not current
+                    values[key] = math.nan
             self._published[i].update(values)
             metrics.update(values)
             if media and rank == 0:

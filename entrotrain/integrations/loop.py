@@ -141,6 +141,7 @@ class EntropyMonitors:
         self._observed: dict[str, Any] = {}
         self._saved: dict[str, Any] | None = None
         self._step: int | None = None
+        self._done: int | None = None  # the last step whose block completed (steps must increase)
 
     @property
     def monitors(self) -> list[Any]:
@@ -164,6 +165,7 @@ class EntropyMonitors:
         self._optimizers = _as_list(optimizer)
         self._schedulers = _as_list(scheduler)
         self.logs, self.media, self.should_stop, self._observed, self._step = {}, {}, False, {}, None
+        self._done = None
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
@@ -197,6 +199,12 @@ class EntropyMonitors:
         check_int(step, "EntropyMonitors.step(step)", low=0)
         if self._model is None:
             raise EntrotrainError("EntropyMonitors.step() before watch(model): call monitors.watch(model, optimizer) first.")
+        if self._done is not None and step <= self._done:
+            raise EntrotrainError(
+                f"EntropyMonitors.step(step) must increase from block to block (the optimizer step, counted across "
+                f"epochs); got {step} after {self._done}. Pass a global step counter, not the batch index of an epoch, "
+                "and put every micro-batch of one optimizer step inside one block."
+            )
         self.logs, self.media, self._observed, self._step = {}, {}, {}, step
         due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.period) == 0]
         if due:
@@ -208,6 +216,7 @@ class EntropyMonitors:
             self._step = None
             raise
         self._step = None
+        self._done = step
         self._finish(step)
 
     def observe(self, **values: float | Tensor) -> None:
@@ -215,6 +224,15 @@ class EntropyMonitors:
         the end of the ``step()`` block. Not logged (log them yourself)."""
         if self._step is None:
             raise EntrotrainError("EntropyMonitors.observe() must be called inside a `with monitors.step(step):` block.")
+        watched = {guard.monitor for guard in self.guards}  # other keys are never read
+        for key, value in ((k, v) for k, v in values.items() if k in watched):
+            scalar = value.numel() == 1 if isinstance(value, Tensor) else isinstance(value, (int, float))
+            if not scalar or isinstance(value, bool):
+                got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise EntrotrainError(
+                    f"EntropyMonitors.observe({key}=...) needs a number or a one-element tensor, got {got}; reduce it "
+                    f"first (e.g. {key}=loss.mean())."
+                )
         self._observed.update(values)
 
     def record_policy(

@@ -197,7 +197,9 @@ class _BatchWatch:
         self._handles: list[Any] = []
         self.fields: dict[str, Tensor | None] = {}
 
-    def arm(self, model: nn.Module, keys: Sequence[str], before: Callable[[], None], after: Callable[[Any], None]) -> None:
+    def arm(
+        self, model: nn.Module, keys: Sequence[str], before: Callable[[], None], after: Callable[[Any], None]
+    ) -> None:
         self.disarm()
 
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -270,7 +272,8 @@ class _RouterDriver(_Driver):
         metrics = m.compute_metrics(step, reduce)
         if not m._announced:
             m._announced = True
-            rank_zero_info("RouterEntropyMonitor layers: " + ", ".join(f"L{i}={n}" for i, n in enumerate(m.layer_names)))
+            names = ", ".join(f"L{i}={n}" for i, n in enumerate(m.layer_names))
+            rank_zero_info(f"RouterEntropyMonitor layers: {names}")
         return metrics
 
     def media(self) -> dict[str, Any]:
@@ -312,8 +315,8 @@ class _PredictionDriver(_Driver):
                 captured = m._disarm()
                 if len(captured) != 1:
                     raise TapError(
-                        f"PredictionEntropyMonitor: the head {m.head!r} ran {len(captured)} times in one model forward; "
-                        "it must run exactly once. Use source='output'."
+                        f"PredictionEntropyMonitor: the head {m.head!r} ran {len(captured)} times in one model "
+                        "forward; it must run exactly once. Use source='output'."
                     )
                 lead, stats = captured[0]
                 keep, labels = m._keep(lead, found, stats.entropy.device)
@@ -423,8 +426,8 @@ def make_driver(monitor: Any, index: int, owner: str, where: str, policy: bool =
             )
         if "dsmi" in monitor.measures:
             raise EntrotrainError(
-                f"{owner}(monitors[{index}]): measure 'dsmi' needs the batch labels, which are not handed over {where}; "
-                "drop 'dsmi' from measures."
+                f"{owner}(monitors[{index}]): measure 'dsmi' needs the batch labels, which are not handed over "
+                f"{where}; drop 'dsmi' from measures."
             )
     return driver(monitor, where)
 
@@ -444,13 +447,17 @@ class MonitorSession:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, or two sharing a ``state_key``.
     """
 
-    def __init__(self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str, policy: bool = False) -> None:
+    def __init__(
+        self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str, policy: bool = False
+    ) -> None:
         monitors, guards = list(monitors), list(guards)
         if not monitors and not guards:
             raise EntrotrainError(f"{owner} needs at least one monitor or guard; got none.")
         for i, guard in enumerate(guards):
             if not isinstance(guard, EntropyCollapseGuard):
-                raise EntrotrainError(f"{owner}(guards[{i}]) must be an EntropyCollapseGuard, got {type(guard).__name__}.")
+                raise EntrotrainError(
+                    f"{owner}(guards[{i}]) must be an EntropyCollapseGuard, got {type(guard).__name__}."
+                )
         self.drivers = [make_driver(m, i, owner, where, policy) for i, m in enumerate(monitors)]
         keys = [m.state_key for m in monitors] + [g.state_key for g in guards]
         if len(set(keys)) != len(keys):

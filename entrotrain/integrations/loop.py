@@ -9,7 +9,7 @@ r"""entrotrain's monitors and collapse guards in any training loop: plain PyTorc
                                guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.05, action="stop")],
                                log=wandb.log)                    # or any callable(metrics, step=...); optional
     with monitors.watch(model, optimizer):                      # hooks released on every exit, summary printed
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y) in enumerate(loader):                  # step: the optimizer step, across epochs
             with monitors.step(step):                           # taps armed only on the steps that log
                 loss = model(x, y)
                 loss.backward()
@@ -26,8 +26,9 @@ with ``stage="train"``, :class:`~entrotrain.callbacks.SigmaReparamMonitor`,
 :mod:`entrotrain.integrations.transformers` (:mod:`entrotrain.integrations._monitor_session`): same keys, same values,
 same guard rules. No statistic is computed here.
 
-When it captures. ``step`` is the index of the optimizer step the block runs, counted from 0 (Lightning's
-``global_step`` before the step). A monitor captures at the steps ``0, n, 2n, ...`` of its own ``every_n_steps``
+When it captures. ``step`` is the index of the optimizer step the block runs, counted from 0 across epochs
+(Lightning's ``global_step`` before the step); it must increase from block to block. A monitor captures at the steps
+``0, n, 2n, ...`` of its own ``every_n_steps``
 (or of ``EntropyMonitors(every_n_steps=)`` for all of them); on other steps ``step()`` arms nothing and costs a modulo.
 Put every micro-batch of a gradient-accumulation window inside one ``step()`` block: the monitors' sums add up over
 them. At the block's end the taps are disarmed and the window is reduced (one SUM all-reduce per monitor when
@@ -153,7 +154,10 @@ class EntropyMonitors:
 
     # ------------------------------------------------------------------ lifecycle
     def watch(
-        self, model: nn.Module, optimizer: Any | Sequence[Any] | None = None, scheduler: Any | Sequence[Any] | None = None
+        self,
+        model: nn.Module,
+        optimizer: Any | Sequence[Any] | None = None,
+        scheduler: Any | Sequence[Any] | None = None,
     ) -> EntropyMonitors:
         """Start a run on ``model``: fresh monitor and guard state (or what :meth:`load_state_dict` was given before).
         ``optimizer`` / ``scheduler`` (one or a list) are what a ``reduce_lr`` guard lowers. Returns ``self``, a
@@ -184,7 +188,9 @@ class EntropyMonitors:
 
     def __enter__(self) -> EntropyMonitors:
         if self._model is None:
-            raise EntrotrainError("EntropyMonitors: use `with monitors.watch(model, optimizer):`, not `with monitors:`.")
+            raise EntrotrainError(
+                "EntropyMonitors: use `with monitors.watch(model, optimizer):`, not `with monitors:`."
+            )
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -198,7 +204,9 @@ class EntropyMonitors:
         and calls ``log``. An exception inside the block releases the taps and computes nothing."""
         check_int(step, "EntropyMonitors.step(step)", low=0)
         if self._model is None:
-            raise EntrotrainError("EntropyMonitors.step() before watch(model): call monitors.watch(model, optimizer) first.")
+            raise EntrotrainError(
+                "EntropyMonitors.step() before watch(model): call monitors.watch(model, optimizer) first."
+            )
         if self._done is not None and step <= self._done:
             raise EntrotrainError(
                 f"EntropyMonitors.step(step) must increase from block to block (the optimizer step, counted across "
@@ -223,7 +231,9 @@ class EntropyMonitors:
         """Hand this step's scalars (``loss=loss``, ``grad_norm=...``) to the guards watching those keys; judged at
         the end of the ``step()`` block. Not logged (log them yourself)."""
         if self._step is None:
-            raise EntrotrainError("EntropyMonitors.observe() must be called inside a `with monitors.step(step):` block.")
+            raise EntrotrainError(
+                "EntropyMonitors.observe() must be called inside a `with monitors.step(step):` block."
+            )
         watched = {guard.monitor for guard in self.guards}  # other keys are never read
         for key, value in ((k, v) for k, v in values.items() if k in watched):
             scalar = value.numel() == 1 if isinstance(value, Tensor) else isinstance(value, (int, float))
@@ -250,7 +260,9 @@ class EntropyMonitors:
         rewards ``(B,)`` for the entropy–reward fit. Detached; under DDP every rank hands its tensors over at the
         same steps (they are gathered)."""
         if self._step is None:
-            raise EntrotrainError("EntropyMonitors.record_policy() must be called inside a `with monitors.step(step):` block.")
+            raise EntrotrainError(
+                "EntropyMonitors.record_policy() must be called inside a `with monitors.step(step):` block."
+            )
         tensors = dict(entropy=entropy, logprobs=logprobs, advantages=advantages, mask=mask, rewards=rewards)
         if not self.session.record_policy(**tensors, temperature=temperature):
             raise EntrotrainError(
@@ -279,7 +291,8 @@ class EntropyMonitors:
         """Restore :meth:`state_dict`'s output: now when watching, else at the next :meth:`watch`."""
         if not isinstance(state_dict, Mapping):
             raise EntrotrainError(
-                f"EntropyMonitors.load_state_dict needs the dict state_dict() returned, got {type(state_dict).__name__}."
+                "EntropyMonitors.load_state_dict needs the dict state_dict() returned, got "
+                f"{type(state_dict).__name__}."
             )
         if self._model is None:
             self._saved = dict(state_dict)

@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
@@ -164,6 +165,9 @@ class EntropyMonitors:
         context manager whose exit calls :meth:`close`."""
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"EntropyMonitors.watch(model) needs an nn.Module, got {type(model).__name__}.")
+        world, rank, _ = distributed()
+        if world > 1:  # as Lightning's strategies do: rank-zero warnings print once, also without RANK (mp.spawn)
+            rank_zero_only.rank = rank
         self.session.bind(model)
         self._model = model
         self._optimizers = _as_list(optimizer)

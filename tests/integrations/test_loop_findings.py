@@ -65,3 +65,16 @@ def test_generation_keys_are_not_nan_between_generation_steps() -> None:
     run_loop(loop_module, batches, EntropyMonitors(monitors(), guards=[loop_guard], print_summary=False), 4)
     assert lit_guard.times_fired == 0 and lit_guard.last_seen_step == 2
     assert loop_guard.state_dict() == lit_guard.state_dict()
+
+
+def test_watch_sets_lightnings_rank_for_rank_zero_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started without RANK in the environment (mp.spawn), Lightning's rank-zero helpers think every process is rank
+    0 and every rank repeats the guards' warnings; watch() sets the rank from torch.distributed, as Lightning does."""
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    import entrotrain.integrations.loop as loop
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setattr(loop, "distributed", lambda: (2, 1, None))
+    EntropyMonitors([AttentionEntropyMonitor()]).watch(GPTModule(seed=0))
+    assert rank_zero_only.rank == 1

@@ -10,6 +10,8 @@ Two measurements:
    timed from the first callback's ``on_train_batch_start`` to the last callback's ``on_train_batch_end``, so every
    monitor hook is inside it. ``--model gpt-small`` (12 × 12 × 768, 1024 tokens, batch 8: run it on a GPU with
    ``--device cuda``) or ``tiny`` (the recipe's 4 × 4 × 128, 64 tokens, batch 32).
+3. ``--loop``: the same monitors through :class:`~entrotrain.integrations.loop.EntropyMonitors` in a plain training
+   loop against the same loop without it (``--model``, ``--device`` and ``--every`` as ``--all``).
 
 One process trains three identical models (same seed, same batches) in interleaved rounds so machine load hits
 them alike:
@@ -24,6 +26,7 @@ equal ``plain``), the extra time of one logging step, and the amortised overhead
 
     python benchmarks/monitor_overhead.py            # CPU, 2 threads
     python benchmarks/monitor_overhead.py --all --quick   # 4 steps, 1 round: proves the script runs
+    python benchmarks/monitor_overhead.py --loop --threads 1 --steps 100 --rounds 3
 """
 
 from __future__ import annotations
@@ -112,12 +115,13 @@ class _StepTimer:
         self.start, self.stop = Start(), Stop()
 
 
-def _all_monitors(every: int) -> list:
+def _all_monitors(every: int, root: str = "model.") -> list:
+    """Every language-model monitor and a guard; ``root``: the module path of the TinyGPT (``model.`` in the task)."""
     return [
         AttentionEntropyMonitor(every_n_steps=every, print_summary=False),
         SigmaReparamMonitor(every_n_steps=every),
         RepresentationEntropyMonitor(
-            include=["model.blocks.*"], exclude=["model.blocks.*.*"], every_n_steps=every, stage="train",
+            include=[f"{root}blocks.*"], exclude=[f"{root}blocks.*.*"], every_n_steps=every, stage="train",
             print_summary=False,
         ),
         EntropyCollapseGuard(monitor="entropy/attn_norm/min", threshold=0.0),
@@ -181,6 +185,84 @@ def budget(args: argparse.Namespace) -> None:
     print(f"weights after training, none vs all monitors: {'bit-identical' if same else 'DIFFERENT'}")
 
 
+def loop_budget(args: argparse.Namespace) -> None:
+    """``--loop``: the ``--all`` monitors through :class:`~entrotrain.integrations.loop.EntropyMonitors` in a plain
+    training loop, against the same loop without it; rounds interleaved, the step timed around the whole
+    ``with monitors.step(step):`` block (forward, backward, optimizer step, arming, statistics, guards)."""
+    import warnings
+
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    warnings.filterwarnings("ignore")
+    n_layer, n_head, n_embd, block, batch = MODELS[args.model]
+    device = torch.device(args.device)
+    data = CharCorpusDataModule(block_size=block, batch_size=batch, seed=0, steps_per_epoch=args.steps)
+    data.setup("fit")
+    batches = [(x.to(device), y.to(device)) for x, y in list(data.train_dataloader())[: args.steps]]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(monitored: bool) -> tuple[list[float], list]:
+        torch.manual_seed(0)
+        task = LanguageModelingTask(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lr=1e-4)
+        model = task.model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        *monitors, guard = _all_monitors(args.every, root="")  # the loop watches the TinyGPT itself
+        watcher = EntropyMonitors(monitors, guards=[guard], print_summary=False).watch(model, opt)
+        samples = []
+        for step, (x, y) in enumerate(batches):
+            sync()
+            t0 = time.perf_counter()
+            block_ = watcher.step(step) if monitored else _nothing()
+            with block_:
+                logits = model(x)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sync()
+            samples.append(time.perf_counter() - t0)
+        watcher.close()
+        return samples, [p.detach().cpu() for p in model.parameters()]
+
+    timers: dict[str, list[float]] = {"plain loop": [], "EntropyMonitors": []}
+    weights = {}
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for name in timers:
+            samples, weights[name] = run(name != "plain loop")
+            if round_:
+                timers[name].extend(samples)
+    steps = list(range(args.steps)) * args.rounds
+    plain = statistics.median(timers["plain loop"])
+    quiet = statistics.median(t for t, s in zip(timers["EntropyMonitors"], steps) if s % args.every)
+    loud = statistics.median(t for t, s in zip(timers["EntropyMonitors"], steps) if s % args.every == 0)
+    rows = [
+        ["plain loop", f"{1e3 * plain:.1f} ms", "1.000"],
+        ["EntropyMonitors, non-logging step", f"{1e3 * quiet:.1f} ms", f"{quiet / plain:.3f}"],
+        ["EntropyMonitors, logging step", f"{1e3 * loud:.1f} ms", f"{loud / plain:.3f}"],
+        [f"amortised at every {args.every} (medians)", "", f"{1 + (loud - quiet) / args.every / plain:.3f}"],
+    ]
+    print(environment_line(device, args.threads))
+    print(
+        f"{args.model}: {n_layer} x {n_head} x {n_embd}, batch {batch} x {block} tokens; plain loop, {args.rounds} "
+        f"interleaved rounds of {args.steps} steps; EntropyMonitors with attention, sigma_reparam, representation "
+        f"(blocks), collapse guard; every {args.every} steps"
+    )
+    print(markdown_table(["step", "median time", "ratio to plain loop"], rows))
+    same = all(torch.equal(a, b) for a, b in zip(weights["plain loop"], weights["EntropyMonitors"]))
+    print(f"weights after training, plain loop vs EntropyMonitors: {'bit-identical' if same else 'DIFFERENT'}")
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per model per round")
@@ -189,7 +271,9 @@ def main() -> None:
     parser.add_argument("--max-queries", type=int, default=256)
     parser.add_argument("--max-rows", type=int, default=4)
     parser.add_argument("--all", action="store_true", help="the overhead budget: all monitors through Trainer.fit")
-    parser.add_argument("--every", type=int, default=50, help="--all: logging interval of every monitor")
+    parser.add_argument("--loop", action="store_true",
+                        help="the --all monitors through EntropyMonitors in a plain loop, vs the same loop without")
+    parser.add_argument("--every", type=int, default=50, help="--all/--loop: logging interval of every monitor")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny", help="--all: model shape")
     parser.add_argument("--device", default="cpu", help="--all: cpu or cuda")
     parser.add_argument("--quick", action="store_true",
@@ -200,6 +284,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.all:
         budget(args)
+        return
+    if args.loop:
+        loop_budget(args)
         return
 
     data = CharCorpusDataModule(block_size=64, batch_size=32, seed=0, steps_per_epoch=args.steps)

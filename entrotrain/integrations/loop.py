@@ -161,10 +161,14 @@ class EntropyMonitors:
         scheduler: Any | Sequence[Any] | None = None,
     ) -> EntropyMonitors:
         """Start a run on ``model``: fresh monitor and guard state (or what :meth:`load_state_dict` was given before).
-        ``optimizer`` / ``scheduler`` (one or a list) are what a ``reduce_lr`` guard lowers. Returns ``self``, a
-        context manager whose exit calls :meth:`close`."""
+        A ``DistributedDataParallel`` / ``DataParallel`` wrapper (``accelerator.prepare``) is watched through its
+        ``.module``, so module names, globs and keys are those of the bare model; ``torch.compile``'s ``_orig_mod``
+        never appears in names either. ``optimizer`` / ``scheduler`` (one or a list) are what a ``reduce_lr`` guard
+        lowers. Returns ``self``, a context manager whose exit calls :meth:`close`."""
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"EntropyMonitors.watch(model) needs an nn.Module, got {type(model).__name__}.")
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # names and keys as in one process (no "module." prefix); its hooks still run
         world, rank, _ = distributed()
         if world > 1:  # as Lightning's strategies do: rank-zero warnings print once, also without RANK (mp.spawn)
             rank_zero_only.rank = rank

@@ -78,3 +78,19 @@ def test_watch_sets_lightnings_rank_for_rank_zero_messages(monkeypatch: pytest.M
     monkeypatch.setattr(loop, "distributed", lambda: (2, 1, None))
     EntropyMonitors([AttentionEntropyMonitor()]).watch(GPTModule(seed=0))
     assert rank_zero_only.rank == 1
+
+
+def test_a_data_parallel_wrapper_is_watched_through_its_module() -> None:
+    """accelerate / DDP hand back the model wrapped (``.module``): globs and keys stay those of the bare model."""
+    from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
+    from entrotrain.models import TinyGPT
+
+    model = TinyGPT(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    wrapped = torch.nn.DataParallel(model)  # CPU: forwards to .module; DDP holds its model the same way
+    monitors = EntropyMonitors(
+        [RepresentationEntropyMonitor(include=["blocks.*"], every_n_steps=1, print_summary=False)],
+        print_summary=False,
+    )
+    with monitors.watch(wrapped), monitors.step(0):
+        wrapped(torch.randint(0, 32, (4, 16)))
+    assert any(key.startswith("entropy/repr/blocks.0/") for key in monitors.logs), sorted(monitors.logs)[:5]

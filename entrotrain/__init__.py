@@ -53,6 +53,7 @@ _LAZY = {
         ),
         "entrotrain.callbacks",
     ),
+    "EntropyMonitors": "entrotrain.integrations.loop",  # the monitors in a hand-written training loop
 }
 _SUBPACKAGES = (
     "callbacks", "dashboards", "functional", "integrations", "kernels", "models", "regularizers", "taps", "tasks",

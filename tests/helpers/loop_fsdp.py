@@ -25,7 +25,7 @@ from torch import nn
 
 from entrotrain.integrations.loop import EntropyMonitors
 from entrotrain.regularizers.sigma_reparam import sigma_reparam
-from tests.helpers.fsdp_models import BATCH, MLP, ROUTER, SEQ, VOCAB, FSDPLM, probe
+from tests.helpers.fsdp_models import BATCH, HEAD, MLP, ROUTER, SEQ, VOCAB, FSDPLM, probe
 
 __all__ = ["LOOP_STEPS", "LoopLM", "hooks", "loss_of", "make_monitors", "monitor_list", "rank_batch", "shard", "train"]
 
@@ -64,9 +64,9 @@ def shard(model: nn.Module, world: int) -> None:
 
 
 def monitor_list() -> list[Any]:
-    """Attention, representation, σReparam, router and prediction (model output, probe whose second batch has one
-    row, generation) monitors: exact (no sampling), no media, no summaries. Their periods do not matter: the loop
-    passes ``every_n_steps=1``."""
+    """Attention, representation, σReparam, router and two prediction monitors (the model output with a probe whose
+    second batch has one row and generation; the ``lm_head`` hook with the probe): exact (no sampling), no media, no
+    summaries. Their periods do not matter: the loop passes ``every_n_steps=1``."""
     from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
     from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
     from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
@@ -85,6 +85,10 @@ def monitor_list() -> list[Any]:
         PredictionEntropyMonitor(
             every_n_steps=5, source="output", probe=probe(), floor=2.5, positions=[0, 3, 7],
             generation_prompts=[[1, 2, 3], [4, 5, 6], [7]], max_new_tokens=3, context_size=SEQ, **quiet,
+        ),
+        PredictionEntropyMonitor(
+            every_n_steps=5, source="head", head=HEAD, prefix="entropy/pred_head", probe=probe(), floor=2.5,
+            positions=[0, 3, 7], **quiet,
         ),
     ]
 

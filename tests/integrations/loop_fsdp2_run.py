@@ -2,8 +2,8 @@
 root on ``init_device_mesh("cpu", (2,))`` (tests/helpers/loop_fsdp.py), no Lightning Trainer.
 
 ``python loop_fsdp2_run.py OUT [TIMEOUT_S]`` forks two ranks; each runs ``LOOP_STEPS`` SGD steps on its half of each
-union batch under ``EntropyMonitors`` (attention, representation, σReparam, router, prediction with probe and
-generation; every step), then the same loop without monitors on a fresh model, and writes ``rank{r}.json``: losses,
+union batch under ``EntropyMonitors`` (attention, representation, σReparam, router, prediction from the output with
+probe and generation and from the head hook with probe; every step), then the same loop without monitors on a fresh model, and writes ``rank{r}.json``: losses,
 the monitors' logs by step, the ``log=`` calls, the model's hook counts before ``watch`` and after leaving it, the
 torch-function-mode depth after it, and which parameters were DTensors. Rank 0 also writes ``weights.pt`` and
 ``weights_unmonitored.pt``: the full (gathered) parameters and buffers after the last step of each loop. A collective

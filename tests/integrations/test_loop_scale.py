@@ -5,13 +5,13 @@
 ``LoopLM`` (two σReparam attention blocks, a top-2 MoE layer; per block, MoE layer and root on
 ``init_device_mesh("cpu", (2,))``) and train it 3 SGD steps in a hand-written loop, each rank on its half of every
 union batch, under ``EntropyMonitors([AttentionEntropyMonitor, RepresentationEntropyMonitor(stage="train"),
-SigmaReparamMonitor, RouterEntropyMonitor, PredictionEntropyMonitor(source="output", probe=..., generation)],
+SigmaReparamMonitor, RouterEntropyMonitor, PredictionEntropyMonitor(source="output", probe=..., generation), PredictionEntropyMonitor(source="head")],
 every_n_steps=1)``; then the same loop without monitors. The reference is this process, no FSDP, on the union batch
 with ``chunks=2`` (one forward of the union, the loss the mean of the two halves' mean losses: the ranks' average
 gradient). Tolerance, as in tests/callbacks/test_fsdp2.py: the runs do the same float32 arithmetic except the order
 of the gradient average (FSDP's ``(g0 + g1) / 2`` vs autograd's sum over the union), so losses and weights agree to
 ``1e-5`` relative / ``1e-6`` absolute and every published statistic to ``1e-5`` relative / ``1e-5`` absolute.
-Measured: the 308 published values within 1.8e-7 relative (the worst a σReparam qk-norm), the union losses
+Measured: the 368 published values within 1.8e-7 relative (the worst a σReparam qk-norm), the union losses
 within 6e-8 relative, parameters and σReparam buffers within 1.2e-7.
 
 **torch.compile.** ``torch.compile(TinyGPT)`` watched by ``EntropyMonitors([AttentionEntropyMonitor,
@@ -122,7 +122,7 @@ def test_fsdp2_every_published_key_equals_one_process_on_the_union(fsdp, referen
     _, _, want = reference
     assert set(want) == set(range(LOOP_STEPS))
     families = {key.split("/")[1] if key.startswith("entropy/") else key.split("/")[0] for key in want[0]}
-    assert {"attn", "attn_norm", "repr", "router", "pred", "sigma_reparam"} <= families
+    assert {"attn", "attn_norm", "repr", "router", "pred", "pred_head", "sigma_reparam"} <= families
     assert any("/gen/" in key for key in want[0]) and any("/probe/" in key for key in want[0])
     for rank, record in enumerate(ranks):  # every rank computes the reduced statistics
         got = record["logs"]
@@ -164,7 +164,8 @@ def test_fsdp2_one_rank_alone_would_log_other_numbers(fsdp):
     _, alone = train(LoopLM(), batches, make_monitors())
     got = ranks[0]["logs"][0]
     for key in ("entropy/attn/L0/H0", "entropy/repr/ln_f/rankme", "entropy/router/L0/entropy",
-                "entropy/pred/train/mean", "entropy/pred/probe/mean", "entropy/pred/train/tokens"):
+                "entropy/pred/train/mean", "entropy/pred/probe/mean", "entropy/pred/train/tokens",
+                "entropy/pred_head/train/nll"):
         assert got[key] != pytest.approx(alone[0][key], rel=1e-4, abs=1e-4), key
 
 

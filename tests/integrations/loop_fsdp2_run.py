@@ -3,11 +3,12 @@ root on ``init_device_mesh("cpu", (2,))`` (tests/helpers/loop_fsdp.py), no Light
 
 ``python loop_fsdp2_run.py OUT [TIMEOUT_S]`` forks two ranks; each runs ``LOOP_STEPS`` SGD steps on its half of each
 union batch under ``EntropyMonitors`` (attention, representation, σReparam, router, prediction from the output with
-probe and generation and from the head hook with probe; every step), then the same loop without monitors on a fresh model, and writes ``rank{r}.json``: losses,
-the monitors' logs by step, the ``log=`` calls, the model's hook counts before ``watch`` and after leaving it, the
-torch-function-mode depth after it, and which parameters were DTensors. Rank 0 also writes ``weights.pt`` and
-``weights_unmonitored.pt``: the full (gathered) parameters and buffers after the last step of each loop. A collective
-that one rank never joins would hang both: faulthandler dumps every stack and exits after TIMEOUT_S (default 120).
+probe and generation and from the head hook with probe; every step), then the same loop without monitors on a fresh
+model, and writes ``rank{r}.json``: losses, the monitors' logs by step, the ``log=`` calls, the model's hook counts
+before ``watch`` and after leaving it, the torch-function-mode depth after it, and which parameters were DTensors.
+Rank 0 also writes ``weights.pt`` and ``weights_unmonitored.pt``: the full (gathered) parameters and buffers after the
+last step of each loop. A collective that one rank never joins would hang both: faulthandler dumps every stack and
+exits after TIMEOUT_S (default 120).
 Run by test_loop_scale.py.
 """
 

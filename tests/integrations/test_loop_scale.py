@@ -5,14 +5,14 @@
 ``LoopLM`` (two σReparam attention blocks, a top-2 MoE layer; per block, MoE layer and root on
 ``init_device_mesh("cpu", (2,))``) and train it 3 SGD steps in a hand-written loop, each rank on its half of every
 union batch, under ``EntropyMonitors([AttentionEntropyMonitor, RepresentationEntropyMonitor(stage="train"),
-SigmaReparamMonitor, RouterEntropyMonitor, PredictionEntropyMonitor(source="output", probe=..., generation), PredictionEntropyMonitor(source="head")],
-every_n_steps=1)``; then the same loop without monitors. The reference is this process, no FSDP, on the union batch
-with ``chunks=2`` (one forward of the union, the loss the mean of the two halves' mean losses: the ranks' average
-gradient). Tolerance, as in tests/callbacks/test_fsdp2.py: the runs do the same float32 arithmetic except the order
-of the gradient average (FSDP's ``(g0 + g1) / 2`` vs autograd's sum over the union), so losses and weights agree to
-``1e-5`` relative / ``1e-6`` absolute and every published statistic to ``1e-5`` relative / ``1e-5`` absolute.
-Measured: the 368 published values within 1.8e-7 relative (the worst a σReparam qk-norm), the union losses
-within 6e-8 relative, parameters and σReparam buffers within 1.2e-7.
+SigmaReparamMonitor, RouterEntropyMonitor, PredictionEntropyMonitor(source="output", probe=..., generation),
+PredictionEntropyMonitor(source="head")], every_n_steps=1)``; then the same loop without monitors. The reference is
+this process, no FSDP, on the union batch with ``chunks=2`` (one forward of the union, the loss the mean of the two
+halves' mean losses: the ranks' average gradient). Tolerance, as in tests/callbacks/test_fsdp2.py: the runs do the
+same float32 arithmetic except the order of the gradient average (FSDP's ``(g0 + g1) / 2`` vs autograd's sum over the
+union), so losses and weights agree to ``1e-5`` relative / ``1e-6`` absolute and every published statistic to ``1e-5``
+relative / ``1e-5`` absolute. Measured: the 368 published values within 1.8e-7 relative (the worst a σReparam
+qk-norm), the union losses within 6e-8 relative, parameters and σReparam buffers within 1.2e-7.
 
 **torch.compile.** ``torch.compile(TinyGPT)`` watched by ``EntropyMonitors([AttentionEntropyMonitor,
 RepresentationEntropyMonitor])`` logging every 2 steps of 4, with a graph-counting backend (the traced graph run
@@ -20,8 +20,8 @@ eagerly: no inductor, cheap on CPU) and with ``aot_eager`` (AOTAutograd, compile
 eager loop's (no ``_orig_mod``) and the values equal at every logging step to ``1e-6`` relative / ``1e-6`` absolute.
 Neither backend fuses or reorders arithmetic (they run the eager kernels on the traced ops, measured difference 0.0);
 the tolerance leaves room for reassociation in a decomposed op. The monitors cost at most one extra compile (steps 0
-and 1 compile the logging-step and the plain graphs); steps 2 (logging) and 3 (not logging) compile nothing, dynamo counts no graph break, and the
-losses equal the unmonitored compiled loop's bit for bit.
+and 1 compile the logging-step and the plain graphs); steps 2 (logging) and 3 (not logging) compile nothing, dynamo
+counts no graph break, and the losses equal the unmonitored compiled loop's bit for bit.
 """
 
 from __future__ import annotations
@@ -268,7 +268,9 @@ def test_compiled_loop_keys_match_the_bare_model_names(eager):
     model = TinyGPT(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=16)
     compiled = torch.compile(model, backend=backend)
     assert any("_orig_mod" in name for name, _ in compiled.named_modules())  # what a naive tap would key by
-    monitor = RepresentationEntropyMonitor(include=["blocks.?"], every_n_steps=1, log_spectrum=False, print_summary=False)
+    monitor = RepresentationEntropyMonitor(
+        include=["blocks.?"], every_n_steps=1, log_spectrum=False, print_summary=False
+    )
     with EntropyMonitors([monitor], print_summary=False).watch(compiled):
         pass
     assert monitor.tap is not None and list(monitor.tap.names) == ["blocks.0", "blocks.1"]

@@ -99,6 +99,7 @@ from entrotrain.functional.prediction_entropy import (
     prediction_stats_from_logits,
 )
 from entrotrain.taps.exclusive import exclusive_capture
+from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["PredictionEntropyMonitor", "prediction_entropy_summary"]
@@ -351,10 +352,10 @@ class PredictionEntropyMonitor(HookedMonitor):
     # ------------------------------------------------------------------ head hook
     def _find_head(self, pl_module: LightningModule) -> nn.Module:
         match = NameFilter(self.head)
-        found = [(name, m) for name, m in pl_module.named_modules() if name and match(name)]
+        found = [(name, m) for name, m in named_modules(pl_module) if name and match(name)]
         if len(found) != 1 or not isinstance(getattr(found[0][1], "weight", None), Tensor):
             names = [name for name, _ in found][:8]
-            linear = [name for name, m in pl_module.named_modules() if isinstance(m, nn.Linear)][-4:]
+            linear = [name for name, m in named_modules(pl_module) if isinstance(m, nn.Linear)][-4:]
             raise EntrotrainError(
                 f"PredictionEntropyMonitor(source='head'): head={self.head!r} must match exactly one module with a "
                 f"(V, D) weight, matched {names or 'none'}; e.g. one of the last linear layers {linear}."

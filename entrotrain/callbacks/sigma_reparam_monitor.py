@@ -54,6 +54,7 @@ from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError
 from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear, SigmaReparamQKJoint, full_tensor, is_hf_conv1d
+from entrotrain.taps.module_names import named_modules
 
 __all__ = ["SigmaReparamMonitor", "qk_spectral_norms"]
 
@@ -207,7 +208,7 @@ class SigmaReparamMonitor(PerFitCallback):
         keys: list[str] = []
         values: list[Tensor] = []
         with torch.no_grad():
-            for name, m in module.named_modules():
+            for name, m in named_modules(module):
                 if isinstance(m, SigmaReparamLinear):
                     keys += [f"{self.prefix}{name}/sigma", f"{self.prefix}{name}/gamma"]
                     # the σ buffer keeps its last finite estimate when W goes NaN/Inf (so the layer can recover):
@@ -217,7 +218,7 @@ class SigmaReparamMonitor(PerFitCallback):
                     values += [sigma.reshape(1), full_tensor(m.gamma.detach()).float().reshape(1)]
             qk: list[Tensor] = []
             if self.log_qk_norm:
-                for name, m in module.named_modules():
+                for name, m in named_modules(module):
                     found = _fused_qkv(m)
                     if found is not None:
                         qkv, n_head = found

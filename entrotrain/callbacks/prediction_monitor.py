@@ -95,7 +95,8 @@ from entrotrain.functional.policy import quantile
 from entrotrain.functional.prediction_entropy import (
     DEFAULT_CHUNK,
     PredictionStats,
-    prediction_stats_from_hidden,
+    check_label_range,
+    hidden_stats,
     prediction_stats_from_logits,
 )
 from entrotrain.taps.exclusive import exclusive_capture
@@ -368,6 +369,8 @@ class PredictionEntropyMonitor(HookedMonitor):
         NLL when their shape is the hidden states' leading shape."""
         if self._head_module is None or self._hook is not None:
             return
+        if labels is not None:  # checked here, before the forward: labels.max() inside a compiled one breaks its graph
+            check_label_range(labels, self._head_module.weight.shape[0])
         self._head_labels = labels
 
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -378,9 +381,9 @@ class PredictionEntropyMonitor(HookedMonitor):
             lab = self._head_labels
             lab = lab.to(hidden.device).reshape(-1) if lab is not None and tuple(lab.shape) == lead else None
             bias = getattr(module, "bias", None)
-            stats = prediction_stats_from_hidden(
+            stats = hidden_stats(
                 hidden.reshape(-1, hidden.shape[-1]), module.weight, bias if isinstance(bias, Tensor) else None,
-                lab, chunk_size=self.chunk_size,
+                lab, chunk_size=self.chunk_size, labels_in_range=True,
             )
             self._captured.append((lead, stats))
 

@@ -103,7 +103,7 @@ def prediction_stats_from_logits(
         raise EntrotrainError(f"logits has no category (V = 0, shape {tuple(logits.shape)}): need V >= 1.")
     chunk_size = check_int(chunk_size, "chunk_size", low=1)
     labels = _check_labels(labels, logits.shape[0])
-    _check_label_range(labels, logits.shape[1])
+    check_label_range(labels, logits.shape[1])
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return _run(
         logits.shape[0], chunk_size, lambda a, b: logits[a:b].detach().to(acc), labels, acc, logits.device
@@ -134,10 +134,25 @@ def prediction_stats_from_hidden(
     Raises:
         EntrotrainError: shapes that do not fit (named), ``V = 0``, bad labels or ``chunk_size``.
     """
+    return hidden_stats(hidden, weight, bias, labels, chunk_size=chunk_size)
+
+
+def hidden_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    labels_in_range: bool = False,
+) -> PredictionStats:
+    """:func:`prediction_stats_from_hidden`; with ``labels_in_range`` the caller has already checked ``labels < V``
+    (e.g. before a compiled forward: reading ``labels.max()`` inside one breaks its graph)."""
     check_output_head(hidden, weight, bias, same_dtype=False)
     chunk_size = check_int(chunk_size, "chunk_size", low=1)
     labels = _check_labels(labels, hidden.shape[0])
-    _check_label_range(labels, weight.shape[0])
+    if not labels_in_range:
+        check_label_range(labels, weight.shape[0])
     acc = torch.float64 if hidden.dtype == weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(acc)
     b = None if bias is None else bias.detach().to(acc)
@@ -149,7 +164,8 @@ def prediction_stats_from_hidden(
     return _run(hidden.shape[0], chunk_size, block, labels, acc, hidden.device)
 
 
-def _check_label_range(labels: Tensor | None, vocab: int) -> None:
+def check_label_range(labels: Tensor | None, vocab: int) -> None:
+    """``labels < vocab`` (negative ids are ignored), else :class:`~entrotrain.errors.EntrotrainError`."""
     if labels is not None and labels.numel() and int(labels.max()) >= vocab:
         raise EntrotrainError(
             f"labels hold id {int(labels.max())} but there are only V = {vocab} classes; labels must be < V "

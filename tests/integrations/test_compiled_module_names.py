@@ -53,3 +53,28 @@ def test_prediction_head_glob_of_a_compiled_model_is_the_bare_model_name():
         logs = _logs(torch.compile(model, backend=CountingBackend()), model, [PredictionEntropyMonitor(
             every_n_steps=1, source="head", head="lm_head", log_media=False, print_summary=False)])
     assert "entropy/pred/train/mean" in logs[0]
+
+
+def test_prediction_head_with_labels_adds_no_graph_break_to_a_compiled_forward() -> None:
+    """The head hook scores each forward inside the compiled region; the label range (``labels.max()``, a host
+    read) is checked before the forward, so a logging step with labels breaks no graph."""
+    from tests.helpers.compile_count import graph_breaks
+    from tests.helpers.loop_runs import LogitsGPT
+
+    torch.manual_seed(0)
+    module = LogitsGPT(seed=0, convert=False)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    x = torch.randint(0, module.model.vocab_size, (4, 9), generator=torch.Generator().manual_seed(0))
+    monitor = PredictionEntropyMonitor(every_n_steps=1, source="head", head="model.lm_head", log_media=False,
+                                       print_summary=False)  # fmt: skip
+    with fresh_dynamo():
+        compiled = torch.compile(module, backend=CountingBackend())
+        with EntropyMonitors([monitor], print_summary=False).watch(compiled, opt) as mons:
+            for step in range(2):
+                with mons.step(step):
+                    logits = compiled(input_ids=x[:, :-1], labels=x[:, 1:])
+                    F.cross_entropy(logits.reshape(-1, module.model.vocab_size), x[:, 1:].reshape(-1)).backward()
+                    opt.step()
+                    opt.zero_grad()
+                assert "entropy/pred/train/nll" in mons.logs, sorted(mons.logs)
+        assert not graph_breaks(), graph_breaks()

@@ -60,9 +60,8 @@ step's micro-batches and ranks (``entropy/policy/mean``, ``cov_mean``, the ``R =
 nothing was handed over publishes nothing for it (no NaN).
 
 Not supported: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure. The router and
-prediction monitors
-read ``attention_mask`` / ``labels`` from the model's keyword arguments; a model called positionally
-(``model(x, y)``) gives them no mask: every position counts.
+prediction monitors read ``attention_mask`` / ``labels`` from the model's keyword arguments; a model called
+positionally (``model(x, y)``) gives them no mask: every position counts.
 """
 
 from __future__ import annotations
@@ -107,7 +106,7 @@ class EntropyMonitors:
 
         monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=50)], log=wandb.log)
         with monitors.watch(model, optimizer):
-            for step, batch in enumerate(loader):
+            for step, batch in enumerate(loader):       # step: the optimizer step, counted across epochs
                 with monitors.step(step):
                     loss = model(**batch).loss
                     loss.backward(); optimizer.step(); optimizer.zero_grad()

@@ -54,6 +54,13 @@ def _representation(every: int = 1, **kw) -> RepresentationEntropyMonitor:
     return RepresentationEntropyMonitor(**kw)
 
 
+def _train(module, opt, batch, step: int) -> None:
+    """One optimizer step of ``module`` on ``batch``: what runs inside ``with monitors.step(step):``."""
+    module.training_step(batch, step).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def _assert_same_logs(loop: dict[int, dict[str, float]], lit: dict[int, dict[str, float]]) -> None:
     assert set(loop) == set(lit)
     for step, row in lit.items():
@@ -211,9 +218,7 @@ def _armed_trace(monitors: EntropyMonitors, steps: int) -> list[tuple[bool, bool
         for step in range(steps):
             with monitors.step(step):
                 seen = (attn.tap.armed, repr_.tap.armed, leftovers(module))
-                module.training_step(batches[step], step).backward()
-                opt.step()
-                opt.zero_grad()
+                _train(module, opt, batches[step], step)
             families = {key.split("/")[1] for key in monitors.logs}
             trace.append((*seen, families))
             assert not leftovers(module) and not attn.tap.armed and not repr_.tap.armed  # disarmed after every block
@@ -420,9 +425,7 @@ def test_stop_guard_sets_should_stop_and_logs_the_alert() -> None:
         with monitors.watch(module, opt):
             for step in range(5):
                 with monitors.step(step):
-                    module.training_step(batches[step], step).backward()
-                    opt.step()
-                    opt.zero_grad()
+                    _train(module, opt, batches[step], step)
                 ran.append(step)
                 if monitors.should_stop:
                     break
@@ -478,9 +481,7 @@ def test_a_statistic_that_vanishes_is_nan_to_the_guard_and_absent_from_logs() ->
             driver.compute = lambda step, *a: compute(step, *a) if step == 0 else {}  # the statistic vanishes
             for step in range(4):
                 with monitors.step(step):
-                    module.training_step(batches[step], step).backward()
-                    opt.step()
-                    opt.zero_grad()
+                    _train(module, opt, batches[step], step)
                 rows.append(dict(monitors.logs))
                 if monitors.should_stop:
                     break
@@ -500,9 +501,7 @@ def test_a_key_that_stops_being_published_goes_stale() -> None:
         with monitors.watch(module, opt):
             for step in range(8):
                 with monitors.step(step):
-                    module.training_step(batches[step], step).backward()
-                    opt.step()
-                    opt.zero_grad()
+                    _train(module, opt, batches[step], step)
                 monitors.monitors[0].every_n_steps = 1000  # the monitor publishes at step 0, then falls silent
                 if monitors.should_stop:
                     stopped_at = step
@@ -526,9 +525,7 @@ def test_log_is_called_only_on_steps_with_something_to_log() -> None:
         with monitors.watch(module, opt):
             for step in range(5):
                 with monitors.step(step):
-                    module.training_step(batches[step], step).backward()
-                    opt.step()
-                    opt.zero_grad()
+                    _train(module, opt, batches[step], step)
                     if step == 1:
                         monitors.observe(loss=1.0)
                 logs[step] = dict(monitors.logs)
@@ -629,9 +626,7 @@ def test_resume_continues_guard_streaks_and_histories(load: str) -> None:
                 saved = _json(full.state_dict())  # what a checkpoint holds: JSON-able
                 snapshot = copy.deepcopy((module, opt))
             with full.step(step):
-                module.training_step(batches[step], step).backward()
-                opt.step()
-                opt.zero_grad()
+                _train(module, opt, batches[step], step)
     assert full.guards[0].bad_streak == steps and list(full.monitors[0]._history_steps) == list(range(steps))
 
     module2, opt2 = snapshot

@@ -34,8 +34,9 @@ from entrotrain.callbacks.representation_monitor import RepresentationEntropyMon
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 
-__all__ = ["MonitorSession", "Reduce", "distributed", "wandb_run"]
+__all__ = ["MonitorSession", "Reduce", "distributed", "readable_scalar", "wandb_run"]
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -359,8 +360,6 @@ class _PolicyDriver(_Driver):
     monitor: PolicyEntropyMonitor
 
     def __init__(self, monitor: PolicyEntropyMonitor, where: str) -> None:
-        from entrotrain.integrations.policy_stats import PolicyStatsRecorder
-
         super().__init__(monitor, where)
         self.recorder = PolicyStatsRecorder.of(monitor)
         self.armed = False
@@ -430,6 +429,13 @@ def make_driver(monitor: Any, index: int, owner: str, where: str, policy: bool =
                 f"{where}; drop 'dsmi' from measures."
             )
     return driver(monitor, where)
+
+
+def readable_scalar(value: Any) -> bool:
+    """Whether a guard can read ``value``: a real number (not a bool) or a one-element tensor (not read here)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------------------------ the session
@@ -511,10 +517,10 @@ class MonitorSession:
         metrics: dict[str, float] = {}
         images: dict[str, Any] = {}
         for i in armed:
-            values = self.drivers[i].compute(step, world, rank, reduce)
+            driver = self.drivers[i]
+            values = driver.compute(step, world, rank, reduce)
             if values is None:  # nothing handed over this step: no observation
                 continue
-            driver = self.drivers[i]
             groups = {""} | {driver.group(key) for key in values}  # the main group publishes at every logging step
             for key in self._published[i] - values.keys():  # published before, not now (in a group that published
                 if driver.group(key) in groups:  # now): gone, not current
@@ -522,7 +528,7 @@ class MonitorSession:
             self._published[i].update(values)
             metrics.update(values)
             if media and rank == 0:
-                images.update(self.drivers[i].media())
+                images.update(driver.media())
         return metrics, images
 
     def record_policy(self, **tensors: Any) -> bool:
@@ -544,13 +550,11 @@ class MonitorSession:
         fired = []
         for guard in self.guards:
             value = values.get(guard.monitor)
-            if isinstance(value, Tensor) and value.numel() == 1:
-                value = float(value.detach())
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
+            if not readable_scalar(value):
                 continue
             if guard.last_seen_step is not None and step <= guard.last_seen_step:
                 continue  # one observation per step (an evaluation log at the same step does not count twice)
-            reason = guard.observe(float(value), step)
+            reason = guard.observe(float(value.detach() if isinstance(value, Tensor) else value), step)
             if reason is not None:
                 fired.append((guard, reason))
         return fired

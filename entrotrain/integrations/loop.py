@@ -28,8 +28,8 @@ same guard rules. No statistic is computed here.
 
 When it captures. ``step`` is the index of the optimizer step the block runs, counted from 0 across epochs
 (Lightning's ``global_step`` before the step); it must increase from block to block. A monitor captures at the steps
-``0, n, 2n, ...`` of its own ``every_n_steps``
-(or of ``EntropyMonitors(every_n_steps=)`` for all of them); on other steps ``step()`` arms nothing and costs a modulo.
+``0, n, 2n, ...`` of its own ``every_n_steps`` (or of ``EntropyMonitors(every_n_steps=)`` for all of them); on other
+steps ``step()`` arms nothing and costs a modulo.
 Put every micro-batch of a gradient-accumulation window inside one ``step()`` block: the monitors' sums add up over
 them. At the block's end the taps are disarmed and the window is reduced (one SUM all-reduce per monitor when
 ``torch.distributed`` is initialised: every rank must run the same steps) and turned into metrics. Put
@@ -76,7 +76,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
 from entrotrain.errors import EntrotrainError
-from entrotrain.integrations._monitor_session import MonitorSession, distributed, wandb_run
+from entrotrain.integrations._monitor_session import MonitorSession, distributed, readable_scalar, wandb_run
 
 __all__ = ["EntropyMonitors"]
 
@@ -175,8 +175,7 @@ class EntropyMonitors:
         self._model = model
         self._optimizers = _as_list(optimizer)
         self._schedulers = _as_list(scheduler)
-        self.logs, self.media, self.should_stop, self._observed, self._step = {}, {}, False, {}, None
-        self._done = None
+        self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
@@ -243,8 +242,7 @@ class EntropyMonitors:
             )
         watched = {guard.monitor for guard in self.guards}  # other keys are never read
         for key, value in ((k, v) for k, v in values.items() if k in watched):
-            scalar = value.numel() == 1 if isinstance(value, Tensor) else isinstance(value, (int, float))
-            if not scalar or isinstance(value, bool):
+            if not readable_scalar(value):
                 got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                 raise EntrotrainError(
                     f"EntropyMonitors.observe({key}=...) needs a number or a one-element tensor, got {got}; reduce it "

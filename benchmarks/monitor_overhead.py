@@ -32,6 +32,7 @@ equal ``plain``), the extra time of one logging step, and the amortised overhead
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -128,6 +129,17 @@ def _all_monitors(every: int, root: str = "model.") -> list:
     ]
 
 
+def _budget_rows(base: str, monitored: str, plain: float, quiet: float, loud: float, every: int) -> list[list[str]]:
+    """The overhead table's rows: the baseline, a non-logging and a logging step (medians, seconds) as ratios to it,
+    and the amortised ratio with one logging step in ``every``."""
+    return [
+        [base, f"{1e3 * plain:.1f} ms", "1.000"],
+        [f"{monitored}, non-logging step", f"{1e3 * quiet:.1f} ms", f"{quiet / plain:.3f}"],
+        [f"{monitored}, logging step", f"{1e3 * loud:.1f} ms", f"{loud / plain:.3f}"],
+        [f"amortised at every {every} (medians)", "", f"{1 + (loud - quiet) / every / plain:.3f}"],
+    ]
+
+
 def budget(args: argparse.Namespace) -> None:
     """``--all``: every monitor at every ``--every`` steps vs none, through ``Trainer.fit``."""
     import warnings
@@ -166,12 +178,8 @@ def budget(args: argparse.Namespace) -> None:
     quiet_median, loud_median = statistics.median(quiet), statistics.median(loud)
     mean_all = statistics.fmean(t for tm in timers["all monitors"] for t in tm.samples)
     mean_none = statistics.fmean(t for tm in timers["none"] for t in tm.samples)
-    amortised = 1 + (loud_median - quiet_median) / args.every / plain
     rows = [
-        ["no monitor", f"{1e3 * plain:.1f} ms", "1.000"],
-        ["all monitors, non-logging step", f"{1e3 * quiet_median:.1f} ms", f"{quiet_median / plain:.3f}"],
-        ["all monitors, logging step", f"{1e3 * loud_median:.1f} ms", f"{loud_median / plain:.3f}"],
-        [f"amortised at every {args.every} (medians)", "", f"{amortised:.3f}"],
+        *_budget_rows("no monitor", "all monitors", plain, quiet_median, loud_median, args.every),
         ["mean step, all monitors / none (incl. noise)", "", f"{mean_all / mean_none:.3f}"],
     ]
     print(environment_line(torch.device(args.device), args.threads))
@@ -215,8 +223,7 @@ def loop_budget(args: argparse.Namespace) -> None:
         for step, (x, y) in enumerate(batches):
             sync()
             t0 = time.perf_counter()
-            block_ = watcher.step(step) if monitored else _nothing()
-            with block_:
+            with watcher.step(step) if monitored else contextlib.nullcontext():
                 logits = model(x)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
                 opt.zero_grad(set_to_none=True)
@@ -238,12 +245,7 @@ def loop_budget(args: argparse.Namespace) -> None:
     plain = statistics.median(timers["plain loop"])
     quiet = statistics.median(t for t, s in zip(timers["EntropyMonitors"], steps) if s % args.every)
     loud = statistics.median(t for t, s in zip(timers["EntropyMonitors"], steps) if s % args.every == 0)
-    rows = [
-        ["plain loop", f"{1e3 * plain:.1f} ms", "1.000"],
-        ["EntropyMonitors, non-logging step", f"{1e3 * quiet:.1f} ms", f"{quiet / plain:.3f}"],
-        ["EntropyMonitors, logging step", f"{1e3 * loud:.1f} ms", f"{loud / plain:.3f}"],
-        [f"amortised at every {args.every} (medians)", "", f"{1 + (loud - quiet) / args.every / plain:.3f}"],
-    ]
+    rows = _budget_rows("plain loop", "EntropyMonitors", plain, quiet, loud, args.every)
     print(environment_line(device, args.threads))
     print(
         f"{args.model}: {n_layer} x {n_head} x {n_embd}, batch {batch} x {block} tokens; plain loop, {args.rounds} "
@@ -253,14 +255,6 @@ def loop_budget(args: argparse.Namespace) -> None:
     print(markdown_table(["step", "median time", "ratio to plain loop"], rows))
     same = all(torch.equal(a, b) for a, b in zip(weights["plain loop"], weights["EntropyMonitors"]))
     print(f"weights after training, plain loop vs EntropyMonitors: {'bit-identical' if same else 'DIFFERENT'}")
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:

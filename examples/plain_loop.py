@@ -23,6 +23,7 @@ normalised entropy min / mean 0.006 / 0.040 at step 375):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 
 import torch
@@ -92,14 +93,10 @@ def main() -> None:
                 batches = iter(loader)
                 x, y = next(batches)
             with monitors.step(step):
-                if floor is not None:
-                    with floor.capture(model):
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-                    total = loss + floor(step=step).total
-                else:
-                    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                    total = loss
+                with floor.capture(model) if floor is not None else contextlib.nullcontext():
+                    logits = model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                total = loss if floor is None else loss + floor(step=step).total
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()

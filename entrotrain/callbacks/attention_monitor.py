@@ -67,7 +67,7 @@ from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._publish import publish_scalars
-from entrotrain.dashboards.run_record import record_media, record_threshold
+from entrotrain.dashboards.run_record import RecordArray, RecordThreshold, record_arrays, record_thresholds
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.attention import AttentionPath
 from entrotrain.regularizers.composition import Regularizer
@@ -248,8 +248,7 @@ class AttentionEntropyMonitor(HookedMonitor):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.bind(pl_module)
         if trainer.is_global_zero:
-            record_threshold(trainer, f"{self.prefix}attn_norm/*", self.collapse_threshold, "collapse")
-            record_threshold(trainer, f"{self.prefix}attn_norm/*", self.overload_threshold, "overload")
+            record_thresholds(trainer, self.record_thresholds())
             if self.log_media:
                 from entrotrain.dashboards.wandb_media import setup_wandb_dashboard
 
@@ -421,21 +420,23 @@ class AttentionEntropyMonitor(HookedMonitor):
             self._announce(trainer, pl_module)
         step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         if trainer.is_global_zero:
-            record_media(
-                trainer,
-                f"{self.prefix}attn_norm/heatmap",
-                normalized,
-                step,
-                kind="heatmap",
-                vmin=0.0,
-                vmax=1.0,
-                rows=[f"L{i}" for i in range(normalized.shape[0])],
-                sites=list(self.site_names),
-            )
+            record_arrays(trainer, self.record_arrays(normalized), step)
             self._history.append(normalized.float())
             self._history_steps.append(step)
         if self.log_media and trainer.is_global_zero:
             self._log_media(trainer, normalized, step)
+
+    def record_thresholds(self) -> list[RecordThreshold]:
+        """The run record's reference lines on every ``attn_norm`` curve: the collapse and overload thresholds."""
+        key = f"{self.prefix}attn_norm/*"
+        return [RecordThreshold(key, self.collapse_threshold, "collapse"),
+                RecordThreshold(key, self.overload_threshold, "overload")]
+
+    def record_arrays(self, normalized: Tensor) -> list[RecordArray]:
+        """The run record's arrays of a logging step: the layer × head heatmap of normalised entropy."""
+        meta = {"vmin": 0.0, "vmax": 1.0, "rows": [f"L{i}" for i in range(normalized.shape[0])],
+                "sites": list(self.site_names)}
+        return [RecordArray(f"{self.prefix}attn_norm/heatmap", normalized, "heatmap", meta)]
 
     def media(self, normalized: Tensor) -> dict[str, Any]:
         """The wandb media of a logging step (histogram, heatmap, heads over time) keyed as logged; needs wandb."""

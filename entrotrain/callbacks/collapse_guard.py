@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
@@ -67,6 +67,9 @@ from entrotrain._validation import check_bool, check_choice, check_int, check_re
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
 from entrotrain.errors import EntrotrainError
+
+if TYPE_CHECKING:
+    from entrotrain.dashboards.run_record import RecordThreshold
 
 __all__ = ["EntropyCollapseGuard"]
 
@@ -231,10 +234,15 @@ class EntropyCollapseGuard(PerFitCallback):
 
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.threshold is not None:
-            from entrotrain.dashboards.run_record import record_threshold
+        from entrotrain.dashboards.run_record import record_thresholds
 
-            record_threshold(trainer, self.monitor, self.threshold, f"guard ({self.action})")
+        record_thresholds(trainer, self.record_thresholds())
+
+    def record_thresholds(self) -> list[RecordThreshold]:
+        """The run record's reference line on the watched key: the guard's ``threshold`` (none without one)."""
+        from entrotrain.dashboards.run_record import RecordThreshold
+
+        return [] if self.threshold is None else [RecordThreshold(self.monitor, self.threshold, f"guard ({self.action})")]
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

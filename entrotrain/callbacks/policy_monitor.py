@@ -83,7 +83,7 @@ from entrotrain._validation import check_bool, check_choice, check_int, check_re
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import publish_scalars
-from entrotrain.dashboards.run_record import record_media
+from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
 from entrotrain.functional._dist import all_gather_padded
@@ -371,10 +371,16 @@ class PolicyEntropyMonitor(PerFitCallback):
             publish_scalars(trainer, pl_module, metrics, source=self.state_key)
             return
         step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
-        shown = tensors["entropy"][tensors["mask"].bool() & torch.isfinite(tensors["entropy"])]  # counted, not drawn
-        record_media(trainer, f"{self.prefix}hist", shown, step, kind="histogram")
+        arrays = self.record_arrays(tensors)
+        record_arrays(trainer, arrays, step)
         if self.log_media and trainer.is_global_zero:
-            self._log_media(trainer, shown, step)
+            self._log_media(trainer, arrays[0].array, step)
+
+    def record_arrays(self, tensors: dict[str, Tensor]) -> list[RecordArray]:
+        """The run record's arrays of a logging step from its union batch: the histogram of the valid, finite token
+        entropies (non-finite ones are counted in ``nonfinite``, not drawn)."""
+        shown = tensors["entropy"][tensors["mask"].bool() & torch.isfinite(tensors["entropy"])]
+        return [RecordArray(f"{self.prefix}hist", shown, "histogram")]
 
     def summarise(
         self, tensors: dict[str, Tensor], index: int, *, temperature: float | Tensor | None = None, unit: str = "batch"

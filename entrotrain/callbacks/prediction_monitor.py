@@ -87,7 +87,7 @@ from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
-from entrotrain.dashboards.run_record import record_media
+from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional._dist import all_gather_varlen, reshard_fsdp
 from entrotrain.functional.generation_diversity import distinct_n, repetition_rate, type_token_ratio
@@ -738,11 +738,15 @@ class PredictionEntropyMonitor(HookedMonitor):
         published = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         if gen_metrics:
             publish_scalars(trainer, pl_module, gen_metrics, source=self.state_key + "/gen")
+        record_arrays(trainer, self.record_arrays(), published)
+        if self.last_profile is not None and self.log_media and trainer.is_global_zero:
+            self._log_media(trainer, published)
+
+    def record_arrays(self) -> list[RecordArray]:
+        """The run record's arrays of the last logging step: the probe's entropy per position (none without a
+        probe)."""
         profile = self.last_profile
-        if profile is not None:
-            record_media(trainer, f"{self.prefix}/probe/pos_profile", profile, published, kind="values")
-            if self.log_media and trainer.is_global_zero:
-                self._log_media(trainer, published)
+        return [] if profile is None else [RecordArray(f"{self.prefix}/probe/pos_profile", profile, "values")]
 
     def media(self) -> dict[str, Any]:
         """Lightning-free core: the wandb position × logging-step heatmap of the probe entropy (empty without a

@@ -66,7 +66,7 @@ from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._publish import publish_scalars
-from entrotrain.dashboards.run_record import record_media
+from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.covariance import CovarianceAccumulator
 from entrotrain.functional.representation import (
@@ -599,10 +599,14 @@ class RepresentationEntropyMonitor(HookedMonitor):
 
     def _publish(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
         published_at = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
-        for name, eigs in self.spectra.items():  # the offline report's spectra (no-op without a run record)
-            record_media(trainer, f"{self.prefix}/{name}/spectrum", eigs, published_at, kind="spectrum")
+        record_arrays(trainer, self.record_arrays(), published_at)  # no-op without a run record
         if self.log_spectrum and trainer.is_global_zero:
             self._log_media(trainer, published_at)
+
+    def record_arrays(self) -> list[RecordArray]:
+        """The run record's arrays of the last logging step: each layer's covariance eigenvalues (the report's
+        spectra)."""
+        return [RecordArray(f"{self.prefix}/{name}/spectrum", eigs, "spectrum") for name, eigs in self.spectra.items()]
 
     def media(self) -> dict[str, Any]:
         """The wandb spectrum charts of the last logging step, keyed as logged (empty when there are none)."""

@@ -70,7 +70,7 @@ from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
-from entrotrain.dashboards.run_record import record_media
+from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.routing import RouterSums, RouterValues, router_statistics, router_values
 from entrotrain.taps.router_tap import RouterTap
@@ -412,17 +412,21 @@ class RouterEntropyMonitor(HookedMonitor):
         metrics = self.compute_metrics(step, reduce)
         load = self.load_matrix
         assert load is not None
-        p = self.prefix
         width = load.shape[1]
         published_at = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         if trainer.is_global_zero:
-            vmax = 2.0 / width
-            record_media(
-                trainer, f"{p}/load_heatmap", load.float(), published_at, kind="heatmap", vmin=0.0, vmax=vmax,
-                rows=[f"L{i}" for i in range(len(self.layer_names))], sites=list(self.layer_names),
-            )
+            record_arrays(trainer, self.record_arrays(), published_at)
             if self.log_media:
-                self._log_media(trainer, load, vmax, published_at)
+                self._log_media(trainer, load, 2.0 / width, published_at)
+
+    def record_arrays(self) -> list[RecordArray]:
+        """The run record's arrays of the last logging step: the layer × expert load heatmap (empty before one)."""
+        load = self.load_matrix
+        if load is None:
+            return []
+        meta = {"vmin": 0.0, "vmax": 2.0 / load.shape[1], "rows": [f"L{i}" for i in range(len(self.layer_names))],
+                "sites": list(self.layer_names)}
+        return [RecordArray(f"{self.prefix}/load_heatmap", load.float(), "heatmap", meta)]
 
     def media(self) -> dict[str, Any]:
         """Lightning-free core: the wandb load heatmap of the last logging step, ``{key: image}`` (empty when there

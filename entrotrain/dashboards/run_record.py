@@ -47,9 +47,9 @@ import socket
 import sys
 import time
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
@@ -67,12 +67,16 @@ __all__ = [
     "MAX_HISTOGRAM_VALUES",
     "RECORD_FORMAT",
     "MediaKind",
+    "RecordArray",
+    "RecordThreshold",
     "RunRecordLogger",
     "find_run_record",
     "process_start_time",
+    "record_arrays",
     "record_event",
     "record_media",
     "record_threshold",
+    "record_thresholds",
 ]
 
 #: The key a checkpoint carries the record's folder and step under (see "Resuming" above).
@@ -85,6 +89,28 @@ MAX_HISTOGRAM_VALUES = 4096
 MediaKind = Literal["heatmap", "spectrum", "histogram", "values"]
 _MEDIA_KINDS = ("heatmap", "spectrum", "histogram", "values")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+class RecordArray(NamedTuple):
+    """One array a monitor stores in the run record at a logging step (its heatmap, spectrum, histogram, profile).
+
+    Monitors build these once (``monitor.record_arrays(...)``) and every integration stores the same ones: Lightning
+    through :func:`record_arrays`, a plain loop and ``transformers.Trainer`` through
+    :meth:`RunRecordLogger.log_arrays`."""
+
+    key: str
+    array: Any
+    kind: MediaKind = "values"
+    meta: Mapping[str, Any] | None = None
+
+
+class RecordThreshold(NamedTuple):
+    """A reference line a monitor or guard declares for a key (``monitor.record_thresholds()``), drawn by the
+    report on that key's curve."""
+
+    key: str
+    value: float
+    label: str = "threshold"
 
 
 def _safe_name(key: str) -> str:
@@ -148,8 +174,9 @@ class _RecordCheckpoint(Callback):
         self.record = record
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.record._meta is not None:
-            checkpoint[CHECKPOINT_KEY] = {"run_dir": str(self.record.run_dir.resolve()), "step": _current_step(trainer)}
+        entry = self.record.checkpoint_entry(_current_step(trainer))
+        if entry is not None:
+            checkpoint[CHECKPOINT_KEY] = entry
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # validate/test from a checkpoint do not resume the run
@@ -277,16 +304,16 @@ class RunRecordLogger(Logger):
         self._heartbeat(force=True)
 
     @rank_zero_only
-    def finalize(self, status: str) -> None:
+    def finalize(self, status: str, exc: BaseException | None = None) -> None:
         """Close the record: ``finished`` on success; on an exception ``failed`` or, for ``KeyboardInterrupt`` and
-        Lightning's SIGTERM exit, ``interrupted``, with the exception as ``meta["reason"]`` (Lightning calls this
-        inside its ``except`` block, where :func:`sys.exc_info` holds it)."""
+        Lightning's SIGTERM exit, ``interrupted``, with the exception as ``meta["reason"]``: ``exc``, else the one
+        being handled (Lightning calls this inside its ``except`` block, where :func:`sys.exc_info` holds it)."""
         if self._meta is None:  # nothing was ever logged: still leave a record that says so
             self._start()
         assert self._meta is not None
         if self._meta.get("status") != "running":
             return  # finalize runs once per trainer.fit; a second call (test after fit) keeps the first status
-        state, reason = _final_state(status, sys.exc_info()[1])
+        state, reason = _final_state(status, exc if exc is not None else sys.exc_info()[1])
         self._meta["status"] = state
         self._meta["reason"] = reason
         self._meta["end_time"] = self._meta["last_write"] = time.time()
@@ -330,6 +357,31 @@ class RunRecordLogger(Logger):
             "meta": meta,
         }
         self._append("media/index.jsonl", row)
+
+    @rank_zero_only
+    def log_arrays(self, arrays: Sequence[RecordArray], step: int | None) -> None:
+        """Store a monitor's :meth:`record_arrays` output at ``step`` (each through :meth:`log_media`)."""
+        for item in arrays:
+            self.log_media(item.key, item.array, step, kind=item.kind, meta=item.meta)
+
+    @rank_zero_only
+    def log_thresholds(self, thresholds: Sequence[RecordThreshold]) -> None:
+        """Declare a monitor's or guard's :meth:`record_thresholds` (each through :meth:`log_threshold`)."""
+        for line in thresholds:
+            self.log_threshold(line.key, line.value, line.label)
+
+    def checkpoint_entry(self, step: int) -> dict[str, Any] | None:
+        """What a checkpoint saved at ``step`` carries so that a resumed run continues this record (``None`` before the
+        record starts): ``{"run_dir", "step"}``, as ``checkpoint["entrotrain_run_record"]``."""
+        if self._meta is None:
+            return None
+        return {"run_dir": str(self.run_dir.resolve()), "step": int(step)}
+
+    def resume_from_entry(self, entry: Mapping[str, Any] | None, ckpt_path: Any = None) -> None:
+        """Continue the record a checkpoint's :meth:`checkpoint_entry` names (if ``resume`` and it still exists), as a
+        Lightning fit resumed from that checkpoint does; call it before the first write. ``None``: a fresh record."""
+        if entry is not None:
+            self._resume_from({CHECKPOINT_KEY: entry}, ckpt_path)
 
     @rank_zero_only
     def log_threshold(self, key: str, value: float, label: str = "threshold") -> None:
@@ -574,6 +626,18 @@ def record_media(
     record = find_run_record(trainer)
     if record is not None:
         record.log_media(key, array, _current_step(trainer) if step is None else step, kind=kind, meta=meta)
+
+
+def record_arrays(trainer: Trainer, arrays: Sequence[RecordArray], step: int | None = None) -> None:
+    """Store a monitor's :class:`RecordArray` s (no-op without a :class:`RunRecordLogger` or off rank zero)."""
+    for item in arrays:
+        record_media(trainer, item.key, item.array, step, kind=item.kind, **dict(item.meta or {}))
+
+
+def record_thresholds(trainer: Trainer, thresholds: Sequence[RecordThreshold]) -> None:
+    """Declare a monitor's or guard's :class:`RecordThreshold` s (no-op without a :class:`RunRecordLogger`)."""
+    for line in thresholds:
+        record_threshold(trainer, line.key, line.value, line.label)
 
 
 def record_threshold(trainer: Trainer, key: str, value: float, label: str = "threshold") -> None:

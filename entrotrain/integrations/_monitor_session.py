@@ -9,7 +9,9 @@ initialised). :class:`MonitorSession` holds the drivers and the guards and keeps
 * a key a monitor published before and not at this logging step is NaN now (never its last value);
 * each guard observes its key at most once per step, and checks staleness with the Lightning guard's rules;
 * a guard's action (warn, alert, stop, reduce_lr) runs once per episode; ``{monitor}/alert = 1`` joins the next logs;
-* every monitor's and guard's ``state_dict`` by ``state_key`` for a resume.
+* every monitor's and guard's ``state_dict`` by ``state_key`` for a resume;
+* with a run record (:meth:`MonitorSession.open_record`), the arrays, thresholds and guard events the Lightning
+  callbacks store (each monitor's ``record_arrays`` / ``record_thresholds``), so ``entrotrain report`` shows the same.
 
 No statistic is computed here (DESIGN.md §8): a key has the same value from Lightning, ``Trainer`` and a plain loop.
 Nothing here imports transformers or wandb.
@@ -33,6 +35,7 @@ from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, _l
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
+from entrotrain.dashboards.run_record import RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 
@@ -95,6 +98,11 @@ class _Driver:
     def media(self) -> dict[str, Any]:
         return {}
 
+    def record_arrays(self) -> list[RecordArray]:
+        """The run record's arrays of the window just computed (the Lightning monitor's own ``record_arrays``)."""
+        record_arrays = getattr(self.monitor, "record_arrays", None)
+        return record_arrays() if record_arrays is not None else []
+
     def group(self, key: str) -> str:
         """The publication group of ``key`` (Lightning's ``publish_scalars`` source): a key missing at a logging step
         is NaN only when its group published there."""
@@ -146,6 +154,9 @@ class _AttentionDriver(_Driver):
         if not self.monitor.log_media or self._normalized is None:
             return {}
         return self.monitor.media(self._normalized)
+
+    def record_arrays(self) -> list[RecordArray]:
+        return [] if self._normalized is None else self.monitor.record_arrays(self._normalized)
 
     def summary(self) -> str | None:
         m = self.monitor
@@ -389,6 +400,9 @@ class _PolicyDriver(_Driver):
             return None
         return self.recorder.compute(step)
 
+    def record_arrays(self) -> list[RecordArray]:
+        return self.recorder.last_arrays
+
     def summary(self) -> str | None:
         m = self.monitor
         return self.recorder.summary_table() if m.print_summary and m.first_logged is not None else None
@@ -448,16 +462,18 @@ class MonitorSession:
         owner: the integration's class name, for messages (``"EntropyTrainerCallback"``).
         where: where it runs, for messages (``"under transformers.Trainer"``).
         policy: accept :class:`PolicyEntropyMonitor` (the integration hands the per-token tensors over).
+        empty_ok: allow no monitor and no guard (the integration has other work, e.g. a run record).
 
     Raises:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, or two sharing a ``state_key``.
     """
 
     def __init__(
-        self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str, policy: bool = False
+        self, monitors: Sequence[Any], guards: Sequence[Any], owner: str, where: str, policy: bool = False,
+        empty_ok: bool = False,
     ) -> None:
         monitors, guards = list(monitors), list(guards)
-        if not monitors and not guards:
+        if not monitors and not guards and not empty_ok:
             raise EntrotrainError(f"{owner} needs at least one monitor or guard; got none.")
         for i, guard in enumerate(guards):
             if not isinstance(guard, EntropyCollapseGuard):
@@ -475,6 +491,8 @@ class MonitorSession:
         self.guards: list[EntropyCollapseGuard] = guards
         self._published: list[set[str]] = [set() for _ in self.drivers]
         self._armed: list[int] = []
+        #: The run record written to (rank zero), or ``None``: see :meth:`open_record`.
+        self.record: RunRecordLogger | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def bind(self, model: nn.Module) -> None:
@@ -508,7 +526,8 @@ class MonitorSession:
     def collect(self, step: int, media: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
         """Disarm, reduce over ranks and compute the armed drivers' metrics at ``step``, and with ``media`` their wandb
         media on rank zero; a key an armed monitor published before and not now is NaN. ``({}, {})`` when none is
-        armed."""
+        armed. The run record (if open) gets each computed driver's arrays at ``step``; scalars are the caller's to
+        write (:meth:`record_scalars`), with whatever else it logs."""
         armed = self._armed
         self.release()
         if not armed:
@@ -529,7 +548,40 @@ class MonitorSession:
             metrics.update(values)
             if media and rank == 0:
                 images.update(driver.media())
+            if self.record is not None and rank == 0:
+                self.record.log_arrays(driver.record_arrays(), step)
         return metrics, images
+
+    # ------------------------------------------------------------------ run record
+    def open_record(
+        self, record: RunRecordLogger, hparams: dict[str, Any] | None = None, resume: dict[str, Any] | None = None
+    ) -> None:
+        """Write to ``record`` from now on (rank zero; its methods are no-ops elsewhere): continue the record a
+        checkpoint's ``resume`` entry names (:meth:`RunRecordLogger.checkpoint_entry`), merge ``hparams``, and declare
+        every monitor's and guard's thresholds, as a Lightning fit does at its start."""
+        self.record = record
+        record.resume_from_entry(resume)
+        if hparams:
+            record.log_hyperparams(hparams)
+        for obj in [*self.monitors, *self.guards]:
+            thresholds = getattr(obj, "record_thresholds", None)
+            if thresholds is not None:
+                record.log_thresholds(thresholds())
+
+    def record_scalars(self, values: dict[str, Any], step: int) -> None:
+        """Write the numbers among ``values`` (numbers and one-element tensors) to the run record at ``step``."""
+        if self.record is None or distributed()[1] != 0:
+            return
+        numbers = {k: float(v) for k, v in values.items() if readable_scalar(v)}
+        if numbers:
+            self.record.log_metrics(numbers, step=step)
+
+    def close_record(self, exc: BaseException | None = None) -> None:
+        """Mark the run record ``finished`` (no ``exc``) or ``failed`` / ``interrupted`` with the reason, and stop
+        writing to it."""
+        record, self.record = self.record, None
+        if record is not None:
+            record.finalize("success" if exc is None else "failed", exc)
 
     def record_policy(self, **tensors: Any) -> bool:
         """Hand a micro-batch's per-token tensors to every :class:`PolicyEntropyMonitor` (kept only by those armed);
@@ -586,6 +638,8 @@ class MonitorSession:
             else:
                 message += " No optimizer learning rate to lower (none configured)."
         rank_zero_warn(message)
+        if self.record is not None:
+            self.record.log_event(guard.monitor, message, step, level=guard.action)
         if guard.action == "alert":
             run = wandb_run()
             if run is not None and callable(getattr(run, "alert", None)) and distributed()[1] == 0:

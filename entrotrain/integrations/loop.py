@@ -43,6 +43,14 @@ holds the monitors' images and histograms (rank zero). ``log=`` is called on ran
 ``log({**logs, **media}, step=step)`` whenever there is something to log: ``wandb.log`` fits, and so does a
 :class:`~entrotrain.dashboards.RunRecordLogger`'s ``log_metrics`` for ``entrotrain report``.
 
+Run record. ``record="runs"`` (or a :class:`~entrotrain.dashboards.RunRecordLogger` you configured) writes the
+local run record ``entrotrain report`` reads, as a Lightning run does: at each step with something to log its
+scalars, guard alerts and the monitors' arrays (attention heatmap, spectra, router load, probe profile, policy
+histogram), the thresholds at :meth:`EntropyMonitors.watch`, each guard firing as an event, and at the end the status
+(``finished``, or ``failed`` / ``interrupted`` with the exception). Log your own scalars beside them with
+``monitors.record.log_metrics({"train/loss": loss.item()}, step=step)``; :meth:`state_dict` carries the record's
+folder, so a resumed run continues it. Rank zero writes; the calls are no-ops on other ranks.
+
 Guards. Each guard observes its key when a monitor publishes it, or when you hand it over with
 :meth:`EntropyMonitors.observe` inside the block (``monitors.observe(loss=loss)``: a tensor is read only when a guard
 watches that key). Staleness, patience, episodes and ``on_nonfinite`` follow the Lightning guard. Actions:
@@ -67,6 +75,7 @@ positionally (``model(x, y)``) gives them no mask: every position counts.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -75,6 +84,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
+from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations._monitor_session import MonitorSession, distributed, readable_scalar, wandb_run
 
@@ -97,10 +107,13 @@ class EntropyMonitors:
         log: called on rank zero as ``log(metrics, step=step)`` after every step with something to log (scalars,
             alerts and, with an active wandb run, media); e.g. ``wandb.log``. ``None``: read :attr:`logs` yourself.
         print_summary: print each monitor's first / last summary table at :meth:`close` (rank zero).
+        record: write a run record for ``entrotrain report``: a folder (``RunRecordLogger(record)``: the run goes to
+            ``record/records/run-<time>``) or a configured :class:`~entrotrain.dashboards.RunRecordLogger` (one per
+            run); ``None`` (default): none.
 
     Raises:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, two sharing a configuration, or a
-            bad ``every_n_steps`` / ``log``.
+            bad ``every_n_steps`` / ``log`` / ``record``.
 
     Example::
 
@@ -120,6 +133,7 @@ class EntropyMonitors:
         every_n_steps: int | None = None,
         log: Callable[..., Any] | None = None,
         print_summary: bool = True,
+        record: str | os.PathLike[str] | RunRecordLogger | None = None,
     ) -> None:
         self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop", policy=True)
         check_int(every_n_steps, "EntropyMonitors(every_n_steps)", low=1, none_ok=True)
@@ -130,6 +144,15 @@ class EntropyMonitors:
         self.every_n_steps = every_n_steps
         self.log = log
         self.print_summary = check_bool(print_summary, "EntropyMonitors(print_summary)")
+        if record is not None and not isinstance(record, (str, os.PathLike, RunRecordLogger)):
+            raise EntrotrainError(
+                "EntropyMonitors(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got "
+                f"{type(record).__name__}."
+            )
+        self._record_spec = record
+        #: The run record of the current run (a :class:`~entrotrain.dashboards.RunRecordLogger`, writing on rank zero)
+        #: while watching with ``record=``, else ``None``. Log your own scalars to it with ``log_metrics``.
+        self.record: RunRecordLogger | None = None
         #: The finite scalars of the last step (``{}`` when it did not log), plus ``{monitor}/alert`` for a firing.
         self.logs: dict[str, float] = {}
         #: The last step's wandb media (rank zero, with an active wandb run), keyed as the Lightning monitors log them.
@@ -141,6 +164,7 @@ class EntropyMonitors:
         self._schedulers: list[Any] = []
         self._observed: dict[str, Any] = {}
         self._saved: dict[str, Any] | None = None
+        self._saved_record: dict[str, Any] | None = None  # the record a loaded checkpoint names, until watch
         self._step: int | None = None
         self._done: int | None = None  # the last step whose block completed (steps must increase)
 
@@ -179,18 +203,33 @@ class EntropyMonitors:
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
+        if self._record_spec is not None:
+            spec = self._record_spec
+            self.record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec)
+            self.session.open_record(self.record, resume=self._saved_record)
+        self._saved_record = None
         return self
 
     def close(self, summary: bool = True) -> None:
-        """Release every tap and hook (idempotent) and, with ``summary``, print the monitors' summaries once (rank
-        zero, ``print_summary``). Leaving ``watch``'s ``with`` block calls it, without summary on an exception."""
+        """Release every tap and hook (idempotent), mark the run record ``finished`` and, with ``summary``, print the
+        monitors' summaries once (rank zero, ``print_summary``). Leaving ``watch``'s ``with`` block calls it; on an
+        exception without summary, and the record says ``failed`` / ``interrupted``."""
+        self._close(summary, None)
+
+    def _close(self, summary: bool, exc: BaseException | None) -> None:
         self.session.release()
         if self._model is None:
             return
         self._model = None
-        if summary and self.print_summary and distributed()[1] == 0:
+        record, self.record = self.record, None
+        self.session.close_record(exc)
+        if distributed()[1] != 0:
+            return
+        if summary and self.print_summary:
             for table in self.session.summaries():
                 print(table)
+        if record is not None and record._meta is not None:
+            print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
 
     def __enter__(self) -> EntropyMonitors:
         if self._model is None:
@@ -199,8 +238,8 @@ class EntropyMonitors:
             )
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.close(summary=exc_type is None)
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        self._close(exc_type is None, exc)
 
     # ------------------------------------------------------------------ steps
     @contextmanager
@@ -284,13 +323,19 @@ class EntropyMonitors:
         for guard, reason in fired:
             self.should_stop |= self.session.act(guard, reason, step, self._optimizers, self._schedulers)
             self.logs[f"{guard.monitor}/alert"] = 1.0
+        self.session.record_scalars(self.logs, step)
         if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:
             self.log({**self.logs, **self.media}, step=step)
 
     # ------------------------------------------------------------------ state (resume)
     def state_dict(self) -> dict[str, Any]:
-        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able): put it in your checkpoint."""
-        return self.session.state_dict()
+        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able), and the run record's folder and
+        last completed step: put it in your checkpoint."""
+        state = self.session.state_dict()
+        entry = self.record.checkpoint_entry(self._done if self._done is not None else 0) if self.record else None
+        if entry is not None:
+            state[CHECKPOINT_KEY] = entry
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output: now when watching, else at the next :meth:`watch`."""
@@ -299,10 +344,14 @@ class EntropyMonitors:
                 "EntropyMonitors.load_state_dict needs the dict state_dict() returned, got "
                 f"{type(state_dict).__name__}."
             )
+        state = dict(state_dict)
+        entry = state.pop(CHECKPOINT_KEY, None)
         if self._model is None:
-            self._saved = dict(state_dict)
+            self._saved, self._saved_record = state, entry
         else:
-            self.session.load_state_dict(dict(state_dict))
+            self.session.load_state_dict(state)
+            if self.record is not None:
+                self.record.resume_from_entry(entry)
 
 
 def _as_list(value: Any | Sequence[Any] | None) -> list[Any]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
+from entrotrain.dashboards.run_record import RecordArray
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import all_gather_padded
 
@@ -74,6 +75,8 @@ class PolicyStatsRecorder:
         )  # fmt: skip
         self._parts: list[dict[str, Tensor]] = []
         self.temperature: float | None = None
+        #: The run record's arrays of the last :meth:`compute` (the token-entropy histogram), as the monitor stores.
+        self.last_arrays: list[RecordArray] = []
 
     @classmethod
     def of(cls, monitor: PolicyEntropyMonitor) -> PolicyStatsRecorder:
@@ -85,6 +88,7 @@ class PolicyStatsRecorder:
         recorder.monitor = monitor
         recorder._parts = []
         recorder.temperature = None
+        recorder.last_arrays = []
         return recorder
 
     @property
@@ -147,6 +151,7 @@ class PolicyStatsRecorder:
         calls it: summary, non-finite count, temperature, reward mean, ΔH, shaping statistics, the entropy–reward fit,
         first/last values."""
         parts, self._parts = self._parts, []
+        self.last_arrays = []
         if not parts:
             return {}
         m = self.monitor
@@ -156,6 +161,7 @@ class PolicyStatsRecorder:
                 tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
             tensors = {k: all_gather_padded(v, self._FILL.get(k, 0.0)).cpu() for k, v in tensors.items()}
         summary = m.summarise(tensors, index, temperature=self.temperature, unit="step")
+        self.last_arrays = m.record_arrays(tensors) if "mean" in summary else []
         return {m.prefix + k: float(v) for k, v in summary.items() if math.isfinite(float(v))}
 
     def summary_table(self) -> str:

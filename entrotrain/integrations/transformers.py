@@ -54,6 +54,16 @@ starts fresh. The callback is not an ``ExportableState`` (Trainer would rebuild 
 objects are not JSON); with ``restore_callback_states_from_checkpoint=True`` Trainer only warns that it ignores the
 ``entrotrain`` entry, which this callback restores itself.
 
+Run record. ``record="runs"`` (or a configured :class:`~entrotrain.dashboards.RunRecordLogger`) writes the local run
+record ``entrotrain report`` reads, as a Lightning run does: every number of every training and evaluation log at
+``state.global_step`` (``loss``, ``grad_norm``, ``learning_rate``, ``eval_loss``, entrotrain's keys, and a TRL
+trainer's ``entropy/policy/*`` and rewards when the callback is attached to it), the monitors' arrays (attention
+heatmap, spectra, router load, probe profile), thresholds, guard firings as events, ``TrainingArguments`` and the model
+class as hyperparameters, and the status at the end (``finished``; with :meth:`~EntropyTrainerCallback.attach`,
+``failed`` / ``interrupted`` with the exception). The record's folder goes into the checkpoint state, so
+``resume_from_checkpoint`` continues it. ``EntropyTrainerCallback(record="runs")`` with no monitor is allowed: a
+record of what ``Trainer`` logs. Written by the main process.
+
 Lifecycle. Taps are armed only inside a logging step and released at ``on_train_end``. ``Trainer`` has no
 exception event: :meth:`~EntropyTrainerCallback.attach` wraps ``trainer.train`` so that any exception also releases
 them; without ``attach``, call :meth:`~EntropyTrainerCallback.release` in your own ``finally``.
@@ -87,6 +97,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -110,6 +121,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
+from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger  # noqa: E402
 from entrotrain.integrations._monitor_session import MonitorSession, wandb_run  # noqa: E402
 
 __all__ = ["STATE_KEY", "EntropyTrainerCallback"]
@@ -128,9 +140,13 @@ class EntropyTrainerCallback(TrainerCallback):
             except ``every_n_steps`` (``TrainingArguments.logging_steps`` decides).
         guards: configured :class:`EntropyCollapseGuard` objects; each watches one key of the logs.
         log_media: send the monitors' wandb media to the active wandb run (main process only).
+        record: write a run record for ``entrotrain report``: a folder (the run goes to
+            ``record/records/run-<time>``, named after ``TrainingArguments.run_name``) or a configured
+            :class:`~entrotrain.dashboards.RunRecordLogger`; ``None`` (default): none.
 
     Raises:
-        EntrotrainError: an unsupported monitor or guard, a monitor given twice, or ``logging_strategy="epoch"``.
+        EntrotrainError: no monitor, guard or record; an unsupported monitor or guard, a monitor given twice, a bad
+            ``record``, or ``logging_strategy="epoch"``.
 
     Example::
 
@@ -145,8 +161,19 @@ class EntropyTrainerCallback(TrainerCallback):
         monitors: Sequence[Callback] = (),
         guards: Sequence[EntropyCollapseGuard] = (),
         log_media: bool = True,
+        record: str | os.PathLike[str] | RunRecordLogger | None = None,
     ) -> None:
-        self.session = MonitorSession(monitors, guards, "EntropyTrainerCallback", "under transformers.Trainer")
+        if record is not None and not isinstance(record, (str, os.PathLike, RunRecordLogger)):
+            raise EntrotrainError(
+                "EntropyTrainerCallback(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got "
+                f"{type(record).__name__}."
+            )
+        if not monitors and not guards and record is None:
+            raise EntrotrainError("EntropyTrainerCallback needs at least one monitor, guard or record=; got none.")
+        self.session = MonitorSession(
+            monitors, guards, "EntropyTrainerCallback", "under transformers.Trainer", empty_ok=True
+        )
+        self._record_spec = record
         self.monitors = self.session.monitors
         self.guards = self.session.guards
         self.log_media = bool(log_media)
@@ -177,6 +204,9 @@ class EntropyTrainerCallback(TrainerCallback):
             def guarded_train(*args: Any, **kwargs: Any) -> Any:
                 try:
                     return train(*args, **kwargs)
+                except BaseException as exc:
+                    self.session.close_record(exc)  # failed / interrupted, with the reason
+                    raise
                 finally:
                     self.release()
 
@@ -190,9 +220,19 @@ class EntropyTrainerCallback(TrainerCallback):
         self.session.release()
 
     # ------------------------------------------------------------------ state (resume)
-    def state_dict(self) -> dict[str, Any]:
-        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able)."""
-        return self.session.state_dict()
+    @property
+    def record(self) -> RunRecordLogger | None:
+        """The run record being written (``record=``, during ``train``), else ``None``."""
+        return self.session.record
+
+    def state_dict(self, step: int = 0) -> dict[str, Any]:
+        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able), and the run record's folder at
+        optimizer step ``step``."""
+        state = self.session.state_dict()
+        entry = self.record.checkpoint_entry(step) if self.record is not None else None
+        if entry is not None:
+            state[CHECKPOINT_KEY] = entry
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict)
@@ -204,7 +244,7 @@ class EntropyTrainerCallback(TrainerCallback):
         if control.should_save or best:
             if not isinstance(state.stateful_callbacks, dict):
                 state.stateful_callbacks = {}
-            state.stateful_callbacks[STATE_KEY] = self.state_dict()
+            state.stateful_callbacks[STATE_KEY] = self.state_dict(state.global_step)
 
     # ------------------------------------------------------------------ events
     @staticmethod
@@ -231,6 +271,8 @@ class EntropyTrainerCallback(TrainerCallback):
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
             self.load_state_dict(saved)
+        if self._record_spec is not None:
+            self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
         report_to = [r for r in (args.report_to or []) if r != "none"]
         if report_to and not self._attached and self.drivers:
             warnings.warn(
@@ -274,6 +316,8 @@ class EntropyTrainerCallback(TrainerCallback):
         for guard, reason in self.session.observe({**logs, **values}, state.global_step):
             added[f"{guard.monitor}/alert"] = 1.0
             self._act(guard, reason, state.global_step, control, kwargs, logs)
+        if state.is_world_process_zero:
+            self.session.record_scalars(logs, state.global_step)
         history = state.log_history[-1] if state.log_history else None
         if added and isinstance(history, dict) and history.get("step") == state.global_step:
             history.update(added)  # Trainer wrote this row before calling on_log
@@ -287,9 +331,23 @@ class EntropyTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.release()
+        record = self.record
+        self.session.close_record()
         if state.is_world_process_zero:
             for table in self.session.summaries():
                 print(table)
+            if record is not None and record._meta is not None:
+                print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
+
+    def _open_record(self, args: TrainingArguments, model: nn.Module, resume: dict[str, Any] | None) -> None:
+        """Start writing the run record (``record=``) for this ``train``: continue the one a resumed checkpoint
+        names, with ``TrainingArguments`` and the model class as hyperparameters."""
+        spec = self._record_spec
+        run_name = str(args.run_name) if getattr(args, "run_name", None) else None
+        record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec, run_name=run_name)
+        hparams = {"trainer": "transformers.Trainer", "model": type(model).__name__,
+                   "training_args": args.to_sanitized_dict()}
+        self.session.open_record(record, hparams=hparams, resume=resume)
 
     # ------------------------------------------------------------------ actions
     def _act(

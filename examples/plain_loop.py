@@ -8,7 +8,8 @@ yourself, with entrotrain in four places:
   (``step``): the attention monitor every 25 steps, the representation monitor (RankMe, effective rank, matrix
   entropy of the last block's output) every 100, and a collapse guard;
 - ``--cure floor``: :class:`~entrotrain.regularizers.EntropyFloorRegularizer` (weight 1, floor 0.2) inside the step;
-- ``--record DIR``: a :class:`~entrotrain.dashboards.RunRecordLogger` for ``entrotrain report DIR/...``;
+- ``--record DIR``: ``EntropyMonitors(record=...)`` writes the run record ``entrotrain report`` reads (scalars, heatmaps,
+  spectra, thresholds, the guard's firings, how the run ended), with the loss through ``monitors.record``;
 - ``--wandb``: ``wandb.log`` (offline unless you set ``WANDB_MODE``), images included;
 - the monitors' ``state_dict()`` saved in the checkpoint beside the model's (``--checkpoint PATH``).
 
@@ -56,12 +57,13 @@ def main() -> None:
     )
     floor = EntropyFloorRegularizer(weight=1.0, floor=0.2) if args.cure == "floor" else None
 
-    loggers = []
+    record = None
     if args.record:
         from entrotrain.dashboards import RunRecordLogger
 
         record = RunRecordLogger(args.record, name="plain_loop", run_name=f"plain_loop_{args.cure}")
-        loggers.append(record.log_metrics)
+        record.log_hyperparams(vars(args))
+    loggers = []
     if args.wandb:
         import os
 
@@ -71,7 +73,7 @@ def main() -> None:
         wandb.init(project="entrotrain", name=f"plain_loop_{args.cure}", config=vars(args))
         loggers.append(wandb.log)
 
-    def log(metrics: dict, step: int) -> None:
+    def log(metrics: dict, step: int) -> None:  # the monitors' numbers (through log=) and the loop's own
         for sink in loggers:
             sink(metrics, step=step)
 
@@ -82,6 +84,7 @@ def main() -> None:
         ],
         guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.05, action="warn")],
         log=log,
+        record=record,  # the monitors' scalars, arrays, thresholds and events; status at the end of watch
     )
     loader = data.train_dataloader()  # one loader: each epoch continues its sampler's generator
     batches = iter(loader)
@@ -103,17 +106,18 @@ def main() -> None:
                 monitors.observe(loss=loss)
             if step % 10 == 0:
                 log({"train/loss": loss.item()}, step=step)
+                if monitors.record is not None:
+                    monitors.record.log_metrics({"train/loss": loss.item()}, step=step)
             if monitors.should_stop:
                 break
         val = evaluate(model, data)
         print(f"final train / val loss {loss.item():.4f} / {val:.4f}")
         log({"val/loss": val}, step=step)
+        if monitors.record is not None:
+            monitors.record.log_metrics({"val/loss": val}, step=step)
     if args.checkpoint:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "entrotrain": monitors.state_dict(), "step": step}, args.checkpoint)  # fmt: skip
-    if args.record:
-        record.finalize("success")
-        print(f"run record: {record.run_dir}  (entrotrain report {record.run_dir})")
     if args.wandb:
         wandb.finish()
 

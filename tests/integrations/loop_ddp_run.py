@@ -3,7 +3,7 @@
 ``python loop_ddp_run.py OUT`` starts two ranks; each trains a TinyGPT (same seed) for ``STEPS`` SGD steps on its
 half of each batch of ``ROWS`` rows, averaging gradients by hand (``all_reduce``), under
 ``EntropyMonitors(attention, representation, a stop guard, log=...)``, and writes ``rank{r}.json``: the world size,
-the monitors' logs and ``should_stop`` by step and the ``log`` calls. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
+the monitors' logs and ``should_stop`` by step and the ``log`` calls, and a run record under ``{name}_record``. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
 that the reduced statistics equal those of the union batch and that only rank 0 calls ``log``.
 """
 
@@ -53,6 +53,7 @@ def run(out: Path, name: str) -> None:
         guards=[EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, patience=2, action="stop", arm_on_good=False)],
         log=lambda metrics, *, step: calls.append((step, metrics)),
         print_summary=False,
+        record=out / f"{name}_record",  # written by rank 0 only
     )
     logs: dict[int, dict[str, float]] = {}
     stop: list[bool] = []

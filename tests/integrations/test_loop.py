@@ -727,6 +727,14 @@ def test_two_ranks_reduce_to_the_union_batch_and_only_rank_zero_logs(tmp_path: P
     assert ranks[0]["logs"][str(STEPS - 1)]["entropy/attn_norm/min/alert"] == 1.0
     assert [step for step, _ in ranks[0]["calls"]] == list(range(STEPS)) and ranks[1]["calls"] == []
     assert [metrics for _, metrics in ranks[0]["calls"]] == list(ranks[0]["logs"].values())
+    from entrotrain.dashboards.run_reader import find_records, load_run
+
+    assert not (tmp_path / "rank1_record").exists()  # one writer: rank 0
+    records = [load_run(find_records(tmp_path / f"{name}_record")[0]) for name in ("rank0", "single")]
+    assert records[0].scalars.keys() == records[1].scalars.keys() and records[0].status == "finished"
+    for key, (steps, values) in records[1].scalars.items():
+        assert list(records[0].scalars[key][0]) == list(steps) and records[0].scalars[key][1] == pytest.approx(values)
+    assert [e["step"] for e in records[0].events] == [STEPS - 1]
     reduced, reference = ranks[0]["logs"], single["logs"]
     assert set(reduced) == set(reference) == {str(s) for s in range(STEPS)}
     assert reduced["0"]["entropy/repr/model.blocks.1/n_streamed"] == ROWS * 16  # both ranks' tokens, not one's

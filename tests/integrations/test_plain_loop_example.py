@@ -34,6 +34,10 @@ def test_plain_loop_example_runs_records_and_checkpoints(tmp_path: Path) -> None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = sorted({row["step"] for row in rows if "entropy/attn_norm/min" in row["values"]})
     assert logged == [0, 25], logged  # every 25 steps from step 0
+    media = [json.loads(line)["key"] for line in (run_dir / "media" / "index.jsonl").read_text().splitlines()]
+    assert media.count("entropy/attn_norm/heatmap") == 2 and "entropy/repr/blocks.3/spectrum" in media
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "finished"
+    assert {row["step"] for row in rows if "train/loss" in row["values"]} == {0, 10, 20}
     assert build_report([run_dir]).exists()
     state = torch.load(checkpoint, weights_only=False)["entrotrain"]
     json.dumps(state)

@@ -3,7 +3,8 @@
 ``entrotrain fit --recipe attention_collapse`` runs a bundled recipe by name (``--config FILE`` runs any recipe file,
 a copied one included) through :class:`LightningCLI` (also ``validate`` / ``test`` / ``predict``, with every
 LightningCLI flag); ``entrotrain recipes`` lists the recipes; ``entrotrain report RUN_DIR [RUN_DIR2] [-o OUT]`` turns
-a run record into an HTML report; ``entrotrain --help`` lists all six.
+a run record into an HTML report; ``entrotrain status [RUN_DIR | FOLDER]`` says in the terminal where runs stand
+(``--follow SECONDS`` redraws); ``entrotrain --help`` lists all seven.
 
 Every run writes a local run record (:class:`~entrotrain.dashboards.RunRecordLogger`, beside whatever logger the
 recipe names) under ``<default_root_dir>/records/``; its folder is printed when the run ends.
@@ -43,6 +44,7 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "test": "Perform one evaluation epoch over the test set.",
     "predict": "Run inference on your data.",
     "report": "Write an HTML report (with PNG figures) of a run record; two runs are overlaid (failure vs cure).",
+    "status": "Where runs stand, in the terminal: status, key numbers with trends, what happened (from run records).",
     "recipes": "List the bundled recipes and the command that runs each.",
 }
 
@@ -253,6 +255,11 @@ def main(args: Any = None) -> Any:
             from entrotrain.dashboards.report import report_main
 
             return report_main(argv[1:])
+        if argv[0] == "status":
+            from entrotrain.dashboards.terminal_status import status_main
+
+            status_main(argv[1:])
+            return None
         if argv[0] in _RUN_SUBCOMMANDS:
             argv = _expand_recipe(argv)
         args = argv

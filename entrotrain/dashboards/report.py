@@ -30,7 +30,10 @@ from entrotrain.dashboards.report_template import details, esc, fmt, page, table
 from entrotrain.dashboards.run_reader import RunData, load_run
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["HEADLINES", "Section", "build_report", "report_main", "sections_of", "write_report"]
+__all__ = [
+    "HEADLINES", "Section", "build_report", "findings", "headline_keys", "report_main", "sections_of", "value_format",
+    "write_report",
+]
 
 #: Headline figures shown as cards at the top (when logged): key → label.
 HEADLINES: dict[str, str] = {
@@ -71,9 +74,12 @@ def _is_share(key: str) -> bool:
     return name.endswith("_frac") or "_frac_" in name
 
 
-def _show(key: str) -> Callable[[float], str]:
-    """The formatter of ``key``'s values on cards and in sentences."""
-    return (lambda v: f"{100 * v:.0f} %") if _is_share(key) else fmt
+def value_format(key: str) -> Callable[[float], str]:
+    """The formatter of ``key``'s values on cards, in sentences and in ``entrotrain status`` (shares in percent;
+    ``None`` and non-finite values as :func:`fmt` shows them)."""
+    if not _is_share(key):
+        return fmt
+    return lambda v: f"{100 * v:.0f} %" if v is not None and math.isfinite(v) else fmt(v)
 
 
 @dataclass
@@ -176,7 +182,8 @@ def _change_findings(run: RunData, keys: list[str], limit: int = 4) -> list[str]
     ]
 
 
-def _findings(run: RunData, sections: list[Section]) -> list[str]:
+def findings(run: RunData, sections: list[Section]) -> list[str]:
+    """The report's "What happened" sentences for ``run`` (also printed by ``entrotrain status``)."""
     out: list[str] = []
     ids = {s.id: s for s in sections}
     if "attention" in ids:
@@ -193,7 +200,7 @@ def _findings(run: RunData, sections: list[Section]) -> list[str]:
         for key in ("entropy/router/load_entropy_norm_min", "entropy/router/dead_frac_max"):
             fl = run.first_last(key)
             if fl:
-                out.append(f"{HEADLINES[key].capitalize()} ({key}) went from {_show(key)(fl[0])} to {_show(key)(fl[1])}.")
+                out.append(f"{HEADLINES[key].capitalize()} ({key}) went from {value_format(key)(fl[0])} to {value_format(key)(fl[1])}.")
     if "information" in ids:
         out += info_figs.information_findings(run)
     task = ids.get("task")
@@ -214,12 +221,12 @@ def _comparison(runs: list[RunData]) -> list[str]:
     """One sentence per monitor headline both runs logged: where each ended."""
     a, b = runs
     out = []
-    for key in _headline_keys(runs):
+    for key in headline_keys(runs):
         if not key.startswith(("entropy/", "sigma_reparam/")):
             continue
         fa, fb = a.first_last(key), b.first_last(key)
         if fa and fb:
-            show = _show(key)
+            show = value_format(key)
             out.append(f"At the end, {key} is {show(fa[1])} in {a.label} and {show(fb[1])} in {b.label}.")
     out += shaping_figs.shaping_comparison(runs)
     ca, cb = info_figs.compressing_layers(a), info_figs.compressing_layers(b)
@@ -274,7 +281,7 @@ def _description(text: str | None) -> str:
     return " ".join(lines).strip()
 
 
-def _headline_keys(runs: list[RunData]) -> list[str]:
+def headline_keys(runs: list[RunData]) -> list[str]:
     """Monitor headlines first (entropy, then σReparam), the representation keys that changed most, then the task."""
     present = {k for r in runs for k in r.scalars}
     keys = [k for k in HEADLINES if k in present]
@@ -291,14 +298,14 @@ def _headline_keys(runs: list[RunData]) -> list[str]:
 
 def _cards(runs: list[RunData]) -> str:
     cards = []
-    for key in _headline_keys(runs):
+    for key in headline_keys(runs):
         label = HEADLINES.get(key, key.split("/", 2)[-1])
         values = []
         for run in runs:
             fl = run.first_last(key)
             if fl is None:
                 continue
-            show = _show(key)
+            show = value_format(key)
             who = f'<div class="run">{esc(run.label)}</div>' if len(runs) > 1 else ""
             values.append(
                 f'{who}<div class="value" data-key="{esc(key)}" data-run="{esc(run.label)}" data-first="{fl[0]!r}" '
@@ -470,16 +477,16 @@ def write_report(runs: list[RunData], out_dir: str | Path | None = None) -> Path
     keys = sorted({k for r in runs for k in r.scalars})
     sections = sections_of(keys)
     body = [_header(runs), _cards(runs)]
-    findings = []
+    items = []
     for run in runs:
-        lines = _findings(run, sections)
+        lines = findings(run, sections)
         if lines:
             who = f"<b>{esc(run.label)}</b>: " if len(runs) > 1 else ""
-            findings.append("".join(f"<li>{who}{esc(line)}</li>" for line in lines))
+            items.append("".join(f"<li>{who}{esc(line)}</li>" for line in lines))
     if len(runs) == 2:
-        findings.insert(0, "".join(f"<li>{esc(line)}</li>" for line in _comparison(runs)))
-    if findings:
-        body.append('<h2 id="findings">What happened</h2><ul class="findings">' + "".join(findings) + "</ul>")
+        items.insert(0, "".join(f"<li>{esc(line)}</li>" for line in _comparison(runs)))
+    if items:
+        body.append('<h2 id="findings">What happened</h2><ul class="findings">' + "".join(items) + "</ul>")
     nav = " ".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
     body.append(f"<nav>{nav} <a href=\"#config\">Configuration</a></nav>")
     body.append(_events_html(runs))

@@ -416,15 +416,21 @@ def _existing_files(path: Path) -> list[str]:
     return sorted(f.as_posix() for f in files if f.parts[0] != "report" and not f.parts[0].startswith("compare-"))
 
 
-def load_run(path: str | os.PathLike[str]) -> RunData:
+def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> RunData:
     """Read the run record at ``path``.
 
     A run that did not finish and logged no monitor output (it stopped, or has not yet reached, its first logging
     step) is returned with a warning that says so and lists what exists.
 
+    Args:
+        path: the run record folder.
+        require_monitors: refuse a *finished* run without monitor output (a report would be empty); ``False``
+            returns it with a warning (``entrotrain status`` lists such runs too).
+
     Raises:
         EntrotrainError: ``path`` does not exist or is not a run record (names what was expected and lists records
-            found below it), or a *finished* run logged no monitor output (names the monitors to add).
+            found below it), or, with ``require_monitors``, a *finished* run logged no monitor output (names the
+            monitors to add).
     """
     path = Path(path)
     if not path.exists():
@@ -458,7 +464,7 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
     )
     status = run.decided_status
     has_monitor_output = any(k.startswith(MONITOR_PREFIXES) for k in scalars) or bool(media)
-    if not has_monitor_output and status.state == "finished":
+    if not has_monitor_output and status.state == "finished" and require_monitors:
         logged = sorted(scalars)[:12]
         raise EntrotrainError(
             f"run {path} has no monitor output (no entropy/*, sigma_reparam/* or info/* keys; logged: {logged or 'nothing'}). "
@@ -466,13 +472,13 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
             "SigmaReparamMonitor) to the trainer's callbacks, and train past its first logging step."
         )
     if not has_monitor_output:
-        stopped = "has not reached" if status.state == "running" else "stopped before"
         what = "nothing was logged" if not scalars else f"only {', '.join(sorted(scalars)[:8])} were logged"
-        warnings.insert(
-            0,
-            f"The run {stopped} its monitors' first logging step ({status.label}): {what}. "
-            f"What exists: {', '.join(_existing_files(path)) or 'nothing'}.",
-        )
+        if status.state == "finished":
+            said = f"The run finished without monitor output (no entropy/*, sigma_reparam/* or info/* keys): {what}."
+        else:
+            stopped = "has not reached" if status.state == "running" else "stopped before"
+            said = f"The run {stopped} its monitors' first logging step ({status.label}): {what}."
+        warnings.insert(0, f"{said} What exists: {', '.join(_existing_files(path)) or 'nothing'}.")
     if status.message:
         warnings.insert(0, status.message)
     return run

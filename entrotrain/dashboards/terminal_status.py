@@ -1,0 +1,233 @@
+"""``entrotrain status [RUN_DIR | FOLDER ...]``: where runs stand, in the terminal, from their run records.
+
+For the ssh session at 2 a.m.: no browser, no wandb, nothing written. One run record (a folder holding
+``meta.json``) gets a page of text::
+
+    attention_collapse — running · step 275 · updated 4 s ago · pid 8121 on gpu-07
+      runs/records/attention_collapse-20261206-1338
+      metric                              first       min      last  steps 0 → 275
+      entropy/attn_norm/min              0.8123    0.0090    0.0120  ███▇▆▄▃▂▁▁▁▁
+      ...
+      What happened
+      - 14 of 16 attention heads are collapsed (normalised entropy < 0.1) at step 275: ...
+      Guard: 1 firing; last at step 75 (warn): EntropyCollapseGuard at step 75: ... fell below 0.05.
+
+A folder of records (``runs``, ``runs/records``) gets one line per run, newest first: status, last step, last update
+and the headline numbers. ``--follow SECONDS`` redraws until no listed run is still running (Ctrl+C leaves).
+
+The status of a run (``running``, ``finished``, ``failed`` / ``interrupted`` with the reason, ``killed`` when the
+writer's process is gone, ``stale``) is :func:`~entrotrain.dashboards.run_reader.run_status`'s, as in the report; the
+headline keys and the "What happened" sentences are the report's (:func:`~entrotrain.dashboards.report.headline_keys`,
+:func:`~entrotrain.dashboards.report.findings`). Reads like the report: numpy only, no torch, no lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sections_of, value_format
+from entrotrain.dashboards.run_reader import RunData, find_records, load_run
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["run_lines", "runs_table", "sparkline", "status_main"]
+
+_BARS = "▁▂▃▄▅▆▇█"
+_GAP = "·"  # a stretch of the run with no finite value
+
+
+def sparkline(values: Sequence[float], width: int = 24) -> str:
+    """``values`` (in step order) as at most ``width`` bar characters: the run cut into ``width`` consecutive stretches
+    of (nearly) equal length, each drawn at the mean of its finite values, scaled from the least to the greatest of
+    those means; ``·`` for a stretch without a finite value; a flat line is drawn at mid height."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0 or width < 1:
+        return ""
+    chunks = np.array_split(data, min(width, data.size))
+    means = np.array([c[np.isfinite(c)].mean() if np.isfinite(c).any() else np.nan for c in chunks])
+    finite = means[np.isfinite(means)]
+    if finite.size == 0:
+        return _GAP * len(means)
+    low, high = float(finite.min()), float(finite.max())
+    top = len(_BARS) - 1
+    out = []
+    for m in means:
+        if not math.isfinite(m):
+            out.append(_GAP)
+        elif high == low:
+            out.append(_BARS[top // 2])
+        else:
+            out.append(_BARS[min(top, int(round((m - low) / (high - low) * top)))])
+    return "".join(out)
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, now - t)
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min ago"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h ago"
+    return f"{s / 86400:.1f} days ago"
+
+
+def _chosen_keys(run: RunData, patterns: Sequence[str] | None, limit: int) -> list[str]:
+    if patterns:
+        keys = sorted(k for k in run.scalars if any(fnmatch.fnmatchcase(k, p) for p in patterns))
+    else:
+        guarded = [t["key"] for t in run.thresholds if str(t.get("label", "")).startswith("guard")]
+        keys = list(dict.fromkeys([*headline_keys([run]), *(k for k in guarded if k in run.scalars)]))
+    return keys[:limit]
+
+
+def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, width: int = 24,
+              now: float | None = None) -> list[str]:
+    """The text of one run: status line, key table (first / min / last / trend), the report's findings, the guard's
+    firings and the commands to go further. ``keys``: glob patterns choosing the table's keys (default: the report's
+    headline keys and the guarded keys); ``limit``: at most this many rows."""
+    now = time.time() if now is None else now
+    status = run.decided_status
+    step = run.last_step
+    meta = run.meta
+    head = [f"{run.label} — {status.label}", f"step {step}" if step is not None else "no step logged yet"]
+    head.append(f"updated {_ago(status.last_update, now)}")
+    if status.state == "running" and meta.get("pid"):
+        head.append(f"pid {meta.get('pid')} on {meta.get('host')}")
+    lines = [" · ".join(head), f"  {run.path}"]
+    if status.message and status.state != "running":
+        lines.append(f"  {status.message}")
+    chosen = _chosen_keys(run, keys, limit)
+    if chosen:
+        name_width = max(24, *(len(k) for k in chosen))
+        first_step = min(int(run.scalars[k][0][0]) for k in chosen if len(run.scalars[k][0]))
+        lines.append(f"  {'metric':<{name_width}} {'first':>9} {'min':>9} {'last':>9}  steps {first_step} → {step}")
+        for key in chosen:
+            steps, values = run.scalars[key]
+            finite = values[np.isfinite(values)]
+            least = float(finite.min()) if finite.size else None
+            first = float(values[0]) if len(values) else None
+            last = float(values[-1]) if len(values) else None
+            show = value_format(key)
+            lines.append(
+                f"  {key:<{name_width}} {show(first):>9} {show(least):>9} {show(last):>9}  {sparkline(values, width)}"
+            )
+    elif keys:
+        lines.append(f"  no logged key matches {', '.join(keys)}; logged: {', '.join(sorted(run.scalars)[:10])}")
+    said = findings(run, sections_of(sorted(run.scalars)))
+    if said:
+        lines.append("  What happened")
+        lines += [f"  - {line}" for line in said if not line.startswith("EntropyCollapseGuard fired")]
+    fired = [e for e in run.events if e.get("level") in ("warn", "alert", "stop", "reduce_lr")]
+    if fired:
+        e = fired[-1]
+        times = "firing" if len(fired) == 1 else "firings"
+        lines.append(f"  Guard: {len(fired)} {times}; last at step {e.get('step')} ({e.get('level')}): {e.get('message')}")
+    lines.append(f"  entrotrain report {run.path}")
+    return lines
+
+
+def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int = 3) -> list[str]:
+    """One line per run: name, status, last step, last update and the last value of up to ``columns`` headline
+    keys (the report's, in its order, among those any of the runs logged)."""
+    now = time.time() if now is None else now
+    present = {k for run in runs for k in run.scalars}
+    keys = [k for k in HEADLINES if k in present][:columns]
+    header = ["run", "status", "step", "updated", *(k.removeprefix("entropy/") for k in keys)]
+    rows = []
+    for run in runs:
+        status = run.decided_status
+        values = []
+        for key in keys:
+            fl = run.first_last(key)
+            values.append(value_format(key)(fl[1]) if fl else "–")
+        step = run.last_step
+        rows.append([run.label, status.label, "–" if step is None else str(step), _ago(status.last_update, now), *values])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, list[str]]:
+    """The runs named by ``paths`` (run records, or folders searched for the ``limit`` newest), whether one run was
+    named, and the warnings of runs that could not be read."""
+    runs: list[RunData] = []
+    problems: list[str] = []
+    single = len(paths) == 1
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise EntrotrainError(f"{path} does not exist. Pass a run record folder or a folder holding run records "
+                                  "(e.g. runs, where `entrotrain fit` writes them).")
+        if (path / "meta.json").is_file():
+            found = [path]
+        else:
+            found = find_records(path, limit)
+            single = single and len(found) == 1
+            if not found:
+                raise EntrotrainError(f"no run record under {path}: a run record is a folder holding meta.json and "
+                                      "metrics.jsonl (every `entrotrain fit` writes one under runs/records/).")
+        for folder in found:
+            try:
+                runs.append(load_run(folder, require_monitors=False))
+            except EntrotrainError as err:
+                problems.append(f"{folder}: {err}")
+    return runs, single and len(runs) == 1, problems
+
+
+def _view(paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: int) -> tuple[str, bool]:
+    """The text to print and whether any run it shows is still running."""
+    runs, single, problems = _collect(paths, limit)
+    if single:
+        lines = run_lines(runs[0], keys, width=width)
+    else:
+        lines = runs_table(runs)
+        if runs:
+            lines.append(f"details: entrotrain status {runs[0].path}")
+    lines += [f"could not read {p}" for p in problems]
+    return "\n".join(lines), any(run.decided_status.state == "running" for run in runs)
+
+
+def status_main(argv: list[str]) -> None:
+    """``entrotrain status`` on the command line; errors go to stderr with exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="entrotrain status",
+        description="Where runs stand, in the terminal: a run record's status, key numbers with trends, what happened "
+        "and the guard's firings; or one line per run for a folder of records.",
+    )
+    parser.add_argument("paths", nargs="*", default=["runs"], metavar="PATH",
+                        help="a run record folder, or a folder holding records (default: runs)")
+    parser.add_argument("--keys", nargs="+", default=None, metavar="GLOB",
+                        help="the keys to tabulate, as globs (e.g. 'entropy/attn_norm/L3/*'); default the headlines")
+    parser.add_argument("-n", "--runs", type=int, default=10, help="list at most this many runs per folder")
+    parser.add_argument("--width", type=int, default=24, help="characters of each trend line")
+    parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS until no run shown is running (Ctrl+C leaves)")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.width < 1 or (args.follow is not None and args.follow <= 0):
+        parser.error("--runs and --width must be at least 1 and --follow positive seconds")
+    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            text, running = _view(args.paths, args.keys, args.runs, args.width)
+            if args.follow is None:
+                print(text)
+                return
+            print(f"{clear}{text}\n(every {args.follow:g} s; Ctrl+C to leave)" if running else f"{clear}{text}",
+                  flush=True)
+            if not running:
+                return
+            time.sleep(args.follow)
+    except EntrotrainError as err:
+        print(f"entrotrain status: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except KeyboardInterrupt:
+        return

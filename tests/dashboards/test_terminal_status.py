@@ -1,0 +1,193 @@
+"""``entrotrain status``: trend lines, one run's page of text, a folder's table, the CLI (errors, --keys, --follow),
+statuses of runs that failed or were killed, and an import without torch or lightning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from entrotrain.cli import main
+from entrotrain.dashboards.run_reader import load_run
+from entrotrain.dashboards.run_record import RunRecordLogger
+from entrotrain.dashboards.terminal_status import _BARS, _GAP, run_lines, runs_table, sparkline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------ sparkline
+@given(
+    st.lists(st.one_of(st.floats(-1e6, 1e6), st.just(math.nan), st.just(math.inf)), max_size=60),
+    st.integers(1, 40),
+)
+def test_sparkline_shape_and_alphabet(values: list[float], width: int) -> None:
+    line = sparkline(values, width)
+    assert len(line) == min(width, len(values))
+    assert set(line) <= set(_BARS) | {_GAP}
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=60, unique=True), st.integers(2, 30))
+def test_sparkline_follows_a_sorted_series_from_bottom_to_top(values: list[float], width: int) -> None:
+    values = sorted(values)
+    line = sparkline(values, width)
+    levels = [_BARS.index(c) for c in line]
+    assert levels == sorted(levels)  # bucket means of a sorted series never go down
+    if len(line) > 1:
+        assert line[0] == _BARS[0] and line[-1] == _BARS[-1]
+
+
+def test_sparkline_flat_empty_and_missing() -> None:
+    assert sparkline([0.5] * 5, 10) == _BARS[3] * 5
+    assert sparkline([], 10) == ""
+    assert sparkline([math.nan] * 3, 10) == _GAP * 3
+    assert sparkline([1.0, math.nan, 0.0], 3) == _BARS[-1] + _GAP + _BARS[0]
+    assert sparkline(list(range(100)), 4) == _BARS[0] + _BARS[2] + _BARS[5] + _BARS[-1]  # 4 stretches of 25
+
+
+# ------------------------------------------------------------------ a run's page
+def _record(root: Path, name: str, steps: int = 8, finish: str | None = "success", **meta) -> RunRecordLogger:
+    record = RunRecordLogger(root, version=name, run_name=name)
+    record.log_threshold("entropy/attn_norm/*", 0.1, "collapse")
+    record.log_threshold("entropy/attn_norm/min", 0.05, "guard (warn)")
+    for step in range(steps):
+        value = 0.9 * 0.5**step
+        record.log_metrics({"entropy/attn_norm/min": value, "entropy/attn_norm/mean": 2 * value,
+                            "entropy/attn/collapse_frac": step / steps, "train/loss": 3.0 - 0.1 * step}, step=step)
+        record.log_media("entropy/attn_norm/heatmap", np.full((2, 2), value), step, kind="heatmap")
+        if value < 0.05:
+            record.log_event("entropy/attn_norm/min", f"EntropyCollapseGuard at step {step}: fell below 0.05.", step, "warn")
+    if meta:
+        record.set_meta(**meta)
+    if finish is not None:
+        record.finalize(finish)
+    return record
+
+
+def test_one_run_page_has_status_numbers_trends_findings_and_the_guard(tmp_path: Path) -> None:
+    record = _record(tmp_path, "collapse")
+    run = load_run(record.run_dir)
+    text = "\n".join(run_lines(run, now=time.time()))
+    assert text.startswith("collapse — finished · step 7 · updated")
+    row = next(line for line in text.splitlines() if line.strip().startswith("entropy/attn_norm/min "))
+    first, least, last, trend = row.split()[1:]
+    assert (float(first), float(least), float(last)) == pytest.approx((0.9, 0.9 * 0.5**7, 0.9 * 0.5**7), rel=1e-3)
+    assert trend == sparkline(run.scalars["entropy/attn_norm/min"][1], 24) and trend[0] == _BARS[-1]
+    share = next(line for line in text.splitlines() if "collapse_frac" in line)
+    assert "0 %" in share and "88 %" in share  # shares in percent, as on the report's cards
+    assert "What happened" in text and "Least head entropy (normalised) went from 0.9 to" in text
+    assert "Guard: 3 firings; last at step 7 (warn)" in text  # steps 5, 6, 7 are below 0.05
+    assert f"entrotrain report {record.run_dir}" in text
+
+
+def test_keys_globs_choose_the_rows_and_say_when_nothing_matches(tmp_path: Path) -> None:
+    run = load_run(_record(tmp_path, "r").run_dir)
+    rows = [line.split()[0] for line in run_lines(run, keys=["train/*", "entropy/attn_norm/m*"]) if "  " in line]
+    assert {"train/loss", "entropy/attn_norm/min", "entropy/attn_norm/mean"} <= set(rows)
+    assert "entropy/attn/collapse_frac" not in rows
+    assert any("no logged key matches nope/*" in line for line in run_lines(run, keys=["nope/*"]))
+
+
+def test_failed_and_killed_runs_say_so(tmp_path: Path) -> None:
+    try:
+        raise RuntimeError("CUDA error: an illegal memory access")
+    except RuntimeError:
+        failed = _record(tmp_path, "failed", finish="failed")
+    text = "\n".join(run_lines(load_run(failed.run_dir)))
+    assert "— failed" in text and "RuntimeError: CUDA error: an illegal memory access" in text
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = _record(tmp_path, "killed", finish=None, pid=int(gone.stdout), pid_start=None)
+    text = "\n".join(run_lines(load_run(killed.run_dir)))
+    assert text.splitlines()[0].startswith("killed — killed (no update since")
+    assert "its process (pid" in text
+
+
+def test_a_folder_lists_runs_newest_first_with_their_headlines(tmp_path: Path) -> None:
+    _record(tmp_path, "older", steps=3)
+    time.sleep(0.05)
+    _record(tmp_path, "newer", steps=5)
+    from entrotrain.dashboards.terminal_status import _collect
+
+    runs, single, problems = _collect([str(tmp_path)], 10)
+    assert [r.label for r in runs] == ["newer", "older"] and not single and not problems
+    lines = runs_table(runs)
+    assert lines[0].split()[:4] == ["run", "status", "step", "updated"] and "attn_norm/min" in lines[0]
+    assert lines[1].split()[:3] == ["newer", "finished", "4"] and lines[2].split()[:3] == ["older", "finished", "2"]
+    assert f"{0.9 * 0.5**4:.4g}" in lines[1]
+
+
+# ------------------------------------------------------------------ the command line
+def test_cli_prints_one_run_or_a_table_and_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = _record(tmp_path / "runs" / "a", "only")
+    main(["status", str(tmp_path / "runs")])  # a folder with one run: its page
+    assert capsys.readouterr().out.startswith("only — finished")
+    _record(tmp_path / "runs" / "b", "second")
+    main(["status", str(tmp_path / "runs"), "-n", "5"])
+    out = capsys.readouterr().out
+    assert out.startswith("run ") and "details: entrotrain status" in out
+    main(["status", str(record.run_dir), "--keys", "train/*", "--width", "4"])
+    assert "train/loss" in capsys.readouterr().out
+    for argv, said in (
+        (["status", str(tmp_path / "missing")], "does not exist"),
+        (["status", str(tmp_path / "runs" / "a" / "records" / "only" / "media")], "no run record under"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["status", str(record.run_dir), "--width", "0"])
+    assert exc.value.code == 2
+
+
+def test_follow_redraws_until_the_run_ends(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _record(tmp_path, "live", finish=None)  # running, written by this (live) process
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the run logs one more step, then finishes
+        sleeps.append(seconds)
+        record.log_metrics({"entropy/attn_norm/min": 0.001}, step=8)
+        record.finalize("success")
+
+    monkeypatch.setattr("entrotrain.dashboards.terminal_status.time.sleep", sleep)
+    main(["status", str(record.run_dir), "--follow", "2"])
+    out = capsys.readouterr().out
+    assert sleeps == [2.0]
+    first, second = out.split("(every 2 s; Ctrl+C to leave)")
+    assert "live — running · step 7" in first and f"pid {os.getpid()}" in first
+    assert "live — finished · step 8" in second
+
+
+def test_a_finished_run_without_monitor_output_is_listed_not_refused(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    record = RunRecordLogger(tmp_path, version="plain", run_name="plain")
+    record.log_metrics({"loss": 2.0}, step=1)
+    record.finalize("success")
+    main(["status", str(record.run_dir)])
+    out = capsys.readouterr().out
+    assert out.startswith("plain — finished · step 1")
+
+
+def test_status_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    record = _record(tmp_path, "light")
+    meta = json.loads((record.run_dir / "meta.json").read_text())
+    assert meta["status"] == "finished"
+    code = (
+        "import sys\n"
+        "from entrotrain.cli import main\n"
+        f"main(['status', {str(record.run_dir)!r}])\n"
+        "heavy = [m for m in ('torch', 'lightning', 'matplotlib') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout and "light — finished" in done.stdout

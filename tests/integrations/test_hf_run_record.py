@@ -333,7 +333,7 @@ def test_resume_names_the_checkpoint_it_resumed_from(resumed_run: dict) -> None:
 def test_record_only_callback_records_what_trainer_logs(tmp_path: Path) -> None:
     """``EntropyTrainerCallback(record=...)`` without monitor or guard is accepted and writes every number Trainer
     logs at its step, status ``finished``. ``load_run`` (hence ``entrotrain report``) refuses such a record as having
-    no monitor output: this documents the current behaviour."""
+    no monitor output unless ``require_monitors=False``: this documents the current behaviour."""
     trainer = _trainer(tmp_path, _model(), max_steps=3)
     cb = EntropyTrainerCallback(record=tmp_path / "runs").attach(trainer)
     assert cb.drivers == [] and cb.guards == []
@@ -349,8 +349,10 @@ def test_record_only_callback_records_what_trainer_logs(tmp_path: Path) -> None:
     for step, row in expected.items():
         assert {k: written[step][k] for k in row} == row
         assert written[step].keys() - row.keys() <= {"epoch"}
-    with pytest.raises(EntrotrainError, match="no monitor output"):
+    with pytest.raises(EntrotrainError, match="no monitor output"):  # a report of it would be empty
         load_run(run_dir)
+    run = load_run(run_dir, require_monitors=False)  # what `entrotrain status` reads
+    assert run.status == "finished" and _series(run, "loss") == _logged(trainer, "loss")
 
 
 def test_record_argument_is_checked() -> None:

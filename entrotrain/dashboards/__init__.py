@@ -1,5 +1,6 @@
 """Turning reduced statistics into wandb panels (scalars, heatmaps, histograms), the local run record every run
-writes, and the offline HTML report built from it (``entrotrain report``).
+writes, the offline HTML report built from it (``entrotrain report``), where runs stand in the terminal
+(``entrotrain status``) and what to try when a run shows a collapse (:func:`diagnose`).
 
 Every public name here, and every submodule (``entrotrain.dashboards.run_record``), is loaded on first access
 (PEP 562, as :mod:`entrotrain`): ``import entrotrain.dashboards`` imports nothing heavy, and ``entrotrain report``
@@ -14,7 +15,9 @@ from typing import TYPE_CHECKING
 from entrotrain._lazy_package import lazy_attributes
 
 if TYPE_CHECKING:
+    from entrotrain.dashboards.remedies import Remedy, diagnose
     from entrotrain.dashboards.report import build_report
+    from entrotrain.dashboards.run_reader import load_run
     from entrotrain.dashboards.run_record import RunRecordLogger, record_event, record_media, record_threshold
     from entrotrain.dashboards.wandb_media import (
         colorize,
@@ -30,12 +33,15 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "build_report": "entrotrain.dashboards.report",  # matplotlib is imported only when a report is drawn
+    "load_run": "entrotrain.dashboards.run_reader",
+    **dict.fromkeys(("Remedy", "diagnose"), "entrotrain.dashboards.remedies"),
     **dict.fromkeys(
         ("RunRecordLogger", "record_event", "record_media", "record_threshold"), "entrotrain.dashboards.run_record"
     ),
     **dict.fromkeys(
         (
             "colorize",
+    "diagnose",
             "expert_load_image",
             "expert_load_over_time_image",
             "heads_over_time_image",
@@ -50,6 +56,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "Remedy",
     "RunRecordLogger",
     "build_report",
     "colorize",
@@ -58,6 +65,7 @@ __all__ = [
     "heads_over_time_image",
     "heatmap_image",
     "histogram",
+    "load_run",
     "load_vmax",
     "record_event",
     "record_media",

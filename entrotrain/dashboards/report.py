@@ -26,6 +26,7 @@ from entrotrain.dashboards import report_figures_information as info_figs
 from entrotrain.dashboards import report_figures_policy_shaping as shaping_figs
 from entrotrain.dashboards import report_figures_prediction as pred_figs
 from entrotrain.dashboards import report_figures_routing as router_figs
+from entrotrain.dashboards.remedies import diagnose
 from entrotrain.dashboards.report_template import details, esc, fmt, page, table
 from entrotrain.dashboards.run_reader import RunData, load_run
 from entrotrain.errors import EntrotrainError
@@ -425,6 +426,23 @@ def _information_table(runs: list[RunData]) -> str:
     return html + ("<p>" + "<br>".join(params) + "</p>" if params else "")
 
 
+def _with_code(text: str) -> str:
+    """``text`` escaped, with each `backticked` span as ``<code>``."""
+    parts = esc(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _remedies_html(runs: list[RunData]) -> str:
+    """"What to try": each run's diagnosed failures with their evidence and cures (:func:`~entrotrain.dashboards.remedies.diagnose`)."""
+    items = []
+    for run in runs:
+        who = f"<b>{esc(run.label)}</b>: " if len(runs) > 1 else ""
+        for remedy in diagnose(run):
+            cures = "".join(f"<li>{_with_code(cure)}</li>" for cure in remedy.cures)
+            items.append(f"<li>{who}<b>{esc(remedy.failure)}</b>: {_with_code(remedy.evidence)}<ul>{cures}</ul></li>")
+    return f'<h2 id="remedies">What to try</h2><ul class="findings">{"".join(items)}</ul>' if items else ""
+
+
 def _events_html(runs: list[RunData]) -> str:
     rows = [[run.label, str(e.get("step")), str(e.get("level")), str(e.get("key")), str(e.get("message"))] for run in runs for e in run.events]
     if not rows:
@@ -487,6 +505,7 @@ def write_report(runs: list[RunData], out_dir: str | Path | None = None) -> Path
         items.insert(0, "".join(f"<li>{esc(line)}</li>" for line in _comparison(runs)))
     if items:
         body.append('<h2 id="findings">What happened</h2><ul class="findings">' + "".join(items) + "</ul>")
+    body.append(_remedies_html(runs))
     nav = " ".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
     body.append(f"<nav>{nav} <a href=\"#config\">Configuration</a></nav>")
     body.append(_events_html(runs))

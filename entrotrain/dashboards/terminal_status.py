@@ -17,8 +17,9 @@ and the headline numbers. ``--follow SECONDS`` redraws until no listed run is st
 
 The status of a run (``running``, ``finished``, ``failed`` / ``interrupted`` with the reason, ``killed`` when the
 writer's process is gone, ``stale``) is :func:`~entrotrain.dashboards.run_reader.run_status`'s, as in the report; the
-headline keys and the "What happened" sentences are the report's (:func:`~entrotrain.dashboards.report.headline_keys`,
-:func:`~entrotrain.dashboards.report.findings`). Reads like the report: numpy only, no torch, no lightning.
+headline keys, the "What happened" sentences and "What to try" are the report's
+(:func:`~entrotrain.dashboards.report.headline_keys`, :func:`~entrotrain.dashboards.report.findings`,
+:func:`~entrotrain.dashboards.remedies.diagnose`). Reads like the report: numpy only, no torch, no lightning.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from entrotrain.dashboards.remedies import diagnose
 from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sections_of, value_format
 from entrotrain.dashboards.run_reader import RunData, find_records, load_run
 from entrotrain.errors import EntrotrainError
@@ -127,6 +129,10 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if said:
         lines.append("  What happened")
         lines += [f"  - {line}" for line in said if not line.startswith("EntropyCollapseGuard fired")]
+    found = diagnose(run)
+    if found:
+        lines.append("  What to try")
+        lines += [f"  {line}" for remedy in found for line in remedy.lines()]
     fired = [e for e in run.events if e.get("level") in ("warn", "alert", "stop", "reduce_lr")]
     if fired:
         e = fired[-1]

@@ -41,7 +41,6 @@ _LAZY = {
     **dict.fromkeys(
         (
             "colorize",
-    "diagnose",
             "expert_load_image",
             "expert_load_over_time_image",
             "heads_over_time_image",
@@ -60,6 +59,7 @@ __all__ = [
     "RunRecordLogger",
     "build_report",
     "colorize",
+    "diagnose",
     "expert_load_image",
     "expert_load_over_time_image",
     "heads_over_time_image",

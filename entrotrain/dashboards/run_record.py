@@ -370,6 +370,11 @@ class RunRecordLogger(Logger):
         for line in thresholds:
             self.log_threshold(line.key, line.value, line.label)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`finalize` has closed this record (a record holds one run: a closed one takes no new run)."""
+        return self._meta is not None and self._meta.get("status") != "running"
+
     def checkpoint_entry(self, step: int) -> dict[str, Any] | None:
         """What a checkpoint saved at ``step`` carries so that a resumed run continues this record (``None`` before the
         record starts): ``{"run_dir", "step"}``, as ``checkpoint["entrotrain_run_record"]``."""
@@ -423,13 +428,13 @@ class RunRecordLogger(Logger):
         self._resume_checked = True
         target = Path(str(info.get("run_dir")))
         if not (target / "meta.json").is_file():
-            self._resume_info = {"step": info.get("step"), "ckpt_path": str(ckpt_path), "missing_record": str(target)}
+            self._resume_info = {"step": info.get("step"), "ckpt_path": _path_or_none(ckpt_path), "missing_record": str(target)}
             return
         if self._meta is not None and self.run_dir.resolve() != target.resolve():
             if not self._abandon_fresh_record():
                 return  # this process already logged into its own folder: keep it (meta names the checkpoint)
         self._save_dir, self._name, self._version = target.parent.parent, target.parent.name, target.name
-        self._resume_info = {"step": info.get("step"), "ckpt_path": str(ckpt_path)}
+        self._resume_info = {"step": info.get("step"), "ckpt_path": _path_or_none(ckpt_path)}
         if self._meta is not None:  # the same folder, already open in this process: just mark the resume
             self._meta = None
             self._start()
@@ -560,6 +565,10 @@ class RunRecordLogger(Logger):
         state = self.__dict__.copy()
         state["_files"] = {}
         return state
+
+
+def _path_or_none(path: Any) -> str | None:
+    return None if path is None else str(path)
 
 
 def _ends_inside_a_line(path: Path) -> bool:

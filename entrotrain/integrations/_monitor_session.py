@@ -489,6 +489,7 @@ class MonitorSession:
             )
         self.monitors: list[Any] = monitors
         self.guards: list[EntropyCollapseGuard] = guards
+        self.owner = owner
         self._published: list[set[str]] = [set() for _ in self.drivers]
         self._armed: list[int] = []
         #: The run record written to (rank zero), or ``None``: see :meth:`open_record`.
@@ -554,13 +555,25 @@ class MonitorSession:
 
     # ------------------------------------------------------------------ run record
     def open_record(
-        self, record: RunRecordLogger, hparams: dict[str, Any] | None = None, resume: dict[str, Any] | None = None
+        self, record: RunRecordLogger, hparams: dict[str, Any] | None = None, resume: dict[str, Any] | None = None,
+        ckpt_path: Any = None,
     ) -> None:
         """Write to ``record`` from now on (rank zero; its methods are no-ops elsewhere): continue the record a
-        checkpoint's ``resume`` entry names (:meth:`RunRecordLogger.checkpoint_entry`), merge ``hparams``, and declare
-        every monitor's and guard's thresholds, as a Lightning fit does at its start."""
+        checkpoint's ``resume`` entry names (:meth:`RunRecordLogger.checkpoint_entry`; ``ckpt_path``, when known, is
+        noted in ``meta["resumes"]``), merge ``hparams``, and declare every monitor's and guard's thresholds, as a
+        Lightning fit does at its start.
+
+        Raises:
+            EntrotrainError: ``record`` already holds a finished run (and this is not its resume).
+        """
+        if record.closed and resume is None:
+            raise EntrotrainError(
+                f"{self.owner}: the RunRecordLogger given as record= already holds a run that ended ({record.log_dir}); "
+                "a RunRecordLogger records one run. Pass a folder (record='runs': a new record per run) or a new "
+                "RunRecordLogger."
+            )
         self.record = record
-        record.resume_from_entry(resume)
+        record.resume_from_entry(resume, ckpt_path)
         if hparams:
             record.log_hyperparams(hparams)
         for obj in [*self.monitors, *self.guards]:

@@ -174,6 +174,7 @@ class EntropyTrainerCallback(TrainerCallback):
             monitors, guards, "EntropyTrainerCallback", "under transformers.Trainer", empty_ok=True
         )
         self._record_spec = record
+        self._resume_path: str | None = None  # the checkpoint train() resumes from (known through attach)
         self.monitors = self.session.monitors
         self.guards = self.session.guards
         self.log_media = bool(log_media)
@@ -202,6 +203,7 @@ class EntropyTrainerCallback(TrainerCallback):
 
             @functools.wraps(train)
             def guarded_train(*args: Any, **kwargs: Any) -> Any:
+                self._resume_path = _checkpoint_path(trainer, kwargs.get("resume_from_checkpoint", args[0] if args else None))
                 try:
                     return train(*args, **kwargs)
                 except BaseException as exc:
@@ -347,7 +349,7 @@ class EntropyTrainerCallback(TrainerCallback):
         record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec, run_name=run_name)
         hparams = {"trainer": "transformers.Trainer", "model": type(model).__name__,
                    "training_args": args.to_sanitized_dict()}
-        self.session.open_record(record, hparams=hparams, resume=resume)
+        self.session.open_record(record, hparams=hparams, resume=resume, ckpt_path=self._resume_path)
 
     # ------------------------------------------------------------------ actions
     def _act(
@@ -364,3 +366,18 @@ class EntropyTrainerCallback(TrainerCallback):
             logs[f"{guard.monitor}/alert"] = 1.0
         else:  # fired at a step end: goes out with the next log
             self._alerts[f"{guard.monitor}/alert"] = 1.0
+
+
+def _checkpoint_path(trainer: Any, resume: Any) -> str | None:
+    """The checkpoint folder ``trainer.train(resume_from_checkpoint=resume)`` resumes from (``True``: the last one in
+    ``output_dir``, as ``Trainer`` finds it), else ``None``."""
+    if isinstance(resume, bool):
+        if not resume:
+            return None
+        from transformers.trainer_utils import get_last_checkpoint
+
+        try:
+            return get_last_checkpoint(trainer.args.output_dir)
+        except (OSError, ValueError):  # Trainer raises its own error for a missing output_dir
+            return None
+    return str(resume) if isinstance(resume, (str, os.PathLike)) else None

@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real
+from entrotrain.dashboards.run_record import RunRecordLogger
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.policy import AGG_MODES
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
@@ -387,9 +388,20 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
         if stats is not None and self.model.training and stats.pending and "loss" in logs:
             if self._et_step == self.state.global_step - 1:  # the tensors are this logged step's
                 logs = {**logs, **stats.compute(int(self.state.global_step))}
+                self._record_arrays(stats.last_arrays, int(self.state.global_step))
             else:
                 stats.clear()
         super().log(logs, start_time)
+
+    def _record_arrays(self, arrays: list[Any], step: int) -> None:
+        """The token-entropy histogram into the run record of an attached ``EntropyTrainerCallback(record=...)``, as
+        Lightning's ``PolicyEntropyMonitor`` stores it (main process)."""
+        if not arrays or not self.accelerator.is_main_process:
+            return
+        for callback in self.callback_handler.callbacks:
+            record = getattr(callback, "record", None)
+            if isinstance(record, RunRecordLogger):
+                record.log_arrays(arrays, step)
 
     def train(self, *args: Any, **kwargs: Any):  # type: ignore[override]
         if self.policy_stats is not None:

@@ -318,11 +318,6 @@ def test_resume_from_a_checkpoint_continues_the_same_record(resumed_run: dict) -
     assert resumed_run["cb"].record is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead's files: EntropyTrainerCallback never learns the checkpoint path and RunRecordLogger._resume_from "
-    "writes str(None); meta['resumes'][0]['ckpt_path'] is the string 'None' (proposed diff in the report)",
-)
 def test_resume_names_the_checkpoint_it_resumed_from(resumed_run: dict) -> None:
     """meta["resumes"] names the checkpoint folder the run resumed from (as a Lightning resume does), not 'None'."""
     meta = load_run(resumed_run["run_dir"]).meta
@@ -441,11 +436,6 @@ def test_evaluation_logs_are_recorded_at_their_step(tmp_path: Path) -> None:
     assert sorted(_series(run, "loss")) == sorted(_series(run, "entropy/attn_norm/min")) == [2, 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lead's files: a RunRecordLogger given as record= is reused by a second train(); its rows go into the "
-    "first run's finished folder and overwrite its values at the same steps (proposed diff in the report)",
-)
 def test_a_second_train_does_not_overwrite_the_first_record(tmp_path: Path) -> None:
     """Two ``train()`` calls with the same ``record=RunRecordLogger(...)``: the first run's finished record keeps its
     own values (a fresh record, or a clear error, for the second; never the second run's numbers under the first

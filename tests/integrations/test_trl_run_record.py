@@ -79,11 +79,6 @@ def test_trl_record_gives_the_reports_policy_section(grpo_run: dict) -> None:
     assert first != last  # the finding compares two different logged values
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EntrotrainGRPOTrainer computes the token-entropy histogram (policy_stats.last_arrays) but nothing writes "
-    "it to the record; Lightning's PolicyEntropyMonitor stores it (proposed diff to trl.py in the report)",
-)
 def test_trl_record_holds_the_policy_entropy_histogram(grpo_run: dict) -> None:
     """As a Lightning PolicyEntropyMonitor run: ``entropy/policy/hist`` (kind histogram) at each logged step, holding
     the step's valid token entropies (as many as ``entropy/policy/tokens``)."""

@@ -16,17 +16,21 @@ shows each on a CPU.
 
 A cure the run already uses is said to be on (``sigma_reparam/*`` keys, a logged ``reg/{name}`` term) instead of
 suggested. The thresholds are deliberately coarse: this is a pointer for the night the run goes wrong, with the
-evidence beside it, not a verdict. The report shows it as "What to try", ``entrotrain status`` under its findings.
+evidence beside it, not a verdict. The report shows it as "What to try", ``entrotrain status`` under its findings,
+and a run that writes a record prints it when it ends (:func:`what_to_try`: ``entrotrain fit``, ``EntropyMonitors``,
+``EntropyTrainerCallback``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from entrotrain.dashboards.report_template import fmt
-from entrotrain.dashboards.run_reader import RunData
+from entrotrain.dashboards.run_reader import RunData, load_run
+from entrotrain.errors import EntrotrainError
 
-__all__ = ["POLICY_FALL", "RANK_FALL", "Remedy", "diagnose"]
+__all__ = ["POLICY_FALL", "RANK_FALL", "Remedy", "diagnose", "what_to_try"]
 
 #: Policy entropy ending below this fraction of its first value counts as a collapse.
 POLICY_FALL = 0.25
@@ -153,3 +157,15 @@ def diagnose(run: RunData) -> list[Remedy]:
     """The failures ``run`` shows, each with its evidence and the cures to try (empty for a healthy run)."""
     found = (_attention(run), _policy(run), _representation(run), _router(run))
     return [remedy for remedy in found if remedy is not None]
+
+
+def what_to_try(run_dir: str | os.PathLike[str]) -> list[str]:
+    """The lines a run prints when it ends: ``diagnose`` of the record at ``run_dir`` (nothing for a healthy run, or
+    a record that cannot be read: the end of a run never fails over this)."""
+    try:
+        found = diagnose(load_run(run_dir, require_monitors=False))
+    except (EntrotrainError, OSError, ValueError):
+        return []
+    if not found:
+        return []
+    return ["entrotrain: what to try", *(f"  {line}" for remedy in found for line in remedy.lines())]

@@ -84,6 +84,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
+from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations._monitor_session import MonitorSession, distributed, readable_scalar, wandb_run
@@ -230,6 +231,8 @@ class EntropyMonitors:
                 print(table)
         if record is not None and record._meta is not None:
             print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
+            for line in what_to_try(record.log_dir) if exc is None else []:
+                print(line)
 
     def __enter__(self) -> EntropyMonitors:
         if self._model is None:

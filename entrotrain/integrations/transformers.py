@@ -121,6 +121,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
+from entrotrain.dashboards.remedies import what_to_try  # noqa: E402
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger  # noqa: E402
 from entrotrain.integrations._monitor_session import MonitorSession, wandb_run  # noqa: E402
 
@@ -340,6 +341,8 @@ class EntropyTrainerCallback(TrainerCallback):
                 print(table)
             if record is not None and record._meta is not None:
                 print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
+                for line in what_to_try(record.log_dir):
+                    print(line)
 
     def _open_record(self, args: TrainingArguments, model: nn.Module, resume: dict[str, Any] | None) -> None:
         """Start writing the run record (``record=``) for this ``train``: continue the one a resumed checkpoint

@@ -116,3 +116,13 @@ def test_report_and_status_show_what_to_try(tmp_path: Path) -> None:
     healthy = _run(tmp_path, _attention(0.0), "healthy")
     assert "What to try" not in build_report([healthy.path]).read_text()
     assert "What to try" not in "\n".join(run_lines(healthy))
+
+
+def test_what_to_try_is_printed_for_a_sick_run_only_and_never_fails(tmp_path: Path) -> None:
+    from entrotrain.dashboards.remedies import what_to_try
+
+    sick = _run(tmp_path, _attention(0.5), "sick")
+    lines = what_to_try(sick.path)
+    assert lines[0] == "entrotrain: what to try" and lines[1].startswith("  Attention-entropy collapse: 50 %")
+    assert what_to_try(_run(tmp_path, _attention(0.0), "healthy").path) == []
+    assert what_to_try(tmp_path / "missing") == [] and what_to_try(tmp_path) == []  # unreadable: nothing, no error

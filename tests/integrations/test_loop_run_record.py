@@ -283,3 +283,16 @@ def test_entrotrain_report_reads_the_loop_record(tmp_path: Path) -> None:
     html = out.read_text()
     assert "Attention entropy" in html or "attention entropy" in html.lower()
     assert any(p.suffix == ".png" for p in out.parent.iterdir())
+
+
+def test_a_loop_run_that_collapses_prints_what_to_try(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every head counts as collapsed below a threshold of 1: the run's end says what to try; a healthy run (the
+    default threshold) prints no such lines."""
+    sick = AttentionEntropyMonitor(every_n_steps=1, collapse_threshold=1.0, overload_threshold=1.0, log_media=False,
+                                   print_summary=False)
+    run_loop(GPTModule(seed=0), token_batches(2), EntropyMonitors([sick], print_summary=False, record=tmp_path / "a"), 2)
+    out = capsys.readouterr().out
+    assert "entrotrain: what to try" in out and "Attention-entropy collapse: 100 % of heads" in out
+    assert "sigma_reparam(model)" in out
+    _short_run(tmp_path / "b")
+    assert "what to try" not in capsys.readouterr().out

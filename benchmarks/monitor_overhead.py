@@ -27,6 +27,7 @@ equal ``plain``), the extra time of one logging step, and the amortised overhead
     python benchmarks/monitor_overhead.py            # CPU, 2 threads
     python benchmarks/monitor_overhead.py --all --quick   # 4 steps, 1 round: proves the script runs
     python benchmarks/monitor_overhead.py --loop --threads 1 --steps 100 --rounds 3
+    python benchmarks/monitor_overhead.py --loop --record --threads 1 --steps 100 --rounds 3   # + the run record
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -212,13 +214,16 @@ def loop_budget(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def run(monitored: bool) -> tuple[list[float], list]:
+    records = tempfile.TemporaryDirectory()  # --record: the run records written by the third arm
+
+    def run(monitored: bool, record: bool = False) -> tuple[list[float], list]:
         torch.manual_seed(0)
         task = LanguageModelingTask(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, lr=1e-4)
         model = task.model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         *monitors, guard = _all_monitors(args.every, root="")  # the loop watches the TinyGPT itself
-        watcher = EntropyMonitors(monitors, guards=[guard], print_summary=False).watch(model, opt)
+        watcher = EntropyMonitors(monitors, guards=[guard], print_summary=False, record=records.name if record else None)
+        watcher.watch(model, opt)
         samples = []
         for step, (x, y) in enumerate(batches):
             sync()
@@ -234,18 +239,22 @@ def loop_budget(args: argparse.Namespace) -> None:
         watcher.close()
         return samples, [p.detach().cpu() for p in model.parameters()]
 
-    timers: dict[str, list[float]] = {"plain loop": [], "EntropyMonitors": []}
+    arms = ["plain loop", "EntropyMonitors"] + (["EntropyMonitors + run record"] if args.record else [])
+    timers: dict[str, list[float]] = {name: [] for name in arms}
     weights = {}
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for name in timers:
-            samples, weights[name] = run(name != "plain loop")
+            samples, weights[name] = run(name != "plain loop", record="record" in name)
             if round_:
                 timers[name].extend(samples)
+    records.cleanup()
     steps = list(range(args.steps)) * args.rounds
     plain = statistics.median(timers["plain loop"])
-    quiet = statistics.median(t for t, s in zip(timers["EntropyMonitors"], steps) if s % args.every)
-    loud = statistics.median(t for t, s in zip(timers["EntropyMonitors"], steps) if s % args.every == 0)
-    rows = _budget_rows("plain loop", "EntropyMonitors", plain, quiet, loud, args.every)
+    rows = []
+    for name in arms[1:]:
+        quiet = statistics.median(t for t, s in zip(timers[name], steps) if s % args.every)
+        loud = statistics.median(t for t, s in zip(timers[name], steps) if s % args.every == 0)
+        rows += _budget_rows("plain loop", name, plain, quiet, loud, args.every)[0 if name == arms[1] else 1:]
     print(environment_line(device, args.threads))
     print(
         f"{args.model}: {n_layer} x {n_head} x {n_embd}, batch {batch} x {block} tokens; plain loop, {args.rounds} "
@@ -253,8 +262,9 @@ def loop_budget(args: argparse.Namespace) -> None:
         f"(blocks), collapse guard; every {args.every} steps"
     )
     print(markdown_table(["step", "median time", "ratio to plain loop"], rows))
-    same = all(torch.equal(a, b) for a, b in zip(weights["plain loop"], weights["EntropyMonitors"]))
-    print(f"weights after training, plain loop vs EntropyMonitors: {'bit-identical' if same else 'DIFFERENT'}")
+    for name in arms[1:]:
+        same = all(torch.equal(a, b) for a, b in zip(weights["plain loop"], weights[name]))
+        print(f"weights after training, plain loop vs {name}: {'bit-identical' if same else 'DIFFERENT'}")
 
 
 def main() -> None:
@@ -267,6 +277,8 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="the overhead budget: all monitors through Trainer.fit")
     parser.add_argument("--loop", action="store_true",
                         help="the --all monitors through EntropyMonitors in a plain loop, vs the same loop without")
+    parser.add_argument("--record", action="store_true",
+                        help="--loop: a third arm, EntropyMonitors writing a run record (record=), the record's cost")
     parser.add_argument("--every", type=int, default=50, help="--all/--loop: logging interval of every monitor")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny", help="--all: model shape")
     parser.add_argument("--device", default="cpu", help="--all: cpu or cuda")

@@ -315,7 +315,7 @@ def test_policy_histogram_never_gets_nan(monkeypatch):
     import entrotrain.callbacks.policy_monitor as pm
 
     drawn: list[torch.Tensor] = []
-    monkeypatch.setattr(pm, "record_media", lambda trainer, key, values, step, **kw: drawn.append(values))
+    monkeypatch.setattr(pm, "record_arrays", lambda trainer, arrays, step: drawn.extend(a.array for a in arrays))
     batches = [rl_batch(i) for i in range(2)]
     batches[0]["token_entropy"] = batches[0]["token_entropy"].clone()
     batches[0]["token_entropy"][0, :3] = float("nan")

@@ -222,7 +222,8 @@ def loop_budget(args: argparse.Namespace) -> None:
         model = task.model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         *monitors, guard = _all_monitors(args.every, root="")  # the loop watches the TinyGPT itself
-        watcher = EntropyMonitors(monitors, guards=[guard], print_summary=False, record=records.name if record else None)
+        folder = records.name if record else None
+        watcher = EntropyMonitors(monitors, guards=[guard], print_summary=False, record=folder)
         watcher.watch(model, opt)
         samples = []
         for step, (x, y) in enumerate(batches):

@@ -242,7 +242,9 @@ class EntropyCollapseGuard(PerFitCallback):
         """The run record's reference line on the watched key: the guard's ``threshold`` (none without one)."""
         from entrotrain.dashboards.run_record import RecordThreshold
 
-        return [] if self.threshold is None else [RecordThreshold(self.monitor, self.threshold, f"guard ({self.action})")]
+        if self.threshold is None:
+            return []
+        return [RecordThreshold(self.monitor, self.threshold, f"guard ({self.action})")]
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

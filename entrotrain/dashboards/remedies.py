@@ -74,9 +74,9 @@ def _attention(run: RunData) -> Remedy | None:
     if any(key.startswith("sigma_reparam/") for key in run.scalars):
         cures.append("σReparam is already on: add the entropy floor below, or lower the learning rate.")
     else:
-        cures.append("σReparam (Zhai et al. 2023): `model = sigma_reparam(model)` bounds the attention logits' spectral "
-                     "norm, function-preserving at step 0; `entrotrain fit --recipe attention_collapse_sigma_reparam` "
-                     "shows it on the collapsing GPT.")
+        cures.append("σReparam (Zhai et al. 2023): `model = sigma_reparam(model)` bounds the attention logits' "
+                     "spectral norm, function-preserving at step 0; `entrotrain fit --recipe "
+                     "attention_collapse_sigma_reparam` shows it on the collapsing GPT.")
     if _uses(run, "entropy_floor"):
         cures.append("The entropy floor is already on: raise its weight or its floor.")
     else:

@@ -433,7 +433,8 @@ def _with_code(text: str) -> str:
 
 
 def _remedies_html(runs: list[RunData]) -> str:
-    """"What to try": each run's diagnosed failures with their evidence and cures (:func:`~entrotrain.dashboards.remedies.diagnose`)."""
+    """"What to try": each run's diagnosed failures with their evidence and cures
+    (:func:`~entrotrain.dashboards.remedies.diagnose`)."""
     items = []
     for run in runs:
         who = f"<b>{esc(run.label)}</b>: " if len(runs) > 1 else ""

@@ -371,6 +371,11 @@ class RunRecordLogger(Logger):
             self.log_threshold(line.key, line.value, line.label)
 
     @property
+    def started(self) -> bool:
+        """Whether the record's folder exists: something was written (hyperparameters alone wait for the start)."""
+        return self._meta is not None
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`finalize` has closed this record (a record holds one run: a closed one takes no new run)."""
         return self._meta is not None and self._meta.get("status") != "running"
@@ -428,7 +433,9 @@ class RunRecordLogger(Logger):
         self._resume_checked = True
         target = Path(str(info.get("run_dir")))
         if not (target / "meta.json").is_file():
-            self._resume_info = {"step": info.get("step"), "ckpt_path": _path_or_none(ckpt_path), "missing_record": str(target)}
+            self._resume_info = {
+                "step": info.get("step"), "ckpt_path": _path_or_none(ckpt_path), "missing_record": str(target)
+            }
             return
         if self._meta is not None and self.run_dir.resolve() != target.resolve():
             if not self._abandon_fresh_record():

@@ -137,7 +137,8 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if fired:
         e = fired[-1]
         times = "firing" if len(fired) == 1 else "firings"
-        lines.append(f"  Guard: {len(fired)} {times}; last at step {e.get('step')} ({e.get('level')}): {e.get('message')}")
+        last = f"last at step {e.get('step')} ({e.get('level')}): {e.get('message')}"
+        lines.append(f"  Guard: {len(fired)} {times}; {last}")
     lines.append(f"  entrotrain report {run.path}")
     return lines
 
@@ -157,7 +158,8 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
             fl = run.first_last(key)
             values.append(value_format(key)(fl[1]) if fl else "–")
         step = run.last_step
-        rows.append([run.label, status.label, "–" if step is None else str(step), _ago(status.last_update, now), *values])
+        shown_step = "–" if step is None else str(step)
+        rows.append([run.label, status.label, shown_step, _ago(status.last_update, now), *values])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 

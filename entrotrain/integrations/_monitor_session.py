@@ -568,8 +568,8 @@ class MonitorSession:
         """
         if record.closed and resume is None:
             raise EntrotrainError(
-                f"{self.owner}: the RunRecordLogger given as record= already holds a run that ended ({record.log_dir}); "
-                "a RunRecordLogger records one run. Pass a folder (record='runs': a new record per run) or a new "
+                f"{self.owner}: the RunRecordLogger given as record= already holds a run that ended "
+                f"({record.log_dir}); a RunRecordLogger records one run. Pass a folder (record='runs': a new record per run) or a new "
                 "RunRecordLogger."
             )
         self.record = record

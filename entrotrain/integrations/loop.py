@@ -229,7 +229,7 @@ class EntropyMonitors:
         if summary and self.print_summary:
             for table in self.session.summaries():
                 print(table)
-        if record is not None and record._meta is not None:
+        if record is not None and record.started:
             print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
             for line in what_to_try(record.log_dir) if exc is None else []:
                 print(line)

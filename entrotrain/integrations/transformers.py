@@ -204,7 +204,8 @@ class EntropyTrainerCallback(TrainerCallback):
 
             @functools.wraps(train)
             def guarded_train(*args: Any, **kwargs: Any) -> Any:
-                self._resume_path = _checkpoint_path(trainer, kwargs.get("resume_from_checkpoint", args[0] if args else None))
+                resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+                self._resume_path = _checkpoint_path(trainer, resume)
                 try:
                     return train(*args, **kwargs)
                 except BaseException as exc:
@@ -339,7 +340,7 @@ class EntropyTrainerCallback(TrainerCallback):
         if state.is_world_process_zero:
             for table in self.session.summaries():
                 print(table)
-            if record is not None and record._meta is not None:
+            if record is not None and record.started:
                 print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
                 for line in what_to_try(record.log_dir):
                     print(line)

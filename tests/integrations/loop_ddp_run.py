@@ -3,7 +3,8 @@
 ``python loop_ddp_run.py OUT`` starts two ranks; each trains a TinyGPT (same seed) for ``STEPS`` SGD steps on its
 half of each batch of ``ROWS`` rows, averaging gradients by hand (``all_reduce``), under
 ``EntropyMonitors(attention, representation, a stop guard, log=...)``, and writes ``rank{r}.json``: the world size,
-the monitors' logs and ``should_stop`` by step and the ``log`` calls, and a run record under ``{name}_record``. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
+the monitors' logs and ``should_stop`` by step and the ``log`` calls, and a run record under
+``{name}_record``. The test runs ``run(OUT, "single")`` itself (one process, every row) and checks
 that the reduced statistics equal those of the union batch and that only rank 0 calls ``log``.
 """
 

@@ -176,6 +176,7 @@ class EntrotrainCLI(LightningCLI):
             record.set_meta(wandb_dir=str(run_dir) if run_dir else None, global_step=self.trainer.global_step)
             print(f"\nentrotrain: run record {record.run_dir}")
             print(f"entrotrain: offline report with\n    entrotrain report {record.run_dir}")
+            print(f"entrotrain: in the terminal\n    entrotrain status {record.run_dir}")
             from entrotrain.dashboards.remedies import what_to_try
 
             for line in what_to_try(record.run_dir):

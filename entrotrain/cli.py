@@ -258,7 +258,9 @@ def main(args: Any = None) -> Any:
         if argv[0] == "status":
             from entrotrain.dashboards.terminal_status import status_main
 
-            status_main(argv[1:])
+            code = status_main(argv[1:])
+            if code:
+                raise SystemExit(code)
             return None
         if argv[0] in _RUN_SUBCOMMANDS:
             argv = _expand_recipe(argv)

@@ -14,6 +14,9 @@ For the ssh session at 2 a.m.: no browser, no wandb, nothing written. One run re
 
 A folder of records (``runs``, ``runs/records``) gets one line per run, newest first: status, last step, last update
 and the headline numbers. ``--follow SECONDS`` redraws until no listed run is still running (Ctrl+C leaves).
+``--json`` prints the same as JSON (:func:`run_summary` per run) for scripts; ``--check`` exits with code 1 when a run
+shown failed, was interrupted or killed, went stale, or shows a collapse (:func:`~entrotrain.dashboards.remedies.
+diagnose`), for a cron job or a CI step; errors exit with code 2.
 
 The status of a run (``running``, ``finished``, ``failed`` / ``interrupted`` with the reason, ``killed`` when the
 writer's process is gone, ``stale``) is :func:`~entrotrain.dashboards.run_reader.run_status`'s, as in the report; the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import math
 import sys
 import time
@@ -39,7 +43,10 @@ from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sec
 from entrotrain.dashboards.run_reader import RunData, find_records, load_run
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["run_lines", "runs_table", "sparkline", "status_main"]
+__all__ = ["PROBLEM_STATES", "run_lines", "run_summary", "runs_table", "sparkline", "status_main"]
+
+#: Run states ``entrotrain status --check`` counts as a problem (with any diagnosed collapse).
+PROBLEM_STATES = ("failed", "interrupted", "killed", "stale", "unknown")
 
 _BARS = "▁▂▃▄▅▆▇█"
 _GAP = "·"  # a stretch of the run with no finite value
@@ -164,6 +171,46 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
 
+def run_summary(run: RunData, keys: Sequence[str] | None = None, limit: int = 12) -> dict[str, object]:
+    """What :func:`run_lines` shows, as a JSON-able dict: path, name, status (state, label, message, last update),
+    last step, the chosen keys' first / min / last values and last step, findings, diagnosed failures with their
+    cures, and the guard's firings."""
+    status = run.decided_status
+    values: dict[str, dict[str, float | int | None]] = {}
+    for key in _chosen_keys(run, keys, limit):
+        steps, series = run.scalars[key]
+        finite = series[np.isfinite(series)]
+        values[key] = {
+            "first": _number(series[0]) if len(series) else None,
+            "min": _number(finite.min()) if finite.size else None,
+            "last": _number(series[-1]) if len(series) else None,
+            "last_step": int(steps[-1]) if len(steps) else None,
+        }
+    fired = [e for e in run.events if e.get("level") in ("warn", "alert", "stop", "reduce_lr")]
+    return {
+        "path": str(run.path),
+        "name": run.label,
+        "state": status.state,
+        "status": status.label,
+        "message": status.message,
+        "last_update": status.last_update,
+        "last_step": run.last_step,
+        "values": values,
+        "findings": findings(run, sections_of(sorted(run.scalars))),
+        "remedies": [{"failure": r.failure, "evidence": r.evidence, "cures": list(r.cures)} for r in diagnose(run)],
+        "guard_firings": [{k: e.get(k) for k in ("step", "key", "level", "message")} for e in fired],
+    }
+
+
+def _number(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def _problem(run: RunData) -> bool:
+    """``--check``'s rule: the run ended badly, went stale, or shows a collapse."""
+    return run.decided_status.state in PROBLEM_STATES or bool(diagnose(run))
+
+
 def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, list[str]]:
     """The runs named by ``paths`` (run records, or folders searched for the ``limit`` newest), whether one run was
     named, and the warnings of runs that could not be read."""
@@ -191,9 +238,16 @@ def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, lis
     return runs, single and len(runs) == 1, problems
 
 
-def _view(paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: int) -> tuple[str, bool]:
-    """The text to print and whether any run it shows is still running."""
+def _view(
+    paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: int, as_json: bool = False
+) -> tuple[str, bool, bool]:
+    """The text to print, whether any run it shows is still running, and whether any has a problem (``--check``)."""
     runs, single, problems = _collect(paths, limit)
+    running = any(run.decided_status.state == "running" for run in runs)
+    bad = bool(problems) or any(_problem(run) for run in runs)
+    if as_json:
+        out = {"runs": [run_summary(run, keys) for run in runs], "unreadable": problems}
+        return json.dumps(out, indent=1, allow_nan=False), running, bad
     if single:
         lines = run_lines(runs[0], keys, width=width)
     else:
@@ -201,11 +255,12 @@ def _view(paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: i
         if runs:
             lines.append(f"details: entrotrain status {runs[0].path}")
     lines += [f"could not read {p}" for p in problems]
-    return "\n".join(lines), any(run.decided_status.state == "running" for run in runs)
+    return "\n".join(lines), running, bad
 
 
-def status_main(argv: list[str]) -> None:
-    """``entrotrain status`` on the command line; errors go to stderr with exit code 2."""
+def status_main(argv: list[str]) -> int:
+    """``entrotrain status`` on the command line. Returns the exit code: 0, or 1 with ``--check`` when a run shown
+    has a problem; errors go to stderr with exit code 2."""
     parser = argparse.ArgumentParser(
         prog="entrotrain status",
         description="Where runs stand, in the terminal: a run record's status, key numbers with trends, what happened "
@@ -219,23 +274,28 @@ def status_main(argv: list[str]) -> None:
     parser.add_argument("--width", type=int, default=24, help="characters of each trend line")
     parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
                         help="redraw every SECONDS until no run shown is running (Ctrl+C leaves)")
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per run) instead of text")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with code 1 when a run shown failed, was interrupted or killed, went stale, or "
+                        "shows a collapse (for cron jobs and CI)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.width < 1 or (args.follow is not None and args.follow <= 0):
         parser.error("--runs and --width must be at least 1 and --follow positive seconds")
     clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
+    if args.json:
+        clear = ""
+    bad = False
     try:
         while True:
-            text, running = _view(args.paths, args.keys, args.runs, args.width)
-            if args.follow is None:
-                print(text)
-                return
-            print(f"{clear}{text}\n(every {args.follow:g} s; Ctrl+C to leave)" if running else f"{clear}{text}",
-                  flush=True)
-            if not running:
-                return
+            text, running, bad = _view(args.paths, args.keys, args.runs, args.width, args.json)
+            if args.follow is None or not running:
+                print(f"{clear}{text}" if args.follow is not None else text, flush=True)
+                break
+            print(f"{clear}{text}\n(every {args.follow:g} s; Ctrl+C to leave)", flush=True)
             time.sleep(args.follow)
     except EntrotrainError as err:
         print(f"entrotrain status: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     except KeyboardInterrupt:
-        return
+        pass
+    return 1 if args.check and bad else 0

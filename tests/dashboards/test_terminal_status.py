@@ -191,3 +191,35 @@ def test_status_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "HEAVY []" in done.stdout and "light — finished" in done.stdout
+
+
+def test_json_holds_what_the_text_shows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = _record(tmp_path, "collapse")
+    main(["status", str(record.run_dir), "--json"])
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert (run["name"], run["state"], run["last_step"]) == ("collapse", "finished", 7)
+    assert run["values"]["entropy/attn_norm/min"] == pytest.approx(
+        {"first": 0.9, "min": 0.9 * 0.5**7, "last": 0.9 * 0.5**7, "last_step": 7})
+    assert [f["step"] for f in run["guard_firings"]] == [5, 6, 7]
+    assert run["remedies"][0]["failure"] == "Attention-entropy collapse" and run["findings"]
+
+
+@pytest.mark.parametrize(("kind", "code"), [("healthy", 0), ("collapse", 1), ("failed", 1)])
+def test_check_exits_1_for_a_failed_or_collapsing_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, code: int
+) -> None:
+    steps = {"healthy": 1, "collapse": 8, "failed": 1}[kind]  # one step: collapse_frac 0, entropy 0.9
+    if kind == "failed":
+        try:
+            raise ValueError("diverged")
+        except ValueError:
+            record = _record(tmp_path, kind, steps=steps, finish="failed")
+    else:
+        record = _record(tmp_path, kind, steps=steps)
+    if code:
+        with pytest.raises(SystemExit) as exc:
+            main(["status", str(record.run_dir), "--check"])
+        assert exc.value.code == code
+    else:
+        main(["status", str(record.run_dir), "--check"])
+    assert capsys.readouterr().out.startswith(f"{kind} — ")

@@ -27,4 +27,11 @@ def test_readme_hf_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert [row["step"] for row in logged] == [5, 10, 15, 20]
     assert all(0.0 <= row["entropy/attn_norm/min"] <= 1.0 for row in logged)
     assert "entropy/attn/L1/H3" in logged[-1]
-    assert "attention entropy (normalised, over heads)" in capsys.readouterr().out  # the closing summary
+    out = capsys.readouterr().out
+    assert "attention entropy (normalised, over heads)" in out  # the closing summary
+    from entrotrain.dashboards.run_reader import find_records, load_run
+
+    (folder,) = find_records(tmp_path / "runs")  # record="runs": the run record for entrotrain report / status
+    run = load_run(folder)
+    assert run.status == "finished" and f"entrotrain report {Path('runs') / 'records' / folder.name}" in out
+    assert list(run.scalars["entropy/attn_norm/min"][0]) == [5, 10, 15, 20] and "loss" in run.scalars

@@ -53,6 +53,9 @@ HEADLINES: dict[str, str] = {
     "val/loss": "validation loss",
     "val/acc": "validation accuracy",
     "train/loss": "training loss",
+    "reward": "reward (transformers / TRL)",
+    "eval_loss": "validation loss (transformers)",
+    "loss": "training loss (transformers)",
 }
 #: Representation keys whose measure is one of these become headline cards too (first two found).
 _REPR_HEADLINE_MEASURES = ("rankme", "effective_rank", "erank", "matrix_entropy", "vendi")
@@ -67,6 +70,8 @@ _KNOWN = (  # (prefix, section id, title), in report order
     (("sigma_reparam/",), "sigma_reparam", "σReparam"),
 )
 _TASK = ("train/", "val/", "test/", "reg/")  # regulariser terms are drawn with the training loss
+#: What ``transformers.Trainer`` / TRL log (run records written by ``EntropyTrainerCallback(record=...)``): task too.
+_HF_TASK = ("loss", "grad_norm", "learning_rate", "reward", "reward_std")
 
 
 def _is_share(key: str) -> bool:
@@ -99,7 +104,7 @@ def _section_id(key: str) -> tuple[int, str, str]:
     parts = key.split("/")
     if key.startswith("entropy/") and len(parts) > 2:
         return 10, f"entropy/{parts[1]}", f"Entropy: {parts[1]}"
-    if key.startswith(_TASK):
+    if key.startswith(_TASK) or key in _HF_TASK or key.startswith("eval_"):
         return 20, "task", "Task metrics (train / val)"
     if key.startswith("lr-"):
         return 40, "lr", "Learning rate"
@@ -206,7 +211,7 @@ def findings(run: RunData, sections: list[Section]) -> list[str]:
         out += info_figs.information_findings(run)
     task = ids.get("task")
     if task:
-        for key in ("val/loss", "val/acc", "train/loss"):
+        for key in ("val/loss", "val/acc", "train/loss", "eval_loss", "loss"):
             fl = run.first_last(key)
             if fl:
                 out.append(f"{key}: {fmt(fl[0])} → {fmt(fl[1])}.")

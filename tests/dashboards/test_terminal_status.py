@@ -223,3 +223,21 @@ def test_check_exits_1_for_a_failed_or_collapsing_run(
     else:
         main(["status", str(record.run_dir), "--check"])
     assert capsys.readouterr().out.startswith(f"{kind} — ")
+
+
+def test_a_transformers_record_shows_its_loss_as_a_task_metric(tmp_path: Path) -> None:
+    """What ``Trainer`` logs (``loss``, ``eval_loss``, ``grad_norm``) is the task section: headline rows and the
+    task finding, as ``train/loss`` / ``val/loss`` are for a Lightning run."""
+    from entrotrain.dashboards.report import sections_of
+
+    record = RunRecordLogger(tmp_path, version="hf")
+    for step in (5, 10):
+        record.log_metrics({"loss": 4.0 - step / 10, "grad_norm": 1.0, "entropy/attn_norm/min": 0.5}, step=step)
+    record.log_metrics({"eval_loss": 3.0}, step=10)
+    record.finalize("success")
+    run = load_run(record.run_dir)
+    assert [s.id for s in sections_of(sorted(run.scalars))] == ["attention", "task"]
+    text = "\n".join(run_lines(run))
+    rows = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and len(line.split()) == 5]
+    assert {"loss", "eval_loss", "entropy/attn_norm/min"} <= set(rows)
+    assert "eval_loss: 3 → 3." in text

@@ -573,6 +573,8 @@ class MonitorSession:
                 "RunRecordLogger."
             )
         self.record = record
+        if distributed()[1] != 0:  # one writer; the record's own rank_zero_only guards a mis-set rank too
+            return
         record.resume_from_entry(resume, ckpt_path)
         if hparams:
             record.log_hyperparams(hparams)
@@ -593,7 +595,7 @@ class MonitorSession:
         """Mark the run record ``finished`` (no ``exc``) or ``failed`` / ``interrupted`` with the reason, and stop
         writing to it."""
         record, self.record = self.record, None
-        if record is not None:
+        if record is not None and distributed()[1] == 0:
             record.finalize("success" if exc is None else "failed", exc)
 
     def record_policy(self, **tensors: Any) -> bool:

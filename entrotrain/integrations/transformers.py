@@ -117,13 +117,14 @@ for _req, _what in ((_TRANSFORMERS, "transformers>=4.48"), (_ACCELERATE, "accele
         )
 
 from lightning.pytorch import Callback  # noqa: E402
+from lightning_utilities.core.rank_zero import rank_zero_only  # noqa: E402
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
 from entrotrain.dashboards.remedies import what_to_try  # noqa: E402
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger  # noqa: E402
-from entrotrain.integrations._monitor_session import MonitorSession, wandb_run  # noqa: E402
+from entrotrain.integrations._monitor_session import MonitorSession, distributed, wandb_run  # noqa: E402
 
 __all__ = ["STATE_KEY", "EntropyTrainerCallback"]
 
@@ -271,6 +272,9 @@ class EntropyTrainerCallback(TrainerCallback):
         if model is None:
             raise EntrotrainError("EntropyTrainerCallback.on_train_begin got no model from the Trainer.")
         self.last_metrics, self._pending, self._alerts = {}, None, {}
+        world, rank, _ = distributed()
+        if world > 1:  # as Lightning's strategies do: rank-zero output once, also in forked or spawned ranks
+            rank_zero_only.rank = rank
         self.session.bind(model)
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state

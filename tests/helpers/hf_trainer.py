@@ -20,7 +20,7 @@ def train_one_step(
 ) -> None:
     """One HF Trainer step with lr = 0 on ``data`` (``per_device`` rows per process) under an
     ``EntropyTrainerCallback`` of ``monitors()`` (built after the Trainer); writes ``out/{name}.json``: the world
-    size and what the callback logged."""
+    size and what the callback logged, and a run record under ``out/{name}_record`` (rank 0 only)."""
     from transformers import Trainer, TrainingArguments
 
     from entrotrain.integrations.transformers import EntropyTrainerCallback
@@ -30,7 +30,7 @@ def train_one_step(
         learning_rate=0.0, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, ddp_backend=backend,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data)
-    cb = EntropyTrainerCallback(monitors()).attach(trainer)
+    cb = EntropyTrainerCallback(monitors(), record=out / f"{name}_record").attach(trainer)  # rank 0 writes
     trainer.train()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     (out / f"{name}.json").write_text(json.dumps({"world": world, "metrics": cb.last_metrics}))

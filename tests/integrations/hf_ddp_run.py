@@ -14,6 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+# imported before the fork, so rank_zero_only.rank is 0 in every rank until the callback sets it (as after mp.spawn)
+import lightning.pytorch  # noqa: E402, F401
 from tests.helpers.hf_trainer import fork_ranks, train_one_step  # noqa: E402
 from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
 

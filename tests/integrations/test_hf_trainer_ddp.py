@@ -22,6 +22,15 @@ def test_two_rank_ddp_equals_one_process_on_the_union_batch(tmp_path: Path) -> N
     single = json.loads((tmp_path / "single.json").read_text())
     assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # one all-reduce: every rank logs the same numbers
+    from entrotrain.dashboards.run_reader import find_records, load_run
+
+    assert not (tmp_path / "rank1_record").exists()  # one writer: the main process
+    (lead,), (alone,) = find_records(tmp_path / "rank0_record"), find_records(tmp_path / "single_record")
+    lead_run, alone_run = load_run(lead), load_run(alone)
+    assert lead_run.status == "finished" and lead_run.thresholds == alone_run.thresholds
+    for key, (steps, values) in alone_run.scalars.items():
+        if key.startswith("entropy/"):
+            assert list(lead_run.scalars[key][0]) == list(steps) and lead_run.scalars[key][1] == pytest.approx(values)
     reduced, reference = ranks[0]["metrics"], single["metrics"]
     assert set(reduced) == set(reference)
     assert reduced["entropy/repr/transformer.h.1/n_streamed"] == ROWS * T  # both ranks' rows, not one rank's half

@@ -46,6 +46,11 @@ Every firing, whatever the action, is logged as ``{monitor}/alert`` = 1 to every
 value and recorded as an event in the run record (``entrotrain report`` lists it and marks it on the curve); the
 threshold is declared to the run record so the report draws it.
 
+``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
+for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
+entropy/attn_norm/min = 0.01222 fell below 0.05."``) at every firing, whatever the action, in Lightning, in
+``transformers.Trainer`` and in a plain loop. Its failure is warned about once and never reaches training.
+
 Lifecycle: every per-fit state (history, streak, episode, steps) is reset at ``setup(stage="fit")`` — before
 Lightning restores callbacks from ``ckpt_path`` (whether the strategy restores before or after ``on_fit_start``) —
 so a guard reused for a second ``fit`` starts fresh while a resumed run continues its streak from the checkpoint.
@@ -56,7 +61,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -132,6 +138,9 @@ class EntropyCollapseGuard(PerFitCallback):
             threshold in this fit (a collapse is a fall, not a starting point: heads sharp at initialisation are
             warned about once, not fired on). ``False``: judge from the first observation. ``max_drop``, non-finite
             and stale observations are judged from the start either way.
+        notify: called on rank zero with the message of each firing (any action): a callable taking one string, or
+            its import path (``"package.module.function"`` or ``"package.module:function"``); its exceptions are
+            warned about once, never raised into training. ``None``: nothing.
 
     Example::
 
@@ -155,6 +164,7 @@ class EntropyCollapseGuard(PerFitCallback):
         on_nonfinite: bool | None = None,
         stale_after: int | None = None,
         arm_on_good: bool = True,
+        notify: Callable[[str], Any] | str | None = None,
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
         self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
@@ -185,6 +195,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.on_nonfinite: bool = self.action != "reduce_lr" if on_nonfinite is None else on_nonfinite
         self.stale_after = check_int(stale_after, "EntropyCollapseGuard(stale_after)", low=1, none_ok=True)
         self.arm_on_good = check_bool(arm_on_good, "EntropyCollapseGuard(arm_on_good)")
+        self.notify = _resolve_notify(notify)
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
@@ -193,6 +204,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.load_state_dict({})
         self._nonfinite_warned = False
         self._alert_failed_warned = False
+        self._notify_failed_warned = False
         self._unarmed_warned = False
 
     @property
@@ -430,6 +442,22 @@ class EntropyCollapseGuard(PerFitCallback):
         self._record(trainer, message, step)
         if self.action == "alert":
             self._alert(trainer, message)
+        if trainer.is_global_zero:
+            self.send_notification(message)
+
+    def send_notification(self, message: str) -> None:
+        """Call ``notify`` with ``message`` (the caller runs it on rank zero); a failure is warned about once."""
+        if self.notify is None:
+            return
+        try:
+            self.notify(message)
+        except Exception as err:  # a dead webhook never stops training
+            if not self._notify_failed_warned:
+                self._notify_failed_warned = True
+                rank_zero_warn(
+                    f"EntropyCollapseGuard: notify failed ({type(err).__name__}: {err}); the warning was logged. "
+                    "Further failures are not reported."
+                )
 
     def _record(self, trainer: Trainer, message: str, step: int) -> None:
         """The firing as ``{monitor}/alert`` = 1 in every logger and as an event in the run record."""
@@ -476,3 +504,30 @@ class EntropyCollapseGuard(PerFitCallback):
                             f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged. "
                             "Further refused alerts are not reported."
                         )
+
+
+def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str], Any] | None:
+    """``notify`` as a callable: itself, or the function its import path names."""
+    if notify is None or (callable(notify) and not isinstance(notify, str)):
+        return notify
+    if not isinstance(notify, str) or not notify.strip():
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(notify) must be a callable taking the message, or its import path such as "
+            f"'my_alerts.slack'; got {type(notify).__name__} {notify!r}."
+        )
+    module_name, sep, attr = notify.partition(":") if ":" in notify else notify.rpartition(".")
+    if not sep or not module_name or not attr:
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(notify={notify!r}) is not an import path: give 'package.module.function' or "
+            "'package.module:function'."
+        )
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(notify={notify!r}): cannot import it ({type(err).__name__}: {err}). Check the module "
+            "is importable from where training runs (installed, or on PYTHONPATH) and the function's name."
+        ) from err
+    if not callable(target):
+        raise EntrotrainError(f"EntropyCollapseGuard(notify={notify!r}) names a {type(target).__name__}, not a callable.")
+    return target

@@ -641,7 +641,8 @@ class MonitorSession:
         schedulers: Sequence[Any] = (),
     ) -> bool:
         """Run ``guard``'s action for ``reason`` (judged by its own ``observe`` / ``check_stale``): warn, alert the
-        active wandb run, lower the learning rates of ``optimizers`` / ``schedulers``; whether training must stop."""
+        active wandb run, lower the learning rates of ``optimizers`` / ``schedulers``, record the event, call the
+        guard's ``notify``; whether training must stop."""
         message = f"EntropyCollapseGuard at step {step}: {reason}."
         if guard.action == "stop":
             message += " Stopping training."
@@ -655,6 +656,8 @@ class MonitorSession:
         rank_zero_warn(message)
         if self.record is not None:
             self.record.log_event(guard.monitor, message, step, level=guard.action)
+        if distributed()[1] == 0:
+            guard.send_notification(message)
         if guard.action == "alert":
             run = wandb_run()
             if run is not None and callable(getattr(run, "alert", None)) and distributed()[1] == 0:

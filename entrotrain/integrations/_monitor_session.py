@@ -569,8 +569,8 @@ class MonitorSession:
         if record.closed and resume is None:
             raise EntrotrainError(
                 f"{self.owner}: the RunRecordLogger given as record= already holds a run that ended "
-                f"({record.log_dir}); a RunRecordLogger records one run. Pass a folder (record='runs': a new record per run) or a new "
-                "RunRecordLogger."
+                f"({record.log_dir}); a RunRecordLogger records one run. Pass a folder (record='runs': a new record "
+                "per run) or a new RunRecordLogger."
             )
         self.record = record
         if distributed()[1] != 0:  # one writer; the record's own rank_zero_only guards a mis-set rank too

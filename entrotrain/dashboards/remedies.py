@@ -14,8 +14,9 @@ shows each on a CPU.
 * **router collapse** (MoE): an expert is dead in some layer (``entropy/router/dead_frac_max`` > 0) or the least
   normalised load entropy ends below 0.5 → DynMoLE's Tsallis router loss, Switch load balancing.
 
-A cure the run already uses is said to be on (``sigma_reparam/*`` keys, a logged ``reg/{name}`` term) instead of
-suggested. The thresholds are deliberately coarse: this is a pointer for the night the run goes wrong, with the
+A cure the run already uses is said to be on (``sigma_reparam/*`` keys, a logged ``reg/{name}`` term, a policy
+loss's own metrics: ``policy/cov_selected`` for Clip-Cov / KL-Cov, ``policy/entropy_coef`` for the entropy bonus,
+``policy/token_weight_mean`` for STEER) instead of suggested. The thresholds are deliberately coarse: this is a pointer for the night the run goes wrong, with the
 evidence beside it, not a verdict. The report shows it as "What to try", ``entrotrain status`` under its findings,
 and a run that writes a record prints it when it ends (:func:`what_to_try`: ``entrotrain fit``, ``EntropyMonitors``,
 ``EntropyTrainerCallback``).
@@ -57,6 +58,12 @@ def _uses(run: RunData, *names: str) -> bool:
     return any(key == f"reg/{name}" or key.startswith(f"reg/{name}/") for key in run.scalars for name in names)
 
 
+def _logs_metric(run: RunData, name: str) -> bool:
+    """Whether the run logs a policy loss's metric ``name`` (``policy/cov_selected`` ...) under any prefix
+    (``grpo/`` in the GRPO task, TRL's own)."""
+    return any(key == name or key.endswith("/" + name) for key in run.scalars)
+
+
 def _last(run: RunData, key: str) -> float | None:
     fl = run.first_last(key)
     return None if fl is None else fl[1]
@@ -96,15 +103,23 @@ def _policy(run: RunData) -> Remedy | None:
     if ceiling is not None and reward is not None and ceiling > 0 and reward >= (1 - _CEILING_GAP) * ceiling:
         evidence += (f"; the reward {fmt(reward)} is at the fitted ceiling b − a = {fmt(ceiling)}: with the entropy "
                      "spent, more steps will not raise it (Cui et al. 2025)")
-    cures = (
-        "KL-Cov or Clip-Cov (Cui et al. 2025) on the few tokens with the largest log-prob × advantage covariance: "
-        "`KLCovLoss(k_ratio=...)`, `ClipCovLoss(clip_ratio=...)` as the policy loss (TRL: "
-        "`EntrotrainGRPOTrainer(policy_loss=...)`; verl: `loss_mode=entrotrain_kl_cov`); recipes grpo_kl_cov, "
-        "grpo_clip_cov. A toy batch needs ratios far above the paper's.",
-        "An adaptive entropy bonus towards a target entropy: `EntropyBonus(coef=..., target=...)` "
-        "(recipe grpo_entropy_bonus), or STEER's token weights `SteerLoss()` (recipe grpo_steer).",
-    )
-    return Remedy("Policy-entropy collapse", evidence + ".", cures)
+    cures = []
+    if _logs_metric(run, "policy/cov_selected"):
+        cures.append("Clip-Cov / KL-Cov is already on: a larger `clip_ratio` / `k_ratio` acts on more tokens and keeps "
+                     "more entropy.")
+    else:
+        cures.append(
+            "KL-Cov or Clip-Cov (Cui et al. 2025) on the few tokens with the largest log-prob × advantage covariance: "
+            "`KLCovLoss(k_ratio=...)`, `ClipCovLoss(clip_ratio=...)` as the policy loss (TRL: "
+            "`EntrotrainGRPOTrainer(policy_loss=...)`; verl: `loss_mode=entrotrain_kl_cov`); recipes grpo_kl_cov, "
+            "grpo_clip_cov. A toy batch needs ratios far above the paper's."
+        )
+    if _logs_metric(run, "policy/entropy_coef"):
+        cures.append("The entropy bonus is already on: raise its `target` (or `coef_max`).")
+    elif not _logs_metric(run, "policy/token_weight_mean"):
+        cures.append("An adaptive entropy bonus towards a target entropy: `EntropyBonus(coef=..., target=...)` "
+                     "(recipe grpo_entropy_bonus), or STEER's token weights `SteerLoss()` (recipe grpo_steer).")
+    return Remedy("Policy-entropy collapse", evidence + ".", tuple(cures))
 
 
 def _representation(run: RunData) -> Remedy | None:

@@ -126,3 +126,15 @@ def test_what_to_try_is_printed_for_a_sick_run_only_and_never_fails(tmp_path: Pa
     assert lines[0] == "entrotrain: what to try" and lines[1].startswith("  Attention-entropy collapse: 50 %")
     assert what_to_try(_run(tmp_path, _attention(0.0), "healthy").path) == []
     assert what_to_try(tmp_path / "missing") == [] and what_to_try(tmp_path) == []  # unreadable: nothing, no error
+
+
+def test_a_policy_loss_already_on_is_said_to_be_on(tmp_path: Path) -> None:
+    """A Clip-Cov run (``grpo/policy/cov_selected`` logged) whose entropy still fell: raise its ratio; an entropy
+    bonus run: raise its target."""
+    fell = [{"entropy/policy/mean": 1.0}, {"entropy/policy/mean": 0.1}]
+    (cov,) = diagnose(_run(tmp_path, [{**row, "grpo/policy/cov_selected": 3.0} for row in fell], "cov"))
+    assert cov.cures[0].startswith("Clip-Cov / KL-Cov is already on") and "EntropyBonus" in cov.cures[1]
+    (bonus,) = diagnose(_run(tmp_path, [{**row, "grpo/policy/entropy_coef": 0.01} for row in fell], "bonus"))
+    assert "KLCovLoss" in bonus.cures[0] and bonus.cures[1].startswith("The entropy bonus is already on")
+    (steer,) = diagnose(_run(tmp_path, [{**row, "policy/token_weight_mean": 0.9} for row in fell], "steer"))
+    assert len(steer.cures) == 1

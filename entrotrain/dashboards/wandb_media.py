@@ -115,15 +115,24 @@ def setup_wandb_dashboard(loggers: list[Logger]) -> None:
     ``trainer/global_step`` like Lightning's own metrics.
     """
     for logger in wandb_loggers(loggers):
-        run = logger.experiment
-        define = getattr(run, "define_metric", None)
-        if not callable(define):
-            continue
-        define("trainer/global_step")
-        for name in _SUMMARY_MIN:
-            define(name, step_metric="trainer/global_step", step_sync=True, summary="min,last")
-        for name in _SUMMARY_MAX:
-            define(name, step_metric="trainer/global_step", step_sync=True, summary="max,last")
+        define_entropy_summaries(logger.experiment, step_metric="trainer/global_step")
+
+
+def define_entropy_summaries(run: Any, prefix: str = "", step_metric: str | None = None) -> None:
+    """Declare entrotrain's summaries to a wandb ``run`` (rank zero): ``min,last`` for the entropy keys, ``max,last``
+    for collapse fractions and non-finite counts, each key under ``prefix`` (``"train/"`` for ``transformers``'
+    ``WandbCallback``); plotted against ``step_metric`` when given. A run without ``define_metric`` is left alone."""
+    define = getattr(run, "define_metric", None)
+    if not callable(define):
+        return
+    axis: dict[str, Any] = {}
+    if step_metric is not None:
+        define(step_metric)
+        axis = {"step_metric": step_metric, "step_sync": True}
+    for name in _SUMMARY_MIN:
+        define(prefix + name, summary="min,last", **axis)
+    for name in _SUMMARY_MAX:
+        define(prefix + name, summary="max,last", **axis)
 
 
 def stacked_over_time(history: list[Tensor]) -> Tensor:

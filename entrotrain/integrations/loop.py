@@ -204,6 +204,11 @@ class EntropyMonitors:
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
+        run = wandb_run()
+        if run is not None and rank == 0:  # the run table shows how low each entropy went, as under Lightning
+            from entrotrain.dashboards.wandb_media import define_entropy_summaries
+
+            define_entropy_summaries(run)
         if self._record_spec is not None:
             spec = self._record_spec
             self.record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec)

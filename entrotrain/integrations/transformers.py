@@ -281,6 +281,11 @@ class EntropyTrainerCallback(TrainerCallback):
             self.load_state_dict(saved)
         if self._record_spec is not None:
             self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
+        run = wandb_run()
+        if run is not None and state.is_world_process_zero and self.drivers:  # keyed as WandbCallback logs them
+            from entrotrain.dashboards.wandb_media import define_entropy_summaries
+
+            define_entropy_summaries(run, prefix="train/", step_metric="train/global_step")
         report_to = [r for r in (args.report_to or []) if r != "none"]
         if report_to and not self._attached and self.drivers:
             warnings.warn(

@@ -384,6 +384,9 @@ class _FakeRun:
     def alert(self, **kwargs) -> None:
         self.alerts.append(kwargs)
 
+    def define_metric(self, name: str, **kwargs) -> None:
+        self.defined = [*getattr(self, "defined", []), (name, kwargs)]
+
     def finish(self, **kwargs) -> None:  # the suite's autouse fixture finishes the active run
         pass
 
@@ -402,6 +405,9 @@ def test_media_and_alerts_go_to_the_active_wandb_run(tmp_path: Path, monkeypatch
     assert [row["train/global_step"] for row in run.logged] == [2, 4]
     assert {"train/entropy/attn_norm/hist", "train/entropy/repr/transformer.h.0/spectrum"} <= set(run.logged[0])
     assert len(run.alerts) == 1 and "entropy/attn_norm/min" in run.alerts[0]["title"]
+    defined = dict(run.defined)  # keyed and stepped as WandbCallback logs: train/..., train/global_step
+    assert defined["train/entropy/*"] == {"summary": "min,last", "step_metric": "train/global_step", "step_sync": True}
+    assert defined["train/entropy/attn/collapse_frac"]["summary"] == "max,last"
 
     run.logged.clear()
     trainer = _trainer(tmp_path / "off", _model(), max_steps=2, logging_steps=2)

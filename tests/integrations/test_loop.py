@@ -565,6 +565,9 @@ class _FakeRun:
     def alert(self, **kwargs) -> None:
         self.alerts.append(kwargs)
 
+    def define_metric(self, name: str, **kwargs) -> None:
+        self.defined = [*getattr(self, "defined", []), (name, kwargs)]
+
     def finish(self, **kwargs) -> None:  # the suite's autouse fixture finishes the active run
         pass
 
@@ -589,6 +592,9 @@ def test_media_and_alerts_go_to_the_active_wandb_run(monkeypatch: pytest.MonkeyP
     assert not media_keys & set(monitors.logs)  # media are not scalars
     assert len(run.alerts) == 1 and "entropy/attn_norm/min" in run.alerts[0]["title"]
     assert run.logged == []  # the loop sends nothing behind log='s back
+    defined = dict(run.defined)  # the run table's summaries, as under Lightning (min for entropies, max for shares)
+    assert defined["entropy/*"] == {"summary": "min,last"}
+    assert defined["entropy/attn/collapse_frac"] == {"summary": "max,last"}
 
     monkeypatch.setattr(wandb, "run", None)  # no active run: no media
     calls.clear()

@@ -49,6 +49,7 @@ __all__ = ["PROBLEM_STATES", "run_lines", "run_summary", "runs_table", "sparklin
 PROBLEM_STATES = ("failed", "interrupted", "killed", "stale", "unknown")
 
 _BARS = "▁▂▃▄▅▆▇█"
+_FIRED = ("warn", "alert", "stop", "reduce_lr")  # event levels of a guard firing
 _GAP = "·"  # a stretch of the run with no finite value
 
 
@@ -140,7 +141,7 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if found:
         lines.append("  What to try")
         lines += [f"  {line}" for remedy in found for line in remedy.lines()]
-    fired = [e for e in run.events if e.get("level") in ("warn", "alert", "stop", "reduce_lr")]
+    fired = [e for e in run.events if e.get("level") in _FIRED]
     if fired:
         e = fired[-1]
         times = "firing" if len(fired) == 1 else "firings"
@@ -151,12 +152,13 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
 
 
 def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int = 3) -> list[str]:
-    """One line per run: name, status, last step, last update and the last value of up to ``columns`` headline
-    keys (the report's, in its order, among those any of the runs logged)."""
+    """One line per run: name, status, last step, last update, the last value of up to ``columns`` headline keys
+    (the report's, in its order, among those any of the runs logged), the guard's firings and the diagnosed failures
+    (:func:`~entrotrain.dashboards.remedies.diagnose`)."""
     now = time.time() if now is None else now
     present = {k for run in runs for k in run.scalars}
     keys = [k for k in HEADLINES if k in present][:columns]
-    header = ["run", "status", "step", "updated", *(k.removeprefix("entropy/") for k in keys)]
+    header = ["run", "status", "step", "updated", *(k.removeprefix("entropy/") for k in keys), "guard", "diagnosis"]
     rows = []
     for run in runs:
         status = run.decided_status
@@ -166,7 +168,9 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
             values.append(value_format(key)(fl[1]) if fl else "–")
         step = run.last_step
         shown_step = "–" if step is None else str(step)
-        rows.append([run.label, status.label, shown_step, _ago(status.last_update, now), *values])
+        fired = sum(1 for e in run.events if e.get("level") in _FIRED)
+        found = ", ".join(r.failure.lower() for r in diagnose(run)) or "–"
+        rows.append([run.label, status.label, shown_step, _ago(status.last_update, now), *values, str(fired), found])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
@@ -186,7 +190,7 @@ def run_summary(run: RunData, keys: Sequence[str] | None = None, limit: int = 12
             "last": _number(series[-1]) if len(series) else None,
             "last_step": int(steps[-1]) if len(steps) else None,
         }
-    fired = [e for e in run.events if e.get("level") in ("warn", "alert", "stop", "reduce_lr")]
+    fired = [e for e in run.events if e.get("level") in _FIRED]
     return {
         "path": str(run.path),
         "name": run.label,

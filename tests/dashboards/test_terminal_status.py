@@ -241,3 +241,15 @@ def test_a_transformers_record_shows_its_loss_as_a_task_metric(tmp_path: Path) -
     rows = [line.split()[0] for line in text.splitlines() if line.startswith("  ") and len(line.split()) == 5]
     assert {"loss", "eval_loss", "entropy/attn_norm/min"} <= set(rows)
     assert "eval_loss: 3 → 3." in text
+
+
+def test_the_table_counts_guard_firings_and_names_the_diagnosis(tmp_path: Path) -> None:
+    from entrotrain.dashboards.terminal_status import _collect
+
+    _record(tmp_path, "short", steps=1)  # collapse_frac 0, no firing
+    time.sleep(0.05)
+    _record(tmp_path, "long", steps=8)  # collapse_frac 7/8 at the end, 3 firings
+    runs, _, _ = _collect([str(tmp_path)], 10)
+    header, long, short = runs_table(runs)
+    assert header.split()[-2:] == ["guard", "diagnosis"]
+    assert long.endswith("3  attention-entropy collapse") and short.endswith("0  –")

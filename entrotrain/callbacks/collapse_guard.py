@@ -46,6 +46,9 @@ Every firing, whatever the action, is logged as ``{monitor}/alert`` = 1 to every
 value and recorded as an event in the run record (``entrotrain report`` lists it and marks it on the curve); the
 threshold is declared to the run record so the report draws it.
 
+A firing's reason ends with the last observation judged good, ``(last good: 0.0812 at step 50)``: the checkpoint to
+roll back to is one from before that step.
+
 ``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
 for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
 entropy/attn_norm/min = 0.01222 fell below 0.05."``) at every firing, whatever the action, in Lightning, in
@@ -95,6 +98,8 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "last_stale_step": None,  # step of the last 'stale' observation in the current silence
     "stale_warned": False,
     "armed": False,  # the threshold trigger (with arm_on_good): the value has been on the good side in this fit
+    "last_good_step": None,  # the last observation judged good (named in a firing's reason: where to roll back to)
+    "last_good_value": None,
 }
 
 
@@ -234,8 +239,9 @@ class EntropyCollapseGuard(PerFitCallback):
             raise EntrotrainError(f"{where}history must be a list of numbers, got {type(history).__name__}.")
         for name in ("bad_streak", "times_fired", "lr_reductions"):
             check_int(state[name], where + name, low=0)
-        for name in ("last_seen_step", "prev_seen_step", "last_stale_step"):
+        for name in ("last_seen_step", "prev_seen_step", "last_stale_step", "last_good_step"):
             check_int(state[name], where + name, none_ok=True)
+        check_real(state["last_good_value"], where + "last_good_value", none_ok=True)
         for name in ("fired", "stale_warned", "armed"):
             check_bool(state[name], where + name)
         for name in _STATE_DEFAULTS:
@@ -327,6 +333,7 @@ class EntropyCollapseGuard(PerFitCallback):
             return self._bad(reason)
         self.bad_streak = 0
         self.fired = False  # re-armed: the next bad streak is a new episode
+        self.last_good_step, self.last_good_value = step, float(value)
         return None
 
     def _reason(self, value: float, step: int) -> str:
@@ -356,6 +363,8 @@ class EntropyCollapseGuard(PerFitCallback):
             return None
         self.fired = True
         self.times_fired += 1
+        if self.last_good_step is not None and self.last_good_value is not None:
+            reason += f" (last good: {self.last_good_value:.4g} at step {self.last_good_step})"
         self.last_reason = reason
         return reason
 

@@ -26,7 +26,7 @@ def test_lightning_calls_notify_once_per_firing_with_the_message(action: str) ->
         run([0.9, 0.4, 0.3, 0.8, 0.2], guard)
     expected = 1 if action == "stop" else 2  # two episodes (0.4, then 0.2), unless the first stops training
     assert guard.times_fired == expected and len(sent) == expected
-    assert sent[0].startswith("EntropyCollapseGuard at step 1: watched = 0.4 fell below 0.5.")
+    assert sent[0].startswith("EntropyCollapseGuard at step 1: watched = 0.4 fell below 0.5 (last good: 0.9 at step 0).")
 
 
 def test_an_import_path_resolves_and_bad_values_are_clear_errors() -> None:

@@ -136,11 +136,26 @@ def test_rearms_after_a_good_observation():
     assert guard.times_fired == 2 and guard.fired is False and guard.bad_streak == 1
 
 
+def test_a_firing_names_the_last_good_observation_which_survives_a_resume():
+    """The reason ends with the last value judged good and its step (where to roll back to); none before one."""
+    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    assert guard.observe(0.5, 0) is None and guard.observe(0.4, 3) is None
+    assert guard.observe(0.01, 6) == f"{KEY} = 0.01 fell below 0.05 (last good: 0.4 at step 3)"
+    resumed = EntropyCollapseGuard(KEY, threshold=0.05)
+    resumed.load_state_dict(guard.state_dict())
+    assert (resumed.last_good_step, resumed.last_good_value) == (3, 0.4)
+    fresh = EntropyCollapseGuard(KEY, threshold=0.05, arm_on_good=False)
+    assert fresh.observe(0.01, 0) == f"{KEY} = 0.01 fell below 0.05"  # nothing good seen yet
+    with pytest.raises(EntrotrainError, match="last_good_value"):
+        EntropyCollapseGuard(KEY).load_state_dict({"last_good_value": "0.4"})
+
+
 # ---------------------------------------------------------------- non-finite data
 def test_nan_stops_training_by_default_with_stop():
     guard = EntropyCollapseGuard(KEY, threshold=0.05, action="stop")
     assert guard.on_nonfinite is True
-    with pytest.warns(UserWarning, match="is nan: the model or its inputs went non-finite. Stopping training"):
+    said = r"is nan: the model or its inputs went non-finite \(last good: 0.5 at step 1\). Stopping training"
+    with pytest.warns(UserWarning, match=said):
         trainer, spy = fit(guard, Script([0.5, 0.5, NAN] + [0.5] * 10), max_steps=13)
     assert trainer.global_step == 3
     assert alert_steps(spy) == [2]

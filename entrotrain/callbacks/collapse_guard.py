@@ -46,12 +46,12 @@ Every firing, whatever the action, is logged as ``{monitor}/alert`` = 1 to every
 value and recorded as an event in the run record (``entrotrain report`` lists it and marks it on the curve); the
 threshold is declared to the run record so the report draws it.
 
-A firing's reason ends with the last observation judged good, ``(last good: 0.0812 at step 50)``: the checkpoint to
+A firing's reason ends with the last observation judged good, ``(last good: 0.07496 at step 50)``: the checkpoint to
 roll back to is one from before that step.
 
 ``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
 for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
-entropy/attn_norm/min = 0.01222 fell below 0.05."``) at every firing, whatever the action, in Lightning, in
+entropy/attn_norm/min = 0.01222 fell below 0.05 (last good: 0.07496 at step 50)."``) at every firing, whatever the action, in Lightning, in
 ``transformers.Trainer`` and in a plain loop. Its failure is warned about once and never reaches training.
 
 Lifecycle: every per-fit state (history, streak, episode, steps) is reset at ``setup(stage="fit")`` — before

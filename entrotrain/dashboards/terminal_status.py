@@ -10,7 +10,7 @@ For the ssh session at 2 a.m.: no browser, no wandb, nothing written. One run re
       ...
       What happened
       - 14 of 16 attention heads are collapsed (normalised entropy < 0.1) at step 275: ...
-      Guard: 1 firing; last at step 75 (warn): EntropyCollapseGuard at step 75: ... fell below 0.05.
+      Guard: 1 firing; last at step 75 (warn): EntropyCollapseGuard at step 75: ... fell below 0.05 (last good: ...).
 
 A folder of records (``runs``, ``runs/records``) gets one line per run, newest first: status, last step, last update
 and the headline numbers. ``--follow SECONDS`` redraws until no listed run is still running (Ctrl+C leaves).

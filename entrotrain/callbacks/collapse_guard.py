@@ -47,7 +47,8 @@ value and recorded as an event in the run record (``entrotrain report`` lists it
 threshold is declared to the run record so the report draws it.
 
 A firing's reason ends with the last observation judged good, ``(last good: 0.07496 at step 50)``: the checkpoint to
-roll back to is one from before that step.
+roll back to is one saved at or before that step, and the message names the newest such checkpoint it finds
+(Lightning's ``ModelCheckpoint`` folders, ``step=N`` in the name; ``transformers``' ``output_dir/checkpoint-N``).
 
 ``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
 for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
@@ -65,7 +66,9 @@ from __future__ import annotations
 import math
 from collections import deque
 import importlib
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -447,12 +450,25 @@ class EntropyCollapseGuard(PerFitCallback):
                 message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
             else:
                 message += " No optimizer learning rate to lower (none configured)."
+        message += self.rollback_hint(_lightning_checkpoints(trainer))
         rank_zero_warn(message)
         self._record(trainer, message, step)
         if self.action == "alert":
             self._alert(trainer, message)
         if trainer.is_global_zero:
             self.send_notification(message)
+
+    def rollback_hint(self, checkpoints: Iterable[str | Path]) -> str:
+        """`` Newest checkpoint at or before step S: PATH.`` for the newest of ``checkpoints`` whose name says it was
+        saved at or before the last step judged good (``step=N`` in Lightning's names, ``checkpoint-N`` in
+        ``transformers``'); ``""`` when none is known."""
+        if self.last_good_step is None:
+            return ""
+        dated = [(step, Path(p)) for p in checkpoints if (step := _saved_at(p)) is not None]
+        before = [(step, path) for step, path in dated if step <= self.last_good_step]
+        if not before:
+            return ""
+        return f" Newest checkpoint at or before step {self.last_good_step}: {max(before)[1]}."
 
     def send_notification(self, message: str) -> None:
         """Call ``notify`` with ``message`` (the caller runs it on rank zero); a failure is warned about once."""
@@ -540,3 +556,18 @@ def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str]
     if not callable(target):
         raise EntrotrainError(f"EntropyCollapseGuard(notify={notify!r}) names a {type(target).__name__}, not a callable.")
     return target
+
+
+_SAVED_AT = re.compile(r"(?:step=|checkpoint-)(\d+)")
+
+
+def _saved_at(path: str | Path) -> int | None:
+    """The optimizer step a checkpoint's name says it was saved at (the last ``step=N`` / ``checkpoint-N``)."""
+    found = _SAVED_AT.findall(Path(path).name)
+    return int(found[-1]) if found else None
+
+
+def _lightning_checkpoints(trainer: Trainer) -> list[Path]:
+    """The ``.ckpt`` files in the folders of the trainer's ``ModelCheckpoint`` callbacks (rank zero reads them)."""
+    folders = {Path(cb.dirpath) for cb in getattr(trainer, "checkpoint_callbacks", []) if getattr(cb, "dirpath", None)}
+    return [p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")]

@@ -100,6 +100,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning_utilities.core.imports import RequirementCache
@@ -308,7 +309,7 @@ class EntropyTrainerCallback(TrainerCallback):
                 wandb_run().log({**{f"train/{k}": v for k, v in media.items()}, "train/global_step": state.global_step})
         self.release()
         for guard, reason in self.session.check_stale(state.global_step):  # its monitor stopped: Lightning's rule
-            self._act(guard, reason, state.global_step, control, kwargs, None)
+            self._act(args, guard, reason, state.global_step, control, kwargs, None)
         self._stash(args, state, control)
 
     def on_log(
@@ -328,7 +329,7 @@ class EntropyTrainerCallback(TrainerCallback):
         logs.update(added)
         for guard, reason in self.session.observe({**logs, **values}, state.global_step):
             added[f"{guard.monitor}/alert"] = 1.0
-            self._act(guard, reason, state.global_step, control, kwargs, logs)
+            self._act(args, guard, reason, state.global_step, control, kwargs, logs)
         if state.is_world_process_zero:
             self.session.record_scalars(logs, state.global_step)
         history = state.log_history[-1] if state.log_history else None
@@ -366,14 +367,16 @@ class EntropyTrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ actions
     def _act(
-        self, guard: EntropyCollapseGuard, reason: str, step: int, control: TrainerControl, kwargs: dict[str, Any],
-        logs: dict[str, Any] | None,
+        self, args: TrainingArguments, guard: EntropyCollapseGuard, reason: str, step: int, control: TrainerControl,
+        kwargs: dict[str, Any], logs: dict[str, Any] | None,
     ) -> None:
-        """The guard's action, once per episode (the judgement is the guard's own ``observe`` / ``check_stale``)."""
+        """The guard's action, once per episode (the judgement is the guard's own ``observe`` / ``check_stale``); the
+        message names the newest ``output_dir/checkpoint-N`` at or before the last good observation."""
         optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         optimizers = [optimizer] if optimizer is not None else []
         schedulers = [scheduler] if scheduler is not None else []
-        if self.session.act(guard, reason, step, optimizers, schedulers):
+        checkpoints = Path(args.output_dir).glob("checkpoint-*") if args.output_dir else ()
+        if self.session.act(guard, reason, step, optimizers, schedulers, checkpoints):
             control.should_training_stop = True
         if logs is not None:
             logs[f"{guard.monitor}/alert"] = 1.0

@@ -150,6 +150,31 @@ def test_a_firing_names_the_last_good_observation_which_survives_a_resume():
         EntropyCollapseGuard(KEY).load_state_dict({"last_good_value": "0.4"})
 
 
+def test_rollback_hint_names_the_newest_checkpoint_from_before_the_last_good_step(tmp_path) -> None:
+    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    names = ["epoch=0-step=40.ckpt", "epoch=1-step=60.ckpt", "last.ckpt", "checkpoint-50", "notes.txt"]
+    assert guard.rollback_hint(names) == ""  # no good observation yet: nothing to roll back to
+    guard.observe(0.5, 50)
+    assert guard.rollback_hint(names) == " Newest checkpoint at or before step 50: checkpoint-50."
+    guard.observe(0.5, 45)  # an earlier step: the last good is now 45
+    assert guard.rollback_hint(names) == " Newest checkpoint at or before step 45: epoch=0-step=40.ckpt."
+    assert guard.rollback_hint(["epoch=1-step=60.ckpt"]) == ""
+
+
+def test_a_lightning_firing_names_the_checkpoint_to_roll_back_to(tmp_path) -> None:
+    """``ModelCheckpoint`` every 2 steps: the firing at step 5 (last good at step 4) names ``step=4``'s file."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 5") as record:
+        script = Script([0.5] * 5 + [0.01])
+        fit(guard, script, 6, trainer_kwargs={"callbacks": [script, guard, saver], "enable_checkpointing": True})
+    (message,) = [str(w.message) for w in record if "EntropyCollapseGuard at" in str(w.message)]
+    assert "(last good: 0.5 at step 4)" in message
+    assert message.endswith(f"Newest checkpoint at or before step 4: {tmp_path / 'epoch=0-step=4.ckpt'}.")
+
+
 # ---------------------------------------------------------------- non-finite data
 def test_nan_stops_training_by_default_with_stop():
     guard = EntropyCollapseGuard(KEY, threshold=0.05, action="stop")

@@ -438,3 +438,17 @@ def test_a_key_that_stops_being_published_goes_stale(tmp_path: Path) -> None:
         trainer.train()
     assert trainer.state.global_step == 4  # stale after 2 silent steps: judged at the end of step 4
     assert guard.times_fired == 1
+
+
+def test_a_firing_names_the_trainer_checkpoint_to_roll_back_to(tmp_path: Path) -> None:
+    """The learning rate decays linearly (1e-2 over 6 steps; Trainer logs at step s the rate step s used): a guard on
+    it is good up to step 4 (0.005) and fires at step 5; with a checkpoint every 2 steps its message names
+    ``checkpoint-4``, the newest from the last good step or before (``checkpoint-6`` does not exist yet)."""
+    trainer = _trainer(tmp_path, _model(), max_steps=6, save_strategy="steps", save_steps=2)
+    guard = EntropyCollapseGuard("learning_rate", threshold=0.004, action="warn")
+    EntropyTrainerCallback(guards=[guard]).attach(trainer)
+    with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 5") as record:
+        trainer.train()
+    (message,) = [str(w.message) for w in record if "EntropyCollapseGuard at" in str(w.message)]
+    assert "(last good: 0.005 at step 4)" in message
+    assert message.endswith(f"Newest checkpoint at or before step 4: {tmp_path / 'out' / 'checkpoint-4'}.")

@@ -461,7 +461,7 @@ class EntropyCollapseGuard(PerFitCallback):
     def rollback_hint(self, checkpoints: Iterable[str | Path]) -> str:
         """`` Newest checkpoint at or before step S: PATH.`` for the newest of ``checkpoints`` whose name says it was
         saved at or before the last step judged good (``step=N`` in Lightning's names, ``checkpoint-N`` in
-        ``transformers``'); ``""`` when none is known."""
+        ``transformers``', ``global_stepN``, ``step_N``, ``ckpt_N``); ``""`` when none is known."""
         if self.last_good_step is None:
             return ""
         dated = [(step, Path(p)) for p in checkpoints if (step := _saved_at(p)) is not None]
@@ -558,11 +558,12 @@ def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str]
     return target
 
 
-_SAVED_AT = re.compile(r"(?:step=|checkpoint-)(\d+)")
+_SAVED_AT = re.compile(r"(?:step[=_-]?|checkpoint-|ckpt[_-]?)(\d+)")
 
 
 def _saved_at(path: str | Path) -> int | None:
-    """The optimizer step a checkpoint's name says it was saved at (the last ``step=N`` / ``checkpoint-N``)."""
+    """The optimizer step a checkpoint's name says it was saved at: the last ``step=N`` (Lightning), ``checkpoint-N``
+    (``transformers``), ``global_stepN`` (DeepSpeed), ``step_N`` / ``ckpt_N`` (hand-written loops)."""
     found = _SAVED_AT.findall(Path(path).name)
     return int(found[-1]) if found else None
 

@@ -78,6 +78,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning_utilities.core.rank_zero import rank_zero_only
@@ -111,6 +112,8 @@ class EntropyMonitors:
         record: write a run record for ``entrotrain report``: a folder (``RunRecordLogger(record)``: the run goes to
             ``record/records/run-<time>``) or a configured :class:`~entrotrain.dashboards.RunRecordLogger` (one per
             run); ``None`` (default): none.
+        checkpoint_dir: where your loop saves checkpoints: a guard's message names the newest one saved at or before
+            its last good observation (the step in the name: ``step_N``, ``ckpt_N``, ``step=N``, ``checkpoint-N``).
 
     Raises:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, two sharing a configuration, or a
@@ -135,6 +138,7 @@ class EntropyMonitors:
         log: Callable[..., Any] | None = None,
         print_summary: bool = True,
         record: str | os.PathLike[str] | RunRecordLogger | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop", policy=True)
         check_int(every_n_steps, "EntropyMonitors(every_n_steps)", low=1, none_ok=True)
@@ -151,6 +155,11 @@ class EntropyMonitors:
                 f"{type(record).__name__}."
             )
         self._record_spec = record
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise EntrotrainError(
+                f"EntropyMonitors(checkpoint_dir) must be a folder path or None; got {type(checkpoint_dir).__name__}."
+            )
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         #: The run record of the current run (a :class:`~entrotrain.dashboards.RunRecordLogger`, writing on rank zero)
         #: while watching with ``record=``, else ``None``. Log your own scalars to it with ``log_metrics``.
         self.record: RunRecordLogger | None = None
@@ -329,7 +338,9 @@ class EntropyMonitors:
         fired = self.session.observe({**self._observed, **metrics}, step) + self.session.check_stale(step)
         self._observed = {}
         for guard, reason in fired:
-            self.should_stop |= self.session.act(guard, reason, step, self._optimizers, self._schedulers)
+            folder = self.checkpoint_dir
+            saved = folder.iterdir() if folder is not None and folder.is_dir() else ()
+            self.should_stop |= self.session.act(guard, reason, step, self._optimizers, self._schedulers, saved)
             self.logs[f"{guard.monitor}/alert"] = 1.0
         self.session.record_scalars(self.logs, step)
         if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:

@@ -296,3 +296,24 @@ def test_a_loop_run_that_collapses_prints_what_to_try(tmp_path: Path, capsys: py
     assert "sigma_reparam(model)" in out
     _short_run(tmp_path / "b")
     assert "what to try" not in capsys.readouterr().out
+
+
+def test_a_guard_names_the_loops_checkpoint_to_roll_back_to(tmp_path: Path) -> None:
+    """``checkpoint_dir=``: the loop saves ``step_N.pt`` every 2 steps; a guard on an observed value that is good up
+    to step 3 fires at step 4 and names ``step_2.pt`` (``step_4.pt`` is written after the block)."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    sent: list[str] = []
+    guard = EntropyCollapseGuard("watched", threshold=0.5, notify=sent.append)
+    monitors = EntropyMonitors(guards=[guard], print_summary=False, checkpoint_dir=folder)
+    with monitors.watch(torch.nn.Linear(2, 2)):
+        for step in range(6):
+            with monitors.step(step):
+                monitors.observe(watched=0.9 if step < 4 else 0.1)
+            if step % 2 == 0:
+                (folder / f"step_{step}.pt").write_bytes(b"")
+    (message,) = sent
+    assert "(last good: 0.9 at step 3)" in message
+    assert message.endswith(f"Newest checkpoint at or before step 3: {folder / 'step_2.pt'}.")
+    with pytest.raises(EntrotrainError, match="checkpoint_dir"):
+        EntropyMonitors(guards=[guard], checkpoint_dir=3)

@@ -205,6 +205,10 @@ def test_loop_with_an_offline_wandb_run_declares_the_summaries(tmp_path: Path, m
         wandb.finish()
     assert defined["entropy/*"] == {"summary": "min,last"}
     assert defined["entropy/attn/collapse_frac"] == {"summary": "max,last"}
+    assert (tmp_path / "wandb").is_dir() and len(find_records(tmp_path)) == 1  # the wandb folder beside is no record
+    from entrotrain.dashboards.terminal_status import status_main
+
+    assert status_main([str(tmp_path), "--check"]) == 0
 
 
 @pytest.mark.xfail(strict=True, reason="watch() again without close() on one RunRecordLogger writes the second run "

@@ -255,3 +255,22 @@ def test_the_rollback_hint_never_names_a_checkpoint_of_an_earlier_run(tmp_path: 
     message = next(str(w.message) for w in caught if "EntropyCollapseGuard at step 1" in str(w.message))
     assert "(last good: 1 at step 0)" in message
     assert "step_0.pt" not in message, message
+
+
+def test_trl_record_has_one_row_and_one_histogram_per_logged_step(tmp_path: Path) -> None:
+    """TRL with ``logging_first_step``: the raw files (not the reader, which would hide duplicates) hold one training
+    row per logged step (1, 2, 4), never a step None, and ``entropy/policy/hist`` exactly once per logged step."""
+    pytest.importorskip("trl")
+    from entrotrain.integrations.transformers import EntropyTrainerCallback
+    from tests.integrations.test_trl import EntrotrainGRPOTrainer, _train, _trainer
+
+    trainer = _trainer(EntrotrainGRPOTrainer, tmp_path / "out", max_steps=4, logging_steps=2, logging_first_step=True)
+    EntropyTrainerCallback(record=tmp_path / "runs").attach(trainer)
+    _train(trainer)
+    (path,) = find_records(tmp_path / "runs")
+    rows = _rows(path)
+    assert all(isinstance(r.get("step"), int) for r in rows)
+    training = [r["step"] for r in rows if "loss" in r["values"]]
+    assert training == [1, 2, 4]
+    index = [json.loads(line) for line in (path / "media" / "index.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["step"]) for r in index] == [("entropy/policy/hist", s) for s in (1, 2, 4)]

@@ -274,3 +274,29 @@ def test_trl_record_has_one_row_and_one_histogram_per_logged_step(tmp_path: Path
     assert training == [1, 2, 4]
     index = [json.loads(line) for line in (path / "media" / "index.jsonl").read_text().splitlines()]
     assert [(r["key"], r["step"]) for r in index] == [("entropy/policy/hist", s) for s in (1, 2, 4)]
+
+
+def test_hf_epoch_checkpoints_resume_into_the_same_record(tmp_path: Path) -> None:
+    """``save_strategy="epoch"``: the record's folder is in the epoch checkpoint; resuming from it continues the same
+    record, each step once, one resume noted with its checkpoint."""
+    pytest.importorskip("transformers")
+    from entrotrain.integrations.transformers import EntropyTrainerCallback
+    from tests.integrations.test_hf_trainer import _data, _model, _trainer
+
+    data = _data(rows=8)  # 2 steps per epoch at batch size 4
+    kw = dict(max_steps=-1, num_train_epochs=2, save_strategy="epoch", data=data)
+    first = _trainer(tmp_path, _model(), **kw)
+    EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False, print_summary=False)],
+                           record=tmp_path / "runs").attach(first)
+    first.train()
+    (path,) = find_records(tmp_path / "runs")
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    again = _trainer(tmp_path, _model(), **kw)
+    EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False, print_summary=False)],
+                           record=tmp_path / "runs").attach(again)
+    again.train(resume_from_checkpoint=str(checkpoint))
+    assert find_records(tmp_path / "runs") == [path]
+    run = load_run(path)
+    assert run.status == "finished" and [(r["step"], r["ckpt_path"]) for r in run.meta["resumes"]] == [(2, str(checkpoint))]
+    assert list(run.scalars["entropy/attn_norm/min"][0]) == [1, 2, 3, 4]

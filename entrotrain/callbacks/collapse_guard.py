@@ -53,7 +53,9 @@ roll back to is one saved at or before that step, and the message names the newe
 ``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
 for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
 entropy/attn_norm/min = 0.01222 fell below 0.05 (last good: 0.07496 at step 50)."``) at every firing, whatever the action, in Lightning, in
-``transformers.Trainer`` and in a plain loop. Its failure is warned about once and never reaches training.
+``transformers.Trainer`` and in a plain loop. An ``Exception`` it raises is warned about once and never reaches
+training (``KeyboardInterrupt`` still interrupts). It runs inline on rank zero: keep it quick (post and return), since
+the other ranks wait at the next collective meanwhile.
 
 Lifecycle: every per-fit state (history, streak, episode, steps) is reset at ``setup(stage="fit")`` — before
 Lightning restores callbacks from ``ckpt_path`` (whether the strategy restores before or after ``on_fit_start``) —
@@ -67,6 +69,7 @@ import math
 from collections import deque
 import importlib
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -147,8 +150,8 @@ class EntropyCollapseGuard(PerFitCallback):
             warned about once, not fired on). ``False``: judge from the first observation. ``max_drop``, non-finite
             and stale observations are judged from the start either way.
         notify: called on rank zero with the message of each firing (any action): a callable taking one string, or
-            its import path (``"package.module.function"`` or ``"package.module:function"``); its exceptions are
-            warned about once, never raised into training. ``None``: nothing.
+            its import path (``"package.module.function"`` or ``"package.module:function"``); an ``Exception`` it
+            raises is warned about once, never raised into training. Runs inline: keep it quick. ``None``: nothing.
 
     Example::
 
@@ -214,6 +217,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self._alert_failed_warned = False
         self._notify_failed_warned = False
         self._unarmed_warned = False
+        self._run_start: float | None = None  # rollback_hint's since (set when a run starts)
 
     @property
     def state_key(self) -> str:
@@ -256,6 +260,8 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from entrotrain.dashboards.run_record import record_thresholds
+
+        self._run_start = run_start(resumed=trainer.ckpt_path is not None)
 
         record_thresholds(trainer, self.record_thresholds())
 
@@ -450,7 +456,7 @@ class EntropyCollapseGuard(PerFitCallback):
                 message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
             else:
                 message += " No optimizer learning rate to lower (none configured)."
-        message += self.rollback_hint(_lightning_checkpoints(trainer))
+        message += self.rollback_hint(_lightning_checkpoints(trainer), self._run_start)
         rank_zero_warn(message)
         self._record(trainer, message, step)
         if self.action == "alert":
@@ -458,12 +464,15 @@ class EntropyCollapseGuard(PerFitCallback):
         if trainer.is_global_zero:
             self.send_notification(message)
 
-    def rollback_hint(self, checkpoints: Iterable[str | Path]) -> str:
+    def rollback_hint(self, checkpoints: Iterable[str | Path], since: float | None = None) -> str:
         """`` Newest checkpoint at or before step S: PATH.`` for the newest of ``checkpoints`` whose name says it was
         saved at or before the last step judged good (``step=N`` in Lightning's names, ``checkpoint-N`` in
-        ``transformers``', ``global_stepN``, ``step_N``, ``ckpt_N``); ``""`` when none is known."""
+        ``transformers``', ``global_stepN``, ``step_N``, ``ckpt_N``); ``""`` when none is known. ``since``: ignore
+        files modified before this time (seconds since the epoch): an earlier run's checkpoints left in the folder."""
         if self.last_good_step is None:
             return ""
+        if since is not None:
+            checkpoints = [p for p in checkpoints if _modified(p) >= since]
         dated = [(step, Path(p)) for p in checkpoints if (step := _saved_at(p)) is not None]
         before = [(step, path) for step, path in dated if step <= self.last_good_step]
         if not before:
@@ -566,6 +575,19 @@ def _saved_at(path: str | Path) -> int | None:
     (``transformers``), ``global_stepN`` (DeepSpeed), ``step_N`` / ``ckpt_N`` (hand-written loops)."""
     found = _SAVED_AT.findall(Path(path).name)
     return int(found[-1]) if found else None
+
+
+def _modified(path: str | Path) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return -math.inf
+
+
+def run_start(resumed: bool) -> float | None:
+    """The ``since`` of :meth:`EntropyCollapseGuard.rollback_hint` for a run starting now: ``None`` (every file) when
+    it resumes, whose earlier checkpoints are its own; else now, less 2 s (file times come from a coarser clock)."""
+    return None if resumed else time.time() - 2.0
 
 
 def _lightning_checkpoints(trainer: Trainer) -> list[Path]:

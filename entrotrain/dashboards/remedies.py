@@ -70,9 +70,10 @@ def _last(run: RunData, key: str) -> float | None:
 
 
 def _attention(run: RunData) -> Remedy | None:
-    share = _last(run, "entropy/attn/collapse_frac")
-    if share is None or not share > 0:
+    fl = run.first_last("entropy/attn/collapse_frac")
+    if fl is None or not fl[1] > 0 or not fl[1] > fl[0]:  # a collapse is a rise: heads sharp from step 0 are not one
         return None
+    share = fl[1]
     steps = run.scalars["entropy/attn/collapse_frac"][0]
     least = _last(run, "entropy/attn_norm/min")
     evidence = f"{100 * share:.0f} % of heads below the collapse threshold at step {int(steps[-1])}"

@@ -162,11 +162,13 @@ def _policy_findings(run: RunData) -> list[str]:
     if fit is not None:
         a, b = fit
         r2 = run.first_last("entropy/policy/fit_r2")
-        out.append(
-            f"Fitted R = −{fmt(a)}·exp(H) + {fmt(b)}"
-            + (f" (R² {fmt(r2[1], 3)})" if r2 else "")
-            + f": predicted reward ceiling when the entropy is spent b − a = {fmt(b - a)}."
-        )
+        fitted = f"Fitted R = −{fmt(a)}·exp(H) {'+' if b >= 0 else '−'} {fmt(abs(b))}" if a > 0 else None
+        r2_text = f" (R² {fmt(r2[1], 3)})" if r2 else ""
+        if fitted is not None:
+            out.append(f"{fitted}{r2_text}: predicted reward ceiling when the entropy is spent b − a = {fmt(b - a)}.")
+        else:
+            out.append(f"The fit R = −a·exp(H) + b gives a = {fmt(a)} ≤ 0{r2_text}: the reward did not rise as "
+                       "the entropy fell, so it predicts no ceiling.")
     return out
 
 

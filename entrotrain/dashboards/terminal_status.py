@@ -31,6 +31,7 @@ import argparse
 import fnmatch
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -91,13 +92,32 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s / 86400:.1f} days ago"
 
 
-def _chosen_keys(run: RunData, patterns: Sequence[str] | None, limit: int) -> list[str]:
+def _natural(key: str) -> list[object]:
+    """Sort key putting ``H2`` before ``H10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def _matching_keys(run: RunData, patterns: Sequence[str] | None) -> list[str]:
+    """Every key the table would show, in order: the globs' matches (natural order), else the headline keys, the
+    guarded keys and the non-finite counters that are not 0 at their last step."""
     if patterns:
-        keys = sorted(k for k in run.scalars if any(fnmatch.fnmatchcase(k, p) for p in patterns))
-    else:
-        guarded = [t["key"] for t in run.thresholds if str(t.get("label", "")).startswith("guard")]
-        keys = list(dict.fromkeys([*headline_keys([run]), *(k for k in guarded if k in run.scalars)]))
-    return keys[:limit]
+        return sorted((k for k in run.scalars if any(fnmatch.fnmatchcase(k, p) for p in patterns)), key=_natural)
+    guarded = [t["key"] for t in run.thresholds if str(t.get("label", "")).startswith("guard")]
+    nonfinite = [k for k in sorted(run.scalars) if k.endswith("/nonfinite") and (run.first_last(k) or (0, 0))[1] > 0]
+    return list(dict.fromkeys([*headline_keys([run]), *(k for k in guarded if k in run.scalars), *nonfinite]))
+
+
+def _fell_silent(steps: np.ndarray, last_step: int | None) -> bool:
+    """Whether a key's last finite value is older than its own logging interval allows (it went NaN or its monitor
+    stopped): the run reached ``last_step`` more than one interval after it."""
+    if last_step is None or not len(steps):
+        return False
+    interval = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
+    return last_step - int(steps[-1]) > max(interval, 1.0)
+
+
+def _chosen_keys(run: RunData, patterns: Sequence[str] | None, limit: int) -> list[str]:
+    return _matching_keys(run, patterns)[:limit]
 
 
 def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, width: int = 24,
@@ -116,6 +136,7 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     lines = [" · ".join(head), f"  {run.path}"]
     if status.message and status.state != "running":
         lines.append(f"  {status.message}")
+    lines += [f"  warning: {w}" for w in run.warnings if w != status.message]  # torn lines, no monitor output, ...
     chosen = _chosen_keys(run, keys, limit)
     if chosen:
         name_width = max(24, *(len(k) for k in chosen))
@@ -128,9 +149,14 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
             first = float(values[0]) if len(values) else None
             last = float(values[-1]) if len(values) else None
             show = value_format(key)
+            behind = f"  (last logged at step {int(steps[-1])})" if _fell_silent(steps, step) else ""
             lines.append(
                 f"  {key:<{name_width}} {show(first):>9} {show(least):>9} {show(last):>9}  {sparkline(values, width)}"
+                + behind
             )
+        more = len(_matching_keys(run, keys)) - len(chosen)
+        if more > 0:
+            lines.append(f"  … {more} more key(s) match; show them with --rows {len(chosen) + more}")
     elif keys:
         lines.append(f"  no logged key matches {', '.join(keys)}; logged: {', '.join(sorted(run.scalars)[:10])}")
     said = findings(run, sections_of(sorted(run.scalars)))
@@ -243,17 +269,18 @@ def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, lis
 
 
 def _view(
-    paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: int, as_json: bool = False
+    paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: int, as_json: bool = False, rows: int = 12,
+    compact: bool = False,
 ) -> tuple[str, bool, bool]:
     """The text to print, whether any run it shows is still running, and whether any has a problem (``--check``)."""
     runs, single, problems = _collect(paths, limit)
     running = any(run.decided_status.state == "running" for run in runs)
     bad = bool(problems) or any(_problem(run) for run in runs)
     if as_json:
-        out = {"runs": [run_summary(run, keys) for run in runs], "unreadable": problems}
-        return json.dumps(out, indent=1, allow_nan=False), running, bad
+        out = {"runs": [run_summary(run, keys, rows) for run in runs], "unreadable": problems}
+        return json.dumps(out, indent=None if compact else 1, allow_nan=False), running, bad
     if single:
-        lines = run_lines(runs[0], keys, width=width)
+        lines = run_lines(runs[0], keys, limit=rows, width=width)
     else:
         lines = runs_table(runs)
         if runs:
@@ -275,6 +302,7 @@ def status_main(argv: list[str]) -> int:
     parser.add_argument("--keys", nargs="+", default=None, metavar="GLOB",
                         help="the keys to tabulate, as globs (e.g. 'entropy/attn_norm/L3/*'); default the headlines")
     parser.add_argument("-n", "--runs", type=int, default=10, help="list at most this many runs per folder")
+    parser.add_argument("--rows", type=int, default=12, help="at most this many keys in a run's table")
     parser.add_argument("--width", type=int, default=24, help="characters of each trend line")
     parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
                         help="redraw every SECONDS until no run shown is running (Ctrl+C leaves)")
@@ -283,7 +311,7 @@ def status_main(argv: list[str]) -> int:
                         help="exit with code 1 when a run shown failed, was interrupted or killed, went stale, or "
                         "shows a collapse (for cron jobs and CI)")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.width < 1 or (args.follow is not None and args.follow <= 0):
+    if args.runs < 1 or args.width < 1 or args.rows < 1 or (args.follow is not None and args.follow <= 0):
         parser.error("--runs and --width must be at least 1 and --follow positive seconds")
     clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
     if args.json:
@@ -291,11 +319,13 @@ def status_main(argv: list[str]) -> int:
     bad = False
     try:
         while True:
-            text, running, bad = _view(args.paths, args.keys, args.runs, args.width, args.json)
+            compact = args.json and args.follow is not None  # one JSON object per line while following
+            text, running, bad = _view(args.paths, args.keys, args.runs, args.width, args.json, args.rows, compact)
             if args.follow is None or not running:
                 print(f"{clear}{text}" if args.follow is not None else text, flush=True)
                 break
-            print(f"{clear}{text}\n(every {args.follow:g} s; Ctrl+C to leave)", flush=True)
+            footer = "" if args.json else f"\n(every {args.follow:g} s; Ctrl+C to leave)"
+            print(f"{clear}{text}{footer}", flush=True)
             time.sleep(args.follow)
     except EntrotrainError as err:
         print(f"entrotrain status: error: {err}", file=sys.stderr)

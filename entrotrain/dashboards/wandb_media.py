@@ -19,6 +19,7 @@ from entrotrain._imports import _PIL_AVAILABLE, _WANDB_AVAILABLE
 
 __all__ = [
     "colorize",
+    "define_entropy_summaries",
     "expert_load_image",
     "expert_load_over_time_image",
     "heads_over_time_image",

@@ -638,12 +638,12 @@ class MonitorSession:
 
     def act(
         self, guard: EntropyCollapseGuard, reason: str, step: int, optimizers: Sequence[Any] = (),
-        schedulers: Sequence[Any] = (), checkpoints: Iterable[Any] = (),
+        schedulers: Sequence[Any] = (), checkpoints: Iterable[Any] = (), since: float | None = None,
     ) -> bool:
         """Run ``guard``'s action for ``reason`` (judged by its own ``observe`` / ``check_stale``): warn, alert the
         active wandb run, lower the learning rates of ``optimizers`` / ``schedulers``, name the newest of
-        ``checkpoints`` saved at or before the last good observation, record the event, call the guard's ``notify``;
-        whether training must stop."""
+        ``checkpoints`` saved at or before the last good observation (files modified before ``since`` are another
+        run's), record the event, call the guard's ``notify``; whether training must stop."""
         message = f"EntropyCollapseGuard at step {step}: {reason}."
         if guard.action == "stop":
             message += " Stopping training."
@@ -654,7 +654,7 @@ class MonitorSession:
                 message += f" Learning rates already at min_lr={guard.min_lr}; left as they are."
             else:
                 message += " No optimizer learning rate to lower (none configured)."
-        message += guard.rollback_hint(checkpoints)
+        message += guard.rollback_hint(checkpoints, since)
         rank_zero_warn(message)
         if self.record is not None:
             self.record.log_event(guard.monitor, message, step, level=guard.action)

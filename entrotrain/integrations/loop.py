@@ -85,6 +85,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
+from entrotrain.callbacks.collapse_guard import run_start
 from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger
 from entrotrain.errors import EntrotrainError
@@ -175,6 +176,7 @@ class EntropyMonitors:
         self._observed: dict[str, Any] = {}
         self._saved: dict[str, Any] | None = None
         self._saved_record: dict[str, Any] | None = None  # the record a loaded checkpoint names, until watch
+        self._since: float | None = None  # checkpoints modified before it belong to an earlier run
         self._step: int | None = None
         self._done: int | None = None  # the last step whose block completed (steps must increase)
 
@@ -200,6 +202,8 @@ class EntropyMonitors:
         lowers. Returns ``self``, a context manager whose exit calls :meth:`close`."""
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"EntropyMonitors.watch(model) needs an nn.Module, got {type(model).__name__}.")
+        if self._model is not None:  # watched again without close(): end the previous run (record included) first
+            self._close(False, None)
         while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module  # names and keys as in one process (no "module." prefix); its hooks still run
         world, rank, _ = distributed()
@@ -210,6 +214,7 @@ class EntropyMonitors:
         self._optimizers = _as_list(optimizer)
         self._schedulers = _as_list(scheduler)
         self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
+        self._since = run_start(resumed=self._saved is not None)  # older files are another run's checkpoints
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
@@ -340,7 +345,9 @@ class EntropyMonitors:
         for guard, reason in fired:
             folder = self.checkpoint_dir
             saved = folder.iterdir() if folder is not None and folder.is_dir() else ()
-            self.should_stop |= self.session.act(guard, reason, step, self._optimizers, self._schedulers, saved)
+            self.should_stop |= self.session.act(
+                guard, reason, step, self._optimizers, self._schedulers, saved, since=self._since
+            )
             self.logs[f"{guard.monitor}/alert"] = 1.0
         self.session.record_scalars(self.logs, step)
         if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:
@@ -369,6 +376,7 @@ class EntropyMonitors:
             self._saved, self._saved_record = state, entry
         else:
             self.session.load_state_dict(state)
+            self._since = run_start(resumed=True)  # a resumed run: its earlier checkpoints are its own
             if self.record is not None:
                 self.record.resume_from_entry(entry)
 

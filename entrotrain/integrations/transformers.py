@@ -122,7 +122,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only  # noqa: E402
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
-from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # noqa: E402
+from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard, run_start  # noqa: E402
 from entrotrain.dashboards.remedies import what_to_try  # noqa: E402
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger  # noqa: E402
 from entrotrain.integrations._monitor_session import MonitorSession, distributed, wandb_run  # noqa: E402
@@ -185,6 +185,8 @@ class EntropyTrainerCallback(TrainerCallback):
         self._pending: dict[str, float] | None = None
         self._alerts: dict[str, float] = {}
         self._attached = False
+        self._summaries_defined = False
+        self._run_start: float | None = None  # checkpoints modified before it belong to an earlier run
 
     @property
     def drivers(self) -> list[Any]:
@@ -273,6 +275,7 @@ class EntropyTrainerCallback(TrainerCallback):
         if model is None:
             raise EntrotrainError("EntropyTrainerCallback.on_train_begin got no model from the Trainer.")
         self.last_metrics, self._pending, self._alerts = {}, None, {}
+        self._run_start = run_start(resumed=state.global_step > 0)  # resumed: the earlier checkpoints are this run's
         world, rank, _ = distributed()
         if world > 1:  # as Lightning's strategies do: rank-zero output once, also in forked or spawned ranks
             rank_zero_only.rank = rank
@@ -282,11 +285,8 @@ class EntropyTrainerCallback(TrainerCallback):
             self.load_state_dict(saved)
         if self._record_spec is not None:
             self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
-        run = wandb_run()
-        if run is not None and state.is_world_process_zero and self.drivers:  # keyed as WandbCallback logs them
-            from entrotrain.dashboards.wandb_media import define_entropy_summaries
-
-            define_entropy_summaries(run, prefix="train/", step_metric="train/global_step")
+        self._summaries_defined = False
+        self._define_summaries(state)
         report_to = [r for r in (args.report_to or []) if r != "none"]
         if report_to and not self._attached and self.drivers:
             warnings.warn(
@@ -296,7 +296,19 @@ class EntropyTrainerCallback(TrainerCallback):
                 stacklevel=2,
             )
 
+    def _define_summaries(self, state: TrainerState) -> None:
+        """Declare the entropy summaries once the wandb run exists: ``WandbCallback`` starts it in its own
+        ``on_train_begin``, which runs after this callback's when attached."""
+        run = wandb_run()
+        if self._summaries_defined or run is None or not state.is_world_process_zero or not self.drivers:
+            return
+        from entrotrain.dashboards.wandb_media import define_entropy_summaries
+
+        define_entropy_summaries(run, prefix="train/", step_metric="train/global_step")  # keyed as WandbCallback logs
+        self._summaries_defined = True
+
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._define_summaries(state)
         self.release()  # a window left open (an interrupted step) never leaks into this one
         if self.drivers and self._logging_step(args, state, state.global_step + 1):
             self.session.arm(state.global_step + 1)
@@ -376,7 +388,7 @@ class EntropyTrainerCallback(TrainerCallback):
         optimizers = [optimizer] if optimizer is not None else []
         schedulers = [scheduler] if scheduler is not None else []
         checkpoints = Path(args.output_dir).glob("checkpoint-*") if args.output_dir else ()
-        if self.session.act(guard, reason, step, optimizers, schedulers, checkpoints):
+        if self.session.act(guard, reason, step, optimizers, schedulers, checkpoints, since=self._run_start):
             control.should_training_stop = True
         if logs is not None:
             logs[f"{guard.monitor}/alert"] = 1.0

@@ -1,7 +1,7 @@
 """Bug hunt on ``entrotrain status`` and "what to try" (terminal_status.py, remedies.py): records a user really
 gets (nothing logged, keys gone NaN, per-head globs, a run that starts with sharp heads, a diverging fit) read
-back through the status page, its table, ``--json`` and ``diagnose``. A test marked ``xfail(strict=True)`` fails
-on the current code: its reason names the bug and the fix."""
+back through the status page, its table, ``--json`` and ``diagnose``. Each test named for a bug failed
+before its fix (the bug-hunt round of 2026-12-06)."""
 
 from __future__ import annotations
 
@@ -113,10 +113,6 @@ def test_healthy_runs_print_nothing_to_try(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ bugs
-@pytest.mark.xfail(strict=True, reason="status shows the last FINITE value as current when a run went NaN (the "
-                   "record keeps NaN as null, the reader drops it) and never shows the …/nonfinite counter; fix: mark "
-                   "a key whose last step is behind the run's ('last … @ step S') and add non-zero */nonfinite keys to "
-                   "the default rows")
 def test_a_run_that_went_nan_does_not_look_healthy(tmp_path: Path) -> None:
     rows = [(s, {"entropy/attn_norm/min": 0.8, "entropy/attn/collapse_frac": 0.0, "entropy/attn/nonfinite": 0.0})
             for s in range(5)]
@@ -128,9 +124,6 @@ def test_a_run_that_went_nan_does_not_look_healthy(tmp_path: Path) -> None:
     assert "nonfinite" in page or "non-finite" in page, page
 
 
-@pytest.mark.xfail(strict=True, reason="--keys with a per-head glob shows 12 rows, in string order (H10 before H2), "
-                   "and says nothing of the keys left out; the CLI has no option for more; fix: natural sort, "
-                   "'(N more keys match)' line and a --rows option (or no limit for explicit --keys)")
 def test_keys_glob_over_sixteen_heads_shows_them_all_or_says_how_many_are_left_out(tmp_path: Path, capsys) -> None:
     path = _record(tmp_path, "heads", [(s, {f"entropy/attn_norm/L0/H{h}": 0.5 for h in range(16)}) for s in range(3)])
     code, out = _status(capsys, str(path), "--keys", "entropy/attn_norm/L0/*")
@@ -138,18 +131,12 @@ def test_keys_glob_over_sixteen_heads_shows_them_all_or_says_how_many_are_left_o
     assert shown == [f"H{h}" for h in range(16)] or "more" in out, out
 
 
-@pytest.mark.xfail(strict=True, reason="heads already sharp at initialisation (collapse_frac > 0 from step 0, never "
-                   "rising) are diagnosed as an attention-entropy collapse; fix: _attention requires collapse_frac to "
-                   "have risen (last > first), as the guard's arm_on_good does")
 def test_heads_sharp_from_initialisation_are_not_a_collapse(tmp_path: Path) -> None:
     rows = [(s, {"entropy/attn/collapse_frac": 1 / 3, "entropy/attn_norm/min": 0.02, "entropy/attn_norm/mean": 0.6})
             for s in range(0, 200, 50)]
     assert [r.failure for r in diagnose(load_run(_record(tmp_path, "sharp_init", rows)))] == []
 
 
-@pytest.mark.xfail(strict=True, reason="a fit with a < 0 prints 'R = −-1.009·exp(H) + -2.902' and a negative 'reward "
-                   "ceiling' (grpo_kl_cov --trainer.max_steps=40 does this); fix: write the signs and state the "
-                   "ceiling only when a > 0 (the model's premise)")
 def test_a_fit_with_the_wrong_sign_is_not_read_as_a_ceiling(tmp_path: Path) -> None:
     rows = [(s, {"entropy/policy/mean": 1.14 - 0.01 * s, "entropy/policy/reward_mean": 0.25 - 0.04 * s,
                  "entropy/policy/fit_a": -1.009, "entropy/policy/fit_b": -2.902}) for s in range(3)]
@@ -158,9 +145,6 @@ def test_a_fit_with_the_wrong_sign_is_not_read_as_a_ceiling(tmp_path: Path) -> N
     assert "ceiling when the entropy is spent b − a = -" not in page, page
 
 
-@pytest.mark.xfail(strict=True, reason="--json --follow appends the text footer '(every N s; Ctrl+C to leave)' after "
-                   "each JSON document, so a script cannot parse what it prints; fix: with --json, no footer (print one "
-                   "compact JSON object per line while following)")
 def test_json_follow_prints_only_json(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     import entrotrain.dashboards.terminal_status as terminal_status
 

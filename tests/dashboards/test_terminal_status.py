@@ -253,3 +253,12 @@ def test_the_table_counts_guard_firings_and_names_the_diagnosis(tmp_path: Path) 
     header, long, short = runs_table(runs)
     assert header.split()[-2:] == ["guard", "diagnosis"]
     assert long.split()[-3:] == ["3", "attention-entropy", "collapse"] and short.split()[-2:] == ["0", "–"]
+
+
+def test_the_readers_warnings_are_shown(tmp_path: Path) -> None:
+    """A torn last line (a writer killed mid-line) is said on the page, as the report's banner says it."""
+    record = _record(tmp_path, "torn")
+    with (record.run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 8, "values": {"entropy/attn_')
+    text = "\n".join(run_lines(load_run(record.run_dir)))
+    assert "  warning: " in text and "metrics.jsonl" in text

@@ -1,7 +1,7 @@
 """Bug hunt on run records written outside Lightning (``EntropyMonitors(record=)``, ``EntropyTrainerCallback(
 record=)``), the guard's ``notify`` and "(last good: ...)" suffix, and ``define_entropy_summaries`` with a real
-offline wandb run. A test marked ``xfail(strict=True)`` fails on the current code: its reason names the bug and the
-fix; the others pin behaviour that held."""
+offline wandb run. The tests named for a bug failed before its fix (the bug-hunt round of 2026-12-06); the others
+pin behaviour that held."""
 
 from __future__ import annotations
 
@@ -139,9 +139,6 @@ def test_last_good_reads_right_for_max_mode_max_drop_and_an_old_checkpoint() -> 
 
 
 # ------------------------------------------------------------------ bugs
-@pytest.mark.xfail(strict=True, reason="watch() again without close() (a re-run notebook cell) starts a second record "
-                   "and leaves the first 'running' forever (later 'killed'); fix: watch() closes the previous run "
-                   "first (`if self._model is not None: self._close(False, None)`)")
 def test_watch_twice_leaves_no_record_running(tmp_path: Path) -> None:
     module = GPTModule(seed=0)
     opt = module.configure_optimizers()
@@ -154,10 +151,6 @@ def test_watch_twice_leaves_no_record_running(tmp_path: Path) -> None:
     assert "running" not in states, states
 
 
-@pytest.mark.xfail(strict=True, reason="with report_to='wandb', attach() puts the callback before WandbCallback, "
-                   "whose on_train_begin starts the wandb run: wandb.run is None in our on_train_begin, so "
-                   "define_entropy_summaries never runs; fix: define the summaries at the first on_step_begin/on_log "
-                   "where wandb_run() is set (once)")
 def test_hf_report_to_wandb_declares_the_entropy_summaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("transformers")
     wandb = pytest.importorskip("wandb")
@@ -211,9 +204,6 @@ def test_loop_with_an_offline_wandb_run_declares_the_summaries(tmp_path: Path, m
     assert status_main([str(tmp_path), "--check"]) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="watch() again without close() on one RunRecordLogger writes the second run "
-                   "into the first's record: steps restart at 0 and silently overwrite it (last write wins); fix: as "
-                   "above, watch() closes the previous run, so the second watch gets the 'records one run' error")
 def test_watch_twice_on_one_record_logger_never_overwrites_the_first_run(tmp_path: Path) -> None:
     from entrotrain.dashboards.run_record import RunRecordLogger
     from entrotrain.errors import EntrotrainError
@@ -231,10 +221,6 @@ def test_watch_twice_on_one_record_logger_never_overwrites_the_first_run(tmp_pat
     assert list(load_run(record.run_dir).scalars["entropy/attn_norm/min"][1]) == list(first)
 
 
-@pytest.mark.xfail(strict=True, reason="the rollback hint names any file in checkpoint_dir (HF: output_dir/checkpoint-N, "
-                   "Lightning: the ModelCheckpoint folder) whose name has a step <= last good, including one an earlier "
-                   "run left there; fix: keep only checkpoints written since this run started (mtime >= the watch/"
-                   "train/fit start time)")
 def test_the_rollback_hint_never_names_a_checkpoint_of_an_earlier_run(tmp_path: Path) -> None:
     import os
     import time

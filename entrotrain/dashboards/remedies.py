@@ -3,9 +3,9 @@ shows each on a CPU.
 
 :func:`diagnose` reads the same numbers as the report's findings and names a failure only on a clear signal:
 
-* **attention-entropy collapse** (Zhai et al. 2023): some heads end below the monitor's collapse threshold
-  (``entropy/attn/collapse_frac`` > 0 at the last logging step) → σReparam, the entropy floor, a lower learning
-  rate / warmup;
+* **attention-entropy collapse** (Zhai et al. 2023): some heads end below the monitor's collapse threshold and more
+  than at the first logging step (``entropy/attn/collapse_frac`` > 0 and risen; heads sharp from initialisation are
+  not a collapse, as for the guard's ``arm_on_good``) → σReparam, the entropy floor, a lower learning rate / warmup;
 * **policy-entropy collapse** (Cui et al. 2025): ``entropy/policy/mean`` ends below a quarter of its first value →
   KL-Cov / Clip-Cov, an adaptive entropy bonus, STEER; and when the fitted ``R = −a·e^H + b`` says the reward is
   within 5 % of its ceiling ``b − a``, that more steps will not raise it;

@@ -300,7 +300,12 @@ def console() -> None:
         from entrotrain._cpu_threads import configure_cpu_threads
 
         configure_cpu_threads()
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `entrotrain status | head`: the reader left; end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush of stdout at exit must not raise again
+        raise SystemExit(0) from None
 
 
 if __name__ == "__main__":

@@ -262,3 +262,20 @@ def test_the_readers_warnings_are_shown(tmp_path: Path) -> None:
         f.write('{"step": 8, "values": {"entropy/attn_')
     text = "\n".join(run_lines(load_run(record.run_dir)))
     assert "  warning: " in text and "metrics.jsonl" in text
+
+
+def test_piping_into_head_ends_quietly(tmp_path: Path) -> None:
+    """``entrotrain status | head``: when the reader closes the pipe early, printing raises BrokenPipeError; the
+    console script ends quietly with code 0 (no traceback), as Unix tools do. The pipe's timing is a race, so the
+    error is raised on purpose here."""
+    code = (
+        "import sys, entrotrain.cli as cli\n"
+        "def main():\n"
+        "    print('first line', flush=True)\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli.main = main\n"
+        "sys.argv = ['entrotrain', 'status']\n"
+        "cli.console()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "first line\n" and "Traceback" not in done.stderr, done.stderr

@@ -11,7 +11,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-import torch
 
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
@@ -32,12 +31,7 @@ def interrupting_notify(message: str) -> None:
     raise KeyboardInterrupt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _monitors(root: Path, **kw) -> EntropyMonitors:

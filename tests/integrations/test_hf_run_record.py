@@ -37,12 +37,7 @@ from tests.integrations.test_hf_trainer import _LitWrapper, _data, _leftovers, _
 _NOT_SCALARS = {"epoch", "step"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _monitors(include: str = "transformer.h.?") -> list:

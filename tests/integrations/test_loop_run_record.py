@@ -28,12 +28,7 @@ from tests.helpers.loop_runs import LogitsGPT, MaskedToyMoE, run_loop, same_weig
 from tests.helpers.router_models import toy_batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _only_record(root: Path) -> RunData:

@@ -54,10 +54,16 @@ _FIRED = ("warn", "alert", "stop", "reduce_lr")  # event levels of a guard firin
 _GAP = "·"  # a stretch of the run with no finite value
 
 
+#: A trend line whose stretches differ by at most this fraction of their magnitude is drawn flat (1e-3: an entropy
+#: at 0.9999 ± 0.0001 is not magnified into a full-height zigzag).
+FLAT_RELATIVE = 1e-3
+
+
 def sparkline(values: Sequence[float], width: int = 24) -> str:
     """``values`` (in step order) as at most ``width`` bar characters: the run cut into ``width`` consecutive stretches
     of (nearly) equal length, each drawn at the mean of its finite values, scaled from the least to the greatest of
-    those means; ``·`` for a stretch without a finite value; a flat line is drawn at mid height."""
+    those means; ``·`` for a stretch without a finite value; a line whose means differ by at most
+    :data:`FLAT_RELATIVE` of their magnitude is drawn flat, at mid height."""
     data = np.asarray(values, dtype=float)
     if data.size == 0 or width < 1:
         return ""
@@ -67,12 +73,13 @@ def sparkline(values: Sequence[float], width: int = 24) -> str:
     if finite.size == 0:
         return _GAP * len(means)
     low, high = float(finite.min()), float(finite.max())
+    flat = high - low <= FLAT_RELATIVE * max(abs(high), abs(low))  # round-off, not a trend: do not magnify it
     top = len(_BARS) - 1
     out = []
     for m in means:
         if not math.isfinite(m):
             out.append(_GAP)
-        elif high == low:
+        elif flat:
             out.append(_BARS[top // 2])
         else:
             out.append(_BARS[min(top, int(round((m - low) / (high - low) * top)))])

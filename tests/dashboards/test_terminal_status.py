@@ -41,12 +41,16 @@ def test_sparkline_follows_a_sorted_series_from_bottom_to_top(values: list[float
     line = sparkline(values, width)
     levels = [_BARS.index(c) for c in line]
     assert levels == sorted(levels)  # bucket means of a sorted series never go down
-    if len(line) > 1:
+    if len(set(line)) > 1:  # not drawn flat (a spread within FLAT_RELATIVE of the magnitude is)
         assert line[0] == _BARS[0] and line[-1] == _BARS[-1]
+    if max(values) - min(values) > 2e-3 * max(abs(v) for v in values) and len(line) > 1:
+        assert len(set(line)) > 1  # a real spread is drawn
 
 
 def test_sparkline_flat_empty_and_missing() -> None:
     assert sparkline([0.5] * 5, 10) == _BARS[3] * 5
+    assert sparkline([0.99990, 0.99985, 0.99995, 0.9999], 4) == _BARS[3] * 4  # round-off is not a trend
+    assert sparkline([1.0, 0.99], 2) == _BARS[-1] + _BARS[0]  # a 1 % fall is
     assert sparkline([], 10) == ""
     assert sparkline([math.nan] * 3, 10) == _GAP * 3
     assert sparkline([1.0, math.nan, 0.0], 3) == _BARS[-1] + _GAP + _BARS[0]

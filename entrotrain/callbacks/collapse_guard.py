@@ -65,14 +65,14 @@ The trainer's ledger is cleared at the same point (:func:`~entrotrain.callbacks.
 
 from __future__ import annotations
 
-import math
-from collections import deque
 import importlib
+import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
@@ -81,10 +81,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
+from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
-
-if TYPE_CHECKING:
-    from entrotrain.dashboards.run_record import RecordThreshold
 
 __all__ = ["EntropyCollapseGuard"]
 
@@ -259,16 +257,11 @@ class EntropyCollapseGuard(PerFitCallback):
 
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from entrotrain.dashboards.run_record import record_thresholds
-
         self._run_start = run_start(resumed=trainer.ckpt_path is not None)
-
         record_thresholds(trainer, self.record_thresholds())
 
     def record_thresholds(self) -> list[RecordThreshold]:
         """The run record's reference line on the watched key: the guard's ``threshold`` (none without one)."""
-        from entrotrain.dashboards.run_record import RecordThreshold
-
         if self.threshold is None:
             return []
         return [RecordThreshold(self.monitor, self.threshold, f"guard ({self.action})")]
@@ -445,24 +438,38 @@ class EntropyCollapseGuard(PerFitCallback):
     # ------------------------------------------------------------------ actions
     def _act(self, trainer: Trainer, reason: str, step: int) -> None:
         """The configured action, once per episode; ``step`` is the step the watched value was logged at."""
-        message = f"EntropyCollapseGuard at step {step}: {reason}."
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        message = self.fire(
+            reason, step, trainer.optimizers, schedulers, _lightning_checkpoints(trainer), self._run_start
+        )
         if self.action == "stop":
-            message += " Stopping training."
             trainer.should_stop = True
-        elif self.action == "reduce_lr":
-            if self._reduce_lr(trainer):
-                message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
-            elif any(opt.param_groups for opt in trainer.optimizers):
-                message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
-            else:
-                message += " No optimizer learning rate to lower (none configured)."
-        message += self.rollback_hint(_lightning_checkpoints(trainer), self._run_start)
         rank_zero_warn(message)
         self._record(trainer, message, step)
         if self.action == "alert":
             self._alert(trainer, message)
         if trainer.is_global_zero:
             self.send_notification(message)
+
+    def fire(
+        self, reason: str, step: int, optimizers: Sequence[Any] = (), schedulers: Sequence[Any] = (),
+        checkpoints: Iterable[str | Path] = (), since: float | None = None,
+    ) -> str:
+        """The firing's message for ``reason`` at ``step``, running ``"reduce_lr"`` on ``optimizers`` /
+        ``schedulers`` and naming the checkpoint to roll back to (:meth:`rollback_hint`); the one builder of the
+        message for Lightning, ``transformers.Trainer`` and a plain loop. The caller stops training, warns, records
+        and notifies."""
+        message = f"EntropyCollapseGuard at step {step}: {reason}."
+        if self.action == "stop":
+            message += " Stopping training."
+        elif self.action == "reduce_lr":
+            if self.reduce_lr(optimizers, schedulers):
+                message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
+            elif any(getattr(opt, "param_groups", None) for opt in optimizers):
+                message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
+            else:
+                message += " No optimizer learning rate to lower (none configured)."
+        return message + self.rollback_hint(checkpoints, since)
 
     def rollback_hint(self, checkpoints: Iterable[str | Path], since: float | None = None) -> str:
         """`` Newest checkpoint at or before step S: PATH.`` for the newest of ``checkpoints`` whose name says it was
@@ -495,14 +502,9 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def _record(self, trainer: Trainer, message: str, step: int) -> None:
         """The firing as ``{monitor}/alert`` = 1 in every logger and as an event in the run record."""
-        from entrotrain.dashboards.run_record import record_event
-
         for logger in trainer.loggers:
             logger.log_metrics({f"{self.monitor}/alert": 1.0}, step=step)
         record_event(trainer, self.monitor, message, level=self.action, step=step)
-
-    def _reduce_lr(self, trainer: Trainer) -> bool:
-        return self.reduce_lr(trainer.optimizers, [config.scheduler for config in trainer.lr_scheduler_configs])
 
     def reduce_lr(self, optimizers: Sequence[Any], schedulers: Sequence[Any] = ()) -> bool:
         """``lr ← max(lr · lr_factor, min_lr)`` for every param group of ``optimizers`` and every base rate of

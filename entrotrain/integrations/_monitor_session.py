@@ -644,17 +644,7 @@ class MonitorSession:
         active wandb run, lower the learning rates of ``optimizers`` / ``schedulers``, name the newest of
         ``checkpoints`` saved at or before the last good observation (files modified before ``since`` are another
         run's), record the event, call the guard's ``notify``; whether training must stop."""
-        message = f"EntropyCollapseGuard at step {step}: {reason}."
-        if guard.action == "stop":
-            message += " Stopping training."
-        elif guard.action == "reduce_lr":
-            if guard.reduce_lr(list(optimizers), list(schedulers)):
-                message += f" Learning rates multiplied by {guard.lr_factor} (reduction #{guard.lr_reductions})."
-            elif optimizers:
-                message += f" Learning rates already at min_lr={guard.min_lr}; left as they are."
-            else:
-                message += " No optimizer learning rate to lower (none configured)."
-        message += guard.rollback_hint(checkpoints, since)
+        message = guard.fire(reason, step, list(optimizers), list(schedulers), checkpoints, since)
         rank_zero_warn(message)
         if self.record is not None:
             self.record.log_event(guard.monitor, message, step, level=guard.action)

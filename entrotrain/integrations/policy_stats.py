@@ -68,11 +68,15 @@ class PolicyStatsRecorder:
         hwe_threshold: float = 1.5,
         entropy_length_corr: bool = False,
     ) -> None:
-        self.monitor = PolicyEntropyMonitor(
+        self._feed(PolicyEntropyMonitor(
             every_n_batches=1, agg=agg, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction,
             fit_min_points=fit_min_points, log_media=False, prefix=prefix, print_summary=False, window=window,
             window_align=window_align, hwe_threshold=hwe_threshold, entropy_length_corr=entropy_length_corr,
-        )  # fmt: skip
+        ))  # fmt: skip
+
+    def _feed(self, monitor: PolicyEntropyMonitor) -> None:
+        """Feed ``monitor``, with nothing captured yet (the one initialiser of :meth:`__init__` and :meth:`of`)."""
+        self.monitor = monitor
         self._parts: list[dict[str, Tensor]] = []
         self.temperature: float | None = None
         #: The run record's arrays of the last :meth:`compute` (the token-entropy histogram), as the monitor stores.
@@ -85,10 +89,7 @@ class PolicyStatsRecorder:
         if not isinstance(monitor, PolicyEntropyMonitor):
             raise EntrotrainError(f"PolicyStatsRecorder.of needs a PolicyEntropyMonitor, got {type(monitor).__name__}.")
         recorder = cls.__new__(cls)
-        recorder.monitor = monitor
-        recorder._parts = []
-        recorder.temperature = None
-        recorder.last_arrays = []
+        recorder._feed(monitor)
         return recorder
 
     @property

@@ -218,7 +218,7 @@ def findings(run: RunData, sections: list[Section]) -> list[str]:
             if fl:
                 out.append(f"{key}: {fmt(fl[0])} → {fmt(fl[1])}.")
                 break
-    fired = [e for e in run.events if e.get("level") in ("warn", "alert", "stop", "reduce_lr")]
+    fired = run.guard_firings
     if fired:
         e = fired[0]
         out.append(f"EntropyCollapseGuard fired {len(fired)} time(s); first at step {e.get('step')}: {e.get('message')}")

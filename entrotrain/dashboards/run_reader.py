@@ -29,10 +29,13 @@ import numpy as np
 from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records", "load_run", "run_status"]
+__all__ = ["GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records", "load_run", "run_status"]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
 MONITOR_PREFIXES = ("entropy/", "sigma_reparam/", "info/")
+#: Event levels of a guard firing: ``EntropyCollapseGuard``'s actions (its own ``_ACTIONS``; this reader stays free
+#: of lightning, so it does not import the guard).
+GUARD_ACTIONS = ("warn", "alert", "stop", "reduce_lr")
 #: A "running" record on another host (whose pid cannot be checked) not updated for this long is reported as stale.
 STALE_AFTER_S = 30 * 60.0
 
@@ -219,6 +222,12 @@ class RunData:
         steps = [int(s[-1]) for s, _ in self.scalars.values() if len(s)]
         steps += [m.step for items in self.media.values() for m in items[-1:] if m.step is not None]
         return max(steps) if steps else None
+
+    @property
+    def guard_firings(self) -> list[dict[str, Any]]:
+        """The events an :class:`~entrotrain.callbacks.EntropyCollapseGuard` firing recorded (level = its action),
+        in order."""
+        return [e for e in self.events if e.get("level") in GUARD_ACTIONS]
 
     def first_last(self, key: str) -> tuple[float, float] | None:
         """First and last logged value of ``key`` (``None`` if never logged)."""

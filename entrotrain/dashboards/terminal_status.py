@@ -50,7 +50,6 @@ __all__ = ["PROBLEM_STATES", "run_lines", "run_summary", "runs_table", "sparklin
 PROBLEM_STATES = ("failed", "interrupted", "killed", "stale", "unknown")
 
 _BARS = "▁▂▃▄▅▆▇█"
-_FIRED = ("warn", "alert", "stop", "reduce_lr")  # event levels of a guard firing
 _GAP = "·"  # a stretch of the run with no finite value
 
 
@@ -123,8 +122,13 @@ def _fell_silent(steps: np.ndarray, last_step: int | None) -> bool:
     return last_step - int(steps[-1]) > max(interval, 1.0)
 
 
-def _chosen_keys(run: RunData, patterns: Sequence[str] | None, limit: int) -> list[str]:
-    return _matching_keys(run, patterns)[:limit]
+def _key_stats(run: RunData, key: str) -> tuple[float | None, float | None, float | None, int | None]:
+    """``key``'s first, least finite and last logged values and its last step (the table's columns)."""
+    steps, values = run.scalars[key]
+    finite = values[np.isfinite(values)]
+    first = float(values[0]) if len(values) else None
+    last = float(values[-1]) if len(values) else None
+    return first, float(finite.min()) if finite.size else None, last, int(steps[-1]) if len(steps) else None
 
 
 def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, width: int = 24,
@@ -144,24 +148,22 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if status.message and status.state != "running":
         lines.append(f"  {status.message}")
     lines += [f"  warning: {w}" for w in run.warnings if w != status.message]  # torn lines, no monitor output, ...
-    chosen = _chosen_keys(run, keys, limit)
+    matching = _matching_keys(run, keys)
+    chosen = matching[:limit]
     if chosen:
         name_width = max(24, *(len(k) for k in chosen))
         first_step = min(int(run.scalars[k][0][0]) for k in chosen if len(run.scalars[k][0]))
         lines.append(f"  {'metric':<{name_width}} {'first':>9} {'min':>9} {'last':>9}  steps {first_step} → {step}")
         for key in chosen:
             steps, values = run.scalars[key]
-            finite = values[np.isfinite(values)]
-            least = float(finite.min()) if finite.size else None
-            first = float(values[0]) if len(values) else None
-            last = float(values[-1]) if len(values) else None
+            first, least, last, _ = _key_stats(run, key)
             show = value_format(key)
             behind = f"  (last logged at step {int(steps[-1])})" if _fell_silent(steps, step) else ""
             lines.append(
                 f"  {key:<{name_width}} {show(first):>9} {show(least):>9} {show(last):>9}  {sparkline(values, width)}"
                 + behind
             )
-        more = len(_matching_keys(run, keys)) - len(chosen)
+        more = len(matching) - len(chosen)
         if more > 0:
             lines.append(f"  … {more} more key(s) match; show them with --rows {len(chosen) + more}")
     elif keys:
@@ -174,7 +176,7 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if found:
         lines.append("  What to try")
         lines += [f"  {line}" for remedy in found for line in remedy.lines()]
-    fired = [e for e in run.events if e.get("level") in _FIRED]
+    fired = run.guard_firings
     if fired:
         e = fired[-1]
         times = "firing" if len(fired) == 1 else "firings"
@@ -201,7 +203,7 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
             values.append(value_format(key)(fl[1]) if fl else "–")
         step = run.last_step
         shown_step = "–" if step is None else str(step)
-        fired = sum(1 for e in run.events if e.get("level") in _FIRED)
+        fired = len(run.guard_firings)
         found = ", ".join(r.failure.lower() for r in diagnose(run)) or "–"
         rows.append([run.label, status.label, shown_step, _ago(status.last_update, now), *values, str(fired), found])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -214,16 +216,10 @@ def run_summary(run: RunData, keys: Sequence[str] | None = None, limit: int = 12
     cures, and the guard's firings."""
     status = run.decided_status
     values: dict[str, dict[str, float | int | None]] = {}
-    for key in _chosen_keys(run, keys, limit):
-        steps, series = run.scalars[key]
-        finite = series[np.isfinite(series)]
-        values[key] = {
-            "first": _number(series[0]) if len(series) else None,
-            "min": _number(finite.min()) if finite.size else None,
-            "last": _number(series[-1]) if len(series) else None,
-            "last_step": int(steps[-1]) if len(steps) else None,
-        }
-    fired = [e for e in run.events if e.get("level") in _FIRED]
+    for key in _matching_keys(run, keys)[:limit]:
+        first, least, last, last_step = _key_stats(run, key)
+        values[key] = {"first": _number(first), "min": _number(least), "last": _number(last), "last_step": last_step}
+    fired = run.guard_firings
     return {
         "path": str(run.path),
         "name": run.label,
@@ -239,8 +235,8 @@ def run_summary(run: RunData, keys: Sequence[str] | None = None, limit: int = 12
     }
 
 
-def _number(value: float) -> float | None:
-    return float(value) if math.isfinite(float(value)) else None
+def _number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _problem(run: RunData) -> bool:
@@ -320,13 +316,11 @@ def status_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.width < 1 or args.rows < 1 or (args.follow is not None and args.follow <= 0):
         parser.error("--runs and --width must be at least 1 and --follow positive seconds")
-    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
-    if args.json:
-        clear = ""
+    clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() and not args.json else ""
+    compact = args.json and args.follow is not None  # one JSON object per line while following
     bad = False
     try:
         while True:
-            compact = args.json and args.follow is not None  # one JSON object per line while following
             text, running, bad = _view(args.paths, args.keys, args.runs, args.width, args.json, args.rows, compact)
             if args.follow is None or not running:
                 print(f"{clear}{text}" if args.follow is not None else text, flush=True)

@@ -25,6 +25,7 @@ from entrotrain.callbacks.representation_monitor import RepresentationEntropyMon
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402
 from entrotrain.integrations.transformers import STATE_KEY, EntropyTrainerCallback  # noqa: E402
+from tests.helpers.fake_wandb_run import FakeRun  # noqa: E402
 from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
 
 VOCAB, T, ROWS = 48, 12, 16
@@ -371,29 +372,9 @@ def test_missing_or_old_transformers_is_a_clear_error() -> None:
 
 
 # ------------------------------------------------------------------ media, vanishing statistics, stale keys
-class _FakeRun:
-    """Stands in for ``wandb.run``: records what is logged and alerted."""
-
-    def __init__(self) -> None:
-        self.logged: list[dict] = []
-        self.alerts: list[dict] = []
-
-    def log(self, data: dict) -> None:
-        self.logged.append(data)
-
-    def alert(self, **kwargs) -> None:
-        self.alerts.append(kwargs)
-
-    def define_metric(self, name: str, **kwargs) -> None:
-        self.defined = [*getattr(self, "defined", []), (name, kwargs)]
-
-    def finish(self, **kwargs) -> None:  # the suite's autouse fixture finishes the active run
-        pass
-
-
 def test_media_and_alerts_go_to_the_active_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")
-    run = _FakeRun()
+    run = FakeRun()
     monkeypatch.setattr(wandb, "run", run)
     trainer = _trainer(tmp_path, _model(), max_steps=4, logging_steps=2)
     EntropyTrainerCallback(

@@ -26,6 +26,7 @@ from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.integrations.loop import EntropyMonitors
+from tests.helpers.fake_wandb_run import FakeRun
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.loop_runs import (
     LogitsGPT, MaskedToyMoE, fit_lightning, leftovers, run_loop, same_weights, token_batches,
@@ -546,29 +547,9 @@ def test_log_feeds_a_run_record_for_entrotrain_report(tmp_path: Path) -> None:
     assert run.status == "finished"
 
 
-class _FakeRun:
-    """Stands in for ``wandb.run``: records alerts (the loop logs through ``log=``, never through the run)."""
-
-    def __init__(self) -> None:
-        self.alerts: list[dict] = []
-        self.logged: list[dict] = []
-
-    def log(self, data: dict, **kwargs) -> None:
-        self.logged.append(data)
-
-    def alert(self, **kwargs) -> None:
-        self.alerts.append(kwargs)
-
-    def define_metric(self, name: str, **kwargs) -> None:
-        self.defined = [*getattr(self, "defined", []), (name, kwargs)]
-
-    def finish(self, **kwargs) -> None:  # the suite's autouse fixture finishes the active run
-        pass
-
-
 def test_media_and_alerts_go_to_the_active_wandb_run(monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb")
-    run = _FakeRun()
+    run = FakeRun()
     monkeypatch.setattr(wandb, "run", run)
     calls: list[tuple[dict, int]] = []
     guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="alert", arm_on_good=False)

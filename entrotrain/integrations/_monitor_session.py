@@ -20,6 +20,7 @@ Nothing here imports transformers or wandb.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -35,13 +36,25 @@ from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor, _l
 from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
-from entrotrain.dashboards.run_record import RecordArray, RunRecordLogger
+from entrotrain.dashboards.remedies import what_to_try
+from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 
-__all__ = ["MonitorSession", "Reduce", "distributed", "readable_scalar", "wandb_run"]
+__all__ = ["MonitorSession", "RecordSpec", "Reduce", "check_record", "distributed", "readable_scalar", "wandb_run"]
 
 Reduce = Callable[[Tensor], Tensor]
+#: What an integration's ``record=`` takes: a folder for a new record per run, a configured logger, or ``None``.
+RecordSpec = str | os.PathLike[str] | RunRecordLogger | None
+
+
+def check_record(record: Any, owner: str) -> RecordSpec:
+    """``owner(record=...)`` as given, or :class:`EntrotrainError` naming what it takes."""
+    if record is not None and not isinstance(record, (str, os.PathLike, RunRecordLogger)):
+        raise EntrotrainError(
+            f"{owner}(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got {type(record).__name__}."
+        )
+    return record
 
 
 def distributed() -> tuple[int, int, Reduce | None]:
@@ -555,17 +568,21 @@ class MonitorSession:
 
     # ------------------------------------------------------------------ run record
     def open_record(
-        self, record: RunRecordLogger, hparams: dict[str, Any] | None = None, resume: dict[str, Any] | None = None,
-        ckpt_path: Any = None,
+        self, spec: RecordSpec, hparams: dict[str, Any] | None = None, resume: dict[str, Any] | None = None,
+        ckpt_path: Any = None, run_name: str | None = None,
     ) -> None:
-        """Write to ``record`` from now on (rank zero; its methods are no-ops elsewhere): continue the record a
-        checkpoint's ``resume`` entry names (:meth:`RunRecordLogger.checkpoint_entry`; ``ckpt_path``, when known, is
-        noted in ``meta["resumes"]``), merge ``hparams``, and declare every monitor's and guard's thresholds, as a
-        Lightning fit does at its start.
+        """Write to the record ``spec`` names from now on (rank zero; its methods are no-ops elsewhere): a folder
+        (``RunRecordLogger(spec, run_name=run_name)``, a new record) or a configured logger; ``None``: no record.
+        Continue the record a checkpoint's ``resume`` entry names (:meth:`RunRecordLogger.checkpoint_entry`;
+        ``ckpt_path``, when known, is noted in ``meta["resumes"]``), merge ``hparams``, and declare every monitor's and
+        guard's thresholds, as a Lightning fit does at its start.
 
         Raises:
-            EntrotrainError: ``record`` already holds a finished run (and this is not its resume).
+            EntrotrainError: the logger already holds a finished run (and this is not its resume).
         """
+        if spec is None:
+            return
+        record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec, run_name=run_name)
         if record.closed and resume is None:
             raise EntrotrainError(
                 f"{self.owner}: the RunRecordLogger given as record= already holds a run that ended "
@@ -591,12 +608,18 @@ class MonitorSession:
         if numbers:
             self.record.log_metrics(numbers, step=step)
 
-    def close_record(self, exc: BaseException | None = None) -> None:
+    def close_record(self, exc: BaseException | None = None) -> list[str]:
         """Mark the run record ``finished`` (no ``exc``) or ``failed`` / ``interrupted`` with the reason, and stop
-        writing to it."""
+        writing to it. Returns what the run's end prints on rank zero: the record's folder and, without ``exc``,
+        :func:`~entrotrain.dashboards.remedies.what_to_try` (``[]`` without a record or off rank zero)."""
         record, self.record = self.record, None
-        if record is not None and distributed()[1] == 0:
-            record.finalize("success" if exc is None else "failed", exc)
+        if record is None or distributed()[1] != 0:
+            return []
+        record.finalize("success" if exc is None else "failed", exc)
+        if not record.started:
+            return []
+        lines = [f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})"]
+        return lines + (what_to_try(record.log_dir) if exc is None else [])
 
     def record_policy(self, **tensors: Any) -> bool:
         """Hand a micro-batch's per-token tensors to every :class:`PolicyEntropyMonitor` (kept only by those armed);
@@ -663,9 +686,14 @@ class MonitorSession:
     def _entries(self) -> list[tuple[str, Any]]:
         return [(m.state_key, m) for m in self.monitors] + [(g.state_key, g) for g in self.guards]
 
-    def state_dict(self) -> dict[str, Any]:
-        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able)."""
-        return {key: obj.state_dict() for key, obj in self._entries()}
+    def state_dict(self, step: int = 0) -> dict[str, Any]:
+        """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able), and with an open run record its
+        :meth:`~RunRecordLogger.checkpoint_entry` at optimizer step ``step`` (under ``CHECKPOINT_KEY``)."""
+        state = {key: obj.state_dict() for key, obj in self._entries()}
+        entry = self.record.checkpoint_entry(step) if self.record is not None else None
+        if entry is not None:
+            state[CHECKPOINT_KEY] = entry
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (entries of monitors or guards not configured here are ignored)."""

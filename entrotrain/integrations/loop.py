@@ -86,10 +86,11 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
 from entrotrain.callbacks.collapse_guard import run_start
-from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger
 from entrotrain.errors import EntrotrainError
-from entrotrain.integrations._monitor_session import MonitorSession, distributed, readable_scalar, wandb_run
+from entrotrain.integrations._monitor_session import (
+    MonitorSession, RecordSpec, check_record, distributed, readable_scalar, wandb_run,
+)
 
 __all__ = ["EntropyMonitors"]
 
@@ -138,7 +139,7 @@ class EntropyMonitors:
         every_n_steps: int | None = None,
         log: Callable[..., Any] | None = None,
         print_summary: bool = True,
-        record: str | os.PathLike[str] | RunRecordLogger | None = None,
+        record: RecordSpec = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop", policy=True)
@@ -150,20 +151,12 @@ class EntropyMonitors:
         self.every_n_steps = every_n_steps
         self.log = log
         self.print_summary = check_bool(print_summary, "EntropyMonitors(print_summary)")
-        if record is not None and not isinstance(record, (str, os.PathLike, RunRecordLogger)):
-            raise EntrotrainError(
-                "EntropyMonitors(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got "
-                f"{type(record).__name__}."
-            )
-        self._record_spec = record
+        self._record_spec = check_record(record, "EntropyMonitors")
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise EntrotrainError(
                 f"EntropyMonitors(checkpoint_dir) must be a folder path or None; got {type(checkpoint_dir).__name__}."
             )
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        #: The run record of the current run (a :class:`~entrotrain.dashboards.RunRecordLogger`, writing on rank zero)
-        #: while watching with ``record=``, else ``None``. Log your own scalars to it with ``log_metrics``.
-        self.record: RunRecordLogger | None = None
         #: The finite scalars of the last step (``{}`` when it did not log), plus ``{monitor}/alert`` for a firing.
         self.logs: dict[str, float] = {}
         #: The last step's wandb media (rank zero, with an active wandb run), keyed as the Lightning monitors log them.
@@ -187,6 +180,12 @@ class EntropyMonitors:
     @property
     def guards(self) -> list[Any]:
         return self.session.guards
+
+    @property
+    def record(self) -> RunRecordLogger | None:
+        """The run record of the current run (a :class:`~entrotrain.dashboards.RunRecordLogger`, writing on rank
+        zero) while watching with ``record=``, else ``None``. Log your own scalars to it with ``log_metrics``."""
+        return self.session.record
 
     # ------------------------------------------------------------------ lifecycle
     def watch(
@@ -223,10 +222,7 @@ class EntropyMonitors:
             from entrotrain.dashboards.wandb_media import define_entropy_summaries
 
             define_entropy_summaries(run)
-        if self._record_spec is not None:
-            spec = self._record_spec
-            self.record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec)
-            self.session.open_record(self.record, resume=self._saved_record)
+        self.session.open_record(self._record_spec, resume=self._saved_record)
         self._saved_record = None
         return self
 
@@ -241,17 +237,14 @@ class EntropyMonitors:
         if self._model is None:
             return
         self._model = None
-        record, self.record = self.record, None
-        self.session.close_record(exc)
+        closing = self.session.close_record(exc)
         if distributed()[1] != 0:
             return
         if summary and self.print_summary:
             for table in self.session.summaries():
                 print(table)
-        if record is not None and record.started:
-            print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
-            for line in what_to_try(record.log_dir) if exc is None else []:
-                print(line)
+        for line in closing:
+            print(line)
 
     def __enter__(self) -> EntropyMonitors:
         if self._model is None:
@@ -357,11 +350,7 @@ class EntropyMonitors:
     def state_dict(self) -> dict[str, Any]:
         """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able), and the run record's folder and
         last completed step: put it in your checkpoint."""
-        state = self.session.state_dict()
-        entry = self.record.checkpoint_entry(self._done if self._done is not None else 0) if self.record else None
-        if entry is not None:
-            state[CHECKPOINT_KEY] = entry
-        return state
+        return self.session.state_dict(self._done if self._done is not None else 0)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output: now when watching, else at the next :meth:`watch`."""

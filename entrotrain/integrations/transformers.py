@@ -123,9 +123,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard, run_start  # noqa: E402
-from entrotrain.dashboards.remedies import what_to_try  # noqa: E402
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger  # noqa: E402
-from entrotrain.integrations._monitor_session import MonitorSession, distributed, wandb_run  # noqa: E402
+from entrotrain.integrations._monitor_session import (  # noqa: E402
+    MonitorSession, RecordSpec, check_record, distributed, wandb_run,
+)
 
 __all__ = ["STATE_KEY", "EntropyTrainerCallback"]
 
@@ -164,13 +165,9 @@ class EntropyTrainerCallback(TrainerCallback):
         monitors: Sequence[Callback] = (),
         guards: Sequence[EntropyCollapseGuard] = (),
         log_media: bool = True,
-        record: str | os.PathLike[str] | RunRecordLogger | None = None,
+        record: RecordSpec = None,
     ) -> None:
-        if record is not None and not isinstance(record, (str, os.PathLike, RunRecordLogger)):
-            raise EntrotrainError(
-                "EntropyTrainerCallback(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got "
-                f"{type(record).__name__}."
-            )
+        record = check_record(record, "EntropyTrainerCallback")
         if not monitors and not guards and record is None:
             raise EntrotrainError("EntropyTrainerCallback needs at least one monitor, guard or record=; got none.")
         self.session = MonitorSession(
@@ -236,11 +233,7 @@ class EntropyTrainerCallback(TrainerCallback):
     def state_dict(self, step: int = 0) -> dict[str, Any]:
         """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able), and the run record's folder at
         optimizer step ``step``."""
-        state = self.session.state_dict()
-        entry = self.record.checkpoint_entry(step) if self.record is not None else None
-        if entry is not None:
-            state[CHECKPOINT_KEY] = entry
-        return state
+        return self.session.state_dict(step)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict)
@@ -283,8 +276,7 @@ class EntropyTrainerCallback(TrainerCallback):
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
             self.load_state_dict(saved)
-        if self._record_spec is not None:
-            self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
+        self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
         self._summaries_defined = False
         self._define_summaries(state)
         report_to = [r for r in (args.report_to or []) if r != "none"]
@@ -357,25 +349,24 @@ class EntropyTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.release()
-        record = self.record
-        self.session.close_record()
+        closing = self.session.close_record()
         if state.is_world_process_zero:
             for table in self.session.summaries():
                 print(table)
-            if record is not None and record.started:
-                print(f"entrotrain run record: {record.log_dir}   (entrotrain report {record.log_dir})")
-                for line in what_to_try(record.log_dir):
-                    print(line)
+            for line in closing:
+                print(line)
 
     def _open_record(self, args: TrainingArguments, model: nn.Module, resume: dict[str, Any] | None) -> None:
         """Start writing the run record (``record=``) for this ``train``: continue the one a resumed checkpoint
         names, with ``TrainingArguments`` and the model class as hyperparameters."""
-        spec = self._record_spec
+        if self._record_spec is None:
+            return
         run_name = str(args.run_name) if getattr(args, "run_name", None) else None
-        record = spec if isinstance(spec, RunRecordLogger) else RunRecordLogger(spec, run_name=run_name)
         hparams = {"trainer": "transformers.Trainer", "model": type(model).__name__,
                    "training_args": args.to_sanitized_dict()}
-        self.session.open_record(record, hparams=hparams, resume=resume, ckpt_path=self._resume_path)
+        self.session.open_record(
+            self._record_spec, hparams=hparams, resume=resume, ckpt_path=self._resume_path, run_name=run_name
+        )
 
     # ------------------------------------------------------------------ actions
     def _act(

@@ -284,7 +284,7 @@ def test_the_end_of_a_loop_run_prints_what_to_try(tmp_path: Path, capsys: pytest
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's end prints ``what_to_try`` of its own record (the diagnosis itself is tested on records in
     tests/dashboards/test_remedies.py); a healthy run prints no such lines."""
-    import entrotrain.integrations.loop as loop
+    import entrotrain.integrations._monitor_session as session  # where the run's end reads what to try
 
     asked: list[Path] = []
 
@@ -292,7 +292,7 @@ def test_the_end_of_a_loop_run_prints_what_to_try(tmp_path: Path, capsys: pytest
         asked.append(Path(run_dir))
         return ["entrotrain: what to try", "  Attention-entropy collapse: (evidence)"]
 
-    monkeypatch.setattr(loop, "what_to_try", fake)
+    monkeypatch.setattr(session, "what_to_try", fake)
     _short_run(tmp_path / "a")
     out = capsys.readouterr().out
     assert asked == [_only_record(tmp_path / "a").path] and "entrotrain: what to try" in out

@@ -52,10 +52,10 @@ roll back to is one saved at or before that step, and the message names the newe
 
 ``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
 for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
-entropy/attn_norm/min = 0.01222 fell below 0.05 (last good: 0.07496 at step 50)."``) at every firing, whatever the action, in Lightning, in
-``transformers.Trainer`` and in a plain loop. An ``Exception`` it raises is warned about once and never reaches
-training (``KeyboardInterrupt`` still interrupts). It runs inline on rank zero: keep it quick (post and return), since
-the other ranks wait at the next collective meanwhile.
+entropy/attn_norm/min = 0.01222 fell below 0.05 (last good: 0.07496 at step 50)."``) at every firing, whatever the
+action, in Lightning, in ``transformers.Trainer`` and in a plain loop. An ``Exception`` it raises is warned about
+once and never reaches training (``KeyboardInterrupt`` still interrupts). It runs inline on rank zero: keep it quick
+(post and return), since the other ranks wait at the next collective meanwhile.
 
 Lifecycle: every per-fit state (history, streak, episode, steps) is reset at ``setup(stage="fit")`` — before
 Lightning restores callbacks from ``ckpt_path`` (whether the strategy restores before or after ``on_fit_start``) —
@@ -561,11 +561,13 @@ def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str]
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise EntrotrainError(
-            f"EntropyCollapseGuard(notify={notify!r}): cannot import it ({type(err).__name__}: {err}). Check the module "
-            "is importable from where training runs (installed, or on PYTHONPATH) and the function's name."
+            f"EntropyCollapseGuard(notify={notify!r}): cannot import it ({type(err).__name__}: {err}). Check the "
+            "module is importable from where training runs (installed, or on PYTHONPATH) and the function's name."
         ) from err
     if not callable(target):
-        raise EntrotrainError(f"EntropyCollapseGuard(notify={notify!r}) names a {type(target).__name__}, not a callable.")
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(notify={notify!r}) names a {type(target).__name__}, not a callable."
+        )
     return target
 
 

@@ -16,10 +16,10 @@ shows each on a CPU.
 
 A cure the run already uses is said to be on (``sigma_reparam/*`` keys, a logged ``reg/{name}`` term, a policy
 loss's own metrics: ``policy/cov_selected`` for Clip-Cov / KL-Cov, ``policy/entropy_coef`` for the entropy bonus,
-``policy/token_weight_mean`` for STEER) instead of suggested. The thresholds are deliberately coarse: this is a pointer for the night the run goes wrong, with the
-evidence beside it, not a verdict. The report shows it as "What to try", ``entrotrain status`` under its findings,
-and a run that writes a record prints it when it ends (:func:`what_to_try`: ``entrotrain fit``, ``EntropyMonitors``,
-``EntropyTrainerCallback``).
+``policy/token_weight_mean`` for STEER) instead of suggested. The thresholds are deliberately coarse: this is a
+pointer for the night the run goes wrong, with the evidence beside it, not a verdict. The report shows it as "What to
+try", ``entrotrain status`` under its findings, and a run that writes a record prints it when it ends
+(:func:`what_to_try`: ``entrotrain fit``, ``EntropyMonitors``, ``EntropyTrainerCallback``).
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ def findings(run: RunData, sections: list[Section]) -> list[str]:
         for key in ("entropy/router/load_entropy_norm_min", "entropy/router/dead_frac_max"):
             fl = run.first_last(key)
             if fl:
-                out.append(f"{HEADLINES[key].capitalize()} ({key}) went from {value_format(key)(fl[0])} to {value_format(key)(fl[1])}.")
+                show = value_format(key)
+                out.append(f"{HEADLINES[key].capitalize()} ({key}) went from {show(fl[0])} to {show(fl[1])}.")
     if "information" in ids:
         out += info_figs.information_findings(run)
     task = ids.get("task")

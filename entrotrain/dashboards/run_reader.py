@@ -29,7 +29,10 @@ import numpy as np
 from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records", "load_run", "run_status"]
+__all__ = [
+    "GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records",
+    "load_run", "run_status",
+]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
 MONITOR_PREFIXES = ("entropy/", "sigma_reparam/", "info/")

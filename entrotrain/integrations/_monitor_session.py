@@ -52,7 +52,8 @@ def check_record(record: Any, owner: str) -> RecordSpec:
     """``owner(record=...)`` as given, or :class:`EntrotrainError` naming what it takes."""
     if record is not None and not isinstance(record, (str, os.PathLike, RunRecordLogger)):
         raise EntrotrainError(
-            f"{owner}(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got {type(record).__name__}."
+            f"{owner}(record) must be a folder (e.g. 'runs') or a RunRecordLogger, or None; got "
+            f"{type(record).__name__}."
         )
     return record
 

@@ -169,7 +169,7 @@ class EntropyMonitors:
         self._observed: dict[str, Any] = {}
         self._saved: dict[str, Any] | None = None
         self._saved_record: dict[str, Any] | None = None  # the record a loaded checkpoint names, until watch
-        self._since: float | None = None  # checkpoints modified before it belong to an earlier run
+        self._run_start: float | None = None  # checkpoints modified before it belong to an earlier run
         self._step: int | None = None
         self._done: int | None = None  # the last step whose block completed (steps must increase)
 
@@ -213,7 +213,7 @@ class EntropyMonitors:
         self._optimizers = _as_list(optimizer)
         self._schedulers = _as_list(scheduler)
         self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
-        self._since = run_start(resumed=self._saved is not None)  # older files are another run's checkpoints
+        self._run_start = run_start(resumed=self._saved is not None)  # older files are another run's checkpoints
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
@@ -339,7 +339,7 @@ class EntropyMonitors:
             folder = self.checkpoint_dir
             saved = folder.iterdir() if folder is not None and folder.is_dir() else ()
             self.should_stop |= self.session.act(
-                guard, reason, step, self._optimizers, self._schedulers, saved, since=self._since
+                guard, reason, step, self._optimizers, self._schedulers, saved, since=self._run_start
             )
             self.logs[f"{guard.monitor}/alert"] = 1.0
         self.session.record_scalars(self.logs, step)
@@ -365,7 +365,7 @@ class EntropyMonitors:
             self._saved, self._saved_record = state, entry
         else:
             self.session.load_state_dict(state)
-            self._since = run_start(resumed=True)  # a resumed run: its earlier checkpoints are its own
+            self._run_start = run_start(resumed=True)  # a resumed run: its earlier checkpoints are its own
             if self.record is not None:
                 self.record.resume_from_entry(entry)
 

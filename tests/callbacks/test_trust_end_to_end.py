@@ -33,7 +33,7 @@ from entrotrain.callbacks import (
     RepresentationEntropyMonitor,
     SigmaReparamMonitor,
 )
-from entrotrain.dashboards import run_record
+from entrotrain.callbacks import collapse_guard
 from tests.helpers.gpt_module import SEQ, VOCAB, GPTModule
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.recorders import Snapshot
@@ -86,7 +86,7 @@ def run_scenario(monitor: L.Callback, key: str, monkeypatch, max_steps: int = 8)
     """Fit NaNGPT with ``monitor``, a stopping guard on ``key`` and a spy logger; returns what the test checks."""
     events: list[tuple[str, str, str, int | None]] = []
     monkeypatch.setattr(
-        run_record, "record_event",
+        collapse_guard, "record_event",  # where the guard looks it up
         lambda trainer, k, message, level="alert", step=None: events.append((k, message, level, step)),
     )
     L.seed_everything(0)
@@ -161,7 +161,7 @@ def test_guard_listed_first_fires_one_step_later_at_the_same_observation(monkeyp
     """A guard listed before its monitor judges a publication at the next batch start, under the step it was
     published at: the event is still at step K + patience - 1, the stop comes one batch later."""
     events: list[tuple] = []
-    monkeypatch.setattr(run_record, "record_event", lambda trainer, k, m, level="alert", step=None: events.append(step))
+    monkeypatch.setattr(collapse_guard, "record_event", lambda trainer, k, m, level="alert", step=None: events.append(step))
     L.seed_everything(0)
     spy = SpyLogger()
     guard = EntropyCollapseGuard(ATTN_KEY, threshold=0.05, action="stop", patience=PATIENCE)

@@ -4,7 +4,8 @@
 a copied one included) through :class:`LightningCLI` (also ``validate`` / ``test`` / ``predict``, with every
 LightningCLI flag); ``entrotrain recipes`` lists the recipes; ``entrotrain report RUN_DIR [RUN_DIR2] [-o OUT]`` turns
 a run record into an HTML report; ``entrotrain status [RUN_DIR | FOLDER]`` says in the terminal where runs stand
-(``--follow SECONDS`` redraws); ``entrotrain --help`` lists all seven.
+(``--follow SECONDS`` redraws); ``entrotrain inspect CHECKPOINT ...`` runs the monitors on saved checkpoints
+(:mod:`entrotrain.integrations.inspect_checkpoints`); ``entrotrain --help`` lists all eight.
 
 Every run writes a local run record (:class:`~entrotrain.dashboards.RunRecordLogger`, beside whatever logger the
 recipe names) under ``<default_root_dir>/records/``; its folder is printed when the run ends.
@@ -45,6 +46,8 @@ SUBCOMMAND_HELP: dict[str, str] = {
     "predict": "Run inference on your data.",
     "report": "Write an HTML report (with PNG figures) of a run record; two runs are overlaid (failure vs cure).",
     "status": "Where runs stand, in the terminal: status, key numbers with trends, what happened (from run records).",
+    "inspect": "The entropy of saved checkpoints (Lightning or HF), per head and over steps: date a collapse after "
+    "the fact.",
     "recipes": "List the bundled recipes and the command that runs each.",
 }
 
@@ -262,6 +265,11 @@ def main(args: Any = None) -> Any:
             if code:
                 raise SystemExit(code)
             return None
+        if argv[0] == "inspect":
+            from entrotrain.integrations.inspect_checkpoints import inspect_main
+
+            inspect_main(argv[1:])
+            return None
         if argv[0] in _RUN_SUBCOMMANDS:
             argv = _expand_recipe(argv)
         args = argv
@@ -296,7 +304,7 @@ def console() -> None:
     Before a run starts (and before torch is imported: ``import entrotrain`` does not import it), the CPU threading
     defaults of :func:`entrotrain._cpu_threads.configure_cpu_threads` are applied: ``OMP_WAIT_POLICY=PASSIVE`` unless
     the user set their own (same results, far less CPU time on a busy machine)."""
-    if sys.argv[1:2] and sys.argv[1] in _RUN_SUBCOMMANDS:
+    if sys.argv[1:2] and sys.argv[1] in (*_RUN_SUBCOMMANDS, "inspect"):
         from entrotrain._cpu_threads import configure_cpu_threads
 
         configure_cpu_threads()

@@ -1,4 +1,4 @@
-"""`entrotrain --help` lists all six subcommands, stays light (no lightning import for --help / recipes), and the
+"""`entrotrain --help` lists every subcommand, stays light (no lightning import for --help / recipes), and the
 "no wandb login" notice is printed only when a run with a wandb logger starts."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _no_wandb_login(monkeypatch, tmp_path) -> None:
 def test_help_lists_every_subcommand_with_its_line(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    assert "{fit,validate,test,predict,report,status,recipes}" in out
+    assert "{fit,validate,test,predict,report,status,inspect,recipes}" in out
     for name, line in SUBCOMMAND_HELP.items():
         assert f"  {name}" in out and line in out
     assert "entrotrain fit --recipe attention_collapse" in out

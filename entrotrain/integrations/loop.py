@@ -159,6 +159,9 @@ class EntropyMonitors:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         #: The finite scalars of the last step (``{}`` when it did not log), plus ``{monitor}/alert`` for a firing.
         self.logs: dict[str, float] = {}
+        #: The last step's statistics as computed: :attr:`logs` without the alerts, NaN kept for one that could not
+        #: be computed (``{}`` when the step did not log).
+        self.computed: dict[str, float] = {}
         #: The last step's wandb media (rank zero, with an active wandb run), keyed as the Lightning monitors log them.
         self.media: dict[str, Any] = {}
         #: True once a guard with ``action="stop"`` has fired: leave the training loop.
@@ -273,7 +276,7 @@ class EntropyMonitors:
                 f"epochs); got {step} after {self._done}. Pass a global step counter, not the batch index of an epoch, "
                 "and put every micro-batch of one optimizer step inside one block."
             )
-        self.logs, self.media, self._observed, self._step = {}, {}, {}, step
+        self.logs, self.computed, self.media, self._observed, self._step = {}, {}, {}, {}, step
         due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.period) == 0]
         if due:
             self.session.arm(step, due)
@@ -332,7 +335,8 @@ class EntropyMonitors:
     def _finish(self, step: int) -> None:
         send = wandb_run() is not None
         metrics, self.media = self.session.collect(step, media=send)
-        self.logs = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        self.computed = {k: float(v) for k, v in metrics.items()}
+        self.logs = {k: v for k, v in self.computed.items() if math.isfinite(v)}
         fired = self.session.observe({**self._observed, **metrics}, step) + self.session.check_stale(step)
         self._observed = {}
         for guard, reason in fired:

@@ -1,0 +1,272 @@
+"""Checkpoints to inspect, and the batches to inspect them on: what ``entrotrain inspect`` reads.
+
+Two kinds of checkpoint, told apart by what is on disk:
+
+- **Lightning** (``*.ckpt``, e.g. ``epoch=0-step=200.ckpt``). A checkpoint written by ``entrotrain fit`` or any
+  ``LightningCLI`` run names its ``LightningModule`` and ``LightningDataModule`` classes and their arguments, so it
+  rebuilds both by itself: :func:`load_lightning`. Lightning refuses to import a class a checkpoint names (a
+  checkpoint could name any code); entrotrain's own classes are imported, any other module must be named by the user
+  (``--import my_project.models``). The batches are the datamodule's validation (or training) batches.
+- **Hugging Face** (a folder with ``config.json``: ``save_pretrained``, ``Trainer``'s ``output_dir/checkpoint-N``).
+  Loaded from disk only (``local_files_only``), with SDPA attention; the batches are windows of a text file tokenised
+  with the checkpoint's own tokenizer (:func:`text_batches`).
+
+A folder expands to the checkpoints inside it (``checkpoint-N`` folders, or ``*.ckpt`` files at any depth), ordered
+by the training step their name carries (``step=N``, ``checkpoint-N``, ``step_N``), so a run's checkpoints read as a
+trajectory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = [
+    "Checkpoint", "find_checkpoints", "lightning_batches", "lightning_forward", "load_hf", "load_hf_tokenizer",
+    "load_lightning", "text_batches",
+]
+
+_STEP = re.compile(r"(?:step[=_-]?|checkpoint-|ckpt[_-]|global_step)(\d+)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint: its path, its kind (``"lightning"`` or ``"hf"``) and the training step its name carries."""
+
+    path: Path
+    kind: str
+    step: int | None
+
+    @property
+    def label(self) -> str:
+        return f"step {self.step}" if self.step is not None else self.path.name
+
+
+def _step_of(path: Path) -> int | None:
+    found = _STEP.findall(path.name)
+    return int(found[-1]) if found else None
+
+
+def _is_hf(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _expand(path: Path) -> list[Checkpoint]:
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise EntrotrainError(
+                f"entrotrain inspect: {path} is neither a Lightning checkpoint (*.ckpt) nor a Hugging Face model "
+                "folder (one holding config.json); pass a checkpoint, or a folder of them."
+            )
+        return [Checkpoint(path, "lightning", _step_of(path))]
+    if _is_hf(path):
+        return [Checkpoint(path, "hf", _step_of(path))]
+    hf = [Checkpoint(p, "hf", _step_of(p)) for p in path.iterdir() if _is_hf(p)]
+    if hf:
+        return hf
+    found = [Checkpoint(p, "lightning", _step_of(p)) for p in path.rglob("*.ckpt") if p.is_file()]
+    if not found:
+        raise EntrotrainError(
+            f"entrotrain inspect: no checkpoint in {path}: no *.ckpt file below it, no config.json in it or in a "
+            "folder directly inside it. Lightning saves checkpoints only with checkpointing on: add "
+            "`--trainer.enable_checkpointing true --trainer.callbacks+=ModelCheckpoint "
+            "--trainer.callbacks.every_n_train_steps 50 --trainer.callbacks.save_top_k -1` to `entrotrain fit`."
+        )
+    return found
+
+
+def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
+    """The checkpoints ``paths`` name (files, model folders, or folders holding them), ordered by step (those
+    without a step in their name last, by name); duplicates once.
+
+    Raises:
+        EntrotrainError: a path that does not exist or holds no checkpoint, or Lightning and Hugging Face checkpoints
+            mixed (their batches differ).
+    """
+    found: dict[Path, Checkpoint] = {}
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise EntrotrainError(f"entrotrain inspect: {path} does not exist.")
+        for ckpt in _expand(path):
+            found.setdefault(ckpt.path.resolve(), ckpt)
+    if not found:
+        raise EntrotrainError("entrotrain inspect: name at least one checkpoint (a *.ckpt file or a model folder).")
+    kinds = {c.kind for c in found.values()}
+    if len(kinds) > 1:
+        raise EntrotrainError(
+            "entrotrain inspect: Lightning (*.ckpt) and Hugging Face checkpoints mixed; inspect each kind on its own."
+        )
+    return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, str(c.path)))
+
+
+# ---------------------------------------------------------------------------------------------------- Lightning
+def _import_named(class_path: str | None, imports: Sequence[str], what: str, path: Path) -> None:
+    """Import the module of ``class_path`` when it is entrotrain's own or the user named it in ``imports``."""
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise EntrotrainError(f"entrotrain inspect --import {module}: cannot import it ({err}).") from err
+    if not class_path:
+        return
+    module = class_path.rpartition(".")[0]
+    if module == "entrotrain" or module.startswith("entrotrain."):
+        importlib.import_module(module)
+        return
+    if not any(module == m or module.startswith(m + ".") for m in imports):
+        raise EntrotrainError(
+            f"entrotrain inspect: {path} names the {what} class {class_path}; importing a module a checkpoint names "
+            f"runs its code, so it is imported only when you name it: add `--import {module}` if you trust it."
+        )
+
+
+def load_lightning(
+    path: Path, imports: Sequence[str] = (), map_location: str = "cpu", data: bool = True
+) -> tuple[nn.Module, Any]:
+    """The ``LightningModule`` of a Lightning checkpoint and, with ``data`` and when the checkpoint names one
+    (``LightningCLI`` runs do), its ``LightningDataModule`` (else ``None``).
+
+    Raises:
+        EntrotrainError: the checkpoint cannot be read, names no module class (a checkpoint not written through
+            ``LightningCLI``: use :func:`~entrotrain.integrations.snapshot.entropy_snapshot` in Python), or names a
+            class outside entrotrain that ``imports`` does not cover.
+    """
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
+        raise EntrotrainError(f"entrotrain inspect: cannot read {path} as a checkpoint ({err}).") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise EntrotrainError(f"entrotrain inspect: {path} is not a Lightning checkpoint (no state_dict).")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "_class_path" not in hparams:
+        raise EntrotrainError(
+            f"entrotrain inspect: {path} does not name its LightningModule class (it was not written through "
+            "LightningCLI / `entrotrain fit`). Load the model yourself and call "
+            "entrotrain.integrations.snapshot.entropy_snapshot(model, batches)."
+        )
+    _import_named(hparams["_class_path"], imports, "LightningModule", path)
+    data_hparams = (checkpoint.get("datamodule_hyper_parameters") or {}) if data else {}
+    _import_named(data_hparams.get("_class_path"), imports, "LightningDataModule", path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's notes on upgrading the checkpoint format
+        module = LightningModule.load_from_checkpoint(path, map_location=map_location)
+        datamodule = LightningDataModule.load_from_checkpoint(path) if "_class_path" in data_hparams else None
+    return module, datamodule
+
+
+def lightning_batches(datamodule: Any, split: str, count: int) -> list[Any]:
+    """The first ``count`` batches of ``datamodule``'s ``split`` (``"val"`` or ``"train"``) dataloader."""
+    if datamodule is None:
+        raise EntrotrainError(
+            "entrotrain inspect: the checkpoint names no LightningDataModule (data passed to fit() directly), so "
+            "there is no data to inspect it on. Use entrotrain.integrations.snapshot.entropy_snapshot(model, batches)."
+        )
+    datamodule.prepare_data()
+    datamodule.setup("validate" if split == "val" else "fit")
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.train_dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    if not batches:
+        raise EntrotrainError(f"entrotrain inspect: the datamodule's {split} dataloader gave no batch.")
+    return batches
+
+
+def lightning_forward(module: Any) -> Any:
+    """``forward(model, batch)`` for :func:`~entrotrain.integrations.snapshot.entropy_snapshot` on a
+    ``LightningModule``: its ``validation_step`` (what it computes on held-out data, loss included) when it defines
+    one, else its ``forward``; ``self.log`` calls outside a Trainer are silenced."""
+    from lightning.pytorch import LightningModule
+
+    own = type(module).validation_step is not LightningModule.validation_step
+    index = iter(range(1 << 62))
+
+    def forward(model: Any, batch: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*self\.log\(\).*")
+            if own:
+                return model.validation_step(batch, next(index))
+            from entrotrain.integrations.snapshot import call_model
+
+            return call_model(model, batch)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Hugging Face model folder, from disk only, with SDPA attention: ``AutoModelForCausalLM`` when its config
+    names a ``*ForCausalLM`` architecture (its loss is then the language-modelling loss), else ``AutoModel``."""
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    except ImportError as err:
+        raise EntrotrainError(
+            "entrotrain inspect: Hugging Face checkpoints need transformers: pip install 'entrotrain[hf]'."
+        ) from err
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or ()))
+    auto = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
+    except (ValueError, ImportError):  # a model without an SDPA implementation: eager is tapped too
+        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", dtype=dtype)
+    model._entrotrain_causal = causal  # type: ignore[attr-defined]
+    return model.to(device)
+
+
+def load_hf_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path`` (or its parent: ``Trainer`` saves it in ``output_dir`` too), from disk only."""
+    from transformers import AutoTokenizer
+
+    for folder in (path, path.parent):
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, TypeError):
+            continue
+    raise EntrotrainError(
+        f"entrotrain inspect: no tokenizer saved in {path} or {path.parent}; pass --tokenizer FOLDER (one where "
+        "tokenizer.save_pretrained wrote it)."
+    )
+
+
+def text_batches(
+    tokenizer: Any, text: str, seq_len: int, batch_size: int, count: int, labels: bool, device: str = "cpu"
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches of ``batch_size`` windows of ``seq_len`` tokens of ``text``, spread evenly over it (the same
+    windows for every checkpoint): ``input_ids``, an all-ones ``attention_mask`` and, with ``labels``, ``labels``
+    (the causal LM's loss)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    windows = batch_size * count
+    if ids.numel() < seq_len:
+        raise EntrotrainError(
+            f"entrotrain inspect --text: the text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; give a "
+            "longer text or a smaller --seq-len."
+        )
+    starts = torch.linspace(0, ids.numel() - seq_len, windows).round().long()
+    rows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    batches = []
+    for chunk in rows.split(batch_size):
+        chunk = chunk.to(device)
+        batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        if labels:
+            batch["labels"] = chunk
+        batches.append(batch)
+    return batches

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from entrotrain.errors import EntrotrainError
+from entrotrain.errors import EntrotrainError, TapError
 
 __all__ = ["DEFAULT_KEYS", "collapse_onset", "fallen_heads", "inspect_main", "snapshot_table"]
 
@@ -289,7 +289,7 @@ def inspect_main(argv: list[str]) -> int:
         if args.record:
             lines += ["", f"entrotrain inspect: run record {record}   (entrotrain report {record})"]
         print("\n".join(lines))
-    except EntrotrainError as err:
+    except (EntrotrainError, TapError) as err:  # a model whose attention cannot be tapped: the tap's message
         print(f"entrotrain inspect: error: {str(err).removeprefix('entrotrain inspect: ')}", file=sys.stderr)
         raise SystemExit(2) from err
     return 0

@@ -48,8 +48,8 @@ class EntropySnapshot:
 
     Attributes:
         metrics: every statistic the monitors published (the keys of training: ``entropy/attn_norm/min``,
-            ``entropy/attn/L{l}/H{h}``, ``entropy/repr/{layer}/rankme``, ...), NaN for one that could not be computed,
-            plus ``loss``: the mean of the scalars ``forward`` returned, when it returned one for every batch.
+            ``entropy/attn/L{l}/H{h}``, ``entropy/repr/{layer}/rankme``, ...); a statistic that could not be computed
+            (every row non-finite: see the ``…/nonfinite`` counts) is absent or NaN, never made up; plus ``loss``: the mean of the scalars ``forward`` returned, when it returned one for every batch.
         sites: what the ``L{l}`` of the attention keys and the representation layers are: ``{"L0": "blocks.0.attn"}``.
         arrays: the arrays a run record stores for the report (attention heatmap, spectra, ...).
         thresholds: the monitors' thresholds (collapse / overload lines), as a run record stores them.
@@ -94,8 +94,9 @@ def entropy_snapshot(
         An :class:`EntropySnapshot`.
 
     Raises:
-        EntrotrainError: no batch, a model that is not an ``nn.Module``, a ``forward`` that is not callable, an
-            unsupported monitor, or (attention monitor) a model whose attention cannot be tapped.
+        EntrotrainError: no batch, a model that is not an ``nn.Module``, a ``forward`` that is not callable, or an
+            unsupported monitor.
+        TapError: (attention monitor) a model whose attention cannot be tapped; the message names the fix.
     """
     if not isinstance(model, nn.Module):
         raise EntrotrainError(f"entropy_snapshot(model) needs an nn.Module, got {type(model).__name__}.")

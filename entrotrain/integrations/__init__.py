@@ -1,5 +1,5 @@
 """Adapters to other trainers: your own training loop (``EntropyMonitors``), HF ``Trainer`` callbacks, TRL's
-``GRPOTrainer``, verl's policy-loss registry.
+``GRPOTrainer``, verl's policy-loss registry; and saved checkpoints (``entropy_snapshot``, ``entrotrain inspect``).
 
 Thin glue over the same taps, functional maths and reductions as the Lightning callbacks, with the same keys. Their
 packages are optional: ``import entrotrain.integrations`` imports none of them; each adapter is imported on first use.
@@ -18,6 +18,8 @@ _LAZY = {
     "EntrotrainGRPOTrainer": "entrotrain.integrations.trl",
     "trl_grpo_loss": "entrotrain.integrations.trl",
     "PolicyStatsRecorder": "entrotrain.integrations.policy_stats",
+    "entropy_snapshot": "entrotrain.integrations.snapshot",
+    "EntropySnapshot": "entrotrain.integrations.snapshot",
 }
 
 __all__ = ["make_verl_loss_fns", "register_verl_losses", *_LAZY]

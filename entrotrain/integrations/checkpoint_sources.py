@@ -192,7 +192,7 @@ def lightning_batches(datamodule: Any, split: str, count: int) -> list[Any]:
 def lightning_forward(module: Any) -> Any:
     """``forward(model, batch)`` for :func:`~entrotrain.integrations.snapshot.entropy_snapshot` on a
     ``LightningModule``: its ``validation_step`` (what it computes on held-out data, loss included) when it defines
-    one, else its ``forward``; ``self.log`` calls outside a Trainer are silenced."""
+    one, called as the module's forward; else its ``forward``. ``self.log`` calls outside a Trainer are silenced."""
     from lightning.pytorch import LightningModule
 
     own = type(module).validation_step is not LightningModule.validation_step
@@ -201,11 +201,17 @@ def lightning_forward(module: Any) -> Any:
     def forward(model: Any, batch: Any) -> Any:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*self\.log\(\).*")
-            if own:
-                return model.validation_step(batch, next(index))
-            from entrotrain.integrations.snapshot import call_model
+            if not own:
+                from entrotrain.integrations.snapshot import call_model
 
-            return call_model(model, batch)
+                return call_model(model, batch)
+            # called through the module itself, so the hooks a monitor puts on the root module's forward (the
+            # prediction monitor's batch watch) see the step, as they see training_step's self(...) in a loop
+            model.forward = model.validation_step
+            try:
+                return model(batch, next(index))
+            finally:
+                del model.forward
 
     return forward
 

@@ -47,6 +47,7 @@ DEFAULT_KEYS = (
     "entropy/attn_norm/min", "entropy/attn_norm/p05", "entropy/attn_norm/mean",
     "entropy/attn/collapse_frac", "entropy/attn/overload_frac", "entropy/attn_norm/L*/mean",
     "entropy/repr/*/rankme", "entropy/repr/*/effective_rank", "entropy/repr/*/matrix_entropy",
+    "entropy/pred/train/mean", "entropy/pred/train/top1_prob", "entropy/pred/train/below_floor_frac",
     "entropy/*/nonfinite",
 )
 _HEAD = re.compile(r"^entropy/attn_norm/(L\d+)/(H\d+)$")
@@ -147,13 +148,19 @@ def collapse_onset(results: Sequence[tuple[Any, Any]], threshold: float) -> list
     return []
 
 
-def _monitors(args: argparse.Namespace) -> list[Any]:
+def _monitors(args: argparse.Namespace, shift_labels: bool = False) -> list[Any]:
     from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
     from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 
     monitors: list[Any] = [AttentionEntropyMonitor(collapse_threshold=args.collapse_threshold)]
     if args.representation:
         monitors.append(RepresentationEntropyMonitor(include=list(args.representation), stage="train"))
+    if args.prediction:  # the output head's predictive entropy on the inspected batches (keys entropy/pred/train/*)
+        monitors.append(PredictionEntropyMonitor(
+            source="head", head=args.prediction, probe_batches=0, positions=0, shift_labels=shift_labels,
+            print_summary=False, log_media=False,
+        ))
     return monitors
 
 
@@ -204,7 +211,8 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
                 batches = sources.text_batches(tokenizer, text, seq_len, args.batch_size, args.batches,
                                                labels=model._entrotrain_causal, device=args.device)
                 what = f"{len(batches)} batches of {args.batch_size} × {seq_len} tokens of {args.text}"
-            results.append((ckpt, entropy_snapshot(model, batches, _monitors(args))))
+            monitors = _monitors(args, shift_labels=model._entrotrain_causal)  # HF labels are the inputs
+            results.append((ckpt, entropy_snapshot(model, batches, monitors)))
     kind = "Lightning" if checkpoints[0].kind == "lightning" else "Hugging Face"
     return results, f"{len(results)} {kind} checkpoint{'s' * (len(results) != 1)}, {what}, eval mode, {args.device}"
 
@@ -257,6 +265,9 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="Hugging Face: windows per batch (default 8)")
     parser.add_argument("--representation", nargs="+", default=None, metavar="GLOB",
                         help="also the representation monitor on these modules (e.g. 'model.blocks.*')")
+    parser.add_argument("--prediction", nargs="?", const="**.lm_head", default=None, metavar="HEAD",
+                        help="also the predictive entropy of the output head (a glob, default '**.lm_head'): "
+                        "entropy/pred/train/* on the inspected batches")
     parser.add_argument("--collapse-threshold", type=float, default=0.1,
                         help="a head is collapsed below this normalised entropy (default 0.1)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",

@@ -1,0 +1,31 @@
+"""Classes outside the ``entrotrain`` package that a Lightning checkpoint can name: ``entrotrain inspect`` imports
+this module only when told to (``--import tests.helpers.inspect_outside``). The tests never import it themselves,
+so whether inspect did is seen in ``sys.modules``."""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule
+
+from entrotrain.tasks import CharCorpusDataModule, LanguageModelingTask
+
+
+class OutsideTask(LanguageModelingTask):
+    """The language-modelling task under another module's name."""
+
+
+class TrainOnlyData(LightningDataModule):
+    """A datamodule with training batches only (no ``val_dataloader``)."""
+
+    def __init__(self, block_size: int = 16, batch_size: int = 4, max_chars: int = 20000, **_: object) -> None:
+        super().__init__()
+        self.inner = CharCorpusDataModule(block_size=block_size, batch_size=batch_size, max_chars=max_chars)
+
+    def train_dataloader(self):  # noqa: ANN201
+        return self.inner.train_dataloader()
+
+
+class ListValData(CharCorpusDataModule):
+    """``val_dataloader`` returns a list of two loaders (Lightning's multiple validation sets)."""
+
+    def val_dataloader(self):  # noqa: ANN201
+        return [super().val_dataloader(), super().val_dataloader()]

@@ -140,7 +140,8 @@ def collapse_onset(results: Sequence[tuple[Any, Any]], threshold: float) -> list
         return []
     for i in range(1, len(results)):
         if math.isfinite(shares[i]) and shares[i] > shares[0]:
-            before = [f"{round(shares[j] * heads[j])} at {results[j][0].label}" for j in sorted({0, i - 1})]
+            before = [f"{round(shares[j] * heads[j])} at {results[j][0].label}" for j in sorted({0, i - 1})
+                      if math.isfinite(shares[j])]
             verb = "first shows" if shares[0] == 0 else "grows"  # some heads may be collapsed from the first one on
             return [
                 f"Collapse {verb} at {results[i][0].label}: {round(shares[i] * heads[i])} of {heads[i]} heads "

@@ -394,6 +394,15 @@ def test_collapse_onset_names_the_first_rise():
     assert collapse_onset(results[2:][::-1], 0.1) == []  # a fall is no onset
 
 
+def test_collapse_onset_with_nan_shares():
+    steady = _heads(0.9, 0.9, 0.9, 0.9, share=0.0)
+    collapsed = _heads(0.05, 0.9, 0.9, 0.9, share=0.25)
+    unknown = _heads(math.nan, 0.9, 0.9, 0.9, share=math.nan)
+    assert collapse_onset(_results(unknown, collapsed), 0.1) == []  # no baseline
+    lines = collapse_onset(_results(steady, unknown, collapsed), 0.1)
+    assert len(lines) == 1 and lines[0].startswith("Collapse first shows at step 30: 1 of 4 heads below 0.1")
+
+
 def test_table_thins_columns_keeps_first_and_last():
     results = _results(*[{"loss": float(i)} for i in range(7)])
     lines = snapshot_table(results, ["loss"], columns=3)

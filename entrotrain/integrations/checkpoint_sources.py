@@ -57,6 +57,10 @@ def _step_of(path: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def _natural(text: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _is_hf(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -87,7 +91,8 @@ def _expand(path: Path) -> list[Checkpoint]:
 
 def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     """The checkpoints ``paths`` name (files, model folders, or folders holding them), ordered by step (those
-    without a step in their name last, by name); duplicates once.
+    without a step in their name last, by name, numbers in it by value: ``epoch=2`` before ``epoch=10``); duplicates
+    once.
 
     Raises:
         EntrotrainError: a path that does not exist or holds no checkpoint, or Lightning and Hugging Face checkpoints
@@ -107,7 +112,7 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
         raise EntrotrainError(
             "entrotrain inspect: Lightning (*.ckpt) and Hugging Face checkpoints mixed; inspect each kind on its own."
         )
-    return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, str(c.path)))
+    return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, _natural(str(c.path))))
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning

@@ -162,6 +162,12 @@ def test_lightning_files_ordered_by_step_last_ckpt_last(tmp_path):
     assert found[-1].label == "last.ckpt" and found[0].label == "step 2"
 
 
+def test_names_without_a_step_in_natural_order(tmp_path):
+    for name in ("epoch=10.ckpt", "epoch=2.ckpt", "epoch=1.ckpt"):
+        _touch(tmp_path / name)
+    assert [c.path.name for c in find_checkpoints([tmp_path])] == ["epoch=1.ckpt", "epoch=2.ckpt", "epoch=10.ckpt"]
+
+
 def test_hf_checkpoint_folders_by_step_and_duplicates_once(tmp_path):
     for step in (10, 3, 200):
         _touch(tmp_path / f"out/checkpoint-{step}/config.json", "{}")

@@ -73,9 +73,9 @@ def _expand(path: Path) -> list[Checkpoint]:
                 "folder (one holding config.json); pass a checkpoint, or a folder of them."
             )
         return [Checkpoint(path, "lightning", _step_of(path))]
-    if _is_hf(path):
-        return [Checkpoint(path, "hf", _step_of(path))]
     hf = [Checkpoint(p, "hf", _step_of(p)) for p in path.iterdir() if _is_hf(p)]
+    if _is_hf(path):  # a model; Trainer's output_dir is one (save_model) with its checkpoint-N folders inside
+        return [*(c for c in hf if c.step is not None), Checkpoint(path, "hf", _step_of(path))]
     if hf:
         return hf
     found = [Checkpoint(p, "lightning", _step_of(p)) for p in path.rglob("*.ckpt") if p.is_file()]

@@ -178,6 +178,15 @@ def test_hf_checkpoint_folders_by_step_and_duplicates_once(tmp_path):
     ]
 
 
+def test_trainer_output_dir_with_final_model_expands_to_its_checkpoints(tmp_path):
+    # HF Trainer: output_dir/checkpoint-N during training, and trainer.save_model() writes output_dir itself
+    _touch(tmp_path / "out/config.json", "{}")
+    for step in (5, 10):
+        _touch(tmp_path / f"out/checkpoint-{step}/config.json", "{}")
+    found = find_checkpoints([tmp_path / "out"])
+    assert [c.path.name for c in found] == ["checkpoint-5", "checkpoint-10", "out"]
+
+
 def test_file_and_its_folder_once(tmp_path):
     ckpt = _touch(tmp_path / "epoch=0-step=2.ckpt")
     assert [c.path for c in find_checkpoints([ckpt, tmp_path, tmp_path / "." / ckpt.name])] == [ckpt]

@@ -19,6 +19,7 @@ trajectory.
 from __future__ import annotations
 
 import importlib
+import pickle
 import re
 import warnings
 from collections.abc import Sequence
@@ -149,8 +150,14 @@ def load_lightning(
     """
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights_only: unpickling a checkpoint's other objects runs code the file names, before any check here
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise EntrotrainError(
+            f"entrotrain inspect: {path} holds objects beyond tensors and plain values, and loading them would run code "
+            "the file names, so it is not loaded. If you trust it, load the model yourself and call "
+            f"entrotrain.integrations.snapshot.entropy_snapshot(model, batches) ({str(err).splitlines()[-1]})."
+        ) from err
     except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
         raise EntrotrainError(f"entrotrain inspect: cannot read {path} as a checkpoint ({err}).") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -167,8 +174,12 @@ def load_lightning(
     _import_named(data_hparams.get("_class_path"), imports, "LightningDataModule", path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's notes on upgrading the checkpoint format
-        module = LightningModule.load_from_checkpoint(path, map_location=map_location)
-        datamodule = LightningDataModule.load_from_checkpoint(path) if "_class_path" in data_hparams else None
+        try:
+            module = LightningModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+            datamodule = (LightningDataModule.load_from_checkpoint(path, weights_only=True)
+                          if "_class_path" in data_hparams else None)
+        except (ValueError, TypeError, RuntimeError, KeyError) as err:  # blocked, or arguments / weights mismatch
+            raise EntrotrainError(f"entrotrain inspect: cannot rebuild the classes {path} names ({err}).") from err
     return module, datamodule
 
 

@@ -234,6 +234,15 @@ def test_class_outside_entrotrain_needs_import(lightning_run, lightning_json, tm
         assert results[0]["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
+def test_checkpoint_pickle_runs_no_code(lightning_run, tmp_path, capsys):
+    from tests.helpers.inspect_models import OpensAFile
+
+    marker = tmp_path / "code_ran"
+    ckpt = rewrite_checkpoint(_ckpt(lightning_run, 2), tmp_path / "evil/step=2.ckpt", extra=OpensAFile(marker))
+    inspect_error(capsys, ckpt, "--batches", "1")
+    assert not marker.exists()
+
+
 def test_unknown_import_is_an_error(lightning_run, capsys):
     assert "no_such_module_xyz" in inspect_error(capsys, lightning_run, "--import", "no_such_module_xyz")
 

@@ -190,6 +190,14 @@ def lightning_batches(datamodule: Any, split: str, count: int) -> list[Any]:
             "entrotrain inspect: the checkpoint names no LightningDataModule (data passed to fit() directly), so "
             "there is no data to inspect it on. Use entrotrain.integrations.snapshot.entropy_snapshot(model, batches)."
         )
+    from lightning.pytorch import LightningDataModule
+
+    hook = "val_dataloader" if split == "val" else "train_dataloader"
+    if getattr(type(datamodule), hook) is getattr(LightningDataModule, hook):
+        raise EntrotrainError(
+            f"entrotrain inspect: {type(datamodule).__name__} defines no {hook}"
+            + ("; inspect on its training batches: --split train." if split == "val" else ".")
+        )
     datamodule.prepare_data()
     datamodule.setup("validate" if split == "val" else "fit")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.train_dataloader()

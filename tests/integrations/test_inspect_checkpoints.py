@@ -267,6 +267,16 @@ def test_a_checkpoint_with_more_layers_shows_dashes(lightning_run, tmp_path, cap
     assert row.split()[1] == "—" and math.isfinite(float(row.split()[2]))
 
 
+def test_datamodule_without_validation_batches(lightning_run, tmp_path, capsys):
+    src = _ckpt(lightning_run, 2)
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint["datamodule_hyper_parameters"], _class_path=f"{OUTSIDE}.TrainOnlyData")
+    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", datamodule_hyper_parameters=hparams)
+    assert "--split train" in inspect_error(capsys, ckpt, "--batches", "1", "--import", OUTSIDE)
+    results = inspect_json(capsys, ckpt, "--batches", "1", "--import", OUTSIDE, "--split", "train")
+    assert math.isfinite(results[0]["metrics"]["entropy/attn_norm/min"])
+
+
 def test_representation_glob_matching_nothing(lightning_run, capsys):
     err = inspect_error(capsys, lightning_run, "--batches", "1", "--representation", "no.such.*")
     assert "no.such.*" in err

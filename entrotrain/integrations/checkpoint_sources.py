@@ -261,11 +261,18 @@ def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32)
     return model.to(device)
 
 
+#: What ``save_pretrained`` of a tokenizer writes (any one of them).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_hf_tokenizer(path: Path) -> Any:
     """The tokenizer saved in ``path`` (or its parent: ``Trainer`` saves it in ``output_dir`` too), from disk only."""
     from transformers import AutoTokenizer
 
     for folder in (path, path.parent):
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            continue  # AutoTokenizer builds an empty tokenizer from config.json alone (transformers 5)
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError):

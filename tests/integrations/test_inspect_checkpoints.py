@@ -349,6 +349,12 @@ def test_hf_text_shorter_than_a_window(hf_run, tmp_path, capsys):
     assert "fewer than --seq-len" in inspect_error(capsys, hf_run[0], "--text", short, *HF_ARGS)
 
 
+def test_hf_seq_len_capped_at_the_positions(hf_run, capsys):
+    out, text, _ = hf_run
+    first = inspect(capsys, out, "--text", text, "--seq-len", "100", "--batches", "1").splitlines()[0]
+    assert "× 32 tokens" in first  # n_positions 32
+
+
 def test_hf_gqa_model(hf_run, tmp_path, capsys):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

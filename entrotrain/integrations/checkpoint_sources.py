@@ -243,15 +243,18 @@ def lightning_forward(module: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- Hugging Face
 def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """A Hugging Face model folder, from disk only, with SDPA attention: ``AutoModelForCausalLM`` when its config
-    names a ``*ForCausalLM`` architecture (its loss is then the language-modelling loss), else ``AutoModel``."""
+    names a causal-LM architecture (``*ForCausalLM``, ``GPT2LMHeadModel``, ...: its loss is then the language-modelling loss), else ``AutoModel``."""
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as err:
         raise EntrotrainError(
             "entrotrain inspect: Hugging Face checkpoints need transformers: pip install 'entrotrain[hf]'."
         ) from err
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or ()))
+    lm_classes = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    causal = any(a.endswith("ForCausalLM") or a in lm_classes for a in (config.architectures or ()))
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
         model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa", dtype=dtype)

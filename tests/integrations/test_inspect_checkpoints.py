@@ -340,6 +340,23 @@ def _same_as_snapshot(result: dict, model: torch.nn.Module, batches: list) -> No
         assert result["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
 
 
+def test_hf_numbers_equal_snapshot_of_the_transformers_model(hf_run, capsys):
+    from transformers import GPT2LMHeadModel
+
+    out, text, tokenizer = hf_run
+    results = inspect_json(capsys, out, "--text", text, *HF_ARGS)
+    assert [r["step"] for r in results] == [3, 10]
+    batches = _windows(tokenizer, labels=True)
+    for result in results:
+        model = GPT2LMHeadModel.from_pretrained(result["path"]).eval()
+        _same_as_snapshot(result, model, batches)
+        with torch.no_grad():
+            losses = [float(model(**batch).loss) for batch in batches]
+        assert result["metrics"]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+        assert result["sites"]["L1"] == "transformer.h.1.attn"
+    assert results[0]["metrics"]["loss"] != results[1]["metrics"]["loss"]
+
+
 def test_hf_needs_text(hf_run, capsys):
     assert "--text FILE" in inspect_error(capsys, hf_run[0])
 
@@ -353,6 +370,17 @@ def test_hf_seq_len_capped_at_the_positions(hf_run, capsys):
     out, text, _ = hf_run
     first = inspect(capsys, out, "--text", text, "--seq-len", "100", "--batches", "1").splitlines()[0]
     assert "× 32 tokens" in first  # n_positions 32
+
+
+def test_hf_tokenizer_elsewhere(hf_run, tmp_path, capsys):
+    out, text, _ = hf_run
+    models = tmp_path / "models"
+    shutil.copytree(out / "checkpoint-3", models / "checkpoint-3")
+    err = inspect_error(capsys, models, "--text", text, *HF_ARGS)
+    assert "--tokenizer" in err  # no tokenizer in the checkpoint or its parent
+    results = inspect_json(capsys, models, "--text", text, *HF_ARGS, "--tokenizer", out)
+    reference = inspect_json(capsys, out / "checkpoint-3", "--text", text, *HF_ARGS)
+    assert results[0]["metrics"] == reference[0]["metrics"] and "loss" in results[0]["metrics"]
 
 
 def test_hf_gqa_model(hf_run, tmp_path, capsys):

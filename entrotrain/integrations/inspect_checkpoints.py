@@ -166,6 +166,22 @@ def _monitors(args: argparse.Namespace, shift_labels: bool = False) -> list[Any]
     return monitors
 
 
+def _snapshot(ckpt: Any, model: Any, batches: list[Any], monitors: list[Any], forward: Any = None) -> Any:
+    """:func:`~entrotrain.integrations.snapshot.entropy_snapshot` of one checkpoint; the model failing on the batches
+    (a checkpoint of another configuration than the first, whose data they are) is an error naming it."""
+    from entrotrain.integrations.snapshot import entropy_snapshot
+
+    try:
+        return entropy_snapshot(model, batches, monitors, forward=forward)
+    except (EntrotrainError, TapError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the model's own error, raised from a checkpoint's code: say which
+        raise EntrotrainError(
+            f"entrotrain inspect: {ckpt.path} fails on the batches ({type(err).__name__}: {err}). They are built once, "
+            "from the first checkpoint's data or tokenizer: inspect checkpoints of one model configuration together."
+        ) from err
+
+
 def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
     """Every checkpoint's snapshot, in step order, and a line saying what was run on what."""
     import logging
@@ -173,7 +189,6 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
     import torch
 
     from entrotrain.integrations import checkpoint_sources as sources
-    from entrotrain.integrations.snapshot import entropy_snapshot
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the monitors' site lists
     checkpoints = sources.find_checkpoints(args.checkpoints)
@@ -193,8 +208,7 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
                         f"{type(datamodule).__name__}, through {type(module).__name__}")
             module = module.to(args.device)
             moved = [move_data_to_device(b, torch.device(args.device)) for b in batches]
-            shot = entropy_snapshot(module, moved, _monitors(args), forward=sources.lightning_forward(module))
-            results.append((ckpt, shot))
+            results.append((ckpt, _snapshot(ckpt, module, moved, _monitors(args), sources.lightning_forward(module))))
     else:
         if args.text is None:
             raise EntrotrainError(
@@ -214,7 +228,7 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
                                                labels=model._entrotrain_causal, device=args.device)
                 what = f"{len(batches)} batches of {args.batch_size} × {seq_len} tokens of {args.text}"
             monitors = _monitors(args, shift_labels=model._entrotrain_causal)  # HF labels are the inputs
-            results.append((ckpt, entropy_snapshot(model, batches, monitors)))
+            results.append((ckpt, _snapshot(ckpt, model, batches, monitors)))
     kind = "Lightning" if checkpoints[0].kind == "lightning" else "Hugging Face"
     return results, f"{len(results)} {kind} checkpoint{'s' * (len(results) != 1)}, {what}, eval mode, {args.device}"
 

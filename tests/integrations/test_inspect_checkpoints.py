@@ -267,6 +267,20 @@ def test_a_checkpoint_with_more_layers_shows_dashes(lightning_run, tmp_path, cap
     assert row.split()[1] == "—" and math.isfinite(float(row.split()[2]))
 
 
+def test_a_checkpoint_that_cannot_run_the_batches_is_named(lightning_run, tmp_path, capsys):
+    from entrotrain.tasks import LanguageModelingTask
+
+    src = _ckpt(lightning_run, 4)
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint["hyper_parameters"], block_size=8)  # the first checkpoint's data has 16 positions
+    task = LanguageModelingTask(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    folder = tmp_path / "ckpts"
+    shutil.copy(_ckpt(lightning_run, 2), folder.mkdir() or folder)
+    rewrite_checkpoint(src, folder / "epoch=0-step=6.ckpt", hyper_parameters=hparams, state_dict=task.state_dict())
+    err = inspect_error(capsys, folder, "--batches", "1")
+    assert "epoch=0-step=6.ckpt" in err and "block_size" in err
+
+
 def test_datamodule_without_validation_batches(lightning_run, tmp_path, capsys):
     src = _ckpt(lightning_run, 2)
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)

@@ -166,6 +166,23 @@ def _monitors(args: argparse.Namespace, shift_labels: bool = False) -> list[Any]
     return monitors
 
 
+def _device(name: str) -> Any:
+    """``--device`` as a ``torch.device`` this torch can use."""
+    import torch
+
+    from entrotrain._validation import check_device
+
+    device = check_device(name, "entrotrain inspect --device", none_ok=False)
+    usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)
+    if not usable():
+        raise EntrotrainError(f"entrotrain inspect --device {name}: this torch sees no {device.type} device; use "
+                              "--device cpu, or run where one is.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EntrotrainError(f"entrotrain inspect --device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                              "(cuda:0 ...).")
+    return device
+
+
 def _snapshot(ckpt: Any, model: Any, batches: list[Any], monitors: list[Any], forward: Any = None) -> Any:
     """:func:`~entrotrain.integrations.snapshot.entropy_snapshot` of one checkpoint; the model failing on the batches
     (a checkpoint of another configuration than the first, whose data they are) is an error naming it."""
@@ -186,11 +203,10 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
     """Every checkpoint's snapshot, in step order, and a line saying what was run on what."""
     import logging
 
-    import torch
-
     from entrotrain.integrations import checkpoint_sources as sources
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the monitors' site lists
+    device = _device(args.device)
     checkpoints = sources.find_checkpoints(args.checkpoints)
     results: list[tuple[Any, Any]] = []
     if checkpoints[0].kind == "lightning":
@@ -206,8 +222,8 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
                 batches = sources.lightning_batches(datamodule, args.split, args.batches)
                 what = (f"{len(batches)} {'validation' if args.split == 'val' else 'training'} batches of "
                         f"{type(datamodule).__name__}, through {type(module).__name__}")
-            module = module.to(args.device)
-            moved = [move_data_to_device(b, torch.device(args.device)) for b in batches]
+            module = module.to(device)
+            moved = [move_data_to_device(b, device) for b in batches]
             results.append((ckpt, _snapshot(ckpt, module, moved, _monitors(args), sources.lightning_forward(module))))
     else:
         if args.text is None:
@@ -219,13 +235,13 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
         tokenizer = sources.load_hf_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoints[0].path)
         batches = None
         for ckpt in checkpoints:
-            model = sources.load_hf(ckpt.path, device=args.device)
+            model = sources.load_hf(ckpt.path, device=str(device))
             if batches is None:
                 limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
                                                                                           None)
                 seq_len = min(args.seq_len, limit) if limit else args.seq_len
                 batches = sources.text_batches(tokenizer, text, seq_len, args.batch_size, args.batches,
-                                               labels=model._entrotrain_causal, device=args.device)
+                                               labels=model._entrotrain_causal, device=str(device))
                 what = f"{len(batches)} batches of {args.batch_size} × {seq_len} tokens of {args.text}"
             monitors = _monitors(args, shift_labels=model._entrotrain_causal)  # HF labels are the inputs
             results.append((ckpt, _snapshot(ckpt, model, batches, monitors)))

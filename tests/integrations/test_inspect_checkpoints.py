@@ -305,6 +305,12 @@ def test_text_is_for_hf(lightning_run, tmp_path, capsys):
     assert "--text" in inspect_error(capsys, lightning_run, "--text", _touch(tmp_path / "t.txt", "abc"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-less message")
+@pytest.mark.parametrize("device", ["cuda", "gpu"])
+def test_unusable_device(lightning_run, capsys, device):
+    assert "--device" in inspect_error(capsys, lightning_run, "--batches", "1", "--device", device)
+
+
 # ---------------------------------------------------------------------------------------------------- Hugging Face
 SEQ = 16
 _RAW = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(14))

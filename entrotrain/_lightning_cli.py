@@ -135,6 +135,23 @@ class EntrotrainCLI(LightningCLI):
             parser_kwargs[name] = {"parser_mode": mode, **parser_kwargs.get(name, {})}
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the configured model's arguments with a checkpoint's hyperparameters when ``ckpt_path``
+        is given. Here a configured model wins (a recipe names one): ``fit`` from a checkpoint of a differently
+        configured run forks (:mod:`entrotrain._forked_resume`); with no model configured, Lightning's behaviour."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        model = config.get("model") if config is not None else None
+        if not ckpt_path or not getattr(model, "class_path", None):
+            super()._parse_ckpt_path()
+            return
+        if subcommand == "fit" and Path(str(ckpt_path)).is_file():
+            from entrotrain._forked_resume import fork_plan
+
+            self._dump_config()
+            self._fork = fork_plan(str(ckpt_path), self.config_dump)
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -152,13 +169,23 @@ class EntrotrainCLI(LightningCLI):
         _drop_unset_wandb_anonymous(trainer.loggers)
         if self._wandb_notice and trainer.is_global_zero and wandb_loggers(trainer.loggers):
             print(self._wandb_notice)
+        fork = getattr(self, "_fork", None)
         if not any(isinstance(lg, RunRecordLogger) for lg in trainer.loggers):
             recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
             stem = Path(recipe).stem if recipe else "run"
             record = RunRecordLogger(
-                Path(trainer.default_root_dir), name="records", version=_record_version(trainer, stem), recipe=recipe
+                Path(trainer.default_root_dir), name="records", version=_record_version(trainer, stem), recipe=recipe,
+                resume=fork is None,  # a fork is a new run: the parent's record is left as it was
             )
             trainer.loggers = [*trainer.loggers, record]
+        if fork is not None:
+            from entrotrain._forked_resume import ForkedResume
+
+            for logger in trainer.loggers:
+                if isinstance(logger, RunRecordLogger):
+                    logger.resume = False
+                    logger.set_meta(forked_from=fork.meta())
+            trainer.callbacks.append(ForkedResume(fork))
         return trainer
 
     def after_fit(self) -> None:
@@ -181,6 +208,10 @@ class EntrotrainCLI(LightningCLI):
 
             for line in what_to_try(record.run_dir):
                 print(line)
+            fork = getattr(self, "_fork", None)
+            if fork is not None and fork.parent_record:
+                print(f"entrotrain: beside the run it forked from\n    entrotrain report {fork.parent_record} "
+                      f"{record.run_dir}")
         if run_dir is None:
             return
         import wandb

@@ -33,8 +33,10 @@ DTensor weight or γ is gathered with ``DTensor.full_tensor()``, a collective th
 in the same order. γ has shape ``(1,)`` (as in Apple's reference) because ``fully_shard`` refuses 0-d parameters;
 state dicts holding a 0-d γ (saved before) still load. Convert *before* sharding: a weight that is already a
 DTensor is refused at conversion. A model converted on the meta device and sharded before its weights exist gets its
-spectral state when it is materialised (``reset_parameters``, as Lightning's ``ModelParallelStrategy`` does) or
-from :func:`reset_sigma_reparam_state` after loading weights. Tensor parallelism (DTensor weights inside
+spectral state when it is materialised (``reset_parameters``, as Lightning's ``ModelParallelStrategy`` does). A plain
+layer's state (``weight``, ``bias``: a checkpoint saved before conversion) loads through ``load_state_dict`` as the
+converter converts it (``u`` and γ = σ(W) from the loaded W, nothing missing); :func:`reset_sigma_reparam_state` does
+the same for weights set any other way. Tensor parallelism (DTensor weights inside
 ``forward``) is not supported: the weight would be gathered whole.
 """
 
@@ -227,11 +229,26 @@ class SigmaReparamLinear(nn.Module):
         """The ``(C_out, C_in)`` matrix of a weight in this layer's storage layout (a view, no copy)."""
         return weight.T if self._transposed else weight
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """Loads this layer's state; also the state of the plain layer it replaced (``weight`` and ``bias`` only: a
+        checkpoint saved before :func:`sigma_reparam` was applied), as the converter does: ``u`` the top right
+        singular vector of the loaded ``W`` and ``γ = σ(W)``, so the loaded model computes what the plain one did
+        (function-preserving), and no key is reported missing."""
         gamma = state_dict.get(prefix + "gamma")
         if isinstance(gamma, Tensor) and gamma.ndim == 0:  # saved before γ became (1,) for FSDP2
             state_dict[prefix + "gamma"] = gamma.reshape(1)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        spectral = [prefix + name for name in ("gamma", "u", "sigma")]
+        plain = prefix + "weight" in state_dict and not any(key in state_dict for key in spectral)
+        known = len(missing_keys)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if plain and not error_msgs:
+            missing_keys[known:] = [key for key in missing_keys[known:] if key not in spectral]
+            self.reset_spectral_state()
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:

@@ -1,0 +1,204 @@
+"""Resuming from a checkpoint with a changed configuration: roll back to before a collapse and continue with a cure.
+
+``entrotrain fit --recipe attention_collapse_sigma_reparam --ckpt_path ckpts/epoch=0-step=50.ckpt`` resumes the
+collapsing run from step 50 with σReparam on. Plain Lightning would not do what that says:
+
+- ``LightningCLI`` replaces the configured model's arguments with the checkpoint's hyperparameters, so the run would
+  go on *without* σReparam, at the checkpoint's learning rate, and say nothing;
+- the optimizer's state, restored as saved, overrides the configured learning rate, betas and weight decay, and does
+  not fit a model whose parameters changed (σReparam adds a γ per layer).
+
+entrotrain compares the configured ``model``, ``data``, ``optimizer`` and ``lr_scheduler`` with the checkpoint's run's
+(the run record's ``config.yaml`` when there is one, else the checkpoint's hyperparameters) and, when they differ,
+*forks*:
+
+1. the configured model is built (its arguments win), and the checkpoint's weights are loaded into it (a plain
+   layer's weights load into its σReparam replacement function-preservingly: γ = σ(W));
+2. :class:`ForkedResume` adapts the optimizer state before Lightning restores it: the configured hyperparameters
+   replace the saved ones (a learning rate mid-schedule is rescaled by new / old), and the moments are kept when the
+   parameter groups still fit, else the optimizer and its schedulers start afresh;
+3. the run is recorded as a new run whose ``meta.json`` names its parent (``forked_from``: record, step, checkpoint,
+   changes); the parent's record is left as it was (an unchanged resume continues it, as before).
+
+Everything that changed is printed when the run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning_utilities.core.rank_zero import rank_zero_only
+
+__all__ = ["ForkPlan", "ForkedResume", "config_changes", "fork_plan"]
+
+_IGNORED = ("_instantiator", "_class_path")
+#: The sections of a LightningCLI configuration that define what is trained (the trainer's may change on a resume).
+_COMPARED = ("model", "data", "optimizer", "lr_scheduler")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-comparable: tuples as lists, mappings with sorted string keys, other objects by their ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if k not in _IGNORED}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else key, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before, after)`` for every leaf that differs (``init_args.`` dropped from the names); a list
+    (e.g. of regularisers) is one leaf."""
+    old = _flatten(_plain(before), "", {})
+    new = _flatten(_plain(after), "", {})
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            changes.append((key.replace("init_args.", ""), old.get(key), new.get(key)))
+    return changes
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
+        return "[" + ", ".join(str(v["class_path"]).rpartition(".")[2] for v in value) + "]"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass
+class ForkPlan:
+    """A resume whose configuration differs from the checkpoint's: what changed (``(key, before, after)``), the
+    record it forks from, and ``step``: the optimizer steps the checkpoint had done (``global_step``)."""
+
+    ckpt_path: str
+    step: int | None
+    changes: list[tuple[str, Any, Any]]
+    parent_record: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        where = f" (after {self.step} optimizer steps)" if self.step is not None else ""
+        out = [f"entrotrain: resuming from {self.ckpt_path}{where} with a changed configuration; the configured "
+               "values are used:"]
+        out += [f"    {key}: {_short(old)} → {_short(new)}" for key, old, new in self.changes]
+        out += [f"  {note}" for note in self.notes]
+        if self.parent_record:
+            out.append(f"  recorded as a new run forked from {self.parent_record} (left as it was)")
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"run_dir": self.parent_record, "step": self.step, "ckpt_path": self.ckpt_path,
+                "changes": [[key, _plain(old), _plain(new)] for key, old, new in self.changes]}
+
+
+def _load_light(path: str) -> dict[str, Any]:
+    """The checkpoint's dict, its tensors memory-mapped where the format allows (nothing large is read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not the zip format: mmap is not possible
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
+    """The fork a ``fit`` resuming from ``ckpt_path`` with the configuration dump ``config`` (its ``model`` and
+    ``data`` sections) makes, or ``None`` when nothing changed or nothing can be compared (a checkpoint not written
+    through ``LightningCLI``: a plain resume)."""
+    from entrotrain.dashboards.run_record import CHECKPOINT_KEY
+
+    checkpoint = _load_light(ckpt_path)
+    entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint.get(CHECKPOINT_KEY), Mapping) else {}
+    parent = Path(str(entry.get("run_dir"))) if entry.get("run_dir") else None
+    saved = None
+    if parent is not None and (parent / "config.yaml").is_file():
+        saved = yaml.safe_load((parent / "config.yaml").read_text())
+    if isinstance(saved, Mapping) and "model" in saved:
+        before = {key: saved.get(key) for key in _COMPARED}
+        after = {key: config.get(key) for key in _COMPARED}
+    else:  # no record: the module's and datamodule's saved hyperparameters
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "_class_path" not in hparams:
+            return None
+        before = {"model": {"class_path": hparams["_class_path"], "init_args": hparams}}
+        model = config.get("model") or {}
+        after = {"model": {"class_path": model.get("class_path"),
+                           "init_args": {k: v for k, v in (model.get("init_args") or {}).items() if k in hparams}}}
+    changes = config_changes(before, after)
+    if not changes:
+        return None
+    step = checkpoint.get("global_step")  # optimizer steps done, as ModelCheckpoint's step=N names count them
+    return ForkPlan(str(ckpt_path), int(step) if step is not None else None, changes,
+                    str(parent) if parent is not None and (parent / "meta.json").is_file() else None)
+
+
+class ForkedResume(Callback):
+    """Adapts a checkpoint's optimizer and scheduler states to the configured ones before Lightning restores them
+    (module docstring, step 2); prints the plan once the checkpoint is loaded (rank zero)."""
+
+    def __init__(self, plan: ForkPlan) -> None:
+        self.plan = plan
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(pl_module)
+        saved = checkpoint.get("optimizer_states") or []
+        sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
+        if [[len(g["params"]) for g in s["param_groups"]] for s in saved] != sizes:
+            checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
+            checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]
+            self.plan.notes.append("the optimizer's parameters changed: its state (moments) and schedulers start "
+                                   "afresh; the weights and the step count are the checkpoint's")
+        else:
+            self._configured_hyperparameters(saved, optimizers)
+            for state, config in zip(checkpoint.get("lr_schedulers") or [], schedulers):
+                fresh = config.scheduler.state_dict()
+                if "base_lrs" in state and "base_lrs" in fresh:
+                    state["base_lrs"] = fresh["base_lrs"]
+        self._print()
+
+    def _configured_hyperparameters(self, saved: list[dict[str, Any]], optimizers: list[Any]) -> None:
+        """The configured hyperparameters into the saved param groups (moments kept); the learning rate of a group
+        under a scheduler is rescaled by new / old initial rate, so the schedule keeps its position."""
+        changed: dict[str, tuple[Any, Any]] = {}
+        for state, optimizer in zip(saved, optimizers):
+            for group, fresh in zip(state["param_groups"], optimizer.param_groups):
+                scheduled = "initial_lr" in fresh and "initial_lr" in group
+                for key, value in fresh.items():
+                    if key in ("params", "lr") or group.get(key) == value:
+                        continue
+                    if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak
+                        changed.setdefault("lr", (group["initial_lr"], value))
+                        group["lr"] = group["lr"] * value / group["initial_lr"]
+                    elif key != "initial_lr":  # a scheduler's bookkeeping, not a hyperparameter
+                        changed.setdefault(key, (group.get(key), value))
+                    group[key] = value
+                if not scheduled and group.get("lr") != fresh["lr"]:
+                    changed.setdefault("lr", (group.get("lr"), fresh["lr"]))
+                    group["lr"] = fresh["lr"]
+        if changed:
+            listed = ", ".join(f"{key} {_short(old)} → {_short(new)}" for key, (old, new) in changed.items())
+            self.plan.notes.append(f"optimizer: {listed}; its moments are the checkpoint's")
+
+    @rank_zero_only
+    def _print(self) -> None:
+        print("\n".join(self.plan.lines()))

@@ -231,7 +231,10 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
                 "entrotrain inspect: Hugging Face checkpoints are inspected on text: pass --text FILE (held-out text "
                 "in the model's language; windows of it are tokenised by the checkpoint's own tokenizer)."
             )
-        text = Path(args.text).read_text(errors="replace")
+        try:
+            text = Path(args.text).read_text(errors="replace")
+        except OSError as err:
+            raise EntrotrainError(f"entrotrain inspect --text: cannot read {args.text} ({err.strerror or err}).") from err
         tokenizer = sources.load_hf_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoints[0].path)
         batches = None
         for ckpt in checkpoints:

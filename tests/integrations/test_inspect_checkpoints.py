@@ -381,6 +381,10 @@ def test_hf_needs_text(hf_run, capsys):
     assert "--text FILE" in inspect_error(capsys, hf_run[0])
 
 
+def test_hf_missing_text_file(hf_run, tmp_path, capsys):
+    assert "no_such.txt" in inspect_error(capsys, hf_run[0], "--text", tmp_path / "no_such.txt")
+
+
 def test_hf_text_shorter_than_a_window(hf_run, tmp_path, capsys):
     short = _touch(tmp_path / "short.txt", TEXT[:5])
     assert "fewer than --seq-len" in inspect_error(capsys, hf_run[0], "--text", short, *HF_ARGS)

@@ -407,6 +407,13 @@ def test_hf_tokenizer_elsewhere(hf_run, tmp_path, capsys):
     assert results[0]["metrics"] == reference[0]["metrics"] and "loss" in results[0]["metrics"]
 
 
+def test_hf_tokenizer_larger_than_the_model_vocabulary(hf_run, tmp_path, capsys):
+    out, text, tokenizer = hf_run
+    tiny_gpt2(len(tokenizer) // 2).save_pretrained(tmp_path / "checkpoint-1")
+    err = inspect_error(capsys, tmp_path / "checkpoint-1", "--text", text, *HF_ARGS, "--tokenizer", out)
+    assert "vocab" in err
+
+
 def test_hf_gqa_model(hf_run, tmp_path, capsys):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

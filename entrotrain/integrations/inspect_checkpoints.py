@@ -265,7 +265,12 @@ def _write_record(results: Sequence[tuple[Any, Any]], folder: Path, args: argpar
     steps = [ckpt.step for ckpt, _ in results]
     if None in steps or len(set(steps)) != len(steps):
         steps = list(range(len(results)))
-    record = RunRecordLogger(folder, version=time.strftime("inspect-%Y%m%d-%H%M%S"), run_name="inspect")
+    base = time.strftime("inspect-%Y%m%d-%H%M%S")
+    version, n = base, 1
+    while (folder / "records" / version).exists():  # a second inspect in the same second: its own folder
+        n += 1
+        version = f"{base}-{n}"
+    record = RunRecordLogger(folder, version=version, run_name="inspect")
     record.log_hyperparams({"inspect/checkpoints": [str(c.path) for c, _ in results], "inspect/split": args.split,
                             "inspect/batches": results[0][1].batches})
     record.log_thresholds(results[0][1].thresholds)

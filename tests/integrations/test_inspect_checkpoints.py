@@ -143,6 +143,20 @@ def test_record_is_a_run_record_with_the_checkpoint_steps(lightning_run, lightni
     assert "inspect" in capsys.readouterr().out
 
 
+def test_two_records_in_the_same_second_do_not_mix(lightning_run, tmp_path, capsys, monkeypatch):
+    from entrotrain.dashboards.run_reader import load_run
+    from entrotrain.integrations import inspect_checkpoints
+
+    monkeypatch.setattr(inspect_checkpoints.time, "strftime", lambda fmt, *a: "inspect-20260101-000000")
+    folders = []
+    for _ in range(2):
+        out = inspect(capsys, lightning_run, "--batches", "1", "--keys", "loss", "--record", tmp_path / "rec")
+        folders.append(Path(out.split("run record ")[1].split()[0]))
+    assert folders[0] != folders[1]
+    for folder in folders:
+        assert load_run(folder).scalars["loss"][0].tolist() == [2, 4]
+
+
 # ---------------------------------------------------------------------------------------------------- finding
 def _touch(path: Path, text: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -331,6 +331,8 @@ def inspect_main(argv: list[str]) -> int:
     try:
         results, what = _run(args)
         if args.json:
+            if args.record:
+                _write_record(results, Path(args.record), args)
             print(_json(results))
             return 0
         with tempfile.TemporaryDirectory() as scratch:

@@ -143,6 +143,13 @@ def test_record_is_a_run_record_with_the_checkpoint_steps(lightning_run, lightni
     assert "inspect" in capsys.readouterr().out
 
 
+def test_record_with_json_is_written_too(lightning_run, tmp_path, capsys):
+    results = inspect_json(capsys, lightning_run, "--batches", "1", "--record", tmp_path / "rec")
+    assert [r["step"] for r in results] == [2, 4]
+    records = list((tmp_path / "rec").glob("*/*/meta.json"))
+    assert len(records) == 1, "--record was ignored with --json"
+
+
 def test_two_records_in_the_same_second_do_not_mix(lightning_run, tmp_path, capsys, monkeypatch):
     from entrotrain.dashboards.run_reader import load_run
     from entrotrain.integrations import inspect_checkpoints

@@ -188,6 +188,26 @@ class EntrotrainCLI(LightningCLI):
             trainer.callbacks.append(ForkedResume(fork))
         return trainer
 
+    def _rollback_lines(self) -> list[str]:
+        """When a guard named a checkpoint to roll back to: the command that resumes from it with a cure (a changed
+        configuration forks the run, :mod:`entrotrain._forked_resume`); a bundled recipe's cure recipes by name."""
+        from entrotrain._recipes import recipe_paths
+        from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+
+        named = [cb.rollback_checkpoint for cb in self.trainer.callbacks
+                 if isinstance(cb, EntropyCollapseGuard) and cb.rollback_checkpoint is not None]
+        if not named:
+            return []
+        ckpt = named[0]
+        recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
+        stem = Path(recipe).stem if recipe else None
+        cures = [p.stem for p in recipe_paths() if stem and p.stem.startswith(stem + "_")]
+        commands = [f"entrotrain fit --recipe {cure} --ckpt_path {ckpt}" for cure in cures]
+        if not commands:
+            commands = [f"entrotrain fit --config <your config, with the cure> --ckpt_path {ckpt}"]
+        return ["entrotrain: roll back to before the collapse and go on with a cure (the changed configuration is "
+                "used; a new run is recorded):", *(f"    {command}" for command in commands)]
+
     def after_fit(self) -> None:
         from entrotrain.dashboards.run_record import find_run_record
 
@@ -207,6 +227,8 @@ class EntrotrainCLI(LightningCLI):
             from entrotrain.dashboards.remedies import what_to_try
 
             for line in what_to_try(record.run_dir):
+                print(line)
+            for line in self._rollback_lines():
                 print(line)
             fork = getattr(self, "_fork", None)
             if fork is not None and fork.parent_record:

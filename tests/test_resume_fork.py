@@ -33,11 +33,11 @@ def _fit(root: Path, *args: str):
 def parent(tmp_path_factory, one_thread):
     """A 4-step run that saves a checkpoint every 2 steps, and its run record."""
     root = tmp_path_factory.mktemp("parent")
-    _fit(root, "--trainer.max_steps=4", "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
+    cli = _fit(root, "--trainer.max_steps=4", "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
          "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
          f"--trainer.callbacks.dirpath={root / 'ckpts'}")
     (record,) = (root / "records").iterdir()
-    return root / "ckpts" / "epoch=0-step=2.ckpt", record
+    return root / "ckpts" / "epoch=0-step=2.ckpt", record, cli
 
 
 def _snapshot(record: Path) -> dict[str, bytes]:
@@ -50,7 +50,7 @@ def _record_of(root: Path) -> Path:
 
 
 def test_a_cure_on_resume_is_applied_and_recorded_as_a_fork(parent, tmp_path, capsys):
-    ckpt, parent_record = parent
+    ckpt, parent_record, _ = parent
     before = _snapshot(parent_record)
     cli = _fit(tmp_path, "--model.init_args.sigma_reparam=true", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     out = capsys.readouterr().out
@@ -71,7 +71,7 @@ def test_a_cure_on_resume_is_applied_and_recorded_as_a_fork(parent, tmp_path, ca
 
 
 def test_a_new_learning_rate_on_resume_is_used_and_the_moments_are_kept(parent, tmp_path, capsys):
-    ckpt, _ = parent
+    ckpt, _, _ = parent
     saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
     seen = {}
 
@@ -96,7 +96,7 @@ def test_a_new_learning_rate_on_resume_is_used_and_the_moments_are_kept(parent, 
 
 
 def test_an_unchanged_resume_continues_the_record(parent, tmp_path, capsys):
-    ckpt, parent_record = parent
+    ckpt, parent_record, _ = parent
     work = tmp_path / "copy"  # resume into a copy of the parent's record: the shared fixture stays untouched
     import shutil
 
@@ -114,7 +114,7 @@ def test_an_unchanged_resume_continues_the_record(parent, tmp_path, capsys):
 
 
 def test_trainer_settings_do_not_make_a_fork(parent, tmp_path, capsys):
-    ckpt, _ = parent
+    ckpt, _, _ = parent
     _fit(tmp_path, "--trainer.max_steps=5", "--trainer.log_every_n_steps=1", f"--ckpt_path={ckpt}")
     assert "changed configuration" not in capsys.readouterr().out
 
@@ -129,3 +129,18 @@ def test_config_changes_lists_each_changed_leaf():
         ("model.lr", 0.01, 0.001), ("model.regularizers", None, [{"class_path": "x.Floor"}]),
     ]
     assert config_changes(before, before) == []
+
+
+def test_a_guard_that_named_a_checkpoint_gets_the_roll_back_and_cure_commands(parent):
+    from entrotrain.callbacks import EntropyCollapseGuard
+
+    ckpt, _, cli = parent
+    (guard,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EntropyCollapseGuard)]
+    assert cli._rollback_lines() == []  # the guard never fired: nothing to roll back to
+    guard.rollback_checkpoint = ckpt
+    lines = cli._rollback_lines()
+    assert lines[0].startswith("entrotrain: roll back to before the collapse")
+    assert lines[1:] == [  # the bundled cure recipes of attention_collapse, each a fork from the checkpoint
+        f"    entrotrain fit --recipe attention_collapse_entropy_floor --ckpt_path {ckpt}",
+        f"    entrotrain fit --recipe attention_collapse_sigma_reparam --ckpt_path {ckpt}",
+    ]

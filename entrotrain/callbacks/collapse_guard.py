@@ -216,6 +216,8 @@ class EntropyCollapseGuard(PerFitCallback):
         self._notify_failed_warned = False
         self._unarmed_warned = False
         self._run_start: float | None = None  # rollback_hint's since (set when a run starts)
+        #: The checkpoint the last firing named to roll back to (``None``: none named in this fit).
+        self.rollback_checkpoint: Path | None = None
 
     @property
     def state_key(self) -> str:
@@ -484,7 +486,8 @@ class EntropyCollapseGuard(PerFitCallback):
         before = [(step, path) for step, path in dated if step <= self.last_good_step]
         if not before:
             return ""
-        return f" Newest checkpoint at or before step {self.last_good_step}: {max(before)[1]}."
+        self.rollback_checkpoint = max(before)[1]
+        return f" Newest checkpoint at or before step {self.last_good_step}: {self.rollback_checkpoint}."
 
     def send_notification(self, message: str) -> None:
         """Call ``notify`` with ``message`` (the caller runs it on rank zero); a failure is warned about once."""

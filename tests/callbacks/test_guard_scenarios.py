@@ -177,6 +177,7 @@ def test_a_lightning_firing_names_the_checkpoint_to_roll_back_to(tmp_path) -> No
     (message,) = [str(w.message) for w in record if "EntropyCollapseGuard at" in str(w.message)]
     assert "(last good: 0.5 at step 4)" in message
     assert message.endswith(f"Newest checkpoint at or before step 4: {tmp_path / 'epoch=0-step=4.ckpt'}.")
+    assert guard.rollback_checkpoint == tmp_path / "epoch=0-step=4.ckpt"  # for `entrotrain fit`'s closing lines
 
 
 # ---------------------------------------------------------------- non-finite data

@@ -137,16 +137,17 @@ class EntrotrainCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the configured model's arguments with a checkpoint's hyperparameters when ``ckpt_path``
-        is given. Here a configured model wins (a recipe names one): ``fit`` from a checkpoint of a differently
-        configured run forks (:mod:`entrotrain._forked_resume`); with no model configured, Lightning's behaviour."""
+        is given. For ``fit`` a configured model wins (a recipe names one): a checkpoint of a differently configured
+        run forks (:mod:`entrotrain._forked_resume`). ``validate`` / ``test`` / ``predict`` (evaluate the checkpoint's
+        model) and a ``fit`` with no model configured keep Lightning's behaviour."""
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
         model = config.get("model") if config is not None else None
-        if not ckpt_path or not getattr(model, "class_path", None):
+        if subcommand != "fit" or not ckpt_path or not getattr(model, "class_path", None):
             super()._parse_ckpt_path()
             return
-        if subcommand == "fit" and Path(str(ckpt_path)).is_file():
+        if Path(str(ckpt_path)).is_file():
             from entrotrain._forked_resume import fork_plan
 
             self._dump_config()
@@ -187,6 +188,26 @@ class EntrotrainCLI(LightningCLI):
                     logger.set_meta(forked_from=fork.meta())
             trainer.callbacks.append(ForkedResume(fork))
         return trainer
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``; a fork whose changed model cannot take the checkpoint's weights (``n_layer``, widths) is
+        a parser-style error naming the change, not a ``load_state_dict`` traceback."""
+        try:
+            self.trainer.fit(**kwargs)
+        except RuntimeError as err:
+            fork = getattr(self, "_fork", None)
+            if fork is None or "loading state_dict" not in str(err) or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            changed = ", ".join(key for key, _, _ in fork.changes)
+            first = str(err).strip().splitlines()
+            print(
+                f"entrotrain fit: error: the checkpoint's weights do not fit the configured model, whose configuration "
+                f"changed ({changed}): {' '.join(line.strip() for line in first[:2])[:300]} A resume keeps the model's "
+                "shape: σReparam and regularisers can be added (a plain layer's weights load into σReparam), layers, "
+                "widths and heads cannot change.",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
 
     def _rollback_lines(self) -> list[str]:
         """When a guard named a checkpoint to roll back to: the command that resumes from it with a cure (a changed

@@ -144,3 +144,13 @@ def test_a_guard_that_named_a_checkpoint_gets_the_roll_back_and_cure_commands(pa
         f"    entrotrain fit --recipe attention_collapse_entropy_floor --ckpt_path {ckpt}",
         f"    entrotrain fit --recipe attention_collapse_sigma_reparam --ckpt_path {ckpt}",
     ]
+
+
+def test_a_change_of_shape_is_an_error_naming_it_not_a_traceback(parent, tmp_path, capsys):
+    ckpt, _, _ = parent
+    with pytest.raises(SystemExit) as exc:
+        _fit(tmp_path, "--model.init_args.n_layer=2", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "entrotrain fit: error: the checkpoint's weights do not fit the configured model" in err
+    assert "model.n_layer" in err and "Traceback" not in err

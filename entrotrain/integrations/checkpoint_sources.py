@@ -154,8 +154,8 @@ def load_lightning(
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise EntrotrainError(
-            f"entrotrain inspect: {path} holds objects beyond tensors and plain values, and loading them would run code "
-            "the file names, so it is not loaded. If you trust it, load the model yourself and call "
+            f"entrotrain inspect: {path} holds objects beyond tensors and plain values, and loading them would run "
+            "code the file names, so it is not loaded. If you trust it, load the model yourself and call "
             f"entrotrain.integrations.snapshot.entropy_snapshot(model, batches) ({str(err).splitlines()[-1]})."
         ) from err
     except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
@@ -241,9 +241,17 @@ def lightning_forward(module: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """A Hugging Face model folder, from disk only, with SDPA attention: ``AutoModelForCausalLM`` when its config
-    names a causal-LM architecture (``*ForCausalLM``, ``GPT2LMHeadModel``, ...: its loss is then the language-modelling loss), else ``AutoModel``."""
+    names a causal-LM architecture (``*ForCausalLM``, ``GPT2LMHeadModel``, ...: its loss is then the language-modelling
+    loss), else ``AutoModel``.
+
+    Raises:
+        EntrotrainError: the folder's config or weights cannot be read (a torn save, an unknown model type)."""
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as err:
@@ -252,14 +260,22 @@ def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32)
         ) from err
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise EntrotrainError(
+            f"entrotrain inspect: cannot read the model config in {path} ({_first_line(err)})."
+        ) from err
     lm_classes = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
     causal = any(a.endswith("ForCausalLM") or a in lm_classes for a in (config.architectures or ()))
     auto = AutoModelForCausalLM if causal else AutoModel
     try:
-        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
-    except (ValueError, ImportError):  # a model without an SDPA implementation: eager is tapped too
-        model = auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", dtype=dtype)
+        try:
+            model = auto.from_pretrained(path, local_files_only=True, attn_implementation="sdpa", dtype=dtype)
+        except (ValueError, ImportError):  # a model without an SDPA implementation: eager is tapped too
+            model = auto.from_pretrained(path, local_files_only=True, attn_implementation="eager", dtype=dtype)
+    except (OSError, ValueError, ImportError, RuntimeError) as err:  # no weights, or weights that do not fit
+        raise EntrotrainError(f"entrotrain inspect: cannot load the model in {path} ({_first_line(err)}).") from err
     model._entrotrain_causal = causal  # type: ignore[attr-defined]
     return model.to(device)
 

@@ -234,7 +234,9 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
         try:
             text = Path(args.text).read_text(errors="replace")
         except OSError as err:
-            raise EntrotrainError(f"entrotrain inspect --text: cannot read {args.text} ({err.strerror or err}).") from err
+            raise EntrotrainError(
+                f"entrotrain inspect --text: cannot read {args.text} ({err.strerror or err})."
+            ) from err
         tokenizer = sources.load_hf_tokenizer(Path(args.tokenizer) if args.tokenizer else checkpoints[0].path)
         batches = None
         for ckpt in checkpoints:

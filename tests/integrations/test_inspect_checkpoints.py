@@ -465,7 +465,9 @@ def test_hf_encoder(hf_run, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- the text
-def _results(*metrics: dict[str, float], sites: dict[str, str] | None = None) -> list[tuple[Checkpoint, EntropySnapshot]]:
+def _results(
+    *metrics: dict[str, float], sites: dict[str, str] | None = None
+) -> list[tuple[Checkpoint, EntropySnapshot]]:
     return [(Checkpoint(Path(f"s{i}.ckpt"), "lightning", 10 * (i + 1)), EntropySnapshot(dict(m), dict(sites or {})))
             for i, m in enumerate(metrics)]
 
@@ -550,3 +552,15 @@ def test_nonfinite_rows_only_when_not_zero():
     assert [line.split()[0] for line in snapshot_table(_results(quiet, noisy))[1:]] == [
         "loss", "entropy/repr/x/nonfinite"
     ]
+
+
+@pytest.mark.parametrize("case", ["no_weights", "unknown_type"])
+def test_hf_folder_that_cannot_be_loaded(hf_run, tmp_path, capsys, case):
+    out, text, _ = hf_run
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    if case == "no_weights":  # config.json, but the weights were never written (a torn or sharded save)
+        shutil.copy(out / "checkpoint-3" / "config.json", folder / "config.json")
+    else:
+        (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model_type"}))
+    assert str(folder) in inspect_error(capsys, folder, "--text", text, *HF_ARGS, "--tokenizer", out)

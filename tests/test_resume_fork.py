@@ -68,6 +68,14 @@ def test_a_cure_on_resume_is_applied_and_recorded_as_a_fork(parent, tmp_path, ca
     assert "sigma_reparam: true" in (record / "config.yaml").read_text()
     assert _snapshot(parent_record) == before  # the parent's record is left exactly as it was
     assert f"entrotrain report {parent_record.resolve()} {record}" in out
+    main(["status", str(record)])  # the fork says where it came from, in the terminal and in the report
+    assert f"forked from {parent_record.name} after step 2 ({ckpt}); changed: model.sigma_reparam: false → true" in (
+        capsys.readouterr().out)
+    from entrotrain.dashboards.report import _header
+    from entrotrain.dashboards.run_reader import load_run
+
+    header = _header([load_run(record, require_monitors=False)])  # 2 steps: no monitor has logged yet
+    assert f"forked from {parent_record.name} after step 2" in header
 
 
 def test_a_new_learning_rate_on_resume_is_used_and_the_moments_are_kept(parent, tmp_path, capsys):

@@ -277,6 +277,8 @@ def _header(runs: list[RunData]) -> str:
         description = _description(run.meta.get("description"))
         if description:
             parts.append(f'<div class="desc"><b>{esc(run.label)}</b> — {esc(description)}</div>')
+        if run.forked_from:
+            parts.append(f'<div class="desc"><b>{esc(run.label)}</b> — {esc(run.forked_from)}</div>')
     return "".join(parts)
 
 

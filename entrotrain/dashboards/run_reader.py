@@ -232,12 +232,33 @@ class RunData:
         in order."""
         return [e for e in self.events if e.get("level") in GUARD_ACTIONS]
 
+    @property
+    def forked_from(self) -> str | None:
+        """For a run resumed from a checkpoint with a changed configuration (``meta["forked_from"]``, written by
+        ``entrotrain fit``): ``forked from PARENT after step S (CKPT); changed: key: old → new; ...``, else ``None``."""
+        fork = self.meta.get("forked_from")
+        if not isinstance(fork, dict):
+            return None
+        parent = Path(str(fork["run_dir"])).name if fork.get("run_dir") else "a checkpoint"
+        changes = [c for c in fork.get("changes") or [] if isinstance(c, list) and len(c) == 3]
+        listed = "; ".join(f"{key}: {_short(old)} → {_short(new)}" for key, old, new in changes[:4])
+        listed += f"; … {len(changes) - 4} more" if len(changes) > 4 else ""
+        where = f" after step {fork['step']}" if fork.get("step") is not None else ""
+        return f"forked from {parent}{where} ({fork.get('ckpt_path')}); changed: {listed or 'nothing recorded'}"
+
     def first_last(self, key: str) -> tuple[float, float] | None:
         """First and last logged value of ``key`` (``None`` if never logged)."""
         if key not in self.scalars or not len(self.scalars[key][1]):
             return None
         values = self.scalars[key][1]
         return float(values[0]), float(values[-1])
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
+        return "[" + ", ".join(str(v["class_path"]).rpartition(".")[2] for v in value) + "]"
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def find_records(folder: Path, limit: int = 5) -> list[Path]:

@@ -145,6 +145,8 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if status.state == "running" and meta.get("pid"):
         head.append(f"pid {meta.get('pid')} on {meta.get('host')}")
     lines = [" · ".join(head), f"  {run.path}"]
+    if run.forked_from:
+        lines.append(f"  {run.forked_from}")
     if status.message and status.state != "running":
         lines.append(f"  {status.message}")
     lines += [f"  warning: {w}" for w in run.warnings if w != status.message]  # torn lines, no monitor output, ...
@@ -228,6 +230,7 @@ def run_summary(run: RunData, keys: Sequence[str] | None = None, limit: int = 12
         "message": status.message,
         "last_update": status.last_update,
         "last_step": run.last_step,
+        "forked_from": run.meta.get("forked_from"),
         "values": values,
         "findings": findings(run, sections_of(sorted(run.scalars))),
         "remedies": [{"failure": r.failure, "evidence": r.evidence, "cures": list(r.cures)} for r in diagnose(run)],

@@ -251,7 +251,8 @@ def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32)
     loss), else ``AutoModel``.
 
     Raises:
-        EntrotrainError: the folder's config or weights cannot be read (a torn save, an unknown model type)."""
+        EntrotrainError: the folder's config or weights cannot be read (a torn save, an unknown model type), or it
+            holds an encoder-decoder model (a text gives no decoder inputs)."""
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as err:
@@ -266,6 +267,12 @@ def load_hf(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32)
         raise EntrotrainError(
             f"entrotrain inspect: cannot read the model config in {path} ({_first_line(err)})."
         ) from err
+    if getattr(config, "is_encoder_decoder", False):
+        raise EntrotrainError(
+            f"entrotrain inspect: {path} is an encoder-decoder model ({config.model_type}); inspect runs decoder-only "
+            "and encoder models on windows of a text. Give it decoder inputs yourself: "
+            "entrotrain.integrations.snapshot.entropy_snapshot(model, batches)."
+        )
     lm_classes = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
     causal = any(a.endswith("ForCausalLM") or a in lm_classes for a in (config.architectures or ()))
     auto = AutoModelForCausalLM if causal else AutoModel

@@ -564,3 +564,14 @@ def test_hf_folder_that_cannot_be_loaded(hf_run, tmp_path, capsys, case):
     else:
         (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model_type"}))
     assert str(folder) in inspect_error(capsys, folder, "--text", text, *HF_ARGS, "--tokenizer", out)
+
+
+def test_hf_encoder_decoder_is_refused_by_name(hf_run, tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out, text, tokenizer = hf_run
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "checkpoint-1")
+    err = inspect_error(capsys, tmp_path / "checkpoint-1", "--text", text, *HF_ARGS, "--tokenizer", out)
+    assert "encoder-decoder" in err and "entropy_snapshot" in err

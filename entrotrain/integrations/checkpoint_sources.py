@@ -42,7 +42,8 @@ _STEP = re.compile(r"(?:step[=_-]?|checkpoint-|ckpt[_-]|global_step)(\d+)")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint: its path, its kind (``"lightning"`` or ``"hf"``) and the training step its name carries."""
+    """One checkpoint: its path, its kind (``"lightning"`` or ``"hf"``) and the training step its name carries (a
+    Lightning checkpoint whose name carries none, ``last.ckpt``: the ``global_step`` it stores)."""
 
     path: Path
     kind: str
@@ -56,6 +57,21 @@ class Checkpoint:
 def _step_of(path: Path) -> int | None:
     found = _STEP.findall(path.name)
     return int(found[-1]) if found else None
+
+
+def _stored_step(path: Path) -> int | None:
+    """The ``global_step`` a Lightning checkpoint stores, read without its tensors (``None`` if it cannot be read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable here: load_lightning says why when it is inspected
+        return None
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _lightning(path: Path) -> Checkpoint:
+    step = _step_of(path)
+    return Checkpoint(path, "lightning", step if step is not None else _stored_step(path))
 
 
 def _natural(text: str) -> list[object]:
@@ -73,13 +89,13 @@ def _expand(path: Path) -> list[Checkpoint]:
                 f"entrotrain inspect: {path} is neither a Lightning checkpoint (*.ckpt) nor a Hugging Face model "
                 "folder (one holding config.json); pass a checkpoint, or a folder of them."
             )
-        return [Checkpoint(path, "lightning", _step_of(path))]
+        return [_lightning(path)]
     hf = [Checkpoint(p, "hf", _step_of(p)) for p in path.iterdir() if _is_hf(p)]
     if _is_hf(path):  # a model; Trainer's output_dir is one (save_model) with its checkpoint-N folders inside
         return [*(c for c in hf if c.step is not None), Checkpoint(path, "hf", _step_of(path))]
     if hf:
         return hf
-    found = [Checkpoint(p, "lightning", _step_of(p)) for p in path.rglob("*.ckpt") if p.is_file()]
+    found = [_lightning(p) for p in path.rglob("*.ckpt") if p.is_file()]
     if not found:
         raise EntrotrainError(
             f"entrotrain inspect: no checkpoint in {path}: no *.ckpt file below it, no config.json in it or in a "
@@ -92,8 +108,9 @@ def _expand(path: Path) -> list[Checkpoint]:
 
 def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     """The checkpoints ``paths`` name (files, model folders, or folders holding them), ordered by step (those
-    without a step in their name last, by name, numbers in it by value: ``epoch=2`` before ``epoch=10``); duplicates
-    once.
+    without a step last, by name, numbers in it by value: ``epoch=2`` before ``epoch=10``); duplicates once, and a
+    Lightning checkpoint without a step in its name (``last.ckpt``) whose stored step another one's name carries is
+    that one's copy: left out.
 
     Raises:
         EntrotrainError: a path that does not exist or holds no checkpoint, or Lightning and Hugging Face checkpoints
@@ -108,6 +125,8 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
             found.setdefault(ckpt.path.resolve(), ckpt)
     if not found:
         raise EntrotrainError("entrotrain inspect: name at least one checkpoint (a *.ckpt file or a model folder).")
+    named = {c.step for c in found.values() if _step_of(c.path) is not None}
+    found = {p: c for p, c in found.items() if _step_of(c.path) is not None or c.step not in named}
     kinds = {c.kind for c in found.values()}
     if len(kinds) > 1:
         raise EntrotrainError(

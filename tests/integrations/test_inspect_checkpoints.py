@@ -575,3 +575,26 @@ def test_hf_encoder_decoder_is_refused_by_name(hf_run, tmp_path, capsys):
     T5ForConditionalGeneration(config).save_pretrained(tmp_path / "checkpoint-1")
     err = inspect_error(capsys, tmp_path / "checkpoint-1", "--text", text, *HF_ARGS, "--tokenizer", out)
     assert "encoder-decoder" in err and "entropy_snapshot" in err
+
+
+def test_last_ckpt_takes_the_step_it_stores(lightning_run, tmp_path, capsys):
+    """ModelCheckpoint(save_last=True) writes last.ckpt beside the step checkpoints: a copy of the latest one is not
+    inspected twice (and does not turn the record's steps into ranks); one of a later step takes its place."""
+    from entrotrain.dashboards.run_reader import load_run
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (2, 4):
+        shutil.copy(_ckpt(lightning_run, step), folder)
+    shutil.copy(_ckpt(lightning_run, 4), folder / "last.ckpt")
+    assert [(c.path.name, c.step) for c in find_checkpoints([folder])] == [
+        ("epoch=0-step=2.ckpt", 2), ("epoch=0-step=4.ckpt", 4)
+    ]
+    assert [(c.path.name, c.step) for c in find_checkpoints([folder / "last.ckpt"])] == [("last.ckpt", 4)]
+    checkpoint = torch.load(_ckpt(lightning_run, 4), map_location="cpu", weights_only=True)
+    rewrite_checkpoint(_ckpt(lightning_run, 4), folder / "last.ckpt", global_step=checkpoint["global_step"] + 2)
+    assert [(c.path.name, c.step) for c in find_checkpoints([folder])] == [
+        ("epoch=0-step=2.ckpt", 2), ("epoch=0-step=4.ckpt", 4), ("last.ckpt", 6)
+    ]
+    out = inspect(capsys, folder, "--batches", "1", "--keys", "loss", "--record", tmp_path / "rec")
+    assert load_run(Path(out.split("run record ")[1].split()[0])).scalars["loss"][0].tolist() == [2, 4, 6]

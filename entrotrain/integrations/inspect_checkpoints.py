@@ -155,7 +155,9 @@ def _monitors(args: argparse.Namespace, shift_labels: bool = False) -> list[Any]
     from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
     from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
 
-    monitors: list[Any] = [AttentionEntropyMonitor(collapse_threshold=args.collapse_threshold)]
+    # with other monitors asked for, a model without attention (an MLP encoder) is inspected by them: a warning
+    strict = not (args.representation or args.prediction)
+    monitors: list[Any] = [AttentionEntropyMonitor(collapse_threshold=args.collapse_threshold, strict=strict)]
     if args.representation:
         monitors.append(RepresentationEntropyMonitor(include=list(args.representation), stage="train"))
     if args.prediction:  # the output head's predictive entropy on the inspected batches (keys entropy/pred/train/*)

@@ -29,3 +29,13 @@ class ListValData(CharCorpusDataModule):
 
     def val_dataloader(self):  # noqa: ANN201
         return [super().val_dataloader(), super().val_dataloader()]
+
+
+class NoAttentionTask(LanguageModelingTask):
+    """The language-modelling task with its attention replaced by the identity (an attention-free model, as an MLP
+    encoder of a self-supervised run): only the representation and prediction monitors see anything."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        for block in self.model.blocks:
+            block.attn.forward = lambda x: x  # qkv / proj kept (the state dict loads), never called

@@ -598,3 +598,19 @@ def test_last_ckpt_takes_the_step_it_stores(lightning_run, tmp_path, capsys):
     ]
     out = inspect(capsys, folder, "--batches", "1", "--keys", "loss", "--record", tmp_path / "rec")
     assert load_run(Path(out.split("run record ")[1].split()[0])).scalars["loss"][0].tolist() == [2, 4, 6]
+
+
+def test_attention_free_model_with_other_monitors(lightning_run, tmp_path, capsys):
+    src = _ckpt(lightning_run, 2)
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint["hyper_parameters"], _class_path=f"{OUTSIDE}.NoAttentionTask")
+    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
+    # the attention monitor alone: nothing to show, an error that says so
+    assert "captured no attention" in inspect_error(capsys, ckpt, "--batches", "1", "--import", OUTSIDE)
+    # with the representation monitor asked for, its numbers (no attention keys)
+    with pytest.warns(UserWarning, match="captured no attention"):
+        results = inspect_json(capsys, ckpt, "--batches", "1", "--import", OUTSIDE,
+                               "--representation", "model.blocks.*")
+    metrics = results[0]["metrics"]
+    assert math.isfinite(metrics["entropy/repr/model.blocks.1/rankme"])
+    assert not any(key.startswith("entropy/attn") for key in metrics)

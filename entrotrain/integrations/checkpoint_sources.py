@@ -218,7 +218,7 @@ def lightning_batches(datamodule: Any, split: str, count: int) -> list[Any]:
             + ("; inspect on its training batches: --split train." if split == "val" else ".")
         )
     datamodule.prepare_data()
-    datamodule.setup("validate" if split == "val" else "fit")
+    datamodule.setup("fit")  # the stage its validation batches came from in training (many build them only then)
     loader = datamodule.val_dataloader() if split == "val" else datamodule.train_dataloader()
     if isinstance(loader, (list, tuple)):
         loader = loader[0]

@@ -39,3 +39,16 @@ class NoAttentionTask(LanguageModelingTask):
         super().__init__(*args, **kwargs)
         for block in self.model.blocks:
             block.attn.forward = lambda x: x  # qkv / proj kept (the state dict loads), never called
+
+
+class FitStageOnlyData(CharCorpusDataModule):
+    """Builds its data in ``setup("fit")`` only, as Lightning's own examples do (fit validates on it too)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            super().setup(stage)
+
+    def val_dataloader(self):  # noqa: ANN201
+        if self.val_data is None:
+            raise RuntimeError("FitStageOnlyData: setup('fit') was not called")
+        return super().val_dataloader()

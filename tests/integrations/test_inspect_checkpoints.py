@@ -636,3 +636,12 @@ def test_snapshot_loss_is_a_returned_scalar_not_a_one_element_output():
     shot = entropy_snapshot(_OneLogit(), [torch.randn(1, 3, 4), torch.randn(1, 3, 4)])
     assert "entropy/attn_norm/min" in shot.metrics  # the model ran and was tapped
     assert "loss" not in shot.metrics
+
+
+def test_datamodule_set_up_as_fit_sets_it_up(lightning_run, lightning_json, tmp_path, capsys):
+    src = _ckpt(lightning_run, 2)
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint["datamodule_hyper_parameters"], _class_path=f"{OUTSIDE}.FitStageOnlyData")
+    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", datamodule_hyper_parameters=hparams)
+    results = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE)
+    assert results[0]["metrics"]["loss"] == pytest.approx(lightning_json[0]["metrics"]["loss"], rel=1e-6)

@@ -150,6 +150,22 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
                     str(parent) if parent is not None and (parent / "meta.json").is_file() else None)
 
 
+def _scheduled_lrs(scheduler: Any, state: Mapping[str, Any]) -> list[float] | None:
+    """The learning rates the *configured* ``scheduler`` gives at the saved position ``state["last_epoch"]`` (a
+    changed warmup length is in effect from the first resumed step, not one step late), or ``None`` when it has no
+    closed form (a chained or metric-driven scheduler: the saved rate, rescaled, is kept)."""
+    last, base = state.get("last_epoch"), state.get("base_lrs")
+    if not isinstance(last, int) or not isinstance(base, list):
+        return None
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # the lambdas are the configured ones (not saved)
+        return [float(b) * float(f(last)) for b, f in zip(base, scheduler.lr_lambdas)]
+    closed = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed is None:
+        return None
+    scheduler.base_lrs, scheduler.last_epoch = list(base), last  # a throwaway instance (ForkedResume built it)
+    return [float(lr) for lr in closed()]
+
+
 class ForkedResume(Callback):
     """Adapts a checkpoint's optimizer and scheduler states to the configured ones before Lightning restores them
     (module docstring, step 2); prints the plan once the checkpoint is loaded (rank zero)."""
@@ -174,6 +190,11 @@ class ForkedResume(Callback):
                 fresh = config.scheduler.state_dict()
                 if "base_lrs" in state and "base_lrs" in fresh:
                     state["base_lrs"] = fresh["base_lrs"]
+                index = next((i for i, o in enumerate(optimizers) if o is config.scheduler.optimizer), None)
+                lrs = _scheduled_lrs(config.scheduler, state)
+                if index is not None and index < len(saved) and lrs is not None:
+                    for group, lr in zip(saved[index]["param_groups"], lrs):
+                        group["lr"] = lr
         self._print()
 
     def _configured_hyperparameters(self, saved: list[dict[str, Any]], optimizers: list[Any]) -> None:

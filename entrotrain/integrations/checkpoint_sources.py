@@ -18,6 +18,7 @@ trajectory.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pickle
 import re
@@ -250,13 +251,32 @@ def lightning_forward(module: Any) -> Any:
                 return call_model(model, batch)
             # called through the module itself, so the hooks a monitor puts on the root module's forward (the
             # prediction monitor's batch watch) see the step, as they see training_step's self(...) in a loop
-            model.forward = model.validation_step
+            model.forward = functools.partial(_step_once, model)
             try:
                 return model(batch, next(index))
             finally:
-                del model.forward
+                model.__dict__.pop("forward", None)
 
     return forward
+
+
+#: The forward hooks of a module (torch's own attributes): hidden from a ``self(...)`` inside the step they saw.
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called")
+
+
+def _step_once(model: Any, batch: Any, batch_idx: int) -> Any:
+    """``model.validation_step`` run as ``model``'s forward: a ``self(x)`` inside it (Lightning's idiom) runs the
+    module's own forward, not the step again, and the root module's hooks, which saw this call, do not see it twice."""
+    del model.forward
+    saved = {name: getattr(model, name) for name in _HOOKS if hasattr(model, name)}
+    for name, hooks in saved.items():
+        setattr(model, name, type(hooks)())
+    try:
+        return model.validation_step(batch, batch_idx)
+    finally:
+        for name, hooks in saved.items():
+            setattr(model, name, hooks)
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face

@@ -4,6 +4,7 @@ so whether inspect did is seen in ``sys.modules``."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 
 from entrotrain.tasks import CharCorpusDataModule, LanguageModelingTask
@@ -52,3 +53,13 @@ class FitStageOnlyData(CharCorpusDataModule):
         if self.val_data is None:
             raise RuntimeError("FitStageOnlyData: setup('fit') was not called")
         return super().val_dataloader()
+
+
+class SelfCallingTask(LanguageModelingTask):
+    """``validation_step`` calls ``self(x)``, Lightning's usual idiom (the language-modelling task calls
+    ``self.model``)."""
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))

@@ -645,3 +645,18 @@ def test_datamodule_set_up_as_fit_sets_it_up(lightning_run, lightning_json, tmp_
     ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", datamodule_hyper_parameters=hparams)
     results = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE)
     assert results[0]["metrics"]["loss"] == pytest.approx(lightning_json[0]["metrics"]["loss"], rel=1e-6)
+
+
+def test_validation_step_calling_self(lightning_run, tmp_path, capsys):
+    """A validation_step that calls ``self(x)`` runs the module's forward inside (not itself again), and the root
+    module's hooks (the prediction monitor's) see one forward per batch."""
+    src = _ckpt(lightning_run, 2)
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint["hyper_parameters"], _class_path=f"{OUTSIDE}.SelfCallingTask")
+    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
+    expected = inspect_json(capsys, src, "--batches", "2", "--prediction")[0]["metrics"]
+    metrics = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE, "--prediction")[0]["metrics"]
+    assert "entropy/pred/train/mean" in expected
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key

@@ -121,8 +121,9 @@ def _load_light(path: str) -> dict[str, Any]:
 
 def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     """The fork a ``fit`` resuming from ``ckpt_path`` with the configuration dump ``config`` (its ``model`` and
-    ``data`` sections) makes, or ``None`` when nothing changed or nothing can be compared (a checkpoint not written
-    through ``LightningCLI``: a plain resume)."""
+    ``data`` sections) makes, or ``None`` when nothing changed or nothing can be compared (a checkpoint without
+    hyperparameters: a plain resume). A checkpoint written outside ``LightningCLI`` (no ``_class_path``) is compared
+    on the model arguments its hyperparameters and the configuration both have."""
     from entrotrain.dashboards.run_record import CHECKPOINT_KEY
 
     checkpoint = _load_light(ckpt_path)
@@ -135,13 +136,17 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
         before = {key: saved.get(key) for key in _COMPARED}
         after = {key: config.get(key) for key in _COMPARED}
     else:  # no record: the module's and datamodule's saved hyperparameters
-        hparams = checkpoint.get("hyper_parameters") or {}
-        if "_class_path" not in hparams:
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if not hparams:
             return None
-        before = {"model": {"class_path": hparams["_class_path"], "init_args": hparams}}
         model = config.get("model") or {}
-        after = {"model": {"class_path": model.get("class_path"),
-                           "init_args": {k: v for k, v in (model.get("init_args") or {}).items() if k in hparams}}}
+        init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k in hparams}
+        if "_class_path" in hparams:
+            before = {"model": {"class_path": hparams["_class_path"], "init_args": hparams}}
+            after = {"model": {"class_path": model.get("class_path"), "init_args": init_args}}
+        else:  # saved by a Trainer outside LightningCLI: no class named, the arguments both sides have compared
+            before = {"model": {"init_args": {k: hparams[k] for k in init_args}}}
+            after = {"model": {"init_args": init_args}}
     changes = config_changes(before, after)
     if not changes:
         return None

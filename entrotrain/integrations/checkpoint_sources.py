@@ -236,7 +236,8 @@ def lightning_batches(datamodule: Any, split: str, count: int) -> list[Any]:
 def lightning_forward(module: Any) -> Any:
     """``forward(model, batch)`` for :func:`~entrotrain.integrations.snapshot.entropy_snapshot` on a
     ``LightningModule``: its ``validation_step`` (what it computes on held-out data, loss included) when it defines
-    one, called as the module's forward; else its ``forward``. ``self.log`` calls outside a Trainer are silenced."""
+    one, called as the module's forward, after its ``on_validation_epoch_start``; else its ``forward``. ``self.log``
+    calls outside a Trainer are silenced."""
     from lightning.pytorch import LightningModule
 
     own = type(module).validation_step is not LightningModule.validation_step
@@ -251,9 +252,12 @@ def lightning_forward(module: Any) -> Any:
                 return call_model(model, batch)
             # called through the module itself, so the hooks a monitor puts on the root module's forward (the
             # prediction monitor's batch watch) see the step, as they see training_step's self(...) in a loop
+            batch_idx = next(index)
+            if batch_idx == 0:  # as the Trainer's validation loop: a step may use state the epoch's start creates
+                model.on_validation_epoch_start()
             model.forward = functools.partial(_step_once, model)
             try:
-                return model(batch, next(index))
+                return model(batch, batch_idx)
             finally:
                 model.__dict__.pop("forward", None)
 

@@ -63,3 +63,15 @@ class SelfCallingTask(LanguageModelingTask):
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+class EpochStateTask(LanguageModelingTask):
+    """``validation_step`` accumulates into state that ``on_validation_epoch_start`` creates (as the MoE task's
+    expert counts)."""
+
+    def on_validation_epoch_start(self) -> None:
+        self.rows_seen = 0
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.rows_seen += len(batch[0])  # AttributeError unless the epoch started
+        return super().validation_step(batch, batch_idx)

@@ -660,3 +660,12 @@ def test_validation_step_calling_self(lightning_run, tmp_path, capsys):
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def test_validation_epoch_start_runs_before_the_steps(lightning_run, lightning_json, tmp_path, capsys):
+    src = _ckpt(lightning_run, 2)
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint["hyper_parameters"], _class_path=f"{OUTSIDE}.EpochStateTask")
+    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
+    results = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE)
+    assert results[0]["metrics"]["loss"] == pytest.approx(lightning_json[0]["metrics"]["loss"], rel=1e-6)

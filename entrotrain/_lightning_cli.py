@@ -168,6 +168,7 @@ class EntrotrainCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         _drop_unset_wandb_anonymous(trainer.loggers)
+        self._resolve_special_ckpt_path(trainer)
         if self._wandb_notice and trainer.is_global_zero and wandb_loggers(trainer.loggers):
             print(self._wandb_notice)
         fork = getattr(self, "_fork", None)
@@ -189,9 +190,41 @@ class EntrotrainCLI(LightningCLI):
             trainer.callbacks.append(ForkedResume(fork))
         return trainer
 
+    def _resolve_special_ckpt_path(self, trainer: Trainer) -> None:
+        """``fit --ckpt_path last`` / ``hpc`` (Lightning's names for a checkpoint it finds): the file it names, so a
+        changed configuration forks as with the file's path (``_fork``) and ``fit`` resumes from that same file
+        (``_resolved_ckpt_path``). Nothing found: Lightning's own warning or error when ``fit`` starts."""
+        if self.subcommand != "fit" or hasattr(self, "_fork"):
+            return
+        config = self.config.get("fit")
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path not in ("last", "hpc") or not getattr(config.get("model"), "class_path", None):
+            return
+        import warnings
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no last checkpoint": Lightning says it again when fit starts
+                path = trainer._checkpoint_connector._parse_ckpt_path(
+                    TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False
+                )
+        except Exception:  # noqa: BLE001 - e.g. no hpc checkpoint: Lightning's error when fit starts
+            return
+        if path is None or not Path(str(path)).is_file():
+            return
+        from entrotrain._forked_resume import fork_plan
+
+        self._resolved_ckpt_path = str(path)
+        self._dump_config()
+        self._fork = fork_plan(str(path), self.config_dump)
+
     def fit(self, **kwargs: Any) -> None:
         """``trainer.fit``; a fork whose changed model cannot take the checkpoint's weights (``n_layer``, widths) is
         a parser-style error naming the change, not a ``load_state_dict`` traceback."""
+        if getattr(self, "_resolved_ckpt_path", None) is not None:
+            kwargs["ckpt_path"] = self._resolved_ckpt_path  # the file "last" named when the fork was planned
         try:
             self.trainer.fit(**kwargs)
         except RuntimeError as err:

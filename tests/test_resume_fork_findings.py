@@ -1,0 +1,278 @@
+"""Bug hunt on "roll back and cure" (``entrotrain fit --ckpt_path`` with a changed configuration forks): the corners
+of :mod:`entrotrain._forked_resume` and ``EntrotrainCLI._parse_ckpt_path`` / ``instantiate_trainer`` / ``fit`` /
+``_rollback_lines``. Each test states what a user expects; the learning rates are read where a user reads them (the
+``lr-AdamW`` values LearningRateMonitor logs into the run record).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from entrotrain.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "attention_collapse.yaml"
+LR = 0.01  # the recipe's
+#: A small model and short run (as in tests/test_resume_fork.py), every step logged.
+SMALL = (
+    "--model.init_args.n_layer=1", "--model.init_args.n_embd=32", "--model.init_args.n_head=2",
+    "--model.init_args.block_size=16", "--data.init_args.block_size=16", "--data.init_args.batch_size=4",
+    "--data.init_args.max_chars=20000", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+    "--trainer.logger=false", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
+)
+
+
+def _checkpointing(dirpath: Path) -> tuple[str, ...]:
+    return ("--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.save_last=true", f"--trainer.callbacks.dirpath={dirpath}")
+
+
+def _fit(root: Path, *args: str, recipe: Path = RECIPE):
+    return main(["fit", "--config", str(recipe), *SMALL, f"--trainer.default_root_dir={root}", *args])
+
+
+def _records(root: Path) -> list[Path]:
+    folder = root / "records"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _snapshot(record: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(record.iterdir()) if p.is_file()}
+
+
+def _lrs(record: Path, after: int = -1) -> dict[int, float]:
+    """``step -> lr-AdamW/pg1`` as logged into the record (the last value of a step: a resume's rows win)."""
+    out = {}
+    for line in (record / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        value = (row.get("values") or {}).get("lr-AdamW/pg1")
+        if value is not None and row["step"] > after:
+            out[row["step"]] = value
+    return out
+
+
+def _parent(root: Path, *args: str) -> tuple[Path, Path]:
+    """A 4-step run saving a checkpoint every 2 steps (and last.ckpt); its step-2 checkpoint and record."""
+    _fit(root, "--trainer.max_steps=4", *_checkpointing(root / "ckpts"), *args)
+    (record,) = _records(root)
+    return root / "ckpts" / "epoch=0-step=2.ckpt", record
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, one_thread):
+    """The recipe as is (no warmup): the step-2 checkpoint and the record."""
+    return _parent(tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory, one_thread):
+    """With an 8-step linear warmup: the step-2 checkpoint is mid-warmup (lr = 0.01 * 3/8 at step 2)."""
+    return _parent(tmp_path_factory.mktemp("warm"), "--model.init_args.warmup_steps=8")
+
+
+def _copy_ckpt(ckpt: Path, to: Path, run_dir: str | None = "keep") -> Path:
+    """A copy of ``ckpt`` whose run-record entry names ``run_dir`` (``None``: no entry, as a Trainer outside the CLI
+    writes)."""
+    checkpoint = torch.load(ckpt, weights_only=False)
+    if run_dir is None:
+        checkpoint.pop("entrotrain_run_record", None)
+    elif run_dir != "keep":
+        checkpoint["entrotrain_run_record"]["run_dir"] = run_dir
+    to.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, to)
+    return to
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+def test_a_changed_warmup_gives_the_configured_schedule_from_the_first_resumed_step(warm, tmp_path, capsys):
+    """Warmup 8 → 4 from the step-2 checkpoint (mid-warmup): the schedule keeps its position (README), so step 2
+    runs at 0.01 * 3/4 and step 3 at 0.01. The restored optimizer's lr is the OLD schedule's (0.01 * 3/8) until the
+    scheduler first steps: one step at the wrong rate, logged as such."""
+    ckpt, _ = warm
+    _fit(tmp_path, "--model.init_args.warmup_steps=4", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    assert "model.warmup_steps: 8 → 4" in capsys.readouterr().out
+    (fork,) = _records(tmp_path)
+    assert _lrs(fork, after=1) == pytest.approx({2: LR * 3 / 4, 3: LR})
+
+
+def test_a_removed_warmup_runs_at_the_configured_rate(warm, tmp_path):
+    ckpt, _ = warm
+    _fit(tmp_path, "--model.init_args.warmup_steps=0", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    (fork,) = _records(tmp_path)
+    assert _lrs(fork, after=1) == pytest.approx({2: LR, 3: LR})
+
+
+def test_a_new_peak_mid_warmup_keeps_the_schedule_position(warm, tmp_path, capsys):
+    """lr 0.01 → 0.002 at step 2 of an 8-step warmup: 0.002 * 3/8, then 0.002 * 4/8."""
+    ckpt, _ = warm
+    _fit(tmp_path, "--model.init_args.lr=0.002", "--model.init_args.warmup_steps=8", "--trainer.max_steps=4",
+         f"--ckpt_path={ckpt}")
+    assert "optimizer: lr 0.01 → 0.002" in capsys.readouterr().out
+    (fork,) = _records(tmp_path)
+    assert _lrs(fork, after=1) == pytest.approx({2: 0.002 * 3 / 8, 3: 0.002 * 4 / 8})
+
+
+def test_an_added_warmup_is_said_and_restarts_from_the_fork(plain, tmp_path, capsys):
+    """No warmup → warmup 4 from step 2: the new scheduler starts at 0 (a re-warmup from the fork point: 1/4, 2/4);
+    what is printed must not claim the learning rate changed permanently without saying why."""
+    ckpt, _ = plain
+    _fit(tmp_path, "--model.init_args.warmup_steps=4", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    out = capsys.readouterr().out
+    assert "model.warmup_steps: 0 → 4" in out
+    (fork,) = _records(tmp_path)
+    assert _lrs(fork, after=1) == pytest.approx({2: LR * 1 / 4, 3: LR * 2 / 4})
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+def test_betas_and_weight_decay_are_the_configured_ones_and_moments_kept(plain, tmp_path, monkeypatch, capsys):
+    ckpt, _ = plain
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    seen = {}
+
+    def spy(module):
+        optimizer = module.trainer.optimizers[0]
+        seen["groups"] = [(tuple(g["betas"]), g["weight_decay"], g["lr"]) for g in optimizer.param_groups]
+        first = optimizer.param_groups[0]["params"][0]
+        seen["exp_avg_sq"] = optimizer.state[first]["exp_avg_sq"].clone()
+
+    from entrotrain.tasks import LanguageModelingTask
+
+    monkeypatch.setattr(LanguageModelingTask, "on_train_start", spy)
+    _fit(tmp_path, "--model.init_args.betas=[0.9,0.99]", "--model.init_args.weight_decay=0.05",
+         "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
+    out = capsys.readouterr().out
+    assert "model.betas: [0.9, 0.95] → [0.9, 0.99]" in out and "model.weight_decay: 0.0 → 0.05" in out
+    assert seen["groups"] == [((0.9, 0.99), 0.05, LR), ((0.9, 0.99), 0.0, LR)]  # matrices decayed, the rest not
+    assert torch.equal(seen["exp_avg_sq"], saved["state"][0]["exp_avg_sq"])
+
+
+def test_a_data_only_change_forks_and_keeps_the_optimizer(plain, tmp_path, monkeypatch, capsys):
+    ckpt, parent_record = plain
+    before = _snapshot(parent_record)
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    seen = {}
+
+    def spy(module):
+        optimizer = module.trainer.optimizers[0]
+        seen["exp_avg"] = optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"].clone()
+
+    from entrotrain.tasks import LanguageModelingTask
+
+    monkeypatch.setattr(LanguageModelingTask, "on_train_start", spy)
+    _fit(tmp_path, "--data.init_args.batch_size=8", "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
+    out = capsys.readouterr().out
+    assert "data.batch_size: 4 → 8" in out and "start afresh" not in out
+    assert torch.equal(seen["exp_avg"], saved["state"][0]["exp_avg"])
+    (fork,) = _records(tmp_path)
+    assert json.loads((fork / "meta.json").read_text())["forked_from"]["changes"] == [["data.batch_size", 4, 8]]
+    assert _snapshot(parent_record) == before
+
+
+# ---------------------------------------------------------------------------------------------------- no fork
+def test_max_steps_and_seed_do_not_fork_and_continue_the_record(plain, tmp_path, capsys):
+    """Trainer settings (max_steps) do not fork; neither does seed_everything (not compared): the parent's record
+    is continued."""
+    ckpt, parent_record = plain
+    work = tmp_path / "copy"
+    shutil.copytree(parent_record.parent.parent, work)
+    copied = work / "records" / parent_record.name
+    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
+    _fit(tmp_path / "run", "--trainer.max_steps=3", "--seed_everything=7", f"--ckpt_path={moved}")
+    assert "changed configuration" not in capsys.readouterr().out
+    meta = json.loads((copied / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and "forked_from" not in meta
+    assert _records(tmp_path / "run") == []
+
+
+# ---------------------------------------------------------------------------------------------------- ckpt_path
+def test_ckpt_path_last_with_a_changed_configuration_forks(plain, tmp_path, capsys):
+    """``--ckpt_path last`` (Lightning resolves it to the ModelCheckpoint's last.ckpt) with a new learning rate: the
+    configured rate must be used and the parent's record left alone, as with the file's path."""
+    _, parent_record = plain
+    before = _snapshot(parent_record)
+    dirpath = parent_record.parent.parent / "ckpts"
+    work = tmp_path / "ckpts"
+    shutil.copytree(dirpath, work)
+    _fit(tmp_path, "--model.init_args.lr=0.001", "--trainer.max_steps=5", *_checkpointing(work), "--ckpt_path=last")
+    out = capsys.readouterr().out
+    assert "model.lr: 0.01 → 0.001" in out
+    assert _snapshot(parent_record) == before  # not continued with the changed configuration
+    (fork,) = _records(tmp_path)
+    assert _lrs(fork, after=3) == pytest.approx({4: 0.001})
+
+
+def test_ckpt_path_last_unchanged_continues_the_record(plain, tmp_path, capsys):
+    _, parent_record = plain
+    work = tmp_path / "copy"
+    shutil.copytree(parent_record.parent.parent, work)
+    copied = work / "records" / parent_record.name
+    _copy_ckpt(work / "ckpts" / "last.ckpt", work / "ckpts" / "last.ckpt", str(copied))
+    _fit(tmp_path / "run", "--trainer.max_steps=5", *_checkpointing(work / "ckpts"), "--ckpt_path=last")
+    assert "changed configuration" not in capsys.readouterr().out
+    meta = json.loads((copied / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and "forked_from" not in meta
+    assert _records(tmp_path / "run") == []
+
+
+def test_ckpt_path_hpc_without_an_hpc_checkpoint_keeps_the_configured_model(tmp_path, capsys):
+    """A non-file ``ckpt_path`` never crashes the fork check; Lightning's own error for a missing hpc checkpoint."""
+    with pytest.raises(ValueError, match="no HPC checkpoint"):
+        _fit(tmp_path, "--model.init_args.sigma_reparam=true", "--trainer.max_steps=1", "--ckpt_path=hpc")
+
+
+# ---------------------------------------------------------------------------------------------------- no record
+def test_a_checkpoint_written_outside_the_cli_still_gets_the_configured_learning_rate(tmp_path, monkeypatch, capsys):
+    """A Trainer run outside the CLI: no run-record entry and no ``_class_path`` in its hyperparameters. The
+    configured lr (0.001) must still win over the checkpoint's (0.01), as for a CLI checkpoint."""
+    import lightning.pytorch as pl
+
+    from entrotrain.tasks import CharCorpusDataModule, LanguageModelingTask
+
+    model = LanguageModelingTask(block_size=16, n_layer=1, n_head=2, n_embd=32, lr=LR)
+    data = CharCorpusDataModule(block_size=16, batch_size=4, max_chars=20000)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=tmp_path / "outside")
+    trainer.fit(model, data)
+    ckpt = tmp_path / "outside.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "_class_path" not in torch.load(ckpt, weights_only=False)["hyper_parameters"]
+    _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
+    assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
+    (record,) = _records(tmp_path / "run")
+    assert set(_lrs(record, after=1).values()) == {0.001}  # the checkpoint's optimizer said 0.01
+
+
+def test_a_deleted_parent_record_forks_from_the_hyperparameters(plain, tmp_path, capsys):
+    ckpt, _ = plain
+    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(tmp_path / "gone" / "records" / "x"))
+    _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={moved}")
+    out = capsys.readouterr().out
+    assert "model.lr: 0.01 → 0.001" in out and "forked from" not in out
+    (record,) = _records(tmp_path / "run")
+    meta = json.loads((record / "meta.json").read_text())
+    assert meta["forked_from"]["run_dir"] is None and meta["forked_from"]["step"] == 2
+    main(["status", str(record)])
+    assert "forked from a checkpoint after step 2" in capsys.readouterr().out
+
+
+def test_an_older_record_without_config_yaml_falls_back_to_the_hyperparameters(plain, tmp_path, capsys):
+    ckpt, parent_record = plain
+    work = tmp_path / "copy"
+    shutil.copytree(parent_record.parent.parent, work)
+    copied = work / "records" / parent_record.name
+    (copied / "config.yaml").unlink()
+    before = _snapshot(copied)
+    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
+    _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={moved}")
+    assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
+    (record,) = _records(tmp_path / "run")
+    assert json.loads((record / "meta.json").read_text())["forked_from"]["run_dir"] == str(copied)
+    assert _snapshot(copied) == before

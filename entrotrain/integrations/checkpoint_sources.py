@@ -207,8 +207,10 @@ def lightning_batches(datamodule: Any, split: str, count: int) -> list[Any]:
     """The first ``count`` batches of ``datamodule``'s ``split`` (``"val"`` or ``"train"``) dataloader."""
     if datamodule is None:
         raise EntrotrainError(
-            "entrotrain inspect: the checkpoint names no LightningDataModule (data passed to fit() directly), so "
-            "there is no data to inspect it on. Use entrotrain.integrations.snapshot.entropy_snapshot(model, batches)."
+            "entrotrain inspect: the checkpoint names no LightningDataModule (data passed to fit() directly, or a "
+            "datamodule whose __init__ does not call self.save_hyperparameters(): LightningCLI then saves no class "
+            "for it), so there is no data to inspect it on. Add that call, or use "
+            "entrotrain.integrations.snapshot.entropy_snapshot(model, batches)."
         )
     from lightning.pytorch import LightningDataModule
 

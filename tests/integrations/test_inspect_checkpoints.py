@@ -669,3 +669,11 @@ def test_validation_epoch_start_runs_before_the_steps(lightning_run, lightning_j
     ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
     results = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE)
     assert results[0]["metrics"]["loss"] == pytest.approx(lightning_json[0]["metrics"]["loss"], rel=1e-6)
+
+
+def test_checkpoint_without_datamodule_class_says_why(lightning_run, tmp_path, capsys):
+    checkpoint = torch.load(_ckpt(lightning_run, 2), map_location="cpu", weights_only=True)
+    del checkpoint["datamodule_hyper_parameters"], checkpoint["datamodule_hparams_name"]
+    torch.save(checkpoint, tmp_path / "step=2.ckpt")
+    # data passed to fit() directly, or (LightningCLI) a datamodule that does not save its hyperparameters
+    assert "save_hyperparameters" in inspect_error(capsys, tmp_path / "step=2.ckpt", "--batches", "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,15 @@ class EntrotrainCLI(LightningCLI):
                 raise
             changed = ", ".join(key for key, _, _ in fork.changes)
             first = str(err).strip().splitlines()
+            unexpected = str(err).partition("Unexpected key(s) in state_dict:")[2].partition("\n")[0]
+            removed = (" σReparam cannot be removed on a resume: the checkpoint's layers are σReparam layers (their "
+                       "γ, u and σ have no place in a plain layer); keep it on (e.g. sigma_reparam: true)."
+                       if re.search(r'\.(gamma|u|sigma)"', unexpected) else "")
             print(
                 f"entrotrain fit: error: the checkpoint's weights do not fit the configured model, whose configuration "
-                f"changed ({changed}): {' '.join(line.strip() for line in first[:2])[:300]} A resume keeps the model's "
-                "shape: σReparam and regularisers can be added (a plain layer's weights load into σReparam), layers, "
-                "widths and heads cannot change.",
+                f"changed ({changed}): {' '.join(line.strip() for line in first[:2])[:300]}{removed} A resume keeps "
+                "the model's shape: σReparam and regularisers can be added (a plain layer's weights load into "
+                "σReparam), layers, widths and heads cannot change.",
                 file=sys.stderr,
             )
             raise SystemExit(2) from None

@@ -276,3 +276,61 @@ def test_an_older_record_without_config_yaml_falls_back_to_the_hyperparameters(p
     (record,) = _records(tmp_path / "run")
     assert json.loads((record / "meta.json").read_text())["forked_from"]["run_dir"] == str(copied)
     assert _snapshot(copied) == before
+
+
+# ---------------------------------------------------------------------------------------------------- σReparam fork
+@pytest.fixture(scope="module")
+def sigma_fork(plain, tmp_path_factory, one_thread):
+    """The plain run forked at step 2 with σReparam on, to step 4, checkpointing: its step-4 checkpoint and record."""
+    ckpt, _ = plain
+    root = tmp_path_factory.mktemp("sigma_fork")
+    _fit(root, "--model.init_args.sigma_reparam=true", "--trainer.max_steps=4", *_checkpointing(root / "ckpts"),
+         f"--ckpt_path={ckpt}")
+    (record,) = _records(root)
+    return root / "ckpts" / "epoch=0-step=4.ckpt", record
+
+
+def test_removing_sigma_reparam_on_resume_is_an_error_naming_it(sigma_fork, tmp_path, capsys):
+    """The reverse change (σReparam checkpoint, plain model): gamma/u/sigma are unexpected keys. An error naming
+    the change and saying σReparam cannot be removed on a resume; never a traceback."""
+    ckpt, _ = sigma_fork
+    with pytest.raises(SystemExit) as exc:
+        _fit(tmp_path, "--trainer.max_steps=6", f"--ckpt_path={ckpt}")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.sigma_reparam" in err and "Traceback" not in err
+    assert "σReparam cannot be removed" in err  # not only "σReparam ... can be added"
+
+
+def test_a_fork_of_a_fork_names_the_first_fork_and_an_unchanged_resume_continues_it(sigma_fork, tmp_path, capsys):
+    ckpt, fork_record = sigma_fork
+    before = _snapshot(fork_record)
+    _fit(tmp_path / "second", "--model.init_args.sigma_reparam=true", "--model.init_args.lr=0.001",
+         "--trainer.max_steps=5", f"--ckpt_path={ckpt}")
+    out = capsys.readouterr().out
+    assert "model.lr: 0.01 → 0.001" in out and "sigma_reparam" not in out.split("recorded as")[0]
+    (second,) = _records(tmp_path / "second")
+    meta = json.loads((second / "meta.json").read_text())["forked_from"]
+    assert meta["run_dir"] == str(fork_record.resolve()) and meta["changes"] == [["model.lr", 0.01, 0.001]]
+    assert _snapshot(fork_record) == before
+    # an unchanged resume of the fork continues the fork's record (a copy of it)
+    work = tmp_path / "copy"
+    shutil.copytree(fork_record.parent.parent, work)
+    copied = work / "records" / fork_record.name
+    moved = _copy_ckpt(ckpt, tmp_path / "step4.ckpt", str(copied))
+    _fit(tmp_path / "run", "--model.init_args.sigma_reparam=true", "--trainer.max_steps=5", f"--ckpt_path={moved}")
+    assert "changed configuration" not in capsys.readouterr().out
+    meta = json.loads((copied / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and meta["forked_from"]["step"] == 2
+    assert _records(tmp_path / "run") == []
+
+
+def test_validate_from_a_checkpoint_with_the_recipe(plain, sigma_fork, tmp_path, capsys):
+    """validate --ckpt_path: the checkpoint's own model (the fork's σReparam one even with the plain recipe)."""
+    for ckpt, sigma in ((plain[0], False), (sigma_fork[0], True)):
+        cli = main(["validate", "--config", str(RECIPE), *SMALL, f"--trainer.default_root_dir={tmp_path}",
+                    f"--ckpt_path={ckpt}"])
+        qkv = type(cli.model.model.blocks[0].attn.qkv).__name__
+        assert (qkv == "SigmaReparamLinear") is sigma
+        assert "val/loss" in cli.trainer.callback_metrics
+    assert "changed configuration" not in capsys.readouterr().out

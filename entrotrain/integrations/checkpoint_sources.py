@@ -114,8 +114,8 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     that one's copy: left out.
 
     Raises:
-        EntrotrainError: a path that does not exist or holds no checkpoint, or Lightning and Hugging Face checkpoints
-            mixed (their batches differ).
+        EntrotrainError: a path that does not exist or holds no checkpoint, Lightning and Hugging Face checkpoints
+            mixed (their batches differ), or checkpoints of several runs (one step saved in two folders).
     """
     found: dict[Path, Checkpoint] = {}
     for raw in paths:
@@ -132,6 +132,16 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     if len(kinds) > 1:
         raise EntrotrainError(
             "entrotrain inspect: Lightning (*.ckpt) and Hugging Face checkpoints mixed; inspect each kind on its own."
+        )
+    folders: dict[int, set[Path]] = {}
+    for c in found.values():
+        if c.step is not None:
+            folders.setdefault(c.step, set()).add(c.path.resolve().parent)
+    several = next((sorted(f) for f in folders.values() if len(f) > 1), None)
+    if several is not None:  # one step saved in two folders: two runs, which one trajectory would interleave
+        raise EntrotrainError(
+            f"entrotrain inspect: checkpoints of several runs: the same step is saved in {several[0]} and "
+            f"{several[1]}; inspect one run's folder at a time."
         )
     return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, _natural(str(c.path))))
 

@@ -677,3 +677,16 @@ def test_checkpoint_without_datamodule_class_says_why(lightning_run, tmp_path, c
     torch.save(checkpoint, tmp_path / "step=2.ckpt")
     # data passed to fit() directly, or (LightningCLI) a datamodule that does not save its hyperparameters
     assert "save_hyperparameters" in inspect_error(capsys, tmp_path / "step=2.ckpt", "--batches", "1")
+
+
+def test_checkpoints_of_several_runs_are_not_interleaved(tmp_path, capsys):
+    for run in ("run_a", "run_b"):
+        for step in (50, 100):
+            _touch(tmp_path / f"runs/{run}/checkpoints/epoch=0-step={step}.ckpt")
+    with pytest.raises(EntrotrainError, match="several runs") as err:
+        find_checkpoints([tmp_path / "runs"])
+    assert "run_a" in str(err.value) and "run_b" in str(err.value)
+    assert "several runs" in inspect_error(capsys, tmp_path / "runs")
+    assert [c.step for c in find_checkpoints([tmp_path / "runs/run_a"])] == [50, 100]
+    _touch(tmp_path / "runs/run_a/checkpoints/epoch=0-step=100-v1.ckpt")  # re-saved in one run's folder: fine
+    assert [c.step for c in find_checkpoints([tmp_path / "runs/run_a"])] == [50, 100, 100]

@@ -110,6 +110,18 @@ def _record_version(trainer: Trainer, stem: str) -> str:
     return version
 
 
+def _named_cures(recipe: Path, names: set[str]) -> set[str]:
+    """The bundled recipes a recipe's header comment names on a line about its cure(s) (``# Cures: grpo_kl_cov.yaml,
+    ...``, ``# The cure, ...: recipes/moe_router_tsallis.yaml``)."""
+    found: set[str] = set()
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if "cure" in line.lower():
+            found |= {name for name in re.findall(r"([A-Za-z0-9_]+)\.yaml", line) if name in names}
+    return found - {recipe.stem}
+
+
 class EntrotrainCLI(LightningCLI):
     """LightningCLI that adds a :class:`~entrotrain.dashboards.RunRecordLogger` to every run and whose ``fit`` ends by
     closing the wandb run and printing where it and the run record are, how to sync and how to report them.
@@ -260,7 +272,9 @@ class EntrotrainCLI(LightningCLI):
         ckpt = named[0]
         recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
         stem = Path(recipe).stem if recipe else None
-        cures = [p.stem for p in recipe_paths() if stem and p.stem.startswith(stem + "_")]
+        bundled = {p.stem: p for p in recipe_paths()}
+        cures = sorted({name for name in bundled if stem and name.startswith(stem + "_")}
+                       | (_named_cures(bundled[stem], set(bundled)) if stem in bundled else set()))
         commands = [f"entrotrain fit --recipe {cure} --ckpt_path {ckpt}" for cure in cures]
         if not commands:
             commands = [f"entrotrain fit --config <your config, with the cure> --ckpt_path {ckpt}"]

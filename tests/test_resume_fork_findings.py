@@ -59,11 +59,11 @@ def _lrs(record: Path, after: int = -1) -> dict[int, float]:
     return out
 
 
-def _parent(root: Path, *args: str) -> tuple[Path, Path]:
-    """A 4-step run saving a checkpoint every 2 steps (and last.ckpt); its step-2 checkpoint and record."""
-    _fit(root, "--trainer.max_steps=4", *_checkpointing(root / "ckpts"), *args)
+def _parent(root: Path, *args: str) -> tuple[Path, Path, object]:
+    """A 4-step run saving a checkpoint every 2 steps (and last.ckpt); its step-2 checkpoint, record and CLI."""
+    cli = _fit(root, "--trainer.max_steps=4", *_checkpointing(root / "ckpts"), *args)
     (record,) = _records(root)
-    return root / "ckpts" / "epoch=0-step=2.ckpt", record
+    return root / "ckpts" / "epoch=0-step=2.ckpt", record, cli
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_changed_warmup_gives_the_configured_schedule_from_the_first_resumed_s
     """Warmup 8 → 4 from the step-2 checkpoint (mid-warmup): the schedule keeps its position (README), so step 2
     runs at 0.01 * 3/4 and step 3 at 0.01. The restored optimizer's lr is the OLD schedule's (0.01 * 3/8) until the
     scheduler first steps: one step at the wrong rate, logged as such."""
-    ckpt, _ = warm
+    ckpt, _, _ = warm
     _fit(tmp_path, "--model.init_args.warmup_steps=4", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     assert "model.warmup_steps: 8 → 4" in capsys.readouterr().out
     (fork,) = _records(tmp_path)
@@ -104,7 +104,7 @@ def test_a_changed_warmup_gives_the_configured_schedule_from_the_first_resumed_s
 
 
 def test_a_removed_warmup_runs_at_the_configured_rate(warm, tmp_path):
-    ckpt, _ = warm
+    ckpt, _, _ = warm
     _fit(tmp_path, "--model.init_args.warmup_steps=0", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     (fork,) = _records(tmp_path)
     assert _lrs(fork, after=1) == pytest.approx({2: LR, 3: LR})
@@ -112,7 +112,7 @@ def test_a_removed_warmup_runs_at_the_configured_rate(warm, tmp_path):
 
 def test_a_new_peak_mid_warmup_keeps_the_schedule_position(warm, tmp_path, capsys):
     """lr 0.01 → 0.002 at step 2 of an 8-step warmup: 0.002 * 3/8, then 0.002 * 4/8."""
-    ckpt, _ = warm
+    ckpt, _, _ = warm
     _fit(tmp_path, "--model.init_args.lr=0.002", "--model.init_args.warmup_steps=8", "--trainer.max_steps=4",
          f"--ckpt_path={ckpt}")
     assert "optimizer: lr 0.01 → 0.002" in capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_a_new_peak_mid_warmup_keeps_the_schedule_position(warm, tmp_path, capsy
 def test_an_added_warmup_is_said_and_restarts_from_the_fork(plain, tmp_path, capsys):
     """No warmup → warmup 4 from step 2: the new scheduler starts at 0 (a re-warmup from the fork point: 1/4, 2/4);
     what is printed must not claim the learning rate changed permanently without saying why."""
-    ckpt, _ = plain
+    ckpt, _, _ = plain
     _fit(tmp_path, "--model.init_args.warmup_steps=4", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     out = capsys.readouterr().out
     assert "model.warmup_steps: 0 → 4" in out
@@ -133,7 +133,7 @@ def test_an_added_warmup_is_said_and_restarts_from_the_fork(plain, tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------------- optimizer
 def test_betas_and_weight_decay_are_the_configured_ones_and_moments_kept(plain, tmp_path, monkeypatch, capsys):
-    ckpt, _ = plain
+    ckpt, _, _ = plain
     saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
     seen = {}
 
@@ -155,7 +155,7 @@ def test_betas_and_weight_decay_are_the_configured_ones_and_moments_kept(plain, 
 
 
 def test_a_data_only_change_forks_and_keeps_the_optimizer(plain, tmp_path, monkeypatch, capsys):
-    ckpt, parent_record = plain
+    ckpt, parent_record, _ = plain
     before = _snapshot(parent_record)
     saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
     seen = {}
@@ -180,7 +180,7 @@ def test_a_data_only_change_forks_and_keeps_the_optimizer(plain, tmp_path, monke
 def test_max_steps_and_seed_do_not_fork_and_continue_the_record(plain, tmp_path, capsys):
     """Trainer settings (max_steps) do not fork; neither does seed_everything (not compared): the parent's record
     is continued."""
-    ckpt, parent_record = plain
+    ckpt, parent_record, _ = plain
     work = tmp_path / "copy"
     shutil.copytree(parent_record.parent.parent, work)
     copied = work / "records" / parent_record.name
@@ -196,7 +196,7 @@ def test_max_steps_and_seed_do_not_fork_and_continue_the_record(plain, tmp_path,
 def test_ckpt_path_last_with_a_changed_configuration_forks(plain, tmp_path, capsys):
     """``--ckpt_path last`` (Lightning resolves it to the ModelCheckpoint's last.ckpt) with a new learning rate: the
     configured rate must be used and the parent's record left alone, as with the file's path."""
-    _, parent_record = plain
+    _, parent_record, _ = plain
     before = _snapshot(parent_record)
     dirpath = parent_record.parent.parent / "ckpts"
     work = tmp_path / "ckpts"
@@ -210,7 +210,7 @@ def test_ckpt_path_last_with_a_changed_configuration_forks(plain, tmp_path, caps
 
 
 def test_ckpt_path_last_unchanged_continues_the_record(plain, tmp_path, capsys):
-    _, parent_record = plain
+    _, parent_record, _ = plain
     work = tmp_path / "copy"
     shutil.copytree(parent_record.parent.parent, work)
     copied = work / "records" / parent_record.name
@@ -251,7 +251,7 @@ def test_a_checkpoint_written_outside_the_cli_still_gets_the_configured_learning
 
 
 def test_a_deleted_parent_record_forks_from_the_hyperparameters(plain, tmp_path, capsys):
-    ckpt, _ = plain
+    ckpt, _, _ = plain
     moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(tmp_path / "gone" / "records" / "x"))
     _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={moved}")
     out = capsys.readouterr().out
@@ -264,7 +264,7 @@ def test_a_deleted_parent_record_forks_from_the_hyperparameters(plain, tmp_path,
 
 
 def test_an_older_record_without_config_yaml_falls_back_to_the_hyperparameters(plain, tmp_path, capsys):
-    ckpt, parent_record = plain
+    ckpt, parent_record, _ = plain
     work = tmp_path / "copy"
     shutil.copytree(parent_record.parent.parent, work)
     copied = work / "records" / parent_record.name
@@ -282,7 +282,7 @@ def test_an_older_record_without_config_yaml_falls_back_to_the_hyperparameters(p
 @pytest.fixture(scope="module")
 def sigma_fork(plain, tmp_path_factory, one_thread):
     """The plain run forked at step 2 with σReparam on, to step 4, checkpointing: its step-4 checkpoint and record."""
-    ckpt, _ = plain
+    ckpt, _, _ = plain
     root = tmp_path_factory.mktemp("sigma_fork")
     _fit(root, "--model.init_args.sigma_reparam=true", "--trainer.max_steps=4", *_checkpointing(root / "ckpts"),
          f"--ckpt_path={ckpt}")
@@ -334,3 +334,57 @@ def test_validate_from_a_checkpoint_with_the_recipe(plain, sigma_fork, tmp_path,
         assert (qkv == "SigmaReparamLinear") is sigma
         assert "val/loss" in cli.trainer.callback_metrics
     assert "changed configuration" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- rollback lines
+def _cli_with_rollback(recipe: str, argv: list[str] | None = None):
+    """An EntrotrainCLI, as after a fit of bundled ``recipe`` whose guard named ``ckpts/step=50.ckpt``."""
+    from types import SimpleNamespace
+
+    from entrotrain._lightning_cli import EntrotrainCLI
+    from entrotrain._recipes import find_recipe
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+
+    guard = object.__new__(EntropyCollapseGuard)
+    guard.rollback_checkpoint = Path("ckpts/step=50.ckpt")
+    cli = object.__new__(EntrotrainCLI)
+    path = find_recipe(recipe)
+    cli.trainer, cli.subcommand = SimpleNamespace(callbacks=[guard]), "fit"
+    cli.config = {"fit": {"config": [path]}}
+    cli._argv = argv if argv is not None else ["fit", "--config", str(path)]
+    return cli
+
+
+@pytest.mark.parametrize(("recipe", "cures"), [
+    ("grpo_baseline", ["grpo_clip_cov", "grpo_entropy_bonus", "grpo_kl_cov"]),  # named in its header, no prefix
+    ("moe_router_collapse", ["moe_router_tsallis"]),
+    ("ssl_rank_collapse", ["ssl_rank_collapse_entropy_reg", "ssl_stop_gradient"]),
+    ("attention_collapse", ["attention_collapse_entropy_floor", "attention_collapse_sigma_reparam"]),
+])
+def test_rollback_lines_name_the_recipes_cures(recipe, cures):
+    lines = _cli_with_rollback(recipe)._rollback_lines()
+    assert lines[1:] == [f"    entrotrain fit --recipe {cure} --ckpt_path ckpts/step=50.ckpt" for cure in cures]
+
+
+@pytest.mark.xfail(strict=True, reason="the roll-back command drops the run's overrides; the fix (report, "
+                   "patch in _lightning_cli._overrides) changes the exact lines tests/test_resume_fork.py expects")
+def test_the_printed_rollback_command_runs_with_the_runs_own_overrides(plain, tmp_path, capsys):
+    """The parent ran with overrides (a 1-layer model): the printed command, run as printed, must resume (the cure
+    recipe's 4-layer defaults cannot take the checkpoint's weights)."""
+    import shlex
+
+    from entrotrain.callbacks import EntropyCollapseGuard
+
+    ckpt, _, cli = plain
+    (guard,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EntropyCollapseGuard)]
+    guard.rollback_checkpoint = ckpt
+    try:
+        lines = cli._rollback_lines()
+    finally:
+        guard.rollback_checkpoint = None
+    command = shlex.split(lines[-1])  # ... --recipe attention_collapse_sigma_reparam ... --ckpt_path CKPT
+    assert command[:4] == ["entrotrain", "fit", "--recipe", "attention_collapse_sigma_reparam"]
+    assert "--model.init_args.n_layer=1" in command and command[-2:] == ["--ckpt_path", str(ckpt)]
+    capsys.readouterr()
+    fork = main([*command[1:-2], f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3", *command[-2:]])
+    assert fork.trainer.global_step == 3 and "model.sigma_reparam: false → true" in capsys.readouterr().out

@@ -119,6 +119,28 @@ def _load_light(path: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _new_argument_at_default(change: tuple[str, Any, Any], saved: set[str], config: Mapping[str, Any]) -> bool:
+    """Whether ``change`` is an init argument the saved configuration does not have at all (a record written before
+    the argument existed) and whose configured value is the class's default: not a change."""
+    key, _, new = change
+    section, _, name = key.partition(".")
+    if key in saved or not name or "." in name:
+        return False
+    class_path = (config.get(section) or {}).get("class_path") if isinstance(config.get(section), Mapping) else None
+    if not isinstance(class_path, str):
+        return False
+    import importlib
+    import inspect
+
+    module, _, cls = class_path.rpartition(".")
+    try:
+        parameter = inspect.signature(getattr(importlib.import_module(module), cls)).parameters.get(name)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is not inspect.Parameter.empty and (
+        _plain(parameter.default) == _plain(new))
+
+
 def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     """The fork a ``fit`` resuming from ``ckpt_path`` with the configuration dump ``config`` (its ``model`` and
     ``data`` sections) makes, or ``None`` when nothing changed or nothing can be compared (a checkpoint without
@@ -147,7 +169,8 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
         else:  # saved by a Trainer outside LightningCLI: no class named, the arguments both sides have compared
             before = {"model": {"init_args": {k: hparams[k] for k in init_args}}}
             after = {"model": {"init_args": init_args}}
-    changes = config_changes(before, after)
+    absent = {key.replace("init_args.", "") for key in _flatten(_plain(before), "", {})}
+    changes = [c for c in config_changes(before, after) if not _new_argument_at_default(c, absent, after)]
     if not changes:
         return None
     step = checkpoint.get("global_step")  # optimizer steps done, as ModelCheckpoint's step=N names count them

@@ -388,3 +388,52 @@ def test_the_printed_rollback_command_runs_with_the_runs_own_overrides(plain, tm
     capsys.readouterr()
     fork = main([*command[1:-2], f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3", *command[-2:]])
     assert fork.trainer.global_step == 3 and "model.sigma_reparam: false → true" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+def test_a_two_process_ddp_fork_is_printed_once_and_recorded_once(plain, tmp_path):
+    """``--config configs/trainer/ddp_cpu.yaml`` (2 processes, gloo): the plan is printed once, one new record is
+    written (its meta names the parent, from rank 0), and the parent's record is left as it was."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, parent_record, _ = plain
+    before = _snapshot(parent_record)
+    script = ROOT / "tests" / "helpers" / "fork_cli_run.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(script), "fit", "--config", str(RECIPE), "--config",
+         str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml"), *SMALL, f"--trainer.default_root_dir={tmp_path}",
+         "--model.init_args.lr=0.001", "--trainer.max_steps=4", f"--ckpt_path={ckpt}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("with a changed configuration") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count("model.lr: 0.01 → 0.001") == 1
+    (record,) = _records(tmp_path)
+    meta = json.loads((record / "meta.json").read_text())
+    assert meta["forked_from"]["run_dir"] == str(parent_record.resolve()) and meta["status"] == "finished"
+    assert _lrs(record, after=1) == pytest.approx({2: 0.001, 3: 0.001})
+    assert _snapshot(parent_record) == before
+
+
+def test_a_record_from_an_older_version_missing_a_new_argument_does_not_fork(plain, tmp_path, capsys):
+    """A parent record written before an init argument existed (its config.yaml lacks ``sigma_reparam``, now an
+    argument whose default is kept): an unchanged resume continues the record, it is not a fork "null → false"."""
+    ckpt, parent_record, _ = plain
+    work = tmp_path / "copy"
+    shutil.copytree(parent_record.parent.parent, work)
+    copied = work / "records" / parent_record.name
+    config = copied / "config.yaml"
+    text = config.read_text()
+    assert "    sigma_reparam: false\n" in text
+    config.write_text(text.replace("    sigma_reparam: false\n", ""))
+    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
+    _fit(tmp_path / "run", "--trainer.max_steps=3", f"--ckpt_path={moved}")
+    assert "changed configuration" not in capsys.readouterr().out
+    assert len(json.loads((copied / "meta.json").read_text())["resumes"]) == 1
+    # the same argument set to a non-default value is a change, and forks (the resume above rewrote config.yaml)
+    config.write_text(text.replace("    sigma_reparam: false\n", ""))
+    _fit(tmp_path / "cure", "--model.init_args.sigma_reparam=true", "--trainer.max_steps=3", f"--ckpt_path={moved}")
+    assert "model.sigma_reparam: null → true" in capsys.readouterr().out

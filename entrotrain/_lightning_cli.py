@@ -110,6 +110,13 @@ def _record_version(trainer: Trainer, stem: str) -> str:
     return version
 
 
+def _lightning_finds(ckpt_path: str) -> bool:
+    """Whether ``ckpt_path`` is something Lightning may load: an existing file or folder (a sharded checkpoint), a
+    special name it resolves (``last``, ``best``, ``hpc``, ``registry[:...]``) or a remote URL (``s3://...``)."""
+    return (ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
+            or Path(ckpt_path).exists())
+
+
 def _named_cures(recipe: Path, names: set[str]) -> set[str]:
     """The bundled recipes a recipe's header comment names on a line about its cure(s) (``# Cures: grpo_kl_cov.yaml,
     ...``, ``# The cure, ...: recipes/moe_router_tsallis.yaml``)."""
@@ -157,6 +164,11 @@ class EntrotrainCLI(LightningCLI):
         config = self.config.get(subcommand) if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
         model = config.get("model") if config is not None else None
+        if ckpt_path and not _lightning_finds(str(ckpt_path)):
+            print(f"entrotrain {subcommand}: error: --ckpt_path {ckpt_path}: no such file or folder. Pass a checkpoint "
+                  "file (e.g. ckpts/epoch=0-step=50.ckpt) or one of Lightning's names: last, best, hpc.",
+                  file=sys.stderr)
+            raise SystemExit(2)
         if subcommand != "fit" or not ckpt_path or not getattr(model, "class_path", None):
             super()._parse_ckpt_path()
             return

@@ -437,3 +437,14 @@ def test_a_record_from_an_older_version_missing_a_new_argument_does_not_fork(pla
     config.write_text(text.replace("    sigma_reparam: false\n", ""))
     _fit(tmp_path / "cure", "--model.init_args.sigma_reparam=true", "--trainer.max_steps=3", f"--ckpt_path={moved}")
     assert "model.sigma_reparam: null → true" in capsys.readouterr().out
+
+
+def test_a_missing_checkpoint_file_is_an_error_before_anything_starts(tmp_path, capsys):
+    """A typo in ``--ckpt_path``: a parser-style error naming it (not Lightning's FileNotFoundError traceback after
+    the run record was started and left "running")."""
+    with pytest.raises(SystemExit) as exc:
+        _fit(tmp_path, "--trainer.max_steps=1", f"--ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--ckpt_path {tmp_path / 'nope.ckpt'}" in err and "Traceback" not in err
+    assert _records(tmp_path) == []

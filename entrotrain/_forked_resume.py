@@ -229,9 +229,16 @@ class ForkedResume(Callback):
         """The configured hyperparameters into the saved param groups (moments kept); the learning rate of a group
         under a scheduler is rescaled by new / old initial rate, so the schedule keeps its position."""
         changed: dict[str, tuple[Any, Any]] = {}
+        added: float | None = None  # the first resumed step's rate under a scheduler the checkpoint's run had not
         for state, optimizer in zip(saved, optimizers):
             for group, fresh in zip(state["param_groups"], optimizer.param_groups):
                 scheduled = "initial_lr" in fresh and "initial_lr" in group
+                if "initial_lr" in fresh and "initial_lr" not in group:  # a new schedule starts at the fork
+                    added = fresh["lr"] if added is None else added
+                    if group.get("lr") != fresh["initial_lr"]:
+                        changed.setdefault("lr", (group.get("lr"), fresh["initial_lr"]))
+                    group["lr"] = fresh["lr"]
+                    scheduled = True
                 for key, value in fresh.items():
                     if key in ("params", "lr") or group.get(key) == value:
                         continue
@@ -247,6 +254,9 @@ class ForkedResume(Callback):
         if changed:
             listed = ", ".join(f"{key} {_short(old)} → {_short(new)}" for key, (old, new) in changed.items())
             self.plan.notes.append(f"optimizer: {listed}; its moments are the checkpoint's")
+        if added is not None:
+            self.plan.notes.append(f"a learning-rate schedule the checkpoint's run did not have starts at the fork "
+                                   f"(its step 0: lr {added:.4g} at the first resumed step)")
 
     @rank_zero_only
     def _print(self) -> None:

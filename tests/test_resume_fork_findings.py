@@ -127,6 +127,8 @@ def test_an_added_warmup_is_said_and_restarts_from_the_fork(plain, tmp_path, cap
     _fit(tmp_path, "--model.init_args.warmup_steps=4", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     out = capsys.readouterr().out
     assert "model.warmup_steps: 0 → 4" in out
+    assert "optimizer: lr" not in out  # was "optimizer: lr 0.01 → 0.0025": the peak did not change
+    assert "schedule the checkpoint's run did not have starts at the fork (its step 0: lr 0.0025" in out
     (fork,) = _records(tmp_path)
     assert _lrs(fork, after=1) == pytest.approx({2: LR * 1 / 4, 3: LR * 2 / 4})
 

@@ -117,16 +117,29 @@ def _lightning_finds(ckpt_path: str) -> bool:
             or Path(ckpt_path).exists())
 
 
-def _named_cures(recipe: Path, names: set[str]) -> set[str]:
-    """The bundled recipes a recipe's header comment names on a line about its cure(s) (``# Cures: grpo_kl_cov.yaml,
-    ...``, ``# The cure, ...: recipes/moe_router_tsallis.yaml``)."""
-    found: set[str] = set()
-    for line in recipe.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        if "cure" in line.lower():
-            found |= {name for name in re.findall(r"([A-Za-z0-9_]+)\.yaml", line) if name in names}
-    return found - {recipe.stem}
+_CURE_LINE = re.compile(r"#\s*(?:the\s+|\S+\s+)?cures?\b(?:\s+\d+)?(\s+for\b)?", re.IGNORECASE)
+
+
+def _cures(stem: str | None, bundled: dict[str, Path]) -> list[str]:
+    """The bundled recipes that cure recipe ``stem``: its ``<stem>_*`` siblings, those its header comment lists on a
+    line starting ``# Cures: ...`` / ``# The cure, ...: recipes/X.yaml``, and those whose header starts a line
+    ``# Cure for <stem>.yaml`` (``# Cure 2 for``, ``# σReparam cure for``, ``# The cure for``)."""
+    if not stem:
+        return []
+    found = {name for name in bundled if name.startswith(stem + "_")}
+    for name, path in bundled.items():
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            match = _CURE_LINE.match(line)
+            if match is None:
+                continue
+            named = {n for n in re.findall(r"([A-Za-z0-9_]+)\.yaml", line) if n in bundled}
+            if match.group(1) and stem in named:  # "<name> is a cure for <stem>"
+                found.add(name)
+            elif not match.group(1) and name == stem:  # "<stem>'s cures: ..."
+                found |= named
+    return sorted(found - {stem})
 
 
 class EntrotrainCLI(LightningCLI):
@@ -285,8 +298,7 @@ class EntrotrainCLI(LightningCLI):
         recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
         stem = Path(recipe).stem if recipe else None
         bundled = {p.stem: p for p in recipe_paths()}
-        cures = sorted({name for name in bundled if stem and name.startswith(stem + "_")}
-                       | (_named_cures(bundled[stem], set(bundled)) if stem in bundled else set()))
+        cures = _cures(stem, bundled) if stem in bundled else []
         commands = [f"entrotrain fit --recipe {cure} --ckpt_path {ckpt}" for cure in cures]
         if not commands:
             commands = [f"entrotrain fit --config <your config, with the cure> --ckpt_path {ckpt}"]

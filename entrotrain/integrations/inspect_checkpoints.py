@@ -48,6 +48,7 @@ DEFAULT_KEYS = (
     "entropy/attn/collapse_frac", "entropy/attn/overload_frac", "entropy/attn_norm/L*/mean",
     "entropy/repr/*/rankme", "entropy/repr/*/effective_rank", "entropy/repr/*/matrix_entropy",
     "entropy/pred/train/mean", "entropy/pred/train/top1_prob", "entropy/pred/train/below_floor_frac",
+    "entropy/router/load_entropy_norm_min", "entropy/router/dead_frac_max",
     "entropy/*/nonfinite",
 )
 _HEAD = re.compile(r"^entropy/attn_norm/(L\d+)/(H\d+)$")
@@ -154,17 +155,22 @@ def _monitors(args: argparse.Namespace, shift_labels: bool = False) -> list[Any]
     from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
     from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
     from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
+    from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 
     # with other monitors asked for, a model without attention (an MLP encoder) is inspected by them: a warning
-    strict = not (args.representation or args.prediction)
+    strict = not (args.representation or args.prediction or args.router)
     monitors: list[Any] = [AttentionEntropyMonitor(collapse_threshold=args.collapse_threshold, strict=strict)]
     if args.representation:
         monitors.append(RepresentationEntropyMonitor(include=list(args.representation), stage="train"))
     if args.prediction:  # the output head's predictive entropy on the inspected batches (keys entropy/pred/train/*)
         monitors.append(PredictionEntropyMonitor(
-            source="head", head=args.prediction, probe_batches=0, positions=0, shift_labels=shift_labels,
+            source="head", head=args.prediction_head, probe_batches=0, positions=0, shift_labels=shift_labels,
             print_summary=False, log_media=False,
         ))
+    if args.router:
+        include = None if args.router == "auto" else [args.router]
+        monitors.append(RouterEntropyMonitor(include=include, top_k=args.router_top_k, print_summary=False,
+                                             log_media=False))
     return monitors
 
 
@@ -313,17 +319,26 @@ def inspect_main(argv: list[str]) -> int:
                         help="Hugging Face: where the tokenizer is saved (default: the checkpoint, or its parent)")
     parser.add_argument("--seq-len", type=int, default=256, help="Hugging Face: tokens per window (default 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="Hugging Face: windows per batch (default 8)")
-    parser.add_argument("--representation", nargs="+", default=None, metavar="GLOB",
-                        help="also the representation monitor on these modules (e.g. 'model.blocks.*')")
-    parser.add_argument("--prediction", nargs="?", const="**.lm_head", default=None, metavar="HEAD",
-                        help="also the predictive entropy of the output head (a glob, default '**.lm_head'): "
+    parser.add_argument("--representation", action="append", default=None, metavar="GLOB",
+                        help="also the representation monitor on these modules, a glob (e.g. 'model.blocks.*'; repeat "
+                        "for more)")
+    parser.add_argument("--router", default=None, metavar="GLOB",
+                        help="also the MoE router monitor on these router modules ('auto': HF *TopKRouter / MoE 'gate' "
+                        "layers; e.g. '**.router'): entropy/router/* (expert load entropy, dead experts)")
+    parser.add_argument("--router-top-k", type=int, default=None, metavar="K",
+                        help="with --router: experts picked per token, when the model does not say (HF configs do)")
+    parser.add_argument("--prediction-head", default="**.lm_head", metavar="GLOB",
+                        help="with --prediction: the output head's module, a glob (default '**.lm_head')")
+    parser.add_argument("--prediction", action="store_true",
+                        help="also the predictive entropy of the output head (--prediction-head): "
                         "entropy/pred/train/* on the inspected batches")
     parser.add_argument("--collapse-threshold", type=float, default=0.1,
                         help="a head is collapsed below this normalised entropy (default 0.1)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first: a checkpoint naming a class outside entrotrain needs it")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--keys", nargs="+", default=None, metavar="GLOB", help="the keys to tabulate, as globs")
+    parser.add_argument("--keys", action="append", default=None, metavar="GLOB",
+                        help="a key to tabulate, as a glob (repeat for more)")
     parser.add_argument("--columns", type=int, default=6, help="at most this many checkpoints side by side")
     parser.add_argument("--rows", type=int, default=40, help="at most this many keys")
     parser.add_argument("--json", action="store_true", help="print every value of every checkpoint as JSON")

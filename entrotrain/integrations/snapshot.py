@@ -87,8 +87,8 @@ def entropy_snapshot(
         batches: the batches to run (an iterable, or one tensor for one batch); the statistics are over all of them.
         monitors: configured monitors (see the module docstring); their own ``every_n_steps`` is ignored. Default:
             ``[AttentionEntropyMonitor()]``. Each call needs fresh monitor objects or reuses them from scratch.
-        forward: ``forward(model, batch)`` runs one batch (default :func:`call_model`). A scalar tensor it returns
-            is averaged over the batches into ``metrics["loss"]``.
+        forward: ``forward(model, batch)`` runs one batch (default :func:`call_model`). A 0-d tensor it returns
+            (itself, as ``.loss`` or as ``["loss"]``) is averaged over the batches into ``metrics["loss"]``.
 
     Returns:
         An :class:`EntropySnapshot`.
@@ -129,7 +129,9 @@ def entropy_snapshot(
                     out = run(model, batch)
                     count += 1
                     loss = getattr(out, "loss", out)  # an HF ModelOutput's loss, or the scalar returned
-                    if isinstance(loss, Tensor) and loss.numel() == 1:
+                    if isinstance(loss, Mapping):  # a Lightning step's {"loss": ...}
+                        loss = loss.get("loss")
+                    if isinstance(loss, Tensor) and loss.dim() == 0:  # a scalar, not a one-element output
                         losses.append(float(loss))
                 if count == 0:
                     raise EntrotrainError(

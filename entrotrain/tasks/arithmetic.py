@@ -330,6 +330,7 @@ class ArithmeticDataModule(LightningDataModule):
         scratch_tokens: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # a checkpoint names this datamodule (entrotrain inspect rebuilds it)
         if prompts_per_batch < 1 or num_batches < 1:
             raise EntrotrainError(
                 f"prompts_per_batch and num_batches must be >= 1, got {prompts_per_batch} and {num_batches}."

@@ -111,6 +111,7 @@ class InformationPlaneDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # a checkpoint names this datamodule (entrotrain inspect rebuilds it)
         check_real(train_fraction, "train_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
         check_bool(shuffle_split, "shuffle_split")
         check_int(batch_size, "batch_size", low=1, none_ok=True)

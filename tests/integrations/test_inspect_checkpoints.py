@@ -630,7 +630,6 @@ class _OneLogit(torch.nn.Module):
         return self.head(y.mean(1))  # (B, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="snapshot.py takes any one-element output of forward for a loss (reported)")
 def test_snapshot_loss_is_a_returned_scalar_not_a_one_element_output():
     torch.manual_seed(0)
     shot = entropy_snapshot(_OneLogit(), [torch.randn(1, 3, 4), torch.randn(1, 3, 4)])
@@ -690,3 +689,32 @@ def test_checkpoints_of_several_runs_are_not_interleaved(tmp_path, capsys):
     assert [c.step for c in find_checkpoints([tmp_path / "runs/run_a"])] == [50, 100]
     _touch(tmp_path / "runs/run_a/checkpoints/epoch=0-step=100-v1.ckpt")  # re-saved in one run's folder: fine
     assert [c.step for c in find_checkpoints([tmp_path / "runs/run_a"])] == [50, 100, 100]
+
+
+def test_flags_before_the_checkpoints_take_one_value_each(lightning_run, capsys):
+    """`--representation GLOB` / `--keys GLOB` (repeatable) and `--prediction` never swallow a checkpoint path."""
+    results = inspect_json(capsys, "--representation", "model.blocks.*", "--keys", "loss", "--prediction",
+                           lightning_run, "--batches", "1")
+    assert [r["step"] for r in results] == [2, 4]
+    metrics = results[0]["metrics"]
+    assert "entropy/repr/model.blocks.0/rankme" in metrics and "entropy/pred/train/mean" in metrics
+    out = inspect(capsys, "--keys", "loss", "--keys", "entropy/attn_norm/min", lightning_run, "--batches", "1")
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith(("loss", "entropy/"))]
+    assert rows == ["loss", "entropy/attn_norm/min"]
+
+
+def test_router_monitor_on_a_moe_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpts = tmp_path / "ckpts"
+    main([
+        "fit", "--recipe", "moe_router_collapse", "--trainer.max_steps", "2", "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.dirpath", str(ckpts),
+        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+    ])
+    (result,) = inspect_json(capsys, "--router", "**.router", "--router-top-k", "1", ckpts, "--batches", "1")
+    assert result["step"] == 2
+    assert any(key.startswith("entropy/router/") for key in result["metrics"]), sorted(result["metrics"])
+    err = inspect_error(capsys, ckpts, "--batches", "1")  # attention alone: this model has none to tap
+    assert "captured no attention" in err

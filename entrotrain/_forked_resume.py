@@ -71,16 +71,37 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[
     (e.g. of regularisers) is one leaf."""
     old = _flatten(_plain(before), "", {})
     new = _flatten(_plain(after), "", {})
+    # a nested object whose class changed (policy_loss: PPOClipLoss → ClipCovLoss) is one change, both whole: the
+    # arguments of two classes do not pair up (one's argument is absent from the other, not null)
+    swapped = sorted(key[: -len(".class_path")] for key in old.keys() | new.keys()
+                     if key.endswith(".class_path") and "." in key[: -len(".class_path")] and old.get(key) != new.get(key))
     changes = []
     for key in sorted(old.keys() | new.keys()):
-        if old.get(key) != new.get(key):
+        whole = next((p for p in swapped if key == p + ".class_path"), None)
+        if whole is not None:
+            changes.append((whole.replace("init_args.", ""), _subtree(old, whole), _subtree(new, whole)))
+        elif old.get(key) != new.get(key) and not any(key.startswith(p + ".") for p in swapped):
             changes.append((key.replace("init_args.", ""), old.get(key), new.get(key)))
     return changes
+
+
+def _subtree(flat: Mapping[str, Any], prefix: str) -> Any:
+    """``{"class_path", "init_args"}`` of the object at dotted ``prefix`` in a flattened configuration (``None``:
+    absent)."""
+    inner = {key[len(prefix) + 1:]: value for key, value in flat.items() if key.startswith(prefix + ".")}
+    if not inner:
+        return flat.get(prefix)
+    args = {key[len("init_args."):]: value for key, value in inner.items() if key.startswith("init_args.")}
+    return {"class_path": inner.get("class_path"), "init_args": args}
 
 
 def _short(value: Any) -> str:
     if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
         return "[" + ", ".join(str(v["class_path"]).rpartition(".")[2] for v in value) + "]"
+    if isinstance(value, dict) and "class_path" in value:  # ClipCovLoss(clip_ratio=0.2, ...)
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in (value.get("init_args") or {}).items())
+        text = f"{str(value['class_path']).rpartition('.')[2]}({args})"
+        return text if len(text) <= 80 else text[:77] + "..."
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -455,3 +455,23 @@ def test_a_missing_checkpoint_file_is_an_error_before_anything_starts(tmp_path, 
     err = capsys.readouterr().err
     assert f"--ckpt_path {tmp_path / 'nope.ckpt'}" in err and "Traceback" not in err
     assert _records(tmp_path) == []
+
+
+def test_a_changed_nested_class_is_one_change_not_every_argument_of_both():
+    """GRPO's cure recipes swap ``policy_loss`` (PPOClipLoss → ClipCovLoss): one change naming both classes and the
+    new arguments, not nine lines such as ``model.policy_loss.global_agg: false → null`` (the argument is gone, not
+    null) — the fork of grpo_baseline into grpo_clip_cov printed exactly that."""
+    from entrotrain._forked_resume import ForkPlan, config_changes
+
+    ppo = {"class_path": "entrotrain.regularizers.PPOClipLoss", "init_args": {"clip_low": 0.2, "global_agg": False}}
+    cov = {"class_path": "entrotrain.regularizers.ClipCovLoss", "init_args": {"clip_ratio": 0.2, "cov_ub": 3.0}}
+    before = {"model": {"class_path": "a.GRPOTask", "init_args": {"lr": 0.001, "policy_loss": ppo}}}
+    after = {"model": {"class_path": "a.GRPOTask", "init_args": {"lr": 0.002, "policy_loss": cov}}}
+    changes = config_changes(before, after)
+    assert changes == [("model.lr", 0.001, 0.002), ("model.policy_loss", ppo, cov)]
+    lines = ForkPlan("c.ckpt", 2, changes).lines()
+    assert "    model.policy_loss: PPOClipLoss(clip_low=0.2, global_agg=false) → ClipCovLoss(clip_ratio=0.2, " \
+           "cov_ub=3.0)" in lines
+    # an argument of the same class still changes alone
+    after["model"]["init_args"]["policy_loss"] = {**ppo, "init_args": {"clip_low": 0.3, "global_agg": False}}
+    assert config_changes(before, after)[1] == ("model.policy_loss.clip_low", 0.2, 0.3)

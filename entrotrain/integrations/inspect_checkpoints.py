@@ -3,8 +3,8 @@ the fact, in a run that trained without monitors.
 
 ::
 
-    entrotrain inspect runs/ckpts/                         # every *.ckpt below, in step order (Lightning / entrotrain fit)
-    entrotrain inspect hf_out --text corpus.txt            # every hf_out/checkpoint-N (HF Trainer), on windows of a text
+    entrotrain inspect runs/ckpts/                  # every *.ckpt below, in step order (Lightning / entrotrain fit)
+    entrotrain inspect hf_out --text corpus.txt     # every hf_out/checkpoint-N (HF Trainer), on windows of a text
 
     checkpoint                      step 50   step 100   step 200   step 400   trend
     entropy/attn_norm/min            0.0750     0.0122     0.0090     0.0060   █▂▁▁

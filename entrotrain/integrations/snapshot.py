@@ -49,8 +49,9 @@ class EntropySnapshot:
     Attributes:
         metrics: every statistic the monitors published (the keys of training: ``entropy/attn_norm/min``,
             ``entropy/attn/L{l}/H{h}``, ``entropy/repr/{layer}/rankme``, ...); a statistic that could not be computed
-            (every row non-finite: see the ``…/nonfinite`` counts) is absent or NaN, never made up; plus ``loss``: the mean of the scalars ``forward`` returned, when it returned one for every batch.
-        sites: what the ``L{l}`` of the attention keys and the representation layers are: ``{"L0": "blocks.0.attn"}``.
+            (every row non-finite: see the ``…/nonfinite`` counts) is absent or NaN, never made up; plus ``loss``:
+            the mean of the scalars ``forward`` returned, when it returned one for every batch.
+        sites: what the ``L{l}`` of the attention keys are: ``{"L0": "blocks.0.attn"}``.
         arrays: the arrays a run record stores for the report (attention heatmap, spectra, ...).
         thresholds: the monitors' thresholds (collapse / overload lines), as a run record stores them.
         batches: how many batches were run.

@@ -34,9 +34,8 @@ def parent(tmp_path_factory, one_thread):
     """A 4-step run that saves a checkpoint every 2 steps, and its run record."""
     root = tmp_path_factory.mktemp("parent")
     cli = _fit(root, "--trainer.max_steps=4", "--trainer.enable_checkpointing=true",
-               "--trainer.callbacks+=ModelCheckpoint",
-         "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
-         f"--trainer.callbacks.dirpath={root / 'ckpts'}")
+               "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2",
+               "--trainer.callbacks.save_top_k=-1", f"--trainer.callbacks.dirpath={root / 'ckpts'}")
     (record,) = (root / "records").iterdir()
     return root / "ckpts" / "epoch=0-step=2.ckpt", record, cli
 

@@ -199,6 +199,17 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
                     str(parent) if parent is not None and (parent / "meta.json").is_file() else None)
 
 
+def _other_kind(saved: Mapping[str, Any], optimizer: Any) -> bool:
+    """Whether a saved optimizer state is another kind of optimizer's (SGD's ``momentum`` where AdamW has ``betas``):
+    each side's param groups have hyperparameters the other lacks. (One side only: a newer torch's added flag.)"""
+    groups = saved.get("param_groups") or []
+    if not groups or not optimizer.param_groups:
+        return False
+    old = set(groups[0]) - {"params", "initial_lr"}
+    new = set(optimizer.param_groups[0]) - {"params", "initial_lr"}
+    return bool(old - new) and bool(new - old)
+
+
 def _scheduled_lrs(scheduler: Any, state: Mapping[str, Any]) -> list[float] | None:
     """The learning rates the *configured* ``scheduler`` gives at the saved position ``state["last_epoch"]`` (a
     changed warmup length is in effect from the first resumed step, not one step late), or ``None`` when it has no
@@ -228,11 +239,13 @@ class ForkedResume(Callback):
         optimizers, schedulers = _init_optimizers_and_lr_schedulers(pl_module)
         saved = checkpoint.get("optimizer_states") or []
         sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
-        if [[len(g["params"]) for g in s["param_groups"]] for s in saved] != sizes:
+        other = [type(o).__name__ for o, s in zip(optimizers, saved) if _other_kind(s, o)]
+        if [[len(g["params"]) for g in s["param_groups"]] for s in saved] != sizes or other:
             checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
             checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]
-            self.plan.notes.append("the optimizer's parameters changed: its state (moments) and schedulers start "
-                                   "afresh; the weights and the step count are the checkpoint's")
+            what = f"optimizer changed (now {', '.join(other)})" if other else "optimizer's parameters changed"
+            self.plan.notes.append(f"the {what}: its state (moments) and schedulers start afresh; the weights and "
+                                   "the step count are the checkpoint's")
         else:
             self._configured_hyperparameters(saved, optimizers)
             for state, config in zip(checkpoint.get("lr_schedulers") or [], schedulers):

@@ -475,3 +475,27 @@ def test_a_changed_nested_class_is_one_change_not_every_argument_of_both():
     # an argument of the same class still changes alone
     after["model"]["init_args"]["policy_loss"] = {**ppo, "init_args": {"clip_low": 0.3, "global_agg": False}}
     assert config_changes(before, after)[1] == ("model.policy_loss.clip_low", 0.2, 0.3)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer kind
+VIT = ROOT / "recipes" / "vit_digits_baseline.yaml"
+VIT_SMALL = ("--model.init_args.n_layer=1", "--model.init_args.n_embd=16", "--model.init_args.n_head=2",
+             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1",
+             "--trainer.val_check_interval=2", "--data.init_args.batch_size=8")
+
+
+def test_a_changed_optimizer_kind_starts_its_state_afresh(tmp_path, capsys):
+    """DigitsViTTask's ``optimizer: sgd → adam`` on resume: SGD's state (momentum buffers, no ``step``) was loaded
+    into AdamW (KeyError: 'step' traceback at the first step), and adam → sgd claimed "its moments are the
+    checkpoint's" while SGD ignores Adam's moments. A different optimizer starts its state afresh, and says so."""
+    def vit(root: Path, *args: str):
+        return main(["fit", "--config", str(VIT), *VIT_SMALL, f"--trainer.default_root_dir={root}", *args])
+
+    vit(tmp_path / "parent", "--model.init_args.optimizer=sgd", "--trainer.max_steps=2",
+        *_checkpointing(tmp_path / "ckpts"))
+    capsys.readouterr()
+    cli = vit(tmp_path / "fork", "--trainer.max_steps=4", f"--ckpt_path={tmp_path / 'ckpts' / 'epoch=0-step=2.ckpt'}")
+    out = capsys.readouterr().out
+    assert cli.trainer.global_step == 4
+    assert "model.optimizer: sgd → adam" in out and "its moments are the checkpoint's" not in out
+    assert "the optimizer changed (now AdamW): its state (moments) and schedulers start afresh" in out

@@ -232,10 +232,51 @@ class ForkedResume(Callback):
 
     def __init__(self, plan: ForkPlan) -> None:
         self.plan = plan
+        self._strict: Any = None  # the module's own strict_loading while this fork relaxes it
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Lightning loads the weights non-strictly for this fork (a regulariser added with a learnable parameter has
+        none in the checkpoint); :meth:`_check_state_keys` then refuses any other missing or unexpected key."""
+        if stage == "fit" and pl_module.strict_loading and not trainer.strategy.restore_checkpoint_after_setup:
+            self._strict = (pl_module._strict_loading,)
+            pl_module.strict_loading = False
+
+    def _check_state_keys(self, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The keys a strict load would have refused, but a new regulariser's parameters (they keep their initial
+        values) and σReparam's γ, u, σ filled in from a plain layer's weight: a ``load_state_dict``-style error."""
+        if self._strict is None:
+            return
+        pl_module._strict_loading, self._strict = self._strict[0], None
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping):
+            return
+        from entrotrain.regularizers.composition import Regularizer
+        from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
+
+        modules = dict(pl_module.named_modules())
+        regularizers = tuple(f"{name}." for name, m in modules.items() if name and isinstance(m, Regularizer))
+        expected = set(pl_module.state_dict().keys())
+
+        def filled(key: str) -> bool:
+            owner, _, leaf = key.rpartition(".")
+            return (leaf in ("gamma", "u", "sigma") and isinstance(modules.get(owner), SigmaReparamLinear)
+                    and f"{owner}.weight" in state)
+
+        missing = sorted(k for k in expected - set(state) if not filled(k))
+        new = [k for k in missing if k.startswith(regularizers)]
+        missing = [k for k in missing if not k.startswith(regularizers)]
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            parts = [f"{what} key(s) in state_dict: " + ", ".join(f'"{k}"' for k in keys)
+                     for what, keys in (("Missing", missing), ("Unexpected", unexpected)) if keys]
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(pl_module).__name__}:\n\t" + "\n\t".join(parts))
+        if new:
+            self.plan.notes.append(f"new in the model, from their initial values: {', '.join(new)}")
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 
+        self._check_state_keys(pl_module, checkpoint)
         optimizers, schedulers = _init_optimizers_and_lr_schedulers(pl_module)
         saved = checkpoint.get("optimizer_states") or []
         sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]

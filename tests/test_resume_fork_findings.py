@@ -499,3 +499,29 @@ def test_a_changed_optimizer_kind_starts_its_state_afresh(tmp_path, capsys):
     assert cli.trainer.global_step == 4
     assert "model.optimizer: sgd → adam" in out and "its moments are the checkpoint's" not in out
     assert "the optimizer changed (now AdamW): its state (moments) and schedulers start afresh" in out
+
+
+def test_adding_a_regulariser_with_a_learnable_parameter_on_resume(plain, tmp_path, capsys, monkeypatch):
+    """EntropyBandRegularizer (a learnable per-head threshold, in the module's state) added on resume: the
+    checkpoint has no ``regularizer...raw``. The fork must either start the new regulariser's parameter from its
+    init (as σReparam's γ = σ(W) is filled in) or refuse with a message that does not say "regularisers can be
+    added"."""
+    ckpt, _, _ = plain
+    band = ('[{"class_path": "entrotrain.regularizers.EntropyBandRegularizer", '
+            '"init_args": {"n_layers": 1, "n_heads": 2}}]')
+    seen = {}
+
+    def spy(module):  # the weights as restored, before the first resumed step
+        seen.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    from entrotrain.tasks import LanguageModelingTask
+
+    monkeypatch.setattr(LanguageModelingTask, "on_train_start", spy)
+    cli = _fit(tmp_path, f"--model.init_args.regularizers={band}", "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
+    assert cli.trainer.global_step == 3  # was: exit 2, "... Missing key(s): regularizer.raw ... can be added"
+    assert "new in the model, from their initial values: regularizer.raw" in capsys.readouterr().out
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert sorted(seen) == sorted([*saved, "regularizer.raw"])
+    assert all(torch.equal(seen[k], v) for k, v in saved.items())  # every checkpoint weight loaded
+    assert torch.equal(seen["regularizer.raw"], torch.zeros(1, 2))  # logit(0.5): its initial value
+    assert cli.model.strict_loading  # restored after the fork's relaxed load

@@ -295,7 +295,16 @@ class ForkedResume(Callback):
                     state["base_lrs"] = fresh["base_lrs"]
                 index = next((i for i, o in enumerate(optimizers) if o is config.scheduler.optimizer), None)
                 lrs = _scheduled_lrs(config.scheduler, state)
-                if index is not None and index < len(saved) and lrs is not None:
+                if lrs is None:
+                    continue
+                # the configured scheduler (its T_max, step_size, lambdas' settings: Lightning would restore the
+                # saved ones) at the saved position
+                position = {key: state[key] for key in ("last_epoch", "_step_count") if key in state}
+                state.clear()
+                state.update({**fresh, **position})
+                if "_last_lr" in fresh:
+                    state["_last_lr"] = list(lrs)
+                if index is not None and index < len(saved):
                     for group, lr in zip(saved[index]["param_groups"], lrs):
                         group["lr"] = lr
         self._print()

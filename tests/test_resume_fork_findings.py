@@ -53,7 +53,8 @@ def _lrs(record: Path, after: int = -1) -> dict[int, float]:
     out = {}
     for line in (record / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        value = (row.get("values") or {}).get("lr-AdamW/pg1")
+        values = row.get("values") or {}
+        value = values.get("lr-AdamW/pg1", values.get("lr-AdamW"))
         if value is not None and row["step"] > after:
             out[row["step"]] = value
     return out
@@ -525,3 +526,23 @@ def test_adding_a_regulariser_with_a_learnable_parameter_on_resume(plain, tmp_pa
     assert all(torch.equal(seen[k], v) for k, v in saved.items())  # every checkpoint weight loaded
     assert torch.equal(seen["regularizer.raw"], torch.zeros(1, 2))  # logit(0.5): its initial value
     assert cli.model.strict_loading  # restored after the fork's relaxed load
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler state
+def test_a_changed_scheduler_setting_saved_in_its_state_is_the_configured_one(tmp_path, capsys):
+    """A task whose scheduler keeps its setting in its state (CosineAnnealingLR's T_max): T_max 8 → 16 on resume.
+    Lightning restores the saved scheduler state, so T_max went back to 8 from the second resumed step on."""
+    import math
+
+    def cosine(root: Path, *args: str):
+        return _fit(root, "--model.class_path=tests.helpers.fork_models.CosineLM", *args)
+
+    cosine(tmp_path / "parent", "--model.init_args.cosine_steps=8", "--trainer.max_steps=2",
+           *_checkpointing(tmp_path / "ckpts"))
+    cosine(tmp_path / "fork", "--model.init_args.cosine_steps=16", "--trainer.max_steps=5",
+           f"--ckpt_path={tmp_path / 'ckpts' / 'epoch=0-step=2.ckpt'}")
+    assert "model.cosine_steps: 8 → 16" in capsys.readouterr().out
+    (record,) = _records(tmp_path / "fork")
+    lrs = {step: value for step, value in _lrs(record).items()}
+    expected = {step: LR * (1 + math.cos(math.pi * step / 16)) / 2 for step in (2, 3, 4)}
+    assert lrs == pytest.approx(expected)

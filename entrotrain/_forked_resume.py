@@ -13,10 +13,14 @@ entrotrain compares the configured ``model``, ``data``, ``optimizer`` and ``lr_s
 *forks*:
 
 1. the configured model is built (its arguments win), and the checkpoint's weights are loaded into it (a plain
-   layer's weights load into its σReparam replacement function-preservingly: γ = σ(W));
+   layer's weights load into its σReparam replacement function-preservingly: γ = σ(W); a regulariser added with a
+   learnable parameter keeps its initial value; any other missing or unexpected key is an error);
 2. :class:`ForkedResume` adapts the optimizer state before Lightning restores it: the configured hyperparameters
-   replace the saved ones (a learning rate mid-schedule is rescaled by new / old), and the moments are kept when the
-   parameter groups still fit, else the optimizer and its schedulers start afresh;
+   replace the saved ones, and the moments are kept when the parameter groups still fit and the optimizer is of the
+   same kind, else the optimizer and its schedulers start afresh. A scheduler with a closed form (``LambdaLR``
+   warmups, cosine, step) is the configured one at the saved position, from the first resumed step (others: a
+   learning rate mid-schedule is rescaled by new / old); a scheduler the checkpoint's run did not have starts at
+   the fork (its step 0);
 3. the run is recorded as a new run whose ``meta.json`` names its parent (``forked_from``: record, step, checkpoint,
    changes); the parent's record is left as it was (an unchanged resume continues it, as before).
 

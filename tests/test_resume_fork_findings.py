@@ -400,8 +400,9 @@ def test_the_printed_rollback_command_runs_with_the_runs_own_overrides(plain, tm
 
 # ---------------------------------------------------------------------------------------------------- DDP
 def test_a_two_process_ddp_fork_is_printed_once_and_recorded_once(plain, tmp_path):
-    """``--config configs/trainer/ddp_cpu.yaml`` (2 processes, gloo): the plan is printed once, one new record is
-    written (its meta names the parent, from rank 0), and the parent's record is left as it was."""
+    """``--config configs/trainer/ddp_cpu.yaml`` (2 processes, gloo), the cure (σReparam) and a new learning rate:
+    the plan is printed once, one new record is written (its meta names the parent, from rank 0), the parent's
+    record is left as it was."""
     import os
     import subprocess
     import sys
@@ -413,12 +414,13 @@ def test_a_two_process_ddp_fork_is_printed_once_and_recorded_once(plain, tmp_pat
     proc = subprocess.run(
         [sys.executable, str(script), "fit", "--config", str(RECIPE), "--config",
          str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml"), *SMALL, f"--trainer.default_root_dir={tmp_path}",
-         "--model.init_args.lr=0.001", "--trainer.max_steps=4", f"--ckpt_path={ckpt}"],
+         "--model.init_args.lr=0.001", "--model.init_args.sigma_reparam=true", "--trainer.max_steps=4",
+         f"--ckpt_path={ckpt}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("with a changed configuration") == 1, proc.stdout[-3000:]
-    assert proc.stdout.count("model.lr: 0.01 → 0.001") == 1
+    assert proc.stdout.count("model.lr: 0.01 → 0.001") == 1 and proc.stdout.count("start afresh") == 1
     (record,) = _records(tmp_path)
     meta = json.loads((record / "meta.json").read_text())
     assert meta["forked_from"]["run_dir"] == str(parent_record.resolve()) and meta["status"] == "finished"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,10 @@ def _lightning_finds(ckpt_path: str) -> bool:
 
 
 _CURE_LINE = re.compile(r"#\s*(?:the\s+|\S+\s+)?cures?\b(?:\s+\d+)?(\s+for\b)?", re.IGNORECASE)
+
+
+#: Command-line settings of what is trained, which a roll-back command repeats.
+_TRAINED = ("--model.", "--data.", "--optimizer", "--lr_scheduler", "--model=", "--data=")
 
 
 def _cures(stem: str | None, bundled: dict[str, Path]) -> list[str]:
@@ -284,6 +289,28 @@ class EntrotrainCLI(LightningCLI):
             )
             raise SystemExit(2) from None
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """LightningCLI's; the command line is kept for the roll-back commands (:meth:`_model_overrides`)."""
+        self._argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else list(sys.argv[1:])
+        super().parse_arguments(parser, args)
+
+    def _model_overrides(self) -> list[str]:
+        """This run's command-line settings of what is trained (``--model.*``, ``--data.*``, ``--optimizer*``,
+        ``--lr_scheduler*``, with their values): a roll-back command repeats them, so the cure runs on the same model
+        and data. Trainer and callback settings are not repeated (a ``ModelCheckpoint`` dirpath would overwrite the
+        checkpoints rolled back to)."""
+        argv, out, i = list(getattr(self, "_argv", [])), [], 0
+        while i < len(argv):
+            arg = argv[i]
+            name = arg.partition("=")[0]
+            if name.startswith(_TRAINED):
+                out.append(arg)
+                if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    out.append(argv[i + 1])
+                    i += 1
+            i += 1
+        return out
+
     def _rollback_lines(self) -> list[str]:
         """When a guard named a checkpoint to roll back to: the command that resumes from it with a cure (a changed
         configuration forks the run, :mod:`entrotrain._forked_resume`); a bundled recipe's cure recipes by name."""
@@ -299,7 +326,8 @@ class EntrotrainCLI(LightningCLI):
         stem = Path(recipe).stem if recipe else None
         bundled = {p.stem: p for p in recipe_paths()}
         cures = _cures(stem, bundled) if stem in bundled else []
-        commands = [f"entrotrain fit --recipe {cure} --ckpt_path {ckpt}" for cure in cures]
+        extra = "".join(f" {shlex.quote(arg)}" for arg in self._model_overrides())
+        commands = [f"entrotrain fit --recipe {cure}{extra} --ckpt_path {ckpt}" for cure in cures]
         if not commands:
             commands = [f"entrotrain fit --config <your config, with the cure> --ckpt_path {ckpt}"]
         return ["entrotrain: roll back to before the collapse and go on with a cure (the changed configuration is "

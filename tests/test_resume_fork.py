@@ -148,9 +148,12 @@ def test_a_guard_that_named_a_checkpoint_gets_the_roll_back_and_cure_commands(pa
     guard.rollback_checkpoint = ckpt
     lines = cli._rollback_lines()
     assert lines[0].startswith("entrotrain: roll back to before the collapse")
-    assert lines[1:] == [  # the bundled cure recipes of attention_collapse, each a fork from the checkpoint
-        f"    entrotrain fit --recipe attention_collapse_entropy_floor --ckpt_path {ckpt}",
-        f"    entrotrain fit --recipe attention_collapse_sigma_reparam --ckpt_path {ckpt}",
+    # the bundled cure recipes of attention_collapse, each a fork from the checkpoint, with the run's own model and
+    # data settings (a cure for the 1-layer model, not the recipe's 4 layers) and none of its trainer settings
+    overrides = " ".join(a for a in SMALL if a.startswith(("--model.", "--data.")))
+    assert lines[1:] == [
+        f"    entrotrain fit --recipe {cure} {overrides} --ckpt_path {ckpt}"
+        for cure in ("attention_collapse_entropy_floor", "attention_collapse_sigma_reparam")
     ]
 
 

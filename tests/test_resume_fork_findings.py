@@ -374,8 +374,6 @@ def test_rollback_lines_name_the_recipes_cures(recipe, cures):
         "    entrotrain fit --config <your config, with the cure> --ckpt_path ckpts/step=50.ckpt"])
 
 
-@pytest.mark.xfail(strict=True, reason="the roll-back command drops the run's overrides; the fix (report, "
-                   "patch in _lightning_cli._overrides) changes the exact lines tests/test_resume_fork.py expects")
 def test_the_printed_rollback_command_runs_with_the_runs_own_overrides(plain, tmp_path, capsys):
     """The parent ran with overrides (a 1-layer model): the printed command, run as printed, must resume (the cure
     recipe's 4-layer defaults cannot take the checkpoint's weights)."""

@@ -29,7 +29,6 @@ Everything that changed is printed when the run starts.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,9 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_utilities.core.rank_zero import rank_zero_only
+
+from entrotrain.dashboards.run_reader import short_value
+from entrotrain.integrations.checkpoint_sources import load_checkpoint_light
 
 __all__ = ["ForkPlan", "ForkedResume", "config_changes", "fork_plan"]
 
@@ -99,17 +101,6 @@ def _subtree(flat: Mapping[str, Any], prefix: str) -> Any:
     return {"class_path": inner.get("class_path"), "init_args": args}
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
-        return "[" + ", ".join(str(v["class_path"]).rpartition(".")[2] for v in value) + "]"
-    if isinstance(value, dict) and "class_path" in value:  # ClipCovLoss(clip_ratio=0.2, ...)
-        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in (value.get("init_args") or {}).items())
-        text = f"{str(value['class_path']).rpartition('.')[2]}({args})"
-        return text if len(text) <= 80 else text[:77] + "..."
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 @dataclass
 class ForkPlan:
     """A resume whose configuration differs from the checkpoint's: what changed (``(key, before, after)``), the
@@ -125,7 +116,7 @@ class ForkPlan:
         where = f" (after {self.step} optimizer steps)" if self.step is not None else ""
         out = [f"entrotrain: resuming from {self.ckpt_path}{where} with a changed configuration; the configured "
                "values are used:"]
-        out += [f"    {key}: {_short(old)} → {_short(new)}" for key, old, new in self.changes]
+        out += [f"    {key}: {short_value(old)} → {short_value(new)}" for key, old, new in self.changes]
         out += [f"  {note}" for note in self.notes]
         if self.parent_record:
             out.append(f"  recorded as a new run forked from {self.parent_record} (left as it was)")
@@ -134,14 +125,6 @@ class ForkPlan:
     def meta(self) -> dict[str, Any]:
         return {"run_dir": self.parent_record, "step": self.step, "ckpt_path": self.ckpt_path,
                 "changes": [[key, _plain(old), _plain(new)] for key, old, new in self.changes]}
-
-
-def _load_light(path: str) -> dict[str, Any]:
-    """The checkpoint's dict, its tensors memory-mapped where the format allows (nothing large is read)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not the zip format: mmap is not possible
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _new_argument_at_default(change: tuple[str, Any, Any], saved: set[str], config: Mapping[str, Any]) -> bool:
@@ -173,7 +156,7 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     on the model arguments its hyperparameters and the configuration both have."""
     from entrotrain.dashboards.run_record import CHECKPOINT_KEY
 
-    checkpoint = _load_light(ckpt_path)
+    checkpoint = load_checkpoint_light(ckpt_path)
     entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint.get(CHECKPOINT_KEY), Mapping) else {}
     parent = Path(str(entry.get("run_dir"))) if entry.get("run_dir") else None
     saved = None
@@ -340,7 +323,7 @@ class ForkedResume(Callback):
                     changed.setdefault("lr", (group.get("lr"), fresh["lr"]))
                     group["lr"] = fresh["lr"]
         if changed:
-            listed = ", ".join(f"{key} {_short(old)} → {_short(new)}" for key, (old, new) in changed.items())
+            listed = ", ".join(f"{key} {short_value(old)} → {short_value(new)}" for key, (old, new) in changed.items())
             self.plan.notes.append(f"optimizer: {listed}; its moments are the checkpoint's")
         if added is not None:
             self.plan.notes.append(f"a learning-rate schedule the checkpoint's run did not have starts at the fork "

@@ -359,7 +359,7 @@ def _cli_with_rollback(recipe: str, argv: list[str] | None = None):
 
 
 @pytest.mark.parametrize(("recipe", "cures"), [
-    ("grpo_baseline", ["grpo_clip_cov", "grpo_entropy_bonus", "grpo_kl_cov"]),  # named in its header, no prefix
+    ("grpo_baseline", ["grpo_clip_cov", "grpo_entropy_bonus", "grpo_kl_cov", "grpo_steer"]),  # named in its header, no prefix
     ("moe_router_collapse", ["moe_router_tsallis"]),
     ("ssl_rank_collapse", ["ssl_rank_collapse_entropy_reg", "ssl_stop_gradient"]),
     ("attention_collapse", ["attention_collapse_entropy_floor", "attention_collapse_sigma_reparam"]),

@@ -31,7 +31,7 @@ from entrotrain.errors import EntrotrainError
 
 __all__ = [
     "GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records",
-    "load_run", "run_status",
+    "load_run", "run_status", "short_value",
 ]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
@@ -241,7 +241,7 @@ class RunData:
             return None
         parent = Path(str(fork["run_dir"])).name if fork.get("run_dir") else "a checkpoint"
         changes = [c for c in fork.get("changes") or [] if isinstance(c, list) and len(c) == 3]
-        listed = "; ".join(f"{key}: {_short(old)} → {_short(new)}" for key, old, new in changes[:4])
+        listed = "; ".join(f"{key}: {short_value(old)} → {short_value(new)}" for key, old, new in changes[:4])
         listed += f"; … {len(changes) - 4} more" if len(changes) > 4 else ""
         where = f" after step {fork['step']}" if fork.get("step") is not None else ""
         return f"forked from {parent}{where} ({fork.get('ckpt_path')}); changed: {listed or 'nothing recorded'}"
@@ -254,9 +254,15 @@ class RunData:
         return float(values[0]), float(values[-1])
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """A configuration value in a line of text: a list of classes by name (``[EntropyFloorRegularizer]``), a class
+    with its arguments (``ClipCovLoss(clip_ratio=0.2, ...)``), anything else as JSON, cut to a line."""
     if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
         return "[" + ", ".join(str(v["class_path"]).rpartition(".")[2] for v in value) + "]"
+    if isinstance(value, dict) and "class_path" in value:
+        args = ", ".join(f"{k}={json.dumps(v)}" for k, v in (value.get("init_args") or {}).items())
+        text = f"{str(value['class_path']).rpartition('.')[2]}({args})"
+        return text if len(text) <= 80 else text[:77] + "..."
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

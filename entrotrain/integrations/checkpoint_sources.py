@@ -34,8 +34,8 @@ from torch import nn
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
-    "Checkpoint", "find_checkpoints", "lightning_batches", "lightning_forward", "load_hf", "load_hf_tokenizer",
-    "load_lightning", "text_batches",
+    "Checkpoint", "find_checkpoints", "lightning_batches", "lightning_forward", "load_checkpoint_light", "load_hf",
+    "load_hf_tokenizer", "load_lightning", "text_batches",
 ]
 
 _STEP = re.compile(r"(?:step[=_-]?|checkpoint-|ckpt[_-]|global_step)(\d+)")
@@ -60,10 +60,19 @@ def _step_of(path: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
+def load_checkpoint_light(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file's dict (``weights_only``: no code runs), its tensors memory-mapped where the format allows,
+    so nothing large is read: for its step, hyperparameters and run-record entry."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not the zip format: mmap is not possible
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _stored_step(path: Path) -> int | None:
     """The ``global_step`` a Lightning checkpoint stores, read without its tensors (``None`` if it cannot be read)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = load_checkpoint_light(path)
     except Exception:  # noqa: BLE001 - unreadable here: load_lightning says why when it is inspected
         return None
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None

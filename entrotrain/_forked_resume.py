@@ -8,9 +8,9 @@ collapsing run from step 50 with σReparam on. Plain Lightning would not do what
 - the optimizer's state, restored as saved, overrides the configured learning rate, betas and weight decay, and does
   not fit a model whose parameters changed (σReparam adds a γ per layer).
 
-entrotrain compares the configured ``model``, ``data``, ``optimizer`` and ``lr_scheduler`` with the checkpoint's run's
-(the run record's ``config.yaml`` when there is one, else the checkpoint's hyperparameters) and, when they differ,
-*forks*:
+entrotrain compares the configured ``model``, ``data``, ``optimizer``, ``lr_scheduler`` and (when both are numbers)
+``seed_everything`` with the checkpoint's run's (the run record's ``config.yaml`` when there is one, else the
+checkpoint's hyperparameters) and, when they differ, *forks*:
 
 1. the configured model is built (its arguments win), and the checkpoint's weights are loaded into it (a plain
    layer's weights load into its σReparam replacement function-preservingly: γ = σ(W); a regulariser added with a
@@ -165,6 +165,9 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     if isinstance(saved, Mapping) and "model" in saved:
         before = {key: saved.get(key) for key in _COMPARED}
         after = {key: config.get(key) for key in _COMPARED}
+        seeds = saved.get("seed_everything"), config.get("seed_everything")
+        if all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):  # True: a drawn seed
+            before["seed_everything"], after["seed_everything"] = seeds  # a new seed: new data order, new dropout
     else:  # no record: the module's and datamodule's saved hyperparameters
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if not hparams:

@@ -180,19 +180,31 @@ def test_a_data_only_change_forks_and_keeps_the_optimizer(plain, tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------------------------- no fork
-def test_max_steps_and_seed_do_not_fork_and_continue_the_record(plain, tmp_path, capsys):
-    """Trainer settings (max_steps) do not fork; neither does seed_everything (not compared): the parent's record
+def test_max_steps_does_not_fork_and_continues_the_record(plain, tmp_path, capsys):
+    """Trainer settings (max_steps) do not fork, nor does a drawn seed (seed_everything: true): the parent's record
     is continued."""
     ckpt, parent_record, _ = plain
     work = tmp_path / "copy"
     shutil.copytree(parent_record.parent.parent, work)
     copied = work / "records" / parent_record.name
     moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
-    _fit(tmp_path / "run", "--trainer.max_steps=3", "--seed_everything=7", f"--ckpt_path={moved}")
+    _fit(tmp_path / "run", "--trainer.max_steps=3", "--seed_everything=true", f"--ckpt_path={moved}")
     assert "changed configuration" not in capsys.readouterr().out
     meta = json.loads((copied / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and "forked_from" not in meta
     assert _records(tmp_path / "run") == []
+
+
+def test_a_new_seed_forks(plain, tmp_path, capsys):
+    """A new seed is a new data order and new dropout (PaLM's cure for a loss spike: restart before it on other
+    batches): a fork, and the parent's record (which ran with seed 0) is not rewritten to claim seed 7."""
+    ckpt, parent_record, _ = plain
+    before = _snapshot(parent_record)
+    _fit(tmp_path, "--trainer.max_steps=3", "--seed_everything=7", f"--ckpt_path={ckpt}")
+    assert "seed_everything: 0 → 7" in capsys.readouterr().out
+    (fork,) = _records(tmp_path)
+    assert json.loads((fork / "meta.json").read_text())["forked_from"]["changes"] == [["seed_everything", 0, 7]]
+    assert _snapshot(parent_record) == before
 
 
 # ---------------------------------------------------------------------------------------------------- ckpt_path

@@ -134,6 +134,24 @@ __all__ = ["STATE_KEY", "EntropyTrainerCallback"]
 STATE_KEY = "entrotrain"
 
 # ------------------------------------------------------------------------------------------------ the callback
+def _warn_kept_learning_rate(args: TrainingArguments, state: TrainerState, scheduler: Any) -> None:
+    """On ``resume_from_checkpoint``, Trainer restores the checkpoint's scheduler, whose base rates override
+    ``TrainingArguments.learning_rate``: a rate changed for the resume (after a collapse, say) is silently not used.
+    Say so (the callback only watches: it does not change training)."""
+    base = getattr(scheduler, "base_lrs", None)
+    if not base or not isinstance(base[0], (int, float)) or math.isclose(base[0], args.learning_rate, rel_tol=1e-6):
+        return
+    warnings.warn(
+        f"EntropyTrainerCallback: resumed at step {state.global_step} with TrainingArguments(learning_rate="
+        f"{args.learning_rate:g}), but Trainer restored the checkpoint's scheduler, whose peak learning rate is "
+        f"{base[0]:g}: training goes on at the checkpoint's rate. To go on at {args.learning_rate:g}, start a new "
+        "run from the checkpoint's weights (from_pretrained(checkpoint), without resume_from_checkpoint), or scale "
+        "lr_scheduler.base_lrs and the optimizer's param_groups' 'lr' in a callback's on_train_begin (keeps Adam's "
+        "moments).",
+        stacklevel=2,
+    )
+
+
 class EntropyTrainerCallback(TrainerCallback):
     """Runs entrotrain monitors and collapse guards inside ``transformers.Trainer`` (see the module docstring).
 
@@ -277,6 +295,8 @@ class EntropyTrainerCallback(TrainerCallback):
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
             self.load_state_dict(saved)
         self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
+        if state.global_step > 0 and state.is_world_process_zero:
+            _warn_kept_learning_rate(args, state, kwargs.get("lr_scheduler"))
         self._summaries_defined = False
         self._define_summaries(state)
         report_to = [r for r in (args.report_to or []) if r != "none"]

@@ -7,6 +7,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -287,6 +288,26 @@ def test_resume_restores_monitor_and_guard_state(tmp_path: Path, save: dict, che
     assert cb_resumed.guards[0].bad_streak == steps  # the checkpoint's streak + the steps after the resume
     assert cb_resumed.monitors[0].first_summary[0] == cb_full.monitors[0].first_summary[0] == 1
     assert list(cb_resumed.monitors[0]._history_steps) == list(range(1, steps + 1))
+
+
+def test_a_learning_rate_changed_for_the_resume_is_said_to_be_ignored(tmp_path: Path) -> None:
+    """Trainer restores the checkpoint's scheduler on resume_from_checkpoint: its base rate overrides the configured
+    learning_rate. The callback says so (and changes nothing: the resumed rates are Trainer's own)."""
+    full = _trainer(tmp_path, _model(), max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    resumed = _trainer(tmp_path, _model(), max_steps=4, learning_rate=1e-3)
+    EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)]).attach(resumed)
+    with pytest.warns(UserWarning, match=r"learning_rate=0\.001\), but Trainer restored the checkpoint's scheduler, "
+                      r"whose peak learning rate is 0\.01"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.lr_scheduler.base_lrs[0] == pytest.approx(1e-2)  # what the warning says: Trainer's behaviour
+    same = _trainer(tmp_path, _model(), max_steps=4)
+    EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)]).attach(same)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=r"(?!EntropyTrainerCallback: resumed)")
+        same.train(resume_from_checkpoint=checkpoint)  # the same rate: nothing to say
 
 
 # ------------------------------------------------------------------ errors and imports

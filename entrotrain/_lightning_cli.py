@@ -125,6 +125,20 @@ _CURE_LINE = re.compile(r"#\s*(?:the\s+|\S+\s+)?cures?\b(?:\s+\d+)?(\s+for\b)?",
 _TRAINED = ("--model.", "--data.", "--optimizer", "--lr_scheduler", "--model=", "--data=")
 
 
+def _drop_empty_record(trainer: Trainer) -> None:
+    """Remove the run record of a fork refused before its first step (nothing logged: a folder saying "failed" would
+    only be noise beside the parent's)."""
+    import shutil
+
+    from entrotrain.dashboards.run_record import find_run_record
+
+    record = find_run_record(trainer)
+    if record is None or not trainer.is_global_zero or not record.run_dir.is_dir():
+        return
+    if not any((record.run_dir / name).exists() for name in ("metrics.jsonl", "events.jsonl", "media")):
+        shutil.rmtree(record.run_dir, ignore_errors=True)
+
+
 def _cures(stem: str | None, bundled: dict[str, Path]) -> list[str]:
     """The bundled recipes that cure recipe ``stem``: its ``<stem>_*`` siblings, those its header comment lists on a
     line starting ``# Cures: ...`` / ``# The cure, ...: recipes/X.yaml``, and those whose header starts a line
@@ -287,6 +301,7 @@ class EntrotrainCLI(LightningCLI):
                 "σReparam), layers, widths and heads cannot change.",
                 file=sys.stderr,
             )
+            _drop_empty_record(self.trainer)
             raise SystemExit(2) from None
 
     def parse_arguments(self, parser: Any, args: Any) -> None:

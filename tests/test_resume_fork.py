@@ -165,3 +165,4 @@ def test_a_change_of_shape_is_an_error_naming_it_not_a_traceback(parent, tmp_pat
     err = capsys.readouterr().err
     assert "entrotrain fit: error: the checkpoint's weights do not fit the configured model" in err
     assert "model.n_layer" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("records/*"))  # no empty "failed" record left beside the parent's

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from entrotrain.dashboards.run_reader import RunData
+from entrotrain.dashboards.run_reader import RunData, natural_order
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
@@ -77,9 +77,6 @@ def _save(fig: Any, out_dir: Path, name: str) -> str:
     return file
 
 
-def _natural(key: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
-
 
 def family_of(key: str) -> str:
     """The curve family of a key: layer / head indices replaced by ``#`` (``entropy/attn_norm/L3/mean`` →
@@ -95,7 +92,7 @@ def is_per_head(key: str) -> bool:
 def curve_families(keys: list[str]) -> dict[str, list[str]]:
     """Group plottable keys (not per-head, not ``*/alert``) into families, in natural order."""
     families: dict[str, list[str]] = {}
-    for key in sorted(keys, key=_natural):
+    for key in sorted(keys, key=natural_order):
         if key.endswith("/alert") or is_per_head(key):
             continue
         families.setdefault(family_of(key), []).append(key)
@@ -126,7 +123,7 @@ def _panel_grid(n: int, panel_height: float, extra_height: float = 0.0, **subplo
 
 def _media_keys(runs: list[RunData], kind: str) -> list[str]:
     """The media keys stored with ``kind`` in any run, in natural order."""
-    return sorted({k for r in runs for k, items in r.media.items() if items and items[0].kind == kind}, key=_natural)
+    return sorted({k for r in runs for k, items in r.media.items() if items and items[0].kind == kind}, key=natural_order)
 
 
 def _events_for(run: RunData, keys: list[str]) -> list[dict[str, Any]]:
@@ -227,7 +224,7 @@ def loss_and_regularizers(runs: list[RunData], out_dir: Path, loss_key: str = "t
     :data:`SYMLOG_SPREAD`, the right axis is symmetric-log with its linear zone at the smallest median. Non-finite
     points are gaps. ``None`` when no run logged a ``reg/`` key.
     """
-    terms = sorted({k for r in runs for k in r.scalars if k.startswith("reg/")}, key=_natural)
+    terms = sorted({k for r in runs for k in r.scalars if k.startswith("reg/")}, key=natural_order)
     if not terms:
         return None
     have = [r for r in runs if any(k in r.scalars for k in terms)]
@@ -291,7 +288,7 @@ def heads_matrix(run: RunData, family: str) -> tuple[list[str], np.ndarray, np.n
     keys = [k for k in run.scalars if (m := _PER_HEAD.match(k)) and m.group("family") == family]
     if not keys:
         return None
-    keys.sort(key=_natural)
+    keys.sort(key=natural_order)
     steps = np.unique(np.concatenate([run.scalars[k][0] for k in keys]))
     grid = np.full((len(keys), len(steps)), np.nan)
     index = {int(s): j for j, s in enumerate(steps)}
@@ -621,7 +618,7 @@ def heatmap_media(runs: list[RunData], out_dir: Path, skip: tuple[str, ...] = ("
 def per_head_over_time(runs: list[RunData], keys: list[str], out_dir: Path, name: str, title: str) -> Figure | None:
     """Per-head keys of any monitor (``.../H{h}``) as one heatmap per run: rows = keys, columns = steps, colour
     scaled to the values of both runs (e.g. σReparam's per-head ‖W_Qᵀ W_K‖₂)."""
-    keys = sorted((k for k in keys if is_per_head(k)), key=_natural)
+    keys = sorted((k for k in keys if is_per_head(k)), key=natural_order)
     mats = []
     for run in runs:
         have = [k for k in keys if k in run.scalars]

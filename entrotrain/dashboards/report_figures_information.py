@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import Figure, _natural, _plt, _save
+from entrotrain.dashboards.report_figures import Figure, _plt, _save
 from entrotrain.dashboards.report_template import fmt
-from entrotrain.dashboards.run_reader import RunData
+from entrotrain.dashboards.run_reader import RunData, natural_order
 
 __all__ = [
     "COMPRESSION_MARGIN",
@@ -74,7 +74,7 @@ def trajectories(run: RunData) -> dict[str, list[Trajectory]]:
     """estimator → the layers' trajectories (natural layer order), estimators in the order binning, adaptive
     binning, KDE, KSG, PCA-KSG, then any other name."""
     out: dict[str, list[Trajectory]] = {}
-    for (estimator, layer), pair in sorted(_keys(run).items(), key=lambda t: (_estimator_order(t[0][0]), _natural(t[0][1]))):
+    for (estimator, layer), pair in sorted(_keys(run).items(), key=lambda t: (_estimator_order(t[0][0]), natural_order(t[0][1]))):
         if "XT" not in pair or "TY" not in pair:
             continue
         (sx, vx), (sy, vy) = run.scalars[pair["XT"]], run.scalars[pair["TY"]]
@@ -147,7 +147,7 @@ def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
     norm, stretched = step_norm(all_steps)
     fig, axes = plt.subplots(len(runs), len(estimators), figsize=(4.3 * len(estimators), 3.7 * len(runs) + 0.3),
                              squeeze=False, sharex="col", sharey="col", layout="constrained")
-    layer_names = sorted({tr.layer for t in per_run for layers in t.values() for tr in layers}, key=_natural)
+    layer_names = sorted({tr.layer for t in per_run for layers in t.values() for tr in layers}, key=natural_order)
     palette = plt.get_cmap("tab10")
     colour = {name: palette(i % 10) for i, name in enumerate(layer_names)}
     points = None
@@ -225,7 +225,7 @@ def xt_phase(steps: np.ndarray, values: np.ndarray, margin: float = COMPRESSION_
 def _xt_series(run: RunData) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     """(estimator, layer, steps, I_XT) of every logged I_XT key, in estimator then natural layer order."""
     rows = [(e, layer, pair["XT"]) for (e, layer), pair in _keys(run).items() if "XT" in pair]
-    rows.sort(key=lambda t: (_estimator_order(t[0]), _natural(t[1])))
+    rows.sort(key=lambda t: (_estimator_order(t[0]), natural_order(t[1])))
     return [(e, layer, *run.scalars[key]) for e, layer, key in rows]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from entrotrain.errors import EntrotrainError
 
 __all__ = [
     "GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records",
-    "load_run", "run_status", "short_value",
+    "load_run", "natural_order", "run_status", "short_value",
 ]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
@@ -252,6 +253,11 @@ class RunData:
             return None
         values = self.scalars[key][1]
         return float(values[0]), float(values[-1])
+
+
+def natural_order(text: str) -> list[object]:
+    """Sort key putting ``H2`` before ``H10`` and ``step=2`` before ``step=10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def short_value(value: Any) -> str:

@@ -31,7 +31,6 @@ import argparse
 import fnmatch
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ import numpy as np
 
 from entrotrain.dashboards.remedies import diagnose
 from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sections_of, value_format
-from entrotrain.dashboards.run_reader import RunData, find_records, load_run
+from entrotrain.dashboards.run_reader import RunData, find_records, load_run, natural_order
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["PROBLEM_STATES", "run_lines", "run_summary", "runs_table", "sparkline", "status_main"]
@@ -98,16 +97,11 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s / 86400:.1f} days ago"
 
 
-def _natural(key: str) -> list[object]:
-    """Sort key putting ``H2`` before ``H10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
-
 def _matching_keys(run: RunData, patterns: Sequence[str] | None) -> list[str]:
     """Every key the table would show, in order: the globs' matches (natural order), else the headline keys, the
     guarded keys and the non-finite counters that are not 0 at their last step."""
     if patterns:
-        return sorted((k for k in run.scalars if any(fnmatch.fnmatchcase(k, p) for p in patterns)), key=_natural)
+        return sorted((k for k in run.scalars if any(fnmatch.fnmatchcase(k, p) for p in patterns)), key=natural_order)
     guarded = [t["key"] for t in run.thresholds if str(t.get("label", "")).startswith("guard")]
     nonfinite = [k for k in sorted(run.scalars) if k.endswith("/nonfinite") and (run.first_last(k) or (0, 0))[1] > 0]
     return list(dict.fromkeys([*headline_keys([run]), *(k for k in guarded if k in run.scalars), *nonfinite]))

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from entrotrain.dashboards.run_reader import natural_order
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
@@ -82,10 +83,6 @@ def _stored_step(path: Path) -> int | None:
 def _lightning(path: Path) -> Checkpoint:
     step = _step_of(path)
     return Checkpoint(path, "lightning", step if step is not None else _stored_step(path))
-
-
-def _natural(text: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _is_hf(path: Path) -> bool:
@@ -152,7 +149,7 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
             f"entrotrain inspect: checkpoints of several runs: the same step is saved in {several[0]} and "
             f"{several[1]}; inspect one run's folder at a time."
         )
-    return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, _natural(str(c.path))))
+    return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, natural_order(str(c.path))))
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from entrotrain.dashboards.run_reader import natural_order
 from entrotrain.errors import EntrotrainError, TapError
 
 __all__ = ["DEFAULT_KEYS", "collapse_onset", "fallen_heads", "inspect_main", "snapshot_table"]
@@ -54,15 +55,11 @@ DEFAULT_KEYS = (
 _HEAD = re.compile(r"^entropy/attn_norm/(L\d+)/(H\d+)$")
 
 
-def _natural(key: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
-
 def _keys(results: Sequence[tuple[Any, Any]], patterns: Sequence[str]) -> list[str]:
     present = {key for _, shot in results for key in shot.metrics}
     keys: list[str] = []
     for pattern in patterns:
-        for key in sorted((k for k in present if fnmatch.fnmatchcase(k, pattern)), key=_natural):
+        for key in sorted((k for k in present if fnmatch.fnmatchcase(k, pattern)), key=natural_order):
             if key in keys:
                 continue
             if key.endswith("/nonfinite") and pattern == "entropy/*/nonfinite":  # shown only when there was any
@@ -121,7 +118,7 @@ def fallen_heads(results: Sequence[tuple[Any, Any]], top: int = 5) -> list[str]:
             falls.append((before - after, match.group(1), match.group(2), before, after))
     if not falls:
         return []
-    falls.sort(key=lambda f: (-f[0], _natural(f[1] + f[2])))
+    falls.sort(key=lambda f: (-f[0], natural_order(f[1] + f[2])))
     sites = {**first.sites, **last.sites}
     width = max(len(site) for site in (sites.get(f[1], "") for f in falls[:top]))
     lines = [f"Heads whose attention fell most (normalised entropy, {first_ckpt.label} → {last_ckpt.label}):"]
@@ -297,7 +294,7 @@ def _json(results: Sequence[tuple[Any, Any]]) -> str:
 
     return json.dumps([
         {"path": str(ckpt.path), "step": ckpt.step, "batches": shot.batches, "sites": shot.sites,
-         "metrics": {k: number(v) for k, v in sorted(shot.metrics.items(), key=lambda kv: _natural(kv[0]))}}
+         "metrics": {k: number(v) for k, v in sorted(shot.metrics.items(), key=lambda kv: natural_order(kv[0]))}}
         for ckpt, shot in results
     ], indent=1)
 

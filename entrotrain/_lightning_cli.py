@@ -98,19 +98,6 @@ def _recipe_path(config: Any) -> str | None:
         return str(path)
 
 
-def _record_version(trainer: Trainer, stem: str) -> str:
-    """``<recipe stem>-YYYYmmdd-HHMMSS`` (made unique with ``-2``, ...) under ``default_root_dir/records``."""
-    import time
-
-    parent = Path(trainer.default_root_dir) / "records"
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    version, n = base, 1
-    while (parent / version).exists():
-        n += 1
-        version = f"{base}-{n}"
-    return version
-
-
 def _lightning_finds(ckpt_path: str) -> bool:
     """Whether ``ckpt_path`` is something Lightning may load: an existing file or folder (a sharded checkpoint), a
     special name it resolves (``last``, ``best``, ``hpc``, ``registry[:...]``) or a remote URL (``s3://...``)."""
@@ -128,15 +115,11 @@ _TRAINED = ("--model.", "--data.", "--optimizer", "--lr_scheduler", "--model=", 
 def _drop_empty_record(trainer: Trainer) -> None:
     """Remove the run record of a fork refused before its first step (nothing logged: a folder saying "failed" would
     only be noise beside the parent's)."""
-    import shutil
-
     from entrotrain.dashboards.run_record import find_run_record
 
     record = find_run_record(trainer)
-    if record is None or not trainer.is_global_zero or not record.run_dir.is_dir():
-        return
-    if not any((record.run_dir / name).exists() for name in ("metrics.jsonl", "events.jsonl", "media")):
-        shutil.rmtree(record.run_dir, ignore_errors=True)
+    if record is not None and trainer.is_global_zero and record.run_dir.is_dir():
+        record.discard_if_empty()
 
 
 def _cures(stem: str | None, bundled: dict[str, Path]) -> list[str]:
@@ -220,7 +203,7 @@ class EntrotrainCLI(LightningCLI):
             raise SystemExit(2) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from entrotrain.dashboards.run_record import RunRecordLogger
+        from entrotrain.dashboards.run_record import RunRecordLogger, unique_version
         from entrotrain.dashboards.wandb_media import wandb_loggers
 
         trainer = super().instantiate_trainer(**kwargs)
@@ -233,7 +216,8 @@ class EntrotrainCLI(LightningCLI):
             recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
             stem = Path(recipe).stem if recipe else "run"
             record = RunRecordLogger(
-                Path(trainer.default_root_dir), name="records", version=_record_version(trainer, stem), recipe=recipe,
+                Path(trainer.default_root_dir), name="records",
+                version=unique_version(Path(trainer.default_root_dir) / "records", stem), recipe=recipe,
                 resume=fork is None,  # a fork is a new run: the parent's record is left as it was
             )
             trainer.loggers = [*trainer.loggers, record]

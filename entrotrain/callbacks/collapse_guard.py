@@ -84,7 +84,7 @@ from entrotrain.callbacks._publish import ledger
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["EntropyCollapseGuard"]
+__all__ = ["EntropyCollapseGuard", "saved_at"]
 
 GuardAction = Literal["warn", "alert", "stop", "reduce_lr"]
 _ACTIONS = ("warn", "alert", "stop", "reduce_lr")
@@ -482,7 +482,7 @@ class EntropyCollapseGuard(PerFitCallback):
             return ""
         if since is not None:
             checkpoints = [p for p in checkpoints if _modified(p) >= since]
-        dated = [(step, Path(p)) for p in checkpoints if (step := _saved_at(p)) is not None]
+        dated = [(step, Path(p)) for p in checkpoints if (step := saved_at(p)) is not None]
         before = [(step, path) for step, path in dated if step <= self.last_good_step]
         if not before:
             return ""
@@ -577,7 +577,7 @@ def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str]
 _SAVED_AT = re.compile(r"(?:step[=_-]?|checkpoint-|ckpt[_-]?)(\d+)")
 
 
-def _saved_at(path: str | Path) -> int | None:
+def saved_at(path: str | Path) -> int | None:
     """The optimizer step a checkpoint's name says it was saved at: the last ``step=N`` (Lightning), ``checkpoint-N``
     (``transformers``), ``global_stepN`` (DeepSpeed), ``step_N`` / ``ckpt_N`` (hand-written loops)."""
     found = _SAVED_AT.findall(Path(path).name)

@@ -77,6 +77,7 @@ __all__ = [
     "record_media",
     "record_threshold",
     "record_thresholds",
+    "unique_version",
 ]
 
 #: The key a checkpoint carries the record's folder and step under (see "Resuming" above).
@@ -183,6 +184,16 @@ class _RecordCheckpoint(Callback):
             self.record._resume_from(checkpoint, trainer.ckpt_path)
 
 
+def unique_version(parent: Path, stem: str) -> str:
+    """A record folder name under ``parent``: ``<stem>-YYYYmmdd-HHMMSS`` (local time), made unique with ``-2``, ..."""
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    version, n = base, 1
+    while (parent / version).exists():
+        n += 1
+        version = f"{base}-{n}"
+    return version
+
+
 class RunRecordLogger(Logger):
     """Writes the local run record (see the module docstring) that ``entrotrain report`` turns into HTML.
 
@@ -263,13 +274,7 @@ class RunRecordLogger(Logger):
         return Path(self.log_dir)
 
     def _new_version(self) -> str:
-        base = time.strftime("run-%Y%m%d-%H%M%S")
-        parent = self._save_dir / self._name
-        version, n = base, 1
-        while (parent / version).exists():
-            n += 1
-            version = f"{base}-{n}"
-        return version
+        return unique_version(self._save_dir / self._name, "run")
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
@@ -438,7 +443,7 @@ class RunRecordLogger(Logger):
             }
             return
         if self._meta is not None and self.run_dir.resolve() != target.resolve():
-            if not self._abandon_fresh_record():
+            if not self.discard_if_empty():
                 return  # this process already logged into its own folder: keep it (meta names the checkpoint)
         self._save_dir, self._name, self._version = target.parent.parent, target.parent.name, target.name
         self._resume_info = {"step": info.get("step"), "ckpt_path": _path_or_none(ckpt_path)}
@@ -446,8 +451,9 @@ class RunRecordLogger(Logger):
             self._meta = None
             self._start()
 
-    def _abandon_fresh_record(self) -> bool:
-        """Remove the folder this process started before it learned it resumes, if it holds no logged data yet."""
+    def discard_if_empty(self) -> bool:
+        """Remove this record's folder if it holds no logged data yet (a folder started before the process learned it
+        resumes another record, or a run refused before its first step); whether it was removed."""
         run_dir = self.run_dir
         if any((run_dir / name).exists() for name in ("metrics.jsonl", "events.jsonl", "media")):
             return False

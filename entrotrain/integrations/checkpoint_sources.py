@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 import pickle
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from entrotrain.callbacks.collapse_guard import saved_at
 from entrotrain.dashboards.run_reader import natural_order
 from entrotrain.errors import EntrotrainError
 
@@ -39,7 +39,6 @@ __all__ = [
     "load_hf_tokenizer", "load_lightning", "text_batches",
 ]
 
-_STEP = re.compile(r"(?:step[=_-]?|checkpoint-|ckpt[_-]|global_step)(\d+)")
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,6 @@ class Checkpoint:
     @property
     def label(self) -> str:
         return f"step {self.step}" if self.step is not None else self.path.name
-
-
-def _step_of(path: Path) -> int | None:
-    found = _STEP.findall(path.name)
-    return int(found[-1]) if found else None
 
 
 def load_checkpoint_light(path: str | Path) -> dict[str, Any]:
@@ -81,7 +75,7 @@ def _stored_step(path: Path) -> int | None:
 
 
 def _lightning(path: Path) -> Checkpoint:
-    step = _step_of(path)
+    step = saved_at(path)
     return Checkpoint(path, "lightning", step if step is not None else _stored_step(path))
 
 
@@ -97,9 +91,9 @@ def _expand(path: Path) -> list[Checkpoint]:
                 "folder (one holding config.json); pass a checkpoint, or a folder of them."
             )
         return [_lightning(path)]
-    hf = [Checkpoint(p, "hf", _step_of(p)) for p in path.iterdir() if _is_hf(p)]
+    hf = [Checkpoint(p, "hf", saved_at(p)) for p in path.iterdir() if _is_hf(p)]
     if _is_hf(path):  # a model; Trainer's output_dir is one (save_model) with its checkpoint-N folders inside
-        return [*(c for c in hf if c.step is not None), Checkpoint(path, "hf", _step_of(path))]
+        return [*(c for c in hf if c.step is not None), Checkpoint(path, "hf", saved_at(path))]
     if hf:
         return hf
     found = [_lightning(p) for p in path.rglob("*.ckpt") if p.is_file()]
@@ -132,8 +126,8 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
             found.setdefault(ckpt.path.resolve(), ckpt)
     if not found:
         raise EntrotrainError("entrotrain inspect: name at least one checkpoint (a *.ckpt file or a model folder).")
-    named = {c.step for c in found.values() if _step_of(c.path) is not None}
-    found = {p: c for p, c in found.items() if _step_of(c.path) is not None or c.step not in named}
+    named = {c.step for c in found.values() if saved_at(c.path) is not None}
+    found = {p: c for p, c in found.items() if saved_at(c.path) is not None or c.step not in named}
     kinds = {c.kind for c in found.values()}
     if len(kinds) > 1:
         raise EntrotrainError(

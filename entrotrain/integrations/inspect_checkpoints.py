@@ -32,7 +32,6 @@ import math
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -267,17 +266,13 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
 
 def _write_record(results: Sequence[tuple[Any, Any]], folder: Path, args: argparse.Namespace) -> Path:
     """A run record with one step per checkpoint (its step, or its rank when steps are missing or repeat)."""
-    from entrotrain.dashboards.run_record import RunRecordLogger
+    from entrotrain.dashboards.run_record import RunRecordLogger, unique_version
 
     steps = [ckpt.step for ckpt, _ in results]
     if None in steps or len(set(steps)) != len(steps):
         steps = list(range(len(results)))
-    base = time.strftime("inspect-%Y%m%d-%H%M%S")
-    version, n = base, 1
-    while (folder / "records" / version).exists():  # a second inspect in the same second: its own folder
-        n += 1
-        version = f"{base}-{n}"
-    record = RunRecordLogger(folder, version=version, run_name="inspect")
+    # a second inspect in the same second gets its own folder
+    record = RunRecordLogger(folder, version=unique_version(folder / "records", "inspect"), run_name="inspect")
     record.log_hyperparams({"inspect/checkpoints": [str(c.path) for c, _ in results], "inspect/split": args.split,
                             "inspect/batches": results[0][1].batches})
     record.log_thresholds(results[0][1].thresholds)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.callbacks._publish import ledger, publish_scalars
-from entrotrain.callbacks.collapse_guard import _saved_at
+from entrotrain.callbacks.collapse_guard import saved_at
 from entrotrain.errors import EntrotrainError
 from tests.helpers.lightning_models import TinyLM, quiet_trainer, token_loader
 from tests.helpers.spy_logger import SpyLogger
@@ -162,7 +162,7 @@ def test_rollback_hint_names_the_newest_checkpoint_from_before_the_last_good_ste
     assert guard.rollback_hint(["epoch=1-step=60.ckpt"]) == ""
     for name, step in (("global_step30", 30), ("ckpt_35.pt", 35), ("step-44.pt", 44), ("run3_step_41", 41)):
         assert guard.rollback_hint([name, "epoch=1-step=60.ckpt"]) == f" Newest checkpoint at or before step 45: {name}."
-        assert _saved_at(name) == step
+        assert saved_at(name) == step
 
 
 def test_a_lightning_firing_names_the_checkpoint_to_roll_back_to(tmp_path) -> None:

@@ -152,9 +152,9 @@ def test_record_with_json_is_written_too(lightning_run, tmp_path, capsys):
 
 def test_two_records_in_the_same_second_do_not_mix(lightning_run, tmp_path, capsys, monkeypatch):
     from entrotrain.dashboards.run_reader import load_run
-    from entrotrain.integrations import inspect_checkpoints
+    from entrotrain.dashboards import run_record
 
-    monkeypatch.setattr(inspect_checkpoints.time, "strftime", lambda fmt, *a: "inspect-20260101-000000")
+    monkeypatch.setattr(run_record.time, "strftime", lambda fmt, *a: "20260101-000000")  # one second for both
     folders = []
     for _ in range(2):
         out = inspect(capsys, lightning_run, "--batches", "1", "--keys", "loss", "--record", tmp_path / "rec")

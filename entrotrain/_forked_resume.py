@@ -29,7 +29,6 @@ Everything that changed is printed when the run starts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,26 +40,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_utilities.core.rank_zero import rank_zero_only
 
 from entrotrain.dashboards.run_reader import short_value
+from entrotrain.dashboards.run_record import json_safe
 from entrotrain.integrations.checkpoint_sources import load_checkpoint_light
 
 __all__ = ["ForkPlan", "ForkedResume", "config_changes", "fork_plan"]
 
-_IGNORED = ("_instantiator", "_class_path")
 #: The sections of a LightningCLI configuration that define what is trained (the trainer's may change on a resume).
 _COMPARED = ("model", "data", "optimizer", "lr_scheduler")
-
-
-def _plain(value: Any) -> Any:
-    """JSON-comparable: tuples as lists, mappings with sorted string keys, other objects by their ``str``."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items() if k not in _IGNORED}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    return str(value)
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -75,8 +61,8 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
 def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, before, after)`` for every leaf that differs (``init_args.`` dropped from the names); a list
     (e.g. of regularisers) is one leaf."""
-    old = _flatten(_plain(before), "", {})
-    new = _flatten(_plain(after), "", {})
+    old = _flatten(json_safe(before), "", {})
+    new = _flatten(json_safe(after), "", {})
     # a nested object whose class changed (policy_loss: PPOClipLoss → ClipCovLoss) is one change, both whole: the
     # arguments of two classes do not pair up (one's argument is absent from the other, not null)
     swapped = sorted(key[: -len(".class_path")] for key in old.keys() | new.keys()
@@ -124,7 +110,7 @@ class ForkPlan:
 
     def meta(self) -> dict[str, Any]:
         return {"run_dir": self.parent_record, "step": self.step, "ckpt_path": self.ckpt_path,
-                "changes": [[key, _plain(old), _plain(new)] for key, old, new in self.changes]}
+                "changes": [[key, json_safe(old), json_safe(new)] for key, old, new in self.changes]}
 
 
 def _new_argument_at_default(change: tuple[str, Any, Any], saved: set[str], config: Mapping[str, Any]) -> bool:
@@ -146,7 +132,7 @@ def _new_argument_at_default(change: tuple[str, Any, Any], saved: set[str], conf
     except (ImportError, AttributeError, TypeError, ValueError):
         return False
     return parameter is not None and parameter.default is not inspect.Parameter.empty and (
-        _plain(parameter.default) == _plain(new))
+        json_safe(parameter.default) == json_safe(new))
 
 
 def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
@@ -170,17 +156,19 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
             before["seed_everything"], after["seed_everything"] = seeds  # a new seed: new data order, new dropout
     else:  # no record: the module's and datamodule's saved hyperparameters
         hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)  # LightningCLI's own entries, not the module's arguments
+        class_path = hparams.pop("_class_path", None)
         if not hparams:
             return None
         model = config.get("model") or {}
         init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k in hparams}
-        if "_class_path" in hparams:
-            before = {"model": {"class_path": hparams["_class_path"], "init_args": hparams}}
+        if class_path is not None:
+            before = {"model": {"class_path": class_path, "init_args": hparams}}
             after = {"model": {"class_path": model.get("class_path"), "init_args": init_args}}
         else:  # saved by a Trainer outside LightningCLI: no class named, the arguments both sides have compared
             before = {"model": {"init_args": {k: hparams[k] for k in init_args}}}
             after = {"model": {"init_args": init_args}}
-    absent = {key.replace("init_args.", "") for key in _flatten(_plain(before), "", {})}
+    absent = {key.replace("init_args.", "") for key in _flatten(json_safe(before), "", {})}
     changes = [c for c in config_changes(before, after) if not _new_argument_at_default(c, absent, after)]
     if not changes:
         return None

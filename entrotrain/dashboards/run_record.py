@@ -71,6 +71,7 @@ __all__ = [
     "RecordThreshold",
     "RunRecordLogger",
     "find_run_record",
+    "json_safe",
     "process_start_time",
     "record_arrays",
     "record_event",
@@ -119,22 +120,22 @@ def _safe_name(key: str) -> str:
     return _UNSAFE.sub("_", key.replace("/", "__")).strip("_") or "media"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """``value`` as something :func:`json.dumps` accepts (tensors and arrays become lists, the rest ``str``)."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, Namespace):
-        return _json_safe(vars(value))
+        return json_safe(vars(value))
     if isinstance(value, (list, tuple, set)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "tolist") and getattr(value, "ndim", 1) == 0:
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     if hasattr(value, "numel") and value.numel() <= 64:  # small tensors
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     return str(value)
 
 
@@ -284,7 +285,7 @@ class RunRecordLogger(Logger):
         config = params.pop("config", None)
         if isinstance(config, str):  # the LightningCLI config as YAML (see entrotrain.cli)
             self._config_text = config
-        self._hparams.update(_json_safe(params))
+        self._hparams.update(json_safe(params))
         if self._meta is not None:
             self._write_hparams()
 
@@ -338,7 +339,7 @@ class RunRecordLogger(Logger):
             raise EntrotrainError(f"record_media: kind must be one of {_MEDIA_KINDS}, got {kind!r}.")
         self._start()
         data = array.detach().to("cpu").double().numpy() if hasattr(array, "detach") else np.asarray(array, dtype=float)
-        meta = _json_safe(dict(meta or {}))
+        meta = json_safe(dict(meta or {}))
         if kind == "histogram" and data.size > MAX_HISTOGRAM_VALUES:
             meta["n_values"] = int(data.size)
             data = _histogram_summary(data, MAX_HISTOGRAM_VALUES)
@@ -536,7 +537,7 @@ class RunRecordLogger(Logger):
             return
         self._start()
         assert self._meta is not None
-        self._meta.update(_json_safe(fields))
+        self._meta.update(json_safe(fields))
         self._write_json("meta.json", self._meta)
 
     def _write_hparams(self) -> None:

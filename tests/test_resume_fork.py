@@ -13,6 +13,7 @@ import torch
 
 from entrotrain._forked_resume import config_changes
 from entrotrain.cli import main
+from tests.helpers.fork_runs import copy_checkpoint, copy_record, record_bytes, records
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "attention_collapse.yaml"
@@ -40,18 +41,9 @@ def parent(tmp_path_factory, one_thread):
     return root / "ckpts" / "epoch=0-step=2.ckpt", record, cli
 
 
-def _snapshot(record: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(record.iterdir()) if p.is_file()}
-
-
-def _record_of(root: Path) -> Path:
-    (record,) = (root / "records").iterdir()
-    return record
-
-
 def test_a_cure_on_resume_is_applied_and_recorded_as_a_fork(parent, tmp_path, capsys):
     ckpt, parent_record, _ = parent
-    before = _snapshot(parent_record)
+    before = record_bytes(parent_record)
     cli = _fit(tmp_path, "--model.init_args.sigma_reparam=true", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     out = capsys.readouterr().out
     assert "with a changed configuration" in out and "model.sigma_reparam: false → true" in out
@@ -59,14 +51,14 @@ def test_a_cure_on_resume_is_applied_and_recorded_as_a_fork(parent, tmp_path, ca
     model = cli.model.model
     assert type(model.blocks[0].attn.qkv).__name__ == "SigmaReparamLinear"  # the configured cure, not the ckpt's
     assert cli.trainer.global_step == 4  # resumed at step 2: two more steps
-    record = _record_of(tmp_path)
+    (record,) = records(tmp_path)
     meta = json.loads((record / "meta.json").read_text())
     assert meta["forked_from"]["run_dir"] == str(parent_record.resolve())
     assert meta["forked_from"]["step"] == 2
     assert ["model.sigma_reparam", False, True] in meta["forked_from"]["changes"]
     assert meta["status"] == "finished" and not meta.get("resumes")
     assert "sigma_reparam: true" in (record / "config.yaml").read_text()
-    assert _snapshot(parent_record) == before  # the parent's record is left exactly as it was
+    assert record_bytes(parent_record) == before  # the parent's record is left exactly as it was
     assert f"entrotrain report {parent_record.resolve()} {record}" in out
     main(["status", str(record)])  # the fork says where it came from, in the terminal and in the report
     assert f"forked from {parent_record.name} after step 2 ({ckpt}); changed: model.sigma_reparam: false → true" in (
@@ -105,20 +97,14 @@ def test_a_new_learning_rate_on_resume_is_used_and_the_moments_are_kept(parent, 
 
 def test_an_unchanged_resume_continues_the_record(parent, tmp_path, capsys):
     ckpt, parent_record, _ = parent
-    work = tmp_path / "copy"  # resume into a copy of the parent's record: the shared fixture stays untouched
-    import shutil
-
-    shutil.copytree(parent_record.parent.parent, work)
-    checkpoint = torch.load(ckpt, weights_only=False)
-    copied = work / "records" / parent_record.name
-    checkpoint["entrotrain_run_record"]["run_dir"] = str(copied)
-    torch.save(checkpoint, tmp_path / "step2.ckpt")
-    _fit(tmp_path / "run", "--trainer.max_steps=4", f"--ckpt_path={tmp_path / 'step2.ckpt'}")
+    copied = copy_record(parent_record, tmp_path / "copy")  # resume into a copy: the shared fixture stays untouched
+    moved = copy_checkpoint(ckpt, tmp_path / "step2.ckpt", str(copied))
+    _fit(tmp_path / "run", "--trainer.max_steps=4", f"--ckpt_path={moved}")
     out = capsys.readouterr().out
     assert "changed configuration" not in out
     meta = json.loads((copied / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and "forked_from" not in meta
-    assert not (tmp_path / "run" / "records").exists() or not any((tmp_path / "run" / "records").iterdir())
+    assert records(tmp_path / "run") == []
 
 
 def test_trainer_settings_do_not_make_a_fork(parent, tmp_path, capsys):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from entrotrain.cli import main
+from tests.helpers.fork_runs import copy_checkpoint, copy_record, record_bytes, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,15 +40,6 @@ def _fit(root: Path, *args: str, recipe: Path = RECIPE):
     return main(["fit", "--config", str(recipe), *SMALL, f"--trainer.default_root_dir={root}", *args])
 
 
-def _records(root: Path) -> list[Path]:
-    folder = root / "records"
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def _snapshot(record: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(record.iterdir()) if p.is_file()}
-
-
 def _lrs(record: Path, after: int = -1) -> dict[int, float]:
     """``step -> lr-AdamW/pg1`` as logged into the record (the last value of a step: a resume's rows win)."""
     out = {}
@@ -63,7 +55,7 @@ def _lrs(record: Path, after: int = -1) -> dict[int, float]:
 def _parent(root: Path, *args: str) -> tuple[Path, Path, object]:
     """A 4-step run saving a checkpoint every 2 steps (and last.ckpt); its step-2 checkpoint, record and CLI."""
     cli = _fit(root, "--trainer.max_steps=4", *_checkpointing(root / "ckpts"), *args)
-    (record,) = _records(root)
+    (record,) = records(root)
     return root / "ckpts" / "epoch=0-step=2.ckpt", record, cli
 
 
@@ -79,19 +71,6 @@ def warm(tmp_path_factory, one_thread):
     return _parent(tmp_path_factory.mktemp("warm"), "--model.init_args.warmup_steps=8")
 
 
-def _copy_ckpt(ckpt: Path, to: Path, run_dir: str | None = "keep") -> Path:
-    """A copy of ``ckpt`` whose run-record entry names ``run_dir`` (``None``: no entry, as a Trainer outside the CLI
-    writes)."""
-    checkpoint = torch.load(ckpt, weights_only=False)
-    if run_dir is None:
-        checkpoint.pop("entrotrain_run_record", None)
-    elif run_dir != "keep":
-        checkpoint["entrotrain_run_record"]["run_dir"] = run_dir
-    to.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, to)
-    return to
-
-
 # ---------------------------------------------------------------------------------------------------- schedules
 def test_a_changed_warmup_gives_the_configured_schedule_from_the_first_resumed_step(warm, tmp_path, capsys):
     """Warmup 8 → 4 from the step-2 checkpoint (mid-warmup): the schedule keeps its position (README), so step 2
@@ -100,14 +79,14 @@ def test_a_changed_warmup_gives_the_configured_schedule_from_the_first_resumed_s
     ckpt, _, _ = warm
     _fit(tmp_path, "--model.init_args.warmup_steps=4", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     assert "model.warmup_steps: 8 → 4" in capsys.readouterr().out
-    (fork,) = _records(tmp_path)
+    (fork,) = records(tmp_path)
     assert _lrs(fork, after=1) == pytest.approx({2: LR * 3 / 4, 3: LR})
 
 
 def test_a_removed_warmup_runs_at_the_configured_rate(warm, tmp_path):
     ckpt, _, _ = warm
     _fit(tmp_path, "--model.init_args.warmup_steps=0", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
-    (fork,) = _records(tmp_path)
+    (fork,) = records(tmp_path)
     assert _lrs(fork, after=1) == pytest.approx({2: LR, 3: LR})
 
 
@@ -117,7 +96,7 @@ def test_a_new_peak_mid_warmup_keeps_the_schedule_position(warm, tmp_path, capsy
     _fit(tmp_path, "--model.init_args.lr=0.002", "--model.init_args.warmup_steps=8", "--trainer.max_steps=4",
          f"--ckpt_path={ckpt}")
     assert "optimizer: lr 0.01 → 0.002" in capsys.readouterr().out
-    (fork,) = _records(tmp_path)
+    (fork,) = records(tmp_path)
     assert _lrs(fork, after=1) == pytest.approx({2: 0.002 * 3 / 8, 3: 0.002 * 4 / 8})
 
 
@@ -130,7 +109,7 @@ def test_an_added_warmup_is_said_and_restarts_from_the_fork(plain, tmp_path, cap
     assert "model.warmup_steps: 0 → 4" in out
     assert "optimizer: lr" not in out  # was "optimizer: lr 0.01 → 0.0025": the peak did not change
     assert "schedule the checkpoint's run did not have starts at the fork (its step 0: lr 0.0025" in out
-    (fork,) = _records(tmp_path)
+    (fork,) = records(tmp_path)
     assert _lrs(fork, after=1) == pytest.approx({2: LR * 1 / 4, 3: LR * 2 / 4})
 
 
@@ -159,7 +138,7 @@ def test_betas_and_weight_decay_are_the_configured_ones_and_moments_kept(plain, 
 
 def test_a_data_only_change_forks_and_keeps_the_optimizer(plain, tmp_path, monkeypatch, capsys):
     ckpt, parent_record, _ = plain
-    before = _snapshot(parent_record)
+    before = record_bytes(parent_record)
     saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
     seen = {}
 
@@ -174,9 +153,9 @@ def test_a_data_only_change_forks_and_keeps_the_optimizer(plain, tmp_path, monke
     out = capsys.readouterr().out
     assert "data.batch_size: 4 → 8" in out and "start afresh" not in out
     assert torch.equal(seen["exp_avg"], saved["state"][0]["exp_avg"])
-    (fork,) = _records(tmp_path)
+    (fork,) = records(tmp_path)
     assert json.loads((fork / "meta.json").read_text())["forked_from"]["changes"] == [["data.batch_size", 4, 8]]
-    assert _snapshot(parent_record) == before
+    assert record_bytes(parent_record) == before
 
 
 # ---------------------------------------------------------------------------------------------------- no fork
@@ -184,27 +163,25 @@ def test_max_steps_does_not_fork_and_continues_the_record(plain, tmp_path, capsy
     """Trainer settings (max_steps) do not fork, nor does a drawn seed (seed_everything: true): the parent's record
     is continued."""
     ckpt, parent_record, _ = plain
-    work = tmp_path / "copy"
-    shutil.copytree(parent_record.parent.parent, work)
-    copied = work / "records" / parent_record.name
-    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
+    copied = copy_record(parent_record, tmp_path / "copy")
+    moved = copy_checkpoint(ckpt, tmp_path / "step2.ckpt", str(copied))
     _fit(tmp_path / "run", "--trainer.max_steps=3", "--seed_everything=true", f"--ckpt_path={moved}")
     assert "changed configuration" not in capsys.readouterr().out
     meta = json.loads((copied / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and "forked_from" not in meta
-    assert _records(tmp_path / "run") == []
+    assert records(tmp_path / "run") == []
 
 
 def test_a_new_seed_forks(plain, tmp_path, capsys):
     """A new seed is a new data order and new dropout (PaLM's cure for a loss spike: restart before it on other
     batches): a fork, and the parent's record (which ran with seed 0) is not rewritten to claim seed 7."""
     ckpt, parent_record, _ = plain
-    before = _snapshot(parent_record)
+    before = record_bytes(parent_record)
     _fit(tmp_path, "--trainer.max_steps=3", "--seed_everything=7", f"--ckpt_path={ckpt}")
     assert "seed_everything: 0 → 7" in capsys.readouterr().out
-    (fork,) = _records(tmp_path)
+    (fork,) = records(tmp_path)
     assert json.loads((fork / "meta.json").read_text())["forked_from"]["changes"] == [["seed_everything", 0, 7]]
-    assert _snapshot(parent_record) == before
+    assert record_bytes(parent_record) == before
 
 
 # ---------------------------------------------------------------------------------------------------- ckpt_path
@@ -212,29 +189,28 @@ def test_ckpt_path_last_with_a_changed_configuration_forks(plain, tmp_path, caps
     """``--ckpt_path last`` (Lightning resolves it to the ModelCheckpoint's last.ckpt) with a new learning rate: the
     configured rate must be used and the parent's record left alone, as with the file's path."""
     _, parent_record, _ = plain
-    before = _snapshot(parent_record)
+    before = record_bytes(parent_record)
     dirpath = parent_record.parent.parent / "ckpts"
     work = tmp_path / "ckpts"
     shutil.copytree(dirpath, work)
     _fit(tmp_path, "--model.init_args.lr=0.001", "--trainer.max_steps=5", *_checkpointing(work), "--ckpt_path=last")
     out = capsys.readouterr().out
     assert "model.lr: 0.01 → 0.001" in out
-    assert _snapshot(parent_record) == before  # not continued with the changed configuration
-    (fork,) = _records(tmp_path)
+    assert record_bytes(parent_record) == before  # not continued with the changed configuration
+    (fork,) = records(tmp_path)
     assert _lrs(fork, after=3) == pytest.approx({4: 0.001})
 
 
 def test_ckpt_path_last_unchanged_continues_the_record(plain, tmp_path, capsys):
     _, parent_record, _ = plain
     work = tmp_path / "copy"
-    shutil.copytree(parent_record.parent.parent, work)
-    copied = work / "records" / parent_record.name
-    _copy_ckpt(work / "ckpts" / "last.ckpt", work / "ckpts" / "last.ckpt", str(copied))
+    copied = copy_record(parent_record, work)
+    copy_checkpoint(work / "ckpts" / "last.ckpt", work / "ckpts" / "last.ckpt", str(copied))
     _fit(tmp_path / "run", "--trainer.max_steps=5", *_checkpointing(work / "ckpts"), "--ckpt_path=last")
     assert "changed configuration" not in capsys.readouterr().out
     meta = json.loads((copied / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and "forked_from" not in meta
-    assert _records(tmp_path / "run") == []
+    assert records(tmp_path / "run") == []
 
 
 def test_ckpt_path_hpc_without_an_hpc_checkpoint_keeps_the_configured_model(tmp_path, capsys):
@@ -261,17 +237,17 @@ def test_a_checkpoint_written_outside_the_cli_still_gets_the_configured_learning
     assert "_class_path" not in torch.load(ckpt, weights_only=False)["hyper_parameters"]
     _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={ckpt}")
     assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
-    (record,) = _records(tmp_path / "run")
+    (record,) = records(tmp_path / "run")
     assert set(_lrs(record, after=1).values()) == {0.001}  # the checkpoint's optimizer said 0.01
 
 
 def test_a_deleted_parent_record_forks_from_the_hyperparameters(plain, tmp_path, capsys):
     ckpt, _, _ = plain
-    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(tmp_path / "gone" / "records" / "x"))
+    moved = copy_checkpoint(ckpt, tmp_path / "step2.ckpt", str(tmp_path / "gone" / "records" / "x"))
     _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={moved}")
     out = capsys.readouterr().out
     assert "model.lr: 0.01 → 0.001" in out and "forked from" not in out
-    (record,) = _records(tmp_path / "run")
+    (record,) = records(tmp_path / "run")
     meta = json.loads((record / "meta.json").read_text())
     assert meta["forked_from"]["run_dir"] is None and meta["forked_from"]["step"] == 2
     main(["status", str(record)])
@@ -280,17 +256,15 @@ def test_a_deleted_parent_record_forks_from_the_hyperparameters(plain, tmp_path,
 
 def test_an_older_record_without_config_yaml_falls_back_to_the_hyperparameters(plain, tmp_path, capsys):
     ckpt, parent_record, _ = plain
-    work = tmp_path / "copy"
-    shutil.copytree(parent_record.parent.parent, work)
-    copied = work / "records" / parent_record.name
+    copied = copy_record(parent_record, tmp_path / "copy")
     (copied / "config.yaml").unlink()
-    before = _snapshot(copied)
-    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
+    before = record_bytes(copied)
+    moved = copy_checkpoint(ckpt, tmp_path / "step2.ckpt", str(copied))
     _fit(tmp_path / "run", "--model.init_args.lr=0.001", "--trainer.max_steps=3", f"--ckpt_path={moved}")
     assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
-    (record,) = _records(tmp_path / "run")
+    (record,) = records(tmp_path / "run")
     assert json.loads((record / "meta.json").read_text())["forked_from"]["run_dir"] == str(copied)
-    assert _snapshot(copied) == before
+    assert record_bytes(copied) == before
 
 
 # ---------------------------------------------------------------------------------------------------- σReparam fork
@@ -301,7 +275,7 @@ def sigma_fork(plain, tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("sigma_fork")
     _fit(root, "--model.init_args.sigma_reparam=true", "--trainer.max_steps=4", *_checkpointing(root / "ckpts"),
          f"--ckpt_path={ckpt}")
-    (record,) = _records(root)
+    (record,) = records(root)
     return root / "ckpts" / "epoch=0-step=4.ckpt", record
 
 
@@ -319,25 +293,23 @@ def test_removing_sigma_reparam_on_resume_is_an_error_naming_it(sigma_fork, tmp_
 
 def test_a_fork_of_a_fork_names_the_first_fork_and_an_unchanged_resume_continues_it(sigma_fork, tmp_path, capsys):
     ckpt, fork_record = sigma_fork
-    before = _snapshot(fork_record)
+    before = record_bytes(fork_record)
     _fit(tmp_path / "second", "--model.init_args.sigma_reparam=true", "--model.init_args.lr=0.001",
          "--trainer.max_steps=5", f"--ckpt_path={ckpt}")
     out = capsys.readouterr().out
     assert "model.lr: 0.01 → 0.001" in out and "sigma_reparam" not in out.split("recorded as")[0]
-    (second,) = _records(tmp_path / "second")
+    (second,) = records(tmp_path / "second")
     meta = json.loads((second / "meta.json").read_text())["forked_from"]
     assert meta["run_dir"] == str(fork_record.resolve()) and meta["changes"] == [["model.lr", 0.01, 0.001]]
-    assert _snapshot(fork_record) == before
+    assert record_bytes(fork_record) == before
     # an unchanged resume of the fork continues the fork's record (a copy of it)
-    work = tmp_path / "copy"
-    shutil.copytree(fork_record.parent.parent, work)
-    copied = work / "records" / fork_record.name
-    moved = _copy_ckpt(ckpt, tmp_path / "step4.ckpt", str(copied))
+    copied = copy_record(fork_record, tmp_path / "copy")
+    moved = copy_checkpoint(ckpt, tmp_path / "step4.ckpt", str(copied))
     _fit(tmp_path / "run", "--model.init_args.sigma_reparam=true", "--trainer.max_steps=5", f"--ckpt_path={moved}")
     assert "changed configuration" not in capsys.readouterr().out
     meta = json.loads((copied / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and meta["forked_from"]["step"] == 2
-    assert _records(tmp_path / "run") == []
+    assert records(tmp_path / "run") == []
 
 
 def test_validate_from_a_checkpoint_with_the_recipe(plain, sigma_fork, tmp_path, capsys):
@@ -371,7 +343,8 @@ def _cli_with_rollback(recipe: str, argv: list[str] | None = None):
 
 
 @pytest.mark.parametrize(("recipe", "cures"), [
-    ("grpo_baseline", ["grpo_clip_cov", "grpo_entropy_bonus", "grpo_kl_cov", "grpo_steer"]),  # named in its header, no prefix
+    # named in its header, no prefix
+    ("grpo_baseline", ["grpo_clip_cov", "grpo_entropy_bonus", "grpo_kl_cov", "grpo_steer"]),
     ("moe_router_collapse", ["moe_router_tsallis"]),
     ("ssl_rank_collapse", ["ssl_rank_collapse_entropy_reg", "ssl_stop_gradient"]),
     ("attention_collapse", ["attention_collapse_entropy_floor", "attention_collapse_sigma_reparam"]),
@@ -418,7 +391,7 @@ def test_a_two_process_ddp_fork_is_printed_once_and_recorded_once(plain, tmp_pat
     import sys
 
     ckpt, parent_record, _ = plain
-    before = _snapshot(parent_record)
+    before = record_bytes(parent_record)
     script = ROOT / "tests" / "helpers" / "fork_cli_run.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(
@@ -431,25 +404,23 @@ def test_a_two_process_ddp_fork_is_printed_once_and_recorded_once(plain, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("with a changed configuration") == 1, proc.stdout[-3000:]
     assert proc.stdout.count("model.lr: 0.01 → 0.001") == 1 and proc.stdout.count("start afresh") == 1
-    (record,) = _records(tmp_path)
+    (record,) = records(tmp_path)
     meta = json.loads((record / "meta.json").read_text())
     assert meta["forked_from"]["run_dir"] == str(parent_record.resolve()) and meta["status"] == "finished"
     assert _lrs(record, after=1) == pytest.approx({2: 0.001, 3: 0.001})
-    assert _snapshot(parent_record) == before
+    assert record_bytes(parent_record) == before
 
 
 def test_a_record_from_an_older_version_missing_a_new_argument_does_not_fork(plain, tmp_path, capsys):
     """A parent record written before an init argument existed (its config.yaml lacks ``sigma_reparam``, now an
     argument whose default is kept): an unchanged resume continues the record, it is not a fork "null → false"."""
     ckpt, parent_record, _ = plain
-    work = tmp_path / "copy"
-    shutil.copytree(parent_record.parent.parent, work)
-    copied = work / "records" / parent_record.name
+    copied = copy_record(parent_record, tmp_path / "copy")
     config = copied / "config.yaml"
     text = config.read_text()
     assert "    sigma_reparam: false\n" in text
     config.write_text(text.replace("    sigma_reparam: false\n", ""))
-    moved = _copy_ckpt(ckpt, tmp_path / "step2.ckpt", str(copied))
+    moved = copy_checkpoint(ckpt, tmp_path / "step2.ckpt", str(copied))
     _fit(tmp_path / "run", "--trainer.max_steps=3", f"--ckpt_path={moved}")
     assert "changed configuration" not in capsys.readouterr().out
     assert len(json.loads((copied / "meta.json").read_text())["resumes"]) == 1
@@ -467,7 +438,7 @@ def test_a_missing_checkpoint_file_is_an_error_before_anything_starts(tmp_path, 
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"--ckpt_path {tmp_path / 'nope.ckpt'}" in err and "Traceback" not in err
-    assert _records(tmp_path) == []
+    assert records(tmp_path) == []
 
 
 def test_a_changed_nested_class_is_one_change_not_every_argument_of_both():
@@ -554,7 +525,7 @@ def test_a_changed_scheduler_setting_saved_in_its_state_is_the_configured_one(tm
     cosine(tmp_path / "fork", "--model.init_args.cosine_steps=16", "--trainer.max_steps=5",
            f"--ckpt_path={tmp_path / 'ckpts' / 'epoch=0-step=2.ckpt'}")
     assert "model.cosine_steps: 8 → 16" in capsys.readouterr().out
-    (record,) = _records(tmp_path / "fork")
+    (record,) = records(tmp_path / "fork")
     lrs = {step: value for step, value in _lrs(record).items()}
     expected = {step: LR * (1 + math.cos(math.pi * step / 16)) / 2 for step in (2, 3, 4)}
     assert lrs == pytest.approx(expected)

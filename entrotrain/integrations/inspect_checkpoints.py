@@ -252,7 +252,8 @@ def _run(args: argparse.Namespace) -> tuple[list[tuple[Any, Any]], str]:
                 batches = sources.text_batches(tokenizer, text, seq_len, args.batch_size, args.batches,
                                                labels=model._entrotrain_causal, device=str(device))
                 what = f"{len(batches)} batches of {args.batch_size} × {seq_len} tokens of {args.text}"
-            vocab, top = getattr(model.config, "vocab_size", None), max(int(b["input_ids"].max()) for b in batches)
+                top = max(int(b["input_ids"].max()) for b in batches)  # the same batches for every checkpoint
+            vocab = getattr(model.config, "vocab_size", None)
             if vocab is not None and top >= vocab:
                 raise EntrotrainError(
                     f"entrotrain inspect: the tokenizer gives token ids up to {top}, but {ckpt.path} has vocab_size "

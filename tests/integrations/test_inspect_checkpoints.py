@@ -231,13 +231,17 @@ def test_finding_errors(tmp_path, capsys, case):
 
 
 # ---------------------------------------------------------------------------------------------------- security
-def _outside(lightning_run: Path, tmp_path: Path, which: str) -> Path:
-    src = _ckpt(lightning_run, 2)
+def _with_class(src: Path, dst: Path, key: str, cls: str) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` whose ``key`` (``hyper_parameters`` or
+    ``datamodule_hyper_parameters``) names the class ``cls`` of the module outside entrotrain."""
     checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    return rewrite_checkpoint(src, dst, **{key: dict(checkpoint[key], _class_path=f"{OUTSIDE}.{cls}")})
+
+
+def _outside(lightning_run: Path, tmp_path: Path, which: str) -> Path:
     key, cls = (("hyper_parameters", "OutsideTask") if which == "module"
                 else ("datamodule_hyper_parameters", "ListValData"))
-    hparams = dict(checkpoint[key], _class_path=f"{OUTSIDE}.{cls}")
-    return rewrite_checkpoint(src, tmp_path / which / "epoch=0-step=2.ckpt", **{key: hparams})
+    return _with_class(_ckpt(lightning_run, 2), tmp_path / which / "epoch=0-step=2.ckpt", key, cls)
 
 
 @pytest.mark.parametrize("which", ["module", "datamodule"])
@@ -303,10 +307,8 @@ def test_a_checkpoint_that_cannot_run_the_batches_is_named(lightning_run, tmp_pa
 
 
 def test_datamodule_without_validation_batches(lightning_run, tmp_path, capsys):
-    src = _ckpt(lightning_run, 2)
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["datamodule_hyper_parameters"], _class_path=f"{OUTSIDE}.TrainOnlyData")
-    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", datamodule_hyper_parameters=hparams)
+    ckpt = _with_class(_ckpt(lightning_run, 2), tmp_path / "step=2.ckpt", "datamodule_hyper_parameters",
+                       "TrainOnlyData")
     assert "--split train" in inspect_error(capsys, ckpt, "--batches", "1", "--import", OUTSIDE)
     results = inspect_json(capsys, ckpt, "--batches", "1", "--import", OUTSIDE, "--split", "train")
     assert math.isfinite(results[0]["metrics"]["entropy/attn_norm/min"])
@@ -601,10 +603,7 @@ def test_last_ckpt_takes_the_step_it_stores(lightning_run, tmp_path, capsys):
 
 
 def test_attention_free_model_with_other_monitors(lightning_run, tmp_path, capsys):
-    src = _ckpt(lightning_run, 2)
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["hyper_parameters"], _class_path=f"{OUTSIDE}.NoAttentionTask")
-    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
+    ckpt = _with_class(_ckpt(lightning_run, 2), tmp_path / "step=2.ckpt", "hyper_parameters", "NoAttentionTask")
     # the attention monitor alone: nothing to show, an error that says so
     assert "captured no attention" in inspect_error(capsys, ckpt, "--batches", "1", "--import", OUTSIDE)
     # with the representation monitor asked for, its numbers (no attention keys)
@@ -638,10 +637,8 @@ def test_snapshot_loss_is_a_returned_scalar_not_a_one_element_output():
 
 
 def test_datamodule_set_up_as_fit_sets_it_up(lightning_run, lightning_json, tmp_path, capsys):
-    src = _ckpt(lightning_run, 2)
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["datamodule_hyper_parameters"], _class_path=f"{OUTSIDE}.FitStageOnlyData")
-    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", datamodule_hyper_parameters=hparams)
+    ckpt = _with_class(_ckpt(lightning_run, 2), tmp_path / "step=2.ckpt", "datamodule_hyper_parameters",
+                       "FitStageOnlyData")
     results = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE)
     assert results[0]["metrics"]["loss"] == pytest.approx(lightning_json[0]["metrics"]["loss"], rel=1e-6)
 
@@ -650,9 +647,7 @@ def test_validation_step_calling_self(lightning_run, tmp_path, capsys):
     """A validation_step that calls ``self(x)`` runs the module's forward inside (not itself again), and the root
     module's hooks (the prediction monitor's) see one forward per batch."""
     src = _ckpt(lightning_run, 2)
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["hyper_parameters"], _class_path=f"{OUTSIDE}.SelfCallingTask")
-    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
+    ckpt = _with_class(src, tmp_path / "step=2.ckpt", "hyper_parameters", "SelfCallingTask")
     expected = inspect_json(capsys, src, "--batches", "2", "--prediction")[0]["metrics"]
     metrics = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE, "--prediction")[0]["metrics"]
     assert "entropy/pred/train/mean" in expected
@@ -662,10 +657,7 @@ def test_validation_step_calling_self(lightning_run, tmp_path, capsys):
 
 
 def test_validation_epoch_start_runs_before_the_steps(lightning_run, lightning_json, tmp_path, capsys):
-    src = _ckpt(lightning_run, 2)
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint["hyper_parameters"], _class_path=f"{OUTSIDE}.EpochStateTask")
-    ckpt = rewrite_checkpoint(src, tmp_path / "step=2.ckpt", hyper_parameters=hparams)
+    ckpt = _with_class(_ckpt(lightning_run, 2), tmp_path / "step=2.ckpt", "hyper_parameters", "EpochStateTask")
     results = inspect_json(capsys, ckpt, "--batches", "2", "--import", OUTSIDE)
     assert results[0]["metrics"]["loss"] == pytest.approx(lightning_json[0]["metrics"]["loss"], rel=1e-6)
 

@@ -41,9 +41,18 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 
 from entrotrain.dashboards.run_reader import short_value
 from entrotrain.dashboards.run_record import json_safe
-from entrotrain.integrations.checkpoint_sources import load_checkpoint_light
 
-__all__ = ["ForkPlan", "ForkedResume", "config_changes", "fork_plan"]
+__all__ = [
+    "ForkPlan",
+    "ForkedResume",
+    "adapt_training_state",
+    "config_changes",
+    "fork_plan",
+    "fork_run_records",
+    "print_plan",
+    "state_key_problems",
+    "training_state_changes",
+]
 
 #: The sections of a LightningCLI configuration that define what is trained (the trainer's may change on a resume).
 _COMPARED = ("model", "data", "optimizer", "lr_scheduler")
@@ -141,6 +150,8 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     hyperparameters: a plain resume). A checkpoint written outside ``LightningCLI`` (no ``_class_path``) is compared
     on the model arguments its hyperparameters and the configuration both have."""
     from entrotrain.dashboards.run_record import CHECKPOINT_KEY
+    from entrotrain.integrations.checkpoint_sources import load_checkpoint_light  # lazily: DESIGN §1 (callbacks
+    # import this module through ResumeWithChanges and must not import entrotrain.integrations)
 
     checkpoint = load_checkpoint_light(ckpt_path)
     entry = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint.get(CHECKPOINT_KEY), Mapping) else {}
@@ -172,9 +183,24 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     changes = [c for c in config_changes(before, after) if not _new_argument_at_default(c, absent, after)]
     if not changes:
         return None
-    step = checkpoint.get("global_step")  # optimizer steps done, as ModelCheckpoint's step=N names count them
-    return ForkPlan(str(ckpt_path), int(step) if step is not None else None, changes,
-                    str(parent) if parent is not None and (parent / "meta.json").is_file() else None)
+    return new_plan(str(ckpt_path), checkpoint, changes)
+
+
+def parent_record(checkpoint: Mapping[str, Any]) -> str | None:
+    """The run record a checkpoint names (``checkpoint["entrotrain_run_record"]["run_dir"]``) when it still exists
+    (holds a ``meta.json``), else ``None``."""
+    from entrotrain.dashboards.run_record import CHECKPOINT_KEY
+
+    entry = checkpoint.get(CHECKPOINT_KEY)
+    run_dir = entry.get("run_dir") if isinstance(entry, Mapping) else None
+    return str(Path(str(run_dir))) if run_dir and (Path(str(run_dir)) / "meta.json").is_file() else None
+
+
+def new_plan(ckpt_path: str, checkpoint: Mapping[str, Any], changes: list[tuple[str, Any, Any]]) -> ForkPlan:
+    """The :class:`ForkPlan` of resuming from ``checkpoint`` (loaded from ``ckpt_path``) with ``changes``: its step
+    (``global_step``: optimizer steps done, as ModelCheckpoint's ``step=N`` names count them) and parent record."""
+    step = checkpoint.get("global_step")
+    return ForkPlan(str(ckpt_path), int(step) if step is not None else None, changes, parent_record(checkpoint))
 
 
 def _other_kind(saved: Mapping[str, Any], optimizer: Any) -> bool:
@@ -206,7 +232,9 @@ def _scheduled_lrs(scheduler: Any, state: Mapping[str, Any]) -> list[float] | No
 
 class ForkedResume(Callback):
     """Adapts a checkpoint's optimizer and scheduler states to the configured ones before Lightning restores them
-    (module docstring, step 2); prints the plan once the checkpoint is loaded (rank zero)."""
+    (module docstring, step 2); prints the plan once the checkpoint is loaded (rank zero). ``entrotrain fit`` adds it
+    when :func:`fork_plan` found changes; :class:`~entrotrain.callbacks.resume_with_changes.ResumeWithChanges` does
+    the same for a plain ``Trainer`` (both through :func:`adapt_training_state`)."""
 
     def __init__(self, plan: ForkPlan) -> None:
         self.plan = plan
@@ -220,30 +248,15 @@ class ForkedResume(Callback):
             pl_module.strict_loading = False
 
     def _check_state_keys(self, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """The keys a strict load would have refused, but a new regulariser's parameters (they keep their initial
-        values) and σReparam's γ, u, σ filled in from a plain layer's weight: a ``load_state_dict``-style error."""
+        """The keys a strict load would have refused, but a new regulariser's parameters and σReparam's filled-in
+        γ, u, σ (:func:`state_key_problems`): a ``load_state_dict``-style error."""
         if self._strict is None:
             return
         pl_module._strict_loading, self._strict = self._strict[0], None
         state = checkpoint.get("state_dict")
         if not isinstance(state, Mapping):
             return
-        from entrotrain.regularizers.composition import Regularizer
-        from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
-
-        modules = dict(pl_module.named_modules())
-        regularizers = tuple(f"{name}." for name, m in modules.items() if name and isinstance(m, Regularizer))
-        expected = set(pl_module.state_dict().keys())
-
-        def filled(key: str) -> bool:
-            owner, _, leaf = key.rpartition(".")
-            return (leaf in ("gamma", "u", "sigma") and isinstance(modules.get(owner), SigmaReparamLinear)
-                    and f"{owner}.weight" in state)
-
-        missing = sorted(k for k in expected - set(state) if not filled(k))
-        new = [k for k in missing if k.startswith(regularizers)]
-        missing = [k for k in missing if not k.startswith(regularizers)]
-        unexpected = sorted(set(state) - expected)
+        missing, unexpected, new = state_key_problems(pl_module, state)
         if missing or unexpected:
             parts = [f"{what} key(s) in state_dict: " + ", ".join(f'"{k}"' for k in keys)
                      for what, keys in (("Missing", missing), ("Unexpected", unexpected)) if keys]
@@ -252,74 +265,193 @@ class ForkedResume(Callback):
             self.plan.notes.append(f"new in the model, from their initial values: {', '.join(new)}")
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
-
         self._check_state_keys(pl_module, checkpoint)
-        optimizers, schedulers = _init_optimizers_and_lr_schedulers(pl_module)
-        saved = checkpoint.get("optimizer_states") or []
-        sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
-        other = [type(o).__name__ for o, s in zip(optimizers, saved) if _other_kind(s, o)]
-        if [[len(g["params"]) for g in s["param_groups"]] for s in saved] != sizes or other:
-            checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
-            checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]
-            what = f"optimizer changed (now {', '.join(other)})" if other else "optimizer's parameters changed"
-            self.plan.notes.append(f"the {what}: its state (moments) and schedulers start afresh; the weights and "
-                                   "the step count are the checkpoint's")
-        else:
-            self._configured_hyperparameters(saved, optimizers)
-            for state, config in zip(checkpoint.get("lr_schedulers") or [], schedulers):
-                fresh = config.scheduler.state_dict()
-                if "base_lrs" in state and "base_lrs" in fresh:
-                    state["base_lrs"] = fresh["base_lrs"]
-                index = next((i for i, o in enumerate(optimizers) if o is config.scheduler.optimizer), None)
-                lrs = _scheduled_lrs(config.scheduler, state)
-                if lrs is None:
+        adapt_training_state(self.plan, pl_module, checkpoint)
+        print_plan(self.plan)
+
+
+def configured_optimizers(pl_module: LightningModule) -> tuple[list[Any], list[Any]]:
+    """The module's freshly configured optimizers and scheduler configs (``configure_optimizers`` called once more,
+    on throwaway objects: the module's parameters are not touched)."""
+    from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+
+    return _init_optimizers_and_lr_schedulers(pl_module)
+
+
+def state_key_problems(pl_module: LightningModule, state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, new)``: the keys of ``pl_module.state_dict()`` a load of the checkpoint's ``state``
+    leaves unfilled, the checkpoint's keys the module has no place for, and the missing keys that belong to a
+    :class:`~entrotrain.regularizers.composition.Regularizer` (a regulariser added at the resume: they keep their
+    initial values). σReparam's ``gamma``, ``u``, ``sigma`` are not missing when the layer's plain ``weight`` is in
+    ``state`` (:class:`~entrotrain.regularizers.sigma_reparam.SigmaReparamLinear` loads it function-preservingly)."""
+    from entrotrain.regularizers.composition import Regularizer
+    from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
+
+    modules = dict(pl_module.named_modules())
+    regularizers = tuple(f"{name}." for name, m in modules.items() if name and isinstance(m, Regularizer))
+    expected = set(pl_module.state_dict().keys())
+
+    def filled(key: str) -> bool:
+        owner, _, leaf = key.rpartition(".")
+        return (leaf in ("gamma", "u", "sigma") and isinstance(modules.get(owner), SigmaReparamLinear)
+                and f"{owner}.weight" in state)
+
+    missing = sorted(k for k in expected - set(state) if not filled(k))
+    new = [k for k in missing if k.startswith(regularizers)]
+    missing = [k for k in missing if not k.startswith(regularizers)]
+    unexpected = sorted(set(state) - expected)
+    return missing, unexpected, new
+
+
+def sigma_reparam_filled(pl_module: LightningModule, state: Mapping[str, Any]) -> list[str]:
+    """The module's σReparam layers whose checkpoint entry is a plain layer's (``weight`` without ``gamma``): σReparam
+    applied at the resume."""
+    from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
+
+    return [name for name, m in pl_module.named_modules() if isinstance(m, SigmaReparamLinear)
+            and f"{name}.weight" in state and f"{name}.gamma" not in state]
+
+
+#: A scheduler's position and bookkeeping in its ``state_dict``: not its configuration.
+_SCHEDULER_POSITION = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "base_lrs",
+                                 "verbose", "_is_initial", "lr_lambdas", "_initial_lr"})
+
+
+def _group_lr(group: Mapping[str, Any]) -> Any:
+    """A param group's configured learning rate: its scheduler's initial rate when it has one."""
+    return group.get("initial_lr", group.get("lr"))
+
+
+def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any], schedulers: list[Any]
+                           ) -> list[tuple[str, Any, Any]]:
+    """``(key, saved, configured)`` for every hyperparameter where the freshly configured ``optimizers`` /
+    ``schedulers`` (:func:`configured_optimizers`) differ from the checkpoint's ``optimizer_states`` /
+    ``lr_schedulers``, without changing anything: ``optimizer.lr`` (a scheduled group's initial rate),
+    ``optimizer.betas``, ``optimizer.weight_decay``, ... (first differing group), ``optimizer`` (another kind),
+    ``optimizer.param_groups`` (their sizes), ``lr_scheduler`` (how many), ``lr_scheduler.T_max``, ... A
+    ``LambdaLR``'s function is not in a checkpoint: its change shows only through the module's hyperparameters.
+    Several optimizers or schedulers are named ``optimizer1``, ``lr_scheduler1``, ... after the first."""
+    changes: list[tuple[str, Any, Any]] = []
+    saved = list(checkpoint.get("optimizer_states") or [])
+    for i, (state, optimizer) in enumerate(zip(saved, optimizers)):
+        name = "optimizer" if i == 0 else f"optimizer{i}"
+        groups = state.get("param_groups") or []
+        if _other_kind(state, optimizer):
+            changes.append((name, "another optimizer", type(optimizer).__name__))
+            continue
+        sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
+        if sizes[0] != sizes[1]:
+            changes.append((f"{name}.param_groups", sizes[0], sizes[1]))
+        seen: set[str] = set()
+        for group, fresh in zip(groups, optimizer.param_groups):
+            pairs = {"lr": (_group_lr(group), _group_lr(fresh))}
+            pairs.update({key: (group.get(key), value) for key, value in fresh.items()
+                          if key not in ("params", "lr", "initial_lr")})
+            for key, (old, new) in pairs.items():
+                if key not in seen and json_safe(old) != json_safe(new):
+                    seen.add(key)
+                    changes.append((f"{name}.{key}", json_safe(old), json_safe(new)))
+    if len(saved) != len(optimizers):
+        changes.append(("optimizers", len(saved), len(optimizers)))
+    states = list(checkpoint.get("lr_schedulers") or [])
+    if len(states) != len(schedulers):
+        changes.append(("lr_scheduler", len(states) or None,
+                        [type(c.scheduler).__name__ for c in schedulers] or None))
+    for i, (state, config) in enumerate(zip(states, schedulers)):
+        name = "lr_scheduler" if i == 0 else f"lr_scheduler{i}"
+        fresh = config.scheduler.state_dict()
+        for key in sorted((set(fresh) | set(state)) - _SCHEDULER_POSITION):
+            old, new = json_safe(state.get(key)), json_safe(fresh.get(key))
+            if old != new:
+                changes.append((f"{name}.{key}", old, new))
+    return changes
+
+
+def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint: dict[str, Any],
+                         configured: tuple[list[Any], list[Any]] | None = None) -> None:
+    """Rewrite the checkpoint's ``optimizer_states`` / ``lr_schedulers`` in place to the configured ones before
+    Lightning restores them (module docstring, step 2), adding what was done to ``plan.notes``. ``configured``: the
+    :func:`configured_optimizers` of ``pl_module`` when already built."""
+    optimizers, schedulers = configured if configured is not None else configured_optimizers(pl_module)
+    saved = checkpoint.get("optimizer_states") or []
+    sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
+    other = [type(o).__name__ for o, s in zip(optimizers, saved) if _other_kind(s, o)]
+    if [[len(g["params"]) for g in s["param_groups"]] for s in saved] != sizes or other:
+        checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
+        checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]
+        what = f"optimizer changed (now {', '.join(other)})" if other else "optimizer's parameters changed"
+        plan.notes.append(f"the {what}: its state (moments) and schedulers start afresh; the weights and "
+                          "the step count are the checkpoint's")
+        return
+    _configured_hyperparameters(plan, saved, optimizers)
+    for state, config in zip(checkpoint.get("lr_schedulers") or [], schedulers):
+        fresh = config.scheduler.state_dict()
+        if "base_lrs" in state and "base_lrs" in fresh:
+            state["base_lrs"] = fresh["base_lrs"]
+        index = next((i for i, o in enumerate(optimizers) if o is config.scheduler.optimizer), None)
+        lrs = _scheduled_lrs(config.scheduler, state)
+        if lrs is None:
+            continue
+        # the configured scheduler (its T_max, step_size, lambdas' settings: Lightning would restore the
+        # saved ones) at the saved position
+        position = {key: state[key] for key in ("last_epoch", "_step_count") if key in state}
+        state.clear()
+        state.update({**fresh, **position})
+        if "_last_lr" in fresh:
+            state["_last_lr"] = list(lrs)
+        if index is not None and index < len(saved):
+            for group, lr in zip(saved[index]["param_groups"], lrs):
+                group["lr"] = lr
+
+
+def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], optimizers: list[Any]) -> None:
+    """The configured hyperparameters into the saved param groups (moments kept); the learning rate of a group
+    under a scheduler is rescaled by new / old initial rate, so the schedule keeps its position."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    added: float | None = None  # the first resumed step's rate under a scheduler the checkpoint's run had not
+    for state, optimizer in zip(saved, optimizers):
+        for group, fresh in zip(state["param_groups"], optimizer.param_groups):
+            scheduled = "initial_lr" in fresh and "initial_lr" in group
+            if "initial_lr" in fresh and "initial_lr" not in group:  # a new schedule starts at the fork
+                added = fresh["lr"] if added is None else added
+                if group.get("lr") != fresh["initial_lr"]:
+                    changed.setdefault("lr", (group.get("lr"), fresh["initial_lr"]))
+                group["lr"] = fresh["lr"]
+                scheduled = True
+            for key, value in fresh.items():
+                if key in ("params", "lr") or group.get(key) == value:
                     continue
-                # the configured scheduler (its T_max, step_size, lambdas' settings: Lightning would restore the
-                # saved ones) at the saved position
-                position = {key: state[key] for key in ("last_epoch", "_step_count") if key in state}
-                state.clear()
-                state.update({**fresh, **position})
-                if "_last_lr" in fresh:
-                    state["_last_lr"] = list(lrs)
-                if index is not None and index < len(saved):
-                    for group, lr in zip(saved[index]["param_groups"], lrs):
-                        group["lr"] = lr
-        self._print()
+                if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak
+                    changed.setdefault("lr", (group["initial_lr"], value))
+                    group["lr"] = group["lr"] * value / group["initial_lr"]
+                elif key != "initial_lr":  # a scheduler's bookkeeping, not a hyperparameter
+                    changed.setdefault(key, (group.get(key), value))
+                group[key] = value
+            if not scheduled and group.get("lr") != fresh["lr"]:
+                changed.setdefault("lr", (group.get("lr"), fresh["lr"]))
+                group["lr"] = fresh["lr"]
+    if changed:
+        listed = ", ".join(f"{key} {short_value(old)} → {short_value(new)}" for key, (old, new) in changed.items())
+        plan.notes.append(f"optimizer: {listed}; its moments are the checkpoint's")
+    if added is not None:
+        plan.notes.append(f"a learning-rate schedule the checkpoint's run did not have starts at the fork "
+                          f"(its step 0: lr {added:.4g} at the first resumed step)")
 
-    def _configured_hyperparameters(self, saved: list[dict[str, Any]], optimizers: list[Any]) -> None:
-        """The configured hyperparameters into the saved param groups (moments kept); the learning rate of a group
-        under a scheduler is rescaled by new / old initial rate, so the schedule keeps its position."""
-        changed: dict[str, tuple[Any, Any]] = {}
-        added: float | None = None  # the first resumed step's rate under a scheduler the checkpoint's run had not
-        for state, optimizer in zip(saved, optimizers):
-            for group, fresh in zip(state["param_groups"], optimizer.param_groups):
-                scheduled = "initial_lr" in fresh and "initial_lr" in group
-                if "initial_lr" in fresh and "initial_lr" not in group:  # a new schedule starts at the fork
-                    added = fresh["lr"] if added is None else added
-                    if group.get("lr") != fresh["initial_lr"]:
-                        changed.setdefault("lr", (group.get("lr"), fresh["initial_lr"]))
-                    group["lr"] = fresh["lr"]
-                    scheduled = True
-                for key, value in fresh.items():
-                    if key in ("params", "lr") or group.get(key) == value:
-                        continue
-                    if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak
-                        changed.setdefault("lr", (group["initial_lr"], value))
-                        group["lr"] = group["lr"] * value / group["initial_lr"]
-                    elif key != "initial_lr":  # a scheduler's bookkeeping, not a hyperparameter
-                        changed.setdefault(key, (group.get(key), value))
-                    group[key] = value
-                if not scheduled and group.get("lr") != fresh["lr"]:
-                    changed.setdefault("lr", (group.get("lr"), fresh["lr"]))
-                    group["lr"] = fresh["lr"]
-        if changed:
-            listed = ", ".join(f"{key} {short_value(old)} → {short_value(new)}" for key, (old, new) in changed.items())
-            self.plan.notes.append(f"optimizer: {listed}; its moments are the checkpoint's")
-        if added is not None:
-            self.plan.notes.append(f"a learning-rate schedule the checkpoint's run did not have starts at the fork "
-                                   f"(its step 0: lr {added:.4g} at the first resumed step)")
 
-    @rank_zero_only
-    def _print(self) -> None:
-        print("\n".join(self.plan.lines()))
+def fork_run_records(loggers: list[Any], plan: ForkPlan) -> None:
+    """Make every :class:`~entrotrain.dashboards.run_record.RunRecordLogger` among ``loggers`` a new run forked from
+    ``plan``'s checkpoint: it does not continue the record the checkpoint names (left as it was), and its
+    ``meta.json`` names its parent (``forked_from``: record, step, checkpoint, changes). Call it before the record
+    resumes (before Lightning calls the callbacks' ``on_load_checkpoint``); writes on rank zero only."""
+    from entrotrain.dashboards.run_record import RunRecordLogger
+
+    for logger in loggers:
+        if isinstance(logger, RunRecordLogger):
+            logger.resume = False
+            logger.set_meta(forked_from=plan.meta())
+
+
+@rank_zero_only
+def print_plan(plan: ForkPlan) -> None:
+    """Print ``plan.lines()`` (rank zero)."""
+    print("\n".join(plan.lines()))

@@ -222,12 +222,9 @@ class EntrotrainCLI(LightningCLI):
             )
             trainer.loggers = [*trainer.loggers, record]
         if fork is not None:
-            from entrotrain._forked_resume import ForkedResume
+            from entrotrain._forked_resume import ForkedResume, fork_run_records
 
-            for logger in trainer.loggers:
-                if isinstance(logger, RunRecordLogger):
-                    logger.resume = False
-                    logger.set_meta(forked_from=fork.meta())
+            fork_run_records(trainer.loggers, fork)
             trainer.callbacks.append(ForkedResume(fork))
         return trainer
 

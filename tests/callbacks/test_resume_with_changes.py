@@ -1,0 +1,267 @@
+"""``ResumeWithChanges``: roll back and cure with a plain Lightning ``Trainer`` (no CLI, no config file). A real short
+fit writes checkpoints; ``trainer.fit(changed_module, ckpt_path=...)`` then uses the changed module's settings,
+keeps the checkpoint's weights and moments, and records a new run naming its parent. Without the callback,
+Lightning's own behaviour is kept (and documented here: the saved optimizer state wins).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from entrotrain.callbacks.resume_with_changes import ResumeWithChanges
+from entrotrain.errors import EntrotrainError
+from tests.callbacks.resume_changes_run import Net, Spy, loader, trainer
+from tests.helpers.fork_runs import record_bytes, records
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LR = 0.01
+SCRIPT = Path(__file__).with_name("resume_changes_run.py")
+
+
+def _parent(root: Path, **hparams) -> tuple[Path, Path]:
+    """A 4-step fit of ``Net(**hparams)`` with a checkpoint every 2 steps and a run record: (step-2 checkpoint,
+    record)."""
+    torch.manual_seed(0)
+    fit = trainer(root, checkpoints=True)
+    fit.fit(Net(**hparams), loader())
+    (record,) = records(root)
+    return root / "ckpts" / "epoch=0-step=2.ckpt", record
+
+
+def _resume(root: Path, model: Net, ckpt: Path, *callbacks, max_steps: int = 4, **kwargs):
+    spy = Spy()
+    fit = trainer(root, *callbacks, spy, max_steps=max_steps, **kwargs)
+    fit.fit(model, loader(), ckpt_path=str(ckpt))
+    return fit, spy
+
+
+@pytest.fixture
+def parent(tmp_path):
+    return _parent(tmp_path / "parent")
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def test_a_lower_learning_rate_is_used_from_the_first_resumed_step_and_the_moments_kept(parent, tmp_path, capsys):
+    ckpt, _ = parent
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    fit, spy = _resume(tmp_path / "fork", Net(lr=0.001), ckpt, ResumeWithChanges())
+    out = capsys.readouterr().out
+    assert spy.lrs == [[0.001], [0.001]]  # steps 2 and 3
+    assert torch.equal(spy.exp_avg[0], saved["state"][0]["exp_avg"])  # Adam's moments are the checkpoint's
+    assert fit.global_step == 4
+    assert "with a changed configuration" in out and "model.lr: 0.01 → 0.001" in out
+    assert "optimizer: lr 0.01 → 0.001; its moments are the checkpoint's" in out
+    assert out.count("with a changed configuration") == 1
+
+
+def test_without_the_callback_lightning_restores_the_saved_learning_rate(parent, tmp_path, capsys):
+    """Lightning's own behaviour, kept when the callback is not there: the restored optimizer state overrides the
+    learning rate the module configures (0.001), silently."""
+    ckpt, _ = parent
+    _, spy = _resume(tmp_path / "plain", Net(lr=0.001), ckpt)
+    assert spy.lrs == [[LR], [LR]]
+    assert "changed configuration" not in capsys.readouterr().out
+
+
+def test_betas_changed_in_code_only_are_found_in_the_optimizer(parent, tmp_path, capsys, monkeypatch):
+    """No hyperparameter says so (betas hard-coded in configure_optimizers): the optimizer's saved state is compared
+    with the configured one."""
+    ckpt, _ = parent
+    original = Net.configure_optimizers
+
+    def other_betas(self):
+        optimizer = original(self)
+        for group in optimizer.param_groups:
+            group["betas"] = (0.8, 0.9)
+        return optimizer
+
+    monkeypatch.setattr(Net, "configure_optimizers", other_betas)
+    _, spy = _resume(tmp_path / "fork", Net(), ckpt, ResumeWithChanges())
+    out = capsys.readouterr().out
+    assert "optimizer.betas: [0.9, 0.95] → [0.8, 0.9]" in out
+    (fork,) = records(tmp_path / "fork")
+    changes = json.loads((fork / "meta.json").read_text())["forked_from"]["changes"]
+    assert changes == [["optimizer.betas", [0.9, 0.95], [0.8, 0.9]]]
+
+
+def test_an_unchanged_resume_is_lightnings_own(parent, tmp_path, capsys):
+    """Same module: the callback changes nothing (weights after the resumed steps bit-identical with and without it)
+    and says nothing."""
+    ckpt, _ = parent
+    torch.manual_seed(1)
+    with_cb, _ = _resume(tmp_path / "a", Net(), ckpt, ResumeWithChanges(), record=False)
+    torch.manual_seed(1)
+    without, _ = _resume(tmp_path / "b", Net(), ckpt, record=False)
+    assert "changed configuration" not in capsys.readouterr().out
+    a, b = with_cb.lightning_module.state_dict(), without.lightning_module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert with_cb.callbacks[0].plan is None
+
+
+def test_a_change_of_shape_is_an_error_naming_the_parameter(parent, tmp_path):
+    ckpt, _ = parent
+    with pytest.raises(EntrotrainError, match=r"body\.0\.weight: \[8, 4\] in the checkpoint, \[16, 4\] in the model"):
+        _resume(tmp_path / "fork", Net(width=16), ckpt, ResumeWithChanges(), record=False)
+
+
+def test_a_bad_argument_is_refused():
+    with pytest.raises(EntrotrainError, match="verbose"):
+        ResumeWithChanges(verbose="yes")
+
+
+# ---------------------------------------------------------------------------------------------- σReparam
+def test_sigma_reparam_added_at_the_resume_loads_function_preservingly_and_trains(parent, tmp_path, capsys):
+    from entrotrain.regularizers.sigma_reparam import sigma_reparam
+
+    ckpt, _ = parent
+    plain = Net()
+    plain.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    x = next(iter(loader()))[0]
+    expected = plain(x).detach()
+    model = sigma_reparam(Net(), include="body.*")
+    outputs = []
+
+    class Probe(Spy):
+        def on_train_start(self, trainer, pl_module):  # the weights as loaded, before any resumed step
+            outputs.append(pl_module(x).detach())
+
+    fit = trainer(tmp_path / "fork", ResumeWithChanges(), Probe(), max_steps=4)
+    fit.fit(model, loader(), ckpt_path=str(ckpt))
+    out = capsys.readouterr().out
+    assert torch.allclose(outputs[0], expected, atol=1e-5, rtol=1e-5)  # γ = σ(W): the checkpoint's function
+    assert fit.global_step == 4 and math.isfinite(float(fit.callback_metrics["train/loss"]))
+    assert "model.sigma_reparam_layers: 0 → 2" in out and "start afresh" in out
+    assert type(model.body[0]).__name__ == "SigmaReparamLinear"
+
+
+def test_removing_sigma_reparam_is_an_error_naming_it(tmp_path):
+    from entrotrain.regularizers.sigma_reparam import sigma_reparam
+
+    root = tmp_path / "parent"
+    fit = trainer(root, checkpoints=True, record=False)
+    fit.fit(sigma_reparam(Net(), include="body.*"), loader())
+    with pytest.raises(EntrotrainError, match=r"σReparam cannot be removed.*|body\.0\.gamma") as err:
+        _resume(tmp_path / "fork", Net(lr=0.001), root / "ckpts" / "epoch=0-step=2.ckpt", ResumeWithChanges(),
+                record=False)
+    assert "body.0.gamma" in str(err.value) and "σReparam cannot be removed" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- run record
+def test_the_fork_is_a_new_record_naming_its_parent_which_is_left_byte_for_byte(parent, tmp_path):
+    ckpt, parent_record = parent
+    before = record_bytes(parent_record)
+    _resume(tmp_path / "fork", Net(lr=0.001), ckpt, ResumeWithChanges())
+    assert record_bytes(parent_record) == before
+    (fork,) = records(tmp_path / "fork")
+    meta = json.loads((fork / "meta.json").read_text())
+    assert meta["forked_from"]["run_dir"] == str(parent_record.resolve())
+    assert meta["forked_from"]["step"] == 2 and meta["forked_from"]["ckpt_path"] == str(ckpt)
+    assert ["model.lr", 0.01, 0.001] in meta["forked_from"]["changes"]
+    assert meta["status"] == "finished" and not meta.get("resumes")
+    steps = [json.loads(line)["step"] for line in (fork / "metrics.jsonl").read_text().splitlines()]
+    assert min(steps) >= 2  # the fork's own steps only
+
+
+def test_without_the_callback_a_changed_resume_continues_the_parents_record(parent, tmp_path):
+    """Today's behaviour without the callback (documented): the parent's record is continued, and the changed
+    run's steps supersede its history after the checkpoint."""
+    ckpt, parent_record = parent
+    _resume(tmp_path / "plain", Net(lr=0.001), ckpt)
+    assert records(tmp_path / "plain") == []
+    assert len(json.loads((parent_record / "meta.json").read_text())["resumes"]) == 1
+
+
+def test_an_unchanged_resume_continues_the_record(parent, tmp_path, capsys):
+    ckpt, parent_record = parent
+    _resume(tmp_path / "again", Net(), ckpt, ResumeWithChanges())
+    assert "changed configuration" not in capsys.readouterr().out
+    meta = json.loads((parent_record / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and "forked_from" not in meta
+    assert records(tmp_path / "again") == []
+
+
+# ---------------------------------------------------------------------------------------------- schedulers
+def _cosine(step: int, t_max: int, lr: float = LR) -> float:
+    return lr * (1 + math.cos(math.pi * step / t_max)) / 2
+
+
+def test_a_changed_cosine_period_follows_the_configured_schedule(tmp_path, capsys):
+    """T_max 8 → 16 (a hyperparameter): from the first resumed step the rate is the 16-step cosine at step 2, not
+    the saved 8-step one (which Lightning alone restores)."""
+    ckpt, _ = _parent(tmp_path / "parent", t_max=8)
+    _, spy = _resume(tmp_path / "fork", Net(t_max=16), ckpt, ResumeWithChanges())
+    assert "model.t_max: 8 → 16" in capsys.readouterr().out
+    assert [lrs[0] for lrs in spy.lrs] == pytest.approx([_cosine(2, 16), _cosine(3, 16)])
+    _, plain = _resume(tmp_path / "plain", Net(t_max=16), ckpt, record=False)
+    assert [lrs[0] for lrs in plain.lrs] == pytest.approx([_cosine(2, 8), _cosine(3, 8)])
+
+
+def test_a_cosine_period_changed_in_code_only_is_found_in_the_scheduler(tmp_path, capsys, monkeypatch):
+    ckpt, _ = _parent(tmp_path / "parent", t_max=8)
+    monkeypatch.setattr(Net, "scheduler_period", lambda self: 16)
+    _, spy = _resume(tmp_path / "fork", Net(t_max=8), ckpt, ResumeWithChanges())
+    assert "lr_scheduler.T_max: 8 → 16" in capsys.readouterr().out
+    assert [lrs[0] for lrs in spy.lrs] == pytest.approx([_cosine(2, 16), _cosine(3, 16)])
+
+
+def test_validate_from_a_checkpoint_is_lightnings_own(parent, tmp_path):
+    ckpt, _ = parent
+    callback = ResumeWithChanges()
+    fit = trainer(tmp_path / "v", callback, record=False, limit_val_batches=1)
+    fit.validate(Net(lr=0.001), loader(), ckpt_path=str(ckpt))
+    assert callback.plan is None and "load_model_state_dict" not in vars(fit.strategy)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def test_two_rank_ddp_prints_once_records_once_and_both_ranks_use_the_configured_rate(parent, tmp_path):
+    ckpt, parent_record = parent
+    before = record_bytes(parent_record)
+    root = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(ckpt), str(root)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("with a changed configuration") == 1
+    assert proc.stdout.count("model.lr: 0.01 → 0.001") == 1
+    for rank in (0, 1):
+        logged = json.loads((root / f"rank{rank}.json").read_text())
+        assert logged["lrs"][0] == [0.001] and logged["step"] == 4
+    (fork,) = records(root)
+    meta = json.loads((fork / "meta.json").read_text())
+    assert meta["forked_from"]["run_dir"] == str(parent_record.resolve())
+    rows = [json.loads(line) for line in (fork / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in (r.get("values") or {})]
+    assert steps == sorted(set(steps)) and steps  # each step written once (rank zero only)
+    assert record_bytes(parent_record) == before
+
+
+def test_a_strategy_that_restores_after_its_setup_forks_the_same(parent, tmp_path, capsys):
+    """``restore_checkpoint_after_setup`` (DeepSpeed, FSDP's sharded checkpoints): the record starts before the
+    checkpoint loads (hyperparameters are logged first); the fork still gets its own record, the configured rate
+    and the checkpoint's moments."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class LateRestore(SingleDeviceStrategy):
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    ckpt, parent_record = parent
+    before = record_bytes(parent_record)
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    _, spy = _resume(tmp_path / "fork", Net(lr=0.001), ckpt, ResumeWithChanges(),
+                     strategy=LateRestore(device=torch.device("cpu")))
+    assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
+    assert spy.lrs == [[0.001], [0.001]] and torch.equal(spy.exp_avg[0], saved["state"][0]["exp_avg"])
+    (fork,) = records(tmp_path / "fork")
+    assert json.loads((fork / "meta.json").read_text())["forked_from"]["run_dir"] == str(parent_record.resolve())
+    assert record_bytes(parent_record) == before

@@ -206,13 +206,14 @@ class ResumeWithChanges(Callback):
         if datamodule is not None:
             changes += _section_changes("data", checkpoint.get("datamodule_hyper_parameters"), datamodule.hparams,
                                         datamodule)
-        found = training_state_changes(checkpoint, *configured)
+        found: list[tuple[str, Any, Any]] = []
         layers = sigma_reparam_filled(pl_module, state)
         if layers:
             found.append(("model.sigma_reparam_layers", 0, len(layers)))
         new = state_key_problems(pl_module, state)[2]
         if new:
-            found.append(("model.new_parameters", None, new))
+            found.append(("model.new_parameters", [], new))
+        found += training_state_changes(checkpoint, *configured)
         if changes:  # the optimizer's and new parameters' consequences of a hyperparameter are said in notes
             found = [c for c in found if not _explained(c, changes) and not c[0].startswith("optimizer")
                      and c[0] != "model.new_parameters"]

@@ -265,3 +265,70 @@ def test_a_strategy_that_restores_after_its_setup_forks_the_same(parent, tmp_pat
     (fork,) = records(tmp_path / "fork")
     assert json.loads((fork / "meta.json").read_text())["forked_from"]["run_dir"] == str(parent_record.resolve())
     assert record_bytes(parent_record) == before
+
+
+# ---------------------------------------------------------------------------------------------- the recipes' task
+LM = dict(n_layer=1, n_embd=32, n_head=2, block_size=16)
+
+
+def _lm_data():
+    from entrotrain.tasks import CharCorpusDataModule
+
+    return CharCorpusDataModule(block_size=16, batch_size=4, max_chars=20000)
+
+
+@pytest.fixture(scope="module")
+def lm_parent(tmp_path_factory, one_thread):
+    """LanguageModelingTask (the fork tests' small model) for 4 steps, a checkpoint every 2: (step-2 ckpt, record)."""
+    from entrotrain.tasks import LanguageModelingTask
+
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    trainer(root, checkpoints=True).fit(LanguageModelingTask(lr=LR, **LM), datamodule=_lm_data())
+    (record,) = records(root)
+    return root / "ckpts" / "epoch=0-step=2.ckpt", record
+
+
+def test_sigma_reparam_switched_on_in_the_task_is_applied_and_recorded(lm_parent, tmp_path, capsys):
+    from entrotrain.tasks import LanguageModelingTask
+
+    ckpt, parent_record = lm_parent
+    before = record_bytes(parent_record)
+    model = LanguageModelingTask(lr=LR, sigma_reparam=True, **LM)
+    fit = trainer(tmp_path, ResumeWithChanges(), max_steps=4)
+    fit.fit(model, datamodule=_lm_data(), ckpt_path=str(ckpt))
+    out = capsys.readouterr().out
+    assert "model.sigma_reparam: false → true" in out and "start afresh" in out
+    assert type(model.model.blocks[0].attn.qkv).__name__ == "SigmaReparamLinear" and fit.global_step == 4
+    (fork,) = records(tmp_path)
+    assert ["model.sigma_reparam", False, True] in json.loads((fork / "meta.json").read_text())["forked_from"]["changes"]
+    assert record_bytes(parent_record) == before
+
+
+def test_a_regulariser_with_learnable_thresholds_added_at_the_resume_starts_from_its_initial_values(
+        lm_parent, tmp_path, capsys):
+    """The task does not save its regularisers as hyperparameters: the band's parameters, absent from the
+    checkpoint, are the change; they keep their initial values, every other weight is the checkpoint's."""
+    from entrotrain.regularizers.attention_entropy import EntropyBandRegularizer
+    from entrotrain.tasks import LanguageModelingTask
+
+    ckpt, _ = lm_parent
+    band = EntropyBandRegularizer(n_layers=1, n_heads=2)
+    initial = band.raw.detach().clone()
+    model = LanguageModelingTask(lr=LR, regularizers=[band], **LM)
+    loaded = {}
+
+    class Probe(Spy):
+        def on_train_start(self, trainer, pl_module):
+            loaded["raw"] = band.raw.detach().clone()
+            loaded["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    fit = trainer(tmp_path, ResumeWithChanges(), Probe(), max_steps=4)
+    fit.fit(model, datamodule=_lm_data(), ckpt_path=str(ckpt))
+    out = capsys.readouterr().out
+    assert 'model.new_parameters: [] → ["regularizer.raw"]' in out and "new in the model, from their initial values: regularizer.raw" in out
+    assert torch.equal(loaded["raw"], initial)
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert set(loaded["state"]) - set(saved) == {"regularizer.raw"}
+    assert all(torch.equal(loaded["state"][k], v) for k, v in saved.items())
+    assert fit.global_step == 4

@@ -49,6 +49,10 @@ threshold is declared to the run record so the report draws it.
 A firing's reason ends with the last observation judged good, ``(last good: 0.07496 at step 50)``: the checkpoint to
 roll back to is one saved at or before that step, and the message names the newest such checkpoint it finds
 (Lightning's ``ModelCheckpoint`` folders, ``step=N`` in the name; ``transformers``' ``output_dir/checkpoint-N``).
+With ``keep_last_good`` (the default) that checkpoint survives checkpoint rotation: the guard hard-links each
+checkpoint as it is saved into ``entrotrain-last-good/`` beside it and keeps the one a firing would name
+(:mod:`~entrotrain.callbacks.checkpoint_keeper`), so ``ModelCheckpoint(save_top_k=1)`` or ``save_total_limit=2``
+cannot delete the checkpoint to roll back to before you read the message.
 
 ``notify`` reaches you where you are at 2 a.m., online or not: a callable (or its import path, ``"my_alerts.slack"``,
 for a YAML recipe) called on rank zero with the firing's message (``"EntropyCollapseGuard at step 75:
@@ -81,6 +85,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
 
@@ -150,6 +155,11 @@ class EntropyCollapseGuard(PerFitCallback):
         notify: called on rank zero with the message of each firing (any action): a callable taking one string, or
             its import path (``"package.module.function"`` or ``"package.module:function"``); an ``Exception`` it
             raises is warned about once, never raised into training. Runs inline: keep it quick. ``None``: nothing.
+        keep_last_good: keep the checkpoint to roll back to from checkpoint rotation: each checkpoint saved (with
+            its step in the name) is hard-linked into ``entrotrain-last-good/`` beside it, and the guard keeps the
+            newest one at or before the last good observation, for good once it fires; the others go as later
+            observations judge them, and at a normal end of training. No disk space while the original exists;
+            one checkpoint's worth once a rotation deleted it (:mod:`~entrotrain.callbacks.checkpoint_keeper`).
 
     Example::
 
@@ -174,6 +184,7 @@ class EntropyCollapseGuard(PerFitCallback):
         stale_after: int | None = None,
         arm_on_good: bool = True,
         notify: Callable[[str], Any] | str | None = None,
+        keep_last_good: bool = True,
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
         self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
@@ -205,6 +216,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.stale_after = check_int(stale_after, "EntropyCollapseGuard(stale_after)", low=1, none_ok=True)
         self.arm_on_good = check_bool(arm_on_good, "EntropyCollapseGuard(arm_on_good)")
         self.notify = _resolve_notify(notify)
+        self.keep_last_good = check_bool(keep_last_good, "EntropyCollapseGuard(keep_last_good)")
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
@@ -218,6 +230,10 @@ class EntropyCollapseGuard(PerFitCallback):
         self._run_start: float | None = None  # rollback_hint's since (set when a run starts)
         #: The checkpoint the last firing named to roll back to (``None``: none named in this fit).
         self.rollback_checkpoint: Path | None = None
+        #: The checkpoints kept from rotation (``keep_last_good``): the pins of this fit.
+        self.keeper = LastGoodCheckpoints()
+        self._save_pending = False  # a checkpoint was saved since the last look at ModelCheckpoint's files
+        self._seen_saves: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -270,11 +286,13 @@ class EntropyCollapseGuard(PerFitCallback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._pin_saves(trainer)
         self._poll_ledger(trainer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._pin_saves(trainer)
         if ledger(trainer).get(self.monitor) is not None:
             self._poll_ledger(trainer)
             self._check_stale(trainer)
@@ -284,14 +302,41 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._poll_ledger(trainer)  # a publication at the last step by a callback that runs after the guard
+        self.keeper.release()  # a normal end: only what a firing froze stays
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._save_pending = self.keep_last_good  # the file is written after this hook: pinned at the next hook
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        self._pin_saves(trainer)
         if ledger(trainer).get(self.monitor) is not None:
             self._poll_ledger(trainer)
         elif _logged_in(trainer._results, self.monitor):
             self._poll_logged(trainer)
+
+    def _pin_saves(self, trainer: Trainer) -> None:
+        """After a save: pin the checkpoints ``ModelCheckpoint`` wrote since the last look (rank zero, which writes
+        them), before a later save's rotation can delete them."""
+        if not self._save_pending:
+            return
+        self._save_pending = False
+        if not trainer.is_global_zero:
+            return
+        for callback in getattr(trainer, "checkpoint_callbacks", []):
+            written = [getattr(callback, "best_model_path", ""), getattr(callback, "last_model_path", ""),
+                       *getattr(callback, "best_k_models", {})]
+            for path in written:
+                if path and path not in self._seen_saves:
+                    self._seen_saves.add(path)
+                    self.checkpoint_saved(path)
+
+    def checkpoint_saved(self, path: str | Path, step: int | None = None) -> Path | None:
+        """A checkpoint was just saved at ``path`` (a file or folder; ``step``: default the step in its name): pin
+        it when ``keep_last_good``. Call it on the process that wrote it. The glue for Lightning,
+        ``transformers.Trainer`` and :class:`~entrotrain.integrations.loop.EntropyMonitors` calls it for you."""
+        return self.keeper.saved(path, step) if self.keep_last_good else None
 
     # ------------------------------------------------------------------ observations
     @staticmethod
@@ -330,14 +375,15 @@ class EntropyCollapseGuard(PerFitCallback):
             if not self.on_nonfinite:
                 self._warn_nonfinite_ignored(step)
                 return None
-            return self._bad(f"{self.monitor} is {value}: the model or its inputs went non-finite")
+            return self._bad(f"{self.monitor} is {value}: the model or its inputs went non-finite", step)
         reason = self._reason(value, step)
         self.history.append(value)
         if reason:
-            return self._bad(reason)
+            return self._bad(reason, step)
         self.bad_streak = 0
         self.fired = False  # re-armed: the next bad streak is a new episode
         self.last_good_step, self.last_good_value = step, float(value)
+        self.keeper.judged(step, step)
         return None
 
     def _reason(self, value: float, step: int) -> str:
@@ -360,8 +406,9 @@ class EntropyCollapseGuard(PerFitCallback):
                 )
         return ""
 
-    def _bad(self, reason: str) -> str | None:
-        """One bad observation; ``reason`` when the guard fires now (else ``None``)."""
+    def _bad(self, reason: str, step: int) -> str | None:
+        """One bad observation at ``step``; ``reason`` when the guard fires now (else ``None``)."""
+        self.keeper.judged(step, self.last_good_step)
         self.bad_streak += 1
         if self.fired or self.bad_streak < self.patience:
             return None
@@ -424,7 +471,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if not self.stale_warned:
             self.stale_warned = True
             rank_zero_warn(f"EntropyCollapseGuard: {reason}; its last value is not treated as current.")
-        return self._bad(reason) if self.on_nonfinite else None
+        return self._bad(reason, now) if self.on_nonfinite else None
 
     def _check_missing(self, trainer: Trainer) -> None:
         if self.missing_ok or self.last_seen_step is not None or trainer.global_step < self.missing_after:
@@ -471,23 +518,31 @@ class EntropyCollapseGuard(PerFitCallback):
                 message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
             else:
                 message += " No optimizer learning rate to lower (none configured)."
-        return message + self.rollback_hint(checkpoints, since)
+        return message + self.rollback_hint(checkpoints, since, kept=self.keeper.freeze(self.last_good_step))
 
-    def rollback_hint(self, checkpoints: Iterable[str | Path], since: float | None = None) -> str:
+    def rollback_hint(
+        self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None
+    ) -> str:
         """`` Newest checkpoint at or before step S: PATH.`` for the newest of ``checkpoints`` whose name says it was
         saved at or before the last step judged good (``step=N`` in Lightning's names, ``checkpoint-N`` in
         ``transformers``', ``global_stepN``, ``step_N``, ``ckpt_N``); ``""`` when none is known. ``since``: ignore
-        files modified before this time (seconds since the epoch): an earlier run's checkpoints left in the folder."""
+        files modified before this time (seconds since the epoch): an earlier run's checkpoints left in the folder.
+        ``kept``: the pin :meth:`LastGoodCheckpoints.freeze` kept for this firing, named instead of a checkpoint of
+        the same step (a rotation may delete that one)."""
         if self.last_good_step is None:
             return ""
         if since is not None:
             checkpoints = [p for p in checkpoints if _modified(p) >= since]
-        dated = [(step, Path(p)) for p in checkpoints if (step := saved_at(p)) is not None]
-        before = [(step, path) for step, path in dated if step <= self.last_good_step]
+        dated = [(step, 0, Path(p)) for p in checkpoints
+                 if (step := saved_at(p)) is not None and Path(p).parent.name != KEEP_FOLDER]
+        if kept is not None:
+            dated.append((saved_at(kept) or 0, 1, kept))
+        before = [entry for entry in dated if entry[0] <= self.last_good_step]
         if not before:
             return ""
-        self.rollback_checkpoint = max(before)[1]
-        return f" Newest checkpoint at or before step {self.last_good_step}: {self.rollback_checkpoint}."
+        _, is_kept, self.rollback_checkpoint = max(before)
+        where = " (kept by the guard where checkpoint rotation cannot delete it)" if is_kept else ""
+        return f" Newest checkpoint at or before step {self.last_good_step}: {self.rollback_checkpoint}{where}."
 
     def send_notification(self, message: str) -> None:
         """Call ``notify`` with ``message`` (the caller runs it on rank zero); a failure is warned about once."""

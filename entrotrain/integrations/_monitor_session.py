@@ -635,6 +635,17 @@ class MonitorSession:
         return [table for table in (driver.summary() for driver in self.drivers) if table]
 
     # ------------------------------------------------------------------ guards
+    def checkpoint_saved(self, path: str | os.PathLike[str], step: int | None = None) -> None:
+        """A checkpoint was just saved at ``path``: every guard with ``keep_last_good`` keeps it from rotation until
+        its judgements let it go (call on the process that wrote it)."""
+        for guard in self.guards:
+            guard.checkpoint_saved(path, step)
+
+    def release_checkpoints(self) -> None:
+        """Training ended normally: the guards drop the kept checkpoints no firing froze."""
+        for guard in self.guards:
+            guard.keeper.release()
+
     def observe(self, values: dict[str, Any], step: int) -> list[tuple[EntropyCollapseGuard, str]]:
         """Each guard whose key is a number in ``values`` observes it at ``step`` (once per step); the guards that
         fire, with their reasons."""

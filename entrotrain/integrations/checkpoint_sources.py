@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER
 from entrotrain.callbacks.collapse_guard import saved_at
 from entrotrain.dashboards.run_reader import natural_order
 from entrotrain.errors import EntrotrainError
@@ -91,12 +92,15 @@ def _expand(path: Path) -> list[Checkpoint]:
                 "folder (one holding config.json); pass a checkpoint, or a folder of them."
             )
         return [_lightning(path)]
-    hf = [Checkpoint(p, "hf", saved_at(p)) for p in path.iterdir() if _is_hf(p)]
+    kept = path / KEEP_FOLDER
+    hf = [Checkpoint(p, "hf", saved_at(p)) for folder in (path, kept) if folder.is_dir()
+          for p in folder.iterdir() if _is_hf(p)]
+    hf = _without_kept_copies(hf)
     if _is_hf(path):  # a model; Trainer's output_dir is one (save_model) with its checkpoint-N folders inside
         return [*(c for c in hf if c.step is not None), Checkpoint(path, "hf", saved_at(path))]
     if hf:
         return hf
-    found = [_lightning(p) for p in path.rglob("*.ckpt") if p.is_file()]
+    found = _without_kept_copies([_lightning(p) for p in path.rglob("*.ckpt") if p.is_file()])
     if not found:
         raise EntrotrainError(
             f"entrotrain inspect: no checkpoint in {path}: no *.ckpt file below it, no config.json in it or in a "
@@ -105,6 +109,14 @@ def _expand(path: Path) -> list[Checkpoint]:
             "--trainer.callbacks.every_n_train_steps 50 --trainer.callbacks.save_top_k -1` to `entrotrain fit`."
         )
     return found
+
+
+def _without_kept_copies(found: list[Checkpoint]) -> list[Checkpoint]:
+    """A collapse guard's kept checkpoints (``entrotrain-last-good/``, :mod:`entrotrain.callbacks.checkpoint_keeper`)
+    stand in for the checkpoints a rotation deleted: one whose step a checkpoint outside that folder carries is that
+    one's copy, left out."""
+    own = {c.step for c in found if c.path.parent.name != KEEP_FOLDER}
+    return [c for c in found if c.path.parent.name != KEEP_FOLDER or c.step not in own]
 
 
 def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:

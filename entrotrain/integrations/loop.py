@@ -85,7 +85,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
-from entrotrain.callbacks.collapse_guard import run_start
+from entrotrain.callbacks.collapse_guard import run_start, saved_at
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations._monitor_session import (
@@ -116,6 +116,9 @@ class EntropyMonitors:
             run); ``None`` (default): none.
         checkpoint_dir: where your loop saves checkpoints: a guard's message names the newest one saved at or before
             its last good observation (the step in the name: ``step_N``, ``ckpt_N``, ``step=N``, ``checkpoint-N``).
+            Guards with ``keep_last_good`` keep that one from your rotation: the new checkpoints in the folder are
+            pinned at each logging step; call :meth:`checkpoint_saved` right after a save to pin it at once (when
+            you save and rotate more often than the monitors log).
 
     Raises:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, two sharing a configuration, or a
@@ -173,6 +176,7 @@ class EntropyMonitors:
         self._saved: dict[str, Any] | None = None
         self._saved_record: dict[str, Any] | None = None  # the record a loaded checkpoint names, until watch
         self._run_start: float | None = None  # checkpoints modified before it belong to an earlier run
+        self._pinned: set[Path] = set()  # the checkpoints handed to the guards' keepers (or an earlier run's)
         self._step: int | None = None
         self._done: int | None = None  # the last step whose block completed (steps must increase)
 
@@ -216,6 +220,7 @@ class EntropyMonitors:
         self._optimizers = _as_list(optimizer)
         self._schedulers = _as_list(scheduler)
         self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
+        self._pinned = set()
         self._run_start = run_start(resumed=self._saved is not None)  # older files are another run's checkpoints
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
@@ -240,6 +245,8 @@ class EntropyMonitors:
         if self._model is None:
             return
         self._model = None
+        if exc is None and distributed()[1] == 0:
+            self.session.release_checkpoints()
         closing = self.session.close_record(exc)
         if distributed()[1] != 0:
             return
@@ -332,7 +339,37 @@ class EntropyMonitors:
                 "PolicyEntropyMonitor(...) to EntropyMonitors([...])."
             )
 
+    def checkpoint_saved(self, path: str | os.PathLike[str], step: int | None = None) -> None:
+        """Your loop just saved a checkpoint at ``path`` (a file or folder; ``step``: default the step in its name):
+        the guards with ``keep_last_good`` keep it from your rotation until their judgements let it go. Call it on
+        the rank that saved (others are ignored)."""
+        if distributed()[1] == 0:
+            self._pinned.add(Path(path))
+            self.session.checkpoint_saved(path, step)
+
+    def _pin_new_checkpoints(self) -> None:
+        """Pin the checkpoints ``checkpoint_dir`` gained since the last look (rank zero, logging steps only)."""
+        folder = self.checkpoint_dir
+        if folder is None or distributed()[1] != 0 or not any(g.keep_last_good for g in self.session.guards):
+            return
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            return
+        for path in entries:
+            if path in self._pinned or saved_at(path) is None:
+                continue
+            try:
+                earlier = self._run_start is not None and path.stat().st_mtime < self._run_start
+            except OSError:
+                continue
+            if earlier:  # an earlier run's checkpoint: not this run's to keep
+                self._pinned.add(path)
+            else:
+                self.checkpoint_saved(path)
+
     def _finish(self, step: int) -> None:
+        self._pin_new_checkpoints()
         send = wandb_run() is not None
         metrics, self.media = self.session.collect(step, media=send)
         self.computed = {k: float(v) for k, v in metrics.items()}
@@ -341,7 +378,7 @@ class EntropyMonitors:
         self._observed = {}
         for guard, reason in fired:
             folder = self.checkpoint_dir
-            saved = folder.iterdir() if folder is not None and folder.is_dir() else ()
+            saved = list(folder.iterdir()) if folder is not None and folder.is_dir() else ()
             self.should_stop |= self.session.act(
                 guard, reason, step, self._optimizers, self._schedulers, saved, since=self._run_start
             )

@@ -367,8 +367,16 @@ class EntropyTrainerCallback(TrainerCallback):
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._stash(args, state, control)
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """``output_dir/checkpoint-N`` was just written (and older ones rotated away): the guards keep it
+        (``keep_last_good``) until their judgements let it go."""
+        if state.is_world_process_zero and args.output_dir:
+            self.session.checkpoint_saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.release()
+        if state.is_world_process_zero:
+            self.session.release_checkpoints()
         closing = self.session.close_record()
         if state.is_world_process_zero:
             for table in self.session.summaries():

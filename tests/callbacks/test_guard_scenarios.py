@@ -165,19 +165,27 @@ def test_rollback_hint_names_the_newest_checkpoint_from_before_the_last_good_ste
         assert saved_at(name) == step
 
 
-def test_a_lightning_firing_names_the_checkpoint_to_roll_back_to(tmp_path) -> None:
-    """``ModelCheckpoint`` every 2 steps: the firing at step 5 (last good at step 4) names ``step=4``'s file."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_lightning_firing_names_the_checkpoint_to_roll_back_to(tmp_path, keep) -> None:
+    """``ModelCheckpoint`` every 2 steps: the firing at step 5 (last good at step 4) names ``step=4``'s file; with
+    ``keep_last_good`` (default) its pin, a hard link of it that no rotation deletes."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, keep_last_good=keep)
     with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 5") as record:
         script = Script([0.5] * 5 + [0.01])
         fit(guard, script, 6, trainer_kwargs={"callbacks": [script, guard, saver], "enable_checkpointing": True})
     (message,) = [str(w.message) for w in record if "EntropyCollapseGuard at" in str(w.message)]
     assert "(last good: 0.5 at step 4)" in message
-    assert message.endswith(f"Newest checkpoint at or before step 4: {tmp_path / 'epoch=0-step=4.ckpt'}.")
-    assert guard.rollback_checkpoint == tmp_path / "epoch=0-step=4.ckpt"  # for `entrotrain fit`'s closing lines
+    original = tmp_path / "epoch=0-step=4.ckpt"
+    named = tmp_path / "entrotrain-last-good" / original.name if keep else original
+    where = " (kept by the guard where checkpoint rotation cannot delete it)" if keep else ""
+    assert message.endswith(f"Newest checkpoint at or before step 4: {named}{where}.")
+    assert guard.rollback_checkpoint == named  # for `entrotrain fit`'s closing lines
+    assert named.stat().st_ino == original.stat().st_ino
+    kept = tmp_path / "entrotrain-last-good"
+    assert (sorted(p.name for p in kept.iterdir()) if kept.exists() else []) == ([original.name] if keep else [])
 
 
 # ---------------------------------------------------------------- non-finite data

@@ -3,6 +3,8 @@ unchanged, taps armed only on logging steps (all micro-batches), released on eve
 
 from __future__ import annotations
 
+import json
+
 import copy
 import subprocess
 import sys
@@ -442,15 +444,28 @@ def test_a_key_that_stops_being_published_goes_stale(tmp_path: Path) -> None:
     assert guard.times_fired == 1
 
 
-def test_a_firing_names_the_trainer_checkpoint_to_roll_back_to(tmp_path: Path) -> None:
+@pytest.mark.parametrize("limit", [None, 1])
+def test_a_firing_names_the_trainer_checkpoint_to_roll_back_to(tmp_path: Path, limit: int | None) -> None:
     """The learning rate decays linearly (1e-2 over 6 steps; Trainer logs at step s the rate step s used): a guard on
     it is good up to step 4 (0.005) and fires at step 5; with a checkpoint every 2 steps its message names
-    ``checkpoint-4``, the newest from the last good step or before (``checkpoint-6`` does not exist yet)."""
-    trainer = _trainer(tmp_path, _model(), max_steps=6, save_strategy="steps", save_steps=2)
+    ``checkpoint-4``, the newest from the last good step or before (``checkpoint-6`` does not exist yet), as kept by
+    the guard (``keep_last_good``): with ``save_total_limit=1`` Trainer deletes ``checkpoint-4`` when it saves
+    ``checkpoint-6``, and the kept one is still there, whole, to resume from."""
+    trainer = _trainer(tmp_path, _model(), max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=limit)
     guard = EntropyCollapseGuard("learning_rate", threshold=0.004, action="warn")
     EntropyTrainerCallback(guards=[guard]).attach(trainer)
     with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 5") as record:
         trainer.train()
     (message,) = [str(w.message) for w in record if "EntropyCollapseGuard at" in str(w.message)]
     assert "(last good: 0.005 at step 4)" in message
-    assert message.endswith(f"Newest checkpoint at or before step 4: {tmp_path / 'out' / 'checkpoint-4'}.")
+    out, kept = tmp_path / "out", tmp_path / "out" / "entrotrain-last-good" / "checkpoint-4"
+    assert message.endswith(f"Newest checkpoint at or before step 4: {kept} (kept by the guard where checkpoint "
+                            "rotation cannot delete it).")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == (["checkpoint-6"] if limit else
+                                                                ["checkpoint-2", "checkpoint-4", "checkpoint-6"])
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["checkpoint-4"]  # the others were released
+    assert json.loads((kept / "trainer_state.json").read_text())["global_step"] == 4
+    assert {p.name for p in kept.iterdir()} == {p.name for p in (out / "checkpoint-6").iterdir()}
+    resumed = _trainer(tmp_path, _model(), max_steps=6)
+    resumed.train(resume_from_checkpoint=str(kept))  # Trainer resumes from the kept folder like from its own
+    assert resumed.state.global_step == 6

@@ -1,0 +1,197 @@
+"""Keep the checkpoint to roll back to: hard links that a checkpoint rotation cannot delete.
+
+A guard that fires names the newest checkpoint saved at or before the last observation it judged good. By then a
+checkpoint rotation may have deleted it: Lightning's ``ModelCheckpoint`` keeps only its newest checkpoint by default
+(``save_top_k=1``), ``transformers.Trainer`` its newest ``save_total_limit``. Saving every 1000 steps with the
+defaults, the run that collapsed at step 40 500 has only ``step=41000.ckpt`` left, saved mid-collapse.
+
+:class:`LastGoodCheckpoints` pins checkpoints as they are saved: a hard link (a folder of hard links for a checkpoint
+folder) in ``entrotrain-last-good/`` beside it. A hard link costs no disk space while the original exists; once a
+rotation deletes the original, the pin holds the data (one checkpoint's worth). Which pins stay, given the guard's
+judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.callbacks.collapse_guard.saved_at`):
+
+- after an **observation** at step ``s``, of the pins saved at or before ``s``: the newest at or before the last
+  good step (the one a firing now would name) and the newest of all (the one a firing would name if the next good
+  observation comes later: observations come in step order, so no other can ever be named); the others go. Pins
+  saved after ``s`` wait for the next observation;
+- at a **firing**: the newest pin at or before the last good step is *frozen*: kept until you delete it, whatever
+  rotation or later judgements do. One frozen pin per firing;
+- when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
+  when it is empty. After a crash or a kill every pin stays: that is when you roll back.
+
+So at most two checkpoints' worth of disk are held beyond your rotation between firings (plus the checkpoints saved
+since the last observation), and one per firing after. A pin whose file changed since it was pinned (a checkpoint
+rewritten in place under the same name: Lightning's ``last.ckpt`` is never pinned, it has no step in its name) is
+dropped with a warning instead of being named. A file system that refuses hard links (some network and object-store
+mounts) is warned about once; nothing is copied then.
+
+The keeper does file work only where it is told of a save: the glue calls :meth:`saved` on the process that writes
+checkpoints (rank zero). A pin made by an earlier process (a run killed and resumed) is not tracked: it is never
+deleted by a later run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KEEP_FOLDER", "LastGoodCheckpoints"]
+
+#: The folder, beside the checkpoints, that holds the pins.
+KEEP_FOLDER = "entrotrain-last-good"
+
+_Stamp = tuple[tuple[str, int, int], ...]
+
+
+@dataclass
+class _Pin:
+    step: int
+    path: Path  # the pin (in KEEP_FOLDER)
+    source: Path  # the checkpoint as saved
+    stamp: _Stamp  # (file, size, mtime_ns) of every file when pinned: a rewrite in place changes it
+    frozen: bool = False
+
+
+def _stamp(path: Path) -> _Stamp:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    out = []
+    for file in files:
+        stat = file.stat()
+        out.append((str(file.relative_to(path)) if file != path else "", stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class LastGoodCheckpoints:
+    """The pins of one guard (module docstring). ``owner`` names it in warnings."""
+
+    def __init__(self, owner: str = "EntropyCollapseGuard") -> None:
+        self.owner = owner
+        self._pins: list[_Pin] = []
+        self._refused = False  # the file system refused a hard link: keep nothing more
+
+    @property
+    def pins(self) -> list[Path]:
+        """The pins held now (frozen or not), oldest first."""
+        return [pin.path for pin in sorted(self._pins, key=lambda p: p.step)]
+
+    @property
+    def frozen(self) -> list[Path]:
+        """The pins kept for firings."""
+        return [pin.path for pin in self._pins if pin.frozen]
+
+    def saved(self, path: str | os.PathLike[str], step: int | None = None) -> Path | None:
+        """Pin the checkpoint just saved at ``path`` (a file or a folder), saved at ``step`` (default: the step in its
+        name; a checkpoint without one is not pinned). Returns the pin, or ``None`` when nothing was pinned."""
+        from entrotrain.callbacks.collapse_guard import saved_at
+
+        source = Path(path)
+        step = saved_at(source) if step is None else step
+        if self._refused or step is None or source.parent.name == KEEP_FOLDER or not source.exists():
+            return None
+        for pin in [p for p in self._pins if p.source == source and not p.frozen]:  # saved again under its name
+            self._drop(pin)
+        if any(p.source == source and p.frozen and p.stamp == _stamp(source) for p in self._pins):
+            return None  # already kept, unchanged
+        target = self._free_name(source)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, copy_function=os.link)
+            else:
+                os.link(source, target)
+        except OSError as err:
+            _remove(target)
+            try:
+                target.parent.rmdir()  # made for this pin: leave no empty folder
+            except OSError:
+                pass
+            self._refused = True
+            warnings.warn(
+                f"{self.owner}(keep_last_good=True): cannot hard-link {source} into {target.parent} "
+                f"({type(err).__name__}: {err}); the checkpoint to roll back to is not protected from checkpoint "
+                "rotation in this run. Keep more checkpoints (ModelCheckpoint(save_top_k=-1), "
+                "TrainingArguments(save_total_limit=None)) or pass keep_last_good=False to silence this.",
+                stacklevel=2,
+            )
+            return None
+        self._pins.append(_Pin(step, target, source, _stamp(target)))
+        return target
+
+    def _free_name(self, source: Path) -> Path:
+        """``KEEP_FOLDER/<name>``, or ``<stem>-v1<suffix>``, ... when an earlier pin (of an earlier run) holds it."""
+        folder = source.parent / KEEP_FOLDER
+        target = folder / source.name
+        version = 0
+        while target.exists() or target.is_symlink():
+            version += 1
+            target = folder / (f"{source.stem}-v{version}{source.suffix}" if source.is_file()
+                               else f"{source.name}-v{version}")
+        return target
+
+    def judged(self, step: int, last_good_step: int | None) -> None:
+        """After an observation at ``step`` (good or bad; ``last_good_step`` the last good one, this one when it is
+        good): keep what a firing could ever name (module docstring)."""
+        before = [pin for pin in self._pins if not pin.frozen and pin.step <= step]
+        newest = max(before, key=lambda p: p.step, default=None)
+        good = [pin for pin in before if last_good_step is not None and pin.step <= last_good_step]
+        named = max(good, key=lambda p: p.step, default=None)
+        for pin in before:
+            if pin is not newest and pin is not named:
+                self._drop(pin)
+
+    def freeze(self, last_good_step: int | None) -> Path | None:
+        """At a firing: keep the newest pin saved at or before ``last_good_step`` for good and return it (``None``:
+        none, or it changed since it was pinned)."""
+        if last_good_step is None:
+            return None
+        candidates = [pin for pin in self._pins if pin.step <= last_good_step]
+        while candidates:
+            pin = max(candidates, key=lambda p: (p.step, not p.frozen))
+            if self._intact(pin):
+                pin.frozen = True
+                return pin.path
+            candidates.remove(pin)
+        return None
+
+    def _intact(self, pin: _Pin) -> bool:
+        try:
+            if _stamp(pin.path) == pin.stamp:
+                return True
+        except OSError:
+            pass
+        warnings.warn(
+            f"{self.owner}(keep_last_good=True): the kept checkpoint {pin.path} changed or vanished since it was "
+            f"pinned (its original {pin.source} was rewritten in place under the same name?); it is not named as the "
+            "checkpoint to roll back to.",
+            stacklevel=3,
+        )
+        self._drop(pin)
+        return False
+
+    def release(self) -> None:
+        """Training ended normally: drop the pins that are not frozen, and the folder when it is empty."""
+        folders = {pin.path.parent for pin in self._pins}
+        for pin in [p for p in self._pins if not p.frozen]:
+            self._drop(pin)
+        for folder in folders:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: frozen pins, or an earlier run's
+                pass
+
+    def _drop(self, pin: _Pin) -> None:
+        self._pins.remove(pin)
+        _remove(pin.path)

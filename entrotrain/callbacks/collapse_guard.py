@@ -59,7 +59,10 @@ for a YAML recipe) called on rank zero with the firing's message (``"EntropyColl
 entropy/attn_norm/min = 0.01222 fell below 0.05 (last good: 0.07496 at step 50)."``) at every firing, whatever the
 action, in Lightning, in ``transformers.Trainer`` and in a plain loop. An ``Exception`` it raises is warned about
 once and never reaches training (``KeyboardInterrupt`` still interrupts). It runs inline on rank zero: keep it quick
-(post and return), since the other ranks wait at the next collective meanwhile.
+(post and return), since the other ranks wait at the next collective meanwhile. No code needed for a chat:
+``notify="env:SLACK_WEBHOOK_URL"`` posts each firing to the webhook whose URL that variable holds (Slack, Discord,
+Teams, Mattermost, ntfy) from a background thread, so training never waits for the network
+(:mod:`~entrotrain.callbacks.notify_webhook`).
 
 Lifecycle: every per-fit state (history, streak, episode, steps) is reset at ``setup(stage="fit")`` — before
 Lightning restores callbacks from ``ckpt_path`` (whether the strategy restores before or after ``on_fit_start``) —
@@ -86,6 +89,7 @@ from entrotrain._validation import check_bool, check_choice, check_int, check_re
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
+from entrotrain.callbacks.notify_webhook import notifier_from_spec
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
 
@@ -154,7 +158,11 @@ class EntropyCollapseGuard(PerFitCallback):
             and stale observations are judged from the start either way.
         notify: called on rank zero with the message of each firing (any action): a callable taking one string, or
             its import path (``"package.module.function"`` or ``"package.module:function"``); an ``Exception`` it
-            raises is warned about once, never raised into training. Runs inline: keep it quick. ``None``: nothing.
+            raises is warned about once, never raised into training. Runs inline: keep it quick. Or a chat webhook
+            posted from a background thread: ``"env:SLACK_WEBHOOK_URL"`` (the URL read from that environment
+            variable; the URL is a secret, and only this text is saved with the run) or the ``https://`` URL
+            itself (:mod:`~entrotrain.callbacks.notify_webhook`: Slack, Discord, Teams, Mattermost, ntfy).
+            ``None``: nothing.
         keep_last_good: keep the checkpoint to roll back to from checkpoint rotation: each checkpoint saved (with
             its step in the name) is hard-linked into ``entrotrain-last-good/`` beside it, and the guard keeps the
             newest one at or before the last good observation, for good once it fires; the others go as later
@@ -303,6 +311,14 @@ class EntropyCollapseGuard(PerFitCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._poll_ledger(trainer)  # a publication at the last step by a callback that runs after the guard
         self.keeper.release()  # a normal end: only what a firing froze stays
+        self.flush_notifications()
+
+    def flush_notifications(self) -> None:
+        """Wait for a webhook's posts under way (``notify="env:..."``), and warn if one failed; nothing for a
+        callable ``notify`` (it ran inline)."""
+        flush = getattr(self.notify, "flush", None)
+        if callable(flush):
+            flush()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._save_pending = self.keep_last_good  # the file is written after this hook: pinned at the next hook
@@ -606,9 +622,13 @@ def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str]
         return notify
     if not isinstance(notify, str) or not notify.strip():
         raise EntrotrainError(
-            f"EntropyCollapseGuard(notify) must be a callable taking the message, or its import path such as "
-            f"'my_alerts.slack'; got {type(notify).__name__} {notify!r}."
+            f"EntropyCollapseGuard(notify) must be a callable taking the message, its import path such as "
+            f"'my_alerts.slack', or a webhook ('env:SLACK_WEBHOOK_URL' or its URL); got {type(notify).__name__} "
+            f"{notify!r}."
         )
+    webhook = notifier_from_spec(notify.strip())
+    if webhook is not None:
+        return webhook
     module_name, sep, attr = notify.partition(":") if ":" in notify else notify.rpartition(".")
     if not sep or not module_name or not attr:
         raise EntrotrainError(

@@ -646,6 +646,11 @@ class MonitorSession:
         for guard in self.guards:
             guard.keeper.release()
 
+    def flush_notifications(self) -> None:
+        """Training ended: wait for the guards' webhook posts under way (warned about if one failed)."""
+        for guard in self.guards:
+            guard.flush_notifications()
+
     def observe(self, values: dict[str, Any], step: int) -> list[tuple[EntropyCollapseGuard, str]]:
         """Each guard whose key is a number in ``values`` observes it at ``step`` (once per step); the guards that
         fire, with their reasons."""

@@ -245,8 +245,10 @@ class EntropyMonitors:
         if self._model is None:
             return
         self._model = None
-        if exc is None and distributed()[1] == 0:
-            self.session.release_checkpoints()
+        if distributed()[1] == 0:
+            self.session.flush_notifications()
+            if exc is None:
+                self.session.release_checkpoints()
         closing = self.session.close_record(exc)
         if distributed()[1] != 0:
             return

@@ -377,6 +377,7 @@ class EntropyTrainerCallback(TrainerCallback):
         self.release()
         if state.is_world_process_zero:
             self.session.release_checkpoints()
+            self.session.flush_notifications()
         closing = self.session.close_record()
         if state.is_world_process_zero:
             for table in self.session.summaries():

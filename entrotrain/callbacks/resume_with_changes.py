@@ -57,7 +57,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["ResumeWithChanges"]
+__all__ = ["ResumeWithChanges", "hyperparameter_changes"]
 
 #: An object's default repr (``<Foo object at 0x7f...>``): differs between processes, not a comparable setting.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -94,6 +94,19 @@ def _section_changes(section: str, saved: Any, current: Any, obj: Any) -> list[t
     after = {section: {"class_path": _class_path(obj), "init_args": new}}
     absent = {key.replace("init_args.", "") for key in _flatten(before, "", {})}
     return [c for c in config_changes(before, after) if not _new_argument_at_default(c, absent, after)]
+
+
+def hyperparameter_changes(pl_module: LightningModule, datamodule: Any, checkpoint: Mapping[str, Any]
+                           ) -> list[tuple[str, Any, Any]]:
+    """``(key, saved, current)`` for every hyperparameter of ``pl_module`` (``model.*``) and ``datamodule``
+    (``data.*``, when not ``None``) that differs from the checkpoint's ``hyper_parameters`` /
+    ``datamodule_hyper_parameters`` (module docstring: a new argument at its default and values printed with an
+    address are not changes)."""
+    changes = _section_changes("model", checkpoint.get("hyper_parameters"), pl_module.hparams, pl_module)
+    if datamodule is not None:
+        changes += _section_changes("data", checkpoint.get("datamodule_hyper_parameters"), datamodule.hparams,
+                                    datamodule)
+    return changes
 
 
 def _explained(change: tuple[str, Any, Any], by: list[tuple[str, Any, Any]]) -> bool:
@@ -201,11 +214,7 @@ class ResumeWithChanges(Callback):
         the optimizer's and schedulers' settings and the model's new parameters not already explained by them."""
         from entrotrain._forked_resume import sigma_reparam_filled, state_key_problems, training_state_changes
 
-        changes = _section_changes("model", checkpoint.get("hyper_parameters"), pl_module.hparams, pl_module)
-        datamodule = trainer.datamodule
-        if datamodule is not None:
-            changes += _section_changes("data", checkpoint.get("datamodule_hyper_parameters"), datamodule.hparams,
-                                        datamodule)
+        changes = hyperparameter_changes(pl_module, trainer.datamodule, checkpoint)
         found: list[tuple[str, Any, Any]] = []
         layers = sigma_reparam_filled(pl_module, state)
         if layers:

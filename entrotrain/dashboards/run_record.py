@@ -182,6 +182,7 @@ class _RecordCheckpoint(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # validate/test from a checkpoint do not resume the run
+            self.record._warn_if_superseded(trainer, checkpoint)
             self.record._resume_from(checkpoint, trainer.ckpt_path)
 
 
@@ -429,7 +430,35 @@ class RunRecordLogger(Logger):
         connector = getattr(trainer, "_checkpoint_connector", None)
         loaded = getattr(connector, "_loaded_checkpoint", None)  # kept until resume_end(), after log_graph
         if isinstance(loaded, dict) and loaded and trainer.state.fn == TrainerFn.FITTING:
+            self._warn_if_superseded(trainer, loaded)
             self._resume_from(loaded, trainer.ckpt_path)
+
+    def _warn_if_superseded(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
+        """Before continuing the record a checkpoint names: warn (rank zero) when the module's or datamodule's
+        hyperparameters differ from the checkpoint's, as the changed run would supersede the record's history after
+        the checkpoint, and Lightning restores the saved optimizer state over the changed settings. Not when a
+        ``ResumeWithChanges`` callback is there (it forks the record instead)."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from entrotrain.callbacks.resume_with_changes import ResumeWithChanges, hyperparameter_changes
+
+        info = checkpoint.get(CHECKPOINT_KEY)
+        if (not self.resume or self._resume_checked or not isinstance(info, Mapping)
+                or not (Path(str(info.get("run_dir"))) / "meta.json").is_file()
+                or any(isinstance(cb, ResumeWithChanges) for cb in trainer.callbacks)):
+            return
+        changes = hyperparameter_changes(trainer.lightning_module, trainer.datamodule, checkpoint)
+        if not changes:
+            return
+        listed = ", ".join(f"{key}: {json.dumps(old)} → {json.dumps(new)}" for key, old, new in changes[:4])
+        more = f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""
+        rank_zero_warn(
+            f"RunRecordLogger: resuming from {trainer.ckpt_path} with hyperparameters that differ from the "
+            f"checkpoint's ({listed}{more}): the record {info.get('run_dir')} is continued, its steps after "
+            f"{info.get('step')} are superseded, and Lightning restores the checkpoint's optimizer state (its learning "
+            "rate, betas and weight decay win). To use the changed settings and record a new run beside it, add "
+            "entrotrain.callbacks.resume_with_changes.ResumeWithChanges() to the Trainer's callbacks."
+        )
 
     def _resume_from(self, checkpoint: Mapping[str, Any], ckpt_path: Any) -> None:
         """Continue the record ``checkpoint`` names (if ``resume`` and it still exists)."""

@@ -175,14 +175,24 @@ def test_without_the_callback_a_changed_resume_continues_the_parents_record(pare
     """Today's behaviour without the callback (documented): the parent's record is continued, and the changed
     run's steps supersede its history after the checkpoint."""
     ckpt, parent_record = parent
-    _resume(tmp_path / "plain", Net(lr=0.001), ckpt)
+    with pytest.warns(UserWarning, match=r"RunRecordLogger: resuming from .* with hyperparameters that differ from the "
+                      r"checkpoint's \(model\.lr: 0\.01 → 0\.001\).*add entrotrain\.callbacks\.resume_with_changes"
+                      r"\.ResumeWithChanges\(\)"):
+        _resume(tmp_path / "plain", Net(lr=0.001), ckpt)
     assert records(tmp_path / "plain") == []
     assert len(json.loads((parent_record / "meta.json").read_text())["resumes"]) == 1
 
 
-def test_an_unchanged_resume_continues_the_record(parent, tmp_path, capsys):
+@pytest.mark.parametrize("callbacks", [(ResumeWithChanges,), ()], ids=["with", "without"])
+def test_an_unchanged_resume_continues_the_record(parent, tmp_path, capsys, callbacks):
+    """With or without the callback; without it the record does not warn either (nothing changed)."""
+    import warnings
+
     ckpt, parent_record = parent
-    _resume(tmp_path / "again", Net(), ckpt, ResumeWithChanges())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _resume(tmp_path / "again", Net(), ckpt, *(cb() for cb in callbacks))
+    assert not [w for w in caught if "RunRecordLogger: resuming" in str(w.message)]
     assert "changed configuration" not in capsys.readouterr().out
     meta = json.loads((parent_record / "meta.json").read_text())
     assert len(meta["resumes"]) == 1 and "forked_from" not in meta

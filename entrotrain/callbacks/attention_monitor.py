@@ -329,7 +329,7 @@ class AttentionEntropyMonitor(HookedMonitor):
     def _no_capture(self, pl_module: LightningModule) -> None:
         candidates = [
             f"{name} ({type(m).__name__})"
-            for name, m in pl_module.named_modules()
+            for name, m in named_modules(pl_module)  # clean names (no wrapper segments)
             if _ATTENTION_LIKE.search(type(m).__name__) and not isinstance(m, Regularizer)
         ]
         where = ", ".join(candidates[:8]) or "none found by class name"

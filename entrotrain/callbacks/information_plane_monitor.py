@@ -84,6 +84,7 @@ from entrotrain.functional import information as _info
 from entrotrain.functional._dist import reshard_fsdp
 from entrotrain.taps.activation_tap import ActivationTap, Capture
 from entrotrain.taps.exclusive import exclusive_capture
+from entrotrain.taps.module_names import named_modules
 
 __all__ = ["InformationPlaneMonitor", "activation_output_names", "chunk_layout", "log_spaced_epochs"]
 
@@ -106,7 +107,7 @@ def log_spaced_epochs(total_epochs: int, points: int) -> list[int]:
 def activation_output_names(model: nn.Module) -> list[str]:
     """For every ``nn.Linear`` of ``model`` (``named_modules()`` order): the name of the last parameter-free module
     that follows it in its parent ``nn.Sequential`` (its activation output), or the Linear's own name."""
-    modules = dict(model.named_modules())
+    modules = dict(named_modules(model))  # clean names, as ActivationTap matches them (no wrapper segments)
     names: list[str] = []
     for name, module in modules.items():
         if not name or not isinstance(module, nn.Linear):

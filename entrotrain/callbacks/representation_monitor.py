@@ -37,8 +37,9 @@ Logged keys (``{p}`` = ``prefix``, default ``entropy/repr``; ``{layer}`` = modul
 
 Memory: two ``d × d`` float64 matrices per layer (one with the cosine ``vendi``) between the first capture and the
 end of a logging step, plus the reservoir. Under DDP every rank must capture the same layers (same model and
-forward), since the statistics travel in one buffer of a fixed layout. Activation checkpointing re-runs forwards:
-a recomputed module is captured twice (the rows count double in the streamed statistics).
+forward), since the statistics travel in one buffer of a fixed layout. Activation checkpointing re-runs forwards
+inside backward; taps ignore what runs there (:mod:`entrotrain.taps.exclusive`), so a checkpointed module is captured
+once per forward, and ``{layer}`` is its name without wrapper segments (:mod:`entrotrain.taps.module_names`).
 
 Non-finite data (DESIGN.md §8): a captured row holding NaN/Inf is dropped before it reaches any accumulator or
 reservoir, counted in ``{p}/{layer}/nonfinite`` and warned about once per fit; the measures are computed on the

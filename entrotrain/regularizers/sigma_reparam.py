@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int, check_real
 from entrotrain.errors import EntrotrainError
+from entrotrain.taps.module_names import clean_module_name, named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 
 try:  # DTensor parameters (FSDP2 / tensor parallel); absent from builds without torch.distributed
@@ -570,7 +571,9 @@ def sigma_reparam(
     "fused qkv" for a fused one); fused ``qkv`` linears whose names match ``qk_joint`` (e.g. ``"**.attn.qkv"``, GPT-2's
     ``"**.attn.c_attn"``) instead get one σReparam over the q and k rows jointly and one over the v rows (:class:`SigmaReparamQKJoint`).
 
-    A Linear / Conv1D is converted when its qualified name (``model.named_modules()``) matches one of ``include`` and none of
+    A Linear / Conv1D is converted when its qualified name (``model.named_modules()``, without the segments of
+    torch.compile / FSDP1 / activation-checkpointing wrappers: :mod:`entrotrain.taps.module_names`) matches one of
+    ``include`` and none of
     ``exclude`` (globs over whole dotted names as every tap takes them: ``*`` = one name segment, ``**`` = any number
     of segments; see :class:`~entrotrain.taps.name_filter.NameFilter`). Each converted layer keeps its weight and
     bias and gets γ₀ = σ(W₀), so the model computes the same function (up to float rounding) right after
@@ -609,8 +612,10 @@ def sigma_reparam(
     joint = _as_patterns(qk_joint, "qk_joint")
     wanted = NameFilter(list(include), list(exclude)) if include else None  # include=() converts nothing (an error)
     joint_names = NameFilter(list(joint)) if joint else None
-    linears = [
-        (n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) or is_hf_conv1d(m)
+    linears = [  # globs see clean names: no torch.compile / FSDP1 / activation-checkpointing wrapper segments
+        (clean_module_name(n), m)
+        for n, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, nn.Linear) or is_hf_conv1d(m)
     ]
     mha_children = {
         id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.modules()
@@ -635,6 +640,7 @@ def sigma_reparam(
     chosen_ids = {id(m) for _, m in chosen}
     owners: dict[int, set[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
+        name = clean_module_name(name)  # as in `linears`
         for pname, p in m.named_parameters(recurse=False):
             owners.setdefault(id(p), set()).add(f"{name}.{pname}" if name else pname)
     for name, m in chosen:
@@ -683,4 +689,4 @@ def reset_sigma_reparam_state(model: nn.Module, init_iterations: int | None = No
 def sigma_reparam_names(model: nn.Module) -> list[str]:
     """Qualified names of the σReparam layers (:class:`SigmaReparamLinear`, incl. :class:`SigmaReparamConv1D`) of
     ``model``, in ``named_modules`` order."""
-    return [name for name, m in model.named_modules() if isinstance(m, SigmaReparamLinear)]
+    return [name for name, m in named_modules(model) if isinstance(m, SigmaReparamLinear)]

@@ -40,7 +40,7 @@ from entrotrain.taps.query_padding import pop_model_mask, push_model_mask, query
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps.deferred import DeferredCaptures, compiling, detached, in_fx_graph, remove_mode
 from entrotrain.taps.exclusive import capture_allowed
-from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules
+from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules, unwrap_module
 from entrotrain.taps.name_filter import NameFilter
 
 __all__ = ["AttentionTap", "AttentionAdapter", "MultiheadAttentionAdapter", "record_attention"]
@@ -196,7 +196,7 @@ class AttentionTap:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"AttentionTap needs an nn.Module, got {type(model).__name__}.")
         self.model = model
-        self._root_name = type(getattr(model, "_orig_mod", model)).__name__  # site name of calls in the root
+        self._root_name = type(unwrap_module(model)).__name__  # site name of calls in the root
         self._names = NameFilter(include, exclude)
         self.include, self.exclude = self._names.include, self._names.exclude
         self.max_rows = check_budget(max_rows, "max_rows")

@@ -10,6 +10,13 @@ monitor reports does not depend on the order of the callbacks.
     ...     model(probe)          # only my_tap records; every other tap skips these calls
 
 Nests: the innermost block decides. The state is process-wide (taps hook modules, which are process-wide too).
+
+Backward is never data either: activation checkpointing (``torch.utils.checkpoint``, reentrant or not, HF
+``gradient_checkpointing_enable()``, ``checkpoint_wrapper`` / ``offload_wrapper``, Lightning's
+``activation_checkpointing_policy``) runs a region's forward a second time inside ``backward()`` to recompute what it
+did not save. No tap records what runs inside a backward pass (:func:`in_backward`), so a checkpointed module is
+captured once per forward, with the same values as without checkpointing. (Under ``torch.compile`` the
+recomputation is part of the compiled backward and runs no hook.)
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["exclusive_capture", "capture_allowed"]
+import torch
+
+__all__ = ["exclusive_capture", "capture_allowed", "in_backward"]
 
 #: Stack of the tap sets allowed by the enclosing ``exclusive_capture`` blocks (innermost last).
 _ALLOWED: list[frozenset[int]] = []
@@ -34,5 +43,19 @@ def exclusive_capture(*taps: object) -> Iterator[None]:
 
 
 def capture_allowed(tap: object) -> bool:
-    """Whether ``tap`` may record now: outside any ``exclusive_capture`` block, or named by the innermost one."""
-    return not _ALLOWED or id(tap) in _ALLOWED[-1]
+    """Whether ``tap`` may record now: outside any ``exclusive_capture`` block, or named by the innermost one, and not
+    inside a backward pass (activation checkpointing's recomputation: module docstring)."""
+    if _ALLOWED and id(tap) not in _ALLOWED[-1]:
+        return False
+    return torch.compiler.is_compiling() or not in_backward()
+
+
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward() -> bool:
+    """Whether the calling code runs inside an autograd backward pass (``torch._C._current_graph_task_id() != -1``,
+    what ``torch.utils.checkpoint`` itself reads): a forward run there is activation checkpointing recomputing a
+    region (reentrant: ``CheckpointFunction.backward``; non-reentrant: the unpack hook of a saved tensor). ``False``
+    when torch cannot tell."""
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from entrotrain.errors import TapError
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
 
 if TYPE_CHECKING:
@@ -517,7 +518,7 @@ def hf_attention_implementations(model: nn.Module) -> str:
 
 def _hf_roots(model: nn.Module, pretrained: type) -> list[tuple[str, nn.Module]]:
     roots: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):  # clean names (no wrapper segments)
         if isinstance(module, pretrained) and not any(
             prefix == "" or name.startswith(prefix + ".") for prefix, _ in roots
         ):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.module_names import named_modules
 
 if TYPE_CHECKING:
     from entrotrain.taps.attention_tap import AttentionTap
@@ -82,7 +83,7 @@ class TimmAttentionAdapter:
         if not classes:
             return []
         undo: list[Callable[[], None]] = []
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):  # clean names (no wrapper segments), the modules that run
             if isinstance(module, classes) and tap.wants(name):
                 undo.extend(self._watch(tap, name, module))
         return undo

@@ -13,13 +13,16 @@ judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.ca
 - after an **observation** at step ``s``, of the pins saved at or before ``s``: the newest at or before the last
   good step (the one a firing now would name) and the newest of all (the one a firing would name if the next good
   observation comes later: observations come in step order, so no other can ever be named); the others go. Pins
-  saved after ``s`` wait for the next observation;
+  saved after ``s`` wait for the next observation, all but the two newest steps of them: an observation comes at a
+  step no older than the save before the newest (Lightning judges a monitor that runs after the guard at the next
+  batch start, after the next save), so no older one can be named (a key never published, or published once an
+  epoch, would otherwise pin every save of the run);
 - at a **firing**: the newest pin at or before the last good step is *frozen*: kept until you delete it, whatever
   rotation or later judgements do. One frozen pin per firing;
 - when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
   when it is empty. After a crash or a kill every pin stays: that is when you roll back.
 
-So at most two checkpoints' worth of disk are held beyond your rotation between firings (plus the checkpoints saved
+So at most four checkpoints' worth of disk are held beyond your rotation between firings (two judged, two saved
 since the last observation), and one per firing after. A pin whose file changed since it was pinned (a checkpoint
 rewritten in place under the same name: Lightning's ``last.ckpt`` is never pinned, it has no step in its name) is
 dropped with a warning instead of being named. A file system that refuses hard links (some network and object-store
@@ -81,6 +84,7 @@ class LastGoodCheckpoints:
         self.owner = owner
         self._pins: list[_Pin] = []
         self._refused = False  # the file system refused a hard link: keep nothing more
+        self._judged: int | None = None  # the newest step an observation judged
 
     @property
     def pins(self) -> list[Path]:
@@ -128,7 +132,16 @@ class LastGoodCheckpoints:
             )
             return None
         self._pins.append(_Pin(step, target, source, _stamp(target)))
+        self._drop_unjudged_but_two()
         return target
+
+    def _drop_unjudged_but_two(self) -> None:
+        """Of the pins no observation judged yet, keep those of the two newest steps (module docstring)."""
+        waiting = [pin for pin in self._pins if not pin.frozen and (self._judged is None or pin.step > self._judged)]
+        newest = sorted({pin.step for pin in waiting})[-2:]
+        for pin in waiting:
+            if pin.step not in newest:
+                self._drop(pin)
 
     def _free_name(self, source: Path) -> Path:
         """``KEEP_FOLDER/<name>``, or ``<stem>-v1<suffix>``, ... when an earlier pin (of an earlier run) holds it."""
@@ -144,6 +157,7 @@ class LastGoodCheckpoints:
     def judged(self, step: int, last_good_step: int | None) -> None:
         """After an observation at ``step`` (good or bad; ``last_good_step`` the last good one, this one when it is
         good): keep what a firing could ever name (module docstring)."""
+        self._judged = step if self._judged is None else max(self._judged, step)
         before = [pin for pin in self._pins if not pin.frozen and pin.step <= step]
         newest = max(before, key=lambda p: p.step, default=None)
         good = [pin for pin in before if last_good_step is not None and pin.step <= last_good_step]

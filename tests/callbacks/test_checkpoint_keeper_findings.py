@@ -1,0 +1,66 @@
+"""``EntropyCollapseGuard(keep_last_good=True)`` hunted with real Lightning trainers, as a user runs them.
+
+Each test is a scenario that broke a promise of the guard paragraph in the README ("When the run goes wrong"): the
+checkpoint a firing names is still there, whole; at most what a firing could still name is held; training is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from entrotrain.callbacks import EntropyCollapseGuard
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
+from tests.callbacks.test_guard_scenarios import Lin, Script, loader
+from tests.helpers.lightning_models import quiet_trainer
+
+
+class _MostPins(L.Callback):
+    """The most pins a guard held (on disk, in its keeper) at any step."""
+
+    def __init__(self, guard: EntropyCollapseGuard) -> None:
+        self.guard, self.most = guard, 0
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.most = max(self.most, len(self.guard.keeper.pins))
+
+
+def _quiet_fit(trainer: L.Trainer, model: L.LightningModule, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(), **kwargs)
+
+
+def test_pins_do_not_pile_up_while_the_guards_key_is_not_published(tmp_path: Path) -> None:
+    """A guard whose key is never published (a typo, a monitor not attached: ``missing_ok=True`` is the default) or
+    published rarely never judges the saves of every step: each was pinned and kept to the end of the run, and once
+    ``save_top_k=1`` deleted its original each pin held a whole checkpoint: 29 checkpoints' worth in a 30-step run,
+    one per save however long the run. Only the newest unjudged saves can ever be named (an observation comes at a
+    step no older than the save before the newest), so at most two are held beyond the judged ones."""
+    guard = EntropyCollapseGuard("entropy/attn_norm/mni", threshold=0.05)  # never published
+    most = _MostPins(guard)
+    trainer = quiet_trainer(callbacks=[Script([0.5] * 40), guard, most,
+                                       ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)],
+                            max_steps=30, enable_checkpointing=True)
+    _quiet_fit(trainer, Lin())
+    assert most.most <= 2
+    assert not (tmp_path / KEEP_FOLDER).exists()  # a normal end without a firing: nothing left
+
+
+def test_the_unjudged_pins_kept_are_the_ones_a_late_observation_names(tmp_path: Path) -> None:
+    """A Lightning monitor that runs after the guard is observed at the next batch start, after the checkpoint of the
+    next step was saved: the save before the newest must stay until that observation comes."""
+    keeper = LastGoodCheckpoints()
+    saved = {}
+    for step in (10, 20, 30, 31):
+        path = tmp_path / f"step_{step}.pt"
+        path.write_bytes(f"weights at {step}".encode())
+        saved[step] = keeper.saved(path)
+    assert keeper.pins == [saved[30], saved[31]]  # 10 and 20: an observation at 30 or later names 30 or 31
+    keeper.judged(30, 30)
+    assert keeper.freeze(30) == saved[30] and saved[30].read_bytes() == b"weights at 30"
+

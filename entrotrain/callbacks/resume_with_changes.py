@@ -175,6 +175,7 @@ class ResumeWithChanges(Callback):
         """Compare, then load the weights (Lightning's own load when nothing changed) and adapt the checkpoint's
         training state in place before Lightning restores it."""
         from entrotrain._forked_resume import (
+            ForkedResume,
             adapt_training_state,
             configured_optimizers,
             fork_run_records,
@@ -185,7 +186,9 @@ class ResumeWithChanges(Callback):
 
         pl_module = trainer.lightning_module
         state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
-        if not isinstance(state, Mapping):  # not a Lightning checkpoint (or one without weights): Lightning's own
+        if any(isinstance(cb, ForkedResume) for cb in trainer.callbacks) or not isinstance(state, Mapping):
+            # `entrotrain fit` already forks this resume (compared with its configuration); or not a Lightning
+            # checkpoint, or one without weights: Lightning's own
             original(checkpoint, strict=strict)
             return
         self._check_shapes(pl_module, state)

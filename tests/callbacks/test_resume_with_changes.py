@@ -304,13 +304,17 @@ def test_sigma_reparam_switched_on_in_the_task_is_applied_and_recorded(lm_parent
 
     ckpt, parent_record = lm_parent
     before = record_bytes(parent_record)
+    from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+
     model = LanguageModelingTask(lr=LR, sigma_reparam=True, **LM)
-    fit = trainer(tmp_path, ResumeWithChanges(), max_steps=4)
+    fit = trainer(tmp_path, AttentionEntropyMonitor(every_n_steps=1), ResumeWithChanges(), max_steps=4)
     fit.fit(model, datamodule=_lm_data(), ckpt_path=str(ckpt))
     out = capsys.readouterr().out
     assert "model.sigma_reparam: false → true" in out and "start afresh" in out
     assert type(model.model.blocks[0].attn.qkv).__name__ == "SigmaReparamLinear" and fit.global_step == 4
     (fork,) = records(tmp_path)
+    rows = [json.loads(line) for line in (fork / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows if "entropy/attn_norm/min" in (r.get("values") or {})} == {2, 3}  # the monitor's
     assert ["model.sigma_reparam", False, True] in json.loads((fork / "meta.json").read_text())["forked_from"]["changes"]
     assert record_bytes(parent_record) == before
 
@@ -342,3 +346,23 @@ def test_a_regulariser_with_learnable_thresholds_added_at_the_resume_starts_from
     assert set(loaded["state"]) - set(saved) == {"regularizer.raw"}
     assert all(torch.equal(loaded["state"][k], v) for k, v in saved.items())
     assert fit.global_step == 4
+
+
+def test_in_entrotrain_fit_the_cli_fork_is_the_one_made(lm_parent, tmp_path, capsys):
+    """The callback added to an ``entrotrain fit`` run that forks: the CLI's fork is made once (one plan printed,
+    one record), the callback stands aside."""
+    from entrotrain.cli import main
+
+    ckpt, _ = lm_parent
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "attention_collapse.yaml"
+    main(["fit", "--config", str(recipe), "--model.init_args.n_layer=1", "--model.init_args.n_embd=32",
+          "--model.init_args.n_head=2", "--model.init_args.block_size=16", "--data.init_args.block_size=16",
+          "--data.init_args.batch_size=4", "--data.init_args.max_chars=20000", "--trainer.limit_val_batches=1",
+          "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--trainer.val_check_interval=2",
+          "--trainer.callbacks+=entrotrain.callbacks.resume_with_changes.ResumeWithChanges",
+          f"--trainer.default_root_dir={tmp_path}", "--model.init_args.lr=0.001", "--trainer.max_steps=3",
+          f"--ckpt_path={ckpt}"])
+    out = capsys.readouterr().out
+    assert out.count("with a changed configuration") == 1 and "model.lr: 0.01 → 0.001" in out
+    (fork,) = records(tmp_path)
+    assert json.loads((fork / "meta.json").read_text())["forked_from"]["changes"] == [["model.lr", 0.01, 0.001]]

@@ -88,7 +88,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
-from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
+from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
@@ -549,8 +549,7 @@ class EntropyCollapseGuard(PerFitCallback):
             return ""
         if since is not None:
             checkpoints = [p for p in checkpoints if _modified(p) >= since]
-        dated = [(step, 0, Path(p)) for p in checkpoints
-                 if (step := saved_at(p)) is not None and Path(p).parent.name != KEEP_FOLDER]
+        dated = [(step, 0, Path(p)) for p in checkpoints if (step := saved_at(p)) is not None]
         if kept is not None:
             dated.append((saved_at(kept) or 0, 1, kept))
         before = [entry for entry in dated if entry[0] <= self.last_good_step]
@@ -673,6 +672,11 @@ def run_start(resumed: bool) -> float | None:
 
 
 def _lightning_checkpoints(trainer: Trainer) -> list[Path]:
-    """The ``.ckpt`` files in the folders of the trainer's ``ModelCheckpoint`` callbacks (rank zero reads them)."""
+    """The ``.ckpt`` files in the folders of the trainer's ``ModelCheckpoint`` callbacks (rank zero reads them), and
+    the checkpoint this fit resumed from (``ckpt_path``: a kept one in ``entrotrain-last-good/``, after a roll back,
+    is where to roll back to again when the run collapses before its own next save)."""
     folders = {Path(cb.dirpath) for cb in getattr(trainer, "checkpoint_callbacks", []) if getattr(cb, "dirpath", None)}
-    return [p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")]
+    found = [p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")]
+    ckpt_path = getattr(trainer, "ckpt_path", None)
+    resumed = Path(ckpt_path) if isinstance(ckpt_path, (str, Path)) else None
+    return found + [resumed] if resumed is not None and resumed.is_file() and resumed not in found else found

@@ -11,11 +11,12 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
-from tests.callbacks.test_guard_scenarios import Lin, Script, loader
+from tests.callbacks.test_guard_scenarios import KEY, Lin, Script, loader
 from tests.helpers.lightning_models import quiet_trainer
 
 
@@ -64,3 +65,27 @@ def test_the_unjudged_pins_kept_are_the_ones_a_late_observation_names(tmp_path: 
     keeper.judged(30, 30)
     assert keeper.freeze(30) == saved[30] and saved[30].read_bytes() == b"weights at 30"
 
+
+def _collapse_fit(folder: Path, ckpt_path: Path | None = None) -> EntropyCollapseGuard:
+    """Good until step 9, collapsed from step 10; a checkpoint every 3 steps, Lightning's default ``save_top_k=1``."""
+    L.seed_everything(0)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    trainer = quiet_trainer(callbacks=[Script([0.5] * 10 + [0.01] * 6), guard,
+                                       ModelCheckpoint(dirpath=folder, every_n_train_steps=3)],
+                            max_steps=15, enable_checkpointing=True)
+    _quiet_fit(trainer, Lin(), ckpt_path=ckpt_path)
+    return guard
+
+
+def test_a_run_resumed_from_the_kept_checkpoint_that_collapses_again_names_it_again(tmp_path: Path) -> None:
+    """The README's roll back: resume from the kept ``step=9`` (with a cure that does not work) and the run collapses
+    again at step 10, before it saved a checkpoint of its own. The checkpoint to roll back to is the one it resumed
+    from, still there in ``entrotrain-last-good/``; the firing named none (the guard looked only at the
+    ``ModelCheckpoint`` folder, whose ``step=9`` rotation deleted, and at its own pins)."""
+    first = _collapse_fit(tmp_path)
+    pin = tmp_path / KEEP_FOLDER / "epoch=0-step=9.ckpt"
+    assert first.rollback_checkpoint == pin
+    again = _collapse_fit(tmp_path, ckpt_path=pin)
+    assert again.times_fired == 1 and again.last_good_step == 9
+    assert again.rollback_checkpoint == pin
+    assert torch.load(pin, weights_only=True)["global_step"] == 9

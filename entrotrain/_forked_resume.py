@@ -312,9 +312,24 @@ def sigma_reparam_filled(pl_module: LightningModule, state: Mapping[str, Any]) -
             and f"{name}.weight" in state and f"{name}.gamma" not in state]
 
 
-#: A scheduler's position and bookkeeping in its ``state_dict``: not its configuration.
-_SCHEDULER_POSITION = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "base_lrs",
-                                 "verbose", "_is_initial", "lr_lambdas", "_initial_lr"})
+def _cycled(group: Mapping[str, Any]) -> frozenset[str]:
+    """The hyperparameters of a param group a scheduler moves at every step besides ``lr``: ``betas`` /
+    ``momentum`` under ``OneCycleLR`` / ``CyclicLR`` with ``cycle_momentum`` (they put ``max_momentum`` and
+    ``base_momentum`` into the group). A saved value of these is a position in the cycle, not a setting."""
+    return frozenset({"betas", "momentum"}) if "max_momentum" in group or "base_momentum" in group else frozenset()
+
+
+def _scheduler_settings(scheduler: Any) -> frozenset[str]:
+    """The entries of ``scheduler.state_dict()`` that are its settings: those named as its class's constructor
+    arguments (``T_max``, ``eta_min``, ``step_size``, ``gamma``, ``milestones``, ``factor``, ``patience``, ...).
+    The rest is position and what it has seen (``last_epoch``, ``_last_lr``, ReduceLROnPlateau's ``best``, a
+    SequentialLR's children's states)."""
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(type(scheduler).__init__).parameters) - {"self", "optimizer", "verbose", "last_epoch"}
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def _group_lr(group: Mapping[str, Any]) -> Any:
@@ -328,8 +343,10 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     ``schedulers`` (:func:`configured_optimizers`) differ from the checkpoint's ``optimizer_states`` /
     ``lr_schedulers``, without changing anything: ``optimizer.lr`` (a scheduled group's initial rate),
     ``optimizer.betas``, ``optimizer.weight_decay``, ... (first differing group), ``optimizer`` (another kind),
-    ``optimizer.param_groups`` (their sizes), ``lr_scheduler`` (how many), ``lr_scheduler.T_max``, ... A
-    ``LambdaLR``'s function is not in a checkpoint: its change shows only through the module's hyperparameters.
+    ``optimizer.param_groups`` (their sizes), ``lr_scheduler`` (how many), ``lr_scheduler.T_max``, ... (the
+    entries of a scheduler's ``state_dict`` named as its constructor's arguments: not its position, nor what it has
+    seen). What a scheduler moves (``lr``, a cycled ``betas`` / ``momentum``) is compared at its configured value.
+    A ``LambdaLR``'s function is not in a checkpoint: its change shows only through the module's hyperparameters.
     Several optimizers or schedulers are named ``optimizer1``, ``lr_scheduler1``, ... after the first."""
     changes: list[tuple[str, Any, Any]] = []
     saved = list(checkpoint.get("optimizer_states") or [])
@@ -345,8 +362,9 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         seen: set[str] = set()
         for group, fresh in zip(groups, optimizer.param_groups):
             pairs = {"lr": (_group_lr(group), _group_lr(fresh))}
+            cycled = _cycled(fresh) | _cycled(group)
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
-                          if key not in ("params", "lr", "initial_lr")})
+                          if key not in ("params", "lr", "initial_lr") and key not in cycled})
             for key, (old, new) in pairs.items():
                 if key not in seen and json_safe(old) != json_safe(new):
                     seen.add(key)
@@ -360,7 +378,7 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     for i, (state, config) in enumerate(zip(states, schedulers)):
         name = "lr_scheduler" if i == 0 else f"lr_scheduler{i}"
         fresh = config.scheduler.state_dict()
-        for key in sorted((set(fresh) | set(state)) - _SCHEDULER_POSITION):
+        for key in sorted(_scheduler_settings(config.scheduler) & (set(fresh) | set(state))):
             old, new = json_safe(state.get(key)), json_safe(fresh.get(key))
             if old != new:
                 changes.append((f"{name}.{key}", old, new))
@@ -418,8 +436,9 @@ def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], opt
                     changed.setdefault("lr", (group.get("lr"), fresh["initial_lr"]))
                 group["lr"] = fresh["lr"]
                 scheduled = True
+            cycled = _cycled(fresh) | _cycled(group)
             for key, value in fresh.items():
-                if key in ("params", "lr") or group.get(key) == value:
+                if key in ("params", "lr") or key in cycled or group.get(key) == value:
                     continue
                 if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak
                     changed.setdefault("lr", (group["initial_lr"], value))

@@ -47,12 +47,18 @@ class Net(L.LightningModule):
     def scheduler_period(self) -> int:
         return int(self.hparams.t_max)
 
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """Lightning's scheduler config: a cosine of period :meth:`scheduler_period` (none when <= 0); tests
+        replace it."""
+        if self.scheduler_period() <= 0:
+            return None
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.scheduler_period())
+        return {"scheduler": cosine, "interval": "step"}
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        if self.scheduler_period() <= 0:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.scheduler_period())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = self.scheduler(optimizer)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 def loader(n: int = 64, batch_size: int = 4) -> torch.utils.data.DataLoader:

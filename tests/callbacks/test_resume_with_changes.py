@@ -366,3 +366,41 @@ def test_in_entrotrain_fit_the_cli_fork_is_the_one_made(lm_parent, tmp_path, cap
     assert out.count("with a changed configuration") == 1 and "model.lr: 0.01 → 0.001" in out
     (fork,) = records(tmp_path)
     assert json.loads((fork / "meta.json").read_text())["forked_from"]["changes"] == [["model.lr", 0.01, 0.001]]
+
+
+def _plateau(self, optimizer):
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+    return {"scheduler": plateau, "interval": "step", "monitor": "train/loss"}
+
+
+def _one_cycle(self, optimizer):
+    cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=8)
+    return {"scheduler": cycle, "interval": "step"}
+
+
+def _step(gamma):
+    def scheduler(self, optimizer):
+        return {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=gamma), "interval": "step"}
+    return scheduler
+
+
+@pytest.mark.parametrize("scheduler", [_plateau, _one_cycle, _step(0.5)], ids=["plateau", "one_cycle", "step"])
+def test_a_schedulers_position_is_not_a_change(tmp_path, capsys, monkeypatch, scheduler):
+    """What a scheduler moves as it runs (ReduceLROnPlateau's best loss and bad-step count, OneCycleLR's betas, a
+    decayed rate) differs from a fresh one's: not a change. The resume is Lightning's own and continues the record."""
+    monkeypatch.setattr(Net, "scheduler", scheduler)
+    ckpt, parent_record = _parent(tmp_path / "parent")
+    callback = ResumeWithChanges()
+    _resume(tmp_path / "again", Net(), ckpt, callback)
+    assert "changed configuration" not in capsys.readouterr().out and callback.plan is None
+    assert records(tmp_path / "again") == []
+    assert len(json.loads((parent_record / "meta.json").read_text())["resumes"]) == 1
+
+
+def test_a_step_decay_changed_in_code_forks_and_runs_as_configured(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Net, "scheduler", _step(0.5))
+    ckpt, _ = _parent(tmp_path / "parent")
+    monkeypatch.setattr(Net, "scheduler", _step(0.8))
+    _, spy = _resume(tmp_path / "fork", Net(), ckpt, ResumeWithChanges())
+    assert "lr_scheduler.gamma: 0.5 → 0.8" in capsys.readouterr().out
+    assert [lrs[0] for lrs in spy.lrs] == pytest.approx([LR * 0.8 ** 2, LR * 0.8 ** 3])

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int, check_real
 from entrotrain.errors import EntrotrainError
+from entrotrain.taps.exclusive import in_backward
 from entrotrain.taps.module_names import clean_module_name, named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 
@@ -224,6 +225,7 @@ class SigmaReparamLinear(nn.Module):
         cdtype = _compute_dtype(self.weight.dtype)
         self.register_buffer("u", torch.empty(in_features, device=device, dtype=cdtype))
         self.register_buffer("sigma", torch.empty((), device=device, dtype=cdtype))
+        self._step_start: Tensor | None = None  # the u the last training forward started from (recomputation)
         self.reset_parameters()
 
     def _as_matrix(self, weight: Tensor) -> Tensor:
@@ -355,13 +357,20 @@ class SigmaReparamLinear(nn.Module):
     def _spectral_norm(self, weight: Tensor, update: bool) -> Tensor:
         """σ(W) = vᵀ W u with u, v constants (gradient to W only); updates the buffers iff ``update``.
 
-        ``weight`` is this layer's (full, plain) weight in its storage layout.
+        ``weight`` is this layer's (full, plain) weight in its storage layout. Activation checkpointing runs a
+        training forward a second time inside ``backward()`` to recompute it: that run repeats the power iteration
+        from the ``u`` the forward started from and writes nothing, so σ (and so the gradient) is the forward's and
+        ``u`` advances once per forward, as without checkpointing.
         """
         cdtype = _compute_dtype(weight.dtype)
+        recompute = update and self._step_start is not None and in_backward()
         with torch.autocast(device_type=weight.device.type, enabled=False):
             w = self._as_matrix(weight).to(cdtype)
             with torch.no_grad():
-                u = self.u.to(cdtype).clone()  # never hand the buffer itself to autograd
+                if update and not recompute:
+                    self._step_start = self.u.detach().clone()
+                start = self._step_start if recompute else self.u
+                u = start.to(cdtype).clone()  # never hand the buffer itself to autograd
                 if update:
                     for _ in range(self.n_power_iterations):
                         v = _unit(torch.mv(w, u), self.eps)
@@ -369,7 +378,7 @@ class SigmaReparamLinear(nn.Module):
                 else:
                     v = _unit(torch.mv(w, u), self.eps)
             sigma = torch.dot(v, torch.mv(w, u))
-        if update:
+        if update and not recompute:
             with torch.no_grad():
                 self.u.copy_(u)  # never 0 or NaN: a transient NaN weight does not poison later forwards
                 self.sigma.copy_(torch.where(torch.isfinite(sigma), sigma, self.sigma.to(sigma.dtype)).detach())

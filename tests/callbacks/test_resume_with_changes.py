@@ -404,3 +404,27 @@ def test_a_step_decay_changed_in_code_forks_and_runs_as_configured(tmp_path, cap
     _, spy = _resume(tmp_path / "fork", Net(), ckpt, ResumeWithChanges())
     assert "lr_scheduler.gamma: 0.5 → 0.8" in capsys.readouterr().out
     assert [lrs[0] for lrs in spy.lrs] == pytest.approx([LR * 0.8 ** 2, LR * 0.8 ** 3])
+
+
+def test_a_fork_keeps_the_betas_a_one_cycle_schedule_has_moved(tmp_path, capsys, monkeypatch):
+    """OneCycleLR cycles Adam's beta1 with the rate: the fork (a new peak rate) keeps the saved beta1, a position in
+    the cycle, instead of resetting it to the cycle's start."""
+    monkeypatch.setattr(Net, "scheduler", _one_cycle)
+    ckpt, _ = _parent(tmp_path / "parent")
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]
+
+    def lower_peak(self, optimizer):
+        cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR / 2, total_steps=8)
+        return {"scheduler": cycle, "interval": "step"}
+
+    monkeypatch.setattr(Net, "scheduler", lower_peak)
+    betas = []
+
+    class Betas(Spy):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            betas.append(tuple(trainer.optimizers[0].param_groups[0]["betas"]))
+
+    _resume(tmp_path / "fork", Net(), ckpt, ResumeWithChanges(), Betas())
+    out = capsys.readouterr().out
+    assert "optimizer.max_lr: 0.01 → 0.005" in out and "optimizer.betas" not in out and "betas [" not in out
+    assert saved["betas"][0] != 0.95 and betas[0] == tuple(saved["betas"])

@@ -407,7 +407,9 @@ class EntropyTrainerCallback(TrainerCallback):
         optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
         optimizers = [optimizer] if optimizer is not None else []
         schedulers = [scheduler] if scheduler is not None else []
-        checkpoints = Path(args.output_dir).glob("checkpoint-*") if args.output_dir else ()
+        checkpoints = list(Path(args.output_dir).glob("checkpoint-*")) if args.output_dir else []
+        if self._resume_path is not None:  # a kept one (entrotrain-last-good/) after a roll back: the one to go back to
+            checkpoints.append(Path(self._resume_path))
         if self.session.act(guard, reason, step, optimizers, schedulers, checkpoints, since=self._run_start):
             control.should_training_stop = True
         if logs is not None:

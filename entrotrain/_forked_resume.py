@@ -347,8 +347,11 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     entries of a scheduler's ``state_dict`` named as its constructor's arguments: not its position, nor what it has
     seen). What a scheduler moves (``lr``, a cycled ``betas`` / ``momentum``) is compared at its configured value.
     A ``LambdaLR``'s function is not in a checkpoint: its change shows only through the module's hyperparameters.
-    Several optimizers or schedulers are named ``optimizer1``, ``lr_scheduler1``, ... after the first."""
+    Several optimizers or schedulers are named ``optimizer1``, ``lr_scheduler1``, ... after the first. A
+    weights-only checkpoint (no ``optimizer_states``) has nothing to compare: ``[]``."""
     changes: list[tuple[str, Any, Any]] = []
+    if "optimizer_states" not in checkpoint:  # a weights-only checkpoint: nothing to compare
+        return changes
     saved = list(checkpoint.get("optimizer_states") or [])
     for i, (state, optimizer) in enumerate(zip(saved, optimizers)):
         name = "optimizer" if i == 0 else f"optimizer{i}"

@@ -428,3 +428,16 @@ def test_a_fork_keeps_the_betas_a_one_cycle_schedule_has_moved(tmp_path, capsys,
     out = capsys.readouterr().out
     assert "optimizer.max_lr: 0.01 → 0.005" in out and "optimizer.betas" not in out and "betas [" not in out
     assert saved["betas"][0] != 0.95 and betas[0] == tuple(saved["betas"])
+
+
+def test_an_unchanged_resume_from_a_weights_only_checkpoint_is_lightnings_own(tmp_path):
+    """No optimizer state saved: nothing to compare, so no fork; Lightning refuses to resume training from it, with
+    or without the callback."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = tmp_path / "parent"
+    trainer(root, ModelCheckpoint(dirpath=root / "w", every_n_train_steps=2, save_top_k=-1, save_weights_only=True),
+            record=False, enable_checkpointing=True).fit(Net(), loader())
+    for callbacks in ((ResumeWithChanges(),), ()):
+        with pytest.raises(KeyError, match="contains only the model"):
+            _resume(tmp_path / "again", Net(), root / "w" / "epoch=0-step=2.ckpt", *callbacks, record=False)

@@ -441,3 +441,14 @@ def test_an_unchanged_resume_from_a_weights_only_checkpoint_is_lightnings_own(tm
     for callbacks in ((ResumeWithChanges(),), ()):
         with pytest.raises(KeyError, match="contains only the model"):
             _resume(tmp_path / "again", Net(), root / "w" / "epoch=0-step=2.ckpt", *callbacks, record=False)
+
+
+def test_another_optimizer_kind_forks_and_starts_afresh(parent, tmp_path, capsys, monkeypatch):
+    ckpt, _ = parent
+    monkeypatch.setattr(Net, "configure_optimizers", lambda self: torch.optim.SGD(self.parameters(), lr=0.05,
+                                                                                 momentum=0.9))
+    fit, spy = _resume(tmp_path / "fork", Net(), ckpt, ResumeWithChanges())
+    out = capsys.readouterr().out
+    assert "optimizer: another optimizer → SGD" in out and "the optimizer changed (now SGD)" in out
+    assert spy.lrs[0] == [0.05] and fit.global_step == 4
+    assert isinstance(fit.optimizers[0], torch.optim.SGD)

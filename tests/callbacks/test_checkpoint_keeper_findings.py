@@ -89,3 +89,18 @@ def test_a_run_resumed_from_the_kept_checkpoint_that_collapses_again_names_it_ag
     assert again.times_fired == 1 and again.last_good_step == 9
     assert again.rollback_checkpoint == pin
     assert torch.load(pin, weights_only=True)["global_step"] == 9
+
+
+def test_a_kept_checkpoint_is_not_changed_by_a_save_in_place_under_its_name(tmp_path: Path) -> None:
+    """A plain loop run again (``torch.save`` to ``step_30.pt``, which exists: written in place, the same inode) must
+    not change the checkpoint a firing of the first run kept: it was a hard link to that inode."""
+    original = tmp_path / "step_30.pt"
+    torch.save({"w": torch.zeros(3)}, original)
+    guard = EntropyCollapseGuard(KEY, threshold=0.5)
+    guard.checkpoint_saved(original)
+    guard.observe(0.9, 30)
+    guard.fire(guard.observe(0.1, 31), 31, checkpoints=[original])
+    kept = guard.rollback_checkpoint
+    assert kept == tmp_path / KEEP_FOLDER / original.name
+    torch.save({"w": torch.ones(3)}, original)  # the second try, same name
+    assert torch.equal(torch.load(kept)["w"], torch.zeros(3))

@@ -49,6 +49,7 @@ _LAZY = {
             "EntropyCollapseGuard",
             "PolicyEntropyMonitor",
             "RepresentationEntropyMonitor",
+            "ResumeWithChanges",
             "SigmaReparamMonitor",
         ),
         "entrotrain.callbacks",

@@ -26,3 +26,6 @@ __all__ += ["PredictionEntropyMonitor", "prediction_entropy_summary"]
 from entrotrain.callbacks.information_plane_monitor import InformationPlaneMonitor  # noqa: E402
 
 __all__ += ["InformationPlaneMonitor"]
+from entrotrain.callbacks.resume_with_changes import ResumeWithChanges  # noqa: E402
+
+__all__ += ["ResumeWithChanges"]

@@ -104,3 +104,19 @@ def test_a_kept_checkpoint_is_not_changed_by_a_save_in_place_under_its_name(tmp_
     assert kept == tmp_path / KEEP_FOLDER / original.name
     torch.save({"w": torch.ones(3)}, original)  # the second try, same name
     assert torch.equal(torch.load(kept)["w"], torch.zeros(3))
+
+
+def test_two_rank_ddp_keeps_on_rank_zero_only(tmp_path: Path) -> None:
+    """2 CPU ranks (gloo): the guards fire together; only rank zero links files; the kept ``step=9`` is whole."""
+    import json
+
+    from tests.helpers.scripts import run_script
+
+    folder = tmp_path / "ckpts"
+    run_script(Path(__file__).with_name("keeper_ddp_run.py"), tmp_path, str(tmp_path), str(folder))
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    pin = folder / KEEP_FOLDER / "epoch=0-step=9.ckpt"
+    assert zero["fired"] == one["fired"] == 1
+    assert zero["named"] == str(pin) and zero["linked"] and one["linked"] == []
+    assert sorted(p.name for p in pin.parent.iterdir()) == [pin.name]
+    assert torch.load(pin, weights_only=True)["global_step"] == 9

@@ -1,5 +1,6 @@
 """Adapters to other trainers: your own training loop (``EntropyMonitors``), HF ``Trainer`` callbacks, TRL's
-``GRPOTrainer``, verl's policy-loss registry; and saved checkpoints (``entropy_snapshot``, ``entrotrain inspect``).
+``GRPOTrainer`` and ``RLOOTrainer``, verl's policy-loss registry; and saved checkpoints (``entropy_snapshot``,
+``entrotrain inspect``).
 
 Thin glue over the same taps, functional maths and reductions as the Lightning callbacks, with the same keys. Their
 packages are optional: ``import entrotrain.integrations`` imports none of them; each adapter is imported on first use.
@@ -17,6 +18,7 @@ _LAZY = {
     "EntropyTrainerCallback": "entrotrain.integrations.transformers",
     "EntrotrainGRPOTrainer": "entrotrain.integrations.trl",
     "trl_grpo_loss": "entrotrain.integrations.trl",
+    "EntrotrainRLOOTrainer": "entrotrain.integrations.trl_rloo",
     "PolicyStatsRecorder": "entrotrain.integrations.policy_stats",
     "entropy_snapshot": "entrotrain.integrations.snapshot",
     "EntropySnapshot": "entrotrain.integrations.snapshot",

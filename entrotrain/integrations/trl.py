@@ -50,28 +50,30 @@ an entrotrain loss (``beta != 0``, ``importance_sampling_level="sequence"``, ``t
 ``off_policy_mask_threshold``, ``delta``, ``entropy_coef`` / adaptive entropy, vLLM importance sampling): use the
 matching entrotrain piece (``EntropyBonus``) or TRL's own loss.
 
+``RLOOTrainer``: :class:`~entrotrain.integrations.trl_rloo.EntrotrainRLOOTrainer` (same statistics and keys, from the
+same :class:`~entrotrain.integrations._trl_stats.PolicyStatsTrainerMixin`; no ``policy_loss``: RLOO's loss is
+sequence-level).
+
 Choices stated (rl_entropy.md): entropy in nats at TRL's sampling temperature (logged as ``temperature``);
 statistics over the union of the logging step's micro-batches on all ranks; the realised ΔH is between logged steps.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_choice, check_int, check_real
-from entrotrain.dashboards.run_record import RunRecordLogger
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.policy import AGG_MODES
+from entrotrain.integrations._trl_stats import LOSS_FILE, STATS_FILE, PolicyStatsTrainerMixin
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 from entrotrain.regularizers.policy_loss import PolicyLoss, PolicyLossSum, PPOClipLoss
 
 __all__ = [
+    "LOSS_FILE",
+    "STATS_FILE",
     "SUPPORTED_TRL",
     "EntrotrainGRPOTrainer",
     "PolicyStatsRecorder",
@@ -82,10 +84,6 @@ __all__ = [
 #: The TRL releases whose ``GRPOTrainer`` internals this adapter is written against.
 SUPPORTED_TRL = ">=1.16,<1.17"
 _LOW, _HIGH = (1, 16), (1, 17)
-
-#: Files a checkpoint folder gets beside TRL's: the statistics' history (ΔH pairs, fit points) and the loss's state.
-STATS_FILE = "entrotrain_policy_stats.json"
-LOSS_FILE = "entrotrain_policy_loss.pt"
 
 #: TRL ``loss_type`` → the aggregation mode of its loss (for ``entropy/policy/mean``).
 _TRL_AGG = {
@@ -162,7 +160,7 @@ def _loss_agg(loss: PolicyLoss) -> str | None:
     return agg if agg in AGG_MODES else None
 
 
-class EntrotrainGRPOTrainer(GRPOTrainer):
+class EntrotrainGRPOTrainer(PolicyStatsTrainerMixin, GRPOTrainer):
     r"""TRL's ``GRPOTrainer`` with entrotrain's policy-entropy statistics and, optionally, an entrotrain policy loss.
 
     Every positional and keyword argument of ``GRPOTrainer`` is accepted as is; the extra keywords are:
@@ -178,28 +176,15 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
         stats_prefix: key prefix (``"entropy/policy/"``).
         print_summary: print the first/last statistics and the entropy–reward fit when training ends (main process).
 
+    The statistics' glue (capture, ``log``, checkpoint files, summary) is
+    :class:`~entrotrain.integrations._trl_stats.PolicyStatsTrainerMixin`, shared with ``EntrotrainRLOOTrainer``.
+
     Raises:
         EntrotrainError: an unsupported TRL version, a ``policy_loss`` that is not a ``PolicyLoss``, bad statistic
             arguments, or TRL settings an entrotrain loss cannot honour (listed in the module docstring).
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        policy_loss: PolicyLoss | None = None,
-        policy_stats: bool = True,
-        stats_agg: str | None = None,
-        top_fraction: float = 0.2,
-        cov_top_fraction: float = 0.02,
-        fit_min_points: int = 5,
-        window: int | None = None,
-        window_align: str = "forward",
-        hwe_threshold: float = 1.5,
-        entropy_length_corr: bool = False,
-        stats_prefix: str = "entropy/policy/",
-        print_summary: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, policy_loss: PolicyLoss | None = None, **kwargs: Any) -> None:
         import trl
 
         check_trl_version(trl.__version__)
@@ -208,33 +193,27 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
                 f"policy_loss must be an entrotrain PolicyLoss (e.g. ClipCovLoss(), PPOClipLoss() + EntropyBonus(0.01))"
                 f" or None for TRL's own loss, got {type(policy_loss).__name__}."
             )
-        check_bool(policy_stats, "policy_stats")
-        check_bool(print_summary, "print_summary")
-        if stats_agg is not None:
-            check_choice(stats_agg, "stats_agg", AGG_MODES)
-        check_real(top_fraction, "top_fraction", low=0.0, low_open=True, high=1.0)
-        check_real(cov_top_fraction, "cov_top_fraction", low=0.0, low_open=True, high=1.0)
-        check_int(fit_min_points, "fit_min_points", low=2)
         if policy_loss is not None:
             self._check_loss_settings(kwargs.get("args", args[2] if len(args) > 2 else None))
+        self.policy_loss = policy_loss  # before TRL's __init__: the default statistics aggregation reads it
         super().__init__(*args, **kwargs)
-        self.policy_loss = policy_loss
         if policy_loss is not None:
             self._check_loss_settings(self.args)
             policy_loss.to(self.accelerator.device)
-        agg = stats_agg or (_loss_agg(policy_loss) if policy_loss is not None else None)
-        agg = agg or _TRL_AGG.get(self.loss_type, "token-mean")
-        self.policy_stats: PolicyStatsRecorder | None = None
-        if policy_stats:
-            self.policy_stats = PolicyStatsRecorder(
-                agg=agg, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction, fit_min_points=fit_min_points,
-                prefix=stats_prefix, window=window, window_align=window_align, hwe_threshold=hwe_threshold,
-                entropy_length_corr=entropy_length_corr,
-            )  # fmt: skip
-        self.print_summary = print_summary
-        self._et_capture: dict[str, Tensor] | None = None
-        self._et_capturing = False
-        self._et_step: int | None = None
+
+    def _default_stats_agg(self) -> str:
+        """The aggregation of the loss in use: an entrotrain loss's ``agg``, else TRL's ``loss_type``'s."""
+        agg = _loss_agg(self.policy_loss) if self.policy_loss is not None else None
+        return agg or _TRL_AGG.get(self.loss_type, "token-mean")
+
+    def _stats_tensors(self, inputs: dict[str, Any], captured: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The rollout log-probs (``old_per_token_logps``; the current ones, detached, when TRL skips them on-policy)
+        and the completion mask times ``tool_mask``."""
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        old = inputs.get("old_per_token_logps")
+        return (captured["logps"] if old is None else old), mask
 
     # ------------------------------------------------------------------------------------------------ settings
     @staticmethod
@@ -265,82 +244,12 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
                 "(e.g. + EntropyBonus(0.01)), or pass policy_loss=None to keep TRL's loss."
             )
 
-    # ------------------------------------------------------------------------------------------------ capture
-    def _stats_armed(self) -> bool:
-        """Will the optimizer step now running be logged? (HF's DefaultFlowCallback rule for ``logging_steps``.)"""
-        if self.policy_stats is None or not self.model.training:
-            return False
-        args = self.args
-        step = self.state.global_step + 1
-        strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
-        if strategy != "steps":
-            return strategy != "no"
-        every = self.state.logging_steps or args.logging_steps
-        every = max(1, int(math.ceil(every * self.state.max_steps)) if every < 1 else int(every))
-        return (args.logging_first_step and step == 1) or step % every == 0
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[override]
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._et_rewards_per_func = rewards_per_func
-        return rewards_per_func
-
-    def _generate_and_score_completions(self, inputs):  # type: ignore[override]
-        self._et_rewards_per_func = None
-        output = super()._generate_and_score_completions(inputs)
-        per_func = self._et_rewards_per_func
-        self._et_rewards_per_func = None
-        if self.policy_stats is not None and per_func is not None:
-            # TRL's ``reward``: the weighted sum over reward functions, NaN where no function scored the completion
-            rewards = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
-            rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
-            n = output["prompt_ids"].shape[0]
-            start = self.accelerator.process_index * n
-            output["entrotrain_rewards"] = rewards[start : start + n]  # this process's completions
-        return output
-
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):  # type: ignore[override]
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._et_capturing and entropies is not None:
-            self._et_capture = {"logps": logps.detach(), "entropy": entropies.detach()}
-        return logps, entropies, aux
-
-    def _record(self, inputs: dict[str, Any]) -> None:
-        """Keep this micro-batch's tensors for the statistics of the logging step."""
-        captured, self._et_capture = self._et_capture, None
-        assert self.policy_stats is not None
-        if captured is None:
-            return
-        if self._et_step != self.state.global_step:  # a new optimizer step: drop a step that was not logged
-            self.policy_stats.clear()
-            self._et_step = self.state.global_step
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        old = inputs.get("old_per_token_logps")
-        self.policy_stats.add(
-            captured["entropy"],
-            captured["logps"] if old is None else old,
-            inputs["advantages"],
-            mask,
-            rewards=inputs.get("entrotrain_rewards"),
-            temperature=self.temperature,
-        )
-
     # ------------------------------------------------------------------------------------------------ loss
-    def _compute_loss(self, model, inputs):  # type: ignore[override]
-        self._et_capturing = self._stats_armed()
-        try:
-            if self.policy_loss is None:
-                loss = super()._compute_loss(model, inputs)
-            else:
-                loss = self._entrotrain_loss(model, inputs)
-            if self._et_capturing:
-                self._record(inputs)
-        finally:
-            self._et_capturing = False
-            self._et_capture = None
-        return loss
-
+    def _loss(self, model, inputs):
+        """TRL's loss, or the entrotrain one."""
+        if self.policy_loss is None:
+            return super()._loss(model, inputs)
+        return self._entrotrain_loss(model, inputs)
     def _entrotrain_loss(self, model, inputs):
         """TRL's ``_compute_loss`` up to the per-token loss, then the entrotrain loss (TRL's normaliser)."""
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -381,63 +290,3 @@ class EntrotrainGRPOTrainer(GRPOTrainer):
             totals = self.accelerator.reduce(torch.stack([(entropies.detach() * m).sum(), m.sum()]), reduction="sum")
             metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())  # TRL's own `entropy`
         return loss
-
-    # ------------------------------------------------------------------------------------------------ logging
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
-        stats = self.policy_stats
-        if stats is not None and self.model.training and stats.pending and "loss" in logs:
-            if self._et_step == self.state.global_step - 1:  # the tensors are this logged step's
-                logs = {**logs, **stats.compute(int(self.state.global_step))}
-                self._record_arrays(stats.last_arrays, int(self.state.global_step))
-            else:
-                stats.clear()
-        super().log(logs, start_time)
-
-    def _record_arrays(self, arrays: list[Any], step: int) -> None:
-        """The token-entropy histogram into the run record of an attached ``EntropyTrainerCallback(record=...)``, as
-        Lightning's ``PolicyEntropyMonitor`` stores it (main process)."""
-        if not arrays or not self.accelerator.is_main_process:
-            return
-        for callback in self.callback_handler.callbacks:
-            record = getattr(callback, "record", None)
-            if isinstance(record, RunRecordLogger):
-                record.log_arrays(arrays, step)
-
-    def train(self, *args: Any, **kwargs: Any):  # type: ignore[override]
-        if self.policy_stats is not None:
-            self.policy_stats.reset()
-        self._et_step = None
-        output = super().train(*args, **kwargs)
-        if self.print_summary and self.policy_stats is not None and self.accelerator.is_main_process:
-            print(self.policy_stats_table())
-        return output
-
-    # ------------------------------------------------------------------------------------------------ resume
-    def _save_checkpoint(self, model, trial):  # type: ignore[override]
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if self.policy_stats is not None:
-            with open(os.path.join(folder, STATS_FILE), "w") as f:
-                json.dump(self.policy_stats.state_dict(), f)
-        if self.policy_loss is not None and self.policy_loss.state_dict():
-            torch.save(self.policy_loss.state_dict(), os.path.join(folder, LOSS_FILE))
-
-    def _load_optimizer_and_scheduler(self, checkpoint):  # type: ignore[override]
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, STATS_FILE)
-        if self.policy_stats is not None and os.path.exists(path):
-            with open(path) as f:
-                self.policy_stats.load_state_dict(json.load(f))
-        path = os.path.join(checkpoint, LOSS_FILE)
-        if self.policy_loss is not None and os.path.exists(path):
-            self.policy_loss.load_state_dict(torch.load(path, map_location=self.accelerator.device))
-
-    def policy_stats_table(self) -> str:
-        """First and last logged policy statistics and the entropy–reward fit, as text."""
-        if self.policy_stats is None:
-            return "policy entropy: statistics off (policy_stats=False)"
-        return self.policy_stats.summary_table()

@@ -17,10 +17,11 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, set_seed  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402
+from entrotrain.integrations._trl_stats import PolicyStatsTrainerMixin  # noqa: E402
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder  # noqa: E402
 from entrotrain.integrations.trl import (  # noqa: E402
     SUPPORTED_TRL,
@@ -70,22 +71,27 @@ def _reward(completions, prompts, **kwargs):
 DATA = Dataset.from_dict({"prompt": [f"{i % 4}+{(i // 4) % 4}=" for i in range(64)]})
 
 
-def _args(tmp_path, **kw) -> GRPOConfig:
+def _args(tmp_path, config: type = GRPOConfig, **kw) -> GRPOConfig:
+    """GRPOConfig (or RLOOConfig: test_trl_rloo.py) for a tiny CPU run."""
     base = dict(
         output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", num_generations=4,
         max_completion_length=6, per_device_train_batch_size=8, max_steps=2, logging_steps=1, learning_rate=1e-2,
         save_strategy="no", seed=0, disable_tqdm=True, beta=0.0,
     )  # fmt: skip
     base.update(kw)
-    return GRPOConfig(**base)
+    return config(**base)
 
 
 def _trainer(cls, tmp_path, model=None, **kw):
-    extra = {k: kw.pop(k) for k in list(kw) if k in ("policy_loss", "policy_stats", "stats_agg", "print_summary")}
-    if cls is EntrotrainGRPOTrainer:
+    """A TRL trainer (GRPO, or RLOO for an ``RLOOTrainer`` class) on the tiny model, tokenizer, reward and data."""
+    extra = {k: kw.pop(k) for k in list(kw) if k in (
+        "policy_loss", "policy_stats", "stats_agg", "print_summary", "fit_min_points"
+    )}  # fmt: skip
+    if issubclass(cls, PolicyStatsTrainerMixin):
         extra.setdefault("print_summary", False)
+    config = RLOOConfig if issubclass(cls, RLOOTrainer) else GRPOConfig
     return cls(
-        model=model if model is not None else _model(), reward_funcs=_reward, args=_args(tmp_path, **kw),
+        model=model if model is not None else _model(), reward_funcs=_reward, args=_args(tmp_path, config, **kw),
         train_dataset=DATA, processing_class=TOKENIZER, **extra,
     )  # fmt: skip
 

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -120,3 +121,22 @@ def test_two_rank_ddp_keeps_on_rank_zero_only(tmp_path: Path) -> None:
     assert zero["named"] == str(pin) and zero["linked"] and one["linked"] == []
     assert sorted(p.name for p in pin.parent.iterdir()) == [pin.name]
     assert torch.load(pin, weights_only=True)["global_step"] == 9
+
+
+@pytest.mark.parametrize("publish_every, save_every", [(1, 1), (1, 2), (2, 1), (3, 2), (1, 3)])
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_the_bound_on_unjudged_pins_never_loses_the_checkpoint_to_name(
+    tmp_path: Path, publish_every: int, save_every: int, monitor_first: bool
+) -> None:
+    """A monitor listed after the guard is observed at the next batch start, after the next save: the checkpoint
+    named is still the newest saved at or before the last good step, kept whole, whatever the cadences."""
+    guard = EntropyCollapseGuard(KEY, threshold=0.05)
+    script = Script([0.5] * (10 // publish_every) + [0.01] * 10, every=publish_every)
+    trainer = quiet_trainer(callbacks=[*([script, guard] if monitor_first else [guard, script]),
+                                       ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=save_every)],
+                            max_steps=16, enable_checkpointing=True)
+    _quiet_fit(trainer, Lin())
+    assert guard.times_fired == 1 and guard.last_good_step is not None
+    expected = max(s for s in range(save_every, 17, save_every) if s <= guard.last_good_step)
+    assert guard.rollback_checkpoint == tmp_path / KEEP_FOLDER / f"epoch=0-step={expected}.ckpt"
+    assert torch.load(guard.rollback_checkpoint, weights_only=True)["global_step"] == expected

@@ -1,10 +1,8 @@
 """EntrotrainRLOOTrainer: GRPO's keys, values recomputed in float64 from the tensors TRL computed (sequence advantages
 broadcast over tokens), monitoring changes nothing, resume, run record, policy_loss refused.
 
-TRL is an optional extra: the whole module is skipped without it. Every run is a tiny Qwen2 on CPU (seconds). The
-2-rank case is the GRPO test's (test_trl.py::test_two_ranks_equal_one_process_on_the_union): both trainers feed the
-same PolicyStatsRecorder, whose gather is what that test checks; a 2-process RLOO fit is not run here (too slow for
-2 shared cores).
+TRL is an optional extra: the whole module is skipped without it. Every run is a tiny Qwen2 on CPU (seconds); the
+2-rank run (trl_rloo_ddp_run.py, forked gloo ranks) takes about 20 s.
 """
 
 from __future__ import annotations
@@ -250,3 +248,29 @@ def test_run_record_is_written_and_read_by_entrotrain_status(tmp_path, capsys):
     main(["status", str(run_dir)])
     out = capsys.readouterr().out
     assert "rloo-rec" in out and "finished" in out
+
+
+# --------------------------------------------------------------------------------------------- DDP
+
+
+def test_two_ranks_log_the_statistics_of_the_union_batch(tmp_path):
+    """2 forked CPU ranks (gloo): every rank logs the float64 reference on the union of both ranks' micro-batches
+    (TRL's tensors), with TRL's reward gathered over ranks, i.e. one process's statistics on the union batch."""
+    from pathlib import Path
+
+    from tests.helpers.scripts import run_script
+
+    here = Path(__file__)
+    run_script(here.with_name("trl_rloo_ddp_run.py"), here.resolve().parents[2], str(tmp_path), timeout=300)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for step in (1, 2):
+        batches = ranks[0]["batches"][step - 1] + ranks[1]["batches"][step - 1]
+        assert [b["completion_mask"].shape[0] for b in batches] == [4, 4]
+        (per_func,) = ranks[0]["rewards"][step - 1]  # gathered: all 8 completions
+        assert per_func.shape[0] == 8
+        want = _reference64(batches, per_func.sum(1))
+        for rank in ranks:
+            got = {k[len(PREFIX):]: v for k, v in rank["rows"][step - 1].items() if k.startswith(PREFIX)}
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (step, key)

@@ -18,11 +18,7 @@ judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.ca
   batch start, after the next save), so no older one can be named (a key never published, or published once an
   epoch, would otherwise pin every save of the run);
 - at a **firing**: the newest pin at or before the last good step is *frozen*: kept until you delete it, whatever
-  rotation, later judgements or later runs do. One frozen pin per firing. Its files that its original still shares
-  are copied then: a save under the same name rewrites some files in place (``transformers.Trainer`` run again in
-  the same ``output_dir`` rewrites ``checkpoint-N/optimizer.pt``, ``trainer_state.json``, ...; ``torch.save`` to an
-  existing path), which would change a hard-linked pin with them. Once the original is gone this costs nothing
-  more: the pin held the data anyway;
+  rotation or later judgements do. One frozen pin per firing;
 - when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
   when it is empty. After a crash or a kill every pin stays: that is when you roll back.
 
@@ -179,31 +175,10 @@ class LastGoodCheckpoints:
         while candidates:
             pin = max(candidates, key=lambda p: (p.step, not p.frozen))
             if self._intact(pin):
-                if not pin.frozen:
-                    pin.frozen = True
-                    self._unshare(pin)
+                pin.frozen = True
                 return pin.path
             candidates.remove(pin)
         return None
-
-    def _unshare(self, pin: _Pin) -> None:
-        """Give a frozen pin its own copy of the files its original still shares (module docstring)."""
-        files = [pin.path] if pin.path.is_file() else sorted(p for p in pin.path.rglob("*") if p.is_file())
-        for file in files:
-            copy = file.with_name(file.name + ".entrotrain-copy")
-            try:
-                if file.stat().st_nlink > 1:
-                    shutil.copy2(file, copy)  # keeps the mtime: the pin's stamp is unchanged
-                    os.replace(copy, file)
-            except OSError as err:
-                _remove(copy)
-                warnings.warn(
-                    f"{self.owner}(keep_last_good=True): cannot copy {file} out of the checkpoint it shares with "
-                    f"{pin.source} ({type(err).__name__}: {err}); the kept checkpoint changes if that one is "
-                    "rewritten in place (a save under the same name).",
-                    stacklevel=4,
-                )
-                return
 
     def _intact(self, pin: _Pin) -> bool:
         try:

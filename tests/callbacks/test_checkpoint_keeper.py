@@ -80,7 +80,6 @@ def test_the_judgements_keep_only_what_a_firing_could_name(tmp_path: Path) -> No
     pin = {s: keeper.saved(_save(tmp_path, s)) for s in (10, 20, 30)}
     keeper.judged(30, 30)  # good at 30
     assert keeper.pins == [pin[30]]  # 10 and 20: older than the newest good save
-    assert pin[30].stat().st_ino == (tmp_path / "step_30.pt").stat().st_ino  # a hard link: no copy
     pin[40] = keeper.saved(_save(tmp_path, 40))
     pin[45] = keeper.saved(_save(tmp_path, 45))
     keeper.judged(50, 30)  # bad at 50
@@ -91,9 +90,7 @@ def test_the_judgements_keep_only_what_a_firing_could_name(tmp_path: Path) -> No
     assert keeper.pins == [pin[30], pin[60]] and keeper.frozen == [pin[30]]
     keeper.release()
     assert sorted((tmp_path / KEEP_FOLDER).iterdir()) == [pin[30]]
-    # frozen, it holds its own copy while the original exists: a save in place under that name cannot change it
-    assert pin[30].stat().st_ino != (tmp_path / "step_30.pt").stat().st_ino
-    assert pin[30].read_bytes() == b"weights at 30"
+    assert pin[30].stat().st_ino == (tmp_path / "step_30.pt").stat().st_ino  # a hard link: no copy
 
 
 def test_a_checkpoint_without_a_step_or_already_a_pin_is_not_kept(tmp_path: Path) -> None:

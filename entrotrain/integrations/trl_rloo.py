@@ -28,7 +28,9 @@ Choices stated (rl_entropy.md, "Choices an implementation must state"):
   ``temperature``), from TRL's fused head in the model's dtype (the statistics are computed in float64).
 * **Log-probs** of the sampled tokens: the rollout's per-token log-probs that RLOO computes in
   ``_generate_and_score_completions`` and sums into ``old_logps`` (their sum over the completion is ``old_logps``
-  exactly) — as ``EntrotrainGRPOTrainer`` uses ``old_per_token_logps``.
+  exactly) — as ``EntrotrainGRPOTrainer`` uses ``old_per_token_logps``. They ride in the trainer's buffered inputs
+  (one ``(B, T)`` tensor per rollout, like TRL's ``completion_mask``), so a rollout reused by ``num_iterations > 1``
+  keeps them.
 * **Advantage**: RLOO's advantage is one number per sequence, :math:`A_i = r_i - \frac{1}{k-1}\sum_{j\ne i} r_j`
   over the ``num_generations`` siblings (after ``normalize_advantages``, 0 for an unscorable completion), as TRL
   computes it. It is **broadcast over its completion's tokens** for the token covariance of Cui et al. 2025,

@@ -64,6 +64,15 @@ class as hyperparameters, and the status at the end (``finished``; with :meth:`~
 ``resume_from_checkpoint`` continues it. ``EntropyTrainerCallback(record="runs")`` with no monitor is allowed: a
 record of what ``Trainer`` logs. Written by the main process.
 
+Roll back and cure. ``resume_changes=True`` (with :meth:`~EntropyTrainerCallback.attach`) makes a
+``resume_from_checkpoint`` whose run changed (``TrainingArguments``' learning rate, warmup, schedule, weight decay,
+betas, epsilon, optimizer, seed; σReparam applied, new parameters) fork as ``entrotrain fit --ckpt_path`` does: the
+configured values win (the optimizer's moments kept when they fit), the schedule is the configured one at the saved
+step, the changes are printed and the record is a new run naming its parent (:mod:`entrotrain.integrations.hf_resume`).
+Off (the default), the resume is ``Trainer``'s own: the checkpoint's optimizer and scheduler as saved (a warning says
+when the saved learning rate overrides a changed one). The defining ``TrainingArguments`` go into the checkpoint state
+either way, for a later resume to compare with.
+
 Lifecycle. Taps are armed only inside a logging step and released at ``on_train_end``. ``Trainer`` has no
 exception event: :meth:`~EntropyTrainerCallback.attach` wraps ``trainer.train`` so that any exception also releases
 them; without ``attach``, call :meth:`~EntropyTrainerCallback.release` in your own ``finally``.
@@ -145,9 +154,8 @@ def _warn_kept_learning_rate(args: TrainingArguments, state: TrainerState, sched
         f"EntropyTrainerCallback: resumed at step {state.global_step} with TrainingArguments(learning_rate="
         f"{args.learning_rate:g}), but Trainer restored the checkpoint's scheduler, whose peak learning rate is "
         f"{base[0]:g}: training goes on at the checkpoint's rate. To go on at {args.learning_rate:g}, start a new "
-        "run from the checkpoint's weights (from_pretrained(checkpoint), without resume_from_checkpoint), or scale "
-        "lr_scheduler.base_lrs and the optimizer's param_groups' 'lr' in a callback's on_train_begin (keeps Adam's "
-        "moments).",
+        "run with EntropyTrainerCallback(..., resume_changes=True).attach(trainer): the resume then uses the "
+        "configured arguments (Adam's moments kept, the schedule at the saved step) and is recorded as a fork.",
         stacklevel=2,
     )
 
@@ -165,10 +173,15 @@ class EntropyTrainerCallback(TrainerCallback):
         record: write a run record for ``entrotrain report``: a folder (the run goes to
             ``record/records/run-<time>``, named after ``TrainingArguments.run_name``) or a configured
             :class:`~entrotrain.dashboards.RunRecordLogger`; ``None`` (default): none.
+        resume_changes: a ``resume_from_checkpoint`` whose configuration differs from the checkpoint's run forks:
+            the configured values win and the record is a new run naming its parent
+            (:mod:`entrotrain.integrations.hf_resume`; needs :meth:`attach`). ``False`` (default): ``Trainer``'s own
+            resume.
 
     Raises:
         EntrotrainError: no monitor, guard or record; an unsupported monitor or guard, a monitor given twice, a bad
-            ``record``, or ``logging_strategy="epoch"``.
+            ``record``, or ``logging_strategy="epoch"``; ``resume_changes=True`` on a transformers whose ``Trainer``
+            lacks the methods it wraps, or (at a resume) without :meth:`attach`.
 
     Example::
 
@@ -184,8 +197,16 @@ class EntropyTrainerCallback(TrainerCallback):
         guards: Sequence[EntropyCollapseGuard] = (),
         log_media: bool = True,
         record: RecordSpec = None,
+        resume_changes: bool = False,
     ) -> None:
+        from entrotrain._validation import check_bool
+
         record = check_record(record, "EntropyTrainerCallback")
+        self.resume_changes = bool(check_bool(resume_changes, "EntropyTrainerCallback: resume_changes"))
+        if self.resume_changes:
+            from entrotrain.integrations.hf_resume import check_trainer_supports_forks
+
+            check_trainer_supports_forks("EntropyTrainerCallback")
         if not monitors and not guards and record is None:
             raise EntrotrainError("EntropyTrainerCallback needs at least one monitor, guard or record=; got none.")
         self.session = MonitorSession(
@@ -193,6 +214,7 @@ class EntropyTrainerCallback(TrainerCallback):
         )
         self._record_spec = record
         self._resume_path: str | None = None  # the checkpoint train() resumes from (known through attach)
+        self._fork: Any = None  # the HFForkedResume of this train() (resume_changes=True, a resume)
         self.monitors = self.session.monitors
         self.guards = self.session.guards
         self.log_media = bool(log_media)
@@ -225,12 +247,19 @@ class EntropyTrainerCallback(TrainerCallback):
             def guarded_train(*args: Any, **kwargs: Any) -> Any:
                 resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
                 self._resume_path = _checkpoint_path(trainer, resume)
+                self._fork = None
+                if self.resume_changes and self._resume_path is not None:
+                    from entrotrain.integrations.hf_resume import HFForkedResume
+
+                    self._fork = HFForkedResume(trainer, self._resume_path).install()
                 try:
                     return train(*args, **kwargs)
                 except BaseException as exc:
                     self.session.close_record(exc)  # failed / interrupted, with the reason
                     raise
                 finally:
+                    if self._fork is not None:
+                        self._fork.remove()
                     self.release()
 
             guarded_train._entrotrain_release = True  # type: ignore[attr-defined]
@@ -263,7 +292,9 @@ class EntropyTrainerCallback(TrainerCallback):
         if control.should_save or best:
             if not isinstance(state.stateful_callbacks, dict):
                 state.stateful_callbacks = {}
-            state.stateful_callbacks[STATE_KEY] = self.state_dict(state.global_step)
+            from entrotrain.integrations.hf_resume import ARGS_KEY, defining_args
+
+            state.stateful_callbacks[STATE_KEY] = {**self.state_dict(state.global_step), ARGS_KEY: defining_args(args)}
 
     # ------------------------------------------------------------------ events
     @staticmethod
@@ -285,6 +316,12 @@ class EntropyTrainerCallback(TrainerCallback):
             )
         if model is None:
             raise EntrotrainError("EntropyTrainerCallback.on_train_begin got no model from the Trainer.")
+        if self.resume_changes and not self._attached and state.global_step > 0:
+            raise EntrotrainError(
+                "EntropyTrainerCallback(resume_changes=True) was passed in callbacks=[...]: Trainer has already "
+                "restored the checkpoint's optimizer and scheduler as saved before any callback runs. Use "
+                "EntropyTrainerCallback(..., resume_changes=True).attach(trainer) before trainer.train(...)."
+            )
         self.last_metrics, self._pending, self._alerts = {}, None, {}
         self._run_start = run_start(resumed=state.global_step > 0)  # resumed: the earlier checkpoints are this run's
         world, rank, _ = distributed()
@@ -295,7 +332,7 @@ class EntropyTrainerCallback(TrainerCallback):
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
             self.load_state_dict(saved)
         self._open_record(args, model, saved.get(CHECKPOINT_KEY) if saved else None)
-        if state.global_step > 0 and state.is_world_process_zero:
+        if state.global_step > 0 and state.is_world_process_zero and not self._forked():
             _warn_kept_learning_rate(args, state, kwargs.get("lr_scheduler"))
         self._summaries_defined = False
         self._define_summaries(state)
@@ -393,9 +430,19 @@ class EntropyTrainerCallback(TrainerCallback):
         run_name = str(args.run_name) if getattr(args, "run_name", None) else None
         hparams = {"trainer": "transformers.Trainer", "model": type(model).__name__,
                    "training_args": args.to_sanitized_dict()}
+        plan = self._fork.plan if self._fork is not None else None
         self.session.open_record(
-            self._record_spec, hparams=hparams, resume=resume, ckpt_path=self._resume_path, run_name=run_name
+            self._record_spec, hparams=hparams, resume=None if plan is not None else resume,
+            ckpt_path=self._resume_path, run_name=run_name
         )
+        if plan is not None and self.session.record is not None:  # a fork: a new record naming its parent
+            from entrotrain._forked_resume import fork_run_records
+
+            fork_run_records([self.session.record], plan)
+
+    def _forked(self) -> bool:
+        """Whether this ``train()`` resumed as a fork (``resume_changes=True`` and a changed configuration)."""
+        return self._fork is not None and self._fork.plan is not None
 
     # ------------------------------------------------------------------ actions
     def _act(

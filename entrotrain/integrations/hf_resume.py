@@ -25,7 +25,9 @@ What is compared (no pickle is read: ``training_args.bin`` is a pickled object, 
 - the saved optimizer state with the configured optimizer (``optimizer.pt``, ``weights_only``): every group's rate
   (its schedule's initial rate), betas, eps, weight decay, ..., the optimizer's kind and its groups' sizes;
 - the model's parameters with the checkpoint's weights' names (``model.safetensors`` or its index, else
-  ``pytorch_model.bin``): σReparam applied at the resume, and parameters the checkpoint does not have.
+  ``pytorch_model.bin``): σReparam applied at the resume, and parameters the checkpoint does not have. σReparam
+  removed at the resume is an :class:`~entrotrain.errors.EntrotrainError` (Trainer's non-strict load would have
+  put the raw ``weight`` in place of the weight the layer computed with), as in the Lightning fork.
 
 The schedule's *value* at the saved step is not compared on its own: a longer ``max_steps`` (a run extended) changes
 it too and is an ordinary resume. A changed warmup or schedule type is seen through the arguments.
@@ -159,6 +161,15 @@ def _model_changes(model: torch.nn.Module, names: set[str] | None) -> tuple[list
 
     if names is None:
         return [], []
+    removed = [name for name, m in model.named_modules() if name and not isinstance(m, SigmaReparamLinear)
+               and f"{name}.gamma" in names and f"{name}.weight" in names]
+    if removed:
+        raise EntrotrainError(
+            f"EntropyTrainerCallback(resume_changes=True): the checkpoint's layers {removed[:5]} are σReparam layers "
+            "(their γ, u and σ have no place in a plain layer: Trainer loaded only their raw weight, which is not the "
+            "weight they computed with), but the model's are plain. σReparam cannot be removed on a resume: apply "
+            "sigma_reparam(model) as in the checkpoint's run before trainer.train(resume_from_checkpoint=...)."
+        )
     layers = [name for name, m in model.named_modules() if isinstance(m, SigmaReparamLinear)
               and f"{name}.weight" in names and f"{name}.gamma" not in names]
     filled = {f"{name}.gamma" for name in layers}
@@ -287,8 +298,10 @@ class HFForkedResume:
         if len(self.plan.notes) > notes and "start afresh" in self.plan.notes[-1]:
             # adapt_training_state restarted the optimizer and its scheduler; Trainer's schedule is a function of
             # the global step, which continues: the configured schedule at the saved step
-            kind = self.plan.notes[-1].split(":", 1)[0].replace("the ", "", 1)
-            self.plan.notes[-1] = (f"the {kind}: its state (moments) starts afresh; the weights and the step count "
+            inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
+            what = (f"optimizer changed (now {type(inner).__name__})" if "optimizer changed" in self.plan.notes[-1]
+                    else "optimizer's parameters changed")
+            self.plan.notes[-1] = (f"the {what}: its state (moments) starts afresh; the weights and the step count "
                                    "are the checkpoint's")
             last = position.get("last_epoch")
             if scheduler is not None and isinstance(last, int):

@@ -91,10 +91,11 @@ def _logged_lr(trainer: Trainer, step: int) -> float:
 def test_a_lower_rate_a_longer_warmup_and_new_betas_win_and_moments_are_kept(tmp_path: Path, capsys) -> None:
     checkpoint = _parent(tmp_path)
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    new = dict(learning_rate=1e-3, warmup_steps=4, adam_beta2=0.99)
+    new = dict(learning_rate=1e-3, warmup_steps=4, adam_beta2=0.99, weight_decay=0.1)
     trainer, cb, spy = _resume(tmp_path, checkpoint, **new)
     assert spy.base_lrs == [1e-3, 1e-3]
     assert [g["betas"] for g in spy.groups] == [(0.9, 0.99)] * 2
+    assert [g["weight_decay"] for g in spy.groups] == [0.1, 0.0]  # Trainer's decay / no-decay groups
     expected = _configured_lr(2, **new)  # warmup 4, step 3: 2/4 of 1e-3 (plain Trainer: the saved 1e-2)
     assert expected == pytest.approx(5e-4)
     assert [g["lr"] for g in spy.groups] == pytest.approx([expected] * 2)
@@ -104,7 +105,8 @@ def test_a_lower_rate_a_longer_warmup_and_new_betas_win_and_moments_are_kept(tmp
     assert len(spy.exp_avg) == len(kept) and all(torch.equal(a, b) for a, b in zip(spy.exp_avg, kept))
     out = capsys.readouterr().out
     assert "resuming from" in out and "(after 2 optimizer steps)" in out
-    for line in ("args.learning_rate: 0.01 → 0.001", "args.warmup_steps: 2 → 4", "args.adam_beta2: 0.999 → 0.99"):
+    for line in ("args.learning_rate: 0.01 → 0.001", "args.warmup_steps: 2 → 4", "args.adam_beta2: 0.999 → 0.99",
+                 "args.weight_decay: 0.0 → 0.1"):
         assert line in out
     assert "its moments are the checkpoint's" in out and out.count("resuming from") == 1
     assert cb._fork.plan is not None and trainer.state.global_step == 4
@@ -282,3 +284,35 @@ def test_a_new_seed_is_used_and_the_same_seed_restores_the_checkpoints_random_st
     if seed:
         assert ("args.seed", 0, 3) in cb._fork.plan.changes
     assert "_load_rng_state" not in vars(trainer) and "_load_optimizer_and_scheduler" not in vars(trainer)
+
+
+def test_another_optimizer_starts_afresh_at_the_configured_schedule(tmp_path: Path, capsys) -> None:
+    checkpoint = _parent(tmp_path)
+    trainer, _, spy = _resume(tmp_path, checkpoint, optim="sgd")
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD) and not spy.exp_avg
+    assert [g["lr"] for g in spy.groups] == pytest.approx([_configured_lr(2)] * 2)
+    out = capsys.readouterr().out
+    assert "args.optim: adamw_torch_fused → sgd" in out or "args.optim: adamw_torch → sgd" in out
+    assert "the optimizer changed (now SGD): its state (moments) starts afresh" in out
+
+
+def test_removing_sigma_reparam_at_the_resume_is_refused(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, sigma_reparam(tiny_gpt2_lm(VOCAB, T, 0), exclude="lm_head"), max_steps=2)
+    trainer.train()
+    resumed = _trainer(tmp_path, tiny_gpt2_lm(VOCAB, T, 5))
+    EntropyTrainerCallback(record=str(tmp_path / "runs"), resume_changes=True).attach(resumed)
+    with pytest.raises(EntrotrainError, match="σReparam cannot be removed"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_a_checkpoint_without_the_saved_arguments_is_compared_with_its_record(tmp_path: Path, capsys) -> None:
+    """A checkpoint written before the arguments went into trainer_state.json: its run record's hparams say them."""
+    checkpoint = _parent(tmp_path)
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["stateful_callbacks"][STATE_KEY][ARGS_KEY]
+    path.write_text(json.dumps(state))
+    capsys.readouterr()
+    _, cb, spy = _resume(tmp_path, checkpoint, warmup_steps=4)  # invisible in the optimizer's and scheduler's states
+    assert ("args.warmup_steps", 2, 4) in cb._fork.plan.changes
+    assert [g["lr"] for g in spy.groups] == pytest.approx([_configured_lr(2, warmup_steps=4)] * 2)

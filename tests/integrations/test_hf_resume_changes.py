@@ -143,13 +143,20 @@ def test_sigma_reparam_at_the_resume_forks_and_trains_on(tmp_path: Path, capsys)
     checkpoint = _parent(tmp_path)
     model = sigma_reparam(tiny_gpt2_lm(VOCAB, T, 5), exclude="lm_head")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SigmaReparamLinear)}
-    trainer, _, spy = _resume(tmp_path, checkpoint, model=model, learning_rate=1e-3)
-    # the checkpoint's plain weights loaded function-preservingly: gamma0 = sigma(W) of the checkpoint's weight
-    from safetensors.torch import load_file
+    gammas = {}
 
-    weights = load_file(str(checkpoint / "model.safetensors"))
-    name, layer = next(iter(layers.items()))
-    assert torch.allclose(layer.weight.detach(), weights[f"{name}.weight"]) is False  # it trained on after step 2
+    class Gammas(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs) -> None:
+            gammas.update({n: m.gamma.detach().clone() for n, m in layers.items()})
+
+    model_gammas = Gammas()
+    trainer = _trainer(tmp_path, model, learning_rate=1e-3, save_strategy="no")
+    EntropyTrainerCallback(record=str(tmp_path / "runs"), resume_changes=True).attach(trainer)
+    spy = _AtBegin()
+    trainer.add_callback(spy)
+    trainer.add_callback(model_gammas)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert all(not torch.equal(gammas[n], m.gamma.detach()) for n, m in layers.items())  # γ trains on
     assert trainer.state.global_step == 4
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r and r["step"] > 2]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

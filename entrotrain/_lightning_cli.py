@@ -317,7 +317,7 @@ class EntrotrainCLI(LightningCLI):
                  if isinstance(cb, EntropyCollapseGuard) and cb.rollback_checkpoint is not None]
         if not named:
             return []
-        ckpt = named[0]
+        ckpt = shlex.quote(str(named[0]))  # a path with spaces stays one argument when pasted
         recipe = _recipe_path(self.config.get(self.subcommand) if self.subcommand else self.config)
         stem = Path(recipe).stem if recipe else None
         bundled = {p.stem: p for p in recipe_paths()}

@@ -18,15 +18,26 @@ judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.ca
   batch start, after the next save), so no older one can be named (a key never published, or published once an
   epoch, would otherwise pin every save of the run);
 - at a **firing**: the newest pin at or before the last good step is *frozen*: kept until you delete it, whatever
-  rotation or later judgements do. One frozen pin per firing;
+  rotation, later judgements or later runs do. One frozen pin per firing, at most :data:`MAX_FROZEN` per fit (a key
+  flapping around its threshold fires again and again: the first firing's pin and the newest ones stay). A frozen
+  pin gets its own copy of the files it still shares with its original, in a background thread (training does not
+  wait; the interpreter waits for it at exit): a save under the same name may rewrite files in place
+  (``transformers.Trainer`` run again in the same ``output_dir`` rewrites ``checkpoint-N/optimizer.pt``,
+  ``trainer_state.json``, ...; ``torch.save`` to an existing path), which would change a hard link with them. So a
+  frozen pin costs one checkpoint of disk even while its original exists;
 - when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
   when it is empty. After a crash or a kill every pin stays: that is when you roll back.
 
 So at most four checkpoints' worth of disk are held beyond your rotation between firings (two judged, two saved
-since the last observation), and one per firing after. A pin whose file changed since it was pinned (a checkpoint
-rewritten in place under the same name: Lightning's ``last.ckpt`` is never pinned, it has no step in its name) is
-dropped with a warning instead of being named. A file system that refuses hard links (some network and object-store
-mounts) is warned about once; nothing is copied then.
+since the last observation), and one per firing (at most :data:`MAX_FROZEN`) after. A pin whose file changed since
+it was pinned (a checkpoint rewritten in place under the same name: Lightning's ``last.ckpt`` is never pinned, it
+has no step in its name) is dropped with a warning instead of being named. A file system that refuses hard links
+(some network and object-store mounts) is warned about once; nothing is pinned then.
+
+Pin a checkpoint once it is complete: a folder written by several processes or asynchronously (torch's async
+distributed checkpoint) is linked as it is when :meth:`LastGoodCheckpoints.saved` runs, so call
+``checkpoint_saved`` when the save has finished. Pins left by a process that crashed are not tracked by the run
+that resumes: after a preemption they stay until you delete them.
 
 The keeper does file work only where it is told of a save: the glue calls :meth:`saved` on the process that writes
 checkpoints (rank zero). A pin made by an earlier process (a run killed and resumed) is not tracked: it is never
@@ -37,14 +48,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["KEEP_FOLDER", "LastGoodCheckpoints"]
+__all__ = ["KEEP_FOLDER", "MAX_FROZEN", "LastGoodCheckpoints"]
 
 #: The folder, beside the checkpoints, that holds the pins.
 KEEP_FOLDER = "entrotrain-last-good"
+#: Frozen pins kept per fit: the first firing's and the newest ones.
+MAX_FROZEN = 3
 
 _Stamp = tuple[tuple[str, int, int], ...]
 
@@ -84,6 +98,8 @@ class LastGoodCheckpoints:
         self.owner = owner
         self._pins: list[_Pin] = []
         self._refused = False  # the file system refused a hard link: keep nothing more
+        self._copying: list[threading.Thread] = []  # frozen pins getting their own copy of shared files
+        self._capped_warned = False
         self._judged: int | None = None  # the newest step an observation judged
 
     @property
@@ -175,10 +191,66 @@ class LastGoodCheckpoints:
         while candidates:
             pin = max(candidates, key=lambda p: (p.step, not p.frozen))
             if self._intact(pin):
-                pin.frozen = True
+                if not pin.frozen:
+                    pin.frozen = True
+                    self._cap_frozen()
+                    self._copying.append(threading.Thread(target=self._unshare, args=(pin,), name="entrotrain-keep"))
+                    self._copying[-1].start()
                 return pin.path
             candidates.remove(pin)
         return None
+
+    def _cap_frozen(self) -> None:
+        """At most :data:`MAX_FROZEN` frozen pins: the first firing's and the newest (a flapping key)."""
+        frozen = sorted((pin for pin in self._pins if pin.frozen), key=lambda p: p.step)  # in firing order
+        if len(frozen) <= MAX_FROZEN:
+            return
+        self.wait()  # a pin being copied is not dropped under its copy
+        for pin in frozen[1:-(MAX_FROZEN - 1)]:
+            self._drop(pin)
+        if not self._capped_warned:
+            self._capped_warned = True
+            warnings.warn(
+                f"{self.owner}(keep_last_good=True): more than {MAX_FROZEN} firings in this fit; only the first "
+                f"firing's checkpoint and the {MAX_FROZEN - 1} newest are kept. A guard that fires again and again "
+                "watches a key hovering at its threshold: raise patience, or lower the threshold.",
+                stacklevel=4,
+            )
+
+    def _unshare(self, pin: _Pin) -> None:
+        """Give a frozen pin its own copy of each file it still shares with its original (module docstring); runs in
+        a background thread. A file that changes while it is copied (rewritten in place meanwhile) is warned about."""
+        files = [pin.path] if pin.path.is_file() else sorted(p for p in pin.path.rglob("*") if p.is_file())
+        pinned = {name: (size, mtime) for name, size, mtime in pin.stamp}
+        for file in files:
+            copy = file.with_name(file.name + ".entrotrain-copy")
+            try:
+                before = file.stat()
+                if before.st_nlink < 2:
+                    continue
+                name = str(file.relative_to(pin.path)) if file != pin.path else ""
+                if pinned.get(name) != (before.st_size, before.st_mtime_ns):
+                    raise OSError(f"{file} changed since it was pinned")
+                shutil.copy2(file, copy)  # keeps the mtime: the pin's stamp is unchanged
+                after = file.stat()
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    raise OSError(f"{file} changed while it was copied")
+                os.replace(copy, file)
+            except OSError as err:
+                _remove(copy)
+                warnings.warn(
+                    f"{self.owner}(keep_last_good=True): cannot give the kept checkpoint {pin.path} its own copy of "
+                    f"{file.name} ({type(err).__name__}: {err}); it shares that file with {pin.source}, so a save in "
+                    "place under that name would change it.",
+                    stacklevel=2,
+                )
+                return
+
+    def wait(self) -> None:
+        """Wait for the frozen pins' copies under way."""
+        threads, self._copying = self._copying, []
+        for thread in threads:
+            thread.join()
 
     def _intact(self, pin: _Pin) -> bool:
         try:
@@ -196,7 +268,9 @@ class LastGoodCheckpoints:
         return False
 
     def release(self) -> None:
-        """Training ended normally: drop the pins that are not frozen, and the folder when it is empty."""
+        """Training ended normally: drop the pins that are not frozen, and the folder when it is empty; wait for the
+        frozen pins' copies."""
+        self.wait()
         folders = {pin.path.parent for pin in self._pins}
         for pin in [p for p in self._pins if not p.frozen]:
             self._drop(pin)

@@ -116,7 +116,11 @@ def _without_kept_copies(found: list[Checkpoint]) -> list[Checkpoint]:
     stand in for the checkpoints a rotation deleted: one whose step a checkpoint outside that folder carries is that
     one's copy, left out."""
     own = {c.step for c in found if c.path.parent.name != KEEP_FOLDER}
-    return [c for c in found if c.path.parent.name != KEEP_FOLDER or c.step not in own]
+    kept: dict[int | None, Checkpoint] = {}  # one per step: two guards keep one checkpoint as name and name-v1
+    for c in sorted(found, key=lambda c: (len(c.path.name), natural_order(c.path.name))):  # name before name-v1
+        if c.path.parent.name == KEEP_FOLDER and c.step not in own:
+            kept.setdefault(c.step, c)
+    return [c for c in found if c.path.parent.name != KEEP_FOLDER or kept.get(c.step) is c]
 
 
 def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entrotrain.callbacks import EntropyCollapseGuard
-from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, MAX_FROZEN, LastGoodCheckpoints
 from entrotrain.integrations.checkpoint_sources import find_checkpoints
 from tests.callbacks.test_guard_scenarios import KEY, Lin, Script, loader
 from tests.helpers.lightning_models import quiet_trainer
@@ -67,12 +67,14 @@ def test_a_firing_names_the_newest_good_save_whatever_rotation_did(tmp_path_fact
                 _rotate(folder, keep)
             loose = [p for p in guard.keeper.pins if p not in guard.keeper.frozen]
             assert len(loose) <= 2 + sum(1 for s in saves if guard.last_seen_step is None or s >= guard.last_seen_step)
-            for path, content in named.items():  # what a firing named is still there, unchanged
-                assert path.read_bytes() == content
+            firings = list(named)  # first named first; a flapping key keeps the first and the newest ones
+            for path in firings[:1] + firings[1:][-(MAX_FROZEN - 1):]:  # what a firing named is there, unchanged
+                assert path.read_bytes() == named[path]
         guard.keeper.release()
     kept = folder / KEEP_FOLDER
     left = sorted(kept.iterdir()) if kept.exists() else []
-    assert left == sorted(p for p in named if p.parent == kept)  # a normal end: only the frozen pins stay
+    firings = list(named)
+    assert left == sorted(p for p in firings[:1] + firings[1:][-(MAX_FROZEN - 1):] if p.parent == kept)  # frozen only
 
 
 def test_the_judgements_keep_only_what_a_firing_could_name(tmp_path: Path) -> None:
@@ -88,9 +90,10 @@ def test_the_judgements_keep_only_what_a_firing_could_name(tmp_path: Path) -> No
     pin[60] = keeper.saved(_save(tmp_path, 60))
     keeper.judged(70, 70)
     assert keeper.pins == [pin[30], pin[60]] and keeper.frozen == [pin[30]]
+    assert pin[60].stat().st_ino == (tmp_path / "step_60.pt").stat().st_ino  # a hard link: no disk space
     keeper.release()
     assert sorted((tmp_path / KEEP_FOLDER).iterdir()) == [pin[30]]
-    assert pin[30].stat().st_ino == (tmp_path / "step_30.pt").stat().st_ino  # a hard link: no copy
+    assert pin[30].stat().st_nlink == 1 and pin[30].read_bytes() == b"weights at 30"  # frozen: its own copy
 
 
 def test_a_checkpoint_without_a_step_or_already_a_pin_is_not_kept(tmp_path: Path) -> None:
@@ -215,3 +218,29 @@ def test_inspect_reads_a_kept_checkpoint_once_and_only_where_its_original_is_gon
     (tmp_path / "epoch=0-step=3.ckpt").unlink()  # rotated away: the pin stands in for it
     assert [c.path for c in find_checkpoints([tmp_path])] == [tmp_path / KEEP_FOLDER / "epoch=0-step=3.ckpt",
                                                              tmp_path / "epoch=0-step=6.ckpt"]
+
+
+def test_a_flapping_key_keeps_the_first_and_the_newest_firings_checkpoints(tmp_path: Path) -> None:
+    guard = EntropyCollapseGuard(KEY, threshold=0.5)
+    named = []
+    with pytest.warns(UserWarning, match=f"more than {MAX_FROZEN} firings in this fit") as record:
+        for step in range(0, 50, 10):  # good, save, bad: five episodes
+            guard.observe(0.9, step)
+            guard.checkpoint_saved(_save(tmp_path, step))
+            guard.fire(guard.observe(0.1, step + 5), step + 5)
+            named.append(guard.rollback_checkpoint)
+    assert len([w for w in record if "firings in this fit" in str(w.message)]) == 1
+    guard.keeper.release()
+    assert sorted((tmp_path / KEEP_FOLDER).iterdir()) == sorted([named[0], *named[-(MAX_FROZEN - 1):]])
+    assert all(p.read_bytes() == f"weights at {10 * i}".encode() for i, p in enumerate(named) if p.exists())
+
+
+def test_inspect_reads_one_kept_checkpoint_per_step(tmp_path: Path) -> None:
+    """Two guards keep the same checkpoint (``step=3.ckpt`` and ``step=3-v1.ckpt``): once the original is gone,
+    inspect reads it once."""
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    path.write_bytes(b"")
+    LastGoodCheckpoints().saved(path)
+    LastGoodCheckpoints().saved(path)
+    path.unlink()
+    assert [c.path for c in find_checkpoints([tmp_path])] == [tmp_path / KEEP_FOLDER / "epoch=0-step=3.ckpt"]

@@ -46,7 +46,6 @@ def _digests(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.mark.xfail(strict=True, reason="a rule conflict left to the lead: a frozen pin shares its inode with an original that still exists (no disk space while the original exists), so a save in place under that name changes it too")
 def test_the_kept_checkpoint_survives_a_rerun_in_the_same_output_dir(tmp_path: Path) -> None:
     """Trainer keeps every checkpoint by default (``save_total_limit=None``), so the kept ``checkpoint-4`` shares its
     files with ``out/checkpoint-4``. Running the script again with a cure in the same ``output_dir`` (the usual next

@@ -353,6 +353,10 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     if "optimizer_states" not in checkpoint:  # a weights-only checkpoint: nothing to compare
         return changes
     saved = list(checkpoint.get("optimizer_states") or [])
+    # a ReduceLROnPlateau's rate is a position too (it cuts the rate on a plateau) but it keeps no initial rate to
+    # compare: its groups' rates are not compared (a changed rate shows through the hyperparameters)
+    plateau = [c.scheduler.optimizer for c in schedulers
+               if isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)]
     for i, (state, optimizer) in enumerate(zip(saved, optimizers)):
         name = "optimizer" if i == 0 else f"optimizer{i}"
         groups = state.get("param_groups") or []
@@ -364,7 +368,8 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
             changes.append((f"{name}.param_groups", sizes[0], sizes[1]))
         seen: set[str] = set()
         for group, fresh in zip(groups, optimizer.param_groups):
-            pairs = {"lr": (_group_lr(group), _group_lr(fresh))}
+            moved = any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
+            pairs = {} if moved else {"lr": (_group_lr(group), _group_lr(fresh))}
             cycled = _cycled(fresh) | _cycled(group)
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
                           if key not in ("params", "lr", "initial_lr") and key not in cycled})

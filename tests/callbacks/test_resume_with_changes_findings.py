@@ -1,0 +1,59 @@
+"""Bug hunt on ``ResumeWithChanges`` with real Lightning trainers (CPU, tiny model): each test is a scenario a user
+resuming at 2 a.m. would run, and failed before its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from entrotrain.callbacks.resume_with_changes import ResumeWithChanges
+from tests.callbacks.resume_changes_run import Net, Spy, loader, trainer
+from tests.helpers.fork_runs import records
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _fit(root: Path, model: Net, *callbacks, max_steps: int, ckpt: Path | str | None = None, **kwargs):
+    spy = Spy()
+    fit = trainer(root, *callbacks, spy, max_steps=max_steps, **kwargs)
+    fit.fit(model, loader(), ckpt_path=None if ckpt is None else str(ckpt))
+    return fit, spy
+
+
+def _always_plateau(self, optimizer):
+    """mode="max" on a falling loss: every step is a plateau, so the rate halves at every step."""
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
+    return {"scheduler": plateau, "interval": "step", "monitor": "train/loss"}
+
+
+def test_a_rate_reduce_lr_on_plateau_has_cut_is_not_a_change(tmp_path, capsys, monkeypatch):
+    """ReduceLROnPlateau keeps no initial rate: the saved (cut) rate differs from the configured one on an unchanged
+    resume. Before the fix this forked (``optimizer.lr: 0.005 → 0.01``), reset the rate to 0.01 and wrote a new
+    record; it is Lightning's own resume, at the saved rate."""
+    monkeypatch.setattr(Net, "scheduler", _always_plateau)
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=6, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert saved < Net().hparams.lr  # the plateau did cut the rate
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=6)
+    assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
+    assert spy.lrs[0] == [saved]
+    assert records(tmp_path / "again") == []
+    (parent,) = records(tmp_path / "parent")
+    assert len(json.loads((parent / "meta.json").read_text())["resumes"]) == 1
+
+
+def test_a_new_rate_under_reduce_lr_on_plateau_still_forks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Net, "scheduler", _always_plateau)
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=6, checkpoints=True)
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "fork", Net(lr=0.001), callback, ckpt=tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt",
+                  max_steps=6)
+    assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
+    assert spy.lrs[0] == [0.001]

@@ -12,10 +12,16 @@ Microsoft Teams' incoming webhooks, Mattermost, Rocket.Chat, Google Chat); ``dis
 text (ntfy's publish API) with a ``Title`` header.
 
 Each message is posted from a daemon thread, so rank zero returns to training at once and the other ranks never wait
-at the next collective for a slow network. A failed post (unreachable host, HTTP error, timeout after ``timeout``
+at the next collective for a slow network; at most ``MAX_IN_FLIGHT`` posts are under way at once (a firing beyond
+that, while the webhook does not answer, is dropped and reported as a failure). A redirect is not followed (urllib
+would turn the POST into a GET without the message): it is reported as a failure. A failed post (unreachable host, HTTP error, timeout after ``timeout``
 seconds) is warned about once, at the next firing or when training ends, and never reaches training. Posts still
 under way when training ends are waited for up to ``timeout`` seconds (:meth:`WebhookNotifier.flush`, also run at
-interpreter exit), so the firing that stopped a run is not lost when the process exits right after it.
+interpreter exit), so the firing that stopped a run is not lost when the process exits right after it; the wait is
+``timeout`` in all, however many posts hang.
+
+A notifier survives ``copy.deepcopy`` and pickling (DDP spawn, a copy of the trainer's callbacks) without its posts
+under way; one built from ``env:NAME`` pickles without the URL and reads ``NAME`` again where it is unpickled.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import urllib.error
 import urllib.request
 import warnings
 import weakref
+from time import monotonic
 from urllib.parse import urlsplit
 
 from entrotrain.errors import EntrotrainError
@@ -36,6 +43,8 @@ __all__ = ["WebhookNotifier", "notifier_from_spec"]
 
 _DISCORD_LIMIT = 2000
 _ENV_PREFIX = "env:"
+#: Posts under way at once; a firing beyond them is dropped (the webhook is not answering).
+MAX_IN_FLIGHT = 4
 
 
 def notifier_from_spec(spec: str, owner: str = "EntropyCollapseGuard(notify)") -> WebhookNotifier | None:
@@ -51,7 +60,9 @@ def notifier_from_spec(spec: str, owner: str = "EntropyCollapseGuard(notify)") -
                 f"(e.g. `export {name or 'SLACK_WEBHOOK_URL'}=https://hooks.slack.com/services/...`) where training "
                 "runs, or pass notify=None."
             )
-        return WebhookNotifier(url, owner=owner, shown=spec)
+        notifier = WebhookNotifier(url, owner=owner, shown=spec)
+        notifier._env = name
+        return notifier
     if spec.startswith(("http://", "https://")):
         return WebhookNotifier(spec, owner=owner)
     return None
@@ -86,6 +97,21 @@ class WebhookNotifier:
         self._failure: str | None = None
         self._failure_warned = False
         self._lock = threading.Lock()
+        self._env: str | None = None  # the environment variable the URL came from (pickled instead of the URL)
+        _PENDING.add(self)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_threads", "_lock")}
+        if state.get("_env"):
+            state["url"] = None  # a secret: read again from the environment where unpickled
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.url is None:
+            self.url = os.environ.get(self._env or "", "").strip()
+        self._threads = []
+        self._lock = threading.Lock()
         _PENDING.add(self)
 
     def __repr__(self) -> str:
@@ -106,14 +132,21 @@ class WebhookNotifier:
         self._warn_failure()
         thread = threading.Thread(target=self._post, args=(str(message),), name="entrotrain-notify", daemon=True)
         with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) >= MAX_IN_FLIGHT:
+                self._failure = (f"{MAX_IN_FLIGHT} posts still under way, the webhook is not answering; later "
+                                 "messages were dropped")
+                return
+            self._threads.append(thread)
         thread.start()
 
     def _post(self, message: str) -> None:
-        data, headers = self.body(message)
-        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            if not self.url:
+                raise ValueError(f"the environment variable {self._env} is not set in this process")
+            data, headers = self.body(message)
+            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=self.timeout) as response:
                 response.read()
         except urllib.error.HTTPError as err:
             self._failure = f"HTTP {err.code} {err.reason}"
@@ -125,8 +158,9 @@ class WebhookNotifier:
         failed."""
         with self._lock:
             threads, self._threads = self._threads, []
-        for thread in threads:
-            thread.join(self.timeout if timeout is None else timeout)
+        deadline = monotonic() + (self.timeout if timeout is None else timeout)
+        for thread in threads:  # all of them within one timeout, not one timeout each
+            thread.join(max(0.0, deadline - monotonic()))
         self._warn_failure()
 
     def _warn_failure(self) -> None:
@@ -139,6 +173,14 @@ class WebhookNotifier:
             "reported.",
             stacklevel=3,
         )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is an error (urllib would re-send a POST as a GET without its body: the message lost). Built per
+    post, so the environment's proxies at the time of the post are honoured, as ``urlopen`` does."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
 
 
 def _redacted(url: str) -> str:

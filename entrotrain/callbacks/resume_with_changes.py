@@ -143,9 +143,9 @@ class ResumeWithChanges(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.plan = None
         if stage != "fit" or self._wrapped is not None:
-            return
+            return  # validate / test / predict: Lightning's own, and the last fit's plan stays readable
+        self.plan = None
         strategy = trainer.strategy
         previous = vars(strategy).get("load_model_state_dict")
         original = strategy.load_model_state_dict

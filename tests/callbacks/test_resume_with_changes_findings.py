@@ -57,3 +57,16 @@ def test_a_new_rate_under_reduce_lr_on_plateau_still_forks(tmp_path, capsys, mon
                   max_steps=6)
     assert "model.lr: 0.01 → 0.001" in capsys.readouterr().out
     assert spy.lrs[0] == [0.001]
+
+
+def test_the_forks_plan_is_still_readable_after_validate(tmp_path):
+    """``plan`` is documented as the last fit's fork; before the fix a ``trainer.validate`` after the fit (its
+    ``setup``) set it to ``None``."""
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=4, checkpoints=True)
+    callback = ResumeWithChanges(verbose=False)
+    fit, _ = _fit(tmp_path / "fork", Net(lr=0.001), callback, ckpt=tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt",
+                  max_steps=4)
+    assert callback.plan is not None
+    fit.validate(Net(lr=0.001), loader(), verbose=False)
+    assert callback.plan is not None and callback.plan.changes == [("model.lr", 0.01, 0.001)]

@@ -1,0 +1,62 @@
+"""Bug hunt on ``EntropyTrainerCallback(resume_changes=True)`` with real ``transformers.Trainer`` runs (CPU, tiny
+GPT-2): each test is a resume a user would run, and failed before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from entrotrain.integrations.transformers import EntropyTrainerCallback  # noqa: E402
+from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, T = 48, 12
+
+
+def _trainer(root: Path, seed: int, **overrides) -> Trainer:
+    kwargs = dict(
+        output_dir=str(root / "out"), per_device_train_batch_size=4, logging_steps=1, use_cpu=True,
+        report_to="none", save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0, learning_rate=1e-2,
+        max_steps=6,
+    )
+    kwargs.update(overrides)
+    return Trainer(model=tiny_gpt2_lm(VOCAB, T, seed), args=TrainingArguments(**kwargs),
+                   train_dataset=lm_rows(24, VOCAB, T, 1), eval_dataset=lm_rows(8, VOCAB, T, 2))
+
+
+def _records(root: Path) -> list[Path]:
+    return sorted(p.parent for p in (root / "runs").glob("**/meta.json"))
+
+
+def _lrs(trainer: Trainer) -> dict[int, float]:
+    return {r["step"]: r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r}
+
+
+PLATEAU = dict(lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"mode": "min", "patience": 0, "factor": 0.5},
+               eval_strategy="steps", eval_steps=1, metric_for_best_model="loss")
+
+
+def test_a_rate_reduce_lr_on_plateau_has_cut_is_not_a_change(tmp_path: Path, capsys) -> None:
+    """``lr_scheduler_type="reduce_lr_on_plateau"``: the saved rate is the cut one, the configured optimizer's the
+    initial one. Before the fix an unchanged resume forked (``optimizer.lr: 0.00125 → 0.01``), put the rate back to
+    0.01 and wrote a new record; it is Trainer's own resume (the cut rate goes on)."""
+    parent = _trainer(tmp_path, 0, **PLATEAU)
+    EntropyTrainerCallback(record=str(tmp_path / "runs")).attach(parent)
+    parent.train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["param_groups"][0]["lr"]
+    assert saved < 1e-2  # the plateau did cut the rate
+    resumed = _trainer(tmp_path, 5, save_strategy="no", **PLATEAU)
+    callback = EntropyTrainerCallback(record=str(tmp_path / "runs"), resume_changes=True).attach(resumed)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert callback._fork.plan is None and "changed configuration" not in capsys.readouterr().out
+    assert _lrs(resumed)[5] == saved
+    assert len(_records(tmp_path)) == 1

@@ -20,6 +20,7 @@ transformers.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_choice, check_int, check_real
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.dashboards.run_record import RunRecordLogger
 from entrotrain.functional.policy import AGG_MODES
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
@@ -90,6 +91,14 @@ class PolicyStatsTrainerMixin:
         check_real(top_fraction, "top_fraction", low=0.0, low_open=True, high=1.0)
         check_real(cov_top_fraction, "cov_top_fraction", low=0.0, low_open=True, high=1.0)
         check_int(fit_min_points, "fit_min_points", low=2)
+        check_str(stats_prefix, "stats_prefix", empty_ok=True)
+        recorder = functools.partial(
+            PolicyStatsRecorder, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction,
+            fit_min_points=fit_min_points, prefix=stats_prefix, window=window, window_align=window_align,
+            hwe_threshold=hwe_threshold, entropy_length_corr=entropy_length_corr,
+        )  # fmt: skip
+        if policy_stats:
+            recorder(agg=stats_agg or "token-mean")  # the monitor's own checks of the rest, before TRL builds anything
         self._et_capture: dict[str, Tensor] | None = None
         self._et_capturing = False
         self._et_step: int | None = None
@@ -97,12 +106,8 @@ class PolicyStatsTrainerMixin:
         self._et_rewards_per_func: Tensor | None = None
         super().__init__(*args, **kwargs)
         self.policy_stats: PolicyStatsRecorder | None = None
-        if policy_stats:
-            self.policy_stats = PolicyStatsRecorder(
-                agg=stats_agg or self._default_stats_agg(), top_fraction=top_fraction,
-                cov_top_fraction=cov_top_fraction, fit_min_points=fit_min_points, prefix=stats_prefix, window=window,
-                window_align=window_align, hwe_threshold=hwe_threshold, entropy_length_corr=entropy_length_corr,
-            )  # fmt: skip
+        if policy_stats:  # the default aggregation may read what TRL's __init__ set (GRPO's loss_type)
+            self.policy_stats = recorder(agg=stats_agg or self._default_stats_agg())
         self.print_summary = print_summary
 
     # ------------------------------------------------------------------------------------------------ trainer hooks

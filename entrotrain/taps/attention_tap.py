@@ -71,7 +71,9 @@ class MultiheadAttentionAdapter:
                     if compiling():  # q, k from this call's weights, in the graph; scored after it (no graph break)
                         tap._defer_record(tap._site_name(_name), mha_query_key(mod, args, kwargs))
                         return
-                    with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()):
+                    # q, k projected here save tensors: kept out of checkpointing's hooks, as record's own are
+                    with torch.set_grad_enabled(tap.differentiable and torch.is_grad_enabled()), \
+                            _entropy_saves_kept(tap.differentiable):
                         tap.record(name=tap._site_name(_name), **mha_query_key(mod, args, kwargs))
                     tap._suspend_sdpa()  # the module runs as without the tap (its native fast path stays on)
 

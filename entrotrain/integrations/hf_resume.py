@@ -269,6 +269,8 @@ class HFForkedResume:
             self.plan.notes.append(f"new in the model, from their initial values: {', '.join(new)}")
         if saved is not None:
             self._adapt(saved, schedulers)
+        else:
+            self._without_saved_states()
         if any(key in ("args.seed", "args.data_seed") for key, _, _ in changes):
             self._skip_rng_restore()
         if trainer.is_world_process_zero():
@@ -319,6 +321,25 @@ class HFForkedResume:
             kind = getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)
             self.plan.notes.append(f"schedule: {kind} as configured, at step "
                                    f"{self.plan.step} (lr {lr:.4g} at the first resumed step)")
+
+    def _without_saved_states(self) -> None:
+        """A fork from a checkpoint without ``optimizer.pt`` / ``scheduler.pt`` (``save_only_model=True``): the
+        optimizer starts afresh, and the scheduler, which ``Trainer`` would leave at its step 0 (a warmup run again
+        from a rate of 0), is the configured schedule at the saved step, as in a fork with saved states."""
+        from entrotrain._forked_resume import _scheduled_lrs
+
+        trainer, step = self.trainer, self.plan.step
+        note = "the checkpoint has no optimizer state (save_only_model): the optimizer starts afresh"
+        scheduler = trainer.lr_scheduler
+        base = list(getattr(scheduler, "base_lrs", None) or [])
+        lrs = _scheduled_lrs(scheduler, {"last_epoch": step, "base_lrs": base}) if scheduler is not None and base else None
+        if lrs is not None:
+            scheduler.last_epoch, scheduler._step_count, scheduler._last_lr = step, step + 1, list(lrs)
+            for group, lr in zip(trainer.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            kind = getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)
+            note += f"; schedule: {kind} as configured, at step {step} (lr {lrs[0]:.4g} at the first resumed step)"
+        self.plan.notes.append(note)
 
     def _skip_rng_restore(self) -> None:
         """A changed seed: the checkpoint's random state is not restored (once), so the configured seed's is used."""

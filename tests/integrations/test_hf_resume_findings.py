@@ -60,3 +60,23 @@ def test_a_rate_reduce_lr_on_plateau_has_cut_is_not_a_change(tmp_path: Path, cap
     assert callback._fork.plan is None and "changed configuration" not in capsys.readouterr().out
     assert _lrs(resumed)[5] == saved
     assert len(_records(tmp_path)) == 1
+
+
+def test_a_fork_from_a_save_only_model_checkpoint_runs_the_configured_schedule_at_the_saved_step(tmp_path: Path,
+                                                                                                 capsys) -> None:
+    """``save_only_model=True`` checkpoints have no ``optimizer.pt`` / ``scheduler.pt``. Before the fix the fork
+    (a new rate) said nothing about the optimizer and ran the warmup again from a rate of 0 at step 3, although
+    the configured schedule at step 2 (warmup 2 done) gives the configured peak; now it does, and says the
+    optimizer starts afresh."""
+    parent = _trainer(tmp_path, 0, save_only_model=True, warmup_steps=2, max_steps=4)
+    EntropyTrainerCallback(record=str(tmp_path / "runs")).attach(parent)
+    parent.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert not (checkpoint / "optimizer.pt").exists()
+    resumed = _trainer(tmp_path, 5, save_strategy="no", warmup_steps=2, max_steps=4, learning_rate=1e-3)
+    EntropyTrainerCallback(record=str(tmp_path / "runs"), resume_changes=True).attach(resumed)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    out = capsys.readouterr().out
+    assert "args.learning_rate: 0.01 → 0.001" in out and "the optimizer starts afresh" in out
+    lrs = _lrs(resumed)
+    assert lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(0.5e-3)  # linear decay from the peak over 2 steps

@@ -43,3 +43,30 @@ def test_bad_statistic_arguments_are_refused_before_trl_builds_anything(monkeypa
     monkeypatch.setattr(base, "__init__", refuse)
     with pytest.raises(EntrotrainError, match=name):
         cls(model=None, **kw)
+
+
+@pytest.mark.xfail(strict=True, reason="left for the lead (integrations/transformers.py is the lead's this round): "
+                   "EntropyTrainerCallback arms its taps in on_step_begin, before TRL's training_step generates, so "
+                   "under a TRL trainer its monitors also see the generation forwards (prefill + every KV-cache "
+                   "decode step) and the no-grad rollout log-prob pass, not only the training forward")
+def test_hf_callback_monitors_see_only_the_training_forward_under_trl(tmp_path):
+    """A representation monitor attached to EntrotrainRLOOTrainer streams the rows of the loss's forward on a logging
+    step, as under a plain Trainer (one forward per micro-batch). It streamed about 3x as many (232 rows for one
+    80-position micro-batch: 72 from generate, 80 from the rollout log-probs, 80 from the loss)."""
+    from entrotrain.callbacks.representation_monitor import RepresentationEntropyMonitor
+    from entrotrain.integrations.transformers import EntropyTrainerCallback
+    from tests.integrations.test_trl import _train, _trainer
+
+    t = _trainer(EntrotrainRLOOTrainer, tmp_path, max_steps=1)
+    positions: list[int] = []
+    loss = t._compute_loss
+
+    def spy(model, inputs):
+        positions.append(inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
+        return loss(model, inputs)
+
+    t._compute_loss = spy
+    EntropyTrainerCallback([RepresentationEntropyMonitor(include=["model.layers.1"])]).attach(t)
+    _train(t)
+    (row,) = [r for r in t.state.log_history if "loss" in r]
+    assert row["entropy/repr/model.layers.1/n_streamed"] <= sum(positions)

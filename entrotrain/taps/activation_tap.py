@@ -24,6 +24,7 @@ tuple / list             its ``output_index``-th element (default 0), then as ab
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -190,6 +191,7 @@ class ActivationTap(ForwardHookTap):
         self.differentiable = check_bool(differentiable, "differentiable")
         self.captures: dict[str, list[Capture]] = {}
         self._handles: list[Any] = []
+        self._grad_at_arming, self._warned_no_grad = True, False  # set at each arming
         self.names = self._match()
 
     def _match(self) -> list[str]:
@@ -214,10 +216,19 @@ class ActivationTap(ForwardHookTap):
         """Forget stored captures."""
         self.captures = {}
 
+    def arm(self) -> ActivationTap:
+        """Install the hooks (see :class:`~entrotrain.taps._forward_hooks.ForwardHookTap`); notes whether gradients
+        are on, so a differentiable capture that runs with them off (reentrant checkpointing) is warned about."""
+        if not self.armed:
+            self._grad_at_arming, self._warned_no_grad = torch.is_grad_enabled(), False
+        return super().arm()
+
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not capture_allowed(self):
                 return
+            if self.differentiable and module is not None and not torch.is_grad_enabled() and self._grad_at_arming:
+                self._warn_no_grad(name)
             kwargs = dict(
                 name=name,
                 max_rows=self.max_rows,
@@ -236,6 +247,18 @@ class ActivationTap(ForwardHookTap):
                 self.captures.setdefault(name, []).append(capture)
 
         return hook
+
+    def _warn_no_grad(self, name: str) -> None:
+        if self._warned_no_grad:
+            return
+        self._warned_no_grad = True
+        warnings.warn(
+            f"ActivationTap(differentiable=True): module {name!r} ran with gradients off inside a forward armed with "
+            "them on, so a regulariser gets no gradient from it. This is what reentrant activation checkpointing "
+            "does (torch.utils.checkpoint(..., use_reentrant=True), or HF gradient_checkpointing_enable() with "
+            "use_reentrant=True): use use_reentrant=False.",
+            stacklevel=4,
+        )
 
     def rows(self, name: str) -> Tensor:
         """All stored rows of module ``name``, concatenated in call order ``(n, d)``."""

@@ -67,3 +67,41 @@ def test_no_warning_when_the_capture_runs_without_gradients() -> None:
         with torch.no_grad(), reg.capture(model):
             model(torch.randn(2, 5, 8))
         reg()
+
+
+class MLPBlocks(nn.Module):
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.reentrant = reentrant
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for proj in self.proj:
+            h = h + (proj(h) if self.reentrant is None else torch_checkpoint.checkpoint(
+                proj, h, use_reentrant=self.reentrant))
+        return h
+
+
+def _representation_grads(reentrant: bool | None) -> torch.Tensor:
+    from entrotrain.regularizers.representation import MatrixEntropyRegularizer
+
+    model = MLPBlocks(reentrant)
+    reg = MatrixEntropyRegularizer(1.0, include=["proj.*"])
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with reg.capture(model):
+        out = model(x)
+    (out.square().mean() + reg().total).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_a_representation_regulariser_under_reentrant_checkpointing_warns_that_it_does_not_train() -> None:
+    """The ActivationTap kept the no-grad outputs of a reentrant checkpointed region without a word, so
+    MatrixEntropyRegularizer (Vendi, MMCR) silently added nothing to the gradient; the AttentionTap warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = _representation_grads(None)
+        assert torch.allclose(_representation_grads(False), plain, atol=1e-6)  # non-reentrant: the same gradient
+    with pytest.warns(UserWarning, match=r"ActivationTap\(differentiable=True\): module 'proj.0' ran with gradients off"):
+        got = _representation_grads(True)
+    assert not torch.allclose(got, plain, atol=1e-6)

@@ -38,8 +38,12 @@ Choices stated (rl_entropy.md, "Choices an implementation must state"):
   of the logging step (so a sequence weighs by its length, as in verl's estimator).
 * **Mask**: ``completion_mask`` (padding and tokens after EOS out), the mask of RLOO's loss.
 * **Reward**: TRL's logged ``reward`` (the weighted sum of the reward functions, NaN where none scored the
-  completion), i.e. before ``reward_clip_range`` and the ``beta`` KL penalty that shape the advantage:
-  ``entropy/policy/reward_mean`` equals TRL's ``reward``.
+  completion), i.e. before ``reward_clip_range`` and the ``beta`` KL penalty that shape the advantage.
+  ``entropy/policy/reward_mean`` is its mean over the completions the logged step trained on (the rows of its
+  entropies, so the entropy–reward fit pairs like with like); it equals TRL's ``reward`` when that step trained on
+  one whole rollout and ``logging_steps=1``. TRL's ``reward`` averages every rollout generated since the last log
+  (several with ``logging_steps > 1``; none on a step that reuses an earlier rollout, ``steps_per_generation`` greater
+  than the gradient-accumulation steps or ``num_iterations > 1``), so the two then differ.
 * **Aggregation** of ``entropy/policy/mean``: ``token-mean`` (TRL's own ``entropy`` metric). RLOO's loss sums the
   log-probs of a completion (``seq-mean-token-sum``), but a summed entropy grows with the completion's length and is
   no per-token entropy for the ``e^H`` fit; pass ``stats_agg="seq-mean-token-sum"`` to follow the loss.

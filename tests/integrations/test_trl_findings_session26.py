@@ -70,3 +70,44 @@ def test_hf_callback_monitors_see_only_the_training_forward_under_trl(tmp_path):
     _train(t)
     (row,) = [r for r in t.state.log_history if "loss" in r]
     assert row["entropy/repr/model.layers.1/n_streamed"] <= sum(positions)
+
+
+def test_rloo_reward_mean_is_over_the_rows_the_logged_step_trained_on(tmp_path):
+    """The RLOO docstring said ``reward_mean`` "equals TRL's reward". With steps_per_generation=2 one rollout of 16
+    completions feeds two optimizer steps of 8: TRL's ``reward`` (step 1 only) averages all 16, while reward_mean
+    averages the 8 rows each step trained on (the rows of its entropies), also on step 2, where TRL logs no reward.
+    Fix: the docstring states this (the behaviour is the right one for the entropy–reward fit)."""
+    import math
+
+    import torch
+
+    from entrotrain.integrations._trl_stats import REWARDS_KEY
+    from tests.integrations.test_trl import _train, _trainer
+
+    t = _trainer(EntrotrainRLOOTrainer, tmp_path, max_steps=2, steps_per_generation=2)
+    trained: dict[int, list[torch.Tensor]] = {}
+    generated: list[torch.Tensor] = []
+    loss, rewards = t._compute_loss, t._calculate_rewards
+
+    def spy_loss(model, inputs):
+        trained.setdefault(t.state.global_step + 1, []).append(inputs[REWARDS_KEY].clone())
+        return loss(model, inputs)
+
+    def spy_rewards(*args, **kwargs):
+        out = rewards(*args, **kwargs)
+        generated.append(out.clone())
+        return out
+
+    t._compute_loss, t._calculate_rewards = spy_loss, spy_rewards
+    _train(t)
+    rows = {r["step"]: r for r in t.state.log_history if "loss" in r}
+    (per_func,) = generated
+    assert per_func.shape[0] == 16
+    for step in (1, 2):
+        want = float(torch.cat(trained[step]).double().nanmean())
+        assert rows[step]["entropy/policy/reward_mean"] == pytest.approx(want, rel=1e-12)
+    assert rows[1]["reward"] == pytest.approx(float((per_func @ t.reward_weights).nanmean()), rel=1e-6)
+    assert "reward" not in rows[2] and math.isfinite(rows[2]["entropy/policy/reward_mean"])
+    from entrotrain.integrations import trl_rloo
+
+    assert "equals TRL's ``reward`` when" in trl_rloo.__doc__  # the docstring says so

@@ -223,6 +223,13 @@ def _scheduled_lrs(scheduler: Any, state: Mapping[str, Any]) -> list[float] | No
         return None
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # the lambdas are the configured ones (not saved)
         return [float(b) * float(f(last)) for b, f in zip(base, scheduler.lr_lambdas)]
+    if isinstance(scheduler, (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)):
+        # a function of the step and the configured settings (total_steps, phases, max_lr, cycle sizes)
+        from torch.optim.lr_scheduler import _enable_get_lr_call
+
+        scheduler.last_epoch = last
+        with _enable_get_lr_call(scheduler):
+            return [float(lr) for lr in scheduler.get_lr()]
     closed = getattr(scheduler, "_get_closed_form_lr", None)
     if closed is None:
         return None
@@ -416,7 +423,9 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
             state["base_lrs"] = fresh["base_lrs"]
         index = next((i for i, o in enumerate(optimizers) if o is config.scheduler.optimizer), None)
         lrs = _scheduled_lrs(config.scheduler, state)
-        if lrs is None:
+        if lrs is None:  # no closed form: the saved position, with the configured settings (factor, patience, ...)
+            for key in _scheduler_settings(config.scheduler) & set(fresh) & set(state):
+                state[key] = fresh[key]
             continue
         # the configured scheduler (its T_max, step_size, lambdas' settings: Lightning would restore the
         # saved ones) at the saved position

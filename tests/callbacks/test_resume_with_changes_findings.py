@@ -70,3 +70,54 @@ def test_the_forks_plan_is_still_readable_after_validate(tmp_path):
     assert callback.plan is not None
     fit.validate(Net(lr=0.001), loader(), verbose=False)
     assert callback.plan is not None and callback.plan.changes == [("model.lr", 0.01, 0.001)]
+
+
+def _one_cycle_over_the_run(self, optimizer):
+    """The usual OneCycleLR: over ``trainer.estimated_stepping_batches`` (the run's ``max_steps``)."""
+    cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr,
+                                                total_steps=self.trainer.estimated_stepping_batches)
+    return {"scheduler": cycle, "interval": "step"}
+
+
+def test_a_longer_one_cycle_runs_as_configured(tmp_path, capsys, monkeypatch):
+    """A run extended (max_steps 4 → 8) under a OneCycleLR over the run's steps: the fork says
+    ``lr_scheduler.total_steps: 4 → 8``. Before the fix the saved scheduler (total_steps 4) was restored anyway and
+    the fit died at step 5 with torch's ``Tried to step 5 times``; now the configured cycle runs from the saved
+    step."""
+    monkeypatch.setattr(Net, "scheduler", _one_cycle_over_the_run)
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=4, checkpoints=True)
+    callback = ResumeWithChanges()
+    fit, spy = _fit(tmp_path / "fork", Net(), callback, ckpt=tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt",
+                    max_steps=8)
+    assert "lr_scheduler.total_steps: 4 → 8" in capsys.readouterr().out
+    assert fit.global_step == 8
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.01, total_steps=8)
+    expected = []
+    for _ in range(8):
+        expected.append(cycle.get_last_lr()[0])
+        reference.step()
+        cycle.step()
+    assert [lrs[0] for lrs in spy.lrs] == pytest.approx(expected[2:])
+
+
+def _plateau(factor):
+    def scheduler(self, optimizer):
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=0)
+        return {"scheduler": plateau, "interval": "step", "monitor": "train/loss"}
+    return scheduler
+
+
+def test_a_changed_plateau_factor_is_used(tmp_path, capsys, monkeypatch):
+    """ReduceLROnPlateau(factor 0.5 → 0.1) changed in code: the fork says so; before the fix the saved factor was
+    restored and used anyway."""
+    monkeypatch.setattr(Net, "scheduler", _plateau(0.5))
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=4, checkpoints=True)
+    monkeypatch.setattr(Net, "scheduler", _plateau(0.1))
+    _, spy = _fit(tmp_path / "fork", Net(), ResumeWithChanges(), max_steps=4,
+                  ckpt=tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt")
+    assert "lr_scheduler.factor: 0.5 → 0.1" in capsys.readouterr().out
+    first, second = (lrs[0] for lrs in spy.lrs)
+    assert second == pytest.approx(first * 0.1)  # every step is a plateau (mode="max" on a falling loss)

@@ -130,12 +130,14 @@ class PolicyStatsTrainerMixin:
             return False
         args = self.args
         step = self.state.global_step + 1
+        if args.logging_first_step and step == 1:  # whatever the strategy, "no" included
+            return True
         strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
         if strategy != "steps":
             return strategy != "no"
         every = self.state.logging_steps or args.logging_steps
         every = max(1, int(math.ceil(every * self.state.max_steps)) if every < 1 else int(every))
-        return (args.logging_first_step and step == 1) or step % every == 0
+        return step % every == 0
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[override]
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

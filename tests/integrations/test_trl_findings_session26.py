@@ -111,3 +111,17 @@ def test_rloo_reward_mean_is_over_the_rows_the_logged_step_trained_on(tmp_path):
     from entrotrain.integrations import trl_rloo
 
     assert "equals TRL's ``reward`` when" in trl_rloo.__doc__  # the docstring says so
+
+
+@pytest.mark.parametrize("cls", [EntrotrainGRPOTrainer, EntrotrainRLOOTrainer])
+def test_logging_first_step_logs_the_statistics_under_logging_strategy_no(tmp_path, cls):
+    """HF logs step 1 when logging_first_step=True whatever the logging strategy (DefaultFlowCallback.on_step_end);
+    the capture rule returned False for logging_strategy="no" before looking at logging_first_step, so that logged
+    step had no entropy/policy/* keys."""
+    from tests.integrations.test_trl import _train, _trainer
+
+    t = _trainer(cls, tmp_path, max_steps=2, logging_strategy="no", logging_first_step=True)
+    _train(t)
+    rows = [r for r in t.state.log_history if "loss" in r]
+    assert [r["step"] for r in rows] == [1]
+    assert "entropy/policy/mean" in rows[0] and rows[0]["entropy/policy/tokens"] > 0

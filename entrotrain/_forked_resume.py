@@ -409,7 +409,7 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
     saved = checkpoint.get("optimizer_states") or []
     sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
     other = [type(o).__name__ for o, s in zip(optimizers, saved) if _other_kind(s, o)]
-    if [[len(g["params"]) for g in s["param_groups"]] for s in saved] != sizes or other:
+    if [[len(g["params"]) for g in s.get("param_groups", [])] for s in saved] != sizes or other:
         checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
         checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]
         what = f"optimizer changed (now {', '.join(other)})" if other else "optimizer's parameters changed"
@@ -435,7 +435,7 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
         if "_last_lr" in fresh:
             state["_last_lr"] = list(lrs)
         if index is not None and index < len(saved):
-            for group, lr in zip(saved[index]["param_groups"], lrs):
+            for group, lr in zip(saved[index].get("param_groups", []), lrs):
                 group["lr"] = lr
 
 
@@ -445,7 +445,7 @@ def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], opt
     changed: dict[str, tuple[Any, Any]] = {}
     added: float | None = None  # the first resumed step's rate under a scheduler the checkpoint's run had not
     for state, optimizer in zip(saved, optimizers):
-        for group, fresh in zip(state["param_groups"], optimizer.param_groups):
+        for group, fresh in zip(state.get("param_groups", []), optimizer.param_groups):
             scheduled = "initial_lr" in fresh and "initial_lr" in group
             if "initial_lr" in fresh and "initial_lr" not in group:  # a new schedule starts at the fork
                 added = fresh["lr"] if added is None else added

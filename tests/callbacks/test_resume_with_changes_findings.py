@@ -121,3 +121,23 @@ def test_a_changed_plateau_factor_is_used(tmp_path, capsys, monkeypatch):
     assert "lr_scheduler.factor: 0.5 → 0.1" in capsys.readouterr().out
     first, second = (lrs[0] for lrs in spy.lrs)
     assert second == pytest.approx(first * 0.1)  # every step is a plateau (mode="max" on a falling loss)
+
+
+class _NoOptimizer(Net):
+    """A module that trains nothing (``configure_optimizers`` returns ``None``: Lightning's mock optimizer, saved as
+    an empty state)."""
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+
+def test_a_changed_module_without_an_optimizer_forks(tmp_path, capsys):
+    """Before the fix: ``KeyError: 'param_groups'`` from the fork's adaptation of the (empty) saved optimizer."""
+    trainer(tmp_path / "parent", checkpoints=True).fit(_NoOptimizer(), loader())
+    callback = ResumeWithChanges()
+    trainer(tmp_path / "fork", callback).fit(_NoOptimizer(lr=0.001), loader(),
+                                             ckpt_path=str(tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"))
+    assert callback.plan is not None and "model.lr: 0.01 → 0.001" in capsys.readouterr().out

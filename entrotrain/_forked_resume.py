@@ -421,7 +421,8 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
         fresh = config.scheduler.state_dict()
         if "base_lrs" in state and "base_lrs" in fresh:
             state["base_lrs"] = fresh["base_lrs"]
-        index = next((i for i, o in enumerate(optimizers) if o is config.scheduler.optimizer), None)
+        index = next((i for i, o in enumerate(optimizers) if config.scheduler.optimizer is o
+                      or config.scheduler.optimizer is getattr(o, "optimizer", None)), None)  # accelerate's wrap
         lrs = _scheduled_lrs(config.scheduler, state)
         if lrs is None:  # no closed form: the saved position, with the configured settings (factor, patience, ...)
             for key in _scheduler_settings(config.scheduler) & set(fresh) & set(state):

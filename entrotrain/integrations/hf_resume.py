@@ -318,7 +318,7 @@ class HFForkedResume:
         if scheduler is not None and saved["lr_schedulers"]:
             scheduler.load_state_dict(saved["lr_schedulers"][0])
             lr = trainer.optimizer.param_groups[0]["lr"]
-            kind = getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)
+            kind = _schedule_name(trainer)
             self.plan.notes.append(f"schedule: {kind} as configured, at step "
                                    f"{self.plan.step} (lr {lr:.4g} at the first resumed step)")
 
@@ -337,7 +337,7 @@ class HFForkedResume:
             scheduler.last_epoch, scheduler._step_count, scheduler._last_lr = step, step + 1, list(lrs)
             for group, lr in zip(trainer.optimizer.param_groups, lrs):
                 group["lr"] = lr
-            kind = getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)
+            kind = _schedule_name(trainer)
             note += f"; schedule: {kind} as configured, at step {step} (lr {lrs[0]:.4g} at the first resumed step)"
         self.plan.notes.append(note)
 
@@ -348,6 +348,14 @@ class HFForkedResume:
 
         self._set("_load_rng_state", load_rng_state)
         self.plan.notes.append("random state: the configured seed's (the checkpoint's rng_state is not restored)")
+
+
+def _schedule_name(trainer: Any) -> str:
+    """``lr_scheduler_type`` when ``Trainer`` built the scheduler, else (``Trainer(optimizers=(opt, scheduler))``)
+    the class of the one passed."""
+    if getattr(trainer, "_created_lr_scheduler", True):
+        return str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type))
+    return type(trainer.lr_scheduler).__name__
 
 
 def _sagemaker_mp() -> bool:

@@ -3,6 +3,7 @@ GPT-2): each test is a resume a user would run, and failed before its fix."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from entrotrain.integrations.transformers import EntropyTrainerCallback  # noqa: E402
 from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
@@ -80,3 +81,46 @@ def test_a_fork_from_a_save_only_model_checkpoint_runs_the_configured_schedule_a
     assert "args.learning_rate: 0.01 → 0.001" in out and "the optimizer starts afresh" in out
     lrs = _lrs(resumed)
     assert lrs[3] == pytest.approx(1e-3) and lrs[4] == pytest.approx(0.5e-3)  # linear decay from the peak over 2 steps
+
+
+class _StepRates(TrainerCallback):
+    """The rate the optimizer steps with, at each step's begin (Trainer logs the scheduler's ``get_last_lr``)."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def _own_cosine(root: Path, seed: int, t_max: int, **overrides) -> Trainer:
+    """A Trainer given its own AdamW and CosineAnnealingLR(T_max) (``optimizers=(opt, scheduler)``): the scheduler
+    holds the optimizer accelerate wraps afterwards."""
+    model = tiny_gpt2_lm(VOCAB, T, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+    kwargs = dict(output_dir=str(root / "out"), per_device_train_batch_size=4, logging_steps=1, use_cpu=True,
+                  report_to="none", save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0, max_steps=4)
+    kwargs.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=lm_rows(24, VOCAB, T, 1),
+                   optimizers=(optimizer, scheduler))
+
+
+def test_a_changed_schedule_passed_to_trainer_is_the_rate_stepped_with(tmp_path: Path, capsys) -> None:
+    """``Trainer(optimizers=(AdamW, CosineAnnealingLR(T_max=4 → 8)))``: before the fix the fork set the scheduler's
+    ``_last_lr`` (the logged rate) to the configured cosine at step 2 but left the optimizer at the saved schedule's
+    rate (the scheduler's optimizer is the unwrapped one), so step 3 trained at 0.005, logged 0.0085, and the note
+    named the unused ``lr_scheduler_type`` ("linear")."""
+    parent = _own_cosine(tmp_path, 0, 4)
+    EntropyTrainerCallback(record=str(tmp_path / "runs")).attach(parent)
+    parent.train()
+    resumed = _own_cosine(tmp_path, 5, 8, save_strategy="no")
+    EntropyTrainerCallback(record=str(tmp_path / "runs"), resume_changes=True).attach(resumed)
+    rates = _StepRates()
+    resumed.add_callback(rates)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    out = capsys.readouterr().out
+    assert "lr_scheduler.T_max: 4 → 8" in out and "schedule: CosineAnnealingLR as configured, at step 2" in out
+    expected = [1e-2 * (1 + math.cos(math.pi * step / 8)) / 2 for step in (2, 3)]
+    assert rates.rates == pytest.approx(expected)
+    assert [_lrs(resumed)[step] for step in (3, 4)] == pytest.approx(expected)

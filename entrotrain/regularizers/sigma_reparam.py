@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -128,6 +129,25 @@ def _top_right_singular_vector(weight: Tensor, init_iterations: int | None) -> T
         v = _unit(w @ u)
         u = _keep_if_degenerate(_unit(w.T @ v), u)
     return u
+
+
+#: Training forwards per layer whose start is kept for activation checkpointing's recomputation.
+_MAX_STARTS = 16
+
+
+def _may_be_recomputed() -> bool:
+    """Whether the running forward may be recomputed in backward: inside non-reentrant activation checkpointing
+    (saved-tensor hooks are active) or reentrant one (the forward runs without gradients)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return not torch.is_grad_enabled() or top is None or top(False) is not None
+
+
+def _fingerprint(x: Tensor) -> Tensor:
+    """A few numbers that tell one input of a layer from another (its sum and 16 evenly spaced values, in float32;
+    the shape is compared apart): the same bit for bit when checkpointing recomputes it. No copy of ``x`` is kept."""
+    flat = x.detach().reshape(-1)
+    step = max(1, flat.numel() // 16)
+    return torch.cat([flat.sum(dtype=torch.float32).reshape(1), flat[::step][:16].to(torch.float32)])
 
 
 def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -226,6 +246,9 @@ class SigmaReparamLinear(nn.Module):
         self.register_buffer("u", torch.empty(in_features, device=device, dtype=cdtype))
         self.register_buffer("sigma", torch.empty((), device=device, dtype=cdtype))
         self._step_start: Tensor | None = None  # the u the last training forward started from (recomputation)
+        #: (input shape, input fingerprint, u it started from) of the latest training forwards that checkpointing
+        #: may recompute (eager code; compiled code recomputes in its own backward, without Python)
+        self._starts: deque[tuple[tuple[int, ...], Tensor, Tensor]] = deque(maxlen=_MAX_STARTS)
         self.reset_parameters()
 
     def _as_matrix(self, weight: Tensor) -> Tensor:
@@ -354,13 +377,16 @@ class SigmaReparamLinear(nn.Module):
         return layer
 
     # ------------------------------------------------------------------ maths
-    def _spectral_norm(self, weight: Tensor, update: bool) -> Tensor:
+    def _spectral_norm(self, weight: Tensor, update: bool, x: Tensor | None = None) -> Tensor:
         """σ(W) = vᵀ W u with u, v constants (gradient to W only); updates the buffers iff ``update``.
 
-        ``weight`` is this layer's (full, plain) weight in its storage layout. Activation checkpointing runs a
-        training forward a second time inside ``backward()`` to recompute it: that run repeats the power iteration
-        from the ``u`` the forward started from and writes nothing, so σ (and so the gradient) is the forward's and
-        ``u`` advances once per forward, as without checkpointing.
+        ``weight`` is this layer's (full, plain) weight in its storage layout; ``x`` the layer's input. Activation
+        checkpointing runs a training forward a second time inside ``backward()`` to recompute it: that run repeats
+        the power iteration from the ``u`` its forward started from and writes nothing, so σ (and so the gradient)
+        is the forward's and ``u`` advances once per forward, as without checkpointing. The forward is found by its
+        input (a fingerprint of ``x``, recomputed bit for bit), so several forwards before one backward (two
+        micro-batches or two views with their losses summed, a layer called twice in one checkpointed region) each
+        get their own σ; without a match (a non-deterministic recomputation) the latest forward's start is used.
         """
         cdtype = _compute_dtype(weight.dtype)
         recompute = update and self._step_start is not None and in_backward()
@@ -369,7 +395,9 @@ class SigmaReparamLinear(nn.Module):
             with torch.no_grad():
                 if update and not recompute:
                     self._step_start = self.u.detach().clone()
-                start = self._step_start if recompute else self.u
+                    if x is not None and not torch.compiler.is_compiling() and _may_be_recomputed():
+                        self._start_log().append((tuple(x.shape), _fingerprint(x), self._step_start))
+                start = self._start_of(x) if recompute else self.u
                 u = start.to(cdtype).clone()  # never hand the buffer itself to autograd
                 if update:
                     for _ in range(self.n_power_iterations):
@@ -383,6 +411,20 @@ class SigmaReparamLinear(nn.Module):
                 self.u.copy_(u)  # never 0 or NaN: a transient NaN weight does not poison later forwards
                 self.sigma.copy_(torch.where(torch.isfinite(sigma), sigma, self.sigma.to(sigma.dtype)).detach())
         return sigma
+
+    def _start_log(self) -> deque[tuple[tuple[int, ...], Tensor, Tensor]]:
+        return self.__dict__.setdefault("_starts", deque(maxlen=_MAX_STARTS))  # (a layer pickled before it had one)
+
+    def _start_of(self, x: Tensor | None) -> Tensor:
+        """The ``u`` the forward being recomputed started from: the latest forward with ``x``'s fingerprint, else
+        the latest forward's."""
+        assert self._step_start is not None
+        if x is not None and not torch.compiler.is_compiling():
+            fingerprint = _fingerprint(x)
+            for shape, seen, start in reversed(self._start_log()):
+                if shape == tuple(x.shape) and torch.equal(seen, fingerprint):
+                    return start
+        return self._step_start
 
     def spectral_norm_estimate(self) -> Tensor:
         """σ(W) from the stored ``u`` without iterating or writing anything (the eval-mode σ), differentiable.
@@ -413,7 +455,7 @@ class SigmaReparamLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # under FSDP2 the weight is already gathered here (full_tensor is then a no-op)
         weight = full_tensor(self.weight)
-        sigma = self._spectral_norm(weight, update=self.training)
+        sigma = self._spectral_norm(weight, update=self.training, x=x)
         return F.linear(x, self._as_matrix(self._reparam(weight, sigma)), full_tensor(self.bias) if self.bias is not None else None)
 
     def extra_repr(self) -> str:

@@ -299,11 +299,14 @@ class EntropyTrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     @staticmethod
     def _logging_step(args: TrainingArguments, state: TrainerState, step: int) -> bool:
-        """Whether ``Trainer`` logs at optimizer step ``step`` (``DefaultFlowCallback.on_step_end``'s rule)."""
+        """Whether ``Trainer`` logs at optimizer step ``step`` (``DefaultFlowCallback.on_step_end``'s rule: the first
+        step with ``logging_first_step`` whatever the strategy, then every ``logging_steps`` under ``"steps"``)."""
+        if step == 1 and bool(args.logging_first_step):
+            return True
         if str(getattr(args.logging_strategy, "value", args.logging_strategy)) != "steps":
             return False
         every = state.logging_steps or args.logging_steps
-        return (step == 1 and bool(args.logging_first_step)) or (bool(every) and step % int(every) == 0)
+        return bool(every) and step % int(every) == 0
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,

@@ -469,3 +469,12 @@ def test_a_firing_names_the_trainer_checkpoint_to_roll_back_to(tmp_path: Path, l
     resumed = _trainer(tmp_path, _model(), max_steps=6)
     resumed.train(resume_from_checkpoint=str(kept))  # Trainer resumes from the kept folder like from its own
     assert resumed.state.global_step == 6
+
+
+def test_logging_first_step_is_a_logging_step_whatever_the_strategy(tmp_path: Path) -> None:
+    """Trainer logs step 1 with ``logging_first_step`` also under ``logging_strategy="no"``
+    (``DefaultFlowCallback.on_step_end``): the monitors capture it, so that row carries their keys."""
+    trainer = _trainer(tmp_path, _model(), max_steps=2, logging_strategy="no", logging_first_step=True)
+    EntropyTrainerCallback([AttentionEntropyMonitor(log_media=False)]).attach(trainer)
+    trainer.train()
+    assert list(_entro_rows(trainer, "entropy/attn_norm/min")) == [1]

@@ -149,9 +149,20 @@ class WebhookNotifier:
             with urllib.request.build_opener(_NoRedirect).open(request, timeout=self.timeout) as response:
                 response.read()
         except urllib.error.HTTPError as err:
-            self._failure = f"HTTP {err.code} {err.reason}"
+            self._failure = self._scrubbed(f"HTTP {err.code} {err.reason}")
         except Exception as err:  # noqa: BLE001 - unreachable, timeout, TLS: reported, never raised into training
-            self._failure = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            self._failure = self._scrubbed(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
+
+    def _scrubbed(self, text: str) -> str:
+        """``text`` (an error's message) without the URL's secret parts: its path, query and credentials (http.client
+        quotes the path or the netloc of a URL it refuses)."""
+        parts = urlsplit(self.url) if self.url else None
+        if parts is None:
+            return text
+        secrets = [parts.path, parts.query, parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""]
+        for secret in sorted({s for s in secrets if len(s) > 1}, key=len, reverse=True):
+            text = text.replace(secret, "…")
+        return text
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for the posts under way (each up to ``timeout``, default the notifier's), then warn (once) if one
@@ -184,9 +195,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _redacted(url: str) -> str:
-    """``https://hooks.slack.com/…``: the scheme and host only (the path holds the webhook's secret)."""
+    """``https://hooks.slack.com/…``: the scheme and host only (the path, and credentials in ``user:token@host``,
+    hold the webhook's secret)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/…" if parts.netloc else "…"
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}/…" if host else "…"
 
 
 _PENDING: weakref.WeakSet[WebhookNotifier] = weakref.WeakSet()

@@ -184,3 +184,19 @@ def test_the_cli_saves_notify_as_written_in_the_recipe(spec, monkeypatch) -> Non
                                                      "init_args": init}]})
         dumped = yaml.safe_load(parser.dump(config))
     assert dumped["callbacks"][0]["init_args"]["notify"] == spec
+
+
+def test_credentials_and_paths_never_reach_reprs_or_warnings() -> None:
+    """``_redacted`` kept the netloc, credentials included (``https://user:token@ntfy.sh/…``), and a refused URL's
+    error quoted its path (http.client: "URL can't contain control characters. '/services/…secret…'")."""
+    with_credentials = WebhookNotifier("http://user:tok3n@127.0.0.1:9/topic", timeout=1.0)
+    assert "tok3n" not in repr(with_credentials) and "127.0.0.1:9" in repr(with_credentials)
+    with_credentials("m")
+    with pytest.warns(UserWarning) as caught:
+        with_credentials.flush()
+    assert caught and all("tok3n" not in str(w.message) for w in caught)
+    spaced = WebhookNotifier("http://127.0.0.1:9/services/T0/s3cret path", timeout=1.0)
+    spaced("m")
+    with pytest.warns(UserWarning, match="failed") as caught:
+        spaced.flush()
+    assert all("s3cret" not in str(w.message) for w in caught)

@@ -29,6 +29,8 @@ Everything that changed is printed when the run starts.
 
 from __future__ import annotations
 
+import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +341,22 @@ def _scheduler_settings(scheduler: Any) -> frozenset[str]:
         return frozenset()
 
 
+#: An object's default repr (``<Warmup object at 0x7f...>``): differs between two objects of equal settings.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _setting(value: Any) -> Any:
+    """A scheduler setting as compared: a function by its qualified name, an object printed with its address (a
+    callable instance: the checkpoint's is unpickled as another object) by its class and attributes, anything else
+    as :func:`json_safe` writes it."""
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    if _ADDRESS.search(repr(value)) and hasattr(value, "__dict__"):
+        attributes = ", ".join(f"{key}={json_safe(item)!r}" for key, item in sorted(vars(value).items()))
+        return f"{type(value).__qualname__}({attributes})"
+    return json_safe(value)
+
+
 def _group_lr(group: Mapping[str, Any]) -> Any:
     """A param group's configured learning rate: its scheduler's initial rate when it has one."""
     return group.get("initial_lr", group.get("lr"))
@@ -394,7 +412,7 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         name = "lr_scheduler" if i == 0 else f"lr_scheduler{i}"
         fresh = config.scheduler.state_dict()
         for key in sorted(_scheduler_settings(config.scheduler) & (set(fresh) | set(state))):
-            old, new = json_safe(state.get(key)), json_safe(fresh.get(key))
+            old, new = _setting(state.get(key)), _setting(fresh.get(key))
             if old != new:
                 changes.append((f"{name}.{key}", old, new))
     return changes

@@ -16,10 +16,11 @@ from tests.helpers.fork_runs import records
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _fit(root: Path, model: Net, *callbacks, max_steps: int, ckpt: Path | str | None = None, **kwargs):
+def _fit(root: Path, model: Net, *callbacks, max_steps: int, ckpt: Path | str | None = None,
+         weights_only: bool | None = None, **kwargs):
     spy = Spy()
     fit = trainer(root, *callbacks, spy, max_steps=max_steps, **kwargs)
-    fit.fit(model, loader(), ckpt_path=None if ckpt is None else str(ckpt))
+    fit.fit(model, loader(), ckpt_path=None if ckpt is None else str(ckpt), weights_only=weights_only)
     return fit, spy
 
 
@@ -141,3 +142,46 @@ def test_a_changed_module_without_an_optimizer_forks(tmp_path, capsys):
     trainer(tmp_path / "fork", callback).fit(_NoOptimizer(lr=0.001), loader(),
                                              ckpt_path=str(tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"))
     assert callback.plan is not None and "model.lr: 0.01 → 0.001" in capsys.readouterr().out
+
+
+class Warmup:
+    """A warmup as a callable object (picklable, no ``__repr__``: printed with its address)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps)
+
+
+class _CallableLR(torch.optim.lr_scheduler.LRScheduler):
+    """A scheduler keeping its rate function as a setting (in its ``state_dict``, as custom schedulers do)."""
+
+    def __init__(self, optimizer, fn, last_epoch: int = -1) -> None:
+        self.fn = fn
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        return [base * self.fn(self.last_epoch) for base in self.base_lrs]
+
+
+def _warmup(steps):
+    def scheduler(self, optimizer):
+        return {"scheduler": _CallableLR(optimizer, Warmup(steps)), "interval": "step"}
+    return scheduler
+
+
+def test_a_scheduler_holding_a_callable_object_resumes_unchanged(tmp_path, capsys, monkeypatch):
+    """The checkpoint's ``Warmup(4)`` is unpickled as another object than the configured ``Warmup(4)``: before the
+    fix their reprs (addresses) differed and the unchanged resume forked; a changed warmup still forks."""
+    monkeypatch.setattr(Net, "scheduler", _warmup(4))
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=4, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=4, weights_only=False)
+    assert callback.plan is None and records(tmp_path / "again") == []
+    monkeypatch.setattr(Net, "scheduler", _warmup(8))
+    _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=4, weights_only=False)
+    assert callback.plan is not None and [key for key, _, _ in callback.plan.changes] == ["lr_scheduler.fn"]
+    assert "lr_scheduler.fn: Warmup(steps=4) → Warmup(steps=8)" in capsys.readouterr().out

@@ -43,6 +43,7 @@ __all__ = ["WebhookNotifier", "notifier_from_spec"]
 
 _DISCORD_LIMIT = 2000
 _ENV_PREFIX = "env:"
+_USER_AGENT = "entrotrain-notify"
 #: Posts under way at once; a firing beyond them is dropped (the webhook is not answering).
 MAX_IN_FLIGHT = 4
 
@@ -145,6 +146,8 @@ class WebhookNotifier:
             if not self.url:
                 raise ValueError(f"the environment variable {self._env} is not set in this process")
             data, headers = self.body(message)
+            # urllib's own "Python-urllib/3.x" is refused by Cloudflare in front of discord.com (HTTP 403, 1010)
+            headers = {"User-Agent": _USER_AGENT, **headers}
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             with urllib.request.build_opener(_NoRedirect).open(request, timeout=self.timeout) as response:
                 response.read()

@@ -200,3 +200,13 @@ def test_credentials_and_paths_never_reach_reprs_or_warnings() -> None:
     with pytest.warns(UserWarning, match="failed") as caught:
         spaced.flush()
     assert all("s3cret" not in str(w.message) for w in caught)
+
+
+def test_posts_name_their_own_user_agent(hook) -> None:
+    """urllib's default ``Python-urllib/3.x`` is refused by Cloudflare in front of Discord's webhooks (HTTP 403, error
+    1010): every Discord firing failed."""
+    notifier = WebhookNotifier(hook.url)
+    notifier("m")
+    notifier.flush()
+    (_, headers, _), = hook.posts
+    assert headers["User-Agent"].startswith("entrotrain") and "urllib" not in headers["User-Agent"]

@@ -81,7 +81,15 @@ class WebhookNotifier:
 
     def __init__(self, url: str, timeout: float = 10.0, owner: str = "EntropyCollapseGuard(notify)",
                  shown: str | None = None) -> None:
-        parts = urlsplit(url) if isinstance(url, str) else None
+        try:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            if parts is not None:
+                parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+        except ValueError as err:
+            raise EntrotrainError(
+                f"{owner}: the webhook URL is malformed ({err}); give the URL exactly as the service shows it, "
+                "e.g. https://hooks.slack.com/services/..."
+            ) from None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise EntrotrainError(
                 f"{owner}: a webhook needs an http:// or https:// URL with a host; got "

@@ -210,3 +210,15 @@ def test_posts_name_their_own_user_agent(hook) -> None:
     notifier.flush()
     (_, headers, _), = hook.posts
     assert headers["User-Agent"].startswith("entrotrain") and "urllib" not in headers["User-Agent"]
+
+
+@pytest.mark.parametrize("url", ["http://[::1/services/secret", "https://hooks.slack.com:99999/services/secret",
+                                 "https://hooks.slack.com:port/services/secret"])
+def test_a_malformed_url_is_an_entrotrain_error_without_the_secret(url, monkeypatch) -> None:
+    """urlsplit's ValueError ("Invalid IPv6 URL") escaped raw; a bad port was accepted and failed at every post."""
+    from entrotrain.errors import EntrotrainError
+
+    monkeypatch.setenv("ENTROTRAIN_TEST_HOOK", url)
+    with pytest.raises(EntrotrainError, match="webhook URL is malformed") as caught:
+        EntropyCollapseGuard("k", threshold=0.1, notify="env:ENTROTRAIN_TEST_HOOK")
+    assert "secret" not in str(caught.value)

@@ -173,7 +173,10 @@ def _model_changes(model: torch.nn.Module, names: set[str] | None) -> tuple[list
     layers = [name for name, m in model.named_modules() if isinstance(m, SigmaReparamLinear)
               and f"{name}.weight" in names and f"{name}.gamma" not in names]
     filled = {f"{name}.gamma" for name in layers}
-    new = [name for name, _ in model.named_parameters() if name not in names and name not in filled]
+    # weights saved under other names than the model's (transformers converts them on load: a MoE's fused experts
+    # are saved as the checkpoint format's per-expert weights): which parameter is new cannot be told by name
+    renamed = bool(names - set(model.state_dict()))
+    new = [] if renamed else [name for name, _ in model.named_parameters() if name not in names and name not in filled]
     changes: list[tuple[str, Any, Any]] = []
     if layers:
         changes.append(("model.sigma_reparam_layers", 0, len(layers)))

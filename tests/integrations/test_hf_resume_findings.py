@@ -124,3 +124,28 @@ def test_a_changed_schedule_passed_to_trainer_is_the_rate_stepped_with(tmp_path:
     expected = [1e-2 * (1 + math.cos(math.pi * step / 8)) / 2 for step in (2, 3)]
     assert rates.rates == pytest.approx(expected)
     assert [_lrs(resumed)[step] for step in (3, 4)] == pytest.approx(expected)
+
+
+def test_an_unchanged_moe_resume_is_trainers_own(tmp_path: Path, capsys) -> None:
+    """transformers 5 saves a Mixtral's fused experts (``mlp.experts.gate_up_proj``) under the checkpoint format's
+    names (``block_sparse_moe.experts.0.w1.weight``) and converts them back on load. Before the fix the model's
+    expert and router parameters looked new (not in the checkpoint by name): the unchanged resume forked, said they
+    start "from their initial values" (they were loaded) and wrote a new record."""
+    from tests.helpers.tiny_hf_lms import tiny_mixtral_lm
+
+    def mixtral(seed: int, **overrides) -> Trainer:
+        kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, logging_steps=1,
+                      use_cpu=True, report_to="none", save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
+                      learning_rate=1e-2, max_steps=4)
+        kwargs.update(overrides)
+        return Trainer(model=tiny_mixtral_lm(VOCAB, seed=seed), args=TrainingArguments(**kwargs),
+                       train_dataset=lm_rows(24, VOCAB, T, 1))
+
+    parent = mixtral(0)
+    EntropyTrainerCallback(record=str(tmp_path / "runs")).attach(parent)
+    parent.train()
+    resumed = mixtral(3, save_strategy="no")
+    callback = EntropyTrainerCallback(record=str(tmp_path / "runs"), resume_changes=True).attach(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert callback._fork.plan is None and "changed configuration" not in capsys.readouterr().out
+    assert len(_records(tmp_path)) == 1

@@ -396,8 +396,9 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
             moved = any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
             pairs = {} if moved else {"lr": (_group_lr(group), _group_lr(fresh))}
             cycled = _cycled(fresh) | _cycled(group)
+            # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
-                          if key not in ("params", "lr", "initial_lr") and key not in cycled})
+                          if key not in ("params", "lr", "initial_lr") and key not in cycled and key in group})
             for key, (old, new) in pairs.items():
                 if key not in seen and json_safe(old) != json_safe(new):
                     seen.add(key)
@@ -479,7 +480,7 @@ def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], opt
                 if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak
                     changed.setdefault("lr", (group["initial_lr"], value))
                     group["lr"] = group["lr"] * value / group["initial_lr"]
-                elif key != "initial_lr":  # a scheduler's bookkeeping, not a hyperparameter
+                elif key != "initial_lr" and key in group:  # not a scheduler's bookkeeping, nor a newer torch's flag
                     changed.setdefault(key, (group.get(key), value))
                 group[key] = value
             if not scheduled and group.get("lr") != fresh["lr"]:

@@ -185,3 +185,23 @@ def test_a_scheduler_holding_a_callable_object_resumes_unchanged(tmp_path, capsy
     _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=4, weights_only=False)
     assert callback.plan is not None and [key for key, _, _ in callback.plan.changes] == ["lr_scheduler.fn"]
     assert "lr_scheduler.fn: Warmup(steps=4) → Warmup(steps=8)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_an_older_torch_resumes_unchanged(tmp_path, capsys):
+    """An older torch saved AdamW's groups without the flags added since (``decoupled_weight_decay``, ``fused``,
+    ...; torch fills in their defaults on load). Before the fix the unchanged resume forked
+    (``optimizer.decoupled_weight_decay: None → True``, ...)."""
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=4, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False)
+    for group in checkpoint["optimizer_states"][0]["param_groups"]:
+        for flag in ("maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"):
+            group.pop(flag, None)
+    torch.save(checkpoint, ckpt)
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
+    _fit(tmp_path / "fork", Net(lr=0.001), callback, ckpt=ckpt, max_steps=4)
+    out = capsys.readouterr().out
+    assert "optimizer: lr 0.01 → 0.001; its moments" in out and "decoupled_weight_decay" not in out

@@ -428,20 +428,35 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
     saved = checkpoint.get("optimizer_states") or []
     sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
     other = [type(o).__name__ for o, s in zip(optimizers, saved) if _other_kind(s, o)]
-    if [[len(g["params"]) for g in s.get("param_groups", [])] for s in saved] != sizes or other:
+    afresh = [i for i, (o, s) in enumerate(zip(optimizers, saved)) if _other_kind(s, o)
+              or [len(g["params"]) for g in s.get("param_groups", [])] != sizes[i]]
+    if len(saved) != len(optimizers) or len(afresh) == len(optimizers) > 0:
         checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
         checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]
         what = f"optimizer changed (now {', '.join(other)})" if other else "optimizer's parameters changed"
         plan.notes.append(f"the {what}: its state (moments) and schedulers start afresh; the weights and "
                           "the step count are the checkpoint's")
         return
-    _configured_hyperparameters(plan, saved, optimizers)
-    for state, config in zip(checkpoint.get("lr_schedulers") or [], schedulers):
+    states = checkpoint.get("lr_schedulers") or []
+    indices = [_optimizer_index(config.scheduler, optimizers) for config in schedulers]
+    for i in afresh:  # another optimizer's moments (a GAN's generator, when σReparam went into its critic) are kept
+        name = "optimizer" if i == 0 else f"optimizer{i}"
+        what = (f"{name} changed (now {type(optimizers[i]).__name__})" if _other_kind(saved[i], optimizers[i])
+                else f"{name}'s parameters changed")
+        saved[i] = optimizers[i].state_dict()
+        for j, config in enumerate(schedulers):
+            if indices[j] == i and j < len(states):
+                states[j] = config.scheduler.state_dict()
+        plan.notes.append(f"the {what}: its state (moments) and schedulers start afresh; the other optimizers keep "
+                          "the checkpoint's")
+    kept = [i for i in range(len(optimizers)) if i not in afresh]
+    _configured_hyperparameters(plan, [saved[i] for i in kept], [optimizers[i] for i in kept])
+    for state, config, index in zip(states, schedulers, indices):
+        if index in afresh:
+            continue
         fresh = config.scheduler.state_dict()
         if "base_lrs" in state and "base_lrs" in fresh:
             state["base_lrs"] = fresh["base_lrs"]
-        index = next((i for i, o in enumerate(optimizers) if config.scheduler.optimizer is o
-                      or config.scheduler.optimizer is getattr(o, "optimizer", None)), None)  # accelerate's wrap
         lrs = _scheduled_lrs(config.scheduler, state)
         if lrs is None:  # no closed form: the saved position, with the configured settings (factor, patience, ...)
             for key in _scheduler_settings(config.scheduler) & set(fresh) & set(state):
@@ -457,6 +472,12 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
         if index is not None and index < len(saved):
             for group, lr in zip(saved[index].get("param_groups", []), lrs):
                 group["lr"] = lr
+
+
+def _optimizer_index(scheduler: Any, optimizers: list[Any]) -> int | None:
+    """The position in ``optimizers`` of the optimizer ``scheduler`` drives (``None``: not among them)."""
+    return next((i for i, o in enumerate(optimizers) if scheduler.optimizer is o
+                 or scheduler.optimizer is getattr(o, "optimizer", None)), None)  # accelerate's wrap
 
 
 def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], optimizers: list[Any]) -> None:

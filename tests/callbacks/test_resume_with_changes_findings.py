@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -205,3 +206,61 @@ def test_a_checkpoint_from_an_older_torch_resumes_unchanged(tmp_path, capsys):
     _fit(tmp_path / "fork", Net(lr=0.001), callback, ckpt=ckpt, max_steps=4)
     out = capsys.readouterr().out
     assert "optimizer: lr 0.01 → 0.001; its moments" in out and "decoupled_weight_decay" not in out
+
+
+class _Gan(Net):
+    """Two optimizers, manual optimization (GAN-style): Adam on ``body`` (the "generator") with a StepLR, Adam on
+    ``critic`` (the "discriminator")."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__(lr=lr)
+        self.automatic_optimization = False
+        self.critic = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        generator, critic = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        generator.zero_grad()
+        self.manual_backward(loss)
+        generator.step()
+        critic_loss = self.critic(self(x).detach()).pow(2).mean()
+        critic.zero_grad()
+        self.manual_backward(critic_loss)
+        critic.step()
+        self.lr_schedulers().step()
+
+    def configure_optimizers(self):
+        generator = torch.optim.Adam(self.body.parameters(), lr=self.hparams.lr)
+        critic = torch.optim.Adam(self.critic.parameters(), lr=0.02)
+        return [generator, critic], [torch.optim.lr_scheduler.StepLR(generator, step_size=1, gamma=0.5)]
+
+
+def test_sigma_reparam_on_the_critic_only_keeps_the_generators_moments_and_schedule(tmp_path, capsys):
+    """σReparam added to the critic of a GAN (its optimizer's groups grew by a γ per layer). Before the fix every
+    optimizer and scheduler started afresh: the generator lost its moments and its decayed rate (back to 0.01)."""
+    from entrotrain.regularizers.sigma_reparam import sigma_reparam
+
+    trainer(tmp_path / "parent", checkpoints=True, max_steps=8).fit(_Gan(), loader())
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"  # 2 batches: 2 steps of each optimizer
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    model = _Gan()
+    sigma_reparam(model.critic)
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen:
+                generator, critic = trainer.optimizers
+                seen["lr"] = generator.param_groups[0]["lr"]
+                seen["exp_avg"] = generator.state[generator.param_groups[0]["params"][0]]["exp_avg"].clone()
+                seen["critic_state"] = len(critic.state)
+
+    callback = ResumeWithChanges()
+    trainer(tmp_path / "fork", callback, Look(), max_steps=8).fit(model, loader(), ckpt_path=str(ckpt))
+    out = capsys.readouterr().out
+    assert "model.sigma_reparam_layers: 0 → 2" in out
+    assert "optimizer1's parameters changed" in out
+    assert seen["lr"] == pytest.approx(0.01 * 0.5 ** 2) and seen["lr"] == saved["param_groups"][0]["lr"]
+    assert torch.equal(seen["exp_avg"], saved["state"][0]["exp_avg"])
+    assert seen["critic_state"] == 0  # the critic's optimizer starts afresh

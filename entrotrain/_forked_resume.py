@@ -328,6 +328,11 @@ def _cycled(group: Mapping[str, Any]) -> frozenset[str]:
     return frozenset({"betas", "momentum"}) if "max_momentum" in group or "base_momentum" in group else frozenset()
 
 
+def _pair(value: Any) -> bool:
+    """Whether ``value`` is Adam's ``betas`` (two numbers)."""
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
 def _scheduler_settings(scheduler: Any) -> frozenset[str]:
     """The entries of ``scheduler.state_dict()`` that are its settings: those named as its class's constructor
     arguments (``T_max``, ``eta_min``, ``step_size``, ``gamma``, ``milestones``, ``factor``, ``patience``, ...).
@@ -399,6 +404,8 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
             # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
                           if key not in ("params", "lr", "initial_lr") and key not in cycled and key in group})
+            if "betas" in cycled and _pair(group.get("betas")) and _pair(fresh.get("betas")):  # beta1 only cycles
+                pairs["beta2"] = (group["betas"][1], fresh["betas"][1])
             for key, (old, new) in pairs.items():
                 if key not in seen and json_safe(old) != json_safe(new):
                     seen.add(key)
@@ -496,6 +503,11 @@ def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], opt
                 scheduled = True
             cycled = _cycled(fresh) | _cycled(group)
             for key, value in fresh.items():
+                if key == "betas" and key in cycled and _pair(value) and _pair(group.get(key)):
+                    if group[key][1] != value[1]:  # OneCycleLR / CyclicLR move beta1 only: beta2 is the configured
+                        changed.setdefault("beta2", (group[key][1], value[1]))
+                        group[key] = (group[key][0], value[1])
+                    continue
                 if key in ("params", "lr") or key in cycled or group.get(key) == value:
                     continue
                 if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak

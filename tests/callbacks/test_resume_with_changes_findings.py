@@ -264,3 +264,35 @@ def test_sigma_reparam_on_the_critic_only_keeps_the_generators_moments_and_sched
     assert seen["lr"] == pytest.approx(0.01 * 0.5 ** 2) and seen["lr"] == saved["param_groups"][0]["lr"]
     assert torch.equal(seen["exp_avg"], saved["state"][0]["exp_avg"])
     assert seen["critic_state"] == 0  # the critic's optimizer starts afresh
+
+
+def test_a_new_beta2_under_one_cycle_is_used(tmp_path, capsys, monkeypatch):
+    """OneCycleLR cycles Adam's beta1 only. Before the fix the whole ``betas`` was taken for a position in the cycle:
+    ``model.betas: [0.9, 0.95] → [0.9, 0.99]`` was printed as used, but training went on with beta2 = 0.95 (and a
+    beta2 changed in code only was not seen at all)."""
+    def one_cycle(self, optimizer):
+        return {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8),
+                "interval": "step"}
+
+    monkeypatch.setattr(Net, "scheduler", one_cycle)
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(), max_steps=8, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]["betas"]
+    betas = []
+
+    class Betas(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            betas.append(tuple(trainer.optimizers[0].param_groups[0]["betas"]))
+
+    _fit(tmp_path / "fork", Net(betas=(0.9, 0.99)), ResumeWithChanges(), Betas(), ckpt=ckpt, max_steps=8)
+    assert betas[0] == (saved[0], 0.99)  # beta1: the cycle's position; beta2: the configured one
+    assert all(beta2 == 0.99 for _, beta2 in betas)
+    def beta2_in_code(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98))
+        return {"optimizer": optimizer, "lr_scheduler": one_cycle(self, optimizer)}
+
+    monkeypatch.setattr(Net, "configure_optimizers", beta2_in_code)
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "code", Net(), callback, ckpt=ckpt, max_steps=8)
+    assert callback.plan is not None and ("optimizer.beta2", 0.95, 0.98) in callback.plan.changes

@@ -328,6 +328,12 @@ def _cycled(group: Mapping[str, Any]) -> frozenset[str]:
     return frozenset({"betas", "momentum"}) if "max_momentum" in group or "base_momentum" in group else frozenset()
 
 
+def _is_swalr(state: Any) -> bool:
+    """Whether a saved scheduler state is ``torch.optim.swa_utils.SWALR``'s (Lightning's
+    ``StochasticWeightAveraging`` puts one in place of the configured schedulers once averaging starts)."""
+    return isinstance(state, Mapping) and "anneal_epochs" in state and "_anneal_strategy" in state
+
+
 def _pair(value: Any) -> bool:
     """Whether ``value`` is Adam's ``betas`` (two numbers)."""
     return isinstance(value, (tuple, list)) and len(value) == 2
@@ -398,7 +404,8 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
             changes.append((f"{name}.param_groups", sizes[0], sizes[1]))
         seen: set[str] = set()
         for group, fresh in zip(groups, optimizer.param_groups):
-            moved = any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
+            moved = (any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
+                     or "swa_lr" in group)  # Lightning's StochasticWeightAveraging's SWALR drives it
             pairs = {} if moved else {"lr": (_group_lr(group), _group_lr(fresh))}
             cycled = _cycled(fresh) | _cycled(group)
             # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)
@@ -413,6 +420,10 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     if len(saved) != len(optimizers):
         changes.append(("optimizers", len(saved), len(optimizers)))
     states = list(checkpoint.get("lr_schedulers") or [])
+    if any(_is_swalr(state) for state in states):
+        # StochasticWeightAveraging put its SWALR in place of the configured schedulers (and restores it itself):
+        # the configured ones cannot be compared with the saved state
+        states, schedulers = [], []
     if len(states) != len(schedulers):
         changes.append(("lr_scheduler", len(states) or None,
                         [type(c.scheduler).__name__ for c in schedulers] or None))

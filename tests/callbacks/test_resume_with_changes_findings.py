@@ -296,3 +296,24 @@ def test_a_new_beta2_under_one_cycle_is_used(tmp_path, capsys, monkeypatch):
     callback = ResumeWithChanges()
     _fit(tmp_path / "code", Net(), callback, ckpt=ckpt, max_steps=8)
     assert callback.plan is not None and ("optimizer.beta2", 0.95, 0.98) in callback.plan.changes
+
+
+@pytest.mark.parametrize("t_max", [0, 40], ids=["no schedule", "cosine"])
+def test_an_unchanged_resume_under_stochastic_weight_averaging_is_lightnings_own(tmp_path, capsys, t_max):
+    """Lightning's StochasticWeightAveraging replaces the schedule by its SWALR once SWA starts (the checkpoint's
+    groups hold ``swa_lr`` and its ``initial_lr``, its ``lr_schedulers`` SWALR's state). Before the fix an unchanged
+    resume after SWA started forked (``optimizer.lr: 0.005 → 0.01``, ``lr_scheduler: 1 → None``), put the rate
+    back to 0.01 and wrote a new record."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    def swa():
+        return StochasticWeightAveraging(swa_lrs=0.005, swa_epoch_start=1)
+
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", Net(t_max=t_max), swa(), max_steps=24, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=1-step=20.ckpt"  # 16 batches an epoch: SWA since step 16
+    _, own = _fit(tmp_path / "own", Net(t_max=t_max), swa(), ckpt=ckpt, max_steps=24, record=False)
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "again", Net(t_max=t_max), swa(), callback, ckpt=ckpt, max_steps=24)
+    assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
+    assert spy.lrs == own.lrs and records(tmp_path / "again") == []

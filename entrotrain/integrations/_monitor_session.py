@@ -40,6 +40,7 @@ from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
+from entrotrain.taps.exclusive import training_forwards_only
 
 __all__ = ["MonitorSession", "RecordSpec", "Reduce", "check_record", "distributed", "readable_scalar", "wandb_run"]
 
@@ -467,6 +468,10 @@ def readable_scalar(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the session
+def _nothing() -> None:
+    return None
+
+
 class MonitorSession:
     """The drivers of ``monitors`` and the ``guards``, with the rules every non-Lightning integration shares.
 
@@ -506,6 +511,8 @@ class MonitorSession:
         self.owner = owner
         self._published: list[set[str]] = [set() for _ in self.drivers]
         self._armed: list[int] = []
+        self._model: nn.Module | None = None
+        self._unwatch_grad: Callable[[], None] = _nothing  # training_forwards_only's hooks while armed
         #: The run record written to (rank zero), or ``None``: see :meth:`open_record`.
         self.record: RunRecordLogger | None = None
 
@@ -513,16 +520,20 @@ class MonitorSession:
     def bind(self, model: nn.Module) -> None:
         """A fresh run watching ``model``: taps released, every monitor's and guard's per-run state reset."""
         self.release()
+        self._model = model
         self._published = [set() for _ in self.drivers]
         for driver in self.drivers:
             driver.bind(model)
         for guard in self.guards:
             guard._reset_fit_state()
 
-    def arm(self, step: int, which: Sequence[int] | None = None) -> None:
+    def arm(self, step: int, which: Sequence[int] | None = None, training_only: bool = False) -> None:
         """Arm the drivers ``which`` (default: all) for optimizer step ``step``; their taps capture until
-        :meth:`collect` or :meth:`release`."""
+        :meth:`collect` or :meth:`release`. ``training_only``: only forwards run with gradient enabled (the step's
+        training forwards; not a trainer's generation or no-grad log-prob passes in the same step)."""
         self.release()
+        if training_only and self._model is not None:
+            self._unwatch_grad = training_forwards_only(self._model)
         self._armed = list(range(len(self.drivers))) if which is None else list(which)
         for i in self._armed:
             self.drivers[i].step = step
@@ -537,6 +548,8 @@ class MonitorSession:
         for driver in self.drivers:
             driver.disarm()
         self._armed = []
+        self._unwatch_grad()
+        self._unwatch_grad = _nothing
 
     def collect(self, step: int, media: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
         """Disarm, reduce over ranks and compute the armed drivers' metrics at ``step``, and with ``media`` their wandb

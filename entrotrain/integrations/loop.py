@@ -119,6 +119,9 @@ class EntropyMonitors:
             Guards with ``keep_last_good`` keep that one from your rotation: the new checkpoints in the folder are
             pinned at each logging step; call :meth:`checkpoint_saved` right after a save to pin it at once (when
             you save and rotate more often than the monitors log).
+        training_forwards_only: capture only inside forwards of the model called with gradient enabled, the step's
+            training forwards: a no-grad forward in the block (an RL loop's sampling or rollout log-probs, an
+            evaluation) is not captured. ``False``: every forward in the block (what :func:`entropy_snapshot` uses).
 
     Raises:
         EntrotrainError: no monitor and no guard, an unsupported monitor or guard, two sharing a configuration, or a
@@ -144,6 +147,7 @@ class EntropyMonitors:
         print_summary: bool = True,
         record: RecordSpec = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        training_forwards_only: bool = True,
     ) -> None:
         self.session = MonitorSession(monitors, guards, "EntropyMonitors", "in a plain training loop", policy=True)
         check_int(every_n_steps, "EntropyMonitors(every_n_steps)", low=1, none_ok=True)
@@ -160,6 +164,7 @@ class EntropyMonitors:
                 f"EntropyMonitors(checkpoint_dir) must be a folder path or None; got {type(checkpoint_dir).__name__}."
             )
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.training_forwards_only = check_bool(training_forwards_only, "EntropyMonitors(training_forwards_only)")
         #: The finite scalars of the last step (``{}`` when it did not log), plus ``{monitor}/alert`` for a firing.
         self.logs: dict[str, float] = {}
         #: The last step's statistics as computed: :attr:`logs` without the alerts, NaN kept for one that could not
@@ -288,7 +293,7 @@ class EntropyMonitors:
         self.logs, self.computed, self.media, self._observed, self._step = {}, {}, {}, {}, step
         due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.period) == 0]
         if due:
-            self.session.arm(step, due)
+            self.session.arm(step, due, training_only=self.training_forwards_only)
         try:
             yield self
         except BaseException:

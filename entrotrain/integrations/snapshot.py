@@ -117,7 +117,7 @@ def entropy_snapshot(
 
         monitors = [AttentionEntropyMonitor()]
     run = forward if forward is not None else call_model
-    driver = EntropyMonitors(list(monitors), every_n_steps=1, print_summary=False)
+    driver = EntropyMonitors(list(monitors), every_n_steps=1, print_summary=False, training_forwards_only=False)
     session = driver.session
     was_training = model.training
     losses: list[float] = []

@@ -363,7 +363,7 @@ class EntropyTrainerCallback(TrainerCallback):
         self._define_summaries(state)
         self.release()  # a window left open (an interrupted step) never leaks into this one
         if self.drivers and self._logging_step(args, state, state.global_step + 1):
-            self.session.arm(state.global_step + 1)
+            self.session.arm(state.global_step + 1, training_only=True)  # not TRL's generation inside the step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.session.armed:

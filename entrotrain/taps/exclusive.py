@@ -21,12 +21,13 @@ recomputation is part of the compiled backward and runs no hook.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
-__all__ = ["exclusive_capture", "capture_allowed", "in_backward"]
+__all__ = ["exclusive_capture", "capture_allowed", "in_backward", "training_forwards_only"]
 
 #: Stack of the tap sets allowed by the enclosing ``exclusive_capture`` blocks (innermost last).
 _ALLOWED: list[frozenset[int]] = []
@@ -42,10 +43,50 @@ def exclusive_capture(*taps: object) -> Iterator[None]:
         _ALLOWED.pop()
 
 
+#: The grad mode of each forward of a watched root model under way (:func:`training_forwards_only`), innermost last.
+_ROOT_GRAD: list[bool] = []
+
+
+def training_forwards_only(model: nn.Module) -> Callable[[], None]:
+    """Until the returned function is called, taps record only inside forwards of ``model`` called with gradient
+    enabled: the training forward of a step, not the no-grad forwards a trainer runs on the same model inside the
+    same step (TRL's generation and rollout log-probs, an RL loop's sampling). Forward pre- and post-hooks on
+    ``model`` and its direct children (a LightningModule's ``training_step`` calls ``self.model(...)``) note the grad
+    mode of each call, the innermost deciding (the taps' own work toggles grad, so it is read where the model is
+    called; a no-grad call of a deeper module alone is not seen). ``EntropyTrainerCallback`` and ``EntropyMonitors``
+    use it for their capture windows. A compiled model gets no hooks (they would run inside its graph): there every
+    forward of the window is recorded."""
+    from entrotrain.taps.module_names import is_compiled
+
+    if is_compiled(model):
+        return lambda: None
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        _ROOT_GRAD.append(torch.is_grad_enabled())
+
+    def post(module: nn.Module, args: tuple, output: object) -> None:
+        if _ROOT_GRAD:
+            _ROOT_GRAD.pop()
+
+    handles = [handle for module in (model, *model.children())
+               for handle in (module.register_forward_pre_hook(pre),
+                              module.register_forward_hook(post, always_call=True))]
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+        _ROOT_GRAD.clear()
+
+    return remove
+
+
 def capture_allowed(tap: object) -> bool:
-    """Whether ``tap`` may record now: outside any ``exclusive_capture`` block, or named by the innermost one, and not
-    inside a backward pass (activation checkpointing's recomputation: module docstring)."""
+    """Whether ``tap`` may record now: outside any ``exclusive_capture`` block, or named by the innermost one, not
+    inside a backward pass (activation checkpointing's recomputation: module docstring), and not inside a no-grad
+    forward of a model watched with :func:`training_forwards_only`."""
     if _ALLOWED and id(tap) not in _ALLOWED[-1]:
+        return False
+    if _ROOT_GRAD and not _ROOT_GRAD[-1]:
         return False
     return torch.compiler.is_compiling() or not in_backward()
 

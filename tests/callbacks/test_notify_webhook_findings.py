@@ -160,11 +160,6 @@ def test_non_ascii_messages_reach_the_hook_intact(hook) -> None:
     assert json.loads(hook.posts[0][2]) == {"text": "entropie effondrée ✗ 熵"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="collapse_guard.py (the lead's file): jsonargparse cannot dump a str under notify's "
-    "`Callable[[str], Any] | str | None` annotation; annotate `notify: Any = None` (the constructor resolves it)",
-)
 @pytest.mark.parametrize("spec", ["env:ENTROTRAIN_TEST_HOOK", "https://hooks.slack.com/services/T/B/x"])
 def test_the_cli_saves_notify_as_written_in_the_recipe(spec, monkeypatch) -> None:
     """A recipe's ``notify: env:SLACK_WEBHOOK_URL`` is accepted by LightningCLI's parser, but the config it saves

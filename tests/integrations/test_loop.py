@@ -723,3 +723,30 @@ def test_two_ranks_reduce_to_the_union_batch_and_only_rank_zero_logs(tmp_path: P
         assert set(reduced[step]) == set(row), step
         for key, value in row.items():
             assert reduced[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+
+
+@pytest.mark.parametrize("training_only", [True, False])
+def test_no_grad_forwards_in_the_block_are_not_captured(training_only: bool) -> None:
+    """An RL loop samples (no-grad forwards) inside the step block before its training forward: by default the
+    monitors see only the training forward (the same logs as a block without the sampling); with
+    ``training_forwards_only=False`` they see both."""
+    batches = token_batches(2, rows=4)
+
+    def logs(sample: bool, **kw) -> dict[str, float]:
+        module = GPTModule(seed=0)
+        monitors = EntropyMonitors([_attention(1), _representation(1)], print_summary=False, **kw)
+        with monitors.watch(module, module.configure_optimizers()):
+            with monitors.step(0):
+                if sample:
+                    with torch.no_grad():
+                        module.model(batches[1][0][:, :-1])  # another batch: it would move every statistic
+                module.training_step(batches[0], 0).backward()
+        return monitors.logs
+
+    plain, sampled = logs(False), logs(True, training_forwards_only=training_only)
+    if training_only:  # (a model's first forward leaves float32-rounding differences in the entropies: ~1e-8)
+        assert sampled == pytest.approx(plain, rel=1e-6)
+        assert sampled["entropy/repr/model.blocks.0/n_streamed"] == plain["entropy/repr/model.blocks.0/n_streamed"]
+    else:
+        assert sampled["entropy/repr/model.blocks.0/n_streamed"] == 2 * plain["entropy/repr/model.blocks.0/n_streamed"]
+        assert sampled["entropy/attn/mean"] != plain["entropy/attn/mean"]

@@ -45,10 +45,6 @@ def test_bad_statistic_arguments_are_refused_before_trl_builds_anything(monkeypa
         cls(model=None, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="left for the lead (integrations/transformers.py is the lead's this round): "
-                   "EntropyTrainerCallback arms its taps in on_step_begin, before TRL's training_step generates, so "
-                   "under a TRL trainer its monitors also see the generation forwards (prefill + every KV-cache "
-                   "decode step) and the no-grad rollout log-prob pass, not only the training forward")
 def test_hf_callback_monitors_see_only_the_training_forward_under_trl(tmp_path):
     """A representation monitor attached to EntrotrainRLOOTrainer streams the rows of the loss's forward on a logging
     step, as under a plain Trainer (one forward per micro-batch). It streamed about 3x as many (232 rows for one

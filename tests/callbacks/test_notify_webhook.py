@@ -53,7 +53,9 @@ class Hook:
 
 @pytest.fixture(autouse=True)
 def _no_proxy_for_the_local_server(monkeypatch) -> None:
-    """A CI machine's HTTP proxy (urllib honours http_proxy) must not stand between the test and 127.0.0.1."""
+    """urllib honours http(s)_proxy: a machine's proxy (here a bogus one) is bypassed for 127.0.0.1 by no_proxy."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://proxy.invalid:3128")
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, "127.0.0.1,localhost")
 

@@ -15,23 +15,7 @@ import pytest
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.callbacks import notify_webhook
 from entrotrain.callbacks.notify_webhook import WebhookNotifier
-from tests.callbacks.test_notify_webhook import Hook
-
-
-@pytest.fixture(autouse=True)
-def _a_bogus_proxy_but_not_for_the_local_server(monkeypatch) -> None:
-    """urllib honours http(s)_proxy: a machine's proxy is bypassed for 127.0.0.1 by no_proxy."""
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(name, "http://proxy.invalid:3128")
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
-
-
-@pytest.fixture
-def hook():
-    server = Hook()
-    yield server
-    server.close()
+from tests.callbacks.test_notify_webhook import Hook, _no_proxy_for_the_local_server, hook  # noqa: F401 (fixtures)
 
 
 def test_the_guard_and_its_notifier_deepcopy_and_pickle(hook, monkeypatch) -> None:

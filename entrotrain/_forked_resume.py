@@ -275,7 +275,9 @@ class ForkedResume(Callback):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._check_state_keys(pl_module, checkpoint)
-        adapt_training_state(self.plan, pl_module, checkpoint)
+        configured = configured_optimizers(pl_module)
+        finetuning_groups(trainer, pl_module, checkpoint, configured[0])
+        adapt_training_state(self.plan, pl_module, checkpoint, configured)
         print_plan(self.plan)
 
 
@@ -285,6 +287,30 @@ def configured_optimizers(pl_module: LightningModule) -> tuple[list[Any], list[A
     from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 
     return _init_optimizers_and_lr_schedulers(pl_module)
+
+
+def finetuning_groups(trainer: Trainer, pl_module: LightningModule, checkpoint: Mapping[str, Any],
+                      optimizers: list[Any]) -> None:
+    """Lightning's ``BaseFinetuning`` callbacks (``BackboneFinetuning``) add a param group as they unfreeze a module,
+    and put those groups back at the resume's ``on_fit_start`` (from their state in the checkpoint), before the
+    optimizer state is restored: the configured ``optimizers`` (:func:`configured_optimizers`) get the same added
+    groups, so that they are compared with (and adapted into) the groups Lightning will restore."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    states = checkpoint.get("callbacks") if isinstance(checkpoint.get("callbacks"), Mapping) else {}
+    named = dict(pl_module.named_parameters())
+    for callback in trainer.callbacks:
+        state = states.get(callback.state_key) if isinstance(callback, BaseFinetuning) else None
+        metadata = state.get("internal_optimizer_metadata", state) if isinstance(state, Mapping) else None
+        if not isinstance(metadata, Mapping):
+            continue
+        for index, optimizer in enumerate(optimizers):
+            groups = metadata.get(index) or []
+            try:
+                for group in BaseFinetuning._apply_mapping_to_param_groups(groups[len(optimizer.param_groups):], named):
+                    optimizer.add_param_group(group)
+            except (KeyError, ValueError):  # a parameter renamed or already in a group: compared as configured
+                continue
 
 
 def state_key_problems(pl_module: LightningModule, state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:

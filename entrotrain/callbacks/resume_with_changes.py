@@ -178,6 +178,7 @@ class ResumeWithChanges(Callback):
             ForkedResume,
             adapt_training_state,
             configured_optimizers,
+            finetuning_groups,
             fork_run_records,
             new_plan,
             print_plan,
@@ -193,6 +194,7 @@ class ResumeWithChanges(Callback):
             return
         self._check_shapes(pl_module, state)
         configured = configured_optimizers(pl_module)
+        finetuning_groups(trainer, pl_module, checkpoint, configured[0])
         changes = self._changes(trainer, pl_module, checkpoint, state, configured)
         if not changes:
             original(checkpoint, strict=strict)

@@ -317,3 +317,40 @@ def test_an_unchanged_resume_under_stochastic_weight_averaging_is_lightnings_own
     _, spy = _fit(tmp_path / "again", Net(t_max=t_max), swa(), callback, ckpt=ckpt, max_steps=24)
     assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
     assert spy.lrs == own.lrs and records(tmp_path / "again") == []
+
+
+class _Backbone(Net):
+    """``body.0`` is the backbone BackboneFinetuning freezes, then unfreezes (a new param group) at epoch 1."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__(lr=lr)
+        self.backbone = self.body[0]
+
+    def configure_optimizers(self):
+        head = [p for name, p in self.named_parameters() if not name.startswith(("backbone", "body.0"))]
+        return torch.optim.AdamW(head, lr=self.hparams.lr)
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.001], ids=["unchanged", "new rate"])
+def test_a_resume_after_backbone_finetuning_unfroze_keeps_its_param_groups(tmp_path, capsys, lr):
+    """BackboneFinetuning adds the backbone's param group when it unfreezes it and puts it back at the resume's
+    ``on_fit_start`` (from its state in the checkpoint). Before the fix the configured optimizer (one group) was
+    compared with the saved one (two): the unchanged resume forked with a fresh one-group state, and Lightning's
+    restore died with torch's ``ValueError: loaded state dict has a different number of parameter groups``."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", _Backbone(), BackboneFinetuning(unfreeze_backbone_at_epoch=1), max_steps=24,
+         checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=1-step=20.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    assert len(saved["param_groups"]) == 2
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "again", _Backbone(lr=lr), BackboneFinetuning(unfreeze_backbone_at_epoch=1), callback,
+                  ckpt=ckpt, max_steps=24)
+    assert torch.equal(spy.exp_avg[0], saved["state"][0]["exp_avg"])  # the moments are the checkpoint's
+    if lr == 0.01:
+        assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
+        assert spy.lrs[0] == [group["lr"] for group in saved["param_groups"]]
+    else:
+        assert callback.plan is not None and spy.lrs[0][0] == 0.001

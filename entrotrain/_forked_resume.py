@@ -419,6 +419,10 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     # compare: its groups' rates are not compared (a changed rate shows through the hyperparameters)
     plateau = [c.scheduler.optimizer for c in schedulers
                if isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)]
+    # so is the rate of an unscheduled group that a collapse guard lowered (action="reduce_lr")
+    callbacks = checkpoint.get("callbacks") or {}
+    lowered = any(str(key).startswith("EntropyCollapseGuard") and isinstance(state, Mapping)
+                  and (state.get("lr_reductions") or 0) > 0 for key, state in callbacks.items())
     for i, (state, optimizer) in enumerate(zip(saved, optimizers)):
         name = "optimizer" if i == 0 else f"optimizer{i}"
         groups = state.get("param_groups") or []
@@ -431,7 +435,8 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         seen: set[str] = set()
         for group, fresh in zip(groups, optimizer.param_groups):
             moved = (any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
-                     or "swa_lr" in group)  # Lightning's StochasticWeightAveraging's SWALR drives it
+                     or "swa_lr" in group  # Lightning's StochasticWeightAveraging's SWALR drives it
+                     or (lowered and "initial_lr" not in group))  # a guard's reductions (a schedule's base: kept)
             pairs = {} if moved else {"lr": (_group_lr(group), _group_lr(fresh))}
             cycled = _cycled(fresh) | _cycled(group)
             # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)

@@ -354,3 +354,29 @@ def test_a_resume_after_backbone_finetuning_unfroze_keeps_its_param_groups(tmp_p
         assert spy.lrs[0] == [group["lr"] for group in saved["param_groups"]]
     else:
         assert callback.plan is not None and spy.lrs[0][0] == 0.001
+
+
+def test_a_rate_a_collapse_guard_lowered_is_not_a_change(tmp_path, capsys):
+    """``EntropyCollapseGuard(action="reduce_lr")`` halved the rate of an unscheduled group before the checkpoint:
+    an unchanged resume is Lightning's own, at the lowered rate (it forked, ``optimizer.lr: 0.005 → 0.01``, and undid
+    the guard's action)."""
+    import warnings
+
+    from entrotrain.callbacks import EntropyCollapseGuard
+
+    def guard() -> EntropyCollapseGuard:
+        return EntropyCollapseGuard("train/loss", mode="max", threshold=-1.0, arm_on_good=False, action="reduce_lr")
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(tmp_path / "parent", Net(), guard(), max_steps=6, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert saved == pytest.approx(Net().hparams.lr / 2)  # the guard fired once
+    callback = ResumeWithChanges()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, spy = _fit(tmp_path / "again", Net(), callback, guard(), ckpt=ckpt, max_steps=6)
+    assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
+    assert spy.lrs[0] == [saved]

@@ -52,8 +52,9 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
     enabled: the training forward of a step, not the no-grad forwards a trainer runs on the same model inside the
     same step (TRL's generation and rollout log-probs, an RL loop's sampling). Forward pre- and post-hooks on
     ``model`` and its direct children (a LightningModule's ``training_step`` calls ``self.model(...)``) note the grad
-    mode of each call, the innermost deciding (the taps' own work toggles grad, so it is read where the model is
-    called; a no-grad call of a deeper module alone is not seen). ``EntropyTrainerCallback`` and ``EntropyMonitors``
+    mode of each call, the outermost deciding (the taps' own work toggles grad, so it is read where the model is
+    called): what a training forward runs without gradient (a frozen backbone under ``torch.no_grad()``, a child
+    checkpointed with ``use_reentrant=True``) is part of it and recorded. ``EntropyTrainerCallback`` and ``EntropyMonitors``
     use it for their capture windows. A compiled model gets no hooks (they would run inside its graph): there every
     forward of the window is recorded."""
     from entrotrain.taps.module_names import is_compiled
@@ -62,7 +63,8 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
         return lambda: None
 
     def pre(module: nn.Module, args: tuple) -> None:
-        _ROOT_GRAD.append(torch.is_grad_enabled())
+        # a call inside a noted one is part of it (a frozen child under no_grad, a reentrant-checkpointed child)
+        _ROOT_GRAD.append(_ROOT_GRAD[-1] if _ROOT_GRAD else torch.is_grad_enabled())
 
     def post(module: nn.Module, args: tuple, output: object) -> None:
         if _ROOT_GRAD:
@@ -82,8 +84,8 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
 
 def capture_allowed(tap: object) -> bool:
     """Whether ``tap`` may record now: outside any ``exclusive_capture`` block, or named by the innermost one, not
-    inside a backward pass (activation checkpointing's recomputation: module docstring), and not inside a no-grad
-    forward of a model watched with :func:`training_forwards_only`."""
+    inside a backward pass (activation checkpointing's recomputation: module docstring), and not inside a forward of
+    a model watched with :func:`training_forwards_only` that was called (outermost) without gradient."""
     if _ALLOWED and id(tap) not in _ALLOWED[-1]:
         return False
     if _ROOT_GRAD and not _ROOT_GRAD[-1]:

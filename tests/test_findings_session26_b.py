@@ -65,3 +65,51 @@ def test_a_frozen_child_called_without_grad_inside_the_training_forward_is_captu
     every = _logs("frozen", training_only=False)
     assert every["entropy/repr/backbone.0/n_streamed"] == 32
     assert _logs("frozen") == pytest.approx(every, rel=1e-6)
+
+
+def test_a_second_firing_during_the_frozen_pins_copy_keeps_it(tmp_path, monkeypatch) -> None:
+    """Save every 1000 steps, observe every 50: the guard fires at 1200 (last good 1100: checkpoint-1000 frozen, its
+    copy starts in the background), is good at 1250 and fires at 1300: the newest pin at or before 1250 is the same
+    frozen one, checked while its copy runs. The copy's temporary file inside the pin made it look changed: the kept
+    checkpoint was deleted under its copy and the second firing named none."""
+    import shutil
+    import threading
+    import warnings
+
+    from entrotrain.callbacks import checkpoint_keeper
+    from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
+
+    ckpt = tmp_path / "checkpoint-1000"
+    ckpt.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
+        (ckpt / name).write_bytes(name.encode() * 100)
+    started, go = threading.Event(), threading.Event()
+    real_copy2 = shutil.copy2
+
+    def slow_copy2(src, dst, **kw):  # a large file: the copy is under way (its temporary file exists) for a while
+        out = real_copy2(src, dst, **kw)
+        started.set()
+        go.wait(10)
+        return out
+
+    monkeypatch.setattr(checkpoint_keeper.shutil, "copy2", slow_copy2)
+    keeper = LastGoodCheckpoints()
+    pin = keeper.saved(ckpt)
+    keeper.judged(1100, 1100)
+    keeper.judged(1200, 1100)
+    assert keeper.freeze(1100) == pin
+    assert started.wait(10)
+    keeper.judged(1250, 1250)
+    keeper.judged(1300, 1250)
+    timer = threading.Timer(0.2, go.set)  # the copy finishes (only unblocks a fixed keeper, which waits for it)
+    timer.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert keeper.freeze(1250) == pin
+    finally:
+        go.set()
+        keeper.wait()
+        timer.join()
+    assert sorted(p.name for p in pin.iterdir()) == ["model.safetensors", "optimizer.pt", "trainer_state.json"]
+    assert all(p.stat().st_nlink == 1 for p in pin.iterdir())  # its own copy of every file

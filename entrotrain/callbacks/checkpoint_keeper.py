@@ -190,6 +190,8 @@ class LastGoodCheckpoints:
         candidates = [pin for pin in self._pins if pin.step <= last_good_step]
         while candidates:
             pin = max(candidates, key=lambda p: (p.step, not p.frozen))
+            if pin.frozen:
+                self.wait()  # a pin being copied holds a temporary file (and swaps files): checked once copied
             if self._intact(pin):
                 if not pin.frozen:
                     pin.frozen = True

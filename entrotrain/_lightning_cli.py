@@ -194,9 +194,13 @@ class EntrotrainCLI(LightningCLI):
             self._fork = fork_plan(str(ckpt_path), self.config_dump)
 
     def instantiate_classes(self) -> None:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         try:
             super().instantiate_classes()
-        except ValueError as err:  # EntrotrainError is a ValueError; so are jsonargparse's wrappers of it
+        # EntrotrainError is a ValueError; so are jsonargparse's wrappers of it. Lightning's Trainer refuses a
+        # contradictory trainer config (a ModelCheckpoint with enable_checkpointing: false) with its own exception.
+        except (ValueError, MisconfigurationException) as err:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
             print(config_error_message(err, self.subcommand), file=sys.stderr)

@@ -113,3 +113,31 @@ def test_a_second_firing_during_the_frozen_pins_copy_keeps_it(tmp_path, monkeypa
         timer.join()
     assert sorted(p.name for p in pin.iterdir()) == ["model.safetensors", "optimizer.pt", "trainer_state.json"]
     assert all(p.stat().st_nlink == 1 for p in pin.iterdir())  # its own copy of every file
+
+
+@pytest.mark.parametrize("source", ["output", "head"])
+def test_prediction_monitor_skips_a_no_grad_forward_of_the_root(source: str) -> None:
+    """An RL loop samples (a no-grad forward of the root model) inside the step block: the prediction monitor reads
+    the root forward's output (or its head's input) through its own hooks, which did not ask whether the forward was
+    a training one: it scored the sampling forward as training data."""
+    from entrotrain.callbacks.prediction_monitor import PredictionEntropyMonitor
+    from tests.helpers.loop_runs import LogitsGPT, token_batches
+
+    batches = token_batches(2, rows=4)
+
+    def logs(sample: bool) -> dict[str, float]:
+        module = LogitsGPT(seed=0)
+        monitor = PredictionEntropyMonitor(every_n_steps=1, source=source, head="model.lm_head", probe_batches=0,
+                                           log_media=False, print_summary=False)
+        monitors = EntropyMonitors([monitor], print_summary=False)
+        with monitors.watch(module, module.configure_optimizers()):
+            with monitors.step(0):
+                if sample:
+                    with torch.no_grad():
+                        module(input_ids=batches[1][0][:, :-1])  # another batch: it would move every statistic
+                module.training_step(batches[0], 0)["loss"].backward()
+        return monitors.logs
+
+    plain, sampled = logs(False), logs(True)
+    assert sampled["entropy/pred/train/tokens"] == plain["entropy/pred/train/tokens"]
+    assert sampled == pytest.approx(plain, rel=1e-6)

@@ -40,7 +40,7 @@ from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
-from entrotrain.taps.exclusive import training_forwards_only
+from entrotrain.taps.exclusive import capture_allowed, training_forwards_only
 
 __all__ = ["MonitorSession", "RecordSpec", "Reduce", "check_record", "distributed", "readable_scalar", "wandb_run"]
 
@@ -223,6 +223,7 @@ class _BatchWatch:
     def __init__(self) -> None:
         self._handles: list[Any] = []
         self.fields: dict[str, Tensor | None] = {}
+        self.live = True  # whether the forward under way is one to read (:func:`capture_allowed` at its pre-hook)
 
     def arm(
         self, model: nn.Module, keys: Sequence[str], before: Callable[[], None], after: Callable[[Any], None]
@@ -230,11 +231,17 @@ class _BatchWatch:
         self.disarm()
 
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # a forward no tap may record (a no-grad one under training_forwards_only, whose hooks run before these
+            # and have noted it by now; one in another monitor's exclusive_capture) is not a micro-batch either
+            self.live = capture_allowed(self)
+            if not self.live:
+                return
             self.fields = {k: kwargs[k] if isinstance(kwargs.get(k), Tensor) else None for k in keys}
             before()
 
         def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            after(output)
+            if self.live:
+                after(output)
 
         self._handles = [
             model.register_forward_pre_hook(pre, with_kwargs=True),

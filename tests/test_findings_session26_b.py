@@ -141,3 +141,30 @@ def test_prediction_monitor_skips_a_no_grad_forward_of_the_root(source: str) -> 
     plain, sampled = logs(False), logs(True)
     assert sampled["entropy/pred/train/tokens"] == plain["entropy/pred/train/tokens"]
     assert sampled == pytest.approx(plain, rel=1e-6)
+
+
+def test_a_tap_on_a_watched_child_skips_that_childs_own_no_grad_call() -> None:
+    """A LightningModule-style loop samples with ``module.backbone(...)`` (a direct child called outermost, without
+    gradient): a tap on that child itself ran its hook after training_forwards_only's post-hook had popped the call's
+    note, so it recorded the sampling forward."""
+    torch.manual_seed(1)
+    x, y, other = torch.randn(32, 6), torch.randint(0, 3, (32,)), torch.randn(32, 12)
+
+    def logs(sample: bool) -> dict[str, float]:
+        model = _Net("plain")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = RepresentationEntropyMonitor(include=["backbone"], every_n_steps=1, log_spectrum=False,
+                                               print_summary=False)
+        monitors = EntropyMonitors([monitor], print_summary=False)
+        with monitors.watch(model, opt):
+            with monitors.step(0):
+                if sample:
+                    with torch.no_grad():
+                        model.backbone(other)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        return monitors.logs
+
+    plain, sampled = logs(False), logs(True)
+    assert plain["entropy/repr/backbone/n_streamed"] == 32
+    assert sampled == pytest.approx(plain, rel=1e-6)

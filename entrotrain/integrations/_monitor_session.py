@@ -539,12 +539,12 @@ class MonitorSession:
         :meth:`collect` or :meth:`release`. ``training_only``: only forwards run with gradient enabled (the step's
         training forwards; not a trainer's generation or no-grad log-prob passes in the same step)."""
         self.release()
-        if training_only and self._model is not None:
-            self._unwatch_grad = training_forwards_only(self._model)
         self._armed = list(range(len(self.drivers))) if which is None else list(which)
         for i in self._armed:
             self.drivers[i].step = step
             self.drivers[i].arm()
+        if training_only and self._model is not None:  # after the taps: its post-hooks run after theirs
+            self._unwatch_grad = training_forwards_only(self._model)
 
     @property
     def armed(self) -> bool:

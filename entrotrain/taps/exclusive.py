@@ -70,8 +70,10 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
         if _ROOT_GRAD:
             _ROOT_GRAD.pop()
 
+    # the note is taken before every other pre-hook and dropped after the post-hooks registered before this call (the
+    # taps': call it once they are armed), so their hooks on the model and its children see it too
     handles = [handle for module in (model, *model.children())
-               for handle in (module.register_forward_pre_hook(pre),
+               for handle in (module.register_forward_pre_hook(pre, prepend=True),
                               module.register_forward_hook(post, always_call=True))]
 
     def remove() -> None:

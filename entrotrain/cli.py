@@ -206,7 +206,9 @@ def _recipes_main(argv: list[str]) -> None:
 def _expand_recipe(argv: list[str]) -> list[str]:
     """``argv`` (a run subcommand and its arguments) with ``--recipe NAME`` / ``--recipe=NAME`` replaced by
     ``--config <the bundled recipe's file>``. An unknown name is a parser-style error (exit code 2) listing the
-    recipes."""
+    recipes. A value naming a ``configs/...`` fragment (``--trainer.logger configs/logger/csv.yaml``, ``--config
+    configs/trainer/gpu.yaml``) that does not exist relative to the working folder becomes the bundled fragment's
+    path, as in config files (a path found in neither is left for the parser's error)."""
     from entrotrain._recipes import RecipeNotFoundError, find_recipe
 
     out: list[str] = argv[:1]
@@ -226,9 +228,23 @@ def _expand_recipe(argv: list[str]) -> list[str]:
             except RecipeNotFoundError as err:
                 _usage_error(argv[0], str(err))
             continue
-        out.append(arg)
+        out.append(_bundled_fragment(arg))
         i += 1
     return out
+
+
+def _bundled_fragment(arg: str) -> str:
+    """``arg`` (a value, or ``--key=value``) with a ``configs/...`` fragment path that is missing from the working
+    folder replaced by the bundled fragment's absolute path; ``arg`` itself otherwise."""
+    from entrotrain._recipes import FragmentNotFoundError, resolve_fragment
+
+    key, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if arg.startswith("-") and not sep:
+        return arg
+    try:
+        return key + sep + resolve_fragment(value, Path.cwd())
+    except FragmentNotFoundError:
+        return arg
 
 
 def _usage_error(subcommand: str | None, message: str) -> None:

@@ -40,3 +40,31 @@ def test_debug_env_keeps_the_misconfiguration_traceback(tmp_path, monkeypatch):
     with pytest.raises(MisconfigurationException):
         main(["fit", "--config", str(RECIPE), "--trainer.callbacks+=ModelCheckpoint", "--trainer.max_steps", "1",
               "--trainer.default_root_dir", str(tmp_path / "runs")])
+
+
+def test_bundled_fragment_on_the_command_line_from_any_folder(tmp_path, monkeypatch, capsys):
+    """README "Looking at the dashboard": `--trainer.logger configs/logger/csv.yaml` and `--config
+    configs/trainer/ddp_cpu.yaml` after `--recipe` worked only from the repository root; from any other folder the
+    parser said 'File does not exist' / 'Unexpected import path format'. Bundled fragments are found as in config
+    files: the path relative to the working folder first, then the bundled configs."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--recipe", "attention_collapse", "--trainer.logger", "configs/logger/csv.yaml",
+              "--config", "configs/trainer/ddp_cpu.yaml", "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "lightning.pytorch.loggers.CSVLogger" in out and "strategy: ddp" in out
+
+
+def test_a_local_fragment_wins_over_the_bundled_one(tmp_path, monkeypatch):
+    from entrotrain.cli import _expand_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "logger").mkdir(parents=True)
+    (tmp_path / "configs" / "logger" / "csv.yaml").write_text("class_path: lightning.pytorch.loggers.CSVLogger\n")
+    argv = _expand_recipe(["fit", "--trainer.logger=configs/logger/csv.yaml", "--config", "configs/trainer/gpu.yaml",
+                           "--trainer.logger", "configs/logger/nope.yaml"])
+    assert argv[1] == "--trainer.logger=configs/logger/csv.yaml"  # exists here: left as written
+    assert argv[3].endswith("trainer/gpu.yaml") and Path(argv[3]).is_absolute() and Path(argv[3]).is_file()
+    assert argv[5] == "configs/logger/nope.yaml"  # found nowhere: the parser's own error names it

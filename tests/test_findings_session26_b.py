@@ -168,3 +168,59 @@ def test_a_tap_on_a_watched_child_skips_that_childs_own_no_grad_call() -> None:
     plain, sampled = logs(False), logs(True)
     assert plain["entropy/repr/backbone/n_streamed"] == 32
     assert sampled == pytest.approx(plain, rel=1e-6)
+
+
+class _Tuner(nn.Module):
+    """PEFT's ``LoraModel``: calls its model's ``forward`` directly (no hooks of that model run)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kw):
+        return self.model.forward(**kw)
+
+
+class _PeftLike(nn.Module):
+    """PEFT's ``PeftModelForCausalLM``: ``forward`` through the tuner, ``generate`` on the wrapped HF model itself
+    (TRL with ``peft_config``: the trainer's model, whose generation runs a grandchild's forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = _Tuner(model)
+
+    def forward(self, **kw):
+        return self.base_model(**kw)
+
+    def generate(self, **kw):
+        return self.base_model.model.generate(**kw)
+
+
+def test_generation_of_a_wrapped_hf_model_is_not_captured() -> None:
+    """The watched model wraps an HF model two levels down (PEFT) and generates through it: the generation forwards
+    run the HF model's own ``__call__``, neither the root's nor a direct child's, so nothing noted them as no-grad
+    and the monitors recorded the generated tokens' forwards as training data."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def logs(generate: bool) -> dict[str, float]:
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
+                            eos_token_id=49, bos_token_id=49, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = _PeftLike(GPT2LMHeadModel(config))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = RepresentationEntropyMonitor(include=["base_model.model.transformer.h.0"], every_n_steps=1,
+                                               log_spectrum=False, print_summary=False)
+        monitors = EntropyMonitors([monitor], print_summary=False)
+        with monitors.watch(model, opt):
+            with monitors.step(0):
+                if generate:
+                    with torch.no_grad():
+                        model.generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False)
+                model(input_ids=ids, labels=ids).loss.backward()
+        return monitors.logs
+
+    plain, generated = logs(False), logs(True)
+    assert plain["entropy/repr/base_model.model.transformer.h.0/n_streamed"] == 16
+    assert generated == pytest.approx(plain, rel=1e-6)

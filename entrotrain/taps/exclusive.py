@@ -21,6 +21,7 @@ recomputation is part of the compiled backward and runs no hook.)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -52,7 +53,7 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
     enabled: the training forward of a step, not the no-grad forwards a trainer runs on the same model inside the
     same step (TRL's generation and rollout log-probs, an RL loop's sampling). Forward pre- and post-hooks on
     ``model`` and its direct children (a LightningModule's ``training_step`` calls ``self.model(...)``) note the grad
-    mode of each call, the outermost deciding (the taps' own work toggles grad, so it is read where the model is
+    mode of each call (and every HF model inside ``model``: a PEFT wrapper's generation), the outermost deciding (the taps' own work toggles grad, so it is read where the model is
     called): what a training forward runs without gradient (a frozen backbone under ``torch.no_grad()``, a child
     checkpointed with ``use_reentrant=True``) is part of it and recorded. ``EntropyTrainerCallback`` and ``EntropyMonitors``
     use it for their capture windows. A compiled model gets no hooks (they would run inside its graph): there every
@@ -72,7 +73,7 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
 
     # the note is taken before every other pre-hook and dropped after the post-hooks registered before this call (the
     # taps': call it once they are armed), so their hooks on the model and its children see it too
-    handles = [handle for module in (model, *model.children())
+    handles = [handle for module in _noted(model)
                for handle in (module.register_forward_pre_hook(pre, prepend=True),
                               module.register_forward_hook(post, always_call=True))]
 
@@ -82,6 +83,18 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
         _ROOT_GRAD.clear()
 
     return remove
+
+
+def _noted(model: nn.Module) -> list[nn.Module]:
+    """The modules whose calls :func:`training_forwards_only` notes: ``model``, its direct children, and every
+    ``transformers`` model inside it (PEFT's ``PeftModelForCausalLM.generate`` calls the wrapped HF model's own
+    ``generate``, whose forwards run neither the root nor a child)."""
+    modeling = sys.modules.get("transformers.modeling_utils")  # loaded wherever an HF model exists: no import here
+    pretrained = getattr(modeling, "PreTrainedModel", None)
+    noted = [model, *model.children()]
+    if pretrained is not None:
+        noted += [m for m in model.modules() if isinstance(m, pretrained) and not any(m is n for n in noted)]
+    return noted
 
 
 def capture_allowed(tap: object) -> bool:

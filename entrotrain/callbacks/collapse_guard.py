@@ -191,7 +191,7 @@ class EntropyCollapseGuard(PerFitCallback):
         on_nonfinite: bool | None = None,
         stale_after: int | None = None,
         arm_on_good: bool = True,
-        notify: Any = None,  # Callable[[str], Any] | str | None: typed loosely so LightningCLI saves a string as written
+        notify: Any = None,  # Callable[[str], Any] | str | None, typed loosely: LightningCLI saves a str as written
         keep_last_good: bool = True,
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")

@@ -14,8 +14,8 @@ text (ntfy's publish API) with a ``Title`` header.
 Each message is posted from a daemon thread, so rank zero returns to training at once and the other ranks never wait
 at the next collective for a slow network; at most ``MAX_IN_FLIGHT`` posts are under way at once (a firing beyond
 that, while the webhook does not answer, is dropped and reported as a failure). A redirect is not followed (urllib
-would turn the POST into a GET without the message): it is reported as a failure. A failed post (unreachable host, HTTP error, timeout after ``timeout``
-seconds) is warned about once, at the next firing or when training ends, and never reaches training. Posts still
+would turn the POST into a GET without the message): it is reported as a failure. A failed post (unreachable host,
+HTTP error, timeout after ``timeout`` seconds) is warned about once, at the next firing or when training ends, and never reaches training. Posts still
 under way when training ends are waited for up to ``timeout`` seconds (:meth:`WebhookNotifier.flush`, also run at
 interpreter exit), so the firing that stopped a run is not lost when the process exits right after it; the wait is
 ``timeout`` in all, however many posts hang.

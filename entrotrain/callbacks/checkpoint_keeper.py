@@ -82,12 +82,14 @@ def _stamp(path: Path) -> _Stamp:
 
 
 def _remove(path: Path) -> None:
+    """Delete a pin (file or folder); one that cannot be deleted (gone, read-only) is left: never an error in
+    training."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-    except FileNotFoundError:
+    except OSError:
         pass
 
 
@@ -138,6 +140,8 @@ class LastGoodCheckpoints:
                 target.parent.rmdir()  # made for this pin: leave no empty folder
             except OSError:
                 pass
+            if isinstance(err, FileNotFoundError):  # the checkpoint went away meanwhile: this one is not kept
+                return None
             self._refused = True
             warnings.warn(
                 f"{self.owner}(keep_last_good=True): cannot hard-link {source} into {target.parent} "

@@ -244,3 +244,31 @@ def test_inspect_reads_one_kept_checkpoint_per_step(tmp_path: Path) -> None:
     LastGoodCheckpoints().saved(path)
     path.unlink()
     assert [c.path for c in find_checkpoints([tmp_path])] == [tmp_path / KEEP_FOLDER / "epoch=0-step=3.ckpt"]
+
+
+def test_a_checkpoint_gone_before_it_is_pinned_does_not_turn_keeping_off(tmp_path: Path, monkeypatch) -> None:
+    keeper = LastGoodCheckpoints()
+    real_link = os.link
+
+    def vanished(src, dst, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(src))
+
+    monkeypatch.setattr(os, "link", vanished)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot hard-link" warning: the file system is fine
+        assert keeper.saved(_save(tmp_path, 1)) is None
+    monkeypatch.setattr(os, "link", real_link)
+    assert keeper.saved(_save(tmp_path, 2)) == tmp_path / KEEP_FOLDER / "step_2.pt"
+
+
+def test_a_pin_that_cannot_be_deleted_never_raises_into_training(tmp_path: Path, monkeypatch) -> None:
+    keeper = LastGoodCheckpoints()
+    keeper.saved(_save(tmp_path, 1))
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    keeper.saved(_save(tmp_path, 2))
+    keeper.judged(2, 2)  # drops step 1's pin: its file cannot be deleted, training goes on
+    assert keeper.pins == [tmp_path / KEEP_FOLDER / "step_2.pt"]

@@ -389,13 +389,15 @@ class SigmaReparamLinear(nn.Module):
         get their own σ; without a match (a non-deterministic recomputation) the latest forward's start is used.
         """
         cdtype = _compute_dtype(weight.dtype)
-        recompute = update and self._step_start is not None and in_backward()
+        # compiled code recomputes inside its own backward graph and runs no Python forward again: eager only
+        eager = not torch.compiler.is_compiling()
+        recompute = update and eager and self._step_start is not None and in_backward()
         with torch.autocast(device_type=weight.device.type, enabled=False):
             w = self._as_matrix(weight).to(cdtype)
             with torch.no_grad():
-                if update and not recompute:
+                if update and eager and not recompute:
                     self._step_start = self.u.detach().clone()
-                    if x is not None and not torch.compiler.is_compiling() and _may_be_recomputed():
+                    if x is not None and _may_be_recomputed():
                         self._start_log().append((tuple(x.shape), _fingerprint(x), self._step_start))
                 start = self._start_of(x) if recompute else self.u
                 u = start.to(cdtype).clone()  # never hand the buffer itself to autograd

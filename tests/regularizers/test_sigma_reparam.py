@@ -265,6 +265,8 @@ def test_compiled_forward_backward_matches_eager():
             y_c = compiled(x)
             y_c.square().sum().backward()
     except Exception as exc:  # noqa: BLE001 (no working C++ toolchain etc.)
+        if type(exc).__name__ == "Unsupported":  # dynamo cannot trace our code: a bug here, not the machine's
+            raise
         pytest.skip(f"torch.compile failed on this machine: {type(exc).__name__}: {str(exc)[:200]}")
     if time.perf_counter() - start > 60:
         pytest.skip("torch.compile took > 60 s on this machine")

@@ -72,13 +72,23 @@ class _Pin:
     frozen: bool = False
 
 
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """The files of a checkpoint (itself, or every file in its folder), each with its name in the checkpoint (``""``
+    for a file checkpoint)."""
+    if path.is_file():
+        return [("", path)]
+    return [(str(file.relative_to(path)), file) for file in sorted(path.rglob("*")) if file.is_file()]
+
+
 def _stamp(path: Path) -> _Stamp:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    out = []
-    for file in files:
-        stat = file.stat()
-        out.append((str(file.relative_to(path)) if file != path else "", stat.st_size, stat.st_mtime_ns))
-    return tuple(out)
+    return tuple((name, (stat := file.stat()).st_size, stat.st_mtime_ns) for name, file in _files(path))
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (frozen pins, an earlier run's), or gone
+        pass
 
 
 def _remove(path: Path) -> None:
@@ -136,10 +146,7 @@ class LastGoodCheckpoints:
                 os.link(source, target)
         except OSError as err:
             _remove(target)
-            try:
-                target.parent.rmdir()  # made for this pin: leave no empty folder
-            except OSError:
-                pass
+            _rmdir_if_empty(target.parent)  # made for this pin: leave no empty folder
             if isinstance(err, FileNotFoundError):  # the checkpoint went away meanwhile: this one is not kept
                 return None
             self._refused = True
@@ -226,15 +233,13 @@ class LastGoodCheckpoints:
     def _unshare(self, pin: _Pin) -> None:
         """Give a frozen pin its own copy of each file it still shares with its original (module docstring); runs in
         a background thread. A file that changes while it is copied (rewritten in place meanwhile) is warned about."""
-        files = [pin.path] if pin.path.is_file() else sorted(p for p in pin.path.rglob("*") if p.is_file())
         pinned = {name: (size, mtime) for name, size, mtime in pin.stamp}
-        for file in files:
+        for name, file in _files(pin.path):
             copy = file.with_name(file.name + ".entrotrain-copy")
             try:
                 before = file.stat()
                 if before.st_nlink < 2:
                     continue
-                name = str(file.relative_to(pin.path)) if file != pin.path else ""
                 if pinned.get(name) != (before.st_size, before.st_mtime_ns):
                     raise OSError(f"{file} changed since it was pinned")
                 shutil.copy2(file, copy)  # keeps the mtime: the pin's stamp is unchanged
@@ -281,10 +286,7 @@ class LastGoodCheckpoints:
         for pin in [p for p in self._pins if not p.frozen]:
             self._drop(pin)
         for folder in folders:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: frozen pins, or an earlier run's
-                pass
+            _rmdir_if_empty(folder)
 
     def _drop(self, pin: _Pin) -> None:
         self._pins.remove(pin)

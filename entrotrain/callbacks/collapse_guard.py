@@ -547,8 +547,7 @@ class EntropyCollapseGuard(PerFitCallback):
         the same step (a rotation may delete that one)."""
         if self.last_good_step is None:
             return ""
-        if since is not None:
-            checkpoints = [p for p in checkpoints if _modified(p) >= since]
+        checkpoints = [p for p in checkpoints if of_this_run(p, since)]
         dated = [(step, 0, Path(p)) for p in checkpoints if (step := saved_at(p)) is not None]
         if kept is not None:
             dated.append((saved_at(kept) or 0, 1, kept))
@@ -658,11 +657,16 @@ def saved_at(path: str | Path) -> int | None:
     return int(found[-1]) if found else None
 
 
-def _modified(path: str | Path) -> float:
+def of_this_run(path: str | Path, since: float | None) -> bool:
+    """Whether the checkpoint at ``path`` belongs to the run that started at ``since`` (:func:`run_start`): modified
+    at or after it (``None``: every file, a resumed run's earlier checkpoints are its own). A file that cannot be read
+    is not."""
+    if since is None:
+        return True
     try:
-        return Path(path).stat().st_mtime
+        return Path(path).stat().st_mtime >= since
     except OSError:
-        return -math.inf
+        return False
 
 
 def run_start(resumed: bool) -> float | None:

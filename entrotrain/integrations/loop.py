@@ -85,7 +85,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
-from entrotrain.callbacks.collapse_guard import run_start, saved_at
+from entrotrain.callbacks.collapse_guard import of_this_run, run_start, saved_at
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations._monitor_session import (
@@ -366,14 +366,10 @@ class EntropyMonitors:
         for path in entries:
             if path in self._pinned or saved_at(path) is None:
                 continue
-            try:
-                earlier = self._run_start is not None and path.stat().st_mtime < self._run_start
-            except OSError:
-                continue
-            if earlier:  # an earlier run's checkpoint: not this run's to keep
-                self._pinned.add(path)
-            else:
+            if of_this_run(path, self._run_start):
                 self.checkpoint_saved(path)
+            else:  # an earlier run's checkpoint: not this run's to keep
+                self._pinned.add(path)
 
     def _finish(self, step: int) -> None:
         self._pin_new_checkpoints()

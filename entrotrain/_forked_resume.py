@@ -313,6 +313,16 @@ def finetuning_groups(trainer: Trainer, pl_module: LightningModule, checkpoint: 
                 continue
 
 
+def sigma_reparam_removed(unexpected: list[str] | tuple[str, ...]) -> str:
+    """The sentence that says why a resume cannot drop σReparam, when the checkpoint's keys the model has no place
+    for include a σReparam layer's own (``gamma``, ``u``, ``sigma``); ``""`` otherwise. The caller ends it (how to
+    keep it on)."""
+    if not any(re.search(r"\.(gamma|u|sigma)$", key) for key in unexpected):
+        return ""
+    return (" σReparam cannot be removed on a resume: the checkpoint's layers are σReparam layers (their γ, u and σ "
+            "have no place in a plain layer); keep it on")
+
+
 def state_key_problems(pl_module: LightningModule, state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
     """``(missing, unexpected, new)``: the keys of ``pl_module.state_dict()`` a load of the checkpoint's ``state``
     leaves unfilled, the checkpoint's keys the module has no place for, and the missing keys that belong to a

@@ -276,9 +276,10 @@ class EntrotrainCLI(LightningCLI):
             changed = ", ".join(key for key, _, _ in fork.changes)
             first = str(err).strip().splitlines()
             unexpected = str(err).partition("Unexpected key(s) in state_dict:")[2].partition("\n")[0]
-            removed = (" σReparam cannot be removed on a resume: the checkpoint's layers are σReparam layers (their "
-                       "γ, u and σ have no place in a plain layer); keep it on (e.g. sigma_reparam: true)."
-                       if re.search(r'\.(gamma|u|sigma)"', unexpected) else "")
+            from entrotrain._forked_resume import sigma_reparam_removed
+
+            removed = sigma_reparam_removed(re.findall(r'"([^"]+)"', unexpected))  # the keys the error quotes
+            removed += " (e.g. sigma_reparam: true)." if removed else ""
             print(
                 f"entrotrain fit: error: the checkpoint's weights do not fit the configured model, whose configuration "
                 f"changed ({changed}): {' '.join(line.strip() for line in first[:2])[:300]}{removed} A resume keeps "

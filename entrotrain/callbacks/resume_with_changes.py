@@ -259,9 +259,10 @@ class ResumeWithChanges(Callback):
 
         parts = ([f"missing from the checkpoint: {few(missing)}"] if missing else []) + (
             [f"not in the model: {few(unexpected)}"] if unexpected else [])
-        removed = (" σReparam cannot be removed on a resume: the checkpoint's layers are σReparam layers (their γ, u "
-                   "and σ have no place in a plain layer); keep it on."
-                   if any(re.search(r"\.(gamma|u|sigma)$", key) for key in unexpected) else "")
+        from entrotrain._forked_resume import sigma_reparam_removed
+
+        removed = sigma_reparam_removed(unexpected)
+        removed += "." if removed else ""
         changed = ", ".join(key for key, _, _ in changes)
         raise EntrotrainError(
             f"ResumeWithChanges: the checkpoint's weights do not fit {type(pl_module).__name__}, whose configuration "

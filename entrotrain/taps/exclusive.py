@@ -52,12 +52,12 @@ def training_forwards_only(model: nn.Module) -> Callable[[], None]:
     """Until the returned function is called, taps record only inside forwards of ``model`` called with gradient
     enabled: the training forward of a step, not the no-grad forwards a trainer runs on the same model inside the
     same step (TRL's generation and rollout log-probs, an RL loop's sampling). Forward pre- and post-hooks on
-    ``model`` and its direct children (a LightningModule's ``training_step`` calls ``self.model(...)``) note the grad
-    mode of each call (and every HF model inside ``model``: a PEFT wrapper's generation), the outermost deciding (the taps' own work toggles grad, so it is read where the model is
-    called): what a training forward runs without gradient (a frozen backbone under ``torch.no_grad()``, a child
-    checkpointed with ``use_reentrant=True``) is part of it and recorded. ``EntropyTrainerCallback`` and ``EntropyMonitors``
-    use it for their capture windows. A compiled model gets no hooks (they would run inside its graph): there every
-    forward of the window is recorded."""
+    ``model``, its direct children (a LightningModule's ``training_step`` calls ``self.model(...)``) and every HF
+    model inside it (a PEFT wrapper's generation) note the grad mode of each call, the outermost deciding (the taps'
+    own work toggles grad, so it is read where the model is called): what a training forward runs without gradient
+    (a frozen backbone under ``torch.no_grad()``, a child checkpointed with ``use_reentrant=True``) is part of it and
+    recorded. ``EntropyTrainerCallback`` and ``EntropyMonitors`` use it for their capture windows. A compiled model
+    gets no hooks (they would run inside its graph): there every forward of the window is recorded."""
     from entrotrain.taps.module_names import is_compiled
 
     if is_compiled(model):

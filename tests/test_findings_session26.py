@@ -111,3 +111,13 @@ def test_gradient_accumulation_with_checkpointing_matches_the_plain_model() -> N
         return _state(layer)
 
     assert torch.allclose(run(True), run(False), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_training_keeps_no_recomputation_state() -> None:
+    """Only a forward that checkpointing may recompute keeps its starting u and input fingerprint: a plain training
+    step (the hot path) keeps nothing (the check ran inside the power iteration's no_grad, where it always held)."""
+    layer = SigmaReparamLinear.from_linear(nn.Linear(6, 5))
+    layer(torch.randn(3, 6)).square().sum().backward()
+    assert layer._step_start is None and not layer._start_log()
+    torch_checkpoint.checkpoint(layer, torch.randn(3, 6, requires_grad=True), use_reentrant=False).sum().backward()
+    assert layer._step_start is not None and len(layer._start_log()) == 1

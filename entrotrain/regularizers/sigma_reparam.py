@@ -245,7 +245,7 @@ class SigmaReparamLinear(nn.Module):
         cdtype = _compute_dtype(self.weight.dtype)
         self.register_buffer("u", torch.empty(in_features, device=device, dtype=cdtype))
         self.register_buffer("sigma", torch.empty((), device=device, dtype=cdtype))
-        self._step_start: Tensor | None = None  # the u the last training forward started from (recomputation)
+        self._step_start: Tensor | None = None  # the u the last recomputable forward started from
         #: (input shape, input fingerprint, u it started from) of the latest training forwards that checkpointing
         #: may recompute (eager code; compiled code recomputes in its own backward, without Python)
         self._starts: deque[tuple[tuple[int, ...], Tensor, Tensor]] = deque(maxlen=_MAX_STARTS)
@@ -392,12 +392,15 @@ class SigmaReparamLinear(nn.Module):
         # compiled code recomputes inside its own backward graph and runs no Python forward again: eager only
         eager = not torch.compiler.is_compiling()
         recompute = update and eager and self._step_start is not None and in_backward()
+        # the start of a forward that checkpointing may recompute (asked here, outside the no_grad below: plain
+        # training keeps nothing)
+        keep_start = update and eager and not recompute and _may_be_recomputed()
         with torch.autocast(device_type=weight.device.type, enabled=False):
             w = self._as_matrix(weight).to(cdtype)
             with torch.no_grad():
-                if update and eager and not recompute:
+                if keep_start:
                     self._step_start = self.u.detach().clone()
-                    if x is not None and _may_be_recomputed():
+                    if x is not None:
                         self._start_log().append((tuple(x.shape), _fingerprint(x), self._step_start))
                 start = self._start_of(x) if recompute else self.u
                 u = start.to(cdtype).clone()  # never hand the buffer itself to autograd

@@ -61,9 +61,7 @@ def notifier_from_spec(spec: str, owner: str = "EntropyCollapseGuard(notify)") -
                 f"(e.g. `export {name or 'SLACK_WEBHOOK_URL'}=https://hooks.slack.com/services/...`) where training "
                 "runs, or pass notify=None."
             )
-        notifier = WebhookNotifier(url, owner=owner, shown=spec)
-        notifier._env = name
-        return notifier
+        return WebhookNotifier(url, owner=owner, env=name)
     if spec.startswith(("http://", "https://")):
         return WebhookNotifier(spec, owner=owner)
     return None
@@ -76,11 +74,12 @@ class WebhookNotifier:
         url: the webhook's ``http://`` or ``https://`` URL.
         timeout: seconds a post may take (connect and answer) before it counts as failed.
         owner: who it notifies for, in warnings and errors.
-        shown: how the notifier is named in its ``repr`` (never the URL, a secret).
+        env: the environment variable ``url`` was read from: the notifier is named ``env:NAME`` and pickles without
+            the URL (a secret), reading it again where it is unpickled. ``None``: named by the URL's scheme and host.
     """
 
     def __init__(self, url: str, timeout: float = 10.0, owner: str = "EntropyCollapseGuard(notify)",
-                 shown: str | None = None) -> None:
+                 env: str | None = None) -> None:
         try:
             parts = urlsplit(url) if isinstance(url, str) else None
             if parts is not None:
@@ -100,13 +99,13 @@ class WebhookNotifier:
         self.url = url
         self.timeout = float(timeout)
         self.owner = owner
-        self.shown = shown or _redacted(url)
+        self.shown = f"env:{env}" if env else _redacted(url)  # in repr and warnings: never the URL
         self.host = parts.hostname or ""
         self._threads: list[threading.Thread] = []
         self._failure: str | None = None
         self._failure_warned = False
         self._lock = threading.Lock()
-        self._env: str | None = None  # the environment variable the URL came from (pickled instead of the URL)
+        self._env = env  # pickled instead of the URL
         _PENDING.add(self)
 
     def __getstate__(self) -> dict:

@@ -47,6 +47,7 @@ from entrotrain.dashboards.run_record import json_safe
 __all__ = [
     "ForkPlan",
     "ForkedResume",
+    "IMPLEMENTATION_FLAGS",
     "adapt_training_state",
     "config_changes",
     "fork_plan",
@@ -409,8 +410,34 @@ def _group_lr(group: Mapping[str, Any]) -> Any:
     return group.get("initial_lr", group.get("lr"))
 
 
-def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any], schedulers: list[Any]
-                           ) -> list[tuple[str, Any, Any]]:
+#: Param-group entries that choose how torch computes the step, not what it computes: AdamW saved as the for-loop
+#: implementation and resumed as ``fused=True`` (transformers 5's default ``adamw_torch_fused``) or ``foreach`` is the
+#: same optimizer. ``capturable`` (CUDA-graph capture) and ``differentiable`` (autograd through the step) alike.
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
+def _same_setting(key: str, group: Mapping[str, Any], fresh: Mapping[str, Any]) -> bool:
+    """Whether a param-group entry ``key`` compares equal for :func:`training_state_changes`: an implementation flag
+    (:data:`IMPLEMENTATION_FLAGS`) always; ``decoupled_weight_decay`` (Adam ↔ AdamW) when both weight decays are 0
+    (the two are then the same algorithm)."""
+    if key in IMPLEMENTATION_FLAGS:
+        return True
+    if key == "decoupled_weight_decay":
+        return group.get("weight_decay") == 0 and fresh.get("weight_decay") == 0
+    return False
+
+
+def _numbers(values: Any) -> set[Any]:
+    """The numbers among ``values`` (a mapping of hyperparameters, nested), as :func:`json_safe` writes them."""
+    out: set[Any] = set()
+    for value in _flatten(json_safe(values), "", {}).values():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.add(value)
+    return out
+
+
+def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any], schedulers: list[Any],
+                           hyperparameters: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     """``(key, saved, configured)`` for every hyperparameter where the freshly configured ``optimizers`` /
     ``schedulers`` (:func:`configured_optimizers`) differ from the checkpoint's ``optimizer_states`` /
     ``lr_schedulers``, without changing anything: ``optimizer.lr`` (a scheduled group's initial rate),
@@ -420,7 +447,16 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     seen). What a scheduler moves (``lr``, a cycled ``betas`` / ``momentum``) is compared at its configured value.
     A ``LambdaLR``'s function is not in a checkpoint: its change shows only through the module's hyperparameters.
     Several optimizers or schedulers are named ``optimizer1``, ``lr_scheduler1``, ... after the first. A
-    weights-only checkpoint (no ``optimizer_states``) has nothing to compare: ``[]``."""
+    weights-only checkpoint (no ``optimizer_states``) has nothing to compare: ``[]``.
+
+    Not changes: an implementation flag (``fused``, ``foreach``, ``capturable``, ``differentiable``:
+    :data:`IMPLEMENTATION_FLAGS`); Adam ↔ AdamW when both weight decays are 0; the rate of an unscheduled group
+    whose configured rate is the value of one of ``hyperparameters`` (the run's, known unchanged): the saved rate
+    is then a position that code moved, e.g. a manual warmup in ``LightningModule.optimizer_step`` (Lightning's
+    documented ``pg["lr"] = scale * self.hparams.lr``), as under ``ReduceLROnPlateau``. A rate set in code that
+    no hyperparameter holds is still compared. A ``SequentialLR`` / ``ChainedScheduler`` is compared on its
+    ``milestones`` and its children's settings (``lr_scheduler.schedulers[0].total_iters``), and how many
+    children it has."""
     changes: list[tuple[str, Any, Any]] = []
     if "optimizer_states" not in checkpoint:  # a weights-only checkpoint: nothing to compare
         return changes
@@ -433,6 +469,7 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     callbacks = checkpoint.get("callbacks") or {}
     lowered = any(str(key).startswith("EntropyCollapseGuard") and isinstance(state, Mapping)
                   and (state.get("lr_reductions") or 0) > 0 for key, state in callbacks.items())
+    rates = _numbers(hyperparameters) if hyperparameters else set()
     for i, (state, optimizer) in enumerate(zip(saved, optimizers)):
         name = "optimizer" if i == 0 else f"optimizer{i}"
         groups = state.get("param_groups") or []
@@ -446,12 +483,15 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         for group, fresh in zip(groups, optimizer.param_groups):
             moved = (any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
                      or "swa_lr" in group  # Lightning's StochasticWeightAveraging's SWALR drives it
-                     or (lowered and "initial_lr" not in group))  # a guard's reductions (a schedule's base: kept)
+                     or (lowered and "initial_lr" not in group)  # a guard's reductions (a schedule's base: kept)
+                     # code moves it (a manual warmup) from a configured rate an unchanged hyperparameter gives
+                     or ("initial_lr" not in group and "initial_lr" not in fresh and json_safe(fresh["lr"]) in rates))
             pairs = {} if moved else {"lr": (_group_lr(group), _group_lr(fresh))}
             cycled = _cycled(fresh) | _cycled(group)
             # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
-                          if key not in ("params", "lr", "initial_lr") and key not in cycled and key in group})
+                          if key not in ("params", "lr", "initial_lr") and key not in cycled and key in group
+                          and not _same_setting(key, group, fresh)})
             if "betas" in cycled and _pair(group.get("betas")) and _pair(fresh.get("betas")):  # beta1 only cycles
                 pairs["beta2"] = (group["betas"][1], fresh["betas"][1])
             for key, (old, new) in pairs.items():
@@ -470,12 +510,61 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
                         [type(c.scheduler).__name__ for c in schedulers] or None))
     for i, (state, config) in enumerate(zip(states, schedulers)):
         name = "lr_scheduler" if i == 0 else f"lr_scheduler{i}"
-        fresh = config.scheduler.state_dict()
-        for key in sorted(_scheduler_settings(config.scheduler) & (set(fresh) | set(state))):
-            old, new = _setting(state.get(key)), _setting(fresh.get(key))
-            if old != new:
-                changes.append((f"{name}.{key}", old, new))
+        changes += _scheduler_changes(name, config.scheduler, state, config.scheduler.state_dict())
     return changes
+
+
+def _children(scheduler: Any) -> list[Any] | None:
+    """The schedulers a ``SequentialLR`` / ``ChainedScheduler`` runs (``None``: not a composite)."""
+    children = getattr(scheduler, "_schedulers", None)
+    return list(children) if isinstance(children, (list, tuple)) else None
+
+
+def _scheduler_changes(name: str, scheduler: Any, state: Mapping[str, Any], fresh: Mapping[str, Any]
+                       ) -> list[tuple[str, Any, Any]]:
+    """``(key, saved, configured)`` for every setting of ``scheduler`` (:func:`_scheduler_settings`) that differs
+    between the saved ``state`` and the configured ``fresh`` one; a composite's ``milestones`` (saved as
+    ``_milestones``) and its children (saved as ``_schedulers``), each compared the same way."""
+    changes: list[tuple[str, Any, Any]] = []
+    children = _children(scheduler)
+    settings = _scheduler_settings(scheduler)
+    if children is not None:
+        settings -= {"schedulers", "milestones"}
+        old, new = _setting(state.get("_milestones")), _setting(fresh.get("_milestones"))
+        if old != new:
+            changes.append((f"{name}.milestones", old, new))
+        saved = state.get("_schedulers")
+        configured = fresh.get("_schedulers")
+        if not isinstance(saved, list) or not isinstance(configured, list) or len(saved) != len(children):
+            changes.append((f"{name}.schedulers", len(saved) if isinstance(saved, list) else None,
+                            [type(child).__name__ for child in children]))
+        else:
+            for j, (child, old_child, new_child) in enumerate(zip(children, saved, configured)):
+                if isinstance(old_child, Mapping) and isinstance(new_child, Mapping):
+                    changes += _scheduler_changes(f"{name}.schedulers[{j}]", child, old_child, new_child)
+    for key in sorted(settings & (set(fresh) | set(state))):
+        old, new = _setting(state.get(key)), _setting(fresh.get(key))
+        if old != new:
+            changes.append((f"{name}.{key}", old, new))
+    return changes
+
+
+def _adopt_settings(scheduler: Any, state: dict[str, Any], fresh: Mapping[str, Any]) -> None:
+    """The configured settings of ``scheduler`` into its saved ``state``, its position kept: its constructor's
+    settings; a composite's ``milestones`` and, child by child, their settings and ``base_lrs``."""
+    children = _children(scheduler)
+    if children is not None:
+        if "_milestones" in fresh and "_milestones" in state:
+            state["_milestones"] = list(fresh["_milestones"])
+        saved, configured = state.get("_schedulers"), fresh.get("_schedulers")
+        if isinstance(saved, list) and isinstance(configured, list) and len(saved) == len(configured) == len(children):
+            for child, old_child, new_child in zip(children, saved, configured):
+                if isinstance(old_child, dict) and isinstance(new_child, Mapping):
+                    if "base_lrs" in old_child and "base_lrs" in new_child:
+                        old_child["base_lrs"] = new_child["base_lrs"]
+                    _adopt_settings(child, old_child, new_child)
+    for key in (_scheduler_settings(scheduler) - {"schedulers", "milestones"}) & set(fresh) & set(state):
+        state[key] = fresh[key]
 
 
 def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint: dict[str, Any],
@@ -518,8 +607,7 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
             state["base_lrs"] = fresh["base_lrs"]
         lrs = _scheduled_lrs(config.scheduler, state)
         if lrs is None:  # no closed form: the saved position, with the configured settings (factor, patience, ...)
-            for key in _scheduler_settings(config.scheduler) & set(fresh) & set(state):
-                state[key] = fresh[key]
+            _adopt_settings(config.scheduler, state, fresh)
             continue
         # the configured scheduler (its T_max, step_size, lambdas' settings: Lightning would restore the
         # saved ones) at the saved position
@@ -565,7 +653,9 @@ def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], opt
                 if key == "initial_lr" and group.get("initial_lr"):  # same place in the schedule, new peak
                     changed.setdefault("lr", (group["initial_lr"], value))
                     group["lr"] = group["lr"] * value / group["initial_lr"]
-                elif key != "initial_lr" and key in group:  # not a scheduler's bookkeeping, nor a newer torch's flag
+                elif key != "initial_lr" and key in group and not _same_setting(key, group, fresh):
+                    # not a scheduler's bookkeeping, nor a newer torch's flag, nor an implementation flag (the
+                    # configured one is used, unlisted)
                     changed.setdefault(key, (group.get(key), value))
                 group[key] = value
             if not scheduled and group.get("lr") != fresh["lr"]:

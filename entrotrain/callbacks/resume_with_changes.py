@@ -140,12 +140,14 @@ class ResumeWithChanges(Callback):
         self.verbose = bool(check_bool(verbose, "ResumeWithChanges: verbose"))
         self.plan: Any = None  # the last fit's ForkPlan (None: no checkpoint, or an unchanged resume)
         self._wrapped: Any = None  # (strategy, previous instance attribute or None) while the wrapper is on
+        self._refusal: BaseException | None = None  # the EntrotrainError this fit's resume was refused with
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._wrapped is not None:
             return  # validate / test / predict: Lightning's own, and the last fit's plan stays readable
         self.plan = None
+        self._refusal = None
         strategy = trainer.strategy
         previous = vars(strategy).get("load_model_state_dict")
         original = strategy.load_model_state_dict
@@ -159,6 +161,20 @@ class ResumeWithChanges(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._unwrap()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A refused resume leaves no new run record: Lightning's ``finalize("failed")``, which runs after this hook,
+        would start a record folder that says "failed" and holds nothing, beside the checkpoint's (the error is
+        raised at the call, before any step). Each ``RunRecordLogger`` not yet started drops it right after."""
+        self._unwrap()
+        refusal, self._refusal = self._refusal, None
+        if exception is not refusal or refusal is None:
+            return
+        from entrotrain.dashboards.run_record import RunRecordLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, RunRecordLogger) and not logger.started:
+                _drop_after_finalize(logger)
 
     def _unwrap(self) -> None:
         if self._wrapped is None:
@@ -174,8 +190,24 @@ class ResumeWithChanges(Callback):
     def _load(self, trainer: Trainer, checkpoint: Any, strict: bool, original: Any) -> None:
         """Compare, then load the weights (Lightning's own load when nothing changed) and adapt the checkpoint's
         training state in place before Lightning restores it."""
+        from entrotrain._forked_resume import ForkedResume
+
+        pl_module = trainer.lightning_module
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+        if any(isinstance(cb, ForkedResume) for cb in trainer.callbacks) or not isinstance(state, Mapping):
+            # `entrotrain fit` already forks this resume (compared with its configuration); or not a Lightning
+            # checkpoint, or one without weights: Lightning's own
+            original(checkpoint, strict=strict)
+            return
+        try:
+            self._compare_and_load(trainer, pl_module, checkpoint, state, strict, original)
+        except EntrotrainError as error:
+            self._refusal = error  # on_exception: no record of a refused resume
+            raise
+
+    def _compare_and_load(self, trainer: Trainer, pl_module: LightningModule, checkpoint: Any,
+                          state: Mapping[str, Any], strict: bool, original: Any) -> None:
         from entrotrain._forked_resume import (
-            ForkedResume,
             adapt_training_state,
             configured_optimizers,
             finetuning_groups,
@@ -185,13 +217,6 @@ class ResumeWithChanges(Callback):
             state_key_problems,
         )
 
-        pl_module = trainer.lightning_module
-        state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
-        if any(isinstance(cb, ForkedResume) for cb in trainer.callbacks) or not isinstance(state, Mapping):
-            # `entrotrain fit` already forks this resume (compared with its configuration); or not a Lightning
-            # checkpoint, or one without weights: Lightning's own
-            original(checkpoint, strict=strict)
-            return
         self._check_shapes(pl_module, state)
         configured = configured_optimizers(pl_module)
         finetuning_groups(trainer, pl_module, checkpoint, configured[0])
@@ -227,7 +252,9 @@ class ResumeWithChanges(Callback):
         new = state_key_problems(pl_module, state)[2]
         if new:
             found.append(("model.new_parameters", [], new))
-        found += training_state_changes(checkpoint, *configured)
+        # no hyperparameter changed: a group's rate equal to one of them is configured as before (a manual warmup
+        # in optimizer_step moved the saved one)
+        found += training_state_changes(checkpoint, *configured, hyperparameters=None if changes else pl_module.hparams)
         if changes:  # the optimizer's and new parameters' consequences of a hyperparameter are said in notes
             found = [c for c in found if not _explained(c, changes) and not c[0].startswith("optimizer")
                      and c[0] != "model.new_parameters"]
@@ -269,3 +296,22 @@ class ResumeWithChanges(Callback):
             f"changed ({changed}): {'; '.join(parts)}.{removed} A resume can add σReparam (a plain layer's weights "
             "load into it) and regularisers; other parameters cannot be added or removed."
         )
+
+
+def _drop_after_finalize(record: Any) -> None:
+    """Make ``record``'s next ``finalize`` (Lightning's, after a refused resume) remove the folder it starts when
+    nothing was logged (:meth:`~entrotrain.dashboards.run_record.RunRecordLogger.discard_if_empty`): a one-shot
+    instance attribute, taken off at that call."""
+    previous = vars(record).get("finalize")
+    finalize = record.finalize
+
+    def finalize_and_drop(status: str, exc: BaseException | None = None) -> None:
+        if previous is not None:
+            record.finalize = previous
+        else:
+            vars(record).pop("finalize", None)
+        finalize(status, exc)
+        if record.run_dir.is_dir():  # rank zero: finalize wrote it
+            record.discard_if_empty()
+
+    record.finalize = finalize_and_drop

@@ -23,7 +23,10 @@ What is compared (no pickle is read: ``training_args.bin`` is a pickled object, 
   run's: from ``trainer_state.json`` (``EntropyTrainerCallback`` writes them into its ``stateful_callbacks`` entry
   with every checkpoint), else from the checkpoint's run record (``hparams.json``), else not compared;
 - the saved optimizer state with the configured optimizer (``optimizer.pt``, ``weights_only``): every group's rate
-  (its schedule's initial rate), betas, eps, weight decay, ..., the optimizer's kind and its groups' sizes;
+  (its schedule's initial rate), betas, eps, weight decay, ..., the optimizer's kind and its groups' sizes; an
+  implementation flag (``fused``, ``foreach``, ``capturable``, ``differentiable``) is no change, nor is ``optim``
+  ``adamw_torch`` ↔ ``adamw_torch_fused`` (a transformers 4 checkpoint resumed under transformers 5's default:
+  ``Trainer``'s own resume, whose restored param groups keep the saved flag; a fork runs the configured one);
 - the model's parameters with the checkpoint's weights' names (``model.safetensors`` or its index, else
   ``pytorch_model.bin``): σReparam applied at the resume, and parameters the checkpoint does not have. σReparam
   removed at the resume is an :class:`~entrotrain.errors.EntrotrainError` (Trainer's non-strict load would have
@@ -131,11 +134,26 @@ def _saved_args(trainer: Any, parent: str | None) -> dict[str, Any] | None:
     return None
 
 
+#: ``optim`` names that build the same optimizer as another, with an implementation flag only
+#: (:data:`~entrotrain._forked_resume.IMPLEMENTATION_FLAGS`): ``adamw_torch_fused`` is ``torch.optim.AdamW(...,
+#: fused=True)``, ``adamw_torch`` the same without the flag (transformers 4's default and 5's).
+SAME_OPTIMIZER = {"adamw_torch_fused": "adamw_torch"}
+
+
+def _same_arg(name: str, old: Any, new: Any) -> bool:
+    if name == "optim":
+        return SAME_OPTIMIZER.get(str(old), str(old)) == SAME_OPTIMIZER.get(str(new), str(new))
+    return old == new
+
+
 def _args_changes(saved: Mapping[str, Any] | None, args: Any) -> list[tuple[str, Any, Any]]:
+    """``(args.NAME, saved, configured)`` for every :data:`DEFINING_ARGS` entry both have that differs
+    (``optim`` compared through :data:`SAME_OPTIMIZER`: ``adamw_torch`` → ``adamw_torch_fused`` is no change)."""
     if saved is None:
         return []
     now = defining_args(args)
-    return [(f"args.{k}", saved[k], now[k]) for k in DEFINING_ARGS if k in saved and k in now and saved[k] != now[k]]
+    return [(f"args.{k}", saved[k], now[k]) for k in DEFINING_ARGS
+            if k in saved and k in now and not _same_arg(k, saved[k], now[k])]
 
 
 def _weight_names(checkpoint: Path) -> set[str] | None:

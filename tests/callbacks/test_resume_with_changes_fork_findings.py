@@ -1,0 +1,206 @@
+"""False forks and missed forks of ``ResumeWithChanges`` (real Lightning trainers, CPU, tiny model): an unchanged
+resume must be Lightning's own, a changed one a fork. Each test failed before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from entrotrain.callbacks.resume_with_changes import ResumeWithChanges
+from entrotrain.errors import EntrotrainError
+from tests.callbacks.resume_changes_run import Net, Spy, loader, trainer
+from tests.helpers.fork_runs import records
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _fit(root: Path, model: Net, *callbacks, max_steps: int, ckpt: Path | None = None, **kwargs):
+    spy = Spy()
+    fit = trainer(root, *callbacks, spy, max_steps=max_steps, **kwargs)
+    # weights_only=False: a np.float64 hyperparameter is no safe global (Lightning's own load refuses it)
+    fit.fit(model, loader(), ckpt_path=None if ckpt is None else str(ckpt), weights_only=False)
+    return fit, spy
+
+
+def _parent(root: Path, model: Net, max_steps: int = 4) -> Path:
+    """Train ``model`` for ``max_steps`` with a checkpoint every 2 steps; the step-2 checkpoint."""
+    torch.manual_seed(0)
+    _fit(root, model, max_steps=max_steps, checkpoints=True)
+    return root / "ckpts" / "epoch=0-step=2.ckpt"
+
+
+def _unchanged(tmp_path: Path, make, ckpt: Path, capsys) -> None:
+    """Resuming ``make()`` from ``ckpt`` with ResumeWithChanges is Lightning's own resume: no plan, nothing printed,
+    no new record, and the same learning rates and moments as a resume without the callback."""
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "again", make(), callback, ckpt=ckpt, max_steps=4)
+    out = capsys.readouterr().out
+    assert callback.plan is None, callback.plan.changes
+    assert "changed configuration" not in out
+    assert records(tmp_path / "again") == []
+    _, own = _fit(tmp_path / "own", make(), ckpt=ckpt, max_steps=4, record=False)
+    assert spy.lrs == own.lrs
+    assert all(torch.equal(a, b) for a, b in zip(spy.exp_avg, own.exp_avg))
+
+
+# ------------------------------------------------------------------ 1. a manual warmup in optimizer_step
+class WarmupNet(Net):
+    """Lightning's documented manual warmup: ``optimizer_step`` sets every group's rate to ``scale * hparams.lr``
+    over the first 10 steps. ``lr_mult``: a factor written in code (not a hyperparameter)."""
+
+    lr_mult = 1.0
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr * self.lr_mult, betas=tuple(self.hparams.betas))
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        scale = min(1.0, float(self.trainer.global_step + 1) / 10.0)
+        for group in optimizer.param_groups:
+            group["lr"] = scale * self.hparams.lr * self.lr_mult
+        optimizer.step(closure=optimizer_closure)
+
+
+def test_a_manual_warmup_in_optimizer_step_is_not_a_change(tmp_path, capsys):
+    """The saved rate is the warmup's (0.002 at step 2), the configured one 0.01. Before the fix the unchanged
+    resume forked (``optimizer.lr: 0.002 → 0.01``), wrote a new record and restarted at 0.01."""
+    ckpt = _parent(tmp_path / "parent", WarmupNet())
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert saved != pytest.approx(0.01)
+    _unchanged(tmp_path, WarmupNet, ckpt, capsys)
+
+
+def test_a_new_rate_under_a_manual_warmup_still_forks(tmp_path, capsys):
+    ckpt = _parent(tmp_path / "parent", WarmupNet())
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "fork", WarmupNet(lr=0.001), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is not None and callback.plan.changes == [("model.lr", 0.01, 0.001)]
+    assert len(records(tmp_path / "fork")) == 1
+
+
+def test_a_rate_changed_in_code_under_a_manual_warmup_still_forks(tmp_path, capsys, monkeypatch):
+    """The configured rate (0.02) is no hyperparameter's value: a change the hyperparameters do not show."""
+    ckpt = _parent(tmp_path / "parent", WarmupNet())
+    monkeypatch.setattr(WarmupNet, "lr_mult", 2.0)
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "fork", WarmupNet(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is not None
+    assert [key for key, _, _ in callback.plan.changes] == ["optimizer.lr"]
+    assert callback.plan.changes[0][2] == pytest.approx(0.02)
+
+
+# ------------------------------------------------------------------ 2. implementation flags
+def _adamw(**flags):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas), **flags)
+    return configure_optimizers
+
+
+@pytest.mark.parametrize("flags", [{"fused": True}, {"foreach": True}, {"foreach": False}],
+                         ids=["fused", "foreach", "for-loop"])
+def test_an_implementation_flag_is_not_a_change(tmp_path, capsys, monkeypatch, flags):
+    """AdamW saved with the default implementation, resumed as fused / foreach / for-loop AdamW: the same
+    optimizer. Before the fix this forked (``optimizer.fused: None → True``)."""
+    ckpt = _parent(tmp_path / "parent", Net())
+    monkeypatch.setattr(Net, "configure_optimizers", _adamw(**flags))
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is None, callback.plan.changes
+    assert records(tmp_path / "again") == []
+
+
+def test_a_fork_does_not_list_an_implementation_flag(tmp_path, capsys, monkeypatch):
+    ckpt = _parent(tmp_path / "parent", Net())
+    monkeypatch.setattr(Net, "configure_optimizers", _adamw(fused=True))
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "fork", Net(lr=0.001), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan.changes == [("model.lr", 0.01, 0.001)]
+    assert "fused" not in "\n".join(callback.plan.lines())
+
+
+# ------------------------------------------------------------------ 3. a refused resume
+def test_a_refused_resume_leaves_no_record(tmp_path):
+    """σReparam removed at the resume is refused (EntrotrainError). Before the fix Lightning's ``finalize("failed")``
+    still wrote a new record folder saying "failed", with nothing in it, beside the parent's."""
+    from entrotrain.regularizers.sigma_reparam import sigma_reparam
+
+    ckpt = _parent(tmp_path / "parent", sigma_reparam(Net(), include="body.*"))
+    with pytest.raises(EntrotrainError, match="σReparam cannot be removed"):
+        _fit(tmp_path / "fork", Net(lr=0.001), ResumeWithChanges(), ckpt=ckpt, max_steps=4)
+    assert records(tmp_path / "fork") == []
+    # the logger is usable again: a later fit of the same trainer objects still records
+    assert len(records(tmp_path / "parent")) == 1
+
+
+# ------------------------------------------------------------------ 4. schedulers, hyperparameter types
+def _scheduler(make):
+    def scheduler(self, optimizer):
+        return {"scheduler": make(optimizer), "interval": "step"}
+    return scheduler
+
+
+def _sequential(warmup: int, milestone: int, t_max: int = 10):
+    def make(optimizer):
+        linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[milestone])
+    return make
+
+
+def _chained(gamma: float):
+    def make(optimizer):
+        linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=3)
+        decay = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+        return torch.optim.lr_scheduler.ChainedScheduler([linear, decay])
+    return make
+
+
+def _restarts(t_0: int):
+    return lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0)
+
+
+def _lambda(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+
+
+UNCHANGED = {"sequential": _sequential(3, 3), "chained": _chained(0.9), "restarts": _restarts(3), "lambda": _lambda}
+
+
+@pytest.mark.parametrize("name", sorted(UNCHANGED))
+def test_an_unchanged_scheduler_is_lightnings_own_resume(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setattr(Net, "scheduler", _scheduler(UNCHANGED[name]))
+    ckpt = _parent(tmp_path / "parent", Net())
+    _unchanged(tmp_path, Net, ckpt, capsys)
+
+
+CHANGED = {
+    "sequential-milestone": (_sequential(3, 3), _sequential(3, 2), "lr_scheduler.milestones"),
+    "sequential-warmup": (_sequential(3, 3), _sequential(2, 3), "lr_scheduler.schedulers[0].total_iters"),
+    "sequential-cosine": (_sequential(3, 3), _sequential(3, 3, t_max=20), "lr_scheduler.schedulers[1].T_max"),
+    "chained-gamma": (_chained(0.9), _chained(0.5), "lr_scheduler.schedulers[1].gamma"),
+    "restarts-period": (_restarts(3), _restarts(5), "lr_scheduler.T_0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHANGED))
+def test_a_changed_composite_scheduler_forks(tmp_path, capsys, monkeypatch, name):
+    """A SequentialLR's milestones and its children's settings, a ChainedScheduler's children's: before the fix
+    none was compared (the constructor's ``milestones`` / ``schedulers`` are saved as ``_milestones`` /
+    ``_schedulers``), so the resume was Lightning's own with the saved schedule."""
+    before, after, key = CHANGED[name]
+    monkeypatch.setattr(Net, "scheduler", _scheduler(before))
+    ckpt = _parent(tmp_path / "parent", Net())
+    monkeypatch.setattr(Net, "scheduler", _scheduler(after))
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is not None and [c[0] for c in callback.plan.changes] == [key]
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_a_rate_of_another_number_type_is_not_a_change(tmp_path, capsys, kind):
+    """``AdamW(lr=self.hparams.lr)`` with ``lr`` a ``np.float64`` or a 0-d tensor."""
+    value = {"numpy": np.float64(0.01), "tensor": torch.tensor(0.01, dtype=torch.float64)}[kind]
+    ckpt = _parent(tmp_path / "parent", Net(lr=value))
+    _unchanged(tmp_path, lambda: Net(lr=value), ckpt, capsys)

@@ -23,8 +23,13 @@ judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.ca
   pin gets its own copy of the files it still shares with its original, in a background thread (training does not
   wait; the interpreter waits for it at exit): a save under the same name may rewrite files in place
   (``transformers.Trainer`` run again in the same ``output_dir`` rewrites ``checkpoint-N/optimizer.pt``,
-  ``trainer_state.json``, ...; ``torch.save`` to an existing path), which would change a hard link with them. So a
-  frozen pin costs one checkpoint of disk even while its original exists;
+  ``trainer_state.json``, ...; Lightning's and ``torch.save``'s writes to an existing path truncate the same inode),
+  which would change a hard link with them. The copy is a copy-on-write clone where the file system makes one
+  (btrfs, XFS, ZFS, APFS-like reflinks: no disk until either file changes), else a full copy: a frozen pin costs one
+  checkpoint of disk even while its original exists. Skipping the copy when nothing rotates (``save_top_k=-1``,
+  ``save_total_limit=None``) is not safe: the write in place that changes a hard link comes from a *later* run in
+  the same folder (or any ``torch.save`` to that name), which this run cannot see or stop, and that is exactly the
+  case where nothing rotates (the original stays, and gets rewritten);
 - when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
   when it is empty. After a crash or a kill every pin stays: that is when you roll back.
 
@@ -34,33 +39,68 @@ it was pinned (a checkpoint rewritten in place under the same name: Lightning's 
 has no step in its name) is dropped with a warning instead of being named. A file system that refuses hard links
 (some network and object-store mounts) is warned about once; nothing is pinned then.
 
+**Pins across crashes.** Each keeper lists the pins it may still delete (its *provisional* pins: not frozen) in a
+manifest in the keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten atomically (a
+temporary file, then ``os.replace``) whenever that set changes and deleted when it is empty. A frozen pin leaves
+the manifest before :meth:`LastGoodCheckpoints.freeze` returns it. What no manifest lists is never deleted by a
+keeper: frozen pins, pins of entrotrain versions before manifests, your own files. When a keeper first looks at a
+keep folder (:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first :meth:`saved` there)
+it takes over the manifests of runs that are *not running any more*: made on this machine (same host name, boot and
+process namespace) by a process that is gone (no such pid, a zombie, or a pid since reused: its start time differs;
+in this process: a keeper that was garbage collected). It claims one by renaming it to a name of its own (a rename
+is atomic: of two runs starting together, one gets it), and then, for each pin listed that is still the file it
+linked (same inodes, same files):
+
+- the pin the run resumes from (``start(resumed_from=...)``) is kept for good (it leaves every manifest and gets its
+  own copy, like a frozen pin): deleting what you resumed from, or a rerun's ``ckpt_path``, is never right;
+- a run that resumes (``start(resumed_from=...)``) *adopts* the pins saved at or before the step it resumes from,
+  as its own: its restored guard can name them (a run killed after its last good save, resumed from a later one,
+  that collapses before its next save names the killed run's pin), and its judgements bound them like its own
+  saves; pins saved after that step (a future the resumed run replaces) are deleted;
+- otherwise (a fresh run, or no :meth:`start` call: the keeper cannot tell a resume) the pins are *held*: listed in
+  this run's manifest, never named and never deleted while it trains (it may have resumed from one), and deleted
+  when it ends normally, unless one of its guards fired (then they stay: you may roll back to them).
+
+A manifest made on another machine (a shared file system; a preempted job restarted on another node), or one whose
+process is still running (two runs sharing a checkpoint folder), is never touched: :func:`list_pins` shows every
+pin in a folder with its state, and :func:`release_abandoned` deletes the provisional pins of runs that are not
+running (``elsewhere=True``: also those made on other machines, when you know none of them is running there).
+
 Pin a checkpoint once it is complete: a folder written by several processes or asynchronously (torch's async
 distributed checkpoint) is linked as it is when :meth:`LastGoodCheckpoints.saved` runs, so call
-``checkpoint_saved`` when the save has finished. Pins left by a process that crashed are not tracked by the run
-that resumes: after a preemption they stay until you delete them.
-
-The keeper does file work only where it is told of a save: the glue calls :meth:`saved` on the process that writes
-checkpoints (rank zero). A pin made by an earlier process (a run killed and resumed) is not tracked: it is never
-deleted by a later run.
+``checkpoint_saved`` when the save has finished. The keeper does file work only where it is told of a save (or
+:meth:`~LastGoodCheckpoints.start`): the glue calls them on the process that writes checkpoints (rank zero);
+:meth:`~LastGoodCheckpoints.start` does nothing on another rank of an initialised process group.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import socket
 import threading
+import uuid
 import warnings
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["KEEP_FOLDER", "MAX_FROZEN", "LastGoodCheckpoints"]
+__all__ = ["KEEP_FOLDER", "MAX_FROZEN", "KeptPin", "LastGoodCheckpoints", "list_pins", "release_abandoned"]
 
 #: The folder, beside the checkpoints, that holds the pins.
 KEEP_FOLDER = "entrotrain-last-good"
 #: Frozen pins kept per fit: the first firing's and the newest ones.
 MAX_FROZEN = 3
 
+_MANIFEST = ".entrotrain-pins"  # .entrotrain-pins.<machine>.<pid>.<start>.<id>[.<k>].json
+_COPY_SUFFIX = ".entrotrain-copy"  # a frozen pin's file being copied (module docstring)
+
 _Stamp = tuple[tuple[str, int, int], ...]
+_Inodes = tuple[tuple[str, int], ...]
 
 
 @dataclass
@@ -69,7 +109,9 @@ class _Pin:
     path: Path  # the pin (in KEEP_FOLDER)
     source: Path  # the checkpoint as saved
     stamp: _Stamp  # (file, size, mtime_ns) of every file when pinned: a rewrite in place changes it
+    inodes: _Inodes = ()  # (file, inode) of every file when pinned: which files are the ones linked
     frozen: bool = False
+    held: bool = False  # an earlier run's, taken over without a resume (module docstring): never named
 
 
 def _files(path: Path) -> list[tuple[str, Path]]:
@@ -82,6 +124,10 @@ def _files(path: Path) -> list[tuple[str, Path]]:
 
 def _stamp(path: Path) -> _Stamp:
     return tuple((name, (stat := file.stat()).st_size, stat.st_mtime_ns) for name, file in _files(path))
+
+
+def _inodes(path: Path) -> _Inodes:
+    return tuple((name, file.stat().st_ino) for name, file in _files(path))
 
 
 def _rmdir_if_empty(folder: Path) -> None:
@@ -103,6 +149,247 @@ def _remove(path: Path) -> None:
         pass
 
 
+_FICLONE = 0x40049409  # linux/fs.h: a copy-on-write clone of a whole file
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` with its modification time: a copy-on-write clone where the file system makes one (no
+    disk until either file changes; the clone never changes with ``src``), else a full copy."""
+    try:
+        import fcntl
+
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+    except (ImportError, OSError):
+        shutil.copyfile(src, dst)
+    shutil.copystat(src, dst)
+
+
+# ---------------------------------------------------------------- who made a manifest, and is it still running
+_LIVE: set[str] = set()  # the ids of this process's keepers not yet garbage collected
+
+
+def _proc(pid: int) -> tuple[str, str] | None:
+    """``(state, start time in clock ticks since boot)`` of process ``pid`` from ``/proc``; ``None``: no such
+    process. Raises OSError where ``/proc`` cannot tell (not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        raise
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _machine() -> str:
+    """This machine and process namespace: host name, boot, pid namespace (pids compare only within one)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    key = "|".join([socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), namespace])
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _start(pid: int) -> str:
+    try:
+        found = _proc(pid)
+    except (OSError, IndexError, ValueError):
+        return "0"
+    return found[1] if found else "0"
+
+
+@dataclass(frozen=True)
+class _Owner:
+    machine: str
+    pid: int
+    start: str  # "0": unknown
+    id: str
+
+    @classmethod
+    def parse(cls, name: str) -> tuple[_Owner, str] | None:
+        """The owner a manifest's file name carries, and the name's tail (``json`` or ``<k>.json``)."""
+        parts = name.split(".")
+        if len(parts) < 7 or "." + parts[1] != _MANIFEST or parts[0] or parts[-1] != "json":
+            return None
+        machine, pid, start, id_ = parts[2:6]
+        if not (pid.isdigit() and start.isdigit() and machine.isalnum() and id_.isalnum()):
+            return None
+        return cls(machine, int(pid), start, id_), ".".join(parts[6:])
+
+    @property
+    def prefix(self) -> str:
+        return f"{_MANIFEST}.{self.machine}.{self.pid}.{self.start}.{self.id}"
+
+    def running(self) -> bool | None:
+        """Whether the process that made the manifest runs: ``None`` where this machine cannot tell (made on another
+        machine or in another process namespace, or no way to ask the system)."""
+        if self.machine != _machine():
+            return None
+        if self.pid == os.getpid() and self.start == _start(self.pid):
+            return self.id in _LIVE
+        if os.name != "posix":  # os.kill(pid, 0) ends a process on Windows
+            return None
+        try:
+            found = _proc(self.pid)
+        except (OSError, IndexError, ValueError):
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except OSError:  # someone else's process
+                return True
+            return True
+        if found is None or found[0] in ("Z", "X"):  # gone, or a zombie not yet reaped
+            return False
+        return self.start == "0" or found[1] == self.start  # a pid reused by a later process: not it
+
+
+# ---------------------------------------------------------------- manifests
+def _manifests(keep: Path) -> list[tuple[Path, _Owner]]:
+    try:
+        entries = sorted(keep.iterdir())
+    except OSError:
+        return []
+    found = []
+    for path in entries:
+        parsed = _Owner.parse(path.name)
+        if parsed is not None:
+            found.append((path, parsed[0]))
+    return found
+
+
+def _records(manifest: Path) -> list[dict]:
+    """The pins a manifest lists (those well formed: a plain name in its folder, a step, a source, stamps);
+    ``[]`` for a manifest that cannot be read."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return []
+    records = data.get("pins") if isinstance(data, dict) else None
+    good = []
+    for record in records if isinstance(records, list) else []:
+        try:
+            name, step, source = record["name"], record["step"], record["source"]
+            stamp = tuple((str(n), int(s), int(m)) for n, s, m in record["stamp"])
+            inodes = tuple((str(n), int(i)) for n, i in record["inodes"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if (isinstance(name, str) and isinstance(step, int) and isinstance(source, str) and name
+                and Path(name).name == name and not name.startswith(".") and name not in (".", "..")):
+            good.append({"name": name, "step": step, "source": source, "stamp": stamp, "inodes": inodes})
+    return good
+
+
+def _is_ours(path: Path, record: dict) -> bool:
+    """Whether ``path`` is still the pin a manifest listed: the same files, the same inodes (a file put there since,
+    by anyone, is not)."""
+    try:
+        return _inodes(path) == record["inodes"] and not path.is_symlink()
+    except OSError:
+        return False
+
+
+def _pin_of(keep: Path, record: dict) -> _Pin:
+    return _Pin(record["step"], keep / record["name"], Path(record["source"]), record["stamp"], record["inodes"])
+
+
+def _claim(manifest: Path, owner: _Owner, claimer_prefix: str) -> Path | None:
+    """Rename a manifest to ``claimer_prefix.<k>.json``: of two processes claiming it, one gets it."""
+    target = manifest.with_name(f"{claimer_prefix}.{uuid.uuid4().hex[:8]}.json")
+    try:
+        os.rename(manifest, target)
+    except OSError:  # claimed by another run meanwhile, or a read-only folder
+        return None
+    return target
+
+
+def _keep_folder(folder: str | os.PathLike[str]) -> Path:
+    path = Path(folder)
+    return path if path.name == KEEP_FOLDER else path / KEEP_FOLDER
+
+
+# ---------------------------------------------------------------- listing and cleaning by hand
+@dataclass(frozen=True)
+class KeptPin:
+    """One pin in a keep folder (:func:`list_pins`).
+
+    ``state``: ``"kept"`` (no manifest lists it: frozen by a firing, resumed from, made before manifests, or not a
+    pin: never deleted by a keeper), ``"running"`` (provisional, of a process that runs on this machine),
+    ``"abandoned"`` (provisional, of a process on this machine that does not run any more: the next run in this
+    folder takes it over), ``"elsewhere"`` (provisional, made on another machine or process namespace: never
+    touched but by :func:`release_abandoned` with ``elsewhere=True``). ``owner``: the manifest that lists it.
+    """
+
+    path: Path
+    step: int | None
+    state: Literal["kept", "running", "abandoned", "elsewhere"]
+    owner: Path | None = None
+
+
+def list_pins(folder: str | os.PathLike[str]) -> list[KeptPin]:
+    """Every pin in the keep folder of checkpoint folder ``folder`` (or in ``folder``, when it is the keep folder),
+    by name, with its state (:class:`KeptPin`); ``[]`` when there is none."""
+    from entrotrain.callbacks.collapse_guard import saved_at
+
+    keep = _keep_folder(folder)
+    listed: dict[str, KeptPin] = {}
+    for manifest, owner in _manifests(keep):
+        running = owner.running()
+        state = "elsewhere" if running is None else "running" if running else "abandoned"
+        for record in _records(manifest):
+            listed.setdefault(record["name"], KeptPin(keep / record["name"], record["step"], state, manifest))
+    try:
+        entries = sorted(keep.iterdir())
+    except OSError:
+        return []
+    return [listed.get(path.name) or KeptPin(path, saved_at(path), "kept") for path in entries
+            if not path.name.startswith(".") and not path.name.endswith(_COPY_SUFFIX)]
+
+
+def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False) -> list[Path]:
+    """Delete the provisional pins of runs that do not run any more (``abandoned`` in :func:`list_pins`) in the
+    keep folder of checkpoint folder ``folder``, and their manifests; with ``elsewhere=True`` also those made on
+    other machines (a preempted job restarted on another node: say so only when no run in this folder is running
+    on another machine). Frozen and resumed-from pins, and anything no manifest lists, stay. Returns the deleted
+    pins."""
+    keep = _keep_folder(folder)
+    me = _Owner(_machine(), os.getpid(), _start(os.getpid()), uuid.uuid4().hex[:12])
+    deleted = []
+    for manifest, owner in _manifests(keep):
+        running = owner.running()
+        if running or (running is None and not elsewhere) or not _records(manifest):
+            continue
+        claimed = _claim(manifest, owner, me.prefix)
+        if claimed is None:
+            continue
+        for record in _records(claimed):
+            path = keep / record["name"]
+            if _is_ours(path, record):
+                _remove(path)
+                deleted.append(path)
+        _remove(claimed)
+    _rmdir_if_empty(keep)
+    return deleted
+
+
+# ---------------------------------------------------------------- the keeper
+@dataclass
+class _Folder:
+    """A keep folder this keeper looked at: its manifest, and the provisional pins that manifest lists now."""
+
+    manifest: Path
+    listed: frozenset[str] = field(default_factory=frozenset)
+
+
 class LastGoodCheckpoints:
     """The pins of one guard (module docstring). ``owner`` names it in warnings."""
 
@@ -112,11 +399,17 @@ class LastGoodCheckpoints:
         self._refused = False  # the file system refused a hard link: keep nothing more
         self._copying: list[threading.Thread] = []  # frozen pins getting their own copy of shared files
         self._capped_warned = False
+        self._manifest_warned = False
         self._judged: int | None = None  # the newest step an observation judged
+        self._fired = False  # freeze was called in this fit: held pins stay at a normal end
+        self._folders: dict[Path, _Folder] = {}
+        self._id = uuid.uuid4().hex[:12]
+        _LIVE.add(self._id)
+        weakref.finalize(self, _LIVE.discard, self._id)
 
     @property
     def pins(self) -> list[Path]:
-        """The pins held now (frozen or not), oldest first."""
+        """The pins held now (frozen or not; an earlier run's taken over too), oldest first."""
         return [pin.path for pin in sorted(self._pins, key=lambda p: p.step)]
 
     @property
@@ -124,6 +417,67 @@ class LastGoodCheckpoints:
         """The pins kept for firings."""
         return [pin.path for pin in self._pins if pin.frozen]
 
+    # ------------------------------------------------------------------ earlier runs' pins
+    def start(
+        self,
+        folders: Iterable[str | os.PathLike[str]],
+        resumed_from: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        """A fit starts, saving checkpoints into ``folders`` (and resuming from ``resumed_from``, a checkpoint, or
+        ``None`` for a fresh run; ``step``: the step it resumes at, default the step in its name): take over the
+        pins that runs no longer running left in their keep folders (module docstring). Call it before the first
+        :meth:`saved`, on the process that writes checkpoints; a folder already looked at is not looked at again.
+        Never raises for the file system: a folder that cannot be read or written is left as it is."""
+        if _other_rank():
+            return
+        from entrotrain.callbacks.collapse_guard import saved_at
+
+        resumed = Path(resumed_from) if resumed_from is not None else None
+        if resumed is not None and step is None:
+            step = saved_at(resumed)
+        keeps = [_keep_folder(folder) for folder in folders]
+        if resumed is not None and resumed.parent.name == KEEP_FOLDER:
+            keeps.append(resumed.parent)  # resumed from a pin: its folder is where it is listed
+        for keep in dict.fromkeys(keeps):
+            self._open(keep, resumed, step, adopt=resumed is not None)
+
+    def _open(self, keep: Path, resumed: Path | None = None, step: int | None = None, adopt: bool = False) -> None:
+        """Look at ``keep`` once: take over the manifests of runs that are not running any more there."""
+        if keep in self._folders:
+            return
+        me = _Owner(_machine(), os.getpid(), _start(os.getpid()), self._id)
+        self._folders[keep] = _Folder(keep / f"{me.prefix}.json")
+        claimed = []
+        for manifest, owner in _manifests(keep):
+            if owner.id == self._id or owner.running() is not False:
+                continue
+            path = _claim(manifest, owner, me.prefix)
+            if path is not None:
+                claimed.append(path)
+        adopted = []
+        for path in claimed:
+            for record in _records(path):
+                pin = _pin_of(keep, record)
+                if any(p.path == pin.path for p in self._pins) or not _is_ours(pin.path, record):
+                    continue  # listed twice (a claim of a run that died while claiming), or not our file any more
+                if resumed is not None and _same(pin.path, resumed):
+                    pin.frozen = True  # resumed from: kept for good, with its own copy (module docstring)
+                    self._start_copy(pin)
+                elif adopt and step is not None and pin.step > step:
+                    _remove(pin.path)  # a future the resumed run replaces
+                else:
+                    pin.held = not adopt
+                    self._pins.append(pin)
+                    adopted.append(pin)
+        if adopt and adopted:
+            newest = max(p.step for p in adopted) if step is None else step
+            self._judged = newest if self._judged is None else max(self._judged, newest)
+        self._sync()  # the adopted and held pins are listed in this run's manifest before the claims go
+        for path in claimed:
+            _remove(path)
+
+    # ------------------------------------------------------------------ saves
     def saved(self, path: str | os.PathLike[str], step: int | None = None) -> Path | None:
         """Pin the checkpoint just saved at ``path`` (a file or a folder), saved at ``step`` (default: the step in its
         name; a checkpoint without one is not pinned). Returns the pin, or ``None`` when nothing was pinned."""
@@ -133,38 +487,58 @@ class LastGoodCheckpoints:
         step = saved_at(source) if step is None else step
         if self._refused or step is None or source.parent.name == KEEP_FOLDER or not source.exists():
             return None
-        for pin in [p for p in self._pins if p.source == source and not p.frozen]:  # saved again under its name
+        self._open(source.parent / KEEP_FOLDER)
+        for pin in [p for p in self._pins if p.source == source and not p.frozen and not p.held]:  # saved again
             self._drop(pin)
         if any(p.source == source and p.frozen and p.stamp == _stamp(source) for p in self._pins):
+            self._sync()
             return None  # already kept, unchanged
-        target = self._free_name(source)
-        try:
-            target.parent.mkdir(exist_ok=True)
-            if source.is_dir():
-                shutil.copytree(source, target, copy_function=os.link)
-            else:
-                os.link(source, target)
-        except OSError as err:
-            _remove(target)
-            _rmdir_if_empty(target.parent)  # made for this pin: leave no empty folder
-            if isinstance(err, FileNotFoundError):  # the checkpoint went away meanwhile: this one is not kept
-                return None
-            self._refused = True
-            warnings.warn(
-                f"{self.owner}(keep_last_good=True): cannot hard-link {source} into {target.parent} "
-                f"({type(err).__name__}: {err}); the checkpoint to roll back to is not protected from checkpoint "
-                "rotation in this run. Keep more checkpoints (ModelCheckpoint(save_top_k=-1), "
-                "TrainingArguments(save_total_limit=None)) or pass keep_last_good=False to silence this.",
-                stacklevel=2,
-            )
-            return None
-        self._pins.append(_Pin(step, target, source, _stamp(target)))
-        self._drop_unjudged_but_two()
+        target = self._link(source)
+        if target is not None:
+            self._pins.append(_Pin(step, target, source, _stamp(target), _inodes(target)))
+            self._drop_unjudged_but_two()
+        self._sync()
         return target
+
+    def _link(self, source: Path) -> Path | None:
+        """Hard-link ``source`` under a free name in its keep folder; ``None``: not linked (gone, or refused: warned
+        once). A name another run takes meanwhile (two runs in one folder) is passed over, never overwritten."""
+        folder = source.parent / KEEP_FOLDER
+        for _ in range(1000):
+            target = self._free_name(source)
+            try:
+                folder.mkdir(exist_ok=True)
+                if source.is_dir():
+                    target.mkdir()  # this name is ours from here on
+                    try:
+                        shutil.copytree(source, target, copy_function=os.link, dirs_exist_ok=True)
+                    except OSError:
+                        _remove(target)
+                        raise
+                else:
+                    os.link(source, target)
+                return target
+            except FileExistsError:
+                continue  # taken by another run since _free_name looked
+            except OSError as err:
+                _rmdir_if_empty(folder)  # made for this pin: leave no empty folder
+                if isinstance(err, FileNotFoundError):  # the checkpoint went away meanwhile: this one is not kept
+                    return None
+                self._refused = True
+                warnings.warn(
+                    f"{self.owner}(keep_last_good=True): cannot hard-link {source} into {folder} "
+                    f"({type(err).__name__}: {err}); the checkpoint to roll back to is not protected from checkpoint "
+                    "rotation in this run. Keep more checkpoints (ModelCheckpoint(save_top_k=-1), "
+                    "TrainingArguments(save_total_limit=None)) or pass keep_last_good=False to silence this.",
+                    stacklevel=3,
+                )
+                return None
+        return None
 
     def _drop_unjudged_but_two(self) -> None:
         """Of the pins no observation judged yet, keep those of the two newest steps (module docstring)."""
-        waiting = [pin for pin in self._pins if not pin.frozen and (self._judged is None or pin.step > self._judged)]
+        waiting = [pin for pin in self._pins if not pin.frozen and not pin.held
+                   and (self._judged is None or pin.step > self._judged)]
         newest = sorted({pin.step for pin in waiting})[-2:]
         for pin in waiting:
             if pin.step not in newest:
@@ -181,24 +555,28 @@ class LastGoodCheckpoints:
                                else f"{source.name}-v{version}")
         return target
 
+    # ------------------------------------------------------------------ judgements
     def judged(self, step: int, last_good_step: int | None) -> None:
         """After an observation at ``step`` (good or bad; ``last_good_step`` the last good one, this one when it is
         good): keep what a firing could ever name (module docstring)."""
         self._judged = step if self._judged is None else max(self._judged, step)
-        before = [pin for pin in self._pins if not pin.frozen and pin.step <= step]
+        before = [pin for pin in self._pins if not pin.frozen and not pin.held and pin.step <= step]
         newest = max(before, key=lambda p: p.step, default=None)
         good = [pin for pin in before if last_good_step is not None and pin.step <= last_good_step]
         named = max(good, key=lambda p: p.step, default=None)
         for pin in before:
             if pin is not newest and pin is not named:
                 self._drop(pin)
+        self._sync()
 
     def freeze(self, last_good_step: int | None) -> Path | None:
         """At a firing: keep the newest pin saved at or before ``last_good_step`` for good and return it (``None``:
-        none, or it changed since it was pinned)."""
+        none, or it changed since it was pinned). A pin returned is in no manifest any more: no later run deletes
+        it."""
+        self._fired = True
         if last_good_step is None:
             return None
-        candidates = [pin for pin in self._pins if pin.step <= last_good_step]
+        candidates = [pin for pin in self._pins if pin.step <= last_good_step and not pin.held]
         while candidates:
             pin = max(candidates, key=lambda p: (p.step, not p.frozen))
             if pin.frozen:
@@ -207,11 +585,16 @@ class LastGoodCheckpoints:
                 if not pin.frozen:
                     pin.frozen = True
                     self._cap_frozen()
-                    self._copying.append(threading.Thread(target=self._unshare, args=(pin,), name="entrotrain-keep"))
-                    self._copying[-1].start()
+                    self._sync()
+                    self._start_copy(pin)
                 return pin.path
             candidates.remove(pin)
+        self._sync()
         return None
+
+    def _start_copy(self, pin: _Pin) -> None:
+        self._copying.append(threading.Thread(target=self._unshare, args=(pin,), name="entrotrain-keep"))
+        self._copying[-1].start()
 
     def _cap_frozen(self) -> None:
         """At most :data:`MAX_FROZEN` frozen pins: the first firing's and the newest (a flapping key)."""
@@ -235,14 +618,14 @@ class LastGoodCheckpoints:
         a background thread. A file that changes while it is copied (rewritten in place meanwhile) is warned about."""
         pinned = {name: (size, mtime) for name, size, mtime in pin.stamp}
         for name, file in _files(pin.path):
-            copy = file.with_name(file.name + ".entrotrain-copy")
+            copy = file.with_name(file.name + _COPY_SUFFIX)
             try:
                 before = file.stat()
                 if before.st_nlink < 2:
                     continue
                 if pinned.get(name) != (before.st_size, before.st_mtime_ns):
                     raise OSError(f"{file} changed since it was pinned")
-                shutil.copy2(file, copy)  # keeps the mtime: the pin's stamp is unchanged
+                _copy(file, copy)  # keeps the mtime: the pin's stamp is unchanged
                 after = file.stat()
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                     raise OSError(f"{file} changed while it was copied")
@@ -279,15 +662,77 @@ class LastGoodCheckpoints:
         return False
 
     def release(self) -> None:
-        """Training ended normally: drop the pins that are not frozen, and the folder when it is empty; wait for the
-        frozen pins' copies."""
+        """Training ended normally: drop the pins that are not frozen (an earlier run's held ones too, unless a
+        firing of this fit asked to roll back), and the folder when it is empty; wait for the frozen pins'
+        copies."""
         self.wait()
-        folders = {pin.path.parent for pin in self._pins}
+        folders = {pin.path.parent for pin in self._pins} | set(self._folders)
         for pin in [p for p in self._pins if not p.frozen]:
-            self._drop(pin)
+            if pin.held and self._fired:
+                self._pins.remove(pin)  # stays on disk, in no manifest: yours to roll back to
+            else:
+                self._drop(pin)
+        self._sync()
         for folder in folders:
             _rmdir_if_empty(folder)
 
     def _drop(self, pin: _Pin) -> None:
         self._pins.remove(pin)
         _remove(pin.path)
+
+    # ------------------------------------------------------------------ this keeper's manifests
+    def _sync(self) -> None:
+        """Write each keep folder's manifest where its provisional pins changed (module docstring): a temporary
+        file, then ``os.replace``; deleted when none is left. A manifest that cannot be rewritten where a pin left
+        it (frozen) is deleted: a pin listed by no manifest is never deleted, one listed wrongly could be."""
+        for keep, state in self._folders.items():
+            provisional = [pin for pin in self._pins if not pin.frozen and pin.path.parent == keep]
+            names = frozenset(pin.path.name for pin in provisional)
+            if names == state.listed:
+                continue
+            try:
+                if not provisional:
+                    state.manifest.unlink(missing_ok=True)
+                else:
+                    records = [{"name": p.path.name, "step": p.step, "source": str(p.source),
+                                "stamp": [list(s) for s in p.stamp], "inodes": [list(i) for i in p.inodes]}
+                               for p in sorted(provisional, key=lambda p: p.step)]
+                    tmp = state.manifest.with_name(f"{state.manifest.name}.{uuid.uuid4().hex[:8]}.tmp")
+                    try:
+                        tmp.write_text(json.dumps({"entrotrain_pins": 1, "host": socket.gethostname(),
+                                                   "pid": os.getpid(), "pins": records}))
+                        os.replace(tmp, state.manifest)
+                    except OSError:
+                        _remove(tmp)
+                        raise
+                state.listed = names
+            except OSError as err:
+                if state.listed - names:  # a pin left it: listed by no manifest is safe
+                    try:
+                        state.manifest.unlink(missing_ok=True)
+                        state.listed = frozenset()
+                    except OSError:
+                        pass
+                if not self._manifest_warned:
+                    self._manifest_warned = True
+                    warnings.warn(
+                        f"{self.owner}(keep_last_good=True): cannot write {state.manifest} ({type(err).__name__}: "
+                        f"{err}); if this run crashes, the next one will not release its pins in {keep}: delete the "
+                        "ones you do not need (entrotrain.callbacks.checkpoint_keeper.list_pins shows them).",
+                        stacklevel=3,
+                    )
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
+def _other_rank() -> bool:
+    """Whether this process is a rank other than zero of an initialised ``torch.distributed`` group."""
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from entrotrain.callbacks import EntropyCollapseGuard
-from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, MAX_FROZEN, LastGoodCheckpoints
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, MAX_FROZEN, LastGoodCheckpoints, list_pins
 from entrotrain.integrations.checkpoint_sources import find_checkpoints
 from tests.callbacks.test_guard_scenarios import KEY, Lin, Script, loader
 from tests.helpers.lightning_models import quiet_trainer
@@ -203,7 +203,10 @@ def test_lightning_keeps_the_pins_when_training_fails(tmp_path: Path) -> None:
     """A crash (or a kill) is when you roll back: the pin of the newest good save stays."""
     with pytest.raises(RuntimeError, match="the node went away"):
         _fit(tmp_path, [0.5] * 16, raise_at=8)
-    assert [p.name for p in (tmp_path / KEEP_FOLDER).iterdir()] == ["epoch=0-step=6.ckpt"]
+    (pin,) = list_pins(tmp_path)
+    assert pin.path.name == "epoch=0-step=6.ckpt" and pin.step == 6
+    assert pin.state == "running"  # its keeper (this process's guard) is still referenced: not taken over
+    assert [p.name for p in (tmp_path / KEEP_FOLDER).iterdir() if not p.name.startswith(".")] == [pin.path.name]
 
 
 # ---------------------------------------------------------------- inspect

@@ -61,6 +61,32 @@ __all__ = [
 _COMPARED = ("model", "data", "optimizer", "lr_scheduler")
 
 
+def _clipping(before: Any, after: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The trainer sections' gradient clipping, the one trainer setting compared (it is part of the update, as
+    ``TrainingArguments.max_grad_norm`` is of transformers'; ``max_steps``, devices, precision, logging and
+    ``accumulate_grad_batches``, which a resume on fewer devices changes with them, are not), saved and configured:
+    ``{"gradient_clip_val": v, "gradient_clip_algorithm": a}`` (a value of 0 or null: off; an algorithm of null:
+    ``"norm"``; the algorithm compared only while clipping is on). ``None``: a side without a trainer section or
+    without the setting (nothing to compare)."""
+    sides = []
+    for trainer in (before, after):
+        if not isinstance(trainer, Mapping) or "gradient_clip_val" not in trainer:
+            return None
+        sides.append({"gradient_clip_val": trainer.get("gradient_clip_val") or None,
+                      "gradient_clip_algorithm": trainer.get("gradient_clip_algorithm") or "norm"})
+    if sides[0]["gradient_clip_val"] is None and sides[1]["gradient_clip_val"] is None:
+        for side in sides:
+            side.pop("gradient_clip_algorithm")
+    return sides[0], sides[1]
+
+
+def _implementation_flag(change: tuple[str, Any, Any]) -> bool:
+    """Whether a configuration change is an optimizer's implementation flag (``optimizer.fused``,
+    ``model.optimizer.foreach``: :data:`IMPLEMENTATION_FLAGS`): the same optimizer, not a change."""
+    parts = change[0].split(".")
+    return len(parts) > 1 and parts[-1] in IMPLEMENTATION_FLAGS and any("optimizer" in p for p in parts[:-1])
+
+
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, dict) and value:
         for key, item in value.items():
@@ -148,10 +174,12 @@ def _new_argument_at_default(change: tuple[str, Any, Any], saved: set[str], conf
 
 
 def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
-    """The fork a ``fit`` resuming from ``ckpt_path`` with the configuration dump ``config`` (its ``model`` and
-    ``data`` sections) makes, or ``None`` when nothing changed or nothing can be compared (a checkpoint without
-    hyperparameters: a plain resume). A checkpoint written outside ``LightningCLI`` (no ``_class_path``) is compared
-    on the model arguments its hyperparameters and the configuration both have."""
+    """The fork a ``fit`` resuming from ``ckpt_path`` with the configuration dump ``config`` (its ``model``,
+    ``data``, ``optimizer``, ``lr_scheduler`` sections, the trainer's gradient clipping and the seed) makes, or
+    ``None`` when nothing changed or nothing can be compared (a checkpoint without hyperparameters: a plain resume).
+    An optimizer's implementation flag (``fused``, ``foreach``, ...) is no change. A checkpoint written outside
+    ``LightningCLI`` (no ``_class_path``) is compared on the model arguments its hyperparameters and the
+    configuration both have."""
     from entrotrain.dashboards.run_record import CHECKPOINT_KEY
     from entrotrain.integrations.checkpoint_sources import load_checkpoint_light  # lazily: DESIGN §1 (callbacks
     # import this module through ResumeWithChanges and must not import entrotrain.integrations)
@@ -165,6 +193,9 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
     if isinstance(saved, Mapping) and "model" in saved:
         before = {key: saved.get(key) for key in _COMPARED}
         after = {key: config.get(key) for key in _COMPARED}
+        clipping = _clipping(saved.get("trainer"), config.get("trainer"))
+        if clipping is not None:
+            before["trainer"], after["trainer"] = clipping
         seeds = saved.get("seed_everything"), config.get("seed_everything")
         if all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):  # True: a drawn seed
             before["seed_everything"], after["seed_everything"] = seeds  # a new seed: new data order, new dropout
@@ -183,7 +214,8 @@ def fork_plan(ckpt_path: str, config: Mapping[str, Any]) -> ForkPlan | None:
             before = {"model": {"init_args": {k: hparams[k] for k in init_args}}}
             after = {"model": {"init_args": init_args}}
     absent = {key.replace("init_args.", "") for key in _flatten(json_safe(before), "", {})}
-    changes = [c for c in config_changes(before, after) if not _new_argument_at_default(c, absent, after)]
+    changes = [c for c in config_changes(before, after)
+               if not _new_argument_at_default(c, absent, after) and not _implementation_flag(c)]
     if not changes:
         return None
     return new_plan(str(ckpt_path), checkpoint, changes)
@@ -606,6 +638,14 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
         if "base_lrs" in state and "base_lrs" in fresh:
             state["base_lrs"] = fresh["base_lrs"]
         lrs = _scheduled_lrs(config.scheduler, state)
+        replayed = None if lrs is not None or pl_module is None or _is_swalr(state) else _replayed(config.scheduler, state)
+        if replayed is not None:  # no closed form, a function of the step: the configured one stepped to the position
+            state.clear()
+            state.update(replayed[0])
+            if index is not None and index < len(saved):
+                for group, lr in zip(saved[index].get("param_groups", []), replayed[1]):
+                    group["lr"] = lr
+            continue
         if lrs is None:  # no closed form: the saved position, with the configured settings (factor, patience, ...)
             _adopt_settings(config.scheduler, state, fresh)
             continue
@@ -619,6 +659,43 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
         if index is not None and index < len(saved):
             for group, lr in zip(saved[index].get("param_groups", []), lrs):
                 group["lr"] = lr
+
+
+#: The most steps :func:`_replayed` replays (beyond: the saved position with the configured settings).
+_REPLAY_LIMIT = 1_000_000
+
+
+def _position(state: Mapping[str, Any]) -> int | None:
+    """A scheduler state's step count: its ``last_epoch``, or (a ``ChainedScheduler``, which keeps none) its first
+    child's."""
+    last = state.get("last_epoch")
+    if last is None and isinstance(state.get("_schedulers"), list) and state["_schedulers"]:
+        first = state["_schedulers"][0]
+        last = first.get("last_epoch") if isinstance(first, Mapping) else None
+    return last if isinstance(last, int) and not isinstance(last, bool) else None
+
+
+def _replayed(scheduler: Any, state: Mapping[str, Any]) -> tuple[dict[str, Any], list[float]] | None:
+    """The configured ``scheduler`` (a throwaway, on its throwaway optimizer) stepped from its start to the saved
+    position: its ``state_dict`` and its optimizer's rates there. For the schedulers without a closed form that are
+    a function of the step count only: ``SequentialLR``, ``ChainedScheduler``, ``CosineAnnealingWarmRestarts``, a
+    chainable scheduler. ``None``: a metric-driven one (``ReduceLROnPlateau``), no position, more than
+    :data:`_REPLAY_LIMIT` steps, or a ``step()`` that fails."""
+    import warnings
+
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) or not hasattr(scheduler, "optimizer"):
+        return None
+    last, start = _position(state), _position(scheduler.state_dict())
+    if last is None or start is None or not 0 <= last - start <= _REPLAY_LIMIT:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": no step is trained
+            for _ in range(last - start):
+                scheduler.step()
+    except Exception:  # noqa: BLE001 - a scheduler whose step needs more: the saved position, configured settings
+        return None
+    return scheduler.state_dict(), [float(group["lr"]) for group in scheduler.optimizer.param_groups]
 
 
 def _optimizer_index(scheduler: Any, optimizers: list[Any]) -> int | None:

@@ -204,3 +204,58 @@ def test_a_rate_of_another_number_type_is_not_a_change(tmp_path, capsys, kind):
     value = {"numpy": np.float64(0.01), "tensor": torch.tensor(0.01, dtype=torch.float64)}[kind]
     ckpt = _parent(tmp_path / "parent", Net(lr=value))
     _unchanged(tmp_path, lambda: Net(lr=value), ckpt, capsys)
+
+
+def _configured_lrs(make, steps: int) -> list[float]:
+    """The rates a fresh run under scheduler ``make`` trains its first ``steps`` steps at (lr 0.01)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = make(optimizer)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("name", ["sequential-milestone", "sequential-warmup", "chained-gamma", "restarts-period"])
+def test_a_forked_composite_scheduler_runs_as_configured_from_the_saved_step(tmp_path, capsys, monkeypatch, name):
+    """The fork's schedule is the configured one at the saved step (as for a closed-form scheduler). Before the fix
+    the saved position was kept with the settings copied in: a SequentialLR never switched at its new milestone,
+    CosineAnnealingWarmRestarts kept the saved period ``T_i``."""
+    before, after, _ = CHANGED[name]
+    monkeypatch.setattr(Net, "scheduler", _scheduler(before))
+    ckpt = _parent(tmp_path / "parent", Net(), max_steps=6)
+    monkeypatch.setattr(Net, "scheduler", _scheduler(after))
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=6)
+    assert callback.plan is not None
+    assert [lrs[0] for lrs in spy.lrs] == pytest.approx(_configured_lrs(after, 6)[2:], rel=1e-6, abs=1e-12)
+
+
+# ------------------------------------------------------------------ Adam ↔ AdamW
+def _optimizer(cls, weight_decay):
+    def configure_optimizers(self):
+        return cls(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=weight_decay)
+    return configure_optimizers
+
+
+def test_adam_and_adamw_without_weight_decay_are_the_same_optimizer(tmp_path, capsys, monkeypatch):
+    """Adam → AdamW(weight_decay=0): the same algorithm. Before the fix: ``optimizer.decoupled_weight_decay: False →
+    True``, a fork."""
+    monkeypatch.setattr(Net, "configure_optimizers", _optimizer(torch.optim.Adam, 0.0))
+    ckpt = _parent(tmp_path / "parent", Net())
+    monkeypatch.setattr(Net, "configure_optimizers", _optimizer(torch.optim.AdamW, 0.0))
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is None, callback.plan.changes
+
+
+def test_adam_to_adamw_with_the_same_weight_decay_forks(tmp_path, capsys, monkeypatch):
+    """Coupled (L2 in the gradient) → decoupled weight decay: another update."""
+    monkeypatch.setattr(Net, "configure_optimizers", _optimizer(torch.optim.Adam, 0.01))
+    ckpt = _parent(tmp_path / "parent", Net())
+    monkeypatch.setattr(Net, "configure_optimizers", _optimizer(torch.optim.AdamW, 0.01))
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is not None and callback.plan.changes == [("optimizer.decoupled_weight_decay", False, True)]

@@ -1,4 +1,4 @@
-"""Act when a logged entropy collapses: warn, alert, stop training, or lower the learning rate.
+"""Act when a logged entropy collapses: warn, alert, stop training, lower the learning rate, or roll back.
 
 Watches one key. What counts as an *observation* (one judgement of the key) depends on how the key was logged:
 
@@ -84,19 +84,21 @@ from typing import Any, Literal
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
+from entrotrain.callbacks.rollback_state import RollbackState
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["EntropyCollapseGuard", "saved_at"]
 
-GuardAction = Literal["warn", "alert", "stop", "reduce_lr"]
-_ACTIONS = ("warn", "alert", "stop", "reduce_lr")
+GuardAction = Literal["warn", "alert", "stop", "reduce_lr", "rollback"]
+_ACTIONS = ("warn", "alert", "stop", "reduce_lr", "rollback")
 
 #: The per-fit state that ``state_dict`` saves, with the value a fresh fit (or an old checkpoint) starts from.
 _STATE_DEFAULTS: dict[str, Any] = {
@@ -105,6 +107,7 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "fired": False,
     "times_fired": 0,
     "lr_reductions": 0,
+    "rollbacks": 0,
     "last_reason": "",
     "last_seen_step": None,  # step of the last publication observed
     "prev_seen_step": None,  # the one before: their difference is the key's cadence
@@ -142,14 +145,17 @@ class EntropyCollapseGuard(PerFitCallback):
         action: ``"warn"``; ``"alert"`` (warn and send a wandb alert when a ``WandbLogger`` is attached; a refused
             alert, e.g. offline, is warned about once); ``"stop"`` (warn and stop training); ``"reduce_lr"`` (warn and
             multiply every optimizer's learning rates, and schedulers' base rates, by ``lr_factor``, never below
-            ``min_lr``).
-        lr_factor: factor for ``"reduce_lr"``, in (0, 1).
+            ``min_lr``); ``"rollback"`` (warn, copy back the model's and optimizers' state held in host memory at the
+            last good observation, and go on with learning rates multiplied by ``lr_factor``: the clock, the data
+            order and the schedulers' position go on; at most ``max_rollbacks`` times, then stop; see
+            :mod:`~entrotrain.callbacks.rollback_state`).
+        lr_factor: factor for ``"reduce_lr"`` and ``"rollback"``, in (0, 1).
         min_lr: learning rates are never lowered below this (finite, >= 0).
         missing_ok: if ``False``, raise when ``monitor`` never appears after ``missing_after`` training steps.
         missing_after: steps (>= 0) to wait for the key before ``missing_ok=False`` raises.
         on_nonfinite: count a NaN/Inf observation and a stale key as bad observations. ``None`` = ``True`` for
-            ``"warn"``, ``"alert"`` and ``"stop"``, ``False`` for ``"reduce_lr"`` (a lower learning rate cannot bring
-            back a model that went NaN).
+            ``"warn"``, ``"alert"``, ``"stop"`` and ``"rollback"`` (a model gone NaN is rolled back), ``False`` for
+            ``"reduce_lr"`` (a lower learning rate cannot bring back a model that went NaN).
         stale_after: optimizer steps without a new publication after which a ledger key is stale; ``None`` = 3 × the
             interval between its last two publications.
         arm_on_good: the ``threshold`` trigger arms once a finite observation has been on the good side of the
@@ -168,6 +174,7 @@ class EntropyCollapseGuard(PerFitCallback):
             newest one at or before the last good observation, for good once it fires; the others go as later
             observations judge them, and at a normal end of training. No disk space while the original exists;
             one checkpoint's worth once a rotation deleted it (:mod:`~entrotrain.callbacks.checkpoint_keeper`).
+        max_rollbacks: with ``action="rollback"``, the firings that roll back (>= 1); the next one stops training.
 
     Example::
 
@@ -193,6 +200,7 @@ class EntropyCollapseGuard(PerFitCallback):
         arm_on_good: bool = True,
         notify: Any = None,  # Callable[[str], Any] | str | None, typed loosely: LightningCLI saves a str as written
         keep_last_good: bool = True,
+        max_rollbacks: int = 3,
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
         self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
@@ -225,6 +233,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.arm_on_good = check_bool(arm_on_good, "EntropyCollapseGuard(arm_on_good)")
         self.notify = _resolve_notify(notify)
         self.keep_last_good = check_bool(keep_last_good, "EntropyCollapseGuard(keep_last_good)")
+        self.max_rollbacks = check_int(max_rollbacks, "EntropyCollapseGuard(max_rollbacks)", low=1)
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
@@ -242,6 +251,12 @@ class EntropyCollapseGuard(PerFitCallback):
         self.keeper = LastGoodCheckpoints()
         self._save_pending = False  # a checkpoint was saved since the last look at ModelCheckpoint's files
         self._seen_saves: set[str] = set()
+        #: ``action="rollback"``: the model's and optimizers' state at the last good observation (host memory).
+        self.rollback_state = RollbackState()
+        self._tracked: tuple[nn.Module, list[Any]] | None = None  # what a rollback restores (:meth:`track`)
+        self._held_history: list[float] = []  # ``history`` when the held state was taken
+        #: Whether the last firing stops training (``action="stop"``, or a rollback that could not roll back).
+        self.stopping = False
 
     @property
     def state_key(self) -> str:
@@ -268,7 +283,7 @@ class EntropyCollapseGuard(PerFitCallback):
         history = state["history"]
         if not isinstance(history, (list, tuple, deque)):
             raise EntrotrainError(f"{where}history must be a list of numbers, got {type(history).__name__}.")
-        for name in ("bad_streak", "times_fired", "lr_reductions"):
+        for name in ("bad_streak", "times_fired", "lr_reductions", "rollbacks"):
             check_int(state[name], where + name, low=0)
         for name in ("last_seen_step", "prev_seen_step", "last_stale_step", "last_good_step"):
             check_int(state[name], where + name, none_ok=True)
@@ -285,6 +300,30 @@ class EntropyCollapseGuard(PerFitCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._run_start = run_start(resumed=trainer.ckpt_path is not None)
         record_thresholds(trainer, self.record_thresholds())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.track(pl_module, trainer.optimizers)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.untrack()
+
+    def track(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
+        """The model and optimizers an ``action="rollback"`` guard holds the state of and restores (nothing for the
+        other actions). The glue for Lightning, ``transformers.Trainer`` and
+        :class:`~entrotrain.integrations.loop.EntropyMonitors` calls it at the start of training."""
+        if self.action != "rollback":
+            return
+        if not isinstance(model, nn.Module):
+            raise EntrotrainError(
+                f"EntropyCollapseGuard.track(model) needs the nn.Module to roll back, got {type(model).__name__}."
+            )
+        self._tracked = (model, list(optimizers))
+        self.rollback_state.clear()
+
+    def untrack(self) -> None:
+        """Drop the tracked model and the held state (its host memory): the end of training."""
+        self._tracked = None
+        self.rollback_state.clear()
 
     def record_thresholds(self) -> list[RecordThreshold]:
         """The run record's reference line on the watched key: the guard's ``threshold`` (none without one)."""
@@ -400,6 +439,9 @@ class EntropyCollapseGuard(PerFitCallback):
         self.fired = False  # re-armed: the next bad streak is a new episode
         self.last_good_step, self.last_good_value = step, float(value)
         self.keeper.judged(step, step)
+        if self._tracked is not None:  # action="rollback": this is the state to come back to
+            self.rollback_state.take(*self._tracked, step=step)
+            self._held_history = list(self.history)
         return None
 
     def _reason(self, value: float, step: int) -> str:
@@ -507,7 +549,7 @@ class EntropyCollapseGuard(PerFitCallback):
         message = self.fire(
             reason, step, trainer.optimizers, schedulers, _lightning_checkpoints(trainer), self._run_start
         )
-        if self.action == "stop":
+        if self.stopping:
             trainer.should_stop = True
         rank_zero_warn(message)
         self._record(trainer, message, step)
@@ -525,8 +567,11 @@ class EntropyCollapseGuard(PerFitCallback):
         message for Lightning, ``transformers.Trainer`` and a plain loop. The caller stops training, warns, records
         and notifies."""
         message = f"EntropyCollapseGuard at step {step}: {reason}."
+        self.stopping = self.action == "stop"
         if self.action == "stop":
             message += " Stopping training."
+        elif self.action == "rollback":
+            message += self._roll_back(optimizers, schedulers)
         elif self.action == "reduce_lr":
             if self.reduce_lr(optimizers, schedulers):
                 message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
@@ -535,6 +580,27 @@ class EntropyCollapseGuard(PerFitCallback):
             else:
                 message += " No optimizer learning rate to lower (none configured)."
         return message + self.rollback_hint(checkpoints, since, kept=self.keeper.freeze(self.last_good_step))
+
+    def _roll_back(self, optimizers: Sequence[Any], schedulers: Sequence[Any]) -> str:
+        """Restore the held state, lower the learning rates and re-arm the guard (the next fall is a new episode);
+        stop instead when ``max_rollbacks`` is spent or nothing is held. Returns the message's sentence."""
+        if self.rollbacks >= self.max_rollbacks:
+            self.stopping = True
+            return f" Rolled back {self.rollbacks} time(s) already (max_rollbacks={self.max_rollbacks}): stopping training."
+        if self._tracked is None or self.rollback_state.step is None:
+            self.stopping = True
+            return (" No good state is held to roll back to (none was judged good since training started or "
+                    "resumed): stopping training.")
+        model, tracked_optimizers = self._tracked
+        held_step = self.rollback_state.restore(model, tracked_optimizers)
+        self.rollbacks += 1
+        self.bad_streak, self.fired = 0, False
+        self.history = deque(self._held_history, maxlen=self.drop_window + 1)
+        sentence = (f" Rolled back the model and optimizer state to step {held_step} (rollback {self.rollbacks} of "
+                    f"{self.max_rollbacks}; the batches since are skipped, not replayed)")
+        if self.reduce_lr(optimizers, schedulers):
+            return sentence + f"; learning rates multiplied by {self.lr_factor}."
+        return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
 
     def rollback_hint(
         self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None

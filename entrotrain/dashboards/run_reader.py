@@ -39,7 +39,7 @@ __all__ = [
 MONITOR_PREFIXES = ("entropy/", "sigma_reparam/", "info/")
 #: Event levels of a guard firing: ``EntropyCollapseGuard``'s actions (its own ``_ACTIONS``; this reader stays free
 #: of lightning, so it does not import the guard).
-GUARD_ACTIONS = ("warn", "alert", "stop", "reduce_lr")
+GUARD_ACTIONS = ("warn", "alert", "stop", "reduce_lr", "rollback")
 #: A "running" record on another host (whose pid cannot be checked) not updated for this long is reported as stale.
 STALE_AFTER_S = 30 * 60.0
 

@@ -661,6 +661,16 @@ class MonitorSession:
         for guard in self.guards:
             guard.checkpoint_saved(path, step)
 
+    def track(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
+        """The model and optimizers the ``action="rollback"`` guards hold the state of and restore."""
+        for guard in self.guards:
+            guard.track(model, optimizers)
+
+    def untrack(self) -> None:
+        """Training ended (or failed): the guards drop the model and the state they held."""
+        for guard in self.guards:
+            guard.untrack()
+
     def release_checkpoints(self) -> None:
         """Training ended normally: the guards drop the kept checkpoints no firing froze."""
         for guard in self.guards:
@@ -717,7 +727,7 @@ class MonitorSession:
                     run.alert(title=f"entropy collapse: {guard.monitor}", text=message)
                 except Exception as err:  # offline runs refuse alerts; the warning above already went out
                     rank_zero_warn(f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged.")
-        return guard.action == "stop"
+        return guard.stopping
 
     # ------------------------------------------------------------------ state (resume)
     def _entries(self) -> list[tuple[str, Any]]:

@@ -55,7 +55,10 @@ Guards. Each guard observes its key when a monitor publishes it, or when you han
 :meth:`EntropyMonitors.observe` inside the block (``monitors.observe(loss=loss)``: a tensor is read only when a guard
 watches that key). Staleness, patience, episodes and ``on_nonfinite`` follow the Lightning guard. Actions:
 ``"warn"``; ``"alert"`` (also ``wandb.run.alert`` when a run is active); ``"stop"`` (:attr:`should_stop` becomes
-True: leave your loop); ``"reduce_lr"`` (the optimizers and schedulers given to :meth:`watch`).
+True: leave your loop); ``"reduce_lr"`` (the optimizers and schedulers given to :meth:`watch`); ``"rollback"`` (the
+model's and those optimizers' state go back to the last good observation, held in host memory, and their learning
+rates are lowered; :attr:`rolled_back` is then True for that step: nothing to do in your loop unless you keep
+state of your own, e.g. an EMA copy of the weights).
 
 Resume. :meth:`EntropyMonitors.state_dict` (JSON-able) goes into your checkpoint; :meth:`load_state_dict` before or
 after :meth:`watch` restores guard streaks, first summaries and histories. Without it every :meth:`watch` starts
@@ -172,6 +175,8 @@ class EntropyMonitors:
         self.computed: dict[str, float] = {}
         #: The last step's wandb media (rank zero, with an active wandb run), keyed as the Lightning monitors log them.
         self.media: dict[str, Any] = {}
+        #: Whether a guard with ``action="rollback"`` rolled the model and optimizers back at the last step.
+        self.rolled_back = False
         #: True once a guard with ``action="stop"`` has fired: leave the training loop.
         self.should_stop = False
         self._model: nn.Module | None = None
@@ -224,6 +229,13 @@ class EntropyMonitors:
         self._model = model
         self._optimizers = _as_list(optimizer)
         self._schedulers = _as_list(scheduler)
+        if any(guard.action == "rollback" for guard in self.session.guards) and not self._optimizers:
+            raise EntrotrainError(
+                "EntropyMonitors: a guard with action='rollback' restores the optimizer state too; pass it: "
+                "monitors.watch(model, optimizer=optimizer, scheduler=scheduler)."
+            )
+        self.session.track(model, self._optimizers)
+        self.rolled_back = False
         self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
         self._pinned = set()
         self._run_start = run_start(resumed=self._saved is not None)  # older files are another run's checkpoints
@@ -247,6 +259,7 @@ class EntropyMonitors:
 
     def _close(self, summary: bool, exc: BaseException | None) -> None:
         self.session.release()
+        self.session.untrack()
         if self._model is None:
             return
         self._model = None
@@ -379,6 +392,7 @@ class EntropyMonitors:
         self.logs = {k: v for k, v in self.computed.items() if math.isfinite(v)}
         fired = self.session.observe({**self._observed, **metrics}, step) + self.session.check_stale(step)
         self._observed = {}
+        self.rolled_back = False
         for guard, reason in fired:
             folder = self.checkpoint_dir
             saved = list(folder.iterdir()) if folder is not None and folder.is_dir() else ()
@@ -386,6 +400,7 @@ class EntropyMonitors:
                 guard, reason, step, self._optimizers, self._schedulers, saved, since=self._run_start
             )
             self.logs[f"{guard.monitor}/alert"] = 1.0
+            self.rolled_back |= guard.action == "rollback" and not guard.stopping
         self.session.record_scalars(self.logs, step)
         if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:
             self.log({**self.logs, **self.media}, step=step)

@@ -261,6 +261,7 @@ class EntropyTrainerCallback(TrainerCallback):
                     if self._fork is not None:
                         self._fork.remove()
                     self.release()
+                    self.session.untrack()
 
             guarded_train._entrotrain_release = True  # type: ignore[attr-defined]
             trainer.train = guarded_train
@@ -331,6 +332,9 @@ class EntropyTrainerCallback(TrainerCallback):
         if world > 1:  # as Lightning's strategies do: rank-zero output once, also in forked or spawned ranks
             rank_zero_only.rank = rank
         self.session.bind(model)
+        if any(guard.action == "rollback" for guard in self.guards):
+            _check_rollback(args)
+            self.session.track(model, [kwargs["optimizer"]] if kwargs.get("optimizer") is not None else [])
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
             self.load_state_dict(saved)
@@ -415,6 +419,7 @@ class EntropyTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.release()
+        self.session.untrack()
         if state.is_world_process_zero:
             self.session.release_checkpoints()
             self.session.flush_notifications()
@@ -466,6 +471,17 @@ class EntropyTrainerCallback(TrainerCallback):
             logs[f"{guard.monitor}/alert"] = 1.0
         else:  # fired at a step end: goes out with the next log
             self._alerts[f"{guard.monitor}/alert"] = 1.0
+
+
+def _check_rollback(args: TrainingArguments) -> None:
+    """Refuse ``action="rollback"`` where the state lives outside ``state_dict()`` / ``optimizer.state``."""
+    for name in ("deepspeed", "fsdp"):
+        if getattr(args, name, None):
+            raise EntrotrainError(
+                f"EntropyCollapseGuard(action='rollback') cannot hold the training state under "
+                f"TrainingArguments({name}=...): the model and optimizer state are sharded. Use action='reduce_lr' or "
+                "'stop', and resume from the checkpoint the guard names (it keeps it from rotation)."
+            )
 
 
 def _checkpoint_path(trainer: Any, resume: Any) -> str | None:

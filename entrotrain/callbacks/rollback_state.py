@@ -1,0 +1,235 @@
+"""The training state a collapse guard rolls back to: the model's and the optimizers' state at the last good
+observation, held in host memory (``EntropyCollapseGuard(action="rollback")``).
+
+Rolling back past an instability and going on at a lower learning rate is how large runs survive a loss spike or a
+collapse: PaLM (Chowdhery et al., 2022, §5.1) "restarted training from a checkpoint roughly 100 steps before the spike
+started, and skipped roughly 200–500 data batches"; OPT-175B (Zhang et al., 2022, §2.5) rolled back to an earlier
+checkpoint and lowered the learning rate. Attention-entropy collapse does not heal by itself (Zhai et al., 2023):
+once the heads are one-hot, a lower learning rate keeps them so; the weights from before the fall are the cure's
+starting point.
+
+What rolls back, and what does not:
+
+- **Rolls back**: every tensor of ``model.state_dict()`` (parameters and persistent buffers: σReparam's ``u``,
+  BatchNorm statistics) and every optimizer's per-parameter state (Adam's moments and step counts). A parameter that
+  had no optimizer state then has none now (it reinitialises at its next step, as it did then). Gradients are
+  cleared: they belong to the trajectory that was abandoned.
+- **Does not**: the clock (the global step, the schedulers' position, the data order, the RNG): the batches seen
+  between the snapshot and the firing are skipped, not replayed, as PaLM skipped them, and loggers keep a monotonic
+  step. The optimizers' hyperparameters (param groups) stay as they are now; the guard then multiplies the learning
+  rates by its ``lr_factor``.
+
+Copies are made in place: the snapshot's host buffers are re-used from one good observation to the next (one
+device-to-host copy of model + optimizer state per good observation, into pinned memory on CUDA, queued on the
+current stream), and a rollback copies back into the live tensors, so parameters keep their identity (optimizers,
+DDP buckets and compiled graphs see the same tensors). Host memory: one copy of the model and its optimizer state.
+
+Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank),
+``torch.compile``. Refused with :class:`~entrotrain.errors.EntrotrainError` naming the alternative: FSDP (v1 flat
+parameters and v2 ``DTensor`` shards) and DeepSpeed, whose state lives outside ``state_dict()`` / ``optimizer.state``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["RollbackState", "unwrap_optimizer"]
+
+_MISSING = object()
+#: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from);
+#: ``None`` for a parameter that had no state.
+_HeldOptimizer = dict[int, "dict[str, tuple[Any, Any]] | None"]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` inside Lightning's ``LightningOptimizer`` / Accelerate's ``AcceleratedOptimizer``
+    (whose ``state`` may be the wrapper's own); anything else as it is."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    """Why this model's state cannot be rolled back in place (``None``: it can)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "FullyShardedDataParallel":
+            return "it is wrapped in FSDP (flat sharded parameters)"
+        if name == "DeepSpeedEngine":
+            return "it is a DeepSpeed engine"
+    for param in model.parameters():
+        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+            return "its parameters are DTensor shards (FSDP2 / tensor parallel)"
+    return None
+
+
+class RollbackState:
+    """The model's and optimizers' state at one step, in reusable host buffers (see the module docstring).
+
+    Example::
+
+        state = RollbackState()
+        state.take(model, [optimizer], step=50)     # a good observation
+        ...
+        state.restore(model, [optimizer])            # the collapse: back to step 50's weights and moments
+    """
+
+    def __init__(self) -> None:
+        #: The step the held state was taken at (``None``: nothing held).
+        self.step: int | None = None
+        self._model: dict[str, Any] = {}
+        self._optimizers: list[_HeldOptimizer] = []
+
+    # ------------------------------------------------------------------ take
+    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int) -> None:
+        """Hold ``model``'s and ``optimizers``' state as it is now, as the state of ``step``.
+
+        Raises:
+            EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place.
+        """
+        why = _unsupported(model)
+        if why is not None:
+            raise EntrotrainError(
+                f"EntropyCollapseGuard(action='rollback') cannot hold the state of this model: {why}. Use "
+                "action='reduce_lr' or 'stop', and roll back from the checkpoint the guard names (it keeps it from "
+                "rotation) with `entrotrain fit --ckpt_path ...` or ResumeWithChanges."
+            )
+        with torch.no_grad():
+            self._model = {
+                key: _copy_into(value, self._model.get(key)) for key, value in model.state_dict().items()
+            }
+            held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
+            self._optimizers = [
+                _optimizer_state(unwrap_optimizer(opt), previous) for opt, previous in zip(optimizers, held)
+            ]
+        self.step = int(step)
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, model: nn.Module, optimizers: Sequence[Any]) -> int:
+        """Copy the held state back into ``model`` and ``optimizers`` (in place) and clear the gradients; returns the
+        step it was taken at.
+
+        Raises:
+            EntrotrainError: nothing is held, or the model or the optimizers changed shape since it was taken.
+        """
+        if self.step is None:
+            raise EntrotrainError("RollbackState.restore: no state is held; call take() at a good step first.")
+        if len(optimizers) != len(self._optimizers):
+            raise EntrotrainError(
+                f"RollbackState.restore: the state was taken with {len(self._optimizers)} optimizer(s), got "
+                f"{len(optimizers)}; restore with the optimizers given to take()."
+            )
+        with torch.no_grad():
+            _restore_model(model, self._model)
+            for opt, held in zip(optimizers, self._optimizers):
+                _restore_optimizer(unwrap_optimizer(opt), held)
+        model.zero_grad(set_to_none=True)
+        return self.step
+
+    def clear(self) -> None:
+        """Drop the held state (its host memory)."""
+        self.step, self._model, self._optimizers = None, {}, []
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held, in bytes."""
+        tensors = list(_tensors(self._model))
+        for held in self._optimizers:
+            for state in held.values():
+                tensors.extend(_tensors(state or {}))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------------- helpers
+def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
+    return (value for value in state.values() if isinstance(value, torch.Tensor))
+
+
+def _copy_into(value: Any, buffer: Any) -> Any:
+    """``value`` copied to host memory, into ``buffer`` when it has the same shape and dtype (re-used), else into a
+    new buffer (pinned when ``value`` is on CUDA, so the copy is queued, not waited for); a non-tensor is deep-copied."""
+    if not isinstance(value, torch.Tensor):
+        return copy.deepcopy(value)
+    value = value.detach()
+    if not (isinstance(buffer, torch.Tensor) and buffer.shape == value.shape and buffer.dtype == value.dtype):
+        buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.is_cuda)
+    buffer.copy_(value, non_blocking=value.is_cuda)
+    return buffer
+
+
+def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
+    for group in optimizer.param_groups:
+        yield from group["params"]
+
+
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer, previous: _HeldOptimizer
+) -> _HeldOptimizer:
+    """Each parameter's optimizer state (``None``: it has none yet), by parameter identity."""
+    held: _HeldOptimizer = {}
+    for param in _params(optimizer):
+        state = optimizer.state.get(param)
+        if not state:
+            held[id(param)] = None
+            continue
+        before = previous.get(id(param)) or {}
+        held[id(param)] = {
+            key: (_copy_into(value, before.get(key, (None,))[0]), getattr(value, "device", None))
+            for key, value in state.items()
+        }
+    return held
+
+
+def _restore_model(model: nn.Module, held: dict[str, Any]) -> None:
+    """Copy ``held`` into the tensors ``model.state_dict()`` shares with the live parameters and buffers; what does
+    not share storage with them (a state-dict hook's product) or is not a tensor goes through ``load_state_dict``."""
+    current = model.state_dict()
+    if current.keys() != held.keys():
+        missing, extra = sorted(held.keys() - current.keys()), sorted(current.keys() - held.keys())
+        raise EntrotrainError(
+            "EntropyCollapseGuard(action='rollback'): the model's state keys changed since the good state was taken "
+            f"(gone: {missing[:5]}, new: {extra[:5]}); a model whose structure changes during training cannot be "
+            "rolled back in memory. Use action='reduce_lr' or 'stop'."
+        )
+    live = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    through_load: dict[str, Any] = {}
+    for key, value in held.items():
+        target = current[key]
+        shared = isinstance(target, torch.Tensor) and target.untyped_storage().data_ptr() in live
+        if shared and target.shape == value.shape:
+            target.copy_(value, non_blocking=True)
+        else:
+            through_load[key] = value
+    if through_load:
+        model.load_state_dict(through_load, strict=False)
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, held: _HeldOptimizer) -> None:
+    """Each parameter's state back to the held one, in place where the tensor is there with the same shape; a
+    parameter that had none (or that joined the optimizer later) gets none."""
+    for param in _params(optimizer):
+        saved = held.get(id(param))
+        if saved is None:
+            optimizer.state.pop(param, None)
+            continue
+        state = optimizer.state[param]
+        for key in [k for k in state if k not in saved]:
+            del state[key]
+        for key, (value, device) in saved.items():
+            now = state.get(key, _MISSING)
+            if not isinstance(value, torch.Tensor):
+                state[key] = copy.deepcopy(value)
+            elif isinstance(now, torch.Tensor) and now.shape == value.shape and now.dtype == value.dtype:
+                now.copy_(value, non_blocking=True)
+            else:  # on the device it was taken from (Adam keeps its step on the CPU unless fused/capturable)
+                state[key] = value.to(device, copy=True)

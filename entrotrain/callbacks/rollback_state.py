@@ -146,7 +146,7 @@ class RollbackState:
         tensors = list(_tensors(self._model))
         for held in self._optimizers:
             for state in held.values():
-                tensors.extend(_tensors(state or {}))
+                tensors.extend(value for value, _ in (state or {}).values() if isinstance(value, torch.Tensor))
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

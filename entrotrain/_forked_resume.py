@@ -468,8 +468,47 @@ def _numbers(values: Any) -> set[Any]:
     return out
 
 
+def unclaimed_shapes(pl_module: Any, optimizers: list[Any]) -> list[tuple[int, ...]]:
+    """The shapes of ``pl_module``'s parameters that no param group of ``optimizers`` holds (a frozen backbone a
+    callback adds to the optimizer later, as ``BaseFinetuning`` does); ``[]`` without a module."""
+    if pl_module is None:
+        return []
+    claimed = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+    return [tuple(p.shape) for p in pl_module.parameters() if id(p) not in claimed]
+
+
+def _added_groups(saved: Mapping[str, Any], optimizer: Any, unclaimed: list[tuple[int, ...]] | None) -> bool:
+    """Whether the saved optimizer's param groups are the configured ones plus groups a callback added during the
+    checkpoint's run, before the optimizer state is restored (in ``on_fit_start``; Lightning restores the state
+    into the groups as they are then): the configured groups' sizes are the saved first ones', and the saved extra
+    groups' parameters fit the module's parameters no configured group holds (``unclaimed``, :func:`unclaimed_shapes`:
+    as many or more, and each saved moment's shape one of theirs). Parameters the configuration moved out of a group
+    (a real change) are in a configured group: not unclaimed."""
+    groups = list(saved.get("param_groups") or [])
+    n = len(optimizer.param_groups)
+    if not unclaimed or len(groups) <= n:
+        return False
+    if [len(g["params"]) for g in groups[:n]] != [len(g["params"]) for g in optimizer.param_groups]:
+        return False
+    extra = [index for g in groups[n:] for index in g["params"]]
+    if len(extra) > len(unclaimed):
+        return False
+    pool = list(unclaimed)
+    states = saved.get("state") or {}
+    for index in extra:
+        shapes = {tuple(v.shape) for v in (states.get(index) or {}).values()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0}
+        if not shapes:
+            continue  # no moments saved (SGD without momentum): counted only
+        if len(shapes) != 1 or next(iter(shapes)) not in pool:
+            return False
+        pool.remove(next(iter(shapes)))
+    return True
+
+
 def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any], schedulers: list[Any],
-                           hyperparameters: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+                           hyperparameters: Mapping[str, Any] | None = None,
+                           unclaimed: list[tuple[int, ...]] | None = None) -> list[tuple[str, Any, Any]]:
     """``(key, saved, configured)`` for every hyperparameter where the freshly configured ``optimizers`` /
     ``schedulers`` (:func:`configured_optimizers`) differ from the checkpoint's ``optimizer_states`` /
     ``lr_schedulers``, without changing anything: ``optimizer.lr`` (a scheduled group's initial rate),
@@ -486,7 +525,9 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     whose configured rate is the value of one of ``hyperparameters`` (the run's, known unchanged): the saved rate
     is then a position that code moved, e.g. a manual warmup in ``LightningModule.optimizer_step`` (Lightning's
     documented ``pg["lr"] = scale * self.hparams.lr``), as under ``ReduceLROnPlateau``. A rate set in code that
-    no hyperparameter holds is still compared. A ``SequentialLR`` / ``ChainedScheduler`` is compared on its
+    no hyperparameter holds is still compared. Saved param groups beyond the configured ones whose parameters are
+    the module's that no configured group holds (``unclaimed``: :func:`unclaimed_shapes`) are a callback's, added
+    before the restore: not compared. A ``SequentialLR`` / ``ChainedScheduler`` is compared on its
     ``milestones`` and its children's settings (``lr_scheduler.schedulers[0].total_iters``), and how many
     children it has."""
     changes: list[tuple[str, Any, Any]] = []
@@ -509,7 +550,7 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
             changes.append((name, "another optimizer", type(optimizer).__name__))
             continue
         sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
-        if sizes[0] != sizes[1]:
+        if sizes[0] != sizes[1] and not _added_groups(state, optimizer, unclaimed):
             changes.append((f"{name}.param_groups", sizes[0], sizes[1]))
         seen: set[str] = set()
         for group, fresh in zip(groups, optimizer.param_groups):
@@ -608,8 +649,11 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
     saved = checkpoint.get("optimizer_states") or []
     sizes = [[len(g["params"]) for g in o.param_groups] for o in optimizers]
     other = [type(o).__name__ for o, s in zip(optimizers, saved) if _other_kind(s, o)]
+    unclaimed = unclaimed_shapes(pl_module, optimizers)
+    # groups a callback added (kept as saved: Lightning restores them into the groups it adds again) are no misfit
     afresh = [i for i, (o, s) in enumerate(zip(optimizers, saved)) if _other_kind(s, o)
-              or [len(g["params"]) for g in s.get("param_groups", [])] != sizes[i]]
+              or ([len(g["params"]) for g in s.get("param_groups", [])] != sizes[i]
+                  and not _added_groups(s, o, unclaimed))]
     if len(saved) != len(optimizers) or len(afresh) == len(optimizers) > 0:
         checkpoint["optimizer_states"] = [o.state_dict() for o in optimizers]
         checkpoint["lr_schedulers"] = [c.scheduler.state_dict() for c in schedulers]

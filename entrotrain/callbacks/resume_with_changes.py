@@ -242,7 +242,12 @@ class ResumeWithChanges(Callback):
                  state: Mapping[str, Any], configured: tuple[list[Any], list[Any]]) -> list[tuple[str, Any, Any]]:
         """What differs between the checkpoint's run and this one (module docstring): hyperparameters first, then
         the optimizer's and schedulers' settings and the model's new parameters not already explained by them."""
-        from entrotrain._forked_resume import sigma_reparam_filled, state_key_problems, training_state_changes
+        from entrotrain._forked_resume import (
+            sigma_reparam_filled,
+            state_key_problems,
+            training_state_changes,
+            unclaimed_shapes,
+        )
 
         changes = hyperparameter_changes(pl_module, trainer.datamodule, checkpoint)
         found: list[tuple[str, Any, Any]] = []
@@ -254,7 +259,8 @@ class ResumeWithChanges(Callback):
             found.append(("model.new_parameters", [], new))
         # no hyperparameter changed: a group's rate equal to one of them is configured as before (a manual warmup
         # in optimizer_step moved the saved one)
-        found += training_state_changes(checkpoint, *configured, hyperparameters=None if changes else pl_module.hparams)
+        found += training_state_changes(checkpoint, *configured, hyperparameters=None if changes else pl_module.hparams,
+                                        unclaimed=unclaimed_shapes(pl_module, configured[0]))
         if changes:  # the optimizer's and new parameters' consequences of a hyperparameter are said in notes
             found = [c for c in found if not _explained(c, changes) and not c[0].startswith("optimizer")
                      and c[0] != "model.new_parameters"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -259,3 +260,71 @@ def test_adam_to_adamw_with_the_same_weight_decay_forks(tmp_path, capsys, monkey
     callback = ResumeWithChanges()
     _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=4)
     assert callback.plan is not None and callback.plan.changes == [("optimizer.decoupled_weight_decay", False, True)]
+
+
+# ------------------------------------------------------------------ param groups a callback adds
+class ExtraNet(Net):
+    """``extra``: a parameter ``configure_optimizers`` leaves out; :class:`AddGroup` adds it at fit start."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.extra = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.body(x) + self.extra
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.body.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+
+
+class AddGroup(L.Callback):
+    """Adds ``extra`` as a second param group at ``on_fit_start`` (before Lightning restores the optimizer state,
+    as ``BaseFinetuning`` does)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        if len(optimizer.param_groups) == 1:
+            optimizer.add_param_group({"params": [pl_module.extra], "lr": 0.002})
+
+
+def test_a_param_group_a_callback_adds_is_not_a_change(tmp_path, capsys):
+    """Before the fix the unchanged resume forked (``optimizer.param_groups: [4, 1] → [4]``), restarted the
+    optimizer with one group, and Lightning's restore into the two groups the callback had added again died with
+    torch's ``ValueError: loaded state dict has a different number of parameter groups``."""
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", ExtraNet(), AddGroup(), max_steps=4, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "again", ExtraNet(), AddGroup(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is None and records(tmp_path / "again") == []
+    _, own = _fit(tmp_path / "own", ExtraNet(), AddGroup(), ckpt=ckpt, max_steps=4, record=False)
+    assert spy.lrs == own.lrs and all(torch.equal(a, b) for a, b in zip(spy.exp_avg, own.exp_avg))
+
+
+def test_a_new_rate_with_a_param_group_a_callback_adds_forks_and_keeps_the_moments(tmp_path, capsys):
+    torch.manual_seed(0)
+    _fit(tmp_path / "parent", ExtraNet(), AddGroup(), max_steps=4, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=2.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]
+    callback = ResumeWithChanges()
+    fit, spy = _fit(tmp_path / "fork", ExtraNet(lr=0.001), AddGroup(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan.changes == [("model.lr", 0.01, 0.001)] and fit.global_step == 4
+    assert spy.lrs[0] == [0.001, 0.002]  # the configured group's new rate; the callback's group as saved
+    assert torch.equal(spy.exp_avg[0], saved["state"][0]["exp_avg"])
+
+
+def test_a_param_group_the_configuration_dropped_still_forks(tmp_path, capsys, monkeypatch):
+    """Two groups configured in the parent, one (the same parameters) at the resume: every parameter is in a
+    configured group, so the saved second group is not a callback's."""
+    def two_groups(self):
+        first, *rest = list(self.parameters())
+        return torch.optim.AdamW([{"params": [first]}, {"params": rest}], lr=self.hparams.lr,
+                                 betas=tuple(self.hparams.betas))
+
+    monkeypatch.setattr(Net, "configure_optimizers", two_groups)
+    ckpt = _parent(tmp_path / "parent", Net())
+    monkeypatch.setattr(Net, "configure_optimizers", _adamw())
+    callback = ResumeWithChanges()
+    fit, _ = _fit(tmp_path / "fork", Net(), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is not None and callback.plan.changes == [("optimizer.param_groups", [1, 3], [4])]
+    assert fit.global_step == 4

@@ -387,7 +387,7 @@ class _Folder:
     """A keep folder this keeper looked at: its manifest, and the provisional pins that manifest lists now."""
 
     manifest: Path
-    listed: frozenset[str] = field(default_factory=frozenset)
+    listed: frozenset[tuple[str, _Inodes]] = field(default_factory=frozenset)
 
 
 class LastGoodCheckpoints:
@@ -687,7 +687,7 @@ class LastGoodCheckpoints:
         it (frozen) is deleted: a pin listed by no manifest is never deleted, one listed wrongly could be."""
         for keep, state in self._folders.items():
             provisional = [pin for pin in self._pins if not pin.frozen and pin.path.parent == keep]
-            names = frozenset(pin.path.name for pin in provisional)
+            names = frozenset((pin.path.name, pin.inodes) for pin in provisional)  # a name re-pinned: new inodes
             if names == state.listed:
                 continue
             try:

@@ -409,3 +409,18 @@ def test_any_order_of_runs_keeps_every_promise(tmp_path_factory, ops) -> None:
         last.release()
     check()
     assert set(keep.iterdir()) == kept | set(named)
+
+
+def test_a_checkpoint_saved_again_under_its_name_is_listed_with_its_new_files(tmp_path) -> None:
+    """Saved again under the same name (a new file: torch's atomic save, a rotation and a new save): the pin is made
+    again under the same name, and the manifest lists its new inode, so a later run still frees it."""
+    keeper = LastGoodCheckpoints()
+    path = _save(tmp_path, 1)
+    keeper.saved(path)
+    path.unlink()
+    keeper.saved(_save(tmp_path, 1))
+    (manifest,) = _manifests(tmp_path)
+    (record,) = json.loads(manifest.read_text())["pins"]
+    assert record["inodes"] == [["", (tmp_path / KEEP_FOLDER / "step_1.pt").stat().st_ino]]
+    _die(keeper)
+    assert release_abandoned(tmp_path) == [tmp_path / KEEP_FOLDER / "step_1.pt"]

@@ -439,8 +439,9 @@ class EntropyCollapseGuard(PerFitCallback):
         self.fired = False  # re-armed: the next bad streak is a new episode
         self.last_good_step, self.last_good_value = step, float(value)
         self.keeper.judged(step, step)
-        if self._tracked is not None:  # action="rollback": this is the state to come back to
-            self.rollback_state.take(*self._tracked, step=step)
+        # action="rollback": this is the state to come back to, unless the step's update made it non-finite (the
+        # value was measured before it): the state held before stays
+        if self._tracked is not None and self.rollback_state.take(*self._tracked, step=step):
             self._held_history = list(self.history)
         return None
 

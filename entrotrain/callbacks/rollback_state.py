@@ -14,6 +14,9 @@ What rolls back, and what does not:
   BatchNorm statistics) and every optimizer's per-parameter state (Adam's moments and step counts). A parameter that
   had no optimizer state then has none now (it reinitialises at its next step, as it did then). Gradients are
   cleared: they belong to the trajectory that was abandoned.
+- **Never held**: a state with a non-finite tensor. A guard judges a step good on a value its forward measured,
+  before the step's update, and that update can still turn the weights NaN (an overflowing gradient): such a state
+  is skipped and the one held before stays, so a model gone NaN rolls back to finite weights.
 - **Does not**: the clock (the global step, the schedulers' position, the data order, the RNG): the batches seen
   between the snapshot and the firing are skipped, not replayed, as PaLM skipped them, and loggers keep a monotonic
   step. The optimizers' hyperparameters (param groups) stay as they are now; the guard then multiplies the learning
@@ -91,8 +94,13 @@ class RollbackState:
         self._optimizers: list[_HeldOptimizer] = []
 
     # ------------------------------------------------------------------ take
-    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int) -> None:
-        """Hold ``model``'s and ``optimizers``' state as it is now, as the state of ``step``.
+    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int) -> bool:
+        """Hold ``model``'s and ``optimizers``' state as it is now, as the state of ``step``; whether it was held.
+
+        A state with a non-finite floating-point tensor (a parameter, a buffer or an optimizer moment) is not held:
+        the state held before stays (returns ``False``). A guard judges a step good on a value measured in that
+        step's forward, before its update, and that update can still turn the weights non-finite (an overflowing
+        gradient): rolling back to such a state would cure nothing. The check is one device sync per device.
 
         Raises:
             EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place.
@@ -104,15 +112,16 @@ class RollbackState:
                 "action='reduce_lr' or 'stop', and roll back from the checkpoint the guard names (it keeps it from "
                 "rotation) with `entrotrain fit --ckpt_path ...` or ResumeWithChanges."
             )
+        live = model.state_dict()
+        inner = [unwrap_optimizer(opt) for opt in optimizers]
+        if not _all_finite([*_tensors(live), *(t for opt in inner for s in opt.state.values() for t in _tensors(s))]):
+            return False
         with torch.no_grad():
-            self._model = {
-                key: _copy_into(value, self._model.get(key)) for key, value in model.state_dict().items()
-            }
+            self._model = {key: _copy_into(value, self._model.get(key)) for key, value in live.items()}
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
-            self._optimizers = [
-                _optimizer_state(unwrap_optimizer(opt), previous) for opt, previous in zip(optimizers, held)
-            ]
+            self._optimizers = [_optimizer_state(opt, previous) for opt, previous in zip(inner, held)]
         self.step = int(step)
+        return True
 
     # ------------------------------------------------------------------ restore
     def restore(self, model: nn.Module, optimizers: Sequence[Any]) -> int:
@@ -153,6 +162,15 @@ class RollbackState:
 # ---------------------------------------------------------------------- helpers
 def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
     return (value for value in state.values() if isinstance(value, torch.Tensor))
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every floating-point (or complex) tensor among ``tensors`` is finite: one sync per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 def _copy_into(value: Any, buffer: Any) -> Any:

@@ -18,6 +18,7 @@ from torch import nn
 
 from entrotrain.taps.deferred import ArmedMarker, DeferredCaptures, compiling, remove_mode, snapshot
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps.fastpath import FastpathHold
 from entrotrain.taps.module_names import is_compiled, named_modules
 
 __all__ = ["ForwardHookTap"]
@@ -61,6 +62,7 @@ class ForwardHookTap:
             return self
         modules = dict(named_modules(self.model))
         try:
+            self._handles.append(FastpathHold(self.model))  # torch's fused encoder paths would hand hooks nested tensors
             for name in self.names:
                 self._handles.append(modules[name].register_forward_hook(self._installed_hook(name)))
             if is_compiled(self.model):  # make the arming visible to dynamo's guards (module docstring)

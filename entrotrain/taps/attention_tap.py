@@ -40,6 +40,8 @@ from entrotrain.taps.query_padding import pop_model_mask, push_model_mask, query
 from entrotrain.taps.sampling import check_budget, evenly_spaced
 from entrotrain.taps.deferred import DeferredCaptures, compiling, detached, in_fx_graph, remove_mode
 from entrotrain.taps.exclusive import capture_allowed
+from entrotrain.taps import fastpath
+from entrotrain.taps.fastpath import FastpathHold
 from entrotrain.taps.module_names import clean_module_name, is_compiled, named_modules, unwrap_module
 from entrotrain.taps.name_filter import NameFilter
 
@@ -236,6 +238,7 @@ class AttentionTap:
         self._calls_in_module.clear()  # same state at every arming: compiled code guards on it
         self._grad_at_arming, self._warned_no_grad = torch.is_grad_enabled(), False
         try:
+            self._undo.append(FastpathHold(self.model))  # torch's fused encoder paths bypass what the tap sees
             for name, module in named_modules(self.model):  # clean names: no "_orig_mod." from torch.compile
                 if name not in self._name_hooks:
                     self._name_hooks[name] = (self._enter(name), self._exit(name))
@@ -289,6 +292,8 @@ class AttentionTap:
             mode, self._mode = self._mode, None
             if not self._suspended:
                 remove_mode(mode)  # not simply pop the top: another tap's mode may sit above ours
+        if self._suspended:
+            fastpath.drop()  # released inside a captured nn.MultiheadAttention call (an exception went through it)
         self._suspended = 0
         undo, self._undo = self._undo, []
         for fn in reversed(undo):
@@ -300,15 +305,21 @@ class AttentionTap:
             _ACTIVE_TAPS.remove(self)
 
     def _suspend_sdpa(self) -> None:
-        if self._mode is not None and self._suspended == 0:
-            remove_mode(self._mode)
+        """An adapter captured the module now running: its SDPA calls are not intercepted, and its own native fast
+        path is allowed again (:func:`entrotrain.taps.fastpath.lift`), until :meth:`_resume_sdpa`."""
+        if self._suspended == 0:
+            if self._mode is not None:
+                remove_mode(self._mode)
+            fastpath.lift()
         self._suspended += 1
 
     def _resume_sdpa(self) -> None:
         if self._suspended:
             self._suspended -= 1
-            if self._suspended == 0 and self._mode is not None:
-                torch._C._push_on_torch_function_stack(self._mode)
+            if self._suspended == 0:
+                fastpath.drop()
+                if self._mode is not None:
+                    torch._C._push_on_torch_function_stack(self._mode)
 
     def __enter__(self) -> AttentionTap:
         return self.arm()

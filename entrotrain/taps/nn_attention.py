@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from entrotrain._validation import padding_mask
 from entrotrain.errors import TapError
+from entrotrain.taps.deferred import compiling
+from entrotrain.taps.module_names import is_compiled
 from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
 
 if TYPE_CHECKING:
@@ -134,26 +136,50 @@ def _real_tokens(mask: Any) -> Tensor | None:
 def watch_decoder_padding(tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
     """While an ``nn.TransformerDecoderLayer`` of ``model`` runs, its ``tgt_key_padding_mask`` marks the padded
     queries of the attention calls inside it that have no query mask of their own (its cross-attention: the queries
-    are the decoder tokens). Returns the undo callables."""
+    are the decoder tokens). Returns the undo callables.
+
+    Under ``torch.compile`` the hooks run inside the traced graph: there they only queue ``push`` / ``pop`` events in
+    the tap's queue, in call order with the attention calls the MHA adapter queues, and the tap replays them when it
+    scores those calls (as :mod:`entrotrain.taps.compiled_padding` does for HF models). The hook objects are the same
+    at every arming, and a compiled model's post-hook has no ``always_call`` (dynamo guards on both)."""
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)]
     if not layers:
         return []
-    signature = inspect.signature(nn.TransformerDecoderLayer.forward)
+    before, after = _decoder_hooks(tap)
+    always = not is_compiled(model)
+    undo: list[Callable[[], None]] = [lambda: clear_model_masks(tap)]
+    for layer in layers:
+        undo.append(layer.register_forward_pre_hook(before, with_kwargs=True).remove)
+        undo.append(layer.register_forward_hook(after, always_call=always).remove)
+    return undo
+
+
+_SIGNATURE = inspect.signature(nn.TransformerDecoderLayer.forward)
+
+
+def _decoder_hooks(tap: AttentionTap) -> tuple[Callable[..., None], Callable[..., None]]:
+    """One pair of hook objects per tap, the same at every arming (dynamo guards on the hooks it traces)."""
+    cached = tap.__dict__.get("_decoder_padding_hooks")
+    if cached is not None:
+        return cached
 
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("tgt_key_padding_mask")
         if mask is None and len(args) > 4:
             try:
-                mask = signature.bind_partial(module, *args, **kwargs).arguments.get("tgt_key_padding_mask")
+                mask = _SIGNATURE.bind_partial(module, *args, **kwargs).arguments.get("tgt_key_padding_mask")
             except TypeError:
                 mask = None
+        if compiling():  # traced: replayed, in order, when the queued attention calls are scored
+            tap._deferred.add("push", None, None, (_real_tokens(mask), False), None)
+            return
         push_model_mask(tap, _real_tokens(mask), False)
 
     def after(module: nn.Module, args: tuple, output: Any) -> None:
+        if compiling():
+            tap._deferred.add("pop", None, None, (), None)
+            return
         pop_model_mask(tap)
 
-    undo: list[Callable[[], None]] = [lambda: clear_model_masks(tap)]
-    for layer in layers:
-        undo.append(layer.register_forward_pre_hook(before, with_kwargs=True).remove)
-        undo.append(layer.register_forward_hook(after, always_call=True).remove)
-    return undo
+    tap.__dict__["_decoder_padding_hooks"] = (before, after)
+    return before, after

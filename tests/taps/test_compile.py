@@ -497,3 +497,33 @@ def test_record_attention_is_deferred_under_compile(style):
     assert_close_stats(tapped["stats"], eager["stats"])
     rows = eager["stats"][0][next(iter(eager["stats"][0]))][2]  # ROWS per head: 3 rows x SEQ queries - 3 padded
     assert rows.tolist() == [3 * SEQ - 3] * 2
+
+
+# ---------------------------------------------------------------------------------------------------------- nn.Transformer
+def torch_seq2seq() -> nn.Module:
+    from tests.helpers.hf_models import FAMILIES
+
+    return FAMILIES["torch_transformer"].build("native")
+
+
+def seq2seq_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).pow(2).mean()
+
+
+def test_compiled_nn_transformer_leaves_padded_decoder_queries_out():
+    """nn.TransformerDecoderLayer's cross-attention queries are the decoder tokens: its tgt_key_padding_mask marks the
+    padded ones. Compiled, the layer's hooks run in the graph: they queue the mask with the attention calls (before,
+    they ran at trace time only, so every padded decoder query was scored: +40% entropy sum on this batch)."""
+    from tests.helpers.hf_models import FAMILIES
+
+    batch = FAMILIES["torch_transformer"].inputs("right")
+    assert not batch["decoder_attention_mask"].all()
+    data = [batch] * STEPS
+    make = lambda m: AttentionTap(m)  # noqa: E731
+    base, tapped, eager = three_runs(torch_seq2seq, seq2seq_loss, data, STYLES[0], make, attention_stats)
+    assert_one_extra_compile(base, tapped)
+    assert all(torch.equal(a, b) for a, b in zip(base["losses"], tapped["losses"]))
+    cross = "transformer.decoder.layers.0.multihead_attn"
+    real = int(batch["decoder_attention_mask"].sum())
+    assert all(torch.all(stats[cross][ROWS] == real) for stats in tapped["stats"])
+    assert_close_stats(tapped["stats"], eager["stats"])

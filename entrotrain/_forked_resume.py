@@ -8,9 +8,10 @@ collapsing run from step 50 with σReparam on. Plain Lightning would not do what
 - the optimizer's state, restored as saved, overrides the configured learning rate, betas and weight decay, and does
   not fit a model whose parameters changed (σReparam adds a γ per layer).
 
-entrotrain compares the configured ``model``, ``data``, ``optimizer``, ``lr_scheduler`` and (when both are numbers)
-``seed_everything`` with the checkpoint's run's (the run record's ``config.yaml`` when there is one, else the
-checkpoint's hyperparameters) and, when they differ, *forks*:
+entrotrain compares the configured ``model``, ``data``, ``optimizer`` (not its implementation flags: ``fused``,
+``foreach``, ``capturable``, ``differentiable``), ``lr_scheduler``, the trainer's gradient clipping and (when both
+are numbers) ``seed_everything`` with the checkpoint's run's (the run record's ``config.yaml`` when there is one,
+else the checkpoint's hyperparameters) and, when they differ, *forks*:
 
 1. the configured model is built (its arguments win), and the checkpoint's weights are loaded into it (a plain
    layer's weights load into its σReparam replacement function-preservingly: γ = σ(W); a regulariser added with a
@@ -18,9 +19,11 @@ checkpoint's hyperparameters) and, when they differ, *forks*:
 2. :class:`ForkedResume` adapts the optimizer state before Lightning restores it: the configured hyperparameters
    replace the saved ones, and the moments are kept when the parameter groups still fit and the optimizer is of the
    same kind, else the optimizer and its schedulers start afresh. A scheduler with a closed form (``LambdaLR``
-   warmups, cosine, step) is the configured one at the saved position, from the first resumed step (others: a
-   learning rate mid-schedule is rescaled by new / old); a scheduler the checkpoint's run did not have starts at
-   the fork (its step 0);
+   warmups, cosine, step) is the configured one at the saved position, from the first resumed step, and so is one
+   that is a function of the step count only (``SequentialLR``, ``ChainedScheduler``,
+   ``CosineAnnealingWarmRestarts``: replayed to the position); others (``ReduceLROnPlateau``): the saved position
+   with the configured settings, a learning rate mid-schedule rescaled by new / old; a scheduler the checkpoint's
+   run did not have starts at the fork (its step 0);
 3. the run is recorded as a new run whose ``meta.json`` names its parent (``forked_from``: record, step, checkpoint,
    changes); the parent's record is left as it was (an unchanged resume continues it, as before).
 

@@ -18,8 +18,16 @@ With no configuration file to compare, the comparison is made on what the checkp
 - the freshly configured optimizers (``configure_optimizers`` called once more, on throwaway objects) with the saved
   ``optimizer_states``: each group's ``lr`` (a scheduled group's initial rate), ``betas``, ``weight_decay``, ...,
   the optimizer's kind and its groups' sizes; the schedulers with the saved ``lr_schedulers`` (how many, and every
-  setting in their ``state_dict`` that is not a position: ``T_max``, ``eta_min``, ``step_size``, ``gamma``, ...;
-  a ``LambdaLR``'s function is not saved, so a changed warmup shows only through the hyperparameters);
+  setting in their ``state_dict`` that is not a position: ``T_max``, ``eta_min``, ``step_size``, ``gamma``, ...,
+  a ``SequentialLR``'s ``milestones`` and its / a ``ChainedScheduler``'s children's settings; a ``LambdaLR``'s
+  function is not saved, so a changed warmup shows only through the hyperparameters). Not changes: an
+  implementation flag (``fused``, ``foreach``, ``capturable``, ``differentiable``); Adam ↔ AdamW at weight decay
+  0; when no hyperparameter changed, the saved rate of an unscheduled group whose configured rate is a
+  hyperparameter's value (a manual warmup in ``optimizer_step``, Lightning's documented pattern, moved it: a
+  position; a rate written in code is still compared); saved param groups beyond the configured ones whose
+  parameters no configured group holds (a callback added them at fit start: Lightning restores them into the
+  groups it adds again). The trainer's settings (gradient clipping, ``accumulate_grad_batches``) are not in a
+  checkpoint and are not compared (``entrotrain fit`` compares the clipping from its saved configuration);
 - the model's parameters: σReparam applied at the resume (the checkpoint has a plain layer's ``weight`` where the
   module has a :class:`~entrotrain.regularizers.sigma_reparam.SigmaReparamLinear`) and a regulariser's parameters
   the checkpoint does not have.
@@ -34,7 +42,8 @@ optimizer is of the same kind, else the optimizer and schedulers start afresh); 
 configured from the saved step; every change is printed once (rank zero); every ``RunRecordLogger`` writes a new
 record whose ``meta.json`` names its parent (``forked_from``), and the parent's record is left byte for byte. A
 parameter whose shape differs from the checkpoint's (layers, widths) is an ``EntrotrainError`` naming it, changed
-or not.
+or not; a refused resume (that error, σReparam removed, a key that cannot load) leaves no new record folder (it is
+raised at the call, before any step: a "failed" record holding nothing would only be noise beside the parent's).
 
 When: Lightning loads a checkpoint's weights before any callback's ``on_load_checkpoint`` runs (``restore_model``,
 then ``restore_callbacks``, then ``restore_training_state``), and sets ``trainer.ckpt_path`` only when it loads the

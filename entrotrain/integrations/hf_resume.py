@@ -146,12 +146,28 @@ def _same_arg(name: str, old: Any, new: Any) -> bool:
     return old == new
 
 
+def _warmup_as_now(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` with a transformers 4 warmup in transformers 5's form when this transformers has no
+    ``warmup_ratio`` (5.x: ``warmup_steps`` below 1 is the ratio): ``warmup_steps`` 0 with ``warmup_ratio`` r is
+    ``warmup_steps`` r (4.x used the ratio only when ``warmup_steps`` was 0)."""
+    if "warmup_ratio" not in saved or "warmup_ratio" in now or "warmup_steps" not in saved:
+        return dict(saved)
+    out = dict(saved)
+    ratio = out.pop("warmup_ratio")
+    steps = out["warmup_steps"]
+    if isinstance(steps, (int, float)) and steps <= 0 and isinstance(ratio, (int, float)) and 0 < ratio < 1:
+        out["warmup_steps"] = ratio
+    return out
+
+
 def _args_changes(saved: Mapping[str, Any] | None, args: Any) -> list[tuple[str, Any, Any]]:
     """``(args.NAME, saved, configured)`` for every :data:`DEFINING_ARGS` entry both have that differs
-    (``optim`` compared through :data:`SAME_OPTIMIZER`: ``adamw_torch`` → ``adamw_torch_fused`` is no change)."""
+    (``optim`` compared through :data:`SAME_OPTIMIZER`: ``adamw_torch`` → ``adamw_torch_fused`` is no change; a
+    transformers 4 ``warmup_ratio`` as transformers 5's ``warmup_steps`` below 1: :func:`_warmup_as_now`)."""
     if saved is None:
         return []
     now = defining_args(args)
+    saved = _warmup_as_now(saved, now)
     return [(f"args.{k}", saved[k], now[k]) for k in DEFINING_ARGS
             if k in saved and k in now and not _same_arg(k, saved[k], now[k])]
 

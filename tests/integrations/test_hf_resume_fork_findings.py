@@ -94,3 +94,32 @@ def test_a_refused_resume_leaves_no_record(tmp_path):
     with pytest.raises(EntrotrainError, match="σReparam cannot be removed"):
         _resume(tmp_path, checkpoint)
     assert _records(tmp_path) == before
+
+
+def _as_transformers_4(checkpoint: Path, **args) -> None:
+    """Rewrite the checkpoint's saved arguments (``trainer_state.json``) as a transformers 4 run wrote them."""
+    import json
+
+    from entrotrain.integrations.hf_resume import ARGS_KEY
+    from entrotrain.integrations.transformers import STATE_KEY
+
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state["stateful_callbacks"][STATE_KEY][ARGS_KEY].update(args)
+    path.write_text(json.dumps(state))
+
+
+def test_a_transformers_4_warmup_ratio_resumed_as_transformers_5_warmup_steps_is_not_a_change(tmp_path, capsys):
+    """transformers 4 saved ``warmup_steps=0, warmup_ratio=0.25``; transformers 5 has no ``warmup_ratio`` and says
+    the same with ``warmup_steps=0.25``. Before the fix: ``args.warmup_steps: 0 → 0.25``, a fork."""
+    checkpoint = _parent(tmp_path, warmup_steps=0.25)
+    _as_transformers_4(checkpoint, warmup_steps=0, warmup_ratio=0.25, optim="adamw_torch")
+    _, callback = _resume(tmp_path, checkpoint, warmup_steps=0.25)
+    assert callback._fork.plan is None
+
+
+def test_a_changed_warmup_ratio_across_versions_still_forks(tmp_path, capsys):
+    checkpoint = _parent(tmp_path, warmup_steps=0.25)
+    _as_transformers_4(checkpoint, warmup_steps=0, warmup_ratio=0.25)
+    _, callback = _resume(tmp_path, checkpoint, warmup_steps=0.5)
+    assert callback._fork.plan.changes == [("args.warmup_steps", 0.25, 0.5)]

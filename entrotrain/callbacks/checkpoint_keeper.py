@@ -61,10 +61,11 @@ linked (same inodes, same files):
   this run's manifest, never named and never deleted while it trains (it may have resumed from one), and deleted
   when it ends normally, unless one of its guards fired (then they stay: you may roll back to them).
 
-A manifest made on another machine (a shared file system; a preempted job restarted on another node), or one whose
-process is still running (two runs sharing a checkpoint folder), is never touched: :func:`list_pins` shows every
-pin in a folder with its state, and :func:`release_abandoned` deletes the provisional pins of runs that are not
-running (``elsewhere=True``: also those made on other machines, when you know none of them is running there).
+A manifest made on another machine or container (a shared file system; a preempted job restarted on another node:
+warned about when a keeper opens the folder), or one whose process is still running (two runs sharing a checkpoint
+folder; a pin such a run holds is not kept for a run that resumes from it), is never touched: :func:`list_pins`
+shows every pin in a folder with its state, and :func:`release_abandoned` deletes the provisional pins of runs that
+are not running (``elsewhere=True``: also those made on other machines, when you know none runs there).
 
 Pin a checkpoint once it is complete: a folder written by several processes or asynchronously (torch's async
 distributed checkpoint) is linked as it is when :meth:`LastGoodCheckpoints.saved` runs, so call
@@ -420,13 +421,14 @@ class LastGoodCheckpoints:
     # ------------------------------------------------------------------ earlier runs' pins
     def start(
         self,
-        folders: Iterable[str | os.PathLike[str]],
+        folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str] | None],
         resumed_from: str | os.PathLike[str] | None = None,
         step: int | None = None,
     ) -> None:
-        """A fit starts, saving checkpoints into ``folders`` (and resuming from ``resumed_from``, a checkpoint, or
-        ``None`` for a fresh run; ``step``: the step it resumes at, default the step in its name): take over the
-        pins that runs no longer running left in their keep folders (module docstring). Call it before the first
+        """A fit starts, saving checkpoints into ``folders`` (a folder or several) and resuming from ``resumed_from``
+        (a checkpoint, or ``None`` for a fresh run; ``step``: the step it resumes at, default the step in its name):
+        take over the pins that runs no longer running left in their keep folders (module docstring). Call it before
+        the first
         :meth:`saved`, on the process that writes checkpoints; a folder already looked at is not looked at again.
         Never raises for the file system: a folder that cannot be read or written is left as it is."""
         if _other_rank():
@@ -436,7 +438,9 @@ class LastGoodCheckpoints:
         resumed = Path(resumed_from) if resumed_from is not None else None
         if resumed is not None and step is None:
             step = saved_at(resumed)
-        keeps = [_keep_folder(folder) for folder in folders]
+        if isinstance(folders, (str, os.PathLike)):
+            folders = [folders]
+        keeps = [_keep_folder(folder) for folder in folders if folder is not None]
         if resumed is not None and resumed.parent.name == KEEP_FOLDER:
             keeps.append(resumed.parent)  # resumed from a pin: its folder is where it is listed
         for keep in dict.fromkeys(keeps):
@@ -448,19 +452,32 @@ class LastGoodCheckpoints:
             return
         me = _Owner(_machine(), os.getpid(), _start(os.getpid()), self._id)
         self._folders[keep] = _Folder(keep / f"{me.prefix}.json")
-        claimed = []
+        claimed, elsewhere = [], []
         for manifest, owner in _manifests(keep):
-            if owner.id == self._id or owner.running() is not False:
+            running = None if owner.id == self._id else owner.running()
+            if running is None and owner.id != self._id:
+                elsewhere += [keep / record["name"] for record in _records(manifest)]
+            if running is not False:
                 continue
             path = _claim(manifest, owner, me.prefix)
             if path is not None:
                 claimed.append(path)
-        adopted = []
+        if elsewhere:
+            warnings.warn(
+                f"{self.owner}(keep_last_good=True): {len(elsewhere)} kept checkpoint(s) in {keep} were pinned by "
+                f"runs on another machine or in another container ({', '.join(p.name for p in elsewhere[:4])}"
+                f"{', ...' if len(elsewhere) > 4 else ''}); whether those runs still run cannot be told from here, "
+                "so they are left. If none does (a job preempted and restarted elsewhere), free them with "
+                f"entrotrain.callbacks.checkpoint_keeper.release_abandoned({str(keep.parent)!r}, elsewhere=True).",
+                stacklevel=4,
+            )
+        adopted, seen = [], {pin.path for pin in self._pins}
         for path in claimed:
             for record in _records(path):
                 pin = _pin_of(keep, record)
-                if any(p.path == pin.path for p in self._pins) or not _is_ours(pin.path, record):
+                if pin.path in seen or not _is_ours(pin.path, record):
                     continue  # listed twice (a claim of a run that died while claiming), or not our file any more
+                seen.add(pin.path)
                 if resumed is not None and _same(pin.path, resumed):
                     pin.frozen = True  # resumed from: kept for good, with its own copy (module docstring)
                     self._start_copy(pin)

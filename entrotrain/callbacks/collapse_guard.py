@@ -76,6 +76,7 @@ import importlib
 import math
 import re
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -99,6 +100,9 @@ __all__ = ["EntropyCollapseGuard", "saved_at"]
 
 GuardAction = Literal["warn", "alert", "stop", "reduce_lr", "rollback"]
 _ACTIONS = ("warn", "alert", "stop", "reduce_lr", "rollback")
+
+#: The rollback guards tracking each model (:meth:`EntropyCollapseGuard.track`): a rollback by one re-holds the others.
+_TRACKING: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 #: The per-fit state that ``state_dict`` saves, with the value a fresh fit (or an old checkpoint) starts from.
 _STATE_DEFAULTS: dict[str, Any] = {
@@ -317,11 +321,14 @@ class EntropyCollapseGuard(PerFitCallback):
             raise EntrotrainError(
                 f"EntropyCollapseGuard.track(model) needs the nn.Module to roll back, got {type(model).__name__}."
             )
+        self.untrack()
         self._tracked = (model, list(optimizers))
-        self.rollback_state.clear()
+        _TRACKING.setdefault(model, weakref.WeakSet()).add(self)
 
     def untrack(self) -> None:
         """Drop the tracked model and the held state (its host memory): the end of training."""
+        if self._tracked is not None:
+            _TRACKING.get(self._tracked[0], weakref.WeakSet()).discard(self)
         self._tracked = None
         self.rollback_state.clear()
 
@@ -597,11 +604,20 @@ class EntropyCollapseGuard(PerFitCallback):
         self.rollbacks += 1
         self.bad_streak, self.fired = 0, False
         self.history = deque(self._held_history, maxlen=self.drop_window + 1)
+        self._rehold_others(model, held_step)
         sentence = (f" Rolled back the model and optimizer state to step {held_step} (rollback {self.rollbacks} of "
                     f"{self.max_rollbacks}; the batches since are skipped, not replayed)")
         if self.reduce_lr(optimizers, schedulers):
             return sentence + f"; learning rates multiplied by {self.lr_factor}."
         return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
+
+    def _rehold_others(self, model: nn.Module, step: int) -> None:
+        """The other rollback guards on ``model`` hold the state just restored: what they held may be a state this
+        guard judged bad (taken while its bad streak ran), which their next firing must not bring back."""
+        for other in list(_TRACKING.get(model, ())):
+            if other is not self and other._tracked is not None and other._tracked[0] is model:
+                if other.rollback_state.take(model, other._tracked[1], step=step):
+                    other._held_history = list(other.history)
 
     def rollback_hint(
         self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None
@@ -647,14 +663,15 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def reduce_lr(self, optimizers: Sequence[Any], schedulers: Sequence[Any] = ()) -> bool:
         """``lr ← max(lr · lr_factor, min_lr)`` for every param group of ``optimizers`` and every base rate of
-        ``schedulers`` (they recompute lr from ``base_lrs`` at their next step); whether any rate fell."""
+        ``schedulers`` (they recompute lr from ``base_lrs`` at their next step) and of the schedulers they step
+        (``SequentialLR`` / ``ChainedScheduler`` children, accelerate's wrapped scheduler); whether any rate fell."""
         lowered = False
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 new = max(group["lr"] * self.lr_factor, self.min_lr)
                 lowered |= new < group["lr"]
                 group["lr"] = min(new, group["lr"])
-        for scheduler in schedulers:
+        for scheduler in _with_inner_schedulers(schedulers):
             base = getattr(scheduler, "base_lrs", None)
             if base is not None:
                 scheduler.base_lrs = [min(max(lr * self.lr_factor, self.min_lr), lr) for lr in base]
@@ -679,6 +696,24 @@ class EntropyCollapseGuard(PerFitCallback):
                             f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged. "
                             "Further refused alerts are not reported."
                         )
+
+
+def _with_inner_schedulers(schedulers: Iterable[Any]) -> list[Any]:
+    """``schedulers`` and the ones they step: the children of ``SequentialLR`` / ``ChainedScheduler`` (each
+    recomputes its rate from its own ``base_lrs``) and the scheduler inside accelerate's ``AcceleratedScheduler``;
+    each once."""
+    out: list[Any] = []
+    todo = list(schedulers)
+    while todo:
+        scheduler = todo.pop(0)
+        if scheduler is None or any(scheduler is seen for seen in out):
+            continue
+        out.append(scheduler)
+        todo.extend(getattr(scheduler, "_schedulers", None) or ())
+        inner = getattr(scheduler, "scheduler", None)
+        if inner is not None and inner is not scheduler:
+            todo.append(inner)
+    return out
 
 
 def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str], Any] | None:

@@ -786,11 +786,12 @@ def _configured_hyperparameters(plan: ForkPlan, saved: list[dict[str, Any]], opt
                 changed.setdefault("lr", (group.get("lr"), fresh["lr"]))
                 group["lr"] = fresh["lr"]
     if changed:
-        listed = ", ".join(f"{key} {short_value(old)} → {short_value(new)}" for key, (old, new) in changed.items())
+        listed = ", ".join(f"{key} {short_value(json_safe(old))} → {short_value(json_safe(new))}"
+                           for key, (old, new) in changed.items())
         plan.notes.append(f"optimizer: {listed}; its moments are the checkpoint's")
     if added is not None:
         plan.notes.append(f"a learning-rate schedule the checkpoint's run did not have starts at the fork "
-                          f"(its step 0: lr {added:.4g} at the first resumed step)")
+                          f"(its step 0: lr {float(added):.4g} at the first resumed step)")
 
 
 def fork_run_records(loggers: list[Any], plan: ForkPlan) -> None:

@@ -357,7 +357,7 @@ class HFForkedResume:
             lr = trainer.optimizer.param_groups[0]["lr"]
             kind = _schedule_name(trainer)
             self.plan.notes.append(f"schedule: {kind} as configured, at step "
-                                   f"{self.plan.step} (lr {lr:.4g} at the first resumed step)")
+                                   f"{self.plan.step} (lr {float(lr):.4g} at the first resumed step)")
 
     def _without_saved_states(self) -> None:
         """A fork from a checkpoint without ``optimizer.pt`` / ``scheduler.pt`` (``save_only_model=True``): the

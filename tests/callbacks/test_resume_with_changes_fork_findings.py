@@ -234,6 +234,26 @@ def test_a_forked_composite_scheduler_runs_as_configured_from_the_saved_step(tmp
     assert [lrs[0] for lrs in spy.lrs] == pytest.approx(_configured_lrs(after, 6)[2:], rel=1e-6, abs=1e-12)
 
 
+def test_a_new_tensor_rate_still_forks(tmp_path, capsys):
+    """Before the fix the fork died writing its note (``TypeError: Object of type Tensor is not JSON
+    serializable``: the tensor rates went to ``short_value`` as they were)."""
+    ckpt = _parent(tmp_path / "parent", Net(lr=torch.tensor(0.01, dtype=torch.float64)))
+    callback = ResumeWithChanges()
+    _, spy = _fit(tmp_path / "fork", Net(lr=torch.tensor(0.001, dtype=torch.float64)), callback, ckpt=ckpt,
+                  max_steps=4)
+    assert callback.plan is not None and callback.plan.changes == [("model.lr", 0.01, 0.001)]
+    assert float(spy.lrs[0][0]) == pytest.approx(0.001)
+
+
+def test_a_schedule_added_at_a_fork_with_a_tensor_rate(tmp_path, capsys):
+    """A tensor rate under a schedule the fork adds: its note formats the rate (a guard beside the one above)."""
+    ckpt = _parent(tmp_path / "parent", Net(lr=torch.tensor(0.01, dtype=torch.float64)))
+    callback = ResumeWithChanges()
+    fit, _ = _fit(tmp_path / "fork", Net(lr=torch.tensor(0.01, dtype=torch.float64), t_max=4), callback, ckpt=ckpt,
+                  max_steps=4)
+    assert fit.global_step == 4 and "a learning-rate schedule the checkpoint's run did not have" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ Adam ↔ AdamW
 def _optimizer(cls, weight_decay):
     def configure_optimizers(self):

@@ -224,6 +224,9 @@ class AttentionTap:
         self._name_hooks: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {}
         self._deferred = DeferredCaptures()
         self._grad_at_arming, self._warned_no_grad = True, False  # set at each arming
+        # an eager-only adapter is installed (the model given is not compiled), yet its model ran traced by dynamo (a
+        # compiled wrapper or function around it): warned once, at disarm
+        self._eager_capture, self._traced_eagerly, self._warned_traced = False, False, False
         self._replaying: tuple[str, str] | None = None  # (module, site) of the deferred call being scored
 
     # ------------------------------------------------------------------ lifecycle
@@ -237,6 +240,7 @@ class AttentionTap:
             return self
         self._calls_in_module.clear()  # same state at every arming: compiled code guards on it
         self._grad_at_arming, self._warned_no_grad = torch.is_grad_enabled(), False
+        self._eager_capture = False
         try:
             self._undo.append(FastpathHold(self.model))  # torch's fused encoder paths bypass what the tap sees
             for name, module in named_modules(self.model):  # clean names: no "_orig_mod." from torch.compile
@@ -248,7 +252,10 @@ class AttentionTap:
                 # every logging step); _exit also pops what a child left when an exception was caught above it
                 self._undo.append(module.register_forward_hook(exit_).remove)
             for adapter in self._adapters_to_install():
-                self._undo.extend(adapter.install(self, self.model))
+                undo = adapter.install(self, self.model)
+                self._undo.extend(undo)
+                if undo and type(adapter).__name__ in _EAGER_ONLY_ADAPTERS:
+                    self._eager_capture = True  # (only on a model not compiled: _adapters_to_install)
             if self.capture_sdpa:
                 if self._interceptor is None:
                     self._interceptor = _SDPAInterceptor(self)
@@ -285,6 +292,17 @@ class AttentionTap:
             self._replay_deferred()
         finally:
             self._release_hooks()
+        if self._traced_eagerly and not self._warned_traced:
+            self._warned_traced = True
+            warnings.warn(
+                f"AttentionTap: {self._root_name} ran under torch.compile, but the tap was given the uncompiled module "
+                "inside (a compiled wrapper or function around the model, e.g. transformers' "
+                "TrainingArguments(torch_compile=True)), so its eager HF attention capture was traced: graph breaks "
+                "in every layer and a recompile at each arming. Give the tap the compiled module "
+                "(AttentionTap(torch.compile(model)) or that wrapper: same names), or compile the model itself rather "
+                "than a function calling it.",
+                stacklevel=2,
+            )
 
     def _release_hooks(self) -> None:
         self._deferred.clear()
@@ -336,6 +354,8 @@ class AttentionTap:
     # ------------------------------------------------------------------ naming
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple) -> None:
+            if compiling() and self._eager_capture:
+                self._traced_eagerly = True  # warned at disarm (eagerly)
             self._stack.append(name)
             self._calls_in_module[name] = 0
 

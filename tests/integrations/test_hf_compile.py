@@ -9,7 +9,8 @@ CPU torch (a 2-layer GPT-2 from a config, AttentionEntropyMonitor, ``logging_ste
 - training is unchanged: the losses are bit-identical with and without the callback;
 - but the eager-only capture (the HF attention adapter: frame inspection, ``.item()``) is traced: ~22 graph breaks
   (2 layers), and one recompile at every logging step (new graphs at each arming: 26, 29, 30, 31, ... with ``logging_steps=1``)
-  until dynamo's ``recompile_limit`` (8) is hit and those frames run uncompiled for the rest of training.
+  until dynamo's ``recompile_limit`` (8) is hit and those frames run uncompiled for the rest of training. The tap
+  notices (its name hooks run traced while its eager-only HF adapter is installed) and warns once, with the fix.
 
 Tapping the module ``Trainer`` runs (``trainer.model_wrapped``) instead takes the taps' compiled path (attention
 queued at ``F.scaled_dot_product_attention`` inside the graph, scored after it): one extra compile for the armed
@@ -69,6 +70,7 @@ class Run:
     graphs: list[int]  # graphs compiled so far, after each step
     breaks: dict[str, int]  # graph-break reasons
     sites: list[str]
+    warnings: list[str]  # entrotrain's warnings (AttentionTap: ...)
 
 
 class _Recorder(TrainerCallback):
@@ -98,8 +100,8 @@ class _OnTheWrapper(EntropyTrainerCallback):
 def run(callback: str | None, compile_: bool = True) -> Run:
     """Train the tiny GPT-2 for STEPS steps (lr 1e-2, logging every LOGGING_STEPS) with no callback, the callback
     (``"plain"``) or the callback on the compiled wrapper (``"wrapper"``). Cached: each run is deterministic."""
-    with fresh_dynamo(), tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with fresh_dynamo(), tempfile.TemporaryDirectory() as out, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         kwargs = dict(
             output_dir=out, max_steps=STEPS, per_device_train_batch_size=4, logging_steps=LOGGING_STEPS,
             learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
@@ -127,6 +129,7 @@ def run(callback: str | None, compile_: bool = True) -> Run:
             graphs=list(recorder.graphs),
             breaks=dict(counters["graph_break"]),
             sites=list(monitor.site_names),
+            warnings=[str(w.message) for w in caught if str(w.message).startswith("AttentionTap")],
         )
 
 
@@ -141,8 +144,9 @@ def assert_same_capture(run_: Run, eager: Run) -> None:
 
 def test_the_uncompiled_model_captures_and_training_is_unchanged():
     """What works today: the taps capture the compiled forwards with the uncompiled run's values, and the losses are
-    bit-identical with and without the callback."""
+    bit-identical with and without the callback. The tap says, once, what goes wrong and the fix."""
     baseline, tapped = run(None), run("plain")
+    assert len(tapped.warnings) == 1 and "Give the tap the compiled module" in tapped.warnings[0], tapped.warnings
     assert baseline.entropy == [{}] * (STEPS // LOGGING_STEPS)
     assert tapped.losses == baseline.losses  # bit for bit
     assert_same_capture(tapped, run("plain", compile_=False))
@@ -170,4 +174,5 @@ def test_callback_on_the_compiled_wrapper_compiles_once():
     first = baseline.graphs[-1]
     assert wrapped.graphs[-1] == wrapped.graphs[LOGGING_STEPS - 1] <= 2 * first, wrapped.graphs
     assert wrapped.losses == baseline.losses
+    assert wrapped.warnings == [] and run("plain", compile_=False).warnings == []
     assert_same_capture(wrapped, run("plain", compile_=False))

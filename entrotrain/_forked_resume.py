@@ -511,7 +511,8 @@ def _added_groups(saved: Mapping[str, Any], optimizer: Any, unclaimed: list[tupl
 
 def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any], schedulers: list[Any],
                            hyperparameters: Mapping[str, Any] | None = None,
-                           unclaimed: list[tuple[int, ...]] | None = None) -> list[tuple[str, Any, Any]]:
+                           unclaimed: list[tuple[int, ...]] | None = None,
+                           recorded_rates: list[list[Any]] | None = None) -> list[tuple[str, Any, Any]]:
     """``(key, saved, configured)`` for every hyperparameter where the freshly configured ``optimizers`` /
     ``schedulers`` (:func:`configured_optimizers`) differ from the checkpoint's ``optimizer_states`` /
     ``lr_schedulers``, without changing anything: ``optimizer.lr`` (a scheduled group's initial rate),
@@ -530,7 +531,10 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
     documented ``pg["lr"] = scale * self.hparams.lr``), as under ``ReduceLROnPlateau``. A rate set in code that
     no hyperparameter holds is still compared. Saved param groups beyond the configured ones whose parameters are
     the module's that no configured group holds (``unclaimed``: :func:`unclaimed_shapes`) are a callback's, added
-    before the restore: not compared. A ``SequentialLR`` / ``ChainedScheduler`` is compared on its
+    before the restore: not compared. ``recorded_rates``: the checkpoint's run's configured rates
+    (``[optimizer][group]``, as :class:`~entrotrain.callbacks.resume_with_changes.ResumeWithChanges` records them
+    when the optimizers are built): an unscheduled group's configured rate is compared with the recorded one, not
+    with the saved (running) rate, whatever moved it. A ``SequentialLR`` / ``ChainedScheduler`` is compared on its
     ``milestones`` and its children's settings (``lr_scheduler.schedulers[0].total_iters``), and how many
     children it has."""
     changes: list[tuple[str, Any, Any]] = []
@@ -556,13 +560,16 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         if sizes[0] != sizes[1] and not _added_groups(state, optimizer, unclaimed):
             changes.append((f"{name}.param_groups", sizes[0], sizes[1]))
         seen: set[str] = set()
-        for group, fresh in zip(groups, optimizer.param_groups):
+        for j, (group, fresh) in enumerate(zip(groups, optimizer.param_groups)):
+            recorded = _recorded(recorded_rates, i, j)
             moved = (any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
                      or "swa_lr" in group  # Lightning's StochasticWeightAveraging's SWALR drives it
                      or (lowered and "initial_lr" not in group)  # a guard's reductions (a schedule's base: kept)
                      # code moves it (a manual warmup) from a configured rate an unchanged hyperparameter gives
                      or ("initial_lr" not in group and "initial_lr" not in fresh and json_safe(fresh["lr"]) in rates))
             pairs = {} if moved else {"lr": (_group_lr(group), _group_lr(fresh))}
+            if recorded is not None and "initial_lr" not in group and "initial_lr" not in fresh:
+                pairs = {"lr": (recorded, fresh["lr"])}  # configured against configured: exact
             cycled = _cycled(fresh) | _cycled(group)
             # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
@@ -588,6 +595,21 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         name = "lr_scheduler" if i == 0 else f"lr_scheduler{i}"
         changes += _scheduler_changes(name, config.scheduler, state, config.scheduler.state_dict())
     return changes
+
+
+def _recorded(rates: Any, i: int, j: int) -> Any:
+    """``rates[i][j]`` when it is a number, else ``None``."""
+    try:
+        value = rates[i][j]
+    except (TypeError, IndexError, KeyError):
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def configured_rates(optimizers: list[Any]) -> list[list[Any]]:
+    """Each param group's configured rate (its schedule's initial rate when it has one), optimizer by optimizer,
+    as :func:`json_safe` writes it: what ``training_state_changes(recorded_rates=...)`` compares."""
+    return [[json_safe(_group_lr(group)) for group in getattr(o, "param_groups", [])] for o in optimizers]
 
 
 def _children(scheduler: Any) -> list[Any] | None:

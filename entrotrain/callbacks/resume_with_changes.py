@@ -150,6 +150,10 @@ class ResumeWithChanges(Callback):
         self.plan: Any = None  # the last fit's ForkPlan (None: no checkpoint, or an unchanged resume)
         self._wrapped: Any = None  # (strategy, previous instance attribute or None) while the wrapper is on
         self._refusal: BaseException | None = None  # the EntrotrainError this fit's resume was refused with
+        #: The configured rates of this fit's optimizers (``[optimizer][group]``), recorded when they are built
+        #: (``on_fit_start``, before a resume restores the saved ones) and saved with every checkpoint: a later
+        #: resume compares its configured rates with these, not with the saved running rates (a manual warmup).
+        self.configured_rates: list[list[Any]] | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -170,6 +174,18 @@ class ResumeWithChanges(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._unwrap()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from entrotrain._forked_resume import configured_rates
+
+        self.configured_rates = configured_rates(trainer.optimizers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"configured_rates": self.configured_rates} if self.configured_rates is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: this fit records its own configured rates; the checkpoint's are read where the
+        resume compares (``checkpoint["callbacks"]``)."""
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """A refused resume leaves no new run record: Lightning's ``finalize("failed")``, which runs after this hook,
@@ -229,7 +245,9 @@ class ResumeWithChanges(Callback):
         self._check_shapes(pl_module, state)
         configured = configured_optimizers(pl_module)
         finetuning_groups(trainer, pl_module, checkpoint, configured[0])
-        changes = self._changes(trainer, pl_module, checkpoint, state, configured)
+        saved = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        recorded = saved.get("configured_rates") if isinstance(saved, Mapping) else None
+        changes = self._changes(trainer, pl_module, checkpoint, state, configured, recorded)
         if not changes:
             original(checkpoint, strict=strict)
             return
@@ -248,7 +266,8 @@ class ResumeWithChanges(Callback):
 
     @staticmethod
     def _changes(trainer: Trainer, pl_module: LightningModule, checkpoint: Mapping[str, Any],
-                 state: Mapping[str, Any], configured: tuple[list[Any], list[Any]]) -> list[tuple[str, Any, Any]]:
+                 state: Mapping[str, Any], configured: tuple[list[Any], list[Any]], recorded: Any = None
+                 ) -> list[tuple[str, Any, Any]]:
         """What differs between the checkpoint's run and this one (module docstring): hyperparameters first, then
         the optimizer's and schedulers' settings and the model's new parameters not already explained by them."""
         from entrotrain._forked_resume import (
@@ -266,10 +285,11 @@ class ResumeWithChanges(Callback):
         new = state_key_problems(pl_module, state)[2]
         if new:
             found.append(("model.new_parameters", [], new))
-        # no hyperparameter changed: a group's rate equal to one of them is configured as before (a manual warmup
-        # in optimizer_step moved the saved one)
+        # the rates the checkpoint's run configured (recorded by this callback there) against the configured ones;
+        # without them, when no hyperparameter changed, a group's rate equal to one of them is configured as before
+        # (a manual warmup in optimizer_step moved the saved one)
         found += training_state_changes(checkpoint, *configured, hyperparameters=None if changes else pl_module.hparams,
-                                        unclaimed=unclaimed_shapes(pl_module, configured[0]))
+                                        unclaimed=unclaimed_shapes(pl_module, configured[0]), recorded_rates=recorded)
         if changes:  # the optimizer's and new parameters' consequences of a hyperparameter are said in notes
             found = [c for c in found if not _explained(c, changes) and not c[0].startswith("optimizer")
                      and c[0] != "model.new_parameters"]

@@ -92,6 +92,44 @@ def test_a_rate_changed_in_code_under_a_manual_warmup_still_forks(tmp_path, caps
     assert callback.plan.changes[0][2] == pytest.approx(0.02)
 
 
+class CodeWarmupNet(Net):
+    """A manual warmup whose rate is written in code (``RATE``), no hyperparameter holding it."""
+
+    RATE = 0.01
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.RATE, betas=tuple(self.hparams.betas))
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        for group in optimizer.param_groups:
+            group["lr"] = min(1.0, float(self.trainer.global_step + 1) / 10.0) * self.RATE
+        optimizer.step(closure=optimizer_closure)
+
+
+def _code_warmup_parent(root: Path) -> Path:
+    """The parent run with ResumeWithChanges, which records its configured rates in the checkpoints."""
+    torch.manual_seed(0)
+    _fit(root, CodeWarmupNet(lr=0.5), ResumeWithChanges(), max_steps=4, checkpoints=True)
+    return root / "ckpts" / "epoch=0-step=2.ckpt"
+
+
+def test_a_manual_warmup_of_a_rate_written_in_code_is_not_a_change_when_the_rate_was_recorded(tmp_path, capsys):
+    """No hyperparameter holds the rate (``hparams.lr`` is unused): the configured rate the parent's
+    ResumeWithChanges recorded at fit start is compared, not the saved running one. Before the fix:
+    ``optimizer.lr: 0.002 → 0.01``, a fork."""
+    ckpt = _code_warmup_parent(tmp_path / "parent")
+    assert torch.load(ckpt, weights_only=False)["callbacks"]["ResumeWithChanges"] == {"configured_rates": [[0.01]]}
+    _unchanged(tmp_path, lambda: CodeWarmupNet(lr=0.5), ckpt, capsys)
+
+
+def test_a_rate_written_in_code_changed_under_a_manual_warmup_forks(tmp_path, capsys, monkeypatch):
+    ckpt = _code_warmup_parent(tmp_path / "parent")
+    monkeypatch.setattr(CodeWarmupNet, "RATE", 0.02)
+    callback = ResumeWithChanges()
+    _fit(tmp_path / "fork", CodeWarmupNet(lr=0.5), callback, ckpt=ckpt, max_steps=4)
+    assert callback.plan is not None and callback.plan.changes == [("optimizer.lr", 0.01, 0.02)]
+
+
 # ------------------------------------------------------------------ 2. implementation flags
 def _adamw(**flags):
     def configure_optimizers(self):

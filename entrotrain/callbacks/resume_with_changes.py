@@ -22,11 +22,12 @@ With no configuration file to compare, the comparison is made on what the checkp
   a ``SequentialLR``'s ``milestones`` and its / a ``ChainedScheduler``'s children's settings; a ``LambdaLR``'s
   function is not saved, so a changed warmup shows only through the hyperparameters). Not changes: an
   implementation flag (``fused``, ``foreach``, ``capturable``, ``differentiable``); Adam ↔ AdamW at weight decay
-  0; when no hyperparameter changed, the saved rate of an unscheduled group whose configured rate is a
-  hyperparameter's value (a manual warmup in ``optimizer_step``, Lightning's documented pattern, moved it: a
-  position; a rate written in code is still compared); saved param groups beyond the configured ones whose
-  parameters no configured group holds (a callback added them at fit start: Lightning restores them into the
-  groups it adds again). The trainer's settings (gradient clipping, ``accumulate_grad_batches``) are not in a
+  0; a manual warmup in ``optimizer_step`` (Lightning's documented pattern: the saved rate of an unscheduled group
+  is a position): the configured rates this callback recorded in the checkpoint's run (``configured_rates``, saved
+  with every checkpoint) are compared with the configured ones; without a record, when no hyperparameter changed,
+  a configured rate that is a hyperparameter's value is taken as unchanged (a rate written in code is still
+  compared with the saved one); saved param groups beyond the configured ones whose parameters no configured
+  group holds (a callback added them at fit start: Lightning restores them into the groups it adds again). The trainer's settings (gradient clipping, ``accumulate_grad_batches``) are not in a
   checkpoint and are not compared (``entrotrain fit`` compares the clipping from its saved configuration);
 - the model's parameters: σReparam applied at the resume (the checkpoint has a plain layer's ``weight`` where the
   module has a :class:`~entrotrain.regularizers.sigma_reparam.SigmaReparamLinear`) and a regulariser's parameters

@@ -92,7 +92,7 @@ from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import ledger
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
-from entrotrain.callbacks.rollback_state import RollbackState
+from entrotrain.callbacks.rollback_state import RollbackState, check_supported
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
 
@@ -321,6 +321,7 @@ class EntropyCollapseGuard(PerFitCallback):
             raise EntrotrainError(
                 f"EntropyCollapseGuard.track(model) needs the nn.Module to roll back, got {type(model).__name__}."
             )
+        check_supported(model)  # refused at the start, not at the first good observation
         self.untrack()
         self._tracked = (model, list(optimizers))
         _TRACKING.setdefault(model, weakref.WeakSet()).add(self)

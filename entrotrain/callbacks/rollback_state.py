@@ -43,7 +43,7 @@ from torch import nn
 
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["RollbackState", "unwrap_optimizer"]
+__all__ = ["RollbackState", "check_supported", "unwrap_optimizer"]
 
 _MISSING = object()
 #: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from);
@@ -60,6 +60,21 @@ def unwrap_optimizer(optimizer: Any) -> Any:
             break
         optimizer = inner
     return optimizer
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse a model whose state cannot be held and copied back in place (FSDP, DeepSpeed, DTensor shards).
+
+    Raises:
+        EntrotrainError: naming why and the alternative.
+    """
+    why = _unsupported(model)
+    if why is not None:
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(action='rollback') cannot hold the state of this model: {why}. Use "
+            "action='reduce_lr' or 'stop', and roll back from the checkpoint the guard names (it keeps it from "
+            "rotation) with `entrotrain fit --ckpt_path ...` or ResumeWithChanges."
+        )
 
 
 def _unsupported(model: nn.Module) -> str | None:
@@ -105,13 +120,7 @@ class RollbackState:
         Raises:
             EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place.
         """
-        why = _unsupported(model)
-        if why is not None:
-            raise EntrotrainError(
-                f"EntropyCollapseGuard(action='rollback') cannot hold the state of this model: {why}. Use "
-                "action='reduce_lr' or 'stop', and roll back from the checkpoint the guard names (it keeps it from "
-                "rotation) with `entrotrain fit --ckpt_path ...` or ResumeWithChanges."
-            )
+        check_supported(model)
         live = model.state_dict()
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         if not _all_finite([*_tensors(live), *(t for opt in inner for s in opt.state.values() for t in _tensors(s))]):

@@ -225,16 +225,17 @@ class EntropyMonitors:
         world, rank, _ = distributed()
         if world > 1:  # as Lightning's strategies do: rank-zero warnings print once, also without RANK (mp.spawn)
             rank_zero_only.rank = rank
-        self.session.bind(model)
-        self._model = model
-        self._optimizers = _as_list(optimizer)
-        self._schedulers = _as_list(scheduler)
-        if any(guard.action == "rollback" for guard in self.session.guards) and not self._optimizers:
+        optimizers = _as_list(optimizer)
+        if any(guard.action == "rollback" for guard in self.session.guards) and not optimizers:
             raise EntrotrainError(
                 "EntropyMonitors: a guard with action='rollback' restores the optimizer state too; pass it: "
                 "monitors.watch(model, optimizer=optimizer, scheduler=scheduler)."
             )
-        self.session.track(model, self._optimizers)
+        self.session.bind(model)  # (resets the guards)
+        self.session.track(model, optimizers)  # refuses a sharded model (FSDP) before the run starts
+        self._model = model
+        self._optimizers = optimizers
+        self._schedulers = _as_list(scheduler)
         self.rolled_back = False
         self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
         self._pinned = set()

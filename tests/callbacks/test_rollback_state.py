@@ -341,5 +341,11 @@ def test_fsdp1_is_refused_at_the_first_take(tmp_path) -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         with pytest.raises(EntrotrainError, match="FSDP.*action='reduce_lr'"):
             RollbackState().take(model, [opt], step=0)
+        from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+
+        guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback")
+        with pytest.raises(EntrotrainError, match="FSDP"):  # refused when training starts, not at a first good step
+            guard.track(model, [opt])
+        EntropyCollapseGuard("k", threshold=0.5, action="reduce_lr").track(model, [opt])  # other actions: fine
     finally:
         dist.destroy_process_group()

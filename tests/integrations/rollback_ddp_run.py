@@ -1,0 +1,89 @@
+"""EntropyCollapseGuard(action="rollback") on 2 gloo CPU ranks in a plain loop (EntropyMonitors).
+
+``python rollback_ddp_run.py OUT`` spawns two ranks. Each trains a DDP-wrapped MLP with Adam on its own batches,
+observing the same scripted value (as a monitor reduced across ranks would publish it); the guard fires at step 2 and
+rolls back to the end of step 1. Each rank writes ``rank{r}.json`` (the steps it rolled back at, whether the restored
+state equals the one it had at the end of step 1, whether FSDP2 was refused) and ``weights{r}.pt`` (its weights right
+after the rollback). Run by tests/integrations/test_rollback_glue.py.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.helpers import gloo  # noqa: E402
+
+VALUES = [0.9, 0.9, 0.0, 0.9, 0.9]
+
+
+def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, list]:
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()])
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def worker(rank: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+    from entrotrain.errors import EntrotrainError
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    faulthandler.dump_traceback_later(120, exit=True)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    guard = EntropyCollapseGuard("scripted", threshold=0.5, action="rollback", lr_factor=0.5)
+    monitors = EntropyMonitors(guards=[guard], print_summary=False)
+    inside, rolled, after = {}, [], None
+    with monitors.watch(ddp, optimizer=opt):
+        for step, value in enumerate(VALUES):
+            with monitors.step(step):
+                opt.zero_grad(set_to_none=True)
+                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
+                opt.step()
+                monitors.observe(scripted=value)
+                inside[step] = _state(model, opt)
+            if monitors.rolled_back:
+                rolled.append(step)
+                after = _state(model, opt)
+    restored = after is not None and _same(after[0], inside[1][0]) and _same(after[1], inside[1][1])
+
+    refused = False  # FSDP2: DTensor shards cannot be copied back in place
+    sharded = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    try:
+        EntropyMonitors(guards=[EntropyCollapseGuard("scripted", threshold=0.5, action="rollback")],
+                        print_summary=False).watch(sharded, optimizer=torch.optim.Adam(sharded.parameters()))
+    except EntrotrainError as err:
+        refused = "DTensor" in str(err) and "reduce_lr" in str(err)
+
+    Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"rolled": rolled, "restored_equals_held": restored, "fsdp2_refused": refused}))
+    torch.save(after[0] if after is not None else {}, Path(out, f"weights{rank}.pt"))
+    faulthandler.cancel_dump_traceback_later()
+
+
+if __name__ == "__main__":
+    gloo.spawn_gloo(worker, sys.argv[1])

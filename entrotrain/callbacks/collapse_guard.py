@@ -306,6 +306,9 @@ class EntropyCollapseGuard(PerFitCallback):
         record_thresholds(trainer, self.record_thresholds())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
+        if self.action == "rollback" and isinstance(wrapped, nn.Module) and wrapped is not pl_module:
+            check_supported(wrapped)  # FSDPStrategy / DeepSpeedStrategy wrap the LightningModule from outside
         self.track(pl_module, trainer.optimizers)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

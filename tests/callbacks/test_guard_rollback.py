@@ -366,3 +366,35 @@ def test_guard_state_round_trips_through_state_dict() -> None:
         g2.load_state_dict({**g.state_dict(), "rollbacks": -1})
     with pytest.raises(EntrotrainError, match="max_rollbacks"):
         guard(max_rollbacks=0)
+
+
+def test_a_strategy_that_wraps_the_module_in_fsdp_from_outside_is_refused() -> None:
+    """Lightning's FSDPStrategy without an auto-wrap policy wraps the LightningModule itself: ``pl_module`` then
+    holds no FSDP submodule, its parameters are views of the flat parameter. The guard must look at the strategy's
+    model too (CUDA-only in Lightning: the hook is driven directly, on a 1-process gloo group)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from entrotrain.errors import EntrotrainError
+    from tests.helpers.gloo import free_port
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        module = Net()
+        wrapped = FSDP(module, device_id=torch.device("cpu"))
+        opt = torch.optim.Adam(wrapped.parameters(), lr=LR)
+        trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped), optimizers=[opt])
+        with pytest.raises(EntrotrainError, match="FSDP"):
+            guard().on_train_start(trainer, module)
+        ddp_like = SimpleNamespace(strategy=SimpleNamespace(model=torch.nn.parallel.DistributedDataParallel(Net())),
+                                   optimizers=[opt])
+        plain = Net()
+        g = guard()
+        g.on_train_start(ddp_like, plain)  # DDP keeps the module's own parameters: fine
+        assert g._tracked[0] is plain
+    finally:
+        dist.destroy_process_group()

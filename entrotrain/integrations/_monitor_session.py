@@ -666,6 +666,14 @@ class MonitorSession:
         for guard in self.guards:
             guard.track(model, optimizers)
 
+    def start_keepers(self, folders: Iterable[Any], resumed_from: Any = None) -> None:
+        """Training starts, saving checkpoints into ``folders`` (resumed from ``resumed_from``): the guards that keep
+        checkpoints take over the pins a killed run left there (call on the process that writes checkpoints)."""
+        folders = list(folders)
+        for guard in self.guards:
+            if guard.keep_last_good:
+                guard.keeper.start(folders, resumed_from=resumed_from)
+
     def untrack(self) -> None:
         """Training ended (or failed): the guards drop the model and the state they held."""
         for guard in self.guards:

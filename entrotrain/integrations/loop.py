@@ -187,6 +187,7 @@ class EntropyMonitors:
         self._saved_record: dict[str, Any] | None = None  # the record a loaded checkpoint names, until watch
         self._run_start: float | None = None  # checkpoints modified before it belong to an earlier run
         self._pinned: set[Path] = set()  # the checkpoints handed to the guards' keepers (or an earlier run's)
+        self._resumed_from: Path | None = None  # the checkpoint watch() was told this run resumed from
         self._step: int | None = None
         self._done: int | None = None  # the last step whose block completed (steps must increase)
 
@@ -210,12 +211,19 @@ class EntropyMonitors:
         model: nn.Module,
         optimizer: Any | Sequence[Any] | None = None,
         scheduler: Any | Sequence[Any] | None = None,
+        resumed_from: str | os.PathLike[str] | None = None,
     ) -> EntropyMonitors:
         """Start a run on ``model``: fresh monitor and guard state (or what :meth:`load_state_dict` was given before).
         A ``DistributedDataParallel`` / ``DataParallel`` wrapper (``accelerator.prepare``) is watched through its
         ``.module``, so module names, globs and keys are those of the bare model; ``torch.compile``'s ``_orig_mod``
         never appears in names either. ``optimizer`` / ``scheduler`` (one or a list) are what a ``reduce_lr`` guard
-        lowers. Returns ``self``, a context manager whose exit calls :meth:`close`."""
+        lowers. ``resumed_from``: the checkpoint this run resumed from, if any: a firing before the run's first save
+        names it as the one to roll back to, and the guards' keepers (``checkpoint_dir``) keep it and adopt the pins
+        a killed run left up to its step. Returns ``self``, a context manager whose exit calls :meth:`close`."""
+        if resumed_from is not None and not isinstance(resumed_from, (str, os.PathLike)):
+            raise EntrotrainError(
+                f"EntropyMonitors.watch(resumed_from) must be a checkpoint path or None; got {type(resumed_from).__name__}."
+            )
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"EntropyMonitors.watch(model) needs an nn.Module, got {type(model).__name__}.")
         if self._model is not None:  # watched again without close(): end the previous run (record included) first
@@ -239,7 +247,11 @@ class EntropyMonitors:
         self.rolled_back = False
         self.logs, self.media, self.should_stop, self._observed, self._step, self._done = {}, {}, False, {}, None, None
         self._pinned = set()
-        self._run_start = run_start(resumed=self._saved is not None)  # older files are another run's checkpoints
+        self._resumed_from = None if resumed_from is None else Path(resumed_from)
+        if rank == 0 and self.checkpoint_dir is not None:  # the pins a killed run left there: taken over
+            self.session.start_keepers([self.checkpoint_dir], resumed_from=self._resumed_from)
+        # older files are another run's checkpoints, unless this run resumed
+        self._run_start = run_start(resumed=self._saved is not None or resumed_from is not None)
         if self._saved is not None:
             self.session.load_state_dict(self._saved)
             self._saved = None
@@ -396,7 +408,9 @@ class EntropyMonitors:
         self.rolled_back = False
         for guard, reason in fired:
             folder = self.checkpoint_dir
-            saved = list(folder.iterdir()) if folder is not None and folder.is_dir() else ()
+            saved = list(folder.iterdir()) if folder is not None and folder.is_dir() else []
+            if self._resumed_from is not None:  # before this run's first save, the checkpoint it resumed from
+                saved.append(self._resumed_from)
             self.should_stop |= self.session.act(
                 guard, reason, step, self._optimizers, self._schedulers, saved, since=self._run_start
             )

@@ -108,7 +108,8 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
 
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard, run_start  # noqa: E402
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RunRecordLogger  # noqa: E402
+from entrotrain.taps.module_names import is_compiled, unwrap_module  # noqa: E402
 from entrotrain.integrations._monitor_session import (  # noqa: E402
     MonitorSession, RecordSpec, check_record, distributed, wandb_run,
 )
@@ -214,6 +216,7 @@ class EntropyTrainerCallback(TrainerCallback):
         )
         self._record_spec = record
         self._resume_path: str | None = None  # the checkpoint train() resumes from (known through attach)
+        self._trainer: Callable[[], Any] | None = None  # weakref to the Trainer (through attach)
         self._fork: Any = None  # the HFForkedResume of this train() (resume_changes=True, a resume)
         self.monitors = self.session.monitors
         self.guards = self.session.guards
@@ -235,6 +238,7 @@ class EntropyTrainerCallback(TrainerCallback):
         """Add this callback to ``trainer`` right after ``DefaultFlowCallback`` (before the ``report_to``
         integrations, so that they log entrotrain's keys) and make ``trainer.train`` release the taps on any
         exception. Returns ``self``."""
+        self._trainer = weakref.ref(trainer)
         handler = trainer.callback_handler
         if self in handler.callbacks:
             handler.callbacks.remove(self)
@@ -331,7 +335,9 @@ class EntropyTrainerCallback(TrainerCallback):
         world, rank, _ = distributed()
         if world > 1:  # as Lightning's strategies do: rank-zero output once, also in forked or spawned ranks
             rank_zero_only.rank = rank
-        self.session.bind(model)
+        self.session.bind(_running_model(self._trainer, model))
+        if state.is_world_process_zero:  # the pins a killed run left in output_dir: taken over
+            self.session.start_keepers([args.output_dir], resumed_from=self._resume_path)
         if any(guard.action == "rollback" for guard in self.guards):
             _check_rollback(args)
             self.session.track(model, [kwargs["optimizer"]] if kwargs.get("optimizer") is not None else [])
@@ -471,6 +477,17 @@ class EntropyTrainerCallback(TrainerCallback):
             logs[f"{guard.monitor}/alert"] = 1.0
         else:  # fired at a step end: goes out with the next log
             self._alerts[f"{guard.monitor}/alert"] = 1.0
+
+
+def _running_model(trainer: Callable[[], Any] | None, model: nn.Module) -> nn.Module:
+    """What ``Trainer`` runs: its ``model_wrapped`` when that is ``torch.compile`` of ``model``
+    (``TrainingArguments(torch_compile=True)``), so the taps take their compiled path (one extra compile, no graph
+    break); else ``model`` (a DDP wrapper's hooks run on the module inside it)."""
+    wrapped = getattr(trainer() if trainer is not None else None, "model_wrapped", None)
+    if isinstance(wrapped, nn.Module) and wrapped is not model and is_compiled(wrapped):
+        if unwrap_module(wrapped) is model:
+            return wrapped
+    return model
 
 
 def _check_rollback(args: TrainingArguments) -> None:

@@ -61,7 +61,8 @@ def _states(folder: Path) -> dict[str, str]:
 
 
 class _StartKeepers(L.Callback):
-    """The call proposed for the guard's ``on_fit_start``: tell the keeper the checkpoint folders and the resume."""
+    """The guard's own ``on_fit_start`` call, made again: tell the keeper the checkpoint folders and the resume (a
+    folder already looked at is not looked at again, so both tests see the guard's glue at work)."""
 
     def __init__(self, guard: EntropyCollapseGuard) -> None:
         self.guard = guard
@@ -97,8 +98,7 @@ def test_the_killed_run_left_its_pins_listed(killed) -> None:
 
 
 def test_a_resumed_run_frees_the_killed_runs_pins_at_its_normal_end(killed) -> None:
-    """No ``start`` call (today's glue): the killed run's pins are held while the resumed run trains, and freed when
-    it ends normally; the frozen one stays, whole. Before manifests they stayed forever: each kill and resume
+    """The killed run's pins are held while the resumed run trains, and freed when it ends normally; the frozen one stays, whole. Before manifests they stayed forever: each kill and resume
     left up to four more, a whole checkpoint each once rotation deleted the original (step 6 here)."""
     folder = killed["lazy"]
     guard = _resume(folder, folder / "epoch=0-step=9.ckpt", [{KEY: 0.5}] * 16, start=False)

@@ -15,7 +15,7 @@ CPU torch (a 2-layer GPT-2 from a config, AttentionEntropyMonitor, ``logging_ste
 Tapping the module ``Trainer`` runs (``trainer.model_wrapped``) instead takes the taps' compiled path (attention
 queued at ``F.scaled_dot_product_attention`` inside the graph, scored after it): one extra compile for the armed
 state, no graph break of ours, same values. ``test_callback_on_the_compiled_wrapper_compiles_once`` pins that with a
-subclass that binds the wrapper; the callback itself does not yet (the xfail below).
+subclass that binds the wrapper; the callback itself does so since (``_running_model``).
 
 The tests train one block, backend ``eager``: dynamo traces, guards, breaks and recompiles exactly as for ``inductor`` (what is pinned here), without
 C++ code generation (seconds on a CPU instead of minutes).
@@ -143,22 +143,16 @@ def assert_same_capture(run_: Run, eager: Run) -> None:
 
 
 def test_the_uncompiled_model_captures_and_training_is_unchanged():
-    """What works today: the taps capture the compiled forwards with the uncompiled run's values, and the losses are
-    bit-identical with and without the callback. The tap says, once, what goes wrong and the fix."""
+    """The taps capture the compiled forwards with the uncompiled run's values, and the losses are bit-identical with
+    and without the callback. The callback binds the compiled wrapper, so the tap's warning about a module inside a
+    compiled wrapper is not raised."""
     baseline, tapped = run(None), run("plain")
-    assert len(tapped.warnings) == 1 and "Give the tap the compiled module" in tapped.warnings[0], tapped.warnings
+    assert tapped.warnings == []
     assert baseline.entropy == [{}] * (STEPS // LOGGING_STEPS)
     assert tapped.losses == baseline.losses  # bit for bit
     assert_same_capture(tapped, run("plain", compile_=False))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EntropyTrainerCallback binds trainer.model (uncompiled) while Trainer runs trainer.model_wrapped "
-    "(torch.compile): the taps take the model for eager, so the HF attention adapter (sys._getframe, .item()) is "
-    "traced: ~22 graph breaks, and a recompile at every logging step until dynamo's recompile_limit (8). Fix: bind "
-    "the compiled wrapper in on_train_begin (see test_callback_on_the_compiled_wrapper_compiles_once)",
-)
 def test_compiled_trainer_compiles_the_armed_state_once():
     baseline, tapped = run(None), run("plain")
     assert set(tapped.breaks) == set(baseline.breaks), set(tapped.breaks) - set(baseline.breaks)

@@ -324,3 +324,39 @@ def test_a_guard_names_the_loops_checkpoint_to_roll_back_to(tmp_path: Path) -> N
     assert sorted(p.name for p in kept.parent.iterdir()) == ["step_2.pt"]  # frozen by the firing; others released
     with pytest.raises(EntrotrainError, match="checkpoint_dir"):
         EntropyMonitors(guards=[guard], checkpoint_dir=3)
+
+
+def test_a_resumed_loop_names_the_checkpoint_it_resumed_from(tmp_path: Path) -> None:
+    """``watch(..., resumed_from=CKPT)``: a guard restored with its streak (last good at step 5) that fires before the
+    resumed run's first save names the checkpoint the run resumed from, kept from cleanup; without it, nothing."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    resumed = tmp_path / "kept" / "step_4.pt"  # e.g. the pin an earlier firing named, outside checkpoint_dir
+    resumed.parent.mkdir()
+    resumed.write_bytes(b"weights of step 4")
+    saved = {}
+
+    def run(resumed_from: Path | None) -> str:
+        sent: list[str] = []
+        guard = EntropyCollapseGuard("watched", threshold=0.5, notify=sent.append)
+        monitors = EntropyMonitors(guards=[guard], print_summary=False, checkpoint_dir=folder)
+        if saved:
+            monitors.load_state_dict(saved)
+        with monitors.watch(torch.nn.Linear(2, 2), resumed_from=resumed_from):
+            for step in range(4 if not saved else 5, 8):
+                with monitors.step(step):
+                    monitors.observe(watched=0.9 if step < 6 or not saved else 0.1)
+                if not saved and step == 5:
+                    saved.update(monitors.state_dict())
+        return sent[0] if sent else ""
+
+    run(None)  # the first run: good at steps 4-7; its state at step 5 is the checkpoint's
+    message = run(resumed)
+    assert "(last good: 0.9 at step 5)" in message
+    assert message.endswith(f"Newest checkpoint at or before step 5: {resumed}.")
+    assert resumed.read_bytes() == b"weights of step 4"
+    no_path = run(None)
+    assert "(last good: 0.9 at step 5)" in no_path and "Newest checkpoint" not in no_path
+    with pytest.raises(EntrotrainError, match="resumed_from"):
+        EntropyMonitors(guards=[EntropyCollapseGuard("watched", threshold=0.5)]).watch(torch.nn.Linear(2, 2),
+                                                                                          resumed_from=3)

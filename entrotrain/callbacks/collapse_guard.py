@@ -678,13 +678,25 @@ class EntropyCollapseGuard(PerFitCallback):
                 new = max(group["lr"] * self.lr_factor, self.min_lr)
                 lowered |= new < group["lr"]
                 group["lr"] = min(new, group["lr"])
+        lower = self._lowered
         for scheduler in _with_inner_schedulers(schedulers):
             base = getattr(scheduler, "base_lrs", None)
             if base is not None:
-                scheduler.base_lrs = [min(max(lr * self.lr_factor, self.min_lr), lr) for lr in base]
+                scheduler.base_lrs = [lower(lr) for lr in base]
+            if isinstance(getattr(scheduler, "max_lrs", None), list):  # CyclicLR cycles between base and max
+                scheduler.max_lrs = [lower(lr) for lr in scheduler.max_lrs]
+            if type(scheduler).__name__ == "OneCycleLR":  # recomputes from its groups' rates, not base_lrs
+                for group in scheduler.optimizer.param_groups:
+                    for key in ("initial_lr", "max_lr", "min_lr"):
+                        if isinstance(group.get(key), (int, float)):
+                            group[key] = lower(group[key])
         if lowered:
             self.lr_reductions += 1
         return lowered
+
+    def _lowered(self, lr: float) -> float:
+        """``lr · lr_factor``, never below ``min_lr`` and never above ``lr``."""
+        return min(max(lr * self.lr_factor, self.min_lr), lr)
 
     def _alert(self, trainer: Trainer, message: str) -> None:
         if not trainer.is_global_zero:

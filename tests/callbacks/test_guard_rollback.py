@@ -398,3 +398,39 @@ def test_a_strategy_that_wraps_the_module_in_fsdp_from_outside_is_refused() -> N
         assert g._tracked[0] is plain
     finally:
         dist.destroy_process_group()
+
+
+S = torch.optim.lr_scheduler
+SCHEDULES = {  # (scheduler on an optimizer at rate lr, the same schedule at rate lr * factor)
+    "lambda": lambda o, lr: S.LambdaLR(o, lambda s: 1 / (1 + s)),
+    "step": lambda o, lr: S.StepLR(o, 3, 0.5),
+    "exponential": lambda o, lr: S.ExponentialLR(o, 0.9),
+    "cosine": lambda o, lr: S.CosineAnnealingLR(o, 10),
+    "cosine_restarts": lambda o, lr: S.CosineAnnealingWarmRestarts(o, 4),
+    "one_cycle": lambda o, lr: S.OneCycleLR(o, max_lr=lr, total_steps=20),
+    "cyclic": lambda o, lr: S.CyclicLR(o, 0.1 * lr, lr, step_size_up=3),
+    "linear": lambda o, lr: S.LinearLR(o, 0.1, 1.0, 5),
+    "polynomial": lambda o, lr: S.PolynomialLR(o, 10, 2.0),
+    "multistep": lambda o, lr: S.MultiStepLR(o, [2, 5], 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_a_lowered_rate_stays_lowered_under_each_scheduler(name: str) -> None:
+    """After reduce_lr at step 3 the rates follow the same schedule built at the lowered rate: the scheduler does
+    not recompute the old rate at its next step (OneCycleLR reads its groups' max_lr / initial_lr / min_lr, CyclicLR
+    its max_lrs)."""
+    runs = []
+    for lr, reduce in ((1.0, True), (0.5, False)):
+        p = torch.nn.Parameter(torch.ones(1))
+        opt = torch.optim.SGD([p], lr=lr)
+        sched = SCHEDULES[name](opt, lr)
+        lrs = []
+        for t in range(12):
+            if t == 3 and reduce:
+                assert guard().reduce_lr([opt], [sched])
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        runs.append(lrs[3:])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-9, abs=1e-12)

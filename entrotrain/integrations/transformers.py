@@ -225,6 +225,7 @@ class EntropyTrainerCallback(TrainerCallback):
         self._pending: dict[str, float] | None = None
         self._alerts: dict[str, float] = {}
         self._attached = False
+        self._trainer: Callable[[], Any] | None = None  # weakref to the Trainer attach() was given
         self._summaries_defined = False
         self._run_start: float | None = None  # checkpoints modified before it belong to an earlier run
 
@@ -270,6 +271,7 @@ class EntropyTrainerCallback(TrainerCallback):
             guarded_train._entrotrain_release = True  # type: ignore[attr-defined]
             trainer.train = guarded_train
         self._attached = True
+        self._trainer = weakref.ref(trainer)
         return self
 
     def release(self) -> None:
@@ -339,7 +341,7 @@ class EntropyTrainerCallback(TrainerCallback):
         if state.is_world_process_zero:  # the pins a killed run left in output_dir: taken over
             self.session.start_keepers([args.output_dir], resumed_from=self._resume_path)
         if any(guard.action == "rollback" for guard in self.guards):
-            _check_rollback(args)
+            _check_rollback(args, self._trainer() if self._trainer is not None else None)
             self.session.track(model, [kwargs["optimizer"]] if kwargs.get("optimizer") is not None else [])
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
@@ -490,15 +492,22 @@ def _running_model(trainer: Callable[[], Any] | None, model: nn.Module) -> nn.Mo
     return model
 
 
-def _check_rollback(args: TrainingArguments) -> None:
-    """Refuse ``action="rollback"`` where the state lives outside ``state_dict()`` / ``optimizer.state``."""
-    for name in ("deepspeed", "fsdp"):
-        if getattr(args, name, None):
-            raise EntrotrainError(
-                f"EntropyCollapseGuard(action='rollback') cannot hold the training state under "
-                f"TrainingArguments({name}=...): the model and optimizer state are sharded. Use action='reduce_lr' or "
-                "'stop', and resume from the checkpoint the guard names (it keeps it from rotation)."
-            )
+def _check_rollback(args: TrainingArguments, trainer: Any = None) -> None:
+    """Refuse ``action="rollback"`` where the state lives outside ``state_dict()`` / ``optimizer.state``: FSDP or
+    DeepSpeed from ``TrainingArguments``, or from accelerate (``accelerate launch`` with an FSDP / DeepSpeed config
+    leaves the arguments empty; ``Trainer.is_fsdp_enabled`` / ``is_deepspeed_enabled`` and accelerate's
+    ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` say so). The model callbacks get is the unwrapped one,
+    whose modules show no FSDP wrapper."""
+    found = [f"TrainingArguments({name}=...)" for name in ("deepspeed", "fsdp") if getattr(args, name, None)]
+    found += [f"Trainer.{flag}" for flag in ("is_deepspeed_enabled", "is_fsdp_enabled") if getattr(trainer, flag, False) is True]
+    found += [env for env in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+              if os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")]
+    if found:
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(action='rollback') cannot hold the training state under {found[0]}: the model and "
+            "optimizer state are sharded. Use action='reduce_lr' or 'stop', and resume from the checkpoint the guard "
+            "names (it keeps it from rotation)."
+        )
 
 
 def _checkpoint_path(trainer: Any, resume: Any) -> str | None:

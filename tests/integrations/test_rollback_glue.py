@@ -254,6 +254,25 @@ def test_hf_trainer_refuses_fsdp_arguments(tmp_path: Path) -> None:
                str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("how", ["trainer", "env"])
+def test_hf_trainer_refuses_fsdp_from_accelerate_without_fsdp_arguments(tmp_path: Path, monkeypatch, how) -> None:
+    """``accelerate launch`` with an FSDP / DeepSpeed config shards the model while TrainingArguments(fsdp=...) stays
+    empty: Trainer says so in ``is_fsdp_enabled`` / ``is_deepspeed_enabled`` (accelerate in ACCELERATE_USE_FSDP /
+    ACCELERATE_USE_DEEPSPEED). The model handed to callbacks is the unwrapped one, whose modules show no FSDP."""
+    trainer = hf_trainer(tmp_path, 2)
+    cb = EntropyTrainerCallback(guards=[guard()]).attach(trainer)
+    if how == "env":
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        with pytest.raises(EntrotrainError, match="sharded"):
+            trainer.train()
+        return
+    # Trainer's own FSDP code paths need a process group: drive the callback's train begin directly
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True, raising=False)
+    opt = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
+    with pytest.raises(EntrotrainError, match="sharded"):
+        cb.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model, optimizer=opt)
+
+
 # ---------------------------------------------------------------------------- DDP / FSDP: two gloo ranks
 def test_ddp_two_ranks_roll_back_together_and_fsdp_is_refused(tmp_path: Path) -> None:
     run_script(Path(__file__).with_name("rollback_ddp_run.py"), Path(__file__).resolve().parents[2], str(tmp_path))

@@ -170,6 +170,17 @@ def test_loop_with_a_ddp_wrapped_model() -> None:
         dist.destroy_process_group()
 
 
+def test_loop_a_rollback_guard_that_never_fires_changes_nothing() -> None:
+    finals = []
+    for guards in ([EntropyCollapseGuard(KEY, threshold=0.5, action="warn")], [guard()]):  # (a loop needs one)
+        model = mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        inside, _, rolled = loop(model, opt, EntropyMonitors(guards=guards, print_summary=False), [0.9] * 5)
+        finals.append((inside[4], rolled))
+    assert same(finals[0][0][0], finals[1][0][0]) and same(finals[0][0][1], finals[1][0][1])
+    assert finals[1][1] == []
+
+
 def test_loop_rolled_back_is_false_for_a_stop_and_other_actions() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=LR)

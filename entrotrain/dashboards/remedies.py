@@ -92,6 +92,15 @@ def _attention(run: RunData) -> Remedy | None:
                      "(recipe attention_collapse_entropy_floor).")
     cures.append("A lower learning rate or a warmup: the collapse follows a high learning rate without warmup "
                  "(recipe attention_baseline, lr 1e-3).")
+    rollbacks = [e for e in run.guard_firings if e.get("level") == "rollback"]
+    if rollbacks:
+        cures.append(f"The guard rolled back {len(rollbacks)} time(s) and the heads fell again: raise its threshold "
+                     "so that the state it holds is from before the fall began (the recipe's 0.2), or lower its "
+                     "lr_factor.")
+    else:
+        cures.append("Let the run roll itself back: `EntropyCollapseGuard(threshold=0.2, action=\"rollback\", "
+                     "lr_factor=0.1)` holds the last good state in memory and goes back to it at a tenth of the "
+                     "learning rate (recipe attention_rollback).")
     return Remedy("Attention-entropy collapse", evidence, tuple(cures))
 
 

@@ -101,7 +101,10 @@ def test_every_named_recipe_and_class_exists(tmp_path: Path) -> None:
     classes = set(re.findall(r"`([A-Z][A-Za-z]+)\(", text)) | {"sigma_reparam"}
     trl = Path(regularizers.__file__).parents[1] / "integrations" / "trl.py"  # not imported: TRL is optional
     assert "EntrotrainGRPOTrainer" in classes and "class EntrotrainGRPOTrainer(" in trl.read_text()
-    missing = [c for c in classes - {"EntrotrainGRPOTrainer"} if not hasattr(regularizers, c)]
+    import entrotrain.callbacks as callbacks
+
+    missing = [c for c in classes - {"EntrotrainGRPOTrainer"}
+               if not hasattr(regularizers, c) and not hasattr(callbacks, c)]
     assert len(classes) >= 8 and not missing, missing
 
 
@@ -138,3 +141,17 @@ def test_a_policy_loss_already_on_is_said_to_be_on(tmp_path: Path) -> None:
     assert "KLCovLoss" in bonus.cures[0] and bonus.cures[1].startswith("The entropy bonus is already on")
     (steer,) = diagnose(_run(tmp_path, [{**row, "policy/token_weight_mean": 0.9} for row in fell], "steer"))
     assert len(steer.cures) == 1
+
+
+def test_attention_collapse_names_the_rollback_guard_or_says_it_already_rolled_back(tmp_path: Path) -> None:
+    (fresh,) = diagnose(_run(tmp_path, _attention(0.25), "no_guard"))
+    assert 'action="rollback"' in fresh.cures[-1] and "attention_rollback" in fresh.cures[-1]
+    record = RunRecordLogger(tmp_path, version="rolled")
+    for step, row in enumerate(_attention(0.25)):
+        record.log_metrics(row, step=step)
+    for step in (1, 1):
+        record.log_event("entropy/attn_norm/min", "EntropyCollapseGuard at step 1: ... Rolled back ...", step,
+                         level="rollback")
+    record.finalize("success")
+    (rolled,) = diagnose(load_run(record.run_dir))
+    assert rolled.cures[-1].startswith("The guard rolled back 2 time(s) and the heads fell again")

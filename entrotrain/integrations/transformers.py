@@ -342,7 +342,12 @@ class EntropyTrainerCallback(TrainerCallback):
             self.session.start_keepers([args.output_dir], resumed_from=self._resume_path)
         if any(guard.action == "rollback" for guard in self.guards):
             _check_rollback(args, self._trainer() if self._trainer is not None else None)
-            self.session.track(model, [kwargs["optimizer"]] if kwargs.get("optimizer") is not None else [])
+            if kwargs.get("optimizer") is None:  # (as EntropyMonitors.watch: the moments roll back with the weights)
+                raise EntrotrainError(
+                    "EntropyCollapseGuard(action='rollback') restores the optimizer state too, but Trainer handed no "
+                    "optimizer to the callbacks at train begin; use action='reduce_lr' or 'stop'."
+                )
+            self.session.track(model, [kwargs["optimizer"]])
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state
             self.load_state_dict(saved)

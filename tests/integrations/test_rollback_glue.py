@@ -284,6 +284,14 @@ def test_hf_trainer_refuses_fsdp_from_accelerate_without_fsdp_arguments(tmp_path
         cb.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model, optimizer=opt)
 
 
+def test_hf_callback_refuses_a_train_begin_without_optimizer(tmp_path: Path) -> None:
+    trainer = hf_trainer(tmp_path, 2)
+    cb = EntropyTrainerCallback(guards=[guard()]).attach(trainer)
+    with pytest.raises(EntrotrainError, match="no optimizer"):
+        cb.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model, optimizer=None)
+    assert cb.guards[0]._tracked is None
+
+
 # ---------------------------------------------------------------------------- DDP / FSDP: two gloo ranks
 def test_ddp_two_ranks_roll_back_together_and_fsdp_is_refused(tmp_path: Path) -> None:
     run_script(Path(__file__).with_name("rollback_ddp_run.py"), Path(__file__).resolve().parents[2], str(tmp_path))

@@ -447,3 +447,16 @@ def test_ddp_two_ranks_roll_back_at_the_same_step_to_identical_weights(tmp_path)
         assert r["lr"] == pytest.approx(LR * 0.5)
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
     assert same(w0, w1)
+
+
+def test_a_max_drop_right_after_a_resume_stops_nothing_held_yet(tmp_path) -> None:
+    """The resumed guard compares with the history its checkpoint carried, but holds no state until its first good
+    observation in this fit: a fall at the first one stops, naming why."""
+    g = guard(threshold=None, max_drop=0.5, drop_window=1)
+    trainer, _, _ = fit([Script([0.9, 0.9]), g], 2)
+    ckpt = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(ckpt)
+    g2 = guard(threshold=None, max_drop=0.5, drop_window=1)
+    trainer2, _, messages = fit([Script([0.9, 0.9, 0.1, 0.9]), g2], 4, ckpt_path=ckpt)
+    assert trainer2.should_stop and g2.rollbacks == 0 and trainer2.global_step == 3
+    assert "fell by" in messages[0] and "No good state is held" in messages[0]

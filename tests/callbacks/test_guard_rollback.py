@@ -460,3 +460,35 @@ def test_a_max_drop_right_after_a_resume_stops_nothing_held_yet(tmp_path) -> Non
     trainer2, _, messages = fit([Script([0.9, 0.9, 0.1, 0.9]), g2], 4, ckpt_path=ckpt)
     assert trainer2.should_stop and g2.rollbacks == 0 and trainer2.global_step == 3
     assert "fell by" in messages[0] and "No good state is held" in messages[0]
+
+
+def test_with_a_real_attention_monitor_publishing_the_key() -> None:
+    """AttentionEntropyMonitor publishes entropy/attn_norm/min every step; from step 3 on the threshold is raised
+    above any entropy (every value bad): rollbacks at steps 3 and 4 to the end of step 2, a stop at step 5, the
+    monitor's taps gone after fit."""
+    from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from tests.helpers.lightning_models import TinyLM, token_loader
+
+    class Tighten(L.Callback):
+        def __init__(self, target) -> None:
+            self.target = target
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if _step(trainer) == 3:
+                self.target.threshold = 1e9
+
+    before, after = Snap(), Snap()
+    g = guard(max_rollbacks=2)
+    monitor = AttentionEntropyMonitor(every_n_steps=1, log_media=False)
+    L.seed_everything(0)
+    model = TinyLM()
+    trainer = quiet_trainer(callbacks=[monitor, Tighten(g), before, g, after], max_steps=10, logger=SpyLogger(),
+                            log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, token_loader())
+    assert g.rollbacks == 2 and trainer.should_stop and trainer.global_step == 6
+    assert same(after.end[3][0], before.end[2][0]) and same(after.end[4][0], before.end[2][0])
+    assert same(after.end[4][1], before.end[2][1])
+    assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert torch._C._len_torch_function_stack() == 0

@@ -492,3 +492,18 @@ def test_with_a_real_attention_monitor_publishing_the_key() -> None:
     assert same(after.end[4][1], before.end[2][1])
     assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_rollback_with_checkpoint_rotation_names_the_kept_checkpoint(tmp_path) -> None:
+    """The in-memory rollback and the on-disk hint agree: the message names the checkpoint of the step rolled
+    back to, kept from ModelCheckpoint's rotation (save_top_k=1 deletes it at the next save)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=1, monitor="step",
+                           mode="max")
+    g = guard()
+    _, _, messages = fit([Script([0.9, 0.9, 0.9, 0.0, 0.9]), g, ckpt], 5, enable_checkpointing=True)
+    assert g.rollbacks == 1
+    assert "to step 2" in messages[0] and "Newest checkpoint at or before step 2" in messages[0]
+    kept = g.rollback_checkpoint
+    assert kept is not None and kept.exists() and "step=2" in kept.name

@@ -4,7 +4,7 @@
 own shard; a scripted key (the same on both ranks, as a monitor reduced across ranks publishes it) falls at step 3, so
 the guard rolls back to the end of step 2. Each rank writes ``rank{r}.json`` (its guard's rollbacks, whether its state
 right after the rollback equals its state at the end of step 2) and ``weights{r}.pt`` (the weights right after).
-Run by test_guard_rollback.py.
+Run by test_guard_rollback_ddp.py.
 """
 
 from __future__ import annotations

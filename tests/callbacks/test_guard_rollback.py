@@ -436,19 +436,6 @@ def test_a_lowered_rate_stays_lowered_under_each_scheduler(name: str) -> None:
     assert runs[0] == pytest.approx(runs[1], rel=1e-9, abs=1e-12)
 
 
-def test_ddp_two_ranks_roll_back_at_the_same_step_to_identical_weights(tmp_path) -> None:
-    from tests.helpers.scripts import run_script
-
-    root = Path(__file__).resolve().parents[2]
-    run_script(Path(__file__).with_name("rollback_ddp_run.py"), root, str(tmp_path))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for r in ranks:
-        assert r["rollbacks"] == 1 and r["restored"] and r["moved"], r
-        assert r["lr"] == pytest.approx(LR * 0.5)
-    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
-    assert same(w0, w1)
-
-
 def test_a_max_drop_right_after_a_resume_stops_nothing_held_yet(tmp_path) -> None:
     """The resumed guard compares with the history its checkpoint carried, but holds no state until its first good
     observation in this fit: a fall at the first one stops, naming why."""

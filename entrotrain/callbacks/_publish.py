@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from lightning.pytorch import LightningModule, Trainer
 
-__all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "ledger", "publish_scalars", "reset_ledger"]
+__all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "expect_key", "ledger", "publish_scalars", "reset_ledger"]
 
 #: Keys shown on the progress bar by default (one or two headline figures per monitor, short enough to read).
 HEADLINE_KEYS: frozenset[str] = frozenset(
@@ -35,11 +35,13 @@ HEADLINE_KEYS: frozenset[str] = frozenset(
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """The last publication of one key: the step, its value (NaN when it was not finite), whether it was finite."""
+    """The last publication of one key: the step, its value (NaN when it was not finite), whether it was finite, and
+    who published it (``publish_scalars``'s ``source``)."""
 
     step: int
     value: float
     finite: bool
+    source: str | None = None
 
 
 @dataclass
@@ -65,6 +67,13 @@ def ledger(trainer: Trainer) -> MetricLedger:
         book = MetricLedger()
         trainer._entrotrain_ledger = book  # type: ignore[attr-defined]
     return book
+
+
+def expect_key(trainer: Trainer, source: str, key: str) -> None:
+    """``source`` published ``key`` before this process (a run resumed from a checkpoint): a publication of ``source``
+    without ``key`` publishes it as NaN, as if this process had seen it (a guard restored from a checkpoint sees its
+    statistic go non-finite at the first logging step, not some steps later as stale)."""
+    ledger(trainer).keys_by_source.setdefault(source, set()).add(key)
 
 
 def reset_ledger(trainer: Trainer) -> None:
@@ -118,7 +127,7 @@ def publish_scalars(
             value = math.nan
         else:
             finite[key] = value
-        book.entries[key] = LedgerEntry(step, value, ok)
+        book.entries[key] = LedgerEntry(step, value, ok, source)
         pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key in shown, logger=False, sync_dist=False)
     if finite:
         for logger in trainer.loggers:

@@ -89,7 +89,7 @@ from torch import nn
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
-from entrotrain.callbacks._publish import ledger
+from entrotrain.callbacks._publish import expect_key, ledger
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
 from entrotrain.callbacks.rollback_state import RollbackState, check_supported
@@ -120,6 +120,7 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "armed": False,  # the threshold trigger (with arm_on_good): the value has been on the good side in this fit
     "last_good_step": None,  # the last observation judged good (named in a firing's reason: where to roll back to)
     "last_good_value": None,
+    "source": None,  # the ledger source that publishes the key (a resumed run expects it from that publisher)
 }
 
 
@@ -292,6 +293,8 @@ class EntropyCollapseGuard(PerFitCallback):
         for name in ("last_seen_step", "prev_seen_step", "last_stale_step", "last_good_step"):
             check_int(state[name], where + name, none_ok=True)
         check_real(state["last_good_value"], where + "last_good_value", none_ok=True)
+        if state["source"] is not None:
+            check_str(state["source"], where + "source")
         for name in ("fired", "stale_warned", "armed"):
             check_bool(state[name], where + name)
         for name in _STATE_DEFAULTS:
@@ -313,6 +316,8 @@ class EntropyCollapseGuard(PerFitCallback):
         if self.action == "rollback" and isinstance(wrapped, nn.Module) and wrapped is not pl_module:
             check_supported(wrapped)  # FSDPStrategy / DeepSpeedStrategy wrap the LightningModule from outside
         self.track(pl_module, trainer.optimizers)
+        if self.source is not None and self.last_seen_step is not None:  # resumed: its publisher published it before
+            expect_key(trainer, self.source, self.monitor)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.untrack()
@@ -354,7 +359,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._pin_saves(trainer)
-        if ledger(trainer).get(self.monitor) is not None:
+        if ledger(trainer).get(self.monitor) is not None or self.source is not None:
             self._poll_ledger(trainer)
             self._check_stale(trainer)
         elif self._is_logging_step(trainer) and _logged_in(trainer._results, self.monitor):
@@ -417,6 +422,7 @@ class EntropyCollapseGuard(PerFitCallback):
         """Observe the ledger entry of ``monitor`` if it was published at a step newer than the last observed."""
         entry = ledger(trainer).get(self.monitor)
         if entry is not None and (self.last_seen_step is None or entry.step > self.last_seen_step):
+            self.source = entry.source or self.source
             self._observe(trainer, entry.value, entry.step)
 
     def _poll_logged(self, trainer: Trainer) -> None:

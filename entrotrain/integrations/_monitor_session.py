@@ -475,6 +475,10 @@ def readable_scalar(value: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the session
+#: Where :meth:`MonitorSession.state_dict` keeps the keys each monitor has published (by its ``state_key``).
+PUBLISHED_KEY = "entrotrain_published_keys"
+
+
 def _nothing() -> None:
     return None
 
@@ -699,10 +703,20 @@ class MonitorSession:
                 continue
             if guard.last_seen_step is not None and step <= guard.last_seen_step:
                 continue  # one observation per step (an evaluation log at the same step does not count twice)
+            guard.source = self._source_of(guard.monitor) or guard.source
             reason = guard.observe(float(value.detach() if isinstance(value, Tensor) else value), step)
             if reason is not None:
                 fired.append((guard, reason))
         return fired
+
+    def _source_of(self, key: str) -> str | None:
+        """The publisher of ``key`` as Lightning names it (``publish_scalars``'s ``source``: the monitor's
+        ``state_key``, plus ``/group`` for a group of its own), or ``None`` for a key no monitor publishes."""
+        for monitor, driver, published in zip(self.monitors, self.drivers, self._published):
+            if key in published:
+                group = driver.group(key)
+                return f"{monitor.state_key}/{group}" if group else monitor.state_key
+        return None
 
     def check_stale(self, step: int) -> list[tuple[EntropyCollapseGuard, str]]:
         """The guards whose key was not published for too long at ``step`` and fire for it (Lightning's rule)."""
@@ -745,13 +759,22 @@ class MonitorSession:
         """Every monitor's and guard's ``state_dict()`` by ``state_key`` (JSON-able), and with an open run record its
         :meth:`~RunRecordLogger.checkpoint_entry` at optimizer step ``step`` (under ``CHECKPOINT_KEY``)."""
         state = {key: obj.state_dict() for key, obj in self._entries()}
+        state[PUBLISHED_KEY] = {m.state_key: sorted(keys) for m, keys in zip(self.monitors, self._published) if keys}
         entry = self.record.checkpoint_entry(step) if self.record is not None else None
         if entry is not None:
             state[CHECKPOINT_KEY] = entry
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (entries of monitors or guards not configured here are ignored)."""
+        """Restore what :meth:`state_dict` returned (entries of monitors or guards not configured here are ignored).
+        The keys each monitor published before are restored too: one it does not publish at its first logging step
+        after the resume (a model gone NaN) is NaN then, as in the run that saved the state."""
         for key, obj in self._entries():
             if key in state_dict:
                 obj.load_state_dict(state_dict[key])
+        published = state_dict.get(PUBLISHED_KEY)
+        if isinstance(published, dict):
+            for i, monitor in enumerate(self.monitors):
+                keys = published.get(monitor.state_key)
+                if isinstance(keys, (list, tuple)):
+                    self._published[i].update(str(key) for key in keys)

@@ -262,6 +262,10 @@ class EntropyCollapseGuard(PerFitCallback):
         self._held_history: list[float] = []  # ``history`` when the held state was taken
         #: Whether the last firing stops training (``action="stop"``, or a rollback that could not roll back).
         self.stopping = False
+        #: The run record's level of the last firing: the action, or ``"stop"`` / ``"warn"`` when a rollback guard
+        #: stopped or only warned instead.
+        self.last_level: str = self.action
+        self._stale_bad = False  # the bad streak's last observation was a silent key (check_stale), not a value
 
     @property
     def state_key(self) -> str:
@@ -485,8 +489,10 @@ class EntropyCollapseGuard(PerFitCallback):
                 )
         return ""
 
-    def _bad(self, reason: str, step: int) -> str | None:
-        """One bad observation at ``step``; ``reason`` when the guard fires now (else ``None``)."""
+    def _bad(self, reason: str, step: int, stale: bool = False) -> str | None:
+        """One bad observation at ``step`` (``stale``: a silent key); ``reason`` when the guard fires now (else
+        ``None``)."""
+        self._stale_bad = stale
         self.keeper.judged(step, self.last_good_step)
         self.bad_streak += 1
         if self.fired or self.bad_streak < self.patience:
@@ -550,7 +556,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if not self.stale_warned:
             self.stale_warned = True
             rank_zero_warn(f"EntropyCollapseGuard: {reason}; its last value is not treated as current.")
-        return self._bad(reason, now) if self.on_nonfinite else None
+        return self._bad(reason, now, stale=True) if self.on_nonfinite else None
 
     def _check_missing(self, trainer: Trainer) -> None:
         if self.missing_ok or self.last_seen_step is not None or trainer.global_step < self.missing_after:
@@ -589,13 +595,20 @@ class EntropyCollapseGuard(PerFitCallback):
         and notifies."""
         message = f"EntropyCollapseGuard at step {step}: {reason}."
         self.stopping = self.action == "stop"
+        self.last_level = self.action
         if self.action == "stop":
             message += " Stopping training."
+        elif self.action == "rollback" and self._stale_bad:
+            self.last_level = "warn"
+            message += (" Not rolled back: a key that stopped being published says nothing about the model (its "
+                        "monitor stopped, or the key was renamed); the held state stays.")
         elif self.action == "rollback":
             message += self._roll_back(optimizers, schedulers)
+            self.last_level = "stop" if self.stopping else "rollback"
         elif self.action == "reduce_lr":
             if self.reduce_lr(optimizers, schedulers):
-                message += f" Learning rates multiplied by {self.lr_factor} (reduction #{self.lr_reductions})."
+                message += (f" Learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)} "
+                            f"(reduction #{self.lr_reductions}).")
             elif any(getattr(opt, "param_groups", None) for opt in optimizers):
                 message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
             else:
@@ -619,9 +632,12 @@ class EntropyCollapseGuard(PerFitCallback):
         self.history = deque(self._held_history, maxlen=self.drop_window + 1)
         self._rehold_others(model, held_step)
         sentence = (f" Rolled back the model and optimizer state to step {held_step} (rollback {self.rollbacks} of "
-                    f"{self.max_rollbacks}; the batches since are skipped, not replayed)")
+                    f"{self.max_rollbacks}; the batches since are skipped, not replayed")
+        if self.last_good_step is not None and held_step < self.last_good_step:
+            sentence += f"; the state after step {self.last_good_step} was not finite, so it was not held"
+        sentence += ")"
         if self.reduce_lr(optimizers, schedulers):
-            return sentence + f"; learning rates multiplied by {self.lr_factor}."
+            return sentence + f"; learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)}."
         return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
 
     def _rehold_others(self, model: nn.Module, step: int) -> None:
@@ -672,7 +688,7 @@ class EntropyCollapseGuard(PerFitCallback):
         """The firing as ``{monitor}/alert`` = 1 in every logger and as an event in the run record."""
         for logger in trainer.loggers:
             logger.log_metrics({f"{self.monitor}/alert": 1.0}, step=step)
-        record_event(trainer, self.monitor, message, level=self.action, step=step)
+        record_event(trainer, self.monitor, message, level=self.last_level, step=step)
 
     def reduce_lr(self, optimizers: Sequence[Any], schedulers: Sequence[Any] = ()) -> bool:
         """``lr ← max(lr · lr_factor, min_lr)`` for every param group of ``optimizers`` and every base rate of
@@ -739,6 +755,14 @@ def _with_inner_schedulers(schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not scheduler:
             todo.append(inner)
     return out
+
+
+def _rates_now(optimizers: Sequence[Any]) -> str:
+    """``, now 0.001``: the learning rates after a reduction (their range when the groups differ)."""
+    rates = sorted({float(group["lr"]) for opt in optimizers for group in getattr(opt, "param_groups", ())})
+    if not rates:
+        return ""
+    return f", now {rates[0]:.3g}" if len(rates) == 1 else f", now {rates[0]:.3g} to {rates[-1]:.3g}"
 
 
 def _resolve_notify(notify: Callable[[str], Any] | str | None) -> Callable[[str], Any] | None:

@@ -739,7 +739,7 @@ class MonitorSession:
         message = guard.fire(reason, step, list(optimizers), list(schedulers), checkpoints, since)
         rank_zero_warn(message)
         if self.record is not None:
-            self.record.log_event(guard.monitor, message, step, level=guard.action)
+            self.record.log_event(guard.monitor, message, step, level=guard.last_level)
         if distributed()[1] == 0:
             guard.send_notification(message)
         if guard.action == "alert":

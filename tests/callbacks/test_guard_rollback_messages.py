@@ -1,0 +1,71 @@
+"""What a rollback guard says and records: the rate it goes on at, why it went further back than the last good step,
+``stop`` (not ``rollback``) as the level of a firing that stopped, and no rollback for a key that went silent."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from entrotrain.callbacks import EntropyCollapseGuard
+
+
+def _tracked(**kwargs) -> tuple[EntropyCollapseGuard, torch.nn.Linear, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, **kwargs)
+    guard.track(model, [optimizer])
+    return guard, model, optimizer
+
+
+def test_the_message_gives_the_rate_it_goes_on_at_and_the_level_is_rollback() -> None:
+    guard, model, optimizer = _tracked(lr_factor=0.1)
+    assert guard.observe(0.9, 0) is None
+    reason = guard.observe(0.1, 10)
+    message = guard.fire(reason, 10, [optimizer])
+    assert "Rolled back the model and optimizer state to step 0" in message
+    assert message.endswith("learning rates multiplied by 0.1, now 0.01.") and guard.last_level == "rollback"
+    assert not guard.stopping and optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_a_rollback_guard_that_stops_records_stop() -> None:
+    guard, model, optimizer = _tracked(max_rollbacks=1)
+    guard.observe(0.9, 0)
+    guard.fire(guard.observe(0.1, 10), 10, [optimizer])
+    guard.observe(0.9, 20)
+    message = guard.fire(guard.observe(0.1, 30), 30, [optimizer])
+    assert "stopping training" in message and guard.stopping and guard.last_level == "stop"
+
+
+def test_a_state_gone_non_finite_is_not_held_and_the_message_says_why() -> None:
+    guard, model, optimizer = _tracked()
+    guard.observe(0.9, 0)
+    held = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))  # the update after the good observation of step 10 went NaN
+    guard.observe(0.9, 10)
+    message = guard.fire(guard.observe(float("nan"), 20), 20, [optimizer])
+    assert "to step 0 (" in message and "the state after step 10 was not finite, so it was not held" in message
+    assert all(torch.equal(held[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_silent_key_is_warned_about_not_rolled_back() -> None:
+    guard, model, optimizer = _tracked()
+    guard.observe(0.9, 0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    guard.observe(0.9, 10)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reason = guard.check_stale(100)  # stale after 3 × 10 steps
+    assert reason is not None and "was not published for 90 steps" in reason
+    message = guard.fire(reason, 100, [optimizer])
+    assert "Not rolled back" in message and guard.last_level == "warn" and guard.rollbacks == 0
+    assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    # a value that falls afterwards is a new episode once a good one came: it rolls back as usual
+    guard.observe(0.9, 110)
+    assert "Rolled back" in guard.fire(guard.observe(0.1, 120), 120, [optimizer]) and guard.rollbacks == 1

@@ -424,10 +424,14 @@ class LastGoodCheckpoints:
         folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str] | None],
         resumed_from: str | os.PathLike[str] | None = None,
         step: int | None = None,
+        resumed_from_protected: bool = False,
     ) -> None:
         """A fit starts, saving checkpoints into ``folders`` (a folder or several) and resuming from ``resumed_from``
         (a checkpoint, or ``None`` for a fresh run; ``step``: the step it resumes at, default the step in its name):
-        take over the pins that runs no longer running left in their keep folders (module docstring). Call it before
+        take over the pins that runs no longer running left in their keep folders (module docstring). The pin of
+        the checkpoint resumed from (its path, or a hard link of its files: resumed from the original) is kept for
+        good, unless ``resumed_from_protected``: the trainer never deletes what it resumed from (Lightning's
+        ``ModelCheckpoint`` keeps its ``ckpt_path``), so only a resume from the pin's own path keeps it. Call it before
         the first
         :meth:`saved`, on the process that writes checkpoints; a folder already looked at is not looked at again.
         Never raises for the file system: a folder that cannot be read or written is left as it is."""
@@ -444,9 +448,12 @@ class LastGoodCheckpoints:
         if resumed is not None and resumed.parent.name == KEEP_FOLDER:
             keeps.append(resumed.parent)  # resumed from a pin: its folder is where it is listed
         for keep in dict.fromkeys(keeps):
-            self._open(keep, resumed, step, adopt=resumed is not None)
+            self._open(keep, resumed, step, adopt=resumed is not None, same_files=not resumed_from_protected)
 
-    def _open(self, keep: Path, resumed: Path | None = None, step: int | None = None, adopt: bool = False) -> None:
+    def _open(
+        self, keep: Path, resumed: Path | None = None, step: int | None = None, adopt: bool = False,
+        same_files: bool = True,
+    ) -> None:
         """Look at ``keep`` once: take over the manifests of runs that are not running any more there."""
         if keep in self._folders:
             return
@@ -478,7 +485,7 @@ class LastGoodCheckpoints:
                 if pin.path in seen or not _is_ours(pin.path, record):
                     continue  # listed twice (a claim of a run that died while claiming), or not our file any more
                 seen.add(pin.path)
-                if resumed is not None and _same(pin.path, resumed):
+                if resumed is not None and _same(pin.path, resumed, files=same_files):
                     pin.frozen = True  # resumed from: kept for good, with its own copy (module docstring)
                     self._start_copy(pin)
                 elif adopt and step is not None and pin.step > step:
@@ -740,9 +747,16 @@ class LastGoodCheckpoints:
                     )
 
 
-def _same(a: Path, b: Path) -> bool:
+def _same(a: Path, b: Path, files: bool = True) -> bool:
+    """Whether ``a`` and ``b`` are the same checkpoint: the same path, or (``files``) the same files (a pin is a hard
+    link of its original, so a run resumed from the original resumes from the pin too)."""
     try:
-        return a.resolve() == b.resolve()
+        if a.resolve() == b.resolve() or not files:
+            return a.resolve() == b.resolve()
+        if a.is_dir() and b.is_dir():  # a folder of hard links: the same files under the same names
+            files = [p.relative_to(a) for p in a.rglob("*") if p.is_file()]
+            return bool(files) and all((b / f).is_file() and os.path.samefile(a / f, b / f) for f in files)
+        return os.path.samefile(a, b)
     except OSError:
         return a == b
 

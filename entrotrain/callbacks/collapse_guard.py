@@ -313,7 +313,7 @@ class EntropyCollapseGuard(PerFitCallback):
         record_thresholds(trainer, self.record_thresholds())
         if self.keep_last_good and trainer.is_global_zero:  # take over what a killed run left in the keep folders
             folders = [getattr(cb, "dirpath", None) for cb in getattr(trainer, "checkpoint_callbacks", [])]
-            self.keeper.start(folders, resumed_from=trainer.ckpt_path)
+            self.keeper.start(folders, resumed_from=trainer.ckpt_path, resumed_from_protected=True)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         wrapped = getattr(getattr(trainer, "strategy", None), "model", None)

@@ -169,6 +169,24 @@ def test_the_pin_a_run_resumes_from_is_kept_for_good(tmp_path) -> None:
     assert pin.exists()
 
 
+def test_the_pin_of_the_original_a_run_resumes_from_is_kept_for_good(tmp_path) -> None:
+    """Resumed from the original file (not the pin's path): the pin is a hard link of it, the same checkpoint, so it
+    is kept for good too; a rotation that deletes the original later cannot take the checkpoint with it (before,
+    paths were compared: the pin was adopted and freed at the run's normal end, after the rotation)."""
+    first = LastGoodCheckpoints()
+    for step in (10, 20):
+        first.saved(_save(tmp_path, step))
+    first.judged(20, 20)
+    _die(first)
+    second = LastGoodCheckpoints()
+    second.start([tmp_path], resumed_from=tmp_path / "step_20.pt")
+    second.wait()
+    assert _states(tmp_path)["step_20.pt"] == "kept"
+    (tmp_path / "step_20.pt").unlink()  # the loop's own rotation
+    second.release()
+    assert (tmp_path / KEEP_FOLDER / "step_20.pt").read_bytes() == b"weights at 20"
+
+
 def test_a_running_keepers_pins_are_never_touched(tmp_path) -> None:
     """Two runs sharing a checkpoint folder: the second's start, judgements and normal end leave the first's pins."""
     first = LastGoodCheckpoints()

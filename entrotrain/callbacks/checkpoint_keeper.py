@@ -88,7 +88,9 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from entrotrain.errors import EntrotrainError
 
 __all__ = ["KEEP_FOLDER", "MAX_FROZEN", "KeptPin", "LastGoodCheckpoints", "list_pins", "release_abandoned"]
 
@@ -318,6 +320,16 @@ def _keep_folder(folder: str | os.PathLike[str]) -> Path:
     return path if path.name == KEEP_FOLDER else path / KEEP_FOLDER
 
 
+def _folder_arg(folder: Any, where: str) -> str | os.PathLike[str]:
+    """``folder`` as given to a public function, refused when it is not a path."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise EntrotrainError(
+            f"{where}(folder) needs the checkpoint folder (a path, e.g. 'ckpts'), got {type(folder).__name__} "
+            f"{folder!r}."
+        )
+    return folder
+
+
 # ---------------------------------------------------------------- listing and cleaning by hand
 @dataclass(frozen=True)
 class KeptPin:
@@ -341,7 +353,7 @@ def list_pins(folder: str | os.PathLike[str]) -> list[KeptPin]:
     by name, with its state (:class:`KeptPin`); ``[]`` when there is none."""
     from entrotrain.callbacks.collapse_guard import saved_at
 
-    keep = _keep_folder(folder)
+    keep = _keep_folder(_folder_arg(folder, "list_pins"))
     listed: dict[str, KeptPin] = {}
     for manifest, owner in _manifests(keep):
         running = owner.running()
@@ -362,7 +374,7 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
     other machines (a preempted job restarted on another node: say so only when no run in this folder is running
     on another machine). Frozen and resumed-from pins, and anything no manifest lists, stay. Returns the deleted
     pins."""
-    keep = _keep_folder(folder)
+    keep = _keep_folder(_folder_arg(folder, "release_abandoned"))
     me = _Owner(_machine(), os.getpid(), _start(os.getpid()), uuid.uuid4().hex[:12])
     deleted = []
     for manifest, owner in _manifests(keep):

@@ -224,6 +224,11 @@ class EntropyMonitors:
             raise EntrotrainError(
                 f"EntropyMonitors.watch(resumed_from) must be a checkpoint path or None; got {type(resumed_from).__name__}."
             )
+        if resumed_from is not None and not Path(resumed_from).exists():
+            raise EntrotrainError(
+                f"EntropyMonitors.watch(resumed_from={str(resumed_from)!r}): no such file or folder. Pass the path of "
+                "the checkpoint your loop loaded (or None for a fresh run)."
+            )
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"EntropyMonitors.watch(model) needs an nn.Module, got {type(model).__name__}.")
         if self._model is not None:  # watched again without close(): end the previous run (record included) first

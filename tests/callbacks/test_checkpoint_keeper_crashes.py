@@ -472,3 +472,12 @@ def test_a_run_killed_while_taking_over_leaves_nothing_behind(tmp_path, monkeypa
     assert not (tmp_path / KEEP_FOLDER / "step_2.pt").exists()
     third.release()
     assert _states(tmp_path) == {"step_1.pt": "kept"} and _manifests(tmp_path) == []
+
+
+def test_list_pins_and_release_abandoned_refuse_what_is_not_a_folder() -> None:
+    from entrotrain.errors import EntrotrainError
+
+    with pytest.raises(EntrotrainError, match=r"list_pins\(folder\) needs the checkpoint folder"):
+        list_pins(None)
+    with pytest.raises(EntrotrainError, match=r"release_abandoned\(folder\) needs the checkpoint folder"):
+        release_abandoned(3)

@@ -360,3 +360,6 @@ def test_a_resumed_loop_names_the_checkpoint_it_resumed_from(tmp_path: Path) -> 
     with pytest.raises(EntrotrainError, match="resumed_from"):
         EntropyMonitors(guards=[EntropyCollapseGuard("watched", threshold=0.5)]).watch(torch.nn.Linear(2, 2),
                                                                                           resumed_from=3)
+    with pytest.raises(EntrotrainError, match="no such file"):
+        EntropyMonitors(guards=[EntropyCollapseGuard("watched", threshold=0.5)]).watch(
+            torch.nn.Linear(2, 2), resumed_from=tmp_path / "no" / "step_4.pt")

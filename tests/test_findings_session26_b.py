@@ -72,7 +72,6 @@ def test_a_second_firing_during_the_frozen_pins_copy_keeps_it(tmp_path, monkeypa
     copy starts in the background), is good at 1250 and fires at 1300: the newest pin at or before 1250 is the same
     frozen one, checked while its copy runs. The copy's temporary file inside the pin made it look changed: the kept
     checkpoint was deleted under its copy and the second firing named none."""
-    import shutil
     import threading
     import warnings
 
@@ -84,15 +83,14 @@ def test_a_second_firing_during_the_frozen_pins_copy_keeps_it(tmp_path, monkeypa
     for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
         (ckpt / name).write_bytes(name.encode() * 100)
     started, go = threading.Event(), threading.Event()
-    real_copy2 = shutil.copy2
+    real_copy = checkpoint_keeper._copy
 
-    def slow_copy2(src, dst, **kw):  # a large file: the copy is under way (its temporary file exists) for a while
-        out = real_copy2(src, dst, **kw)
+    def slow_copy(src, dst):  # a large file: the copy is under way (its temporary file exists) for a while
+        real_copy(src, dst)
         started.set()
         go.wait(10)
-        return out
 
-    monkeypatch.setattr(checkpoint_keeper.shutil, "copy2", slow_copy2)
+    monkeypatch.setattr(checkpoint_keeper, "_copy", slow_copy)
     keeper = LastGoodCheckpoints()
     pin = keeper.saved(ckpt)
     keeper.judged(1100, 1100)

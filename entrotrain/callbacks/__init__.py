@@ -29,3 +29,7 @@ __all__ += ["InformationPlaneMonitor"]
 from entrotrain.callbacks.resume_with_changes import ResumeWithChanges  # noqa: E402
 
 __all__ += ["ResumeWithChanges"]
+from entrotrain.callbacks.checkpoint_keeper import KeptPin, list_pins, release_abandoned  # noqa: E402
+from entrotrain.callbacks.rollback_state import RollbackState  # noqa: E402
+
+__all__ += ["KeptPin", "RollbackState", "list_pins", "release_abandoned"]

@@ -562,7 +562,11 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
         seen: set[str] = set()
         for j, (group, fresh) in enumerate(zip(groups, optimizer.param_groups)):
             recorded = _recorded(recorded_rates, i, j)
-            moved = (any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)  # accelerate's wrap
+            # a guard lowers a OneCycleLR's group bounds with its rate (or the cycle would bring the rate back)
+            cycle_lowered = lowered and "max_lr" in group
+            moved = (cycle_lowered
+                     # a ReduceLROnPlateau's (on accelerate's wrapped optimizer too)
+                     or any(o in (optimizer, getattr(optimizer, "optimizer", None)) for o in plateau)
                      or "swa_lr" in group  # Lightning's StochasticWeightAveraging's SWALR drives it
                      or (lowered and "initial_lr" not in group)  # a guard's reductions (a schedule's base: kept)
                      # code moves it (a manual warmup) from a configured rate an unchanged hyperparameter gives
@@ -572,8 +576,9 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
                 pairs = {"lr": (recorded, fresh["lr"])}  # configured against configured: exact
             cycled = _cycled(fresh) | _cycled(group)
             # a key the saved group lacks is a flag the saving torch did not have (torch fills in its default)
+            bounds = ("max_lr", "min_lr") if cycle_lowered else ()
             pairs.update({key: (group.get(key), value) for key, value in fresh.items()
-                          if key not in ("params", "lr", "initial_lr") and key not in cycled and key in group
+                          if key not in ("params", "lr", "initial_lr", *bounds) and key not in cycled and key in group
                           and not _same_setting(key, group, fresh)})
             if "betas" in cycled and _pair(group.get("betas")) and _pair(fresh.get("betas")):  # beta1 only cycles
                 pairs["beta2"] = (group["betas"][1], fresh["betas"][1])
@@ -707,7 +712,8 @@ def adapt_training_state(plan: ForkPlan, pl_module: LightningModule, checkpoint:
         if "base_lrs" in state and "base_lrs" in fresh:
             state["base_lrs"] = fresh["base_lrs"]
         lrs = _scheduled_lrs(config.scheduler, state)
-        replayed = None if lrs is not None or pl_module is None or _is_swalr(state) else _replayed(config.scheduler, state)
+        replayed = (None if lrs is not None or pl_module is None or _is_swalr(state)
+                    else _replayed(config.scheduler, state))
         if replayed is not None:  # no closed form, a function of the step: the configured one stepped to the position
             state.clear()
             state.update(replayed[0])

@@ -620,7 +620,8 @@ class EntropyCollapseGuard(PerFitCallback):
         stop instead when ``max_rollbacks`` is spent or nothing is held. Returns the message's sentence."""
         if self.rollbacks >= self.max_rollbacks:
             self.stopping = True
-            return f" Rolled back {self.rollbacks} time(s) already (max_rollbacks={self.max_rollbacks}): stopping training."
+            return (f" Rolled back {self.rollbacks} time(s) already (max_rollbacks={self.max_rollbacks}): stopping "
+                    "training.")
         if self._tracked is None or self.rollback_state.step is None:
             self.stopping = True
             return (" No good state is held to roll back to (none was judged good since training started or "

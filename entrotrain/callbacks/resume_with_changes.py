@@ -27,8 +27,8 @@ With no configuration file to compare, the comparison is made on what the checkp
   with every checkpoint) are compared with the configured ones; without a record, when no hyperparameter changed,
   a configured rate that is a hyperparameter's value is taken as unchanged (a rate written in code is still
   compared with the saved one); saved param groups beyond the configured ones whose parameters no configured
-  group holds (a callback added them at fit start: Lightning restores them into the groups it adds again). The trainer's settings (gradient clipping, ``accumulate_grad_batches``) are not in a
-  checkpoint and are not compared (``entrotrain fit`` compares the clipping from its saved configuration);
+  group holds (a callback added them at fit start: Lightning restores them into the groups it adds again). The
+  trainer's settings (gradient clipping, ``accumulate_grad_batches``) are not in a checkpoint and are not compared (``entrotrain fit`` compares the clipping from its saved configuration);
 - the model's parameters: σReparam applied at the resume (the checkpoint has a plain layer's ``weight`` where the
   module has a :class:`~entrotrain.regularizers.sigma_reparam.SigmaReparamLinear`) and a regulariser's parameters
   the checkpoint does not have.

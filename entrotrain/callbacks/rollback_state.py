@@ -184,7 +184,8 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 def _copy_into(value: Any, buffer: Any) -> Any:
     """``value`` copied to host memory, into ``buffer`` when it has the same shape and dtype (re-used), else into a
-    new buffer (pinned when ``value`` is on CUDA, so the copy is queued, not waited for); a non-tensor is deep-copied."""
+    new buffer (pinned when ``value`` is on CUDA, so the copy is queued, not waited for); a non-tensor is
+    deep-copied."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
     value = value.detach()

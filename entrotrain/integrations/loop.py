@@ -222,7 +222,8 @@ class EntropyMonitors:
         a killed run left up to its step. Returns ``self``, a context manager whose exit calls :meth:`close`."""
         if resumed_from is not None and not isinstance(resumed_from, (str, os.PathLike)):
             raise EntrotrainError(
-                f"EntropyMonitors.watch(resumed_from) must be a checkpoint path or None; got {type(resumed_from).__name__}."
+                "EntropyMonitors.watch(resumed_from) must be a checkpoint path or None; got "
+                f"{type(resumed_from).__name__}."
             )
         if resumed_from is not None and not Path(resumed_from).exists():
             raise EntrotrainError(

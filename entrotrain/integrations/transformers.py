@@ -504,7 +504,8 @@ def _check_rollback(args: TrainingArguments, trainer: Any = None) -> None:
     ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` say so). The model callbacks get is the unwrapped one,
     whose modules show no FSDP wrapper."""
     found = [f"TrainingArguments({name}=...)" for name in ("deepspeed", "fsdp") if getattr(args, name, None)]
-    found += [f"Trainer.{flag}" for flag in ("is_deepspeed_enabled", "is_fsdp_enabled") if getattr(trainer, flag, False) is True]
+    found += [f"Trainer.{flag}" for flag in ("is_deepspeed_enabled", "is_fsdp_enabled")
+              if getattr(trainer, flag, False) is True]
     found += [env for env in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
               if os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")]
     if found:

@@ -62,7 +62,8 @@ class ForwardHookTap:
             return self
         modules = dict(named_modules(self.model))
         try:
-            self._handles.append(FastpathHold(self.model))  # torch's fused encoder paths would hand hooks nested tensors
+            # torch's fused encoder paths would hand hooks nested tensors
+            self._handles.append(FastpathHold(self.model))
             for name in self.names:
                 self._handles.append(modules[name].register_forward_hook(self._installed_hook(name)))
             if is_compiled(self.model):  # make the arming visible to dynamo's guards (module docstring)

@@ -98,8 +98,8 @@ def test_the_killed_run_left_its_pins_listed(killed) -> None:
 
 
 def test_a_resumed_run_frees_the_killed_runs_pins_at_its_normal_end(killed) -> None:
-    """The killed run's pins are held while the resumed run trains, and freed when it ends normally; the frozen one stays, whole. Before manifests they stayed forever: each kill and resume
-    left up to four more, a whole checkpoint each once rotation deleted the original (step 6 here)."""
+    """The killed run's pins are held while the resumed run trains, and freed when it ends normally; the frozen one
+    stays, whole. Before manifests they stayed forever: each kill and resume left up to four more, a whole checkpoint each once rotation deleted the original (step 6 here)."""
     folder = killed["lazy"]
     guard = _resume(folder, folder / "epoch=0-step=9.ckpt", [{KEY: 0.5}] * 16, start=False)
     assert guard.times_fired == 0

@@ -380,3 +380,38 @@ def test_a_rate_a_collapse_guard_lowered_is_not_a_change(tmp_path, capsys):
         _, spy = _fit(tmp_path / "again", Net(), callback, guard(), ckpt=ckpt, max_steps=6)
     assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
     assert spy.lrs[0] == [saved]
+
+
+def test_a_one_cycle_rate_a_collapse_guard_lowered_is_not_a_change(tmp_path, capsys, monkeypatch):
+    """Under OneCycleLR a guard's ``reduce_lr`` (and a rollback's) lowers the groups' ``initial_lr`` / ``max_lr`` /
+    ``min_lr`` too, or the cycle would bring the rate back at its next step: an unchanged resume then forked
+    (``optimizer.lr``, ``max_lr``, ``min_lr``) and undid the guard's action. It is Lightning's own resume."""
+    import warnings
+
+    from entrotrain.callbacks import EntropyCollapseGuard
+
+    def one_cycle(self, optimizer):
+        return {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8),
+                "interval": "step"}
+
+    def guard() -> EntropyCollapseGuard:
+        return EntropyCollapseGuard("train/loss", mode="max", threshold=-1.0, arm_on_good=False, action="reduce_lr")
+
+    monkeypatch.setattr(Net, "scheduler", one_cycle)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(tmp_path / "parent", Net(), guard(), max_steps=6, checkpoints=True)
+    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"
+    group = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]
+    assert group["max_lr"] == pytest.approx(0.005)  # the guard fired once
+    callback = ResumeWithChanges()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(tmp_path / "again", Net(), callback, guard(), ckpt=ckpt, max_steps=6)
+    assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
+    fork = ResumeWithChanges()  # a real change still forks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(tmp_path / "fork", Net(lr=0.001), fork, guard(), ckpt=ckpt, max_steps=6)
+    assert fork.plan is not None and "model.lr: 0.01 → 0.001" in capsys.readouterr().out

@@ -12,10 +12,11 @@
 #   kernel_tests         python -m pytest tests/kernels -q                       (dry run: tests/kernels/test_dispatch.py)
 #   fsdp1_tests          python -m pytest <the FSDP1 CUDA tests that exist> -q -rs  (issue 13: Lightning's FSDPStrategy on
 #                        one GPU; tests/callbacks/test_fsdp1_cuda.py, tests/regularizers/test_sigma_fsdp1_cuda.py; on CPU
-#                        they skip but for their CPU checks)
+#                        they skip but for their CPU checks), and the rollback guard's CUDA test
 #   triton_kernels       python benchmarks/triton_kernels.py --device cuda       (fwd; attention fwd and fwd+bwd)
 #   triton_kernels_grad  python benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
-#   monitor_overhead     python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda
+#   monitor_overhead     python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda, then
+#                        python benchmarks/rollback.py --model gpt-small --device cuda (the rollback guard's cost)
 #   spectral             python benchmarks/spectral.py --device cuda --exact-max-n 10000
 #
 # Output, in $OUT (default ./gpu_out when OUT is unset; at most 8 files, flat, so a device call brings all back):
@@ -91,6 +92,9 @@ for f in tests/callbacks/test_fsdp1_cuda.py tests/regularizers/test_sigma_fsdp1_
     [ -f "$f" ] && FSDP1_TESTS+=("$f")
 done
 [ "${#FSDP1_TESTS[@]}" -gt 0 ] || FSDP1_TESTS=(tests/callbacks/test_fsdp1_cuda.py)  # never a bare `pytest` (all tests)
+# the rollback guard's CUDA test (pinned host buffers, queued copies) runs in the same pytest call
+ROLLBACK_CUDA=tests/callbacks/test_rollback_state.py
+[ -f "$ROLLBACK_CUDA" ] && FSDP1_TESTS+=("$ROLLBACK_CUDA::test_cuda_restore_and_trajectory_match_a_copy_taken_at_the_take")
 
 # step NAME LIMIT_S CMD...: run CMD under `timeout`, its output into $OUT/NAME.txt, one line into the summary.
 step() {
@@ -131,14 +135,16 @@ if [ "$DRY_RUN" = 1 ]; then
     step triton_kernels 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1
     step triton_kernels_grad 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1 --grad \
         --only logits,head --no-compile
-    step monitor_overhead 60 "$PY" benchmarks/monitor_overhead.py --all --model tiny --device cpu --quick --threads 1
+    step monitor_overhead 60 bash -c '"$0" benchmarks/monitor_overhead.py --all --model tiny --device cpu --quick \
+        --threads 1 && "$0" benchmarks/rollback.py --quick' "$PY"
     step spectral 60 "$PY" benchmarks/spectral.py --device cpu --quick --threads 1 --exact-max-n 10000
 else
     step kernel_tests 120 "$PY" -m pytest tests/kernels -q -p no:cacheprovider
     step fsdp1_tests 100 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
     step triton_kernels 120 "$PY" benchmarks/triton_kernels.py --device cuda
     step triton_kernels_grad 75 "$PY" benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
-    step monitor_overhead 100 "$PY" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda
+    step monitor_overhead 100 bash -c '"$0" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda \
+        && "$0" benchmarks/rollback.py --model gpt-small --device cuda --repeats 5' "$PY"
     step spectral 60 "$PY" benchmarks/spectral.py --device cuda --exact-max-n 10000
 fi
 

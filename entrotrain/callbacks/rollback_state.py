@@ -28,8 +28,21 @@ current stream), and a rollback copies back into the live tensors, so parameters
 DDP buckets and compiled graphs see the same tensors). Host memory: one copy of the model and its optimizer state.
 
 Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank),
-``torch.compile``. Refused with :class:`~entrotrain.errors.EntrotrainError` naming the alternative: FSDP (v1 flat
-parameters and v2 ``DTensor`` shards) and DeepSpeed, whose state lives outside ``state_dict()`` / ``optimizer.state``.
+``torch.compile``, and FSDP2 (``fully_shard`` on a 1-D mesh, in a plain loop or Lightning's
+``ModelParallelStrategy``): each rank holds and restores **its local shards** only. A ``DTensor`` in
+``model.state_dict()`` or in the optimizer state (Adam's ``exp_avg`` / ``exp_avg_sq``; ``step`` is a plain tensor) is
+held as ``.to_local()`` in host memory (one ``1/W`` share of the model and its moments per rank) and copied back into
+the live tensor's ``.to_local()``, which must share storage with the parameter's local shard (checked at every
+restore; a state-dict hook that hands out copies is refused). The "non-finite state is not held" decision is
+all-reduced over the mesh (a NaN in one rank's shard skips the take on every rank), so the ranks always hold the
+same step; ``take`` and ``restore`` must therefore be called on every rank (the guard's decision is the same on
+every rank). Bit-for-bit: after a rollback each rank's shards and moments equal the held ones, and the full
+parameters equal a one-process run that rolls back to the same step (tests/integrations/test_rollback_fsdp2.py).
+
+Refused with :class:`~entrotrain.errors.EntrotrainError` naming the alternative: FSDP1 (``FullyShardedDataParallel``,
+flat parameters) and DeepSpeed, whose state lives outside ``state_dict()`` / ``optimizer.state``; ``DTensor``
+parameters outside ``fully_shard`` (tensor parallelism alone) or on a mesh of more than one dimension (HSDP, FSDP2 +
+TP): untested.
 """
 
 from __future__ import annotations
@@ -46,9 +59,9 @@ from entrotrain.errors import EntrotrainError
 __all__ = ["RollbackState", "check_supported", "unwrap_optimizer"]
 
 _MISSING = object()
-#: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from);
-#: ``None`` for a parameter that had no state.
-_HeldOptimizer = dict[int, "dict[str, tuple[Any, Any]] | None"]
+#: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from, the
+#: DTensor spec of a sharded moment or ``None``); ``None`` for a parameter that had no state.
+_HeldOptimizer = dict[int, "dict[str, tuple[Any, Any, Any]] | None"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -63,7 +76,8 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Refuse a model whose state cannot be held and copied back in place (FSDP, DeepSpeed, DTensor shards).
+    """Refuse a model whose state cannot be held and copied back in place (FSDP1, DeepSpeed, DTensor parameters
+    outside FSDP2 or on a mesh of more than one dimension).
 
     Raises:
         EntrotrainError: naming why and the alternative.
@@ -85,10 +99,45 @@ def _unsupported(model: nn.Module) -> str | None:
             return "it is wrapped in FSDP (flat sharded parameters)"
         if name == "DeepSpeedEngine":
             return "it is a DeepSpeed engine"
-    for param in model.parameters():
-        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
-            return "its parameters are DTensor shards (FSDP2 / tensor parallel)"
+    sharded = [param for param in model.parameters() if _is_dtensor(param)]
+    if not sharded:
+        return None
+    if not _has_fully_shard(model):
+        return "its parameters are DTensor shards outside FSDP2's fully_shard (tensor parallel: untested)"
+    dims = sorted({param.device_mesh.ndim for param in sharded})
+    if dims != [1]:
+        return (f"its parameters are DTensor shards on a {dims[-1]}-D device mesh (HSDP / FSDP2 + tensor parallel: "
+                "untested; FSDP2 on a 1-D mesh is supported)")
     return None
+
+
+def _is_dtensor(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (without importing torch.distributed)."""
+    return any(cls.__name__ == "DTensor" for cls in type(value).__mro__)
+
+
+def _has_fully_shard(model: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``model`` or one of its submodules."""
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - builds without FSDP2
+        return False
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _local(value: Any) -> Any:
+    """A DTensor's local shard (``to_local()``, which shares its storage); anything else as it is."""
+    return value.to_local() if _is_dtensor(value) else value
+
+
+def _spec(value: Any) -> Any:
+    """What a DTensor's local shard must match at restore (its mesh, placements, global shape and stride);
+    ``None`` for a plain tensor."""
+    if not _is_dtensor(value):
+        return None
+    return (value.device_mesh, tuple(value.placements), tuple(value.shape), tuple(value.stride()))
 
 
 class RollbackState:
@@ -106,6 +155,7 @@ class RollbackState:
         #: The step the held state was taken at (``None``: nothing held).
         self.step: int | None = None
         self._model: dict[str, Any] = {}
+        self._specs: dict[str, Any] = {}  # key -> DTensor spec (mesh, placements, shape, stride) of a sharded entry
         self._optimizers: list[_HeldOptimizer] = []
 
     # ------------------------------------------------------------------ take
@@ -127,6 +177,7 @@ class RollbackState:
             return False
         with torch.no_grad():
             self._model = {key: _copy_into(value, self._model.get(key)) for key, value in live.items()}
+            self._specs = {key: spec for key, spec in ((k, _spec(v)) for k, v in live.items()) if spec is not None}
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
             self._optimizers = [_optimizer_state(opt, previous) for opt, previous in zip(inner, held)]
         self.step = int(step)
@@ -148,7 +199,7 @@ class RollbackState:
                 f"{len(optimizers)}; restore with the optimizers given to take()."
             )
         with torch.no_grad():
-            _restore_model(model, self._model)
+            _restore_model(model, self._model, self._specs)
             for opt, held in zip(optimizers, self._optimizers):
                 _restore_optimizer(unwrap_optimizer(opt), held)
         model.zero_grad(set_to_none=True)
@@ -156,7 +207,7 @@ class RollbackState:
 
     def clear(self) -> None:
         """Drop the held state (its host memory)."""
-        self.step, self._model, self._optimizers = None, {}, []
+        self.step, self._model, self._specs, self._optimizers = None, {}, {}, []
 
     @property
     def nbytes(self) -> int:
@@ -164,7 +215,7 @@ class RollbackState:
         tensors = list(_tensors(self._model))
         for held in self._optimizers:
             for state in held.values():
-                tensors.extend(value for value, _ in (state or {}).values() if isinstance(value, torch.Tensor))
+                tensors.extend(value for value, _, _ in (state or {}).values() if isinstance(value, torch.Tensor))
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -174,12 +225,32 @@ def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
 
 
 def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every floating-point (or complex) tensor among ``tensors`` is finite: one sync per device."""
+    """Whether every floating-point (or complex) tensor among ``tensors`` is finite: one sync per device. A DTensor
+    is judged on its local shard, and the verdict is then all-reduced (min) over each of the DTensors' meshes, so
+    that every rank decides the same (a collective: every rank of the mesh calls it, in the same order)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
+    meshes: list[Any] = []
     for t in tensors:
+        if _is_dtensor(t):
+            if all(t.device_mesh is not m for m in meshes):
+                meshes.append(t.device_mesh)
+            t = t.to_local()
         if (t.is_floating_point() or t.is_complex()) and t.numel():
             by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
-    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+    finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())
+    for mesh in meshes:
+        flag = torch.tensor([int(finite)], dtype=torch.int32, device=_mesh_device(mesh))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group())
+        finite = bool(flag.item())
+    return finite
+
+
+def _mesh_device(mesh: Any) -> torch.device:
+    """The device a collective on ``mesh`` takes its tensors on (the current accelerator for a CUDA mesh)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    module = getattr(torch, mesh.device_type)
+    return torch.device(mesh.device_type, module.current_device())
 
 
 def _copy_into(value: Any, buffer: Any) -> Any:
@@ -188,7 +259,7 @@ def _copy_into(value: Any, buffer: Any) -> Any:
     deep-copied."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
-    value = value.detach()
+    value = _local(value).detach()  # a DTensor: its local shard (this rank's share)
     if not (isinstance(buffer, torch.Tensor) and buffer.shape == value.shape and buffer.dtype == value.dtype):
         buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.is_cuda)
     buffer.copy_(value, non_blocking=value.is_cuda)
@@ -212,15 +283,18 @@ def _optimizer_state(
             continue
         before = previous.get(id(param)) or {}
         held[id(param)] = {
-            key: (_copy_into(value, before.get(key, (None,))[0]), getattr(value, "device", None))
+            key: (_copy_into(value, before.get(key, (None,))[0]), getattr(value, "device", None), _spec(value))
             for key, value in state.items()
         }
     return held
 
 
-def _restore_model(model: nn.Module, held: dict[str, Any]) -> None:
+def _restore_model(model: nn.Module, held: dict[str, Any], specs: dict[str, Any]) -> None:
     """Copy ``held`` into the tensors ``model.state_dict()`` shares with the live parameters and buffers; what does
-    not share storage with them (a state-dict hook's product) or is not a tensor goes through ``load_state_dict``."""
+    not share storage with them (a state-dict hook's product) or is not a tensor goes through ``load_state_dict``.
+    A DTensor entry (FSDP2) is copied into its local shard, which must share storage with the parameter's local shard
+    and have the spec it was taken with: anything else is refused (a local shard cannot go through
+    ``load_state_dict``)."""
     current = model.state_dict()
     if current.keys() != held.keys():
         missing, extra = sorted(held.keys() - current.keys()), sorted(current.keys() - held.keys())
@@ -229,10 +303,17 @@ def _restore_model(model: nn.Module, held: dict[str, Any]) -> None:
             f"(gone: {missing[:5]}, new: {extra[:5]}); a model whose structure changes during training cannot be "
             "rolled back in memory. Use action='reduce_lr' or 'stop'."
         )
-    live = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    live = {_local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     through_load: dict[str, Any] = {}
+    # every shard checked before any is copied: a refusal leaves the model as it was, not half rolled back
+    shards = [_shard_target(key, current[key], value, specs.get(key), live)
+              for key, value in held.items() if key in specs or _is_dtensor(current[key])]
+    for local, value in shards:
+        local.copy_(value, non_blocking=True)
     for key, value in held.items():
         target = current[key]
+        if key in specs or _is_dtensor(target):
+            continue
         shared = isinstance(target, torch.Tensor) and target.untyped_storage().data_ptr() in live
         if shared and target.shape == value.shape:
             target.copy_(value, non_blocking=True)
@@ -242,9 +323,36 @@ def _restore_model(model: nn.Module, held: dict[str, Any]) -> None:
         model.load_state_dict(through_load, strict=False)
 
 
+def _shard_target(
+    key: str, target: Any, value: torch.Tensor, spec: Any, live: set[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target.to_local(), value)``: where the held local shard ``value`` of the state-dict entry ``key`` is copied
+    back, once checked (same sharding, shape and dtype; storage shared with a parameter's local shard)."""
+    def refuse(why: str) -> None:
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(action='rollback'): cannot copy the held shard of {key!r} back in place: {why}. "
+            "Use action='reduce_lr' or 'stop', and roll back from the checkpoint the guard names."
+        )
+
+    if spec is None or not _is_dtensor(target):
+        refuse(f"it was {'a plain tensor' if spec is None else 'a DTensor'} when held and is a "
+               f"{type(target).__name__} now")
+    now = _spec(target)
+    if now != spec:
+        refuse(f"its sharding changed (placements {spec[1]} -> {now[1]}, shape {spec[2]} -> {now[2]})")
+    local = target.to_local()
+    if local.shape != value.shape or local.dtype != value.dtype:
+        refuse(f"its local shard is {tuple(local.shape)} {local.dtype} now, {tuple(value.shape)} {value.dtype} held")
+    if local.numel() and local.untyped_storage().data_ptr() not in live:  # (an empty shard: nothing to copy)
+        refuse("model.state_dict() handed out a copy of its local shard, not a view of the parameter's (a "
+               "state-dict hook?)")
+    return local, value
+
+
 def _restore_optimizer(optimizer: torch.optim.Optimizer, held: _HeldOptimizer) -> None:
-    """Each parameter's state back to the held one, in place where the tensor is there with the same shape; a
-    parameter that had none (or that joined the optimizer later) gets none."""
+    """Each parameter's state back to the held one, in place where the tensor is there with the same shape (a
+    DTensor moment: its local shard, with the same sharding); a parameter that had none (or that joined the optimizer
+    later) gets none."""
     for param in _params(optimizer):
         saved = held.get(id(param))
         if saved is None:
@@ -253,11 +361,20 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, held: _HeldOptimizer) -
         state = optimizer.state[param]
         for key in [k for k in state if k not in saved]:
             del state[key]
-        for key, (value, device) in saved.items():
+        for key, (value, device, spec) in saved.items():
             now = state.get(key, _MISSING)
             if not isinstance(value, torch.Tensor):
                 state[key] = copy.deepcopy(value)
-            elif isinstance(now, torch.Tensor) and now.shape == value.shape and now.dtype == value.dtype:
-                now.copy_(value, non_blocking=True)
+                continue
+            same = _spec(now) == spec if spec is not None else not _is_dtensor(now)
+            local = _local(now)
+            if same and isinstance(local, torch.Tensor) and local.shape == value.shape and local.dtype == value.dtype:
+                local.copy_(value, non_blocking=True)
+            elif spec is not None:  # a sharded moment gone or resharded: rebuilt from the held local shard
+                from torch.distributed.tensor import DTensor
+
+                mesh, placements, shape, stride = spec
+                state[key] = DTensor.from_local(value.to(device, copy=True), mesh, placements, run_check=False,
+                                                shape=torch.Size(shape), stride=stride)
             else:  # on the device it was taken from (Adam keeps its step on the CPU unless fused/capturable)
                 state[key] = value.to(device, copy=True)

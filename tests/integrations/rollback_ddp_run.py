@@ -3,8 +3,8 @@
 ``python rollback_ddp_run.py OUT`` spawns two ranks. Each trains a DDP-wrapped MLP with Adam on its own batches,
 observing the same scripted value (as a monitor reduced across ranks would publish it); the guard fires at step 2 and
 rolls back to the end of step 1. Each rank writes ``rank{r}.json`` (the steps it rolled back at, whether the restored
-state equals the one it had at the end of step 1, whether FSDP2 was refused) and ``weights{r}.pt`` (its weights right
-after the rollback). Run by tests/integrations/test_rollback_glue.py.
+state equals the one it had at the end of step 1, whether an FSDP2 model was accepted and FSDP1 refused) and
+``weights{r}.pt`` (its weights right after the rollback). Run by tests/integrations/test_rollback_glue.py.
 """
 
 from __future__ import annotations
@@ -70,17 +70,28 @@ def worker(rank: int, out: str) -> None:
                 after = _state(model, opt)
     restored = after is not None and _same(after[0], inside[1][0]) and _same(after[1], inside[1][1])
 
-    refused = False  # FSDP2: DTensor shards cannot be copied back in place
+    # FSDP2 (DTensor shards) is accepted: each rank holds its local shards (rollback_fsdp2_run.py rolls back);
+    # FSDP1 (flat parameters) is still refused
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def refusal(model: torch.nn.Module) -> str:
+        try:
+            monitors = EntropyMonitors(guards=[EntropyCollapseGuard("scripted", threshold=0.5, action="rollback")],
+                                       print_summary=False)
+            with monitors.watch(model, optimizer=torch.optim.Adam(model.parameters())):
+                pass
+        except EntrotrainError as err:
+            return str(err)
+        return ""
+
     sharded = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     fully_shard(sharded, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    try:
-        EntropyMonitors(guards=[EntropyCollapseGuard("scripted", threshold=0.5, action="rollback")],
-                        print_summary=False).watch(sharded, optimizer=torch.optim.Adam(sharded.parameters()))
-    except EntrotrainError as err:
-        refused = "DTensor" in str(err) and "reduce_lr" in str(err)
+    fsdp2 = refusal(sharded)
+    fsdp1 = refusal(FullyShardedDataParallel(torch.nn.Linear(4, 2), device_id=torch.device("cpu")))
 
     Path(out, f"rank{rank}.json").write_text(json.dumps(
-        {"rolled": rolled, "restored_equals_held": restored, "fsdp2_refused": refused}))
+        {"rolled": rolled, "restored_equals_held": restored, "fsdp2_accepted": fsdp2 == "",
+         "fsdp1_refused": "FSDP" in fsdp1 and "reduce_lr" in fsdp1}))
     torch.save(after[0] if after is not None else {}, Path(out, f"weights{rank}.pt"))
     faulthandler.cancel_dump_traceback_later()
 

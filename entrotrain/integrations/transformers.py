@@ -502,7 +502,9 @@ def _check_rollback(args: TrainingArguments, trainer: Any = None) -> None:
     DeepSpeed from ``TrainingArguments``, or from accelerate (``accelerate launch`` with an FSDP / DeepSpeed config
     leaves the arguments empty; ``Trainer.is_fsdp_enabled`` / ``is_deepspeed_enabled`` and accelerate's
     ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` say so). The model callbacks get is the unwrapped one,
-    whose modules show no FSDP wrapper."""
+    whose modules show no FSDP wrapper. FSDP through accelerate is refused whatever its ``fsdp_version``: version 1
+    (the default) keeps flat parameters outside ``state_dict()``, and version 2 is untested here (FSDP2 rolls back
+    in a plain loop with ``EntropyMonitors`` and under Lightning's ``ModelParallelStrategy``)."""
     found = [f"TrainingArguments({name}=...)" for name in ("deepspeed", "fsdp") if getattr(args, name, None)]
     found += [f"Trainer.{flag}" for flag in ("is_deepspeed_enabled", "is_fsdp_enabled")
               if getattr(trainer, flag, False) is True]
@@ -512,7 +514,8 @@ def _check_rollback(args: TrainingArguments, trainer: Any = None) -> None:
         raise EntrotrainError(
             f"EntropyCollapseGuard(action='rollback') cannot hold the training state under {found[0]}: the model and "
             "optimizer state are sharded. Use action='reduce_lr' or 'stop', and resume from the checkpoint the guard "
-            "names (it keeps it from rotation)."
+            "names (it keeps it from rotation). (FSDP2's fully_shard in your own loop with EntropyMonitors, or under "
+            "Lightning's ModelParallelStrategy, rolls back in memory.)"
         )
 
 

@@ -177,6 +177,36 @@ def _nan_on_one_rank(rank: int, mesh: Any, data: list) -> dict[str, Any]:
             "restored": same(capture(model, opt)["local"], held["local"])}
 
 
+def _moments_rebuilt(mesh: Any, data: list) -> dict[str, Any]:
+    """A parameter whose Adam state was dropped after the take (``optimizer.state.pop``) gets its held moments back as
+    DTensors rebuilt from the held local shards (same mesh, placements, shape): the next step then equals, bit for
+    bit, the one of a model that never lost them."""
+    from torch.distributed.tensor import DTensor
+
+    from entrotrain.callbacks.rollback_state import RollbackState
+
+    models = [shard(make_model(), mesh) for _ in range(2)]
+    opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in models]
+    for model, opt in zip(models, opts):
+        loss_of(model, *data[0]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = RollbackState()
+    state.take(models[0], [opts[0]], step=0)
+    weight = models[0][1][0].weight
+    spec = [(type(v).__name__, v.placements, v.shape) for v in opts[0].state[weight].values() if isinstance(v, DTensor)]
+    opts[0].state.pop(weight)
+    state.restore(models[0], [opts[0]])
+    rebuilt = [(type(v).__name__, v.placements, v.shape) for v in opts[0].state[weight].values()
+               if isinstance(v, DTensor)]
+    for model, opt in zip(models, opts):
+        loss_of(model, *data[1]).backward()
+        opt.step()
+    a, b = (capture(m, o) for m, o in zip(models, opts))
+    return {"specs_equal": spec == rebuilt and len(spec) == 2, "next_step_same": same(a["local"], b["local"])
+            and same(a["adam"], b["adam"])}
+
+
 def _copy_refused(mesh: Any) -> dict[str, Any]:
     """A state-dict hook that hands out a copy of one shard (``1.0.bias``): the restore cannot reach that parameter,
     so it is refused, and before copying anything (the other parameters keep their values, not half rolled back)."""
@@ -236,6 +266,7 @@ def worker(rank: int, out: str, timeout: float) -> None:
         "by_hand_local": same(end["local"], by_hand["local"]), "by_hand_adam": same(end["adam"], by_hand["adam"]),
         "hsdp_refused": _refused(hsdp), "tp_refused": _refused(plain),
         "nan": _nan_on_one_rank(rank, mesh, data), "copy_refused": _copy_refused(mesh),
+        "moments": _moments_rebuilt(mesh, data),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     if rank == 0:

@@ -8,7 +8,8 @@ the same FSDP2 training without monitors that skips batch 2 and halves the rate 
 step and the losses equal a one-process run (no FSDP) doing the same rollback on the union batches (float32, only the
 order of the gradient average differs: 1e-6); a NaN in one rank's shard skips the take on every rank (the verdict is
 all-reduced: without it rank 0 would hold step 1 and rank 1 step 0); a state-dict hook handing out a copy of a shard
-is refused before anything is copied; a 2-D mesh and DTensors without ``fully_shard`` are refused."""
+is refused before anything is copied; Adam moments dropped after the take come back as DTensors (the next step
+equal to one that never lost them); a 2-D mesh and DTensors without ``fully_shard`` are refused."""
 
 from __future__ import annotations
 
@@ -93,6 +94,12 @@ def test_a_shard_copy_from_a_state_dict_hook_is_refused_before_copying(runs):
     for r in ranks:
         assert "'1.0.bias'" in r["copy_refused"]["message"] and "reduce_lr" in r["copy_refused"]["message"]
         assert r["copy_refused"]["untouched"]
+
+
+def test_dropped_sharded_moments_come_back_as_dtensors(runs):
+    ranks, _, _ = runs
+    for r in ranks:
+        assert r["moments"] == {"specs_equal": True, "next_step_same": True}, r["moments"]
 
 
 def test_untested_sharding_is_refused(runs):

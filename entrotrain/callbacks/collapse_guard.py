@@ -30,7 +30,8 @@ Two more kinds of bad observation, when ``on_nonfinite`` (default: on, except fo
   the model or its inputs went non-finite). With ``on_nonfinite=False`` a NaN observation is skipped (it neither
   extends nor breaks a streak) and warned about once.
 - **stale**: a ledger key not published for more than ``stale_after`` optimizer steps (default: 3 × the interval
-  between its last two publications; off until two publications are seen) — its monitor stopped, or the key
+  between its last two publications; off until two publications are seen, and in a resumed run until its first
+  publication there: the monitor's cadence may have changed with the resume) — its monitor stopped, or the key
   disappeared. Warned about once per silence; with ``on_nonfinite`` it is a bad observation, and so is each
   further stale limit of silence. The last value is never re-used as if it were current.
 
@@ -266,6 +267,8 @@ class EntropyCollapseGuard(PerFitCallback):
         #: stopped or only warned instead.
         self.last_level: str = self.action
         self._stale_bad = False  # the bad streak's last observation was a silent key (check_stale), not a value
+        #: The episode's firing was a silence a rollback guard did not act on: a bad value in the same streak fires.
+        self._unacted = False
 
     @property
     def state_key(self) -> str:
@@ -304,6 +307,9 @@ class EntropyCollapseGuard(PerFitCallback):
         for name in _STATE_DEFAULTS:
             setattr(self, name, state[name])
         self.last_reason = str(self.last_reason)
+        # restored from a checkpoint: the cadence its steps give is the saved run's; the key's monitor may publish at
+        # another one now (every_n_steps changed on resume), so staleness waits for the first publication here
+        self._restored_silence = bool(state_dict) and self.last_seen_step is not None
         finite = [float(v) for v in history if isinstance(v, (int, float)) and math.isfinite(v)]
         self.history: deque[float] = deque(finite, maxlen=self.drop_window + 1)
 
@@ -322,6 +328,14 @@ class EntropyCollapseGuard(PerFitCallback):
         self.track(pl_module, trainer.optimizers)
         if self.source is not None and self.last_seen_step is not None:  # resumed: its publisher published it before
             expect_key(trainer, self.source, self.monitor)
+            publishers = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+            if not any(self.source == key or self.source.startswith(f"{key}/") for key in publishers if key):
+                rank_zero_warn(
+                    f"EntropyCollapseGuard: {self.monitor} was published by {self.source} in the run this one resumed "
+                    "from, and no callback of this trainer has that state_key (the monitor was removed, or configured "
+                    "differently): the guard judges the key once a callback publishes it. Add the monitor back, or "
+                    "drop the guard."
+                )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.untrack()
@@ -450,6 +464,7 @@ class EntropyCollapseGuard(PerFitCallback):
         """
         self.prev_seen_step, self.last_seen_step = self.last_seen_step, step
         self.last_stale_step, self.stale_warned = None, False
+        self._restored_silence = False
         if not math.isfinite(value):
             if not self.on_nonfinite:
                 self._warn_nonfinite_ignored(step)
@@ -461,6 +476,7 @@ class EntropyCollapseGuard(PerFitCallback):
             return self._bad(reason, step)
         self.bad_streak = 0
         self.fired = False  # re-armed: the next bad streak is a new episode
+        self._unacted = False
         self.last_good_step, self.last_good_value = step, float(value)
         self.keeper.judged(step, step)
         # action="rollback": this is the state to come back to, unless the step's update made it non-finite (the
@@ -495,8 +511,10 @@ class EntropyCollapseGuard(PerFitCallback):
         self._stale_bad = stale
         self.keeper.judged(step, self.last_good_step)
         self.bad_streak += 1
-        if self.fired or self.bad_streak < self.patience:
+        acted = self.fired and not (self._unacted and not stale)
+        if acted or self.bad_streak < self.patience:
             return None
+        self._unacted = False
         self.fired = True
         self.times_fired += 1
         if self.last_good_step is not None and self.last_good_value is not None:
@@ -543,7 +561,7 @@ class EntropyCollapseGuard(PerFitCallback):
         is warned about once; with ``on_nonfinite`` it is one bad observation per further stale limit of silence.
         Returns the reason when the guard fires now."""
         limit = self._stale_limit()
-        if limit is None or self.last_seen_step is None:
+        if limit is None or self.last_seen_step is None or self._restored_silence:
             return None
         since = self.last_seen_step if self.last_stale_step is None else self.last_stale_step
         if now - since <= limit:
@@ -600,6 +618,7 @@ class EntropyCollapseGuard(PerFitCallback):
             message += " Stopping training."
         elif self.action == "rollback" and self._stale_bad:
             self.last_level = "warn"
+            self._unacted = True  # the key coming back bad in this streak is a firing that rolls back
             message += (" Not rolled back: a key that stopped being published says nothing about the model (its "
                         "monitor stopped, or the key was renamed); the held state stays.")
         elif self.action == "rollback":

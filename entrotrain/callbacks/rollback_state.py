@@ -99,7 +99,7 @@ def _unsupported(model: nn.Module) -> str | None:
             return "it is wrapped in FSDP (flat sharded parameters)"
         if name == "DeepSpeedEngine":
             return "it is a DeepSpeed engine"
-    sharded = [param for param in model.parameters() if _is_dtensor(param)]
+    sharded = [p if _is_dtensor(p) else p.data for p in model.parameters() if _is_dtensor(p) or _is_dtensor(p.data)]
     if not sharded:
         return None
     if not _has_fully_shard(model):

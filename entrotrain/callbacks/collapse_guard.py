@@ -377,11 +377,12 @@ class EntropyCollapseGuard(PerFitCallback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._pin_saves(trainer)
-        if ledger(trainer).get(self.monitor) is not None or self.source is not None:
+        published = ledger(trainer).get(self.monitor) is not None
+        if not published and self._is_logging_step(trainer) and _logged_in(trainer._results, self.monitor):
+            self._poll_logged(trainer)  # (also for a restored guard whose key a monitor published before the resume)
+        elif published or self.source is not None:
             self._poll_ledger(trainer)
             self._check_stale(trainer)
-        elif self._is_logging_step(trainer) and _logged_in(trainer._results, self.monitor):
-            self._poll_logged(trainer)
         self._check_missing(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -448,6 +449,7 @@ class EntropyCollapseGuard(PerFitCallback):
         step = _current_step(trainer)
         metric = trainer.callback_metrics.get(self.monitor)
         if metric is not None and (self.last_seen_step is None or step > self.last_seen_step):
+            self.source = None  # logged with self.log now, not published by a monitor
             self._observe(trainer, float(metric), step)
 
     def _observe(self, trainer: Trainer, value: float, step: int) -> None:

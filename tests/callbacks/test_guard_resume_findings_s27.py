@@ -130,3 +130,26 @@ def test_loop_resume_without_the_monitor_is_warned_about() -> None:
         with other.watch(_gpt()):
             pass
     assert any("no monitor of this" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+class _LoggingLM(_LM):
+    """Logs the watched key itself (``self.log``), collapsed from step 12 on."""
+
+    def training_step(self, batch, batch_idx):
+        self.log(KEY, 0.5 if self.global_step < 12 else 0.0001)
+        return super().training_step(batch, batch_idx)
+
+
+def test_lightning_resume_where_the_key_is_now_self_logged_is_still_judged(tmp_path: Path) -> None:
+    assert _fit(tmp_path, 8, 4) == (8, [])
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randint(0, 16, (512, 9))), batch_size=8)
+    trainer = pl.Trainer(max_steps=40, log_every_n_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[EntropyCollapseGuard(KEY, threshold=0.001, action="stop"),
+                                    ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_LoggingLM(), data, ckpt_path=tmp_path / "epoch=0-step=8.ckpt")
+    fired = [str(w.message) for w in caught if "EntropyCollapseGuard at step" in str(w.message)]
+    assert len(fired) == 1 and "fell below 0.001" in fired[0] and trainer.global_step < 20, fired

@@ -246,7 +246,7 @@ class EntropyMonitors:
                 "monitors.watch(model, optimizer=optimizer, scheduler=scheduler)."
             )
         self.session.bind(model)  # (resets the guards)
-        self.session.track(model, optimizers)  # refuses a sharded model (FSDP) before the run starts
+        self.session.track(model, optimizers)  # refuses FSDP1 / DeepSpeed before the run starts
         self._model = model
         self._optimizers = optimizers
         self._schedulers = _as_list(scheduler)

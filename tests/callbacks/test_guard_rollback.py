@@ -23,6 +23,7 @@ from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RunRecordLogger
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.spy_logger import SpyLogger
+from tests.helpers.training_state import model_state, opt_state, same
 
 KEY = "entropy/attn_norm/min"
 NAN = math.nan
@@ -51,29 +52,6 @@ class Script(L.Callback):
         if self.hook == "validation" and not trainer.sanity_checking and batch_idx == 0 and self.runs < len(self.values):
             publish_scalars(trainer, pl_module, {self.key: self.values[self.runs]}, source=f"script:{self.key}")
             self.runs += 1
-
-
-def model_state(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def opt_state(opt) -> list:
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            s = opt.state.get(p) or {}
-            out.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()})
-    return out
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 class Snap(L.Callback):

@@ -17,33 +17,10 @@ from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.scripts import run_script
+from tests.helpers.training_state import model_state, opt_state, same
 
 KEY = "scripted"
 LR = 0.05
-
-
-def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def opt_state(opt) -> list:
-    opt = getattr(opt, "optimizer", opt)
-    out = []
-    for group in opt.param_groups:
-        for p in group["params"]:
-            s = opt.state.get(p) or {}
-            out.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()})
-    return out
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def guard(**kwargs) -> EntropyCollapseGuard:

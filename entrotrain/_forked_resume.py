@@ -598,7 +598,9 @@ def training_state_changes(checkpoint: Mapping[str, Any], optimizers: list[Any],
                         [type(c.scheduler).__name__ for c in schedulers] or None))
     for i, (state, config) in enumerate(zip(states, schedulers)):
         name = "lr_scheduler" if i == 0 else f"lr_scheduler{i}"
-        changes += _scheduler_changes(name, config.scheduler, state, config.scheduler.state_dict())
+        found = _scheduler_changes(name, config.scheduler, state, config.scheduler.state_dict())
+        # a collapse guard lowers a cosine schedule's floor with its rate (or the rate would climb back to it)
+        changes += [change for change in found if not (lowered and change[0].endswith(".eta_min"))]
     return changes
 
 

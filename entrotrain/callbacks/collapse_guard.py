@@ -714,8 +714,10 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def reduce_lr(self, optimizers: Sequence[Any], schedulers: Sequence[Any] = ()) -> bool:
         """``lr ← max(lr · lr_factor, min_lr)`` for every param group of ``optimizers`` and every base rate of
-        ``schedulers`` (they recompute lr from ``base_lrs`` at their next step) and of the schedulers they step
-        (``SequentialLR`` / ``ChainedScheduler`` children, accelerate's wrapped scheduler); whether any rate fell."""
+        ``schedulers`` (they recompute lr from ``base_lrs`` at their next step; their floors too, ``eta_min`` of the
+        cosine schedules and ``OneCycleLR``'s ``min_lr``, so the lowered rate stays lowered to the end) and of the
+        schedulers they step (``SequentialLR`` / ``ChainedScheduler`` children, accelerate's wrapped scheduler);
+        whether any rate fell."""
         lowered = False
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -729,6 +731,9 @@ class EntropyCollapseGuard(PerFitCallback):
                 scheduler.base_lrs = [lower(lr) for lr in base]
             if isinstance(getattr(scheduler, "max_lrs", None), list):  # CyclicLR cycles between base and max
                 scheduler.max_lrs = [lower(lr) for lr in scheduler.max_lrs]
+            eta_min = getattr(scheduler, "eta_min", None)  # CosineAnnealingLR / WarmRestarts decay towards it
+            if isinstance(eta_min, (int, float)) and not isinstance(eta_min, bool):
+                scheduler.eta_min = lower(eta_min)
             if type(scheduler).__name__ == "OneCycleLR":  # recomputes from its groups' rates, not base_lrs
                 for group in scheduler.optimizer.param_groups:
                     for key in ("initial_lr", "max_lr", "min_lr"):

@@ -322,6 +322,14 @@ class EntropyMonitors:
                 f"epochs); got {step} after {self._done}. Pass a global step counter, not the batch index of an epoch, "
                 "and put every micro-batch of one optimizer step inside one block."
             )
+        restored = max((g.last_seen_step for g in self.session.guards if g.last_seen_step is not None), default=None)
+        if self._done is None and restored is not None and step < restored:  # a guard would skip every step up to it
+            raise EntrotrainError(
+                f"EntropyMonitors.step({step}): the state loaded with load_state_dict was saved at step {restored} or "
+                f"later, and steps must go on from there (the guards judge each step once, so they would ignore every "
+                f"step up to {restored}: a model gone NaN meanwhile would not be seen). Resume your loop's step counter "
+                "from the checkpoint's step, or do not load the monitors' state of a later checkpoint."
+            )
         self.logs, self.computed, self.media, self._observed, self._step = {}, {}, {}, {}, step
         due = [i for i, d in enumerate(self.session.drivers) if step % (self.every_n_steps or d.period) == 0]
         if due:

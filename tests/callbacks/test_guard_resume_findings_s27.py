@@ -15,33 +15,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
 from entrotrain.integrations.loop import EntropyMonitors
-from entrotrain.models import TinyGPT
+from tests.callbacks.test_guard_resume_nan import _LM, _gpt
 
 KEY = "entropy/attn_norm/min"
-
-
-def _gpt() -> TinyGPT:
-    torch.manual_seed(0)
-    return TinyGPT(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
-
-
-class _LM(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = _gpt()
-
-    def training_step(self, batch, batch_idx):
-        x = batch[0]
-        return F.cross_entropy(self.net(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
 def _fit(folder: Path, max_steps: int, every: int | None, ckpt: Path | None = None) -> tuple[int, list[str]]:

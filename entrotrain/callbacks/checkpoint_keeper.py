@@ -529,12 +529,35 @@ class LastGoodCheckpoints:
         if any(p.source == source and p.frozen and p.stamp == _stamp(source) for p in self._pins):
             self._sync()
             return None  # already kept, unchanged
+        same = self._pinned_already(source)
+        if same is not None:  # an earlier run's pin of these very files (taken over): this save's pin, not a second
+            same.step, same.source, same.held = step, source, False
+            self._drop_unjudged_but_two()
+            self._sync()
+            return same.path
         target = self._link(source)
         if target is not None:
             self._pins.append(_Pin(step, target, source, _stamp(target), _inodes(target)))
             self._drop_unjudged_but_two()
         self._sync()
         return target
+
+    def _pinned_already(self, source: Path) -> _Pin | None:
+        """A pin (not frozen) this keeper holds whose files are ``source``'s very files (same inodes): a run that
+        resumed without saying so pins the checkpoints it finds again, and a killed run's pin of the same save was
+        taken over at :meth:`start`."""
+        try:
+            inodes = _inodes(source)
+        except OSError:
+            return None
+        for pin in self._pins:
+            if not pin.frozen and pin.inodes == inodes and pin.path.exists():
+                try:
+                    if _inodes(pin.path) == inodes:
+                        return pin
+                except OSError:
+                    continue
+        return None
 
     def _link(self, source: Path) -> Path | None:
         """Hard-link ``source`` under a free name in its keep folder; ``None``: not linked (gone, or refused: warned

@@ -481,3 +481,20 @@ def test_list_pins_and_release_abandoned_refuse_what_is_not_a_folder() -> None:
         list_pins(None)
     with pytest.raises(EntrotrainError, match=r"release_abandoned\(folder\) needs the checkpoint folder"):
         release_abandoned(3)
+
+
+def test_a_checkpoint_pinned_by_a_killed_run_is_not_pinned_twice(tmp_path) -> None:
+    """A run that resumed without saying so (a loop's ``checkpoint_dir`` scan finds the killed run's checkpoints
+    again) saves nothing new at first: the taken-over pin of the same files becomes its pin, not a second link
+    ``step_20-v1.pt`` beside it; freed at its normal end like its own."""
+    first = LastGoodCheckpoints()
+    first.saved(_save(tmp_path, 20))
+    _die(first)
+    second = LastGoodCheckpoints()
+    second.start([tmp_path])
+    assert _states(tmp_path) == {"step_20.pt": "running"}  # held by the second run
+    assert second.saved(tmp_path / "step_20.pt") == tmp_path / KEEP_FOLDER / "step_20.pt"
+    assert sorted(p.name for p in (tmp_path / KEEP_FOLDER).iterdir() if not p.name.startswith(".")) == ["step_20.pt"]
+    second.judged(25, 25)
+    assert second.freeze(25) == tmp_path / KEEP_FOLDER / "step_20.pt"  # its own: judged, named, kept
+    second.wait()

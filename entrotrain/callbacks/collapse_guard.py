@@ -495,7 +495,8 @@ class EntropyCollapseGuard(PerFitCallback):
             if not (below or above):
                 self.armed = True
             elif self.armed or not self.arm_on_good:
-                return f"{self.monitor} = {value:.4g} {'fell below' if below else 'rose above'} {self.threshold}"
+                shown = _beside(value, self.threshold)
+                return f"{self.monitor} = {shown} {'fell below' if below else 'rose above'} {self.threshold}"
             else:
                 self._warn_unarmed(value, step)
         if self.max_drop is not None and len(self.history) >= self.drop_window:
@@ -520,7 +521,9 @@ class EntropyCollapseGuard(PerFitCallback):
         self.fired = True
         self.times_fired += 1
         if self.last_good_step is not None and self.last_good_value is not None:
-            reason += f" (last good: {self.last_good_value:.4g} at step {self.last_good_step})"
+            good = (f"{self.last_good_value:.4g}" if self.threshold is None
+                    else _beside(self.last_good_value, self.threshold))
+            reason += f" (last good: {good} at step {self.last_good_step})"
         self.last_reason = reason
         return reason
 
@@ -782,6 +785,16 @@ def _with_inner_schedulers(schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not scheduler:
             todo.append(inner)
     return out
+
+
+def _beside(value: float, threshold: float) -> str:
+    """``value`` to 4 significant digits, or more where 4 would print it as the threshold (``= 1 fell below 1.0``
+    for 0.99996 below 1.0)."""
+    for digits in (4, 6, 9, 17):
+        shown = f"{value:.{digits}g}"
+        if float(shown) != float(f"{threshold:.{digits}g}") or value == threshold:
+            return shown
+    return repr(value)
 
 
 def _rates_now(optimizers: Sequence[Any]) -> str:

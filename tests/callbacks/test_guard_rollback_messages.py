@@ -69,3 +69,13 @@ def test_a_silent_key_is_warned_about_not_rolled_back() -> None:
     # a value that falls afterwards is a new episode once a good one came: it rolls back as usual
     guard.observe(0.9, 110)
     assert "Rolled back" in guard.fire(guard.observe(0.1, 120), 120, [optimizer]) and guard.rollbacks == 1
+
+
+def test_a_value_next_to_the_threshold_is_printed_with_the_digits_that_tell_them_apart() -> None:
+    guard = EntropyCollapseGuard("k", threshold=1.0, keep_last_good=False)
+    guard.observe(1.00004, 0)
+    reason = guard.observe(0.99996, 1)
+    assert reason == "k = 0.99996 fell below 1.0 (last good: 1.00004 at step 0)"  # was "= 1 fell below 1.0"
+    far = EntropyCollapseGuard("k", threshold=0.05, keep_last_good=False)
+    far.observe(0.0749612, 0)
+    assert far.observe(0.0122234, 1) == "k = 0.01222 fell below 0.05 (last good: 0.07496 at step 0)"

@@ -788,10 +788,9 @@ def _same(a: Path, b: Path, files: bool = True) -> bool:
     try:
         if a.resolve() == b.resolve() or not files:
             return a.resolve() == b.resolve()
-        if a.is_dir() and b.is_dir():  # a folder of hard links: the same files under the same names
-            files = [p.relative_to(a) for p in a.rglob("*") if p.is_file()]
-            return bool(files) and all((b / f).is_file() and os.path.samefile(a / f, b / f) for f in files)
-        return os.path.samefile(a, b)
+        theirs = dict(_files(b))  # a file checkpoint is one file named "", a folder of hard links its files by name
+        ours = _files(a)
+        return bool(ours) and all(name in theirs and os.path.samefile(file, theirs[name]) for name, file in ours)
     except OSError:
         return a == b
 

@@ -328,14 +328,8 @@ class EntropyCollapseGuard(PerFitCallback):
         self.track(pl_module, trainer.optimizers)
         if self.source is not None and self.last_seen_step is not None:  # resumed: its publisher published it before
             expect_key(trainer, self.source, self.monitor)
-            publishers = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
-            if not any(self.source == key or self.source.startswith(f"{key}/") for key in publishers if key):
-                rank_zero_warn(
-                    f"EntropyCollapseGuard: {self.monitor} was published by {self.source} in the run this one resumed "
-                    "from, and no callback of this trainer has that state_key (the monitor was removed, or configured "
-                    "differently): the guard judges the key once a callback publishes it. Add the monitor back, or "
-                    "drop the guard."
-                )
+            self.warn_if_publisher_gone([getattr(cb, "state_key", None) for cb in trainer.callbacks],
+                                        "callback of this trainer", "a callback publishes it")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.untrack()
@@ -354,6 +348,18 @@ class EntropyCollapseGuard(PerFitCallback):
         self.untrack()
         self._tracked = (model, list(optimizers))
         _TRACKING.setdefault(model, weakref.WeakSet()).add(self)
+
+    def warn_if_publisher_gone(self, publishers: Iterable[str | None], among: str, until: str) -> None:
+        """Restored from a checkpoint, the guard knows which publisher's ``state_key`` published its key (``source``):
+        warn when none of ``publishers`` is it (the monitor was removed, or configured differently), since the key is
+        then judged only ``until`` that happens. ``among``: what ``publishers`` are, for the message."""
+        source = self.source if self.last_seen_step is not None else None
+        if source and not any(key and (source == key or source.startswith(f"{key}/")) for key in publishers):
+            rank_zero_warn(
+                f"EntropyCollapseGuard: {self.monitor} was published by {source} in the run this one resumed from, "
+                f"and no {among} has that state_key (the monitor was removed, or configured differently): the guard "
+                f"judges the key once {until}. Add the monitor back, or drop the guard."
+            )
 
     def untrack(self) -> None:
         """Drop the tracked model and the held state (its host memory): the end of training."""
@@ -481,11 +487,14 @@ class EntropyCollapseGuard(PerFitCallback):
         self._unacted = False
         self.last_good_step, self.last_good_value = step, float(value)
         self.keeper.judged(step, step)
-        # action="rollback": this is the state to come back to, unless the step's update made it non-finite (the
-        # value was measured before it): the state held before stays
+        self._hold(step)
+        return None
+
+    def _hold(self, step: int) -> None:
+        """``action="rollback"``: hold the tracked state as the one to come back to (with the history it goes with),
+        unless the step's update made it non-finite (the value was measured before it): the state held before stays."""
         if self._tracked is not None and self.rollback_state.take(*self._tracked, step=step):
             self._held_history = list(self.history)
-        return None
 
     def _reason(self, value: float, step: int) -> str:
         """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
@@ -670,8 +679,7 @@ class EntropyCollapseGuard(PerFitCallback):
         guard judged bad (taken while its bad streak ran), which their next firing must not bring back."""
         for other in list(_TRACKING.get(model, ())):
             if other is not self and other._tracked is not None and other._tracked[0] is model:
-                if other.rollback_state.take(model, other._tracked[1], step=step):
-                    other._held_history = list(other.history)
+                other._hold(step)
 
     def rollback_hint(
         self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None
@@ -724,9 +732,9 @@ class EntropyCollapseGuard(PerFitCallback):
         lowered = False
         for optimizer in optimizers:
             for group in optimizer.param_groups:
-                new = max(group["lr"] * self.lr_factor, self.min_lr)
+                new = self._lowered(group["lr"])
                 lowered |= new < group["lr"]
-                group["lr"] = min(new, group["lr"])
+                group["lr"] = new
         lower = self._lowered
         for scheduler in _with_inner_schedulers(schedulers):
             base = getattr(scheduler, "base_lrs", None)

@@ -780,11 +780,5 @@ class MonitorSession:
                     self._published[i].update(str(key) for key in keys)
         publishers = [monitor.state_key for monitor in self.monitors]
         for guard in self.guards:
-            source = guard.source if guard.last_seen_step is not None else None
-            if source and not any(source == key or source.startswith(f"{key}/") for key in publishers):
-                rank_zero_warn(
-                    f"EntropyCollapseGuard: {guard.monitor} was published by {source} in the run this one resumed "
-                    f"from, and no monitor of this {self.owner} has that state_key (removed, or configured "
-                    "differently): the guard judges the key once a monitor publishes it (or you observe it). Add the "
-                    "monitor back, or drop the guard."
-                )
+            guard.warn_if_publisher_gone(publishers, f"monitor of this {self.owner}",
+                                         "a monitor publishes it (or you observe it)")

@@ -420,11 +420,11 @@ class EntropyMonitors:
         fired = self.session.observe({**self._observed, **metrics}, step) + self.session.check_stale(step)
         self._observed = {}
         self.rolled_back = False
+        folder = self.checkpoint_dir
+        saved = list(folder.iterdir()) if fired and folder is not None and folder.is_dir() else []
+        if self._resumed_from is not None:  # before this run's first save, the checkpoint it resumed from
+            saved.append(self._resumed_from)
         for guard, reason in fired:
-            folder = self.checkpoint_dir
-            saved = list(folder.iterdir()) if folder is not None and folder.is_dir() else []
-            if self._resumed_from is not None:  # before this run's first save, the checkpoint it resumed from
-                saved.append(self._resumed_from)
             self.should_stop |= self.session.act(
                 guard, reason, step, self._optimizers, self._schedulers, saved, since=self._run_start
             )

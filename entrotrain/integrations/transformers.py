@@ -225,7 +225,6 @@ class EntropyTrainerCallback(TrainerCallback):
         self._pending: dict[str, float] | None = None
         self._alerts: dict[str, float] = {}
         self._attached = False
-        self._trainer: Callable[[], Any] | None = None  # weakref to the Trainer attach() was given
         self._summaries_defined = False
         self._run_start: float | None = None  # checkpoints modified before it belong to an earlier run
 
@@ -271,7 +270,6 @@ class EntropyTrainerCallback(TrainerCallback):
             guarded_train._entrotrain_release = True  # type: ignore[attr-defined]
             trainer.train = guarded_train
         self._attached = True
-        self._trainer = weakref.ref(trainer)
         return self
 
     def release(self) -> None:

@@ -429,7 +429,7 @@ class EntropyMonitors:
                 guard, reason, step, self._optimizers, self._schedulers, saved, since=self._run_start
             )
             self.logs[f"{guard.monitor}/alert"] = 1.0
-            self.rolled_back |= guard.action == "rollback" and not guard.stopping
+            self.rolled_back |= guard.last_level == "rollback"  # (not a stop, nor a silent key only warned about)
         self.session.record_scalars(self.logs, step)
         if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:
             self.log({**self.logs, **self.media}, step=step)

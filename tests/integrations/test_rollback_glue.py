@@ -168,6 +168,28 @@ def test_loop_rolled_back_is_false_for_a_stop_and_other_actions() -> None:
     assert rolled == []
 
 
+def test_loop_rolled_back_is_false_when_a_silent_key_is_only_warned_about() -> None:
+    """A key that stops being observed fires as stale; a rollback guard warns and does not roll back, so
+    ``monitors.rolled_back`` stays False (it said True: it looked at the action, not at what the guard did)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    g = guard()
+    monitors = EntropyMonitors(guards=[g], print_summary=False)
+    rolled = []
+    with monitors.watch(model, optimizer=opt), pytest.warns(UserWarning, match="Not rolled back"):
+        for step, x in enumerate(data(8)):
+            with monitors.step(step):
+                opt.zero_grad(set_to_none=True)
+                model(x).pow(2).mean().backward()
+                opt.step()
+                if step < 2:  # published at steps 0 and 1, then silent: stale after 3 steps
+                    monitors.observe(**{KEY: 0.9})
+            if monitors.rolled_back:
+                rolled.append(step)
+    assert g.times_fired == 1 and g.last_level == "warn" and g.rollbacks == 0
+    assert rolled == []
+
+
 # ---------------------------------------------------------------------------- transformers.Trainer
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -33,9 +33,10 @@ def _parent(root: Path, model: Net, max_steps: int = 4) -> Path:
     return root / "ckpts" / "epoch=0-step=2.ckpt"
 
 
-def _unchanged(tmp_path: Path, make, ckpt: Path, capsys) -> None:
+def _unchanged(tmp_path: Path, make, ckpt: Path, capsys) -> tuple:
     """Resuming ``make()`` from ``ckpt`` with ResumeWithChanges is Lightning's own resume: no plan, nothing printed,
-    no new record, and the same learning rates and moments as a resume without the callback."""
+    no new record, and the same learning rates and moments as a resume without the callback. Returns the plan and
+    the learning rates of the resume with and without the callback."""
     callback = ResumeWithChanges()
     _, spy = _fit(tmp_path / "again", make(), callback, ckpt=ckpt, max_steps=4)
     out = capsys.readouterr().out
@@ -45,6 +46,7 @@ def _unchanged(tmp_path: Path, make, ckpt: Path, capsys) -> None:
     _, own = _fit(tmp_path / "own", make(), ckpt=ckpt, max_steps=4, record=False)
     assert spy.lrs == own.lrs
     assert all(torch.equal(a, b) for a, b in zip(spy.exp_avg, own.exp_avg))
+    return callback.plan, spy.lrs, own.lrs
 
 
 # ------------------------------------------------------------------ 1. a manual warmup in optimizer_step
@@ -211,7 +213,8 @@ UNCHANGED = {"sequential": _sequential(3, 3), "chained": _chained(0.9), "restart
 def test_an_unchanged_scheduler_is_lightnings_own_resume(tmp_path, capsys, monkeypatch, name):
     monkeypatch.setattr(Net, "scheduler", _scheduler(UNCHANGED[name]))
     ckpt = _parent(tmp_path / "parent", Net())
-    _unchanged(tmp_path, Net, ckpt, capsys)
+    plan, resumed, own = _unchanged(tmp_path, Net, ckpt, capsys)
+    assert plan is None and resumed == own and resumed
 
 
 CHANGED = {
@@ -242,7 +245,8 @@ def test_a_rate_of_another_number_type_is_not_a_change(tmp_path, capsys, kind):
     """``AdamW(lr=self.hparams.lr)`` with ``lr`` a ``np.float64`` or a 0-d tensor."""
     value = {"numpy": np.float64(0.01), "tensor": torch.tensor(0.01, dtype=torch.float64)}[kind]
     ckpt = _parent(tmp_path / "parent", Net(lr=value))
-    _unchanged(tmp_path, lambda: Net(lr=value), ckpt, capsys)
+    plan, resumed, own = _unchanged(tmp_path, lambda: Net(lr=value), ckpt, capsys)
+    assert plan is None and resumed == own and resumed
 
 
 def _configured_lrs(make, steps: int) -> list[float]:

@@ -260,8 +260,9 @@ def test_hf_trainer_rolls_back_model_and_adam_state_and_lowers_the_scheduler(tmp
 
 def test_hf_trainer_refuses_fsdp_arguments(tmp_path: Path) -> None:
     """FSDP arguments need a process group (torchrun's environment): in a fresh interpreter."""
-    run_script(Path(__file__).with_name("rollback_hf_fsdp_run.py"), Path(__file__).resolve().parents[2],
-               str(tmp_path / "out"))
+    out = run_script(Path(__file__).with_name("rollback_hf_fsdp_run.py"), Path(__file__).resolve().parents[2],
+                     str(tmp_path / "out"))
+    assert out.strip().splitlines()[-1] == "REFUSED"  # train() raised the EntrotrainError naming fsdp= and reduce_lr
 
 
 @pytest.mark.parametrize("how", ["trainer", "env"])

@@ -71,16 +71,19 @@ def test_lightning_guard_sees_nan_at_the_first_logging_step_after_a_resume(tmp_p
     assert resumed.startswith(f"EntropyCollapseGuard at step 8: {KEY} is nan")
 
 
-def test_loop_guard_sees_nan_at_the_first_logging_step_after_a_resume() -> None:
-    def run(steps: range, nan_from: int, saved: dict | None) -> tuple[list[str], dict]:
-        sent: list[str] = []
-        model = _gpt()
-        monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=4)],
-                                   guards=[EntropyCollapseGuard(KEY, threshold=0.01, notify=sent.append)],
-                                   print_summary=False)
-        if saved is not None:
-            monitors.load_state_dict(saved)
-        state: dict = {}
+def loop_run(steps: range, saved: dict | None, nan_from: int = 10**9) -> tuple[list[str], dict]:
+    """A plain loop on the tiny GPT over ``steps`` (its weights NaN from step ``nan_from``) with an attention monitor
+    every 4 steps and a guard on its least entropy, the monitors' state ``saved`` loaded first: the guard's firings
+    and the monitors' state at the end."""
+    model = _gpt()
+    sent: list[str] = []
+    monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=4)],
+                               guards=[EntropyCollapseGuard(KEY, threshold=0.01, notify=sent.append)],
+                               print_summary=False)
+    if saved is not None:
+        monitors.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         with monitors.watch(model):
             for step in steps:
                 if step >= nan_from:
@@ -88,12 +91,13 @@ def test_loop_guard_sees_nan_at_the_first_logging_step_after_a_resume() -> None:
                         next(model.parameters()).fill_(float("nan"))
                 with monitors.step(step):
                     model(torch.randint(0, 16, (4, 8))).sum().backward()
-                if step == 7:
-                    state = monitors.state_dict()
-        return sent, state
+            state = monitors.state_dict()
+    return sent, state
 
-    one_run, _ = run(range(16), nan_from=8, saved=None)
+
+def test_loop_guard_sees_nan_at_the_first_logging_step_after_a_resume() -> None:
+    one_run, _ = loop_run(range(16), None, nan_from=8)
     assert len(one_run) == 1 and one_run[0].startswith(f"EntropyCollapseGuard at step 8: {KEY} is nan")
-    _, saved = run(range(8), nan_from=99, saved=None)
-    resumed, _ = run(range(8, 16), nan_from=8, saved=saved)
+    _, saved = loop_run(range(8), None)
+    resumed, _ = loop_run(range(8, 16), saved, nan_from=8)
     assert len(resumed) == 1 and resumed[0].startswith(f"EntropyCollapseGuard at step 8: {KEY} is nan"), resumed

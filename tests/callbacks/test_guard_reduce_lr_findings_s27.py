@@ -48,23 +48,14 @@ def test_a_cosine_floor_a_collapse_guard_lowered_is_not_a_change(tmp_path, capsy
     it for a changed setting (a fork that would put the configured floor back and undo the guard's action)."""
     from entrotrain.callbacks.resume_with_changes import ResumeWithChanges
     from tests.callbacks.resume_changes_run import Net
-    from tests.callbacks.test_resume_with_changes_findings import _fit
+    from tests.callbacks.test_resume_with_changes_findings import _fit_guarded, _guard_lowered_parent
 
     def cosine(self, optimizer):
         return {"scheduler": CosineAnnealingLR(optimizer, T_max=8, eta_min=0.002), "interval": "step"}
 
-    def guard() -> EntropyCollapseGuard:
-        return EntropyCollapseGuard("train/loss", mode="max", threshold=-1.0, arm_on_good=False, action="reduce_lr")
-
     monkeypatch.setattr(Net, "scheduler", cosine)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _fit(tmp_path / "parent", Net(), guard(), max_steps=6, checkpoints=True)
-    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"
+    ckpt = _guard_lowered_parent(tmp_path / "parent")
     assert torch.load(ckpt, weights_only=False)["lr_schedulers"][0]["eta_min"] == pytest.approx(0.001)
     callback = ResumeWithChanges()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _fit(tmp_path / "again", Net(), callback, guard(), ckpt=ckpt, max_steps=6)
+    _fit_guarded(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=6)
     assert callback.plan is None and "changed configuration" not in capsys.readouterr().out

@@ -25,6 +25,27 @@ def _fit(root: Path, model: Net, *callbacks, max_steps: int, ckpt: Path | str | 
     return fit, spy
 
 
+def _fit_guarded(root: Path, model: Net, *callbacks, **kwargs):
+    """:func:`_fit` with a collapse guard that fires at its first observation (``train/loss`` above -1) and halves
+    the learning rates once (``action="reduce_lr"``), its warnings silenced."""
+    import warnings
+
+    from entrotrain.callbacks import EntropyCollapseGuard
+
+    guard = EntropyCollapseGuard("train/loss", mode="max", threshold=-1.0, arm_on_good=False, action="reduce_lr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _fit(root, model, *callbacks, guard, **kwargs)
+
+
+def _guard_lowered_parent(root: Path) -> Path:
+    """The checkpoint at step 4 of a run of ``Net`` (under the scheduler a test set) whose rates the guard of
+    :func:`_fit_guarded` lowered once."""
+    torch.manual_seed(0)
+    _fit_guarded(root, Net(), max_steps=6, checkpoints=True)
+    return root / "ckpts" / "epoch=0-step=4.ckpt"
+
+
 def _always_plateau(self, optimizer):
     """mode="max" on a falling loss: every step is a plateau, so the rate halves at every step."""
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
@@ -360,24 +381,11 @@ def test_a_rate_a_collapse_guard_lowered_is_not_a_change(tmp_path, capsys):
     """``EntropyCollapseGuard(action="reduce_lr")`` halved the rate of an unscheduled group before the checkpoint:
     an unchanged resume is Lightning's own, at the lowered rate (it forked, ``optimizer.lr: 0.005 → 0.01``, and undid
     the guard's action)."""
-    import warnings
-
-    from entrotrain.callbacks import EntropyCollapseGuard
-
-    def guard() -> EntropyCollapseGuard:
-        return EntropyCollapseGuard("train/loss", mode="max", threshold=-1.0, arm_on_good=False, action="reduce_lr")
-
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _fit(tmp_path / "parent", Net(), guard(), max_steps=6, checkpoints=True)
-    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"
+    ckpt = _guard_lowered_parent(tmp_path / "parent")
     saved = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
     assert saved == pytest.approx(Net().hparams.lr / 2)  # the guard fired once
     callback = ResumeWithChanges()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, spy = _fit(tmp_path / "again", Net(), callback, guard(), ckpt=ckpt, max_steps=6)
+    _, spy = _fit_guarded(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=6)
     assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
     assert spy.lrs[0] == [saved]
 
@@ -386,32 +394,17 @@ def test_a_one_cycle_rate_a_collapse_guard_lowered_is_not_a_change(tmp_path, cap
     """Under OneCycleLR a guard's ``reduce_lr`` (and a rollback's) lowers the groups' ``initial_lr`` / ``max_lr`` /
     ``min_lr`` too, or the cycle would bring the rate back at its next step: an unchanged resume then forked
     (``optimizer.lr``, ``max_lr``, ``min_lr``) and undid the guard's action. It is Lightning's own resume."""
-    import warnings
-
-    from entrotrain.callbacks import EntropyCollapseGuard
-
     def one_cycle(self, optimizer):
         return {"scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8),
                 "interval": "step"}
 
-    def guard() -> EntropyCollapseGuard:
-        return EntropyCollapseGuard("train/loss", mode="max", threshold=-1.0, arm_on_good=False, action="reduce_lr")
-
     monkeypatch.setattr(Net, "scheduler", one_cycle)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _fit(tmp_path / "parent", Net(), guard(), max_steps=6, checkpoints=True)
-    ckpt = tmp_path / "parent" / "ckpts" / "epoch=0-step=4.ckpt"
+    ckpt = _guard_lowered_parent(tmp_path / "parent")
     group = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"][0]
     assert group["max_lr"] == pytest.approx(0.005)  # the guard fired once
     callback = ResumeWithChanges()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _fit(tmp_path / "again", Net(), callback, guard(), ckpt=ckpt, max_steps=6)
+    _fit_guarded(tmp_path / "again", Net(), callback, ckpt=ckpt, max_steps=6)
     assert callback.plan is None and "changed configuration" not in capsys.readouterr().out
     fork = ResumeWithChanges()  # a real change still forks
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _fit(tmp_path / "fork", Net(lr=0.001), fork, guard(), ckpt=ckpt, max_steps=6)
+    _fit_guarded(tmp_path / "fork", Net(lr=0.001), fork, ckpt=ckpt, max_steps=6)
     assert fork.plan is not None and "model.lr: 0.01 → 0.001" in capsys.readouterr().out

@@ -93,7 +93,8 @@ from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import expect_key, ledger
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
-from entrotrain.callbacks.rollback_state import RollbackState, check_supported
+from entrotrain.callbacks.rollback_history import RollbackHistory
+from entrotrain.callbacks.rollback_state import check_supported
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
 
@@ -181,6 +182,10 @@ class EntropyCollapseGuard(PerFitCallback):
             observations judge them, and at a normal end of training. No disk space while the original exists;
             one checkpoint's worth once a rotation deleted it (:mod:`~entrotrain.callbacks.checkpoint_keeper`).
         max_rollbacks: with ``action="rollback"``, the firings that roll back (>= 1); the next one stops training.
+        rollback_states: with ``action="rollback"``, the good observations whose state is held (>= 1; host memory
+            ``rollback_states`` × one copy of the model and its optimizer state). A fall that comes back within that
+            many good observations of a rollback is the same fall: the next rollback goes one held state further back
+            (:mod:`~entrotrain.callbacks.rollback_history`).
 
     Example::
 
@@ -207,6 +212,7 @@ class EntropyCollapseGuard(PerFitCallback):
         notify: Any = None,  # Callable[[str], Any] | str | None, typed loosely: LightningCLI saves a str as written
         keep_last_good: bool = True,
         max_rollbacks: int = 3,
+        rollback_states: int = 1,
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
         self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
@@ -240,6 +246,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.notify = _resolve_notify(notify)
         self.keep_last_good = check_bool(keep_last_good, "EntropyCollapseGuard(keep_last_good)")
         self.max_rollbacks = check_int(max_rollbacks, "EntropyCollapseGuard(max_rollbacks)", low=1)
+        self.rollback_states = check_int(rollback_states, "EntropyCollapseGuard(rollback_states)", low=1)
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
@@ -257,10 +264,11 @@ class EntropyCollapseGuard(PerFitCallback):
         self.keeper = LastGoodCheckpoints()
         self._save_pending = False  # a checkpoint was saved since the last look at ModelCheckpoint's files
         self._seen_saves: set[str] = set()
-        #: ``action="rollback"``: the model's and optimizers' state at the last good observation (host memory).
-        self.rollback_state = RollbackState()
+        #: ``action="rollback"``: the model's and optimizers' states at the last ``rollback_states`` good observations
+        #: (host memory), each with the ``history`` it goes with.
+        self.held_states = RollbackHistory(self.rollback_states)
         self._tracked: tuple[nn.Module, list[Any]] | None = None  # what a rollback restores (:meth:`track`)
-        self._held_history: list[float] = []  # ``history`` when the held state was taken
+        self._good_since_rollback = 0  # good observations since the last rollback (a fall within the window escalates)
         #: Whether the last firing stops training (``action="stop"``, or a rollback that could not roll back).
         self.stopping = False
         #: The run record's level of the last firing: the action, or ``"stop"`` / ``"warn"`` when a rollback guard
@@ -344,7 +352,7 @@ class EntropyCollapseGuard(PerFitCallback):
             raise EntrotrainError(
                 f"EntropyCollapseGuard.track(model) needs the nn.Module to roll back, got {type(model).__name__}."
             )
-        check_supported(model)  # refused at the start, not at the first good observation
+        check_supported(model, optimizers)  # refused at the start, not at the first good observation
         self.untrack()
         self._tracked = (model, list(optimizers))
         _TRACKING.setdefault(model, weakref.WeakSet()).add(self)
@@ -366,7 +374,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if self._tracked is not None:
             _TRACKING.get(self._tracked[0], weakref.WeakSet()).discard(self)
         self._tracked = None
-        self.rollback_state.clear()
+        self.held_states.clear()
 
     def record_thresholds(self) -> list[RecordThreshold]:
         """The run record's reference line on the watched key: the guard's ``threshold`` (none without one)."""
@@ -486,6 +494,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.fired = False  # re-armed: the next bad streak is a new episode
         self._unacted = False
         self.last_good_step, self.last_good_value = step, float(value)
+        self._good_since_rollback += 1
         self.keeper.judged(step, step)
         self._hold(step)
         return None
@@ -493,8 +502,8 @@ class EntropyCollapseGuard(PerFitCallback):
     def _hold(self, step: int) -> None:
         """``action="rollback"``: hold the tracked state as the one to come back to (with the history it goes with),
         unless the step's update made it non-finite (the value was measured before it): the state held before stays."""
-        if self._tracked is not None and self.rollback_state.take(*self._tracked, step=step):
-            self._held_history = list(self.history)
+        if self._tracked is not None:
+            self.held_states.take(*self._tracked, step=step, extra=list(self.history))
 
     def _reason(self, value: float, step: int) -> str:
         """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
@@ -655,19 +664,30 @@ class EntropyCollapseGuard(PerFitCallback):
             self.stopping = True
             return (f" Rolled back {self.rollbacks} time(s) already (max_rollbacks={self.max_rollbacks}): stopping "
                     "training.")
-        if self._tracked is None or self.rollback_state.step is None:
+        if self._tracked is None or self.held_states.step is None:
             self.stopping = True
             return (" No good state is held to roll back to (none was judged good since training started or "
                     "resumed): stopping training.")
         model, tracked_optimizers = self._tracked
-        held_step = self.rollback_state.restore(model, tracked_optimizers)
+        good = self._good_since_rollback
+        came_back = self.rollbacks > 0 and good < self.rollback_states
+        last_target = self.held_states.restored_step
+        further = came_back and self.held_states.has_older()
+        held = self.held_states.pick(further_back=further)
+        assert held is not None  # something is held (checked above)
+        held_step = self.held_states.restore(model, tracked_optimizers, held)
         self.rollbacks += 1
-        self.bad_streak, self.fired = 0, False
-        self.history = deque(self._held_history, maxlen=self.drop_window + 1)
+        self.bad_streak, self.fired, self._good_since_rollback = 0, False, 0
+        self.history = deque(held.extra or [], maxlen=self.drop_window + 1)
         self._rehold_others(model, held_step)
-        sentence = (f" Rolled back the model and optimizer state to step {held_step} (rollback {self.rollbacks} of "
-                    f"{self.max_rollbacks}; the batches since are skipped, not replayed")
-        if self.last_good_step is not None and held_step < self.last_good_step:
+        sentence = f" Rolled back the model and optimizer state to step {held_step}"
+        if came_back:
+            after = f"{good} good observation{'' if good == 1 else 's'} after the last rollback (to step {last_target})"
+            sentence += (f", one held state further back: the fall came back {after}" if further else
+                         f"; the fall came back {after}, and no older state is held (rollback_states holds more)")
+        sentence += (f" (rollback {self.rollbacks} of {self.max_rollbacks}; the batches since are skipped, not "
+                     "replayed")
+        if not further and self.last_good_step is not None and held_step < self.last_good_step:
             sentence += f"; the state after step {self.last_good_step} was not finite, so it was not held"
         sentence += ")"
         if self.reduce_lr(optimizers, schedulers):

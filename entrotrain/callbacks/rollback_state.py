@@ -25,7 +25,8 @@ What rolls back, and what does not:
 Copies are made in place: the snapshot's host buffers are re-used from one good observation to the next (one
 device-to-host copy of model + optimizer state per good observation, into pinned memory on CUDA, queued on the
 current stream), and a rollback copies back into the live tensors, so parameters keep their identity (optimizers,
-DDP buckets and compiled graphs see the same tensors). Host memory: one copy of the model and its optimizer state.
+DDP buckets and compiled graphs see the same tensors). Host memory: one copy of the model and its optimizer state
+(per held state: :mod:`~entrotrain.callbacks.rollback_history` holds the last ``rollback_states``).
 
 Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank),
 ``torch.compile``, and FSDP2 (``fully_shard`` on a 1-D mesh, in a plain loop or Lightning's
@@ -65,8 +66,16 @@ _HeldOptimizer = dict[int, "dict[str, tuple[Any, Any, Any]] | None"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim.Optimizer`` inside Lightning's ``LightningOptimizer`` / Accelerate's ``AcceleratedOptimizer``
-    (whose ``state`` may be the wrapper's own); anything else as it is."""
+    """The optimizer that holds the per-parameter state: the ``torch.optim.Optimizer`` inside Lightning's
+    ``LightningOptimizer`` / Accelerate's ``AcceleratedOptimizer`` (whose ``state`` may be the wrapper's own), the
+    local optimizer ``.optim`` of a ``ZeroRedundancyOptimizer`` (its own ``state`` stays empty: ``.optim`` holds this
+    rank's shard); anything else as it is."""
+    optimizer = _outer_optimizer(optimizer)
+    return optimizer.optim if _is_zero(optimizer) else optimizer
+
+
+def _outer_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` a wrapper (``LightningOptimizer``, ``AcceleratedOptimizer``) steps."""
     while not isinstance(optimizer, torch.optim.Optimizer):
         inner = getattr(optimizer, "optimizer", None)
         if inner is None or inner is optimizer:
@@ -75,14 +84,20 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def check_supported(model: nn.Module) -> None:
+def _is_zero(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is ``torch.distributed.optim.ZeroRedundancyOptimizer`` (without importing it)."""
+    return type(optimizer).__name__ == "ZeroRedundancyOptimizer" and hasattr(optimizer, "optim")
+
+
+def check_supported(model: nn.Module, optimizers: Sequence[Any] = ()) -> None:
     """Refuse a model whose state cannot be held and copied back in place (FSDP1, DeepSpeed, DTensor parameters
-    outside FSDP2 or on a mesh of more than one dimension).
+    outside FSDP2 or on a mesh of more than one dimension), or an optimizer whose state is not in ``.state``
+    (``ZeroRedundancyOptimizer(overlap_with_ddp=True)``, which steps inside DDP's communication hook).
 
     Raises:
         EntrotrainError: naming why and the alternative.
     """
-    why = _unsupported(model)
+    why = _unsupported(model) or next(filter(None, map(_unsupported_optimizer, optimizers)), None)
     if why is not None:
         raise EntrotrainError(
             f"EntropyCollapseGuard(action='rollback') cannot hold the state of this model: {why}. Use "
@@ -108,6 +123,15 @@ def _unsupported(model: nn.Module) -> str | None:
     if dims != [1]:
         return (f"its parameters are DTensor shards on a {dims[-1]}-D device mesh (HSDP / FSDP2 + tensor parallel: "
                 "untested; FSDP2 on a 1-D mesh is supported)")
+    return None
+
+
+def _unsupported_optimizer(optimizer: Any) -> str | None:
+    """Why this optimizer's state cannot be rolled back in place (``None``: it can)."""
+    outer = _outer_optimizer(optimizer)
+    if _is_zero(outer) and getattr(outer, "_overlap_with_ddp", False):
+        return ("its optimizer is a ZeroRedundancyOptimizer with overlap_with_ddp=True (it steps inside DDP's "
+                "communication hook, outside optimizer.state); overlap_with_ddp=False rolls back")
     return None
 
 
@@ -170,10 +194,11 @@ class RollbackState:
         Raises:
             EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place.
         """
-        check_supported(model)
+        check_supported(model, optimizers)
         live = model.state_dict()
         inner = [unwrap_optimizer(opt) for opt in optimizers]
-        if not _all_finite([*_tensors(live), *(t for opt in inner for s in opt.state.values() for t in _tensors(s))]):
+        state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
+        if not _all_finite([*_tensors(live), *state], _shard_groups(optimizers)):
             return False
         with torch.no_grad():
             self._model = {key: _copy_into(value, self._model.get(key)) for key, value in live.items()}
@@ -224,10 +249,18 @@ def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
     return (value for value in state.values() if isinstance(value, torch.Tensor))
 
 
-def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+def _shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
+    """The process groups (and the device their collectives take) over which ``optimizers`` shard their state
+    (``ZeroRedundancyOptimizer``): each rank judges only its shard, so the verdict must be agreed on."""
+    outer = [_outer_optimizer(opt) for opt in optimizers]
+    return [(opt.process_group, _group_device(opt.process_group)) for opt in outer if _is_zero(opt)]
+
+
+def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, torch.device]] = ()) -> bool:
     """Whether every floating-point (or complex) tensor among ``tensors`` is finite: one sync per device. A DTensor
-    is judged on its local shard, and the verdict is then all-reduced (min) over each of the DTensors' meshes, so
-    that every rank decides the same (a collective: every rank of the mesh calls it, in the same order)."""
+    is judged on its local shard, and the verdict is then all-reduced (min) over each of the DTensors' meshes and over
+    ``groups`` (process group, device), so that every rank decides the same (a collective: every rank of the mesh or
+    group calls it, in the same order)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     meshes: list[Any] = []
     for t in tensors:
@@ -238,9 +271,9 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
         if (t.is_floating_point() or t.is_complex()) and t.numel():
             by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
     finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())
-    for mesh in meshes:
-        flag = torch.tensor([int(finite)], dtype=torch.int32, device=_mesh_device(mesh))
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=mesh.get_group())
+    for group, device in [*((mesh.get_group(), _mesh_device(mesh)) for mesh in meshes), *groups]:
+        flag = torch.tensor([int(finite)], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
         finite = bool(flag.item())
     return finite
 
@@ -251,6 +284,14 @@ def _mesh_device(mesh: Any) -> torch.device:
         return torch.device("cpu")
     module = getattr(torch, mesh.device_type)
     return torch.device(mesh.device_type, module.current_device())
+
+
+def _group_device(group: Any) -> torch.device:
+    """The device a collective on the process group ``group`` takes its tensors on (the current CUDA device for
+    NCCL)."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _copy_into(value: Any, buffer: Any) -> Any:

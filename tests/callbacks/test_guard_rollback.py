@@ -284,7 +284,7 @@ def reachable(root, limit: int = 20000) -> set[int]:
 def test_after_fit_the_held_state_and_the_model_are_let_go() -> None:
     g = guard()
     trainer, model, _ = fit([Script([0.9] * 4), g], 4)
-    assert g.rollback_state.step is None and g.rollback_state.nbytes == 0 and g._tracked is None
+    assert g.held_states.step is None and g.held_states.nbytes == 0 and g._tracked is None
     # (Lightning itself binds the module's log / log_dict onto every callback)
     ids = reachable([v for k, v in vars(g).items() if k not in ("log", "log_dict")])
     assert id(model) not in ids and not any(id(p) in ids for p in model.parameters())

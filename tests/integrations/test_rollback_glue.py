@@ -75,7 +75,7 @@ def test_loop_rolls_back_to_the_last_good_step_and_lowers_the_rates() -> None:
     assert not same(inside[2][0], inside[1][0])
     assert same(after[2][0], inside[1][0]) and same(after[2][1], inside[1][1]) and all(after[2][2])
     assert opt.param_groups[0]["lr"] == pytest.approx(LR * 0.5) and sched.base_lrs == [pytest.approx(LR * 0.5)]
-    assert g.rollback_state.step is None and g._tracked is None  # let go at the end of the with block
+    assert g.held_states.step is None and g._tracked is None  # let go at the end of the with block
 
 
 def test_loop_stops_after_max_rollbacks() -> None:
@@ -255,7 +255,7 @@ def test_hf_trainer_rolls_back_model_and_adam_state_and_lowers_the_scheduler(tmp
     assert same(after.at_log[3][1], script.at_step_end[2][1])  # Adam's moments and steps
     assert all(after.at_log[3][2])
     assert trainer.lr_scheduler.base_lrs == [pytest.approx(1e-2 * 0.5)] * len(trainer.lr_scheduler.base_lrs)
-    assert g.rollback_state.step is None and g._tracked is None
+    assert g.held_states.step is None and g._tracked is None
 
 
 def test_hf_trainer_refuses_fsdp_arguments(tmp_path: Path) -> None:

@@ -70,4 +70,4 @@ def test_grpo_policy_rolls_back_when_its_entropy_falls(tmp_path) -> None:
     assert all(torch.equal(weights[k], spy.at_step_end[fall][k]) for k in weights)
     # the linear schedule's rate for the next step (1e-2 · (steps − s) / steps after s steps), halved
     assert lr == pytest.approx(1e-2 * (steps - fall - 1) / steps * 0.5, rel=1e-12)
-    assert guard.rollback_state.step is None  # freed at the end of training
+    assert guard.held_states.step is None  # freed at the end of training

@@ -23,7 +23,7 @@ def test_rollback_recipe_rolls_back_at_the_first_fall(tmp_path):
     guard = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EntropyCollapseGuard))
     assert guard.action == "rollback" and guard.rollbacks == 1 and guard.last_good_step == 0
     assert [group["lr"] for group in cli.trainer.optimizers[0].param_groups] == pytest.approx([1e-3, 1e-3])
-    assert guard.rollback_state.step is None  # the held state is freed at the end of fit
+    assert guard.held_states.step is None  # the held state is freed at the end of fit
     events = [json.loads(line) for line in next(tmp_path.rglob("events.jsonl")).read_text().splitlines()]
     rolled = [e for e in events if e["level"] == "rollback"]
     assert len(rolled) == 1 and rolled[0]["step"] == 25

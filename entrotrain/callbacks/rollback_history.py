@@ -1,0 +1,129 @@
+"""The good states a rollback guard can go back to, and which one a firing goes back to
+(``EntropyCollapseGuard(action="rollback", rollback_states=k)``).
+
+A guard catches a collapse at the first observation on the bad side of its threshold, but the fall can be under way
+at the last good one already: rolled back to that state, at a lower learning rate, the run falls again a few
+observations later (the recipe ``attention_collapse`` at the default threshold 0.05 does: the heads sit at 0.07 at
+steps 25 and 50 and are one-hot by step 75, and the state of step 50 falls again after each of three rollbacks).
+The state to come back to must be from before the fall started (PaLM restarted "roughly 100 steps before the spike
+started", Chowdhery et al., 2022, §5.1), and a guard cannot know in advance how far back that is. The rule here:
+
+- the guard holds the states of its last ``k`` good observations (``k`` × the host memory of one state, see
+  :mod:`~entrotrain.callbacks.rollback_state`; the buffers are re-used, so holding costs one copy per good
+  observation whatever ``k``);
+- a firing rolls back to the newest held state, **unless the fall came back fewer than ``k`` good observations after
+  the last rollback**: it is then the same fall, and the rollback goes one held state further back than the last one
+  went. The states after the one it goes back to are dropped: they descend from a state that fell again.
+- with no older state held, it goes back to the newest held one (as with ``k = 1``).
+
+Each held state carries its *lineage*: its place along the trajectory that was kept (a state taken after a rollback to
+lineage ``i`` is ``i + 1``), so "further back" means further back along what the model went through, not on the clock
+(which a rollback does not turn back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from entrotrain.callbacks.rollback_state import RollbackState
+
+__all__ = ["HeldState", "RollbackHistory"]
+
+
+@dataclass
+class HeldState:
+    """One held state: the model's and optimizers' tensors, where it sits along the kept trajectory (``lineage``), and
+    what the caller holds with it (``extra``: the guard's ``max_drop`` history at that observation)."""
+
+    state: RollbackState
+    lineage: int
+    extra: Any = None
+
+    @property
+    def step(self) -> int:
+        """The step the state was taken at."""
+        assert self.state.step is not None  # a held state always has one
+        return self.state.step
+
+
+class RollbackHistory:
+    """The states of the last ``size`` good observations (oldest first), in re-used host buffers.
+
+    Example::
+
+        history = RollbackHistory(size=3)
+        history.take(model, [optimizer], step=50)          # each good observation
+        held = history.pick(further_back=True)             # a firing: the newest, or one further back than last time
+        history.restore(model, [optimizer], held)          # back to held.step; the states after it are dropped
+    """
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = int(size)
+        self._held: list[HeldState] = []
+        self._spares: list[RollbackState] = []  # buffers of dropped states, re-used by the next takes
+        self._lineage = -1  # lineage of the newest state taken along the kept trajectory
+        #: Lineage and step of the state the last :meth:`restore` went back to (``None``: none since :meth:`clear`).
+        self.restored: int | None = None
+        self.restored_step: int | None = None
+
+    @property
+    def step(self) -> int | None:
+        """The step of the newest held state (``None``: nothing held)."""
+        return self._held[-1].step if self._held else None
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps of the held states, oldest first."""
+        return [held.step for held in self._held]
+
+    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int, extra: Any = None) -> bool:
+        """Hold the state of ``model`` and ``optimizers`` now as the newest, dropping the oldest beyond ``size``;
+        whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
+        full = len(self._held) >= self.size
+        buffer = self._held[0].state if full else (self._spares.pop() if self._spares else RollbackState())
+        if not buffer.take(model, optimizers, step):  # refused before any copy: the buffer's old state is intact
+            if not full:
+                self._spares.append(buffer)
+            return False
+        if full:
+            self._held.pop(0)
+        self._lineage += 1
+        self._held.append(HeldState(buffer, self._lineage, extra))
+        return True
+
+    def pick(self, further_back: bool = False) -> HeldState | None:
+        """The state a firing goes back to: the newest; with ``further_back``, the newest one older (in lineage) than
+        the last rollback's, when one is held. ``None`` when nothing is held."""
+        if further_back and self.restored is not None:
+            older = [held for held in self._held if held.lineage < self.restored]
+            if older:
+                return older[-1]
+        return self._held[-1] if self._held else None
+
+    def has_older(self) -> bool:
+        """Whether a state older (in lineage) than the last rollback's is held."""
+        return self.restored is not None and any(held.lineage < self.restored for held in self._held)
+
+    def restore(self, model: nn.Module, optimizers: Sequence[Any], held: HeldState) -> int:
+        """Copy ``held`` back into ``model`` and ``optimizers`` (:meth:`RollbackState.restore`) and drop the states
+        after it; returns its step. The next state taken follows it in lineage."""
+        step = held.state.restore(model, optimizers)
+        keep = self._held.index(held) + 1
+        self._spares.extend(dropped.state for dropped in self._held[keep:])
+        del self._held[keep:]
+        self._lineage = self.restored = held.lineage
+        self.restored_step = step
+        return step
+
+    def clear(self) -> None:
+        """Drop every held state and buffer (their host memory)."""
+        self._held, self._spares, self._lineage, self.restored, self.restored_step = [], [], -1, None, None
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held, in bytes (spare buffers included: they are kept for the next takes)."""
+        return sum(state.nbytes for state in [*(held.state for held in self._held), *self._spares])

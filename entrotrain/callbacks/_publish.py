@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 from lightning.pytorch import LightningModule, Trainer
 
+from entrotrain.callbacks._guard_keys import warn_misspelt_keys
+
 __all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "expect_key", "ledger", "publish_scalars", "reset_ledger"]
 
 #: Keys shown on the progress bar by default (one or two headline figures per monitor, short enough to read).
@@ -51,6 +53,7 @@ class MetricLedger:
 
     entries: dict[str, LedgerEntry] = field(default_factory=dict)
     keys_by_source: dict[str, set[str]] = field(default_factory=dict)
+    misspelt: set[str] = field(default_factory=set)  # guard keys already warned about as typos in this fit
 
     def get(self, key: str) -> LedgerEntry | None:
         return self.entries.get(key)
@@ -58,6 +61,7 @@ class MetricLedger:
     def clear(self) -> None:
         self.entries.clear()
         self.keys_by_source.clear()
+        self.misspelt.clear()
 
 
 def ledger(trainer: Trainer) -> MetricLedger:
@@ -132,4 +136,15 @@ def publish_scalars(
     if finite:
         for logger in trainer.loggers:
             logger.log_metrics(finite, step=step)
+    _warn_misspelt_guards(trainer, values.keys(), step)
     return step
+
+
+def _warn_misspelt_guards(trainer: Trainer, published: Collection[str], step: int) -> None:
+    """Warn once per fit about each :class:`~entrotrain.callbacks.EntropyCollapseGuard` of ``trainer`` whose key is a
+    typo of one just published (:mod:`entrotrain.callbacks._guard_keys`)."""
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # (it imports this module)
+
+    guards = [c for c in trainer.callbacks if isinstance(c, EntropyCollapseGuard)]
+    if guards:
+        warn_misspelt_keys(guards, published, step, ledger(trainer).misspelt)

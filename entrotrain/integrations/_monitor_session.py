@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from entrotrain.callbacks._guard_keys import warn_misspelt_keys
 from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
 from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
@@ -521,6 +522,7 @@ class MonitorSession:
         self.guards: list[EntropyCollapseGuard] = guards
         self.owner = owner
         self._published: list[set[str]] = [set() for _ in self.drivers]
+        self._misspelt: set[str] = set()  # guard keys already warned about as typos in this run
         self._armed: list[int] = []
         self._model: nn.Module | None = None
         self._unwatch_grad: Callable[[], None] = _nothing  # training_forwards_only's hooks while armed
@@ -533,6 +535,7 @@ class MonitorSession:
         self.release()
         self._model = model
         self._published = [set() for _ in self.drivers]
+        self._misspelt = set()
         for driver in self.drivers:
             driver.bind(model)
         for guard in self.guards:
@@ -695,7 +698,8 @@ class MonitorSession:
 
     def observe(self, values: dict[str, Any], step: int) -> list[tuple[EntropyCollapseGuard, str]]:
         """Each guard whose key is a number in ``values`` observes it at ``step`` (once per step); the guards that
-        fire, with their reasons."""
+        fire, with their reasons. A guard key that is a typo of a key in ``values`` is warned about once."""
+        warn_misspelt_keys(self.guards, values.keys(), step, self._misspelt)
         fired = []
         for guard in self.guards:
             value = values.get(guard.monitor)

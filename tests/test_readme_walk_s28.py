@@ -1,0 +1,46 @@
+"""Findings of walking the README as a new user (session 28): guards, rollback, resume, inspect, status, report."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
+from entrotrain.callbacks._guard_keys import misspelt_key
+from entrotrain.integrations.loop import EntropyMonitors
+from tests.helpers.gpt_module import GPTModule
+from tests.helpers.loop_runs import fit_lightning, run_loop, token_batches
+
+TYPO = "entropy/attn_norm/mni"
+
+
+def _typo_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "watches a key no monitor publishes" in str(w.message)]
+
+
+# ------------------------------------------------------------------ a typo in a guard's key
+def test_misspelt_key_needs_a_close_key_of_the_same_folder() -> None:
+    published = {"entropy/attn_norm/min", "entropy/attn_norm/mean", "entropy/pred/train/mean"}
+    assert misspelt_key(TYPO, published) == "entropy/attn_norm/min"
+    assert misspelt_key("entropy/attn_norm/min", published) is None  # published: no typo
+    assert misspelt_key("entropy/pred/probe/mean", published) is None  # another folder, published elsewhere later
+    assert misspelt_key("val/loss", published) is None and misspelt_key("loss", published) is None
+
+
+@pytest.mark.parametrize("glue", ["lightning", "loop"])
+def test_a_guard_key_with_a_typo_is_warned_about_once(glue: str) -> None:
+    """`EntropyCollapseGuard("entropy/attn_norm/mni")` judged nothing, silently, in Lightning and in a loop: the
+    default missing_ok=True waits 1000 steps for a key no monitor will ever publish."""
+    batches = token_batches(6)
+    guards = [EntropyCollapseGuard(TYPO), EntropyCollapseGuard("entropy/attn_norm/mean")]
+    monitor = AttentionEntropyMonitor(every_n_steps=2, print_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if glue == "lightning":
+            fit_lightning(GPTModule(convert=False, seed=0), batches, [monitor, *guards], steps=6)
+        else:
+            run_loop(GPTModule(convert=False, seed=0), batches, EntropyMonitors([monitor], guards=guards), steps=6)
+    said = _typo_warnings(caught)
+    assert len(said) == 1, said  # one key, one warning (not one per logging step); the right key: none
+    assert "'entropy/attn_norm/min'" in said[0] and "at step 0" in said[0]

@@ -19,17 +19,19 @@ judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.ca
   epoch, would otherwise pin every save of the run);
 - at a **firing**: the newest pin at or before the last good step is *frozen*: kept until you delete it, whatever
   rotation, later judgements or later runs do. One frozen pin per firing, at most :data:`MAX_FROZEN` per fit (a key
-  flapping around its threshold fires again and again: the first firing's pin and the newest ones stay). A frozen
-  pin gets its own copy of the files it still shares with its original, in a background thread (training does not
-  wait; the interpreter waits for it at exit): a save under the same name may rewrite files in place
-  (``transformers.Trainer`` run again in the same ``output_dir`` rewrites ``checkpoint-N/optimizer.pt``,
-  ``trainer_state.json``, ...; Lightning's and ``torch.save``'s writes to an existing path truncate the same inode),
-  which would change a hard link with them. The copy is a copy-on-write clone where the file system makes one
-  (btrfs, XFS, ZFS, APFS-like reflinks: no disk until either file changes), else a full copy: a frozen pin costs one
-  checkpoint of disk even while its original exists. Skipping the copy when nothing rotates (``save_top_k=-1``,
-  ``save_total_limit=None``) is not safe: the write in place that changes a hard link comes from a *later* run in
-  the same folder (or any ``torch.save`` to that name), which this run cannot see or stop, and that is exactly the
-  case where nothing rotates (the original stays, and gets rewritten);
+  flapping around its threshold fires again and again: the first firing's pin and the newest ones stay). A frozen pin
+  gets its own copy of the files it still shares with its original, in a background thread (training does not wait;
+  the interpreter waits for it at exit; each file is written as ``<file>.<machine>.<pid>.<start>.<id>``
+  ``.entrotrain-copy``, then renamed over the link: one a crash left half written is deleted by the next keeper that
+  opens the folder, or by :func:`release_abandoned`, once its process is gone): a save under the same name may rewrite
+  files in place (``transformers.Trainer`` run again in the same ``output_dir`` rewrites
+  ``checkpoint-N/optimizer.pt``, ``trainer_state.json``, ...; Lightning's and ``torch.save``'s writes to an existing
+  path truncate the same inode), which would change a hard link with them. The copy is a copy-on-write clone where the
+  file system makes one (btrfs, XFS, ZFS, APFS-like reflinks: no disk until either file changes), else a full copy: a
+  frozen pin costs one checkpoint of disk even while its original exists. Skipping the copy when nothing rotates
+  (``save_top_k=-1``, ``save_total_limit=None``) is not safe: the write in place that changes a hard link comes from a
+  *later* run in the same folder (or any ``torch.save`` to that name), which this run cannot see or stop, and that is
+  exactly the case where nothing rotates (the original stays, and gets rewritten);
 - when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
   when it is empty. After a crash or a kill every pin stays: that is when you roll back.
 
@@ -39,27 +41,32 @@ it was pinned (a checkpoint rewritten in place under the same name: Lightning's 
 has no step in its name) is dropped with a warning instead of being named. A file system that refuses hard links
 (some network and object-store mounts) is warned about once; nothing is pinned then.
 
-**Pins across crashes.** Each keeper lists the pins it may still delete (its *provisional* pins: not frozen) in a
-manifest in the keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten atomically (a
-temporary file, then ``os.replace``) whenever that set changes and deleted when it is empty. A frozen pin leaves
-the manifest before :meth:`LastGoodCheckpoints.freeze` returns it. What no manifest lists is never deleted by a
-keeper: frozen pins, pins of entrotrain versions before manifests, your own files. When a keeper first looks at a
-keep folder (:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first :meth:`saved` there)
-it takes over the manifests of runs that are *not running any more*: made on this machine (same host name, boot and
-process namespace) by a process that is gone (no such pid, a zombie, or a pid since reused: its start time differs;
-in this process: a keeper that was garbage collected). It claims one by renaming it to a name of its own (a rename
-is atomic: of two runs starting together, one gets it), and then, for each pin listed that is still the file it
-linked (same inodes, same files):
+**Several guards.** The keepers of one process (one a guard) share their pins in a folder: a checkpoint is linked
+once however many guards keep it, and deleted once none of them needs it (a pin one guard froze stays whatever the
+others judge).
+
+**Pins across crashes.** The keepers of a process list the pins they may still delete (their *provisional* pins: not
+frozen) in one manifest per keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten
+atomically (a temporary file, then ``os.replace``) whenever that set changes and deleted when it is empty. A frozen
+pin leaves the manifest before :meth:`LastGoodCheckpoints.freeze` returns it. What no manifest lists is never
+deleted by a keeper: frozen pins, pins of entrotrain versions before manifests, your own files. When a keeper first
+looks at a keep folder (:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first
+:meth:`saved` there) it takes over the manifests of runs that are *not running any more*: made on this machine (same
+host name, boot and process namespace) by a process that is gone (no such pid, a zombie, or a pid since reused: its
+start time differs; in this process: keepers all garbage collected). It claims one by renaming it to a name of its
+own (a rename is atomic: of two runs starting together, one gets it), and then, for each pin listed that is still
+the file it linked (same inodes, same files):
 
 - the pin the run resumes from (``start(resumed_from=...)``) is kept for good (it leaves every manifest and gets its
   own copy, like a frozen pin): deleting what you resumed from, or a rerun's ``ckpt_path``, is never right;
 - a run that resumes (``start(resumed_from=...)``) *adopts* the pins saved at or before the step it resumes from,
-  as its own: its restored guard can name them (a run killed after its last good save, resumed from a later one,
-  that collapses before its next save names the killed run's pin), and its judgements bound them like its own
-  saves; pins saved after that step (a future the resumed run replaces) are deleted;
+  as its own (not those the dead run only held: an earlier run's, of another lineage, stay held): its restored guard
+  can name them (a run killed after its last good save, resumed from a later one, that collapses before its next
+  save names the killed run's pin), and its judgements bound them like its own saves; pins saved after that step
+  (a future the resumed run replaces) are deleted;
 - otherwise (a fresh run, or no :meth:`start` call: the keeper cannot tell a resume) the pins are *held*: listed in
-  this run's manifest, never named and never deleted while it trains (it may have resumed from one), and deleted
-  when it ends normally, unless one of its guards fired (then they stay: you may roll back to them).
+  this run's manifest as held, never named and never deleted while it trains (it may have resumed from one), and
+  deleted when it ends normally, unless one of its guards fired (then they stay: you may roll back to them).
 
 A manifest made on another machine or container (a shared file system; a preempted job restarted on another node:
 warned about when a keeper opens the folder), or one whose process is still running (two runs sharing a checkpoint
@@ -85,8 +92,8 @@ import threading
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,7 +113,7 @@ _Stamp = tuple[tuple[str, int, int], ...]
 _Inodes = tuple[tuple[str, int], ...]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pin:
     step: int
     path: Path  # the pin (in KEEP_FOLDER)
@@ -114,15 +121,16 @@ class _Pin:
     stamp: _Stamp  # (file, size, mtime_ns) of every file when pinned: a rewrite in place changes it
     inodes: _Inodes = ()  # (file, inode) of every file when pinned: which files are the ones linked
     frozen: bool = False
-    held: bool = False  # an earlier run's, taken over without a resume (module docstring): never named
+    held: bool = False  # an earlier run's, taken over without a resume or off its lineage (module docstring)
 
 
 def _files(path: Path) -> list[tuple[str, Path]]:
-    """The files of a checkpoint (itself, or every file in its folder), each with its name in the checkpoint (``""``
-    for a file checkpoint)."""
+    """The files of a checkpoint (itself, or every file in its folder but a frozen pin's copy under way or left by a
+    crash), each with its name in the checkpoint (``""`` for a file checkpoint)."""
     if path.is_file():
         return [("", path)]
-    return [(str(file.relative_to(path)), file) for file in sorted(path.rglob("*")) if file.is_file()]
+    return [(str(file.relative_to(path)), file) for file in sorted(path.rglob("*"))
+            if file.is_file() and not file.name.endswith(_COPY_SUFFIX)]
 
 
 def _stamp(path: Path) -> _Stamp:
@@ -169,7 +177,7 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 # ---------------------------------------------------------------- who made a manifest, and is it still running
-_LIVE: set[str] = set()  # the ids of this process's keepers not yet garbage collected
+_LIVE: set[str] = set()  # the ids of this process's shelves (:class:`_Shelf`) not yet garbage collected
 
 
 def _proc(pid: int) -> tuple[str, str] | None:
@@ -218,19 +226,33 @@ class _Owner:
     id: str
 
     @classmethod
+    def of(cls, machine: str, pid: str, start: str, id_: str) -> _Owner | None:
+        if not (pid.isdigit() and start.isdigit() and machine.isalnum() and id_.isalnum()):
+            return None
+        return cls(machine, int(pid), start, id_)
+
+    @classmethod
     def parse(cls, name: str) -> tuple[_Owner, str] | None:
         """The owner a manifest's file name carries, and the name's tail (``json`` or ``<k>.json``)."""
         parts = name.split(".")
         if len(parts) < 7 or "." + parts[1] != _MANIFEST or parts[0] or parts[-1] != "json":
             return None
-        machine, pid, start, id_ = parts[2:6]
-        if not (pid.isdigit() and start.isdigit() and machine.isalnum() and id_.isalnum()):
-            return None
-        return cls(machine, int(pid), start, id_), ".".join(parts[6:])
+        owner = cls.of(*parts[2:6])
+        return None if owner is None else (owner, ".".join(parts[6:]))
+
+    @classmethod
+    def of_copy(cls, name: str) -> _Owner | None:
+        """The owner a frozen pin's copy under way carries (``<file>.<tag>.entrotrain-copy``)."""
+        parts = name[: -len(_COPY_SUFFIX)].split(".")
+        return cls.of(*parts[-4:]) if name.endswith(_COPY_SUFFIX) and len(parts) >= 5 else None
+
+    @property
+    def tag(self) -> str:
+        return f"{self.machine}.{self.pid}.{self.start}.{self.id}"
 
     @property
     def prefix(self) -> str:
-        return f"{_MANIFEST}.{self.machine}.{self.pid}.{self.start}.{self.id}"
+        return f"{_MANIFEST}.{self.tag}"
 
     def running(self) -> bool | None:
         """Whether the process that made the manifest runs: ``None`` where this machine cannot tell (made on another
@@ -288,7 +310,8 @@ def _records(manifest: Path) -> list[dict]:
             continue
         if (isinstance(name, str) and isinstance(step, int) and isinstance(source, str) and name
                 and Path(name).name == name and not name.startswith(".") and name not in (".", "..")):
-            good.append({"name": name, "step": step, "source": source, "stamp": stamp, "inodes": inodes})
+            good.append({"name": name, "step": step, "source": source, "stamp": stamp, "inodes": inodes,
+                         "held": record.get("held") is True})
     return good
 
 
@@ -302,7 +325,19 @@ def _is_ours(path: Path, record: dict) -> bool:
 
 
 def _pin_of(keep: Path, record: dict) -> _Pin:
-    return _Pin(record["step"], keep / record["name"], Path(record["source"]), record["stamp"], record["inodes"])
+    return _Pin(record["step"], keep / record["name"], Path(record["source"]), record["stamp"], record["inodes"],
+                held=record["held"])
+
+
+def _clear_copies(keep: Path, elsewhere: bool = False) -> None:
+    """Delete the copies that frozen pins' copy threads left half written in ``keep`` (a crash mid-copy) where the
+    process that wrote one does not run any more (``elsewhere``: or runs on another machine)."""
+    for root, _, names in os.walk(keep):
+        for name in names:
+            owner = _Owner.of_copy(name)
+            running = owner.running() if owner is not None else True  # an untagged one (before tags): left
+            if running is False or (running is None and elsewhere):
+                _remove(Path(root, name))
 
 
 def _claim(manifest: Path, owner: _Owner, claimer_prefix: str) -> Path | None:
@@ -390,24 +425,55 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
                 _remove(path)
                 deleted.append(path)
         _remove(claimed)
+    _clear_copies(keep, elsewhere)
     _rmdir_if_empty(keep)
     return deleted
 
 
 # ---------------------------------------------------------------- the keeper
-@dataclass
-class _Folder:
-    """A keep folder this keeper looked at: its manifest, and the provisional pins that manifest lists now."""
+class _Shelf:
+    """The pins that the keepers of one process (of one ``group``) hold in one keep folder, one keeper a guard: a
+    checkpoint file that several guards keep is linked once and deleted once none of them needs it, and one manifest
+    lists them."""
 
-    manifest: Path
-    listed: frozenset[tuple[str, _Inodes]] = field(default_factory=frozenset)
+    def __init__(self, keep: Path) -> None:
+        self.keep = keep
+        self.owner = _Owner(_machine(), os.getpid(), _start(os.getpid()), uuid.uuid4().hex[:12])
+        self.manifest = keep / f"{self.owner.prefix}.json"
+        self.listed: frozenset[tuple[str, _Inodes, bool]] = frozenset()  # what the manifest lists now
+        self.keepers: weakref.WeakSet[LastGoodCheckpoints] = weakref.WeakSet()
+        self.kept: set[Path] = set()  # held pins a run that fired left at its normal end: yours
+        self.taken: list[_Pin] = []  # what its keepers took over from runs gone: held by the others too
+        _LIVE.add(self.owner.id)
+        weakref.finalize(self, _LIVE.discard, self.owner.id)
+
+    @classmethod
+    def of(cls, keep: Path, group: Hashable) -> _Shelf:
+        shelf = _SHELVES.get((keep, group))
+        if shelf is None or shelf.owner.id not in _LIVE:
+            shelf = _SHELVES[(keep, group)] = cls(keep)
+        return shelf
+
+    def pins(self, but: LastGoodCheckpoints | None = None) -> list[_Pin]:
+        """The pins its keepers (``but`` one) hold."""
+        return [pin for keeper in list(self.keepers) if keeper is not but for pin in keeper._pins
+                if pin.path.parent == self.keep]
+
+    def needed(self, path: Path) -> bool:
+        """Whether a keeper holds the pin ``path``, or a run that fired left it."""
+        return path in self.kept or any(pin.path == path for pin in self.pins())
+
+
+_SHELVES: weakref.WeakValueDictionary[tuple[Path, Hashable], _Shelf] = weakref.WeakValueDictionary()
 
 
 class LastGoodCheckpoints:
-    """The pins of one guard (module docstring). ``owner`` names it in warnings."""
+    """The pins of one guard (module docstring). ``owner`` names it in warnings. The keepers of one ``group`` (by
+    default: all of this process) share their pins, one a checkpoint file, and one manifest a folder."""
 
-    def __init__(self, owner: str = "EntropyCollapseGuard") -> None:
+    def __init__(self, owner: str = "EntropyCollapseGuard", group: Hashable = None) -> None:
         self.owner = owner
+        self._group = group
         self._pins: list[_Pin] = []
         self._refused = False  # the file system refused a hard link: keep nothing more
         self._copying: list[threading.Thread] = []  # frozen pins getting their own copy of shared files
@@ -415,10 +481,7 @@ class LastGoodCheckpoints:
         self._manifest_warned = False
         self._judged: int | None = None  # the newest step an observation judged
         self._fired = False  # freeze was called in this fit: held pins stay at a normal end
-        self._folders: dict[Path, _Folder] = {}
-        self._id = uuid.uuid4().hex[:12]
-        _LIVE.add(self._id)
-        weakref.finalize(self, _LIVE.discard, self._id)
+        self._folders: dict[Path, _Shelf] = {}
 
     @property
     def pins(self) -> list[Path]:
@@ -466,21 +529,36 @@ class LastGoodCheckpoints:
         self, keep: Path, resumed: Path | None = None, step: int | None = None, adopt: bool = False,
         same_files: bool = True,
     ) -> None:
-        """Look at ``keep`` once: take over the manifests of runs that are not running any more there."""
+        """Look at ``keep`` once: take over the manifests of runs that are not running any more there, and hold
+        what another keeper of this process (another guard) took over there too."""
         if keep in self._folders:
             return
-        me = _Owner(_machine(), os.getpid(), _start(os.getpid()), self._id)
-        self._folders[keep] = _Folder(keep / f"{me.prefix}.json")
+        shelf = self._folders[keep] = _Shelf.of(keep, self._group)
+        shelf.keepers.add(self)
+        shared = [replace(pin) for pin in shelf.taken if shelf.needed(pin.path)]
+        for pin in shared:  # adopted by this keeper too only where it resumes at or after the pin's step
+            pin.held = pin.held or not adopt or (step is not None and pin.step > step)
+        self._pins += shared
+        taken = self._take_over(shelf, resumed, step, adopt, same_files)
+        shelf.taken += taken
+        if adopt and (adopted := [pin.step for pin in shared + taken if not pin.held]):
+            newest = max(adopted) if step is None else step
+            self._judged = newest if self._judged is None else max(self._judged, newest)
+
+    def _take_over(
+        self, shelf: _Shelf, resumed: Path | None, step: int | None, adopt: bool, same_files: bool
+    ) -> list[_Pin]:
+        """Claim the manifests of runs gone in ``shelf``'s folder and keep, adopt, hold or delete their pins (module
+        docstring); delete the copies they left half written. Returns the pins taken."""
+        keep = shelf.keep
         claimed, elsewhere = [], []
         for manifest, owner in _manifests(keep):
-            running = None if owner.id == self._id else owner.running()
-            if running is None and owner.id != self._id:
+            running = owner.running()
+            if running is None:
                 elsewhere += [keep / record["name"] for record in _records(manifest)]
-            if running is not False:
-                continue
-            path = _claim(manifest, owner, me.prefix)
-            if path is not None:
+            if running is False and (path := _claim(manifest, owner, shelf.owner.prefix)) is not None:
                 claimed.append(path)
+        _clear_copies(keep)
         if elsewhere:
             warnings.warn(
                 f"{self.owner}(keep_last_good=True): {len(elsewhere)} kept checkpoint(s) in {keep} were pinned by "
@@ -488,9 +566,9 @@ class LastGoodCheckpoints:
                 f"{', ...' if len(elsewhere) > 4 else ''}); whether those runs still run cannot be told from here, "
                 "so they are left. If none does (a job preempted and restarted elsewhere), free them with "
                 f"entrotrain.callbacks.checkpoint_keeper.release_abandoned({str(keep.parent)!r}, elsewhere=True).",
-                stacklevel=4,
+                stacklevel=5,
             )
-        adopted, seen = [], {pin.path for pin in self._pins}
+        taken, seen = [], {pin.path for pin in shelf.pins()}
         for path in claimed:
             for record in _records(path):
                 pin = _pin_of(keep, record)
@@ -503,15 +581,13 @@ class LastGoodCheckpoints:
                 elif adopt and step is not None and pin.step > step:
                     _remove(pin.path)  # a future the resumed run replaces
                 else:
-                    pin.held = not adopt
+                    pin.held = pin.held or not adopt  # held by the dead run too: not of the resumed run's lineage
                     self._pins.append(pin)
-                    adopted.append(pin)
-        if adopt and adopted:
-            newest = max(p.step for p in adopted) if step is None else step
-            self._judged = newest if self._judged is None else max(self._judged, newest)
+                    taken.append(pin)
         self._sync()  # the adopted and held pins are listed in this run's manifest before the claims go
         for path in claimed:
             _remove(path)
+        return taken
 
     # ------------------------------------------------------------------ saves
     def saved(self, path: str | os.PathLike[str], step: int | None = None) -> Path | None:
@@ -530,6 +606,9 @@ class LastGoodCheckpoints:
             self._sync()
             return None  # already kept, unchanged
         same = self._pinned_already(source)
+        if same is not None and not any(pin is same for pin in self._pins):  # another guard's: one link for both
+            same = _Pin(step, same.path, source, _stamp(same.path), same.inodes)
+            self._pins.append(same)
         if same is not None:  # an earlier run's pin of these very files (taken over): this save's pin, not a second
             same.step, same.source, same.held = step, source, False
             self._drop_unjudged_but_two()
@@ -543,14 +622,14 @@ class LastGoodCheckpoints:
         return target
 
     def _pinned_already(self, source: Path) -> _Pin | None:
-        """A pin (not frozen) this keeper holds whose files are ``source``'s very files (same inodes): a run that
-        resumed without saying so pins the checkpoints it finds again, and a killed run's pin of the same save was
-        taken over at :meth:`start`."""
+        """A pin (not frozen) this keeper, else another keeper of its shelf, holds whose files are ``source``'s very
+        files (same inodes): a run that resumed without saying so pins the checkpoints it finds again, a killed run's
+        pin of the same save was taken over at :meth:`start`, or another guard pinned this save."""
         try:
             inodes = _inodes(source)
         except OSError:
             return None
-        for pin in self._pins:
+        for pin in [*self._pins, *self._folders[source.parent / KEEP_FOLDER].pins(but=self)]:
             if not pin.frozen and pin.inodes == inodes and pin.path.exists():
                 try:
                     if _inodes(pin.path) == inodes:
@@ -576,6 +655,7 @@ class LastGoodCheckpoints:
                         raise
                 else:
                     os.link(source, target)
+                self._folders[folder].kept.discard(target)  # a kept pin deleted since, by you: this name is new
                 return target
             except FileExistsError:
                 continue  # taken by another run since _free_name looked
@@ -676,8 +756,9 @@ class LastGoodCheckpoints:
         """Give a frozen pin its own copy of each file it still shares with its original (module docstring); runs in
         a background thread. A file that changes while it is copied (rewritten in place meanwhile) is warned about."""
         pinned = {name: (size, mtime) for name, size, mtime in pin.stamp}
+        tag = self._folders[pin.path.parent].owner.tag  # whose it is, for a crash mid-copy (_clear_copies)
         for name, file in _files(pin.path):
-            copy = file.with_name(file.name + _COPY_SUFFIX)
+            copy = file.with_name(f"{file.name}.{tag}{_COPY_SUFFIX}")
             try:
                 before = file.stat()
                 if before.st_nlink < 2:
@@ -728,7 +809,8 @@ class LastGoodCheckpoints:
         folders = {pin.path.parent for pin in self._pins} | set(self._folders)
         for pin in [p for p in self._pins if not p.frozen]:
             if pin.held and self._fired:
-                self._pins.remove(pin)  # stays on disk, in no manifest: yours to roll back to
+                self._folders[pin.path.parent].kept.add(pin.path)  # stays on disk, in no manifest: yours
+                self._pins.remove(pin)
             else:
                 self._drop(pin)
         self._sync()
@@ -736,46 +818,50 @@ class LastGoodCheckpoints:
             _rmdir_if_empty(folder)
 
     def _drop(self, pin: _Pin) -> None:
+        """This keeper needs ``pin`` no more: deleted unless another keeper of its shelf needs it."""
         self._pins.remove(pin)
-        _remove(pin.path)
+        if not self._folders[pin.path.parent].needed(pin.path):
+            _remove(pin.path)
 
     # ------------------------------------------------------------------ this keeper's manifests
     def _sync(self) -> None:
         """Write each keep folder's manifest where its provisional pins changed (module docstring): a temporary
         file, then ``os.replace``; deleted when none is left. A manifest that cannot be rewritten where a pin left
         it (frozen) is deleted: a pin listed by no manifest is never deleted, one listed wrongly could be."""
-        for keep, state in self._folders.items():
-            provisional = [pin for pin in self._pins if not pin.frozen and pin.path.parent == keep]
-            names = frozenset((pin.path.name, pin.inodes) for pin in provisional)  # a name re-pinned: new inodes
-            if names == state.listed:
+        for keep, shelf in self._folders.items():
+            pins = sorted(shelf.pins(), key=lambda p: p.held, reverse=True)  # one held, the other not: not held
+            kept = shelf.kept | {pin.path for pin in pins if pin.frozen}
+            provisional = list({pin.path: pin for pin in pins if pin.path not in kept}.values())
+            names = frozenset((p.path.name, p.inodes, p.held) for p in provisional)  # a name re-pinned: new inodes
+            if names == shelf.listed:
                 continue
             try:
                 if not provisional:
-                    state.manifest.unlink(missing_ok=True)
+                    shelf.manifest.unlink(missing_ok=True)
                 else:
-                    records = [{"name": p.path.name, "step": p.step, "source": str(p.source),
+                    records = [{"name": p.path.name, "step": p.step, "source": str(p.source), "held": p.held,
                                 "stamp": [list(s) for s in p.stamp], "inodes": [list(i) for i in p.inodes]}
                                for p in sorted(provisional, key=lambda p: p.step)]
-                    tmp = state.manifest.with_name(f"{state.manifest.name}.{uuid.uuid4().hex[:8]}.tmp")
+                    tmp = shelf.manifest.with_name(f"{shelf.manifest.name}.{uuid.uuid4().hex[:8]}.tmp")
                     try:
                         tmp.write_text(json.dumps({"entrotrain_pins": 1, "host": socket.gethostname(),
                                                    "pid": os.getpid(), "pins": records}))
-                        os.replace(tmp, state.manifest)
+                        os.replace(tmp, shelf.manifest)
                     except OSError:
                         _remove(tmp)
                         raise
-                state.listed = names
+                shelf.listed = names
             except OSError as err:
-                if state.listed - names:  # a pin left it: listed by no manifest is safe
+                if shelf.listed - names:  # a pin left it: listed by no manifest is safe
                     try:
-                        state.manifest.unlink(missing_ok=True)
-                        state.listed = frozenset()
+                        shelf.manifest.unlink(missing_ok=True)
+                        shelf.listed = frozenset()
                     except OSError:
                         pass
                 if not self._manifest_warned:
                     self._manifest_warned = True
                     warnings.warn(
-                        f"{self.owner}(keep_last_good=True): cannot write {state.manifest} ({type(err).__name__}: "
+                        f"{self.owner}(keep_last_good=True): cannot write {shelf.manifest} ({type(err).__name__}: "
                         f"{err}); if this run crashes, the next one will not release its pins in {keep}: delete the "
                         "ones you do not need (entrotrain.callbacks.checkpoint_keeper.list_pins shows them).",
                         stacklevel=3,

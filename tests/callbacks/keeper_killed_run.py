@@ -1,7 +1,8 @@
 """Run by test_checkpoint_keeper_killed.py as a script: ``python keeper_killed_run.py ROOT CASE...`` forks one process
 per case (one import of Lightning for all), each a Lightning fit into ``ROOT/CASE`` saving every 3 steps
 (``save_top_k=1``) with two guards keeping checkpoints: one on ``KEY`` (good until step 7, bad after; patience 100:
-it never fires) and one on ``KEY + "/b"`` (fires at step 8: freezes its step-6 pin). At step 10 each writes its pid
+it never fires) and one on ``KEY + "/b"`` (good until step 4: fires at step 5, freezes the step-3 pin). The guards
+share their pins: one link per checkpoint. At step 10 each writes its pid
 to ``ROOT/CASE.ready`` and waits to be killed (SIGKILL); the parent exits once they are gone."""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class WaitToBeKilled(L.Callback):
 
 def fit(folder: Path, ready: Path) -> None:
     L.seed_everything(0)
-    values = [{KEY: v, KEY + "/b": v} for v in [0.5] * 8 + [0.01] * 40]
+    values = [{KEY: v, KEY + "/b": b} for v, b in zip([0.5] * 8 + [0.01] * 40, [0.5] * 5 + [0.01] * 43)]
     guards = [EntropyCollapseGuard(KEY, threshold=0.05, patience=100),
               EntropyCollapseGuard(KEY + "/b", threshold=0.05)]
     trainer = quiet_trainer(callbacks=[Script(values), *guards, ModelCheckpoint(dirpath=folder, every_n_train_steps=3),

@@ -31,7 +31,8 @@ def _die(keeper: LastGoodCheckpoints) -> None:
     """The keeper's process is gone without a normal end: for this process's keepers, what garbage collection of
     the keeper does (:func:`test_a_keeper_garbage_collected_is_not_running`); the caller uses it no more."""
     keeper.wait()
-    ck._LIVE.discard(keeper._id)
+    for shelf in keeper._folders.values():
+        ck._LIVE.discard(shelf.owner.id)
 
 
 def test_a_keeper_garbage_collected_is_not_running(tmp_path) -> None:
@@ -189,9 +190,9 @@ def test_the_pin_of_the_original_a_run_resumes_from_is_kept_for_good(tmp_path) -
 
 def test_a_running_keepers_pins_are_never_touched(tmp_path) -> None:
     """Two runs sharing a checkpoint folder: the second's start, judgements and normal end leave the first's pins."""
-    first = LastGoodCheckpoints()
+    first = LastGoodCheckpoints(group="first")  # the keepers of two processes
     pins = [first.saved(_save(tmp_path, step, "a")) for step in (10, 20)]
-    second = LastGoodCheckpoints()
+    second = LastGoodCheckpoints(group="second")
     second.start([tmp_path], resumed_from=tmp_path / "astep_20.pt")
     second.saved(_save(tmp_path, 30, "b"))
     second.judged(40, 40)
@@ -388,7 +389,7 @@ def test_any_order_of_runs_keeps_every_promise(tmp_path_factory, ops) -> None:
             run = runs.get(slot)
             if op == "start" and run is None:
                 started += 1
-                keeper = LastGoodCheckpoints()
+                keeper = LastGoodCheckpoints(group=started)  # a process of its own
                 run = runs[slot] = {"keeper": keeper, "tag": f"r{started}_", "step": 0, "good": None, "fired": 0}
                 live = {r["tag"] for r in runs.values()}
                 left = [p for p in [*([] if arg[0] == "resume_pin" else folder.glob("r*_step_*.pt")),

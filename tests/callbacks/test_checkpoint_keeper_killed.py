@@ -3,12 +3,14 @@ same folder: the killed run's provisional pins are freed (or adopted and named),
 run resumes from is kept.
 
 The killed run (``save_top_k=1``, a save every 3 steps) is good until step 7, bad after; killed at step 10. It left
-``epoch=0-step=9.ckpt`` and, kept: ``step=6`` (its first guard's newest good save, provisional), ``step=9`` and
-``step=9-v1`` (the newest save, provisional), and ``step=6-v1`` (its second guard fired at step 8: frozen).
+``epoch=0-step=9.ckpt`` and, kept: ``step=6`` (its first guard's newest good save, provisional), ``step=9`` (the
+newest save, provisional), and ``step=3`` (its second guard fired at step 5: frozen); one link each, shared by its two
+guards.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,8 +94,11 @@ def _step(path: Path) -> int:
 
 
 def test_the_killed_run_left_its_pins_listed(killed) -> None:
-    assert _states(killed["lazy"]) == {"epoch=0-step=6-v1.ckpt": "kept", "epoch=0-step=6.ckpt": "abandoned",
-                                       "epoch=0-step=9-v1.ckpt": "abandoned", "epoch=0-step=9.ckpt": "abandoned"}
+    assert _states(killed["lazy"]) == {"epoch=0-step=3.ckpt": "kept", "epoch=0-step=6.ckpt": "abandoned",
+                                       "epoch=0-step=9.ckpt": "abandoned"}  # one link, not one per guard
+    (manifest,) = (killed["lazy"] / KEEP_FOLDER).glob(".entrotrain-pins.*")  # one manifest, not one per guard
+    assert [r["name"] for r in json.loads(manifest.read_text())["pins"]] == ["epoch=0-step=6.ckpt",
+                                                                           "epoch=0-step=9.ckpt"]
     assert sorted(p.name for p in killed["lazy"].glob("*.ckpt")) == ["epoch=0-step=9.ckpt"]
 
 
@@ -104,8 +109,8 @@ def test_a_resumed_run_frees_the_killed_runs_pins_at_its_normal_end(killed) -> N
     guard = _resume(folder, folder / "epoch=0-step=9.ckpt", [{KEY: 0.5}] * 16, start=False)
     assert guard.times_fired == 0
     kept = folder / KEEP_FOLDER
-    assert sorted(p.name for p in kept.iterdir()) == ["epoch=0-step=6-v1.ckpt"]
-    assert _step(kept / "epoch=0-step=6-v1.ckpt") == 6
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch=0-step=3.ckpt"]
+    assert _step(kept / "epoch=0-step=3.ckpt") == 3
 
 
 def test_a_resumed_run_told_of_its_resume_adopts_and_names_the_killed_runs_pin(killed) -> None:
@@ -117,7 +122,7 @@ def test_a_resumed_run_told_of_its_resume_adopts_and_names_the_killed_runs_pin(k
     assert guard.times_fired == 1 and guard.last_good_step == 7
     assert guard.rollback_checkpoint == folder / KEEP_FOLDER / "epoch=0-step=6.ckpt"
     assert _step(guard.rollback_checkpoint) == 6
-    assert _states(folder) == {"epoch=0-step=6-v1.ckpt": "kept", "epoch=0-step=6.ckpt": "kept"}
+    assert _states(folder) == {"epoch=0-step=3.ckpt": "kept", "epoch=0-step=6.ckpt": "kept"}
 
 
 def test_the_pin_a_run_resumes_from_is_never_deleted_under_it(killed) -> None:
@@ -127,5 +132,5 @@ def test_the_pin_a_run_resumes_from_is_never_deleted_under_it(killed) -> None:
     pin = folder / KEEP_FOLDER / "epoch=0-step=6.ckpt"
     guard = _resume(folder, pin, [{KEY: 0.5}] * 16, start=True)
     assert guard.times_fired == 0
-    assert _states(folder) == {"epoch=0-step=6-v1.ckpt": "kept", "epoch=0-step=6.ckpt": "kept"}
+    assert _states(folder) == {"epoch=0-step=3.ckpt": "kept", "epoch=0-step=6.ckpt": "kept"}
     assert _step(pin) == 6 and pin.stat().st_nlink == 1

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 
 from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
 from entrotrain.callbacks._guard_keys import misspelt_key
+from entrotrain.dashboards import RunRecordLogger
+from entrotrain.dashboards.terminal_status import _collect, runs_table, status_main
 from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.loop_runs import fit_lightning, run_loop, token_batches
@@ -44,3 +47,22 @@ def test_a_guard_key_with_a_typo_is_warned_about_once(glue: str) -> None:
     said = _typo_warnings(caught)
     assert len(said) == 1, said  # one key, one warning (not one per logging step); the right key: none
     assert "'entropy/attn_norm/min'" in said[0] and "at step 0" in said[0]
+
+
+# ------------------------------------------------------------------ entrotrain status
+def test_the_runs_table_names_each_runs_folder(tmp_path: Path) -> None:
+    """The same recipe run twice (or a cure resumed twice from one checkpoint) gave two rows both named after the
+    recipe: the table now names each record's folder, the name `entrotrain status` / `report` take."""
+    for version in ("cure-20261206-225131", "cure-20261206-225532"):
+        record = RunRecordLogger(tmp_path, version=version, run_name="cure")
+        record.log_metrics({"entropy/attn_norm/min": 0.5}, step=0)
+        record.finalize("success")
+    runs, _, _ = _collect([str(tmp_path)], 10)
+    names = [line.split()[0] for line in runs_table(runs)[1:]]
+    assert sorted(names) == ["cure-20261206-225131", "cure-20261206-225532"]
+
+
+def test_status_rows_below_one_is_named_in_the_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        status_main(["--rows", "0"])
+    assert "--rows" in capsys.readouterr().err.strip().splitlines()[-1]  # the error line, not the usage above it

@@ -183,7 +183,8 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
 
 
 def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int = 3) -> list[str]:
-    """One line per run: name, status, last step, last update, the last value of up to ``columns`` headline keys
+    """One line per run: its folder's name (what ``entrotrain status`` / ``report`` take: two runs of one recipe differ
+    by their time), status, last step, last update, the last value of up to ``columns`` headline keys
     (the report's, in its order, among those any of the runs logged), the guard's firings and the diagnosed failures
     (:func:`~entrotrain.dashboards.remedies.diagnose`)."""
     now = time.time() if now is None else now
@@ -201,7 +202,7 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
         shown_step = "–" if step is None else str(step)
         fired = len(run.guard_firings)
         found = ", ".join(r.failure.lower() for r in diagnose(run)) or "–"
-        rows.append([run.label, status.label, shown_step, _ago(status.last_update, now), *values, str(fired), found])
+        rows.append([run.path.name, status.label, shown_step, _ago(status.last_update, now), *values, str(fired), found])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
@@ -312,7 +313,7 @@ def status_main(argv: list[str]) -> int:
                         "shows a collapse (for cron jobs and CI)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.width < 1 or args.rows < 1 or (args.follow is not None and args.follow <= 0):
-        parser.error("--runs and --width must be at least 1 and --follow positive seconds")
+        parser.error("--runs, --rows and --width must be at least 1 and --follow positive seconds")
     clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() and not args.json else ""
     compact = args.json and args.follow is not None  # one JSON object per line while following
     bad = False

@@ -342,6 +342,11 @@ class EntropyCollapseGuard(PerFitCallback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.untrack()
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A fit ended by an exception: Lightning calls no ``teardown``, so the held state (one host copy of the
+        model and its optimizer state) and the model are let go here."""
+        self.untrack()
+
     def track(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
         """The model and optimizers an ``action="rollback"`` guard holds the state of and restores (nothing for the
         other actions). The glue for Lightning, ``transformers.Trainer`` and
@@ -770,6 +775,7 @@ class EntropyCollapseGuard(PerFitCallback):
                     for key in ("initial_lr", "max_lr", "min_lr"):
                         if isinstance(group.get(key), (int, float)):
                             group[key] = lower(group[key])
+            _report_current_rates(scheduler)
         if lowered:
             self.lr_reductions += 1
         return lowered
@@ -813,6 +819,15 @@ def _with_inner_schedulers(schedulers: Iterable[Any]) -> list[Any]:
         if inner is not None and inner is not scheduler:
             todo.append(inner)
     return out
+
+
+def _report_current_rates(scheduler: Any) -> None:
+    """``scheduler.get_last_lr()`` reports its optimizer's rates as they are now, lowered: a scheduler updates it only
+    at its next step, and ``transformers.Trainer`` logs ``learning_rate`` from it."""
+    groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
+    last = getattr(scheduler, "_last_lr", None)
+    if isinstance(groups, list) and isinstance(last, list) and len(last) == len(groups):
+        scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _beside(value: float, threshold: float) -> str:

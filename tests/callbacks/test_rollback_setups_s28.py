@@ -1,0 +1,186 @@
+"""Findings (session 28): EntropyCollapseGuard(action="rollback") under the setups users have.
+
+- A Lightning fit ended by an exception calls ``on_exception``, not the callbacks' ``teardown``: the guard kept the
+  model and its held host copy (one copy of the model and its optimizer state) alive after ``fit`` raised.
+- After a guard lowered the learning rates, the schedulers' ``get_last_lr()`` still gave the old rates until their
+  next step: ``transformers.Trainer`` logs ``learning_rate`` from it, so the step after a rollback (or a
+  ``reduce_lr``) was logged at the rate before it.
+- Setups that roll back bit for bit and go on (kept so): optimizers other than Adam (SGD with momentum, LBFGS with a
+  closure, Adafactor's factored moments, a state with non-tensor values), two optimizers, and ``torch.amp.GradScaler``
+  skipping an infinite step in a plain loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from entrotrain.callbacks import EntropyCollapseGuard
+from entrotrain.integrations.loop import EntropyMonitors
+from tests.callbacks.test_guard_rollback import Net, Script, fit, guard
+from tests.helpers.training_state import model_state, opt_state, same
+
+
+def _held_bytes(g: EntropyCollapseGuard) -> int:
+    return sum(getattr(g, name).nbytes for name in ("held_states", "rollback_state") if hasattr(g, name))
+
+
+# ---------------------------------------------------------------------------- Lightning: an exception
+class Boom(Net):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_ended_by_an_exception_after_a_rollback_lets_the_held_state_go() -> None:
+    g = guard()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([Script([0.9, 0.9, 0.9, 0.0, 0.9, 0.9]), g], 6, model=Boom())
+    assert g.rollbacks == 1
+    assert g._tracked is None and _held_bytes(g) == 0
+
+
+# ---------------------------------------------------------------------------- schedulers report the lowered rates
+def _schedulers(opt: torch.optim.Optimizer) -> dict[str, object]:
+    lam = torch.optim.lr_scheduler.LambdaLR
+    return {
+        "lambda": lam(opt, lambda s: 1.0 / (1 + s)),
+        "sequential": torch.optim.lr_scheduler.SequentialLR(opt, [lam(opt, lambda s: 1.0), lam(opt, lambda s: 0.5)],
+                                                            milestones=[2]),
+        "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+    }
+
+
+@pytest.mark.parametrize("action", ["rollback", "reduce_lr"])
+@pytest.mark.parametrize("name", ["lambda", "sequential", "plateau"])
+def test_after_a_lowering_get_last_lr_gives_the_rates_in_use(name: str, action: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.2}])
+    sched = _schedulers(opt)[name]
+    g = EntropyCollapseGuard("k", threshold=0.5, action=action, keep_last_good=False)
+    g.track(model, [opt])
+    g.observe(0.9, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g.fire(g.observe(0.1, 1), 1, [opt], [sched])
+    rates = [group["lr"] for group in opt.param_groups]
+    assert rates == pytest.approx([0.05, 0.1]) if name == "plateau" else rates[0] < 0.1
+    assert sched.get_last_lr() == rates
+
+
+# ---------------------------------------------------------------------------- optimizers and loops that work
+def _roll_back_after(model: nn.Module, opts: list, step, good: int = 2, bad: int = 2) -> None:
+    """Train ``good`` steps judged good, ``bad`` more, fire: the model and optimizers equal the last good step's;
+    then one more step trains on finite weights."""
+    g = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False)
+    g.track(model, opts)
+    for s in range(good):
+        step()
+        g.observe(0.9, s)
+    held = model_state(model), copy.deepcopy([opt_state(o) for o in opts])  # (LBFGS edits its lists in place)
+    for _ in range(bad):
+        step()
+    assert not same(model_state(model), held[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert "Rolled back" in g.fire(g.observe(0.1, good + bad), good + bad, opts)
+    assert same(model_state(model), held[0]) and same([opt_state(o) for o in opts], held[1])
+    step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Counting(torch.optim.Optimizer):
+    """SGD whose per-parameter state holds non-tensor values: an int, a list and a dict holding a tensor."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["n"] = state.get("n", 0) + 1
+                state["norms"] = [*state.get("norms", []), float(p.grad.norm())]
+                state["last"] = {"grad": p.grad.clone()}
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=0.01),
+    "non-tensor-state": Counting,
+    "lbfgs": lambda ps: torch.optim.LBFGS(ps, lr=0.5, max_iter=4, history_size=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizers_other_than_adam_roll_back_bit_for_bit(name: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    opt = OPTIMIZERS[name](model.parameters())
+    x = torch.randn(16, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    _roll_back_after(model, [opt], lambda: opt.step(closure))
+
+
+def test_two_optimizers_roll_back_together() -> None:
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(4, 4), nn.Linear(4, 1)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=0.01, betas=(0.5, 0.9))
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(8, 4)
+
+    def step() -> None:
+        opt_d.zero_grad()
+        disc(gen(x).detach()).mean().backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        (-disc(gen(x)).mean()).backward()
+        opt_g.step()
+
+    _roll_back_after(nn.ModuleDict({"gen": gen, "disc": disc}), [opt_g, opt_d], step)
+
+
+def test_a_grad_scaler_skipping_an_infinite_step_in_a_loop_rolls_back_and_goes_on() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    monitors = EntropyMonitors(guards=[EntropyCollapseGuard("ok", threshold=0.5, action="rollback",
+                                                            keep_last_good=False)], print_summary=False)
+    x, after = torch.randn(16, 4), {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with monitors.watch(model, opt):
+            for step in range(6):
+                with monitors.step(step):
+                    for _ in range(2):  # two micro-batches of one window
+                        with torch.autocast("cpu", dtype=torch.float16):
+                            loss = model(x).pow(2).mean()
+                        scaler.scale(loss * (math.inf if step == 3 else 0.5)).backward()
+                    scaler.step(opt)  # skipped at step 3 (infinite gradients), the scale halves
+                    scaler.update()
+                    opt.zero_grad()
+                    monitors.observe(ok=math.nan if step == 3 else 0.9)
+                after[step] = model_state(model), opt_state(opt), monitors.rolled_back
+    assert [s for s in after if after[s][2]] == [3]
+    assert same(after[3][0], after[2][0]) and same(after[3][1], after[2][1])
+    assert scaler.get_scale() == 2.0**9 and not same(after[5][0], after[3][0])
+    assert all(torch.isfinite(p).all() for p in model.parameters())

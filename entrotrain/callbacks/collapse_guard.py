@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import callbacks as lightning_callbacks
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -93,7 +94,7 @@ from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import expect_key, ledger
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
-from entrotrain.callbacks.rollback_history import RollbackHistory
+from entrotrain.callbacks.rollback_history import RollbackHistory, held_module
 from entrotrain.callbacks.rollback_state import check_supported
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
 from entrotrain.errors import EntrotrainError
@@ -268,6 +269,7 @@ class EntropyCollapseGuard(PerFitCallback):
         #: (host memory), each with the ``history`` it goes with.
         self.held_states = RollbackHistory(self.rollback_states)
         self._tracked: tuple[nn.Module, list[Any]] | None = None  # what a rollback restores (:meth:`track`)
+        self._tracked_model: nn.Module | None = None  # the model itself (without its averages)
         self._good_since_rollback = 0  # good observations since the last rollback (a fall within the window escalates)
         #: Whether the last firing stops training (``action="stop"``, or a rollback that could not roll back).
         self.stopping = False
@@ -333,7 +335,7 @@ class EntropyCollapseGuard(PerFitCallback):
         wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
         if self.action == "rollback" and isinstance(wrapped, nn.Module) and wrapped is not pl_module:
             check_supported(wrapped)  # FSDPStrategy / DeepSpeedStrategy wrap the LightningModule from outside
-        self.track(pl_module, trainer.optimizers)
+        self.track(pl_module, trainer.optimizers, averaged=_weight_averages(trainer))
         if self.source is not None and self.last_seen_step is not None:  # resumed: its publisher published it before
             expect_key(trainer, self.source, self.monitor)
             self.warn_if_publisher_gone([getattr(cb, "state_key", None) for cb in trainer.callbacks],
@@ -347,19 +349,26 @@ class EntropyCollapseGuard(PerFitCallback):
         model and its optimizer state) and the model are let go here."""
         self.untrack()
 
-    def track(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
+    def track(self, model: nn.Module, optimizers: Sequence[Any], averaged: Sequence[nn.Module] = ()) -> None:
         """The model and optimizers an ``action="rollback"`` guard holds the state of and restores (nothing for the
-        other actions). The glue for Lightning, ``transformers.Trainer`` and
-        :class:`~entrotrain.integrations.loop.EntropyMonitors` calls it at the start of training."""
+        other actions). ``averaged``: modules holding averaged weights of the model (an EMA / SWA ``AveragedModel``)
+        held and rolled back with it (:class:`~entrotrain.callbacks.rollback_history.HeldTogether`; Lightning's
+        ``WeightAveraging`` / ``EMAWeightAveraging`` callbacks are found by the guard). The glue for Lightning,
+        ``transformers.Trainer`` and :class:`~entrotrain.integrations.loop.EntropyMonitors` calls it at the start of
+        training."""
         if self.action != "rollback":
             return
-        if not isinstance(model, nn.Module):
-            raise EntrotrainError(
-                f"EntropyCollapseGuard.track(model) needs the nn.Module to roll back, got {type(model).__name__}."
-            )
-        check_supported(model, optimizers)  # refused at the start, not at the first good observation
+        for name, module in (("model", model), *(("averaged", module) for module in averaged)):
+            if not isinstance(module, nn.Module):
+                raise EntrotrainError(
+                    f"EntropyCollapseGuard.track({name}) needs the nn.Module(s) to roll back, got "
+                    f"{type(module).__name__}."
+                )
+        held = held_module(model, averaged)
+        check_supported(held, optimizers)  # refused at the start, not at the first good observation
         self.untrack()
-        self._tracked = (model, list(optimizers))
+        self._tracked = (held, list(optimizers))
+        self._tracked_model = model
         _TRACKING.setdefault(model, weakref.WeakSet()).add(self)
 
     def warn_if_publisher_gone(self, publishers: Iterable[str | None], among: str, until: str) -> None:
@@ -376,9 +385,9 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def untrack(self) -> None:
         """Drop the tracked model and the held state (its host memory): the end of training."""
-        if self._tracked is not None:
-            _TRACKING.get(self._tracked[0], weakref.WeakSet()).discard(self)
-        self._tracked = None
+        if self._tracked_model is not None:
+            _TRACKING.get(self._tracked_model, weakref.WeakSet()).discard(self)
+        self._tracked, self._tracked_model = None, None
         self.held_states.clear()
 
     def record_thresholds(self) -> list[RecordThreshold]:
@@ -684,7 +693,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.rollbacks += 1
         self.bad_streak, self.fired, self._good_since_rollback = 0, False, 0
         self.history = deque(held.extra or [], maxlen=self.drop_window + 1)
-        self._rehold_others(model, held_step)
+        self._rehold_others(held_step)
         sentence = f" Rolled back the model and optimizer state to step {held_step}"
         if came_back:
             after = f"{good} good observation{'' if good == 1 else 's'} after the last rollback (to step {last_target})"
@@ -699,11 +708,12 @@ class EntropyCollapseGuard(PerFitCallback):
             return sentence + f"; learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)}."
         return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
 
-    def _rehold_others(self, model: nn.Module, step: int) -> None:
-        """The other rollback guards on ``model`` hold the state just restored: what they held may be a state this
+    def _rehold_others(self, step: int) -> None:
+        """The other rollback guards on the model hold the state just restored: what they held may be a state this
         guard judged bad (taken while its bad streak ran), which their next firing must not bring back."""
-        for other in list(_TRACKING.get(model, ())):
-            if other is not self and other._tracked is not None and other._tracked[0] is model:
+        model = self._tracked_model
+        for other in list(_TRACKING.get(model, ())) if model is not None else ():
+            if other is not self and other._tracked is not None and other._tracked_model is model:
                 other._hold(step)
 
     def rollback_hint(
@@ -801,6 +811,16 @@ class EntropyCollapseGuard(PerFitCallback):
                             f"EntropyCollapseGuard: wandb alert failed ({err}); the warning was logged. "
                             "Further refused alerts are not reported."
                         )
+
+
+def _weight_averages(trainer: Trainer) -> list[nn.Module]:
+    """The averaged models of the trainer's ``WeightAveraging`` callbacks (``EMAWeightAveraging``), created at setup:
+    a rollback restores them with the model. (``StochasticWeightAveraging`` keeps its count outside its module and
+    averages per epoch late in training: not rolled back.)"""
+    averaging = getattr(lightning_callbacks, "WeightAveraging", None)
+    callbacks = getattr(trainer, "callbacks", None) or []
+    found = [getattr(cb, "_average_model", None) for cb in callbacks if averaging and isinstance(cb, averaging)]
+    return [module for module in found if isinstance(module, nn.Module)]
 
 
 def _with_inner_schedulers(schedulers: Iterable[Any]) -> list[Any]:

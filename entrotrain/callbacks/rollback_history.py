@@ -31,7 +31,7 @@ from torch import nn
 
 from entrotrain.callbacks.rollback_state import RollbackState
 
-__all__ = ["HeldState", "RollbackHistory"]
+__all__ = ["HeldState", "HeldTogether", "RollbackHistory", "held_module"]
 
 
 @dataclass
@@ -127,3 +127,27 @@ class RollbackHistory:
     def nbytes(self) -> int:
         """Host memory held, in bytes (spare buffers included: they are kept for the next takes)."""
         return sum(state.nbytes for state in [*(held.state for held in self._held), *self._spares])
+
+
+class HeldTogether(nn.Module):
+    """The model and the modules holding its averaged weights (an EMA or SWA ``torch.optim.swa_utils.AveragedModel``,
+    Lightning's ``WeightAveraging``), held and rolled back as one: ``state_dict()`` is the model's under ``model.``
+    and each average's under ``averaged.I.``. An average left at the bad steps' weights would bring the fall back into
+    every evaluation made with it; rolled back with the model, it is as if the skipped steps never happened. Never
+    called: it only groups the state."""
+
+    def __init__(self, model: nn.Module, averaged: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.averaged = nn.ModuleList(averaged)
+
+
+def held_module(model: nn.Module, averaged: Sequence[nn.Module]) -> nn.Module:
+    """What a rollback holds: ``model`` alone, or :class:`HeldTogether` with the ``averaged`` modules that are not part
+    of it already (an EMA the model holds as a submodule is in its ``state_dict``)."""
+    inside = {id(module) for module in model.modules()}
+    extra: list[nn.Module] = []
+    for module in averaged:
+        if id(module) not in inside and all(module is not seen for seen in extra):
+            extra.append(module)
+    return HeldTogether(model, extra) if extra else model

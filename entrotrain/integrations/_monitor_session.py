@@ -668,10 +668,11 @@ class MonitorSession:
         for guard in self.guards:
             guard.checkpoint_saved(path, step)
 
-    def track(self, model: nn.Module, optimizers: Sequence[Any]) -> None:
-        """The model and optimizers the ``action="rollback"`` guards hold the state of and restore."""
+    def track(self, model: nn.Module, optimizers: Sequence[Any], averaged: Sequence[nn.Module] = ()) -> None:
+        """The model and optimizers (and averaged copies of the model) the ``action="rollback"`` guards hold the state
+        of and restore."""
         for guard in self.guards:
-            guard.track(model, optimizers)
+            guard.track(model, optimizers, averaged)
 
     def start_keepers(self, folders: Iterable[Any], resumed_from: Any = None) -> None:
         """Training starts, saving checkpoints into ``folders`` (resumed from ``resumed_from``): the guards that keep

@@ -57,8 +57,8 @@ watches that key). Staleness, patience, episodes and ``on_nonfinite`` follow the
 ``"warn"``; ``"alert"`` (also ``wandb.run.alert`` when a run is active); ``"stop"`` (:attr:`should_stop` becomes
 True: leave your loop); ``"reduce_lr"`` (the optimizers and schedulers given to :meth:`watch`); ``"rollback"`` (the
 model's and those optimizers' state go back to the last good observation, held in host memory, and their learning
-rates are lowered; :attr:`rolled_back` is then True for that step: nothing to do in your loop unless you keep
-state of your own, e.g. an EMA copy of the weights).
+rates are lowered; an EMA copy of the weights given as ``watch(..., averaged=ema)`` goes back with them;
+:attr:`rolled_back` is then True for that step: nothing to do in your loop unless you keep other state of your own).
 
 Resume. :meth:`EntropyMonitors.state_dict` (JSON-able) goes into your checkpoint; :meth:`load_state_dict` before or
 after :meth:`watch` restores guard streaks, first summaries and histories. Without it every :meth:`watch` starts
@@ -212,6 +212,7 @@ class EntropyMonitors:
         optimizer: Any | Sequence[Any] | None = None,
         scheduler: Any | Sequence[Any] | None = None,
         resumed_from: str | os.PathLike[str] | None = None,
+        averaged: nn.Module | Sequence[nn.Module] | None = None,
     ) -> EntropyMonitors:
         """Start a run on ``model``: fresh monitor and guard state (or what :meth:`load_state_dict` was given before).
         A ``DistributedDataParallel`` / ``DataParallel`` wrapper (``accelerator.prepare``) is watched through its
@@ -219,7 +220,9 @@ class EntropyMonitors:
         never appears in names either. ``optimizer`` / ``scheduler`` (one or a list) are what a ``reduce_lr`` guard
         lowers. ``resumed_from``: the checkpoint this run resumed from, if any: a firing before the run's first save
         names it as the one to roll back to, and the guards' keepers (``checkpoint_dir``) keep it and adopt the pins
-        a killed run left up to its step. Returns ``self``, a context manager whose exit calls :meth:`close`."""
+        a killed run left up to its step. ``averaged``: the module(s) holding averaged weights of the model (an EMA,
+        ``torch.optim.swa_utils.AveragedModel``) that a rollback guard rolls back with it. Returns ``self``, a context
+        manager whose exit calls :meth:`close`."""
         if resumed_from is not None and not isinstance(resumed_from, (str, os.PathLike)):
             raise EntrotrainError(
                 "EntropyMonitors.watch(resumed_from) must be a checkpoint path or None; got "
@@ -246,7 +249,7 @@ class EntropyMonitors:
                 "monitors.watch(model, optimizer=optimizer, scheduler=scheduler)."
             )
         self.session.bind(model)  # (resets the guards)
-        self.session.track(model, optimizers)  # refuses FSDP1 / DeepSpeed before the run starts
+        self.session.track(model, optimizers, _as_list(averaged))  # refuses FSDP1 / DeepSpeed before the run starts
         self._model = model
         self._optimizers = optimizers
         self._schedulers = _as_list(scheduler)

@@ -21,17 +21,15 @@ judgements (a checkpoint is dated by the step in its name, :func:`~entrotrain.ca
   rotation, later judgements or later runs do. One frozen pin per firing, at most :data:`MAX_FROZEN` per fit (a key
   flapping around its threshold fires again and again: the first firing's pin and the newest ones stay). A frozen pin
   gets its own copy of the files it still shares with its original, in a background thread (training does not wait;
-  the interpreter waits for it at exit; each file is written as ``<file>.<machine>.<pid>.<start>.<id>``
-  ``.entrotrain-copy``, then renamed over the link: one a crash left half written is deleted by the next keeper that
-  opens the folder, or by :func:`release_abandoned`, once its process is gone): a save under the same name may rewrite
-  files in place (``transformers.Trainer`` run again in the same ``output_dir`` rewrites
-  ``checkpoint-N/optimizer.pt``, ``trainer_state.json``, ...; Lightning's and ``torch.save``'s writes to an existing
-  path truncate the same inode), which would change a hard link with them. The copy is a copy-on-write clone where the
-  file system makes one (btrfs, XFS, ZFS, APFS-like reflinks: no disk until either file changes), else a full copy: a
-  frozen pin costs one checkpoint of disk even while its original exists. Skipping the copy when nothing rotates
-  (``save_top_k=-1``, ``save_total_limit=None``) is not safe: the write in place that changes a hard link comes from a
-  *later* run in the same folder (or any ``torch.save`` to that name), which this run cannot see or stop, and that is
-  exactly the case where nothing rotates (the original stays, and gets rewritten);
+  the interpreter waits for it at exit): a save under the same name may rewrite files in place
+  (``transformers.Trainer`` run again in the same ``output_dir`` rewrites ``checkpoint-N/optimizer.pt``,
+  ``trainer_state.json``, ...; Lightning's and ``torch.save``'s writes to an existing path truncate the same inode),
+  which would change a hard link with them. The copy is a copy-on-write clone where the file system makes one (btrfs,
+  XFS, ZFS, APFS-like reflinks: no disk until either file changes), else a full copy: a frozen pin costs one
+  checkpoint of disk even while its original exists. Skipping the copy when nothing rotates (``save_top_k=-1``,
+  ``save_total_limit=None``) is not safe: the write in place that changes a hard link comes from a *later* run in the
+  same folder (or any ``torch.save`` to that name), which this run cannot see or stop, and that is exactly the case
+  where nothing rotates (the original stays, and gets rewritten);
 - when training **ends normally**, the pins that are not frozen go (the run needed none of them), and the folder too
   when it is empty. After a crash or a kill every pin stays: that is when you roll back.
 
@@ -46,16 +44,19 @@ once however many guards keep it, and deleted once none of them needs it (a pin 
 others judge).
 
 **Pins across crashes.** The keepers of a process list the pins they may still delete (their *provisional* pins: not
-frozen) in one manifest per keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten
-atomically (a temporary file, then ``os.replace``) whenever that set changes and deleted when it is empty. A frozen
-pin leaves the manifest before :meth:`LastGoodCheckpoints.freeze` returns it. What no manifest lists is never
-deleted by a keeper: frozen pins, pins of entrotrain versions before manifests, your own files. When a keeper first
-looks at a keep folder (:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first
+frozen) in one manifest per keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten atomically
+(a temporary file, then ``os.replace``) whenever that set changes and deleted when it is empty. A frozen pin leaves
+the manifest before :meth:`LastGoodCheckpoints.freeze` returns it. What a keeper writes in several steps (a folder
+pin's links, a manifest, a frozen pin's copy) it writes aside, as
+``<name>.<machine>.<pid>.<start>.<id>.entrotrain-copy``, and renames into place: what a crash leaves aside is deleted
+by the next keeper that opens the folder, or by :func:`release_abandoned`, once its process is gone. What no manifest
+lists is never deleted by a keeper: frozen pins, pins of entrotrain versions before manifests, your own files. When a
+keeper first looks at a keep folder (:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first
 :meth:`saved` there) it takes over the manifests of runs that are *not running any more*: made on this machine (same
 host name, boot and process namespace) by a process that is gone (no such pid, a zombie, or a pid since reused: its
-start time differs; in this process: keepers all garbage collected). It claims one by renaming it to a name of its
-own (a rename is atomic: of two runs starting together, one gets it), and then, for each pin listed that is still
-the file it linked (same inodes, same files):
+start time differs; in this process: keepers all garbage collected). It claims one by renaming it to a name of its own
+(a rename is atomic: of two runs starting together, one gets it), and then, for each pin listed that is still the file
+it linked (same inodes, same files):
 
 - the pin the run resumes from (``start(resumed_from=...)``) is kept for good (it leaves every manifest and gets its
   own copy, like a frozen pin): deleting what you resumed from, or a rerun's ``ckpt_path``, is never right;
@@ -107,7 +108,7 @@ KEEP_FOLDER = "entrotrain-last-good"
 MAX_FROZEN = 3
 
 _MANIFEST = ".entrotrain-pins"  # .entrotrain-pins.<machine>.<pid>.<start>.<id>[.<k>].json
-_COPY_SUFFIX = ".entrotrain-copy"  # a frozen pin's file being copied (module docstring)
+_COPY_SUFFIX = ".entrotrain-copy"  # a file or folder being written: a pin's copy, a folder pin, a manifest
 
 _Stamp = tuple[tuple[str, int, int], ...]
 _Inodes = tuple[tuple[str, int], ...]
@@ -139,6 +140,12 @@ def _stamp(path: Path) -> _Stamp:
 
 def _inodes(path: Path) -> _Inodes:
     return tuple((name, file.stat().st_ino) for name, file in _files(path))
+
+
+def _being_written(path: Path, owner: _Owner) -> Path:
+    """Where ``owner`` writes ``path`` before renaming it into place: ``<name>.<owner's tag>.entrotrain-copy``. One a
+    crash leaves is deleted once its process is gone (:func:`_clear_leftovers`)."""
+    return path.with_name(f"{path.name}.{owner.tag}{_COPY_SUFFIX}")
 
 
 def _rmdir_if_empty(folder: Path) -> None:
@@ -329,15 +336,18 @@ def _pin_of(keep: Path, record: dict) -> _Pin:
                 held=record["held"])
 
 
-def _clear_copies(keep: Path, elsewhere: bool = False) -> None:
-    """Delete the copies that frozen pins' copy threads left half written in ``keep`` (a crash mid-copy) where the
-    process that wrote one does not run any more (``elsewhere``: or runs on another machine)."""
-    for root, _, names in os.walk(keep):
-        for name in names:
+def _clear_leftovers(keep: Path, elsewhere: bool = False) -> None:
+    """Delete what a crash left half written in ``keep`` (:func:`_being_written`: a frozen pin's copy, a folder pin
+    being linked, a manifest) where the process that wrote it does not run any more (``elsewhere``: or runs on
+    another machine)."""
+    for root, folders, names in os.walk(keep):
+        for name in [*folders, *names]:
             owner = _Owner.of_copy(name)
             running = owner.running() if owner is not None else True  # an untagged one (before tags): left
             if running is False or (running is None and elsewhere):
                 _remove(Path(root, name))
+                if name in folders:
+                    folders.remove(name)
 
 
 def _claim(manifest: Path, owner: _Owner, claimer_prefix: str) -> Path | None:
@@ -425,7 +435,7 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
                 _remove(path)
                 deleted.append(path)
         _remove(claimed)
-    _clear_copies(keep, elsewhere)
+    _clear_leftovers(keep, elsewhere)
     _rmdir_if_empty(keep)
     return deleted
 
@@ -558,7 +568,7 @@ class LastGoodCheckpoints:
                 elsewhere += [keep / record["name"] for record in _records(manifest)]
             if running is False and (path := _claim(manifest, owner, shelf.owner.prefix)) is not None:
                 claimed.append(path)
-        _clear_copies(keep)
+        _clear_leftovers(keep)
         if elsewhere:
             warnings.warn(
                 f"{self.owner}(keep_last_good=True): {len(elsewhere)} kept checkpoint(s) in {keep} were pinned by "
@@ -646,12 +656,15 @@ class LastGoodCheckpoints:
             target = self._free_name(source)
             try:
                 folder.mkdir(exist_ok=True)
-                if source.is_dir():
-                    target.mkdir()  # this name is ours from here on
+                if source.is_dir():  # linked aside, then renamed: a crash leaves no partial pin
+                    building = _being_written(target, self._folders[folder].owner)
                     try:
-                        shutil.copytree(source, target, copy_function=os.link, dirs_exist_ok=True)
+                        shutil.copytree(source, building, copy_function=os.link)
+                        if target.exists() or target.is_symlink():
+                            raise FileExistsError(target)
+                        os.rename(building, target)
                     except OSError:
-                        _remove(target)
+                        _remove(building)
                         raise
                 else:
                     os.link(source, target)
@@ -756,9 +769,9 @@ class LastGoodCheckpoints:
         """Give a frozen pin its own copy of each file it still shares with its original (module docstring); runs in
         a background thread. A file that changes while it is copied (rewritten in place meanwhile) is warned about."""
         pinned = {name: (size, mtime) for name, size, mtime in pin.stamp}
-        tag = self._folders[pin.path.parent].owner.tag  # whose it is, for a crash mid-copy (_clear_copies)
+        owner = self._folders[pin.path.parent].owner
         for name, file in _files(pin.path):
-            copy = file.with_name(f"{file.name}.{tag}{_COPY_SUFFIX}")
+            copy = _being_written(file, owner)
             try:
                 before = file.stat()
                 if before.st_nlink < 2:
@@ -842,7 +855,7 @@ class LastGoodCheckpoints:
                     records = [{"name": p.path.name, "step": p.step, "source": str(p.source), "held": p.held,
                                 "stamp": [list(s) for s in p.stamp], "inodes": [list(i) for i in p.inodes]}
                                for p in sorted(provisional, key=lambda p: p.step)]
-                    tmp = shelf.manifest.with_name(f"{shelf.manifest.name}.{uuid.uuid4().hex[:8]}.tmp")
+                    tmp = _being_written(shelf.manifest, shelf.owner)
                     try:
                         tmp.write_text(json.dumps({"entrotrain_pins": 1, "host": socket.gethostname(),
                                                    "pid": os.getpid(), "pins": records}))

@@ -1,20 +1,23 @@
 """``LastGoodCheckpoints``: several guards keeping checkpoints in one folder share their pins (one link per
-checkpoint file, one manifest, a pin deleted once no guard needs it); a frozen pin's copy left half written by a crash
-is cleaned up once its run is gone; a resumed run adopts only the pins of its own lineage."""
+checkpoint file, one manifest, a pin deleted once no guard needs it); what a crash leaves half written (a frozen pin's
+copy, a folder pin, a manifest) is cleaned up once its run is gone; a resumed run adopts only the pins of its own
+lineage."""
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.callbacks import checkpoint_keeper as ck
-from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints, release_abandoned
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints, list_pins, release_abandoned
 from tests.callbacks.test_checkpoint_keeper_crashes import _die, _manifests, _save, _states
 from tests.callbacks.test_guard_scenarios import KEY, Lin, Script, loader
 from tests.helpers.lightning_models import quiet_trainer
@@ -146,3 +149,52 @@ def test_a_resumed_run_does_not_adopt_pins_off_its_lineage(tmp_path: Path) -> No
     resumed.start([tmp_path], resumed_from=resume)
     assert resumed.freeze(15) is None  # the unrelated step 10 is not named
     assert resumed.freeze(25) == tmp_path / KEEP_FOLDER / "step_20.pt"
+
+
+class _Killed(BaseException):
+    """SIGKILL at this point: nothing of the keeper runs after it."""
+
+
+def test_a_folder_pin_a_crash_cut_short_is_never_listed_as_kept(tmp_path: Path, monkeypatch) -> None:
+    """Killed while it hard-linked a folder checkpoint (HF ``checkpoint-10``) file by file: the pin was a folder of
+    some of the files, in no manifest, so ``list_pins`` called it kept for good and a resume from it loaded part of a
+    checkpoint. It is linked aside and renamed into place now; what a crash leaves aside goes once its run is gone."""
+    checkpoint = tmp_path / "checkpoint-10"
+    checkpoint.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
+        (checkpoint / name).write_text(name)
+    real_link = os.link
+
+    def link(src, dst, **kwargs):
+        if Path(dst).name != "model.safetensors":
+            raise _Killed
+        return real_link(src, dst, **kwargs)
+
+    keeper = LastGoodCheckpoints()
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(_Killed):
+        keeper.saved(checkpoint)
+    monkeypatch.undo()
+    _die(keeper)
+    assert list_pins(tmp_path) == []
+    LastGoodCheckpoints().start([tmp_path])
+    assert list((tmp_path / KEEP_FOLDER).iterdir()) == []
+
+
+def test_a_manifest_a_crash_cut_short_is_deleted_once_its_run_is_gone(tmp_path: Path, monkeypatch) -> None:
+    """Killed while it wrote its manifest aside (before ``os.replace``): ``.entrotrain-pins.<run>.json.<k>.tmp``
+    stayed forever."""
+    keeper = LastGoodCheckpoints()
+    keeper.saved(_save(tmp_path, 1))
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(_Killed):
+        keeper.saved(_save(tmp_path, 2))
+    monkeypatch.undo()
+    _die(keeper)
+    LastGoodCheckpoints().start([tmp_path])
+    assert [p.name for p in (tmp_path / KEEP_FOLDER).iterdir() if p.name.startswith(".")] == [m.name for m in
+                                                                                              _manifests(tmp_path)]

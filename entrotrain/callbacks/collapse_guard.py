@@ -698,7 +698,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if came_back:
             after = f"{good} good observation{'' if good == 1 else 's'} after the last rollback (to step {last_target})"
             sentence += (f", one held state further back: the fall came back {after}" if further else
-                         f"; the fall came back {after}, and no older state is held (rollback_states holds more)")
+                         f"; the fall came back {after}, and no older state is held (raise rollback_states to hold older ones)")
         sentence += (f" (rollback {self.rollbacks} of {self.max_rollbacks}; the batches since are skipped, not "
                      "replayed")
         if not further and self.last_good_step is not None and held_step < self.last_good_step:

@@ -124,7 +124,7 @@ def test_the_states_held_after_a_rollback_take_the_oldest_ones_places() -> None:
     assert guard.held_states.steps == [10, 20, 40]  # k states: step 0's went
     _observe(guard, model, optimizer, 50, good=False)
     message = _observe(guard, model, optimizer, 60, good=False)
-    assert _weights_step(model) == 10.0 and "no older state is held (rollback_states holds more)" in message
+    assert _weights_step(model) == 10.0 and "no older state is held (raise rollback_states to hold older ones)" in message
 
 
 def test_a_fall_after_k_good_observations_is_a_new_fall_and_goes_to_the_newest() -> None:
@@ -145,7 +145,7 @@ def test_one_held_state_goes_back_to_it_again_and_says_how_to_hold_more() -> Non
     _observe(guard, model, optimizer, 20, good=False)
     message = _observe(guard, model, optimizer, 30, good=False)
     assert _weights_step(model) == 10.0
-    assert "no older state is held (rollback_states holds more)" in message
+    assert "no older state is held (raise rollback_states to hold older ones)" in message
 
 
 def test_the_max_drop_history_comes_back_with_the_state_it_was_held_with() -> None:

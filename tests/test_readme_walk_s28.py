@@ -6,11 +6,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
 from entrotrain.callbacks._guard_keys import misspelt_key
 from entrotrain.dashboards import RunRecordLogger
 from entrotrain.dashboards.terminal_status import _collect, runs_table, status_main
+from entrotrain.errors import EntrotrainError
+from entrotrain.integrations.checkpoint_sources import find_checkpoints
 from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.loop_runs import fit_lightning, run_loop, token_batches
@@ -66,3 +69,19 @@ def test_status_rows_below_one_is_named_in_the_error(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         status_main(["--rows", "0"])
     assert "--rows" in capsys.readouterr().err.strip().splitlines()[-1]  # the error line, not the usage above it
+
+
+# ------------------------------------------------------------------ entrotrain inspect
+def _ckpt(path: Path, weight: float) -> None:
+    torch.save({"global_step": 50, "state_dict": {"w": torch.full((2,), weight)}}, path)
+
+
+def test_inspect_refuses_two_runs_saved_into_one_folder(tmp_path: Path) -> None:
+    """The README's inspect command run twice in one folder: Lightning names the second run's files
+    `epoch=0-step=50-v1.ckpt`, and `entrotrain inspect ckpts` read both runs as one trajectory (step 50 twice)."""
+    _ckpt(tmp_path / "epoch=0-step=50.ckpt", 1.0)
+    _ckpt(tmp_path / "epoch=0-step=50-v1.ckpt", 2.0)
+    with pytest.raises(EntrotrainError, match="several runs: step 50 is saved as epoch=0-step=50.ckpt and "):
+        find_checkpoints([tmp_path])
+    _ckpt(tmp_path / "epoch=0-step=50-v1.ckpt", 1.0)  # the same weights (a deterministic rerun, two callbacks): one
+    assert [c.path.name for c in find_checkpoints([tmp_path])] == ["epoch=0-step=50.ckpt"]

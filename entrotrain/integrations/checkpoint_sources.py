@@ -149,6 +149,7 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
         raise EntrotrainError(
             "entrotrain inspect: Lightning (*.ckpt) and Hugging Face checkpoints mixed; inspect each kind on its own."
         )
+    found = _one_per_step(found)
     folders: dict[int, set[Path]] = {}
     for c in found.values():
         if c.step is not None:
@@ -160,6 +161,48 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
             f"{several[1]}; inspect one run's folder at a time."
         )
     return sorted(found.values(), key=lambda c: (c.step is None, c.step or 0, natural_order(str(c.path))))
+
+
+def _one_per_step(found: dict[Path, Checkpoint]) -> dict[Path, Checkpoint]:
+    """Lightning checkpoints of one step in one folder: copies of one save (two ``ModelCheckpoint`` callbacks) are
+    one, the shortest name; different weights are two runs saved into one ``dirpath`` (Lightning names the second
+    run's files ``...-v1.ckpt``), which one trajectory would interleave: an error naming both."""
+    by_step: dict[tuple[Path, int], list[Path]] = {}
+    for path, c in found.items():
+        if c.kind == "lightning" and c.step is not None:
+            by_step.setdefault((path.parent, c.step), []).append(path)
+    for (_, step), paths in by_step.items():
+        first, *others = sorted(paths, key=lambda p: (len(p.name), natural_order(p.name)))  # name before name-v1
+        for other in others:
+            same = _same_weights(first, other)
+            if same is None:  # unreadable: load_lightning says why when it is inspected
+                continue
+            if not same:
+                raise EntrotrainError(
+                    f"entrotrain inspect: checkpoints of several runs: step {step} is saved as {first.name} and "
+                    f"{other.name} in {first.parent} with different weights (a run saved into the folder of an "
+                    "earlier one; Lightning adds -v1 to the later run's names). Inspect one run's checkpoints: name "
+                    "its files, e.g. `entrotrain inspect <folder>/*-v1.ckpt`, or give each run its own dirpath."
+                )
+            del found[other]
+    return found
+
+
+def _same_weights(a: Path, b: Path) -> bool | None:
+    """Whether two Lightning checkpoints hold the same ``state_dict`` (read memory-mapped); ``None`` when one cannot
+    be read."""
+    try:
+        left, right = load_checkpoint_light(a).get("state_dict"), load_checkpoint_light(b).get("state_dict")
+    except Exception:  # noqa: BLE001 - load_lightning says why when it is inspected
+        return None
+    if not isinstance(left, dict) or not isinstance(right, dict):
+        return None
+    if left.keys() != right.keys():
+        return False
+    return all(
+        isinstance(left[k], torch.Tensor) and isinstance(right[k], torch.Tensor) and left[k].shape == right[k].shape
+        and left[k].dtype == right[k].dtype and torch.equal(left[k], right[k]) for k in left
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning

@@ -29,6 +29,9 @@ DDP buckets and compiled graphs see the same tensors). Host memory: one copy of 
 (per held state: :mod:`~entrotrain.callbacks.rollback_history` holds the last ``rollback_states``).
 
 Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank),
+DDP with ``ZeroRedundancyOptimizer`` (each rank holds and restores its shard of the optimizer state, which lives in
+its ``.optim``; the "non-finite state is not held" decision is all-reduced over its process group; ``overlap_with_ddp=
+True``, which steps inside DDP's communication hook, is refused),
 ``torch.compile``, and FSDP2 (``fully_shard`` on a 1-D mesh, in a plain loop or Lightning's
 ``ModelParallelStrategy``): each rank holds and restores **its local shards** only. A ``DTensor`` in
 ``model.state_dict()`` or in the optimizer state (Adam's ``exp_avg`` / ``exp_avg_sq``; ``step`` is a plain tensor) is
@@ -86,7 +89,7 @@ def _outer_optimizer(optimizer: Any) -> Any:
 
 def _is_zero(optimizer: Any) -> bool:
     """Whether ``optimizer`` is ``torch.distributed.optim.ZeroRedundancyOptimizer`` (without importing it)."""
-    return type(optimizer).__name__ == "ZeroRedundancyOptimizer" and hasattr(optimizer, "optim")
+    return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 
 
 def check_supported(model: nn.Module, optimizers: Sequence[Any] = ()) -> None:

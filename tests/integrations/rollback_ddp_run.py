@@ -3,8 +3,9 @@
 ``python rollback_ddp_run.py OUT`` spawns two ranks. Each trains a DDP-wrapped MLP with Adam on its own batches,
 observing the same scripted value (as a monitor reduced across ranks would publish it); the guard fires at step 2 and
 rolls back to the end of step 1. Each rank writes ``rank{r}.json`` (the steps it rolled back at, whether the restored
-state equals the one it had at the end of step 1, whether an FSDP2 model was accepted and FSDP1 refused) and
-``weights{r}.pt`` (its weights right after the rollback). Run by tests/integrations/test_rollback_glue.py.
+state equals the one it had at the end of step 1, whether an FSDP2 model was accepted and FSDP1 refused, and the
+same run with a ``ZeroRedundancyOptimizer``: :func:`zero_redundancy`) and ``weights{r}.pt`` (its weights right
+after the rollback). Run by tests/integrations/test_rollback_glue.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ VALUES = [0.9, 0.9, 0.0, 0.9, 0.9]
 
 def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, list]:
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()])
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state])
 
 
 def _same(a, b) -> bool:
@@ -89,11 +90,56 @@ def worker(rank: int, out: str) -> None:
     fsdp2 = refusal(sharded)
     fsdp1 = refusal(FullyShardedDataParallel(torch.nn.Linear(4, 2), device_id=torch.device("cpu")))
 
+    zero = zero_redundancy(rank)
     Path(out, f"rank{rank}.json").write_text(json.dumps(
         {"rolled": rolled, "restored_equals_held": restored, "fsdp2_accepted": fsdp2 == "",
-         "fsdp1_refused": "FSDP" in fsdp1 and "reduce_lr" in fsdp1}))
+         "fsdp1_refused": "FSDP" in fsdp1 and "reduce_lr" in fsdp1, "zero": zero}))
     torch.save(after[0] if after is not None else {}, Path(out, f"weights{rank}.pt"))
     faulthandler.cancel_dump_traceback_later()
+
+
+def zero_redundancy(rank: int) -> dict:
+    """DDP with ``ZeroRedundancyOptimizer``: each rank holds and restores its shard of Adam's state (in ``.optim``).
+    At step 1 rank 1's shard of the second moments turns infinite while the weights stay finite: no rank holds step
+    1 (the verdict is agreed on), so the firing at step 2 rolls every rank back to step 0. ``overlap_with_ddp=True``
+    is refused."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+    from entrotrain.errors import EntrotrainError
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.Adam, lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)
+    monitors = EntropyMonitors(guards=[EntropyCollapseGuard("scripted", threshold=0.5, action="rollback")],
+                               print_summary=False)
+    inside, rolled, after = {}, [], None
+    with monitors.watch(ddp, optimizer=opt):
+        for step, value in enumerate(VALUES):
+            with monitors.step(step):
+                opt.zero_grad(set_to_none=True)
+                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
+                opt.step()
+                if step == 1 and rank == 1:
+                    next(iter(opt.optim.state.values()))["exp_avg_sq"].fill_(float("inf"))
+                monitors.observe(scripted=value)
+                inside[step] = _state(model, opt.optim)
+            if monitors.rolled_back:
+                rolled.append(step)
+                after = _state(model, opt.optim)
+    try:  # overlap_with_ddp steps inside DDP's communication hook, outside optimizer.state: refused
+        overlapped = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, overlap_with_ddp=True)
+        EntropyCollapseGuard("scripted", action="rollback").track(model, [overlapped])
+        refusal = ""
+    except EntrotrainError as err:
+        refusal = str(err)
+    return {"rolled": rolled, "owns_state": bool(opt.optim.state),
+            "overlap_refused": "overlap_with_ddp=False rolls back" in refusal and "reduce_lr" in refusal,
+            "restored_step_0": after is not None and _same(after[0], inside[0][0]) and _same(after[1], inside[0][1]),
+            "lr": opt.param_groups[0]["lr"], "inner_lr": opt.optim.param_groups[0]["lr"]}
 
 
 if __name__ == "__main__":

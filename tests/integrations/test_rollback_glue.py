@@ -303,6 +303,10 @@ def test_ddp_two_ranks_roll_back_together_fsdp2_is_accepted_and_fsdp1_refused(tm
         assert r["restored_equals_held"], r
         assert r["fsdp2_accepted"], r  # FSDP2 rolls back (test_rollback_fsdp2.py)
         assert r["fsdp1_refused"], r
+        zero = r["zero"]  # ZeroRedundancyOptimizer: each rank's shard of Adam's state (in .optim) rolls back, and
+        assert zero["rolled"] == [2] and zero["owns_state"] and zero["restored_step_0"], zero  # ranks agree on what
+        assert zero["lr"] == zero["inner_lr"] == pytest.approx(LR * 0.5), zero  # is held
+        assert zero["overlap_refused"], zero
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
     assert same(w0, w1)  # identical on both ranks after the rollback
 

@@ -49,14 +49,15 @@ frozen) in one manifest per keep folder, ``.entrotrain-pins.<machine>.<pid>.<sta
 the manifest before :meth:`LastGoodCheckpoints.freeze` returns it. What a keeper writes in several steps (a folder
 pin's links, a manifest, a frozen pin's copy) it writes aside, as
 ``<name>.<machine>.<pid>.<start>.<id>.entrotrain-copy``, and renames into place: what a crash leaves aside is deleted
-by the next keeper that opens the folder, or by :func:`release_abandoned`, once its process is gone. What no manifest
-lists is never deleted by a keeper: frozen pins, pins of entrotrain versions before manifests, your own files. When a
-keeper first looks at a keep folder (:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first
-:meth:`saved` there) it takes over the manifests of runs that are *not running any more*: made on this machine (same
-host name, boot and process namespace) by a process that is gone (no such pid, a zombie, or a pid since reused: its
-start time differs; in this process: keepers all garbage collected). It claims one by renaming it to a name of its own
-(a rename is atomic: of two runs starting together, one gets it), and then, for each pin listed that is still the file
-it linked (same inodes, same files):
+by the next keeper that opens the folder, or by :func:`release_abandoned`, once its process is gone, and a frozen pin
+whose copy it cut short gets its copy then. What no manifest lists is never deleted by a keeper: frozen pins, pins of
+entrotrain versions before manifests, your own files. When a keeper first looks at a keep folder
+(:meth:`LastGoodCheckpoints.start` at the start of a fit, else lazily at its first :meth:`saved` there) it takes over
+the manifests of runs that are *not running any more*: made on this machine (same host name, boot and process
+namespace) by a process that is gone (no such pid, a zombie, or a pid since reused: its start time differs; in this
+process: keepers all garbage collected). It claims one by renaming it to a name of its own (a rename is atomic: of two
+runs starting together, one gets it), and then, for each pin listed that is still the file it linked (same inodes,
+same files):
 
 - the pin the run resumes from (``start(resumed_from=...)``) is kept for good (it leaves every manifest and gets its
   own copy, like a frozen pin): deleting what you resumed from, or a rerun's ``ckpt_path``, is never right;
@@ -336,10 +337,40 @@ def _pin_of(keep: Path, record: dict) -> _Pin:
                 held=record["held"])
 
 
-def _clear_leftovers(keep: Path, elsewhere: bool = False) -> None:
+def _own_copies(pin: Path, stamp: _Stamp | None, owner: _Owner, who: str) -> None:
+    """Give the pin ``pin`` its own copy of each file it still shares with its original (module docstring), written
+    aside as ``owner``; ``stamp``: the files as pinned (``None``: unknown). A file that changed since it was pinned,
+    or changes while it is copied (rewritten in place meanwhile), is warned about (``who`` names the caller)."""
+    pinned = {name: (size, mtime) for name, size, mtime in stamp or ()}
+    for name, file in _files(pin):
+        copy = _being_written(file, owner)
+        try:
+            before = file.stat()
+            if before.st_nlink < 2:
+                continue
+            if stamp is not None and pinned.get(name) != (before.st_size, before.st_mtime_ns):
+                raise OSError(f"{file} changed since it was pinned")
+            _copy(file, copy)  # keeps the mtime: the pin's stamp is unchanged
+            after = file.stat()
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise OSError(f"{file} changed while it was copied")
+            os.replace(copy, file)
+        except OSError as err:
+            _remove(copy)
+            warnings.warn(
+                f"{who}: cannot give the kept checkpoint {pin} its own copy of {file.name} ({type(err).__name__}: "
+                f"{err}); it shares that file with its original, so a save in place under that name would change it.",
+                stacklevel=2,
+            )
+            return
+
+
+def _clear_leftovers(keep: Path, me: _Owner, who: str, elsewhere: bool = False) -> None:
     """Delete what a crash left half written in ``keep`` (:func:`_being_written`: a frozen pin's copy, a folder pin
     being linked, a manifest) where the process that wrote it does not run any more (``elsewhere``: or runs on
-    another machine)."""
+    another machine), and give a pin whose copy a crash cut short its own copies, as ``me`` (``who``: for warnings);
+    this waits for the copies (after a crash only)."""
+    cut_short = set()
     for root, folders, names in os.walk(keep):
         for name in [*folders, *names]:
             owner = _Owner.of_copy(name)
@@ -348,6 +379,12 @@ def _clear_leftovers(keep: Path, elsewhere: bool = False) -> None:
                 _remove(Path(root, name))
                 if name in folders:
                     folders.remove(name)
+                elif not name.startswith("."):  # a frozen pin's file, or a file in a frozen folder pin
+                    rel = Path(root, name[: -len(_COPY_SUFFIX)].rsplit(".", 4)[0]).relative_to(keep)
+                    cut_short.add(keep / rel.parts[0])
+    for pin in cut_short:
+        if pin.exists():
+            _own_copies(pin, None, me, who)
 
 
 def _claim(manifest: Path, owner: _Owner, claimer_prefix: str) -> Path | None:
@@ -435,7 +472,7 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
                 _remove(path)
                 deleted.append(path)
         _remove(claimed)
-    _clear_leftovers(keep, elsewhere)
+    _clear_leftovers(keep, me, "release_abandoned", elsewhere)
     _rmdir_if_empty(keep)
     return deleted
 
@@ -568,7 +605,7 @@ class LastGoodCheckpoints:
                 elsewhere += [keep / record["name"] for record in _records(manifest)]
             if running is False and (path := _claim(manifest, owner, shelf.owner.prefix)) is not None:
                 claimed.append(path)
-        _clear_leftovers(keep)
+        _clear_leftovers(keep, shelf.owner, f"{self.owner}(keep_last_good=True)")
         if elsewhere:
             warnings.warn(
                 f"{self.owner}(keep_last_good=True): {len(elsewhere)} kept checkpoint(s) in {keep} were pinned by "
@@ -766,32 +803,8 @@ class LastGoodCheckpoints:
             )
 
     def _unshare(self, pin: _Pin) -> None:
-        """Give a frozen pin its own copy of each file it still shares with its original (module docstring); runs in
-        a background thread. A file that changes while it is copied (rewritten in place meanwhile) is warned about."""
-        pinned = {name: (size, mtime) for name, size, mtime in pin.stamp}
-        owner = self._folders[pin.path.parent].owner
-        for name, file in _files(pin.path):
-            copy = _being_written(file, owner)
-            try:
-                before = file.stat()
-                if before.st_nlink < 2:
-                    continue
-                if pinned.get(name) != (before.st_size, before.st_mtime_ns):
-                    raise OSError(f"{file} changed since it was pinned")
-                _copy(file, copy)  # keeps the mtime: the pin's stamp is unchanged
-                after = file.stat()
-                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                    raise OSError(f"{file} changed while it was copied")
-                os.replace(copy, file)
-            except OSError as err:
-                _remove(copy)
-                warnings.warn(
-                    f"{self.owner}(keep_last_good=True): cannot give the kept checkpoint {pin.path} its own copy of "
-                    f"{file.name} ({type(err).__name__}: {err}); it shares that file with {pin.source}, so a save in "
-                    "place under that name would change it.",
-                    stacklevel=2,
-                )
-                return
+        """:func:`_own_copies` for a frozen pin, in a background thread; a failure is warned about."""
+        _own_copies(pin.path, pin.stamp, self._folders[pin.path.parent].owner, f"{self.owner}(keep_last_good=True)")
 
     def wait(self) -> None:
         """Wait for the frozen pins' copies under way."""

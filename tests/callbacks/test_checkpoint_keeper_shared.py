@@ -101,10 +101,11 @@ def test_every_guard_of_a_resumed_run_adopts_the_killed_runs_pins(tmp_path: Path
 
 def test_a_copy_left_half_written_by_a_crash_is_deleted_once_its_run_is_gone(tmp_path: Path, monkeypatch) -> None:
     """Killed while a frozen pin got its own copy: ``step_10.pt.<run>.entrotrain-copy`` stayed forever (a whole
-    checkpoint of disk, in no manifest). The next run in the folder deletes those of runs gone, never one a running
-    run is writing; so does ``release_abandoned``."""
+    checkpoint of disk, in no manifest), and the frozen pin still shared its file with the original (a save in place
+    under that name changed it). The next run in the folder deletes those of runs gone and makes the copy again, never
+    one a running run is writing; so does ``release_abandoned``."""
     crashing = [True]
-    remove = ck._remove
+    remove, copy = ck._remove, ck._copy
 
     def killed_mid_copy(src: Path, dst: Path) -> None:
         dst.write_bytes(b"half")
@@ -124,12 +125,16 @@ def test_a_copy_left_half_written_by_a_crash_is_deleted_once_its_run_is_gone(tmp
             keeper.wait()
         (copies[folder],) = (tmp_path / folder / KEEP_FOLDER).glob("*.entrotrain-copy")
     crashing[0] = False
+    monkeypatch.setattr(ck, "_copy", copy)
     _die(runs["dead"])
     _die(runs["released"])
     LastGoodCheckpoints().start([tmp_path / "dead", tmp_path / "running"])
     assert not copies["dead"].exists() and copies["running"].exists()
     assert release_abandoned(tmp_path / "released") == [] and not copies["released"].exists()
-    assert _states(tmp_path / "dead") == {"step_10.pt": "kept"}
+    for folder in ("dead", "released"):
+        pin = tmp_path / folder / KEEP_FOLDER / "step_10.pt"
+        assert pin.stat().st_nlink == 1 and pin.read_bytes() == b"weights at 10"  # its own copy, whole
+        assert _states(tmp_path / folder) == {"step_10.pt": "kept"}
 
 
 def test_a_resumed_run_does_not_adopt_pins_off_its_lineage(tmp_path: Path) -> None:

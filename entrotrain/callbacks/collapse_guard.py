@@ -761,9 +761,9 @@ class EntropyCollapseGuard(PerFitCallback):
     def reduce_lr(self, optimizers: Sequence[Any], schedulers: Sequence[Any] = ()) -> bool:
         """``lr ← max(lr · lr_factor, min_lr)`` for every param group of ``optimizers`` and every base rate of
         ``schedulers`` (they recompute lr from ``base_lrs`` at their next step; their floors too, ``eta_min`` of the
-        cosine schedules and ``OneCycleLR``'s ``min_lr``, so the lowered rate stays lowered to the end) and of the
-        schedulers they step (``SequentialLR`` / ``ChainedScheduler`` children, accelerate's wrapped scheduler);
-        whether any rate fell."""
+        cosine schedules and ``OneCycleLR``'s ``min_lr``, and the rate ``SWALR`` anneals to, so the lowered rate stays
+        lowered to the end) and of the schedulers they step (``SequentialLR`` / ``ChainedScheduler`` children,
+        accelerate's wrapped scheduler); whether any rate fell."""
         lowered = False
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -780,11 +780,10 @@ class EntropyCollapseGuard(PerFitCallback):
             eta_min = getattr(scheduler, "eta_min", None)  # CosineAnnealingLR / WarmRestarts decay towards it
             if isinstance(eta_min, (int, float)) and not isinstance(eta_min, bool):
                 scheduler.eta_min = lower(eta_min)
-            if type(scheduler).__name__ == "OneCycleLR":  # recomputes from its groups' rates, not base_lrs
-                for group in scheduler.optimizer.param_groups:
-                    for key in ("initial_lr", "max_lr", "min_lr"):
-                        if isinstance(group.get(key), (int, float)):
-                            group[key] = lower(group[key])
+            for group in scheduler.optimizer.param_groups if type(scheduler).__name__ in _GROUP_RATES else ():
+                for key in _GROUP_RATES[type(scheduler).__name__]:
+                    if isinstance(group.get(key), (int, float)):
+                        group[key] = lower(group[key])
             _report_current_rates(scheduler)
         if lowered:
             self.lr_reductions += 1
@@ -821,6 +820,11 @@ def _weight_averages(trainer: Trainer) -> list[nn.Module]:
     callbacks = getattr(trainer, "callbacks", None) or []
     found = [getattr(cb, "_average_model", None) for cb in callbacks if averaging and isinstance(cb, averaging)]
     return [module for module in found if isinstance(module, nn.Module)]
+
+
+#: The schedulers that recompute the rate from their optimizer's param groups, not from ``base_lrs``, and the group
+#: keys they read: OneCycleLR its bounds, SWALR (Lightning's ``StochasticWeightAveraging``) the rate it anneals to.
+_GROUP_RATES: dict[str, tuple[str, ...]] = {"OneCycleLR": ("initial_lr", "max_lr", "min_lr"), "SWALR": ("swa_lr",)}
 
 
 def _with_inner_schedulers(schedulers: Iterable[Any]) -> list[Any]:

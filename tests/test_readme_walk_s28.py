@@ -11,6 +11,7 @@ import torch
 from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
 from entrotrain.callbacks._guard_keys import misspelt_key
 from entrotrain.dashboards import RunRecordLogger
+from entrotrain.dashboards.run_reader import load_run
 from entrotrain.dashboards.terminal_status import _collect, runs_table, status_main
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations.checkpoint_sources import find_checkpoints
@@ -85,3 +86,19 @@ def test_inspect_refuses_two_runs_saved_into_one_folder(tmp_path: Path) -> None:
         find_checkpoints([tmp_path])
     _ckpt(tmp_path / "epoch=0-step=50-v1.ckpt", 1.0)  # the same weights (a deterministic rerun, two callbacks): one
     assert [c.path.name for c in find_checkpoints([tmp_path])] == ["epoch=0-step=50.ckpt"]
+
+
+# ------------------------------------------------------------------ a path typed wrong
+def test_a_path_that_does_not_exist_names_the_one_meant(tmp_path: Path) -> None:
+    """`entrotrain inspect ckpt` (the folder is ckpts) said only 'ckpt does not exist.'; status and report named no
+    close folder either."""
+    (tmp_path / "ckpts").mkdir()
+    record = RunRecordLogger(tmp_path / "runs", version="attention_collapse-20261206-224856")
+    record.log_metrics({"entropy/attn_norm/min": 0.5}, step=0)
+    record.finalize("success")
+    with pytest.raises(EntrotrainError, match=r"ckpt does not exist \(did you mean .*ckpts\?\)\. Pass a checkpoint"):
+        find_checkpoints([tmp_path / "ckpt"])
+    with pytest.raises(EntrotrainError, match=r"did you mean .*runs\?\)\. Pass a run record folder"):
+        _collect([str(tmp_path / "run")], 10)
+    with pytest.raises(EntrotrainError, match=r"did you mean .*attention_collapse-20261206-224856\?\)"):
+        load_run(tmp_path / "runs" / "records" / "attention_collapse-20261206-22485")

@@ -14,6 +14,7 @@ The reader is forgiving where a run was cut short and strict where the folder is
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from entrotrain.errors import EntrotrainError
 
 __all__ = [
     "GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records",
-    "load_run", "natural_order", "run_status", "short_value",
+    "load_run", "missing_path", "natural_order", "run_status", "short_value",
 ]
 
 #: Keys written by entrotrain monitors; a run with none of them (and no media) has "no monitor output".
@@ -253,6 +254,19 @@ class RunData:
             return None
         values = self.scalars[key][1]
         return float(values[0]), float(values[-1])
+
+
+def missing_path(path: Path, fix: str) -> str:
+    """The message for a ``path`` that does not exist: the closest name beside it (``ckpts`` for ``ckpt``), if any,
+    then ``fix``."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    meant = f" (did you mean {parent / close[0]}?)" if close else ""
+    return f"{path} does not exist{meant}. {fix}"
 
 
 def natural_order(text: str) -> list[object]:
@@ -479,7 +493,7 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
     """
     path = Path(path)
     if not path.exists():
-        raise EntrotrainError(f"{path} does not exist. Pass the run record folder printed at the end of the run.")
+        raise EntrotrainError(missing_path(path, "Pass the run record folder printed at the end of the run."))
     meta_path = path / "meta.json"
     if not path.is_dir() or not meta_path.is_file():
         raise _not_a_run(path)

@@ -40,7 +40,7 @@ import numpy as np
 
 from entrotrain.dashboards.remedies import diagnose
 from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sections_of, value_format
-from entrotrain.dashboards.run_reader import RunData, find_records, load_run, natural_order
+from entrotrain.dashboards.run_reader import RunData, find_records, load_run, missing_path, natural_order
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["PROBLEM_STATES", "run_lines", "run_summary", "runs_table", "sparkline", "status_main"]
@@ -251,8 +251,8 @@ def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, lis
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise EntrotrainError(f"{path} does not exist. Pass a run record folder or a folder holding run records "
-                                  "(e.g. runs, where `entrotrain fit` writes them).")
+            raise EntrotrainError(missing_path(path, "Pass a run record folder or a folder holding run records "
+                                               "(e.g. runs, where `entrotrain fit` writes them)."))
         if (path / "meta.json").is_file():
             found = [path]
         else:

@@ -32,7 +32,7 @@ from torch import nn
 
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER
 from entrotrain.callbacks.collapse_guard import saved_at
-from entrotrain.dashboards.run_reader import natural_order
+from entrotrain.dashboards.run_reader import missing_path, natural_order
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
@@ -137,7 +137,10 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise EntrotrainError(f"entrotrain inspect: {path} does not exist.")
+            raise EntrotrainError("entrotrain inspect: " + missing_path(
+                path, "Pass a checkpoint (a *.ckpt file or a Hugging Face model folder) or the folder holding them "
+                "(ModelCheckpoint's dirpath, Trainer's output_dir)."
+            ))
         for ckpt in _expand(path):
             found.setdefault(ckpt.path.resolve(), ckpt)
     if not found:

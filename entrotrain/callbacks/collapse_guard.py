@@ -187,6 +187,10 @@ class EntropyCollapseGuard(PerFitCallback):
             ``rollback_states`` × one copy of the model and its optimizer state). A fall that comes back within that
             many good observations of a rollback is the same fall: the next rollback goes one held state further back
             (:mod:`~entrotrain.callbacks.rollback_history`).
+        hold: with ``action="rollback"``, what is held: ``"all"`` (every tensor of ``state_dict()`` and the optimizer
+            state) or ``"trainable"`` (not the parameters with ``requires_grad=False``: a LoRA run holds its adapters
+            only; a frozen parameter that changes is refused, never silently left out:
+            :mod:`~entrotrain.callbacks.rollback_frozen`).
 
     Example::
 
@@ -214,6 +218,7 @@ class EntropyCollapseGuard(PerFitCallback):
         keep_last_good: bool = True,
         max_rollbacks: int = 3,
         rollback_states: int = 1,
+        hold: Literal["all", "trainable"] = "all",
     ) -> None:
         self.monitor = check_str(monitor, "EntropyCollapseGuard(monitor)")
         self.threshold = check_real(threshold, "EntropyCollapseGuard(threshold)", none_ok=True)
@@ -248,6 +253,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self.keep_last_good = check_bool(keep_last_good, "EntropyCollapseGuard(keep_last_good)")
         self.max_rollbacks = check_int(max_rollbacks, "EntropyCollapseGuard(max_rollbacks)", low=1)
         self.rollback_states = check_int(rollback_states, "EntropyCollapseGuard(rollback_states)", low=1)
+        self.hold = check_choice(hold, "EntropyCollapseGuard(hold)", ("all", "trainable"))
         self._reset_fit_state()
 
     # ------------------------------------------------------------------ state
@@ -267,7 +273,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self._seen_saves: set[str] = set()
         #: ``action="rollback"``: the model's and optimizers' states at the last ``rollback_states`` good observations
         #: (host memory), each with the ``history`` it goes with.
-        self.held_states = RollbackHistory(self.rollback_states)
+        self.held_states = RollbackHistory(self.rollback_states, trainable_only=self.hold == "trainable")
         self._tracked: tuple[nn.Module, list[Any]] | None = None  # what a rollback restores (:meth:`track`)
         self._tracked_model: nn.Module | None = None  # the model itself (without its averages)
         self._good_since_rollback = 0  # good observations since the last rollback (a fall within the window escalates)

@@ -61,8 +61,9 @@ class RollbackHistory:
         history.restore(model, [optimizer], held)          # back to held.step; the states after it are dropped
     """
 
-    def __init__(self, size: int = 1) -> None:
+    def __init__(self, size: int = 1, trainable_only: bool = False) -> None:
         self.size = int(size)
+        self.trainable_only = trainable_only  # frozen parameters are not copied (:mod:`.rollback_frozen`)
         self._held: list[HeldState] = []
         self._spares: list[RollbackState] = []  # buffers of dropped states, re-used by the next takes
         self._lineage = -1  # lineage of the newest state taken along the kept trajectory
@@ -84,7 +85,7 @@ class RollbackHistory:
         """Hold the state of ``model`` and ``optimizers`` now as the newest, dropping the oldest beyond ``size``;
         whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
         full = len(self._held) >= self.size
-        buffer = self._held[0].state if full else (self._spares.pop() if self._spares else RollbackState())
+        buffer = self._held[0].state if full else (self._spares.pop() if self._spares else RollbackState(self.trainable_only))
         if not buffer.take(model, optimizers, step):  # refused before any copy: the buffer's old state is intact
             if not full:
                 self._spares.append(buffer)

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from entrotrain.callbacks.rollback_frozen import FrozenParameters
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["RollbackState", "check_supported", "unwrap_optimizer"]
@@ -178,9 +179,11 @@ class RollbackState:
         state.restore(model, [optimizer])            # the collapse: back to step 50's weights and moments
     """
 
-    def __init__(self) -> None:
+    def __init__(self, trainable_only: bool = False) -> None:
         #: The step the held state was taken at (``None``: nothing held).
         self.step: int | None = None
+        #: ``trainable_only``: the frozen parameters not copied, fingerprinted (:mod:`.rollback_frozen`).
+        self._frozen = FrozenParameters() if trainable_only else None
         self._model: dict[str, Any] = {}
         self._specs: dict[str, Any] = {}  # key -> DTensor spec (mesh, placements, shape, stride) of a sharded entry
         self._optimizers: list[_HeldOptimizer] = []
@@ -194,11 +197,17 @@ class RollbackState:
         step's forward, before its update, and that update can still turn the weights non-finite (an overflowing
         gradient): rolling back to such a state would cure nothing. The check is one device sync per device.
 
+        With ``trainable_only``, parameters with ``requires_grad=False`` are not copied, only fingerprinted
+        (:mod:`~entrotrain.callbacks.rollback_frozen`), and a rollback leaves them as they are.
+
         Raises:
-            EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place.
+            EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place; or, with
+                ``trainable_only``, a frozen parameter changed since the last take.
         """
         check_supported(model, optimizers)
         live = model.state_dict()
+        frozen = self._frozen.fingerprint(model, live, step) if self._frozen is not None else {}  # (raises: changed)
+        live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
         if not _all_finite([*_tensors(live), *state], _shard_groups(optimizers)):
@@ -209,6 +218,8 @@ class RollbackState:
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
             self._optimizers = [_optimizer_state(opt, previous) for opt, previous in zip(inner, held)]
         self.step = int(step)
+        if self._frozen is not None:
+            self._frozen.keep(frozen, step)
         return True
 
     # ------------------------------------------------------------------ restore
@@ -226,8 +237,11 @@ class RollbackState:
                 f"RollbackState.restore: the state was taken with {len(self._optimizers)} optimizer(s), got "
                 f"{len(optimizers)}; restore with the optimizers given to take()."
             )
+        current = model.state_dict()
+        if self._frozen is not None:
+            self._frozen.verify(current)  # before anything is copied
         with torch.no_grad():
-            _restore_model(model, self._model, self._specs)
+            _restore_model(model, self._model, self._specs, current, self._frozen.keys if self._frozen else set())
             for opt, held in zip(optimizers, self._optimizers):
                 _restore_optimizer(unwrap_optimizer(opt), held)
         model.zero_grad(set_to_none=True)
@@ -236,6 +250,8 @@ class RollbackState:
     def clear(self) -> None:
         """Drop the held state (its host memory)."""
         self.step, self._model, self._specs, self._optimizers = None, {}, {}, []
+        if self._frozen is not None:
+            self._frozen.clear()
 
     @property
     def nbytes(self) -> int:
@@ -333,15 +349,17 @@ def _optimizer_state(
     return held
 
 
-def _restore_model(model: nn.Module, held: dict[str, Any], specs: dict[str, Any]) -> None:
+def _restore_model(
+    model: nn.Module, held: dict[str, Any], specs: dict[str, Any], current: dict[str, Any], frozen: set[str]
+) -> None:
     """Copy ``held`` into the tensors ``model.state_dict()`` shares with the live parameters and buffers; what does
     not share storage with them (a state-dict hook's product) or is not a tensor goes through ``load_state_dict``.
     A DTensor entry (FSDP2) is copied into its local shard, which must share storage with the parameter's local shard
     and have the spec it was taken with: anything else is refused (a local shard cannot go through
-    ``load_state_dict``)."""
-    current = model.state_dict()
-    if current.keys() != held.keys():
-        missing, extra = sorted(held.keys() - current.keys()), sorted(current.keys() - held.keys())
+    ``load_state_dict``). ``current``: ``model.state_dict()`` now; ``frozen``: its keys not held (``hold="trainable"``,
+left as they are)."""
+    if current.keys() != held.keys() | frozen:
+        missing, extra = sorted((held.keys() | frozen) - current.keys()), sorted(current.keys() - held.keys() - frozen)
         raise EntrotrainError(
             "EntropyCollapseGuard(action='rollback'): the model's state keys changed since the good state was taken "
             f"(gone: {missing[:5]}, new: {extra[:5]}); a model whose structure changes during training cannot be "

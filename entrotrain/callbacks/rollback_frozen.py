@@ -1,0 +1,116 @@
+"""Frozen parameters a rollback does not copy: ``EntropyCollapseGuard(action="rollback", hold="trainable")``.
+
+Fine-tuning with adapters (LoRA through PEFT, in TRL's GRPO or an SFT run) trains well under 1 % of the parameters;
+holding the whole ``state_dict()`` in host memory at each good observation would copy the frozen base every time (14
+GB for a 7 B model in bf16, times ``rollback_states``). With ``hold="trainable"`` the parameters with
+``requires_grad=False`` at the observation are not copied, and a rollback leaves them as they are, which is exact as
+long as they do not change. That is checked, not assumed, on a fingerprint of each one (its sum and its 2-norm,
+computed on its device, one sync per device):
+
+- at each observation, against the fingerprint the same held state took the time before: a "frozen" parameter that
+  changes between observations (an EMA target network updated through ``.data``, as MoCo and BYOL do, or a layer
+  unfrozen later) is refused early, naming it and the fix (``hold="all"``);
+- at a rollback, before anything is copied, against the fingerprint taken with the held state: a changed one refuses
+  the rollback (the model is left as it was).
+
+"Changed" means a sum or norm that moved by more than 1e-6 relative (a re-computed sum of the same values is equal
+on the same device; an update that moves neither is below what a rollback could be wrong by). Buffers and trainable
+parameters are held as with ``hold="all"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["FrozenParameters", "frozen_keys"]
+
+_RTOL = 1e-6
+
+
+def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
+    """The keys of ``live`` (``model.state_dict()``) that are parameters with ``requires_grad=False``."""
+    names = {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+    return [key for key in live if key in names]
+
+
+def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Each tensor's (sum, 2-norm) in float64: reduced on its device (float32 accumulation), one sync per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in tensors.items():
+        with torch.no_grad():
+            value = value.detach()
+            pair = torch.stack([value.sum(dtype=torch.float32), torch.linalg.vector_norm(value, dtype=torch.float32)])
+        by_device.setdefault(value.device, []).append((key, pair))
+    prints: dict[str, tuple[float, float]] = {}
+    for pairs in by_device.values():
+        values = torch.stack([pair for _, pair in pairs]).double().tolist()
+        prints.update((key, (total, norm)) for (key, _), (total, norm) in zip(pairs, values))
+    return prints
+
+
+def _moved(before: tuple[float, float], after: tuple[float, float]) -> bool:
+    scale = max(abs(before[1]), abs(after[1]), 1e-30)  # the norm bounds the sum: it sets the scale of both
+    return any(not abs(a - b) <= _RTOL * scale for a, b in zip(before, after))
+
+
+class FrozenParameters:
+    """The frozen parameters one held state did not copy, with the fingerprint each had when it was taken."""
+
+    def __init__(self) -> None:
+        self.prints: dict[str, tuple[float, float]] = {}
+        self.step: int | None = None
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.prints)
+
+    def fingerprint(self, model: nn.Module, live: dict[str, Any], step: int) -> dict[str, tuple[float, float]]:
+        """The fingerprints of the frozen parameters of ``live`` (``model.state_dict()``) at ``step``, by key (not to
+        be copied); :meth:`keep` them once the state is held.
+
+        Raises:
+            EntrotrainError: one that was frozen at the last take changed since (or a parameter is a DTensor).
+        """
+        keys = frozen_keys(model, live)
+        if any(type(live[key]).__name__ == "DTensor" for key in keys):
+            raise EntrotrainError(
+                "EntropyCollapseGuard(hold='trainable') holds a frozen parameter's fingerprint on one device; under "
+                "FSDP2 each rank holds only its shards already: use hold='all'."
+            )
+        prints = _fingerprints({key: live[key] for key in keys})
+        changed = [key for key in keys if key in self.prints and _moved(self.prints[key], prints[key])]
+        if changed:
+            raise EntrotrainError(
+                f"EntropyCollapseGuard(hold='trainable'): the parameter(s) {changed[:3]} have requires_grad=False but "
+                f"changed between steps {self.step} and {step} (an EMA target network updated through .data?): a "
+                "rollback could not bring them back. Use hold='all' (every parameter is held), or keep them out of "
+                "the model the guard tracks."
+            )
+        return prints
+
+    def keep(self, prints: dict[str, tuple[float, float]], step: int) -> None:
+        """The fingerprints of the state just held (from :meth:`fingerprint`)."""
+        self.prints, self.step = prints, int(step)
+
+    def verify(self, current: dict[str, Any]) -> None:
+        """Before a rollback: each frozen parameter not held is unchanged since the take (``current``:
+        ``model.state_dict()`` now).
+
+        Raises:
+            EntrotrainError: naming the ones that changed (the model is left as it was).
+        """
+        prints = _fingerprints({key: current[key] for key in self.prints if key in current})
+        changed = [key for key, value in prints.items() if _moved(self.prints[key], value)]
+        if changed:
+            raise EntrotrainError(
+                f"EntropyCollapseGuard(hold='trainable') cannot roll back to step {self.step}: the parameter(s) "
+                f"{changed[:3]} were frozen, so not held, and changed since. Use hold='all' (every parameter is held)."
+            )
+
+    def clear(self) -> None:
+        self.prints, self.step = {}, None

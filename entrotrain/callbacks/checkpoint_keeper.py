@@ -41,7 +41,8 @@ has no step in its name) is dropped with a warning instead of being named. A fil
 
 **Several guards.** The keepers of one process (one a guard) share their pins in a folder: a checkpoint is linked
 once however many guards keep it, and deleted once none of them needs it (a pin one guard froze stays whatever the
-others judge).
+others judge). The provisional pins of a keeper garbage collected while others live (a guard reused for a new fit
+after a crash) stay listed, held by the next keeper that opens the folder.
 
 **Pins across crashes.** The keepers of a process list the pins they may still delete (their *provisional* pins: not
 frozen) in one manifest per keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten atomically
@@ -491,6 +492,7 @@ class _Shelf:
         self.keepers: weakref.WeakSet[LastGoodCheckpoints] = weakref.WeakSet()
         self.kept: set[Path] = set()  # held pins a run that fired left at its normal end: yours
         self.taken: list[_Pin] = []  # what its keepers took over from runs gone: held by the others too
+        self.orphans: list[_Pin] = []  # the provisional pins of keepers garbage collected: held by the next to open
         _LIVE.add(self.owner.id)
         weakref.finalize(self, _LIVE.discard, self.owner.id)
 
@@ -501,10 +503,19 @@ class _Shelf:
             shelf = _SHELVES[(keep, group)] = cls(keep)
         return shelf
 
+    def join(self, keeper: LastGoodCheckpoints) -> None:
+        """``keeper`` keeps pins here; once it is garbage collected (a guard reused for a new fit after a crash), its
+        provisional pins stay listed, held, for the next keeper that opens the folder, as a dead run's would be."""
+        self.keepers.add(keeper)
+        weakref.finalize(keeper, self._orphan, keeper._pins)
+
+    def _orphan(self, pins: list[_Pin]) -> None:
+        self.orphans += [replace(pin, held=True) for pin in pins if not pin.frozen and pin.path.parent == self.keep]
+
     def pins(self, but: LastGoodCheckpoints | None = None) -> list[_Pin]:
-        """The pins its keepers (``but`` one) hold."""
+        """The pins its keepers (``but`` one) hold, and its orphans."""
         return [pin for keeper in list(self.keepers) if keeper is not but for pin in keeper._pins
-                if pin.path.parent == self.keep]
+                if pin.path.parent == self.keep] + self.orphans
 
     def needed(self, path: Path) -> bool:
         """Whether a keeper holds the pin ``path``, or a run that fired left it."""
@@ -581,11 +592,12 @@ class LastGoodCheckpoints:
         if keep in self._folders:
             return
         shelf = self._folders[keep] = _Shelf.of(keep, self._group)
-        shelf.keepers.add(self)
+        shelf.join(self)
         shared = [replace(pin) for pin in shelf.taken if shelf.needed(pin.path)]
         for pin in shared:  # adopted by this keeper too only where it resumes at or after the pin's step
             pin.held = pin.held or not adopt or (step is not None and pin.step > step)
-        self._pins += shared
+        self._pins += shared + shelf.orphans
+        shelf.orphans = []
         taken = self._take_over(shelf, resumed, step, adopt, same_files)
         shelf.taken += taken
         if adopt and (adopted := [pin.step for pin in shared + taken if not pin.held]):

@@ -5,6 +5,7 @@ lineage."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import warnings
@@ -203,3 +204,21 @@ def test_a_manifest_a_crash_cut_short_is_deleted_once_its_run_is_gone(tmp_path: 
     LastGoodCheckpoints().start([tmp_path])
     assert [p.name for p in (tmp_path / KEEP_FOLDER).iterdir() if p.name.startswith(".")] == [m.name for m in
                                                                                               _manifests(tmp_path)]
+
+
+def test_the_pins_of_a_keeper_garbage_collected_stay_listed_while_its_process_runs(tmp_path: Path) -> None:
+    """A guard reused for a new fit after a crash gets a new keeper; the old one's provisional pins vanished from the
+    manifest the other guards' keepers share (kept forever, a whole checkpoint each once rotated). They stay listed,
+    held by the next keeper that opens the folder and freed at its normal end."""
+    other, old = LastGoodCheckpoints(), LastGoodCheckpoints()
+    other.start([tmp_path])
+    old.saved(_save(tmp_path, 10))
+    del old
+    gc.collect()
+    other.saved(_save(tmp_path, 20, "b"))
+    assert _states(tmp_path) == {"bstep_20.pt": "running", "step_10.pt": "running"}
+    new = LastGoodCheckpoints()
+    new.start([tmp_path])
+    new.release()
+    other.release()
+    assert not (tmp_path / KEEP_FOLDER).exists()

@@ -12,7 +12,10 @@ Rows, interleaved round-robin in one process (ratios are what to quote):
 - ``torch.save to disk``: the same two state dicts written to a file (a checkpoint: ``ModelCheckpoint``'s path);
 - ``roll back (restore)``: the in-place copy back;
 - ``load_state_dict``: ``model.load_state_dict`` + ``optimizer.load_state_dict`` from the deep copy (the naive
-  restore).
+  restore);
+- ``hold='trainable'`` / ``roll back, hold='trainable'``: a copy of the GPT whose LayerNorms alone train (about 1 % of
+  the parameters, as a LoRA run's adapters): the frozen rest is fingerprinted, not copied
+  (:mod:`~entrotrain.callbacks.rollback_frozen`); its held MiB are printed beside the model's.
 
 The amortised cost of holding is ``hold / (every × train step)``: printed for every 25 and 50 steps.
 
@@ -73,6 +76,10 @@ def measure(name: str, device: torch.device, repeats: int, warmup: int) -> list[
         naive["optimizer"] = copy.deepcopy(optimizer.state_dict())
 
     deepcopy_state()
+    frozen_model, frozen_optimizer, frozen_step = _norms_only(model, x)
+    frozen_step()
+    frozen = RollbackState(trainable_only=True)
+    frozen.take(frozen_model, [frozen_optimizer], step=0)
     cases = {
         "train step": train_step,
         "hold (RollbackState.take)": lambda: state.take(model, [optimizer], step=1),
@@ -82,19 +89,41 @@ def measure(name: str, device: torch.device, repeats: int, warmup: int) -> list[
         "roll back (restore)": lambda: state.restore(model, [optimizer]),
         "load_state_dict": lambda: (model.load_state_dict(naive["model"]),
                                     optimizer.load_state_dict(naive["optimizer"])),
+        "hold='trainable' (LayerNorms train)": lambda: frozen.take(frozen_model, [frozen_optimizer], step=1),
+        "roll back, hold='trainable'": lambda: frozen.restore(frozen_model, [frozen_optimizer]),
     }
     timings = time_cases(cases, repeats=repeats, warmup=warmup, device=device)
     folder.cleanup()
     step = timings["train step"].min_ms
     params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in frozen_model.parameters() if p.requires_grad)
+    held = (f"{state.nbytes / 2**20:.0f} MiB held; hold='trainable': {100 * trainable / params:.1f} % train, "
+            f"{frozen.nbytes / 2**20:.2f} MiB held")
     rows = []
     for case, timing in timings.items():
         amortised = ""
-        if case == "hold (RollbackState.take)":
+        if case.startswith("hold"):
             amortised = f"{100 * timing.min_ms / (25 * step):.2f} % / {100 * timing.min_ms / (50 * step):.2f} %"
-        rows.append([f"{name} ({params / 1e6:.1f} M params, {state.nbytes / 2**20:.0f} MiB held)", case,
+        rows.append([f"{name} ({params / 1e6:.1f} M params, {held})", case,
                      f"{timing.min_ms:.2f}", f"{timing.min_ms / step:.3f}", amortised])
     return rows
+
+
+def _norms_only(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    """A copy of ``model`` whose LayerNorms alone train (the rest frozen, as a LoRA run's base), its AdamW and its
+    training step."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        module.requires_grad_(isinstance(module, torch.nn.LayerNorm))
+    optimizer = torch.optim.AdamW([p for p in copied.parameters() if p.requires_grad], lr=1e-4)
+
+    def train_step() -> None:
+        logits = copied(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return copied, optimizer, train_step
 
 
 def main() -> None:

@@ -235,6 +235,11 @@ class _Owner:
     id: str
 
     @classmethod
+    def me(cls) -> _Owner:
+        """A new owner in this process."""
+        return cls(_machine(), os.getpid(), _start(os.getpid()), uuid.uuid4().hex[:12])
+
+    @classmethod
     def of(cls, machine: str, pid: str, start: str, id_: str) -> _Owner | None:
         if not (pid.isdigit() and start.isdigit() and machine.isalnum() and id_.isalnum()):
             return None
@@ -388,6 +393,19 @@ def _clear_leftovers(keep: Path, me: _Owner, who: str, elsewhere: bool = False) 
             _own_copies(pin, None, me, who)
 
 
+def _claim_gone(keep: Path, me: _Owner, elsewhere: bool = False) -> tuple[list[Path], list[Path]]:
+    """Claim, as ``me``, the manifests in ``keep`` of processes that do not run any more (``elsewhere``: or run on
+    another machine). Returns the claimed manifests, and the pins listed by the manifests made elsewhere and left."""
+    claimed, left = [], []
+    for manifest, owner in _manifests(keep):
+        running = owner.running()
+        if running is None and not elsewhere:
+            left += [keep / record["name"] for record in _records(manifest)]
+        elif not running and (path := _claim(manifest, owner, me.prefix)) is not None:
+            claimed.append(path)
+    return claimed, left
+
+
 def _claim(manifest: Path, owner: _Owner, claimer_prefix: str) -> Path | None:
     """Rename a manifest to ``claimer_prefix.<k>.json``: of two processes claiming it, one gets it."""
     target = manifest.with_name(f"{claimer_prefix}.{uuid.uuid4().hex[:8]}.json")
@@ -458,15 +476,9 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
     on another machine). Frozen and resumed-from pins, and anything no manifest lists, stay. Returns the deleted
     pins."""
     keep = _keep_folder(_folder_arg(folder, "release_abandoned"))
-    me = _Owner(_machine(), os.getpid(), _start(os.getpid()), uuid.uuid4().hex[:12])
+    me = _Owner.me()
     deleted = []
-    for manifest, owner in _manifests(keep):
-        running = owner.running()
-        if running or (running is None and not elsewhere) or not _records(manifest):
-            continue
-        claimed = _claim(manifest, owner, me.prefix)
-        if claimed is None:
-            continue
+    for claimed in _claim_gone(keep, me, elsewhere)[0]:
         for record in _records(claimed):
             path = keep / record["name"]
             if _is_ours(path, record):
@@ -486,7 +498,7 @@ class _Shelf:
 
     def __init__(self, keep: Path) -> None:
         self.keep = keep
-        self.owner = _Owner(_machine(), os.getpid(), _start(os.getpid()), uuid.uuid4().hex[:12])
+        self.owner = _Owner.me()
         self.manifest = keep / f"{self.owner.prefix}.json"
         self.listed: frozenset[tuple[str, _Inodes, bool]] = frozenset()  # what the manifest lists now
         self.keepers: weakref.WeakSet[LastGoodCheckpoints] = weakref.WeakSet()
@@ -610,13 +622,7 @@ class LastGoodCheckpoints:
         """Claim the manifests of runs gone in ``shelf``'s folder and keep, adopt, hold or delete their pins (module
         docstring); delete the copies they left half written. Returns the pins taken."""
         keep = shelf.keep
-        claimed, elsewhere = [], []
-        for manifest, owner in _manifests(keep):
-            running = owner.running()
-            if running is None:
-                elsewhere += [keep / record["name"] for record in _records(manifest)]
-            if running is False and (path := _claim(manifest, owner, shelf.owner.prefix)) is not None:
-                claimed.append(path)
+        claimed, elsewhere = _claim_gone(keep, shelf.owner)
         _clear_leftovers(keep, shelf.owner, f"{self.owner}(keep_last_good=True)")
         if elsewhere:
             warnings.warn(

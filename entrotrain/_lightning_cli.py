@@ -180,8 +180,10 @@ class EntrotrainCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path") if config is not None else None
         model = config.get("model") if config is not None else None
         if ckpt_path and not _lightning_finds(str(ckpt_path)):
-            print(f"entrotrain {subcommand}: error: --ckpt_path {ckpt_path}: no such file or folder. Pass a checkpoint "
-                  "file (e.g. ckpts/epoch=0-step=50.ckpt) or one of Lightning's names: last, best, hpc.",
+            from entrotrain.dashboards.run_reader import missing_path
+
+            fix = "Pass a checkpoint file (e.g. ckpts/epoch=0-step=50.ckpt) or one of Lightning's names: last, best, hpc."
+            print(f"entrotrain {subcommand}: error: --ckpt_path {missing_path(Path(str(ckpt_path)), fix)}",
                   file=sys.stderr)
             raise SystemExit(2)
         if subcommand != "fit" or not ckpt_path or not getattr(model, "class_path", None):

@@ -10,6 +10,7 @@ import torch
 
 from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
 from entrotrain.callbacks._guard_keys import misspelt_key
+from entrotrain.cli import main
 from entrotrain.dashboards import RunRecordLogger
 from entrotrain.dashboards.run_reader import load_run
 from entrotrain.dashboards.terminal_status import _collect, runs_table, status_main
@@ -102,3 +103,15 @@ def test_a_path_that_does_not_exist_names_the_one_meant(tmp_path: Path) -> None:
         _collect([str(tmp_path / "run")], 10)
     with pytest.raises(EntrotrainError, match=r"did you mean .*attention_collapse-20261206-224856\?\)"):
         load_run(tmp_path / "runs" / "records" / "attention_collapse-20261206-22485")
+
+
+def test_a_ckpt_path_typed_wrong_names_the_checkpoint_meant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`entrotrain fit ... --ckpt_path ckpts/entrotrain-last-good/epoch=0-step=5.ckpt` (one digit short) said only
+    'no such file or folder'."""
+    kept = tmp_path / "ckpts" / "entrotrain-last-good"
+    kept.mkdir(parents=True)
+    (kept / "epoch=0-step=50.ckpt").touch()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--recipe", "attention_collapse", "--ckpt_path", str(kept / "epoch=0-step=5.ckpt")])
+    assert exit_.value.code == 2
+    assert f"(did you mean {kept / 'epoch=0-step=50.ckpt'}?)" in capsys.readouterr().err

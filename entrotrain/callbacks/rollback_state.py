@@ -279,8 +279,13 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
     """Whether every floating-point (or complex) tensor among ``tensors`` is finite: one sync per device. A DTensor
     is judged on its local shard, and the verdict is then all-reduced (min) over each of the DTensors' meshes and over
     ``groups`` (process group, device), so that every rank decides the same (a collective: every rank of the mesh or
-    group calls it, in the same order)."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    group calls it, in the same order).
+
+    Each tensor is judged on its sum (accumulated in at least float32), which is finite exactly when every element is,
+    unless the sum of finite values overflows; a tensor whose sum is not finite is then judged element by element, so
+    the verdict is exact. A sum reads the tensor once, vectorised: 10-14 × faster on CPU than ``isfinite(t).all()``,
+    which writes a boolean tensor first (``benchmarks/rollback.py``'s hold row)."""
+    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     meshes: list[Any] = []
     for t in tensors:
         if _is_dtensor(t):
@@ -288,8 +293,14 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
                 meshes.append(t.device_mesh)
             t = t.to_local()
         if (t.is_floating_point() or t.is_complex()) and t.numel():
-            by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
-    finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())
+            t = t.detach()
+            wide = torch.float32 if t.is_floating_point() and t.element_size() < 4 else None
+            by_device.setdefault(t.device, []).append((t, torch.isfinite(t.sum(dtype=wide))))
+    finite = True
+    for judged in by_device.values():
+        flags = torch.stack([flag for _, flag in judged]).tolist()  # one sync per device
+        suspects = [t for (t, _), ok in zip(judged, flags) if not ok]  # a NaN / Inf, or an overflowing sum
+        finite = finite and all(bool(torch.isfinite(t).all()) for t in suspects)
     for group, device in [*((mesh.get_group(), _mesh_device(mesh)) for mesh in meshes), *groups]:
         flag = torch.tensor([int(finite)], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)

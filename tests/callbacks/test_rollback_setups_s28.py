@@ -8,8 +8,8 @@
 - ``SWALR`` (Lightning's ``StochasticWeightAveraging``) anneals towards its groups' ``swa_lr``, which the guard did not
   lower: within ``anneal_epochs`` the rate climbed back to the one before the rollback.
 - Setups that roll back bit for bit and go on (kept so): optimizers other than Adam (SGD with momentum, LBFGS with a
-  closure, Adafactor's factored moments, a state with non-tensor values), two optimizers, and ``torch.amp.GradScaler``
-  skipping an infinite step in a plain loop.
+  closure, Adafactor's factored moments, a state with non-tensor values), two optimizers, ``torch.amp.GradScaler``
+  skipping an infinite step in a plain loop, and Lightning's ``bf16-mixed`` / ``16-mixed`` precision.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.integrations.loop import EntropyMonitors
-from tests.callbacks.test_guard_rollback import Net, Script, fit, guard
+from tests.callbacks.test_guard_rollback import Net, Script, Snap, fit, guard
 from tests.helpers.training_state import model_state, opt_state, same
 
 
@@ -46,6 +46,16 @@ def test_a_fit_ended_by_an_exception_after_a_rollback_lets_the_held_state_go() -
         fit([Script([0.9, 0.9, 0.9, 0.0, 0.9, 0.9]), g], 6, model=Boom())
     assert g.rollbacks == 1
     assert g._tracked is None and _held_bytes(g) == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_lightning_mixed_precision_rolls_back_bit_for_bit(precision: str) -> None:
+    """Autocast on CPU; ``16-mixed`` steps through a GradScaler, whose scale is not part of the rollback."""
+    before, after, g = Snap(), Snap(), guard()
+    fit([Script([0.9, 0.9, 0.9, 0.0, 0.9]), before, g, after], 5, precision=precision)
+    assert g.rollbacks == 1
+    assert same(after.end[3][0], before.end[2][0]) and same(after.end[3][1], before.end[2][1]) and all(after.end[3][2])
+    assert not same(after.end[4][0], after.end[3][0])  # and it trains on
 
 
 # ---------------------------------------------------------------------------- schedulers report the lowered rates

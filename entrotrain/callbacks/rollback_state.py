@@ -11,7 +11,9 @@ starting point.
 What rolls back, and what does not:
 
 - **Rolls back**: every tensor of ``model.state_dict()`` (parameters and persistent buffers: σReparam's ``u``,
-  BatchNorm statistics) and every optimizer's per-parameter state (Adam's moments and step counts). A parameter that
+  BatchNorm statistics) and every optimizer's per-parameter state (Adam's moments and step counts), and the value of
+  a parameter an optimizer steps outside the model (a loop that watches the generator with the discriminator's
+  optimizer too, a learnable temperature kept outside any module), which its moments must match. A parameter that
   had no optimizer state then has none now (it reinitialises at its next step, as it did then). Gradients are
   cleared: they belong to the trajectory that was abandoned.
 - **Never held**: a state with a non-finite tensor. A guard judges a step good on a value its forward measured,
@@ -187,6 +189,7 @@ class RollbackState:
         self._model: dict[str, Any] = {}
         self._specs: dict[str, Any] = {}  # key -> DTensor spec (mesh, placements, shape, stride) of a sharded entry
         self._optimizers: list[_HeldOptimizer] = []
+        self._outside: dict[int, torch.Tensor] = {}  # id -> value of a parameter an optimizer steps outside the model
 
     # ------------------------------------------------------------------ take
     def take(self, model: nn.Module, optimizers: Sequence[Any], step: int) -> bool:
@@ -210,9 +213,11 @@ class RollbackState:
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
-        if not _all_finite([*_tensors(live), *state], _shard_groups(optimizers)):
+        outside = _outside_params(model, inner)
+        if not _all_finite([*_tensors(live), *state, *outside], _shard_groups(optimizers)):
             return False
         with torch.no_grad():
+            self._outside = {id(p): _copy_into(p, self._outside.get(id(p))) for p in outside}
             self._model = {key: _copy_into(value, self._model.get(key)) for key, value in live.items()}
             self._specs = {key: spec for key, spec in ((k, _spec(v)) for k, v in live.items()) if spec is not None}
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
@@ -244,19 +249,20 @@ class RollbackState:
             _restore_model(model, self._model, self._specs, current, self._frozen.keys if self._frozen else set())
             for opt, held in zip(optimizers, self._optimizers):
                 _restore_optimizer(unwrap_optimizer(opt), held)
+            _restore_outside([unwrap_optimizer(opt) for opt in optimizers], self._outside)
         model.zero_grad(set_to_none=True)
         return self.step
 
     def clear(self) -> None:
         """Drop the held state (its host memory)."""
-        self.step, self._model, self._specs, self._optimizers = None, {}, {}, []
+        self.step, self._model, self._specs, self._optimizers, self._outside = None, {}, {}, [], {}
         if self._frozen is not None:
             self._frozen.clear()
 
     @property
     def nbytes(self) -> int:
         """Host memory held, in bytes."""
-        tensors = list(_tensors(self._model))
+        tensors = [*_tensors(self._model), *self._outside.values()]
         for held in self._optimizers:
             for state in held.values():
                 tensors.extend(value for value, _, _ in (state or {}).values() if isinstance(value, torch.Tensor))
@@ -340,6 +346,28 @@ def _copy_into(value: Any, buffer: Any) -> Any:
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
     for group in optimizer.param_groups:
         yield from group["params"]
+
+
+def _outside_params(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """The parameters ``optimizers`` step that are not ``model``'s (a discriminator when the loop watches the
+    generator, a learnable temperature kept outside any module): held and restored with their optimizer state, which
+    would not match their values otherwise."""
+    inside = {id(p) for p in model.parameters()}
+    outside: dict[int, torch.Tensor] = {}
+    for param in (p for opt in optimizers for p in _params(opt)):
+        if id(param) not in inside:
+            outside.setdefault(id(param), param)
+    return list(outside.values())
+
+
+def _restore_outside(optimizers: Sequence[torch.optim.Optimizer], held: dict[int, torch.Tensor]) -> None:
+    """Copy the held values back into the parameters ``optimizers`` step outside the model, and clear their gradients
+    (one that joined an optimizer since, or changed shape, is left as it is)."""
+    for param in (p for opt in optimizers for p in _params(opt)):
+        value = held.get(id(param))
+        if value is not None and _local(param).shape == value.shape:
+            _local(param).copy_(value, non_blocking=True)
+            param.grad = None
 
 
 def _optimizer_state(

@@ -188,6 +188,39 @@ def test_two_optimizers_roll_back_together() -> None:
     _roll_back_after(nn.ModuleDict({"gen": gen, "disc": disc}), [opt_g, opt_d], step)
 
 
+def test_parameters_an_optimizer_steps_outside_the_model_roll_back_with_their_moments() -> None:
+    """A loop that watches the network it monitors (the generator) with every optimizer (the discriminator's too),
+    or an optimizer over a learnable tensor kept outside any module (SAC's temperature): their moments rolled back,
+    their values did not, so the moments no longer matched the weights they step."""
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(4, 4), nn.Linear(4, 1)
+    log_alpha = torch.zeros(1, requires_grad=True)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=0.01)
+    opt_d = torch.optim.Adam([*disc.parameters(), log_alpha], lr=0.01)
+    x = torch.randn(8, 4)
+
+    def step() -> None:
+        for opt in (opt_g, opt_d):
+            opt.zero_grad()
+        (disc(gen(x)).mean() + log_alpha.exp().sum()).backward()
+        opt_g.step()
+        opt_d.step()
+
+    outside = [*disc.parameters(), log_alpha]
+    g = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False)
+    g.track(gen, [opt_g, opt_d])
+    step()
+    g.observe(0.9, 0)
+    held = [t.detach().clone() for t in outside]
+    step()
+    step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g.fire(g.observe(0.1, 1), 1, [opt_g, opt_d])
+    assert all(torch.equal(t, h) for t, h in zip(outside, held))
+    assert all(t.grad is None for t in outside)
+
+
 def test_a_grad_scaler_skipping_an_infinite_step_in_a_loop_rolls_back_and_goes_on() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))

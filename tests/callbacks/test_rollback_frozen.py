@@ -106,3 +106,17 @@ def test_a_frozen_parameter_left_alone_is_not_refused_whatever_its_flag_now() ->
 def test_hold_is_validated() -> None:
     with pytest.raises(EntrotrainError, match="hold.*'all', 'trainable'"):
         EntropyCollapseGuard("k", action="rollback", hold="lora")
+
+
+def test_frozen_parameters_of_any_dtype_are_fingerprinted() -> None:
+    """A quantized base's packed weights (uint8 / int8 parameters, requires_grad=False), bool, complex, float64."""
+    model = nn.Module()
+    for name, value in (("packed", torch.arange(64, dtype=torch.uint8)), ("q8", torch.arange(-4, 4, dtype=torch.int8)),
+                        ("mask", torch.tensor([True, False])), ("c", torch.tensor([1 + 2j, 3 - 1j])),
+                        ("d", torch.tensor([1.0, 2.0], dtype=torch.float64))):
+        model.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    state = RollbackState(trainable_only=True)
+    assert state.take(model, [], step=0) and state.nbytes == 0
+    model.packed.data[3] = 200  # a packed byte rewritten
+    with pytest.raises(EntrotrainError, match=r"\['packed'\] have requires_grad=False but changed"):
+        state.take(model, [], step=1)

@@ -7,6 +7,9 @@
   ``reduce_lr``) was logged at the rate before it.
 - ``SWALR`` (Lightning's ``StochasticWeightAveraging``) anneals towards its groups' ``swa_lr``, which the guard did not
   lower: within ``anneal_epochs`` the rate climbed back to the one before the rollback.
+- A parameter an optimizer steps outside the tracked model (the discriminator when a loop watches the generator, a
+  learnable temperature outside any module) had its moments rolled back but not its value.
+- ``ZeroRedundancyOptimizer`` keeps its state in ``.optim`` (tests/integrations/rollback_ddp_run.py).
 - Setups that roll back bit for bit and go on (kept so): optimizers other than Adam (SGD with momentum, LBFGS with a
   closure, Adafactor's factored moments, a state with non-tensor values), two optimizers, ``torch.amp.GradScaler``
   skipping an infinite step in a plain loop, and Lightning's ``bf16-mixed`` / ``16-mixed`` precision.

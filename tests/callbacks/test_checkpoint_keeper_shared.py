@@ -35,7 +35,8 @@ class _Disk(L.Callback):
 
     def on_train_batch_start(self, trainer, *args) -> None:
         if self.keep.exists():
-            self.names |= {p.name for p in self.keep.iterdir() if not p.name.startswith(".")}
+            self.names |= {p.name for p in self.keep.iterdir()  # (a frozen pin's copy may be under way)
+                           if not p.name.startswith(".") and not p.name.endswith(".entrotrain-copy")}
             self.most_manifests = max(self.most_manifests, len(list(self.keep.glob(".entrotrain-pins.*"))))
         self.missing += [p for g in self.guards for p in g.keeper.pins if not p.exists()]
 

@@ -9,16 +9,18 @@ printed only when a run starts, and the end-of-fit summary (final metrics, run r
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from entrotrain._recipes import register_fragment_loader
 from entrotrain.cli import DEBUG_ENV, config_error_message
@@ -144,6 +146,39 @@ def _cures(stem: str | None, bundled: dict[str, Path]) -> list[str]:
     return sorted(found - {stem})
 
 
+class ConciseParser(LightningArgumentParser):
+    """Lightning's parser, whose errors are the error alone (no 50-line usage above it), and an argument a class does
+    not take (``--trainer.callbacks.treshold``) names the class and the argument meant."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV):
+            super().error(message, ex)
+        words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+        prog = " ".join(["entrotrain", *words[1:]])  # (sys.argv[0] is __main__.py under python -m)
+        sys.stderr.write(f"{prog}: error: {_unknown_argument(message) or message}\n"
+                         f"(`{prog} --help` lists the options; {DEBUG_ENV}=1 shows the parser's own report)\n")
+        self.exit(2)
+
+
+def _unknown_argument(message: str) -> str | None:
+    """For jsonargparse's "Problem with given class_path 'C': Option 'A' is not accepted": one sentence naming the
+    class, the argument and the closest one the class takes; ``None`` for any other message."""
+    for path, name in re.findall(r"class_path '([\w.]+)':\s*Option '([^']+)' is not accepted", message):
+        module, _, attr = path.rpartition(".")
+        if not module.startswith(("entrotrain", "lightning")):
+            continue  # importing a module runs its code: only those already in use
+        try:
+            params = list(inspect.signature(getattr(importlib.import_module(module), attr)).parameters)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            continue
+        if attr == "Callback" and module.startswith("lightning"):
+            continue  # the union's fallback member: says nothing about the class meant
+        close = difflib.get_close_matches(name, params, n=1, cutoff=0.6)
+        meant = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(params)}."
+        return f"{attr} takes no argument {name!r}{meant}"
+    return None
+
+
 class EntrotrainCLI(LightningCLI):
     """LightningCLI that adds a :class:`~entrotrain.dashboards.RunRecordLogger` to every run and whose ``fit`` ends by
     closing the wandb run and printing where it and the run record are, how to sync and how to report them.
@@ -168,6 +203,7 @@ class EntrotrainCLI(LightningCLI):
         parser_kwargs.setdefault("parser_mode", mode)
         for name in _SUBCOMMANDS:
             parser_kwargs[name] = {"parser_mode": mode, **parser_kwargs.get(name, {})}
+        kwargs.setdefault("parser_class", ConciseParser)
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def _parse_ckpt_path(self) -> None:

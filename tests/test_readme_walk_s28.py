@@ -115,3 +115,14 @@ def test_a_ckpt_path_typed_wrong_names_the_checkpoint_meant(tmp_path: Path, caps
         main(["fit", "--recipe", "attention_collapse", "--ckpt_path", str(kept / "epoch=0-step=5.ckpt")])
     assert exit_.value.code == 2
     assert f"(did you mean {kept / 'epoch=0-step=50.ckpt'}?)" in capsys.readouterr().err
+
+
+def test_an_argument_typed_wrong_is_one_line_naming_the_argument_meant(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--trainer.callbacks.treshold 0.1` printed 50 lines of usage above jsonargparse's union report."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--recipe", "attention_collapse", "--trainer.callbacks+=EntropyCollapseGuard",
+              "--trainer.callbacks.treshold", "0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and "Union subtypes" not in err
+    assert "entrotrain fit: error: EntropyCollapseGuard takes no argument 'treshold'; did you mean 'threshold'?" in err

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER
+from entrotrain.callbacks.checkpoint_keeper import _COPY_SUFFIX, KEEP_FOLDER
 from entrotrain.callbacks.collapse_guard import saved_at
 from entrotrain.dashboards.run_reader import missing_path, natural_order
 from entrotrain.errors import EntrotrainError
@@ -81,7 +81,8 @@ def _lightning(path: Path) -> Checkpoint:
 
 
 def _is_hf(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    """A model folder (config.json), not one a collapse guard is linking into its keep folder (or a crash left)."""
+    return path.is_dir() and (path / "config.json").is_file() and not path.name.endswith(_COPY_SUFFIX)
 
 
 def _expand(path: Path) -> list[Checkpoint]:

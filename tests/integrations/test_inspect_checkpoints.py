@@ -199,6 +199,14 @@ def test_hf_checkpoint_folders_by_step_and_duplicates_once(tmp_path):
     ]
 
 
+def test_a_kept_hf_checkpoint_being_linked_is_not_listed(tmp_path):
+    """A collapse guard links a kept folder checkpoint aside (``checkpoint-20.<run>.entrotrain-copy``) and renames
+    it into place; one a crash left there (part of the files) was listed, and inspected, as checkpoint 20."""
+    _touch(tmp_path / "out/checkpoint-10/config.json", "{}")
+    _touch(tmp_path / "out/entrotrain-last-good/checkpoint-20.0123456789ab.7.99.abc.entrotrain-copy/config.json", "{}")
+    assert [c.path.name for c in find_checkpoints([tmp_path / "out"])] == ["checkpoint-10"]
+
+
 def test_trainer_output_dir_with_final_model_expands_to_its_checkpoints(tmp_path):
     # HF Trainer: output_dir/checkpoint-N during training, and trainer.save_model() writes output_dir itself
     _touch(tmp_path / "out/config.json", "{}")

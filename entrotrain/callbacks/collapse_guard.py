@@ -690,8 +690,8 @@ class EntropyCollapseGuard(PerFitCallback):
                     "resumed): stopping training.")
         model, tracked_optimizers = self._tracked
         good = self._good_since_rollback
-        came_back = self.rollbacks > 0 and good < self.rollback_states
-        last_target = self.held_states.restored_step
+        last_target = self.held_states.restored_step  # (None: no rollback since the states were first held)
+        came_back = last_target is not None and good < self.rollback_states
         further = came_back and self.held_states.has_older()
         held = self.held_states.pick(further_back=further)
         assert held is not None  # something is held (checked above)
@@ -704,7 +704,8 @@ class EntropyCollapseGuard(PerFitCallback):
         if came_back:
             after = f"{good} good observation{'' if good == 1 else 's'} after the last rollback (to step {last_target})"
             sentence += (f", one held state further back: the fall came back {after}" if further else
-                         f"; the fall came back {after}, and no older state is held (raise rollback_states to hold older ones)")
+                         f"; the fall came back {after}, and no older state is held (raise rollback_states to hold "
+                         "older ones)")
         sentence += (f" (rollback {self.rollbacks} of {self.max_rollbacks}; the batches since are skipped, not "
                      "replayed")
         if not further and self.last_good_step is not None and held_step < self.last_good_step:
@@ -715,12 +716,13 @@ class EntropyCollapseGuard(PerFitCallback):
         return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
 
     def _rehold_others(self, step: int) -> None:
-        """The other rollback guards on the model hold the state just restored: what they held may be a state this
-        guard judged bad (taken while its bad streak ran), which their next firing must not bring back."""
+        """The other rollback guards on the model hold the state just restored and drop the states they held after its
+        step (:meth:`RollbackHistory.rehold`): those are of the trajectory left (taken while this guard's bad streak
+        ran), which their next firing, or one going further back, must not bring back."""
         model = self._tracked_model
         for other in list(_TRACKING.get(model, ())) if model is not None else ():
             if other is not self and other._tracked is not None and other._tracked_model is model:
-                other._hold(step)
+                other.held_states.rehold(*other._tracked, step=step, extra=list(other.history))
 
     def rollback_hint(
         self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None

@@ -16,9 +16,11 @@ started", Chowdhery et al., 2022, §5.1), and a guard cannot know in advance how
   went. The states after the one it goes back to are dropped: they descend from a state that fell again.
 - with no older state held, it goes back to the newest held one (as with ``k = 1``).
 
-Each held state carries its *lineage*: its place along the trajectory that was kept (a state taken after a rollback to
-lineage ``i`` is ``i + 1``), so "further back" means further back along what the model went through, not on the clock
-(which a rollback does not turn back).
+Each held state carries the step it was taken at. Along the trajectory that was kept, these steps increase: a
+rollback drops the states after the one it goes back to, and when another rollback guard on the same model rolls
+back, this history drops its states taken after the state that guard went back to (they are of the trajectory it
+left) and holds that state, with its step (:meth:`RollbackHistory.rehold`). So "further back" compares steps: the
+held states before the step the last rollback went to.
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ __all__ = ["HeldState", "HeldTogether", "RollbackHistory", "held_module"]
 
 @dataclass
 class HeldState:
-    """One held state: the model's and optimizers' tensors, where it sits along the kept trajectory (``lineage``), and
-    what the caller holds with it (``extra``: the guard's ``max_drop`` history at that observation)."""
+    """One held state: the model's and optimizers' tensors, and what the caller holds with it (``extra``: the guard's
+    ``max_drop`` history at that observation)."""
 
     state: RollbackState
-    lineage: int
     extra: Any = None
 
     @property
@@ -66,9 +67,7 @@ class RollbackHistory:
         self.trainable_only = trainable_only  # frozen parameters are not copied (:mod:`.rollback_frozen`)
         self._held: list[HeldState] = []
         self._spares: list[RollbackState] = []  # buffers of dropped states, re-used by the next takes
-        self._lineage = -1  # lineage of the newest state taken along the kept trajectory
-        #: Lineage and step of the state the last :meth:`restore` went back to (``None``: none since :meth:`clear`).
-        self.restored: int | None = None
+        #: The step of the state the last :meth:`restore` went back to (``None``: none since :meth:`clear`).
         self.restored_step: int | None = None
 
     @property
@@ -85,44 +84,61 @@ class RollbackHistory:
         """Hold the state of ``model`` and ``optimizers`` now as the newest, dropping the oldest beyond ``size``;
         whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
         full = len(self._held) >= self.size
-        buffer = self._held[0].state if full else (self._spares.pop() if self._spares else RollbackState(self.trainable_only))
+        if full:
+            buffer = self._held[0].state
+        else:
+            buffer = self._spares.pop() if self._spares else RollbackState(self.trainable_only)
         if not buffer.take(model, optimizers, step):  # refused before any copy: the buffer's old state is intact
             if not full:
                 self._spares.append(buffer)
             return False
         if full:
             self._held.pop(0)
-        self._lineage += 1
-        self._held.append(HeldState(buffer, self._lineage, extra))
+        self._held.append(HeldState(buffer, extra))
         return True
 
+    def rehold(self, model: nn.Module, optimizers: Sequence[Any], step: int, extra: Any = None) -> bool:
+        """Another guard rolled ``model`` back to its state of ``step``: drop the states held after that step (they
+        are of the trajectory it left, and a firing must not bring them back) and hold the model's state as the
+        state of ``step`` (unless one of that step is held: the same state); whether it is held."""
+        self._drop_from(sum(held.step <= step for held in self._held))
+        if self._held and self._held[-1].step == step:
+            return True
+        return self.take(model, optimizers, step, extra)
+
     def pick(self, further_back: bool = False) -> HeldState | None:
-        """The state a firing goes back to: the newest; with ``further_back``, the newest one older (in lineage) than
-        the last rollback's, when one is held. ``None`` when nothing is held."""
-        if further_back and self.restored is not None:
-            older = [held for held in self._held if held.lineage < self.restored]
-            if older:
-                return older[-1]
+        """The state a firing goes back to: the newest; with ``further_back``, the newest one older than the last
+        rollback's, when one is held. ``None`` when nothing is held."""
+        older = self._older()
+        if further_back and older:
+            return older[-1]
         return self._held[-1] if self._held else None
 
     def has_older(self) -> bool:
-        """Whether a state older (in lineage) than the last rollback's is held."""
-        return self.restored is not None and any(held.lineage < self.restored for held in self._held)
+        """Whether a state older than the last rollback's is held."""
+        return bool(self._older())
+
+    def _older(self) -> list[HeldState]:
+        """The held states before the step the last rollback went to (none when there was none)."""
+        last = self.restored_step
+        return [held for held in self._held if last is not None and held.step < last]
 
     def restore(self, model: nn.Module, optimizers: Sequence[Any], held: HeldState) -> int:
         """Copy ``held`` back into ``model`` and ``optimizers`` (:meth:`RollbackState.restore`) and drop the states
-        after it; returns its step. The next state taken follows it in lineage."""
+        after it; returns its step."""
         step = held.state.restore(model, optimizers)
-        keep = self._held.index(held) + 1
-        self._spares.extend(dropped.state for dropped in self._held[keep:])
-        del self._held[keep:]
-        self._lineage = self.restored = held.lineage
+        self._drop_from(self._held.index(held) + 1)
         self.restored_step = step
         return step
 
+    def _drop_from(self, keep: int) -> None:
+        """Drop the held states after the first ``keep``; their buffers are re-used by the next takes."""
+        self._spares.extend(dropped.state for dropped in self._held[keep:])
+        del self._held[keep:]
+
     def clear(self) -> None:
         """Drop every held state and buffer (their host memory)."""
-        self._held, self._spares, self._lineage, self.restored, self.restored_step = [], [], -1, None, None
+        self._held, self._spares, self.restored_step = [], [], None
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,77 @@
+"""Breaking the rollback guard's held states (``rollback_states``), averaged weights and ``hold="trainable"``: each
+test here failed before its fix.
+
+Each observation's weights are filled with its step, so the weights after a rollback say which state came back."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from entrotrain.callbacks import EntropyCollapseGuard
+
+
+def _at(model: nn.Module, step: int) -> None:
+    """The weights the model has when step ``step`` is observed."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(step))
+
+
+def _weights_step(model: nn.Module) -> float:
+    values = {float(v) for p in model.parameters() for v in p.detach().flatten()}
+    assert len(values) == 1, values
+    return values.pop()
+
+
+def _guard(model: nn.Module, optimizer: torch.optim.Optimizer, k: int, monitor: str = "k") -> EntropyCollapseGuard:
+    guard = EntropyCollapseGuard(monitor, threshold=0.5, action="rollback", keep_last_good=False, rollback_states=k,
+                                 lr_factor=0.5)
+    guard.track(model, [optimizer])
+    return guard
+
+
+def _observe(guard: EntropyCollapseGuard, optimizer: torch.optim.Optimizer, step: int, good: bool) -> str | None:
+    reason = guard.observe(0.9 if good else 0.1, step)
+    if reason is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return guard.fire(reason, step, [optimizer])
+
+
+def test_a_resumed_guard_does_not_call_its_first_rollback_a_fall_that_came_back() -> None:
+    """The count of rollbacks is in the checkpoint, the held states are not: the first rollback after a resume went
+    to the newest state but said 'the fall came back ... after the last rollback (to step None)'."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, rollback_states=3)
+    guard.load_state_dict({"rollbacks": 1, "armed": True})  # resumed from a run that rolled back once
+    guard.track(model, [optimizer])
+    _at(model, 100)
+    _observe(guard, optimizer, 100, good=True)
+    _at(model, 110)
+    message = _observe(guard, optimizer, 110, good=False)
+    assert message is not None and _weights_step(model) == 100.0
+    assert "None" not in message and "came back" not in message and "(rollback 2 of 3;" in message
+
+
+def test_a_second_guard_never_goes_back_to_a_state_the_first_one_rolled_away_from() -> None:
+    """Guard a rolls back to step 0: the state b held at step 10 is of the trajectory a left. b held step 0's state
+    as its newest but kept step 10's as an older one, and its next fall went 'further back' to it: forward."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    a, b = _guard(model, optimizer, 3, "a"), _guard(model, optimizer, 2, "b")
+    _at(model, 0)
+    _observe(a, optimizer, 0, good=True)
+    _at(model, 10)
+    _observe(b, optimizer, 10, good=True)
+    _at(model, 20)
+    _observe(a, optimizer, 20, good=False)  # back to step 0
+    assert _weights_step(model) == 0.0 and b.held_states.steps == [0]
+    _observe(b, optimizer, 20, good=False)  # the fall b sees: back to step 0 (the newest)
+    assert _weights_step(model) == 0.0
+    message = _observe(b, optimizer, 30, good=False)  # came back: nothing older than step 0 is held
+    assert message is not None and _weights_step(model) == 0.0 and "no older state is held" in message

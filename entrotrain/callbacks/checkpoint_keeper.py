@@ -577,9 +577,8 @@ class LastGoodCheckpoints:
         the checkpoint resumed from (its path, or a hard link of its files: resumed from the original) is kept for
         good, unless ``resumed_from_protected``: the trainer never deletes what it resumed from (Lightning's
         ``ModelCheckpoint`` keeps its ``ckpt_path``), so only a resume from the pin's own path keeps it. Call it before
-        the first
-        :meth:`saved`, on the process that writes checkpoints; a folder already looked at is not looked at again.
-        Never raises for the file system: a folder that cannot be read or written is left as it is."""
+        the first :meth:`saved`, on the process that writes checkpoints; a folder already looked at is not looked at
+        again. Never raises for the file system: a folder that cannot be read or written is left as it is."""
         if _other_rank():
             return
         from entrotrain.callbacks.collapse_guard import saved_at
@@ -608,7 +607,7 @@ class LastGoodCheckpoints:
         shared = [replace(pin) for pin in shelf.taken if shelf.needed(pin.path)]
         for pin in shared:  # adopted by this keeper too only where it resumes at or after the pin's step
             pin.held = pin.held or not adopt or (step is not None and pin.step > step)
-        self._pins += shared + shelf.orphans
+        self._pins += shared + [pin for pin in shelf.orphans if pin.path not in {p.path for p in shared}]
         shelf.orphans = []
         taken = self._take_over(shelf, resumed, step, adopt, same_files)
         shelf.taken += taken

@@ -771,7 +771,8 @@ class EntropyCollapseGuard(PerFitCallback):
         ``schedulers`` (they recompute lr from ``base_lrs`` at their next step; their floors too, ``eta_min`` of the
         cosine schedules and ``OneCycleLR``'s ``min_lr``, and the rate ``SWALR`` anneals to, so the lowered rate stays
         lowered to the end) and of the schedulers they step (``SequentialLR`` / ``ChainedScheduler`` children,
-        accelerate's wrapped scheduler); whether any rate fell."""
+        accelerate's wrapped scheduler); whether any rate fell. A ``ReduceLROnPlateau`` counts its patience from the
+        lowered rate, as after its own reduction (the bad epochs before it would lower the rate once more)."""
         lowered = False
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -792,6 +793,8 @@ class EntropyCollapseGuard(PerFitCallback):
                 for key in _GROUP_RATES[type(scheduler).__name__]:
                     if isinstance(group.get(key), (int, float)):
                         group[key] = lower(group[key])
+            if type(scheduler).__name__ == "ReduceLROnPlateau":  # as after its own reduction: patience counts anew
+                scheduler.num_bad_epochs, scheduler.cooldown_counter = 0, scheduler.cooldown
             _report_current_rates(scheduler)
         if lowered:
             self.lr_reductions += 1

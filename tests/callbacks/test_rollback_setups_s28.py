@@ -7,6 +7,8 @@
   ``reduce_lr``) was logged at the rate before it.
 - ``SWALR`` (Lightning's ``StochasticWeightAveraging``) anneals towards its groups' ``swa_lr``, which the guard did not
   lower: within ``anneal_epochs`` the rate climbed back to the one before the rollback.
+- ``ReduceLROnPlateau`` counted the collapse's bad epochs towards its patience: the next bad metric after a
+  rollback lowered the rate again, on top of the guard's reduction.
 - A parameter an optimizer steps outside the tracked model (the discriminator when a loop watches the generator, a
   learnable temperature outside any module) had its moments rolled back but not its value.
 - ``ZeroRedundancyOptimizer`` keeps its state in ``.optim`` (tests/integrations/rollback_ddp_run.py).
@@ -106,6 +108,27 @@ def test_a_lowered_rate_stays_lowered_under_swalr() -> None:
             sched.step()
         runs.append(lrs[3:])
     assert runs[0] == pytest.approx(runs[1], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("action", ["rollback", "reduce_lr"])
+def test_reduce_lr_on_plateau_counts_its_patience_from_the_lowered_rate(action: str) -> None:
+    """The bad epochs ReduceLROnPlateau counted during the collapse (weights a rollback abandoned) made it lower the
+    rate again at the next bad metric, on top of the guard's reduction; the guard's lowering now resets the count as
+    the plateau's own reduction does."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
+    g = EntropyCollapseGuard("k", threshold=0.5, action=action, keep_last_good=False)
+    g.track(model, [opt])
+    g.observe(0.9, 0)
+    for metric in (1.0, 0.9, 1.5, 1.6):  # improving, then two bad epochs: the collapse
+        plateau.step(metric)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g.fire(g.observe(0.1, 1), 1, [opt], [plateau])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    plateau.step(1.7)  # the collapsed epoch's metric, as Lightning steps it after the firing
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
 # ---------------------------------------------------------------------------- optimizers and loops that work

@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from entrotrain.callbacks import EntropyCollapseGuard
@@ -223,3 +225,49 @@ def test_the_pins_of_a_keeper_garbage_collected_stay_listed_while_its_process_ru
     new.release()
     other.release()
     assert not (tmp_path / KEEP_FOLDER).exists()
+
+
+_guard_ops = st.lists(
+    st.one_of(st.just(("save",)), st.tuples(st.just("judge"), st.integers(0, 2), st.booleans()),
+              st.tuples(st.just("fire"), st.integers(0, 2))),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_guard_ops)
+def test_any_judgements_of_three_guards_keep_every_promise(tmp_path_factory, ops) -> None:
+    """Three guards keep the checkpoints of one run (``save_top_k=1``), each judging and firing on its own. After every
+    operation: one link per checkpoint, every pin a guard holds is there, what a firing named is there unchanged, and
+    the manifest lists exactly the pins some guard holds and none froze. At the normal end only what firings named
+    is left."""
+    folder = tmp_path_factory.mktemp("guards")
+    keep = folder / KEEP_FOLDER
+    keepers = [LastGoodCheckpoints() for _ in range(3)]
+    good: list[int | None] = [None] * 3
+    named: dict[Path, bytes] = {}
+    step = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for op, *arg in ops:
+            step += 1
+            if op == "save":
+                path = _save(folder, step)
+                assert len({k.saved(path) for k in keepers}) == 1  # one link for the three
+                for old in folder.glob("step_*.pt"):
+                    if old != path:
+                        old.unlink()
+            elif op == "judge":
+                good[arg[0]] = step if arg[1] else good[arg[0]]
+                keepers[arg[0]].judged(step, good[arg[0]])
+            elif len(keepers[arg[0]].frozen) < ck.MAX_FROZEN and (pin := keepers[arg[0]].freeze(good[arg[0]])):
+                keepers[arg[0]].wait()
+                named.setdefault(pin, pin.read_bytes())
+            held = {p for k in keepers for p in k.pins}
+            frozen = {p for k in keepers for p in k.frozen}
+            assert all(p.exists() for p in held) and all(p.read_bytes() == b for p, b in named.items())
+            assert {p.path for p in list_pins(folder) if p.state == "running"} == held - frozen
+            assert len(_manifests(folder)) == (1 if held - frozen else 0)
+        for keeper in keepers:
+            keeper.release()
+    assert set(keep.iterdir() if keep.exists() else []) == set(named)

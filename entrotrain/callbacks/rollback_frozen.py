@@ -61,8 +61,10 @@ def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, fl
 
 
 def _moved(before: tuple[float, float], after: tuple[float, float]) -> bool:
+    """Whether a (sum, norm) fingerprint moved by more than 1e-6 relative; equal ones did not (an infinite one too:
+    a frozen mask of -inf)."""
     scale = max(abs(before[1]), abs(after[1]), 1e-30)  # the norm bounds the sum: it sets the scale of both
-    return any(not abs(a - b) <= _RTOL * scale for a, b in zip(before, after))
+    return any(a != b and not abs(a - b) <= _RTOL * scale for a, b in zip(before, after))
 
 
 class FrozenParameters:

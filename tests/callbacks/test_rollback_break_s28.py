@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from entrotrain.callbacks import EntropyCollapseGuard
+from tests.helpers.training_state import model_state, opt_state, same
 
 
 def _at(model: nn.Module, step: int) -> None:
@@ -75,3 +76,37 @@ def test_a_second_guard_never_goes_back_to_a_state_the_first_one_rolled_away_fro
     assert _weights_step(model) == 0.0
     message = _observe(b, optimizer, 30, good=False)  # came back: nothing older than step 0 is held
     assert message is not None and _weights_step(model) == 0.0 and "no older state is held" in message
+
+
+class _Masked(nn.Module):
+    """A trainable layer beside a frozen causal mask of -inf (a parameter with requires_grad=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 3)
+        self.mask = nn.Parameter(torch.full((3, 3), float("-inf")).triu(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) + self.mask).softmax(-1)
+
+
+def test_hold_trainable_takes_a_frozen_mask_of_minus_inf_as_unchanged() -> None:
+    """Its fingerprint (sum -inf, norm inf) was 'moved' against itself (inf - inf is nan): the second observation
+    raised 'changed between steps' on a mask nothing touched."""
+    model = _Masked()
+    optimizer = torch.optim.Adam(model.lin.parameters(), lr=0.1)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable",
+                                 rollback_states=2)
+    guard.track(model, [optimizer])
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))  # 3 positions
+    for step in range(4):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        if step == 1:
+            held = model_state(model), opt_state(optimizer)
+        if step < 2:
+            _observe(guard, optimizer, step, good=True)
+    _observe(guard, optimizer, 3, good=False)
+    assert same(model_state(model), held[0]) and same(opt_state(optimizer), held[1])

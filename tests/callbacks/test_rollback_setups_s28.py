@@ -13,7 +13,8 @@
   learnable temperature outside any module) had its moments rolled back but not its value.
 - ``ZeroRedundancyOptimizer`` keeps its state in ``.optim`` (tests/integrations/rollback_ddp_run.py).
 - Setups that roll back bit for bit and go on (kept so): optimizers other than Adam (SGD with momentum, LBFGS with a
-  closure, Adafactor's factored moments, a state with non-tensor values), two optimizers, ``torch.amp.GradScaler``
+  closure, Adafactor's factored moments, a state with non-tensor values), a param group added mid-run, two
+  optimizers, ``torch.amp.GradScaler``
   skipping an infinite step in a plain loop, and Lightning's ``bf16-mixed`` / ``16-mixed`` precision.
 """
 
@@ -194,6 +195,33 @@ def test_optimizers_other_than_adam_roll_back_bit_for_bit(name: str) -> None:
         return loss
 
     _roll_back_after(model, [opt], lambda: opt.step(closure))
+
+
+def test_a_param_group_added_after_the_held_step_keeps_its_rate_and_loses_its_moments() -> None:
+    """``add_param_group`` mid-run (Lightning's BackboneFinetuning): the rollback brings back the weights of every
+    parameter and the moments held, the new group's parameters had none then and have none now, its rate lowered."""
+    torch.manual_seed(0)
+    head, backbone = nn.Linear(4, 4), nn.Linear(4, 1)
+    model, x = nn.Sequential(head, backbone), torch.randn(8, 4)
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    g = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False)
+    g.track(model, [opt])
+
+    def step() -> None:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    step()
+    g.observe(0.9, 0)
+    held = model_state(model), opt_state(opt)
+    opt.add_param_group({"params": backbone.parameters(), "lr": 0.2})
+    step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g.fire(g.observe(0.1, 1), 1, [opt])
+    assert same(model_state(model), held[0]) and same(opt_state(opt), held[1] + [{}, {}])
+    assert [group["lr"] for group in opt.param_groups] == pytest.approx([0.05, 0.1])
 
 
 def test_two_optimizers_roll_back_together() -> None:

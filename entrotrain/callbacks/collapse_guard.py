@@ -277,6 +277,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self._tracked: tuple[nn.Module, list[Any]] | None = None  # what a rollback restores (:meth:`track`)
         self._tracked_model: nn.Module | None = None  # the model itself (without its averages)
         self._good_since_rollback = 0  # good observations since the last rollback (a fall within the window escalates)
+        self._not_held_step: int | None = None  # the last good observation's state was not finite: not held
         #: Whether the last firing stops training (``action="stop"``, or a rollback that could not roll back).
         self.stopping = False
         #: The run record's level of the last firing: the action, or ``"stop"`` / ``"warn"`` when a rollback guard
@@ -523,7 +524,8 @@ class EntropyCollapseGuard(PerFitCallback):
         """``action="rollback"``: hold the tracked state as the one to come back to (with the history it goes with),
         unless the step's update made it non-finite (the value was measured before it): the state held before stays."""
         if self._tracked is not None:
-            self.held_states.take(*self._tracked, step=step, extra=list(self.history))
+            held = self.held_states.take(*self._tracked, step=step, extra=list(self.history))
+            self._not_held_step = None if held else step
 
     def _reason(self, value: float, step: int) -> str:
         """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
@@ -708,8 +710,8 @@ class EntropyCollapseGuard(PerFitCallback):
                          "older ones)")
         sentence += (f" (rollback {self.rollbacks} of {self.max_rollbacks}; the batches since are skipped, not "
                      "replayed")
-        if not further and self.last_good_step is not None and held_step < self.last_good_step:
-            sentence += f"; the state after step {self.last_good_step} was not finite, so it was not held"
+        if not further and self._not_held_step is not None:
+            sentence += f"; the state after step {self._not_held_step} was not finite, so it was not held"
         sentence += ")"
         if self.reduce_lr(optimizers, schedulers):
             return sentence + f"; learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)}."
@@ -723,6 +725,7 @@ class EntropyCollapseGuard(PerFitCallback):
         for other in list(_TRACKING.get(model, ())) if model is not None else ():
             if other is not self and other._tracked is not None and other._tracked_model is model:
                 other.held_states.rehold(*other._tracked, step=step, extra=list(other.history))
+                other._not_held_step = None  # what it holds is older for another reason
 
     def rollback_hint(
         self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None

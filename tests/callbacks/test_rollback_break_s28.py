@@ -110,3 +110,31 @@ def test_hold_trainable_takes_a_frozen_mask_of_minus_inf_as_unchanged() -> None:
             _observe(guard, optimizer, step, good=True)
     _observe(guard, optimizer, 3, good=False)
     assert same(model_state(model), held[0]) and same(opt_state(optimizer), held[1])
+
+
+def test_a_state_another_guard_rolled_away_from_is_not_called_not_finite() -> None:
+    """Guard b rolled back to step 10: guard a, which judged step 20 good, holds step 10's state instead, and its
+    rollback said 'the state after step 20 was not finite, so it was not held'."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    a, b = _guard(model, optimizer, 1, "a"), _guard(model, optimizer, 1, "b")
+    _at(model, 10)
+    _observe(b, optimizer, 10, good=True)
+    _at(model, 20)
+    _observe(a, optimizer, 20, good=True)
+    _observe(b, optimizer, 20, good=False)  # back to step 10: a holds it
+    message = _observe(a, optimizer, 30, good=False)
+    assert message is not None and _weights_step(model) == 10.0 and "not finite" not in message
+
+
+def test_a_state_not_held_because_not_finite_is_still_named() -> None:
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = _guard(model, optimizer, 2)
+    _at(model, 10)
+    _observe(guard, optimizer, 10, good=True)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    _observe(guard, optimizer, 20, good=True)
+    message = _observe(guard, optimizer, 30, good=False)
+    assert message is not None and "the state after step 20 was not finite, so it was not held" in message

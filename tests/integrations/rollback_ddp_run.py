@@ -131,7 +131,8 @@ def zero_redundancy(rank: int) -> dict:
                 rolled.append(step)
                 after = _state(model, opt.optim)
     try:  # overlap_with_ddp steps inside DDP's communication hook, outside optimizer.state: refused
-        overlapped = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, overlap_with_ddp=True)
+        overlapped = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam,
+                                             overlap_with_ddp=True)
         EntropyCollapseGuard("scripted", action="rollback").track(model, [overlapped])
         refusal = ""
     except EntrotrainError as err:

@@ -39,9 +39,9 @@ def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
 
 
 def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """Each tensor's (sum, 2-norm) in float64: reduced on its device (float32 accumulation; float64 for float64), one sync per device. Any
-    dtype: a complex tensor as its real and imaginary parts, an integer or bool one (packed quantized weights) as
-    float32."""
+    """Each tensor's (sum, 2-norm) in float64: reduced on its device (float32 accumulation; float64 for float64), one
+    sync per device. Any dtype: a complex tensor as its real and imaginary parts, an integer or bool one (packed
+    quantized weights) as float32."""
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         with torch.no_grad():

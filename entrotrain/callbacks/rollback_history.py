@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from entrotrain.callbacks.rollback_memory import check_host_memory
 from entrotrain.callbacks.rollback_state import RollbackState
 
 __all__ = ["HeldState", "HeldTogether", "RollbackHistory", "held_module"]
@@ -84,6 +85,8 @@ class RollbackHistory:
         """Hold the state of ``model`` and ``optimizers`` now as the newest, dropping the oldest beyond ``size``;
         whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
         full = len(self._held) >= self.size
+        if not full and not self._spares:  # the held states grow: refused if the machine cannot take them all
+            check_host_memory(model, optimizers, self.size, self.nbytes, self.trainable_only)
         if full:
             buffer = self._held[0].state
         else:
@@ -97,14 +100,17 @@ class RollbackHistory:
         self._held.append(HeldState(buffer, extra))
         return True
 
-    def rehold(self, model: nn.Module, optimizers: Sequence[Any], step: int, extra: Any = None) -> bool:
+    def rehold(self, model: nn.Module, optimizers: Sequence[Any], step: int) -> HeldState | None:
         """Another guard rolled ``model`` back to its state of ``step``: drop the states held after that step (they
         are of the trajectory it left, and a firing must not bring them back) and hold the model's state as the
-        state of ``step`` (unless one of that step is held: the same state); whether it is held."""
+        state of ``step`` (unless one of that step is held: the same state); returns it (``None``: not held). Its
+        ``extra`` is the newest kept state's (``None`` when none is kept): the caller's after it are of the
+        trajectory left too."""
         self._drop_from(sum(held.step <= step for held in self._held))
-        if self._held and self._held[-1].step == step:
-            return True
-        return self.take(model, optimizers, step, extra)
+        newest = self._held[-1] if self._held else None
+        if newest is not None and newest.step == step:
+            return newest
+        return self._held[-1] if self.take(model, optimizers, step, newest and newest.extra) else None
 
     def pick(self, further_back: bool = False) -> HeldState | None:
         """The state a firing goes back to: the newest; with ``further_back``, the newest one older than the last

@@ -109,7 +109,8 @@ def test_a_fall_that_comes_back_goes_one_held_state_further_back_each_time() -> 
     assert ("to step 10, one held state further back: the fall came back 1 good observation after the last rollback "
             "(to step 20) (rollback 2 of 3") in message
     message = _observe(guard, model, optimizer, 60, good=False)
-    assert _weights_step(model) == 0.0 and "came back 0 good observations after the last rollback (to step 10)" in message
+    assert _weights_step(model) == 0.0
+    assert "came back 0 good observations after the last rollback (to step 10)" in message
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.125)  # each rollback lowers the rate again
     message = _observe(guard, model, optimizer, 70, good=False)
     assert "stopping training" in message and guard.stopping
@@ -124,7 +125,8 @@ def test_the_states_held_after_a_rollback_take_the_oldest_ones_places() -> None:
     assert guard.held_states.steps == [10, 20, 40]  # k states: step 0's went
     _observe(guard, model, optimizer, 50, good=False)
     message = _observe(guard, model, optimizer, 60, good=False)
-    assert _weights_step(model) == 10.0 and "no older state is held (raise rollback_states to hold older ones)" in message
+    assert _weights_step(model) == 10.0
+    assert "no older state is held (raise rollback_states to hold older ones)" in message
 
 
 def test_a_fall_after_k_good_observations_is_a_new_fall_and_goes_to_the_newest() -> None:

@@ -1,0 +1,90 @@
+"""Whether the host can take the states a rollback guard is asked to hold: checked before each copy that grows them.
+
+``EntropyCollapseGuard(action="rollback")`` holds ``rollback_states`` copies of the model's and optimizers' state in
+host memory (:mod:`~entrotrain.callbacks.rollback_history`), and every process of the machine holds its own. A ring
+that does not fit is not an error Python sees: the kernel's OOM killer ends the run without a traceback, hours in, or
+the machine swaps. So before the held states grow (the first good observation; a later one whose state is larger:
+Adam's moments appear after the first step), the bytes still to allocate, times the processes of the machine
+(``LOCAL_WORLD_SIZE``, set by ``torchrun`` and Lightning), are compared with the memory available to new allocations
+(Linux ``MemAvailable``), with a 10 % margin; too much is refused with the numbers and the ways out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from entrotrain.callbacks.rollback_frozen import frozen_keys
+from entrotrain.callbacks.rollback_state import unwrap_optimizer
+from entrotrain.errors import EntrotrainError
+
+__all__ = ["check_host_memory", "host_bytes_available", "state_bytes"]
+
+_MARGIN = 0.9  # of the available memory, the most the held states may take
+
+
+def state_bytes(model: nn.Module, optimizers: Sequence[Any], trainable_only: bool = False) -> int:
+    """The host bytes one held state of ``model`` and ``optimizers`` takes (a DTensor's local shard under FSDP2; not
+    the frozen parameters with ``trainable_only``)."""
+    live = model.state_dict()
+    skipped = set(frozen_keys(model, live)) if trainable_only else set()
+    values = [value for key, value in live.items() if key not in skipped]
+    for optimizer in optimizers:
+        values += [value for state in unwrap_optimizer(optimizer).state.values() for value in state.values()]
+    tensors = [value.to_local() if hasattr(value, "to_local") else value for value in values]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def host_bytes_available() -> int | None:
+    """The host memory available to new allocations (Linux ``MemAvailable``; elsewhere the free physical pages), or
+    ``None`` when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _size(n: float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at or above 1 (``118.4 KiB``, ``12.3 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_host_memory(
+    model: nn.Module, optimizers: Sequence[Any], states: int, held_bytes: int, trainable_only: bool = False
+) -> None:
+    """Refuse to grow the held states to ``states`` copies of the current state when the machine cannot take them;
+    ``held_bytes``: what is held (allocated) already.
+
+    Raises:
+        EntrotrainError: with the numbers and the ways out.
+    """
+    one = state_bytes(model, optimizers, trainable_only)
+    more = states * one - held_bytes
+    if more <= 0:
+        return
+    available = host_bytes_available()
+    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
+    if available is None or processes * more <= _MARGIN * available:
+        return
+    raise EntrotrainError(
+        f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) of {_size(one)} each in host memory "
+        f"(the model's and optimizers' tensors): {_size(processes * more)} more on this machine ({processes} "
+        f"process(es)), and {_size(available)} are available, so the OOM killer would end the "
+        "run. Hold fewer states (rollback_states), only what trains (hold='trainable', for frozen weights such as a "
+        "LoRA base), or use action='reduce_lr' / 'stop' and come back from the kept checkpoint."
+    )

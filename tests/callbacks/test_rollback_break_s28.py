@@ -138,3 +138,22 @@ def test_a_state_not_held_because_not_finite_is_still_named() -> None:
     _observe(guard, optimizer, 20, good=True)
     message = _observe(guard, optimizer, 30, good=False)
     assert message is not None and "the state after step 20 was not finite, so it was not held" in message
+
+
+def test_a_max_drop_guard_judges_after_another_guards_rollback_against_the_values_of_the_state_kept() -> None:
+    """Its history kept the value measured on the trajectory the other guard left (4.0 at step 20): the same value
+    as before that (1.0) read as a fall of 75 % and rolled back again."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    a = _guard(model, optimizer, 2, "a")
+    b = EntropyCollapseGuard("b", threshold=None, max_drop=0.5, drop_window=1, action="rollback",
+                             keep_last_good=False, rollback_states=2)
+    b.track(model, [optimizer])
+    _at(model, 10)
+    _observe(a, optimizer, 10, good=True)
+    assert b.observe(1.0, 10) is None
+    _at(model, 20)
+    assert b.observe(4.0, 20) is None
+    _observe(a, optimizer, 20, good=False)  # back to step 10
+    assert b.held_states.steps == [10] and list(b.history) == [1.0]
+    assert b.observe(1.0, 30) is None

@@ -505,6 +505,7 @@ class _Shelf:
         self.kept: set[Path] = set()  # held pins a run that fired left at its normal end: yours
         self.taken: list[_Pin] = []  # what its keepers took over from runs gone: held by the others too
         self.orphans: list[_Pin] = []  # the provisional pins of keepers garbage collected: held by the next to open
+        self.copies: dict[Path, threading.Thread] = {}  # the frozen pins' copies (two guards freezing one pin: one)
         _LIVE.add(self.owner.id)
         weakref.finalize(self, _LIVE.discard, self.owner.id)
 
@@ -723,6 +724,7 @@ class LastGoodCheckpoints:
                 else:
                     os.link(source, target)
                 self._folders[folder].kept.discard(target)  # a kept pin deleted since, by you: this name is new
+                self._folders[folder].copies.pop(target, None)
                 return target
             except FileExistsError:
                 continue  # taken by another run since _free_name looked
@@ -799,8 +801,13 @@ class LastGoodCheckpoints:
         return None
 
     def _start_copy(self, pin: _Pin) -> None:
-        self._copying.append(threading.Thread(target=self._unshare, args=(pin,), name="entrotrain-keep"))
-        self._copying[-1].start()
+        """Give a frozen pin its own copy in a background thread, once: another guard's freezing of the same pin
+        waits for the same copy (two copies of one file at once swap a half-written file in)."""
+        copies = self._folders[pin.path.parent].copies
+        if pin.path not in copies:
+            copies[pin.path] = threading.Thread(target=self._unshare, args=(pin,), name="entrotrain-keep")
+            copies[pin.path].start()
+        self._copying.append(copies[pin.path])
 
     def _cap_frozen(self) -> None:
         """At most :data:`MAX_FROZEN` frozen pins: the first firing's and the newest (a flapping key)."""

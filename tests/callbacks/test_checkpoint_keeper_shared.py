@@ -271,3 +271,22 @@ def test_any_judgements_of_three_guards_keep_every_promise(tmp_path_factory, ops
         for keeper in keepers:
             keeper.release()
     assert set(keep.iterdir() if keep.exists() else []) == set(named)
+
+
+def test_two_guards_freezing_one_pin_copy_it_once(tmp_path: Path, monkeypatch) -> None:
+    """Two guards firing together name the same shared pin: each started a copy of it, into the same file aside, at
+    once; one truncated the file the other had just renamed into the pin (a half-written kept checkpoint)."""
+    copies = []
+    copy = ck._copy
+    monkeypatch.setattr(ck, "_copy", lambda src, dst: (copies.append(src), copy(src, dst)))
+    first, second = LastGoodCheckpoints(), LastGoodCheckpoints()
+    path = _save(tmp_path, 10)
+    for keeper in (first, second):
+        keeper.saved(path)
+        keeper.judged(10, 10)
+    assert first.freeze(10) == second.freeze(10) == tmp_path / KEEP_FOLDER / "step_10.pt"
+    assert len({*first._copying, *second._copying}) == 1  # one copy thread for the two
+    first.wait()
+    second.wait()
+    assert copies == [tmp_path / KEEP_FOLDER / "step_10.pt"]
+    assert (tmp_path / KEEP_FOLDER / "step_10.pt").stat().st_nlink == 1

@@ -241,6 +241,7 @@ class _Owner:
 
     @classmethod
     def of(cls, machine: str, pid: str, start: str, id_: str) -> _Owner | None:
+        """The owner these parts of a name make (``None``: not an owner's)."""
         if not (pid.isdigit() and start.isdigit() and machine.isalnum() and id_.isalnum()):
             return None
         return cls(machine, int(pid), start, id_)
@@ -493,8 +494,8 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
 # ---------------------------------------------------------------- the keeper
 class _Shelf:
     """The pins that the keepers of one process (of one ``group``) hold in one keep folder, one keeper a guard: a
-    checkpoint file that several guards keep is linked once and deleted once none of them needs it, and one manifest
-    lists them."""
+    checkpoint file that several guards keep is linked once, copied once when frozen, and deleted once none of them
+    needs it, and one manifest lists them."""
 
     def __init__(self, keep: Path) -> None:
         self.keep = keep
@@ -523,6 +524,7 @@ class _Shelf:
         weakref.finalize(keeper, self._orphan, keeper._pins)
 
     def _orphan(self, pins: list[_Pin]) -> None:
+        """A keeper's ``pins`` when it is garbage collected: its provisional ones here stay, held (:meth:`join`)."""
         self.orphans += [replace(pin, held=True) for pin in pins if not pin.frozen and pin.path.parent == self.keep]
 
     def pins(self, but: LastGoodCheckpoints | None = None) -> list[_Pin]:

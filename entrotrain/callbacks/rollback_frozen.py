@@ -7,7 +7,7 @@ GB for a 7 B model in bf16, times ``rollback_states``). With ``hold="trainable"`
 long as they do not change. That is checked, not assumed, on a fingerprint of each one (its sum and its 2-norm,
 computed on its device, one sync per device):
 
-- at each observation, against the fingerprint the same held state took the time before: a "frozen" parameter that
+- at each observation, against the fingerprint taken at the last one (whichever held state holds it): a "frozen" parameter that
   changes between observations (an EMA target network updated through ``.data``, as MoCo and BYOL do, or a layer
   unfrozen later) is refused early, naming it and the fix (``hold="all"``);
 - at a rollback, before anything is copied, against the fingerprint taken with the held state: a changed one refuses
@@ -78,13 +78,17 @@ class FrozenParameters:
     def keys(self) -> set[str]:
         return set(self.prints)
 
-    def fingerprint(self, model: nn.Module, live: dict[str, Any], step: int) -> dict[str, tuple[float, float]]:
+    def fingerprint(
+        self, model: nn.Module, live: dict[str, Any], step: int, last: FrozenParameters | None = None
+    ) -> dict[str, tuple[float, float]]:
         """The fingerprints of the frozen parameters of ``live`` (``model.state_dict()``) at ``step``, by key (not to
-        be copied); :meth:`keep` them once the state is held.
+        be copied); :meth:`keep` them once the state is held. ``last``: the fingerprints of the last observation's
+        state, when another state holds them (``rollback_states`` > 1), compared instead of this one's.
 
         Raises:
             EntrotrainError: one that was frozen at the last take changed since (or a parameter is a DTensor).
         """
+        last = self if last is None else last
         keys = frozen_keys(model, live)
         if any(type(live[key]).__name__ == "DTensor" for key in keys):
             raise EntrotrainError(
@@ -92,11 +96,11 @@ class FrozenParameters:
                 "FSDP2 each rank holds only its shards already: use hold='all'."
             )
         prints = _fingerprints({key: live[key] for key in keys})
-        changed = [key for key in keys if key in self.prints and _moved(self.prints[key], prints[key])]
+        changed = [key for key in keys if key in last.prints and _moved(last.prints[key], prints[key])]
         if changed:
             raise EntrotrainError(
                 f"EntropyCollapseGuard(hold='trainable'): the parameter(s) {changed[:3]} have requires_grad=False but "
-                f"changed between steps {self.step} and {step} (an EMA target network updated through .data?): a "
+                f"changed between steps {last.step} and {step} (an EMA target network updated through .data?): a "
                 "rollback could not bring them back. Use hold='all' (every parameter is held), or keep them out of "
                 "the model the guard tracks."
             )

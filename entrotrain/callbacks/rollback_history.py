@@ -91,7 +91,8 @@ class RollbackHistory:
             buffer = self._held[0].state
         else:
             buffer = self._spares.pop() if self._spares else RollbackState(self.trainable_only)
-        if not buffer.take(model, optimizers, step):  # refused before any copy: the buffer's old state is intact
+        last = self._held[-1].state if self._held else None  # frozen parameters are compared with its fingerprints
+        if not buffer.take(model, optimizers, step, last):  # refused before any copy: the buffer's old state is intact
             if not full:
                 self._spares.append(buffer)
             return False

@@ -192,7 +192,7 @@ class RollbackState:
         self._outside: dict[int, torch.Tensor] = {}  # id -> value of a parameter an optimizer steps outside the model
 
     # ------------------------------------------------------------------ take
-    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int) -> bool:
+    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int, last: RollbackState | None = None) -> bool:
         """Hold ``model``'s and ``optimizers``' state as it is now, as the state of ``step``; whether it was held.
 
         A state with a non-finite floating-point tensor (a parameter, a buffer or an optimizer moment) is not held:
@@ -201,7 +201,8 @@ class RollbackState:
         gradient): rolling back to such a state would cure nothing. The check is one device sync per device.
 
         With ``trainable_only``, parameters with ``requires_grad=False`` are not copied, only fingerprinted
-        (:mod:`~entrotrain.callbacks.rollback_frozen`), and a rollback leaves them as they are.
+        (:mod:`~entrotrain.callbacks.rollback_frozen`), and a rollback leaves them as they are; ``last``: the state
+        taken at the last observation, whose fingerprints they are compared with (default: this one's).
 
         Raises:
             EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place; or, with
@@ -209,7 +210,8 @@ class RollbackState:
         """
         check_supported(model, optimizers)
         live = model.state_dict()
-        frozen = self._frozen.fingerprint(model, live, step) if self._frozen is not None else {}  # (raises: changed)
+        last_frozen = last._frozen if last is not None else None
+        frozen = self._frozen.fingerprint(model, live, step, last_frozen) if self._frozen is not None else {}  # (raises)
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]

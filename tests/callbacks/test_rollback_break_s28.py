@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
 from entrotrain.callbacks import EntropyCollapseGuard
+from entrotrain.errors import EntrotrainError
 from tests.helpers.training_state import model_state, opt_state, same
 
 
@@ -157,3 +159,21 @@ def test_a_max_drop_guard_judges_after_another_guards_rollback_against_the_value
     _observe(a, optimizer, 20, good=False)  # back to step 10
     assert b.held_states.steps == [10] and list(b.history) == [1.0]
     assert b.observe(1.0, 30) is None
+
+
+def test_a_frozen_parameter_changed_since_the_last_observation_is_refused_there_whatever_rollback_states() -> None:
+    """With rollback_states > 1 each take re-uses another held state's buffer and compared the frozen parameters with
+    that state's fingerprints, from k observations before or none: an EMA target updated through .data went
+    unnoticed until the ring was full, or until a rollback to that state was refused mid-collapse."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)  # a target network, "frozen" but updated through .data
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable",
+                                 rollback_states=3)
+    guard.track(model, [optimizer])
+    _observe(guard, optimizer, 0, good=True)
+    with torch.no_grad():
+        model[0].weight.data.mul_(0.5)
+    with pytest.raises(EntrotrainError, match=r"\['0.weight'\] have requires_grad=False but changed between steps 0 "
+                                              r"and 1"):
+        _observe(guard, optimizer, 1, good=True)

@@ -7,11 +7,12 @@ GB for a 7 B model in bf16, times ``rollback_states``). With ``hold="trainable"`
 long as they do not change. That is checked, not assumed, on a fingerprint of each one (its sum and its 2-norm,
 computed on its device, one sync per device):
 
-- at each observation, against the fingerprint taken at the last one (whichever held state holds it): a "frozen" parameter that
-  changes between observations (an EMA target network updated through ``.data``, as MoCo and BYOL do, or a layer
-  unfrozen later) is refused early, naming it and the fix (``hold="all"``);
+- at each observation, against the fingerprint taken at the last one (whichever held state holds it): a "frozen"
+  parameter that changes between observations (an EMA target network updated through ``.data``, as MoCo and BYOL
+  do) is refused early, naming it and the fix (``hold="all"``);
 - at a rollback, before anything is copied, against the fingerprint taken with the held state: a changed one refuses
-  the rollback (the model is left as it was).
+  the rollback (the model is left as it was). A layer unfrozen later is held from the next observation on; a
+  rollback to a state from before, which did not hold it, is refused once it trained.
 
 "Changed" means a sum or norm that moved by more than 1e-6 relative (a re-computed sum of the same values is equal
 on the same device; an update that moves neither is below what a rollback could be wrong by). Buffers and trainable

@@ -20,6 +20,8 @@ from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.loop_runs import fit_lightning, run_loop, token_batches
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
+
 TYPO = "entropy/attn_norm/mni"
 
 

@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from entrotrain.callbacks import EntropyCollapseGuard
@@ -177,3 +179,33 @@ def test_a_frozen_parameter_changed_since_the_last_observation_is_refused_there_
     with pytest.raises(EntrotrainError, match=r"\['0.weight'\] have requires_grad=False but changed between steps 0 "
                                               r"and 1"):
         _observe(guard, optimizer, 1, good=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ks=st.tuples(st.integers(1, 3), st.integers(1, 3)), patience=st.integers(1, 2),
+       good=st.lists(st.tuples(st.sampled_from([None, True, False]), st.sampled_from([None, True, False])),
+                     min_size=1, max_size=16))
+def test_two_guards_on_one_model_only_ever_go_back_along_the_trajectory_kept(
+    ks: tuple[int, int], patience: int, good: list[tuple[bool | None, bool | None]]
+) -> None:
+    """Each step makes new weights (its number) from the current ones; whatever two guards observe (None: nothing),
+    every rollback lands on an ancestor of the weights it rolls back from, never on weights another rollback left."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    guards = [EntropyCollapseGuard(name, threshold=0.5, action="rollback", keep_last_good=False, rollback_states=k,
+                                   patience=patience, max_rollbacks=100) for name, k in zip("ab", ks)]
+    for guard in guards:
+        guard.track(model, [optimizer])
+    parent: dict[int, int | None] = {}
+    current: int | None = None
+    for step, judged in enumerate(good, start=1):
+        parent[step], current = current, step
+        _at(model, step)
+        for guard, ok in zip(guards, judged):
+            if ok is not None and _observe(guard, optimizer, step, ok) is not None and not guard.stopping:
+                ancestors, node = set(), current
+                while node is not None:
+                    ancestors.add(node)
+                    node = parent[node]
+                current = int(_weights_step(model))
+                assert current in ancestors

@@ -695,7 +695,7 @@ class EntropyCollapseGuard(PerFitCallback):
         last_target = self.held_states.restored_step  # (None: no rollback since the states were first held)
         came_back = last_target is not None and good < self.rollback_states
         further = came_back and self.held_states.has_older()
-        held = self.held_states.pick(further_back=further)
+        held = self.held_states.pick(further_back=came_back)
         assert held is not None  # something is held (checked above)
         held_step = self.held_states.restore(model, tracked_optimizers, held)
         self.rollbacks += 1

@@ -14,7 +14,8 @@ started", Chowdhery et al., 2022, §5.1), and a guard cannot know in advance how
 - a firing rolls back to the newest held state, **unless the fall came back fewer than ``k`` good observations after
   the last rollback**: it is then the same fall, and the rollback goes one held state further back than the last one
   went. The states after the one it goes back to are dropped: they descend from a state that fell again.
-- with no older state held, it goes back to the newest held one (as with ``k = 1``).
+- with no older state held, it goes back to the state the last rollback went to, again (with ``k = 1``: the newest):
+  with ``k - 1`` good observations since, the oldest held states were replaced by theirs, which descend from it.
 
 Each held state carries the step it was taken at. Along the trajectory that was kept, these steps increase: a
 rollback drops the states after the one it goes back to, and when another rollback guard on the same model rolls
@@ -114,12 +115,12 @@ class RollbackHistory:
         return self._held[-1] if self.take(model, optimizers, step, newest and newest.extra) else None
 
     def pick(self, further_back: bool = False) -> HeldState | None:
-        """The state a firing goes back to: the newest; with ``further_back``, the newest one older than the last
-        rollback's, when one is held. ``None`` when nothing is held."""
-        older = self._older()
-        if further_back and older:
-            return older[-1]
-        return self._held[-1] if self._held else None
+        """The state a firing goes back to: the newest; with ``further_back`` (the fall came back), the newest one
+        older than the last rollback's, or with none held, the last rollback's own (the ones after it descend from
+        it, and it fell again). ``None`` when nothing is held."""
+        again = [held for held in self._held if held.step == self.restored_step]
+        back = (self._older() or again) if further_back else []
+        return back[-1] if back else self._held[-1] if self._held else None
 
     def has_older(self) -> bool:
         """Whether a state older than the last rollback's is held."""

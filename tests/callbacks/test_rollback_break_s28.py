@@ -209,3 +209,19 @@ def test_two_guards_on_one_model_only_ever_go_back_along_the_trajectory_kept(
                     node = parent[node]
                 current = int(_weights_step(model))
                 assert current in ancestors
+
+
+def test_a_fall_that_came_back_with_no_older_state_held_goes_back_to_the_last_target_not_forward() -> None:
+    """k = 2: rolled back to step 10, one good observation (step 30) replaced step 0's state; the fall comes back.
+    It went to step 30's state, a descendant of step 10's, which fell again, 'the same fall' gone forward."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = _guard(model, optimizer, 2)
+    for step, good in ((0, True), (10, True), (20, False), (30, True)):
+        _at(model, step)
+        _observe(guard, optimizer, step, good)
+    assert guard.held_states.steps == [10, 30]
+    _at(model, 40)
+    message = _observe(guard, optimizer, 40, good=False)
+    assert message is not None and _weights_step(model) == 10.0 and guard.held_states.steps == [10]
+    assert "to step 10; the fall came back 1 good observation after the last rollback (to step 10)" in message

@@ -188,7 +188,8 @@ def test_the_state_that_comes_back_is_the_one_the_rule_names(k: int, good: list[
             continue
         came_back = rollbacks > 0 and since < k
         older = [h for h in held if restored is not None and h[0] < restored]
-        target = older[-1] if came_back and older else held[-1]
+        again = [h for h in held if h[0] == restored]  # with no older one, the last rollback's state again
+        target = (older or again or held)[-1] if came_back else held[-1]
         held = held[: held.index(target) + 1]
         lineage = restored = target[0]
         since, rollbacks = 0, rollbacks + 1

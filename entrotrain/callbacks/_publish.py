@@ -145,6 +145,6 @@ def _warn_misspelt_guards(trainer: Trainer, published: Collection[str], step: in
     typo of one just published (:mod:`entrotrain.callbacks._guard_keys`)."""
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard  # (it imports this module)
 
-    guards = [c for c in trainer.callbacks if isinstance(c, EntropyCollapseGuard)]
+    guards = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, EntropyCollapseGuard)]
     if guards:
         warn_misspelt_keys(guards, published, step, ledger(trainer).misspelt)

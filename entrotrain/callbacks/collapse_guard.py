@@ -79,7 +79,7 @@ import re
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +92,7 @@ from torch import nn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import expect_key, ledger
+from entrotrain.callbacks._worst_parts import worst_parts
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
 from entrotrain.callbacks.rollback_history import RollbackHistory, held_module
@@ -489,12 +490,15 @@ class EntropyCollapseGuard(PerFitCallback):
 
     def _observe(self, trainer: Trainer, value: float, step: int) -> None:
         """One publication of the key at ``step``: judge it and act when the guard fires."""
-        reason = self.observe(value, step)
+        published = {key: entry.value for key, entry in ledger(trainer).entries.items() if entry.step == step}
+        reason = self.observe(value, step, published)
         if reason is not None:
             self._act(trainer, reason, step)
 
-    def observe(self, value: float, step: int) -> str | None:
+    def observe(self, value: float, step: int, beside: Mapping[str, Any] | None = None) -> str | None:
         """The trainer-free core: one publication of the key at ``step``; judge it, extend or end the bad streak.
+        ``beside``: the other values published with it, where a reason names the heads (or layers) an aggregate key
+        such as ``entropy/attn_norm/min`` fell on (:mod:`~entrotrain.callbacks._worst_parts`).
 
         Returns the reason when the guard fires (``patience`` bad observations, first of the episode): the caller
         then acts. Used by the Lightning hooks and by :mod:`entrotrain.integrations.transformers`.
@@ -507,7 +511,7 @@ class EntropyCollapseGuard(PerFitCallback):
                 self._warn_nonfinite_ignored(step)
                 return None
             return self._bad(f"{self.monitor} is {value}: the model or its inputs went non-finite", step)
-        reason = self._reason(value, step)
+        reason = self._reason(value, step, beside)
         self.history.append(value)
         if reason:
             return self._bad(reason, step)
@@ -527,8 +531,9 @@ class EntropyCollapseGuard(PerFitCallback):
             held = self.held_states.take(*self._tracked, step=step, extra=list(self.history))
             self._not_held_step = None if held else step
 
-    def _reason(self, value: float, step: int) -> str:
-        """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values."""
+    def _reason(self, value: float, step: int, beside: Mapping[str, Any] | None = None) -> str:
+        """Why a finite ``value`` is bad ('' when it is good); ``history`` holds the earlier finite values, ``beside``
+        the values published with it."""
         if self.threshold is not None:
             below = self.mode == "min" and value < self.threshold
             above = self.mode == "max" and value > self.threshold
@@ -536,7 +541,8 @@ class EntropyCollapseGuard(PerFitCallback):
                 self.armed = True
             elif self.armed or not self.arm_on_good:
                 shown = _beside(value, self.threshold)
-                return f"{self.monitor} = {shown} {'fell below' if below else 'rose above'} {self.threshold}"
+                where = worst_parts(self.monitor, beside, self.threshold, below)
+                return f"{self.monitor} = {shown} {'fell below' if below else 'rose above'} {self.threshold}{where}"
             else:
                 self._warn_unarmed(value, step)
         if self.max_drop is not None and len(self.history) >= self.drop_window:

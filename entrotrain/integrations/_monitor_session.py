@@ -709,7 +709,7 @@ class MonitorSession:
             if guard.last_seen_step is not None and step <= guard.last_seen_step:
                 continue  # one observation per step (an evaluation log at the same step does not count twice)
             guard.source = self._source_of(guard.monitor) or guard.source
-            reason = guard.observe(float(value.detach() if isinstance(value, Tensor) else value), step)
+            reason = guard.observe(float(value.detach() if isinstance(value, Tensor) else value), step, values)
             if reason is not None:
                 fired.append((guard, reason))
         return fired

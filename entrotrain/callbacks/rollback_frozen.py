@@ -16,7 +16,8 @@ computed on its device, one sync per device):
 
 "Changed" means a sum or norm that moved by more than 1e-6 relative (a re-computed sum of the same values is equal
 on the same device; an update that moves neither is below what a rollback could be wrong by). Buffers and trainable
-parameters are held as with ``hold="all"``.
+parameters are held as with ``hold="all"``, and so are all the parameters of an averaged copy (``AveragedModel``, an
+EMA: its averaging writes them whatever their flag).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from entrotrain.errors import EntrotrainError
 
@@ -34,8 +36,12 @@ _RTOL = 1e-6
 
 
 def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
-    """The keys of ``live`` (``model.state_dict()``) that are parameters with ``requires_grad=False``."""
-    names = {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+    """The keys of ``live`` (``model.state_dict()``) that are parameters with ``requires_grad=False``, but not those
+    of an averaged copy (``AveragedModel``: its ``update_parameters`` writes every parameter, whatever its flag; an
+    EMA of a frozen weight moves by rounding), which are held."""
+    averaged = {id(p) for module in model.modules() if isinstance(module, AveragedModel) for p in module.parameters()}
+    names = {name for name, param in model.named_parameters(remove_duplicate=False)
+             if not param.requires_grad and id(param) not in averaged}
     return [key for key in live if key in names]
 
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.errors import EntrotrainError
@@ -225,3 +226,32 @@ def test_a_fall_that_came_back_with_no_older_state_held_goes_back_to_the_last_ta
     message = _observe(guard, optimizer, 40, good=False)
     assert message is not None and _weights_step(model) == 10.0 and guard.held_states.steps == [10]
     assert "to step 10; the fall came back 1 good observation after the last rollback (to step 10)" in message
+
+
+def test_hold_trainable_holds_an_averaged_copy_of_a_frozen_weight_which_rounding_moves() -> None:
+    """An EMA (``AveragedModel``, as Lightning's ``EMAWeightAveraging``) writes every parameter of its copy, frozen
+    ones too, and ``decay * ema + (1 - decay) * w`` of a constant ``w`` moves by rounding. Fingerprinted and not held,
+    the copy stayed moved after the rollback (and after a few hundred updates was refused as 'changed')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2))
+    model[0].requires_grad_(False)
+    ema = AveragedModel(model, avg_fn=get_ema_avg_fn(0.999), use_buffers=True)
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=0.01)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable")
+    guard.track(model, [optimizer], averaged=[ema])
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+            ema.update_parameters(model)
+
+    train(2)
+    _observe(guard, optimizer, 2, good=True)
+    held = model_state(ema)
+    train(20)
+    assert not torch.equal(ema.module[0].weight, held["module.0.weight"])  # moved by rounding alone
+    _observe(guard, optimizer, 22, good=False)
+    assert same(model_state(ema), held)

@@ -344,6 +344,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if self.action == "rollback" and isinstance(wrapped, nn.Module) and wrapped is not pl_module:
             check_supported(wrapped)  # FSDPStrategy / DeepSpeedStrategy wrap the LightningModule from outside
         self.track(pl_module, trainer.optimizers, averaged=_weight_averages(trainer))
+        self.held_states.processes = getattr(trainer, "num_devices", None)  # (each holds its own states)
         if self.source is not None and self.last_seen_step is not None:  # resumed: its publisher published it before
             expect_key(trainer, self.source, self.monitor)
             self.warn_if_publisher_gone([getattr(cb, "state_key", None) for cb in trainer.callbacks],

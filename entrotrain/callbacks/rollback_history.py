@@ -67,6 +67,8 @@ class RollbackHistory:
     def __init__(self, size: int = 1, trainable_only: bool = False) -> None:
         self.size = int(size)
         self.trainable_only = trainable_only  # frozen parameters are not copied (:mod:`.rollback_frozen`)
+        #: The training processes on this machine, each holding its own states (``None``: ``LOCAL_WORLD_SIZE``).
+        self.processes: int | None = None
         self._held: list[HeldState] = []
         self._spares: list[RollbackState] = []  # buffers of dropped states, re-used by the next takes
         #: The step of the state the last :meth:`restore` went back to (``None``: none since :meth:`clear`).
@@ -87,7 +89,7 @@ class RollbackHistory:
         whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
         full = len(self._held) >= self.size
         if not full and not self._spares:  # the held states grow: refused if the machine cannot take them all
-            check_host_memory(model, optimizers, self.size, self.nbytes, self.trainable_only)
+            check_host_memory(model, optimizers, self.size, self.nbytes, self.trainable_only, self.processes)
         if full:
             buffer = self._held[0].state
         else:

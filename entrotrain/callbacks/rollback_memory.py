@@ -3,10 +3,11 @@
 ``EntropyCollapseGuard(action="rollback")`` holds ``rollback_states`` copies of the model's and optimizers' state in
 host memory (:mod:`~entrotrain.callbacks.rollback_history`), and every process of the machine holds its own. A ring
 that does not fit is not an error Python sees: the kernel's OOM killer ends the run without a traceback, hours in, or
-the machine swaps. So before the held states grow (the first good observation; a later one whose state is larger:
-Adam's moments appear after the first step), the bytes still to allocate, times the processes of the machine
-(``LOCAL_WORLD_SIZE``, set by ``torchrun`` and Lightning), are compared with the memory available to new allocations
-(Linux ``MemAvailable``), with a 10 % margin; too much is refused with the numbers and the ways out.
+the machine swaps. So before the held states grow (the first good observation, and each one while fewer than
+``rollback_states`` are held), the bytes still to allocate, times the processes of the machine (a Lightning
+trainer's devices per machine; else ``LOCAL_WORLD_SIZE``, which ``torchrun`` and accelerate set), are compared with
+the memory available to new allocations (Linux ``MemAvailable``), with a 10 % margin; too much is refused with the
+numbers and the ways out.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def _size(n: float) -> str:
 
 
 def check_host_memory(
-    model: nn.Module, optimizers: Sequence[Any], states: int, held_bytes: int, trainable_only: bool = False
+    model: nn.Module, optimizers: Sequence[Any], states: int, held_bytes: int, trainable_only: bool = False,
+    processes: int | None = None,
 ) -> None:
     """Refuse to grow the held states to ``states`` copies of the current state when the machine cannot take them;
-    ``held_bytes``: what is held (allocated) already.
+    ``held_bytes``: what is held (allocated) already; ``processes``: the training processes on this machine, each
+    holding its own (``None``: ``LOCAL_WORLD_SIZE``, which ``torchrun`` and accelerate set, else 1).
 
     Raises:
         EntrotrainError: with the numbers and the ways out.
@@ -78,7 +81,7 @@ def check_host_memory(
     if more <= 0:
         return
     available = host_bytes_available()
-    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
+    processes = max(processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
     if available is None or processes * more <= _MARGIN * available:
         return
     raise EntrotrainError(

@@ -59,3 +59,12 @@ def test_trainable_only_counts_what_it_holds(monkeypatch: pytest.MonkeyPatch) ->
     model.bias.requires_grad_(False)
     monkeypatch.setattr(rollback_memory, "host_bytes_available", lambda: 10**9)
     assert state_bytes(model, [optimizer], trainable_only=True) == state_bytes(model, [optimizer]) - 100 * 4
+
+
+def test_a_lightning_trainer_counts_its_devices_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    guard, model, optimizer = _tracked(1)
+    one = state_bytes(model, [optimizer])
+    monkeypatch.setattr(rollback_memory, "host_bytes_available", lambda: 2 * one)
+    guard.held_states.processes = 3  # what on_train_start sets from trainer.num_devices (DDP, 3 devices)
+    with pytest.raises(EntrotrainError, match=r"3 process\(es\)"):
+        guard.observe(0.9, 0)

@@ -711,7 +711,8 @@ class EntropyCollapseGuard(PerFitCallback):
         self._rehold_others(held_step)
         sentence = f" Rolled back the model and optimizer state to step {held_step}"
         if came_back:
-            after = f"{good} good observation{'' if good == 1 else 's'} after the last rollback (to step {last_target})"
+            count = f"{good} good observation{'' if good == 1 else 's'}" if good else "with no good observation"
+            after = f"{count} after the last rollback (to step {last_target})"
             sentence += (f", one held state further back: the fall came back {after}" if further else
                          f"; the fall came back {after}, and no older state is held (raise rollback_states to hold "
                          "older ones)")

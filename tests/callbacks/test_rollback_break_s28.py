@@ -255,3 +255,16 @@ def test_hold_trainable_holds_an_averaged_copy_of_a_frozen_weight_which_rounding
     assert not torch.equal(ema.module[0].weight, held["module.0.weight"])  # moved by rounding alone
     _observe(guard, optimizer, 22, good=False)
     assert same(model_state(ema), held)
+
+
+def test_a_fall_back_at_once_says_so_in_words() -> None:
+    """It said 'the fall came back 0 good observations after the last rollback'."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    guard = _guard(model, optimizer, 2)
+    for step, good in ((0, True), (10, True), (20, False)):
+        _at(model, step)
+        _observe(guard, optimizer, step, good)
+    message = _observe(guard, optimizer, 30, good=False)
+    assert message is not None and "0 good" not in message
+    assert "the fall came back with no good observation after the last rollback (to step 10)" in message

@@ -110,7 +110,7 @@ def test_a_fall_that_comes_back_goes_one_held_state_further_back_each_time() -> 
             "(to step 20) (rollback 2 of 3") in message
     message = _observe(guard, model, optimizer, 60, good=False)
     assert _weights_step(model) == 0.0
-    assert "came back 0 good observations after the last rollback (to step 10)" in message
+    assert "came back with no good observation after the last rollback (to step 10)" in message
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.125)  # each rollback lowers the rate again
     message = _observe(guard, model, optimizer, 70, good=False)
     assert "stopping training" in message and guard.stopping

@@ -88,8 +88,9 @@ class RollbackHistory:
         """Hold the state of ``model`` and ``optimizers`` now as the newest, dropping the oldest beyond ``size``;
         whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
         full = len(self._held) >= self.size
-        if not full and not self._spares:  # the held states grow: refused if the machine cannot take them all
-            check_host_memory(model, optimizers, self.size, self.nbytes, self.trainable_only, self.processes)
+        # refused if the machine cannot take `size` held states of this one: at the first take, and whenever the
+        # state grew (Adam's moments after the first step, a layer unfrozen), also once the ring is full
+        check_host_memory(model, optimizers, self.size, self.nbytes, self.trainable_only, self.processes)
         if full:
             buffer = self._held[0].state
         else:

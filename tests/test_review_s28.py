@@ -28,3 +28,17 @@ def test_a_held_state_that_grows_once_the_ring_is_full_is_checked_against_memory
     optimizer.step()
     with pytest.raises(EntrotrainError, match=r"would hold 1 state\(s\) of .*rollback_states"):
         guard.observe(0.9, 1)
+
+
+def test_two_copies_of_one_save_with_non_finite_weights_count_once(tmp_path) -> None:
+    # The checkpoints of a collapse are what inspect is for, and they can hold a NaN: equal copies of one save (two
+    # ModelCheckpoint callbacks) are one checkpoint, not 'checkpoints of several runs' (NaN != NaN).
+    from entrotrain.integrations.checkpoint_sources import find_checkpoints
+
+    weights = {"w": torch.tensor([1.0, float("nan"), float("inf")])}
+    for name in ("epoch=0-step=5.ckpt", "epoch=0-step=5-v1.ckpt"):
+        torch.save({"state_dict": weights, "global_step": 5}, tmp_path / name)
+    assert [c.path.name for c in find_checkpoints([tmp_path])] == ["epoch=0-step=5.ckpt"]
+    torch.save({"state_dict": {"w": torch.tensor([1.0, 2.0, float("inf")])}}, tmp_path / "epoch=0-step=5-v1.ckpt")
+    with pytest.raises(EntrotrainError, match="several runs"):  # a NaN where the other has a number: different
+        find_checkpoints([tmp_path])

@@ -211,7 +211,7 @@ class RollbackState:
         check_supported(model, optimizers)
         live = model.state_dict()
         last_frozen = last._frozen if last is not None else None
-        frozen = self._frozen.fingerprint(model, live, step, last_frozen) if self._frozen is not None else {}  # (raises)
+        frozen = {} if self._frozen is None else self._frozen.fingerprint(model, live, step, last_frozen)  # (raises)
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]

@@ -41,8 +41,9 @@ has no step in its name) is dropped with a warning instead of being named. A fil
 
 **Several guards.** The keepers of one process (one a guard) share their pins in a folder: a checkpoint is linked
 once however many guards keep it, and deleted once none of them needs it (a pin one guard froze stays whatever the
-others judge). The provisional pins of a keeper garbage collected while others live (a guard reused for a new fit
-after a crash) stay listed, held by the next keeper that opens the folder.
+others judge, and once that guard is gone). The provisional pins of a keeper garbage collected while others live (a
+guard reused for a new fit after a crash) stay listed; the next keeper that opens the folder takes them over as a
+dead run's (below).
 
 **Pins across crashes.** The keepers of a process list the pins they may still delete (their *provisional* pins: not
 frozen) in one manifest per keep folder, ``.entrotrain-pins.<machine>.<pid>.<start>.<id>.json``, rewritten atomically
@@ -330,11 +331,11 @@ def _records(manifest: Path) -> list[dict]:
     return good
 
 
-def _is_ours(path: Path, record: dict) -> bool:
-    """Whether ``path`` is still the pin a manifest listed: the same files, the same inodes (a file put there since,
-    by anyone, is not)."""
+def _is_ours(path: Path, inodes: _Inodes) -> bool:
+    """Whether ``path`` is still the pin a manifest listed with ``inodes``: the same files, the same inodes (a file
+    put there since, by anyone, is not)."""
     try:
-        return _inodes(path) == record["inodes"] and not path.is_symlink()
+        return _inodes(path) == inodes and not path.is_symlink()
     except OSError:
         return False
 
@@ -482,7 +483,7 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
     for claimed in _claim_gone(keep, me, elsewhere)[0]:
         for record in _records(claimed):
             path = keep / record["name"]
-            if _is_ours(path, record):
+            if _is_ours(path, record["inodes"]):
                 _remove(path)
                 deleted.append(path)
         _remove(claimed)
@@ -503,7 +504,7 @@ class _Shelf:
         self.manifest = keep / f"{self.owner.prefix}.json"
         self.listed: frozenset[tuple[str, _Inodes, bool]] = frozenset()  # what the manifest lists now
         self.keepers: weakref.WeakSet[LastGoodCheckpoints] = weakref.WeakSet()
-        self.kept: set[Path] = set()  # held pins a run that fired left at its normal end: yours
+        self.kept: set[Path] = set()  # frozen pins, held pins a run that fired left at its normal end: yours
         self.taken: list[_Pin] = []  # what its keepers took over from runs gone: held by the others too
         self.orphans: list[_Pin] = []  # the provisional pins of keepers garbage collected: held by the next to open
         self.copies: dict[Path, threading.Thread] = {}  # the frozen pins' copies (two guards freezing one pin: one)
@@ -519,13 +520,16 @@ class _Shelf:
 
     def join(self, keeper: LastGoodCheckpoints) -> None:
         """``keeper`` keeps pins here; once it is garbage collected (a guard reused for a new fit after a crash), its
-        provisional pins stay listed, held, for the next keeper that opens the folder, as a dead run's would be."""
+        provisional pins stay listed for the next keeper that opens the folder, which takes them over as a dead
+        run's."""
         self.keepers.add(keeper)
         weakref.finalize(keeper, self._orphan, keeper._pins)
 
     def _orphan(self, pins: list[_Pin]) -> None:
-        """A keeper's ``pins`` when it is garbage collected: its provisional ones here stay, held (:meth:`join`)."""
-        self.orphans += [replace(pin, held=True) for pin in pins if not pin.frozen and pin.path.parent == self.keep]
+        """A keeper's ``pins`` when it is garbage collected: its provisional ones here stay (:meth:`join`), but those
+        another keeper froze (that keeper may be gone too)."""
+        self.orphans += [replace(pin) for pin in pins
+                         if not pin.frozen and pin.path.parent == self.keep and pin.path not in self.kept]
 
     def pins(self, but: LastGoodCheckpoints | None = None) -> list[_Pin]:
         """The pins its keepers (``but`` one) hold, and its orphans."""
@@ -610,19 +614,20 @@ class LastGoodCheckpoints:
         shared = [replace(pin) for pin in shelf.taken if shelf.needed(pin.path)]
         for pin in shared:  # adopted by this keeper too only where it resumes at or after the pin's step
             pin.held = pin.held or not adopt or (step is not None and pin.step > step)
-        self._pins += shared + [pin for pin in shelf.orphans if pin.path not in {p.path for p in shared}]
-        shelf.orphans = []
-        taken = self._take_over(shelf, resumed, step, adopt, same_files)
+        self._pins += shared
+        orphans, shelf.orphans = [pin for pin in shelf.orphans if pin.path not in {p.path for p in shared}], []
+        taken = self._take_over(shelf, orphans, resumed, step, adopt, same_files)
         shelf.taken += taken
         if adopt and (adopted := [pin.step for pin in shared + taken if not pin.held]):
             newest = max(adopted) if step is None else step
             self._judged = newest if self._judged is None else max(self._judged, newest)
 
     def _take_over(
-        self, shelf: _Shelf, resumed: Path | None, step: int | None, adopt: bool, same_files: bool
+        self, shelf: _Shelf, orphans: list[_Pin], resumed: Path | None, step: int | None, adopt: bool,
+        same_files: bool,
     ) -> list[_Pin]:
-        """Claim the manifests of runs gone in ``shelf``'s folder and keep, adopt, hold or delete their pins (module
-        docstring); delete the copies they left half written. Returns the pins taken."""
+        """Claim the manifests of runs gone in ``shelf``'s folder and keep, adopt, hold or delete their pins and the
+        ``orphans`` (module docstring); delete the copies they left half written. Returns the pins taken."""
         keep = shelf.keep
         claimed, elsewhere = _claim_gone(keep, shelf.owner)
         _clear_leftovers(keep, shelf.owner, f"{self.owner}(keep_last_good=True)")
@@ -636,21 +641,19 @@ class LastGoodCheckpoints:
                 stacklevel=5,
             )
         taken, seen = [], {pin.path for pin in shelf.pins()}
-        for path in claimed:
-            for record in _records(path):
-                pin = _pin_of(keep, record)
-                if pin.path in seen or not _is_ours(pin.path, record):
-                    continue  # listed twice (a claim of a run that died while claiming), or not our file any more
-                seen.add(pin.path)
-                if resumed is not None and _same(pin.path, resumed, files=same_files):
-                    pin.frozen = True  # resumed from: kept for good, with its own copy (module docstring)
-                    self._start_copy(pin)
-                elif adopt and step is not None and pin.step > step:
-                    _remove(pin.path)  # a future the resumed run replaces
-                else:
-                    pin.held = pin.held or not adopt  # held by the dead run too: not of the resumed run's lineage
-                    self._pins.append(pin)
-                    taken.append(pin)
+        for pin in orphans + [_pin_of(keep, record) for path in claimed for record in _records(path)]:
+            if pin.path in seen or not _is_ours(pin.path, pin.inodes):
+                continue  # listed twice (a claim of a run that died while claiming), or not our file any more
+            seen.add(pin.path)
+            if resumed is not None and _same(pin.path, resumed, files=same_files):
+                self._keep_for_good(pin)  # resumed from (module docstring)
+                self._start_copy(pin)
+            elif adopt and step is not None and pin.step > step:
+                _remove(pin.path)  # a future the resumed run replaces
+            else:
+                pin.held = pin.held or not adopt  # held by the dead run too: not of the resumed run's lineage
+                self._pins.append(pin)
+                taken.append(pin)
         self._sync()  # the adopted and held pins are listed in this run's manifest before the claims go
         for path in claimed:
             _remove(path)
@@ -793,7 +796,7 @@ class LastGoodCheckpoints:
                 self.wait()  # a pin being copied holds a temporary file (and swaps files): checked once copied
             if self._intact(pin):
                 if not pin.frozen:
-                    pin.frozen = True
+                    self._keep_for_good(pin)
                     self._cap_frozen()
                     self._sync()
                     self._start_copy(pin)
@@ -801,6 +804,12 @@ class LastGoodCheckpoints:
             candidates.remove(pin)
         self._sync()
         return None
+
+    def _keep_for_good(self, pin: _Pin) -> None:
+        """Freeze ``pin``: its shelf keeps it whatever becomes of this keeper (another keeper's pin of the same file,
+        left when this one is gone, is not deleted nor listed)."""
+        pin.frozen = True
+        self._folders[pin.path.parent].kept.add(pin.path)
 
     def _start_copy(self, pin: _Pin) -> None:
         """Give a frozen pin its own copy in a background thread, once: another guard's freezing of the same pin
@@ -818,6 +827,7 @@ class LastGoodCheckpoints:
             return
         self.wait()  # a pin being copied is not dropped under its copy
         for pin in frozen[1:-(MAX_FROZEN - 1)]:
+            self._folders[pin.path.parent].kept.discard(pin.path)  # (another keeper's freezing of it keeps it)
             self._drop(pin)
         if not self._capped_warned:
             self._capped_warned = True

@@ -1,0 +1,52 @@
+"""``LastGoodCheckpoints``, review of the shared pins: a frozen pin outlives the keeper that froze it, the pin a run
+resumes from is kept for good whoever held it."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
+from tests.callbacks.test_checkpoint_keeper_crashes import _save, _states
+
+
+def test_a_frozen_pin_stays_when_the_keeper_that_froze_it_is_gone(tmp_path: Path) -> None:
+    """Two guards keep ``step_10``; the first fires (freezes it) and is reused for a new fit after a crash (a new
+    keeper: the old one is garbage collected) while the second lives. The second's provisional pin of the same file
+    went to the shelf's orphans, was listed again as held and deleted at the next keeper's normal end: the checkpoint
+    the firing named, kept "for good", was gone."""
+    first, second, third = LastGoodCheckpoints(), LastGoodCheckpoints(), LastGoodCheckpoints()
+    third.start([tmp_path])  # keeps the shelf alive
+    pin = first.saved(_save(tmp_path, 10))
+    assert second.saved(tmp_path / "step_10.pt") == pin
+    first.judged(10, 10)
+    assert first.freeze(10) == pin
+    first.wait()
+    del first, second
+    gc.collect()
+    new = LastGoodCheckpoints()
+    new.start([tmp_path])
+    new.release()
+    third.release()
+    assert pin.exists() and _states(tmp_path) == {"step_10.pt": "kept"}
+
+
+def test_the_pin_a_run_resumes_from_is_kept_for_good_when_a_keeper_of_this_process_left_it(tmp_path: Path) -> None:
+    """A guard reused after a crash gets a new keeper; the old one's pins go to the shelf while another guard lives.
+    The new fit resumes from one of them: it was held only, and deleted at the normal end."""
+    other, old = LastGoodCheckpoints(), LastGoodCheckpoints()
+    other.start([tmp_path])
+    for step in (10, 20):
+        old.saved(_save(tmp_path, step))
+    old.judged(20, 10)
+    del old
+    gc.collect()
+    pin = tmp_path / KEEP_FOLDER / "step_10.pt"
+    new = LastGoodCheckpoints()
+    new.start([tmp_path], resumed_from=pin)
+    new.wait()
+    assert not (tmp_path / KEEP_FOLDER / "step_20.pt").exists()  # after the step resumed from, as a dead run's
+    new.release()
+    other.release()
+    assert pin.exists() and _states(tmp_path) == {"step_10.pt": "kept"}
+    assert pin.stat().st_nlink == 1  # its own copy, like a frozen pin

@@ -95,6 +95,7 @@ from entrotrain.callbacks._publish import expect_key, ledger
 from entrotrain.callbacks._worst_parts import worst_parts
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
+from entrotrain.callbacks.rollback_frozen import frozen_keys
 from entrotrain.callbacks.rollback_history import RollbackHistory, held_module
 from entrotrain.callbacks.rollback_state import check_supported
 from entrotrain.dashboards.run_record import RecordThreshold, record_event, record_thresholds
@@ -375,6 +376,8 @@ class EntropyCollapseGuard(PerFitCallback):
                 )
         held = held_module(model, averaged)
         check_supported(held, optimizers)  # refused at the start, not at the first good observation
+        if self.hold == "trainable":
+            frozen_keys(held, held.state_dict())  # (refuses frozen FSDP2 shards)
         self.untrack()
         self._tracked = (held, list(optimizers))
         self._tracked_model = model

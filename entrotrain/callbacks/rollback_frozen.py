@@ -38,11 +38,21 @@ _RTOL = 1e-6
 def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
     """The keys of ``live`` (``model.state_dict()``) that are parameters with ``requires_grad=False``, but not those
     of an averaged copy (``AveragedModel``: its ``update_parameters`` writes every parameter, whatever its flag; an
-    EMA of a frozen weight moves by rounding), which are held."""
+    EMA of a frozen weight moves by rounding), which are held.
+
+    Raises:
+        EntrotrainError: one is a DTensor (FSDP2): use ``hold="all"``.
+    """
     averaged = {id(p) for module in model.modules() if isinstance(module, AveragedModel) for p in module.parameters()}
     names = {name for name, param in model.named_parameters(remove_duplicate=False)
              if not param.requires_grad and id(param) not in averaged}
-    return [key for key in live if key in names]
+    keys = [key for key in live if key in names]
+    if any(type(live[key]).__name__ == "DTensor" for key in keys):
+        raise EntrotrainError(
+            "EntropyCollapseGuard(hold='trainable') holds a frozen parameter's fingerprint on one device; under "
+            "FSDP2 each rank holds only its shards already: use hold='all'."
+        )
+    return keys
 
 
 def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
@@ -97,11 +107,6 @@ class FrozenParameters:
         """
         last = self if last is None else last
         keys = frozen_keys(model, live)
-        if any(type(live[key]).__name__ == "DTensor" for key in keys):
-            raise EntrotrainError(
-                "EntropyCollapseGuard(hold='trainable') holds a frozen parameter's fingerprint on one device; under "
-                "FSDP2 each rank holds only its shards already: use hold='all'."
-            )
         prints = _fingerprints({key: live[key] for key in keys})
         changed = [key for key in keys if key in last.prints and _moved(last.prints[key], prints[key])]
         if changed:

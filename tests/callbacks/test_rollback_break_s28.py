@@ -268,3 +268,27 @@ def test_a_fall_back_at_once_says_so_in_words() -> None:
     message = _observe(guard, optimizer, 30, good=False)
     assert message is not None and "0 good" not in message
     assert "the fall came back with no good observation after the last rollback (to step 10)" in message
+
+
+def test_hold_trainable_refuses_frozen_fsdp2_shards_when_training_starts() -> None:
+    """It was refused at the first good observation, possibly thousands of steps in."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.helpers.gloo import free_port
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        model[0].requires_grad_(False)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1)
+        guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", hold="trainable")
+        with pytest.raises(EntrotrainError, match="hold='trainable'.*FSDP2.*use hold='all'"):
+            guard.track(model, [optimizer])
+        EntropyCollapseGuard("k", threshold=0.5, action="rollback").track(model, [optimizer])  # hold='all': fine
+    finally:
+        dist.destroy_process_group()

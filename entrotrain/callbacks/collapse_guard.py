@@ -186,9 +186,9 @@ class EntropyCollapseGuard(PerFitCallback):
             one checkpoint's worth once a rotation deleted it (:mod:`~entrotrain.callbacks.checkpoint_keeper`).
         max_rollbacks: with ``action="rollback"``, the firings that roll back (>= 1); the next one stops training.
         rollback_states: with ``action="rollback"``, the good observations whose state is held (>= 1; host memory
-            ``rollback_states`` × one copy of the model and its optimizer state). A fall that comes back within that
-            many good observations of a rollback is the same fall: the next rollback goes one held state further back
-            (:mod:`~entrotrain.callbacks.rollback_history`).
+            ``rollback_states`` × one copy of the model and its optimizer state). A fall that comes back after fewer
+            good observations than that since a rollback is the same fall: the next rollback goes one held state
+            further back, or with none held, to the same one again (:mod:`~entrotrain.callbacks.rollback_history`).
         hold: with ``action="rollback"``, what is held: ``"all"`` (every tensor of ``state_dict()`` and the optimizer
             state) or ``"trainable"`` (not the parameters with ``requires_grad=False``: a LoRA run holds its adapters
             only; a frozen parameter that changes is refused, never silently left out:

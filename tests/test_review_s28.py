@@ -42,3 +42,16 @@ def test_two_copies_of_one_save_with_non_finite_weights_count_once(tmp_path) -> 
     torch.save({"state_dict": {"w": torch.tensor([1.0, 2.0, float("inf")])}}, tmp_path / "epoch=0-step=5-v1.ckpt")
     with pytest.raises(EntrotrainError, match="several runs"):  # a NaN where the other has a number: different
         find_checkpoints([tmp_path])
+
+
+def test_a_key_absent_from_one_publication_is_no_typo_of_a_longer_sibling() -> None:
+    # PolicyEntropyMonitor's first batch with no valid token publishes no 'mean' but 'reward_mean': the guard's key
+    # was called a typo and the warning told the user to guard the reward. A typo is close in its last part.
+    from entrotrain.callbacks._guard_keys import misspelt_key
+
+    first = {"entropy/policy/nonfinite", "entropy/policy/tokens", "entropy/policy/reward_mean"}
+    assert misspelt_key("entropy/policy/mean", first) is None
+    assert misspelt_key("entropy/attn_norm/p05", {"entropy/attn_norm/max", "entropy/attn_norm/min"}) is None
+    assert misspelt_key("entropy/attn_norm/mean", {"entropy/attn_norm/min"}) is None
+    assert misspelt_key("entropy/policy/mena", first | {"entropy/policy/mean"}) == "entropy/policy/mean"
+    assert misspelt_key("entropy/attn_norm/mni", {"entropy/attn_norm/min"}) == "entropy/attn_norm/min"

@@ -20,13 +20,14 @@ __all__ = ["misspelt_key", "warn_misspelt_keys"]
 
 def misspelt_key(key: str, published: Collection[str]) -> str | None:
     """The published key ``key`` was probably meant to be, or ``None``: ``key`` is not in ``published``, a key of its
-    folder (the part before its last ``/``) is, and one of those is close to it."""
+    folder (the part before its last ``/``) is, and the last part of one of those is close to ``key``'s (``min`` for
+    ``mni``; not ``reward_mean`` or ``tokens`` for ``mean``: compared whole, any two keys of one folder look alike)."""
     if key in published or "/" not in key:
         return None
-    folder = key.rpartition("/")[0] + "/"
-    siblings = [k for k in published if k.startswith(folder) and "/" not in k[len(folder):]]
-    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.75)
-    return close[0] if close else None
+    folder, _, name = key.rpartition("/")
+    siblings = {k[len(folder) + 1:]: k for k in published if k.startswith(folder + "/")}
+    close = difflib.get_close_matches(name, [leaf for leaf in siblings if "/" not in leaf], n=1, cutoff=0.6)
+    return siblings[close[0]] if close else None
 
 
 def warn_misspelt_keys(guards: Iterable[Any], published: Collection[str], step: int, warned: set[str]) -> None:

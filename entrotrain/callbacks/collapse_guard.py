@@ -732,13 +732,14 @@ class EntropyCollapseGuard(PerFitCallback):
         """The other rollback guards on the model hold the state just restored and drop the states they held after its
         step (:meth:`RollbackHistory.rehold`): those are of the trajectory left (taken while this guard's bad streak
         ran), which their next firing, or one going further back, must not bring back. Their ``max_drop`` history
-        goes back with them (the values after it were measured on the trajectory left)."""
+        goes back with them and their bad streak ends (the values after it were measured on the trajectory left)."""
         model = self._tracked_model
         for other in list(_TRACKING.get(model, ())) if model is not None else ():
             if other is not self and other._tracked is not None and other._tracked_model is model:
                 held = other.held_states.rehold(*other._tracked, step=step)
                 other.history = deque(held.extra or [] if held else [], maxlen=other.drop_window + 1)
                 other._not_held_step = None  # what it holds is older for another reason
+                other.bad_streak = 0  # its bad observations were of the weights gone
 
     def rollback_hint(
         self, checkpoints: Iterable[str | Path], since: float | None = None, kept: Path | None = None

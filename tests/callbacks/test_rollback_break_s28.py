@@ -292,3 +292,21 @@ def test_hold_trainable_refuses_frozen_fsdp2_shards_when_training_starts() -> No
         EntropyCollapseGuard("k", threshold=0.5, action="rollback").track(model, [optimizer])  # hold='all': fine
     finally:
         dist.destroy_process_group()
+
+
+def test_another_guards_rollback_ends_a_bad_streak_measured_on_the_weights_it_undid() -> None:
+    """Guard b (patience 2) saw one bad value; guard a rolled the model back. b's first bad value after it completed
+    the streak with one measured on the weights gone, and rolled back (and cut the rate) a second time."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    a = _guard(model, optimizer, 1, "a")
+    b = EntropyCollapseGuard("b", threshold=0.5, action="rollback", keep_last_good=False, patience=2, lr_factor=0.5)
+    b.track(model, [optimizer])
+    _at(model, 0)
+    _observe(a, optimizer, 0, good=True)
+    _observe(b, optimizer, 0, good=True)
+    _at(model, 10)
+    _observe(b, optimizer, 10, good=False)  # one bad value: no firing yet
+    _observe(a, optimizer, 10, good=False)  # a rolls back to step 0
+    assert _observe(b, optimizer, 20, good=False) is None and b.rollbacks == 0
+    assert optimizer.param_groups[0]["lr"] == 0.5  # a's cut only

@@ -151,6 +151,18 @@ def _being_written(path: Path, owner: _Owner) -> Path:
     return path.with_name(f"{path.name}.{owner.tag}{_COPY_SUFFIX}")
 
 
+def _link_files(source: Path, target: Path) -> None:
+    """Hard-link the files of checkpoint folder ``source`` into a new folder ``target``. Raises FileNotFoundError
+    when ``source`` or one of its files is gone meanwhile (a rotation: not kept), another OSError when a link is
+    refused (``shutil.copytree`` folds both into one ``shutil.Error``)."""
+    files = _files(source)
+    if not files:
+        raise FileNotFoundError(2, "no checkpoint files", str(source))
+    for name, file in files:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        os.link(file, target / name)
+
+
 def _rmdir_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
@@ -719,7 +731,7 @@ class LastGoodCheckpoints:
                 if source.is_dir():  # linked aside, then renamed: a crash leaves no partial pin
                     building = _being_written(target, self._folders[folder].owner)
                     try:
-                        shutil.copytree(source, building, copy_function=os.link)
+                        _link_files(source, building)
                         if target.exists() or target.is_symlink():
                             raise FileExistsError(target)
                         os.rename(building, target)

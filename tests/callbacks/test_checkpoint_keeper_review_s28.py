@@ -4,6 +4,9 @@ resumes from is kept for good whoever held it."""
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
@@ -50,3 +53,27 @@ def test_the_pin_a_run_resumes_from_is_kept_for_good_when_a_keeper_of_this_proce
     other.release()
     assert pin.exists() and _states(tmp_path) == {"step_10.pt": "kept"}
     assert pin.stat().st_nlink == 1  # its own copy, like a frozen pin
+
+
+def test_a_folder_checkpoint_deleted_while_it_is_linked_does_not_turn_keeping_off(tmp_path: Path, monkeypatch) -> None:
+    """A rotation deletes a checkpoint folder while its files are linked (a file checkpoint gone is passed over):
+    ``shutil.copytree`` folded the FileNotFoundError into ``shutil.Error``, so the keeper warned that the file system
+    refuses hard links and kept nothing more in the run."""
+    real_link = os.link
+
+    def rotated(src, dst, **kwargs):
+        shutil.rmtree(tmp_path / "checkpoint-1", ignore_errors=True)  # the rotation, right then
+        return real_link(src, dst, **kwargs)
+
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in ("model.bin", "optimizer.pt"):
+            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"weights")
+    keeper = LastGoodCheckpoints()
+    monkeypatch.setattr(os, "link", rotated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot hard-link" warning: the file system is fine
+        assert keeper.saved(tmp_path / "checkpoint-1") is None
+    monkeypatch.setattr(os, "link", real_link)
+    assert keeper.saved(tmp_path / "checkpoint-2") == tmp_path / KEEP_FOLDER / "checkpoint-2"
+    assert [p.name for p in (tmp_path / KEEP_FOLDER).iterdir() if p.name[0] != "."] == ["checkpoint-2"]  # no half

@@ -55,3 +55,33 @@ def test_a_key_absent_from_one_publication_is_no_typo_of_a_longer_sibling() -> N
     assert misspelt_key("entropy/attn_norm/mean", {"entropy/attn_norm/min"}) is None
     assert misspelt_key("entropy/policy/mena", first | {"entropy/policy/mean"}) == "entropy/policy/mean"
     assert misspelt_key("entropy/attn_norm/mni", {"entropy/attn_norm/min"}) == "entropy/attn_norm/min"
+
+
+def _cgroup(folder, limit: str, used: int, inactive: int, names=("memory.max", "memory.current", "inactive_file")):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / names[0]).write_text(limit + "\n")
+    (folder / names[1]).write_text(f"{used}\n")
+    (folder / "memory.stat").write_text(f"anon 5\n{names[2]} {inactive}\n")
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_the_memory_available_is_the_least_under_a_container_or_job_limit(tmp_path, monkeypatch, version) -> None:
+    # In a Kubernetes pod or a SLURM job the OOM killer acts at the control group's limit, not when the machine's
+    # MemAvailable runs out: the check compared the held states with the whole machine's free memory.
+    gib = 1 << 30
+    monkeypatch.setattr(rollback_memory, "_machine_available", lambda: 500 * gib, raising=False)
+    monkeypatch.setattr(rollback_memory, "_CGROUP_ROOT", tmp_path, raising=False)
+    proc = tmp_path / "self_cgroup"
+    monkeypatch.setattr(rollback_memory, "_PROC_CGROUP", proc, raising=False)
+    if version == 2:
+        proc.write_text("0::/kubepods/pod1/ctr\n")
+        _cgroup(tmp_path / "kubepods/pod1", str(8 * gib), 5 * gib, 1 * gib)  # 4 GiB left, page cache counted free
+        _cgroup(tmp_path / "kubepods/pod1/ctr", "max", 5 * gib, gib)
+    else:
+        proc.write_text("5:cpu,cpuacct:/job\n4:memory:/slurm/job_7\n")
+        v1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        _cgroup(tmp_path / "memory/slurm/job_7", str(6 * gib), 3 * gib, 0, v1)  # 3 GiB left
+        _cgroup(tmp_path / "memory", str((1 << 63) - 4096), 9 * gib, 0, v1)  # unlimited
+    assert rollback_memory.host_bytes_available() == (4 if version == 2 else 3) * gib
+    proc.write_text("0::/\n")  # no limit anywhere: the machine's
+    assert rollback_memory.host_bytes_available() == 500 * gib

@@ -3,17 +3,19 @@
 ``EntropyCollapseGuard(action="rollback")`` holds ``rollback_states`` copies of the model's and optimizers' state in
 host memory (:mod:`~entrotrain.callbacks.rollback_history`), and every process of the machine holds its own. A ring
 that does not fit is not an error Python sees: the kernel's OOM killer ends the run without a traceback, hours in, or
-the machine swaps. So before the held states grow (the first good observation, and each one while fewer than
-``rollback_states`` are held), the bytes still to allocate, times the processes of the machine (a Lightning
-trainer's devices per machine; else ``LOCAL_WORLD_SIZE``, which ``torchrun`` and accelerate set), are compared with
-the memory available to new allocations (Linux ``MemAvailable``), with a 10 % margin; too much is refused with the
-numbers and the ways out.
+the machine swaps. So before the held states grow (the first good observation, each one while fewer than
+``rollback_states`` are held, and one whose state grew: Adam's moments after the first step, a layer unfrozen), the
+bytes still to allocate, times the processes of the machine (a Lightning trainer's devices per machine; else
+``LOCAL_WORLD_SIZE``, which ``torchrun`` and accelerate set), are compared with the memory available to new
+allocations (Linux ``MemAvailable``, or less under a memory limit: a Kubernetes pod, a SLURM job, ``docker
+--memory``), with a 10 % margin; too much is refused with the numbers and the ways out.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +44,14 @@ def state_bytes(model: nn.Module, optimizers: Sequence[Any], trainable_only: boo
 
 def host_bytes_available() -> int | None:
     """The host memory available to new allocations (Linux ``MemAvailable``; elsewhere the free physical pages), or
-    ``None`` when it cannot be read."""
+    less under a memory limit (:func:`_cgroup_available`: there the OOM killer acts at the limit, whatever the
+    machine has free); ``None`` when it cannot be read."""
+    found = [n for n in (_machine_available(), _cgroup_available()) if n is not None]
+    return min(found) if found else None
+
+
+def _machine_available() -> int | None:
+    """Linux ``MemAvailable``; elsewhere the free physical pages (``None``: unreadable)."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -54,6 +63,50 @@ def host_bytes_available() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_CGROUP = Path("/proc/self/cgroup")
+#: (controller in /proc/self/cgroup, its folder under the root, limit file, usage file, memory.stat key of the
+#: inactive page cache, which the kernel reclaims before it kills) for cgroup v2 and v1.
+_CGROUPS = (("", "", "memory.max", "memory.current", "inactive_file"),
+            ("memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _cgroup_available() -> int | None:
+    """The least memory left under the memory limits of this process's control group and its ancestors (limit less
+    usage, the inactive page cache counted free), cgroup v2 or v1; ``None`` when none is set or readable."""
+    try:
+        lines = _PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    left: list[int] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        for controller, folder, limit, usage, inactive in _CGROUPS:
+            if controller not in (controllers.split(",") if controllers else [""]):
+                continue
+            here = _CGROUP_ROOT / folder / path.strip("/")
+            for level in [here, *here.parents]:
+                if not level.is_relative_to(_CGROUP_ROOT / folder):
+                    break
+                room = _room(level, limit, usage, inactive)
+                if room is not None:
+                    left.append(room)
+    return min(left) if left else None
+
+
+def _room(level: Path, limit: str, usage: str, inactive: str) -> int | None:
+    """Limit less usage plus inactive page cache in the control group folder ``level`` (``None``: no limit there)."""
+    try:
+        bound = (level / limit).read_text().strip()
+        if bound == "max" or int(bound) >= 1 << 60:  # v2 "max", v1's unlimited page-rounded LONG_MAX
+            return None
+        used = int((level / usage).read_text())
+        stat = dict(line.split()[:2] for line in (level / "memory.stat").read_text().splitlines() if " " in line)
+    except (OSError, ValueError):
+        return None
+    return max(int(bound) - used + int(stat.get(inactive, 0)), 0)
 
 
 def _size(n: float) -> str:

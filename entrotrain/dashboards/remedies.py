@@ -96,7 +96,8 @@ def _attention(run: RunData) -> Remedy | None:
     if rollbacks:
         cures.append(f"The guard rolled back {len(rollbacks)} time(s) and the heads fell again: raise its threshold "
                      "so that the state it holds is from before the fall began (the recipe's 0.2), hold more states "
-                     "so that a fall that comes back goes further back (`rollback_states=4`), or lower its lr_factor.")
+                     "so that a fall that comes back goes further back (`rollback_states=4`, recipe "
+                     "attention_rollback_states), or lower its lr_factor.")
     else:
         cures.append("Let the run roll itself back: `EntropyCollapseGuard(threshold=0.2, action=\"rollback\", "
                      "lr_factor=0.1)` holds the last good state in memory and goes back to it at a tenth of the "

@@ -562,6 +562,7 @@ class LastGoodCheckpoints:
 
     def __init__(self, owner: str = "EntropyCollapseGuard", group: Hashable = None) -> None:
         self.owner = owner
+        self._who = f"{owner}(keep_last_good=True)"  # in warnings
         self._group = group
         self._pins: list[_Pin] = []
         self._refused = False  # the file system refused a hard link: keep nothing more
@@ -642,10 +643,10 @@ class LastGoodCheckpoints:
         ``orphans`` (module docstring); delete the copies they left half written. Returns the pins taken."""
         keep = shelf.keep
         claimed, elsewhere = _claim_gone(keep, shelf.owner)
-        _clear_leftovers(keep, shelf.owner, f"{self.owner}(keep_last_good=True)")
+        _clear_leftovers(keep, shelf.owner, self._who)
         if elsewhere:
             warnings.warn(
-                f"{self.owner}(keep_last_good=True): {len(elsewhere)} kept checkpoint(s) in {keep} were pinned by "
+                f"{self._who}: {len(elsewhere)} kept checkpoint(s) in {keep} were pinned by "
                 f"runs on another machine or in another container ({', '.join(p.name for p in elsewhere[:4])}"
                 f"{', ...' if len(elsewhere) > 4 else ''}); whether those runs still run cannot be told from here, "
                 "so they are left. If none does (a job preempted and restarted elsewhere), free them with "
@@ -712,12 +713,8 @@ class LastGoodCheckpoints:
         except OSError:
             return None
         for pin in [*self._pins, *self._folders[source.parent / KEEP_FOLDER].pins(but=self)]:
-            if not pin.frozen and pin.inodes == inodes and pin.path.exists():
-                try:
-                    if _inodes(pin.path) == inodes:
-                        return pin
-                except OSError:
-                    continue
+            if not pin.frozen and pin.inodes == inodes and _is_ours(pin.path, inodes):
+                return pin
         return None
 
     def _link(self, source: Path) -> Path | None:
@@ -751,7 +748,7 @@ class LastGoodCheckpoints:
                     return None
                 self._refused = True
                 warnings.warn(
-                    f"{self.owner}(keep_last_good=True): cannot hard-link {source} into {folder} "
+                    f"{self._who}: cannot hard-link {source} into {folder} "
                     f"({type(err).__name__}: {err}); the checkpoint to roll back to is not protected from checkpoint "
                     "rotation in this run. Keep more checkpoints (ModelCheckpoint(save_top_k=-1), "
                     "TrainingArguments(save_total_limit=None)) or pass keep_last_good=False to silence this.",
@@ -844,15 +841,16 @@ class LastGoodCheckpoints:
         if not self._capped_warned:
             self._capped_warned = True
             warnings.warn(
-                f"{self.owner}(keep_last_good=True): more than {MAX_FROZEN} firings in this fit; only the first "
+                f"{self._who}: more than {MAX_FROZEN} firings in this fit; only the first "
                 f"firing's checkpoint and the {MAX_FROZEN - 1} newest are kept. A guard that fires again and again "
                 "watches a key hovering at its threshold: raise patience, or lower the threshold.",
                 stacklevel=4,
             )
 
     def _unshare(self, pin: _Pin) -> None:
-        """:func:`_own_copies` for a frozen pin, in a background thread; a failure is warned about."""
-        _own_copies(pin.path, pin.stamp, self._folders[pin.path.parent].owner, f"{self.owner}(keep_last_good=True)")
+        """:func:`_own_copies` for a frozen pin, in a background thread; a failure is warned about. (The thread holds
+        this keeper, hence its shelf: the copy aside is of a running owner until it is done.)"""
+        _own_copies(pin.path, pin.stamp, self._folders[pin.path.parent].owner, self._who)
 
     def wait(self) -> None:
         """Wait for the frozen pins' copies under way."""
@@ -867,7 +865,7 @@ class LastGoodCheckpoints:
         except OSError:
             pass
         warnings.warn(
-            f"{self.owner}(keep_last_good=True): the kept checkpoint {pin.path} changed or vanished since it was "
+            f"{self._who}: the kept checkpoint {pin.path} changed or vanished since it was "
             f"pinned (its original {pin.source} was rewritten in place under the same name?); it is not named as the "
             "checkpoint to roll back to.",
             stacklevel=3,
@@ -935,7 +933,7 @@ class LastGoodCheckpoints:
                 if not self._manifest_warned:
                     self._manifest_warned = True
                     warnings.warn(
-                        f"{self.owner}(keep_last_good=True): cannot write {shelf.manifest} ({type(err).__name__}: "
+                        f"{self._who}: cannot write {shelf.manifest} ({type(err).__name__}: "
                         f"{err}); if this run crashes, the next one will not release its pins in {keep}: delete the "
                         "ones you do not need (entrotrain.callbacks.checkpoint_keeper.list_pins shows them).",
                         stacklevel=3,

@@ -689,11 +689,12 @@ class LastGoodCheckpoints:
             self._sync()
             return None  # already kept, unchanged
         same = self._pinned_already(source)
-        if same is not None and not any(pin is same for pin in self._pins):  # another guard's: one link for both
-            same = _Pin(step, same.path, source, _stamp(same.path), same.inodes)
-            self._pins.append(same)
         if same is not None:  # an earlier run's pin of these very files (taken over): this save's pin, not a second
+            if not any(pin is same for pin in self._pins):  # another guard's: one link for both
+                same = replace(same)
+                self._pins.append(same)
             same.step, same.source, same.held = step, source, False
+            same.stamp = _stamp(same.path)  # as saved now (in place: an earlier run's stamp is not this save's)
             self._drop_unjudged_but_two()
             self._sync()
             return same.path

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
-from tests.callbacks.test_checkpoint_keeper_crashes import _save, _states
+from tests.callbacks.test_checkpoint_keeper_crashes import _die, _save, _states
 
 
 def test_a_frozen_pin_stays_when_the_keeper_that_froze_it_is_gone(tmp_path: Path) -> None:
@@ -77,3 +77,23 @@ def test_a_folder_checkpoint_deleted_while_it_is_linked_does_not_turn_keeping_of
     monkeypatch.setattr(os, "link", real_link)
     assert keeper.saved(tmp_path / "checkpoint-2") == tmp_path / KEEP_FOLDER / "checkpoint-2"
     assert [p.name for p in (tmp_path / KEEP_FOLDER).iterdir() if p.name[0] != "."] == ["checkpoint-2"]  # no half
+
+
+def test_a_killed_runs_pin_rewritten_in_place_by_the_next_runs_save_is_named(tmp_path: Path) -> None:
+    """A run rerun in the same folder saves ``step_10.pt`` again, in place (the killed run's pin shares its inode:
+    HF ``Trainer`` and ``torch.save`` truncate the same file). The keeper took the held pin as this save's but kept
+    the stamp of the killed run's save, so the firing found it "changed since it was pinned" and named nothing."""
+    dead = LastGoodCheckpoints()
+    path = _save(tmp_path, 10)
+    dead.saved(path)
+    _die(dead)
+    rerun = LastGoodCheckpoints()
+    rerun.start([tmp_path])
+    with open(path, "r+b") as file:  # the rerun's save, in place
+        file.write(b"the rerun's weights at 10")
+    assert rerun.saved(path) == tmp_path / KEEP_FOLDER / "step_10.pt"
+    rerun.judged(10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "changed or vanished since it was pinned"
+        assert rerun.freeze(10) == tmp_path / KEEP_FOLDER / "step_10.pt"
+    rerun.release()

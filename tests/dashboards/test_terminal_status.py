@@ -9,13 +9,16 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.cli import main
 from entrotrain.dashboards.run_reader import load_run
 from entrotrain.dashboards.run_record import RunRecordLogger
@@ -283,3 +286,23 @@ def test_piping_into_head_ends_quietly(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "first line\n" and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_run_that_rolled_back_says_where_each_rollback_went(tmp_path: Path) -> None:
+    """The messages are a real rollback guard's, so the line follows what the guard says."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=0.5, action="rollback", keep_last_good=False,
+                                 rollback_states=3)
+    guard.track(model, [optimizer])
+    logger = RunRecordLogger(tmp_path, name="records", version="rolled", run_name="rolled")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step, value in ((0, 0.9), (10, 0.9), (20, 0.1), (30, 0.1)):
+            logger.log_metrics({"entropy/attn_norm/min": value}, step=step)
+            reason = guard.observe(value, step)
+            if reason is not None:
+                logger.log_event(guard.monitor, guard.fire(reason, step, [optimizer]), step, guard.last_level)
+    logger.finalize("success")
+    lines = run_lines(load_run(logger.run_dir))
+    assert "  Rolled back: at step 20 to step 10, at step 30 to step 0" in lines

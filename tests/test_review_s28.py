@@ -85,3 +85,33 @@ def test_the_memory_available_is_the_least_under_a_container_or_job_limit(tmp_pa
     assert rollback_memory.host_bytes_available() == (4 if version == 2 else 3) * gib
     proc.write_text("0::/\n")  # no limit anywhere: the machine's
     assert rollback_memory.host_bytes_available() == 500 * gib
+
+
+def test_hold_trainable_holds_an_averaged_copy_whose_parameters_are_frozen() -> None:
+    # The usual hand-written EMA is `copy.deepcopy(model).requires_grad_(False)` updated under no_grad; passed as
+    # averaged=, hold='trainable' fingerprinted it as a frozen base and refused the next observation ('changed').
+    import copy
+
+    model = nn.Linear(4, 4)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable",
+                                 patience=1)
+    guard.track(model, [optimizer], averaged=[ema])
+
+    def step() -> None:
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 0.5)
+
+    guard.observe(0.9, 0)
+    step()
+    guard.observe(0.9, 1)  # the EMA moved: held, not refused
+    held = [t.clone() for t in (*model.parameters(), *ema.parameters())]
+    step()
+    assert guard.observe(0.1, 2) is not None
+    assert "to step 1" in guard._roll_back([optimizer], [])
+    assert all(torch.equal(a, b) for a, b in zip(held, (*model.parameters(), *ema.parameters())))

@@ -38,12 +38,14 @@ _RTOL = 1e-6
 def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
     """The keys of ``live`` (``model.state_dict()``) that are parameters with ``requires_grad=False``, but not those
     of an averaged copy (``AveragedModel``: its ``update_parameters`` writes every parameter, whatever its flag; an
-    EMA of a frozen weight moves by rounding), which are held.
+    EMA of a frozen weight moves by rounding; or a module ``model`` lists in ``held_whole``: the averages passed to
+    the guard, e.g. ``copy.deepcopy(model).requires_grad_(False)`` updated under ``no_grad``), which are held.
 
     Raises:
         EntrotrainError: one is a DTensor (FSDP2): use ``hold="all"``.
     """
-    averaged = {id(p) for module in model.modules() if isinstance(module, AveragedModel) for p in module.parameters()}
+    whole = [*(m for m in model.modules() if isinstance(m, AveragedModel)), *getattr(model, "held_whole", ())]
+    averaged = {id(p) for module in whole for p in module.parameters()}
     names = {name for name, param in model.named_parameters(remove_duplicate=False)
              if not param.requires_grad and id(param) not in averaged}
     keys = [key for key in live if key in names]

@@ -169,6 +169,12 @@ class HeldTogether(nn.Module):
         self.model = model
         self.averaged = nn.ModuleList(averaged)
 
+    @property
+    def held_whole(self) -> nn.ModuleList:
+        """The averages: held whole with ``hold="trainable"`` too (their parameters are updated, never trained, so
+        often ``requires_grad=False``: :func:`~entrotrain.callbacks.rollback_frozen.frozen_keys`)."""
+        return self.averaged
+
 
 def held_module(model: nn.Module, averaged: Sequence[nn.Module]) -> nn.Module:
     """What a rollback holds: ``model`` alone, or :class:`HeldTogether` with the ``averaged`` modules that are not part

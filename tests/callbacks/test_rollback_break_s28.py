@@ -199,6 +199,7 @@ def test_two_guards_on_one_model_only_ever_go_back_along_the_trajectory_kept(
         guard.track(model, [optimizer])
     parent: dict[int, int | None] = {}
     current: int | None = None
+    warnings.simplefilter("ignore")  # (a value bad from the start warns: the threshold is not armed yet)
     for step, judged in enumerate(good, start=1):
         parent[step], current = current, step
         _at(model, step)

@@ -115,3 +115,15 @@ def test_hold_trainable_holds_an_averaged_copy_whose_parameters_are_frozen() -> 
     assert guard.observe(0.1, 2) is not None
     assert "to step 1" in guard._roll_back([optimizer], [])
     assert all(torch.equal(a, b) for a, b in zip(held, (*model.parameters(), *ema.parameters())))
+
+
+def test_a_float8_tensor_with_a_nan_is_not_held_and_raises_nothing() -> None:
+    # A float8 buffer (a quantized layer's scale or weight) with a NaN: the sum sees it, then the element-wise look
+    # raised torch's raw NotImplementedError ('"isfinite" not implemented for Float8_e4m3fn').
+    from entrotrain.callbacks.rollback_state import RollbackState
+
+    model = nn.Linear(2, 2)
+    model.register_buffer("q", torch.tensor([1.0, 2.0]).to(torch.float8_e4m3fn))
+    assert RollbackState().take(model, [], step=0)
+    model.q[1] = float("nan")
+    assert not RollbackState().take(model, [], step=1)

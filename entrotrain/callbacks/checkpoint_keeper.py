@@ -307,20 +307,19 @@ class _Owner:
 
 
 # ---------------------------------------------------------------- manifests
-def _manifests(keep: Path) -> list[tuple[Path, _Owner]]:
+def _entries(keep: Path) -> list[Path]:
+    """What ``keep`` holds, by name; ``[]`` when it cannot be read (none)."""
     try:
-        entries = sorted(keep.iterdir())
+        return sorted(keep.iterdir())
     except OSError:
         return []
-    found = []
-    for path in entries:
-        parsed = _Owner.parse(path.name)
-        if parsed is not None:
-            found.append((path, parsed[0]))
-    return found
 
 
-def _records(manifest: Path) -> list[dict]:
+def _manifests(keep: Path) -> list[tuple[Path, _Owner]]:
+    return [(path, parsed[0]) for path in _entries(keep) if (parsed := _Owner.parse(path.name)) is not None]
+
+
+def _records(manifest: Path) -> list[_Pin]:
     """The pins a manifest lists (those well formed: a plain name in its folder, a step, a source, stamps);
     ``[]`` for a manifest that cannot be read."""
     try:
@@ -338,8 +337,8 @@ def _records(manifest: Path) -> list[dict]:
             continue
         if (isinstance(name, str) and isinstance(step, int) and isinstance(source, str) and name
                 and Path(name).name == name and not name.startswith(".") and name not in (".", "..")):
-            good.append({"name": name, "step": step, "source": source, "stamp": stamp, "inodes": inodes,
-                         "held": record.get("held") is True})
+            held = record.get("held") is True
+            good.append(_Pin(step, manifest.parent / name, Path(source), stamp, inodes, held=held))
     return good
 
 
@@ -350,11 +349,6 @@ def _is_ours(path: Path, inodes: _Inodes) -> bool:
         return _inodes(path) == inodes and not path.is_symlink()
     except OSError:
         return False
-
-
-def _pin_of(keep: Path, record: dict) -> _Pin:
-    return _Pin(record["step"], keep / record["name"], Path(record["source"]), record["stamp"], record["inodes"],
-                held=record["held"])
 
 
 def _own_copies(pin: Path, stamp: _Stamp | None, owner: _Owner, who: str) -> None:
@@ -414,7 +408,7 @@ def _claim_gone(keep: Path, me: _Owner, elsewhere: bool = False) -> tuple[list[P
     for manifest, owner in _manifests(keep):
         running = owner.running()
         if running is None and not elsewhere:
-            left += [keep / record["name"] for record in _records(manifest)]
+            left += [pin.path for pin in _records(manifest)]
         elif not running and (path := _claim(manifest, owner, me.prefix)) is not None:
             claimed.append(path)
     return claimed, left
@@ -473,13 +467,9 @@ def list_pins(folder: str | os.PathLike[str]) -> list[KeptPin]:
     for manifest, owner in _manifests(keep):
         running = owner.running()
         state = "elsewhere" if running is None else "running" if running else "abandoned"
-        for record in _records(manifest):
-            listed.setdefault(record["name"], KeptPin(keep / record["name"], record["step"], state, manifest))
-    try:
-        entries = sorted(keep.iterdir())
-    except OSError:
-        return []
-    return [listed.get(path.name) or KeptPin(path, saved_at(path), "kept") for path in entries
+        for pin in _records(manifest):
+            listed.setdefault(pin.path.name, KeptPin(pin.path, pin.step, state, manifest))
+    return [listed.get(path.name) or KeptPin(path, saved_at(path), "kept") for path in _entries(keep)
             if not path.name.startswith(".") and not path.name.endswith(_COPY_SUFFIX)]
 
 
@@ -493,11 +483,10 @@ def release_abandoned(folder: str | os.PathLike[str], *, elsewhere: bool = False
     me = _Owner.me()
     deleted = []
     for claimed in _claim_gone(keep, me, elsewhere)[0]:
-        for record in _records(claimed):
-            path = keep / record["name"]
-            if _is_ours(path, record["inodes"]):
-                _remove(path)
-                deleted.append(path)
+        for pin in _records(claimed):
+            if _is_ours(pin.path, pin.inodes):
+                _remove(pin.path)
+                deleted.append(pin.path)
         _remove(claimed)
     _clear_leftovers(keep, me, "release_abandoned", elsewhere)
     _rmdir_if_empty(keep)
@@ -654,7 +643,7 @@ class LastGoodCheckpoints:
                 stacklevel=5,
             )
         taken, seen = [], {pin.path for pin in shelf.pins()}
-        for pin in orphans + [_pin_of(keep, record) for path in claimed for record in _records(path)]:
+        for pin in orphans + [pin for path in claimed for pin in _records(path)]:
             if pin.path in seen or not _is_ours(pin.path, pin.inodes):
                 continue  # listed twice (a claim of a run that died while claiming), or not our file any more
             seen.add(pin.path)

@@ -127,3 +127,15 @@ def test_a_float8_tensor_with_a_nan_is_not_held_and_raises_nothing() -> None:
     assert RollbackState().take(model, [], step=0)
     model.q[1] = float("nan")
     assert not RollbackState().take(model, [], step=1)
+
+
+def test_hold_trainable_fingerprints_a_frozen_float8_parameter() -> None:
+    # An FP8 base under LoRA: 3b0db08 fingerprints frozen parameters of any dtype, but float8's norm raised torch's
+    # raw 'Promotion for Float8 Types is not supported'.
+    model = nn.Linear(2, 2)
+    model.weight = nn.Parameter(model.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable")
+    guard.track(model, [torch.optim.SGD([model.bias], lr=0.1)])
+    guard.observe(0.9, 0)
+    guard.observe(0.9, 1)
+    assert guard.held_states.steps == [1]

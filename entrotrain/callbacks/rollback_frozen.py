@@ -59,15 +59,16 @@ def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
 
 def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
     """Each tensor's (sum, 2-norm) in float64: reduced on its device (float32 accumulation; float64 for float64), one
-    sync per device. Any dtype: a complex tensor as its real and imaginary parts, an integer or bool one (packed
-    quantized weights) as float32."""
+    sync per device. Any dtype: a complex tensor as its real and imaginary parts, an integer, bool or float8 one (packed
+    quantized weights, an FP8 base) as float32."""
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         with torch.no_grad():
             value = value.detach()
             if value.is_complex():
                 value = torch.view_as_real(value)
-            if not value.is_floating_point():  # integer / bool: a quantized base's packed weights (QLoRA)
+            # integer / bool: a quantized base's packed weights (QLoRA); float8 (an FP8 base): no norm of its own
+            if not value.is_floating_point() or value.element_size() == 1:
                 value = value.to(torch.float32)
             wide = torch.float64 if value.dtype == torch.float64 else torch.float32
             pair = torch.stack([value.sum(dtype=wide), torch.linalg.vector_norm(value, dtype=wide)]).double()

@@ -87,6 +87,7 @@ distributed checkpoint) is linked as it is when :meth:`LastGoodCheckpoints.saved
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -611,6 +612,8 @@ class LastGoodCheckpoints:
         what another keeper of this process (another guard) took over there too."""
         if keep in self._folders:
             return
+        if adopt and (keep, self._group) in _SHELVES:  # the keeper of a crashed fit may be garbage in a cycle (an
+            gc.collect()  # old Trainer): its pins are taken over as a dead run's, not left to it as running
         shelf = self._folders[keep] = _Shelf.of(keep, self._group)
         shelf.join(self)
         shared = [replace(pin) for pin in shelf.taken if shelf.needed(pin.path)]

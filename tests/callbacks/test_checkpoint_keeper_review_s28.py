@@ -97,3 +97,27 @@ def test_a_killed_runs_pin_rewritten_in_place_by_the_next_runs_save_is_named(tmp
         warnings.simplefilter("error")  # not "changed or vanished since it was pinned"
         assert rerun.freeze(10) == tmp_path / KEEP_FOLDER / "step_10.pt"
     rerun.release()
+
+
+def test_a_run_resumed_while_the_crashed_fits_keeper_is_garbage_in_a_cycle_keeps_its_pin(tmp_path: Path) -> None:
+    """A notebook: a fit crashes, the cell runs again with new guards and resumes from the kept pin. The old keeper
+    is garbage in a reference cycle (an old Trainer) until a collection: its manifest looked running, so the resumed
+    run took nothing over, and the pin it resumed from stayed provisional (deleted by a later run's normal end)."""
+    old = LastGoodCheckpoints()
+    for step in (10, 20):
+        old.saved(_save(tmp_path, step))
+    old.judged(20, 10)
+    pin = tmp_path / KEEP_FOLDER / "step_10.pt"
+    gc.disable()  # no automatic collection meanwhile: the cycle stays
+    try:
+        cycle: list = [old]
+        cycle.append(cycle)  # the old Trainer and its callbacks
+        del old, cycle
+        resumed = LastGoodCheckpoints()
+        resumed.start([tmp_path], resumed_from=pin)
+    finally:
+        gc.enable()
+    resumed.wait()
+    assert _states(tmp_path) == {"step_10.pt": "kept"}  # 20: after the step resumed from
+    resumed.release()
+    assert pin.exists()

@@ -715,9 +715,9 @@ class LastGoodCheckpoints:
         once). A name another run takes meanwhile (two runs in one folder) is passed over, never overwritten."""
         folder = source.parent / KEEP_FOLDER
         for _ in range(1000):
-            target = self._free_name(source)
             try:
                 folder.mkdir(exist_ok=True)
+                target = self._free_name(source)  # (a folder another user made may refuse even a look)
                 if source.is_dir():  # linked aside, then renamed: a crash leaves no partial pin
                     building = _being_written(target, self._folders[folder].owner)
                     try:

@@ -121,3 +121,22 @@ def test_a_run_resumed_while_the_crashed_fits_keeper_is_garbage_in_a_cycle_keeps
     assert _states(tmp_path) == {"step_10.pt": "kept"}  # 20: after the step resumed from
     resumed.release()
     assert pin.exists()
+
+
+def test_a_keep_folder_that_cannot_be_searched_never_raises_into_training(tmp_path: Path, monkeypatch) -> None:
+    """``entrotrain-last-good/`` made by another user's run (mode 0700, a shared project folder): looking for a free
+    name in it raised PermissionError out of ``saved`` into training."""
+    exists = Path.exists
+
+    def denied(self: Path) -> bool:
+        if self.parent.name == KEEP_FOLDER:
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self)
+
+    (tmp_path / KEEP_FOLDER).mkdir()
+    monkeypatch.setattr(Path, "exists", denied)
+    keeper = LastGoodCheckpoints()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert keeper.saved(_save(tmp_path, 10)) is None
+    assert any("cannot hard-link" in str(w.message) for w in caught)

@@ -139,3 +139,19 @@ def test_hold_trainable_fingerprints_a_frozen_float8_parameter() -> None:
     guard.observe(0.9, 0)
     guard.observe(0.9, 1)
     assert guard.held_states.steps == [1]
+
+
+def test_the_runs_table_names_a_run_given_as_the_current_folder(tmp_path, monkeypatch) -> None:
+    # `entrotrain status . ../b` from inside a run record folder: the table names each record's folder (0cce865),
+    # and Path('.').name is '': the row had no name.
+    from entrotrain.dashboards.run_reader import load_run
+    from entrotrain.dashboards.run_record import RunRecordLogger
+    from entrotrain.dashboards.terminal_status import runs_table
+
+    for name in ("a", "b"):
+        record = RunRecordLogger(tmp_path, version=name, run_name=name)
+        record.log_metrics({"entropy/attn_norm/min": 0.5}, step=0)
+        record.finalize("success")
+    monkeypatch.chdir(tmp_path / "records/a")
+    rows = runs_table([load_run("."), load_run("../b")])
+    assert [row.split()[0] for row in rows[1:]] == ["a", "b"]

@@ -211,7 +211,8 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
         shown_step = "–" if step is None else str(step)
         fired = len(run.guard_firings)
         found = ", ".join(r.failure.lower() for r in diagnose(run)) or "–"
-        rows.append([run.path.name, status.label, shown_step, _ago(status.last_update, now), *values, str(fired), found])
+        name = run.path.resolve().name  # (a run given as `.` is named too)
+        rows.append([name, status.label, shown_step, _ago(status.last_update, now), *values, str(fired), found])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 

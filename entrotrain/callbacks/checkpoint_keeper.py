@@ -394,7 +394,7 @@ def _clear_leftovers(keep: Path, me: _Owner, who: str, elsewhere: bool = False) 
                 _remove(Path(root, name))
                 if name in folders:
                     folders.remove(name)
-                elif not name.startswith("."):  # a frozen pin's file, or a file in a frozen folder pin
+                elif Path(root) != keep or not name.startswith("."):  # a frozen pin, or a file in one (.metadata)
                     rel = Path(root, name[: -len(_COPY_SUFFIX)].rsplit(".", 4)[0]).relative_to(keep)
                     cut_short.add(keep / rel.parts[0])
     for pin in cut_short:

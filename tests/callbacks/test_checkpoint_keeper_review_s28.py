@@ -9,6 +9,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from entrotrain.callbacks import checkpoint_keeper as ck
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
 from tests.callbacks.test_checkpoint_keeper_crashes import _die, _save, _states
 
@@ -140,3 +141,25 @@ def test_a_keep_folder_that_cannot_be_searched_never_raises_into_training(tmp_pa
         warnings.simplefilter("always")
         assert keeper.saved(_save(tmp_path, 10)) is None
     assert any("cannot hard-link" in str(w.message) for w in caught)
+
+
+def test_a_dot_files_copy_a_crash_cut_short_in_a_frozen_folder_pin_is_made_again(tmp_path: Path) -> None:
+    """torch's distributed checkpoint folder holds ``.metadata``. A crash cut its copy short in a frozen folder pin:
+    the leftover was deleted as if it were a manifest being written, and the pin kept sharing ``.metadata`` with the
+    original (a save in place under that name changed the kept checkpoint)."""
+    original = tmp_path / "checkpoint-10"
+    original.mkdir()
+    for name in (".metadata", "__0_0.distcp"):
+        (original / name).write_bytes(b"saved at 10")
+    keeper = LastGoodCheckpoints()
+    pin = keeper.saved(original)
+    keeper.judged(10, 10)
+    assert keeper.freeze(10) == pin
+    _die(keeper)
+    (pin / ".metadata").unlink()  # the crash: .metadata not copied yet, its copy half written
+    os.link(original / ".metadata", pin / ".metadata")
+    dead = f"{ck._machine()}.{os.getpid()}.1.0123456789ab"  # this pid, another start: a process gone
+    (pin / f".metadata.{dead}.entrotrain-copy").write_bytes(b"sa")
+    LastGoodCheckpoints().start([tmp_path])
+    assert sorted(p.name for p in pin.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert (pin / ".metadata").stat().st_nlink == 1 and (pin / ".metadata").read_bytes() == b"saved at 10"

@@ -516,7 +516,7 @@ class _Shelf:
     @classmethod
     def of(cls, keep: Path, group: Hashable) -> _Shelf:
         shelf = _SHELVES.get((keep, group))
-        if shelf is None or shelf.owner.id not in _LIVE:
+        if shelf is None or shelf.owner.id not in _LIVE or shelf.owner.pid != os.getpid():  # (or a forked parent's)
             shelf = _SHELVES[(keep, group)] = cls(keep)
         return shelf
 

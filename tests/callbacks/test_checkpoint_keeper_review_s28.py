@@ -9,6 +9,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+import pytest
+
 from entrotrain.callbacks import checkpoint_keeper as ck
 from entrotrain.callbacks.checkpoint_keeper import KEEP_FOLDER, LastGoodCheckpoints
 from tests.callbacks.test_checkpoint_keeper_crashes import _die, _save, _states
@@ -163,3 +165,22 @@ def test_a_dot_files_copy_a_crash_cut_short_in_a_frozen_folder_pin_is_made_again
     LastGoodCheckpoints().start([tmp_path])
     assert sorted(p.name for p in pin.iterdir()) == [".metadata", "__0_0.distcp"]
     assert (pin / ".metadata").stat().st_nlink == 1 and (pin / ".metadata").read_bytes() == b"saved at 10"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_process_keeps_its_pins_under_its_own_name(tmp_path: Path) -> None:
+    """``strategy="ddp_notebook"`` forks the ranks from a kernel where an earlier fit's keeper lives: the child's
+    keepers joined the inherited shelf and listed their pins in a manifest named for the parent (alive: never taken
+    over; rewritten by the parent's keepers without them: kept forever)."""
+    parent = LastGoodCheckpoints()
+    parent.saved(_save(tmp_path, 10))
+    pid = os.fork()
+    if pid == 0:  # the child: pin a save, and die without a normal end (never back into pytest)
+        try:
+            LastGoodCheckpoints().saved(_save(tmp_path, 20))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    owners = {p.name.split(".")[3] for p in (tmp_path / KEEP_FOLDER).glob(".entrotrain-pins.*")}
+    assert owners == {str(os.getpid()), str(pid)}
+    parent.release()

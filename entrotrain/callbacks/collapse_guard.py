@@ -705,9 +705,19 @@ class EntropyCollapseGuard(PerFitCallback):
         last_target = self.held_states.restored_step  # (None: no rollback since the states were first held)
         came_back = last_target is not None and good < self.rollback_states
         further = came_back and self.held_states.has_older()
-        held = self.held_states.pick(further_back=came_back)
-        assert held is not None  # something is held (checked above)
-        held_step = self.held_states.restore(model, tracked_optimizers, held)
+        picked = self.held_states.pick(further_back=came_back)
+        assert picked is not None  # something is held (checked above)
+        refused: list[str] = []  # held states a restore refused before copying (hold='trainable': a frozen one moved)
+        for held in self.held_states.from_state(picked):
+            try:
+                held_step = self.held_states.restore(model, tracked_optimizers, held)
+                break
+            except EntrotrainError as error:
+                refused.append(str(error))
+        else:
+            self.stopping = True
+            return f" Could not roll back: {refused[-1]} Stopping training."
+        further = further and held is picked  # (a refused older state: it went to a newer one)
         self.rollbacks += 1
         self.bad_streak, self.fired, self._good_since_rollback = 0, False, 0
         self.history = deque(held.extra or [], maxlen=self.drop_window + 1)
@@ -723,6 +733,8 @@ class EntropyCollapseGuard(PerFitCallback):
                      "replayed")
         if not further and self._not_held_step is not None:
             sentence += f"; the state after step {self._not_held_step} was not finite, so it was not held"
+        if refused:
+            sentence += f"; {len(refused)} older held state(s) could not be restored: {refused[0]}"
         sentence += ")"
         if self.reduce_lr(optimizers, schedulers):
             return sentence + f"; learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)}."

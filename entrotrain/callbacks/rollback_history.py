@@ -125,6 +125,10 @@ class RollbackHistory:
         back = (self._older() or again) if further_back else []
         return back[-1] if back else self._held[-1] if self._held else None
 
+    def from_state(self, held: HeldState) -> list[HeldState]:
+        """``held`` and the states held after it, oldest first: where a rollback that ``held`` refuses goes instead."""
+        return self._held[self._held.index(held):]
+
     def has_older(self) -> bool:
         """Whether a state older than the last rollback's is held."""
         return bool(self._older())

@@ -120,3 +120,44 @@ def test_frozen_parameters_of_any_dtype_are_fingerprinted() -> None:
     model.packed.data[3] = 200  # a packed byte rewritten
     with pytest.raises(EntrotrainError, match=r"\['packed'\] have requires_grad=False but changed"):
         state.take(model, [], step=1)
+
+
+def test_a_state_that_cannot_be_restored_is_passed_over_for_a_newer_one_or_stops() -> None:
+    """A layer unfrozen and trained after step 10's state was taken: going further back to it is refused before any
+    copy, and the rollback goes to the newest state that holds the layer (step 20); none: it stops, never raises."""
+    model = _Lora()
+    optimizer = torch.optim.SGD([model.lora_a, model.lora_b], lr=0.1)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable",
+                                 rollback_states=3)
+    guard.track(model, [optimizer])
+
+    def observe(step: int, value: float) -> str | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reason = guard.observe(value, step)
+            return None if reason is None else guard.fire(reason, step, [optimizer])
+
+    observe(0, 0.9)
+    observe(10, 0.9)
+    model.base.requires_grad_(True)  # unfrozen and trained from here on
+    with torch.no_grad():
+        model.base.weight.add_(0.5)
+    observe(20, 0.9)
+    at_20 = model_state(model)
+    with torch.no_grad():
+        model.base.weight.add_(0.5)
+    assert "to step 20 (" in observe(30, 0.1)
+    message = observe(40, 0.1)  # the fall came back: further back is step 10, which did not hold base.weight
+    assert "to step 20;" in message and "1 older held state(s) could not be restored" in message
+    assert "further back" not in message and same(model_state(model), at_20) and not guard.stopping
+    fresh = _Lora()
+    fresh_optimizer = torch.optim.SGD([fresh.lora_a, fresh.lora_b], lr=0.1)
+    guard2 = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False, hold="trainable")
+    guard2.track(fresh, [fresh_optimizer])
+    guard2.observe(0.9, 0)
+    with torch.no_grad():
+        fresh.base.weight.add_(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        message = guard2.fire(guard2.observe(0.1, 10), 10, [fresh_optimizer])
+    assert "Could not roll back: " in message and "Stopping training." in message and guard2.stopping

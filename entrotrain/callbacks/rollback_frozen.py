@@ -12,7 +12,8 @@ computed on its device, one sync per device):
   do) is refused early, naming it and the fix (``hold="all"``);
 - at a rollback, before anything is copied, against the fingerprint taken with the held state: a changed one refuses
   the rollback (the model is left as it was). A layer unfrozen later is held from the next observation on; a
-  rollback to a state from before, which did not hold it, is refused once it trained.
+  rollback to a state from before, which did not hold it, is refused once it trained: the guard then goes to the
+  next newer held state (from the unfreezing on, they hold it), and stops training with the reason when none is.
 
 "Changed" means a sum or norm that moved by more than 1e-6 relative (a re-computed sum of the same values is equal
 on the same device; an update that moves neither is below what a rollback could be wrong by). Buffers and trainable

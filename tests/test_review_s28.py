@@ -176,3 +176,16 @@ def test_under_ddp_a_step_one_rank_cannot_hold_is_held_by_none(monkeypatch) -> N
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     assert not RollbackState().take(nn.BatchNorm1d(3), [], step=0)
     assert reduced == [None]  # the default group
+
+
+def test_two_copies_of_one_save_with_a_non_tensor_entry_count_once(tmp_path) -> None:
+    # A module's extra state (get_extra_state: e.g. a quantizer's config) is a non-tensor state_dict entry: equal
+    # copies were 'checkpoints of several runs' (only tensors could compare equal).
+    from entrotrain.integrations.checkpoint_sources import find_checkpoints
+
+    for name in ("epoch=0-step=5.ckpt", "epoch=0-step=5-v1.ckpt"):
+        torch.save({"state_dict": {"w": torch.ones(2), "q._extra_state": {"bits": 4}}}, tmp_path / name)
+    assert [c.path.name for c in find_checkpoints([tmp_path])] == ["epoch=0-step=5.ckpt"]
+    torch.save({"state_dict": {"w": torch.ones(2), "q._extra_state": {"bits": 8}}}, tmp_path / "epoch=0-step=5-v1.ckpt")
+    with pytest.raises(EntrotrainError, match="several runs"):
+        find_checkpoints([tmp_path])

@@ -203,15 +203,20 @@ def _same_weights(a: Path, b: Path) -> bool | None:
         return None
     if left.keys() != right.keys():
         return False
-    return all(
-        isinstance(left[k], torch.Tensor) and isinstance(right[k], torch.Tensor) and left[k].shape == right[k].shape
-        and left[k].dtype == right[k].dtype and _equal(left[k], right[k]) for k in left
-    )
+    return all(_equal(left[k], right[k]) for k in left)
 
 
-def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one shape and dtype hold the same values, a NaN where the other has a NaN included (a
-    collapse's checkpoint can hold one)."""
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two ``state_dict`` entries are the same: tensors of one shape and dtype with the same values, a NaN
+    where the other has a NaN included (a collapse's checkpoint can hold one); anything else (a module's
+    ``_extra_state``) equal by ``==``."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        try:
+            return type(a) is type(b) and bool(a == b)
+        except Exception:  # noqa: BLE001 - no comparable value (e.g. a dict of tensors): not known to be the same
+            return False
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
     if torch.equal(a, b):
         return True
     return (a.is_floating_point() or a.is_complex()) and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)

@@ -189,3 +189,12 @@ def test_two_copies_of_one_save_with_a_non_tensor_entry_count_once(tmp_path) -> 
     torch.save({"state_dict": {"w": torch.ones(2), "q._extra_state": {"bits": 8}}}, tmp_path / "epoch=0-step=5-v1.ckpt")
     with pytest.raises(EntrotrainError, match="several runs"):
         find_checkpoints([tmp_path])
+
+
+def test_one_held_state_counts_the_parameters_stepped_outside_the_model() -> None:
+    # 6f85a40 holds a parameter an optimizer steps outside the model (a discriminator when the generator is watched),
+    # but the memory check left it out of a held state's bytes: a discriminator as large as the model, half counted.
+    model = nn.Linear(10, 10)
+    outside = nn.Parameter(torch.zeros(1000, 100))
+    optimizer = torch.optim.SGD([*model.parameters(), outside], lr=0.1)
+    assert state_bytes(model, [optimizer]) == (110 + 100_000) * 4

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from entrotrain.callbacks.rollback_frozen import frozen_keys
-from entrotrain.callbacks.rollback_state import unwrap_optimizer
+from entrotrain.callbacks.rollback_state import outside_params, unwrap_optimizer
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["check_host_memory", "host_bytes_available", "state_bytes"]
@@ -32,12 +32,14 @@ _MARGIN = 0.9  # of the available memory, the most the held states may take
 
 def state_bytes(model: nn.Module, optimizers: Sequence[Any], trainable_only: bool = False) -> int:
     """The host bytes one held state of ``model`` and ``optimizers`` takes (a DTensor's local shard under FSDP2; not
-    the frozen parameters with ``trainable_only``)."""
+    the frozen parameters with ``trainable_only``; the parameters an optimizer steps outside the model too)."""
     live = model.state_dict()
     skipped = set(frozen_keys(model, live)) if trainable_only else set()
     values = [value for key, value in live.items() if key not in skipped]
-    for optimizer in optimizers:
-        values += [value for state in unwrap_optimizer(optimizer).state.values() for value in state.values()]
+    inner = [unwrap_optimizer(optimizer) for optimizer in optimizers]
+    for optimizer in inner:
+        values += [value for state in optimizer.state.values() for value in state.values()]
+    values += outside_params(model, inner)
     tensors = [value.to_local() if hasattr(value, "to_local") else value for value in values]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 

@@ -64,7 +64,7 @@ from torch import nn
 from entrotrain.callbacks.rollback_frozen import FrozenParameters
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["RollbackState", "check_supported", "unwrap_optimizer"]
+__all__ = ["RollbackState", "check_supported", "outside_params", "unwrap_optimizer"]
 
 _MISSING = object()
 #: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from, the
@@ -216,7 +216,7 @@ class RollbackState:
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
-        outside = _outside_params(model, inner)
+        outside = outside_params(model, inner)
         if not _all_finite([*_tensors(live), *state, *outside], _shard_groups(optimizers)):
             return False
         with torch.no_grad():
@@ -359,7 +359,7 @@ def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
         yield from group["params"]
 
 
-def _outside_params(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
+def outside_params(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
     """The parameters ``optimizers`` step that are not ``model``'s (a discriminator when the loop watches the
     generator, a learnable temperature kept outside any module): held and restored with their optimizer state, which
     would not match their values otherwise."""

@@ -16,20 +16,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.errors import EntrotrainError
+from tests.helpers.rollback_steps import at_step as _at
+from tests.helpers.rollback_steps import observe as _observe
+from tests.helpers.rollback_steps import weights_step as _weights_step
 from tests.helpers.training_state import model_state, opt_state, same
-
-
-def _at(model: nn.Module, step: int) -> None:
-    """The weights the model has when step ``step`` is observed."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float(step))
-
-
-def _weights_step(model: nn.Module) -> float:
-    values = {float(v) for p in model.parameters() for v in p.detach().flatten()}
-    assert len(values) == 1, values
-    return values.pop()
 
 
 def _guard(model: nn.Module, optimizer: torch.optim.Optimizer, k: int, monitor: str = "k") -> EntropyCollapseGuard:
@@ -37,15 +27,6 @@ def _guard(model: nn.Module, optimizer: torch.optim.Optimizer, k: int, monitor: 
                                  lr_factor=0.5)
     guard.track(model, [optimizer])
     return guard
-
-
-def _observe(guard: EntropyCollapseGuard, optimizer: torch.optim.Optimizer, step: int, good: bool) -> str | None:
-    reason = guard.observe(0.9 if good else 0.1, step)
-    if reason is None:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return guard.fire(reason, step, [optimizer])
 
 
 def test_a_resumed_guard_does_not_call_its_first_rollback_a_fall_that_came_back() -> None:

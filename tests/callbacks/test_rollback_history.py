@@ -1,11 +1,9 @@
 """``EntropyCollapseGuard(action="rollback", rollback_states=k)``: the states of the last k good observations are held,
-and a fall that comes back within k good observations of a rollback goes one held state further back.
+and a fall that comes back after fewer than k good observations since a rollback goes one held state further back.
 
 Each observation's weights are filled with its step, so the weights after a rollback say which state came back."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -15,24 +13,14 @@ from hypothesis import strategies as st
 from entrotrain.callbacks import EntropyCollapseGuard
 from entrotrain.callbacks.rollback_history import RollbackHistory
 from entrotrain.errors import EntrotrainError
+from tests.helpers.rollback_steps import at_step as _at
+from tests.helpers.rollback_steps import observe
+from tests.helpers.rollback_steps import weights_step as _weights_step
 
 
 def _model() -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
     model = torch.nn.Linear(2, 2)
     return model, torch.optim.SGD(model.parameters(), lr=1.0)
-
-
-def _at(model: torch.nn.Module, step: int) -> None:
-    """The weights the model has when step ``step`` is observed."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float(step))
-
-
-def _weights_step(model: torch.nn.Module) -> float:
-    values = {float(v) for p in model.parameters() for v in p.detach().flatten()}
-    assert len(values) == 1, values
-    return values.pop()
 
 
 def _guard(k: int, **kwargs) -> tuple[EntropyCollapseGuard, torch.nn.Linear, torch.optim.Optimizer]:
@@ -45,12 +33,7 @@ def _guard(k: int, **kwargs) -> tuple[EntropyCollapseGuard, torch.nn.Linear, tor
 
 def _observe(guard: EntropyCollapseGuard, model: torch.nn.Module, optimizer, step: int, good: bool) -> str | None:
     _at(model, step)
-    reason = guard.observe(0.9 if good else 0.1, step)
-    if reason is None:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return guard.fire(reason, step, [optimizer])
+    return observe(guard, optimizer, step, good)
 
 
 def test_the_history_holds_the_newest_k_and_reuses_its_buffers() -> None:

@@ -713,7 +713,7 @@ class LastGoodCheckpoints:
     def _link(self, source: Path) -> Path | None:
         """Hard-link ``source`` under a free name in its keep folder; ``None``: not linked (gone, or refused: warned
         once). A name another run takes meanwhile (two runs in one folder) is passed over, never overwritten."""
-        folder = source.parent / KEEP_FOLDER
+        folder, again = source.parent / KEEP_FOLDER, True
         for _ in range(1000):
             try:
                 folder.mkdir(exist_ok=True)
@@ -737,8 +737,11 @@ class LastGoodCheckpoints:
                 continue  # taken by another run since _free_name looked
             except OSError as err:
                 _rmdir_if_empty(folder)  # made for this pin: leave no empty folder
-                if isinstance(err, FileNotFoundError):  # the checkpoint went away meanwhile: this one is not kept
-                    return None
+                if isinstance(err, FileNotFoundError) and not source.exists():
+                    return None  # the checkpoint went away meanwhile: this one is not kept
+                if isinstance(err, FileNotFoundError) and again:  # the keep folder went meanwhile (another run's
+                    again = False  # normal end removed it emptied): once more
+                    continue
                 self._refused = True
                 warnings.warn(
                     f"{self._who}: cannot hard-link {source} into {folder} "

@@ -254,6 +254,7 @@ def test_a_checkpoint_gone_before_it_is_pinned_does_not_turn_keeping_off(tmp_pat
     real_link = os.link
 
     def vanished(src, dst, **kwargs):
+        Path(src).unlink()  # deleted by a rotation right then
         raise FileNotFoundError(2, "No such file or directory", str(src))
 
     monkeypatch.setattr(os, "link", vanished)

@@ -184,3 +184,21 @@ def test_a_forked_process_keeps_its_pins_under_its_own_name(tmp_path: Path) -> N
     owners = {p.name.split(".")[3] for p in (tmp_path / KEEP_FOLDER).glob(".entrotrain-pins.*")}
     assert owners == {str(os.getpid()), str(pid)}
     parent.release()
+
+
+def test_a_keep_folder_another_run_removes_meanwhile_is_made_again(tmp_path: Path, monkeypatch) -> None:
+    """Another run in the folder ends normally and removes the emptied keep folder between this keeper's ``mkdir``
+    and its link: the FileNotFoundError was taken for the checkpoint gone, and the save was not kept."""
+    real_link = os.link
+    removed = []
+
+    def raced(src, dst, **kwargs):
+        if not removed:
+            removed.append(Path(dst).parent)
+            Path(dst).parent.rmdir()  # the other run's _rmdir_if_empty, right then
+        return real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", raced)
+    keeper = LastGoodCheckpoints()
+    assert keeper.saved(_save(tmp_path, 10)) == tmp_path / KEEP_FOLDER / "step_10.pt"
+    assert removed == [tmp_path / KEEP_FOLDER]

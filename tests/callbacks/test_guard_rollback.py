@@ -390,6 +390,8 @@ SCHEDULES = {  # (scheduler on an optimizer at rate lr, the same schedule at rat
     "linear": lambda o, lr: S.LinearLR(o, 0.1, 1.0, 5),
     "polynomial": lambda o, lr: S.PolynomialLR(o, 10, 2.0),
     "multistep": lambda o, lr: S.MultiStepLR(o, [2, 5], 0.5),
+    # SWALR (Lightning's StochasticWeightAveraging) anneals towards its groups' swa_lr: lowered too (it climbed back)
+    "swalr": lambda o, lr: torch.optim.swa_utils.SWALR(o, swa_lr=0.2 * lr, anneal_epochs=5),
 }
 
 

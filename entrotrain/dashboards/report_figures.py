@@ -138,9 +138,12 @@ def _mark(ax: Any, runs: list[RunData], keys: list[str]) -> None:
         ax.annotate(f"{label} {value:g}", (0.995, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                     fontsize=7, color=color)
     for i, run in enumerate(runs):
+        back_to = dict(run.rollbacks)
         for event in _events_for(run, keys):
-            ax.axvline(int(event["step"]), color=RUN_COLORS[i % 2], lw=1, ls="-.", alpha=0.6)
-            ax.annotate("alert", (int(event["step"]), 1.0), xycoords=("data", "axes fraction"), rotation=90,
+            step = int(event["step"])
+            label = f"rollback → {back_to[step]}" if step in back_to else str(event.get("level") or "alert")
+            ax.axvline(step, color=RUN_COLORS[i % 2], lw=1, ls="-.", alpha=0.6)
+            ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), rotation=90,
                         fontsize=7, va="top", ha="right", color=RUN_COLORS[i % 2])
 
 

@@ -41,6 +41,8 @@ MONITOR_PREFIXES = ("entropy/", "sigma_reparam/", "info/")
 #: Event levels of a guard firing: ``EntropyCollapseGuard``'s actions (its own ``_ACTIONS``; this reader stays free
 #: of lightning, so it does not import the guard).
 GUARD_ACTIONS = ("warn", "alert", "stop", "reduce_lr", "rollback")
+#: The state a rollback firing's message says it went back to (``EntropyCollapseGuard._roll_back``'s sentence).
+_ROLLED_TO = re.compile(r"Rolled back the model and optimizer state to step (\d+)")
 #: A "running" record on another host (whose pid cannot be checked) not updated for this long is reported as stale.
 STALE_AFTER_S = 30 * 60.0
 
@@ -233,6 +235,14 @@ class RunData:
         """The events an :class:`~entrotrain.callbacks.EntropyCollapseGuard` firing recorded (level = its action),
         in order."""
         return [e for e in self.events if e.get("level") in GUARD_ACTIONS]
+
+    @property
+    def rollbacks(self) -> list[tuple[int, int]]:
+        """``(step, to_step)`` of each rollback a guard made (``EntropyCollapseGuard(action="rollback")``), in
+        order: the step it fired at and the step whose state it went back to, as its message says."""
+        found = [(e.get("step"), _ROLLED_TO.search(str(e.get("message") or ""))) for e in self.guard_firings
+                 if e.get("level") == "rollback"]
+        return [(int(step), int(match.group(1))) for step, match in found if step is not None and match]
 
     @property
     def forked_from(self) -> str | None:

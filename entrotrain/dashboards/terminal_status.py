@@ -31,7 +31,6 @@ import argparse
 import fnmatch
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -126,10 +125,6 @@ def _key_stats(run: RunData, key: str) -> tuple[float | None, float | None, floa
     return first, float(finite.min()) if finite.size else None, last, int(steps[-1]) if len(steps) else None
 
 
-#: The state a rollback firing's message says it went back to (``EntropyCollapseGuard._roll_back``'s sentence).
-_ROLLED_TO = re.compile(r"Rolled back the model and optimizer state to step (\d+)")
-
-
 def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, width: int = 24,
               now: float | None = None) -> list[str]:
     """The text of one run: status line, key table (first / min / last / trend), the report's findings, the guard's
@@ -183,10 +178,8 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
         times = "firing" if len(fired) == 1 else "firings"
         last = f"last at step {e.get('step')} ({e.get('level')}): {e.get('message')}"
         lines.append(f"  Guard: {len(fired)} {times}; {last}")
-        rolled = [(e.get("step"), m.group(1)) for e in fired
-                  if e.get("level") == "rollback" and (m := _ROLLED_TO.search(str(e.get("message") or "")))]
-        if rolled:
-            lines.append("  Rolled back: " + ", ".join(f"at step {at} to step {to}" for at, to in rolled))
+        if run.rollbacks:
+            lines.append("  Rolled back: " + ", ".join(f"at step {at} to step {to}" for at, to in run.rollbacks))
     lines.append(f"  entrotrain report {run.path}")
     return lines
 

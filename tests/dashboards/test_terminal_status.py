@@ -304,5 +304,6 @@ def test_a_run_that_rolled_back_says_where_each_rollback_went(tmp_path: Path) ->
             if reason is not None:
                 logger.log_event(guard.monitor, guard.fire(reason, step, [optimizer]), step, guard.last_level)
     logger.finalize("success")
-    lines = run_lines(load_run(logger.run_dir))
-    assert "  Rolled back: at step 20 to step 10, at step 30 to step 0" in lines
+    run = load_run(logger.run_dir)
+    assert run.rollbacks == [(20, 10), (30, 0)]  # (the report marks its curves "rollback → 10" from these)
+    assert "  Rolled back: at step 20 to step 10, at step 30 to step 0" in run_lines(run)

@@ -157,27 +157,6 @@ def test_the_runs_table_names_a_run_given_as_the_current_folder(tmp_path, monkey
     assert [row.split()[0] for row in rows[1:]] == ["a", "b"]
 
 
-def test_under_ddp_a_step_one_rank_cannot_hold_is_held_by_none(monkeypatch) -> None:
-    # Each DDP rank judged its own replica: a non-finite BatchNorm statistic on one rank only (its batch) made it keep
-    # its older state while the others held the new one, and a rollback then put the replicas at different steps.
-    import torch.distributed as dist
-
-    from entrotrain.callbacks.rollback_state import RollbackState
-
-    reduced = []
-
-    def all_reduce(flag, op=None, group=None):  # another rank could not hold this step
-        reduced.append(group)
-        flag.zero_()
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    assert not RollbackState().take(nn.BatchNorm1d(3), [], step=0)
-    assert reduced == [None]  # the default group
-
-
 def test_two_copies_of_one_save_with_a_non_tensor_entry_count_once(tmp_path) -> None:
     # A module's extra state (get_extra_state: e.g. a quantizer's config) is a non-tensor state_dict entry: equal
     # copies were 'checkpoints of several runs' (only tensors could compare equal).

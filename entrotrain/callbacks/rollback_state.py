@@ -30,8 +30,7 @@ current stream), and a rollback copies back into the live tensors, so parameters
 DDP buckets and compiled graphs see the same tensors). Host memory: one copy of the model and its optimizer state
 (per held state: :mod:`~entrotrain.callbacks.rollback_history` holds the last ``rollback_states``).
 
-Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank,
-and so is "not finite, not held": all-reduced),
+Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank),
 DDP with ``ZeroRedundancyOptimizer`` (each rank holds and restores its shard of the optimizer state, which lives in
 its ``.optim``; the "non-finite state is not held" decision is all-reduced over its process group; ``overlap_with_ddp=
 True``, which steps inside DDP's communication hook, is refused),
@@ -278,17 +277,10 @@ def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
 
 
 def _shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
-    """The process groups (and the device their collectives take) over which the verdict must be agreed on: those
-    over which ``optimizers`` shard their state (``ZeroRedundancyOptimizer``: each rank judges only its shard), and
-    under DDP the default group (each rank judges its replica, whose buffers, e.g. BatchNorm statistics, are its own
-    after its forward: one rank not holding a step the others hold would roll back to another step, and the replicas
-    would train on apart)."""
+    """The process groups (and the device their collectives take) over which ``optimizers`` shard their state
+    (``ZeroRedundancyOptimizer``): each rank judges only its shard, so the verdict must be agreed on."""
     outer = [_outer_optimizer(opt) for opt in optimizers]
-    groups = [(opt.process_group, _group_device(opt.process_group)) for opt in outer if _is_zero(opt)]
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        groups.append((None, _group_device(None)))
-    return groups
+    return [(opt.process_group, _group_device(opt.process_group)) for opt in outer if _is_zero(opt)]
 
 
 def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, torch.device]] = ()) -> bool:

@@ -266,6 +266,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self._alert_failed_warned = False
         self._notify_failed_warned = False
         self._unarmed_warned = False
+        self._rank_local_warned = False  # (:meth:`_warn_if_rank_local`)
         self._run_start: float | None = None  # rollback_hint's since (set when a run starts)
         #: The checkpoint the last firing named to roll back to (``None``: none named in this fit).
         self.rollback_checkpoint: Path | None = None
@@ -490,7 +491,28 @@ class EntropyCollapseGuard(PerFitCallback):
         metric = trainer.callback_metrics.get(self.monitor)
         if metric is not None and (self.last_seen_step is None or step > self.last_seen_step):
             self.source = None  # logged with self.log now, not published by a monitor
+            self._warn_if_rank_local(trainer)
             self._observe(trainer, float(metric), step)
+
+    def _warn_if_rank_local(self, trainer: Trainer) -> None:
+        """Once per fit: a ``rollback`` / ``reduce_lr`` guard on several ranks watching a key each rank logs with
+        ``self.log`` unsynced judges a different value on each rank: one rank can roll back (or lower its rates)
+        while another does not, and the replicas drift apart without an error."""
+        world = getattr(trainer, "world_size", 1)
+        if self._rank_local_warned or self.action not in ("rollback", "reduce_lr") or world < 2:
+            return
+        metas = [getattr(m, "meta", None) for m in (getattr(trainer, "_results", None) or {}).values()]
+        synced = [bool(getattr(getattr(meta, "sync", None), "should", False)) for meta in metas
+                  if getattr(meta, "name", None) == self.monitor]
+        if synced and not any(synced):
+            self._rank_local_warned = True
+            rank_zero_warn(
+                f"EntropyCollapseGuard(action={self.action!r}) watches {self.monitor!r}, which each of the "
+                f"{world} ranks logs with self.log without sync_dist=True: each rank judges its own "
+                "value, so one rank can act while another does not, and the replicas drift apart silently. Log it "
+                f"with self.log({self.monitor!r}, ..., sync_dist=True), or watch a monitor's key (the monitors "
+                "reduce across ranks)."
+            )
 
     def _observe(self, trainer: Trainer, value: float, step: int) -> None:
         """One publication of the key at ``step``: judge it and act when the guard fires."""

@@ -289,11 +289,12 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
     ``groups`` (process group, device), so that every rank decides the same (a collective: every rank of the mesh or
     group calls it, in the same order).
 
-    Each tensor is judged on its sum (accumulated in at least float32), which is finite exactly when every element is,
-    unless the sum of finite values overflows; a tensor whose sum is not finite is then judged element by element, so
-    the verdict is exact. A sum reads the tensor once, vectorised: 10-14 × faster on CPU than ``isfinite(t).all()``,
-    which writes a boolean tensor first (``benchmarks/rollback.py``'s hold row)."""
-    by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    Each tensor is first judged on its 2-norm, which is finite exactly when every element is, unless the sum of the
+    squares of finite values overflows; a tensor whose norm is not finite is then judged element by element, so the
+    verdict is exact. The norms of the tensors of one device and dtype are one ``torch._foreach_norm`` (one fused
+    kernel on CUDA): 1.4-3 × faster on CPU than a sum per tensor, 10-40 × than ``isfinite(t).all()``, which writes a
+    boolean tensor first (``benchmarks/rollback.py``'s hold row)."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     meshes: list[Any] = []
     for t in tensors:
         if _is_dtensor(t):
@@ -301,13 +302,15 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
                 meshes.append(t.device_mesh)
             t = t.to_local()
         if (t.is_floating_point() or t.is_complex()) and t.numel():
-            t = t.detach()
-            wide = torch.float32 if t.is_floating_point() and t.element_size() < 4 else None
-            by_device.setdefault(t.device, []).append((t, torch.isfinite(t.sum(dtype=wide))))
+            by_kind.setdefault((t.device, t.dtype), []).append(t.detach())
+    by_device: dict[torch.device, list[tuple[list[torch.Tensor], torch.Tensor]]] = {}
+    for (device, dtype), kind in by_kind.items():
+        by_device.setdefault(device, []).append((kind, _screen(kind, dtype)))
     finite = True
-    for judged in by_device.values():
-        flags = torch.stack([flag for _, flag in judged]).tolist()  # one sync per device
-        suspects = [t for (t, _), ok in zip(judged, flags) if not ok]  # a NaN / Inf, or an overflowing sum
+    for screened in by_device.values():
+        flags = torch.cat([flags for _, flags in screened]).tolist()  # one sync per device
+        kinds = [t for kind, _ in screened for t in kind]
+        suspects = [t for t, ok in zip(kinds, flags) if not ok]  # a NaN / Inf, or an overflowing norm
         # (float8 has no isfinite: judged widened, only when suspect)
         finite = finite and all(bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()) for t in suspects)
     for group, device in [*((mesh.get_group(), _mesh_device(mesh)) for mesh in meshes), *groups]:
@@ -315,6 +318,17 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
         finite = bool(flag.item())
     return finite
+
+
+#: The dtypes ``torch._foreach_norm`` takes (float8 does not: judged on a widened sum).
+_NORMED = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def _screen(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """One boolean per tensor of one device and ``dtype``: its 2-norm (or, for float8, its float32 sum) is finite."""
+    if dtype in _NORMED:
+        return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2)))
+    return torch.stack([torch.isfinite(t.float().sum()) for t in tensors])
 
 
 def _mesh_device(mesh: Any) -> torch.device:

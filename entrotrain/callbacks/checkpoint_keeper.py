@@ -431,12 +431,19 @@ def _keep_folder(folder: str | os.PathLike[str]) -> Path:
 
 
 def _folder_arg(folder: Any, where: str) -> str | os.PathLike[str]:
-    """``folder`` as given to a public function, refused when it is not a path."""
+    """``folder`` as given to a public function, refused when it is not a path or does not exist (a typo would
+    read as 'nothing kept')."""
     if not isinstance(folder, (str, os.PathLike)):
         raise EntrotrainError(
             f"{where}(folder) needs the checkpoint folder (a path, e.g. 'ckpts'), got {type(folder).__name__} "
             f"{folder!r}."
         )
+    path = Path(folder)
+    if not path.exists() and not (path.name == KEEP_FOLDER and path.parent.is_dir()):  # (a keep folder emptied)
+        from entrotrain.dashboards.run_reader import missing_path
+
+        raise EntrotrainError(f"{where}: " + missing_path(path, "Pass the folder the checkpoints are saved in "
+                                                          "(ModelCheckpoint's dirpath, HF's output_dir)."))
     return folder
 
 

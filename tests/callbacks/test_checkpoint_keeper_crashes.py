@@ -484,6 +484,20 @@ def test_list_pins_and_release_abandoned_refuse_what_is_not_a_folder() -> None:
         release_abandoned(3)
 
 
+def test_a_folder_that_does_not_exist_is_named_not_listed_as_empty(tmp_path, monkeypatch) -> None:
+    """A typo (``ckpt`` for ``ckpts``) listed nothing, as if nothing were kept; an emptied keep folder still lists
+    nothing."""
+    from entrotrain.errors import EntrotrainError
+
+    (tmp_path / "ckpts").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EntrotrainError, match=r"list_pins: ckpt does not exist \(did you mean ckpts\?\)"):
+        list_pins("ckpt")
+    with pytest.raises(EntrotrainError, match=r"release_abandoned: ckpt does not exist"):
+        release_abandoned("ckpt")
+    assert list_pins("ckpts") == [] and list_pins(f"ckpts/{KEEP_FOLDER}") == []
+
+
 def test_a_checkpoint_pinned_by_a_killed_run_is_not_pinned_twice(tmp_path) -> None:
     """A run that resumed without saying so (a loop's ``checkpoint_dir`` scan finds the killed run's checkpoints
     again) saves nothing new at first: the taken-over pin of the same files becomes its pin, not a second link

@@ -703,7 +703,8 @@ class EntropyCollapseGuard(PerFitCallback):
             self.last_level = "stop" if self.stopping else "rollback"
         elif self.action == "reduce_lr":
             if self.reduce_lr(optimizers, schedulers):
-                message += (f" Learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)} "
+                message += (f" Learning rates multiplied by {self.lr_factor}{self._floor_note(optimizers)}"
+                            f"{_rates_now(optimizers)} "
                             f"(reduction #{self.lr_reductions}).")
             elif any(getattr(opt, "param_groups", None) for opt in optimizers):
                 message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
@@ -759,7 +760,8 @@ class EntropyCollapseGuard(PerFitCallback):
             sentence += f"; {len(refused)} older held state(s) could not be restored: {refused[0]}"
         sentence += ")"
         if self.reduce_lr(optimizers, schedulers):
-            return sentence + f"; learning rates multiplied by {self.lr_factor}{_rates_now(optimizers)}."
+            return (sentence + f"; learning rates multiplied by {self.lr_factor}{self._floor_note(optimizers)}"
+                    f"{_rates_now(optimizers)}.")
         return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
 
     def _rehold_others(self, step: int) -> None:
@@ -850,6 +852,12 @@ class EntropyCollapseGuard(PerFitCallback):
         if lowered:
             self.lr_reductions += 1
         return lowered
+
+    def _floor_note(self, optimizers: Sequence[Any]) -> str:
+        """`` (held at min_lr=0.3)`` when a rate just lowered stopped at ``min_lr``: the factor alone would misstate
+        it (``multiplied by 0.5, now 0.3``)."""
+        rates = [float(group["lr"]) for opt in optimizers for group in getattr(opt, "param_groups", ())]
+        return f" (held at min_lr={self.min_lr})" if self.min_lr > 0 and self.min_lr in rates else ""
 
     def _lowered(self, lr: float) -> float:
         """``lr · lr_factor``, never below ``min_lr`` and never above ``lr``."""

@@ -79,3 +79,13 @@ def test_a_value_next_to_the_threshold_is_printed_with_the_digits_that_tell_them
     far = EntropyCollapseGuard("k", threshold=0.05, keep_last_good=False)
     far.observe(0.0749612, 0)
     assert far.observe(0.0122234, 1) == "k = 0.01222 fell below 0.05 (last good: 0.07496 at step 0)"
+
+
+def test_a_rate_held_at_min_lr_is_said_so() -> None:
+    guard, model, optimizer = _tracked(lr_factor=0.5, min_lr=0.08)
+    guard.observe(0.9, 0)
+    message = guard.fire(guard.observe(0.1, 10), 10, [optimizer])
+    assert message.endswith("learning rates multiplied by 0.5 (held at min_lr=0.08), now 0.08.")  # was "by 0.5, now 0.08"
+    guard.observe(0.9, 20)
+    optimizer.param_groups[0]["lr"] = 1.0
+    assert guard.fire(guard.observe(0.1, 30), 30, [optimizer]).endswith("multiplied by 0.5, now 0.5.")

@@ -85,7 +85,8 @@ def test_a_rate_held_at_min_lr_is_said_so() -> None:
     guard, model, optimizer = _tracked(lr_factor=0.5, min_lr=0.08)
     guard.observe(0.9, 0)
     message = guard.fire(guard.observe(0.1, 10), 10, [optimizer])
-    assert message.endswith("learning rates multiplied by 0.5 (held at min_lr=0.08), now 0.08.")  # was "by 0.5, now 0.08"
+    # (it read "multiplied by 0.5, now 0.08")
+    assert message.endswith("learning rates multiplied by 0.5 (held at min_lr=0.08), now 0.08.")
     guard.observe(0.9, 20)
     optimizer.param_groups[0]["lr"] = 1.0
     assert guard.fire(guard.observe(0.1, 30), 30, [optimizer]).endswith("multiplied by 0.5, now 0.5.")

@@ -727,7 +727,6 @@ class EntropyCollapseGuard(PerFitCallback):
         good = self._good_since_rollback
         last_target = self.held_states.restored_step  # (None: no rollback since the states were first held)
         came_back = last_target is not None and good < self.rollback_states
-        further = came_back and self.held_states.has_older()
         picked = self.held_states.pick(further_back=came_back)
         assert picked is not None  # something is held (checked above)
         refused: list[str] = []  # held states a restore refused before copying (hold='trainable': a frozen one moved)
@@ -740,7 +739,7 @@ class EntropyCollapseGuard(PerFitCallback):
         else:
             self.stopping = True
             return f" Could not roll back: {refused[-1]} Stopping training."
-        further = further and held is picked  # (a refused older state: it went to a newer one)
+        further = came_back and held_step < last_target  # (not when the older ones were refused, or none held)
         self.rollbacks += 1
         self.bad_streak, self.fired, self._good_since_rollback = 0, False, 0
         self.history = deque(held.extra or [], maxlen=self.drop_window + 1)

@@ -129,10 +129,6 @@ class RollbackHistory:
         """``held`` and the states held after it, oldest first: where a rollback that ``held`` refuses goes instead."""
         return self._held[self._held.index(held):]
 
-    def has_older(self) -> bool:
-        """Whether a state older than the last rollback's is held."""
-        return bool(self._older())
-
     def _older(self) -> list[HeldState]:
         """The held states before the step the last rollback went to (none when there was none)."""
         last = self.restored_step

@@ -116,9 +116,10 @@ def test_reduce_lr_on_plateau_counts_its_patience_from_the_lowered_rate(action: 
 
 
 # ---------------------------------------------------------------------------- optimizers and loops that work
-def _roll_back_after(model: nn.Module, opts: list, step, good: int = 2, bad: int = 2) -> None:
+def _roll_back_after(model: nn.Module, opts: list, step, good: int = 2, bad: int = 2) -> tuple[list, list]:
     """Train ``good`` steps judged good, ``bad`` more, fire: the model and optimizers equal the last good step's;
-    then one more step trains on finite weights."""
+    then one more step trains on finite weights. Returns the state held at the last good step and the state right
+    after the rollback, each ``[model state, optimizers' states]``, for the caller to compare."""
     g = EntropyCollapseGuard("k", threshold=0.5, action="rollback", keep_last_good=False)
     g.track(model, opts)
     for s in range(good):
@@ -131,9 +132,11 @@ def _roll_back_after(model: nn.Module, opts: list, step, good: int = 2, bad: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert "Rolled back" in g.fire(g.observe(0.1, good + bad), good + bad, opts)
-    assert same(model_state(model), held[0]) and same([opt_state(o) for o in opts], held[1])
+    restored = model_state(model), copy.deepcopy([opt_state(o) for o in opts])  # (the next step edits LBFGS's)
+    assert same(restored[0], held[0]) and same(restored[1], held[1])
     step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    return list(held), list(restored)
 
 
 class Counting(torch.optim.Optimizer):
@@ -177,7 +180,8 @@ def test_optimizers_other_than_adam_roll_back_bit_for_bit(name: str) -> None:
         loss.backward()
         return loss
 
-    _roll_back_after(model, [opt], lambda: opt.step(closure))
+    held, restored = _roll_back_after(model, [opt], lambda: opt.step(closure))
+    assert same(restored, held)  # weights, BatchNorm statistics and this optimizer's state, bit for bit
 
 
 def test_a_param_group_added_after_the_held_step_keeps_its_rate_and_loses_its_moments() -> None:
@@ -222,7 +226,8 @@ def test_two_optimizers_roll_back_together() -> None:
         (-disc(gen(x)).mean()).backward()
         opt_g.step()
 
-    _roll_back_after(nn.ModuleDict({"gen": gen, "disc": disc}), [opt_g, opt_d], step)
+    held, restored = _roll_back_after(nn.ModuleDict({"gen": gen, "disc": disc}), [opt_g, opt_d], step)
+    assert len(restored[1]) == 2 and same(restored, held)  # both networks and both optimizers' states
 
 
 def test_parameters_an_optimizer_steps_outside_the_model_roll_back_with_their_moments() -> None:

@@ -56,19 +56,7 @@ def worker(rank: int, out: str) -> None:
     opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     guard = EntropyCollapseGuard("scripted", threshold=0.5, action="rollback", lr_factor=0.5)
-    monitors = EntropyMonitors(guards=[guard], print_summary=False)
-    inside, rolled, after = {}, [], None
-    with monitors.watch(ddp, optimizer=opt):
-        for step, value in enumerate(VALUES):
-            with monitors.step(step):
-                opt.zero_grad(set_to_none=True)
-                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
-                opt.step()
-                monitors.observe(scripted=value)
-                inside[step] = _state(model, opt)
-            if monitors.rolled_back:
-                rolled.append(step)
-                after = _state(model, opt)
+    inside, rolled, after = _train(ddp, opt, opt, guard, g)
     restored = after is not None and _same(after[0], inside[1][0]) and _same(after[1], inside[1][1])
 
     # FSDP2 (DTensor shards) is accepted: each rank holds its local shards (rollback_fsdp2_run.py rolls back);
@@ -98,6 +86,31 @@ def worker(rank: int, out: str) -> None:
     faulthandler.cancel_dump_traceback_later()
 
 
+def _train(ddp, opt, holder, guard, g, after_step=None) -> tuple[dict, list, tuple | None]:
+    """Train ``ddp`` with ``opt`` under ``guard`` in a plain loop, the guard judging ``VALUES``; ``after_step(step)``
+    runs after each optimizer step. Returns the states at each block's end (``holder``: the optimizer whose state is
+    recorded), the steps rolled back at, and the state right after the last rollback."""
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    model = ddp.module
+    monitors = EntropyMonitors(guards=[guard], print_summary=False)
+    inside, rolled, after = {}, [], None
+    with monitors.watch(ddp, optimizer=opt):
+        for step, value in enumerate(VALUES):
+            with monitors.step(step):
+                opt.zero_grad(set_to_none=True)
+                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
+                opt.step()
+                if after_step is not None:
+                    after_step(step)
+                monitors.observe(scripted=value)
+                inside[step] = _state(model, holder)
+            if monitors.rolled_back:
+                rolled.append(step)
+                after = _state(model, holder)
+    return inside, rolled, after
+
+
 def zero_redundancy(rank: int) -> dict:
     """DDP with ``ZeroRedundancyOptimizer``: each rank holds and restores its shard of Adam's state (in ``.optim``).
     At step 1 rank 1's shard of the second moments turns infinite while the weights stay finite: no rank holds step
@@ -107,29 +120,19 @@ def zero_redundancy(rank: int) -> dict:
 
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
     from entrotrain.errors import EntrotrainError
-    from entrotrain.integrations.loop import EntropyMonitors
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.Adam, lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)
-    monitors = EntropyMonitors(guards=[EntropyCollapseGuard("scripted", threshold=0.5, action="rollback")],
-                               print_summary=False)
-    inside, rolled, after = {}, [], None
-    with monitors.watch(ddp, optimizer=opt):
-        for step, value in enumerate(VALUES):
-            with monitors.step(step):
-                opt.zero_grad(set_to_none=True)
-                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
-                opt.step()
-                if step == 1 and rank == 1:
-                    next(iter(opt.optim.state.values()))["exp_avg_sq"].fill_(float("inf"))
-                monitors.observe(scripted=value)
-                inside[step] = _state(model, opt.optim)
-            if monitors.rolled_back:
-                rolled.append(step)
-                after = _state(model, opt.optim)
+
+    def poison(step: int) -> None:  # rank 1's shard of the second moments turns infinite at step 1
+        if step == 1 and rank == 1:
+            next(iter(opt.optim.state.values()))["exp_avg_sq"].fill_(float("inf"))
+
+    guard = EntropyCollapseGuard("scripted", threshold=0.5, action="rollback")
+    inside, rolled, after = _train(ddp, opt, opt.optim, guard, g, poison)
     try:  # overlap_with_ddp steps inside DDP's communication hook, outside optimizer.state: refused
         overlapped = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam,
                                              overlap_with_ddp=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from entrotrain.callbacks.rollback_frozen import frozen_keys
-from entrotrain.callbacks.rollback_state import outside_params, unwrap_optimizer
+from entrotrain.callbacks.rollback_state import agreed, mesh_groups, outside_params, shard_groups, unwrap_optimizer
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["check_host_memory", "host_bytes_available", "state_bytes"]
@@ -33,13 +33,22 @@ _MARGIN = 0.9  # of the available memory, the most the held states may take
 def state_bytes(model: nn.Module, optimizers: Sequence[Any], trainable_only: bool = False) -> int:
     """The host bytes one held state of ``model`` and ``optimizers`` takes (a DTensor's local shard under FSDP2; not
     the frozen parameters with ``trainable_only``; the parameters an optimizer steps outside the model too)."""
+    return _bytes(_state_values(model, optimizers, trainable_only))
+
+
+def _state_values(model: nn.Module, optimizers: Sequence[Any], trainable_only: bool) -> list[Any]:
+    """What one held state copies: the state dict's entries (less the frozen ones with ``trainable_only``), the
+    optimizers' per-parameter state and the parameters they step outside the model."""
     live = model.state_dict()
     skipped = set(frozen_keys(model, live)) if trainable_only else set()
     values = [value for key, value in live.items() if key not in skipped]
     inner = [unwrap_optimizer(optimizer) for optimizer in optimizers]
     for optimizer in inner:
         values += [value for state in optimizer.state.values() for value in state.values()]
-    values += outside_params(model, inner)
+    return values + outside_params(model, inner)
+
+
+def _bytes(values: Sequence[Any]) -> int:
     tensors = [value.to_local() if hasattr(value, "to_local") else value for value in values]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -131,18 +140,32 @@ def check_host_memory(
     Raises:
         EntrotrainError: with the numbers and the ways out.
     """
-    one = state_bytes(model, optimizers, trainable_only)
+    values = _state_values(model, optimizers, trainable_only)
+    one = _bytes(values)
     more = states * one - held_bytes
-    if more <= 0:
-        return
-    available = host_bytes_available()
+    available = host_bytes_available() if more > 0 else None
     processes = max(processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
-    if available is None or processes * more <= _MARGIN * available:
+    over = available is not None and processes * more > _MARGIN * available
+    # ranks holding different shards (FSDP2, ZeRO) size different states: one refusing alone would leave the others
+    # waiting in their next collective, so the verdict is agreed on (any rank over: every rank refuses)
+    meshes = {id(v.device_mesh): v.device_mesh for v in values if hasattr(v, "device_mesh")}.values()
+    groups = [*mesh_groups(meshes), *shard_groups(optimizers)]
+    if not agreed(over, groups, every=False):
         return
+    ways_out = (
+        "Hold fewer states (rollback_states), only what trains (hold='trainable', for frozen weights such as a "
+        "LoRA base), or use action='reduce_lr' / 'stop' and come back from the kept checkpoint."
+    )
+    if not over:
+        raise EntrotrainError(
+            f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) in host memory, and another "
+            "process of this one's group (FSDP2 / ZeroRedundancyOptimizer shards) cannot take its share on its "
+            f"machine (this process could: {_size(processes * max(more, 0))} more of "
+            f"{_size(available) if available is not None else 'unknown'}); every process refuses together. "
+            + ways_out
+        )
     raise EntrotrainError(
         f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) of {_size(one)} each in host memory "
         f"(the model's and optimizers' tensors): {_size(processes * more)} more on this machine ({processes} "
-        f"process(es)), and {_size(available)} are available, so the OOM killer would end the "
-        "run. Hold fewer states (rollback_states), only what trains (hold='trainable', for frozen weights such as a "
-        "LoRA base), or use action='reduce_lr' / 'stop' and come back from the kept checkpoint."
+        f"process(es)), and {_size(available)} are available, so the OOM killer would end the run. " + ways_out
     )

@@ -216,7 +216,7 @@ class RollbackState:
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
         outside = outside_params(model, inner)
-        if not _all_finite([*_tensors(live), *state, *outside], _shard_groups(optimizers)):
+        if not _all_finite([*_tensors(live), *state, *outside], shard_groups(optimizers)):
             return False
         with torch.no_grad():
             self._outside = {id(p): _copy_into(p, self._outside.get(id(p))) for p in outside}
@@ -276,7 +276,7 @@ def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
     return (value for value in state.values() if isinstance(value, torch.Tensor))
 
 
-def _shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
+def shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
     """The process groups (and the device their collectives take) over which ``optimizers`` shard their state
     (``ZeroRedundancyOptimizer``): each rank judges only its shard, so the verdict must be agreed on."""
     outer = [_outer_optimizer(opt) for opt in optimizers]
@@ -313,11 +313,24 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
         suspects = [t for t, ok in zip(kinds, flags) if not ok]  # a NaN / Inf, or an overflowing norm
         # (float8 has no isfinite: judged widened, only when suspect)
         finite = finite and all(bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()) for t in suspects)
-    for group, device in [*((mesh.get_group(), _mesh_device(mesh)) for mesh in meshes), *groups]:
-        flag = torch.tensor([int(finite)], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
-        finite = bool(flag.item())
-    return finite
+    return agreed(finite, [*mesh_groups(meshes), *groups], every=True)
+
+
+def mesh_groups(meshes: Iterable[Any]) -> list[tuple[Any, torch.device]]:
+    """``(process group, device)`` of each of the DTensors' device ``meshes``, for :func:`agreed`."""
+    return [(mesh.get_group(), _mesh_device(mesh)) for mesh in meshes]
+
+
+def agreed(verdict: bool, groups: Sequence[tuple[Any, torch.device]], every: bool) -> bool:
+    """``verdict`` agreed on over each ``(process group, device)`` of ``groups``: true when it is true on every rank
+    (``every``) or on any rank (otherwise). A collective: every rank of each group calls it, in the same order, with
+    the same groups (ranks that hold different shards of one state, FSDP2 or ZeRO, must decide one thing)."""
+    for group, device in groups:
+        flag = torch.tensor([int(verdict)], dtype=torch.int32, device=device)
+        op = torch.distributed.ReduceOp.MIN if every else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(flag, op=op, group=group)
+        verdict = bool(flag.item())
+    return verdict
 
 
 #: The dtypes ``torch._foreach_norm`` takes (float8 does not: judged on a widened sum).

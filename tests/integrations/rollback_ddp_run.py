@@ -115,7 +115,7 @@ def zero_redundancy(rank: int) -> dict:
     """DDP with ``ZeroRedundancyOptimizer``: each rank holds and restores its shard of Adam's state (in ``.optim``).
     At step 1 rank 1's shard of the second moments turns infinite while the weights stay finite: no rank holds step
     1 (the verdict is agreed on), so the firing at step 2 rolls every rank back to step 0. ``overlap_with_ddp=True``
-    is refused."""
+    is refused. A host memory check that fails on rank 1 alone is refused on both ranks."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
@@ -140,10 +140,27 @@ def zero_redundancy(rank: int) -> dict:
         refusal = ""
     except EntrotrainError as err:
         refusal = str(err)
-    return {"rolled": rolled, "owns_state": bool(opt.optim.state),
+    return {"rolled": rolled, "owns_state": bool(opt.optim.state), "memory_refused": _memory_refusal(rank, ddp, opt),
             "overlap_refused": "overlap_with_ddp=False rolls back" in refusal and "reduce_lr" in refusal,
             "restored_step_0": after is not None and _same(after[0], inside[0][0]) and _same(after[1], inside[0][1]),
             "lr": opt.param_groups[0]["lr"], "inner_lr": opt.optim.param_groups[0]["lr"]}
+
+
+def _memory_refusal(rank: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
+    """The host memory check with rank 1's machine full: every rank refuses (each holds its own shard's size; one
+    refusing alone would leave the other waiting in its next collective). The refusal's message, '' if none."""
+    from entrotrain.callbacks import rollback_memory
+    from entrotrain.errors import EntrotrainError
+
+    real = rollback_memory.host_bytes_available
+    rollback_memory.host_bytes_available = (lambda: 1) if rank == 1 else real
+    try:
+        rollback_memory.check_host_memory(model, [opt], states=2, held_bytes=0)
+    except EntrotrainError as err:
+        return str(err)
+    finally:
+        rollback_memory.host_bytes_available = real
+    return ""
 
 
 if __name__ == "__main__":

@@ -307,6 +307,8 @@ def test_ddp_two_ranks_roll_back_together_fsdp2_is_accepted_and_fsdp1_refused(tm
         assert zero["rolled"] == [2] and zero["owns_state"] and zero["restored_step_0"], zero  # ranks agree on what
         assert zero["lr"] == zero["inner_lr"] == pytest.approx(LR * 0.5), zero  # is held
         assert zero["overlap_refused"], zero
+        # the host memory check fails on rank 1's machine only: both refuse (one alone would hang the other)
+        assert "OOM killer" in zero["memory_refused"] or "another process" in zero["memory_refused"], zero
     w0, w1 = (torch.load(tmp_path / f"weights{r}.pt") for r in range(2))
     assert same(w0, w1)  # identical on both ranks after the rollback
 

@@ -743,6 +743,11 @@ class EntropyCollapseGuard(PerFitCallback):
         self.rollbacks += 1
         self.bad_streak, self.fired, self._good_since_rollback = 0, False, 0
         self.history = deque(held.extra or [], maxlen=self.drop_window + 1)
+        # the model is now the state judged good at held_step: the checkpoint hint, the pin this firing keeps and the
+        # next firing's "last good" name it, not a good observation of the trajectory left (after a step further back)
+        self.last_good_step = held_step
+        if held.extra:
+            self.last_good_value = float(held.extra[-1])
         self._rehold_others(held_step)
         sentence = f" Rolled back the model and optimizer state to step {held_step}"
         if came_back:

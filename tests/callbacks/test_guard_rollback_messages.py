@@ -90,3 +90,20 @@ def test_a_rate_held_at_min_lr_is_said_so() -> None:
     guard.observe(0.9, 20)
     optimizer.param_groups[0]["lr"] = 1.0
     assert guard.fire(guard.observe(0.1, 30), 30, [optimizer]).endswith("multiplied by 0.5, now 0.5.")
+
+
+def test_a_rollback_further_back_names_the_checkpoint_of_the_state_it_went_back_to() -> None:
+    guard, model, optimizer = _tracked(rollback_states=3)
+    checkpoints = [f"ckpts/step={s}.ckpt" for s in (10, 20, 35, 45)]
+    guard.observe(0.9, 10)
+    guard.observe(0.8, 20)
+    message = guard.fire(guard.observe(0.1, 30), 30, [optimizer], checkpoints=checkpoints)
+    assert "to step 20" in message and message.endswith("Newest checkpoint at or before step 20: ckpts/step=20.ckpt.")
+    guard.observe(0.7, 40)  # one good observation on the trajectory from step 20's state, then the fall comes back
+    message = guard.fire(guard.observe(0.1, 50), 50, [optimizer], checkpoints=checkpoints)
+    assert "(last good: 0.7 at step 40)" in message and "to step 10, one held state further back" in message
+    # step 45's checkpoint descends from the state that fell again: the hint names the state the model is now
+    assert message.endswith("Newest checkpoint at or before step 10: ckpts/step=10.ckpt.")
+    assert (guard.last_good_step, guard.last_good_value) == (10, 0.9)
+    message = guard.fire(guard.observe(0.1, 60), 60, [optimizer])
+    assert "(last good: 0.9 at step 10)" in message

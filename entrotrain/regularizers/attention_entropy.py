@@ -9,7 +9,7 @@ One line in a LightningModule's ``training_step`` (register the regulariser as a
 threshold reaches the optimizer)::
 
     def training_step(self, batch, batch_idx):
-        with self.reg.capture(self):                 # arms a differentiable AttentionTap for this forward
+        with self.reg.capture(self, step=self.global_step):  # arms a differentiable AttentionTap (none at weight 0)
             logits = self(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         reg = self.reg(step=self.global_step)        # reads and releases what the capture recorded

@@ -13,6 +13,12 @@ Weight schedules, for step :math:`t` (passed as ``step=`` or set with :meth:`Reg
 Composition: ``a + b`` and ``c * a`` give a :class:`RegularizerSum` whose ``total`` is the (scaled) sum of the
 terms' totals and whose ``parts`` merge the terms' parts (scaled; a repeated name gets a ``.1``, ``.2`` suffix).
 
+Weight 0 costs nothing and changes nothing: a term whose weight (times its coefficient in a sum) is 0 at the call's
+step is not evaluated, and its ``total`` is an exact 0 (float32, on the inputs' device), so ``loss + out.total`` and
+its gradients are bit for bit those of ``loss`` (a penalty that is NaN or Inf there does not leak in as ``0 * NaN``).
+:meth:`Regularizer.capture` arms no tap when the weight is 0 at every step (``weight=0``, or ``0 * reg``), or when it
+is 0 at the ``step=`` passed to it (a warm-up's step 0): the forward then runs the model's own attention kernels.
+
 Attention regularisers read the per-query results of a differentiable :class:`~entrotrain.taps.AttentionTap`.
 :meth:`Regularizer.capture` arms one around a forward; the next call with no inputs uses (and releases) what it
 recorded — one tap shared by every attention term of a sum:
@@ -31,10 +37,11 @@ works under one ``with reg.capture(model):``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from entrotrain._validation import check_choice, check_int, check_real, check_str
@@ -103,6 +110,47 @@ class _Capture:
         self.records: list[Any] | None = None
 
 
+class _Skipped(NamedTuple):
+    """What :meth:`Regularizer.capture` leaves when it armed nothing (the weight was 0): the step it saw and the
+    model's device (for the exact-zero total)."""
+
+    step: int
+    device: torch.device
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _find_device(obj: Any, depth: int = 0) -> torch.device:
+    """The device of the first tensor in ``obj`` (a tensor, records, a tap, a mapping or sequence of them); CPU if
+    there is none."""
+    if isinstance(obj, Tensor):
+        return obj.device
+    if isinstance(obj, _Skipped):
+        return obj.device
+    if depth < 4:
+        if isinstance(obj, Mapping):
+            obj = list(obj.values())
+        elif not isinstance(obj, (list, tuple)):
+            obj = [getattr(obj, a) for a in ("records", "captures", "router_logits") if hasattr(obj, a)]
+        for item in obj:
+            dev = _find_device(item, depth + 1)
+            if dev.type != "cpu":
+                return dev
+    return torch.device("cpu")
+
+
+def _exact_zero(inputs: Any) -> Tensor:
+    """The total of a term of weight 0: an exact float32 0 on the inputs' device (``loss + 0`` is ``loss`` bit for
+    bit); it requires grad when grad mode is on, so ``out.total.backward()`` still works (and touches no model)."""
+    return torch.zeros((), dtype=torch.float32, device=_find_device(inputs), requires_grad=torch.is_grad_enabled())
+
+
 class Regularizer(nn.Module):
     """Base class: subclasses implement :meth:`penalty` (unweighted, a scalar that keeps the graph).
 
@@ -154,9 +202,29 @@ class Regularizer(nn.Module):
             self.step if step is None else step, self.weight, self.schedule, self.final_weight, self.total_steps
         )
 
+    def is_active(self, step: int | None = None) -> bool:
+        """Whether the term contributes at ``step`` (default: the last step set): its weight there is > 0. A term
+        that is not active is neither captured for nor evaluated (see the module docstring)."""
+        return self.current_weight(step) > 0.0
+
+    def always_inactive(self) -> bool:
+        """Whether the weight is 0 at every step (``weight=0`` under any schedule but a cosine to a positive
+        ``final_weight``)."""
+        return self.weight == 0.0 and (self.schedule != "cosine" or self.final_weight == 0.0)
+
     # ------------------------------------------------------------------ capture
+    def _skip_capture(self, model: nn.Module, step: int | None) -> bool:
+        """Sets the step (if given) and, when the weight is 0 (at every step, or at that step), marks the capture as
+        skipped and returns True."""
+        if step is not None:
+            self.set_step(step)
+        if self.always_inactive() or (step is not None and not self.is_active()):
+            self._capture.records = _Skipped(self.step, _model_device(model))  # type: ignore[assignment]
+            return True
+        return False
+
     @contextmanager
-    def capture(self, model: nn.Module, **tap_kwargs: Any) -> Iterator[Any]:
+    def capture(self, model: nn.Module, *, step: int | None = None, **tap_kwargs: Any) -> Iterator[Any]:
         """Arm a differentiable :class:`~entrotrain.taps.AttentionTap` on ``model`` for the ``with`` body.
 
         The next call of this regulariser without inputs reads the tap's records and releases them (so the graph
@@ -164,11 +232,18 @@ class Regularizer(nn.Module):
         Yields the tap. Small CPU SDPA calls are computed jointly with their entropy (one pass, one backward; output
         equal to SDPA's to round-off): ``joint_attention=False`` keeps SDPA's kernel (see
         :class:`~entrotrain.taps.AttentionTap`).
+
+        ``step`` sets the schedule's step first (as :meth:`set_step`). When the weight is 0 — at every step, or at
+        ``step`` — no tap is armed (yields ``None``): the forward is the model's own, and the next call returns an
+        exact 0 (it raises if called at a step whose weight is not 0: pass the same ``step`` to both).
         """
         from entrotrain.taps.attention_tap import AttentionTap  # regularisers sit above taps; import on use
 
         if tap_kwargs.pop("differentiable", True) is not True:
             raise EntrotrainError("Regularizer.capture needs a differentiable tap; drop differentiable=False.")
+        if self._skip_capture(model, step):
+            yield None
+            return
         tap = AttentionTap(model, differentiable=True, **tap_kwargs)
         self._capture.records = None
         with tap:
@@ -181,6 +256,12 @@ class Regularizer(nn.Module):
             raise EntrotrainError(
                 f"{type(self).__name__} was called without inputs and nothing was captured: run the forward inside "
                 "`with reg.capture(model): ...` first, or pass the records: reg(tap.records)."
+            )
+        if isinstance(records, _Skipped) and self.is_active():
+            raise EntrotrainError(
+                f"{type(self).__name__}.capture(step={records.step}) saw weight 0 and recorded nothing, but the call "
+                f"is at step {self.step} with weight {self.current_weight()}: pass the same step to both, "
+                "`with reg.capture(model, step=s): ...` then `reg(step=s)`."
             )
         return records
 
@@ -198,7 +279,20 @@ class Regularizer(nn.Module):
             self.set_step(step)
         if not inputs:
             inputs = (self._take_captured(),)
+        if not self.is_active():
+            return self._zero_output(inputs)
         total = self.current_weight() * self.penalty(*inputs)
+        return RegularizerOutput(total, {self.name: total.detach()})
+
+    def _zero_output(self, inputs: Any) -> RegularizerOutput:
+        """Weight 0: nothing is evaluated; an exact 0 (see :func:`_exact_zero`). The regulariser's own parameters (a
+        learnable threshold) get a zero gradient, as ``0 * penalty`` gave them, so DDP (``find_unused_parameters=
+        False``) still sees them used and an optimizer steps them as it did."""
+        total = _exact_zero(inputs)
+        if torch.is_grad_enabled():
+            for param in self.parameters():
+                if param.requires_grad:
+                    total = total + param.sum().to(total) * 0.0
         return RegularizerOutput(total, {self.name: total.detach()})
 
     # ------------------------------------------------------------------ composition
@@ -265,24 +359,46 @@ class RegularizerSum(Regularizer):
         """True when the terms capture different things (attention and activations, say)."""
         return any(reg.capture_group != "attention" for reg in self.regs)
 
+    def is_active(self, step: int | None = None) -> bool:
+        """Whether any term has a coefficient > 0 and is active at ``step``."""
+        return any(c > 0.0 and r.is_active(step) for c, r in self.terms)
+
+    def always_inactive(self) -> bool:
+        """Whether every term has coefficient 0 or is always inactive."""
+        return all(c == 0.0 or r.always_inactive() for c, r in self.terms)
+
     @contextmanager
-    def capture(self, model: nn.Module, **tap_kwargs: Any) -> Iterator[Any]:
+    def capture(self, model: nn.Module, *, step: int | None = None, **tap_kwargs: Any) -> Iterator[Any]:
         """As :meth:`Regularizer.capture` when every term reads attention (one shared tap; yields it). When the terms
         mix capture groups, arms one attention tap (given ``tap_kwargs``) for all attention terms and each other
         term's own :meth:`capture` (on its own ``include``), and yields the list of taps; each term then reads what it
-        captured."""
+        captured. A term of coefficient 0, or of weight 0 (at every step, or at ``step``), captures nothing."""
         if not self._mixed:
-            with super().capture(model, **tap_kwargs) as tap:
+            with super().capture(model, step=step, **tap_kwargs) as tap:
                 yield tap
             return
+        if step is not None:
+            self.set_step(step)
+
+        def live(coeff: float, reg: Regularizer) -> bool:
+            return coeff > 0.0 and not reg.always_inactive() and (step is None or reg.is_active())
+
+        skipped = _Skipped(self.step, _model_device(model))
         attention = [reg for reg in self.regs if reg.capture_group == "attention"]
-        others = [reg for reg in self.regs if reg.capture_group != "attention"]
+        shared = [r for c, r in self.terms if r.capture_group == "attention" and live(c, r)]
         with ExitStack() as stack:
-            taps = [stack.enter_context(attention[0].capture(model, **tap_kwargs))] if attention else []
-            taps += [stack.enter_context(reg.capture(model)) for reg in others]
+            taps = [stack.enter_context(shared[0].capture(model, **tap_kwargs))] if shared else []
+            for coeff, reg in self.terms:
+                if reg.capture_group == "attention":
+                    continue
+                if live(coeff, reg):
+                    taps.append(stack.enter_context(reg.capture(model)))
+                else:
+                    reg._capture.records = skipped  # type: ignore[assignment]
             yield taps
-        for reg in attention[1:]:  # one attention tap for all of them
-            reg._capture.records = attention[0]._capture.records
+        for reg in attention:  # one attention tap for all of them
+            if not shared or reg is not shared[0]:
+                reg._capture.records = shared[0]._capture.records if shared else skipped  # type: ignore[assignment]
 
     def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
         if step is not None:
@@ -290,17 +406,27 @@ class RegularizerSum(Regularizer):
         if not inputs and not self._mixed:
             inputs = (self._take_captured(),)
         total: Tensor | None = None
+        zero: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for coeff, reg in self.terms:
-            out = reg(*inputs)
-            total = coeff * out.total if total is None else total + coeff * out.total
+            if coeff == 0.0 or not reg.is_active():  # not evaluated (module docstring: weight 0)
+                held = inputs
+                if not inputs:
+                    held, reg._capture.records = (reg._capture.records,), None
+                out = reg._zero_output(held)
+                zero = out.total if zero is None else zero
+            else:
+                out = reg(*inputs)
+                total = coeff * out.total if total is None else total + coeff * out.total
             for key, value in out.parts.items():
                 unique, n = key, 0
                 while unique in parts:
                     n += 1
                     unique = f"{key}.{n}"
                 parts[unique] = coeff * value
-        assert total is not None  # terms is never empty
+        if total is None:
+            assert zero is not None  # terms is never empty
+            total = zero
         return RegularizerOutput(total, parts)
 
     def __add__(self, other: Regularizer) -> RegularizerSum:

@@ -113,10 +113,12 @@ class _RepresentationRegularizer(Regularizer):
         self.include = include
 
     @contextmanager
-    def capture(self, model: torch.nn.Module, **tap_kwargs: Any) -> Iterator[Any]:
+    def capture(self, model: torch.nn.Module, *, step: int | None = None, **tap_kwargs: Any) -> Iterator[Any]:
         """Arm a differentiable :class:`~entrotrain.taps.activation_tap.ActivationTap` on ``model`` for the
         ``with`` body (modules from ``include=`` here or this regulariser's ``include``); the next call without
-        inputs uses and releases its captures. ``tap_kwargs`` go to the tap (``max_rows=``, ``layout=``, ...)."""
+        inputs uses and releases its captures. ``tap_kwargs`` go to the tap (``max_rows=``, ``layout=``, ...).
+        ``step`` and weight 0 as :meth:`Regularizer.capture <entrotrain.regularizers.composition.Regularizer.capture>`
+        (no tap, yields ``None``)."""
         from entrotrain.taps.activation_tap import ActivationTap  # regularisers sit above taps; import on use
 
         if tap_kwargs.pop("differentiable", True) is not True:
@@ -127,6 +129,9 @@ class _RepresentationRegularizer(Regularizer):
                 f"{type(self).__name__}.capture needs the modules to regularise: pass include=[globs] here or to the "
                 "constructor (e.g. include=['model.projector'])."
             )
+        if self._skip_capture(model, step):
+            yield None
+            return
         tap = ActivationTap(model, include=include, differentiable=True, **tap_kwargs)
         self._capture.records = None
         with tap:

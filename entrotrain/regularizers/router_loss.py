@@ -76,6 +76,8 @@ class _RouterRegularizer(Regularizer):
     def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
         if step is not None:
             self.set_step(step)
+        if not self.is_active():  # weight 0: not evaluated, an exact 0 (composition module docstring)
+            return self._zero_output(inputs)
         return self._weighted(router_inputs(*inputs))
 
     def _weighted(self, x: RouterInputs) -> RegularizerOutput:
@@ -176,6 +178,18 @@ class TsallisRouterLoss(_RouterRegularizer):
         """:math:`\\beta_t \\bar S + \\alpha B` at the current (scheduled) β: the weights are inside (β may be 0)."""
         terms = self._terms(x)
         return self.current_weight() * terms.entropy + self.aux_weight * terms.balance
+
+    def is_active(self, step: int | None = None) -> bool:
+        """β at ``step`` or α is > 0."""
+        return self.aux_weight > 0.0 or super().is_active(step)
+
+    def always_inactive(self) -> bool:
+        return self.aux_weight == 0.0 and super().always_inactive()
+
+    def _zero_output(self, inputs: Any) -> RegularizerOutput:
+        out = super()._zero_output(inputs)
+        return RegularizerOutput(out.total, {f"{self.name}/entropy": out.total.detach(),
+                                             f"{self.name}/balance": out.total.detach()})
 
     def _weighted(self, x: RouterInputs) -> RegularizerOutput:
         terms = self._terms(x)

@@ -13,9 +13,10 @@ from entrotrain.regularizers.composition import Regularizer
 __all__ = ["add_regularization", "capturing"]
 
 
-def capturing(regularizer: Regularizer | None, model: nn.Module) -> AbstractContextManager:
-    """``regularizer.capture(model)``, or a no-op context when there is no regulariser."""
-    return nullcontext() if regularizer is None else regularizer.capture(model)
+def capturing(regularizer: Regularizer | None, model: nn.Module, step: int | None = None) -> AbstractContextManager:
+    """``regularizer.capture(model, step=step)`` (no tap at a step of weight 0), or a no-op context when there is no
+    regulariser."""
+    return nullcontext() if regularizer is None else regularizer.capture(model, step=step)
 
 
 def add_regularization(

@@ -165,7 +165,7 @@ class DigitsViTTask(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        with capturing(self.regularizer, self.model):
+        with capturing(self.regularizer, self.model, self.global_step):
             logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(-1) == y).float().mean()

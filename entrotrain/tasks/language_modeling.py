@@ -76,7 +76,7 @@ class LanguageModelingTask(LightningModule):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        with capturing(self.regularizer, self.model):
+        with capturing(self.regularizer, self.model, self.global_step):
             loss = self._loss(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return add_regularization(self, self.regularizer, loss)

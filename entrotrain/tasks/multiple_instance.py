@@ -203,7 +203,7 @@ class DigitsMILTask(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, mask, y = batch
-        with capturing(self.regularizer, self.model):
+        with capturing(self.regularizer, self.model, self.global_step):
             logits = self(x, mask)
         loss = F.binary_cross_entropy_with_logits(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])

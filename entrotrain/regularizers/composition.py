@@ -98,6 +98,17 @@ def scheduled_weight(
     return weight * frac  # warmup
 
 
+def _add_non_regularizer(reg: Regularizer, other: Any) -> RegularizerSum:
+    """``reg + 0`` / ``0 + reg`` (``sum([a, b])`` starts from 0): ``reg`` as a sum; anything else raises."""
+    if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+        return reg if isinstance(reg, RegularizerSum) else RegularizerSum([(1.0, reg)])
+    raise EntrotrainError(
+        f"a Regularizer can only be added to another Regularizer (or 0, as in sum([a, b])), got "
+        f"{type(other).__name__} {other!r}; scale with c * reg, and add the penalty to the loss as "
+        "loss + reg(...).total."
+    )
+
+
 def _check_coefficient(coeff: float) -> float:
     """A composition coefficient ``c`` of ``c * reg``: finite and >= 0 (a negative one would reward the penalty)."""
     return check_real(coeff, "coefficient of c * regularizer", low=0.0)  # type: ignore[return-value]
@@ -298,8 +309,11 @@ class Regularizer(nn.Module):
     # ------------------------------------------------------------------ composition
     def __add__(self, other: Regularizer) -> RegularizerSum:
         if not isinstance(other, Regularizer):
-            return NotImplemented
+            return _add_non_regularizer(self, other)
         return RegularizerSum([(1.0, self)]) + other
+
+    def __radd__(self, other: Any) -> RegularizerSum:
+        return _add_non_regularizer(self, other)  # 0 + reg: Python's sum([a, b])
 
     def __mul__(self, coeff: float) -> RegularizerSum:
         if isinstance(coeff, bool) or not isinstance(coeff, (int, float)):
@@ -431,7 +445,7 @@ class RegularizerSum(Regularizer):
 
     def __add__(self, other: Regularizer) -> RegularizerSum:
         if not isinstance(other, Regularizer):
-            return NotImplemented
+            return _add_non_regularizer(self, other)
         return RegularizerSum([*self.terms, (1.0, other)])
 
     def __mul__(self, coeff: float) -> RegularizerSum:

@@ -92,7 +92,7 @@ def test_errors_name_the_fix():
         Const(1.0, schedule="linear", total_steps=3)  # type: ignore[arg-type]
     with pytest.raises(EntrotrainError, match="capture"):
         Const(1.0)()
-    with pytest.raises(TypeError):
+    with pytest.raises(EntrotrainError, match="only be added"):
         Const(1.0) + 3  # type: ignore[operator]
 
 
@@ -182,3 +182,16 @@ def test_sum_of_representation_regularizers_captures_its_own_modules():
     with b.capture(model):
         model(x)
     torch.testing.assert_close(total, a().total + b().total, rtol=1e-12, atol=1e-12)
+
+
+def test_python_sum_of_regularizers_and_adding_a_non_regularizer():
+    """``sum([a, b])`` starts from 0 (it raised Python's TypeError); ``reg + 3`` raises EntrotrainError naming the fix."""
+    x = torch.tensor([1.0, 2.0])
+    total = sum([Const(0.5), Square(2.0)])
+    assert isinstance(total, RegularizerSum) and total(x).total.item() == pytest.approx(0.5 * 3 + 2.0 * 5)
+    assert isinstance(Const(1.0) + 0, RegularizerSum)
+    for bad in (3, "a", torch.ones(1), True):
+        with pytest.raises(EntrotrainError, match="only be added to another Regularizer"):
+            Const(1.0) + bad
+    with pytest.raises(EntrotrainError, match="only be added"):
+        3 + Const(1.0)

@@ -235,10 +235,23 @@ class PolicyLoss(nn.Module):
 
     def __add__(self, other: PolicyLoss) -> PolicyLossSum:
         if not isinstance(other, PolicyLoss):
-            return NotImplemented
+            return self._add_number(other)
         left = list(self.terms) if isinstance(self, PolicyLossSum) else [self]
         right = list(other.terms) if isinstance(other, PolicyLossSum) else [other]
         return PolicyLossSum(left + right)
+
+    def __radd__(self, other: object) -> PolicyLossSum:
+        return self._add_number(other)  # 0 + loss: Python's sum([a, b])
+
+    def _add_number(self, other: object) -> PolicyLossSum:
+        """``loss + 0`` / ``0 + loss`` (``sum([a, b])`` starts from 0); anything else raises."""
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return self if isinstance(self, PolicyLossSum) else PolicyLossSum([self])
+        raise EntrotrainError(
+            f"a PolicyLoss can only be added to another PolicyLoss (or 0, as in sum([a, b])), got "
+            f"{type(other).__name__} {other!r}; compose losses, e.g. PPOClipLoss() + EntropyBonus(0.01), and add "
+            "numbers to the computed loss: out.loss + x."
+        )
 
     def _aggregate(self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool) -> Tensor:
         """``aggregate_loss`` with local denominators, or global ones × world size (DDP averages the gradients).

@@ -14,6 +14,7 @@ from entrotrain.regularizers import (
     EntropyBonus,
     KLCovLoss,
     PolicyLossOutput,
+    PolicyLossSum,
     PPOClipLoss,
     SteerLoss,
 )
@@ -246,6 +247,22 @@ def test_entropy_bonus_fixed_and_composition():
     assert ent.grad is not None and (ent.grad[mask.bool()] < 0).all()
     triple = combo + PPOClipLoss()
     assert len(triple.terms) == 3 and "policy/pg_loss.1" in triple(logp, old, adv, mask, entropy=ent).metrics
+
+
+def test_python_sum_of_policy_losses_and_adding_a_non_loss():
+    """``sum([a, b])`` starts from 0 (it raised Python's TypeError); ``loss + 3`` raises EntrotrainError naming the
+    fix."""
+    logp, old, adv, mask = _batch(seed=9)
+    ent = torch.rand_like(logp)
+    total = sum([PPOClipLoss(), EntropyBonus(0.01)])
+    assert isinstance(total, PolicyLossSum) and len(total.terms) == 2
+    want = (PPOClipLoss() + EntropyBonus(0.01))(logp, old, adv, mask, entropy=ent).loss
+    assert torch.equal(total(logp, old, adv, mask, entropy=ent).loss, want)
+    for bad in (3, "a", True):
+        with pytest.raises(EntrotrainError, match="only be added to another PolicyLoss"):
+            PPOClipLoss() + bad
+    with pytest.raises(EntrotrainError, match="only be added"):
+        3 + PPOClipLoss()
 
 
 def test_entropy_bonus_adaptive_controller_and_state_dict():

@@ -231,3 +231,15 @@ def check_device(device: Any, name: str = "device", *, none_ok: bool = True) -> 
 
 
 __all__ += ["check_device"]
+
+#: The range of seeds ``torch.Generator.manual_seed`` takes (a signed or unsigned 64-bit integer).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seed(value: Any, name: str = "seed", *, low: int = SEED_RANGE[0], offset: int = 0) -> int:
+    """A generator seed: an int in ``[low, 2**64 - 1 - offset]``, ``offset`` the most the caller adds to it (a second
+    generator seeded ``seed + 1``); beyond that ``manual_seed`` fails with a raw ``ValueError``."""
+    return check_int(value, name, low=low, high=SEED_RANGE[1] - offset)
+
+
+__all__ += ["SEED_RANGE", "check_seed"]

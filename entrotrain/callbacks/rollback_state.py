@@ -15,14 +15,19 @@ What rolls back, and what does not:
   a parameter an optimizer steps outside the model (a loop that watches the generator with the discriminator's
   optimizer too, a learnable temperature kept outside any module), which its moments must match. A parameter that
   had no optimizer state then has none now (it reinitialises at its next step, as it did then). Gradients are
-  cleared: they belong to the trajectory that was abandoned.
+  cleared: they belong to the trajectory that was abandoned. The optimizer state some optimizers keep in their param
+  groups (Prodigy's step-size estimate ``d``, the schedule-free optimizers' ``k`` and ``weight_sum``) rolls back too:
+  every number or tensor entry of a group except ``params`` and the rates the guard and the schedulers own (``lr``,
+  ``initial_*``, OneCycleLR's / CyclicLR's bounds and ``momentum``, ``swa_lr``); a schedule-free state taken in one
+  mode (``train`` / ``eval``) is switched to the current one after the restore
+  (:mod:`~entrotrain.callbacks.rollback_groups`).
 - **Never held**: a state with a non-finite tensor. A guard judges a step good on a value its forward measured,
   before the step's update, and that update can still turn the weights NaN (an overflowing gradient): such a state
   is skipped and the one held before stays, so a model gone NaN rolls back to finite weights.
 - **Does not**: the clock (the global step, the schedulers' position, the data order, the RNG): the batches seen
   between the snapshot and the firing are skipped, not replayed, as PaLM skipped them, and loggers keep a monotonic
-  step. The optimizers' hyperparameters (param groups) stay as they are now; the guard then multiplies the learning
-  rates by its ``lr_factor``.
+  step. The rates in the param groups (``lr`` and the schedulers' entries) and their flags (``train_mode``,
+  ``foreach``) stay as they are now; the guard then multiplies the learning rates by its ``lr_factor``.
 
 Copies are made in place: the snapshot's host buffers are re-used from one good observation to the next (one
 device-to-host copy of model + optimizer state per good observation, into pinned memory on CUDA, queued on the
@@ -60,6 +65,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from entrotrain.callbacks import rollback_groups
 from entrotrain.callbacks.rollback_frozen import FrozenParameters
 from entrotrain.errors import EntrotrainError
 
@@ -190,6 +196,7 @@ class RollbackState:
         self._specs: dict[str, Any] = {}  # key -> DTensor spec (mesh, placements, shape, stride) of a sharded entry
         self._optimizers: list[_HeldOptimizer] = []
         self._outside: dict[int, torch.Tensor] = {}  # id -> value of a parameter an optimizer steps outside the model
+        self._groups: list[rollback_groups.HeldGroups] = []  # per optimizer: the state in its param groups
 
     # ------------------------------------------------------------------ take
     def take(self, model: nn.Module, optimizers: Sequence[Any], step: int, last: RollbackState | None = None) -> bool:
@@ -215,6 +222,7 @@ class RollbackState:
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
+        state += rollback_groups.group_tensors([g for opt in optimizers for g in _groups(opt)])
         outside = outside_params(model, inner)
         if not _all_finite([*_tensors(live), *state, *outside], shard_groups(optimizers)):
             return False
@@ -224,6 +232,7 @@ class RollbackState:
             self._specs = {key: spec for key, spec in ((k, _spec(v)) for k, v in live.items()) if spec is not None}
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
             self._optimizers = [_optimizer_state(opt, previous) for opt, previous in zip(inner, held)]
+            self._groups = [rollback_groups.hold_groups(_groups(opt)) for opt in optimizers]
         self.step = int(step)
         if self._frozen is not None:
             self._frozen.keep(frozen, step)
@@ -247,17 +256,25 @@ class RollbackState:
         current = model.state_dict()
         if self._frozen is not None:
             self._frozen.verify(current)  # before anything is copied
+        for opt, groups in zip(optimizers, self._groups):
+            rollback_groups.check_groups(_outer_optimizer(opt), _groups(opt), groups)  # (also before any copy)
+        modes = [rollback_groups.modes(_groups(opt)) for opt in optimizers]  # schedule-free's, before the restore
         with torch.no_grad():
             _restore_model(model, self._model, self._specs, current, self._frozen.keys if self._frozen else set())
             for opt, held in zip(optimizers, self._optimizers):
                 _restore_optimizer(unwrap_optimizer(opt), held)
             _restore_outside([unwrap_optimizer(opt) for opt in optimizers], self._outside)
+            for opt, groups in zip(optimizers, self._groups):
+                rollback_groups.restore_groups(_groups(opt), groups)
+            for opt, wanted in zip(optimizers, modes):  # parameters and state restored: switch to the current mode
+                rollback_groups.switch_modes(_outer_optimizer(opt), _groups(opt), wanted)
         model.zero_grad(set_to_none=True)
         return self.step
 
     def clear(self) -> None:
         """Drop the held state (its host memory)."""
         self.step, self._model, self._specs, self._optimizers, self._outside = None, {}, {}, [], {}
+        self._groups = []
         if self._frozen is not None:
             self._frozen.clear()
 
@@ -371,6 +388,12 @@ def _copy_into(value: Any, buffer: Any) -> Any:
         buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.is_cuda)
     buffer.copy_(value, non_blocking=value.is_cuda)
     return buffer
+
+
+def _groups(optimizer: Any) -> list[dict[str, Any]]:
+    """The param groups whose entries are the optimizer's hyperparameters and group state: the outer optimizer's
+    (a ``ZeroRedundancyOptimizer`` copies its own into its local optimizer's at each step, and back after it)."""
+    return list(getattr(_outer_optimizer(optimizer), "param_groups", None) or [])
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_seed, check_str
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._information_common import as_rows64, check_base, check_labels, zero
 from entrotrain.functional.information_binning import (
@@ -130,7 +130,7 @@ def estimator_parameters(estimator: str, **params: Any) -> dict[str, Any]:
         check_choice(used["bound"], "bound", KDE_BOUNDS)
     else:
         check_int(used["k"], "k", low=1)
-        check_int(used["seed"], "seed", low=0)
+        check_seed(used["seed"], low=0, offset=2)  # the noise generator is seeded seed + 2
         used["noise_std"] = check_real(used["noise_std"], "noise_std", low=0.0)
         used["jitter"] = check_real(used["jitter"], "jitter", low=0.0)
         if estimator == "pca_ksg":

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_choice, check_int, check_real
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_shape, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._information_common import (
     as_rows64,
@@ -74,6 +74,9 @@ __all__ = [
 ]
 
 BINNING_SCHEMES = ("intervals", "idnns")
+#: The most bins per feature: the grid's edges are materialised (``8·n_bins`` bytes), and more bins than samples
+#: only split singletons further.
+MAX_BINS = 2**24
 SCOPES = ("layer", "neuron")
 QUANTILE_MODES = ("distinct", "samples")
 
@@ -93,7 +96,7 @@ def binning_options(
     n_bins: Any, adaptive: Any, range: Any, scheme: Any, scope: Any, quantiles: Any
 ) -> dict[str, Any]:
     """The validated binning parameters (what :func:`binned_symbols` uses), as a dict for logging."""
-    check_int(n_bins, "n_bins", low=1)
+    check_int(n_bins, "n_bins", low=1, high=MAX_BINS)
     check_bool(adaptive, "adaptive")
     if adaptive:
         check_choice(scope, "scope", SCOPES)
@@ -170,8 +173,24 @@ def binned_symbols(
     return torch.unique(bins, dim=0, return_inverse=True)[1].to(torch.long)
 
 
+def _check_symbols(symbols: Any, name: str, n: int | None = None) -> Tensor:
+    """``symbols`` is a 1-D integer or bool tensor (of length ``n`` when given); ids are only compared."""
+    check_tensor(symbols, name, ndim=1, layout="(n,)")
+    if symbols.is_floating_point() or symbols.is_complex():
+        raise EntrotrainError(
+            f"{name} must be integer (or bool) symbol ids, got dtype {symbols.dtype}; bin real values first "
+            f"(binned_symbols) or pass {name}.long() if they are ids."
+        )
+    if n is not None:
+        check_shape(symbols, (n,), name, like="one id per symbol")
+    return symbols
+
+
 def discrete_entropy(symbols: Tensor, *, base: float = math.e) -> Tensor:
-    r"""Plug-in entropy ``H = log n − (1/n) Σ_s c_s log c_s`` of a ``(n,)`` integer symbol tensor (0 when ``n ≤ 1``)."""
+    r"""Plug-in entropy ``H = log n − (1/n) Σ_s c_s log c_s`` of a ``(n,)`` integer symbol tensor (0 when ``n ≤ 1``).
+
+    ``symbols`` must be a 1-D integer or bool tensor (float ids are refused: equality of floats is not a symbol)."""
+    _check_symbols(symbols, "symbols")
     base = check_base(base)
     n = symbols.numel()
     if n <= 1:
@@ -186,7 +205,9 @@ def discrete_mutual_information(symbols: Tensor, groups: Tensor, *, base: float 
     r"""Plug-in ``I(S;G) = H(S) − Σ_g p(g) H(S|G=g)`` of two ``(n,)`` integer symbol tensors (module formula).
 
     Computed as ``[(Σ c_sg log c_sg − Σ c_s log c_s) + (n log n − Σ n_g log n_g)] / n``, clamped at 0: a single
-    group gives exactly 0, and so does ``n ≤ 1``."""
+    group gives exactly 0, and so does ``n ≤ 1``. Both must be 1-D integer or bool tensors of one length."""
+    _check_symbols(symbols, "symbols")
+    _check_symbols(groups, "groups", symbols.numel())
     base = check_base(base)
     n = symbols.numel()
     if n <= 1:
@@ -223,7 +244,7 @@ def binned_entropy(
 
     Args:
         t: activations ``(n, d)`` (or ``(n,)``), any real dtype; NaN/Inf rows are refused (drop them first).
-        n_bins: bins per feature (``scheme="idnns"``: grid *edges*), ≥ 1; 1 gives ``H = 0``.
+        n_bins: bins per feature (``scheme="idnns"``: grid *edges*), in ``[1, MAX_BINS]`` (2²⁴); 1 gives ``H = 0``.
         adaptive: ``False`` = fixed equal-width grid over ``range``; ``True`` = EBAB equal-mass bins
             (Chelombiev et al. 2019) recomputed from ``t``.
         base: log base (``math.e`` nats, 2 bits).

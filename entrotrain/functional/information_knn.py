@@ -47,7 +47,7 @@ import math
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_int, check_real
+from entrotrain._validation import check_bool, check_int, check_real, check_seed
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._information_common import as_rows64, check_base, check_labels, class_ids, zero
 from entrotrain.functional.information_kde import pairwise_chunk_rows
@@ -76,7 +76,7 @@ def _check_knn(k: int, jitter: float, seed: int) -> tuple[int, float, int]:
     return (
         check_int(k, "k", low=1),
         check_real(jitter, "jitter", low=0.0),  # type: ignore[return-value]
-        check_int(seed, "seed", low=0),
+        check_seed(seed, low=0, offset=1),  # y is jittered with seed + 1
     )
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_int, check_real, check_tensor
+from entrotrain._validation import check_int, check_real, check_seed, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.spectral_precision import (
     _EPS32,
@@ -557,7 +557,7 @@ def diffusion_spectral_entropy(
     t = _check_time(t)
     sigma = _check_sigma(sigma)
     max_n = check_int(max_n, "max_n", low=2, none_ok=True)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     x = _subsample(_rows64(x), max_n, seed)
     eigs = kernel_spectrum(diffusion_matrix(x, sigma), negative="abs")
     # |λ|^t / Σ|λ|^t = (|λ| / max|λ|)^t / Σ(...)^t: scaling first keeps the top term 1 for any t (no underflow to 0)
@@ -614,7 +614,7 @@ def diffusion_spectral_mutual_information(
     """
     sigma, t = _check_sigma(sigma), _check_time(t)
     n_repetitions = check_int(n_repetitions, "n_repetitions", low=1)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     x = _rows64(x)
     n = x.shape[0]
     y = _discrete_labels(y, n).to(x.device)

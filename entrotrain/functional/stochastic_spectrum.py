@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple, Union
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_choice, check_device, check_int, check_real
+from entrotrain._validation import check_choice, check_device, check_int, check_real, check_seed
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.representation import (
     _check_time,
@@ -112,7 +112,7 @@ def lanczos_quadrature(
     n = check_int(n, "n (the operator's size)", low=1)
     n_probes = check_int(n_probes, "n_probes", low=1)
     n_steps = check_int(n_steps, "n_steps", low=1)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     device = check_device(device)
     matvec, dev = _as_matvec(matrix_or_matvec, n)
     if device is not None:
@@ -247,7 +247,7 @@ def _check_budget(n_probes: int, n_steps: int, seed: int) -> None:
     """SLQ budgets: ``n_probes >= 2`` (the error bar is a probe-to-probe standard error), ``n_steps >= 1``."""
     check_int(n_probes, "n_probes", low=2)
     check_int(n_steps, "n_steps", low=1)
-    check_int(seed, "seed")
+    check_seed(seed)
 
 
 def slq_spectral_entropy(

@@ -662,3 +662,19 @@ def test_get_measure_refuses_an_unhashable_name():
 
     with pytest.raises(EntrotrainError, match="unknown representation measure"):  # before: TypeError (unhashable)
         get_measure(["rankme"])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda seed: diffusion_spectral_entropy(_rows(8, 3), max_n=4, seed=seed),
+        lambda seed: diffusion_spectral_mutual_information(_rows(8, 3), torch.arange(8) % 2, seed=seed),
+        lambda seed: slq_vendi_score(_rows(8, 3), n_probes=4, n_steps=4, seed=seed),
+        lambda seed: lanczos_quadrature(torch.eye(3), 3, n_probes=2, n_steps=2, seed=seed),
+    ],
+)
+def test_seeds_beyond_the_generator_range_are_refused(call):
+    # before: ValueError "Overflow when unpacking long long" from torch.Generator.manual_seed
+    with pytest.raises(EntrotrainError, match="seed must be <= 18446744073709551615"):
+        call(2**70)
+    call(2**64 - 1)  # the largest seed manual_seed takes is accepted

@@ -49,9 +49,9 @@ OWNED = frozenset({"params", "lr", "max_lr", "min_lr", "max_momentum", "base_mom
 #: Schedule-free's mode flag (whether the parameters hold ``y`` or ``x``).
 MODE = "train_mode"
 
-#: One optimizer's held groups: per group, the ids of its parameters, the held entries, and its ``train_mode``
-#: (``None``: the group has none).
-HeldGroups = list[tuple[tuple[int, ...], dict[str, Any], "bool | None"]]
+#: One optimizer's held groups: per group, the ids of its parameters, the held entries, its ``train_mode`` (``None``:
+#: the group has none), and every key it had.
+HeldGroups = list[tuple[tuple[int, ...], dict[str, Any], "bool | None", frozenset[str]]]
 
 
 def is_held(key: str, value: Any) -> bool:
@@ -75,7 +75,7 @@ def hold_groups(groups: Sequence[dict[str, Any]]) -> HeldGroups:
         entries = {key: (value.detach().to("cpu", copy=True), value.device) if isinstance(value, torch.Tensor)
                    else copy.copy(value) for key, value in group.items() if is_held(key, value)}
         mode = group.get(MODE)
-        held.append((_ids(group), entries, mode if isinstance(mode, bool) else None))
+        held.append((_ids(group), entries, mode if isinstance(mode, bool) else None, frozenset(group)))
     return held
 
 
@@ -93,7 +93,7 @@ def check_groups(optimizer: Any, groups: Sequence[dict[str, Any]], held: HeldGro
             f"taken and has {len(groups)} now; an optimizer whose groups are removed during training cannot be rolled "
             "back in memory. Use action='reduce_lr' or 'stop'."
         )
-    for index, (group, (ids, _, mode)) in enumerate(zip(groups, held)):
+    for index, (group, (ids, _, mode, _)) in enumerate(zip(groups, held)):
         if _ids(group) != ids:
             raise EntrotrainError(
                 f"{where}: param group {index} of the optimizer {type(optimizer).__name__} holds other parameters "
@@ -113,11 +113,11 @@ def check_groups(optimizer: Any, groups: Sequence[dict[str, Any]], held: HeldGro
 
 def restore_groups(groups: Sequence[dict[str, Any]], held: HeldGroups) -> None:
     """Put the held entries back into ``groups`` (checked by :func:`check_groups`), remove the entries of a held
-    kind that appeared since, and set each group's mode back to the held one: :func:`switch_modes` then switches
+    kind that the group did not have then, and set each group's mode back to the held one: :func:`switch_modes` then switches
     to the current mode, once the parameters and their state are restored. A group added since is left as it
     is."""
-    for group, (_, entries, mode) in zip(groups, held):
-        for key in [k for k, v in group.items() if k not in entries and is_held(k, v)]:
+    for group, (_, entries, mode, keys) in zip(groups, held):
+        for key in [k for k, v in group.items() if k not in keys and is_held(k, v)]:
             del group[key]
         for key, value in entries.items():
             if isinstance(value, tuple):  # a tensor: a new one (entries may alias each other: never copied into)

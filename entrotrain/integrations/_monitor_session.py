@@ -225,6 +225,7 @@ class _BatchWatch:
         self._handles: list[Any] = []
         self.fields: dict[str, Tensor | None] = {}
         self.live = True  # whether the forward under way is one to read (:func:`capture_allowed` at its pre-hook)
+        self.fused_head = False  # the forward runs TRL's fused LM head (``fused_lm_head=True``): no logits
 
     def arm(
         self, model: nn.Module, keys: Sequence[str], before: Callable[[], None], after: Callable[[Any], None]
@@ -238,6 +239,7 @@ class _BatchWatch:
             if not self.live:
                 return
             self.fields = {k: kwargs[k] if isinstance(kwargs.get(k), Tensor) else None for k in keys}
+            self.fused_head = kwargs.get("fused_lm_head") is True
             before()
 
         def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -319,6 +321,14 @@ class _RouterDriver(_Driver):
         return m.summary_table() if m.print_summary and m.history else None
 
 
+def _causal_lm(model: nn.Module | None) -> bool:
+    """Whether ``model`` is an HF causal LM by its class name (``*ForCausalLM``, ``*LMHeadModel``; a PEFT wrapper's
+    too), which shifts its ``labels`` inside; read without importing transformers."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    name = type(inner).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 class _PredictionDriver(_Driver):
     """Prediction entropy of each micro-batch forward of a logging step: the head hook (``source="head"``) or the
     model's output logits (``source="output"``); ``labels`` / ``attention_mask`` are the forward's keyword arguments.
@@ -333,6 +343,38 @@ class _PredictionDriver(_Driver):
     def bind(self, model: nn.Module) -> None:
         super().bind(model)
         self.monitor.bind(model)
+        self._warned_unshifted = False
+
+    def _check_forward(self) -> None:
+        """Refuse a forward whose predictions cannot be read; warn once about unshifted causal-LM labels."""
+        m, found = self.monitor, self._watch.fields
+        if self._watch.fused_head:
+            raise TapError(
+                f"PredictionEntropyMonitor {self.where}: the model was called with fused_lm_head=True (TRL's "
+                "SFTTrainer computes its loss through a fused LM head): that forward returns no logits and never "
+                "calls the output head, so neither source='output' nor source='head' sees a prediction. TRL logs its "
+                "own token entropy ('entropy', 'mean_token_accuracy'); for entropy/pred/* train with "
+                "transformers.Trainer, or drop PredictionEntropyMonitor from this SFTTrainer's callback."
+            )
+        labels, ids = found.get("labels"), found.get("input_ids")
+        if (
+            m.shift_labels
+            or self._warned_unshifted
+            or not _causal_lm(self.model)
+            or not isinstance(labels, Tensor)
+            or not isinstance(ids, Tensor)
+            or labels.shape != ids.shape
+        ):
+            return
+        real = labels != m.ignore_index
+        if bool(real.any()) and bool((labels[real] == ids[real].to(labels.dtype)).all()):
+            self._warned_unshifted = True
+            rank_zero_warn(
+                f"PredictionEntropyMonitor {self.where}: {type(self.model).__name__} is a causal LM called with "
+                "labels = input_ids, which it shifts itself (the target of position t is labels[t + 1]), but the "
+                "monitor has shift_labels=False: entropy/pred/train/nll scores each position against its own token "
+                "and the positions kept are off by one. Pass PredictionEntropyMonitor(shift_labels=True)."
+            )
 
     def arm(self) -> None:
         m = self.monitor
@@ -340,6 +382,7 @@ class _PredictionDriver(_Driver):
         m._train = _Positions()
 
         def before() -> None:
+            self._check_forward()
             if m.source == "head":
                 m._disarm()
                 m._arm(m._labels_only(self._watch.fields)[1])
@@ -362,7 +405,7 @@ class _PredictionDriver(_Driver):
                 keep, labels = m._keep(lead, found, logits.device)
                 m._score(m._train, lead, keep, labels, logits=logits)
 
-        self._watch.arm(self.model, ("attention_mask", "labels", "mask"), before, after)
+        self._watch.arm(self.model, ("attention_mask", "labels", "mask", "input_ids"), before, after)
 
     def disarm(self) -> None:
         self._watch.disarm()

@@ -90,10 +90,16 @@ scores that forward. So:
   once (not logged: ``{p}/layers`` is a Lightning hyperparameter).
 * :class:`PredictionEntropyMonitor`: ``source="head"`` hooks the head (``head`` glob, e.g. ``"**.lm_head"``) inside
   each forward, ``source="output"`` reads the output's ``.logits``; labels are the ``labels`` keyword (HF causal LMs
-  take unshifted labels: pass ``shift_labels=True``), the keep mask ``attention_mask & labels != ignore_index``. The
+  take unshifted labels: pass ``shift_labels=True``; a ``*ForCausalLM`` / ``*LMHeadModel`` called with ``labels``
+  equal to its ``input_ids`` under ``shift_labels=False`` is warned about once), the keep mask
+  ``attention_mask & labels != ignore_index``. The
   probe set is the ``probe=`` tensors (there is no datamodule: ``probe=None`` means no probe set), scored, and
   ``generation_prompts`` generated, after the optimizer step in eval mode without gradient, RNG untouched.
-  A model called positionally (no keywords) gives no mask and no labels: every position counts, no NLL.
+  A model called positionally (no keywords) gives no mask and no labels: every position counts, no NLL; with
+  ``label_smoothing_factor`` ``Trainer`` takes ``labels`` out of the inputs before the forward, so there is no
+  ``nll`` key either. TRL's ``SFTTrainer`` (1.16) computes its loss through a fused LM head
+  (``model(..., fused_lm_head=True)``), which returns no logits and never calls the head: such a forward is refused
+  with a :class:`~entrotrain.errors.TapError` (TRL logs its own ``entropy`` and ``mean_token_accuracy``).
 
 Not supported here: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure (``Trainer``
 hands callbacks no batch; use ``stage="train"`` and the other measures).
@@ -345,6 +351,7 @@ class EntropyTrainerCallback(TrainerCallback):
                     "EntropyCollapseGuard(action='rollback') restores the optimizer state too, but Trainer handed no "
                     "optimizer to the callbacks at train begin; use action='reduce_lr' or 'stop'."
                 )
+        if kwargs.get("optimizer") is not None:  # (a rate action warns there about an optimizer that ignores lr)
             self.session.track(model, [kwargs["optimizer"]])
         saved = state.stateful_callbacks.get(STATE_KEY) if isinstance(state.stateful_callbacks, dict) else None
         if saved:  # resume_from_checkpoint: trainer_state.json held our state

@@ -148,7 +148,7 @@ def _find_device(obj: Any, depth: int = 0) -> torch.device:
         if isinstance(obj, Mapping):
             obj = list(obj.values())
         elif not isinstance(obj, (list, tuple)):
-            obj = [getattr(obj, a) for a in ("records", "captures", "router_logits") if hasattr(obj, a)]
+            obj = [getattr(obj, a) for a in ("records", "captures", "rows", "router_logits") if hasattr(obj, a)]
         for item in obj:
             dev = _find_device(item, depth + 1)
             if dev.type != "cpu":

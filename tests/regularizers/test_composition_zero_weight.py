@@ -110,3 +110,17 @@ def test_zero_weight_still_gives_the_regularisers_own_parameters_a_zero_gradient
     loss, grads = _loss_and_grads(model, x, y, band)
     assert torch.equal(loss, base_loss) and all(torch.equal(a, b) for a, b in zip(grads, base_grads))
     assert band.raw.grad is not None and torch.equal(band.raw.grad, torch.zeros(2, 2))
+
+
+def test_zero_total_lives_on_the_inputs_device():
+    """The exact zero is made on the device of the captured rows or records (meta stands in for an accelerator)."""
+    from types import SimpleNamespace
+
+    from entrotrain.functional.attention import AttentionEntropy
+
+    rows = torch.empty(4, 3, device="meta")
+    captures = {"proj": [SimpleNamespace(rows=rows)]}  # an ActivationTap's captures: objects with .rows
+    assert MatrixEntropyRegularizer(0.0)(captures).total.device.type == "meta"
+    t = torch.empty(1, 2, 3, device="meta")
+    records = [("blocks.0.attn", AttentionEntropy(*([t] * len(AttentionEntropy._fields))))]
+    assert AttentionEntropyMaximization(0.0)(records).total.device.type == "meta"

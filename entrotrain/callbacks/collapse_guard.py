@@ -92,6 +92,7 @@ from torch import nn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import expect_key, ledger
+from entrotrain.callbacks._rate_ignored import rate_ignored
 from entrotrain.callbacks._worst_parts import worst_parts
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
@@ -267,6 +268,7 @@ class EntropyCollapseGuard(PerFitCallback):
         self._notify_failed_warned = False
         self._unarmed_warned = False
         self._rank_local_warned = False  # (:meth:`_warn_if_rank_local`)
+        self._rate_ignored_warned = False  # (:meth:`_warn_if_rate_ignored`)
         self._run_start: float | None = None  # rollback_hint's since (set when a run starts)
         #: The checkpoint the last firing named to roll back to (``None``: none named in this fit).
         self.rollback_checkpoint: Path | None = None
@@ -366,7 +368,9 @@ class EntropyCollapseGuard(PerFitCallback):
         held and rolled back with it (:class:`~entrotrain.callbacks.rollback_history.HeldTogether`; Lightning's
         ``WeightAveraging`` / ``EMAWeightAveraging`` callbacks are found by the guard). The glue for Lightning,
         ``transformers.Trainer`` and :class:`~entrotrain.integrations.loop.EntropyMonitors` calls it at the start of
-        training."""
+        training. A rate action (``"reduce_lr"``, ``"rollback"``) on an optimizer that never reads ``lr``
+        (``transformers.Adafactor(relative_step=True)``) is warned about here (:mod:`._rate_ignored`)."""
+        self._warn_if_rate_ignored(optimizers)
         if self.action != "rollback":
             return
         for name, module in (("model", model), *(("averaged", module) for module in averaged)):
@@ -383,6 +387,20 @@ class EntropyCollapseGuard(PerFitCallback):
         self._tracked = (held, list(optimizers))
         self._tracked_model = model
         _TRACKING.setdefault(model, weakref.WeakSet()).add(self)
+
+    def _warn_if_rate_ignored(self, optimizers: Sequence[Any]) -> None:
+        """Warn once per fit when lowering ``lr`` would not lower the step of one of ``optimizers``."""
+        why = rate_ignored(optimizers) if self.action in ("reduce_lr", "rollback") else None
+        if why is None or self._rate_ignored_warned:
+            return
+        self._rate_ignored_warned = True
+        what = "reduce_lr" if self.action == "reduce_lr" else "rollback (which also multiplies lr by lr_factor)"
+        rank_zero_warn(
+            f"EntropyCollapseGuard(action={what}): {why}, so multiplying lr by lr_factor={self.lr_factor} does "
+            "nothing there. Give it an explicit rate, Adafactor(lr=..., relative_step=False, warmup_init=False), "
+            "for the guard's reduction to lower the step; or keep it and know that a firing only rolls back "
+            "(action='rollback') or only warns (action='reduce_lr')."
+        )
 
     def warn_if_publisher_gone(self, publishers: Iterable[str | None], among: str, until: str) -> None:
         """Restored from a checkpoint, the guard knows which publisher's ``state_key`` published its key (``source``):
@@ -707,7 +725,8 @@ class EntropyCollapseGuard(PerFitCallback):
                             f"{_rates_now(optimizers)} "
                             f"(reduction #{self.lr_reductions}).")
             elif any(getattr(opt, "param_groups", None) for opt in optimizers):
-                message += f" Learning rates already at min_lr={self.min_lr}; left as they are."
+                reason = _not_lowered(optimizers, self.min_lr)
+                message += f" {reason[0].upper()}{reason[1:]}; left as they are."
             else:
                 message += " No optimizer learning rate to lower (none configured)."
         return message + self.rollback_hint(checkpoints, since, kept=self.keeper.freeze(self.last_good_step))
@@ -766,7 +785,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if self.reduce_lr(optimizers, schedulers):
             return (sentence + f"; learning rates multiplied by {self.lr_factor}{self._floor_note(optimizers)}"
                     f"{_rates_now(optimizers)}.")
-        return sentence + f"; learning rates already at min_lr={self.min_lr}, left as they are."
+        return sentence + f"; {_not_lowered(optimizers, self.min_lr)}, left as they are."
 
     def _rehold_others(self, step: int) -> None:
         """The other rollback guards on the model hold the state just restored and drop the states they held after its
@@ -833,6 +852,8 @@ class EntropyCollapseGuard(PerFitCallback):
         lowered = False
         for optimizer in optimizers:
             for group in optimizer.param_groups:
+                if not _is_rate(group.get("lr")):  # Adafactor(relative_step=True): lr=None, its own step size
+                    continue
                 new = self._lowered(group["lr"])
                 lowered |= new < group["lr"]
                 group["lr"] = new
@@ -860,7 +881,7 @@ class EntropyCollapseGuard(PerFitCallback):
     def _floor_note(self, optimizers: Sequence[Any]) -> str:
         """`` (held at min_lr=0.3)`` when a rate just lowered stopped at ``min_lr``: the factor alone would misstate
         it (``multiplied by 0.5, now 0.3``)."""
-        rates = [float(group["lr"]) for opt in optimizers for group in getattr(opt, "param_groups", ())]
+        rates = _rates(optimizers)
         return f" (held at min_lr={self.min_lr})" if self.min_lr > 0 and self.min_lr in rates else ""
 
     def _lowered(self, lr: float) -> float:
@@ -938,9 +959,31 @@ def _beside(value: float, threshold: float) -> str:
     return repr(value)
 
 
+def _is_rate(lr: Any) -> bool:
+    """Whether a param group's ``lr`` is a rate the guard can lower (a number or a one-element tensor; not ``None``,
+    which ``transformers.Adafactor(relative_step=True)`` keeps)."""
+    if isinstance(lr, bool):
+        return False
+    return isinstance(lr, (int, float)) or (getattr(lr, "numel", None) is not None and lr.numel() == 1)
+
+
+def _rates(optimizers: Sequence[Any]) -> list[float]:
+    """The learning rates of ``optimizers``' param groups that are rates (:func:`_is_rate`)."""
+    return [float(group["lr"]) for opt in optimizers for group in getattr(opt, "param_groups", ())
+            if _is_rate(group.get("lr"))]
+
+
+def _not_lowered(optimizers: Sequence[Any], min_lr: float) -> str:
+    """Why a reduction lowered no rate of ``optimizers`` (which have param groups): ``already at min_lr=...``, or
+    none has a rate to lower."""
+    if _rates(optimizers):
+        return f"learning rates already at min_lr={min_lr}"
+    return "no learning rate to lower (the optimizer sets its own step size: lr is None)"
+
+
 def _rates_now(optimizers: Sequence[Any]) -> str:
     """``, now 0.001``: the learning rates after a reduction (their range when the groups differ)."""
-    rates = sorted({float(group["lr"]) for opt in optimizers for group in getattr(opt, "param_groups", ())})
+    rates = sorted(set(_rates(optimizers)))
     if not rates:
         return ""
     return f", now {rates[0]:.3g}" if len(rates) == 1 else f", now {rates[0]:.3g} to {rates[-1]:.3g}"

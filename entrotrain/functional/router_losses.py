@@ -61,7 +61,7 @@ from torch import Tensor
 from entrotrain._validation import check_bool, check_int, check_real, check_tensor, keep_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy import accumulation_dtype
-from entrotrain.functional.routing import tsallis_entropy
+from entrotrain.functional.routing import check_eps, check_order, tsallis_entropy
 
 __all__ = [
     "DynMoLETerms",
@@ -209,8 +209,8 @@ def router_z_loss(router_logits: RouterLogits, *, mask: Tensor | None = None) ->
 
 
 def _check_dynmole(q: float, eps: float, top_p: float, keep_top_k: int, entropy_threshold: float) -> tuple:
-    q = check_real(q, "q", low=0.0, low_open=True)
-    eps = check_real(eps, "eps", low=0.0)
+    q = check_order(q)
+    eps = check_eps(eps)
     top_p = check_real(top_p, "top_p", low=0.0, high=1.0)
     keep_top_k = check_int(keep_top_k, "keep_top_k", low=0)
     entropy_threshold = check_real(entropy_threshold, "entropy_threshold", low=0.0)

@@ -59,10 +59,21 @@ __all__ = [
 
 #: :math:`|q - 1|` below which :func:`tsallis_entropy` takes the Shannon branch.
 SHANNON_TOLERANCE = 1e-6
+#: The largest order accepted: beyond it :math:`q - 1` and :math:`S_q^{\max} \approx 1/(q-1)` leave float32's range
+#: (NaN); :math:`S_q \le 1/(q-1)` is 0 to float32 resolution long before.
+MAX_ORDER = 1e30
+#: The largest ``eps``: an offset added to probabilities (DynMoLE 1e-5), not a probability of its own.
+MAX_EPS = 1.0
 
 
-def _check_order(q: float) -> float:
-    return check_real(q, "q", low=0.0, low_open=True)
+def check_order(q: float) -> float:
+    """The Tsallis order: a finite real in ``(0, MAX_ORDER]``."""
+    return check_real(q, "q", low=0.0, low_open=True, high=MAX_ORDER)  # type: ignore[return-value]
+
+
+def check_eps(eps: float) -> float:
+    """DynMoLE's probability offset: a finite real in ``[0, MAX_EPS]``."""
+    return check_real(eps, "eps", low=0.0, high=MAX_EPS)  # type: ignore[return-value]
 
 
 def _check_base(base: float) -> float:
@@ -87,7 +98,9 @@ def _is_shannon(q: float) -> bool:
 
 def tsallis_max(n: int, q: float) -> float:
     r""":math:`S_q^{\max} = \ln_q N = (1 - N^{1-q})/(q-1)` in nats (:math:`\ln N` on the Shannon branch); 0 for
-    :math:`N \le 1`."""
+    :math:`N \le 1`. ``n``: an int ``>= 0``; ``q``: as :func:`tsallis_entropy`."""
+    n = check_int(n, "n", low=0, high=2**63 - 1)
+    q = check_order(q)
     if n <= 1:
         return 0.0
     if _is_shannon(q):
@@ -136,12 +149,14 @@ def tsallis_entropy(
     Args:
         probs: ``(..., N, ...)`` probabilities summing to 1 along ``dim`` (assumed, not checked), any floating dtype;
             computed in float32 (float64 stays float64).
-        q: the order, finite and > 0 (DynMoLE default 1.1; 2 gives the Gini–Simpson index :math:`1 - \sum p^2`).
+        q: the order, finite, > 0 and <= :data:`MAX_ORDER` (DynMoLE default 1.1; 2 gives the Gini–Simpson index
+            :math:`1 - \sum p^2`).
         dim: the expert dimension (no wrap-around).
         normalize: divide by :math:`S_q^{\max} = (1 - N^{1-q})/(q-1)` (:math:`\ln N` at :math:`q = 1`), so the
             uniform distribution gives 1; :math:`N = 1` gives 0 by definition.
-        eps: finite, >= 0. ``0`` is exact; ``> 0`` reproduces DynMoLE's :math:`p + \epsilon` without
-            renormalisation, literally :math:`(1 - \sum_i (p_i+\epsilon)^q)/(q-1)`.
+        eps: in ``[0, 1]``. ``0`` is exact; ``> 0`` reproduces DynMoLE's :math:`p + \epsilon` without
+            renormalisation, literally :math:`(1 - \sum_i (p_i+\epsilon)^q)/(q-1)` (``-inf`` where
+            :math:`(p_i+\epsilon)^q` overflows, e.g. :math:`q \gtrsim 10^7` at :math:`\epsilon = 10^{-5}`).
         base: log base of the Shannon limit (the value is divided by :math:`\ln` base); finite, > 0, != 1.
 
     Returns:
@@ -150,16 +165,16 @@ def tsallis_entropy(
         NaN/Inf gives a non-finite value in that row only; an empty ``dim`` (:math:`N = 0`) gives 0.
 
     Raises:
-        EntrotrainError: ``probs`` not a floating tensor with a dim, ``dim`` out of range, ``q`` not finite > 0,
-            ``eps`` not finite >= 0, ``base`` not finite > 0 and != 1, ``normalize`` not a bool.
+        EntrotrainError: ``probs`` not a floating tensor with a dim, ``dim`` out of range, ``q`` not in
+            ``(0, MAX_ORDER]``, ``eps`` not in ``[0, 1]``, ``base`` not finite > 0 and != 1, ``normalize`` not a bool.
 
     Example:
         >>> round(tsallis_entropy(torch.full((4,), 0.25), q=2.0).item(), 6)  # 1 - 4 * 1/16
         0.75
     """
     dim = _check_probs(probs, "probs", dim)
-    q = _check_order(q)
-    eps = check_real(eps, "eps", low=0.0)
+    q = check_order(q)
+    eps = check_eps(eps)
     base = _check_base(base)
     normalize = _check_flag(normalize, "normalize")
     p = probs.to(accumulation_dtype(probs.dtype))
@@ -197,8 +212,8 @@ def tsallis_entropy_from_logits(
     """
     check_tensor(logits, "logits", floating=True, min_ndim=1, layout="(..., n_experts, ...)")
     dim = check_dim(dim, logits.dim())
-    q = _check_order(q)
-    eps = check_real(eps, "eps", low=0.0)
+    q = check_order(q)
+    eps = check_eps(eps)
     base = _check_base(base)
     normalize = _check_flag(normalize, "normalize")
     z = logits.to(accumulation_dtype(logits.dtype))
@@ -361,7 +376,7 @@ def router_statistics(
     z = _as_router_rows(router_logits)
     n_rows, n_experts = z.shape
     top_k = check_int(top_k, "top_k", low=1, high=n_experts)
-    q = _check_order(q)
+    q = check_order(q)
     keep = _row_mask(mask, n_rows, z.device)
     finite = finite_row_mask(z)
     use = keep & finite

@@ -172,6 +172,12 @@ def _policy_findings(run: RunData) -> list[str]:
     return out
 
 
+#: What RepresentationEntropyMonitor publishes beside each measure: sample sizes, parameters, audits and counters. A
+#: change in them (``n`` follows the padded batch shape) is not a finding about the representation.
+_REPR_CONTEXT = ("/n", "/d", "/n_streamed", "/dse_sigma", "/dse_t", "/vendi_q", "/rankme_eps", "/median_dist",
+                 "/nonfinite")
+
+
 def _change_findings(run: RunData, keys: list[str], limit: int = 4) -> list[str]:
     """The ``limit`` keys that changed most (relative), as "key: first → last (×ratio)"."""
     scored = []
@@ -202,7 +208,8 @@ def findings(run: RunData, sections: list[Section]) -> list[str]:
     if "prediction" in ids:
         out += pred_figs.prediction_findings(run)
     if "repr" in ids:
-        out += ["Representation: " + line for line in _change_findings(run, ids["repr"].keys)]
+        measures = [k for k in ids["repr"].keys if not k.endswith(_REPR_CONTEXT)]
+        out += ["Representation: " + line for line in _change_findings(run, measures)]
     if "router" in ids:
         out += router_figs.router_findings(run)
         for key in ("entropy/router/load_entropy_norm_min", "entropy/router/dead_frac_max"):

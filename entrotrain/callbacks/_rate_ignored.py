@@ -9,7 +9,7 @@ wherever ``lr`` is the step size or a factor of it: the torch optimizers, ``tran
 so a lower ``lr`` lowers the step by the same factor, and ``d`` then grows more slowly (its numerator accumulates
 ``d · lr``-sized steps). The schedule-free optimizers scale both their sequences' steps by ``lr``.
 ``torch.optim.Adafactor`` steps by ``min(lr, 1/√step)`` (times the parameter's RMS): a lowered ``lr`` acts only while
-it is below ``1/√step``.
+it is below ``1/√step``; a firing whose lowered ``lr`` is not says so in its message (:func:`capped_note`).
 
 Not on ``transformers.Adafactor(relative_step=True)`` (its default): the step size is ``min(1e-2, 1/√step)`` (or the
 warm-up ``1e-6 · step``) and ``lr`` is ``None`` and never read (an ``AdafactorSchedule`` writes the computed rate back
@@ -21,18 +21,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["rate_ignored"]
+import math
+
+__all__ = ["capped_note", "rate_ignored"]
 
 
 def rate_ignored(optimizers: Sequence[Any]) -> str | None:
     """Why lowering ``lr`` would not lower the step of one of ``optimizers`` (``None``: it would everywhere)."""
-    for optimizer in optimizers:
-        inner = optimizer
-        while getattr(inner, "optimizer", None) is not None and getattr(inner, "optimizer") is not inner:
-            inner = inner.optimizer  # LightningOptimizer, AcceleratedOptimizer
+    for inner in map(_inner, optimizers):
         groups = getattr(inner, "param_groups", None) or []
-        name = type(inner).__name__
-        if name == "Adafactor" and any(group.get("relative_step") for group in groups):
+        if type(inner).__name__ == "Adafactor" and any(group.get("relative_step") for group in groups):
             return ("the optimizer is transformers.Adafactor(relative_step=True), which computes its own step size "
                     "(min(1e-2, 1/sqrt(step))) and never reads lr")
     return None
+
+
+def capped_note(optimizers: Sequence[Any]) -> str:
+    """`` (torch.optim.Adafactor ...: its step size is unchanged)`` after a reduction when a ``torch.optim.Adafactor``
+    group's lowered ``lr`` is still not below ``1/√step`` (its step is ``min(lr, 1/√step)``); ``""`` otherwise."""
+    for inner in map(_inner, optimizers):
+        if type(inner).__name__ != "Adafactor" or type(inner).__module__.split(".")[0] != "torch":
+            continue
+        for group in inner.param_groups:
+            steps = [float(s["step"]) for p in group["params"] if "step" in (s := inner.state.get(p, {}))]
+            lr = group.get("lr")
+            if steps and isinstance(lr, (int, float)) and max(steps) > 0 and lr >= 1 / math.sqrt(max(steps)):
+                cap = 1 / math.sqrt(max(steps))
+                return (f" (torch.optim.Adafactor steps by min(lr, 1/sqrt(step)): at its step {max(steps):.0f}, "
+                        f"1/sqrt(step) = {cap:.3g} is not above the lowered lr, so its step size is unchanged)")
+    return ""
+
+
+def _inner(optimizer: Any) -> Any:
+    """The optimizer inside ``LightningOptimizer`` / ``AcceleratedOptimizer``."""
+    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer

@@ -92,7 +92,7 @@ from torch import nn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import expect_key, ledger
-from entrotrain.callbacks._rate_ignored import rate_ignored
+from entrotrain.callbacks._rate_ignored import capped_note, rate_ignored
 from entrotrain.callbacks._worst_parts import worst_parts
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
 from entrotrain.callbacks.notify_webhook import notifier_from_spec
@@ -722,7 +722,7 @@ class EntropyCollapseGuard(PerFitCallback):
         elif self.action == "reduce_lr":
             if self.reduce_lr(optimizers, schedulers):
                 message += (f" Learning rates multiplied by {self.lr_factor}{self._floor_note(optimizers)}"
-                            f"{_rates_now(optimizers)} "
+                            f"{_rates_now(optimizers)}{capped_note(optimizers)} "
                             f"(reduction #{self.lr_reductions}).")
             elif any(getattr(opt, "param_groups", None) for opt in optimizers):
                 reason = _not_lowered(optimizers, self.min_lr)
@@ -784,7 +784,7 @@ class EntropyCollapseGuard(PerFitCallback):
         sentence += ")"
         if self.reduce_lr(optimizers, schedulers):
             return (sentence + f"; learning rates multiplied by {self.lr_factor}{self._floor_note(optimizers)}"
-                    f"{_rates_now(optimizers)}.")
+                    f"{_rates_now(optimizers)}{capped_note(optimizers)}.")
         return sentence + f"; {_not_lowered(optimizers, self.min_lr)}, left as they are."
 
     def _rehold_others(self, step: int) -> None:

@@ -123,3 +123,22 @@ def test_prodigy_lr_scales_its_step() -> None:
         optimizer.step()
         steps.append(model.weight.detach() - before)
     assert torch.allclose(steps[1], steps[0] * 0.5, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("steps, unchanged", [(100, False), (10_000, True)])
+def test_torch_adafactor_says_when_the_lowered_lr_is_above_its_cap(steps: int, unchanged: bool) -> None:
+    """``torch.optim.Adafactor`` steps by ``min(lr, 1/sqrt(step))``: at step 10000 (cap 0.01) the rate 0.02 lowered to
+    0.01 changes nothing, and the message says so; at step 100 (cap 0.1) it halves the step, and nothing is said."""
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=0.02)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    for state in optimizer.state.values():
+        state["step"].fill_(steps)
+    guard = EntropyCollapseGuard("k", threshold=0.5, action="reduce_lr", keep_last_good=False)
+    guard.track(model, [optimizer])
+    guard.observe(0.9, 1)
+    message = guard.fire(guard.observe(0.1, 2), 2, [optimizer])
+    assert optimizer.param_groups[0]["lr"] == 0.01
+    note = "1/sqrt(step) = 0.01 is not above the lowered lr, so its step size is unchanged"
+    assert (note in message) is unchanged, message

@@ -34,8 +34,9 @@ in the same order. γ has shape ``(1,)`` (as in Apple's reference) because ``ful
 state dicts holding a 0-d γ (saved before) still load. Convert *before* sharding: a weight that is already a
 DTensor is refused at conversion. A model converted on the meta device and sharded before its weights exist gets its
 spectral state when it is materialised (``reset_parameters``, as Lightning's ``ModelParallelStrategy`` does). A plain
-layer's state (``weight``, ``bias``: a checkpoint saved before conversion) loads through ``load_state_dict`` as the
-converter converts it (``u`` and γ = σ(W) from the loaded W, nothing missing); :func:`reset_sigma_reparam_state` does
+layer's state (``weight``, ``bias``: a checkpoint saved before conversion; a fused ``qkv`` converted with
+``qk_joint`` too, split into its qk and v rows) loads through ``load_state_dict`` as the converter converts it
+(``u`` and γ = σ(W) from the loaded W, nothing missing); :func:`reset_sigma_reparam_state` does
 the same for weights set any other way. Tensor parallelism (DTensor weights inside
 ``forward``) is not supported: the weight would be gathered whole.
 """
@@ -592,6 +593,31 @@ class SigmaReparamQKJoint(nn.Module):
             part.weight.requires_grad_(weight.requires_grad)
             parts.append(part)
         return cls(*parts)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """Also loads the state of the fused layer it replaced (``weight`` and ``bias``: a checkpoint saved before
+        :func:`sigma_reparam`): they are split into the ``qk`` and ``v`` rows (Conv1D: columns), which then load as
+        plain layers (``u`` and γ = σ(W) from the loaded weights: function-preserving, nothing missing)."""
+        fused = state_dict.get(prefix + "weight")
+        own = any(key.startswith((prefix + "qk.", prefix + "v.")) for key in state_dict)
+        dim = 1 if self.qk._transposed else 0
+        if isinstance(fused, Tensor) and not own and fused.dim() == 2 and fused.shape[dim] == self.out_features:
+            rows = self.qk.out_features
+            state_dict.pop(prefix + "weight")
+            state_dict[prefix + "qk.weight"], state_dict[prefix + "v.weight"] = fused.split(
+                [rows, self.out_features - rows], dim=dim
+            )
+            bias = state_dict.pop(prefix + "bias", None)
+            if isinstance(bias, Tensor):
+                state_dict[prefix + "qk.bias"], state_dict[prefix + "v.bias"] = bias.split(
+                    [rows, self.out_features - rows]
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def effective_weight(self) -> Tensor:
         """``[Ŵ_qk; Ŵ_v]`` with the eval-mode σ: the fused weight this module computes with, in the layout of the

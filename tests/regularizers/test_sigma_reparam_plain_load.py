@@ -70,3 +70,38 @@ def test_hf_conv1d_plain_weights_load_function_preservingly():
     assert other.load_state_dict(plain.state_dict(), strict=True).missing_keys == []
     x = torch.randint(0, 32, (2, 8))
     assert torch.allclose(other(x).logits, plain(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_plain_fused_qkv_loads_into_a_qk_joint_layer_function_preservingly(mode):
+    """qk_joint: the fused ``qkv.weight`` / ``qkv.bias`` of a plain checkpoint are split into the joint-qk and v rows
+    (they were reported missing/unexpected: a raw RuntimeError)."""
+    torch.manual_seed(0)
+    plain = TinyGPT(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(1)
+    other = TinyGPT(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    sigma_reparam(other, include=["blocks.**"], qk_joint="**.qkv")
+    result = other.load_state_dict(plain.state_dict(), strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = torch.randint(0, 32, (3, 8))
+    plain.train(mode == "train")
+    other.train(mode == "train")
+    assert torch.allclose(other(x), plain(x), atol=1e-5, rtol=1e-5)
+    joint = other.blocks[0].attn.qkv
+    w = plain.blocks[0].attn.qkv.weight.detach().double()
+    assert float(joint.qk.gamma) == pytest.approx(float(torch.linalg.matrix_norm(w[:32], ord=2)), rel=1e-6)
+    assert float(joint.v.gamma) == pytest.approx(float(torch.linalg.matrix_norm(w[32:], ord=2)), rel=1e-6)
+    again = copy.deepcopy(other)  # its own (converted) state still round-trips
+    assert again.load_state_dict(other.state_dict(), strict=True).missing_keys == []
+
+
+def test_hf_conv1d_plain_fused_qkv_loads_into_a_qk_joint_layer():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    plain = transformers.GPT2LMHeadModel(config).eval()
+    other = transformers.GPT2LMHeadModel(config).eval()
+    sigma_reparam(other, include=["transformer.h.**"], qk_joint="**.attn.c_attn")
+    assert other.load_state_dict(plain.state_dict(), strict=True).missing_keys == []
+    x = torch.randint(0, 32, (2, 8))
+    assert torch.allclose(other(x).logits, plain(x).logits, atol=1e-5, rtol=1e-5)

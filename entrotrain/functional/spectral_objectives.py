@@ -91,13 +91,18 @@ def unit_rows(z: Tensor, eps: float = MMCR_NORM_EPS) -> Tensor:
     r"""``z_i / max(‖z_i‖₂, eps)`` along the last dim, differentiable, scale-safe.
 
     Each row is divided by its largest ``|entry|`` first (a detached constant; the map is scale-free so the
-    gradient equals ``F.normalize``'s), so rows of 1e30 do not overflow in float32; an exactly zero row stays 0.
+    gradient equals ``F.normalize``'s), so rows of 1e30 do not overflow in float32; an exactly zero row stays 0
+    and takes no part: its gradient is 0 (``F.normalize``'s is ``1/eps`` = 1e12 there, ±inf in half precision).
+    ``z``: a floating tensor with at least one dim; ``eps`` > 0.
     """
+    check_tensor(z, "z", floating=True, min_ndim=1, layout="(..., d)")
+    check_real(eps, "eps", low=0.0, low_open=True)
     if z.numel() == 0:
         return z
     peak = z.detach().abs().amax(dim=-1, keepdim=True)
-    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return F.normalize(z / peak, dim=-1, eps=eps)
+    nonzero = peak > 0
+    z = torch.where(nonzero, z, z.detach())  # a zero row: no gradient
+    return F.normalize(z / torch.where(nonzero, peak, torch.ones_like(peak)), dim=-1, eps=eps)
 
 
 def _gram_small(z: Tensor) -> Tensor:
@@ -118,21 +123,29 @@ def spectral_entropy_objective(p: Tensor, q: float = 1.0, *, eps: float = EIG_EP
         H_1 = -\sum_{p_k > \varepsilon} p_k \ln p_k,\qquad
         H_q = \frac{\ln \sum_{p_k > \varepsilon} p_k^q}{1 - q},\qquad H_\infty = -\ln \max_k p_k
 
-    Modes with ``p_k <= ε`` contribute 0 with zero gradient (``p`` is clamped at ``ε`` inside the log). ``q = 0``
-    (a count of modes) has no gradient and is refused. Rényi (1961).
+    Modes with ``p_k <= ε`` contribute 0 with zero gradient (``p`` is clamped at ``ε`` inside the log); a spectrum
+    with no mode above ``ε`` (all zeros, or ``m = 0``) has entropy **0** with zero gradient, for every ``q``.
+    ``q = 0`` (a count of modes) has no gradient and is refused. Rényi (1961).
+
+    ``p``: a floating tensor with at least one dim (bf16/fp16 computed in float32, as every objective here).
     """
+    check_tensor(p, "p", floating=True, min_ndim=1, layout="(..., m)")
     q = _check_order(q)
     if q == 0.0:
         raise EntrotrainError("q=0 counts the non-zero eigenvalues: it has no gradient. Use q > 0 (q=1: Shannon).")
     eps = _check_eps(eps)
+    p = p.to(_compute_dtype(p))
     keep = p > eps
     safe = p.clamp_min(eps)
     if q == 1.0:
         return -torch.where(keep, p * torch.log(safe), torch.zeros_like(p)).sum(-1)
+    some = keep.any(-1)
     if math.isinf(q):
-        return -torch.log(p.amax(-1).clamp_min(eps))
+        top = torch.where(keep, safe, torch.zeros_like(safe)).amax(-1) if p.shape[-1] else some.to(p.dtype)
+        top = torch.where(some, top, torch.ones_like(top))
+        return torch.where(some, -torch.log(top), torch.zeros_like(top))
     s = torch.where(keep, safe.pow(q), torch.zeros_like(p)).sum(-1)
-    return torch.log(s.clamp_min(eps**q)) / (1.0 - q)
+    return torch.where(some, torch.log(torch.where(some, s, torch.ones_like(s))) / (1.0 - q), torch.zeros_like(s))
 
 
 # ---------------------------------------------------------------------------------------------- matrix entropy
@@ -185,6 +198,9 @@ def matrix_entropy_objective(
         z = z - z.mean(dim=0, keepdim=True)
     if normalize_rows:
         z = unit_rows(z)
+    else:  # ρ is scale-free: divide by the largest |entry| (a constant) so Z Zᵀ neither overflows nor underflows
+        peak = z.detach().abs().amax()
+        z = z / torch.where(peak > 0, peak, torch.ones_like(peak))
     trace = (z * z).sum()
     ok = trace > 0
     safe_trace = torch.where(ok, trace, torch.ones_like(trace))
@@ -220,8 +236,9 @@ def vendi_entropy_objective(x: Tensor, q: float = 1.0, *, eps: float = EIG_EPS) 
     No centring; the eigenvalues are used as they are (they sum to 1: unit diagonal), as vendi-score's
     ``score_dual(X, q)`` and :func:`entrotrain.functional.representation.vendi_score` (``kernel="cosine"``) do;
     the values agree. ``q = 2`` uses ``−ln ‖K/n‖_F²`` from the smaller Gram (no eigensolver); other ``q > 0``
-    ``eigvalsh`` of the smaller Gram, clamped at ``eps``. An exactly zero row becomes a zero row of ``K`` (the
-    measure refuses it). Numerics: module docstring.
+    ``eigvalsh`` of the smaller Gram, clamped at ``eps``. An exactly zero row takes no part (the measure refuses
+    it): ``n`` counts the non-zero rows, so the bounds below hold; all rows zero give 0 with zero gradient.
+    Numerics: module docstring.
 
     Args:
         x: ``(n, d)``, any float dtype. q: order ``> 0`` incl. ``float('inf')``.
@@ -238,9 +255,11 @@ def vendi_entropy_objective(x: Tensor, q: float = 1.0, *, eps: float = EIG_EPS) 
     n = z.shape[0]
     if n == 0 or z.shape[1] == 0:
         return _zero_with_grad(x)
-    g = _gram_small(unit_rows(z)) / n
+    rows = (z != 0).any(dim=1).sum().clamp_min(1).to(z.dtype)  # zero rows take no part
+    g = _gram_small(unit_rows(z)) / rows
     if q == 2.0:
-        h = -torch.log((g * g).sum().clamp_min(eps**2))
+        f = (g * g).sum()
+        h = torch.where(f > 0, -torch.log(torch.where(f > 0, f, torch.ones_like(f))), torch.zeros_like(f))
     else:
         h = spectral_entropy_objective(torch.linalg.eigvalsh(g), q, eps=eps)
     return _nan_if(bad, h)
@@ -278,8 +297,9 @@ def mmcr_views(z: Tensor, n_views: int, layout: ViewLayout = "sample_major") -> 
 
 def nuclear_norm(m: Tensor) -> Tensor:
     """``‖M‖_* = Σ σ_i(M)`` over the last two dims (``svdvals``: finite gradient ``U Vᵀ``, also at repeated and —
-    as a subgradient — zero singular values)."""
-    return torch.linalg.svdvals(m).sum(-1)
+    as a subgradient — zero singular values). ``m``: floating, ``(..., r, c)``; bf16/fp16 computed in float32."""
+    check_tensor(m, "m", floating=True, min_ndim=2, layout="(..., rows, cols)")
+    return torch.linalg.svdvals(m.to(_compute_dtype(m))).sum(-1)
 
 
 def mmcr_terms(z: Tensor, *, eps: float = MMCR_NORM_EPS) -> tuple[Tensor, Tensor, Tensor]:
@@ -307,10 +327,11 @@ def mmcr_objective(z: Tensor, lam: float = 0.0, *, eps: float = MMCR_NORM_EPS) -
 
     Args:
         z: ``(N, k, d)``: ``k`` views of ``N`` samples. ``N = 0`` gives 0 with zero gradient.
-        lam: ``λ >= 0``, weight of the local (per-sample) nuclear norms.
+        lam: ``0 <= λ <= 1e6``, weight of the local (per-sample) nuclear norms (a weight of order 1; far larger ones
+            overflow the float32 gradient at a zero view, ``∝ λ / eps``).
         eps: ``F.normalize`` eps (reference: 1e-12).
     """
-    lam = check_real(lam, "lam", low=0.0)  # type: ignore[assignment]
+    lam = check_real(lam, "lam", low=0.0, high=1e6)  # type: ignore[assignment]
     eps = check_real(eps, "eps", low=0.0, low_open=True)  # type: ignore[assignment]
     c, zhat, bad = mmcr_terms(z, eps=eps)
     if c.shape[0] == 0 or c.shape[1] == 0 or zhat.shape[1] == 0:

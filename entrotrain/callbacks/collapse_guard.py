@@ -160,7 +160,9 @@ class EntropyCollapseGuard(PerFitCallback):
             last good observation, and go on with learning rates multiplied by ``lr_factor``: the clock, the data
             order and the schedulers' position go on; at most ``max_rollbacks`` times, then stop; see
             :mod:`~entrotrain.callbacks.rollback_state`).
-        lr_factor: factor for ``"reduce_lr"`` and ``"rollback"``, in (0, 1).
+        lr_factor: factor for ``"reduce_lr"`` and ``"rollback"``, in (0, 1). A param group whose ``lr`` is not a
+            number is left (``transformers.Adafactor(relative_step=True)``, which computes its own step size: warned
+            about once at the start, :mod:`~entrotrain.callbacks._rate_ignored`).
         min_lr: learning rates are never lowered below this (finite, >= 0).
         missing_ok: if ``False``, raise when ``monitor`` never appears after ``missing_after`` training steps.
         missing_after: steps (>= 0) to wait for the key before ``missing_ok=False`` raises.

@@ -141,6 +141,12 @@ def _attention_findings(run: RunData) -> list[str]:
             )
         else:
             out.append(f"No attention head is below the collapse threshold {threshold:g} at step {int(steps[-1])} ({n} heads).")
+        recovered = [i for i in np.flatnonzero(ever.any(axis=1)) if labels[i] not in collapsed]
+        if recovered:  # a collapse that lasted a few logging steps of a long run: say it, the maps are small
+            listed = ", ".join(f"{labels[i]} ({int(ever[i].sum())} logged step(s), first at step "
+                               f"{int(steps[ever[i].argmax()])})" for i in recovered[:6])
+            out.append(f"{len(recovered)} head(s) fell below {threshold:g} during the run and recovered: {listed}"
+                       f"{' …' if len(recovered) > 6 else ''}.")
     if first_last:
         out.append(f"Least head entropy (normalised) went from {fmt(first_last[0])} to {fmt(first_last[1])}.")
     mean = run.first_last("entropy/attn_norm/mean")

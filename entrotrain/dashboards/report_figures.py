@@ -25,6 +25,7 @@ __all__ = [
     "attention_heads_over_time",
     "attention_snapshots",
     "attention_summary",
+    "bucket_columns",
     "collapse_threshold",
     "curve_families",
     "family_of",
@@ -38,6 +39,7 @@ __all__ = [
     "policy_entropy_reward",
     "scalar_section",
     "spectra",
+    "thin_line",
     "thresholds_for",
 ]
 
@@ -76,6 +78,58 @@ def _save(fig: Any, out_dir: Path, name: str) -> str:
     _plt().close(fig)
     return file
 
+
+
+#: A curve longer than this many points is drawn thinned by :func:`thin_line` (a figure panel is ~500 pixels wide).
+MAX_LINE_POINTS = 2000
+#: A heads-over-time map with more logging steps than this is drawn with this many columns (:func:`bucket_columns`).
+MAX_MAP_COLUMNS = 500
+
+
+def thin_line(
+    steps: np.ndarray, values: np.ndarray, max_points: int = MAX_LINE_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` with at most ``max_points`` points, for drawing: the series cut into ``max_points // 2``
+    consecutive stretches of equal length, each kept as its least and its greatest value (in step order), plus the
+    first and last points. Extremes survive: a collapse lasting one logged step of 50 000 is still drawn; a series
+    of ``max_points`` or fewer is returned as it is. NaN (a gap) is kept only where a stretch holds nothing else."""
+    n = len(values)
+    if n <= max_points:
+        return steps, values
+    width = -(-n // max(1, max_points // 2))
+    rows = -(-n // width)
+    grid = np.concatenate([np.asarray(values, dtype=float), np.full(rows * width - n, np.nan)]).reshape(rows, width)
+    missing = np.isnan(grid)
+    low = np.where(missing, np.inf, grid).argmin(axis=1)
+    high = np.where(missing, -np.inf, grid).argmax(axis=1)
+    base = np.arange(rows) * width
+    keep = np.unique(np.concatenate([base + low, base + high, [0, n - 1]]))
+    keep = keep[keep < n]
+    return steps[keep], values[keep]
+
+
+def bucket_columns(steps: np.ndarray, grid: np.ndarray, max_columns: int = MAX_MAP_COLUMNS,
+                   extreme: str = "min") -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, grid)`` of a rows × steps map with at most ``max_columns`` columns, for drawing: consecutive
+    stretches of equal length become one column holding, per row, the stretch's least value (``extreme="min"``:
+    entropy, where a collapse is the low value) or its value furthest from the row's median (``"far"``: any
+    statistic); the column is labelled with the stretch's first step. A short excursion still shows; NaN only
+    where a stretch holds nothing else. A map of ``max_columns`` or fewer columns is returned as it is."""
+    n = grid.shape[1]
+    if n <= max_columns:
+        return steps, grid
+    width = -(-n // max_columns)
+    cols = -(-n // width)
+    padded = np.concatenate([grid, np.full((grid.shape[0], cols * width - n), np.nan)], axis=1)
+    cube = padded.reshape(grid.shape[0], cols, width)
+    missing = np.isnan(cube)
+    if extreme == "min":
+        pick = np.where(missing, np.inf, cube).argmin(axis=2)
+    else:
+        center = np.array([np.median(r[np.isfinite(r)]) if np.isfinite(r).any() else 0.0 for r in grid])
+        pick = np.where(missing, -1.0, np.abs(cube - center[:, None, None])).argmax(axis=2)
+    picked = np.take_along_axis(cube, pick[:, :, None], axis=2)[:, :, 0]
+    return steps[::width], picked
 
 
 def family_of(key: str) -> str:
@@ -155,7 +209,7 @@ def _plot_family(ax: Any, runs: list[RunData], keys: list[str], family: str) -> 
         for j, key in enumerate(present):
             if key not in run.scalars:
                 continue
-            steps, values = run.scalars[key]
+            steps, values = thin_line(*run.scalars[key])
             if overlay:
                 label = run.label if j == 0 else None
                 color, alpha = RUN_COLORS[i % 2], 1.0 if len(present) == 1 else 0.55
@@ -249,11 +303,11 @@ def loss_and_regularizers(runs: list[RunData], out_dir: Path, loss_key: str = "t
         twin = ax.twinx()
         twins.append(twin)
         if loss_key in run.scalars:
-            steps, values = run.scalars[loss_key]
+            steps, values = thin_line(*run.scalars[loss_key])
             ax.plot(steps, _finite_or_nan(values), color="black", lw=1.5, label=loss_key)
         for key in terms:
             if key in run.scalars:
-                steps, values = run.scalars[key]
+                steps, values = thin_line(*run.scalars[key])
                 twin.plot(steps, _finite_or_nan(values), color=colour[key], lw=1.2, alpha=0.9, label=key)
         twin.axhline(0.0, color="grey", lw=0.8, ls=":")
         if symlog:
@@ -292,14 +346,19 @@ def heads_matrix(run: RunData, family: str) -> tuple[list[str], np.ndarray, np.n
     if not keys:
         return None
     keys.sort(key=natural_order)
-    steps = np.unique(np.concatenate([run.scalars[k][0] for k in keys]))
-    grid = np.full((len(keys), len(steps)), np.nan)
-    index = {int(s): j for j, s in enumerate(steps)}
-    for i, key in enumerate(keys):
-        for s, v in zip(*run.scalars[key]):
-            grid[i, index[int(s)]] = v
+    steps, grid = _keys_grid(run, keys)
     labels = [k[len(family) + 1 :].replace("/", "") for k in keys]
     return labels, steps, grid
+
+
+def _keys_grid(run: RunData, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values (keys, steps))``: the union of the keys' logged steps, NaN where a key has no value."""
+    steps = np.unique(np.concatenate([run.scalars[k][0] for k in keys]))
+    grid = np.full((len(keys), len(steps)), np.nan)
+    for i, key in enumerate(keys):
+        key_steps, values = run.scalars[key]
+        grid[i, np.searchsorted(steps, key_steps)] = values
+    return steps, grid
 
 
 def collapse_threshold(runs: list[RunData], default: float = 0.1) -> float:
@@ -309,50 +368,74 @@ def collapse_threshold(runs: list[RunData], default: float = 0.1) -> float:
     return default
 
 
+#: A heads map with more cells than this marks collapsed cells with a red overlay instead of one red box per cell.
+MAX_OUTLINED_CELLS = 2000
+#: Row labels of a heads map: at most this many (every k-th head) are written.
+MAX_ROW_LABELS = 64
+
+
 def attention_heads_over_time(runs: list[RunData], out_dir: Path, family: str = "entropy/attn_norm") -> Figure | None:
-    """Rows = layer·head, columns = logging steps, colour = normalised entropy; collapsed cells outlined in red."""
+    """Rows = layer·head, columns = logging steps, colour = normalised entropy; collapsed cells outlined in red.
+
+    A run with more than :data:`MAX_MAP_COLUMNS` logging steps is drawn with that many columns, each the least value
+    of its stretch of steps (:func:`bucket_columns`), so a head that collapsed for one logged step still shows."""
     mats = [(run, heads_matrix(run, family)) for run in runs]
     mats = [(r, m) for r, m in mats if m is not None]
     if not mats:
         return None
     plt = _plt()
     from matplotlib.collections import PatchCollection
+    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Rectangle
 
     threshold = collapse_threshold(runs)
     rows = max(len(m[0]) for _, m in mats)
-    width = max(6.5, min(13.0, 2.5 + 0.28 * max(len(m[1]) for _, m in mats)))
-    height = 0.9 + 0.17 * rows
+    shown = [bucket_columns(m[1], m[2]) for _, m in mats]
+    width = max(6.5, min(13.0, 2.5 + 0.28 * max(len(steps) for steps, _ in shown)))
+    height = min(0.9 + 0.17 * rows, 16.0)  # 32 layers x 32 heads: 1024 rows in 16 inches, not 175
     fig, axes = plt.subplots(len(mats), 1, figsize=(width, height * len(mats) + 0.3), squeeze=False, layout="constrained")
     image = None
-    for ax, (run, (labels, steps, grid)) in zip(axes.flat, mats):
+    bucketed = False
+    for ax, (run, (labels, all_steps, full)), (steps, grid) in zip(axes.flat, mats, shown):
+        bucketed = bucketed or len(steps) < len(all_steps)
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-        cells = np.argwhere(np.where(np.isfinite(grid), grid < threshold, False))
-        if len(cells):
+        low = np.where(np.isfinite(grid), grid < threshold, False)
+        cells = np.argwhere(low)
+        if len(cells) > MAX_OUTLINED_CELLS:
+            ax.imshow(np.where(low, 1.0, np.nan), aspect="auto", cmap=ListedColormap(["#ff3030"]), alpha=0.55,
+                      interpolation="nearest")
+        elif len(cells):
             boxes = [Rectangle((j - 0.5, i - 0.5), 1, 1) for i, j in cells]
             ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor="#ff3030", linewidth=0.9))
-        ax.set_yticks(range(len(labels)), labels, fontsize=max(4, min(7, 400 // max(1, len(labels)))))
+        every = -(-len(labels) // MAX_ROW_LABELS)
+        ax.set_yticks(range(0, len(labels), every), labels[::every],
+                      fontsize=max(4, min(7, 400 // max(1, len(labels) // every))))
         tick = max(1, len(steps) // 12)
         ax.set_xticks(range(0, len(steps), tick), [str(int(s)) for s in steps[::tick]], fontsize=7)
         ax.set_xlabel("step", fontsize=8)
-        n_heads, n_collapsed = len(labels), int(np.sum(np.nan_to_num(grid[:, -1], nan=1.0) < threshold))
-        ax.set_title(f"{run.label}: {n_collapsed}/{n_heads} heads < {threshold:g} at step {int(steps[-1])}", fontsize=9)
+        n_heads, n_collapsed = len(labels), int(np.sum(np.nan_to_num(full[:, -1], nan=1.0) < threshold))
+        ax.set_title(f"{run.label}: {n_collapsed}/{n_heads} heads < {threshold:g} at step {int(all_steps[-1])}",
+                     fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.01, shrink=0.9, label="normalised entropy")
     file = _save(fig, out_dir, "attention_heads_over_time")
+    columns = (f" (more than {MAX_MAP_COLUMNS} steps: each column is the least value over its stretch of steps, so "
+               "a short collapse still shows)") if bucketed else ""
     return Figure(
         file,
         "Heads over time",
-        "Normalised attention entropy of every head (rows, layer-major) at every logging step (columns); red boxes: "
-        f"below the collapse threshold {threshold:g}. A row turning dark is a head collapsing, from that step on.",
+        f"Normalised attention entropy of every head (rows, layer-major) at every logging step (columns){columns}; "
+        f"red: below the collapse threshold {threshold:g}. A row turning dark is a head collapsing, from that step on.",
     )
 
 
 def _snapshot_grids(run: RunData) -> list[tuple[int, np.ndarray]]:
-    """Layer × head normalised entropy at each logged step: from the stored heatmaps, else from per-head scalars."""
+    """Layer × head normalised entropy at the first, middle and last logged step: from the stored heatmaps (only
+    those three are read), else from per-head scalars."""
     items = run.media.get("entropy/attn_norm/heatmap", [])
     if items:
-        return [(int(m.step or 0), m.load()) for m in items]
+        chosen = sorted({0, len(items) // 2, len(items) - 1})
+        return [(int(items[i].step or 0), items[i].load()) for i in chosen]
     mat = heads_matrix(run, "entropy/attn_norm")
     if mat is None:
         return []
@@ -361,13 +444,14 @@ def _snapshot_grids(run: RunData) -> list[tuple[int, np.ndarray]]:
     heads = sorted({int(lbl.split("H")[1]) for lbl in labels if "H" in lbl})
     if not layers or not heads:
         return []
+    chosen = sorted({0, len(steps) // 2, len(steps) - 1})
     out = []
-    for j, s in enumerate(steps):
+    for j in chosen:
         g = np.full((max(layers) + 1, max(heads) + 1), np.nan)
         for i, lbl in enumerate(labels):
             layer, head = lbl[1:].split("H")
             g[int(layer), int(head)] = grid[i, j]
-        out.append((int(s), g))
+        out.append((int(steps[j]), g))
     return out
 
 
@@ -421,14 +505,16 @@ def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
                 stat = key.rsplit("/", 1)[-1]
                 color = RUN_COLORS[i % 2] if len(runs) > 1 else {"min": "#d62728", "p05": "#ff7f0e", "mean": "#1f77b4"}[stat]
                 label = f"{run.label} {stat}" if len(runs) > 1 else stat
-                left.plot(*run.scalars[key], ls=RUN_STYLES[i % 2], color=color, alpha=shades[stat] if len(runs) > 1 else 1,
-                          lw=1.6, label=label, marker="o", ms=2.5)
+                steps, values = thin_line(*run.scalars[key])
+                left.plot(steps, values, ls=RUN_STYLES[i % 2], color=color, alpha=shades[stat] if len(runs) > 1 else 1,
+                          lw=1.6, label=label, marker="o" if len(steps) <= 200 else None, ms=2.5)
         for key, stat in (("entropy/attn/collapse_frac", "collapsed"), ("entropy/attn/overload_frac", "near-uniform")):
             if key in run.scalars:
-                steps, values = run.scalars[key]
+                steps, values = thin_line(*run.scalars[key])
                 color = RUN_COLORS[i % 2] if len(runs) > 1 else ("#d62728" if stat == "collapsed" else "#ff7f0e")
                 right.plot(steps, 100 * values, ls=RUN_STYLES[i % 2] if stat == "collapsed" else ":", color=color, lw=1.6,
-                           label=f"{run.label} {stat}" if len(runs) > 1 else stat, marker="o", ms=2.5)
+                           label=f"{run.label} {stat}" if len(runs) > 1 else stat,
+                           marker="o" if len(steps) <= 200 else None, ms=2.5)
     left.axhspan(0, threshold, color="#d62728", alpha=0.08)
     _mark(left, runs, keys)
     left.set_ylim(-0.02, 1.02)
@@ -485,11 +571,11 @@ def policy_entropy_reward(runs: list[RunData], out_dir: Path) -> Figure | None:
             continue
         color = RUN_COLORS[i % 2]
         steps, h = run.scalars["entropy/policy/mean"]
-        left.plot(steps, h, color=color, ls=RUN_STYLES[i % 2], lw=1.6, label=f"{run.label} entropy")
+        left.plot(*thin_line(steps, h), color=color, ls=RUN_STYLES[i % 2], lw=1.6, label=f"{run.label} entropy")
         reward = run.scalars.get("entropy/policy/reward_mean")
         if reward is None:
             continue
-        twin.plot(*reward, color=color, ls=":", lw=1.4, label=f"{run.label} reward")
+        twin.plot(*thin_line(*reward), color=color, ls=":", lw=1.4, label=f"{run.label} reward")
         common, ih, ir = np.intersect1d(steps, reward[0], return_indices=True)
         right.scatter(h[ih], reward[1][ir], c=common, cmap="Blues" if i == 0 else "Reds", s=16,
                            edgecolors=color, linewidths=0.4, label=f"{run.label} (colour = step)")
@@ -627,12 +713,7 @@ def per_head_over_time(runs: list[RunData], keys: list[str], out_dir: Path, name
         have = [k for k in keys if k in run.scalars]
         if not have:
             continue
-        steps = np.unique(np.concatenate([run.scalars[k][0] for k in have]))
-        index = {int(s): j for j, s in enumerate(steps)}
-        grid = np.full((len(have), len(steps)), np.nan)
-        for i, key in enumerate(have):
-            for s, v in zip(*run.scalars[key]):
-                grid[i, index[int(s)]] = v
+        steps, grid = bucket_columns(*_keys_grid(run, have), extreme="far")
         mats.append((run, have, steps, grid))
     if not mats:
         return None

@@ -7,7 +7,13 @@ The reader is forgiving where a run was cut short and strict where the folder is
 - a media item whose bytes were never completely written is skipped with a warning;
 - both media layouts are read: ``media/<key>.bin`` + ``offset`` rows (now), one ``.npy`` per step (earlier versions);
 - a resume marker ``{"resume": {"step": S}}`` drops what was written before it at steps after ``S``; for each
-  (key, step) the last value written wins;
+  (key, step) the last value written wins: curves and tables show the final trajectory, never the abandoned attempt,
+  and a warning says how many rows (which steps) the resume superseded;
+- a value stored as ``null`` (NaN or Inf when logged) or that is not a number (a key that changed type) has no point;
+  a warning names the keys and counts;
+- ``metrics.jsonl`` is read one line at a time into float64 columns (one per key set), so time and memory grow
+  linearly with the record (50 000 rows x 296 keys: see ``benchmarks/run_record_scale.py``);
+- a record of a newer format raises an :class:`~entrotrain.errors.EntrotrainError` naming the upgrade;
 - the run's status is decided in one place, :func:`run_status`, and every page and message uses it;
 - a folder that is not a run record raises an :class:`~entrotrain.errors.EntrotrainError` naming what was expected.
 """
@@ -21,7 +27,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,42 +309,38 @@ def find_records(folder: Path, limit: int = 5) -> list[Path]:
     return [p.parent for p in found[:limit]]
 
 
-def _read_jsonl(path: Path, warnings: list[str], writing: bool = False) -> list[dict[str, Any]]:
-    """The JSON objects of a ``.jsonl`` file, one per line. A last line without its newline that does not parse is a
-    torn line: reported (unless ``writing``: the live writer is in the middle of it); bad lines inside are reported."""
+def _iter_jsonl(path: Path, warnings: list[str], writing: bool = False) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file, one per line, read one line at a time (memory holds one line, whatever
+    the file's size). A last line without its newline that does not parse is a torn line: reported (unless
+    ``writing``: the live writer is in the middle of it); bad lines inside are reported."""
     if not path.is_file():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    last = lines.pop()  # b"" when the file ends with its newline
-    torn = b""
-    if last.strip():  # no newline at the end: a complete line if it parses, else torn
-        try:
-            complete = isinstance(json.loads(last), dict)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            complete = False
-        if complete:
-            lines.append(last)
-        else:
-            torn = last
-    rows: list[dict[str, Any]] = []
+        return
     name = path.relative_to(path.parent.parent).as_posix() if path.parent.name == "media" else path.name
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            row = None
-        if not isinstance(row, dict):
-            warnings.append(
-                f"{name}: line {i + 1} is not a JSON object ({len(line)} bytes; a line torn when an earlier process "
-                "was killed while writing?) and was skipped."
-            )
-            continue
-        rows.append(row)
-    if torn and not writing:
-        warnings.append(f"{name} ends with a torn line ({len(torn)} bytes) — the run was killed while writing; it was skipped.")
-    return rows
+    with path.open("rb") as f:
+        for i, line in enumerate(f):
+            last = not line.endswith(b"\n")  # only the file's last line can lack its newline
+            if line.isspace() or not line:  # (not .strip(): that copies a 10 kB line to look at its ends)
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if isinstance(row, dict):
+                yield row
+            elif last:
+                if not writing:
+                    warnings.append(f"{name} ends with a torn line ({len(line)} bytes) — the run was killed while "
+                                    "writing; it was skipped.")
+            else:
+                warnings.append(
+                    f"{name}: line {i + 1} is not a JSON object ({len(line) - 1} bytes; a line torn when an earlier "
+                    "process was killed while writing?) and was skipped."
+                )
+
+
+def _read_jsonl(path: Path, warnings: list[str], writing: bool = False) -> list[dict[str, Any]]:
+    """:func:`_iter_jsonl` as a list."""
+    return list(_iter_jsonl(path, warnings, writing))
 
 
 def _resume_step(row: dict[str, Any]) -> int | None | bool:
@@ -356,42 +358,133 @@ def _as_step(value: Any) -> int | None:
     return int(value)
 
 
-def _scalars(rows: list[dict[str, Any]], warnings: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """key -> (steps, values) sorted by step; for each (key, step) the last value written, after resume markers."""
-    series: dict[str, dict[int, float]] = {}
-    for i, row in enumerate(rows):
+_NUMBERS = frozenset({float, int})  # what a value is (the writer writes null for a NaN or Inf)
+_CHUNK_ROWS = 1024  # rows of one key set held as Python objects before they become one float64 array
+
+
+class _Columns:
+    """The rows of ``metrics.jsonl`` that log one set of keys, as float64 arrays: ``values[row, key]`` (NaN where
+    the logged value was ``null`` or non-finite), with each row's step and position in the file."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.rows: list[list[Any]] = []
+        self.steps: list[int] = []
+        self.orders: list[int] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (orders, steps, values)
+
+    def add(self, order: int, step: int, values: list[Any]) -> None:
+        self.rows.append(values)
+        self.steps.append(step)
+        self.orders.append(order)
+        if len(self.rows) >= _CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            values = np.array(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.keys))
+            self.chunks.append((np.array(self.orders, dtype=np.int64), np.array(self.steps, dtype=np.int64), values))
+            self.rows, self.steps, self.orders = [], [], []
+
+
+def _scalars(rows: Iterable[dict[str, Any]], warnings: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """key -> (steps, values) sorted by step; for each (key, step) the last value written, after resume markers.
+
+    Columnar: rows that log the same keys are gathered into float64 arrays as they are read (a 300-key row costs one
+    list, not 300 dictionary entries), so time and memory are linear in the record's size. A value that is ``null``
+    (NaN or Inf when it was logged) is left out, as is one that is not a number (a key that changed type); each is
+    counted and named in ``warnings``. A ``NaN`` / ``Infinity`` token (another tool's writer) is kept as it is."""
+    columns: dict[tuple[str, ...], _Columns] = {}
+    markers: list[tuple[int, int]] = []  # (order, S) of each resume marker with a step
+    odd: dict[str, dict[str, int]] = {}  # key -> {type name: values skipped}
+    nulls: dict[str, tuple[int, int]] = {}  # key -> (values stored as null, first step)
+    order = -1
+    for order, row in enumerate(rows):
         resume = _resume_step(row)
         if resume is not False:
             if resume is not None:
-                for points in series.values():
-                    for step in [s for s in points if s > resume]:
-                        del points[step]
+                markers.append((order, resume))
             continue
-        step = _as_step(row.get("step"))
-        step = i if row.get("step") is None else step
+        step = order if row.get("step") is None else _as_step(row.get("step"))
         values = row.get("values")
         if step is None or not isinstance(values, dict):
-            warnings.append(f"metrics.jsonl: line {i + 1} has no valid step/values and was skipped.")
+            warnings.append(f"metrics.jsonl: line {order + 1} has no valid step/values and was skipped.")
             continue
-        for key, value in values.items():
-            if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            points = series.setdefault(key, {})
-            points.pop(step, None)  # re-insert: the last write wins
-            points[step] = float(value)
+        if not _NUMBERS.issuperset(map(type, values.values())):  # null, bool, str, list ...: keep the numbers
+            for key, value in values.items():
+                if value is None:  # NaN or Inf when logged (the writer stores null): no value at this step
+                    n, first = nulls.get(key, (0, step))
+                    nulls[key] = (n + 1, min(first, step))
+                elif type(value) not in _NUMBERS and key != "epoch":
+                    counts = odd.setdefault(key, {})
+                    counts[type(value).__name__] = counts.get(type(value).__name__, 0) + 1
+            values = {k: v for k, v in values.items() if type(v) in _NUMBERS}
+        keys = tuple(values)
+        block = columns.get(keys)
+        if block is None:
+            block = columns[keys] = _Columns(keys)
+        block.add(order, step, list(values.values()))
+    marker_orders = np.array([m[0] for m in markers], dtype=np.int64)
+    # a point written before a marker at a step after the marker's S was logged by the abandoned run: the least S of
+    # the markers after each point is the last step it may hold
+    limits = np.minimum.accumulate(np.array([m[1] for m in markers], dtype=np.float64)[::-1])[::-1]
+    limits = np.append(limits, np.inf)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    superseded: list[np.ndarray] = []  # steps of the rows an abandoned attempt logged
+    for block in columns.values():
+        block.flush()
+        for orders, steps, values in block.chunks:
+            live = steps <= limits[np.searchsorted(marker_orders, orders, side="right")]
+            superseded.append(steps[~live])
+            for j, key in enumerate(block.keys):
+                if key != "epoch":
+                    parts.setdefault(key, []).append((orders[live], steps[live], values[live, j]))
+        block.chunks = []
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key, points in series.items():
-        if not points:
+    for key, pieces in parts.items():
+        orders = np.concatenate([p[0] for p in pieces])
+        steps = np.concatenate([p[1] for p in pieces])
+        values = np.concatenate([p[2] for p in pieces])
+        if not len(steps):
             continue
-        steps = sorted(points)
-        scalars[key] = (np.array(steps, dtype=np.int64), np.array([points[s] for s in steps], dtype=np.float64))
+        by = np.lexsort((orders, steps))  # by step, then by when it was written
+        steps, values = steps[by], values[by]
+        last = np.append(steps[1:] != steps[:-1], True)  # the last write of each step wins
+        scalars[key] = (steps[last], values[last])
+    dropped = np.concatenate(superseded) if superseded else np.zeros(0, dtype=np.int64)
+    if dropped.size:
+        resumed = ", ".join(str(m[1]) for m in markers[:5]) + (" …" if len(markers) > 5 else "")
+        warnings.append(
+            f"The run was resumed from an earlier checkpoint (at step {resumed}): {dropped.size} logged row(s) of the "
+            f"abandoned attempt, steps {int(dropped.min())}–{int(dropped.max())}, were logged again by the resumed "
+            "run. Curves and tables show the final trajectory only (the resumed run's values from each resume step "
+            "on); the abandoned rows stay in metrics.jsonl."
+        )
+    if nulls:
+        listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(nulls.items())[:5])
+        more = f" and {len(nulls) - 5} more" if len(nulls) > 5 else ""
+        warnings.append(
+            f"metrics.jsonl: {sum(n for n, _ in nulls.values())} logged value(s) were NaN or Inf (stored as null) and "
+            f"have no point in the curves and tables: {listed}{more}."
+        )
+    if odd:
+        listed = ", ".join(f"{k} ({', '.join(f'{n} {t}' for t, n in c.items())})" for k, c in sorted(odd.items())[:5])
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        changed = [k for k in odd if k in scalars]
+        what = f"; {', '.join(changed[:5])} changed type during the run" if changed else ""
+        warnings.append(
+            f"metrics.jsonl: values that are not numbers were skipped: {listed}{more}{what}. Log numbers (floats) "
+            "under a key; put text in hyperparameters or events."
+        )
     return scalars
 
 
-def _media_item(path: Path, row: dict[str, Any], sizes: Callable[[Path], int], warnings: list[str]) -> MediaItem | None:
+def _media_item(
+    row: dict[str, Any], files: Callable[[str], tuple[Path, int]], warnings: list[str]
+) -> MediaItem | None:
     """The item an index row describes, or ``None`` (with a warning) when its file or bytes are missing."""
-    file = path / str(row.get("file", ""))
-    if "key" not in row or not file.is_file():
+    file, size = files(str(row.get("file", "")))
+    if "key" not in row or size < 0:
         warnings.append(f"media file {row.get('file')} listed in media/index.jsonl is missing; skipped.")
         return None
     step = _as_step(row.get("step"))
@@ -404,7 +497,7 @@ def _media_item(path: Path, row: dict[str, Any], sizes: Callable[[Path], int], w
     except (KeyError, TypeError, ValueError):
         warnings.append(f"media/index.jsonl: the row for {row['key']} at step {step} is malformed; skipped.")
         return None
-    if item.offset + item.nbytes > sizes(file):
+    if item.offset + item.nbytes > size:
         warnings.append(
             f"{row.get('file')} ends inside the array of {item.key} at step {step} — the run was killed while "
             "writing it; skipped."
@@ -413,14 +506,16 @@ def _media_item(path: Path, row: dict[str, Any], sizes: Callable[[Path], int], w
     return item
 
 
-def _media(path: Path, rows: list[dict[str, Any]], warnings: list[str]) -> dict[str, list[MediaItem]]:
+def _media(path: Path, rows: Iterable[dict[str, Any]], warnings: list[str]) -> dict[str, list[MediaItem]]:
     media: dict[str, dict[int | None, MediaItem]] = {}
-    size_cache: dict[Path, int] = {}
+    cache: dict[str, tuple[Path, int]] = {}
 
-    def sizes(file: Path) -> int:
-        if file not in size_cache:
-            size_cache[file] = file.stat().st_size
-        return size_cache[file]
+    def files(name: str) -> tuple[Path, int]:
+        """The path and size of the record's file ``name`` (-1: not a file), looked up once per file, not per row."""
+        if name not in cache:
+            file = path / name
+            cache[name] = file, file.stat().st_size if file.is_file() else -1
+        return cache[name]
 
     for row in rows:
         resume = _resume_step(row)
@@ -430,7 +525,7 @@ def _media(path: Path, rows: list[dict[str, Any]], warnings: list[str]) -> dict[
                     for step in [s for s in items if s is not None and s > resume]:
                         del items[step]
             continue
-        item = _media_item(path, row, sizes, warnings)
+        item = _media_item(row, files, warnings)
         if item is not None:
             items = media.setdefault(item.key, {})
             items.pop(item.step, None)
@@ -449,6 +544,16 @@ def _events(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif resume is not None:
             events = [e for e in events if not (isinstance(e.get("step"), int) and e["step"] > resume)]
     return events
+
+
+def _newer_format(meta: Any) -> str | None:
+    """``meta["format"]`` when it names a run record format newer than :data:`RECORD_FORMAT`, else ``None``."""
+    name, _, version = RECORD_FORMAT.rpartition("/")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(found, str) or not found.startswith(name + "/"):
+        return None
+    theirs = found[len(name) + 1:].split(".")[0]
+    return found if theirs.isdigit() and int(theirs) > int(version) else None
 
 
 def _not_a_run(path: Path) -> EntrotrainError:
@@ -511,6 +616,15 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise EntrotrainError(f"{meta_path} is not valid JSON ({err}); the run record is damaged.") from err
+    newer = _newer_format(meta)
+    if newer is not None:
+        from entrotrain import __version__
+
+        raise EntrotrainError(
+            f"{meta_path} was written by a newer entrotrain (record format {newer!r}; entrotrain {__version__} reads "
+            f"{RECORD_FORMAT!r}). Upgrade entrotrain where you read it (`pip install -U entrotrain`), or read it "
+            "with the entrotrain that wrote it (meta.json's entrotrain_version)."
+        )
     if not isinstance(meta, dict) or meta.get("format") != RECORD_FORMAT:
         raise EntrotrainError(
             f"{meta_path} is not an entrotrain run record (its format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
@@ -518,8 +632,8 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
         )
     warnings: list[str] = []
     writing = meta.get("status") == "running" and _pid_alive(meta) is True  # a live writer may be mid-line
-    scalars = _scalars(_read_jsonl(path / "metrics.jsonl", warnings, writing), warnings)
-    media = _media(path, _read_jsonl(path / "media" / "index.jsonl", warnings, writing), warnings)
+    scalars = _scalars(_iter_jsonl(path / "metrics.jsonl", warnings, writing), warnings)
+    media = _media(path, _iter_jsonl(path / "media" / "index.jsonl", warnings, writing), warnings)
     run = RunData(
         path=path,
         meta=meta,

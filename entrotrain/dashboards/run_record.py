@@ -24,7 +24,8 @@ Resuming (``Trainer.fit(ckpt_path=...)``, ``entrotrain fit --ckpt_path ...``) co
 checkpoint carries the record's folder and step (``checkpoint["entrotrain_run_record"]``), and a resumed fit appends
 to that folder with a marker line ``{"resume": {"step": S}}`` in each ``.jsonl``: readers drop what was written
 before the marker at steps after ``S`` (logged after the checkpoint by the abandoned run) and keep the last value
-written for each (key, step).
+written for each (key, step), so ``entrotrain report`` and ``status`` show the final trajectory and warn how many
+rows of the abandoned attempt were superseded (they stay in the file).
 
 ``entrotrain report RUN_DIR`` reads this folder only (never wandb's files), so reports work for any logger, offline,
 and while the run is still going (every line is flushed when written). The logger writes on global rank zero only,

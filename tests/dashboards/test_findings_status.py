@@ -63,7 +63,9 @@ def test_rows_without_a_step_and_a_key_logged_only_as_nan(tmp_path: Path) -> Non
     run = load_run(path)
     assert "x/only_nan" not in run.scalars  # stored as null, never a number
     page = "\n".join(run_lines(run, keys=["*"]))
-    assert "entropy/attn_norm/min" in page and "x/only_nan" not in page
+    rows = [line.split()[0] for line in page.splitlines()[2:] if line.startswith("  ") and line.split()]
+    assert "entropy/attn_norm/min" in rows and "x/only_nan" not in rows  # no table row, only the warning naming it
+    assert "x/only_nan (3, first at step 0)" in page
 
 
 def test_two_records_named_give_the_table_and_one_record_its_page(tmp_path: Path, capsys) -> None:

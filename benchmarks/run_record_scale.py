@@ -1,0 +1,188 @@
+"""Run records at the scale of a three-week run: the writer's cost per log, and `entrotrain status` / `report` on it.
+
+Writes a record through :class:`~entrotrain.dashboards.RunRecordLogger` itself (``log_metrics``, ``log_media``,
+``log_threshold``, ``log_event`` and a resume from an older checkpoint, as a Lightning run calls them), shaped like an
+``AttentionEntropyMonitor`` run: per-head normalised and raw entropies ``entropy/attn{,_norm}/L{l}/H{h}``, the
+summaries, a loss, and the layer × head heatmap as media at every logged row. One head collapses for ``--dip-rows``
+logged rows in the middle of the run (a collapse that lasts 20 steps at logging every 10 is 2 rows) and recovers.
+
+Then, each in a fresh process under ``/usr/bin/time -v``: ``entrotrain status RUN`` and ``entrotrain report RUN``.
+Prints a Markdown table:
+
+- writer: µs per ``log_metrics`` call (+ its heatmap) over the first and the last ``--probe`` rows: equal means O(1)
+  per log (nothing re-reads or rewrites what was written before);
+- readers: wall seconds, CPU seconds (user + system: the steadier number on a shared machine), peak RSS (MiB) and
+  that peak as a multiple of the record's size on disk; whether ``status`` names the short collapse; the report's
+  PNG count and largest PNG.
+
+Usage::
+
+    python benchmarks/run_record_scale.py                      # 50 000 rows x 296 keys (~5 min on 2 idle cores)
+    python benchmarks/run_record_scale.py --rows 5000          # under a minute
+    python benchmarks/run_record_scale.py --keep /tmp/rec      # keep the record; then, before/after a change:
+    python benchmarks/run_record_scale.py --record /tmp/rec/records/three-week-run --source /tmp/old
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from entrotrain.dashboards.run_record import RunRecordLogger
+
+
+def _row_metrics(step: int, grid: np.ndarray, loss: float) -> dict[str, float]:
+    layers, heads = grid.shape
+    metrics = {f"entropy/attn_norm/L{l}/H{h}": float(grid[l, h]) for l in range(layers) for h in range(heads)}
+    metrics.update({f"entropy/attn/L{l}/H{h}": float(grid[l, h] * math.log(512)) for l in range(layers)
+                    for h in range(heads)})
+    metrics.update({
+        "entropy/attn_norm/min": float(grid.min()),
+        "entropy/attn_norm/mean": float(grid.mean()),
+        "entropy/attn_norm/p05": float(np.quantile(grid, 0.05)),
+        "entropy/attn/collapse_frac": float((grid < 0.1).mean()),
+        "entropy/attn/overload_frac": float((grid > 0.9).mean()),
+        "entropy/attn/nonfinite": 0.0,
+        "train/loss": loss,
+        "lr-AdamW": 3e-4,
+    })
+    return metrics
+
+
+def write_record(root: Path, rows: int, layers: int, heads: int, every: int, dip_rows: int, probe: int,
+                 resume_at: int | None) -> tuple[Path, float, float, int]:
+    """Write the record; return its folder, µs per log over the first and the last ``probe`` rows, and the step
+    of the short collapse."""
+    rng = np.random.default_rng(0)
+    base = 0.6 + 0.3 * rng.random((layers, heads))
+    dip_row = rows // 2 + 7
+    logger = RunRecordLogger(root, name="records", version="three-week-run", run_name="three-week-run")
+    logger.log_hyperparams({"model": {"layers": layers, "heads": heads}, "every_n_steps": every})
+    logger.log_threshold("entropy/attn_norm/*", 0.1, "collapse")
+    logger.log_threshold("entropy/attn_norm/min", 0.05, "guard (warn)")
+    first = last = 0.0
+    row = 0
+    rewound = False
+    while row < rows:
+        step = row * every
+        grid = np.clip(base + 0.02 * rng.standard_normal(base.shape) - 0.1 * row / rows, 0.2, 1.0)
+        if dip_row <= row < dip_row + dip_rows:
+            grid[1 % layers, 3 % heads] = 0.01  # a 20-step collapse of L1H3, then it recovers
+        metrics = _row_metrics(step, grid, 3.0 * math.exp(-row / rows) + 0.01 * rng.standard_normal())
+        t0 = time.perf_counter()
+        logger.log_metrics(metrics, step=step)
+        logger.log_media("entropy/attn_norm/heatmap", grid, step, kind="heatmap", meta={"vmin": 0, "vmax": 1})
+        dt = time.perf_counter() - t0
+        if row < probe:
+            first += dt
+        elif row >= rows - probe:
+            last += dt
+        if row == dip_row:
+            logger.log_event("entropy/attn_norm/min", f"EntropyCollapseGuard at step {step}: fell below 0.05.", step,
+                             "warn")
+        row += 1
+        if resume_at is not None and not rewound and row == resume_at:  # a resume from a checkpoint 1000 rows back
+            rewound = True
+            entry = logger.checkpoint_entry((row - 1000) * every)
+            logger.finalize("failed")
+            logger = RunRecordLogger(root, name="records", version="unused")
+            logger.resume_from_entry(entry, ckpt_path="ckpt/older.ckpt")
+            row -= 999
+    logger.finalize("success")
+    return logger.run_dir, first / probe * 1e6, last / probe * 1e6, dip_row * every
+
+
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of ``cmd`` under ``/usr/bin/time -v``, and its
+    stdout + stderr. On a shared machine the CPU seconds are the steadier number."""
+    t0 = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+
+    def field(name: str) -> float:
+        found = re.search(rf"{name}: ([\d.]+)", done.stderr)
+        return float(found.group(1)) if found else float("nan")
+
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    cpu = field(r"User time \(seconds\)") + field(r"System time \(seconds\)")
+    return wall, cpu, field(r"Maximum resident set size \(kbytes\)") / 1024, done.stdout + done.stderr
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "report" not in p.parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=50_000, help="logged rows (500k steps at every 10: 50 000)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=36, help="layers x heads x 2 + 8 keys per row (default 296)")
+    parser.add_argument("--every", type=int, default=10, help="steps between logged rows")
+    parser.add_argument("--dip-rows", type=int, default=2, help="logged rows the short collapse lasts")
+    parser.add_argument("--probe", type=int, default=1000, help="rows timed at the start and at the end")
+    parser.add_argument("--no-resume", action="store_true", help="do not resume from an older checkpoint midway")
+    parser.add_argument("--keep", type=Path, default=None, help="write the record here and keep it")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="read this record (written earlier with --keep, RUN_DIR) instead of writing one")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="run status / report from this copy of the package's parent folder (e.g. `git archive "
+                        "HEAD~3 entrotrain | tar -x -C /tmp/old` then --source /tmp/old): a before/after comparison")
+    parser.add_argument("--quick", action="store_true", help="skip the report (status only)")
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="run_record_scale-"))
+    try:
+        print("| what | wall s | CPU s | peak RSS MiB | RSS / record size | note |")
+        print("|---|---:|---:|---:|---:|---|")
+        if args.record is None:
+            t0 = time.perf_counter()
+            resume_at = None if args.no_resume else max(args.rows * 3 // 5, 1001)
+            probe = min(args.probe, args.rows // 3)
+            run_dir, first_us, last_us, dip_step = write_record(
+                root, args.rows, args.layers, args.heads, args.every, args.dip_rows, probe, resume_at)
+            keys = 2 * args.layers * args.heads + 8
+            print(f"| write the record | {time.perf_counter() - t0:.0f} | | | | {args.rows} rows x {keys} keys + a "
+                  f"{args.layers}x{args.heads} heatmap per row"
+                  + ("" if args.no_resume else f"; resumed at row {resume_at} from 1000 rows back") + " |")
+            print(f"| writer, first {probe} logs | {first_us * probe / 1e6:.2f} | | | | {first_us:.0f} µs per log |")
+            print(f"| writer, last {probe} logs | {last_us * probe / 1e6:.2f} | | | | {last_us:.0f} µs per log "
+                  f"(×{last_us / first_us:.2f} the first) |")
+        else:
+            run_dir = args.record
+        size = _size(run_dir)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if args.source is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(args.source.resolve()), env.get("PYTHONPATH", "")])
+        exe = [sys.executable, "-c", "import sys; from entrotrain.cli import console; sys.argv[0] = 'entrotrain'; "
+               "console()"]
+        mib = f"record {size / 2**20:.0f} MiB"
+        wall, cpu, rss, out = _timed([*exe, "status", str(run_dir)], env)
+        said = "short collapse named" if "recovered: L1H3" in out else "short collapse not named"
+        print(f"| `entrotrain status RUN` | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {rss * 2**20 / size:.2f} | {mib}; "
+              f"{said} |")
+        if not args.quick:
+            out_dir = root / "report-out" if args.record is None else Path(tempfile.mkdtemp(prefix="report-"))
+            wall, cpu, rss, out = _timed([*exe, "report", str(run_dir), "-o", str(out_dir)], env)
+            pngs = sorted(out_dir.glob("*.png"))
+            biggest = max((p.stat().st_size for p in pngs), default=0) / 2**20
+            print(f"| `entrotrain report RUN` | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {rss * 2**20 / size:.2f} | "
+                  f"{len(pngs)} PNGs, largest {biggest:.1f} MiB |")
+            if args.record is not None:
+                shutil.rmtree(out_dir, ignore_errors=True)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

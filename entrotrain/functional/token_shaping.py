@@ -238,9 +238,9 @@ def _delimiter(delimiter_ids: int | Sequence[int] | Tensor) -> list[int]:
     if isinstance(delimiter_ids, int) and not isinstance(delimiter_ids, bool):
         delimiter_ids = [delimiter_ids]
     ids = list(delimiter_ids) if isinstance(delimiter_ids, (list, tuple)) else None
-    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not -(2**63) <= i < 2**63 for i in ids):
         raise EntrotrainError(
-            f"delimiter_ids must be a token id or a non-empty sequence of token ids (e.g. the ids that "
+            f"delimiter_ids must be a token id or a non-empty sequence of token ids (int64, e.g. the ids that "
             f"tokenizer.encode('</think>', add_special_tokens=False) gives), got {delimiter_ids!r}."
         )
     return ids
@@ -435,7 +435,9 @@ def sequence_entropy(entropy: Tensor, mask: Tensor) -> Tensor:
     h = entropy.detach().double()
     zero = torch.zeros((), dtype=torch.float64, device=h.device)
     total = torch.where(valid, h, zero).sum(1)
-    return (total / (valid.sum(1).double() + 1e-8)).to(_out_dtype(entropy.dtype))
+    mean = total / (valid.sum(1).double() + 1e-8)
+    bad = (valid & ~torch.isfinite(h)).any(1)  # a valid Inf gives NaN too, as in every other function here
+    return torch.where(bad, torch.full_like(mean, float("nan")), mean).to(_out_dtype(entropy.dtype))
 
 
 def canon_split(metric: Tensor, group_size: int) -> Tensor:

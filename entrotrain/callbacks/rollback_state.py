@@ -222,7 +222,7 @@ class RollbackState:
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
-        state += rollback_groups.group_tensors([g for opt in optimizers for g in _groups(opt)])
+        state += rollback_groups.group_tensors([_outer_optimizer(opt) for opt in optimizers])
         outside = outside_params(model, inner)
         if not _all_finite([*_tensors(live), *state, *outside], shard_groups(optimizers)):
             return False
@@ -232,7 +232,7 @@ class RollbackState:
             self._specs = {key: spec for key, spec in ((k, _spec(v)) for k, v in live.items()) if spec is not None}
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
             self._optimizers = [_optimizer_state(opt, previous) for opt, previous in zip(inner, held)]
-            self._groups = [rollback_groups.hold_groups(_groups(opt)) for opt in optimizers]
+            self._groups = [rollback_groups.hold_groups(_outer_optimizer(opt)) for opt in optimizers]
         self.step = int(step)
         if self._frozen is not None:
             self._frozen.keep(frozen, step)
@@ -256,18 +256,19 @@ class RollbackState:
         current = model.state_dict()
         if self._frozen is not None:
             self._frozen.verify(current)  # before anything is copied
-        for opt, groups in zip(optimizers, self._groups):
-            rollback_groups.check_groups(_outer_optimizer(opt), _groups(opt), groups)  # (also before any copy)
-        modes = [rollback_groups.modes(_groups(opt)) for opt in optimizers]  # schedule-free's, before the restore
+        outer = [_outer_optimizer(opt) for opt in optimizers]  # (whose groups ZeroRedundancyOptimizer steps from)
+        for opt, groups in zip(outer, self._groups):
+            rollback_groups.check_groups(opt, groups)  # (also before any copy)
+        modes = [rollback_groups.modes(opt) for opt in outer]  # schedule-free's, before the restore
         with torch.no_grad():
             _restore_model(model, self._model, self._specs, current, self._frozen.keys if self._frozen else set())
             for opt, held in zip(optimizers, self._optimizers):
                 _restore_optimizer(unwrap_optimizer(opt), held)
             _restore_outside([unwrap_optimizer(opt) for opt in optimizers], self._outside)
-            for opt, groups in zip(optimizers, self._groups):
-                rollback_groups.restore_groups(_groups(opt), groups)
-            for opt, wanted in zip(optimizers, modes):  # parameters and state restored: switch to the current mode
-                rollback_groups.switch_modes(_outer_optimizer(opt), _groups(opt), wanted)
+            for opt, groups in zip(outer, self._groups):
+                rollback_groups.restore_groups(opt, groups)
+            for opt, wanted in zip(outer, modes):  # parameters and state restored: switch to the current mode
+                rollback_groups.switch_modes(opt, wanted)
         model.zero_grad(set_to_none=True)
         return self.step
 
@@ -388,12 +389,6 @@ def _copy_into(value: Any, buffer: Any) -> Any:
         buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.is_cuda)
     buffer.copy_(value, non_blocking=value.is_cuda)
     return buffer
-
-
-def _groups(optimizer: Any) -> list[dict[str, Any]]:
-    """The param groups whose entries are the optimizer's hyperparameters and group state: the outer optimizer's
-    (a ``ZeroRedundancyOptimizer`` copies its own into its local optimizer's at each step, and back after it)."""
-    return list(getattr(_outer_optimizer(optimizer), "param_groups", None) or [])
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:

@@ -32,6 +32,8 @@ REAL = {} if schedulefree is None or prodigyopt is None else {
     "adamw_schedulefree": lambda ps: schedulefree.AdamWScheduleFree(ps, lr=1e-2, warmup_steps=3),
     "sgd_schedulefree": lambda ps: schedulefree.SGDScheduleFree(ps, lr=1e-2, warmup_steps=2),
     "radam_schedulefree": lambda ps: schedulefree.RAdamScheduleFree(ps, lr=1e-2),
+    # its train_mode is an attribute of the wrapper, its k / weight_sum / lr_max in the base optimizer's groups
+    "schedulefree_wrapper": lambda ps: schedulefree.ScheduleFreeWrapper(torch.optim.SGD(ps, lr=0.05), momentum=0.9),
 }
 
 
@@ -131,13 +133,15 @@ def test_prodigy_and_schedule_free_group_state_goes_back() -> None:
 
 
 @needs_packages
+@pytest.mark.parametrize("kind", ["adamw_schedulefree", "schedulefree_wrapper"])
 @pytest.mark.parametrize("taken_in, rolled_back_in", [("eval", "train"), ("train", "eval")])
-def test_schedule_free_taken_in_one_mode_and_rolled_back_in_the_other(taken_in: str, rolled_back_in: str) -> None:
+def test_schedule_free_taken_in_one_mode_and_rolled_back_in_the_other(kind: str, taken_in: str,
+                                                                      rolled_back_in: str) -> None:
     """``optimizer.eval()`` around validation (the Lightning pattern): the parameters hold ``x`` there, ``y`` in train
     mode. The state comes back in the mode the loop is in now, as the run resumed from the held step would hold it
     after the same switch."""
     model = _mlp()
-    optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-2, warmup_steps=2)
+    optimizer = REAL[kind](model.parameters())
     optimizer.train()
     guard = _guard(model, optimizer)
     data = _batches(8)
@@ -154,7 +158,8 @@ def test_schedule_free_taken_in_one_mode_and_rolled_back_in_the_other(taken_in: 
     getattr(ref_optimizer, rolled_back_in)()  # the resumed run switches as the loop did
     for group in ref_optimizer.param_groups:
         group["lr"] *= 0.5
-    assert optimizer.param_groups[0]["train_mode"] is (rolled_back_in == "train")
+    assert optimizer.param_groups[0].get("train_mode", getattr(optimizer, "train_mode", None)) is (
+        rolled_back_in == "train")
     _assert_same_run(model, optimizer, ref_model, ref_optimizer)
     optimizer.train()
     ref_optimizer.train()

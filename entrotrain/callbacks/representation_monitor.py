@@ -117,7 +117,8 @@ class RepresentationEntropyMonitor(HookedMonitor):
         max_samples: rows kept (seeded reservoir) for the sampled measures; fixes their ``n``.
         max_rows: batch rows captured per call (evenly spaced); ``None`` = all.
         max_tokens: tokens / patches captured per sample of ``(B, T, C)`` / ``(B, C, H, W)`` outputs (evenly
-            spaced); ``None`` = all.
+            spaced); ``None`` = all. Padded tokens of ``(B, T, C)`` outputs (the HF model's ``attention_mask``, a
+            :func:`~entrotrain.taps.query_padding` block) are then left out, so ``n`` counts real tokens.
         dse_sigma: Gaussian kernel width σ of DSE / DSMI (absolute: it depends on the activation scale).
         dse_t: diffusion time t of DSE / DSMI.
         vendi_q: order q of the Vendi score.

@@ -11,6 +11,7 @@ contain ``_orig_mod`` (:mod:`entrotrain.taps.module_names`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,9 @@ from entrotrain.taps.module_names import is_compiled, named_modules
 __all__ = ["ForwardHookTap"]
 
 _T = TypeVar("_T", bound="ForwardHookTap")
+#: Queue entries of an HF model's forward starting (with its ``attention_mask``) and ending, replayed in call order
+#: with the captures (not module names: those never hold a NUL).
+_PUSH, _POP = "\0push-mask", "\0pop-mask"
 
 
 class _ModeHandle:
@@ -34,6 +38,18 @@ class _ModeHandle:
 
     def remove(self) -> None:
         remove_mode(self.mode)
+
+
+class _ClearMasks:
+    """Forgets the HF model masks recorded for a tap, like a hook handle removes a hook."""
+
+    def __init__(self, tap: Any) -> None:
+        self.tap = tap
+
+    def remove(self) -> None:
+        from entrotrain.taps.query_padding import clear_model_masks
+
+        clear_model_masks(self.tap)
 
 
 class ForwardHookTap:
@@ -48,6 +64,9 @@ class ForwardHookTap:
     model: nn.Module
     names: list[str]
     _handles: list[Any]
+    #: Record the 2-D ``attention_mask`` of every HF ``PreTrainedModel`` forward while armed, so that captures can
+    #: leave padded token positions out (:func:`~entrotrain.taps.query_padding.ambient_token_mask`).
+    watch_token_masks = False
 
     def _hook(self, name: str) -> Callable[..., None]:
         raise NotImplementedError
@@ -64,6 +83,8 @@ class ForwardHookTap:
         try:
             # torch's fused encoder paths would hand hooks nested tensors
             self._handles.append(FastpathHold(self.model))
+            if self.watch_token_masks:
+                self._handles.extend(self._mask_handles())
             for name in self.names:
                 self._handles.append(modules[name].register_forward_hook(self._installed_hook(name)))
             if is_compiled(self.model):  # make the arming visible to dynamo's guards (module docstring)
@@ -88,8 +109,75 @@ class ForwardHookTap:
 
     def replay_deferred(self) -> None:
         """Run the capture of every module call that compiled code queued, oldest first (no-op when none)."""
+        from entrotrain.taps.query_padding import pop_model_mask, push_model_mask
+
         for name, output in self._queue().drain():
-            self._captures()[name](None, (), output)
+            if name == _PUSH:
+                push_model_mask(self, *output)
+            elif name == _POP:
+                pop_model_mask(self)
+            else:
+                self._captures()[name](None, (), output)
+
+    def _mask_handles(self) -> list[Any]:
+        """Hooks on every HF ``PreTrainedModel`` inside the model recording its ``attention_mask`` while it runs
+        (queued in call order under ``torch.compile``, as :mod:`entrotrain.taps.compiled_padding` does for attention);
+        none when transformers is not imported."""
+        if sys.modules.get("transformers") is None:
+            return []
+        try:
+            from transformers.modeling_utils import PreTrainedModel
+        except ImportError:
+            return []
+        models = [m for m in self.model.modules() if isinstance(m, PreTrainedModel)]
+        if not models:
+            return []
+        before, after, positions = self._mask_hooks()
+        from entrotrain.taps.compiled_padding import _positions
+
+        handles: list[Any] = [_ClearMasks(self)]
+        for module in models:
+            if type(module) not in positions:
+                positions[type(module)] = _positions(type(module).forward)
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after))
+        return handles
+
+    def _mask_hooks(self) -> tuple[Callable[..., None], Callable[..., None], dict[type, dict[str, int]]]:
+        """One pair of mask hooks per tap for its lifetime (dynamo guards on the hooks it traces)."""
+        cached = self.__dict__.get("_mask_hook_fns")
+        if cached is not None:
+            return cached
+        from entrotrain.taps.compiled_padding import _CACHE_ARGS
+        from entrotrain.taps.query_padding import pop_model_mask, push_model_mask
+
+        positions: dict[type, dict[str, int]] = {}
+        queue = self._queue()
+
+        def argument(module: nn.Module, args: tuple, kwargs: dict[str, Any], name: str) -> Any:
+            if name in kwargs:
+                return kwargs[name]
+            index = positions.get(type(module), {}).get(name)
+            return args[index] if index is not None and index < len(args) else None
+
+        def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            mask = argument(module, args, kwargs, "attention_mask")
+            with_cache = any(argument(module, args, kwargs, name) is not None for name in _CACHE_ARGS)
+            if compiling():
+                queue.add(_PUSH, (mask, with_cache))
+            else:
+                self.replay_deferred()
+                push_model_mask(self, mask, with_cache)
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            if compiling():
+                queue.add(_POP, None)
+            else:
+                self.replay_deferred()
+                pop_model_mask(self)
+
+        self.__dict__["_mask_hook_fns"] = (before, after, positions)
+        return before, after, positions
 
     def _queue(self) -> DeferredCaptures:
         queue = self.__dict__.get("_deferred")

@@ -39,6 +39,7 @@ from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
+from entrotrain.taps.query_padding import ambient_token_mask
 
 __all__ = ["ActivationTap", "Capture", "activation_rows"]
 
@@ -75,6 +76,7 @@ def activation_rows(
     output_index: int = 0,
     layout: Layout = "auto",
     detach: bool = True,
+    token_mask: Tensor | None = None,
 ) -> Capture:
     """Turn a module output into a :class:`Capture` of detached ``(rows, features)`` activations.
 
@@ -87,6 +89,9 @@ def activation_rows(
         layout: ``"auto"`` treats 3-D outputs as ``(B, T, C)`` and 4-D as ``(B, C, H, W)``; ``"channels_last"``
             treats every ``(B, ..., C)`` as tokens × channels; ``"channels_first"`` every ``(B, C, ...)``.
         detach: ``False`` keeps the graph (the rows are a differentiable function of ``output``).
+        token_mask: ``(B, T)`` bool, True = a real token, for a ``(B, T, C)`` output read channels-last: padded
+            positions are left out (after the evenly spaced ``max_rows`` / ``max_tokens`` pick, so the same positions
+            are taken at every step; a heavily padded batch gives fewer rows). Ignored for other shapes.
 
     Raises:
         TapError: the output (or its chosen element) is not a floating tensor of 2 to 4 dimensions.
@@ -124,10 +129,16 @@ def activation_rows(
         x = x.flatten(2).transpose(1, 2)  # (B, C, ...) -> (B, P, C)
     else:
         x = x.flatten(1, -2)  # (B, ..., C) -> (B, T, C)
-    tokens = _pick(x.shape[1], max_tokens, x.device)
+    full_tokens = x.shape[1]
+    tokens = _pick(full_tokens, max_tokens, x.device)
     if len(tokens) < x.shape[1]:
         x = x.index_select(1, tokens)
-    return Capture(_owned(x.reshape(-1, x.shape[-1]), output), keep.repeat_interleave(x.shape[1]))
+    sample = keep.repeat_interleave(x.shape[1])
+    x = x.reshape(-1, x.shape[-1])
+    if token_mask is not None and not channels_first and tuple(token_mask.shape) == (b, full_tokens):
+        real = token_mask.to(x.device).index_select(0, keep).index_select(1, tokens).reshape(-1)
+        x, sample = x[real], sample[real]
+    return Capture(_owned(x, output), sample)
 
 
 
@@ -158,6 +169,8 @@ class ActivationTap(ForwardHookTap):
         ...     model(x)
         >>> tap.captures["encoder.2"][0].rows   # (n, d), detached
     """
+
+    watch_token_masks = True  # padded token positions of HF models / query_padding blocks are left out
 
     def __init__(
         self,
@@ -192,6 +205,7 @@ class ActivationTap(ForwardHookTap):
         self.captures: dict[str, list[Capture]] = {}
         self._handles: list[Any] = []
         self._grad_at_arming, self._warned_no_grad = True, False  # set at each arming
+        self._warned_misfit: set[str] = set()
         self.names = self._match()
 
     def _match(self) -> list[str]:
@@ -235,6 +249,7 @@ class ActivationTap(ForwardHookTap):
                 max_tokens=self.max_tokens,
                 output_index=self.output_index,
                 layout=self.layout,
+                token_mask=self._token_mask(name, output),
             )
             if self.differentiable:
                 capture = activation_rows(output, detach=False, **kwargs)
@@ -247,6 +262,25 @@ class ActivationTap(ForwardHookTap):
                 self.captures.setdefault(name, []).append(capture)
 
         return hook
+
+    def _token_mask(self, name: str, output: Any) -> Tensor | None:
+        """The real positions ``(B, T)`` of a ``(B, T, C)`` output (see :mod:`entrotrain.taps.query_padding`): the
+        ``attention_mask`` of the HF model running ``name``, else a ``query_padding`` block; ``None`` = all real. A
+        mask that does not fit the output keeps every position, warned once per module."""
+        if isinstance(output, (tuple, list)) and -len(output) <= self.output_index < len(output):
+            output = output[self.output_index]
+        if not isinstance(output, Tensor) or output.dim() != 3 or self.layout == "channels_first":
+            return None
+        mask, misfit = ambient_token_mask(self, output.shape[0], output.shape[1], output.device)
+        if misfit is not None and name not in self._warned_misfit:
+            self._warned_misfit.add(name)
+            warnings.warn(
+                f"ActivationTap: the padding mask of shape {misfit} does not fit the output of {name!r} of shape "
+                f"{tuple(output.shape)}; all its positions are kept. Hand a mask of that shape over with a "
+                "query_padding(...) block, or exclude the module.",
+                stacklevel=4,
+            )
+        return mask
 
     def _warn_no_grad(self, name: str) -> None:
         if self._warned_no_grad:

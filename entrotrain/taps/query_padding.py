@@ -28,6 +28,11 @@ Sampling (``max_rows`` / ``max_queries``): the evenly spaced positions are chose
 the padded ones among them are dropped, so the same positions are scored at every step and the mean stays an
 unbiased estimate over real queries (fewer queries are scored in a heavily padded batch).
 
+Activations follow the same rule: an :class:`~entrotrain.taps.ActivationTap` (``RepresentationEntropyMonitor``, the
+representation regularisers) keeps only the real token positions of a ``(batch, tokens, features)`` output, by the
+``attention_mask`` of the HF model running the module (2.) or a ``query_padding`` block (3.), after its own evenly
+spaced pick (:func:`ambient_token_mask`; a mask that does not fit keeps every position, warned once per module).
+
 Scored results mark a padded query as a query with no valid key (entropy 0, ``n_keys = 0``), which every statistic
 (:func:`~entrotrain.taps.attention_stats.per_head_sums`) and every attention regulariser already leaves out.
 """
@@ -47,7 +52,7 @@ from entrotrain._validation import check_tensor, keep_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention import AttentionEntropy
 
-__all__ = ["query_padding", "mask_queries", "check_query_mask", "ambient_query_mask"]
+__all__ = ["query_padding", "mask_queries", "check_query_mask", "ambient_query_mask", "ambient_token_mask"]
 
 #: User blocks (``with query_padding(mask):``), innermost last; seen by every armed tap. Each entry is
 #: ``[mask as given, bool mask or None]``: converted (which reads an integer mask's values) only when a tap uses it.
@@ -62,7 +67,8 @@ _INHERIT = "inherit"  # the outermost HF model called without attention_mask: a 
 
 @contextmanager
 def query_padding(mask: Tensor) -> Iterator[None]:
-    """Within the block, every armed :class:`~entrotrain.taps.AttentionTap` scores only the real queries of ``mask``.
+    """Within the block, every armed :class:`~entrotrain.taps.AttentionTap` scores only the real queries of ``mask``
+    (and every armed :class:`~entrotrain.taps.ActivationTap` keeps only the real tokens of ``(batch, tokens, C)``).
 
     Args:
         mask: ``(batch, tokens)``, bool (True = real) or integer 0/1 (1 = real, HF's ``attention_mask``). It applies to
@@ -126,22 +132,42 @@ def _fit(mask: Tensor, batch: int, queries: int, with_cache: bool) -> Tensor | N
     return None
 
 
+def _ambient(tap: Any) -> tuple[Tensor, bool] | None:
+    """``(mask, with_cache)`` in force for ``tap``: the innermost HF model's mask, else the innermost
+    ``query_padding`` block; ``None`` when every position is real."""
+    stack = _MODEL.get(tap)
+    if stack and stack[-1] is _ALL_REAL:
+        return None
+    if stack and stack[-1] is not _INHERIT:
+        return stack[-1]
+    if _USER:
+        entry = _USER[-1]
+        if entry[1] is None:
+            entry[1] = keep_mask(entry[0], "mask")
+        return entry[1], False
+    return None
+
+
+def ambient_token_mask(tap: Any, batch: int, tokens: int, device: torch.device) -> tuple[Tensor | None, Any]:
+    """The real token positions ``(batch, tokens)`` bool of a ``(batch, tokens, features)`` activation captured by
+    ``tap`` (an :class:`~entrotrain.taps.ActivationTap`) under the same rule as attention queries: ``(mask, None)``,
+    ``(None, None)`` when every position is real, or ``(None, shape)`` when the mask in force does not fit (the
+    caller warns: all positions are kept)."""
+    found = _ambient(tap)
+    if found is None:
+        return None, None
+    fitted = _fit(found[0], batch, tokens, found[1])
+    if fitted is None:
+        return None, tuple(found[0].shape)
+    return fitted.to(device), None
+
+
 def ambient_query_mask(tap: Any, site: str, batch: int, queries: int, device: torch.device) -> Tensor | None:
     """The query mask ``(batch, queries)`` bool of a call of ``tap`` without its own, or ``None`` (all real).
 
     The innermost HF model's mask, else the innermost ``query_padding`` block; a mask that does not fit warns once.
     """
-    found: tuple[Tensor, bool] | None = None
-    stack = _MODEL.get(tap)
-    if stack and stack[-1] is _ALL_REAL:
-        return None
-    if stack and stack[-1] is not _INHERIT:
-        found = stack[-1]
-    elif _USER:
-        entry = _USER[-1]
-        if entry[1] is None:
-            entry[1] = keep_mask(entry[0], "mask")
-        found = (entry[1], False)
+    found = _ambient(tap)
     if found is None:
         return None
     mask, with_cache = found

@@ -596,14 +596,14 @@ class KLCovLoss(_CovLoss):
             cov_all = torch.zeros_like(logp.detach())
             if len(a_valid) > 0:
                 cov_list = (a_valid - a_valid.mean()) * (l_valid - l_valid.mean())
-                n_budget = len(cov_list)
-                if self.nonzero_adv_only:
-                    cov_list = cov_list.masked_fill(a_valid == 0, -torch.inf)
+                score, n_budget = cov_list, len(cov_list)
+                if self.nonzero_adv_only:  # A = 0 tokens cannot be picked (the metric keeps their covariance)
+                    score = cov_list.masked_fill(a_valid == 0, -torch.inf)
                     n_budget = int((a_valid != 0).sum())
                 k = min(max(self.min_selected, int(n_budget * self.ratio)), len(cov_list))
-                top = torch.topk(cov_list, k, largest=True).indices
+                top = torch.topk(score, k, largest=True).indices
                 if self.nonzero_adv_only:
-                    top = top[torch.isfinite(cov_list[top])]
+                    top = top[torch.isfinite(score[top])]
                 flat = valid_idx[top.to(valid_idx.device)]
                 rows, cols = flat // adv.shape[1], flat % adv.shape[1]
                 selected[rows, cols] = True

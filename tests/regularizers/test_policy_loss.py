@@ -249,6 +249,22 @@ def test_entropy_bonus_fixed_and_composition():
     assert len(triple.terms) == 3 and "policy/pg_loss.1" in triple(logp, old, adv, mask, entropy=ent).metrics
 
 
+def test_kl_cov_micro_batch_nonzero_adv_only_reports_the_true_cov_mean():
+    """``policy/cov_mean`` is the mean covariance over every valid token in both modes: micro_batch with
+    ``nonzero_adv_only`` reported the A = 0 tokens' covariance as 0 (their exclusion from the pick leaked into it)."""
+    torch.manual_seed(0)
+    lp = torch.randn(4, 6) - 1
+    old = lp + 0.1 * torch.randn(4, 6)
+    adv = torch.tensor([1.0, 0.0, 0.5, 0.0])  # mean(A) != 0: an A = 0 token has a nonzero covariance
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    a = adv[:, None].expand(4, 6).double()
+    want = ((a - a.mean()) * (lp.double() - lp.double().mean())).mean()
+    for mode in ("micro_batch", "global"):
+        out = KLCovLoss(0.2, mode=mode, nonzero_adv_only=True)(lp, old, adv, mask)
+        assert float(out.metrics["policy/cov_mean"]) == pytest.approx(float(want), abs=1e-6)
+        assert float(out.metrics["policy/cov_selected"]) == 2.0  # 0.2 x the 12 tokens with A != 0
+
+
 def test_python_sum_of_policy_losses_and_adding_a_non_loss():
     """``sum([a, b])`` starts from 0 (it raised Python's TypeError); ``loss + 3`` raises EntrotrainError naming the
     fix."""

@@ -268,3 +268,46 @@ def test_a_mode_that_cannot_be_switched_is_refused_before_any_copy() -> None:
     with pytest.raises(EntrotrainError, match="was in train mode when the good state was taken and is in eval mode"):
         held.restore(model, [optimizer])
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+@needs_packages
+def test_lightning_schedule_free_with_eval_around_validation(tmp_path) -> None:
+    """The Lightning pattern (``optimizer.eval()`` at validation start, ``train()`` at each training epoch's start)
+    with a guard on a validation key: the state is held and rolled back at validation end, in eval mode. The step
+    count ``k`` goes back with it: 4 epochs of 4 steps, rolled back at the third validation (logged at step 11) to
+    the state of the second (step 7, after 8 steps: k = 8), so the run ends at k = 12, not 16."""
+    import lightning.pytorch as pl
+
+    values = {0: 0.9, 1: 0.9, 2: 0.1, 3: 0.9}
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/x", values[self.current_epoch])
+
+        def configure_optimizers(self):
+            return schedulefree.AdamWScheduleFree(self.parameters(), lr=1e-2)
+
+        def on_train_epoch_start(self) -> None:
+            self.optimizers().optimizer.train()
+
+        def on_validation_epoch_start(self) -> None:
+            self.optimizers().optimizer.eval()
+
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+    guard = EntropyCollapseGuard("val/x", threshold=0.5, action="rollback", keep_last_good=False)
+    module = Module()
+    trainer = pl.Trainer(max_epochs=4, callbacks=[guard], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="Rolled back the model and optimizer state to step 7"):
+        trainer.fit(module, data, data)
+    group = trainer.optimizers[0].param_groups[0]
+    assert guard.rollbacks == 1 and group["k"] == 12 and group["lr"] == pytest.approx(5e-3)

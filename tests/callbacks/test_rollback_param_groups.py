@@ -84,7 +84,8 @@ def _guard(model: nn.Module, optimizer: Any, lr_factor: float = 0.5) -> EntropyC
 
 @needs_packages
 @settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(sorted(REAL) or ["prodigy"]), s=st.integers(1, 4), gap=st.integers(1, 3), after=st.integers(1, 3))
+@given(kind=st.sampled_from(sorted(REAL) or ["prodigy"]), s=st.integers(1, 4), gap=st.integers(1, 3),
+       after=st.integers(1, 3))
 def test_a_rollback_is_the_run_resumed_from_the_held_step(kind: str, s: int, gap: int, after: int) -> None:
     model = _mlp()
     optimizer = REAL[kind](model.parameters())

@@ -85,7 +85,9 @@ def row_entropy(scores: Tensor, valid: Tensor | None = None) -> RowEntropy:
     m = torch.where(ok, x, float("-inf")).amax(dim=-1, keepdim=True).detach()
     has_any = m != float("-inf")  # a NaN row stays NaN
     m = torch.where(has_any, m, torch.zeros_like(m))
-    centred = torch.where(ok, x - m, torch.zeros_like(x))
+    # x - m can leave the dtype's range for finite logits spanning more than its max (3e38 and -1e38 in float32):
+    # clamp to the lowest finite value, whose weight exp is exactly 0 (so 0 * centred adds 0, not 0 * -inf = NaN)
+    centred = torch.where(ok, (x - m).clamp_min(torch.finfo(x.dtype).min), torch.zeros_like(x))
     e = torch.where(ok, torch.exp(centred), torch.zeros_like(x))
     l = e.sum(dim=-1)
     t = (e * centred).sum(dim=-1)

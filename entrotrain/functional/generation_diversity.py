@@ -60,11 +60,11 @@ def ngram_counts(tokens: Tensor, n: int, mask: Tensor | None = None) -> NgramCou
     """
     check_tensor(tokens, "tokens", integer=True, ndim=(1, 2), layout="(batch, tokens)")
     n = check_int(n, "n", low=1)
+    valid = keep_mask(mask, "mask")
     if tokens.dim() == 1:
         tokens = tokens[None]
-        if mask is not None:
-            mask = mask[None] if mask.dim() == 1 else mask
-    valid = keep_mask(mask, "mask")
+        if valid is not None and valid.dim() == 1:
+            valid = valid[None]
     if valid is not None:
         check_shape(valid, tokens.shape, "mask", like="the tokens")
     b, t = tokens.shape

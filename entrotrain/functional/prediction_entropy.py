@@ -40,7 +40,8 @@ DEFAULT_CHUNK = 512
 
 class PredictionStats(NamedTuple):
     """Per row ``(N,)``: ``entropy`` (nats), ``top1_prob`` and ``nll`` of the label (``None`` without labels).
-    float32 (float64 for float64 input); a row holding NaN/Inf gives NaN in that row only."""
+    float32 (float64 for float64 input); a row holding NaN/Inf gives NaN in that row only. Finite logits give
+    finite values, except an ``nll`` beyond the dtype's range (``lse − z_y > 3.4e38`` in float32), which is +inf."""
 
     entropy: Tensor
     top1_prob: Tensor

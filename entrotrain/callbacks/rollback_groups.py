@@ -52,6 +52,7 @@ OWNED = frozenset({"params", "lr", "max_lr", "min_lr", "max_momentum", "base_mom
 #: Schedule-free's mode flag (whether the parameters hold ``y`` or ``x``).
 MODE = "train_mode"
 
+
 @dataclass
 class HeldGroups:
     """One optimizer's held group state."""

@@ -539,6 +539,12 @@ def attention_summary(runs: list[RunData], out_dir: Path) -> Figure | None:
 
 
 # ---------------------------------------------------------------------- policy
+#: ``PolicyEntropyMonitor(fit_min_points=5)``'s default: a run without ``fit_*`` keys is fitted here only from as many
+#: logged steps as the monitor would have needed (with 3 nearly equal entropies a short TRL run's "What happened"
+#: read "predicted reward ceiling b − a = 110" for rewards in [0, 1]).
+_FIT_MIN_POINTS = 5
+
+
 def fit_curve(run: RunData) -> tuple[float, float] | None:
     a, b = run.scalars.get("entropy/policy/fit_a"), run.scalars.get("entropy/policy/fit_b")
     if a is not None and b is not None and len(a[1]) and len(b[1]):
@@ -547,7 +553,7 @@ def fit_curve(run: RunData) -> tuple[float, float] | None:
     if h is None or r is None:
         return None
     common, ih, ir = np.intersect1d(h[0], r[0], return_indices=True)
-    if len(common) < 3:
+    if len(common) < _FIT_MIN_POINTS:  # the monitor published no fit: it had too few points for one
         return None
     from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
 

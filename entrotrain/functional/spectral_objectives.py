@@ -43,6 +43,7 @@ from entrotrain.functional.spectrum import _check_order
 
 __all__ = [
     "EIG_EPS",
+    "MMCR_MAX_LAM",
     "MMCR_NORM_EPS",
     "matrix_entropy_objective",
     "mmcr_objective",
@@ -59,6 +60,8 @@ __all__ = [
 EIG_EPS = 1e-10
 #: ``F.normalize`` eps of the MMCR reference code (``mmcr/*/loss_mmcr.py``).
 MMCR_NORM_EPS = 1e-12
+#: The largest MMCR local weight λ (a weight of order 1; far larger ones overflow the float32 gradient).
+MMCR_MAX_LAM = 1e6
 
 ViewLayout = Literal["sample_major", "view_major"]
 
@@ -331,7 +334,7 @@ def mmcr_objective(z: Tensor, lam: float = 0.0, *, eps: float = MMCR_NORM_EPS) -
             overflow the float32 gradient at a zero view, ``∝ λ / eps``).
         eps: ``F.normalize`` eps (reference: 1e-12).
     """
-    lam = check_real(lam, "lam", low=0.0, high=1e6)  # type: ignore[assignment]
+    lam = check_real(lam, "lam", low=0.0, high=MMCR_MAX_LAM)  # type: ignore[assignment]
     eps = check_real(eps, "eps", low=0.0, low_open=True)  # type: ignore[assignment]
     c, zhat, bad = mmcr_terms(z, eps=eps)
     if c.shape[0] == 0 or c.shape[1] == 0 or zhat.shape[1] == 0:

@@ -43,6 +43,7 @@ from entrotrain._validation import check_bool, check_choice, check_int, check_re
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.spectral_objectives import (
     EIG_EPS,
+    MMCR_MAX_LAM,
     MMCR_NORM_EPS,
     matrix_entropy_objective,
     mmcr_terms,
@@ -307,7 +308,7 @@ class MMCRLoss(_RepresentationRegularizer):
 
     Args:
         weight: coefficient (1.0: MMCR is the whole SSL objective).
-        lam: ``λ >= 0``.
+        lam: ``0 <= λ <= 1e6`` (``MMCR_MAX_LAM``: far larger weights overflow the float32 gradient).
         n_views: ``k``, to read stacked ``(N·k, d)`` input (ignored for ``(N, k, d)``).
         layout: ``"sample_major"`` | ``"view_major"`` for stacked input.
         distributed: ``"auto"``, ``True`` (requires an initialised process group) or ``False``.
@@ -334,7 +335,7 @@ class MMCRLoss(_RepresentationRegularizer):
         super().__init__(
             weight, include=include, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name
         )
-        self.lam = check_real(lam, "lam", low=0.0)
+        self.lam = check_real(lam, "lam", low=0.0, high=MMCR_MAX_LAM)
         self.n_views = check_int(n_views, "n_views", low=1)
         self.layout = check_choice(layout, "layout", ("sample_major", "view_major"))
         if distributed != "auto":

@@ -231,3 +231,11 @@ def test_mmcr_objective_contract(x, k, lam):
         assert -math.sqrt(c * min(c, z.shape[2])) - 1e-3 <= float(loss.detach()) <= lam * math.sqrt(k) * 2 + 1e-3
     (g,) = torch.autograd.grad(loss, leaf)
     assert torch.isfinite(g).all()
+
+
+def test_the_mmcr_regulariser_refuses_the_same_weights_at_construction():
+    from entrotrain.regularizers import MMCRLoss
+
+    with pytest.raises(EntrotrainError, match=r"lam must be in \[0.0, 1000000.0\]"):  # accepted before
+        MMCRLoss(1.0, lam=1e30, n_views=2)
+    assert MMCRLoss(1.0, lam=1e6, n_views=2).lam == 1e6

@@ -72,7 +72,7 @@ from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional.routing import RouterSums, RouterValues, router_statistics, router_values
+from entrotrain.functional.routing import RouterSums, RouterValues, check_order, router_statistics, router_values
 from entrotrain.taps.router_tap import RouterTap
 
 __all__ = ["RouterEntropyMonitor"]
@@ -136,7 +136,7 @@ class RouterEntropyMonitor(HookedMonitor):
         self.include = None if include is None else ([include] if isinstance(include, str) else list(include))
         self.exclude = [] if exclude is None else ([exclude] if isinstance(exclude, str) else list(exclude))
         self.top_k = check_int(top_k, "top_k", low=1, none_ok=True)
-        self.q = check_real(q, "q", low=0.0, low_open=True)
+        self.q = check_order(q)
         self.dead_threshold = check_real(dead_threshold, "dead_threshold", low=0.0, high=1.0)
         self.log_media = check_bool(log_media, "log_media")
         self.mask_key = None if mask_key is None else check_str(mask_key, "mask_key")

@@ -35,6 +35,7 @@ from entrotrain.functional.router_losses import (
     load_balancing_loss,
     router_z_loss,
 )
+from entrotrain.functional.routing import check_eps, check_order
 from entrotrain.regularizers.composition import Regularizer, RegularizerOutput, Schedule
 
 __all__ = ["LoadBalancingLoss", "RouterInputs", "RouterZLoss", "TsallisRouterLoss"]
@@ -160,12 +161,12 @@ class TsallisRouterLoss(_RouterRegularizer):
         name: str | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
-        self.q = check_real(q, "q", low=0.0, low_open=True)
+        self.q = check_order(q)
         self.aux_weight = check_real(aux_weight, "aux_weight", low=0.0)
         self.top_p = check_real(top_p, "top_p", low=0.0, high=1.0)
         self.keep_top_k = check_int(keep_top_k, "keep_top_k", low=0)
         self.entropy_threshold = check_real(entropy_threshold, "entropy_threshold", low=0.0)
-        self.eps = check_real(eps, "eps", low=0.0)
+        self.eps = check_eps(eps)
         self.mask_entropy = check_bool(mask_entropy, "mask_entropy")
 
     def _terms(self, x: RouterInputs):

@@ -351,10 +351,11 @@ class _PredictionDriver(_Driver):
         if self._watch.fused_head:
             raise TapError(
                 f"PredictionEntropyMonitor {self.where}: the model was called with fused_lm_head=True (TRL's "
-                "SFTTrainer computes its loss through a fused LM head): that forward returns no logits and never "
-                "calls the output head, so neither source='output' nor source='head' sees a prediction. TRL logs its "
-                "own token entropy ('entropy', 'mean_token_accuracy'); for entropy/pred/* train with "
-                "transformers.Trainer, or drop PredictionEntropyMonitor from this SFTTrainer's callback."
+                "trainers, SFTTrainer, GRPOTrainer, RLOOTrainer, DPOTrainer, compute their loss through a fused LM "
+                "head): that forward returns no logits and never calls the output head, so neither source='output' "
+                "nor source='head' sees a prediction. Drop PredictionEntropyMonitor from this callback: TRL logs its "
+                "own token entropy ('entropy'), EntrotrainGRPOTrainer / EntrotrainRLOOTrainer the policy's "
+                "entropy/policy/*; for entropy/pred/* train with transformers.Trainer."
             )
         labels, ids = found.get("labels"), found.get("input_ids")
         if (

@@ -97,9 +97,9 @@ scores that forward. So:
   ``generation_prompts`` generated, after the optimizer step in eval mode without gradient, RNG untouched.
   A model called positionally (no keywords) gives no mask and no labels: every position counts, no NLL; with
   ``label_smoothing_factor`` ``Trainer`` takes ``labels`` out of the inputs before the forward, so there is no
-  ``nll`` key either. TRL's ``SFTTrainer`` (1.16) computes its loss through a fused LM head
-  (``model(..., fused_lm_head=True)``), which returns no logits and never calls the head: such a forward is refused
-  with a :class:`~entrotrain.errors.TapError` (TRL logs its own ``entropy`` and ``mean_token_accuracy``).
+  ``nll`` key either. TRL's trainers (1.16: ``SFTTrainer``, ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer``) compute
+  their loss through a fused LM head (``model(..., fused_lm_head=True)``), which returns no logits and never calls
+  the head: such a forward is refused with a :class:`~entrotrain.errors.TapError` (TRL logs its own ``entropy``).
 
 Not supported here: ``RepresentationEntropyMonitor(stage="validation")`` and its ``dsmi`` measure (``Trainer``
 hands callbacks no batch; use ``stage="train"`` and the other measures).

@@ -1,6 +1,7 @@
 """PredictionEntropyMonitor on HF causal LMs outside Lightning (the driver shared by ``EntropyTrainerCallback`` and
 ``EntropyMonitors``): unshifted ``labels = input_ids`` with ``shift_labels=False`` is warned about (it scored each
-position against its own token, silently), and TRL's fused-LM-head forward (``fused_lm_head=True``, SFTTrainer 1.16)
+position against its own token, silently), and TRL's fused-LM-head forward (``fused_lm_head=True``, TRL 1.16's
+SFT / GRPO / RLOO / DPO trainers)
 is refused with one error naming it (before: source='output' said "use source='head'" and source='head' said "use
 source='output'")."""
 

@@ -22,7 +22,8 @@ Clip-Cov / KL-Cov (Cui et al. 2025, arXiv 2505.22617) select tokens by the covar
 
 - ``"micro_batch"``: verl's ``compute_policy_loss_clip_cov`` / ``compute_policy_loss_kl_cov`` bit for bit: means
   and selection over this call's tokens only, at least one token selected (``max(1, int(r N))``), Clip-Cov's random
-  pick through ``torch.randperm`` on the global RNG (``seed=None``) or on a dedicated seeded generator.
+  pick through ``torch.randperm`` on the global RNG (``seed=None``) or on a generator seeded from ``(seed, rank,
+  call counter)`` (the counter is saved in ``state_dict``: a resumed run continues the stream).
 - ``"global"``: means and selection over the whole batch across DDP ranks (``all_reduce`` / ``all_gather`` when a
   process group is up): 2 ranks give the result of one process on the concatenated batch. The budget is the exact
   fraction ``floor(r N_global)`` (``min_selected`` adds a floor). Clip-Cov's random pick uses counter-based keys
@@ -51,7 +52,8 @@ Contracts (DESIGN.md §8), shared by every loss here:
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +70,13 @@ from entrotrain._validation import (
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import all_reduce_max, all_reduce_sum, world
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss, steer_weights
-from entrotrain.regularizers.policy_selection import counter_uniform, global_index, global_topk_mask, rank_seed
+from entrotrain.regularizers.policy_selection import (
+    call_seed,
+    counter_uniform,
+    global_index,
+    global_topk_mask,
+    rank_seed,
+)
 
 __all__ = [
     "ClipCovLoss",
@@ -389,6 +397,26 @@ class _CovLoss(PolicyLoss):
         self.nonzero_adv_only = check_bool(nonzero_adv_only, "nonzero_adv_only")
         self._calls = 0
 
+    # The call counter is training state: it picks Clip-Cov's random stream (the counter-based keys when no ``step``
+    # is given, the micro-batch generator's seed), so it travels in ``state_dict`` and a resumed run goes on where it
+    # stopped instead of replaying the picks of the first steps.
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": self._calls}
+
+    def set_extra_state(self, state: Any) -> None:
+        calls = state.get("calls") if isinstance(state, Mapping) else None
+        if isinstance(calls, Tensor) and calls.numel() == 1:
+            calls = int(calls.item())
+        self._calls = check_int(calls, "state_dict call counter ('calls')", low=0)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args):  # type: ignore
+        """A checkpoint saved before the counter was saved (no ``_extra_state`` key) still loads: the counter stays."""
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        key = prefix + "_extra_state"
+        if key in missing_keys[n_missing:]:
+            missing_keys.remove(key)
+
     def _global_cov(self, logp: Tensor, adv: Tensor, maskf: Tensor) -> tuple[Tensor, Tensor]:
         """Covariance ``(B, T)`` float64 with means over all ranks, and the global token count of the budget."""
         valid = maskf.bool()
@@ -443,9 +471,10 @@ class ClipCovLoss(_CovLoss):
         clip_low, clip_high: PPO's :math:`\epsilon` (the paper's scripts use 1 / 1).
         agg: aggregation mode.
         mode: ``"global"`` (default; exact over all ranks) or ``"micro_batch"`` (verl bit for bit).
-        seed: ``None``: ``torch.randperm`` on the global RNG (verl; micro_batch only). An int: a dedicated
-            rank-aware seeded generator (micro_batch) or the counter-based keys (global; the counter is ``step`` or,
-            if ``step`` is not given, the number of calls).
+        seed: ``None``: ``torch.randperm`` on the global RNG (verl; micro_batch only). An int: a generator seeded
+            from ``(seed, rank, number of calls)`` (micro_batch) or the counter-based keys (global; the counter is
+            ``step`` or, if ``step`` is not given, the number of calls). The number of calls is saved in
+            ``state_dict``, so a resumed run continues the random stream (each rank its own).
         min_selected: floor on the number of picked tokens; ``None`` = 1 in micro_batch (verl), 0 in global.
         nonzero_adv_only: only tokens with :math:`A \ne 0` may be picked, and the budget is ``r`` times their
             count (GRPO groups with equal rewards have :math:`A = 0` and would waste it).
@@ -480,14 +509,15 @@ class ClipCovLoss(_CovLoss):
         if mode == "global" and seed is None:
             raise EntrotrainError("mode='global' needs an int seed (the counter-based keys), got None; use seed=0.")
         self.clip_low, self.clip_high = _check_clip(clip_low, clip_high)
-        self._generator: torch.Generator | None = None
 
     def _randperm(self, n: int) -> Tensor:
+        """A random permutation of ``n``: on the global CPU RNG (``seed=None``, as verl), else on a generator seeded
+        from ``(seed, rank, call counter)``, so each rank has its own stream and a run resumed from ``state_dict``
+        continues it (nothing rank-specific is saved: the rank is read again)."""
         if self.seed is None:
             return torch.randperm(n)  # the global CPU RNG, as verl
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(rank_seed(self.seed))
-        return torch.randperm(n, generator=self._generator)
+        generator = torch.Generator().manual_seed(call_seed(rank_seed(self.seed), self._calls))
+        return torch.randperm(n, generator=generator)
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
         logp, old, adv, maskf, valid = _prepare(logprobs, old_logprobs, advantages, mask)

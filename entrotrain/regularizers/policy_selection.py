@@ -15,7 +15,7 @@ from torch import Tensor
 
 from entrotrain.functional._dist import all_reduce_max, gather_rows, world
 
-__all__ = ["counter_uniform", "global_index", "global_topk_mask", "rank_seed"]
+__all__ = ["call_seed", "counter_uniform", "global_index", "global_topk_mask", "rank_seed"]
 
 
 def global_index(shape: torch.Size, device: torch.device) -> Tensor:
@@ -92,3 +92,9 @@ def global_topk_mask(score: Tensor, cand: Tensor, gidx: Tensor, k: int) -> Tenso
 def rank_seed(seed: int) -> int:
     rank, _ = world()
     return _splitmix_int((seed & _M64) ^ _splitmix_int(rank + 1)) & ((1 << 63) - 1)
+
+
+def call_seed(seed: int, counter: int) -> int:
+    """A 63-bit generator seed that is a pure function of ``(seed, counter)`` (splitmix64): Clip-Cov's micro-batch
+    generator for its ``counter``-th call."""
+    return _splitmix_int(_splitmix_int(seed & _M64) ^ (counter & _M64)) & ((1 << 63) - 1)

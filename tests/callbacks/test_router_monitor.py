@@ -223,3 +223,9 @@ def test_mask_that_does_not_fit_the_rows_is_ignored_with_a_warning():
     with torch.no_grad():
         logits = reference.blocks[0].gate(batches[0]["x"]).reshape(-1, 4)
     assert monitor.last_logged["entropy/router/L0/entropy"] == pytest.approx(router_reference(logits, 2)["entropy"])
+
+
+def test_the_monitor_refuses_orders_the_functional_refuses():
+    with pytest.raises(EntrotrainError, match="q must be in"):  # before: refused only at the first logged step
+        RouterEntropyMonitor(q=1e300)
+    assert RouterEntropyMonitor(q=1e30).q == 1e30

@@ -130,3 +130,13 @@ def test_load_balancing_equals_the_hf_models_aux_loss(kind):
     total.backward()
     gate = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
     assert gate and all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in gate)
+
+
+def test_tsallis_router_loss_refuses_the_orders_and_offsets_the_functional_refuses():
+    # before: accepted at construction, then refused by routing.check_order / check_eps at the first training step
+    with pytest.raises(EntrotrainError, match="q must be in"):
+        TsallisRouterLoss(q=1e300)
+    with pytest.raises(EntrotrainError, match="eps must be in"):
+        TsallisRouterLoss(eps=2.0)
+    reg = TsallisRouterLoss(q=1e30, eps=1.0)
+    assert (reg.q, reg.eps) == (1e30, 1.0)

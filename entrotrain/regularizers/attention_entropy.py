@@ -181,7 +181,10 @@ class EntropyBandRegularizer(Regularizer):
 
     with :math:`T` the number of keys of the full sequence (global, not per query), the raw :math:`\theta` (no
     sigmoid, as the reference), every query counted (a fully masked query has :math:`E = 0`, as the reference's
-    ``nansum``), and weight ``loss_coeff = 1e-5``. Entropy is exact from the logits, where the reference uses
+    ``nansum``), and weight ``loss_coeff = 1e-5``. That is the reference's value on every batch with at least one
+    query that has a key; on an empty or all-masked batch :math:`R = 0` with a zero gradient (DESIGN.md §8), where
+    the reference, given ``context_size``, penalises every masked query (its :math:`E = 0`, so
+    :math:`d = -\theta H_{\max}`). Entropy is exact from the logits, where the reference uses
     :math:`-\sum A \ln(A + 10^{-9})`; the two differ by about :math:`10^{-9}` per key.
 
     ``preset="default"`` (improved; the reference's scale depends on B·T and its dead-zone jumps):
@@ -282,10 +285,13 @@ class EntropyBandRegularizer(Regularizer):
                 t = max((int(r.n_keys.max()) if r.n_keys.numel() else 0) for _, r in recs)
             h_max = math.log(max(float(t), 1.0))
             margin = self.margin_factor * h_max
+            # every query counts (the reference) when one has a key; none when all are masked (0, zero gradient)
+            any_valid = any(bool((r.n_keys > 0).any()) for _, r in recs)
 
             def paper(site: str, r: AttentionEntropy) -> tuple[Tensor, Tensor]:
                 d = r.entropy - theta[layer[site]].to(r.entropy)[None, :, None] * h_max
-                return (d * (d.abs() > margin)) ** 2, torch.ones_like(d, dtype=torch.bool)  # every query, summed
+                keep = torch.full_like(d, any_valid, dtype=torch.bool)
+                return (d * (d.abs() > margin)) ** 2, keep
 
             _, sums, _ = _per_site_sums(recs, paper)
             return _mean_of_site_means(sums)

@@ -317,6 +317,36 @@ def test_degenerate_attention_gives_zero_penalty_and_finite_gradient(case, reg_n
     assert all(g is None or torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("case", ["all_masked", "empty_batch", "zero_queries"])
+def test_band_paper_with_context_size_is_zero_with_zero_gradient_on_all_masked_input(case):
+    """DESIGN.md §8: the paper preset given ``context_size`` (the reference penalises each masked query's
+    ``d = -θ ln T`` there) gives 0 and a zero gradient when no query has a key."""
+    records, leaves = _degenerate(case)
+    reg = EntropyBandRegularizer(1, 2, preset="paper", weight=1.0, context_size=8)
+    out = reg(records)
+    assert float(out.total.detach()) == 0.0
+    params = [p for p in (*leaves, *reg.parameters()) if p.requires_grad]
+    grads = torch.autograd.grad(out.total, params, allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
+def test_band_paper_with_context_size_keeps_the_reference_value_with_one_valid_query():
+    """One query with a key in an otherwise all-masked batch: every query counts again, as the reference."""
+    from entrotrain.functional.attention import attention_entropy_stats
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, H, 3, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, H, 3, D, generator=g, dtype=torch.float64)
+    allowed = torch.zeros(2, H, 3, 3, dtype=torch.bool)
+    allowed[0, :, 1, :2] = True  # one query (per head) with two keys
+    records = [("l0", attention_entropy_stats(q, k, attn_mask=allowed, path="materialized"))]
+    reg = EntropyBandRegularizer(1, H, preset="paper", context_size=8)
+    theta = reg.raw.detach().double()
+    expected = _paper_reference([q], [k], [allowed], theta, 8)
+    assert float(expected) > 0
+    assert reg(records).total.item() == pytest.approx(float(expected), rel=1e-9)
+
+
 def test_floor_ignores_heads_without_a_defined_entropy():
     qs, ks, _, _ = _setup()
     from entrotrain.functional.attention import attention_entropy_stats

@@ -268,6 +268,8 @@ def _header(runs: list[RunData]) -> str:
     for run in runs:
         for warning in run.warnings:
             parts.append(f'<div class="warn"><b>{esc(run.label)}:</b> {esc(warning)}</div>')
+        for note in run.notes:  # e.g. what a resume from an older checkpoint superseded
+            parts.append(f'<div class="desc"><b>{esc(run.label)}:</b> {esc(note)}</div>')
     rows = []
     for run in runs:
         meta = run.meta

@@ -8,7 +8,8 @@ The reader is forgiving where a run was cut short and strict where the folder is
 - both media layouts are read: ``media/<key>.bin`` + ``offset`` rows (now), one ``.npy`` per step (earlier versions);
 - a resume marker ``{"resume": {"step": S}}`` drops what was written before it at steps after ``S``; for each
   (key, step) the last value written wins: curves and tables show the final trajectory, never the abandoned attempt,
-  and a warning says how many rows (which steps) the resume superseded;
+  and a note (``RunData.notes``, on the report and status pages) says how many rows (which steps) it superseded;
+- the same key and step written twice with no resume in between (two processes writing one record) is warned about;
 - a value stored as ``null`` (NaN or Inf when logged) or that is not a number (a key that changed type) has no point;
   a warning names the keys and counts;
 - ``metrics.jsonl`` is read one line at a time into float64 columns (one per key set), so time and memory grow
@@ -212,6 +213,8 @@ class RunData:
     media: dict[str, list[MediaItem]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     run_status: RunStatus | None = None
+    #: What the reader did that is not damage (rows a resume from an older checkpoint superseded), for the page.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -387,13 +390,16 @@ class _Columns:
             self.rows, self.steps, self.orders = [], [], []
 
 
-def _scalars(rows: Iterable[dict[str, Any]], warnings: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _scalars(
+    rows: Iterable[dict[str, Any]], warnings: list[str], notes: list[str] | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """key -> (steps, values) sorted by step; for each (key, step) the last value written, after resume markers.
 
     Columnar: rows that log the same keys are gathered into float64 arrays as they are read (a 300-key row costs one
     list, not 300 dictionary entries), so time and memory are linear in the record's size. A value that is ``null``
     (NaN or Inf when it was logged) is left out, as is one that is not a number (a key that changed type); each is
-    counted and named in ``warnings``. A ``NaN`` / ``Infinity`` token (another tool's writer) is kept as it is."""
+    counted and named in ``warnings``. A ``NaN`` / ``Infinity`` token (another tool's writer) is kept as it is.
+    What a resume from an older checkpoint superseded goes to ``notes`` (not damage: how resuming works)."""
     columns: dict[tuple[str, ...], _Columns] = {}
     markers: list[tuple[int, int]] = []  # (order, S) of each resume marker with a step
     odd: dict[str, dict[str, int]] = {}  # key -> {type name: values skipped}
@@ -429,36 +435,66 @@ def _scalars(rows: Iterable[dict[str, Any]], warnings: list[str]) -> dict[str, t
     # the markers after each point is the last step it may hold
     limits = np.minimum.accumulate(np.array([m[1] for m in markers], dtype=np.float64)[::-1])[::-1]
     limits = np.append(limits, np.inf)
-    parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    live_blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []  # (orders, steps, values, increasing)
+    where: dict[str, list[tuple[int, int]]] = {}  # key -> [(block, column)]
     superseded: list[np.ndarray] = []  # steps of the rows an abandoned attempt logged
     for block in columns.values():
         block.flush()
-        for orders, steps, values in block.chunks:
-            live = steps <= limits[np.searchsorted(marker_orders, orders, side="right")]
-            superseded.append(steps[~live])
-            for j, key in enumerate(block.keys):
-                if key != "epoch":
-                    parts.setdefault(key, []).append((orders[live], steps[live], values[live, j]))
+        if not block.chunks:
+            continue
+        orders = np.concatenate([c[0] for c in block.chunks])
+        steps = np.concatenate([c[1] for c in block.chunks])
+        values = np.concatenate([c[2] for c in block.chunks])
         block.chunks = []
+        live = steps <= limits[np.searchsorted(marker_orders, orders, side="right")]
+        superseded.append(steps[~live])
+        if not live.all():
+            orders, steps, values = orders[live], steps[live], values[live]
+        increasing = bool(np.all(steps[1:] > steps[:-1]))
+        for j, key in enumerate(block.keys):
+            if key != "epoch":
+                where.setdefault(key, []).append((len(live_blocks), j))
+        live_blocks.append((orders, steps, values, increasing))
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key, pieces in parts.items():
-        orders = np.concatenate([p[0] for p in pieces])
-        steps = np.concatenate([p[1] for p in pieces])
-        values = np.concatenate([p[2] for p in pieces])
+    twice: dict[str, tuple[int, int]] = {}  # key -> (values logged again for a step, first such step)
+    for key, places in where.items():
+        if len(places) == 1 and live_blocks[places[0][0]][3]:  # the usual case: one key set, steps increasing
+            b, j = places[0]
+            if len(live_blocks[b][1]):  # every key of the block shares its steps array
+                scalars[key] = (live_blocks[b][1], live_blocks[b][2][:, j].copy())
+            continue
+        orders = np.concatenate([live_blocks[b][0] for b, _ in places])
+        steps = np.concatenate([live_blocks[b][1] for b, _ in places])
+        values = np.concatenate([live_blocks[b][2][:, j] for b, j in places])
         if not len(steps):
             continue
         by = np.lexsort((orders, steps))  # by step, then by when it was written
-        steps, values = steps[by], values[by]
+        steps, values, orders = steps[by], values[by], orders[by]
         last = np.append(steps[1:] != steps[:-1], True)  # the last write of each step wins
         scalars[key] = (steps[last], values[last])
+        if not last.all():  # written twice between the same two resume markers: one process never does that
+            segment = np.searchsorted(marker_orders, orders, side="right")
+            again = (steps[1:] == steps[:-1]) & (segment[1:] == segment[:-1])
+            if again.any():
+                twice[key] = (int(again.sum()), int(steps[1:][again][0]))
+    del live_blocks
     dropped = np.concatenate(superseded) if superseded else np.zeros(0, dtype=np.int64)
-    if dropped.size:
+    if dropped.size and notes is not None:
         resumed = ", ".join(str(m[1]) for m in markers[:5]) + (" …" if len(markers) > 5 else "")
-        warnings.append(
+        notes.append(
             f"The run was resumed from an earlier checkpoint (at step {resumed}): {dropped.size} logged row(s) of the "
             f"abandoned attempt, steps {int(dropped.min())}–{int(dropped.max())}, were logged again by the resumed "
             "run. Curves and tables show the final trajectory only (the resumed run's values from each resume step "
             "on); the abandoned rows stay in metrics.jsonl."
+        )
+    if twice:
+        listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(twice.items())[:3])
+        more = f" and {len(twice) - 3} more key(s)" if len(twice) > 3 else ""
+        warnings.append(
+            f"metrics.jsonl: {sum(n for n, _ in twice.values())} value(s) were logged again for a key and step "
+            f"already logged, with no resume in between: {listed}{more}. Two processes are writing this record (two "
+            "runs given the same folder?); each (key, step) shows the last value written, which may come from either. "
+            "Give each run its own RunRecordLogger version (folder)."
         )
     if nulls:
         listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(nulls.items())[:5])
@@ -631,8 +667,9 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
             f"expected {RECORD_FORMAT!r})."
         )
     warnings: list[str] = []
+    notes: list[str] = []
     writing = meta.get("status") == "running" and _pid_alive(meta) is True  # a live writer may be mid-line
-    scalars = _scalars(_iter_jsonl(path / "metrics.jsonl", warnings, writing), warnings)
+    scalars = _scalars(_iter_jsonl(path / "metrics.jsonl", warnings, writing), warnings, notes)
     media = _media(path, _iter_jsonl(path / "media" / "index.jsonl", warnings, writing), warnings)
     run = RunData(
         path=path,
@@ -644,6 +681,7 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
         events=_events(_read_jsonl(path / "events.jsonl", warnings, writing)),
         media=media,
         warnings=warnings,
+        notes=notes,
     )
     status = run.decided_status
     has_monitor_output = any(k.startswith(MONITOR_PREFIXES) for k in scalars) or bool(media)

@@ -144,6 +144,7 @@ def run_lines(run: RunData, keys: Sequence[str] | None = None, limit: int = 12, 
     if status.message and status.state != "running":
         lines.append(f"  {status.message}")
     lines += [f"  warning: {w}" for w in run.warnings if w != status.message]  # torn lines, no monitor output, ...
+    lines += [f"  note: {n}" for n in run.notes]  # rows a resume from an older checkpoint superseded
     matching = _matching_keys(run, keys)
     chosen = matching[:limit]
     if chosen:

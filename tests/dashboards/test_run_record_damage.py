@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from entrotrain.dashboards.report import build_report, findings, sections_of
+from entrotrain.dashboards.report_template import esc
 from entrotrain.dashboards.run_reader import load_run
 from entrotrain.dashboards.run_record import RunRecordLogger
-from entrotrain.dashboards.terminal_status import status_main
+from entrotrain.dashboards.terminal_status import run_lines, status_main
 from entrotrain.errors import EntrotrainError
 
 
@@ -61,9 +62,11 @@ def test_a_resume_from_an_older_checkpoint_shows_the_final_trajectory_and_says_s
     run = load_run(first.run_dir)
     steps, values = run.scalars["entropy/attn_norm/min"]
     assert list(steps) == [0, 10, 20, 30, 40, 50, 60, 70] and list(values[-3:]) == [0.2, 0.2, 0.2]
-    said = [w for w in run.warnings if "resumed from an earlier checkpoint" in w]
+    said = [w for w in run.notes if "resumed from an earlier checkpoint" in w]
     assert said and "at step 40" in said[0] and "5 logged row(s)" in said[0] and "steps 50–90" in said[0]
-    assert "final trajectory" in said[0]
+    assert "final trajectory" in said[0] and not run.warnings  # not damage: how resuming works
+    assert esc(said[0]) in build_report([first.run_dir]).read_text(encoding="utf-8")
+    assert any(line == f"  note: {said[0]}" for line in run_lines(run))
 
 
 def test_a_record_of_a_newer_format_names_the_upgrade(tmp_path: Path, capsys) -> None:
@@ -110,3 +113,16 @@ def test_an_empty_last_file_and_a_torn_line_give_a_report_with_warnings(tmp_path
     assert any("torn line" in w for w in run.warnings) and run.last_step == 20
     assert build_report([path]).is_file()
     assert np.isfinite(run.scalars["entropy/attn_norm/min"][1]).all()
+
+
+def test_two_processes_writing_one_record_are_named(tmp_path: Path) -> None:
+    """Two writers on one folder interleave whole lines (no torn line): the curve would silently mix both runs."""
+    one, two = RunRecordLogger(tmp_path, version="same"), RunRecordLogger(tmp_path, version="same")
+    for step in range(0, 50, 10):
+        one.log_metrics({"entropy/attn_norm/min": 0.1}, step=step)
+        two.log_metrics({"entropy/attn_norm/min": 0.9}, step=step)
+    one.finalize("success")
+    two.finalize("success")
+    run = load_run(one.run_dir)
+    said = [w for w in run.warnings if "Two processes are writing this record" in w]
+    assert said and "entropy/attn_norm/min (5, first at step 0)" in said[0]

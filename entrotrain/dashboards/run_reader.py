@@ -648,10 +648,19 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
     meta_path = path / "meta.json"
     if not path.is_dir() or not meta_path.is_file():
         raise _not_a_run(path)
+    damaged = None
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise EntrotrainError(f"{meta_path} is not valid JSON ({err}); the run record is damaged.") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if not (path / "metrics.jsonl").is_file():
+            raise EntrotrainError(
+                f"{meta_path} is not valid JSON ({err}) and there is no metrics.jsonl beside it: nothing of the run "
+                "can be read. Restore the folder from where the run wrote it (a copy cut short?)."
+            ) from err
+        # the writer replaces meta.json atomically: something else damaged it (a copy cut short, a full disk)
+        meta = {"format": RECORD_FORMAT, "name": path.name, "status": "damaged"}
+        damaged = (f"meta.json is not valid JSON ({err}): the run's status, start time and command are unknown; "
+                   "this shows what metrics.jsonl and the other files hold.")
     newer = _newer_format(meta)
     if newer is not None:
         from entrotrain import __version__
@@ -702,4 +711,6 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
         warnings.insert(0, f"{said} What exists: {', '.join(_existing_files(path)) or 'nothing'}.")
     if status.message:
         warnings.insert(0, status.message)
+    if damaged:
+        warnings.insert(0, damaged)
     return run

@@ -126,3 +126,14 @@ def test_two_processes_writing_one_record_are_named(tmp_path: Path) -> None:
     run = load_run(one.run_dir)
     said = [w for w in run.warnings if "Two processes are writing this record" in w]
     assert said and "entropy/attn_norm/min (5, first at step 0)" in said[0]
+
+
+def test_an_empty_meta_json_gives_a_report_that_says_so(tmp_path: Path) -> None:
+    path = _record(tmp_path, "nometa", range(0, 30, 10))
+    (path / "meta.json").write_text("")
+    run = load_run(path)
+    assert run.warnings[0].startswith("meta.json is not valid JSON") and run.last_step == 20
+    assert build_report([path]).is_file() and run.status == "unknown"
+    (path / "metrics.jsonl").unlink()
+    with pytest.raises(EntrotrainError, match="no metrics.jsonl beside it"):
+        load_run(path)

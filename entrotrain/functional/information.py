@@ -146,6 +146,11 @@ def estimator_parameters(estimator: str, **params: Any) -> dict[str, Any]:
 
 def loggable_parameters(used: dict[str, Any]) -> dict[str, Any]:
     """:func:`estimator_parameters`' dict with callables replaced by their names (for a logger or a table)."""
+    if not isinstance(used, dict):
+        raise EntrotrainError(
+            f"used must be the dict estimator_parameters returns, got {type(used).__name__}; pass "
+            "loggable_parameters(estimator_parameters(estimator, **params))."
+        )
     return {
         key: (getattr(value, "__qualname__", None) or type(value).__name__) if callable(value) else value
         for key, value in used.items()

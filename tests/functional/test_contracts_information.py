@@ -27,6 +27,7 @@ from entrotrain.functional.information import (
     information_plane_point,
     kde_mutual_information,
     ksg_mutual_information,
+    loggable_parameters,
     pca_compress,
     ross_mutual_information,
 )
@@ -79,6 +80,12 @@ def test_seeds_beyond_the_generator_range_are_refused(fn, seed):
     # before: ValueError "Overflow when unpacking long long" from torch.Generator.manual_seed (seed, seed + 1, + 2)
     with pytest.raises(EntrotrainError, match="seed must be <="):
         fn(seed)
+
+
+@pytest.mark.parametrize("used", [None, [("k", 3)], "ksg"])
+def test_loggable_parameters_refuses_anything_but_the_parameter_dict(used):
+    with pytest.raises(EntrotrainError, match="used must be the dict"):  # AttributeError ('items') before
+        loggable_parameters(used)
 
 
 def test_the_largest_usable_seed_is_accepted():

@@ -275,3 +275,9 @@ def test_router_losses_contract(case, name, n_layers):
             else:
                 assert (x.grad[~keep] == 0).all(), "a masked row received a gradient"
 
+
+
+@pytest.mark.parametrize("sums", [None, torch.zeros(8), (1, 2)])
+def test_router_values_refuses_anything_but_router_sums(sums):
+    with pytest.raises(EntrotrainError, match="sums must be the RouterSums"):  # AttributeError (n_experts) before
+        router_values(sums)

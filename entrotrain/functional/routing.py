@@ -426,8 +426,8 @@ def router_values(sums: RouterSums, *, dead_threshold: float = 0.0) -> RouterVal
     """
     if not isinstance(sums, RouterSums):
         raise EntrotrainError(
-            f"sums must be the RouterSums that router_statistics returns (summed with .merged() or RouterSums.from_flat "
-            f"after an all-reduce), got {type(sums).__name__}."
+            f"sums must be the RouterSums that router_statistics returns (summed with .merged() or "
+            f"RouterSums.from_flat after an all-reduce), got {type(sums).__name__}."
         )
     dead_threshold = check_real(dead_threshold, "dead_threshold", low=0.0, high=1.0)
     n_experts = sums.n_experts

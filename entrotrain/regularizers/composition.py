@@ -27,11 +27,15 @@ recorded — one tap shared by every attention term of a sum:
     ...     logits = model(x)
     >>> loss = loss + reg(step=step).total
 
-Regularisers of other inputs say what they capture with :attr:`Regularizer.capture_group` (the representation
-regularisers arm a differentiable :class:`~entrotrain.taps.ActivationTap` on their own ``include`` globs). A sum that
-mixes groups arms one attention tap for all its attention terms and each other term's own capture, and each term then
-reads what it captured: ``(AttentionEntropyMaximization(0.01) + MatrixEntropyRegularizer(1.0, include=["proj"]))``
-works under one ``with reg.capture(model):``.
+Regularisers of other inputs say what they capture with :attr:`Regularizer.capture_group`: ``"activation"`` (the
+representation regularisers arm a differentiable :class:`~entrotrain.taps.ActivationTap` on their own ``include``
+globs), ``"router"`` (the router losses arm a differentiable :class:`~entrotrain.taps.RouterTap` on their own
+``include`` globs, or on the discovered HF routers). A sum that mixes groups arms one attention tap for all its
+attention terms and each other term's own capture, and each term then reads what it captured:
+``AttentionEntropyMaximization(0.01) + RouterZLoss(1e-3, include=["**.router"]) + MatrixEntropyRegularizer(1.0,
+include=["proj"])`` works under one ``with reg.capture(model):``. Given inputs, every term of a sum gets the same
+ones; a sum of several groups takes them by group instead: ``reg(attention=tap.records, router=router_logits,
+activation=act_tap)``.
 """
 
 from __future__ import annotations
@@ -281,13 +285,33 @@ class Regularizer(nn.Module):
         """The unweighted penalty (a scalar tensor that keeps the graph)."""
         raise NotImplementedError
 
-    def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
+    def _group_inputs(self, inputs: tuple[Any, ...], groups: dict[str, Any]) -> tuple[Any, ...]:
+        """The inputs of this term: ``inputs``, or its :attr:`capture_group`'s entry of ``groups`` (the keyword form
+        ``reg(attention=tap.records, router=router_logits)``; other groups' entries are for other terms)."""
+        if not groups:
+            return inputs
+        if inputs:
+            raise EntrotrainError(
+                f"{type(self).__name__} got positional inputs and keyword inputs {sorted(groups)}: pass one form, "
+                "reg(x) or reg(attention=..., router=..., activation=...) (one keyword per capture group)."
+            )
+        if self.capture_group not in groups:
+            raise EntrotrainError(
+                f"{type(self).__name__} reads the {self.capture_group!r} capture group but got keyword inputs "
+                f"{sorted(groups)}: pass reg({self.capture_group}=...), or call it without inputs after "
+                "`with reg.capture(model): ...`."
+            )
+        return (groups[self.capture_group],)
+
+    def forward(self, *inputs: Any, step: int | None = None, **groups: Any) -> RegularizerOutput:
         """Weighted penalty of ``inputs`` (or of what :meth:`capture` recorded when called without inputs).
 
-        ``step`` sets the schedule's step first (as :meth:`set_step`).
+        ``step`` sets the schedule's step first (as :meth:`set_step`). Inputs may also be given by capture group,
+        ``reg(attention=tap.records)`` (the form a sum of terms of several groups takes; :class:`RegularizerSum`).
         """
         if step is not None:
             self.set_step(step)
+        inputs = self._group_inputs(inputs, groups)
         if not inputs:
             inputs = (self._take_captured(),)
         if not self.is_active():
@@ -414,23 +438,33 @@ class RegularizerSum(Regularizer):
             if not shared or reg is not shared[0]:
                 reg._capture.records = shared[0]._capture.records if shared else skipped  # type: ignore[assignment]
 
-    def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
+    def forward(self, *inputs: Any, step: int | None = None, **groups: Any) -> RegularizerOutput:
+        """``Σ c_k R_k``: every term gets ``inputs``; with keyword inputs by capture group (``reg(attention=
+        tap.records, router=router_logits, activation=act_tap)``) each term gets its group's; without inputs each
+        term reads what :meth:`capture` recorded for it."""
         if step is not None:
             self.set_step(step)
-        if not inputs and not self._mixed:
+        if groups and inputs:
+            raise EntrotrainError(
+                f"RegularizerSum got positional inputs and keyword inputs {sorted(groups)}: pass one form, reg(x) "
+                "(every term gets x) or reg(attention=..., router=..., activation=...) (each term its group's)."
+            )
+        if not inputs and not groups and not self._mixed:
             inputs = (self._take_captured(),)
         total: Tensor | None = None
         zero: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for coeff, reg in self.terms:
             if coeff == 0.0 or not reg.is_active():  # not evaluated (module docstring: weight 0)
-                held = inputs
-                if not inputs:
+                held = (groups[reg.capture_group],) if reg.capture_group in groups else inputs
+                if not held and groups:
+                    held = tuple(groups.values())  # its group was not given: it needs none (the device of the 0)
+                elif not held:
                     held, reg._capture.records = (reg._capture.records,), None
                 out = reg._zero_output(held)
                 zero = out.total if zero is None else zero
             else:
-                out = reg(*inputs)
+                out = reg(*reg._group_inputs(inputs, groups))
                 total = coeff * out.total if total is None else total + coeff * out.total
             for key, value in out.parts.items():
                 unique, n = key, 0

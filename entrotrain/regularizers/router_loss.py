@@ -18,14 +18,29 @@ A plain tuple is always the per-layer logits (a tuple of two layers is not a (lo
     out = self.router_reg(router_logits, step=self.global_step)
     self.log_dict({f"reg/{k}": v for k, v in out.parts.items()})
     loss = loss + out.total
+
+**Capture** (``capture_group = "router"``): ``with reg.capture(model): ...`` arms a differentiable
+:class:`~entrotrain.taps.RouterTap` on the routers named by ``include`` (globs; ``None`` = HF router discovery), and
+the next call without inputs reads its logits (one tensor per router, its calls concatenated; no mask: every row
+counts; pass the logits and a mask for padded batches). So router losses compose with attention and representation
+regularisers under one capture::
+
+    reg = AttentionEntropyMaximization(0.01) + RouterZLoss(1e-3, include=["layers.*.router"])
+    with reg.capture(model):
+        logits = model(x)
+    loss = loss + reg(step=step).total
+
+or, given inputs, by capture group: ``reg(attention=tap.records, router=router_logits)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int, check_real
 from entrotrain.errors import EntrotrainError
@@ -55,7 +70,7 @@ def router_inputs(*inputs: Any) -> RouterInputs:
     if len(inputs) != 1:
         raise EntrotrainError(
             f"router regularisers take (router_logits), (router_logits, mask) or one RouterInputs, got {len(inputs)} "
-            "inputs; without inputs there is no capture: pass the model's router logits."
+            "inputs; or none, after `with reg.capture(model): ...`."
         )
     (x,) = inputs
     if isinstance(x, RouterInputs):
@@ -73,13 +88,56 @@ def router_inputs(*inputs: Any) -> RouterInputs:
     return RouterInputs(x)
 
 
+def _captured_inputs(tap: Any) -> RouterInputs:
+    """A :class:`~entrotrain.taps.RouterTap`'s logits as inputs: one tensor per router (module order), its calls
+    concatenated."""
+    logits = [tap.captures[n] for n in tap.names if tap.captures.get(n)]
+    return RouterInputs(tuple(c[0] if len(c) == 1 else torch.cat(c) for c in logits))
+
+
 class _RouterRegularizer(Regularizer):
-    def forward(self, *inputs: Any, step: int | None = None) -> RegularizerOutput:
+    """Router input handling and ``capture`` (a differentiable RouterTap on ``include``)."""
+
+    capture_group = "router"
+    include: str | Sequence[str] | None = None
+
+    @contextmanager
+    def capture(self, model: nn.Module, *, step: int | None = None, **tap_kwargs: Any) -> Iterator[Any]:
+        """Arm a differentiable :class:`~entrotrain.taps.RouterTap` on ``model`` for the ``with`` body (routers from
+        ``include=`` here or this regulariser's ``include``; ``None`` = HF router discovery); the next call without
+        inputs uses and releases its logits. ``tap_kwargs`` go to the tap (``exclude=``, ``output_index=``).
+        ``step`` and weight 0 as :meth:`Regularizer.capture <entrotrain.regularizers.composition.Regularizer.capture>`
+        (no tap, yields ``None``)."""
+        from entrotrain.taps.router_tap import RouterTap  # regularisers sit above taps; import on use
+
+        if tap_kwargs.pop("differentiable", True) is not True:
+            raise EntrotrainError("Regularizer.capture needs a differentiable tap; drop differentiable=False.")
+        include = tap_kwargs.pop("include", self.include)
+        if self._skip_capture(model, step):
+            yield None
+            return
+        tap = RouterTap(model, include=include, differentiable=True, **tap_kwargs)
+        self._capture.records = None
+        with tap:
+            yield tap
+        self._capture.records = _captured_inputs(tap)  # type: ignore[assignment]
+
+    def forward(self, *inputs: Any, step: int | None = None, **groups: Any) -> RegularizerOutput:
         if step is not None:
             self.set_step(step)
+        inputs = self._group_inputs(inputs, groups)
+        captured = not inputs
+        if captured:
+            inputs = (self._take_captured(),)
         if not self.is_active():  # weight 0: not evaluated, an exact 0 (composition module docstring)
             return self._zero_output(inputs)
-        return self._weighted(router_inputs(*inputs))
+        x = router_inputs(*inputs)
+        if captured and not x.router_logits:
+            raise EntrotrainError(
+                f"{type(self).__name__}.capture recorded no router call: no router ran inside the `with` block. "
+                "Run the model's forward there, and name its routers with include=[globs] (e.g. ['layers.*.router'])."
+            )
+        return self._weighted(x)
 
     def _weighted(self, x: RouterInputs) -> RegularizerOutput:
         total = self.current_weight() * self.penalty(x)
@@ -95,6 +153,7 @@ class LoadBalancingLoss(_RouterRegularizer):
         top_k: experts per token of the router (``1`` = Switch).
         normalize: divide by ``top_k`` (balanced value 1).
         per_layer: mean of per-layer losses instead of pooled statistics.
+        include: router module globs :meth:`capture` taps (``None`` = HF router discovery).
         schedule, final_weight, total_steps, name: as :class:`Regularizer`.
     """
 
@@ -103,9 +162,10 @@ class LoadBalancingLoss(_RouterRegularizer):
     def __init__(
         self, weight: float = 0.01, top_k: int = 2, *, normalize: bool = False, per_layer: bool = False,
         schedule: Schedule = "constant", final_weight: float = 0.0, total_steps: int | None = None,
-        name: str | None = None,
+        name: str | None = None, include: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
+        self.include = include
         self.top_k = check_int(top_k, "top_k", low=1)
         self.normalize = check_bool(normalize, "normalize")
         self.per_layer = check_bool(per_layer, "per_layer")
@@ -119,15 +179,17 @@ class LoadBalancingLoss(_RouterRegularizer):
 class RouterZLoss(_RouterRegularizer):
     r"""ST-MoE router z-loss :math:`w\cdot\frac1T\sum_x \mathrm{lse}(z(x))^2`
     (:func:`~entrotrain.functional.router_losses.router_z_loss`; Zoph et al. 2022, weight 0.001).
-    Args as :class:`Regularizer`."""
+    Args as :class:`Regularizer`; ``include``: router module globs :meth:`capture` taps (``None`` = HF router
+    discovery)."""
 
     name = "router_z"
 
     def __init__(
         self, weight: float = 0.001, *, schedule: Schedule = "constant", final_weight: float = 0.0,
-        total_steps: int | None = None, name: str | None = None,
+        total_steps: int | None = None, name: str | None = None, include: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
+        self.include = include
 
     def penalty(self, x: RouterInputs) -> Tensor:
         return router_z_loss(x.router_logits, mask=x.mask)
@@ -149,6 +211,7 @@ class TsallisRouterLoss(_RouterRegularizer):
             (0.75, 2, 0.9). For a plain top-k router: ``top_p=0, keep_top_k=k, entropy_threshold=1``.
         eps: added to the probabilities in the entropy, not renormalised (1e-5).
         mask_entropy: exclude masked rows from the entropy mean (``False`` = DynMoLE, pads included).
+        include: router module globs :meth:`capture` taps (``None`` = HF router discovery).
         schedule, final_weight, total_steps, name: as :class:`Regularizer` (the schedule scales β).
     """
 
@@ -158,9 +221,10 @@ class TsallisRouterLoss(_RouterRegularizer):
         self, weight: float = 0.01, q: float = 1.1, aux_weight: float = 0.001, *, top_p: float = 0.75,
         keep_top_k: int = 2, entropy_threshold: float = 0.9, eps: float = 1e-5, mask_entropy: bool = True,
         schedule: Schedule = "constant", final_weight: float = 0.0, total_steps: int | None = None,
-        name: str | None = None,
+        name: str | None = None, include: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
+        self.include = include
         self.q = check_order(q)
         self.aux_weight = check_real(aux_weight, "aux_weight", low=0.0)
         self.top_p = check_real(top_p, "top_p", low=0.0, high=1.0)

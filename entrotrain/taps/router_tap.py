@@ -2,7 +2,8 @@
 
 Forward hooks on the model's routers, installed by :meth:`RouterTap.arm` and removed by :meth:`RouterTap.disarm`
 (also on ``with`` exit and on exception): a disarmed tap holds no hook and costs nothing. Captured logits are
-detached copies, so the model computes, bit for bit, what it computes without the tap.
+detached copies (graph-keeping copies with ``differentiable=True``, for router regularisers), so the model computes,
+bit for bit, what it computes without the tap.
 
 Which modules are routers:
 
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from entrotrain._validation import check_int
+from entrotrain._validation import check_bool, check_int
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
@@ -58,8 +59,9 @@ def discover_routers(model: nn.Module) -> list[str]:
     return [name for name, module in modules.items() if name and _is_router(name, module, modules)]
 
 
-def router_rows(output: Any, *, name: str = "router", output_index: int = 0) -> Tensor:
-    """A router's output as detached ``(rows, E)`` logits (a copy: later in-place ops cannot change it).
+def router_rows(output: Any, *, name: str = "router", output_index: int = 0, detach: bool = True) -> Tensor:
+    """A router's output as detached ``(rows, E)`` logits (a copy: later in-place ops cannot change it);
+    ``detach=False`` keeps the graph (the copy is a differentiable function of the output).
 
     Raises:
         TapError: the output (or its ``output_index``-th element) is not a floating tensor with an expert dim.
@@ -77,7 +79,7 @@ def router_rows(output: Any, *, name: str = "router", output_index: int = 0) -> 
             f"router {name!r} returned {what}; router logits must be a floating tensor (..., n_experts). Exclude it "
             "or include the module that computes the router logits."
         )
-    return output.detach().reshape(-1, output.shape[-1]).clone()
+    return (output.detach() if detach else output).reshape(-1, output.shape[-1]).clone()
 
 
 class RouterTap(ForwardHookTap):
@@ -90,6 +92,8 @@ class RouterTap(ForwardHookTap):
         output_index: element read from tuple/list router outputs (HF routers: 0, the raw logits).
         on_capture: called as ``on_capture(name, logits)`` for every router call instead of storing the logits in
             :attr:`captures`.
+        differentiable: keep the graph of the captured logits (for a router regulariser's loss, as
+            ``RouterZLoss(...).capture(model)`` arms it) instead of detaching them.
 
     Attributes:
         names: the watched module names, in module order (forward order may differ: :attr:`order` records it).
@@ -116,10 +120,12 @@ class RouterTap(ForwardHookTap):
         *,
         output_index: int = 0,
         on_capture: Callable[[str, Tensor], None] | None = None,
+        differentiable: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"RouterTap needs an nn.Module, got {type(model).__name__}.")
         check_int(output_index, "output_index")
+        self.differentiable = check_bool(differentiable, "differentiable")
         if on_capture is not None and not callable(on_capture):
             raise EntrotrainError(
                 f"on_capture must be None or a callable on_capture(name, logits), got {type(on_capture).__name__}."
@@ -174,8 +180,11 @@ class RouterTap(ForwardHookTap):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not capture_allowed(self):
                 return
-            with torch.no_grad():
-                logits = router_rows(output, name=name, output_index=self.output_index)
+            if self.differentiable:
+                logits = router_rows(output, name=name, output_index=self.output_index, detach=False)
+            else:
+                with torch.no_grad():
+                    logits = router_rows(output, name=name, output_index=self.output_index)
             if name not in self.order:
                 self.order.append(name)
             if self.on_capture is not None:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from entrotrain.errors import EntrotrainError
+from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.router_losses import dynmole_router_terms, load_balancing_loss, router_z_loss
 from entrotrain.regularizers.composition import RegularizerSum
 from entrotrain.regularizers.router_loss import LoadBalancingLoss, RouterInputs, RouterZLoss, TsallisRouterLoss
@@ -140,3 +140,101 @@ def test_tsallis_router_loss_refuses_the_orders_and_offsets_the_functional_refus
         TsallisRouterLoss(eps=2.0)
     reg = TsallisRouterLoss(q=1e30, eps=1.0)
     assert (reg.q, reg.eps) == (1e30, 1.0)
+
+
+# ------------------------------------------------------------------------------------- capture and mixed sums
+
+
+class _AttentionMoE(torch.nn.Module):
+    """Embedding → causal SDPA attention → one top-2 MoE layer (router ``moe.router``) → ``proj`` → head; returns
+    the head's logits and the router logits."""
+
+    def __init__(self) -> None:
+        from entrotrain.models.tiny_moe import MoELayer
+        from tests.helpers.lightning_models import DIM, VOCAB, SDPAAttention
+
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, DIM)
+        self.attn = SDPAAttention(0.0)
+        self.moe = MoELayer(DIM, 2 * DIM, 4, 2)
+        self.proj = torch.nn.Linear(DIM, DIM)
+        self.head = torch.nn.Linear(DIM, VOCAB)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.attn(x)
+        h, router_logits = self.moe(x.reshape(-1, x.shape[-1]))
+        return self.head(self.proj(h)), router_logits
+
+
+def _model_and_tokens():
+    from tests.helpers.lightning_models import VOCAB
+
+    torch.manual_seed(0)
+    return _AttentionMoE().double(), torch.randint(0, VOCAB, (4, 8))
+
+
+def test_router_losses_compose_with_attention_and_representation_under_one_capture():
+    """``AEM + RouterZLoss + Tsallis + MatrixEntropy`` captured once gives, bit for bit, the weighted sum of each
+    term captured and run alone; the parts carry each term's name; the gradient reaches the router. (Router losses
+    sat in the attention capture group: the sum read attention records as router logits.)"""
+    from entrotrain.regularizers import AttentionEntropyMaximization
+    from entrotrain.regularizers.representation import MatrixEntropyRegularizer
+
+    model, x = _model_and_tokens()
+    aem = AttentionEntropyMaximization(0.5)
+    z = RouterZLoss(0.1, include=["moe.router"])
+    tsallis = TsallisRouterLoss(0.2, include="moe.router")
+    ment = MatrixEntropyRegularizer(1.0, order=2, include=["proj"])
+    reg = aem + 2.0 * z + tsallis + ment
+    with reg.capture(model) as taps:
+        model(x)
+    assert len(taps) == 4  # one attention tap, each other term its own
+    out = reg()
+    assert set(out.parts) == {"aem", "router_z", "tsallis_router/entropy", "tsallis_router/balance", "matrix_entropy"}
+    alone = []
+    for coeff, term in [(1.0, aem), (2.0, z), (1.0, tsallis), (1.0, ment)]:
+        with term.capture(model):
+            model(x)
+        alone.append(coeff * term().total)
+    assert torch.equal(out.total, alone[0] + alone[1] + alone[2] + alone[3])
+    out.total.backward()
+    assert model.moe.router.weight.grad is not None and model.moe.router.weight.grad.abs().sum() > 0
+
+
+def test_mixed_sum_takes_inputs_by_capture_group():
+    """Given inputs, a sum of attention and router terms takes them by group and equals its captured value."""
+    from entrotrain.regularizers import AttentionEntropyMaximization
+    from entrotrain.taps.attention_tap import AttentionTap
+
+    model, x = _model_and_tokens()
+    reg = AttentionEntropyMaximization(0.5) + RouterZLoss(0.1, include=["moe.router"])
+    with reg.capture(model):
+        model(x)
+    captured = reg().total
+    with AttentionTap(model, differentiable=True) as tap:
+        _, router_logits = model(x)
+    assert torch.equal(reg(attention=tap.records, router=router_logits).total, captured)
+    assert torch.equal(RouterZLoss(0.1)(router=router_logits).total, RouterZLoss(0.1)(router_logits).total)
+    with pytest.raises(EntrotrainError, match="'router' capture group"):
+        reg(attention=tap.records)
+    aem_only = reg.terms[0][1]
+    off = aem_only + 0.0 * RouterZLoss(0.1)  # a term of coefficient 0 needs no input of its group
+    assert torch.equal(off(attention=tap.records).total, aem_only(tap.records).total)
+    with pytest.raises(EntrotrainError, match="one form"):
+        reg(router_logits, router=router_logits)
+
+
+def test_router_capture_weight_zero_and_errors():
+    model, x = _model_and_tokens()
+    with RouterZLoss(0.0, include=["moe.router"]).capture(model) as tap:
+        model(x)
+    assert tap is None  # weight 0: nothing armed
+    reg = RouterZLoss(0.1, include=["moe.router"])
+    with reg.capture(model):
+        pass  # no forward
+    with pytest.raises(EntrotrainError, match="no router call"):
+        reg()
+    with pytest.raises(TapError, match="no MoE router"):  # discovery finds no HF router in this model
+        with RouterZLoss(0.1).capture(model):
+            model(x)

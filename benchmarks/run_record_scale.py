@@ -106,7 +106,8 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, st
     """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of ``cmd`` under ``/usr/bin/time -v``, and its
     stdout + stderr. On a shared machine the CPU seconds are the steadier number."""
     t0 = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    done = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir())  # not the checkout: `python -c` imports from its cwd first
     wall = time.perf_counter() - t0
 
     def field(name: str) -> float:

@@ -285,13 +285,14 @@ class EntropyBandRegularizer(Regularizer):
                 t = max((int(r.n_keys.max()) if r.n_keys.numel() else 0) for _, r in recs)
             h_max = math.log(max(float(t), 1.0))
             margin = self.margin_factor * h_max
-            # every query counts (the reference) when one has a key; none when all are masked (0, zero gradient)
-            any_valid = any(bool((r.n_keys > 0).any()) for _, r in recs)
+            # every query counts (the reference) when one has a key; none when all are masked (0, zero gradient);
+            # decided on the device (no host sync)
+            has_key = [(r.n_keys > 0).any() for _, r in recs]
 
             def paper(site: str, r: AttentionEntropy) -> tuple[Tensor, Tensor]:
                 d = r.entropy - theta[layer[site]].to(r.entropy)[None, :, None] * h_max
-                keep = torch.full_like(d, any_valid, dtype=torch.bool)
-                return (d * (d.abs() > margin)) ** 2, keep
+                any_valid = torch.stack([flag.to(d.device) for flag in has_key]).any()
+                return (d * (d.abs() > margin)) ** 2, any_valid.expand(d.shape)
 
             _, sums, _ = _per_site_sums(recs, paper)
             return _mean_of_site_means(sums)

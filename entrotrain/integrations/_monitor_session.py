@@ -324,9 +324,12 @@ class _RouterDriver(_Driver):
 def _causal_lm(model: nn.Module | None) -> bool:
     """Whether ``model`` is an HF causal LM by its class name (``*ForCausalLM``, ``*LMHeadModel``; a PEFT wrapper's
     too), which shifts its ``labels`` inside; read without importing transformers."""
-    inner = getattr(model, "_orig_mod", model)  # torch.compile
-    name = type(inner).__name__
-    return name.endswith(("ForCausalLM", "LMHeadModel"))
+    return _causal_lm_name(model).endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _causal_lm_name(model: nn.Module | None) -> str:
+    """The class name of ``model``, of the module inside a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    return type(getattr(model, "_orig_mod", model)).__name__
 
 
 class _PredictionDriver(_Driver):
@@ -371,7 +374,7 @@ class _PredictionDriver(_Driver):
         if bool(real.any()) and bool((labels[real] == ids[real].to(labels.dtype)).all()):
             self._warned_unshifted = True
             rank_zero_warn(
-                f"PredictionEntropyMonitor {self.where}: {type(self.model).__name__} is a causal LM called with "
+                f"PredictionEntropyMonitor {self.where}: {_causal_lm_name(self.model)} is a causal LM called with "
                 "labels = input_ids, which it shifts itself (the target of position t is labels[t + 1]), but the "
                 "monitor has shift_labels=False: entropy/pred/train/nll scores each position against its own token "
                 "and the positions kept are off by one. Pass PredictionEntropyMonitor(shift_labels=True)."

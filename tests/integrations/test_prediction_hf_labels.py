@@ -35,6 +35,14 @@ def test_unshifted_causal_lm_labels_are_warned_about() -> None:
         _one_step(tiny_gpt2_lm(16, 8), PredictionEntropyMonitor(print_summary=False))
 
 
+def test_unshifted_labels_warning_names_the_compiled_models_class() -> None:
+    """Under ``TrainingArguments(torch_compile=True)`` the model the callback sees is an ``OptimizedModule``: the
+    warning names the model inside (it read "OptimizedModule is a causal LM")."""
+    model = torch.compile(tiny_gpt2_lm(16, 8), backend="eager")
+    with pytest.warns(UserWarning, match=r": GPT2LMHeadModel is a causal LM"):
+        _one_step(model, PredictionEntropyMonitor(print_summary=False))
+
+
 def test_shifted_labels_no_warning_and_nll_is_the_models_loss() -> None:
     model = tiny_gpt2_lm(16, 8)
     batch = stack_rows(padded_rows(4, 16, 8))

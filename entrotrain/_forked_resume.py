@@ -15,7 +15,8 @@ else the checkpoint's hyperparameters) and, when they differ, *forks*:
 
 1. the configured model is built (its arguments win), and the checkpoint's weights are loaded into it (a plain
    layer's weights load into its σReparam replacement function-preservingly: γ = σ(W); a regulariser added with a
-   learnable parameter keeps its initial value; any other missing or unexpected key is an error);
+   learnable parameter keeps its initial value; a swapped policy loss's call counter (Clip-Cov / KL-Cov's
+   ``_extra_state``) starts afresh or is dropped; any other missing or unexpected key is an error);
 2. :class:`ForkedResume` adapts the optimizer state before Lightning restores it: the configured hyperparameters
    replace the saved ones, and the moments are kept when the parameter groups still fit and the optimizer is of the
    same kind, else the optimizer and its schedulers start afresh. A scheduler with a closed form (``LambdaLR``
@@ -364,12 +365,18 @@ def state_key_problems(pl_module: LightningModule, state: Mapping[str, Any]) -> 
     leaves unfilled, the checkpoint's keys the module has no place for, and the missing keys that belong to a
     :class:`~entrotrain.regularizers.composition.Regularizer` (a regulariser added at the resume: they keep their
     initial values). σReparam's ``gamma``, ``u``, ``sigma`` are not missing when the layer's plain ``weight`` is in
-    ``state`` (:class:`~entrotrain.regularizers.sigma_reparam.SigmaReparamLinear` loads it function-preservingly)."""
+    ``state`` (:class:`~entrotrain.regularizers.sigma_reparam.SigmaReparamLinear` loads it function-preservingly).
+    The ``_extra_state`` (call counter) of a policy loss is new when the checkpoint's policy loss had none (a fork
+    from ``PPOClipLoss`` to ``ClipCovLoss``: the counter starts at 0) and not unexpected when the configured one has
+    none (the other way)."""
     from entrotrain.regularizers.composition import Regularizer
+    from entrotrain.regularizers.policy_loss import PolicyLoss
     from entrotrain.regularizers.sigma_reparam import SigmaReparamLinear
 
     modules = dict(pl_module.named_modules())
     regularizers = tuple(f"{name}." for name, m in modules.items() if name and isinstance(m, Regularizer))
+    counters = {f"{name}._extra_state" for name, m in modules.items() if name and isinstance(m, PolicyLoss)}
+    regularizers += tuple(counters)
     expected = set(pl_module.state_dict().keys())
 
     def filled(key: str) -> bool:
@@ -380,7 +387,7 @@ def state_key_problems(pl_module: LightningModule, state: Mapping[str, Any]) -> 
     missing = sorted(k for k in expected - set(state) if not filled(k))
     new = [k for k in missing if k.startswith(regularizers)]
     missing = [k for k in missing if not k.startswith(regularizers)]
-    unexpected = sorted(set(state) - expected)
+    unexpected = sorted(k for k in set(state) - expected if k not in counters)
     return missing, unexpected, new
 
 

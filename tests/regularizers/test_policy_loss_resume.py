@@ -51,3 +51,22 @@ def test_clip_cov_micro_batch_stream_differs_per_rank(monkeypatch):
     monkeypatch.setattr(selection, "world", lambda: (1, 2))
     rank1 = _loss("micro_batch")(*batch).loss
     assert not torch.equal(rank0, rank1)
+
+
+def test_fork_that_swaps_the_policy_loss_has_no_key_problem():
+    """GRPO's cure recipes resume with changes from PPOClipLoss to ClipCovLoss (and back): the saved counter of
+    Clip-Cov (``policy_loss._extra_state``) is neither a missing nor an unexpected key of that fork; the new loss's
+    counter starts at 0, which the fork notes."""
+    from entrotrain._forked_resume import state_key_problems
+    from entrotrain.regularizers import PPOClipLoss
+
+    def task(policy_loss):
+        module = torch.nn.Module()
+        module.net = torch.nn.Linear(2, 2)
+        module.policy_loss = policy_loss
+        return module
+
+    ppo, cov = task(PPOClipLoss()), task(_loss("global"))
+    assert state_key_problems(cov, ppo.state_dict()) == ([], [], ["policy_loss._extra_state"])
+    assert state_key_problems(ppo, cov.state_dict()) == ([], [], [])
+    assert state_key_problems(cov, cov.state_dict()) == ([], [], [])

@@ -694,6 +694,13 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
     )
     status = run.decided_status
     has_monitor_output = any(k.startswith(MONITOR_PREFIXES) for k in scalars) or bool(media)
+    metrics_file = path / "metrics.jsonl"
+    if not scalars and metrics_file.is_file() and metrics_file.stat().st_size == 0 and status.state == "finished":
+        # the writer creates metrics.jsonl with its first line: an empty one was cut short after the run
+        raise EntrotrainError(
+            f"{metrics_file} is empty (0 bytes) although the run finished: the record was truncated after it was "
+            "written (a copy cut short, a full disk?). Copy the run's folder again from where it ran."
+        )
     if not has_monitor_output and status.state == "finished" and require_monitors:
         logged = sorted(scalars)[:12]
         raise EntrotrainError(

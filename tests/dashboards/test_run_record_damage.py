@@ -137,3 +137,11 @@ def test_an_empty_meta_json_gives_a_report_that_says_so(tmp_path: Path) -> None:
     (path / "metrics.jsonl").unlink()
     with pytest.raises(EntrotrainError, match="no metrics.jsonl beside it"):
         load_run(path)
+
+
+def test_an_emptied_metrics_file_of_a_finished_run_is_named_as_truncated(tmp_path: Path, capsys) -> None:
+    path = _record(tmp_path, "emptied", range(0, 30, 10))
+    (path / "metrics.jsonl").write_text("")
+    with pytest.raises(EntrotrainError, match=r"metrics.jsonl is empty \(0 bytes\).*truncated"):
+        load_run(path)
+    assert status_main([str(path)]) == 0 and "is empty (0 bytes)" in capsys.readouterr().out

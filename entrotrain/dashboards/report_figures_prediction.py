@@ -164,11 +164,10 @@ def position_matrix(run: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray, s
         return None
     positions = np.array(sorted(keys))
     steps = np.unique(np.concatenate([run.scalars[keys[p]][0] for p in positions]))
-    index = {int(s): j for j, s in enumerate(steps)}
     grid = np.full((len(positions), len(steps)), np.nan)
     for r, p in enumerate(positions):
-        for s, v in zip(*run.scalars[keys[p]]):
-            grid[r, index[int(s)]] = v
+        key_steps, values = run.scalars[keys[p]]
+        grid[r, np.searchsorted(steps, key_steps)] = values  # (one numpy call per key, not one per point)
     return positions, steps, _finite(grid), "scalars"
 
 

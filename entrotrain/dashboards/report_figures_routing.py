@@ -52,11 +52,10 @@ def load_matrices(run: RunData) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for layer, experts in sorted(keys.items()):
         steps = np.unique(np.concatenate([run.scalars[k][0] for k in experts.values()]))
-        index = {int(s): j for j, s in enumerate(steps)}
         grid = np.full((max(experts) + 1, len(steps)), np.nan)
         for e, key in experts.items():
-            for s, v in zip(*run.scalars[key]):
-                grid[e, index[int(s)]] = v
+            key_steps, values = run.scalars[key]
+            grid[e, np.searchsorted(steps, key_steps)] = values  # (one numpy call per key, not one per point)
         out[layer] = (steps, _finite(grid))
     return out
 

@@ -9,5 +9,6 @@ class EntrotrainError(ValueError):
     """Bad input to an entrotrain function or class: wrong shape, dtype or option."""
 
 
-class TapError(RuntimeError):
-    """A model's attention (or another signal) cannot be captured as configured."""
+class TapError(EntrotrainError, RuntimeError):
+    """A model's attention (or another signal) cannot be captured as configured. An :class:`EntrotrainError` (one
+    ``except`` catches every entrotrain refusal) and, as before, a ``RuntimeError``."""

@@ -96,3 +96,9 @@ def test_message_unwraps_a_jsonargparse_union_error():
         "every_n_steps must be >= 1, got 0. Fix the value in the config file or on the command line "
         "(set ENTROTRAIN_DEBUG=1 to see the traceback)."
     )
+
+
+def test_a_tap_error_is_an_entrotrain_error_and_still_a_runtime_error() -> None:
+    from entrotrain.errors import EntrotrainError, TapError
+
+    assert issubclass(TapError, EntrotrainError) and issubclass(TapError, RuntimeError)  # one except catches all

@@ -355,10 +355,24 @@ def _resume_step(row: dict[str, Any]) -> int | None | bool:
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+#: Steps at or beyond this are not steps (they would not fit the int64 arrays the reader keeps steps in).
+_MAX_STEP = 2**62
+
+
 def _as_step(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
-    return int(value)
+    return int(value) if abs(value) < _MAX_STEP else None
+
+
+def _as_float(value: Any) -> float:
+    """``float(value)`` for a value of the JSON number types; an integer beyond float's range is ±inf."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 _NUMBERS = frozenset({float, int})  # what a value is (the writer writes null for a NaN or Inf)
@@ -385,7 +399,11 @@ class _Columns:
 
     def flush(self) -> None:
         if self.rows:
-            values = np.array(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.keys))
+            try:
+                values = np.array(self.rows, dtype=np.float64)
+            except OverflowError:  # an integer literal beyond float's range (another tool's writer)
+                values = np.array([[_as_float(v) for v in row] for row in self.rows], dtype=np.float64)
+            values = values.reshape(len(self.rows), len(self.keys))
             self.chunks.append((np.array(self.orders, dtype=np.int64), np.array(self.steps, dtype=np.int64), values))
             self.rows, self.steps, self.orders = [], [], []
 

@@ -145,3 +145,15 @@ def test_an_emptied_metrics_file_of_a_finished_run_is_named_as_truncated(tmp_pat
     with pytest.raises(EntrotrainError, match=r"metrics.jsonl is empty \(0 bytes\).*truncated"):
         load_run(path)
     assert status_main([str(path)]) == 0 and "is empty (0 bytes)" in capsys.readouterr().out
+
+
+def test_numbers_beyond_range_are_no_traceback(tmp_path: Path) -> None:
+    """Another tool's writer: a step beyond int64 is no step (warned), an integer value beyond float's range is inf."""
+    path = _record(tmp_path, "huge", range(0, 20, 10))
+    with (path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 100000000000000000000000000000, "values": {"train/loss": 1.0}}\n')
+        f.write('{"step": 30, "values": {"train/loss": 1' + "0" * 400 + ', "entropy/attn_norm/min": 0.4}}\n')
+    run = load_run(path)
+    assert any("line 3 has no valid step/values" in w for w in run.warnings)
+    assert run.scalars["train/loss"][1][-1] == math.inf and run.scalars["entropy/attn_norm/min"][1][-1] == 0.4
+    assert build_report([path]).is_file()

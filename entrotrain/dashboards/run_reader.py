@@ -12,8 +12,10 @@ The reader is forgiving where a run was cut short and strict where the folder is
 - the same key and step written twice with no resume in between (two processes writing one record) is warned about;
 - a value stored as ``null`` (NaN or Inf when logged) or that is not a number (a key that changed type) has no point;
   a warning names the keys and counts;
-- ``metrics.jsonl`` is read one line at a time into float64 columns (one per key set), so time and memory grow
-  linearly with the record (50 000 rows x 296 keys: see ``benchmarks/run_record_scale.py``);
+- ``metrics.jsonl`` is read in blocks of 1 MiB, one line at a time into float64 columns (one per key set), so time
+  and memory grow linearly with the record (50 000 rows x 296 keys: see ``benchmarks/run_record_scale.py``);
+- a record read again while its run appends to it (:class:`RunFollower`, ``entrotrain status --follow``) reads only
+  the bytes appended since the last read, and gives what a full read of the same bytes gives;
 - a record of a newer format raises an :class:`~entrotrain.errors.EntrotrainError` naming the upgrade;
 - the run's status is decided in one place, :func:`run_status`, and every page and message uses it;
 - a folder that is not a run record raises an :class:`~entrotrain.errors.EntrotrainError` naming what was expected.
@@ -39,7 +41,8 @@ from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start
 from entrotrain.errors import EntrotrainError
 
 __all__ = [
-    "GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunStatus", "find_records",
+    "GUARD_ACTIONS", "MONITOR_PREFIXES", "STALE_AFTER_S", "MediaItem", "RunData", "RunFollower", "RunStatus",
+    "find_records",
     "load_run", "missing_path", "natural_order", "run_status", "short_value",
 ]
 
@@ -312,33 +315,100 @@ def find_records(folder: Path, limit: int = 5) -> list[Path]:
     return [p.parent for p in found[:limit]]
 
 
+_READ_BYTES = 1 << 20  # a .jsonl file is read in blocks of this many bytes
+
+
+class _JsonlTail:
+    """A ``.jsonl`` file read from where the last read stopped: :meth:`new_rows` yields the JSON objects of the
+    complete lines appended since, in blocks of :data:`_READ_BYTES` (memory holds a block and one line, whatever the
+    file's size); the bytes after the last newline (a line being written, or torn) are kept in ``tail`` and read again
+    with what follows them. :meth:`ending` says what a full read makes of that last line. Bad lines inside are reported;
+    :meth:`replaced` tells a file that shrank or was replaced (then it must be read again from the start)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.relative_to(path.parent.parent).as_posix() if path.parent.name == "media" else path.name
+        self.end = 0  # bytes read: the complete lines and the tail
+        self.lines = 0  # complete lines read
+        self.tail = bytearray()  # the bytes after the last newline
+        self.ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file read
+
+    def replaced(self) -> bool:
+        """Whether the file shrank, was replaced (another inode: a new run) or removed since it was read."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return self.end > 0 or self.ident is not None
+        return st.st_size < self.end or (self.ident is not None and self.ident != (st.st_dev, st.st_ino))
+
+    def new_rows(self, warnings: list[str]) -> Iterator[dict[str, Any]]:
+        """The objects of the complete lines appended since the last read (read it to its end: it moves the
+        offset as it goes)."""
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            self.ident = (st.st_dev, st.st_ino)
+            f.seek(self.end)
+            while True:
+                block = f.read(_READ_BYTES)
+                if not block:
+                    break
+                self.end += len(block)
+                pieces = block.split(b"\n")
+                if len(pieces) == 1:
+                    self.tail += block
+                    continue
+                pieces[0] = bytes(self.tail) + pieces[0] if self.tail else pieces[0]
+                self.tail = bytearray(pieces.pop())
+                for line in pieces:
+                    row = self._row(line, warnings)
+                    if row is not None:
+                        yield row
+
+    def _row(self, line: bytes, warnings: list[str]) -> dict[str, Any] | None:
+        number = self.lines = self.lines + 1
+        if not line or line.isspace():  # (not .strip(): that copies a 10 kB line to look at its ends)
+            return None
+        row = _parse(line)
+        if row is None:
+            warnings.append(
+                f"{self.name}: line {number} is not a JSON object ({len(line)} bytes; a line torn when an earlier "
+                "process was killed while writing?) and was skipped."
+            )
+        return row
+
+    def ending(self, warnings: list[str], writing: bool) -> dict[str, Any] | None:
+        """The file's last line when it has no newline (yet): its object if it parses as one (a complete line
+        whose newline is not written yet), else ``None`` — a torn line, reported unless ``writing`` (the live writer
+        is in the middle of it). Nothing is kept: the next read reads the line again, with what follows it."""
+        line = bytes(self.tail)
+        if not line or line.isspace():
+            return None
+        row = _parse(line)
+        if row is None and not writing:
+            warnings.append(f"{self.name} ends with a torn line ({len(line)} bytes) — the run was killed while "
+                            "writing; it was skipped.")
+        return row
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def _iter_jsonl(path: Path, warnings: list[str], writing: bool = False) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a ``.jsonl`` file, one per line, read one line at a time (memory holds one line, whatever
-    the file's size). A last line without its newline that does not parse is a torn line: reported (unless
-    ``writing``: the live writer is in the middle of it); bad lines inside are reported."""
-    if not path.is_file():
-        return
-    name = path.relative_to(path.parent.parent).as_posix() if path.parent.name == "media" else path.name
-    with path.open("rb") as f:
-        for i, line in enumerate(f):
-            last = not line.endswith(b"\n")  # only the file's last line can lack its newline
-            if line.isspace() or not line:  # (not .strip(): that copies a 10 kB line to look at its ends)
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                row = None
-            if isinstance(row, dict):
-                yield row
-            elif last:
-                if not writing:
-                    warnings.append(f"{name} ends with a torn line ({len(line)} bytes) — the run was killed while "
-                                    "writing; it was skipped.")
-            else:
-                warnings.append(
-                    f"{name}: line {i + 1} is not a JSON object ({len(line) - 1} bytes; a line torn when an earlier "
-                    "process was killed while writing?) and was skipped."
-                )
+    """The JSON objects of a ``.jsonl`` file, one per line (:class:`_JsonlTail` read once). A last line without its
+    newline that does not parse is a torn line: reported (unless ``writing``: the live writer is in the middle of
+    it); bad lines inside are reported."""
+    reader = _JsonlTail(path)
+    yield from reader.new_rows(warnings)
+    last = reader.ending(warnings, writing)
+    if last is not None:
+        yield last
 
 
 def _read_jsonl(path: Path, warnings: list[str], writing: bool = False) -> list[dict[str, Any]]:
@@ -395,17 +465,176 @@ class _Columns:
         self.steps.append(step)
         self.orders.append(order)
         if len(self.rows) >= _CHUNK_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            try:
-                values = np.array(self.rows, dtype=np.float64)
-            except OverflowError:  # an integer literal beyond float's range (another tool's writer)
-                values = np.array([[_as_float(v) for v in row] for row in self.rows], dtype=np.float64)
-            values = values.reshape(len(self.rows), len(self.keys))
-            self.chunks.append((np.array(self.orders, dtype=np.int64), np.array(self.steps, dtype=np.int64), values))
+            self.chunks.append(self._pending())
             self.rows, self.steps, self.orders = [], [], []
+
+    def _pending(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+            values = np.array(self.rows, dtype=np.float64)
+        except OverflowError:  # an integer literal beyond float's range (another tool's writer)
+            values = np.array([[_as_float(v) for v in row] for row in self.rows], dtype=np.float64)
+        values = values.reshape(len(self.rows), len(self.keys))
+        return np.array(self.orders, dtype=np.int64), np.array(self.steps, dtype=np.int64), values
+
+    def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The chunks and the rows not yet in one, as arrays (the block itself is left as it is: more rows may
+        follow)."""
+        return self.chunks + [self._pending()] if self.rows else list(self.chunks)
+
+    def copy(self) -> _Columns:
+        twin = _Columns(self.keys)
+        twin.rows, twin.steps, twin.orders, twin.chunks = list(self.rows), list(self.steps), list(self.orders), list(
+            self.chunks)
+        return twin
+
+
+class _ScalarRows:
+    """The rows of ``metrics.jsonl`` read so far (:meth:`add` one at a time, in file order), gathered into
+    :class:`_Columns` per key set; :meth:`result` gives the scalars of the rows added so far, and more rows may be
+    added after it (``entrotrain status --follow`` adds the rows appended since its last redraw)."""
+
+    def __init__(self, warnings: list[str]) -> None:
+        self.warnings = warnings  # bad rows, in file order
+        self.columns: dict[tuple[str, ...], _Columns] = {}
+        self.markers: list[tuple[int, int]] = []  # (order, S) of each resume marker with a step
+        self.odd: dict[str, dict[str, int]] = {}  # key -> {type name: values skipped}
+        self.nulls: dict[str, tuple[int, int]] = {}  # key -> (values stored as null, first step)
+        self.count = 0  # rows added
+
+    def copy(self, warnings: list[str]) -> _ScalarRows:
+        """A twin that more rows can be added to without changing this one; it reports into ``warnings``."""
+        twin = _ScalarRows(warnings)
+        twin.columns = {keys: block.copy() for keys, block in self.columns.items()}
+        twin.markers = list(self.markers)
+        twin.odd = {key: dict(counts) for key, counts in self.odd.items()}
+        twin.nulls = dict(self.nulls)
+        twin.count = self.count
+        return twin
+
+    def add(self, row: dict[str, Any]) -> None:
+        order = self.count
+        self.count += 1
+        resume = _resume_step(row)
+        if resume is not False:
+            if resume is not None:
+                self.markers.append((order, resume))
+            return
+        step = order if row.get("step") is None else _as_step(row.get("step"))
+        values = row.get("values")
+        if step is None or not isinstance(values, dict):
+            self.warnings.append(f"metrics.jsonl: line {order + 1} has no valid step/values and was skipped.")
+            return
+        if not _NUMBERS.issuperset(map(type, values.values())):  # null, bool, str, list ...: keep the numbers
+            for key, value in values.items():
+                if value is None:  # NaN or Inf when logged (the writer stores null): no value at this step
+                    n, first = self.nulls.get(key, (0, step))
+                    self.nulls[key] = (n + 1, min(first, step))
+                elif type(value) not in _NUMBERS and key != "epoch":
+                    counts = self.odd.setdefault(key, {})
+                    counts[type(value).__name__] = counts.get(type(value).__name__, 0) + 1
+            values = {k: v for k, v in values.items() if type(v) in _NUMBERS}
+        keys = tuple(values)
+        block = self.columns.get(keys)
+        if block is None:
+            block = self.columns[keys] = _Columns(keys)
+        block.add(order, step, list(values.values()))
+
+    def result(
+        self, warnings: list[str], notes: list[str] | None = None
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """key -> (steps, values) of the rows added so far (see :func:`_scalars`); what the whole record says
+        (values logged twice, nulls, values that are not numbers) is appended to ``warnings``."""
+        columns, markers, odd, nulls = self.columns, self.markers, self.odd, self.nulls
+        marker_orders = np.array([m[0] for m in markers], dtype=np.int64)
+        # a point written before a marker at a step after the marker's S was logged by the abandoned run: the least S of
+        # the markers after each point is the last step it may hold
+        limits = np.minimum.accumulate(np.array([m[1] for m in markers], dtype=np.float64)[::-1])[::-1]
+        limits = np.append(limits, np.inf)
+        # (orders, steps, the block's parts, its live rows or None for all, increasing)
+        live_blocks: list[tuple[np.ndarray, np.ndarray, list[Any], np.ndarray | None, bool]] = []
+        where: dict[str, list[tuple[int, int]]] = {}  # key -> [(block, column)]
+        superseded: list[np.ndarray] = []  # steps of the rows an abandoned attempt logged
+        for block in columns.values():
+            parts = block.parts()
+            if not parts:
+                continue
+            orders = np.concatenate([c[0] for c in parts])
+            steps = np.concatenate([c[1] for c in parts])
+            live = steps <= limits[np.searchsorted(marker_orders, orders, side="right")]
+            superseded.append(steps[~live])
+            kept = None if live.all() else live
+            if kept is not None:
+                orders, steps = orders[live], steps[live]
+            increasing = bool(np.all(steps[1:] > steps[:-1]))
+            for j, key in enumerate(block.keys):
+                if key != "epoch":
+                    where.setdefault(key, []).append((len(live_blocks), j))
+            live_blocks.append((orders, steps, parts, kept, increasing))
+
+        def column(b: int, j: int) -> np.ndarray:
+            """Column ``j`` of block ``b``'s live rows: a new array (the parts stay as they are)."""
+            _, _, parts, kept, _ = live_blocks[b]
+            values = np.concatenate([c[2][:, j] for c in parts])
+            return values if kept is None else values[kept]
+
+        scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        twice: dict[str, tuple[int, int]] = {}  # key -> (values logged again for a step, first such step)
+        for key, places in where.items():
+            if len(places) == 1 and live_blocks[places[0][0]][4]:  # the usual case: one key set, steps increasing
+                b, j = places[0]
+                if len(live_blocks[b][1]):  # every key of the block shares its steps array
+                    scalars[key] = (live_blocks[b][1], column(b, j))
+                continue
+            orders = np.concatenate([live_blocks[b][0] for b, _ in places])
+            steps = np.concatenate([live_blocks[b][1] for b, _ in places])
+            values = np.concatenate([column(b, j) for b, j in places])
+            if not len(steps):
+                continue
+            by = np.lexsort((orders, steps))  # by step, then by when it was written
+            steps, values, orders = steps[by], values[by], orders[by]
+            last = np.append(steps[1:] != steps[:-1], True)  # the last write of each step wins
+            scalars[key] = (steps[last], values[last])
+            if not last.all():  # written twice between the same two resume markers: one process never does that
+                segment = np.searchsorted(marker_orders, orders, side="right")
+                again = (steps[1:] == steps[:-1]) & (segment[1:] == segment[:-1])
+                if again.any():
+                    twice[key] = (int(again.sum()), int(steps[1:][again][0]))
+        dropped = np.concatenate(superseded) if superseded else np.zeros(0, dtype=np.int64)
+        if dropped.size and notes is not None:
+            resumed = ", ".join(str(m[1]) for m in markers[:5]) + (" …" if len(markers) > 5 else "")
+            notes.append(
+                f"The run was resumed from an earlier checkpoint (at step {resumed}): {dropped.size} logged row(s) of "
+                f"the abandoned attempt, steps {int(dropped.min())}–{int(dropped.max())}, were logged again by the "
+                "resumed run. Curves and tables show the final trajectory only (the resumed run's values from each "
+                "resume step on); the abandoned rows stay in metrics.jsonl."
+            )
+        if twice:
+            listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(twice.items())[:3])
+            more = f" and {len(twice) - 3} more key(s)" if len(twice) > 3 else ""
+            warnings.append(
+                f"metrics.jsonl: {sum(n for n, _ in twice.values())} value(s) were logged again for a key and step "
+                f"already logged, with no resume in between: {listed}{more}. Two processes are writing this record "
+                "(two runs given the same folder?); each (key, step) shows the last value written, which may come from "
+                "either. Give each run its own RunRecordLogger version (folder)."
+            )
+        if nulls:
+            listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(nulls.items())[:5])
+            more = f" and {len(nulls) - 5} more" if len(nulls) > 5 else ""
+            warnings.append(
+                f"metrics.jsonl: {sum(n for n, _ in nulls.values())} logged value(s) were NaN or Inf (stored as null) "
+                f"and have no point in the curves and tables: {listed}{more}."
+            )
+        if odd:
+            listed = ", ".join(
+                f"{k} ({', '.join(f'{n} {t}' for t, n in c.items())})" for k, c in sorted(odd.items())[:5])
+            more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+            changed = [k for k in odd if k in scalars]
+            what = f"; {', '.join(changed[:5])} changed type during the run" if changed else ""
+            warnings.append(
+                f"metrics.jsonl: values that are not numbers were skipped: {listed}{more}{what}. Log numbers (floats) "
+                "under a key; put text in hyperparameters or events."
+            )
+        return scalars
 
 
 def _scalars(
@@ -413,124 +642,16 @@ def _scalars(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """key -> (steps, values) sorted by step; for each (key, step) the last value written, after resume markers.
 
-    Columnar: rows that log the same keys are gathered into float64 arrays as they are read (a 300-key row costs one
-    list, not 300 dictionary entries), so time and memory are linear in the record's size. A value that is ``null``
-    (NaN or Inf when it was logged) is left out, as is one that is not a number (a key that changed type); each is
-    counted and named in ``warnings``. A ``NaN`` / ``Infinity`` token (another tool's writer) is kept as it is.
-    What a resume from an older checkpoint superseded goes to ``notes`` (not damage: how resuming works)."""
-    columns: dict[tuple[str, ...], _Columns] = {}
-    markers: list[tuple[int, int]] = []  # (order, S) of each resume marker with a step
-    odd: dict[str, dict[str, int]] = {}  # key -> {type name: values skipped}
-    nulls: dict[str, tuple[int, int]] = {}  # key -> (values stored as null, first step)
-    order = -1
-    for order, row in enumerate(rows):
-        resume = _resume_step(row)
-        if resume is not False:
-            if resume is not None:
-                markers.append((order, resume))
-            continue
-        step = order if row.get("step") is None else _as_step(row.get("step"))
-        values = row.get("values")
-        if step is None or not isinstance(values, dict):
-            warnings.append(f"metrics.jsonl: line {order + 1} has no valid step/values and was skipped.")
-            continue
-        if not _NUMBERS.issuperset(map(type, values.values())):  # null, bool, str, list ...: keep the numbers
-            for key, value in values.items():
-                if value is None:  # NaN or Inf when logged (the writer stores null): no value at this step
-                    n, first = nulls.get(key, (0, step))
-                    nulls[key] = (n + 1, min(first, step))
-                elif type(value) not in _NUMBERS and key != "epoch":
-                    counts = odd.setdefault(key, {})
-                    counts[type(value).__name__] = counts.get(type(value).__name__, 0) + 1
-            values = {k: v for k, v in values.items() if type(v) in _NUMBERS}
-        keys = tuple(values)
-        block = columns.get(keys)
-        if block is None:
-            block = columns[keys] = _Columns(keys)
-        block.add(order, step, list(values.values()))
-    marker_orders = np.array([m[0] for m in markers], dtype=np.int64)
-    # a point written before a marker at a step after the marker's S was logged by the abandoned run: the least S of
-    # the markers after each point is the last step it may hold
-    limits = np.minimum.accumulate(np.array([m[1] for m in markers], dtype=np.float64)[::-1])[::-1]
-    limits = np.append(limits, np.inf)
-    live_blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []  # (orders, steps, values, increasing)
-    where: dict[str, list[tuple[int, int]]] = {}  # key -> [(block, column)]
-    superseded: list[np.ndarray] = []  # steps of the rows an abandoned attempt logged
-    for block in columns.values():
-        block.flush()
-        if not block.chunks:
-            continue
-        orders = np.concatenate([c[0] for c in block.chunks])
-        steps = np.concatenate([c[1] for c in block.chunks])
-        values = np.concatenate([c[2] for c in block.chunks])
-        block.chunks = []
-        live = steps <= limits[np.searchsorted(marker_orders, orders, side="right")]
-        superseded.append(steps[~live])
-        if not live.all():
-            orders, steps, values = orders[live], steps[live], values[live]
-        increasing = bool(np.all(steps[1:] > steps[:-1]))
-        for j, key in enumerate(block.keys):
-            if key != "epoch":
-                where.setdefault(key, []).append((len(live_blocks), j))
-        live_blocks.append((orders, steps, values, increasing))
-    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    twice: dict[str, tuple[int, int]] = {}  # key -> (values logged again for a step, first such step)
-    for key, places in where.items():
-        if len(places) == 1 and live_blocks[places[0][0]][3]:  # the usual case: one key set, steps increasing
-            b, j = places[0]
-            if len(live_blocks[b][1]):  # every key of the block shares its steps array
-                scalars[key] = (live_blocks[b][1], live_blocks[b][2][:, j].copy())
-            continue
-        orders = np.concatenate([live_blocks[b][0] for b, _ in places])
-        steps = np.concatenate([live_blocks[b][1] for b, _ in places])
-        values = np.concatenate([live_blocks[b][2][:, j] for b, j in places])
-        if not len(steps):
-            continue
-        by = np.lexsort((orders, steps))  # by step, then by when it was written
-        steps, values, orders = steps[by], values[by], orders[by]
-        last = np.append(steps[1:] != steps[:-1], True)  # the last write of each step wins
-        scalars[key] = (steps[last], values[last])
-        if not last.all():  # written twice between the same two resume markers: one process never does that
-            segment = np.searchsorted(marker_orders, orders, side="right")
-            again = (steps[1:] == steps[:-1]) & (segment[1:] == segment[:-1])
-            if again.any():
-                twice[key] = (int(again.sum()), int(steps[1:][again][0]))
-    del live_blocks
-    dropped = np.concatenate(superseded) if superseded else np.zeros(0, dtype=np.int64)
-    if dropped.size and notes is not None:
-        resumed = ", ".join(str(m[1]) for m in markers[:5]) + (" …" if len(markers) > 5 else "")
-        notes.append(
-            f"The run was resumed from an earlier checkpoint (at step {resumed}): {dropped.size} logged row(s) of the "
-            f"abandoned attempt, steps {int(dropped.min())}–{int(dropped.max())}, were logged again by the resumed "
-            "run. Curves and tables show the final trajectory only (the resumed run's values from each resume step "
-            "on); the abandoned rows stay in metrics.jsonl."
-        )
-    if twice:
-        listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(twice.items())[:3])
-        more = f" and {len(twice) - 3} more key(s)" if len(twice) > 3 else ""
-        warnings.append(
-            f"metrics.jsonl: {sum(n for n, _ in twice.values())} value(s) were logged again for a key and step "
-            f"already logged, with no resume in between: {listed}{more}. Two processes are writing this record (two "
-            "runs given the same folder?); each (key, step) shows the last value written, which may come from either. "
-            "Give each run its own RunRecordLogger version (folder)."
-        )
-    if nulls:
-        listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(nulls.items())[:5])
-        more = f" and {len(nulls) - 5} more" if len(nulls) > 5 else ""
-        warnings.append(
-            f"metrics.jsonl: {sum(n for n, _ in nulls.values())} logged value(s) were NaN or Inf (stored as null) and "
-            f"have no point in the curves and tables: {listed}{more}."
-        )
-    if odd:
-        listed = ", ".join(f"{k} ({', '.join(f'{n} {t}' for t, n in c.items())})" for k, c in sorted(odd.items())[:5])
-        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
-        changed = [k for k in odd if k in scalars]
-        what = f"; {', '.join(changed[:5])} changed type during the run" if changed else ""
-        warnings.append(
-            f"metrics.jsonl: values that are not numbers were skipped: {listed}{more}{what}. Log numbers (floats) "
-            "under a key; put text in hyperparameters or events."
-        )
-    return scalars
+    Columnar (:class:`_ScalarRows`): rows that log the same keys are gathered into float64 arrays as they are read
+    (a 300-key row costs one list, not 300 dictionary entries), so time and memory are linear in the record's size. A
+    value that is ``null`` (NaN or Inf when it was logged) is left out, as is one that is not a number (a key that
+    changed type); each is counted and named in ``warnings``. A ``NaN`` / ``Infinity`` token (another tool's writer)
+    is kept as it is. What a resume from an older checkpoint superseded goes to ``notes`` (not damage: how resuming
+    works)."""
+    gathered = _ScalarRows(warnings)
+    for row in rows:
+        gathered.add(row)
+    return gathered.result(warnings, notes)
 
 
 def _media_item(
@@ -560,44 +681,87 @@ def _media_item(
     return item
 
 
-def _media(path: Path, rows: Iterable[dict[str, Any]], warnings: list[str]) -> dict[str, list[MediaItem]]:
-    media: dict[str, dict[int | None, MediaItem]] = {}
-    cache: dict[str, tuple[Path, int]] = {}
+class _MediaRows:
+    """The rows of ``media/index.jsonl`` read so far (:meth:`add` in file order): for each (key, step) the last item
+    written, after resume markers. ``skipped``: a row was skipped (its file or bytes missing), so that a later read
+    of a grown file may decide it otherwise (``entrotrain status --follow`` then reads the index again in full)."""
 
-    def files(name: str) -> tuple[Path, int]:
+    def __init__(self, path: Path, warnings: list[str]) -> None:
+        self.path = path
+        self.warnings = warnings
+        self.items: dict[str, dict[int | None, MediaItem]] = {}
+        self.sizes: dict[str, tuple[Path, int]] = {}  # file name -> (path, size): looked up once per file and read
+        self.skipped = False
+
+    def copy(self, warnings: list[str]) -> _MediaRows:
+        """A twin that more rows can be added to without changing this one; it reports into ``warnings``."""
+        twin = _MediaRows(self.path, warnings)
+        twin.items = {key: dict(items) for key, items in self.items.items()}
+        twin.sizes, twin.skipped = self.sizes, self.skipped
+        return twin
+
+    def _file(self, name: str) -> tuple[Path, int]:
         """The path and size of the record's file ``name`` (-1: not a file), looked up once per file, not per row."""
-        if name not in cache:
-            file = path / name
-            cache[name] = file, file.stat().st_size if file.is_file() else -1
-        return cache[name]
+        if name not in self.sizes:
+            file = self.path / name
+            self.sizes[name] = file, file.stat().st_size if file.is_file() else -1
+        return self.sizes[name]
 
-    for row in rows:
+    def add(self, row: dict[str, Any]) -> None:
         resume = _resume_step(row)
         if resume is not False:
             if resume is not None:
-                for items in media.values():
+                for items in self.items.values():
                     for step in [s for s in items if s is not None and s > resume]:
                         del items[step]
-            continue
-        item = _media_item(row, files, warnings)
-        if item is not None:
-            items = media.setdefault(item.key, {})
-            items.pop(item.step, None)
-            items[item.step] = item  # the last one written for a (key, step) wins
-    return {
-        key: sorted(items.values(), key=lambda m: -1 if m.step is None else m.step) for key, items in media.items() if items
-    }
+            return
+        item = _media_item(row, self._file, self.warnings)
+        if item is None:
+            self.skipped = True
+            return
+        items = self.items.setdefault(item.key, {})
+        items.pop(item.step, None)
+        items[item.step] = item  # the last one written for a (key, step) wins
+
+    def result(self) -> dict[str, list[MediaItem]]:
+        return {
+            key: sorted(items.values(), key=lambda m: -1 if m.step is None else m.step)
+            for key, items in self.items.items() if items
+        }
+
+
+def _media(path: Path, rows: Iterable[dict[str, Any]], warnings: list[str]) -> dict[str, list[MediaItem]]:
+    gathered = _MediaRows(path, warnings)
+    for row in rows:
+        gathered.add(row)
+    return gathered.result()
+
+
+class _EventRows:
+    """The rows of ``events.jsonl`` read so far (:meth:`add` in file order), less those a resume marker dropped."""
+
+    def __init__(self, warnings: list[str]) -> None:
+        self.warnings = warnings
+        self.events: list[dict[str, Any]] = []
+
+    def copy(self, warnings: list[str]) -> _EventRows:
+        twin = _EventRows(warnings)
+        twin.events = list(self.events)
+        return twin
+
+    def add(self, row: dict[str, Any]) -> None:
+        resume = _resume_step(row)
+        if resume is False:
+            self.events.append(row)
+        elif resume is not None:
+            self.events = [e for e in self.events if not (isinstance(e.get("step"), int) and e["step"] > resume)]
 
 
 def _events(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
+    gathered = _EventRows([])
     for row in rows:
-        resume = _resume_step(row)
-        if resume is False:
-            events.append(row)
-        elif resume is not None:
-            events = [e for e in events if not (isinstance(e.get("step"), int) and e["step"] > resume)]
-    return events
+        gathered.add(row)
+    return gathered.events
 
 
 def _newer_format(meta: Any) -> str | None:
@@ -660,6 +824,15 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
             found below it), or, with ``require_monitors``, a *finished* run logged no monitor output (names the
             monitors to add).
     """
+    return RunFollower(path).read(require_monitors)
+
+
+def _read_meta(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The record's ``meta.json`` and, when it is damaged, the warning that says so (then ``meta`` is a stand-in).
+
+    Raises:
+        EntrotrainError: as :func:`load_run`.
+    """
     path = Path(path)
     if not path.exists():
         raise EntrotrainError(missing_path(path, "Pass the run record folder printed at the end of the run."))
@@ -693,23 +866,107 @@ def load_run(path: str | os.PathLike[str], require_monitors: bool = True) -> Run
             f"{meta_path} is not an entrotrain run record (its format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
             f"expected {RECORD_FORMAT!r})."
         )
-    warnings: list[str] = []
-    notes: list[str] = []
-    writing = meta.get("status") == "running" and _pid_alive(meta) is True  # a live writer may be mid-line
-    scalars = _scalars(_iter_jsonl(path / "metrics.jsonl", warnings, writing), warnings, notes)
-    media = _media(path, _iter_jsonl(path / "media" / "index.jsonl", warnings, writing), warnings)
-    run = RunData(
-        path=path,
-        meta=meta,
-        scalars=scalars,
-        hparams=_read_json(path / "hparams.json", {}, warnings),
-        config_text=(path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None,
-        thresholds=_read_json(path / "thresholds.json", [], warnings),
-        events=_events(_read_jsonl(path / "events.jsonl", warnings, writing)),
-        media=media,
-        warnings=warnings,
-        notes=notes,
-    )
+    return meta, damaged
+
+
+class RunFollower:
+    """A run record read again and again while its run appends to it (``entrotrain status --follow``).
+
+    The first :meth:`read` reads the whole record; each later one reads only the bytes appended since to
+    ``metrics.jsonl``, ``media/index.jsonl`` and ``events.jsonl`` (their offsets are kept; a line without its newline
+    yet is kept and read again with what follows it) and the small files (``meta.json``, ``hparams.json``,
+    ``thresholds.json``, ``config.yaml``) again. A file that shrank, was replaced or removed (a new run in the folder,
+    a truncation) makes that read a full one. Each read returns what :func:`load_run` returns for the same bytes:
+    ``load_run`` is a follower's first read.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.full_reads = 0  # reads that started from the beginning (the first, and one per replaced file)
+        self._start()
+
+    def _start(self) -> None:
+        self._metrics = _JsonlTail(self.path / "metrics.jsonl")
+        self._scalar_rows = _ScalarRows([])
+        self._media_start()
+        self._events = _JsonlTail(self.path / "events.jsonl")
+        self._event_rows = _EventRows([])
+        self._last: tuple[tuple[int, bool], dict[str, tuple[np.ndarray, np.ndarray]], list[str], list[str]] | None
+        self._last = None  # (what it was read from, scalars, their warnings, notes) of the last read
+        self.full_reads += 1
+
+    def _media_start(self) -> None:
+        self._index = _JsonlTail(self.path / "media" / "index.jsonl")
+        self._media_rows = _MediaRows(self.path, [])
+
+    def read(self, require_monitors: bool = True) -> RunData:
+        """The run record as it is now (see :func:`load_run`, whose arguments and errors these are)."""
+        path = self.path
+        meta, damaged = _read_meta(path)
+        if any(f.replaced() for f in (self._metrics, self._index, self._events)):
+            self._start()
+        elif self._media_rows.skipped:  # a file missing (or short) then may be there now: decide every row again
+            self._media_start()
+        writing = meta.get("status") == "running" and _pid_alive(meta) is True  # a live writer may be mid-line
+        for row in self._metrics.new_rows(self._scalar_rows.warnings):
+            self._scalar_rows.add(row)
+        self._media_rows.sizes.clear()  # the .bin files grow: look their sizes up again
+        for row in self._index.new_rows(self._media_rows.warnings):
+            self._media_rows.add(row)
+        for row in self._events.new_rows(self._event_rows.warnings):
+            self._event_rows.add(row)
+        scalars, warnings, notes = self._read_scalars(writing)
+        warnings = list(warnings)
+        media_rows = self._media_rows
+        warnings += media_rows.warnings
+        last = self._index.ending(warnings, writing)  # (a line the writer has not ended yet counts, as in a full read)
+        if last is not None:
+            media_rows = media_rows.copy(warnings)
+            media_rows.add(last)
+        event_warnings = list(self._event_rows.warnings)
+        event_rows = self._event_rows
+        last = self._events.ending(event_warnings, writing)
+        if last is not None:
+            event_rows = event_rows.copy(event_warnings)
+            event_rows.add(last)
+        run = RunData(
+            path=path,
+            meta=meta,
+            scalars=dict(scalars),  # (the arrays are shared with the next read's: nothing writes to them)
+            media=media_rows.result(),
+            hparams=_read_json(path / "hparams.json", {}, warnings),
+            config_text=(path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None,
+            thresholds=_read_json(path / "thresholds.json", [], warnings),
+            events=list(event_rows.events),
+            warnings=warnings + event_warnings,
+            notes=list(notes),
+        )
+        return _finish(run, damaged, require_monitors)
+
+    def _read_scalars(
+        self, writing: bool
+    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str], list[str]]:
+        """The scalars of ``metrics.jsonl`` as read so far, with their warnings and notes; the last read's when
+        nothing was appended since."""
+        read_from = (self._metrics.end, writing)
+        if self._last is not None and self._last[0] == read_from:
+            return self._last[1], self._last[2], self._last[3]
+        warnings = list(self._scalar_rows.warnings)
+        rows = self._scalar_rows
+        last = self._metrics.ending(warnings, writing)
+        if last is not None:  # a complete line whose newline is not written yet: counted, and read again next time
+            rows = rows.copy(warnings)
+            rows.add(last)
+        notes: list[str] = []
+        scalars = rows.result(warnings, notes)
+        self._last = (read_from, scalars, warnings, notes)
+        return scalars, warnings, notes
+
+
+def _finish(run: RunData, damaged: str | None, require_monitors: bool) -> RunData:
+    """``run`` with the status, monitor-output and damage sentences at the head of its warnings (see
+    :func:`load_run`)."""
+    path, scalars, media, warnings = run.path, run.scalars, run.media, run.warnings
     status = run.decided_status
     has_monitor_output = any(k.startswith(MONITOR_PREFIXES) for k in scalars) or bool(media)
     metrics_file = path / "metrics.jsonl"

@@ -13,7 +13,9 @@ For the ssh session at 2 a.m.: no browser, no wandb, nothing written. One run re
       Guard: 1 firing; last at step 75 (warn): EntropyCollapseGuard at step 75: ... fell below 0.05 (last good: ...).
 
 A folder of records (``runs``, ``runs/records``) gets one line per run, newest first: status, last step, last update
-and the headline numbers. ``--follow SECONDS`` redraws until no listed run is still running (Ctrl+C leaves).
+and the headline numbers. ``--follow SECONDS`` redraws until no listed run is still running (Ctrl+C leaves); after
+the first, each redraw reads only the bytes each run appended since
+(:class:`~entrotrain.dashboards.run_reader.RunFollower`), not the whole record.
 ``--json`` prints the same as JSON (:func:`run_summary` per run) for scripts; ``--check`` exits with code 1 when a run
 shown failed, was interrupted or killed, went stale, or shows a collapse (:func:`~entrotrain.dashboards.remedies.
 diagnose`), for a cron job or a CI step; errors exit with code 2.
@@ -40,7 +42,7 @@ import numpy as np
 
 from entrotrain.dashboards.remedies import diagnose
 from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sections_of, value_format
-from entrotrain.dashboards.run_reader import RunData, find_records, load_run, missing_path, natural_order
+from entrotrain.dashboards.run_reader import RunData, RunFollower, find_records, missing_path, natural_order
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["PROBLEM_STATES", "run_lines", "run_summary", "runs_table", "sparkline", "status_main"]
@@ -246,9 +248,13 @@ def _problem(run: RunData) -> bool:
     return run.decided_status.state in PROBLEM_STATES or bool(diagnose(run))
 
 
-def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, list[str]]:
+def _collect(
+    paths: Sequence[str], limit: int, followers: dict[Path, RunFollower] | None = None
+) -> tuple[list[RunData], bool, list[str]]:
     """The runs named by ``paths`` (run records, or folders searched for the ``limit`` newest), whether one run was
-    named, and the warnings of runs that could not be read."""
+    named, and the warnings of runs that could not be read. ``followers``: the readers of earlier redraws, by folder
+    (``--follow``: each redraw reads only what was appended since the last); a run read for the first time adds
+    its own."""
     runs: list[RunData] = []
     problems: list[str] = []
     single = len(paths) == 1
@@ -266,19 +272,22 @@ def _collect(paths: Sequence[str], limit: int) -> tuple[list[RunData], bool, lis
                 raise EntrotrainError(f"no run record under {path}: a run record is a folder holding meta.json and "
                                       "metrics.jsonl (every `entrotrain fit` writes one under runs/records/).")
         for folder in found:
+            follower = RunFollower(folder) if followers is None else followers.setdefault(folder, RunFollower(folder))
             try:
-                runs.append(load_run(folder, require_monitors=False))
+                runs.append(follower.read(require_monitors=False))
             except EntrotrainError as err:
                 problems.append(f"{folder}: {err}")
+                if followers is not None:
+                    del followers[folder]  # read it afresh next time
     return runs, single and len(runs) == 1, problems
 
 
 def _view(
     paths: Sequence[str], keys: Sequence[str] | None, limit: int, width: int, as_json: bool = False, rows: int = 12,
-    compact: bool = False,
+    compact: bool = False, followers: dict[Path, RunFollower] | None = None,
 ) -> tuple[str, bool, bool]:
     """The text to print, whether any run it shows is still running, and whether any has a problem (``--check``)."""
-    runs, single, problems = _collect(paths, limit)
+    runs, single, problems = _collect(paths, limit, followers)
     running = any(run.decided_status.state == "running" for run in runs)
     bad = bool(problems) or any(_problem(run) for run in runs)
     if as_json:
@@ -321,9 +330,11 @@ def status_main(argv: list[str]) -> int:
     clear = "\x1b[2J\x1b[H" if sys.stdout.isatty() and not args.json else ""
     compact = args.json and args.follow is not None  # one JSON object per line while following
     bad = False
+    followers: dict[Path, RunFollower] | None = {} if args.follow is not None else None
     try:
         while True:
-            text, running, bad = _view(args.paths, args.keys, args.runs, args.width, args.json, args.rows, compact)
+            text, running, bad = _view(args.paths, args.keys, args.runs, args.width, args.json, args.rows, compact,
+                                       followers)
             if args.follow is None or not running:
                 print(f"{clear}{text}" if args.follow is not None else text, flush=True)
                 break

@@ -1,0 +1,149 @@
+"""RunFollower (``entrotrain status --follow``): each read of a growing record equals a full read of its bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from entrotrain.dashboards.run_reader import RunData, RunFollower, _scalars, load_run
+from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time
+from entrotrain.errors import EntrotrainError
+
+KEYS = ["entropy/a", "entropy/b", "loss", "epoch"]
+values = st.one_of(st.floats(width=32), st.integers(-5, 5), st.none(), st.just("text"))
+metric_rows = st.fixed_dictionaries({"step": st.one_of(st.none(), st.integers(0, 12)),
+                                     "values": st.dictionaries(st.sampled_from(KEYS), values, max_size=3)})
+markers = st.builds(lambda s: {"resume": {"step": s}}, st.one_of(st.none(), st.integers(0, 12)))
+bad = st.sampled_from(['{"step": 3, "val', "not json", "[1, 2]", "", "  "])
+metric_lines = st.lists(st.one_of(metric_rows.map(json.dumps), markers.map(json.dumps), bad), max_size=10)
+event_rows = st.builds(lambda s, level: {"step": s, "key": "entropy/a", "level": level, "message": f"at {s}"},
+                       st.integers(0, 12), st.sampled_from(["warn", "rollback", "info"]))
+event_lines = st.lists(st.one_of(event_rows.map(json.dumps), markers.map(json.dumps), bad), max_size=6)
+media_rows = st.builds(lambda s, i: {"key": "entropy/h", "step": s, "kind": "heatmap", "file": "media/h.bin",
+                                     "offset": 8 * i, "shape": [1], "dtype": "<f8"},
+                       st.integers(0, 12), st.integers(0, 5))  # offset 40 + 8 > the 40-byte file: skipped
+media_lines = st.lists(st.one_of(media_rows.map(json.dumps), markers.map(json.dumps), bad), max_size=6)
+FILES = ("metrics.jsonl", "events.jsonl", "media/index.jsonl")
+
+
+def _write_meta(run: Path, writing: bool) -> None:
+    meta = {"format": RECORD_FORMAT, "name": "follow", "status": "finished"}
+    if writing:  # the live writer: this process
+        meta.update(status="running", pid=os.getpid(), pid_start=process_start_time(os.getpid()),
+                    host=socket.gethostname())
+    (run / "meta.json").write_text(json.dumps(meta))
+
+
+def _seen(run: RunData) -> dict:
+    """What a reader made of a record, comparable with ==."""
+    return {
+        "scalars": {k: (s.tolist(), np.where(np.isnan(v), -999.0, v).tolist()) for k, (s, v) in run.scalars.items()},
+        "media": {k: [(m.step, m.offset, m.shape, m.path) for m in items] for k, items in run.media.items()},
+        "events": run.events, "warnings": run.warnings, "notes": run.notes, "meta": run.meta,
+        "status": run.decided_status, "last_step": run.last_step,
+    }
+
+
+def _full(run: Path) -> dict | str:
+    try:
+        return _seen(load_run(run, require_monitors=False))
+    except EntrotrainError as err:
+        return str(err)
+
+
+def _follow(follower: RunFollower) -> dict | str:
+    try:
+        return _seen(follower.read(require_monitors=False))
+    except EntrotrainError as err:
+        return str(err)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.tuples(metric_lines, event_lines, media_lines), ends=st.tuples(st.booleans(), st.booleans(),
+       st.booleans()), reads=st.integers(0, 6), writing=st.booleans(), data=st.data())
+def test_each_read_of_a_growing_record_equals_a_full_read(tmp_path_factory, texts, ends, reads, writing, data) -> None:
+    """Random appends to metrics.jsonl, events.jsonl and media/index.jsonl, cut at random bytes (mid-line, and just
+    before a newline: a whole line not yet ended), while the media file grows: after each, the follower's read equals
+    load_run of the same bytes (rows, resume markers, bad and torn lines, skipped media, warnings, notes, status)."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "media").mkdir()
+    media = np.arange(6, dtype="<f8").tobytes()
+    _write_meta(run, writing)
+    blobs = [("\n".join(lines) + ("\n" if end and lines else "")).encode() for lines, end in zip(texts, ends)]
+    follower = RunFollower(run)
+    written = [0, 0, 0]
+    for k in range(reads + 1):
+        for i, (name, blob) in enumerate(zip(FILES, blobs)):
+            ends_of_lines = [j for j in range(len(blob)) if blob[j:j + 1] == b"\n"]
+            cut = len(blob) if k == reads else data.draw(st.one_of(
+                st.integers(0, len(blob)), st.sampled_from(ends_of_lines or [0])))
+            upto = max(written[i], cut)
+            with open(run / name, "ab") as f:
+                f.write(blob[written[i]:upto])
+            written[i] = upto
+        (run / "media" / "h.bin").write_bytes(media[:8 * (k + 1 if k < reads else 6)])  # 8 bytes more each time
+        assert _follow(follower) == _full(run)
+    assert follower.full_reads == 1
+
+
+def _row(step: int) -> str:
+    return json.dumps({"step": step, "values": {"entropy/a": 1.0 / (step + 1), "loss": 2.0}}) + "\n"
+
+
+def test_a_torn_last_line_is_read_again_with_its_end(tmp_path: Path) -> None:
+    """A line the writer has not ended is not parsed into the columns: the next read reads it whole."""
+    _write_meta(tmp_path, writing=True)
+    text = "".join(_row(s) for s in range(4))
+    (tmp_path / "metrics.jsonl").write_text(text[:-10])
+    follower = RunFollower(tmp_path)
+    assert follower.read().scalars["loss"][0].tolist() == [0, 1, 2]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(text[-10:] + _row(4))
+    first = follower.read()
+    assert first.scalars["loss"][0].tolist() == [0, 1, 2, 3, 4] and not any("torn" in w for w in first.warnings)
+    assert follower.full_reads == 1
+
+
+@pytest.mark.parametrize("how", ["truncated", "replaced"])
+def test_a_shrunk_or_replaced_file_is_read_again_in_full(tmp_path: Path, how: str) -> None:
+    """A new run in the folder (metrics.jsonl replaced) or a truncation: the next read starts from the beginning."""
+    _write_meta(tmp_path, writing=True)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(_row(s) for s in range(6)))
+    follower = RunFollower(tmp_path)
+    assert follower.read().last_step == 5
+    if how == "truncated":
+        metrics.write_text(_row(10))
+    else:  # the same size, another file: a new run's record
+        other = tmp_path / "new.jsonl"
+        other.write_text("".join(_row(s + 20) for s in range(6)))
+        other.replace(metrics)
+    again = follower.read()
+    assert follower.full_reads == 2
+    assert _seen(again) == _full(tmp_path)
+
+
+def test_scalars_of_rows_added_after_a_result_equal_one_pass() -> None:
+    """_ScalarRows.result leaves the columns as they were: rows added after it count as if read in one pass, across
+    the 1024-row chunks."""
+    from entrotrain.dashboards.run_reader import _ScalarRows
+
+    rows = [{"step": s % 1500, "values": {"a": float(s), "b": s % 7}} for s in range(3000)]
+    rows.insert(2000, {"resume": {"step": 900}})
+    gathered, warnings = _ScalarRows([]), []
+    for i, row in enumerate(rows):
+        gathered.add(row)
+        if i in (10, 1023, 1024, 2500):
+            gathered.result([], [])
+    got = gathered.result(warnings, [])
+    want = _scalars(rows, [], [])
+    assert got.keys() == want.keys()
+    for key in want:
+        assert np.array_equal(got[key][0], want[key][0]) and np.array_equal(got[key][1], want[key][1])

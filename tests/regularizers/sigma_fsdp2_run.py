@@ -160,3 +160,6 @@ if __name__ == "__main__":
          "meta": checks.result},
         out / f"{mode}_rank{rank}.pt",
     )
+    if torch.distributed.is_initialized():  # leave together: a rank exiting while gloo threads still run aborts
+        torch.distributed.barrier()  # ("terminate called without an active exception", seen once under load)
+        torch.distributed.destroy_process_group()

@@ -148,21 +148,14 @@ class ForwardHookTap:
         cached = self.__dict__.get("_mask_hook_fns")
         if cached is not None:
             return cached
-        from entrotrain.taps.compiled_padding import _CACHE_ARGS
+        from entrotrain.taps.compiled_padding import call_mask
         from entrotrain.taps.query_padding import pop_model_mask, push_model_mask
 
         positions: dict[type, dict[str, int]] = {}
         queue = self._queue()
 
-        def argument(module: nn.Module, args: tuple, kwargs: dict[str, Any], name: str) -> Any:
-            if name in kwargs:
-                return kwargs[name]
-            index = positions.get(type(module), {}).get(name)
-            return args[index] if index is not None and index < len(args) else None
-
         def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            mask = argument(module, args, kwargs, "attention_mask")
-            with_cache = any(argument(module, args, kwargs, name) is not None for name in _CACHE_ARGS)
+            mask, with_cache = call_mask(positions, module, args, kwargs)
             if compiling():
                 queue.add(_PUSH, (mask, with_cache))
             else:

@@ -62,6 +62,20 @@ class CompiledHFMasks:
         return undo
 
 
+def call_mask(
+    positions: dict[type, dict[str, int]], module: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[Any, bool]:
+    """The ``attention_mask`` an HF model's forward was called with (``None``: none) and whether it was given a cache,
+    from its keyword or positional arguments (``positions``: :func:`_positions` of each model class's forward)."""
+    def argument(name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        index = positions.get(type(module), {}).get(name)
+        return args[index] if index is not None and index < len(args) else None
+
+    return argument("attention_mask"), any(argument(name) is not None for name in _CACHE_ARGS)
+
+
 def _hooks(tap: AttentionTap) -> tuple[Callable[..., None], Callable[..., None], dict[type, dict[str, int]]]:
     """One pair of hook objects per tap, the same at every arming (dynamo guards on the hooks it traces)."""
     cached = tap.__dict__.get("_compiled_mask_hooks")
@@ -69,15 +83,8 @@ def _hooks(tap: AttentionTap) -> tuple[Callable[..., None], Callable[..., None],
         return cached
     positions: dict[type, dict[str, int]] = {}
 
-    def argument(module: nn.Module, args: tuple, kwargs: dict[str, Any], name: str) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        index = positions.get(type(module), {}).get(name)
-        return args[index] if index is not None and index < len(args) else None
-
     def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        mask = argument(module, args, kwargs, "attention_mask")
-        with_cache = any(argument(module, args, kwargs, name) is not None for name in _CACHE_ARGS)
+        mask, with_cache = call_mask(positions, module, args, kwargs)
         # no tensor op here (not even detach: a mask has no graph): dynamo compiles a hook that runs eagerly under a
         # compiled call as a frame of its own, and a tensor op would make that frame a graph, one compile more
         if compiling():

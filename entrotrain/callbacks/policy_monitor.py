@@ -40,6 +40,12 @@ process on the concatenated batch:
 ``{p}reward_mean``               mean reward of the batch
 ``{p}fit_a|fit_b|fit_ceiling``   least-squares :math:`R = -a e^{H} + b` over the logged steps, ceiling :math:`b - a`
 ``{p}fit_r2``                    its :math:`R^2`
+``{p}fit_extrapolation``         how far H = 0 lies outside the fitted entropies, in spans of :math:`e^H`
+                                 (:func:`~entrotrain.functional.entropy_reward_fit.fit_extrapolation`)
+``{p}fit_shown``                 1 when the ceiling is a prediction (at least 8 points, R² ≥ 0.5, extrapolation
+                                 ≤ 1, within one span of the observed reward means), else 0: the report,
+                                 ``entrotrain status`` and the end-of-run table then print it with the reasons,
+                                 never as a headline (:func:`~entrotrain.functional.entropy_reward_fit.ceiling_verdict`)
 ``{p}nonfinite``                 valid tokens with NaN/Inf entropy: counted, warned about, never averaged in
 ``{p}reward_nonfinite``          NaN/Inf rewards (when ``rewards`` given): dropped from ``reward_mean`` and the fit
 ``{p}hist`` (wandb)              histogram of the token entropies
@@ -85,7 +91,7 @@ from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
+from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, ceiling_verdict, fit_entropy_reward
 from entrotrain.functional._dist import all_gather_padded
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance, quantile
 from entrotrain.functional.token_shaping import WINDOW_ALIGNS, phase_entropy, window_entropy
@@ -523,6 +529,10 @@ class PolicyEntropyMonitor(PerFitCallback):
         summary.update({"fit_a": fit.a, "fit_b": fit.b, "fit_ceiling": fit.ceiling})
         if math.isfinite(fit.r2):
             summary["fit_r2"] = fit.r2
+        verdict = ceiling_verdict(fit, self.history["reward_entropy"], self.history["reward"])
+        if math.isfinite(verdict.extrapolation):
+            summary["fit_extrapolation"] = verdict.extrapolation
+        summary["fit_shown"] = float(verdict.shown)
 
     def _log_media(self, trainer: Trainer, values: Tensor, step: int) -> None:
         from entrotrain.dashboards.wandb_media import histogram, wandb_loggers
@@ -570,4 +580,9 @@ class PolicyEntropyMonitor(PerFitCallback):
                 f"  fit R = -a·exp(H) + b: a = {last['fit_a']:.4f}, b = {last['fit_b']:.4f}, "
                 f"ceiling b - a = {last['fit_ceiling']:.4f} (R² = {last.get('fit_r2', nan):.3f})"
             )
+            fit = EntropyRewardFit(last["fit_a"], last["fit_b"], last["fit_ceiling"], last.get("fit_r2", nan),
+                                   len(self.history["reward"]))
+            verdict = ceiling_verdict(fit, self.history["reward_entropy"], self.history["reward"])
+            if not verdict.shown:
+                lines.append("  the ceiling is not a prediction: " + "; ".join(verdict.reasons))
         return "\n".join(lines)

@@ -8,7 +8,8 @@ shows each on a CPU.
   not a collapse, as for the guard's ``arm_on_good``) → σReparam, the entropy floor, a lower learning rate / warmup;
 * **policy-entropy collapse** (Cui et al. 2025): ``entropy/policy/mean`` ends below a quarter of its first value →
   KL-Cov / Clip-Cov, an adaptive entropy bonus, STEER; and when the fitted ``R = −a·e^H + b`` says the reward is
-  within 5 % of its ceiling ``b − a``, that more steps will not raise it;
+  within 5 % of its ceiling ``b − a`` (and that ceiling is a prediction:
+  :func:`~entrotrain.functional.entropy_reward_fit.ceiling_verdict`), that more steps will not raise it;
 * **representation rank collapse**: a layer's RankMe (or effective rank) ends below a fifth of its first value →
   matrix-entropy or MMCR regularisers, and in a Siamese SSL model the stop-gradient;
 * **router collapse** (MoE): an expert is dead in some layer (``entropy/router/dead_frac_max`` > 0) or the least
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from entrotrain.dashboards.report_figures import shown_ceiling
 from entrotrain.dashboards.report_template import fmt
 from entrotrain.dashboards.run_reader import RunData, load_run
 from entrotrain.errors import EntrotrainError
@@ -111,7 +113,8 @@ def _policy(run: RunData) -> Remedy | None:
         return None
     evidence = f"policy entropy fell from {fmt(fl[0])} to {fmt(fl[1])} nats ({100 * (fl[1] / fl[0] - 1):+.0f} %)"
     ceiling, reward = _last(run, "entropy/policy/fit_ceiling"), _last(run, "entropy/policy/reward_mean")
-    if ceiling is not None and reward is not None and ceiling > 0 and reward >= (1 - _CEILING_GAP) * ceiling:
+    if (ceiling is not None and reward is not None and ceiling > 0 and reward >= (1 - _CEILING_GAP) * ceiling
+            and shown_ceiling(run)):
         evidence += (f"; the reward {fmt(reward)} is at the fitted ceiling b − a = {fmt(ceiling)}: with the entropy "
                      "spent, more steps will not raise it (Cui et al. 2025)")
     cures = []

@@ -164,17 +164,20 @@ def _policy_findings(run: RunData) -> list[str]:
     r = run.first_last("entropy/policy/reward_mean")
     if r:
         out.append(f"Reward went from {fmt(r[0])} to {fmt(r[1])}.")
-    fit = figs.fit_curve(run)
-    if fit is not None:
-        a, b = fit
+    judged = figs.fit_verdict(run)
+    if judged is not None:
+        a, b, verdict = judged
         r2 = run.first_last("entropy/policy/fit_r2")
         fitted = f"Fitted R = −{fmt(a)}·exp(H) {'+' if b >= 0 else '−'} {fmt(abs(b))}" if a > 0 else None
         r2_text = f" (R² {fmt(r2[1], 3)})" if r2 else ""
-        if fitted is not None:
-            out.append(f"{fitted}{r2_text}: predicted reward ceiling when the entropy is spent b − a = {fmt(b - a)}.")
-        else:
+        if fitted is None:
             out.append(f"The fit R = −a·exp(H) + b gives a = {fmt(a)} ≤ 0{r2_text}: the reward did not rise as "
                        "the entropy fell, so it predicts no ceiling.")
+        elif verdict.shown:
+            out.append(f"{fitted}{r2_text}: predicted reward ceiling when the entropy is spent b − a = {fmt(b - a)}.")
+        else:
+            out.append(f"{fitted}{r2_text}: its b − a = {fmt(b - a)} is not a predicted reward ceiling: "
+                       + "; ".join(verdict.reasons) + ".")
     return out
 
 
@@ -310,6 +313,8 @@ def _description(text: str | None) -> str:
 def headline_keys(runs: list[RunData]) -> list[str]:
     """Monitor headlines first (entropy, then σReparam), the representation keys that changed most, then the task."""
     present = {k for r in runs for k in r.scalars}
+    if "entropy/policy/fit_ceiling" in present and not any(figs.shown_ceiling(r) for r in runs):
+        present.discard("entropy/policy/fit_ceiling")  # not a prediction: "What happened" says why
     keys = [k for k in HEADLINES if k in present]
     monitors = [k for k in keys if k.startswith(("entropy/", "sigma_reparam/"))]
     repr_keys = [k for k in present if k.startswith("entropy/repr/") and k.rsplit("/", 1)[-1] in _REPR_HEADLINE_MEASURES]
@@ -329,7 +334,7 @@ def _cards(runs: list[RunData]) -> str:
         values = []
         for run in runs:
             fl = run.first_last(key)
-            if fl is None:
+            if fl is None or (key == "entropy/policy/fit_ceiling" and not figs.shown_ceiling(run)):
                 continue
             show = value_format(key)
             who = f'<div class="run">{esc(run.label)}</div>' if len(runs) > 1 else ""

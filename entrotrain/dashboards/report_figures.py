@@ -13,12 +13,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from entrotrain.dashboards.run_reader import RunData, natural_order
 from entrotrain.errors import EntrotrainError
+
+if TYPE_CHECKING:  # the fit imports torch: only when a run has policy keys
+    from entrotrain.functional.entropy_reward_fit import CeilingVerdict
 
 __all__ = [
     "Figure",
@@ -564,6 +567,45 @@ def fit_curve(run: RunData) -> tuple[float, float] | None:
     return float(fit.a), float(fit.b)
 
 
+def fit_verdict(run: RunData) -> tuple[float, float, CeilingVerdict] | None:
+    """The run's fit ``(a, b)`` (:func:`fit_curve`) and whether its ceiling ``b − a`` is shown as a prediction.
+
+    The verdict is :func:`~entrotrain.functional.entropy_reward_fit.ceiling_verdict` (the monitor's ``fit_shown``) on
+    the logged (entropy, reward) points up to the step of the last published fit (all of them for the report's own
+    fit); R² is the published ``fit_r2`` (else that of a fit to those points).
+    """
+    from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, ceiling_verdict, fit_entropy_reward
+
+    fit = fit_curve(run)
+    h, r = run.scalars.get("entropy/policy/mean"), run.scalars.get("entropy/policy/reward_mean")
+    if fit is None or h is None or r is None:
+        return None
+    a, b = fit
+    common, ih, ir = np.intersect1d(h[0], r[0], return_indices=True)
+    published = run.scalars.get("entropy/policy/fit_a")
+    if published is not None and len(published[0]):
+        keep = common <= published[0][-1]
+        ih, ir = ih[keep], ir[keep]
+    hs, rs = [float(v) for v in h[1][ih]], [float(v) for v in r[1][ir]]
+    r2 = run.scalars.get("entropy/policy/fit_r2")
+    if r2 is not None and len(r2[1]):
+        r2_value = float(r2[1][-1])
+    else:
+        try:
+            r2_value = fit_entropy_reward(hs, rs).r2
+        except EntrotrainError:
+            r2_value = float("nan")
+    verdict = ceiling_verdict(EntropyRewardFit(a, b, b - a, r2_value, len(hs)), hs, rs)
+    return a, b, verdict
+
+
+def shown_ceiling(run: RunData) -> bool:
+    """Whether the run logged a fitted ceiling ``b − a`` that :func:`fit_verdict` shows as a prediction (else it is no
+    headline card, no ``entrotrain status`` column and no "at the ceiling" evidence; "What happened" says why)."""
+    judged = fit_verdict(run) if "entropy/policy/fit_ceiling" in run.scalars else None
+    return judged is not None and judged[2].shown
+
+
 def policy_entropy_reward(runs: list[RunData], out_dir: Path) -> Figure | None:
     """Policy entropy and reward over steps, and reward against entropy with the fitted ``R = -a·exp(H) + b``."""
     have = [r for r in runs if "entropy/policy/mean" in r.scalars]
@@ -585,14 +627,15 @@ def policy_entropy_reward(runs: list[RunData], out_dir: Path) -> Figure | None:
         common, ih, ir = np.intersect1d(steps, reward[0], return_indices=True)
         right.scatter(h[ih], reward[1][ir], c=common, cmap="Blues" if i == 0 else "Reds", s=16,
                            edgecolors=color, linewidths=0.4, label=f"{run.label} (colour = step)")
-        fit = fit_curve(run)
-        if fit is not None and len(ih):
-            a, b = fit
+        judged = fit_verdict(run)
+        if judged is not None and len(ih):
+            a, b, verdict = judged
             grid = np.linspace(float(np.min(h[ih])) * 0.95, float(np.max(h[ih])) * 1.05 + 1e-9, 100)
             right.plot(grid, -a * np.exp(grid) + b, color=color, lw=1.6, ls=RUN_STYLES[i % 2],
                        label=f"{run.label}: R = −{a:.3g}·exp(H) + {b:.3g}")
             right.axhline(b - a, color=color, lw=1, ls=":", alpha=0.8)
-            right.annotate(f"ceiling b − a = {b - a:.3g}", (0.01, b - a), xycoords=("axes fraction", "data"),
+            note = "" if verdict.shown else " (not a prediction: see What happened)"
+            right.annotate(f"ceiling b − a = {b - a:.3g}{note}", (0.01, b - a), xycoords=("axes fraction", "data"),
                            fontsize=7, color=color, va="bottom")
     left.set_xlabel("step", fontsize=8)
     left.set_ylabel("policy entropy (nats)", fontsize=8)
@@ -617,7 +660,9 @@ def policy_entropy_reward(runs: list[RunData], out_dir: Path) -> Figure | None:
         "Policy entropy vs reward",
         "Left: mean policy entropy (solid/dashed) and reward (dotted) per logged step. Right: each logged step as a "
         "point (darker = later), with the least-squares fit R = −a·exp(H) + b of Cui et al. (2025) and its predicted "
-        "ceiling b − a (reward when the entropy is exhausted).",
+        "ceiling b − a (reward when the entropy is exhausted), marked 'not a prediction' when the fit has fewer than "
+        "8 points, R² < 0.5, reads H = 0 more than one span of exp(H) outside the data, or lies far outside the "
+        "observed rewards.",
     )
 
 

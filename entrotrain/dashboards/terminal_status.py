@@ -42,6 +42,7 @@ import numpy as np
 
 from entrotrain.dashboards.remedies import diagnose
 from entrotrain.dashboards.report import HEADLINES, findings, headline_keys, sections_of, value_format
+from entrotrain.dashboards.report_figures import shown_ceiling
 from entrotrain.dashboards.run_reader import RunData, RunFollower, find_records, missing_path, natural_order
 from entrotrain.errors import EntrotrainError
 
@@ -194,6 +195,8 @@ def runs_table(runs: Sequence[RunData], now: float | None = None, columns: int =
     (:func:`~entrotrain.dashboards.remedies.diagnose`)."""
     now = time.time() if now is None else now
     present = {k for run in runs for k in run.scalars}
+    if "entropy/policy/fit_ceiling" in present and not any(shown_ceiling(run) for run in runs):
+        present.discard("entropy/policy/fit_ceiling")  # no prediction (the run's findings say why)
     keys = [k for k in HEADLINES if k in present][:columns]
     header = ["run", "status", "step", "updated", *(k.removeprefix("entropy/") for k in keys), "guard", "diagnosis"]
     rows = []

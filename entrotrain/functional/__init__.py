@@ -24,7 +24,13 @@ from entrotrain.functional.attention import (
     normalized_entropy,
 )
 from entrotrain.functional.attention_masks import AttentionMask
-from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, fit_entropy_reward
+from entrotrain.functional.entropy_reward_fit import (
+    CeilingVerdict,
+    EntropyRewardFit,
+    ceiling_verdict,
+    fit_entropy_reward,
+    fit_extrapolation,
+)
 from entrotrain.functional.entropy import entropy_from_logits, entropy_from_probs, row_entropy
 from entrotrain.functional.policy import (
     AGG_MODES,
@@ -41,8 +47,11 @@ from entrotrain.functional.policy import (
 from entrotrain.functional.policy_head import linear_entropy_and_logprobs
 
 __all__ = [
+    "CeilingVerdict",
     "EntropyRewardFit",
+    "ceiling_verdict",
     "fit_entropy_reward",
+    "fit_extrapolation",
     "AGG_MODES",
     "CovarianceSums",
     "TokenStats",

@@ -8,6 +8,30 @@ Cui et al. (2025), "The Entropy Mechanism of Reinforcement Learning for Reasonin
 so when entropy is exhausted (:math:`H = 0`) performance tops out at the predicted ceiling :math:`b - a`. With
 :math:`x = e^{H}` this is linear in :math:`x`: ordinary least squares gives :math:`-a` (slope) and :math:`b`
 (intercept), in closed form.
+
+**When the ceiling is a prediction.** The fit always returns ``b - a``; :func:`ceiling_verdict` decides whether it
+is shown as a prediction (the monitor's ``fit_shown``, the report's headline card and "What happened", ``entrotrain
+status``). The ceiling is shown only when all four hold; otherwise it is shown with the reasons it is not a prediction,
+never silently clamped or dropped:
+
+* at least :data:`CEILING_MIN_POINTS` = 8 logged points: with R² ≥ 0.5 (next rule) that is a slope significant at
+  p < 0.05 (F-test, 1 and n − 2 degrees of freedom: p = 0.050 at n = 8, but 0.18 at n = 5: five points of pure noise
+  reach R² ≥ 0.5 about one time in five). The paper fits on tens to hundreds of steps (36 steps predict the next 200).
+* R² ≥ :data:`CEILING_MIN_R2` = 0.5: the law explains at least half of the reward's variance over the run; below it
+  the residual scatter is larger than what the law explains and ``b - a`` mostly follows the noise.
+* H = 0 is not far outside the observed entropies, measured where the fit is linear, in :math:`x = e^H`:
+  :func:`fit_extrapolation` :math:`= \max(0,\, e^{H_{min}} - 1,\, 1 - e^{H_{max}}) / (e^{H_{max}} - e^{H_{min}})`,
+  the distance from :math:`x = 1` (H = 0) to the observed :math:`x` range in units of that range, must be at most
+  :data:`CEILING_MAX_EXTRAPOLATION` = 1. For evenly spread points the standard error of the line at one span beyond
+  the data is already about 5× that at their centre (:math:`\sqrt{1 + 12 (d + 1/2)^2}` at distance d spans), and it
+  grows linearly with d. A flat entropy (2.6327–2.6337 nats) gives d ≈ 930: its ceiling is the slope of noise. An
+  entropy that falls from 1.5 to 0.1 nats gives d ≈ 0.03.
+* ``b - a`` is not far outside the observed rewards: within one span of them, in
+  :math:`[R_{min} - (R_{max} - R_{min}),\ R_{max} + (R_{max} - R_{min})]` (the fitted points' rewards, i.e. the
+  per-step reward means). A ceiling of 10.6 for rewards in [0, 1] (a 6-step TRL run) is no reward the run can
+  reach.
+
+Also ``a ≤ 0`` (the reward did not rise as the entropy fell) predicts no ceiling.
 """
 
 from __future__ import annotations
@@ -21,7 +45,17 @@ from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["EntropyRewardFit", "fit_entropy_reward"]
+__all__ = [
+    "CEILING_MAX_EXTRAPOLATION", "CEILING_MIN_POINTS", "CEILING_MIN_R2", "CeilingVerdict", "EntropyRewardFit",
+    "ceiling_verdict", "fit_entropy_reward", "fit_extrapolation",
+]
+
+#: Fewest fitted points for the ceiling to be shown as a prediction (R² ≥ 0.5 is then significant at p < 0.05).
+CEILING_MIN_POINTS = 8
+#: Least R² for the ceiling to be shown as a prediction (the law explains at least half of the reward's variance).
+CEILING_MIN_R2 = 0.5
+#: Largest :func:`fit_extrapolation` (distance of H = 0 from the data, in spans of exp(H)) for a shown ceiling.
+CEILING_MAX_EXTRAPOLATION = 1.0
 
 
 class EntropyRewardFit(NamedTuple):
@@ -128,3 +162,87 @@ def _points(values: Sequence[float] | Tensor, name: str) -> Tensor:
             f"or {name}.flatten() if every entry is one step."
         )
     return t.reshape(-1)
+
+
+def fit_extrapolation(entropy: Sequence[float] | Tensor) -> float:
+    r"""How far H = 0 (where the ceiling is read) lies outside the fitted entropies, in spans of :math:`x = e^H`.
+
+    .. math:: d = \frac{\max(0,\ e^{H_{min}} - 1,\ 1 - e^{H_{max}})}{e^{H_{max}} - e^{H_{min}}}
+
+    0 when H = 0 is inside the observed range, ``inf`` when all entropies are equal (or there are none). Computed as
+    ``expm1(H_min) / (exp(H_min) · expm1(H_max - H_min))`` so nearly equal entropies keep their digits. Non-finite
+    entries are ignored.
+    """
+    h = _points(entropy, "entropy")
+    h = h[torch.isfinite(h)]
+    if h.numel() == 0:
+        return math.inf
+    lo, hi = float(h.min()), float(h.max())
+    if lo <= 0.0 <= hi:
+        return 0.0
+    span = math.expm1(hi - lo)  # (e^{hi} - e^{lo}) / e^{lo}
+    if span <= 0.0:
+        return math.inf
+    if lo > 0.0:
+        return math.expm1(lo) / (math.exp(lo) * span) if math.isfinite(math.exp(lo)) else 1.0 / span
+    return -math.expm1(hi) / (math.exp(lo) * span)  # all entropies below 0: x = 1 lies above the data
+
+
+class CeilingVerdict(NamedTuple):
+    """Whether a fit's ceiling ``b - a`` is shown as a prediction, and if not, why (see the module docstring).
+
+    Attributes:
+        shown: every check passed.
+        reasons: one sentence per failed check (empty when ``shown``), to print beside the ceiling.
+        extrapolation: :func:`fit_extrapolation` of the fitted entropies.
+    """
+
+    shown: bool
+    reasons: tuple[str, ...]
+    extrapolation: float
+
+
+def ceiling_verdict(
+    fit: EntropyRewardFit,
+    entropy: Sequence[float] | Tensor,
+    reward: Sequence[float] | Tensor,
+) -> CeilingVerdict:
+    """Judge ``fit.ceiling`` against the points it was fitted on (module docstring: points, R², extrapolation, range).
+
+    Args:
+        fit: the fit (``a``, ``b``, ``ceiling``, ``r2``, ``n``).
+        entropy: ``(n,)`` the fitted entropies (nats).
+        reward: ``(n,)`` the fitted rewards; their finite min/max is the observed reward range.
+
+    Returns:
+        :class:`CeilingVerdict`; ``reasons`` name the numbers that failed, e.g. ``"R² 0.16 < 0.5: ..."``.
+    """
+    reasons = []
+    if not fit.a > 0:
+        reasons.append(f"a = {fit.a:.3g} ≤ 0: the reward did not rise as the entropy fell, so the law has no ceiling")
+    if fit.n < CEILING_MIN_POINTS:
+        reasons.append(f"only {fit.n} fitted steps (at least {CEILING_MIN_POINTS} are needed)")
+    if not fit.r2 >= CEILING_MIN_R2:
+        reasons.append(
+            f"R² {fit.r2:.2f} < {CEILING_MIN_R2:g}: the law explains less than half of the reward's variance"
+        )
+    h = _points(entropy, "entropy")
+    h = h[torch.isfinite(h)]
+    d = fit_extrapolation(h)
+    if not d <= CEILING_MAX_EXTRAPOLATION:
+        where = f"{float(h.min()):.4g}–{float(h.max()):.4g}" if h.numel() else "none"
+        reasons.append(
+            f"extrapolated: H = 0 lies {d:.3g} spans of exp(H) outside the observed entropies ({where} nats; at most "
+            f"{CEILING_MAX_EXTRAPOLATION:g} allowed)"
+        )
+    r = _points(reward, "reward")
+    r = r[torch.isfinite(r)]
+    if r.numel():
+        lo, hi = float(r.min()), float(r.max())
+        span = hi - lo
+        if span > 0 and not lo - span <= fit.ceiling <= hi + span:
+            reasons.append(
+                f"b − a = {fit.ceiling:.3g} lies far outside the observed rewards [{lo:.3g}, {hi:.3g}] (more than "
+                "their span beyond them)"
+            )
+    return CeilingVerdict(shown=not reasons, reasons=tuple(reasons), extrapolation=d)

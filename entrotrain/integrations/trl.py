@@ -25,10 +25,10 @@ sum of the reward functions, as TRL's ``reward``) — and at ``log`` gathers the
 (:func:`~entrotrain.callbacks.policy_monitor.policy_entropy_summary` and the monitor's ΔH, shaping and
 ``R = -a·e^H + b`` fit state): same keys (``entropy/policy/mean``, ``p10|p50|p90``, ``top20_mean``, ``seq_mean``,
 ``tokens``, ``temperature``, ``cov_mean``, ``cov_pos_frac``, ``cov_top2_share``, ``delta``, ``delta_predicted``,
-``eta_eff``, ``delta_corr``, ``reward_mean``, ``fit_a|fit_b|fit_ceiling|fit_r2``, ``nonfinite``,
-``reward_nonfinite``), same values on the same tensors. They go into the ``logs`` dict of ``Trainer.log``, so every
-``report_to`` backend and ``trainer.state.log_history`` get them. A statistic that cannot be computed (no finite token)
-is left out of ``logs`` (never NaN to a logger). The glue is
+``eta_eff``, ``delta_corr``, ``reward_mean``, ``fit_a|fit_b|fit_ceiling|fit_r2|fit_extrapolation|fit_shown``,
+``nonfinite``, ``reward_nonfinite``), same values on the same tensors. They go into the ``logs`` dict of
+``Trainer.log``, so every ``report_to`` backend and ``trainer.state.log_history`` get them. A statistic that cannot
+be computed (no finite token) is left out of ``logs`` (never NaN to a logger). The glue is
 :class:`~entrotrain.integrations.policy_stats.PolicyStatsRecorder`. Monitoring reads tensors TRL computed anyway: no
 extra forward, and training is bit-identical with and without it. Checkpoints hold the statistics' history
 (``entrotrain_policy_stats.json``) and the loss's buffers (``entrotrain_policy_loss.pt``, e.g. EntropyBonus's

@@ -3,6 +3,7 @@ to be on, every recipe and class a cure names exists, and the report and ``entro
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -47,13 +48,34 @@ def test_policy_collapse_at_the_fall_threshold(tmp_path: Path, last: float, name
     assert [r.failure for r in found] == (["Policy-entropy collapse"] if named else [])
 
 
+def _policy_law_rows(last_reward: float | None = None, r2: float = 0.99) -> list[dict[str, float]]:
+    """10 steps along R = -0.1 exp(H) + 0.37 (ceiling 0.27) as the entropy falls 1.2 -> 0.1, the fit at the end."""
+    rows = []
+    for i in range(10):
+        h = 1.2 * (0.1 / 1.2) ** (i / 9)
+        rows.append({"entropy/policy/mean": h, "entropy/policy/reward_mean": -0.1 * math.exp(h) + 0.37})
+    if last_reward is not None:
+        rows[-1]["entropy/policy/reward_mean"] = last_reward
+    rows[-1].update({"entropy/policy/fit_a": 0.1, "entropy/policy/fit_b": 0.37, "entropy/policy/fit_ceiling": 0.27,
+                     "entropy/policy/fit_r2": r2})
+    return rows
+
+
 def test_policy_collapse_says_when_the_reward_is_at_its_fitted_ceiling(tmp_path: Path) -> None:
-    base = [{"entropy/policy/mean": 1.2}, {"entropy/policy/mean": 0.1, "entropy/policy/fit_ceiling": 0.27}]
-    below = diagnose(_run(tmp_path, [base[0], {**base[1], "entropy/policy/reward_mean": 0.2}], "below"))[0]
-    at = diagnose(_run(tmp_path, [base[0], {**base[1], "entropy/policy/reward_mean": 0.266}], "at"))[0]
+    below = diagnose(_run(tmp_path, _policy_law_rows(last_reward=0.2), "below"))[0]
+    at = diagnose(_run(tmp_path, _policy_law_rows(), "at"))[0]
     assert "ceiling" not in below.evidence
-    assert "the reward 0.266 is at the fitted ceiling b − a = 0.27" in at.evidence
+    assert "is at the fitted ceiling b − a = 0.27" in at.evidence
     assert any("KLCovLoss" in cure and "ClipCovLoss" in cure for cure in at.cures)
+
+
+def test_a_ceiling_that_is_no_prediction_is_not_evidence(tmp_path: Path) -> None:
+    """A fit with R² 0.16 (or, in the old record, a bare ceiling without its points) says nothing about a ceiling."""
+    low = diagnose(_run(tmp_path, _policy_law_rows(r2=0.16), "low_r2"))[0]
+    bare = [{"entropy/policy/mean": 1.2},
+            {"entropy/policy/mean": 0.1, "entropy/policy/fit_ceiling": 0.27, "entropy/policy/reward_mean": 0.266}]
+    two = diagnose(_run(tmp_path, bare, "two_points"))[0]
+    assert "ceiling" not in low.evidence and "ceiling" not in two.evidence
 
 
 @pytest.mark.parametrize(("ratio", "named"), [(RANK_FALL * 0.9, True), (RANK_FALL * 1.1, False)])

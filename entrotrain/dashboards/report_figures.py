@@ -356,7 +356,11 @@ def heads_matrix(run: RunData, family: str) -> tuple[list[str], np.ndarray, np.n
 
 def _keys_grid(run: RunData, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values (keys, steps))``: the union of the keys' logged steps, NaN where a key has no value."""
-    steps = np.unique(np.concatenate([run.scalars[k][0] for k in keys]))
+    shared = [run.scalars[k][0] for k in keys]
+    if shared and all(s is shared[0] for s in shared) and bool(np.all(shared[0][1:] > shared[0][:-1])):
+        # one key set (the reader gives its keys one steps array): the union is that array, no sort of them all
+        return shared[0], np.array([run.scalars[k][1] for k in keys], dtype=float).reshape(len(keys), -1)
+    steps = np.unique(np.concatenate(shared))
     grid = np.full((len(keys), len(steps)), np.nan)
     for i, key in enumerate(keys):
         key_steps, values = run.scalars[key]

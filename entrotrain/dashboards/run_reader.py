@@ -450,15 +450,16 @@ _CHUNK_ROWS = 1024  # rows of one key set held as Python objects before they bec
 
 
 class _Columns:
-    """The rows of ``metrics.jsonl`` that log one set of keys, as float64 arrays: ``values[row, key]`` (NaN where
-    the logged value was ``null`` or non-finite), with each row's step and position in the file."""
+    """The rows of ``metrics.jsonl`` that log one set of keys, as float64 arrays: ``values[key, row]`` (NaN where
+    the logged value was ``null`` or non-finite; one key's values lie together), with each row's step and position in
+    the file."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = keys
         self.rows: list[list[Any]] = []
         self.steps: list[int] = []
         self.orders: list[int] = []
-        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (orders, steps, values)
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (orders, steps, values[key, row])
 
     def add(self, order: int, step: int, values: list[Any]) -> None:
         self.rows.append(values)
@@ -473,7 +474,7 @@ class _Columns:
             values = np.array(self.rows, dtype=np.float64)
         except OverflowError:  # an integer literal beyond float's range (another tool's writer)
             values = np.array([[_as_float(v) for v in row] for row in self.rows], dtype=np.float64)
-        values = values.reshape(len(self.rows), len(self.keys))
+        values = np.ascontiguousarray(values.reshape(len(self.rows), len(self.keys)).T)
         return np.array(self.orders, dtype=np.int64), np.array(self.steps, dtype=np.int64), values
 
     def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -574,7 +575,7 @@ class _ScalarRows:
         def column(b: int, j: int) -> np.ndarray:
             """Column ``j`` of block ``b``'s live rows: a new array (the parts stay as they are)."""
             _, _, parts, kept, _ = live_blocks[b]
-            values = np.concatenate([c[2][:, j] for c in parts])
+            values = np.concatenate([c[2][j] for c in parts])
             return values if kept is None else values[kept]
 
         scalars: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -72,3 +72,25 @@ def test_bucket_columns_keep_each_rows_least_value(n: int, max_columns: int, see
     assert np.array_equal(shown[:2].min(axis=1), grid[:2].min(axis=1)) and np.isnan(shown[2]).all()
     far = bucket_columns(np.arange(n), grid, max_columns, extreme="far")[1]
     assert far[1].min() == -1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.integers(0, 50), min_size=0, max_size=20, unique=True), keys=st.integers(1, 4),
+       data=st.data())
+def test_keys_grid_of_keys_sharing_one_steps_array_equals_the_union(steps: list[int], keys: int, data) -> None:
+    """heads_matrix's grid: keys that share the reader's one steps array (one key set) skip the union's sort and give
+    the grid the union gives."""
+    from pathlib import Path
+
+    from entrotrain.dashboards.report_figures import _keys_grid
+    from entrotrain.dashboards.run_reader import RunData
+
+    shared = np.array(sorted(steps), dtype=np.int64)
+    values = [np.array(data.draw(st.lists(st.floats(-1, 1), min_size=len(steps), max_size=len(steps))))
+              for _ in range(keys)]
+    names = [f"k{i}" for i in range(keys)]
+    one = RunData(Path("."), {}, {k: (shared, v) for k, v in zip(names, values)})
+    apart = RunData(Path("."), {}, {k: (shared.copy(), v) for k, v in zip(names, values)})
+    fast, slow = _keys_grid(one, names), _keys_grid(apart, names)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1], equal_nan=True)
+    assert fast[1].shape == slow[1].shape

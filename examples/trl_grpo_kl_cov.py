@@ -114,6 +114,8 @@ def run(
         "reward_first": rows[0]["entropy/policy/reward_mean"],
         "reward_last": sum(r["entropy/policy/reward_mean"] for r in tail) / len(tail),
         "fit_ceiling": rows[-1].get("entropy/policy/fit_ceiling", nan),
+        "fit_r2": rows[-1].get("entropy/policy/fit_r2", nan),
+        "fit_shown": rows[-1].get("entropy/policy/fit_shown", 0.0),  # 0: b - a is no prediction (ceiling_verdict)
         "steps": float(steps),
     }
 
@@ -134,11 +136,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             num_iterations=ns.num_iterations,
         )
     print(f"\nGRPO in TRL, {ns.steps} steps: token entropy (nats, seq-mean-token-mean) and mean reward, first logged "
-          "step -> mean of the last quarter of the logged steps; fitted ceiling b - a of R = -a exp(H) + b")
+          "step -> mean of the last quarter of the logged steps; fitted ceiling b - a of R = -a exp(H) + b (R², and "
+          "'no prediction' when entrotrain.functional.ceiling_verdict rejects it: too few points, low R², H = 0 far "
+          "outside the data or b - a far outside the rewards)")
     print("  run        entropy first -> last      reward first -> last      ceiling")
     for name, r in results.items():
+        note = "" if r["fit_shown"] else ", no prediction"
         print(f"  {name:<9s}  {r['entropy_first']:.3f} -> {r['entropy_last']:.3f}"
-              f"            {r['reward_first']:.3f} -> {r['reward_last']:.3f}            {r['fit_ceiling']:.3f}")
+              f"            {r['reward_first']:.3f} -> {r['reward_last']:.3f}            {r['fit_ceiling']:.3f}"
+              f" (R² {r['fit_r2']:.2f}{note})")
     return results
 
 

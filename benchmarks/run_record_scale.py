@@ -13,7 +13,10 @@ Prints a Markdown table:
   per log (nothing re-reads or rewrites what was written before);
 - readers: wall seconds, CPU seconds (user + system: the steadier number on a shared machine), peak RSS (MiB) and
   that peak as a multiple of the record's size on disk; whether ``status`` names the short collapse; the report's
-  PNG count and largest PNG.
+  PNG count and largest PNG;
+- ``status --follow``: in one fresh process, the first draw, then ``--follow-rows`` rows appended to
+  ``metrics.jsonl`` (copies of its last row at the next steps; the file is cut back to its size afterwards) and one
+  redraw: the redraw's CPU and wall seconds, the process's peak RSS, and whether the redraw shows the new last step.
 
 Usage::
 
@@ -26,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -120,6 +124,55 @@ def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, st
     return wall, cpu, field(r"Maximum resident set size \(kbytes\)") / 1024, done.stdout + done.stderr
 
 
+#: One ``status --follow`` session in a fresh process: the first draw, ``n`` rows appended, one redraw (JSON out).
+#: A package without :class:`RunFollower` (``--source`` before it) redraws by reading the whole record again.
+_FOLLOW = """
+import inspect, json, os, resource, sys, time
+from pathlib import Path
+from entrotrain.dashboards import terminal_status as ts
+
+run, n, every = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+metrics = run / "metrics.jsonl"
+size = metrics.stat().st_size
+kw = {"followers": {}} if "followers" in inspect.signature(ts._view).parameters else {}
+view = ([str(run)], None, 10, 24, False, 12)
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+try:
+    t0 = cpu()
+    ts._view(*view, **kw)
+    first = cpu() - t0
+    with metrics.open("rb") as f:
+        f.seek(max(0, size - (1 << 22)))
+        row = json.loads(f.read().rstrip(b"\\n").rsplit(b"\\n", 1)[-1])
+    last = row["step"]
+    with metrics.open("a") as f:
+        for k in range(1, n + 1):
+            row["step"] = last + k * every
+            f.write(json.dumps(row) + "\\n")
+    t0, w0 = cpu(), time.perf_counter()
+    text = ts._view(*view, **kw)[0]
+    redraw, wall = cpu() - t0, time.perf_counter() - w0
+finally:
+    os.truncate(metrics, size)
+# VmHWM, not ru_maxrss: that one starts at the forking parent's peak
+peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+print(json.dumps({"first": first, "redraw": redraw, "wall": wall, "peak": peak, "incremental": bool(kw),
+                  "shows": f"step {last + n * every} " in text}))
+"""
+
+
+def _follow(run_dir: Path, rows: int, every: int, env: dict[str, str]) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", _FOLLOW, str(run_dir), str(rows), str(every)], capture_output=True,
+                          text=True, env=env, cwd=tempfile.gettempdir())
+    if done.returncode != 0:
+        raise SystemExit(f"the follow session exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "report" not in p.parts)
 
@@ -140,6 +193,8 @@ def main() -> None:
                         help="run status / report from this copy of the package's parent folder (e.g. `git archive "
                         "HEAD~3 entrotrain | tar -x -C /tmp/old` then --source /tmp/old): a before/after comparison")
     parser.add_argument("--quick", action="store_true", help="skip the report (status only)")
+    parser.add_argument("--follow-rows", type=int, default=100,
+                        help="rows appended between the first draw and the redraw of `status --follow`")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="run_record_scale-"))
     try:
@@ -171,6 +226,11 @@ def main() -> None:
         said = "short collapse named" if "recovered: L1H3" in out else "short collapse not named"
         print(f"| `entrotrain status RUN` | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {rss * 2**20 / size:.2f} | {mib}; "
               f"{said} |")
+        got = _follow(run_dir, args.follow_rows, args.every, env)
+        how = "reads the appended bytes" if got["incremental"] else "reads the whole record again"
+        print(f"| `status --follow` redraw after {args.follow_rows} appended rows | {got['wall']:.2f} | "
+              f"{got['redraw']:.2f} | {got['peak']:.0f} | {got['peak'] * 2**20 / size:.2f} | {how}; first draw "
+              f"{got['first']:.1f} CPU s; {'shows' if got['shows'] else 'does not show'} the new last step |")
         if not args.quick:
             out_dir = root / "report-out" if args.record is None else Path(tempfile.mkdtemp(prefix="report-"))
             wall, cpu, rss, out = _timed([*exe, "report", str(run_dir), "-o", str(out_dir)], env)

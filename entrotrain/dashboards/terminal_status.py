@@ -257,7 +257,7 @@ def _collect(
     """The runs named by ``paths`` (run records, or folders searched for the ``limit`` newest), whether one run was
     named, and the warnings of runs that could not be read. ``followers``: the readers of earlier redraws, by folder
     (``--follow``: each redraw reads only what was appended since the last); a run read for the first time adds
-    its own."""
+    its own, and the readers of runs no longer listed (newer runs came into a folder's ``limit``) are let go."""
     runs: list[RunData] = []
     problems: list[str] = []
     single = len(paths) == 1
@@ -282,6 +282,10 @@ def _collect(
                 problems.append(f"{folder}: {err}")
                 if followers is not None:
                     del followers[folder]  # read it afresh next time
+    if followers is not None:
+        listed = {Path(p) for p in paths} | {run.path for run in runs}
+        for folder in [f for f in followers if f not in listed]:
+            del followers[folder]  # (each keeps its run's columns in memory)
     return runs, single and len(runs) == 1, problems
 
 

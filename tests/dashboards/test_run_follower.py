@@ -147,3 +147,21 @@ def test_scalars_of_rows_added_after_a_result_equal_one_pass() -> None:
     assert got.keys() == want.keys()
     for key in want:
         assert np.array_equal(got[key][0], want[key][0]) and np.array_equal(got[key][1], want[key][1])
+
+
+def test_status_follow_keeps_a_reader_per_listed_run_only(tmp_path: Path) -> None:
+    """`status --follow` on a folder: one follower per run listed; a run pushed out of the list (-n) lets its go."""
+    from entrotrain.dashboards.terminal_status import _collect
+
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    for run in (older, newer):
+        run.mkdir()
+        _write_meta(run, writing=True)
+        (run / "metrics.jsonl").write_text(_row(0))
+    os.utime(older / "meta.json", (1, 1))
+    followers: dict = {}
+    _collect([str(tmp_path)], 2, followers)
+    assert set(followers) == {older, newer}
+    kept = followers[newer]
+    _collect([str(tmp_path)], 1, followers)
+    assert set(followers) == {newer} and followers[newer] is kept

@@ -348,7 +348,10 @@ class _JsonlTail:
             return
         with self.path.open("rb") as f:
             st = os.fstat(f.fileno())
-            self.ident = (st.st_dev, st.st_ino)
+            if self.ident is None:
+                self.ident = (st.st_dev, st.st_ino)
+            elif self.ident != (st.st_dev, st.st_ino) or st.st_size < self.end:
+                return  # replaced since replaced() looked: not read at the old offset; the next read starts over
             f.seek(self.end)
             while True:
                 block = f.read(_READ_BYTES)

@@ -165,3 +165,24 @@ def test_status_follow_keeps_a_reader_per_listed_run_only(tmp_path: Path) -> Non
     kept = followers[newer]
     _collect([str(tmp_path)], 1, followers)
     assert set(followers) == {newer} and followers[newer] is kept
+
+
+def test_a_file_replaced_between_the_check_and_the_read_is_not_read_at_the_old_offset(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """The new run's file replaces metrics.jsonl after the follower checked it: the read does not take the new
+    file's bytes from the old file's offset (rows cut mid-line, a mixed record); the next read reads it in full."""
+    import entrotrain.dashboards.run_reader as run_reader
+
+    _write_meta(tmp_path, writing=True)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(_row(s) for s in range(3)))
+    follower = RunFollower(tmp_path)
+    follower.read()
+    other = tmp_path / "new.jsonl"
+    other.write_text("".join(_row(s + 100) for s in range(8)))
+    other.replace(metrics)
+    with monkeypatch.context() as patch:
+        patch.setattr(run_reader._JsonlTail, "replaced", lambda self: False)  # it was checked just before the swap
+        follower.read()
+    assert _seen(follower.read()) == _full(tmp_path)
+    assert follower.full_reads == 2

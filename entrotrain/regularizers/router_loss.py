@@ -21,8 +21,11 @@ A plain tuple is always the per-layer logits (a tuple of two layers is not a (lo
 
 **Capture** (``capture_group = "router"``): ``with reg.capture(model): ...`` arms a differentiable
 :class:`~entrotrain.taps.RouterTap` on the routers named by ``include`` (globs; ``None`` = HF router discovery), and
-the next call without inputs reads its logits (one tensor per router, its calls concatenated; no mask: every row
-counts; pass the logits and a mask for padded batches). So router losses compose with attention and representation
+the next call without inputs reads its logits (one tensor per router, its calls concatenated) and leaves padding out
+as HF's ``load_balancing_loss_func(..., attention_mask)`` does: the tap records the 2-D ``attention_mask`` of each HF
+model forward it runs in (else a :func:`~entrotrain.taps.query_padding.query_padding` block's mask) and the loss gets
+it as its keep mask. A mask that does not fit a router's ``batch·seq`` rows keeps every row, with one warning. So
+router losses compose with attention and representation
 regularisers under one capture::
 
     reg = AttentionEntropyMaximization(0.01) + RouterZLoss(1e-3, include=["layers.*.router"])
@@ -90,9 +93,33 @@ def router_inputs(*inputs: Any) -> RouterInputs:
 
 def _captured_inputs(tap: Any) -> RouterInputs:
     """A :class:`~entrotrain.taps.RouterTap`'s logits as inputs: one tensor per router (module order), its calls
-    concatenated."""
-    logits = [tap.captures[n] for n in tap.names if tap.captures.get(n)]
-    return RouterInputs(tuple(c[0] if len(c) == 1 else torch.cat(c) for c in logits))
+    concatenated, and the keep mask of their rows (the padding mask the tap recorded per call; ``None`` when every row
+    is real). The functional losses take one mask for every layer: when the routers' masks differ (routers run in
+    different calls), each router's padded rows are dropped instead, which pools the same real rows."""
+    names = [n for n in tap.names if tap.captures.get(n)]
+    logits = [_cat(tap.captures[n]) for n in names]
+    masks = [_cat_masks(tap.captures[n], tap.masks.get(n, [])) for n in names]
+    if all(m is None for m in masks):
+        return RouterInputs(tuple(logits))
+    keep = [_keep(z, m) for z, m in zip(logits, masks)]
+    if all(k.shape == keep[0].shape and torch.equal(k, keep[0]) for k in keep[1:]):
+        return RouterInputs(tuple(logits), keep[0])
+    return RouterInputs(tuple(z[k] for z, k in zip(logits, keep)))
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _cat_masks(calls: list[Tensor], masks: list[Tensor | None]) -> Tensor | None:
+    """The keep mask of a router's concatenated calls (``None`` when every call's rows are all real)."""
+    if len(masks) != len(calls) or all(m is None for m in masks):
+        return None
+    return _cat([_keep(z, m) for z, m in zip(calls, masks)])
+
+
+def _keep(logits: Tensor, mask: Tensor | None) -> Tensor:
+    return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if mask is None else mask
 
 
 class _RouterRegularizer(Regularizer):
@@ -105,7 +132,8 @@ class _RouterRegularizer(Regularizer):
     def capture(self, model: nn.Module, *, step: int | None = None, **tap_kwargs: Any) -> Iterator[Any]:
         """Arm a differentiable :class:`~entrotrain.taps.RouterTap` on ``model`` for the ``with`` body (routers from
         ``include=`` here or this regulariser's ``include``; ``None`` = HF router discovery); the next call without
-        inputs uses and releases its logits. ``tap_kwargs`` go to the tap (``exclude=``, ``output_index=``).
+        inputs uses and releases its logits, with the padding mask the tap recorded (module docstring).
+        ``tap_kwargs`` go to the tap (``exclude=``, ``output_index=``).
         ``step`` and weight 0 as :meth:`Regularizer.capture <entrotrain.regularizers.composition.Regularizer.capture>`
         (no tap, yields ``None``)."""
         from entrotrain.taps.router_tap import RouterTap  # regularisers sit above taps; import on use
@@ -116,7 +144,7 @@ class _RouterRegularizer(Regularizer):
         if self._skip_capture(model, step):
             yield None
             return
-        tap = RouterTap(model, include=include, differentiable=True, **tap_kwargs)
+        tap = RouterTap(model, include=include, differentiable=True, token_masks=True, **tap_kwargs)
         self._capture.records = None
         with tap:
             yield tap

@@ -32,6 +32,8 @@ Activations follow the same rule: an :class:`~entrotrain.taps.ActivationTap` (``
 representation regularisers) keeps only the real token positions of a ``(batch, tokens, features)`` output, by the
 ``attention_mask`` of the HF model running the module (2.) or a ``query_padding`` block (3.), after its own evenly
 spaced pick (:func:`ambient_token_mask`; a mask that does not fit keeps every position, warned once per module).
+A router capture armed with ``token_masks=True`` (:class:`~entrotrain.taps.RouterTap`, as a router regulariser's
+``capture`` arms it) records the same mask flattened over its ``(batch·tokens, E)`` rows (:func:`ambient_row_mask`).
 
 Scored results mark a padded query as a query with no valid key (entropy 0, ``n_keys = 0``), which every statistic
 (:func:`~entrotrain.taps.attention_stats.per_head_sums`) and every attention regulariser already leaves out.
@@ -52,7 +54,8 @@ from entrotrain._validation import check_tensor, keep_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention import AttentionEntropy
 
-__all__ = ["query_padding", "mask_queries", "check_query_mask", "ambient_query_mask", "ambient_token_mask"]
+__all__ = ["query_padding", "mask_queries", "check_query_mask", "ambient_query_mask", "ambient_token_mask",
+           "ambient_row_mask"]
 
 #: User blocks (``with query_padding(mask):``), innermost last; seen by every armed tap. Each entry is
 #: ``[mask as given, bool mask or None]``: converted (which reads an integer mask's values) only when a tap uses it.
@@ -160,6 +163,21 @@ def ambient_token_mask(tap: Any, batch: int, tokens: int, device: torch.device) 
     if fitted is None:
         return None, tuple(found[0].shape)
     return fitted.to(device), None
+
+
+def ambient_row_mask(tap: Any, rows: int, device: torch.device) -> tuple[Tensor | None, Any]:
+    """The real rows ``(rows,)`` bool of a flat ``(batch·tokens, E)`` capture of ``tap`` (router logits, HF's
+    row-major flattening of ``(batch, tokens)``), under the rule of :func:`ambient_token_mask` with ``tokens =
+    rows / batch``: ``(mask, None)``, ``(None, None)`` when every row is real, or ``(None, shape)`` when the mask in
+    force does not fit (the caller warns: all rows are kept)."""
+    found = _ambient(tap)
+    if found is None:
+        return None, None
+    batch = found[0].shape[0]
+    fitted = _fit(found[0], batch, rows // batch, found[1]) if batch and rows % batch == 0 else None
+    if fitted is None:
+        return None, tuple(found[0].shape)
+    return fitted.reshape(-1).to(device), None
 
 
 def ambient_query_mask(tap: Any, site: str, batch: int, queries: int, device: torch.device) -> Tensor | None:

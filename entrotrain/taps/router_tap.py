@@ -19,11 +19,19 @@ Which modules are routers:
 A router's output (its ``output_index``-th element for tuple/list outputs, default 0) is read as ``(..., E)`` and
 flattened to ``(rows, E)``: HF's ``(batch·seq, E)`` layout, row-major over (batch, seq), so HF's ``attention_mask``
 ``(batch, seq)`` flattened lines up with the rows.
+
+Padding (``token_masks=True``; a router regulariser's ``capture`` arms it so): the tap records the 2-D
+``attention_mask`` of every HF ``PreTrainedModel`` forward while armed (else a
+:func:`~entrotrain.taps.query_padding.query_padding` block's mask) and stores, per router call, the keep mask of its
+rows in :attr:`RouterTap.masks` (``None``: every row real). A mask that does not fit the rows (``batch`` must divide
+them and ``rows / batch`` match its length, or its last columns under a KV cache) keeps every row, warned once per
+router.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +44,7 @@ from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
+from entrotrain.taps.query_padding import ambient_row_mask
 
 __all__ = ["RouterTap", "discover_routers", "router_rows"]
 
@@ -94,10 +103,13 @@ class RouterTap(ForwardHookTap):
             :attr:`captures`.
         differentiable: keep the graph of the captured logits (for a router regulariser's loss, as
             ``RouterZLoss(...).capture(model)`` arms it) instead of detaching them.
+        token_masks: record the padding mask of each call's rows in :attr:`masks` (module docstring, Padding).
 
     Attributes:
         names: the watched module names, in module order (forward order may differ: :attr:`order` records it).
         captures: ``{name: [(rows, E) logits per call]}`` since the last :meth:`reset`.
+        masks: ``{name: [(rows,) bool keep mask or None per call]}``, parallel to :attr:`captures`
+            (``token_masks=True``; else every entry is ``None``).
         order: names in the order their first call was seen (since construction; never reset).
 
     Raises:
@@ -121,11 +133,13 @@ class RouterTap(ForwardHookTap):
         output_index: int = 0,
         on_capture: Callable[[str, Tensor], None] | None = None,
         differentiable: bool = False,
+        token_masks: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"RouterTap needs an nn.Module, got {type(model).__name__}.")
         check_int(output_index, "output_index")
         self.differentiable = check_bool(differentiable, "differentiable")
+        self.watch_token_masks = check_bool(token_masks, "token_masks")
         if on_capture is not None and not callable(on_capture):
             raise EntrotrainError(
                 f"on_capture must be None or a callable on_capture(name, logits), got {type(on_capture).__name__}."
@@ -137,6 +151,8 @@ class RouterTap(ForwardHookTap):
         self.output_index = output_index
         self.on_capture = on_capture
         self.captures: dict[str, list[Tensor]] = {}
+        self.masks: dict[str, list[Tensor | None]] = {}
+        self._warned_misfit: set[str] = set()
         self.order: list[str] = []
         self._handles: list[Any] = []
         self.names = self._match()
@@ -175,6 +191,7 @@ class RouterTap(ForwardHookTap):
     def reset(self) -> None:
         """Forget stored captures (:attr:`order` is kept: layer numbers stay stable)."""
         self.captures = {}
+        self.masks = {}
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -191,8 +208,21 @@ class RouterTap(ForwardHookTap):
                 self.on_capture(name, logits)
             else:
                 self.captures.setdefault(name, []).append(logits)
+                self.masks.setdefault(name, []).append(self._row_mask(name, logits) if self.watch_token_masks else None)
 
         return hook
+
+    def _row_mask(self, name: str, logits: Tensor) -> Tensor | None:
+        mask, misfit = ambient_row_mask(self, logits.shape[0], logits.device)
+        if misfit is not None and name not in self._warned_misfit:
+            self._warned_misfit.add(name)
+            warnings.warn(
+                f"RouterTap: the padding mask of shape {misfit} does not fit the {logits.shape[0]} rows of router "
+                f"{name!r}; all its rows count. Pass the logits and a keep mask of their rows to the loss yourself, "
+                "or hand a fitting mask over with a query_padding(...) block.",
+                stacklevel=3,
+            )
+        return mask
 
     def logits(self, name: str) -> Tensor:
         """All stored logits of router ``name``, concatenated in call order ``(rows, E)``."""

@@ -95,3 +95,22 @@ def test_query_padding_block_masks_a_plain_router_and_a_misfit_keeps_every_row_w
                 model(x)
     every_row = load_balancing_loss((torch.cat([logits, logits]),), 1)
     assert abs(float(reg().total.detach()) - float(every_row)) <= TOL
+
+
+def test_routers_with_different_masks_drop_their_own_padded_rows():
+    """Routers whose recorded masks differ (they ran in different calls) cannot share one keep mask: each keeps its
+    own real rows, which pools the same rows as the masked loss would."""
+    from types import SimpleNamespace
+
+    from entrotrain.regularizers.router_loss import _captured_inputs
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 3, generator=g), torch.randn(4, 3, generator=g)
+    keep_a = torch.tensor([True, True, False, True, False, True])
+    tap = SimpleNamespace(names=["a", "b"], captures={"a": [a], "b": [b]}, masks={"a": [keep_a], "b": [None]})
+    x = _captured_inputs(tap)
+    assert x.mask is None and torch.equal(x.router_logits[0], a[keep_a]) and torch.equal(x.router_logits[1], b)
+    tap.masks = {"a": [keep_a], "b": [keep_a]}
+    tap.captures = {"a": [a], "b": [a.flip(0)]}
+    x = _captured_inputs(tap)
+    assert torch.equal(x.mask, keep_a) and x.router_logits[1].shape == (6, 3)

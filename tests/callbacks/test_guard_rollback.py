@@ -352,16 +352,12 @@ def test_a_strategy_that_wraps_the_module_in_fsdp_from_outside_is_refused() -> N
     model too (CUDA-only in Lightning: the hook is driven directly, on a 1-process gloo group)."""
     from types import SimpleNamespace
 
-    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from entrotrain.errors import EntrotrainError
-    from tests.helpers.gloo import free_port
+    from tests.helpers.gloo import in_one_process_group
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already up")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    def body() -> None:
         module = Net()
         wrapped = FSDP(module, device_id=torch.device("cpu"))
         opt = torch.optim.Adam(wrapped.parameters(), lr=LR)
@@ -374,8 +370,8 @@ def test_a_strategy_that_wraps_the_module_in_fsdp_from_outside_is_refused() -> N
         g = guard()
         g.on_train_start(ddp_like, plain)  # DDP keeps the module's own parameters: fine
         assert g._tracked[0] is plain
-    finally:
-        dist.destroy_process_group()
+
+    in_one_process_group(body)
 
 
 S = torch.optim.lr_scheduler

@@ -254,16 +254,12 @@ def test_a_fall_back_at_once_says_so_in_words() -> None:
 
 def test_hold_trainable_refuses_frozen_fsdp2_shards_when_training_starts() -> None:
     """It was refused at the first good observation, possibly thousands of steps in."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from tests.helpers.gloo import free_port
+    from tests.helpers.gloo import in_one_process_group
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already up")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    def body() -> None:
         model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
         model[0].requires_grad_(False)
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
@@ -272,8 +268,8 @@ def test_hold_trainable_refuses_frozen_fsdp2_shards_when_training_starts() -> No
         with pytest.raises(EntrotrainError, match="hold='trainable'.*FSDP2.*use hold='all'"):
             guard.track(model, [optimizer])
         EntropyCollapseGuard("k", threshold=0.5, action="rollback").track(model, [optimizer])  # hold='all': fine
-    finally:
-        dist.destroy_process_group()
+
+    in_one_process_group(body)
 
 
 def test_another_guards_rollback_ends_a_bad_streak_measured_on_the_weights_it_undid() -> None:

@@ -331,15 +331,11 @@ def test_continuing_after_restore_is_bit_identical_to_a_copy_taken_at_the_take(
 
 # ---------------------------------------------------------------------------- refused: sharded state
 def test_fsdp1_is_refused_at_the_first_take(tmp_path) -> None:
-    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from tests.helpers.gloo import free_port
+    from tests.helpers.gloo import in_one_process_group
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already up")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    def body() -> None:
         model = FSDP(mlp(0), device_id=torch.device("cpu"))
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         with pytest.raises(EntrotrainError, match="FSDP.*action='reduce_lr'"):
@@ -350,8 +346,8 @@ def test_fsdp1_is_refused_at_the_first_take(tmp_path) -> None:
         with pytest.raises(EntrotrainError, match="FSDP"):  # refused when training starts, not at a first good step
             guard.track(model, [opt])
         EntropyCollapseGuard("k", threshold=0.5, action="reduce_lr").track(model, [opt])  # other actions: fine
-    finally:
-        dist.destroy_process_group()
+
+    in_one_process_group(body)
 
 
 # ---------------------------------------------------------------------------- CUDA: pinned host buffers, async copies

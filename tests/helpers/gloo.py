@@ -37,3 +37,23 @@ def rank_rows(split: Sequence[int], rank: int) -> slice:
     rank order: ``split=(3, 5)`` gives rank 0 rows 0..2, rank 1 rows 3..7."""
     lo = sum(split[:rank])
     return slice(lo, lo + split[rank])
+
+
+def in_one_process_group(body: Callable[[], None]) -> None:
+    """Run ``body()`` in this process inside a 1-process gloo group, then destroy the group. What ``body`` built (DDP
+    and FSDP modules hold the group; a DDP reducer may hold pending work on it) is freed when ``body`` returns and
+    collected while the group is still up, before ``destroy_process_group`` shuts it down: a DDP module freed after
+    the shutdown, at the end of a test's frame, once hung a pytest worker in ``~ProcessGroupGloo``'s thread join.
+    Skips when a process group is already up."""
+    import gc
+
+    import pytest
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        body()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()

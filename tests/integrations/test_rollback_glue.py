@@ -128,14 +128,10 @@ def test_loop_with_a_compiled_model() -> None:
 
 
 def test_loop_with_a_ddp_wrapped_model() -> None:
-    import torch.distributed as dist
 
-    from tests.helpers.gloo import free_port
+    from tests.helpers.gloo import in_one_process_group
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already up")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    def body() -> None:
         model = mlp()
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.Adam(ddp.parameters(), lr=LR)
@@ -143,8 +139,8 @@ def test_loop_with_a_ddp_wrapped_model() -> None:
         with pytest.warns(UserWarning, match="Rolled back"):
             inside, after, rolled = loop(model, opt, monitors, [0.9, 0.9, 0.0, 0.9, 0.9], forward=ddp)
         assert rolled == [2] and same(after[2][0], inside[1][0]) and same(after[2][1], inside[1][1])
-    finally:
-        dist.destroy_process_group()
+
+    in_one_process_group(body)
 
 
 def test_loop_a_rollback_guard_that_never_fires_changes_nothing() -> None:

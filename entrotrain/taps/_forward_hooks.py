@@ -12,6 +12,7 @@ contain ``_orig_mod`` (:mod:`entrotrain.taps.module_names`).
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -106,6 +107,14 @@ class ForwardHookTap:
             handles, self._handles = self._handles, []
             for handle in handles:
                 handle.remove()
+
+    def _warn_misfit_once(self, name: str, message: str, stacklevel: int) -> None:
+        """Warn ``message`` (a padding mask that does not fit module ``name``'s output) once per module and tap;
+        ``stacklevel`` as the caller's own ``warnings.warn`` would take it."""
+        warned = self.__dict__.setdefault("_warned_misfit", set())
+        if name not in warned:
+            warned.add(name)
+            warnings.warn(message, stacklevel=stacklevel + 1)
 
     def replay_deferred(self) -> None:
         """Run the capture of every module call that compiled code queued, oldest first (no-op when none)."""

@@ -205,7 +205,6 @@ class ActivationTap(ForwardHookTap):
         self.captures: dict[str, list[Capture]] = {}
         self._handles: list[Any] = []
         self._grad_at_arming, self._warned_no_grad = True, False  # set at each arming
-        self._warned_misfit: set[str] = set()
         self.names = self._match()
 
     def _match(self) -> list[str]:
@@ -272,9 +271,9 @@ class ActivationTap(ForwardHookTap):
         if not isinstance(output, Tensor) or output.dim() != 3 or self.layout == "channels_first":
             return None
         mask, misfit = ambient_token_mask(self, output.shape[0], output.shape[1], output.device)
-        if misfit is not None and name not in self._warned_misfit:
-            self._warned_misfit.add(name)
-            warnings.warn(
+        if misfit is not None:
+            self._warn_misfit_once(
+                name,
                 f"ActivationTap: the padding mask of shape {misfit} does not fit the output of {name!r} of shape "
                 f"{tuple(output.shape)}; all its positions are kept. Hand a mask of that shape over with a "
                 "query_padding(...) block, or exclude the module.",

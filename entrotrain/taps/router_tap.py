@@ -31,7 +31,6 @@ router.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -152,7 +151,6 @@ class RouterTap(ForwardHookTap):
         self.on_capture = on_capture
         self.captures: dict[str, list[Tensor]] = {}
         self.masks: dict[str, list[Tensor | None]] = {}
-        self._warned_misfit: set[str] = set()
         self.order: list[str] = []
         self._handles: list[Any] = []
         self.names = self._match()
@@ -214,9 +212,9 @@ class RouterTap(ForwardHookTap):
 
     def _row_mask(self, name: str, logits: Tensor) -> Tensor | None:
         mask, misfit = ambient_row_mask(self, logits.shape[0], logits.device)
-        if misfit is not None and name not in self._warned_misfit:
-            self._warned_misfit.add(name)
-            warnings.warn(
+        if misfit is not None:
+            self._warn_misfit_once(
+                name,
                 f"RouterTap: the padding mask of shape {misfit} does not fit the {logits.shape[0]} rows of router "
                 f"{name!r}; all its rows count. Pass the logits and a keep mask of their rows to the loss yourself, "
                 "or hand a fitting mask over with a query_padding(...) block.",

@@ -613,20 +613,16 @@ class _ScalarRows:
                 "resume step on); the abandoned rows stay in metrics.jsonl."
             )
         if twice:
-            listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(twice.items())[:3])
-            more = f" and {len(twice) - 3} more key(s)" if len(twice) > 3 else ""
             warnings.append(
                 f"metrics.jsonl: {sum(n for n, _ in twice.values())} value(s) were logged again for a key and step "
-                f"already logged, with no resume in between: {listed}{more}. Two processes are writing this record "
+                f"already logged, with no resume in between: {_first_steps(twice, 3, ' key(s)')}. Two processes are writing this record "
                 "(two runs given the same folder?); each (key, step) shows the last value written, which may come from "
                 "either. Give each run its own RunRecordLogger version (folder)."
             )
         if nulls:
-            listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(nulls.items())[:5])
-            more = f" and {len(nulls) - 5} more" if len(nulls) > 5 else ""
             warnings.append(
                 f"metrics.jsonl: {sum(n for n, _ in nulls.values())} logged value(s) were NaN or Inf (stored as null) "
-                f"and have no point in the curves and tables: {listed}{more}."
+                f"and have no point in the curves and tables: {_first_steps(nulls, 5)}."
             )
         if odd:
             listed = ", ".join(
@@ -639,6 +635,13 @@ class _ScalarRows:
                 "under a key; put text in hyperparameters or events."
             )
         return scalars
+
+
+def _first_steps(counts: dict[str, tuple[int, int]], shown: int, unit: str = "") -> str:
+    """``key (n, first at step s), ...`` for the first ``shown`` keys of ``counts`` (key -> (n, first step)), in key
+    order, and `` and N more{unit}`` for the others."""
+    listed = ", ".join(f"{k} ({n}, first at step {s})" for k, (n, s) in sorted(counts.items())[:shown])
+    return listed + (f" and {len(counts) - shown} more{unit}" if len(counts) > shown else "")
 
 
 def _scalars(

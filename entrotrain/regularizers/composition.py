@@ -33,9 +33,9 @@ globs), ``"router"`` (the router losses arm a differentiable :class:`~entrotrain
 ``include`` globs, or on the discovered HF routers). A sum that mixes groups arms one attention tap for all its
 attention terms and each other term's own capture, and each term then reads what it captured:
 ``AttentionEntropyMaximization(0.01) + RouterZLoss(1e-3, include=["**.router"]) + MatrixEntropyRegularizer(1.0,
-include=["proj"])`` works under one ``with reg.capture(model):``. Given inputs, every term of a sum gets the same
-ones; a sum of several groups takes them by group instead: ``reg(attention=tap.records, router=router_logits,
-activation=act_tap)``.
+include=["proj"])`` works under one ``with reg.capture(model):``. Given inputs, every term of a sum of one group
+gets the same ones; a sum of several groups takes them by group instead, ``reg(attention=tap.records,
+router=router_logits, activation=act_tap)``, and raises on positional inputs.
 """
 
 from __future__ import annotations
@@ -356,7 +356,8 @@ class Regularizer(nn.Module):
 
 
 class RegularizerSum(Regularizer):
-    """:math:`\\sum_k c_k R_k`: made by ``a + b`` and ``c * a``; every term gets the same inputs and step.
+    """:math:`\\sum_k c_k R_k`: made by ``a + b`` and ``c * a``; every term gets the same step, and the same
+    positional inputs when all read one capture group (else inputs go by group: :meth:`forward`).
 
     Args:
         terms: ``(coefficient, regulariser)`` pairs; nested sums are flattened.
@@ -439,7 +440,8 @@ class RegularizerSum(Regularizer):
                 reg._capture.records = shared[0]._capture.records if shared else skipped  # type: ignore[assignment]
 
     def forward(self, *inputs: Any, step: int | None = None, **groups: Any) -> RegularizerOutput:
-        """``Σ c_k R_k``: every term gets ``inputs``; with keyword inputs by capture group (``reg(attention=
+        """``Σ c_k R_k``: every term gets ``inputs`` (only when every term reads the same capture group; a sum of
+        several groups raises on positional inputs); with keyword inputs by capture group (``reg(attention=
         tap.records, router=router_logits, activation=act_tap)``) each term gets its group's; without inputs each
         term reads what :meth:`capture` recorded for it."""
         if step is not None:
@@ -448,6 +450,14 @@ class RegularizerSum(Regularizer):
             raise EntrotrainError(
                 f"RegularizerSum got positional inputs and keyword inputs {sorted(groups)}: pass one form, reg(x) "
                 "(every term gets x) or reg(attention=..., router=..., activation=...) (each term its group's)."
+            )
+        kinds = sorted({reg.capture_group for reg in self.regs})
+        if inputs and len(kinds) > 1:  # one input cannot be attention records and router logits at once
+            raise EntrotrainError(
+                f"RegularizerSum of several capture groups {kinds} got positional inputs, which every term would "
+                f"read as its own (router logits scored as activations, say): pass them by group, "
+                f"reg({', '.join(f'{k}=...' for k in kinds)}), or call it without inputs after "
+                "`with reg.capture(model): ...`."
             )
         if not inputs and not groups and not self._mixed:
             inputs = (self._take_captured(),)

@@ -195,3 +195,28 @@ def test_python_sum_of_regularizers_and_adding_a_non_regularizer():
             Const(1.0) + bad
     with pytest.raises(EntrotrainError, match="only be added"):
         3 + Const(1.0)
+
+
+def test_sum_of_several_capture_groups_refuses_positional_inputs():
+    """A sum whose terms read different capture groups (router and activation, attention and router) called with
+    positional inputs raises, naming the keyword form by group: before, every term got the one tensor, so router
+    logits were silently scored as activations. A sum of one group still takes positional inputs."""
+    from entrotrain.regularizers import AttentionEntropyMaximization, LoadBalancingLoss, RouterZLoss
+    from entrotrain.regularizers.representation import MatrixEntropyRegularizer
+
+    x = torch.randn(8, 4)
+    for reg, groups in (
+        (RouterZLoss(1e-3) + MatrixEntropyRegularizer(1.0), "activation=..., router=..."),
+        (AttentionEntropyMaximization(0.01) + RouterZLoss(1e-3), "attention=..., router=..."),
+        (0.0 * RouterZLoss(1e-3) + MatrixEntropyRegularizer(1.0), "activation=..., router=..."),
+    ):
+        with pytest.raises(EntrotrainError, match=f"several capture groups.*reg\\({groups}\\)"):
+            reg(x)
+    same_group = RouterZLoss(1e-3) + LoadBalancingLoss(1e-2, top_k=2)
+    torch.testing.assert_close(
+        same_group(x).total, RouterZLoss(1e-3)(x).total + LoadBalancingLoss(1e-2, top_k=2)(x).total
+    )
+    mixed = RouterZLoss(1e-3) + MatrixEntropyRegularizer(1.0)
+    torch.testing.assert_close(
+        mixed(router=x, activation=x).total, RouterZLoss(1e-3)(x).total + MatrixEntropyRegularizer(1.0)(x).total
+    )

@@ -406,7 +406,8 @@ def pear_reward(
         row whose weighted phase holds a NaN/Inf entropy (only that row).
 
     Raises:
-        EntrotrainError: as :func:`phase_entropy`, or a bad coefficient.
+        EntrotrainError: as :func:`phase_entropy`, a bad coefficient, or coefficients so large that the reward of a
+            row with finite entropies overflows the output dtype (e.g. ``think_coef=1e39`` in float32).
     """
     think_coef = check_real(think_coef, "think_coef", low=0.0)
     answer_coef = check_real(answer_coef, "answer_coef")
@@ -418,7 +419,17 @@ def pear_reward(
     penalty = (think + answer).clamp_min(0.0)  # NaN stays NaN
     if max_penalty is not None:
         penalty = penalty.clamp_max(max_penalty)
-    return (-penalty).to(ph.mean.dtype)
+    reward = (-penalty).to(ph.mean.dtype)
+    # finite weighted phase means whose reward overflows (a coefficient far beyond order 1): refused, not -inf / NaN
+    weighted = (torch.isfinite(m[:, 0]) | (think_coef == 0)) & (torch.isfinite(m[:, 1]) | (answer_coef == 0))
+    if bool((weighted & ~torch.isfinite(reward)).any()):
+        top = float(torch.where(torch.isfinite(m), m.abs(), 0.0).max())
+        raise EntrotrainError(
+            f"pear_reward overflows {reward.dtype}: think_coef={think_coef!r}, answer_coef={answer_coef!r} times "
+            f"phase-mean entropies up to {top:.3g} nats. PEAR's penalty sits next to a 0/1 correctness reward: use "
+            "coefficients of order 0.1, or cap the penalty with max_penalty=."
+        )
+    return reward
 
 
 # --------------------------------------------------------------------------------------------- CANON
@@ -521,7 +532,8 @@ def canon_advantage(
 
     Raises:
         EntrotrainError: ``rewards`` / ``metric`` not real 1-D tensors of one length, ``B`` not a multiple of
-            ``group_size``, a bad coefficient or ``variant``.
+            ``group_size``, a bad coefficient or ``variant``, or coefficients (or rewards) so large that a group of
+            finite rewards gets a non-finite advantage (e.g. ``lam=1e300``: inf, or NaN from inf - inf).
     """
     check_tensor(rewards, "rewards", ndim=1, layout="(B,)")
     check_tensor(metric, "metric", ndim=1, layout="(B,)")
@@ -557,5 +569,14 @@ def canon_advantage(
     else:
         a_hi = lam * (alpha * r - mu_lo + beta) + (1 - lam) * (r - mu_hi)
         a_lo = lam * (r - alpha * mu_hi - beta) + (1 - lam) * (r - mu_lo)
-    adv = torch.where(high, a_hi, a_lo) / length_norm
-    return adv.reshape(-1).to(out_dtype)
+    adv = (torch.where(high, a_hi, a_lo) / length_norm).to(out_dtype)
+    # a group of finite rewards whose advantage overflows (coefficients far beyond order 1): refused, not inf / NaN
+    if bool((torch.isfinite(r).all(1, keepdim=True) & ~torch.isfinite(adv)).any()):
+        top = float(torch.where(torch.isfinite(r), r.abs(), zero).max())
+        raise EntrotrainError(
+            f"canon_advantage overflows {out_dtype} on finite rewards (max |r| = {top:.3g}) with lam={lam!r}, "
+            f"alpha={alpha!r}, beta={beta!r}, length_norm={length_norm!r}: CANON's coefficients are of order 1 "
+            "(lam in [0, 1], alpha = 1, beta = 0, length_norm = max_response_length or 1); scale them (or the "
+            "rewards) down."
+        )
+    return adv.reshape(-1)

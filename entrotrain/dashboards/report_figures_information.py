@@ -86,8 +86,8 @@ def trajectories(run: RunData) -> dict[str, list[Trajectory]]:
 
 
 def unit_of(runs: list[RunData], estimator: str) -> str:
-    """``"bits"`` or ``"nats"`` from the logged ``info/{estimator}/params`` (its ``base``; else ``info/probe``'s),
-    ``"log base b"`` for another base."""
+    """``"bits"`` or ``"nats"`` from the logged ``info/{estimator}/params`` (its ``base``; else ``info/probe``'s) of
+    the first run that logged a base, ``"log base b"`` for another base; ``"nats"`` when none did."""
     for run in runs:
         params = run.hparams.get(f"info/{estimator}/params")
         base = params.get("base") if isinstance(params, dict) else None
@@ -97,8 +97,7 @@ def unit_of(runs: list[RunData], estimator: str) -> str:
         if isinstance(base, (int, float)) and not isinstance(base, bool):
             if math.isclose(base, 2.0):
                 return "bits"
-            if not math.isclose(base, math.e):
-                return f"log base {base:g}"
+            return "nats" if math.isclose(base, math.e) else f"log base {base:g}"
     return "nats"
 
 
@@ -154,7 +153,7 @@ def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
     for r, (run, traj) in enumerate(zip(runs, per_run)):
         for c, estimator in enumerate(estimators):
             ax = axes[r, c]
-            unit = unit_of(runs, estimator)
+            unit = unit_of([run], estimator)  # each run's own base: two runs may log in different units
             for tr in traj.get(estimator, []):
                 if not len(tr.steps):
                     continue

@@ -119,6 +119,28 @@ def test_units_and_trajectories_follow_the_record(tanh_run):
     np.testing.assert_allclose(l3.i_ty, [0.7 * i_ty(s, "L3") for s in STEPS], rtol=0, atol=1e-12)
 
 
+def test_each_run_panel_names_its_own_unit(tanh_run, relu_run, tmp_path, monkeypatch):
+    # the relu run logged kde in bits, the tanh run in nats (its kde params have no base): the first run's base
+    # is the unit, and each run's panels say their own unit, not one taken from whichever run logged bits
+    nats, bits = load_run(tanh_run), load_run(relu_run)
+    nats.hparams["info/kde/params"]["base"] = math.e
+    bits.hparams["info/kde/params"]["base"] = 2.0
+    assert info_figs.unit_of([nats, bits], "kde") == "nats" and info_figs.unit_of([bits, nats], "kde") == "bits"
+    labels = {}
+
+    def keep_labels(fig, out_dir, name):
+        for ax in fig.axes:
+            if ax.get_title():
+                labels[ax.get_title().split("\n")[0]] = (ax.get_xlabel(), ax.get_ylabel())
+        return f"{name}.png"
+
+    monkeypatch.setattr(info_figs, "_save", keep_labels)
+    info_figs.information_plane([nats, bits], tmp_path)
+    assert labels["tanh · kde"] == ("I(X;T) (nats)", "I(T;Y) (nats)")
+    assert labels["relu · kde"] == ("I(X;T) (bits)", "I(T;Y) (bits)")
+    assert labels["tanh · binning"] == labels["relu · binning"] == ("I(X;T) (bits)", "I(T;Y) (bits)")
+
+
 def test_nonfinite_points_are_skipped(tanh_run, tmp_path):
     run = load_run(tanh_run)
     scalars = {k: (s.copy(), v.copy()) for k, (s, v) in run.scalars.items()}

@@ -26,7 +26,9 @@ prediction at ``t``, as :class:`~entrotrain.tasks.language_modeling.LanguageMode
 labels: ``shift_labels=True``. Labels also give the NLL (the loss) beside the entropy.
 
 The probe set (held-out): the first ``probe_batches`` batches of ``trainer.datamodule.val_dataloader()`` (the
-datamodule's own loader, so every rank sees the same batches), taken once at fit start and kept on the CPU, or the
+datamodule's own loader, so every rank sees the same batches; of several validation loaders, the first,
+``dataloader_idx=0``), taken once at fit start with the global RNG states restored afterwards (training draws the
+same random numbers with or without the monitor) and kept on the CPU, or the
 batches given as ``probe`` (a ``(inputs, labels)`` pair or a list of such pairs / ``{"input_ids", "labels",
 "attention_mask"}`` dicts). It is measured at every logging step in this callback's ``on_train_batch_end`` — after
 the step's optimizer update — in eval mode, without gradient and without touching any RNG, then the module modes
@@ -74,9 +76,12 @@ it only reads detached tensors, its forwards run without gradient in eval mode a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
@@ -133,6 +138,34 @@ def prediction_entropy_summary(sums: Mapping[str, float], entropies: Tensor) -> 
     if float(sums["nll_tokens"]) > 0:
         out["nll"] = float(sums["nll"]) / float(sums["nll_tokens"])
     return out
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first validation dataloader (``dataloader_idx=0``, in Lightning's order) of what ``val_dataloader()``
+    returns: one loader, a list / tuple / dict of loaders or a ``CombinedLoader``; ``None`` when there is none."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    if isinstance(loaders, (list, tuple, Mapping)):
+        loaders = CombinedLoader(loaders, "sequential")
+    if isinstance(loaders, CombinedLoader):
+        flat = loaders.flattened
+        return flat[0] if flat else None
+    return loaders
+
+
+@contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Restore the global RNGs (torch CPU, Python ``random``, NumPy) on exit: taking the probe batches must not shift
+    the training run's random stream (a ``DataLoader`` iterator draws its base seed from it, and a dataset may
+    augment at random)."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    np_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -545,10 +578,12 @@ class PredictionEntropyMonitor(HookedMonitor):
                 )
                 return []
             batches = []
-            for batch in loader_fn():
-                batches.append(batch)
-                if len(batches) >= self.probe_batches:
-                    break
+            with _rng_untouched():  # iterating a DataLoader draws its base seed from the global RNG
+                loader = _first_loader(loader_fn())
+                for batch in loader if loader is not None else ():
+                    batches.append(batch)
+                    if len(batches) >= self.probe_batches:
+                        break
         out = []
         for batch in batches:
             if isinstance(batch, Mapping):

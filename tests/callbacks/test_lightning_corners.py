@@ -1,0 +1,68 @@
+"""entrotrain callbacks under the Lightning Trainer features the recipes do not use: datamodules with shuffled or
+several loaders, manual optimisation, precision plugins, validate / test / predict alone, and the like. What must
+hold in each: training bit for bit the same with and without the monitors, keys at the right step, hooks removed."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from entrotrain.callbacks import PredictionEntropyMonitor
+from tests.callbacks.test_monitor_lifecycle import SEQ, VOCAB, AllLM, hooks_left, same_weights
+from tests.helpers.lightning_models import quiet_trainer
+
+
+def tokens(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+class TokenData(L.LightningDataModule):
+    """Shuffled training batches of ``SEQ + 1`` tokens; validation ``(x, x)`` pairs of ``SEQ`` tokens, one loader or
+    several (the first's tokens differ from the others')."""
+
+    def __init__(self, val_loaders: int = 1) -> None:
+        super().__init__()
+        self.val_loaders = val_loaders
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(tokens(32, SEQ + 1, 0)), batch_size=4, shuffle=True)
+
+    def val_dataloader(self):
+        data = [tokens(8, SEQ, 1 + i) for i in range(self.val_loaders)]
+        loaders = [DataLoader(TensorDataset(x, x), batch_size=4) for x in data]
+        return loaders[0] if self.val_loaders == 1 else loaders
+
+
+def prediction_monitor(**kwargs) -> PredictionEntropyMonitor:
+    kwargs = {"every_n_steps": 1, "source": "head", "head": "**.lm_head", "log_media": False, "print_summary": False,
+              **kwargs}
+    return PredictionEntropyMonitor(**kwargs)
+
+
+def fit_on(datamodule: L.LightningDataModule, callbacks: list[L.Callback], **kwargs) -> L.LightningModule:
+    L.seed_everything(0)
+    model = AllLM()
+    kwargs = {"max_steps": 3, "limit_val_batches": 0, **kwargs}
+    quiet_trainer(callbacks=callbacks, **kwargs).fit(model, datamodule=datamodule)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ datamodule probe
+
+
+def test_taking_the_probe_from_a_datamodule_leaves_the_shuffled_training_order_alone():
+    # iterating the validation loader draws its base seed from the global RNG: the training loader then shuffled
+    # differently with the monitor than without it
+    plain = fit_on(TokenData(), [])
+    monitored = fit_on(TokenData(), [prediction_monitor(probe_batches=1)])
+    assert same_weights(plain, monitored)
+    assert hooks_left(monitored) == []
+
+
+def test_a_datamodule_with_several_validation_loaders_gives_the_probe_of_the_first():
+    monitor = prediction_monitor(probe_batches=1)
+    fit_on(TokenData(val_loaders=2), [monitor], max_steps=1)  # was: "a probe batch must be a tensor ... DataLoader"
+    (inputs, labels, _), = monitor._probe_set
+    assert torch.equal(inputs, tokens(8, SEQ, 1)[:4]) and torch.equal(labels, inputs)
+    assert "entropy/pred/probe/mean" in monitor.history[-1][1]

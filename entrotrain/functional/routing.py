@@ -228,7 +228,16 @@ def tsallis_entropy_from_logits(
     if _is_shannon(q):
         terms = -torch.exp(safe) * safe
     else:
-        terms = -torch.exp(safe) * torch.expm1((q - 1.0) * safe) / (q - 1.0)
+        # q < 1 and a tiny p: e^ℓ·expm1((q-1)ℓ) is 0·inf (ℓ = -300); there p^q - p = e^{qℓ}·(-expm1((1-q)ℓ)) instead.
+        # Each branch reads ℓ only where it is taken (0 elsewhere), so neither the value nor the gradient sees 0·inf.
+        far = (q - 1.0) * safe > 1.0
+        near_l = torch.where(far, torch.zeros_like(safe), safe)
+        far_l = torch.where(far, safe, torch.zeros_like(safe))
+        terms = torch.where(
+            far,
+            torch.exp(q * far_l) * torch.expm1((1.0 - q) * far_l) / (q - 1.0),
+            -torch.exp(near_l) * torch.expm1((q - 1.0) * near_l) / (q - 1.0),
+        )
     s = torch.where(present, terms, torch.zeros_like(terms)).sum(dim=dim)
     return _finish(s, n, q, normalize, base)
 

@@ -121,6 +121,21 @@ def test_from_logits_matches_and_gradcheck(q):
     )
 
 
+@pytest.mark.parametrize("q", [0.5, 0.9, 1e-6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_from_logits_with_a_far_expert_and_order_below_one_is_finite(q, dtype):
+    """q < 1 and an expert ~300 nats below the top (finite logits): e^ℓ·expm1((q-1)ℓ) was 0·inf = NaN (in float32
+    already at ~100 nats), value and gradient; now p^q - p is taken as e^{qℓ}·(1 - e^{(1-q)ℓ}) there."""
+    z = torch.tensor([[0.0, -300.0, 1.0, -50.0], [2.0, -1e20, 0.5, 0.0]], dtype=dtype, requires_grad=True)
+    out = tsallis_entropy_from_logits(z, q)
+    want = tsallis64(torch.softmax(z.detach().double(), -1), q)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    out.sum().backward()
+    assert bool(torch.isfinite(z.grad).all()), z.grad
+    first = z.detach()[:1].double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: tsallis_entropy_from_logits(x, q), (first,))
+
+
 def test_dim_and_half_precision():
     p = _probs(6, 4, seed=7)
     torch.testing.assert_close(tsallis_entropy(p.T.contiguous(), 1.3, dim=0), tsallis64(p, 1.3))

@@ -65,8 +65,14 @@ def _scores(
     HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr, head_dim, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
-    """Scores ``scale · q kᵀ + b`` of a ``(BLOCK_M, BLOCK_N)`` tile, the valid-key mask, and the key tile."""
-    offs_d = tl.arange(0, BLOCK_D)
+    """Scores ``scale · q kᵀ + b`` of a ``(BLOCK_M, BLOCK_N)`` tile, the valid-key mask, and the key tile.
+
+    ``rows`` and ``cols`` are int64 (as every index that multiplies a stride: ``rows * s_vq`` of a dense mask passes
+    ``2**31`` at 46341 tokens).
+    """
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    rows = rows.to(tl.int64)
+    cols = cols.to(tl.int64)
     col_ok = cols < n_k
     k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
@@ -120,13 +126,13 @@ def _attn_entropy_fwd(
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
     hk = h // group
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     q = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qn + offs_d[None, :] * s_qd,
                 mask=(rows[:, None] < n_q) & (offs_d[None, :] < head_dim), other=0.0)
     k_base = k_ptr + b * s_kb + hk * s_kh
@@ -139,7 +145,7 @@ def _attn_entropy_fwd(
     cnt = tl.zeros([BLOCK_M], tl.int32)
     lo, hi = _key_range(start_m, n_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+        cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
         s, ok, _k = _scores(q, k_base, valid_base, bias_base, kpm_base, rows, cols, n_q, n_k, s_kn, s_kd, s_vq, s_vk,
                             s_bq, s_bk, s_pk, scale, window, HAS_VALID, HAS_BIAS, HAS_KPM, CAUSAL, HAS_WINDOW,
                             BLOCK_D, head_dim, DOT_PRECISION, DOT_UPCAST)
@@ -158,7 +164,7 @@ def _attn_entropy_fwd(
     centred_mean = t / l_safe
     log_l = tl.log(l_safe)
     m_safe = tl.where(has_any, m, 0.0)
-    out = bh.to(tl.int64) * n_q + rows
+    out = bh * n_q + rows
     row_ok = rows < n_q
     tl.store(h_ptr + out, tl.where(has_any, tl.maximum(log_l - centred_mean, 0.0), 0.0), mask=row_ok)
     tl.store(lse_ptr + out, tl.where(has_any, m_safe + log_l, float("-inf")), mask=row_ok)
@@ -178,18 +184,18 @@ def _attn_entropy_bwd_dq(
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
     hk = h // group
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     q_off = b * s_qb + h * s_qh + rows[:, None] * s_qn + offs_d[None, :] * s_qd
     q_mask = (rows[:, None] < n_q) & (offs_d[None, :] < head_dim)
     q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0)
     row_ok = rows < n_q
-    stat = bh.to(tl.int64) * n_q + rows
+    stat = bh * n_q + rows
     lse = tl.load(lse_ptr + stat, mask=row_ok, other=float("-inf"))
     has_any = lse != float("-inf")
     lse = tl.where(has_any, lse, 0.0)
@@ -199,7 +205,7 @@ def _attn_entropy_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, n_k, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
+        cols = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
         s, ok, k = _scores(q, k_base, valid_ptr + b * s_vb + h * s_vh, bias_ptr + b * s_bb + h * s_bh,
                            kpm_ptr + b * s_pb, rows, cols, n_q, n_k, s_kn, s_kd, s_vq, s_vk, s_bq, s_bk, s_pk,
                            scale, window, HAS_VALID, HAS_BIAS, HAS_KPM, CAUSAL, HAS_WINDOW, BLOCK_D, head_dim,
@@ -226,13 +232,13 @@ def _attn_entropy_bwd_dk(
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
+    bhk = tl.program_id(1).to(tl.int64)
     n_kv = n_heads // group
-    b = (bhk // n_kv).to(tl.int64)
-    hk = (bhk % n_kv).to(tl.int64)
+    b = bhk // n_kv
+    hk = bhk % n_kv
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     k_base = k_ptr + b * s_kb + hk * s_kh
     # queries that can reach keys start_n .. start_n + BLOCK_N - 1
     lo = 0
@@ -249,7 +255,7 @@ def _attn_entropy_bwd_dk(
         h = hk * group + j
         bh = b * n_heads + h
         for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
+            rows = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
             row_ok = rows < n_q
             q = tl.load(q_ptr + b * s_qb + h * s_qh + rows[:, None] * s_qn + offs_d[None, :] * s_qd,
                         mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)

@@ -64,7 +64,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, dim, s_hn, s_h
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``(h[rows] @ w[cols]ᵀ + b[cols]) / T`` in float32, ``-inf`` outside the vocabulary."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     for d0 in range(0, dim, BLOCK_D):
         ds = d0 + offs_d
         d_ok = ds < dim
@@ -90,22 +90,21 @@ def _linear_entropy_fwd(
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
+    rows64 = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # every pointer offset is built in int64
+    row_ok = rows64 < n_rows
     if HAS_LABELS:
-        labels = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        labels = tl.load(y_ptr + rows64, mask=row_ok, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     zy = tl.zeros([BLOCK_N], tl.float32)
-    v_lo = pid_s * vocab_per_split
+    v_lo = pid_s.to(tl.int64) * vocab_per_split
     v_hi = tl.minimum(v_lo + vocab_per_split, n_vocab)
     offs_v = tl.arange(0, BLOCK_V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + offs_v
         col_ok = cols < v_hi
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols.to(tl.int64), col_ok, dim, s_hn, s_hd, s_wv, s_wd,
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols, col_ok, dim, s_hn, s_hd, s_wv, s_wd,
                          inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -118,8 +117,8 @@ def _linear_entropy_fwd(
         m = m_new
         if HAS_LABELS:
             zy += tl.sum(tl.where((cols[None, :] == labels[:, None]) & col_ok[None, :], z, 0.0), axis=1)
-    base = pid_s * n_rows + rows
-    stride = n_splits * n_rows
+    base = pid_s.to(tl.int64) * n_rows + rows64
+    stride = n_splits.to(tl.int64) * n_rows
     tl.store(part_ptr + base, m, mask=row_ok)
     tl.store(part_ptr + stride + base, l, mask=row_ok)
     tl.store(part_ptr + 2 * stride + base, t, mask=row_ok)
@@ -134,24 +133,22 @@ def _linear_entropy_bwd(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_rows
-    col_ok = cols < n_vocab
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    rows64 = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols64 = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows64 < n_rows
+    col_ok = cols64 < n_vocab
     z = _logits_tile(h_ptr, w_ptr, b_ptr, rows64, row_ok, cols64, col_ok, dim, s_hn, s_hd, s_wv, s_wd, inv_temp,
                      HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-    g_h = tl.load(gh_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows64, mask=row_ok, other=0.0)
+    mean = tl.load(mean_ptr + rows64, mask=row_ok, other=0.0)
+    g_h = tl.load(gh_ptr + rows64, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])  # 0 outside the vocabulary
     d = -g_h[:, None] * p * tl.where(p > 0, z - mean[:, None], 0.0)
     if HAS_LABELS:
-        labels = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-        g_l = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
+        labels = tl.load(y_ptr + rows64, mask=row_ok, other=-1)
+        g_l = tl.load(gl_ptr + rows64, mask=row_ok, other=0.0)
         g_l = tl.where(labels >= 0, g_l, 0.0)
-        onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
+        onehot = (cols64[None, :] == labels[:, None]).to(tl.float32)
         d += g_l[:, None] * (onehot - p)
     d = d * inv_temp
     tl.store(dz_ptr + rows64[:, None] * s_dn + cols64[None, :], d.to(dz_ptr.dtype.element_ty),

@@ -72,7 +72,7 @@ def _logits_entropy_fwd(
     l = tl.zeros([BLOCK], tl.float32)
     t = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
-        cols = start + offs
+        cols = (start + offs).to(tl.int64)  # int64: cols * stride passes 2**31 for a (V, rows) layout
         inside = cols < n_cols
         z = tl.load(x_row + cols * stride_xc, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
         if HAS_MASK:
@@ -109,7 +109,7 @@ def _logits_entropy_bwd(
     scale = -tl.load(g_ptr + row).to(tl.float32) * inv_temp
     offs = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
-        cols = start + offs
+        cols = (start + offs).to(tl.int64)
         inside = cols < n_cols
         z = tl.load(x_ptr + row * stride_xr + cols * stride_xc, mask=inside, other=float("-inf")).to(tl.float32)
         z = z * inv_temp

@@ -515,6 +515,16 @@ def make_driver(monitor: Any, index: int, owner: str, where: str, policy: bool =
     return driver(monitor, where)
 
 
+def agreed_value(given: Sequence[float], mode: str) -> float | None:
+    """The one value a guard of ``mode`` judges for the values the ranks handed over, in rank order
+    (:meth:`MonitorSession.agree`): the first non-finite one, else the lowest (``mode="min"``) or the highest
+    (``"max"``); ``None`` for none."""
+    bad = [value for value in given if not math.isfinite(value)]
+    if bad or not given:
+        return bad[0] if bad else None
+    return min(given) if mode == "min" else max(given)
+
+
 def readable_scalar(value: Any) -> bool:
     """Whether a guard can read ``value``: a real number (not a bool) or a one-element tensor (not read here)."""
     if isinstance(value, Tensor):
@@ -744,13 +754,21 @@ class MonitorSession:
         for guard in self.guards:
             guard.flush_notifications()
 
-    def observe(self, values: dict[str, Any], step: int) -> list[tuple[EntropyCollapseGuard, str]]:
+    def observe(
+        self, values: dict[str, Any], step: int, local: dict[str, Any] | None = None
+    ) -> list[tuple[EntropyCollapseGuard, str]]:
         """Each guard whose key is a number in ``values`` observes it at ``step`` (once per step); the guards that
-        fire, with their reasons. A guard key that is a typo of a key in ``values`` is warned about once."""
+        fire, with their reasons. A guard key that is a typo of a key in ``values`` is warned about once.
+        ``local``: values this rank handed over itself (a loop's :meth:`EntropyMonitors.observe`), which can differ
+        between ranks; ``values`` wins for a key in both. Under ``torch.distributed`` the guards judge the values
+        the ranks agree on (:meth:`agree`, a collective: given ``local``, call it at the same steps on every rank),
+        so that every rank fires, stops, lowers its rates or rolls back alike."""
+        agreed = self.agree(local, values) if local is not None else {}
+        values = {**(local or {}), **values}
         warn_misspelt_keys(self.guards, values.keys(), step, self._misspelt)
         fired = []
-        for guard in self.guards:
-            value = values.get(guard.monitor)
+        for i, guard in enumerate(self.guards):
+            value = agreed[i] if i in agreed else values.get(guard.monitor)
             if not readable_scalar(value):
                 continue
             if guard.last_seen_step is not None and step <= guard.last_seen_step:
@@ -760,6 +778,41 @@ class MonitorSession:
             if reason is not None:
                 fired.append((guard, reason))
         return fired
+
+    def agree(self, local: dict[str, Any], reduced: dict[str, Any]) -> dict[int, float | None]:
+        """The value each guard judges, the same on every rank, by guard index: for the guards whose key is neither
+        in ``reduced`` (the monitors' statistics, reduced over ranks before they are published: the same on every
+        rank) nor a key a monitor published earlier in the run; ``None``: no rank handed it over (nothing to judge).
+        ``{}`` in one process.
+
+        Under ``torch.distributed`` with 2+ ranks, one ``all_gather`` of each such guard's value in ``local`` (or its
+        absence) at every call, whether this rank handed a value over or not (so a rank that did not is no hang):
+        every rank calls it at the same steps, as it runs the same ``step()`` blocks. Agreed on: the first non-finite
+        value in rank order (a rank whose loss went NaN makes every rank judge NaN, and act on it), else the worst
+        value for the guard's ``mode`` (the lowest with ``"min"``, the highest with ``"max"``). Every rank so takes
+        the decision that any rank alone would take on its own value: reducing the decision instead of the value
+        would leave each rank's streak, history and last good step its own. A value already the same on every rank
+        (one you all-reduced) is judged as it is, bit for bit; a mean would not be (``(x + x + x) / 3`` can round)."""
+        world, _, _ = distributed()
+        pending = [i for i, guard in enumerate(self.guards)
+                   if guard.monitor not in reduced and not any(guard.monitor in keys for keys in self._published)]
+        if world < 2 or not pending:
+            return {}
+        import torch.distributed as dist
+
+        mine = []  # (handed over, value) per pending guard
+        for i in pending:
+            value = local.get(self.guards[i].monitor)
+            here = readable_scalar(value)
+            mine.append((1.0 if here else 0.0, float(value.detach() if isinstance(value, Tensor) else value)
+                         if here else 0.0))
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        sent = torch.tensor(mine, dtype=torch.float64, device=device)
+        parts = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(parts, sent)
+        gathered = torch.stack(parts).tolist()  # [rank][pending guard] = (handed over, value)
+        return {i: agreed_value([row[j][1] for row in gathered if row[j][0] == 1.0], self.guards[i].mode)
+                for j, i in enumerate(pending)}
 
     def _source_of(self, key: str) -> str | None:
         """The publisher of ``key`` as Lightning names it (``publish_scalars``'s ``source``: the monitor's

@@ -53,7 +53,9 @@ folder, so a resumed run continues it. Rank zero writes; the calls are no-ops on
 
 Guards. Each guard observes its key when a monitor publishes it, or when you hand it over with
 :meth:`EntropyMonitors.observe` inside the block (``monitors.observe(loss=loss)``: a tensor is read only when a guard
-watches that key). Staleness, patience, episodes and ``on_nonfinite`` follow the Lightning guard. Actions:
+watches that key; under DDP / FSDP each rank hands over its own, and every rank judges the worst of them, a NaN on
+any rank first, so the ranks act alike). Staleness, patience, episodes and ``on_nonfinite`` follow the Lightning
+guard. Actions:
 ``"warn"``; ``"alert"`` (also ``wandb.run.alert`` when a run is active); ``"stop"`` (:attr:`should_stop` becomes
 True: leave your loop); ``"reduce_lr"`` (the optimizers and schedulers given to :meth:`watch`); ``"rollback"`` (the
 model's and those optimizers' state go back to the last good observation, held in host memory, and their learning
@@ -349,7 +351,13 @@ class EntropyMonitors:
 
     def observe(self, **values: float | Tensor) -> None:
         """Hand this step's scalars (``loss=loss``, ``grad_norm=...``) to the guards watching those keys; judged at
-        the end of the ``step()`` block. Not logged (log them yourself)."""
+        the end of the ``step()`` block. Not logged (log them yourself).
+
+        Under ``torch.distributed`` each rank hands over its own value (its loss), and the guards judge one value
+        agreed on by all ranks at the block's end (one ``all_gather`` per step while a guard watches a key no monitor
+        publishes; :meth:`MonitorSession.agree`): the first NaN / Inf of any rank, else the worst rank's value for the
+        guard's mode, so every rank fires, stops or rolls back alike, and a value you all-reduced yourself is judged
+        as it is. A rank may leave a key out (only the ranks that handed it over count)."""
         if self._step is None:
             raise EntrotrainError(
                 "EntropyMonitors.observe() must be called inside a `with monitors.step(step):` block."
@@ -420,7 +428,7 @@ class EntropyMonitors:
         metrics, self.media = self.session.collect(step, media=send)
         self.computed = {k: float(v) for k, v in metrics.items()}
         self.logs = {k: v for k, v in self.computed.items() if math.isfinite(v)}
-        fired = self.session.observe({**self._observed, **metrics}, step) + self.session.check_stale(step)
+        fired = self.session.observe(metrics, step, local=self._observed) + self.session.check_stale(step)
         self._observed = {}
         self.rolled_back = False
         folder = self.checkpoint_dir

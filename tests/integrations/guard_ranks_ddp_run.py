@@ -1,0 +1,82 @@
+"""Guards in a plain loop (EntropyMonitors) on 2 gloo CPU ranks whose own values differ: the ranks must decide alike.
+
+``python guard_ranks_ddp_run.py OUT`` forks two ranks. Each trains a DDP-wrapped MLP (same seed, its own batches)
+under ``EntropyMonitors(guards=[...])`` and hands the guard its own scripted value with ``monitors.observe(loss=...)``
+(as each rank hands over its own loss), in three runs:
+
+- ``rollback``: rank 1's value is bad at step 2, rank 0's never is;
+- ``stop``: rank 1's value is NaN at step 1, rank 0's is finite;
+- ``reduce_lr``: only rank 0 hands a value over (bad at step 1); rank 1 never calls ``observe``.
+
+Each rank writes ``rank{r}.json``: per run, the steps it rolled back at, ``should_stop`` after each step, the final
+learning rate and its final weights (flattened). Run by tests/integrations/test_guard_ranks_ddp.py.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch.multiprocessing as mp  # noqa: E402
+
+from tests.helpers import gloo  # noqa: E402
+
+NAN = math.nan
+#: run -> (guard arguments, values of rank 0, values of rank 1; None: not handed over)
+RUNS = {
+    "rollback": (dict(threshold=5.0, mode="max", action="rollback"), [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 9.0, 1.0]),
+    "stop": (dict(threshold=5.0, mode="max", action="stop"), [1.0, 1.0, 1.0, 1.0], [1.0, NAN, 1.0, 1.0]),
+    "reduce_lr": (dict(threshold=5.0, mode="max", action="reduce_lr"), [1.0, 9.0, 1.0, 1.0], [None] * 4),
+}
+
+
+def train(rank: int, guard_args: dict, values: list) -> dict:
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    guard = EntropyCollapseGuard("loss", keep_last_good=False, **guard_args)
+    monitors = EntropyMonitors(guards=[guard], print_summary=False)
+    rolled, stop = [], []
+    with monitors.watch(ddp, optimizer=opt):
+        for step, value in enumerate(values):
+            with monitors.step(step):
+                opt.zero_grad(set_to_none=True)
+                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
+                opt.step()
+                if value is not None:
+                    monitors.observe(loss=torch.tensor(value))
+            if monitors.rolled_back:
+                rolled.append(step)
+            stop.append(monitors.should_stop)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights}
+
+
+def worker(rank: int, out: str) -> None:
+    faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting in a collective: fail, do not hang
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    found = {name: train(rank, args, by_rank[rank]) for name, (args, *by_rank) in RUNS.items()}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(found))
+    faulthandler.cancel_dump_traceback_later()
+
+
+if __name__ == "__main__":
+    importlib.import_module("entrotrain.integrations.loop")  # inherited by the forked ranks
+    mp.start_processes(
+        gloo._in_group, args=(2, gloo.free_port(), worker, (sys.argv[1],)), nprocs=2, join=True, start_method="fork"
+    )

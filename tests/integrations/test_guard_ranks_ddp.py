@@ -1,0 +1,47 @@
+"""Guards in a plain loop on 2 gloo ranks judge one value agreed on by the ranks (MonitorSession.agree): each rank
+hands over its own value with ``monitors.observe``, and every rank rolls back, stops or lowers its rates alike
+(tests/integrations/guard_ranks_ddp_run.py). Before, each rank judged its own value: one rank rolled back alone and
+the replicas' weights parted, one rank stopped alone (the other would wait for it in its next collective)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from entrotrain.integrations._monitor_session import agreed_value
+from tests.helpers.scripts import run_script
+
+
+def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> None:
+    run_script(Path(__file__).with_name("guard_ranks_ddp_run.py"), Path(__file__).resolve().parents[2], str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in ("rollback", "stop", "reduce_lr"):
+        assert ranks[0][name]["weights"] == ranks[1][name]["weights"], name  # the replicas stay one model
+    for r in ranks:
+        assert r["rollback"]["rolled"] == [2], r["rollback"]  # rank 1's bad value rolls both back
+        assert r["stop"]["stop"] == [False, True, True, True]  # rank 1's NaN stops both
+        assert r["reduce_lr"]["lr"] == 0.05  # only rank 0 handed a value over: it counts on both, no hang
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), st.sampled_from(["min", "max"]))
+def test_the_agreed_value_is_a_rank_s_own_and_a_bad_one_wins(given_values: list[float], mode: str) -> None:
+    agreed = agreed_value(given_values, mode)
+    if not given_values:
+        assert agreed is None
+        return
+    bad = [v for v in given_values if not math.isfinite(v)]
+    if bad:  # any rank's NaN / Inf: every rank judges the first of them
+        assert agreed is bad[0]
+    else:  # the worst rank's value, exactly as that rank handed it over
+        assert agreed in given_values
+        assert all(agreed <= v if mode == "min" else agreed >= v for v in given_values)
+
+
+@given(st.floats(allow_nan=False), st.integers(1, 8), st.sampled_from(["min", "max"]))
+def test_a_value_the_same_on_every_rank_is_judged_bit_for_bit(value: float, world: int, mode: str) -> None:
+    assert struct.pack("<d", agreed_value([value] * world, mode)) == struct.pack("<d", value)

@@ -38,6 +38,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ------------------------------------------------------------------ scenarios (each failed before its fix)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_z_loss_of_finite_logits_beyond_float32_is_refused(dtype):
+    """lse ≈ 2e19: (lse)² = 4e38 > float32's max gave an inf loss from finite logits; now an error naming the fix.
+    float64 logits compute it; a masked row of such logits takes no part; NaN logits stay data (a NaN loss)."""
+    z = torch.tensor([[2e19, 0.0], [1.0, 0.0]], dtype=dtype)
+    with pytest.raises(EntrotrainError, match="overflows.*diverged.*double"):
+        router_z_loss(z)
+    assert float(router_z_loss(z.double())) == pytest.approx((2e19**2 + math.log1p(math.e) ** 2) / 2, rel=1e-2)
+    assert math.isfinite(float(router_z_loss(z, mask=torch.tensor([False, True]))))
+    assert math.isnan(float(router_z_loss(torch.tensor([[NAN, 0.0]]))))
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -187,7 +199,8 @@ def test_tsallis_from_logits_equals_tsallis_of_the_softmax(case, q, normalize):
 def router_case(draw):
     rows, experts = draw(st.integers(0, 6)), draw(st.integers(0, 4))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    z = torch.randn(rows, experts, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.1, 3.0, 30.0]))
+    scale = draw(st.sampled_from([0.1, 3.0, 30.0, 1e20]))  # 1e20: finite, but the z-loss's lse² overflows float32
+    z = torch.randn(rows, experts, generator=g, dtype=torch.float64) * scale
     if z.numel() and draw(st.booleans()):
         z[draw(st.integers(0, rows - 1))] = draw(st.sampled_from([NAN, INF, -INF]))
     dtype = draw(st.sampled_from(_ALL_DTYPES))
@@ -255,6 +268,9 @@ def test_router_losses_contract(case, name, n_layers):
     status, loss = call(_LOSSES[name], layers, mask)
     if _invalid_router_input(z, mask_kind):
         assert status == "error", f"accepted: dtype={z.dtype} E={z.shape[-1]} mask={mask_kind}"
+        return
+    if status == "error":  # finite logits whose lse² leaves float32 (before: an inf loss)
+        assert name == "z_loss" and z.dtype != torch.float64 and "overflows" in str(loss), loss
         return
     assert status == "ok", loss
     value = float(loss.detach())

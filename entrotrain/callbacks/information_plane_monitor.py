@@ -12,7 +12,8 @@ When: at the **start** of a training batch, before its update (IDNNs records "at
 * ``every_n_epochs=n`` (default 1): at the first batch of epochs ``0, n, 2n, ...``;
 * ``log_spaced=K`` (recommended for long runs: dense early, sparse late): epochs
   ``unique(int(logspace(log2 1, log2 E, K, base 2))) − 1`` over the fit's ``E`` epochs — exactly IDNNs' schedule
-  (``E = 8000, K = 400`` gives its 274 epochs); ``E`` is ``max_epochs``, or ``ceil(max_steps / batches per epoch)``;
+  (``E = 8000, K = 400`` gives its 274 epochs); ``E`` is ``max_epochs`` or ``ceil(max_steps / optimizer steps per
+  epoch)``, the smaller when both are set (the fit stops at the first);
 * ``every_n_steps=n``: at optimizer steps ``0, n, 2n, ...`` (the first micro-batch of the step).
 
 What: the probe set (``probe``) goes through ``pl_module(x)`` in eval mode under ``torch.no_grad()`` (each module's
@@ -351,15 +352,16 @@ class InformationPlaneMonitor(HookedMonitor):
             return None
         if self._epochs is None:
             total = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
-            if total is None:
-                batches = trainer.num_training_batches
-                if trainer.max_steps in (None, -1) or not math.isfinite(batches) or batches <= 0:
-                    raise EntrotrainError(
-                        "InformationPlaneMonitor(log_spaced=...) needs the fit's length: set trainer max_epochs, or "
-                        "max_steps with a sized training loader; or use every_n_epochs / every_n_steps."
-                    )
+            batches = trainer.num_training_batches
+            if trainer.max_steps not in (None, -1) and math.isfinite(batches) and batches > 0:
                 per_epoch = max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
-                total = math.ceil(trainer.max_steps / per_epoch)
+                by_steps = math.ceil(trainer.max_steps / per_epoch)  # the fit stops at whichever limit comes first
+                total = by_steps if total is None else min(total, by_steps)
+            if total is None:
+                raise EntrotrainError(
+                    "InformationPlaneMonitor(log_spaced=...) needs the fit's length: set trainer max_epochs, or "
+                    "max_steps with a sized training loader; or use every_n_epochs / every_n_steps."
+                )
             self._epochs = set(log_spaced_epochs(max(1, int(total)), self.log_spaced))
         return self._epochs
 

@@ -205,6 +205,14 @@ def test_log_spaced_matches_idnns_and_steps_schedule_with_accumulation():
     assert [e for _, e, _ in by_steps.history] == log_spaced_epochs(4, 3)
 
 
+def test_log_spaced_spans_the_fit_when_max_steps_ends_it_before_max_epochs():
+    # max_steps=16 ends the fit after 4 epochs of 4 batches: the schedule spans those 4 epochs, not max_epochs=1000
+    # (whose log-spaced epochs 0, 30, 999 would evaluate once)
+    by_steps = InformationPlaneMonitor(estimators=["binning"], log_spaced=3, max_probe=200, print_summary=False)
+    fit(SmallNet(), [by_steps], dm=InformationPlaneDataModule(batch_size=1024), max_steps=16, max_epochs=1000)
+    assert [e for _, e, _ in by_steps.history] == log_spaced_epochs(4, 3) == [0, 1, 3]
+
+
 @given(st.integers(0, 50), st.integers(1, 7), st.integers(1, 5))
 def test_chunk_layout_rebuilds_the_probe_for_any_world(n, batch, world):
     """Simulated ranks: each forwards chunks r, r + W, ...; padding, gather and layout give back the probe."""

@@ -515,11 +515,14 @@ class EntropyCollapseGuard(PerFitCallback):
             self._observe(trainer, float(metric), step)
 
     def _warn_if_rank_local(self, trainer: Trainer) -> None:
-        """Once per fit: a ``rollback`` / ``reduce_lr`` guard on several ranks watching a key each rank logs with
-        ``self.log`` unsynced judges a different value on each rank: one rank can roll back (or lower its rates)
-        while another does not, and the replicas drift apart without an error."""
+        """Once per fit: a ``rollback`` / ``reduce_lr`` / ``stop`` guard on several ranks watching a key each rank
+        logs with ``self.log`` unsynced judges a different value on each rank: one rank can roll back (or lower its
+        rates) while another does not, and the replicas drift apart without an error; or one rank stops
+        (``trainer.should_stop``, which Lightning does not reduce over ranks) while the others wait for it in their
+        next collective, a hang. Warned, not reduced here: a key logged on some ranks only (``rank_zero_only=True``)
+        would leave a reducing rank waiting alone."""
         world = getattr(trainer, "world_size", 1)
-        if self._rank_local_warned or self.action not in ("rollback", "reduce_lr") or world < 2:
+        if self._rank_local_warned or self.action not in ("rollback", "reduce_lr", "stop") or world < 2:
             return
         metas = [getattr(m, "meta", None) for m in (getattr(trainer, "_results", None) or {}).values()]
         synced = [bool(getattr(getattr(meta, "sync", None), "should", False)) for meta in metas
@@ -528,8 +531,10 @@ class EntropyCollapseGuard(PerFitCallback):
             self._rank_local_warned = True
             rank_zero_warn(
                 f"EntropyCollapseGuard(action={self.action!r}) watches {self.monitor!r}, which each of the "
-                f"{world} ranks logs with self.log without sync_dist=True: each rank judges its own "
-                "value, so one rank can act while another does not, and the replicas drift apart silently. Log it "
+                f"{world} ranks logs with self.log without sync_dist=True: each rank judges its own value, so one "
+                "rank can act while another does not: " + (
+                    "one rank stops while the others wait for it in their next collective (a hang)" if
+                    self.action == "stop" else "the replicas drift apart silently") + ". Log it "
                 f"with self.log({self.monitor!r}, ..., sync_dist=True), or watch a monitor's key (the monitors "
                 "reduce across ranks)."
             )

@@ -1,5 +1,6 @@
-"""A ``rollback`` / ``reduce_lr`` guard on several ranks watching a key each rank logs with ``self.log`` unsynced is
-warned about: each rank would judge its own value, and one rank acting alone makes the replicas drift apart."""
+"""A ``rollback`` / ``reduce_lr`` / ``stop`` guard on several ranks watching a key each rank logs with ``self.log``
+unsynced is warned about: each rank would judge its own value, and one rank acting alone makes the replicas drift
+apart, or (``stop``) leaves the other ranks waiting for it in their next collective."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _trainer(world: int, sync: bool) -> SimpleNamespace:
 
 @pytest.mark.parametrize(("action", "world", "sync", "warned"), [
     ("rollback", 2, False, True), ("reduce_lr", 4, False, True), ("rollback", 2, True, False),
-    ("rollback", 1, False, False), ("warn", 2, False, False), ("stop", 2, False, False),
+    ("rollback", 1, False, False), ("warn", 2, False, False), ("stop", 2, False, True), ("stop", 2, True, False),
 ])
 def test_an_unsynced_key_on_several_ranks_is_warned_about_once(action: str, world: int, sync: bool,
                                                                warned: bool) -> None:
@@ -36,3 +37,4 @@ def test_an_unsynced_key_on_several_ranks_is_warned_about_once(action: str, worl
     assert len(said) == (1 if warned else 0) and guard.last_seen_step == 6
     if warned:
         assert f"each of the {world} ranks" in said[0] and "self.log('loss', ..., sync_dist=True)" in said[0]
+        assert ("wait for it in their next collective" in said[0]) == (action == "stop")  # one rank alone: a hang

@@ -116,6 +116,18 @@ def _key_range(start_m, n_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _block_and_head(n, BLOCK: tl.constexpr):
+    """``(first index, batch·head)`` of this program on the 1-D grid of ``cdiv(n, BLOCK) · batch·heads`` programs.
+
+    One grid axis, blocks of a head adjacent: CUDA caps grid axes 1 and 2 at 65535, and ``batch · heads`` passes that
+    (e.g. 4096 sequences x 16 heads); axis 0 takes ``2**31 - 1``.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(n, BLOCK)
+    return (pid % n_blocks) * BLOCK, pid // n_blocks
+
+
+@triton.jit
 def _attn_entropy_fwd(
     q_ptr, k_ptr, valid_ptr, bias_ptr, kpm_ptr, h_ptr, lse_ptr, mean_ptr, cnt_ptr,
     n_heads, group, n_q, n_k, head_dim,
@@ -126,8 +138,7 @@ def _attn_entropy_fwd(
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m, bh = _block_and_head(n_q, BLOCK_M)
     b = bh // n_heads
     h = bh % n_heads
     hk = h // group
@@ -184,8 +195,7 @@ def _attn_entropy_bwd_dq(
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    start_m, bh = _block_and_head(n_q, BLOCK_M)
     b = bh // n_heads
     h = bh % n_heads
     hk = h // group
@@ -232,8 +242,7 @@ def _attn_entropy_bwd_dk(
     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+    start_n, bhk = _block_and_head(n_k, BLOCK_N)
     n_kv = n_heads // group
     b = bhk // n_kv
     hk = bhk % n_kv
@@ -380,7 +389,7 @@ def _forward(q, k, masks: _Masks, scale: float):
     cnt = torch.empty(batch, heads, n_q, dtype=torch.int32, device=q.device)
     ptrs, args, flags = _common_args(q, k, masks)
     bm, bn, warps, stages = _config(FWD_CONFIG, q, n_q, n_k, masks)
-    _attn_entropy_fwd[(triton.cdiv(n_q, bm), batch * heads)](
+    _attn_entropy_fwd[(triton.cdiv(n_q, bm) * batch * heads,)](
         q, k, *ptrs, *out, cnt, *args, scale, masks.window or 0, **flags, BLOCK_M=bm, BLOCK_N=bn,
         num_warps=warps, num_stages=stages,
     )
@@ -412,14 +421,14 @@ class _TritonAttentionEntropy(torch.autograd.Function):
             # writing with q's strides would run past the buffer
             dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             bm, bn, warps, stages = _config(BWD_DQ_CONFIG, q, n_q, n_k, masks)
-            _attn_entropy_bwd_dq[(triton.cdiv(n_q, bm), batch * heads)](
+            _attn_entropy_bwd_dq[(triton.cdiv(n_q, bm) * batch * heads,)](
                 q, k, *ptrs, lse, mean, g, dq, *args, *dq.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=warps, num_stages=stages,
             )
         if ctx.needs_input_grad[1]:
             dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
             bm, bn, warps, stages = _config(BWD_DK_CONFIG, q, n_q, n_k, masks)
-            _attn_entropy_bwd_dk[(triton.cdiv(n_k, bn), batch * kv_heads)](
+            _attn_entropy_bwd_dk[(triton.cdiv(n_k, bn) * batch * kv_heads,)](
                 q, k, *ptrs, lse, mean, g, dk, *args, *dk.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=warps, num_stages=stages,
             )

@@ -166,3 +166,28 @@ def test_errors(device):
         kmod.attention_entropy(q, k, attn_mask=bias)
     with pytest.raises(EntrotrainError, match="window"):
         kmod.attention_entropy(q, k, window=0)
+
+
+class _GridRecorder:
+    """Stands in for a kernel: records the launch grid, runs nothing."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_launch_grids_fit_cuda_limits_with_many_heads(device, monkeypatch):
+    """batch · heads = 70000 > 65535, CUDA's cap on grid axes 1 and 2 (the interpreter has none): every launch keeps
+    its axes 1 and 2 at most 65535 and axis 0 below 2**31."""
+    grids = []
+    for name in ("_attn_entropy_fwd", "_attn_entropy_bwd_dq", "_attn_entropy_bwd_dk"):
+        monkeypatch.setattr(kmod, name, _GridRecorder(grids))
+    q = torch.zeros(2, 35000, 1, 16, device=device, requires_grad=True)
+    k = torch.zeros(2, 35000, 1, 16, device=device, requires_grad=True)
+    kmod.attention_entropy(q, k).sum().backward()
+    assert len(grids) == 3
+    for grid in grids:
+        assert 1 <= len(grid) <= 3 and grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid

@@ -140,7 +140,8 @@ class SigmaReparamMonitor(PerFitCallback):
     r"""Logs σ and γ of every :class:`SigmaReparamLinear` and per-head attention-logit norms every ``n`` steps.
 
     Runs in ``on_train_batch_end`` of the micro-batch whose optimizer step completes step ``s`` with
-    ``s % every_n_steps == 0`` (steps ``0, n, 2n, ...``; never during the sanity check), reading the weights *after*
+    ``s % every_n_steps == 0`` (steps ``0, n, 2n, ...``; never during the sanity check; with several optimizers
+    stepped in one batch, the batch whose first step is ``s``, as the other monitors), reading the weights *after*
     that optimizer step and σ as estimated in its forward. Reads only: no buffer is written, no RNG consumed, so
     training is bit-identical with and without the monitor. Under FSDP2 it gathers sharded γ and weights (see the
     module docstring); under FSDP1 it reads inside ``summon_full_params``. All values are computed in float32 without gradient,
@@ -199,8 +200,11 @@ class SigmaReparamMonitor(PerFitCallback):
             self._seen_step = step
         if step <= self._seen_step:  # still accumulating: no optimizer step yet
             return
-        self._seen_step = step
-        if (step - 1) % self.every_n_steps == 0:
+        # the batch's first optimizer step decides, as in the other monitors' logging window: with several optimizers
+        # stepped per batch (manual optimisation) global_step moves by more than one, and ``step - 1`` skips the
+        # multiples of ``every_n_steps`` that a batch's first step lands on (two optimizers, n = 2: never logged)
+        first, self._seen_step = self._seen_step, step
+        if first % self.every_n_steps == 0:
             self._log(trainer, pl_module)
 
     def collect(self, module: nn.Module) -> dict[str, float]:

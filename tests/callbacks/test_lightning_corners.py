@@ -5,12 +5,14 @@ hold in each: training bit for bit the same with and without the monitors, keys 
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from entrotrain.callbacks import PredictionEntropyMonitor
-from tests.callbacks.test_monitor_lifecycle import SEQ, VOCAB, AllLM, hooks_left, same_weights
+from entrotrain.callbacks import AttentionEntropyMonitor, PredictionEntropyMonitor, SigmaReparamMonitor
+from tests.callbacks.test_monitor_lifecycle import SEQ, VOCAB, AllLM, hooks_left, loader, same_weights
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.spy_logger import SpyLogger
 
 
 def tokens(n: int, length: int, seed: int) -> torch.Tensor:
@@ -66,3 +68,51 @@ def test_a_datamodule_with_several_validation_loaders_gives_the_probe_of_the_fir
     (inputs, labels, _), = monitor._probe_set
     assert torch.equal(inputs, tokens(8, SEQ, 1)[:4]) and torch.equal(labels, inputs)
     assert "entropy/pred/probe/mean" in monitor.history[-1][1]
+
+
+# ------------------------------------------------------------------------------------------ manual optimisation
+
+
+class TwoOptimizers(AllLM):
+    """Manual optimisation, GAN style: two optimizers stepped in every batch (``global_step`` moves by 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        optimizers = self.optimizers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(out["loss"])
+        for optimizer in optimizers:
+            optimizer.step()
+        return out
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        half = len(params) // 2
+        return [torch.optim.SGD(params[:half], lr=self.lr), torch.optim.SGD(params[half:], lr=self.lr)]
+
+
+def logged_steps(spy: SpyLogger, prefix: str) -> list[int]:
+    return sorted({step for step, row in spy.rows if any(k.startswith(prefix) for k in row)})
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_with_two_optimizers_sigma_reparam_logs_at_the_steps_of_the_other_monitors(every):
+    # sigma logged after steps with (global_step - 1) % n == 0: with two optimizers global_step is even after every
+    # batch, so with n = 2 it never logged, and with n = 3 it logged at other batches than the attention monitor
+    runs = []
+    for callbacks in ([], [AttentionEntropyMonitor(every_n_steps=every, log_media=False, print_summary=False),
+                           SigmaReparamMonitor(every_n_steps=every)]):
+        L.seed_everything(0)
+        model, spy = TwoOptimizers(), SpyLogger()
+        quiet_trainer(callbacks=callbacks, logger=spy, max_steps=8).fit(model, loader())
+        runs.append((model, spy))
+    (plain, _), (monitored, spy) = runs
+    assert same_weights(plain, monitored)
+    attention = logged_steps(spy, "entropy/attn/")
+    assert attention == ([0, 1, 2, 3] if every == 2 else [0, 3])  # batches whose first step is a multiple
+    assert logged_steps(spy, "sigma_reparam/") == attention

@@ -41,7 +41,8 @@ DEFAULT_CHUNK = 512
 class PredictionStats(NamedTuple):
     """Per row ``(N,)``: ``entropy`` (nats), ``top1_prob`` and ``nll`` of the label (``None`` without labels).
     float32 (float64 for float64 input); a row holding NaN/Inf gives NaN in that row only. Finite logits give
-    finite values, except an ``nll`` beyond the dtype's range (``lse − z_y > 3.4e38`` in float32), which is +inf."""
+    finite values, except an ``nll`` beyond the dtype's range (``lse − z_y > 3.4e38`` in float32), which is +inf; so
+    do finite ``hidden`` and head whose product overflows float32 (those rows are computed again in float64)."""
 
     entropy: Tensor
     top1_prob: Tensor
@@ -130,7 +131,9 @@ def prediction_stats_from_hidden(
 
     Returns:
         :class:`PredictionStats` equal (to float32 rounding) to :func:`prediction_stats_from_logits` on
-        ``hidden @ weight.T + bias``. No gradient. A NaN/Inf row of ``hidden`` gives NaN in that row only.
+        ``hidden @ weight.T + bias``. No gradient. A NaN/Inf row of ``hidden`` gives NaN in that row only; a finite
+        row whose float32 logits overflow (``|h·W| > 3.4e38``) is computed again in float64 (finite statistics; one
+        host sync per call, skipped inside a ``torch.compile``d region, where such a row stays NaN).
 
     Raises:
         EntrotrainError: shapes that do not fit (named), ``V = 0``, bad labels or ``chunk_size``.
@@ -162,7 +165,38 @@ def hidden_stats(
         z = hidden[start:stop].detach().to(acc) @ w.t()
         return z if b is None else z.add_(b)
 
-    return _run(hidden.shape[0], chunk_size, block, labels, acc, hidden.device)
+    stats = _run(hidden.shape[0], chunk_size, block, labels, acc, hidden.device)
+    if acc == torch.float32 and hidden.shape[0] and not torch.compiler.is_compiling():
+        stats = _redo_overflowed(stats, hidden, weight, bias, labels, chunk_size)
+    return stats
+
+
+def _redo_overflowed(
+    stats: PredictionStats, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor | None, chunk: int
+) -> PredictionStats:
+    """The rows of finite ``hidden`` whose float32 logits ``h Wᵀ + b`` overflowed (``|z| > 3.4e38``: NaN entropy or
+    top-1), computed again in float64, where they are finite (``|h|, |W| < 3.4e38`` give ``|z| < 1.2e77·D``), and
+    stored back in float32 (``H <= ln V`` and ``p_max <= 1`` fit; an nll beyond float32's range is +inf, as
+    documented). One host sync per call; skipped inside a compiled region (which it would break)."""
+    redo = ~(torch.isfinite(stats.entropy) & torch.isfinite(stats.top1_prob))
+    redo &= torch.isfinite(hidden.detach()).all(-1)  # a NaN/Inf row of hidden is data: NaN in that row
+    if not bool(redo.any()):
+        return stats
+    rows = redo.nonzero().squeeze(1)
+    h = hidden.detach()[rows].double()
+    w = weight.detach().double()
+    b = None if bias is None else bias.detach().double()
+
+    def block(start: int, stop: int) -> Tensor:
+        z = h[start:stop] @ w.t()
+        return z if b is None else z.add_(b)
+
+    again = _run(rows.numel(), chunk, block, None if labels is None else labels[rows], torch.float64, h.device)
+    stats.entropy[rows] = again.entropy.float()
+    stats.top1_prob[rows] = again.top1_prob.float()
+    if stats.nll is not None and again.nll is not None:
+        stats.nll[rows] = again.nll.float()
+    return stats
 
 
 def check_label_range(labels: Tensor | None, vocab: int) -> None:

@@ -206,3 +206,29 @@ def test_prediction_stats_match_the_float64_brute_force(case, chunk_size):
         eye = torch.eye(v, dtype=z.dtype)
         other = prediction_stats_from_hidden(z, eye, None, labels, chunk_size=chunk_size)
         torch.testing.assert_close(other.entropy, out.entropy, atol=tol, rtol=tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 5), st.integers(1, 5), st.integers(1, 4), st.sampled_from([1.0, 1e10, 1e20]),
+    st.sampled_from([1.0, 1e20]), st.sampled_from([1, 2, 512]), st.booleans(), st.integers(0, 2**31 - 1),
+)
+def test_prediction_stats_from_hidden_whose_product_overflows_float32(n, v, d, h_scale, w_scale, chunk, bias, seed):
+    """Finite float32 hidden states and head whose product h·Wᵀ leaves float32 (1e20 · 1e20): the statistics are
+    those of the exact (float64) logits, finite (before: inf logits, NaN entropy / top-1 / nll). An nll beyond
+    float32's range is +inf (documented)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g, dtype=torch.float64) * h_scale).float()
+    weight = (torch.randn(v, d, generator=g, dtype=torch.float64) * w_scale).float()
+    b = torch.randn(v, generator=g).float() if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    out = prediction_stats_from_hidden(hidden, weight, b, labels, chunk_size=chunk)
+    z = hidden.double() @ weight.double().t() + (0.0 if b is None else b.double())
+    want = prediction_stats_from_logits(z, labels)
+    assert out.entropy.dtype == torch.float32
+    assert torch.isfinite(out.entropy).all() and torch.isfinite(out.top1_prob).all(), out
+    torch.testing.assert_close(out.entropy.double(), want.entropy, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out.top1_prob.double(), want.top1_prob, atol=2e-4, rtol=2e-4)
+    fits = want.nll.abs() < torch.finfo(torch.float32).max
+    torch.testing.assert_close(out.nll.double()[fits], want.nll[fits], atol=2e-4, rtol=1e-5)
+    assert (out.nll[~fits] == INF).all()

@@ -192,11 +192,12 @@ def _forward(hidden, weight, bias, labels, temperature):
         DOT_UPCAST=hidden.device.type != "cuda",
         num_warps=warps, num_stages=stages,
     )
-    m, l, t, zy = part.unbind(0)  # (splits, n) each; every split holds >= 1 vocabulary entry: m finite or nan
+    m, l, t, zy = part.unbind(0)  # (splits, n) each; m = -inf (l = t = 0) where a split's logits are all -inf
     big = m.amax(0)
     alpha = torch.exp(m - big)
+    shift = torch.where(m == float("-inf"), 0.0, m - big)  # not (-inf) * 0 = nan for such a split
     l_all = (alpha * l).sum(0)
-    t_all = (alpha * (t + (m - big) * l)).sum(0)
+    t_all = (alpha * (t + shift * l)).sum(0)
     log_l = torch.log(l_all)
     centred_mean = t_all / l_all
     entropy = log_l - centred_mean

@@ -127,3 +127,22 @@ def test_errors(device):
         kmod.linear_entropy_and_logprobs(hidden, weight, bias=bias[:5])
     empty = kmod.linear_entropy_and_logprobs(hidden[:0], weight, labels[:0])
     assert empty.entropy.shape == (0,) and empty.logprobs.shape == (0,)
+
+
+def test_a_vocabulary_split_that_is_all_minus_inf(device, monkeypatch):
+    """A bias of -inf over a whole vocabulary split (padded vocabulary entries switched off): that split's partial
+    state is m = -inf, l = 0, and merging it must weigh 0 (not (m - max) * l = -inf * 0 = NaN)."""
+    monkeypatch.setattr(kmod, "_sm_count", lambda device: 4)  # 4 vocabulary splits of 16 entries each
+    for size in kmod.CONFIG:
+        monkeypatch.setitem(kmod.CONFIG, size, (16, 16, 16, 4, 1))
+    hidden, weight, bias, labels = _inputs(5, 16, 64, device, seed=3)
+    bias[48:] = float("-inf")
+    labels[0] = 60  # a label on a switched-off entry: log-probability -inf, as the float64 oracle
+    hidden.requires_grad_(True)
+    out = kmod.linear_entropy_and_logprobs(hidden, weight, labels, bias=bias)
+    assert torch.isfinite(torch.autograd.grad(out.entropy.sum(), hidden, retain_graph=True)[0]).all()
+    _, lp64 = _brute64(hidden.double().cpu(), weight.double().cpu(), labels.cpu(), bias.double().cpu(), 1.0)
+    lp_all = torch.log_softmax(hidden.double().cpu() @ weight.double().cpu().T + bias.double().cpu(), -1)
+    h64 = -torch.where(lp_all > float("-inf"), lp_all.exp() * lp_all, 0.0).sum(-1)  # 0 log 0 = 0
+    torch.testing.assert_close(out.entropy.double().cpu(), h64, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.logprobs.double().cpu(), lp64, rtol=0, atol=2e-5)

@@ -354,7 +354,8 @@ class InformationPlaneMonitor(HookedMonitor):
             total = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
             batches = trainer.num_training_batches
             if trainer.max_steps not in (None, -1) and math.isfinite(batches) and batches > 0:
-                per_epoch = max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
+                # Lightning steps on every accumulate-th batch and on an epoch's last batch: ceil, not floor
+                per_epoch = -(-int(batches) // max(1, trainer.accumulate_grad_batches))
                 by_steps = math.ceil(trainer.max_steps / per_epoch)  # the fit stops at whichever limit comes first
                 total = by_steps if total is None else min(total, by_steps)
             if total is None:

@@ -211,6 +211,12 @@ def test_log_spaced_spans_the_fit_when_max_steps_ends_it_before_max_epochs():
     by_steps = InformationPlaneMonitor(estimators=["binning"], log_spaced=3, max_probe=200, print_summary=False)
     fit(SmallNet(), [by_steps], dm=InformationPlaneDataModule(batch_size=1024), max_steps=16, max_epochs=1000)
     assert [e for _, e, _ in by_steps.history] == log_spaced_epochs(4, 3) == [0, 1, 3]
+    # 4 batches per epoch accumulated by 3: 2 optimizer steps per epoch (the last, partial group steps too), so
+    # max_steps=8 is 4 epochs (counting floor(4 / 3) = 1 step per epoch gave 8: epochs 0, 1, 7, the last never run)
+    accumulated = InformationPlaneMonitor(estimators=["binning"], log_spaced=3, max_probe=200, print_summary=False)
+    trainer = fit(SmallNet(), [accumulated], dm=InformationPlaneDataModule(batch_size=1024), max_steps=8,
+                  accumulate_grad_batches=3)
+    assert trainer.current_epoch == 4 and [e for _, e, _ in accumulated.history] == [0, 1, 3]
 
 
 @given(st.integers(0, 50), st.integers(1, 7), st.integers(1, 5))

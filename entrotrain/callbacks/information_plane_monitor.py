@@ -48,7 +48,8 @@ Logged keys (``{p}`` = ``prefix``, default ``info``; ``{layer}`` = ``L1``...; ``
 ``{p}/nonfinite``                    probe rows with NaN/Inf activations, summed over layers (0 when clean)
 ``{p}/epoch``                        the epoch of the evaluation (evaluations happen before its updates)
 hyperparameters                      ``{p}/layers`` (name map), ``{p}/{estimator}/params`` (the parameters the
-                                     estimator used, ``estimator_parameters``), ``{p}/probe`` (source, rows, base)
+                                     estimator used, ``estimator_parameters``, a callable by its qualified name),
+                                     ``{p}/probe`` (source, rows, base)
 ``{p}/plane`` (wandb, at fit end)    a ``wandb.Table`` (step, epoch, layer, estimator, I_XT, I_TY) of the history,
                                      and ``{p}/plane/{estimator}`` a ``wandb.plot.scatter`` of I_TY against I_XT
 ===================================  ========================================================================
@@ -582,8 +583,8 @@ class InformationPlaneMonitor(HookedMonitor):
             f"{self.prefix}/probe": {"source": self.probe, "rows": rows, "base": self.base},
         }
         for est in self.estimators:
-            params[f"{self.prefix}/{est}/params"] = _info.estimator_parameters(
-                est, base=self.base, **self.estimator_params[est]
+            params[f"{self.prefix}/{est}/params"] = _info.loggable_parameters(  # a callable by its name
+                _info.estimator_parameters(est, base=self.base, **self.estimator_params[est])
             )
         for logger in trainer.loggers:
             logger.log_hyperparams(params)

@@ -219,6 +219,25 @@ def test_log_spaced_spans_the_fit_when_max_steps_ends_it_before_max_epochs():
     assert trainer.current_epoch == 4 and [e for _, e, _ in accumulated.history] == [0, 1, 3]
 
 
+def first_two_columns(rows):
+    return rows[:, :2]
+
+
+def test_logged_parameters_name_a_compress_callable_not_its_address():
+    # pca_ksg's compress callable is logged by name (loggable_parameters), not as "<function ... at 0x7f...>", which
+    # json loggers and the report printed and which differs from run to run
+    spy = SpyLogger()
+    monitor = InformationPlaneMonitor(
+        estimators=["pca_ksg"], estimator_params={"pca_ksg": {"compress": first_two_columns}}, every_n_steps=100,
+        max_probe=64, print_summary=False,
+    )
+    fit(SmallNet(), [monitor], logger=spy, max_steps=1)
+    hp = {k: v for h in spy.hparams for k, v in h.items()}
+    logged = hp["info/pca_ksg/params"]
+    assert logged["compress"] == "first_two_columns" and logged["compress_x"] is None and logged["k"] == 3
+    assert math.isfinite(monitor.last_logged["info/L1/pca_ksg/I_XT"])
+
+
 @given(st.integers(0, 50), st.integers(1, 7), st.integers(1, 5))
 def test_chunk_layout_rebuilds_the_probe_for_any_world(n, batch, world):
     """Simulated ranks: each forwards chunks r, r + W, ...; padding, gather and layout give back the probe."""

@@ -45,7 +45,10 @@ logged scalar: ``loss``, ``grad_norm``, ...), and checks staleness at each step 
 Actions: ``"warn"``; ``"alert"`` (warn and ``wandb.run.alert`` when a run is active); ``"stop"``
 (``control.should_training_stop``, training ends after this step); ``"reduce_lr"`` (every param group of the
 optimizer and the scheduler's ``base_lrs`` multiplied by ``lr_factor``, never below ``min_lr``). Each firing adds
-``{monitor}/alert = 1`` to the logs.
+``{monitor}/alert = 1`` to the logs. On several ranks every rank must judge the same value: Trainer's own (``loss``
+gathered, a global ``grad_norm``, evaluation metrics) and the monitors' keys are; a ``stop`` / ``rollback`` /
+``reduce_lr`` guard on a key of a log of your own (``self.log`` in a ``Trainer`` subclass) is warned about once: log
+it reduced over ranks (``self.accelerator.reduce``).
 
 Resume. The monitors' and guards' ``state_dict()`` go into ``TrainerState.stateful_callbacks["entrotrain"]`` before
 each checkpoint (``trainer_state.json``); ``trainer.train(resume_from_checkpoint=...)`` restores them in
@@ -134,6 +137,7 @@ for _req, _what in ((_TRANSFORMERS, "transformers>=4.48"), (_ACCELERATE, "accele
         )
 
 from lightning.pytorch import Callback  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_warn  # noqa: E402
 from lightning_utilities.core.rank_zero import rank_zero_only  # noqa: E402
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import DefaultFlowCallback  # noqa: E402
@@ -413,6 +417,7 @@ class EntropyTrainerCallback(TrainerCallback):
             self.last_metrics = finite
             added.update(finite)
         logs.update(added)
+        _warn_if_rank_local(self.session, logs, values)
         for guard, reason in self.session.observe({**logs, **values}, state.global_step):
             added[f"{guard.monitor}/alert"] = 1.0
             self._act(args, guard, reason, state.global_step, control, kwargs, logs)
@@ -489,6 +494,33 @@ class EntropyTrainerCallback(TrainerCallback):
             logs[f"{guard.monitor}/alert"] = 1.0
         else:  # fired at a step end: goes out with the next log
             self._alerts[f"{guard.monitor}/alert"] = 1.0
+
+
+def _warn_if_rank_local(session: MonitorSession, logs: dict[str, Any], values: dict[str, float]) -> None:
+    """Once per guard and ``train``: a ``stop`` / ``rollback`` / ``reduce_lr`` guard on several ranks whose key comes
+    in a log of your own (``Trainer.log`` called outside Trainer's training log, which holds ``learning_rate``, its
+    evaluation, ``eval_*``, and its closing log, ``train_runtime``) may judge a different value on each rank: one
+    rank acts alone, and the replicas drift apart, or the rank that stops leaves the others waiting in their next
+    collective (a hang). Trainer's own values are reduced over ranks (``loss`` is gathered, ``grad_norm`` is
+    global, evaluation gathers the predictions), and so are the monitors' keys (``values``). Warned, not reduced:
+    a log of your own may be written on some ranks only, and a reducing rank would wait for the others alone."""
+    world = distributed()[0]
+    if world < 2 or "learning_rate" in logs or "train_runtime" in logs:
+        return
+    for guard in session.guards:
+        key = guard.monitor
+        if (guard._rank_local_warned or guard.action not in ("stop", "rollback", "reduce_lr") or key not in logs
+                or key in values or key.startswith("eval_") or any(key in keys for keys in session._published)):
+            continue
+        guard._rank_local_warned = True
+        rank_zero_warn(
+            f"EntropyCollapseGuard(action={guard.action!r}) watches {key!r}, which comes in a log of your own "
+            f"(Trainer.log outside Trainer's training and evaluation logs, whose values are reduced over ranks): if "
+            f"each of the {world} ranks logs its own value, each judges its own, so one rank can act while another "
+            "does not: the replicas drift apart, or the rank that stops leaves the others waiting for it (a hang). "
+            f"Log it reduced over ranks, e.g. self.log({{{key!r}: self.accelerator.reduce(value, "
+            "reduction='mean').item()}), or watch a monitor's key (the monitors reduce across ranks)."
+        )
 
 
 def _running_model(trainer: Callable[[], Any] | None, model: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.kernels.dispatch import check_kernel_inputs, require_triton
+from entrotrain.kernels.dispatch import check_kernel_inputs, fallback_allowed, kernel_backward, require_triton
 
 require_triton()
 
@@ -401,7 +401,7 @@ class _TritonAttentionEntropy(torch.autograd.Function):
     def forward(ctx, q, k, masks: _Masks, scale: float):  # type: ignore[override]
         entropy, lse, mean, cnt = _forward(q, k, masks, scale)
         ctx.save_for_backward(q, k, lse, mean)
-        ctx.masks, ctx.scale = masks, scale
+        ctx.masks, ctx.scale, ctx.fallback = masks, scale, fallback_allowed()
         ctx.mark_non_differentiable(cnt)
         return entropy, cnt
 
@@ -409,30 +409,56 @@ class _TritonAttentionEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, _g_cnt):  # type: ignore[override]
         q, k, lse, mean = ctx.saved_tensors
-        masks, scale = ctx.masks, ctx.scale
-        batch, heads, n_q, _ = q.shape
-        n_k, kv_heads = k.shape[2], k.shape[1]
-        g = g.float().contiguous()
-        ptrs, args, flags = _common_args(q, k, masks)
-        window = masks.window or 0
-        dq = dk = None
-        if ctx.needs_input_grad[0]:
-            # its own strides: empty_like(q) is contiguous when q is a strided view (a slice of a fused qkv), so
-            # writing with q's strides would run past the buffer
-            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            bm, bn, warps, stages = _config(BWD_DQ_CONFIG, q, n_q, n_k, masks)
-            _attn_entropy_bwd_dq[(triton.cdiv(n_q, bm) * batch * heads,)](
-                q, k, *ptrs, lse, mean, g, dq, *args, *dq.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=warps, num_stages=stages,
-            )
-        if ctx.needs_input_grad[1]:
-            dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-            bm, bn, warps, stages = _config(BWD_DK_CONFIG, q, n_q, n_k, masks)
-            _attn_entropy_bwd_dk[(triton.cdiv(n_k, bn) * batch * kv_heads,)](
-                q, k, *ptrs, lse, mean, g, dk, *args, *dk.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=warps, num_stages=stages,
-            )
-        return dq, dk, None, None
+        return kernel_backward("attention-entropy", ctx.fallback, lambda: _backward(ctx, q, k, lse, mean, g),
+                               lambda: _torch_backward(ctx, q, k, g))
+
+
+def _torch_backward(ctx, q: Tensor, k: Tensor, g: Tensor):
+    """The same ``∂q``, ``∂k`` through the torch path, the kernel's mask arguments turned back into its inputs."""
+    from entrotrain.functional.attention import attention_entropy_stats as torch_stats
+
+    masks = ctx.masks
+    attn_mask = None if masks.valid is None else masks.valid.view(torch.bool)
+    if masks.bias is not None:
+        attn_mask = masks.bias if attn_mask is None else masks.bias.masked_fill(~attn_mask, float("-inf"))
+    wanted = ctx.needs_input_grad[:2]
+    with torch.enable_grad():
+        q2, k2 = (x.detach().requires_grad_(True) if want else x.detach() for x, want in zip((q, k), wanted))
+        entropy = torch_stats(
+            q2, k2, attn_mask=attn_mask, key_padding_mask=None if masks.kpm is None else masks.kpm.view(torch.bool),
+            is_causal=masks.causal, window=masks.window, scale=ctx.scale, impl="torch",
+        ).entropy
+        found = iter(torch.autograd.grad(entropy, [x for x, want in zip((q2, k2), wanted) if want], g,
+                                         materialize_grads=True))
+    return (*(next(found) if want else None for want in wanted), None, None)
+
+
+def _backward(ctx, q: Tensor, k: Tensor, lse: Tensor, mean: Tensor, g: Tensor):
+    """The ``∂q`` and ``∂k`` kernels."""
+    masks, scale = ctx.masks, ctx.scale
+    batch, heads, n_q, _ = q.shape
+    n_k, kv_heads = k.shape[2], k.shape[1]
+    g = g.float().contiguous()
+    ptrs, args, flags = _common_args(q, k, masks)
+    window = masks.window or 0
+    dq = dk = None
+    if ctx.needs_input_grad[0]:
+        # its own strides: empty_like(q) is contiguous when q is a strided view (a slice of a fused qkv), so
+        # writing with q's strides would run past the buffer
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        bm, bn, warps, stages = _config(BWD_DQ_CONFIG, q, n_q, n_k, masks)
+        _attn_entropy_bwd_dq[(triton.cdiv(n_q, bm) * batch * heads,)](
+            q, k, *ptrs, lse, mean, g, dq, *args, *dq.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+    if ctx.needs_input_grad[1]:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        bm, bn, warps, stages = _config(BWD_DK_CONFIG, q, n_q, n_k, masks)
+        _attn_entropy_bwd_dk[(triton.cdiv(n_k, bn) * batch * kv_heads,)](
+            q, k, *ptrs, lse, mean, g, dk, *args, *dk.stride(), scale, window, **flags, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages,
+        )
+    return dq, dk, None, None
 
 
 def _check_qk(q: Tensor, k: Tensor) -> None:

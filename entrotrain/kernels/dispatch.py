@@ -5,8 +5,11 @@ overrides the argument when set, so a whole run can be pinned to one path withou
 ``ENTROTRAIN_IMPL=torch`` to rule a kernel out while debugging).
 
 - ``"torch"``: the torch path.
-- ``"triton"``: the Triton kernel; raises :class:`KernelUnavailableError`, naming the fix, when it cannot run here.
-- ``"auto"``: the Triton kernel when it can run on these tensors, the torch path otherwise, silently.
+- ``"triton"``: the Triton kernel; raises :class:`KernelUnavailableError`, naming the fix, when it cannot run here,
+  and naming the error when it fails to compile or launch (forward or backward).
+- ``"auto"``: the Triton kernel when it can run on these tensors, the torch path otherwise, silently. A kernel that
+  fails to compile or launch, in its forward or its backward, is switched off for the rest of the process with one
+  warning, and the torch path (same result) takes over (:func:`call_kernel`, :func:`kernel_backward`).
 
 A Triton kernel can run when ``triton`` is importable and every tensor is on a CUDA device, or, with
 ``TRITON_INTERPRET=1`` set before ``triton`` is imported, on CPU tensors through Triton's interpreter (slow: for
@@ -22,6 +25,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Literal, TypeVar
 
 import torch
@@ -35,6 +39,8 @@ __all__ = [
     "call_kernel",
     "can_run_triton",
     "check_kernel_inputs",
+    "fallback_allowed",
+    "kernel_backward",
     "require_triton",
     "resolve_impl",
     "triton_available",
@@ -161,7 +167,7 @@ def require_triton() -> None:
 
 
 def check_kernel_inputs(*tensors: torch.Tensor | None) -> None:
-    """Raise :class:`KernelUnavailableError` when a Triton kernel cannot run on ``tensors`` (as :func:`resolve_impl`)."""
+    """Raise :class:`KernelUnavailableError` when a Triton kernel cannot run on ``tensors`` (as ``resolve_impl``)."""
     why = _why_not(tensors)
     if why is not None:
         raise KernelUnavailableError(f"the Triton kernel cannot run here: {why}.")
@@ -171,29 +177,75 @@ T = TypeVar("T")
 
 #: Kernels that failed under ``impl="auto"`` in this process (name -> error): they are not tried again.
 _FAILED: dict[str, str] = {}
+#: Set by :func:`call_kernel` while an ``impl="auto"`` kernel runs its forward: the kernel's autograd function reads it
+#: (:func:`fallback_allowed`) so that its backward may fall back too.
+_AUTO: ContextVar[bool] = ContextVar("entrotrain_kernel_auto", default=False)
+
+
+def fallback_allowed() -> bool:
+    """Whether the kernel forward now running was chosen by ``impl="auto"`` (its backward may then fall back)."""
+    return _AUTO.get()
+
+
+def _failed(name: str, error: Exception, where: str) -> str:
+    return f"the Triton {name} kernel failed{where} ({error!r})"
+
+
+def _switch_off(name: str, error: Exception, where: str, stacklevel: int) -> None:
+    _FAILED[name] = repr(error)
+    warnings.warn(
+        f"entrotrain: {_failed(name, error, where)}; using the torch path (same result) for the rest of this run. "
+        f"Please report it; set {IMPL_ENV}=torch to skip the kernels.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _unavailable(name: str, error: Exception, where: str) -> KernelUnavailableError:
+    return KernelUnavailableError(
+        f"{_failed(name, error, where)}; use impl='auto' (falls back to the torch path with a warning) or "
+        f"impl='torch', or unset {IMPL_ENV}=triton."
+    )
 
 
 def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:
     """Run ``kernel()`` (after :func:`resolve_impl` chose Triton); under ``impl="auto"`` a kernel that fails to import,
     compile or launch is switched off for the rest of the process, with one warning, and ``fallback()`` (the torch
-    path, same result) runs instead. An explicit ``"triton"`` (argument or ``ENTROTRAIN_IMPL``) re-raises, and so does
-    running out of GPU memory (the torch path would need more).
+    path, same result) runs instead (its backward likewise: :func:`kernel_backward`). An explicit ``"triton"``
+    (argument or ``ENTROTRAIN_IMPL``) raises :class:`KernelUnavailableError` naming the error; running out of GPU
+    memory (the torch path would need more) and :class:`EntrotrainError` (bad input) propagate as they are.
     """
     explicit = (os.environ.get(IMPL_ENV, "").strip().lower() or impl) != "auto"
     if name in _FAILED and not explicit:
         return fallback()
+    token = _AUTO.set(not explicit)
     try:
         return kernel()
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, EntrotrainError):
         raise
     except Exception as error:  # noqa: BLE001 - any compile / launch failure of an optional accelerator
         if explicit:
-            raise
-        _FAILED[name] = repr(error)
-        warnings.warn(
-            f"entrotrain: the Triton {name} kernel failed ({error!r}); using the torch path (same result) for the rest "
-            f"of this run. Please report it; set {IMPL_ENV}=torch to skip the kernels.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+            raise _unavailable(name, error, "") from error
+        _switch_off(name, error, "", stacklevel=4)
+        return fallback()
+    finally:
+        _AUTO.reset(token)
+
+
+def kernel_backward(name: str, allowed: bool, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:
+    """Run a kernel's backward ``kernel()``; when it fails to compile or launch and its forward ran under
+    ``impl="auto"`` (``allowed``, from :func:`fallback_allowed` at forward time), switch the kernel off as
+    :func:`call_kernel` does (one warning) and return ``fallback()``: the same gradients through the torch path.
+    Otherwise raise :class:`KernelUnavailableError` naming the error (out-of-memory propagates as it is).
+    """
+    if allowed and name in _FAILED:
+        return fallback()
+    try:
+        return kernel()
+    except (torch.cuda.OutOfMemoryError, EntrotrainError):
+        raise
+    except Exception as error:  # noqa: BLE001
+        if not allowed:
+            raise _unavailable(name, error, " in backward") from error
+        _switch_off(name, error, " in backward", stacklevel=3)
         return fallback()

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.kernels.dispatch import check_kernel_inputs, require_triton
+from entrotrain.kernels.dispatch import check_kernel_inputs, fallback_allowed, kernel_backward, require_triton
 
 require_triton()
 
@@ -214,7 +214,7 @@ class _TritonLinearEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size):  # type: ignore[override]
         entropy, logprobs, lse, mean = _forward(hidden, weight, bias, labels, temperature)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, mean)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.fallback = temperature, chunk_size, fallback_allowed()
         if logprobs is None:
             logprobs = torch.zeros_like(entropy)
             ctx.mark_non_differentiable(logprobs)
@@ -223,43 +223,69 @@ class _TritonLinearEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_entropy, g_logprobs):  # type: ignore[override]
-        hidden, weight, bias, labels, lse, mean = ctx.saved_tensors
-        n, dim = hidden.shape
-        v = weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy.float().contiguous()
-        g_logprobs = torch.zeros_like(lse) if g_logprobs is None else g_logprobs.float().contiguous()
-        d_hidden = torch.empty_like(hidden) if need_h else None
-        d_weight = torch.zeros_like(weight) if need_w else None
-        d_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
-        chunk = max(1, min(ctx.chunk_size, n))
-        dz = torch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device)
-        bn, bv, bd, warps, stages = _blocks(hidden.dtype, chunk, v, dim)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            rows = stop - start
-            h = hidden[start:stop]
-            y = labels[start:stop] if labels is not None else None
-            _linear_entropy_bwd[(triton.cdiv(rows, bn), triton.cdiv(v, bv))](
-                h, weight, bias if bias is not None else h, y if y is not None else h,
-                lse[start:stop], mean[start:stop], g_entropy[start:stop], g_logprobs[start:stop], dz,
-                rows, v, dim, h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
-                1.0 / ctx.temperature,
-                HAS_BIAS=bias is not None, HAS_LABELS=y is not None,
-                BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, DOT_PRECISION=_precision(hidden.dtype),
-        DOT_UPCAST=hidden.device.type != "cuda",
-                num_warps=warps, num_stages=stages,
-            )
-            g = dz[:rows]
-            if need_h:
-                torch.matmul(g, weight, out=d_hidden[start:stop])
-            if need_w:
-                d_weight.addmm_(g.t(), h)
-            if need_b:
-                d_bias += g.float().sum(0)
+        saved = ctx.saved_tensors
+        return kernel_backward("fused-head-entropy", ctx.fallback,
+                               lambda: _backward(ctx, *saved, g_entropy, g_logprobs),
+                               lambda: _torch_backward(ctx, *saved[:4], g_entropy, g_logprobs))
+
+
+def _torch_backward(ctx, hidden, weight, bias, labels, g_entropy, g_logprobs):
+    """The same gradients through the torch path (:func:`entrotrain.functional.linear_entropy_and_logprobs`)."""
+    from entrotrain.functional.policy_head import linear_entropy_and_logprobs as torch_head
+
+    wanted = [x is not None and need for x, need in zip((hidden, weight, bias), ctx.needs_input_grad[:3])]
+    with torch.enable_grad():
+        h, w, b = (x.detach().requires_grad_(True) if want else x for x, want in zip((hidden, weight, bias), wanted))
+        out = torch_head(h, w, None if labels is None else labels.long(), bias=b, temperature=ctx.temperature,
+                         chunk_size=ctx.chunk_size, impl="torch")
+        outputs = [out.entropy]
+        grads = [torch.zeros_like(out.entropy) if g_entropy is None else g_entropy]
+        if out.logprobs is not None and g_logprobs is not None:
+            outputs.append(out.logprobs)
+            grads.append(g_logprobs)
+        inputs = [x for x, want in zip((h, w, b), wanted) if want]
+        found = iter(torch.autograd.grad(outputs, inputs, grads, materialize_grads=True))
+    return (*(next(found) if want else None for want in wanted), None, None, None)
+
+
+def _backward(ctx, hidden, weight, bias, labels, lse, mean, g_entropy, g_logprobs):
+    """The backward kernel over row chunks, then cuBLAS for ``∂h``, ``∂W`` and ``∂b``."""
+    n, dim = hidden.shape
+    v = weight.shape[0]
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g_entropy = torch.zeros_like(lse) if g_entropy is None else g_entropy.float().contiguous()
+    g_logprobs = torch.zeros_like(lse) if g_logprobs is None else g_logprobs.float().contiguous()
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    d_weight = torch.zeros_like(weight) if need_w else None
+    d_bias = torch.zeros(v, dtype=torch.float32, device=weight.device) if need_b else None
+    chunk = max(1, min(ctx.chunk_size, n))
+    dz = torch.empty(chunk, v, dtype=hidden.dtype, device=hidden.device)
+    bn, bv, bd, warps, stages = _blocks(hidden.dtype, chunk, v, dim)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        rows = stop - start
+        h = hidden[start:stop]
+        y = labels[start:stop] if labels is not None else None
+        _linear_entropy_bwd[(triton.cdiv(rows, bn), triton.cdiv(v, bv))](
+            h, weight, bias if bias is not None else h, y if y is not None else h,
+            lse[start:stop], mean[start:stop], g_entropy[start:stop], g_logprobs[start:stop], dz,
+            rows, v, dim, h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
+            1.0 / ctx.temperature,
+            HAS_BIAS=bias is not None, HAS_LABELS=y is not None,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, DOT_PRECISION=_precision(hidden.dtype),
+            DOT_UPCAST=hidden.device.type != "cuda",
+            num_warps=warps, num_stages=stages,
+        )
+        g = dz[:rows]
+        if need_h:
+            torch.matmul(g, weight, out=d_hidden[start:stop])
+        if need_w:
+            d_weight.addmm_(g.t(), h)
         if need_b:
-            d_bias = d_bias.to(bias.dtype)
-        return d_hidden, d_weight, d_bias, None, None, None
+            d_bias += g.float().sum(0)
+    if need_b:
+        d_bias = d_bias.to(bias.dtype)
+    return d_hidden, d_weight, d_bias, None, None, None
 
 
 def linear_entropy_and_logprobs(

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.kernels.dispatch import check_kernel_inputs, require_triton
+from entrotrain.kernels.dispatch import check_kernel_inputs, fallback_allowed, kernel_backward, require_triton
 
 require_triton()
 
@@ -152,7 +152,7 @@ class _TritonLogitsEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, mask: Tensor | None, temperature: float) -> Tensor:  # type: ignore[override]
         entropy, lse, mean = logits_entropy_rows(logits, mask, temperature)
         ctx.save_for_backward(logits, mask if mask is not None else torch.empty(0), lse, mean)
-        ctx.has_mask, ctx.temperature = mask is not None, temperature
+        ctx.has_mask, ctx.temperature, ctx.fallback = mask is not None, temperature, fallback_allowed()
         return entropy
 
     @staticmethod
@@ -160,17 +160,33 @@ class _TritonLogitsEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         logits, mask, lse, mean = ctx.saved_tensors
         mask = mask if ctx.has_mask else None
-        n, v = logits.shape
-        dx = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-        if n and v:
-            m8, smr, smc = _mask_arg(mask, logits)
-            block = min(BLOCK_V, triton.next_power_of_2(max(v, 16)))
-            _logits_entropy_bwd[(n,)](
-                logits, m8, lse, mean, grad.contiguous(), dx,
-                v, logits.stride(0), logits.stride(1), smr, smc, dx.stride(0), dx.stride(1), 1.0 / ctx.temperature,
-                HAS_MASK=mask is not None, BLOCK=block, num_warps=NUM_WARPS if block >= 2048 else 4,
-            )
-        return dx, None, None
+
+        def torch_path():  # the same gradient through entrotrain.functional's torch path
+            from entrotrain.functional.entropy import entropy_from_logits as torch_entropy
+
+            with torch.enable_grad():
+                x = logits.detach().requires_grad_(True)
+                (dx,) = torch.autograd.grad(torch_entropy(x, -1, mask, temperature=ctx.temperature, impl="torch"),
+                                            x, grad)
+            return dx, None, None
+
+        return kernel_backward("logits-entropy", ctx.fallback, lambda: _backward(ctx, logits, mask, lse, mean, grad),
+                               torch_path)
+
+
+def _backward(ctx, logits: Tensor, mask: Tensor | None, lse: Tensor, mean: Tensor, grad: Tensor):
+    """The backward kernel: ``∂H/∂x`` of every row, in the logits' dtype."""
+    n, v = logits.shape
+    dx = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n and v:
+        m8, smr, smc = _mask_arg(mask, logits)
+        block = min(BLOCK_V, triton.next_power_of_2(max(v, 16)))
+        _logits_entropy_bwd[(n,)](
+            logits, m8, lse, mean, grad.contiguous(), dx,
+            v, logits.stride(0), logits.stride(1), smr, smc, dx.stride(0), dx.stride(1), 1.0 / ctx.temperature,
+            HAS_MASK=mask is not None, BLOCK=block, num_warps=NUM_WARPS if block >= 2048 else 4,
+        )
+    return dx, None, None
 
 
 def entropy_from_logits(

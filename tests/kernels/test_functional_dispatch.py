@@ -123,7 +123,7 @@ def test_a_failing_kernel_falls_back_once_under_auto_and_raises_when_explicit(de
     monkeypatch.setattr(logits_kernel, "entropy_from_logits", broken)
     z = torch.randn(4, 33, generator=torch.Generator().manual_seed(3)).to(device)
     want = entropy_from_logits(z, impl="torch")
-    with pytest.raises(RuntimeError, match="PTX"):
+    with pytest.raises(KernelUnavailableError, match="logits-entropy kernel failed.*PTX"):
         entropy_from_logits(z, impl="triton")
     with pytest.warns(RuntimeWarning, match="logits-entropy kernel failed"):
         got = entropy_from_logits(z)
@@ -132,3 +132,81 @@ def test_a_failing_kernel_falls_back_once_under_auto_and_raises_when_explicit(de
         warnings.simplefilter("error")  # switched off: no second attempt, no second warning
         torch.testing.assert_close(entropy_from_logits(z), want)
     assert "logits-entropy" in dispatch._FAILED
+
+
+class _BrokenLaunch:
+    """Stands in for a compiled kernel whose launch fails, as Triton's does when a config needs too much memory."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+        return launch
+
+
+def _head_case(device, impl):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(7, 16, generator=g).to(device).requires_grad_(True)
+    w = torch.randn(45, 16, generator=g).to(device).requires_grad_(True)
+    b = torch.randn(45, generator=g).to(device).requires_grad_(True)
+    labels = torch.tensor([0, 3, 44, -100, 7, 7, 1], device=device)
+    out = linear_entropy_and_logprobs(h, w, labels, bias=b, temperature=0.8, impl=impl)
+    return (out.entropy * torch.arange(7.0, device=device) + out.logprobs).sum(), (h, w, b)
+
+
+def _logits_case(device, impl):
+    g = torch.Generator().manual_seed(1)
+    z = (torch.randn(5, 37, generator=g) * 3).to(device).requires_grad_(True)
+    mask = (torch.rand(5, 37, generator=g) > 0.2).to(device)
+    entropy = entropy_from_logits(z, mask=mask, temperature=0.7, impl=impl)
+    return (entropy * torch.arange(5.0, device=device)).sum(), (z,)
+
+
+def _attention_case(device, impl):
+    q, k = _qk(device, requires_grad=True)
+    bias = torch.randn(9, 9, generator=torch.Generator().manual_seed(4)).to(device)
+    bias[:, 2] = float("-inf")
+    kpm = torch.zeros(1, 9, dtype=torch.bool, device=device)
+    kpm[0, -2:] = True
+    out = attention_entropy(q, k, attn_mask=bias, key_padding_mask=kpm, is_causal=True, window=5, scale=0.3, impl=impl)
+    return (out * torch.linspace(0.5, 2.0, 9, device=device)).sum(), (q, k)
+
+
+@pytest.mark.parametrize(
+    "module, kernel, name, case",
+    [
+        ("logits_entropy", "_logits_entropy_bwd", "logits-entropy", _logits_case),
+        ("linear_entropy", "_linear_entropy_bwd", "fused-head-entropy", _head_case),
+        ("attention_entropy", "_attn_entropy_bwd_dq", "attention-entropy", _attention_case),
+    ],
+    ids=["logits", "head", "attention"],
+)
+def test_a_failing_backward_kernel_falls_back_under_auto(device, monkeypatch, module, kernel, name, case):
+    """The backward kernels compile at the first backward: one that fails (a config over the GPU's shared memory,
+    say) must not crash a training run under impl="auto": one warning, the torch path's gradients, the kernel off for
+    the rest of the run. impl="triton" raises KernelUnavailableError naming the error."""
+    import importlib
+    import warnings
+
+    import entrotrain.kernels.dispatch as dispatch
+
+    kmod = importlib.import_module(f"entrotrain.kernels.{module}")
+    monkeypatch.setattr(dispatch, "_FAILED", {})
+    loss, inputs = case(device, "torch")
+    want = torch.autograd.grad(loss, inputs)
+    monkeypatch.setattr(kmod, kernel, _BrokenLaunch())
+    loss, inputs = case(device, "triton")
+    with pytest.raises(KernelUnavailableError, match=f"{name} kernel failed in backward.*out of resource"):
+        torch.autograd.grad(loss, inputs)
+    assert not dispatch._FAILED
+    loss, inputs = case(device, "auto")
+    with pytest.warns(RuntimeWarning, match=f"{name} kernel failed in backward.*out of resource"):
+        got = torch.autograd.grad(loss, inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert name in dispatch._FAILED
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off: the next forward and backward take the torch path silently
+        loss, inputs = case(device, "auto")
+        for a, b in zip(torch.autograd.grad(loss, inputs), want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

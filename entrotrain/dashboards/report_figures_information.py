@@ -165,7 +165,7 @@ def information_plane(runs: list[RunData], out_dir: Path) -> Figure | None:
                            lw=0.8, zorder=4)
                 ax.annotate(tr.layer, (tr.i_xt[-1], tr.i_ty[-1]), xytext=(4, 3), textcoords="offset points", fontsize=6.5,
                             color=colour[tr.layer])
-            params = _params_text(runs, estimator)
+            params = _params_text([run], estimator)  # each run's own parameters (the ReLU recipe's grid differs)
             ax.set_title(f"{run.label} · {estimator}" + (f"\n({params})" if params else ""), fontsize=8.5)
             ax.set_xlabel(f"I(X;T) ({unit})", fontsize=8)
             ax.set_ylabel(f"I(T;Y) ({unit})", fontsize=8)

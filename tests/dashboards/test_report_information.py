@@ -119,26 +119,31 @@ def test_units_and_trajectories_follow_the_record(tanh_run):
     np.testing.assert_allclose(l3.i_ty, [0.7 * i_ty(s, "L3") for s in STEPS], rtol=0, atol=1e-12)
 
 
-def test_each_run_panel_names_its_own_unit(tanh_run, relu_run, tmp_path, monkeypatch):
-    # the relu run logged kde in bits, the tanh run in nats (its kde params have no base): the first run's base
-    # is the unit, and each run's panels say their own unit, not one taken from whichever run logged bits
+def test_each_run_panel_names_its_own_unit_and_parameters(tanh_run, relu_run, tmp_path, monkeypatch):
+    # the relu run logged kde in bits, the tanh run in nats, and its own binning grid (as the ReLU recipe's
+    # n_bins=500 on [0, 35)): the first run's base is the unit, and each run's panels show their own unit and
+    # parameters, not those of whichever run logged bits or came first
     nats, bits = load_run(tanh_run), load_run(relu_run)
     nats.hparams["info/kde/params"]["base"] = math.e
     bits.hparams["info/kde/params"]["base"] = 2.0
+    bits.hparams["info/binning/params"] = {"n_bins": 500, "range": [0.0, 35.0], "base": 2.0}
     assert info_figs.unit_of([nats, bits], "kde") == "nats" and info_figs.unit_of([bits, nats], "kde") == "bits"
-    labels = {}
+    panels = {}
 
     def keep_labels(fig, out_dir, name):
         for ax in fig.axes:
             if ax.get_title():
-                labels[ax.get_title().split("\n")[0]] = (ax.get_xlabel(), ax.get_ylabel())
+                title, _, params = ax.get_title().partition("\n")
+                panels[title] = (ax.get_xlabel(), ax.get_ylabel(), params)
         return f"{name}.png"
 
     monkeypatch.setattr(info_figs, "_save", keep_labels)
     info_figs.information_plane([nats, bits], tmp_path)
-    assert labels["tanh · kde"] == ("I(X;T) (nats)", "I(T;Y) (nats)")
-    assert labels["relu · kde"] == ("I(X;T) (bits)", "I(T;Y) (bits)")
-    assert labels["tanh · binning"] == labels["relu · binning"] == ("I(X;T) (bits)", "I(T;Y) (bits)")
+    assert panels["tanh · kde"][:2] == ("I(X;T) (nats)", "I(T;Y) (nats)")
+    assert panels["relu · kde"][:2] == ("I(X;T) (bits)", "I(T;Y) (bits)")
+    assert panels["tanh · binning"][:2] == panels["relu · binning"][:2] == ("I(X;T) (bits)", "I(T;Y) (bits)")
+    assert panels["tanh · binning"][2] == "(n_bins=30, range=[-1, 1])"
+    assert panels["relu · binning"][2] == "(n_bins=500, range=[0.0, 35.0])"
 
 
 def test_nonfinite_points_are_skipped(tanh_run, tmp_path):

@@ -23,12 +23,14 @@ from typing import Any
 
 import math
 
+from entrotrain.callbacks.rollback_state import stepped_optimizer
+
 __all__ = ["capped_note", "rate_ignored"]
 
 
 def rate_ignored(optimizers: Sequence[Any]) -> str | None:
     """Why lowering ``lr`` would not lower the step of one of ``optimizers`` (``None``: it would everywhere)."""
-    for inner in map(_inner, optimizers):
+    for inner in map(stepped_optimizer, optimizers):
         groups = getattr(inner, "param_groups", None) or []
         if type(inner).__name__ == "Adafactor" and any(group.get("relative_step") for group in groups):
             return ("the optimizer is transformers.Adafactor(relative_step=True), which computes its own step size "
@@ -39,7 +41,7 @@ def rate_ignored(optimizers: Sequence[Any]) -> str | None:
 def capped_note(optimizers: Sequence[Any]) -> str:
     """`` (torch.optim.Adafactor ...: its step size is unchanged)`` after a reduction when a ``torch.optim.Adafactor``
     group's lowered ``lr`` is still not below ``1/√step`` (its step is ``min(lr, 1/√step)``); ``""`` otherwise."""
-    for inner in map(_inner, optimizers):
+    for inner in map(stepped_optimizer, optimizers):
         if type(inner).__name__ != "Adafactor" or type(inner).__module__.split(".")[0] != "torch":
             continue
         for group in inner.param_groups:
@@ -50,10 +52,3 @@ def capped_note(optimizers: Sequence[Any]) -> str:
                 return (f" (torch.optim.Adafactor steps by min(lr, 1/sqrt(step)): at its step {max(steps):.0f}, "
                         f"1/sqrt(step) = {cap:.3g} is not above the lowered lr, so its step size is unchanged)")
     return ""
-
-
-def _inner(optimizer: Any) -> Any:
-    """The optimizer inside ``LightningOptimizer`` / ``AcceleratedOptimizer``."""
-    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
-        optimizer = optimizer.optimizer
-    return optimizer

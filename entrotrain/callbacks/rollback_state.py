@@ -78,22 +78,33 @@ _HeldOptimizer = dict[int, "dict[str, tuple[Any, Any, Any]] | None"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer that holds the per-parameter state: the ``torch.optim.Optimizer`` inside Lightning's
-    ``LightningOptimizer`` / Accelerate's ``AcceleratedOptimizer`` (whose ``state`` may be the wrapper's own), the
-    local optimizer ``.optim`` of a ``ZeroRedundancyOptimizer`` (its own ``state`` stays empty: ``.optim`` holds this
-    rank's shard); anything else as it is."""
-    optimizer = _outer_optimizer(optimizer)
+    """The optimizer that holds the per-parameter state: :func:`stepped_optimizer` (through Lightning's and
+    Accelerate's wrappers), then the local optimizer ``.optim`` of a ``ZeroRedundancyOptimizer`` (its own ``state``
+    stays empty: ``.optim`` holds this rank's shard); anything else as it is."""
+    optimizer = stepped_optimizer(optimizer)
     return optimizer.optim if _is_zero(optimizer) else optimizer
 
 
-def _outer_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim.Optimizer`` a wrapper (``LightningOptimizer``, ``AcceleratedOptimizer``) steps."""
-    while not isinstance(optimizer, torch.optim.Optimizer):
+def stepped_optimizer(optimizer: Any) -> Any:
+    """The optimizer a wrapper steps, whose ``param_groups`` (``lr``) and ``state`` are the ones that count.
+
+    Follows ``.optimizer`` through any object that is not a ``torch.optim.Optimizer`` and through optimizers whose
+    ``state`` *is* the inner one's: Accelerate's ``AcceleratedOptimizer`` (a ``torch.optim.Optimizer`` subclass whose
+    ``state`` / ``param_groups`` are properties reading ``.optimizer``'s) and Lightning's ``LightningOptimizer`` (a
+    dynamic subclass of the optimizer's class sharing its ``__dict__``). Stops at an optimizer with a state of its
+    own (a Lookahead-style wrapper: its state is what it holds). Used by rollback and by the guard's rate check
+    (:mod:`entrotrain.callbacks._rate_ignored`) alike."""
+    seen = {id(optimizer)}
+    while True:
         inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
+        if inner is None or id(inner) in seen:
+            return optimizer
+        if isinstance(optimizer, torch.optim.Optimizer) and getattr(optimizer, "state", None) is not getattr(
+            inner, "state", _MISSING
+        ):
+            return optimizer
+        seen.add(id(inner))
         optimizer = inner
-    return optimizer
 
 
 def _is_zero(optimizer: Any) -> bool:
@@ -140,7 +151,7 @@ def _unsupported(model: nn.Module) -> str | None:
 
 def _unsupported_optimizer(optimizer: Any) -> str | None:
     """Why this optimizer's state cannot be rolled back in place (``None``: it can)."""
-    outer = _outer_optimizer(optimizer)
+    outer = stepped_optimizer(optimizer)
     if _is_zero(outer) and getattr(outer, "_overlap_with_ddp", False):
         return ("its optimizer is a ZeroRedundancyOptimizer with overlap_with_ddp=True (it steps inside DDP's "
                 "communication hook, outside optimizer.state); overlap_with_ddp=False rolls back")
@@ -222,7 +233,7 @@ class RollbackState:
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
-        state += rollback_groups.group_tensors([_outer_optimizer(opt) for opt in optimizers])
+        state += rollback_groups.group_tensors([stepped_optimizer(opt) for opt in optimizers])
         outside = outside_params(model, inner)
         if not _all_finite([*_tensors(live), *state, *outside], shard_groups(optimizers)):
             return False
@@ -232,7 +243,7 @@ class RollbackState:
             self._specs = {key: spec for key, spec in ((k, _spec(v)) for k, v in live.items()) if spec is not None}
             held = self._optimizers if len(self._optimizers) == len(optimizers) else [{} for _ in optimizers]
             self._optimizers = [_optimizer_state(opt, previous) for opt, previous in zip(inner, held)]
-            self._groups = [rollback_groups.hold_groups(_outer_optimizer(opt)) for opt in optimizers]
+            self._groups = [rollback_groups.hold_groups(stepped_optimizer(opt)) for opt in optimizers]
         self.step = int(step)
         if self._frozen is not None:
             self._frozen.keep(frozen, step)
@@ -256,7 +267,7 @@ class RollbackState:
         current = model.state_dict()
         if self._frozen is not None:
             self._frozen.verify(current)  # before anything is copied
-        outer = [_outer_optimizer(opt) for opt in optimizers]  # (whose groups ZeroRedundancyOptimizer steps from)
+        outer = [stepped_optimizer(opt) for opt in optimizers]  # (whose groups ZeroRedundancyOptimizer steps from)
         for opt, groups in zip(outer, self._groups):
             rollback_groups.check_groups(opt, groups)  # (also before any copy)
         modes = [rollback_groups.modes(opt) for opt in outer]  # schedule-free's, before the restore
@@ -297,7 +308,7 @@ def _tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
 def shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
     """The process groups (and the device their collectives take) over which ``optimizers`` shard their state
     (``ZeroRedundancyOptimizer``): each rank judges only its shard, so the verdict must be agreed on."""
-    outer = [_outer_optimizer(opt) for opt in optimizers]
+    outer = [stepped_optimizer(opt) for opt in optimizers]
     return [(opt.process_group, _group_device(opt.process_group)) for opt in outer if _is_zero(opt)]
 
 

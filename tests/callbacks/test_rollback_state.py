@@ -376,3 +376,46 @@ def test_cuda_restore_and_trajectory_match_a_copy_taken_at_the_take(kind: str) -
     assert_same(opt_state(opt), opt_state(ref_opt))
     assert {i: {k: v[1] for k, v in (s or {}).items() if isinstance(v, tuple)} for i, s in opt_state(opt).items()} == {
         i: {k: v[1] for k, v in (s or {}).items() if isinstance(v, tuple)} for i, s in devices.items()}
+
+
+def _accelerated(optimizer: torch.optim.Optimizer):
+    """A real ``accelerate`` ``AcceleratedOptimizer`` around ``optimizer``, without ``__init__`` (which needs an
+    initialised global ``AcceleratorState``): a ``torch.optim.Optimizer`` subclass whose ``state`` and
+    ``param_groups`` are properties reading ``self.optimizer``'s."""
+    accelerate = pytest.importorskip("accelerate.optimizer")
+    wrapper = object.__new__(accelerate.AcceleratedOptimizer)
+    wrapper.optimizer, wrapper.scaler = optimizer, None
+    return wrapper
+
+
+def test_unwrap_optimizer_reaches_inside_accelerates_optimizer_and_agrees_with_the_rate_check() -> None:
+    """AcceleratedOptimizer subclasses torch.optim.Optimizer, so unwrapping stopped at the wrapper: a
+    ZeroRedundancyOptimizer inside it was never seen (its own state is empty, .optim holds the shard: rollback held
+    nothing of it). The guard's rate check and rollback now unwrap through one function; a wrapper with a state of
+    its own (Lookahead-style) is kept."""
+    from entrotrain.callbacks._rate_ignored import rate_ignored
+    from entrotrain.callbacks.rollback_state import stepped_optimizer
+    from tests.helpers.gloo import in_one_process_group
+
+    p = nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([p])
+    assert unwrap_optimizer(_accelerated(adam)) is adam and stepped_optimizer(_accelerated(adam)) is adam
+
+    class Lookahead(torch.optim.Optimizer):  # keeps slow weights in a state of its own
+        def __init__(self, optimizer):
+            self.optimizer, self.state, self.defaults = optimizer, {}, {}
+            self.param_groups = optimizer.param_groups
+
+    own = Lookahead(adam)
+    assert unwrap_optimizer(own) is own and unwrap_optimizer(_accelerated(own)) is own
+
+    def body() -> None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zero = ZeroRedundancyOptimizer([nn.Parameter(torch.ones(3))], optimizer_class=torch.optim.Adam, lr=0.1)
+        assert unwrap_optimizer(_accelerated(zero)) is zero.optim
+
+    in_one_process_group(body)
+    transformers = pytest.importorskip("transformers")
+    ada = transformers.Adafactor([nn.Parameter(torch.ones(3))], lr=None, relative_step=True)
+    assert rate_ignored([_accelerated(ada)]) is not None

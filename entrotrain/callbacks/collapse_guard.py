@@ -41,7 +41,10 @@ monitors' statistics (published as NaN) at their next logging step; watch a ``se
 
 A trigger fires after ``patience`` consecutive bad observations, then re-arms only once an observation is good again
 (one action per episode, not one per step). The decision is identical on every DDP rank because monitors reduce
-across ranks before they publish.
+across ranks before they publish. A key you log yourself must be too: ``self.log(..., sync_dist=True)`` (a ``stop``
+/ ``reduce_lr`` / ``rollback`` guard on an unsynced one is warned about once); in a plain loop the ranks agree on the
+values handed to :meth:`EntropyMonitors.observe <entrotrain.integrations.loop.EntropyMonitors.observe>` (the worst
+rank's, a NaN on any rank first).
 
 Every firing, whatever the action, is logged as ``{monitor}/alert`` = 1 to every logger at the step of the watched
 value and recorded as an event in the run record (``entrotrain report`` lists it and marks it on the curve); the

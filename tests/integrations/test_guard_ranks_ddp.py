@@ -45,3 +45,41 @@ def test_the_agreed_value_is_a_rank_s_own_and_a_bad_one_wins(given_values: list[
 @given(st.floats(allow_nan=False), st.integers(1, 8), st.sampled_from(["min", "max"]))
 def test_a_value_the_same_on_every_rank_is_judged_bit_for_bit(value: float, world: int, mode: str) -> None:
     assert struct.pack("<d", agreed_value([value] * world, mode)) == struct.pack("<d", value)
+
+
+def test_the_ranks_exchange_values_only_for_guards_on_keys_no_monitor_publishes(monkeypatch) -> None:
+    """One all_gather per step for a guard on an observed key; none for a guard on a monitor's key, also at the
+    steps where the monitor does not log (its value is reduced where it is published). Two ranks faked in one
+    process: the other rank handed over what this one did."""
+    import torch
+
+    import entrotrain.integrations._monitor_session as session
+    from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
+    from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+    from entrotrain.integrations.loop import EntropyMonitors
+    from tests.helpers.gpt_module import GPTModule
+    from tests.helpers.loop_runs import token_batches
+
+    calls: list[int] = []
+
+    def all_gather(parts, sent) -> None:
+        calls.append(step)
+        for part in parts:
+            part.copy_(sent)
+
+    monkeypatch.setattr(session, "distributed", lambda: (2, 0, None))
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    for key, expected in (("entropy/attn_norm/min", []), ("loss", [0, 1, 2, 3])):
+        calls.clear()
+        module = GPTModule(seed=0, convert=False)
+        guard = EntropyCollapseGuard(key, threshold=-1.0, keep_last_good=False)
+        monitors = EntropyMonitors([AttentionEntropyMonitor(every_n_steps=2, log_media=False)], guards=[guard],
+                                   print_summary=False)
+        with monitors.watch(module):
+            for step, (batch,) in enumerate(token_batches(4)):
+                with monitors.step(step):
+                    loss = module.training_step((batch,), step)
+                    monitors.observe(loss=loss)
+        assert calls == expected, key
+        assert guard.last_seen_step == (2 if key != "loss" else 3)  # judged where published / handed over

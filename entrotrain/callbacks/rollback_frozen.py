@@ -5,7 +5,8 @@ holding the whole ``state_dict()`` in host memory at each good observation would
 GB for a 7 B model in bf16, times ``rollback_states``). With ``hold="trainable"`` the parameters with
 ``requires_grad=False`` at the observation are not copied, and a rollback leaves them as they are, which is exact as
 long as they do not change. That is checked, not assumed, on a fingerprint of each one (its sum and its 2-norm,
-computed on its device, one sync per device):
+computed on its device, one sync per device; for one holding a NaN or an Inf, those of its finite entries and the
+counts of NaN, +Inf and -Inf, so that an unchanged one matches and a change of its finite entries shows):
 
 - at each observation, against the fingerprint taken at the last one (whichever held state holds it): a "frozen"
   parameter that changes between observations (an EMA target network updated through ``.data``, as MoCo and BYOL
@@ -16,13 +17,15 @@ computed on its device, one sync per device):
   next newer held state (from the unfreezing on, they hold it), and stops training with the reason when none is.
 
 "Changed" means a sum or norm that moved by more than 1e-6 relative (a re-computed sum of the same values is equal
-on the same device; an update that moves neither is below what a rollback could be wrong by). Buffers and trainable
+on the same device; an update that moves neither is below what a rollback could be wrong by), or a count of
+non-finite entries that moved. Buffers and trainable
 parameters are held as with ``hold="all"``, and so are all the parameters of an averaged copy (``AveragedModel``, an
 EMA: its averaging writes them whatever their flag).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,41 +61,68 @@ def frozen_keys(model: nn.Module, live: dict[str, Any]) -> list[str]:
     return keys
 
 
-def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+def _comparable(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a real floating tensor: a complex one as its real and imaginary parts, an integer, bool or float8
+    one (a quantized base's packed weights (QLoRA), an FP8 base: no norm of its own) as float32."""
+    value = value.detach()
+    if value.is_complex():
+        value = torch.view_as_real(value)
+    if not value.is_floating_point() or value.element_size() == 1:
+        value = value.to(torch.float32)
+    return value
+
+
+def _fingerprints(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, ...]]:
     """Each tensor's (sum, 2-norm) in float64: reduced on its device (float32 accumulation; float64 for float64), one
-    sync per device. Any dtype: a complex tensor as its real and imaginary parts, an integer, bool or float8 one (packed
-    quantized weights, an FP8 base) as float32."""
+    sync per device. Any dtype (:func:`_comparable`). A tensor whose sum or norm is not finite (it holds a NaN or an
+    Inf, or its norm overflows float32) gets :func:`_nonfinite_fingerprint` instead."""
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         with torch.no_grad():
-            value = value.detach()
-            if value.is_complex():
-                value = torch.view_as_real(value)
-            # integer / bool: a quantized base's packed weights (QLoRA); float8 (an FP8 base): no norm of its own
-            if not value.is_floating_point() or value.element_size() == 1:
-                value = value.to(torch.float32)
+            value = _comparable(value)
             wide = torch.float64 if value.dtype == torch.float64 else torch.float32
             pair = torch.stack([value.sum(dtype=wide), torch.linalg.vector_norm(value, dtype=wide)]).double()
         by_device.setdefault(value.device, []).append((key, pair))
-    prints: dict[str, tuple[float, float]] = {}
+    prints: dict[str, tuple[float, ...]] = {}
     for pairs in by_device.values():
         values = torch.stack([pair for _, pair in pairs]).double().tolist()
         prints.update((key, (total, norm)) for (key, _), (total, norm) in zip(pairs, values))
+    for key, (total, norm) in list(prints.items()):
+        if not (math.isfinite(total) and math.isfinite(norm)):
+            prints[key] = _nonfinite_fingerprint(tensors[key])
     return prints
 
 
-def _moved(before: tuple[float, float], after: tuple[float, float]) -> bool:
-    """Whether a (sum, norm) fingerprint moved by more than 1e-6 relative; equal ones did not (an infinite one too:
-    a frozen mask of -inf)."""
+def _nonfinite_fingerprint(value: torch.Tensor) -> tuple[float, ...]:
+    """(sum, 2-norm) of the finite entries in float64, then the counts of NaN, +Inf and -Inf entries. A NaN makes the
+    plain sum NaN whatever the other entries are (and NaN != NaN: an unchanged parameter read as changed), an Inf
+    makes it Inf (a change of the other entries went unseen). One sync; only for such tensors."""
+    with torch.no_grad():
+        v = _comparable(value).double()
+        kept = torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype, device=v.device))
+        stats = torch.stack([
+            kept.sum(), torch.linalg.vector_norm(kept), torch.isnan(v).sum(), (v == math.inf).sum(),
+            (v == -math.inf).sum(),
+        ])
+    return tuple(stats.tolist())
+
+
+def _moved(before: tuple[float, ...], after: tuple[float, ...]) -> bool:
+    """Whether a fingerprint moved: its (sum, norm) by more than 1e-6 relative (equal ones did not), its non-finite
+    counts at all, or its kind (a NaN or Inf appeared or went)."""
+    if len(before) != len(after):
+        return True
     scale = max(abs(before[1]), abs(after[1]), 1e-30)  # the norm bounds the sum: it sets the scale of both
-    return any(a != b and not abs(a - b) <= _RTOL * scale for a, b in zip(before, after))
+    return any(a != b and not abs(a - b) <= _RTOL * scale for a, b in zip(before[:2], after[:2])) or (
+        before[2:] != after[2:]
+    )
 
 
 class FrozenParameters:
     """The frozen parameters one held state did not copy, with the fingerprint each had when it was taken."""
 
     def __init__(self) -> None:
-        self.prints: dict[str, tuple[float, float]] = {}
+        self.prints: dict[str, tuple[float, ...]] = {}
         self.step: int | None = None
 
     @property
@@ -101,7 +131,7 @@ class FrozenParameters:
 
     def fingerprint(
         self, model: nn.Module, live: dict[str, Any], step: int, last: FrozenParameters | None = None
-    ) -> dict[str, tuple[float, float]]:
+    ) -> dict[str, tuple[float, ...]]:
         """The fingerprints of the frozen parameters of ``live`` (``model.state_dict()``) at ``step``, by key (not to
         be copied); :meth:`keep` them once the state is held. ``last``: the fingerprints of the last observation's
         state, when another state holds them (``rollback_states`` > 1), compared instead of this one's.
@@ -122,7 +152,7 @@ class FrozenParameters:
             )
         return prints
 
-    def keep(self, prints: dict[str, tuple[float, float]], step: int) -> None:
+    def keep(self, prints: dict[str, tuple[float, ...]], step: int) -> None:
         """The fingerprints of the state just held (from :meth:`fingerprint`)."""
         self.prints, self.step = prints, int(step)
 

@@ -122,6 +122,29 @@ def test_frozen_parameters_of_any_dtype_are_fingerprinted() -> None:
         state.take(model, [], step=1)
 
 
+def test_a_frozen_parameter_holding_a_nan_or_inf_matches_while_unchanged_and_a_change_shows() -> None:
+    """A frozen weight holding a NaN (a bad row of a pretrained embedding) read as changed at every observation
+    (NaN != NaN) and refused the run; one holding an Inf hid a change of its other entries (inf == inf)."""
+    model = _Lora()
+    model.base.weight.data[0, 0] = float("nan")
+    model.base.bias.data[1] = float("-inf")
+    state = RollbackState(trainable_only=True)
+    assert state.take(model, [], step=0)
+    assert state.take(model, [], step=1)  # unchanged: no refusal (it raised before)
+    assert state.restore(model, []) == 1
+    model.base.bias.data[2] += 1.0  # a finite entry beside the -inf changed
+    with pytest.raises(EntrotrainError, match=r"\['base.bias'\] have requires_grad=False but changed"):
+        state.take(model, [], step=2)
+    model.base.bias.data[2] -= 1.0
+    model.base.weight.data[0, 1] = float("nan")  # one more NaN, the finite sum moved: changed
+    with pytest.raises(EntrotrainError, match=r"\['base.weight'\] have requires_grad=False but changed"):
+        state.take(model, [], step=3)
+    model.base.weight.data[0, 0] = 1.0  # the NaN went away: changed
+    model.base.weight.data[0, 1] = 0.0
+    with pytest.raises(EntrotrainError, match=r"\['base.weight'\]"):
+        state.take(model, [], step=4)
+
+
 def test_a_state_that_cannot_be_restored_is_passed_over_for_a_newer_one_or_stops() -> None:
     """A layer unfrozen and trained after step 10's state was taken: going further back to it is refused before any
     copy, and the rollback goes to the newest state that holds the layer (step 20); none: it stops, never raises."""

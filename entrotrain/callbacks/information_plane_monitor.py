@@ -511,7 +511,9 @@ class InformationPlaneMonitor(HookedMonitor):
         reshard_fsdp(pl_module)  # FSDP2 keeps the root gathered after a forward until a backward that never comes
         names = self.tap.names if self.tap is not None else list(rows)
         dims = [rows[n].shape[1] for n in names]
-        dtype = torch.promote_types(torch.float32, rows[names[0]].dtype)
+        dtype = torch.float32  # one buffer whose dtype holds every layer exactly (a float64 layer stays float64)
+        for n in names:
+            dtype = torch.promote_types(dtype, rows[n].dtype)
         where, per = chunk_layout([len(c) for c in chunks], world)
         buf = torch.zeros(per, sum(dims), dtype=dtype, device=x.device)
         local = torch.cat([rows[n].to(dtype) for n in names], dim=1)
@@ -520,7 +522,7 @@ class InformationPlaneMonitor(HookedMonitor):
         full = torch.cat([gathered[r, o : o + len(chunk)] for (r, o), chunk in zip(where, chunks)])
         out, offset = {}, 0
         for n, d in zip(names, dims):
-            out[n] = full[:, offset : offset + d]
+            out[n] = full[:, offset : offset + d].to(rows[n].dtype)  # back to the layer's own dtype (exact)
             offset += d
         return out
 

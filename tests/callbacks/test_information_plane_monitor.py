@@ -24,6 +24,7 @@ from entrotrain.callbacks.information_plane_monitor import (
 )
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional.information import estimator_parameters, information_plane_point
+from entrotrain.taps.activation_tap import ActivationTap
 from entrotrain.tasks.information_plane import InformationPlaneDataModule, InformationPlaneTask, icosahedron_dataset
 from tests.helpers.reference import one_thread  # noqa: F401  (autouse fixture: tiny matmuls run faster on one thread)
 from tests.helpers.spy_logger import SpyLogger
@@ -392,6 +393,42 @@ def test_bad_arguments_raise_early(kwargs, match):
 def test_no_matching_module():
     with pytest.raises(EntrotrainError, match="Fix the glob"):
         fit(SmallNet(), [InformationPlaneMonitor(include=["encoder.*"])], max_steps=1)
+
+
+class MixedPrecisionNet(nn.Module):
+    """A float32 tanh layer, then a float64 head (its Linear output is the second layer): layers of two dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 6), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(6, 2).double())
+
+    def forward(self, x):
+        return self.head(self.body(x).double())
+
+
+def test_gather_keeps_every_layer_dtype_bit_for_bit_across_ranks():
+    """Two simulated ranks (a stub all_gather stacks their buffers): the gathered probe equals one process's forward
+    bit for bit for every layer, also the float64 one after a float32 first layer (the buffer's dtype was the first
+    layer's, promoted with float32, so the float64 head came back rounded to float32)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = MixedPrecisionNet()
+    x = torch.randn(10, 12)
+    monitor = InformationPlaneMonitor(estimators=["binning"], probe_batch_size=3, print_summary=False)
+    monitor.tap = ActivationTap(model, include=activation_output_names(model), on_capture=monitor._consume)
+    one = monitor._gather(SimpleNamespace(world_size=1, global_rank=0), model, x)
+    sent = {}
+
+    def rank(r, gather):
+        return SimpleNamespace(world_size=2, global_rank=r, strategy=SimpleNamespace(all_gather=gather))
+
+    monitor._gather(rank(1, lambda buf: sent.setdefault(1, buf)[None].expand(2, *buf.shape)), model, x)
+    two = monitor._gather(rank(0, lambda buf: torch.stack([buf, sent[1]])), model, x)
+    assert list(one) == list(two) == ["body.1", "head.0"] and one["head.0"].dtype == torch.float64
+    for name in one:
+        assert two[name].dtype == one[name].dtype and torch.equal(two[name], one[name]), name
 
 
 def test_two_rank_ddp_equals_one_process(tmp_path):

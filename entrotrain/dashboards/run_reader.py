@@ -316,6 +316,7 @@ def find_records(folder: Path, limit: int = 5) -> list[Path]:
 
 
 _READ_BYTES = 1 << 20  # a .jsonl file is read in blocks of this many bytes
+_MARK_BYTES = 64  # bytes kept at a followed file's start and before its offset, to notice a rewrite in place
 
 
 class _JsonlTail:
@@ -332,14 +333,31 @@ class _JsonlTail:
         self.lines = 0  # complete lines read
         self.tail = bytearray()  # the bytes after the last newline
         self.ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file read
+        self.head = b""  # its first _MARK_BYTES bytes, as read
+        self.mark = b""  # the _MARK_BYTES bytes just before `end`, as read
 
     def replaced(self) -> bool:
-        """Whether the file shrank, was replaced (another inode: a new run) or removed since it was read."""
+        """Whether the file shrank, was replaced (another inode: a new run), rewritten in place (its first bytes or
+        the bytes just before the offset read to differ from what was read: two short reads) or removed since it
+        was read."""
         try:
             st = self.path.stat()
         except OSError:
             return self.end > 0 or self.ident is not None
-        return st.st_size < self.end or (self.ident is not None and self.ident != (st.st_dev, st.st_ino))
+        if st.st_size < self.end or (self.ident is not None and self.ident != (st.st_dev, st.st_ino)):
+            return True
+        return self.end > 0 and not self._same_bytes()
+
+    def _same_bytes(self) -> bool:
+        """Whether the file still holds the bytes read at its start and just before ``end``."""
+        try:
+            with self.path.open("rb") as f:
+                if f.read(len(self.head)) != self.head:
+                    return False
+                f.seek(self.end - len(self.mark))
+                return f.read(len(self.mark)) == self.mark
+        except OSError:
+            return False
 
     def new_rows(self, warnings: list[str]) -> Iterator[dict[str, Any]]:
         """The objects of the complete lines appended since the last read (read it to its end: it moves the
@@ -357,6 +375,9 @@ class _JsonlTail:
                 block = f.read(_READ_BYTES)
                 if not block:
                     break
+                if len(self.head) < _MARK_BYTES and self.end == len(self.head):  # (still reading the first bytes)
+                    self.head += block[:_MARK_BYTES - len(self.head)]
+                self.mark = block[-_MARK_BYTES:] if len(block) >= _MARK_BYTES else (self.mark + block)[-_MARK_BYTES:]
                 self.end += len(block)
                 pieces = block.split(b"\n")
                 if len(pieces) == 1:
@@ -882,8 +903,9 @@ class RunFollower:
     The first :meth:`read` reads the whole record; each later one reads only the bytes appended since to
     ``metrics.jsonl``, ``media/index.jsonl`` and ``events.jsonl`` (their offsets are kept; a line without its newline
     yet is kept and read again with what follows it) and the small files (``meta.json``, ``hparams.json``,
-    ``thresholds.json``, ``config.yaml``) again. A file that shrank, was replaced or removed (a new run in the folder,
-    a truncation) makes that read a full one. Each read returns what :func:`load_run` returns for the same bytes:
+    ``thresholds.json``, ``config.yaml``) again. A file that shrank, was replaced, rewritten in place (its first 64
+    bytes or the 64 before the offset read differ) or removed (a new run in the folder, a truncation) makes that read
+    a full one. Each read returns what :func:`load_run` returns for the same bytes:
     ``load_run`` is a follower's first read.
     """
 

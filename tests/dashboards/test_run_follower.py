@@ -186,3 +186,25 @@ def test_a_file_replaced_between_the_check_and_the_read_is_not_read_at_the_old_o
         follower.read()
     assert _seen(follower.read()) == _full(tmp_path)
     assert follower.full_reads == 2
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_a_file_rewritten_in_place_on_the_same_inode_is_read_again_in_full(tmp_path: Path, grow: bool) -> None:
+    """metrics.jsonl rewritten in place (same inode, same size or larger: a tool that rewrites it, a restarted writer
+    opening it without O_APPEND): before, the follower went on at its old offset and mixed the two contents; now the
+    first bytes and the bytes just before the offset are compared, and a change makes the read a full one."""
+    _write_meta(tmp_path, writing=False)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(_row(s) for s in range(6)))
+    follower = RunFollower(tmp_path)
+    assert follower.read(require_monitors=False).last_step == 5
+    text = "".join(_row(s) for s in range(6))
+    if grow:
+        text = _row(7) + text + _row(8)  # other first bytes too, and larger
+    text = text.replace('"loss": 2.0', '"loss": 3.0')  # (the same size otherwise)
+    with open(metrics, "r+b") as f:  # in place: the same inode
+        f.write(text.encode())
+    again = follower.read(require_monitors=False)
+    assert follower.full_reads == 2
+    assert _seen(again) == _full(tmp_path)
+    assert set(again.scalars["loss"][1].tolist()) == {3.0}

@@ -24,7 +24,8 @@ or buffer changes (BatchNorm in eval mode does not update its statistics), so tr
 the monitor on. The pass runs in the module's own precision, outside the trainer's autocast.
 
 Probe set (choice 5 of the reference note: which data MI is computed on): ``"all"`` = the training then the
-validation dataset (for the 12-bit task: all 4,096 patterns, the paper's choice), ``"train"``, ``"val"``, or
+validation dataset (for the 12-bit task: all 4,096 patterns, the paper's choice; the training dataset alone when the
+fit has no validation data), ``"train"``, ``"val"``, or
 ``"datamodule"`` = ``trainer.datamodule.information_probe()`` returning ``(x, labels)``. Datasets are read by index
 (no loader iteration, no augmentation RNG); beyond ``max_probe`` rows a seeded subsample (sorted indices) is used.
 The probe is read once per fit.
@@ -74,6 +75,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from entrotrain._validation import check_choice, check_int, check_real
@@ -387,6 +389,8 @@ class InformationPlaneMonitor(HookedMonitor):
 
     # ------------------------------------------------------------------ probe
     def _dataset(self, trainer: Trainer, which: str) -> Any:
+        """The dataset of the ``which`` (``"train"`` / ``"val"``) loader; ``None`` for ``"val"`` when the fit has no
+        validation data (none given, or loaders given to ``trainer.fit`` with ``limit_val_batches=0``)."""
         loader = None
         dm = trainer.datamodule
         if which == "train":
@@ -396,9 +400,11 @@ class InformationPlaneMonitor(HookedMonitor):
         else:
             loader = trainer.val_dataloaders
             if loader is None:
-                source = dm if dm is not None else trainer.lightning_module
-                fn = getattr(source, "val_dataloader", None)
-                loader = fn() if callable(fn) else None
+                # only a hook the user wrote: Lightning's default *_dataloader() raises MisconfigurationException
+                source = next((s for s in (dm, trainer.lightning_module) if is_overridden("val_dataloader", s)), None)
+                loader = source.val_dataloader() if source is not None else None
+            if loader is None:
+                return None
         if isinstance(loader, (list, tuple)) and len(loader) == 1:
             loader = loader[0]
         dataset = getattr(loader, "dataset", None)
@@ -429,6 +435,16 @@ class InformationPlaneMonitor(HookedMonitor):
         else:
             parts = ["train", "val"] if self.probe == "all" else [self.probe]
             datasets = [self._dataset(trainer, p) for p in parts]
+            if datasets[-1] is None:  # no validation data
+                if self.probe == "val":
+                    raise EntrotrainError(
+                        "InformationPlaneMonitor(probe='val') found no validation data in this fit (none given, or "
+                        "limit_val_batches=0); pass val_dataloaders to trainer.fit (or a datamodule with "
+                        "val_dataloader()), or use probe='train' or 'all'."
+                    )
+                rank_zero_info("InformationPlaneMonitor(probe='all'): no validation data in this fit; the probe set "
+                               "is the training dataset alone.")
+                parts, datasets = parts[:-1], datasets[:-1]
             sizes = [_dataset_length(d, p) for d, p in zip(datasets, parts)]
             index = _probe_index(sum(sizes), self.max_probe, self.seed)  # over the concatenation, read only those
             got, start = [], 0

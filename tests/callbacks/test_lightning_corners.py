@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from entrotrain.callbacks import AttentionEntropyMonitor, PredictionEntropyMonitor, SigmaReparamMonitor
+from entrotrain.callbacks import (
+    AttentionEntropyMonitor,
+    InformationPlaneMonitor,
+    PredictionEntropyMonitor,
+    SigmaReparamMonitor,
+)
+from entrotrain.errors import EntrotrainError
 from tests.callbacks.test_monitor_lifecycle import SEQ, VOCAB, AllLM, hooks_left, loader, same_weights
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.spy_logger import SpyLogger
@@ -116,3 +122,49 @@ def test_with_two_optimizers_sigma_reparam_logs_at_the_steps_of_the_other_monito
     attention = logged_steps(spy, "entropy/attn/")
     assert attention == ([0, 1, 2, 3] if every == 2 else [0, 3])  # batches whose first step is a multiple
     assert logged_steps(spy, "sigma_reparam/") == attention
+
+
+# ------------------------------------------------------------------------------------------ no validation data
+
+
+class Classifier(L.LightningModule):
+    """12 → 6 (tanh) → 2 on 32 random rows; no validation hooks (Lightning's default val_dataloader() raises)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def rows(n: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 12, generator=g), torch.randint(0, 2, (n,), generator=g)), 8)
+
+
+def info_monitor(**kwargs) -> InformationPlaneMonitor:
+    return InformationPlaneMonitor(every_n_steps=1, estimators=["binning"], log_table=False, print_summary=False,
+                                   **kwargs)
+
+
+def test_information_plane_default_probe_without_validation_data_is_the_training_set():
+    # probe="all" (the default) called the LightningModule's val_dataloader(), whose Lightning default raises
+    # MisconfigurationException("`val_dataloader` must be implemented ...")
+    monitor = info_monitor()
+    quiet_trainer(callbacks=[monitor], max_steps=1).fit(Classifier(), rows())
+    x, _ = monitor._probe_data
+    assert len(x) == 32 and monitor.history
+
+
+def test_information_plane_probe_val_without_validation_data_names_the_fix():
+    with pytest.raises(EntrotrainError, match=r"probe='val'.*no validation data.*val_dataloaders.*probe='train'"):
+        quiet_trainer(callbacks=[info_monitor(probe="val")], max_steps=1).fit(Classifier(), rows())

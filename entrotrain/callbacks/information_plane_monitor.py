@@ -480,15 +480,24 @@ class InformationPlaneMonitor(HookedMonitor):
                     if len(chunk):
                         pl_module(chunk)
             rows = {name: torch.cat(parts) for name, parts in self._rows.items()}
+            calls = {name: len(parts) for name, parts in self._rows.items()}
         finally:
             for module, mode in modes:
                 module.training = mode
             self._rows = {}
         n = sum(len(c) for c in chunks)
+        forwards = sum(1 for c in chunks if len(c))
         for name in self.tap.names:
             got = len(rows[name]) if name in rows else 0
             if n == 0 and got == 0:  # a rank with no chunk: empty activations of the right width, from a dry run
                 continue
+            if got != n and calls.get(name) == forwards:  # called once per forward, several rows per input
+                raise TapError(
+                    f"InformationPlaneMonitor: module {name!r} gave {got} activation rows for {n} probe inputs in "
+                    "one call per forward: its output has a token / position axis (e.g. (batch, seq, features)), "
+                    "and the information plane needs one representation per input. Include modules whose output "
+                    "is (batch, features), e.g. after pooling over the sequence."
+                )
             if got != n:
                 raise TapError(
                     f"InformationPlaneMonitor: module {name!r} gave {got} activation rows for {n} probe inputs; "

@@ -334,6 +334,22 @@ def test_probe_errors():
         fit(Twice(), [InformationPlaneMonitor(include=["body.0"], estimators=["binning"])], max_steps=1)
 
 
+class PerToken(SmallNet):
+    """The hidden layer sees each input as 3 positions (batch, 3, 6): one call per forward, 3 rows per input."""
+
+    def forward(self, x):
+        return self.head(self.body(torch.stack([x, -x, 2 * x], dim=1)).mean(1))
+
+
+def test_a_per_token_layer_is_refused_with_the_reason():
+    # a (batch, seq, features) output ran once per forward: the error names the token axis and the fix (a pooled
+    # module), not "a layer must run exactly once per input", which it did
+    with pytest.raises(TapError, match=r"token / position axis .* one representation per input") as err:
+        fit(PerToken(), [InformationPlaneMonitor(include=["body.1"], estimators=["binning"], max_probe=64)],
+            max_steps=1)
+    assert "exactly once" not in str(err.value) and "192 activation rows for 64 probe inputs" in str(err.value)
+
+
 def test_state_dict_summary_and_resume_history(capsys):
     L.seed_everything(0)
     monitor = InformationPlaneMonitor(estimators=FAST, every_n_steps=1, max_probe=300)

@@ -7,13 +7,17 @@
 #   bash benchmarks/gpu_all.sh --dry-run       # the same
 #
 # Steps, in order, each under its own `timeout` (seconds; override with T_<STEP>=..., e.g. T_KERNEL_TESTS=200) and
-# all of them inside a total budget of GPU_ALL_BUDGET_S (default 480 = 8 minutes; a step gets at most what is left):
+# all of them inside a total budget of GPU_ALL_BUDGET_S (default 480 = 8 minutes, counted from the script's start; a
+# step gets at most what is left less the 10 s that `timeout -k 10` may add, and is skipped when under 20 s is left):
 #
-#   kernel_tests         python -m pytest tests/kernels -q                       (dry run: tests/kernels/test_dispatch.py)
+#   kernel_tests         python -m pytest tests/kernels -q [-n 8 when pytest-xdist is there: the kernels compile in
+#                        parallel] (dry run: tests/kernels/test_dispatch.py)
 #   fsdp1_tests          python -m pytest <the FSDP1 CUDA tests that exist> -q -rs  (issue 13: Lightning's FSDPStrategy on
 #                        one GPU; tests/callbacks/test_fsdp1_cuda.py, tests/regularizers/test_sigma_fsdp1_cuda.py; on CPU
 #                        they skip but for their CPU checks), and the rollback guard's CUDA test
-#   triton_kernels       python benchmarks/triton_kernels.py --device cuda       (fwd; attention fwd and fwd+bwd)
+#   triton_kernels       python benchmarks/triton_kernels.py --device cuda --no-compile (fwd; attention fwd and
+#                        fwd+bwd; the torch.compile rows are left out: inductor compiles on a fresh machine cost more
+#                        than the step's limit)
 #   triton_kernels_grad  python benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
 #   monitor_overhead     python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda, then
 #                        python benchmarks/rollback.py --model gpt-small --device cuda (the rollback guard's cost)
@@ -22,7 +26,8 @@
 # Output, in $OUT (default ./gpu_out when OUT is unset; at most 8 files, flat, so a device call brings all back):
 #   nvidia-smi.txt   the `nvidia-smi -L` line(s) (the card's name), or why there is none
 #   <step>.txt       each step's whole output (stdout + stderr): its table(s)
-#   summary.txt      one line per step: ok / FAILED (rc) / TIMEOUT / SKIPPED, seconds, limit; then the card
+#   summary.txt      one line per step: ok / FAILED (rc) / TIMEOUT / SKIPPED, seconds, limit, and under a step that
+#                    did not pass the last 20 lines of its output (indented); then the card
 # A failed or timed-out step does not stop the script; it exits 0 when every step is ok, else 1.
 #
 # Needs only what the device image has: bash, coreutils `timeout`, python3 with torch, lightning, triton, pytest
@@ -70,6 +75,8 @@ fi
     echo "# commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), python: $PY"
 } > "$SUMMARY"
 
+START=$SECONDS  # the budget counts from here: the checks below are part of the 8 minutes
+
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L > "$OUT_DIR/nvidia-smi.txt" 2>&1; then
     :
 else
@@ -83,7 +90,6 @@ if [ "$DRY_RUN" = 0 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda
     exit 1
 fi
 
-START=$SECONDS
 FAILED=0
 
 # the FSDP1 CUDA tests that exist in this checkout (one may land later than this script)
@@ -102,14 +108,14 @@ step() {
     shift 2
     local var="T_${name^^}"
     limit=${!var:-$limit}
-    local left=$((BUDGET - (SECONDS - START)))
+    local left=$((BUDGET - (SECONDS - START) - 10))  # 10 s: what `timeout -k 10` may add past the limit
     if [ "$left" -lt 10 ]; then
         printf '%-20s %-12s %5s s  (limit %s s)  %s\n' "$name" "SKIPPED" 0 "$limit" "total budget spent" >> "$SUMMARY"
         echo "[gpu_all] $name: SKIPPED (total budget of ${BUDGET} s spent)"
         FAILED=1
         return
     fi
-    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$left" -lt "$limit" ] && limit=$left  # never 0: `timeout 0` would mean no limit at all
     echo "[gpu_all] $name (limit ${limit} s): $*"
     local t0=$SECONDS rc
     {
@@ -126,8 +132,12 @@ step() {
     [ "$rc" = 0 ] || FAILED=1
     printf '%-20s %-12s %5s s  (limit %s s)  %s\n' "$name" "$status" "$took" "$limit" "$*" >> "$SUMMARY"
     echo "[gpu_all] $name: $status in ${took} s"
-    if [ "$rc" != 0 ]; then tail -n 5 "$OUT_DIR/$name.txt" | sed 's/^/    /'; fi
+    if [ "$rc" != 0 ]; then
+        tail -n 20 "$OUT_DIR/$name.txt" | sed 's/^/    | /' >> "$SUMMARY"
+        tail -n 5 "$OUT_DIR/$name.txt" | sed 's/^/    /'
+    fi
 }
+
 
 if [ "$DRY_RUN" = 1 ]; then
     step kernel_tests 60 "$PY" -m pytest tests/kernels/test_dispatch.py -q -p no:cacheprovider
@@ -139,9 +149,13 @@ if [ "$DRY_RUN" = 1 ]; then
         --threads 1 && "$0" benchmarks/rollback.py --quick' "$PY"
     step spectral 60 "$PY" benchmarks/spectral.py --device cpu --quick --threads 1 --exact-max-n 10000
 else
-    step kernel_tests 120 "$PY" -m pytest tests/kernels -q -p no:cacheprovider
+    # pytest-xdist when the interpreter has it (the device image does): the kernel tests compile in parallel
+    XDIST=()
+    "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 8)
+    step kernel_tests 120 "$PY" -m pytest tests/kernels -q -rfEs --durations=10 -p no:cacheprovider \
+        ${XDIST[@]+"${XDIST[@]}"}
     step fsdp1_tests 100 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
-    step triton_kernels 120 "$PY" benchmarks/triton_kernels.py --device cuda
+    step triton_kernels 120 "$PY" benchmarks/triton_kernels.py --device cuda --no-compile
     step triton_kernels_grad 75 "$PY" benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
     step monitor_overhead 100 bash -c '"$0" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda \
         && "$0" benchmarks/rollback.py --model gpt-small --device cuda --repeats 5' "$PY"

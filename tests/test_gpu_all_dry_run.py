@@ -120,7 +120,20 @@ def test_failures_and_timeouts_are_recorded_and_the_script_goes_on(tmp_path: Pat
     pytest_steps = {"kernel_tests", "fsdp1_tests"}
     assert status == {s: "FAILED(3)" if s in pytest_steps else "TIMEOUT" for s in STEPS}, status
     assert "boom" in (tmp_path / "out" / "kernel_tests.txt").read_text()
-    assert "NOT all ok" in (tmp_path / "out" / "summary.txt").read_text()
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "NOT all ok" in summary
+    assert "    | boom" in summary  # a failed step's output tail is in the summary that comes back
+
+
+def test_a_step_that_ignores_sigterm_does_not_run_past_the_budget(tmp_path: Path) -> None:
+    """`timeout -k 10` kills 10 s after the limit when the step ignores SIGTERM: that grace is inside the budget."""
+    import time
+
+    fake = _stand_in(tmp_path, "trap '' TERM; sleep 30")
+    started = time.monotonic()
+    proc = _run(tmp_path, "--dry-run", PYTHON=fake, GPU_ALL_BUDGET_S="12")
+    assert time.monotonic() - started < 12, proc.stdout
+    assert proc.returncode == 1 and set(_summary(tmp_path / "out").values()) == {"SKIPPED"}
 
 
 def test_a_spent_budget_skips_the_remaining_steps(tmp_path: Path) -> None:

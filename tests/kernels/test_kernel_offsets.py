@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = "logits dim0+mask bfloat16,head bfloat16,attn d=64 bias+kpm bfloat16"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU check of the compiled IR; on a GPU the kernels run")
 def test_every_pointer_offset_is_int64():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(

@@ -466,9 +466,37 @@ class _PolicyDriver(_Driver):
             self.recorder.add(**tensors)
 
     def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float] | None:
+        if world > 1:
+            self._check_handed_alike(step, world)
         if not self.recorder.pending:
             return None
         return self.recorder.compute(step)
+
+    def _check_handed_alike(self, step: int, world: int) -> None:
+        """Under ``torch.distributed`` the step's tensors are gathered over ranks (a collective every rank must
+        join), so whether each rank handed tensors over, and rewards with them, is agreed on first (one
+        ``all_gather`` per logging step): a rank that handed nothing over while another did is an error on every
+        rank, not a hang of the others in the gather.
+
+        Raises:
+            EntrotrainError: the ranks did not all hand tensors over, or not all with rewards.
+        """
+        parts = getattr(self.recorder, "_parts", [])
+        rewards = bool(parts) and all("rewards" in part for part in parts)
+        flags = [tuple(rows[0]) for rows in _gathered([(float(bool(parts)), float(rewards))], world)]
+        if len(set(flags)) == 1:
+            return
+        self.recorder.clear()
+        handed = [r for r, (here, _) in enumerate(flags) if here]
+        with_rewards = [r for r, (_, given) in enumerate(flags) if given]
+        what = (f"rank(s) {handed} handed tensors over with record_policy() and the others did not"
+                if len(handed) < world else f"rank(s) {with_rewards} handed rewards= over and the others did not")
+        raise EntrotrainError(
+            f"PolicyEntropyMonitor {self.where}: at step {step}, {what}. Under torch.distributed the step's tensors "
+            "are gathered over the ranks, so every rank hands its micro-batches over at the same steps, each with "
+            "rewards or none without; a rank with no sample this step hands over empty (0, T) tensors of the same "
+            "dtypes."
+        )
 
     def record_arrays(self) -> list[RecordArray]:
         return self.recorder.last_arrays
@@ -523,6 +551,18 @@ def agreed_value(given: Sequence[float], mode: str) -> float | None:
     if bad or not given:
         return bad[0] if bad else None
     return min(given) if mode == "min" else max(given)
+
+
+def _gathered(rows: list[tuple[float, float]], world: int) -> list[list[list[float]]]:
+    """Every rank's ``rows`` (the same number on each), in rank order: one ``all_gather`` on the default process
+    group (on the current CUDA device under NCCL), read on the host."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    sent = torch.tensor(rows, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(parts, sent)
+    return torch.stack(parts).tolist()
 
 
 def readable_scalar(value: Any) -> bool:
@@ -798,19 +838,13 @@ class MonitorSession:
                    if guard.monitor not in reduced and not any(guard.monitor in keys for keys in self._published)]
         if world < 2 or not pending:
             return {}
-        import torch.distributed as dist
-
         mine = []  # (handed over, value) per pending guard
         for i in pending:
             value = local.get(self.guards[i].monitor)
             here = readable_scalar(value)
             mine.append((1.0 if here else 0.0, float(value.detach() if isinstance(value, Tensor) else value)
                          if here else 0.0))
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        sent = torch.tensor(mine, dtype=torch.float64, device=device)
-        parts = [torch.empty_like(sent) for _ in range(world)]
-        dist.all_gather(parts, sent)
-        gathered = torch.stack(parts).tolist()  # [rank][pending guard] = (handed over, value)
+        gathered = _gathered(mine, world)  # [rank][pending guard] = (handed over, value)
         return {i: agreed_value([row[j][1] for row in gathered if row[j][0] == 1.0], self.guards[i].mode)
                 for j, i in enumerate(pending)}
 

@@ -9,7 +9,9 @@ under ``EntropyMonitors(guards=[...])`` and hands the guard its own scripted val
 - ``reduce_lr``: only rank 0 hands a value over (bad at step 1); rank 1 never calls ``observe``.
 
 Each rank writes ``rank{r}.json``: per run, the steps it rolled back at, ``should_stop`` after each step, the final
-learning rate and its final weights (flattened). Run by tests/integrations/test_guard_ranks_ddp.py.
+learning rate and its final weights (flattened). Then one logging step of a ``PolicyEntropyMonitor`` whose tensors
+(``record_policy``) are gathered over the ranks: rank 1 hands nothing over, or no rewards, or empty ``(0, T)``
+tensors; each rank writes the step's logs or the error it raised. Run by tests/integrations/test_guard_ranks_ddp.py.
 """
 
 from __future__ import annotations
@@ -66,11 +68,44 @@ def train(rank: int, guard_args: dict, values: list) -> dict:
     return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights}
 
 
+#: run -> what each rank hands PolicyEntropyMonitor at step 0: "batch", "batch+rewards", "empty" ((0, T)) or None
+POLICY = {
+    "policy_missing": ("batch", None),
+    "policy_rewards": ("batch+rewards", "batch"),
+    "policy_empty": ("batch", "empty"),
+}
+
+
+def policy(rank: int, handed: str | None) -> dict:
+    """One logging step of a PolicyEntropyMonitor in a loop; the step's statistics, or the error raised."""
+    from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
+    from entrotrain.errors import EntrotrainError
+    from entrotrain.integrations.loop import EntropyMonitors
+
+    g = torch.Generator().manual_seed(7)  # the same rows on both ranks: rank 1's 'empty' adds none
+    rows = 0 if handed == "empty" else 4
+    batch = {"entropy": torch.rand(rows, 6, generator=g, dtype=torch.float64),
+             "logprobs": -torch.rand(rows, 6, generator=g, dtype=torch.float64),
+             "advantages": torch.randn(rows, generator=g, dtype=torch.float64), "mask": torch.ones(rows, 6) > 0}
+    if handed == "batch+rewards":
+        batch["rewards"] = torch.rand(rows, generator=g, dtype=torch.float64)
+    monitors = EntropyMonitors([PolicyEntropyMonitor(print_summary=False)], print_summary=False)
+    try:
+        with monitors.watch(torch.nn.Linear(2, 2)):
+            with monitors.step(0):
+                if handed is not None:
+                    monitors.record_policy(**batch)
+    except EntrotrainError as err:
+        return {"error": str(err)}
+    return {"logs": monitors.logs}
+
+
 def worker(rank: int, out: str) -> None:
     faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting in a collective: fail, do not hang
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     found = {name: train(rank, args, by_rank[rank]) for name, (args, *by_rank) in RUNS.items()}
+    found.update({name: policy(rank, by_rank[rank]) for name, by_rank in POLICY.items()})
     Path(out, f"rank{rank}.json").write_text(json.dumps(found))
     faulthandler.cancel_dump_traceback_later()
 

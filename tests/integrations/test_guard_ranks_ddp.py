@@ -1,7 +1,8 @@
 """Guards in a plain loop on 2 gloo ranks judge one value agreed on by the ranks (MonitorSession.agree): each rank
 hands over its own value with ``monitors.observe``, and every rank rolls back, stops or lowers its rates alike
 (tests/integrations/guard_ranks_ddp_run.py). Before, each rank judged its own value: one rank rolled back alone and
-the replicas' weights parted, one rank stopped alone (the other would wait for it in its next collective)."""
+the replicas' weights parted, one rank stopped alone (the other would wait for it in its next collective). A rank
+that hands the policy monitor nothing at a logging step is an error on every rank, not a hang in the gather."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> No
         assert r["rollback"]["rolled"] == [2], r["rollback"]  # rank 1's bad value rolls both back
         assert r["stop"]["stop"] == [False, True, True, True]  # rank 1's NaN stops both
         assert r["reduce_lr"]["lr"] == 0.05  # only rank 0 handed a value over: it counts on both, no hang
+        # a rank that hands the policy monitor nothing (or no rewards) is an error on both ranks, not a hang
+        assert "rank(s) [0] handed tensors over with record_policy() and the others did not" in r["policy_missing"][
+            "error"], r["policy_missing"]
+        assert "rank(s) [0] handed rewards= over" in r["policy_rewards"]["error"], r["policy_rewards"]
+        assert r["policy_empty"]["logs"]["entropy/policy/mean"] > 0  # empty (0, T) tensors join the gather
+    assert ranks[0]["policy_empty"] == ranks[1]["policy_empty"]
 
 
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), st.sampled_from(["min", "max"]))

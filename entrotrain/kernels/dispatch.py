@@ -227,9 +227,9 @@ def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callabl
         if explicit:
             raise _unavailable(name, error, "") from error
         _switch_off(name, error, "", stacklevel=4)
-        return fallback()
     finally:
         _AUTO.reset(token)
+    return fallback()
 
 
 def kernel_backward(name: str, allowed: bool, kernel: Callable[[], T], fallback: Callable[[], T]) -> T:

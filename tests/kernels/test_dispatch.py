@@ -105,3 +105,27 @@ def test_import_entrotrain_imports_no_kernel():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "False"]
+
+
+def test_call_kernel_marks_only_an_auto_kernel_call_for_the_backward_fallback(monkeypatch):
+    """The kernel's autograd function reads fallback_allowed() in its forward: True inside an impl='auto' kernel
+    call only (not in the torch fallback, not under an explicit 'triton', not after the call)."""
+    seen = []
+
+    def kernel():
+        seen.append(("kernel", dispatch.fallback_allowed()))
+        raise RuntimeError("boom")
+
+    def fallback():
+        seen.append(("fallback", dispatch.fallback_allowed()))
+        return 1
+
+    monkeypatch.setattr(dispatch, "_FAILED", {})
+    monkeypatch.delenv("ENTROTRAIN_IMPL", raising=False)
+    with pytest.warns(RuntimeWarning, match="the Triton k kernel failed .*boom"):
+        assert dispatch.call_kernel("k", "auto", kernel, fallback) == 1
+    assert seen == [("kernel", True), ("fallback", False)] and not dispatch.fallback_allowed()
+    seen.clear()
+    with pytest.raises(KernelUnavailableError, match="the Triton k2 kernel failed .*boom.*impl='auto'"):
+        dispatch.call_kernel("k2", "triton", kernel, fallback)
+    assert seen == [("kernel", False)] and "k2" not in dispatch._FAILED

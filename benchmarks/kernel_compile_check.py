@@ -148,6 +148,13 @@ def default_cases() -> list[tuple[str, callable]]:
                 attn._TritonAttentionEntropy.apply(q, k, masks, 0.125)[0].sum().backward()
 
             cases += [(f"attn d={d} causal+window GQA {tag}", attn_case), (f"attn d={d} bias+kpm {tag}", attn_masked)]
+
+        def attn_causal(dtype=dtype):  # the key / query loop bounds of causal alone, and of a window alone
+            q, k = _meta(2, 8, 1000, 64, dtype=dtype, grad=True), _meta(2, 8, 1000, 64, dtype=dtype, grad=True)
+            attention_entropy_stats(q, k, is_causal=True).entropy.sum().backward()
+            attention_entropy_stats(q, k, window=100).entropy.sum().backward()
+
+        cases.append((f"attn d=64 causal / window {tag}", attn_causal))
     return cases
 
 

@@ -187,6 +187,28 @@ class _RecordCheckpoint(Callback):
             self.record._resume_from(checkpoint, trainer.ckpt_path)
 
 
+def _folder_name(value: Any, arg: str) -> str:
+    """``value`` (an int as its digits) when it is one folder name: a non-empty string without ``/``, ``\\`` (or the
+    OS's separators) or NUL, other than ``.`` and ``..``; else :class:`~entrotrain.errors.EntrotrainError` naming one
+    that is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # Lightning's loggers take version=3
+    if not isinstance(value, str):
+        raise EntrotrainError(
+            f"RunRecordLogger: {arg} must be a string (a folder name), got {type(value).__name__} {value!r}; "
+            f"e.g. {arg}={str(value)!r}."
+        )
+    seps = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if value in ("", ".", "..") or any(sep in value for sep in seps):
+        fixed = "".join("-" if ch in seps else ch for ch in value).strip(".-") or "run"
+        raise EntrotrainError(
+            f"RunRecordLogger: {arg}={value!r} is not one folder name: the record goes to save_dir/name/version, and "
+            f"a '/' or '\\' would nest folders, '..' leave save_dir. Pass a plain name, e.g. {arg}={fixed!r} (or put "
+            "the grouping into save_dir)."
+        )
+    return value
+
+
 def unique_version(parent: Path, stem: str) -> str:
     """A record folder name under ``parent``: ``<stem>-YYYYmmdd-HHMMSS`` (local time), made unique with ``-2``, ..."""
     base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -216,7 +238,8 @@ class RunRecordLogger(Logger):
         resume: continue the record named by a restored checkpoint (default ``True``).
 
     Raises:
-        EntrotrainError: when ``save_dir`` exists and is not a folder.
+        EntrotrainError: when ``save_dir`` exists and is not a folder, or ``name`` / ``version`` is not one folder name
+            (a ``/`` or ``\\`` in it would nest folders, ``..`` leave ``save_dir``).
     """
 
     def __init__(
@@ -233,8 +256,8 @@ class RunRecordLogger(Logger):
         if root.exists() and not root.is_dir():
             raise EntrotrainError(f"RunRecordLogger: save_dir {root} exists and is not a folder; pass a folder path.")
         self._save_dir = root
-        self._name = name
-        self._version = version
+        self._name = _folder_name(name, "name")
+        self._version = None if version is None else _folder_name(version, "version")
         self.recipe = recipe
         self.run_name = run_name
         self.resume = bool(resume)

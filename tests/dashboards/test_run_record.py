@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -158,3 +159,22 @@ def test_publish_scalars_prog_bar_argument(tmp_path):
     assert seen == {"entropy/policy/mean": True, "other": False}
     publish_scalars(trainer, model, {"entropy/policy/mean": 1.0, "other": 2.0}, prog_bar=["other"])
     assert seen == {"entropy/policy/mean": False, "other": True}
+
+
+@pytest.mark.parametrize(
+    "kwargs, fixed",
+    [
+        ({"version": "exp/1"}, "version='exp-1'"),  # nested records/exp/1 before
+        ({"version": "../../escape"}, "version='escape'"),  # the record went two folders above save_dir/records
+        ({"version": ".."}, "version='run'"),
+        ({"version": "a\\b"}, "version='a-b'"),
+        ({"name": "x/../.."}, "name='x'"),
+        ({"version": ""}, "version='run'"),
+        ({"version": 1.5}, "version='1.5'"),
+    ],
+)
+def test_a_name_or_version_that_is_not_one_folder_name_is_refused(tmp_path, kwargs, fixed):
+    with pytest.raises(EntrotrainError, match=re.escape(fixed)):
+        RunRecordLogger(tmp_path / "runs", **kwargs)
+    assert not (tmp_path / "escape").exists()
+    assert RunRecordLogger(tmp_path, version=3).log_dir == str(tmp_path / "records" / "3")  # as Lightning's loggers

@@ -501,7 +501,7 @@ def attention_entropy_stats(
         key_padding_mask: ``(B, Nk)`` boolean, True = padding.
         is_causal: key ``j`` visible to query ``i`` iff ``j <= i`` (top-left).
         window: sliding window: ``0 <= i - j < w`` when causal, ``|i - j| < w`` otherwise.
-        scale: default ``1/sqrt(D)``.
+        scale: default ``1/sqrt(D)`` (1 for ``D = 0``: every score 0, uniform attention over the valid keys).
         path, chunk_elements: accepted for signature compatibility and ignored (the kernel is its own path).
 
     Returns:
@@ -513,9 +513,9 @@ def attention_entropy_stats(
     check_kernel_inputs(q, k)
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    scale = (1.0 / math.sqrt(dim) if dim else 1.0) if scale is None else float(scale)  # head_dim 0: scores all 0
     masks = _prepare_masks((batch, heads, n_q, n_k), attn_mask, key_padding_mask, is_causal, window, q.device)
-    if 0 in (batch, heads, n_q, n_k, dim):
+    if 0 in (batch, heads, n_q, n_k):  # (head_dim 0 runs: every score is 0 + bias, as the torch path)
         entropy = q.float().sum(-1) * 0
         return AttentionEntropy(entropy, entropy.clone(), torch.zeros(entropy.shape, dtype=torch.long,
                                                                        device=q.device))

@@ -191,3 +191,17 @@ def test_launch_grids_fit_cuda_limits_with_many_heads(device, monkeypatch):
     assert len(grids) == 3
     for grid in grids:
         assert 1 <= len(grid) <= 3 and grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid
+
+
+def test_head_dim_zero_is_uniform_attention_as_the_torch_path(device):
+    """head_dim 0: every score is 0, so the entropy is ln |V_i| (the torch path's contract), not 0."""
+    q = torch.zeros(B, HQ, 6, 0, device=device, requires_grad=True)
+    k = torch.zeros(B, 2, 6, 0, device=device, requires_grad=True)
+    kwargs = dict(is_causal=True, key_padding_mask=_padding(device, 6))
+    got = kmod.attention_entropy_stats(q, k, **kwargs)
+    want = torch_stats(q, k, **kwargs)
+    torch.testing.assert_close(got.entropy, want.entropy)
+    assert torch.equal(got.n_keys, want.n_keys) and float(got.entropy.max()) > 1.0
+    torch.testing.assert_close(torch_stats(q, k, impl="triton", **kwargs).entropy, want.entropy)  # dispatched
+    dq, dk = torch.autograd.grad(got.entropy.sum(), (q, k))
+    assert dq.shape == q.shape and dk.shape == k.shape

@@ -177,7 +177,9 @@ def _attn_entropy_fwd(
     m_safe = tl.where(has_any, m, 0.0)
     out = bh * n_q + rows
     row_ok = rows < n_q
-    tl.store(h_ptr + out, tl.where(has_any, tl.maximum(log_l - centred_mean, 0.0), 0.0), mask=row_ok)
+    entropy = log_l - centred_mean
+    entropy = tl.where(entropy < 0.0, 0.0, entropy)  # round-off below 0; not tl.maximum, which turns NaN into 0
+    tl.store(h_ptr + out, tl.where(has_any, entropy, 0.0), mask=row_ok)
     tl.store(lse_ptr + out, tl.where(has_any, m_safe + log_l, float("-inf")), mask=row_ok)
     tl.store(mean_ptr + out, tl.where(has_any, m_safe + centred_mean, 0.0), mask=row_ok)
     tl.store(cnt_ptr + out, cnt, mask=row_ok)

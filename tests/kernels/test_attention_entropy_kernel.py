@@ -205,3 +205,17 @@ def test_head_dim_zero_is_uniform_attention_as_the_torch_path(device):
     torch.testing.assert_close(torch_stats(q, k, impl="triton", **kwargs).entropy, want.entropy)  # dispatched
     dq, dk = torch.autograd.grad(got.entropy.sum(), (q, k))
     assert dq.shape == q.shape and dk.shape == k.shape
+
+
+def test_non_finite_q_or_k_gives_nan_for_the_queries_that_read_it(device):
+    """As the torch path: a NaN in one query, or +inf in one key, makes NaN exactly the entropies that read it (a
+    NaN-dropping max / clamp gave 0 there), and leaves the others as they were."""
+    q, k = _qk(device, kv_heads=4, seed=8)
+    q, k = q.detach().clone(), k.detach().clone()
+    q[0, 0, 5, 3] = float("nan")
+    k[1, 2, 7, 0] = float("inf")
+    got = kmod.attention_entropy_stats(q, k, is_causal=True)
+    want = torch_stats(q, k, is_causal=True, path="chunked")
+    assert torch.equal(got.entropy.isnan(), want.entropy.isnan()) and 0 < int(want.entropy.isnan().sum()) < NQ * 2
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got.normalized, want.normalized, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -687,6 +687,12 @@ def _media_item(
 ) -> MediaItem | None:
     """The item an index row describes, or ``None`` (with a warning) when its file or bytes are missing."""
     file, size = files(str(row.get("file", "")))
+    if size == -2:
+        warnings.append(
+            f"media file {row.get('file')!r} listed in media/index.jsonl is outside the run's folder (an absolute path "
+            "or one through '..': the index was edited or damaged); skipped, not read."
+        )
+        return None
     if "key" not in row or size < 0:
         warnings.append(f"media file {row.get('file')} listed in media/index.jsonl is missing; skipped.")
         return None
@@ -729,10 +735,15 @@ class _MediaRows:
         return twin
 
     def _file(self, name: str) -> tuple[Path, int]:
-        """The path and size of the record's file ``name`` (-1: not a file), looked up once per file, not per row."""
+        """The path and size of the record's file ``name`` (-1: not a file; -2: not inside the record's folder, an
+        absolute path or one through ``..``, never read), looked up once per file, not per row."""
         if name not in self.sizes:
             file = self.path / name
-            self.sizes[name] = file, file.stat().st_size if file.is_file() else -1
+            parts = Path(name.replace("\\", "/")).parts
+            if Path(name).is_absolute() or ".." in parts:
+                self.sizes[name] = file, -2
+            else:
+                self.sizes[name] = file, file.stat().st_size if file.is_file() else -1
         return self.sizes[name]
 
     def add(self, row: dict[str, Any]) -> None:

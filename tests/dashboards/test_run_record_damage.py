@@ -162,3 +162,19 @@ def test_numbers_beyond_range_are_no_traceback(tmp_path: Path) -> None:
     assert any("line 3 has no valid step/values" in w for w in run.warnings)
     assert run.scalars["train/loss"][1][-1] == math.inf and run.scalars["entropy/attn_norm/min"][1][-1] == 0.4
     assert build_report([path]).is_file()
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "media/../../outside.bin", "ABS", "media\\..\\..\\outside.bin"])
+def test_a_media_row_naming_a_file_outside_the_run_folder_is_skipped_not_read(tmp_path: Path, name: str) -> None:
+    """media/index.jsonl rows name their file relative to the run's folder; one through '..' (or absolute) read a file
+    outside it (a record copied from elsewhere could make the report read any file): now skipped with a warning."""
+    path = _record(tmp_path, "v", range(0, 30, 10))
+    outside = path.parent / "outside.bin"
+    outside.write_bytes(np.arange(4, dtype="<f8").tobytes())
+    name = str(outside) if name == "ABS" else name
+    (path / "media").mkdir(exist_ok=True)
+    row = {"key": "entropy/h", "step": 0, "kind": "values", "file": name, "offset": 0, "shape": [4], "dtype": "<f8"}
+    (path / "media" / "index.jsonl").write_text(json.dumps(row) + "\n")
+    run = load_run(path)
+    assert "entropy/h" not in run.media
+    assert any("outside the run's folder" in w for w in run.warnings), run.warnings

@@ -88,6 +88,7 @@ from torch import Tensor
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_shape, check_tensor
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._lifecycle import PerFitCallback
+from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError
@@ -103,6 +104,36 @@ _GATHERED = (
     ("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False), ("post_entropy", 0.0), ("rewards", 0.0),
     ("phase_ids", -1),
 )
+
+def _cat_padded(parts: list[Tensor], fill: float | bool) -> Tensor:
+    """Concatenate along dim 0, trailing dims padded with ``fill``: ``(B_i, T_i)`` → ``(ΣB_i, max T_i)``."""
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.dim() for p in parts}) != 1:
+        raise EntrotrainError(
+            "PolicyEntropyMonitor: the micro-batches of an accumulated step returned tensors of different ranks "
+            f"{[tuple(p.shape) for p in parts]}; return the same shapes from every training_step."
+        )
+    trailing = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    out = []
+    for p in parts:
+        if list(p.shape[1:]) != trailing:
+            padded = torch.full((p.shape[0], *trailing), fill, dtype=p.dtype, device=p.device)
+            padded[tuple(slice(0, n) for n in p.shape)] = p
+            p = padded
+        out.append(p)
+    return torch.cat(out)
+
+
+def _pooled(micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch from the micro-batches of an accumulated optimizer step: each tensor concatenated over them (padded
+    as across DDP ranks), kept only when every micro-batch returned it; the temperature of the last one."""
+    pooled: dict[str, Any] = dict(micro_batches[-1])
+    for name, fill in _GATHERED:
+        parts = [found[name] for found in micro_batches]
+        pooled[name] = None if any(p is None for p in parts) else _cat_padded([p.detach() for p in parts], fill)
+    return pooled
+
 
 _DEFAULT_KEYS = {
     "entropy": "token_entropy",
@@ -203,7 +234,9 @@ class PolicyEntropyMonitor(PerFitCallback):
 
     Args:
         every_n_batches: log at training batches ``0, n, 2n, ...`` (a batch is one rollout in
-            :class:`~entrotrain.tasks.GRPOTask`, whatever the number of optimizer steps it takes).
+            :class:`~entrotrain.tasks.GRPOTask`, whatever the number of optimizer steps it takes). Under gradient
+            accumulation (``Trainer(accumulate_grad_batches=k)``, ``k > 1``) the ``k`` micro-batches of an optimizer
+            step are pooled into one batch: logged at optimizer steps ``0, n, 2n, ...`` (``batch`` = that step).
         agg: the loss-aggregation mode ``mean`` uses: ``"token-mean"``, ``"seq-mean-token-sum"``,
             ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum-norm"`` (name the one your loss uses).
         top_fraction: the high-entropy minority reported as ``top{q}_mean`` (0.2: Wang et al.'s 80/20).
@@ -268,6 +301,7 @@ class PolicyEntropyMonitor(PerFitCallback):
         self.entropy_length_corr = check_bool(entropy_length_corr, "entropy_length_corr")
         self.n_phases = check_int(n_phases, "n_phases", low=1, none_ok=True)
         self._nonfinite = NonFiniteCounter("PolicyEntropyMonitor", f"{prefix}nonfinite")
+        self._window = LoggingWindow(every_n_batches)
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -281,6 +315,8 @@ class PolicyEntropyMonitor(PerFitCallback):
         self.first_logged: dict[str, float] | None = None
         self.last_logged: dict[str, float] = {}
         self._nonfinite.reset()
+        self._window.close()
+        self._pending: list[dict[str, Any]] = []  # the micro-batches of the open accumulation window
 
     @property
     def state_key(self) -> str:
@@ -358,15 +394,32 @@ class PolicyEntropyMonitor(PerFitCallback):
         return found
 
     # ------------------------------------------------------------------ per batch
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.sanity_checking or trainer.accumulate_grad_batches == 1:
+            return
+        if self._window.begin(trainer.global_step):  # the first micro-batch of a logging optimizer step
+            self._pending = []
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.sanity_checking:
             return
-        index = trainer.fit_loop.epoch_loop.total_batch_idx
-        if index % self.every_n_batches:
-            return
-        found = self._tensors(outputs)
+        if trainer.accumulate_grad_batches > 1:
+            # gradient accumulation: the micro-batches of one optimizer step are one logged batch (logged once, at
+            # the step Lightning logs it at; one row per micro-batch would log the same step several times)
+            if not self._window.open:
+                return
+            self._pending.append(self._tensors(outputs))
+            index = self._window.end(trainer.global_step)
+            if index is None:  # more micro-batches to come
+                return
+            found, self._pending = _pooled(self._pending), []
+        else:
+            index = trainer.fit_loop.epoch_loop.total_batch_idx
+            if index % self.every_n_batches:
+                return
+            found = self._tensors(outputs)
         with torch.no_grad():
             # under DDP: every rank's rows, T padded with masked-out tokens (the mask pads with False)
             tensors = {name: all_gather_padded(found[name], fill) for name, fill in _GATHERED if found[name] is not None}

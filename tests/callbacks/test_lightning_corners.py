@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from entrotrain.callbacks import (
     AttentionEntropyMonitor,
     InformationPlaneMonitor,
+    PolicyEntropyMonitor,
     PredictionEntropyMonitor,
     SigmaReparamMonitor,
+    policy_entropy_summary,
 )
 from entrotrain.errors import EntrotrainError
 from tests.callbacks.test_monitor_lifecycle import SEQ, VOCAB, AllLM, hooks_left, loader, same_weights
@@ -168,3 +170,54 @@ def test_information_plane_default_probe_without_validation_data_is_the_training
 def test_information_plane_probe_val_without_validation_data_names_the_fix():
     with pytest.raises(EntrotrainError, match=r"probe='val'.*no validation data.*val_dataloaders.*probe='train'"):
         quiet_trainer(callbacks=[info_monitor(probe="val")], max_steps=1).fit(Classifier(), rows())
+
+
+# ------------------------------------------------------------------------------------------ gradient accumulation
+
+
+class Outputs(L.Callback):
+    """What ``training_step`` returned, batch by batch."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.outputs.append({k: v.detach().clone() for k, v in outputs.items() if k != "loss"})
+
+
+def test_policy_monitor_under_gradient_accumulation_logs_each_step_once_pooling_its_micro_batches():
+    # it logged every micro-batch at the step Lightning logs the optimizer step at: two rows for step 0, the
+    # run reader warned "Two processes are writing this record", the curve kept only the last micro-batch and a guard
+    # saw one of the two values
+    monitor, seen, spy = PolicyEntropyMonitor(log_media=False, print_summary=False), Outputs(), SpyLogger()
+    L.seed_everything(0)
+    quiet_trainer(callbacks=[seen, monitor], logger=spy, max_steps=3, accumulate_grad_batches=2).fit(AllLM(), loader())
+    rows = [(step, row) for step, row in spy.rows if "entropy/policy/mean" in row]
+    assert [step for step, _ in rows] == [0, 1, 2]
+    for step, row in rows:
+        pair = seen.outputs[2 * step: 2 * step + 2]
+        expected = policy_entropy_summary(
+            *(torch.cat([o[k] for o in pair]) for k in ("token_entropy", "logprobs", "advantages", "response_mask"))
+        )
+        assert row["entropy/policy/mean"] == pytest.approx(expected["mean"], rel=1e-12)
+        assert row["entropy/policy/cov_mean"] == pytest.approx(expected["cov_mean"], rel=1e-9)
+    assert len(monitor.history["entropy"]) == 3 and monitor.last_logged["batch"] == 2  # batch = the optimizer step
+
+
+def test_pooled_micro_batches_of_different_lengths_score_every_real_token_once():
+    from entrotrain.callbacks.policy_monitor import _pooled
+
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for batch, length in ((2, 3), (3, 5)):
+        parts.append({
+            "entropy": torch.rand(batch, length, generator=g), "logprobs": -torch.rand(batch, length, generator=g),
+            "advantages": torch.randn(batch, generator=g), "mask": torch.rand(batch, length, generator=g) > 0.3,
+            "rewards": None, "post_entropy": None, "phase_ids": None, "temperature": 0.7,
+        })
+    pooled = _pooled(parts)
+    assert pooled["entropy"].shape == (5, 5) and pooled["rewards"] is None and pooled["temperature"] == 0.7
+    assert not pooled["mask"][:2, 3:].any()  # padding is not data
+    real = torch.cat([p["entropy"][p["mask"]] for p in parts])
+    got = policy_entropy_summary(pooled["entropy"], pooled["logprobs"], pooled["advantages"], pooled["mask"])
+    assert got["mean"] == pytest.approx(float(real.double().mean()), rel=1e-6)

@@ -5,13 +5,15 @@ stand-in Triton driver answers "CUDA, sm_90" and a ``jit_cache_hook`` records ea
 as Triton specialises them: an int argument below ``2**31`` is ``i32``) and constexprs instead of compiling it. Each
 recorded launch is then compiled here, for the device:
 
-- ``--ttir`` (fast, what tests/kernels/test_kernel_ir.py runs): Triton IR only; reports every ``tt.addptr`` whose
-  offset is 32-bit. A 32-bit offset wraps past ``2**31`` elements (``row * stride`` over 16384 x 151936 logits is
-  2.5e9), and Triton's CPU interpreter cannot show it (it needs > 2**31 elements behind a pointer).
+- ``--ttir`` (fast, what tests/kernels/test_kernel_offsets.py runs): Triton IR only; reports every 32-bit integer
+  multiplication that feeds a pointer offset (``tt.addptr``). It wraps past ``2**31`` elements (``row * stride`` over
+  16384 x 151936 logits is 2.5e9), and Triton's CPU interpreter cannot show it (it needs > 2**31 elements behind a
+  pointer).
 - default: the whole pipeline down to the cubin (ptxas, bundled with triton): shared memory per block (the H100 allows
-  227 KiB), registers per thread and local memory (spills), by ``cuobjdump --dump-resource-usage``.
+  227 KiB; over it the launch fails), registers per thread, and the stack / local memory per thread (register spills
+  land on the stack: slower, not wrong), by ``cuobjdump --dump-resource-usage``.
 
-    python benchmarks/kernel_compile_check.py            # every launch, full compile, a table (about a minute)
+    python benchmarks/kernel_compile_check.py            # every launch, full compile, a table (a few minutes)
     python benchmarks/kernel_compile_check.py --ttir     # 32-bit pointer offsets only; exit 1 when there is one
 
 Runs on CPU; must not run with ``TRITON_INTERPRET=1`` (the kernels must be real ``JITFunction``s).
@@ -237,9 +239,9 @@ def resources(launch: dict) -> dict:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    return dict(shared=kernel.metadata.shared, regs=int(regs[1]) if regs else -1, local=int(local[1]) if local else -1)
+    found = {key: re.search(rf"{key}:(\d+)", usage) for key in ("REG", "STACK", "LOCAL")}
+    regs, stack, local = (int(m[1]) if m else -1 for m in found.values())
+    return dict(shared=kernel.metadata.shared, regs=regs, stack=stack, local=local)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 bad += bool(row["narrow_offsets"])
             else:
                 row.update(resources(launch))
-                bad += row["shared"] > MAX_SHARED or row["local"] > 0
+                bad += row["shared"] > MAX_SHARED  # a spill (stack > 0) is slow, not wrong: reported only
         except Exception as error:  # noqa: BLE001 - a compile failure is what this reports
             row["error"] = f"{type(error).__name__}: {error}"[:500]
             bad += 1
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row, default=str), flush=True)
         else:
             detail = row.get("error") or (f"32-bit offsets: {row['narrow_offsets']}" if args.ttir else
-                                          f"shared {row['shared']:>6} B  regs {row['regs']:>3}  local {row['local']}")
+                                          f"shared {row['shared']:>6} B  regs {row['regs']:>3}  "
+                                          f"stack {row['stack']} B  local {row['local']} B")
             print(f"{row['case']:<32} {name:<24} w{row['warps']} s{row['stages']}  {detail}", flush=True)
     return 1 if bad else 0
 

@@ -43,9 +43,10 @@ import triton.language as tl  # noqa: E402
 
 __all__ = ["LinearEntropy", "linear_entropy_and_logprobs"]
 
-#: ``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)`` by element size on an H100 (sm_90), chosen so that ptxas
-#: reports no register spill (checked by compiling for sm_90 without a GPU): 2 bytes (bf16 / fp16): a 128 x 128
-#: float32 accumulator on tensor cores; 4 bytes (fp32, IEEE dots, no TF32): small tiles. Shrunk to the problem.
+#: ``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)`` by element size on an H100 (sm_90) (ptxas, triton 3.9: 98304 B
+#: shared memory, 255 registers and an 8 B spill a thread for the bf16 forward; ``benchmarks/kernel_compile_check.py``):
+#: 2 bytes (bf16 / fp16): a 128 x 128 float32 accumulator on tensor cores; 4 bytes (fp32, IEEE dots, no TF32): small
+#: tiles. Shrunk to the problem.
 CONFIG = {2: (128, 128, 64, 8, 3), 4: (32, 64, 32, 4, 1)}
 #: Rows per backward chunk: the ``chunk × V`` logits-gradient buffer (311 MiB at V = 151936 in bf16).
 DEFAULT_CHUNK_SIZE = 1024

@@ -84,6 +84,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str, keep_mask
@@ -569,7 +570,9 @@ class PredictionEntropyMonitor(HookedMonitor):
             return []
         else:
             datamodule = getattr(trainer, "datamodule", None)
-            loader_fn = getattr(datamodule, "val_dataloader", None)
+            # only a val_dataloader() the user wrote: Lightning's default raises MisconfigurationException
+            defined = datamodule is not None and is_overridden("val_dataloader", datamodule)
+            loader_fn = datamodule.val_dataloader if defined else None
             if loader_fn is None:
                 self._nonfinite.warn_once(
                     "no_probe",

@@ -221,3 +221,16 @@ def test_pooled_micro_batches_of_different_lengths_score_every_real_token_once()
     real = torch.cat([p["entropy"][p["mask"]] for p in parts])
     got = policy_entropy_summary(pooled["entropy"], pooled["logprobs"], pooled["advantages"], pooled["mask"])
     assert got["mean"] == pytest.approx(float(real.double().mean()), rel=1e-6)
+
+
+def test_prediction_monitor_with_a_datamodule_without_validation_data_warns_and_trains():
+    # the default probe read datamodule.val_dataloader(), whose Lightning default raises MisconfigurationException
+
+    class TrainOnly(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(tokens(8, SEQ + 1, 0)), batch_size=4)
+
+    monitor = prediction_monitor()
+    with pytest.warns(UserWarning, match="no probe set"):
+        fit_on(TrainOnly(), [monitor], max_steps=1)
+    assert monitor._probe_set == [] and "entropy/pred/train/mean" in monitor.history[-1][1]

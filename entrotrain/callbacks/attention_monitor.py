@@ -20,7 +20,9 @@ names are logged once as hyperparameters ``{p}attn/layers`` and printed at the f
                                       published at every logging step (0 when clean)
 ``{p}attn_norm/heatmap`` (wandb)      layer × head image of normalised entropy (viridis, 0 → 1; grey = no data)
 ``{p}attn_norm/hist`` (wandb)         histogram of per-head normalised entropy
-``{p}attn_norm/heads_over_time``      (wandb) image: rows = layer·head, columns = logging steps so far
+``{p}attn_norm/heads_over_time``      (wandb) image: rows = layer·head, columns = logging steps so far (at most
+                                      384, evenly spaced); at every ``over_time_every``-th logging step (default
+                                      10): each image holds the whole history, so it supersedes the one before
 ====================================  ===========================================================================
 
 The run record (:class:`~entrotrain.dashboards.RunRecordLogger`, for ``entrotrain report``) gets the
@@ -145,6 +147,11 @@ class AttentionEntropyMonitor(HookedMonitor):
             initialisation; late in training, entropy overload).
         log_per_head: log ``attn/L{l}/H{h}`` keys (summaries and per-layer means are always logged).
         log_media: log the heatmap and histogram when a ``WandbLogger`` is attached.
+        over_time_every: log the heads-over-time image at the first logging step with media and every
+            ``over_time_every``-th one after it (``1`` = every logging step, ``0`` = never). Each image redraws the
+            whole history (up to 768 × 576 px, ~0.1 MB of PNG on a 12 × 12 model): at every logging step a
+            million-step run logging every 50 steps would store 20 000 of them; the heatmap and histogram are
+            logged at every logging step regardless.
         strict: raise when a logging step captures no attention at all (else warn).
         prefix: key prefix.
         print_summary: print the first and last logged summary (min / mean normalised entropy, collapsed and
@@ -174,8 +181,10 @@ class AttentionEntropyMonitor(HookedMonitor):
         strict: bool = True,
         prefix: str = "entropy/",
         print_summary: bool = True,
+        over_time_every: int = 10,
     ) -> None:
         check_int(every_n_steps, "every_n_steps", low=1)
+        check_int(over_time_every, "over_time_every (0 = never log the heads-over-time image)", low=0)
         check_real(collapse_threshold, "collapse_threshold", low=0.0, high=1.0)  # NaN/Inf refused too
         check_real(overload_threshold, "overload_threshold", low=0.0, high=1.0)
         if not collapse_threshold <= overload_threshold:
@@ -196,6 +205,8 @@ class AttentionEntropyMonitor(HookedMonitor):
         self.strict = strict
         self.prefix = prefix
         self.print_summary = print_summary
+        self.over_time_every = over_time_every
+        self._media_steps = 0  # logging steps whose media were built in this fit (paces the heads-over-time image)
         self.first_summary: tuple[int, dict[str, float]] | None = None
         self.last_summary: tuple[int, dict[str, float]] | None = None
         self.tap: AttentionTap | None = None
@@ -226,6 +237,7 @@ class AttentionEntropyMonitor(HookedMonitor):
         self._announced = False
         self._history = ThinnedHistory()
         self._history_steps = ThinnedHistory()
+        self._media_steps = 0
         self._nonfinite.reset()
 
     def state_dict(self) -> dict[str, Any]:
@@ -439,7 +451,8 @@ class AttentionEntropyMonitor(HookedMonitor):
         return [RecordArray(f"{self.prefix}attn_norm/heatmap", normalized, "heatmap", meta)]
 
     def media(self, normalized: Tensor) -> dict[str, Any]:
-        """The wandb media of a logging step (histogram, heatmap, heads over time) keyed as logged; needs wandb."""
+        """The wandb media of a logging step (histogram, heatmap, and the heads over time at every
+        ``over_time_every``-th call: each call counts one logging step) keyed as logged; needs wandb."""
         from entrotrain.dashboards.wandb_media import heads_over_time_image, heatmap_image, histogram
 
         media: dict[str, Any] = {f"{self.prefix}attn_norm/hist": histogram(normalized)}
@@ -448,7 +461,9 @@ class AttentionEntropyMonitor(HookedMonitor):
         )
         if image is not None:
             media[f"{self.prefix}attn_norm/heatmap"] = image
-        over_time = heads_over_time_image(self._history, self._history_steps)
+        due = self.over_time_every > 0 and self._media_steps % self.over_time_every == 0
+        self._media_steps += 1
+        over_time = heads_over_time_image(self._history, self._history_steps) if due else None
         if over_time is not None:
             media[f"{self.prefix}attn_norm/heads_over_time"] = over_time
         return media

@@ -32,7 +32,8 @@ Logged keys (``{p}`` = ``prefix``, default ``entropy/repr``; ``{layer}`` = modul
 ``{p}/{layer}/vendi_q``                   Vendi order q (when measured); ``rankme_eps`` likewise
 ``{p}/{layer}/median_dist``               median pairwise distance of the sample (audit σ; when DSE/DSMI measured)
 ``{p}/{layer}/nonfinite``                 captured rows holding NaN/Inf, dropped before any statistic (0 when clean)
-``{p}/{layer}/spectrum`` (wandb)          line chart of ``log10`` eigenvalue shares of the (centred) covariance
+``{p}/{layer}/spectrum`` (wandb)          line chart of ``log10`` eigenvalue shares of the (centred) covariance, at
+                                          every ``spectrum_every``-th logging step (default 10)
 ========================================  ==========================================================================
 
 Memory: two ``d × d`` float64 matrices per layer (one with the cosine ``vendi``) between the first capture and the
@@ -128,6 +129,11 @@ class RepresentationEntropyMonitor(HookedMonitor):
         label_index: where the labels are in a batch (index of a tuple/list batch or key of a dict batch), for DSMI.
         probe_batches: with ``stage="validation"``, how many validation batches form the probe set (``None`` = all).
         log_spectrum: log each layer's covariance eigenvalue spectrum as a wandb chart (rank zero).
+        spectrum_every: log the spectrum charts at the first logging step and every ``spectrum_every``-th one after
+            it (``1`` = every logging step). Each chart is a ``wandb.Table`` (up to 256 points) stored as a file and a
+            run-table artifact version per layer and step, and wandb shows only the latest: every step, a million-step
+            run logging every 50 steps would store 20 000 of them per layer. The run record's spectra are kept at
+            every logging step regardless.
         output_index: element read from tuple/list module outputs.
         seed: reservoir seed.
         prefix: key prefix.
@@ -165,8 +171,10 @@ class RepresentationEntropyMonitor(HookedMonitor):
         seed: int = 0,
         prefix: str = "entropy/repr",
         print_summary: bool = True,
+        spectrum_every: int = 10,
     ) -> None:
         check_int(every_n_steps, "every_n_steps", low=1)
+        check_int(spectrum_every, "spectrum_every", low=1)
         check_choice(stage, "stage", ("train", "validation"))
         measures = list(measures)
         known = sorted(REPRESENTATION_MEASURES) + list(_EXTRA_MEASURES)
@@ -207,6 +215,8 @@ class RepresentationEntropyMonitor(HookedMonitor):
         self.label_index = label_index
         self.probe_batches = probe_batches
         self.log_spectrum = log_spectrum
+        self.spectrum_every = spectrum_every
+        self._media_steps = 0  # logging steps whose spectrum charts were asked for in this fit (paces them)
         self.output_index = output_index
         self.seed = seed
         self.prefix = prefix.rstrip("/")
@@ -247,6 +257,7 @@ class RepresentationEntropyMonitor(HookedMonitor):
         self.last_logged = {}
         self.history = ThinnedHistory()
         self.spectra = {}
+        self._media_steps = 0
         self._warned_missing = False
         self._deferred = None
         self._nonfinite.reset()
@@ -611,9 +622,14 @@ class RepresentationEntropyMonitor(HookedMonitor):
         return [RecordArray(f"{self.prefix}/{name}/spectrum", eigs, "spectrum") for name, eigs in self.spectra.items()]
 
     def media(self) -> dict[str, Any]:
-        """The wandb spectrum charts of the last logging step, keyed as logged (empty when there are none)."""
+        """The wandb spectrum charts of the last logging step, keyed as logged (empty when there are none, and at the
+        logging steps ``spectrum_every`` skips: each call counts one logging step)."""
         from entrotrain.dashboards.spectrum_plot import spectrum_plot
 
+        due = self._media_steps % self.spectrum_every == 0
+        self._media_steps += 1
+        if not due:
+            return {}
         return {
             f"{self.prefix}/{name}/spectrum": spectrum_plot(eigs, title=f"{name}: covariance eigenvalue shares (log10)")
             for name, eigs in self.spectra.items()
@@ -626,6 +642,8 @@ class RepresentationEntropyMonitor(HookedMonitor):
         if not loggers or not self.spectra:
             return
         media = self.media()
+        if not media:
+            return
         for logger in loggers:
             logger.experiment.log({**media, "trainer/global_step": step})
 

@@ -7,6 +7,8 @@ heatmap costs ~2 ms (a matplotlib figure costs ~140 ms).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,8 @@ from torch import Tensor
 from entrotrain._imports import _PIL_AVAILABLE, _WANDB_AVAILABLE
 
 __all__ = [
+    "MAX_TIME_COLUMNS",
+    "STEP_METRIC",
     "colorize",
     "define_entropy_summaries",
     "expert_load_image",
@@ -25,7 +29,9 @@ __all__ = [
     "heads_over_time_image",
     "heatmap_image",
     "histogram",
+    "is_wandb_log",
     "load_vmax",
+    "log_to",
     "setup_wandb_dashboard",
     "wandb_loggers",
 ]
@@ -136,6 +142,59 @@ def define_entropy_summaries(run: Any, prefix: str = "", step_metric: str | None
         define(prefix + name, summary="max,last", **axis)
 
 
+#: The x-axis entrotrain's keys are plotted against in wandb: Lightning's ``WandbLogger`` logs it with every row, and
+#: :class:`~entrotrain.integrations.loop.EntropyMonitors` does when its ``log`` is wandb's own.
+STEP_METRIC = "trainer/global_step"
+
+_warned_behind: set[str] = set()  # wandb run ids already warned about a step behind theirs
+
+
+def is_wandb_log(log: Any, run: Any) -> bool:
+    """Whether ``log`` is wandb's own ``log`` for ``run``: the run's bound ``log`` (``run.log``, or ``wandb.log`` taken
+    after ``wandb.init``) or ``wandb.log`` taken before ``wandb.init`` (wandb's pre-init stub, which raises when
+    called: :func:`log_to` calls the active run's ``log`` instead)."""
+    if run is None:
+        return False
+    if getattr(log, "__self__", None) is run:
+        return True
+    return getattr(log, "__name__", None) == "wandb.log" and str(getattr(log, "__module__", "")).startswith("wandb.")
+
+
+def log_to(log: Callable[..., Any], payload: dict[str, Any], step: int, run: Any | None) -> None:
+    """Hand one logging step to ``log``: ``log(payload, step=step)`` for any callable.
+
+    When ``log`` is wandb's own (:func:`is_wandb_log`, ``run`` the active run), ``run.log`` gets the payload plus
+    ``trainer/global_step = step`` (:data:`STEP_METRIC`, the x-axis entrotrain's keys are declared against), with
+    ``step=step`` while ``step`` is at or past the run's current step. Below it, wandb would drop the row (it warns
+    "Steps must be monotonically increasing, so this data will be ignored", or nothing under ``WANDB_SILENT``): a loop
+    resumed from an older checkpoint into the same wandb run, or ``wandb.log`` calls without ``step=`` that moved
+    wandb's step ahead of the loop's. The row is then logged at the step after the run's current one (the run's
+    pending row is committed as it is, never overwritten) and plotted at ``trainer/global_step = step``; warned once
+    per run.
+    """
+    if not is_wandb_log(log, run):
+        log(payload, step=step)
+        return
+    payload = {**payload, STEP_METRIC: step}
+    current = getattr(run, "step", None)
+    if not isinstance(current, int) or step >= current:
+        run.log(payload, step=step)
+        return
+    run_id = str(getattr(run, "id", ""))
+    if run_id not in _warned_behind:
+        _warned_behind.add(run_id)
+        warnings.warn(
+            f"entrotrain: the wandb run is at step {current}, past the loop's step {step} (resumed from an older "
+            "checkpoint into the same run, or wandb.log calls without step= moved wandb's step on). wandb drops "
+            "data logged at a lower step, so entrotrain's rows are logged after wandb's current step and plotted "
+            f"against {STEP_METRIC!r}; your own wandb.log(..., step=...) below step {current} is dropped by wandb. "
+            "For a clean history, start a new wandb run, or fork this one (wandb.init(fork_from=...)).",
+            UserWarning,
+            stacklevel=3,
+        )
+    run.log(payload, step=current + 1)
+
+
 def stacked_over_time(history: list[Tensor]) -> Tensor:
     """``(rows·cols, steps)`` float32 grid of ``(rows, cols)`` tensors, one per logging step: column ``j`` is
     ``history[j]`` flattened row-major (layer-major); cells a smaller tensor lacks are NaN (drawn grey)."""
@@ -149,11 +208,28 @@ def stacked_over_time(history: list[Tensor]) -> Tensor:
     return grid
 
 
+#: The most time columns an over-time image draws (at 2 px each, 768 px wide): a longer history is shown by evenly
+#: spaced columns, the first and the last included. Without it a history at its capacity (1 024 logging steps) drew a
+#: 2 048 px wide image, ~0.2 MB of PNG per logging step.
+MAX_TIME_COLUMNS = 384
+
+
+def time_columns(count: int, max_columns: int = MAX_TIME_COLUMNS) -> list[int]:
+    """The indices of the columns drawn out of ``count``: all of them up to ``max_columns``, else ``max_columns``
+    evenly spaced ones, the first and the last included."""
+    if count <= max_columns:
+        return list(range(count))
+    return torch.linspace(0, count - 1, max_columns).round().long().tolist()
+
+
 def time_grid_image(grid: Tensor, vmin: float, vmax: float, caption: str, min_cell_height: int = 2) -> Any:
     """A ``wandb.Image`` of a ``(rows, steps)`` grid coloured ``vmin → vmax`` (viridis, NaN grey), cells scaled to
-    about 512 × 768 pixels (rows at least ``min_cell_height`` pixels tall). Needs pillow and wandb."""
+    about 512 × 768 pixels (rows at least ``min_cell_height`` pixels tall); at most :data:`MAX_TIME_COLUMNS` columns
+    (:func:`time_columns`: a longer grid is drawn from evenly spaced steps, so the image stays at most 768 px wide
+    however long the run). Needs pillow and wandb."""
     import wandb
 
+    grid = grid[:, time_columns(grid.shape[1])]
     cell_h = max(min_cell_height, min(24, 512 // grid.shape[0]))
     cell_w = max(2, min(48, 768 // grid.shape[1]))
     rgb = colorize(grid, vmin, vmax, cell=1)

@@ -268,9 +268,10 @@ class EntropyMonitors:
             self._saved = None
         run = wandb_run()
         if run is not None and rank == 0:  # the run table shows how low each entropy went, as under Lightning
-            from entrotrain.dashboards.wandb_media import define_entropy_summaries
+            from entrotrain.dashboards.wandb_media import STEP_METRIC, define_entropy_summaries, is_wandb_log
 
-            define_entropy_summaries(run)
+            # plotted against the loop's step when log= is wandb's own (it then carries trainer/global_step)
+            define_entropy_summaries(run, step_metric=STEP_METRIC if is_wandb_log(self.log, run) else None)
         self.session.open_record(self._record_spec, resume=self._saved_record)
         self._saved_record = None
         return self
@@ -444,7 +445,9 @@ class EntropyMonitors:
             self.rolled_back |= guard.last_level == "rollback"  # (not a stop, nor a silent key only warned about)
         self.session.record_scalars(self.logs, step)
         if self.log is not None and (self.logs or self.media) and distributed()[1] == 0:
-            self.log({**self.logs, **self.media}, step=step)
+            from entrotrain.dashboards.wandb_media import log_to
+
+            log_to(self.log, {**self.logs, **self.media}, step, wandb_run())
 
     # ------------------------------------------------------------------ state (resume)
     def state_dict(self) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def test_media_logged_to_wandb(monkeypatch):
     logger = WandbLogger(mode="disabled")
     calls: list[dict] = []
     monkeypatch.setattr(logger.experiment, "log", lambda row, *a, **k: calls.append(row))
-    monitor = RepresentationEntropyMonitor(include=["tokens", "encoder"], every_n_steps=2)
+    monitor = RepresentationEntropyMonitor(include=["tokens", "encoder"], every_n_steps=2, spectrum_every=1)
     fit(ReprNet(), [monitor], max_steps=3, logger=logger)
     media = [row for row in calls if "entropy/repr/encoder/spectrum" in row]
     assert [row["trainer/global_step"] for row in media] == [0, 2]

@@ -40,7 +40,8 @@ def test_monitor_logs_heads_over_time(monkeypatch):
 
     logger, logged, defined = _wandb_logger(monkeypatch)
     L.seed_everything(0)
-    trainer = quiet_trainer(max_steps=5, logger=logger, callbacks=[AttentionEntropyMonitor(every_n_steps=2, print_summary=False)])
+    monitor = AttentionEntropyMonitor(every_n_steps=2, print_summary=False, over_time_every=1)
+    trainer = quiet_trainer(max_steps=5, logger=logger, callbacks=[monitor])
     trainer.fit(TinyLM(), token_loader())
     assert ("entropy/*", {"step_metric": "trainer/global_step", "step_sync": True, "summary": "min,last"}) in defined
     images = [row for row in logged if "entropy/attn_norm/heads_over_time" in row]

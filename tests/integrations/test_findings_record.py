@@ -210,8 +210,9 @@ def test_real_offline_wandb_runs_get_the_entropy_summaries(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.split("RESULT ", 1)[1])
-    assert out["loop"]["entropy/*"] == {"summary": "min,last"}
-    assert out["loop"]["entropy/attn/collapse_frac"] == {"summary": "max,last"}
+    axis = {"step_metric": "trainer/global_step", "step_sync": True}  # log=wandb.log: rows carry the loop's step
+    assert out["loop"]["entropy/*"] == {"summary": "min,last", **axis}
+    assert out["loop"]["entropy/attn/collapse_frac"] == {"summary": "max,last", **axis}
     assert out["loop_summary"]["min"] <= out["loop_summary"]["last"]
     assert "train/entropy/*" in out["hf"], out["hf"]
 def test_watch_twice_on_one_record_logger_never_overwrites_the_first_run(tmp_path: Path) -> None:

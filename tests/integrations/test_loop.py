@@ -555,7 +555,8 @@ def test_media_and_alerts_go_to_the_active_wandb_run(monkeypatch: pytest.MonkeyP
     guard = EntropyCollapseGuard("entropy/attn_norm/min", threshold=1.5, action="alert", arm_on_good=False)
     monitors = EntropyMonitors(
         [AttentionEntropyMonitor(every_n_steps=2, print_summary=False),
-         _representation(2, include=["model.blocks.0"], measures=("rankme",), log_spectrum=True)],
+         _representation(2, include=["model.blocks.0"], measures=("rankme",), log_spectrum=True,
+                         spectrum_every=1)],
         guards=[guard], log=lambda metrics, *, step: calls.append((metrics, step)), print_summary=False,
     )
     media_keys = {"entropy/attn_norm/hist", "entropy/attn_norm/heatmap", "entropy/repr/model.blocks.0/spectrum"}

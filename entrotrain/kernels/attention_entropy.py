@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.kernels.dispatch import check_kernel_inputs, fallback_allowed, kernel_backward, require_triton
+from entrotrain.kernels.dispatch import (
+    check_kernel_inputs,
+    fallback_allowed,
+    kernel_backward,
+    on_device,
+    require_triton,
+)
 
 require_triton()
 
@@ -522,7 +528,8 @@ def attention_entropy_stats(
         entropy = q.float().sum(-1) * 0
         return AttentionEntropy(entropy, entropy.clone(), torch.zeros(entropy.shape, dtype=torch.long,
                                                                        device=q.device))
-    entropy, cnt = _TritonAttentionEntropy.apply(q, k, masks, scale)
+    with on_device(q):
+        entropy, cnt = _TritonAttentionEntropy.apply(q, k, masks, scale)
     n_keys = cnt.long()
     n = n_keys.to(entropy.dtype)
     defined = n >= 2

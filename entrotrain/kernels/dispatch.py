@@ -21,6 +21,7 @@ other entrotrain module this package imports (a leaf module with no imports of i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -41,6 +42,7 @@ __all__ = [
     "check_kernel_inputs",
     "fallback_allowed",
     "kernel_backward",
+    "on_device",
     "require_triton",
     "resolve_impl",
     "triton_available",
@@ -164,6 +166,16 @@ def require_triton() -> None:
         raise KernelUnavailableError(
             "the Triton kernels need triton: install it with `pip install entrotrain[triton]`, or use impl='torch'."
         )
+
+
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s CUDA device the current one while a kernel launches (a no-op off CUDA).
+
+    Triton compiles for and launches on ``torch.cuda.current_device()``, whatever device the pointers are on: a model on
+    ``cuda:1`` in a process that never called ``torch.cuda.set_device(1)`` would run its kernels on ``cuda:0``. (The
+    backward needs no such guard: autograd runs it on a thread whose current device is the tensors'.)
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def check_kernel_inputs(*tensors: torch.Tensor | None) -> None:

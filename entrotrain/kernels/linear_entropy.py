@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.kernels.dispatch import check_kernel_inputs, fallback_allowed, kernel_backward, require_triton
+from entrotrain.kernels.dispatch import (
+    check_kernel_inputs,
+    fallback_allowed,
+    kernel_backward,
+    on_device,
+    require_triton,
+)
 
 require_triton()
 
@@ -340,7 +346,8 @@ def linear_entropy_and_logprobs(
     if hidden.shape[0] == 0:
         zero = (hidden.sum(-1) * 0).float()
         return LinearEntropy(zero, None if labels is None else zero.clone())
-    entropy, logprobs = _TritonLinearEntropy.apply(
-        hidden, weight, bias, labels, float(temperature), int(chunk_size)
-    )
+    with on_device(hidden):
+        entropy, logprobs = _TritonLinearEntropy.apply(
+            hidden, weight, bias, labels, float(temperature), int(chunk_size)
+        )
     return LinearEntropy(entropy, logprobs if labels is not None else None)

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from entrotrain.errors import EntrotrainError
-from entrotrain.kernels.dispatch import check_kernel_inputs, fallback_allowed, kernel_backward, require_triton
+from entrotrain.kernels.dispatch import (
+    check_kernel_inputs,
+    fallback_allowed,
+    kernel_backward,
+    on_device,
+    require_triton,
+)
 
 require_triton()
 
@@ -237,4 +243,5 @@ def entropy_from_logits(
         mask = mask.reshape(rows.shape)  # a view when the broadcast allows it, else one boolean copy
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         return (rows.sum(-1) * 0).float().reshape(batch_shape)
-    return _TritonLogitsEntropy.apply(rows, mask, float(temperature)).reshape(batch_shape)
+    with on_device(rows):
+        return _TritonLogitsEntropy.apply(rows, mask, float(temperature)).reshape(batch_shape)

@@ -210,3 +210,18 @@ def test_a_failing_backward_kernel_falls_back_under_auto(device, monkeypatch, mo
         loss, inputs = case(device, "auto")
         for a, b in zip(torch.autograd.grad(loss, inputs), want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module, case", [("logits_entropy", _logits_case), ("linear_entropy", _head_case),
+                                          ("attention_entropy", _attention_case)], ids=["logits", "head", "attention"])
+def test_kernels_launch_under_their_inputs_device(device, monkeypatch, module, case):
+    """Triton launches on the current CUDA device: each kernel forward runs inside dispatch.on_device(its input) (a
+    model on cuda:1 without torch.cuda.set_device(1)). On CPU this checks the wiring; the guard is a no-op there."""
+    import contextlib
+    import importlib
+
+    kmod = importlib.import_module(f"entrotrain.kernels.{module}")
+    seen = []
+    monkeypatch.setattr(kmod, "on_device", lambda t: seen.append(t.device) or contextlib.nullcontext())
+    case(device, "triton")
+    assert seen == [torch.device(device)]

@@ -31,6 +31,8 @@ def test_every_pointer_offset_is_int64():
         [sys.executable, str(ROOT / "benchmarks" / "kernel_compile_check.py"), "--ttir", "--json", "--only", CASES],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
     )
+    if done.returncode == 3:
+        pytest.skip(done.stderr.strip())
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in rows} == {
         "_logits_entropy_fwd", "_logits_entropy_bwd", "_linear_entropy_fwd", "_linear_entropy_bwd",

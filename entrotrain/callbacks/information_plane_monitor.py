@@ -59,6 +59,8 @@ Non-finite data (DESIGN.md §8): a layer whose probe activations hold NaN/Inf in
 evaluation (MI over a subset of the probe would be another quantity): its rows are counted in ``{p}/nonfinite``,
 warned about once per fit, and its keys go to ``trainer.callback_metrics`` as NaN and to no logger. An estimator that
 refuses the data (:class:`~entrotrain.errors.EntrotrainError`) is treated the same way. Training never stops.
+``binning`` activations outside its ``range`` (default ``(-1, 1)``: a ReLU layer) are clipped into the edge bins,
+which can only lower both values: the first such layer is warned about once per fit, with the share clipped.
 
 Lifecycle: history (bounded, :class:`~entrotrain.callbacks._history.ThinnedHistory`) and warnings reset at every
 ``fit``; the history survives a resume (``state_dict``); hooks are removed on every exit path.
@@ -574,6 +576,7 @@ class InformationPlaneMonitor(HookedMonitor):
                                     f"step {step}")
                 continue
             for est in self.estimators:
+                self._warn_clipped(est, layer, name, t)
                 try:
                     ixt, ity = _info.information_plane_point(
                         t, y, est, x=inputs, base=self.base, **self.estimator_params[est]
@@ -599,6 +602,23 @@ class InformationPlaneMonitor(HookedMonitor):
         publish_scalars(trainer, pl_module, metrics, source=self.state_key)
         self.eval_seconds.append(time.perf_counter() - start)
         return metrics
+
+    def _warn_clipped(self, est: str, layer: str, name: str, t: Tensor) -> None:
+        """Warn once per fit and estimator when the fixed binning grid clips (or, ``scheme="idnns"``, wraps) a layer's
+        activations: values outside ``range`` share the edge bins, which reads as less information (a ReLU layer
+        under the default ``(-1, 1)``)."""
+        if est != "binning" or not t.numel():
+            return
+        lo, hi = _info.estimator_parameters(est, **self.estimator_params[est])["range"]
+        outside = float(((t < lo) | (t > hi)).double().mean())
+        if outside > 0:
+            self._nonfinite.warn_once(
+                f"clipped:{est}",
+                f"InformationPlaneMonitor: {100 * outside:.3g} % of the activations of {layer} ({name!r}) fall outside "
+                f"the binning range ({lo:g}, {hi:g}) and are clipped into its edge bins, which can only lower both "
+                "estimates; set estimator_params={'binning': {'range': (lo, hi)}} to cover the layers (ReLU: (0, "
+                "their max)). Shown once per fit.",
+            )
 
     def _announce(self, trainer: Trainer, rows: int) -> None:
         self._announced = True

@@ -447,6 +447,32 @@ def test_gather_keeps_every_layer_dtype_bit_for_bit_across_ranks():
         assert two[name].dtype == one[name].dtype and torch.equal(two[name], one[name]), name
 
 
+class WideReLU(SmallNet):
+    """SmallNet with a ReLU hidden layer scaled ×20: activations well above the default binning range's 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 6), nn.ReLU())
+        with torch.no_grad():
+            self.body[0].weight.mul_(20.0)
+
+
+def test_binning_warns_once_when_its_grid_clips_a_layer(recwarn):
+    # a ReLU layer far above (-1, 1) is clipped into the edge bins: one warning per fit naming the layer, the
+    # share clipped and the fix; a range that covers the activations warns nothing
+    L.seed_everything(0)
+    fit(WideReLU(), [InformationPlaneMonitor(estimators=["binning"], every_n_steps=1, max_probe=256)], max_steps=3)
+    clipped = [str(w.message) for w in recwarn if "outside the binning range" in str(w.message)]
+    assert len(clipped) == 1 and "of L1 ('body.1')" in clipped[0] and "(-1, 1)" in clipped[0]
+    assert "estimator_params={'binning': {'range': (lo, hi)}}" in clipped[0]
+    recwarn.clear()
+    L.seed_everything(0)
+    wide = InformationPlaneMonitor(estimators=["binning"], estimator_params={"binning": {"range": (-1e6, 1e6)}},
+                                   every_n_steps=1, max_probe=256)
+    fit(WideReLU(), [wide], max_steps=3)
+    assert not [w for w in recwarn if "outside the binning range" in str(w.message)]
+
+
 def test_two_rank_ddp_equals_one_process(tmp_path):
     import json
 

@@ -25,7 +25,7 @@ the monitor on. The pass runs in the module's own precision, outside the trainer
 
 Probe set (choice 5 of the reference note: which data MI is computed on): ``"all"`` = the training then the
 validation dataset (for the 12-bit task: all 4,096 patterns, the paper's choice; the training dataset alone when the
-fit has no validation data), ``"train"``, ``"val"``, or
+fit has no validation data; of several validation loaders, the first), ``"train"``, ``"val"``, or
 ``"datamodule"`` = ``trainer.datamodule.information_probe()`` returning ``(x, labels)``. Datasets are read by index
 (no loader iteration, no augmentation RNG); beyond ``max_probe`` rows a seeded subsample (sorted indices) is used.
 The probe is read once per fit.
@@ -83,6 +83,7 @@ from torch import Tensor, nn
 from entrotrain._validation import check_choice, check_int, check_real
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._lifecycle import HookedMonitor
+from entrotrain.callbacks._loaders import first_loader
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.errors import EntrotrainError, TapError
@@ -407,8 +408,7 @@ class InformationPlaneMonitor(HookedMonitor):
                 loader = source.val_dataloader() if source is not None else None
             if loader is None:
                 return None
-        if isinstance(loader, (list, tuple)) and len(loader) == 1:
-            loader = loader[0]
+        loader = first_loader(loader)  # of several validation loaders, the first (dataloader_idx=0)
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise EntrotrainError(

@@ -90,6 +90,7 @@ from torch import Tensor, nn
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str, keep_mask
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._lifecycle import HookedMonitor
+from entrotrain.callbacks._loaders import first_loader
 from entrotrain.callbacks._logging_window import LoggingWindow
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._publish import publish_scalars
@@ -139,19 +140,6 @@ def prediction_entropy_summary(sums: Mapping[str, float], entropies: Tensor) -> 
     if float(sums["nll_tokens"]) > 0:
         out["nll"] = float(sums["nll"]) / float(sums["nll_tokens"])
     return out
-
-
-def _first_loader(loaders: Any) -> Any:
-    """The first validation dataloader (``dataloader_idx=0``, in Lightning's order) of what ``val_dataloader()``
-    returns: one loader, a list / tuple / dict of loaders or a ``CombinedLoader``; ``None`` when there is none."""
-    from lightning.pytorch.utilities import CombinedLoader
-
-    if isinstance(loaders, (list, tuple, Mapping)):
-        loaders = CombinedLoader(loaders, "sequential")
-    if isinstance(loaders, CombinedLoader):
-        flat = loaders.flattened
-        return flat[0] if flat else None
-    return loaders
 
 
 @contextmanager
@@ -582,7 +570,7 @@ class PredictionEntropyMonitor(HookedMonitor):
                 return []
             batches = []
             with _rng_untouched():  # iterating a DataLoader draws its base seed from the global RNG
-                loader = _first_loader(loader_fn())
+                loader = first_loader(loader_fn())
                 for batch in loader if loader is not None else ():
                     batches.append(batch)
                     if len(batches) >= self.probe_batches:

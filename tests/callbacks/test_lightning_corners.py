@@ -234,3 +234,16 @@ def test_prediction_monitor_with_a_datamodule_without_validation_data_warns_and_
     with pytest.warns(UserWarning, match="no probe set"):
         fit_on(TrainOnly(), [monitor], max_steps=1)
     assert monitor._probe_set == [] and "entropy/pred/train/mean" in monitor.history[-1][1]
+
+
+def test_information_plane_probe_of_several_validation_loaders_is_the_first():
+    # it raised "found no single val DataLoader" for a list of two validation loaders
+
+    class WithValidation(Classifier):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            pass
+
+    monitor = info_monitor(probe="val")
+    quiet_trainer(callbacks=[monitor], max_steps=1).fit(WithValidation(), rows(), [rows(24), rows(40)])
+    x, _ = monitor._probe_data
+    assert torch.equal(x, rows(24).dataset.tensors[0])

@@ -41,7 +41,11 @@ steps that do not log) plus ``{monitor}/alert = 1.0`` for a guard that fired; a 
 is left out, never replaced by its last value. With wandb imported and a run active, :attr:`EntropyMonitors.media`
 holds the monitors' images and histograms (rank zero). ``log=`` is called on rank zero as
 ``log({**logs, **media}, step=step)`` whenever there is something to log: ``wandb.log`` fits, and so does a
-:class:`~entrotrain.dashboards.RunRecordLogger`'s ``log_metrics`` for ``entrotrain report``.
+:class:`~entrotrain.dashboards.RunRecordLogger`'s ``log_metrics`` for ``entrotrain report``. When ``log`` is wandb's own
+(``wandb.log``, also taken before ``wandb.init``, or ``run.log``), each row also carries ``trainer/global_step``, the
+x-axis entrotrain's keys are declared against, and a step below the wandb run's current one (a resume from an older
+checkpoint into the same run), which wandb would drop, is logged just after it, warned once
+(:func:`entrotrain.dashboards.wandb_media.log_to`).
 
 Run record. ``record="runs"`` (or a :class:`~entrotrain.dashboards.RunRecordLogger` you configured) writes the
 local run record ``entrotrain report`` reads, as a Lightning run does: at each step with something to log its
@@ -114,7 +118,8 @@ class EntropyMonitors:
         every_n_steps: capture every monitor at steps ``0, n, 2n, ...``; ``None`` (default) keeps each monitor's own
             ``every_n_steps``.
         log: called on rank zero as ``log(metrics, step=step)`` after every step with something to log (scalars,
-            alerts and, with an active wandb run, media); e.g. ``wandb.log``. ``None``: read :attr:`logs` yourself.
+            alerts and, with an active wandb run, media); e.g. ``wandb.log`` (then with ``trainer/global_step``, see
+            the module docstring). ``None``: read :attr:`logs` yourself.
         print_summary: print each monitor's first / last summary table at :meth:`close` (rank zero).
         record: write a run record for ``entrotrain report``: a folder (``RunRecordLogger(record)``: the run goes to
             ``record/records/run-<time>``) or a configured :class:`~entrotrain.dashboards.RunRecordLogger` (one per

@@ -31,8 +31,8 @@ Choices (reference note items 6, 7, 11, 12):
 Bias on correlated Gaussians (``I = −½ ln(1 − ρ²)`` per coordinate pair), N = 2000, k = 3, measured over 24 draws
 (``x ~ N(0, 1)``, ``y = ρx + √(1 − ρ²) z``, ``torch.Generator`` seeds 0–23, drawn as
 ``tests/functional/test_information_knn.py`` draws the one it checks): mean error +0.002, +0.002, +0.007, +0.020
-nats at ρ = 0, 0.5, 0.9, 0.99 (sd ≤ 0.027 per draw). Through :func:`pca_compress` (two such pairs rotated into 6 dims, compressed to 2,
-whitened): +0.002, +0.005, +0.009 at ρ = 0, 0.5, 0.9, but −0.18 at ρ = 0.99 (true 3.92: KSG's known negative bias
+nats at ρ = 0, 0.5, 0.9, 0.99 (sd ≤ 0.027 per draw). Through :func:`pca_compress` (two such pairs rotated into 6
+dims, compressed to 2, whitened): +0.002, +0.005, +0.009 at ρ = 0, 0.5, 0.9, but −0.18 at ρ = 0.99 (true 3.92: KSG's known negative bias
 for strong dependence in a 4-d joint space).
 
 **Lossy compression** (Butakov et al. 2024, "Information Bottleneck Analysis of Deep Neural Networks via Lossy

@@ -32,8 +32,8 @@ Bias on correlated Gaussians (``I = −½ ln(1 − ρ²)`` per coordinate pair),
 (``x ~ N(0, 1)``, ``y = ρx + √(1 − ρ²) z``, ``torch.Generator`` seeds 0–23, drawn as
 ``tests/functional/test_information_knn.py`` draws the one it checks): mean error +0.002, +0.002, +0.007, +0.020
 nats at ρ = 0, 0.5, 0.9, 0.99 (sd ≤ 0.027 per draw). Through :func:`pca_compress` (two such pairs rotated into 6
-dims, compressed to 2, whitened): +0.002, +0.005, +0.009 at ρ = 0, 0.5, 0.9, but −0.18 at ρ = 0.99 (true 3.92: KSG's known negative bias
-for strong dependence in a 4-d joint space).
+dims, compressed to 2, whitened): +0.002, +0.005, +0.009 at ρ = 0, 0.5, 0.9, but −0.18 at ρ = 0.99 (true 3.92:
+KSG's known negative bias for strong dependence in a 4-d joint space).
 
 **Lossy compression** (Butakov et al. 2024, "Information Bottleneck Analysis of Deep Neural Networks via Lossy
 Compression", ICLR): MI between wide variables is estimated between compressed versions; :func:`pca_compress` keeps

@@ -21,24 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, _cat_padded
 from entrotrain.dashboards.run_record import RecordArray
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import all_gather_padded
 
 __all__ = ["PolicyStatsRecorder"]
-
-
-def _pad_cat(parts: list[Tensor], fill: float | bool) -> Tensor:
-    """Concatenate ``(B_i, T_i)`` tensors along rows, padding the token dim with ``fill`` to the largest ``T``."""
-    width = max(p.shape[1] for p in parts)
-    out = []
-    for p in parts:
-        if p.shape[1] < width:
-            pad = torch.full((p.shape[0], width - p.shape[1]), fill, dtype=p.dtype, device=p.device)
-            p = torch.cat([p, pad], dim=1)
-        out.append(p)
-    return torch.cat(out, dim=0)
 
 
 class PolicyStatsRecorder:
@@ -157,7 +145,7 @@ class PolicyStatsRecorder:
             return {}
         m = self.monitor
         with torch.no_grad():
-            tensors = {k: _pad_cat([p[k] for p in parts], fill) for k, fill in self._FILL.items()}
+            tensors = {k: _cat_padded([p[k] for p in parts], fill) for k, fill in self._FILL.items()}
             if all("rewards" in p for p in parts):
                 tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
             tensors = {k: all_gather_padded(v, self._FILL.get(k, 0.0)).cpu() for k, v in tensors.items()}

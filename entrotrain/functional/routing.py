@@ -125,7 +125,9 @@ def _terms(p: Tensor, q: float) -> Tensor:
     else:
         pos = -safe * torch.expm1((q - 1.0) * log_p) / (q - 1.0)
     if q > 1.0 and not _is_shannon(q):  # exact value 0 and derivative 1/(q-1) at p = 0
-        zero = torch.where(positive, torch.zeros_like(p), p).clamp_min(0)
+        # p itself where p == 0 (gradient 1 through where), 0 elsewhere. Not clamp_min(0): its gradient at the
+        # boundary x == min changed from 1 (torch <= 2.13) to 0 (torch 2.14), which zeroed this derivative.
+        zero = torch.where(p == 0, p, torch.zeros_like(p))
         at_zero = (zero - zero.pow(q)) / (q - 1.0)
     else:  # infinite derivative at 0: value 0, gradient 0 (documented)
         at_zero = torch.zeros_like(p)

@@ -58,7 +58,8 @@ tokens, never over generated ones:
                                        held-out loss
 ``{p}/{s}/tokens``                     valid positions scored
 ``{p}/probe/pos/{i}``                  mean probe entropy at sequence position ``i`` (the ``positions`` chosen)
-``{p}/probe/pos_heatmap`` (wandb)      image: every position (rows) × logging step (columns), the whole profile
+``{p}/probe/pos_heatmap`` (wandb)      image: every position (rows) × logging step (columns, at most 384 evenly
+                                       spaced), the whole profile; at every ``over_time_every``-th logging step
 ``{p}/gen/distinct_{n}``               distinct-n of the greedy continuations, for each ``n``
 ``{p}/gen/ttr``                        mean type-token ratio of the continuations
 ``{p}/gen/repetition``                 mean seq-rep-``repetition_n`` of the continuations
@@ -207,6 +208,9 @@ class PredictionEntropyMonitor(HookedMonitor):
         shift_labels: labels are the inputs (HF causal LM): the target of position ``t`` is ``labels[t + 1]``.
         chunk_size: rows per float32 logits block.
         log_media: log the position × step heatmap when a ``WandbLogger`` is attached (rank zero).
+        over_time_every: log that heatmap at the first logging step with a probe profile and every
+            ``over_time_every``-th one after it (``1`` = every one, ``0`` = never): each image redraws the whole
+            history, so at every logging step a million-step run logging every 50 steps would store 20 000 of them.
         prefix: key prefix.
         print_summary: print the trajectory (train / probe entropy and NLL, diversity) when training ends.
         reference_step: a step whose row the summary always shows and compares with the last (e.g. the end of
@@ -241,8 +245,10 @@ class PredictionEntropyMonitor(HookedMonitor):
         prefix: str = "entropy/pred",
         print_summary: bool = True,
         reference_step: int | None = None,
+        over_time_every: int = 10,
     ) -> None:
         check_int(every_n_steps, "every_n_steps", low=1)
+        check_int(over_time_every, "over_time_every (0 = never log the position × step heatmap)", low=0)
         check_choice(source, "source", ("output", "head"))
         check_str(head, "head")
         check_int(probe_batches, "probe_batches", low=0)
@@ -306,6 +312,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         self.shift_labels = shift_labels
         self.chunk_size = chunk_size
         self.log_media = log_media
+        self.over_time_every = over_time_every
         self.prefix = prefix.rstrip("/")
         self.print_summary = print_summary
         self._window = LoggingWindow(every_n_steps)
@@ -325,6 +332,7 @@ class PredictionEntropyMonitor(HookedMonitor):
         self._release()
         self.history: list[tuple[int, dict[str, float]]] = ThinnedHistory()
         self.profiles: list[tuple[int, list[float]]] = ThinnedHistory()
+        self._media_steps = 0  # logging steps whose media were asked for in this fit (paces the heatmap)
         self._train = _Positions()
         self._nonfinite.reset()
 
@@ -776,8 +784,13 @@ class PredictionEntropyMonitor(HookedMonitor):
 
     def media(self) -> dict[str, Any]:
         """Lightning-free core: the wandb position × logging-step heatmap of the probe entropy (empty without a
-        probe set or wandb)."""
+        probe set or wandb, and at the logging steps ``over_time_every`` skips: each call with a profile counts one
+        logging step)."""
         if not self.profiles:
+            return {}
+        due = self.over_time_every > 0 and self._media_steps % self.over_time_every == 0
+        self._media_steps += 1
+        if not due:
             return {}
         from entrotrain.dashboards.prediction_media import position_profile_over_time_image
 

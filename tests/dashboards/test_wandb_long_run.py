@@ -87,6 +87,28 @@ def test_spectrum_charts_are_paced_by_spectrum_every():
         RepresentationEntropyMonitor(spectrum_every=0)
 
 
+def test_probe_position_heatmap_is_paced_by_over_time_every():
+    """The prediction monitor's position × step heatmap redraws the whole history too (failed before: it was in
+    every logging step's media)."""
+    pytest.importorskip("PIL")
+    pytest.importorskip("wandb")
+    from entrotrain.callbacks import PredictionEntropyMonitor
+
+    def paced(**kw) -> list[bool]:
+        monitor = PredictionEntropyMonitor(print_summary=False, **kw)
+        shown = []
+        for step in range(5):
+            monitor.profiles.append((step, [1.0, 0.5, 0.25]))
+            shown.append("entropy/pred/probe/pos_heatmap" in monitor.media())
+        return shown
+
+    assert paced() == [True, False, False, False, False]
+    assert paced(over_time_every=2) == [True, False, True, False, True]
+    assert paced(over_time_every=0) == [False] * 5
+    with pytest.raises(EntrotrainError, match="over_time_every"):
+        PredictionEntropyMonitor(over_time_every=-1)
+
+
 # ---------------------------------------------------------------------------------- steps that go backwards
 def _loop(log):
     return EntropyMonitors([AttentionEntropyMonitor(every_n_steps=2, log_media=False, print_summary=False)],

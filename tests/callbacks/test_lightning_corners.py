@@ -11,15 +11,27 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from entrotrain.callbacks import (
     AttentionEntropyMonitor,
+    EntropyCollapseGuard,
     InformationPlaneMonitor,
     PolicyEntropyMonitor,
     PredictionEntropyMonitor,
+    RepresentationEntropyMonitor,
     SigmaReparamMonitor,
     policy_entropy_summary,
 )
 from entrotrain.errors import EntrotrainError
-from tests.callbacks.test_monitor_lifecycle import SEQ, VOCAB, AllLM, hooks_left, loader, same_weights
+from tests.callbacks.test_monitor_lifecycle import (
+    ORIGINAL_SDPA,
+    SEQ,
+    VOCAB,
+    AllLM,
+    hooks_left,
+    loader,
+    monitors,
+    same_weights,
+)
 from tests.helpers.lightning_models import quiet_trainer
+from tests.helpers.recorders import LossRecorder
 from tests.helpers.spy_logger import SpyLogger
 
 
@@ -247,3 +259,53 @@ def test_information_plane_probe_of_several_validation_loaders_is_the_first():
     quiet_trainer(callbacks=[monitor], max_steps=1).fit(WithValidation(), rows(), [rows(24), rows(40)])
     x, _ = monitor._probe_data
     assert torch.equal(x, rows(24).dataset.tensors[0])
+
+
+# ------------------------------------------------------------------------------------------ bit for bit, setup by setup
+
+
+class Validated(AllLM):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return self.training_step(batch, batch_idx)["loss"]
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Training tokens without ``__len__``."""
+
+    def __iter__(self):
+        yield from ((row,) for row in tokens(32, SEQ + 1, 0))
+
+
+def every_monitor() -> list[L.Callback]:
+    return [
+        *monitors(),
+        RepresentationEntropyMonitor(include=["*.blocks.*.mlp"], measures=["rankme"], stage="validation",
+                                     probe_batches=1, log_spectrum=False, print_summary=False, prefix="val"),
+        prediction_monitor(),
+        EntropyCollapseGuard(action="rollback", threshold=1e-3),
+    ]
+
+
+SETUPS = {
+    "accumulate 2": dict(accumulate_grad_batches=2),
+    "bf16-mixed": dict(precision="bf16-mixed"),  # ("16-mixed" on CPU: Lightning runs bf16-mixed)
+    "iterable, validation every 2 batches on 2 loaders": dict(stream=True, val_check_interval=2),
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_every_monitor_leaves_training_bit_for_bit_the_same(setup):
+    kwargs = {"max_steps": 3, **SETUPS[setup]}
+    stream = kwargs.pop("stream", False)
+    runs = []
+    for callbacks in ([], every_monitor()):
+        L.seed_everything(0)
+        model, losses = Validated(), LossRecorder()
+        train = DataLoader(Stream(), batch_size=4) if stream else loader()
+        val = [loader(4), loader(4)] if stream else loader(4)
+        quiet_trainer(callbacks=[losses, *callbacks], num_sanity_val_steps=1, **kwargs).fit(model, train, val)
+        runs.append((model, losses.losses))
+    (plain, l0), (monitored, l1) = runs
+    assert len(l0) == len(l1) > 0 and all(torch.equal(a, b) for a, b in zip(l0, l1))
+    assert same_weights(plain, monitored)
+    assert hooks_left(monitored) == [] and torch.nn.functional.scaled_dot_product_attention is ORIGINAL_SDPA

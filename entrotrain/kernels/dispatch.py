@@ -161,11 +161,20 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> Literal["torch", "
 
 
 def require_triton() -> None:
-    """Raise :class:`KernelUnavailableError` (with the fix) when ``triton`` cannot be imported."""
+    """Raise :class:`KernelUnavailableError` (with the fix) when ``triton`` cannot be imported.
+
+    Under ``TRITON_INTERPRET=1`` it also makes triton 3.6's interpreter work with NumPy >= 2.4
+    (:mod:`entrotrain.kernels._interpreter_compat`).
+    """
     if not triton_available():
         raise KernelUnavailableError(
             "the Triton kernels need triton: install it with `pip install entrotrain[triton]`, or use impl='torch'."
         )
+    if triton_interpret():  # the kernels are about to be defined interpreted: fix triton 3.6's interpreter first
+        importlib.import_module("triton.runtime.interpreter")  # what the first interpreted @triton.jit imports
+        from entrotrain.kernels._interpreter_compat import patch_interpreter_index
+
+        patch_interpreter_index()
 
 
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -4,7 +4,8 @@ Each monitor logs ``--steps`` logging steps through :class:`~entrotrain.integrat
 ``log=wandb.log`` into its own offline wandb run (``WANDB_MODE=offline``, every wandb folder under a temporary
 directory: no login, no network). The run folder is measured by kind of file:
 
-- ``history``: the ``.wandb`` transaction log (scalars, histograms, the media's references, summaries);
+- ``history``: the records of the ``.wandb`` transaction log (scalars, histograms, the media's references,
+  summaries; read with ``tests.helpers.wandb_offline.records``: the file itself grows in 32 KiB blocks);
 - ``images``: ``files/media/images/*.png`` (heatmaps, heads over time);
 - ``tables``: ``files/media/table/*.json`` (the representation monitor's spectrum charts);
 
@@ -34,9 +35,25 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.helpers.wandb_offline reads logs
+
+
+def _log_bytes(path: Path, timeout: float = 60.0) -> int:
+    """Bytes of the records in a ``.wandb`` log (the file itself grows in 32 KiB blocks), once its ``exit`` record
+    is written (``run.finish()`` can return before wandb's service has written the whole log)."""
+    from tests.helpers.wandb_offline import records
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return sum(r.ByteSize() for r in found)
+        time.sleep(0.25)
 
 
 def _folder_bytes(run_dir: Path) -> dict[str, int]:
@@ -45,19 +62,17 @@ def _folder_bytes(run_dir: Path) -> dict[str, int]:
         if not path.is_file():
             continue
         name = str(path.relative_to(run_dir))
-        kind = (
-            "history" if name.endswith(".wandb")
-            else "images" if "media/images" in name
-            else "tables" if "media/table" in name
-            else "other"
-        )
+        if name.endswith(".wandb"):
+            sizes["history"] += _log_bytes(path)
+            continue
+        kind = "images" if "media/images" in name else "tables" if "media/table" in name else "other"
         sizes[kind] += path.stat().st_size
     return sizes
 
 
 def _run(name: str, build, steps: int, root: Path) -> tuple[dict[str, int], int]:
     """Log ``steps`` logging steps of the monitor ``build()`` returns into a fresh offline run; the run folder's bytes
-    by kind once the run has finished (the log is flushed then) and the most keys logged at one step."""
+    by kind once the run has finished, and the most keys logged at one step."""
     import wandb
 
     from entrotrain.integrations.loop import EntropyMonitors

@@ -101,6 +101,20 @@ def test_gradient_matches_float64_and_is_finite_at_zero(q):
     torch.testing.assert_close(grad[:, 0], torch.full((6,), at_zero, dtype=torch.float64))
 
 
+@settings(max_examples=20)
+@given(q=st.floats(1.01, 8.0), n_zero=st.integers(1, 3))
+def test_gradient_at_an_exact_zero_is_one_over_q_minus_one_for_every_order_above_one(q, n_zero):
+    """The one-sided derivative of p - p^q at p = 0, on every torch: it must not ride on an op's gradient at a
+    boundary (clamp_min(0) at x = 0 backprops 1 on torch 2.13 and 0 on torch 2.14, which zeroed it there)."""
+    p = torch.cat([torch.zeros(2, n_zero, dtype=torch.float64), _probs(2, 4, seed=7)], dim=1).requires_grad_(True)
+    tsallis_entropy(p, q).sum().backward()
+    torch.testing.assert_close(p.grad[:, :n_zero], torch.full((2, n_zero), 1 / (q - 1), dtype=torch.float64))
+    # negative entries (not probabilities): value 0 and gradient 0, as before
+    neg = torch.tensor([[-0.25, 0.5, 0.75]], dtype=torch.float64, requires_grad=True)
+    tsallis_entropy(neg, q).sum().backward()
+    assert float(neg.grad[0, 0]) == 0.0
+
+
 @pytest.mark.parametrize("q", [0.5, 1.0, 1.1, 2.0])
 def test_from_logits_matches_and_gradcheck(q):
     g = torch.Generator().manual_seed(6)

@@ -10,7 +10,9 @@ yourself, with entrotrain in four places:
 - ``--cure floor``: :class:`~entrotrain.regularizers.EntropyFloorRegularizer` (weight 1, floor 0.2) inside the step;
 - ``--record DIR``: ``EntropyMonitors(record=...)`` writes the run record ``entrotrain report`` reads (scalars, heatmaps,
   spectra, thresholds, the guard's firings, how the run ended), with the loss through ``monitors.record``;
-- ``--wandb``: ``wandb.log`` (offline unless you set ``WANDB_MODE``), images included;
+- ``--wandb``: wandb (offline unless you set ``WANDB_MODE``), images included, through
+  :func:`~entrotrain.dashboards.wandb_media.wandb_log` (``wandb.log(..., step=)`` would drop the rows of a loop resumed
+  into the same wandb run: this logs them after the run's step, plotted at their ``trainer/global_step``);
 - the monitors' ``state_dict()`` saved in the checkpoint beside the model's (``--checkpoint PATH``).
 
 Same model initialisation, data order and optimizer as the recipe, so the same numbers (the guard fires at step 75,
@@ -69,9 +71,11 @@ def main() -> None:
 
         import wandb
 
+        from entrotrain.dashboards.wandb_media import wandb_log
+
         os.environ.setdefault("WANDB_MODE", "offline")
         wandb.init(project="entrotrain", name=f"plain_loop_{args.cure}", config=vars(args))
-        loggers.append(wandb.log)
+        loggers.append(wandb_log())  # not wandb.log: that drops rows below the run's step (a resume)
 
     def log(metrics: dict, step: int) -> None:  # the monitors' numbers (through log=) and the loop's own
         for sink in loggers:

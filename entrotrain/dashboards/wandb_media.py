@@ -33,6 +33,7 @@ __all__ = [
     "load_vmax",
     "log_to",
     "setup_wandb_dashboard",
+    "wandb_log",
     "wandb_loggers",
 ]
 
@@ -147,14 +148,17 @@ def define_entropy_summaries(run: Any, prefix: str = "", step_metric: str | None
 STEP_METRIC = "trainer/global_step"
 
 _warned_behind: set[str] = set()  # wandb run ids already warned about a step behind theirs
+_written: dict[str, tuple[int, int, set[str]]] = {}  # run id -> (wandb step, loop step, keys) log_to last wrote
 
 
 def is_wandb_log(log: Any, run: Any) -> bool:
-    """Whether ``log`` is wandb's own ``log`` for ``run``: the run's bound ``log`` (``run.log``, or ``wandb.log`` taken
-    after ``wandb.init``) or ``wandb.log`` taken before ``wandb.init`` (wandb's pre-init stub, which raises when
-    called: :func:`log_to` calls the active run's ``log`` instead)."""
+    """Whether ``log`` is wandb's own ``log`` for ``run``: :func:`wandb_log`'s, the run's bound ``log`` (``run.log``, or
+    ``wandb.log`` taken after ``wandb.init``) or ``wandb.log`` taken before ``wandb.init`` (wandb's pre-init stub,
+    which raises when called: :func:`log_to` calls the active run's ``log`` instead)."""
     if run is None:
         return False
+    if getattr(log, _WANDB_LOG_MARK, False):
+        return True
     if getattr(log, "__self__", None) is run:
         return True
     return getattr(log, "__name__", None) == "wandb.log" and str(getattr(log, "__module__", "")).startswith("wandb.")
@@ -163,36 +167,86 @@ def is_wandb_log(log: Any, run: Any) -> bool:
 def log_to(log: Callable[..., Any], payload: dict[str, Any], step: int, run: Any | None) -> None:
     """Hand one logging step to ``log``: ``log(payload, step=step)`` for any callable.
 
-    When ``log`` is wandb's own (:func:`is_wandb_log`, ``run`` the active run), ``run.log`` gets the payload plus
-    ``trainer/global_step = step`` (:data:`STEP_METRIC`, the x-axis entrotrain's keys are declared against), with
-    ``step=step`` while ``step`` is at or past the run's current step. Below it, wandb would drop the row (it warns
-    "Steps must be monotonically increasing, so this data will be ignored", or nothing under ``WANDB_SILENT``): a loop
-    resumed from an older checkpoint into the same wandb run, or ``wandb.log`` calls without ``step=`` that moved
-    wandb's step ahead of the loop's. The row is then logged at the step after the run's current one (the run's
-    pending row is committed as it is, never overwritten) and plotted at ``trainer/global_step = step``; warned once
-    per run.
+    When ``log`` is wandb's own (:func:`is_wandb_log`: ``wandb.log``, ``run.log`` or :func:`wandb_log`; ``run`` the
+    active run), ``run.log`` gets the payload plus ``trainer/global_step = step`` (:data:`STEP_METRIC`, the x-axis
+    entrotrain's keys are declared against), with ``step=step`` while ``step`` is past the run's current step, or at
+    it without clobbering anything. Otherwise wandb would drop the row (below: it warns "Steps must be monotonically
+    increasing, so this data will be ignored", or nothing under ``WANDB_SILENT``) or overwrite the run's pending row
+    (equal, when that row already holds keys of this payload from an earlier pass over this step): a loop resumed
+    from an older checkpoint into the same wandb run, or ``wandb.log`` calls without ``step=`` that moved wandb's step
+    ahead of the loop's. The row is then logged at the step after the run's current one (the pending row is committed
+    as it is) and plotted at ``trainer/global_step = step``; warned once per run. Rows of one loop step with disjoint
+    keys (the monitors' and your own loss through :func:`wandb_log`) share one wandb row.
     """
     if not is_wandb_log(log, run):
         log(payload, step=step)
         return
     payload = {**payload, STEP_METRIC: step}
     current = getattr(run, "step", None)
-    if not isinstance(current, int) or step >= current:
-        run.log(payload, step=step)
-        return
     run_id = str(getattr(run, "id", ""))
-    if run_id not in _warned_behind:
-        _warned_behind.add(run_id)
-        warnings.warn(
-            f"entrotrain: the wandb run is at step {current}, past the loop's step {step} (resumed from an older "
-            "checkpoint into the same run, or wandb.log calls without step= moved wandb's step on). wandb drops "
-            "data logged at a lower step, so entrotrain's rows are logged after wandb's current step and plotted "
-            f"against {STEP_METRIC!r}; your own wandb.log(..., step=...) below step {current} is dropped by wandb. "
-            "For a clean history, start a new wandb run, or fork this one (wandb.init(fork_from=...)).",
-            UserWarning,
-            stacklevel=3,
-        )
-    run.log(payload, step=current + 1)
+    keys = set(payload) - {STEP_METRIC}
+    written = _written.get(run_id)  # what log_to put in the run's pending row: (wandb step, loop step, keys)
+    pending = written if written is not None and written[0] == current else None
+    if not isinstance(current, int) or step > current or (step == current and (pending is None or (
+            pending[1] == step and not keys & pending[2]))):
+        target = step
+    elif pending is not None and pending[1] == step and not keys & pending[2]:
+        target = current  # this loop step's row, already moved past a lower one: join it
+    else:
+        target = current + 1
+        if run_id not in _warned_behind:
+            _warned_behind.add(run_id)
+            warnings.warn(
+                f"entrotrain: the wandb run is at step {current}, {'past' if step < current else 'at'} the loop's step "
+                f"{step} (resumed from an older checkpoint into the same run, or wandb.log calls without step= moved "
+                "wandb's step on). wandb drops data logged at a lower step and overwrites the row at an equal one, so "
+                f"entrotrain's rows are logged after wandb's current step and plotted against {STEP_METRIC!r}; your "
+                f"own wandb.log(..., step=...) below step {current} is dropped by wandb (log through "
+                "entrotrain.dashboards.wandb_media.wandb_log() instead). "
+                "For a clean history, start a new wandb run, or fork this one (wandb.init(fork_from=...)).",
+                UserWarning,
+                stacklevel=3,
+            )
+    run.log(payload, step=target)
+    if pending is not None and target == current:
+        pending[2].update(keys)
+    elif isinstance(target, int):
+        _written[run_id] = (target, step, keys)
+
+
+_WANDB_LOG_MARK = "_entrotrain_wandb_log"
+_declared: set[str] = set()  # wandb run ids whose entrotrain keys wandb_log() declared against STEP_METRIC
+
+
+def wandb_log() -> Callable[..., None]:
+    """A ``log(metrics, step=step)`` to the active wandb run that keeps every row: what to pass as
+    ``EntropyMonitors(log=...)``, or to call from your own wrapper (several sinks) and for your loop's own numbers.
+
+    ``wandb.log(metrics, step=step)`` drops a row whose step is below the run's current one (a loop resumed from an
+    older checkpoint into the same run) and overwrites one at an equal step; this goes through :func:`log_to`
+    instead: every row carries ``trainer/global_step = step`` and lands after the run's step when it would be lost.
+    At its first row in a run it declares entrotrain's keys against ``trainer/global_step``
+    (:func:`define_entropy_summaries`), as ``EntropyMonitors(log=wandb.log)`` does at ``watch``. Needs an active run
+    (``wandb.init`` first).
+    """
+
+    def log(metrics: dict[str, Any], step: int) -> None:
+        import sys
+
+        from entrotrain.errors import EntrotrainError
+
+        wandb = sys.modules.get("wandb")
+        run = getattr(wandb, "run", None) if wandb is not None else None
+        if run is None:
+            raise EntrotrainError("wandb_log(): no active wandb run to log to. Call wandb.init(...) before logging.")
+        run_id = str(getattr(run, "id", ""))
+        if run_id not in _declared:
+            _declared.add(run_id)
+            define_entropy_summaries(run, step_metric=STEP_METRIC)
+        log_to(run.log, metrics, step, run)
+
+    setattr(log, _WANDB_LOG_MARK, True)
+    return log
 
 
 def stacked_over_time(history: list[Tensor]) -> Tensor:

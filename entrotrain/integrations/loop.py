@@ -42,10 +42,14 @@ is left out, never replaced by its last value. With wandb imported and a run act
 holds the monitors' images and histograms (rank zero). ``log=`` is called on rank zero as
 ``log({**logs, **media}, step=step)`` whenever there is something to log: ``wandb.log`` fits, and so does a
 :class:`~entrotrain.dashboards.RunRecordLogger`'s ``log_metrics`` for ``entrotrain report``. When ``log`` is wandb's own
-(``wandb.log``, also taken before ``wandb.init``, or ``run.log``), each row also carries ``trainer/global_step``, the
-x-axis entrotrain's keys are declared against, and a step below the wandb run's current one (a resume from an older
-checkpoint into the same run), which wandb would drop, is logged just after it, warned once
-(:func:`entrotrain.dashboards.wandb_media.log_to`).
+(``wandb.log``, also taken before ``wandb.init``, ``run.log``, or
+:func:`~entrotrain.dashboards.wandb_media.wandb_log`), each row also carries ``trainer/global_step``, the x-axis
+entrotrain's keys are declared against, and a step below the wandb run's current one (a resume from an older checkpoint
+into the same run), which wandb would drop, or equal to it with this payload's keys already in its row, which wandb
+would overwrite, is logged just after it, warned once (:func:`entrotrain.dashboards.wandb_media.log_to`). A ``log=``
+wrapper of your own (several sinks) is called as ``log(metrics, step=step)``: have it log to wandb through
+``wandb_log()`` (a ``log(metrics, step=step)`` that does the same; also for your loop's own numbers), not
+``wandb.log(metrics, step=step)``.
 
 Run record. ``record="runs"`` (or a :class:`~entrotrain.dashboards.RunRecordLogger` you configured) writes the
 local run record ``entrotrain report`` reads, as a Lightning run does: at each step with something to log its

@@ -157,6 +157,84 @@ def test_loop_resumed_into_the_same_wandb_run_loses_no_row(monkeypatch):
     assert [r["_step"] for r in rows] == [0, 2, 4, 6, 8, 9, 10, 11]
 
 
+def test_loop_resumed_at_the_run_s_current_step_does_not_overwrite_its_row(monkeypatch):
+    """Resumed from the checkpoint of step 7, the loop's first logging step (8) equals the run's current step, whose
+    pending row holds the first pass's step 8: ``step=8`` merged into it, overwriting those values (failed before:
+    one row at step 8, the first pass's numbers lost). It now lands after it, like a lower step."""
+    wandb = pytest.importorskip("wandb")
+    run = SteppedRun("equal")
+    monkeypatch.setattr(wandb, "run", run)
+    model = GPTModule(seed=0)
+    saved: dict[int, dict] = {}
+    _train(_loop(run.log), model, 9, saved=saved)
+    first = run._pending["entropy/attn_norm/min"]
+    resumed = _loop(run.log)
+    resumed.load_state_dict(saved[7])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(resumed, model, 11, start=8)
+    run.finish()
+    assert any("wandb run is at step 8, at the loop's step 8" in str(w.message) for w in caught)
+    rows = [r for r in run.rows if "entropy/attn_norm/min" in r]
+    assert [r["trainer/global_step"] for r in rows] == [0, 2, 4, 6, 8, 8, 10]
+    assert [r["_step"] for r in rows] == [0, 2, 4, 6, 8, 9, 10]
+    assert rows[4]["entropy/attn_norm/min"] == first
+
+
+def test_wandb_log_adapter_keeps_every_row_of_a_wrapper_and_the_loop_s_own_numbers(monkeypatch):
+    """``log=`` a wrapper of the user's own (several sinks, as examples/plain_loop.py) was called with ``step=``
+    whatever wandb's step: a resumed loop's rows were dropped (failed before: no wandb_log). Through
+    :func:`wandb_log` the monitors' row and the loop's own loss at one step share a wandb row, and nothing is lost."""
+    wandb = pytest.importorskip("wandb")
+    from entrotrain.dashboards.wandb_media import wandb_log
+
+    run = SteppedRun("adapter")
+    monkeypatch.setattr(wandb, "run", run)
+    to_wandb = wandb_log()
+
+    def log(metrics, step):  # the user's wrapper: wandb and anything else
+        to_wandb(metrics, step=step)
+
+    def train(monitors, module, steps, start=0, saved=None):
+        opt = module.configure_optimizers()
+        batches = token_batches(steps)
+        with monitors.watch(module, opt):
+            for step in range(start, steps):
+                with monitors.step(step):
+                    loss = module.training_step(batches[step], step)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                log({"train/loss": loss.item()}, step=step)
+                if saved is not None:
+                    saved[step] = monitors.state_dict()
+
+    model = GPTModule(seed=0)
+    saved: dict[int, dict] = {}
+    train(_loop(log), model, 5, saved=saved)
+    resumed = _loop(log)
+    resumed.load_state_dict(saved[1])
+    train(resumed, model, 5, start=2)
+    run.finish()
+    assert run.dropped == []
+    axis = {"step_metric": "trainer/global_step", "step_sync": True}
+    assert ("entropy/*", {"summary": "min,last", **axis}) in run.defined
+    assert [r["trainer/global_step"] for r in run.rows] == [0, 1, 2, 3, 4, 2, 3, 4]
+    assert [sorted(k for k in r if k.startswith("entropy/attn_norm/min") or k == "train/loss")
+            for r in run.rows] == [["entropy/attn_norm/min", "train/loss"], ["train/loss"]] * 2 + [
+        ["entropy/attn_norm/min", "train/loss"], ["entropy/attn_norm/min", "train/loss"], ["train/loss"],
+        ["entropy/attn_norm/min", "train/loss"]]
+
+
+def test_wandb_log_without_an_active_run_says_to_call_wandb_init(monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from entrotrain.dashboards.wandb_media import wandb_log
+
+    monkeypatch.setattr(wandb, "run", None)
+    with pytest.raises(EntrotrainError, match="wandb.init"):
+        wandb_log()({"x": 1.0}, step=0)
+
+
 def test_loop_logs_through_wandb_log_taken_before_init(monkeypatch):
     """``EntropyMonitors(log=wandb.log)`` built before ``wandb.init`` holds wandb's pre-init stub, which raises
     "You must call wandb.init() before wandb.log()" at the first logging step (failed before); the active run's

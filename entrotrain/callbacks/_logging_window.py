@@ -10,6 +10,13 @@ class LoggingWindow:
 
     A monitor calls :meth:`begin` at each training batch start and :meth:`end` at each batch end; captures of all the
     micro-batches of a logging step add up, and the step is flushed once the optimizer has stepped.
+
+    Steps are optimizer steps (``trainer.global_step``, which Lightning advances once per optimizer stepped). With
+    ``k`` optimizers stepped in each batch (manual optimisation, GAN style) a batch spans steps ``s .. s + k - 1`` and
+    logs when its first step ``s`` is a multiple of ``n``: every lcm(n, k) optimizer steps, i.e. every lcm(n, k) / k
+    batches (two optimizers: every batch for n = 2, every 3rd batch for n = 3, every 2nd for n = 4).
+    :class:`~entrotrain.callbacks.SigmaReparamMonitor` follows the same rule, so monitors with the same ``n`` log at
+    the same batches; Lightning's logger step is the batch count.
     """
 
     def __init__(self, every_n_steps: int) -> None:

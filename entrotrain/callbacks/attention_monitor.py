@@ -134,7 +134,9 @@ class AttentionEntropyMonitor(HookedMonitor):
     ``ModelCheckpoint`` can watch them) and to every logger; the heatmap and histogram go to wandb on rank zero.
 
     Args:
-        every_n_steps: log at optimizer steps ``0, n, 2n, ...``.
+        every_n_steps: log at optimizer steps ``0, n, 2n, ...``. With ``k`` optimizers stepped per batch (manual
+            optimisation, GAN style), the batches whose first optimizer step is a multiple of ``n``: every lcm(n, k)
+            optimizer steps (:class:`~entrotrain.callbacks._logging_window.LoggingWindow`).
         include: glob patterns of attention site (module) names to score, e.g. ``["**.attn"]`` (``*`` = one name
             segment, ``**`` = any number of segments); default all.
         exclude: glob patterns of site names to skip.

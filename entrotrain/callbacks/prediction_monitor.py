@@ -187,7 +187,9 @@ class PredictionEntropyMonitor(HookedMonitor):
     the diversity of greedy generations (module docstring: sources, masks, probe, keys).
 
     Args:
-        every_n_steps: log at optimizer steps ``0, n, 2n, ...`` (all micro-batches of the step).
+        every_n_steps: log at optimizer steps ``0, n, 2n, ...`` (all micro-batches of the step). With ``k`` optimizers
+            stepped per batch (manual optimisation, GAN style), the batches whose first optimizer step is a multiple of
+            ``n``: every lcm(n, k) optimizer steps (:class:`~entrotrain.callbacks._logging_window.LoggingWindow`).
         source: ``"output"`` (``training_step`` returns ``{"logits": ...}``) or ``"head"`` (hook on the output head,
             fused ``hidden × head`` statistics).
         head: with ``source="head"``, the glob matching exactly one module name (``"**.lm_head"``).

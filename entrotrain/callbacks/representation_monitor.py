@@ -111,7 +111,9 @@ class RepresentationEntropyMonitor(HookedMonitor):
         measures: names from :data:`entrotrain.functional.representation.REPRESENTATION_MEASURES` (``rankme``,
             ``effective_rank``, ``matrix_entropy``, ``matrix_entropy_normalized``, ``matrix_erank``, ``vendi``,
             ``dse``, ``nuclear_norm``) and ``dsmi`` (diffusion spectral mutual information with the batch labels).
-        every_n_steps: with ``stage="train"``, log at optimizer steps ``0, n, 2n, ...``.
+        every_n_steps: with ``stage="train"``, log at optimizer steps ``0, n, 2n, ...``. With ``k`` optimizers stepped
+            per batch (manual optimisation, GAN style), the batches whose first optimizer step is a multiple of ``n``:
+            every lcm(n, k) optimizer steps (:class:`~entrotrain.callbacks._logging_window.LoggingWindow`).
         stage: ``"train"`` (the training batches of logging steps, all micro-batches) or ``"validation"`` (the first
             ``probe_batches`` validation batches, a fixed probe set, at every validation run — including the sanity
             check when it covers the probe set, which gives a step-0 value).

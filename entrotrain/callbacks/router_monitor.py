@@ -93,7 +93,10 @@ class RouterEntropyMonitor(HookedMonitor):
     r"""Logs per-MoE-layer router entropy (Shannon, Tsallis), expert load, dead experts and top-k margins.
 
     Args:
-        every_n_steps: log at optimizer steps ``0, n, 2n, ...`` (all micro-batches of those steps are pooled).
+        every_n_steps: log at optimizer steps ``0, n, 2n, ...`` (all micro-batches of those steps are pooled). With
+            ``k`` optimizers stepped per batch (manual optimisation, GAN style), the batches whose first optimizer step
+            is a multiple of ``n``: every lcm(n, k) optimizer steps
+            (:class:`~entrotrain.callbacks._logging_window.LoggingWindow`).
         include: glob patterns of router module names; ``None`` = discover HF routers (``*TopKRouter``, MoE
             ``gate`` Linears). Not needed when ``training_step`` returns ``"router_logits"``.
         exclude: glob patterns of module names to skip.

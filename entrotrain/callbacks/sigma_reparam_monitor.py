@@ -150,7 +150,9 @@ class SigmaReparamMonitor(PerFitCallback):
     module docstring.
 
     Args:
-        every_n_steps: log at optimizer steps ``0, n, 2n, ...``.
+        every_n_steps: log at optimizer steps ``0, n, 2n, ...``. With ``k`` optimizers stepped per batch (manual
+            optimisation, GAN style), the batches whose first optimizer step is a multiple of ``n``: every lcm(n, k)
+            optimizer steps (:class:`~entrotrain.callbacks._logging_window.LoggingWindow`).
         log_qk_norm: log the per-head ``qk_norm`` keys and their maximum.
         prefix: key prefix.
 

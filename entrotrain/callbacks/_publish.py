@@ -21,7 +21,10 @@ from lightning.pytorch import LightningModule, Trainer
 
 from entrotrain.callbacks._guard_keys import warn_misspelt_keys
 
-__all__ = ["HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "expect_key", "ledger", "publish_scalars", "reset_ledger"]
+__all__ = [
+    "HEADLINE_KEYS", "LedgerEntry", "MetricLedger", "expect_key", "ledger", "publish_scalars", "reset_ledger",
+    "weights_step_of",
+]
 
 #: Keys shown on the progress bar by default (one or two headline figures per monitor, short enough to read).
 HEADLINE_KEYS: frozenset[str] = frozenset(
@@ -38,12 +41,22 @@ HEADLINE_KEYS: frozenset[str] = frozenset(
 @dataclass(frozen=True)
 class LedgerEntry:
     """The last publication of one key: the step, its value (NaN when it was not finite), whether it was finite, and
-    who published it (``publish_scalars``'s ``source``)."""
+    who published it (``publish_scalars``'s ``source``).
+
+    ``step`` is the step Lightning logs it at; ``weights_step`` the optimizer steps the weights it measured had taken
+    (``trainer.global_step``: what ``ModelCheckpoint`` names a checkpoint saved then). They differ at a validation
+    inside ``fit``: Lightning logs it at the step of the training batch before it, one less."""
 
     step: int
     value: float
     finite: bool
     source: str | None = None
+    weights_step: int | None = None  # None: the same as step
+
+    @property
+    def judged_step(self) -> int:
+        """The step a guard judges this value at: the weights' step (a checkpoint saved then has it in its name)."""
+        return self.step if self.weights_step is None else self.weights_step
 
 
 @dataclass
@@ -91,6 +104,19 @@ def reset_ledger(trainer: Trainer) -> None:
     ledger(trainer).clear()
 
 
+def weights_step_of(trainer: Trainer) -> int:
+    """The optimizer steps taken by the weights a value logged now measures: ``trainer.global_step`` in a validation
+    inside ``fit`` (Lightning logs it at ``_batches_that_stepped``, the step of the training batch before it: one
+    less), else the logging step ``_batches_that_stepped``."""
+    logged = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    validating = getattr(trainer, "validating", False) and not getattr(trainer, "sanity_checking", False)
+    if validating and getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.FITTING:
+        return int(trainer.global_step)
+    return logged
+
+
 def publish_scalars(
     trainer: Trainer,
     pl_module: LightningModule,
@@ -116,6 +142,7 @@ def publish_scalars(
             but not now are published as NaN (their statistic could not be computed: stale, not current).
     """
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    weights_step = weights_step_of(trainer)
     book = ledger(trainer)
     values = {key: float(value) for key, value in metrics.items()}
     if source is not None:
@@ -131,7 +158,7 @@ def publish_scalars(
             value = math.nan
         else:
             finite[key] = value
-        book.entries[key] = LedgerEntry(step, value, ok, source)
+        book.entries[key] = LedgerEntry(step, value, ok, source, None if weights_step == step else weights_step)
         pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key in shown, logger=False, sync_dist=False)
     if finite:
         for logger in trainer.loggers:

@@ -53,6 +53,9 @@ threshold is declared to the run record so the report draws it.
 A firing's reason ends with the last observation judged good, ``(last good: 0.07496 at step 50)``: the checkpoint to
 roll back to is one saved at or before that step, and the message names the newest such checkpoint it finds
 (Lightning's ``ModelCheckpoint`` folders, ``step=N`` in the name; ``transformers``' ``output_dir/checkpoint-N``).
+A value from a validation inside ``fit`` is judged at ``trainer.global_step``, the weights' optimizer steps, with which
+``ModelCheckpoint`` names the checkpoint saved at that validation (and RepresentationEntropyMonitor its history);
+Lightning logs it, and the guard its alert, one step earlier, at the step of the training batch before it.
 With ``keep_last_good`` (the default) that checkpoint survives checkpoint rotation: the guard hard-links each
 checkpoint as it is saved into ``entrotrain-last-good/`` beside it and keeps the one a firing would name
 (:mod:`~entrotrain.callbacks.checkpoint_keeper`), so ``ModelCheckpoint(save_top_k=1)`` or ``save_total_limit=2``
@@ -94,7 +97,7 @@ from torch import nn
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._lifecycle import PerFitCallback
-from entrotrain.callbacks._publish import expect_key, ledger
+from entrotrain.callbacks._publish import expect_key, ledger, weights_step_of
 from entrotrain.callbacks._rate_ignored import capped_note, rate_ignored
 from entrotrain.callbacks._worst_parts import worst_parts
 from entrotrain.callbacks.checkpoint_keeper import LastGoodCheckpoints
@@ -504,18 +507,18 @@ class EntropyCollapseGuard(PerFitCallback):
     def _poll_ledger(self, trainer: Trainer) -> None:
         """Observe the ledger entry of ``monitor`` if it was published at a step newer than the last observed."""
         entry = ledger(trainer).get(self.monitor)
-        if entry is not None and (self.last_seen_step is None or entry.step > self.last_seen_step):
+        if entry is not None and (self.last_seen_step is None or entry.judged_step > self.last_seen_step):
             self.source = entry.source or self.source
-            self._observe(trainer, entry.value, entry.step)
+            self._observe(trainer, entry.value, entry.judged_step, entry.step)
 
     def _poll_logged(self, trainer: Trainer) -> None:
         """Observe a ``self.log``-ed key once per step (the value in ``callback_metrics``)."""
-        step = _current_step(trainer)
+        step = weights_step_of(trainer)
         metric = trainer.callback_metrics.get(self.monitor)
         if metric is not None and (self.last_seen_step is None or step > self.last_seen_step):
             self.source = None  # logged with self.log now, not published by a monitor
             self._warn_if_rank_local(trainer)
-            self._observe(trainer, float(metric), step)
+            self._observe(trainer, float(metric), step, _current_step(trainer))
 
     def _warn_if_rank_local(self, trainer: Trainer) -> None:
         """Once per fit: a ``rollback`` / ``reduce_lr`` / ``stop`` guard on several ranks watching a key each rank
@@ -542,12 +545,14 @@ class EntropyCollapseGuard(PerFitCallback):
                 "reduce across ranks)."
             )
 
-    def _observe(self, trainer: Trainer, value: float, step: int) -> None:
-        """One publication of the key at ``step``: judge it and act when the guard fires."""
-        published = {key: entry.value for key, entry in ledger(trainer).entries.items() if entry.step == step}
+    def _observe(self, trainer: Trainer, value: float, step: int, logged: int) -> None:
+        """One publication of the key, judged at ``step`` (the weights' optimizer steps: a checkpoint saved with them
+        has it in its name) and logged at ``logged`` (one less at a validation in ``fit``: Lightning logs it at the
+        previous training batch's step); act when the guard fires."""
+        published = {key: entry.value for key, entry in ledger(trainer).entries.items() if entry.step == logged}
         reason = self.observe(value, step, published)
         if reason is not None:
-            self._act(trainer, reason, step)
+            self._act(trainer, reason, step, logged)
 
     def observe(self, value: float, step: int, beside: Mapping[str, Any] | None = None) -> str | None:
         """The trainer-free core: one publication of the key at ``step``; judge it, extend or end the bad streak.
@@ -693,8 +698,9 @@ class EntropyCollapseGuard(PerFitCallback):
         )
 
     # ------------------------------------------------------------------ actions
-    def _act(self, trainer: Trainer, reason: str, step: int) -> None:
-        """The configured action, once per episode; ``step`` is the step the watched value was logged at."""
+    def _act(self, trainer: Trainer, reason: str, step: int, logged: int | None = None) -> None:
+        """The configured action, once per episode; ``step`` is the step the watched value was judged at, ``logged``
+        (default ``step``) the one it was logged at, where the alert row goes."""
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         message = self.fire(
             reason, step, trainer.optimizers, schedulers, _lightning_checkpoints(trainer), self._run_start
@@ -702,7 +708,7 @@ class EntropyCollapseGuard(PerFitCallback):
         if self.stopping:
             trainer.should_stop = True
         rank_zero_warn(message)
-        self._record(trainer, message, step)
+        self._record(trainer, message, step if logged is None else logged)
         if self.action == "alert":
             self._alert(trainer, message)
         if trainer.is_global_zero:

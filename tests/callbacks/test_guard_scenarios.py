@@ -365,15 +365,16 @@ def test_key_logged_in_validation_is_judged_once_per_validation_run():
     trainer = quiet_trainer(
         callbacks=[guard], max_steps=9, logger=spy, log_every_n_steps=1, val_check_interval=3, limit_val_batches=2
     )
-    # Validation runs after batches 2, 5, 8 (logged at steps 2, 5, 8): 0.0, 0.0 -> fires at step 5; 0.9 re-arms.
-    with pytest.warns(UserWarning, match="at step 5: val_watched = 0 fell below"):
+    # Validation runs after batches 2, 5, 8 (logged at steps 2, 5, 8; the weights of optimizer steps 3, 6, 9, the step
+    # it is judged at): 0.0, 0.0 -> fires at step 6; 0.9 re-arms.
+    with pytest.warns(UserWarning, match="at step 6: val_watched = 0 fell below"):
         trainer.fit(Logged([0.9] * 9, val_values=[0.0, 0.0, 0.9]), loader(), loader(4))
     assert guard.times_fired == 1 and guard.bad_streak == 0 and len(guard.history) == 2
 
 
 def test_ledger_key_published_at_validation_end():
     guard = EntropyCollapseGuard(KEY, threshold=0.05, patience=2, arm_on_good=False)
-    with pytest.warns(UserWarning, match="at step 5"):
+    with pytest.warns(UserWarning, match="at step 6"):  # judged at the weights' step, logged at Lightning's (5)
         _, spy = fit(
             guard,
             Script([0.0] * 3, hook="validation"),
@@ -512,3 +513,25 @@ def test_old_nan_history_is_dropped():
     guard = EntropyCollapseGuard(KEY, threshold=None, max_drop=0.5)
     guard.load_state_dict({"history": [0.9, NAN]})
     assert list(guard.history) == [0.9]
+
+
+def test_a_firing_on_a_validation_key_names_the_checkpoint_saved_at_the_last_good_validation(tmp_path) -> None:
+    """Validation after batches 2, 5, 8 sees the weights of optimizer steps 3, 6, 9 (``ModelCheckpoint`` names its
+    files ``step=3``, ``step=6``); Lightning logs it at its batch's step (2, 5, 8). The guard judged at the logger
+    step, so the firing after a good validation at step=6 said 'last good at step 5' and named ``step=3``'s file,
+    skipping the one saved at that validation (failed before). It now judges at the weights' step, as the monitors'
+    history (RepresentationEntropyMonitor(stage="validation")); the alert row stays beside the key's point."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    guard = EntropyCollapseGuard(KEY, threshold=0.05, keep_last_good=False)
+    script = Script([0.5, 0.5, 0.01], hook="validation")
+    with pytest.warns(UserWarning, match="EntropyCollapseGuard at step 9") as record:
+        _, spy = fit(guard, script, 9, trainer_kwargs={
+            "callbacks": [script, guard, saver], "enable_checkpointing": True, "val_check_interval": 3,
+            "limit_val_batches": 1})
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [f"epoch=0-step={s}.ckpt" for s in (3, 6, 9)]
+    (message,) = [str(w.message) for w in record if "EntropyCollapseGuard at" in str(w.message)]
+    assert "(last good: 0.5 at step 6)" in message
+    assert message.endswith(f"Newest checkpoint at or before step 6: {tmp_path / 'epoch=0-step=6.ckpt'}.")
+    assert alert_steps(spy) == [step for step, row in spy.rows if KEY in row][-1:] == [8]

@@ -18,7 +18,7 @@ from entrotrain.dashboards.wandb_media import MAX_TIME_COLUMNS, heads_over_time_
 from entrotrain.errors import EntrotrainError
 from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.gpt_module import GPTModule
-from tests.helpers.loop_runs import token_batches
+from tests.helpers.loop_runs import train_steps
 from tests.helpers.wandb_offline import SteppedRun
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -115,21 +115,6 @@ def _loop(log):
                            log=log, print_summary=False)
 
 
-def _train(monitors, module, steps, start=0, saved=None):
-    """``module.training_step`` at loop steps ``start .. steps - 1`` inside ``monitors.step``; ``saved[step]`` = the
-    monitors' state after each step (a checkpoint)."""
-    opt = module.configure_optimizers()
-    batches = token_batches(steps)
-    with monitors.watch(module, opt):
-        for step in range(start, steps):
-            with monitors.step(step):
-                module.training_step(batches[step], step).backward()
-                opt.step()
-                opt.zero_grad()
-            if saved is not None:
-                saved[step] = monitors.state_dict()
-
-
 def test_loop_resumed_into_the_same_wandb_run_loses_no_row(monkeypatch):
     """A loop resumed from an older checkpoint into the same wandb run logs steps below the run's: wandb drops them
     (silently under WANDB_SILENT) when they come with ``step=``. They now land after the run's step, plotted against
@@ -140,12 +125,12 @@ def test_loop_resumed_into_the_same_wandb_run_loses_no_row(monkeypatch):
     monkeypatch.setattr(wandb, "run", run)
     model = GPTModule(seed=0)
     saved: dict[int, dict] = {}
-    _train(_loop(run.log), model, 9, saved=saved)
+    train_steps(_loop(run.log), model, 9, saved=saved)
     resumed = _loop(run.log)
     resumed.load_state_dict(saved[3])  # the checkpoint of step 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(resumed, model, 9, start=4)
+        train_steps(resumed, model, 9, start=4)
     run.finish()
     assert run.dropped == []
     behind = [str(w.message) for w in caught if "past the loop's step" in str(w.message)]
@@ -166,13 +151,13 @@ def test_loop_resumed_at_the_run_s_current_step_does_not_overwrite_its_row(monke
     monkeypatch.setattr(wandb, "run", run)
     model = GPTModule(seed=0)
     saved: dict[int, dict] = {}
-    _train(_loop(run.log), model, 9, saved=saved)
+    train_steps(_loop(run.log), model, 9, saved=saved)
     first = run._pending["entropy/attn_norm/min"]
     resumed = _loop(run.log)
     resumed.load_state_dict(saved[7])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(resumed, model, 11, start=8)
+        train_steps(resumed, model, 11, start=8)
     run.finish()
     assert any("wandb run is at step 8, at the loop's step 8" in str(w.message) for w in caught)
     rows = [r for r in run.rows if "entropy/attn_norm/min" in r]
@@ -195,26 +180,12 @@ def test_wandb_log_adapter_keeps_every_row_of_a_wrapper_and_the_loop_s_own_numbe
     def log(metrics, step):  # the user's wrapper: wandb and anything else
         to_wandb(metrics, step=step)
 
-    def train(monitors, module, steps, start=0, saved=None):
-        opt = module.configure_optimizers()
-        batches = token_batches(steps)
-        with monitors.watch(module, opt):
-            for step in range(start, steps):
-                with monitors.step(step):
-                    loss = module.training_step(batches[step], step)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                log({"train/loss": loss.item()}, step=step)
-                if saved is not None:
-                    saved[step] = monitors.state_dict()
-
     model = GPTModule(seed=0)
     saved: dict[int, dict] = {}
-    train(_loop(log), model, 5, saved=saved)
+    train_steps(_loop(log), model, 5, saved=saved, log=log)
     resumed = _loop(log)
     resumed.load_state_dict(saved[1])
-    train(resumed, model, 5, start=2)
+    train_steps(resumed, model, 5, start=2, log=log)
     run.finish()
     assert run.dropped == []
     axis = {"step_metric": "trainer/global_step", "step_sync": True}
@@ -245,7 +216,7 @@ def test_loop_logs_through_wandb_log_taken_before_init(monkeypatch):
     monitors = _loop(PreInitCallable("wandb.log"))  # what `wandb.log` is before wandb.init()
     run = SteppedRun()
     monkeypatch.setattr(wandb, "run", run)
-    _train(monitors, GPTModule(seed=0), 3)
+    train_steps(monitors, GPTModule(seed=0), 3)
     run.finish()
     assert [r["trainer/global_step"] for r in run.rows] == [0, 2]
 
@@ -253,7 +224,7 @@ def test_loop_logs_through_wandb_log_taken_before_init(monkeypatch):
 def test_any_other_log_callable_gets_the_step_as_before():
     calls = []
     monitors = _loop(lambda metrics, *, step: calls.append((sorted(metrics)[:1], step)))
-    _train(monitors, GPTModule(seed=0), 3)
+    train_steps(monitors, GPTModule(seed=0), 3)
     assert [step for _, step in calls] == [0, 2] and all("trainer/global_step" not in k for k, _ in calls)
 
 

@@ -14,7 +14,7 @@ from entrotrain.callbacks import AttentionEntropyMonitor, EntropyCollapseGuard
 from entrotrain.integrations.loop import EntropyMonitors
 from tests.helpers.gpt_module import GPTModule
 from tests.helpers.lightning_models import TinyLM, quiet_trainer, token_loader
-from tests.helpers.loop_runs import token_batches
+from tests.helpers.loop_runs import train_steps as train
 from tests.helpers.wandb_offline import history_rows
 
 torch.set_num_threads(1)
@@ -25,19 +25,6 @@ out: dict = {}
 def loop(log):
     return EntropyMonitors([AttentionEntropyMonitor(every_n_steps=2, log_media=False, print_summary=False)],
                            log=log, print_summary=False)
-
-
-def train(monitors, module, steps, start=0, saved=None):
-    opt = module.configure_optimizers()
-    batches = token_batches(steps)
-    with monitors.watch(module, opt):
-        for step in range(start, steps):
-            with monitors.step(step):
-                module.training_step(batches[step], step).backward()
-                opt.step()
-                opt.zero_grad()
-            if saved is not None:
-                saved[step] = monitors.state_dict()
 
 
 def entropy_rows(run_dir):

@@ -76,6 +76,26 @@ def token_batches(n: int, rows: int = 4, seed: int = 0, vocab: int = VOCAB, seq:
     return [(torch.randint(0, vocab, (rows, seq + 1), generator=g),) for _ in range(n)]
 
 
+def train_steps(monitors: EntropyMonitors, module: Any, steps: int, start: int = 0, saved: dict | None = None,
+                log: Any = None) -> None:
+    """``module.training_step`` on :func:`token_batches` at loop steps ``start .. steps - 1``, each inside
+    ``monitors.step``; ``log({"train/loss": ...}, step=step)`` after each step when given (a user's own logging),
+    and ``saved[step]`` = the monitors' state after it (a checkpoint)."""
+    opt = module.configure_optimizers()
+    batches = token_batches(steps)
+    with monitors.watch(module, opt):
+        for step in range(start, steps):
+            with monitors.step(step):
+                loss = module.training_step(batches[step], step)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            if log is not None:
+                log({"train/loss": loss.item()}, step=step)
+            if saved is not None:
+                saved[step] = monitors.state_dict()
+
+
 def _loss(output: Any) -> torch.Tensor:
     return output["loss"] if isinstance(output, dict) else output
 

@@ -56,10 +56,14 @@ def check_tensor(
     min_ndim: int | None = None,
     layout: str | None = None,
 ) -> Tensor:
-    """``x`` is a tensor; optionally floating (fp16/bf16/fp32/fp64), integer, with ``ndim`` dims (one of them) or at
+    """``x`` is a dense (strided, not nested) tensor; optionally floating (fp16/bf16/fp32/fp64), integer, with ``ndim`` dims (one of them) or at
     least ``min_ndim``. ``layout`` names the dims for the message, e.g. ``"(batch, heads, queries, head_dim)"``."""
     if not isinstance(x, Tensor):
         raise EntrotrainError(f"{name} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor.")
+    if x.layout != torch.strided or x.is_nested:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        fix = "torch.nested.to_padded_tensor(x, 0.0) with a mask" if x.is_nested else f"{name}.to_dense()"
+        raise EntrotrainError(f"{name} must be a dense (strided) tensor, got {kind}; convert it with {fix}.")
     if floating and x.dtype not in _FLOATING:
         raise EntrotrainError(
             f"{name} must be a floating-point tensor (fp16, bf16, fp32 or fp64), got dtype {x.dtype}; "

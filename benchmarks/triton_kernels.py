@@ -23,7 +23,9 @@ torch path; the torch rows are timed on the CPU-sized set.
     python benchmarks/triton_kernels.py                      # GPU set on CUDA, CPU set otherwise
     python benchmarks/triton_kernels.py --only attn --repeats 20
     python benchmarks/triton_kernels.py --quick --device cpu   # tiny shapes: proves the script runs (seconds)
-    TRITON_INTERPRET=0 python benchmarks/triton_kernels.py --sm90-check   # no GPU needed: registers / spills on sm_90
+
+Registers, spills and shared memory on sm_90 (no GPU needed) come from ``benchmarks/kernel_compile_check.py``, which
+compiles the kernels' real launches.
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ import warnings
 
 import torch
 
-if (not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-        and "--sm90-check" not in sys.argv):
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import: kernels are defined interpreted
 
 import torch.nn.functional as F  # noqa: E402
@@ -220,72 +221,6 @@ def interpreter_errors(a) -> None:
     C.print_table(["case", "forward max |Δ|", "gradient max |Δ|"], rows, {})
 
 
-# ------------------------------------------------------------------------------------------ sm_90 resource check
-
-
-def sm90_resource_check() -> None:
-    """Compile every kernel at its default H100 tiles for sm_90 *without a GPU* and print registers / spills.
-
-    Catches what the interpreter cannot: Triton lowering errors, register spills (``STACK`` > 0) and shared memory
-    over the 227 KiB limit. Needs only triton's bundled ptxas / cuobjdump. Run in a process without
-    ``TRITON_INTERPRET`` (the kernels must be compiled, not interpreted).
-    """
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import entrotrain.kernels.attention_entropy as A
-    import entrotrain.kernels.linear_entropy as H
-    import entrotrain.kernels.logits_entropy as L
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    rows = []
-
-    def check(fn, types, constexprs, warps, stages, label):
-        sig = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in fn.arg_names}
-        k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=warps, num_stages=stages))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        regs = out.split("REG:", 1)[1].split()[0] if "REG:" in out else "?"
-        stack = out.split("STACK:", 1)[1].split()[0] if "STACK:" in out else "?"
-        rows.append([label, regs, stack, str(k.metadata.shared)])
-
-    for dt, size in (("bf16", 2), ("fp32", 4)):
-        prec = "ieee" if dt == "fp32" else "tf32"
-        ptr = {"x_ptr": f"*{dt}", "mask_ptr": "*u8", "h_ptr": "*fp32", "lse_ptr": "*fp32", "mean_ptr": "*fp32",
-               "g_ptr": "*fp32", "dx_ptr": f"*{dt}", "inv_temp": "fp32"}
-        for fn in (L._logits_entropy_fwd, L._logits_entropy_bwd):
-            check(fn, ptr, {"HAS_MASK": True, "BLOCK": L.BLOCK_V}, L.NUM_WARPS, 3, f"{dt} {fn.__name__}")
-        hp = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": "*i32", "part_ptr": "*fp32",
-              "lse_ptr": "*fp32", "mean_ptr": "*fp32", "gh_ptr": "*fp32", "gl_ptr": "*fp32", "dz_ptr": f"*{dt}",
-              "inv_temp": "fp32"}
-        bn, bv, bd, warps, stages = H.CONFIG[size]
-        cx = dict(HAS_BIAS=True, HAS_LABELS=True, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, DOT_PRECISION=prec,
-                  DOT_UPCAST=False)
-        for fn in (H._linear_entropy_fwd, H._linear_entropy_bwd):
-            check(fn, hp, cx, warps, stages, f"{dt} {fn.__name__} {bn}x{bv}x{bd}")
-        ap = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "valid_ptr": "*u8", "bias_ptr": "*fp32", "kpm_ptr": "*u8",
-              "h_ptr": "*fp32", "lse_ptr": "*fp32", "mean_ptr": "*fp32", "cnt_ptr": "*i32", "g_ptr": "*fp32",
-              "dq_ptr": f"*{dt}", "dk_ptr": f"*{dt}", "scale": "fp32"}
-        q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16 if size == 2 else torch.float32)
-        for dense in (False, True):
-            masks = A._Masks(q if dense else None, None, None, True, None)
-            flags = dict(HAS_VALID=dense, HAS_BIAS=dense, HAS_KPM=dense, CAUSAL=True, HAS_WINDOW=dense)
-            cx = dict(flags, BLOCK_D=128, DOT_PRECISION=prec, DOT_UPCAST=False)
-            for fn, table in ((A._attn_entropy_fwd, A.FWD_CONFIG), (A._attn_entropy_bwd_dq, A.BWD_DQ_CONFIG),
-                              (A._attn_entropy_bwd_dk, A.BWD_DK_CONFIG)):
-                bm, bn, warps, stages = A._config(table, q, 1 << 14, 1 << 14, masks)
-                label = f"{dt} {fn.__name__} d=128 {bm}x{bn} {'all masks' if dense else 'causal'}"
-                check(fn, ap, dict(cx, BLOCK_M=bm, BLOCK_N=bn), warps, stages, label)
-    C.print_table(["kernel (sm_90)", "registers", "spill stack B", "shared B"], rows, {})
-
-
 # ---------------------------------------------------------------------------------------------------- sections
 
 
@@ -379,14 +314,7 @@ def main(argv=None) -> None:
                    help="tiny shapes, one round, no torch.compile: proves the script runs (benchmarks/gpu_all.sh dry run)")
     C.add_common_args(p, repeats=10)
     p.set_defaults(dtype=None)
-    p.add_argument("--sm90-check", action="store_true",
-                   help="compile every kernel for sm_90 (no GPU needed) and print registers / spills, then exit")
     a = p.parse_args(argv)
-    if a.sm90_check:
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            raise SystemExit("--sm90-check compiles the kernels: run it with TRITON_INTERPRET=0.")
-        sm90_resource_check()
-        return
     a.only = {s.strip() for s in a.only.split(",")}
     device = C.resolve_device(a.device)
     if a.quick:

@@ -68,6 +68,7 @@ from torch import nn
 from entrotrain.callbacks import rollback_groups
 from entrotrain.callbacks.rollback_frozen import FrozenParameters
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional._dist import collective_device
 
 __all__ = ["RollbackState", "check_supported", "outside_params", "unwrap_optimizer"]
 
@@ -309,7 +310,7 @@ def shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
     """The process groups (and the device their collectives take) over which ``optimizers`` shard their state
     (``ZeroRedundancyOptimizer``): each rank judges only its shard, so the verdict must be agreed on."""
     outer = [stepped_optimizer(opt) for opt in optimizers]
-    return [(opt.process_group, _group_device(opt.process_group)) for opt in outer if _is_zero(opt)]
+    return [(opt.process_group, collective_device(opt.process_group)) for opt in outer if _is_zero(opt)]
 
 
 def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, torch.device]] = ()) -> bool:
@@ -379,14 +380,6 @@ def _mesh_device(mesh: Any) -> torch.device:
         return torch.device("cpu")
     module = getattr(torch, mesh.device_type)
     return torch.device(mesh.device_type, module.current_device())
-
-
-def _group_device(group: Any) -> torch.device:
-    """The device a collective on the process group ``group`` takes its tensors on (the current CUDA device for
-    NCCL)."""
-    if torch.distributed.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _copy_into(value: Any, buffer: Any) -> Any:

@@ -6,7 +6,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "dist_ready", "gather_rows", "reshard_fsdp", "world"]
+__all__ = [
+    "all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "collective_device", "dist_ready",
+    "gather_rows", "reshard_fsdp", "world",
+]
 
 
 def dist_ready() -> bool:
@@ -18,6 +21,22 @@ def world() -> tuple[int, int]:
     if not dist_ready():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def collective_device(group: object = None) -> torch.device:
+    """The device a collective on ``group`` (the default group for ``None``) takes its tensors on: the CPU for a group
+    that gloo (or MPI) serves, e.g. ``"gloo"`` or ``"cpu:gloo,cuda:nccl"``; else the current device of the
+    accelerator (``torch.accelerator``: CUDA under NCCL, XPU under XCCL, ...), the current CUDA device where
+    ``torch.accelerator`` is missing (torch < 2.6)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    accelerator = getattr(torch, "accelerator", None)
+    kind = accelerator.current_accelerator() if accelerator is not None else None
+    if kind is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    index = getattr(accelerator, "current_device_index", None) or accelerator.current_device_idx
+    return torch.device(kind.type, index())
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
 from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional._dist import collective_device
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 from entrotrain.taps.exclusive import capture_allowed, training_forwards_only
 
@@ -555,11 +556,11 @@ def agreed_value(given: Sequence[float], mode: str) -> float | None:
 
 def _gathered(rows: list[tuple[float, float]], world: int) -> list[list[list[float]]]:
     """Every rank's ``rows`` (the same number on each), in rank order: one ``all_gather`` on the default process
-    group (on the current CUDA device under NCCL), read on the host."""
+    group (on the device its backend serves: :func:`~entrotrain.functional._dist.collective_device`), read on the
+    host."""
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    sent = torch.tensor(rows, dtype=torch.float64, device=device)
+    sent = torch.tensor(rows, dtype=torch.float64, device=collective_device())
     parts = [torch.empty_like(sent) for _ in range(world)]
     dist.all_gather(parts, sent)
     return torch.stack(parts).tolist()

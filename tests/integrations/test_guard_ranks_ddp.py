@@ -76,7 +76,7 @@ def test_the_ranks_exchange_values_only_for_guards_on_keys_no_monitor_publishes(
 
     monkeypatch.setattr(session, "distributed", lambda: (2, 0, None))
     monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
-    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
     for key, expected in (("entropy/attn_norm/min", []), ("loss", [0, 1, 2, 3])):
         calls.clear()
         module = GPTModule(seed=0, convert=False)

@@ -202,7 +202,7 @@ class InformationPlaneMonitor(HookedMonitor):
         probe_batch_size: rows per forward of the probe pass (under DDP the unit of sharding: a probe of at most
             this many rows is forwarded by rank 0 alone).
         input_index: where the inputs are in a dataset item (index or key).
-        label_index: where the integer class labels are in a dataset item.
+        label_index: where the integer class labels are in a dataset item (bool labels are the classes 0 and 1).
         base: logarithm base of the values (2 = bits, the papers' plots; ``math.e`` = nats).
         output_index: element read from tuple/list module outputs.
         seed: seed of the probe subsample.
@@ -456,13 +456,16 @@ class InformationPlaneMonitor(HookedMonitor):
                 start += size
             x, y = torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
         y = torch.as_tensor(y)
-        if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool or len(y) != len(x):
+        if y.dim() != 1 or y.is_floating_point() or y.is_complex() or len(y) != len(x):
             raise EntrotrainError(
-                f"InformationPlaneMonitor: probe labels must be a 1-D integer tensor with one label per input, got "
-                f"{y.dtype} {tuple(y.shape)} for inputs {tuple(x.shape)}; set label_index (or fix information_probe)."
+                f"InformationPlaneMonitor: probe labels must be a 1-D integer (or bool) tensor with one label per "
+                f"input, got {y.dtype} {tuple(y.shape)} for inputs {tuple(x.shape)}; set label_index (or fix "
+                "information_probe)."
             )
         if len(x) < 2:
             raise EntrotrainError(f"InformationPlaneMonitor: the probe set has {len(x)} row(s); it needs at least 2.")
+        if y.dtype == torch.bool:
+            y = y.long()  # the classes 0 and 1, as the estimators read bool labels
         return x.to(pl_module.device), y.to(pl_module.device)
 
     # ------------------------------------------------------------------ capture

@@ -285,6 +285,23 @@ def test_probe_sources(probe, rows):
     assert torch.equal(x, full_x[expected[probe]]) and torch.equal(y, full_y[expected[probe]])
 
 
+class BoolProbeDM(InformationPlaneDataModule):
+    def information_probe(self):
+        return self.x[:100], self.y[:100].bool()
+
+
+def test_bool_probe_labels_are_the_classes_0_and_1():
+    # the estimators take bool labels as 0/1 classes; the monitor refused them ("1-D integer tensor")
+    points = []
+    for dm in (BoolProbeDM(batch_size=1024), ProbeDM(batch_size=1024)):
+        L.seed_everything(0)
+        monitor = InformationPlaneMonitor(estimators=FAST, every_n_steps=10, probe="datamodule", print_summary=False)
+        fit(SmallNet(), [monitor], dm=dm, max_steps=1)
+        assert torch.equal(monitor._probe_data[1], icosahedron_dataset()[1][:100])  # long 0/1, as the int probe
+        points.append(monitor.history)
+    assert points[0] == points[1] and points[0][0][2]
+
+
 class ItemDataset(torch.utils.data.Dataset):
     """Not a TensorDataset: items are dicts read one by one."""
 

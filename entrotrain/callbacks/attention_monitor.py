@@ -89,6 +89,19 @@ def _related(site: str, module: str) -> bool:
     return site == module or site.startswith((module + ".", module + "[")) or module.startswith(site + ".")
 
 
+def _world() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when none is initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_ranks(local: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """Every rank's ``local`` in rank order (one ``all_gather_object`` on the default group)."""
+    gathered: list[Any] = [None] * _world()
+    torch.distributed.all_gather_object(gathered, local)
+    return gathered
+
+
 def _nanquantile(x: Tensor, q: float) -> float:
     return float(torch.quantile(x, q)) if x.numel() else float("nan")
 
@@ -130,8 +143,11 @@ class AttentionEntropyMonitor(HookedMonitor):
     Captures ``q, k`` at the attention boundary (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, HF
     transformers, or :func:`entrotrain.taps.record_attention`) on logging steps only; on other steps nothing is
     installed. Sums over gradient-accumulation micro-batches and all-reduces once across DDP ranks per logging
-    step. Scalars go to ``trainer.callback_metrics`` (so :class:`EntropyCollapseGuard`, ``EarlyStopping`` or
-    ``ModelCheckpoint`` can watch them) and to every logger; the heatmap and histogram go to wandb on rank zero.
+    step, after one ``all_gather_object`` of the site names each rank captured: a rank that captured nothing (no
+    forward in the window, or none through a tapped module) or fewer sites joins with zero sums and publishes what
+    the others publish. Scalars go to ``trainer.callback_metrics`` (so :class:`EntropyCollapseGuard`,
+    ``EarlyStopping`` or ``ModelCheckpoint`` can watch them) and to every logger; the heatmap and histogram go to
+    wandb on rank zero.
 
     Args:
         every_n_steps: log at optimizer steps ``0, n, 2n, ...``. With ``k`` optimizers stepped per batch (manual
@@ -326,14 +342,27 @@ class AttentionEntropyMonitor(HookedMonitor):
             self._flush(trainer, pl_module, step)
 
     # ------------------------------------------------------------------ reduce and log
-    def _stacked(self) -> Tensor:
+    def _stacked(self, joined: bool = False, device: torch.device | None = None) -> Tensor | None:
+        """This window's tap sums as ``(sites, N_STATS, heads)``, rows in ``site_names`` order (zeros for a site
+        this rank did not capture); ``None`` when no site was captured.
+
+        ``joined`` (several ranks, before their SUM reduce): the ranks first exchange which sites they captured
+        (one ``all_gather_object``), so that every rank, one that captured nothing or fewer sites included, builds
+        the same layout and joins the reduce; ``None`` only when no rank captured anything. ``device``: where a rank
+        with no capture builds its zeros (the reduce's device)."""
         assert self.tap is not None
         stats = self.tap.stats
-        for name in stats:
-            if name not in self.site_names:
-                self.site_names.append(name)
-        heads = max(s.shape[1] for s in stats.values())
-        device = next(iter(stats.values())).device
+        local = [(name, int(s.shape[1])) for name, s in stats.items()]
+        ranks = _all_ranks(local) if joined else [local]
+        for sites in ranks:  # rank order, each in its forward order: the same site_names on every rank
+            for name, _ in sites:
+                if name not in self.site_names:
+                    self.site_names.append(name)
+        heads = max((h for sites in ranks for _, h in sites), default=0)
+        if heads == 0:
+            return None
+        if stats:
+            device = next(iter(stats.values())).device
         out = torch.zeros(len(self.site_names), N_STATS, heads, dtype=torch.float64, device=device)
         for i, name in enumerate(self.site_names):
             if name in stats:
@@ -389,15 +418,22 @@ class AttentionEntropyMonitor(HookedMonitor):
                 "hand, call entrotrain.taps.record_attention(q, k, ...) there, or exclude them."
             )
 
-    def compute_metrics(self, step: int, reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[dict[str, float], Tensor]:
+    def compute_metrics(
+        self, step: int, reduce: Callable[[Tensor], Tensor] | None = None, device: torch.device | None = None
+    ) -> tuple[dict[str, float], Tensor] | None:
         """The trainer-free core of a logging step: this window's tap sums → (metrics by key, normalised heads).
 
-        ``reduce`` sums a tensor over ranks (``None`` = one process); it is called once, on the stacked sums. Updates
-        the site names, first / last summaries and the non-finite count; publishes nothing. Used by the Lightning
-        path and by :mod:`entrotrain.integrations.transformers`, so both give the same keys and values. Call it only
-        when ``tap.stats`` is not empty.
+        ``reduce`` sums a tensor over ranks (``None`` = one process); it is called once, on the stacked sums, after
+        one exchange of the captured site names. Under ``reduce`` every rank must call this at every logging step,
+        also a rank that captured nothing (no forward this window, or none through a tapped module): it joins the
+        reduce with zero sums (built on ``device``) and gets the same metrics as the others. Returns ``None`` when
+        no rank captured anything (the caller reports it). Updates the site names, first / last summaries and the
+        non-finite count; publishes nothing. Used by the Lightning path and by
+        :mod:`entrotrain.integrations.transformers`, so both give the same keys and values.
         """
-        stacked = self._stacked()
+        stacked = self._stacked(joined=reduce is not None and _world() > 1, device=device)
+        if stacked is None:
+            return None
         if reduce is not None:
             stacked = reduce(stacked)
         stacked = stacked.cpu()  # one device → host transfer per logging step
@@ -422,14 +458,18 @@ class AttentionEntropyMonitor(HookedMonitor):
 
     def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         assert self.tap is not None
-        if not self.tap.stats:
+        world = trainer.world_size > 1
+        if not world and not self.tap.stats:
+            computed = None
+        else:  # under DDP every rank joins the reduce, one that captured nothing too (else the others hang)
+            computed = self.compute_metrics(
+                step, (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world else None, pl_module.device
+            )
+        if computed is None:  # no rank captured anything
             self._no_capture(pl_module)
             publish_scalars(trainer, pl_module, {}, source=self.state_key)  # earlier values are stale now
             return
-        world = trainer.world_size > 1
-        metrics, normalized = self.compute_metrics(
-            step, (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if world else None
-        )
+        metrics, normalized = computed
         if not self._announced:
             self._announce(trainer, pl_module)
         step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)

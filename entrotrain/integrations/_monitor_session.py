@@ -19,6 +19,7 @@ Nothing here imports transformers or wandb.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -153,10 +154,12 @@ class _AttentionDriver(_Driver):
         m = self.monitor
         assert m.tap is not None and self.model is not None
         self._normalized = None
-        if not m.tap.stats:
+        # under torch.distributed every rank joins the reduce, one that captured nothing too (else the others hang)
+        computed = m.compute_metrics(step, reduce, _device_of(self.model)) if m.tap.stats or world > 1 else None
+        if computed is None:  # no rank captured anything
             m._no_capture(self.model)  # TapError when strict, else warned once
             return {}
-        metrics, normalized = m.compute_metrics(step, reduce)
+        metrics, normalized = computed
         if not m._announced:
             m._announced = True
             names = ", ".join(f"L{i}={name}" for i, name in enumerate(m.site_names))
@@ -552,6 +555,13 @@ def agreed_value(given: Sequence[float], mode: str) -> float | None:
     if bad or not given:
         return bad[0] if bad else None
     return min(given) if mode == "min" else max(given)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives; the CPU for a model with neither."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _gathered(rows: list[tuple[float, float]], world: int) -> list[list[list[float]]]:

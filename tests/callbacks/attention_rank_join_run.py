@@ -1,0 +1,106 @@
+"""Run by test_attention_rank_join.py as a script: 2 gloo processes, AttentionEntropyMonitor's logging steps where
+one rank captured less than the other (no forward at all, or a forward through only some attention sites), through
+the loop / HF driver and through the Lightning callback's ``_flush``. Each rank writes what it got; rank 0 also writes
+one process's values on the union of both ranks' captures (the reference)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import entrotrain.callbacks.attention_monitor as attention_module  # noqa: E402
+from entrotrain.callbacks import AttentionEntropyMonitor  # noqa: E402
+from entrotrain.integrations._monitor_session import _AttentionDriver, distributed  # noqa: E402
+from tests.helpers.gloo import spawn_gloo  # noqa: E402
+from tests.helpers.lightning_models import TinyLM, token_loader  # noqa: E402
+
+#: what each rank runs in a window: "all" = the whole model, "block1" = only blocks[1] (one of the two attention
+#: sites), "none" = no forward (a rank that skipped the batch)
+CASES = {"rank1_nothing_first_step": ("all", "none"), "rank1_one_site": ("all", "block1"),
+         "rank0_nothing": ("none", "all"), "nobody": ("none", "none")}
+
+#: seconds after which a worker is killed (a hang); the whole script takes ~20 s on 2 CPU cores
+WATCHDOG_S = 60
+
+
+def forward(model: TinyLM, what: str, idx: torch.Tensor) -> None:
+    with torch.no_grad():
+        if what == "all":
+            model(idx)
+        elif what == "block1":
+            model.blocks[1](model.emb(idx))
+
+
+def monitor() -> AttentionEntropyMonitor:
+    return AttentionEntropyMonitor(max_rows=None, max_queries=None, strict=False, log_media=False)
+
+
+def reference(model: TinyLM, batches: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """One process scoring both ranks' forwards of each case in one window (``[case]`` → metrics)."""
+    driver = _AttentionDriver(monitor(), "reference")
+    driver.bind(model)
+    out = {}
+    for step, (case, plan) in enumerate(CASES.items()):
+        driver.arm()
+        for rank, what in enumerate(plan):
+            forward(model, what, batches[rank])
+        driver.disarm()
+        out[case] = driver.compute(step, 1, 0, None)
+    return out
+
+
+def worker(rank: int, out: str) -> None:
+    # a rank left waiting in a collective (the bug) is ended by SIGALRM (default action: terminate, even inside a
+    # C++ wait holding the GIL), so the test fails instead of leaving processes behind; left pending over the barrier
+    signal.alarm(WATCHDOG_S)
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    batches = [b[0][:, :-1] for b in token_loader(n=8, batch_size=4)]
+    result: dict[str, object] = {}
+    # the loop / HF path
+    driver = _AttentionDriver(monitor(), "test")
+    driver.bind(model)
+    world, _, reduce = distributed()
+    for step, (case, plan) in enumerate(CASES.items()):
+        driver.arm()
+        forward(model, plan[rank], batches[rank])
+        driver.disarm()
+        result[f"driver/{case}"] = driver.compute(step, world, rank, reduce)
+    # the Lightning path: _flush with a stand-in trainer (publishing recorded, not sent through Lightning)
+    published: list[dict[str, float]] = []
+    attention_module.publish_scalars = lambda trainer, pl_module, metrics, source=None: published.append(metrics)
+    attention_module.record_arrays = lambda *args: None
+
+    def sum_ranks(t: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        assert reduce_op == "sum"
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, loggers=[],
+                              strategy=SimpleNamespace(reduce=sum_ranks))
+    callback = monitor()
+    callback.bind(model)
+    for step, (case, plan) in enumerate(CASES.items()):
+        callback.tap.reset()
+        callback.tap.arm()
+        forward(model, plan[rank], batches[rank])
+        callback.tap.disarm()
+        callback._flush(trainer, model, step)
+        result[f"lightning/{case}"] = published[-1]
+    result["site_names"] = callback.site_names
+    if rank == 0:
+        result["reference"] = reference(model, batches)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    spawn_gloo(worker, sys.argv[1])

@@ -45,7 +45,9 @@ The run record (``entrotrain report``) gets the ``{p}/load_heatmap`` array (laye
 
 Reduction: every layer's statistics are **sums and counts** (float64), accumulated over the micro-batches of a
 logging step and all-reduced across DDP ranks in **one** collective, so the values equal one process on the union
-batch. All ranks must see the same MoE layers (same model).
+batch. Before it the ranks exchange which layers they have seen (one small ``all_gather_object``): a rank whose
+logging step ran no router (no forward, or one through none of the MoE layers) joins the reduce with zero sums and
+publishes what the others publish; only when no rank captured anything does every rank raise the no-capture error.
 
 Non-finite data (DESIGN.md §8): router rows holding NaN/Inf are counted in ``{p}/nonfinite``, warned about once per
 fit and left out of every statistic; a layer with no usable row at a logging step publishes its keys to
@@ -78,6 +80,12 @@ from entrotrain.taps.router_tap import RouterTap
 __all__ = ["RouterEntropyMonitor"]
 
 _SUMMARY = ("entropy_norm_mean", "load_entropy_norm_min", "dead_frac_max")
+
+
+def _world() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when none is initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _config_top_k(module: torch.nn.Module) -> int | None:
@@ -332,9 +340,15 @@ class RouterEntropyMonitor(HookedMonitor):
             "training step calls."
         )
 
-    def _reduce(self, reduce: Callable[[Tensor], Tensor] | None) -> dict[str, RouterValues]:
-        """One SUM all-reduce of every layer's sums (layers missing on this step enter as zeros)."""
-        device = next(iter(self._sums.values())).rows.device
+    def _reduce(
+        self, reduce: Callable[[Tensor], Tensor] | None, device: torch.device | None = None
+    ) -> dict[str, RouterValues]:
+        """One SUM all-reduce of every layer's sums (layers missing on this step enter as zeros, on ``device`` when
+        this rank captured nothing)."""
+        if self._sums:
+            device = next(iter(self._sums.values())).rows.device
+        elif device is None:
+            device = torch.device("cpu")
         parts = []
         for name in self.layer_names:
             e = self.n_experts[name]
@@ -361,13 +375,29 @@ class RouterEntropyMonitor(HookedMonitor):
         for logger in trainer.loggers:
             logger.log_hyperparams({f"{self.prefix}/layers": layers})
 
-    def compute_metrics(self, step: int, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    def compute_metrics(
+        self, step: int, reduce: Callable[[Tensor], Tensor] | None = None, device: torch.device | None = None
+    ) -> dict[str, float]:
         """Lightning-free core of a logging step: reduce the window's sums (``reduce``: SUM over ranks, ``None`` =
         one process), return every key (NaN where no row was usable) and update ``last_logged``, ``history`` and
-        ``load_matrix``. Raises :class:`TapError` when the window captured nothing."""
-        if not self._sums:
+        ``load_matrix``. Under ``reduce`` with several ranks, every rank must call this at every logging step, one
+        that captured nothing too: the ranks first exchange their layers (one ``all_gather_object``), so such a rank
+        joins the reduce with zero sums (built on ``device``) and returns what the others return. Raises
+        :class:`TapError` when the window captured nothing (on every rank: when no rank captured anything)."""
+        if reduce is not None and _world() > 1:
+            layers: list[Any] = [None] * _world()
+            mine = (bool(self._sums), [(n, self.n_experts[n]) for n in self.layer_names])
+            torch.distributed.all_gather_object(layers, mine)
+            for _, rank_layers in layers:  # rank order: the same layer_names on every rank
+                for name, experts in rank_layers:
+                    if name not in self.layer_names:
+                        self.layer_names.append(name)
+                    self.n_experts.setdefault(name, experts)
+            if not any(captured for captured, _ in layers):
+                self._no_capture(step)
+        elif not self._sums:
             self._no_capture(step)
-        values = self._reduce(reduce)
+        values = self._reduce(reduce, device)
         self._sums = {}
         p = self.prefix
         metrics: dict[str, float] = {}
@@ -403,16 +433,17 @@ class RouterEntropyMonitor(HookedMonitor):
         return metrics
 
     def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        if not self._sums:
+        if not self._sums and trainer.world_size == 1:
             self._no_capture(step)
-        if not self._announced:
-            self._announce(trainer)
+
         def sum_ranks(t: Tensor) -> Tensor:
             return trainer.strategy.reduce(t, reduce_op="sum")
 
         reduce = sum_ranks if trainer.world_size > 1 else None
 
-        metrics = self.compute_metrics(step, reduce)
+        metrics = self.compute_metrics(step, reduce, pl_module.device)  # (under DDP every rank joins the reduce)
+        if not self._announced:
+            self._announce(trainer)
         load = self.load_matrix
         assert load is not None
         width = load.shape[1]

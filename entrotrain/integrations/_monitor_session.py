@@ -310,7 +310,8 @@ class _RouterDriver(_Driver):
     def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
         m = self.monitor
         self._consume()
-        metrics = m.compute_metrics(step, reduce)
+        device = _device_of(self.model) if self.model is not None else None
+        metrics = m.compute_metrics(step, reduce, device)  # under torch.distributed every rank joins the reduce
         if not m._announced:
             m._announced = True
             names = ", ".join(f"L{i}={n}" for i, n in enumerate(m.layer_names))

@@ -1,7 +1,8 @@
-"""Run by test_attention_rank_join.py as a script: 2 gloo processes, AttentionEntropyMonitor's logging steps where
-one rank captured less than the other (no forward at all, or a forward through only some attention sites), through
-the loop / HF driver and through the Lightning callback's ``_flush``. Each rank writes what it got; rank 0 also writes
-one process's values on the union of both ranks' captures (the reference)."""
+"""Run by test_monitor_rank_join.py as a script: 2 gloo processes, AttentionEntropyMonitor's and
+RouterEntropyMonitor's logging steps where one rank captured less than the other (no forward at all, or a forward
+through only some attention sites / routers), through the loop / HF driver and through the Lightning callback's
+``_flush``. Each rank writes what it got; rank 0 also writes one process's values on the union of both ranks'
+captures (the reference)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import entrotrain.callbacks.attention_monitor as attention_module  # noqa: E402
-from entrotrain.callbacks import AttentionEntropyMonitor  # noqa: E402
-from entrotrain.integrations._monitor_session import _AttentionDriver, distributed  # noqa: E402
+import entrotrain.callbacks.router_monitor as router_module  # noqa: E402
+from entrotrain.callbacks import AttentionEntropyMonitor, RouterEntropyMonitor  # noqa: E402
+from entrotrain.errors import TapError  # noqa: E402
+from entrotrain.integrations._monitor_session import _AttentionDriver, _RouterDriver, distributed  # noqa: E402
 from tests.helpers.gloo import spawn_gloo  # noqa: E402
 from tests.helpers.lightning_models import TinyLM, token_loader  # noqa: E402
+from tests.helpers.router_models import ToyMoE  # noqa: E402
 
 #: what each rank runs in a window: "all" = the whole model, "block1" = only blocks[1] (one of the two attention
 #: sites), "none" = no forward (a rank that skipped the batch)
@@ -55,6 +59,54 @@ def reference(model: TinyLM, batches: list[torch.Tensor]) -> dict[str, dict[str,
         driver.disarm()
         out[case] = driver.compute(step, 1, 0, None)
     return out
+
+
+def router_forward(model: ToyMoE, what: str, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        if what == "all":
+            model.blocks(x)
+        elif what == "block1":
+            model.blocks[1](x)
+
+
+def router_step(driver: _RouterDriver, model: ToyMoE, plan: tuple[str, ...], xs: list[torch.Tensor],
+                ranks: range) -> None:
+    driver.arm()
+    for r in ranks:
+        router_forward(model, plan[r], xs[r])
+    driver.disarm()
+    driver._consume()
+
+
+def routers(rank: int, result: dict[str, object], trainer: SimpleNamespace) -> None:
+    """The router monitor's cases (``nobody`` = TapError on every rank), driver and Lightning path, and rank 0's
+    one-process reference."""
+    model = ToyMoE().double()
+    xs = [torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(r), dtype=torch.float64) for r in range(2)]
+    world, _, reduce = distributed()
+    published: list[dict[str, float]] = []
+    router_module.publish_scalars = lambda trainer, pl_module, metrics, source=None: published.append(metrics)
+    router_module.record_arrays = lambda *args: None
+    runs = {"driver": _RouterDriver(RouterEntropyMonitor(top_k=2, log_media=False), "test"),
+            "lightning": _RouterDriver(RouterEntropyMonitor(top_k=2, log_media=False), "test")}
+    if rank == 0:
+        runs["reference"] = _RouterDriver(RouterEntropyMonitor(top_k=2, log_media=False), "reference")
+    for driver in runs.values():
+        driver.bind(model)
+    for step, (case, plan) in enumerate(CASES.items()):
+        for path, driver in runs.items():
+            router_step(driver, model, plan, xs, range(2) if path == "reference" else range(rank, rank + 1))
+            try:
+                if path == "driver":
+                    got = driver.compute(step, world, rank, reduce)
+                elif path == "lightning":
+                    driver.monitor._flush(trainer, model, step)
+                    got = published[-1]
+                else:
+                    got = driver.compute(step, 1, 0, None)
+            except TapError:
+                got = "TapError"
+            result[f"router/{path}/{case}"] = got
 
 
 def worker(rank: int, out: str) -> None:
@@ -99,6 +151,7 @@ def worker(rank: int, out: str) -> None:
     result["site_names"] = callback.site_names
     if rank == 0:
         result["reference"] = reference(model, batches)
+    routers(rank, result, trainer)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

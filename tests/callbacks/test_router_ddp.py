@@ -18,7 +18,8 @@ def test_two_rank_ddp_with_accumulation_equals_single_process_on_union(tmp_path)
     out = tmp_path / "logged.json"
     run_script(Path(__file__).with_name("router_ddp_run.py"), tmp_path, str(out), "2")
     result = json.loads(out.read_text())
-    assert result["collectives"] == ["all_reduce"]  # one collective per logging step, all layers
+    # per logging step: the layers each rank saw (a rank with none joins too), then one all-reduce of all layers
+    assert result["collectives"] == ["all_gather_object", "all_reduce"]
     # rank r takes samples r, r + 2, ...; one optimizer step = 2 ranks x 2 micro-batches x 2 samples: the first 8
     union = samples()[:8]
     x = torch.stack([s["x"] for s in union])

@@ -20,7 +20,10 @@ Two kinds of statistics, so that values are comparable across steps and ranks:
   so the same probe set gives the same rows), computed at a fixed ``n``.
 
 Both are all-reduced across DDP ranks in **one** collective per logging step (the reservoirs travel in rank slots of
-the same float64 buffer); the union of the ranks' reservoirs is cut back to ``max_samples`` evenly spaced rows.
+the same float64 buffer); the union of the ranks' reservoirs is cut back to ``max_samples`` evenly spaced rows. Before
+it the ranks exchange their layers' names and widths (one small ``all_gather_object``): a rank that captured nothing
+in the window, or fewer layers, joins the reduce with empty layers and publishes what the others publish; only when
+no rank captured anything does every rank raise the no-capture error.
 
 Logged keys (``{p}`` = ``prefix``, default ``entropy/repr``; ``{layer}`` = module name as in ``named_modules()``):
 
@@ -429,6 +432,22 @@ class RepresentationEntropyMonitor(HookedMonitor):
         self._probing = False
 
     # ------------------------------------------------------------------ reduce
+    def _join_layers(self, world: int, device: torch.device | None) -> None:
+        """Add, empty, the layers other ranks captured in this window and this one did not (one
+        ``all_gather_object`` of names and widths), so that every rank reduces the same layout."""
+        layers: list[Any] = [None] * world
+        torch.distributed.all_gather_object(layers, [(name, layer.dim) for name, layer in self.layers.items()])
+        for rank_layers in layers:
+            for name, dim in rank_layers:
+                if name not in self.layers:
+                    self.layers[name] = _Layer(
+                        dim,
+                        device if device is not None else torch.device("cpu"),
+                        normalized="vendi" in self.measures and self.vendi_kernel == "cosine",
+                        capacity=self.max_samples,
+                        seed=self.seed,
+                    )
+
     def _reduce(
         self, world: int, rank: int, reduce: Callable[[Tensor], Tensor] | None
     ) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -557,7 +576,7 @@ class RepresentationEntropyMonitor(HookedMonitor):
 
     def _flush(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
-        metrics = self.compute_metrics(step, trainer.world_size, trainer.global_rank, reduce)
+        metrics = self.compute_metrics(step, trainer.world_size, trainer.global_rank, reduce, pl_module.device)
         if trainer.sanity_checking:
             # Lightning clears logged metrics after the sanity check: publish at the first training batch (step 0)
             self._deferred = metrics
@@ -565,17 +584,23 @@ class RepresentationEntropyMonitor(HookedMonitor):
         self._publish(trainer, pl_module, metrics)
 
     def compute_metrics(
-        self, step: int, world: int = 1, rank: int = 0, reduce: Callable[[Tensor], Tensor] | None = None
+        self, step: int, world: int = 1, rank: int = 0, reduce: Callable[[Tensor], Tensor] | None = None,
+        device: torch.device | None = None,
     ) -> dict[str, float]:
         """The trainer-free core of a logging step: this window's captures → metrics by key (finite values only).
 
         ``reduce`` sums a tensor over the ``world`` ranks (this one is ``rank``); it is called once. Fills
         ``spectra``, ``last_logged`` and ``history`` and frees the window's statistics; publishes nothing. Used by
-        the Lightning path and by :mod:`entrotrain.integrations.transformers` (same keys, same values).
+        the Lightning path and by :mod:`entrotrain.integrations.transformers` (same keys, same values). With
+        ``world > 1`` and ``reduce``, every rank must call this at every logging step, one that captured nothing
+        too: the ranks first exchange their layers' names and widths (one ``all_gather_object``), so such a rank
+        joins the reduce with empty layers (on ``device``) and returns what the others return.
 
         Raises:
-            TapError: nothing was captured in this window.
+            TapError: nothing was captured in this window (under DDP: by no rank, raised on every rank).
         """
+        if world > 1 and reduce is not None:
+            self._join_layers(world, device)
         if not self.layers:
             assert self.tap is not None
             raise TapError(

@@ -200,7 +200,8 @@ class _RepresentationDriver(_Driver):
             self.monitor.tap.disarm()
 
     def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
-        return self.monitor.compute_metrics(step, world, rank, reduce)
+        device = _device_of(self.model) if self.model is not None else None  # a rank with no capture joins there
+        return self.monitor.compute_metrics(step, world, rank, reduce, device)
 
     def media(self) -> dict[str, Any]:
         m = self.monitor

@@ -18,10 +18,20 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import entrotrain.callbacks.attention_monitor as attention_module  # noqa: E402
+import entrotrain.callbacks.representation_monitor as representation_module  # noqa: E402
 import entrotrain.callbacks.router_monitor as router_module  # noqa: E402
-from entrotrain.callbacks import AttentionEntropyMonitor, RouterEntropyMonitor  # noqa: E402
+from entrotrain.callbacks import (  # noqa: E402
+    AttentionEntropyMonitor,
+    RepresentationEntropyMonitor,
+    RouterEntropyMonitor,
+)
 from entrotrain.errors import TapError  # noqa: E402
-from entrotrain.integrations._monitor_session import _AttentionDriver, _RouterDriver, distributed  # noqa: E402
+from entrotrain.integrations._monitor_session import (  # noqa: E402
+    _AttentionDriver,
+    _RepresentationDriver,
+    _RouterDriver,
+    distributed,
+)
 from tests.helpers.gloo import spawn_gloo  # noqa: E402
 from tests.helpers.lightning_models import TinyLM, token_loader  # noqa: E402
 from tests.helpers.router_models import ToyMoE  # noqa: E402
@@ -109,6 +119,39 @@ def routers(rank: int, result: dict[str, object], trainer: SimpleNamespace) -> N
             result[f"router/{path}/{case}"] = got
 
 
+def representations(rank: int, result: dict[str, object], trainer: SimpleNamespace, model: TinyLM,
+                    batches: list[torch.Tensor]) -> None:
+    """The representation monitor's cases (on ``blocks.*``), as :func:`routers`."""
+    world, _, reduce = distributed()
+    published: list[dict[str, float]] = []
+    representation_module.publish_scalars = lambda trainer, pl_module, metrics, source=None: published.append(metrics)
+    trainer.sanity_checking, trainer.global_rank = False, rank
+
+    def make() -> _RepresentationDriver:
+        return _RepresentationDriver(RepresentationEntropyMonitor(include=["blocks.*"], print_summary=False), "test")
+
+    runs = {"driver": make(), "lightning": make(), **({"reference": make()} if rank == 0 else {})}
+    for driver in runs.values():
+        driver.bind(model)
+    for step, (case, plan) in enumerate(CASES.items()):
+        for path, driver in runs.items():
+            driver.arm()
+            for r in range(2) if path == "reference" else range(rank, rank + 1):
+                forward(model, plan[r], batches[r])
+            driver.disarm()
+            try:
+                if path == "driver":
+                    got = driver.compute(step, world, rank, reduce)
+                elif path == "lightning":
+                    driver.monitor._flush(trainer, model, step)
+                    got = published[-1]
+                else:
+                    got = driver.compute(step, 1, 0, None)
+            except TapError:
+                got = "TapError"
+            result[f"representation/{path}/{case}"] = got
+
+
 def worker(rank: int, out: str) -> None:
     # a rank left waiting in a collective (the bug) is ended by SIGALRM (default action: terminate, even inside a
     # C++ wait holding the GIL), so the test fails instead of leaving processes behind; left pending over the barrier
@@ -152,6 +195,7 @@ def worker(rank: int, out: str) -> None:
     if rank == 0:
         result["reference"] = reference(model, batches)
     routers(rank, result, trainer)
+    representations(rank, result, trainer, model, batches)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -35,15 +35,16 @@ def test_a_rank_with_less_or_no_capture_joins_the_reduce_and_publishes_the_union
     assert ranks[0]["site_names"] == ranks[1]["site_names"] == ["blocks.0", "blocks.1"]
 
 
-def test_a_rank_with_less_or_no_router_capture_joins_the_reduce(ranks):
+@pytest.mark.parametrize("monitor", ["router", "representation"])
+def test_a_rank_with_less_or_no_router_or_representation_capture_joins_the_reduce(ranks, monitor):
     for case in ("rank1_nothing_first_step", "rank1_one_site", "rank0_nothing", "nobody"):
-        expected = ranks[0][f"router/reference/{case}"]
+        expected = ranks[0][f"{monitor}/reference/{case}"]
         for path in ("driver", "lightning"):
             for r in range(2):
-                got = ranks[r][f"router/{path}/{case}"]
+                got = ranks[r][f"{monitor}/{path}/{case}"]
                 if expected == "TapError":
                     assert got == "TapError", (path, case, r)
                 else:
                     assert got == pytest.approx(expected, abs=1e-12, nan_ok=True), (path, case, r)
-    assert ranks[0]["router/reference/nobody"] == "TapError"  # no rank captured: every rank raises
-    assert isinstance(ranks[0]["router/reference/rank1_one_site"], dict)
+    assert ranks[0][f"{monitor}/reference/nobody"] == "TapError"  # no rank captured: every rank raises
+    assert isinstance(ranks[0][f"{monitor}/reference/rank1_one_site"], dict)

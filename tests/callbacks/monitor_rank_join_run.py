@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,12 +89,27 @@ def router_step(driver: _RouterDriver, model: ToyMoE, plan: tuple[str, ...], xs:
     driver._consume()
 
 
+def outcome(path: str, driver: Any, trainer: SimpleNamespace, model: Any, step: int, published: list) -> object:
+    """What ``path`` publishes at ``step``: the driver's compute on this rank (``"driver"``), the Lightning flush's
+    published metrics (``"lightning"``), one process on both ranks' forwards (``"reference"``); ``"TapError"`` when it
+    raises that (no rank captured anything)."""
+    world, rank, reduce = distributed()
+    try:
+        if path == "driver":
+            return driver.compute(step, world, rank, reduce)
+        if path == "lightning":
+            driver.monitor._flush(trainer, model, step)
+            return published[-1]
+        return driver.compute(step, 1, 0, None)
+    except TapError:
+        return "TapError"
+
+
 def routers(rank: int, result: dict[str, object], trainer: SimpleNamespace) -> None:
     """The router monitor's cases (``nobody`` = TapError on every rank), driver and Lightning path, and rank 0's
     one-process reference."""
     model = ToyMoE().double()
     xs = [torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(r), dtype=torch.float64) for r in range(2)]
-    world, _, reduce = distributed()
     published: list[dict[str, float]] = []
     router_module.publish_scalars = lambda trainer, pl_module, metrics, source=None: published.append(metrics)
     router_module.record_arrays = lambda *args: None
@@ -106,23 +122,12 @@ def routers(rank: int, result: dict[str, object], trainer: SimpleNamespace) -> N
     for step, (case, plan) in enumerate(CASES.items()):
         for path, driver in runs.items():
             router_step(driver, model, plan, xs, range(2) if path == "reference" else range(rank, rank + 1))
-            try:
-                if path == "driver":
-                    got = driver.compute(step, world, rank, reduce)
-                elif path == "lightning":
-                    driver.monitor._flush(trainer, model, step)
-                    got = published[-1]
-                else:
-                    got = driver.compute(step, 1, 0, None)
-            except TapError:
-                got = "TapError"
-            result[f"router/{path}/{case}"] = got
+            result[f"router/{path}/{case}"] = outcome(path, driver, trainer, model, step, published)
 
 
 def representations(rank: int, result: dict[str, object], trainer: SimpleNamespace, model: TinyLM,
                     batches: list[torch.Tensor]) -> None:
     """The representation monitor's cases (on ``blocks.*``), as :func:`routers`."""
-    world, _, reduce = distributed()
     published: list[dict[str, float]] = []
     representation_module.publish_scalars = lambda trainer, pl_module, metrics, source=None: published.append(metrics)
     trainer.sanity_checking, trainer.global_rank = False, rank
@@ -139,17 +144,7 @@ def representations(rank: int, result: dict[str, object], trainer: SimpleNamespa
             for r in range(2) if path == "reference" else range(rank, rank + 1):
                 forward(model, plan[r], batches[r])
             driver.disarm()
-            try:
-                if path == "driver":
-                    got = driver.compute(step, world, rank, reduce)
-                elif path == "lightning":
-                    driver.monitor._flush(trainer, model, step)
-                    got = published[-1]
-                else:
-                    got = driver.compute(step, 1, 0, None)
-            except TapError:
-                got = "TapError"
-            result[f"representation/{path}/{case}"] = got
+            result[f"representation/{path}/{case}"] = outcome(path, driver, trainer, model, step, published)
 
 
 def worker(rank: int, out: str) -> None:

@@ -275,8 +275,9 @@ def test_a_mode_that_cannot_be_switched_is_refused_before_any_copy() -> None:
 def test_lightning_schedule_free_with_eval_around_validation(tmp_path) -> None:
     """The Lightning pattern (``optimizer.eval()`` at validation start, ``train()`` at each training epoch's start)
     with a guard on a validation key: the state is held and rolled back at validation end, in eval mode. The step
-    count ``k`` goes back with it: 4 epochs of 4 steps, rolled back at the third validation (logged at step 11) to
-    the state of the second (step 7, after 8 steps: k = 8), so the run ends at k = 12, not 16."""
+    count ``k`` goes back with it: 4 epochs of 4 steps, rolled back at the third validation (after 12 steps) to the
+    state of the second (step 8, after 8 steps: k = 8; the guard judges a validation at the weights' step), so the
+    run ends at k = 12, not 16."""
     import lightning.pytorch as pl
 
     values = {0: 0.9, 1: 0.9, 2: 0.1, 3: 0.9}
@@ -308,7 +309,7 @@ def test_lightning_schedule_free_with_eval_around_validation(tmp_path) -> None:
     trainer = pl.Trainer(max_epochs=4, callbacks=[guard], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=tmp_path)
-    with pytest.warns(UserWarning, match="Rolled back the model and optimizer state to step 7"):
+    with pytest.warns(UserWarning, match="at step 12: .*Rolled back the model and optimizer state to step 8"):
         trainer.fit(module, data, data)
     group = trainer.optimizers[0].param_groups[0]
     assert guard.rollbacks == 1 and group["k"] == 12 and group["lr"] == pytest.approx(5e-3)

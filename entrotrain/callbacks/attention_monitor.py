@@ -71,6 +71,7 @@ from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, RecordThreshold, record_arrays, record_thresholds
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional._dist import gather_objects, world as dist_world
 from entrotrain.functional.attention import AttentionPath
 from entrotrain.regularizers.composition import Regularizer
 from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
@@ -87,19 +88,6 @@ _ATTENTION_LIKE = re.compile(r"attn|attention", re.IGNORECASE)
 def _related(site: str, module: str) -> bool:
     """Whether an attention site was captured in, above or below ``module`` (``a.attn`` ~ ``a.attn[1]``, ``a``)."""
     return site == module or site.startswith((module + ".", module + "[")) or module.startswith(site + ".")
-
-
-def _world() -> int:
-    """Processes in the default ``torch.distributed`` group (1 when none is initialised)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_ranks(local: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
-    """Every rank's ``local`` in rank order (one ``all_gather_object`` on the default group)."""
-    gathered: list[Any] = [None] * _world()
-    torch.distributed.all_gather_object(gathered, local)
-    return gathered
 
 
 def _nanquantile(x: Tensor, q: float) -> float:
@@ -353,7 +341,7 @@ class AttentionEntropyMonitor(HookedMonitor):
         assert self.tap is not None
         stats = self.tap.stats
         local = [(name, int(s.shape[1])) for name, s in stats.items()]
-        ranks = _all_ranks(local) if joined else [local]
+        ranks = gather_objects(local) if joined else [local]
         for sites in ranks:  # rank order, each in its forward order: the same site_names on every rank
             for name, _ in sites:
                 if name not in self.site_names:
@@ -431,7 +419,7 @@ class AttentionEntropyMonitor(HookedMonitor):
         non-finite count; publishes nothing. Used by the Lightning path and by
         :mod:`entrotrain.integrations.transformers`, so both give the same keys and values.
         """
-        stacked = self._stacked(joined=reduce is not None and _world() > 1, device=device)
+        stacked = self._stacked(joined=reduce is not None and dist_world()[1] > 1, device=device)
         if stacked is None:
             return None
         if reduce is not None:

@@ -73,6 +73,7 @@ from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional._dist import gather_objects
 from entrotrain.functional.covariance import CovarianceAccumulator
 from entrotrain.functional.representation import (
     REPRESENTATION_MEASURES,
@@ -432,12 +433,10 @@ class RepresentationEntropyMonitor(HookedMonitor):
         self._probing = False
 
     # ------------------------------------------------------------------ reduce
-    def _join_layers(self, world: int, device: torch.device | None) -> None:
+    def _join_layers(self, device: torch.device | None) -> None:
         """Add, empty, the layers other ranks captured in this window and this one did not (one
         ``all_gather_object`` of names and widths), so that every rank reduces the same layout."""
-        layers: list[Any] = [None] * world
-        torch.distributed.all_gather_object(layers, [(name, layer.dim) for name, layer in self.layers.items()])
-        for rank_layers in layers:
+        for rank_layers in gather_objects([(name, layer.dim) for name, layer in self.layers.items()]):
             for name, dim in rank_layers:
                 if name not in self.layers:
                     self.layers[name] = _Layer(
@@ -600,7 +599,7 @@ class RepresentationEntropyMonitor(HookedMonitor):
             TapError: nothing was captured in this window (under DDP: by no rank, raised on every rank).
         """
         if world > 1 and reduce is not None:
-            self._join_layers(world, device)
+            self._join_layers(device)
         if not self.layers:
             assert self.tap is not None
             raise TapError(

@@ -74,18 +74,13 @@ from entrotrain.callbacks._nonfinite import NonFiniteCounter
 from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional._dist import gather_objects, world as dist_world
 from entrotrain.functional.routing import RouterSums, RouterValues, check_order, router_statistics, router_values
 from entrotrain.taps.router_tap import RouterTap
 
 __all__ = ["RouterEntropyMonitor"]
 
 _SUMMARY = ("entropy_norm_mean", "load_entropy_norm_min", "dead_frac_max")
-
-
-def _world() -> int:
-    """Processes in the default ``torch.distributed`` group (1 when none is initialised)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _config_top_k(module: torch.nn.Module) -> int | None:
@@ -384,10 +379,8 @@ class RouterEntropyMonitor(HookedMonitor):
         that captured nothing too: the ranks first exchange their layers (one ``all_gather_object``), so such a rank
         joins the reduce with zero sums (built on ``device``) and returns what the others return. Raises
         :class:`TapError` when the window captured nothing (on every rank: when no rank captured anything)."""
-        if reduce is not None and _world() > 1:
-            layers: list[Any] = [None] * _world()
-            mine = (bool(self._sums), [(n, self.n_experts[n]) for n in self.layer_names])
-            torch.distributed.all_gather_object(layers, mine)
+        if reduce is not None and dist_world()[1] > 1:
+            layers = gather_objects((bool(self._sums), [(n, self.n_experts[n]) for n in self.layer_names]))
             for _, rank_layers in layers:  # rank order: the same layer_names on every rank
                 for name, experts in rank_layers:
                     if name not in self.layer_names:

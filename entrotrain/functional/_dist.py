@@ -8,7 +8,7 @@ from torch import Tensor
 
 __all__ = [
     "all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "collective_device", "dist_ready",
-    "gather_rows", "reshard_fsdp", "world",
+    "gather_objects", "gather_rows", "reshard_fsdp", "world",
 ]
 
 
@@ -37,6 +37,16 @@ def collective_device(group: object = None) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     index = getattr(accelerator, "current_device_index", None) or accelerator.current_device_idx
     return torch.device(kind.type, index())
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's picklable ``obj``, in rank order (one ``all_gather_object`` on the default group); ``[obj]``
+    without a process group."""
+    if not dist_ready():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

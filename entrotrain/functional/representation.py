@@ -169,14 +169,20 @@ def _sq_dists(x: Tensor) -> Tensor:
 
 
 def median_pairwise_distance(x: Tensor) -> Tensor:
-    """Median Euclidean distance over the ``n(n-1)/2`` pairs of distinct rows (float64, 0-dim).
+    """Median Euclidean distance over the ``m = n(n-1)/2`` pairs of distinct rows (float64, 0-dim).
 
-    Log it next to any kernel measure with a fixed σ, so the σ choice can be audited (DSE's σ is absolute).
+    The usual median (``numpy.median``, ``statistics.median``): for even ``m`` the mean of the two middle distances
+    (``torch.median`` would return the lower one). Log it next to any kernel measure with a fixed σ, so the σ choice
+    can be audited (DSE's σ is absolute); ``vendi_score(kernel="rbf", sigma=None)`` uses it as σ.
     """
     x = _rows64(x)
     d2, unit = _scaled_sq_dists(x)
     iu = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
-    return d2[iu[0], iu[1]].sqrt().median() * unit
+    dist = d2[iu[0], iu[1]].sqrt()
+    m = dist.numel()
+    lower = torch.kthvalue(dist, (m + 1) // 2).values
+    mid = lower if m % 2 else 0.5 * (lower + torch.kthvalue(dist, m // 2 + 1).values)
+    return mid * unit
 
 
 # ---------------------------------------------------------------------------------------------- matrix entropy

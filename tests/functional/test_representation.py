@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.representation import (
@@ -47,6 +49,20 @@ def _val(t: torch.Tensor) -> float:
 
 
 # -------------------------------------------------------------------------------------- brute-force references
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 14), d=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_median_pairwise_distance_is_numpy_median_of_the_pairs(n, d, seed):
+    """The usual median over the n(n-1)/2 pairs: the mean of the two middle distances when their count is even
+    (torch.median returns the lower one); and the rbf Vendi score with sigma=None takes that σ."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    xn = x.numpy()
+    d2 = ((xn[:, None, :] - xn[None, :, :]) ** 2).sum(-1)
+    med = float(np.median(np.sqrt(d2[np.triu_indices(n, 1)])))
+    assert _val(median_pairwise_distance(x)) == pytest.approx(med, rel=1e-12)
+    want = ref.vendi_score_k(np.exp(-d2 / (2 * med**2)), 1.0)
+    assert _val(vendi_score(x, kernel="rbf")) == pytest.approx(want, rel=1e-9)
 
 
 @pytest.mark.parametrize("n, d", SHAPES)

@@ -60,17 +60,22 @@ class _LinearEntropyLogprobs(torch.autograd.Function):
             stop = min(start + rows, n)
             z = _block(hidden[start:stop], weight, bias, temperature, acc)
             m = z.amax(dim=-1, keepdim=True)
+            m.masked_fill_(m == float("-inf"), 0.0)  # a row of -inf logits only: centre at 0, not -inf - -inf = nan
             z.sub_(m)  # centred in place: z - m
+            if safe is not None:
+                z_y = z.gather(-1, safe[start:stop, None]).squeeze(-1)  # -inf stays -inf: log-prob -inf
             e = torch.exp(z)
             l = e.sum(dim=-1)
-            t = (e.mul_(z)).sum(dim=-1) / l  # E_p[z - m]
+            z.clamp_min_(torch.finfo(acc).min)  # weight exp(-inf) = 0 times the lowest finite value adds 0, not nan
+            empty = l == 0  # every logit -inf: no distribution
+            t = torch.where(empty, 0.0, (e.mul_(z)).sum(dim=-1) / l)  # E_p[z - m]
             log_l = torch.log(l)
-            entropy[start:stop] = log_l - t
+            entropy[start:stop] = torch.where(empty, 0.0, log_l - t)
             m = m.squeeze(-1)
-            lse[start:stop] = m + log_l
+            lse[start:stop] = m + log_l  # -inf for an empty row: its log-prob is nan (as token_logprobs)
             mean[start:stop] = m + t
             if safe is not None:
-                logprobs[start:stop] = z.gather(-1, safe[start:stop, None]).squeeze(-1) - log_l
+                logprobs[start:stop] = z_y - log_l
             del z, e  # free this block before the next one is computed
         if labels is not None:
             logprobs = torch.where(labels >= 0, logprobs, torch.zeros((), dtype=acc, device=hidden.device))
@@ -94,11 +99,13 @@ class _LinearEntropyLogprobs(torch.autograd.Function):
             valid_lab = labels >= 0
             safe = labels.clamp_min(0)
             g_lp = torch.where(valid_lab, grad_logprobs.to(acc), torch.zeros((), dtype=acc, device=lse.device))
+        lse = torch.where(lse == float("-inf"), float("inf"), lse)  # a row of -inf logits only: p = 0, not nan
         for start in range(0, n, ctx.rows):
             stop = min(start + ctx.rows, n)
             # two (rows, V) blocks in all: z (reused for delta) and p, every later step in place
             z = _block(hidden[start:stop], weight, bias, ctx.temperature, acc)
             p = torch.sub(z, lse[start:stop, None]).exp_()
+            z.clamp_min_(torch.finfo(acc).min)  # p = 0 at a -inf logit: p (z - E_p[z]) = 0, not 0 * -inf = nan
             if grad_entropy is not None:
                 # dH/dz = -p (z - E_p[z])
                 delta = z.sub_(mean[start:stop, None]).mul_(p).mul_(-grad_entropy[start:stop, None].to(acc))
@@ -184,8 +191,12 @@ def linear_entropy_and_logprobs(
     Returns:
         :class:`~entrotrain.functional.TokenStats` ``(entropy (N,), logprobs (N,) or None)``, float32 (float64 for
         float64 inputs), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. ``N = 0`` gives empty
-        tensors; ``D = 0`` gives uniform distributions (:math:`\ln V`). A row of ``hidden`` holding NaN/Inf gives NaN
-        in that row only (a non-finite ``weight`` or ``bias`` entry reaches every row).
+        tensors; ``D = 0`` gives uniform distributions (:math:`\ln V`). A ``-inf`` logit (e.g. a ``-inf`` bias entry
+        switching a token off) has probability 0 and no gradient; a row whose logits are all ``-inf`` (no
+        distribution) gets entropy 0 with zero gradient and log-probability NaN (0 for a negative label), as
+        :func:`~entrotrain.functional.token_entropy` and :func:`~entrotrain.functional.token_logprobs` give on the
+        materialised logits. Otherwise a row of ``hidden`` holding NaN/Inf gives NaN in that row only (a NaN
+        ``weight`` or ``bias`` entry reaches every row).
 
     Raises:
         EntrotrainError: shapes or dtypes that do not fit (named above), ``V = 0``, a label ``>= V``, a bad

@@ -23,7 +23,9 @@ recomputes each logits tile and writes
 then cuBLAS does ``∂h = G W`` and ``∂W += Gᵀ h`` (``∂b += Σ_i G_i``), accumulated in the weight's dtype.
 
 Labels: negative ids (``-100`` padding) give log-probability 0 and no gradient; ids ``>= V`` are clamped to ``V-1``
-(as :func:`entrotrain.functional.policy.token_logprobs`).
+(as :func:`entrotrain.functional.policy.token_logprobs`). A ``-inf`` logit has probability 0 and no gradient; a row
+whose logits are all ``-inf`` (no distribution) gets entropy 0 with zero gradient and log-probability NaN, as the
+torch path (:func:`entrotrain.functional.linear_entropy_and_logprobs`) and ``token_entropy`` / ``token_logprobs``.
 """
 
 from __future__ import annotations
@@ -201,14 +203,16 @@ def _forward(hidden, weight, bias, labels, temperature):
     )
     m, l, t, zy = part.unbind(0)  # (splits, n) each; m = -inf (l = t = 0) where a split's logits are all -inf
     big = m.amax(0)
+    big = torch.where(big == float("-inf"), 0.0, big)  # a row whose logits are all -inf: centre at 0, not nan
     alpha = torch.exp(m - big)
     shift = torch.where(m == float("-inf"), 0.0, m - big)  # not (-inf) * 0 = nan for such a split
     l_all = (alpha * l).sum(0)
     t_all = (alpha * (t + shift * l)).sum(0)
     log_l = torch.log(l_all)
-    centred_mean = t_all / l_all
-    entropy = log_l - centred_mean
-    lse = big + log_l
+    empty = l_all == 0  # every logit of the row is -inf: no distribution (a nan row keeps l = nan)
+    centred_mean = torch.where(empty, 0.0, t_all / l_all)
+    entropy = torch.where(empty, 0.0, log_l - centred_mean)  # as entropy_from_logits / token_entropy: 0
+    lse = big + log_l  # -inf for such a row: its log-probability is -inf - (-inf) = nan, as token_logprobs
     mean = big + centred_mean
     logprobs = None
     if labels is not None:
@@ -220,6 +224,8 @@ class _TritonLinearEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size):  # type: ignore[override]
         entropy, logprobs, lse, mean = _forward(hidden, weight, bias, labels, temperature)
+        # a row whose logits are all -inf has lse = -inf; +inf makes its p = exp(z - lse) = 0 (not exp(nan)) in backward
+        lse = torch.where(lse == float("-inf"), float("inf"), lse)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, mean)
         ctx.temperature, ctx.chunk_size, ctx.fallback = temperature, chunk_size, fallback_allowed()
         if logprobs is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional import linear_entropy_and_logprobs, token_entropy, token_logprobs
@@ -105,3 +107,39 @@ def test_one_output_gradient(which):
     (ent2 if which == "entropy" else lp2).sum().backward()
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-10, rtol=0)
     torch.testing.assert_close(w.grad, w2.grad, atol=1e-10, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    v=st.integers(1, 9),
+    off=st.lists(st.booleans(), min_size=9, max_size=9),
+    chunk=st.integers(1, 4),
+    temperature=st.sampled_from([1.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_minus_inf_logits_match_the_token_functions(v, off, chunk, temperature, seed):
+    """A -inf bias entry (a token switched off), up to every entry (no distribution): entropy and log-prob equal
+    token_entropy / token_logprobs on the materialised logits (an all -inf row: entropy 0, log-prob NaN, 0 for a
+    negative label), and the entropy's gradient is token_entropy's (0 at a -inf logit and for an all -inf row);
+    before, any -inf logit gave a NaN entropy (0 * -inf) in every row."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = 6, 3
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, generator=g, dtype=torch.float64)
+    b[torch.tensor(off[:v])] = float("-inf")
+    b.requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[0] = -100
+    ent, lp = linear_entropy_and_logprobs(h, w, labels, bias=b, temperature=temperature, chunk_size=chunk)
+    ref = [x.detach().clone().requires_grad_(True) for x in (h, w, b)]
+    z = ref[0] @ ref[1].t() + ref[2]
+    ent2 = token_entropy(z, temperature=temperature)
+    torch.testing.assert_close(ent, ent2, atol=1e-10, rtol=0)
+    torch.testing.assert_close(lp, token_logprobs(z.detach(), labels, temperature=temperature), atol=1e-10, rtol=0,
+                               equal_nan=True)
+    assert lp[0] == 0
+    grads = torch.autograd.grad(ent.sum(), (h, w, b))
+    for got, want in zip(grads, torch.autograd.grad(ent2.sum(), ref)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)

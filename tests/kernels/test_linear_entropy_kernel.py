@@ -146,3 +146,38 @@ def test_a_vocabulary_split_that_is_all_minus_inf(device, monkeypatch):
     h64 = -torch.where(lp_all > float("-inf"), lp_all.exp() * lp_all, 0.0).sum(-1)  # 0 log 0 = 0
     torch.testing.assert_close(out.entropy.double().cpu(), h64, rtol=0, atol=2e-5)
     torch.testing.assert_close(out.logprobs.double().cpu(), lp64, rtol=0, atol=2e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # -inf x 0 in a tile's padding
+@pytest.mark.parametrize("case", ["bias-all-minus-inf", "one-row-all-minus-inf"])
+def test_rows_whose_logits_are_all_minus_inf(device, monkeypatch, case):
+    """Every logit of a row -inf (no distribution): entropy 0 with zero gradient and log-probability NaN (0 for a
+    negative label), as the torch path and token_entropy / token_logprobs give; the other rows are untouched. Before,
+    the kernel's split merge gave NaN (exp(-inf - -inf)) and its backward NaN gradients."""
+    monkeypatch.setattr(kmod, "_sm_count", lambda device: 4)  # several vocabulary splits
+    for size in kmod.CONFIG:
+        monkeypatch.setitem(kmod.CONFIG, size, (16, 16, 16, 4, 1))
+    hidden, weight, bias, labels = _inputs(5, 16, 40, device, seed=4)
+    weight = weight.abs()  # a -inf in hidden[:, 0] makes every logit of that row -inf
+    labels[3] = -100
+    if case == "bias-all-minus-inf":
+        bias[:] = float("-inf")
+        empty = [0, 1, 2, 3, 4]
+    else:
+        bias[30:] = float("-inf")
+        hidden[2, 0] = float("-inf")
+        empty = [2]
+    hidden.requires_grad_(True)
+    bias.requires_grad_(True)
+    out = kmod.linear_entropy_and_logprobs(hidden, weight, labels, bias=bias, chunk_size=2)
+    want = torch_linear(hidden, weight, labels, bias=bias, chunk_size=2, impl="torch")
+    assert (out.entropy[empty] == 0).all()
+    assert all(out.logprobs[i].isnan() == (labels[i] >= 0) for i in empty)
+    torch.testing.assert_close(out.entropy, want.entropy, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.logprobs, want.logprobs, rtol=0, atol=2e-5, equal_nan=True)
+    got = torch.autograd.grad(out.entropy.sum(), (hidden, bias))
+    ref = torch.autograd.grad(want.entropy.sum(), (hidden, bias))
+    for g, r in zip(got, ref):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=2e-5)
+    assert (got[0][empty] == 0).all()

@@ -17,8 +17,9 @@ measure                         from the stream
 Vendi, linear kernel            exact: ``spec(XXᵀ/N) = spec(second_moment())`` (``vendi_score(x, kernel="linear")``)
 Vendi, cosine kernel            exact with ``normalize_rows=True`` (row normalisation needs no other row)
 Rényi-q entropy of covariance   exact: ``spec(C / tr C)`` (the "erank of the covariance", p ∝ σ²), any ``q``
-effective rank / RankMe         exact in exact arithmetic: ``σ_k(X) = √λ_k(Σxxᵀ)``; in float64 the Gram squares
-                                the condition number (singular values below ~1e-8·σ_max lose relative accuracy)
+effective rank / RankMe         exact in exact arithmetic: ``σ_k(X) = √λ_k(Σxxᵀ)``, ``k ≤ min(N, d)``; in float64
+                                the Gram squares the condition number (singular values below ~1e-8·σ_max lose
+                                relative accuracy)
 matrix entropy (Diff-eRank)     **not** streamable: rows are normalised *after* centring by the mean of all rows,
                                 which is unknown until the last row (a per-batch mean gives another measure)
 matrix nuclear norm             **not** streamable, for the same reason (centre-then-normalise)
@@ -185,17 +186,22 @@ class CovarianceAccumulator:
     def vendi_score(self, q: float = 1.0) -> Tensor:
         """Vendi score of every row seen, exact: linear kernel, or cosine with ``normalize_rows=True``.
 
-        ``spec(XXᵀ/N) = spec(Σxxᵀ/N)`` (plus zeros), used without renormalisation as vendi-score does; equals
-        :func:`~entrotrain.functional.representation.vendi_score` on the concatenated rows.
+        ``spec(XXᵀ/N) = spec(Σxxᵀ/N)`` (plus zeros): the ``min(N, d)`` largest eigenvalues of the ``d × d`` second
+        moment, used without renormalisation as vendi-score does; equals
+        :func:`~entrotrain.functional.representation.vendi_score` on the concatenated rows. (With ``N < d`` the
+        other ``d − N`` are round-off, not eigenvalues of ``XXᵀ/N``: order ``q = 0``, the rank, counted them.)
         """
-        self._n(2)
-        lam = _eigvalsh(self.second_moment(), "the second moment").flip(0).clamp_min(0.0)
+        n = self._n(2)
+        lam = _eigvalsh(self.second_moment(), "the second moment").flip(0).clamp_min(0.0)[: min(round(n), self.dim)]
         return torch.exp(spectral_entropy(lam, _check_order(q), normalize=False))
 
     def singular_values(self) -> Tensor:
-        """Singular values of the stacked (raw or row-normalised) rows: ``√λ(Σxxᵀ)``, float64, descending."""
-        self._n(1)
-        return _eigvalsh(self.sum_outer, "Σxxᵀ").flip(0).clamp_min(0.0).sqrt()
+        """Singular values of the stacked ``(N, d)`` (raw or row-normalised) rows: the ``min(N, d)`` largest of
+        ``√λ(Σxxᵀ)``, float64, descending. ``Σxxᵀ`` is ``d × d``: with fewer rows than features its other ``d − N``
+        eigenvalues are zeros (round-off) that the rows have no singular value for (RankMe's ``+ε`` would count
+        each of them)."""
+        n = self._n(1)
+        return _eigvalsh(self.sum_outer, "Σxxᵀ").flip(0).clamp_min(0.0).sqrt()[: min(round(n), self.dim)]
 
     def effective_rank(self) -> Tensor:
         """Roy & Vetterli effective rank of the stacked rows (p ∝ σ), from ``Σxxᵀ`` (see the module doc).

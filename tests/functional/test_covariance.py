@@ -95,6 +95,22 @@ def test_streamed_effective_rank_and_rankme_equal_the_svd_presets():
     assert float(acc.rankme(eps=1e-5)) == pytest.approx(ref.rankme(x.numpy(), 1e-5), rel=1e-9)
 
 
+@pytest.mark.parametrize("n, d", [(12, 40), (3, 64), (40, 40)])
+def test_streamed_rankme_and_vendi_with_fewer_rows_than_features_equal_the_presets(n, d):
+    """X (n, d) has min(n, d) singular values; the d - n other eigenvalues of the d x d Σxxᵀ are zeros that RankMe's
+    + eps must not count (they raised these RankMes by 5e-5 and 1e-4 relative; 64 x 2048 N(0, 1) rows: 63.94 for
+    63.74)."""
+    x = _rows(n, d, seed=6)
+    acc = _stream(x, [n // 2, n - n // 2])
+    assert acc.singular_values().shape == (min(n, d),)
+    assert float(acc.rankme()) == pytest.approx(float(rankme(x)), rel=1e-9)
+    assert float(acc.rankme(eps=1e-5)) == pytest.approx(ref.rankme(x.numpy(), 1e-5), rel=1e-9)
+    assert float(acc.effective_rank()) == pytest.approx(float(effective_rank(x)), rel=1e-9)
+    unit = _stream(x, [n // 2, n - n // 2], normalize_rows=True)
+    for q in (0.0, 0.5, 1.0, 2.0):  # q = 0 is the rank: it counted the d - n round-off eigenvalues (24 for 12)
+        assert float(unit.vendi_score(q)) == pytest.approx(float(vendi_score(x, q)), rel=1e-6)
+
+
 def test_matrix_entropy_is_not_streamable_per_batch():
     # documented: centring by a per-batch mean is another measure than Diff-eRank's global centring
     x = _rows(40, 6, seed=5)

@@ -15,6 +15,10 @@ A Triton kernel can run when ``triton`` is importable and every tensor is on a C
 ``TRITON_INTERPRET=1`` set before ``triton`` is imported, on CPU tensors through Triton's interpreter (slow: for
 tests). float64 tensors always take the torch path under ``"auto"`` (the kernels accumulate in float32).
 
+Under ``torch.compile`` the dispatch traces into the caller's graph (no graph break, ``fullgraph=True`` works): while
+dynamo traces, :func:`call_kernel` passes the ``"auto"`` flag to the kernel's autograd function through a plain dict
+instead of the ``ContextVar`` it uses in eager mode (dynamo cannot trace a ``ContextVar``).
+
 Errors subclass :class:`entrotrain.errors.EntrotrainError` (a ``ValueError``); ``entrotrain.errors`` is the only
 other entrotrain module this package imports (a leaf module with no imports of its own).
 """
@@ -201,10 +205,15 @@ _FAILED: dict[str, str] = {}
 #: Set by :func:`call_kernel` while an ``impl="auto"`` kernel runs its forward: the kernel's autograd function reads it
 #: (:func:`fallback_allowed`) so that its backward may fall back too.
 _AUTO: ContextVar[bool] = ContextVar("entrotrain_kernel_auto", default=False)
+#: The same flag while dynamo traces (``torch.compile``): it cannot trace ``ContextVar.get`` / ``.set`` (a graph break
+#: each; ``fullgraph=True`` raises), but it traces a dict's items. Tracing runs on one thread, as a forward does.
+_TRACED_AUTO: dict[str, bool] = {"auto": False}
 
 
 def fallback_allowed() -> bool:
     """Whether the kernel forward now running was chosen by ``impl="auto"`` (its backward may then fall back)."""
+    if torch.compiler.is_compiling():
+        return _TRACED_AUTO["auto"]
     return _AUTO.get()
 
 
@@ -239,7 +248,11 @@ def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callabl
     explicit = (os.environ.get(IMPL_ENV, "").strip().lower() or impl) != "auto"
     if name in _FAILED and not explicit:
         return fallback()
-    token = _AUTO.set(not explicit)
+    traced = torch.compiler.is_compiling()  # under torch.compile: no ContextVar (dynamo breaks the graph on it)
+    if traced:
+        token, _TRACED_AUTO["auto"] = _TRACED_AUTO["auto"], not explicit
+    else:
+        token = _AUTO.set(not explicit)
     try:
         return kernel()
     except (torch.cuda.OutOfMemoryError, EntrotrainError):
@@ -249,7 +262,10 @@ def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callabl
             raise _unavailable(name, error, "") from error
         _switch_off(name, error, "", stacklevel=4)
     finally:
-        _AUTO.reset(token)
+        if traced:
+            _TRACED_AUTO["auto"] = token
+        else:
+            _AUTO.reset(token)
     return fallback()
 
 

@@ -129,3 +129,59 @@ def test_call_kernel_marks_only_an_auto_kernel_call_for_the_backward_fallback(mo
     with pytest.raises(KernelUnavailableError, match="the Triton k2 kernel failed .*boom.*impl='auto'"):
         dispatch.call_kernel("k2", "triton", kernel, fallback)
     assert seen == [("kernel", False)] and "k2" not in dispatch._FAILED
+
+
+def test_call_kernel_and_fallback_allowed_trace_under_torch_compile_fullgraph(monkeypatch):
+    """Under torch.compile the dispatch and a kernel's autograd function (fallback_allowed() in its forward,
+    kernel_backward in its backward) trace into one graph: dynamo graph-breaks on ContextVar.get / .set, which
+    call_kernel and fallback_allowed used (fullgraph=True raised Unsupported). The flag still reaches the forward:
+    True inside an impl='auto' call, False inside an explicit 'triton' one and after either."""
+    monkeypatch.setattr(dispatch, "_FAILED", {})
+    monkeypatch.delenv("ENTROTRAIN_IMPL", raising=False)
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.fallback = dispatch.fallback_allowed()
+            return x * (2.0 if ctx.fallback else 3.0)
+
+        @staticmethod
+        def backward(ctx, g):
+            return dispatch.kernel_backward("twice", ctx.fallback, lambda: g * 5.0, lambda: g * 7.0)
+
+    def run(x, impl):
+        y = dispatch.call_kernel("twice", impl, lambda: Twice.apply(x), lambda: x * 11.0)
+        return y, dispatch.fallback_allowed()
+
+    compiled = torch.compile(run, backend="eager", fullgraph=True)
+    for impl, factor in (("auto", 2.0), ("triton", 3.0)):
+        x = torch.ones(3, requires_grad=True)
+        y, after = compiled(x, impl)
+        assert torch.equal(y, torch.full((3,), factor)) and after is False
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.full((3,), 5.0))
+    assert not dispatch.fallback_allowed() and dispatch._TRACED_AUTO == {"auto": False}
+
+
+def test_default_impl_entry_points_trace_without_a_graph_break(monkeypatch):
+    """entropy_from_logits, linear_entropy_and_logprobs and attention_entropy with impl='auto' (the default) inside
+    torch.compile(fullgraph=True) on CPU: resolve_impl, the ENTROTRAIN_IMPL read and the once-per-process triton
+    lookup trace (the torch path runs here; on CUDA the kernels' call_kernel does, see the test above). Same values
+    as eager. attention_entropy's path='auto' picks 'fused' on CPU, which reads float(k.sum()) to route non-finite
+    keys (a data-dependent graph break of its own), so the chunked path is named here."""
+    from entrotrain.functional import attention_entropy, entropy_from_logits, linear_entropy_and_logprobs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("ENTROTRAIN_IMPL", raising=False)
+    monkeypatch.setattr(dispatch, "_ONCE", {})  # the first call's find_spec("triton") is traced too
+    g = torch.Generator().manual_seed(0)
+    z, h, w = torch.randn(4, 10, generator=g), torch.randn(5, 4, generator=g), torch.randn(7, 4, generator=g)
+    q, k = torch.randn(1, 2, 8, 4, generator=g), torch.randn(1, 2, 8, 4, generator=g)
+    calls = [
+        (lambda z: entropy_from_logits(z), (z,)),
+        (lambda h, w: linear_entropy_and_logprobs(h, w).entropy, (h, w)),
+        (lambda q, k: attention_entropy(q, k, path="chunked"), (q, k)),
+    ]
+    for fn, args in calls:
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, backend="eager", fullgraph=True)(*args), fn(*args))

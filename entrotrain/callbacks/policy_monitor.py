@@ -78,7 +78,7 @@ is reset in ``setup`` of every ``fit`` and restored from the checkpoint on resum
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -93,7 +93,7 @@ from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, ceiling_verdict, fit_entropy_reward
-from entrotrain.functional._dist import all_gather_padded
+from entrotrain.functional._dist import gather_padded_dict
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance, quantile
 from entrotrain.functional.token_shaping import WINDOW_ALIGNS, phase_entropy, window_entropy
 
@@ -104,6 +104,53 @@ _GATHERED = (
     ("entropy", 0.0), ("logprobs", 0.0), ("advantages", 0.0), ("mask", False), ("post_entropy", 0.0), ("rewards", 0.0),
     ("phase_ids", -1),
 )
+#: The tensors every batch has; the others of :data:`_GATHERED` are optional.
+_REQUIRED = ("entropy", "logprobs", "advantages", "mask")
+
+
+def gather_union(
+    found: Mapping[str, Tensor | None], temperature: Any, given: Callable[[str], str], where: str
+) -> dict[str, Tensor]:
+    """The union batch over ranks of this rank's tensors ``found`` (by the names of :data:`_GATHERED`; ``None`` or
+    missing: not given), on the host: every rank's rows in rank order, shorter sequences padded (masked out). ``{}``
+    when no rank gave any.
+
+    Under ``torch.distributed`` with 2+ ranks the ranks first exchange what each holds (one ``all_gather_object`` of
+    the names, dtypes and shapes, and ``temperature``: :func:`~entrotrain.functional._dist.gather_padded_dict`), then
+    gather each tensor once. The statistics of the union are one process's only when every rank gave the same
+    tensors, so a tensor that some ranks gave and others did not (``rewards`` on one rank: a reward mean and fit over
+    a part of the batch) or different temperatures are an error on every rank alike, never a rank left waiting in a
+    gather the others skipped. One process: ``found`` as it is, no collective.
+
+    Args:
+        given: the phrase for a rank that gave the tensor named (``"returned 'rewards' from training_step"``).
+        where: the start of the error message after ``PolicyEntropyMonitor`` (``" at batch 4"``).
+
+    Raises:
+        EntrotrainError: the ranks did not all give the same tensors, or gave different temperatures.
+    """
+    temperature = None if temperature is None else float(temperature)
+    with torch.no_grad():
+        batch = gather_padded_dict({name: found.get(name) for name, _ in _GATHERED}, dict(_GATHERED), temperature)
+    world = len(batch.held)
+    for name in ("entropy", *(name for name, _ in _GATHERED if name not in _REQUIRED)):
+        ranks = [rank for rank, held in enumerate(batch.held) if name in held]
+        if 0 < len(ranks) < world:
+            raise EntrotrainError(f"PolicyEntropyMonitor{where}: rank(s) {ranks} {given(name)} and the others did not. "
+                                  + _ALIKE)
+    if len({repr(t) for t in batch.extra}) > 1:
+        raise EntrotrainError(f"PolicyEntropyMonitor{where}: the ranks gave the temperatures {batch.extra} (in rank "
+                              "order). " + _ALIKE)
+    return {name: value.cpu() for name, value in batch.tensors.items()}  # one device -> host transfer per tensor
+
+
+_ALIKE = (
+    "Under torch.distributed the tensors of every rank are gathered and the statistics computed on their union, as "
+    "one process on the whole batch, so every rank gives the same tensors at the same steps, each optional one "
+    "(rewards, post-update entropy, phase ids) on every rank or on none, at the same temperature; a rank with no "
+    "sample this step gives empty (0, T) tensors of the same dtypes."
+)
+
 
 def _cat_padded(parts: list[Tensor], fill: float | bool) -> Tensor:
     """Concatenate along dim 0, trailing dims padded with ``fill``: ``(B_i, T_i)`` → ``(ΣB_i, max T_i)``."""
@@ -229,8 +276,11 @@ class PolicyEntropyMonitor(PerFitCallback):
 
     Reads the tensors ``training_step`` returns (see the module docstring), detached; no hook, no extra forward.
     Under DDP the batches of all ranks are gathered once per logging batch and every statistic is computed on their
-    concatenation (so 2 ranks report exactly what one process on the union batch would). Nothing runs on batches
-    that do not log.
+    concatenation (so 2 ranks report exactly what one process on the union batch would): the ranks first exchange
+    which tensors they returned (one small ``all_gather_object``), and an optional tensor (``rewards``,
+    ``post_token_entropy``, ``phase_ids``) or a ``temperature`` that not every rank returned alike raises an
+    :class:`~entrotrain.errors.EntrotrainError` on every rank (:func:`gather_union`). Nothing runs on batches that
+    do not log.
 
     Args:
         every_n_batches: log at training batches ``0, n, 2n, ...`` (a batch is one rollout in
@@ -420,10 +470,10 @@ class PolicyEntropyMonitor(PerFitCallback):
             if index % self.every_n_batches:
                 return
             found = self._tensors(outputs)
-        with torch.no_grad():
-            # under DDP: every rank's rows, T padded with masked-out tokens (the mask pads with False)
-            tensors = {name: all_gather_padded(found[name], fill) for name, fill in _GATHERED if found[name] is not None}
-            tensors = {k: v.cpu() for k, v in tensors.items()}  # one device → host transfer per logging batch
+        # under DDP: every rank's rows, T padded with masked-out tokens (the mask pads with False), once the ranks
+        # agree on which tensors they hold (an optional one on some ranks only: an error on every rank)
+        tensors = gather_union(found, found["temperature"], lambda name: f"returned {self.keys[name]!r} from "
+                               "training_step", f" at batch {index}")
         summary = self.summarise(tensors, index, temperature=found["temperature"])
         metrics = {self.prefix + k: v for k, v in summary.items()}
         if "mean" not in summary:  # NaN to trainer.callback_metrics, never to a logger

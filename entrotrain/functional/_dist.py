@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import reduce
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from entrotrain.errors import EntrotrainError
+
 __all__ = [
-    "all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "collective_device", "dist_ready",
-    "gather_objects", "gather_rows", "reshard_fsdp", "world",
+    "GatheredBatch", "all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "collective_device",
+    "dist_ready", "gather_objects", "gather_padded_dict", "gather_rows", "reshard_fsdp", "world",
 ]
 
 
@@ -64,12 +70,15 @@ def all_reduce_max(x: Tensor) -> Tensor:
     return x
 
 
-def gather_rows(x: Tensor) -> Tensor:
-    """``all_gather`` of a same-shaped tensor: ``(world, *x.shape)``."""
+def gather_rows(x: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """``all_gather`` of a same-shaped tensor: ``(world, *x.shape)``, on ``x``'s device. ``device``: the device the
+    collective takes it on (e.g. :func:`collective_device` for a host tensor; the result stays there); ``None``:
+    ``x``'s. ``x.detach()[None]`` without a process group (no copy to ``device``)."""
     if not dist_ready():
         return x.detach()[None]
+    x = x.detach().to(device).contiguous() if device is not None else x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    dist.all_gather(parts, x)
     return torch.stack(parts)
 
 
@@ -80,10 +89,57 @@ def all_gather_padded(x: Tensor, fill: float | bool = 0) -> Tensor:
         return x.detach()
     shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)
     shapes = gather_rows(shape)  # (world, ndim)
-    padded = torch.full(tuple(int(n) for n in shapes.amax(0)), fill, dtype=x.dtype, device=x.device)
+    return _gather_shaped(x, [tuple(int(n) for n in row) for row in shapes], fill)
+
+
+def _gather_shaped(x: Tensor, shapes: list[tuple[int, ...]], fill: float | bool) -> Tensor:
+    """The padded concatenation of :func:`all_gather_padded`, every rank's shape known (``shapes[r]``, one ndim)."""
+    padded = torch.full(tuple(max(dims) for dims in zip(*shapes)), fill, dtype=x.dtype, device=x.device)
     padded[tuple(slice(0, n) for n in x.shape)] = x.detach()
     parts = gather_rows(padded)
-    return torch.cat([parts[r, : int(shapes[r, 0])] for r in range(parts.shape[0])])
+    return torch.cat([parts[r, : shapes[r][0]] for r in range(parts.shape[0])])
+
+
+@dataclass
+class GatheredBatch:
+    """What :func:`gather_padded_dict` returns: ``tensors``, the union over ranks of each key that every rank held;
+    ``held[r]``, the keys rank ``r`` held; ``extra[r]``, the object rank ``r`` sent with them."""
+
+    tensors: dict[str, Tensor]
+    held: list[frozenset[str]]
+    extra: list[object]
+
+
+def gather_padded_dict(
+    tensors: Mapping[str, Tensor | None], fills: Mapping[str, float | bool], extra: object = None
+) -> GatheredBatch:
+    """:func:`all_gather_padded` of several tensors, some of which a rank may not hold (``None``), with one small
+    exchange of their layouts first: one ``all_gather_object`` of each rank's (key -> dtype, shape) and ``extra`` (a
+    picklable object the caller agrees on), then one ``all_gather`` per key that **every** rank holds (a key some
+    ranks lack is not gathered; ``held`` says who had it, for the caller to refuse or accept). A tensor's dtype on
+    the wire is promoted over the ranks (``torch.cat``'s rule), its trailing dims padded with ``fills[key]`` (0 when
+    absent) to the largest. Every rank calls it, with the same keys, in the same order. One process: the tensors as
+    they are (detached), no collective.
+
+    Raises:
+        EntrotrainError: a key every rank holds has a different number of dims on two ranks (on every rank alike).
+    """
+    mine = {key: value for key, value in tensors.items() if value is not None}
+    if not dist_ready():
+        return GatheredBatch({key: value.detach() for key, value in mine.items()}, [frozenset(mine)], [extra])
+    layouts = gather_objects(({key: (value.dtype, tuple(value.shape)) for key, value in mine.items()}, extra))
+    held = [frozenset(layout) for layout, _ in layouts]
+    out: dict[str, Tensor] = {}
+    for key in (key for key in tensors if all(key in h for h in held)):
+        dtypes = [layout[key][0] for layout, _ in layouts]
+        shapes = [layout[key][1] for layout, _ in layouts]
+        if len({len(shape) for shape in shapes}) != 1:
+            raise EntrotrainError(
+                f"{key!r} has shapes {shapes} on the ranks (in rank order): gathered over the ranks, its rows are "
+                "concatenated, so give it the same number of dims on every rank."
+            )
+        out[key] = _gather_shaped(mine[key].to(reduce(torch.promote_types, dtypes)), shapes, fills.get(key, 0))
+    return GatheredBatch(out, held, [obj for _, obj in layouts])
 
 
 def all_gather_varlen(x: Tensor) -> Tensor:

@@ -449,6 +449,7 @@ class _PolicyDriver(_Driver):
     def __init__(self, monitor: PolicyEntropyMonitor, where: str) -> None:
         super().__init__(monitor, where)
         self.recorder = PolicyStatsRecorder.of(monitor)
+        self.recorder.handed_with, self.recorder.where = "record_policy()", f" {where}"
         self.armed = False
 
     @property
@@ -472,37 +473,11 @@ class _PolicyDriver(_Driver):
             self.recorder.add(**tensors)
 
     def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float] | None:
-        if world > 1:
-            self._check_handed_alike(step, world)
-        if not self.recorder.pending:
+        # under torch.distributed every rank joins the recorder's exchange, one that handed nothing over too: a rank
+        # that did while another did not (or rewards on some ranks only) is an error on every rank, not a hang
+        if world == 1 and not self.recorder.pending:
             return None
-        return self.recorder.compute(step)
-
-    def _check_handed_alike(self, step: int, world: int) -> None:
-        """Under ``torch.distributed`` the step's tensors are gathered over ranks (a collective every rank must
-        join), so whether each rank handed tensors over, and rewards with them, is agreed on first (one
-        ``all_gather`` per logging step): a rank that handed nothing over while another did is an error on every
-        rank, not a hang of the others in the gather.
-
-        Raises:
-            EntrotrainError: the ranks did not all hand tensors over, or not all with rewards.
-        """
-        parts = getattr(self.recorder, "_parts", [])
-        rewards = bool(parts) and all("rewards" in part for part in parts)
-        flags = [tuple(rows[0]) for rows in _gathered([(float(bool(parts)), float(rewards))], world)]
-        if len(set(flags)) == 1:
-            return
-        self.recorder.clear()
-        handed = [r for r, (here, _) in enumerate(flags) if here]
-        with_rewards = [r for r, (_, given) in enumerate(flags) if given]
-        what = (f"rank(s) {handed} handed tensors over with record_policy() and the others did not"
-                if len(handed) < world else f"rank(s) {with_rewards} handed rewards= over and the others did not")
-        raise EntrotrainError(
-            f"PolicyEntropyMonitor {self.where}: at step {step}, {what}. Under torch.distributed the step's tensors "
-            "are gathered over the ranks, so every rank hands its micro-batches over at the same steps, each with "
-            "rewards or none without; a rank with no sample this step hands over empty (0, T) tensors of the same "
-            "dtypes."
-        )
+        return self.recorder.compute(step) or None  # {}: no rank handed anything over (no observation)
 
     def record_arrays(self) -> list[RecordArray]:
         return self.recorder.last_arrays

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.dashboards.run_record import RunRecordLogger
+from entrotrain.functional._dist import world
 from entrotrain.functional.policy import AGG_MODES
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 
@@ -202,12 +203,13 @@ class PolicyStatsTrainerMixin:
     # ------------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # type: ignore[override]
         stats = self.policy_stats
-        if stats is not None and self.model.training and stats.pending and "loss" in logs:
-            if self._et_step == self.state.global_step - 1:  # the tensors are this logged step's
-                logs = {**logs, **stats.compute(int(self.state.global_step))}
-                self._record_arrays(stats.last_arrays, int(self.state.global_step))
-            else:
+        # under torch.distributed every rank joins the recorder's exchange at a training log, one that captured
+        # nothing too (the others would wait for it in the gather): a mismatch is an error on every rank
+        if stats is not None and self.model.training and "loss" in logs and (stats.pending or world()[1] > 1):
+            if self._et_step != self.state.global_step - 1:  # not this logged step's tensors
                 stats.clear()
+            logs = {**logs, **stats.compute(int(self.state.global_step))}
+            self._record_arrays(stats.last_arrays, int(self.state.global_step))
         super().log(logs, start_time)  # type: ignore[misc]
 
     def _record_arrays(self, arrays: list[Any], step: int) -> None:

@@ -395,8 +395,9 @@ class EntropyMonitors:
         (inside the ``step()`` block; a no-op on steps where they do not log): ``(B, T)`` token entropy, log-probs of
         the sampled tokens (the rollout's, for the covariance) and response mask; advantages ``(B,)`` or ``(B, T)``;
         rewards ``(B,)`` for the entropy–reward fit. Detached; under DDP every rank hands its tensors over at the
-        same steps, all with rewards or none (they are gathered; a rank that does not is an error on every rank at
-        the logging step, not a hang); a rank with no sample in a step hands over empty ``(0, T)`` tensors."""
+        same steps, all with rewards or none, at one temperature (they are gathered; a rank that does not is an error
+        on every rank at the logging step, not a hang); a rank with no sample in a step hands over empty ``(0, T)``
+        tensors."""
         if self._step is None:
             raise EntrotrainError(
                 "EntropyMonitors.record_policy() must be called inside a `with monitors.step(step):` block."

@@ -10,7 +10,8 @@ Imports neither TRL nor transformers.
     stats = PolicyStatsRecorder(agg="seq-mean-token-mean")
     for micro_batch in step:                      # on a step that logs
         stats.add(entropy, logprobs, advantages, mask, rewards=rewards, temperature=1.0)
-    logs.update(stats.compute(step_index))        # every rank calls it (one all_gather per tensor under DDP)
+    logs.update(stats.compute(step_index))        # every rank calls it (under DDP: one small exchange, one
+                                                  # all_gather per tensor)
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, _cat_padded
+from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, _cat_padded, gather_union
 from entrotrain.dashboards.run_record import RecordArray
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional._dist import all_gather_padded
+from entrotrain.functional._dist import world
 
 __all__ = ["PolicyStatsRecorder"]
 
@@ -69,6 +70,8 @@ class PolicyStatsRecorder:
         self.temperature: float | None = None
         #: The run record's arrays of the last :meth:`compute` (the token-entropy histogram), as the monitor stores.
         self.last_arrays: list[RecordArray] = []
+        #: How the tensors come in, and where, for the error of ranks that did not hand the same tensors over.
+        self.handed_with, self.where = "PolicyStatsRecorder.add()", ""
 
     @classmethod
     def of(cls, monitor: PolicyEntropyMonitor) -> PolicyStatsRecorder:
@@ -134,21 +137,32 @@ class PolicyStatsRecorder:
             self.temperature = float(temperature)
 
     def compute(self, index: int) -> dict[str, float]:
-        """The statistics of the captured micro-batches (all ranks' union), prefixed; finite values only.
+        """The statistics of the captured micro-batches (all ranks' union), prefixed; finite values only; ``{}`` when
+        no rank captured any. Under ``torch.distributed`` every rank calls it at the same steps, one that captured
+        nothing too: the ranks exchange what each captured first
+        (:func:`~entrotrain.callbacks.policy_monitor.gather_union`), and a rank that captured nothing, or no rewards,
+        while another did is an :class:`~entrotrain.errors.EntrotrainError` on every rank, not a hang.
 
         The monitor's own :meth:`~entrotrain.callbacks.PolicyEntropyMonitor.summarise`, as the Lightning callback
         calls it: summary, non-finite count, temperature, reward mean, ΔH, shaping statistics, the entropy–reward fit,
         first/last values."""
         parts, self._parts = self._parts, []
         self.last_arrays = []
-        if not parts:
+        if not parts and world()[1] == 1:
             return {}
         m = self.monitor
         with torch.no_grad():
-            tensors = {k: _cat_padded([p[k] for p in parts], fill) for k, fill in self._FILL.items()}
-            if all("rewards" in p for p in parts):
+            tensors = {k: _cat_padded([p[k] for p in parts], fill) for k, fill in self._FILL.items()} if parts else {}
+            if parts and all("rewards" in p for p in parts):
                 tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
-            tensors = {k: all_gather_padded(v, self._FILL.get(k, 0.0)).cpu() for k, v in tensors.items()}
+        via = self.handed_with
+
+        def given(name: str) -> str:
+            return f"handed tensors over with {via}" if name == "entropy" else f"handed {name}= over with {via}"
+
+        tensors = gather_union(tensors, self.temperature, given, f"{self.where} at step {index}")
+        if not tensors:  # no rank handed anything over
+            return {}
         summary = m.summarise(tensors, index, temperature=self.temperature, unit="step")
         self.last_arrays = m.record_arrays(tensors) if "mean" in summary else []
         return {m.prefix + k: float(v) for k, v in summary.items() if math.isfinite(float(v))}

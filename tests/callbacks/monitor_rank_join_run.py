@@ -1,8 +1,10 @@
 """Run by test_monitor_rank_join.py as a script: 2 gloo processes, AttentionEntropyMonitor's and
 RouterEntropyMonitor's logging steps where one rank captured less than the other (no forward at all, or a forward
 through only some attention sites / routers), through the loop / HF driver and through the Lightning callback's
-``_flush``. Each rank writes what it got; rank 0 also writes one process's values on the union of both ranks'
-captures (the reference)."""
+``_flush``; and PolicyEntropyMonitor's logging batch where the ranks' ``training_step`` returned different optional
+tensors (rewards, post-update entropy, phase ids on one rank only, different temperatures) or dtypes, through the
+Lightning callback's ``on_train_batch_end``. Each rank writes what it got; rank 0 also writes one process's values on
+the union of both ranks' captures (the reference)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import entrotrain.callbacks.attention_monitor as attention_module  # noqa: E402
+import entrotrain.callbacks.policy_monitor as policy_module  # noqa: E402
 import entrotrain.callbacks.representation_monitor as representation_module  # noqa: E402
 import entrotrain.callbacks.router_monitor as router_module  # noqa: E402
 from entrotrain.callbacks import (  # noqa: E402
@@ -26,7 +29,7 @@ from entrotrain.callbacks import (  # noqa: E402
     RepresentationEntropyMonitor,
     RouterEntropyMonitor,
 )
-from entrotrain.errors import TapError  # noqa: E402
+from entrotrain.errors import EntrotrainError, TapError  # noqa: E402
 from entrotrain.integrations._monitor_session import (  # noqa: E402
     _AttentionDriver,
     _RepresentationDriver,
@@ -35,6 +38,7 @@ from entrotrain.integrations._monitor_session import (  # noqa: E402
 )
 from tests.helpers.gloo import spawn_gloo  # noqa: E402
 from tests.helpers.lightning_models import TinyLM, token_loader  # noqa: E402
+from tests.helpers.policy_batches import rank_batches, union_of_ranks  # noqa: E402
 from tests.helpers.router_models import ToyMoE  # noqa: E402
 
 #: what each rank runs in a window: "all" = the whole model, "block1" = only blocks[1] (one of the two attention
@@ -147,6 +151,54 @@ def representations(rank: int, result: dict[str, object], trainer: SimpleNamespa
             result[f"representation/{path}/{case}"] = outcome(path, driver, trainer, model, step, published)
 
 
+#: PolicyEntropyMonitor: what each rank's training_step returns besides rank_batches' tensors (rewards, temperature
+#: 1.0): ``-rewards`` drops them, ``+post`` / ``+phases`` adds post_token_entropy / phase_ids, ``t=0.7`` sets the
+#: temperature, ``f64`` casts the float tensors to float64; (rank 0's, rank 1's)
+POLICY_CASES = {"rewards_on_rank0": ("", "-rewards"), "post_entropy_on_rank1": ("", "+post"),
+                "phases_on_rank0": ("+phases", ""), "temperatures_differ": ("", "t=0.7"),
+                "dtypes_differ": ("", "f64")}
+
+
+def policy_outputs(batch: dict, how: str) -> dict:
+    """``batch`` (a rank's rows or the union) as a training_step returning it ``how`` (see :data:`POLICY_CASES`)."""
+    out = dict(batch)
+    if "-rewards" in how:
+        del out["rewards"]
+    if "+post" in how:
+        out["post_token_entropy"] = out["token_entropy"] * 0.9
+    if "+phases" in how:
+        out["phase_ids"] = torch.where(out["response_mask"], 0, -1)
+    if "t=0.7" in how:
+        out["temperature"] = 0.7
+    if "f64" in how:
+        out = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+    return out
+
+
+def policies(rank: int, result: dict[str, object]) -> None:
+    """PolicyEntropyMonitor's Lightning path (``on_train_batch_end`` with a stand-in trainer, batch 0) for each of
+    :data:`POLICY_CASES`: the metrics it published or the error it raised; rank 0 also one process on the union."""
+    published: list[dict[str, float]] = []
+    policy_module.publish_scalars = lambda trainer, pl_module, metrics, source=None: published.append(metrics)
+    policy_module.record_arrays = lambda *args: None
+    trainer = SimpleNamespace(sanity_checking=False, accumulate_grad_batches=1, is_global_zero=rank == 0, loggers=[],
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(total_batch_idx=0)))
+    mine, union = rank_batches(rank, 1)[0], union_of_ranks(1)[0]
+    for case, plan in POLICY_CASES.items():
+        monitor = policy_module.PolicyEntropyMonitor(log_media=False, print_summary=False)
+        try:
+            monitor.on_train_batch_end(trainer, None, policy_outputs(mine, plan[rank]), None, 0)
+            result[f"policy/lightning/{case}"] = published[-1]
+        except EntrotrainError as error:
+            result[f"policy/lightning/{case}"] = {"error": str(error)}
+        if rank == 0 and case == "dtypes_differ":  # the union, as one process concatenates it (float32 values)
+            reference = policy_module.PolicyEntropyMonitor(log_media=False, print_summary=False)
+            found = reference._tensors(union)
+            tensors = {name: found[name] for name, _ in policy_module._GATHERED if found[name] is not None}
+            summary = reference.summarise(tensors, 0, temperature=found["temperature"])
+            result[f"policy/reference/{case}"] = {reference.prefix + k: v for k, v in summary.items()}
+
+
 def worker(rank: int, out: str) -> None:
     # a rank left waiting in a collective (the bug) is ended by SIGALRM (default action: terminate, even inside a
     # C++ wait holding the GIL), so the test fails instead of leaving processes behind; left pending over the barrier
@@ -191,6 +243,7 @@ def worker(rank: int, out: str) -> None:
         result["reference"] = reference(model, batches)
     routers(rank, result, trainer)
     representations(rank, result, trainer, model, batches)
+    policies(rank, result)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -48,3 +48,22 @@ def test_a_rank_with_less_or_no_router_or_representation_capture_joins_the_reduc
                     assert got == pytest.approx(expected, abs=1e-12, nan_ok=True), (path, case, r)
     assert ranks[0][f"{monitor}/reference/nobody"] == "TapError"  # no rank captured: every rank raises
     assert isinstance(ranks[0][f"{monitor}/reference/rank1_one_site"], dict)
+
+
+def test_policy_ranks_agree_on_the_tensors_they_returned_before_the_gather(ranks):
+    """PolicyEntropyMonitor under DDP: an optional tensor (rewards, post-update entropy, phase ids) that one rank's
+    training_step returned and the other's did not, or different temperatures, is an error on both ranks naming it
+    (before: the ranks issued different gathers, a hang or gloo's size mismatch); float32 on one rank and float64 on
+    the other is gathered as one process concatenates them."""
+    expected = {"rewards_on_rank0": "rank(s) [0] returned 'rewards' from training_step and the others did not",
+                "post_entropy_on_rank1": "rank(s) [1] returned 'post_token_entropy' from training_step and the others",
+                "phases_on_rank0": "rank(s) [0] returned 'phase_ids' from training_step and the others did not",
+                "temperatures_differ": "the ranks gave the temperatures [1.0, 0.7] (in rank order)"}
+    for case, phrase in expected.items():
+        for r in range(2):
+            error = ranks[r][f"policy/lightning/{case}"].get("error", "")
+            assert phrase in error and "at batch 0" in error, (case, r, error)
+    reference = ranks[0]["policy/reference/dtypes_differ"]
+    assert reference["entropy/policy/reward_mean"] > 0  # the union's statistics, rewards included
+    for r in range(2):
+        assert ranks[r]["policy/lightning/dtypes_differ"] == pytest.approx(reference, abs=1e-12), r

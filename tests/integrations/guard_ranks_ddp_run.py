@@ -11,7 +11,7 @@ under ``EntropyMonitors(guards=[...])`` and hands the guard its own scripted val
 Each rank writes ``rank{r}.json``: per run, the steps it rolled back at, ``should_stop`` after each step, the final
 learning rate and its final weights (flattened). Then one logging step of a ``PolicyEntropyMonitor`` whose tensors
 (``record_policy``) are gathered over the ranks: rank 1 hands nothing over, or no rewards, or empty ``(0, T)``
-tensors; each rank writes the step's logs or the error it raised. Run by tests/integrations/test_guard_ranks_ddp.py.
+tensors, or float32 tensors where rank 0's are float64; each rank writes the step's logs or the error it raised. Run by tests/integrations/test_guard_ranks_ddp.py.
 """
 
 from __future__ import annotations
@@ -68,11 +68,13 @@ def train(rank: int, guard_args: dict, values: list) -> dict:
     return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights}
 
 
-#: run -> what each rank hands PolicyEntropyMonitor at step 0: "batch", "batch+rewards", "empty" ((0, T)) or None
+#: run -> what each rank hands PolicyEntropyMonitor at step 0: "batch", "batch+rewards", "empty" ((0, T)), "batch32"
+#: (float32 tensors; the others are float64) or None
 POLICY = {
     "policy_missing": ("batch", None),
     "policy_rewards": ("batch+rewards", "batch"),
     "policy_empty": ("batch", "empty"),
+    "policy_dtypes": ("batch", "batch32"),
 }
 
 
@@ -89,6 +91,8 @@ def policy(rank: int, handed: str | None) -> dict:
              "advantages": torch.randn(rows, generator=g, dtype=torch.float64), "mask": torch.ones(rows, 6) > 0}
     if handed == "batch+rewards":
         batch["rewards"] = torch.rand(rows, generator=g, dtype=torch.float64)
+    if handed == "batch32":
+        batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
     monitors = EntropyMonitors([PolicyEntropyMonitor(print_summary=False)], print_summary=False)
     try:
         with monitors.watch(torch.nn.Linear(2, 2)):

@@ -32,7 +32,9 @@ def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> No
             "error"], r["policy_missing"]
         assert "rank(s) [0] handed rewards= over" in r["policy_rewards"]["error"], r["policy_rewards"]
         assert r["policy_empty"]["logs"]["entropy/policy/mean"] > 0  # empty (0, T) tensors join the gather
+        assert r["policy_dtypes"]["logs"]["entropy/policy/mean"] > 0  # float32 beside float64: promoted, as cat does
     assert ranks[0]["policy_empty"] == ranks[1]["policy_empty"]
+    assert ranks[0]["policy_dtypes"] == ranks[1]["policy_dtypes"]
 
 
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), st.sampled_from(["min", "max"]))

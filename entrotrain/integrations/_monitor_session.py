@@ -41,7 +41,7 @@ from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
 from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional._dist import collective_device
+from entrotrain.functional._dist import collective_device, gather_rows
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 from entrotrain.taps.exclusive import capture_allowed, training_forwards_only
 
@@ -541,18 +541,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _gathered(rows: list[tuple[float, float]], world: int) -> list[list[list[float]]]:
-    """Every rank's ``rows`` (the same number on each), in rank order: one ``all_gather`` on the default process
-    group (on the device its backend serves: :func:`~entrotrain.functional._dist.collective_device`), read on the
-    host."""
-    import torch.distributed as dist
-
-    sent = torch.tensor(rows, dtype=torch.float64, device=collective_device())
-    parts = [torch.empty_like(sent) for _ in range(world)]
-    dist.all_gather(parts, sent)
-    return torch.stack(parts).tolist()
-
-
 def readable_scalar(value: Any) -> bool:
     """Whether a guard can read ``value``: a real number (not a bool) or a one-element tensor (not read here)."""
     if isinstance(value, Tensor):
@@ -832,7 +820,8 @@ class MonitorSession:
             here = readable_scalar(value)
             mine.append((1.0 if here else 0.0, float(value.detach() if isinstance(value, Tensor) else value)
                          if here else 0.0))
-        gathered = _gathered(mine, world)  # [rank][pending guard] = (handed over, value)
+        # [rank][pending guard] = (handed over, value): one all_gather on the device the default group's backend serves
+        gathered = gather_rows(torch.tensor(mine, dtype=torch.float64), device=collective_device()).tolist()
         return {i: agreed_value([row[j][1] for row in gathered if row[j][0] == 1.0], self.guards[i].mode)
                 for j, i in enumerate(pending)}
 

@@ -59,10 +59,10 @@ def test_a_value_the_same_on_every_rank_is_judged_bit_for_bit(value: float, worl
 def test_the_ranks_exchange_values_only_for_guards_on_keys_no_monitor_publishes(monkeypatch) -> None:
     """One all_gather per step for a guard on an observed key; none for a guard on a monitor's key, also at the
     steps where the monitor does not log (its value is reduced where it is published). Two ranks faked in one
-    process: the other rank handed over what this one did."""
+    process (an initialised default group of 2 whose collectives hand back this rank's part): the other rank handed
+    over what this one did."""
     import torch
 
-    import entrotrain.integrations._monitor_session as session
     from entrotrain.callbacks.attention_monitor import AttentionEntropyMonitor
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
     from entrotrain.integrations.loop import EntropyMonitors
@@ -76,9 +76,15 @@ def test_the_ranks_exchange_values_only_for_guards_on_keys_no_monitor_publishes(
         for part in parts:
             part.copy_(sent)
 
-    monkeypatch.setattr(session, "distributed", lambda: (2, 0, None))
-    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
-    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    def all_gather_object(parts, obj) -> None:
+        parts[:] = [obj] * len(parts)
+
+    dist = torch.distributed
+    for name, stub in (("is_initialized", lambda: True), ("get_world_size", lambda group=None: 2),
+                       ("get_rank", lambda group=None: 0), ("get_backend", lambda group=None: "gloo"),
+                       ("all_gather", all_gather), ("all_gather_object", all_gather_object),
+                       ("all_reduce", lambda t, op=None, group=None: t.mul_(2))):  # the sum of 2 ranks alike
+        monkeypatch.setattr(dist, name, stub)
     for key, expected in (("entropy/attn_norm/min", []), ("loss", [0, 1, 2, 3])):
         calls.clear()
         module = GPTModule(seed=0, convert=False)

@@ -170,8 +170,15 @@ class CovarianceAccumulator:
         return 0.5 * (c + c.T)
 
     def spectrum(self, centered: bool = True) -> Tensor:
-        """Eigenvalues of :meth:`covariance` (negative round-off clamped to 0), float64, descending."""
-        return _eigvalsh(self.covariance(centered), "the covariance").flip(0).clamp_min(0.0)
+        """Eigenvalues of :meth:`covariance` (negative round-off clamped to 0), float64, descending, ``(d,)``.
+
+        ``N`` rows give a covariance of rank at most ``N − 1`` (centred; ``N`` uncentred): the eigenvalues past that
+        bound are set to exactly 0, so that round-off there (~1e-16 of the largest) is no direction (order ``q = 0``,
+        the rank, counted each of them: 17 for 5 rows of width 30)."""
+        n = self._n(2 if centered else 1)
+        lam = _eigvalsh(self.covariance(centered), "the covariance").flip(0).clamp_min(0.0)
+        lam[max(round(n) - (1 if centered else 0), 0) :] = 0.0
+        return lam
 
     # ------------------------------------------------------------------------------------------------ measures
 

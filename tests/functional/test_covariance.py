@@ -111,6 +111,18 @@ def test_streamed_rankme_and_vendi_with_fewer_rows_than_features_equal_the_prese
         assert float(unit.vendi_score(q)) == pytest.approx(float(vendi_score(x, q)), rel=1e-6)
 
 
+def test_covariance_spectrum_of_fewer_rows_than_features_has_exact_zeros_past_the_rank():
+    """5 centred rows span at most 4 directions (5 uncentred): the other eigenvalues are 0, not round-off that the
+    order-0 entropy (the rank) would count."""
+    x = _rows(5, 30, seed=7)
+    acc = _stream(x, [2, 3])
+    assert acc.spectrum()[4:].eq(0).all() and acc.spectrum()[:4].gt(0).all()
+    assert acc.spectrum(centered=False)[5:].eq(0).all() and acc.spectrum(centered=False)[:5].gt(0).all()
+    assert float(acc.erank(0.0)) == pytest.approx(4.0) and float(acc.erank(0.0, centered=False)) == pytest.approx(5.0)
+    lam = np.linalg.eigvalsh(np.cov(x.numpy().T, bias=True))[::-1][:4]
+    assert float(acc.entropy(2.0)) == pytest.approx(ref.renyi_entropy(lam / lam.sum(), 2.0), rel=1e-9)
+
+
 def test_matrix_entropy_is_not_streamable_per_batch():
     # documented: centring by a per-batch mean is another measure than Diff-eRank's global centring
     x = _rows(40, 6, seed=5)

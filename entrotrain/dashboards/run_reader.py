@@ -16,6 +16,9 @@ The reader is forgiving where a run was cut short and strict where the folder is
   and memory grow linearly with the record (50 000 rows x 296 keys: see ``benchmarks/run_record_scale.py``);
 - a record read again while its run appends to it (:class:`RunFollower`, ``entrotrain status --follow``) reads only
   the bytes appended since the last read, and gives what a full read of the same bytes gives;
+- a large record (``metrics.jsonl`` of 16 MiB or more) is read from the parsed copy the last reader left outside it
+  (:mod:`~entrotrain.dashboards.run_cache`, under ``~/.cache/entrotrain``; ``ENTROTRAIN_CACHE_DIR=off`` turns it
+  off) plus the bytes appended since, when that copy still matches the record's files; else in full;
 - a record of a newer format raises an :class:`~entrotrain.errors.EntrotrainError` naming the upgrade;
 - the run's status is decided in one place, :func:`run_status`, and every page and message uses it;
 - a folder that is not a run record raises an :class:`~entrotrain.errors.EntrotrainError` naming what was expected.
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from entrotrain.dashboards import run_cache
 from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time
 from entrotrain.errors import EntrotrainError
 
@@ -934,10 +938,17 @@ class RunFollower:
         self._last: tuple[tuple[int, bool], dict[str, tuple[np.ndarray, np.ndarray]], list[str], list[str]] | None
         self._last = None  # (what it was read from, scalars, their warnings, notes) of the last read
         self.full_reads += 1
+        # a large record's parsed state from the last reader's cache, when it is valid for the files as they are
+        self._cached_end, self._cached_media = 0, False
+        metrics_restored, self._cached_media = run_cache.restore(
+            self.path, self._metrics, self._scalar_rows, self._index, self._media_rows)
+        if metrics_restored:
+            self._cached_end = self._metrics.end
 
     def _media_start(self) -> None:
         self._index = _JsonlTail(self.path / "media" / "index.jsonl")
         self._media_rows = _MediaRows(self.path, [])
+        self._cached_media = False
 
     def read(self, require_monitors: bool = True) -> RunData:
         """The run record as it is now (see :func:`load_run`, whose arguments and errors these are)."""
@@ -955,6 +966,7 @@ class RunFollower:
             self._media_rows.add(row)
         for row in self._events.new_rows(self._event_rows.warnings):
             self._event_rows.add(row)
+        self._save_cache()
         scalars, warnings, notes = self._read_scalars(writing)
         warnings = list(warnings)
         media_rows = self._media_rows
@@ -982,6 +994,19 @@ class RunFollower:
             notes=list(notes),
         )
         return _finish(run, damaged, require_monitors)
+
+    def _save_cache(self) -> None:
+        """Write the parsed state to the cache (:mod:`~entrotrain.dashboards.run_cache`) when the record is large
+        and :data:`~entrotrain.dashboards.run_cache.SAVE_AFTER_BYTES` were parsed beyond the cache read, or the
+        cache lacked the media index."""
+        end = self._metrics.end
+        if end < run_cache.MIN_BYTES:
+            return
+        grown = end - self._cached_end >= run_cache.SAVE_AFTER_BYTES
+        if not grown and (self._cached_media or self._media_rows.skipped):
+            return
+        run_cache.save(self.path, self._metrics, self._scalar_rows, self._index, self._media_rows)
+        self._cached_end, self._cached_media = end, True  # (a cache that could not be written: not tried again)
 
     def _read_scalars(
         self, writing: bool

@@ -1,7 +1,9 @@
 """``entrotrain status [RUN_DIR | FOLDER ...]``: where runs stand, in the terminal, from their run records.
 
-For the ssh session at 2 a.m.: no browser, no wandb, nothing written. One run record (a folder holding
-``meta.json``) gets a page of text::
+For the ssh session at 2 a.m.: no browser, no wandb, nothing written into the run's folder (a record whose
+``metrics.jsonl`` is 16 MiB or more leaves a parsed copy under ``~/.cache/entrotrain`` that the next ``status`` or
+``report`` starts from: :mod:`~entrotrain.dashboards.run_cache`). One run record (a folder holding ``meta.json``)
+gets a page of text::
 
     attention_collapse — running · step 275 · updated 4 s ago · pid 8121 on gpu-07
       runs/records/attention_collapse-20261206-1338

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from entrotrain.callbacks.rollback_frozen import frozen_keys
-from entrotrain.callbacks.rollback_state import agreed, mesh_groups, outside_params, shard_groups, unwrap_optimizer
+from entrotrain.callbacks.rollback_state import (
+    agreed, agreement_groups, mesh_groups, outside_params, shard_groups, unwrap_optimizer,
+)
 from entrotrain.errors import EntrotrainError
 
 __all__ = ["check_host_memory", "host_bytes_available", "state_bytes"]
@@ -146,10 +148,11 @@ def check_host_memory(
     available = host_bytes_available() if more > 0 else None
     processes = max(processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
     over = available is not None and processes * more > _MARGIN * available
-    # ranks holding different shards (FSDP2, ZeRO) size different states: one refusing alone would leave the others
-    # waiting in their next collective, so the verdict is agreed on (any rank over: every rank refuses)
+    # ranks holding different shards (FSDP2, ZeRO), or DDP replicas on machines with different free memory, decide
+    # differently: one refusing alone would leave the others waiting in their next collective (or hold a state the
+    # others do not), so the verdict is agreed on (any rank over: every rank refuses)
     meshes = {id(v.device_mesh): v.device_mesh for v in values if hasattr(v, "device_mesh")}.values()
-    groups = [*mesh_groups(meshes), *shard_groups(optimizers)]
+    groups = agreement_groups([*mesh_groups(meshes), *shard_groups(optimizers)])
     if not agreed(over, groups, every=False):
         return
     ways_out = (
@@ -159,8 +162,8 @@ def check_host_memory(
     if not over:
         raise EntrotrainError(
             f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) in host memory, and another "
-            "process of this one's group (FSDP2 / ZeroRedundancyOptimizer shards) cannot take its share on its "
-            f"machine (this process could: {_size(processes * max(more, 0))} more of "
+            "process of this run (a DDP replica, an FSDP2 / ZeroRedundancyOptimizer shard) cannot take its share on "
+            f"its machine (this process could: {_size(processes * max(more, 0))} more of "
             f"{_size(available) if available is not None else 'unknown'}); every process refuses together. "
             + ways_out
         )

@@ -35,7 +35,10 @@ current stream), and a rollback copies back into the live tensors, so parameters
 DDP buckets and compiled graphs see the same tensors). Host memory: one copy of the model and its optimizer state
 (per held state: :mod:`~entrotrain.callbacks.rollback_history` holds the last ``rollback_states``).
 
-Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank),
+Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank,
+and so is the "non-finite state is not held" decision, all-reduced over the ranks: a buffer DDP does not keep equal,
+such as BatchNorm's running statistics without ``SyncBatchNorm``, gone non-finite on one rank keeps every rank at the
+state held before, so a rollback sends every replica to the same step),
 DDP with ``ZeroRedundancyOptimizer`` (each rank holds and restores its shard of the optimizer state, which lives in
 its ``.optim``; the "non-finite state is not held" decision is all-reduced over its process group; ``overlap_with_ddp=
 True``, which steps inside DDP's communication hook, is refused),
@@ -68,9 +71,9 @@ from torch import nn
 from entrotrain.callbacks import rollback_groups
 from entrotrain.callbacks.rollback_frozen import FrozenParameters
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional._dist import collective_device
+from entrotrain.functional._dist import collective_device, world
 
-__all__ = ["RollbackState", "check_supported", "outside_params", "unwrap_optimizer"]
+__all__ = ["RollbackState", "agreement_groups", "check_supported", "outside_params", "unwrap_optimizer"]
 
 _MISSING = object()
 #: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from, the
@@ -343,7 +346,22 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
         suspects = [t for t, ok in zip(kinds, flags) if not ok]  # a NaN / Inf, or an overflowing norm
         # (float8 has no isfinite: judged widened, only when suspect)
         finite = finite and all(bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()) for t in suspects)
-    return agreed(finite, [*mesh_groups(meshes), *groups], every=True)
+    return agreed(finite, agreement_groups([*mesh_groups(meshes), *groups]), every=True)
+
+
+def agreement_groups(groups: Sequence[tuple[Any, torch.device]]) -> list[tuple[Any, torch.device]]:
+    """Where a verdict on the state to hold is agreed on (:func:`agreed`): with 2+ processes in the default group,
+    that group alone (on :func:`~entrotrain.functional._dist.collective_device`), else ``groups`` (the DTensor
+    meshes' and ZeRO's, e.g. over a 1-process group). Under plain DDP each rank judges its own replica, and what DDP
+    does not keep equal can differ: buffers (BatchNorm's running statistics without ``SyncBatchNorm``; DDP broadcasts
+    rank 0's at the next forward, after the state was judged), frozen parameters, an optimizer's state. Judged
+    alone, a non-finite buffer on one rank held an older state there than on the others, and a rollback then sent
+    the replicas to different steps. The default group holds every rank of the meshes and ZeRO groups, so one
+    reduction over it agrees on theirs too (every rank calls it: the guards' decisions are the same on every
+    rank)."""
+    if world()[1] > 1:
+        return [(None, collective_device())]
+    return list(groups)
 
 
 def mesh_groups(meshes: Iterable[Any]) -> list[tuple[Any, torch.device]]:

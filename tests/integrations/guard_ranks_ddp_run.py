@@ -6,12 +6,14 @@ under ``EntropyMonitors(guards=[...])`` and hands the guard its own scripted val
 
 - ``rollback``: rank 1's value is bad at step 2, rank 0's never is;
 - ``stop``: rank 1's value is NaN at step 1, rank 0's is finite;
-- ``reduce_lr``: only rank 0 hands a value over (bad at step 1); rank 1 never calls ``observe``.
+- ``reduce_lr``: only rank 0 hands a value over (bad at step 1); rank 1 never calls ``observe``;
+- ``rollback_buffer``: both ranks' values are bad at step 3, and rank 1's buffer went NaN after step 2's update.
 
 Each rank writes ``rank{r}.json``: per run, the steps it rolled back at, ``should_stop`` after each step, the final
 learning rate and its final weights (flattened). Then one logging step of a ``PolicyEntropyMonitor`` whose tensors
 (``record_policy``) are gathered over the ranks: rank 1 hands nothing over, or no rewards, or empty ``(0, T)``
-tensors, or float32 tensors where rank 0's are float64; each rank writes the step's logs or the error it raised. Run by tests/integrations/test_guard_ranks_ddp.py.
+tensors, or float32 tensors where rank 0's are float64; each rank writes the step's logs or the error it raised.
+Run by tests/integrations/test_guard_ranks_ddp.py.
 """
 
 from __future__ import annotations
@@ -38,34 +40,43 @@ RUNS = {
     "rollback": (dict(threshold=5.0, mode="max", action="rollback"), [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 9.0, 1.0]),
     "stop": (dict(threshold=5.0, mode="max", action="stop"), [1.0, 1.0, 1.0, 1.0], [1.0, NAN, 1.0, 1.0]),
     "reduce_lr": (dict(threshold=5.0, mode="max", action="reduce_lr"), [1.0, 9.0, 1.0, 1.0], [None] * 4),
+    "rollback_buffer": (dict(threshold=5.0, mode="max", action="rollback"), [1.0, 1.0, 1.0, 9.0], [1.0, 1.0, 1.0, 9.0]),
 }
+#: run -> (rank, step): that rank's buffer goes NaN after that step's update (as BatchNorm's running statistics can on
+#: one rank: DDP does not keep buffers equal between its forwards' broadcasts)
+POISONED = {"rollback_buffer": (1, 2)}
 
 
-def train(rank: int, guard_args: dict, values: list) -> dict:
+def train(rank: int, guard_args: dict, values: list, poisoned: tuple[int, int] | None = None) -> dict:
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
     from entrotrain.integrations.loop import EntropyMonitors
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model.register_buffer("stat", torch.zeros(2))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     guard = EntropyCollapseGuard("loss", keep_last_good=False, **guard_args)
     monitors = EntropyMonitors(guards=[guard], print_summary=False)
-    rolled, stop = [], []
+    rolled, restored, stop = [], [], []
     with monitors.watch(ddp, optimizer=opt):
         for step, value in enumerate(values):
             with monitors.step(step):
                 opt.zero_grad(set_to_none=True)
                 ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
                 opt.step()
+                if poisoned == (rank, step):
+                    model.stat.fill_(NAN)
                 if value is not None:
                     monitors.observe(loss=torch.tensor(value))
             if monitors.rolled_back:
                 rolled.append(step)
+                restored.append(guard.held_states.restored_step)
             stop.append(monitors.should_stop)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
-    return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights}
+    return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights,
+            "restored_to": restored}
 
 
 #: run -> what each rank hands PolicyEntropyMonitor at step 0: "batch", "batch+rewards", "empty" ((0, T)), "batch32"
@@ -108,7 +119,7 @@ def worker(rank: int, out: str) -> None:
     faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting in a collective: fail, do not hang
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    found = {name: train(rank, args, by_rank[rank]) for name, (args, *by_rank) in RUNS.items()}
+    found = {name: train(rank, args, by_rank[rank], POISONED.get(name)) for name, (args, *by_rank) in RUNS.items()}
     found.update({name: policy(rank, by_rank[rank]) for name, by_rank in POLICY.items()})
     Path(out, f"rank{rank}.json").write_text(json.dumps(found))
     faulthandler.cancel_dump_traceback_later()

@@ -1,8 +1,9 @@
 """Guards in a plain loop on 2 gloo ranks judge one value agreed on by the ranks (MonitorSession.agree): each rank
 hands over its own value with ``monitors.observe``, and every rank rolls back, stops or lowers its rates alike
 (tests/integrations/guard_ranks_ddp_run.py). Before, each rank judged its own value: one rank rolled back alone and
-the replicas' weights parted, one rank stopped alone (the other would wait for it in its next collective). A rank
-that hands the policy monitor nothing at a logging step is an error on every rank, not a hang in the gather."""
+the replicas' weights parted, one rank stopped alone (the other would wait for it in its next collective). A state
+that is non-finite on one rank only (a buffer) is held on no rank, so both roll back to the same step. A rank that
+hands the policy monitor nothing at a logging step is an error on every rank, not a hang in the gather."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from tests.helpers.scripts import run_script
 def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> None:
     run_script(Path(__file__).with_name("guard_ranks_ddp_run.py"), Path(__file__).resolve().parents[2], str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for name in ("rollback", "stop", "reduce_lr"):
+    for name in ("rollback", "stop", "reduce_lr", "rollback_buffer"):
         assert ranks[0][name]["weights"] == ranks[1][name]["weights"], name  # the replicas stay one model
     for r in ranks:
         assert r["rollback"]["rolled"] == [2], r["rollback"]  # rank 1's bad value rolls both back
+        # rank 1's state after step 2 held a NaN buffer: held on neither rank, both roll back to step 1's state
+        assert r["rollback_buffer"]["rolled"] == [3] and r["rollback_buffer"]["restored_to"] == [1], r["rollback_buffer"]
         assert r["stop"]["stop"] == [False, True, True, True]  # rank 1's NaN stops both
         assert r["reduce_lr"]["lr"] == 0.05  # only rank 0 handed a value over: it counts on both, no hang
         # a rank that hands the policy monitor nothing (or no rewards) is an error on both ranks, not a hang

@@ -14,9 +14,15 @@ Outputs are turned into rows of features:
 ``(B, C)``               one row per sample
 ``(B, T, C)``            one row per token (``max_tokens`` evenly spaced tokens of each sample)
 ``(B, C, H, W)``         one row per spatial position (``max_tokens`` evenly spaced of the ``H·W`` patches)
-``(B, C, L)``            (``layout="channels_first"`` only) one row per position
+``(B, C, L)``            one row per position (``layout="channels_first"``, or a channels-first module below)
 tuple / list             its ``output_index``-th element (default 0), then as above
 =======================  ================================================================================
+
+Under ``layout="auto"`` the module's type decides where its features are, whatever the number of dimensions:
+convolutions, batch / instance / group norms and poolings (``nn.Conv1d``, ``nn.BatchNorm2d``, ``nn.MaxPool1d``, ...)
+hold them in dim 1 (``(B, C, ...)``); ``nn.Linear``, ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.Embedding`` in the last
+(``(B, ..., C)``). Any other module: 3-D outputs are read ``(B, T, C)``, 4-D ``(B, C, H, W)``; pass ``layout`` for
+one whose output is laid out otherwise (a block returning ``(B, H, W, C)``, a 1-D CNN block returning ``(B, C, L)``).
 
 ``max_rows`` keeps evenly spaced samples of the batch first. Each capture also records the batch index of every row
 (:attr:`Capture.sample`), so per-sample labels can be aligned with token rows.
@@ -41,7 +47,7 @@ from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 from entrotrain.taps.query_padding import ambient_token_mask
 
-__all__ = ["ActivationTap", "Capture", "activation_rows"]
+__all__ = ["ActivationTap", "Capture", "activation_rows", "module_layout"]
 
 Layout = Literal["auto", "channels_last", "channels_first"]
 
@@ -65,6 +71,38 @@ def _owned(rows: Tensor, output: Tensor) -> Tensor:
 def _pick(n: int, budget: int | None, device: torch.device) -> Tensor:
     idx = evenly_spaced(n, budget, device=device)
     return torch.arange(n, device=device) if idx is None else idx
+
+
+#: Modules whose outputs hold their features in dim 1: ``(B, C, L)``, ``(B, C, H, W)``, ``(B, C, D, H, W)``.
+_FEATURES_FIRST: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,  # BatchNorm*d, SyncBatchNorm, InstanceNorm*d
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+#: Modules whose outputs hold their features in the last dim: ``(B, ..., C)``.
+_FEATURES_LAST: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
+def module_layout(module: nn.Module | None, layout: Layout = "auto") -> Layout:
+    """The layout to read ``module``'s output with: ``layout`` unless it is ``"auto"``; then ``"channels_first"`` for
+    the modules that keep features in dim 1 (convolutions, batch / instance / group norms, poolings),
+    ``"channels_last"`` for those that keep them last (``Linear``, ``LayerNorm``, ``RMSNorm``, ``Embedding``), and
+    ``"auto"`` (3-D = ``(B, T, C)``, 4-D = ``(B, C, H, W)``) for any other module."""
+    if layout != "auto":
+        return layout
+    if isinstance(module, _FEATURES_FIRST):
+        return "channels_first"
+    if isinstance(module, _FEATURES_LAST):
+        return "channels_last"
+    return "auto"
 
 
 def activation_rows(
@@ -154,7 +192,9 @@ class ActivationTap(ForwardHookTap):
         max_rows: samples of each batch kept per call (evenly spaced); ``None`` = all.
         max_tokens: tokens / spatial positions kept per sample (evenly spaced); ``None`` = all.
         output_index: element read from tuple/list outputs.
-        layout: how 3-D/4-D outputs are read (see :func:`activation_rows`).
+        layout: how 3-D/4-D outputs are read (see :func:`activation_rows`); ``"auto"`` first asks the module's type
+            (:func:`module_layout`: a ``Conv1d``'s ``(B, C, L)`` is read channels-first, a ``Linear``'s
+            ``(B, H, W, C)`` channels-last).
         on_capture: called as ``on_capture(name, capture)`` for every captured call instead of storing it in
             :attr:`captures` (e.g. to stream into an accumulator and keep no tensor).
         differentiable: keep the graph of the captured rows (for a regulariser's loss) instead of detaching them.
@@ -242,13 +282,14 @@ class ActivationTap(ForwardHookTap):
                 return
             if self.differentiable and module is not None and not torch.is_grad_enabled() and self._grad_at_arming:
                 self._warn_no_grad(name)
+            layout = module_layout(module, self.layout)
             kwargs = dict(
                 name=name,
                 max_rows=self.max_rows,
                 max_tokens=self.max_tokens,
                 output_index=self.output_index,
-                layout=self.layout,
-                token_mask=self._token_mask(name, output),
+                layout=layout,
+                token_mask=self._token_mask(name, output, layout),
             )
             if self.differentiable:
                 capture = activation_rows(output, detach=False, **kwargs)
@@ -262,13 +303,13 @@ class ActivationTap(ForwardHookTap):
 
         return hook
 
-    def _token_mask(self, name: str, output: Any) -> Tensor | None:
+    def _token_mask(self, name: str, output: Any, layout: Layout) -> Tensor | None:
         """The real positions ``(B, T)`` of a ``(B, T, C)`` output (see :mod:`entrotrain.taps.query_padding`): the
         ``attention_mask`` of the HF model running ``name``, else a ``query_padding`` block; ``None`` = all real. A
         mask that does not fit the output keeps every position, warned once per module."""
         if isinstance(output, (tuple, list)) and -len(output) <= self.output_index < len(output):
             output = output[self.output_index]
-        if not isinstance(output, Tensor) or output.dim() != 3 or self.layout == "channels_first":
+        if not isinstance(output, Tensor) or output.dim() != 3 or layout == "channels_first":
             return None
         mask, misfit = ambient_token_mask(self, output.shape[0], output.shape[1], output.device)
         if misfit is not None:

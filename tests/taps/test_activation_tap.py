@@ -58,6 +58,38 @@ def test_rows_from_each_layout_with_subsampling():
     assert torch.equal(cap.rows, x3.transpose(1, 2).reshape(-1, 10))
 
 
+class Conv1dNet(nn.Module):
+    """A 1-D CNN ((B, C, L) outputs) and a Linear over a (B, H, W, C) grid: features in dim 1, then last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3, padding=1)
+        self.norm = nn.BatchNorm1d(6)
+        self.pool = nn.MaxPool1d(2)
+        self.proj = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.norm(self.conv(x)))  # (B, 6, L / 2)
+        return self.proj(h.transpose(1, 2).reshape(x.shape[0], 2, -1, 6))  # (B, 2, L / 4, 5)
+
+
+def test_auto_layout_reads_each_module_s_features_where_the_module_puts_them():
+    """Under layout='auto' a Conv1d / BatchNorm1d / MaxPool1d output (B, C, L) gives rows of C features (it was read
+    (B, T, C): L 'features' per channel) and a Linear's 4-D output rows of its out_features (it was read (B, C, H, W));
+    an explicit layout still wins."""
+    torch.manual_seed(0)
+    net, x = Conv1dNet().eval(), torch.randn(3, 3, 8)
+    with ActivationTap(net, include="*") as tap:
+        net(x)
+    conv = net.conv(x)
+    assert torch.equal(tap.rows("conv"), conv.transpose(1, 2).reshape(-1, 6))
+    assert tap.rows("norm").shape == (24, 6) and tap.rows("pool").shape == (12, 6)
+    assert torch.equal(tap.rows("proj"), net(x).reshape(-1, 5))
+    with ActivationTap(net, include="conv", layout="channels_last") as tap:
+        net(x)
+    assert torch.equal(tap.rows("conv"), conv.reshape(-1, 8))
+
+
 def test_rows_are_detached_copies():
     w = torch.randn(3, 3, requires_grad=True)
     out = torch.randn(4, 3) @ w

@@ -3,27 +3,34 @@
 # fits one lent device call: 15 minutes of device time per session, at most 10 per command.
 #
 #   bash benchmarks/gpu_all.sh                 # on a CUDA machine: the real collection, 8 minutes at most
-#   DRY_RUN=1 bash benchmarks/gpu_all.sh       # on CPU, smallest sizes / --quick: proves every step and flag (< 60 s)
+#   DRY_RUN=1 bash benchmarks/gpu_all.sh       # on CPU, smallest sizes / --quick: proves every step and flag
 #   bash benchmarks/gpu_all.sh --dry-run       # the same
 #
-# Steps, in order, each under its own `timeout` (seconds; override with T_<STEP>=..., e.g. T_KERNEL_TESTS=200) and
-# all of them inside a total budget of GPU_ALL_BUDGET_S (default 480 = 8 minutes, counted from the script's start; a
-# step gets at most what is left less the 10 s that `timeout -k 10` may add, and is skipped when under 20 s is left):
+# Steps, most valuable first, each under its own `timeout` (seconds; override with T_<STEP>=..., e.g.
+# T_KERNEL_TESTS=200) and all of them inside a total budget of GPU_ALL_BUDGET_S (default 480 = 8 minutes, counted from
+# the script's start; a step gets at most what is left less the 10 s that `timeout -k 10` may add, and is skipped
+# when under 20 s is left). A lent device has 15 minutes in all, a few of them its start: the GPU limits below add up
+# to 450 s, 30 s under the budget for the checks before the first step, so the last step runs too:
 #
-#   kernel_tests         python -m pytest tests/kernels -q [-n 8 when pytest-xdist is there: the kernels compile in
-#                        parallel] (dry run: tests/kernels/test_dispatch.py)
-#   fsdp1_tests          python -m pytest <the FSDP1 CUDA tests that exist> -q -rs  (issue 13: Lightning's FSDPStrategy on
-#                        one GPU; tests/callbacks/test_fsdp1_cuda.py, tests/regularizers/test_sigma_fsdp1_cuda.py; on CPU
-#                        they skip but for their CPU checks), and the rollback guard's CUDA test
-#   triton_kernels       python benchmarks/triton_kernels.py --device cuda --no-compile (fwd; attention fwd and
-#                        fwd+bwd; the torch.compile rows are left out: inductor compiles on a fresh machine cost more
-#                        than the step's limit)
-#   triton_kernels_grad  python benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
-#   monitor_overhead     python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda, then
-#                        python benchmarks/rollback.py --model gpt-small --device cuda (the rollback guard's cost)
-#   spectral             python benchmarks/spectral.py --device cuda --exact-max-n 10000
+#   kernel_tests         110 s  python -m pytest tests/kernels -q [-n 8 when pytest-xdist is there: the kernels compile
+#                               in parallel] (dry run: tests/kernels/test_dispatch.py but its torch.compile and
+#                               subprocess tests)
+#   triton_kernels        85 s  python benchmarks/triton_kernels.py --device cuda --no-compile --repeats 5 (logits and
+#                               fused head fwd; attention fwd and fwd+bwd; the torch.compile rows are left out:
+#                               inductor compiles on a fresh machine cost more than the step's limit)
+#   triton_kernels_grad   55 s  python benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
+#                               --repeats 5
+#   monitor_overhead      70 s  python benchmarks/monitor_overhead.py --all --model gpt-small --device cuda --steps 30
+#                               --rounds 2 --every 10 (amortised at every 10 and every 50 from the same medians)
+#   spectral              45 s  python benchmarks/spectral.py --device cuda --exact-max-n 10000
+#   rollback              40 s  python benchmarks/rollback.py --model gpt-small --device cuda --repeats 3 (the rollback
+#                               guard's cost)
+#   fsdp1_tests           45 s  python -m pytest <the FSDP1 CUDA tests that exist> -q -rs (issue 13: Lightning's
+#                               FSDPStrategy on one GPU; tests/callbacks/test_fsdp1_cuda.py,
+#                               tests/regularizers/test_sigma_fsdp1_cuda.py; on CPU they skip but for their CPU
+#                               checks), and the rollback guard's CUDA test
 #
-# Output, in $OUT (default ./gpu_out when OUT is unset; at most 8 files, flat, so a device call brings all back):
+# Output, in $OUT (default ./gpu_out when OUT is unset; at most 9 files, flat, so a device call brings all back):
 #   nvidia-smi.txt   the `nvidia-smi -L` line(s) (the card's name), or why there is none
 #   <step>.txt       each step's whole output (stdout + stderr): its table(s)
 #   summary.txt      one line per step: ok / FAILED (rc) / TIMEOUT / SKIPPED, seconds, limit, and under a step that
@@ -140,26 +147,30 @@ step() {
 
 
 if [ "$DRY_RUN" = 1 ]; then
-    step kernel_tests 60 "$PY" -m pytest tests/kernels/test_dispatch.py -q -p no:cacheprovider
-    step fsdp1_tests 60 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
+    # the kernel step's plumbing only: the torch.compile and subprocess tests of test_dispatch.py run in CI anyway
+    step kernel_tests 60 "$PY" -m pytest tests/kernels/test_dispatch.py -q -p no:cacheprovider \
+        -k "not torch_compile and not imports_no_kernel"
     step triton_kernels 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1
     step triton_kernels_grad 60 "$PY" benchmarks/triton_kernels.py --device cpu --quick --threads 1 --grad \
         --only logits,head --no-compile
-    step monitor_overhead 60 bash -c '"$0" benchmarks/monitor_overhead.py --all --model tiny --device cpu --quick \
-        --threads 1 && "$0" benchmarks/rollback.py --quick' "$PY"
+    step monitor_overhead 60 "$PY" benchmarks/monitor_overhead.py --all --model tiny --device cpu --quick --threads 1
     step spectral 60 "$PY" benchmarks/spectral.py --device cpu --quick --threads 1 --exact-max-n 10000
+    step rollback 60 "$PY" benchmarks/rollback.py --quick
+    step fsdp1_tests 60 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
 else
     # pytest-xdist when the interpreter has it (the device image does): the kernel tests compile in parallel
     XDIST=()
     "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n 8)
-    step kernel_tests 120 "$PY" -m pytest tests/kernels -q -rfEs --durations=10 -p no:cacheprovider \
+    step kernel_tests 110 "$PY" -m pytest tests/kernels -q -rfEs --durations=10 -p no:cacheprovider \
         ${XDIST[@]+"${XDIST[@]}"}
-    step fsdp1_tests 100 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
-    step triton_kernels 120 "$PY" benchmarks/triton_kernels.py --device cuda --no-compile
-    step triton_kernels_grad 75 "$PY" benchmarks/triton_kernels.py --device cuda --grad --only logits,head --no-compile
-    step monitor_overhead 100 bash -c '"$0" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda \
-        && "$0" benchmarks/rollback.py --model gpt-small --device cuda --repeats 5' "$PY"
-    step spectral 60 "$PY" benchmarks/spectral.py --device cuda --exact-max-n 10000
+    step triton_kernels 85 "$PY" benchmarks/triton_kernels.py --device cuda --no-compile --repeats 5
+    step triton_kernels_grad 55 "$PY" benchmarks/triton_kernels.py --device cuda --grad --only logits,head \
+        --no-compile --repeats 5
+    step monitor_overhead 70 "$PY" benchmarks/monitor_overhead.py --all --model gpt-small --device cuda \
+        --steps 30 --rounds 2 --every 10
+    step spectral 45 "$PY" benchmarks/spectral.py --device cuda --exact-max-n 10000
+    step rollback 40 "$PY" benchmarks/rollback.py --model gpt-small --device cuda --repeats 3
+    step fsdp1_tests 45 "$PY" -m pytest "${FSDP1_TESTS[@]}" -q -rs -p no:cacheprovider
 fi
 
 {

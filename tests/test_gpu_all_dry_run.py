@@ -20,7 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_all.sh"
-STEPS = ["kernel_tests", "fsdp1_tests", "triton_kernels", "triton_kernels_grad", "monitor_overhead", "spectral"]
+# most valuable first: a step that the budget cuts off is the least missed
+STEPS = ["kernel_tests", "triton_kernels", "triton_kernels_grad", "monitor_overhead", "spectral", "rollback",
+         "fsdp1_tests"]
 BASH = shutil.which("bash")
 TIMEOUT = shutil.which("timeout")
 
@@ -72,7 +74,9 @@ TABLES = {
                        r"\| naive +\|"],
     "triton_kernels_grad": [r"## logits entropy 64 x 512 float32 \(fwd\+bwd\)", r"## fused head .*\(fwd\+bwd\)",
                             r"\| torch path +\|"],
-    "monitor_overhead": [r"\| all monitors, logging step", r"\| no monitor", r"bit-identical"],
+    "monitor_overhead": [r"\| all monitors, logging step", r"\| no monitor", r"bit-identical",
+                         r"\| amortised at every 50 \(medians\)"],
+    "rollback": [r"\| model +\| +what", r"hold \(RollbackState.take\)", r"roll back \(restore\)"],
     "spectral": [r"\| +DSE eigh \|", r"\| +DSE SLQ 4x8 \|", r"\| +Vendi cov d×d \|", r"\| n +\| d \|"],
 }
 
@@ -82,7 +86,7 @@ def test_dry_run_runs_every_step_and_writes_every_table(tmp_path: Path) -> None:
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(NO_WANDB)
     pythonpath = os.pathsep.join([str(hide), *filter(None, [os.environ.get("PYTHONPATH")])])
-    # each of the 6 steps has its own 60 s limit in the dry run: a busy shared CPU must not turn a slow dry run into a
+    # each of the 7 steps has its own 60 s limit in the dry run: a busy shared CPU must not turn a slow dry run into a
     # TimeoutExpired without a summary (the whole took ~60-130 s on a 2-core machine shared by 8 sessions)
     proc = _run(tmp_path, DRY_RUN="1", PYTHONPATH=pythonpath, OMP_NUM_THREADS="1", timeout=len(STEPS) * 60 + 60)
     out = tmp_path / "out"
@@ -99,7 +103,7 @@ def test_dry_run_runs_every_step_and_writes_every_table(tmp_path: Path) -> None:
         for pattern in patterns:
             assert re.search(pattern, text), f"{step}.txt lacks /{pattern}/:\n{text}"
     assert "--device cpu" in summary and "--quick" in summary and "--grad" in summary
-    assert sorted(p.name for p in out.iterdir()) == sorted(  # at most 8 flat files: all come back from a device
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # 9 flat files: all come back from a device
         ["summary.txt", "nvidia-smi.txt", *[f"{s}.txt" for s in STEPS]])
 
 
@@ -162,3 +166,20 @@ def test_gpu_mode_without_cuda_stops_with_a_clear_message(tmp_path: Path) -> Non
     assert proc.returncode == 1
     assert "NO CUDA" in proc.stderr and "DRY_RUN=1" in proc.stderr
     assert "NO CUDA" in (tmp_path / "out" / "summary.txt").read_text()
+
+
+def _gpu_steps() -> list[tuple[str, int]]:
+    """(step, limit in seconds) of the GPU collection, in the order the script runs them."""
+    text = SCRIPT.read_text()
+    gpu = text[text.index("\nelse\n", text.index('if [ "$DRY_RUN" = 1 ]; then\n    # the kernel step')):]
+    return [(m.group(1), int(m.group(2))) for m in re.finditer(r"^    step (\w+) (\d+) ", gpu, re.M)]
+
+
+def test_gpu_steps_run_most_valuable_first_and_fit_the_budget() -> None:
+    """The device session has 15 minutes in all, a few of them its start, so the script has 8 (480 s): the GPU
+    limits must add up to at most 450 s (30 s for the checks before the first step), in the order of STEPS, so that
+    the last step is not cut off when the others run to their limits. They added up to 575 s."""
+    steps = _gpu_steps()
+    assert [name for name, _ in steps] == STEPS, steps
+    assert sum(limit for _, limit in steps) <= 450, steps
+    assert re.search(r"^BUDGET=\$\{GPU_ALL_BUDGET_S:-480\}$", SCRIPT.read_text(), re.M)

@@ -163,7 +163,7 @@ def test_call_kernel_and_fallback_allowed_trace_under_torch_compile_fullgraph(mo
     assert not dispatch.fallback_allowed() and dispatch._TRACED_AUTO == {"auto": False}
 
 
-def test_default_impl_entry_points_trace_without_a_graph_break(monkeypatch):
+def test_default_impl_entry_points_trace_under_torch_compile_without_a_graph_break(monkeypatch):
     """entropy_from_logits, linear_entropy_and_logprobs and attention_entropy with impl='auto' (the default) inside
     torch.compile(fullgraph=True) on CPU: resolve_impl, the ENTROTRAIN_IMPL read and the once-per-process triton
     lookup trace (the torch path runs here; on CUDA the kernels' call_kernel does, see the test above). Same values

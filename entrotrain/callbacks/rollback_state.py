@@ -38,7 +38,9 @@ DDP buckets and compiled graphs see the same tensors). Host memory: one copy of 
 Supported: one device, DDP (each rank holds its own replica's copy; the guard's decision is the same on every rank,
 and so is the "non-finite state is not held" decision, all-reduced over the ranks: a buffer DDP does not keep equal,
 such as BatchNorm's running statistics without ``SyncBatchNorm``, gone non-finite on one rank keeps every rank at the
-state held before, so a rollback sends every replica to the same step),
+state held before, so a rollback sends every replica to the same step; a refusal of ``take`` or ``restore`` that
+only one rank meets, such as a frozen parameter changed on that rank alone with ``hold="trainable"``, is an error on
+every rank, the others saying that another process refused),
 DDP with ``ZeroRedundancyOptimizer`` (each rank holds and restores its shard of the optimizer state, which lives in
 its ``.optim``; the "non-finite state is not held" decision is all-reduced over its process group; ``overlap_with_ddp=
 True``, which steps inside DDP's communication hook, is refused),
@@ -62,8 +64,8 @@ TP): untested.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -76,6 +78,7 @@ from entrotrain.functional._dist import collective_device, world
 __all__ = ["RollbackState", "agreement_groups", "check_supported", "outside_params", "unwrap_optimizer"]
 
 _MISSING = object()
+_T = TypeVar("_T")
 #: One optimizer's held state: per parameter (by identity), state key -> (host copy, the device it came from, the
 #: DTensor spec of a sharded moment or ``None``); ``None`` for a parameter that had no state.
 _HeldOptimizer = dict[int, "dict[str, tuple[Any, Any, Any]] | None"]
@@ -228,12 +231,14 @@ class RollbackState:
 
         Raises:
             EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place; or, with
-                ``trainable_only``, a frozen parameter changed since the last take.
+                ``trainable_only``, a frozen parameter changed since the last take (on any process of the run: see
+                :func:`_agreed_or_raise`).
         """
         check_supported(model, optimizers)
         live = model.state_dict()
         last_frozen = last._frozen if last is not None else None
-        frozen = {} if self._frozen is None else self._frozen.fingerprint(model, live, step, last_frozen)  # (raises)
+        frozen = {} if self._frozen is None else _agreed_or_raise(
+            lambda: self._frozen.fingerprint(model, live, step, last_frozen), f"hold the state of step {step}")
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
@@ -259,7 +264,8 @@ class RollbackState:
         step it was taken at.
 
         Raises:
-            EntrotrainError: nothing is held, or the model or the optimizers changed shape since it was taken.
+            EntrotrainError: nothing is held, or the model or the optimizers changed shape since it was taken (on any
+                process of the run, checked before anything is copied: see :func:`_agreed_or_raise`).
         """
         if self.step is None:
             raise EntrotrainError("RollbackState.restore: no state is held; call take() at a good step first.")
@@ -269,14 +275,21 @@ class RollbackState:
                 f"{len(optimizers)}; restore with the optimizers given to take()."
             )
         current = model.state_dict()
-        if self._frozen is not None:
-            self._frozen.verify(current)  # before anything is copied
         outer = [stepped_optimizer(opt) for opt in optimizers]  # (whose groups ZeroRedundancyOptimizer steps from)
-        for opt, groups in zip(outer, self._groups):
-            rollback_groups.check_groups(opt, groups)  # (also before any copy)
+        frozen = self._frozen.keys if self._frozen else set()
+
+        def check() -> list[tuple[torch.Tensor, torch.Tensor]]:  # every refusal, before anything is copied
+            if self._frozen is not None:
+                self._frozen.verify(current)
+            for opt, groups in zip(outer, self._groups):
+                rollback_groups.check_groups(opt, groups)
+            return _model_shards(model, self._model, self._specs, current, frozen)
+
+        with torch.no_grad():  # (the local shards are views of the parameters, copied into below)
+            shards = _agreed_or_raise(check, f"restore the state of step {self.step}")
         modes = [rollback_groups.modes(opt) for opt in outer]  # schedule-free's, before the restore
         with torch.no_grad():
-            _restore_model(model, self._model, self._specs, current, self._frozen.keys if self._frozen else set())
+            _restore_model(model, self._model, self._specs, current, shards)
             for opt, held in zip(optimizers, self._optimizers):
                 _restore_optimizer(unwrap_optimizer(opt), held)
             _restore_outside([unwrap_optimizer(opt) for opt in optimizers], self._outside)
@@ -347,6 +360,27 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
         # (float8 has no isfinite: judged widened, only when suspect)
         finite = finite and all(bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()) for t in suspects)
     return agreed(finite, agreement_groups([*mesh_groups(meshes), *groups]), every=True)
+
+
+def _agreed_or_raise(check: Callable[[], _T], what: str) -> _T:
+    """``check()``'s result once every process of the run (:func:`agreement_groups`, none in one process) found no
+    refusal: ``check``'s own :class:`EntrotrainError` on a process where it raised, and on every other one an error
+    saying that another process could not ``what``. So a refusal that only one rank meets (a frozen parameter changed
+    on that rank alone, a local shard copied by a state-dict hook) is taken on every rank alike, never one rank
+    holding or rolling back while another goes on (one all-reduce with 2+ processes)."""
+    try:
+        result, refusal = check(), None
+    except EntrotrainError as error:
+        result, refusal = None, error
+    if agreed(refusal is None, agreement_groups([]), every=True):
+        return result  # type: ignore[return-value]
+    if refusal is not None:
+        raise refusal
+    raise EntrotrainError(
+        f"EntropyCollapseGuard(action='rollback'): another process of this run could not {what} (its error says "
+        "why); every process refuses together, so the replicas stay alike. Use action='reduce_lr' or 'stop' if it "
+        "persists."
+    )
 
 
 def agreement_groups(groups: Sequence[tuple[Any, torch.device]]) -> list[tuple[Any, torch.device]]:
@@ -458,15 +492,18 @@ def _optimizer_state(
     return held
 
 
-def _restore_model(
+def _model_shards(
     model: nn.Module, held: dict[str, Any], specs: dict[str, Any], current: dict[str, Any], frozen: set[str]
-) -> None:
-    """Copy ``held`` into the tensors ``model.state_dict()`` shares with the live parameters and buffers; what does
-    not share storage with them (a state-dict hook's product) or is not a tensor goes through ``load_state_dict``.
-    A DTensor entry (FSDP2) is copied into its local shard, which must share storage with the parameter's local shard
-    and have the spec it was taken with: anything else is refused (a local shard cannot go through
-    ``load_state_dict``). ``current``: ``model.state_dict()`` now; ``frozen``: its keys not held (``hold="trainable"``,
-left as they are)."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The refusals of :func:`_restore_model`, before anything is copied, and the DTensor entries' ``(local shard,
+    held value)`` pairs it copies. A DTensor entry (FSDP2) is copied into its local shard, which must share storage
+    with the parameter's local shard and have the spec it was taken with: anything else is refused (a local shard
+    cannot go through ``load_state_dict``). ``current``: ``model.state_dict()`` now; ``frozen``: its keys not held
+    (``hold="trainable"``, left as they are).
+
+    Raises:
+        EntrotrainError: the state keys changed, or a shard cannot be copied back in place.
+    """
     if current.keys() != held.keys() | frozen:
         missing, extra = sorted((held.keys() | frozen) - current.keys()), sorted(current.keys() - held.keys() - frozen)
         raise EntrotrainError(
@@ -475,10 +512,20 @@ left as they are)."""
             "rolled back in memory. Use action='reduce_lr' or 'stop'."
         )
     live = {_local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    through_load: dict[str, Any] = {}
     # every shard checked before any is copied: a refusal leaves the model as it was, not half rolled back
-    shards = [_shard_target(key, current[key], value, specs.get(key), live)
-              for key, value in held.items() if key in specs or _is_dtensor(current[key])]
+    return [_shard_target(key, current[key], value, specs.get(key), live)
+            for key, value in held.items() if key in specs or _is_dtensor(current[key])]
+
+
+def _restore_model(
+    model: nn.Module, held: dict[str, Any], specs: dict[str, Any], current: dict[str, Any],
+    shards: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Copy ``held`` into the tensors ``model.state_dict()`` shares with the live parameters and buffers; what does
+    not share storage with them (a state-dict hook's product) or is not a tensor goes through ``load_state_dict``;
+    the DTensor entries into their local shards (``shards``, checked by :func:`_model_shards`)."""
+    live = {_local(t).untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    through_load: dict[str, Any] = {}
     for local, value in shards:
         local.copy_(value, non_blocking=True)
     for key, value in held.items():

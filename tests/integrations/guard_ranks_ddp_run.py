@@ -7,7 +7,9 @@ under ``EntropyMonitors(guards=[...])`` and hands the guard its own scripted val
 - ``rollback``: rank 1's value is bad at step 2, rank 0's never is;
 - ``stop``: rank 1's value is NaN at step 1, rank 0's is finite;
 - ``reduce_lr``: only rank 0 hands a value over (bad at step 1); rank 1 never calls ``observe``;
-- ``rollback_buffer``: both ranks' values are bad at step 3, and rank 1's buffer went NaN after step 2's update.
+- ``rollback_buffer``: both ranks' values are bad at step 3, and rank 1's buffer went NaN after step 2's update;
+- ``frozen_take`` / ``frozen_restore`` (``hold="trainable"``): rank 1's frozen parameter changes after step 1's update
+  (the take of step 1 refuses) / step 3's (bad on both ranks: the restore refuses).
 
 Each rank writes ``rank{r}.json``: per run, the steps it rolled back at, ``should_stop`` after each step, the final
 learning rate and its final weights (flattened). Then one logging step of a ``PolicyEntropyMonitor`` whose tensors
@@ -41,39 +43,50 @@ RUNS = {
     "stop": (dict(threshold=5.0, mode="max", action="stop"), [1.0, 1.0, 1.0, 1.0], [1.0, NAN, 1.0, 1.0]),
     "reduce_lr": (dict(threshold=5.0, mode="max", action="reduce_lr"), [1.0, 9.0, 1.0, 1.0], [None] * 4),
     "rollback_buffer": (dict(threshold=5.0, mode="max", action="rollback"), [1.0, 1.0, 1.0, 9.0], [1.0, 1.0, 1.0, 9.0]),
+    "frozen_take": (dict(threshold=5.0, mode="max", action="rollback", hold="trainable"), [1.0] * 4, [1.0] * 4),
+    "frozen_restore": (dict(threshold=5.0, mode="max", action="rollback", hold="trainable"), [1.0, 1.0, 1.0, 9.0],
+                       [1.0, 1.0, 1.0, 9.0]),
 }
-#: run -> (rank, step): that rank's buffer goes NaN after that step's update (as BatchNorm's running statistics can on
-#: one rank: DDP does not keep buffers equal between its forwards' broadcasts)
-POISONED = {"rollback_buffer": (1, 2)}
+#: run -> (rank, step, what): after that step's update, that rank's buffer goes NaN ("buffer": as BatchNorm's running
+#: statistics can on one rank, DDP does not keep buffers equal between its forwards' broadcasts), or its frozen
+#: parameter changes ("frozen": with hold="trainable", a take then a restore refuses)
+POISONED = {"rollback_buffer": (1, 2, "buffer"), "frozen_take": (1, 1, "frozen"), "frozen_restore": (1, 3, "frozen")}
 
 
-def train(rank: int, guard_args: dict, values: list, poisoned: tuple[int, int] | None = None) -> dict:
+def train(rank: int, guard_args: dict, values: list, poisoned: tuple[int, int, str] | None = None) -> dict:
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
+    from entrotrain.errors import EntrotrainError
     from entrotrain.integrations.loop import EntropyMonitors
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     model.register_buffer("stat", torch.zeros(2))
+    model.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
     guard = EntropyCollapseGuard("loss", keep_last_good=False, **guard_args)
     monitors = EntropyMonitors(guards=[guard], print_summary=False)
     rolled, restored, stop = [], [], []
-    with monitors.watch(ddp, optimizer=opt):
-        for step, value in enumerate(values):
-            with monitors.step(step):
-                opt.zero_grad(set_to_none=True)
-                ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
-                opt.step()
-                if poisoned == (rank, step):
-                    model.stat.fill_(NAN)
-                if value is not None:
-                    monitors.observe(loss=torch.tensor(value))
-            if monitors.rolled_back:
-                rolled.append(step)
-                restored.append(guard.held_states.restored_step)
-            stop.append(monitors.should_stop)
+    try:
+        with monitors.watch(ddp, optimizer=opt):
+            for step, value in enumerate(values):
+                with monitors.step(step):
+                    opt.zero_grad(set_to_none=True)
+                    ddp(torch.randn(6, 4, generator=g)).pow(2).mean().backward()
+                    opt.step()
+                    if poisoned == (rank, step, "buffer"):
+                        model.stat.fill_(NAN)
+                    if poisoned == (rank, step, "frozen"):
+                        model.frozen.data.add_(1.0)
+                    if value is not None:
+                        monitors.observe(loss=torch.tensor(value))
+                if monitors.rolled_back:
+                    rolled.append(step)
+                    restored.append(guard.held_states.restored_step)
+                stop.append(monitors.should_stop)
+    except EntrotrainError as error:
+        return {"error": str(error), "step": step}
     weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
     return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights,
             "restored_to": restored}

@@ -27,7 +27,12 @@ def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> No
     for r in ranks:
         assert r["rollback"]["rolled"] == [2], r["rollback"]  # rank 1's bad value rolls both back
         # rank 1's state after step 2 held a NaN buffer: held on neither rank, both roll back to step 1's state
-        assert r["rollback_buffer"]["rolled"] == [3] and r["rollback_buffer"]["restored_to"] == [1], r["rollback_buffer"]
+        buffer = r["rollback_buffer"]
+        assert buffer["rolled"] == [3] and buffer["restored_to"] == [1], buffer
+        # a frozen parameter changed on rank 1 only (hold='trainable'): the take refuses on both ranks, at step 1;
+        # changed at the bad step, the restore refuses on both (no rollback, both stop)
+        assert r["frozen_take"]["step"] == 1 and "error" in r["frozen_take"], r["frozen_take"]
+        assert r["frozen_restore"]["rolled"] == [] and r["frozen_restore"]["stop"][-1], r["frozen_restore"]
         assert r["stop"]["stop"] == [False, True, True, True]  # rank 1's NaN stops both
         assert r["reduce_lr"]["lr"] == 0.05  # only rank 0 handed a value over: it counts on both, no hang
         # a rank that hands the policy monitor nothing (or no rewards) is an error on both ranks, not a hang
@@ -38,6 +43,8 @@ def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> No
         assert r["policy_dtypes"]["logs"]["entropy/policy/mean"] > 0  # float32 beside float64: promoted, as cat does
     assert ranks[0]["policy_empty"] == ranks[1]["policy_empty"]
     assert ranks[0]["policy_dtypes"] == ranks[1]["policy_dtypes"]
+    assert "another process of this run could not hold the state of step 1" in ranks[0]["frozen_take"]["error"]
+    assert "another process" not in ranks[1]["frozen_take"]["error"]  # rank 1 says its own reason
 
 
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), st.sampled_from(["min", "max"]))

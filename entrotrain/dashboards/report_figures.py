@@ -20,8 +20,8 @@ import numpy as np
 from entrotrain.dashboards.run_reader import RunData, natural_order
 from entrotrain.errors import EntrotrainError
 
-if TYPE_CHECKING:  # the fit imports torch: only when a run has policy keys
-    from entrotrain.functional.entropy_reward_fit import CeilingVerdict
+if TYPE_CHECKING:
+    from entrotrain._entropy_reward_rules import CeilingVerdict
 
 __all__ = [
     "Figure",
@@ -578,7 +578,7 @@ def fit_verdict(run: RunData) -> tuple[float, float, CeilingVerdict] | None:
     the logged (entropy, reward) points up to the step of the last published fit (all of them for the report's own
     fit); R² is the published ``fit_r2`` (else that of a fit to those points).
     """
-    from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, ceiling_verdict, fit_entropy_reward
+    from entrotrain._entropy_reward_rules import EntropyRewardFit, ceiling_verdict  # (no torch: status reads it)
 
     fit = fit_curve(run)
     h, r = run.scalars.get("entropy/policy/mean"), run.scalars.get("entropy/policy/reward_mean")
@@ -595,6 +595,8 @@ def fit_verdict(run: RunData) -> tuple[float, float, CeilingVerdict] | None:
     if r2 is not None and len(r2[1]):
         r2_value = float(r2[1][-1])
     else:
+        from entrotrain.functional.entropy_reward_fit import fit_entropy_reward
+
         try:
             r2_value = fit_entropy_reward(hs, rs).r2
         except EntrotrainError:

@@ -28,7 +28,8 @@ module names are logged once as the hyperparameter ``{p}/layers`` and printed at
 ``{p}/L{l}/entropy``               mean per-token Shannon entropy of the router softmax (nats)
 ``{p}/L{l}/entropy_norm``          the same / ln E (1 = uniform router)
 ``{p}/L{l}/tsallis``               mean per-token Tsallis entropy of order ``q`` (nats, unnormalised; DynMoLE)
-``{p}/L{l}/load/E{e}``             expert ``e``'s share of the top-k assignments (sums to 1 over ``e``)
+``{p}/L{l}/load/E{e}``             expert ``e``'s share of the top-k assignments (sums to 1 over ``e``): the experts
+                                   the router returned it picked (HF ``*TopKRouter``), else the top k of the softmax
 ``{p}/L{l}/load_entropy``          entropy of that load distribution (nats); ``_norm``: / ln E (1 = balanced)
 ``{p}/L{l}/dead_frac``             fraction of experts with no top-k assignment (or share < ``dead_threshold``)
 ``{p}/L{l}/top1_margin``           mean :math:`p_{(1)} - p_{(2)}` (sorted router probabilities)
@@ -249,9 +250,11 @@ class RouterEntropyMonitor(HookedMonitor):
         if step is not None:  # the optimizer stepped: the window is complete
             self._flush(trainer, pl_module, step)
 
-    def _micro_batch_logits(self, outputs: Any) -> tuple[list[tuple[str, Tensor]], Tensor | None, bool]:
-        """``[(layer name, (rows, E) logits)]`` in forward order, a returned mask, and whether they came from
-        ``training_step``."""
+    def _micro_batch_logits(
+        self, outputs: Any
+    ) -> tuple[list[tuple[str, Tensor, Tensor | None]], Tensor | None, bool]:
+        """``[(layer name, (rows, E) logits, (rows, k) experts the router picked or None)]`` in forward order, a
+        returned mask, and whether they came from ``training_step``."""
         if isinstance(outputs, Mapping) and outputs.get("router_logits") is not None:
             logits = outputs["router_logits"]
             if isinstance(logits, Tensor):
@@ -268,10 +271,11 @@ class RouterEntropyMonitor(HookedMonitor):
                     f"training_step returned 'router_mask' of type {type(mask).__name__}; return a keep mask tensor "
                     "(bool True = real token, or HF's 0/1 attention_mask) with one entry per router row."
                 )
-            return [(f"router_logits[{i}]", t.detach()) for i, t in enumerate(logits)], mask, True
+            return [(f"router_logits[{i}]", t.detach(), None) for i, t in enumerate(logits)], mask, True
         if self.tap is None:
             return [], None, False
-        return [(name, self.tap.logits(name)) for name in self.tap.order if name in self.tap.captures], None, False
+        tap = self.tap
+        return [(n, tap.logits(n), tap.chosen_experts(n)) for n in tap.order if n in tap.captures], None, False
 
     def _batch_mask(self, batch: Any) -> Tensor | None:
         if self.mask_key is None or not isinstance(batch, Mapping):
@@ -295,7 +299,7 @@ class RouterEntropyMonitor(HookedMonitor):
         self._from_outputs = self._from_outputs or from_outputs
         if mask is None:
             mask = self._batch_mask(batch)
-        for name, logits in layers:
+        for name, logits, chosen in layers:
             rows = logits.reshape(-1, logits.shape[-1]).shape[0] if logits.dim() else 0
             layer_mask = mask
             if mask is not None and mask.numel() != rows:
@@ -310,7 +314,7 @@ class RouterEntropyMonitor(HookedMonitor):
                     )
                     layer_mask = None
             try:
-                sums = router_statistics(logits, self._layer_top_k(name), mask=layer_mask, q=self.q)
+                sums = router_statistics(logits, self._layer_top_k(name), mask=layer_mask, q=self.q, chosen=chosen)
             except EntrotrainError as err:
                 raise EntrotrainError(f"RouterEntropyMonitor, router {name!r}: {err}") from None
             if name not in self.layer_names:

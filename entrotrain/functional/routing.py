@@ -354,6 +354,7 @@ def router_statistics(
     *,
     mask: Tensor | None = None,
     q: float = 1.1,
+    chosen: Tensor | None = None,
 ) -> RouterSums:
     r"""Sums and counts of one MoE layer's routing (Shannon / Tsallis entropy, top-k load, importance, margins).
 
@@ -375,6 +376,11 @@ def router_statistics(
             ``attention_mask`` ``(batch, seq)`` lines up with ``(batch·seq, E)``): bool ``True`` = keep, or integer
             0/1 with 1 = keep. ``None`` keeps every row.
         q: Tsallis order, finite and > 0 (DynMoLE 1.1).
+        chosen: optional ``(rows, k)`` integer ids of the experts the router itself picked for each row (HF
+            ``*TopKRouter`` modules return them third). The load is then counted from them instead of from the top
+            ``top_k`` of ``softmax(z)``: routers that score experts otherwise (a sigmoid with DeepSeek-V3's
+            ``e_score_correction_bias``, which exists to move the choice away from the top logits) pick other experts.
+            Ids outside ``[0, E)`` count nowhere; masked and non-finite rows' ids are not counted either.
 
     Returns:
         :class:`RouterSums` (float64, on the logits' device; no host sync). Rows holding NaN/Inf are counted in
@@ -400,7 +406,13 @@ def router_statistics(
         p = torch.softmax(z, dim=-1)
         top_p, top_i = torch.topk(p, min(top_k + 1, n_experts), dim=-1)
         counts = torch.zeros(n_experts, dtype=torch.float64, device=z.device)
-        counts.scatter_add_(0, top_i[:, :top_k].reshape(-1), w.repeat_interleave(top_k))
+        if chosen is None:
+            counts.scatter_add_(0, top_i[:, :top_k].reshape(-1), w.repeat_interleave(top_k))
+        else:
+            picked = _chosen_experts(chosen, n_rows, z.device)
+            real = (picked >= 0) & (picked < n_experts)  # an id outside [0, E) (a -1 pad) counts nowhere
+            weight = (w[:, None] * real).reshape(-1)
+            counts.scatter_add_(0, torch.where(real, picked, 0).reshape(-1), weight)
         mass = (p.double() * w[:, None]).sum(0)
         padded = torch.cat([top_p, torch.zeros(n_rows, 1, dtype=top_p.dtype, device=z.device)], dim=1).double()
         top1 = ((padded[:, 0] - padded[:, 1]) * w).sum()
@@ -415,6 +427,20 @@ def router_statistics(
         rows=w.sum(),
         nonfinite=(keep & ~finite).sum().to(torch.float64),
     )
+
+
+def _chosen_experts(chosen: Tensor, n_rows: int, device: torch.device) -> Tensor:
+    """``chosen`` as ``(rows, k)`` int64 expert ids on ``device`` (``(rows,)``: one per row), else
+    :class:`EntrotrainError`. Values are not read (no host sync)."""
+    check_tensor(chosen, "chosen", integer=True)
+    if chosen.dim() == 1:
+        chosen = chosen[:, None]
+    if chosen.dim() != 2 or chosen.shape[0] != n_rows or chosen.shape[1] == 0:
+        raise EntrotrainError(
+            f"chosen must hold the (rows, k) ids of the experts picked for each of the {n_rows} router rows, got "
+            f"shape {tuple(chosen.shape)}."
+        )
+    return chosen.to(device=device, dtype=torch.long)
 
 
 def router_values(sums: RouterSums, *, dead_threshold: float = 0.0) -> RouterValues:

@@ -45,7 +45,7 @@ from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 from entrotrain.taps.query_padding import ambient_row_mask
 
-__all__ = ["RouterTap", "discover_routers", "router_rows"]
+__all__ = ["RouterTap", "chosen_experts", "discover_routers", "router_rows"]
 
 _MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
 
@@ -90,6 +90,20 @@ def router_rows(output: Any, *, name: str = "router", output_index: int = 0, det
     return (output.detach() if detach else output).reshape(-1, output.shape[-1]).clone()
 
 
+def chosen_experts(output: Any, rows: int) -> Tensor | None:
+    """The expert ids a router returned beside its logits: the last element of a tuple/list output when it is an
+    integer tensor of ``rows`` rows (HF ``*TopKRouter``: ``(router_logits, scores, indices)``), as ``(rows, k)``
+    detached; ``None`` otherwise."""
+    if not isinstance(output, (tuple, list)) or len(output) < 2:
+        return None
+    ids = output[-1]
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        return None
+    if ids.dim() not in (1, 2) or ids.shape[0] != rows:
+        return None
+    return ids.detach().reshape(rows, -1).clone()
+
+
 class RouterTap(ForwardHookTap):
     """Detached router logits of the MoE layers of ``model``, while armed.
 
@@ -109,6 +123,8 @@ class RouterTap(ForwardHookTap):
         captures: ``{name: [(rows, E) logits per call]}`` since the last :meth:`reset`.
         masks: ``{name: [(rows,) bool keep mask or None per call]}``, parallel to :attr:`captures`
             (``token_masks=True``; else every entry is ``None``).
+        chosen: ``{name: [(rows, k) expert ids or None per call]}``, parallel to :attr:`captures`: the experts the
+            router itself picked, when it returns them (:func:`chosen_experts`).
         order: names in the order their first call was seen (since construction; never reset).
 
     Raises:
@@ -151,6 +167,7 @@ class RouterTap(ForwardHookTap):
         self.on_capture = on_capture
         self.captures: dict[str, list[Tensor]] = {}
         self.masks: dict[str, list[Tensor | None]] = {}
+        self.chosen: dict[str, list[Tensor | None]] = {}
         self.order: list[str] = []
         self._handles: list[Any] = []
         self.names = self._match()
@@ -190,6 +207,7 @@ class RouterTap(ForwardHookTap):
         """Forget stored captures (:attr:`order` is kept: layer numbers stay stable)."""
         self.captures = {}
         self.masks = {}
+        self.chosen = {}
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -207,6 +225,7 @@ class RouterTap(ForwardHookTap):
             else:
                 self.captures.setdefault(name, []).append(logits)
                 self.masks.setdefault(name, []).append(self._row_mask(name, logits) if self.watch_token_masks else None)
+                self.chosen.setdefault(name, []).append(chosen_experts(output, logits.shape[0]))
 
         return hook
 
@@ -221,6 +240,14 @@ class RouterTap(ForwardHookTap):
                 stacklevel=3,
             )
         return mask
+
+    def chosen_experts(self, name: str) -> Tensor | None:
+        """The ``(rows, k)`` expert ids router ``name`` itself picked, in call order, parallel to :meth:`logits`;
+        ``None`` unless every stored call returned them (HF ``*TopKRouter``: ``(logits, scores, indices)``)."""
+        found = self.chosen.get(name, [])
+        if not found or any(c is None for c in found):
+            return None
+        return torch.cat(found)  # type: ignore[arg-type]
 
     def logits(self, name: str) -> Tensor:
         """All stored logits of router ``name``, concatenated in call order ``(rows, E)``."""

@@ -229,3 +229,44 @@ def test_the_monitor_refuses_orders_the_functional_refuses():
     with pytest.raises(EntrotrainError, match="q must be in"):  # before: refused only at the first logged step
         RouterEntropyMonitor(q=1e300)
     assert RouterEntropyMonitor(q=1e30).q == 1e30
+
+
+class BiasedTopKRouter(torch.nn.Module):
+    """A DeepSeek-V3 / MiniMax-M2 style router (HF 5.x ``*TopKRouter`` contract): sigmoid scores plus an
+    ``e_score_correction_bias`` choose the experts, and it returns ``(router_logits, scores, indices)``."""
+
+    def __init__(self, dim: int, n_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_experts, dim))
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts))
+        self.e_score_correction_bias[-top_k:] = 10.0  # balancing moved every token to the last top_k experts
+        self.top_k = top_k
+
+    def forward(self, x):
+        logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight)
+        scores = logits.sigmoid()
+        _, index = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1)
+        weights = scores.gather(1, index)
+        return logits, weights / weights.sum(-1, keepdim=True), index
+
+
+class BiasedMoE(ToyMoE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = BiasedTopKRouter(6, 4, 2)
+
+    def training_step(self, batch, batch_idx):
+        _, weights, index = self.router(batch["x"])
+        return weights.sum() + 0.0 * index.sum() + super().training_step(batch, batch_idx)
+
+
+def test_load_counts_the_experts_the_router_itself_picked():
+    """A router whose choice is not the top k of its logits (sigmoid + correction bias) returns the ids it picked:
+    the load is counted from them (all on experts 2 and 3 here: experts 0 and 1 are dead). Before, it was the top 2 of
+    softmax(logits), experts the router did not pick, and dead_frac said 0."""
+    monitor = RouterEntropyMonitor(every_n_steps=1, include=["router"], log_media=False, print_summary=False)
+    quiet_trainer(callbacks=[monitor], max_steps=1).fit(BiasedMoE(), toy_loader(1))
+    logged = monitor.last_logged
+    loads = [logged[f"entropy/router/L0/load/E{e}"] for e in range(4)]
+    assert loads == pytest.approx([0.0, 0.0, 0.5, 0.5], abs=1e-9)  # every real token: experts 2 and 3 (mask applied)
+    assert logged["entropy/router/L0/dead_frac"] == pytest.approx(0.5)

@@ -129,18 +129,20 @@ def gather_union(
     Raises:
         EntrotrainError: the ranks did not all give the same tensors, or gave different temperatures.
     """
+    def check(held: list[frozenset[str]], temperatures: list[object]) -> None:  # before any tensor is gathered
+        for name in ("entropy", *(name for name, _ in _GATHERED if name not in _REQUIRED)):
+            ranks = [rank for rank, names in enumerate(held) if name in names]
+            if 0 < len(ranks) < len(held):
+                raise EntrotrainError(f"PolicyEntropyMonitor{where}: rank(s) {ranks} {given(name)} and the others did "
+                                      "not. " + _ALIKE)
+        if len({repr(t) for t in temperatures}) > 1:
+            raise EntrotrainError(f"PolicyEntropyMonitor{where}: the ranks gave the temperatures {temperatures} (in "
+                                  "rank order). " + _ALIKE)
+
     temperature = None if temperature is None else float(temperature)
     with torch.no_grad():
-        batch = gather_padded_dict({name: found.get(name) for name, _ in _GATHERED}, dict(_GATHERED), temperature)
-    world = len(batch.held)
-    for name in ("entropy", *(name for name, _ in _GATHERED if name not in _REQUIRED)):
-        ranks = [rank for rank, held in enumerate(batch.held) if name in held]
-        if 0 < len(ranks) < world:
-            raise EntrotrainError(f"PolicyEntropyMonitor{where}: rank(s) {ranks} {given(name)} and the others did not. "
-                                  + _ALIKE)
-    if len({repr(t) for t in batch.extra}) > 1:
-        raise EntrotrainError(f"PolicyEntropyMonitor{where}: the ranks gave the temperatures {batch.extra} (in rank "
-                              "order). " + _ALIKE)
+        batch = gather_padded_dict({name: found.get(name) for name, _ in _GATHERED}, dict(_GATHERED), temperature,
+                                   check)
     return {name: value.cpu() for name, value in batch.tensors.items()}  # one device -> host transfer per tensor
 
 

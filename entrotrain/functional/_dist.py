@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import reduce
 
@@ -111,24 +111,30 @@ class GatheredBatch:
 
 
 def gather_padded_dict(
-    tensors: Mapping[str, Tensor | None], fills: Mapping[str, float | bool], extra: object = None
+    tensors: Mapping[str, Tensor | None], fills: Mapping[str, float | bool], extra: object = None,
+    check: Callable[[list[frozenset[str]], list[object]], None] | None = None,
 ) -> GatheredBatch:
     """:func:`all_gather_padded` of several tensors, some of which a rank may not hold (``None``), with one small
     exchange of their layouts first: one ``all_gather_object`` of each rank's (key -> dtype, shape) and ``extra`` (a
     picklable object the caller agrees on), then one ``all_gather`` per key that **every** rank holds (a key some
-    ranks lack is not gathered; ``held`` says who had it, for the caller to refuse or accept). A tensor's dtype on
-    the wire is promoted over the ranks (``torch.cat``'s rule), its trailing dims padded with ``fills[key]`` (0 when
-    absent) to the largest. Every rank calls it, with the same keys, in the same order. One process: the tensors as
-    they are (detached), no collective.
+    ranks lack is not gathered; ``held`` says who had it). ``check(held, extra)`` runs on every rank between the two,
+    on the same arguments everywhere: raise from it to refuse before any tensor is gathered (every rank raises
+    alike). A tensor's dtype on the wire is promoted over the ranks (``torch.cat``'s rule), its trailing dims padded
+    with ``fills[key]`` (0 when absent) to the largest. Every rank calls it, with the same keys, in the same order.
+    One process: the tensors as they are (detached), no collective.
 
     Raises:
         EntrotrainError: a key every rank holds has a different number of dims on two ranks (on every rank alike).
     """
     mine = {key: value for key, value in tensors.items() if value is not None}
     if not dist_ready():
+        if check is not None:
+            check([frozenset(mine)], [extra])
         return GatheredBatch({key: value.detach() for key, value in mine.items()}, [frozenset(mine)], [extra])
     layouts = gather_objects(({key: (value.dtype, tuple(value.shape)) for key, value in mine.items()}, extra))
     held = [frozenset(layout) for layout, _ in layouts]
+    if check is not None:
+        check(held, [obj for _, obj in layouts])
     out: dict[str, Tensor] = {}
     for key in (key for key in tensors if all(key in h for h in held)):
         dtypes = [layout[key][0] for layout, _ in layouts]

@@ -36,6 +36,7 @@ from entrotrain.integrations._monitor_session import (  # noqa: E402
     _RouterDriver,
     distributed,
 )
+from tests.helpers.ddp_trainer import count_collectives  # noqa: E402
 from tests.helpers.gloo import spawn_gloo  # noqa: E402
 from tests.helpers.lightning_models import TinyLM, token_loader  # noqa: E402
 from tests.helpers.policy_batches import rank_batches, union_of_ranks  # noqa: E402
@@ -186,11 +187,13 @@ def policies(rank: int, result: dict[str, object]) -> None:
     mine, union = rank_batches(rank, 1)[0], union_of_ranks(1)[0]
     for case, plan in POLICY_CASES.items():
         monitor = policy_module.PolicyEntropyMonitor(log_media=False, print_summary=False)
+        collectives = count_collectives(monitor, "on_train_batch_end")
         try:
             monitor.on_train_batch_end(trainer, None, policy_outputs(mine, plan[rank]), None, 0)
             result[f"policy/lightning/{case}"] = published[-1]
         except EntrotrainError as error:
             result[f"policy/lightning/{case}"] = {"error": str(error)}
+        result[f"policy/collectives/{case}"] = collectives
         if rank == 0 and case == "dtypes_differ":  # the union, as one process concatenates it (float32 values)
             reference = policy_module.PolicyEntropyMonitor(log_media=False, print_summary=False)
             found = reference._tensors(union)

@@ -63,6 +63,10 @@ def test_policy_ranks_agree_on_the_tensors_they_returned_before_the_gather(ranks
         for r in range(2):
             error = ranks[r][f"policy/lightning/{case}"].get("error", "")
             assert phrase in error and "at batch 0" in error, (case, r, error)
+    for r in range(2):  # one exchange of what each rank holds, then one gather per tensor (4 + rewards)
+        for case in expected:
+            assert ranks[r][f"policy/collectives/{case}"] == ["all_gather_object"], (case, r)
+        assert ranks[r]["policy/collectives/dtypes_differ"] == ["all_gather_object"] + ["all_gather"] * 5, r
     reference = ranks[0]["policy/reference/dtypes_differ"]
     assert reference["entropy/policy/reward_mean"] > 0  # the union's statistics, rewards included
     for r in range(2):

@@ -17,7 +17,10 @@ def test_one_process_hands_the_tensors_back_without_a_collective(monkeypatch) ->
     for name in ("all_gather", "all_gather_object", "all_reduce", "broadcast"):
         monkeypatch.setattr(dist, name, refuse)
     x = torch.randn(3, 4, requires_grad=True)
-    got = gather_padded_dict({"x": x, "absent": None, "m": x > 0}, {"m": False}, extra=0.5)
+    seen = []
+    got = gather_padded_dict({"x": x, "absent": None, "m": x > 0}, {"m": False}, extra=0.5,
+                             check=lambda held, extra: seen.append((held, extra)))
+    assert seen == [([frozenset({"x", "m"})], [0.5])]  # the caller's check sees this one rank
     assert got.held == [frozenset({"x", "m"})] and got.extra == [0.5]
     assert list(got.tensors) == ["x", "m"]
     assert torch.equal(got.tensors["x"], x) and not got.tensors["x"].requires_grad

@@ -141,6 +141,10 @@ class RepresentationEntropyMonitor(HookedMonitor):
             run logging every 50 steps would store 20 000 of them per layer. The run record's spectra are kept at
             every logging step regardless.
         output_index: element read from tuple/list module outputs.
+        layout: where the features of 3-D / 4-D outputs are (:class:`~entrotrain.taps.ActivationTap`): ``"auto"``
+            reads convolutions, norms and poolings channels-first and ``Linear`` / ``LayerNorm`` / ``Embedding``
+            channels-last, any other module's 3-D output as ``(B, T, C)`` and 4-D as ``(B, C, H, W)``;
+            ``"channels_last"`` for blocks returning ``(B, H, W, C)``, ``"channels_first"`` for ``(B, C, L)``.
         seed: reservoir seed.
         prefix: key prefix.
         print_summary: print the first and last values of every layer and measure when training ends (rank zero).
@@ -178,8 +182,10 @@ class RepresentationEntropyMonitor(HookedMonitor):
         prefix: str = "entropy/repr",
         print_summary: bool = True,
         spectrum_every: int = 10,
+        layout: Literal["auto", "channels_last", "channels_first"] = "auto",
     ) -> None:
         check_int(every_n_steps, "every_n_steps", low=1)
+        check_choice(layout, "layout", ("auto", "channels_last", "channels_first"))
         check_int(spectrum_every, "spectrum_every", low=1)
         check_choice(stage, "stage", ("train", "validation"))
         measures = list(measures)
@@ -224,6 +230,7 @@ class RepresentationEntropyMonitor(HookedMonitor):
         self.spectrum_every = spectrum_every
         self._media_steps = 0  # logging steps whose spectrum charts were asked for in this fit (paces them)
         self.output_index = output_index
+        self.layout = layout
         self.seed = seed
         self.prefix = prefix.rstrip("/")
         self.print_summary = print_summary
@@ -294,6 +301,7 @@ class RepresentationEntropyMonitor(HookedMonitor):
                 max_rows=self.max_rows,
                 max_tokens=self.max_tokens,
                 output_index=self.output_index,
+                layout=self.layout,
                 on_capture=self._consume,
             )
 

@@ -214,11 +214,30 @@ def test_media_logged_to_wandb(monkeypatch):
         ({"dse_t": 0}, "dse_t"),
         ({"vendi_kernel": "poly"}, "vendi_kernel"),
         ({"measures": ["dsmi"], "label_index": None}, "label_index"),
+        ({"layout": "nhwc"}, "layout"),
     ],
 )
 def test_bad_arguments_raise_early(kwargs, match):
     with pytest.raises(EntrotrainError, match=match):
         RepresentationEntropyMonitor(**kwargs)
+
+
+def test_layout_reaches_the_tap_so_a_channels_last_block_is_read_by_its_channels():
+    """A block returning (B, H, W, C) is read (B, C, H, W) under 'auto' (it is no Linear / LayerNorm); layout=
+    'channels_last' makes the rows its C channels. The monitor had no way to say so."""
+
+    class Grid(torch.nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], 2, 2, -1)  # (B, H=2, W=2, C)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 12), Grid())
+    for layout, width in (("auto", 2), ("channels_last", 3)):
+        monitor = RepresentationEntropyMonitor(include=["1"], layout=layout, every_n_steps=1)
+        monitor.bind(model)
+        with monitor.tap:
+            model(torch.randn(5, 4))
+        assert monitor.layers["1"].dim == width
+        monitor._release()
 
 
 def test_no_matching_module_and_modules_that_never_run():

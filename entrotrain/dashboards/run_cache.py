@@ -180,21 +180,29 @@ def save(record: Path, metrics: _JsonlTail, rows: _ScalarRows, index: _JsonlTail
 
 def _media_state(record: Path, media: _MediaRows, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """The media items as arrays (steps, offsets, an index into ``protos``: what the items of a key share)."""
-    protos: dict[str, int] = {}
+    protos: dict[tuple[Any, ...], int] = {}  # (kind, path, repr of meta, shape, dtype) -> its place in `shared`
+    shared: list[list[Any]] = []
+    names: dict[Path, str] = {}
     keys = []
     for j, (key, items) in enumerate(media.items.items()):
         steps, offsets, which = [], [], []
         for step, item in items.items():
             steps.append(_NO_INT if step is None else step)
             offsets.append(_NO_INT if item.offset is None else item.offset)
-            proto = json.dumps([item.kind, item.path.relative_to(record).as_posix(), item.meta, list(item.shape),
-                                item.dtype])
-            which.append(protos.setdefault(proto, len(protos)))
+            proto = (item.kind, item.path, repr(item.meta) if item.meta else "", item.shape, item.dtype)
+            at = protos.get(proto)
+            if at is None:  # (a JSON value's repr names it: 1, 1.0 and True differ, as in JSON)
+                name = names.get(item.path)
+                if name is None:
+                    name = names[item.path] = item.path.relative_to(record).as_posix()
+                at = protos[proto] = len(shared)
+                shared.append([item.kind, name, item.meta, list(item.shape), item.dtype])
+            which.append(at)
         arrays[f"ms{j}"] = np.array(steps, dtype=np.int64)
         arrays[f"mo{j}"] = np.array(offsets, dtype=np.int64)
         arrays[f"mp{j}"] = np.array(which, dtype=np.int64)
         keys.append(key)
-    return {"keys": keys, "protos": [json.loads(p) for p in protos], "warnings": media.warnings}
+    return {"keys": keys, "protos": shared, "warnings": media.warnings}
 
 
 def restore(record: Path, metrics: _JsonlTail, rows: _ScalarRows, index: _JsonlTail | None = None,
@@ -263,10 +271,11 @@ def _media_items(record: Path, state: dict[str, Any], data: Any) -> dict[str, di
         by_step: dict[int | None, Any] = {}
         for step, offset, p in zip(steps.tolist(), offsets.tolist(), which.tolist()):
             kind, path, meta, shape, dtype = protos[p]
-            item = MediaItem(key, None if step == _NO_INT else step, kind, path, dict(meta))
-            if offset != _NO_INT:
-                item.offset, item.shape, item.dtype = offset, shape, dtype
-            by_step[item.step] = item
+            step = None if step == _NO_INT else step
+            if offset == _NO_INT:  # a .npy per step: shape and dtype are not read from the index
+                by_step[step] = MediaItem(key, step, kind, path, dict(meta))
+            else:
+                by_step[step] = MediaItem(key, step, kind, path, dict(meta), offset, shape, dtype)
         items[key] = by_step
     for path, end in needed.items():
         if not path.is_file() or path.stat().st_size < end:

@@ -313,6 +313,14 @@ class RouterEntropyMonitor(HookedMonitor):
                         "included. Return 'router_mask' from training_step to fix it. Shown once per fit.",
                     )
                     layer_mask = None
+            if chosen is None and not from_outputs and self.tap is not None and self.tap.corrects_choice(name):
+                self._nonfinite.warn_once(
+                    f"choice:{name}",
+                    f"RouterEntropyMonitor: router {name!r} has an e_score_correction_bias (DeepSeek-V3-style "
+                    "balancing) but does not return the experts it picks, so its load / dead_frac are counted from the "
+                    "top k of softmax(logits), which are not its choice. Return the picked ids as the last element of "
+                    "the router's output, (logits, ..., indices), as HF's *TopKRouter modules do. Shown once per fit.",
+                )
             try:
                 sums = router_statistics(logits, self._layer_top_k(name), mask=layer_mask, q=self.q, chosen=chosen)
             except EntrotrainError as err:

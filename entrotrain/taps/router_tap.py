@@ -202,6 +202,13 @@ class RouterTap(ForwardHookTap):
         value = getattr(dict(named_modules(self.model)).get(name), "top_k", None)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    def corrects_choice(self, name: str) -> bool:
+        """Whether router ``name`` (or the block holding it) has an ``e_score_correction_bias`` (DeepSeek-V3-style
+        balancing): it then picks other experts than the top k of its logits."""
+        modules = dict(named_modules(self.model))
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        return any(hasattr(modules.get(n), "e_score_correction_bias") for n in (name, parent) if n in modules)
+
     # ------------------------------------------------------------------ lifecycle (arm, disarm, with: ForwardHookTap)
     def reset(self) -> None:
         """Forget stored captures (:attr:`order` is kept: layer numbers stay stable)."""

@@ -270,3 +270,21 @@ def test_load_counts_the_experts_the_router_itself_picked():
     loads = [logged[f"entropy/router/L0/load/E{e}"] for e in range(4)]
     assert loads == pytest.approx([0.0, 0.0, 0.5, 0.5], abs=1e-9)  # every real token: experts 2 and 3 (mask applied)
     assert logged["entropy/router/L0/dead_frac"] == pytest.approx(0.5)
+
+
+class LogitsOnlyBiasedRouter(BiasedTopKRouter):
+    """DeepSeek-V3's TopkRouter contract: it returns the logits only; the block picks with the correction bias."""
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+def test_a_corrected_router_that_does_not_return_its_choice_is_warned_about():
+    module = BiasedMoE()
+    module.router = LogitsOnlyBiasedRouter(6, 4, 2)
+    module.training_step = lambda batch, batch_idx: module.router(batch["x"]).sum() + ToyMoE.training_step(
+        module, batch, batch_idx
+    )
+    monitor = RouterEntropyMonitor(every_n_steps=1, include=["router"], log_media=False, print_summary=False)
+    with pytest.warns(UserWarning, match="e_score_correction_bias"):
+        quiet_trainer(callbacks=[monitor], max_steps=1).fit(module, toy_loader(1))

@@ -93,7 +93,7 @@ from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy_reward_fit import EntropyRewardFit, ceiling_verdict, fit_entropy_reward
-from entrotrain.functional._dist import gather_padded_dict
+from entrotrain.functional._dist import gather_padded_dict, world as dist_world
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss, policy_covariance, quantile
 from entrotrain.functional.token_shaping import WINDOW_ALIGNS, phase_entropy, window_entropy
 
@@ -109,7 +109,8 @@ _REQUIRED = ("entropy", "logprobs", "advantages", "mask")
 
 
 def gather_union(
-    found: Mapping[str, Tensor | None], temperature: Any, given: Callable[[str], str], where: str
+    found: Mapping[str, Tensor | None], temperature: Any, given: Callable[[str], str], where: str,
+    refusal: EntrotrainError | None = None,
 ) -> dict[str, Tensor]:
     """The union batch over ranks of this rank's tensors ``found`` (by the names of :data:`_GATHERED`; ``None`` or
     missing: not given), on the host: every rank's rows in rank order, shorter sequences padded (masked out). ``{}``
@@ -125,11 +126,21 @@ def gather_union(
     Args:
         given: the phrase for a rank that gave the tensor named (``"returned 'rewards' from training_step"``).
         where: the start of the error message after ``PolicyEntropyMonitor`` (``" at batch 4"``).
+        refusal: this rank could not read its batch (``found`` empty): raised here on this rank, after the exchange,
+            and on the others an error quoting it.
 
     Raises:
-        EntrotrainError: the ranks did not all give the same tensors, or gave different temperatures.
+        EntrotrainError: a rank could not read its batch, the ranks did not all give the same tensors, or gave
+            different temperatures.
     """
-    def check(held: list[frozenset[str]], temperatures: list[object]) -> None:  # before any tensor is gathered
+    def check(held: list[frozenset[str]], extras: list[Any]) -> None:  # before any tensor is gathered
+        refused = [(rank, text) for rank, (_, text) in enumerate(extras) if text is not None]
+        if refusal is not None:
+            raise refusal
+        if refused:
+            raise EntrotrainError(f"PolicyEntropyMonitor{where}: rank(s) {[rank for rank, _ in refused]} could not "
+                                  f"read their batch: {refused[0][1]}")
+        temperatures = [t for t, _ in extras]
         for name in ("entropy", *(name for name, _ in _GATHERED if name not in _REQUIRED)):
             ranks = [rank for rank, names in enumerate(held) if name in names]
             if 0 < len(ranks) < len(held):
@@ -141,8 +152,8 @@ def gather_union(
 
     temperature = None if temperature is None else float(temperature)
     with torch.no_grad():
-        batch = gather_padded_dict({name: found.get(name) for name, _ in _GATHERED}, dict(_GATHERED), temperature,
-                                   check)
+        batch = gather_padded_dict({name: found.get(name) for name, _ in _GATHERED}, dict(_GATHERED),
+                                   (temperature, None if refusal is None else str(refusal)), check)
     return {name: value.cpu() for name, value in batch.tensors.items()}  # one device -> host transfer per tensor
 
 
@@ -280,9 +291,9 @@ class PolicyEntropyMonitor(PerFitCallback):
     Under DDP the batches of all ranks are gathered once per logging batch and every statistic is computed on their
     concatenation (so 2 ranks report exactly what one process on the union batch would): the ranks first exchange
     which tensors they returned (one small ``all_gather_object``), and an optional tensor (``rewards``,
-    ``post_token_entropy``, ``phase_ids``) or a ``temperature`` that not every rank returned alike raises an
-    :class:`~entrotrain.errors.EntrotrainError` on every rank (:func:`gather_union`). Nothing runs on batches that
-    do not log.
+    ``post_token_entropy``, ``phase_ids``) or a ``temperature`` that not every rank returned alike, or a rank whose
+    ``training_step`` output cannot be read, raises an :class:`~entrotrain.errors.EntrotrainError` on every rank
+    (:func:`gather_union`). Nothing runs on batches that do not log.
 
     Args:
         every_n_batches: log at training batches ``0, n, 2n, ...`` (a batch is one rollout in
@@ -445,6 +456,16 @@ class PolicyEntropyMonitor(PerFitCallback):
             found["rewards"] = rewards
         return found
 
+    def _read(self, trainer: Trainer, outputs: Any) -> dict[str, Any] | EntrotrainError:
+        """:meth:`_tensors`; with 2+ ranks, its error is returned instead of raised, for :func:`gather_union` to raise
+        on every rank (raised here, on one rank, it would leave the others waiting in the gather)."""
+        try:
+            return self._tensors(outputs)
+        except EntrotrainError as error:
+            if dist_world()[1] < 2:
+                raise
+            return error
+
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking or trainer.accumulate_grad_batches == 1:
@@ -462,20 +483,24 @@ class PolicyEntropyMonitor(PerFitCallback):
             # the step Lightning logs it at; one row per micro-batch would log the same step several times)
             if not self._window.open:
                 return
-            self._pending.append(self._tensors(outputs))
+            self._pending.append(self._read(trainer, outputs))
             index = self._window.end(trainer.global_step)
             if index is None:  # more micro-batches to come
                 return
-            found, self._pending = _pooled(self._pending), []
+            refused = [part for part in self._pending if isinstance(part, EntrotrainError)]
+            found, self._pending = (refused[0] if refused else _pooled(self._pending)), []
         else:
             index = trainer.fit_loop.epoch_loop.total_batch_idx
             if index % self.every_n_batches:
                 return
-            found = self._tensors(outputs)
+            found = self._read(trainer, outputs)
         # under DDP: every rank's rows, T padded with masked-out tokens (the mask pads with False), once the ranks
-        # agree on which tensors they hold (an optional one on some ranks only: an error on every rank)
-        tensors = gather_union(found, found["temperature"], lambda name: f"returned {self.keys[name]!r} from "
-                               "training_step", f" at batch {index}")
+        # agree on which tensors they hold (an optional one on some ranks only, or a rank whose training_step output
+        # could not be read: an error on every rank)
+        refusal = found if isinstance(found, EntrotrainError) else None
+        found = {} if refusal is not None else found
+        tensors = gather_union(found, found.get("temperature"), lambda name: f"returned {self.keys[name]!r} from "
+                               "training_step", f" at batch {index}", refusal=refusal)
         summary = self.summarise(tensors, index, temperature=found["temperature"])
         metrics = {self.prefix + k: v for k, v in summary.items()}
         if "mean" not in summary:  # NaN to trainer.callback_metrics, never to a logger

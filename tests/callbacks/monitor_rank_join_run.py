@@ -154,15 +154,17 @@ def representations(rank: int, result: dict[str, object], trainer: SimpleNamespa
 
 #: PolicyEntropyMonitor: what each rank's training_step returns besides rank_batches' tensors (rewards, temperature
 #: 1.0): ``-rewards`` drops them, ``+post`` / ``+phases`` adds post_token_entropy / phase_ids, ``t=0.7`` sets the
-#: temperature, ``f64`` casts the float tensors to float64; (rank 0's, rank 1's)
+#: temperature, ``f64`` casts the float tensors to float64, ``loss only`` returns no tensors; (rank 0's, rank 1's)
 POLICY_CASES = {"rewards_on_rank0": ("", "-rewards"), "post_entropy_on_rank1": ("", "+post"),
                 "phases_on_rank0": ("+phases", ""), "temperatures_differ": ("", "t=0.7"),
-                "dtypes_differ": ("", "f64")}
+                "dtypes_differ": ("", "f64"), "rank1_no_tensors": ("", "loss only")}
 
 
 def policy_outputs(batch: dict, how: str) -> dict:
     """``batch`` (a rank's rows or the union) as a training_step returning it ``how`` (see :data:`POLICY_CASES`)."""
     out = dict(batch)
+    if how == "loss only":  # a training_step that returned no per-token tensors on this rank
+        return {"loss": torch.zeros(())}
     if "-rewards" in how:
         del out["rewards"]
     if "+post" in how:

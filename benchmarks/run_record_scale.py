@@ -5,15 +5,22 @@ Writes a record through :class:`~entrotrain.dashboards.RunRecordLogger` itself (
 ``AttentionEntropyMonitor`` run: per-head normalised and raw entropies ``entropy/attn{,_norm}/L{l}/H{h}``, the
 summaries, a loss, and the layer × head heatmap as media at every logged row. One head collapses for ``--dip-rows``
 logged rows in the middle of the run (a collapse that lasts 20 steps at logging every 10 is 2 rows) and recovers.
+``--shape full`` adds, at every logged step, a ``PolicyEntropyMonitor`` row (its 24 keys, a histogram), a
+``RepresentationEntropyMonitor`` row (4 layers x 7 keys, a spectrum each), the loop's loss and learning rate in a row
+of their own, and a guard threshold on the policy entropy.
 
-Then, each in a fresh process under ``/usr/bin/time -v``: ``entrotrain status RUN`` and ``entrotrain report RUN``.
-Prints a Markdown table:
+Then, each in a fresh process under ``/usr/bin/time -v``: the naive baseline (``json.loads`` of every line of
+``metrics.jsonl``, nothing kept: the parse alone), ``entrotrain status RUN`` without the parsed copy
+(``ENTROTRAIN_CACHE_DIR=off``), the first ``status`` (it writes the copy: :mod:`entrotrain.dashboards.run_cache`),
+then ``status``, ``status --json``, ``status --keys ...``, ``status --check`` from it, ``status --follow``, and
+``entrotrain report RUN`` without and with the copy (kept in a temporary folder, removed at the end). Prints a
+Markdown table:
 
-- writer: µs per ``log_metrics`` call (+ its heatmap) over the first and the last ``--probe`` rows: equal means O(1)
-  per log (nothing re-reads or rewrites what was written before);
-- readers: wall seconds, CPU seconds (user + system: the steadier number on a shared machine), peak RSS (MiB) and
-  that peak as a multiple of the record's size on disk; whether ``status`` names the short collapse; the report's
-  PNG count and largest PNG;
+- writer: µs per logged step (``log_metrics`` calls + media) over the first and the last ``--probe`` rows: equal
+  means O(1) per log (nothing re-reads or rewrites what was written before);
+- readers: wall seconds, CPU seconds (user + system: the steadier number on a shared machine), CPU as a multiple of
+  the naive parse, peak RSS (MiB) and that peak as a multiple of the record's size on disk; whether ``status`` names
+  the short collapse; the report's PNG count and largest PNG;
 - ``status --follow``: in one fresh process, the first draw, then ``--follow-rows`` rows appended to
   ``metrics.jsonl`` (copies of its last row at the next steps; the file is cut back to its size afterwards) and one
   redraw: the redraw's CPU and wall seconds, the process's peak RSS, and whether the redraw shows the new last step.
@@ -21,6 +28,8 @@ Prints a Markdown table:
 Usage::
 
     python benchmarks/run_record_scale.py                      # 50 000 rows x 296 keys (~5 min on 2 idle cores)
+    python benchmarks/run_record_scale.py --shape full --rows 20000 --every 50 --layers 12 --heads 12
+                                 # 1M steps logged every 50: 12x12-head attention, policy, representation, a guard
     python benchmarks/run_record_scale.py --rows 5000          # under a minute
     python benchmarks/run_record_scale.py --keep /tmp/rec      # keep the record; then, before/after a change:
     python benchmarks/run_record_scale.py --record /tmp/rec/records/three-week-run --source /tmp/old
@@ -38,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +73,36 @@ def _row_metrics(step: int, grid: np.ndarray, loss: float) -> dict[str, float]:
     return metrics
 
 
+_LAYERS_REPR = ("model.blocks.0", "model.blocks.5", "model.blocks.11", "model.ln_f")
+
+
+def _policy_metrics(row: int, rows: int, rng: np.random.Generator) -> dict[str, float]:
+    """A ``PolicyEntropyMonitor`` row (its documented keys), entropy falling slowly as the reward rises."""
+    h = 1.2 * math.exp(-2.0 * row / rows) + 0.05 * rng.random()
+    reward = 0.8 - 0.6 * math.exp(h) / math.exp(1.25) + 0.02 * rng.standard_normal()
+    p = "entropy/policy/"
+    return {f"{p}mean": h, f"{p}p10": 0.2 * h, f"{p}p50": 0.8 * h, f"{p}p90": 2.1 * h, f"{p}top20_mean": 2.6 * h,
+            f"{p}seq_mean": 1.02 * h, f"{p}temperature": 1.0, f"{p}tokens": 65536.0, f"{p}cov_mean": 1e-3 * h,
+            f"{p}cov_pos_frac": 0.55, f"{p}cov_top1_share": 0.3, f"{p}delta": -1e-4, f"{p}delta_predicted": -9e-5,
+            f"{p}eta_eff": 0.1, f"{p}delta_corr": 0.4, f"{p}reward_mean": reward, f"{p}fit_a": 0.4, f"{p}fit_b": 0.8,
+            f"{p}fit_ceiling": 0.4, f"{p}fit_r2": 0.7, f"{p}fit_extrapolation": 0.5, f"{p}fit_shown": 1.0,
+            f"{p}nonfinite": 0.0, f"{p}reward_nonfinite": 0.0}
+
+
+def _repr_metrics(row: int, rows: int, rng: np.random.Generator) -> dict[str, float]:
+    """A ``RepresentationEntropyMonitor`` row: four layers' RankMe, effective rank, matrix entropy and counts."""
+    out = {}
+    for i, layer in enumerate(_LAYERS_REPR):
+        rank = 200.0 * (1 - 0.3 * row / rows) / (1 + i) + rng.random()
+        out.update({f"entropy/repr/{layer}/rankme": rank, f"entropy/repr/{layer}/effective_rank": 0.9 * rank,
+                    f"entropy/repr/{layer}/matrix_entropy": math.log(rank), f"entropy/repr/{layer}/n": 2048.0,
+                    f"entropy/repr/{layer}/d": 768.0, f"entropy/repr/{layer}/n_streamed": 8192.0,
+                    f"entropy/repr/{layer}/nonfinite": 0.0})
+    return out
+
+
 def write_record(root: Path, rows: int, layers: int, heads: int, every: int, dip_rows: int, probe: int,
-                 resume_at: int | None) -> tuple[Path, float, float, int]:
+                 resume_at: int | None, shape: str = "attention") -> tuple[Path, float, float, int]:
     """Write the record; return its folder, µs per log over the first and the last ``probe`` rows, and the step
     of the short collapse."""
     rng = np.random.default_rng(0)
@@ -74,6 +112,8 @@ def write_record(root: Path, rows: int, layers: int, heads: int, every: int, dip
     logger.log_hyperparams({"model": {"layers": layers, "heads": heads}, "every_n_steps": every})
     logger.log_threshold("entropy/attn_norm/*", 0.1, "collapse")
     logger.log_threshold("entropy/attn_norm/min", 0.05, "guard (warn)")
+    if shape == "full":
+        logger.log_threshold("entropy/policy/mean", 0.02, "guard (warn)")
     first = last = 0.0
     row = 0
     rewound = False
@@ -83,9 +123,20 @@ def write_record(root: Path, rows: int, layers: int, heads: int, every: int, dip
         if dip_row <= row < dip_row + dip_rows:
             grid[1 % layers, 3 % heads] = 0.01  # a 20-step collapse of L1H3, then it recovers
         metrics = _row_metrics(step, grid, 3.0 * math.exp(-row / rows) + 0.01 * rng.standard_normal())
+        if shape == "full":  # the loop's loss and learning rate in a row of their own, as Lightning logs them
+            task = {k: metrics.pop(k) for k in ("train/loss", "lr-AdamW")}
         t0 = time.perf_counter()
         logger.log_metrics(metrics, step=step)
         logger.log_media("entropy/attn_norm/heatmap", grid, step, kind="heatmap", meta={"vmin": 0, "vmax": 1})
+        if shape == "full":  # policy, representation (with their media) and the loop's own row, each a log call
+            logger.log_metrics(_policy_metrics(row, rows, rng), step=step)
+            logger.log_media("entropy/policy/hist", rng.random(30), step, kind="histogram",
+                             meta={"range": [0.0, 4.0]})
+            logger.log_metrics(_repr_metrics(row, rows, rng), step=step)
+            for layer in _LAYERS_REPR:
+                logger.log_media(f"entropy/repr/{layer}/spectrum", np.sort(rng.random(64))[::-1], step,
+                                 kind="spectrum")
+            logger.log_metrics(task, step=step)
         dt = time.perf_counter() - t0
         if row < probe:
             first += dt
@@ -177,8 +228,16 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "report" not in p.parts)
 
 
+#: The naive baseline: every line of metrics.jsonl through json.loads, nothing kept (the parse alone; a reader that
+#: keeps the rows as dicts costs ~4x the record in memory on top).
+_NAIVE = "import json, sys\nwith open(sys.argv[1], 'rb') as f:\n    for line in f:\n        json.loads(line)\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=("attention", "full"), default="attention",
+                        help="attention: one AttentionEntropyMonitor row per logged step; full: attention, policy, "
+                        "representation (4 layers) and the loop's loss, each its own row, with their media")
     parser.add_argument("--rows", type=int, default=50_000, help="logged rows (500k steps at every 10: 50 000)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=36, help="layers x heads x 2 + 8 keys per row (default 296)")
@@ -197,52 +256,81 @@ def main() -> None:
                         help="rows appended between the first draw and the redraw of `status --follow`")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="run_record_scale-"))
+    cache = Path(tempfile.mkdtemp(prefix="run_record_scale-cache-"))
     try:
-        print("| what | wall s | CPU s | peak RSS MiB | RSS / record size | note |")
-        print("|---|---:|---:|---:|---:|---|")
+        print("| what | wall s | CPU s | × naive (CPU) | peak RSS MiB | RSS / record size | note |")
+        print("|---|---:|---:|---:|---:|---:|---|")
         if args.record is None:
             t0 = time.perf_counter()
             resume_at = None if args.no_resume else max(args.rows * 3 // 5, 1001)
             probe = min(args.probe, args.rows // 3)
             run_dir, first_us, last_us, dip_step = write_record(
-                root, args.rows, args.layers, args.heads, args.every, args.dip_rows, probe, resume_at)
+                root, args.rows, args.layers, args.heads, args.every, args.dip_rows, probe, resume_at, args.shape)
             keys = 2 * args.layers * args.heads + 8
-            print(f"| write the record | {time.perf_counter() - t0:.0f} | | | | {args.rows} rows x {keys} keys + a "
-                  f"{args.layers}x{args.heads} heatmap per row"
-                  + ("" if args.no_resume else f"; resumed at row {resume_at} from 1000 rows back") + " |")
-            print(f"| writer, first {probe} logs | {first_us * probe / 1e6:.2f} | | | | {first_us:.0f} µs per log |")
-            print(f"| writer, last {probe} logs | {last_us * probe / 1e6:.2f} | | | | {last_us:.0f} µs per log "
-                  f"(×{last_us / first_us:.2f} the first) |")
+            what = (f"{keys} attention keys + a {args.layers}x{args.heads} heatmap" if args.shape == "attention" else
+                    f"{keys - 2} attention + 24 policy + 28 representation + 2 loop keys in 4 rows, a "
+                    f"{args.layers}x{args.heads} heatmap, a histogram and 4 spectra")
+            print(f"| write the record | {time.perf_counter() - t0:.0f} | | | | | {args.rows} logged steps x {what} "
+                  "per step" + ("" if args.no_resume else f"; resumed at row {resume_at} from 1000 rows back") + " |")
+            print(f"| writer, first {probe} logs | {first_us * probe / 1e6:.2f} | | | | | {first_us:.0f} µs per "
+                  "logged step |")
+            print(f"| writer, last {probe} logs | {last_us * probe / 1e6:.2f} | | | | | {last_us:.0f} µs per logged "
+                  f"step (×{last_us / first_us:.2f} the first) |")
         else:
             run_dir = args.record
         size = _size(run_dir)
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        mib = f"record {size / 2**20:.0f} MiB"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "ENTROTRAIN_CACHE_DIR": str(cache)}
         if args.source is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(args.source.resolve()), env.get("PYTHONPATH", "")])
+        off = {**env, "ENTROTRAIN_CACHE_DIR": "off"}
         exe = [sys.executable, "-c", "import sys; from entrotrain.cli import console; sys.argv[0] = 'entrotrain'; "
                "console()"]
-        mib = f"record {size / 2**20:.0f} MiB"
-        wall, cpu, rss, out = _timed([*exe, "status", str(run_dir)], env)
+        _, naive, naive_rss, _ = _timed([sys.executable, "-c", _NAIVE, str(run_dir / "metrics.jsonl")], env)
+
+        def row(what: str, cmd: list[str], run_env: dict[str, str], note: str | Callable[[], str] = "") -> str:
+            wall, cpu, rss, out = _timed(cmd, run_env)
+            note = note() if callable(note) else note
+            print(f"| {what} | {wall:.1f} | {cpu:.2f} | {cpu / naive:.2f} | {rss:.0f} | {rss * 2**20 / size:.2f} | "
+                  f"{note} |", flush=True)
+            return out
+
+        print(f"| naive: `json.loads` of each line of metrics.jsonl | | {naive:.2f} | 1.00 | {naive_rss:.0f} | "
+              f"{naive_rss * 2**20 / size:.2f} | {mib}; the parse alone, nothing kept |")
+        out = row("`entrotrain status RUN`, no cache (`ENTROTRAIN_CACHE_DIR=off`)", [*exe, "status", str(run_dir)], off)
         said = "short collapse named" if "recovered: L1H3" in out else "short collapse not named"
-        print(f"| `entrotrain status RUN` | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {rss * 2**20 / size:.2f} | {mib}; "
-              f"{said} |")
+        row("`entrotrain status RUN`, first (writes the cache)", [*exe, "status", str(run_dir)], env, said)
+        written = sum(p.stat().st_size for p in cache.glob("*.npz")) / 2**20
+        row("`entrotrain status RUN`", [*exe, "status", str(run_dir)], env,
+            f"from the cache ({written:.0f} MiB)" if written else "no cache: metrics.jsonl under 16 MiB")
+        row("`entrotrain status RUN --json`", [*exe, "status", str(run_dir), "--json"], env)
+        row("`entrotrain status RUN --keys 'entropy/attn_norm/L1/*'`",
+            [*exe, "status", str(run_dir), "--keys", "entropy/attn_norm/L1/*"], env)
+        row("`entrotrain status RUN --check`", [*exe, "status", str(run_dir), "--check"], env)
+        if not args.quick:
+            for what, run_env in (("no cache", off), ("", env)):
+                out_dir = Path(tempfile.mkdtemp(prefix="report-"))
+                try:
+                    row(f"`entrotrain report RUN`{', ' + what if what else ''}",
+                        [*exe, "report", str(run_dir), "-o", str(out_dir)], run_env, lambda: _pngs(out_dir))
+                finally:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+        # last: it appends to metrics.jsonl and cuts it back (a new modification time: the cache is not trusted after)
         got = _follow(run_dir, args.follow_rows, args.every, env)
         how = "reads the appended bytes" if got["incremental"] else "reads the whole record again"
         print(f"| `status --follow` redraw after {args.follow_rows} appended rows | {got['wall']:.2f} | "
-              f"{got['redraw']:.2f} | {got['peak']:.0f} | {got['peak'] * 2**20 / size:.2f} | {how}; first draw "
-              f"{got['first']:.1f} CPU s; {'shows' if got['shows'] else 'does not show'} the new last step |")
-        if not args.quick:
-            out_dir = root / "report-out" if args.record is None else Path(tempfile.mkdtemp(prefix="report-"))
-            wall, cpu, rss, out = _timed([*exe, "report", str(run_dir), "-o", str(out_dir)], env)
-            pngs = sorted(out_dir.glob("*.png"))
-            biggest = max((p.stat().st_size for p in pngs), default=0) / 2**20
-            print(f"| `entrotrain report RUN` | {wall:.1f} | {cpu:.1f} | {rss:.0f} | {rss * 2**20 / size:.2f} | "
-                  f"{len(pngs)} PNGs, largest {biggest:.1f} MiB |")
-            if args.record is not None:
-                shutil.rmtree(out_dir, ignore_errors=True)
+              f"{got['redraw']:.2f} | {got['redraw'] / naive:.2f} | {got['peak']:.0f} | "
+              f"{got['peak'] * 2**20 / size:.2f} | {how}; first draw {got['first']:.1f} CPU s; "
+              f"{'shows' if got['shows'] else 'does not show'} the new last step |")
     finally:
+        shutil.rmtree(cache, ignore_errors=True)
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _pngs(out_dir: Path) -> str:
+    pngs = sorted(out_dir.glob("*.png"))
+    return f"{len(pngs)} PNGs, largest {max((p.stat().st_size for p in pngs), default=0) / 2**20:.1f} MiB"
 
 
 if __name__ == "__main__":

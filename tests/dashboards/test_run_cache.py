@@ -97,7 +97,7 @@ def _record(run: Path, rows: int = 6) -> Path:
     return run
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.tuples(metric_lines, media_lines), ends=st.tuples(st.booleans(), st.booleans()), data=st.data())
 def test_a_read_from_the_cache_equals_a_full_read_of_the_grown_record(tmp_path_factory, cached, texts, ends,
                                                                       data) -> None:

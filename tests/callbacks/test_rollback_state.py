@@ -419,3 +419,23 @@ def test_unwrap_optimizer_reaches_inside_accelerates_optimizer_and_agrees_with_t
     transformers = pytest.importorskip("transformers")
     ada = transformers.Adafactor([nn.Parameter(torch.ones(3))], lr=None, relative_step=True)
     assert rate_ignored([_accelerated(ada)]) is not None
+
+
+def test_one_process_takes_and_restores_without_a_collective(monkeypatch) -> None:
+    """The ranks' agreement on what is held and restored (rollback_state.agreement_groups) costs nothing in one
+    process: no collective, with hold='trainable' too (its refusals are agreed on only with 2+ processes)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective in one process")
+
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast"):
+        monkeypatch.setattr(torch.distributed, name, refuse)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    state = RollbackState(trainable_only=True)
+    assert state.take(model, [opt], step=1)
+    held = copy.deepcopy(model.state_dict())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert state.restore(model, [opt]) == 1
+    assert all(torch.equal(held[k], v) for k, v in model.state_dict().items())

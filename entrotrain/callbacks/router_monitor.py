@@ -13,8 +13,16 @@ Where the router logits come from (per micro-batch of a logging step; the first 
    ``"router_mask"`` (a keep mask of ``rows`` entries). Layers are named ``router_logits[i]``. Once a step returned
    them, the tap is no longer armed.
 2. Otherwise a :class:`~entrotrain.taps.router_tap.RouterTap` on the LightningModule: HF routers found by class name
-   (``*TopKRouter``, MoE ``gate`` Linears) or the modules named by ``include`` globs, armed only during the
-   micro-batches of logging steps, capturing detached copies.
+   (``*TopKRouter`` / ``*TopkRouter``, MoE ``gate`` Linears) or the modules named by ``include`` globs, armed only
+   during the micro-batches of logging steps, capturing detached copies.
+
+Which distribution the router statistics are of: the router's own scoring function
+(:meth:`~entrotrain.taps.router_tap.RouterTap.scoring`). Softmax routers (Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2):
+:math:`\mathrm{softmax}(z)`. Sigmoid routers (DeepSeek-V3 and the HF ``*TopkRouter`` classes built like it: GLM-4-MoE,
+dots1, Kimi-Linear, ...): the normalised sigmoid scores :math:`\sigma(z_e) / \sum_j \sigma(z_j)`, the routing
+distribution of the DeepSeek-V3 report. The load counts the experts the router returned it picked (for DeepSeek-V3:
+the group-limited top k of the sigmoid scores plus ``e_score_correction_bias``), else the top k of that distribution.
+Logits returned from ``training_step`` are read as softmax logits.
 
 **Padding is not data**: with tap captures the keep mask is ``batch[mask_key]`` (default ``"attention_mask"``,
 HF's 1 = keep) when the batch is a mapping holding it, flattened to line up with the router's ``(batch·seq, E)``
@@ -25,11 +33,11 @@ Logged keys (``{p}`` = ``prefix``, default ``entropy/router``; ``l`` numbers MoE
 module names are logged once as the hyperparameter ``{p}/layers`` and printed at the first logging step):
 
 =================================  ===================================================================================
-``{p}/L{l}/entropy``               mean per-token Shannon entropy of the router softmax (nats)
+``{p}/L{l}/entropy``               mean per-token Shannon entropy of the router distribution (nats; see above)
 ``{p}/L{l}/entropy_norm``          the same / ln E (1 = uniform router)
 ``{p}/L{l}/tsallis``               mean per-token Tsallis entropy of order ``q`` (nats, unnormalised; DynMoLE)
 ``{p}/L{l}/load/E{e}``             expert ``e``'s share of the top-k assignments (sums to 1 over ``e``): the experts
-                                   the router returned it picked (HF ``*TopKRouter``), else the top k of the softmax
+                                   the router returned it picked (HF ``*TopKRouter``), else the top k of the scores
 ``{p}/L{l}/load_entropy``          entropy of that load distribution (nats); ``_norm``: / ln E (1 = balanced)
 ``{p}/L{l}/dead_frac``             fraction of experts with no top-k assignment (or share < ``dead_threshold``)
 ``{p}/L{l}/top1_margin``           mean :math:`p_{(1)} - p_{(2)}` (sorted router probabilities)
@@ -321,8 +329,11 @@ class RouterEntropyMonitor(HookedMonitor):
                     "top k of softmax(logits), which are not its choice. Return the picked ids as the last element of "
                     "the router's output, (logits, ..., indices), as HF's *TopKRouter modules do. Shown once per fit.",
                 )
+            scoring = "softmax" if from_outputs or self.tap is None else self.tap.scoring(name)
             try:
-                sums = router_statistics(logits, self._layer_top_k(name), mask=layer_mask, q=self.q, chosen=chosen)
+                sums = router_statistics(
+                    logits, self._layer_top_k(name), mask=layer_mask, q=self.q, chosen=chosen, scoring=scoring
+                )
             except EntrotrainError as err:
                 raise EntrotrainError(f"RouterEntropyMonitor, router {name!r}: {err}") from None
             if name not in self.layer_names:

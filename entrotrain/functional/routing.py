@@ -355,10 +355,12 @@ def router_statistics(
     mask: Tensor | None = None,
     q: float = 1.1,
     chosen: Tensor | None = None,
+    scoring: str = "softmax",
 ) -> RouterSums:
     r"""Sums and counts of one MoE layer's routing (Shannon / Tsallis entropy, top-k load, importance, margins).
 
-    :math:`p_r = \mathrm{softmax}(z_r)` of each row's raw router logits, taken in float32 (float64 stays float64), and
+    :math:`p_r = \mathrm{softmax}(z_r)` of each row's raw router logits (``scoring='sigmoid'``: of
+    :math:`\log\sigma(z_r)`, the normalised sigmoid scores), taken in float32 (float64 stays float64), and
     top-k chosen on :math:`p_r` as HF's Mixtral / Qwen2-MoE / OLMoE routers do (``torch.topk``, ties as it breaks
     them). Per-token entropy is :func:`~entrotrain.functional.entropy.entropy_from_logits` (exact), Tsallis is
     :func:`tsallis_entropy_from_logits` (``eps = 0``). Turn the (summed) result into means with :func:`router_values`.
@@ -381,6 +383,16 @@ def router_statistics(
             ``top_k`` of ``softmax(z)``: routers that score experts otherwise (a sigmoid with DeepSeek-V3's
             ``e_score_correction_bias``, which exists to move the choice away from the top logits) pick other experts.
             Ids outside ``[0, E)`` count nowhere; masked and non-finite rows' ids are not counted either.
+        scoring: the router's own scoring function, which sets the distribution :math:`p_r` every other statistic
+            (entropy, Tsallis, importance, margins, and the load when ``chosen`` is ``None``) is of. ``'softmax'``
+            (Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2): :math:`p_r = \mathrm{softmax}(z_r)`. ``'sigmoid'``
+            (DeepSeek-V3 and the routers built like it: GLM-4-MoE, dots1, Kimi-Linear, ...): the normalised sigmoid
+            affinities :math:`p_{r,e} = \sigma(z_{r,e}) / \sum_j \sigma(z_{r,j})`, the routing distribution of the
+            DeepSeek-V3 report (its s'_{i,t} of the sequence-wise balance loss; HF's ``*TopkRouter`` scores the
+            experts by ``router_logits.sigmoid()``), computed as :math:`\mathrm{softmax}(\log\sigma(z_r))` so the
+            softmax path (one implementation) serves both. ``'sqrtsoftplus'`` (DeepSeek-V4's ``scoring_func``):
+            :math:`\sqrt{\mathrm{softplus}(z)}` normalised the same way. The ``e_score_correction_bias`` only moves
+            the choice (pass it as ``chosen``), not the distribution.
 
     Returns:
         :class:`RouterSums` (float64, on the logits' device; no host sync). Rows holding NaN/Inf are counted in
@@ -394,11 +406,19 @@ def router_statistics(
     n_rows, n_experts = z.shape
     top_k = check_int(top_k, "top_k", low=1, high=n_experts)
     q = check_order(q)
+    if scoring not in SCORINGS:
+        raise EntrotrainError(
+            f"scoring must be one of {SCORINGS} (the router's own scoring function), got {scoring!r}."
+        )
     keep = _row_mask(mask, n_rows, z.device)
     finite = finite_row_mask(z)
     use = keep & finite
     acc = accumulation_dtype(z.dtype)
     z = torch.where(use[:, None], z.to(acc), torch.zeros((), dtype=acc, device=z.device))  # skipped rows: no NaN
+    if scoring == "sigmoid":
+        z = torch.nn.functional.logsigmoid(z)  # softmax(log sigma(z)) = sigma(z) / sum sigma(z)
+    elif scoring == "sqrtsoftplus":  # 0.5 log softplus(z); softplus(z) = e^z (to rounding) below -20, no log(0)
+        z = 0.5 * torch.where(z < -20, z, torch.log(torch.nn.functional.softplus(z).clamp_min(1e-30)))
     w = use.to(torch.float64)
     with torch.no_grad():
         entropy = (entropy_from_logits(z).double() * w).sum()
@@ -427,6 +447,11 @@ def router_statistics(
         rows=w.sum(),
         nonfinite=(keep & ~finite).sum().to(torch.float64),
     )
+
+
+#: The routers' scoring functions :func:`router_statistics` takes: ``p_e`` proportional to ``exp(z_e)``,
+#: ``sigmoid(z_e)`` or ``sqrt(softplus(z_e))`` (DeepSeek-V4).
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
 def _chosen_experts(chosen: Tensor, n_rows: int, device: torch.device) -> Tensor:

@@ -8,8 +8,11 @@ bit for bit, what it computes without the tap.
 Which modules are routers:
 
 - ``include=None`` (default): discovery of HF transformers routers (5.x) — every module whose class name ends with
-  ``TopKRouter`` (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ``OlmoeTopKRouter``, ``Qwen3MoeTopKRouter``: they
-  return ``(router_logits, scores, indices)``, the tensor ``output_router_logits=True`` returns), and every
+  ``TopKRouter`` or ``TopkRouter`` (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ``OlmoeTopKRouter``,
+  ``Qwen3MoeTopKRouter``; the DeepSeek-V2/V3-style ``DeepseekV3TopkRouter``, ``Glm4MoeTopkRouter``,
+  ``Dots1TopkRouter``, ``KimiLinearTopkRouter``, ...; DeepSeek-V4's ``DeepseekV4HashRouter`` and AFMoE's
+  ``AfmoeTokenChoiceRouter``: they return ``(router_logits, weights, indices)``, the logits first, the experts they
+  picked last), and every
   ``nn.Linear`` named ``gate`` whose parent's class name mentions ``MoE`` / ``Moe`` / ``SparseMoe`` (the router of
   older HF releases and of most hand-written MoE blocks); ``exclude`` globs still apply. Qwen2-MoE's
   ``shared_expert_gate`` (a 1-output sigmoid gate) is not a router and is not matched.
@@ -30,7 +33,11 @@ router.
 
 from __future__ import annotations
 
+import inspect
+import io
 import re
+import textwrap
+import tokenize
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,30 +46,43 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_bool, check_int
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.functional.routing import SCORINGS
 from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 from entrotrain.taps.query_padding import ambient_row_mask
 
-__all__ = ["RouterTap", "chosen_experts", "discover_routers", "router_rows"]
+__all__ = ["RouterTap", "chosen_experts", "discover_routers", "router_rows", "router_scoring"]
 
 _MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
 
 
+#: Class-name endings (any case) of HF 5.x routers returning ``(router_logits, weights, indices)``: ``TopKRouter``
+#: (Mixtral, ...), ``TopkRouter`` (DeepSeek-V2/V3 and the routers built like them), DeepSeek-V4's ``HashRouter``,
+#: AFMoE's ``TokenChoiceRouter``.
+_ROUTER_CLASS_ENDINGS = ("topkrouter", "hashrouter", "tokenchoicerouter")
+
+
+def _is_router_class(module: nn.Module | None) -> bool:
+    return module is not None and type(module).__name__.lower().endswith(_ROUTER_CLASS_ENDINGS)
+
+
 def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bool:
-    if type(module).__name__.endswith("TopKRouter"):
+    if _is_router_class(module):
         return True
     if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] == "gate":
         parent = parents.get(name.rsplit(".", 1)[0] if "." in name else "")
-        return parent is not None and bool(_MOE_PARENT.search(type(parent).__name__))
+        # a router class's own gate Linear (AFMoE) is read through the router, which returns its choice too
+        return parent is not None and bool(_MOE_PARENT.search(type(parent).__name__)) and not _is_router_class(parent)
     return False
 
 
 def discover_routers(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_modules()``, without ``_orig_mod.``; in module order) of the HF-style routers of
-    ``model``: class name ending with ``TopKRouter``, or an ``nn.Linear`` named ``gate`` inside a module whose class
-    name mentions MoE."""
+    ``model``: class name ending with ``TopKRouter`` / ``TopkRouter`` / ``HashRouter`` / ``TokenChoiceRouter``, or
+    an ``nn.Linear`` named ``gate`` inside a module whose class name mentions MoE (and is not one of those router
+    classes)."""
     modules = dict(named_modules(model))
     return [name for name, module in modules.items() if name and _is_router(name, module, modules)]
 
@@ -91,17 +111,43 @@ def router_rows(output: Any, *, name: str = "router", output_index: int = 0, det
 
 
 def chosen_experts(output: Any, rows: int) -> Tensor | None:
-    """The expert ids a router returned beside its logits: the last element of a tuple/list output when it is an
-    integer tensor of ``rows`` rows (HF ``*TopKRouter``: ``(router_logits, scores, indices)``), as ``(rows, k)``
-    detached; ``None`` otherwise."""
+    """The expert ids a router returned beside its logits: the last integer tensor of ``rows`` rows after the first
+    element of a tuple/list output (HF ``*TopKRouter`` / ``*TopkRouter``: ``(router_logits, weights, indices)``;
+    Inkling's ``(logits, weights, indices, shared_gammas)``), as ``(rows, k)`` detached; ``None`` otherwise."""
     if not isinstance(output, (tuple, list)) or len(output) < 2:
         return None
-    ids = output[-1]
-    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        return None
-    if ids.dim() not in (1, 2) or ids.shape[0] != rows:
-        return None
-    return ids.detach().reshape(rows, -1).clone()
+    for ids in reversed(output[1:]):
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            continue
+        if ids.dim() in (1, 2) and ids.shape[0] == rows:
+            return ids.detach().reshape(rows, -1).clone()
+    return None
+
+
+_SCORING_NAMES = ("scoring_func", "expert_selection_fn", "score_func")  # a str naming it (DeepSeek, Cohere2-MoE)
+_SCORING_MODULES = ("score_fn", "scoring_function")  # an activation module applying it (DeepSeek-V4, Muse Spark)
+
+
+def router_scoring(module: nn.Module | None) -> str:
+    """How ``module`` scores its experts: ``'softmax'``, ``'sigmoid'`` or ``'sqrtsoftplus'`` (the
+    ``scoring`` of :func:`~entrotrain.functional.routing.router_statistics`; see :meth:`RouterTap.scoring`)."""
+    if module is None or isinstance(module, nn.Linear):
+        return "softmax"
+    for attr in _SCORING_NAMES:
+        declared = getattr(module, attr, None)
+        if isinstance(declared, str):
+            return declared if declared in SCORINGS else "softmax"
+    for attr in _SCORING_MODULES:
+        fn = type(getattr(module, attr, None)).__name__.lower()
+        found = [name for name in SCORINGS if name in fn]
+        if found:
+            return found[0]
+    try:  # the names the class's forward calls, comments and strings left out
+        source = textwrap.dedent(inspect.getsource(type(module).forward))
+        names = {t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.NAME}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return "softmax"
+    return "sigmoid" if "sigmoid" in names and not names & {"softmax", "log_softmax"} else "softmax"
 
 
 class RouterTap(ForwardHookTap):
@@ -169,6 +215,7 @@ class RouterTap(ForwardHookTap):
         self.masks: dict[str, list[Tensor | None]] = {}
         self.chosen: dict[str, list[Tensor | None]] = {}
         self.order: list[str] = []
+        self._scoring: dict[str, str] = {}
         self._handles: list[Any] = []
         self.names = self._match()
 
@@ -179,7 +226,8 @@ class RouterTap(ForwardHookTap):
             if not names:
                 raise TapError(
                     f"RouterTap found no MoE router in {type(self.model).__name__}: it searched for modules whose "
-                    "class name ends with 'TopKRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE) and nn.Linear "
+                    "class name ends with 'TopKRouter' / 'TopkRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, "
+                    "DeepSeek-V2/V3, GLM-4-MoE, ...) and nn.Linear "
                     f"modules named 'gate' inside a module whose class name mentions MoE (exclude={self.exclude}). "
                     "Name your router modules with include=['**.router'] (globs over named_modules()), or return "
                     "the router logits from training_step under 'router_logits'."
@@ -208,6 +256,19 @@ class RouterTap(ForwardHookTap):
         modules = dict(named_modules(self.model))
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         return any(hasattr(modules.get(n), "e_score_correction_bias") for n in (name, parent) if n in modules)
+
+    def scoring(self, name: str) -> str:
+        """Router ``name``'s own scoring function (the distribution its statistics are of; ``scoring`` of
+        :func:`~entrotrain.functional.routing.router_statistics`): a ``scoring_func`` / ``expert_selection_fn``
+        string it holds (DeepSeek-V2/V4 configs, Cohere2-MoE), else the activation module it holds as ``score_fn`` /
+        ``scoring_function`` (``Sigmoid``, ``SqrtSoftplusActivation``), else ``'sigmoid'`` when its class's
+        ``forward`` calls a sigmoid and no softmax (DeepSeek-V3's ``router_logits.sigmoid()`` and the
+        ``*TopkRouter`` classes built like it; MiniMax-M2, Laguna, Step3p7), else ``'softmax'`` (Mixtral, Qwen2-MoE,
+        OLMoE, DeepSeek-V2, LongCat-Flash, an ``nn.Linear`` gate, a name ``include`` picked whose scoring is
+        unknown)."""
+        if name not in self._scoring:
+            self._scoring[name] = router_scoring(dict(named_modules(self.model)).get(name))
+        return self._scoring[name]
 
     # ------------------------------------------------------------------ lifecycle (arm, disarm, with: ForwardHookTap)
     def reset(self) -> None:

@@ -288,3 +288,55 @@ def test_a_corrected_router_that_does_not_return_its_choice_is_warned_about():
     monitor = RouterEntropyMonitor(every_n_steps=1, include=["router"], log_media=False, print_summary=False)
     with pytest.warns(UserWarning, match="e_score_correction_bias"):
         quiet_trainer(callbacks=[monitor], max_steps=1).fit(module, toy_loader(1))
+
+
+def _deepseek_choice(model: torch.nn.Module, batches: list[dict]) -> tuple[list[list[torch.Tensor]], list[list]]:
+    """Brute force from the model's own routing: per MoE layer, the expert ids its experts module received (a hook
+    on the MoE block's experts, the ids it computes with) and the router logits, for each batch."""
+    picked: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    logits: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.mlp.experts.register_forward_pre_hook(lambda m, a, i=i: picked[i].append(a[1].clone())))
+        handles.append(layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: logits[i].append(o[0].clone())))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    return picked, logits
+
+
+def test_deepseek_v3_load_is_the_model_s_own_choice_and_entropy_of_its_sigmoid_scores():
+    """Tiny random DeepSeek-V3 (sigmoid router, e_score_correction_bias, group-limited top 2 of 8 experts in 4 groups;
+    its DeepseekV3TopkRouter was not discovered before: TapError). Two right-padded micro-batches: the load equals a
+    count of the ids the MoE block handed its experts over the real tokens, the entropy is of the normalised sigmoid
+    scores, and both differ from the softmax top-k reading of the same logits."""
+    module = MoELM("deepseek_v3", n_experts=8, top_k=2)
+    reference = copy.deepcopy(module.model)
+    monitor = RouterEntropyMonitor(every_n_steps=1, log_media=False, print_summary=False)
+    quiet_trainer(callbacks=[monitor], max_steps=1, accumulate_grad_batches=2).fit(module, lm_loader(2))
+    assert monitor.layer_names == ["model.model.layers.0.mlp.gate", "model.model.layers.1.mlp.gate"]
+    batches = [lm_batch(seed=0), lm_batch(seed=1)]
+    picked, logits = _deepseek_choice(reference, batches)
+    keep = torch.cat([b["attention_mask"].reshape(-1) for b in batches]).bool()
+    assert int(keep.sum()) < keep.numel()
+    logged = monitor.last_logged
+    for layer in range(2):
+        ids = torch.cat(picked[layer])[keep]
+        counts = torch.bincount(ids.reshape(-1), minlength=8).double()
+        load = [logged[f"entropy/router/L{layer}/load/E{e}"] for e in range(8)]
+        assert load == pytest.approx((counts / counts.sum()).tolist(), abs=1e-9)
+        assert logged[f"entropy/router/L{layer}/dead_frac"] == pytest.approx(float((counts == 0).double().mean()))
+        z = torch.cat(logits[layer])
+        sig = router_reference(z, 2, keep, scoring="sigmoid")
+        assert logged[f"entropy/router/L{layer}/entropy"] == pytest.approx(sig["entropy"], abs=1e-5)
+        soft = router_reference(z, 2, keep)
+        assert abs(soft["entropy"] - sig["entropy"]) > 1e-3
+        if layer == 0:
+            assert any(abs(a - b) > 1e-3 for a, b in zip(soft["load"], load))  # softmax top-k: not the choice
+    unmasked = torch.cat(picked[0]).reshape(-1)  # padding changes the count: pad rows are left out
+    counts_all = torch.bincount(unmasked, minlength=8).double()
+    assert (counts_all / counts_all.sum()).tolist() != pytest.approx(
+        [logged[f"entropy/router/L0/load/E{e}"] for e in range(8)], abs=1e-9
+    )

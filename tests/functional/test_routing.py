@@ -372,3 +372,44 @@ def test_property_router_statistics(rows, n_experts, k, dtype, masked, bad_rows,
     ref = router_reference(z.float() if dtype != torch.float64 else z, k, mask)
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     assert_matches_reference(values, ref, atol=tol)
+
+
+@settings(max_examples=25)
+@given(
+    rows=st.integers(0, 12),
+    n_experts=st.integers(1, 6),
+    k=st.integers(1, 6),
+    q=st.sampled_from([1.0, 1.1, 2.0]),
+    masked=st.booleans(),
+    bad_rows=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+    scoring=st.sampled_from(["sigmoid", "sqrtsoftplus"]),
+)
+def test_property_scoring_is_of_the_normalised_scores(rows, n_experts, k, q, masked, bad_rows, seed, scoring):
+    """scoring='sigmoid' (DeepSeek-V3) / 'sqrtsoftplus' (DeepSeek-V4): every statistic is of the scores s(z) / sum
+    s(z), as a float64 loop has it."""
+    k = min(k, n_experts)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, n_experts, generator=g, dtype=torch.float64) * 4
+    for r in range(min(bad_rows, rows)):
+        z[r, r % n_experts] = NAN if r % 2 == 0 else INF
+    mask = (torch.rand(rows, generator=g) > 0.3) if masked else None
+    status, sums = call(router_statistics, z, k, mask=mask, q=q, scoring=scoring)
+    assert status == "ok"
+    assert_matches_reference(router_values(sums), router_reference(z, k, mask, q=q, scoring=scoring), atol=1e-9)
+
+
+def test_sigmoid_scoring_differs_from_softmax_and_a_bad_scoring_is_refused():
+    z = torch.tensor([[3.0, 1.0, -2.0, 0.0]], dtype=torch.float64)
+    soft, sig = (router_values(router_statistics(z, 2, scoring=s)) for s in ("softmax", "sigmoid"))
+    p = torch.sigmoid(z) / torch.sigmoid(z).sum()
+    assert float(sig.entropy) == pytest.approx(float(-(p * p.log()).sum()), abs=1e-12)
+    assert abs(float(sig.entropy) - float(soft.entropy)) > 0.3
+    with pytest.raises(EntrotrainError, match="scoring"):
+        router_statistics(z, 2, scoring="sparsemax")
+    far = torch.tensor([[-1e4, -100.0, 0.0, 80.0]])  # float32: no log(0), no overflow on either side
+    for scoring in ("sigmoid", "sqrtsoftplus"):
+        values = router_values(router_statistics(far, 2, scoring=scoring))
+        assert all(math.isfinite(float(getattr(values, f))) for f in _SCALARS), scoring
+        ref = router_reference(far.double().clamp_min(-700), 2, scoring=scoring)
+        assert float(values.entropy) == pytest.approx(ref["entropy"], abs=1e-5), scoring

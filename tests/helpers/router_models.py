@@ -42,11 +42,34 @@ def tiny_moe(kind: str, seed: int = 0, n_experts: int = 4, top_k: int = 2) -> to
     elif kind == "olmoe":
         config = transformers.OlmoeConfig(intermediate_size=24, num_experts=n_experts, **common)
         cls = transformers.OlmoeForCausalLM
+    elif kind == "deepseek_v3":  # sigmoid router, e_score_correction_bias, group-limited top-k (not in KINDS)
+        config = transformers.DeepseekV3Config(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=n_experts,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=0,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            **{**common, "num_key_value_heads": 4},  # MLA: one key / value per head
+        )
+        cls = transformers.DeepseekV3ForCausalLM
     else:
         raise ValueError(kind)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return cls(config).eval()
+    model = cls(config).eval()
+    if kind == "deepseek_v3":  # routers that are not near-uniform, and a correction bias that moves the choice
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.normal_(0.0, 0.5)
+                layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(n_experts) * 0.3)
+    return model
 
 
 def lm_batch(batch: int = 3, seq: int = 7, seed: int = 0, pad_last: tuple[int, ...] = (0, 2, 4)) -> dict:

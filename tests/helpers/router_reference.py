@@ -9,9 +9,16 @@ from torch import Tensor
 
 
 def router_reference(
-    logits: Tensor, top_k: int, mask: Tensor | None = None, q: float = 1.1, dead_threshold: float = 0.0
+    logits: Tensor,
+    top_k: int,
+    mask: Tensor | None = None,
+    q: float = 1.1,
+    dead_threshold: float = 0.0,
+    scoring: str = "softmax",
 ) -> dict[str, object]:
-    """Expected per-layer values of ``logits`` ``(rows, E)``: kept (mask) finite rows only."""
+    """Expected per-layer values of ``logits`` ``(rows, E)``: kept (mask) finite rows only. ``scoring='sigmoid'``:
+    of the normalised sigmoid scores ``sigmoid(z) / sum(sigmoid(z))`` (DeepSeek-V3); ``'sqrtsoftplus'``: of
+    ``sqrt(softplus(z))`` normalised (DeepSeek-V4)."""
     z = logits.detach().double().reshape(-1, logits.shape[-1])
     n, e = z.shape
     keep = [True] * n if mask is None else [bool(v) for v in mask.reshape(-1).tolist()]
@@ -26,7 +33,14 @@ def router_reference(
             bad += 1
             continue
         rows += 1
-        p = torch.softmax(z[r], 0).tolist()
+        if scoring in ("sigmoid", "sqrtsoftplus"):
+            if scoring == "sigmoid":
+                s = [1.0 / (1.0 + math.exp(-x)) for x in z[r].tolist()]
+            else:
+                s = [math.sqrt(math.log1p(math.exp(x))) for x in z[r].tolist()]
+            p = [x / sum(s) for x in s]
+        else:
+            p = torch.softmax(z[r], 0).tolist()
         shannon = -sum(x * math.log(x) for x in p if x > 0)
         ent += shannon
         ts += shannon if q == 1 else (1 - sum(x**q for x in p)) / (q - 1)

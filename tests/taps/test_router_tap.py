@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.taps.router_tap import RouterTap, discover_routers, router_rows
+from entrotrain.taps.router_tap import RouterTap, chosen_experts, discover_routers, router_rows, router_scoring
 from tests.helpers.router_models import KINDS, lm_batch, tiny_moe
 
 
@@ -114,3 +114,64 @@ def test_hooks_removed_on_exception_and_reset():
     assert [n for n, _ in seen] == tap2.names and tap2.captures == {}
     tap2.disarm()
     tap2.disarm()
+
+
+def test_discovers_deepseek_v3_topk_routers_with_their_choice_and_padding():
+    """DeepseekV3TopkRouter (lowercase k; a TapError before): both layers found, scored by a sigmoid, and the ids
+    the tap keeps are the ones the MoE block hands its experts; the padding mask lines up with the rows."""
+    model = tiny_moe("deepseek_v3", n_experts=8)
+    tap = RouterTap(model, token_masks=True)
+    assert tap.names == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert [tap.top_k(n) for n in tap.names] == [2, 2] and [tap.scoring(n) for n in tap.names] == ["sigmoid"] * 2
+    assert all(tap.corrects_choice(n) for n in tap.names)
+    picked = []
+    hooks = [layer.mlp.experts.register_forward_pre_hook(lambda m, a: picked.append(a[1].clone()))
+             for layer in model.model.layers]
+    batch = lm_batch()
+    with tap, torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    for name, ids in zip(tap.names, picked):
+        assert torch.equal(tap.chosen_experts(name), ids)
+        assert torch.equal(tap.masks[name][0], batch["attention_mask"].reshape(-1).bool())
+
+
+class _Scored(nn.Module):
+    def __init__(self, **attrs) -> None:
+        super().__init__()
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+    def forward(self, x):
+        return x  # a softmax named in a comment does not count
+
+
+class _SigmoidScored(nn.Module):
+    def forward(self, x):
+        # sigmoid instead of softmax normalization (as Laguna's comment says)
+        return torch.sigmoid(x)
+
+
+def test_router_class_endings_the_gate_inside_a_router_and_the_scoring_function():
+    routers = [type(n, (nn.Module,), {})() for n in ("AXK1TopkRouter", "DeepseekV4HashRouter", "MixtralTopKRouter")]
+    choice_router = type("AfmoeTokenChoiceRouter", (nn.Module,), {})()
+    choice_router.gate = nn.Linear(5, 4)  # its own gate Linear is read through the router (which returns the ids)
+    model = nn.ModuleDict({"a": routers[0], "b": routers[1], "c": routers[2], "d": choice_router})
+    assert discover_routers(model) == ["a", "b", "c", "d"]
+    assert router_scoring(_Scored(scoring_func="sigmoid")) == "sigmoid"
+    assert router_scoring(_Scored(expert_selection_fn="softmax")) == "softmax"
+    assert router_scoring(_Scored(scoring_func="sqrtsoftplus")) == "sqrtsoftplus"
+    assert router_scoring(_Scored(scoring_func="relu")) == "softmax"
+    assert router_scoring(_Scored(score_fn=nn.Sigmoid())) == "sigmoid"
+    assert router_scoring(_Scored()) == "softmax"
+    assert router_scoring(_SigmoidScored()) == "sigmoid"
+    assert router_scoring(nn.Linear(5, 4)) == "softmax" and router_scoring(None) == "softmax"
+
+
+def test_chosen_experts_is_the_last_integer_tensor_of_the_rows():
+    logits, weights, ids = torch.randn(6, 4), torch.rand(6, 2), torch.randint(0, 4, (6, 2))
+    assert torch.equal(chosen_experts((logits, weights, ids), 6), ids)
+    assert torch.equal(chosen_experts((logits, weights, ids, torch.rand(6, 1)), 6), ids)  # Inkling: shared gammas
+    assert chosen_experts((logits, weights), 6) is None and chosen_experts(logits, 6) is None
+    assert chosen_experts((logits, ids[:5]), 6) is None

@@ -34,6 +34,12 @@ regularisers under one capture::
     loss = loss + reg(step=step).total
 
 or, given inputs, by capture group: ``reg(attention=tap.records, router=router_logits)``.
+
+Sigmoid-scored routers (DeepSeek-V3 and the HF ``*TopkRouter`` classes built like it, which the tap discovers): the
+losses are still of :math:`\mathrm{softmax}(z)` and its top k (:mod:`entrotrain.functional.router_losses`), as HF's
+own ``load_balancing_loss_func`` computes them for every family (MiniMax-M2's included), not of the model's
+normalised sigmoid scores or its ``e_score_correction_bias`` choice (DeepSeek-V3 balances mainly with that bias; its small sequence-wise loss is
+of the normalised sigmoid scores, which these losses are not). :class:`~entrotrain.callbacks.RouterEntropyMonitor` reports the model's own scoring and choice.
 """
 
 from __future__ import annotations

@@ -114,3 +114,26 @@ def test_routers_with_different_masks_drop_their_own_padded_rows():
     tap.captures = {"a": [a], "b": [a.flip(0)]}
     x = _captured_inputs(tap)
     assert torch.equal(x.mask, keep_a) and x.router_logits[1].shape == (6, 3)
+
+
+def test_capture_finds_deepseek_v3_topk_routers_and_leaves_padding_out():
+    """DeepSeek-V3's ``DeepseekV3TopkRouter`` (lowercase k; a TapError before): ``capture`` finds both layers and the
+    z-loss through it equals the loss on the logits the routers returned, over the real tokens only."""
+    pytest.importorskip("transformers")
+    from tests.helpers.router_models import lm_batch, tiny_moe
+
+    model = tiny_moe("deepseek_v3", n_experts=8, top_k=2)
+    batch = lm_batch(batch=3, seq=7, pad_last=(0, 2, 4))
+    logits = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, o: logits.append(o[0].detach().clone()))
+             for layer in model.model.layers]
+    reg = RouterZLoss(1.0)
+    with reg.capture(model):
+        model(**batch)
+    got = float(reg().total)
+    for h in hooks:
+        h.remove()
+    assert len(logits) == 2
+    keep = batch["attention_mask"].reshape(-1)
+    assert got == pytest.approx(float(router_z_loss(logits, mask=keep)), rel=1e-6)
+    assert abs(got - float(router_z_loss(logits))) > 1e-6

@@ -27,14 +27,19 @@ Contract:
   ``$XDG_CACHE_HOME/entrotrain/runs``, else ``~/.cache/entrotrain/runs``, one file per record folder (named by the
   SHA-256 of its resolved path). ``ENTROTRAIN_CACHE_DIR=off`` turns it off; a folder that cannot be written is
   skipped silently (the read is the same, only slower).
+- **Bounded**: after each write the folder keeps the most recently used copies (a copy read is touched) within
+  :data:`MAX_TOTAL_BYTES` (the copy just written always stays), and temporary files a killed reader left behind over
+  an hour ago are removed; nothing else in the folder is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,10 +49,17 @@ import numpy as np
 if TYPE_CHECKING:
     from entrotrain.dashboards.run_reader import _JsonlTail, _MediaRows, _ScalarRows
 
-__all__ = ["CACHE_FORMAT", "MIN_BYTES", "SAVE_AFTER_BYTES", "cache_dir", "cache_file", "restore", "save"]
+__all__ = [
+    "CACHE_FORMAT", "MAX_TOTAL_BYTES", "MIN_BYTES", "SAVE_AFTER_BYTES", "cache_dir", "cache_file", "prune", "restore",
+    "save",
+]
 
 #: The layout of a cache file; another value is not read.
 CACHE_FORMAT = "entrotrain-run-cache/1"
+#: The copies in the cache folder are kept within this many bytes, least recently used removed first.
+MAX_TOTAL_BYTES = 2 << 30
+#: A temporary file (of a reader killed while writing its copy) older than this many seconds is removed.
+STALE_TEMPORARY_S = 3600
 #: A ``metrics.jsonl`` smaller than this is read without a cache (parsing it costs less than a second).
 MIN_BYTES = 16 << 20
 #: A cache is written again once this many bytes of ``metrics.jsonl`` were parsed beyond it.
@@ -175,7 +187,47 @@ def save(record: Path, metrics: _JsonlTail, rows: _ScalarRows, index: _JsonlTail
                 os.unlink(temporary)
     except OSError:
         return False
+    prune(target.parent, keep=target)
     return True
+
+
+def _is_copy_name(name: str) -> bool:
+    stem, dot, ext = name.partition(".")
+    return len(stem) == 32 and all(c in "0123456789abcdef" for c in stem) and dot == "." and ext.startswith("npz")
+
+
+def prune(folder: Path, keep: Path | None = None) -> None:
+    """Keep ``folder``'s copies within :data:`MAX_TOTAL_BYTES`, removing the least recently used first (never
+    ``keep``), and remove temporary files older than :data:`STALE_TEMPORARY_S`. Only files named as this module
+    names them are touched; a file that cannot be read or removed is left as it is."""
+    copies = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not _is_copy_name(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if entry.name.endswith(".tmp"):
+            if time.time() - st.st_mtime > STALE_TEMPORARY_S:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        elif entry.name.endswith(".npz"):
+            copies.append((st.st_mtime_ns, st.st_size, entry.path))
+    total = sum(size for _, size, _ in copies)
+    kept = None if keep is None else os.path.abspath(keep)
+    for _, size, path in sorted(copies):  # oldest use first
+        if total <= MAX_TOTAL_BYTES:
+            break
+        if os.path.abspath(path) == kept:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            total -= size
 
 
 def _media_state(record: Path, media: _MediaRows, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -237,6 +289,8 @@ def restore(record: Path, metrics: _JsonlTail, rows: _ScalarRows, index: _JsonlT
                 restored_media = _media_items(record, header["media"], data)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, json.JSONDecodeError):
         return False, False
+    with contextlib.suppress(OSError):
+        os.utime(target)  # used now: the pruning keeps the most recently used copies
     _set_tail(metrics, header["metrics"])
     rows.columns = columns
     rows.markers = [(int(o), int(s)) for o, s in header["markers"]]

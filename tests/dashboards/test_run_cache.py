@@ -260,3 +260,32 @@ def test_no_cache_when_it_is_off_or_its_folder_cannot_be_written(tmp_path: Path,
     assert _read(run) == want
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run"]
     assert sorted(p.name for p in run.iterdir()) == ["meta.json", "metrics.jsonl"]  # nothing written into the record
+
+
+
+def test_the_cache_folder_keeps_the_most_recently_used_copies_within_its_bound(tmp_path, cached, monkeypatch) -> None:
+    """Three records' copies, then a bound that holds two: a write removes the least recently used copy (a read
+    counts as a use), never the copy just written; temporary files older than an hour go; other files stay."""
+    runs = [_record(tmp_path / f"run{i}", rows=20) for i in range(3)]
+    for run in runs:
+        _read(run)
+    copies = [run_cache.cache_file(run) for run in runs]
+    assert all(c.is_file() for c in copies)
+    for age, copy in zip((300, 200, 100), copies):  # run0's copy used longest ago
+        os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns - age * 10**9))
+    monkeypatch.setattr(run_cache, "SAVE_AFTER_BYTES", 1 << 30)  # a read that writes no copy
+    assert _read(runs[0]) == _full(runs[0])  # a read from run0's copy makes it the most recently used
+    monkeypatch.setattr(run_cache, "SAVE_AFTER_BYTES", 0)
+    stale, fresh, other = cached / (copies[0].name + ".a.tmp"), cached / (copies[1].name + ".b.tmp"), cached / "x.txt"
+    for path in (stale, fresh, other):
+        path.write_text("x")
+    os.utime(stale, (0, 0))
+    monkeypatch.setattr(run_cache, "MAX_TOTAL_BYTES", 2 * max(c.stat().st_size for c in copies) + 1000)
+    with open(runs[2] / "metrics.jsonl", "a") as f:
+        f.write(_row(20))
+    assert _read(runs[2]) == _full(runs[2])  # writes run2's copy again, then prunes
+    assert copies[0].is_file() and copies[2].is_file() and not copies[1].exists()  # run1: the least recently used
+    assert not stale.exists() and fresh.exists() and other.exists()
+    monkeypatch.setattr(run_cache, "MAX_TOTAL_BYTES", 0)
+    run_cache.prune(cached, keep=copies[2])
+    assert copies[2].is_file() and not copies[0].exists()

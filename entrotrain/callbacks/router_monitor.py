@@ -75,7 +75,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_int, check_real, check_str
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_str
 from entrotrain.callbacks._history import ThinnedHistory
 from entrotrain.callbacks._lifecycle import HookedMonitor
 from entrotrain.callbacks._logging_window import LoggingWindow
@@ -84,7 +84,9 @@ from entrotrain.callbacks._publish import publish_scalars
 from entrotrain.dashboards.run_record import RecordArray, record_arrays
 from entrotrain.errors import EntrotrainError, TapError
 from entrotrain.functional._dist import gather_objects, world as dist_world
-from entrotrain.functional.routing import RouterSums, RouterValues, check_order, router_statistics, router_values
+from entrotrain.functional.routing import (
+    SCORINGS, RouterSums, RouterValues, check_order, router_statistics, router_values,
+)
 from entrotrain.taps.router_tap import RouterTap
 
 __all__ = ["RouterEntropyMonitor"]
@@ -120,6 +122,12 @@ class RouterEntropyMonitor(HookedMonitor):
         log_media: log the layer × expert load heatmap to wandb (rank zero).
         mask_key: key of the keep mask (1/True = real token) in a mapping batch; ``None`` = never read the batch.
         output_index: element of a tuple/list router output holding the logits (HF routers: 0).
+        scoring: the distribution the entropy, Tsallis entropy, margins and importance are of: ``"auto"`` = each
+            router's own scoring function as :meth:`~entrotrain.taps.router_tap.RouterTap.scoring` reads it (a
+            ``scoring_func`` attribute, a scoring module, else whether its ``forward`` calls sigmoid and not
+            softmax; logits returned from ``training_step``: softmax), or ``"softmax"``, ``"sigmoid"``
+            (normalised σ(z), DeepSeek-V3), ``"sqrtsoftplus"`` (DeepSeek-V4) for every router. Name it for a
+            custom router picked with ``include`` whose scoring ``"auto"`` cannot read.
         prefix: key prefix.
         print_summary: print the first and last summaries when training ends (rank zero).
 
@@ -144,6 +152,7 @@ class RouterEntropyMonitor(HookedMonitor):
         log_media: bool = True,
         mask_key: str | None = "attention_mask",
         output_index: int = 0,
+        scoring: str = "auto",
         prefix: str = "entropy/router",
         print_summary: bool = True,
     ) -> None:
@@ -156,6 +165,7 @@ class RouterEntropyMonitor(HookedMonitor):
         self.log_media = check_bool(log_media, "log_media")
         self.mask_key = None if mask_key is None else check_str(mask_key, "mask_key")
         self.output_index = check_int(output_index, "output_index")
+        self.scoring = check_choice(scoring, "scoring", ("auto", *SCORINGS))
         self.prefix = check_str(prefix, "prefix").rstrip("/")
         self.print_summary = check_bool(print_summary, "print_summary")
         self.tap: RouterTap | None = None
@@ -329,7 +339,9 @@ class RouterEntropyMonitor(HookedMonitor):
                     "top k of softmax(logits), which are not its choice. Return the picked ids as the last element of "
                     "the router's output, (logits, ..., indices), as HF's *TopKRouter modules do. Shown once per fit.",
                 )
-            scoring = "softmax" if from_outputs or self.tap is None else self.tap.scoring(name)
+            scoring = self.scoring
+            if scoring == "auto":
+                scoring = "softmax" if from_outputs or self.tap is None else self.tap.scoring(name)
             try:
                 sums = router_statistics(
                     logits, self._layer_top_k(name), mask=layer_mask, q=self.q, chosen=chosen, scoring=scoring

@@ -272,6 +272,28 @@ def test_load_counts_the_experts_the_router_itself_picked():
     assert logged["entropy/router/L0/dead_frac"] == pytest.approx(0.5)
 
 
+def test_scoring_names_the_distribution_for_every_router():
+    """``scoring="auto"`` reads the toy router's forward (sigmoid, no softmax) as sigmoid; naming ``"softmax"``
+    overrides it, so the entropy is that of softmax(logits); the load (the router's own ids) is the same either way.
+    An unknown scoring is refused at construction."""
+    logged = {}
+    for scoring in ("auto", "softmax", "sigmoid"):
+        torch.manual_seed(0)
+        module = BiasedMoE()
+        monitor = RouterEntropyMonitor(every_n_steps=1, include=["router"], log_media=False, print_summary=False,
+                                       scoring=scoring)
+        quiet_trainer(callbacks=[monitor], max_steps=1).fit(module, toy_loader(1))
+        logged[scoring] = monitor.last_logged
+    assert logged["auto"] == logged["sigmoid"]
+    key = "entropy/router/L0/entropy"
+    assert logged["softmax"][key] != pytest.approx(logged["sigmoid"][key])
+    for e in range(4):
+        key = f"entropy/router/L0/load/E{e}"
+        assert logged["softmax"][key] == logged["sigmoid"][key]
+    with pytest.raises(EntrotrainError, match="scoring must be one of"):
+        RouterEntropyMonitor(scoring="relu")
+
+
 class LogitsOnlyBiasedRouter(BiasedTopKRouter):
     """DeepSeek-V3's TopkRouter contract: it returns the logits only; the block picks with the correction bias."""
 

@@ -52,6 +52,7 @@ from entrotrain._entropy_reward_rules import (
     CEILING_MIN_R2,
     CeilingVerdict,
     EntropyRewardFit,
+    _values,
     ceiling_verdict,
     fit_extrapolation,
 )
@@ -128,17 +129,6 @@ def fit_entropy_reward(entropy: Sequence[float] | Tensor, reward: Sequence[float
 
 
 def _points(values: Sequence[float] | Tensor, name: str) -> Tensor:
-    """``values`` as a 1-D float64 tensor of per-step numbers (a 0-dim value is one point)."""
-    try:
-        t = torch.as_tensor(values, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise EntrotrainError(
-            f"{name} must be a sequence of numbers (one per logged step) or a 1-D tensor, got "
-            f"{type(values).__name__}; e.g. [float(v) for v in history]."
-        ) from None
-    if t.dim() > 1:
-        raise EntrotrainError(
-            f"{name} must be 1-D (one value per logged step), got shape {tuple(t.shape)}; pass the per-step means, "
-            f"or {name}.flatten() if every entry is one step."
-        )
-    return t.reshape(-1)
+    """``values`` as a 1-D float64 CPU tensor of per-step numbers (a 0-dim value is one point), read and checked
+    as :func:`~entrotrain._entropy_reward_rules.fit_extrapolation` reads them."""
+    return torch.from_numpy(_values(values, name))

@@ -46,11 +46,14 @@ Choices this implementation states:
 - Masks: 0/−∞ only (boolean, padding, causal, window; a plain causal mask goes to the kernel's ``is_causal``, the
   rest as one dense additive mask). An additive finite bias would need :math:`E_p[b]` (forward) and a
   bias-dependent ``dS``; soft-capping is not a linear score: both stay on the ``chunked`` path.
-- GQA / MQA: the kernel takes ``k`` with fewer heads and returns ``dk`` summed over each key head's query group.
+- GQA / MQA: from torch 2.9 the kernel takes ``k`` with fewer heads and returns ``dk`` summed over each key head's
+  query group. Before 2.9 it reads ``H`` key heads whatever ``k`` holds (torch 2.3.1 and 2.8.0: wrong entropies,
+  NaN, and an abort or heap corruption in the backward), so there ``k`` goes to the kernel repeated over each
+  group (``repeat_interleave``, ``H/H_kv`` × ``k``'s memory) and the flash route's ``dk`` is summed back.
 - Precision: half-precision inputs are computed in float32 (the caller casts; autograd casts the gradients back);
   float64 runs in float64 (so ``torch.autograd.gradcheck`` applies).
-- A query with no valid key: the kernel gives ``lse = 0`` and ``ō = 0`` there (entropy 0); the caller zeroes those
-  rows with ``torch.where`` so their upstream gradient is 0.
+- A query with no valid key: the kernel gives ``lse = 0`` and ``ō = 0`` there (entropy 0; before torch 2.5 it gives
+  NaN, set to those zeros here); the caller zeroes those rows with ``torch.where`` so their upstream gradient is 0.
 - First-order only (``once_differentiable``): a double backward raises.
 - Backward route: when the score matrix is small (``B·H·Nq·Nk <= MATERIALIZED_BACKWARD_ELEMENTS``, 4 Mi elements,
   16 MiB in float32) the backward is materialised instead (see below): 3 matmuls and no ``dv`` where the flash
@@ -72,6 +75,8 @@ then set to 0 on the blocked keys (causal, −∞ entries of the mask), so a blo
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -80,6 +85,26 @@ __all__ = ["MATERIALIZED_BACKWARD_ELEMENTS", "fused_attention_entropy", "fused_g
 
 #: score elements ``B·H·Nq·Nk`` up to which the backward is materialised (see the module docstring)
 MATERIALIZED_BACKWARD_ELEMENTS = 1 << 22
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a torch version string (``"2.15.0+cpu"`` -> ``(2, 15)``); ``(0, 0)`` if unreadable."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+#: the CPU flash kernel reads ``k`` with fewer heads than ``q`` (torch >= 2.9, pytorch#157893); older ones read ``H``
+#: key heads past the end of a ``(B, H_kv, N, D)`` key
+_KERNEL_GQA = _release(torch.__version__) >= (2, 9)
+#: the kernel returns ``ō = 0``, ``lse = 0`` for a query with no valid key (torch 2.5.1 does; 2.3.1 returns NaN)
+_KERNEL_EMPTY_ROWS_ZERO = _release(torch.__version__) >= (2, 5)
+
+
+def _kernel_keys(q: Tensor, k: Tensor) -> Tensor:
+    """``k`` as the kernel can read it: itself, or repeated over each key head's query group on torch < 2.9."""
+    if _KERNEL_GQA or k.shape[1] == q.shape[1]:
+        return k
+    return k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
 
 
 def fused_grad_available(q: Tensor) -> bool:
@@ -95,9 +120,16 @@ class _FusedAttentionEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, scale: float, is_causal: bool, additive: Tensor | None) -> Tensor:
+        kk = _kernel_keys(q, k)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, k, 0.0, is_causal, attn_mask=additive, scale=scale
+            q, kk, kk, 0.0, is_causal, attn_mask=additive, scale=scale
         )
+        if additive is not None and not _KERNEL_EMPTY_ROWS_ZERO:  # NaN there: the 0 and 0 of newer kernels
+            blocked = torch.isneginf(additive)
+            if is_causal:
+                blocked = blocked | torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu_(1)
+            no_key = blocked.all(-1)
+            out, lse = out.masked_fill(no_key.unsqueeze(-1), 0.0), lse.masked_fill(no_key, 0.0)
         lse = lse.to(q.dtype)
         entropy = lse - scale * torch.linalg.vecdot(q, out.to(q.dtype))
         ctx.additive = additive  # a constant 0/-inf mask: no gradient flows to it
@@ -119,9 +151,12 @@ class _FusedAttentionEntropy(torch.autograd.Function):
             return dq, dk, None, None, None
         q, k, out, lse = ctx.saved_tensors
         grad_out = (grad.to(q.dtype).unsqueeze(-1) * q * (-ctx.scale)).contiguous()
+        kk = _kernel_keys(q, k)
         dq, dk, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, k, out, lse, 0.0, ctx.is_causal, attn_mask=ctx.additive, scale=ctx.scale
+            grad_out, q, kk, kk, out, lse, 0.0, ctx.is_causal, attn_mask=ctx.additive, scale=ctx.scale
         )
+        if kk is not k:  # the repeated keys' gradient, summed over each key head's query group
+            dk = dk.unflatten(1, (k.shape[1], q.shape[1] // k.shape[1])).sum(2)
         return dq, dk, None, None, None
 
 

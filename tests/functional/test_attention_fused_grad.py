@@ -351,3 +351,29 @@ def test_both_backward_routes_agree_on_a_larger_call(case, gqa, monkeypatch, bac
     for a, f, want in zip(mat, flash, brute):
         torch.testing.assert_close(a, f, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(a.double(), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("version, release", [("2.15.0", (2, 15)), ("2.9.0+cpu", (2, 9)), ("2.8.0+cu128", (2, 8)),
+                                              ("2.3.1", (2, 3)), ("2.10.0a0+git1234", (2, 10)), ("junk", (0, 0))])
+def test_release_reads_major_and_minor(version, release):
+    assert fused_grad_module._release(version) == release
+
+
+@pytest.mark.parametrize("case", ["none", "causal+padding", "causal+bool+padding", "bool"])
+@pytest.mark.parametrize("gqa", [2, 4], ids=["gqa2", "mqa"])
+def test_route_for_older_kernels_equals_chunked(case, gqa, monkeypatch):
+    """The route taken on torch < 2.9 (keys repeated over each query group: the older CPU flash kernels read ``H`` key
+    heads past a ``(B, H_kv, N, D)`` key, wrong entropies and a heap corruption in the backward on 2.3.1 and 2.8.0)
+    and on torch < 2.5 (a query with no valid key: NaN from the kernel, set to ō = 0, lse = 0), run here on any torch:
+    values and gradients equal the chunked path's. On 2.3.1 / 2.8.0 the GQA cases of
+    test_fused_value_and_gradients_equal_chunked_and_float64_brute fail without it."""
+    monkeypatch.setattr(fused_grad_module, "_KERNEL_GQA", False)
+    monkeypatch.setattr(fused_grad_module, "_KERNEL_EMPTY_ROWS_ZERO", False)
+    b, h, nq, nk, d = 2, 4, 7, 9, 8
+    q, k, w = _inputs(b, h, h // gqa, nq, nk, d, seed=len(case) + gqa)
+    kwargs = _masks(case, b, nq, nk, seed=gqa)
+    fused = _value_and_grads(q, k, w, "fused", **kwargs)
+    chunked = _value_and_grads(q, k, w, "chunked", **kwargs)
+    assert fused[2].shape == k.shape
+    for got, want in zip(fused, chunked):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

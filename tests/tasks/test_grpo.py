@@ -11,6 +11,9 @@ from entrotrain.tasks.grpo import GRPOTask, group_advantages, response_mask
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.recorders import OutputsRecorder
 
+# Tiny models: one intra-op thread (the suite's two threads make the warm start ~10x slower on a loaded machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(n_layer=1, n_head=2, n_embd=32, block_size=12, group_size=4, ppo_epochs=2, num_mini_batches=2)
 
 

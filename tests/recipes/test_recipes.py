@@ -10,6 +10,10 @@ from entrotrain.cli import main
 from tests.helpers.recipes import fit_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
+# One intra-op thread: the recipes' small models run several times faster than on the suite's two threads on a
+# loaded machine (5 smoke tests: 78 s -> 12 s).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 #: Which monitor's keys a recipe must log, by recipe-name prefix (attention recipes otherwise).

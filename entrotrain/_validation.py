@@ -2,7 +2,8 @@
 
 Every public function and constructor validates its inputs with these helpers instead of pasting its own checks.
 Each helper raises :class:`~entrotrain.errors.EntrotrainError` naming the argument, what was received and the fix;
-none of them syncs with the device (no ``.item()``), so they cost nothing on the hot path.
+none of them syncs with the device (no ``.item()``), so they cost nothing on the hot path, except the value check of
+a non-bool mask in :func:`keep_mask` and :func:`token_mask` (one reduction and one sync; bool masks cost nothing).
 
 Mask conventions (the one rule every function documents and follows):
 
@@ -10,7 +11,9 @@ Mask conventions (the one rule every function documents and follows):
 - floating, where an attention *bias* is expected: an additive bias (``-inf`` or ``finfo.min`` masks the key out);
 - integer 0/1 (HF's ``attention_mask``): accepted where a *keep* mask is expected, 1 = keep, through
   :func:`keep_mask`; anywhere the convention would be ambiguous (``key_padding_mask``, where ``True`` marks padding
-  as in :class:`torch.nn.MultiheadAttention`) an integer mask is refused with the fix.
+  as in :class:`torch.nn.MultiheadAttention`) an integer mask is refused with the fix;
+- a *token* mask of the policy code (True / 1 = a real response token): bool, or integer / floating 0/1 (verl's
+  and TRL's masks), through :func:`token_mask`; other values are refused with the fix, never guessed.
 
 Non-finite *data* is not an input error: a NaN/Inf value gives a NaN/Inf result only for the rows that hold it
 (monitors count and skip those rows); non-finite *parameters* (a NaN threshold, an Inf temperature) are refused.
@@ -37,6 +40,7 @@ __all__ = [
     "check_tensor",
     "keep_mask",
     "padding_mask",
+    "token_mask",
 ]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -129,6 +133,37 @@ def keep_mask(mask: Tensor | None, name: str = "mask") -> Tensor | None:
         raise EntrotrainError(
             f"{name} is an integer mask with values other than 0 and 1; give a bool mask (True = keep) or 0/1."
         )
+    return mask != 0
+
+
+def token_mask(
+    mask: Tensor, shape: Sequence[int], name: str = "mask", *, like: str = "the tokens", check_floats: bool = True
+) -> Tensor:
+    """A token mask (True / 1 = a real response token) as bool, shaped exactly ``shape``: the one rule of every
+    policy reader (the policy functions, losses, monitor and recorder; DESIGN.md §8).
+
+    ``bool`` as is; integer or floating (verl's and TRL's ``response_mask`` / ``completion_mask``) when every value
+    is 0 or 1, read as ``mask != 0``. Any other value (an integer 2, a float 0.5, a NaN) is an
+    :class:`~entrotrain.errors.EntrotrainError` naming the values found and the fix (``mask.bool()`` or
+    ``mask > 0``), never guessed. Reading the values of a non-bool mask costs one reduction and a host sync (bool
+    masks cost nothing); ``check_floats=False`` leaves a *floating* mask's values unread (read as ``mask != 0``), for
+    a caller whose path never syncs otherwise (integer masks are still checked, as :func:`keep_mask` does)."""
+    check_tensor(mask, name)
+    if mask.is_complex():
+        raise EntrotrainError(f"{name} must be boolean (True = a real token), integer 0/1 or floating 0/1, got dtype "
+                              f"{mask.dtype}; give a bool mask, e.g. {name}.real > 0.")
+    check_shape(mask, shape, name, like=like)
+    if mask.dtype == torch.bool:
+        return mask
+    if (check_floats or not mask.is_floating_point()) and mask.numel():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            found = torch.unique(mask[bad].detach().cpu().double())[:5].tolist()
+            raise EntrotrainError(
+                f"{name} ({mask.dtype}) holds values other than 0 and 1 (found {found}); a token mask is bool "
+                f"(True = a real token) or 0/1: give {name}.bool() if every nonzero marks a real token, or "
+                f"{name} > 0 (or > 0.5 for weights), not a guess made here."
+            )
     return mask != 0
 
 

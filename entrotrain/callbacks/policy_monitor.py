@@ -85,7 +85,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_shape, check_tensor
+from entrotrain._validation import (
+    check_bool, check_choice, check_int, check_real, check_shape, check_tensor, token_mask,
+)
 from entrotrain.callbacks._nonfinite import NonFiniteCounter, is_finite_number
 from entrotrain.callbacks._lifecycle import PerFitCallback
 from entrotrain.callbacks._logging_window import LoggingWindow
@@ -243,13 +245,12 @@ def policy_entropy_summary(
     check_tensor(entropy, "entropy", floating=True, ndim=2, layout="(batch, tokens)")
     shape = tuple(entropy.shape)
     check_shape(check_tensor(logprobs, "logprobs", floating=True), shape, "logprobs", like="the entropy")
-    check_shape(check_tensor(mask, "mask"), shape, "mask", like="the entropy")
+    mask = token_mask(mask, shape, "mask", like="the entropy")  # the policy code's one rule (values read)
     check_tensor(advantages, "advantages", floating=True, ndim=(1, 2))
     check_shape(advantages, shape[: advantages.dim()], "advantages", like="(B,) or (B, T) of the entropy")
     check_choice(agg, "agg", AGG_MODES)
     check_real(top_fraction, "top_fraction", low=0.0, low_open=True, high=1.0)
     check_real(cov_top_fraction, "cov_top_fraction", low=0.0, low_open=True, high=1.0)
-    mask = mask.bool()
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(entropy)
     finite = torch.isfinite(entropy) & torch.isfinite(logprobs) & torch.isfinite(advantages)
@@ -515,7 +516,8 @@ class PolicyEntropyMonitor(PerFitCallback):
     def record_arrays(self, tensors: dict[str, Tensor]) -> list[RecordArray]:
         """The run record's arrays of a logging step from its union batch: the histogram of the valid, finite token
         entropies (non-finite ones are counted in ``nonfinite``, not drawn)."""
-        shown = tensors["entropy"][tensors["mask"].bool() & torch.isfinite(tensors["entropy"])]
+        mask = token_mask(tensors["mask"], tensors["entropy"].shape, self.keys["mask"], like="the entropy")
+        shown = tensors["entropy"][mask & torch.isfinite(tensors["entropy"])]
         return [RecordArray(f"{self.prefix}hist", shown, "histogram")]
 
     def summarise(
@@ -529,6 +531,9 @@ class PolicyEntropyMonitor(PerFitCallback):
         and the entropy–reward fit, and updates the first/last values. Returns the summary (unprefixed); without
         ``mean`` when no valid, finite response token was there (warned once per fit).
         """
+        # the mask as bool once, by the policy code's one rule (host tensors: reading its values syncs nothing)
+        mask = token_mask(tensors["mask"], tensors["entropy"].shape, self.keys["mask"], like="the entropy")
+        tensors = {**tensors, "mask": mask}
         with torch.no_grad():
             summary = policy_entropy_summary(
                 tensors["entropy"],
@@ -593,7 +598,7 @@ class PolicyEntropyMonitor(PerFitCallback):
         """Window / HWE statistics, per-phase entropy and length, the entropy–length correlation (when asked for).
 
         Tokens: valid (``mask``) with a finite entropy; lengths count every valid token."""
-        mask = tensors["mask"].bool()
+        mask = tensors["mask"]  # bool (summarise)
         h = tensors["entropy"].double()
         valid = mask & torch.isfinite(h)
         if self.window is not None:
@@ -629,7 +634,7 @@ class PolicyEntropyMonitor(PerFitCallback):
     def _realised_delta(self, tensors: dict[str, Tensor]) -> float | None:
         """ΔH = H_after − H_before under ``agg``, both over the same tokens: valid, with finite entropy, log-prob,
         advantage and post-update entropy; ``None`` when no such token is left."""
-        both = tensors["mask"].bool()
+        both = tensors["mask"].clone()  # bool (summarise)
         for name in ("entropy", "post_entropy", "logprobs", "advantages"):
             both &= torch.isfinite(tensors[name])
         if not bool(both.any()):

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor, keep_mask
+from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor, token_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy import DEFAULT_CHUNK_ELEMENTS, entropy_from_logits
 
@@ -63,19 +63,9 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _token_mask(mask: Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask", *, like: str = "") -> Tensor:
-    """A token mask as bool (True = valid token): bool as is, integer or floating 0/1 (values checked: one small
-    reduction, for non-bool masks only); shape exactly ``shape``."""
-    check_tensor(mask, name)
-    if mask.is_floating_point():
-        if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
-            raise EntrotrainError(
-                f"{name} is a floating mask with values other than 0 and 1; give a bool mask (True = valid token), "
-                f"e.g. {name} > 0.5."
-            )
-        mask = mask != 0
-    else:
-        mask = keep_mask(mask, name)
-    return check_shape(mask, shape, name, like=like or "the tokens")
+    """A token mask as bool through the one rule :func:`~entrotrain._validation.token_mask`: bool as is, integer or
+    floating 0/1 (values checked: one small reduction, for non-bool masks only); shape exactly ``shape``."""
+    return token_mask(mask, shape, name, like=like or "the tokens")
 
 
 def _loss_mask(mask: Tensor, shape: torch.Size, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

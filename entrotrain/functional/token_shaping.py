@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor, keep_mask
+from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor, token_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.policy import quantile as _quantile
 
@@ -58,17 +58,9 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
-    """A 0/1 token mask as bool (bool / integer 0/1 / floating 0/1; other values refused), shaped like the tokens."""
-    check_tensor(mask, name)
-    check_shape(mask, shape, name, like="the entropy, (B, T)")
-    if mask.is_floating_point():
-        if mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
-            raise EntrotrainError(
-                f"{name} is a floating mask with values other than 0 and 1; give a bool mask (True = valid token), "
-                f"e.g. {name} > 0.5."
-            )
-        return mask != 0
-    return keep_mask(mask, name)  # type: ignore[return-value]
+    """A 0/1 token mask as bool (bool / integer 0/1 / floating 0/1; other values refused), shaped like the tokens:
+    :func:`~entrotrain._validation.token_mask`, the policy code's one rule."""
+    return token_mask(mask, shape, name, like="the entropy, (B, T)")
 
 
 def _tokens(entropy: Tensor, name: str = "entropy") -> Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from entrotrain._validation import token_mask
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, _cat_padded, gather_union
 from entrotrain.dashboards.run_record import RecordArray
 from entrotrain.errors import EntrotrainError
@@ -123,7 +124,8 @@ class PolicyStatsRecorder:
             "entropy": entropy,
             "logprobs": logprobs.detach(),
             "advantages": adv,
-            "mask": mask.detach().bool(),
+            # the policy code's one rule; values of a non-bool mask read here, on a logging step only
+            "mask": token_mask(mask.detach(), entropy.shape, "mask", like="the entropy"),
         }
         for name, value in part.items():
             if value.shape != entropy.shape:

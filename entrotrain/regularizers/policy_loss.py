@@ -35,9 +35,13 @@ Contracts (DESIGN.md §8), shared by every loss here:
 
 - **Inputs.** ``logprobs``, ``old_logprobs`` and ``entropy`` are floating ``(B, T)`` (``B`` or ``T`` may be 0),
   ``advantages`` floating ``(B,)`` or ``(B, T)``; ``mask`` is bool (True = valid token), integer 0/1 (1 = valid)
-  or floating 0/1 (verl's ``response_mask``, read as ``mask > 0``). Anything else — a wrong shape or dtype, an
-  integer mask with other values, a bad constructor argument (a NaN ratio, ``cov_lb >= cov_ub``, a negative
-  coefficient, an unknown mode) — raises :class:`~entrotrain.errors.EntrotrainError` naming the argument.
+  or floating 0/1 (verl's ``response_mask``), by the policy code's one rule
+  (:func:`~entrotrain._validation.token_mask`). Anything else — a wrong shape or dtype, a mask with other values,
+  a bad constructor argument (a NaN ratio, ``cov_lb >= cov_ub``, a negative coefficient, an unknown mode) — raises
+  :class:`~entrotrain.errors.EntrotrainError` naming the argument. Reading a non-bool mask's values is one host
+  sync: Clip-Cov, KL-Cov and the adaptive entropy bonus in training, which sync anyway, read them for integer and
+  floating masks; PPO-clip, STEER and a fixed entropy bonus, which never sync otherwise, read an integer mask's
+  values only (as before) and take a floating one as ``mask != 0`` unread (pass a bool mask to skip every check).
 - **Compute dtype.** float32 for fp16/bf16/fp32 inputs, float64 for fp64 (the loss and metrics come back in it).
 - **Empty or all-masked input** (no valid token here, or on every rank for the global aggregations): the loss is
   exactly 0 with a zero gradient (verl's masked mean; a 0 denominator is replaced by 1, a positive one is used as
@@ -65,7 +69,7 @@ from entrotrain._validation import (
     check_real,
     check_shape,
     check_tensor,
-    keep_mask,
+    token_mask,
 )
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import all_reduce_max, all_reduce_sum, world
@@ -120,14 +124,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _token_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
-    """The valid-token mask ``(B, T)`` as bool: bool (True = valid), integer 0/1 (:func:`keep_mask`, 1 = valid), or
-    floating 0/1 (verl's ``response_mask``, read as ``mask > 0``; its values are not checked, which would sync)."""
-    check_tensor(mask, name)
-    check_shape(mask, shape, name, like="the logprobs")
-    if mask.is_floating_point():
-        return mask > 0
-    return keep_mask(mask, name)  # type: ignore[return-value]
+def _token_mask(mask: Tensor, shape: torch.Size, name: str = "mask", *, check_floats: bool = True) -> Tensor:
+    """The valid-token mask ``(B, T)`` as bool through the one rule :func:`~entrotrain._validation.token_mask`:
+    bool (True = valid), integer 0/1 or floating 0/1 (verl's ``response_mask``), other values refused. The values
+    of a non-bool mask are read (one host sync); ``check_floats=False`` (a loss whose call never syncs otherwise:
+    PPO-clip, STEER, a fixed entropy bonus) leaves a floating mask's values unread, read as ``mask != 0``."""
+    return token_mask(mask, shape, name, like="the logprobs", check_floats=check_floats)
 
 
 def _check_entropy(entropy: Tensor | None, shape: torch.Size | None, who: str) -> Tensor:
@@ -158,12 +160,14 @@ class _Batch(NamedTuple):
     valid: Tensor
 
 
-def _prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> _Batch:
+def _prepare(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, check_floats: bool = True
+) -> _Batch:
     """Checks shapes and dtypes; returns the batch with masked positions zeroed (``torch.where``, not ``* 0``).
 
     ``logprobs`` / ``old_logprobs`` floating ``(B, T)``; ``advantages`` floating ``(B,)`` or ``(B, T)``; ``mask``
-    per :func:`_token_mask`. ``old`` and ``adv`` are detached. On finite input the valid positions are unchanged,
-    so every value verl computes from them (micro-batch mode) is reproduced bit for bit.
+    per :func:`_token_mask` (``check_floats`` passed on). ``old`` and ``adv`` are detached. On finite input the
+    valid positions are unchanged, so every value verl computes from them (micro-batch mode) is reproduced bit for bit.
     """
     check_tensor(logprobs, "logprobs", floating=True, ndim=2, layout="(batch, tokens)")
     shape = logprobs.shape
@@ -175,7 +179,7 @@ def _prepare(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: T
         advantages = advantages[:, None].expand(shape)
     else:
         check_shape(advantages, shape, "advantages", like="the logprobs, or (B,) one per sequence")
-    valid = _token_mask(mask, shape)
+    valid = _token_mask(mask, shape, check_floats=check_floats)
     cdtype = _compute_dtype(logprobs.dtype)
     zero = torch.zeros((), dtype=cdtype, device=logprobs.device)
     logp = torch.where(valid, logprobs.to(cdtype), zero)
@@ -351,7 +355,7 @@ class PPOClipLoss(PolicyLoss):
         self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-token PPO loss ``(B, T)`` (before aggregation; 0 on masked tokens) and its metrics."""
-        return self._per_token(_prepare(logprobs, old_logprobs, advantages, mask))
+        return self._per_token(_prepare(logprobs, old_logprobs, advantages, mask, check_floats=False))
 
     def _per_token(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
         logp, old, adv, maskf, _ = batch
@@ -365,7 +369,7 @@ class PPOClipLoss(PolicyLoss):
         return loss, metrics
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
-        batch = _prepare(logprobs, old_logprobs, advantages, mask)
+        batch = _prepare(logprobs, old_logprobs, advantages, mask, check_floats=False)  # no sync here: none added
         per_token, metrics = self._per_token(batch)
         loss = self._aggregate(per_token, batch.maskf, self.agg, self.global_agg)
         metrics["policy/pg_loss"] = loss.detach()
@@ -692,7 +696,7 @@ class SteerLoss(PolicyLoss):
         self.global_agg = check_bool(global_agg, "global_agg")
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
-        batch = _prepare(logprobs, old_logprobs, advantages, mask)
+        batch = _prepare(logprobs, old_logprobs, advantages, mask, check_floats=False)  # no sync here: none added
         entropy = _check_entropy(entropy, batch.logp.shape, "SteerLoss (the old-policy pass's entropy)")
         _check_step(step)
         per_token, metrics = self.ppo._per_token(batch)
@@ -772,9 +776,10 @@ class EntropyBonus(PolicyLoss):
         entropy = _check_entropy(entropy, shape, "EntropyBonus (differentiable)")
         if mask is None:
             raise EntrotrainError("EntropyBonus needs mask= (valid tokens, (B, T) like entropy), got None.")
-        valid = _token_mask(mask, entropy.shape)
-        step = _check_step(step)
         adaptive = self.target is not None
+        # the adaptive controller syncs in training (it reads its window): a float mask's values are checked there
+        valid = _token_mask(mask, entropy.shape, check_floats=adaptive and self.training)
+        step = _check_step(step)
         if adaptive and self.training and step is not None and step != int(self.last_step):
             if int(self.last_step) >= 0:
                 self._close_window()

@@ -272,3 +272,20 @@ def test_two_rank_ddp_equals_one_process_on_the_union(tmp_path):
     assert set(logged) == set(want)
     for key, value in want.items():
         assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_summarise_leaves_the_callers_mask_as_it_was():
+    """The realised ΔH narrowed the mask in place (``mask.bool()`` of a bool mask is the mask itself): the caller's
+    ``response_mask`` lost the tokens with a non-finite post-update entropy, and so did the phase lengths computed
+    after it. Monitoring changes nothing it is handed."""
+    batch = rl_batch(0)
+    mask = batch["response_mask"]
+    post = batch["token_entropy"].clone()
+    post[0, 0] = float("nan")  # a valid token (row 0 is full length)
+    before = mask.clone()
+    tensors = {"entropy": batch["token_entropy"], "logprobs": batch["logprobs"],
+               "advantages": batch["advantages"][:, None].expand_as(mask), "mask": mask, "post_entropy": post,
+               "phase_ids": torch.zeros(mask.shape, dtype=torch.long)}
+    summary = PolicyEntropyMonitor(print_summary=False).summarise(tensors, 0)
+    assert torch.equal(mask, before)
+    assert summary["phase0/length"] == pytest.approx(float(before.sum()) / mask.shape[0])

@@ -187,13 +187,38 @@ def _cat_padded(parts: list[Tensor], fill: float | bool) -> Tensor:
     return torch.cat(out)
 
 
-def _pooled(micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
+def _pooled(micro_batches: list[dict[str, Any]], keys: Mapping[str, str] | None = None) -> dict[str, Any]:
     """One batch from the micro-batches of an accumulated optimizer step: each tensor concatenated over them (padded
-    as across DDP ranks), kept only when every micro-batch returned it; the temperature of the last one."""
+    as across DDP ranks); the temperature they share.
+
+    As across DDP ranks (:func:`gather_union`), an optional tensor (``rewards``, ``post_token_entropy``,
+    ``phase_ids``) that some micro-batches returned and others did not, or different temperatures, is an
+    :class:`~entrotrain.errors.EntrotrainError` naming the key and the micro-batches (0-based within the step):
+    pooling the ones that have it would report a reward mean, fit, ΔH or phase statistic of part of the step under
+    the step's name, and dropping it (as before) hid the statistic without a word. ``keys`` maps the logical names
+    to the user's ``training_step`` keys for the message."""
+    keys = keys or {}
     pooled: dict[str, Any] = dict(micro_batches[-1])
     for name, fill in _GATHERED:
         parts = [found[name] for found in micro_batches]
-        pooled[name] = None if any(p is None for p in parts) else _cat_padded([p.detach() for p in parts], fill)
+        held = [i for i, p in enumerate(parts) if p is not None]
+        if 0 < len(held) < len(parts):
+            lacking = [i for i in range(len(parts)) if i not in held]
+            raise EntrotrainError(
+                f"PolicyEntropyMonitor: under gradient accumulation micro-batch(es) {held} of the optimizer step "
+                f"returned {keys.get(name, name)!r} from training_step and micro-batch(es) {lacking} did not; the "
+                f"micro-batches of a step are pooled into one batch, so return {keys.get(name, name)!r} from every "
+                "training_step of the step or from none (a part would be reported as the whole step)."
+            )
+        pooled[name] = None if not held else _cat_padded([p.detach() for p in parts], fill)
+    temperatures = [found.get("temperature") for found in micro_batches]
+    if len({repr(None if t is None else float(t)) for t in temperatures}) > 1:
+        raise EntrotrainError(
+            f"PolicyEntropyMonitor: under gradient accumulation the micro-batches of the optimizer step returned the "
+            f"temperatures {[None if t is None else float(t) for t in temperatures]} as "
+            f"{keys.get('temperature', 'temperature')!r}; the step is pooled into one batch at one temperature, so "
+            "return the same one from every training_step of the step."
+        )
     return pooled
 
 
@@ -300,7 +325,9 @@ class PolicyEntropyMonitor(PerFitCallback):
         every_n_batches: log at training batches ``0, n, 2n, ...`` (a batch is one rollout in
             :class:`~entrotrain.tasks.GRPOTask`, whatever the number of optimizer steps it takes). Under gradient
             accumulation (``Trainer(accumulate_grad_batches=k)``, ``k > 1``) the ``k`` micro-batches of an optimizer
-            step are pooled into one batch: logged at optimizer steps ``0, n, 2n, ...`` (``batch`` = that step).
+            step are pooled into one batch: logged at optimizer steps ``0, n, 2n, ...`` (``batch`` = that step); an
+            optional tensor that only some of them return, or different temperatures, raises an
+            :class:`~entrotrain.errors.EntrotrainError` naming the key and the micro-batches.
         agg: the loss-aggregation mode ``mean`` uses: ``"token-mean"``, ``"seq-mean-token-sum"``,
             ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum-norm"`` (name the one your loss uses).
         top_fraction: the high-entropy minority reported as ``top{q}_mean`` (0.2: Wang et al.'s 80/20).
@@ -467,6 +494,15 @@ class PolicyEntropyMonitor(PerFitCallback):
                 raise
             return error
 
+    def _pool(self, micro_batches: list[dict[str, Any]]) -> dict[str, Any] | EntrotrainError:
+        """:func:`_pooled`; with 2+ ranks its error is returned, as :meth:`_read`'s, for every rank to raise."""
+        try:
+            return _pooled(micro_batches, self.keys)
+        except EntrotrainError as error:
+            if dist_world()[1] < 2:
+                raise
+            return error
+
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.sanity_checking or trainer.accumulate_grad_batches == 1:
@@ -489,7 +525,7 @@ class PolicyEntropyMonitor(PerFitCallback):
             if index is None:  # more micro-batches to come
                 return
             refused = [part for part in self._pending if isinstance(part, EntrotrainError)]
-            found, self._pending = (refused[0] if refused else _pooled(self._pending)), []
+            found, self._pending = (refused[0] if refused else self._pool(self._pending)), []
         else:
             index = trainer.fit_loop.epoch_loop.total_batch_idx
             if index % self.every_n_batches:

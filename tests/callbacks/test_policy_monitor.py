@@ -274,6 +274,36 @@ def test_two_rank_ddp_equals_one_process_on_the_union(tmp_path):
         assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
+@pytest.mark.parametrize("key", ["rewards", "post_token_entropy", "phase_ids"])
+def test_accumulated_step_whose_micro_batches_disagree_on_an_optional_key_is_refused(key):
+    """Under gradient accumulation the micro-batches of a step are pooled; one that lacks ``rewards`` (or another
+    optional key) the others returned used to drop the key for the whole step without a word (no reward mean, no
+    fit). It is refused, naming the key and the micro-batches."""
+    batches = [rl_batch(s) for s in range(2)]
+    for b in batches:
+        b["post_token_entropy"] = b["token_entropy"] * 0.9
+        b["phase_ids"] = torch.zeros(b["token_entropy"].shape, dtype=torch.long)
+    del batches[1][key]
+    monitor = PolicyEntropyMonitor(print_summary=False)
+    trainer = quiet_trainer(max_steps=1, callbacks=[monitor], accumulate_grad_batches=2)
+    with pytest.raises(EntrotrainError, match=rf"micro-batch\(es\) \[0\].*{key!r}.*micro-batch\(es\) \[1\] did not"):
+        trainer.fit(ReturnsBatches(batches), loader(2))
+
+
+def test_accumulated_step_with_every_optional_key_or_different_temperatures():
+    """Pooled when every micro-batch returns the key (the reward mean of the whole step); different temperatures
+    within one step are refused as across ranks."""
+    batches = [rl_batch(s) for s in range(2)]
+    monitor = PolicyEntropyMonitor(print_summary=False)
+    quiet_trainer(max_steps=1, callbacks=[monitor], accumulate_grad_batches=2).fit(ReturnsBatches(batches), loader(2))
+    assert monitor.last_logged["reward_mean"] == pytest.approx(float(torch.cat([b["rewards"] for b in batches]).mean()))
+    batches[1]["temperature"] = 0.7
+    trainer = quiet_trainer(max_steps=1, callbacks=[PolicyEntropyMonitor(print_summary=False)],
+                            accumulate_grad_batches=2)
+    with pytest.raises(EntrotrainError, match=r"temperatures \[1.0, 0.7\]"):
+        trainer.fit(ReturnsBatches(batches), loader(2))
+
+
 def test_summarise_leaves_the_callers_mask_as_it_was():
     """The realised ΔH narrowed the mask in place (``mask.bool()`` of a bool mask is the mask itself): the caller's
     ``response_mask`` lost the tokens with a non-finite post-update entropy, and so did the phase lengths computed

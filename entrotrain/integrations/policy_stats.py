@@ -153,16 +153,26 @@ class PolicyStatsRecorder:
         if not parts and world()[1] == 1:
             return {}
         m = self.monitor
+        via = self.handed_with
         with torch.no_grad():
             tensors = {k: _cat_padded([p[k] for p in parts], fill) for k, fill in self._FILL.items()} if parts else {}
-            if parts and all("rewards" in p for p in parts):
+            held = [i for i, p in enumerate(parts) if "rewards" in p]
+            refusal = None
+            if 0 < len(held) < len(parts):  # a reward mean and fit of part of the step: refused, never dropped
+                refusal = EntrotrainError(
+                    f"PolicyEntropyMonitor{self.where} at step {index}: micro-batch(es) {held} of the step handed "
+                    f"rewards= over with {via} and micro-batch(es) {[i for i in range(len(parts)) if i not in held]} "
+                    "did not; give rewards for every micro-batch of a step or for none."
+                )
+            elif held:
                 tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
-        via = self.handed_with
 
         def given(name: str) -> str:
             return f"handed tensors over with {via}" if name == "entropy" else f"handed {name}= over with {via}"
 
-        tensors = gather_union(tensors, self.temperature, given, f"{self.where} at step {index}")
+        if refusal is not None:  # raised here with one process, on every rank (through the exchange) with 2+
+            tensors = {}
+        tensors = gather_union(tensors, self.temperature, given, f"{self.where} at step {index}", refusal=refusal)
         if not tensors:  # no rank handed anything over
             return {}
         summary = m.summarise(tensors, index, temperature=self.temperature, unit="step")

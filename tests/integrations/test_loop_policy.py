@@ -84,3 +84,17 @@ def test_record_policy_errors() -> None:
     with pytest.raises(EntrotrainError, match="entropy must be"):
         with monitors.watch(torch.nn.Linear(2, 2)), monitors.step(0):
             monitors.record_policy(b["entropy"][0], *args[1:])
+
+
+def test_recorder_refuses_a_step_whose_micro_batches_disagree_on_rewards():
+    """rewards= with some micro-batches of a step and not others dropped the rewards of the whole step without a
+    word (no reward mean, no fit point); refused, naming the micro-batches."""
+    recorder = PolicyStatsRecorder()
+    h, lp, adv, m = torch.rand(2, 3), -torch.rand(2, 3), torch.randn(2), torch.ones(2, 3, dtype=torch.bool)
+    recorder.add(h, lp, adv, m, rewards=torch.rand(2))
+    recorder.add(h, lp, adv, m)
+    with pytest.raises(EntrotrainError, match=r"micro-batch\(es\) \[0\] of the step handed rewards=.*\[1\] did not"):
+        recorder.compute(0)
+    recorder.add(h, lp, adv, m, rewards=torch.tensor([0.25, 0.75]))
+    recorder.add(h, lp, adv, m, rewards=torch.tensor([0.5, 0.5]))
+    assert recorder.compute(1)["entropy/policy/reward_mean"] == pytest.approx(0.5)

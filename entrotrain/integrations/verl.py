@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from entrotrain._validation import check_bool, check_choice, check_int, check_real
+from entrotrain._validation import check_bool, check_choice, check_int, check_real, token_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss
 from entrotrain.regularizers.policy_loss import ClipCovLoss, KLCovLoss, PolicyLoss, PolicyLossOutput, SteerLoss
@@ -424,7 +424,8 @@ def make_verl_adv_fns(
         alpha = _real(cfg, "alpha", defaults["alpha"], "config.canon")
         beta = _real(cfg, "beta", defaults["beta"], "config.canon")
         length_norm = _real(cfg, "length_norm", defaults["length_norm"], "config.canon")
-        mask = response_mask
+        # the policy code's one rule (values read: once per rollout, off the training step's hot path)
+        mask = token_mask(response_mask, token_level_rewards.shape, "response_mask", like="token_level_rewards")
         if metric == "entropy":
             if entropy is None:
                 raise EntrotrainError(
@@ -434,7 +435,7 @@ def make_verl_adv_fns(
                 )
             value = sequence_entropy(entropy, mask)
         else:
-            value = (mask > 0).sum(-1).float()
+            value = mask.sum(-1).float()
         rewards = token_level_rewards.detach().sum(-1)
         order, group = _group_order(index, rewards.shape[0])
         adv = torch.empty(rewards.shape, dtype=torch.promote_types(rewards.dtype, torch.float32), device=rewards.device)

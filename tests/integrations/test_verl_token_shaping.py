@@ -77,3 +77,19 @@ def test_canon_keyword_defaults_apply_when_the_config_has_no_canon_section():
     assert torch.allclose(adv_e.double(), ref_e[:, None] * mask.double(), atol=1e-7)
     with pytest.raises(EntrotrainError, match="metric"):
         make_verl_adv_fns(metric="sum")
+
+
+@pytest.mark.parametrize("metric", ["entropy", "length"])
+def test_canon_reads_the_response_mask_by_the_policy_rule(metric):
+    """int and float 0/1 response masks (verl hands either) give the bool mask's advantages; any other value is
+    refused naming it. Before, the length metric counted ``mask > 0`` and scaled the advantages by the raw mask: a
+    0.5 entry halved a token's advantage and counted as a full token, without a word."""
+    token_rewards, mask, entropy, uids, _ = _verl_batch(seed=3)
+    fn = make_verl_adv_fns(metric=metric)["entrotrain_canon"]
+    want, _ = fn(token_rewards, mask.bool(), uids, None, entropy=entropy)
+    for dtype in (torch.int64, torch.float32):
+        assert torch.equal(fn(token_rewards, mask.to(dtype), uids, None, entropy=entropy)[0], want)
+    bad = mask.float()
+    bad[0, 0] = 0.5
+    with pytest.raises(EntrotrainError, match=r"response_mask .* \(found \[0.5\]\)"):
+        fn(token_rewards, bad, uids, None, entropy=entropy)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from entrotrain.tasks.hyperfitting import HyperfittingDataModule
 from tests.helpers.recipes import fit_recipe
+
+# One intra-op thread: small models run several times faster than on the suite's two threads on a loaded machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "hyperfitting.yaml"

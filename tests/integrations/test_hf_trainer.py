@@ -31,6 +31,10 @@ from entrotrain.integrations.transformers import STATE_KEY, EntropyTrainerCallba
 from tests.helpers.fake_wandb_run import FakeRun  # noqa: E402
 from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
 
+# One intra-op thread: the tiny GPT-2s train several times faster than on the suite's two threads on a loaded
+# machine; each comparison in this module is between runs in this process, on the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB, T, ROWS = 48, 12, 16
 
 

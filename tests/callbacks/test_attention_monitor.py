@@ -16,6 +16,9 @@ from tests.helpers.lightning_models import HEADS, SEQ, HandAttention, TinyLM, qu
 from tests.helpers.recorders import LossRecorder
 from tests.helpers.spy_logger import SpyLogger
 
+# One intra-op thread: small models run several times faster than on the suite's two threads on a loaded machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def no_hooks_left(model: torch.nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

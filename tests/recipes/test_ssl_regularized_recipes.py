@@ -6,7 +6,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.recipes import fit_recipe
+
+# One intra-op thread: small models run several times faster than on the suite's two threads on a loaded machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).with_name("monitor_rank_join_run.py")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks got: one script run for both tests (~15 s)."""
     out = tmp_path_factory.mktemp("rank_join")
-    run_script(SCRIPT, out, str(out), timeout=90)  # a rank left waiting in a reduce: killed at 60 s, fails here
+    run_script(SCRIPT, out, str(out), timeout=240)  # a rank left waiting in a reduce: killed at 180 s, fails here
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -129,7 +129,7 @@ def policy(rank: int, handed: str | None) -> dict:
 
 
 def worker(rank: int, out: str) -> None:
-    faulthandler.dump_traceback_later(60, exit=True)  # a rank left waiting in a collective: fail, do not hang
+    faulthandler.dump_traceback_later(180, exit=True)  # a rank left waiting in a collective: fail, do not hang
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     found = {name: train(rank, args, by_rank[rank], POISONED.get(name)) for name, (args, *by_rank) in RUNS.items()}

@@ -121,7 +121,8 @@ class RouterEntropyMonitor(HookedMonitor):
             top-k assignment in the logging step (all micro-batches, all ranks).
         log_media: log the layer × expert load heatmap to wandb (rank zero).
         mask_key: key of the keep mask (1/True = real token) in a mapping batch; ``None`` = never read the batch.
-        output_index: element of a tuple/list router output holding the logits (HF routers: 0).
+        output_index: element of a tuple/list router output holding the logits; ``None`` = each router's own (HF
+            routers: 0; Llama 4's ``Llama4Router``: 1).
         scoring: the distribution the entropy, Tsallis entropy, margins and importance are of: ``"auto"`` = each
             router's own scoring function as :meth:`~entrotrain.taps.router_tap.RouterTap.scoring` reads it (a
             ``scoring_func`` attribute, a scoring module, else whether its ``forward`` calls sigmoid and not
@@ -151,7 +152,7 @@ class RouterEntropyMonitor(HookedMonitor):
         dead_threshold: float = 0.0,
         log_media: bool = True,
         mask_key: str | None = "attention_mask",
-        output_index: int = 0,
+        output_index: int | None = None,
         scoring: str = "auto",
         prefix: str = "entropy/router",
         print_summary: bool = True,
@@ -164,7 +165,7 @@ class RouterEntropyMonitor(HookedMonitor):
         self.dead_threshold = check_real(dead_threshold, "dead_threshold", low=0.0, high=1.0)
         self.log_media = check_bool(log_media, "log_media")
         self.mask_key = None if mask_key is None else check_str(mask_key, "mask_key")
-        self.output_index = check_int(output_index, "output_index")
+        self.output_index = check_int(output_index, "output_index", none_ok=True)
         self.scoring = check_choice(scoring, "scoring", ("auto", *SCORINGS))
         self.prefix = check_str(prefix, "prefix").rstrip("/")
         self.print_summary = check_bool(print_summary, "print_summary")

@@ -19,7 +19,8 @@ Which modules are routers:
 - ``include=[globs]``: exactly the modules whose names match (``*`` = one name segment, ``**`` = any number; see
   :class:`~entrotrain.taps.name_filter.NameFilter`).
 
-A router's output (its ``output_index``-th element for tuple/list outputs, default 0) is read as ``(..., E)`` and
+A router's output (its ``output_index``-th element for tuple/list outputs; by default 0, and 1 for Llama 4's
+``Llama4Router``, which returns ``(router_scores, router_logits)``) is read as ``(..., E)`` and
 flattened to ``(rows, E)``: HF's ``(batch·seq, E)`` layout, row-major over (batch, seq), so HF's ``attention_mask``
 ``(batch, seq)`` flattened lines up with the rows.
 
@@ -53,7 +54,7 @@ from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 from entrotrain.taps.query_padding import ambient_row_mask
 
-__all__ = ["RouterTap", "chosen_experts", "discover_routers", "router_rows", "router_scoring"]
+__all__ = ["RouterTap", "chosen_experts", "discover_routers", "logits_element", "router_rows", "router_scoring"]
 
 _MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
 
@@ -62,10 +63,24 @@ _MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
 #: (Mixtral, ...), ``TopkRouter`` (DeepSeek-V2/V3 and the routers built like them), DeepSeek-V4's ``HashRouter``,
 #: AFMoE's ``TokenChoiceRouter``.
 _ROUTER_CLASS_ENDINGS = ("topkrouter", "hashrouter", "tokenchoicerouter")
+#: Router classes (lower-case names) whose tuple output holds the logits at another element than 0: Llama 4's
+#: ``Llama4Router`` (an ``nn.Linear`` picking the top k of its logits) returns ``(router_scores, router_logits)``.
+_LOGITS_ELEMENT = {"llama4router": 1}
 
 
 def _is_router_class(module: nn.Module | None) -> bool:
-    return module is not None and type(module).__name__.lower().endswith(_ROUTER_CLASS_ENDINGS)
+    if module is None:
+        return False
+    name = type(module).__name__.lower()
+    return name.endswith(_ROUTER_CLASS_ENDINGS) or name in _LOGITS_ELEMENT
+
+
+def logits_element(module: nn.Module, output_index: int | None = None) -> int:
+    """The element of ``module``'s tuple/list output holding its router logits: ``output_index`` when given, else
+    the router's own (0; 1 for Llama 4's ``(router_scores, router_logits)``)."""
+    if output_index is not None:
+        return output_index
+    return _LOGITS_ELEMENT.get(type(module).__name__.lower(), 0)
 
 
 def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> bool:
@@ -80,7 +95,8 @@ def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> b
 
 def discover_routers(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_modules()``, without ``_orig_mod.``; in module order) of the HF-style routers of
-    ``model``: class name ending with ``TopKRouter`` / ``TopkRouter`` / ``HashRouter`` / ``TokenChoiceRouter``, or
+    ``model``: class name ending with ``TopKRouter`` / ``TopkRouter`` / ``HashRouter`` / ``TokenChoiceRouter``,
+    Llama 4's ``Llama4Router``, or
     an ``nn.Linear`` named ``gate`` inside a module whose class name mentions MoE (and is not one of those router
     classes)."""
     modules = dict(named_modules(model))
@@ -157,7 +173,8 @@ class RouterTap(ForwardHookTap):
         model: the module to watch (names are relative to it).
         include: glob patterns of router module names; ``None`` = HF router discovery (module docstring).
         exclude: glob patterns of module names to skip.
-        output_index: element read from tuple/list router outputs (HF routers: 0, the raw logits).
+        output_index: element read from tuple/list router outputs; ``None`` = each router's own (HF routers: 0, the
+            raw logits; Llama 4's ``Llama4Router``: 1, its ``(router_scores, router_logits)``).
         on_capture: called as ``on_capture(name, logits)`` for every router call instead of storing the logits in
             :attr:`captures`.
         differentiable: keep the graph of the captured logits (for a router regulariser's loss, as
@@ -191,14 +208,14 @@ class RouterTap(ForwardHookTap):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         *,
-        output_index: int = 0,
+        output_index: int | None = None,
         on_capture: Callable[[str, Tensor], None] | None = None,
         differentiable: bool = False,
         token_masks: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EntrotrainError(f"RouterTap needs an nn.Module, got {type(model).__name__}.")
-        check_int(output_index, "output_index")
+        check_int(output_index, "output_index", none_ok=True)
         self.differentiable = check_bool(differentiable, "differentiable")
         self.watch_token_masks = check_bool(token_masks, "token_masks")
         if on_capture is not None and not callable(on_capture):
@@ -227,7 +244,7 @@ class RouterTap(ForwardHookTap):
                 raise TapError(
                     f"RouterTap found no MoE router in {type(self.model).__name__}: it searched for modules whose "
                     "class name ends with 'TopKRouter' / 'TopkRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, "
-                    "DeepSeek-V2/V3, GLM-4-MoE, ...) and nn.Linear "
+                    "DeepSeek-V2/V3, GLM-4-MoE, ...), Llama 4's Llama4Router and nn.Linear "
                     f"modules named 'gate' inside a module whose class name mentions MoE (exclude={self.exclude}). "
                     "Name your router modules with include=['**.router'] (globs over named_modules()), or return "
                     "the router logits from training_step under 'router_logits'."
@@ -281,11 +298,12 @@ class RouterTap(ForwardHookTap):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not capture_allowed(self):
                 return
+            index = logits_element(module, self.output_index)
             if self.differentiable:
-                logits = router_rows(output, name=name, output_index=self.output_index, detach=False)
+                logits = router_rows(output, name=name, output_index=index, detach=False)
             else:
                 with torch.no_grad():
-                    logits = router_rows(output, name=name, output_index=self.output_index)
+                    logits = router_rows(output, name=name, output_index=index)
             if name not in self.order:
                 self.order.append(name)
             if self.on_capture is not None:

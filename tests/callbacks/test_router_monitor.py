@@ -12,6 +12,7 @@ import torch
 
 from entrotrain.callbacks.router_monitor import RouterEntropyMonitor
 from entrotrain.errors import EntrotrainError, TapError
+from entrotrain.taps.router_tap import RouterTap
 from tests.helpers.lightning_models import quiet_trainer
 from tests.helpers.router_models import KINDS, MoELM, ToyMoE, gate_logits, lm_batch, lm_loader, toy_batches, toy_loader
 from tests.helpers.router_reference import router_reference
@@ -362,3 +363,38 @@ def test_deepseek_v3_load_is_the_model_s_own_choice_and_entropy_of_its_sigmoid_s
     assert (counts_all / counts_all.sum()).tolist() != pytest.approx(
         [logged[f"entropy/router/L0/load/E{e}"] for e in range(8)], abs=1e-9
     )
+
+
+def test_llama4_routers_are_found_and_read_from_their_logits():
+    """Llama 4's Llama4Router (an nn.Linear subclass) returns (router_scores, router_logits) and routes each token to
+    the top k of its logits: it is discovered (it was not: TapError), the tap reads element 1 (the logits; element 0
+    holds sigmoid scores), and the monitor's values equal the reference on the router's own logits over the real
+    tokens (padding left out). An explicit output_index still wins."""
+    module = MoELM("llama4", n_experts=4, top_k=1)
+    reference = copy.deepcopy(module.model)
+    monitor = RouterEntropyMonitor(every_n_steps=1, log_media=False, print_summary=False)
+    quiet_trainer(callbacks=[monitor], max_steps=1).fit(module, lm_loader(1))
+    names = [f"model.model.layers.{i}.feed_forward.router" for i in range(2)]
+    assert monitor.layer_names == names
+    batch = lm_batch(seed=0)
+    outputs = []
+    handles = [layer.feed_forward.router.register_forward_hook(lambda m, a, o: outputs.append([t.clone() for t in o]))
+               for layer in reference.model.layers]
+    with torch.no_grad():
+        reference(**batch)
+    for h in handles:
+        h.remove()
+    logits = [out[1] for out in outputs]
+    keep = batch["attention_mask"].reshape(-1).bool()
+    logged = monitor.last_logged
+    for layer in range(2):
+        expected = router_reference(logits[layer], 1, keep)
+        assert logged[f"entropy/router/L{layer}/entropy"] == pytest.approx(expected["entropy"], abs=1e-5)
+        load = [logged[f"entropy/router/L{layer}/load/E{e}"] for e in range(4)]
+        assert load == pytest.approx(expected["load"], abs=1e-9)
+    for index, element in ((None, 1), (0, 0)):  # an explicit output_index (0: the scores) still wins
+        tap = RouterTap(reference, output_index=index)
+        with tap, torch.no_grad():
+            reference(**batch)
+        assert torch.equal(tap.logits(names[0].removeprefix("model.")), outputs[0][element].reshape(-1, 4))
+

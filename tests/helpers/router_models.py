@@ -59,6 +59,12 @@ def tiny_moe(kind: str, seed: int = 0, n_experts: int = 4, top_k: int = 2) -> to
             **{**common, "num_key_value_heads": 4},  # MLA: one key / value per head
         )
         cls = transformers.DeepseekV3ForCausalLM
+    elif kind == "llama4":  # Llama4Router: an nn.Linear returning (router_scores, router_logits) (not in KINDS)
+        config = transformers.Llama4TextConfig(
+            intermediate_size=48, intermediate_size_mlp=48, head_dim=8, num_local_experts=n_experts,
+            moe_layers=[0, 1], **common,
+        )
+        cls = transformers.Llama4ForCausalLM
     else:
         raise ValueError(kind)
     config._attn_implementation = "eager"

@@ -355,6 +355,29 @@ def fmt_live(m: MemResult | None) -> str:
     return "—" if m is None or m.live_mib is None else f"{m.live_mib:.1f}"
 
 
+_DEVICE_NAMES = {"cuda": "GPU", "cpu": "CPU"}
+
+
+def verdict_line(
+    what: str, ok: bool | None, measured: str, *, target_device: str | None, device: torch.device, quick: bool = False
+) -> str:
+    """One target's verdict from numbers the same run printed: ``# verdict <what>: met|NOT met (<measured>)``.
+
+    A target is judged only on the device it is stated for (``target_device`` "cuda" / "cpu"; ``None``: any), else
+    the line says ``target is for GPU: not judged on CPU``. ``quick``: the run's sizes are not the target's, and the
+    line says so. ``ok=None``: the run lacks what the target needs (``measured`` says what).
+    """
+    head = f"# verdict {what}: "
+    tail = f" ({measured})" if measured else ""
+    small = "; --quick: the sizes are not the target's" if quick else ""
+    if target_device is not None and device.type != target_device:
+        want = _DEVICE_NAMES.get(target_device, target_device)
+        return f"{head}target is for {want}: not judged on {_DEVICE_NAMES.get(device.type, device.type)}{small}{tail}"
+    if ok is None:
+        return f"{head}not judged{small}{tail}"
+    return f"{head}{'met' if ok else 'NOT met'}{small}{tail}"
+
+
 def print_table(headers: list[str], rows: list[list[str]], skipped: dict[str, str]) -> None:
     """The Markdown table between blank lines, then one footnote per skipped row."""
     print()

@@ -7,7 +7,11 @@ Two tables, each measured in one process with interleaved rounds (``_common.time
 2. a full training step (forward, backward, Adam) of the recipes' TinyGPT: plain, σReparam on every block linear,
    + entropy floor, + AEM (both through a differentiable attention tap on every layer, all queries).
 
+A verdict line follows for the DESIGN §6 target (σReparam on GPT-small ≤ 10 % step time, i.e. ≤ 1.10× plain): it is
+a GPU target, and this script runs on CPU a TinyGPT, so the line gives the measured ratio and says it is not judged.
+
     python benchmarks/sigma_reparam.py               # CPU, 2 threads
+    python benchmarks/sigma_reparam.py --quick       # 64² linear, batch 4 x 16, 3 rounds, no compile: proves it runs
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import environment_line, markdown_table, time_cases  # noqa: E402
+from _common import environment_line, markdown_table, time_cases, verdict_line  # noqa: E402
 
 from entrotrain.models import TinyGPT  # noqa: E402
 from entrotrain.regularizers import (  # noqa: E402
@@ -103,12 +107,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="64x64 linear, 256 tokens, batch 4 x 16, 3 rounds, no compile: proves the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.dim, args.batch, args.seq, args.repeats, args.no_compile = 256, 64, 4, 16, 3, True
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     print(environment_line(cpu, args.threads))
     print(f"\n# one linear layer {args.dim}x{args.dim}, {args.tokens} tokens, forward + backward, fp32\n")
-    times = time_cases(linear_cases(args.tokens, args.dim, not args.no_compile), repeats=args.repeats, warmup=2, device=cpu)
+    cases = linear_cases(args.tokens, args.dim, not args.no_compile)
+    times = time_cases(cases, repeats=args.repeats, warmup=2, device=cpu)
     print(table(times, "nn.Linear"))
     if not args.no_compile:
         ratio = times["SigmaReparamLinear (compiled)"].median_ms / times["nn.Linear (compiled)"].median_ms
@@ -116,6 +125,11 @@ def main() -> None:
     print(f"\n# TinyGPT 4x4x128 training step, batch {args.batch} x {args.seq} tokens, Adam, fp32\n")
     times = time_cases(training_cases(args.batch, args.seq), repeats=args.repeats, warmup=2, device=cpu)
     print(table(times, "plain"))
+    ratio = times["σReparam (all block linears)"].median_ms / times["plain"].median_ms
+    print("\n" + verdict_line(
+        "DESIGN §6 σReparam on GPT-small ≤ 10 % step time", ratio <= 1.10,
+        f"TinyGPT 4x4x128 step, median σReparam / plain = {ratio:.3f}×; target ≤ 1.10× on GPT-small",
+        target_device="cuda", device=cpu, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ from entrotrain.functional.router_losses import (  # noqa: E402
     dynmole_routing,
     load_balancing_loss,
     router_z_loss,
+    sequence_balance_loss,
 )
 
 __all__ += [
@@ -233,6 +234,7 @@ __all__ += [
     "dynmole_routing",
     "load_balancing_loss",
     "router_z_loss",
+    "sequence_balance_loss",
 ]
 from entrotrain.functional.generation_diversity import (  # noqa: E402
     NgramCounts,

@@ -27,6 +27,10 @@ layers (:math:`T = |X|`):
   entropy of :math:`p + \epsilon` (not renormalised; :func:`entrotrain.functional.routing.tsallis_entropy`),
   :math:`f_i` the mean of the **masked routing weights** :math:`w_i(x) = p_i(x)\,m_i(x)` (soft, not counts) with the
   hybrid-routing mask :math:`m` of :func:`dynmole_routing`, and :math:`P_i` the mean probability.
+- :func:`sequence_balance_loss` — DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs.
+  17–20): per sequence, :math:`\sum_i f_i P_i` with :math:`f` the counts of the experts **the router picked** (ids
+  given, not a top-k here) and :math:`P` the mean normalised sigmoid scores; a mean over sequences per layer, **summed**
+  over layers (an exception to the pooling below).
 
 Choices (reference note ``representation_routing.md``, "Choices an implementation must state", 3–4):
 
@@ -62,7 +66,14 @@ from torch import Tensor
 from entrotrain._validation import check_bool, check_int, check_real, check_tensor, keep_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.entropy import accumulation_dtype
-from entrotrain.functional.routing import check_eps, check_order, tsallis_entropy
+from entrotrain.functional.routing import (
+    _chosen_experts,
+    check_eps,
+    check_order,
+    check_scoring,
+    scoring_logits,
+    tsallis_entropy,
+)
 
 __all__ = [
     "DynMoLETerms",
@@ -72,6 +83,8 @@ __all__ = [
     "dynmole_routing",
     "load_balancing_loss",
     "router_z_loss",
+    "sequence_balance_loss",
+    "sequence_balance_sums",
 ]
 
 #: One ``(rows, E)`` tensor or a sequence of them (one per MoE layer), as HF's ``outputs.router_logits``.
@@ -344,3 +357,109 @@ def dynmole_router_loss(
         mask=mask, mask_entropy=mask_entropy,
     )
     return beta * terms.entropy + alpha * terms.balance
+
+
+def sequence_balance_sums(
+    router_logits: Tensor, chosen: Tensor, *, keep: Tensor | None, seq_len: int, scoring: str = "sigmoid"
+) -> tuple[Tensor, Tensor]:
+    r"""One router call's sequence-wise balance: ``(sum over its sequences of L_b, number of sequences)``.
+
+    ``router_logits`` ``(B·S, E)`` (rows row-major over (batch, seq)), ``chosen`` ``(B·S, K)`` the expert ids the
+    router picked, ``keep`` ``(B·S,)`` bool (``None``: every row real), ``seq_len`` = S. Per sequence :math:`b` with
+    :math:`T_b \ge 1` real tokens, :math:`L_b = \sum_i f_i P_i` (:func:`sequence_balance_loss`); a sequence without
+    a real token is not counted. Means over sequences of several calls: sum the first elements, divide by the sum of
+    the second. Gradient flows through :math:`P` only."""
+    check_tensor(router_logits, "router_logits", floating=True, ndim=2, layout="(rows, n_experts)")
+    rows, n_exp = router_logits.shape
+    seq_len = check_int(seq_len, "seq_len", low=1)
+    if rows % seq_len:
+        raise EntrotrainError(
+            f"the router's {rows} rows do not split into sequences of {seq_len} tokens; its logits must be "
+            "(batch*seq, E), row-major over (batch, seq), with the (batch, seq) attention_mask of that call."
+        )
+    ids = _chosen_experts(chosen, rows, router_logits.device)
+    dtype = accumulation_dtype(router_logits.dtype)
+    keep = torch.ones(rows, dtype=torch.bool, device=router_logits.device) if keep is None else keep.reshape(-1)
+    z = torch.where(keep[:, None], router_logits.to(dtype), torch.zeros((), dtype=dtype, device=keep.device))
+    w = keep.to(dtype)[:, None]
+    p = torch.softmax(scoring_logits(z, check_scoring(scoring)), dim=-1) * w  # s'_{i,t} of the real tokens
+    real = (ids >= 0) & (ids < n_exp)  # an id outside [0, E) counts nowhere (column E, dropped)
+    hits = torch.zeros(rows, n_exp + 1, dtype=dtype, device=z.device)
+    hits = hits.scatter_(1, torch.where(real, ids, n_exp), 1.0)[:, :n_exp] * w  # 1[i chosen for t]: once per token
+    batch = rows // seq_len
+    tokens = w.reshape(batch, seq_len).sum(1)  # T_b
+    denom = tokens.clamp_min(1)[:, None]
+    f = n_exp / ids.shape[1] * hits.reshape(batch, seq_len, n_exp).sum(1) / denom
+    big_p = p.reshape(batch, seq_len, n_exp).sum(1) / denom
+    has = (tokens > 0).to(dtype)
+    return ((f * big_p).sum(-1) * has).sum(), has.sum()
+
+
+def sequence_balance_loss(
+    router_logits: RouterLogits,
+    chosen: Tensor | Sequence[Tensor],
+    *,
+    mask: Tensor | None = None,
+    seq_len: int | None = None,
+    scoring: str | Sequence[str] = "sigmoid",
+) -> Tensor:
+    r"""DeepSeek-V3's complementary sequence-wise balance loss, summed over MoE layers (unweighted: times α).
+
+    DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (arXiv 2412.19437), §2.1.2, eqs. 17–20, per layer and per
+    sequence of :math:`T` real tokens, with :math:`N_r` routed experts and :math:`K_r` chosen per token:
+
+    .. math::
+        L_{\mathrm{Bal}} = \sum_{i=1}^{N_r} f_i P_i,\quad
+        f_i = \frac{N_r}{K_r T}\sum_{t=1}^{T}\mathbf 1[i \in \mathrm{chosen}_t],\quad
+        s'_{i,t} = \frac{s_{i,t}}{\sum_j s_{j,t}},\quad P_i = \frac1T\sum_{t=1}^{T} s'_{i,t}
+
+    with :math:`s = \sigma(z)` (``scoring='sigmoid'``, DeepSeek-V3; ``'softmax'`` / ``'sqrtsoftplus'`` for routers
+    scoring otherwise) and :math:`\mathrm{chosen}_t` the experts **the router itself picked** (DeepSeek-V3: the
+    top :math:`K_r` of :math:`s + b` with its ``e_score_correction_bias`` :math:`b`, group-limited; not a top-k of
+    :math:`s`). Each layer's value is the mean over its sequences (those with a real token); the layers' values are
+    **summed** (α is per layer in the paper). Balanced routing gives 1 per layer. Gradient flows through :math:`P`
+    only (:math:`f` is a count). Computed in float32 (float64 stays float64).
+
+    Args:
+        router_logits: ``(batch·seq, E)`` raw logits per MoE layer (tuple/list) or one tensor, rows row-major over
+            ``(batch, seq)`` (HF's layout).
+        chosen: ``(batch·seq, K)`` integer expert ids per layer, parallel to ``router_logits`` (HF ``*TopkRouter``
+            returns them third). Ids outside ``[0, E)`` count nowhere; an expert listed twice for a token counts
+            once (the indicator of eq. 18).
+        mask: keep mask: the ``(batch, seq)`` attention_mask (it also gives ``seq``), or ``rows`` flat elements with
+            ``seq_len``.
+        seq_len: tokens per sequence, when ``mask`` is not 2-D.
+        scoring: the routers' scoring function, one for every layer or one per layer.
+
+    Returns:
+        A scalar; 0 with a zero gradient when no token is real.
+
+    Raises:
+        EntrotrainError: no way to split the rows into sequences (no 2-D mask and no ``seq_len``), ``chosen`` not one
+            ``(rows, K)`` integer tensor per layer, a bad ``scoring``, and the checks of the other losses here.
+    """
+    layers, keep = _layers(router_logits, mask)
+    ids = [chosen] if isinstance(chosen, Tensor) else list(chosen) if isinstance(chosen, (tuple, list)) else None
+    if ids is None or len(ids) != len(layers):
+        raise EntrotrainError(
+            f"chosen must hold one (rows, K) tensor of expert ids per router layer ({len(layers)}), got "
+            f"{len(ids) if ids is not None else type(chosen).__name__}: pass the ids each router returned "
+            "(HF *TopkRouter: the third element of its output)."
+        )
+    scorings = [scoring] * len(layers) if isinstance(scoring, str) else list(scoring)
+    if len(scorings) != len(layers):
+        raise EntrotrainError(f"scoring must be one string or one per layer ({len(layers)}), got {len(scorings)}.")
+    if mask is not None and mask.dim() == 2:
+        if seq_len is not None and seq_len != mask.shape[1]:
+            raise EntrotrainError(f"seq_len={seq_len} contradicts the (batch, seq) mask of shape {tuple(mask.shape)}.")
+        seq_len = mask.shape[1]
+    if seq_len is None:
+        raise EntrotrainError(
+            "the sequence-wise balance loss needs the sequences of the router rows (rows = batch*seq): pass the "
+            "(batch, seq) attention_mask as mask, or seq_len=."
+        )
+    total = layers[0].new_zeros(())
+    for z, c, sc in zip(layers, ids, scorings):
+        loss_sum, n_seq = sequence_balance_sums(z, c, keep=keep, seq_len=seq_len, scoring=sc)
+        total = total + loss_sum / n_seq.clamp_min(1)
+    return total

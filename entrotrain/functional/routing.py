@@ -406,19 +406,13 @@ def router_statistics(
     n_rows, n_experts = z.shape
     top_k = check_int(top_k, "top_k", low=1, high=n_experts)
     q = check_order(q)
-    if scoring not in SCORINGS:
-        raise EntrotrainError(
-            f"scoring must be one of {SCORINGS} (the router's own scoring function), got {scoring!r}."
-        )
+    check_scoring(scoring)
     keep = _row_mask(mask, n_rows, z.device)
     finite = finite_row_mask(z)
     use = keep & finite
     acc = accumulation_dtype(z.dtype)
     z = torch.where(use[:, None], z.to(acc), torch.zeros((), dtype=acc, device=z.device))  # skipped rows: no NaN
-    if scoring == "sigmoid":
-        z = torch.nn.functional.logsigmoid(z)  # softmax(log sigma(z)) = sigma(z) / sum sigma(z)
-    elif scoring == "sqrtsoftplus":  # 0.5 log softplus(z); softplus(z) = e^z (to rounding) below -20, no log(0)
-        z = 0.5 * torch.where(z < -20, z, torch.log(torch.nn.functional.softplus(z).clamp_min(1e-30)))
+    z = scoring_logits(z, scoring)
     w = use.to(torch.float64)
     with torch.no_grad():
         entropy = (entropy_from_logits(z).double() * w).sum()
@@ -452,6 +446,26 @@ def router_statistics(
 #: The routers' scoring functions :func:`router_statistics` takes: ``p_e`` proportional to ``exp(z_e)``,
 #: ``sigmoid(z_e)`` or ``sqrt(softplus(z_e))`` (DeepSeek-V4).
 SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
+
+
+def check_scoring(scoring: str) -> str:
+    """``scoring`` if it is one of :data:`SCORINGS`, else :class:`EntrotrainError`."""
+    if scoring not in SCORINGS:
+        raise EntrotrainError(
+            f"scoring must be one of {SCORINGS} (the router's own scoring function), got {scoring!r}."
+        )
+    return scoring
+
+
+def scoring_logits(z: Tensor, scoring: str) -> Tensor:
+    r"""Logits whose softmax is the router's normalised scores: :math:`z` (``'softmax'``), :math:`\log\sigma(z)`
+    (``'sigmoid'``: :math:`\mathrm{softmax} = \sigma(z_e)/\sum_j\sigma(z_j)`) or
+    :math:`\tfrac12\log\mathrm{softplus}(z)` (``'sqrtsoftplus'``). Differentiable; finite for finite ``z``."""
+    if scoring == "sigmoid":
+        return torch.nn.functional.logsigmoid(z)  # softmax(log sigma(z)) = sigma(z) / sum sigma(z)
+    if scoring == "sqrtsoftplus":  # 0.5 log softplus(z); softplus(z) = e^z (to rounding) below -20, no log(0)
+        return 0.5 * torch.where(z < -20, z, torch.log(torch.nn.functional.softplus(z).clamp_min(1e-30)))
+    return z
 
 
 def _chosen_experts(chosen: Tensor, n_rows: int, device: torch.device) -> Tensor:

@@ -58,9 +58,23 @@ __all__ = [
 from entrotrain.regularizers.representation import MatrixEntropyRegularizer, MMCRLoss, VendiRegularizer  # noqa: E402
 
 __all__ += ["MatrixEntropyRegularizer", "MMCRLoss", "VendiRegularizer"]
-from entrotrain.regularizers.router_loss import LoadBalancingLoss, RouterInputs, RouterZLoss, TsallisRouterLoss  # noqa: E402
+from entrotrain.regularizers.router_loss import (  # noqa: E402
+    ChosenRouterInputs,
+    LoadBalancingLoss,
+    RouterInputs,
+    RouterZLoss,
+    SequenceBalanceLoss,
+    TsallisRouterLoss,
+)
 
-__all__ += ["LoadBalancingLoss", "RouterInputs", "RouterZLoss", "TsallisRouterLoss"]
+__all__ += [
+    "ChosenRouterInputs",
+    "LoadBalancingLoss",
+    "RouterInputs",
+    "RouterZLoss",
+    "SequenceBalanceLoss",
+    "TsallisRouterLoss",
+]
 from entrotrain.regularizers.token_shaping import (  # noqa: E402
     AdvantageEstimator,
     AdvantageOutput,

@@ -1,4 +1,5 @@
-r"""Router auxiliary losses as composable regularisers: DynMoLE's Tsallis loss, load balancing, ST-MoE z-loss.
+r"""Router auxiliary losses as composable regularisers: DynMoLE's Tsallis loss, load balancing, ST-MoE z-loss,
+DeepSeek-V3's sequence-wise balance loss.
 
 The maths lives in :mod:`entrotrain.functional.router_losses` (formulas, choices and papers there); these classes add
 the weight, its schedule, ``+`` composition and named ``parts``.
@@ -38,8 +39,10 @@ or, given inputs, by capture group: ``reg(attention=tap.records, router=router_l
 Sigmoid-scored routers (DeepSeek-V3 and the HF ``*TopkRouter`` classes built like it, which the tap discovers): the
 losses are still of :math:`\mathrm{softmax}(z)` and its top k (:mod:`entrotrain.functional.router_losses`), as HF's
 own ``load_balancing_loss_func`` computes them for every family (MiniMax-M2's included), not of the model's
-normalised sigmoid scores or its ``e_score_correction_bias`` choice (DeepSeek-V3 balances mainly with that bias; its small sequence-wise loss is
-of the normalised sigmoid scores, which these losses are not). :class:`~entrotrain.callbacks.RouterEntropyMonitor` reports the model's own scoring and choice.
+normalised sigmoid scores or its ``e_score_correction_bias`` choice. DeepSeek-V3 balances mainly with that bias, plus
+a small sequence-wise loss of the normalised sigmoid scores and the experts the router picked:
+:class:`SequenceBalanceLoss`, which captures the router's own ids and scoring (its call convention differs: it needs
+those ids). :class:`~entrotrain.callbacks.RouterEntropyMonitor` reports the model's own scoring and choice.
 """
 
 from __future__ import annotations
@@ -51,18 +54,26 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from entrotrain._validation import check_bool, check_int, check_real
+from entrotrain._validation import check_bool, check_int, check_real, keep_mask
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.router_losses import (
     RouterLogits,
     dynmole_router_terms,
     load_balancing_loss,
     router_z_loss,
+    sequence_balance_sums,
 )
-from entrotrain.functional.routing import check_eps, check_order
+from entrotrain.functional.routing import check_eps, check_order, check_scoring
 from entrotrain.regularizers.composition import Regularizer, RegularizerOutput, Schedule
 
-__all__ = ["LoadBalancingLoss", "RouterInputs", "RouterZLoss", "TsallisRouterLoss"]
+__all__ = [
+    "ChosenRouterInputs",
+    "LoadBalancingLoss",
+    "RouterInputs",
+    "RouterZLoss",
+    "SequenceBalanceLoss",
+    "TsallisRouterLoss",
+]
 
 
 class RouterInputs(NamedTuple):
@@ -154,7 +165,14 @@ class _RouterRegularizer(Regularizer):
         self._capture.records = None
         with tap:
             yield tap
-        self._capture.records = _captured_inputs(tap)  # type: ignore[assignment]
+        self._capture.records = self._captured(tap)  # type: ignore[assignment]
+
+    def _captured(self, tap: Any) -> Any:
+        """What :meth:`capture` leaves for the next call: the tap's logits and keep mask as :class:`RouterInputs`."""
+        return _captured_inputs(tap)
+
+    def _inputs(self, *inputs: Any) -> Any:
+        return router_inputs(*inputs)
 
     def forward(self, *inputs: Any, step: int | None = None, **groups: Any) -> RegularizerOutput:
         if step is not None:
@@ -165,7 +183,7 @@ class _RouterRegularizer(Regularizer):
             inputs = (self._take_captured(),)
         if not self.is_active():  # weight 0: not evaluated, an exact 0 (composition module docstring)
             return self._zero_output(inputs)
-        x = router_inputs(*inputs)
+        x = self._inputs(*inputs)
         if captured and not x.router_logits:
             raise EntrotrainError(
                 f"{type(self).__name__}.capture recorded no router call: no router ran inside the `with` block. "
@@ -301,3 +319,151 @@ class TsallisRouterLoss(_RouterRegularizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, q={self.q}, aux_weight={self.aux_weight}, keep_top_k={self.keep_top_k}"
+
+
+class ChosenRouterInputs(NamedTuple):
+    """Router calls with the experts each router picked, for :class:`SequenceBalanceLoss`: per call ``(B·S, E)``
+    logits, ``(B·S, K)`` ids, the ``(B, S)`` keep mask (or ``None``: all real, then ``seq_len`` is needed) and
+    the router's scoring; ``router`` groups the calls of one router (one MoE layer)."""
+
+    router_logits: Sequence[Tensor]
+    chosen: Sequence[Tensor]
+    masks: Sequence[Tensor | None]
+    seq_lens: Sequence[int | None]
+    scorings: Sequence[str]
+    routers: Sequence[str]
+
+
+class SequenceBalanceLoss(_RouterRegularizer):
+    r"""DeepSeek-V3's complementary sequence-wise balance loss :math:`w\cdot\sum_{\text{layers}}
+    \overline{\sum_i f_i P_i}^{\,\text{sequences}}` on the model's own choice and scores.
+
+    DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (arXiv 2412.19437), §2.1.2, eqs. 17–20: per sequence of
+    :math:`T` real tokens, :math:`f_i = \frac{N_r}{K_r T}\sum_t \mathbf 1[i\in\mathrm{chosen}_t]`,
+    :math:`s'_{i,t} = s_{i,t}/\sum_j s_{j,t}`, :math:`P_i = \frac1T\sum_t s'_{i,t}`,
+    :math:`L_{\mathrm{Bal}} = \sum_i f_i P_i` (:func:`~entrotrain.functional.router_losses.sequence_balance_loss`):
+    a mean over the sequences of each router, summed over routers (the weight is the paper's per-layer α; DeepSeek-V3
+    used 0.0001 beside its bias-based balancing). 1 per layer at balance. Gradient through :math:`P` only.
+
+    :meth:`capture` reads, per router call, the logits, the expert ids **the router returned** (HF ``*TopkRouter``:
+    ``(router_logits, weights, indices)``; DeepSeek-V3's biased, group-limited choice, not a recomputed top-k), the
+    router's own scoring (:meth:`RouterTap.scoring <entrotrain.taps.RouterTap.scoring>`: sigmoid for DeepSeek-V3) and
+    the ``(batch, seq)`` padding mask in force (the HF ``attention_mask``, else a ``query_padding`` block): padded
+    tokens are left out, and the mask's batch splits the ``batch·seq`` rows into sequences. It refuses
+    (:class:`~entrotrain.errors.EntrotrainError`) a router that returns no ids, and a call with no fitting 2-D mask
+    (pass ``attention_mask`` to the model, or run it in ``with query_padding(mask):``) unless ``seq_len`` is given.
+    Given inputs: a :class:`ChosenRouterInputs`, or a mapping with ``"router_logits"``, ``"chosen"`` (one tensor
+    or one per layer) and ``"attention_mask"`` (``(batch, seq)``) or ``"seq_len"``.
+
+    Args:
+        weight: α (DeepSeek-V3: 0.0001).
+        scoring: ``'sigmoid'`` / ``'softmax'`` / ``'sqrtsoftplus'`` for every router; ``None`` = each captured
+            router's own (given inputs without one: ``'sigmoid'``).
+        seq_len: tokens per sequence, used when no 2-D mask gives it.
+        include: router module globs :meth:`capture` taps (``None`` = HF router discovery).
+        schedule, final_weight, total_steps, name: as :class:`Regularizer`.
+    """
+
+    name = "sequence_balance"
+
+    def __init__(
+        self, weight: float = 1e-4, *, scoring: str | None = None, seq_len: int | None = None,
+        schedule: Schedule = "constant", final_weight: float = 0.0, total_steps: int | None = None,
+        name: str | None = None, include: str | Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
+        self.include = include
+        self.scoring = None if scoring is None else check_scoring(scoring)
+        self.seq_len = check_int(seq_len, "seq_len", low=1, none_ok=True)
+
+    def _captured(self, tap: Any) -> Any:
+        return tap  # read when called: a router without ids or sequences is refused there, not at the `with` exit
+
+    def _inputs(self, *inputs: Any) -> ChosenRouterInputs:
+        if len(inputs) == 1 and isinstance(inputs[0], ChosenRouterInputs):
+            return inputs[0]
+        if len(inputs) == 1 and type(inputs[0]).__name__ == "RouterTap":
+            return self._from_tap(inputs[0])
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping) and "chosen" in inputs[0]:
+            return self._from_mapping(inputs[0])
+        raise EntrotrainError(
+            "SequenceBalanceLoss needs the experts each router picked, not only its logits: call it after "
+            "`with reg.capture(model): ...`, or pass ChosenRouterInputs(...) or a mapping with 'router_logits', "
+            "'chosen' and 'attention_mask' (batch, seq)."
+        )
+
+    def _from_mapping(self, x: Mapping) -> ChosenRouterInputs:
+        logits, chosen = x["router_logits"], x["chosen"]
+        logits = [logits] if isinstance(logits, Tensor) else list(logits)
+        chosen = [chosen] if isinstance(chosen, Tensor) else list(chosen)
+        if len(chosen) != len(logits):
+            raise EntrotrainError(
+                f"'chosen' must hold one (rows, K) tensor of expert ids per router layer ({len(logits)}), got "
+                f"{len(chosen)}."
+            )
+        mask = x.get("attention_mask", x.get("mask"))
+        seq_len = x.get("seq_len", self.seq_len)
+        scoring = self.scoring or "sigmoid"
+        n = len(logits)
+        return ChosenRouterInputs(logits, chosen, [mask] * n, [seq_len] * n, [scoring] * n, [str(i) for i in range(n)])
+
+    def _from_tap(self, tap: Any) -> ChosenRouterInputs:
+        logits, chosen, masks, seq_lens, scorings, routers = [], [], [], [], [], []
+        for name in [n for n in tap.names if tap.captures.get(n)]:
+            for i, z in enumerate(tap.captures[name]):
+                ids = tap.chosen[name][i]
+                if ids is None:
+                    raise EntrotrainError(
+                        f"router {name!r} returned no expert ids (no (rows, k) integer tensor beside its logits), and "
+                        "SequenceBalanceLoss counts the experts the router itself picked. Tap routers that return "
+                        "(logits, weights, indices) (HF *TopkRouter), e.g. include=['**.mlp.gate'], or pass "
+                        "ChosenRouterInputs(...) with the ids."
+                    )
+                batch = tap.batches[name][i]
+                if batch is None and self.seq_len is None:
+                    raise EntrotrainError(
+                        f"the {z.shape[0]} rows of router {name!r} cannot be split into sequences: no (batch, seq) "
+                        "padding mask that fits them was in force. Pass attention_mask to the model's forward (HF), "
+                        "run it inside `with query_padding(mask):`, or give SequenceBalanceLoss(seq_len=...)."
+                    )
+                logits.append(z)
+                chosen.append(ids)
+                masks.append(tap.masks[name][i])
+                seq_lens.append(z.shape[0] // batch if batch is not None else self.seq_len)
+                scorings.append(self.scoring or tap.scoring(name))
+                routers.append(name)
+        return ChosenRouterInputs(logits, chosen, masks, seq_lens, scorings, routers)
+
+    def penalty(self, x: ChosenRouterInputs) -> Tensor:
+        if not x.router_logits:
+            raise EntrotrainError("SequenceBalanceLoss got no router call.")
+        sums: dict[str, list[Tensor]] = {}
+        for z, ids, mask, seq_len, scoring, router in zip(*x):
+            keep = None
+            if mask is not None:
+                if mask.dim() == 2 and seq_len is None:
+                    seq_len = mask.shape[1]
+                keep = _keep_mask(mask, z.shape[0])
+            if seq_len is None:
+                raise EntrotrainError(
+                    f"the {z.shape[0]} rows of router {router!r} cannot be split into sequences (rows = batch*seq): "
+                    "give its (batch, seq) attention_mask, or seq_len."
+                )
+            loss_sum, n_seq = sequence_balance_sums(z, ids, keep=keep, seq_len=seq_len, scoring=scoring)
+            sums.setdefault(router, [loss_sum.new_zeros(()), n_seq.new_zeros(())])
+            sums[router][0] = sums[router][0] + loss_sum
+            sums[router][1] = sums[router][1] + n_seq
+        return sum(total / count.clamp_min(1) for total, count in sums.values())  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scoring={self.scoring}, seq_len={self.seq_len}"
+
+
+def _keep_mask(mask: Tensor, rows: int) -> Tensor:
+    keep = keep_mask(mask, "mask")
+    if keep is None or keep.numel() != rows:
+        raise EntrotrainError(
+            f"the mask has {getattr(mask, 'numel', lambda: '?')()} elements but the router call has {rows} rows; "
+            "give one keep flag per row: the (batch, seq) attention_mask of (batch*seq, E) logits."
+        )
+    return keep.reshape(-1)

@@ -55,7 +55,7 @@ from entrotrain.errors import EntrotrainError
 from entrotrain.functional.attention import AttentionEntropy
 
 __all__ = ["query_padding", "mask_queries", "check_query_mask", "ambient_query_mask", "ambient_token_mask",
-           "ambient_row_mask"]
+           "ambient_row_mask", "ambient_row_batch"]
 
 #: User blocks (``with query_padding(mask):``), innermost last; seen by every armed tap. Each entry is
 #: ``[mask as given, bool mask or None]``: converted (which reads an integer mask's values) only when a tap uses it.
@@ -178,6 +178,17 @@ def ambient_row_mask(tap: Any, rows: int, device: torch.device) -> tuple[Tensor 
     if fitted is None:
         return None, tuple(found[0].shape)
     return fitted.reshape(-1).to(device), None
+
+
+def ambient_row_batch(tap: Any, rows: int) -> int | None:
+    """The batch size of the mask in force for a ``(batch·tokens, E)`` capture of ``tap`` when it fits the rows (as
+    :func:`ambient_row_mask`), else ``None`` (no mask in force, or one that does not fit): how the rows split into
+    sequences."""
+    found = _ambient(tap)
+    if found is None:
+        return None
+    batch = found[0].shape[0]
+    return batch if batch and rows % batch == 0 and _fit(found[0], batch, rows // batch, found[1]) is not None else None
 
 
 def ambient_query_mask(tap: Any, site: str, batch: int, queries: int, device: torch.device) -> Tensor | None:

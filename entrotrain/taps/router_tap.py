@@ -52,7 +52,7 @@ from entrotrain.taps._forward_hooks import ForwardHookTap
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
-from entrotrain.taps.query_padding import ambient_row_mask
+from entrotrain.taps.query_padding import ambient_row_batch, ambient_row_mask
 
 __all__ = ["RouterTap", "chosen_experts", "discover_routers", "logits_element", "router_rows", "router_scoring"]
 
@@ -188,6 +188,9 @@ class RouterTap(ForwardHookTap):
             (``token_masks=True``; else every entry is ``None``).
         chosen: ``{name: [(rows, k) expert ids or None per call]}``, parallel to :attr:`captures`: the experts the
             router itself picked, when it returns them (:func:`chosen_experts`).
+        batches: ``{name: [batch size or None per call]}``, parallel to :attr:`captures` (``token_masks=True``): the
+            batch of the padding mask that fits the call's ``batch·seq`` rows, so its rows split into sequences
+            (``None``: no 2-D mask in force, or one that does not fit).
         order: names in the order their first call was seen (since construction; never reset).
 
     Raises:
@@ -231,6 +234,7 @@ class RouterTap(ForwardHookTap):
         self.captures: dict[str, list[Tensor]] = {}
         self.masks: dict[str, list[Tensor | None]] = {}
         self.chosen: dict[str, list[Tensor | None]] = {}
+        self.batches: dict[str, list[int | None]] = {}
         self.order: list[str] = []
         self._scoring: dict[str, str] = {}
         self._handles: list[Any] = []
@@ -293,6 +297,7 @@ class RouterTap(ForwardHookTap):
         self.captures = {}
         self.masks = {}
         self.chosen = {}
+        self.batches = {}
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -312,6 +317,8 @@ class RouterTap(ForwardHookTap):
                 self.captures.setdefault(name, []).append(logits)
                 self.masks.setdefault(name, []).append(self._row_mask(name, logits) if self.watch_token_masks else None)
                 self.chosen.setdefault(name, []).append(chosen_experts(output, logits.shape[0]))
+                batch = ambient_row_batch(self, logits.shape[0]) if self.watch_token_masks else None
+                self.batches.setdefault(name, []).append(batch)
 
         return hook
 

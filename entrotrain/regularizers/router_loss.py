@@ -377,13 +377,13 @@ class SequenceBalanceLoss(_RouterRegularizer):
         self.seq_len = check_int(seq_len, "seq_len", low=1, none_ok=True)
 
     def _captured(self, tap: Any) -> Any:
-        return tap  # read when called: a router without ids or sequences is refused there, not at the `with` exit
+        return _TapCapture(tap)  # read when called: a router without ids or sequences is refused there, not at exit
 
     def _inputs(self, *inputs: Any) -> ChosenRouterInputs:
         if len(inputs) == 1 and isinstance(inputs[0], ChosenRouterInputs):
             return inputs[0]
-        if len(inputs) == 1 and type(inputs[0]).__name__ == "RouterTap":
-            return self._from_tap(inputs[0])
+        if len(inputs) == 1 and isinstance(inputs[0], _TapCapture):
+            return self._from_tap(inputs[0].tap)
         if len(inputs) == 1 and isinstance(inputs[0], Mapping) and "chosen" in inputs[0]:
             return self._from_mapping(inputs[0])
         raise EntrotrainError(
@@ -441,7 +441,12 @@ class SequenceBalanceLoss(_RouterRegularizer):
         for z, ids, mask, seq_len, scoring, router in zip(*x):
             keep = None
             if mask is not None:
-                if mask.dim() == 2 and seq_len is None:
+                if mask.dim() == 2 and seq_len not in (None, mask.shape[1]):
+                    raise EntrotrainError(
+                        f"seq_len={seq_len} contradicts the (batch, seq) mask of shape {tuple(mask.shape)} of router "
+                        f"{router!r}; drop seq_len or pass the mask of that call."
+                    )
+                if mask.dim() == 2:
                     seq_len = mask.shape[1]
                 keep = _keep_mask(mask, z.shape[0])
             if seq_len is None:
@@ -457,6 +462,12 @@ class SequenceBalanceLoss(_RouterRegularizer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scoring={self.scoring}, seq_len={self.seq_len}"
+
+
+class _TapCapture(NamedTuple):
+    """The :class:`~entrotrain.taps.RouterTap` a :class:`SequenceBalanceLoss` capture left for its next call."""
+
+    tap: Any
 
 
 def _keep_mask(mask: Tensor, rows: int) -> Tensor:

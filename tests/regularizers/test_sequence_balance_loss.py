@@ -187,6 +187,9 @@ def test_refuses_routers_without_ids_and_rows_without_sequences():
         sequence_balance_loss(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(EntrotrainError, match="scoring"):
         SequenceBalanceLoss(scoring="relu")
+    with pytest.raises(EntrotrainError, match="contradicts"):
+        SequenceBalanceLoss(1.0, seq_len=2)({"router_logits": torch.randn(4, 3), "chosen": torch.zeros(4, 1).long(),
+                                             "attention_mask": torch.ones(1, 4, dtype=torch.bool)})
     with pytest.raises(EntrotrainError, match="do not split into sequences"):
         sequence_balance_loss(torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.long), seq_len=4)
     z, ids = torch.randn(4, 3), torch.tensor([[0], [1], [2], [0]])

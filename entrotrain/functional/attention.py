@@ -40,6 +40,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, check_tensor
 from entrotrain.errors import EntrotrainError
@@ -172,19 +173,102 @@ def _fused_available(q: Tensor) -> bool:
     return fused_grad_available(q)
 
 
-def _fused(q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int) -> tuple[Tensor, Tensor]:
+def _fused(
+    q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int, needs_grad: bool
+) -> tuple[Tensor, Tensor]:
     """``H = lse − scale · q·ō`` with ``ō`` = attention(q, k, value=k) from the lse-returning CPU flash kernel.
 
     Differentiable in ``q`` and ``k``: the backward is one flash-attention backward (derivation in
-    :mod:`entrotrain.functional.attention_fused_grad`)."""
+    :mod:`entrotrain.functional.attention_fused_grad`). Non-finite keys, without a host sync: the kernel multiplies a
+    masked key's weight 0 by the key itself (0 · NaN = NaN would reach queries that mask the key), so keys holding
+    NaN/Inf enter the kernel as 0, and every query that *sees* one (:func:`_sees_bad_key`) gets NaN, as the chunked
+    path gives; :class:`_NonFiniteKeys` gives the gradients the chunked path's NaN pattern."""
     acc = accumulation_dtype(q.dtype)
     q_acc, k_acc = q.to(acc), k.to(acc)
+    nonfinite = ~torch.isfinite(k_acc)
+    bad = nonfinite.any(-1)  # (B, Hkv, Nk): keys holding a NaN/Inf
+    k_acc = k_acc.masked_fill(bad.unsqueeze(-1), 0.0)
     is_causal = mask.is_causal and mask.window is None  # the kernel applies a plain causal mask itself
     additive = mask.dense_additive(acc, positions=not is_causal)
     entropy = fused_attention_entropy(q_acc, k_acc, scale, is_causal=is_causal, additive=additive)
     counts = mask.key_counts(block).expand(q.shape[0], q.shape[1], q.shape[2])
     entropy = torch.where(counts > 0, entropy.clamp_min(0.0), 0.0)
-    return entropy, counts
+    groups = q.shape[1] // k.shape[1]
+    sees_bad = _sees_bad_key(mask, bad.repeat_interleave(groups, dim=1), block).expand_as(entropy)
+    if needs_grad:
+        return _NonFiniteKeys.apply(entropy, q, k, sees_bad, nonfinite.any(-2)), counts
+    return entropy.masked_fill(sees_bad, float("nan")), counts
+
+
+def _range_any(flags: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``any(flags[..., lo[i] : hi[i] + 1])`` for each ``i`` (empty where ``lo > hi``): one cumulative count."""
+    cum = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+    n = flags.shape[-1]
+    lo, hi = lo.clamp(0, n), (hi + 1).clamp(0, n)
+    return (cum.index_select(-1, hi) - cum.index_select(-1, lo)) > 0
+
+
+def _position_ranges(mask: AttentionMask) -> tuple[Tensor, Tensor] | None:
+    """Per query the ``[lo, hi]`` range of keys the causal / window mask keeps (as :meth:`AttentionMask.key_counts`);
+    None without causal or window."""
+    if not mask.is_causal and mask.window is None:
+        return None
+    i = torch.arange(mask.shape[2], device=mask.device)
+    if mask.window is None:  # causal only
+        return torch.zeros_like(i), i
+    return i - (mask.window - 1), (i if mask.is_causal else i + (mask.window - 1))
+
+
+def _sees_bad_key(mask: AttentionMask, bad: Tensor, block: int) -> Tensor:
+    """Whether each query sees (through a valid key) a key flagged in ``bad`` ``(B, H, Nk)``; ``(B, H, Nq or 1)``.
+
+    Causal / window: a cumulative count over keys; a per-key mask (padding): folded into ``bad``; a dense mask:
+    ``(valid & bad).any(-1)`` per block of queries (the chunked path's block), never more than the mask itself."""
+    valid = mask.valid
+    if valid is not None and valid.shape[2] == 1:  # per key (key padding, or a mask broadcast over queries)
+        bad, valid = bad & valid[:, :, 0, :], None
+    if valid is None:
+        ranges = _position_ranges(mask)
+        return bad.any(-1, keepdim=True) if ranges is None else _range_any(bad, *ranges)
+    parts = []
+    for start in range(0, mask.shape[2], block):
+        valid_blk, _ = mask.block(start, min(start + block, mask.shape[2]))
+        parts.append((valid_blk & bad.unsqueeze(-2)).any(-1))
+    return torch.cat(parts, dim=-1)
+
+
+class _NonFiniteKeys(torch.autograd.Function):
+    r"""Identity on the fused entropies but NaN for the queries that see a non-finite key, with the chunked path's
+    gradients: those queries' upstream gradient is cut from the flash backward (whose keys were zeroed), and NaN
+    is added where the chunked path's ``dS·k`` and ``dSᵀ·q`` hold it: ``dq`` on those queries' rows and, for every
+    query, on the head-dim columns where some key of its head is non-finite (``0·NaN``, ``0·Inf``); ``dk`` on every
+    key of a key head one of whose queries sees one (the chunked ``dS`` row of such a query is NaN on masked keys
+    too). Elsewhere the gradients are the fused path's own (a non-finite key no query sees gets 0, as on the
+    chunked path)."""
+
+    @staticmethod
+    def forward(ctx, entropy: Tensor, q: Tensor, k: Tensor, sees_bad: Tensor, bad_columns: Tensor) -> Tensor:
+        ctx.save_for_backward(sees_bad, bad_columns)  # (B, H, Nq) and (B, Hkv, D) booleans
+        ctx.q_meta, ctx.k_meta = (q.shape, q.dtype), (k.shape, k.dtype)
+        return entropy.masked_fill(sees_bad, float("nan"))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        sees_bad, bad_columns = ctx.saved_tensors
+        (q_shape, q_dtype), (k_shape, k_dtype) = ctx.q_meta, ctx.k_meta
+        groups = q_shape[1] // k_shape[1]
+        nan = float("nan")
+        dq = dk = None
+        if ctx.needs_input_grad[1]:
+            cols = bad_columns.unsqueeze(-2).repeat_interleave(groups, dim=1)  # (B, H, 1, D)
+            dq = torch.zeros((), dtype=q_dtype, device=grad.device).masked_fill(
+                sees_bad.unsqueeze(-1) | cols, nan).expand(q_shape)
+        if ctx.needs_input_grad[2]:  # (B, Hkv): a key head one of whose queries sees a non-finite key
+            poisoned = sees_bad.unflatten(1, (k_shape[1], groups)).flatten(2).any(-1)
+            dk = torch.zeros((), dtype=k_dtype, device=grad.device).masked_fill(poisoned[..., None, None], nan)
+            dk = dk.expand(k_shape)
+        return grad.masked_fill(sees_bad, 0.0), dq, dk, None, None
 
 
 def _resolve_path(path: str, q: Tensor, mask: AttentionMask, mask_grad: bool) -> str:
@@ -257,7 +341,10 @@ def attention_entropy_stats(
         path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies: CPU, float32 /
             half, 0/−∞ masks, ``attn_mask`` not requiring grad — with or without a gradient; chunked otherwise).
             All agree to float32 round-off, gradients included. ``fused`` runs as ``chunked`` when
-            ``head_dim = 0`` or ``k`` holds NaN/Inf (one reduction over ``k`` decides).
+            ``head_dim = 0``. It needs no host sync (nothing breaks a ``torch.compile`` graph): keys holding NaN/Inf
+            enter its kernel as 0 and every query that sees one (through a valid key) gets NaN, as on ``chunked``,
+            gradients too; except that ``chunked`` drops a ±Inf key from a query whose score on it is −Inf, where
+            ``fused`` gives NaN.
         chunk_elements: score elements per query block in the chunked path, an int >= 1.
         impl: ``"auto"`` (the Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is installed,
             the torch paths otherwise), ``"torch"`` or ``"triton"`` (raises, with the fix, where it cannot run);
@@ -316,16 +403,10 @@ def attention_entropy_stats(
         counts = torch.zeros(entropy.shape, dtype=torch.long, device=q.device)
         return AttentionEntropy(entropy, entropy.clone(), counts)
     block = max(1, chunk_elements // max(1, batch * heads * n_k))
-    k_sum = float(k.detach().sum(dtype=accumulation_dtype(k.dtype))) if resolved == "fused" and dim else 0.0
-    if resolved == "fused" and (dim == 0 or not math.isfinite(k_sum)):
-        # the flash kernel needs head_dim >= 1, and it multiplies a masked key's weight 0 by the key itself: a
-        # NaN/Inf in a key that a query does not see would poison that query (0 * nan = nan). The chunked path
-        # gives the same numbers and keeps non-finite keys out of the queries that mask them. One sum decides (a
-        # fraction of the cost of isfinite().all()): any NaN/Inf makes it non-finite; a finite k whose sum
-        # overflows also goes to the chunked path, which is only slower.
-        resolved = "chunked"
+    if resolved == "fused" and dim == 0:
+        resolved = "chunked"  # the flash kernel needs head_dim >= 1; the chunked path gives the same numbers
     if resolved == "fused":
-        entropy, counts = _fused(q, k, scale, mask, block)
+        entropy, counts = _fused(q, k, scale, mask, block, needs_grad)
     else:
         block = n_q if resolved == "materialized" else block
         entropy, counts = _chunked(q, k, scale, mask, block, checkpoint=needs_grad and block < n_q)

@@ -180,14 +180,14 @@ def _fused(
 
     Differentiable in ``q`` and ``k``: the backward is one flash-attention backward (derivation in
     :mod:`entrotrain.functional.attention_fused_grad`). Non-finite keys, without a host sync: the kernel multiplies a
-    masked key's weight 0 by the key itself (0 · NaN = NaN would reach queries that mask the key), so keys holding
-    NaN/Inf enter the kernel as 0, and every query that *sees* one (:func:`_sees_bad_key`) gets NaN, as the chunked
-    path gives; :class:`_NonFiniteKeys` gives the gradients the chunked path's NaN pattern."""
+    masked key's weight 0 by the key itself (0 · NaN = NaN would reach queries that mask the key), so the NaN/Inf
+    entries of ``k`` enter the kernel as 0, and every query that *sees* a key holding one (:func:`_sees_bad_key`) gets
+    NaN, as the chunked path gives; :class:`_NonFiniteKeys` gives the gradients the chunked path's NaN pattern."""
     acc = accumulation_dtype(q.dtype)
     q_acc, k_acc = q.to(acc), k.to(acc)
-    nonfinite = ~torch.isfinite(k_acc)
-    bad = nonfinite.any(-1)  # (B, Hkv, Nk): keys holding a NaN/Inf
-    k_acc = k_acc.masked_fill(bad.unsqueeze(-1), 0.0)
+    k_zero = k_acc.detach().mul(0.0)  # NaN exactly where k is NaN/Inf (0·Inf = NaN); cheaper than isfinite
+    bad = k_zero.sum(-1).isnan()  # (B, Hkv, Nk): keys holding a NaN/Inf (no overflow: the sum is of zeros)
+    k_acc = torch.nan_to_num(k_acc, nan=0.0, posinf=0.0, neginf=0.0)  # a key's readers are set to NaN below
     is_causal = mask.is_causal and mask.window is None  # the kernel applies a plain causal mask itself
     additive = mask.dense_additive(acc, positions=not is_causal)
     entropy = fused_attention_entropy(q_acc, k_acc, scale, is_causal=is_causal, additive=additive)
@@ -196,26 +196,30 @@ def _fused(
     groups = q.shape[1] // k.shape[1]
     sees_bad = _sees_bad_key(mask, bad.repeat_interleave(groups, dim=1), block).expand_as(entropy)
     if needs_grad:
-        return _NonFiniteKeys.apply(entropy, q, k, sees_bad, nonfinite.any(-2)), counts
+        return _NonFiniteKeys.apply(entropy, q, k, sees_bad, k_zero.sum(-2).isnan()), counts
     return entropy.masked_fill(sees_bad, float("nan")), counts
 
 
-def _range_any(flags: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``any(flags[..., lo[i] : hi[i] + 1])`` for each ``i`` (empty where ``lo > hi``): one cumulative count."""
-    cum = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+def _range_any(flags: Tensor, lo: Tensor | None, hi: Tensor) -> Tensor:
+    """``any(flags[..., lo[i] : hi[i] + 1])`` for each ``i`` (``lo`` None: from 0; empty where ``lo > hi``), from one
+    cumulative count over the last dim."""
     n = flags.shape[-1]
-    lo, hi = lo.clamp(0, n), (hi + 1).clamp(0, n)
-    return (cum.index_select(-1, hi) - cum.index_select(-1, lo)) > 0
+    cum = flags.cumsum(-1, dtype=torch.int32)
+    hi = hi.clamp(max=n - 1)
+    if lo is None:  # from key 0 (causal only)
+        return cum.index_select(-1, hi) > 0
+    cum = torch.nn.functional.pad(cum, (1, 0))
+    return (cum.index_select(-1, hi + 1) - cum.index_select(-1, lo.clamp(0, n))) > 0
 
 
-def _position_ranges(mask: AttentionMask) -> tuple[Tensor, Tensor] | None:
-    """Per query the ``[lo, hi]`` range of keys the causal / window mask keeps (as :meth:`AttentionMask.key_counts`);
-    None without causal or window."""
+def _position_ranges(mask: AttentionMask) -> tuple[Tensor | None, Tensor] | None:
+    """Per query the ``[lo, hi]`` range of keys the causal / window mask keeps (as :meth:`AttentionMask.key_counts`;
+    ``lo`` None: key 0); None without causal or window."""
     if not mask.is_causal and mask.window is None:
         return None
     i = torch.arange(mask.shape[2], device=mask.device)
     if mask.window is None:  # causal only
-        return torch.zeros_like(i), i
+        return None, i
     return i - (mask.window - 1), (i if mask.is_causal else i + (mask.window - 1))
 
 

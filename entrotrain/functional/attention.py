@@ -173,8 +173,13 @@ def _fused_available(q: Tensor) -> bool:
     return fused_grad_available(q)
 
 
+def _tracing() -> bool:
+    """Whether dynamo traces this call (``torch.compile``): the fused path then decides nothing on the host."""
+    return torch.compiler.is_compiling()
+
+
 def _fused(
-    q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int, needs_grad: bool
+    q: Tensor, k: Tensor, scale: float, mask: AttentionMask, block: int, needs_grad: bool, guard_keys: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``H = lse − scale · q·ō`` with ``ō`` = attention(q, k, value=k) from the lse-returning CPU flash kernel.
 
@@ -182,9 +187,17 @@ def _fused(
     :mod:`entrotrain.functional.attention_fused_grad`). Non-finite keys, without a host sync: the kernel multiplies a
     masked key's weight 0 by the key itself (0 · NaN = NaN would reach queries that mask the key), so the NaN/Inf
     entries of ``k`` enter the kernel as 0, and every query that *sees* a key holding one (:func:`_sees_bad_key`) gets
-    NaN, as the chunked path gives; :class:`_NonFiniteKeys` gives the gradients the chunked path's NaN pattern."""
+    NaN, as the chunked path gives; :class:`_NonFiniteKeys` gives the gradients the chunked path's NaN pattern.
+    ``guard_keys=False`` (eager mode, where the caller has sent non-finite keys to the chunked path) skips that
+    bookkeeping."""
     acc = accumulation_dtype(q.dtype)
     q_acc, k_acc = q.to(acc), k.to(acc)
+    if not guard_keys:
+        is_causal = mask.is_causal and mask.window is None
+        additive = mask.dense_additive(acc, positions=not is_causal)
+        entropy = fused_attention_entropy(q_acc, k_acc, scale, is_causal=is_causal, additive=additive)
+        counts = mask.key_counts(block).expand(q.shape[0], q.shape[1], q.shape[2])
+        return torch.where(counts > 0, entropy.clamp_min(0.0), 0.0), counts
     k_det = k_acc.detach()
     bad = _nonfinite_along(k_det, -1)  # (B, Hkv, Nk): keys holding a NaN/Inf
     k_acc = torch.nan_to_num(k_acc, nan=0.0, posinf=0.0, neginf=0.0)  # a key's readers are set to NaN below
@@ -353,10 +366,11 @@ def attention_entropy_stats(
         path: ``"materialized"``, ``"chunked"``, ``"fused"`` or ``"auto"`` (fused when it applies: CPU, float32 /
             half, 0/−∞ masks, ``attn_mask`` not requiring grad — with or without a gradient; chunked otherwise).
             All agree to float32 round-off, gradients included. ``fused`` runs as ``chunked`` when
-            ``head_dim = 0``. It needs no host sync (nothing breaks a ``torch.compile`` graph): keys holding NaN/Inf
+            ``head_dim = 0`` and, in eager mode, when ``k`` holds NaN/Inf (one reduction over ``k`` decides: a host
+            sync). Under ``torch.compile`` it decides nothing on the host (no graph break): keys holding NaN/Inf
             enter its kernel as 0 and every query that sees one (through a valid key) gets NaN, as on ``chunked``,
             gradients too; except that ``chunked`` drops a ±Inf key from a query whose score on it is −Inf, where
-            ``fused`` gives NaN.
+            the traced ``fused`` gives NaN.
         chunk_elements: score elements per query block in the chunked path, an int >= 1.
         impl: ``"auto"`` (the Triton kernel of :mod:`entrotrain.kernels` on CUDA tensors when triton is installed,
             the torch paths otherwise), ``"torch"`` or ``"triton"`` (raises, with the fix, where it cannot run);
@@ -415,10 +429,18 @@ def attention_entropy_stats(
         counts = torch.zeros(entropy.shape, dtype=torch.long, device=q.device)
         return AttentionEntropy(entropy, entropy.clone(), counts)
     block = max(1, chunk_elements // max(1, batch * heads * n_k))
-    if resolved == "fused" and dim == 0:
-        resolved = "chunked"  # the flash kernel needs head_dim >= 1; the chunked path gives the same numbers
+    traced = _tracing()
+    check_keys = resolved == "fused" and dim and not traced
+    k_sum = float(k.detach().sum(dtype=accumulation_dtype(k.dtype))) if check_keys else 0.0
+    if resolved == "fused" and (dim == 0 or not math.isfinite(k_sum)):
+        # the flash kernel needs head_dim >= 1, and it multiplies a masked key's weight 0 by the key itself: a
+        # NaN/Inf in a key that a query does not see would poison that query (0 * nan = nan). In eager mode one sum
+        # decides (a host sync, a fraction of the cost of isfinite().all()) and the chunked path, which gives the
+        # same numbers, takes non-finite keys; while dynamo traces (no sync, no graph break) the fused path zeroes
+        # them and sets NaN on the queries that see one (_fused's guard_keys).
+        resolved = "chunked"
     if resolved == "fused":
-        entropy, counts = _fused(q, k, scale, mask, block, needs_grad)
+        entropy, counts = _fused(q, k, scale, mask, block, needs_grad, guard_keys=traced)
     else:
         block = n_q if resolved == "materialized" else block
         entropy, counts = _chunked(q, k, scale, mask, block, checkpoint=needs_grad and block < n_q)

@@ -1,4 +1,6 @@
-"""The ``fused`` attention-entropy path with non-finite keys, decided without a host sync.
+"""The ``fused`` attention-entropy path with non-finite keys, decided without a host sync under ``torch.compile``
+(in eager mode one reduction over ``k`` sends them to the chunked path; the tests run the traced route by patching
+``attention._tracing``).
 
 Keys holding NaN/Inf enter the flash kernel as 0 and every query that sees one (through a valid key: causal,
 window, padding, boolean / 0−∞ masks, GQA groups) gets NaN, so the path needs no ``float(k.sum())`` (a host sync
@@ -8,6 +10,9 @@ drops a key from a query whose score on it is −Inf; ``fused`` gives NaN there,
 """
 
 from __future__ import annotations
+
+import contextlib
+from unittest import mock
 
 import torch
 from hypothesis import given, settings
@@ -21,11 +26,18 @@ AUTOUSE_FIXTURES = (one_thread,)  # one torch thread in this module
 NAN, INF = float("nan"), float("inf")
 
 
+def _as_traced():
+    """The fused path as torch.compile runs it (eager mode sends non-finite keys to the chunked path after a host
+    check; while dynamo traces, the fused path guards them itself)."""
+    return mock.patch("entrotrain.functional.attention._tracing", lambda: True)
+
+
 def _value_and_grads(q, k, weights, path, **kwargs):
     q = q.detach().clone().requires_grad_(True)
     k = k.detach().clone().requires_grad_(True)
-    h = attention_entropy(q, k, path=path, **kwargs)
-    gq, gk = torch.autograd.grad((h * weights).nansum(), (q, k))
+    with _as_traced() if path == "fused" else contextlib.nullcontext():
+        h = attention_entropy(q, k, path=path, **kwargs)
+        gq, gk = torch.autograd.grad((h * weights).nansum(), (q, k))
     return h.detach(), gq, gk
 
 
@@ -84,7 +96,8 @@ def test_a_nan_key_reaches_exactly_the_queries_that_see_it():
     """Causal + window 2 + GQA: key 3 of key head 0 is seen by queries 3 and 4 of query heads 0 and 1 only."""
     q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
     k[0, 0, 3, 5] = NAN
-    h = attention_entropy(q, k, is_causal=True, window=2, path="fused")
+    with _as_traced():
+        h = attention_entropy(q, k, is_causal=True, window=2, path="fused")
     want = torch.zeros(1, 4, 6, dtype=torch.bool)
     want[0, :2, 3:5] = True
     assert torch.equal(torch.isnan(h), want)

@@ -237,6 +237,7 @@ class RouterTap(ForwardHookTap):
         self.batches: dict[str, list[int | None]] = {}
         self.order: list[str] = []
         self._scoring: dict[str, str] = {}
+        self._corrects: dict[str, bool] = {}
         self._handles: list[Any] = []
         self.names = self._match()
 
@@ -273,10 +274,15 @@ class RouterTap(ForwardHookTap):
 
     def corrects_choice(self, name: str) -> bool:
         """Whether router ``name`` (or the block holding it) has an ``e_score_correction_bias`` (DeepSeek-V3-style
-        balancing): it then picks other experts than the top k of its logits."""
-        modules = dict(named_modules(self.model))
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        return any(hasattr(modules.get(n), "e_score_correction_bias") for n in (name, parent) if n in modules)
+        balancing): it then picks other experts than the top k of its logits. Read once per router, as
+        :meth:`scoring` (the monitor asks at every logging step)."""
+        if name not in self._corrects:
+            modules = dict(named_modules(self.model))
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            self._corrects[name] = any(
+                hasattr(modules.get(n), "e_score_correction_bias") for n in (name, parent) if n in modules
+            )
+        return self._corrects[name]
 
     def scoring(self, name: str) -> str:
         """Router ``name``'s own scoring function (the distribution its statistics are of; ``scoring`` of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import reduce
@@ -14,7 +15,7 @@ from entrotrain.errors import EntrotrainError
 
 __all__ = [
     "GatheredBatch", "all_gather_padded", "all_gather_varlen", "all_reduce_max", "all_reduce_sum", "collective_device",
-    "dist_ready", "gather_objects", "gather_padded_dict", "gather_rows", "reshard_fsdp", "world",
+    "dist_ready", "gather_objects", "gather_padded_dict", "gather_rows", "module_device", "reshard_fsdp", "world",
 ]
 
 
@@ -43,6 +44,14 @@ def collective_device(group: object = None) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
     index = getattr(accelerator, "current_device_index", None) or accelerator.current_device_idx
     return torch.device(kind.type, index())
+
+
+def module_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s first parameter (else buffer) lives; the CPU for a model with neither: the device a rank
+    that captured nothing joins a reduce on, and where a regulariser's exact-zero total is made."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def gather_objects(obj: object) -> list:

@@ -19,7 +19,6 @@ Nothing here imports transformers or wandb.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ from entrotrain.callbacks.sigma_reparam_monitor import SigmaReparamMonitor
 from entrotrain.dashboards.remedies import what_to_try
 from entrotrain.dashboards.run_record import CHECKPOINT_KEY, RecordArray, RunRecordLogger
 from entrotrain.errors import EntrotrainError, TapError
-from entrotrain.functional._dist import collective_device, gather_rows
+from entrotrain.functional._dist import collective_device, gather_rows, module_device
 from entrotrain.integrations.policy_stats import PolicyStatsRecorder
 from entrotrain.taps.exclusive import capture_allowed, training_forwards_only
 
@@ -155,7 +154,7 @@ class _AttentionDriver(_Driver):
         assert m.tap is not None and self.model is not None
         self._normalized = None
         # under torch.distributed every rank joins the reduce, one that captured nothing too (else the others hang)
-        computed = m.compute_metrics(step, reduce, _device_of(self.model)) if m.tap.stats or world > 1 else None
+        computed = m.compute_metrics(step, reduce, module_device(self.model)) if m.tap.stats or world > 1 else None
         if computed is None:  # no rank captured anything
             m._no_capture(self.model)  # TapError when strict, else warned once
             return {}
@@ -200,7 +199,7 @@ class _RepresentationDriver(_Driver):
             self.monitor.tap.disarm()
 
     def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
-        device = _device_of(self.model) if self.model is not None else None  # a rank with no capture joins there
+        device = module_device(self.model) if self.model is not None else None  # a rank with no capture joins there
         return self.monitor.compute_metrics(step, world, rank, reduce, device)
 
     def media(self) -> dict[str, Any]:
@@ -311,7 +310,7 @@ class _RouterDriver(_Driver):
     def compute(self, step: int, world: int, rank: int, reduce: Reduce | None) -> dict[str, float]:
         m = self.monitor
         self._consume()
-        device = _device_of(self.model) if self.model is not None else None
+        device = module_device(self.model) if self.model is not None else None
         metrics = m.compute_metrics(step, reduce, device)  # under torch.distributed every rank joins the reduce
         if not m._announced:
             m._announced = True
@@ -534,11 +533,6 @@ def agreed_value(given: Sequence[float], mode: str) -> float | None:
     return min(given) if mode == "min" else max(given)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    """Where ``model``'s first parameter (else buffer) lives; the CPU for a model with neither."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def readable_scalar(value: Any) -> bool:

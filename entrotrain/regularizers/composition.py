@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from entrotrain._validation import check_choice, check_int, check_real, check_str
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional._dist import module_device
 
 __all__ = ["Regularizer", "RegularizerOutput", "RegularizerSum", "Schedule", "combine_regularizers", "scheduled_weight"]
 
@@ -131,14 +132,6 @@ class _Skipped(NamedTuple):
 
     step: int
     device: torch.device
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _find_device(obj: Any, depth: int = 0) -> torch.device:
@@ -234,7 +227,7 @@ class Regularizer(nn.Module):
         if step is not None:
             self.set_step(step)
         if self.always_inactive() or (step is not None and not self.is_active()):
-            self._capture.records = _Skipped(self.step, _model_device(model))  # type: ignore[assignment]
+            self._capture.records = _Skipped(self.step, module_device(model))  # type: ignore[assignment]
             return True
         return False
 
@@ -422,7 +415,7 @@ class RegularizerSum(Regularizer):
         def live(coeff: float, reg: Regularizer) -> bool:
             return coeff > 0.0 and not reg.always_inactive() and (step is None or reg.is_active())
 
-        skipped = _Skipped(self.step, _model_device(model))
+        skipped = _Skipped(self.step, module_device(model))
         attention = [reg for reg in self.regs if reg.capture_group == "attention"]
         shared = [r for c, r in self.terms if r.capture_group == "attention" and live(c, r)]
         with ExitStack() as stack:

@@ -17,7 +17,8 @@ tests). float64 tensors always take the torch path under ``"auto"`` (the kernels
 
 Under ``torch.compile`` the dispatch traces into the caller's graph (no graph break, ``fullgraph=True`` works): while
 dynamo traces, :func:`call_kernel` passes the ``"auto"`` flag to the kernel's autograd function through a plain dict
-instead of the ``ContextVar`` it uses in eager mode (dynamo cannot trace a ``ContextVar``).
+(dynamo cannot trace a ``ContextVar``); in eager mode through a ``ContextVar`` and the dict, so that a kernel forward
+that dynamo compiles on its own (after a graph break inside the kernel call) still sees the caller's ``impl``.
 
 Errors subclass :class:`entrotrain.errors.EntrotrainError` (a ``ValueError``); ``entrotrain.errors`` is the only
 other entrotrain module this package imports (a leaf module with no imports of its own).
@@ -202,16 +203,24 @@ T = TypeVar("T")
 
 #: Kernels that failed under ``impl="auto"`` in this process (name -> error): they are not tried again.
 _FAILED: dict[str, str] = {}
-#: Set by :func:`call_kernel` while an ``impl="auto"`` kernel runs its forward: the kernel's autograd function reads it
-#: (:func:`fallback_allowed`) so that its backward may fall back too.
+#: Set by :func:`call_kernel` while an ``impl="auto"`` kernel runs its forward in eager mode: the kernel's autograd
+#: function reads it (:func:`fallback_allowed`) so that its backward may fall back too.
 _AUTO: ContextVar[bool] = ContextVar("entrotrain_kernel_auto", default=False)
-#: The same flag while dynamo traces (``torch.compile``): it cannot trace ``ContextVar.get`` / ``.set`` (a graph break
-#: each; ``fullgraph=True`` raises), but it traces a dict's items. Tracing runs on one thread, as a forward does.
+#: The same flag for code that dynamo traces (``torch.compile``), set by every :func:`call_kernel`, traced or eager:
+#: dynamo cannot trace ``ContextVar.get`` / ``.set`` (a graph break each; ``fullgraph=True`` raises), but it traces
+#: a dict's items (guarding on them) and replays their writes when the compiled code runs. One per process: a
+#: compiled kernel forward on one thread could read another thread's flag (tracing runs on one thread).
 _TRACED_AUTO: dict[str, bool] = {"auto": False}
 
 
 def fallback_allowed() -> bool:
-    """Whether the kernel forward now running was chosen by ``impl="auto"`` (its backward may then fall back)."""
+    """Whether the kernel forward now running was chosen by ``impl="auto"`` (its backward may then fall back).
+
+    While dynamo traces, the flag in ``_TRACED_AUTO``: set by a :func:`call_kernel` traced with the forward, or by
+    one that runs eagerly while dynamo compiles the kernel's forward on its own (a graph break inside the kernel
+    call makes dynamo skip :func:`call_kernel`'s frame, whose ``try`` block it cannot resume). In eager mode, the
+    ``ContextVar`` of the eager :func:`call_kernel` running in this context.
+    """
     if torch.compiler.is_compiling():
         return _TRACED_AUTO["auto"]
     return _AUTO.get()
@@ -248,11 +257,12 @@ def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callabl
     explicit = (os.environ.get(IMPL_ENV, "").strip().lower() or impl) != "auto"
     if name in _FAILED and not explicit:
         return fallback()
-    traced = torch.compiler.is_compiling()  # under torch.compile: no ContextVar (dynamo breaks the graph on it)
-    if traced:
-        token, _TRACED_AUTO["auto"] = _TRACED_AUTO["auto"], not explicit
-    else:
-        token = _AUTO.set(not explicit)
+    # Under torch.compile: no ContextVar (dynamo breaks the graph on it), the dict only. In eager mode both: a frame
+    # below this one may be compiled (a graph break inside the try block below makes dynamo run this frame eagerly
+    # and compile the kernel's own frames), and there fallback_allowed() can read the dict only.
+    traced = torch.compiler.is_compiling()
+    token, _TRACED_AUTO["auto"] = _TRACED_AUTO["auto"], not explicit
+    context = None if traced else _AUTO.set(not explicit)
     try:
         return kernel()
     except (torch.cuda.OutOfMemoryError, EntrotrainError):
@@ -262,10 +272,9 @@ def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callabl
             raise _unavailable(name, error, "") from error
         _switch_off(name, error, "", stacklevel=4)
     finally:
-        if traced:
-            _TRACED_AUTO["auto"] = token
-        else:
-            _AUTO.reset(token)
+        _TRACED_AUTO["auto"] = token
+        if context is not None:
+            _AUTO.reset(context)
     return fallback()
 
 

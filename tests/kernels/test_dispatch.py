@@ -185,3 +185,47 @@ def test_default_impl_entry_points_trace_under_torch_compile_without_a_graph_bre
     for fn, args in calls:
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(fn, backend="eager", fullgraph=True)(*args), fn(*args))
+
+
+def test_a_graph_break_inside_an_auto_kernel_call_under_torch_compile_keeps_the_backward_fallback(monkeypatch):
+    """A graph break inside call_kernel's try block (here a forced one in the kernel) makes dynamo run call_kernel
+    eagerly and compile the kernel's forward on its own: there fallback_allowed() read the traced flag, which only a
+    traced call_kernel set (False), so a backward that failed raised instead of falling back. The backward now sees
+    the caller's impl: 'auto' falls back (one warning), 'triton' still raises."""
+    monkeypatch.delenv("ENTROTRAIN_IMPL", raising=False)
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.fallback = dispatch.fallback_allowed()
+            return x * 2.0
+
+        @staticmethod
+        def backward(ctx, g):
+            def launch():
+                raise RuntimeError("launch failed")
+
+            return dispatch.kernel_backward("twice-gb", ctx.fallback, launch, lambda: g * 7.0)
+
+    def kernel(x):
+        torch._dynamo.graph_break()
+        return Twice.apply(x)
+
+    def run(x, impl):
+        return dispatch.call_kernel("twice-gb", impl, lambda: kernel(x), lambda: x * 11.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="eager")
+    for impl in ("auto", "triton"):
+        monkeypatch.setattr(dispatch, "_FAILED", {})
+        x = torch.ones(3, requires_grad=True)
+        y = compiled(x, impl)
+        assert torch.equal(y, torch.full((3,), 2.0))
+        if impl == "auto":
+            with pytest.warns(RuntimeWarning, match="twice-gb kernel failed in backward"):
+                y.sum().backward()
+            assert torch.equal(x.grad, torch.full((3,), 7.0))
+        else:
+            with pytest.raises(KernelUnavailableError, match="twice-gb kernel failed in backward"):
+                y.sum().backward()
+    assert not dispatch.fallback_allowed() and dispatch._TRACED_AUTO == {"auto": False}

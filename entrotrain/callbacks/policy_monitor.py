@@ -538,22 +538,39 @@ class PolicyEntropyMonitor(PerFitCallback):
         found = {} if refusal is not None else found
         tensors = gather_union(found, found.get("temperature"), lambda name: f"returned {self.keys[name]!r} from "
                                "training_step", f" at batch {index}", refusal=refusal)
-        summary = self.summarise(tensors, index, temperature=found["temperature"])
+        summary, arrays = self._summary_and_arrays(tensors, index, temperature=found["temperature"])
         metrics = {self.prefix + k: v for k, v in summary.items()}
         if "mean" not in summary:  # NaN to trainer.callback_metrics, never to a logger
             publish_scalars(trainer, pl_module, metrics, source=self.state_key)
             return
         step = publish_scalars(trainer, pl_module, metrics, source=self.state_key)
-        arrays = self.record_arrays(tensors)
         record_arrays(trainer, arrays, step)
         if self.log_media and trainer.is_global_zero:
             self._log_media(trainer, arrays[0].array, step)
 
+    def _checked(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` with the mask as bool, by the policy code's one rule (:func:`~entrotrain._validation.token_mask`;
+        host tensors: reading its values syncs nothing)."""
+        return {**tensors, "mask": token_mask(tensors["mask"], tensors["entropy"].shape, self.keys["mask"],
+                                              like="the entropy")}
+
+    def _summary_and_arrays(
+        self, tensors: dict[str, Tensor], index: int, *, temperature: float | Tensor | None = None, unit: str = "batch"
+    ) -> tuple[dict[str, float], list[RecordArray]]:
+        """:meth:`summarise` and :meth:`record_arrays` of one logging step with the mask read once (this callback and
+        the loop / TRL recorder); no arrays when the summary has no ``mean``."""
+        tensors = self._checked(tensors)
+        summary = self._summarise(tensors, index, temperature=temperature, unit=unit)
+        return summary, (self._arrays(tensors) if "mean" in summary else [])
+
     def record_arrays(self, tensors: dict[str, Tensor]) -> list[RecordArray]:
         """The run record's arrays of a logging step from its union batch: the histogram of the valid, finite token
         entropies (non-finite ones are counted in ``nonfinite``, not drawn)."""
-        mask = token_mask(tensors["mask"], tensors["entropy"].shape, self.keys["mask"], like="the entropy")
-        shown = tensors["entropy"][mask & torch.isfinite(tensors["entropy"])]
+        return self._arrays(self._checked(tensors))
+
+    def _arrays(self, tensors: dict[str, Tensor]) -> list[RecordArray]:
+        """:meth:`record_arrays` of tensors whose mask :meth:`_checked` made bool."""
+        shown = tensors["entropy"][tensors["mask"] & torch.isfinite(tensors["entropy"])]
         return [RecordArray(f"{self.prefix}hist", shown, "histogram")]
 
     def summarise(
@@ -567,9 +584,12 @@ class PolicyEntropyMonitor(PerFitCallback):
         and the entropy–reward fit, and updates the first/last values. Returns the summary (unprefixed); without
         ``mean`` when no valid, finite response token was there (warned once per fit).
         """
-        # the mask as bool once, by the policy code's one rule (host tensors: reading its values syncs nothing)
-        mask = token_mask(tensors["mask"], tensors["entropy"].shape, self.keys["mask"], like="the entropy")
-        tensors = {**tensors, "mask": mask}
+        return self._summarise(self._checked(tensors), index, temperature=temperature, unit=unit)
+
+    def _summarise(
+        self, tensors: dict[str, Tensor], index: int, *, temperature: float | Tensor | None = None, unit: str = "batch"
+    ) -> dict[str, float]:
+        """:meth:`summarise` of tensors whose mask :meth:`_checked` made bool."""
         with torch.no_grad():
             summary = policy_entropy_summary(
                 tensors["entropy"],

@@ -175,8 +175,7 @@ class PolicyStatsRecorder:
         tensors = gather_union(tensors, self.temperature, given, f"{self.where} at step {index}", refusal=refusal)
         if not tensors:  # no rank handed anything over
             return {}
-        summary = m.summarise(tensors, index, temperature=self.temperature, unit="step")
-        self.last_arrays = m.record_arrays(tensors) if "mean" in summary else []
+        summary, self.last_arrays = m._summary_and_arrays(tensors, index, temperature=self.temperature, unit="step")
         return {m.prefix + k: float(v) for k, v in summary.items() if math.isfinite(float(v))}
 
     def summary_table(self) -> str:

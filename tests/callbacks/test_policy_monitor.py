@@ -319,3 +319,24 @@ def test_summarise_leaves_the_callers_mask_as_it_was():
     summary = PolicyEntropyMonitor(print_summary=False).summarise(tensors, 0)
     assert torch.equal(mask, before)
     assert summary["phase0/length"] == pytest.approx(float(before.sum()) / mask.shape[0])
+
+
+def test_the_mask_rule_reads_a_float_mask_once_per_logging_step(monkeypatch):
+    """The summary and the run record's histogram share one check of the (float 0/1, verl-style) host mask: the rule
+    (``token_mask``) reads its values once a logging step, not once for each. ``policy_entropy_summary`` still checks
+    what it is handed, which is then the bool mask (nothing to read)."""
+    import entrotrain.callbacks.policy_monitor as policy_monitor
+
+    real, read = policy_monitor.token_mask, []
+
+    def counted(mask, *args, **kwargs):
+        read.append(mask.dtype)
+        return real(mask, *args, **kwargs)
+
+    monkeypatch.setattr(policy_monitor, "token_mask", counted)
+    batches = [{**b, "response_mask": b["response_mask"].float()} for b in (rl_batch(s) for s in range(4))]
+    spy = SpyLogger()
+    _fit(batches, PolicyEntropyMonitor(every_n_batches=2, print_summary=False), logger=spy)
+    logged = [step for step, row in spy.rows if "entropy/policy/mean" in row]
+    assert logged == [0, 2]
+    assert read == [torch.float32, torch.bool] * len(logged)

@@ -426,7 +426,9 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
     r"""The high-entropy-minority ("80/20") mask of Wang et al. 2025: tokens with :math:`H \ge \tau`.
 
     :math:`\tau` is the ``1 - top_fraction`` quantile (linear interpolation, like ``torch.quantile`` and TRL's
-    ``get_high_entropy_mask``) of the valid tokens' finite entropies, computed with ``kthvalue`` (no 2^24 limit).
+    ``get_high_entropy_mask``) of the valid tokens' finite entropies, computed with ``kthvalue`` (no 2^24 limit);
+    :math:`\tau` and the comparison are in float32 (float64 for float64 entropies), as TRL compares half-precision
+    entropies.
     Under ``torch.distributed`` the valid entropies of every rank are gathered first (global quantile, as TRL).
 
     Args:
@@ -444,8 +446,11 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
     top_fraction = check_real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
     check_tensor(entropy, "entropy", floating=True)
     valid = _token_mask(mask, entropy.shape, like="the entropy")
-    h = entropy.detach()
-    vals = h[valid & torch.isfinite(h)].float()
+    # tau and the comparison in float32 (float64 for float64 entropies): tau rounded to a half dtype would select
+    # tokens below the true tau (TRL compares in float32), and a float32 tau would merge distinct float64 entropies
+    acc = torch.promote_types(entropy.dtype, torch.float32)
+    h = entropy.detach().to(acc)
+    vals = h[valid & torch.isfinite(h)]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from entrotrain.functional._dist import all_gather_varlen  # noqa: PLC0415
 
@@ -453,7 +458,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
     if vals.numel() == 0:
         return torch.zeros_like(valid)
     tau = quantile(vals, 1.0 - top_fraction)
-    return (h >= tau.to(h.dtype)) & valid
+    return (h >= tau) & valid
 
 
 def steer_weights(

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entrotrain.dashboards import run_cache
-from entrotrain.dashboards.run_reader import RunData, RunFollower, load_run
+from entrotrain.dashboards.run_reader import RunFollower, load_run
 from entrotrain.dashboards.run_record_format import RECORD_FORMAT
-from entrotrain.errors import EntrotrainError
+from tests.helpers.run_reads import follow_seen, read_seen
 
 KEYS = ["entropy/a", "entropy/b", "loss", "epoch"]
 values = st.one_of(st.floats(width=32), st.integers(-5, 5), st.none(), st.just("text"))
@@ -51,35 +51,10 @@ def _no_cache():
         os.environ["ENTROTRAIN_CACHE_DIR"] = before if before is not None else ""
 
 
-def _seen(run: RunData) -> dict:
-    """What a reader made of a record, comparable with ==."""
-    return {
-        "scalars": {k: (s.tolist(), np.where(np.isnan(v), -999.0, v).tolist()) for k, (s, v) in run.scalars.items()},
-        "media": {k: [(m.step, m.offset, m.shape, m.dtype, m.kind, m.meta, m.path) for m in items]
-                  for k, items in run.media.items()},
-        "events": run.events, "warnings": run.warnings, "notes": run.notes, "meta": run.meta,
-        "status": run.decided_status, "last_step": run.last_step,
-    }
-
-
-def _read(run: Path) -> dict | str:
-    try:
-        return _seen(load_run(run, require_monitors=False))
-    except EntrotrainError as err:
-        return str(err)
-
-
-def _follow(follower: RunFollower) -> dict | str:
-    try:
-        return _seen(follower.read(require_monitors=False))
-    except EntrotrainError as err:
-        return str(err)
-
-
 def _full(run: Path) -> dict | str:
     """A read of the record alone (no cache)."""
     with _no_cache():
-        return _read(run)
+        return read_seen(run)
 
 
 def _meta(run: Path) -> None:
@@ -115,13 +90,13 @@ def test_a_read_from_the_cache_equals_a_full_read_of_the_grown_record(tmp_path_f
         (run / name).write_bytes(blob[:cut])
     (run / "media" / "h.bin").write_bytes(np.arange(3, dtype="<f8").tobytes())
     first = RunFollower(run)
-    assert _follow(first) == _full(run)
+    assert follow_seen(first) == _full(run)
     for name, blob, cut in zip(names, blobs, cuts):
         with open(run / name, "ab") as f:
             f.write(blob[cut:])
     (run / "media" / "h.bin").write_bytes(np.arange(6, dtype="<f8").tobytes())
-    assert _read(run) == _full(run)  # a new reader: the cache, then what was appended
-    assert _follow(first) == _full(run)
+    assert read_seen(run) == _full(run)  # a new reader: the cache, then what was appended
+    assert follow_seen(first) == _full(run)
 
 
 def test_a_large_record_is_read_from_its_cache_and_a_small_one_is_not_cached(tmp_path: Path, monkeypatch) -> None:
@@ -134,14 +109,14 @@ def test_a_large_record_is_read_from_its_cache_and_a_small_one_is_not_cached(tmp
     load_run(run, require_monitors=False)
     assert not (tmp_path / "cache").exists()  # (7 kB < 16 MiB)
     monkeypatch.setattr(run_cache, "MIN_BYTES", 1000)
-    want = _read(run)
+    want = read_seen(run)
     assert run_cache.cache_file(run).is_file()
     parsed = []
     monkeypatch.setattr(run_reader, "_parse", lambda line: parsed.append(line) or json.loads(line))
-    assert _read(run) == want and parsed == []
+    assert read_seen(run) == want and parsed == []
     with open(run / "metrics.jsonl", "a") as f:
         f.write(_row(200))
-    got = _read(run)
+    got = read_seen(run)
     assert len(parsed) == 1  # the appended line only (a full read parses 201)
     assert got == _full(run)
 
@@ -153,7 +128,7 @@ def test_a_cache_is_never_trusted_over_a_changed_record(tmp_path: Path, cached: 
     again."""
     run = _record(tmp_path / "run")
     metrics = run / "metrics.jsonl"
-    _read(run)
+    read_seen(run)
     written = run_cache.cache_file(run).stat().st_mtime_ns
     text = metrics.read_text()
     if change == "same size, in place":  # one digit in the middle, at none of the compared places' bytes
@@ -170,7 +145,7 @@ def test_a_cache_is_never_trusted_over_a_changed_record(tmp_path: Path, cached: 
         metrics.write_text(_row(0))
     else:
         metrics.unlink()
-    assert _read(run) == _full(run)
+    assert read_seen(run) == _full(run)
     if change != "removed":
         assert run_cache.cache_file(run).stat().st_mtime_ns != written
 
@@ -181,7 +156,7 @@ def test_an_edit_at_the_same_size_between_the_compared_bytes_is_seen_by_its_modi
     modification time differs from the cache's, so the record is read in full."""
     run = _record(tmp_path / "run", rows=400)
     metrics = run / "metrics.jsonl"
-    _read(run)
+    read_seen(run)
     text = metrics.read_bytes()
     state = json.loads(bytes(np.load(run_cache.cache_file(run))["header"]).decode())["metrics"]
     covered = np.zeros(len(text), dtype=bool)
@@ -193,8 +168,8 @@ def test_an_edit_at_the_same_size_between_the_compared_bytes_is_seen_by_its_modi
     with open(metrics, "r+b") as f:
         f.seek(at)
         f.write(b'"loss": 5.0')
-    assert _read(run) == _full(run)
-    assert 5.0 in _read(run)["scalars"]["loss"][1]
+    assert read_seen(run) == _full(run)
+    assert 5.0 in read_seen(run)["scalars"]["loss"][1]
 
 
 def test_a_torn_line_left_by_a_killed_writer_is_read_again_with_what_follows(tmp_path: Path, cached: Path) -> None:
@@ -204,11 +179,11 @@ def test_a_torn_line_left_by_a_killed_writer_is_read_again_with_what_follows(tmp
     metrics = run / "metrics.jsonl"
     with open(metrics, "a") as f:
         f.write(_row(6)[:15])
-    torn = _read(run)
+    torn = read_seen(run)
     assert any("torn line" in w for w in torn["warnings"])
     with open(metrics, "a") as f:
         f.write(_row(7) + json.dumps({"resume": {"step": 5}}) + "\n" + _row(6))
-    assert _read(run) == _full(run)
+    assert read_seen(run) == _full(run)
 
 
 def test_a_cache_cut_short_or_for_another_record_is_ignored(tmp_path: Path, cached: Path) -> None:
@@ -216,20 +191,20 @@ def test_a_cache_cut_short_or_for_another_record_is_ignored(tmp_path: Path, cach
     disk), with a changed byte (its zip checksum), or copied from another record's name is not read."""
     run = _record(tmp_path / "run")
     other = _record(tmp_path / "other", rows=9)
-    _read(run)
-    _read(other)
+    read_seen(run)
+    read_seen(other)
     target = run_cache.cache_file(run)
     whole = target.read_bytes()
     (target.parent / (target.name + ".123.tmp")).write_bytes(whole[:100])  # a killed writer's leftover
-    assert _read(run) == _full(run)
+    assert read_seen(run) == _full(run)
     target.write_bytes(whole[: len(whole) // 2])
-    assert _read(run) == _full(run)
+    assert read_seen(run) == _full(run)
     flipped = bytearray(whole)
     flipped[len(whole) // 3] ^= 0xFF
     target.write_bytes(bytes(flipped))
-    assert _read(run) == _full(run)
+    assert read_seen(run) == _full(run)
     target.write_bytes(run_cache.cache_file(other).read_bytes())
-    assert _read(run) == _full(run)
+    assert read_seen(run) == _full(run)
 
 
 def test_a_media_file_cut_after_the_cache_makes_the_index_be_read_again(tmp_path: Path, cached: Path) -> None:
@@ -241,9 +216,9 @@ def test_a_media_file_cut_after_the_cache_makes_the_index_be_read_again(tmp_path
     rows = [{"key": "entropy/h", "step": s, "kind": "heatmap", "file": "media/h.bin", "offset": 8 * s, "shape": [1],
              "dtype": "<f8", "meta": {}} for s in range(4)]
     (run / "media" / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert len(_read(run)["media"]["entropy/h"]) == 4
+    assert len(read_seen(run)["media"]["entropy/h"]) == 4
     (run / "media" / "h.bin").write_bytes(np.arange(2, dtype="<f8").tobytes())
-    got = _read(run)
+    got = read_seen(run)
     assert got == _full(run) and len(got["media"]["entropy/h"]) == 2
 
 
@@ -253,11 +228,11 @@ def test_no_cache_when_it_is_off_or_its_folder_cannot_be_written(tmp_path: Path,
     run = _record(tmp_path / "run")
     monkeypatch.setenv("ENTROTRAIN_CACHE_DIR", "off")
     assert run_cache.cache_file(run) is None
-    want = _read(run)
+    want = read_seen(run)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("ENTROTRAIN_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be made
-    assert _read(run) == want
+    assert read_seen(run) == want
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run"]
     assert sorted(p.name for p in run.iterdir()) == ["meta.json", "metrics.jsonl"]  # nothing written into the record
 
@@ -268,13 +243,13 @@ def test_the_cache_folder_keeps_the_most_recently_used_copies_within_its_bound(t
     counts as a use), never the copy just written; temporary files older than an hour go; other files stay."""
     runs = [_record(tmp_path / f"run{i}", rows=20) for i in range(3)]
     for run in runs:
-        _read(run)
+        read_seen(run)
     copies = [run_cache.cache_file(run) for run in runs]
     assert all(c.is_file() for c in copies)
     for age, copy in zip((300, 200, 100), copies):  # run0's copy used longest ago
         os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns - age * 10**9))
     monkeypatch.setattr(run_cache, "SAVE_AFTER_BYTES", 1 << 30)  # a read that writes no copy
-    assert _read(runs[0]) == _full(runs[0])  # a read from run0's copy makes it the most recently used
+    assert read_seen(runs[0]) == _full(runs[0])  # a read from run0's copy makes it the most recently used
     monkeypatch.setattr(run_cache, "SAVE_AFTER_BYTES", 0)
     stale, fresh, other = cached / (copies[0].name + ".a.tmp"), cached / (copies[1].name + ".b.tmp"), cached / "x.txt"
     for path in (stale, fresh, other):
@@ -283,7 +258,7 @@ def test_the_cache_folder_keeps_the_most_recently_used_copies_within_its_bound(t
     monkeypatch.setattr(run_cache, "MAX_TOTAL_BYTES", 2 * max(c.stat().st_size for c in copies) + 1000)
     with open(runs[2] / "metrics.jsonl", "a") as f:
         f.write(_row(20))
-    assert _read(runs[2]) == _full(runs[2])  # writes run2's copy again, then prunes
+    assert read_seen(runs[2]) == _full(runs[2])  # writes run2's copy again, then prunes
     assert copies[0].is_file() and copies[2].is_file() and not copies[1].exists()  # run1: the least recently used
     assert not stale.exists() and fresh.exists() and other.exists()
     monkeypatch.setattr(run_cache, "MAX_TOTAL_BYTES", 0)

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from entrotrain.dashboards.run_reader import RunData, RunFollower, _scalars, load_run
+from entrotrain.dashboards.run_reader import RunFollower, _scalars
 from entrotrain.dashboards.run_record_format import RECORD_FORMAT, process_start_time
-from entrotrain.errors import EntrotrainError
+from tests.helpers.run_reads import follow_seen, read_seen, seen
 
 KEYS = ["entropy/a", "entropy/b", "loss", "epoch"]
 values = st.one_of(st.floats(width=32), st.integers(-5, 5), st.none(), st.just("text"))
@@ -41,30 +41,6 @@ def _write_meta(run: Path, writing: bool) -> None:
     (run / "meta.json").write_text(json.dumps(meta))
 
 
-def _seen(run: RunData) -> dict:
-    """What a reader made of a record, comparable with ==."""
-    return {
-        "scalars": {k: (s.tolist(), np.where(np.isnan(v), -999.0, v).tolist()) for k, (s, v) in run.scalars.items()},
-        "media": {k: [(m.step, m.offset, m.shape, m.path) for m in items] for k, items in run.media.items()},
-        "events": run.events, "warnings": run.warnings, "notes": run.notes, "meta": run.meta,
-        "status": run.decided_status, "last_step": run.last_step,
-    }
-
-
-def _full(run: Path) -> dict | str:
-    try:
-        return _seen(load_run(run, require_monitors=False))
-    except EntrotrainError as err:
-        return str(err)
-
-
-def _follow(follower: RunFollower) -> dict | str:
-    try:
-        return _seen(follower.read(require_monitors=False))
-    except EntrotrainError as err:
-        return str(err)
-
-
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.tuples(metric_lines, event_lines, media_lines), ends=st.tuples(st.booleans(), st.booleans(),
        st.booleans()), reads=st.integers(0, 6), writing=st.booleans(), data=st.data())
@@ -89,7 +65,7 @@ def test_each_read_of_a_growing_record_equals_a_full_read(tmp_path_factory, text
                 f.write(blob[written[i]:upto])
             written[i] = upto
         (run / "media" / "h.bin").write_bytes(media[:8 * (k + 1 if k < reads else 6)])  # 8 bytes more each time
-        assert _follow(follower) == _full(run)
+        assert follow_seen(follower) == read_seen(run)
     assert follower.full_reads == 1
 
 
@@ -127,7 +103,7 @@ def test_a_shrunk_or_replaced_file_is_read_again_in_full(tmp_path: Path, how: st
         other.replace(metrics)
     again = follower.read()
     assert follower.full_reads == 2
-    assert _seen(again) == _full(tmp_path)
+    assert seen(again) == read_seen(tmp_path)
 
 
 def test_scalars_of_rows_added_after_a_result_equal_one_pass() -> None:
@@ -184,7 +160,7 @@ def test_a_file_replaced_between_the_check_and_the_read_is_not_read_at_the_old_o
     with monkeypatch.context() as patch:
         patch.setattr(run_reader._JsonlTail, "replaced", lambda self: False)  # it was checked just before the swap
         follower.read()
-    assert _seen(follower.read()) == _full(tmp_path)
+    assert seen(follower.read()) == read_seen(tmp_path)
     assert follower.full_reads == 2
 
 
@@ -206,5 +182,5 @@ def test_a_file_rewritten_in_place_on_the_same_inode_is_read_again_in_full(tmp_p
         f.write(text.encode())
     again = follower.read(require_monitors=False)
     assert follower.full_reads == 2
-    assert _seen(again) == _full(tmp_path)
+    assert seen(again) == read_seen(tmp_path)
     assert set(again.scalars["loss"][1].tolist()) == {3.0}

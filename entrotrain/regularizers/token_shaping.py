@@ -195,8 +195,8 @@ class PEARShaping(RewardShaper):
         max_penalty: cap on the penalty (> 0) or None.
 
     Metrics (detached): ``pear/penalty`` (mean term over responses, <= 0), ``pear/think_entropy`` /
-    ``pear/answer_entropy`` (token-mean over the batch's tokens of that phase), ``pear/think_length`` /
-    ``pear/answer_length`` (mean tokens per response).
+    ``pear/answer_entropy`` (token-mean over the batch's tokens of that phase with a finite entropy),
+    ``pear/think_length`` / ``pear/answer_length`` (mean tokens per response).
     """
 
     def __init__(
@@ -236,14 +236,16 @@ class PEARShaping(RewardShaper):
             max_penalty=self.max_penalty,
         )  # fmt: skip
         with torch.no_grad():
-            ph = phase_entropy(entropy, mask, phases, n_phases=2)
-            count = ph.count.double()
-            pooled = (torch.nan_to_num(ph.mean.double(), nan=0.0) * count).sum(0) / count.sum(0).clamp_min(1)
+            count = phase_entropy(entropy, mask, phases, n_phases=2).count.double()
+            valid = _mask(mask, mask.shape)
+            # pooled over the phase's valid tokens with a finite entropy (a NaN token leaves its row's phase mean
+            # NaN; weighing that row's tokens as 0 pulled the pooled mean down)
+            think, answer = (_finite_mean(entropy, valid & (phases == p)) for p in (0, 1))
             n = max(rewards.shape[0], 1)
             metrics = {
                 "pear/penalty": _finite_mean(bonus),
-                "pear/think_entropy": pooled[0].float(),
-                "pear/answer_entropy": pooled[1].float(),
+                "pear/think_entropy": think,
+                "pear/answer_entropy": answer,
                 "pear/think_length": (count[:, 0].sum() / n).float(),
                 "pear/answer_length": (count[:, 1].sum() / n).float(),
             }

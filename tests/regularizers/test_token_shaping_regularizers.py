@@ -80,6 +80,17 @@ def test_pear_nan_entropy_stays_in_its_row():
     assert all(math.isfinite(v.item()) for k, v in out.metrics.items() if "length" in k or "penalty" in k)
 
 
+def test_pear_phase_entropy_metrics_pool_the_finite_tokens_of_a_row_holding_a_nan():
+    # row 1's think phase holds a NaN: the pooled think entropy is over the finite think tokens, (1 + 1 + 3) / 3
+    # (it gave 0.5: row 1's NaN phase mean counted as 0 for both of its tokens)
+    h = torch.tensor([[1.0, 1.0, 2.0], [NAN, 3.0, 4.0]])
+    phases = torch.tensor([[0, 0, 1], [0, 0, 1]])
+    out = PEARShaping()(torch.zeros(2), h, torch.ones(2, 3, dtype=torch.bool), phase_ids=phases)
+    assert out.metrics["pear/think_entropy"].item() == pytest.approx(5 / 3)
+    assert out.metrics["pear/answer_entropy"].item() == pytest.approx(3.0)
+    assert out.metrics["pear/think_length"].item() == 2.0  # lengths count every valid token
+
+
 def test_shapers_compose_by_adding_terms():
     rewards, h, m, ids = _rollout()
     a, b = PEARShaping(delimiter_ids=4, think_coef=0.2), PEARShaping(delimiter_ids=5, think_coef=0.0, answer_coef=0.3)

@@ -117,6 +117,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """``log softmax(z/T)[label]`` per row, chunked over rows; backward ``(onehot - p) / T`` recomputed per chunk.
 
     Saves only the input and the labels; each chunk goes through the fused ``log_softmax`` / ``softmax`` kernels.
+    Labels are clamped into ``[0, V)`` for the gather (the caller checked them, or masks what is out of range).
+    Backward: a row with a negative label gets zero gradient whatever its logits (``softmax`` of a NaN/Inf or
+    all ``-inf`` row is NaN, and NaN times a zero upstream gradient is NaN); a row whose logits are all ``-inf`` has
+    no distribution: ``p := 0`` there (as :func:`token_entropy` and the fused head), so its gradient is ``onehot/T``
+    times the upstream gradient.
     """
 
     @staticmethod
@@ -132,20 +137,20 @@ class _ChunkedLogprobs(torch.autograd.Function):
         n, _ = logits.shape
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         out = torch.empty(n, dtype=acc, device=logits.device)
-        safe = labels.clamp_min(0)  # negative = ignored; ids >= V fail in gather, never silently clamped
+        safe = labels.clamp(0, logits.shape[1] - 1)  # negative = ignored; ids >= V: checked or masked by the caller
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             z = _ChunkedLogprobs._scaled(logits, start, stop, acc, temperature)
             out[start:stop] = torch.log_softmax(z, dim=-1).gather(-1, safe[start:stop, None]).squeeze(-1)
             del z  # free this chunk before the next one is made
-        ctx.save_for_backward(logits, safe)
+        ctx.save_for_backward(logits, labels, safe)
         ctx.rows, ctx.temperature, ctx.acc = rows, temperature, acc
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        logits, safe = ctx.saved_tensors
+        logits, labels, safe = ctx.saved_tensors
         n, _ = logits.shape
         grad_logits = torch.empty_like(logits)
         g = grad.to(ctx.acc)
@@ -155,8 +160,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
             stop = min(start + ctx.rows, n)
             z = _ChunkedLogprobs._scaled(logits, start, stop, ctx.acc, ctx.temperature)
             gc = g[start:stop, None]
-            d = torch.softmax(z, dim=-1).mul_(-gc)
-            d.scatter_add_(-1, safe[start:stop, None], gc)
+            # p := 0 on a padding row (zero gradient whatever its logits) and on a row of -inf logits only
+            drop = (labels[start:stop, None] < 0) | (z.amax(dim=-1, keepdim=True) == float("-inf"))
+            d = torch.softmax(z, dim=-1).masked_fill_(drop, 0.0).mul_(-gc)
+            d.scatter_add_(-1, safe[start:stop, None], gc)  # gc = 0 on a padding row (token_logprobs' where)
             grad_logits[start:stop] = d
             del z, d  # free this chunk before the next one is made
         return grad_logits, None, None, None
@@ -167,18 +174,23 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) 
 
     Args:
         logits: ``(..., V)`` any floating dtype (computed in float32 per chunk; never a full float32 copy).
-        labels: ``(...)`` integer token ids in ``[0, V)``; negative ids (e.g. ``-100`` padding) give 0.
-            Checked with one max-reduction over the labels (a device sync; small next to the logits).
+        labels: ``(...)`` integer token ids in ``[0, V)``; negative ids (e.g. ``-100`` padding) give 0 with zero
+            gradient, whatever the token's logits (NaN, Inf, all ``-inf``). In eager mode a label ``>= V`` raises
+            (one max-reduction over the labels: a device sync, small next to the logits); inside ``torch.compile``
+            that check is skipped (a host read breaks the graph) and such a token gets NaN, with zero gradient.
         temperature: :math:`T > 0`, finite.
 
     Returns:
         ``(...)`` float32 (float64 for float64 input), differentiable (gradient ``(onehot - p)/T``). A token whose
-        logits hold NaN/+Inf, or are all ``-inf`` (no distribution), gets NaN (only that token); a label whose logit
-        alone is ``-inf`` gets ``-inf``.
+        logits hold NaN/+Inf gets NaN (only that token; NaN gradient in its row); a label whose logit alone is
+        ``-inf`` gets ``-inf``. A token whose logits are all ``-inf`` has no distribution: log-prob NaN, and
+        ``p := 0`` in the gradient, which is ``onehot/T`` times the upstream gradient (0 where that is 0), as
+        :func:`~entrotrain.functional.linear_entropy_and_logprobs` gives (and :func:`token_entropy`: 0, zero
+        gradient).
 
     Raises:
         EntrotrainError: ``logits`` not floating or a scalar, ``labels`` not integer or not shaped like the logits
-            without their last dim, a label ``>= V``, a bad ``temperature``.
+            without their last dim, a label ``>= V`` (eager mode), a bad ``temperature``.
     """
     temperature = _check_temperature(temperature)
     check_tensor(logits, "logits", floating=True, min_ndim=1, layout="(..., V)")
@@ -188,18 +200,22 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) 
     _check_labels(labels, v)
     lab = labels.reshape(-1).long()
     if v == 0:  # every label is negative (checked): ignored tokens, log-prob 0
-        return (logits.sum(-1) * 0).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        zero = (logits.sum(-1) * 0).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        return _nan_out_of_range(zero.reshape(-1), lab, v).reshape(labels.shape)
     rows = logits.reshape(-1, v)
     rows_per_chunk = max(1, (DEFAULT_CHUNK_ELEMENTS // 2) // max(v, 1))
     out = _ChunkedLogprobs.apply(rows, lab, rows_per_chunk, float(temperature))
     out = torch.where(lab >= 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out.reshape(labels.shape)
+    return _nan_out_of_range(out, lab, v).reshape(labels.shape)
 
 
 def _check_labels(labels: Tensor, vocab_size: int, name: str = "labels") -> None:
     """Token ids are ``< vocab_size`` (negative ids mean "ignored"). One max-reduction over the labels (a
-    device sync: the labels are small next to the logits); a raw ``gather`` error or a silent wrong row otherwise."""
-    if labels.numel() == 0:
+    device sync: the labels are small next to the logits); a raw ``gather`` error or a silent wrong row otherwise.
+
+    Skipped while ``torch.compile`` traces (reading the max is a graph break): there the callers clamp the ids for
+    the gather and mark the tokens out of range NaN (:func:`_nan_out_of_range`)."""
+    if labels.numel() == 0 or torch.compiler.is_compiling():
         return
     top = int(labels.max())
     if top >= vocab_size:
@@ -208,6 +224,15 @@ def _check_labels(labels: Tensor, vocab_size: int, name: str = "labels") -> None
             f"ids must be in [0, {vocab_size}), negative ids (e.g. -100) mark ignored tokens. Check the tokenizer "
             "and the head's vocabulary size."
         )
+
+
+def _nan_out_of_range(logprobs: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
+    """NaN (zero gradient) where ``labels >= vocab_size``, while ``torch.compile`` traces (where
+    :func:`_check_labels` does not read the labels); ``logprobs`` unchanged in eager mode (the check raised)."""
+    if not torch.compiler.is_compiling():
+        return logprobs
+    return torch.where(labels < vocab_size, logprobs, torch.full((), float("nan"), dtype=logprobs.dtype,
+                                                                device=logprobs.device))
 
 
 # --------------------------------------------------------------------------------------------- aggregation

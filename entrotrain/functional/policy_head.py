@@ -26,7 +26,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_int, check_real, check_shape, check_tensor
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.policy import TokenStats, _check_labels
+from entrotrain.functional.policy import TokenStats, _check_labels, _nan_out_of_range
 
 __all__ = ["DEFAULT_HEAD_CHUNK", "linear_entropy_and_logprobs"]
 
@@ -55,7 +55,7 @@ class _LinearEntropyLogprobs(torch.autograd.Function):
         logprobs = torch.zeros(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         mean = torch.empty(n, dtype=acc, device=hidden.device)
-        safe = None if labels is None else labels.clamp_min(0)
+        safe = None if labels is None else labels.clamp(0, weight.shape[0] - 1)  # ids >= V: checked or masked NaN
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             z = _block(hidden[start:stop], weight, bias, temperature, acc)
@@ -97,7 +97,7 @@ class _LinearEntropyLogprobs(torch.autograd.Function):
         use_lp = grad_logprobs is not None and labels is not None
         if use_lp:
             valid_lab = labels >= 0
-            safe = labels.clamp_min(0)
+            safe = labels.clamp(0, weight.shape[0] - 1)
             g_lp = torch.where(valid_lab, grad_logprobs.to(acc), torch.zeros((), dtype=acc, device=lse.device))
         lse = torch.where(lse == float("-inf"), float("inf"), lse)  # a row of -inf logits only: p = 0, not nan
         for start in range(0, n, ctx.rows):
@@ -179,8 +179,10 @@ def linear_entropy_and_logprobs(
     Args:
         hidden: ``(N, D)`` hidden states (packed valid tokens), any floating dtype.
         weight: ``(V, D)`` output-head (``lm_head``) weight, same dtype as ``hidden``.
-        labels: optional ``(N,)`` integer token ids ``< V``; negative ids give log-prob 0 and no gradient. Checked
-            with one max-reduction over the labels (a device sync; the labels are small).
+        labels: optional ``(N,)`` integer token ids ``< V``; negative ids give log-prob 0 and no gradient through
+            it. In eager mode a label ``>= V`` raises (one max-reduction over the labels: a device sync, the labels
+            are small); inside ``torch.compile`` that check is skipped (a host read breaks the graph) and such a
+            token's log-prob is NaN, with no gradient, on either path.
         bias: optional ``(V,)``, the weight's dtype.
         temperature: :math:`T > 0`, finite.
         chunk_size: rows per block, an int >= 1; at most ``chunk_size × V`` float32 logits exist at once, forward
@@ -193,10 +195,12 @@ def linear_entropy_and_logprobs(
         float64 inputs), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. ``N = 0`` gives empty
         tensors; ``D = 0`` gives uniform distributions (:math:`\ln V`). A ``-inf`` logit (e.g. a ``-inf`` bias entry
         switching a token off) has probability 0 and no gradient; a row whose logits are all ``-inf`` (no
-        distribution) gets entropy 0 with zero gradient and log-probability NaN (0 for a negative label), as
+        distribution) gets entropy 0 with zero gradient and log-probability NaN whose gradient takes ``p := 0``
+        (``onehot/T`` times the upstream gradient; 0 with no gradient for a negative label), as
         :func:`~entrotrain.functional.token_entropy` and :func:`~entrotrain.functional.token_logprobs` give on the
         materialised logits. Otherwise a row of ``hidden`` holding NaN/Inf gives NaN in that row only (a NaN
-        ``weight`` or ``bias`` entry reaches every row).
+        ``weight`` or ``bias`` entry reaches every row); its gradient is NaN, even under a zero upstream gradient,
+        and reaches ``weight`` and ``bias`` (the head has no token mask: pass the valid tokens only).
 
     Raises:
         EntrotrainError: shapes or dtypes that do not fit (named above), ``V = 0``, a label ``>= V``, a bad
@@ -218,7 +222,9 @@ def linear_entropy_and_logprobs(
             from entrotrain.kernels.linear_entropy import linear_entropy_and_logprobs as triton_head
 
             out = triton_head(hidden, weight, lab, bias=bias, temperature=temperature, chunk_size=chunk_size)
-            return TokenStats(out.entropy, out.logprobs if labels is not None else None)
+            if labels is None:
+                return TokenStats(out.entropy, None)
+            return TokenStats(out.entropy, _nan_out_of_range(out.logprobs, lab, weight.shape[0]))
 
         def fallback() -> TokenStats:
             return linear_entropy_and_logprobs(
@@ -227,4 +233,4 @@ def linear_entropy_and_logprobs(
 
         return call_kernel("fused-head-entropy", impl, kernel, fallback)
     entropy, logprobs = _LinearEntropyLogprobs.apply(hidden, weight, bias, lab, float(temperature), int(chunk_size))
-    return TokenStats(entropy, logprobs if labels is not None else None)
+    return TokenStats(entropy, None if lab is None else _nan_out_of_range(logprobs, lab, weight.shape[0]))

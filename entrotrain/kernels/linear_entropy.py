@@ -24,9 +24,11 @@ then cuBLAS does ``∂h = G W`` and ``∂W += Gᵀ h`` (``∂b += Σ_i G_i``), s
 to the weight's dtype once. The backward kernel runs on a 1-D grid, so any vocabulary launches.
 
 Labels: negative ids (``-100`` padding) give log-probability 0 and no gradient; ids ``>= V`` are clamped to ``V-1``
-(as :func:`entrotrain.functional.policy.token_logprobs`). A ``-inf`` logit has probability 0 and no gradient; a row
-whose logits are all ``-inf`` (no distribution) gets entropy 0 with zero gradient and log-probability NaN, as the
-torch path (:func:`entrotrain.functional.linear_entropy_and_logprobs`) and ``token_entropy`` / ``token_logprobs``.
+here (:func:`entrotrain.functional.linear_entropy_and_logprobs` raises on them in eager mode and makes their
+log-probability NaN under ``torch.compile``). A ``-inf`` logit has probability 0 and no gradient; a row whose logits
+are all ``-inf`` (no distribution) gets entropy 0 with zero gradient and log-probability NaN with the gradient of
+``p := 0`` (``onehot/T``), as the torch path (:func:`entrotrain.functional.linear_entropy_and_logprobs`) and
+``token_entropy`` / ``token_logprobs``.
 """
 
 from __future__ import annotations

@@ -175,12 +175,24 @@ def test_rows_whose_logits_are_all_minus_inf(device, monkeypatch, case):
     assert all(out.logprobs[i].isnan() == (labels[i] >= 0) for i in empty)
     torch.testing.assert_close(out.entropy, want.entropy, rtol=0, atol=2e-5)
     torch.testing.assert_close(out.logprobs, want.logprobs, rtol=0, atol=2e-5, equal_nan=True)
-    got = torch.autograd.grad(out.entropy.sum(), (hidden, bias))
+    got = torch.autograd.grad(out.entropy.sum(), (hidden, bias), retain_graph=True)
     ref = torch.autograd.grad(want.entropy.sum(), (hidden, bias))
     for g, r in zip(got, ref):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, r, rtol=1e-4, atol=2e-5)
     assert (got[0][empty] == 0).all()
+    # the log-prob gradient: token_logprobs' on the materialised logits (p := 0 where there is no distribution,
+    # zero for the padding row; a -inf entry of hidden makes the weight's gradient non-finite on both sides)
+    from entrotrain.functional import token_logprobs
+
+    upstream = torch.linspace(0.5, 1.5, 5, device=hidden.device)
+    ref_in = [x.detach().clone().requires_grad_(True) for x in (hidden, bias)]
+    lp = token_logprobs(ref_in[0] @ weight.t() + ref_in[1], labels)
+    torch.testing.assert_close(out.logprobs, lp, rtol=0, atol=2e-5, equal_nan=True)
+    got = torch.autograd.grad(out.logprobs, (hidden, bias), upstream)
+    for g, r in zip(got, torch.autograd.grad(lp, ref_in, upstream)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=2e-5, equal_nan=True)
+    assert (got[0][3] == 0).all()  # the padding row
 
 
 def test_bf16_weight_gradient_sums_the_row_chunks_in_float32(device):

@@ -37,7 +37,13 @@ from torch import Tensor
 from entrotrain._validation import check_device, check_int, check_tensor
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.representation import _row_normalize
-from entrotrain.functional.spectrum import _check_finite, _check_order, _eigvalsh, spectral_entropy
+from entrotrain.functional.spectrum import (
+    _check_finite,
+    _check_order,
+    _eigvalsh,
+    _round_off_zeros,
+    spectral_entropy,
+)
 
 __all__ = ["CovarianceAccumulator"]
 
@@ -170,15 +176,24 @@ class CovarianceAccumulator:
         return 0.5 * (c + c.T)
 
     def spectrum(self, centered: bool = True) -> Tensor:
-        """Eigenvalues of :meth:`covariance` (negative round-off clamped to 0), float64, descending, ``(d,)``.
+        """Eigenvalues of :meth:`covariance`, float64, descending, ``(d,)``; negative round-off and the round-off floor
+        ``max(N, d, 16) · ε₆₄ · max λ`` are set to 0.
 
         ``N`` rows give a covariance of rank at most ``N − 1`` (centred; ``N`` uncentred): the eigenvalues past that
         bound are set to exactly 0, so that round-off there (~1e-16 of the largest) is no direction (order ``q = 0``,
-        the rank, counted each of them: 17 for 5 rows of width 30)."""
+        the rank, counted each of them: 17 for 5 rows of width 30); the floor does the same for rows of lower rank
+        (duplicated rows, rank-3 rows: order 0 gave 101 for 500 rank-3 rows of width 200). The floor is relative to
+        ``max λ``: a mean that dwarfs the spread leaves larger round-off (:meth:`covariance`)."""
         n = self._n(2 if centered else 1)
-        lam = _eigvalsh(self.covariance(centered), "the covariance").flip(0).clamp_min(0.0)
+        lam = self._floored(_eigvalsh(self.covariance(centered), "the covariance").flip(0), n)
         lam[max(round(n) - (1 if centered else 0), 0) :] = 0.0
         return lam
+
+    def _floored(self, lam: Tensor, n: float) -> Tensor:
+        """Eigenvalues of a ``d × d`` sum over ``n`` rows with negatives and the round-off floor
+        (``max(n, d, 16) · ε₆₄ · max λ``, :func:`~entrotrain.functional.spectrum._round_off_zeros`) set to 0: the
+        eigenvalues of rank-deficient rows' exact zeros (duplicated rows, rank ``r < min(N, d)``) are no direction."""
+        return _round_off_zeros(lam, max(round(n), self.dim))
 
     # ------------------------------------------------------------------------------------------------ measures
 
@@ -196,19 +211,22 @@ class CovarianceAccumulator:
         ``spec(XXᵀ/N) = spec(Σxxᵀ/N)`` (plus zeros): the ``min(N, d)`` largest eigenvalues of the ``d × d`` second
         moment, used without renormalisation as vendi-score does; equals
         :func:`~entrotrain.functional.representation.vendi_score` on the concatenated rows. (With ``N < d`` the
-        other ``d − N`` are round-off, not eigenvalues of ``XXᵀ/N``: order ``q = 0``, the rank, counted them.)
+        other ``d − N`` are round-off, not eigenvalues of ``XXᵀ/N``: order ``q = 0``, the rank, counted them; the
+        round-off floor of :meth:`spectrum` sets those of rows of lower rank to 0 as well.)
         """
         n = self._n(2)
-        lam = _eigvalsh(self.second_moment(), "the second moment").flip(0).clamp_min(0.0)[: min(round(n), self.dim)]
+        lam = self._floored(_eigvalsh(self.second_moment(), "the second moment").flip(0), n)[: min(round(n), self.dim)]
         return torch.exp(spectral_entropy(lam, _check_order(q), normalize=False))
 
     def singular_values(self) -> Tensor:
         """Singular values of the stacked ``(N, d)`` (raw or row-normalised) rows: the ``min(N, d)`` largest of
         ``√λ(Σxxᵀ)``, float64, descending. ``Σxxᵀ`` is ``d × d``: with fewer rows than features its other ``d − N``
         eigenvalues are zeros (round-off) that the rows have no singular value for (RankMe's ``+ε`` would count
-        each of them)."""
+        each of them). Eigenvalues at the round-off floor of :meth:`spectrum` are 0 before the square root: the root
+        of a round-off ``1e-16 · λ_max`` is a singular value of ``1e-8 · σ_max``, which ``svdvals`` of the rows puts
+        at ``~1e-16 · σ_max`` (the effective rank of 500 rank-3 rows of width 200 was 2.988363, svdvals 2.988349)."""
         n = self._n(1)
-        return _eigvalsh(self.sum_outer, "Σxxᵀ").flip(0).clamp_min(0.0).sqrt()[: min(round(n), self.dim)]
+        return self._floored(_eigvalsh(self.sum_outer, "Σxxᵀ").flip(0), n).sqrt()[: min(round(n), self.dim)]
 
     def effective_rank(self) -> Tensor:
         """Roy & Vetterli effective rank of the stacked rows (p ∝ σ), from ``Σxxᵀ`` (see the module doc).

@@ -298,7 +298,9 @@ def vendi_score_from_kernel(k: Tensor, q: float | str = 1.0) -> Tensor:
     .. math::  \mathrm{VS}_q(K) = \exp H_q(\lambda),\qquad \lambda = \operatorname{spec}(K / n)
 
     with :func:`~entrotrain.functional.spectrum.spectral_entropy` on ``λ`` *as is* (no renormalisation; negative
-    round-off eigenvalues take no part), exactly vendi-score 0.0.3's ``score_K(K, q)``. ``q = 2`` uses
+    round-off eigenvalues and those at the round-off floor ``max(n, 16) · ε₆₄ · max λ`` take no part): vendi-score
+    0.0.3's ``score_K(K, q)``, except where ``K`` is rank-deficient, whose zero eigenvalues ``score_K`` counts as
+    their ±1e-17 round-off in every order ``q < 1`` (order 0, the rank, becomes about ``n``). ``q = 2`` uses
     ``VS₂ = 1 / ‖K/n‖_F²`` (no eigendecomposition). ``q`` may be ``float('inf')`` or ``"inf"``.
 
     Args:

@@ -26,10 +26,15 @@ Numerics policy (one place, DESIGN §2):
 - Finiteness is checked with one NaN-propagating ``aminmax`` pass over the input (the bad-entry count is taken only
   when it fails).
 - Symmetric matrices go through ``torch.linalg.eigvalsh`` (never a general SVD of a PSD matrix).
-- Negative eigenvalues of a PSD matrix are round-off. ``negative="clamp"`` (default) sets them to 0: they take no
-  part (exactly what vendi-score's ``λ > 0`` filter and Diff-eRank's ``nansum`` do to the entropy).
-  ``negative="abs"`` takes ``|λ|`` (what DSE does). ``negative="raise"`` raises if any eigenvalue is below
-  ``-tol · max|λ|`` (``tol = 1e-10``): use it to catch a kernel that is not PSD.
+- Negative eigenvalues of a PSD matrix are round-off, and so are the positive ones at the float64 round-off floor
+  ``max(size, 16) · ε₆₄ · max|λ|`` (``size`` = the side of the decomposed matrix, ``max(n, d)`` for a product of
+  ``(n, d)`` rows; the eigenvalues of exact zeros land there: measured ``<= 12.1 ε₆₄ · max|λ|`` on rank-1 to rank-10
+  products of 40-3000 rows, at most 0.03 of the floor). ``negative="clamp"`` (default) sets both to 0: they take no
+  part (what vendi-score's ``λ > 0`` filter and Diff-eRank's ``nansum`` do to the negative ones). Without the floor, the round-off of the ``n − rank`` zero eigenvalues counts in every order
+  ``q < 1`` (``λ^q`` of 1e-17 is 0.02 at ``q = 0.1``): the Vendi score of order 0 of 10 copies of 2 points was 10,
+  not 2, and order 0.1 was 7 % too high. ``negative="abs"`` takes ``|λ|`` (what DSE does, as dse-dsmi: no
+  floor). ``negative="raise"`` raises if any eigenvalue is below ``-tol · max|λ|`` (``tol = 1e-10``): use it to
+  catch a kernel that is not PSD; the rest is clamped.
 - Inputs holding NaN or ±Inf raise :class:`~entrotrain.errors.EntrotrainError` saying how many entries are bad (drop
   the rows holding them with :func:`~entrotrain.functional.representation.finite_rows`); so do fewer than 2 rows,
   0 features, integer dtypes and every non-finite or out-of-range parameter (``q``, ``base``, ``eps``, ``scale``).
@@ -71,6 +76,9 @@ _ZERO_MATRIX = (
     "{name} is all zeros: the matrix is 0 (trace 0), its spectrum has no mass and its entropy is undefined. Drop zero rows, "
     "or measure a batch with more than one distinct, non-zero sample."
 )
+
+#: float64 machine epsilon: the unit of the round-off floor of :func:`_round_off_zeros`.
+_EPS64 = torch.finfo(torch.float64).eps
 
 #: Rows per block when checking an (n, n) matrix for symmetry and finiteness.
 _BLOCK_ROWS = 512
@@ -164,7 +172,20 @@ def _square64(k: Tensor, name: str = "K", *, symmetric_tol: float = 1e-8) -> Ten
     return k
 
 
-def _apply_negative_policy(eigs: Tensor, negative: str, name: str) -> Tensor:
+def _round_off_zeros(eigs: Tensor, size: int) -> Tensor:
+    """``eigs`` with every value at or below the round-off floor ``max(size, 16) · ε₆₄ · max|λ|`` set to exactly 0.
+
+    A backward-stable eigensolve of a ``size``-sided PSD matrix returns its exact zero eigenvalues as ``±c·ε·max|λ|``
+    with ``c`` of order 1 (measured ``c <= 12.1`` for products of up to 3000 rows); a true eigenvalue that small is
+    not resolved anyway. ``size``: the side of the decomposed matrix (``max(n, d)`` for ``X Xᵀ`` or ``Xᵀ X`` of
+    ``(n, d)`` rows, whose entries carry the round-off of ``d``- or ``n``-term sums)."""
+    if eigs.numel() == 0:
+        return eigs
+    floor = max(int(size), 16) * _EPS64 * eigs.abs().max()
+    return torch.where(eigs > floor, eigs, torch.zeros((), dtype=eigs.dtype, device=eigs.device))
+
+
+def _apply_negative_policy(eigs: Tensor, negative: str, name: str, size: int) -> Tensor:
     check_choice(negative, "negative", NEGATIVE_EIGENVALUE_POLICIES)
     if negative == "abs":
         return eigs.abs()
@@ -176,7 +197,7 @@ def _apply_negative_policy(eigs: Tensor, negative: str, name: str) -> Tensor:
                 f"{name} has eigenvalue {worst:.3g} < 0 (max |λ| = {top:.3g}): it is not positive semi-definite. "
                 "Use a PSD kernel, or negative='clamp' / 'abs' if you accept it."
             )
-    return eigs.clamp_min(0.0)
+    return _round_off_zeros(eigs, size)
 
 
 # ------------------------------------------------------------------------------------------------------- spectra
@@ -195,7 +216,7 @@ def kernel_spectrum(k: Tensor, *, negative: str = "clamp") -> Tensor:
     check_choice(negative, "negative", NEGATIVE_EIGENVALUE_POLICIES)
     k = _square64(k, "K")
     eigs = _eigvalsh(k, "K").flip(0)
-    return _apply_negative_policy(eigs, negative, "K")
+    return _apply_negative_policy(eigs, negative, "K", k.shape[0])
 
 
 def _prescale(x: Tensor) -> tuple[Tensor, float]:
@@ -247,7 +268,7 @@ def linear_kernel_spectrum(x: Tensor, *, scale: float = 1.0, route: str = "auto"
             f"(max |x| ≈ {unit:.3g}, scale = {scale:.3g}); rescale x (e.g. unit-norm rows) or pass another scale."
         )
     eigs = eigs * (scale * unit * unit)
-    return _apply_negative_policy(eigs, negative, "X Xᵀ")
+    return _apply_negative_policy(eigs, negative, "X Xᵀ", max(n, d))
 
 
 def _gram_eigvalsh(x: Tensor, route: str = "auto") -> Tensor:

@@ -151,3 +151,23 @@ def test_reset_and_errors():
         CovarianceAccumulator(0)
     with pytest.raises(EntrotrainError, match="shapes"):
         acc.load_state([torch.ones(()), torch.ones(2), torch.ones(3, 3)])
+
+
+@pytest.mark.parametrize("n, d, rank", [(500, 200, 3), (100, 300, 3), (60, 8, 2)])
+def test_streamed_measures_of_rank_deficient_rows_equal_the_svd_presets(n, d, rank):
+    """Rows of rank r < min(N, d): the d × d sums' zero eigenvalues come back as ~1e-16·λ_max round-off, whose square
+    root is a singular value of 1e-8·σ_max (svdvals of the rows: ~1e-16·σ_max). They are 0 now: the streamed
+    effective rank and RankMe equal the presets (they differed by 4.5e-6 relative at 500 × 200, rank 3), the
+    covariance has order-0 entropy ln r (it was ln 101) and the Vendi score of order 0.5 equals the preset's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+    acc = CovarianceAccumulator(d)
+    for part in x.split(37):
+        acc.update(part)
+    assert float(acc.effective_rank()) == pytest.approx(float(effective_rank(x, precision="float64")), rel=1e-11)
+    assert float(acc.rankme()) == pytest.approx(float(rankme(x, precision="float64")), rel=1e-11)
+    assert float(acc.entropy(0.0)) == pytest.approx(math.log(rank), abs=1e-12)
+    assert float(acc.vendi_score(0.5)) == pytest.approx(float(vendi_score(x, 0.5, kernel="linear")), rel=1e-9)
+    s = np.linalg.svd(x.numpy(), compute_uv=False)[:rank]
+    p = s / s.sum()
+    assert float(acc.effective_rank()) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-11)

@@ -371,3 +371,55 @@ def test_registry_errors():
         get_measure("entropy_of_everything")
     with pytest.raises(EntrotrainError, match="unknown"):
         get_measure("rankme")(_blobs(5, 2), sigma=1.0)
+
+
+# ------------------------------------------------------------------------------------- rank-deficient kernels
+
+
+def _copies(r: int, d: int, counts: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r`` distinct random rows, row ``i`` repeated ``counts[i]`` times, and the multiplicities."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(r, d, generator=g, dtype=torch.float64)
+    m = torch.tensor(counts, dtype=torch.float64)
+    return base[torch.repeat_interleave(torch.arange(r), torch.tensor(counts))], m
+
+
+def _reduced_vendi(k_r: torch.Tensor, m: torch.Tensor, q: float) -> float:
+    """Vendi score of a kernel over copies, from the ``r × r`` matrix ``diag(√m) K_r diag(√m) / n`` (the non-zero
+    spectrum of ``K / n``, no round-off zeros): ``H_0 = ln r`` for distinct rows in general position."""
+    s = m.sqrt()
+    lam = np.linalg.eigvalsh((s[:, None] * k_r * s[None, :] / m.sum()).numpy())
+    return math.exp(ref.renyi_entropy(lam, q)) if q else float((lam > 0).sum())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    r=st.integers(1, 4),
+    d=st.integers(4, 24),
+    counts=st.lists(st.integers(1, 12), min_size=4, max_size=4),
+    q=st.sampled_from([0.0, 0.1, 0.5, 1.0, 2.0, math.inf]),
+    kernel=st.sampled_from(["cosine", "linear", "rbf"]),
+    seed=st.integers(0, 2**16),
+)
+def test_vendi_of_repeated_rows_equals_the_reduced_spectrum_at_every_order(r, d, counts, q, kernel, seed):
+    """n copies of r distinct rows: K / n has r non-zero eigenvalues and n − r exact zeros. The zeros come back from
+    eigvalsh as ±1e-17 round-off; they must take no part: order 0 is the rank r (it was n − #negative, e.g. 10 for
+    10 copies of 2 points) and order 0.1 counted 0.02 per zero (7 % too high there)."""
+    counts = counts[:r]
+    if sum(counts) < 2:
+        counts[0] += 1
+    x, m = _copies(r, d, counts, seed)
+    base = x[torch.cumsum(torch.tensor([0] + counts[:-1]), 0)]
+    if kernel == "cosine":
+        u = base / base.norm(dim=1, keepdim=True)
+        k_r = u @ u.T
+    elif kernel == "linear":
+        k_r = base @ base.T
+    else:
+        k_r = torch.exp(-torch.cdist(base, base) ** 2 / (2 * 2.0**2))
+    want = _reduced_vendi(k_r, m, q)
+    got = vendi_score(x, q, kernel=kernel, sigma=2.0 if kernel == "rbf" else None)
+    assert _val(got) == pytest.approx(want, rel=1e-8)
+    if kernel == "rbf":
+        k = torch.exp(-torch.cdist(x, x) ** 2 / 8.0)
+        assert _val(vendi_score_from_kernel(0.5 * (k + k.T), q)) == pytest.approx(want, rel=1e-8)

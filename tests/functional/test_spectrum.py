@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional.spectrum import (
@@ -167,3 +169,25 @@ def test_renyi2_rejects_zero_matrix():
         renyi2_from_rows(torch.zeros(3, 2))
     with pytest.raises(EntrotrainError, match="trace"):
         renyi2(torch.zeros(3, 3))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 60), d=st.integers(1, 60), r=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_spectra_of_rank_deficient_matrices_have_exact_zeros_past_the_rank(n, d, r, seed):
+    """Rows of rank r: linear_kernel_spectrum (both routes) and kernel_spectrum of X Xᵀ return exactly
+    min(n, d) − r (n − r) zeros under negative='clamp' / 'raise', not ±1e-17 round-off that every order q < 1 would
+    count (order 0, the rank, was min(n, d) − #negative); the non-zero eigenvalues are numpy's."""
+    r = min(r, n, d)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, r, generator=g, dtype=torch.float64) @ torch.randn(r, d, generator=g, dtype=torch.float64)
+    want = np.sort(np.linalg.eigvalsh(x.numpy() @ x.numpy().T))[::-1][:r]
+    for route in ("gram", "covariance", "auto"):
+        for negative in ("clamp", "raise"):
+            lam = linear_kernel_spectrum(x, route=route, negative=negative)
+            assert int((lam > 0).sum()) == r and lam.shape == (min(n, d),)
+            np.testing.assert_allclose(lam[:r].numpy(), want, rtol=1e-9)
+            assert float(spectral_entropy(lam, 0.0)) == pytest.approx(math.log(r), abs=1e-12)
+    lam = kernel_spectrum(x @ x.T)
+    assert int((lam > 0).sum()) == r and int((lam == 0).sum()) == n - r
+    if r < n:  # 'abs' (DSE, as dse-dsmi) keeps |round-off|
+        assert float(kernel_spectrum(x @ x.T, negative="abs")[r:].max()) < 1e-12 * want[0]

@@ -24,9 +24,11 @@ distribution of the DeepSeek-V3 report. The load counts the experts the router r
 the group-limited top k of the sigmoid scores plus ``e_score_correction_bias``), else the top k of that distribution.
 Logits returned from ``training_step`` are read as softmax logits.
 
-**Padding is not data**: with tap captures the keep mask is ``batch[mask_key]`` (default ``"attention_mask"``,
-HF's 1 = keep) when the batch is a mapping holding it, flattened to line up with the router's ``(batch·seq, E)``
-rows; a ``"router_mask"`` returned by ``training_step`` takes precedence. A mask whose size does not match a layer's
+**Padding is not data**: with tap captures the keep mask of a router's rows is the 2-D ``attention_mask`` the
+innermost HF model running it received (the tap records it: an encoder-decoder's decoder routers get the
+``decoder_attention_mask``), else ``batch[mask_key]`` (default ``"attention_mask"``, HF's 1 = keep) when the batch is
+a mapping holding it, flattened to line up with the router's ``(batch·seq, E)`` rows; ``mask_key=None`` uses
+neither. A ``"router_mask"`` returned by ``training_step`` takes precedence. A mask whose size does not match a layer's
 rows (packed or cached inputs) is ignored for that layer, with a one-time warning; without a mask every row counts.
 
 Logged keys (``{p}`` = ``prefix``, default ``entropy/router``; ``l`` numbers MoE layers in forward order, their
@@ -120,7 +122,9 @@ class RouterEntropyMonitor(HookedMonitor):
         dead_threshold: load share in ``[0, 1]`` below which an expert counts as dead; 0 = only experts that got no
             top-k assignment in the logging step (all micro-batches, all ranks).
         log_media: log the layer × expert load heatmap to wandb (rank zero).
-        mask_key: key of the keep mask (1/True = real token) in a mapping batch; ``None`` = never read the batch.
+        mask_key: key of the keep mask (1/True = real token) in a mapping batch, read for routers whose HF model's
+            own ``attention_mask`` the tap did not record; ``None`` = no padding mask (never read the batch, record
+            no model mask).
         output_index: element of a tuple/list router output holding the logits; ``None`` = each router's own (HF
             routers: 0; Llama 4's ``Llama4Router``: 1).
         scoring: the distribution the entropy, Tsallis entropy, margins and importance are of: ``"auto"`` = each
@@ -229,7 +233,10 @@ class RouterEntropyMonitor(HookedMonitor):
             self._release()
             self.tap, self._tap_error = None, None
             try:
-                self.tap = RouterTap(model, self.include, self.exclude, output_index=self.output_index)
+                self.tap = RouterTap(
+                    model, self.include, self.exclude, output_index=self.output_index,
+                    token_masks=self.mask_key is not None,
+                )
             except TapError as err:
                 if self.include is not None:  # the user named modules that do not exist: say so now
                     raise
@@ -271,9 +278,10 @@ class RouterEntropyMonitor(HookedMonitor):
 
     def _micro_batch_logits(
         self, outputs: Any
-    ) -> tuple[list[tuple[str, Tensor, Tensor | None]], Tensor | None, bool]:
-        """``[(layer name, (rows, E) logits, (rows, k) experts the router picked or None)]`` in forward order, a
-        returned mask, and whether they came from ``training_step``."""
+    ) -> tuple[list[tuple[str, Tensor, Tensor | None, Tensor | None]], Tensor | None, bool]:
+        """``[(layer name, (rows, E) logits, (rows, k) experts the router picked or None, (rows,) keep mask of the
+        model running the router or None)]`` in forward order, a returned mask, and whether they came from
+        ``training_step``."""
         if isinstance(outputs, Mapping) and outputs.get("router_logits") is not None:
             logits = outputs["router_logits"]
             if isinstance(logits, Tensor):
@@ -290,11 +298,12 @@ class RouterEntropyMonitor(HookedMonitor):
                     f"training_step returned 'router_mask' of type {type(mask).__name__}; return a keep mask tensor "
                     "(bool True = real token, or HF's 0/1 attention_mask) with one entry per router row."
                 )
-            return [(f"router_logits[{i}]", t.detach(), None) for i, t in enumerate(logits)], mask, True
+            return [(f"router_logits[{i}]", t.detach(), None, None) for i, t in enumerate(logits)], mask, True
         if self.tap is None:
             return [], None, False
         tap = self.tap
-        return [(n, tap.logits(n), tap.chosen_experts(n)) for n in tap.order if n in tap.captures], None, False
+        layers = [(n, tap.logits(n), tap.chosen_experts(n), tap.row_mask(n)) for n in tap.order if n in tap.captures]
+        return layers, None, False
 
     def _batch_mask(self, batch: Any) -> Tensor | None:
         if self.mask_key is None or not isinstance(batch, Mapping):
@@ -318,10 +327,12 @@ class RouterEntropyMonitor(HookedMonitor):
         self._from_outputs = self._from_outputs or from_outputs
         if mask is None:
             mask = self._batch_mask(batch)
-        for name, logits, chosen in layers:
+        for name, logits, chosen, model_mask in layers:
             rows = logits.reshape(-1, logits.shape[-1]).shape[0] if logits.dim() else 0
             layer_mask = mask
-            if mask is not None and mask.numel() != rows:
+            if model_mask is not None and self.mask_key is not None:  # the mask the model running the router got
+                layer_mask = model_mask
+            elif mask is not None and mask.numel() != rows:
                 if mask.numel() and rows % mask.numel() == 0:  # the router ran more than once (e.g. recomputation)
                     layer_mask = mask.reshape(-1).repeat(rows // mask.numel())
                 else:

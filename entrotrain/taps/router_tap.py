@@ -12,17 +12,24 @@ Which modules are routers:
   ``Qwen3MoeTopKRouter``; the DeepSeek-V2/V3-style ``DeepseekV3TopkRouter``, ``Glm4MoeTopkRouter``,
   ``Dots1TopkRouter``, ``KimiLinearTopkRouter``, ...; DeepSeek-V4's ``DeepseekV4HashRouter`` and AFMoE's
   ``AfmoeTokenChoiceRouter``: they return ``(router_logits, weights, indices)``, the logits first, the experts they
-  picked last), and every
+  picked last), Llama 4's ``Llama4Router``, DBRX's ``DbrxRouter``, Zaya's ``ZayaRouter``, Gemma 4's
+  ``Gemma4TextRouter`` (and DiffusionGemma's copy), Switch-Transformers' ``SwitchTransformersTop1Router``, NLLB-MoE's
+  ``NllbMoeTop2Router``, and every
   ``nn.Linear`` named ``gate`` whose parent's class name mentions ``MoE`` / ``Moe`` / ``SparseMoe`` (the router of
   older HF releases and of most hand-written MoE blocks); ``exclude`` globs still apply. Qwen2-MoE's
   ``shared_expert_gate`` (a 1-output sigmoid gate) is not a router and is not matched.
 - ``include=[globs]``: exactly the modules whose names match (``*`` = one name segment, ``**`` = any number; see
   :class:`~entrotrain.taps.name_filter.NameFilter`).
 
-A router's output (its ``output_index``-th element for tuple/list outputs; by default 0, and 1 for Llama 4's
-``Llama4Router``, which returns ``(router_scores, router_logits)``) is read as ``(..., E)`` and
+A router's output (its ``output_index``-th element for tuple/list outputs; by default 0, 1 for Llama 4's
+``Llama4Router``, which returns ``(router_scores, router_logits)``, and 2 for Switch's and NLLB-MoE's
+``(dispatch mask, probabilities, router_logits)``) is read as ``(..., E)`` and
 flattened to ``(rows, E)``: HF's ``(batch·seq, E)`` layout, row-major over (batch, seq), so HF's ``attention_mask``
-``(batch, seq)`` flattened lines up with the rows.
+``(batch, seq)`` flattened lines up with the rows. Gemma 4's router returns softmax probabilities, not logits: its
+logits are read from the output of its ``proj`` Linear (hooked while armed; :func:`logits_child`), so the entropy is
+that of the softmax it routes with and a z-loss sees the real logits. Zaya's logits have ``E + 1`` columns, the last
+its skip expert. The experts each row went to are read from the output by :func:`router_choice` (DBRX returns none:
+its block takes the top ``moe_top_k`` of the softmax, which the statistics reproduce from the logits).
 
 Padding (``token_masks=True``; a router regulariser's ``capture`` arms it so): the tap records the 2-D
 ``attention_mask`` of every HF ``PreTrainedModel`` forward while armed (else a
@@ -54,9 +61,13 @@ from entrotrain.taps.module_names import named_modules
 from entrotrain.taps.name_filter import GLOB_SYNTAX, NameFilter
 from entrotrain.taps.query_padding import ambient_row_batch, ambient_row_mask
 
-__all__ = ["RouterTap", "chosen_experts", "discover_routers", "logits_element", "router_rows", "router_scoring"]
+__all__ = [
+    "RouterTap", "chosen_experts", "discover_routers", "logits_child", "logits_element", "router_choice", "router_rows",
+    "router_scoring", "router_top_k",
+]
 
 _MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
+_CHILD = "\0logits-child\0"  # joins a router's name and its logits child's in hook keys (names never hold a NUL)
 
 
 #: Class-name endings (any case) of HF 5.x routers returning ``(router_logits, weights, indices)``: ``TopKRouter``
@@ -64,15 +75,39 @@ _MOE_PARENT = re.compile(r"moe", re.IGNORECASE)
 #: AFMoE's ``TokenChoiceRouter``.
 _ROUTER_CLASS_ENDINGS = ("topkrouter", "hashrouter", "tokenchoicerouter")
 #: Router classes (lower-case names) whose tuple output holds the logits at another element than 0: Llama 4's
-#: ``Llama4Router`` (an ``nn.Linear`` picking the top k of its logits) returns ``(router_scores, router_logits)``.
-_LOGITS_ELEMENT = {"llama4router": 1}
+#: ``Llama4Router`` (an ``nn.Linear`` picking the top k of its logits) returns ``(router_scores, router_logits)``;
+#: Switch-Transformers' ``SwitchTransformersTop1Router`` and NLLB-MoE's ``NllbMoeTop2Router`` return
+#: ``(dispatch mask, probabilities, router_logits)``.
+_LOGITS_ELEMENT = {"llama4router": 1, "switchtransformerstop1router": 2, "nllbmoetop2router": 2}
+#: Routers whose output holds no logits, with the child module whose output are its logits: Gemma 4's
+#: ``Gemma4TextRouter`` (and DiffusionGemma's copy) returns ``(softmax probabilities, weights, indices)``; its
+#: ``proj`` Linear computes the scores it takes the softmax of.
+_LOGITS_CHILD = {"gemma4textrouter": "proj", "diffusiongemmatextrouter": "proj"}
+#: Other router classes found by name: DBRX's ``DbrxRouter`` (returns the logits only; its ``DbrxFFN`` picks the top
+#: ``moe_top_k`` of their softmax) and Zaya's ``ZayaRouter`` (``(logits, weights, indices, router states)``).
+_OTHER_ROUTERS = ("dbrxrouter", "zayarouter")
+#: Experts per token of routers that hold no ``top_k``: Switch picks the top 1, NLLB-MoE the top 2.
+_FIXED_TOP_K = {"switchtransformerstop1router": 1, "nllbmoetop2router": 2}
 
 
 def _is_router_class(module: nn.Module | None) -> bool:
     if module is None:
         return False
     name = type(module).__name__.lower()
-    return name.endswith(_ROUTER_CLASS_ENDINGS) or name in _LOGITS_ELEMENT
+    return (
+        name.endswith(_ROUTER_CLASS_ENDINGS) or name in _LOGITS_ELEMENT or name in _LOGITS_CHILD
+        or name in _OTHER_ROUTERS
+    )
+
+
+def logits_child(module: nn.Module, output_index: int | None = None) -> str | None:
+    """The name (relative to ``module``) of the child whose output are router ``module``'s logits, for routers that
+    return probabilities instead (Gemma 4's ``proj``); ``None`` when the router's own output holds them or when
+    ``output_index`` names an element of it."""
+    if output_index is not None:
+        return None
+    child = _LOGITS_CHILD.get(type(module).__name__.lower())
+    return child if child is not None and isinstance(getattr(module, child, None), nn.Module) else None
 
 
 def logits_element(module: nn.Module, output_index: int | None = None) -> int:
@@ -96,7 +131,7 @@ def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> b
 def discover_routers(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_modules()``, without ``_orig_mod.``; in module order) of the HF-style routers of
     ``model``: class name ending with ``TopKRouter`` / ``TopkRouter`` / ``HashRouter`` / ``TokenChoiceRouter``,
-    Llama 4's ``Llama4Router``, or
+    Llama 4's ``Llama4Router``, the DBRX / Zaya / Gemma 4 / Switch / NLLB-MoE router classes, or
     an ``nn.Linear`` named ``gate`` inside a module whose class name mentions MoE (and is not one of those router
     classes)."""
     modules = dict(named_modules(model))
@@ -137,6 +172,59 @@ def chosen_experts(output: Any, rows: int) -> Tensor | None:
             continue
         if ids.dim() in (1, 2) and ids.shape[0] == rows:
             return ids.detach().reshape(rows, -1).clone()
+    return None
+
+
+def _dispatched(dispatch: Tensor, rows: int, k: int) -> Tensor | None:
+    """``(rows, k)`` ids of the nonzero entries of a ``(..., E)`` dispatch mask or combine-weight tensor (at most
+    ``k`` per row, -1 where a row has fewer: a token dropped by the expert capacity counts nowhere); ``None`` when it
+    does not have ``rows`` rows."""
+    if not isinstance(dispatch, Tensor) or dispatch.dim() < 1 or dispatch.numel() != rows * dispatch.shape[-1]:
+        return None
+    picked = dispatch.detach().reshape(rows, -1) != 0
+    hit, ids = torch.topk(picked.to(torch.uint8), min(k, picked.shape[-1]), dim=-1)  # ones first
+    return torch.where(hit.bool(), ids, torch.full_like(ids, -1))
+
+
+def router_choice(module: nn.Module | None, output: Any, rows: int) -> Tensor | None:
+    """The ``(rows, k)`` expert ids router ``module`` dispatched its ``rows`` rows to, read from its output
+    (detached; ids outside ``[0, E)`` count nowhere in the load); ``None`` when its output does not say.
+
+    - Switch-Transformers' ``SwitchTransformersTop1Router`` returns the one-hot dispatch mask first (a token over the
+      expert capacity has no one: id -1); NLLB-MoE's ``NllbMoeTop2Router`` returns ``(top-1 mask, combine weights,
+      logits)``: the experts with a nonzero combine weight (top 1 and top 2 after the capacity; -1 for a dropped
+      one) are its choice.
+    - Zaya's ``ZayaRouter`` scores ``E + 1`` classes, the last a skip expert with no compute; it returns a skip as
+      id 0 with weight exactly 0. An id-0 entry of weight 0 is read back as the skip class ``E`` (the logits' last
+      column), so the load counts it there and expert 0 only where it computes.
+    - Any other router: :func:`chosen_experts` (the last integer tensor of its tuple output).
+    """
+    kind = type(module).__name__.lower() if module is not None else ""
+    if kind == "switchtransformerstop1router" and isinstance(output, (tuple, list)) and output:
+        return _dispatched(output[0], rows, 1)
+    if kind == "nllbmoetop2router" and isinstance(output, (tuple, list)) and len(output) > 1:
+        return _dispatched(output[1], rows, 2)
+    ids = chosen_experts(output, rows)
+    if kind == "zayarouter" and ids is not None and len(output) > 2 and isinstance(output[1], Tensor):
+        weights, n_classes = output[1].detach().reshape(ids.shape), output[0].shape[-1]
+        ids = torch.where((ids == 0) & (weights == 0), torch.full_like(ids, n_classes - 1), ids)
+    return ids
+
+
+def router_top_k(module: nn.Module | None, parent: nn.Module | None = None) -> int | None:
+    """Experts per token of router ``module``: its ``top_k`` attribute (HF ``*TopKRouter``, Zaya), its config's
+    ``top_k_experts`` (Gemma 4), 1 / 2 for Switch's top-1 / NLLB-MoE's top-2 router, else the ``top_k`` of the block
+    holding it (DBRX's ``DbrxFFN``); ``None`` when none says."""
+    if module is None:
+        return None
+    for value in (
+        getattr(module, "top_k", None),
+        getattr(getattr(module, "config", None), "top_k_experts", None),
+        _FIXED_TOP_K.get(type(module).__name__.lower()),
+        getattr(parent, "top_k", None) if _is_router_class(module) else None,
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
     return None
 
 
@@ -187,7 +275,7 @@ class RouterTap(ForwardHookTap):
         masks: ``{name: [(rows,) bool keep mask or None per call]}``, parallel to :attr:`captures`
             (``token_masks=True``; else every entry is ``None``).
         chosen: ``{name: [(rows, k) expert ids or None per call]}``, parallel to :attr:`captures`: the experts the
-            router itself picked, when it returns them (:func:`chosen_experts`).
+            router itself picked, when its output says (:func:`router_choice`).
         batches: ``{name: [batch size or None per call]}``, parallel to :attr:`captures` (``token_masks=True``): the
             batch of the padding mask that fits the call's ``batch·seq`` rows, so its rows split into sequences
             (``None``: no 2-D mask in force, or one that does not fit).
@@ -239,6 +327,7 @@ class RouterTap(ForwardHookTap):
         self._scoring: dict[str, str] = {}
         self._corrects: dict[str, bool] = {}
         self._handles: list[Any] = []
+        self._child_logits: dict[str, Any] = {}
         self.names = self._match()
 
     def _match(self) -> list[str]:
@@ -249,7 +338,8 @@ class RouterTap(ForwardHookTap):
                 raise TapError(
                     f"RouterTap found no MoE router in {type(self.model).__name__}: it searched for modules whose "
                     "class name ends with 'TopKRouter' / 'TopkRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, "
-                    "DeepSeek-V2/V3, GLM-4-MoE, ...), Llama 4's Llama4Router and nn.Linear "
+                    "DeepSeek-V2/V3, GLM-4-MoE, ...), Llama 4's Llama4Router, DBRX, Zaya, Gemma 4, "
+                    "Switch-Transformers and NLLB-MoE routers, and nn.Linear "
                     f"modules named 'gate' inside a module whose class name mentions MoE (exclude={self.exclude}). "
                     "Name your router modules with include=['**.router'] (globs over named_modules()), or return "
                     "the router logits from training_step under 'router_logits'."
@@ -268,9 +358,10 @@ class RouterTap(ForwardHookTap):
         return names
 
     def top_k(self, name: str) -> int | None:
-        """The router's own ``top_k`` attribute (HF ``*TopKRouter``), or ``None``."""
-        value = getattr(dict(named_modules(self.model)).get(name), "top_k", None)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        """Experts per token of router ``name`` as :func:`router_top_k` reads them (its ``top_k`` attribute, HF
+        ``*TopKRouter``; Gemma 4's ``top_k_experts``; Switch 1, NLLB-MoE 2; DBRX's block ``top_k``), or ``None``."""
+        modules = dict(named_modules(self.model))
+        return router_top_k(modules.get(name), modules.get(name.rsplit(".", 1)[0] if "." in name else ""))
 
     def corrects_choice(self, name: str) -> bool:
         """Whether router ``name`` (or the block holding it) has an ``e_score_correction_bias`` (DeepSeek-V3-style
@@ -305,16 +396,55 @@ class RouterTap(ForwardHookTap):
         self.chosen = {}
         self.batches = {}
 
+    def arm(self) -> RouterTap:
+        """Install the hooks (:class:`~entrotrain.taps._forward_hooks.ForwardHookTap`), and one on the logits child
+        of every router returning probabilities (Gemma 4's ``proj``: :func:`logits_child`), which runs inside the
+        router's forward, before the router's own hook reads what it kept."""
+        if self.armed:
+            return self
+        super().arm()
+        try:
+            modules = dict(named_modules(self.model))
+            for name in self.names:
+                child = logits_child(modules[name], self.output_index)
+                if child is not None:
+                    hook = self._installed_hook(name + _CHILD + child)
+                    self._handles.append(getattr(modules[name], child).register_forward_hook(hook))
+        except BaseException:
+            self.disarm()
+            raise
+        return self
+
     def _hook(self, name: str) -> Callable[..., None]:
+        if _CHILD in name:  # a router's logits child: keep its output for the router's hook
+            router = name.split(_CHILD, 1)[0]
+
+            def keep(module: nn.Module | None, args: tuple, output: Any) -> None:
+                self._child_logits[router] = output
+
+            return keep
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            source = self._child_logits.pop(name, None)
             if not capture_allowed(self):
                 return
-            index = logits_element(module, self.output_index)
+            router = module if module is not None else dict(named_modules(self.model)).get(name)
+            index = logits_element(router, self.output_index) if router is not None else (self.output_index or 0)
+            if router is not None and logits_child(router, self.output_index) is not None:
+                if source is None:
+                    raise TapError(
+                        f"router {name!r} ({type(router).__name__}) returns probabilities and its logits module "
+                        f"{logits_child(router)!r} did not run inside it; pass output_index=... to read an element "
+                        "of its output instead."
+                    )
+                logits_output, index = source, 0
+            else:
+                logits_output = output
             if self.differentiable:
-                logits = router_rows(output, name=name, output_index=index, detach=False)
+                logits = router_rows(logits_output, name=name, output_index=index, detach=False)
             else:
                 with torch.no_grad():
-                    logits = router_rows(output, name=name, output_index=index)
+                    logits = router_rows(logits_output, name=name, output_index=index)
             if name not in self.order:
                 self.order.append(name)
             if self.on_capture is not None:
@@ -322,7 +452,7 @@ class RouterTap(ForwardHookTap):
             else:
                 self.captures.setdefault(name, []).append(logits)
                 self.masks.setdefault(name, []).append(self._row_mask(name, logits) if self.watch_token_masks else None)
-                self.chosen.setdefault(name, []).append(chosen_experts(output, logits.shape[0]))
+                self.chosen.setdefault(name, []).append(router_choice(router, output, logits.shape[0]))
                 batch = ambient_row_batch(self, logits.shape[0]) if self.watch_token_masks else None
                 self.batches.setdefault(name, []).append(batch)
 
@@ -345,6 +475,15 @@ class RouterTap(ForwardHookTap):
         ``None`` unless every stored call returned them (HF ``*TopKRouter``: ``(logits, scores, indices)``)."""
         found = self.chosen.get(name, [])
         if not found or any(c is None for c in found):
+            return None
+        return torch.cat(found)  # type: ignore[arg-type]
+
+    def row_mask(self, name: str) -> Tensor | None:
+        """The ``(rows,)`` keep mask of all stored calls of router ``name``, parallel to :meth:`logits`
+        (``token_masks=True``: the ``attention_mask`` of the HF model running each call); ``None`` unless every
+        stored call has one."""
+        found = self.masks.get(name, [])
+        if not found or any(m is None for m in found):
             return None
         return torch.cat(found)  # type: ignore[arg-type]
 

@@ -78,6 +78,85 @@ def tiny_moe(kind: str, seed: int = 0, n_experts: int = 4, top_k: int = 2) -> to
     return model
 
 
+#: Router families whose routers return something else than ``(logits, weights, ids)`` (see :func:`tiny_family`).
+FAMILIES = ("dbrx", "zaya", "gemma4", "switch", "nllb")
+#: Families that are encoder-decoder models (their batches carry decoder inputs and a decoder mask).
+SEQ2SEQ = ("switch", "nllb")
+
+
+def tiny_family(kind: str, seed: int = 0, n_experts: int = 4) -> torch.nn.Module:
+    """A 2-layer (per stack), hidden-32 HF MoE model of ``kind`` in :data:`FAMILIES` in eval mode: DBRX (top 2),
+    Zaya (top 1 of ``E`` experts and a skip class), Gemma 4 (top 2, MLP and MoE side by side), Switch-Transformers
+    (top 1, expert capacity 3: tokens get dropped) and NLLB-MoE (top 2, eval capacity 20 % of the tokens)."""
+    import transformers
+
+    small = dict(vocab_size=48, pad_token_id=0)
+    if kind == "dbrx":
+        config = transformers.DbrxConfig(
+            d_model=32, n_heads=4, n_layers=2, max_seq_len=64, attn_config={"kv_n_heads": 2, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": 24, "moe_num_experts": n_experts, "moe_top_k": 2}, **small,
+        )
+        config.attn_config.rope_theta = config.rope_parameters["rope_theta"]  # 5.25's DbrxAttention reads it there
+        cls = transformers.DbrxForCausalLM
+    elif kind == "zaya":  # 5.25 accepts num_experts_per_tok=1 only
+        config = transformers.ZayaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=n_experts,
+            num_experts_per_tok=1, moe_intermediate_size=16, router_hidden_size=16, max_position_embeddings=64,
+            eos_token_id=2, **small,
+        )
+        cls = transformers.ZayaForCausalLM
+    elif kind == "gemma4":
+        config = transformers.Gemma4TextConfig(
+            hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, enable_moe_block=True, num_experts=n_experts, top_k_experts=2, moe_intermediate_size=16,
+            vocab_size_per_layer_input=48, hidden_size_per_layer_input=8, max_position_embeddings=64, **small,
+        )
+        cls = transformers.Gemma4ForCausalLM
+    elif kind == "switch":
+        config = transformers.SwitchTransformersConfig(
+            d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=n_experts,
+            expert_capacity=3, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, decoder_start_token_id=0,
+            **small,
+        )
+        cls = transformers.SwitchTransformersForConditionalGeneration
+    elif kind == "nllb":
+        config = transformers.NllbMoeConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=32, decoder_ffn_dim=32, num_experts=n_experts, encoder_sparse_step=1, decoder_sparse_step=1,
+            moe_eval_capacity_token_fraction=0.2, max_position_embeddings=64, decoder_start_token_id=2,
+            **{**small, "pad_token_id": 1},
+        )
+        cls = transformers.NllbMoeForConditionalGeneration
+    else:
+        raise ValueError(kind)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # routers far from uniform, so that top-k choices and capacities bite
+        for module in model.modules():
+            kind_name = type(module).__name__
+            if kind_name == "ZayaRouter":
+                module.router_mlp.out_proj.weight.normal_(0.0, 2.0)
+                module.balancing_biases.zero_()  # the skip class competes (5.25 starts it at -1)
+            elif kind_name in ("DbrxRouter", "Gemma4TextRouter", "SwitchTransformersTop1Router", "NllbMoeTop2Router"):
+                for p in module.parameters():
+                    if p.dim() == 2:
+                        p.normal_(0.0, 1.0)
+    return model
+
+
+def family_batch(kind: str, seed: int = 0) -> dict:
+    """A right-padded :func:`lm_batch` (3 x 7, ids >= 3) for ``kind``; encoder-decoder families also get
+    ``decoder_input_ids`` (3 x 5) and a right-padded ``decoder_attention_mask`` (0, 1, 2 pads)."""
+    batch = lm_batch(seed=seed)
+    batch["input_ids"] = batch["input_ids"] % 45 + 3  # no pad / bos / eos id inside the real tokens
+    if kind in SEQ2SEQ:
+        g = torch.Generator().manual_seed(seed + 100)
+        batch["decoder_input_ids"] = torch.randint(3, 48, (3, 5), generator=g)
+        batch["decoder_attention_mask"] = torch.tensor([[1] * 5, [1] * 4 + [0], [1] * 3 + [0] * 2])
+    return batch
+
+
 def lm_batch(batch: int = 3, seq: int = 7, seed: int = 0, pad_last: tuple[int, ...] = (0, 2, 4)) -> dict:
     """Random tokens with a right-padded ``attention_mask`` (row ``b`` ends with ``pad_last[b]`` pads)."""
     g = torch.Generator().manual_seed(seed)

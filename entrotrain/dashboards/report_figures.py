@@ -75,6 +75,29 @@ class Figure:
     caption: str
 
 
+def _runs_note(runs: list[RunData]) -> str:
+    """The caption's note on the line styles of a comparison (:data:`RUN_STYLES`: the first run solid, the second
+    dashed), ``"; A solid, B dashed"``; ``""`` for one run."""
+    return f"; {runs[0].label} solid, {runs[1].label} dashed" if len(runs) > 1 else ""
+
+
+def _run_handles(runs: list[RunData]) -> list[Any]:
+    """Legend entries for the line style of each run of a comparison (black, :data:`RUN_STYLES`); none for one run."""
+    if len(runs) < 2:
+        return []
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color="black", ls=RUN_STYLES[i % 2], lw=1.4, label=run.label) for i, run in enumerate(runs)]
+
+
+def _step_axis(ax: Any, title: str) -> None:
+    """The look of a panel over training steps: title, ``step`` on x, small ticks, a light grid."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
 def _save(fig: Any, out_dir: Path, name: str) -> str:
     file = f"{name}.png"
     fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
@@ -224,10 +247,7 @@ def _plot_family(ax: Any, runs: list[RunData], keys: list[str], family: str) -> 
             ax.plot(steps, values, ls=RUN_STYLES[i % 2], color=color, alpha=alpha, lw=1.4, label=label,
                     marker=marker, ms=2.5)
     _mark(ax, runs, present)
-    ax.set_title(family.replace("#", "*"), fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
+    _step_axis(ax, family.replace("#", "*"))
     handles, labels = ax.get_legend_handles_labels()
     if labels and len(labels) <= 12:
         ax.legend(fontsize=6.5, loc="best", framealpha=0.7)
@@ -260,8 +280,7 @@ def scalar_section(runs: list[RunData], keys: list[str], out_dir: Path, name: st
     fig.suptitle(title, fontsize=11)
     file = _save(fig, out_dir, name)
     caption = f"{n} metric famil{'y' if n == 1 else 'ies'} over training steps (constant keys: see the table)"
-    if len(runs) > 1:
-        caption += f"; {runs[0].label} solid, {runs[1].label} dashed"
+    caption += _runs_note(runs)
     return Figure(file, title, caption + "; dotted lines: declared thresholds; dash-dot: alerts.")
 
 

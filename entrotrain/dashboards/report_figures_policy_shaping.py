@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _save
+from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _run_handles, _runs_note, _save, _step_axis
 from entrotrain.dashboards.report_figures_prediction import finite_first_last
 from entrotrain.dashboards.report_template import fmt
 from entrotrain.dashboards.run_reader import RunData
@@ -94,16 +94,12 @@ def phase_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
                     drawn = True
             if drawn:
                 handles.append(Line2D([], [], color=colour[k], lw=1.6, label=phase_name(k, ids)))
-        if len(runs) > 1:
-            handles += [Line2D([], [], color="black", ls=RUN_STYLES[i % 2], lw=1.4, label=run.label) for i, run in enumerate(runs)]
-        ax.set_title("entropy per phase (token mean, nats)" if stat == "mean" else "phase length (mean tokens per response)",
-                     fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        handles += _run_handles(runs)
+        _step_axis(ax, "entropy per phase (token mean, nats)" if stat == "mean"
+                   else "phase length (mean tokens per response)")
         ax.legend(handles=handles, fontsize=6.5, loc="best", framealpha=0.7)
     file = _save(fig, out_dir, "policy_phases")
-    runs_note = f"; {runs[0].label} solid, {runs[1].label} dashed" if len(runs) > 1 else ""
+    runs_note = _runs_note(runs)
     return Figure(
         file,
         "Policy entropy and length per phase",
@@ -147,15 +143,12 @@ def window_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
         if panel == "entropy_length_corr":
             ax.set_ylim(-1.05, 1.05)
             ax.axhline(0.0, color="grey", lw=0.8, ls=":")
-        ax.set_title({"window": "window entropy (nats) vs token mean", "hwe_frac": "HWE tokens (% of positions)",
-                      "entropy_length_corr": "corr(response entropy, length)"}[panel], fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _step_axis(ax, {"window": "window entropy (nats) vs token mean", "hwe_frac": "HWE tokens (% of positions)",
+                        "entropy_length_corr": "corr(response entropy, length)"}[panel])
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=6.5, loc="best", framealpha=0.7)
     file = _save(fig, out_dir, "policy_window_entropy")
-    runs_note = f"; {runs[0].label} solid, {runs[1].label} dashed" if len(runs) > 1 else ""
+    runs_note = _runs_note(runs)
     return Figure(
         file,
         "Window entropy, HWE tokens and entropy–length correlation",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _save
+from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _run_handles, _runs_note, _save, _step_axis
 from entrotrain.dashboards.report_template import fmt
 from entrotrain.dashboards.run_reader import RunData
 
@@ -119,14 +119,11 @@ def prediction_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
                                             alpha=0.15 if i == 0 else 0.08, lw=0)
         if stat == "below_floor_frac":
             ax.set_ylim(-3, 103)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _step_axis(ax, title)
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=6.5, loc="best", framealpha=0.7)
     file = _save(fig, out_dir, "prediction_entropy")
-    runs_note = f"; {runs[0].label} solid, {runs[1].label} dashed" if len(runs) > 1 else ""
+    runs_note = _runs_note(runs)
     return Figure(
         file,
         "Prediction entropy: training batches vs held-out probe",
@@ -249,16 +246,12 @@ def generation_diversity(runs: list[RunData], out_dir: Path) -> Figure | None:
                     drawn = True
             if drawn:
                 handles.append(Line2D([], [], color=colour, lw=1.6, label=label))
-        if len(runs) > 1:
-            handles += [Line2D([], [], color="black", ls=RUN_STYLES[i % 2], lw=1.4, label=run.label) for i, run in enumerate(runs)]
+        handles += _run_handles(runs)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_title("greedy distinct-n" if panel == "distinct" else "greedy repetition and type-token ratio", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
+        _step_axis(ax, "greedy distinct-n" if panel == "distinct" else "greedy repetition and type-token ratio")
         ax.legend(handles=handles, fontsize=6.5, loc="best", framealpha=0.7)
     file = _save(fig, out_dir, "prediction_generation_diversity")
-    runs_note = f"; {runs[0].label} solid, {runs[1].label} dashed" if len(runs) > 1 else ""
+    runs_note = _runs_note(runs)
     return Figure(
         file,
         "Greedy-generation diversity",

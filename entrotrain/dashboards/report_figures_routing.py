@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _save
+from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _run_handles, _runs_note, _save, _step_axis
 from entrotrain.dashboards.run_reader import RunData
 
 __all__ = ["CONCENTRATED_SHARE", "MAX_LAYERS_SHOWN", "ROUTER_CURVES", "least_balanced", "load_matrices", "router_curves", "router_findings", "router_load_over_time"]
@@ -181,17 +181,13 @@ def router_curves(runs: list[RunData], out_dir: Path) -> Figure | None:
                 steps, values = run.scalars[key]
                 ax.plot(steps, scale * _finite(values), color=colour[layer], ls=RUN_STYLES[i % 2], lw=1.4,
                         marker="o" if len(steps) <= 30 else None, ms=2.5)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        _step_axis(ax, title)
         ax.set_ylim(-0.03 * scale, 1.03 * scale)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=colour[layer], lw=1.6, label=f"L{layer}") for layer in layers[:10]]
-    if len(runs) > 1:
-        handles += [Line2D([], [], color="black", ls=RUN_STYLES[i % 2], lw=1.4, label=run.label) for i, run in enumerate(runs)]
+    handles += _run_handles(runs)
     axes[0, 0].legend(handles=handles, fontsize=6.5, loc="best", framealpha=0.7)
     file = _save(fig, out_dir, "router_curves")
-    runs_note = f"; {runs[0].label} solid, {runs[1].label} dashed" if len(runs) > 1 else ""
+    runs_note = _runs_note(runs)
     return Figure(
         file,
         "Router entropy, load entropy and dead experts",

@@ -534,7 +534,7 @@ def steer_weights(
         a = _broadcast_adv(advantages, logprobs)
         x = torch.clamp(torch.exp(logprobs), 1e-8, 1 - 1e-8)
         old_p = torch.clamp(torch.exp(old_logprobs), 1e-8, 1.0)
-        omega = (a / old_p) * x * (1 - x) * (torch.log(x) + entropy)
+        omega = (a / old_p) * (x * (1 - x) * (torch.log(x) + entropy))  # STEER's order of operations
         omega = omega.abs()
         omega = torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega))
         if not bool(valid.any()):
@@ -550,5 +550,5 @@ def steer_weights(
         span = o_max - o_min
         if float(span) == 0.0:
             return torch.full_like(omega, (w_min + w_max) / 2)
-        w = w_max - (omega - o_min) * (w_max - w_min) / span
+        w = w_max - (omega - o_min) * ((w_max - w_min) / span)
         return torch.clamp(w, min=w_min, max=w_max)

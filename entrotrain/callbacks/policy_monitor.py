@@ -112,7 +112,7 @@ _REQUIRED = ("entropy", "logprobs", "advantages", "mask")
 
 def gather_union(
     found: Mapping[str, Tensor | None], temperature: Any, given: Callable[[str], str], where: str,
-    refusal: EntrotrainError | None = None,
+    refusal: EntrotrainError | None = None, refused: str = "could not read their batch",
 ) -> dict[str, Tensor]:
     """The union batch over ranks of this rank's tensors ``found`` (by the names of :data:`_GATHERED`; ``None`` or
     missing: not given), on the host: every rank's rows in rank order, shorter sequences padded (masked out). ``{}``
@@ -128,20 +128,23 @@ def gather_union(
     Args:
         given: the phrase for a rank that gave the tensor named (``"returned 'rewards' from training_step"``).
         where: the start of the error message after ``PolicyEntropyMonitor`` (``" at batch 4"``).
-        refusal: this rank could not read its batch (``found`` empty): raised here on this rank, after the exchange,
-            and on the others an error quoting it.
+        refusal: this rank refused its tensors (``found`` empty; e.g. it could not read its batch): sent with the
+            exchange, so that every rank raises the same error, naming the rank(s) that refused and quoting the
+            first one's refusal (``refusal`` itself with one process). Refused on one rank alone, it would leave the
+            others waiting in the gather.
+        refused: the phrase for what such a rank did (``"could not read their batch"``).
 
     Raises:
-        EntrotrainError: a rank could not read its batch, the ranks did not all give the same tensors, or gave
-            different temperatures.
+        EntrotrainError: a rank refused its tensors, the ranks did not all give the same tensors, or gave different
+            temperatures.
     """
     def check(held: list[frozenset[str]], extras: list[Any]) -> None:  # before any tensor is gathered
-        refused = [(rank, text) for rank, (_, text) in enumerate(extras) if text is not None]
-        if refusal is not None:
+        refusals = [(rank, text) for rank, (_, text) in enumerate(extras) if text is not None]
+        if refusal is not None and len(extras) == 1:
             raise refusal
-        if refused:
-            raise EntrotrainError(f"PolicyEntropyMonitor{where}: rank(s) {[rank for rank, _ in refused]} could not "
-                                  f"read their batch: {refused[0][1]}")
+        if refusals:  # the same error on every rank
+            raise EntrotrainError(f"PolicyEntropyMonitor{where}: rank(s) {[rank for rank, _ in refusals]} {refused} "
+                                  f"(raised on every rank): rank {refusals[0][0]}: {refusals[0][1]}")
         temperatures = [t for t, _ in extras]
         for name in ("entropy", *(name for name, _ in _GATHERED if name not in _REQUIRED)):
             ranks = [rank for rank, names in enumerate(held) if name in names]

@@ -397,7 +397,9 @@ class EntropyMonitors:
         rewards ``(B,)`` for the entropy–reward fit. Detached; under DDP every rank hands its tensors over at the
         same steps, all with rewards or none, at one temperature (they are gathered; a rank that does not is an error
         on every rank at the logging step, not a hang); a rank with no sample in a step hands over empty ``(0, T)``
-        tensors."""
+        tensors. Tensors refused on one rank alone (a wrong shape, a mask holding a 2) are refused at the block's end,
+        with the same error on every rank naming that rank (raised here, on one rank, it would leave the others
+        waiting in their next collective); with one process, here."""
         if self._step is None:
             raise EntrotrainError(
                 "EntropyMonitors.record_policy() must be called inside a `with monitors.step(step):` block."

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entrotrain._validation import token_mask
+from entrotrain._validation import check_tensor, token_mask
 from entrotrain.callbacks.policy_monitor import PolicyEntropyMonitor, _cat_padded, gather_union
 from entrotrain.dashboards.run_record import RecordArray
 from entrotrain.errors import EntrotrainError
@@ -68,6 +68,8 @@ class PolicyStatsRecorder:
         """Feed ``monitor``, with nothing captured yet (the one initialiser of :meth:`__init__` and :meth:`of`)."""
         self.monitor = monitor
         self._parts: list[dict[str, Tensor]] = []
+        self._added = 0  # add() calls since the last compute / clear (micro-batches of the step, refused ones too)
+        self._refusal: str | None = None  # the first add() of the step refused under torch.distributed (2+ ranks)
         self.temperature: float | None = None
         #: The run record's arrays of the last :meth:`compute` (the token-entropy histogram), as the monitor stores.
         self.last_arrays: list[RecordArray] = []
@@ -91,15 +93,17 @@ class PolicyStatsRecorder:
     def reset(self) -> None:
         """Forget the history and any captured micro-batch (a new training run)."""
         self.monitor._reset_fit_state()
-        self._parts = []
+        self.clear()
 
     def clear(self) -> None:
-        """Drop the captured micro-batches (keep the history)."""
-        self._parts = []
+        """Drop the captured micro-batches, and a refusal of one of them waiting for :meth:`compute` (keep the
+        history)."""
+        self._parts, self._added, self._refusal = [], 0, None
 
     @property
     def pending(self) -> bool:
-        return bool(self._parts)
+        """Whether a micro-batch was kept (or refused) since the last :meth:`compute` / :meth:`clear`."""
+        return bool(self._parts) or self._refusal is not None
 
     def add(
         self,
@@ -111,14 +115,42 @@ class PolicyStatsRecorder:
         temperature: float | None = None,
     ) -> None:
         """Keep one micro-batch: ``(B, T)`` entropy, log-probs, mask; advantages ``(B,)``/``(B, 1)``/``(B, T)``;
-        rewards ``(B,)`` (optional; give it for every micro-batch of a step or for none)."""
+        rewards ``(B,)`` (optional; give it for every micro-batch of a step or for none).
+
+        Raises:
+            EntrotrainError: a tensor of the wrong shape, a mask that is neither bool nor 0/1, rewards not one per
+                sequence. With one process here; under ``torch.distributed`` with 2+ ranks at the step's
+                :meth:`compute`, on every rank alike, naming the rank and the micro-batch: raised here, inside one
+                rank's training step, it would leave the other ranks waiting in their next collective (the gradient
+                all-reduce, the gather of :meth:`compute`). No collective is added: the refusal travels with
+                :meth:`compute`'s exchange.
+        """
+        self._added += 1
+        try:
+            part = self._part(entropy, logprobs, advantages, mask, rewards)
+        except EntrotrainError as error:
+            if world()[1] < 2:
+                raise
+            if self._refusal is None:  # the step's first refusal is the one every rank reports
+                self._refusal = f"micro-batch {self._added - 1} of the step (0-based): {error}"
+            return
+        self._parts.append(part)
+        if temperature is not None:
+            self.temperature = float(temperature)
+
+    def _part(
+        self, entropy: Tensor, logprobs: Tensor, advantages: Tensor, mask: Tensor, rewards: Tensor | None
+    ) -> dict[str, Tensor]:
+        """:meth:`add`'s micro-batch, checked and detached (advantages broadcast to ``(B, T)``)."""
+        for name, value in (("entropy", entropy), ("logprobs", logprobs), ("advantages", advantages)):
+            check_tensor(value, name)
         entropy = entropy.detach()
         if entropy.dim() != 2:
             raise EntrotrainError(f"entropy must be (B, T), got shape {tuple(entropy.shape)}.")
         adv = advantages.detach()
         if adv.dim() == 2 and adv.shape[1] == 1:
             adv = adv[:, 0]
-        if adv.dim() == 1:
+        if adv.dim() == 1 and adv.shape[0] == entropy.shape[0]:
             adv = adv[:, None].expand_as(entropy)
         part = {
             "entropy": entropy,
@@ -129,26 +161,36 @@ class PolicyStatsRecorder:
         }
         for name, value in part.items():
             if value.shape != entropy.shape:
-                raise EntrotrainError(
-                    f"{name} has shape {tuple(value.shape)}, expected {tuple(entropy.shape)} like the entropy."
-                )
+                b, expected = entropy.shape[0], tuple(entropy.shape)
+                expected = f"({b},), ({b}, 1) or {expected}" if name == "advantages" else str(expected)
+                raise EntrotrainError(f"{name} has shape {tuple(value.shape)}, expected {expected} like the entropy.")
         if rewards is not None:
-            part["rewards"] = torch.as_tensor(rewards).detach().reshape(-1)
-        self._parts.append(part)
-        if temperature is not None:
-            self.temperature = float(temperature)
+            try:
+                part["rewards"] = torch.as_tensor(rewards).detach().reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise EntrotrainError(
+                    f"rewards must be a (B,) tensor (one reward per sequence), got {type(rewards).__name__} ({err})."
+                ) from err
+            if part["rewards"].numel() != entropy.shape[0]:
+                raise EntrotrainError(
+                    f"rewards needs one reward per sequence ({entropy.shape[0]}, the rows of the entropy), got "
+                    f"{part['rewards'].numel()} values."
+                )
+        return part
 
     def compute(self, index: int) -> dict[str, float]:
         """The statistics of the captured micro-batches (all ranks' union), prefixed; finite values only; ``{}`` when
         no rank captured any. Under ``torch.distributed`` every rank calls it at the same steps, one that captured
         nothing too: the ranks exchange what each captured first
         (:func:`~entrotrain.callbacks.policy_monitor.gather_union`), and a rank that captured nothing, or no rewards,
-        while another did is an :class:`~entrotrain.errors.EntrotrainError` on every rank, not a hang.
+        while another did, or whose :meth:`add` refused a micro-batch, is the same
+        :class:`~entrotrain.errors.EntrotrainError` on every rank (naming the rank), not a hang.
 
         The monitor's own :meth:`~entrotrain.callbacks.PolicyEntropyMonitor.summarise`, as the Lightning callback
         calls it: summary, non-finite count, temperature, reward mean, ΔH, shaping statistics, the entropy–reward fit,
         first/last values."""
-        parts, self._parts = self._parts, []
+        parts, refused = self._parts, self._refusal
+        self.clear()
         self.last_arrays = []
         if not parts and world()[1] == 1:
             return {}
@@ -157,12 +199,11 @@ class PolicyStatsRecorder:
         with torch.no_grad():
             tensors = {k: _cat_padded([p[k] for p in parts], fill) for k, fill in self._FILL.items()} if parts else {}
             held = [i for i, p in enumerate(parts) if "rewards" in p]
-            refusal = None
-            if 0 < len(held) < len(parts):  # a reward mean and fit of part of the step: refused, never dropped
-                refusal = EntrotrainError(
-                    f"PolicyEntropyMonitor{self.where} at step {index}: micro-batch(es) {held} of the step handed "
-                    f"rewards= over with {via} and micro-batch(es) {[i for i in range(len(parts)) if i not in held]} "
-                    "did not; give rewards for every micro-batch of a step or for none."
+            if refused is None and 0 < len(held) < len(parts):  # a reward mean and fit of part of the step: refused,
+                refused = (  # never dropped
+                    f"micro-batch(es) {held} of the step handed rewards= over with {via} and micro-batch(es) "
+                    f"{[i for i in range(len(parts)) if i not in held]} did not; give rewards for every micro-batch "
+                    "of a step or for none."
                 )
             elif held:
                 tensors["rewards"] = torch.cat([p["rewards"] for p in parts])
@@ -170,9 +211,13 @@ class PolicyStatsRecorder:
         def given(name: str) -> str:
             return f"handed tensors over with {via}" if name == "entropy" else f"handed {name}= over with {via}"
 
-        if refusal is not None:  # raised here with one process, on every rank (through the exchange) with 2+
+        where = f"{self.where} at step {index}"
+        refusal = None
+        if refused is not None:  # raised here with one process, on every rank (through the exchange) with 2+
             tensors = {}
-        tensors = gather_union(tensors, self.temperature, given, f"{self.where} at step {index}", refusal=refusal)
+            refusal = EntrotrainError(refused if world()[1] > 1 else f"PolicyEntropyMonitor{where}: {refused}")
+        tensors = gather_union(tensors, self.temperature, given, where, refusal=refusal,
+                               refused=f"refused the tensors handed over with {via}")
         if not tensors:  # no rank handed anything over
             return {}
         summary, self.last_arrays = m._summary_and_arrays(tensors, index, temperature=self.temperature, unit="step")

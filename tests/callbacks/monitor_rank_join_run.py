@@ -203,6 +203,22 @@ def policies(rank: int, result: dict[str, object]) -> None:
             tensors = {name: found[name] for name, _ in policy_module._GATHERED if found[name] is not None}
             summary = reference.summarise(tensors, 0, temperature=found["temperature"])
             result[f"policy/reference/{case}"] = {reference.prefix + k: v for k, v in summary.items()}
+    # gradient accumulation, 2 micro-batches a step: rank 0's second one returns no rewards, so pooling its step
+    # (_pooled) refuses on rank 0 alone; rank 1's step pools
+    case = "pooled_rewards_on_rank0"
+    accumulating = SimpleNamespace(sanity_checking=False, accumulate_grad_batches=2, global_step=0,
+                                   is_global_zero=rank == 0, loggers=[])
+    monitor = policy_module.PolicyEntropyMonitor(log_media=False, print_summary=False)
+    collectives = count_collectives(monitor, "on_train_batch_end")
+    try:
+        for i, how in enumerate(("", "-rewards" if rank == 0 else "")):
+            monitor.on_train_batch_start(accumulating, None, None, i)
+            accumulating.global_step = i  # the optimizer steps after the second micro-batch
+            monitor.on_train_batch_end(accumulating, None, policy_outputs(mine, how), None, i)
+        result[f"policy/lightning/{case}"] = published[-1]
+    except EntrotrainError as error:
+        result[f"policy/lightning/{case}"] = {"error": str(error)}
+    result[f"policy/collectives/{case}"] = collectives
 
 
 def worker(rank: int, out: str) -> None:

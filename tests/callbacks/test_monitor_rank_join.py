@@ -52,25 +52,32 @@ def test_a_rank_with_less_or_no_router_or_representation_capture_joins_the_reduc
 
 def test_policy_ranks_agree_on_the_tensors_they_returned_before_the_gather(ranks):
     """PolicyEntropyMonitor under DDP: an optional tensor (rewards, post-update entropy, phase ids) that one rank's
-    training_step returned and the other's did not, different temperatures, or no tensors on one rank, is an error on
-    both ranks naming it (before: the ranks issued different gathers, a hang or gloo's size mismatch, or one rank
-    raised alone); float32 on one rank and float64 on the other is gathered as one process concatenates them."""
+    training_step returned and the other's did not, different temperatures, no tensors on one rank, or (under gradient
+    accumulation) one rank's micro-batches that disagree on rewards, is the same error on both ranks naming it (before:
+    the ranks issued different gathers, a hang or gloo's size mismatch, or one rank raised alone); float32 on one rank
+    and float64 on the other is gathered as one process concatenates them."""
     expected = {"rewards_on_rank0": "rank(s) [0] returned 'rewards' from training_step and the others did not",
                 "post_entropy_on_rank1": "rank(s) [1] returned 'post_token_entropy' from training_step and the others",
                 "phases_on_rank0": "rank(s) [0] returned 'phase_ids' from training_step and the others did not",
                 "temperatures_differ": "the ranks gave the temperatures [1.0, 0.7] (in rank order)",
-                "rank1_no_tensors": "reads per-token tensors from what training_step returns, but got ['loss']"}
+                "rank1_no_tensors": "reads per-token tensors from what training_step returns, but got ['loss']",
+                "pooled_rewards_on_rank0": "rank(s) [0] could not read their batch (raised on every rank): rank 0: "
+                "PolicyEntropyMonitor: under gradient accumulation micro-batch(es) [0] of the optimizer step returned "
+                "'rewards' from training_step and micro-batch(es) [1] did not"}
     for case, phrase in expected.items():
         for r in range(2):
             error = ranks[r][f"policy/lightning/{case}"].get("error", "")
             assert phrase in error, (case, r, error)
-            assert "at batch 0" in error or (case, r) == ("rank1_no_tensors", 1), (case, r, error)  # (its own error)
+            assert "at batch 0" in error, (case, r, error)
+        # the same error on every rank (before: a rank that could not read its batch, or pool its accumulated
+        # micro-batches, raised its own error and the others one naming it)
+        assert ranks[0][f"policy/lightning/{case}"] == ranks[1][f"policy/lightning/{case}"], case
     for r in range(2):  # one exchange of what each rank holds, then one gather per tensor (4 + rewards)
         for case in expected:
             assert ranks[r][f"policy/collectives/{case}"] == ["all_gather_object"], (case, r)
         assert ranks[r]["policy/collectives/dtypes_differ"] == ["all_gather_object"] + ["all_gather"] * 5, r
-    # rank 1 alone could not read its batch: its own error there, on rank 0 one naming rank 1 (before: rank 1 raised
-    # alone and rank 0 waited for it in the gather)
+    # rank 1 alone could not read its batch: an error naming rank 1 on both (before: rank 1 raised alone and rank 0
+    # waited for it in the gather)
     assert "rank(s) [1] could not read their batch" in ranks[0]["policy/lightning/rank1_no_tensors"]["error"]
     reference = ranks[0]["policy/reference/dtypes_differ"]
     assert reference["entropy/policy/reward_mean"] > 0  # the union's statistics, rewards included

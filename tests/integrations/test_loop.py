@@ -724,6 +724,16 @@ def test_two_ranks_reduce_to_the_union_batch_and_only_rank_zero_logs(tmp_path: P
         assert set(reduced[step]) == set(row), step
         for key, value in row.items():
             assert reduced[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+    # record_policy refusing a micro-batch on rank 1 alone (its mask holds a 2) used to raise there, inside the
+    # step block, and leave rank 0 waiting in the block's gather; the refusal now travels with that gather (no
+    # collective more): every rank raises the same error at the block's end, naming the rank, and both go on
+    policy = [json.loads((tmp_path / f"policy{r}.json").read_text()) for r in (0, 1)]
+    assert [p["record_policy"] for p in policy] == ["", ""]
+    assert policy[0]["step0"] == policy[1]["step0"]
+    assert "at step 0: rank(s) [1] refused the tensors handed over with record_policy()" in policy[0]["step0"]
+    assert "micro-batch 0 of the step" in policy[0]["step0"] and "found [2.0]" in policy[0]["step0"]
+    assert policy[0]["logs0"] == policy[1]["logs0"] == {}
+    assert policy[0]["logs1"] == policy[1]["logs1"] and "entropy/policy/mean" in policy[0]["logs1"]
 
 
 @pytest.mark.parametrize("training_only", [True, False])

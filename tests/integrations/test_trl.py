@@ -376,17 +376,26 @@ def test_checkpoint_keeps_the_statistics_history_and_the_loss_state(tmp_path):
     assert float(fresh.policy_loss.terms[1].coef) == pytest.approx(coef + 0.005)
 
 
-def test_two_ranks_equal_one_process_on_the_union(tmp_path):
-    """Under 2-rank gloo the statistics (and the ΔH / fit state) are those of one process on the union batch."""
-    import json
+@pytest.fixture(scope="module")
+def stats_ddp_run(tmp_path_factory):
+    """The folder of one run of trl_stats_ddp_run.py (2 gloo ranks, ~15 s) for the tests below."""
     from pathlib import Path
 
     from tests.helpers.scripts import run_script
+
+    out = tmp_path_factory.mktemp("trl_stats_ddp")
+    # a rank left waiting in a collective is killed by the script's watchdog (120 s) and fails here
+    run_script(Path(__file__).with_name("trl_stats_ddp_run.py"), out, str(out / "rows.json"), timeout=240)
+    return out
+
+
+def test_two_ranks_equal_one_process_on_the_union(stats_ddp_run):
+    """Under 2-rank gloo the statistics (and the ΔH / fit state) are those of one process on the union batch."""
+    import json
+
     from tests.integrations.trl_stats_ddp_run import STEPS, rank_parts
 
-    out = tmp_path / "rows.json"
-    run_script(Path(__file__).with_name("trl_stats_ddp_run.py"), tmp_path, str(out), timeout=240)
-    logged = json.loads(out.read_text())
+    logged = json.loads((stats_ddp_run / "rows.json").read_text())
     single = PolicyStatsRecorder(fit_min_points=2)
     want = []
     for step in range(STEPS):
@@ -398,6 +407,39 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
         assert got.keys() == exp.keys()
         for key in exp:
             assert got[key] == pytest.approx(exp[key], rel=1e-12, abs=1e-15), key
+
+
+def test_a_refusal_on_one_rank_is_the_same_error_on_every_rank_at_compute(stats_ddp_run):
+    """Under 2-rank gloo, ``add`` refusing a micro-batch on one rank alone (a mask holding a 2) used to raise there,
+    inside that rank's training step, and leave the other rank waiting in ``compute``'s gather (a hang). The refusal
+    now waits for ``compute``, the step's exchange: no collective more, and every rank raises the same error naming
+    the rank, the micro-batch and the problem. So does ``compute``'s own refusal (rewards for some micro-batches of
+    one rank's step only); the ranks then go on together."""
+    import json
+
+    got = [json.loads((stats_ddp_run / f"refusals{r}.json").read_text()) for r in range(2)]
+    mask, rewards = (got[0]["mask_on_rank1"], got[1]["mask_on_rank1"]), (got[0]["rewards_on_rank0"],
+                                                                         got[1]["rewards_on_rank0"])
+    for case in (mask, rewards):
+        assert [c["add"] for c in case] == ["", ""]  # add raises on neither rank
+        assert case[0]["compute"] == case[1]["compute"] != ""  # the same error on both
+        assert all("entropy/policy/mean" in c["next"] for c in case)  # the next step is computed on both
+        assert case[0]["next"] == case[1]["next"]
+    error = mask[0]["compute"]
+    assert "at step 4: rank(s) [1] refused the tensors handed over with PolicyStatsRecorder.add()" in error
+    assert "micro-batch 0 of the step" in error and "holds values other than 0 and 1 (found [2.0])" in error
+    error = rewards[0]["compute"]
+    assert "rank(s) [0] refused" in error and "micro-batch(es) [0] of the step handed rewards= over" in error
+
+
+def test_add_refuses_rewards_that_are_not_one_per_sequence():
+    stats = PolicyStatsRecorder()
+    with pytest.raises(EntrotrainError, match=r"one reward per sequence \(2, the rows of the entropy\), got 3"):
+        stats.add(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool),
+                  rewards=torch.zeros(3))
+    with pytest.raises(EntrotrainError, match=r"advantages has shape \(3,\), expected \(2,\), \(2, 1\) or"):
+        stats.add(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
+    assert not stats.pending
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0, 0)], ids=["no-rows", "no-tokens", "empty"])

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, token_mask
 from entrotrain.errors import EntrotrainError
+from entrotrain.functional._dist import all_reduce_max
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss
 from entrotrain.regularizers.policy_loss import ClipCovLoss, KLCovLoss, PolicyLoss, PolicyLossOutput, SteerLoss
 
@@ -171,7 +172,9 @@ class _VerlAggregated(PolicyLoss):
     """Mixin for the registered modules: while ``_verl_agg`` is set (one verl call), aggregate as verl does.
 
     ``micro_batch`` mode: always verl's ``agg_loss`` with the call's ``global_batch_info``. ``global`` mode: verl's
-    denominators when the info gives them, otherwise the module's own global ones (counts over all ranks)."""
+    denominators when the info gives them, otherwise the module's own global ones (counts over all ranks), with the
+    mode's verl >= 0.9 meaning (``seq-mean-token-sum-norm``: the global seq-mean-token-sum over
+    ``loss_scale_factor``, default the longest ``T`` over the ranks)."""
 
     _verl_agg: _VerlAgg | None = None
 
@@ -182,7 +185,16 @@ class _VerlAggregated(PolicyLoss):
         if getattr(self, "mode", "micro_batch") == "global" or global_agg:
             key = "batch_num_tokens" if spec.mode == "token-mean" else "global_batch_size"
             if spec.mode != "token-sum" and spec.info.get(key) is None:
-                return super()._aggregate(values, maskf, agg, True)
+                if spec.mode != "seq-mean-token-sum-norm":
+                    return super()._aggregate(values, maskf, agg, True)
+                # verl >= 0.9's meaning of the mode: seq-mean-token-sum over loss_scale_factor (default: T, here the
+                # longest over the ranks), not the module's own token sum over T (N_seq times larger)
+                loss = super()._aggregate(values, maskf, "seq-mean-token-sum", True)
+                factor = spec.info.get("loss_scale_factor")
+                if factor is None:
+                    t = torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)
+                    factor = float(all_reduce_max(t))
+                return loss / (factor if (isinstance(factor, Tensor) or factor != 0) else 1.0)
         return _verl_aggregate(values, maskf, spec)
 
     def verl_call(self, agg: _VerlAgg, *args: Any, **kwargs: Any) -> PolicyLossOutput:

@@ -145,3 +145,19 @@ def test_bad_adapter_arguments_raise():
     a = fns["entrotrain_kl_cov"](old, logp, adv, mask, "token-mean", _config(kl_cov_ratio="0.1"))[0]
     b = fns["entrotrain_kl_cov"](old, logp, adv, mask, "token-mean", _config(kl_cov_ratio=0.1))[0]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("info", [{}, {"loss_scale_factor": 10.0}])
+def test_global_mode_without_batch_counts_keeps_verl_09s_seq_mean_token_sum_norm(info):
+    # verl >= 0.9's legacy actor passes global_batch_info={} (no counts): agg_loss's seq-mean-token-sum-norm is then
+    # seq-mean-token-sum / (loss_scale_factor or T). Global mode fell back to the module's own token sum / T: N_seq
+    # (here 6) times larger than micro_batch mode and than verl. With kl_cov_ratio=1 both modes select every token.
+    logp, old, adv, mask = _batch(2)
+    cfg = _config(kl_cov_ratio=1.0, ppo_kl_coef=1.0)
+    cfg.global_batch_info = dict(info)
+    kl = (logp - old).abs()
+    per_token = -adv * torch.exp(logp - old) + kl
+    ref = verl.agg_loss(per_token, mask, "seq-mean-token-sum") / info.get("loss_scale_factor", mask.shape[-1])
+    for mode in ("micro_batch", "global"):
+        loss = make_verl_loss_fns(mode=mode)["entrotrain_kl_cov"](old, logp, adv, mask, "seq-mean-token-sum-norm", cfg)
+        torch.testing.assert_close(loss[0], ref, rtol=1e-6, atol=0)

@@ -289,7 +289,9 @@ def scalar_section(runs: list[RunData], keys: list[str], out_dir: Path, name: st
 SYMLOG_SPREAD = 100.0
 
 
-def _finite_or_nan(values: np.ndarray) -> np.ndarray:
+def _finite(values: np.ndarray) -> np.ndarray:
+    """``values`` as float with ±inf replaced by NaN (matplotlib draws NaN as a gap)."""
+    values = np.asarray(values, dtype=float)
     return np.where(np.isfinite(values), values, np.nan)
 
 
@@ -326,11 +328,11 @@ def loss_and_regularizers(runs: list[RunData], out_dir: Path, loss_key: str = "t
         twins.append(twin)
         if loss_key in run.scalars:
             steps, values = thin_line(*run.scalars[loss_key])
-            ax.plot(steps, _finite_or_nan(values), color="black", lw=1.5, label=loss_key)
+            ax.plot(steps, _finite(values), color="black", lw=1.5, label=loss_key)
         for key in terms:
             if key in run.scalars:
                 steps, values = thin_line(*run.scalars[key])
-                twin.plot(steps, _finite_or_nan(values), color=colour[key], lw=1.2, alpha=0.9, label=key)
+                twin.plot(steps, _finite(values), color=colour[key], lw=1.2, alpha=0.9, label=key)
         twin.axhline(0.0, color="grey", lw=0.8, ls=":")
         if symlog:
             twin.set_yscale("symlog", linthresh=min(medians))

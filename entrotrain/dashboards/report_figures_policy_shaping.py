@@ -24,7 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _run_handles, _runs_note, _save, _step_axis
+from entrotrain.dashboards.report_figures import (
+    RUN_STYLES,
+    Figure,
+    _finite,
+    _plt,
+    _run_handles,
+    _runs_note,
+    _save,
+    _step_axis,
+)
 from entrotrain.dashboards.report_figures_prediction import finite_first_last
 from entrotrain.dashboards.report_template import fmt
 from entrotrain.dashboards.run_reader import RunData
@@ -44,11 +53,6 @@ PREFIX = "entropy/policy"
 _PHASE = re.compile(rf"^{re.escape(PREFIX)}/phase(\d+)/(mean|length)$")
 _WINDOW = ("window_mean", "window_p50", "window_p90")
 _SHAPING = set(_WINDOW) | {"hwe_frac", "entropy_length_corr"}
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values, dtype=float)
-    return np.where(np.isfinite(values), values, np.nan)
 
 
 def phase_ids(runs: list[RunData]) -> list[int]:

@@ -24,7 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _run_handles, _runs_note, _save, _step_axis
+from entrotrain.dashboards.report_figures import (
+    RUN_STYLES,
+    Figure,
+    _finite,
+    _plt,
+    _run_handles,
+    _runs_note,
+    _save,
+    _step_axis,
+)
 from entrotrain.dashboards.report_template import fmt
 from entrotrain.dashboards.run_reader import RunData
 
@@ -54,12 +63,6 @@ _CURVE_PANELS = (  # (stat, panel title, scale)
     ("nll", "NLL of the labels (nats)", 1.0),
     ("top1_prob", "mean top-1 probability", 1.0),
 )
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    """``values`` as float with ±inf replaced by NaN (matplotlib draws NaN as a gap)."""
-    values = np.asarray(values, dtype=float)
-    return np.where(np.isfinite(values), values, np.nan)
 
 
 def finite_first_last(run: RunData, key: str) -> tuple[int, float, int, float] | None:

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from entrotrain.dashboards.report_figures import RUN_STYLES, Figure, _plt, _run_handles, _runs_note, _save, _step_axis
+from entrotrain.dashboards.report_figures import (
+    RUN_STYLES,
+    Figure,
+    _finite,
+    _plt,
+    _run_handles,
+    _runs_note,
+    _save,
+    _step_axis,
+)
 from entrotrain.dashboards.run_reader import RunData
 
 __all__ = ["CONCENTRATED_SHARE", "MAX_LAYERS_SHOWN", "ROUTER_CURVES", "least_balanced", "load_matrices", "router_curves", "router_findings", "router_load_over_time"]
@@ -34,11 +43,6 @@ ROUTER_CURVES = (
 )
 #: At most this many MoE layers are drawn in the load map and named in the findings: the least balanced ones.
 MAX_LAYERS_SHOWN = 8
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    """``values`` with ±inf replaced by NaN (matplotlib draws NaN as a gap)."""
-    return np.where(np.isfinite(values), values, np.nan)
 
 
 def load_matrices(run: RunData) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -423,3 +423,41 @@ def test_vendi_of_repeated_rows_equals_the_reduced_spectrum_at_every_order(r, d,
     if kernel == "rbf":
         k = torch.exp(-torch.cdist(x, x) ** 2 / 8.0)
         assert _val(vendi_score_from_kernel(0.5 * (k + k.T), q)) == pytest.approx(want, rel=1e-8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(3, 30),
+    d=st.integers(1, 6),
+    offset=st.sampled_from([1e3, 1e5, 1e6, -1e7]),
+    sigma=st.sampled_from([0.3, 1.0, 4.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_measures_of_rows_far_from_the_origin_equal_scipy_cdist(n, d, offset, sigma, seed):
+    """Distances are taken from the differences (scipy's cdist, dse-dsmi's): rows offset by 1e5 and more gave an
+    asymmetric DSE kernel (EntrotrainError 'K is not symmetric') through ‖x_i‖² + ‖x_j‖² − 2 x_i·x_j."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + offset
+    xn = x.numpy()
+    assert _val(diffusion_spectral_entropy(x, sigma)) == pytest.approx(
+        ref.diffusion_spectral_entropy(xn, sigma), rel=1e-9, abs=1e-9
+    )
+    d2 = ((xn[:, None, :] - xn[None, :, :]) ** 2).sum(-1)
+    assert _val(vendi_score(x, 1.0, kernel="rbf", sigma=sigma)) == pytest.approx(
+        ref.vendi_score_k(np.exp(-d2 / (2 * sigma**2)), 1.0), rel=1e-9
+    )
+    assert _val(median_pairwise_distance(x)) == pytest.approx(
+        float(np.median(np.sqrt(d2[np.triu_indices(n, 1)]))), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("n, d", [(40, 7), (300, 33)])
+def test_copies_of_a_row_are_at_distance_zero_at_any_sigma(n, d):
+    """Each of n/2 rows twice, σ far below the spread: the Gaussian kernel is 1 between copies and 0 elsewhere, so
+    K = blocks of ½, DSE = log₂(n/2) and the RBF Vendi score n/2. The matmul shortcut put copies 2e-13 apart (not 0)
+    and the kernel was asymmetric: EntrotrainError."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n // 2, d, generator=g, dtype=torch.float64) * 10
+    x = torch.cat([base, base])[torch.randperm(n, generator=g)]
+    assert _val(diffusion_spectral_entropy(x, 1e-7)) == pytest.approx(math.log2(n // 2), rel=1e-12)
+    assert _val(vendi_score(x, kernel="rbf", sigma=1e-7)) == pytest.approx(n // 2, rel=1e-12)
+    assert _val(median_pairwise_distance(torch.cat([base[:1], base[:1], base[:1]]))) == 0.0

@@ -164,8 +164,8 @@ def high_window_entropy_mask(
 
     Exactly one of:
 
-    - ``threshold``: a fixed :math:`\tau` in nats (ARES's fallback is 1.5; its trainer adapts :math:`\tau` by an EMA
-      of the batch-median per-sample 95th percentile, which the caller can feed in here);
+    - ``threshold``: a fixed :math:`\tau` in nats, compared in float64 (ARES's fallback is 1.5; its trainer adapts
+      :math:`\tau` by an EMA of the batch-median per-sample 95th percentile, which the caller can feed in here);
     - ``quantile``: :math:`\tau` = the ``quantile`` level (e.g. 0.95, ARES's percentile; linear interpolation as
       ``np.percentile``) of the finite window entropies of all positions of ``mask``, **pooled over the batch and,
       under ``torch.distributed``, gathered from every rank** (global, like :func:`~entrotrain.functional.policy.
@@ -195,7 +195,7 @@ def high_window_entropy_mask(
     h = window_entropy.detach()
     if threshold is not None:
         tau = check_real(threshold, "threshold")
-        return (h >= tau) & valid
+        return (h.double() >= tau) & valid  # float64: a bf16/float32 comparison would round tau to that dtype
     q = check_real(quantile, "quantile", low=0.0, high=1.0)
     vals = h[valid & torch.isfinite(h)].double()
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -144,6 +144,14 @@ def test_hwe_threshold_and_quantile_hand_computed():
     assert high_window_entropy_mask(w, m, quantile=1.0).tolist() == [[False] * 4, [False, False, True, False]]
 
 
+@pytest.mark.parametrize("dtype,below", [(torch.bfloat16, 1.5078125), (torch.float32, 1.5)])
+def test_hwe_threshold_is_not_rounded_to_the_window_entropy_dtype(dtype, below):
+    # 1.51 rounds to 1.5078125 in bf16 and 1.5 + 1e-9 to 1.5 in float32: the value just below tau was selected
+    tau = 1.51 if dtype == torch.bfloat16 else 1.5 + 1e-9
+    w = torch.tensor([[below, 2.0]], dtype=dtype)
+    assert high_window_entropy_mask(w, torch.ones(1, 2, dtype=torch.bool), threshold=tau).tolist() == [[False, True]]
+
+
 def test_hwe_empty_and_errors():
     w = torch.rand(2, 3)
     none = torch.zeros(2, 3, dtype=torch.bool)

@@ -166,6 +166,8 @@ def load_balancing_loss(
     mask: Tensor | None = None,
     normalize: bool = False,
     per_layer: bool = False,
+    sum_layers: bool = False,
+    scoring: str = "softmax",
 ) -> Tensor:
     r"""Switch/HF load-balancing loss :math:`E\sum_i f_i P_i` with top-k dispatch counts.
 
@@ -177,12 +179,25 @@ def load_balancing_loss(
 
     Fedus et al. 2021, "Switch Transformers" (eq. 4–6): Switch is ``top_k=1``.
 
+    **Megatron-LM** (``megatron/core/transformer/moe/moe_utils.py::switch_load_balancing_loss_func``, the
+    ``moe_router_load_balancing_type="aux_loss"`` loss, times ``moe_aux_loss_coeff``) is, for one micro-batch,
+    ``normalize=True, sum_layers=True, scoring=<moe_router_score_function>``: it divides by ``top_k`` (balanced value
+    1), computes :math:`f, P` per MoE layer and each layer adds its own loss with the full coefficient (a sum over
+    layers, not a pool or a mean), and with ``moe_router_score_function="sigmoid"`` its :math:`p` are the normalised
+    sigmoid scores :math:`\sigma(z_e)/(\sum_j\sigma(z_j) + 10^{-20})` and :math:`f` counts their top k
+    (``compute_routing_scores_for_aux_loss``; the :math:`10^{-20}` is left out here: a relative difference below
+    float32 resolution). Not reproduced: its ``global_aux_loss`` (counts all-reduced over data-parallel ranks; here
+    every rank uses its own rows) and its division of the coefficient by the tensor/context-parallel size.
+
     Args:
         router_logits: ``(rows, E)`` per MoE layer (tuple/list) or one tensor, any floating dtype.
         top_k: experts per token, ``1 <= top_k <= E``.
         mask: keep mask with one element per row (HF ``(B, S)`` attention_mask), applied to every layer.
         normalize: divide by ``top_k`` (balanced value 1).
         per_layer: the mean over layers of each layer's loss instead of pooled :math:`f, P`.
+        sum_layers: the **sum** over layers of each layer's loss (Megatron-LM; ``per_layer`` is then implied).
+        scoring: the distribution :math:`p` and its top k: ``'softmax'`` (default; HF, Switch) or the normalised
+            ``'sigmoid'`` / ``'sqrtsoftplus'`` scores (:func:`~entrotrain.functional.routing.scoring_logits`).
 
     Returns:
         A scalar, float32 (float64 for float64 input); 0 with a zero gradient when no row is valid.
@@ -192,28 +207,39 @@ def load_balancing_loss(
     top_k = check_int(top_k, "top_k", low=1, high=n_exp)
     normalize = check_bool(normalize, "normalize")
     per_layer = check_bool(per_layer, "per_layer")
+    sum_layers = check_bool(sum_layers, "sum_layers")
+    check_scoring(scoring)
     z, w = _pooled(layers, keep)  # one softmax / top-k over every layer's rows
-    p = torch.softmax(z, dim=-1)
+    p = torch.softmax(scoring_logits(z, scoring), dim=-1)
     hits = torch.zeros_like(p).scatter_(-1, torch.topk(p, top_k, dim=-1).indices, 1.0)
     stats = torch.cat([hits * w, p * w, w], dim=-1)  # (rows, 2E + 1): counts, probabilities, valid rows
-    if per_layer:
+    if per_layer or sum_layers:
         sums = torch.stack([s.sum(0) for s in stats.split([x.shape[0] for x in layers])])  # (L, 2E + 1)
     else:
         sums = stats.sum(0, keepdim=True)
     rows = sums[:, -1:].clamp_min(1)
-    loss = _balance(sums[:, :n_exp] / rows, sums[:, n_exp:-1] / rows).mean()
+    per = _balance(sums[:, :n_exp] / rows, sums[:, n_exp:-1] / rows)
+    loss = per.sum() if sum_layers else per.mean()
     return loss / top_k if normalize else loss
 
 
-def router_z_loss(router_logits: RouterLogits, *, mask: Tensor | None = None) -> Tensor:
+def router_z_loss(
+    router_logits: RouterLogits, *, mask: Tensor | None = None, sum_layers: bool = False
+) -> Tensor:
     r"""ST-MoE router z-loss :math:`\frac1T\sum_x \big(\log\sum_j e^{z_j(x)}\big)^2` over the valid rows of all layers.
 
     Zoph et al. 2022, "ST-MoE: Designing Stable and Transferable Sparse Expert Models" (eq. 5; coefficient 0.001);
     HF ``router_z_loss_func`` (sum over tokens / tokens). Computed on float32 logits (float64 stays float64).
 
+    **Megatron-LM** (``moe_utils.py::z_loss_func`` times ``moe_z_loss_coeff``) takes the mean over one layer's
+    (valid) tokens and each MoE layer adds its own: ``sum_layers=True``. The default pools the rows of all layers,
+    which is the *mean* over layers when they have the same rows: :math:`1/L` of Megatron's value for :math:`L`
+    layers.
+
     Args:
         router_logits: ``(rows, E)`` per MoE layer or one tensor.
         mask: keep mask with one element per row, applied to every layer.
+        sum_layers: the sum over layers of each layer's mean (Megatron-LM) instead of one mean over the pooled rows.
 
     Returns:
         A scalar >= 0; 0 with a zero gradient when no row is valid.
@@ -222,8 +248,14 @@ def router_z_loss(router_logits: RouterLogits, *, mask: Tensor | None = None) ->
     beyond the dtype: ``+inf`` (the value, not a NaN; its gradient :math:`2\,\mathrm{lse}\cdot p / T` stays finite).
     It is not refused: a check would cost a host sync on every training step. Pass float64 logits to compute it.
     """
-    z, w = _pooled(*_layers(router_logits, mask))
-    return (torch.logsumexp(z, dim=-1).square() * w[:, 0]).sum() / w.sum().clamp_min(1)
+    layers, keep = _layers(router_logits, mask)
+    sum_layers = check_bool(sum_layers, "sum_layers")
+    z, w = _pooled(layers, keep)
+    terms = torch.logsumexp(z, dim=-1).square() * w[:, 0]
+    if sum_layers:
+        sizes = [x.shape[0] for x in layers]
+        return sum(t.sum() / v.sum().clamp_min(1) for t, v in zip(terms.split(sizes), w[:, 0].split(sizes)))
+    return terms.sum() / w.sum().clamp_min(1)
 
 
 def _check_dynmole(q: float, eps: float, top_p: float, keep_top_k: int, entropy_threshold: float) -> tuple:
@@ -360,29 +392,40 @@ def dynmole_router_loss(
 
 
 def sequence_balance_sums(
-    router_logits: Tensor, chosen: Tensor, *, keep: Tensor | None, seq_len: int, scoring: str = "sigmoid"
+    router_logits: Tensor,
+    chosen: Tensor | None,
+    *,
+    keep: Tensor | None,
+    seq_len: int,
+    scoring: str = "sigmoid",
+    top_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""One router call's sequence-wise balance: ``(sum over its sequences of L_b, number of sequences)``.
 
     ``router_logits`` ``(B·S, E)`` (rows row-major over (batch, seq)), ``chosen`` ``(B·S, K)`` the expert ids the
-    router picked, ``keep`` ``(B·S,)`` bool (``None``: every row real), ``seq_len`` = S. Per sequence :math:`b` with
-    :math:`T_b \ge 1` real tokens, :math:`L_b = \sum_i f_i P_i` (:func:`sequence_balance_loss`); a sequence without
-    a real token is not counted. Means over sequences of several calls: sum the first elements, divide by the sum of
-    the second. Gradient flows through :math:`P` only."""
+    router picked (or ``top_k``: the top ``top_k`` of the scores instead, ``chosen`` ignored; Megatron-LM's
+    ``seq_aux_loss``), ``keep`` ``(B·S,)`` bool (``None``: every row real), ``seq_len`` = S. Per sequence :math:`b`
+    with :math:`T_b \ge 1` real tokens, :math:`L_b = \sum_i f_i P_i` (:func:`sequence_balance_loss`); a sequence
+    without a real token is not counted. Means over sequences of several calls: sum the first elements, divide by the
+    sum of the second. Gradient flows through :math:`P` only."""
     check_tensor(router_logits, "router_logits", floating=True, ndim=2, layout="(rows, n_experts)")
     rows, n_exp = router_logits.shape
     seq_len = check_int(seq_len, "seq_len", low=1)
+    top_k = check_int(top_k, "top_k", low=1, high=n_exp, none_ok=True)
     if rows % seq_len:
         raise EntrotrainError(
             f"the router's {rows} rows do not split into sequences of {seq_len} tokens; its logits must be "
             "(batch*seq, E), row-major over (batch, seq), with the (batch, seq) attention_mask of that call."
         )
-    ids = _chosen_experts(chosen, rows, router_logits.device)
     dtype = accumulation_dtype(router_logits.dtype)
     keep = torch.ones(rows, dtype=torch.bool, device=router_logits.device) if keep is None else keep.reshape(-1)
     z = torch.where(keep[:, None], router_logits.to(dtype), torch.zeros((), dtype=dtype, device=keep.device))
     w = keep.to(dtype)[:, None]
     p = torch.softmax(scoring_logits(z, check_scoring(scoring)), dim=-1) * w  # s'_{i,t} of the real tokens
+    if top_k is not None:
+        ids = torch.topk(p.detach(), top_k, dim=-1).indices
+    else:
+        ids = _chosen_experts(chosen, rows, router_logits.device)
     real = (ids >= 0) & (ids < n_exp)  # an id outside [0, E) counts nowhere (column E, dropped)
     hits = torch.zeros(rows, n_exp + 1, dtype=dtype, device=z.device)
     hits = hits.scatter_(1, torch.where(real, ids, n_exp), 1.0)[:, :n_exp] * w  # 1[i chosen for t]: once per token
@@ -397,11 +440,12 @@ def sequence_balance_sums(
 
 def sequence_balance_loss(
     router_logits: RouterLogits,
-    chosen: Tensor | Sequence[Tensor],
+    chosen: Tensor | Sequence[Tensor] | None,
     *,
     mask: Tensor | None = None,
     seq_len: int | None = None,
     scoring: str | Sequence[str] = "sigmoid",
+    top_k: int | None = None,
 ) -> Tensor:
     r"""DeepSeek-V3's complementary sequence-wise balance loss, summed over MoE layers (unweighted: times α).
 
@@ -420,16 +464,27 @@ def sequence_balance_loss(
     **summed** (α is per layer in the paper). Balanced routing gives 1 per layer. Gradient flows through :math:`P`
     only (:math:`f` is a count). Computed in float32 (float64 stays float64).
 
+    **Megatron-LM**'s ``seq_aux_loss`` (``moe_utils.py::sequence_load_balancing_loss_func`` times
+    ``moe_aux_loss_coeff``; each MoE layer adds its own, a sum over layers as here) computes the same
+    :math:`\sum_i f_i P_i` per sequence and its mean over the batch, with two differences: :math:`f` counts the top
+    :math:`K_r` of the scores :math:`s'` (``compute_routing_scores_for_aux_loss``), not the experts the router picked
+    with its ``expert_bias`` (pass ``top_k`` for Megatron's); and its tokens are ``[seq, batch]``-major with every
+    sequence :math:`S` tokens long (no padding mask: :math:`T = S`), where this function takes rows row-major over
+    ``(batch, seq)`` and leaves padded tokens out. Its ``'softmax'`` scores are ``scoring='softmax'``; its
+    ``'sigmoid'`` ones add :math:`10^{-20}` to :math:`\sum_j s_{j,t}` (left out here).
+
     Args:
         router_logits: ``(batch·seq, E)`` raw logits per MoE layer (tuple/list) or one tensor, rows row-major over
             ``(batch, seq)`` (HF's layout).
         chosen: ``(batch·seq, K)`` integer expert ids per layer, parallel to ``router_logits`` (HF ``*TopkRouter``
             returns them third). Ids outside ``[0, E)`` count nowhere; an expert listed twice for a token counts
-            once (the indicator of eq. 18).
+            once (the indicator of eq. 18). Ignored (may be ``None``) when ``top_k`` is given.
         mask: keep mask: the ``(batch, seq)`` attention_mask (it also gives ``seq``), or ``rows`` flat elements with
             ``seq_len``.
         seq_len: tokens per sequence, when ``mask`` is not 2-D.
         scoring: the routers' scoring function, one for every layer or one per layer.
+        top_k: count the top ``top_k`` experts of the scores :math:`s'` instead of ``chosen`` (Megatron-LM); ``None``
+            (default) counts the ids the routers returned.
 
     Returns:
         A scalar; 0 with a zero gradient when no token is real.
@@ -440,6 +495,8 @@ def sequence_balance_loss(
     """
     layers, keep = _layers(router_logits, mask)
     ids = [chosen] if isinstance(chosen, Tensor) else list(chosen) if isinstance(chosen, (tuple, list)) else None
+    if top_k is not None:
+        ids = [None] * len(layers)
     if ids is None or len(ids) != len(layers):
         raise EntrotrainError(
             f"chosen must hold one (rows, K) tensor of expert ids per router layer ({len(layers)}), got "
@@ -460,6 +517,6 @@ def sequence_balance_loss(
         )
     total = layers[0].new_zeros(())
     for z, c, sc in zip(layers, ids, scorings):
-        loss_sum, n_seq = sequence_balance_sums(z, c, keep=keep, seq_len=seq_len, scoring=sc)
+        loss_sum, n_seq = sequence_balance_sums(z, c, keep=keep, seq_len=seq_len, scoring=sc, top_k=top_k)
         total = total + loss_sum / n_seq.clamp_min(1)
     return total

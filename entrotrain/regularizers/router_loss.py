@@ -200,11 +200,22 @@ class LoadBalancingLoss(_RouterRegularizer):
     r"""Switch/HF load balancing :math:`w\cdot E\sum_i f_i P_i` (:func:`~entrotrain.functional.router_losses.
     load_balancing_loss`: top-k counts, pooled over layers, balanced value ``top_k``, 1 with ``normalize``).
 
+    Against Megatron-LM's ``aux_loss`` (``switch_load_balancing_loss_func`` times ``moe_aux_loss_coeff``): the
+    defaults follow HF (balanced value ``top_k``; :math:`f, P` pooled over all layers; softmax). Megatron divides by
+    ``top_k`` (balanced value 1), lets every MoE layer add its own loss with the full coefficient (a sum over layers,
+    :math:`L` times a per-layer mean) and, with ``moe_router_score_function="sigmoid"``, uses the normalised sigmoid
+    scores and their top k. ``LoadBalancingLoss(coeff, k, normalize=True, sum_layers=True, scoring=...)`` is
+    Megatron's loss of one micro-batch (to 1e-6 relative, tests/regularizers/test_router_losses_megatron.py);
+    its ``global_aux_loss`` (counts all-reduced over data-parallel ranks) is not reproduced.
+
     Args:
         weight: coefficient (Switch 0.01; HF Mixtral/Qwen 0.001, OLMoE 0.01).
         top_k: experts per token of the router (``1`` = Switch).
-        normalize: divide by ``top_k`` (balanced value 1).
+        normalize: divide by ``top_k`` (balanced value 1; Megatron-LM).
         per_layer: mean of per-layer losses instead of pooled statistics.
+        sum_layers: sum of per-layer losses (Megatron-LM: each MoE layer adds its own; implies ``per_layer``).
+        scoring: ``'softmax'`` (default), or the normalised ``'sigmoid'`` / ``'sqrtsoftplus'`` scores of routers
+            scoring so (Megatron's ``moe_router_score_function``); :math:`f` counts the top k of the same scores.
         include: router module globs :meth:`capture` taps (``None`` = HF router discovery).
         schedule, final_weight, total_steps, name: as :class:`Regularizer`.
     """
@@ -213,6 +224,7 @@ class LoadBalancingLoss(_RouterRegularizer):
 
     def __init__(
         self, weight: float = 0.01, top_k: int = 2, *, normalize: bool = False, per_layer: bool = False,
+        sum_layers: bool = False, scoring: str = "softmax",
         schedule: Schedule = "constant", final_weight: float = 0.0, total_steps: int | None = None,
         name: str | None = None, include: str | Sequence[str] | None = None,
     ) -> None:
@@ -221,10 +233,13 @@ class LoadBalancingLoss(_RouterRegularizer):
         self.top_k = check_int(top_k, "top_k", low=1)
         self.normalize = check_bool(normalize, "normalize")
         self.per_layer = check_bool(per_layer, "per_layer")
+        self.sum_layers = check_bool(sum_layers, "sum_layers")
+        self.scoring = check_scoring(scoring)
 
     def penalty(self, x: RouterInputs) -> Tensor:
         return load_balancing_loss(
-            x.router_logits, self.top_k, mask=x.mask, normalize=self.normalize, per_layer=self.per_layer
+            x.router_logits, self.top_k, mask=x.mask, normalize=self.normalize, per_layer=self.per_layer,
+            sum_layers=self.sum_layers, scoring=self.scoring,
         )
 
 
@@ -232,19 +247,23 @@ class RouterZLoss(_RouterRegularizer):
     r"""ST-MoE router z-loss :math:`w\cdot\frac1T\sum_x \mathrm{lse}(z(x))^2`
     (:func:`~entrotrain.functional.router_losses.router_z_loss`; Zoph et al. 2022, weight 0.001).
     Args as :class:`Regularizer`; ``include``: router module globs :meth:`capture` taps (``None`` = HF router
-    discovery)."""
+    discovery); ``sum_layers``: the sum over MoE layers of each layer's mean (Megatron-LM's ``z_loss_func`` times
+    ``moe_z_loss_coeff``, added by every layer) instead of the mean over all layers' rows (default; :math:`1/L` of
+    Megatron's value for :math:`L` layers of equal rows)."""
 
     name = "router_z"
 
     def __init__(
-        self, weight: float = 0.001, *, schedule: Schedule = "constant", final_weight: float = 0.0,
-        total_steps: int | None = None, name: str | None = None, include: str | Sequence[str] | None = None,
+        self, weight: float = 0.001, *, sum_layers: bool = False, schedule: Schedule = "constant",
+        final_weight: float = 0.0, total_steps: int | None = None, name: str | None = None,
+        include: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
         self.include = include
+        self.sum_layers = check_bool(sum_layers, "sum_layers")
 
     def penalty(self, x: RouterInputs) -> Tensor:
-        return router_z_loss(x.router_logits, mask=x.mask)
+        return router_z_loss(x.router_logits, mask=x.mask, sum_layers=self.sum_layers)
 
 
 class TsallisRouterLoss(_RouterRegularizer):
@@ -327,7 +346,7 @@ class ChosenRouterInputs(NamedTuple):
     the router's scoring; ``router`` groups the calls of one router (one MoE layer)."""
 
     router_logits: Sequence[Tensor]
-    chosen: Sequence[Tensor]
+    chosen: Sequence[Tensor | None]
     masks: Sequence[Tensor | None]
     seq_lens: Sequence[int | None]
     scorings: Sequence[str]
@@ -355,11 +374,21 @@ class SequenceBalanceLoss(_RouterRegularizer):
     Given inputs: a :class:`ChosenRouterInputs`, or a mapping with ``"router_logits"``, ``"chosen"`` (one tensor
     or one per layer) and ``"attention_mask"`` (``(batch, seq)``) or ``"seq_len"``.
 
+    Against Megatron-LM's ``seq_aux_loss`` (``sequence_load_balancing_loss_func`` times ``moe_aux_loss_coeff``,
+    added by every MoE layer: a sum over layers, as here): the same per-sequence :math:`\sum_i f_i P_i` averaged over
+    the batch, but Megatron's :math:`f` counts the top :math:`K_r` of the scores :math:`s'`, not the experts the
+    router picked with its ``expert_bias``: ``top_k=K_r`` reproduces it (to 1e-6 relative,
+    tests/regularizers/test_router_losses_megatron.py, ``scoring`` = its ``moe_router_score_function``). Megatron
+    orders tokens ``[seq, batch]`` and counts every position of a sequence (no padding mask); here rows are
+    ``(batch, seq)`` row-major and padded tokens are left out.
+
     Args:
         weight: α (DeepSeek-V3: 0.0001).
         scoring: ``'sigmoid'`` / ``'softmax'`` / ``'sqrtsoftplus'`` for every router; ``None`` = each captured
             router's own (given inputs without one: ``'sigmoid'``).
         seq_len: tokens per sequence, used when no 2-D mask gives it.
+        top_k: count the top ``top_k`` experts of the scores instead of the ids the routers returned (Megatron-LM's
+            ``seq_aux_loss``; routers that return no ids can then be captured); ``None`` = the routers' own ids.
         include: router module globs :meth:`capture` taps (``None`` = HF router discovery).
         schedule, final_weight, total_steps, name: as :class:`Regularizer`.
     """
@@ -368,13 +397,15 @@ class SequenceBalanceLoss(_RouterRegularizer):
 
     def __init__(
         self, weight: float = 1e-4, *, scoring: str | None = None, seq_len: int | None = None,
-        schedule: Schedule = "constant", final_weight: float = 0.0, total_steps: int | None = None,
+        top_k: int | None = None, schedule: Schedule = "constant", final_weight: float = 0.0,
+        total_steps: int | None = None,
         name: str | None = None, include: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(weight, schedule=schedule, final_weight=final_weight, total_steps=total_steps, name=name)
         self.include = include
         self.scoring = None if scoring is None else check_scoring(scoring)
         self.seq_len = check_int(seq_len, "seq_len", low=1, none_ok=True)
+        self.top_k = check_int(top_k, "top_k", low=1, none_ok=True)
 
     def _captured(self, tap: Any) -> Any:
         return _TapCapture(tap)  # read when called: a router without ids or sequences is refused there, not at exit
@@ -384,7 +415,7 @@ class SequenceBalanceLoss(_RouterRegularizer):
             return inputs[0]
         if len(inputs) == 1 and isinstance(inputs[0], _TapCapture):
             return self._from_tap(inputs[0].tap)
-        if len(inputs) == 1 and isinstance(inputs[0], Mapping) and "chosen" in inputs[0]:
+        if len(inputs) == 1 and isinstance(inputs[0], Mapping) and ("chosen" in inputs[0] or self.top_k is not None):
             return self._from_mapping(inputs[0])
         raise EntrotrainError(
             "SequenceBalanceLoss needs the experts each router picked, not only its logits: call it after "
@@ -393,8 +424,10 @@ class SequenceBalanceLoss(_RouterRegularizer):
         )
 
     def _from_mapping(self, x: Mapping) -> ChosenRouterInputs:
-        logits, chosen = x["router_logits"], x["chosen"]
+        logits, chosen = x["router_logits"], x.get("chosen")
         logits = [logits] if isinstance(logits, Tensor) else list(logits)
+        if chosen is None and self.top_k is not None:  # the top k of the scores are counted: no ids needed
+            chosen = [None] * len(logits)
         chosen = [chosen] if isinstance(chosen, Tensor) else list(chosen)
         if len(chosen) != len(logits):
             raise EntrotrainError(
@@ -412,7 +445,7 @@ class SequenceBalanceLoss(_RouterRegularizer):
         for name in [n for n in tap.names if tap.captures.get(n)]:
             for i, z in enumerate(tap.captures[name]):
                 ids = tap.chosen[name][i]
-                if ids is None:
+                if ids is None and self.top_k is None:
                     raise EntrotrainError(
                         f"router {name!r} returned no expert ids (no (rows, k) integer tensor beside its logits), and "
                         "SequenceBalanceLoss counts the experts the router itself picked. Tap routers that return "
@@ -454,14 +487,16 @@ class SequenceBalanceLoss(_RouterRegularizer):
                     f"the {z.shape[0]} rows of router {router!r} cannot be split into sequences (rows = batch*seq): "
                     "give its (batch, seq) attention_mask, or seq_len."
                 )
-            loss_sum, n_seq = sequence_balance_sums(z, ids, keep=keep, seq_len=seq_len, scoring=scoring)
+            loss_sum, n_seq = sequence_balance_sums(
+                z, ids, keep=keep, seq_len=seq_len, scoring=scoring, top_k=self.top_k
+            )
             sums.setdefault(router, [loss_sum.new_zeros(()), n_seq.new_zeros(())])
             sums[router][0] = sums[router][0] + loss_sum
             sums[router][1] = sums[router][1] + n_seq
         return sum(total / count.clamp_min(1) for total, count in sums.values())  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scoring={self.scoring}, seq_len={self.seq_len}"
+        return f"{super().extra_repr()}, scoring={self.scoring}, seq_len={self.seq_len}, top_k={self.top_k}"
 
 
 class _TapCapture(NamedTuple):

@@ -140,9 +140,13 @@ def _blocked(attn_mask: Tensor | None, is_causal: bool, n_q: int, n_k: int, devi
     return blocked
 
 
-def _grouped(x: Tensor, batch: int, kv_heads: int, groups: int) -> Tensor:
+def _grouped(x: Tensor, batch: int, kv_heads: int, groups: int, n_q: int) -> Tensor:
     """``(b, h, Nq, ·)`` with ``b ∈ {1, B}``, ``h ∈ {1, H}`` → ``(B·H_kv, G·Nq, ·)``: query head ``h = j·G + g`` of key
-    head ``j`` at rows ``g·Nq …``; a 2-D ``x`` (shared by every head) stays 2-D, repeated ``G`` times."""
+    head ``j`` at rows ``g·Nq …``; a 2-D ``x`` (shared by every head) stays 2-D, repeated ``G`` times. One row for
+    every query (a padding mask ``(B, 1, 1, Nk)``) is expanded to the ``Nq`` rows first when ``G > 1``: the ``G``
+    query heads of a key head sit one after the other, so a single row no longer broadcasts over them."""
+    if groups > 1 and x.shape[-2] == 1 and n_q > 1:
+        x = x.expand(*x.shape[:-2], n_q, x.shape[-1])
     if x.dim() == 2:
         return x.repeat(groups, 1) if groups > 1 else x
     x = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
@@ -150,7 +154,7 @@ def _grouped(x: Tensor, batch: int, kv_heads: int, groups: int) -> Tensor:
     return x.reshape(batch * kv_heads, groups * x.shape[2], x.shape[3])
 
 
-def _masks(blocked: Tensor, batch: int, kv_heads: int, groups: int, dtype: torch.dtype,
+def _masks(blocked: Tensor, batch: int, kv_heads: int, groups: int, n_q: int, dtype: torch.dtype,
            additive: Tensor | None = None):
     """From the blocked pairs: the score bias in the grouped layout (0/−∞, or ``additive`` with −∞ on the blocked
     pairs), the valid-key counts ``(…, Nq)``, and the queries with no valid key (grouped layout ``(·, G·Nq)``;
@@ -160,9 +164,9 @@ def _masks(blocked: Tensor, batch: int, kv_heads: int, groups: int, dtype: torch
         bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, float("-inf"))
     else:
         bias = torch.where(blocked, float("-inf"), additive.to(dtype))
-    bias = _grouped(bias, batch, kv_heads, groups)
+    bias = _grouped(bias, batch, kv_heads, groups, n_q)
     empty = counts == 0
-    no_key = _grouped(empty.unsqueeze(-1), batch, kv_heads, groups).squeeze(-1) if bool(empty.any()) else None
+    no_key = _grouped(empty.unsqueeze(-1), batch, kv_heads, groups, n_q).squeeze(-1) if bool(empty.any()) else None
     return bias, counts, no_key
 
 
@@ -171,7 +175,7 @@ def _plain_mask(is_causal: bool, n_q: int, n_k: int, groups: int, dtype: torch.d
     """``(bias, counts)`` for no mask or a causal one (cached: small, read-only, shared by every call of a shape)."""
     if not is_causal:
         return None, torch.full((1, 1, 1), n_k, dtype=torch.long, device=device)
-    bias, counts, _ = _masks(_blocked(None, True, n_q, n_k, device), 1, 1, groups, dtype)
+    bias, counts, _ = _masks(_blocked(None, True, n_q, n_k, device), 1, 1, groups, n_q, dtype)
     return bias, counts
 
 
@@ -306,7 +310,7 @@ def joint_attention(
     else:
         additive = None if attn_mask.dtype == torch.bool else attn_mask.detach()
         bias, counts, no_key = _masks(_blocked(attn_mask, is_causal, n_q, n_k, q.device), batch, kv_heads, groups,
-                                      q.dtype, additive)
+                                      n_q, q.dtype, additive)
     q3 = q.reshape(batch * kv_heads, groups * n_q, dim)  # (B·H_kv, G·Nq, D): one bmm per key head
     k3 = k.reshape(batch * kv_heads, n_k, dim)
     v3 = v.reshape(batch * kv_heads, n_k, v.shape[-1])

@@ -310,3 +310,39 @@ def test_contract_a_documented_value_or_an_entrotrain_error(shape, dtype, poison
     bad = ~torch.isfinite(q).all(-1)
     assert torch.isfinite(result.entropy[~bad]).all() and torch.isfinite(result.normalized[~bad]).all()
     assert (result.entropy[~bad] >= 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(2, 3),
+    n_q=st.integers(2, 6),
+    n_k=st.integers(1, 6),
+    shape_kind=st.sampled_from(["padding", "2d-row", "head-row"]),
+    additive=st.booleans(),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gqa_with_a_mask_of_one_query_row_matches_brute_force(
+    batch, kv_heads, groups, n_q, n_k, shape_kind, additive, causal, seed
+):
+    """GQA (G > 1) with a mask broadcast over the queries ((B, 1, 1, Nk) padding, (1, Nk), (1, H, 1, Nk)), boolean
+    or additive with −∞: values, counts and gradients equal the float64 brute force. The grouped layout stacks the G
+    query heads of a key head, so one mask row no longer broadcasts over them: RuntimeError before (without causal)."""
+    heads = kv_heads * groups
+    q, k, v = make(batch, heads, kv_heads, n_q, n_k, 3, 4, seed=seed)
+    shape = {"padding": (batch, 1, 1, n_k), "2d-row": (1, n_k), "head-row": (1, heads, 1, n_k)}[shape_kind]
+    keep = random_mask(shape, 0.7, seed)
+    if additive:
+        g = torch.Generator().manual_seed(seed + 1)
+        mask = torch.randn(shape, generator=g, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    else:
+        mask = keep
+    out, result = attention_with_entropy(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    ref_out, ref_entropy, ref_counts = brute(q, k, v, attn_mask=mask, is_causal=causal)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(result.entropy, ref_entropy, atol=1e-12, rtol=0)
+    assert torch.equal(result.n_keys, ref_counts.expand_as(result.n_keys))
+    for a, b in zip(grads(out, result.entropy, (q, k, v), seed=seed), grads(ref_out, ref_entropy, (q, k, v), seed=seed)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)

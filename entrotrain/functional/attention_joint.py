@@ -113,8 +113,9 @@ def joint_attention_applies(
     if 0 in (batch, heads, n_q, n_k, dim, v.shape[-1]):
         return False
     if attn_mask is not None:
-        try:
-            torch.broadcast_shapes(attn_mask.shape, (batch, heads, n_q, n_k))
+        try:  # the mask must broadcast *to* the scores (SDPA refuses a mask of 2 batches for 1), not only with them
+            if tuple(torch.broadcast_shapes(attn_mask.shape, (batch, heads, n_q, n_k))) != (batch, heads, n_q, n_k):
+                return False
         except RuntimeError:
             return False
     return max_elements is None or batch * heads * n_q * n_k <= max_elements

@@ -193,10 +193,10 @@ def linear_entropy_and_logprobs(
     Returns:
         :class:`~entrotrain.functional.TokenStats` ``(entropy (N,), logprobs (N,) or None)``, float32 (float64 for
         float64 inputs), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. ``N = 0`` gives empty
-        tensors; ``D = 0`` gives uniform distributions (:math:`\ln V`). A ``-inf`` logit (e.g. a ``-inf`` bias entry
-        switching a token off) has probability 0 and no gradient; a row whose logits are all ``-inf`` (no
-        distribution) gets entropy 0 with zero gradient and log-probability NaN whose gradient takes ``p := 0``
-        (``onehot/T`` times the upstream gradient; 0 with no gradient for a negative label), as
+        tensors; ``D = 0`` gives ``softmax(bias / T)`` (uniform, :math:`\ln V`, without a bias). A ``-inf`` logit
+        (e.g. a ``-inf`` bias entry switching a token off) has probability 0 and no gradient; a row whose logits
+        are all ``-inf`` (no distribution) gets entropy 0 with zero gradient and log-probability NaN whose gradient
+        takes ``p := 0`` (``onehot/T`` times the upstream gradient; 0 with no gradient for a negative label), as
         :func:`~entrotrain.functional.token_entropy` and :func:`~entrotrain.functional.token_logprobs` give on the
         materialised logits. Otherwise a row of ``hidden`` holding NaN/Inf gives NaN in that row only (a NaN
         ``weight`` or ``bias`` entry reaches every row); its gradient is NaN, even under a zero upstream gradient,

@@ -143,3 +143,15 @@ def test_minus_inf_logits_match_the_token_functions(v, off, chunk, temperature, 
     for got, want in zip(grads, torch.autograd.grad(ent2.sum(), ref)):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_zero_width_hidden_states_give_the_bias_distribution():
+    # D = 0: every logit is the bias (docstring: softmax(bias / T); uniform, ln V, without a bias)
+    bias = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64)
+    out = linear_entropy_and_logprobs(torch.zeros(2, 0, dtype=torch.float64), torch.zeros(3, 0, dtype=torch.float64),
+                                      torch.tensor([2, 0]), bias=bias, temperature=0.5)  # fmt: skip
+    z = (bias / 0.5).expand(2, 3)
+    torch.testing.assert_close(out.entropy, token_entropy(z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(z, -1)[[0, 1], [2, 0]], rtol=1e-12, atol=1e-12)
+    plain = linear_entropy_and_logprobs(torch.zeros(2, 0), torch.zeros(3, 0)).entropy
+    torch.testing.assert_close(plain, torch.full((2,), float(torch.log(torch.tensor(3.0)))))

@@ -47,10 +47,15 @@ class HookedMonitor(PerFitCallback):
     def summary_table(self) -> str:
         raise NotImplementedError
 
+    def _printed_summary(self) -> str | None:
+        """What rank zero prints at fit end: :meth:`summary_table` when ``print_summary`` is set and
+        :meth:`_has_summary`, else ``None`` (here and under the HF Trainer / loop integrations)."""
+        return self.summary_table() if self.print_summary and self._has_summary() else None
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._release()
-        if self.print_summary and trainer.is_global_zero and self._has_summary():
-            print(self.summary_table())
+        if trainer.is_global_zero and (table := self._printed_summary()) is not None:
+            print(table)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()

@@ -126,7 +126,10 @@ class _Driver:
         return ""
 
     def summary(self) -> str | None:
-        return None
+        """The table the Lightning monitor prints at fit end, or ``None`` (its own rule:
+        :meth:`~entrotrain.callbacks._lifecycle.HookedMonitor._printed_summary`)."""
+        printed = getattr(self.monitor, "_printed_summary", None)
+        return printed() if printed is not None else None
 
 
 class _AttentionDriver(_Driver):
@@ -177,10 +180,6 @@ class _AttentionDriver(_Driver):
     def record_arrays(self) -> list[RecordArray]:
         return [] if self._normalized is None else self.monitor.record_arrays(self._normalized)
 
-    def summary(self) -> str | None:
-        m = self.monitor
-        return m.summary_table() if m.print_summary and m.first_summary is not None else None
-
 
 class _RepresentationDriver(_Driver):
     monitor: RepresentationEntropyMonitor
@@ -205,10 +204,6 @@ class _RepresentationDriver(_Driver):
     def media(self) -> dict[str, Any]:
         m = self.monitor
         return m.media() if m.log_spectrum and m.spectra else {}
-
-    def summary(self) -> str | None:
-        m = self.monitor
-        return m.summary_table() if m.print_summary and m.history else None
 
 
 class _SigmaReparamDriver(_Driver):
@@ -321,10 +316,6 @@ class _RouterDriver(_Driver):
     def media(self) -> dict[str, Any]:
         return self.monitor.media() if self.monitor.log_media else {}
 
-    def summary(self) -> str | None:
-        m = self.monitor
-        return m.summary_table() if m.print_summary and m.history else None
-
 
 def _causal_lm(model: nn.Module | None) -> bool:
     """Whether ``model`` is an HF causal LM by its class name (``*ForCausalLM``, ``*LMHeadModel``; a PEFT wrapper's
@@ -431,10 +422,6 @@ class _PredictionDriver(_Driver):
     def group(self, key: str) -> str:
         # Lightning publishes the generation metrics as their own source, only at generate_every_n_steps
         return "gen" if key.startswith(f"{self.monitor.prefix}/gen/") else ""
-
-    def summary(self) -> str | None:
-        m = self.monitor
-        return m.summary_table() if m.print_summary and m.history else None
 
 
 class _PolicyDriver(_Driver):

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from entrotrain.callbacks.rollback_memory import check_host_memory
+from entrotrain.callbacks.rollback_memory import host_memory_verdict
 from entrotrain.callbacks.rollback_state import RollbackState
 
 __all__ = ["HeldState", "HeldTogether", "RollbackHistory", "held_module"]
@@ -89,14 +89,21 @@ class RollbackHistory:
         whether it was held (a non-finite state is not: see :meth:`RollbackState.take`; the held ones stay)."""
         full = len(self._held) >= self.size
         # refused if the machine cannot take `size` held states of this one: at the first take, and whenever the
-        # state grew (Adam's moments after the first step, a layer unfrozen), also once the ring is full
-        check_host_memory(model, optimizers, self.size, self.nbytes, self.trainable_only, self.processes)
+        # state grew (Adam's moments after the first step, a layer unfrozen), also once the ring is full; agreed on
+        # with the other processes in the take's one all-reduce, with its own checks
+        memory = host_memory_verdict(model, optimizers, self.size, self.nbytes, self.trainable_only, self.processes)
         if full:
             buffer = self._held[0].state
         else:
             buffer = self._spares.pop() if self._spares else RollbackState(self.trainable_only)
         last = self._held[-1].state if self._held else None  # frozen parameters are compared with its fingerprints
-        if not buffer.take(model, optimizers, step, last):  # refused before any copy: the buffer's old state is intact
+        try:
+            taken = buffer.take(model, optimizers, step, last, checks=[memory])
+        except BaseException:  # refused before any copy: the buffer's old state is intact
+            if not full:
+                self._spares.append(buffer)
+            raise
+        if not taken:  # not held (non-finite), before any copy
             if not full:
                 self._spares.append(buffer)
             return False

@@ -23,11 +23,11 @@ from torch import nn
 
 from entrotrain.callbacks.rollback_frozen import frozen_keys
 from entrotrain.callbacks.rollback_state import (
-    agreed, agreement_groups, mesh_groups, outside_params, shard_groups, unwrap_optimizer,
+    Verdict, agree, agreement_groups, mesh_groups, outside_params, shard_groups, unwrap_optimizer,
 )
 from entrotrain.errors import EntrotrainError
 
-__all__ = ["check_host_memory", "host_bytes_available", "state_bytes"]
+__all__ = ["check_host_memory", "host_bytes_available", "host_memory_verdict", "state_bytes"]
 
 _MARGIN = 0.9  # of the available memory, the most the held states may take
 
@@ -142,33 +142,44 @@ def check_host_memory(
     Raises:
         EntrotrainError: with the numbers and the ways out.
     """
+    # ranks holding different shards (FSDP2, ZeRO), or DDP replicas on machines with different free memory, decide
+    # differently: one refusing alone would leave the others waiting in their next collective (or hold a state the
+    # others do not), so the verdict is agreed on (any rank over: every rank refuses)
     values = _state_values(model, optimizers, trainable_only)
+    verdict = host_memory_verdict(model, optimizers, states, held_bytes, trainable_only, processes, values)
+    meshes = {id(v.device_mesh): v.device_mesh for v in values if hasattr(v, "device_mesh")}.values()
+    if not agree([verdict.refusal is None], agreement_groups([*mesh_groups(meshes), *shard_groups(optimizers)]))[0]:
+        raise verdict.refusal or verdict.elsewhere
+
+
+def host_memory_verdict(
+    model: nn.Module, optimizers: Sequence[Any], states: int, held_bytes: int, trainable_only: bool = False,
+    processes: int | None = None, values: list[Any] | None = None,
+) -> Verdict:
+    """:func:`check_host_memory`'s verdict on this process alone (no collective), for the caller to agree on with the
+    other processes' (:meth:`RollbackState.take <entrotrain.callbacks.rollback_state.RollbackState.take>`'s
+    ``checks``, in the take's one all-reduce): ``refusal`` when this machine cannot take the states; ``elsewhere``,
+    the error when another process's machine cannot. ``values``: :func:`_state_values`, when known."""
+    values = _state_values(model, optimizers, trainable_only) if values is None else values
     one = _bytes(values)
     more = states * one - held_bytes
     available = host_bytes_available() if more > 0 else None
     processes = max(processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1), 1)
     over = available is not None and processes * more > _MARGIN * available
-    # ranks holding different shards (FSDP2, ZeRO), or DDP replicas on machines with different free memory, decide
-    # differently: one refusing alone would leave the others waiting in their next collective (or hold a state the
-    # others do not), so the verdict is agreed on (any rank over: every rank refuses)
-    meshes = {id(v.device_mesh): v.device_mesh for v in values if hasattr(v, "device_mesh")}.values()
-    groups = agreement_groups([*mesh_groups(meshes), *shard_groups(optimizers)])
-    if not agreed(over, groups, every=False):
-        return
     ways_out = (
         "Hold fewer states (rollback_states), only what trains (hold='trainable', for frozen weights such as a "
         "LoRA base), or use action='reduce_lr' / 'stop' and come back from the kept checkpoint."
     )
+    elsewhere = EntrotrainError(
+        f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) in host memory, and another "
+        "process of this run (a DDP replica, an FSDP2 / ZeroRedundancyOptimizer shard) cannot take its share on "
+        f"its machine (this process could: {_size(processes * max(more, 0))} more of "
+        f"{_size(available) if available is not None else 'unknown'}); every process refuses together. " + ways_out
+    )
     if not over:
-        raise EntrotrainError(
-            f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) in host memory, and another "
-            "process of this run (a DDP replica, an FSDP2 / ZeroRedundancyOptimizer shard) cannot take its share on "
-            f"its machine (this process could: {_size(processes * max(more, 0))} more of "
-            f"{_size(available) if available is not None else 'unknown'}); every process refuses together. "
-            + ways_out
-        )
-    raise EntrotrainError(
+        return Verdict(None, elsewhere)
+    return Verdict(EntrotrainError(
         f"EntropyCollapseGuard(action='rollback') would hold {states} state(s) of {_size(one)} each in host memory "
         f"(the model's and optimizers' tensors): {_size(processes * more)} more on this machine ({processes} "
         f"process(es)), and {_size(available)} are available, so the OOM killer would end the run. " + ways_out
-    )
+    ), elsewhere)

@@ -40,7 +40,8 @@ and so is the "non-finite state is not held" decision, all-reduced over the rank
 such as BatchNorm's running statistics without ``SyncBatchNorm``, gone non-finite on one rank keeps every rank at the
 state held before, so a rollback sends every replica to the same step; a refusal of ``take`` or ``restore`` that
 only one rank meets, such as a frozen parameter changed on that rank alone with ``hold="trainable"``, is an error on
-every rank, the others saying that another process refused),
+every rank, the others saying that another process refused; a take agrees on all of it, the host memory check
+included, in one all-reduce of a few int32 flags),
 DDP with ``ZeroRedundancyOptimizer`` (each rank holds and restores its shard of the optimizer state, which lives in
 its ``.optim``; the "non-finite state is not held" decision is all-reduced over its process group; ``overlap_with_ddp=
 True``, which steps inside DDP's communication hook, is refused),
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -75,7 +77,7 @@ from entrotrain.callbacks.rollback_frozen import FrozenParameters
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional._dist import collective_device, world
 
-__all__ = ["RollbackState", "agreement_groups", "check_supported", "outside_params", "unwrap_optimizer"]
+__all__ = ["RollbackState", "Verdict", "agreement_groups", "check_supported", "outside_params", "unwrap_optimizer"]
 
 _MISSING = object()
 _T = TypeVar("_T")
@@ -217,7 +219,10 @@ class RollbackState:
         self._groups: list[rollback_groups.HeldGroups] = []  # per optimizer: the state in its param groups
 
     # ------------------------------------------------------------------ take
-    def take(self, model: nn.Module, optimizers: Sequence[Any], step: int, last: RollbackState | None = None) -> bool:
+    def take(
+        self, model: nn.Module, optimizers: Sequence[Any], step: int, last: RollbackState | None = None,
+        checks: Sequence[Verdict] = (),
+    ) -> bool:
         """Hold ``model``'s and ``optimizers``' state as it is now, as the state of ``step``; whether it was held.
 
         A state with a non-finite floating-point tensor (a parameter, a buffer or an optimizer moment) is not held:
@@ -227,24 +232,43 @@ class RollbackState:
 
         With ``trainable_only``, parameters with ``requires_grad=False`` are not copied, only fingerprinted
         (:mod:`~entrotrain.callbacks.rollback_frozen`), and a rollback leaves them as they are; ``last``: the state
-        taken at the last observation, whose fingerprints they are compared with (default: this one's).
+        taken at the last observation, whose fingerprints they are compared with (default: this one's). ``checks``:
+        the caller's verdicts on this process that every process must pass too before anything is held (the host
+        memory check of :meth:`RollbackHistory.take <entrotrain.callbacks.rollback_history.RollbackHistory.take>`).
+
+        Every process decides alike, in **one** all-reduce with 2+ processes (:func:`agree`, over
+        :func:`agreement_groups`): whether each of ``checks`` and the frozen parameters' check passed on every
+        process, and whether the state is finite on every process (each rank judges its replica or its shards).
 
         Raises:
-            EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place; or, with
-                ``trainable_only``, a frozen parameter changed since the last take (on any process of the run: see
-                :func:`_agreed_or_raise`).
+            EntrotrainError: the model is sharded (FSDP, DeepSpeed): its state cannot be copied in place; one of
+                ``checks`` failed, or, with ``trainable_only``, a frozen parameter changed since the last take (on any
+                process of the run: there its own error, elsewhere the verdict's ``elsewhere``, refusing together).
         """
         check_supported(model, optimizers)
         live = model.state_dict()
-        last_frozen = last._frozen if last is not None else None
-        frozen = {} if self._frozen is None else _agreed_or_raise(
-            lambda: self._frozen.fingerprint(model, live, step, last_frozen), f"hold the state of step {step}")
+        checks = list(checks)
+        frozen: dict[str, tuple[float, ...]] = {}
+        if self._frozen is not None:
+            last_frozen = last._frozen if last is not None else None
+            try:
+                frozen, refusal = self._frozen.fingerprint(model, live, step, last_frozen), None
+            except EntrotrainError as error:
+                refusal = error
+            checks.append(Verdict(refusal, _elsewhere(f"hold the state of step {step}")))
         live = {key: value for key, value in live.items() if key not in frozen}
         inner = [unwrap_optimizer(opt) for opt in optimizers]
         state = [t for opt in inner for s in opt.state.values() for t in _tensors(s)]
         state += rollback_groups.group_tensors([stepped_optimizer(opt) for opt in optimizers])
         outside = outside_params(model, inner)
-        if not _all_finite([*_tensors(live), *state, *outside], shard_groups(optimizers)):
+        refused = any(check.refusal is not None for check in checks)  # (then the state's verdict does not matter)
+        finite, meshes = (True, []) if refused else _finite_here([*_tensors(live), *state, *outside])
+        *passed, finite = agree([*(check.refusal is None for check in checks), finite],
+                                agreement_groups([*mesh_groups(meshes), *shard_groups(optimizers)]))
+        failed = [check for check, ok in zip(checks, passed) if not ok]
+        if failed:  # this process's own reason first, else the first one another process met
+            raise next((check.refusal for check in failed if check.refusal is not None), failed[0].elsewhere)
+        if not finite:
             return False
         with torch.no_grad():
             self._outside = {id(p): _copy_into(p, self._outside.get(id(p))) for p in outside}
@@ -330,10 +354,16 @@ def shard_groups(optimizers: Sequence[Any]) -> list[tuple[Any, torch.device]]:
 
 
 def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, torch.device]] = ()) -> bool:
-    """Whether every floating-point (or complex) tensor among ``tensors`` is finite: one sync per device. A DTensor
-    is judged on its local shard, and the verdict is then all-reduced (min) over each of the DTensors' meshes and over
-    ``groups`` (process group, device), so that every rank decides the same (a collective: every rank of the mesh or
-    group calls it, in the same order).
+    """Whether every floating-point (or complex) tensor among ``tensors`` is finite (:func:`_finite_here`), agreed
+    on (min) over :func:`agreement_groups` of the DTensors' meshes and ``groups`` (process group, device), so that
+    every rank decides the same (a collective: every rank of the mesh or group calls it, in the same order)."""
+    finite, meshes = _finite_here(tensors)
+    return agreed(finite, agreement_groups([*mesh_groups(meshes), *groups]), every=True)
+
+
+def _finite_here(tensors: Iterable[torch.Tensor]) -> tuple[bool, list[Any]]:
+    """Whether every floating-point (or complex) tensor among ``tensors`` is finite on this process (a DTensor judged
+    on its local shard: not agreed on, no collective), and the DTensors' device meshes. One sync per device.
 
     Each tensor is first judged on its 2-norm, which is finite exactly when every element is, unless the sum of the
     squares of finite values overflows; a tensor whose norm is not finite is then judged element by element, so the
@@ -359,7 +389,7 @@ def _all_finite(tensors: Iterable[torch.Tensor], groups: Sequence[tuple[Any, tor
         suspects = [t for t, ok in zip(kinds, flags) if not ok]  # a NaN / Inf, or an overflowing norm
         # (float8 has no isfinite: judged widened, only when suspect)
         finite = finite and all(bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()) for t in suspects)
-    return agreed(finite, agreement_groups([*mesh_groups(meshes), *groups]), every=True)
+    return finite, meshes
 
 
 def _agreed_or_raise(check: Callable[[], _T], what: str) -> _T:
@@ -374,13 +404,26 @@ def _agreed_or_raise(check: Callable[[], _T], what: str) -> _T:
         result, refusal = None, error
     if agreed(refusal is None, agreement_groups([]), every=True):
         return result  # type: ignore[return-value]
-    if refusal is not None:
-        raise refusal
-    raise EntrotrainError(
+    raise refusal or _elsewhere(what)
+
+
+def _elsewhere(what: str) -> EntrotrainError:
+    """The error of a process whose own check passed when another process's check refused to ``what``."""
+    return EntrotrainError(
         f"EntropyCollapseGuard(action='rollback'): another process of this run could not {what} (its error says "
         "why); every process refuses together, so the replicas stay alike. Use action='reduce_lr' or 'stop' if it "
         "persists."
     )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A check that every process must pass before a state is held (:meth:`RollbackState.take`'s ``checks``), judged
+    on this process and not yet agreed on: ``refusal``, this process's own error (``None``: it passed);
+    ``elsewhere``, the error it raises when only other processes failed."""
+
+    refusal: EntrotrainError | None
+    elsewhere: EntrotrainError
 
 
 def agreement_groups(groups: Sequence[tuple[Any, torch.device]]) -> list[tuple[Any, torch.device]]:
@@ -407,12 +450,22 @@ def agreed(verdict: bool, groups: Sequence[tuple[Any, torch.device]], every: boo
     """``verdict`` agreed on over each ``(process group, device)`` of ``groups``: true when it is true on every rank
     (``every``) or on any rank (otherwise). A collective: every rank of each group calls it, in the same order, with
     the same groups (ranks that hold different shards of one state, FSDP2 or ZeRO, must decide one thing)."""
+    if every:
+        return agree([verdict], groups)[0]
+    return not agree([not verdict], groups)[0]  # true on any rank: not false on every rank
+
+
+def agree(verdicts: Sequence[bool], groups: Sequence[tuple[Any, torch.device]]) -> list[bool]:
+    """Each of ``verdicts`` agreed on over each ``(process group, device)`` of ``groups``: true when it is true on
+    every rank, all of them in one all-reduce per group (an int32 tensor of the flags, MIN). A collective, as
+    :func:`agreed`."""
+    if not groups:
+        return [bool(v) for v in verdicts]
+    flags = torch.tensor([int(bool(v)) for v in verdicts], dtype=torch.int32)
     for group, device in groups:
-        flag = torch.tensor([int(verdict)], dtype=torch.int32, device=device)
-        op = torch.distributed.ReduceOp.MIN if every else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(flag, op=op, group=group)
-        verdict = bool(flag.item())
-    return verdict
+        flags = flags.to(device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=group)
+    return [bool(v) for v in flags.tolist()]
 
 
 #: The dtypes ``torch._foreach_norm`` takes (float8 does not: judged on a widened sum).

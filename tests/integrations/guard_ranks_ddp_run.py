@@ -12,7 +12,8 @@ under ``EntropyMonitors(guards=[...])`` and hands the guard its own scripted val
   (the take of step 1 refuses) / step 3's (bad on both ranks: the restore refuses).
 
 Each rank writes ``rank{r}.json``: per run, the steps it rolled back at, ``should_stop`` after each step, the final
-learning rate and its final weights (flattened). Then one logging step of a ``PolicyEntropyMonitor`` whose tensors
+learning rate and its final weights (flattened), and the collectives the held states' takes issued (``takes``: how
+many takes). Then one logging step of a ``PolicyEntropyMonitor`` whose tensors
 (``record_policy``) are gathered over the ranks: rank 1 hands nothing over, or no rewards, or empty ``(0, T)``
 tensors, or float32 tensors where rank 0's are float64; each rank writes the step's logs or the error it raised.
 Run by tests/integrations/test_guard_ranks_ddp.py.
@@ -57,6 +58,7 @@ def train(rank: int, guard_args: dict, values: list, poisoned: tuple[int, int, s
     from entrotrain.callbacks.collapse_guard import EntropyCollapseGuard
     from entrotrain.errors import EntrotrainError
     from entrotrain.integrations.loop import EntropyMonitors
+    from tests.helpers.ddp_trainer import count_collectives
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -68,8 +70,13 @@ def train(rank: int, guard_args: dict, values: list, poisoned: tuple[int, int, s
     guard = EntropyCollapseGuard("loss", keep_last_good=False, **guard_args)
     monitors = EntropyMonitors(guards=[guard], print_summary=False)
     rolled, restored, stop = [], [], []
+    collectives: list[str] = []
+    takes: list[int] = []
     try:
         with monitors.watch(ddp, optimizer=opt):
+            collectives = count_collectives(guard.held_states, "take")  # (every take's, in order)
+            counted = guard.held_states.take
+            guard.held_states.take = lambda *a, **k: (takes.append(1), counted(*a, **k))[1]
             for step, value in enumerate(values):
                 with monitors.step(step):
                     opt.zero_grad(set_to_none=True)
@@ -86,10 +93,10 @@ def train(rank: int, guard_args: dict, values: list, poisoned: tuple[int, int, s
                     restored.append(guard.held_states.restored_step)
                 stop.append(monitors.should_stop)
     except EntrotrainError as error:
-        return {"error": str(error), "step": step}
+        return {"error": str(error), "step": step, "collectives": collectives, "takes": len(takes)}
     weights = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
     return {"rolled": rolled, "stop": stop, "lr": opt.param_groups[0]["lr"], "weights": weights,
-            "restored_to": restored}
+            "restored_to": restored, "collectives": collectives, "takes": len(takes)}
 
 
 #: run -> what each rank hands PolicyEntropyMonitor at step 0: "batch", "batch+rewards", "empty" ((0, T)), "batch32"

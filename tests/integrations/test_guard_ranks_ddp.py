@@ -45,6 +45,11 @@ def test_ranks_with_different_observed_values_decide_alike(tmp_path: Path) -> No
     assert ranks[0]["policy_dtypes"] == ranks[1]["policy_dtypes"]
     assert "another process of this run could not hold the state of step 1" in ranks[0]["frozen_take"]["error"]
     assert "another process" not in ranks[1]["frozen_take"]["error"]  # rank 1 says its own reason
+    # each take of a held state agrees on everything in one all-reduce: the host memory check, the frozen parameters'
+    # check (hold='trainable') and whether the state is finite (before: one each, 2 or 3 per take)
+    for name in ("rollback", "rollback_buffer", "frozen_take", "frozen_restore"):
+        for r in ranks:
+            assert r[name]["takes"] > 0 and r[name]["collectives"] == ["all_reduce"] * r[name]["takes"], (name, r[name])
 
 
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), st.sampled_from(["min", "max"]))

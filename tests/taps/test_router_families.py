@@ -146,3 +146,27 @@ def test_router_choice_of_dispatch_masks_and_the_zaya_skip_class():
     ids, weights = torch.tensor([[0], [0], [2]]), torch.tensor([[0.0], [0.4], [0.9]])
     out = (torch.zeros(3, 4), weights, ids, torch.zeros(1, 3, 8))  # 3 experts + skip
     assert router_choice(zaya, out, 3).tolist() == [[3], [0], [2]]
+
+
+def test_a_z_loss_captured_on_gemma4_sees_the_proj_logits_and_trains_them():
+    """RouterZLoss.capture on Gemma 4: the loss is of the proj logits (not of log-probabilities, whose logsumexp is
+    0), over the real tokens, and its gradient reaches the router's proj weight."""
+    from entrotrain.functional.router_losses import router_z_loss
+    from entrotrain.regularizers import RouterZLoss
+
+    model = tiny_family("gemma4")
+    batch = family_batch("gemma4")
+    logits = []
+    handles = [layer.router.proj.register_forward_hook(lambda m, a, out: logits.append(out.detach().clone()))
+               for layer in model.model.layers]
+    reg = RouterZLoss(1.0)
+    with reg.capture(model):
+        model(**batch)
+    for h in handles:
+        h.remove()
+    loss = reg().total
+    keep = batch["attention_mask"].reshape(-1).bool()
+    value = float(loss.detach())
+    assert value == pytest.approx(float(router_z_loss(logits, mask=keep)), rel=1e-6) and value > 1e-3
+    loss.backward()
+    assert all(layer.router.proj.weight.grad is not None for layer in model.model.layers)

@@ -40,7 +40,10 @@ DEFAULT_CHUNK = 512
 
 class PredictionStats(NamedTuple):
     """Per row ``(N,)``: ``entropy`` (nats), ``top1_prob`` and ``nll`` of the label (``None`` without labels).
-    float32 (float64 for float64 input); a row holding NaN/Inf gives NaN in that row only. Finite logits give
+    float32 (float64 for float64 input); a row holding NaN or +Inf gives NaN in that row only. A ``−inf`` logit is a
+    masked token (probability 0, as in ``softmax``): the row's statistics are those of the other tokens, and the
+    ``nll`` of a masked label is +inf; a row with no token above ``−inf`` has entropy 0 (as
+    :func:`~entrotrain.functional.entropy.row_entropy`) and NaN ``top1_prob`` and ``nll``. Finite logits give
     finite values, except an ``nll`` beyond the dtype's range (``lse − z_y > 3.4e38`` in float32), which is +inf; so
     do finite ``hidden`` and head whose product overflows float32 (those rows are computed again in float64)."""
 

@@ -111,3 +111,18 @@ def test_errors_name_the_argument():
         prediction_stats_from_hidden(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(4))
     with pytest.raises(EntrotrainError, match="chunk_size"):
         prediction_stats_from_logits(torch.zeros(3, 4), chunk_size=0)
+
+
+def test_minus_inf_logits_are_masked_tokens_as_documented():
+    """PredictionStats' documented values for −inf logits: a masked token has probability 0 (the row's statistics
+    equal those of the finite tokens alone, the nll of a masked label is +inf), a row with no finite logit has
+    entropy 0 and NaN top-1 / nll, and +inf gives NaN in its row only."""
+    inf = float("inf")
+    z = torch.tensor([[0.0, 1.0, -inf, 2.0], [0.0, inf, 1.0, 0.0], [-inf] * 4, [0.5, -inf, -inf, -inf]])
+    got = prediction_stats_from_logits(z.double(), torch.tensor([2, 0, 1, 0]))
+    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), -1)
+    assert float(got.entropy[0]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-12)
+    assert float(got.top1_prob[0]) == pytest.approx(float(p.max()), rel=1e-12)
+    assert got.nll[0] == inf and torch.isnan(got.entropy[1]) and torch.isnan(got.top1_prob[1])
+    assert got.entropy[2] == 0 and torch.isnan(got.top1_prob[2]) and torch.isnan(got.nll[2])
+    assert (got.entropy[3], got.top1_prob[3], got.nll[3]) == (0.0, 1.0, 0.0)

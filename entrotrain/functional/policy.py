@@ -474,7 +474,14 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
     # tau and the comparison in float32 (float64 for float64 entropies): tau rounded to a half dtype would select
     # tokens below the true tau (TRL compares in float32), and a float32 tau would merge distinct float64 entropies
     acc = torch.promote_types(entropy.dtype, torch.float32)
-    h = entropy.detach().to(acc)
+    return _at_or_above_quantile(entropy.detach().to(acc), valid, 1.0 - top_fraction)
+
+
+def _at_or_above_quantile(h: Tensor, valid: Tensor, level: float) -> Tensor:
+    r"""``(h >= tau) & valid``, :math:`\tau` the ``level`` :func:`quantile` of the finite ``h[valid]`` pooled over
+    every rank under ``torch.distributed`` (a global selection); all False when there is none. ``h`` is compared in
+    its own dtype (the caller's choice). The rule of :func:`high_entropy_mask` and
+    :func:`~entrotrain.functional.token_shaping.high_window_entropy_mask`."""
     vals = h[valid & torch.isfinite(h)]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from entrotrain.functional._dist import all_gather_varlen  # noqa: PLC0415
@@ -482,8 +489,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, top_fraction: float = 0.2) 
         vals = all_gather_varlen(vals)
     if vals.numel() == 0:
         return torch.zeros_like(valid)
-    tau = quantile(vals, 1.0 - top_fraction)
-    return (h >= tau) & valid
+    return (h >= quantile(vals, level)) & valid
 
 
 def steer_weights(

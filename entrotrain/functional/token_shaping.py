@@ -32,7 +32,7 @@ from torch import Tensor
 
 from entrotrain._validation import check_choice, check_int, check_real, check_shape, check_tensor, token_mask
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional.policy import quantile as _quantile
+from entrotrain.functional.policy import _at_or_above_quantile
 
 __all__ = [
     "WINDOW_ALIGNS",
@@ -197,15 +197,7 @@ def high_window_entropy_mask(
         tau = check_real(threshold, "threshold")
         return (h.double() >= tau) & valid  # float64: a bf16/float32 comparison would round tau to that dtype
     q = check_real(quantile, "quantile", low=0.0, high=1.0)
-    vals = h[valid & torch.isfinite(h)].double()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from entrotrain.functional._dist import all_gather_varlen  # noqa: PLC0415
-
-        vals = all_gather_varlen(vals)
-    if vals.numel() == 0:
-        return torch.zeros_like(valid)
-    tau = _quantile(vals, q)
-    return (h.double() >= tau) & valid
+    return _at_or_above_quantile(h.double(), valid, q)
 
 
 # --------------------------------------------------------------------------------------------- phases

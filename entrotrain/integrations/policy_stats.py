@@ -119,15 +119,16 @@ class PolicyStatsRecorder:
 
         Raises:
             EntrotrainError: a tensor of the wrong shape, a mask that is neither bool nor 0/1, rewards not one per
-                sequence. With one process here; under ``torch.distributed`` with 2+ ranks at the step's
-                :meth:`compute`, on every rank alike, naming the rank and the micro-batch: raised here, inside one
-                rank's training step, it would leave the other ranks waiting in their next collective (the gradient
-                all-reduce, the gather of :meth:`compute`). No collective is added: the refusal travels with
-                :meth:`compute`'s exchange.
+                sequence, a temperature that is not a number. With one process here; under ``torch.distributed``
+                with 2+ ranks at the step's :meth:`compute`, on every rank alike, naming the rank and the
+                micro-batch: raised here, inside one rank's training step, it would leave the other ranks waiting in
+                their next collective (the gradient all-reduce, the gather of :meth:`compute`). No collective is
+                added: the refusal travels with :meth:`compute`'s exchange.
         """
         self._added += 1
         try:
             part = self._part(entropy, logprobs, advantages, mask, rewards)
+            temperature = _temperature(temperature)
         except EntrotrainError as error:
             if world()[1] < 2:
                 raise
@@ -136,7 +137,7 @@ class PolicyStatsRecorder:
             return
         self._parts.append(part)
         if temperature is not None:
-            self.temperature = float(temperature)
+            self.temperature = temperature
 
     def _part(
         self, entropy: Tensor, logprobs: Tensor, advantages: Tensor, mask: Tensor, rewards: Tensor | None
@@ -234,3 +235,14 @@ class PolicyStatsRecorder:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state)
+
+
+def _temperature(temperature: Any) -> float | None:
+    """``temperature`` as a float (``None`` stays ``None``), or an :class:`~entrotrain.errors.EntrotrainError`."""
+    if temperature is None:
+        return None
+    try:
+        return float(temperature)
+    except (TypeError, ValueError, RuntimeError) as err:
+        got = f"a tensor of shape {tuple(temperature.shape)}" if isinstance(temperature, Tensor) else repr(temperature)
+        raise EntrotrainError(f"temperature must be a number (the sampling temperature), got {got}.") from err

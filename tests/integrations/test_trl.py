@@ -432,13 +432,16 @@ def test_a_refusal_on_one_rank_is_the_same_error_on_every_rank_at_compute(stats_
     assert "rank(s) [0] refused" in error and "micro-batch(es) [0] of the step handed rewards= over" in error
 
 
-def test_add_refuses_rewards_that_are_not_one_per_sequence():
+def test_add_refuses_rewards_not_one_per_sequence_and_a_temperature_not_a_number():
     stats = PolicyStatsRecorder()
     with pytest.raises(EntrotrainError, match=r"one reward per sequence \(2, the rows of the entropy\), got 3"):
         stats.add(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool),
                   rewards=torch.zeros(3))
     with pytest.raises(EntrotrainError, match=r"advantages has shape \(3,\), expected \(2,\), \(2, 1\) or"):
         stats.add(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(EntrotrainError, match=r"temperature must be a number .* got 'hot'"):
+        stats.add(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool),
+                  temperature="hot")
     assert not stats.pending
 
 

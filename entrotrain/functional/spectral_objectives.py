@@ -1,8 +1,9 @@
 r"""Differentiable spectral objectives: matrix entropy (orders 1 and 2), Vendi entropy/score, and MMCR.
 
 These are the *training* forms of the detached, float64 measures of :mod:`entrotrain.functional.representation`:
-same matrices, same centring / normalisation presets, same values (to ~1e-6 in float64), but they keep the graph so
-a regulariser can maximise them. The measures stay the reference (tests compare the two).
+same matrices, same centring / normalisation presets, same values (to ~1e-6 in float64 for orders ``q >= 1``; see
+"Zero eigenvalues" for ``q < 1``), but they keep the graph so a regulariser can maximise them. The measures stay
+the reference (tests compare the two).
 
 Numerics — the choices this module makes (reference note ``representation_routing.md``, "Choices", items 1–2):
 
@@ -11,7 +12,12 @@ Numerics — the choices this module makes (reference note ``representation_rout
   ``1 / (λ_i − λ_j)``. Order 2 uses no eigensolver at all: ``H₂ = −log(‖G‖_F² / (tr G)²)``.
 - **Zero eigenvalues.** The normalised eigenvalues ``p`` enter ``log`` clamped at :data:`EIG_EPS` (``1e-10``);
   modes with ``p <= ε`` (the zeros of a rank-deficient batch ``n < d``, the centring's null direction, round-off
-  ``λ ≈ −1e-17``) contribute 0 and get 0 gradient. Their share of the entropy is at most ``ε·ln(1/ε)`` per mode.
+  ``λ ≈ −1e-17``) contribute 0 and get 0 gradient. Their share of the entropy is at most ``ε·ln(1/ε)`` per mode
+  at ``q = 1`` (``2e-9``); at ``q < 1`` each would add up to ``ε^q`` to ``Σ p^q`` (``1e-5`` at ``q = 0.5``, ``3e-3`` at
+  ``q = 0.25``), so genuine small eigenvalues the measures keep are missing here: on 64 rows whose 32 feature
+  scales span 1 to 1e-6 (``torch.logspace``), the log-Vendi objective was below the measure by 8e-6 relative at
+  ``q = 0.5``, 1.2e-3 at ``q = 0.25``, 1e-9 at ``q = 1``. The clamp stays: ``d p^q / dp = q p^{q−1}`` is unbounded
+  at 0.
 - **Smaller Gram.** ``X Xᵀ`` (``n × n``) when ``n < d``, ``Xᵀ X`` (``d × d``) otherwise: same non-zero spectrum.
 - **Precision.** bf16/fp16 inputs are cast to float32; float32 stays float32 and float64 stays float64 (tests use
   float64). The result has that dtype.
@@ -238,9 +244,10 @@ def vendi_entropy_objective(x: Tensor, q: float = 1.0, *, eps: float = EIG_EPS) 
 
     No centring; the eigenvalues are used as they are (they sum to 1: unit diagonal), as vendi-score's
     ``score_dual(X, q)`` and :func:`entrotrain.functional.representation.vendi_score` (``kernel="cosine"``) do;
-    the values agree. ``q = 2`` uses ``−ln ‖K/n‖_F²`` from the smaller Gram (no eigensolver); other ``q > 0``
-    ``eigvalsh`` of the smaller Gram, clamped at ``eps``. An exactly zero row takes no part (the measure refuses
-    it): ``n`` counts the non-zero rows, so the bounds below hold; all rows zero give 0 with zero gradient.
+    the values agree (for ``q < 1`` up to the clamped modes: module docstring). ``q = 2`` uses ``−ln ‖K/n‖_F²``
+    from the smaller Gram (no eigensolver); other ``q > 0`` ``eigvalsh`` of the smaller Gram, clamped at ``eps``.
+    An exactly zero row takes no part (the measure refuses it): ``n`` counts the non-zero rows, so the bounds below
+    hold; all rows zero give 0 with zero gradient.
     Numerics: module docstring.
 
     Args:

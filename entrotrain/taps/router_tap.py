@@ -205,7 +205,10 @@ def router_choice(module: nn.Module | None, output: Any, rows: int) -> Tensor | 
     if kind == "nllbmoetop2router" and isinstance(output, (tuple, list)) and len(output) > 1:
         return _dispatched(output[1], rows, 2)
     ids = chosen_experts(output, rows)
-    if kind == "zayarouter" and ids is not None and len(output) > 2 and isinstance(output[1], Tensor):
+    if (
+        kind == "zayarouter" and ids is not None and len(output) > 2 and isinstance(output[1], Tensor)
+        and output[1].numel() == ids.numel()
+    ):
         weights, n_classes = output[1].detach().reshape(ids.shape), output[0].shape[-1]
         ids = torch.where((ids == 0) & (weights == 0), torch.full_like(ids, n_classes - 1), ids)
     return ids

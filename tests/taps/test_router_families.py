@@ -146,6 +146,8 @@ def test_router_choice_of_dispatch_masks_and_the_zaya_skip_class():
     ids, weights = torch.tensor([[0], [0], [2]]), torch.tensor([[0.0], [0.4], [0.9]])
     out = (torch.zeros(3, 4), weights, ids, torch.zeros(1, 3, 8))  # 3 experts + skip
     assert router_choice(zaya, out, 3).tolist() == [[3], [0], [2]]
+    odd = (torch.zeros(3, 4), torch.zeros(2), ids, torch.zeros(1, 3, 8))  # weights that do not fit: ids as returned
+    assert router_choice(zaya, odd, 3).tolist() == [[0], [0], [2]]
 
 
 def test_a_z_loss_captured_on_gemma4_sees_the_proj_logits_and_trains_them():

@@ -193,7 +193,9 @@ def router_choice(module: nn.Module | None, output: Any, rows: int) -> Tensor | 
     - Switch-Transformers' ``SwitchTransformersTop1Router`` returns the one-hot dispatch mask first (a token over the
       expert capacity has no one: id -1); NLLB-MoE's ``NllbMoeTop2Router`` returns ``(top-1 mask, combine weights,
       logits)``: the experts with a nonzero combine weight (top 1 and top 2 after the capacity; -1 for a dropped
-      one) are its choice.
+      one) are its choice. (transformers 5.25's ``NllbMoeExperts`` indexes ``one_hot`` of the 0/1 top-1 mask, so it
+      computes every token's top 1 with ``expert_1`` and the rest with ``expert_0``: the load here is the router's
+      dispatch, not what that experts module runs.)
     - Zaya's ``ZayaRouter`` scores ``E + 1`` classes, the last a skip expert with no compute; it returns a skip as
       id 0 with weight exactly 0. An id-0 entry of weight 0 is read back as the skip class ``E`` (the logits' last
       column), so the load counts it there and expert 0 only where it computes.

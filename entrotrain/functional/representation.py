@@ -264,15 +264,21 @@ def _matrix_entropy32(x: Tensor, top: float, *, count: bool) -> Tensor | None:
     if not nmin > 2.0**-20 * top:  # a (near-)zero row: its direction is float32 noise; float64 keeps it as 0
         return None
     z.div_(norms[:, None])
+    row_rel = _EPS32 * (2.0 + rms * inv_rms)  # rounding of each row + the mean's leftover error (~ε·rms), RMS over rows
+    return _gram_entropy32(z, count=count, row_rel=row_rel)
+
+
+def _gram_entropy32(z: Tensor, *, count: bool, row_rel: float) -> Tensor | None:
+    """``H`` (float64) of the eigenvalues of the float32 Gram of unit rows ``z``, normalised to sum 1 (the λ of
+    ``K/n``: vendi-score's, within ε); None when ``eigvalsh`` fails or :func:`float32_ok` refuses it (``row_rel``: the
+    relative rounding of the rows). The float32 route of :func:`matrix_entropy` and the cosine :func:`vendi_score`."""
     try:
         lam = _gram_eigvalsh(z)
     except EntrotrainError:
         return None
     p = normalised64(lam)
     h = shannon64(p)
-    row_rel = _EPS32 * (2.0 + rms * inv_rms)  # rounding of each row + the mean's leftover error (~ε·rms), RMS over rows
-    ok = float32_ok(p, float(h), count=count, row_rel=row_rel, n_negative=int((lam < 0).sum()))
-    return h if ok else None
+    return h if float32_ok(p, float(h), count=count, row_rel=row_rel, n_negative=int((lam < 0).sum())) else None
 
 
 def matrix_erank(x: Tensor, *, precision: str = "auto") -> Tensor:
@@ -420,15 +426,8 @@ def _vendi_cosine32(x: Tensor, top: float) -> Tensor | None:
     unit = _unit_rows32(z, top)
     if unit is None:
         return None
-    z = unit[0]
-    try:
-        lam = _gram_eigvalsh(z)
-    except EntrotrainError:
-        return None
-    p = normalised64(lam)  # Σλ(K/n) = 1 up to round-off: vendi-score's unnormalised λ, within ε
-    h = shannon64(p)
-    ok = float32_ok(p, float(h), count=True, row_rel=2.0 * _EPS32, n_negative=int((lam < 0).sum()))
-    return torch.exp(h) if ok else None
+    h = _gram_entropy32(unit[0], count=True, row_rel=2.0 * _EPS32)
+    return None if h is None else torch.exp(h)
 
 
 def _finite_score(vs: Tensor, kernel: str) -> Tensor:

@@ -171,8 +171,8 @@ def test_renyi2_rejects_zero_matrix():
         renyi2(torch.zeros(3, 3))
 
 
-@settings(max_examples=30, deadline=None)
-@given(n=st.integers(2, 60), d=st.integers(1, 60), r=st.integers(1, 6), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 40), d=st.integers(1, 40), r=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_spectra_of_rank_deficient_matrices_have_exact_zeros_past_the_rank(n, d, r, seed):
     """Rows of rank r: linear_kernel_spectrum (both routes) and kernel_spectrum of X Xᵀ return exactly
     min(n, d) − r (n − r) zeros under negative='clamp' / 'raise', not ±1e-17 round-off that every order q < 1 would

@@ -113,6 +113,8 @@ def joint_attention_applies(
     if 0 in (batch, heads, n_q, n_k, dim, v.shape[-1]):
         return False
     if attn_mask is not None:
+        if attn_mask.dim() < 2:  # SDPA reads a mask's last two dims (a 1-D or 0-d mask is an IndexError there)
+            return False
         try:  # the mask must broadcast *to* the scores (SDPA refuses a mask of 2 batches for 1), not only with them
             if tuple(torch.broadcast_shapes(attn_mask.shape, (batch, heads, n_q, n_k))) != (batch, heads, n_q, n_k):
                 return False

@@ -349,10 +349,11 @@ def test_gqa_with_a_mask_of_one_query_row_matches_brute_force(
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (1, 3, 4, 4), (1, 1, 2, 3, 4)])
+@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (1, 3, 4, 4), (1, 1, 2, 3, 4), (4,), ()])
 def test_a_mask_larger_than_the_scores_is_refused_with_the_fix(shape):
-    """A mask that broadcasts *with* the (1, 2, 3, 4) scores but not *to* them (more batches, heads or dims than q):
-    SDPA refuses it; attention_with_entropy raised a raw RuntimeError from its grouped reshape."""
+    """A mask that broadcasts *with* the (1, 2, 3, 4) scores but not *to* them (more batches, heads or dims than q),
+    or a 1-D / 0-d one: SDPA refuses them; attention_with_entropy raised a raw RuntimeError / IndexError from its
+    grouped reshape."""
     q, k, v = make(1, 2, 2, 3, 4, 5, 5)
     assert not joint_attention_applies(q, k, v, torch.ones(shape, dtype=torch.bool), 0.0, False)
     with pytest.raises(EntrotrainError, match="F.scaled_dot_product_attention"):

@@ -273,7 +273,11 @@ def aggregate_loss(
     - ``token-mean``: :math:`\sum_{b,t} l m / N_{tok} \cdot d` (:math:`N_{tok}` = ``num_tokens`` or ``mask.sum()``).
     - ``seq-mean-token-sum``: :math:`\sum_b (\sum_t l m) / N_{seq} \cdot d`.
     - ``seq-mean-token-mean``: :math:`\sum_b \frac{\sum_t l m}{\sum_t m} / N_{seq} \cdot d`.
-    - ``seq-mean-token-sum-norm`` (Dr. GRPO): :math:`\sum_{b,t} l m / L \cdot d` (:math:`L` = ``max_length`` or ``T``).
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783): ``seq-mean-token-sum`` over a
+      constant length, :math:`\sum_b (\sum_t l m) / N_{seq} / L \cdot d` (:math:`L` = ``max_length`` or ``T``), as
+      verl >= 0.9's ``agg_loss`` (``loss_scale_factor`` = ``max_length``) and TRL's ``loss_type="dr_grpo"``
+      (:math:`N_{seq} L` = batch size × ``max_completion_length``). verl <= 0.8, and the Entropy-Mechanism fork of it,
+      divided the token sum by :math:`L` alone (:math:`N_{seq}` times larger): pass ``num_sequences=1`` for that.
 
     :math:`N_{seq}` = ``num_sequences`` or the number of sequences with at least one valid token (fully masked
     sequences are excluded, as in current verl); :math:`d` = ``dp_size``. Pass the *global* ``num_tokens`` /
@@ -307,16 +311,16 @@ def aggregate_loss(
     if mode == "token-mean":
         den = _nonzero(m.sum() if num_tokens is None else num_tokens)
         return masked.sum() / den * dp_size
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        seq = masked.sum(dim=-1)
-        counts = m.sum(dim=-1)
-        if mode == "seq-mean-token-mean":
-            seq = seq / (counts + 1e-8)
-        has = (counts > 0).to(values.dtype)
-        den = _nonzero(has.sum() if num_sequences is None else num_sequences)
-        return (seq * has).sum() / den * dp_size
-    length = _nonzero(values.shape[-1] if max_length is None else max_length)
-    return masked.sum(dim=-1).sum() / length * dp_size
+    seq = masked.sum(dim=-1)
+    counts = m.sum(dim=-1)
+    if mode == "seq-mean-token-mean":
+        seq = seq / (counts + 1e-8)
+    has = (counts > 0).to(values.dtype)
+    den = _nonzero(has.sum() if num_sequences is None else num_sequences)
+    loss = (seq * has).sum() / den * dp_size
+    if mode == "seq-mean-token-sum-norm":  # verl >= 0.9: seq-mean-token-sum, then / loss_scale_factor
+        loss = loss / _nonzero(values.shape[-1] if max_length is None else max_length)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------- covariance

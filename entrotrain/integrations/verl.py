@@ -63,7 +63,6 @@ from torch import Tensor
 
 from entrotrain._validation import check_bool, check_choice, check_int, check_real, token_mask
 from entrotrain.errors import EntrotrainError
-from entrotrain.functional._dist import all_reduce_max
 from entrotrain.functional.policy import AGG_MODES, aggregate_loss
 from entrotrain.regularizers.policy_loss import ClipCovLoss, KLCovLoss, PolicyLoss, PolicyLossOutput, SteerLoss
 
@@ -158,14 +157,8 @@ def _verl_aggregate(values: Tensor, maskf: Tensor, agg: _VerlAgg) -> Tensor:
             "config.global_batch_info.global_batch_size is None with dp_size > 1: verl's actor sets it; pass the "
             "number of sequences of the whole mini-batch over all ranks."
         )
-    if agg.mode == "seq-mean-token-mean":
-        return aggregate_loss(values, maskf, agg.mode, num_sequences=n_seq, dp_size=dp)
-    loss = aggregate_loss(values, maskf, "seq-mean-token-sum", num_sequences=n_seq, dp_size=dp)
-    if agg.mode == "seq-mean-token-sum-norm":
-        factor = info.get("loss_scale_factor")
-        factor = values.shape[-1] if factor is None else factor
-        loss = loss / (factor if (isinstance(factor, Tensor) or factor != 0) else 1.0)
-    return loss
+    return aggregate_loss(values, maskf, agg.mode, num_sequences=n_seq, max_length=info.get("loss_scale_factor"),
+                          dp_size=dp)
 
 
 class _VerlAggregated(PolicyLoss):
@@ -180,20 +173,16 @@ class _VerlAggregated(PolicyLoss):
 
     def _aggregate(self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool) -> Tensor:
         spec = self._verl_agg
-        if spec is None or spec.info is None:
-            return super()._aggregate(values, maskf, agg, global_agg)
+        if spec is None or spec.info is None:  # no global_batch_info: verl <= 0.8's seq-mean-token-sum-norm
+            return super()._aggregate(values, maskf, agg, global_agg, token_sum_norm=spec is not None)
         if getattr(self, "mode", "micro_batch") == "global" or global_agg:
             key = "batch_num_tokens" if spec.mode == "token-mean" else "global_batch_size"
             if spec.mode != "token-sum" and spec.info.get(key) is None:
-                if spec.mode != "seq-mean-token-sum-norm":
-                    return super()._aggregate(values, maskf, agg, True)
-                # verl >= 0.9's meaning of the mode: seq-mean-token-sum over loss_scale_factor (default: T, here the
-                # longest over the ranks), not the module's own token sum over T (N_seq times larger)
-                loss = super()._aggregate(values, maskf, "seq-mean-token-sum", True)
                 factor = spec.info.get("loss_scale_factor")
-                if factor is None:
-                    t = torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)
-                    factor = float(all_reduce_max(t))
+                if spec.mode != "seq-mean-token-sum-norm" or factor is None:
+                    # the module's own global counts (seq-mean-token-sum-norm: over the longest T of the ranks)
+                    return super()._aggregate(values, maskf, agg, True)
+                loss = super()._aggregate(values, maskf, "seq-mean-token-sum", True)
                 return loss / (factor if (isinstance(factor, Tensor) or factor != 0) else 1.0)
         return _verl_aggregate(values, maskf, spec)
 

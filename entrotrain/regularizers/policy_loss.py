@@ -265,12 +265,15 @@ class PolicyLoss(nn.Module):
             "numbers to the computed loss: out.loss + x."
         )
 
-    def _aggregate(self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool) -> Tensor:
+    def _aggregate(
+        self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool, *, token_sum_norm: bool = False
+    ) -> Tensor:
         """``aggregate_loss`` with local denominators, or global ones × world size (DDP averages the gradients).
 
         A denominator of 0 (no valid token or sequence, here or on every rank) is replaced by 1, so an empty or
         all-masked batch gives exactly 0 with a zero gradient (verl's masked mean) instead of 0/0; a positive
         denominator is passed unchanged, so the result stays bit-identical to verl's ``agg_loss``.
+        ``token_sum_norm``: ``seq-mean-token-sum-norm`` as verl <= 0.8 (the token sum over ``T``, no ``N_seq``).
         """
         counts = torch.stack([maskf.sum(), (maskf.sum(-1) > 0).to(maskf.dtype).sum()])
         t_max, ws = float(values.shape[-1]), 1
@@ -279,8 +282,9 @@ class PolicyLoss(nn.Module):
             counts = all_reduce_sum(counts.double()).to(values.dtype)
             t_max = float(all_reduce_max(torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)))
         counts = torch.where(counts > 0, counts, torch.ones_like(counts))
+        n_seq = 1.0 if token_sum_norm and agg == "seq-mean-token-sum-norm" else counts[1]
         return aggregate_loss(
-            values, maskf, agg, num_tokens=counts[0], num_sequences=counts[1], max_length=max(t_max, 1.0), dp_size=ws
+            values, maskf, agg, num_tokens=counts[0], num_sequences=n_seq, max_length=max(t_max, 1.0), dp_size=ws
         )
 
 

@@ -34,7 +34,7 @@ def brute_summary(batch: dict, agg: str, top_fraction: float, cov_top_fraction: 
         "token-mean": tokens.sum() / m.sum(),
         "seq-mean-token-sum": sum(seq_sums[b] for b in seqs) / len(seqs),
         "seq-mean-token-mean": sum(seq_sums[b] / seq_counts[b] for b in seqs) / len(seqs),
-        "seq-mean-token-sum-norm": tokens.sum() / h.shape[1],
+        "seq-mean-token-sum-norm": sum(seq_sums[b] for b in seqs) / len(seqs) / h.shape[1],
     }[agg]
     l_, a_ = lp[m], adv[m]
     cov = (l_ - l_.mean()) * (a_ - a_.mean())

@@ -333,13 +333,13 @@ def _agg64(values, mask, mode, num_tokens, num_sequences, max_length, dp_size) -
     if mode == "token-mean":
         den = sum(counts) if num_tokens is None else num_tokens
         total = sum(sum(r) for r in rows)
-    elif mode == "seq-mean-token-sum-norm":
-        den = values.shape[-1] if max_length is None else max_length
-        total = sum(sum(r) for r in rows)
     else:
         per_seq = [sum(r) / (c + 1e-8) if mode == "seq-mean-token-mean" else sum(r) for r, c in zip(rows, counts)]
         total = sum(s for s, c in zip(per_seq, counts) if c > 0)
         den = sum(1 for c in counts if c > 0) if num_sequences is None else num_sequences
+    if mode == "seq-mean-token-sum-norm":  # verl >= 0.9 / Dr. GRPO: the seq-mean token sum over a constant length
+        length = values.shape[-1] if max_length is None else max_length
+        total /= length if length != 0 else 1.0
     return total / (den if den != 0 else 1.0) * dp_size  # documented: a zero denominator counts as 1
 
 
@@ -535,3 +535,17 @@ def test_token_statistics_gradients_are_finite_for_finite_logits(case):
     (h.sum() + torch.where(torch.isfinite(lp), lp, 0.0).sum()).backward()
     has_finite = torch.isfinite(z).any(-1, keepdim=True).expand_as(z)  # an all -inf row has no distribution
     assert torch.isfinite(x.grad[has_finite]).all()
+
+
+def test_seq_mean_token_sum_norm_is_trl_dr_grpo_and_num_sequences_one_is_verl_08():
+    # Dr. GRPO (TRL loss_type="dr_grpo"): sum(l * m) / (B * max_completion_length) when every completion has a
+    # token; verl <= 0.8 divided by the length alone (num_sequences=1), N_seq times larger
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 7, generator=g) < 0.6
+    mask[:, 0] = True
+    trl = (values * mask).sum() / (values.size(0) * 16)
+    got = aggregate_loss(values, mask, "seq-mean-token-sum-norm", max_length=16)
+    torch.testing.assert_close(got, trl, rtol=1e-15, atol=0)
+    old = aggregate_loss(values, mask, "seq-mean-token-sum-norm", max_length=16, num_sequences=1)
+    torch.testing.assert_close(old, (values * mask).sum() / 16, rtol=1e-15, atol=0)

@@ -21,17 +21,23 @@ def masked_mean(values, mask, axis=None):
 
 
 def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-             loss_scale_factor=None):  # fmt: skip
+             loss_scale_factor=None, verl_08_norm=False):  # fmt: skip
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None:
             batch_num_tokens = loss_mask.sum()
         loss = masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    elif loss_agg_mode == "seq-mean-token-sum":
+    elif loss_agg_mode == "seq-mean-token-sum" or (loss_agg_mode == "seq-mean-token-sum-norm" and not verl_08_norm):
+        # verl 0.9.1: seq-mean-token-sum-norm is seq-mean-token-sum over loss_scale_factor (Dr. GRPO's 1/G kept)
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
         seq_mask = (torch.sum(loss_mask, dim=-1) > 0).float()
         if global_batch_size is None:
             global_batch_size = seq_mask.sum()
         loss = masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            if loss_scale_factor is None:
+                horizon = loss_mask.shape[-1]
+                loss_scale_factor = horizon
+            loss /= loss_scale_factor
     elif loss_agg_mode == "seq-mean-token-mean":
         seq_mask = torch.sum(loss_mask, dim=-1)
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)
@@ -39,7 +45,7 @@ def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=Non
         if global_batch_size is None:
             global_batch_size = seq_mask.sum()
         loss = masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
-    elif loss_agg_mode == "seq-mean-token-sum-norm":
+    elif loss_agg_mode == "seq-mean-token-sum-norm":  # verl_08_norm: verl <= 0.8 (and the Entropy-Mechanism fork)
         seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
         if loss_scale_factor is None:
             loss_scale_factor = loss_mask.shape[-1]

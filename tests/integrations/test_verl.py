@@ -161,3 +161,18 @@ def test_global_mode_without_batch_counts_keeps_verl_09s_seq_mean_token_sum_norm
     for mode in ("micro_batch", "global"):
         loss = make_verl_loss_fns(mode=mode)["entrotrain_kl_cov"](old, logp, adv, mask, "seq-mean-token-sum-norm", cfg)
         torch.testing.assert_close(loss[0], ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["micro_batch", "global"])
+def test_an_older_verl_without_batch_info_keeps_its_seq_mean_token_sum_norm(mode):
+    # verl <= 0.8 (no config.global_batch_info) divided the token sum by T alone, N_seq times verl 0.9's value:
+    # the adapter reproduces the verl that calls, while aggregate_loss itself is verl 0.9 / Dr. GRPO
+    logp, old, adv, mask = _batch(3)
+    cfg = _config(kl_cov_ratio=1.0, ppo_kl_coef=1.0)
+    per_token = -adv * torch.exp(logp - old) + (logp - old).abs()
+    ref = verl.agg_loss(per_token, mask, "seq-mean-token-sum-norm", verl_08_norm=True)
+    loss = make_verl_loss_fns(mode=mode)["entrotrain_kl_cov"](old, logp, adv, mask, "seq-mean-token-sum-norm", cfg)
+    torch.testing.assert_close(loss[0], ref, rtol=1e-6, atol=0)
+    n_seq = int((mask.sum(-1) > 0).sum())
+    torch.testing.assert_close(loss[0] / n_seq, verl.agg_loss(per_token, mask, "seq-mean-token-sum-norm"),
+                               rtol=1e-6, atol=0)  # fmt: skip

@@ -192,7 +192,7 @@ def _agg64(values, mask, agg):
         return sum(sum(r) for r in kept) / len(kept)
     if agg == "seq-mean-token-mean":
         return sum(sum(r) / (len(r) + 1e-8) for r in kept) / len(kept)
-    return sum(sum(r) for r in kept) / t
+    return sum(sum(r) for r in kept) / len(kept) / t  # seq-mean-token-sum-norm (verl >= 0.9, Dr. GRPO)
 
 
 def _cov64(logp, adv, mask):

@@ -11,7 +11,6 @@ contain ``_orig_mod`` (:mod:`entrotrain.taps.module_names`).
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -132,13 +131,10 @@ class ForwardHookTap:
         """Hooks on every HF ``PreTrainedModel`` inside the model recording its ``attention_mask`` while it runs
         (queued in call order under ``torch.compile``, as :mod:`entrotrain.taps.compiled_padding` does for attention);
         none when transformers is not imported."""
-        if sys.modules.get("transformers") is None:
-            return []
-        try:
-            from transformers.modeling_utils import PreTrainedModel
-        except ImportError:
-            return []
-        models = [m for m in self.model.modules() if isinstance(m, PreTrainedModel)]
+        from entrotrain.taps.query_padding import pretrained_model_class
+
+        pretrained = pretrained_model_class()
+        models = [m for m in self.model.modules() if isinstance(m, pretrained)] if pretrained is not None else []
         if not models:
             return []
         before, after, positions = self._mask_hooks()

@@ -12,14 +12,13 @@ around the compiled forward is recorded with each queued call the same way (see 
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from entrotrain.taps.deferred import compiling
-from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
+from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, pretrained_model_class, push_model_mask
 
 if TYPE_CHECKING:
     from entrotrain.taps.attention_tap import AttentionTap
@@ -43,13 +42,8 @@ class CompiledHFMasks:
     each HF (sub)model's ``attention_mask`` for the padding rule and captures nothing itself."""
 
     def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
-        if sys.modules.get("transformers") is None:
-            return []
-        try:
-            from transformers.modeling_utils import PreTrainedModel
-        except ImportError:
-            return []
-        models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+        pretrained = pretrained_model_class()
+        models = [m for m in model.modules() if isinstance(m, pretrained)] if pretrained is not None else []
         if not models:
             return []
         before, after, positions = _hooks(tap)

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from entrotrain.errors import TapError
 from entrotrain.taps.exclusive import capture_allowed
 from entrotrain.taps.module_names import named_modules
-from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, push_model_mask
+from entrotrain.taps.query_padding import clear_model_masks, pop_model_mask, pretrained_model_class, push_model_mask
 
 if TYPE_CHECKING:
     from entrotrain.taps.attention_tap import AttentionTap
@@ -548,13 +548,10 @@ class HFAttentionAdapter:
     """
 
     def install(self, tap: AttentionTap, model: nn.Module) -> list[Callable[[], None]]:
-        if sys.modules.get("transformers") is None:  # no HF model can exist: nothing to import, nothing to do
+        pretrained = pretrained_model_class()
+        if pretrained is None:  # no HF model can exist: nothing to import, nothing to do
             return []
-        try:
-            from transformers.modeling_utils import PreTrainedModel
-        except ImportError:
-            return []
-        roots = _hf_roots(model, PreTrainedModel)
+        roots = _hf_roots(model, pretrained)
         if not roots:
             return []
         api = _transformers_api()
@@ -571,8 +568,8 @@ class HFAttentionAdapter:
         try:
             for prefix, hf_model in roots:
                 where = repr(prefix) if prefix else "the tapped model"
-                captured |= self._switch(where, hf_model, PreTrainedModel, undo)
-            self._watch_masks(tap, model, PreTrainedModel, undo)
+                captured |= self._switch(where, hf_model, pretrained, undo)
+            self._watch_masks(tap, model, pretrained, undo)
         except BaseException:
             for fn in reversed(undo):
                 fn()

@@ -41,6 +41,7 @@ Scored results mark a padded query as a query with no valid key (entropy 0, ``n_
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -104,6 +105,18 @@ def check_query_mask(mask: Tensor, batch: int, queries: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ model masks (HF)
+def pretrained_model_class() -> type | None:
+    """transformers' ``PreTrainedModel``, whose forwards the mask hooks read, when transformers is already imported;
+    ``None`` otherwise (no HF model can exist then, and entrotrain never imports transformers itself)."""
+    if sys.modules.get("transformers") is None:
+        return None
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return None
+    return PreTrainedModel
+
+
 def push_model_mask(tap: Any, mask: Any, with_cache: bool) -> None:
     """An HF model of ``tap`` starts its forward with this ``attention_mask`` (``None`` if not given)."""
     stack = _MODEL.setdefault(tap, [])

@@ -481,7 +481,7 @@ class SequenceBalanceLoss(_RouterRegularizer):
                     )
                 if mask.dim() == 2:
                     seq_len = mask.shape[1]
-                keep = _keep_mask(mask, z.shape[0])
+                keep = _keep_mask(mask, z.shape[0], router)
             if seq_len is None:
                 raise EntrotrainError(
                     f"the {z.shape[0]} rows of router {router!r} cannot be split into sequences (rows = batch*seq): "
@@ -505,11 +505,14 @@ class _TapCapture(NamedTuple):
     tap: Any
 
 
-def _keep_mask(mask: Tensor, rows: int) -> Tensor:
+def _keep_mask(mask: Tensor, rows: int, router: str) -> Tensor:
+    """The flat keep flags of one router call's ``rows`` (the per-call check; ``router_losses._layers`` checks one
+    mask against every layer of a functional call)."""
     keep = keep_mask(mask, "mask")
     if keep is None or keep.numel() != rows:
         raise EntrotrainError(
-            f"the mask has {getattr(mask, 'numel', lambda: '?')()} elements but the router call has {rows} rows; "
-            "give one keep flag per row: the (batch, seq) attention_mask of (batch*seq, E) logits."
+            f"the mask of router {router!r} has {mask.numel()} elements (shape {tuple(mask.shape)}) but that call has "
+            f"{rows} rows: SequenceBalanceLoss needs one keep flag per row of each router call, the (batch, seq) "
+            "attention_mask of its (batch*seq, E) logits."
         )
     return keep.reshape(-1)

@@ -205,3 +205,11 @@ def test_weight_zero_is_an_exact_zero_without_a_tap():
         model(**batch)
     assert tap is None and float(reg().total) == 0.0
     assert float(SequenceBalanceLoss(0.0)(torch.randn(4, 3)).total) == 0.0
+
+
+def test_a_mask_that_does_not_fit_a_router_call_names_the_router_and_the_mask():
+    """The per-call check says which router call and which mask did not fit (it named neither)."""
+    z, ids = torch.randn(6, 3), torch.zeros(6, 1, dtype=torch.long)
+    with pytest.raises(EntrotrainError, match=r"mask of router '0' has 8 elements \(shape \(2, 4\)\) but that call "
+                       r"has 6 rows"):
+        SequenceBalanceLoss(1.0)({"router_logits": z, "chosen": ids, "attention_mask": torch.ones(2, 4).bool()})

@@ -162,9 +162,13 @@ class _ChunkedLogprobs(torch.autograd.Function):
             gc = g[start:stop, None]
             # p := 0 on a padding row (zero gradient whatever its logits) and on a row of -inf logits only
             drop = (labels[start:stop, None] < 0) | (z.amax(dim=-1, keepdim=True) == float("-inf"))
-            d = torch.softmax(z, dim=-1).masked_fill_(drop, 0.0).mul_(-gc)
+            # softmax straight into the gradient's rows when the dtypes agree (no chunk-sized copy)
+            direct = grad_logits.dtype == z.dtype
+            d = grad_logits[start:stop] if direct else torch.empty_like(z)
+            torch.softmax(z, dim=-1, out=d).masked_fill_(drop, 0.0).mul_(-gc)
             d.scatter_add_(-1, safe[start:stop, None], gc)  # gc = 0 on a padding row (token_logprobs' where)
-            grad_logits[start:stop] = d
+            if not direct:
+                grad_logits[start:stop] = d
             del z, d  # free this chunk before the next one is made
         return grad_logits, None, None, None
 

@@ -147,10 +147,13 @@ class _RepresentationRegularizer(Regularizer):
         raise NotImplementedError
 
 
-def _normaliser(rows: Tensor) -> float:
-    """``ln min(n, d)`` (1 when below 2: the entropy is 0 there)."""
+def _maximised(h: Tensor, rows: Tensor, normalize: bool) -> Tensor:
+    """The penalty ``-H`` of a regulariser that maximises the entropy ``h`` of ``(n, d)`` ``rows``; with ``normalize``
+    ``-H / ln min(n, d)`` (``ln`` taken as 1 below 2: the entropy is 0 there)."""
+    if not normalize:
+        return -h
     m = min(rows.shape[0], rows.shape[1])
-    return math.log(m) if m >= 2 else 1.0
+    return -(h / (math.log(m) if m >= 2 else 1.0))
 
 
 class MatrixEntropyRegularizer(_RepresentationRegularizer):
@@ -213,7 +216,7 @@ class MatrixEntropyRegularizer(_RepresentationRegularizer):
     def _penalty_of(self, rows: Tensor) -> Tensor:
         rows = _flat_rows(rows)
         h = self.entropy(rows)
-        return -(h / _normaliser(rows) if self.normalize else h)
+        return _maximised(h, rows, self.normalize)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order}, normalize={self.normalize}"
@@ -263,7 +266,7 @@ class VendiRegularizer(_RepresentationRegularizer):
     def _penalty_of(self, rows: Tensor) -> Tensor:
         rows = _flat_rows(rows)
         h = vendi_entropy_objective(rows, self.q, eps=self.eps)
-        return -(h / _normaliser(rows) if self.normalize else h)
+        return _maximised(h, rows, self.normalize)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, q={self.q}, normalize={self.normalize}"

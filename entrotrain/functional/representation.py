@@ -264,7 +264,8 @@ def _matrix_entropy32(x: Tensor, top: float, *, count: bool) -> Tensor | None:
     if not nmin > 2.0**-20 * top:  # a (near-)zero row: its direction is float32 noise; float64 keeps it as 0
         return None
     z.div_(norms[:, None])
-    row_rel = _EPS32 * (2.0 + rms * inv_rms)  # rounding of each row + the mean's leftover error (~ε·rms), RMS over rows
+    # rounding of each row + the mean's leftover error (~ε·rms), RMS over rows
+    row_rel = _EPS32 * (2.0 + rms * inv_rms)
     return _gram_entropy32(z, count=count, row_rel=row_rel)
 
 

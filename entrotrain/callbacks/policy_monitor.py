@@ -250,6 +250,7 @@ def policy_entropy_summary(
     agg: str = "token-mean",
     top_fraction: float = 0.2,
     cov_top_fraction: float = 0.02,
+    max_length: int | None = None,
 ) -> dict[str, float]:
     r"""Entropy and covariance statistics of one RL batch (keys as in the module docstring, without prefix).
 
@@ -261,6 +262,8 @@ def policy_entropy_summary(
         agg: aggregation mode of ``mean`` (see :func:`entrotrain.functional.aggregate_loss`).
         top_fraction: the high-entropy minority averaged in ``top{q}_mean``.
         cov_top_fraction: the top-covariance tokens whose share of the positive covariance is reported.
+        max_length: the constant length :math:`L` of ``agg="seq-mean-token-sum-norm"`` (``None``: the padded
+            width ``T``); the other modes do not read it.
 
     Returns:
         ``mean``, ``p10``, ``p50``, ``p90``, ``top{q}_mean``, ``seq_mean``, ``tokens``, ``nonfinite``, ``cov_mean``,
@@ -287,7 +290,7 @@ def policy_entropy_summary(
     if not bool(valid.any()):
         return out
     h = entropy.double()
-    out["mean"] = float(aggregate_loss(torch.where(valid, h, 0.0), valid, agg))
+    out["mean"] = float(aggregate_loss(torch.where(valid, h, 0.0), valid, agg, max_length=max_length))
     values = h[valid]
     for q in (0.1, 0.5, 0.9):
         out[f"p{round(100 * q)}"] = float(quantile(values, q))
@@ -333,6 +336,9 @@ class PolicyEntropyMonitor(PerFitCallback):
             :class:`~entrotrain.errors.EntrotrainError` naming the key and the micro-batches.
         agg: the loss-aggregation mode ``mean`` uses: ``"token-mean"``, ``"seq-mean-token-sum"``,
             ``"seq-mean-token-mean"`` or ``"seq-mean-token-sum-norm"`` (name the one your loss uses).
+        agg_max_length: the constant length :math:`L` of ``agg="seq-mean-token-sum-norm"`` (Dr. GRPO's / TRL
+            ``dr_grpo``'s ``max_completion_length``, a loss's ``max_length``); ``None``: the padded width ``T`` of the
+            logged batch, which depends on its longest response. Refused with another ``agg``.
         top_fraction: the high-entropy minority reported as ``top{q}_mean`` (0.2: Wang et al.'s 80/20).
         cov_top_fraction: the top-covariance tokens whose share of the positive covariance is reported.
         fit_min_points: logged steps needed before ``R = -a exp(H) + b`` is fitted (needs ``rewards``).
@@ -371,9 +377,17 @@ class PolicyEntropyMonitor(PerFitCallback):
         hwe_threshold: float = 1.5,
         entropy_length_corr: bool = False,
         n_phases: int | None = None,
+        agg_max_length: int | None = None,
     ) -> None:
         check_int(every_n_batches, "every_n_batches", low=1)
         check_choice(agg, "agg", AGG_MODES)
+        check_int(agg_max_length, "agg_max_length", low=1, none_ok=True)
+        if agg_max_length is not None and agg != "seq-mean-token-sum-norm":
+            raise EntrotrainError(
+                f"agg_max_length is the constant length of agg='seq-mean-token-sum-norm', got "
+                f"agg_max_length={agg_max_length} with agg={agg!r}, which does not use it. Fix: "
+                "agg='seq-mean-token-sum-norm', or agg_max_length=None."
+            )
         check_real(top_fraction, "top_fraction", low=0.0, low_open=True, high=1.0)
         check_real(cov_top_fraction, "cov_top_fraction", low=0.0, low_open=True, high=1.0)
         check_int(fit_min_points, "fit_min_points (a line needs two points)", low=2)
@@ -382,6 +396,7 @@ class PolicyEntropyMonitor(PerFitCallback):
             raise EntrotrainError(f"unknown keys {sorted(unknown)}: the logical names are {sorted(_DEFAULT_KEYS)}.")
         self.every_n_batches = every_n_batches
         self.agg = agg
+        self.agg_max_length = agg_max_length
         self.top_fraction = top_fraction
         self.cov_top_fraction = cov_top_fraction
         self.fit_min_points = fit_min_points
@@ -602,6 +617,7 @@ class PolicyEntropyMonitor(PerFitCallback):
                 agg=self.agg,
                 top_fraction=self.top_fraction,
                 cov_top_fraction=self.cov_top_fraction,
+                max_length=self.agg_max_length,
             )
         bad_tokens = "response tokens had NaN/Inf entropy, log-prob or advantage"
         self._nonfinite.add(summary["nonfinite"], bad_tokens, f"{unit} {index}")
@@ -698,8 +714,10 @@ class PolicyEntropyMonitor(PerFitCallback):
             both &= torch.isfinite(tensors[name])
         if not bool(both.any()):
             return None
-        before = aggregate_loss(torch.where(both, tensors["entropy"].double(), 0.0), both, self.agg)
-        after = aggregate_loss(torch.where(both, tensors["post_entropy"].double(), 0.0), both, self.agg)
+        agg, length = self.agg, self.agg_max_length
+        h0, h1 = (torch.where(both, tensors[k].double(), 0.0) for k in ("entropy", "post_entropy"))
+        before = aggregate_loss(h0, both, agg, max_length=length)
+        after = aggregate_loss(h1, both, agg, max_length=length)
         return float(after - before)
 
     def _reward_mean(self, summary: dict[str, float], rewards: Tensor, index: int) -> None:

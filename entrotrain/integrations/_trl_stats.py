@@ -108,13 +108,18 @@ class PolicyStatsTrainerMixin:
         super().__init__(*args, **kwargs)
         self.policy_stats: PolicyStatsRecorder | None = None
         if policy_stats:  # the default aggregation may read what TRL's __init__ set (GRPO's loss_type)
-            self.policy_stats = recorder(agg=stats_agg or self._default_stats_agg())
+            agg = stats_agg or self._default_stats_agg()
+            self.policy_stats = recorder(agg=agg, agg_max_length=self._stats_max_length(agg))
         self.print_summary = print_summary
 
     # ------------------------------------------------------------------------------------------------ trainer hooks
     def _default_stats_agg(self) -> str:
         """The aggregation of ``entropy/policy/mean`` when ``stats_agg`` is not given."""
         return "token-mean"
+
+    def _stats_max_length(self, agg: str) -> int | None:
+        """The constant length :math:`L` of ``agg="seq-mean-token-sum-norm"`` (``None``: the padded width)."""
+        return None
 
     def _stats_tensors(self, inputs: dict[str, Any], captured: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(logprobs, mask)``, both ``(B, T)``, of this micro-batch for the statistics."""

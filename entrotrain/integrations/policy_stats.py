@@ -41,7 +41,7 @@ class PolicyStatsRecorder:
 
     Args:
         agg, top_fraction, cov_top_fraction, fit_min_points, prefix, window, window_align, hwe_threshold,
-            entropy_length_corr: as :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor`.
+            entropy_length_corr, agg_max_length: as :class:`~entrotrain.callbacks.policy_monitor.PolicyEntropyMonitor`.
     """
 
     _FILL = {"entropy": 0.0, "logprobs": 0.0, "advantages": 0.0, "mask": False}
@@ -57,11 +57,13 @@ class PolicyStatsRecorder:
         window_align: str = "forward",
         hwe_threshold: float = 1.5,
         entropy_length_corr: bool = False,
+        agg_max_length: int | None = None,
     ) -> None:
         self._feed(PolicyEntropyMonitor(
             every_n_batches=1, agg=agg, top_fraction=top_fraction, cov_top_fraction=cov_top_fraction,
             fit_min_points=fit_min_points, log_media=False, prefix=prefix, print_summary=False, window=window,
             window_align=window_align, hwe_threshold=hwe_threshold, entropy_length_corr=entropy_length_corr,
+            agg_max_length=agg_max_length,
         ))  # fmt: skip
 
     def _feed(self, monitor: PolicyEntropyMonitor) -> None:

@@ -34,18 +34,27 @@ extra forward, and training is bit-identical with and without it. Checkpoints ho
 (``entrotrain_policy_stats.json``) and the loss's buffers (``entrotrain_policy_loss.pt``, e.g. EntropyBonus's
 adaptive coefficient), restored on ``train(resume_from_checkpoint=...)``. ``entropy/policy/delta`` is the change since
 the previous logged step (TRL has no post-update pass). ``agg`` of ``mean`` defaults to the aggregation of the loss in
-use (TRL ``grpo`` → ``seq-mean-token-mean``, ``bnpo``/``dapo`` → ``token-mean``, ``dr_grpo`` →
-``seq-mean-token-sum-norm``; an entrotrain loss's own ``agg``).
+use (:data:`_TRL_AGG`: TRL ``grpo``/``sapo`` → ``seq-mean-token-mean``, ``bnpo``/``dapo``/``cispo``/``vespo`` →
+``token-mean``, ``dr_grpo`` → ``seq-mean-token-sum-norm`` with :math:`L` = ``max_completion_length``, ``luspo`` →
+``seq-mean-token-sum``; an entrotrain loss's own ``agg`` and ``max_length``, else ``max_completion_length``): on one
+micro-batch whose completions each hold a token it is TRL's normaliser of that ``loss_type`` applied to the entropies
+(``seq-mean-token-mean`` to 1e-8 relative: verl's ``+ 1e-8`` in each row's count). Over a logging step the statistic
+pools its micro-batches on every rank: that is ``dapo``'s window-wide token mean exactly, and the mean of the
+micro-batch values for the other types when their micro-batches hold equal numbers of completions (TRL's
+``per_device_train_batch_size``; for ``bnpo``, equal numbers of tokens). Rows TRL zeroed
+(``mask_truncated_completions``) count in TRL's ``grpo``/``dr_grpo``/``luspo`` divisor :math:`B` but not in the
+statistic's (padding is not data).
 
 **Losses** (``policy_loss=``): any :class:`~entrotrain.regularizers.policy_loss.PolicyLoss` — ``PPOClipLoss``,
 ``ClipCovLoss``, ``KLCovLoss``, ``SteerLoss``, ``EntropyBonus``, or a sum (``PPOClipLoss(...) + EntropyBonus(0.01)``)
 — replaces TRL's if/elif loss. It is called as ``loss_fn(per_token_logps, old_logps, advantages, mask,
 entropy=entropies, step=global_step)`` (``entropies`` differentiable through TRL's fused head, needed by
 ``EntropyBonus``; ``SteerLoss`` detaches them) and divided by the gradient-accumulation steps, as TRL does for
-``grpo``. With ``PPOClipLoss(clip_low=epsilon_low, clip_high=epsilon_high, agg="seq-mean-token-mean",
-log_ratio_clamp=None)`` (:func:`trl_grpo_loss`) it reproduces TRL's ``loss_type="grpo"`` loss and gradients bit for
-bit (completions with at least one valid token, as TRL's are). The loss's metrics (``policy/...``) join TRL's
-metrics, averaged over ranks; TRL's ``entropy`` metric is kept. TRL features that act inside its loss are refused with
+``grpo``. :func:`trl_grpo_loss` gives the loss of TRL's PPO-clip types (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``):
+``grpo`` and ``bnpo`` loss and gradients bit for bit (also with completions ``mask_truncated_completions`` zeroed),
+``dr_grpo`` to rounding (``max_length=max_completion_length``), ``dapo`` equal to TRL's on one micro-batch per
+window, and TRL's ``bnpo`` under gradient accumulation (see :func:`trl_grpo_loss`). The loss's metrics
+(``policy/...``) join TRL's metrics, averaged over ranks; TRL's ``entropy`` metric is kept. TRL features that act inside its loss are refused with
 an entrotrain loss (``beta != 0``, ``importance_sampling_level="sequence"``, ``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, ``delta``, ``entropy_coef`` / adaptive entropy, vLLM importance sampling): use the
 matching entrotrain piece (``EntropyBonus``) or TRL's own loss.
@@ -77,6 +86,7 @@ __all__ = [
     "SUPPORTED_TRL",
     "EntrotrainGRPOTrainer",
     "PolicyStatsRecorder",
+    "TRL_PPO_LOSS_TYPES",
     "check_trl_version",
     "trl_grpo_loss",
 ]
@@ -134,30 +144,93 @@ check_trl_version(_trl.__version__)
 from trl import GRPOTrainer  # noqa: E402  (after the version check: a moved internal would fail obscurely)
 
 
-def trl_grpo_loss(epsilon_low: float = 0.2, epsilon_high: float | None = None) -> PPOClipLoss:
-    r"""The entrotrain loss equal (bit for bit) to TRL's ``loss_type="grpo"`` with these clip settings.
+#: TRL ``loss_type``s whose loss is the PPO clipped surrogate that :func:`trl_grpo_loss` reproduces.
+TRL_PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
-    :math:`\ell_t = \max(-A r_t, -A\,\mathrm{clip}(r_t, 1-\epsilon_{low}, 1+\epsilon_{high}))`, aggregated
-    ``seq-mean-token-mean`` (DeepSeekMath's GRPO, Shao et al. 2024), no log-ratio clamp, no dual clip.
+
+def trl_grpo_loss(
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    *,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> PPOClipLoss:
+    r"""The entrotrain loss equal to TRL's ``loss_type`` with these clip settings (TRL 1.16 ``_compute_loss``).
+
+    :math:`\ell_t = \max(-A r_t, -A\,\mathrm{clip}(r_t, 1-\epsilon_{low}, 1+\epsilon_{high}))`, no log-ratio clamp,
+    no dual clip, aggregated as TRL's normaliser of that ``loss_type`` (:math:`m` the completion mask, :math:`B` the
+    micro-batch's rows; :class:`EntrotrainGRPOTrainer` divides by the gradient-accumulation steps, as TRL does for
+    every type but ``dapo``):
+
+    - ``grpo`` (DeepSeekMath's GRPO): :math:`\frac1B\sum_b \frac{\sum_t \ell m}{\max(1, \sum_t m)}` —
+      ``agg="seq-mean-token-mean", all_sequences=True`` (TRL's mean runs over every row, also a completion
+      ``mask_truncated_completions`` zeroed). Loss and gradients bit for bit.
+    - ``bnpo``: :math:`\sum \ell m / \max(1, \sum m)` over the micro-batch — ``agg="token-mean"``. Bit for bit.
+    - ``dr_grpo`` (Dr. GRPO): :math:`\sum \ell m / (B\,L)`, :math:`L` = ``max_completion_length`` (a constant,
+      not the padded width) — ``agg="seq-mean-token-sum-norm", max_length=max_completion_length,
+      all_sequences=True``. Gradients bit for bit when :math:`B` is a power of two; otherwise each token's weight
+      :math:`(1/L)/B` may be an ulp from TRL's :math:`1/(BL)` (in float32 for 26 % of the pairs :math:`B \le 256`,
+      :math:`L \le 4096`): entrotrain divides by :math:`N_{seq}` then :math:`L`, as verl 0.9. The loss value to
+      rounding (TRL sums all tokens at once, entrotrain per sequence first, as verl; measured up to 8.5e-7
+      relative on the tiny model).
+    - ``dapo``: :math:`\sum \ell m / D`, :math:`D` = ``num_items_in_batch`` / processes × accumulation steps /
+      ``steps_per_generation`` (the accumulation window's valid tokens per process), no division by the
+      accumulation steps — ``agg="token-mean"``, the token mean *of the micro-batch*, divided by the accumulation
+      steps by the trainer: TRL's ``bnpo``. The two agree (bit for bit) when every micro-batch of the window holds
+      :math:`D` valid tokens (one micro-batch per window on one process: ``gradient_accumulation_steps=1``,
+      ``steps_per_generation=1``); under gradient accumulation with micro-batches of unequal token counts TRL's
+      ``dapo`` weighs every token of the window alike, the entrotrain loss every micro-batch alike.
+
+    The other TRL types are not this surrogate: ``sapo`` (soft sigmoid gate), ``cispo`` / ``vespo`` (weighted
+    log-prob, no ratio clip), ``luspo`` (sequence sum) are refused.
 
     Args:
         epsilon_low: TRL's ``epsilon``.
         epsilon_high: TRL's ``epsilon_high`` (``None``: ``epsilon_low``).
+        loss_type: one of :data:`TRL_PPO_LOSS_TYPES`.
+        max_completion_length: TRL's ``max_completion_length``; needed by ``dr_grpo`` only (ignored otherwise).
+
+    Raises:
+        EntrotrainError: another ``loss_type``, or ``dr_grpo`` without ``max_completion_length``.
     """
+    if loss_type not in TRL_PPO_LOSS_TYPES:
+        raise EntrotrainError(
+            f"trl_grpo_loss reproduces TRL's PPO-clip loss types {TRL_PPO_LOSS_TYPES}, got loss_type={loss_type!r} "
+            "(sapo, cispo, vespo and luspo are other surrogates). Fix: one of those four, or keep TRL's own loss "
+            "(policy_loss=None)."
+        )
     high = epsilon_low if epsilon_high is None else epsilon_high
-    return PPOClipLoss(clip_low=epsilon_low, clip_high=high, agg="seq-mean-token-mean", log_ratio_clamp=None)
+    kw: dict[str, Any] = dict(clip_low=epsilon_low, clip_high=high, log_ratio_clamp=None)
+    if loss_type == "grpo":
+        return PPOClipLoss(**kw, agg="seq-mean-token-mean", all_sequences=True)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise EntrotrainError(
+                "trl_grpo_loss(loss_type='dr_grpo') needs max_completion_length (TRL divides the token sum by "
+                "batch size x max_completion_length, a constant), got None. Fix: pass "
+                "max_completion_length=args.max_completion_length."
+            )
+        return PPOClipLoss(
+            **kw, agg="seq-mean-token-sum-norm", max_length=max_completion_length, all_sequences=True
+        )
+    return PPOClipLoss(**kw, agg="token-mean")  # bnpo, dapo
 
 
 def _loss_agg(loss: PolicyLoss) -> str | None:
     """The aggregation mode of an entrotrain loss (the first term's for a sum)."""
+    term = _agg_term(loss)
+    return None if term is None else term.agg
+
+
+def _agg_term(loss: PolicyLoss) -> Any:
+    """The first term of an entrotrain loss that has an aggregation mode, or ``None``."""
     if isinstance(loss, PolicyLossSum):
         for term in loss.terms:
-            agg = _loss_agg(term)
-            if agg is not None:
-                return agg
+            found = _agg_term(term)
+            if found is not None:
+                return found
         return None
-    agg = getattr(loss, "agg", None)
-    return agg if agg in AGG_MODES else None
+    return loss if getattr(loss, "agg", None) in AGG_MODES else None
 
 
 class EntrotrainGRPOTrainer(PolicyStatsTrainerMixin, GRPOTrainer):
@@ -205,6 +278,16 @@ class EntrotrainGRPOTrainer(PolicyStatsTrainerMixin, GRPOTrainer):
         """The aggregation of the loss in use: an entrotrain loss's ``agg``, else TRL's ``loss_type``'s."""
         agg = _loss_agg(self.policy_loss) if self.policy_loss is not None else None
         return agg or _TRL_AGG.get(self.loss_type, "token-mean")
+
+    def _stats_max_length(self, agg: str) -> int | None:
+        """``seq-mean-token-sum-norm``'s :math:`L`: the entrotrain loss's ``max_length``, else TRL's
+        ``max_completion_length`` (``dr_grpo``'s constant; never the padded width of a logging step, which depends on
+        its longest completion)."""
+        if agg != "seq-mean-token-sum-norm":
+            return None
+        term = _agg_term(self.policy_loss) if self.policy_loss is not None else None
+        length = getattr(term, "max_length", None)
+        return int(length if length is not None else self.max_completion_length)
 
     def _stats_tensors(self, inputs: dict[str, Any], captured: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The rollout log-probs (``old_per_token_logps``; the current ones, detached, when TRL skips them on-policy)

@@ -108,6 +108,18 @@ def _check_agg(agg: str) -> str:
     return check_choice(agg, "agg", AGG_MODES)
 
 
+def _check_normaliser(agg: str, max_length: int | None, all_sequences: bool) -> tuple[int | None, bool]:
+    """``max_length`` (an int >= 1, only with ``agg='seq-mean-token-sum-norm'``) and ``all_sequences`` (a bool)."""
+    max_length = check_int(max_length, "max_length", low=1, none_ok=True)
+    if max_length is not None and agg != "seq-mean-token-sum-norm":
+        raise EntrotrainError(
+            f"max_length is the constant length L of agg='seq-mean-token-sum-norm' (Dr. GRPO, TRL's dr_grpo: "
+            f"max_completion_length), got max_length={max_length} with agg={agg!r}, which does not use it. Fix: "
+            "agg='seq-mean-token-sum-norm', or leave max_length=None."
+        )
+    return max_length, check_bool(all_sequences, "all_sequences")
+
+
 def _check_mode(mode: str) -> str:
     return check_choice(mode, "mode", ("global", "micro_batch"))
 
@@ -265,6 +277,13 @@ class PolicyLoss(nn.Module):
             "numbers to the computed loss: out.loss + x."
         )
 
+    #: ``seq-mean-token-sum-norm``'s constant length :math:`L` (``None``: the padded width ``T``, the largest over
+    #: ranks with ``global_agg``); set by the losses' ``max_length=``.
+    max_length: int | None = None
+    #: ``N_seq`` counts every row of the batch (TRL's ``grpo`` / ``dr_grpo``: ``B``), not only the rows with a valid
+    #: token (verl's default); set by the losses' ``all_sequences=``.
+    all_sequences: bool = False
+
     def _aggregate(
         self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool, *, token_sum_norm: bool = False
     ) -> Tensor:
@@ -274,13 +293,24 @@ class PolicyLoss(nn.Module):
         all-masked batch gives exactly 0 with a zero gradient (verl's masked mean) instead of 0/0; a positive
         denominator is passed unchanged, so the result stays bit-identical to verl's ``agg_loss``.
         ``token_sum_norm``: ``seq-mean-token-sum-norm`` as verl <= 0.8 (the token sum over ``T``, no ``N_seq``).
+        ``N_seq`` is the number of rows with a valid token, or every row (``B``) with :attr:`all_sequences`; ``L`` is
+        :attr:`max_length`, else the padded width ``T``.
         """
-        counts = torch.stack([maskf.sum(), (maskf.sum(-1) > 0).to(maskf.dtype).sum()])
+        if self.all_sequences:
+            rows = torch.full((), float(values.shape[0]), dtype=maskf.dtype, device=maskf.device)
+        else:
+            rows = (maskf.sum(-1) > 0).to(maskf.dtype).sum()
+        counts = torch.stack([maskf.sum(), rows])
         t_max, ws = float(values.shape[-1]), 1
         if global_agg:
             _, ws = world()
             counts = all_reduce_sum(counts.double()).to(values.dtype)
-            t_max = float(all_reduce_max(torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device)))
+            if self.max_length is None:
+                t_max = float(
+                    all_reduce_max(torch.tensor([values.shape[-1]], dtype=torch.float64, device=values.device))
+                )
+        if self.max_length is not None:
+            t_max = float(self.max_length)
         counts = torch.where(counts > 0, counts, torch.ones_like(counts))
         n_seq = 1.0 if token_sum_norm and agg == "seq-mean-token-sum-norm" else counts[1]
         return aggregate_loss(
@@ -332,6 +362,12 @@ class PPOClipLoss(PolicyLoss):
         agg: aggregation mode of :func:`~entrotrain.functional.aggregate_loss`.
         log_ratio_clamp: clamp :math:`\log r` to ``±log_ratio_clamp`` before ``exp`` (verl: 20); ``None``: off.
         global_agg: aggregate with the global token/sequence counts across ranks × world size.
+        max_length: the constant length :math:`L` of ``agg="seq-mean-token-sum-norm"`` (TRL ``dr_grpo``'s
+            ``max_completion_length``, verl's ``loss_scale_factor``); ``None``: the padded width ``T`` of the batch
+            (the largest over ranks with the global aggregation). Refused with any other ``agg``.
+        all_sequences: ``N_seq`` of the ``seq-mean-*`` modes counts every row of the batch (TRL's ``grpo`` and
+            ``dr_grpo`` divide by ``B``, also over completions ``mask_truncated_completions`` zeroed); ``False``
+            (default, verl): only rows with a valid token.
 
     Metrics: ``policy/pg_loss``, ``policy/clip_frac_low`` (:math:`r < 1-\epsilon_{low}, A<0`),
     ``policy/clip_frac_high`` (:math:`r > 1+\epsilon_{high}, A>0`), ``policy/ppo_kl`` (mean
@@ -347,11 +383,14 @@ class PPOClipLoss(PolicyLoss):
         *,
         log_ratio_clamp: float | None = 20.0,
         global_agg: bool = False,
+        max_length: int | None = None,
+        all_sequences: bool = False,
     ) -> None:
         super().__init__()
         self.clip_low, self.clip_high = _check_clip(clip_low, clip_high)
         self.dual_clip = check_real(dual_clip, "dual_clip", low=1.0, low_open=True, none_ok=True)
         self.agg = _check_agg(agg)
+        self.max_length, self.all_sequences = _check_normaliser(self.agg, max_length, all_sequences)
         self.log_ratio_clamp = check_real(log_ratio_clamp, "log_ratio_clamp", low=0.0, low_open=True, none_ok=True)
         self.global_agg = check_bool(global_agg, "global_agg")
 
@@ -387,7 +426,15 @@ class _CovLoss(PolicyLoss):
     """Shared state of Clip-Cov / KL-Cov: mode, selection budget, counter, and the global covariance."""
 
     def __init__(
-        self, ratio: float, agg: str, mode: str, min_selected: int | None, nonzero_adv_only: bool, ratio_name: str
+        self,
+        ratio: float,
+        agg: str,
+        mode: str,
+        min_selected: int | None,
+        nonzero_adv_only: bool,
+        ratio_name: str,
+        max_length: int | None = None,
+        all_sequences: bool = False,
     ) -> None:
         super().__init__()
         ratio = check_real(ratio, ratio_name)  # type: ignore[assignment]
@@ -398,6 +445,7 @@ class _CovLoss(PolicyLoss):
             )
         self.ratio = float(ratio)
         self.agg = _check_agg(agg)
+        self.max_length, self.all_sequences = _check_normaliser(self.agg, max_length, all_sequences)
         self.mode = _check_mode(mode)
         if min_selected is None:
             min_selected = 1 if mode == "micro_batch" else 0
@@ -486,6 +534,12 @@ class ClipCovLoss(_CovLoss):
         min_selected: floor on the number of picked tokens; ``None`` = 1 in micro_batch (verl), 0 in global.
         nonzero_adv_only: only tokens with :math:`A \ne 0` may be picked, and the budget is ``r`` times their
             count (GRPO groups with equal rewards have :math:`A = 0` and would waste it).
+        max_length: the constant length :math:`L` of ``agg="seq-mean-token-sum-norm"`` (TRL ``dr_grpo``'s
+            ``max_completion_length``, verl's ``loss_scale_factor``); ``None``: the padded width ``T`` of the batch
+            (the largest over ranks with the global aggregation). Refused with any other ``agg``.
+        all_sequences: ``N_seq`` of the ``seq-mean-*`` modes counts every row of the batch (TRL's ``grpo`` and
+            ``dr_grpo`` divide by ``B``, also over completions ``mask_truncated_completions`` zeroed); ``False``
+            (default, verl): only rows with a valid token.
 
     Metrics: the PPO ones plus ``policy/cov_selected``, ``policy/cov_selected_frac``, ``policy/cov_min_selected``,
     ``policy/cov_max_selected``, ``policy/cov_mean``, ``policy/cov_candidates``.
@@ -504,8 +558,12 @@ class ClipCovLoss(_CovLoss):
         min_selected: int | None = None,
         *,
         nonzero_adv_only: bool = False,
+        max_length: int | None = None,
+        all_sequences: bool = False,
     ) -> None:
-        super().__init__(clip_ratio, agg, mode, min_selected, nonzero_adv_only, "clip_ratio")
+        super().__init__(
+            clip_ratio, agg, mode, min_selected, nonzero_adv_only, "clip_ratio", max_length, all_sequences
+        )
         self.cov_lb = check_real(cov_lb, "cov_lb")
         self.cov_ub = check_real(cov_ub, "cov_ub")
         if not self.cov_lb < self.cov_ub:  # type: ignore[operator]
@@ -584,7 +642,7 @@ class KLCovLoss(_CovLoss):
     Args:
         k_ratio: fraction of tokens (verl ``kl_cov_ratio``; paper 2e-3 for 7B, 2e-4 for 32B; *not* a percent).
         kl_coef: :math:`\beta` (verl ``ppo_kl_coef``; the paper uses 1).
-        agg, mode, min_selected, nonzero_adv_only: as :class:`ClipCovLoss`.
+        agg, mode, min_selected, nonzero_adv_only, max_length, all_sequences: as :class:`ClipCovLoss`.
 
     Metrics: ``policy/ppo_kl`` (mean :math:`\log\pi_{old}-\log\pi`), ``policy/ppo_kl_abs``, the ``policy/cov_*`` ones.
     """
@@ -598,8 +656,10 @@ class KLCovLoss(_CovLoss):
         min_selected: int | None = None,
         *,
         nonzero_adv_only: bool = False,
+        max_length: int | None = None,
+        all_sequences: bool = False,
     ) -> None:
-        super().__init__(k_ratio, agg, mode, min_selected, nonzero_adv_only, "k_ratio")
+        super().__init__(k_ratio, agg, mode, min_selected, nonzero_adv_only, "k_ratio", max_length, all_sequences)
         self.kl_coef = check_real(kl_coef, "kl_coef", low=0.0)
         self._warned = False
 
@@ -674,6 +734,7 @@ class SteerLoss(PolicyLoss):
     Weights from :func:`~entrotrain.functional.steer_weights` (no gradient) down-weight tokens whose first-order
     entropy change :math:`|\Omega_i|` is large. Needs ``entropy`` (the per-token entropy of the old-policy pass).
     Paper: exp mode ``w_min=0.8, w_max=1``; linear mode ``0.8``–``1.2``; ``clip 0.2/0.28``, ``dual_clip=10``.
+    ``agg``, ``max_length``, ``all_sequences``, ``global_agg``: as :class:`PPOClipLoss`.
 
     Metrics: the PPO ones plus ``policy/token_weight_mean``, ``policy/token_weight_min``, ``policy/token_weight_max``.
     """
@@ -690,6 +751,8 @@ class SteerLoss(PolicyLoss):
         *,
         log_ratio_clamp: float | None = 20.0,
         global_agg: bool = False,
+        max_length: int | None = None,
+        all_sequences: bool = False,
     ) -> None:
         super().__init__()
         self.w_max = check_real(w_max, "w_max", low=0.0, low_open=True)
@@ -697,6 +760,7 @@ class SteerLoss(PolicyLoss):
         self.linear = check_bool(linear, "linear")
         self.ppo = PPOClipLoss(clip_low, clip_high, dual_clip, agg, log_ratio_clamp=log_ratio_clamp)
         self.agg = _check_agg(agg)
+        self.max_length, self.all_sequences = _check_normaliser(self.agg, max_length, all_sequences)
         self.global_agg = check_bool(global_agg, "global_agg")
 
     def forward(self, logprobs, old_logprobs, advantages, mask, *, entropy=None, step=None):  # type: ignore[override]
@@ -734,6 +798,8 @@ class EntropyBonus(PolicyLoss):
     The coefficient and controller state live in buffers: saved in ``state_dict``. Non-finite entropy values are
     left out of the window (a window with no finite value changes nothing).
 
+    ``agg``, ``max_length``, ``all_sequences``, ``global_agg``: as :class:`PPOClipLoss`.
+
     Call as ``bonus(entropy=H, mask=m)`` or with the common signature (composition: ``PPOClipLoss() +
     EntropyBonus(0.01)``). Metrics: ``policy/entropy``, ``policy/entropy_coef`` (the applied one),
     ``policy/entropy_bonus``.
@@ -749,6 +815,8 @@ class EntropyBonus(PolicyLoss):
         agg: str = "token-mean",
         *,
         global_agg: bool = False,
+        max_length: int | None = None,
+        all_sequences: bool = False,
     ) -> None:
         super().__init__()
         coef = check_real(coef, "coef", low=0.0)
@@ -757,6 +825,7 @@ class EntropyBonus(PolicyLoss):
         self.coef_min = check_real(coef_min, "coef_min", low=0.0)
         self.coef_max = check_real(coef_max, "coef_max", low=self.coef_min)
         self.agg = _check_agg(agg)
+        self.max_length, self.all_sequences = _check_normaliser(self.agg, max_length, all_sequences)
         self.global_agg = check_bool(global_agg, "global_agg")
         self.register_buffer("coef", torch.tensor(float(coef), dtype=torch.float64))
         self.register_buffer("active", torch.tensor(True))

@@ -340,3 +340,18 @@ def test_the_mask_rule_reads_a_float_mask_once_per_logging_step(monkeypatch):
     logged = [step for step, row in spy.rows if "entropy/policy/mean" in row]
     assert logged == [0, 2]
     assert read == [torch.float32, torch.bool] * len(logged)
+
+
+def test_agg_max_length_is_the_constant_length_of_seq_mean_token_sum_norm():
+    """Dr. GRPO's mean: sum of the valid entropies / (sequences * L), L the constant, not the padded width."""
+    h = torch.ones(2, 4, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    args = (h, -h, torch.zeros(2, dtype=torch.float64), mask)
+    assert policy_entropy_summary(*args, agg="seq-mean-token-sum-norm")["mean"] == 4 / (2 * 4)  # L = T = 4
+    assert policy_entropy_summary(*args, agg="seq-mean-token-sum-norm", max_length=16)["mean"] == 4 / (2 * 16)
+    monitor = PolicyEntropyMonitor(agg="seq-mean-token-sum-norm", agg_max_length=16)
+    assert monitor._summarise({"entropy": h, "logprobs": -h, "advantages": args[2], "mask": mask}, 0)["mean"] == 0.125
+    with pytest.raises(EntrotrainError, match="agg_max_length.*seq-mean-token-sum-norm"):
+        PolicyEntropyMonitor(agg="token-mean", agg_max_length=16)
+    with pytest.raises(EntrotrainError, match="agg_max_length"):
+        PolicyEntropyMonitor(agg="seq-mean-token-sum-norm", agg_max_length=0)

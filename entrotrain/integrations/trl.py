@@ -46,18 +46,21 @@ micro-batch values for the other types when their micro-batches hold equal numbe
 statistic's (padding is not data).
 
 **Losses** (``policy_loss=``): any :class:`~entrotrain.regularizers.policy_loss.PolicyLoss` — ``PPOClipLoss``,
-``ClipCovLoss``, ``KLCovLoss``, ``SteerLoss``, ``EntropyBonus``, or a sum (``PPOClipLoss(...) + EntropyBonus(0.01)``)
-— replaces TRL's if/elif loss. It is called as ``loss_fn(per_token_logps, old_logps, advantages, mask,
-entropy=entropies, step=global_step)`` (``entropies`` differentiable through TRL's fused head, needed by
-``EntropyBonus``; ``SteerLoss`` detaches them) and divided by the gradient-accumulation steps, as TRL does for
-``grpo``. :func:`trl_grpo_loss` gives the loss of TRL's PPO-clip types (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``):
-``grpo`` and ``bnpo`` loss and gradients bit for bit (also with completions ``mask_truncated_completions`` zeroed),
-``dr_grpo`` to rounding (``max_length=max_completion_length``), ``dapo`` equal to TRL's on one micro-batch per
-window, and TRL's ``bnpo`` under gradient accumulation (see :func:`trl_grpo_loss`). The loss's metrics
-(``policy/...``) join TRL's metrics, averaged over ranks; TRL's ``entropy`` metric is kept. TRL features that act inside its loss are refused with
-an entrotrain loss (``beta != 0``, ``importance_sampling_level="sequence"``, ``top_entropy_quantile < 1``,
-``off_policy_mask_threshold``, ``delta``, ``entropy_coef`` / adaptive entropy, vLLM importance sampling): use the
-matching entrotrain piece (``EntropyBonus``) or TRL's own loss.
+``ClipCovLoss``, ``KLCovLoss``, ``SteerLoss``, ``EntropyBonus``, or a sum (``PPOClipLoss(...) + EntropyBonus(0.01)``) —
+replaces TRL's if/elif loss. It is called as ``loss_fn(per_token_logps, old_logps, advantages, mask, entropy=entropies,
+step=global_step)`` (``entropies`` differentiable through TRL's fused head, needed by ``EntropyBonus``; ``SteerLoss``
+detaches them) and divided by the gradient-accumulation steps, as TRL does for ``grpo``, whatever the config's
+``loss_type`` (TRL's default ``"dapo"`` included, whose own loss divides instead by the accumulation window's tokens:
+with ``gradient_accumulation_steps=2`` two steps of TRL ``dapo`` and of ``trl_grpo_loss(loss_type="dapo")`` on the tiny
+test model end 0.03 apart in some parameter, ``bnpo`` and ``dr_grpo`` bit-identical). :func:`trl_grpo_loss` gives the
+loss of TRL's PPO-clip types (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``): ``grpo`` and ``bnpo`` loss and gradients bit
+for bit (also with completions ``mask_truncated_completions`` zeroed), ``dr_grpo`` to rounding
+(``max_length=max_completion_length``), ``dapo`` equal to TRL's on one micro-batch per window, and TRL's ``bnpo`` under
+gradient accumulation (see :func:`trl_grpo_loss`). The loss's metrics (``policy/...``) join TRL's metrics, averaged over
+ranks; TRL's ``entropy`` metric is kept. TRL features that act inside its loss are refused with an entrotrain loss
+(``beta != 0``, ``importance_sampling_level="sequence"``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+``delta``, ``entropy_coef`` / adaptive entropy, vLLM importance sampling): use the matching entrotrain piece
+(``EntropyBonus``) or TRL's own loss.
 
 ``RLOOTrainer``: :class:`~entrotrain.integrations.trl_rloo.EntrotrainRLOOTrainer` (same statistics and keys, from the
 same :class:`~entrotrain.integrations._trl_stats.PolicyStatsTrainerMixin`; no ``policy_loss``: RLOO's loss is

@@ -69,6 +69,20 @@ class KernelUnavailableError(EntrotrainError):
 _ONCE: dict[str, bool] = {}
 
 
+def _constant_under_compile(fn: Callable[..., T]) -> Callable[..., T]:
+    """Mark ``fn`` as a constant for ``torch.compile``: dynamo calls it while tracing and keeps the answer.
+
+    What :func:`torch.compiler.assume_constant_result` sets (torch 2.3 to 2.15), without importing ``torch._dynamo``
+    at import time (seconds). For facts of the process that the traced code only reads: the environment, whether
+    triton is installed. Dynamo of torch 2.3 cannot trace them (``os.environ.get`` of an unset variable raised
+    ``InternalTorchDynamoError: b'ENTROTRAIN_IMPL'``, ``importlib.util.find_spec`` is a skipped function), so every
+    compiled call of a dispatched function failed there; newer dynamo traces them to the same constant, no guard.
+    """
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_constant_under_compile
 def _triton_installed() -> bool:
     """Whether a ``triton`` package is on the path (looked up once; nothing imported)."""
     found = _ONCE.get("installed")
@@ -88,6 +102,7 @@ def _triton_imports() -> bool:
     return True
 
 
+@_constant_under_compile
 def triton_available() -> bool:
     """Whether ``triton`` is installed and imports (checked once, lazily)."""
     found = _ONCE.get("imports")
@@ -98,7 +113,13 @@ def triton_available() -> bool:
 
 def triton_interpret() -> bool:
     """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``, read by triton when a kernel is defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _env("TRITON_INTERPRET") in ("1", "true", "yes", "on")
+
+
+@_constant_under_compile
+def _env(name: str) -> str:
+    """The environment variable ``name``, stripped and lower-cased (``""`` when unset); a constant under compile."""
+    return os.environ.get(name, "").strip().lower()
 
 
 def _why_not(tensors: tuple[torch.Tensor | None, ...]) -> str | None:
@@ -149,7 +170,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor | None) -> Literal["torch", "
     """
     if impl not in _CHOICES:
         raise EntrotrainError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}.")
-    env = os.environ.get(IMPL_ENV, "").strip().lower()
+    env = _env(IMPL_ENV)
     source = "impl"
     if env:
         if env not in _CHOICES:
@@ -254,7 +275,7 @@ def call_kernel(name: str, impl: str, kernel: Callable[[], T], fallback: Callabl
     (argument or ``ENTROTRAIN_IMPL``) raises :class:`KernelUnavailableError` naming the error; running out of GPU
     memory (the torch path would need more) and :class:`EntrotrainError` (bad input) propagate as they are.
     """
-    explicit = (os.environ.get(IMPL_ENV, "").strip().lower() or impl) != "auto"
+    explicit = (_env(IMPL_ENV) or impl) != "auto"
     if name in _FAILED and not explicit:
         return fallback()
     # Under torch.compile: no ContextVar (dynamo breaks the graph on it), the dict only. In eager mode both: a frame

@@ -11,6 +11,7 @@ import torch
 from entrotrain.errors import EntrotrainError
 from entrotrain.kernels import dispatch
 from entrotrain.kernels.dispatch import KernelUnavailableError, resolve_impl
+from tests.helpers.torch_release import needs_torch
 
 
 def test_torch_is_always_torch():
@@ -163,6 +164,35 @@ def test_call_kernel_and_fallback_allowed_trace_under_torch_compile_fullgraph(mo
     assert not dispatch.fallback_allowed() and dispatch._TRACED_AUTO == {"auto": False}
 
 
+def test_resolve_impl_traces_from_a_cold_cache_under_torch_compile_fullgraph(monkeypatch):
+    """Dynamo of torch 2.3 could not trace ``os.environ.get`` of an unset variable (``InternalTorchDynamoError:
+    b'ENTROTRAIN_IMPL'``) nor ``importlib.util.find_spec`` (a skipped function): every compiled call of a dispatched
+    function failed there (measured on 2.3.1). The readers are constants under compile; the answer is eager's."""
+    monkeypatch.delenv("ENTROTRAIN_IMPL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "_ONCE", {})  # the first find_spec("triton") / import is traced too
+
+    def run(x):
+        return x * (2.0 if resolve_impl("auto", x) == "torch" else 3.0)
+
+    torch._dynamo.reset()
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(run, backend="eager", fullgraph=True)(x), run(x))
+
+
+def test_the_compile_constants_carry_what_assume_constant_result_sets():
+    """dispatch marks its environment / triton readers as torch.compiler.assume_constant_result does, without importing
+    torch._dynamo at import time: the marker must stay the one torch reads."""
+
+    def probe() -> int:
+        return 0
+
+    assert torch.compiler.assume_constant_result(probe) is probe and vars(probe)
+    for fn in (dispatch._env, dispatch._triton_installed, dispatch.triton_available):
+        assert {k: getattr(fn, k, None) for k in vars(probe)} == vars(probe), fn.__name__
+
+
+@needs_torch(2, 4, "dynamo 2.3 cannot trace the chunked autograd.Function's forward whole (Unsupported method)")
 def test_default_impl_entry_points_trace_under_torch_compile_without_a_graph_break(monkeypatch):
     """entropy_from_logits, linear_entropy_and_logprobs and attention_entropy with impl='auto' (the default) inside
     torch.compile(fullgraph=True) on CPU: resolve_impl, the ENTROTRAIN_IMPL read and the once-per-process triton

@@ -11,9 +11,10 @@ overrides the argument when set, so a whole run can be pinned to one path withou
   fails to compile or launch, in its forward or its backward, is switched off for the rest of the process with one
   warning, and the torch path (same result) takes over (:func:`call_kernel`, :func:`kernel_backward`).
 
-A Triton kernel can run when ``triton`` is importable and every tensor is on a CUDA device, or, with
-``TRITON_INTERPRET=1`` set before ``triton`` is imported, on CPU tensors through Triton's interpreter (slow: for
-tests). float64 tensors always take the torch path under ``"auto"`` (the kernels accumulate in float32).
+A Triton kernel can run when ``triton`` (3.0 or newer: :data:`MIN_TRITON`) is importable and every tensor is on
+a CUDA device, or, with ``TRITON_INTERPRET=1`` set before ``triton`` is imported, on CPU tensors through Triton's
+interpreter (slow: for tests). float64 tensors always take the torch path under ``"auto"`` (the kernels accumulate
+in float32).
 
 Under ``torch.compile`` the dispatch traces into the caller's graph (no graph break, ``fullgraph=True`` works): while
 dynamo traces, :func:`call_kernel` passes the ``"auto"`` flag to the kernel's autograd function through a plain dict
@@ -91,20 +92,48 @@ def _triton_installed() -> bool:
     return found
 
 
+#: The oldest triton the kernels compile with. Triton 2.3.1 (what PyPI's torch 2.3.1 pins) rejects them ("arange's
+#: arguments must be of type tl.constexpr"); 3.6 and 3.9 are tested. An older triton counts as absent.
+MIN_TRITON = (3, 0)
+#: Set when the installed triton imports but is older than :data:`MIN_TRITON`: its version, for the error message.
+_TOO_OLD: dict[str, str] = {}
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: ``"2.3.1"`` -> (2, 3); unreadable parts count as 0."""
+    parts = [int(p) if p.isdigit() else 0 for p in version.split("+")[0].split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
 def _triton_imports() -> bool:
     if not _triton_installed():
         return False
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:  # a broken install (missing driver libraries, ...) counts as absent
+        return False
+    version = str(getattr(triton, "__version__", "0"))
+    if _release(version) < MIN_TRITON:
+        _TOO_OLD["version"] = version
         return False
     return True
 
 
+def _not_available() -> str:
+    """Why ``triton_available()`` is False, and the fix."""
+    if "version" in _TOO_OLD:
+        return (
+            f"triton {_TOO_OLD['version']} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest the kernels "
+            "compile with (torch < 2.4 pins triton 2.x); upgrade torch and triton together, e.g. "
+            "`pip install -U torch 'entrotrain[triton]'`"
+        )
+    return "triton is not installed (or does not import); install it with `pip install entrotrain[triton]`"
+
+
 @_constant_under_compile
 def triton_available() -> bool:
-    """Whether ``triton`` is installed and imports (checked once, lazily)."""
+    """Whether ``triton`` is installed, imports and is at least :data:`MIN_TRITON` (checked once, lazily)."""
     found = _ONCE.get("imports")
     if found is None:
         found = _ONCE["imports"] = _triton_imports()
@@ -141,9 +170,9 @@ def _why_not(tensors: tuple[torch.Tensor | None, ...]) -> str | None:
     if devices <= {"cuda"}:
         if present and not torch.cuda.is_available():  # pragma: no cover - a CUDA tensor implies CUDA
             return "CUDA is not available"
-        return None if triton_available() else not_installed
+        return None if triton_available() else _not_available()
     if triton_interpret() and devices <= {"cpu"}:
-        return None if triton_available() else not_installed
+        return None if triton_available() else _not_available()
     where = ", ".join(sorted(devices))
     return (
         f"the tensors are on {where}: Triton kernels run on CUDA tensors; move the tensors to CUDA, or set "
@@ -193,9 +222,7 @@ def require_triton() -> None:
     (:mod:`entrotrain.kernels._interpreter_compat`).
     """
     if not triton_available():
-        raise KernelUnavailableError(
-            "the Triton kernels need triton: install it with `pip install entrotrain[triton]`, or use impl='torch'."
-        )
+        raise KernelUnavailableError(f"the Triton kernels need triton: {_not_available()}; or use impl='torch'.")
     if triton_interpret():  # the kernels are about to be defined interpreted: fix triton 3.6's interpreter first
         importlib.import_module("triton.runtime.interpreter")  # what the first interpreted @triton.jit imports
         from entrotrain.kernels._interpreter_compat import patch_interpreter_index

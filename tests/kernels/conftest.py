@@ -4,7 +4,8 @@ Runs on CUDA when present; on CPU through Triton's interpreter. ``tests/conftest
 for the whole process before anything imports it (kernels are defined interpreted) and unsets ``TRITON_INTERPRET``
 for every test, so that ``impl="auto"`` elsewhere keeps the torch paths; the autouse fixture below sets it again
 during each kernel test, so that the dispatch picks the kernels. Without triton every kernel test module is skipped
-(``pytest.importorskip``); ``test_dispatch.py`` runs either way.
+(``pytest.importorskip``; so is a triton older than 3.0, which cannot compile them); ``test_dispatch.py`` runs either
+way.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.0")  # older triton: no kernels (dispatch.MIN_TRITON)
 
 import entrotrain.kernels.attention_entropy as kmod  # noqa: E402
 from entrotrain.errors import EntrotrainError  # noqa: E402

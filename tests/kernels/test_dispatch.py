@@ -33,7 +33,7 @@ def test_cpu_without_interpreter_falls_back_or_raises(monkeypatch):
     with pytest.raises(KernelUnavailableError) as err:
         resolve_impl("triton", x)
     message = str(err.value)
-    if dispatch.triton_available():
+    if dispatch._triton_installed():  # any version: the device is the first reason
         assert "CUDA" in message and "TRITON_INTERPRET=1" in message
     else:
         assert "entrotrain[triton]" in message
@@ -41,6 +41,7 @@ def test_cpu_without_interpreter_falls_back_or_raises(monkeypatch):
 
 def test_without_triton(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "_TOO_OLD", {})  # not installed, rather than too old
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.zeros(2, 3)
     assert resolve_impl("auto", x) == "torch"
@@ -162,6 +163,29 @@ def test_call_kernel_and_fallback_allowed_trace_under_torch_compile_fullgraph(mo
         y.sum().backward()
         assert torch.equal(x.grad, torch.full((3,), 5.0))
     assert not dispatch.fallback_allowed() and dispatch._TRACED_AUTO == {"auto": False}
+
+
+def test_a_triton_older_than_the_kernels_floor_counts_as_absent(monkeypatch):
+    """PyPI's torch 2.3.1 pins triton 2.3.1, which cannot compile the kernels ("arange's arguments must be of type
+    tl.constexpr"): impl='auto' tried them, warned and fell back on every run, and impl='triton' failed at compile.
+    An older triton is now absent: 'auto' takes the torch path silently, 'triton' names the version and the fix."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", "2.3.1")
+    monkeypatch.setattr(dispatch, "_ONCE", {})
+    monkeypatch.setattr(dispatch, "_TOO_OLD", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("ENTROTRAIN_IMPL", raising=False)
+    x = torch.zeros(2, 3)
+    assert resolve_impl("auto", x) == "torch" and not dispatch.triton_available()
+    with pytest.raises(KernelUnavailableError, match=r"triton 2\.3\.1 is older than 3\.0.*pip install -U torch"):
+        resolve_impl("triton", x)
+    with pytest.raises(KernelUnavailableError, match=r"triton 2\.3\.1 is older than 3\.0"):
+        dispatch.require_triton()
+
+
+def test_release_reads_major_and_minor():
+    assert dispatch._release("2.3.1") == (2, 3) and dispatch._release("3.9.0+git1a2b") == (3, 9)
+    assert dispatch._release("3") == (3, 0) and dispatch._release("dev") == (0, 0)
 
 
 def test_resolve_impl_traces_from_a_cold_cache_under_torch_compile_fullgraph(monkeypatch):

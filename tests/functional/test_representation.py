@@ -461,3 +461,40 @@ def test_copies_of_a_row_are_at_distance_zero_at_any_sigma(n, d):
     assert _val(diffusion_spectral_entropy(x, 1e-7)) == pytest.approx(math.log2(n // 2), rel=1e-12)
     assert _val(vendi_score(x, kernel="rbf", sigma=1e-7)) == pytest.approx(n // 2, rel=1e-12)
     assert _val(median_pairwise_distance(torch.cat([base[:1], base[:1], base[:1]]))) == 0.0
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 270),
+    d=st.integers(1, 40),
+    offset=st.sampled_from([0.0, 1e3, -1e6]),
+    copies=st.booleans(),
+    float32=st.booleans(),
+    grid=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_pairwise_distances_by_row_blocks_equal_one_cdist_bit_for_bit(n, d, offset, copies, float32, grid, seed):
+    """The kernel measures' distances are computed by row blocks, each pair once and the lower triangle mirrored
+    (_sq_dists, median_pairwise_distance): bit for bit torch.cdist(x, x) without the matmul shortcut, squared, and
+    the median of its upper triangle (the definition: two kthvalues), across block edges (n up to 270, 128 rows a
+    block); grid rows (entries 0, 1, 2) tie many distances at the median."""
+    from entrotrain.functional import representation as rep
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + offset
+    if grid:
+        x = torch.randint(0, 3, (n, d), generator=g).double() + offset
+    if copies and n > 2:
+        x[n // 2 :] = x[: n - n // 2].clone()
+    if float32:
+        x = x.float().double()
+    full = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square_()
+    assert torch.equal(rep._sq_dists(x), full)
+    assert rep._sq_dists(x).view(torch.int64).equal(full.view(torch.int64))  # signs of zeros too
+    if n >= 2:
+        iu = torch.triu_indices(n, n, 1)
+        dist = full[iu[0], iu[1]].sqrt()
+        m = dist.numel()
+        lower = torch.kthvalue(dist, (m + 1) // 2).values
+        want = lower if m % 2 else 0.5 * (lower + torch.kthvalue(dist, m // 2 + 1).values)
+        assert median_pairwise_distance(x).item().hex() == want.item().hex()

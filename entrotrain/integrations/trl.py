@@ -49,15 +49,20 @@ statistic's (padding is not data).
 ``ClipCovLoss``, ``KLCovLoss``, ``SteerLoss``, ``EntropyBonus``, or a sum (``PPOClipLoss(...) + EntropyBonus(0.01)``) —
 replaces TRL's if/elif loss. It is called as ``loss_fn(per_token_logps, old_logps, advantages, mask, entropy=entropies,
 step=global_step)`` (``entropies`` differentiable through TRL's fused head, needed by ``EntropyBonus``; ``SteerLoss``
-detaches them) and divided by the gradient-accumulation steps, as TRL does for ``grpo``, whatever the config's
-``loss_type`` (TRL's default ``"dapo"`` included, whose own loss divides instead by the accumulation window's tokens:
-with ``gradient_accumulation_steps=2`` two steps of TRL ``dapo`` and of ``trl_grpo_loss(loss_type="dapo")`` on the tiny
-test model end 0.03 apart in some parameter, ``bnpo`` and ``dr_grpo`` bit-identical). :func:`trl_grpo_loss` gives the
-loss of TRL's PPO-clip types (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``): ``grpo`` and ``bnpo`` loss and gradients bit
-for bit (also with completions ``mask_truncated_completions`` zeroed), ``dr_grpo`` to rounding
-(``max_length=max_completion_length``), ``dapo`` equal to TRL's on one micro-batch per window, and TRL's ``bnpo`` under
-gradient accumulation (see :func:`trl_grpo_loss`). The loss's metrics (``policy/...``) join TRL's metrics, averaged over
-ranks; TRL's ``entropy`` metric is kept. TRL features that act inside its loss are refused with an entrotrain loss
+detaches them) and divided by the gradient-accumulation steps, as TRL does for ``grpo``. When the config's
+``loss_type`` is ``"dapo"`` (TRL's default), ``"cispo"`` or ``"vespo"`` and every term of the loss aggregates
+``token-mean``, the loss is instead TRL's normaliser of those types: the token sum over :math:`D` =
+``num_items_in_batch`` / processes × accumulation steps / ``steps_per_generation`` (this process's share of the
+accumulation window's valid tokens; ``num_items_in_batch`` / processes in eval), not divided by the accumulation steps,
+so every token of the window weighs alike (an ``EntropyBonus(agg="token-mean")`` term too: the window's token mean,
+where TRL's own ``entropy_coef`` bonus is each micro-batch's mean / accumulation steps). A loss with a term of another
+``agg`` keeps its own aggregation / accumulation steps under these types (each micro-batch weighs alike).
+:func:`trl_grpo_loss` gives the loss of TRL's PPO-clip types (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``): ``grpo``,
+``bnpo`` and ``dapo`` loss and gradients bit for bit (also with completions ``mask_truncated_completions`` zeroed, and
+for ``dapo`` with gradient accumulation over micro-batches of unequal token counts: two steps with
+``gradient_accumulation_steps=2`` end with bit-identical parameters), ``dr_grpo`` to rounding
+(``max_length=max_completion_length``). The loss's metrics (``policy/...``) join TRL's metrics, averaged over ranks;
+TRL's ``entropy`` metric is kept. TRL features that act inside its loss are refused with an entrotrain loss
 (``beta != 0``, ``importance_sampling_level="sequence"``, ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
 ``delta``, ``entropy_coef`` / adaptive entropy, vLLM importance sampling): use the matching entrotrain piece
 (``EntropyBonus``) or TRL's own loss.
@@ -72,6 +77,7 @@ statistics over the union of the logging step's micro-batches on all ranks; the 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -163,7 +169,7 @@ def trl_grpo_loss(
     :math:`\ell_t = \max(-A r_t, -A\,\mathrm{clip}(r_t, 1-\epsilon_{low}, 1+\epsilon_{high}))`, no log-ratio clamp,
     no dual clip, aggregated as TRL's normaliser of that ``loss_type`` (:math:`m` the completion mask, :math:`B` the
     micro-batch's rows; :class:`EntrotrainGRPOTrainer` divides by the gradient-accumulation steps, as TRL does for
-    every type but ``dapo``):
+    every type but ``dapo``, whose window count it gives the loss when the config's ``loss_type`` is ``dapo``):
 
     - ``grpo`` (DeepSeekMath's GRPO): :math:`\frac1B\sum_b \frac{\sum_t \ell m}{\max(1, \sum_t m)}` —
       ``agg="seq-mean-token-mean", all_sequences=True`` (TRL's mean runs over every row, also a completion
@@ -178,11 +184,11 @@ def trl_grpo_loss(
       relative on the tiny model).
     - ``dapo``: :math:`\sum \ell m / D`, :math:`D` = ``num_items_in_batch`` / processes × accumulation steps /
       ``steps_per_generation`` (the accumulation window's valid tokens per process), no division by the
-      accumulation steps — ``agg="token-mean"``, the token mean *of the micro-batch*, divided by the accumulation
-      steps by the trainer: TRL's ``bnpo``. The two agree (bit for bit) when every micro-batch of the window holds
-      :math:`D` valid tokens (one micro-batch per window on one process: ``gradient_accumulation_steps=1``,
-      ``steps_per_generation=1``); under gradient accumulation with micro-batches of unequal token counts TRL's
-      ``dapo`` weighs every token of the window alike, the entrotrain loss every micro-batch alike.
+      accumulation steps — ``agg="token-mean"``. Called alone it is the micro-batch's token mean (TRL's ``bnpo``);
+      :class:`EntrotrainGRPOTrainer` with ``GRPOConfig(loss_type="dapo")`` gives it :math:`D` and does not divide
+      by the accumulation steps: loss and gradients bit for bit under gradient accumulation too, every token of
+      the window weighing alike. (With another config ``loss_type`` it stays the micro-batch mean / accumulation
+      steps: TRL's ``bnpo``.)
 
     The other TRL types are not this surrogate: ``sapo`` (soft sigmoid gate), ``cispo`` / ``vespo`` (weighted
     log-prob, no ratio clip), ``luspo`` (sequence sum) are refused.
@@ -234,6 +240,17 @@ def _agg_term(loss: PolicyLoss) -> Any:
                 return found
         return None
     return loss if getattr(loss, "agg", None) in AGG_MODES else None
+
+
+#: TRL ``loss_type``s whose loss divides by the accumulation window's valid tokens, not by the accumulation steps.
+_WINDOW_TYPES = ("cispo", "dapo", "vespo")
+
+
+def _token_mean_only(loss: PolicyLoss) -> bool:
+    """Every term of the loss (every term of a sum, recursively) aggregates ``token-mean``."""
+    if isinstance(loss, PolicyLossSum):
+        return all(_token_mean_only(term) for term in loss.terms)
+    return getattr(loss, "agg", None) == "token-mean"
 
 
 class EntrotrainGRPOTrainer(PolicyStatsTrainerMixin, GRPOTrainer):
@@ -291,6 +308,18 @@ class EntrotrainGRPOTrainer(PolicyStatsTrainerMixin, GRPOTrainer):
         term = _agg_term(self.policy_loss) if self.policy_loss is not None else None
         length = getattr(term, "max_length", None)
         return int(length if length is not None else self.max_completion_length)
+
+    def _window_tokens(self, inputs: dict[str, Any], mode: str) -> Tensor | None:
+        """TRL's ``dapo`` / ``cispo`` / ``vespo`` normaliser (this process's share of the accumulation window's valid
+        tokens, computed as ``_compute_loss`` does) when the config's ``loss_type`` is one of those and every term of
+        the entrotrain loss aggregates ``token-mean``; ``None`` otherwise (the loss's own micro-batch aggregation,
+        divided by the accumulation steps)."""
+        if self.loss_type not in _WINDOW_TYPES or not _token_mean_only(self.policy_loss):  # type: ignore[arg-type]
+            return None
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":  # in eval, the batch is neither split across steps nor accumulated (TRL's comment)
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
 
     def _stats_tensors(self, inputs: dict[str, Any], captured: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The rollout log-probs (``old_per_token_logps``; the current ones, detached, when TRL skips them on-policy)
@@ -360,13 +389,15 @@ class EntrotrainGRPOTrainer(PolicyStatsTrainerMixin, GRPOTrainer):
         old = per_token_logps.detach() if old is None else old
         mode = "train" if self.model.training else "eval"
         self.policy_loss.train(mode == "train")  # type: ignore[union-attr]  # controllers move in training only
-        out = self.policy_loss(  # type: ignore[misc]
-            per_token_logps, old, advantages, mask, entropy=entropies, step=int(self.state.global_step)
-        )
-        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        loss = out.loss / normalizer
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        window = self._window_tokens(inputs, mode)  # TRL's dapo/cispo/vespo: None unless every term is token-mean
+        with nullcontext() if window is None else self.policy_loss._token_mean_over(window):  # type: ignore[union-attr]
+            out = self.policy_loss(  # type: ignore[misc]
+                per_token_logps, old, advantages, mask, entropy=entropies, step=int(self.state.global_step)
+            )
+        loss = out.loss / accumulation if window is None else out.loss  # the window mean: no division by the steps
+        if self.aux_loss_enabled:  # TRL divides the router loss by the accumulation steps for every loss_type
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         metrics = self._metrics[mode]
         for key, value in sorted(out.metrics.items()):  # sorted: every rank gathers in the same order

@@ -56,7 +56,8 @@ Contracts (DESIGN.md §8), shared by every loss here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -283,6 +284,27 @@ class PolicyLoss(nn.Module):
     #: ``N_seq`` counts every row of the batch (TRL's ``grpo`` / ``dr_grpo``: ``B``), not only the rows with a valid
     #: token (verl's default); set by the losses' ``all_sequences=``.
     all_sequences: bool = False
+    #: A ``token-mean`` denominator given from outside for one call (``None``: the loss's own count); set only
+    #: inside :meth:`_token_mean_over`.
+    _window_tokens: Tensor | None = None
+
+    @contextmanager
+    def _token_mean_over(self, num_tokens: Tensor) -> Iterator[None]:
+        r"""Within the block, every ``token-mean`` aggregation of this loss and of its terms is
+        :math:`\sum l m / D`, :math:`D` = ``num_tokens`` (a one-element tensor, used as is: no world-size factor,
+        no collective, also under ``global_agg`` / ``mode="global"``); the other modes keep their own counts.
+
+        Private: the TRL adapter's ``dapo`` / ``cispo`` / ``vespo`` window (:math:`D` = this process's share of the
+        accumulation window's valid tokens over all processes, TRL's normaliser), which a micro-batch cannot count.
+        """
+        parts = [m for m in self.modules() if isinstance(m, PolicyLoss)]
+        for part in parts:
+            part._window_tokens = num_tokens
+        try:
+            yield
+        finally:
+            for part in parts:
+                part._window_tokens = None
 
     def _aggregate(
         self, values: Tensor, maskf: Tensor, agg: str, global_agg: bool, *, token_sum_norm: bool = False
@@ -294,8 +316,11 @@ class PolicyLoss(nn.Module):
         denominator is passed unchanged, so the result stays bit-identical to verl's ``agg_loss``.
         ``token_sum_norm``: ``seq-mean-token-sum-norm`` as verl <= 0.8 (the token sum over ``T``, no ``N_seq``).
         ``N_seq`` is the number of rows with a valid token, or every row (``B``) with :attr:`all_sequences`; ``L`` is
-        :attr:`max_length`, else the padded width ``T``.
+        :attr:`max_length`, else the padded width ``T``. Inside :meth:`_token_mean_over`, ``token-mean`` divides by
+        the given count instead.
         """
+        if self._window_tokens is not None and agg == "token-mean":
+            return aggregate_loss(values, maskf, agg, num_tokens=self._window_tokens)
         if self.all_sequences:
             rows = torch.full((), float(values.shape[0]), dtype=maskf.dtype, device=maskf.device)
         else:

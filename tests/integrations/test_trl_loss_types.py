@@ -30,7 +30,14 @@ from entrotrain.integrations.trl import (  # noqa: E402
     trl_grpo_loss,
 )
 from entrotrain.regularizers.policy_loss import ClipCovLoss, EntropyBonus, PPOClipLoss  # noqa: E402
-from tests.integrations.test_trl import _inputs, _loss_and_grads, _model, _trainer, _with_old_logps  # noqa: E402
+from tests.integrations.test_trl import (  # noqa: E402
+    _inputs,
+    _loss_and_grads,
+    _model,
+    _train,
+    _trainer,
+    _with_old_logps,
+)
 
 L_MAX = 8  # max_completion_length of the transcriptions
 
@@ -137,24 +144,116 @@ def test_normaliser_options_are_checked():
         trl_grpo_loss(loss_type="sapo")
 
 
-def test_dapo_under_accumulation_is_the_micro_batch_token_mean():
-    """Documented: an entrotrain token-mean loss divided by the accumulation steps is TRL's bnpo; TRL's dapo
-    divides the window's token sum by the window's tokens. They agree when every micro-batch holds as many tokens."""
-    g = torch.Generator().manual_seed(0)
-    values = [torch.randn(2, 4, generator=g, dtype=torch.float64) for _ in range(2)]
-    masks = [torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]])]
-    steps = len(values)
-    window = sum(int(m.sum()) for m in masks)  # num_items_in_batch / 1 process * 2 steps / steps_per_generation 2
-    trl_dapo = sum((v * m).sum() / window for v, m in zip(values, masks))
-    token_mean = PPOClipLoss(agg="token-mean")
-    ours = sum(token_mean._aggregate(v, m.double(), "token-mean", False) / steps for v, m in zip(values, masks))
-    trl_bnpo = sum(_trl_normalised(v, m, "bnpo") / steps for v, m in zip(values, masks))
-    torch.testing.assert_close(ours, trl_bnpo, rtol=1e-12, atol=0)
-    assert abs(float(ours - trl_dapo)) > 1e-3
-    equal = [masks[0], masks[0]]  # equal token counts: the window mean is the mean of the micro-batch means
-    trl_dapo = sum((v * m).sum() / (2 * int(m.sum())) for v, m in zip(values, equal))
-    ours = sum(token_mean._aggregate(v, m.double(), "token-mean", False) / steps for v, m in zip(values, equal))
-    torch.testing.assert_close(ours, trl_dapo, rtol=1e-12, atol=0)
+@settings(max_examples=25, deadline=None)
+@given(window=st.lists(_batches(), min_size=1, max_size=3), global_agg=st.booleans())
+def test_token_mean_over_the_window_is_the_window_token_mean(window, global_agg):
+    """TRL's dapo: each micro-batch's token sum over the window's valid tokens D, added over the window, is the token
+    mean of the whole window (every token weighs alike), for every token-mean term of a sum (global_agg too: D is
+    already the window's count); a term with another agg keeps its own count, and the count is gone after the
+    block."""
+    loss = PPOClipLoss(log_ratio_clamp=None, global_agg=global_agg) + EntropyBonus(0.5, global_agg=global_agg)
+    other = EntropyBonus(0.5, agg="seq-mean-token-mean")
+    tokens = sum(int(mask.sum()) for _, _, _, mask in window)
+    d = torch.tensor(float(max(tokens, 1)), dtype=torch.float64)  # TRL's num_items_in_batch.clamp(min=1)
+    got = torch.zeros((), dtype=torch.float64)
+    pg_sum = h_sum = torch.zeros((), dtype=torch.float64)
+    for logp, old, adv, mask in window:
+        with loss._token_mean_over(d), other._token_mean_over(d):
+            got = got + loss(logp, old, adv, mask, entropy=-logp).loss
+            inside = other(entropy=-logp, mask=mask).loss
+        torch.testing.assert_close(inside, other(entropy=-logp, mask=mask).loss, rtol=0, atol=0)
+        per_token = PPOClipLoss(log_ratio_clamp=None).per_token(logp, old, adv, mask)[0]
+        pg_sum = pg_sum + torch.where(mask, per_token, 0.0).sum()
+        h_sum = h_sum + torch.where(mask, -logp, 0.0).sum()
+    torch.testing.assert_close(got, (pg_sum - 0.5 * h_sum) / d, rtol=1e-12, atol=1e-15)
+    assert all(term._window_tokens is None for term in [*loss.terms, other])
+
+
+def _window(trainer, steps: int = 2) -> list[dict]:
+    """One accumulation window of ``steps`` micro-batches with different valid-token counts (24 and 16: the second
+    has two completions zeroed, as mask_truncated_completions does); ``num_items_in_batch`` counts the whole window,
+    as TRL's generation batch does with ``steps_per_generation = gradient_accumulation_steps``."""
+    batches = [_with_old_logps(trainer, _inputs(seed)) for seed in range(steps)]
+    batches[-1]["completion_mask"] = batches[-1]["completion_mask"].clone()
+    batches[-1]["completion_mask"][[1, 6]] = 0
+    counts = [int(b["completion_mask"].sum()) for b in batches]
+    assert len(set(counts)) == steps  # the micro-batches weigh differently from their tokens
+    for b in batches:
+        b["num_items_in_batch"] = torch.tensor(sum(counts))
+    return batches
+
+
+def _window_loss_and_grads(trainer, batches: list[dict]):
+    """The micro-batch losses and the accumulated gradients of one window (``_compute_loss`` as TRL's training step
+    calls it: ``current_gradient_accumulation_steps`` = the window's micro-batches)."""
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = len(batches)
+    losses = []
+    for inputs in batches:
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+    return losses, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("config_type", ["dapo", "cispo", "vespo"])
+def test_dapo_window_under_accumulation_equals_trls_compute_loss(tmp_path, config_type):
+    """GRPOConfig(loss_type='dapo' / 'cispo' / 'vespo', gradient_accumulation_steps=2) with a token-mean entrotrain
+    loss: TRL dapo's loss and gradients bit for bit over a window of micro-batches with 24 and 16 tokens (training:
+    the window's tokens, no division by the accumulation steps; eval: the batch's tokens). Before, the loss was each
+    micro-batch's token mean / 2 (TRL's bnpo)."""
+    model = _model()
+    kw = dict(epsilon=0.2, epsilon_high=0.28, max_completion_length=6, gradient_accumulation_steps=2)
+    trl_side = _trainer(GRPOTrainer, tmp_path / "a", model=copy.deepcopy(model), loss_type="dapo", **kw)
+    ours = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", model=copy.deepcopy(model), loss_type=config_type, **kw,
+                    policy_loss=trl_grpo_loss(0.2, 0.28, loss_type="dapo"))  # fmt: skip
+    assert trl_side.args.steps_per_generation == 2
+    batches = _window(trl_side)
+    losses_a, grads_a = _window_loss_and_grads(trl_side, batches)
+    losses_b, grads_b = _window_loss_and_grads(ours, batches)
+    assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b)), (losses_a, losses_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    for trainer in (trl_side, ours):  # eval: TRL divides by num_items_in_batch / processes alone
+        trainer.model.eval()
+    one = dict(batches[1], num_items_in_batch=batches[1]["completion_mask"].sum())
+    with torch.no_grad():
+        assert torch.equal(trl_side._compute_loss(trl_side.model, one), ours._compute_loss(ours.model, one))
+
+
+def test_dapo_with_another_agg_in_the_sum_keeps_the_micro_batch_mean(tmp_path):
+    """A term that is not token-mean (here a zero-coefficient seq-mean-token-mean entropy bonus): the window count
+    is not used, the loss is each micro-batch's own aggregation / the accumulation steps, as before."""
+    model = _model()
+    kw = dict(loss_type="dapo", max_completion_length=6, gradient_accumulation_steps=2)
+    window = _trainer(EntrotrainGRPOTrainer, tmp_path / "a", model=copy.deepcopy(model), **kw,
+                      policy_loss=trl_grpo_loss(loss_type="dapo"))  # fmt: skip
+    mixed = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", model=copy.deepcopy(model), **kw,
+                     policy_loss=trl_grpo_loss(loss_type="dapo") + EntropyBonus(0.0, agg="seq-mean-token-mean"))
+    batches = _window(window)
+    losses_w, _ = _window_loss_and_grads(window, batches)
+    losses_m, _ = _window_loss_and_grads(mixed, batches)
+    for w, m, inputs in zip(losses_w, losses_m, batches):
+        d, n = float(inputs["num_items_in_batch"]), float(inputs["completion_mask"].sum())
+        torch.testing.assert_close(m, w * d / n / 2, rtol=1e-6, atol=0)  # the micro-batch mean / 2
+        assert not torch.equal(m, w)
+
+
+def test_dapo_training_steps_under_accumulation_equal_trl_bit_for_bit(tmp_path):
+    """Two optimizer steps of 2 accumulated micro-batches: TRL dapo and trl_grpo_loss('dapo') end with identical
+    parameters (before: 0.03 apart in some parameter)."""
+    model = _model()
+    kw = dict(loss_type="dapo", max_steps=2, gradient_accumulation_steps=2)
+    a = _trainer(GRPOTrainer, tmp_path / "a", model=copy.deepcopy(model), **kw)
+    b = _trainer(EntrotrainGRPOTrainer, tmp_path / "b", model=copy.deepcopy(model), **kw,
+                 policy_loss=trl_grpo_loss(a.epsilon_low, a.epsilon_high, loss_type="dapo"))  # fmt: skip
+    _train(a)
+    _train(b)
+    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), model.parameters()))  # it trained
 
 
 # --------------------------------------------------------------------------------------------- entropy/policy/mean

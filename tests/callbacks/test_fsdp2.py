@@ -37,15 +37,19 @@ import torch
 from tests.helpers.fsdp_models import STEPS, WORLD, FSDPLM, dataset, monitors, union_loader
 from tests.helpers.scripts import run_script
 from tests.helpers.spy_logger import SpyLogger
+from tests.helpers.torch_release import needs_torch
 
 SCRIPT = Path(__file__).with_name("fsdp2_run.py")
 REL, ABS = 1e-5, 1e-5
 INFO_KEY = "info/L1/kde/I_XT"  # the InformationPlaneMonitor on cls_head
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="FSDP2 on CPU needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="FSDP2 on CPU needs torch.distributed with gloo",
+    ),
+    needs_torch(2, 6, "torch.distributed.fsdp.fully_shard is public from torch 2.6"),
+]
 
 
 def _by_key(rows: list) -> dict[str, dict[int, float]]:

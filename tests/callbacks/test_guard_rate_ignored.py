@@ -22,6 +22,7 @@ from transformers.optimization import AdafactorSchedule  # noqa: E402
 from entrotrain.integrations.loop import EntropyMonitors  # noqa: E402
 from entrotrain.integrations.transformers import EntropyTrainerCallback  # noqa: E402
 from tests.helpers.tiny_hf_lms import lm_rows, tiny_gpt2_lm  # noqa: E402
+from tests.helpers.torch_release import needs_torch  # noqa: E402
 
 IGNORED = "Adafactor\\(relative_step=True\\).*never reads lr.*relative_step=False"
 
@@ -125,6 +126,7 @@ def test_prodigy_lr_scales_its_step() -> None:
     assert torch.allclose(steps[1], steps[0] * 0.5, rtol=1e-9, atol=0)
 
 
+@needs_torch(2, 5, "torch.optim.Adafactor is new in torch 2.5")
 @pytest.mark.parametrize("steps, unchanged", [(100, False), (10_000, True)])
 def test_torch_adafactor_says_when_the_lowered_lr_is_above_its_cap(steps: int, unchanged: bool) -> None:
     """``torch.optim.Adafactor`` steps by ``min(lr, 1/sqrt(step))``: at step 10000 (cap 0.01) the rate 0.02 lowered to

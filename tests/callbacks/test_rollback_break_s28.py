@@ -20,6 +20,7 @@ from tests.helpers.rollback_steps import at_step as _at
 from tests.helpers.rollback_steps import observe as _observe
 from tests.helpers.rollback_steps import weights_step as _weights_step
 from tests.helpers.training_state import model_state, opt_state, same
+from tests.helpers.torch_release import needs_torch
 
 
 def _guard(model: nn.Module, optimizer: torch.optim.Optimizer, k: int, monitor: str = "k") -> EntropyCollapseGuard:
@@ -252,6 +253,7 @@ def test_a_fall_back_at_once_says_so_in_words() -> None:
     assert "the fall came back with no good observation after the last rollback (to step 10)" in message
 
 
+@needs_torch(2, 6, "torch.distributed.fsdp.fully_shard is public from torch 2.6")
 def test_hold_trainable_refuses_frozen_fsdp2_shards_when_training_starts() -> None:
     """It was refused at the first good observation, possibly thousands of steps in."""
     from torch.distributed.device_mesh import init_device_mesh

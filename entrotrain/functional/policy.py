@@ -143,29 +143,37 @@ class _ChunkedLogprobs(torch.autograd.Function):
             z = _ChunkedLogprobs._scaled(logits, start, stop, acc, temperature)
             out[start:stop] = torch.log_softmax(z, dim=-1).gather(-1, safe[start:stop, None]).squeeze(-1)
             del z  # free this chunk before the next one is made
-        ctx.save_for_backward(logits, labels, safe)
+        ctx.save_for_backward(logits, labels, safe, out)
         ctx.rows, ctx.temperature, ctx.acc = rows, temperature, acc
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        logits, labels, safe = ctx.saved_tensors
+        logits, labels, safe, out = ctx.saved_tensors
         n, _ = logits.shape
         grad_logits = torch.empty_like(logits)
         g = grad.to(ctx.acc)
         if ctx.temperature != 1.0:
             g = g / ctx.temperature  # d(z/T)/dz
+        # Only a row whose softmax is NaN (all -inf, or holding NaN / +Inf: exactly the rows whose log-prob is NaN)
+        # needs p := 0; on the others p = 0 changes no bit (a padding row's upstream gradient is +0: p · -0 = 0 · -0).
+        # On CPU one host read of those rows spares two passes over every chunk (amax, masked_fill); on an
+        # accelerator, or while dynamo traces, every chunk takes them (no sync).
+        host = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+        nan_rows = out.isnan() if host else None
         for start in range(0, n, ctx.rows):
             stop = min(start + ctx.rows, n)
             z = _ChunkedLogprobs._scaled(logits, start, stop, ctx.acc, ctx.temperature)
             gc = g[start:stop, None]
-            # p := 0 on a padding row (zero gradient whatever its logits) and on a row of -inf logits only
-            drop = (labels[start:stop, None] < 0) | (z.amax(dim=-1, keepdim=True) == float("-inf"))
             # softmax straight into the gradient's rows when the dtypes agree (no chunk-sized copy)
             direct = grad_logits.dtype == z.dtype
             d = grad_logits[start:stop] if direct else torch.empty_like(z)
-            torch.softmax(z, dim=-1, out=d).masked_fill_(drop, 0.0).mul_(-gc)
+            torch.softmax(z, dim=-1, out=d)
+            if nan_rows is None or bool(nan_rows[start:stop].any()):
+                # p := 0 on a padding row (zero gradient whatever its logits) and on a row of -inf logits only
+                d.masked_fill_((labels[start:stop, None] < 0) | (z.amax(dim=-1, keepdim=True) == float("-inf")), 0.0)
+            d.mul_(-gc)
             d.scatter_add_(-1, safe[start:stop, None], gc)  # gc = 0 on a padding row (token_logprobs' where)
             if not direct:
                 grad_logits[start:stop] = d

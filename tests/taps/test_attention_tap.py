@@ -22,6 +22,7 @@ from entrotrain.taps import AttentionTap, record_attention
 from entrotrain.taps.attention_stats import ENTROPY_SUM, N_STATS, NONFINITE, NORMALIZED_ROWS, NORMALIZED_SUM, ROWS
 from tests.helpers.reference import attention_entropy64, head_means
 from tests.helpers.reference import no_tap_leaks, one_thread  # noqa: F401  (autouse fixtures)
+from tests.helpers.torch_release import needs_torch
 
 DIM, HEADS = 16, 4
 TAP_PATHS = ["auto", "materialized", "chunked", "fused"]
@@ -196,6 +197,7 @@ def test_stats_accumulate_over_calls_and_reset():
     assert tap.calls == 0 and (tap.stats["blocks.0.attn"] == 0).all()
 
 
+@needs_torch(2, 5, "the reference calls F.scaled_dot_product_attention(enable_gqa=), new in torch 2.5")
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("path", ["auto", "chunked"])
 def test_gqa_in_model(kv_heads, path):

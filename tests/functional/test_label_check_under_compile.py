@@ -9,6 +9,11 @@ import torch
 
 from entrotrain.errors import EntrotrainError
 from entrotrain.functional import linear_entropy_and_logprobs, token_logprobs
+from tests.helpers.torch_release import needs_torch
+
+_DYNAMO_2_3 = needs_torch(
+    2, 4, "dynamo of torch 2.3 breaks the graph inside the chunked log-prob autograd.Function (call_method is_complex)"
+)
 
 
 def _head(h, w, labels):
@@ -23,6 +28,7 @@ def _inputs():
     return z, h, w
 
 
+@_DYNAMO_2_3
 def test_the_label_check_is_no_graph_break_under_torch_compile():
     z, h, w = _inputs()
     labels = torch.tensor([0, 5, -100, 2])
@@ -32,6 +38,7 @@ def test_the_label_check_is_no_graph_break_under_torch_compile():
         assert explained.graph_break_count == 0, explained.break_reasons
 
 
+@_DYNAMO_2_3
 def test_a_label_out_of_range_raises_in_eager_mode_and_is_nan_with_zero_gradient_when_compiled():
     z, h, w = _inputs()
     labels = torch.tensor([0, 6, -100, 2])  # 6 >= V = 6

@@ -13,8 +13,8 @@ Where the router logits come from (per micro-batch of a logging step; the first 
    ``"router_mask"`` (a keep mask of ``rows`` entries). Layers are named ``router_logits[i]``. Once a step returned
    them, the tap is no longer armed.
 2. Otherwise a :class:`~entrotrain.taps.router_tap.RouterTap` on the LightningModule: HF routers found by class name
-   (``*TopKRouter`` / ``*TopkRouter``, Llama 4, DBRX, Zaya, Gemma 4, Switch-Transformers, NLLB-MoE, MoE ``gate``
-   Linears) or the modules named by ``include`` globs, armed only during the micro-batches of logging steps,
+   (``*TopKRouter`` / ``*TopkRouter``, Llama 4, DBRX, Zaya, Gemma 4, Switch-Transformers, NLLB-MoE, HunYuan-MoE,
+   MoE ``gate`` Linears) or the modules named by ``include`` globs, armed only during the micro-batches of logging steps,
    capturing detached copies.
 
 Which distribution the router statistics are of: the router's own scoring function

@@ -14,9 +14,9 @@ Which modules are routers:
   ``AfmoeTokenChoiceRouter``: they return ``(router_logits, weights, indices)``, the logits first, the experts they
   picked last), Llama 4's ``Llama4Router``, DBRX's ``DbrxRouter``, Zaya's ``ZayaRouter``, Gemma 4's
   ``Gemma4TextRouter`` (and DiffusionGemma's copy), Switch-Transformers' ``SwitchTransformersTop1Router``, NLLB-MoE's
-  ``NllbMoeTop2Router``, and every
-  ``nn.Linear`` named ``gate`` whose parent's class name mentions ``MoE`` / ``Moe`` / ``SparseMoe`` (the router of
-  older HF releases and of most hand-written MoE blocks); ``exclude`` globs still apply. Qwen2-MoE's
+  ``NllbMoeTop2Router``, HunYuan-MoE's ``HunYuanMoEV1Gate`` (``(router_logits, weights, indices)`` of a softmax top-k),
+  and every ``nn.Linear`` named ``gate`` whose parent's class name mentions ``MoE`` / ``Moe`` / ``SparseMoe`` (the
+  router of older HF releases and of most hand-written MoE blocks); ``exclude`` globs still apply. Qwen2-MoE's
   ``shared_expert_gate`` (a 1-output sigmoid gate) is not a router and is not matched.
 - ``include=[globs]``: exactly the modules whose names match (``*`` = one name segment, ``**`` = any number; see
   :class:`~entrotrain.taps.name_filter.NameFilter`).
@@ -84,8 +84,10 @@ _LOGITS_ELEMENT = {"llama4router": 1, "switchtransformerstop1router": 2, "nllbmo
 #: ``proj`` Linear computes the scores it takes the softmax of.
 _LOGITS_CHILD = {"gemma4textrouter": "proj", "diffusiongemmatextrouter": "proj"}
 #: Other router classes found by name: DBRX's ``DbrxRouter`` (returns the logits only; its ``DbrxFFN`` picks the top
-#: ``moe_top_k`` of their softmax) and Zaya's ``ZayaRouter`` (``(logits, weights, indices, router states)``).
-_OTHER_ROUTERS = ("dbrxrouter", "zayarouter")
+#: ``moe_top_k`` of their softmax), Zaya's ``ZayaRouter`` (``(logits, weights, indices, router states)``) and
+#: HunYuan-MoE's ``HunYuanMoEV1Gate`` (``(router_logits, weights, indices)``: the top ``top_k`` of the softmax of its
+#: ``wg`` logits, renormalised; named ``gate`` but no ``nn.Linear``).
+_OTHER_ROUTERS = ("dbrxrouter", "zayarouter", "hunyuanmoev1gate")
 #: Experts per token of routers that hold no ``top_k``: Switch picks the top 1, NLLB-MoE the top 2.
 _FIXED_TOP_K = {"switchtransformerstop1router": 1, "nllbmoetop2router": 2}
 
@@ -131,7 +133,7 @@ def _is_router(name: str, module: nn.Module, parents: dict[str, nn.Module]) -> b
 def discover_routers(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_modules()``, without ``_orig_mod.``; in module order) of the HF-style routers of
     ``model``: class name ending with ``TopKRouter`` / ``TopkRouter`` / ``HashRouter`` / ``TokenChoiceRouter``,
-    Llama 4's ``Llama4Router``, the DBRX / Zaya / Gemma 4 / Switch / NLLB-MoE router classes, or
+    Llama 4's ``Llama4Router``, the DBRX / Zaya / Gemma 4 / Switch / NLLB-MoE / HunYuan-MoE router classes, or
     an ``nn.Linear`` named ``gate`` inside a module whose class name mentions MoE (and is not one of those router
     classes)."""
     modules = dict(named_modules(model))
@@ -344,7 +346,7 @@ class RouterTap(ForwardHookTap):
                     f"RouterTap found no MoE router in {type(self.model).__name__}: it searched for modules whose "
                     "class name ends with 'TopKRouter' / 'TopkRouter' (HF Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, "
                     "DeepSeek-V2/V3, GLM-4-MoE, ...), Llama 4's Llama4Router, DBRX, Zaya, Gemma 4, "
-                    "Switch-Transformers and NLLB-MoE routers, and nn.Linear "
+                    "Switch-Transformers, NLLB-MoE and HunYuan-MoE routers, and nn.Linear "
                     f"modules named 'gate' inside a module whose class name mentions MoE (exclude={self.exclude}). "
                     "Name your router modules with include=['**.router'] (globs over named_modules()), or return "
                     "the router logits from training_step under 'router_logits'."

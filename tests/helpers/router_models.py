@@ -78,8 +78,9 @@ def tiny_moe(kind: str, seed: int = 0, n_experts: int = 4, top_k: int = 2) -> to
     return model
 
 
-#: Router families whose routers return something else than ``(logits, weights, ids)`` (see :func:`tiny_family`).
-FAMILIES = ("dbrx", "zaya", "gemma4", "switch", "nllb")
+#: Router families the tap finds by class name, not by a ``*TopKRouter`` ending or an ``nn.Linear`` gate: those whose
+#: routers return something else than ``(logits, weights, ids)``, and HunYuan-MoE (see :func:`tiny_family`).
+FAMILIES = ("dbrx", "zaya", "gemma4", "switch", "nllb", "hunyuan")
 #: Families that are encoder-decoder models (their batches carry decoder inputs and a decoder mask).
 SEQ2SEQ = ("switch", "nllb")
 
@@ -87,7 +88,8 @@ SEQ2SEQ = ("switch", "nllb")
 def tiny_family(kind: str, seed: int = 0, n_experts: int = 4) -> torch.nn.Module:
     """A 2-layer (per stack), hidden-32 HF MoE model of ``kind`` in :data:`FAMILIES` in eval mode: DBRX (top 2),
     Zaya (top 1 of ``E`` experts and a skip class), Gemma 4 (top 2, MLP and MoE side by side), Switch-Transformers
-    (top 1, expert capacity 3: tokens get dropped) and NLLB-MoE (top 2, eval capacity 20 % of the tokens)."""
+    (top 1, expert capacity 3: tokens get dropped), NLLB-MoE (top 2, eval capacity 20 % of the tokens) and HunYuan-MoE
+    (top 2; its router is the ``HunYuanMoEV1Gate`` module ``mlp.gate``, a shared MLP beside the experts)."""
     import transformers
 
     small = dict(vocab_size=48, pad_token_id=0)
@@ -127,6 +129,13 @@ def tiny_family(kind: str, seed: int = 0, n_experts: int = 4) -> torch.nn.Module
             **{**small, "pad_token_id": 1},
         )
         cls = transformers.NllbMoeForConditionalGeneration
+    elif kind == "hunyuan":
+        config = transformers.HunYuanMoEV1Config(
+            hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, num_experts=n_experts, moe_topk=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+            **small,
+        )
+        cls = transformers.HunYuanMoEV1ForCausalLM
     else:
         raise ValueError(kind)
     config._attn_implementation = "eager"
@@ -138,7 +147,10 @@ def tiny_family(kind: str, seed: int = 0, n_experts: int = 4) -> torch.nn.Module
             if kind_name == "ZayaRouter":
                 module.router_mlp.out_proj.weight.normal_(0.0, 2.0)
                 module.balancing_biases.zero_()  # the skip class competes (5.25 starts it at -1)
-            elif kind_name in ("DbrxRouter", "Gemma4TextRouter", "SwitchTransformersTop1Router", "NllbMoeTop2Router"):
+            elif kind_name in (
+                "DbrxRouter", "Gemma4TextRouter", "SwitchTransformersTop1Router", "NllbMoeTop2Router",
+                "HunYuanMoEV1Gate",
+            ):
                 for p in module.parameters():
                     if p.dim() == 2:
                         p.normal_(0.0, 1.0)

@@ -1,10 +1,11 @@
 """RouterTap and RouterEntropyMonitor on the HF routers that do not return ``(logits, weights, ids)``: DBRX (logits
 only), Zaya (a skip class written back as id 0), Gemma 4 (probabilities: the logits are its ``proj`` output),
-Switch-Transformers and NLLB-MoE (a dispatch mask first, capacity drops, encoder-decoder). Each was a TapError
-(not discovered, or an integer tensor read as logits) before. For each family a tiny model built from its config runs
-one right-padded forward; the monitor's load must equal a count of what the MoE block hands its experts over the real
-tokens (each stack's own mask: an encoder-decoder's decoder routers use the decoder mask), and its entropy a float64
-brute force of the router's own softmax of its logits."""
+Switch-Transformers and NLLB-MoE (a dispatch mask first, capacity drops, encoder-decoder); and HunYuan-MoE, whose
+``HunYuanMoEV1Gate`` returns ``(logits, weights, ids)`` but is neither a ``*TopKRouter`` nor an ``nn.Linear`` gate.
+Each was a TapError (not discovered, or an integer tensor read as logits) before. For each family a tiny model built
+from its config runs one right-padded forward; the monitor's load must equal a count of what the MoE block hands its
+experts over the real tokens (each stack's own mask: an encoder-decoder's decoder routers use the decoder mask), and
+its entropy a float64 brute force of the router's own softmax of its logits."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from entrotrain.taps.router_tap import RouterTap, router_choice
 from tests.helpers.router_models import FAMILIES, SEQ2SEQ, family_batch, tiny_family, tiny_moe
 from tests.helpers.router_reference import router_reference
 
-ROUTERS = ("DbrxRouter", "ZayaRouter", "Gemma4TextRouter", "SwitchTransformersTop1Router", "NllbMoeTop2Router")
-TOP_K = {"dbrx": 2, "zaya": 1, "gemma4": 2, "switch": 1, "nllb": 2}
+ROUTERS = (
+    "DbrxRouter", "ZayaRouter", "Gemma4TextRouter", "SwitchTransformersTop1Router", "NllbMoeTop2Router",
+    "HunYuanMoEV1Gate",
+)
+TOP_K = {"dbrx": 2, "zaya": 1, "gemma4": 2, "switch": 1, "nllb": 2, "hunyuan": 2}
 
 
 def _record(model: nn.Module) -> tuple[dict, dict, list]:
@@ -35,7 +39,7 @@ def _record(model: nn.Module) -> tuple[dict, dict, list]:
         if kind == "Gemma4TextRouter":
             source, element = module.proj, None
         else:
-            source, element = module, {"DbrxRouter": None, "ZayaRouter": 0}.get(kind, 2)
+            source, element = module, {"DbrxRouter": None, "ZayaRouter": 0, "HunYuanMoEV1Gate": 0}.get(kind, 2)
 
         def keep_logits(m, a, out, name=name, element=element):
             z = out if element is None else out[element]
@@ -53,7 +57,7 @@ def _dispatched_counts(kind: str, args: tuple, logits: torch.Tensor, keep: torch
     """Per-expert count of the (token, expert) pairs the block dispatched over the kept rows, and how many kept
     tokens lost an expert to the capacity (Switch / NLLB) or went to Zaya's skip class."""
     n = logits.shape[-1]
-    if kind in ("dbrx", "gemma4"):
+    if kind in ("dbrx", "gemma4", "hunyuan"):  # experts(hidden, top-k ids, weights)
         ids = args[1][keep]
         return torch.bincount(ids.reshape(-1), minlength=n).double(), 0
     if kind == "zaya":  # the router's own rule, from its logits: top 1 of softmax + balancing biases; E = skip

@@ -143,15 +143,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
             z = _ChunkedLogprobs._scaled(logits, start, stop, acc, temperature)
             out[start:stop] = torch.log_softmax(z, dim=-1).gather(-1, safe[start:stop, None]).squeeze(-1)
             del z  # free this chunk before the next one is made
-        ctx.save_for_backward(logits, labels, safe, out)
+        ctx.save_for_backward(logits, labels, out)
         ctx.rows, ctx.temperature, ctx.acc = rows, temperature, acc
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        logits, labels, safe, out = ctx.saved_tensors
+        logits, labels, out = ctx.saved_tensors
         n, _ = logits.shape
+        safe = labels.clamp(0, logits.shape[1] - 1)  # as in forward
         grad_logits = torch.empty_like(logits)
         g = grad.to(ctx.acc)
         if ctx.temperature != 1.0:
